@@ -1,0 +1,66 @@
+/**
+ * Stable error codes shared by MQTT replies, the SDK and (later) the HTTP API.
+ * The code is the machine identity of an error; the message is for people and may change.
+ */
+export const ERROR_CODES = {
+  MESH_BAD_REQUEST: { httpStatus: 400, retryable: false, summary: 'the envelope could not be decoded or failed its schema' },
+  MESH_BAD_TENSOR: { httpStatus: 400, retryable: false, summary: 'a tensor has a bad dtype, shape, byte length or size' },
+  MESH_BAD_INPUT: { httpStatus: 400, retryable: false, summary: 'inputs do not match the model (names, dtypes or shapes)' },
+  MESH_TOO_LARGE: { httpStatus: 413, retryable: false, summary: 'a message or tensor exceeds the configured size cap' },
+  MESH_UNKNOWN_MODEL: { httpStatus: 404, retryable: false, summary: 'no such model is served here' },
+  MESH_NO_AGENT: { httpStatus: 503, retryable: true, summary: 'no live agent serves the model' },
+  MESH_BUSY: { httpStatus: 429, retryable: true, summary: "the agent's queue for the model is full" },
+  MESH_DEADLINE_EXCEEDED: { httpStatus: 504, retryable: false, summary: 'the request deadline passed before a result' },
+  MESH_TIMEOUT: { httpStatus: 504, retryable: true, summary: 'an agent did not answer within the attempt timeout' },
+  MESH_AGENT_LOST: { httpStatus: 502, retryable: true, summary: 'the agent went offline while the request was outstanding' },
+  MESH_CANCELLED: { httpStatus: 499, retryable: false, summary: 'the request was cancelled by its sender' },
+  MESH_SHUTTING_DOWN: { httpStatus: 503, retryable: true, summary: 'the agent is draining and accepts no new work' },
+  MESH_INFERENCE_FAILED: { httpStatus: 500, retryable: false, summary: 'the runtime failed while running the model' },
+  MESH_MODEL_INTEGRITY: { httpStatus: 500, retryable: false, summary: "a model file does not match its manifest's sha256" },
+  MESH_CONFIG: { httpStatus: 500, retryable: false, summary: 'configuration is invalid' },
+  MESH_NOT_CONNECTED: { httpStatus: 503, retryable: true, summary: 'the client is not connected to the broker' },
+  MESH_INTERNAL: { httpStatus: 500, retryable: false, summary: 'an unexpected internal error' },
+} as const;
+
+export type MeshErrorCode = keyof typeof ERROR_CODES;
+
+export function isMeshErrorCode(code: unknown): code is MeshErrorCode {
+  return typeof code === 'string' && Object.hasOwn(ERROR_CODES, code);
+}
+
+export interface MeshErrorOptions {
+  cause?: unknown;
+  /** Structured context (agent id, model, field); never secrets. */
+  details?: Record<string, unknown>;
+}
+
+export class MeshError extends Error {
+  override readonly name = 'MeshError';
+  readonly code: MeshErrorCode;
+  readonly details: Record<string, unknown> | undefined;
+
+  constructor(code: MeshErrorCode, message: string, options: MeshErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.details = options.details;
+  }
+
+  get httpStatus(): number {
+    return ERROR_CODES[this.code].httpStatus;
+  }
+
+  get retryable(): boolean {
+    return ERROR_CODES[this.code].retryable;
+  }
+
+  toJSON(): { code: MeshErrorCode; message: string; details?: Record<string, unknown> } {
+    return this.details ? { code: this.code, message: this.message, details: this.details } : { code: this.code, message: this.message };
+  }
+}
+
+/** Wraps anything thrown into a MeshError, keeping the original as the cause. */
+export function toMeshError(err: unknown, fallback: MeshErrorCode = 'MESH_INTERNAL'): MeshError {
+  if (err instanceof MeshError) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  return new MeshError(fallback, message, { cause: err });
+}

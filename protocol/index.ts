@@ -1,0 +1,6 @@
+export * from './errors.ts';
+export * from './topics.ts';
+export * from './tensor.ts';
+export * from './messages.ts';
+export * from './envelope.ts';
+export * from './stats.ts';

@@ -1,0 +1,157 @@
+/**
+ * Every wire message, defined once as a schema. Types are derived from the schemas and the
+ * compiled checkers are the only validation path: MQTT handlers, the SDK and (later) HTTP routes
+ * all validate with the same objects.
+ */
+import { Type, type Static, type TSchema } from '@sinclair/typebox';
+import { TypeCompiler, type TypeCheck } from '@sinclair/typebox/compiler';
+import { MAX_RANK } from './tensor.ts';
+
+export const PROTOCOL_VERSION = 1;
+
+const Id = Type.String({ pattern: '^[a-z0-9][a-z0-9-]{2,63}$' });
+const ModelName = Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' });
+const Ms = Type.Number({ minimum: 0 });
+const Count = Type.Integer({ minimum: 0 });
+/** 128-bit request id, chosen at random by the sender. */
+export const RequestIdSchema = Type.Uint8Array({ minByteLength: 16, maxByteLength: 16 });
+
+export const WireTensorSchema = Type.Object(
+  {
+    dtype: Type.String({ maxLength: 16 }),
+    shape: Type.Array(Type.Integer({ minimum: 0 }), { maxItems: MAX_RANK }),
+    data: Type.Uint8Array(),
+  },
+  { additionalProperties: false },
+);
+
+const TensorMap = Type.Record(Type.String({ maxLength: 128 }), WireTensorSchema, { maxProperties: 64 });
+
+export const InferRequestSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('req'),
+  id: RequestIdSchema,
+  /** Absolute deadline, Unix epoch milliseconds. */
+  deadline: Type.Number(),
+  model: ModelName,
+  inputs: TensorMap,
+});
+export type InferRequest = Static<typeof InferRequestSchema>;
+
+export const InferReplySchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('res'),
+  id: RequestIdSchema,
+  agent: Id,
+  model: ModelName,
+  outputs: TensorMap,
+  /** Time the request waited in the agent's queue. */
+  queueMs: Ms,
+  /** Time the runtime spent computing. */
+  execMs: Ms,
+});
+export type InferReply = Static<typeof InferReplySchema>;
+
+export const ErrorReplySchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('err'),
+  id: RequestIdSchema,
+  agent: Id,
+  code: Type.String({ pattern: '^MESH_[A-Z_]+$', maxLength: 64 }),
+  message: Type.String({ maxLength: 2048 }),
+});
+export type ErrorReply = Static<typeof ErrorReplySchema>;
+
+export const CancelSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('cancel'),
+  id: RequestIdSchema,
+});
+export type Cancel = Static<typeof CancelSchema>;
+
+const TensorInfo = Type.Object({
+  name: Type.String({ maxLength: 128 }),
+  dtype: Type.String({ maxLength: 16 }),
+  /** Fixed dims as numbers; symbolic or free dims as their name or "". */
+  shape: Type.Array(Type.Union([Type.Integer(), Type.String({ maxLength: 64 })]), { maxItems: MAX_RANK }),
+});
+export type TensorInfo = Static<typeof TensorInfo>;
+
+export const ModelInfoSchema = Type.Object({
+  name: ModelName,
+  version: Type.String({ maxLength: 64 }),
+  sha256: Type.String({ pattern: '^[0-9a-f]{64}$' }),
+  /** Price of one successful inference in micro-dollars (1e-6 USD). */
+  priceMicros: Count,
+  /** Median latency measured by warm-up runs at load time. */
+  latencyMs: Ms,
+  inputs: Type.Array(TensorInfo, { maxItems: 64 }),
+  outputs: Type.Array(TensorInfo, { maxItems: 64 }),
+  notes: Type.Optional(Type.String({ maxLength: 1024 })),
+});
+export type ModelInfo = Static<typeof ModelInfoSchema>;
+
+export const HardwareSchema = Type.Object({
+  platform: Type.String({ maxLength: 32 }),
+  arch: Type.String({ maxLength: 32 }),
+  cpus: Count,
+  cpuModel: Type.String({ maxLength: 128 }),
+  memoryMb: Count,
+});
+export type Hardware = Static<typeof HardwareSchema>;
+
+export const AgentStatusSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('status'),
+  agent: Id,
+  state: Type.Union([Type.Literal('online'), Type.Literal('draining'), Type.Literal('offline')]),
+  ts: Type.Number(),
+  /** Random per process start, so a restarted agent is told apart from a stale retained status. */
+  session: Type.Optional(Type.String({ maxLength: 64 })),
+  version: Type.Optional(Type.String({ maxLength: 64 })),
+  models: Type.Optional(Type.Array(ModelInfoSchema, { maxItems: 256 })),
+  hardware: Type.Optional(HardwareSchema),
+  providers: Type.Optional(Type.Array(Type.String({ maxLength: 32 }), { maxItems: 8 })),
+  workers: Type.Optional(Count),
+  queueLimit: Type.Optional(Count),
+});
+export type AgentStatus = Static<typeof AgentStatusSchema>;
+
+export const ModelLoadSchema = Type.Object({
+  queued: Count,
+  inFlight: Count,
+  /** Recent service (execution) time, an EWMA over finished runs. */
+  serviceMs: Ms,
+  served: Count,
+  failed: Count,
+});
+export type ModelLoad = Static<typeof ModelLoadSchema>;
+
+export const AgentLoadSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('load'),
+  agent: Id,
+  ts: Type.Number(),
+  seq: Count,
+  queued: Count,
+  inFlight: Count,
+  workers: Count,
+  models: Type.Record(Type.String({ maxLength: 64 }), ModelLoadSchema, { maxProperties: 256 }),
+});
+export type AgentLoad = Static<typeof AgentLoadSchema>;
+
+export type Message = InferRequest | InferReply | ErrorReply | Cancel | AgentStatus | AgentLoad;
+export type MessageKind = Message['kind'];
+
+function compile<T extends TSchema>(schema: T): TypeCheck<T> {
+  return TypeCompiler.Compile(schema);
+}
+
+export const checkers = {
+  req: compile(InferRequestSchema),
+  res: compile(InferReplySchema),
+  err: compile(ErrorReplySchema),
+  cancel: compile(CancelSchema),
+  status: compile(AgentStatusSchema),
+  load: compile(AgentLoadSchema),
+} as const;

@@ -1,0 +1,160 @@
+/**
+ * Tensors on the wire: `{ dtype, shape, data }` with `data` the raw little-endian bytes.
+ * Decoding is strict: dtype allow-list, integer dims, an element cap, and
+ * `product(shape) × itemsize === data.byteLength`. Received bytes are copied into a fresh,
+ * aligned buffer because MQTT payloads often start at offsets a Float32Array cannot view.
+ */
+import { MeshError } from './errors.ts';
+
+export const DTYPES = {
+  float32: { itemBytes: 4, array: Float32Array },
+  float64: { itemBytes: 8, array: Float64Array },
+  /** IEEE half floats carried as their raw 16-bit patterns, as onnxruntime-node does. */
+  float16: { itemBytes: 2, array: Uint16Array },
+  int8: { itemBytes: 1, array: Int8Array },
+  uint8: { itemBytes: 1, array: Uint8Array },
+  int16: { itemBytes: 2, array: Int16Array },
+  uint16: { itemBytes: 2, array: Uint16Array },
+  int32: { itemBytes: 4, array: Int32Array },
+  uint32: { itemBytes: 4, array: Uint32Array },
+  int64: { itemBytes: 8, array: BigInt64Array },
+  uint64: { itemBytes: 8, array: BigUint64Array },
+  bool: { itemBytes: 1, array: Uint8Array },
+} as const;
+
+export type DType = keyof typeof DTYPES;
+export type TypedArray =
+  | Float32Array | Float64Array | Int8Array | Uint8Array | Int16Array | Uint16Array
+  | Int32Array | Uint32Array | BigInt64Array | BigUint64Array;
+
+/** A tensor as apps and agents hold it. */
+export interface Tensor {
+  dtype: DType;
+  shape: number[];
+  data: TypedArray;
+}
+
+/** A tensor as it travels inside a CBOR envelope. */
+export interface WireTensor {
+  dtype: string;
+  shape: number[];
+  data: Uint8Array;
+}
+
+export const DEFAULT_MAX_ELEMENTS = 1 << 24;
+export const MAX_RANK = 8;
+
+export function isDType(value: unknown): value is DType {
+  return typeof value === 'string' && Object.hasOwn(DTYPES, value);
+}
+
+/** Number of elements for a shape; rejects negative, fractional and non-finite dims and the element cap. */
+export function elementCount(shape: readonly number[], maxElements = DEFAULT_MAX_ELEMENTS): number {
+  if (!Array.isArray(shape)) throw new MeshError('MESH_BAD_TENSOR', 'shape must be an array of integers');
+  if (shape.length > MAX_RANK) throw new MeshError('MESH_BAD_TENSOR', `rank ${shape.length} exceeds ${MAX_RANK}`);
+  let count = 1;
+  for (const dim of shape) {
+    if (typeof dim !== 'number' || !Number.isSafeInteger(dim) || dim < 0) {
+      throw new MeshError('MESH_BAD_TENSOR', `shape dimension ${String(dim)} is not a non-negative integer`);
+    }
+    count *= dim;
+    if (count > maxElements) {
+      throw new MeshError('MESH_TOO_LARGE', `tensor of shape [${shape.join(',')}] exceeds ${maxElements} elements`);
+    }
+  }
+  return count;
+}
+
+function expectedArray(dtype: DType) {
+  return DTYPES[dtype].array;
+}
+
+/** Checks a tensor an app built before it is sent; throws MESH_BAD_TENSOR with the reason. */
+export function checkTensor(name: string, tensor: Tensor, maxElements = DEFAULT_MAX_ELEMENTS): void {
+  if (!isDType(tensor.dtype)) throw new MeshError('MESH_BAD_TENSOR', `input ${name}: dtype ${String(tensor.dtype)} is not supported`);
+  const count = elementCount(tensor.shape, maxElements);
+  const Ctor = expectedArray(tensor.dtype);
+  if (!(tensor.data instanceof Ctor)) {
+    throw new MeshError('MESH_BAD_TENSOR', `input ${name}: dtype ${tensor.dtype} needs a ${Ctor.name}, got ${tensor.data?.constructor?.name}`);
+  }
+  if (tensor.data.length !== count) {
+    throw new MeshError('MESH_BAD_TENSOR', `input ${name}: shape [${tensor.shape.join(',')}] needs ${count} elements, data has ${tensor.data.length}`);
+  }
+}
+
+/** Zero-copy view of a tensor's bytes for the wire. */
+export function encodeTensor(tensor: Tensor): WireTensor {
+  const { data } = tensor;
+  return { dtype: tensor.dtype, shape: [...tensor.shape], data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
+}
+
+/** Validates a received tensor and copies it into an aligned typed array. */
+export function decodeTensor(name: string, wire: WireTensor, maxElements = DEFAULT_MAX_ELEMENTS): Tensor {
+  if (!isDType(wire.dtype)) throw new MeshError('MESH_BAD_TENSOR', `tensor ${name}: dtype ${JSON.stringify(wire.dtype)} is not supported`);
+  const count = elementCount(wire.shape, maxElements);
+  const { itemBytes } = DTYPES[wire.dtype];
+  if (!(wire.data instanceof Uint8Array)) throw new MeshError('MESH_BAD_TENSOR', `tensor ${name}: data must be a byte string`);
+  if (count * itemBytes !== wire.data.byteLength) {
+    throw new MeshError(
+      'MESH_BAD_TENSOR',
+      `tensor ${name}: shape [${wire.shape.join(',')}] × ${itemBytes} bytes = ${count * itemBytes}, data has ${wire.data.byteLength}`,
+    );
+  }
+  const aligned = new ArrayBuffer(wire.data.byteLength);
+  new Uint8Array(aligned).set(wire.data);
+  const Ctor = expectedArray(wire.dtype);
+  return { dtype: wire.dtype, shape: [...wire.shape], data: new Ctor(aligned) };
+}
+
+export function encodeTensorMap(tensors: Record<string, Tensor>): Record<string, WireTensor> {
+  const out: Record<string, WireTensor> = {};
+  for (const [name, tensor] of Object.entries(tensors)) out[name] = encodeTensor(tensor);
+  return out;
+}
+
+export function decodeTensorMap(wire: Record<string, WireTensor>, maxElements = DEFAULT_MAX_ELEMENTS): Record<string, Tensor> {
+  const out: Record<string, Tensor> = Object.create(null);
+  let total = 0;
+  for (const [name, tensor] of Object.entries(wire)) {
+    const decoded = decodeTensor(name, tensor, maxElements);
+    total += decoded.data.length;
+    if (total > maxElements) throw new MeshError('MESH_TOO_LARGE', `tensors exceed ${maxElements} elements in total`);
+    out[name] = decoded;
+  }
+  return out;
+}
+
+/** Builds a tensor from plain JSON numbers (used by the CLI and, later, the HTTP API). */
+export function tensorFromJson(name: string, dtype: unknown, shape: unknown, values: unknown): Tensor {
+  if (!isDType(dtype)) throw new MeshError('MESH_BAD_TENSOR', `input ${name}: dtype ${JSON.stringify(dtype)} is not supported`);
+  if (!Array.isArray(shape)) throw new MeshError('MESH_BAD_TENSOR', `input ${name}: shape must be an array`);
+  const count = elementCount(shape as number[]);
+  const flat = Array.isArray(values) ? (values as unknown[]).flat(Infinity) : [values];
+  if (flat.length !== count) {
+    throw new MeshError('MESH_BAD_TENSOR', `input ${name}: shape [${shape.join(',')}] needs ${count} values, got ${flat.length}`);
+  }
+  const Ctor = expectedArray(dtype);
+  const data = new Ctor(count);
+  for (let i = 0; i < count; i++) {
+    const v = flat[i];
+    if (data instanceof BigInt64Array || data instanceof BigUint64Array) {
+      if (typeof v !== 'number' && typeof v !== 'bigint' && typeof v !== 'string') throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} is not an integer`);
+      data[i] = BigInt(v);
+    } else if (typeof v === 'number' || typeof v === 'boolean') {
+      data[i] = Number(v);
+    } else {
+      throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} is not a number`);
+    }
+  }
+  return { dtype, shape: [...(shape as number[])], data };
+}
+
+/** Plain JSON view of a tensor (int64 values as numbers when safe, else strings). */
+export function tensorToJson(tensor: Tensor): { dtype: DType; shape: number[]; data: (number | string)[] } {
+  const data: (number | string)[] = [];
+  for (const v of tensor.data as Iterable<number | bigint>) {
+    if (typeof v === 'bigint') data.push(v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v.toString());
+    else data.push(v);
+  }
+  return { dtype: tensor.dtype, shape: [...tensor.shape], data };
+}

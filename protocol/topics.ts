@@ -1,0 +1,71 @@
+/**
+ * The MQTT topic tree. Identity sits at a fixed level so broker ACLs can be pattern rules and a
+ * subscriber always knows who published:
+ *
+ *   mesh/v1/agent/{agentId}/req/{senderId}    request to one agent (QoS 1)
+ *   mesh/v1/client/{clientId}/res/{agentId}   reply to a client (QoS 1)
+ *   mesh/v1/agent/{agentId}/cancel/{senderId} cancel by request id (QoS 1)
+ *   mesh/v1/agent/{agentId}/status            retained presence and capabilities; the LWT marks it offline
+ *   mesh/v1/agent/{agentId}/load              heartbeat (QoS 0)
+ */
+import { MeshError } from './errors.ts';
+
+export const TOPIC_ROOT = 'mesh/v1';
+/** Deepest topic the mesh itself uses is 6 levels; the broker refuses anything deeper than this. */
+export const MAX_TOPIC_LEVELS = 8;
+export const MAX_TOPIC_BYTES = 256;
+
+const ID_PATTERN = /^[a-z0-9][a-z0-9-]{2,63}$/;
+
+/** Participant ids: lower-case letters, digits and dashes, 3 to 64 characters, no wildcards or `__proto__`. */
+export function isValidId(id: unknown): id is string {
+  return typeof id === 'string' && ID_PATTERN.test(id);
+}
+
+export function assertValidId(id: unknown, what = 'id'): string {
+  if (!isValidId(id)) {
+    throw new MeshError('MESH_CONFIG', `${what} ${JSON.stringify(id)} is not valid: use 3-64 of [a-z0-9-], starting with a letter or digit`);
+  }
+  return id;
+}
+
+export const topics = {
+  agentRequest: (agentId: string, senderId: string) => `${TOPIC_ROOT}/agent/${agentId}/req/${senderId}`,
+  agentRequestsFor: (agentId: string) => `${TOPIC_ROOT}/agent/${agentId}/req/+`,
+  agentCancel: (agentId: string, senderId: string) => `${TOPIC_ROOT}/agent/${agentId}/cancel/${senderId}`,
+  agentCancelsFor: (agentId: string) => `${TOPIC_ROOT}/agent/${agentId}/cancel/+`,
+  agentStatus: (agentId: string) => `${TOPIC_ROOT}/agent/${agentId}/status`,
+  agentLoad: (agentId: string) => `${TOPIC_ROOT}/agent/${agentId}/load`,
+  allAgentStatus: () => `${TOPIC_ROOT}/agent/+/status`,
+  allAgentLoad: () => `${TOPIC_ROOT}/agent/+/load`,
+  clientReply: (clientId: string, agentId: string) => `${TOPIC_ROOT}/client/${clientId}/res/${agentId}`,
+  clientRepliesFor: (clientId: string) => `${TOPIC_ROOT}/client/${clientId}/res/+`,
+} as const;
+
+export type ParsedTopic =
+  | { kind: 'request'; agentId: string; senderId: string }
+  | { kind: 'cancel'; agentId: string; senderId: string }
+  | { kind: 'status'; agentId: string }
+  | { kind: 'load'; agentId: string }
+  | { kind: 'reply'; clientId: string; agentId: string };
+
+/** Parses a concrete (wildcard-free) mesh topic; returns undefined for anything outside the tree. */
+export function parseTopic(topic: string): ParsedTopic | undefined {
+  const parts = topic.split('/');
+  if (parts[0] !== 'mesh' || parts[1] !== 'v1') return undefined;
+  const [, , area, id, verb, other] = parts;
+  if (!isValidId(id)) return undefined;
+  if (area === 'agent') {
+    if (parts.length === 5 && verb === 'status') return { kind: 'status', agentId: id };
+    if (parts.length === 5 && verb === 'load') return { kind: 'load', agentId: id };
+    if (parts.length === 6 && isValidId(other)) {
+      if (verb === 'req') return { kind: 'request', agentId: id, senderId: other };
+      if (verb === 'cancel') return { kind: 'cancel', agentId: id, senderId: other };
+    }
+    return undefined;
+  }
+  if (area === 'client' && parts.length === 6 && verb === 'res' && isValidId(other)) {
+    return { kind: 'reply', clientId: id, agentId: other };
+  }
+  return undefined;
+}
