@@ -4,3 +4,5 @@ export * from './tensor.ts';
 export * from './messages.ts';
 export * from './envelope.ts';
 export * from './stats.ts';
+export * from './transport.ts';
+export * from './connection.ts';

@@ -1,0 +1,427 @@
+/**
+ * The edge agent: loads the ONNX models of a folder, announces them, and serves inference
+ * requests over MQTT from a worker-thread pool.
+ *
+ *   const agent = await startAgent({ brokerUrl: 'mqtt://127.0.0.1:1883', modelsDir: './models' });
+ *   ...
+ *   await agent.drain();   // finish queued and running work, then go offline
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { createReadStream, existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import os from 'node:os';
+import path from 'node:path';
+import type { MqttClient } from 'mqtt';
+import pino, { type Logger } from 'pino';
+import {
+  assertValidId,
+  decodeMessage,
+  decodeTensorMap,
+  DEFAULT_MAX_ELEMENTS,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  encodeMessage,
+  encodeTensorMap,
+  isValidId,
+  MeshError,
+  openMeshConnection,
+  PROTOCOL_VERSION,
+  requestIdHex,
+  toMeshError,
+  topics,
+  type AgentLoad,
+  type AgentStatus,
+  type BackoffOptions,
+  type Hardware,
+  type MeshConnection,
+  type ModelInfo,
+  type Tensor,
+} from '../protocol/index.ts';
+import { readManifest, type ManifestEntry } from './manifest.ts';
+import { WorkerPool, type JobResult } from './pool.ts';
+import { Scheduler, type Job } from './scheduler.ts';
+import type { LoadedModel } from './worker-protocol.ts';
+
+export { readManifest, MANIFEST_FILE, type Manifest, type ManifestEntry } from './manifest.ts';
+
+export const AGENT_VERSION = '0.1.0';
+
+export interface AgentOptions {
+  brokerUrl: string;
+  modelsDir: string;
+  /** Mesh id of this agent; a random `agent-xxxxxxxx` when absent. */
+  agentId?: string;
+  /** Inference worker threads; each holds a session per model. */
+  workers?: number;
+  /** Threads onnxruntime may use inside one run. */
+  intraOpThreads?: number;
+  /** Bound of each model's queue; a request beyond it gets MESH_BUSY at once. */
+  queueLimit?: number;
+  heartbeatMs?: number;
+  warmupRuns?: number;
+  /** 'auto' tries TensorRT, then CUDA when this onnxruntime build ships them, then CPU. */
+  providers?: 'auto' | string[];
+  maxMessageBytes?: number;
+  maxElements?: number;
+  keepaliveS?: number;
+  backoff?: BackoffOptions;
+  logger?: Logger;
+  /** Resolve only once the first status is published (default true). */
+  awaitAnnounce?: boolean;
+}
+
+export interface AgentCounters {
+  received: number;
+  served: number;
+  errors: Record<string, number>;
+  reconnects: number;
+  announcements: number;
+}
+
+export interface AgentHandle {
+  readonly id: string;
+  readonly models: readonly ModelInfo[];
+  readonly counters: AgentCounters;
+  status(): AgentStatus;
+  loadReport(): AgentLoad;
+  /** Resolves when the first status has been published. */
+  readonly announced: Promise<void>;
+  /** Refuses new work, finishes what is queued or running (up to `timeoutMs`), then closes. */
+  drain(timeoutMs?: number): Promise<void>;
+  /** Publishes the offline status and stops at once; queued work is dropped. */
+  close(): Promise<void>;
+}
+
+function hardwareSummary(): Hardware {
+  const cpus = os.cpus();
+  return {
+    platform: os.platform(),
+    arch: os.arch(),
+    cpus: cpus.length,
+    cpuModel: (cpus[0]?.model ?? 'unknown').slice(0, 128),
+    memoryMb: Math.round(os.totalmem() / 2 ** 20),
+  };
+}
+
+/**
+ * The execution providers to try, best first. onnxruntime-node loads CUDA and TensorRT from
+ * provider libraries beside its binding; the npm build for linux-x64 lists them but ships none,
+ * and the linux-arm64 build is CPU only, so look for the files instead of failing noisily.
+ */
+export function availableProviders(requested: 'auto' | string[], logger: Logger): string[] {
+  if (requested !== 'auto') return requested.includes('cpu') ? requested : [...requested, 'cpu'];
+  const require = createRequire(import.meta.url);
+  const bindingDir = path.join(path.dirname(require.resolve('onnxruntime-node')), '..', 'bin', 'napi-v6', process.platform, process.arch);
+  const found: string[] = [];
+  for (const provider of ['tensorrt', 'cuda']) {
+    if (existsSync(path.join(bindingDir, `libonnxruntime_providers_${provider}.so`))) found.push(provider);
+  }
+  if (found.length === 0) logger.info({ bindingDir }, 'no CUDA or TensorRT provider in this onnxruntime build; using CPU');
+  return [...found, 'cpu'];
+}
+
+async function sha256File(file: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+/** Checks each model file against its manifest hash; mismatching or missing files are refused. */
+async function verifyModels(modelsDir: string, entries: ManifestEntry[], logger: Logger): Promise<ManifestEntry[]> {
+  const accepted: ManifestEntry[] = [];
+  for (const entry of entries) {
+    const file = path.join(modelsDir, entry.file);
+    let actual: string;
+    try {
+      actual = await sha256File(file);
+    } catch (err) {
+      logger.error({ model: entry.name, file, err: (err as Error).message }, 'model file unreadable; refusing the model');
+      continue;
+    }
+    if (actual !== entry.sha256) {
+      logger.error({ model: entry.name, file, expected: entry.sha256, actual }, 'model file does not match its sha256; refusing the model');
+      continue;
+    }
+    accepted.push(entry);
+  }
+  if (accepted.length === 0) {
+    throw new MeshError('MESH_MODEL_INTEGRITY', `no model in ${modelsDir} passed its sha256 check`, { details: { modelsDir } });
+  }
+  return accepted;
+}
+
+/** Input names, dtypes and fixed dims must match the model's own metadata. */
+function checkInputs(model: LoadedModel, inputs: Record<string, Tensor>): void {
+  const names = Object.keys(inputs);
+  for (const info of model.inputs) {
+    const tensor = inputs[info.name];
+    if (!tensor) throw new MeshError('MESH_BAD_INPUT', `model ${model.name} needs input ${info.name}; got ${names.join(', ') || 'none'}`);
+    if (tensor.dtype !== info.dtype) {
+      throw new MeshError('MESH_BAD_INPUT', `input ${info.name} of ${model.name} must be ${info.dtype}, got ${tensor.dtype}`);
+    }
+    if (tensor.shape.length !== info.shape.length) {
+      throw new MeshError('MESH_BAD_INPUT', `input ${info.name} of ${model.name} must have rank ${info.shape.length}, got [${tensor.shape.join(',')}]`);
+    }
+    info.shape.forEach((dim, i) => {
+      if (typeof dim === 'number' && tensor.shape[i] !== dim) {
+        throw new MeshError('MESH_BAD_INPUT', `input ${info.name} of ${model.name} must have dim ${i} = ${dim}, got [${tensor.shape.join(',')}]`);
+      }
+    });
+  }
+  if (names.length !== model.inputs.length) {
+    const extra = names.filter((n) => !model.inputs.some((i) => i.name === n));
+    throw new MeshError('MESH_BAD_INPUT', `model ${model.name} has no input named ${extra.join(', ')}`);
+  }
+}
+
+export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
+  const {
+    brokerUrl,
+    modelsDir,
+    agentId = `agent-${randomBytes(4).toString('hex')}`,
+    workers = Math.max(1, Math.min(os.availableParallelism(), 4)),
+    intraOpThreads = 1,
+    queueLimit = 64,
+    heartbeatMs = 1_000,
+    warmupRuns = 5,
+    providers = 'auto',
+    maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
+    maxElements = DEFAULT_MAX_ELEMENTS,
+    keepaliveS = 10,
+    backoff,
+    awaitAnnounce = true,
+  } = options;
+  assertValidId(agentId, 'agent id');
+  const problems: string[] = [];
+  if (!Number.isInteger(workers) || workers < 1) problems.push(`workers must be a positive integer, got ${workers}`);
+  if (!Number.isInteger(queueLimit) || queueLimit < 1) problems.push(`queueLimit must be a positive integer, got ${queueLimit}`);
+  if (!(heartbeatMs >= 50)) problems.push(`heartbeatMs must be at least 50, got ${heartbeatMs}`);
+  if (!Number.isInteger(warmupRuns) || warmupRuns < 1) problems.push(`warmupRuns must be a positive integer, got ${warmupRuns}`);
+  if (problems.length) throw new MeshError('MESH_CONFIG', `invalid agent options: ${problems.join('; ')}`);
+
+  const logger = (options.logger ?? pino({ level: 'info' })).child({ part: 'agent', agentId });
+  const readyStarted = performance.now();
+  const manifest = await readManifest(modelsDir);
+  const entries = await verifyModels(modelsDir, manifest.models, logger);
+  const providerList = availableProviders(providers, logger);
+
+  const pool = new WorkerPool({
+    size: workers,
+    intraOpThreads,
+    warmupRuns,
+    logger,
+    models: entries.map((e) => ({ name: e.name, path: path.join(modelsDir, e.file), providers: providerList, warmup: e.warmup })),
+  });
+  let loaded: LoadedModel[];
+  try {
+    loaded = await pool.start();
+  } catch (err) {
+    await pool.close();
+    throw err;
+  }
+  const loadedByName = new Map(loaded.map((m) => [m.name, m]));
+  const modelInfos: ModelInfo[] = entries.map((entry) => {
+    const m = loadedByName.get(entry.name)!;
+    return {
+      name: entry.name,
+      version: entry.version,
+      sha256: entry.sha256,
+      priceMicros: entry.priceMicros,
+      latencyMs: Math.round(m.latencyMs * 1000) / 1000,
+      inputs: m.inputs,
+      outputs: m.outputs,
+      ...(entry.notes ? { notes: entry.notes } : {}),
+    };
+  });
+  for (const m of loaded) logger.info({ model: m.name, provider: m.provider, latencyMs: m.latencyMs }, 'model loaded');
+  const providersInUse = [...new Set(loaded.map((m) => m.provider))];
+
+  const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0 };
+  const session = randomBytes(8).toString('hex');
+  const hardware = hardwareSummary();
+  let state: AgentStatus['state'] = 'online';
+  let heartbeatSeq = 0;
+  let closed = false;
+
+  const statusMessage = (): AgentStatus => ({
+    v: PROTOCOL_VERSION,
+    kind: 'status',
+    agent: agentId,
+    state,
+    ts: Date.now(),
+    session,
+    version: AGENT_VERSION,
+    models: modelInfos,
+    hardware,
+    providers: providersInUse,
+    workers,
+    queueLimit,
+  });
+  const offlinePayload = encodeMessage({ v: PROTOCOL_VERSION, kind: 'status', agent: agentId, state: 'offline', ts: Date.now(), session });
+
+  let client!: MqttClient;
+  const publishReply = (senderId: string, payload: Buffer) => {
+    client.publish(topics.clientReply(senderId, agentId), payload, { qos: 1 });
+  };
+  const replyError = (senderId: string, id: Uint8Array, err: MeshError) => {
+    counters.errors[err.code] = (counters.errors[err.code] ?? 0) + 1;
+    publishReply(senderId, encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: agentId, code: err.code, message: err.message.slice(0, 2048) }));
+  };
+
+  const scheduler = new Scheduler(pool, queueLimit, (job: Job, err: MeshError | undefined, result?: JobResult) => {
+    if (err) {
+      if (err.code === 'MESH_INFERENCE_FAILED') logger.warn({ model: job.model, err: err.message }, 'inference failed');
+      replyError(job.senderId, job.id, err);
+      return;
+    }
+    const queueMs = job.startedAt! - job.receivedAt;
+    counters.served++;
+    publishReply(
+      job.senderId,
+      encodeMessage({
+        v: PROTOCOL_VERSION,
+        kind: 'res',
+        id: job.id,
+        agent: agentId,
+        model: job.model,
+        outputs: encodeTensorMap(result!.outputs),
+        queueMs: Math.max(0, queueMs),
+        execMs: result!.execMs,
+      }),
+    );
+  });
+  for (const m of loaded) scheduler.addModel(m.name, m.latencyMs);
+
+  const requestPrefix = topics.agentRequest(agentId, '');
+  const cancelPrefix = topics.agentCancel(agentId, '');
+
+  const onRequest = (senderId: string, payload: Buffer) => {
+    counters.received++;
+    const receivedAt = performance.now();
+    let request;
+    try {
+      request = decodeMessage(payload, ['req'], maxMessageBytes);
+    } catch (err) {
+      const meshErr = toMeshError(err, 'MESH_BAD_REQUEST');
+      const id = meshErr.details?.id;
+      if (id instanceof Uint8Array) replyError(senderId, id, meshErr);
+      else {
+        counters.errors[meshErr.code] = (counters.errors[meshErr.code] ?? 0) + 1;
+        logger.debug({ senderId, err: meshErr.message }, 'unreadable request dropped');
+      }
+      return;
+    }
+    try {
+      const model = loadedByName.get(request.model);
+      if (!model) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${request.model} is not served by ${agentId}`);
+      const inputs = decodeTensorMap(request.inputs, maxElements);
+      checkInputs(model, inputs);
+      scheduler.submit({ key: requestIdHex(request.id), id: request.id, senderId, model: request.model, inputs, deadline: request.deadline, receivedAt });
+    } catch (err) {
+      replyError(senderId, request.id, toMeshError(err, 'MESH_BAD_REQUEST'));
+    }
+  };
+
+  const onCancel = (senderId: string, payload: Buffer) => {
+    try {
+      const cancel = decodeMessage(payload, ['cancel'], 1024);
+      scheduler.cancel(requestIdHex(cancel.id), senderId);
+    } catch (err) {
+      logger.debug({ senderId, err: (err as Error).message }, 'bad cancel dropped');
+    }
+  };
+
+  let resolveAnnounced!: () => void;
+  const announced = new Promise<void>((resolve) => (resolveAnnounced = resolve));
+  const announce = () => {
+    client.publish(topics.agentStatus(agentId), encodeMessage(statusMessage()), { qos: 1, retain: true }, (err) => {
+      if (err) return;
+      counters.announcements++;
+      resolveAnnounced();
+    });
+  };
+
+  let everConnected = false;
+  const connection: MeshConnection = openMeshConnection(brokerUrl, {
+    clientId: agentId,
+    keepaliveS,
+    ...(backoff ? { backoff } : {}),
+    will: { topic: topics.agentStatus(agentId), payload: offlinePayload, qos: 1, retain: true },
+    onConnect: (c) => {
+      if (everConnected) counters.reconnects++;
+      logger.info({ brokerUrl, reconnect: everConnected }, everConnected ? 'reconnected to broker' : 'connected to broker');
+      everConnected = true;
+      c.subscribe([topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId)], { qos: 1 }, (err) => {
+        if (err) logger.error({ err: err.message }, 'subscribe failed');
+        announce();
+      });
+    },
+    onReconnectScheduled: (delayMs, attempt) => {
+      if (!closed) logger.warn({ delayMs, attempt }, 'broker connection lost; reconnecting');
+    },
+  });
+  client = connection.client;
+  client.on('message', (topic, payload) => {
+    if (topic.startsWith(requestPrefix)) {
+      const senderId = topic.slice(requestPrefix.length);
+      if (isValidId(senderId)) onRequest(senderId, payload);
+    } else if (topic.startsWith(cancelPrefix)) {
+      const senderId = topic.slice(cancelPrefix.length);
+      if (isValidId(senderId)) onCancel(senderId, payload);
+    }
+  });
+
+  const loadReport = (): AgentLoad => ({
+    v: PROTOCOL_VERSION,
+    kind: 'load',
+    agent: agentId,
+    ts: Date.now(),
+    seq: heartbeatSeq,
+    workers: pool.size,
+    ...scheduler.loadReport(),
+  });
+  const heartbeat = setInterval(() => {
+    scheduler.sweep();
+    heartbeatSeq++;
+    if (client.connected) client.publish(topics.agentLoad(agentId), encodeMessage(loadReport()), { qos: 0 });
+  }, heartbeatMs);
+
+  const shutdown = async () => {
+    if (closed) return;
+    closed = true;
+    clearInterval(heartbeat);
+    state = 'offline';
+    if (client.connected) {
+      await new Promise<void>((resolve) => {
+        client.publish(topics.agentStatus(agentId), offlinePayload, { qos: 1, retain: true }, () => resolve());
+        setTimeout(resolve, 1_000).unref();
+      });
+    }
+    await connection.close();
+    await pool.close();
+    logger.info({ served: counters.served }, 'agent stopped');
+  };
+
+  const handle: AgentHandle = {
+    id: agentId,
+    models: modelInfos,
+    counters,
+    status: statusMessage,
+    loadReport,
+    announced,
+    async drain(timeoutMs = 30_000) {
+      if (closed) return;
+      state = 'draining';
+      scheduler.startDraining();
+      if (client.connected) announce();
+      const until = Date.now() + timeoutMs;
+      while (scheduler.pending > 0 && Date.now() < until) await new Promise((r) => setTimeout(r, 10));
+      if (scheduler.pending > 0) logger.warn({ pending: scheduler.pending }, 'drain timed out; dropping the rest');
+      await shutdown();
+    },
+    close: shutdown,
+  };
+
+  if (awaitAnnounce) await announced;
+  logger.info({ models: modelInfos.map((m) => m.name), readyMs: Math.round(performance.now() - readyStarted) }, 'agent ready');
+  return handle;
+}

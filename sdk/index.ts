@@ -1,0 +1,421 @@
+/**
+ * What an IoT app imports.
+ *
+ *   const mesh = await connect({ brokerUrl: 'mqtt://127.0.0.1:1883' });
+ *   const { outputs, agentId, timings } = await mesh.infer('kws', { x: tensor }, { deadlineMs: 50 });
+ *
+ * Until the router lands, the SDK picks among live agents itself from their retained status and
+ * load heartbeats (lowest expected latency), and retries on another agent within the deadline when
+ * one is busy, silent or dies.
+ */
+import { randomBytes } from 'node:crypto';
+import type { MqttClient } from 'mqtt';
+import pino, { type Logger } from 'pino';
+import {
+  assertValidId,
+  checkTensor,
+  decodeMessage,
+  decodeTensorMap,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  encodeMessage,
+  encodeTensorMap,
+  isMeshErrorCode,
+  MeshError,
+  newRequestId,
+  openMeshConnection,
+  parseTopic,
+  PROTOCOL_VERSION,
+  requestIdHex,
+  topics,
+  type AgentLoad,
+  type AgentStatus,
+  type BackoffOptions,
+  type ErrorReply,
+  type InferReply,
+  type MeshConnection,
+  type MeshErrorCode,
+  type ModelInfo,
+  type Tensor,
+} from '../protocol/index.ts';
+
+export { MeshError, type MeshErrorCode, type Tensor } from '../protocol/index.ts';
+
+export interface ConnectOptions {
+  brokerUrl: string;
+  /** Mesh id of this app; a random `app-xxxxxxxx` when absent. */
+  clientId?: string;
+  /** Deadline used when `infer` is given none. */
+  defaultDeadlineMs?: number;
+  /** Attempts per request, the first included. */
+  maxAttempts?: number;
+  /** Lower bound of one attempt's timeout before trying another agent. */
+  minAttemptTimeoutMs?: number;
+  /** A load report older than this no longer counts; the agent's status still does. */
+  loadStaleMs?: number;
+  maxMessageBytes?: number;
+  keepaliveS?: number;
+  backoff?: BackoffOptions;
+  logger?: Logger;
+}
+
+export interface InferOptions {
+  /** Time budget from now; the absolute deadline travels with the request. */
+  deadlineMs?: number;
+  /** Send only to this agent (no retries elsewhere). */
+  agentId?: string;
+}
+
+export interface InferTimings {
+  /** From the call to the result, retries included. */
+  totalMs: number;
+  /** Time in the serving agent's queue. */
+  queueMs: number;
+  /** Time the serving agent's runtime computed. */
+  execMs: number;
+  /** The rest of the final attempt: MQTT hops, encoding and validation. */
+  networkMs: number;
+}
+
+export interface InferResult {
+  requestId: string;
+  model: string;
+  agentId: string;
+  outputs: Record<string, Tensor>;
+  timings: InferTimings;
+  attempts: number;
+}
+
+export interface AgentView {
+  id: string;
+  status: AgentStatus;
+  load: AgentLoad | undefined;
+  /** Requests this client has outstanding there. */
+  outstanding: number;
+}
+
+export interface Mesh {
+  readonly clientId: string;
+  infer(model: string, inputs: Record<string, Tensor>, options?: InferOptions): Promise<InferResult>;
+  /** Live agents as this client sees them. */
+  agents(): AgentView[];
+  /** Models served by at least one live agent. */
+  models(): ModelInfo[];
+  /** Resolves once a live agent serves `model` (or, with `count`, that many agents). */
+  waitForModel(model: string, timeoutMs?: number, count?: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+interface AgentEntry {
+  status: AgentStatus;
+  load: AgentLoad | undefined;
+  loadReceivedAt: number;
+  outstanding: number;
+  /** Expected service time of the requests this client has outstanding there. */
+  outstandingWorkMs: number;
+  /** EWMA of the part of a round trip spent outside the agent's queue and runtime. */
+  networkMs: number;
+  /** Until this time (performance.now()) the agent is only used when nothing else is left. */
+  suspectUntil: number;
+}
+
+interface Attempt {
+  agentId: string;
+  sentAt: number;
+  timer: NodeJS.Timeout;
+  settle: (reply: InferReply | undefined, err: MeshError | undefined) => void;
+}
+
+const NETWORK_EWMA_ALPHA = 0.2;
+const INITIAL_NETWORK_MS = 1;
+const SUSPECT_MS = 3_000;
+/** Codes after which another agent may well succeed. */
+const RETRY_ELSEWHERE: ReadonlySet<MeshErrorCode> = new Set([
+  'MESH_BUSY',
+  'MESH_TIMEOUT',
+  'MESH_AGENT_LOST',
+  'MESH_SHUTTING_DOWN',
+  'MESH_UNKNOWN_MODEL',
+  'MESH_INFERENCE_FAILED',
+]);
+
+export async function connect(options: ConnectOptions): Promise<Mesh> {
+  const {
+    brokerUrl,
+    clientId = `app-${randomBytes(4).toString('hex')}`,
+    defaultDeadlineMs = 1_000,
+    maxAttempts = 3,
+    minAttemptTimeoutMs = 200,
+    loadStaleMs = 5_000,
+    maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
+    keepaliveS = 10,
+    backoff,
+  } = options;
+  assertValidId(clientId, 'client id');
+  if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
+  const logger = (options.logger ?? pino({ level: 'warn' })).child({ part: 'sdk', clientId });
+
+  const agents = new Map<string, AgentEntry>();
+  const pending = new Map<string, Attempt>();
+  const waiters = new Set<() => void>();
+  const notify = () => {
+    for (const w of [...waiters]) w();
+  };
+
+  const failOutstanding = (agentId: string, code: MeshErrorCode, message: string) => {
+    for (const attempt of pending.values()) {
+      if (attempt.agentId === agentId) attempt.settle(undefined, new MeshError(code, message, { details: { agentId } }));
+    }
+  };
+
+  const onStatus = (agentId: string, payload: Buffer) => {
+    if (payload.length === 0) {
+      agents.delete(agentId);
+      return;
+    }
+    let status: AgentStatus;
+    try {
+      status = decodeMessage(payload, ['status'], maxMessageBytes);
+    } catch (err) {
+      logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad status');
+      return;
+    }
+    if (status.agent !== agentId) return;
+    const known = agents.get(agentId);
+    if (status.state === 'offline') {
+      if (known) {
+        agents.delete(agentId);
+        failOutstanding(agentId, 'MESH_AGENT_LOST', `agent ${agentId} went offline`);
+        logger.info({ agentId }, 'agent offline');
+      }
+      notify();
+      return;
+    }
+    if (known && known.status.session !== status.session) {
+      failOutstanding(agentId, 'MESH_AGENT_LOST', `agent ${agentId} restarted`);
+    }
+    agents.set(agentId, {
+      status,
+      load: known && known.status.session === status.session ? known.load : undefined,
+      loadReceivedAt: known?.loadReceivedAt ?? 0,
+      outstanding: known?.outstanding ?? 0,
+      outstandingWorkMs: known?.outstandingWorkMs ?? 0,
+      networkMs: known?.networkMs ?? INITIAL_NETWORK_MS,
+      suspectUntil: known?.suspectUntil ?? 0,
+    });
+    notify();
+  };
+
+  const onLoad = (agentId: string, payload: Buffer) => {
+    const entry = agents.get(agentId);
+    if (!entry) return;
+    try {
+      const load = decodeMessage(payload, ['load'], maxMessageBytes);
+      if (load.agent !== agentId) return;
+      entry.load = load;
+      entry.loadReceivedAt = performance.now();
+    } catch (err) {
+      logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad load report');
+    }
+  };
+
+  const onReply = (agentId: string, payload: Buffer) => {
+    let reply: InferReply | ErrorReply;
+    try {
+      reply = decodeMessage(payload, ['res', 'err'], maxMessageBytes);
+    } catch (err) {
+      logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad reply');
+      return;
+    }
+    const attempt = pending.get(requestIdHex(reply.id));
+    // A reply counts only from the agent the attempt went to, as named by both topic and payload.
+    if (!attempt || attempt.agentId !== agentId || reply.agent !== agentId) return;
+    if (reply.kind === 'res') attempt.settle(reply, undefined);
+    else attempt.settle(undefined, new MeshError(isMeshErrorCode(reply.code) ? reply.code : 'MESH_INTERNAL', reply.message, { details: { agentId } }));
+  };
+
+  const connection: MeshConnection = openMeshConnection(brokerUrl, {
+    clientId,
+    keepaliveS,
+    ...(backoff ? { backoff } : {}),
+    onConnect: (c: MqttClient) => {
+      c.subscribe([topics.clientRepliesFor(clientId), topics.allAgentStatus(), topics.allAgentLoad()], { qos: 1 }, (err) => {
+        if (err) logger.error({ err: err.message }, 'subscribe failed');
+      });
+    },
+    onReconnectScheduled: (delayMs) => logger.warn({ delayMs }, 'broker connection lost; reconnecting'),
+  });
+  const client = connection.client;
+  client.on('message', (topic, payload) => {
+    const parsed = parseTopic(topic);
+    if (!parsed) return;
+    if (parsed.kind === 'reply') {
+      if (parsed.clientId === clientId) onReply(parsed.agentId, payload);
+    } else if (parsed.kind === 'status') onStatus(parsed.agentId, payload);
+    else if (parsed.kind === 'load') onLoad(parsed.agentId, payload);
+  });
+  await connection.firstConnect;
+
+  const serviceMsOf = (entry: AgentEntry, model: string, now: number): number => {
+    const fresh = entry.load && now - entry.loadReceivedAt < loadStaleMs ? entry.load.models[model] : undefined;
+    return Math.max(0.01, fresh?.serviceMs ?? entry.status.models?.find((m) => m.name === model)?.latencyMs ?? 1);
+  };
+
+  /**
+   * Expected completion time on an agent: the work queued ahead (as last reported, plus what this
+   * client has sent since), shared by its workers, then one service time and the network.
+   */
+  const expectedMs = (entry: AgentEntry, model: string, now: number): number => {
+    let aheadMs = entry.outstandingWorkMs;
+    if (entry.load && now - entry.loadReceivedAt < loadStaleMs) {
+      for (const m of Object.values(entry.load.models)) aheadMs += (m.queued + m.inFlight) * m.serviceMs;
+    }
+    const workers = Math.max(1, entry.status.workers ?? 1);
+    return aheadMs / workers + serviceMsOf(entry, model, now) + entry.networkMs;
+  };
+
+  const candidates = (model: string, tried: ReadonlySet<string>, pinned: string | undefined) => {
+    const out: { id: string; entry: AgentEntry }[] = [];
+    for (const [id, entry] of agents) {
+      if (entry.status.state !== 'online' || tried.has(id)) continue;
+      if (pinned && id !== pinned) continue;
+      if (entry.status.models?.some((m) => m.name === model)) out.push({ id, entry });
+    }
+    return out;
+  };
+
+  /** Lowest expected latency; agents within 10 % of the best share the work at random. */
+  const pick = (model: string, tried: ReadonlySet<string>, pinned: string | undefined) => {
+    const now = performance.now();
+    const all = candidates(model, tried, pinned);
+    const healthy = all.filter((c) => c.entry.suspectUntil <= now);
+    const pool = healthy.length > 0 ? healthy : all;
+    if (pool.length === 0) return undefined;
+    const scored = pool.map((c) => ({ ...c, expected: expectedMs(c.entry, model, now) }));
+    const best = Math.min(...scored.map((s) => s.expected));
+    const near = scored.filter((s) => s.expected <= best * 1.1 + 0.05);
+    return near[Math.floor(Math.random() * near.length)]!;
+  };
+
+  const waitForChange = (timeoutMs: number) =>
+    new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        waiters.delete(done);
+        resolve();
+      };
+      const timer = setTimeout(done, Math.max(0, timeoutMs));
+      waiters.add(done);
+    });
+
+  const sendAttempt = (
+    agentId: string,
+    entry: AgentEntry,
+    id: Uint8Array,
+    key: string,
+    payload: Buffer,
+    timeoutMs: number,
+    workMs: number,
+  ): Promise<{ reply: InferReply; sentAt: number }> =>
+    new Promise((resolve, reject) => {
+      const sentAt = performance.now();
+      entry.outstanding++;
+      entry.outstandingWorkMs += workMs;
+      const attempt: Attempt = {
+        agentId,
+        sentAt,
+        timer: setTimeout(() => {
+          attempt.settle(undefined, new MeshError('MESH_TIMEOUT', `agent ${agentId} did not answer within ${Math.round(timeoutMs)} ms`, { details: { agentId } }));
+          if (client.connected) client.publish(topics.agentCancel(agentId, clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
+        }, timeoutMs),
+        settle: (reply, err) => {
+          if (pending.get(key) !== attempt) return;
+          pending.delete(key);
+          clearTimeout(attempt.timer);
+          entry.outstanding = Math.max(0, entry.outstanding - 1);
+          entry.outstandingWorkMs = entry.outstanding === 0 ? 0 : Math.max(0, entry.outstandingWorkMs - workMs);
+          if (reply) resolve({ reply, sentAt });
+          else reject(err);
+        },
+      };
+      pending.set(key, attempt);
+      client.publish(topics.agentRequest(agentId, clientId), payload, { qos: 1 }, (err) => {
+        if (err) attempt.settle(undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
+      });
+    });
+
+  const infer = async (model: string, inputs: Record<string, Tensor>, inferOptions: InferOptions = {}): Promise<InferResult> => {
+    const { deadlineMs = defaultDeadlineMs, agentId: pinned } = inferOptions;
+    for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
+    const started = performance.now();
+    const deadline = Date.now() + deadlineMs;
+    const id = newRequestId();
+    const key = requestIdHex(id);
+    const payload = encodeMessage({ v: PROTOCOL_VERSION, kind: 'req', id, deadline, model, inputs: encodeTensorMap(inputs) });
+    const tried = new Set<string>();
+    let lastError: MeshError | undefined;
+    for (let attemptNo = 1; attemptNo <= (pinned ? 1 : maxAttempts); attemptNo++) {
+      let choice = pick(model, tried, pinned);
+      while (!choice && Date.now() < deadline && tried.size === 0) {
+        await waitForChange(deadline - Date.now());
+        choice = pick(model, tried, pinned);
+      }
+      if (!choice) break;
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) break;
+      const expected = expectedMs(choice.entry, model, performance.now());
+      const timeoutMs = Math.min(remaining, Math.max(minAttemptTimeoutMs, 4 * expected + 50));
+      tried.add(choice.id);
+      try {
+        const { reply, sentAt } = await sendAttempt(choice.id, choice.entry, id, key, payload, timeoutMs, serviceMsOf(choice.entry, model, performance.now()));
+        const roundTripMs = performance.now() - sentAt;
+        const networkMs = Math.max(0, roundTripMs - reply.queueMs - reply.execMs);
+        choice.entry.networkMs += NETWORK_EWMA_ALPHA * (networkMs - choice.entry.networkMs);
+        return {
+          requestId: key,
+          model,
+          agentId: choice.id,
+          outputs: decodeTensorMap(reply.outputs),
+          timings: { totalMs: performance.now() - started, queueMs: reply.queueMs, execMs: reply.execMs, networkMs },
+          attempts: attemptNo,
+        };
+      } catch (err) {
+        const meshErr = err instanceof MeshError ? err : new MeshError('MESH_INTERNAL', String(err), { cause: err });
+        lastError = meshErr;
+        if (meshErr.code === 'MESH_TIMEOUT' || meshErr.code === 'MESH_INFERENCE_FAILED') choice.entry.suspectUntil = performance.now() + SUSPECT_MS;
+        if (!RETRY_ELSEWHERE.has(meshErr.code)) throw meshErr;
+        logger.debug({ model, agentId: choice.id, code: meshErr.code, attempt: attemptNo }, 'attempt failed; trying another agent');
+      }
+    }
+    if (Date.now() >= deadline) {
+      throw new MeshError('MESH_DEADLINE_EXCEEDED', `no result for ${model} within ${deadlineMs} ms${lastError ? ` (last: ${lastError.code})` : ''}`, {
+        cause: lastError,
+        details: { model, tried: [...tried] },
+      });
+    }
+    if (lastError) throw lastError;
+    throw new MeshError('MESH_NO_AGENT', `no live agent serves model ${model}`, { details: { model } });
+  };
+
+  return {
+    clientId,
+    infer,
+    agents: () =>
+      [...agents].map(([id, e]) => ({ id, status: e.status, load: e.load, outstanding: e.outstanding })),
+    models: () => {
+      const byName = new Map<string, ModelInfo>();
+      for (const e of agents.values()) for (const m of e.status.models ?? []) if (!byName.has(m.name)) byName.set(m.name, m);
+      return [...byName.values()];
+    },
+    async waitForModel(model, timeoutMs = 10_000, count = 1) {
+      const until = Date.now() + timeoutMs;
+      while (candidates(model, new Set(), undefined).length < count) {
+        if (Date.now() >= until) throw new MeshError('MESH_NO_AGENT', `no live agent serves model ${model} after ${timeoutMs} ms`);
+        await waitForChange(until - Date.now());
+      }
+    },
+    async close() {
+      for (const attempt of pending.values()) attempt.settle(undefined, new MeshError('MESH_NOT_CONNECTED', 'client closed'));
+      await connection.close();
+    },
+  };
+}
