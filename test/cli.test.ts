@@ -1,0 +1,74 @@
+/** The `edge-mesh` command line, run as users run it: as a child process. */
+import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
+import { writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+import { promisify } from 'node:util';
+import { sampleInputs } from '../cli/sample-inputs.ts';
+import { tensorToJson } from '../protocol/index.ts';
+import { agentFor, brokerFor, ROOT, tempDir } from './helpers.ts';
+
+const run = promisify(execFile);
+const BIN = path.join(ROOT, 'bin/edge-mesh.mjs');
+
+function edgeMesh(args: string[], timeoutMs = 60_000) {
+  return run(process.execPath, [BIN, ...args], { timeout: timeoutMs, maxBuffer: 16 * 2 ** 20 });
+}
+
+describe('edge-mesh CLI', () => {
+  test('every subcommand has --help', async () => {
+    for (const cmd of [[], ['up'], ['broker'], ['agent'], ['infer'], ['models'], ['models', 'build']]) {
+      const { stdout } = await edgeMesh([...cmd, '--help']);
+      assert.match(stdout, /Usage: edge-mesh/, cmd.join(' '));
+      assert.match(stdout, /Options:/, cmd.join(' '));
+    }
+  });
+
+  test('bad arguments fail with a clear message and a non-zero exit', async () => {
+    await assert.rejects(edgeMesh(['up', '--agents', 'zero']), (err: { code?: number; stderr?: string }) => err.code !== 0 && /positive integer/.test(err.stderr ?? ''));
+    await assert.rejects(edgeMesh(['agent']), (err: { stderr?: string }) => /--models/.test(err.stderr ?? ''));
+    await assert.rejects(edgeMesh(['frobnicate']), (err: { stderr?: string }) => /unknown command/.test(err.stderr ?? ''));
+  });
+
+  test('infer sends a JSON input file and prints outputs and timing', async (t) => {
+    const broker = await brokerFor(t);
+    await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-cli' });
+    const dir = await tempDir(t);
+    const input = path.join(dir, 'kws.json');
+    const kws = sampleInputs('kws', 1);
+    await writeFile(input, JSON.stringify(Object.fromEntries(Object.entries(kws).map(([n, x]) => [n, tensorToJson(x)]))));
+    const { stdout } = await edgeMesh(['infer', '--model', 'kws', '--input', input, '--broker', broker.url]);
+    const out = JSON.parse(stdout.trim().split('\n').at(-1)!);
+    assert.equal(out.agent, 'agent-cli');
+    assert.equal(out.model, 'kws');
+    assert.ok(out.timings.totalMs > 0);
+    const [output] = Object.values(out.outputs) as { shape: number[]; data: number[] }[];
+    assert.deepEqual(output!.shape, [1, 1]);
+    assert.ok(output!.data[0]! >= 0 && output!.data[0]! <= 1);
+
+    const raw = path.join(dir, 'kws.bin');
+    const x = Object.values(kws)[0]!;
+    await writeFile(raw, Buffer.from(x.data.buffer));
+    const rawRun = await edgeMesh(['infer', '--model', 'kws', '--input', raw, '--dtype', 'float32', '--shape', '1,25,96', '--broker', broker.url]);
+    assert.deepEqual(Object.values(JSON.parse(rawRun.stdout.trim()).outputs), [output]);
+
+    await assert.rejects(edgeMesh(['infer', '--model', 'nope', '--input', input, '--broker', broker.url, '--deadline-ms', '500']), (err: { stderr?: string }) =>
+      /MESH_NO_AGENT/.test(err.stderr ?? ''),
+    );
+  });
+
+  test('up runs the whole mesh and ends with a JSON summary', async (t) => {
+    const dir = await tempDir(t);
+    const { stdout } = await edgeMesh(['up', '--duration', '6', '--json', '--port', '0', '--data', dir, '--rate', '30'], 120_000);
+    const summary = JSON.parse(stdout.trim().split('\n').at(-1)!);
+    assert.ok(summary.requests > 0);
+    assert.equal(summary.errors, 0, JSON.stringify(summary.error_codes));
+    assert.equal(summary.ok, summary.requests);
+    assert.equal(summary.agents, 2);
+    assert.deepEqual(Object.keys(summary.models).sort(), ['kws', 'ocr-cls', 'ocr-det', 'vad']);
+    for (const m of Object.values(summary.models) as { requests: number; p50_ms: number; p99_ms: number }[]) {
+      assert.ok(m.requests > 0 && m.p50_ms > 0 && m.p99_ms >= m.p50_ms);
+    }
+  });
+});

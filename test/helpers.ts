@@ -1,0 +1,130 @@
+/** Shared fixtures: a real broker on port 0, a models folder built from the npm packages, agents. */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import type { TestContext } from 'node:test';
+import type { MqttClient } from 'mqtt';
+import pino from 'pino';
+import { startBroker, type BrokerHandle } from '../broker/index.ts';
+import { ensureModelsFolder } from '../cli/models.ts';
+import { startAgent, type AgentHandle, type AgentOptions } from '../edge-agent/index.ts';
+import {
+  decodeMessage,
+  encodeMessage,
+  openMeshConnection,
+  requestIdHex,
+  topics,
+  type ErrorReply,
+  type InferReply,
+  type Message,
+} from '../protocol/index.ts';
+import { connect, type ConnectOptions, type Mesh } from '../sdk/index.ts';
+
+export const ROOT = path.resolve(import.meta.dirname, '..');
+export const quiet = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
+
+/** One models folder per test process, built from the npm packages (hash-checked, reused when valid). */
+let modelsDirPromise: Promise<string> | undefined;
+export function modelsDir(): Promise<string> {
+  modelsDirPromise ??= (async () => {
+    const dir = path.join(os.tmpdir(), 'edge-mesh-test-models');
+    await ensureModelsFolder(dir);
+    return dir;
+  })();
+  return modelsDirPromise;
+}
+
+export async function tempDir(t: TestContext, prefix = 'edge-mesh-'): Promise<string> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), prefix));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+export async function brokerFor(t: TestContext, options: Parameters<typeof startBroker>[0] = {}): Promise<BrokerHandle> {
+  const broker = await startBroker({ port: 0, logger: quiet, ...options });
+  t.after(() => broker.close());
+  return broker;
+}
+
+export async function agentFor(t: TestContext, options: Partial<AgentOptions> & { brokerUrl: string }): Promise<AgentHandle> {
+  const agent = await startAgent({ modelsDir: await modelsDir(), workers: 1, logger: quiet, ...options });
+  t.after(() => agent.close());
+  return agent;
+}
+
+export async function meshFor(t: TestContext, options: Partial<ConnectOptions> & { brokerUrl: string }): Promise<Mesh> {
+  const mesh = await connect({ logger: quiet, ...options });
+  t.after(() => mesh.close());
+  return mesh;
+}
+
+/** A bare MQTT client that speaks the envelope by hand, for malformed and hand-made messages. */
+export async function rawClient(t: TestContext, brokerUrl: string, clientId: string) {
+  const replies = new Map<string, (m: InferReply | ErrorReply) => void>();
+  const connection = openMeshConnection(brokerUrl, {
+    clientId,
+    onConnect: (c: MqttClient) => c.subscribe(topics.clientRepliesFor(clientId), { qos: 1 }),
+  });
+  t.after(() => connection.close());
+  connection.client.on('message', (_topic, payload) => {
+    const reply = decodeMessage(payload, ['res', 'err']);
+    replies.get(requestIdHex(reply.id))?.(reply);
+  });
+  await connection.firstConnect;
+  await new Promise((r) => setTimeout(r, 50));
+  return {
+    client: connection.client,
+    /** Publishes a request (a message or raw bytes) and waits for the reply carrying `id`. */
+    request(agentId: string, id: Uint8Array, payload: Message | Uint8Array, timeoutMs = 5_000): Promise<InferReply | ErrorReply> {
+      return new Promise((resolve, reject) => {
+        const key = requestIdHex(id);
+        const timer = setTimeout(() => reject(new Error(`no reply for ${key}`)), timeoutMs);
+        replies.set(key, (m) => {
+          clearTimeout(timer);
+          replies.delete(key);
+          resolve(m);
+        });
+        const bytes = payload instanceof Uint8Array ? payload : encodeMessage(payload);
+        connection.client.publish(topics.agentRequest(agentId, clientId), Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), { qos: 1 });
+      });
+    },
+  };
+}
+
+/** Runs `edge-mesh agent` as a child process and resolves once it has announced itself. */
+export async function spawnAgent(t: TestContext, brokerUrl: string, agentId: string, extraArgs: string[] = []): Promise<ChildProcess> {
+  const child = spawn(
+    process.execPath,
+    [path.join(ROOT, 'bin/edge-mesh.mjs'), 'agent', '--models', await modelsDir(), '--broker', brokerUrl, '--id', agentId, '--workers', '1', ...extraArgs],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  t.after(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  let stderr = '';
+  await new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`agent ${agentId} did not announce:\n${stderr}`)), 30_000);
+    child.stderr!.on('data', (chunk: Buffer) => {
+      stderr += chunk.toString();
+      if (stderr.includes('"msg":"announced"')) {
+        clearTimeout(timer);
+        resolve();
+      }
+    });
+    child.on('exit', (code) => reject(new Error(`agent ${agentId} exited early (${code}):\n${stderr}`)));
+  });
+  return child;
+}
+
+export function waitFor(predicate: () => boolean, timeoutMs: number, what: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const until = Date.now() + timeoutMs;
+    const tick = () => {
+      if (predicate()) return resolve();
+      if (Date.now() > until) return reject(new Error(`timed out waiting for ${what}`));
+      setTimeout(tick, 10);
+    };
+    tick();
+  });
+}

@@ -1,0 +1,274 @@
+/** The mesh end to end: real broker on port 0, real ONNX sessions, agents in-process and as child processes. */
+import assert from 'node:assert/strict';
+import { copyFile, readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { describe, test } from 'node:test';
+import * as ort from 'onnxruntime-node';
+import { sampleInputs, SAMPLE_MODELS } from '../cli/sample-inputs.ts';
+import { startAgent } from '../edge-agent/index.ts';
+import {
+  decodeMessage,
+  encodeMessage,
+  MeshError,
+  newRequestId,
+  openMeshConnection,
+  PROTOCOL_VERSION,
+  topics,
+  type AgentLoad,
+  type AgentStatus,
+  type InferRequest,
+} from '../protocol/index.ts';
+import { agentFor, brokerFor, meshFor, modelsDir, quiet, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
+
+const kws = () => sampleInputs('kws', 3);
+
+function request(model: string, inputs: InferRequest['inputs'], deadlineInMs = 5_000): InferRequest {
+  return { v: PROTOCOL_VERSION, kind: 'req', id: newRequestId(), deadline: Date.now() + deadlineInMs, model, inputs };
+}
+
+function wireF32(shape: number[], count = shape.reduce((a, b) => a * b, 1)) {
+  return { dtype: 'float32', shape, data: new Uint8Array(count * 4) };
+}
+
+describe('inference through the mesh', () => {
+  test('outputs equal a direct onnxruntime run, bit for bit, for every model', async (t) => {
+    const broker = await brokerFor(t);
+    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-exact' });
+    const mesh = await meshFor(t, { brokerUrl: broker.url });
+    const dir = await modelsDir();
+    const manifest = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8')) as { models: { name: string; file: string }[] };
+    for (const model of SAMPLE_MODELS) {
+      const entry = manifest.models.find((m) => m.name === model)!;
+      const session = await ort.InferenceSession.create(path.join(dir, entry.file), {
+        intraOpNumThreads: 1,
+        interOpNumThreads: 1,
+        executionMode: 'sequential',
+        graphOptimizationLevel: 'all',
+      });
+      const inputs = sampleInputs(model, 2);
+      const feeds: Record<string, ort.Tensor> = {};
+      for (const [name, x] of Object.entries(inputs)) feeds[name] = new ort.Tensor(x.dtype, x.data as never, x.shape);
+      const direct = await session.run(feeds);
+      const result = await mesh.infer(model, sampleInputs(model, 2), { deadlineMs: 10_000 });
+      assert.equal(result.agentId, agent.id);
+      assert.deepEqual(Object.keys(result.outputs).sort(), Object.keys(direct).sort(), `${model} output names`);
+      for (const [name, expected] of Object.entries(direct)) {
+        const got = result.outputs[name]!;
+        assert.deepEqual(got.shape, [...expected.dims], `${model}.${name} shape`);
+        assert.equal(got.dtype, expected.type);
+        const a = Buffer.from(got.data.buffer, got.data.byteOffset, got.data.byteLength);
+        const e = Buffer.from((expected.data as Float32Array).buffer, (expected.data as Float32Array).byteOffset, (expected.data as Float32Array).byteLength);
+        assert.ok(a.equals(e), `${model}.${name} differs from the direct run`);
+      }
+      assert.ok(result.timings.execMs > 0 && result.timings.totalMs >= result.timings.execMs);
+      await session.release();
+    }
+  });
+
+  test('malformed tensors, wrong inputs and unknown models get coded errors while the agent keeps serving', async (t) => {
+    const broker = await brokerFor(t);
+    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-strict' });
+    const raw = await rawClient(t, broker.url, 'raw-sender');
+    const mesh = await meshFor(t, { brokerUrl: broker.url });
+    await mesh.waitForModel('kws');
+    const input = agent.models.find((m) => m.name === 'kws')!.inputs[0]!.name;
+    const cases: { what: string; message: InferRequest; code: string }[] = [
+      { what: 'unsupported dtype', message: request('kws', { [input]: { dtype: 'complex64', shape: [1, 25, 96], data: new Uint8Array(2400 * 8) } }), code: 'MESH_BAD_TENSOR' },
+      { what: 'wrong dtype for the model', message: request('kws', { [input]: { dtype: 'int32', shape: [1, 25, 96], data: new Uint8Array(2400 * 4) } }), code: 'MESH_BAD_INPUT' },
+      { what: 'wrong shape', message: request('kws', { [input]: wireF32([1, 24, 96]) }), code: 'MESH_BAD_INPUT' },
+      { what: 'wrong rank', message: request('kws', { [input]: wireF32([25, 96]) }), code: 'MESH_BAD_INPUT' },
+      { what: 'byte length disagrees with shape', message: request('kws', { [input]: wireF32([1, 25, 96], 2399) }), code: 'MESH_BAD_TENSOR' },
+      { what: 'odd byte length', message: request('kws', { [input]: { dtype: 'float32', shape: [1, 25, 96], data: new Uint8Array(9601) } }), code: 'MESH_BAD_TENSOR' },
+      { what: 'huge declared shape', message: request('kws', { [input]: { dtype: 'float32', shape: [1 << 20, 1 << 20], data: new Uint8Array(4) } }), code: 'MESH_TOO_LARGE' },
+      { what: 'negative dim', message: request('kws', { [input]: { dtype: 'float32', shape: [-1, 25, 96], data: new Uint8Array(4) } }), code: 'MESH_BAD_REQUEST' },
+      { what: 'wrong input name', message: request('kws', { nope: wireF32([1, 25, 96]) }), code: 'MESH_BAD_INPUT' },
+      { what: 'extra input', message: request('kws', { [input]: wireF32([1, 25, 96]), extra: wireF32([1]) }), code: 'MESH_BAD_INPUT' },
+      { what: 'missing input', message: request('vad', { input: wireF32([1, 512]), state: wireF32([2, 1, 128]) }), code: 'MESH_BAD_INPUT' },
+      { what: 'unknown model', message: request('no-such-model', { [input]: wireF32([1, 25, 96]) }), code: 'MESH_UNKNOWN_MODEL' },
+    ];
+    for (const c of cases) {
+      const reply = await raw.request(agent.id, c.message.id, c.message);
+      assert.equal(reply.kind, 'err', c.what);
+      assert.equal(reply.kind === 'err' && reply.code, c.code, c.what);
+      // The agent still serves a good request after each bad one.
+      const ok = await mesh.infer('kws', kws());
+      assert.equal(ok.agentId, agent.id);
+    }
+    // A schema violation with a readable id still gets an answer; garbage gets none but breaks nothing.
+    const id = newRequestId();
+    const bad = await raw.request(agent.id, id, encodeMessage({ ...request('kws', {}), id, deadline: 'soon' } as unknown as InferRequest));
+    assert.equal(bad.kind === 'err' && bad.code, 'MESH_BAD_REQUEST');
+    raw.client.publish(topics.agentRequest(agent.id, 'raw-sender'), Buffer.from([0xff, 0x00, 0x13, 0x37]), { qos: 1 });
+    raw.client.publish(topics.agentRequest(agent.id, 'raw-sender'), Buffer.alloc(10_000, 0x81), { qos: 1 });
+    assert.equal((await mesh.infer('kws', kws())).agentId, agent.id);
+    assert.ok((agent.counters.errors.MESH_BAD_REQUEST ?? 0) >= 3);
+  });
+
+  test('a request whose deadline has passed is refused with MESH_DEADLINE_EXCEEDED', async (t) => {
+    const broker = await brokerFor(t);
+    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-deadline' });
+    const raw = await rawClient(t, broker.url, 'raw-deadline');
+    const late = request('kws', { [agent.models[0]!.inputs[0]!.name]: wireF32([1, 25, 96]) }, -1);
+    const reply = await raw.request(agent.id, late.id, late);
+    assert.equal(reply.kind === 'err' && reply.code, 'MESH_DEADLINE_EXCEEDED');
+
+    // Queued behind slow work, a short deadline expires in the queue and is dropped, not run.
+    const det = (seed: number) => {
+      const x = sampleInputs('ocr-det', seed).x!;
+      return request('ocr-det', { x: { dtype: 'float32', shape: x.shape, data: new Uint8Array(x.data.buffer) } }, 10_000);
+    };
+    const slow = [det(1), det(2), det(3)];
+    const pendingSlow = slow.map((m) => raw.request(agent.id, m.id, m));
+    const short = request('kws', { [agent.models.find((m) => m.name === 'kws')!.inputs[0]!.name]: wireF32([1, 25, 96]) }, 5);
+    const shortReply = await raw.request(agent.id, short.id, short);
+    assert.equal(shortReply.kind === 'err' && shortReply.code, 'MESH_DEADLINE_EXCEEDED');
+    for (const r of await Promise.all(pendingSlow)) assert.equal(r.kind, 'res');
+
+    // Through the SDK the same shows as a typed error.
+    const mesh = await meshFor(t, { brokerUrl: broker.url });
+    await mesh.waitForModel('ocr-det');
+    const hog = [1, 2, 3].map((s) => mesh.infer('ocr-det', sampleInputs('ocr-det', s), { deadlineMs: 10_000 }));
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 3 }), (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED');
+    await Promise.all(hog);
+  });
+
+  test('a full queue answers MESH_BUSY at once, and queued work can be cancelled', async (t) => {
+    const broker = await brokerFor(t);
+    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-busy', queueLimit: 2 });
+    const raw = await rawClient(t, broker.url, 'raw-busy');
+    const x = sampleInputs('ocr-det', 1).x!;
+    const messages = Array.from({ length: 8 }, () => request('ocr-det', { x: { dtype: 'float32', shape: x.shape, data: new Uint8Array(x.data.buffer) } }, 20_000));
+    const started = performance.now();
+    const replies = messages.map((m) => raw.request(agent.id, m.id, m, 20_000).then((r) => ({ r, ms: performance.now() - started })));
+    // Cancel the last request that was accepted into the queue (the third: one runs, two wait).
+    raw.client.publish(topics.agentCancel(agent.id, 'raw-busy'), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: messages[2]!.id }), { qos: 1 });
+    const results = await Promise.all(replies);
+    const codes = results.map(({ r }) => (r.kind === 'err' ? r.code : 'ok'));
+    assert.equal(codes.filter((c) => c === 'MESH_BUSY').length, 5, codes.join(','));
+    assert.equal(codes[2], 'MESH_CANCELLED');
+    assert.equal(codes.filter((c) => c === 'ok').length, 2, codes.join(','));
+    // BUSY replies come back before the accepted work finishes.
+    const slowestBusy = Math.max(...results.filter(({ r }) => r.kind === 'err' && r.code === 'MESH_BUSY').map(({ ms }) => ms));
+    const fastestOk = Math.min(...results.filter(({ r }) => r.kind === 'res').map(({ ms }) => ms));
+    assert.ok(slowestBusy < fastestOk, `busy at ${slowestBusy} ms, first result at ${fastestOk} ms`);
+  });
+
+  test('a model whose file does not match its sha256 is refused', async (t) => {
+    const broker = await brokerFor(t);
+    const src = await modelsDir();
+    const dir = await tempDir(t);
+    const manifest = JSON.parse(await readFile(path.join(src, 'manifest.json'), 'utf8')) as { models: { name: string; file: string }[] };
+    const keep = manifest.models.filter((m) => m.name === 'kws' || m.name === 'vad');
+    for (const m of keep) await copyFile(path.join(src, m.file), path.join(dir, m.file));
+    const vadFile = path.join(dir, keep.find((m) => m.name === 'vad')!.file);
+    const bytes = await readFile(vadFile);
+    bytes[bytes.length - 1] = bytes[bytes.length - 1]! ^ 0xff;
+    await writeFile(vadFile, bytes);
+    await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ models: keep }));
+    const agent = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, agentId: 'agent-integrity' });
+    assert.deepEqual(agent.models.map((m) => m.name), ['kws']);
+    assert.deepEqual(agent.status().models!.map((m) => m.name), ['kws']);
+
+    await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ models: keep.filter((m) => m.name === 'vad') }));
+    await assert.rejects(
+      startAgent({ brokerUrl: broker.url, modelsDir: dir, logger: quiet }),
+      (err: unknown) => err instanceof MeshError && err.code === 'MESH_MODEL_INTEGRITY',
+    );
+  });
+
+  test('status is retained with capabilities, heartbeats keep their period while detection runs continuously', async (t) => {
+    const broker = await brokerFor(t);
+    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-beat', heartbeatMs: 200 });
+    const loads: { at: number; load: AgentLoad }[] = [];
+    let status: AgentStatus | undefined;
+    const watcher = openMeshConnection(broker.url, {
+      clientId: 'watcher',
+      onConnect: (c) => c.subscribe([topics.agentStatus(agent.id), topics.agentLoad(agent.id)], { qos: 1 }),
+    });
+    t.after(() => watcher.close());
+    watcher.client.on('message', (topic, payload) => {
+      if (topic.endsWith('/status')) status = decodeMessage(payload, ['status']);
+      else loads.push({ at: performance.now(), load: decodeMessage(payload, ['load']) });
+    });
+    await waitFor(() => status !== undefined, 5_000, 'retained status');
+    assert.equal(status!.state, 'online');
+    assert.deepEqual(status!.models!.map((m) => m.name).sort(), [...SAMPLE_MODELS].sort());
+    const det = status!.models!.find((m) => m.name === 'ocr-det')!;
+    assert.ok(det.latencyMs > 0 && det.priceMicros > 0 && /^[0-9a-f]{64}$/.test(det.sha256));
+    assert.deepEqual(det.inputs[0]!.shape.length, 4);
+    assert.ok(status!.providers!.includes('cpu') && status!.hardware!.cpus > 0);
+
+    const mesh = await meshFor(t, { brokerUrl: broker.url });
+    await mesh.waitForModel('ocr-det');
+    const until = performance.now() + 3_000;
+    let served = 0;
+    const loop = async () => {
+      while (performance.now() < until) {
+        await mesh.infer('ocr-det', sampleInputs('ocr-det', 1 + (served % 4)), { deadlineMs: 10_000 });
+        served++;
+      }
+    };
+    loads.length = 0;
+    await Promise.all([loop(), loop()]);
+    const gaps = loads.slice(1).map((l, i) => l.at - loads[i]!.at);
+    assert.ok(served > 10, `served ${served}`);
+    assert.ok(loads.length >= 12, `only ${loads.length} heartbeats in 3 s at a 200 ms period`);
+    assert.ok(Math.max(...gaps) < 600, `heartbeat gaps ${gaps.map((g) => g.toFixed(0)).join(',')}`);
+    assert.ok(loads.some((l) => l.load.inFlight > 0 && l.load.models['ocr-det']!.inFlight > 0), 'heartbeats saw the work in flight');
+    assert.ok(loads.every((l, i) => i === 0 || l.load.seq > loads[i - 1]!.load.seq));
+  });
+});
+
+describe('failures', () => {
+  test('an agent killed mid-request: the SDK retries on another agent within the deadline', async (t) => {
+    const broker = await brokerFor(t);
+    const victim = await spawnAgent(t, broker.url, 'agent-victim');
+    const survivor = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-survivor' });
+    const mesh = await meshFor(t, { brokerUrl: broker.url });
+    await mesh.waitForModel('ocr-det', 10_000, 2);
+    // Enough concurrent slow requests that the victim holds some when it dies.
+    const calls = Array.from({ length: 8 }, (_, i) => mesh.infer('ocr-det', sampleInputs('ocr-det', 1 + (i % 4)), { deadlineMs: 15_000 }));
+    await waitFor(() => mesh.agents().some((a) => a.id === 'agent-victim' && a.outstanding > 0), 5_000, 'work on the victim');
+    victim.kill('SIGKILL');
+    const results = await Promise.all(calls);
+    assert.ok(results.every((r) => Object.keys(r.outputs).length > 0));
+    const retried = results.filter((r) => r.attempts > 1);
+    assert.ok(retried.length > 0, 'some request was retried');
+    for (const r of retried) assert.equal(r.agentId, survivor.id);
+    await waitFor(() => !mesh.agents().some((a) => a.id === 'agent-victim'), 5_000, 'the victim to be seen offline');
+  });
+
+  test('after a broker restart, agents reconnect and re-announce, and serving resumes', async (t) => {
+    const first = await brokerFor(t);
+    const port = first.port;
+    const agent = await agentFor(t, { brokerUrl: first.url, agentId: 'agent-phoenix', backoff: { baseMs: 50, maxMs: 1_000 } });
+    const announcements = agent.counters.announcements;
+    await first.close();
+    await new Promise((r) => setTimeout(r, 300));
+    const restartedAt = performance.now();
+    const second = await brokerFor(t, { port });
+    await waitFor(() => agent.counters.announcements > announcements, 5_000, 're-announcement');
+    assert.ok(performance.now() - restartedAt < 5_000);
+    assert.equal(agent.counters.reconnects, 1);
+    const mesh = await meshFor(t, { brokerUrl: second.url });
+    await mesh.waitForModel('kws', 5_000);
+    assert.equal((await mesh.infer('kws', kws())).agentId, agent.id);
+  });
+
+  test('SIGTERM drains queued work, then the agent goes offline and exits 0', async (t) => {
+    const broker = await brokerFor(t);
+    const child = await spawnAgent(t, broker.url, 'agent-drain');
+    const mesh = await meshFor(t, { brokerUrl: broker.url });
+    await mesh.waitForModel('ocr-det');
+    const calls = Array.from({ length: 4 }, (_, i) => mesh.infer('ocr-det', sampleInputs('ocr-det', 1 + i), { deadlineMs: 15_000, agentId: 'agent-drain' }));
+    await waitFor(() => (mesh.agents().find((a) => a.id === 'agent-drain')?.outstanding ?? 0) === 4, 5_000, 'requests sent');
+    await new Promise((r) => setTimeout(r, 20));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    child.kill('SIGTERM');
+    const results = await Promise.all(calls);
+    assert.equal(results.length, 4);
+    assert.ok(results.every((r) => r.agentId === 'agent-drain'));
+    assert.equal(await exited, 0);
+    await waitFor(() => !mesh.agents().some((a) => a.id === 'agent-drain'), 5_000, 'offline status');
+  });
+});
