@@ -9,8 +9,8 @@ import type { Mesh } from '../sdk/index.ts';
 import { sampleInputs } from './sample-inputs.ts';
 import { formatTable, TallyMap } from './stats.ts';
 
-/** Budgets a real app would give each model: audio models answer within a frame or two. */
-export const SAMPLE_DEADLINES_MS: Record<string, number> = { kws: 200, vad: 200, 'ocr-cls': 500, 'ocr-det': 2_000 };
+/** Generous budgets: the whole mesh shares one process and two cores with whatever else runs here. */
+export const SAMPLE_DEADLINES_MS: Record<string, number> = { kws: 500, vad: 500, 'ocr-cls': 1_000, 'ocr-det': 3_000 };
 const SEEDS_PER_MODEL = 8;
 const MAX_IN_FLIGHT = 256;
 

@@ -48,8 +48,11 @@ export interface ConnectOptions {
   defaultDeadlineMs?: number;
   /** Attempts per request, the first included. */
   maxAttempts?: number;
-  /** Lower bound of one attempt's timeout before trying another agent. */
-  minAttemptTimeoutMs?: number;
+  /**
+   * Lower bound of the wait before a slow attempt is hedged: the same request also goes to another
+   * agent, the first answer wins and the other is cancelled. A slow attempt is never abandoned.
+   */
+  minHedgeAfterMs?: number;
   /** A load report older than this no longer counts; the agent's status still does. */
   loadStaleMs?: number;
   maxMessageBytes?: number;
@@ -118,11 +121,11 @@ interface AgentEntry {
   suspectUntil: number;
 }
 
-interface Attempt {
-  agentId: string;
-  sentAt: number;
-  timer: NodeJS.Timeout;
-  settle: (reply: InferReply | undefined, err: MeshError | undefined) => void;
+/** One request in flight; it may have attempts on several agents at once (after a hedge). */
+interface InFlight {
+  /** Agents holding an attempt, with when it was sent and its expected service time. */
+  attempts: Map<string, { sentAt: number; workMs: number }>;
+  onAnswer: (agentId: string, reply: InferReply | undefined, err: MeshError | undefined) => void;
 }
 
 const NETWORK_EWMA_ALPHA = 0.2;
@@ -131,7 +134,6 @@ const SUSPECT_MS = 3_000;
 /** Codes after which another agent may well succeed. */
 const RETRY_ELSEWHERE: ReadonlySet<MeshErrorCode> = new Set([
   'MESH_BUSY',
-  'MESH_TIMEOUT',
   'MESH_AGENT_LOST',
   'MESH_SHUTTING_DOWN',
   'MESH_UNKNOWN_MODEL',
@@ -144,7 +146,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     clientId = `app-${randomBytes(4).toString('hex')}`,
     defaultDeadlineMs = 1_000,
     maxAttempts = 3,
-    minAttemptTimeoutMs = 200,
+    minHedgeAfterMs = 200,
     loadStaleMs = 5_000,
     maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
     keepaliveS = 10,
@@ -155,15 +157,15 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   const logger = (options.logger ?? pino({ level: 'warn' })).child({ part: 'sdk', clientId });
 
   const agents = new Map<string, AgentEntry>();
-  const pending = new Map<string, Attempt>();
+  const pending = new Map<string, InFlight>();
   const waiters = new Set<() => void>();
   const notify = () => {
     for (const w of [...waiters]) w();
   };
 
   const failOutstanding = (agentId: string, code: MeshErrorCode, message: string) => {
-    for (const attempt of pending.values()) {
-      if (attempt.agentId === agentId) attempt.settle(undefined, new MeshError(code, message, { details: { agentId } }));
+    for (const request of [...pending.values()]) {
+      if (request.attempts.has(agentId)) request.onAnswer(agentId, undefined, new MeshError(code, message, { details: { agentId } }));
     }
   };
 
@@ -226,11 +228,11 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad reply');
       return;
     }
-    const attempt = pending.get(requestIdHex(reply.id));
-    // A reply counts only from the agent the attempt went to, as named by both topic and payload.
-    if (!attempt || attempt.agentId !== agentId || reply.agent !== agentId) return;
-    if (reply.kind === 'res') attempt.settle(reply, undefined);
-    else attempt.settle(undefined, new MeshError(isMeshErrorCode(reply.code) ? reply.code : 'MESH_INTERNAL', reply.message, { details: { agentId } }));
+    const request = pending.get(requestIdHex(reply.id));
+    // A reply counts only from an agent the request went to, as named by both topic and payload.
+    if (!request || !request.attempts.has(agentId) || reply.agent !== agentId) return;
+    if (reply.kind === 'res') request.onAnswer(agentId, reply, undefined);
+    else request.onAnswer(agentId, undefined, new MeshError(isMeshErrorCode(reply.code) ? reply.code : 'MESH_INTERNAL', reply.message, { details: { agentId } }));
   };
 
   const connection: MeshConnection = openMeshConnection(brokerUrl, {
@@ -307,42 +309,16 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       waiters.add(done);
     });
 
-  const sendAttempt = (
-    agentId: string,
-    entry: AgentEntry,
-    id: Uint8Array,
-    key: string,
-    payload: Buffer,
-    timeoutMs: number,
-    workMs: number,
-  ): Promise<{ reply: InferReply; sentAt: number }> =>
-    new Promise((resolve, reject) => {
-      const sentAt = performance.now();
-      entry.outstanding++;
-      entry.outstandingWorkMs += workMs;
-      const attempt: Attempt = {
-        agentId,
-        sentAt,
-        timer: setTimeout(() => {
-          attempt.settle(undefined, new MeshError('MESH_TIMEOUT', `agent ${agentId} did not answer within ${Math.round(timeoutMs)} ms`, { details: { agentId } }));
-          if (client.connected) client.publish(topics.agentCancel(agentId, clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
-        }, timeoutMs),
-        settle: (reply, err) => {
-          if (pending.get(key) !== attempt) return;
-          pending.delete(key);
-          clearTimeout(attempt.timer);
-          entry.outstanding = Math.max(0, entry.outstanding - 1);
-          entry.outstandingWorkMs = entry.outstanding === 0 ? 0 : Math.max(0, entry.outstandingWorkMs - workMs);
-          if (reply) resolve({ reply, sentAt });
-          else reject(err);
-        },
-      };
-      pending.set(key, attempt);
-      client.publish(topics.agentRequest(agentId, clientId), payload, { qos: 1 }, (err) => {
-        if (err) attempt.settle(undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
-      });
-    });
+  const cancelOn = (agentId: string, id: Uint8Array) => {
+    if (client.connected) client.publish(topics.agentCancel(agentId, clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
+  };
 
+  /**
+   * Sends one request and resolves with the first result. Attempts go to the agent with the lowest
+   * expected completion time; a refusal or a lost agent moves the request to the next one at once;
+   * an attempt slower than 4× its prediction is hedged on another agent (when there is one) while it
+   * keeps running; the deadline bounds everything.
+   */
   const infer = async (model: string, inputs: Record<string, Tensor>, inferOptions: InferOptions = {}): Promise<InferResult> => {
     const { deadlineMs = defaultDeadlineMs, agentId: pinned } = inferOptions;
     for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
@@ -351,49 +327,112 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     const id = newRequestId();
     const key = requestIdHex(id);
     const payload = encodeMessage({ v: PROTOCOL_VERSION, kind: 'req', id, deadline, model, inputs: encodeTensorMap(inputs) });
-    const tried = new Set<string>();
-    let lastError: MeshError | undefined;
-    for (let attemptNo = 1; attemptNo <= (pinned ? 1 : maxAttempts); attemptNo++) {
-      let choice = pick(model, tried, pinned);
-      while (!choice && Date.now() < deadline && tried.size === 0) {
-        await waitForChange(deadline - Date.now());
-        choice = pick(model, tried, pinned);
-      }
-      if (!choice) break;
-      const remaining = deadline - Date.now();
-      if (remaining <= 0) break;
-      const expected = expectedMs(choice.entry, model, performance.now());
-      const timeoutMs = Math.min(remaining, Math.max(minAttemptTimeoutMs, 4 * expected + 50));
-      tried.add(choice.id);
-      try {
-        const { reply, sentAt } = await sendAttempt(choice.id, choice.entry, id, key, payload, timeoutMs, serviceMsOf(choice.entry, model, performance.now()));
-        const roundTripMs = performance.now() - sentAt;
-        const networkMs = Math.max(0, roundTripMs - reply.queueMs - reply.execMs);
-        choice.entry.networkMs += NETWORK_EWMA_ALPHA * (networkMs - choice.entry.networkMs);
-        return {
-          requestId: key,
-          model,
-          agentId: choice.id,
-          outputs: decodeTensorMap(reply.outputs),
-          timings: { totalMs: performance.now() - started, queueMs: reply.queueMs, execMs: reply.execMs, networkMs },
-          attempts: attemptNo,
-        };
-      } catch (err) {
-        const meshErr = err instanceof MeshError ? err : new MeshError('MESH_INTERNAL', String(err), { cause: err });
-        lastError = meshErr;
-        if (meshErr.code === 'MESH_TIMEOUT' || meshErr.code === 'MESH_INFERENCE_FAILED') choice.entry.suspectUntil = performance.now() + SUSPECT_MS;
-        if (!RETRY_ELSEWHERE.has(meshErr.code)) throw meshErr;
-        logger.debug({ model, agentId: choice.id, code: meshErr.code, attempt: attemptNo }, 'attempt failed; trying another agent');
-      }
-    }
-    if (Date.now() >= deadline) {
-      throw new MeshError('MESH_DEADLINE_EXCEEDED', `no result for ${model} within ${deadlineMs} ms${lastError ? ` (last: ${lastError.code})` : ''}`, {
-        cause: lastError,
-        details: { model, tried: [...tried] },
-      });
-    }
-    if (lastError) throw lastError;
-    throw new MeshError('MESH_NO_AGENT', `no live agent serves model ${model}`, { details: { model } });
+    const attemptLimit = pinned ? 1 : maxAttempts;
+
+    // Before the first attempt, wait (within the deadline) for an agent to announce the model.
+    while (!pick(model, new Set(), pinned) && Date.now() < deadline) await waitForChange(deadline - Date.now());
+
+    return new Promise<InferResult>((resolve, reject) => {
+      const tried = new Set<string>();
+      const attempts = new Map<string, { sentAt: number; workMs: number }>();
+      let lastError: MeshError | undefined;
+      let hedgeTimer: NodeJS.Timeout | undefined;
+      let done = false;
+
+      const release = (agentId: string) => {
+        const attempt = attempts.get(agentId);
+        if (!attempt) return;
+        attempts.delete(agentId);
+        const entry = agents.get(agentId);
+        if (entry) {
+          entry.outstanding = Math.max(0, entry.outstanding - 1);
+          entry.outstandingWorkMs = entry.outstanding === 0 ? 0 : Math.max(0, entry.outstandingWorkMs - attempt.workMs);
+        }
+      };
+      const finish = (err: MeshError | undefined, result?: InferResult) => {
+        if (done) return;
+        done = true;
+        clearTimeout(deadlineTimer);
+        clearTimeout(hedgeTimer);
+        pending.delete(key);
+        for (const agentId of [...attempts.keys()]) {
+          release(agentId);
+          cancelOn(agentId, id);
+        }
+        if (err) reject(err);
+        else resolve(result!);
+      };
+      const failNow = () => {
+        if (Date.now() >= deadline) {
+          const last = lastError ? ` (last: ${lastError.code})` : '';
+          finish(new MeshError('MESH_DEADLINE_EXCEEDED', `no result for ${model} within ${deadlineMs} ms${last}`, { cause: lastError, details: { model, tried: [...tried] } }));
+        } else if (lastError) finish(lastError);
+        else finish(new MeshError('MESH_NO_AGENT', `no live agent serves model ${model}`, { details: { model } }));
+      };
+
+      /** Starts an attempt on the best untried agent; false when there is none (or the budget is spent). */
+      const launch = (): boolean => {
+        if (tried.size >= attemptLimit || Date.now() >= deadline) return false;
+        const choice = pick(model, tried, pinned);
+        if (!choice) return false;
+        const now = performance.now();
+        const workMs = serviceMsOf(choice.entry, model, now);
+        const expected = expectedMs(choice.entry, model, now);
+        tried.add(choice.id);
+        attempts.set(choice.id, { sentAt: now, workMs });
+        choice.entry.outstanding++;
+        choice.entry.outstandingWorkMs += workMs;
+        client.publish(topics.agentRequest(choice.id, clientId), payload, { qos: 1 }, (err) => {
+          if (err) request.onAnswer(choice.id, undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
+        });
+        clearTimeout(hedgeTimer);
+        const hedgeAfterMs = Math.max(minHedgeAfterMs, 4 * expected + 50);
+        if (hedgeAfterMs < deadline - Date.now()) {
+          hedgeTimer = setTimeout(() => {
+            if (!done && launch()) logger.debug({ model, slow: choice.id, afterMs: hedgeAfterMs }, 'hedged a slow attempt');
+          }, hedgeAfterMs);
+        }
+        return true;
+      };
+
+      const request: InFlight = {
+        attempts,
+        onAnswer: (agentId, reply, err) => {
+          if (done || !attempts.has(agentId)) return;
+          const attempt = attempts.get(agentId)!;
+          release(agentId);
+          const entry = agents.get(agentId);
+          if (reply) {
+            const networkMs = Math.max(0, performance.now() - attempt.sentAt - reply.queueMs - reply.execMs);
+            if (entry) entry.networkMs += NETWORK_EWMA_ALPHA * (networkMs - entry.networkMs);
+            let outputs: Record<string, Tensor>;
+            try {
+              outputs = decodeTensorMap(reply.outputs);
+            } catch (decodeErr) {
+              request.onAnswer(agentId, undefined, decodeErr as MeshError);
+              return;
+            }
+            finish(undefined, {
+              requestId: key,
+              model,
+              agentId,
+              outputs,
+              timings: { totalMs: performance.now() - started, queueMs: reply.queueMs, execMs: reply.execMs, networkMs },
+              attempts: tried.size,
+            });
+            return;
+          }
+          lastError = err!;
+          if (err!.code === 'MESH_INFERENCE_FAILED' && entry) entry.suspectUntil = performance.now() + SUSPECT_MS;
+          if (!RETRY_ELSEWHERE.has(err!.code)) return finish(err);
+          logger.debug({ model, agentId, code: err!.code }, 'attempt failed; trying another agent');
+          if (!launch() && attempts.size === 0) failNow();
+        },
+      };
+      pending.set(key, request);
+      const deadlineTimer = setTimeout(failNow, Math.max(0, deadline - Date.now()));
+      if (!launch()) failNow();
+    });
   };
 
   return {
@@ -414,7 +453,9 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       }
     },
     async close() {
-      for (const attempt of pending.values()) attempt.settle(undefined, new MeshError('MESH_NOT_CONNECTED', 'client closed'));
+      for (const request of [...pending.values()]) {
+        for (const agentId of [...request.attempts.keys()]) request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', 'client closed'));
+      }
       await connection.close();
     },
   };

@@ -1,0 +1,188 @@
+/**
+ * `npm run bench -- agent [--quick] [--reps R] [--idle-ms 2000] [--workers W]`
+ *
+ * How fast an edge agent becomes useful and what it costs at rest. A `edge-mesh broker` process runs and
+ * this process subscribes to `mesh/v1/agent/+/status` on it. Each repetition spawns
+ * `node bin/edge-mesh.mjs agent --models DIR --id ID` (CLI defaults: workers = min(cores, 4) unless
+ * --workers is given) and measures:
+ *   ready_ms     from just before spawn() to the agent's retained `status` (state online) arriving at the
+ *                subscriber: process start, tsx, module loading, sha256 checks, worker threads, model
+ *                sessions, warm-up runs (the latency measurement), MQTT connect and announce.
+ *   idle_rss_mb  VmRSS of the agent process (worker threads included, they share it) after --idle-ms
+ *                (2 s) of idleness following the announcement; VmHWM (peak) is reported too.
+ * Cases: "all" (the four models of .mesh-data/models) and "kws" (a temp models folder holding only the
+ * wake-word model, whose manifest has just that entry), interleaved, R repetitions each (quick 3, full 5);
+ * each figure is the median. The headline (`model`, `ready_ms`, `idle_rss_mb`) is the all-models case with
+ * `models` listing them; `kws` holds the single-model case. For scale, `process_floor_ms` is the median
+ * spawn-to-exit time of `node -e 0` and of `edge-mesh --help` (node + tsx + CLI imports).
+ * In full mode a workers-1 variant of both cases runs too (`workers_1`).
+ */
+import { spawn } from 'node:child_process';
+import { copyFile, mkdtemp, rm, writeFile } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { decodeMessage, openMeshConnection, round, topics, type AgentStatus } from '../protocol/index.ts';
+import { ensureModelsFolder } from '../cli/models.ts';
+import { MANIFEST_FILE } from '../edge-agent/manifest.ts';
+import {
+  CLI,
+  environment,
+  idSuffix,
+  median,
+  MODELS_DIR,
+  parseJson,
+  procStatusMb,
+  procThreads,
+  ROOT,
+  sleep,
+  spawnProc,
+  startBrokerProc,
+  type BenchContext,
+  type BenchResult,
+} from './lib.ts';
+
+interface Rep {
+  ready_ms: number;
+  /** The agent's own 'agent ready' readyMs: startAgent() to models loaded (before connecting). */
+  agent_logged_ready_ms: number | null;
+  idle_rss_mb: number;
+  peak_rss_mb: number;
+  threads: number;
+  workers: number | null;
+}
+
+function spawnTimeMs(args: string[]): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const t0 = performance.now();
+    const child = spawn(process.execPath, args, { cwd: ROOT, stdio: 'ignore' });
+    child.once('error', reject);
+    child.once('exit', () => resolve(performance.now() - t0));
+  });
+}
+
+export async function run(ctx: BenchContext): Promise<BenchResult> {
+  const { quick, log, args } = ctx;
+  const reps = typeof args.reps === 'string' ? Number(args.reps) : quick ? 3 : 5;
+  const idleMs = typeof args['idle-ms'] === 'string' ? Number(args['idle-ms']) : 2_000;
+  const fixedWorkers = typeof args.workers === 'string' ? Number(args.workers) : undefined;
+
+  const manifest = await ensureModelsFolder(MODELS_DIR);
+  const kwsEntry = manifest.models.find((m) => m.name === 'kws');
+  if (!kwsEntry) throw new Error('the models folder has no kws entry');
+  const kwsDir = await mkdtemp(path.join(os.tmpdir(), 'edge-mesh-bench-kws-'));
+  try {
+    await copyFile(path.join(MODELS_DIR, kwsEntry.file), path.join(kwsDir, kwsEntry.file));
+    await writeFile(path.join(kwsDir, MANIFEST_FILE), `${JSON.stringify({ models: [kwsEntry] }, null, 2)}\n`);
+
+    const floors = { node_ms: [] as number[], cli_help_ms: [] as number[] };
+    for (let i = 0; i < (quick ? 1 : 3); i++) {
+      floors.node_ms.push(await spawnTimeMs(['-e', '0']));
+      floors.cli_help_ms.push(await spawnTimeMs([CLI, '--help']));
+    }
+
+    const suffix = idSuffix();
+    const broker = await startBrokerProc();
+    const waiters = new Map<string, (t: number, status: AgentStatus) => void>();
+    const watcher = openMeshConnection(broker.url, {
+      clientId: `bench-watch-${suffix}`,
+      onConnect: (c) => void c.subscribe(topics.allAgentStatus(), { qos: 1 }),
+    });
+    watcher.client.on('message', (_topic, payload) => {
+      const t = performance.now();
+      try {
+        const status = decodeMessage(payload, ['status']);
+        if (status.state === 'online') waiters.get(status.agent)?.(t, status);
+      } catch {
+        /* not ours */
+      }
+    });
+    await watcher.firstConnect;
+    await sleep(100); // the SUBACK
+
+    const once = async (label: string, modelsDir: string, i: number, workers: number | undefined): Promise<Rep> => {
+      const id = `bench-ready-${label}-${i}-${suffix}`;
+      const online = new Promise<[number, AgentStatus]>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`agent ${id} did not announce within 30 s`)), 30_000);
+        waiters.set(id, (t, status) => {
+          clearTimeout(timer);
+          waiters.delete(id);
+          resolve([t, status]);
+        });
+      });
+      const cliArgs = [CLI, 'agent', '--models', modelsDir, '--broker', broker.url, '--id', id, '--log-level', 'info'];
+      if (workers) cliArgs.push('--workers', String(workers));
+      const t0 = performance.now();
+      const proc = spawnProc(`agent ${id}`, cliArgs);
+      const exitedEarly = proc.exited.then((code) => {
+        throw new Error(`agent ${id} exited (${code}) before announcing; stderr:\n${proc.lines.stderr.slice(-10).join('\n')}`);
+      });
+      const [t1, status] = await Promise.race([online, exitedEarly]);
+      const readyMs = t1 - t0;
+      await sleep(idleMs);
+      const rep: Rep = {
+        ready_ms: round(readyMs, 1),
+        agent_logged_ready_ms: null,
+        idle_rss_mb: round(procStatusMb(proc.pid, 'VmRSS'), 1),
+        peak_rss_mb: round(procStatusMb(proc.pid, 'VmHWM'), 1),
+        threads: procThreads(proc.pid),
+        workers: status.workers ?? null,
+      };
+      for (const line of proc.lines.stderr) {
+        const j = parseJson(line);
+        if (j?.msg === 'agent ready' && typeof j.readyMs === 'number') rep.agent_logged_ready_ms = j.readyMs;
+      }
+      await proc.stop();
+      log(`  ${label}${workers ? ` (workers ${workers})` : ''} #${i + 1}: ready ${rep.ready_ms} ms (agent's own ${rep.agent_logged_ready_ms} ms), idle RSS ${rep.idle_rss_mb} MB, peak ${rep.peak_rss_mb} MB, ${rep.threads} threads`);
+      return rep;
+    };
+
+    const summarizeCase = (list: Rep[]) => ({
+      ready_ms: round(median(list.map((r) => r.ready_ms)), 1),
+      idle_rss_mb: round(median(list.map((r) => r.idle_rss_mb)), 1),
+      peak_rss_mb: round(median(list.map((r) => r.peak_rss_mb)), 1),
+      agent_logged_ready_ms: round(median(list.map((r) => r.agent_logged_ready_ms ?? Number.NaN)), 1),
+      workers: list[0]?.workers ?? null,
+      threads: list[0]?.threads ?? null,
+      ready_ms_all: list.map((r) => r.ready_ms),
+      idle_rss_mb_all: list.map((r) => r.idle_rss_mb),
+    });
+
+    const runCases = async (workers: number | undefined) => {
+      const all: Rep[] = [];
+      const kws: Rep[] = [];
+      for (let i = 0; i < reps; i++) {
+        all.push(await once('all', MODELS_DIR, i, workers));
+        kws.push(await once('kws', kwsDir, i, workers));
+      }
+      return { all: summarizeCase(all), kws: summarizeCase(kws) };
+    };
+
+    log(`agent: ${reps} repetitions per case, idle ${idleMs} ms, workers ${fixedWorkers ?? 'CLI default'}`);
+    const main = await runCases(fixedWorkers);
+    let workers1: Awaited<ReturnType<typeof runCases>> | undefined;
+    if (!quick && fixedWorkers === undefined && main.all.workers !== 1) {
+      log('agent: workers 1 variant');
+      workers1 = await runCases(1);
+    }
+    await watcher.close();
+    await broker.proc.stop();
+
+    return {
+      bench: 'agent',
+      quick,
+      reps,
+      idle_ms: idleMs,
+      models: manifest.models.map((m) => m.name),
+      all: main.all,
+      kws: main.kws,
+      ...(workers1 ? { workers_1: workers1 } : {}),
+      process_floor_ms: { node: round(median(floors.node_ms), 1), cli_help: round(median(floors.cli_help_ms), 1) },
+      ...environment(),
+      model: 'all',
+      ready_ms: main.all.ready_ms,
+      idle_rss_mb: main.all.idle_rss_mb,
+    };
+  } finally {
+    await rm(kwsDir, { recursive: true, force: true });
+  }
+}

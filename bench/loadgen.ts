@@ -1,0 +1,200 @@
+/**
+ * The load generator: its own process, talking to the mesh only through the SDK (`connect` →
+ * `mesh.infer`, QoS 1), exactly as an app would.
+ *
+ *   node --import tsx bench/loadgen.ts --broker URL --id app-x --mode latency    --warmup 500 --n 10000
+ *   node --import tsx bench/loadgen.ts --broker URL --id app-x --mode throughput --concurrency 64 \
+ *        --warmup-ms 2000 --duration-ms 5000
+ *
+ * Protocol with the parent (one JSON object per stdout line):
+ *   {"event":"ready"}      connected and a live agent serves the model; waits for a `go` line on stdin
+ *   {"event":"measuring"}  warm-up done, the measured window starts (parent samples other processes' CPU)
+ *   {"event":"window-end"} the measured window is over
+ *   {"event":"result",...} the numbers; then the process exits
+ * It exits by itself if stdin closes (the parent is gone) and has its own wall-clock cap (--max-ms).
+ *
+ * latency: closed loop, window 1: `warmup` requests, then `n` timed requests, each stamped with
+ *   process.hrtime.bigint() around `await mesh.infer(...)` (single clock, in this process).
+ * throughput: `concurrency` closed loops; after `warmup-ms` counts the requests that complete within the
+ *   next `duration-ms` (the measured window) and their latencies; loops then stop and in-flight
+ *   requests drain. Errors are counted by code in both modes (they must be 0).
+ */
+import { createInterface } from 'node:readline';
+import { parseArgs } from 'node:util';
+import { round, summarize } from '../protocol/index.ts';
+import { connect, MeshError } from '../sdk/index.ts';
+import { sampleInputs } from '../cli/sample-inputs.ts';
+
+const { values } = parseArgs({
+  options: {
+    broker: { type: 'string' },
+    id: { type: 'string' },
+    mode: { type: 'string', default: 'latency' },
+    model: { type: 'string', default: 'kws' },
+    warmup: { type: 'string', default: '500' },
+    n: { type: 'string', default: '10000' },
+    concurrency: { type: 'string', default: '64' },
+    'warmup-ms': { type: 'string', default: '2000' },
+    'duration-ms': { type: 'string', default: '5000' },
+    'deadline-ms': { type: 'string', default: '5000' },
+    'max-ms': { type: 'string', default: '600000' },
+  },
+});
+const num = (k: keyof typeof values) => Number(values[k]);
+const mode = values.mode as 'latency' | 'throughput';
+const model = values.model!;
+const deadlineMs = num('deadline-ms');
+
+const emit = (event: string, data: Record<string, unknown> = {}) => process.stdout.write(`${JSON.stringify({ event, ...data })}\n`);
+
+setTimeout(() => {
+  process.stderr.write(`loadgen: --max-ms ${values['max-ms']} reached; exiting\n`);
+  process.exit(3);
+}, num('max-ms')).unref();
+
+const stdinLines = createInterface({ input: process.stdin });
+const go = new Promise<void>((resolve) => stdinLines.on('line', (l) => l.trim() === 'go' && resolve()));
+stdinLines.on('close', () => process.exit(4));
+
+const mesh = await connect({ brokerUrl: values.broker!, clientId: values.id! });
+await mesh.waitForModel(model, 15_000);
+const inputs = sampleInputs(model, 1);
+emit('ready', { agents: mesh.agents().map((a) => a.id) });
+await go;
+
+const errors: Record<string, number> = {};
+let retried = 0;
+const countError = (err: unknown) => {
+  const code = err instanceof MeshError ? err.code : 'NON_MESH_ERROR';
+  errors[code] = (errors[code] ?? 0) + 1;
+};
+
+if (mode === 'latency') {
+  const warmup = num('warmup');
+  const n = num('n');
+  for (let i = 0; i < warmup; i++) {
+    try {
+      await mesh.infer(model, inputs, { deadlineMs });
+    } catch (err) {
+      countError(err);
+    }
+  }
+  const warmupErrors = { ...errors };
+  for (const k of Object.keys(errors)) delete errors[k];
+  const latencies = new Float64Array(n);
+  const execMs: number[] = [];
+  const queueMs: number[] = [];
+  const networkMs: number[] = [];
+  let ok = 0;
+  emit('measuring');
+  const cpu0 = process.cpuUsage();
+  const t0 = performance.now();
+  for (let i = 0; i < n; i++) {
+    const start = process.hrtime.bigint();
+    try {
+      const r = await mesh.infer(model, inputs, { deadlineMs });
+      latencies[ok++] = Number(process.hrtime.bigint() - start) / 1e6;
+      if (r.attempts > 1) retried++;
+      execMs.push(r.timings.execMs);
+      queueMs.push(r.timings.queueMs);
+      networkMs.push(r.timings.networkMs);
+    } catch (err) {
+      countError(err);
+    }
+  }
+  const wallMs = performance.now() - t0;
+  const cpu = process.cpuUsage(cpu0);
+  emit('window-end');
+  const s = summarize(latencies.subarray(0, ok));
+  emit('result', {
+    mode,
+    model,
+    n,
+    ok,
+    errors,
+    warmup_errors: warmupErrors,
+    retried,
+    p50_ms: round(s.p50),
+    p90_ms: round(s.p90),
+    p99_ms: round(s.p99),
+    max_ms: round(s.max),
+    agent_exec_p50_ms: round(summarize(execMs).p50),
+    agent_queue_p50_ms: round(summarize(queueMs).p50),
+    sdk_network_p50_ms: round(summarize(networkMs).p50),
+    wall_ms: Math.round(wallMs),
+    cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
+    cores: round((cpu.user + cpu.system) / 1000 / wallMs, 2),
+  });
+} else {
+  const concurrency = num('concurrency');
+  const warmupMs = num('warmup-ms');
+  const durationMs = num('duration-ms');
+  const latencies: number[] = [];
+  const queueMs: number[] = [];
+  const execMs: number[] = [];
+  let inWindow = 0;
+  let total = 0;
+  let stop = false;
+  const began = performance.now();
+  const windowStart = began + warmupMs;
+  const windowEnd = windowStart + durationMs;
+  const loop = async () => {
+    while (!stop) {
+      const start = performance.now();
+      try {
+        const r = await mesh.infer(model, inputs, { deadlineMs });
+        const end = performance.now();
+        total++;
+        if (r.attempts > 1) retried++;
+        if (start >= windowStart && end < windowEnd) {
+          latencies.push(end - start);
+          queueMs.push(r.timings.queueMs);
+          execMs.push(r.timings.execMs);
+        }
+        if (end >= windowStart && end < windowEnd) inWindow++;
+      } catch (err) {
+        countError(err);
+      }
+    }
+  };
+  const loops = Array.from({ length: concurrency }, loop);
+  let cpu0 = process.cpuUsage();
+  let cpu = cpu0;
+  await new Promise<void>((resolve) =>
+    setTimeout(() => {
+      cpu0 = process.cpuUsage();
+      emit('measuring');
+      resolve();
+    }, windowStart - performance.now()),
+  );
+  await new Promise<void>((resolve) =>
+    setTimeout(() => {
+      cpu = process.cpuUsage(cpu0);
+      stop = true;
+      emit('window-end');
+      resolve();
+    }, windowEnd - performance.now()),
+  );
+  await Promise.all(loops);
+  const s = summarize(latencies);
+  emit('result', {
+    mode,
+    model,
+    concurrency,
+    duration_ms: durationMs,
+    completed_in_window: inWindow,
+    rps: round((inWindow * 1000) / durationMs, 1),
+    total_completed: total,
+    errors,
+    retried,
+    p50_ms: round(s.p50),
+    p99_ms: round(s.p99),
+    max_ms: round(s.max),
+    agent_queue_p50_ms: round(summarize(queueMs).p50),
+    agent_exec_p50_ms: round(summarize(execMs).p50),
+    cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
+    cores: round((cpu.user + cpu.system) / 1000 / durationMs, 2),
+  });
+}
+await mesh.close();
+process.exit(0);

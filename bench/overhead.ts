@@ -1,0 +1,196 @@
+/**
+ * `npm run bench -- overhead [--quick] [--n N]`: what the mesh adds to one kws (wake-word) inference.
+ *
+ * raw:  onnxruntime-node in this process, the agent's session options (intraOpNumThreads 1,
+ *       interOpNumThreads 1, sequential, graph optimisation all), the same sampleInputs('kws', 1) tensor,
+ *       closed loop `await session.run(feeds)` after 500 warm-up runs, n timed runs. Nothing else runs then.
+ * mesh: three processes: `edge-mesh broker`, `edge-mesh agent --workers 1` (all four models loaded, as
+ *       deployed) and bench/loadgen.ts (SDK `mesh.infer('kws', ...)`, QoS 1, closed loop window 1, 500 warm-up
+ *       requests, then n timed requests stamped with hrtime in the load generator).
+ * echo: the same with bench/echo-agent.ts (a protocol-complete agent that answers without inference) in place
+ *       of the agent, on a fresh broker: the floor set by MQTT, the broker and the SDK.
+ * Also, to split the overhead: tcp (a raw TCP ping-pong between two processes, bench/tcp-floor.ts) and
+ *       pool (the agent's WorkerPool alone in this process: main thread → worker → session.run → back).
+ * n = 10,000 (full) or 2,000 (--quick). overhead_p50_ms = mesh_p50_ms − raw_p50_ms. Per-process CPU over the
+ * timed window is reported as cpu: { broker, agent, loadgen } in ms and cores (CPU ms / wall ms).
+ */
+import path from 'node:path';
+import * as ort from 'onnxruntime-node';
+import pino from 'pino';
+import { WorkerPool } from '../edge-agent/pool.ts';
+import { round, summarize } from '../protocol/index.ts';
+import { ensureModelsFolder } from '../cli/models.ts';
+import { sampleInputs } from '../cli/sample-inputs.ts';
+import {
+  CpuMeter,
+  environment,
+  idSuffix,
+  isEvent,
+  loadgenResult,
+  MODELS_DIR,
+  parseJson,
+  ROOT,
+  spawnProc,
+  startAgentProc,
+  startBrokerProc,
+  startEchoAgentProc,
+  startLoadgenProc,
+  type BenchContext,
+  type BenchResult,
+  type Proc,
+} from './lib.ts';
+
+const MODEL = 'kws';
+const WARMUP = 500;
+
+async function rawLatency(n: number): Promise<ReturnType<typeof summarize>> {
+  const manifest = await ensureModelsFolder(MODELS_DIR);
+  const entry = manifest.models.find((m) => m.name === MODEL)!;
+  const session = await ort.InferenceSession.create(path.join(MODELS_DIR, entry.file), {
+    intraOpNumThreads: 1,
+    interOpNumThreads: 1,
+    executionMode: 'sequential',
+    graphOptimizationLevel: 'all',
+    executionProviders: ['cpu'],
+  });
+  const feeds: Record<string, ort.Tensor> = {};
+  for (const [name, t] of Object.entries(sampleInputs(MODEL, 1))) feeds[name] = new ort.Tensor(t.dtype, t.data as never, t.shape);
+  for (let i = 0; i < WARMUP; i++) await session.run(feeds);
+  const samples = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    const t0 = process.hrtime.bigint();
+    await session.run(feeds);
+    samples[i] = Number(process.hrtime.bigint() - t0) / 1e6;
+  }
+  await session.release();
+  return summarize(samples);
+}
+
+/**
+ * The agent's worker pool alone, in this process (no MQTT): `WorkerPool.run` round trips with one worker,
+ * i.e. main thread → worker thread → session.run → main thread, the hop every mesh request takes inside
+ * the agent.
+ */
+async function poolLatency(n: number): Promise<ReturnType<typeof summarize>> {
+  const manifest = await ensureModelsFolder(MODELS_DIR);
+  const entry = manifest.models.find((m) => m.name === MODEL)!;
+  const pool = new WorkerPool({
+    size: 1,
+    intraOpThreads: 1,
+    warmupRuns: 5,
+    logger: pino({ level: 'silent' }),
+    models: [{ name: MODEL, path: path.join(MODELS_DIR, entry.file), providers: ['cpu'], warmup: entry.warmup }],
+  });
+  try {
+    await pool.start();
+    const once = () =>
+      new Promise<void>((resolve, reject) => pool.run(MODEL, sampleInputs(MODEL, 1), (err) => (err ? reject(err) : resolve())));
+    for (let i = 0; i < WARMUP; i++) await once();
+    const samples = new Float64Array(n);
+    for (let i = 0; i < n; i++) {
+      const t0 = process.hrtime.bigint();
+      await once();
+      samples[i] = Number(process.hrtime.bigint() - t0) / 1e6;
+    }
+    return summarize(samples);
+  } finally {
+    await pool.close();
+  }
+}
+
+/** Raw TCP ping-pong between two processes (bench/tcp-floor.ts): the floor under every MQTT figure. */
+async function tcpFloor(n: number): Promise<Record<string, unknown>> {
+  const script = path.join(ROOT, 'bench', 'tcp-floor.ts');
+  const server = spawnProc('tcp-floor server', ['--import', 'tsx', script, 'server']);
+  try {
+    const ready = parseJson(await server.waitLine('stdout', isEvent('ready'), 15_000, 'ready event'))!;
+    const client = spawnProc('tcp-floor client', ['--import', 'tsx', script, 'client', '--port', String(ready.port), '--n', String(n), '--warmup', String(WARMUP), '--bytes', '64']);
+    const result = parseJson(await client.waitLine('stdout', isEvent('result'), 60_000, 'result'))!;
+    await client.exited;
+    return result;
+  } finally {
+    await server.stop();
+  }
+}
+
+/** One closed-loop latency run against whatever `startServer` puts on a fresh broker. */
+async function meshLatency(
+  ctx: BenchContext,
+  label: string,
+  n: number,
+  startServer: (url: string, id: string) => Promise<Proc>,
+): Promise<Record<string, unknown>> {
+  const suffix = idSuffix();
+  const broker = await startBrokerProc(`broker (${label})`);
+  const server = await startServer(broker.url, `${label}-${suffix}`);
+  const loadgen = await startLoadgenProc({ url: broker.url, id: `app-${label}-${suffix}`, mode: 'latency', warmup: WARMUP, n, deadlineMs: 1_000 });
+  const meter = new CpuMeter({ broker: broker.proc.pid, [label === 'echo' ? 'echo_agent' : 'agent']: server.pid, loadgen: loadgen.pid });
+  let cpu: ReturnType<CpuMeter['end']> = {};
+  void loadgen.waitLine('stdout', isEvent('measuring'), 120_000).then(() => meter.begin(), () => {});
+  void loadgen.waitLine('stdout', isEvent('window-end'), 600_000).then(() => (cpu = meter.end()), () => {});
+  const t0 = performance.now();
+  loadgen.send('go');
+  const result = await loadgenResult(loadgen, ctx.quick ? 30_000 : 300_000);
+  ctx.log(`  ${label}: p50 ${result.p50_ms} ms, p99 ${result.p99_ms} ms, ${result.ok}/${n} ok in ${Math.round(performance.now() - t0)} ms`);
+  await Promise.all([loadgen.stop(), server.stop()]);
+  await broker.proc.stop();
+  return { ...result, cpu };
+}
+
+export async function run(ctx: BenchContext): Promise<BenchResult> {
+  const n = typeof ctx.args.n === 'string' ? Number(ctx.args.n) : ctx.quick ? 2_000 : 10_000;
+  ctx.log(`overhead: model ${MODEL}, n ${n}, warm-up ${WARMUP}`);
+  await ensureModelsFolder(MODELS_DIR);
+
+  ctx.log('  raw onnxruntime-node session.run (in process, 1 intra-op thread)...');
+  const raw = await rawLatency(n);
+  ctx.log(`  raw: p50 ${round(raw.p50, 4)} ms, p99 ${round(raw.p99, 4)} ms`);
+
+  ctx.log('  agent worker pool alone (in process, 1 worker, no MQTT)...');
+  const pool = await poolLatency(n);
+  ctx.log(`  pool: p50 ${round(pool.p50, 4)} ms, p99 ${round(pool.p99, 4)} ms`);
+
+  ctx.log('  raw TCP ping-pong between two processes (64 B, TCP_NODELAY)...');
+  const tcp = await tcpFloor(n);
+  ctx.log(`  tcp: p50 ${tcp.p50_ms} ms, p99 ${tcp.p99_ms} ms`);
+
+  const mesh = await meshLatency(ctx, 'agent', n, (url, id) => startAgentProc({ url, id: `bench-${id}`, workers: 1 }));
+  const echo = await meshLatency(ctx, 'echo', n, (url, id) => startEchoAgentProc(url, `bench-${id}`));
+
+  const meshErrors = Object.values(mesh.errors as Record<string, number>).reduce((a, b) => a + b, 0);
+  const echoErrors = Object.values(echo.errors as Record<string, number>).reduce((a, b) => a + b, 0);
+  return {
+    bench: 'overhead',
+    quick: ctx.quick,
+    qos: 1,
+    raw_p90_ms: round(raw.p90, 4),
+    raw_max_ms: round(raw.max, 4),
+    mesh_p90_ms: mesh.p90_ms,
+    mesh_max_ms: mesh.max_ms,
+    echo_p99_ms: echo.p99_ms,
+    echo_max_ms: echo.max_ms,
+    tcp_echo_p50_ms: tcp.p50_ms,
+    tcp_echo_p99_ms: tcp.p99_ms,
+    agent_pool_p50_ms: round(pool.p50, 4),
+    agent_pool_p99_ms: round(pool.p99, 4),
+    mesh_minus_echo_p50_ms: round((mesh.p50_ms as number) - (echo.p50_ms as number)),
+    agent_exec_p50_ms: mesh.agent_exec_p50_ms,
+    agent_queue_p50_ms: mesh.agent_queue_p50_ms,
+    errors: { mesh: mesh.errors, echo: echo.errors },
+    error_count: meshErrors + echoErrors,
+    retried: { mesh: mesh.retried, echo: echo.retried },
+    cpu: { mesh: mesh.cpu, echo: echo.cpu },
+    agent_workers: 1,
+    warmup: WARMUP,
+    ...environment(),
+    // The contract's fields last, so they are easy to find at the end of the line.
+    model: MODEL,
+    raw_p50_ms: round(raw.p50, 4),
+    raw_p99_ms: round(raw.p99, 4),
+    mesh_p50_ms: mesh.p50_ms,
+    mesh_p99_ms: mesh.p99_ms,
+    echo_p50_ms: echo.p50_ms,
+    overhead_p50_ms: round((mesh.p50_ms as number) - raw.p50),
+    n,
+  };
+}

@@ -1,0 +1,128 @@
+/**
+ * `npm run bench -- <name> [--quick] [--key value ...]`: runs one benchmark of the contract in
+ * /work/shared/TARGETS.md and prints its result as ONE JSON object on the last stdout line.
+ *
+ * Progress goes to stderr. Every run is bounded by a wall-clock timeout (--quick: 42 s, full: 15 min;
+ * `--timeout-s S` overrides), uses loopback only, and stops every child process it started (by PID:
+ * SIGTERM, then SIGKILL) on success, on error and on timeout. On failure the last line is still one
+ * JSON object, `{ "bench", "error" }`, and the exit code is 1. The machine is shared, so each result
+ * also says how busy it was before the run (machine_busy_cores_before) and the load average. A copy of
+ * each result is written to bench/results/ (git-ignored).
+ */
+import { mkdirSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { machineBusyMs, ROOT, stopAll, type BenchContext, type BenchResult } from './lib.ts';
+
+const BENCHES: Record<string, { file: string; about: string }> = {
+  overhead: { file: './overhead.ts', about: 'kws latency: raw onnxruntime vs mesh (broker + agent + SDK processes) vs a no-op echo agent' },
+  throughput: { file: './throughput.ts', about: 'kws requests/s at fixed concurrency against the agent (workers 1 and 2) and the echo agent' },
+  agent: { file: './agent.ts', about: 'agent process start to retained status at a subscriber (ready_ms) and idle RSS' },
+};
+
+const USAGE = `usage: npm run bench -- <name> [--quick] [--timeout-s S] [bench options]
+
+benchmarks:
+${Object.entries(BENCHES)
+  .map(([name, b]) => `  ${name.padEnd(11)} ${b.about}`)
+  .join('\n')}
+
+options:
+  --quick        short run (under 45 s)
+  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full)
+  overhead:   --n N                      timed requests (default 10000, quick 2000)
+  throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
+  agent:      --reps R
+
+The last stdout line is one JSON object with the benchmark's fields (see /work/shared/TARGETS.md).`;
+
+function parseArgs(argv: string[]): { name: string | undefined; quick: boolean; help: boolean; args: Record<string, string | true> } {
+  const args: Record<string, string | true> = {};
+  let name: string | undefined;
+  let help = false;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (a === '--help' || a === '-h') help = true;
+    else if (a.startsWith('--')) {
+      const key = a.slice(2);
+      const next = argv[i + 1];
+      if (next !== undefined && !next.startsWith('--')) {
+        args[key] = next;
+        i++;
+      } else args[key] = true;
+    } else if (name === undefined) name = a;
+  }
+  return { name, quick: args.quick === true, help, args };
+}
+
+async function main(): Promise<number> {
+  const { name, quick, help, args } = parseArgs(process.argv.slice(2));
+  if (help || name === undefined || name === 'help') {
+    process.stdout.write(`${USAGE}\n`);
+    return help || name === 'help' ? 0 : 2;
+  }
+  const bench = BENCHES[name];
+  if (!bench) {
+    process.stderr.write(`unknown benchmark ${JSON.stringify(name)}\n\n`);
+    process.stdout.write(`${USAGE}\n`);
+    return 2;
+  }
+  const timeoutS = typeof args['timeout-s'] === 'string' ? Number(args['timeout-s']) : quick ? 42 : 900;
+  const log = (line: string) => process.stderr.write(`${line}\n`);
+  const ctx: BenchContext = { quick, log, args };
+  const started = performance.now();
+  const loadavgStart = os.loadavg()[0]!;
+  // The machine is shared: note how busy it was before anything of ours started.
+  const busy0 = machineBusyMs();
+  await new Promise((r) => setTimeout(r, 500));
+  const busyBefore = round2((machineBusyMs() - busy0) / 500);
+  if (busyBefore > 0.3) log(`warning: the machine was already ${busyBefore} cores busy before the run; figures will be skewed`);
+
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`wall-clock timeout of ${timeoutS} s reached`)), timeoutS * 1000);
+  });
+  const onSignal = (signal: NodeJS.Signals) => {
+    void stopAll(500).finally(() => {
+      process.stdout.write(`${JSON.stringify({ bench: name, error: `interrupted by ${signal}` })}\n`);
+      process.exit(130);
+    });
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+
+  try {
+    const mod = (await import(bench.file)) as { run: (ctx: BenchContext) => Promise<BenchResult> };
+    const result = await Promise.race([mod.run(ctx), timeout]);
+    clearTimeout(timer);
+    await stopAll();
+    const line = JSON.stringify({
+      ...result,
+      // Other work on the machine (the box is shared) shows up here and in cpu.others.
+      machine_busy_cores_before: busyBefore,
+      loadavg_1m: { start: round2(loadavgStart), end: round2(os.loadavg()[0]!) },
+      elapsed_s: Math.round((performance.now() - started) / 100) / 10,
+    });
+    try {
+      const dir = path.join(ROOT, 'bench', 'results');
+      mkdirSync(dir, { recursive: true });
+      writeFileSync(path.join(dir, `${name}${quick ? '-quick' : ''}-${new Date().toISOString().replace(/[:.]/g, '-')}.json`), `${line}\n`);
+    } catch {
+      /* a read-only checkout still gets the result on stdout */
+    }
+    process.stdout.write(`${line}\n`);
+    return 0;
+  } catch (err) {
+    clearTimeout(timer);
+    log(`${name} failed: ${(err as Error).stack ?? String(err)}`);
+    await stopAll(1_000);
+    process.stdout.write(`${JSON.stringify({ bench: name, quick, error: (err as Error).message ?? String(err) })}\n`);
+    return 1;
+  }
+}
+
+const round2 = (v: number) => Math.round(v * 100) / 100;
+
+const code = await main();
+// Children are gone; leftover handles (onnxruntime threads, sockets) must not keep the run alive.
+process.exit(code);
