@@ -78,6 +78,7 @@ async function poolLatency(n: number): Promise<ReturnType<typeof summarize>> {
     size: 1,
     intraOpThreads: 1,
     warmupRuns: 5,
+    pipelineDepth: 1,
     logger: pino({ level: 'silent' }),
     models: [{ name: MODEL, path: path.join(MODELS_DIR, entry.file), providers: ['cpu'], warmup: entry.warmup }],
   });

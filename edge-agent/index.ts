@@ -56,6 +56,8 @@ export interface AgentOptions {
   intraOpThreads?: number;
   /** Bound of each model's queue; a request beyond it gets MESH_BUSY at once. */
   queueLimit?: number;
+  /** Jobs handed to one worker at once, so it never idles through a hand-off (1 disables). */
+  pipelineDepth?: number;
   heartbeatMs?: number;
   warmupRuns?: number;
   /** 'auto' tries TensorRT, then CUDA when this onnxruntime build ships them, then CPU. */
@@ -181,6 +183,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     workers = Math.max(1, Math.min(os.availableParallelism(), 4)),
     intraOpThreads = 1,
     queueLimit = 64,
+    pipelineDepth = 2,
     heartbeatMs = 1_000,
     warmupRuns = 5,
     providers = 'auto',
@@ -194,6 +197,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   const problems: string[] = [];
   if (!Number.isInteger(workers) || workers < 1) problems.push(`workers must be a positive integer, got ${workers}`);
   if (!Number.isInteger(queueLimit) || queueLimit < 1) problems.push(`queueLimit must be a positive integer, got ${queueLimit}`);
+  if (!Number.isInteger(pipelineDepth) || pipelineDepth < 1) problems.push(`pipelineDepth must be a positive integer, got ${pipelineDepth}`);
   if (!(heartbeatMs >= 50)) problems.push(`heartbeatMs must be at least 50, got ${heartbeatMs}`);
   if (!Number.isInteger(warmupRuns) || warmupRuns < 1) problems.push(`warmupRuns must be a positive integer, got ${warmupRuns}`);
   if (problems.length) throw new MeshError('MESH_CONFIG', `invalid agent options: ${problems.join('; ')}`);
@@ -208,6 +212,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     size: workers,
     intraOpThreads,
     warmupRuns,
+    pipelineDepth,
     logger,
     models: entries.map((e) => ({ name: e.name, path: path.join(modelsDir, e.file), providers: providerList, warmup: e.warmup })),
   });

@@ -115,7 +115,7 @@ export class Scheduler {
   }
 
   private dispatch(): void {
-    while (this.pool.idleCount > 0) {
+    while (this.pool.freeCapacity > 0) {
       const next = this.takeNext();
       if (!next) return;
       const [job, state] = next;
@@ -126,7 +126,8 @@ export class Scheduler {
         if (err) state.failed++;
         else {
           state.served++;
-          state.serviceMs += SERVICE_EWMA_ALPHA * (result!.execMs - state.serviceMs);
+          // Service time as a sender sees it: the run plus the hand-off to and from the worker.
+          state.serviceMs += SERVICE_EWMA_ALPHA * (result!.execMs + this.pool.handoffMs - state.serviceMs);
         }
         if (job.cancelled) this.finish(job, new MeshError('MESH_CANCELLED', 'cancelled by sender'));
         else if (!err && job.deadline < this.now()) this.finish(job, new MeshError('MESH_DEADLINE_EXCEEDED', 'finished after the deadline'));

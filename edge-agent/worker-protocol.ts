@@ -11,7 +11,13 @@ export interface WorkerModelSpec {
 
 export type ToWorker =
   | { type: 'init'; models: WorkerModelSpec[]; intraOpThreads: number; warmupRuns: number }
-  | { type: 'run'; job: number; model: string; inputs: Record<string, Tensor> };
+  | { type: 'run'; jobs: RunJob[] };
+
+export interface RunJob {
+  job: number;
+  model: string;
+  inputs: Record<string, Tensor>;
+}
 
 export interface LoadedModel {
   name: string;

@@ -158,9 +158,14 @@ async function run(job, model, inputs) {
   }
 }
 
+/** Batches run in arrival order, one job at a time. */
+let queue = Promise.resolve();
+
 port.on('message', (/** @type {ToWorker} */ message) => {
   if (message.type === 'run') {
-    void run(message.job, message.model, message.inputs);
+    queue = queue.then(async () => {
+      for (const { job, model, inputs } of message.jobs) await run(job, model, inputs);
+    });
     return;
   }
   void (async () => {
