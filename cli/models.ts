@@ -9,14 +9,14 @@
  * manifest is only rewritten when its content changes (temp file + rename, so readers never
  * see half a manifest).
  */
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync } from 'node:fs';
 import { copyFile, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { MeshError } from '../protocol/index.ts';
-import { MANIFEST_FILE, readManifest, type Manifest, type ManifestEntry } from '../edge-agent/manifest.ts';
+import { MANIFEST_FILE, readManifest, sha256File, type Manifest, type ManifestEntry } from '../edge-agent/index.ts';
 
 /** Anything with an `info` method taking a message works: `console`, a pino logger. */
 export interface ModelsLogger {
@@ -163,9 +163,6 @@ export function modelSourcePath(model: CatalogModel): string {
   return path.join(resolvePackageDir(model.pkg), model.source);
 }
 
-export async function sha256File(file: string): Promise<string> {
-  return createHash('sha256').update(await readFile(file)).digest('hex');
-}
 
 async function sha256OrNull(file: string): Promise<string | null> {
   try {

@@ -6,8 +6,8 @@
  *   ...
  *   await agent.drain();   // finish queued and running work, then go offline
  */
-import { createHash, randomBytes } from 'node:crypto';
-import { createReadStream, existsSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
@@ -36,12 +36,12 @@ import {
   type ModelInfo,
   type Tensor,
 } from '../protocol/index.ts';
-import { readManifest, type ManifestEntry } from './manifest.ts';
+import { readManifest, sha256File, type ManifestEntry } from './manifest.ts';
 import { WorkerPool, type JobResult } from './pool.ts';
 import { Scheduler, type Job } from './scheduler.ts';
 import type { LoadedModel } from './worker-protocol.ts';
 
-export { readManifest, MANIFEST_FILE, type Manifest, type ManifestEntry } from './manifest.ts';
+export { readManifest, sha256File, MANIFEST_FILE, type Manifest, type ManifestEntry } from './manifest.ts';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -119,12 +119,6 @@ export function availableProviders(requested: 'auto' | string[], logger: Logger)
   }
   if (found.length === 0) logger.info({ bindingDir }, 'no CUDA or TensorRT provider in this onnxruntime build; using CPU');
   return [...found, 'cpu'];
-}
-
-async function sha256File(file: string): Promise<string> {
-  const hash = createHash('sha256');
-  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
-  return hash.digest('hex');
 }
 
 /** Checks each model file against its manifest hash; mismatching or missing files are refused. */

@@ -12,6 +12,8 @@
  * `warmup` is optional: per input, a concrete shape for the warm-up runs (free dims default to 1)
  * and a fill value (default: small pseudo-random values), for models whose inputs need a sane value.
  */
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Type, type Static } from '@sinclair/typebox';
@@ -72,4 +74,11 @@ export async function readManifest(modelsDir: string): Promise<Manifest> {
     }
   }
   return parsed;
+}
+
+/** Streams a file through sha256 (model files can be larger than is comfortable to read at once). */
+export async function sha256File(file: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
 }
