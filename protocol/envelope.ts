@@ -15,6 +15,11 @@ export function encodeMessage(message: Message): Buffer {
   return cbor.encode(message);
 }
 
+/** Plain CBOR decode with the mesh's decoder, for records that carry their own schema check. */
+export function decodeCbor(bytes: Uint8Array): unknown {
+  return cbor.decode(bytes);
+}
+
 type MessageOf<K extends MessageKind> = Extract<Message, { kind: K }>;
 
 /**

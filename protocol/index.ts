@@ -6,3 +6,4 @@ export * from './envelope.ts';
 export * from './stats.ts';
 export * from './transport.ts';
 export * from './connection.ts';
+export * from './identity.ts';

@@ -114,6 +114,10 @@ export const AgentStatusSchema = Type.Object({
   providers: Type.Optional(Type.Array(Type.String({ maxLength: 32 }), { maxItems: 8 })),
   workers: Type.Optional(Count),
   queueLimit: Type.Optional(Count),
+  /** The agent's raw Ed25519 public key; its id derives from it. */
+  publicKey: Type.Optional(Type.Uint8Array({ minByteLength: 32, maxByteLength: 32 })),
+  /** Ed25519 signature over the status without this field (see identity.ts). */
+  sig: Type.Optional(Type.Uint8Array({ minByteLength: 64, maxByteLength: 64 })),
 });
 export type AgentStatus = Static<typeof AgentStatusSchema>;
 
