@@ -10,13 +10,76 @@ import { checkers, type Message, type MessageKind } from './messages.ts';
 const cbor = new Encoder({ useRecords: false, mapsAsObjects: true, tagUint8Array: false, useFloat32: 0 });
 
 export const DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024;
+/** No mesh message nests deeper than about 6; a deeper one is refused before the recursive decoder sees it. */
+export const MAX_CBOR_DEPTH = 16;
+
+/**
+ * Walks the CBOR item heads without building any value and reports whether containers (arrays,
+ * maps, tags, indefinite strings) nest deeper than `maxDepth`. Linear in the number of heads, with
+ * no allocation per item: a payload of nested arrays fails here in microseconds instead of running
+ * the recursive decoder into a stack overflow.
+ */
+export function cborNestsDeeper(bytes: Uint8Array, maxDepth = MAX_CBOR_DEPTH): boolean {
+  // remaining[i]: items still expected by the container at depth i (Infinity for indefinite ones).
+  const remaining: number[] = [];
+  let pos = 0;
+  const end = bytes.length;
+  while (pos < end) {
+    const head = bytes[pos++]!;
+    const major = head >> 5;
+    const info = head & 31;
+    if (head === 0xff) {
+      // Break: closes the innermost indefinite container.
+      if (remaining.length === 0 || remaining[remaining.length - 1] !== Infinity) return false;
+      remaining.pop();
+    } else {
+      let arg = info;
+      if (info >= 24 && info <= 27) {
+        const width = 1 << (info - 24);
+        if (pos + width > end) return false;
+        arg = 0;
+        for (let k = 0; k < width; k++) arg = arg * 256 + bytes[pos + k]!;
+        pos += width;
+      } else if (info >= 28 && info <= 30) return false;
+      const indefinite = info === 31;
+      let opens = 0;
+      if (major === 2 || major === 3) {
+        if (indefinite) opens = Infinity;
+        else pos += arg;
+      } else if (major === 4) opens = indefinite ? Infinity : arg;
+      else if (major === 5) opens = indefinite ? Infinity : arg * 2;
+      else if (major === 6) opens = 1;
+      if (opens > 0) {
+        // This item is one of its parent's; the parent's count drops once its last child closes.
+        remaining.push(opens);
+        if (remaining.length > maxDepth) return true;
+        continue;
+      }
+    }
+    // An item finished: count it against its parent, closing every container it completes.
+    while (remaining.length > 0) {
+      const top = remaining.length - 1;
+      if (remaining[top] === Infinity) break;
+      remaining[top]!--;
+      if (remaining[top]! > 0) break;
+      remaining.pop();
+    }
+  }
+  return false;
+}
 
 export function encodeMessage(message: Message): Buffer {
   return cbor.encode(message);
 }
 
+/** Plain CBOR encode with the mesh's encoder, for records outside the message union (signed records, admin acks). */
+export function encodeCbor(value: unknown): Buffer {
+  return cbor.encode(value);
+}
+
 /** Plain CBOR decode with the mesh's decoder, for records that carry their own schema check. */
 export function decodeCbor(bytes: Uint8Array): unknown {
+  if (cborNestsDeeper(bytes)) throw new MeshError('MESH_BAD_REQUEST', `CBOR nests deeper than ${MAX_CBOR_DEPTH} levels`);
   return cbor.decode(bytes);
 }
 
@@ -35,6 +98,7 @@ export function decodeMessage<K extends MessageKind>(
   if (payload.byteLength > maxBytes) {
     throw new MeshError('MESH_TOO_LARGE', `message of ${payload.byteLength} bytes exceeds ${maxBytes}`);
   }
+  if (cborNestsDeeper(payload)) throw new MeshError('MESH_BAD_REQUEST', `payload nests deeper than ${MAX_CBOR_DEPTH} levels`);
   let value: unknown;
   try {
     value = cbor.decode(payload);

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import {
+  cborNestsDeeper,
   checkTensor,
   decodeMessage,
   decodeTensor,
@@ -126,6 +127,26 @@ describe('envelope', () => {
     }
     // After a failure the shared decoder still works.
     assert.equal(decodeMessage(encodeMessage(m), ['req']).model, 'kws');
+  });
+
+  test('nesting depth is checked before decoding, without building values', () => {
+    const nest = (open: number, depth: number, leaf: number[]) => Buffer.from([...Array(depth).fill(open), ...leaf]);
+    assert.equal(cborNestsDeeper(nest(0x81, 16, [0x01])), false);
+    assert.equal(cborNestsDeeper(nest(0x81, 17, [0x01])), true);
+    assert.equal(cborNestsDeeper(nest(0xa1, 17, [0x01])), true);
+    assert.equal(cborNestsDeeper(nest(0xc6, 40, [0x00])), true);
+    assert.equal(cborNestsDeeper(nest(0x9f, 20, [])), true);
+    // Siblings do not add up: a long flat array of small arrays stays shallow.
+    assert.equal(cborNestsDeeper(Buffer.from([0x98, 100, ...Array(100).fill([0x82, 0x01, 0x02]).flat()])), false);
+    assert.equal(cborNestsDeeper(Buffer.from([0x9f, 0x80, 0x9f, 0xff, 0x5f, 0x41, 0x00, 0xff, 0xff])), false);
+    // Real messages pass, including a status with models, shapes and a signature.
+    const status = encodeMessage({
+      v: PROTOCOL_VERSION, kind: 'status', agent: 'agent-1', state: 'online', ts: Date.now(),
+      models: [{ name: 'kws', version: '1', sha256: 'a'.repeat(64), priceMicros: 1, latencyMs: 0.1, inputs: [{ name: 'x', dtype: 'float32', shape: [1, 'n', 96] }], outputs: [] }],
+    });
+    assert.equal(cborNestsDeeper(status), false);
+    assert.equal(cborNestsDeeper(encodeMessage(req())), false);
+    assert.throws(() => decodeMessage(Buffer.alloc(4 * 1024 * 1024 - 1, 0x81), ['req']), code('MESH_BAD_REQUEST'));
   });
 
   test('a bounded fuzz run of random and mutated payloads never crashes or hangs', () => {
