@@ -76,9 +76,11 @@ function mutate(bytes: Buffer, r: ReturnType<typeof rng>): Buffer {
       const at = r.int(out.length);
       return Buffer.concat([out.subarray(0, at), Buffer.from(Array.from({ length: 1 + r.int(8) }, () => r.int(256))), out.subarray(at)]);
     }
-    default:
-      out[r.int(out.length)] ^= 1 << r.int(8);
+    default: {
+      const at = r.int(out.length);
+      out[at] = out[at]! ^ (1 << r.int(8));
       return out;
+    }
   }
 }
 
