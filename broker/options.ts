@@ -3,39 +3,51 @@
  */
 import type { Logger } from 'pino';
 import type { Client, ConnectPacket, PublishPacket, Subscription } from 'aedes';
-import { MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS, MeshError } from '../protocol/index.ts';
+import { idMatchesKey, isValidId, MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS, MeshError, roleOfId } from '../protocol/index.ts';
 import { MQTT_MAX_REMAINING_LENGTH } from './guard.ts';
 
 /** aedes' matcher (qlobber) cannot hold topics deeper than 100 levels. */
 export const AEDES_MAX_TOPIC_LEVELS = 100;
 
 /**
- * Extension points, run after the broker's own checks have passed. They are where the identity issue adds
- * Ed25519 authentication and per-identity ACLs. A hook may return its verdict directly or as a Promise; throwing or
+ * Extension points for application checks, run after the broker's own checks (limits, topic policy and, with `auth`,
+ * authentication and the role ACLs) have passed. A hook may return its verdict directly or as a Promise; throwing or
  * rejecting counts as a refusal (its message is logged as the reason).
  */
 export interface BrokerHooks {
   /**
    * Runs on every CONNECT before authentication, with the raw packet (clientId, will, username, keepalive).
-   * Identity issue: per-IP token buckets, connection-storm limits, bans (cheap checks before any signature verify).
    * `false` closes the connection without a CONNACK.
    */
   preConnect?: (client: Client, packet: ConnectPacket) => boolean | Promise<boolean>;
-  /**
-   * Identity issue: verify the Ed25519 token carried in username/password and bind it to `client.id`.
-   * `false` answers CONNACK 5 (not authorized).
-   */
+  /** Runs after the broker's own authentication accepted the client. `false` answers CONNACK 5 (not authorized). */
   authenticate?: (client: Client, username: string | undefined, password: Buffer | undefined) => boolean | Promise<boolean>;
-  /**
-   * Identity issue: topic ACL (identity-in-topic rules), per-client publish token bucket.
-   * `false` refuses the publish (aedes then disconnects a 3.1.1 client). `client` is null for an orphaned will.
-   */
+  /** `false` refuses the publish (aedes then disconnects a 3.1.1 client). `client` is null for an orphaned will. */
   authorizePublish?: (client: Client | null, packet: PublishPacket) => boolean | Promise<boolean>;
-  /**
-   * Identity issue: subscription allow-list per role. Return the (possibly changed) subscription, or null to
-   * refuse it (SUBACK 0x80).
-   */
+  /** Return the (possibly changed) subscription, or null to refuse it (SUBACK 0x80). */
   authorizeSubscribe?: (client: Client, subscription: Subscription) => Subscription | null | Promise<Subscription | null>;
+}
+
+/**
+ * Authenticated mode (mqtt.md §7.5, DESIGN.md "Identity"). With it every CONNECT must prove an admitted key and every
+ * publish/subscribe passes the per-role topic ACL (./acl.ts); without it the broker runs in "open mode".
+ */
+export interface BrokerAuthOptions {
+  /** Operator keys whose signed admission/revocation records the broker accepts; each is implicitly admitted. */
+  trustedOperators: { id: string; publicKey: Uint8Array }[];
+  /** Folder of the `level` database holding admissions and revocations (created if missing). */
+  dataDir: string;
+  /** A CONNECT token's timestamp may differ from the broker's clock by at most this much. Default 60 000. */
+  maxClockSkewMs?: number;
+  /** A token's nonce is remembered this long; must be at least 2 × maxClockSkewMs. Default 120 000. */
+  nonceTtlMs?: number;
+}
+
+export interface ResolvedAuthOptions {
+  trustedOperators: ReadonlyMap<string, Uint8Array>;
+  dataDir: string;
+  maxClockSkewMs: number;
+  nonceTtlMs: number;
 }
 
 export interface BrokerOptions {
@@ -61,9 +73,27 @@ export interface BrokerOptions {
   queueLimit?: number;
   /** Longest clientId in characters. */
   maxClientIdLength?: number;
+  /** Cap on simultaneous TCP connections from one IP address (idle-socket floods). Default 1000. */
+  maxConnectionsPerIp?: number;
+  /** CONNECT packets per second one IP address may send, sustained (token bucket). Default 50. */
+  connectRatePerIp?: number;
+  /** …and in a burst. Default 200. */
+  connectBurstPerIp?: number;
+  /** This many refused CONNECTs from one IP address within `authFailureWindowMs` ban it. Default 20. */
+  authFailuresBeforeBan?: number;
+  /** Default 10 000. */
+  authFailureWindowMs?: number;
+  /** How long a banned IP address has its connections dropped at accept. Default 60 000. */
+  banMs?: number;
+  /** PUBLISH packets per second one client may send, sustained (token bucket). Default 20 000. */
+  publishRatePerClient?: number;
+  /** …and in a burst. Default 40 000. A client beyond it is disconnected. */
+  publishBurstPerClient?: number;
   /** pino logger; the broker logs through a child with `{ part: 'broker' }`. Default: silent. */
   logger?: Logger;
   hooks?: BrokerHooks;
+  /** Authenticated mode; without it anonymous clients are accepted ("open mode", for local tests). */
+  auth?: BrokerAuthOptions;
 }
 
 export interface ResolvedBrokerOptions {
@@ -78,14 +108,26 @@ export interface ResolvedBrokerOptions {
   drainTimeoutMs: number;
   queueLimit: number;
   maxClientIdLength: number;
+  maxConnectionsPerIp: number;
+  connectRatePerIp: number;
+  connectBurstPerIp: number;
+  authFailuresBeforeBan: number;
+  authFailureWindowMs: number;
+  banMs: number;
+  publishRatePerClient: number;
+  publishBurstPerClient: number;
   logger: Logger | undefined;
   hooks: BrokerHooks;
+  auth: ResolvedAuthOptions | undefined;
 }
 
 const KNOWN_KEYS = new Set([
   'port', 'host', 'maxPacketBytes', 'connectTimeoutMs', 'maxTopicLevels', 'maxTopicBytes', 'maxConnections',
-  'keepaliveLimitS', 'drainTimeoutMs', 'queueLimit', 'maxClientIdLength', 'logger', 'hooks',
+  'keepaliveLimitS', 'drainTimeoutMs', 'queueLimit', 'maxClientIdLength', 'maxConnectionsPerIp', 'connectRatePerIp',
+  'connectBurstPerIp', 'authFailuresBeforeBan', 'authFailureWindowMs', 'banMs', 'publishRatePerClient',
+  'publishBurstPerClient', 'logger', 'hooks', 'auth',
 ]);
+const AUTH_KEYS = new Set(['trustedOperators', 'dataDir', 'maxClockSkewMs', 'nonceTtlMs']);
 const HOOK_KEYS = new Set(['preConnect', 'authenticate', 'authorizePublish', 'authorizeSubscribe']);
 
 /** Applies defaults and validates; throws MeshError('MESH_CONFIG') naming every bad field. */
@@ -105,8 +147,17 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     drainTimeoutMs = 20_000,
     queueLimit = 42,
     maxClientIdLength = 64,
+    maxConnectionsPerIp = 1000,
+    connectRatePerIp = 50,
+    connectBurstPerIp = 200,
+    authFailuresBeforeBan = 20,
+    authFailureWindowMs = 10_000,
+    banMs = 60_000,
+    publishRatePerClient = 20_000,
+    publishBurstPerClient = 40_000,
     logger,
     hooks = {},
+    auth,
   } = options;
 
   const bad: string[] = [];
@@ -134,6 +185,14 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
   int('drainTimeoutMs', drainTimeoutMs, 0, 3_600_000);
   int('queueLimit', queueLimit, 1, 100_000);
   int('maxClientIdLength', maxClientIdLength, 1, 65_535);
+  int('maxConnectionsPerIp', maxConnectionsPerIp, 1, 10_000_000);
+  int('connectRatePerIp', connectRatePerIp, 1, 1_000_000);
+  int('connectBurstPerIp', connectBurstPerIp, 1, 1_000_000);
+  int('authFailuresBeforeBan', authFailuresBeforeBan, 1, 1_000_000);
+  int('authFailureWindowMs', authFailureWindowMs, 1, 86_400_000);
+  int('banMs', banMs, 0, 86_400_000);
+  int('publishRatePerClient', publishRatePerClient, 1, 10_000_000);
+  int('publishBurstPerClient', publishBurstPerClient, 1, 10_000_000);
   if (logger !== undefined) {
     const l = logger as unknown as Record<string, unknown> | null;
     if (l === null || typeof l !== 'object' || typeof l.child !== 'function' || typeof l.warn !== 'function') {
@@ -148,11 +207,49 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
       else if (value !== undefined && typeof value !== 'function') fail(`hooks.${key}`, 'expected a function');
     }
   }
+  const resolvedAuth = auth === undefined ? undefined : resolveAuth(auth, fail, int);
   if (bad.length > 0) {
     throw new MeshError('MESH_CONFIG', `invalid broker options: ${bad.join(', ')}`, { details: { fields } });
   }
   return {
     port, host, maxPacketBytes, connectTimeoutMs, maxTopicLevels, maxTopicBytes, maxConnections, keepaliveLimitS,
-    drainTimeoutMs, queueLimit, maxClientIdLength, logger, hooks,
+    drainTimeoutMs, queueLimit, maxClientIdLength, maxConnectionsPerIp, connectRatePerIp, connectBurstPerIp,
+    authFailuresBeforeBan, authFailureWindowMs, banMs, publishRatePerClient, publishBurstPerClient, logger, hooks,
+    auth: resolvedAuth,
   };
+}
+
+function resolveAuth(
+  auth: BrokerAuthOptions,
+  fail: (field: string, problem: string) => void,
+  int: (name: string, value: unknown, min: number, max: number) => void,
+): ResolvedAuthOptions | undefined {
+  if (auth === null || typeof auth !== 'object') {
+    fail('auth', 'expected an object');
+    return undefined;
+  }
+  for (const key of Object.keys(auth)) if (!AUTH_KEYS.has(key)) fail(`auth.${key}`, 'unknown option');
+  const { trustedOperators, dataDir, maxClockSkewMs = 60_000, nonceTtlMs = 120_000 } = auth;
+  const trusted = new Map<string, Uint8Array>();
+  if (!Array.isArray(trustedOperators) || trustedOperators.length === 0) {
+    fail('auth.trustedOperators', 'expected a non-empty array of { id, publicKey }');
+  } else {
+    trustedOperators.forEach((op, i) => {
+      const id = (op as { id?: unknown } | null)?.id;
+      const key = (op as { publicKey?: unknown } | null)?.publicKey;
+      if (!isValidId(id) || roleOfId(id) !== 'operator' || !(key instanceof Uint8Array) || !idMatchesKey(id, key)) {
+        fail(`auth.trustedOperators[${i}]`, 'expected an operator id and the 32-byte public key it derives from');
+      } else {
+        trusted.set(id, new Uint8Array(key));
+      }
+    });
+  }
+  if (typeof dataDir !== 'string' || dataDir.length === 0) fail('auth.dataDir', `${JSON.stringify(dataDir)}; expected a folder path`);
+  int('auth.maxClockSkewMs', maxClockSkewMs, 1, 3_600_000);
+  int('auth.nonceTtlMs', nonceTtlMs, 1, 7_200_000);
+  // A token stays acceptable for 2 × skew (from ts − skew to ts + skew); its nonce must be remembered that long.
+  if (typeof maxClockSkewMs === 'number' && typeof nonceTtlMs === 'number' && nonceTtlMs < 2 * maxClockSkewMs) {
+    fail('auth.nonceTtlMs', `${nonceTtlMs}; must be at least 2 × maxClockSkewMs (${2 * maxClockSkewMs}) or a token could be replayed`);
+  }
+  return { trustedOperators: trusted, dataDir, maxClockSkewMs, nonceTtlMs };
 }

@@ -14,6 +14,7 @@ export type TopicRefusal =
   | 'topic-too-long'
   | 'too-many-levels'
   | 'nul-in-topic'
+  | 'invalid-utf8'
   | 'reserved-topic'
   | 'wildcard-in-topic'
   | 'wildcard-all';
@@ -26,8 +27,13 @@ const NUL = 0;
 const DOLLAR = 36;
 const PLUS = 43;
 const HASH = 35;
+/** mqtt-packet decodes ill-formed UTF-8 to U+FFFD; MQTT 3.1.1 §1.5.3 requires such a topic to be refused. */
+const REPLACEMENT = 0xfffd;
 
-/** Caps shared by topics and filters: empty, NUL, `$` prefix (reserved for the broker: `$SYS`, `$share`), levels, bytes. */
+/**
+ * Caps shared by topics and filters: empty, NUL, ill-formed UTF-8, `$` prefix (reserved for the broker: `$SYS`,
+ * `$share`), levels, bytes.
+ */
 function checkCommon(topic: string, limits: TopicLimits, allowWildcards: boolean): TopicRefusal | undefined {
   const n = topic.length;
   if (n === 0) return 'empty-topic';
@@ -41,7 +47,10 @@ function checkCommon(topic: string, limits: TopicLimits, allowWildcards: boolean
     if (c === SLASH) levels++;
     else if (c === NUL) return 'nul-in-topic';
     else if (!allowWildcards && (c === PLUS || c === HASH)) return 'wildcard-in-topic';
-    else if (c > 0x7f) ascii = false;
+    else if (c > 0x7f) {
+      if (c === REPLACEMENT) return 'invalid-utf8';
+      ascii = false;
+    }
   }
   if (levels > limits.maxTopicLevels) return 'too-many-levels';
   if (!ascii && Buffer.byteLength(topic, 'utf8') > limits.maxTopicBytes) return 'topic-too-long';

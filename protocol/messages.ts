@@ -159,3 +159,19 @@ export const checkers = {
   status: compile(AgentStatusSchema),
   load: compile(AgentLoadSchema),
 } as const;
+
+/**
+ * The broker's answer to a SignedRecord an operator published on `topics.adminRecords(operatorId)`, sent on
+ * `topics.adminAcks(operatorId)`. `id` is the record's subject id ('' when the record could not be read at all);
+ * a refusal carries a MeshError code and message.
+ */
+export const AdminAckSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('ack'),
+  id: Type.String({ maxLength: 64 }),
+  ok: Type.Boolean(),
+  code: Type.Optional(Type.String({ pattern: '^MESH_[A-Z_]+$', maxLength: 64 })),
+  message: Type.Optional(Type.String({ maxLength: 1024 })),
+});
+export type AdminAck = Static<typeof AdminAckSchema>;
+export const checkAdminAck = compile(AdminAckSchema);

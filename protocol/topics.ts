@@ -7,6 +7,8 @@
  *   mesh/v1/agent/{agentId}/cancel/{senderId} cancel by request id (QoS 1)
  *   mesh/v1/agent/{agentId}/status            retained presence and capabilities; the LWT marks it offline
  *   mesh/v1/agent/{agentId}/load              heartbeat (QoS 0)
+ *   mesh/v1/admin/{operatorId}/records        signed admission/revocation records for the broker (operator only)
+ *   mesh/v1/admin/{operatorId}/acks           the broker's answers to that operator's records
  */
 import { MeshError } from './errors.ts';
 
@@ -40,6 +42,10 @@ export const topics = {
   allAgentLoad: () => `${TOPIC_ROOT}/agent/+/load`,
   clientReply: (clientId: string, agentId: string) => `${TOPIC_ROOT}/client/${clientId}/res/${agentId}`,
   clientRepliesFor: (clientId: string) => `${TOPIC_ROOT}/client/${clientId}/res/+`,
+  /** An operator publishes CBOR `{record, sig}` (a SignedRecord) here; the broker applies it, never forwards it. */
+  adminRecords: (operatorId: string) => `${TOPIC_ROOT}/admin/${operatorId}/records`,
+  /** The broker's `{v, kind:'ack', id, ok, code?, message?}` answers; only that operator may subscribe. */
+  adminAcks: (operatorId: string) => `${TOPIC_ROOT}/admin/${operatorId}/acks`,
 } as const;
 
 export type ParsedTopic =
@@ -47,7 +53,9 @@ export type ParsedTopic =
   | { kind: 'cancel'; agentId: string; senderId: string }
   | { kind: 'status'; agentId: string }
   | { kind: 'load'; agentId: string }
-  | { kind: 'reply'; clientId: string; agentId: string };
+  | { kind: 'reply'; clientId: string; agentId: string }
+  | { kind: 'admin-records'; operatorId: string }
+  | { kind: 'admin-acks'; operatorId: string };
 
 /** Parses a concrete (wildcard-free) mesh topic; returns undefined for anything outside the tree. */
 export function parseTopic(topic: string): ParsedTopic | undefined {
@@ -66,6 +74,10 @@ export function parseTopic(topic: string): ParsedTopic | undefined {
   }
   if (area === 'client' && parts.length === 6 && verb === 'res' && isValidId(other)) {
     return { kind: 'reply', clientId: id, agentId: other };
+  }
+  if (area === 'admin' && parts.length === 5) {
+    if (verb === 'records') return { kind: 'admin-records', operatorId: id };
+    if (verb === 'acks') return { kind: 'admin-acks', operatorId: id };
   }
   return undefined;
 }

@@ -1,0 +1,591 @@
+/**
+ * Hostile input against the authenticated broker (issue 3 "Hostile input", mqtt.md §9), for the cases
+ * test/broker.test.ts does not already cover. Every case checks its own outcome and then that the broker still serves a
+ * well-behaved pair of clients (an admitted app and agent exchanging a request and a reply).
+ *
+ * Attackers that must be told apart from the well-behaved clients by address connect from 127.0.0.2-127.0.0.9 (all
+ * of 127/8 is loopback on Linux); the well-behaved clients use 127.0.0.1.
+ */
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { once } from 'node:events';
+import test, { type TestContext } from 'node:test';
+import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
+import { pino } from 'pino';
+import { admit, generateIdentity, makeConnectToken, topics, type Identity, type Role } from '../protocol/index.ts';
+import { startBroker, type BrokerHandle, type BrokerOptions } from '../broker/index.ts';
+
+// ── helpers ────────────────────────────────────────────────────────────────────────────────────────────────────
+
+type Defer = (fn: () => unknown) => void;
+
+function cleanup(t: TestContext): Defer {
+  const stack: (() => unknown)[] = [];
+  t.after(async () => {
+    while (stack.length > 0) await stack.pop()!();
+  });
+  return (fn) => void stack.push(fn);
+}
+
+interface LogLine {
+  level: number;
+  msg: string;
+  clientId?: string | null;
+  topic?: string;
+  reason?: string;
+  [key: string]: unknown;
+}
+
+interface AuthBroker {
+  b: BrokerHandle;
+  logs: LogLine[];
+  op: Identity;
+}
+
+async function authBroker(defer: Defer, options: BrokerOptions = {}): Promise<AuthBroker> {
+  const op = generateIdentity('operator');
+  const dataDir = await mkdtemp(path.join(os.tmpdir(), 'hostile-'));
+  defer(() => rm(dataDir, { recursive: true, force: true }));
+  const logs: LogLine[] = [];
+  const logger = pino({ level: 'debug' }, { write: (line: string) => void logs.push(JSON.parse(line) as LogLine) });
+  const b = await startBroker({ port: 0, logger, auth: { trustedOperators: [{ id: op.id, publicKey: op.publicKey }], dataDir }, ...options });
+  defer(() => b.close());
+  return { b, logs, op };
+}
+
+async function admitted(ab: AuthBroker, role: Role): Promise<Identity> {
+  const who = generateIdentity(role);
+  await ab.b.admit(admit(ab.op, who));
+  return who;
+}
+
+function options(who: Identity, extra: IClientOptions = {}): IClientOptions {
+  return { protocolVersion: 4, clientId: who.id, username: who.id, password: makeConnectToken(who), reconnectPeriod: 0, connectTimeout: 2000, ...extra };
+}
+
+async function connect(defer: Defer, b: BrokerHandle, who: Identity, extra: IClientOptions = {}): Promise<MqttClient> {
+  const c = await mqtt.connectAsync(b.url, options(who, extra));
+  (c.stream as net.Socket).setNoDelay(true);
+  defer(() => c.endAsync(true));
+  return c;
+}
+
+function nextMessage(c: MqttClient, timeoutMs = 2000): Promise<{ topic: string; payload: Buffer }> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      c.off('message', onMessage);
+      reject(new Error('no message within timeout'));
+    }, timeoutMs);
+    function onMessage(topic: string, payload: Buffer): void {
+      clearTimeout(timer);
+      c.off('message', onMessage);
+      resolve({ topic, payload });
+    }
+    c.on('message', onMessage);
+  });
+}
+
+function waitClose(c: MqttClient, timeoutMs = 2000): Promise<number> {
+  if (c.disconnected && !c.connected) return Promise.resolve(Date.now());
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error('client was not disconnected')), timeoutMs);
+    c.once('close', () => {
+      clearTimeout(timer);
+      resolve(Date.now());
+    });
+  });
+}
+
+async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([p, new Promise<T>((_, reject) => (timer = setTimeout(() => reject(new Error(`timeout: ${what}`)), ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A fresh admitted app and agent from 127.0.0.1 exchange a request and a reply within `withinMs`. */
+async function assertServing(defer: Defer, ab: AuthBroker, withinMs = 2000): Promise<void> {
+  const t0 = Date.now();
+  const agentId = await admitted(ab, 'agent');
+  const appId = await admitted(ab, 'app');
+  const agent = await connect(defer, ab.b, agentId);
+  const app = await connect(defer, ab.b, appId);
+  await agent.subscribeAsync(topics.agentRequestsFor(agentId.id), { qos: 1 });
+  await app.subscribeAsync(topics.clientRepliesFor(appId.id), { qos: 1 });
+  const req = nextMessage(agent, withinMs);
+  await app.publishAsync(topics.agentRequest(agentId.id, appId.id), 'ping', { qos: 1 });
+  assert.equal((await req).payload.toString(), 'ping');
+  const res = nextMessage(app, withinMs);
+  await agent.publishAsync(topics.clientReply(appId.id, agentId.id), 'pong', { qos: 1 });
+  assert.equal((await res).payload.toString(), 'pong');
+  assert.ok(Date.now() - t0 < withinMs, `round trip took ${Date.now() - t0} ms`);
+  await agent.endAsync();
+  await app.endAsync();
+}
+
+// Raw MQTT 3.1.1 packets ───────────────────────────────────────────────────────────────────────────────────────
+
+function varint(n: number): Buffer {
+  const out: number[] = [];
+  do {
+    let byte = n % 128;
+    n = Math.floor(n / 128);
+    if (n > 0) byte |= 0x80;
+    out.push(byte);
+  } while (n > 0);
+  return Buffer.from(out);
+}
+
+function frame(firstByte: number, body: Buffer): Buffer {
+  return Buffer.concat([Buffer.from([firstByte]), varint(body.length), body]);
+}
+
+function str(s: string | Buffer): Buffer {
+  const b = typeof s === 'string' ? Buffer.from(s, 'utf8') : s;
+  return Buffer.concat([Buffer.from([b.length >> 8, b.length & 0xff]), b]);
+}
+
+interface ConnectFields {
+  clientId: string;
+  username?: string | Buffer;
+  password?: Buffer;
+  clean?: boolean;
+  keepalive?: number;
+  protocolName?: string;
+  level?: number;
+  extraFlags?: number;
+}
+
+function connectPacket(f: ConnectFields): Buffer {
+  let flags = (f.clean ?? true ? 0x02 : 0) | (f.extraFlags ?? 0);
+  if (f.username !== undefined) flags |= 0x80;
+  if (f.password !== undefined) flags |= 0x40;
+  const keepalive = f.keepalive ?? 30;
+  const parts = [str(f.protocolName ?? 'MQTT'), Buffer.from([f.level ?? 4, flags, keepalive >> 8, keepalive & 0xff]), str(f.clientId)];
+  if (f.username !== undefined) parts.push(str(f.username));
+  if (f.password !== undefined) parts.push(str(f.password));
+  return frame(0x10, Buffer.concat(parts));
+}
+
+/** A CONNECT that proves `who` (fresh token). */
+function authConnect(who: Identity, extra: Partial<ConnectFields> = {}): Buffer {
+  return connectPacket({ clientId: who.id, username: who.id, password: makeConnectToken(who), ...extra });
+}
+
+function publishPacket(topic: string | Buffer, payload: Buffer | string, qos = 0, messageId = 1): Buffer {
+  const parts = [str(topic)];
+  if (qos > 0) parts.push(Buffer.from([messageId >> 8, messageId & 0xff]));
+  parts.push(typeof payload === 'string' ? Buffer.from(payload) : payload);
+  return frame(0x30 | (qos << 1), Buffer.concat(parts));
+}
+
+function subscribePacket(filter: string | Buffer, qos = 1, messageId = 1): Buffer {
+  return frame(0x82, Buffer.concat([Buffer.from([messageId >> 8, messageId & 0xff]), str(filter), Buffer.from([qos])]));
+}
+
+interface Raw {
+  socket: net.Socket;
+  received: Buffer[];
+  closed: Promise<number>;
+  isClosed: () => boolean;
+  bytes: () => Buffer;
+}
+
+async function rawSocket(defer: Defer, b: BrokerHandle, localAddress?: string): Promise<Raw> {
+  const socket = net.connect({ port: b.port, host: '127.0.0.1', ...(localAddress ? { localAddress } : {}) });
+  socket.on('error', () => {});
+  defer(() => socket.destroy());
+  const received: Buffer[] = [];
+  socket.on('data', (d: Buffer) => received.push(d));
+  let isClosed = false;
+  const closed = new Promise<number>((resolve) => socket.once('close', () => ((isClosed = true), resolve(Date.now()))));
+  await Promise.race([once(socket, 'connect'), closed]);
+  return { socket, received, closed, isClosed: () => isClosed, bytes: () => Buffer.concat(received) };
+}
+
+/** Waits until `n` bytes arrived or the socket closed; returns what arrived. */
+async function readBytes(raw: Raw, n: number, timeoutMs = 2000): Promise<Buffer> {
+  const deadline = Date.now() + timeoutMs;
+  while (raw.bytes().length < n && !raw.isClosed() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 5));
+  return raw.bytes();
+}
+
+/** The CONNACK return code, or undefined when the socket closed without one. */
+async function connackCode(raw: Raw, timeoutMs = 2000): Promise<number | undefined> {
+  const b = await readBytes(raw, 4, timeoutMs);
+  if (b.length < 4) return undefined;
+  assert.equal(b[0], 0x20);
+  return b[3];
+}
+
+// ── tests ──────────────────────────────────────────────────────────────────────────────────────────────────────
+
+test('bad protocol names and versions (3.1, MQTT 5, others), reserved flag bits and QoS 3 are closed without a session', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const agent = await admitted(ab, 'agent');
+  const cases: [string, Buffer, number | undefined][] = [
+    ['bad protocol name', authConnect(agent, { protocolName: 'MQXX' }), undefined],
+    ['protocol level 2', authConnect(agent, { level: 2 }), undefined],
+    ['protocol level 6', authConnect(agent, { level: 6 }), undefined],
+    // MQTT 3.1 (or level 3 under the 3.1.1 name) is answered "unacceptable protocol version".
+    ['MQTT 3.1', authConnect(agent, { protocolName: 'MQIsdp', level: 3 }), 1],
+    ['level 3 named MQTT', authConnect(agent, { level: 3 }), 1],
+    ['reserved CONNECT flag bit 0', authConnect(agent, { extraFlags: 0x01 }), undefined],
+    ['reserved bits in the CONNECT fixed header', Buffer.concat([Buffer.from([0x11]), authConnect(agent).subarray(1)]), undefined],
+    ['CONNECT declaring 256 MB', Buffer.from([0x10, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x04]), undefined],
+  ];
+  for (const [what, bytes, code] of cases) {
+    const raw = await rawSocket(defer, ab.b);
+    raw.socket.write(bytes);
+    await withTimeout(raw.closed, 2000, what);
+    const got = raw.bytes();
+    if (code === undefined) assert.equal(got.length, 0, `${what}: nothing sent back`);
+    else assert.deepEqual([...got], [0x20, 0x02, 0x00, code], what);
+  }
+
+  // A real MQTT 5 client (mqtt.js) is refused with "unacceptable protocol version".
+  await assert.rejects(
+    mqtt.connectAsync(ab.b.url, { ...options(agent), protocolVersion: 5 }),
+    (err: Error & { code?: number }) => err.code === 1,
+  );
+
+  // After a good CONNECT: QoS 3, a SUBSCRIBE with wrong fixed-header flags, an MQTT 5 AUTH packet.
+  const after: [string, Buffer][] = [
+    ['QoS 3 PUBLISH', frame(0x36, Buffer.concat([str(topics.agentLoad(agent.id)), Buffer.from([0, 1]), Buffer.from('x')]))],
+    ['SUBSCRIBE with flags 0', frame(0x80, Buffer.concat([Buffer.from([0, 1]), str(topics.agentRequestsFor(agent.id)), Buffer.from([1])]))],
+    ['AUTH packet', Buffer.from([0xf0, 0x00])],
+  ];
+  for (const [what, bytes] of after) {
+    const raw = await rawSocket(defer, ab.b);
+    raw.socket.write(authConnect(agent));
+    assert.equal(await connackCode(raw), 0, what);
+    raw.socket.write(bytes);
+    await withTimeout(raw.closed, 2000, what);
+  }
+  assert.equal(ab.b.clientCount(), 0);
+  await assertServing(defer, ab);
+});
+
+test('a packet started and never completed after CONNECT is closed by the keepalive deadline', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const agent = await admitted(ab, 'agent');
+  const raw = await rawSocket(defer, ab.b);
+  raw.socket.write(authConnect(agent, { keepalive: 1 }));
+  assert.equal(await connackCode(raw), 0);
+  // Half a PUBLISH: header and part of the topic, then silence.
+  const half = publishPacket(topics.agentLoad(agent.id), Buffer.alloc(1000)).subarray(0, 20);
+  raw.socket.write(half);
+  const sentAt = Date.now();
+  const closedAt = await withTimeout(raw.closed, 4000, 'keepalive close');
+  assert.ok(closedAt - sentAt >= 1000 && closedAt - sentAt < 3000, `closed after ${closedAt - sentAt} ms`);
+  await assertServing(defer, ab);
+});
+
+test('invalid UTF-8 and NUL in topics are refused (publish disconnects, subscribe gets 0x80)', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const agent = await admitted(ab, 'agent');
+  const me = agent.id;
+  const status = Buffer.from(topics.agentStatus(me));
+  const badUtf8 = Buffer.concat([status.subarray(0, 14), Buffer.from([0xff, 0xfe]), status.subarray(14)]);
+  for (const [what, topic, reason] of [
+    ['invalid UTF-8', badUtf8, 'invalid-utf8'],
+    ['NUL', Buffer.concat([status, Buffer.from([0])]), 'nul-in-topic'],
+  ] as const) {
+    const raw = await rawSocket(defer, ab.b);
+    raw.socket.write(authConnect(agent));
+    assert.equal(await connackCode(raw), 0);
+    raw.socket.write(publishPacket(topic, 'x', 1));
+    await withTimeout(raw.closed, 2000, what);
+    assert.equal(raw.bytes().length, 4, `${what}: no PUBACK`);
+    assert.ok(ab.logs.some((l) => l.msg === 'publish refused' && l.reason === reason), reason);
+  }
+  const raw = await rawSocket(defer, ab.b);
+  raw.socket.write(authConnect(agent));
+  assert.equal(await connackCode(raw), 0);
+  const reqFilter = Buffer.from(topics.agentRequestsFor(me));
+  raw.socket.write(subscribePacket(Buffer.concat([reqFilter.subarray(0, 10), Buffer.from([0xc3, 0x28]), reqFilter.subarray(10)]), 1, 7));
+  const suback = (await readBytes(raw, 9)).subarray(4);
+  assert.deepEqual([...suback], [0x90, 0x03, 0x00, 0x07, 0x80]);
+  assert.ok(!raw.isClosed());
+  await assertServing(defer, ab);
+});
+
+test('__proto__ and constructor as client id or topic level change nothing', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  for (const id of ['__proto__', 'constructor', 'agent-__proto__', 'hasOwnProperty']) {
+    const raw = await rawSocket(defer, ab.b);
+    raw.socket.write(connectPacket({ clientId: id, username: id, password: Buffer.alloc(88) }));
+    assert.equal(await connackCode(raw), 2, id);
+  }
+  const app = await admitted(ab, 'app');
+  const c = await connect(defer, ab.b, app);
+  const granted = await c.subscribeAsync(['mesh/v1/client/__proto__/res/+', 'mesh/v1/agent/__proto__/status', '__proto__/#', 'constructor/prototype'], { qos: 1 }).catch(
+    (err: { packet?: { granted?: number[] } }) => err.packet?.granted?.map((qos) => ({ qos })),
+  );
+  assert.deepEqual(granted?.map((g) => g.qos), [128, 128, 128, 128]);
+  const closed = waitClose(c);
+  c.publish('mesh/v1/agent/__proto__/req/' + app.id, 'x', { qos: 1 });
+  await closed;
+  assert.equal(({} as Record<string, unknown>).clientId, undefined, 'Object.prototype untouched');
+  assert.equal(Object.getPrototypeOf({}), Object.prototype);
+
+  // In open mode too: aedes keeps clients in a null-prototype map, and the topic level is just a string.
+  const open = await startBroker({ port: 0 });
+  defer(() => open.close());
+  const proto = await mqtt.connectAsync(open.url, { protocolVersion: 4, clientId: '__proto__', reconnectPeriod: 0 });
+  defer(() => proto.endAsync(true));
+  await proto.subscribeAsync('__proto__/+', { qos: 1 });
+  const got = nextMessage(proto);
+  await proto.publishAsync('__proto__/constructor', 'y', { qos: 1 });
+  assert.equal((await got).topic, '__proto__/constructor');
+  assert.equal(open.clientCount(), 1);
+  await assertServing(defer, ab);
+});
+
+test('retained floods: unique topics are refused, repeated own status keeps one retained message', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const agent = await admitted(ab, 'agent');
+  // The first retained publish on a topic that is not the agent's own status costs its connection.
+  const c = await connect(defer, ab.b, agent);
+  const closed = waitClose(c);
+  for (let i = 0; i < 200; i++) c.publish(`mesh/v1/agent/${agent.id}/status-${i}`, 'x', { qos: 0, retain: true });
+  await closed;
+  // 500 retained updates of its own status: the store holds one message, the last.
+  const d = await connect(defer, ab.b, agent);
+  for (let i = 0; i < 500; i++) d.publish(topics.agentStatus(agent.id), `v${i}`, { qos: 0, retain: true });
+  await d.publishAsync(topics.agentStatus(agent.id), 'last', { qos: 1, retain: true });
+  const router = await connect(defer, ab.b, await admitted(ab, 'router'));
+  const seen: string[] = [];
+  router.on('message', (topic, payload, packet) => packet.retain && seen.push(`${topic}=${payload.toString()}`));
+  await router.subscribeAsync([topics.allAgentStatus(), topics.allAgentLoad()], { qos: 1 });
+  await new Promise((r) => setTimeout(r, 200));
+  assert.deepEqual(seen, [`${topics.agentStatus(agent.id)}=last`]);
+  await assertServing(defer, ab);
+});
+
+test('QoS 2 is refused in authenticated mode too: publisher disconnected, nothing delivered', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const agentId = await admitted(ab, 'agent');
+  const agent = await connect(defer, ab.b, agentId);
+  const granted = await agent.subscribeAsync(topics.agentRequestsFor(agentId.id), { qos: 2 });
+  assert.equal(granted[0]?.qos, 1, 'a QoS 2 subscription is granted QoS 1');
+  const seen: string[] = [];
+  agent.on('message', (topic) => seen.push(topic));
+  const appId = await admitted(ab, 'app');
+  // Raw, so the broker's answer (no PUBREC, a close) is visible.
+  const raw = await rawSocket(defer, ab.b);
+  raw.socket.write(authConnect(appId));
+  assert.equal(await connackCode(raw), 0);
+  raw.socket.write(publishPacket(topics.agentRequest(agentId.id, appId.id), 'qos2', 2, 9));
+  await withTimeout(raw.closed, 2000, 'QoS 2 close');
+  assert.equal(raw.bytes().length, 4, 'no PUBREC');
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual(seen, []);
+  assert.ok(ab.logs.some((l) => l.reason === 'qos2' && l.clientId === appId.id));
+  await assertServing(defer, ab);
+});
+
+test('idle-socket flood: one address gets at most maxConnectionsPerIp sockets, idle ones close at the connect timeout', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer, { maxConnectionsPerIp: 10, maxConnections: 100, connectTimeoutMs: 600 });
+  const flood: Raw[] = [];
+  for (let i = 0; i < 40; i++) flood.push(await rawSocket(defer, ab.b, '127.0.0.2'));
+  await new Promise((r) => setTimeout(r, 100));
+  const open = flood.filter((r) => !r.isClosed());
+  assert.equal(open.length, 10, 'only the per-address cap is kept open');
+  // Meanwhile a client from another address connects and is served.
+  await assertServing(defer, ab);
+  // The idle ones are closed by the CONNECT deadline, which frees the address again.
+  await withTimeout(Promise.all(open.map((r) => r.closed)), 2000, 'idle sockets closed');
+  const later = await rawSocket(defer, ab.b, '127.0.0.2');
+  await new Promise((r) => setTimeout(r, 50));
+  assert.ok(!later.isClosed());
+  assert.ok(ab.logs.some((l) => l.reason === 'too-many-connections' && l.remoteAddress === '127.0.0.2'));
+});
+
+test('CONNECT storm: beyond the per-address bucket CONNECTs are closed before any signature check', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer, { connectBurstPerIp: 5, connectRatePerIp: 1, authFailuresBeforeBan: 1000 });
+  const app = await admitted(ab, 'app');
+  const storm: Raw[] = [];
+  for (let i = 0; i < 30; i++) {
+    const raw = await rawSocket(defer, ab.b, '127.0.0.3');
+    raw.socket.write(authConnect(app));
+    storm.push(raw);
+  }
+  const codes = await Promise.all(storm.map((r) => connackCode(r, 1000)));
+  const accepted = codes.filter((c) => c === 0).length;
+  const silent = codes.filter((c) => c === undefined).length;
+  assert.ok(accepted >= 5 && accepted <= 8, `accepted ${accepted}`);
+  assert.equal(accepted + silent, 30);
+  const warned = ab.logs.filter((l) => l.reason === 'connect-rate' && l.level === 40);
+  assert.equal(warned.length, 1, 'the storm is logged once at warn, the rest at debug');
+  await assertServing(defer, ab);
+});
+
+test('auth-failure storm: an address is banned after a burst of refused CONNECTs, others are unaffected, the ban ends', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer, { authFailuresBeforeBan: 5, authFailureWindowMs: 10_000, banMs: 1500 });
+  const victim = await admitted(ab, 'agent');
+  const forger = generateIdentity('agent');
+  for (let i = 0; i < 5; i++) {
+    const raw = await rawSocket(defer, ab.b, '127.0.0.4');
+    raw.socket.write(authConnect({ ...victim, privateKey: forger.privateKey }));
+    assert.equal(await connackCode(raw), 5);
+  }
+  assert.ok(ab.logs.some((l) => l.msg === 'address banned' && l.remoteAddress === '127.0.0.4'));
+  const refusalsBefore = ab.logs.filter((l) => l.msg === 'connect refused').length;
+  // Banned: even a valid token is dropped at accept, with no byte read or written.
+  for (let i = 0; i < 20; i++) {
+    const raw = await rawSocket(defer, ab.b, '127.0.0.4');
+    raw.socket.write(authConnect(victim));
+    await withTimeout(raw.closed, 1000, 'banned socket closed');
+    assert.equal(raw.bytes().length, 0);
+  }
+  assert.equal(ab.logs.filter((l) => l.msg === 'connect refused').length, refusalsBefore, 'banned CONNECTs never reached authentication');
+  // Another address is served meanwhile.
+  await assertServing(defer, ab);
+  const bannedAt = ab.logs.find((l) => l.msg === 'address banned')!.time as number;
+  await new Promise((r) => setTimeout(r, Math.max(0, bannedAt + 1600 - Date.now())));
+  const raw = await rawSocket(defer, ab.b, '127.0.0.4');
+  raw.socket.write(authConnect(victim));
+  assert.equal(await connackCode(raw), 0, 'the ban has ended');
+});
+
+test('a frozen consumer is disconnected within drainTimeout and does not stall anyone else', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer, { drainTimeoutMs: 500 });
+  const agentId = await admitted(ab, 'agent');
+  const frozenId = await admitted(ab, 'app');
+  const raw = await rawSocket(defer, ab.b);
+  raw.socket.write(authConnect(frozenId));
+  assert.equal(await connackCode(raw), 0);
+  raw.socket.write(subscribePacket(topics.clientRepliesFor(frozenId.id), 0, 1));
+  await readBytes(raw, 9);
+  raw.socket.pause(); // never reads again: the kernel buffers fill, then the broker's writes stall
+
+  let disconnectedAt = 0;
+  ab.b.aedes.on('clientDisconnect', (c) => c.id === frozenId.id && (disconnectedAt = Date.now()));
+  const agent = await connect(defer, ab.b, agentId);
+  const chunk = Buffer.alloc(256 * 1024, 1);
+  const t0 = Date.now();
+  for (let i = 0; i < 96; i++) agent.publish(topics.clientReply(frozenId.id, agentId.id), chunk, { qos: 0 });
+  // Others keep being served while (and after) the frozen one is dealt with.
+  await assertServing(defer, ab, 3000);
+  await withTimeout(
+    (async () => {
+      while (!disconnectedAt) await new Promise((r) => setTimeout(r, 20));
+    })(),
+    4000,
+    'frozen consumer disconnected',
+  );
+  assert.ok(disconnectedAt - t0 < 3000, `disconnected after ${disconnectedAt - t0} ms`);
+  assert.ok(agent.connected, 'the publisher was not punished');
+  await assertServing(defer, ab);
+});
+
+test('a publish flood from one client is cut off by its token bucket; the default bucket allows a benchmark burst', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer, { publishRatePerClient: 200, publishBurstPerClient: 100 });
+  const agentId = await admitted(ab, 'agent');
+  const agent = await connect(defer, ab.b, agentId);
+  await agent.subscribeAsync(topics.agentRequestsFor(agentId.id), { qos: 1 });
+  let delivered = 0;
+  agent.on('message', () => delivered++);
+  const flooderId = await admitted(ab, 'app');
+  const flooder = await connect(defer, ab.b, flooderId);
+  const closed = waitClose(flooder);
+  for (let i = 0; i < 2000; i++) flooder.publish(topics.agentRequest(agentId.id, flooderId.id), 'x', { qos: 0 });
+  await closed;
+  await new Promise((r) => setTimeout(r, 100));
+  assert.ok(delivered >= 100 && delivered < 400, `delivered ${delivered} of 2000`);
+  assert.ok(ab.logs.some((l) => l.reason === 'publish-rate' && l.clientId === flooderId.id));
+  await assertServing(defer, ab);
+
+  // Defaults (20k/s, burst 40k): 10,000 back-to-back publishes go through untouched.
+  const roomy = await authBroker(defer);
+  const a2 = await admitted(roomy, 'agent');
+  const sub = await connect(defer, roomy.b, a2);
+  await sub.subscribeAsync(topics.agentRequestsFor(a2.id), { qos: 1 });
+  let got = 0;
+  const all = new Promise<void>((resolve) => sub.on('message', () => ++got === 10_000 && resolve()));
+  const benchId = await admitted(roomy, 'app');
+  const bench = await connect(defer, roomy.b, benchId);
+  for (let i = 0; i < 9_999; i++) bench.publish(topics.agentRequest(a2.id, benchId.id), 'x', { qos: 0 });
+  await bench.publishAsync(topics.agentRequest(a2.id, benchId.id), 'x', { qos: 0 });
+  await withTimeout(all, 10_000, '10k messages');
+  assert.ok(bench.connected);
+});
+
+test('clean=false sessions, keepalive 0 or above the limit are refused, also with random ids and in open mode', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  // (23 refusals from one address would otherwise trip the default auth-failure ban, tested on its own above.)
+  const ab = await authBroker(defer, { authFailuresBeforeBan: 1000 });
+  const agent = await admitted(ab, 'agent');
+  const cases: [string, Buffer, number, string][] = [
+    ['clean=false', authConnect(agent, { clean: false }), 5, 'persistent-session'],
+    ['keepalive 0', authConnect(agent, { keepalive: 0 }), 5, 'keepalive-zero'],
+    ['keepalive 3600', authConnect(agent, { keepalive: 3600 }), 5, 'keepalive-too-long'],
+  ];
+  for (const [what, bytes, code, reason] of cases) {
+    const raw = await rawSocket(defer, ab.b);
+    raw.socket.write(bytes);
+    assert.equal(await connackCode(raw), code, what);
+    await withTimeout(raw.closed, 1000, what);
+    assert.equal(ab.logs.filter((l) => l.msg === 'connect refused').at(-1)?.reason, reason, what);
+  }
+  for (let i = 0; i < 20; i++) {
+    const random = generateIdentity('app');
+    const raw = await rawSocket(defer, ab.b);
+    raw.socket.write(authConnect(random, { clean: false }));
+    assert.equal(await connackCode(raw), 5);
+  }
+
+  const open = await startBroker({ port: 0, authFailuresBeforeBan: 1000 });
+  defer(() => open.close());
+  for (let i = 0; i < 20; i++) {
+    await assert.rejects(
+      mqtt.connectAsync(open.url, { protocolVersion: 4, clientId: `random-${i}-${Math.random().toString(36).slice(2)}`, clean: false, reconnectPeriod: 0, connectTimeout: 2000 }),
+      (err: Error & { code?: number }) => err.code === 5,
+    );
+  }
+  await assert.rejects(mqtt.connectAsync(open.url, { protocolVersion: 4, clientId: 'idle-forever', keepalive: 0, reconnectPeriod: 0, connectTimeout: 2000 }), (err: Error & { code?: number }) => err.code === 5);
+  assert.equal(open.clientCount(), 0);
+  await assertServing(defer, ab);
+});
+
+test('64 KB client id, user name or password is refused at once, before any signature work', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const agent = await admitted(ab, 'agent');
+  const big = 'a'.repeat(64 * 1024 - 1);
+  const cases: [string, Buffer, number, string][] = [
+    ['client id', connectPacket({ clientId: big, username: agent.id, password: makeConnectToken(agent) }), 2, 'client-id-too-long'],
+    ['user name', connectPacket({ clientId: agent.id, username: big, password: makeConnectToken(agent) }), 5, 'username-too-long'],
+    ['password', connectPacket({ clientId: agent.id, username: agent.id, password: Buffer.alloc(64 * 1024 - 1, 1) }), 5, 'password-too-long'],
+    ['multi-byte user name', connectPacket({ clientId: agent.id, username: 'é'.repeat(33), password: makeConnectToken(agent) }), 5, 'username-too-long'],
+  ];
+  for (const [what, bytes, code, reason] of cases) {
+    const raw = await rawSocket(defer, ab.b);
+    const t0 = Date.now();
+    raw.socket.write(bytes);
+    assert.equal(await connackCode(raw), code, what);
+    assert.ok(Date.now() - t0 < 500, `${what}: ${Date.now() - t0} ms`);
+    const line = ab.logs.filter((l) => l.msg === 'connect refused').at(-1);
+    assert.equal(line?.reason, reason, what);
+    assert.ok(JSON.stringify(line).length < 1000, `${what}: the log line does not carry the field`);
+  }
+  assert.equal(ab.b.clientCount(), 0);
+  await assertServing(defer, ab);
+});
