@@ -2,7 +2,25 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { isDType, MeshError, round, tensorFromJson, tensorToJson, DTYPES, type Tensor } from '../protocol/index.ts';
+import {
+  admit,
+  deriveId,
+  generateIdentity,
+  isDType,
+  isValidId,
+  MeshError,
+  publicIdentity,
+  revoke,
+  round,
+  tensorFromJson,
+  tensorToJson,
+  DTYPES,
+  ROLES,
+  type Identity,
+  type Role,
+  type Tensor,
+} from '../protocol/index.ts';
+import { loadKeyFile, parseOperatorSpec, parsePublicKey, parseRole, writeKeyFile, type TrustedOperator } from './keys.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
@@ -12,6 +30,24 @@ const loadSdk = () => import('../sdk/index.ts');
 
 const DEFAULT_BROKER = 'mqtt://127.0.0.1:1883';
 const DEFAULT_DATA_DIR = '.mesh-data';
+const DAY_MS = 86_400_000;
+
+const collect = (value: string, previous: string[]) => [...previous, value];
+
+/** Warnings about key files go to stderr and name the file only. */
+const keyWarnings = { warn: (message: string) => process.stderr.write(`edge-mesh: warning: ${message}\n`) };
+
+/** The MESH_UNAUTHORIZED hint for commands run without --key (the library's message already says why). */
+function withoutKeyHint(err: unknown, role: 'agent' | 'app'): unknown {
+  if (err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED') {
+    return new MeshError('MESH_UNAUTHORIZED', `${err.message} (\`edge-mesh keys new --role ${role}\`, have the operator run \`edge-mesh admit\`, then pass --key)`, { cause: err });
+  }
+  return err;
+}
+
+function printJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value)}\n`);
+}
 
 function positiveInt(value: string): number {
   const n = Number(value);
@@ -88,7 +124,7 @@ export function buildProgram(): Command {
     .option('--rate <rps>', 'requests per second the sample app sends', positiveNumber, 40)
     .option('--port <port>', 'broker port (0 for any free port; a busy default port falls back to a free one)', nonNegativeInt, 1883)
     .option('--host <host>', 'broker address', '127.0.0.1')
-    .option('--data <dir>', 'data folder (models, and later keys and chain state)', DEFAULT_DATA_DIR)
+    .option('--data <dir>', 'data folder: models, keys (made on first run), the admission store', DEFAULT_DATA_DIR)
     .option('--report-every <seconds>', 'seconds between progress reports', positiveNumber, 5)
     .addOption(logLevelOption().default('warn'))
     .action(async (opts) => {
@@ -122,12 +158,36 @@ export function buildProgram(): Command {
     .option('--port <port>', 'TCP port', nonNegativeInt, 1883)
     .option('--host <host>', 'address to listen on', '127.0.0.1')
     .option('--max-packet-bytes <bytes>', 'largest MQTT packet accepted', positiveInt)
+    .option('--operator <key>', 'a trusted operator: its key file, its public identity file (`keys show` output) or its base64url public key (repeatable)', collect, [])
+    .option('--data <dir>', 'admission store folder', path.join(DEFAULT_DATA_DIR, 'broker'))
+    .option('--insecure', 'run an open broker: anyone may connect, no ACLs (tests and closed labs only)', false)
     .addOption(logLevelOption())
     .action(async (opts) => {
+      const specs = opts.operator as string[];
+      if (opts.insecure && specs.length > 0) throw new MeshError('MESH_CONFIG', '--insecure runs an open broker; it cannot be combined with --operator');
+      if (!opts.insecure && specs.length === 0) {
+        throw new MeshError(
+          'MESH_CONFIG',
+          'refusing to start a broker nobody administers: give at least one --operator (key file, public identity file or base64url public key), or --insecure to run it open',
+        );
+      }
+      const trustedOperators: TrustedOperator[] = [];
+      for (const spec of specs) {
+        const operator = await parseOperatorSpec(spec, keyWarnings);
+        if (!trustedOperators.some((o) => o.id === operator.id)) trustedOperators.push(operator);
+      }
       const logger = cliLogger(opts.logLevel);
       const { startBroker } = await loadBroker();
-      const broker = await startBroker({ port: opts.port, host: opts.host, logger, ...(opts.maxPacketBytes ? { maxPacketBytes: opts.maxPacketBytes } : {}) });
-      logger.info({ url: broker.url }, 'broker listening');
+      const auth = opts.insecure ? undefined : { trustedOperators, dataDir: path.resolve(opts.data) };
+      const broker = await startBroker({
+        port: opts.port,
+        host: opts.host,
+        logger,
+        ...(opts.maxPacketBytes ? { maxPacketBytes: opts.maxPacketBytes } : {}),
+        ...(auth ? { auth } : {}),
+      });
+      if (auth) logger.info({ url: broker.url, operators: trustedOperators.map((o) => o.id), data: auth.dataDir }, 'broker listening; admitted identities only');
+      else logger.warn({ url: broker.url }, 'broker listening OPEN (--insecure): anyone may connect, publish and subscribe');
       process.stdout.write(`${broker.url}\n`);
       await stopSignal();
       logger.info('broker stopping');
@@ -139,13 +199,16 @@ export function buildProgram(): Command {
     .description('run an edge agent that serves the models of a folder')
     .requiredOption('--models <dir>', 'models folder with manifest.json (see `edge-mesh models build`)')
     .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
-    .option('--id <id>', 'agent id (3-64 of a-z, 0-9, -); random when absent')
+    .option('--key <file>', 'the agent key file (edge-mesh keys new --role agent); its id is the agent id. Without it: an ephemeral key, which only an open broker accepts')
+    .addOption(new Option('--id <id>').hideHelp())
     .option('--workers <n>', 'inference worker threads', positiveInt)
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
     .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
     .addOption(logLevelOption())
     .action(async (opts) => {
+      if (opts.id !== undefined) throw new MeshError('MESH_CONFIG', '--id was removed: an agent id derives from its key; use --key FILE (edge-mesh keys new --role agent)');
+      const identity = opts.key ? await loadKeyFile(opts.key, 'agent', keyWarnings) : undefined;
       const logger = cliLogger(opts.logLevel);
       const stop = stopSignal();
       const { startAgent } = await loadAgent();
@@ -156,11 +219,19 @@ export function buildProgram(): Command {
         heartbeatMs: opts.heartbeatMs,
         logger,
         awaitAnnounce: false,
-        ...(opts.id ? { agentId: opts.id } : {}),
+        ...(identity ? { identity } : {}),
         ...(opts.workers ? { workers: opts.workers } : {}),
       });
-      void agent.announced.then(() => logger.info({ agentId: agent.id }, 'announced'));
-      const signal = await stop;
+      const refused = agent.announced.then(
+        () => {
+          logger.info({ agentId: agent.id }, 'announced');
+          return new Promise<never>(() => {});
+        },
+        (err: unknown) => {
+          throw identity ? err : withoutKeyHint(err, 'agent');
+        },
+      );
+      const signal = await Promise.race([stop, refused]);
       logger.info({ signal }, 'draining');
       await agent.drain(opts.drainTimeoutMs);
     });
@@ -173,14 +244,18 @@ export function buildProgram(): Command {
     .option('--dtype <dtype>', 'dtype of raw inputs')
     .option('--shape <dims>', 'shape of raw inputs, e.g. 1,25,96', (v: string) => v.split(/[,x]/).map((d) => nonNegativeInt(d)))
     .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--key <file>', 'the app key file (role app, router or bridge) admitted by the operator. Without it: an ephemeral key, which only an open broker accepts')
     .option('--deadline-ms <ms>', 'deadline for the request', positiveInt, 5_000)
     .option('--agent <id>', 'send only to this agent')
     .option('--summary', 'print output shapes and a few values instead of every value', false)
     .addOption(logLevelOption().default('warn'))
     .action(async (opts) => {
+      const identity = opts.key ? await loadKeyFile(opts.key, ['app', 'router', 'bridge'], keyWarnings) : undefined;
       const logger = cliLogger(opts.logLevel);
       const { connect } = await loadSdk();
-      const mesh = await connect({ brokerUrl: opts.broker, logger });
+      const mesh = await connect({ brokerUrl: opts.broker, logger, ...(identity ? { identity } : {}) }).catch((err: unknown) => {
+        throw identity ? err : withoutKeyHint(err, 'app');
+      });
       try {
         await mesh.waitForModel(opts.model, Math.min(opts.deadlineMs, 5_000));
         const info = mesh.models().find((m) => m.name === opts.model);
@@ -197,6 +272,73 @@ export function buildProgram(): Command {
       } finally {
         await mesh.close();
       }
+    });
+
+  const keys = program.command('keys').description('Ed25519 keys: every agent, app, router, operator and bridge has one; its id derives from it');
+  keys
+    .command('new')
+    .description('create a key file (mode 0600) and print its public identity; the secret never leaves the file')
+    .requiredOption('--role <role>', `one of ${ROLES.join(', ')}`, parseRole)
+    .option('--out <file>', 'key file to write (default ./<id>.key)')
+    .option('--force', 'replace an existing file', false)
+    .action(async (opts: { role: Role; out?: string; force: boolean }) => {
+      const identity = generateIdentity(opts.role);
+      const file = opts.out ?? `${identity.id}.key`;
+      await writeKeyFile(file, identity, { force: opts.force });
+      process.stderr.write(`wrote ${path.resolve(file)} (mode 0600); keep it secret, share the line below\n`);
+      printJson(publicIdentity(identity));
+    });
+  keys
+    .command('show')
+    .description('print the public identity (id, role, public key) of a key file')
+    .argument('<file>', 'key file')
+    .action(async (file: string) => {
+      printJson(publicIdentity(await loadKeyFile(file, undefined, keyWarnings)));
+    });
+
+  program
+    .command('admit')
+    .description("admit a device or app: sign an admission with the operator's key and hand it to the broker")
+    .requiredOption('--key <file>', "the operator's key file")
+    .option('--subject-key <file>', 'key file of the device or app to admit (only its public half is used)')
+    .option('--public-key <b64url>', 'public key of the device or app to admit (with --role)')
+    .option('--role <role>', `its role with --public-key: ${ROLES.join(', ')}`, parseRole)
+    .option('--ttl-days <days>', 'how long the admission holds', positiveNumber, 365)
+    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--timeout-ms <ms>', "how long to wait for the broker's acknowledgement", positiveInt, 5_000)
+    .action(async (opts) => {
+      const operator = await loadKeyFile(opts.key, 'operator', keyWarnings);
+      let subject: { role: Role; publicKey: Uint8Array };
+      if (opts.subjectKey) {
+        if (opts.publicKey || opts.role) throw new MeshError('MESH_CONFIG', 'give either --subject-key, or --public-key with --role, not both');
+        const identity: Identity = await loadKeyFile(opts.subjectKey, undefined, keyWarnings);
+        subject = { role: identity.role, publicKey: identity.publicKey };
+      } else if (opts.publicKey && opts.role) {
+        subject = { role: opts.role as Role, publicKey: parsePublicKey(opts.publicKey) };
+      } else {
+        throw new MeshError('MESH_CONFIG', 'say whom to admit: --subject-key FILE, or --public-key B64URL with --role ROLE');
+      }
+      const nowMs = Date.now();
+      const signed = admit(operator, subject, { nowMs, ttlMs: opts.ttlDays * DAY_MS });
+      const subjectId = deriveId(subject.role, subject.publicKey);
+      const { sendAdminRecord } = await import('./admin.ts');
+      await sendAdminRecord(opts.broker, operator, signed, subjectId, opts.timeoutMs);
+      printJson({ admitted: subjectId, role: subject.role, expires: new Date(nowMs + opts.ttlDays * DAY_MS).toISOString() });
+    });
+
+  program
+    .command('revoke')
+    .description('revoke a device or app: the broker disconnects it and refuses it from then on')
+    .requiredOption('--key <file>', "the operator's key file")
+    .requiredOption('--id <id>', 'id of the device or app to revoke')
+    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--timeout-ms <ms>', "how long to wait for the broker's acknowledgement", positiveInt, 5_000)
+    .action(async (opts) => {
+      if (!isValidId(opts.id)) throw new MeshError('MESH_CONFIG', `--id ${JSON.stringify(opts.id)} is not a mesh id`);
+      const operator = await loadKeyFile(opts.key, 'operator', keyWarnings);
+      const { sendAdminRecord } = await import('./admin.ts');
+      await sendAdminRecord(opts.broker, operator, revoke(operator, opts.id), opts.id, opts.timeoutMs);
+      printJson({ revoked: opts.id });
     });
 
   const models = program.command('models').description('manage model folders');

@@ -19,6 +19,8 @@ export interface SampleAppOptions {
   models: string[];
   ratePerS: number;
   logger: Logger;
+  /** How the report names an agent (default: its id). */
+  agentLabel?: (agentId: string) => string;
 }
 
 export class SampleApp {
@@ -91,7 +93,8 @@ export class SampleApp {
       const w = t.takeWindow();
       return [name, t.requests, t.ok, t.errors, w.n ? round(w.p50, 2) : '-', w.n ? round(w.p99, 2) : '-'];
     });
-    const agentRows = [...this.byAgent.byKey].sort().map(([name, t]) => {
+    const label = this.options.agentLabel ?? ((id: string) => id);
+    const agentRows = [...this.byAgent.byKey].map(([id, t]) => [label(id), t] as const).sort(([a], [b]) => a.localeCompare(b)).map(([name, t]) => {
       const w = t.takeWindow();
       return [name, t.requests, t.ok, t.errors, w.n ? round(w.p50, 2) : '-', w.n ? round(w.p99, 2) : '-'];
     });

@@ -1,13 +1,18 @@
 /**
- * `edge-mesh up`: the whole local mesh in one process on embedded defaults: an aedes broker, edge
- * agents serving the real models from their npm packages, and the sample app.
+ * `edge-mesh up`: the whole local mesh in one process on embedded defaults: an authenticated aedes
+ * broker, edge agents serving the real models from their npm packages, and the sample app.
+ *
+ * Keys live in `<data>/keys/` (mode 0600), made on first run and reused: `operator.key`, one
+ * `agent-N.key` per agent and `app.key`. The operator is the broker's trusted operator and admits
+ * the agents and the app (admissions are kept in `<data>/broker/`) before they connect.
  */
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { startBroker, type BrokerHandle } from '../broker/index.ts';
+import { startBroker, type BrokerHandle, type BrokerOptions } from '../broker/index.ts';
 import { startAgent, type AgentHandle } from '../edge-agent/index.ts';
-import { round } from '../protocol/index.ts';
+import { admit, round, type Identity } from '../protocol/index.ts';
 import { connect, type Mesh } from '../sdk/index.ts';
+import { ensureKeyFile } from './keys.ts';
 import { ensureModelsFolder } from './models.ts';
 import { SampleApp } from './sample-app.ts';
 
@@ -32,20 +37,44 @@ export interface UpSummary {
   errors: number;
   agents: number;
   models: Record<string, { requests: number; p50_ms: number | null; p99_ms: number | null }>;
-  per_agent: Record<string, { requests: number; p50_ms: number | null; p99_ms: number | null }>;
+  /** Keyed by agent id; `name` is its local label (agent-1, agent-2, …). */
+  per_agent: Record<string, { name: string; requests: number; p50_ms: number | null; p99_ms: number | null }>;
   error_codes: Record<string, number>;
   duration_s: number;
   broker_url: string;
 }
 
-async function listen(port: number, host: string, logger: Logger): Promise<BrokerHandle> {
+async function listen(options: BrokerOptions & { port: number }, logger: Logger): Promise<BrokerHandle> {
   try {
-    return await startBroker({ port, host, logger });
+    return await startBroker(options);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || port === 0) throw err;
-    logger.warn({ port }, `port ${port} is in use; the local broker takes a free port instead`);
-    return startBroker({ port: 0, host, logger });
+    const cause = (err as { cause?: NodeJS.ErrnoException }).cause ?? (err as NodeJS.ErrnoException);
+    if (cause.code !== 'EADDRINUSE' || options.port === 0) throw err;
+    logger.warn({ port: options.port }, `port ${options.port} is in use; the local broker takes a free port instead`);
+    return startBroker({ ...options, port: 0 });
   }
+}
+
+export interface UpKeys {
+  operator: Identity;
+  agents: Identity[];
+  app: Identity;
+}
+
+/** The local mesh's keys in `<dataDir>/keys/`, made (0600) on first run and reused after. */
+export async function ensureUpKeys(dataDir: string, agents: number, logger: Logger): Promise<UpKeys> {
+  const dir = path.join(dataDir, 'keys');
+  const warn = { warn: (message: string) => logger.warn(message) };
+  const operator = await ensureKeyFile(path.join(dir, 'operator.key'), 'operator', warn);
+  const agentKeys: Identity[] = [];
+  for (let i = 1; i <= agents; i++) agentKeys.push(await ensureKeyFile(path.join(dir, `agent-${i}.key`), 'agent', warn));
+  const app = await ensureKeyFile(path.join(dir, 'app.key'), 'app', warn);
+  return { operator, agents: agentKeys, app };
+}
+
+/** `agent-1 (agent-k3v9q0c2…)`: a short local label with the start of the key-derived id. */
+export function agentLabel(name: string, id: string): string {
+  return `${name} (${id.slice(0, 14)}…)`;
 }
 
 export async function runUp(options: UpOptions, stopSignal: Promise<void>): Promise<UpSummary> {
@@ -55,23 +84,36 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
   const manifest = await ensureModelsFolder(modelsDir, { logger: { info: (m) => logger.info(m), warn: (m) => logger.warn(m) } });
   const modelNames = manifest.models.map((m) => m.name);
 
-  const broker = await listen(options.port, options.host, logger);
+  const keys = await ensureUpKeys(dataDir, options.agents, logger);
+  const broker = await listen(
+    {
+      port: options.port,
+      host: options.host,
+      logger,
+      auth: { trustedOperators: [{ id: keys.operator.id, publicKey: keys.operator.publicKey }], dataDir: path.join(dataDir, 'broker') },
+    },
+    logger,
+  );
+  const names = new Map(keys.agents.map((k, i) => [k.id, `agent-${i + 1}`]));
+  const label = (id: string) => agentLabel(names.get(id) ?? id, id);
   const agents: AgentHandle[] = [];
   let mesh: Mesh | undefined;
   let app: SampleApp | undefined;
   let reporter: NodeJS.Timeout | undefined;
   try {
-    print(`broker listening on ${broker.url}`);
-    for (let i = 1; i <= options.agents; i++) {
-      agents.push(await startAgent({ brokerUrl: broker.url, modelsDir, agentId: `agent-${i}`, workers: options.workers, logger }));
+    print(`broker listening on ${broker.url} (operator ${keys.operator.id}; keys in ${path.join(dataDir, 'keys')})`);
+    // Admissions are idempotent: re-admitting on every start renews their expiry.
+    for (const identity of [...keys.agents, keys.app]) await broker.admit(admit(keys.operator, identity));
+    for (const identity of keys.agents) {
+      agents.push(await startAgent({ brokerUrl: broker.url, modelsDir, identity, workers: options.workers, logger }));
     }
     for (const agent of agents) {
       const models = agent.models.map((m) => `${m.name} ${m.latencyMs.toFixed(2)} ms`).join(', ');
-      print(`${agent.id} serving ${models}`);
+      print(`${label(agent.id)} serving ${models}`);
     }
-    mesh = await connect({ brokerUrl: broker.url, clientId: 'sample-app', logger });
+    mesh = await connect({ brokerUrl: broker.url, identity: keys.app, logger });
     for (const model of modelNames) await mesh.waitForModel(model, 10_000, agents.length);
-    app = new SampleApp({ mesh, models: modelNames, ratePerS: options.ratePerS, logger });
+    app = new SampleApp({ mesh, models: modelNames, ratePerS: options.ratePerS, logger, agentLabel: label });
     print(`sample app sending ${options.ratePerS} requests/s over ${modelNames.join(', ')}; Ctrl-C stops`);
     app.start();
     const runningApp = app;
@@ -97,9 +139,9 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     models[name] = { requests: s.requests, p50_ms: s.p50_ms, p99_ms: s.p99_ms };
   }
   const perAgent: UpSummary['per_agent'] = {};
-  for (const [name, t] of app!.byAgent.byKey) {
+  for (const [id, t] of app!.byAgent.byKey) {
     const s = t.total();
-    perAgent[name] = { requests: s.requests, p50_ms: s.p50_ms, p99_ms: s.p99_ms };
+    perAgent[id] = { name: names.get(id) ?? id, requests: s.requests, p50_ms: s.p50_ms, p99_ms: s.p99_ms };
   }
   return {
     ...totals,

@@ -1,8 +1,9 @@
 /**
- * The edge agent: loads the ONNX models of a folder, announces them, and serves inference
- * requests over MQTT from a worker-thread pool.
+ * The edge agent: loads the ONNX models of a folder, announces them in a status it signs, and
+ * serves inference requests over MQTT from a worker-thread pool.
  *
- *   const agent = await startAgent({ brokerUrl: 'mqtt://127.0.0.1:1883', modelsDir: './models' });
+ *   const identity = parseKeyFile(await readFile('agent.key', 'utf8'));
+ *   const agent = await startAgent({ brokerUrl: 'mqtt://127.0.0.1:1883', modelsDir: './models', identity });
  *   ...
  *   await agent.drain();   // finish queued and running work, then go offline
  */
@@ -21,17 +22,20 @@ import {
   DEFAULT_MAX_MESSAGE_BYTES,
   encodeMessage,
   encodeTensorMap,
+  generateIdentity,
   isValidId,
   MeshError,
   openMeshConnection,
   PROTOCOL_VERSION,
   requestIdHex,
+  signStatus,
   toMeshError,
   topics,
   type AgentLoad,
   type AgentStatus,
   type BackoffOptions,
   type Hardware,
+  type Identity,
   type MeshConnection,
   type ModelInfo,
   type Tensor,
@@ -48,8 +52,12 @@ export const AGENT_VERSION = '0.1.0';
 export interface AgentOptions {
   brokerUrl: string;
   modelsDir: string;
-  /** Mesh id of this agent; a random `agent-xxxxxxxx` when absent. */
-  agentId?: string;
+  /**
+   * The agent's key (role `agent`); its id is the agent id, and it signs the status and proves the
+   * agent to the broker on CONNECT. When absent, an ephemeral key is made for this run (its id is
+   * logged), which only an open broker accepts.
+   */
+  identity?: Identity;
   /** Inference worker threads; each holds a session per model. */
   workers?: number;
   /** Threads onnxruntime may use inside one run. */
@@ -67,8 +75,16 @@ export interface AgentOptions {
   keepaliveS?: number;
   backoff?: BackoffOptions;
   logger?: Logger;
-  /** Resolve only once the first status is published (default true). */
+  /**
+   * Resolve only once the first status is published (default true). Then a first CONNECT the broker
+   * refuses as unauthorized rejects `startAgent` with MESH_UNAUTHORIZED; without it, `announced` rejects.
+   */
   awaitAnnounce?: boolean;
+  /**
+   * Request ids are remembered until their deadline, so a replayed (or redelivered) request is refused and
+   * never run twice. When this many are remembered, new requests get MESH_BUSY until some expire.
+   */
+  maxRememberedRequests?: number;
 }
 
 export interface AgentCounters {
@@ -77,6 +93,8 @@ export interface AgentCounters {
   errors: Record<string, number>;
   reconnects: number;
   announcements: number;
+  /** Requests refused because their id was seen before (also counted in `errors.MESH_BAD_REQUEST`). */
+  replays: number;
 }
 
 export interface AgentHandle {
@@ -85,7 +103,7 @@ export interface AgentHandle {
   readonly counters: AgentCounters;
   status(): AgentStatus;
   loadReport(): AgentLoad;
-  /** Resolves when the first status has been published. */
+  /** Resolves when the first status has been published; rejects if the broker refuses the first CONNECT as unauthorized. */
   readonly announced: Promise<void>;
   /** Refuses new work, finishes what is queued or running (up to `timeoutMs`), then closes. */
   drain(timeoutMs?: number): Promise<void>;
@@ -173,7 +191,6 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   const {
     brokerUrl,
     modelsDir,
-    agentId = `agent-${randomBytes(4).toString('hex')}`,
     workers = Math.max(1, Math.min(os.availableParallelism(), 4)),
     intraOpThreads = 1,
     queueLimit = 64,
@@ -186,17 +203,26 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     keepaliveS = 10,
     backoff,
     awaitAnnounce = true,
+    maxRememberedRequests = 100_000,
   } = options;
-  assertValidId(agentId, 'agent id');
+  if ('agentId' in options) {
+    throw new MeshError('MESH_CONFIG', 'the agentId option was replaced by identity: an agent id derives from its key (see generateIdentity, parseKeyFile)');
+  }
+  const ephemeral = options.identity === undefined;
+  const identity = options.identity ?? generateIdentity('agent');
+  if (identity.role !== 'agent') throw new MeshError('MESH_CONFIG', `an agent needs an agent key, got a ${identity.role} key (${identity.id})`);
+  const agentId = assertValidId(identity.id, 'agent id');
   const problems: string[] = [];
   if (!Number.isInteger(workers) || workers < 1) problems.push(`workers must be a positive integer, got ${workers}`);
   if (!Number.isInteger(queueLimit) || queueLimit < 1) problems.push(`queueLimit must be a positive integer, got ${queueLimit}`);
   if (!Number.isInteger(pipelineDepth) || pipelineDepth < 1) problems.push(`pipelineDepth must be a positive integer, got ${pipelineDepth}`);
+  if (!Number.isInteger(maxRememberedRequests) || maxRememberedRequests < 1) problems.push(`maxRememberedRequests must be a positive integer, got ${maxRememberedRequests}`);
   if (!(heartbeatMs >= 50)) problems.push(`heartbeatMs must be at least 50, got ${heartbeatMs}`);
   if (!Number.isInteger(warmupRuns) || warmupRuns < 1) problems.push(`warmupRuns must be a positive integer, got ${warmupRuns}`);
   if (problems.length) throw new MeshError('MESH_CONFIG', `invalid agent options: ${problems.join('; ')}`);
 
   const logger = (options.logger ?? pino({ level: 'info' })).child({ part: 'agent', agentId });
+  if (ephemeral) logger.info({ agentId }, 'no key given: using an ephemeral agent identity, which only an open broker accepts');
   const readyStarted = performance.now();
   const manifest = await readManifest(modelsDir);
   const entries = await verifyModels(modelsDir, manifest.models, logger);
@@ -234,28 +260,36 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   for (const m of loaded) logger.info({ model: m.name, provider: m.provider, latencyMs: m.latencyMs }, 'model loaded');
   const providersInUse = [...new Set(loaded.map((m) => m.provider))];
 
-  const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0 };
+  const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 };
   const session = randomBytes(8).toString('hex');
   const hardware = hardwareSummary();
   let state: AgentStatus['state'] = 'online';
   let heartbeatSeq = 0;
   let closed = false;
 
-  const statusMessage = (): AgentStatus => ({
-    v: PROTOCOL_VERSION,
-    kind: 'status',
-    agent: agentId,
-    state,
-    ts: Date.now(),
-    session,
-    version: AGENT_VERSION,
-    models: modelInfos,
-    hardware,
-    providers: providersInUse,
-    workers,
-    queueLimit,
-  });
-  const offlinePayload = encodeMessage({ v: PROTOCOL_VERSION, kind: 'status', agent: agentId, state: 'offline', ts: Date.now(), session });
+  const statusMessage = (): AgentStatus =>
+    signStatus(identity, {
+      v: PROTOCOL_VERSION,
+      kind: 'status',
+      agent: agentId,
+      state,
+      ts: Date.now(),
+      session,
+      version: AGENT_VERSION,
+      models: modelInfos,
+      hardware,
+      providers: providersInUse,
+      workers,
+      queueLimit,
+    });
+  // Signed once: the broker publishes it as the will when the agent dies, so it cannot be signed then.
+  const offlinePayload = encodeMessage(signStatus(identity, { v: PROTOCOL_VERSION, kind: 'status', agent: agentId, state: 'offline', ts: Date.now(), session }));
+
+  /** Request id (hex) → its deadline: ids seen and not yet expired, so none runs twice. */
+  const seenRequests = new Map<string, number>();
+  const pruneSeenRequests = (nowMs: number) => {
+    for (const [key, deadline] of seenRequests) if (deadline < nowMs) seenRequests.delete(key);
+  };
 
   let client!: MqttClient;
   const publishReply = (senderId: string, payload: Buffer) => {
@@ -309,12 +343,29 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       }
       return;
     }
+    const key = requestIdHex(request.id);
+    if (seenRequests.has(key)) {
+      counters.replays++;
+      logger.debug({ senderId, requestId: key }, 'replayed request id refused');
+      replyError(senderId, request.id, new MeshError('MESH_BAD_REQUEST', `replayed request id ${key}`));
+      return;
+    }
+    const nowMs = Date.now();
+    // An expired request is refused by the scheduler, and so is any replay of it: no need to remember it.
+    if (request.deadline >= nowMs) {
+      if (seenRequests.size >= maxRememberedRequests) pruneSeenRequests(nowMs);
+      if (seenRequests.size >= maxRememberedRequests) {
+        replyError(senderId, request.id, new MeshError('MESH_BUSY', `${agentId} remembers ${maxRememberedRequests} unexpired request ids; try again later`));
+        return;
+      }
+      seenRequests.set(key, request.deadline);
+    }
     try {
       const model = loadedByName.get(request.model);
       if (!model) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${request.model} is not served by ${agentId}`);
       const inputs = decodeTensorMap(request.inputs, maxElements);
       checkInputs(model, inputs);
-      scheduler.submit({ key: requestIdHex(request.id), id: request.id, senderId, model: request.model, inputs, deadline: request.deadline, receivedAt });
+      scheduler.submit({ key, id: request.id, senderId, model: request.model, inputs, deadline: request.deadline, receivedAt });
     } catch (err) {
       replyError(senderId, request.id, toMeshError(err, 'MESH_BAD_REQUEST'));
     }
@@ -330,7 +381,13 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   };
 
   let resolveAnnounced!: () => void;
-  const announced = new Promise<void>((resolve) => (resolveAnnounced = resolve));
+  let rejectAnnounced!: (err: MeshError) => void;
+  const announced = new Promise<void>((resolve, reject) => {
+    resolveAnnounced = resolve;
+    rejectAnnounced = reject;
+  });
+  // A caller that never awaits `announced` must not see an unhandled rejection.
+  announced.catch(() => {});
   const announce = () => {
     client.publish(topics.agentStatus(agentId), encodeMessage(statusMessage()), { qos: 1, retain: true }, (err) => {
       if (err) return;
@@ -341,7 +398,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
 
   let everConnected = false;
   const connection: MeshConnection = openMeshConnection(brokerUrl, {
-    clientId: agentId,
+    identity,
     keepaliveS,
     ...(backoff ? { backoff } : {}),
     will: { topic: topics.agentStatus(agentId), payload: offlinePayload, qos: 1, retain: true },
@@ -356,6 +413,17 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     },
     onReconnectScheduled: (delayMs, attempt) => {
       if (!closed) logger.warn({ delayMs, attempt }, 'broker connection lost; reconnecting');
+    },
+    onRefused: (err, first) => {
+      if (first && err.code === 'MESH_UNAUTHORIZED') {
+        const hint = ephemeral
+          ? 'this agent runs on an ephemeral key, which only an open broker accepts: give it a key file the operator admitted'
+          : 'is this agent admitted (edge-mesh admit) and not revoked?';
+        rejectAnnounced(new MeshError('MESH_UNAUTHORIZED', `${err.message}; ${hint}`, { cause: err, details: { agentId } }));
+        void shutdown();
+        return;
+      }
+      logger.error({ code: err.code, err: err.message }, 'broker refused the connection; retrying');
     },
   });
   client = connection.client;
@@ -380,6 +448,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   });
   const heartbeat = setInterval(() => {
     scheduler.sweep();
+    pruneSeenRequests(Date.now());
     heartbeatSeq++;
     if (client.connected) client.publish(topics.agentLoad(agentId), encodeMessage(loadReport()), { qos: 0 });
   }, heartbeatMs);

@@ -1,14 +1,14 @@
 /**
  * What an IoT app imports.
  *
- *   const mesh = await connect({ brokerUrl: 'mqtt://127.0.0.1:1883' });
+ *   const identity = parseKeyFile(await readFile('app.key', 'utf8'));   // admitted by the operator
+ *   const mesh = await connect({ brokerUrl: 'mqtt://127.0.0.1:1883', identity });
  *   const { outputs, agentId, timings } = await mesh.infer('kws', { x: tensor }, { deadlineMs: 50 });
  *
  * Until the router lands, the SDK picks among live agents itself from their retained status and
  * load heartbeats (lowest expected latency), and retries on another agent within the deadline when
  * one is busy, silent or dies.
  */
-import { randomBytes } from 'node:crypto';
 import type { MqttClient } from 'mqtt';
 import pino, { type Logger } from 'pino';
 import {
@@ -19,6 +19,7 @@ import {
   DEFAULT_MAX_MESSAGE_BYTES,
   encodeMessage,
   encodeTensorMap,
+  generateIdentity,
   isMeshErrorCode,
   MeshError,
   newRequestId,
@@ -27,10 +28,12 @@ import {
   PROTOCOL_VERSION,
   requestIdHex,
   topics,
+  verifyStatus,
   type AgentLoad,
   type AgentStatus,
   type BackoffOptions,
   type ErrorReply,
+  type Identity,
   type InferReply,
   type MeshConnection,
   type MeshErrorCode,
@@ -38,12 +41,34 @@ import {
   type Tensor,
 } from '../protocol/index.ts';
 
-export { MeshError, type MeshErrorCode, type Tensor } from '../protocol/index.ts';
+export {
+  MeshError,
+  generateIdentity,
+  parseKeyFile,
+  publicIdentity,
+  type Identity,
+  type MeshErrorCode,
+  type Tensor,
+} from '../protocol/index.ts';
 
 export interface ConnectOptions {
   brokerUrl: string;
-  /** Mesh id of this app; a random `app-xxxxxxxx` when absent. */
+  /**
+   * This client's key (role app, router or bridge): its id is the client id and it proves the client
+   * to the broker on CONNECT. When absent, an ephemeral app key is made, which only an open broker accepts.
+   */
+  identity?: Identity;
+  /**
+   * @deprecated Ids derive from keys: pass `identity`. A free-form id given without an identity
+   * connects anonymously, which only an open broker accepts; with an identity it must equal its id.
+   */
   clientId?: string;
+  /**
+   * Use only agents whose status is signed by the key their id derives from (default true). Other
+   * statuses, offline ones included, and load reports of agents without a verified status are
+   * ignored (and counted in `mesh.counters`).
+   */
+  requireSignedStatus?: boolean;
   /** Deadline used when `infer` is given none. */
   defaultDeadlineMs?: number;
   /** Attempts per request, the first included. */
@@ -96,8 +121,16 @@ export interface AgentView {
   outstanding: number;
 }
 
+export interface MeshCounters {
+  /** Statuses dropped because they were unsigned, mis-signed or signed by a key their id does not derive from. */
+  statusRejected: number;
+  /** Load reports dropped because their agent has no verified status here. */
+  loadIgnored: number;
+}
+
 export interface Mesh {
   readonly clientId: string;
+  readonly counters: Readonly<MeshCounters>;
   infer(model: string, inputs: Record<string, Tensor>, options?: InferOptions): Promise<InferResult>;
   /** Live agents as this client sees them. */
   agents(): AgentView[];
@@ -140,10 +173,12 @@ const RETRY_ELSEWHERE: ReadonlySet<MeshErrorCode> = new Set([
   'MESH_INFERENCE_FAILED',
 ]);
 
+const SENDER_ROLES: ReadonlySet<string> = new Set(['app', 'router', 'bridge']);
+
 export async function connect(options: ConnectOptions): Promise<Mesh> {
   const {
     brokerUrl,
-    clientId = `app-${randomBytes(4).toString('hex')}`,
+    requireSignedStatus = true,
     defaultDeadlineMs = 1_000,
     maxAttempts = 3,
     minHedgeAfterMs = 200,
@@ -152,10 +187,20 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     keepaliveS = 10,
     backoff,
   } = options;
-  assertValidId(clientId, 'client id');
+  // A free-form clientId without an identity is the deprecated anonymous mode (open brokers only).
+  const identity = options.identity ?? (options.clientId === undefined ? generateIdentity('app') : undefined);
+  const ephemeral = options.identity === undefined;
+  if (identity && !SENDER_ROLES.has(identity.role)) {
+    throw new MeshError('MESH_CONFIG', `an SDK client needs an app, router or bridge key, got a ${identity.role} key (${identity.id})`);
+  }
+  if (identity && options.clientId !== undefined && options.clientId !== identity.id) {
+    throw new MeshError('MESH_CONFIG', `clientId ${JSON.stringify(options.clientId)} must be the identity's id ${identity.id} (or be left out)`);
+  }
+  const clientId = assertValidId(identity?.id ?? options.clientId, 'client id');
   if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
   const logger = (options.logger ?? pino({ level: 'warn' })).child({ part: 'sdk', clientId });
 
+  const counters: MeshCounters = { statusRejected: 0, loadIgnored: 0 };
   const agents = new Map<string, AgentEntry>();
   const pending = new Map<string, InFlight>();
   const waiters = new Set<() => void>();
@@ -182,6 +227,12 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       return;
     }
     if (status.agent !== agentId) return;
+    // Checked before anything else, offline statuses too: a forged "offline" would otherwise evict a genuine agent.
+    if (requireSignedStatus && !verifyStatus(status)) {
+      counters.statusRejected++;
+      logger.debug({ agentId, signed: status.sig !== undefined }, 'ignoring a status not signed by the key its agent id derives from');
+      return;
+    }
     const known = agents.get(agentId);
     if (status.state === 'offline') {
       if (known) {
@@ -209,7 +260,10 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
 
   const onLoad = (agentId: string, payload: Buffer) => {
     const entry = agents.get(agentId);
-    if (!entry) return;
+    if (!entry) {
+      counters.loadIgnored++;
+      return;
+    }
     try {
       const load = decodeMessage(payload, ['load'], maxMessageBytes);
       if (load.agent !== agentId) return;
@@ -235,8 +289,10 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     else request.onAnswer(agentId, undefined, new MeshError(isMeshErrorCode(reply.code) ? reply.code : 'MESH_INTERNAL', reply.message, { details: { agentId } }));
   };
 
+  let refusedFirst: ((err: MeshError) => void) | undefined;
   const connection: MeshConnection = openMeshConnection(brokerUrl, {
     clientId,
+    ...(identity ? { identity } : {}),
     keepaliveS,
     ...(backoff ? { backoff } : {}),
     onConnect: (c: MqttClient) => {
@@ -245,6 +301,10 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       });
     },
     onReconnectScheduled: (delayMs) => logger.warn({ delayMs }, 'broker connection lost; reconnecting'),
+    onRefused: (err, first) => {
+      if (first && err.code === 'MESH_UNAUTHORIZED' && refusedFirst) return refusedFirst(err);
+      logger.error({ code: err.code, err: err.message }, 'broker refused the connection; retrying');
+    },
   });
   const client = connection.client;
   client.on('message', (topic, payload) => {
@@ -255,7 +315,27 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     } else if (parsed.kind === 'status') onStatus(parsed.agentId, payload);
     else if (parsed.kind === 'load') onLoad(parsed.agentId, payload);
   });
-  await connection.firstConnect;
+  // A first CONNECT refused as unauthorized is final: waiting would hang the app on a broker that will never let it in.
+  try {
+    await Promise.race([
+      connection.firstConnect,
+      new Promise<never>((_, reject) => {
+        refusedFirst = (err) => {
+          const hint = !identity
+            ? 'a client id without an identity connects anonymously, which only an open broker accepts: pass an identity the operator admitted'
+            : ephemeral
+              ? 'without an identity the SDK uses an ephemeral key, which only an open broker accepts: pass an identity the operator admitted'
+              : 'is this client admitted (edge-mesh admit) and not revoked?';
+          reject(new MeshError('MESH_UNAUTHORIZED', `${err.message}; ${hint}`, { cause: err, details: { clientId } }));
+        };
+      }),
+    ]);
+  } catch (err) {
+    await connection.close();
+    throw err;
+  } finally {
+    refusedFirst = undefined;
+  }
 
   const serviceMsOf = (entry: AgentEntry, model: string, now: number): number => {
     const fresh = entry.load && now - entry.loadReceivedAt < loadStaleMs ? entry.load.models[model] : undefined;
@@ -437,6 +517,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
 
   return {
     clientId,
+    counters,
     infer,
     agents: () =>
       [...agents].map(([id, e]) => ({ id, status: e.status, load: e.load, outstanding: e.outstanding })),

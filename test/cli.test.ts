@@ -1,7 +1,7 @@
 /** The `edge-mesh` command line, run as users run it: as a child process. */
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { writeFile } from 'node:fs/promises';
+import { readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { promisify } from 'node:util';
@@ -12,35 +12,75 @@ import { agentFor, brokerFor, ROOT, tempDir } from './helpers.ts';
 const run = promisify(execFile);
 const BIN = path.join(ROOT, 'bin/edge-mesh.mjs');
 
-function edgeMesh(args: string[], timeoutMs = 60_000) {
-  return run(process.execPath, [BIN, ...args], { timeout: timeoutMs, maxBuffer: 16 * 2 ** 20 });
+function edgeMesh(args: string[], timeoutMs = 60_000, cwd?: string) {
+  return run(process.execPath, [BIN, ...args], { timeout: timeoutMs, maxBuffer: 16 * 2 ** 20, ...(cwd ? { cwd } : {}) });
 }
 
 describe('edge-mesh CLI', () => {
   test('every subcommand has --help', async () => {
-    for (const cmd of [[], ['up'], ['broker'], ['agent'], ['infer'], ['models'], ['models', 'build']]) {
-      const { stdout } = await edgeMesh([...cmd, '--help']);
-      assert.match(stdout, /Usage: edge-mesh/, cmd.join(' '));
-      assert.match(stdout, /Options:/, cmd.join(' '));
-    }
+    const commands = [[], ['up'], ['broker'], ['agent'], ['infer'], ['models'], ['models', 'build'], ['keys'], ['keys', 'new'], ['keys', 'show'], ['admit'], ['revoke']];
+    await Promise.all(
+      commands.map(async (cmd) => {
+        const { stdout } = await edgeMesh([...cmd, '--help']);
+        assert.match(stdout, /Usage: edge-mesh/, cmd.join(' '));
+        assert.match(stdout, /Options:/, cmd.join(' '));
+      }),
+    );
   });
 
   test('bad arguments fail with a clear message and a non-zero exit', async () => {
     await assert.rejects(edgeMesh(['up', '--agents', 'zero']), (err: { code?: number; stderr?: string }) => err.code !== 0 && /positive integer/.test(err.stderr ?? ''));
     await assert.rejects(edgeMesh(['agent']), (err: { stderr?: string }) => /--models/.test(err.stderr ?? ''));
     await assert.rejects(edgeMesh(['frobnicate']), (err: { stderr?: string }) => /unknown command/.test(err.stderr ?? ''));
+    // A broker nobody administers is refused unless it is asked to run open.
+    await assert.rejects(edgeMesh(['broker', '--port', '0']), (err: { code?: number; stderr?: string }) => err.code !== 0 && /--operator/.test(err.stderr ?? '') && /--insecure/.test(err.stderr ?? ''));
+    await assert.rejects(edgeMesh(['keys', 'new', '--role', 'king']), (err: { stderr?: string }) => /role must be one of/.test(err.stderr ?? ''));
+  });
+
+  test('keys new writes a 0600 key file, prints only the public identity and never overwrites by accident', async (t) => {
+    const dir = await tempDir(t);
+    const file = path.join(dir, 'pi.key');
+    const created = await edgeMesh(['keys', 'new', '--role', 'agent', '--out', file]);
+    const pub = JSON.parse(created.stdout.trim());
+    assert.deepEqual(Object.keys(pub).sort(), ['id', 'publicKey', 'role']);
+    assert.equal(pub.role, 'agent');
+    assert.match(pub.id, /^agent-[a-z2-7]{26}$/);
+    assert.equal((await stat(file)).mode & 0o777, 0o600);
+    const keyFile = JSON.parse(await readFile(file, 'utf8'));
+    assert.equal(keyFile.id, pub.id);
+    assert.equal(keyFile.publicKey, pub.publicKey);
+    // The seed (in any encoding) is in the file and nowhere in the output.
+    const seed = Buffer.from(keyFile.seed, 'base64url');
+    for (const stream of [created.stdout, created.stderr]) {
+      for (const encoded of [keyFile.seed, seed.toString('base64'), seed.toString('hex')]) assert.ok(!stream.includes(encoded));
+      assert.doesNotMatch(stream, /seed/i);
+    }
+    const shown = await edgeMesh(['keys', 'show', file]);
+    assert.deepEqual(JSON.parse(shown.stdout), pub);
+    assert.ok(!shown.stdout.includes(keyFile.seed) && !shown.stderr.includes(keyFile.seed));
+
+    await assert.rejects(edgeMesh(['keys', 'new', '--role', 'agent', '--out', file]), (err: { stderr?: string }) => /exists/.test(err.stderr ?? '') && /--force/.test(err.stderr ?? ''));
+    assert.equal(JSON.parse(await readFile(file, 'utf8')).id, pub.id);
+    const forced = JSON.parse((await edgeMesh(['keys', 'new', '--role', 'operator', '--out', file, '--force'])).stdout);
+    assert.notEqual(forced.id, pub.id);
+    assert.equal(JSON.parse(await readFile(file, 'utf8')).id, forced.id);
+    assert.equal((await stat(file)).mode & 0o777, 0o600);
+
+    // Without --out the file is ./<id>.key.
+    const app = JSON.parse((await edgeMesh(['keys', 'new', '--role', 'app'], 60_000, dir)).stdout);
+    assert.equal((await stat(path.join(dir, `${app.id}.key`))).mode & 0o777, 0o600);
   });
 
   test('infer sends a JSON input file and prints outputs and timing', async (t) => {
     const broker = await brokerFor(t);
-    await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-cli' });
+    const agent = await agentFor(t, { brokerUrl: broker.url });
     const dir = await tempDir(t);
     const input = path.join(dir, 'kws.json');
     const kws = sampleInputs('kws', 1);
     await writeFile(input, JSON.stringify(Object.fromEntries(Object.entries(kws).map(([n, x]) => [n, tensorToJson(x)]))));
     const { stdout } = await edgeMesh(['infer', '--model', 'kws', '--input', input, '--broker', broker.url]);
     const out = JSON.parse(stdout.trim().split('\n').at(-1)!);
-    assert.equal(out.agent, 'agent-cli');
+    assert.equal(out.agent, agent.id);
     assert.equal(out.model, 'kws');
     assert.ok(out.timings.totalMs > 0);
     const [output] = Object.values(out.outputs) as { shape: number[]; data: number[] }[];

@@ -1,6 +1,6 @@
 /** Shared fixtures: a real broker on port 0, a models folder built from the npm packages, agents. */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
@@ -11,11 +11,14 @@ import { ensureModelsFolder } from '../cli/models.ts';
 import { startAgent, type AgentHandle, type AgentOptions } from '../edge-agent/index.ts';
 import {
   decodeMessage,
+  encodeKeyFile,
   encodeMessage,
+  generateIdentity,
   openMeshConnection,
   requestIdHex,
   topics,
   type ErrorReply,
+  type Identity,
   type InferReply,
   type Message,
 } from '../protocol/index.ts';
@@ -47,8 +50,9 @@ export async function brokerFor(t: TestContext, options: Parameters<typeof start
   return broker;
 }
 
+/** An in-process agent with a fresh agent key unless `identity` is given. */
 export async function agentFor(t: TestContext, options: Partial<AgentOptions> & { brokerUrl: string }): Promise<AgentHandle> {
-  const agent = await startAgent({ modelsDir: await modelsDir(), workers: 1, logger: quiet, ...options });
+  const agent = await startAgent({ modelsDir: await modelsDir(), workers: 1, logger: quiet, identity: generateIdentity('agent'), ...options });
   t.after(() => agent.close());
   return agent;
 }
@@ -59,11 +63,24 @@ export async function meshFor(t: TestContext, options: Partial<ConnectOptions> &
   return mesh;
 }
 
-/** A bare MQTT client that speaks the envelope by hand, for malformed and hand-made messages. */
-export async function rawClient(t: TestContext, brokerUrl: string, clientId: string) {
+/** Writes `identity` as a key file (mode 0600) in a fresh temp folder and returns its path. */
+export async function keyFileFor(t: TestContext, identity: Identity): Promise<string> {
+  const file = path.join(await tempDir(t, 'edge-mesh-key-'), `${identity.id}.key`);
+  await writeFile(file, encodeKeyFile(identity), { mode: 0o600 });
+  return file;
+}
+
+/**
+ * A bare MQTT client that speaks the envelope by hand, for malformed and hand-made messages. Give it
+ * an identity to connect to an authenticated broker; a plain id connects anonymously (open broker).
+ */
+export async function rawClient(t: TestContext, brokerUrl: string, who: string | Identity) {
+  const identity = typeof who === 'string' ? undefined : who;
+  const clientId = typeof who === 'string' ? who : who.id;
   const replies = new Map<string, (m: InferReply | ErrorReply) => void>();
   const connection = openMeshConnection(brokerUrl, {
     clientId,
+    ...(identity ? { identity } : {}),
     onConnect: (c: MqttClient) => c.subscribe(topics.clientRepliesFor(clientId), { qos: 1 }),
   });
   t.after(() => connection.close());
@@ -74,6 +91,7 @@ export async function rawClient(t: TestContext, brokerUrl: string, clientId: str
   await connection.firstConnect;
   await new Promise((r) => setTimeout(r, 50));
   return {
+    clientId,
     client: connection.client,
     /** Publishes a request (a message or raw bytes) and waits for the reply carrying `id`. */
     request(agentId: string, id: Uint8Array, payload: Message | Uint8Array, timeoutMs = 5_000): Promise<InferReply | ErrorReply> {
@@ -92,11 +110,13 @@ export async function rawClient(t: TestContext, brokerUrl: string, clientId: str
   };
 }
 
-/** Runs `edge-mesh agent` as a child process and resolves once it has announced itself. */
-export async function spawnAgent(t: TestContext, brokerUrl: string, agentId: string, extraArgs: string[] = []): Promise<ChildProcess> {
+/** Runs `edge-mesh agent --key` as a child process (key file written for `identity`) and resolves once it has announced itself. */
+export async function spawnAgent(t: TestContext, brokerUrl: string, identity: Identity, extraArgs: string[] = []): Promise<ChildProcess> {
+  const agentId = identity.id;
+  const keyFile = await keyFileFor(t, identity);
   const child = spawn(
     process.execPath,
-    [path.join(ROOT, 'bin/edge-mesh.mjs'), 'agent', '--models', await modelsDir(), '--broker', brokerUrl, '--id', agentId, '--workers', '1', ...extraArgs],
+    [path.join(ROOT, 'bin/edge-mesh.mjs'), 'agent', '--models', await modelsDir(), '--broker', brokerUrl, '--key', keyFile, '--workers', '1', ...extraArgs],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
   t.after(() => {

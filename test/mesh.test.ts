@@ -9,6 +9,7 @@ import { startAgent } from '../edge-agent/index.ts';
 import {
   decodeMessage,
   encodeMessage,
+  generateIdentity,
   MeshError,
   newRequestId,
   openMeshConnection,
@@ -33,7 +34,7 @@ function wireF32(shape: number[], count = shape.reduce((a, b) => a * b, 1)) {
 describe('inference through the mesh', () => {
   test('outputs equal a direct onnxruntime run, bit for bit, for every model', async (t) => {
     const broker = await brokerFor(t);
-    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-exact' });
+    const agent = await agentFor(t, { brokerUrl: broker.url });
     const mesh = await meshFor(t, { brokerUrl: broker.url });
     const dir = await modelsDir();
     const manifest = JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8')) as { models: { name: string; file: string }[] };
@@ -67,7 +68,7 @@ describe('inference through the mesh', () => {
 
   test('malformed tensors, wrong inputs and unknown models get coded errors while the agent keeps serving', async (t) => {
     const broker = await brokerFor(t);
-    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-strict' });
+    const agent = await agentFor(t, { brokerUrl: broker.url });
     const raw = await rawClient(t, broker.url, 'raw-sender');
     const mesh = await meshFor(t, { brokerUrl: broker.url });
     await mesh.waitForModel('kws');
@@ -106,7 +107,7 @@ describe('inference through the mesh', () => {
 
   test('a request whose deadline has passed is refused with MESH_DEADLINE_EXCEEDED', async (t) => {
     const broker = await brokerFor(t);
-    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-deadline' });
+    const agent = await agentFor(t, { brokerUrl: broker.url });
     const raw = await rawClient(t, broker.url, 'raw-deadline');
     const late = request('kws', { [agent.models[0]!.inputs[0]!.name]: wireF32([1, 25, 96]) }, -1);
     const reply = await raw.request(agent.id, late.id, late);
@@ -134,7 +135,7 @@ describe('inference through the mesh', () => {
 
   test('a full queue answers MESH_BUSY at once while accepted work is served', async (t) => {
     const broker = await brokerFor(t);
-    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-busy', queueLimit: 2 });
+    const agent = await agentFor(t, { brokerUrl: broker.url, queueLimit: 2 });
     const raw = await rawClient(t, broker.url, 'raw-busy');
     const x = sampleInputs('ocr-det', 1).x!;
     const messages = Array.from({ length: 12 }, () => request('ocr-det', { x: { dtype: 'float32', shape: x.shape, data: new Uint8Array(x.data.buffer) } }, 20_000));
@@ -154,7 +155,7 @@ describe('inference through the mesh', () => {
 
   test('a queued request can be cancelled by its id', async (t) => {
     const broker = await brokerFor(t);
-    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-cancel' });
+    const agent = await agentFor(t, { brokerUrl: broker.url });
     const raw = await rawClient(t, broker.url, 'raw-cancel');
     const x = sampleInputs('ocr-det', 2).x!;
     const messages = Array.from({ length: 4 }, () => request('ocr-det', { x: { dtype: 'float32', shape: x.shape, data: new Uint8Array(x.data.buffer) } }, 20_000));
@@ -180,7 +181,7 @@ describe('inference through the mesh', () => {
     bytes[bytes.length - 1] = bytes[bytes.length - 1]! ^ 0xff;
     await writeFile(vadFile, bytes);
     await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ models: keep }));
-    const agent = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, agentId: 'agent-integrity' });
+    const agent = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir });
     assert.deepEqual(agent.models.map((m) => m.name), ['kws']);
     assert.deepEqual(agent.status().models!.map((m) => m.name), ['kws']);
 
@@ -193,7 +194,7 @@ describe('inference through the mesh', () => {
 
   test('status is retained with capabilities, heartbeats keep their period while detection runs continuously', async (t) => {
     const broker = await brokerFor(t);
-    const agent = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-beat', heartbeatMs: 200 });
+    const agent = await agentFor(t, { brokerUrl: broker.url, heartbeatMs: 200 });
     const loads: { at: number; load: AgentLoad }[] = [];
     let status: AgentStatus | undefined;
     const watcher = openMeshConnection(broker.url, {
@@ -237,26 +238,27 @@ describe('inference through the mesh', () => {
 describe('failures', () => {
   test('an agent killed mid-request: the SDK retries on another agent within the deadline', async (t) => {
     const broker = await brokerFor(t);
-    const victim = await spawnAgent(t, broker.url, 'agent-victim');
-    const survivor = await agentFor(t, { brokerUrl: broker.url, agentId: 'agent-survivor' });
+    const victimKey = generateIdentity('agent');
+    const victim = await spawnAgent(t, broker.url, victimKey);
+    const survivor = await agentFor(t, { brokerUrl: broker.url });
     const mesh = await meshFor(t, { brokerUrl: broker.url });
     await mesh.waitForModel('ocr-det', 10_000, 2);
     // Enough concurrent slow requests that the victim holds some when it dies.
     const calls = Array.from({ length: 8 }, (_, i) => mesh.infer('ocr-det', sampleInputs('ocr-det', 1 + (i % 4)), { deadlineMs: 15_000 }));
-    await waitFor(() => mesh.agents().some((a) => a.id === 'agent-victim' && a.outstanding > 0), 5_000, 'work on the victim');
+    await waitFor(() => mesh.agents().some((a) => a.id === victimKey.id && a.outstanding > 0), 5_000, 'work on the victim');
     victim.kill('SIGKILL');
     const results = await Promise.all(calls);
     assert.ok(results.every((r) => Object.keys(r.outputs).length > 0));
     const retried = results.filter((r) => r.attempts > 1);
     assert.ok(retried.length > 0, 'some request was retried');
     for (const r of retried) assert.equal(r.agentId, survivor.id);
-    await waitFor(() => !mesh.agents().some((a) => a.id === 'agent-victim'), 5_000, 'the victim to be seen offline');
+    await waitFor(() => !mesh.agents().some((a) => a.id === victimKey.id), 5_000, 'the victim to be seen offline');
   });
 
   test('after a broker restart, agents reconnect and re-announce, and serving resumes', async (t) => {
     const first = await brokerFor(t);
     const port = first.port;
-    const agent = await agentFor(t, { brokerUrl: first.url, agentId: 'agent-phoenix', backoff: { baseMs: 50, maxMs: 1_000 } });
+    const agent = await agentFor(t, { brokerUrl: first.url, backoff: { baseMs: 50, maxMs: 1_000 } });
     const announcements = agent.counters.announcements;
     await first.close();
     await new Promise((r) => setTimeout(r, 300));
@@ -272,22 +274,23 @@ describe('failures', () => {
 
   test('SIGTERM drains queued work, then the agent goes offline and exits 0', async (t) => {
     const broker = await brokerFor(t);
-    const child = await spawnAgent(t, broker.url, 'agent-drain', ['--heartbeat-ms', '50']);
+    const drainKey = generateIdentity('agent');
+    const child = await spawnAgent(t, broker.url, drainKey, ['--heartbeat-ms', '50']);
     const mesh = await meshFor(t, { brokerUrl: broker.url });
     await mesh.waitForModel('ocr-det');
-    const calls = Array.from({ length: 4 }, (_, i) => mesh.infer('ocr-det', sampleInputs('ocr-det', 1 + i), { deadlineMs: 15_000, agentId: 'agent-drain' }));
+    const calls = Array.from({ length: 4 }, (_, i) => mesh.infer('ocr-det', sampleInputs('ocr-det', 1 + i), { deadlineMs: 15_000, agentId: drainKey.id }));
     // SIGTERM only once the agent holds all four (its heartbeat says so): requests still in transit
     // when it closes are lost to it, and the SDK would retry them elsewhere (here: nowhere, pinned).
     await waitFor(() => {
-      const load = mesh.agents().find((a) => a.id === 'agent-drain')?.load;
+      const load = mesh.agents().find((a) => a.id === drainKey.id)?.load;
       return load !== undefined && load.queued + load.inFlight + (load.models['ocr-det']?.served ?? 0) >= 4;
     }, 10_000, 'the agent to hold all four requests');
     const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
     child.kill('SIGTERM');
     const results = await Promise.all(calls);
     assert.equal(results.length, 4);
-    assert.ok(results.every((r) => r.agentId === 'agent-drain'));
+    assert.ok(results.every((r) => r.agentId === drainKey.id));
     assert.equal(await exited, 0);
-    await waitFor(() => !mesh.agents().some((a) => a.id === 'agent-drain'), 5_000, 'offline status');
+    await waitFor(() => !mesh.agents().some((a) => a.id === drainKey.id), 5_000, 'offline status');
   });
 });
