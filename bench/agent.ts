@@ -39,6 +39,7 @@ import {
   startBrokerProc,
   type BenchContext,
   type BenchResult,
+  admitted,
 } from './lib.ts';
 
 interface Rep {
@@ -80,11 +81,11 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       floors.cli_help_ms.push(await spawnTimeMs([CLI, '--help']));
     }
 
-    const suffix = idSuffix();
     const broker = await startBrokerProc();
     const waiters = new Map<string, (t: number, status: AgentStatus) => void>();
+    const watcherKey = await admitted(broker.url, 'router');
     const watcher = openMeshConnection(broker.url, {
-      clientId: `bench-watch-${suffix}`,
+      identity: watcherKey.identity,
       onConnect: (c) => void c.subscribe(topics.allAgentStatus(), { qos: 1 }),
     });
     watcher.client.on('message', (_topic, payload) => {
@@ -100,7 +101,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     await sleep(100); // the SUBACK
 
     const once = async (label: string, modelsDir: string, i: number, workers: number | undefined): Promise<Rep> => {
-      const id = `bench-ready-${label}-${i}-${suffix}`;
+      const key = await admitted(broker.url, 'agent');
+      const id = key.identity.id;
       const online = new Promise<[number, AgentStatus]>((resolve, reject) => {
         const timer = setTimeout(() => reject(new Error(`agent ${id} did not announce within 30 s`)), 30_000);
         waiters.set(id, (t, status) => {
@@ -109,10 +111,10 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
           resolve([t, status]);
         });
       });
-      const cliArgs = [CLI, 'agent', '--models', modelsDir, '--broker', broker.url, '--id', id, '--log-level', 'info'];
+      const cliArgs = [CLI, 'agent', '--models', modelsDir, '--broker', broker.url, '--key', key.keyFile, '--log-level', 'info'];
       if (workers) cliArgs.push('--workers', String(workers));
       const t0 = performance.now();
-      const proc = spawnProc(`agent ${id}`, cliArgs);
+      const proc = spawnProc(`agent ${label}-${i}`, cliArgs);
       const exitedEarly = proc.exited.then((code) => {
         throw new Error(`agent ${id} exited (${code}) before announcing; stderr:\n${proc.lines.stderr.slice(-10).join('\n')}`);
       });

@@ -1,7 +1,7 @@
 /**
  * The no-op echo agent: the floor the mesh's own overhead is measured against (overhead, throughput).
  *
- *   node --import tsx bench/echo-agent.ts --broker mqtt://127.0.0.1:PORT --id echo-agent-1 [--model kws]
+ *   node --import tsx bench/echo-agent.ts --broker mqtt://127.0.0.1:PORT --key AGENT_KEYFILE [--model kws]
  *
  * It speaks the real agent protocol so the SDK talks to it unchanged: the same connection recipe
  * (`openMeshConnection`: MQTT 3.1.1, TCP_NODELAY), a retained `status` (state online, one model with the
@@ -12,12 +12,15 @@
  * no tensor copy, no worker hop, no inference. Prints {"event":"ready"} on stdout once its status is
  * published; stops on SIGTERM/SIGINT after publishing an offline status.
  */
+import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
 import {
   decodeMessage,
   encodeMessage,
   isValidId,
   openMeshConnection,
+  parseKeyFile,
+  signStatus,
   PROTOCOL_VERSION,
   topics,
   type AgentStatus,
@@ -26,17 +29,18 @@ import {
 const { values } = parseArgs({
   options: {
     broker: { type: 'string' },
-    id: { type: 'string' },
+    key: { type: 'string' },
     model: { type: 'string', default: 'kws' },
   },
 });
 const brokerUrl = values.broker!;
-const agentId = values.id!;
 const model = values.model!;
-if (!brokerUrl || !isValidId(agentId)) {
-  process.stderr.write('usage: echo-agent.ts --broker URL --id AGENT_ID [--model kws]\n');
+if (!brokerUrl || !values.key) {
+  process.stderr.write('usage: echo-agent.ts --broker URL --key AGENT_KEYFILE [--model kws]\n');
   process.exit(2);
 }
+const identity = parseKeyFile(readFileSync(values.key, 'utf8'), values.key);
+const agentId = identity.id;
 
 const session = Math.random().toString(16).slice(2, 18);
 const status: AgentStatus = {
@@ -63,7 +67,7 @@ const status: AgentStatus = {
   workers: 1,
   queueLimit: 1_000_000,
 };
-const offline = encodeMessage({ v: PROTOCOL_VERSION, kind: 'status', agent: agentId, state: 'offline', ts: Date.now(), session });
+const offline = encodeMessage(signStatus(identity, { v: PROTOCOL_VERSION, kind: 'status', agent: agentId, state: 'offline', ts: Date.now(), session }));
 const statusTopic = topics.agentStatus(agentId);
 const requestPrefix = topics.agentRequest(agentId, '');
 const output = { '39': { dtype: 'float32', shape: [1, 1], data: new Uint8Array(4) } };
@@ -72,11 +76,11 @@ let served = 0;
 let bad = 0;
 let announced = false;
 const connection = openMeshConnection(brokerUrl, {
-  clientId: agentId,
+  identity,
   will: { topic: statusTopic, payload: offline, qos: 1, retain: true },
   onConnect: (c) => {
     c.subscribe(topics.agentRequestsFor(agentId), { qos: 1 }, () => {
-      c.publish(statusTopic, encodeMessage({ ...status, ts: Date.now() }), { qos: 1, retain: true }, (err) => {
+      c.publish(statusTopic, encodeMessage(signStatus(identity, { ...status, ts: Date.now() })), { qos: 1, retain: true }, (err) => {
         if (err || announced) return;
         announced = true;
         process.stdout.write(`${JSON.stringify({ event: 'ready', agent: agentId })}\n`);

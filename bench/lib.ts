@@ -11,15 +11,39 @@
  * - Machine and version facts included in every result.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { sendAdminRecord } from '../cli/admin.ts';
+import { admit, encodeKeyFile, generateIdentity, type Identity, type Role } from '../protocol/index.ts';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const CLI = path.join(ROOT, 'bin', 'edge-mesh.mjs');
 export const MODELS_DIR = path.join(ROOT, '.mesh-data', 'models');
+
+/**
+ * The benchmarks run the mesh as deployed: an authenticated broker that trusts one operator, and
+ * agents, echo agents and load generators with their own admitted keys (in a temp folder).
+ */
+const KEYS_DIR = mkdtempSync(path.join(os.tmpdir(), 'edge-mesh-bench-'));
+process.on('exit', () => rmSync(KEYS_DIR, { recursive: true, force: true }));
+const operator = generateIdentity('operator');
+const operatorKeyFile = keyFile(operator);
+
+function keyFile(identity: Identity): string {
+  const file = path.join(KEYS_DIR, `${identity.id}.key`);
+  writeFileSync(file, encodeKeyFile(identity), { mode: 0o600 });
+  return file;
+}
+
+/** A fresh identity admitted on the broker at `url`; returns it with its key file. */
+export async function admitted(url: string, role: Role): Promise<{ identity: Identity; keyFile: string }> {
+  const identity = generateIdentity(role);
+  await sendAdminRecord(url, operator, admit(operator, identity), identity.id, 10_000);
+  return { identity, keyFile: keyFile(identity) };
+}
 
 export interface BenchContext {
   quick: boolean;
@@ -259,13 +283,15 @@ export class CpuMeter {
 
 /** `edge-mesh broker --port 0`; its first stdout line is its URL. */
 export async function startBrokerProc(name = 'broker'): Promise<{ proc: Proc; url: string }> {
-  const proc = spawnProc(name, [CLI, 'broker', '--port', '0', '--host', '127.0.0.1', '--log-level', 'warn']);
+  const proc = spawnProc(name, [CLI, 'broker', '--port', '0', '--host', '127.0.0.1', '--operator', operatorKeyFile, '--data', path.join(KEYS_DIR, `${name.replace(/\W/g, '-')}-${Date.now()}`), '--log-level', 'warn']);
   const url = (await proc.waitLine('stdout', (l) => l.startsWith('mqtt://127.0.0.1:'), 20_000, 'its URL')).trim();
   return { proc, url };
 }
 
 export interface AgentProcOptions {
   url: string;
+  /** An admitted agent key file (see `admitted`). */
+  keyFile: string;
   id: string;
   modelsDir?: string;
   workers?: number;
@@ -275,7 +301,7 @@ export interface AgentProcOptions {
 
 /** `edge-mesh agent`; resolves once it logs 'announced' (its retained status reached the broker). */
 export async function startAgentProc(o: AgentProcOptions): Promise<Proc> {
-  const args = [CLI, 'agent', '--models', o.modelsDir ?? MODELS_DIR, '--broker', o.url, '--id', o.id, '--log-level', 'info'];
+  const args = [CLI, 'agent', '--models', o.modelsDir ?? MODELS_DIR, '--broker', o.url, '--key', o.keyFile, '--log-level', 'info'];
   if (o.workers) args.push('--workers', String(o.workers));
   if (o.queueLimit) args.push('--queue-limit', String(o.queueLimit));
   const proc = spawnProc(o.name ?? `agent ${o.id}`, args);
@@ -284,14 +310,16 @@ export async function startAgentProc(o: AgentProcOptions): Promise<Proc> {
 }
 
 /** bench/echo-agent.ts: answers kws requests without inference; prints {"event":"ready"} once announced. */
-export async function startEchoAgentProc(url: string, id: string): Promise<Proc> {
-  const proc = spawnProc(`echo ${id}`, ['--import', 'tsx', path.join(ROOT, 'bench', 'echo-agent.ts'), '--broker', url, '--id', id]);
+export async function startEchoAgentProc(url: string, id: string, keyFilePath: string): Promise<Proc> {
+  const proc = spawnProc(`echo ${id}`, ['--import', 'tsx', path.join(ROOT, 'bench', 'echo-agent.ts'), '--broker', url, '--key', keyFilePath]);
   await proc.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');
   return proc;
 }
 
 export interface LoadgenOptions {
   url: string;
+  /** An admitted app key file (see `admitted`). */
+  keyFile: string;
   id: string;
   mode: 'latency' | 'throughput';
   model?: string;
@@ -305,7 +333,7 @@ export interface LoadgenOptions {
 
 /** bench/loadgen.ts; resolves once it is connected and sees the model ({"event":"ready"}); send 'go' to start. */
 export async function startLoadgenProc(o: LoadgenOptions): Promise<Proc> {
-  const args = ['--import', 'tsx', path.join(ROOT, 'bench', 'loadgen.ts'), '--broker', o.url, '--id', o.id, '--mode', o.mode, '--model', o.model ?? 'kws'];
+  const args = ['--import', 'tsx', path.join(ROOT, 'bench', 'loadgen.ts'), '--broker', o.url, '--key', o.keyFile, '--mode', o.mode, '--model', o.model ?? 'kws'];
   const opt = (flag: string, v: number | undefined) => {
     if (v !== undefined) args.push(flag, String(v));
   };

@@ -2,8 +2,8 @@
  * The load generator: its own process, talking to the mesh only through the SDK (`connect` →
  * `mesh.infer`, QoS 1), exactly as an app would.
  *
- *   node --import tsx bench/loadgen.ts --broker URL --id app-x --mode latency    --warmup 500 --n 10000
- *   node --import tsx bench/loadgen.ts --broker URL --id app-x --mode throughput --concurrency 64 \
+ *   node --import tsx bench/loadgen.ts --broker URL --key APP_KEYFILE --mode latency    --warmup 500 --n 10000
+ *   node --import tsx bench/loadgen.ts --broker URL --key APP_KEYFILE --mode throughput --concurrency 64 \
  *        --warmup-ms 2000 --duration-ms 5000
  *
  * Protocol with the parent (one JSON object per stdout line):
@@ -20,15 +20,16 @@
  *   requests drain. Errors are counted by code in both modes (they must be 0).
  */
 import { createInterface } from 'node:readline';
+import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { round, summarize } from '../protocol/index.ts';
+import { parseKeyFile, round, summarize } from '../protocol/index.ts';
 import { connect, MeshError } from '../sdk/index.ts';
 import { sampleInputs } from '../cli/sample-inputs.ts';
 
 const { values } = parseArgs({
   options: {
     broker: { type: 'string' },
-    id: { type: 'string' },
+    key: { type: 'string' },
     mode: { type: 'string', default: 'latency' },
     model: { type: 'string', default: 'kws' },
     warmup: { type: 'string', default: '500' },
@@ -56,7 +57,8 @@ const stdinLines = createInterface({ input: process.stdin });
 const go = new Promise<void>((resolve) => stdinLines.on('line', (l) => l.trim() === 'go' && resolve()));
 stdinLines.on('close', () => process.exit(4));
 
-const mesh = await connect({ brokerUrl: values.broker!, clientId: values.id! });
+const identity = parseKeyFile(readFileSync(values.key!, 'utf8'), values.key);
+const mesh = await connect({ brokerUrl: values.broker!, identity });
 await mesh.waitForModel(model, 15_000);
 const inputs = sampleInputs(model, 1);
 emit('ready', { agents: mesh.agents().map((a) => a.id) });

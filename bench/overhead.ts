@@ -38,7 +38,9 @@ import {
   type BenchContext,
   type BenchResult,
   type Proc,
+  admitted,
 } from './lib.ts';
+import type { Identity } from '../protocol/index.ts';
 
 const MODEL = 'kws';
 const WARMUP = 500;
@@ -119,12 +121,12 @@ async function meshLatency(
   ctx: BenchContext,
   label: string,
   n: number,
-  startServer: (url: string, id: string) => Promise<Proc>,
+  startServer: (url: string, key: { identity: Identity; keyFile: string }) => Promise<Proc>,
 ): Promise<Record<string, unknown>> {
-  const suffix = idSuffix();
   const broker = await startBrokerProc(`broker (${label})`);
-  const server = await startServer(broker.url, `${label}-${suffix}`);
-  const loadgen = await startLoadgenProc({ url: broker.url, id: `app-${label}-${suffix}`, mode: 'latency', warmup: WARMUP, n, deadlineMs: 1_000 });
+  const server = await startServer(broker.url, await admitted(broker.url, 'agent'));
+  const app = await admitted(broker.url, 'app');
+  const loadgen = await startLoadgenProc({ url: broker.url, keyFile: app.keyFile, id: app.identity.id, mode: 'latency', warmup: WARMUP, n, deadlineMs: 1_000 });
   const meter = new CpuMeter({ broker: broker.proc.pid, [label === 'echo' ? 'echo_agent' : 'agent']: server.pid, loadgen: loadgen.pid });
   let cpu: ReturnType<CpuMeter['end']> = {};
   void loadgen.waitLine('stdout', isEvent('measuring'), 120_000).then(() => meter.begin(), () => {});
@@ -155,8 +157,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const tcp = await tcpFloor(n);
   ctx.log(`  tcp: p50 ${tcp.p50_ms} ms, p99 ${tcp.p99_ms} ms`);
 
-  const mesh = await meshLatency(ctx, 'agent', n, (url, id) => startAgentProc({ url, id: `bench-${id}`, workers: 1 }));
-  const echo = await meshLatency(ctx, 'echo', n, (url, id) => startEchoAgentProc(url, `bench-${id}`));
+  const mesh = await meshLatency(ctx, 'agent', n, (url, key) => startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1 }));
+  const echo = await meshLatency(ctx, 'echo', n, (url, key) => startEchoAgentProc(url, key.identity.id, key.keyFile));
 
   const meshErrors = Object.values(mesh.errors as Record<string, number>).reduce((a, b) => a + b, 0);
   const echoErrors = Object.values(echo.errors as Record<string, number>).reduce((a, b) => a + b, 0);

@@ -31,7 +31,9 @@ import {
   type BenchResult,
   type CpuReport,
   type Proc,
+  admitted,
 } from './lib.ts';
+import type { Identity } from '../protocol/index.ts';
 
 const MODEL = 'kws';
 
@@ -71,16 +73,18 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const suffix = idSuffix();
   const broker = await startBrokerProc();
 
-  const runConfig = async (label: string, workers: number | null, startServer: (id: string) => Promise<Proc>): Promise<ConfigResult> => {
-    const serverId = `bench-${label}-${suffix}`;
+  const runConfig = async (label: string, workers: number | null, startServer: (key: { identity: Identity; keyFile: string }) => Promise<Proc>): Promise<ConfigResult> => {
+    const serverKey = await admitted(broker.url, 'agent');
+    const appKeys = await Promise.all(Array.from({ length: loadgens }, () => admitted(broker.url, 'app')));
     // Load generators start alongside the server and wait for its status, which hides their start-up time.
     const [server, gens] = await Promise.all([
-      startServer(serverId),
+      startServer(serverKey),
       Promise.all(
-        Array.from({ length: loadgens }, (_, i) =>
+        appKeys.map((app) =>
           startLoadgenProc({
             url: broker.url,
-            id: `app-${label}-${i}-${suffix}`,
+            keyFile: app.keyFile,
+            id: app.identity.id,
             mode: 'throughput',
             concurrency: concurrency / loadgens,
             warmupMs,
@@ -128,11 +132,11 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
 
   const configs: Record<string, ConfigResult> = {};
   for (const w of workerList) {
-    configs[`agent_w${w}`] = await runConfig(`agent-w${w}`, w, (id) =>
-      startAgentProc({ url: broker.url, id, workers: w, queueLimit: 1_024 }),
+    configs[`agent_w${w}`] = await runConfig(`agent-w${w}`, w, (key) =>
+      startAgentProc({ url: broker.url, keyFile: key.keyFile, id: key.identity.id, workers: w, queueLimit: 1_024 }),
     );
   }
-  configs.echo = await runConfig('echo', null, (id) => startEchoAgentProc(broker.url, id));
+  configs.echo = await runConfig('echo', null, (key) => startEchoAgentProc(broker.url, key.identity.id, key.keyFile));
   await broker.proc.stop();
 
   const agentConfigs = Object.entries(configs).filter(([k]) => k !== 'echo');
