@@ -5,6 +5,7 @@ import type { Logger } from 'pino';
 import type { Client, ConnectPacket, PublishPacket, Subscription } from 'aedes';
 import { idMatchesKey, isValidId, MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS, MeshError, roleOfId } from '../protocol/index.ts';
 import { MQTT_MAX_REMAINING_LENGTH } from './guard.ts';
+import type { IpLimits } from './limits.ts';
 
 /** aedes' matcher (qlobber) cannot hold topics deeper than 100 levels. */
 export const AEDES_MAX_TOPIC_LEVELS = 100;
@@ -96,7 +97,7 @@ export interface BrokerOptions {
   auth?: BrokerAuthOptions;
 }
 
-export interface ResolvedBrokerOptions {
+export interface ResolvedBrokerOptions extends IpLimits {
   port: number;
   host: string;
   maxPacketBytes: number;
@@ -108,12 +109,6 @@ export interface ResolvedBrokerOptions {
   drainTimeoutMs: number;
   queueLimit: number;
   maxClientIdLength: number;
-  maxConnectionsPerIp: number;
-  connectRatePerIp: number;
-  connectBurstPerIp: number;
-  authFailuresBeforeBan: number;
-  authFailureWindowMs: number;
-  banMs: number;
   publishRatePerClient: number;
   publishBurstPerClient: number;
   logger: Logger | undefined;

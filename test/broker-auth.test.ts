@@ -3,14 +3,10 @@
  * admission store, and the per-role topic ACLs. Real broker on port 0, real mqtt.js clients and raw TCP sockets.
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
 import net from 'node:net';
-import os from 'node:os';
-import path from 'node:path';
 import { once } from 'node:events';
-import test, { type TestContext } from 'node:test';
-import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
-import { pino } from 'pino';
+import test from 'node:test';
+import mqtt, { type IClientOptions } from 'mqtt';
 import {
   admit,
   generateIdentity,
@@ -19,92 +15,39 @@ import {
   revoke,
   topics,
   type Identity,
-  type Role,
 } from '../protocol/index.ts';
-import { decodeAdminAck, encodeAdminRecord, startBroker, type BrokerHandle, type BrokerOptions } from '../broker/index.ts';
+import { decodeAdminAck, encodeAdminRecord, startBroker, type BrokerHandle } from '../broker/index.ts';
 import { IpGuard, NonceCache } from '../broker/limits.ts';
+import {
+  admitted,
+  assertServing,
+  authBrokerFor,
+  cleanup,
+  CLIENT_DEFAULTS,
+  connect,
+  grantedQoS,
+  loggedBroker,
+  messagesDuring,
+  nextMessage,
+  options,
+  str,
+  tempDir,
+  waitClose,
+  type AuthBroker,
+  type Defer,
+  type LogLine,
+} from './broker-fixtures.ts';
 
 // ── helpers ────────────────────────────────────────────────────────────────────────────────────────────────────
 
-type Defer = (fn: () => unknown) => void;
-
-function cleanup(t: TestContext): Defer {
-  const stack: (() => unknown)[] = [];
-  t.after(async () => {
-    while (stack.length > 0) await stack.pop()!();
-  });
-  return (fn) => void stack.push(fn);
-}
-
-interface LogLine {
-  level: number;
-  msg: string;
-  clientId?: string | null;
-  topic?: string;
-  reason?: string;
-  [key: string]: unknown;
-}
-
-async function tempDir(defer: Defer): Promise<string> {
-  const dir = await mkdtemp(path.join(os.tmpdir(), 'broker-auth-'));
-  defer(() => rm(dir, { recursive: true, force: true }));
-  return dir;
-}
-
-interface AuthBroker {
-  b: BrokerHandle;
-  logs: LogLine[];
-  op: Identity;
-  dataDir: string;
-}
+const TMP_PREFIX = 'broker-auth-';
 
 /** An authenticated broker with one trusted operator; generous per-IP limits so tests are not rate limited. */
-async function authBroker(defer: Defer, options: BrokerOptions & { op?: Identity; dataDir?: string } = {}): Promise<AuthBroker> {
-  const { op = generateIdentity('operator'), dataDir = await tempDir(defer), ...rest } = options;
-  const logs: LogLine[] = [];
-  const logger = pino({ level: 'debug' }, { write: (line: string) => void logs.push(JSON.parse(line) as LogLine) });
-  const b = await startBroker({
-    port: 0,
-    logger,
-    connectBurstPerIp: 10_000,
-    connectRatePerIp: 10_000,
-    authFailuresBeforeBan: 10_000,
-    auth: { trustedOperators: [{ id: op.id, publicKey: op.publicKey }], dataDir },
-    ...rest,
-  });
-  defer(() => b.close());
-  return { b, logs, op, dataDir };
-}
-
-/** A fresh identity in `role`, admitted by the broker's operator. */
-async function admitted(ab: AuthBroker, role: Role): Promise<Identity> {
-  const who = generateIdentity(role);
-  await ab.b.admit(admit(ab.op, who));
-  return who;
-}
-
-function options(who: Identity, extra: IClientOptions = {}): IClientOptions {
-  return {
-    protocolVersion: 4,
-    clientId: who.id,
-    username: who.id,
-    password: makeConnectToken(who),
-    reconnectPeriod: 0,
-    connectTimeout: 2000,
-    ...extra,
-  };
-}
-
-async function connect(defer: Defer, b: BrokerHandle, who: Identity, extra: IClientOptions = {}): Promise<MqttClient> {
-  const c = await mqtt.connectAsync(b.url, options(who, extra));
-  (c.stream as net.Socket).setNoDelay(true);
-  defer(() => c.endAsync(true));
-  return c;
-}
+const authBroker = authBrokerFor(TMP_PREFIX, { connectBurstPerIp: 10_000, connectRatePerIp: 10_000, authFailuresBeforeBan: 10_000 });
 
 /** Resolves with the CONNACK return code of a refused connect (fails if the connect succeeds). */
 async function refusedCode(b: BrokerHandle, opts: IClientOptions): Promise<number> {
-  const c = mqtt.connect(b.url, { protocolVersion: 4, reconnectPeriod: 0, connectTimeout: 2000, ...opts });
+  const c = mqtt.connect(b.url, { ...CLIENT_DEFAULTS, ...opts });
   try {
     return await new Promise<number>((resolve, reject) => {
       c.once('connect', () => reject(new Error(`connect of ${String(opts.clientId)} was accepted`)));
@@ -114,72 +57,6 @@ async function refusedCode(b: BrokerHandle, opts: IClientOptions): Promise<numbe
   } finally {
     c.end(true);
   }
-}
-
-function nextMessage(c: MqttClient, timeoutMs = 2000): Promise<{ topic: string; payload: Buffer; retain: boolean }> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      c.off('message', onMessage);
-      reject(new Error('no message within timeout'));
-    }, timeoutMs);
-    function onMessage(topic: string, payload: Buffer, packet: mqtt.IPublishPacket): void {
-      clearTimeout(timer);
-      c.off('message', onMessage);
-      resolve({ topic, payload, retain: packet.retain });
-    }
-    c.on('message', onMessage);
-  });
-}
-
-async function messagesDuring(c: MqttClient, ms: number): Promise<string[]> {
-  const seen: string[] = [];
-  const onMessage = (topic: string): void => void seen.push(topic);
-  c.on('message', onMessage);
-  await new Promise((r) => setTimeout(r, ms));
-  c.off('message', onMessage);
-  return seen;
-}
-
-function waitClose(c: MqttClient, timeoutMs = 2000): Promise<number> {
-  if (c.disconnected && !c.connected) return Promise.resolve(Date.now());
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('client was not disconnected')), timeoutMs);
-    c.once('close', () => {
-      clearTimeout(timer);
-      resolve(Date.now());
-    });
-  });
-}
-
-async function grantedQoS(c: MqttClient, filters: string[]): Promise<Record<string, number>> {
-  const subs = Object.fromEntries(filters.map((f) => [f, { qos: 1 as const }]));
-  let granted: number[];
-  try {
-    granted = (await c.subscribeAsync(subs)).map((g) => g.qos);
-  } catch (err) {
-    const packet = (err as { packet?: { granted?: number[] } }).packet;
-    if (!packet?.granted) throw err;
-    granted = packet.granted;
-  }
-  return Object.fromEntries(filters.map((f, i) => [f, granted[i]!]));
-}
-
-/** An admitted app sends a request to an admitted agent and gets its reply: the broker serves. */
-async function assertServing(defer: Defer, ab: AuthBroker): Promise<void> {
-  const agentId = await admitted(ab, 'agent');
-  const appId = await admitted(ab, 'app');
-  const agent = await connect(defer, ab.b, agentId);
-  const app = await connect(defer, ab.b, appId);
-  await agent.subscribeAsync(topics.agentRequestsFor(agentId.id), { qos: 1 });
-  await app.subscribeAsync(topics.clientRepliesFor(appId.id), { qos: 1 });
-  const req = nextMessage(agent);
-  await app.publishAsync(topics.agentRequest(agentId.id, appId.id), 'ping', { qos: 1 });
-  assert.equal((await req).payload.toString(), 'ping');
-  const res = nextMessage(app);
-  await agent.publishAsync(topics.clientReply(appId.id, agentId.id), 'pong', { qos: 1 });
-  const m = await res;
-  assert.equal(m.topic, topics.clientReply(appId.id, agentId.id));
-  assert.equal(m.payload.toString(), 'pong');
 }
 
 function refusal(logs: LogLine[], clientId: string): string | undefined {
@@ -203,10 +80,7 @@ test('an admitted agent and app connect and exchange a request and a reply', { t
 
 test('open mode logs one warning that anonymous clients are accepted', { timeout: 20_000 }, async (t) => {
   const defer = cleanup(t);
-  const logs: LogLine[] = [];
-  const logger = pino({ level: 'debug' }, { write: (line: string) => void logs.push(JSON.parse(line) as LogLine) });
-  const b = await startBroker({ port: 0, logger });
-  defer(() => b.close());
+  const { b, logs } = await loggedBroker(defer);
   assert.equal(b.mode, 'open');
   const warns = logs.filter((l) => l.level === 40);
   assert.equal(warns.length, 1);
@@ -379,7 +253,7 @@ test('an admission that expires while connected is cut off when it expires', { t
 
 test('the admission store survives a broker restart on the same data folder', { timeout: 20_000 }, async (t) => {
   const defer = cleanup(t);
-  const dataDir = await tempDir(defer);
+  const dataDir = await tempDir(defer, TMP_PREFIX);
   const op = generateIdentity('operator');
   const agent = generateIdentity('agent');
   const gone = generateIdentity('app');
@@ -603,7 +477,7 @@ test('ACL: an agent publishes only its own status, load and replies, and subscri
   const viewer = await connect(defer, ab.b, await admitted(ab, 'router'));
   const retained = messagesDuring(viewer, 300);
   await viewer.subscribeAsync(topics.allAgentStatus(), { qos: 1 });
-  assert.deepEqual(await retained, [topics.agentStatus(me)]);
+  assert.deepEqual((await retained).map((m) => m.topic), [topics.agentStatus(me)]);
 });
 
 test('ACL: apps, bridges and routers send requests and cancels only in their own name and read only their own replies', { timeout: 20_000 }, async (t) => {
@@ -735,7 +609,6 @@ test('raw CONNECT with a valid token over a plain socket gets CONNACK 0 (the tok
   const socket = net.connect(ab.b.port, '127.0.0.1');
   defer(() => socket.destroy());
   await once(socket, 'connect');
-  const str = (b: Buffer) => Buffer.concat([Buffer.from([b.length >> 8, b.length & 0xff]), b]);
   const token = makeConnectToken(agent);
   const body = Buffer.concat([str(Buffer.from('MQTT')), Buffer.from([4, 0x02 | 0x80 | 0x40, 0, 30]), str(Buffer.from(agent.id)), str(Buffer.from(agent.id)), str(token)]);
   assert.ok(body.length > 127 && body.length < 16_384);

@@ -5,108 +5,32 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { once } from 'node:events';
-import test, { type TestContext } from 'node:test';
-import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
-import { pino } from 'pino';
+import test from 'node:test';
+import mqtt from 'mqtt';
 import { MeshError, topics } from '../protocol/index.ts';
 import { startBroker, type BrokerHandle, type BrokerOptions } from '../broker/index.ts';
 import { PacketSizeGuard } from '../broker/guard.ts';
+import {
+  cleanup,
+  connect,
+  connectPacket,
+  grantedQoS,
+  loggedBroker,
+  messagesDuring,
+  nextMessage,
+  rawSocket,
+  str,
+  waitClose,
+  withTimeout,
+  type Defer,
+} from './broker-fixtures.ts';
 
 // ── helpers ────────────────────────────────────────────────────────────────────────────────────────────────────
 
-/** t.after runs hooks in registration order; this runs them last-registered first. */
-function cleanup(t: TestContext): (fn: () => unknown) => void {
-  const stack: (() => unknown)[] = [];
-  t.after(async () => {
-    while (stack.length > 0) await stack.pop()!();
-  });
-  return (fn) => void stack.push(fn);
-}
-
-interface LogLine {
-  level: number;
-  msg: string;
-  clientId?: string | null;
-  topic?: string;
-  reason?: string;
-  [key: string]: unknown;
-}
-
-async function broker(t: TestContext, defer: (fn: () => unknown) => void, options: BrokerOptions = {}) {
-  const logs: LogLine[] = [];
-  const logger = pino({ level: 'debug' }, { write: (line: string) => void logs.push(JSON.parse(line) as LogLine) });
-  const handle = await startBroker({ port: 0, logger, ...options });
-  defer(() => handle.close());
-  return { handle, logs };
-}
-
-async function client(defer: (fn: () => unknown) => void, b: BrokerHandle, clientId: string, extra: IClientOptions = {}): Promise<MqttClient> {
-  const c = await mqtt.connectAsync(b.url, { protocolVersion: 4, clientId, reconnectPeriod: 0, connectTimeout: 2000, ...extra });
-  (c.stream as net.Socket).setNoDelay(true);
-  defer(() => c.endAsync(true));
-  return c;
-}
-
-function nextMessage(c: MqttClient, timeoutMs = 2000): Promise<{ topic: string; payload: Buffer; qos: number; retain: boolean }> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      c.off('message', onMessage);
-      reject(new Error('no message within timeout'));
-    }, timeoutMs);
-    function onMessage(topic: string, payload: Buffer, packet: mqtt.IPublishPacket): void {
-      clearTimeout(timer);
-      c.off('message', onMessage);
-      resolve({ topic, payload, qos: packet.qos, retain: packet.retain });
-    }
-    c.on('message', onMessage);
-  });
-}
-
-/** Collects messages for a while (to show something did *not* arrive). */
-async function messagesDuring(c: MqttClient, ms: number): Promise<{ topic: string; retain: boolean; payload: string }[]> {
-  const seen: { topic: string; retain: boolean; payload: string }[] = [];
-  const onMessage = (topic: string, payload: Buffer, packet: mqtt.IPublishPacket): void => {
-    seen.push({ topic, retain: packet.retain, payload: payload.toString() });
-  };
-  c.on('message', onMessage);
-  await new Promise((r) => setTimeout(r, ms));
-  c.off('message', onMessage);
-  return seen;
-}
-
-function waitClose(c: MqttClient, timeoutMs = 2000): Promise<void> {
-  if (!c.connected && c.disconnected) return Promise.resolve();
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('client was not disconnected')), timeoutMs);
-    c.once('close', () => {
-      clearTimeout(timer);
-      resolve();
-    });
-  });
-}
-
-/**
- * SUBSCRIBE and return the granted QoS per filter, in order. mqtt.js rejects when any filter gets 0x80, so the
- * SUBACK is read from the error in that case.
- */
-async function grantedQoS(c: MqttClient, subs: Record<string, { qos: 0 | 1 | 2 }>): Promise<Record<string, number>> {
-  let granted: number[];
-  try {
-    granted = (await c.subscribeAsync(subs)).map((g) => g.qos);
-  } catch (err) {
-    const packet = (err as { packet?: { granted?: number[] } }).packet;
-    if (!packet?.granted) throw err;
-    granted = packet.granted;
-  }
-  const filters = Object.keys(subs);
-  assert.equal(granted.length, filters.length);
-  return Object.fromEntries(filters.map((f, i) => [f, granted[i]!]));
-}
-
 /** Round trip through the broker with a fresh pair of clients: proves it is still serving. */
-async function assertServing(defer: (fn: () => unknown) => void, b: BrokerHandle, tag: string): Promise<void> {
-  const sub = await client(defer, b, `probe-sub-${tag}`);
-  const pub = await client(defer, b, `probe-pub-${tag}`);
+async function assertServing(defer: Defer, b: BrokerHandle, tag: string): Promise<void> {
+  const sub = await connect(defer, b, `probe-sub-${tag}`);
+  const pub = await connect(defer, b, `probe-pub-${tag}`);
   const topic = `probe/${tag}`;
   const granted = await sub.subscribeAsync(topic, { qos: 1 });
   assert.equal(granted[0]?.qos, 1);
@@ -115,43 +39,11 @@ async function assertServing(defer: (fn: () => unknown) => void, b: BrokerHandle
   assert.equal((await got).payload.toString(), 'ping');
 }
 
-/** A raw TCP socket that records what it receives and when it closes. */
-async function rawSocket(defer: (fn: () => unknown) => void, b: BrokerHandle) {
-  const socket = net.connect(b.port, '127.0.0.1');
-  socket.on('error', () => {});
-  defer(() => socket.destroy());
-  await once(socket, 'connect');
-  const received: Buffer[] = [];
-  socket.on('data', (d: Buffer) => received.push(d));
-  const closed = new Promise<number>((resolve) => socket.once('close', () => resolve(Date.now())));
-  return { socket, received, closed };
-}
-
-async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  try {
-    return await Promise.race([p, new Promise<T>((_, reject) => (timer = setTimeout(() => reject(new Error(`timeout: ${what}`)), ms)))]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-function str(s: string): Buffer {
-  const b = Buffer.from(s, 'utf8');
-  return Buffer.concat([Buffer.from([b.length >> 8, b.length & 0xff]), b]);
-}
-
-/** A minimal MQTT 3.1.1 CONNECT (clean session, keepalive 60). */
-function connectPacket(clientId: string): Buffer {
-  const body = Buffer.concat([str('MQTT'), Buffer.from([4, 0x02, 0, 60]), str(clientId)]);
-  return Buffer.concat([Buffer.from([0x10, body.length]), body]);
-}
-
 const CONNACK_OK = Buffer.from([0x20, 0x02, 0x00, 0x00]);
 
-async function rawConnected(defer: (fn: () => unknown) => void, b: BrokerHandle, clientId: string) {
+async function rawConnected(defer: Defer, b: BrokerHandle, clientId: string) {
   const raw = await rawSocket(defer, b);
-  raw.socket.write(connectPacket(clientId));
+  raw.socket.write(connectPacket({ clientId, keepalive: 60 }));
   await withTimeout(
     (async () => {
       while (Buffer.concat(raw.received).length < 4) await once(raw.socket, 'data');
@@ -171,14 +63,14 @@ function findSymbol(obj: object, description: string): symbol | undefined {
 
 test('port 0 is read back, TCP_NODELAY is on for broker sockets, and a QoS 1 round trip works', async (t) => {
   const defer = cleanup(t);
-  const { handle: b } = await broker(t, defer);
+  const { b } = await loggedBroker(defer);
   assert.ok(b.port > 0);
   assert.equal(b.url, `mqtt://127.0.0.1:${b.port}`);
 
   const brokerSockets: net.Socket[] = [];
   b.aedes.on('client', (c) => brokerSockets.push(c.conn as net.Socket));
-  const sub = await client(defer, b, 'agent-one');
-  const pub = await client(defer, b, 'client-one');
+  const sub = await connect(defer, b, 'agent-one');
+  const pub = await connect(defer, b, 'client-one');
   assert.equal(b.clientCount(), 2);
 
   // The broker side of each connection is the real net.Socket, created with noDelay (Node keeps the flag in an
@@ -207,7 +99,7 @@ test('port 0 is read back, TCP_NODELAY is on for broker sockets, and a QoS 1 rou
 
 test('a PUBLISH declaring ~256 MB (or more than maxPacketBytes, or a 5-byte length) is dropped at its header', async (t) => {
   const defer = cleanup(t);
-  const { handle: b, logs } = await broker(t, defer, { maxPacketBytes: 64 * 1024 });
+  const { b, logs } = await loggedBroker(defer, { maxPacketBytes: 64 * 1024 });
 
   // 1. Remaining Length 268,435,455 (the 4-byte maximum) after a valid CONNECT.
   const huge = await rawConnected(defer, b, 'raw-huge');
@@ -222,7 +114,7 @@ test('a PUBLISH declaring ~256 MB (or more than maxPacketBytes, or a 5-byte leng
   assert.equal(rejection.level, 40); // warn
 
   // 2. Just over the configured cap, with the body actually sent: nothing is delivered, the socket closes.
-  const watcher = await client(defer, b, 'watcher');
+  const watcher = await connect(defer, b, 'watcher');
   await watcher.subscribeAsync('big/+', { qos: 0 });
   const over = await rawConnected(defer, b, 'raw-over');
   const topic = str('big/one');
@@ -253,7 +145,7 @@ test('a PUBLISH declaring ~256 MB (or more than maxPacketBytes, or a 5-byte leng
 
 test('garbage bytes and an HTTP request are closed without a reply; the broker keeps serving', async (t) => {
   const defer = cleanup(t);
-  const { handle: b, logs } = await broker(t, defer);
+  const { b, logs } = await loggedBroker(defer);
 
   const http = await rawSocket(defer, b);
   http.socket.write('GET / HTTP/1.1\r\nHost: localhost\r\n\r\n');
@@ -280,11 +172,11 @@ test('garbage bytes and an HTTP request are closed without a reply; the broker k
 
 test('QoS 2 publishes are refused (publisher disconnected, nothing delivered) while QoS 1 works', async (t) => {
   const defer = cleanup(t);
-  const { handle: b, logs } = await broker(t, defer);
-  const sub = await client(defer, b, 'agent-one');
+  const { b, logs } = await loggedBroker(defer);
+  const sub = await connect(defer, b, 'agent-one');
   await sub.subscribeAsync(topics.agentRequestsFor('agent-one'), { qos: 1 });
 
-  const bad = await client(defer, b, 'client-bad');
+  const bad = await connect(defer, b, 'client-bad');
   const topic2 = topics.agentRequest('agent-one', 'client-bad');
   const closed = waitClose(bad);
   bad.publish(topic2, 'qos2', { qos: 2 });
@@ -296,7 +188,7 @@ test('QoS 2 publishes are refused (publisher disconnected, nothing delivered) wh
   assert.equal(line.topic, topic2);
   assert.equal(line.level, 40);
 
-  const good = await client(defer, b, 'client-good');
+  const good = await connect(defer, b, 'client-good');
   const got = nextMessage(sub);
   await good.publishAsync(topics.agentRequest('agent-one', 'client-good'), 'qos1', { qos: 1 });
   assert.equal((await got).payload.toString(), 'qos1');
@@ -304,26 +196,26 @@ test('QoS 2 publishes are refused (publisher disconnected, nothing delivered) wh
 
 test('retain is kept only on the publisher\'s own status topic', async (t) => {
   const defer = cleanup(t);
-  const { handle: b, logs } = await broker(t, defer);
+  const { b, logs } = await loggedBroker(defer);
 
   // agent-one tries to squat agent-two's status: refused and disconnected.
-  const squatter = await client(defer, b, 'agent-one');
+  const squatter = await connect(defer, b, 'agent-one');
   const closed = waitClose(squatter);
   squatter.publish(topics.agentStatus('agent-two'), 'fake-online', { qos: 1, retain: true });
   await closed;
   assert.ok(logs.some((l) => l.reason === 'retain-not-own-status' && l.clientId === 'agent-one'));
 
   // Retain on its own but non-status topic (load) is refused too.
-  const loader = await client(defer, b, 'agent-three');
+  const loader = await connect(defer, b, 'agent-three');
   const loaderClosed = waitClose(loader);
   loader.publish(topics.agentLoad('agent-three'), 'load', { qos: 0, retain: true });
   await loaderClosed;
 
   // agent-two's own status is retained.
-  const owner = await client(defer, b, 'agent-two');
+  const owner = await connect(defer, b, 'agent-two');
   await owner.publishAsync(topics.agentStatus('agent-two'), 'online', { qos: 1, retain: true });
 
-  const router = await client(defer, b, 'router-one');
+  const router = await connect(defer, b, 'router-one');
   const seen = messagesDuring(router, 300);
   const granted = await router.subscribeAsync([topics.allAgentStatus(), topics.allAgentLoad()], { qos: 1 });
   assert.deepEqual(granted.map((g) => g.qos), [1, 1]);
@@ -333,8 +225,8 @@ test('retain is kept only on the publisher\'s own status topic', async (t) => {
 
 test('subscriptions to #, +/#, +/+/#, $SYS/# and over-cap filters get 128; QoS 2 is downgraded to 1', async (t) => {
   const defer = cleanup(t);
-  const { handle: b, logs } = await broker(t, defer);
-  const c = await client(defer, b, 'router-one');
+  const { b, logs } = await loggedBroker(defer);
+  const c = await connect(defer, b, 'router-one');
   const deep = Array.from({ length: 9 }, (_, i) => `l${i}`).join('/');
   const long = `long/${'x'.repeat(300)}`;
   const byTopic = await grantedQoS(c, {
@@ -364,7 +256,7 @@ test('subscriptions to #, +/#, +/+/#, $SYS/# and over-cap filters get 128; QoS 2
   assert.ok(c.connected, 'a refused subscription does not cost the connection');
 
   // The downgraded subscription delivers at QoS 1.
-  const agent = await client(defer, b, 'agent-one');
+  const agent = await connect(defer, b, 'agent-one');
   const got = nextMessage(c);
   await agent.publishAsync(topics.agentStatus('agent-one'), 'up', { qos: 1, retain: true });
   assert.equal((await got).qos, 1);
@@ -372,8 +264,8 @@ test('subscriptions to #, +/#, +/+/#, $SYS/# and over-cap filters get 128; QoS 2
 
 test('topics deeper than maxTopicLevels or longer than maxTopicBytes (or with NUL, or $SYS) are not delivered', async (t) => {
   const defer = cleanup(t);
-  const { handle: b, logs } = await broker(t, defer);
-  const sub = await client(defer, b, 'watcher');
+  const { b, logs } = await loggedBroker(defer);
+  const sub = await connect(defer, b, 'watcher');
   await sub.subscribeAsync('deep/#', { qos: 0 });
 
   const cases: [string, string][] = [
@@ -384,7 +276,7 @@ test('topics deeper than maxTopicLevels or longer than maxTopicBytes (or with NU
     ['$SYS/fake/heartbeat', 'reserved-topic'],
   ];
   for (const [i, [topic, reason]] of cases.entries()) {
-    const pub = await client(defer, b, `pub-${i}`);
+    const pub = await connect(defer, b, `pub-${i}`);
     const closed = waitClose(pub);
     pub.publish(topic, 'x', { qos: 0 });
     await closed;
@@ -393,7 +285,7 @@ test('topics deeper than maxTopicLevels or longer than maxTopicBytes (or with NU
   assert.deepEqual(await messagesDuring(sub, 100), []);
 
   // At the caps exactly: 8 levels and 256 bytes are delivered.
-  const ok = await client(defer, b, 'pub-ok');
+  const ok = await connect(defer, b, 'pub-ok');
   const eight = 'deep/' + Array.from({ length: 7 }, (_, i) => `l${i}`).join('/');
   const max = 'deep/' + 'y'.repeat(251);
   assert.equal(Buffer.byteLength(max), 256);
@@ -405,7 +297,7 @@ test('topics deeper than maxTopicLevels or longer than maxTopicBytes (or with NU
 
 test('a socket that connects and sends nothing is closed after connectTimeoutMs', async (t) => {
   const defer = cleanup(t);
-  const { handle: b } = await broker(t, defer, { connectTimeoutMs: 300 });
+  const { b } = await loggedBroker(defer, { connectTimeoutMs: 300 });
   const raw = await rawSocket(defer, b);
   const openedAt = Date.now();
   const closedAt = await withTimeout(raw.closed, 2000, 'connect timeout');
@@ -415,7 +307,7 @@ test('a socket that connects and sends nothing is closed after connectTimeoutMs'
 
   // A half-sent CONNECT (slowloris) is closed by the same deadline.
   const slow = await rawSocket(defer, b);
-  slow.socket.write(connectPacket('slow-one').subarray(0, 5));
+  slow.socket.write(connectPacket({ clientId: 'slow-one', keepalive: 60 }).subarray(0, 5));
   const slowOpened = Date.now();
   const slowClosed = await withTimeout(slow.closed, 2000, 'slowloris timeout');
   assert.ok(slowClosed - slowOpened < 1500);
@@ -424,7 +316,7 @@ test('a socket that connects and sends nothing is closed after connectTimeoutMs'
 
 test('a will aimed at another client\'s status topic is refused; one on its own status is published', async (t) => {
   const defer = cleanup(t);
-  const { handle: b, logs } = await broker(t, defer);
+  const { b, logs } = await loggedBroker(defer);
 
   await assert.rejects(
     mqtt.connectAsync(b.url, {
@@ -455,9 +347,9 @@ test('a will aimed at another client\'s status topic is refused; one on its own 
   );
 
   // The proper LWT: own status, retained; delivered when the agent vanishes without DISCONNECT.
-  const router = await client(defer, b, 'router-one');
+  const router = await connect(defer, b, 'router-one');
   await router.subscribeAsync(topics.allAgentStatus(), { qos: 1 });
-  const agent = await client(defer, b, 'agent-one', {
+  const agent = await connect(defer, b, 'agent-one', {
     will: { topic: topics.agentStatus('agent-one'), payload: Buffer.from('offline'), qos: 1, retain: true },
   });
   const got = nextMessage(router);
@@ -469,8 +361,8 @@ test('a will aimed at another client\'s status topic is refused; one on its own 
 
 test('close() disconnects clients, resolves, is idempotent, and stops listening', async (t) => {
   const defer = cleanup(t);
-  const { handle: b } = await broker(t, defer);
-  const c = await client(defer, b, 'agent-one');
+  const { b } = await loggedBroker(defer);
+  const c = await connect(defer, b, 'agent-one');
   const raw = await rawSocket(defer, b); // connected but no CONNECT: aedes does not know it
   assert.equal(b.clientCount(), 1);
 
@@ -508,14 +400,14 @@ test('options are validated, naming every bad field', async () => {
 
 test('a second broker on a taken port fails with MESH_CONFIG', async (t) => {
   const defer = cleanup(t);
-  const { handle: b } = await broker(t, defer);
+  const { b } = await loggedBroker(defer);
   await assert.rejects(startBroker({ port: b.port }), (err: unknown) => err instanceof MeshError && err.code === 'MESH_CONFIG');
 });
 
 test('hooks run after the built-in checks and can refuse', async (t) => {
   const defer = cleanup(t);
   const seen: string[] = [];
-  const { handle: b } = await broker(t, defer, {
+  const { b } = await loggedBroker(defer, {
     hooks: {
       authenticate: (c) => c.id !== 'agent-banned',
       authorizePublish: async (_c, packet) => {
@@ -529,7 +421,7 @@ test('hooks run after the built-in checks and can refuse', async (t) => {
     mqtt.connectAsync(b.url, { protocolVersion: 4, clientId: 'agent-banned', reconnectPeriod: 0 }),
     (err: Error & { code?: number }) => err.code === 5,
   );
-  const c = await client(defer, b, 'agent-one');
+  const c = await connect(defer, b, 'agent-one');
   assert.deepEqual(await grantedQoS(c, { 'nope/+': { qos: 1 }, 'yes/+': { qos: 1 } }), { 'nope/+': 128, 'yes/+': 1 });
   const got = nextMessage(c);
   await c.publishAsync('yes/ok', 'fine', { qos: 1 });
@@ -538,7 +430,7 @@ test('hooks run after the built-in checks and can refuse', async (t) => {
   c.publish('yes/forbidden', 'no', { qos: 1 });
   await closed;
   // QoS 2 is refused before the hook is consulted.
-  const d = await client(defer, b, 'agent-two');
+  const d = await connect(defer, b, 'agent-two');
   const dClosed = waitClose(d);
   d.publish('yes/qos2', 'no', { qos: 2 });
   await dClosed;
@@ -547,12 +439,12 @@ test('hooks run after the built-in checks and can refuse', async (t) => {
 
 test('a preConnect hook refusal closes without a CONNACK; maxConnections caps sockets', async (t) => {
   const defer = cleanup(t);
-  const { handle: b } = await broker(t, defer, {
+  const { b } = await loggedBroker(defer, {
     maxConnections: 2,
     hooks: { preConnect: (_c, packet) => packet.clientId !== 'agent-blocked' },
   });
   const blocked = await rawSocket(defer, b);
-  blocked.socket.write(connectPacket('agent-blocked'));
+  blocked.socket.write(connectPacket({ clientId: 'agent-blocked', keepalive: 60 }));
   await withTimeout(blocked.closed, 1000, 'preConnect refusal');
   assert.equal(Buffer.concat(blocked.received).length, 0);
 

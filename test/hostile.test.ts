@@ -7,170 +7,31 @@
  * of 127/8 is loopback on Linux); the well-behaved clients use 127.0.0.1.
  */
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import net from 'node:net';
-import os from 'node:os';
-import path from 'node:path';
-import { once } from 'node:events';
-import test, { type TestContext } from 'node:test';
-import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
-import { pino } from 'pino';
-import { admit, generateIdentity, makeConnectToken, topics, type Identity, type Role } from '../protocol/index.ts';
-import { startBroker, type BrokerHandle, type BrokerOptions } from '../broker/index.ts';
+import test from 'node:test';
+import mqtt from 'mqtt';
+import { generateIdentity, makeConnectToken, topics, type Identity } from '../protocol/index.ts';
+import { startBroker } from '../broker/index.ts';
+import {
+  admitted,
+  assertServing,
+  authBrokerFor,
+  cleanup,
+  connect,
+  connectPacket,
+  frame,
+  nextMessage,
+  options,
+  rawSocket,
+  str,
+  waitClose,
+  withTimeout,
+  type ConnectFields,
+  type Raw,
+} from './broker-fixtures.ts';
 
 // ── helpers ────────────────────────────────────────────────────────────────────────────────────────────────────
 
-type Defer = (fn: () => unknown) => void;
-
-function cleanup(t: TestContext): Defer {
-  const stack: (() => unknown)[] = [];
-  t.after(async () => {
-    while (stack.length > 0) await stack.pop()!();
-  });
-  return (fn) => void stack.push(fn);
-}
-
-interface LogLine {
-  level: number;
-  msg: string;
-  clientId?: string | null;
-  topic?: string;
-  reason?: string;
-  [key: string]: unknown;
-}
-
-interface AuthBroker {
-  b: BrokerHandle;
-  logs: LogLine[];
-  op: Identity;
-}
-
-async function authBroker(defer: Defer, options: BrokerOptions = {}): Promise<AuthBroker> {
-  const op = generateIdentity('operator');
-  const dataDir = await mkdtemp(path.join(os.tmpdir(), 'hostile-'));
-  defer(() => rm(dataDir, { recursive: true, force: true }));
-  const logs: LogLine[] = [];
-  const logger = pino({ level: 'debug' }, { write: (line: string) => void logs.push(JSON.parse(line) as LogLine) });
-  const b = await startBroker({ port: 0, logger, auth: { trustedOperators: [{ id: op.id, publicKey: op.publicKey }], dataDir }, ...options });
-  defer(() => b.close());
-  return { b, logs, op };
-}
-
-async function admitted(ab: AuthBroker, role: Role): Promise<Identity> {
-  const who = generateIdentity(role);
-  await ab.b.admit(admit(ab.op, who));
-  return who;
-}
-
-function options(who: Identity, extra: IClientOptions = {}): IClientOptions {
-  return { protocolVersion: 4, clientId: who.id, username: who.id, password: makeConnectToken(who), reconnectPeriod: 0, connectTimeout: 2000, ...extra };
-}
-
-async function connect(defer: Defer, b: BrokerHandle, who: Identity, extra: IClientOptions = {}): Promise<MqttClient> {
-  const c = await mqtt.connectAsync(b.url, options(who, extra));
-  (c.stream as net.Socket).setNoDelay(true);
-  defer(() => c.endAsync(true));
-  return c;
-}
-
-function nextMessage(c: MqttClient, timeoutMs = 2000): Promise<{ topic: string; payload: Buffer }> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => {
-      c.off('message', onMessage);
-      reject(new Error('no message within timeout'));
-    }, timeoutMs);
-    function onMessage(topic: string, payload: Buffer): void {
-      clearTimeout(timer);
-      c.off('message', onMessage);
-      resolve({ topic, payload });
-    }
-    c.on('message', onMessage);
-  });
-}
-
-function waitClose(c: MqttClient, timeoutMs = 2000): Promise<number> {
-  if (c.disconnected && !c.connected) return Promise.resolve(Date.now());
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error('client was not disconnected')), timeoutMs);
-    c.once('close', () => {
-      clearTimeout(timer);
-      resolve(Date.now());
-    });
-  });
-}
-
-async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  try {
-    return await Promise.race([p, new Promise<T>((_, reject) => (timer = setTimeout(() => reject(new Error(`timeout: ${what}`)), ms)))]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** A fresh admitted app and agent from 127.0.0.1 exchange a request and a reply within `withinMs`. */
-async function assertServing(defer: Defer, ab: AuthBroker, withinMs = 2000): Promise<void> {
-  const t0 = Date.now();
-  const agentId = await admitted(ab, 'agent');
-  const appId = await admitted(ab, 'app');
-  const agent = await connect(defer, ab.b, agentId);
-  const app = await connect(defer, ab.b, appId);
-  await agent.subscribeAsync(topics.agentRequestsFor(agentId.id), { qos: 1 });
-  await app.subscribeAsync(topics.clientRepliesFor(appId.id), { qos: 1 });
-  const req = nextMessage(agent, withinMs);
-  await app.publishAsync(topics.agentRequest(agentId.id, appId.id), 'ping', { qos: 1 });
-  assert.equal((await req).payload.toString(), 'ping');
-  const res = nextMessage(app, withinMs);
-  await agent.publishAsync(topics.clientReply(appId.id, agentId.id), 'pong', { qos: 1 });
-  assert.equal((await res).payload.toString(), 'pong');
-  assert.ok(Date.now() - t0 < withinMs, `round trip took ${Date.now() - t0} ms`);
-  await agent.endAsync();
-  await app.endAsync();
-}
-
-// Raw MQTT 3.1.1 packets ───────────────────────────────────────────────────────────────────────────────────────
-
-function varint(n: number): Buffer {
-  const out: number[] = [];
-  do {
-    let byte = n % 128;
-    n = Math.floor(n / 128);
-    if (n > 0) byte |= 0x80;
-    out.push(byte);
-  } while (n > 0);
-  return Buffer.from(out);
-}
-
-function frame(firstByte: number, body: Buffer): Buffer {
-  return Buffer.concat([Buffer.from([firstByte]), varint(body.length), body]);
-}
-
-function str(s: string | Buffer): Buffer {
-  const b = typeof s === 'string' ? Buffer.from(s, 'utf8') : s;
-  return Buffer.concat([Buffer.from([b.length >> 8, b.length & 0xff]), b]);
-}
-
-interface ConnectFields {
-  clientId: string;
-  username?: string | Buffer;
-  password?: Buffer;
-  clean?: boolean;
-  keepalive?: number;
-  protocolName?: string;
-  level?: number;
-  extraFlags?: number;
-}
-
-function connectPacket(f: ConnectFields): Buffer {
-  let flags = (f.clean ?? true ? 0x02 : 0) | (f.extraFlags ?? 0);
-  if (f.username !== undefined) flags |= 0x80;
-  if (f.password !== undefined) flags |= 0x40;
-  const keepalive = f.keepalive ?? 30;
-  const parts = [str(f.protocolName ?? 'MQTT'), Buffer.from([f.level ?? 4, flags, keepalive >> 8, keepalive & 0xff]), str(f.clientId)];
-  if (f.username !== undefined) parts.push(str(f.username));
-  if (f.password !== undefined) parts.push(str(f.password));
-  return frame(0x10, Buffer.concat(parts));
-}
+const authBroker = authBrokerFor('hostile-');
 
 /** A CONNECT that proves `who` (fresh token). */
 function authConnect(who: Identity, extra: Partial<ConnectFields> = {}): Buffer {
@@ -186,26 +47,6 @@ function publishPacket(topic: string | Buffer, payload: Buffer | string, qos = 0
 
 function subscribePacket(filter: string | Buffer, qos = 1, messageId = 1): Buffer {
   return frame(0x82, Buffer.concat([Buffer.from([messageId >> 8, messageId & 0xff]), str(filter), Buffer.from([qos])]));
-}
-
-interface Raw {
-  socket: net.Socket;
-  received: Buffer[];
-  closed: Promise<number>;
-  isClosed: () => boolean;
-  bytes: () => Buffer;
-}
-
-async function rawSocket(defer: Defer, b: BrokerHandle, localAddress?: string): Promise<Raw> {
-  const socket = net.connect({ port: b.port, host: '127.0.0.1', ...(localAddress ? { localAddress } : {}) });
-  socket.on('error', () => {});
-  defer(() => socket.destroy());
-  const received: Buffer[] = [];
-  socket.on('data', (d: Buffer) => received.push(d));
-  let isClosed = false;
-  const closed = new Promise<number>((resolve) => socket.once('close', () => ((isClosed = true), resolve(Date.now()))));
-  await Promise.race([once(socket, 'connect'), closed]);
-  return { socket, received, closed, isClosed: () => isClosed, bytes: () => Buffer.concat(received) };
 }
 
 /** Waits until `n` bytes arrived or the socket closed; returns what arrived. */
@@ -269,7 +110,7 @@ test('bad protocol names and versions (3.1, MQTT 5, others), reserved flag bits 
     await withTimeout(raw.closed, 2000, what);
   }
   assert.equal(ab.b.clientCount(), 0);
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 });
 
 test('a packet started and never completed after CONNECT is closed by the keepalive deadline', { timeout: 20_000 }, async (t) => {
@@ -285,7 +126,7 @@ test('a packet started and never completed after CONNECT is closed by the keepal
   const sentAt = Date.now();
   const closedAt = await withTimeout(raw.closed, 4000, 'keepalive close');
   assert.ok(closedAt - sentAt >= 1000 && closedAt - sentAt < 3000, `closed after ${closedAt - sentAt} ms`);
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 });
 
 test('invalid UTF-8 and NUL in topics are refused (publish disconnects, subscribe gets 0x80)', { timeout: 20_000 }, async (t) => {
@@ -315,7 +156,7 @@ test('invalid UTF-8 and NUL in topics are refused (publish disconnects, subscrib
   const suback = (await readBytes(raw, 9)).subarray(4);
   assert.deepEqual([...suback], [0x90, 0x03, 0x00, 0x07, 0x80]);
   assert.ok(!raw.isClosed());
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 });
 
 test('__proto__ and constructor as client id or topic level change nothing', { timeout: 20_000 }, async (t) => {
@@ -348,7 +189,7 @@ test('__proto__ and constructor as client id or topic level change nothing', { t
   await proto.publishAsync('__proto__/constructor', 'y', { qos: 1 });
   assert.equal((await got).topic, '__proto__/constructor');
   assert.equal(open.clientCount(), 1);
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 });
 
 test('retained floods: unique topics are refused, repeated own status keeps one retained message', { timeout: 20_000 }, async (t) => {
@@ -370,7 +211,7 @@ test('retained floods: unique topics are refused, repeated own status keeps one 
   await router.subscribeAsync([topics.allAgentStatus(), topics.allAgentLoad()], { qos: 1 });
   await new Promise((r) => setTimeout(r, 200));
   assert.deepEqual(seen, [`${topics.agentStatus(agent.id)}=last`]);
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 });
 
 test('QoS 2 is refused in authenticated mode too: publisher disconnected, nothing delivered', { timeout: 20_000 }, async (t) => {
@@ -393,7 +234,7 @@ test('QoS 2 is refused in authenticated mode too: publisher disconnected, nothin
   await new Promise((r) => setTimeout(r, 100));
   assert.deepEqual(seen, []);
   assert.ok(ab.logs.some((l) => l.reason === 'qos2' && l.clientId === appId.id));
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 });
 
 test('idle-socket flood: one address gets at most maxConnectionsPerIp sockets, idle ones close at the connect timeout', { timeout: 20_000 }, async (t) => {
@@ -405,7 +246,7 @@ test('idle-socket flood: one address gets at most maxConnectionsPerIp sockets, i
   const open = flood.filter((r) => !r.isClosed());
   assert.equal(open.length, 10, 'only the per-address cap is kept open');
   // Meanwhile a client from another address connects and is served.
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
   // The idle ones are closed by the CONNECT deadline, which frees the address again.
   await withTimeout(Promise.all(open.map((r) => r.closed)), 2000, 'idle sockets closed');
   const later = await rawSocket(defer, ab.b, '127.0.0.2');
@@ -431,7 +272,7 @@ test('CONNECT storm: beyond the per-address bucket CONNECTs are closed before an
   assert.equal(accepted + silent, 30);
   const warned = ab.logs.filter((l) => l.reason === 'connect-rate' && l.level === 40);
   assert.equal(warned.length, 1, 'the storm is logged once at warn, the rest at debug');
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 });
 
 test('auth-failure storm: an address is banned after a burst of refused CONNECTs, others are unaffected, the ban ends', { timeout: 20_000 }, async (t) => {
@@ -455,7 +296,7 @@ test('auth-failure storm: an address is banned after a burst of refused CONNECTs
   }
   assert.equal(ab.logs.filter((l) => l.msg === 'connect refused').length, refusalsBefore, 'banned CONNECTs never reached authentication');
   // Another address is served meanwhile.
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
   const bannedAt = ab.logs.find((l) => l.msg === 'address banned')!.time as number;
   await new Promise((r) => setTimeout(r, Math.max(0, bannedAt + 1600 - Date.now())));
   const raw = await rawSocket(defer, ab.b, '127.0.0.4');
@@ -492,7 +333,7 @@ test('a frozen consumer is disconnected within drainTimeout and does not stall a
   );
   assert.ok(disconnectedAt - t0 < 3000, `disconnected after ${disconnectedAt - t0} ms`);
   assert.ok(agent.connected, 'the publisher was not punished');
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 });
 
 test('a publish flood from one client is cut off by its token bucket; the default bucket allows a benchmark burst', { timeout: 20_000 }, async (t) => {
@@ -511,7 +352,7 @@ test('a publish flood from one client is cut off by its token bucket; the defaul
   await new Promise((r) => setTimeout(r, 100));
   assert.ok(delivered >= 100 && delivered < 400, `delivered ${delivered} of 2000`);
   assert.ok(ab.logs.some((l) => l.reason === 'publish-rate' && l.clientId === flooderId.id));
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 
   // Defaults (20k/s, burst 40k): 10,000 back-to-back publishes go through untouched.
   const roomy = await authBroker(defer);
@@ -562,7 +403,7 @@ test('clean=false sessions, keepalive 0 or above the limit are refused, also wit
   }
   await assert.rejects(mqtt.connectAsync(open.url, { protocolVersion: 4, clientId: 'idle-forever', keepalive: 0, reconnectPeriod: 0, connectTimeout: 2000 }), (err: Error & { code?: number }) => err.code === 5);
   assert.equal(open.clientCount(), 0);
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 });
 
 test('64 KB client id, user name or password is refused at once, before any signature work', { timeout: 20_000 }, async (t) => {
@@ -587,5 +428,5 @@ test('64 KB client id, user name or password is refused at once, before any sign
     assert.ok(JSON.stringify(line).length < 1000, `${what}: the log line does not carry the field`);
   }
   assert.equal(ab.b.clientCount(), 0);
-  await assertServing(defer, ab);
+  await assertServing(defer, ab, 2000);
 });
