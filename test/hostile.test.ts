@@ -159,6 +159,27 @@ test('invalid UTF-8 and NUL in topics are refused (publish disconnects, subscrib
   await assertServing(defer, ab, 2000);
 });
 
+test('an empty topic and wildcards in a PUBLISH topic are refused before routing', { timeout: 20_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const agent = await admitted(ab, 'agent');
+  const load = topics.agentLoad(agent.id);
+  for (const [what, topic] of [
+    ['empty topic', ''],
+    ['+ in a publish', load.replace('/load', '/+')],
+    ['# in a publish', load.replace('/load', '/#')],
+    ['+ as the id level', load.replace(agent.id, '+')],
+  ] as const) {
+    const raw = await rawSocket(defer, ab.b);
+    raw.socket.write(authConnect(agent));
+    assert.equal(await connackCode(raw), 0);
+    raw.socket.write(publishPacket(Buffer.from(topic), 'x', 1));
+    await withTimeout(raw.closed, 2000, what);
+    assert.equal(raw.bytes().length, 4, `${what}: no PUBACK, only the CONNACK`);
+  }
+  await assertServing(defer, ab, 2000);
+});
+
 test('__proto__ and constructor as client id or topic level change nothing', { timeout: 20_000 }, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
