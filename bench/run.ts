@@ -18,6 +18,8 @@ const BENCHES: Record<string, { file: string; about: string }> = {
   overhead: { file: './overhead.ts', about: 'kws latency: raw onnxruntime vs mesh (broker + agent + SDK processes) vs a no-op echo agent' },
   throughput: { file: './throughput.ts', about: 'kws requests/s at fixed concurrency against the agent (workers 1 and 2) and the echo agent' },
   agent: { file: './agent.ts', about: 'agent process start to retained status at a subscriber (ready_ms) and idle RSS' },
+  'router-sim': { file: './router-sim.ts', about: 'discrete-event router simulator: scenarios x policies, p50/p99/p99.9, fail rate, extra load' },
+  'router-pick': { file: './router-pick.ts', about: 'selectAgent wall-clock cost on 100, 1,000 and 10,000 agents (pick_p50_us, pick_p99_us)' },
 };
 
 const USAGE = `usage: npm run bench -- <name> [--quick] [--timeout-s S] [bench options]
@@ -33,6 +35,8 @@ options:
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
   agent:      --reps R
+  router-sim: --nodes N --duration-s S --seed K --loads 0.7,0.8,0.9 --policies a,b --scenarios a,b --side-load L
+  router-pick: --picks N                  timed picks per fleet size (default 300000, quick 50000)
 
 The last stdout line is one JSON object with the benchmark's fields (see /work/shared/TARGETS.md).`;
 
