@@ -57,3 +57,15 @@ export {
   type SelectOptions,
 } from './select.ts';
 export { applyVivaldiSample, vivaldiDistanceMs, newCoord, isCoordKnown, VIVALDI_DEFAULTS, type VivaldiCoord, type VivaldiOptions } from './vivaldi.ts';
+export {
+  startRouter,
+  type StartRouterOptions,
+  type RouterHandle,
+  type RouterLogger,
+  type RouteOptions,
+  type RouteResult,
+  type RouterInferOptions,
+  type RouterInferResult,
+  type RouterCounters,
+  type AttemptRecord,
+} from './live.ts';

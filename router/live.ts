@@ -1,0 +1,547 @@
+/**
+ * The live router: the pure core (estimates.ts, select.ts) fed from MQTT. It subscribes to every agent's
+ * signed status and load heartbeat, keeps the registry current, answers `route()` (which agent, predicted
+ * ms) and forwards requests for thin clients as itself (`infer()`): per-try timeouts from the prediction,
+ * retries on another agent after MESH_BUSY / a lost agent, one hedge to a different warm node after
+ * hedgeDelayMs, and the loser cancelled on the cancel topic. Time for the core is Date.now(), the same
+ * clock as the wire deadlines.
+ */
+import type { MqttClient } from 'mqtt';
+import {
+  DEFAULT_MAX_MESSAGE_BYTES,
+  MeshError,
+  PROTOCOL_VERSION,
+  assertValidId,
+  checkTensor,
+  decodeMessage,
+  decodeTensorMap,
+  encodeMessage,
+  encodeTensorMap,
+  isMeshErrorCode,
+  newRequestId,
+  openMeshConnection,
+  parseTopic,
+  requestIdHex,
+  topics,
+  verifyStatus,
+  type AgentLoad,
+  type AgentStatus,
+  type ErrorReply,
+  type Identity,
+  type InferReply,
+  type MeshErrorCode,
+  type ModelInfo,
+  type Tensor,
+} from '../protocol/index.ts';
+import {
+  createRegistry,
+  evaluateOutliers,
+  markDown,
+  onCancel,
+  onFailure,
+  onLoad,
+  onReply,
+  onSend,
+  onStatus,
+  type Registry,
+  type RouterOptions,
+} from './estimates.ts';
+import { hedgeDelayMs, perTryTimeoutMs, selectAgent, type RouteRequest } from './select.ts';
+
+/** The few pino methods the router uses; any pino logger fits. */
+export interface RouterLogger {
+  debug(obj: object, msg?: string): void;
+  info(obj: object, msg?: string): void;
+  warn(obj: object, msg?: string): void;
+  error(obj: object, msg?: string): void;
+}
+
+const SILENT: RouterLogger = { debug() {}, info() {}, warn() {}, error() {} };
+
+export interface StartRouterOptions {
+  brokerUrl: string;
+  /** A 'router' identity: its id is the router's client id and it proves the router on CONNECT. */
+  identity: Identity;
+  logger?: RouterLogger;
+  /** Tuning of the pure core (see RouterConfig). */
+  config?: RouterOptions;
+  /** Deadline when a call gives none, ms. */
+  defaultDeadlineMs?: number;
+  /** Attempts per request, hedges included. */
+  maxAttempts?: number;
+  /** Hedge a slow attempt on a different warm node (default true). */
+  hedging?: boolean;
+  /** Period of outlier evaluation (success-rate ejection), ms. */
+  outlierIntervalMs?: number;
+  maxMessageBytes?: number;
+  keepaliveS?: number;
+  /** Ignore statuses without a valid signature from the agent's key (default true). */
+  requireSignedStatus?: boolean;
+}
+
+export interface RouteOptions {
+  deadlineMs?: number;
+  bytesUp?: number;
+  exclude?: ReadonlySet<string>;
+}
+
+export interface RouteResult {
+  agentId: string;
+  predictedMs: number;
+}
+
+export interface RouterInferOptions {
+  deadlineMs?: number;
+}
+
+export interface RouterInferResult {
+  requestId: string;
+  model: string;
+  agentId: string;
+  outputs: Record<string, Tensor>;
+  /** Agents tried, in order (hedges included). */
+  tried: string[];
+  attempts: number;
+  hedged: boolean;
+  timings: { totalMs: number; queueMs: number; execMs: number; predictedMs: number };
+}
+
+/** One finished attempt, for metrics (HTTP layer) and tests. */
+export interface AttemptRecord {
+  model: string;
+  agentId: string;
+  ok: boolean;
+  code?: MeshErrorCode;
+  e2eMs: number;
+}
+
+export interface RouterCounters {
+  statusRejected: number;
+  requests: number;
+  ok: number;
+  failed: number;
+  retries: number;
+  hedges: number;
+  cancels: number;
+  /** Attempts sent per agent id. */
+  sentTo: Record<string, number>;
+}
+
+export interface RouterHandle {
+  readonly id: string;
+  readonly registry: Registry;
+  readonly counters: RouterCounters;
+  /** Picks an agent for `model` now; throws a coded MeshError (MESH_NO_AGENT, MESH_DEADLINE_EXCEEDED). */
+  route(model: string, options?: RouteOptions): RouteResult;
+  /** Forwards one request over MQTT as the router and resolves with the first result. */
+  infer(model: string, inputs: Record<string, Tensor>, options?: RouterInferOptions): Promise<RouterInferResult>;
+  /** Live agents and their latest verified status. */
+  agents(): { id: string; up: boolean; status: AgentStatus }[];
+  /** Models served by at least one live agent (first status wins for the metadata). */
+  models(): ModelInfo[];
+  /** Resolves once `count` live agents serve `model`. */
+  waitForModel(model: string, timeoutMs?: number, count?: number): Promise<void>;
+  /** Called after every finished attempt. */
+  onAttempt(listener: (a: AttemptRecord) => void): () => void;
+  readonly connected: boolean;
+  close(): Promise<void>;
+}
+
+/** Codes after which another agent may well succeed. */
+const RETRY_ELSEWHERE: ReadonlySet<MeshErrorCode> = new Set(['MESH_BUSY', 'MESH_AGENT_LOST', 'MESH_SHUTTING_DOWN', 'MESH_UNKNOWN_MODEL', 'MESH_TIMEOUT', 'MESH_NOT_CONNECTED']);
+
+interface Attempt {
+  sentAt: number;
+  predictedMs: number;
+  timer: NodeJS.Timeout | undefined;
+  /** The per-try timeout fired: the attempt already counted as a failure, but its late answer still wins. */
+  timedOut: boolean;
+}
+
+interface InFlight {
+  model: string;
+  attempts: Map<string, Attempt>;
+  onAnswer(agentId: string, reply: InferReply | undefined, err: MeshError | undefined): void;
+}
+
+export async function startRouter(options: StartRouterOptions): Promise<RouterHandle> {
+  const {
+    brokerUrl,
+    identity,
+    logger = SILENT,
+    defaultDeadlineMs = 2_000,
+    maxAttempts = 3,
+    hedging = true,
+    outlierIntervalMs = 1_000,
+    maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
+    keepaliveS = 10,
+    requireSignedStatus = true,
+  } = options;
+  if (identity.role !== 'router') throw new MeshError('MESH_CONFIG', `startRouter needs a router key, got a ${identity.role} key (${identity.id})`);
+  const routerId = assertValidId(identity.id, 'router id');
+  if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
+
+  const registry = createRegistry(options.config ?? {});
+  const statuses = new Map<string, AgentStatus>();
+  const pending = new Map<string, InFlight>();
+  const listeners = new Set<(a: AttemptRecord) => void>();
+  const waiters = new Set<() => void>();
+  const counters: RouterCounters = { statusRejected: 0, requests: 0, ok: 0, failed: 0, retries: 0, hedges: 0, cancels: 0, sentTo: {} };
+  const notify = () => {
+    for (const w of [...waiters]) w();
+  };
+  const emit = (a: AttemptRecord) => {
+    for (const l of listeners) {
+      try {
+        l(a);
+      } catch (err) {
+        logger.warn({ err: (err as Error).message }, 'attempt listener threw');
+      }
+    }
+  };
+
+  const failOutstanding = (agentId: string, code: MeshErrorCode, message: string) => {
+    for (const request of [...pending.values()]) {
+      if (request.attempts.has(agentId)) request.onAnswer(agentId, undefined, new MeshError(code, message, { details: { agentId } }));
+    }
+  };
+
+  const handleStatus = (agentId: string, payload: Buffer) => {
+    if (payload.length === 0) return;
+    let status: AgentStatus;
+    try {
+      status = decodeMessage(payload, ['status'], maxMessageBytes);
+    } catch (err) {
+      logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad status');
+      return;
+    }
+    if (status.agent !== agentId) return;
+    if (requireSignedStatus && !verifyStatus(status)) {
+      counters.statusRejected++;
+      logger.debug({ agentId }, 'ignoring an unverified status');
+      return;
+    }
+    const previous = statuses.get(agentId);
+    const now = Date.now();
+    if (status.state !== 'online') {
+      statuses.set(agentId, status);
+      onStatus(registry, status, now);
+      failOutstanding(agentId, 'MESH_AGENT_LOST', `agent ${agentId} went ${status.state}`);
+      logger.info({ agentId, state: status.state }, 'agent not online');
+      notify();
+      return;
+    }
+    if (previous && previous.state === 'online' && previous.session !== status.session) {
+      failOutstanding(agentId, 'MESH_AGENT_LOST', `agent ${agentId} restarted`);
+    }
+    statuses.set(agentId, status);
+    const entry = onStatus(registry, status, now);
+    // A returning agent is up again (upsertAgent keeps the learned estimates).
+    if (entry) entry.up = true;
+    notify();
+  };
+
+  const handleLoad = (agentId: string, payload: Buffer) => {
+    if (statuses.get(agentId)?.state !== 'online') return;
+    let load: AgentLoad;
+    try {
+      load = decodeMessage(payload, ['load'], maxMessageBytes);
+    } catch (err) {
+      logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad load report');
+      return;
+    }
+    if (load.agent !== agentId) return;
+    onLoad(registry, load, Date.now());
+  };
+
+  const handleReply = (agentId: string, payload: Buffer) => {
+    let reply: InferReply | ErrorReply;
+    try {
+      reply = decodeMessage(payload, ['res', 'err'], maxMessageBytes);
+    } catch (err) {
+      logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad reply');
+      return;
+    }
+    const request = pending.get(requestIdHex(reply.id));
+    if (!request || !request.attempts.has(agentId) || reply.agent !== agentId) return;
+    if (reply.kind === 'res') request.onAnswer(agentId, reply, undefined);
+    else request.onAnswer(agentId, undefined, new MeshError(isMeshErrorCode(reply.code) ? reply.code : 'MESH_INTERNAL', reply.message, { details: { agentId } }));
+  };
+
+  let connected = false;
+  let closing = false;
+  const connection = openMeshConnection(brokerUrl, {
+    identity,
+    keepaliveS,
+    onConnect: (c: MqttClient) => {
+      connected = true;
+      c.subscribe([topics.clientRepliesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()], { qos: 1 }, (err) => {
+        if (err) logger.error({ err: err.message }, 'subscribe failed');
+      });
+    },
+    onRefused: (err) => logger.error({ code: err.code, err: err.message }, 'broker refused the router'),
+  });
+  const client = connection.client;
+  client.on('close', () => (connected = false));
+  client.on('message', (topic, payload) => {
+    const parsed = parseTopic(topic);
+    if (!parsed) return;
+    if (parsed.kind === 'status') handleStatus(parsed.agentId, payload);
+    else if (parsed.kind === 'load') handleLoad(parsed.agentId, payload);
+    else if (parsed.kind === 'reply' && parsed.clientId === routerId) handleReply(parsed.agentId, payload);
+  });
+  await connection.firstConnect;
+
+  const outlierTimer = setInterval(() => {
+    const ejected = evaluateOutliers(registry, Date.now());
+    if (ejected.length > 0) logger.info({ ejected }, 'ejected outliers');
+  }, outlierIntervalMs);
+  outlierTimer.unref();
+
+  const route = (model: string, routeOptions: RouteOptions = {}, extra: Partial<RouteRequest> = {}): RouteResult => {
+    const now = Date.now();
+    const request: RouteRequest = {
+      model,
+      ...(routeOptions.deadlineMs !== undefined ? { deadlineMs: now + routeOptions.deadlineMs } : {}),
+      ...(routeOptions.bytesUp !== undefined ? { bytesUp: routeOptions.bytesUp } : {}),
+      ...(routeOptions.exclude ? { exclude: routeOptions.exclude } : {}),
+      ...extra,
+    };
+    const selection = selectAgent(registry, request, now, registry.rng);
+    if (!selection.ok) throw new MeshError(selection.code, selection.message, { details: { model } });
+    return { agentId: selection.agentId, predictedMs: selection.predictedMs };
+  };
+
+  const cancelOn = (agentId: string, id: Uint8Array) => {
+    counters.cancels++;
+    if (client.connected) client.publish(topics.agentCancel(agentId, routerId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
+  };
+
+  const waitForChange = (timeoutMs: number) =>
+    new Promise<void>((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        waiters.delete(done);
+        resolve();
+      };
+      const timer = setTimeout(done, Math.max(0, timeoutMs));
+      waiters.add(done);
+    });
+
+  const hasCandidate = (model: string): boolean => {
+    try {
+      route(model);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+
+  const infer = async (model: string, inputs: Record<string, Tensor>, inferOptions: RouterInferOptions = {}): Promise<RouterInferResult> => {
+    const { deadlineMs = defaultDeadlineMs } = inferOptions;
+    for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
+    counters.requests++;
+    const started = performance.now();
+    const deadline = Date.now() + deadlineMs;
+    const id = newRequestId();
+    const key = requestIdHex(id);
+    const payload = encodeMessage({ v: PROTOCOL_VERSION, kind: 'req', id, deadline, model, inputs: encodeTensorMap(inputs) });
+
+    // A router that just started may not have heard the statuses yet: wait within the deadline.
+    while (!hasCandidate(model) && Date.now() < deadline) await waitForChange(Math.min(100, deadline - Date.now()));
+
+    return new Promise<RouterInferResult>((resolve, reject) => {
+      const tried: string[] = [];
+      const attempts = new Map<string, Attempt>();
+      let lastError: MeshError | undefined;
+      let hedgeTimer: NodeJS.Timeout | undefined;
+      let hedged = false;
+      let done = false;
+
+      const settle = (agentId: string): Attempt | undefined => {
+        const attempt = attempts.get(agentId);
+        if (!attempt) return undefined;
+        attempts.delete(agentId);
+        clearTimeout(attempt.timer);
+        return attempt;
+      };
+      const finish = (err: MeshError | undefined, result?: RouterInferResult) => {
+        if (done) return;
+        done = true;
+        clearTimeout(deadlineTimer);
+        clearTimeout(hedgeTimer);
+        pending.delete(key);
+        for (const agentId of [...attempts.keys()]) {
+          const a = settle(agentId)!;
+          if (!a.timedOut) onCancel(registry, agentId, Date.now());
+          cancelOn(agentId, id);
+        }
+        if (err) {
+          counters.failed++;
+          reject(err);
+        } else {
+          counters.ok++;
+          resolve(result!);
+        }
+      };
+      const failNow = () => {
+        if (done) return;
+        if (Date.now() >= deadline) {
+          const last = lastError ? ` (last: ${lastError.code})` : '';
+          finish(new MeshError('MESH_DEADLINE_EXCEEDED', `no result for ${model} within ${deadlineMs} ms${last}`, { cause: lastError, details: { model, tried } }));
+        } else if (lastError) finish(lastError);
+        else finish(new MeshError('MESH_NO_AGENT', `no live agent serves model ${model}`, { details: { model } }));
+      };
+
+      /** Starts an attempt on a node not tried yet; false when there is none, no budget, or no time. */
+      const launch = (kind: 'first' | 'retry' | 'hedge'): boolean => {
+        if (done || closing || tried.length >= maxAttempts) return false;
+        const now = Date.now();
+        const remaining = deadline - now;
+        if (remaining <= 0) return false;
+        let choice: RouteResult;
+        try {
+          choice = route(model, { deadlineMs: remaining, bytesUp: payload.byteLength, exclude: new Set(tried) }, kind === 'hedge' ? { warmOnly: true } : {});
+        } catch (err) {
+          if (kind !== 'hedge') lastError ??= err as MeshError;
+          return false;
+        }
+        // selectAgent falls back to excluded nodes when nothing else is left; never send twice to one node.
+        if (tried.includes(choice.agentId)) return false;
+        const { agentId, predictedMs } = choice;
+        tried.push(agentId);
+        counters.sentTo[agentId] = (counters.sentTo[agentId] ?? 0) + 1;
+        if (kind === 'retry') counters.retries++;
+        if (kind === 'hedge') {
+          counters.hedges++;
+          hedged = true;
+        }
+        onSend(registry, agentId, model, now);
+        const timeoutMs = perTryTimeoutMs(registry, predictedMs, remaining);
+        const attempt: Attempt = { sentAt: performance.now(), predictedMs, timer: undefined, timedOut: false };
+        attempts.set(agentId, attempt);
+        if (timeoutMs < remaining) {
+          attempt.timer = setTimeout(() => {
+            if (done || attempts.get(agentId) !== attempt) return;
+            // Counted as a failure at once; the attempt keeps running and its late answer may still win.
+            attempt.timedOut = true;
+            onFailure(registry, agentId, model, Date.now(), { predictedMs, timeoutMs });
+            emit({ model, agentId, ok: false, code: 'MESH_TIMEOUT', e2eMs: performance.now() - attempt.sentAt });
+            logger.debug({ model, agentId, timeoutMs }, 'attempt timed out; retrying elsewhere');
+            launch('retry');
+          }, timeoutMs);
+          attempt.timer.unref?.();
+        }
+        client.publish(topics.agentRequest(agentId, routerId), payload, { qos: 1 }, (err) => {
+          if (err) request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
+        });
+        if (hedging && kind !== 'hedge' && !hedged) {
+          const entry = registry.agents.get(agentId)?.models.get(model);
+          const delay = entry ? hedgeDelayMs(entry, predictedMs) : Number.POSITIVE_INFINITY;
+          clearTimeout(hedgeTimer);
+          if (delay < deadline - Date.now()) {
+            hedgeTimer = setTimeout(() => {
+              if (!done && attempts.has(agentId) && launch('hedge')) logger.debug({ model, slow: agentId, afterMs: delay }, 'hedged a slow attempt');
+            }, delay);
+          }
+        }
+        return true;
+      };
+
+      const request: InFlight = {
+        model,
+        attempts,
+        onAnswer: (agentId, reply, err) => {
+          if (done) return;
+          const attempt = settle(agentId);
+          if (!attempt) return;
+          const now = Date.now();
+          const e2eMs = performance.now() - attempt.sentAt;
+          if (reply) {
+            let outputs: Record<string, Tensor>;
+            try {
+              outputs = decodeTensorMap(reply.outputs);
+            } catch (decodeErr) {
+              attempts.set(agentId, attempt);
+              request.onAnswer(agentId, undefined, decodeErr as MeshError);
+              return;
+            }
+            if (attempt.timedOut) {
+              // Its failure was counted already; still learn the service time it reported.
+              const a = registry.agents.get(agentId);
+              if (a) a.outstanding++;
+            }
+            onReply(registry, agentId, model, { queueMs: reply.queueMs, execMs: reply.execMs, e2eMs, predictedMs: attempt.predictedMs, bytes: payload.byteLength }, now);
+            emit({ model, agentId, ok: true, e2eMs });
+            finish(undefined, {
+              requestId: key,
+              model,
+              agentId,
+              outputs,
+              tried: [...tried],
+              attempts: tried.length,
+              hedged,
+              timings: { totalMs: performance.now() - started, queueMs: reply.queueMs, execMs: reply.execMs, predictedMs: attempt.predictedMs },
+            });
+            return;
+          }
+          const error = err!;
+          lastError = error;
+          if (!attempt.timedOut) {
+            onFailure(registry, agentId, model, now, { lost: error.code === 'MESH_AGENT_LOST' });
+            emit({ model, agentId, ok: false, code: error.code, e2eMs });
+          } else if (error.code === 'MESH_AGENT_LOST') {
+            const a = registry.agents.get(agentId);
+            if (a) markDown(a, now);
+          }
+          if (!RETRY_ELSEWHERE.has(error.code)) return finish(error);
+          logger.debug({ model, agentId, code: error.code }, 'attempt failed; trying another agent');
+          if (!launch('retry') && attempts.size === 0) failNow();
+        },
+      };
+      pending.set(key, request);
+      const deadlineTimer = setTimeout(failNow, Math.max(0, deadline - Date.now()));
+      if (!launch('first')) failNow();
+    });
+  };
+
+  return {
+    id: routerId,
+    registry,
+    counters,
+    route: (model, routeOptions) => route(model, routeOptions),
+    infer,
+    agents: () => [...statuses].map(([id, status]) => ({ id, up: status.state === 'online' && (registry.agents.get(id)?.up ?? false), status })),
+    models: () => {
+      const byName = new Map<string, ModelInfo>();
+      for (const s of statuses.values()) {
+        if (s.state !== 'online' || !registry.agents.get(s.agent)?.up) continue;
+        for (const m of s.models ?? []) if (!byName.has(m.name)) byName.set(m.name, m);
+      }
+      return [...byName.values()];
+    },
+    async waitForModel(model, timeoutMs = 10_000, count = 1) {
+      const until = Date.now() + timeoutMs;
+      const live = () => [...statuses.values()].filter((s) => s.state === 'online' && registry.agents.get(s.agent)?.up && s.models?.some((m) => m.name === model)).length;
+      while (live() < count) {
+        if (Date.now() >= until) throw new MeshError('MESH_NO_AGENT', `no live agent serves model ${model} after ${timeoutMs} ms`);
+        await waitForChange(Math.min(100, until - Date.now()));
+      }
+    },
+    onAttempt(listener) {
+      listeners.add(listener);
+      return () => listeners.delete(listener);
+    },
+    get connected() {
+      return connected;
+    },
+    async close() {
+      clearInterval(outlierTimer);
+      closing = true;
+      for (const request of [...pending.values()]) {
+        for (const agentId of [...request.attempts.keys()]) request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', 'router closed'));
+      }
+      await connection.close();
+    },
+  };
+}
