@@ -69,3 +69,4 @@ export {
   type RouterCounters,
   type AttemptRecord,
 } from './live.ts';
+export { startRouterHttp, kserveDatatypeOf, KSERVE_TO_DTYPE, type RouterHttpOptions, type RouterHttpHandle, type KServeDatatype } from './http.ts';

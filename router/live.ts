@@ -47,6 +47,7 @@ import {
   type RouterOptions,
 } from './estimates.ts';
 import { hedgeDelayMs, perTryTimeoutMs, selectAgent, type RouteRequest } from './select.ts';
+import type { RouterHttpHandle, RouterHttpOptions } from './http.ts';
 
 /** The few pino methods the router uses; any pino logger fits. */
 export interface RouterLogger {
@@ -77,6 +78,8 @@ export interface StartRouterOptions {
   keepaliveS?: number;
   /** Ignore statuses without a valid signature from the agent's key (default true). */
   requireSignedStatus?: boolean;
+  /** Also serve the HTTP API (KServe v2, /v1 operator endpoints, /metrics; see http.ts); closed with the router. */
+  http?: RouterHttpOptions;
 }
 
 export interface RouteOptions {
@@ -144,6 +147,8 @@ export interface RouterHandle {
   /** Called after every finished attempt. */
   onAttempt(listener: (a: AttemptRecord) => void): () => void;
   readonly connected: boolean;
+  /** The HTTP API when started with the `http` option. */
+  readonly http: RouterHttpHandle | undefined;
   close(): Promise<void>;
 }
 
@@ -505,7 +510,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     });
   };
 
-  return {
+  let http: RouterHttpHandle | undefined;
+  const handle: RouterHandle = {
     id: routerId,
     registry,
     counters,
@@ -535,7 +541,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     get connected() {
       return connected;
     },
+    get http() {
+      return http;
+    },
     async close() {
+      await http?.close();
       clearInterval(outlierTimer);
       closing = true;
       for (const request of [...pending.values()]) {
@@ -544,4 +554,15 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       await connection.close();
     },
   };
+  if (options.http) {
+    try {
+      // Loaded on demand: a router without the HTTP API never loads fastify.
+      const { startRouterHttp } = await import('./http.ts');
+      http = await startRouterHttp(handle, options.http);
+    } catch (err) {
+      await handle.close();
+      throw err;
+    }
+  }
+  return handle;
 }

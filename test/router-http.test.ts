@@ -1,0 +1,174 @@
+/** The router's HTTP API (KServe v2 JSON, operator endpoints, Prometheus metrics) on a real broker, agent and router. */
+import assert from 'node:assert/strict';
+import { describe, test, type TestContext } from 'node:test';
+import { sampleInputs } from '../cli/sample-inputs.ts';
+import { generateIdentity, tensorToJson } from '../protocol/index.ts';
+import { KSERVE_TO_DTYPE, kserveDatatypeOf, startRouter, startRouterHttp, type RouterHandle, type RouterHttpHandle } from '../router/index.ts';
+import { agentFor, brokerFor, meshFor, quiet } from './helpers.ts';
+
+const PROM_LINE = /^[a-zA-Z_:][a-zA-Z0-9_:]*(\{.*\})? ([-+0-9.eE]+|NaN|[+-]Inf)$/;
+
+async function meshWithHttp(t: TestContext): Promise<{ brokerUrl: string; agentId: string; router: RouterHandle; http: RouterHttpHandle }> {
+  const broker = await brokerFor(t);
+  const agent = await agentFor(t, { brokerUrl: broker.url });
+  const router = await startRouter({ brokerUrl: broker.url, identity: generateIdentity('router'), logger: quiet });
+  t.after(() => router.close());
+  const http = await startRouterHttp(router, { port: 0 });
+  t.after(() => http.close());
+  await router.waitForModel('kws', 10_000);
+  return { brokerUrl: broker.url, agentId: agent.id, router, http };
+}
+
+async function getJson(url: string, init?: RequestInit): Promise<{ status: number; body: any }> {
+  const res = await fetch(url, init);
+  return { status: res.status, body: await res.json() };
+}
+
+const post = (body: unknown): RequestInit => ({ method: 'POST', headers: { 'content-type': 'application/json' }, body: typeof body === 'string' ? body : JSON.stringify(body) });
+
+describe('router HTTP API', { timeout: 120_000 }, () => {
+  test('health, model metadata, a KServe infer equal to a direct infer, errors, operator endpoints and /metrics', async (t) => {
+    const { brokerUrl, agentId, router, http } = await meshWithHttp(t);
+    const base = http.url;
+
+    assert.deepEqual(await getJson(`${base}/v2/health/live`), { status: 200, body: { live: true } });
+    assert.deepEqual(await getJson(`${base}/v2/health/ready`), { status: 200, body: { ready: true } });
+
+    const meta = await getJson(`${base}/v2/models/kws`);
+    assert.equal(meta.status, 200);
+    assert.equal(meta.body.name, 'kws');
+    assert.equal(meta.body.platform, 'onnx');
+    assert.ok(Array.isArray(meta.body.versions) && meta.body.versions.length === 1);
+    const input = meta.body.inputs.find((i: { name: string }) => i.name === 'onnx::Flatten_0');
+    assert.ok(input, JSON.stringify(meta.body.inputs));
+    assert.equal(input.datatype, 'FP32');
+    assert.deepEqual(input.shape.slice(1), [25, 96]);
+    assert.ok(meta.body.outputs.length >= 1);
+    for (const o of meta.body.outputs) assert.equal(typeof o.datatype, 'string');
+    assert.deepEqual(await getJson(`${base}/v2/models/kws/ready`), { status: 200, body: { name: 'kws', ready: true } });
+
+    // The KServe request and a direct call with the very same numbers.
+    const inputs = sampleInputs('kws', 7);
+    assert.deepEqual(Object.keys(inputs), ['onnx::Flatten_0']);
+    const tensor = inputs['onnx::Flatten_0']!;
+    assert.deepEqual(tensor.shape, [1, 25, 96]);
+    const data = tensorToJson(tensor).data;
+    assert.equal(data.length, 2400);
+    const res = await getJson(`${base}/v2/models/kws/infer`, post({ id: 'req-1', inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data }] }));
+    assert.equal(res.status, 200, JSON.stringify(res.body));
+    assert.equal(res.body.model_name, 'kws');
+    assert.equal(res.body.id, 'req-1');
+
+    const viaRouter = await router.infer('kws', sampleInputs('kws', 7), { deadlineMs: 10_000 });
+    const mesh = await meshFor(t, { brokerUrl });
+    await mesh.waitForModel('kws', 10_000);
+    const direct = await mesh.infer('kws', sampleInputs('kws', 7), { deadlineMs: 10_000 });
+    for (const expected of [viaRouter.outputs, direct.outputs]) {
+      assert.deepEqual(res.body.outputs.map((o: { name: string }) => o.name).sort(), Object.keys(expected).sort());
+      for (const out of res.body.outputs) {
+        const want = expected[out.name]!;
+        assert.equal(out.datatype, 'FP32');
+        assert.deepEqual(out.shape, want.shape);
+        assert.deepEqual(out.data, Array.from(want.data as Float32Array));
+      }
+    }
+
+    // Errors carry a MESH_* code and its status.
+    const unknown = await getJson(`${base}/v2/models/no-such-model/infer`, post({ inputs: [{ name: 'x', shape: [1], datatype: 'FP32', data: [1] }] }));
+    assert.ok(
+      (unknown.status === 404 && unknown.body.code === 'MESH_UNKNOWN_MODEL') || (unknown.status === 503 && unknown.body.code === 'MESH_NO_AGENT'),
+      JSON.stringify(unknown),
+    );
+    assert.equal(typeof unknown.body.error, 'string');
+    const unknownMeta = await getJson(`${base}/v2/models/no-such-model`);
+    assert.equal(unknownMeta.status, 404);
+    assert.equal(unknownMeta.body.code, 'MESH_UNKNOWN_MODEL');
+
+    const malformed = [
+      '{"inputs": [',
+      { inputs: 'nope' },
+      { inputs: [] },
+      { inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP99', data: [] }] },
+      { inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, -96], datatype: 'FP32', data: [] }] },
+    ];
+    for (const body of malformed) {
+      const bad = await getJson(`${base}/v2/models/kws/infer`, post(body));
+      assert.equal(bad.status, 400, JSON.stringify(body));
+      assert.equal(bad.body.code, 'MESH_BAD_REQUEST', JSON.stringify(bad.body));
+    }
+    // Well-formed JSON, but the data do not fill the shape: a bad tensor.
+    const short = await getJson(`${base}/v2/models/kws/infer`, post({ inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data: [1, 2, 3] }] }));
+    assert.equal(short.status, 400);
+    assert.equal(short.body.code, 'MESH_BAD_TENSOR');
+
+    // Operator endpoints.
+    const agents = await getJson(`${base}/v1/agents`);
+    assert.equal(agents.status, 200);
+    assert.equal(agents.body.agents.length, 1);
+    assert.equal(agents.body.agents[0].id, agentId);
+    assert.equal(agents.body.agents[0].up, true);
+    assert.ok(agents.body.agents[0].models.some((m: { name: string }) => m.name === 'kws'));
+    assert.equal(typeof agents.body.agents[0].load.outstanding, 'number');
+    const routing = await getJson(`${base}/v1/routing`);
+    assert.equal(routing.status, 200);
+    assert.equal(routing.body.counters.ok, 2);
+
+    // Prometheus text.
+    const metricsRes = await fetch(`${base}/metrics`);
+    assert.equal(metricsRes.status, 200);
+    assert.match(metricsRes.headers.get('content-type') ?? '', /^text\/plain/);
+    const text = await metricsRes.text();
+    for (const line of text.split('\n')) {
+      if (line === '' || line.startsWith('#')) continue;
+      assert.match(line, PROM_LINE);
+    }
+    assert.match(text, /^# TYPE edge_mesh_request_duration_seconds histogram$/m);
+    assert.ok(text.includes(`edge_mesh_request_duration_seconds_count{model="kws",agent="${agentId}"} 1`), text);
+    assert.ok(text.includes(`edge_mesh_attempt_duration_seconds_count{model="kws",agent="${agentId}",outcome="ok"} 2`), text);
+    assert.match(text, /^edge_mesh_requests_total\{model="kws"\} \d+$/m);
+    assert.match(text, /^edge_mesh_request_errors_total\{model="kws",code="MESH_BAD_REQUEST"\} 5$/m);
+    assert.match(text, /^edge_mesh_request_errors_total\{model="kws",code="MESH_BAD_TENSOR"\} 1$/m);
+    assert.match(text, /^edge_mesh_request_errors_total\{model="_unknown",code="MESH_(UNKNOWN_MODEL|NO_AGENT)"\} 2$/m);
+
+    await http.close();
+    await assert.rejects(fetch(`${base}/v2/health/live`));
+  });
+
+  test('startRouter({ http }) serves the API and close() closes it with the router', async (t) => {
+    const broker = await brokerFor(t);
+    const router = await startRouter({ brokerUrl: broker.url, identity: generateIdentity('router'), logger: quiet, http: { port: 0, processMetrics: false } });
+    t.after(() => router.close());
+    assert.ok(router.http);
+    const url = router.http.url;
+    assert.deepEqual(await getJson(`${url}/v2/health/live`), { status: 200, body: { live: true } });
+    const routing = await getJson(`${url}/v1/routing`);
+    assert.equal(routing.body.router, router.id);
+    await router.close();
+    await assert.rejects(fetch(`${url}/v2/health/live`));
+  });
+
+  test('without agents: not ready, infer answers MESH_NO_AGENT; unknown routes 404; datatype mapping', async (t) => {
+    const broker = await brokerFor(t);
+    const router = await startRouter({ brokerUrl: broker.url, identity: generateIdentity('router'), logger: quiet });
+    t.after(() => router.close());
+    const http = await startRouterHttp(router, { processMetrics: false });
+    t.after(() => http.close());
+    const ready = await http.app.inject({ method: 'GET', url: '/v2/health/ready' });
+    assert.equal(ready.statusCode, 503);
+    assert.equal(ready.json().code, 'MESH_NO_AGENT');
+    const noAgent = await http.app.inject({ method: 'POST', url: '/v2/models/kws/infer', payload: { inputs: [{ name: 'x', shape: [2], datatype: 'INT64', data: [1, 2] }] } });
+    assert.equal(noAgent.statusCode, 503);
+    assert.equal(noAgent.json().code, 'MESH_NO_AGENT');
+    const notFound = await http.app.inject({ method: 'GET', url: '/nope' });
+    assert.equal(notFound.statusCode, 404);
+    assert.equal(typeof notFound.json().code, 'string');
+    assert.equal(kserveDatatypeOf('float32'), 'FP32');
+    assert.equal(kserveDatatypeOf('tensor(int64)'), 'INT64');
+    assert.equal(kserveDatatypeOf('bool'), 'BOOL');
+    assert.equal(KSERVE_TO_DTYPE.FP16, 'float16');
+    const t0 = Date.now();
+    await http.close();
+    await router.close();
+    assert.ok(Date.now() - t0 < 5_000, `closed in ${Date.now() - t0} ms`);
+  });
+});
