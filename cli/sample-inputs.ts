@@ -7,7 +7,7 @@
  * Same (model, seed) gives the same values. Results are cached per (model, seed) and every call
  * returns fresh typed arrays, so callers may mutate or transfer them.
  */
-import { MeshError, type Tensor } from '../protocol/index.ts';
+import { MeshError, mulberry32, type Tensor } from '../protocol/index.ts';
 
 export const SAMPLE_MODELS = ['kws', 'vad', 'ocr-cls', 'ocr-det'] as const;
 export type SampleModel = (typeof SAMPLE_MODELS)[number];
@@ -19,17 +19,7 @@ export function isSampleModel(model: string): model is SampleModel {
 // ---------------------------------------------------------------------------------------------
 // Seeded randomness
 
-/** mulberry32: a tiny 32-bit PRNG, uniform in [0, 1). */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { mulberry32 };
 
 interface Rng {
   next: () => number;

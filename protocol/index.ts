@@ -7,3 +7,4 @@ export * from './stats.ts';
 export * from './transport.ts';
 export * from './connection.ts';
 export * from './identity.ts';
+export * from './random.ts';

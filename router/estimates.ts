@@ -3,22 +3,10 @@
  * built from (../shared/notes/routing.md §3.2). Pure: no sockets, no timers; every update takes `nowMs`
  * (any monotonic ms clock, the same one selection uses) and randomness comes from the registry's seeded PRNG.
  */
-import type { AgentLoad, AgentStatus } from '../protocol/index.ts';
+import { mulberry32, type AgentLoad, type AgentStatus, type Rng } from '../protocol/index.ts';
 import { applyVivaldiSample, newCoord, type VivaldiCoord } from './vivaldi.ts';
 
-export type Rng = () => number;
-
-/** Small, fast, seedable PRNG (mulberry32) for tests, benchmarks and the simulator. */
-export function mulberry32(seed: number): Rng {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { mulberry32, type Rng };
 
 export interface RouterConfig {
   /** d: candidates compared per pick. */

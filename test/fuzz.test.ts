@@ -13,6 +13,7 @@ import {
   encodeMessage,
   encodeTensor,
   MeshError,
+  mulberry32,
   newRequestId,
   PROTOCOL_VERSION,
   type InferRequest,
@@ -23,14 +24,7 @@ const KINDS: MessageKind[] = ['req', 'res', 'err', 'cancel', 'status', 'load'];
 const plainCbor = new Encoder({ useRecords: false, mapsAsObjects: true, tagUint8Array: false });
 
 function rng(seed: number) {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const next = mulberry32(seed);
   return { next, int: (n: number) => Math.floor(next() * n) };
 }
 
