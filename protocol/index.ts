@@ -8,3 +8,4 @@ export * from './transport.ts';
 export * from './connection.ts';
 export * from './identity.ts';
 export * from './random.ts';
+export * from './receive.ts';

@@ -17,21 +17,20 @@ import {
   decodeTensorMap,
   encodeMessage,
   encodeTensorMap,
-  isMeshErrorCode,
   newRequestId,
   openMeshConnection,
   parseTopic,
   requestIdHex,
   topics,
-  verifyStatus,
   type AgentLoad,
   type AgentStatus,
-  type ErrorReply,
   type Identity,
   type InferReply,
   type MeshErrorCode,
   type ModelInfo,
   type Tensor,
+  readAgentStatus,
+  readReply,
 } from '../protocol/index.ts';
 import {
   createRegistry,
@@ -213,19 +212,13 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
 
   const handleStatus = (agentId: string, payload: Buffer) => {
     if (payload.length === 0) return;
-    let status: AgentStatus;
-    try {
-      status = decodeMessage(payload, ['status'], maxMessageBytes);
-    } catch (err) {
-      logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad status');
+    const reading = readAgentStatus(agentId, payload, { maxBytes: maxMessageBytes, requireSigned: requireSignedStatus });
+    if (!reading.ok) {
+      if (reading.reason === 'unverified') counters.statusRejected++;
+      logger.debug({ agentId, reason: reading.reason, err: reading.message }, 'ignoring status');
       return;
     }
-    if (status.agent !== agentId) return;
-    if (requireSignedStatus && !verifyStatus(status)) {
-      counters.statusRejected++;
-      logger.debug({ agentId }, 'ignoring an unverified status');
-      return;
-    }
+    const { status } = reading;
     const previous = statuses.get(agentId);
     const now = Date.now();
     if (status.state !== 'online') {
@@ -260,17 +253,13 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   };
 
   const handleReply = (agentId: string, payload: Buffer) => {
-    let reply: InferReply | ErrorReply;
-    try {
-      reply = decodeMessage(payload, ['res', 'err'], maxMessageBytes);
-    } catch (err) {
-      logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad reply');
+    const reading = readReply(agentId, payload, maxMessageBytes);
+    if (!reading) {
+      logger.debug({ agentId }, 'ignoring bad reply');
       return;
     }
-    const request = pending.get(requestIdHex(reply.id));
-    if (!request || !request.attempts.has(agentId) || reply.agent !== agentId) return;
-    if (reply.kind === 'res') request.onAnswer(agentId, reply, undefined);
-    else request.onAnswer(agentId, undefined, new MeshError(isMeshErrorCode(reply.code) ? reply.code : 'MESH_INTERNAL', reply.message, { details: { agentId } }));
+    const request = pending.get(reading.key);
+    if (request?.attempts.has(agentId)) request.onAnswer(agentId, reading.reply, reading.error);
   };
 
   let connected = false;

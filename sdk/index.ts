@@ -20,7 +20,6 @@ import {
   encodeMessage,
   encodeTensorMap,
   generateIdentity,
-  isMeshErrorCode,
   MeshError,
   newRequestId,
   openMeshConnection,
@@ -28,17 +27,17 @@ import {
   PROTOCOL_VERSION,
   requestIdHex,
   topics,
-  verifyStatus,
   type AgentLoad,
   type AgentStatus,
   type BackoffOptions,
-  type ErrorReply,
   type Identity,
   type InferReply,
   type MeshConnection,
   type MeshErrorCode,
   type ModelInfo,
   type Tensor,
+  readAgentStatus,
+  readReply,
 } from '../protocol/index.ts';
 
 export {
@@ -219,20 +218,13 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       agents.delete(agentId);
       return;
     }
-    let status: AgentStatus;
-    try {
-      status = decodeMessage(payload, ['status'], maxMessageBytes);
-    } catch (err) {
-      logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad status');
+    const reading = readAgentStatus(agentId, payload, { maxBytes: maxMessageBytes, requireSigned: requireSignedStatus });
+    if (!reading.ok) {
+      if (reading.reason === 'unverified') counters.statusRejected++;
+      logger.debug({ agentId, reason: reading.reason, err: reading.message }, 'ignoring status');
       return;
     }
-    if (status.agent !== agentId) return;
-    // Checked before anything else, offline statuses too: a forged "offline" would otherwise evict a genuine agent.
-    if (requireSignedStatus && !verifyStatus(status)) {
-      counters.statusRejected++;
-      logger.debug({ agentId, signed: status.sig !== undefined }, 'ignoring a status not signed by the key its agent id derives from');
-      return;
-    }
+    const { status } = reading;
     const known = agents.get(agentId);
     if (status.state === 'offline') {
       if (known) {
@@ -275,18 +267,14 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   };
 
   const onReply = (agentId: string, payload: Buffer) => {
-    let reply: InferReply | ErrorReply;
-    try {
-      reply = decodeMessage(payload, ['res', 'err'], maxMessageBytes);
-    } catch (err) {
-      logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad reply');
+    const reading = readReply(agentId, payload, maxMessageBytes);
+    if (!reading) {
+      logger.debug({ agentId }, 'ignoring bad reply');
       return;
     }
-    const request = pending.get(requestIdHex(reply.id));
-    // A reply counts only from an agent the request went to, as named by both topic and payload.
-    if (!request || !request.attempts.has(agentId) || reply.agent !== agentId) return;
-    if (reply.kind === 'res') request.onAnswer(agentId, reply, undefined);
-    else request.onAnswer(agentId, undefined, new MeshError(isMeshErrorCode(reply.code) ? reply.code : 'MESH_INTERNAL', reply.message, { details: { agentId } }));
+    // A reply counts only from an agent the request went to.
+    const request = pending.get(reading.key);
+    if (request?.attempts.has(agentId)) request.onAnswer(agentId, reading.reply, reading.error);
   };
 
   let refusedFirst: ((err: MeshError) => void) | undefined;

@@ -15,7 +15,11 @@ import {
   makeConnectToken,
   MeshError,
   parseKeyFile,
+  newRequestId,
   PROTOCOL_VERSION,
+  readAgentStatus,
+  readReply,
+  requestIdHex,
   readConnectToken,
   revoke,
   roleOfId,
@@ -114,5 +118,32 @@ describe('identity', () => {
     assert.ok(!verifyStatus({ ...signed, workers: 3 }));
     const impostor = generateIdentity('agent');
     assert.ok(!verifyStatus(signStatus(impostor, status)), 'signed by a key the id does not derive from');
+  });
+});
+
+describe('reading what agents publish', () => {
+  test('statuses: malformed, foreign, unsigned and mis-signed ones are told apart', () => {
+    const agent = generateIdentity('agent');
+    const status: AgentStatus = { v: PROTOCOL_VERSION, kind: 'status', agent: agent.id, state: 'offline', ts: 1 };
+    const ok = readAgentStatus(agent.id, encodeMessage(signStatus(agent, status)));
+    assert.ok(ok.ok && ok.status.state === 'offline');
+    assert.equal((readAgentStatus(agent.id, Buffer.from([0xff])) as { reason: string }).reason, 'malformed');
+    assert.equal((readAgentStatus(generateIdentity('agent').id, encodeMessage(signStatus(agent, status))) as { reason: string }).reason, 'foreign');
+    assert.equal((readAgentStatus(agent.id, encodeMessage(status)) as { reason: string }).reason, 'unverified');
+    assert.equal((readAgentStatus(agent.id, encodeMessage({ ...signStatus(agent, status), ts: 2 })) as { reason: string }).reason, 'unverified');
+    assert.ok(readAgentStatus(agent.id, encodeMessage(status), { requireSigned: false }).ok);
+  });
+
+  test('replies: results, coded errors, and replies naming another agent', () => {
+    const id = newRequestId();
+    const res = readReply('agent-a', encodeMessage({ v: PROTOCOL_VERSION, kind: 'res', id, agent: 'agent-a', model: 'kws', outputs: {}, queueMs: 0, execMs: 1 }))!;
+    assert.equal(res.key, requestIdHex(id));
+    assert.ok(res.reply && !res.error);
+    const err = readReply('agent-a', encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: 'agent-a', code: 'MESH_BUSY', message: 'full' }))!;
+    assert.ok(err.error instanceof MeshError && err.error.code === 'MESH_BUSY' && !err.reply);
+    const odd = readReply('agent-a', encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: 'agent-a', code: 'MESH_MADE_UP', message: '?' }))!;
+    assert.equal(odd.error!.code, 'MESH_INTERNAL');
+    assert.equal(readReply('agent-b', encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: 'agent-a', code: 'MESH_BUSY', message: 'x' })), undefined);
+    assert.equal(readReply('agent-a', Buffer.from([0x00])), undefined);
   });
 });
