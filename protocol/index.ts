@@ -9,3 +9,4 @@ export * from './connection.ts';
 export * from './identity.ts';
 export * from './random.ts';
 export * from './receive.ts';
+export * from './signal.ts';

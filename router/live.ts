@@ -31,6 +31,7 @@ import {
   type Tensor,
   readAgentStatus,
   readReply,
+  changeSignal,
 } from '../protocol/index.ts';
 import {
   createRegistry,
@@ -189,11 +190,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   const statuses = new Map<string, AgentStatus>();
   const pending = new Map<string, InFlight>();
   const listeners = new Set<(a: AttemptRecord) => void>();
-  const waiters = new Set<() => void>();
+  const changes = changeSignal();
   const counters: RouterCounters = { statusRejected: 0, requests: 0, ok: 0, failed: 0, retries: 0, hedges: 0, cancels: 0, sentTo: {} };
-  const notify = () => {
-    for (const w of [...waiters]) w();
-  };
   const emit = (a: AttemptRecord) => {
     for (const l of listeners) {
       try {
@@ -226,7 +224,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       onStatus(registry, status, now);
       failOutstanding(agentId, 'MESH_AGENT_LOST', `agent ${agentId} went ${status.state}`);
       logger.info({ agentId, state: status.state }, 'agent not online');
-      notify();
+      changes.notify();
       return;
     }
     if (previous && previous.state === 'online' && previous.session !== status.session) {
@@ -236,7 +234,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     const entry = onStatus(registry, status, now);
     // A returning agent is up again (upsertAgent keeps the learned estimates).
     if (entry) entry.up = true;
-    notify();
+    changes.notify();
   };
 
   const handleLoad = (agentId: string, payload: Buffer) => {
@@ -311,17 +309,6 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     if (client.connected) client.publish(topics.agentCancel(agentId, routerId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
   };
 
-  const waitForChange = (timeoutMs: number) =>
-    new Promise<void>((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        waiters.delete(done);
-        resolve();
-      };
-      const timer = setTimeout(done, Math.max(0, timeoutMs));
-      waiters.add(done);
-    });
-
   const hasCandidate = (model: string): boolean => {
     try {
       route(model);
@@ -342,7 +329,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     const payload = encodeMessage({ v: PROTOCOL_VERSION, kind: 'req', id, deadline, model, inputs: encodeTensorMap(inputs) });
 
     // A router that just started may not have heard the statuses yet: wait within the deadline.
-    while (!hasCandidate(model) && Date.now() < deadline) await waitForChange(Math.min(100, deadline - Date.now()));
+    while (!hasCandidate(model) && Date.now() < deadline) await changes.wait(Math.min(100, deadline - Date.now()));
 
     return new Promise<RouterInferResult>((resolve, reject) => {
       const tried: string[] = [];
@@ -520,7 +507,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       const live = () => [...statuses.values()].filter((s) => s.state === 'online' && registry.agents.get(s.agent)?.up && s.models?.some((m) => m.name === model)).length;
       while (live() < count) {
         if (Date.now() >= until) throw new MeshError('MESH_NO_AGENT', `no live agent serves model ${model} after ${timeoutMs} ms`);
-        await waitForChange(Math.min(100, until - Date.now()));
+        await changes.wait(Math.min(100, until - Date.now()));
       }
     },
     onAttempt(listener) {

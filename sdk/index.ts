@@ -38,6 +38,7 @@ import {
   type Tensor,
   readAgentStatus,
   readReply,
+  changeSignal,
 } from '../protocol/index.ts';
 
 export {
@@ -202,10 +203,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   const counters: MeshCounters = { statusRejected: 0, loadIgnored: 0 };
   const agents = new Map<string, AgentEntry>();
   const pending = new Map<string, InFlight>();
-  const waiters = new Set<() => void>();
-  const notify = () => {
-    for (const w of [...waiters]) w();
-  };
+  const changes = changeSignal();
 
   const failOutstanding = (agentId: string, code: MeshErrorCode, message: string) => {
     for (const request of [...pending.values()]) {
@@ -232,7 +230,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         failOutstanding(agentId, 'MESH_AGENT_LOST', `agent ${agentId} went offline`);
         logger.info({ agentId }, 'agent offline');
       }
-      notify();
+      changes.notify();
       return;
     }
     if (known && known.status.session !== status.session) {
@@ -247,7 +245,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       networkMs: known?.networkMs ?? INITIAL_NETWORK_MS,
       suspectUntil: known?.suspectUntil ?? 0,
     });
-    notify();
+    changes.notify();
   };
 
   const onLoad = (agentId: string, payload: Buffer) => {
@@ -366,17 +364,6 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     return near[Math.floor(Math.random() * near.length)]!;
   };
 
-  const waitForChange = (timeoutMs: number) =>
-    new Promise<void>((resolve) => {
-      const done = () => {
-        clearTimeout(timer);
-        waiters.delete(done);
-        resolve();
-      };
-      const timer = setTimeout(done, Math.max(0, timeoutMs));
-      waiters.add(done);
-    });
-
   const cancelOn = (agentId: string, id: Uint8Array) => {
     if (client.connected) client.publish(topics.agentCancel(agentId, clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
   };
@@ -398,7 +385,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     const attemptLimit = pinned ? 1 : maxAttempts;
 
     // Before the first attempt, wait (within the deadline) for an agent to announce the model.
-    while (!pick(model, new Set(), pinned) && Date.now() < deadline) await waitForChange(deadline - Date.now());
+    while (!pick(model, new Set(), pinned) && Date.now() < deadline) await changes.wait(deadline - Date.now());
 
     return new Promise<InferResult>((resolve, reject) => {
       const tried = new Set<string>();
@@ -518,7 +505,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       const until = Date.now() + timeoutMs;
       while (candidates(model, new Set(), undefined).length < count) {
         if (Date.now() >= until) throw new MeshError('MESH_NO_AGENT', `no live agent serves model ${model} after ${timeoutMs} ms`);
-        await waitForChange(until - Date.now());
+        await changes.wait(until - Date.now());
       }
     },
     async close() {
