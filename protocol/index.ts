@@ -10,3 +10,4 @@ export * from './identity.ts';
 export * from './random.ts';
 export * from './receive.ts';
 export * from './signal.ts';
+export * from './budget.ts';

@@ -4,6 +4,7 @@
  * fail-fast errors, load reports) and the router's runtime (per-try timeouts, hedges, retries with
  * budgets, cancels), calling the policy only with what a real router would see.
  */
+import { TailBudget } from '../../protocol/budget.ts';
 import { EventHeap } from './heap.ts';
 import { Rng } from './rng.ts';
 import { summarize, type LatencySummary } from './metrics.ts';
@@ -112,15 +113,11 @@ export function runSim(world: World, policy: Policy): SimResult {
   let probes = 0;
   let hedges = 0;
   let retries = 0;
-  let activeReqs = 0;
-  let activeExtra = 0;
   const served: Record<string, number> = {};
 
   // Retry / hedge budgets (used only when the policy has a tail).
   const tail = policy.tail;
-  let retryTokens = tail ? Math.min(tail.budget.cap, 10) : 0;
-  let hedgeTokens = tail ? Math.min(tail.budget.hedgeCap, 1) : 0;
-  let lastRefill = 0;
+  const budget = new TailBudget(tail?.budget ?? {}, 0);
 
   const dist = (x1: number, y1: number, x2: number, y2: number) => Math.hypot(x1 - x2, y1 - y2);
   const clientOneWay = (r: SimRequest, n: NodeTruth) =>
@@ -158,13 +155,6 @@ export function runSim(world: World, policy: Policy): SimResult {
     deadline: trace.t[i]! + cfg.deadlineMs,
   });
 
-  const refill = () => {
-    if (!tail) return;
-    const dt = now - lastRefill;
-    lastRefill = now;
-    retryTokens = Math.min(tail.budget.cap, retryTokens + (tail.budget.minPerS * dt) / 1000);
-  };
-
   const send = (run: ReqRun, node: number, extra: boolean) => {
     const req = run.req;
     const k = run.attempts.length;
@@ -188,7 +178,6 @@ export function runSim(world: World, policy: Policy): SimResult {
     attempts.push(att);
     run.attempts.push(att);
     run.outstanding++;
-    if (extra) activeExtra++;
     policy.onSend(node, req, now);
     const n = nodes[node]!;
     const j = req.id * DRAWS + (k % DRAWS);
@@ -206,7 +195,7 @@ export function runSim(world: World, policy: Policy): SimResult {
   const endAttempt = (att: Attempt) => {
     att.ended = true;
     runs[att.req]!.outstanding--;
-    if (att.extra) activeExtra--;
+    if (att.extra) budget.onExtraDone();
   };
 
   const cancel = (att: Attempt, kind: FailureKind) => {
@@ -220,7 +209,7 @@ export function runSim(world: World, policy: Policy): SimResult {
     run.done = true;
     run.failed = !ok;
     run.latency = ok ? now - run.req.t : Infinity;
-    activeReqs--;
+    budget.onRequestDone();
     for (const a of run.attempts) if (!a.ended) cancel(a, ok ? 'cancel' : 'timeout');
   };
 
@@ -229,17 +218,14 @@ export function runSim(world: World, policy: Policy): SimResult {
   /** A retry or hedge, if the budgets allow. */
   const tryExtra = (run: ReqRun, purpose: 'hedge' | 'retry'): boolean => {
     if (!tail || run.done || run.attempts.length >= tail.maxAttempts) return false;
-    refill();
-    if (retryTokens < 1) return false;
-    if (purpose === 'hedge' && hedgeTokens < 1) return false;
-    if (activeExtra >= Math.max(3, tail.budget.concurrentFrac * activeReqs)) return false;
+    if (!budget.take(purpose, now)) return false;
     const node = policy.pick(run.req, tried(run), now, purpose);
-    if (node < 0) return false;
-    retryTokens -= 1;
-    if (purpose === 'hedge') {
-      hedgeTokens -= 1;
-      hedges++;
-    } else retries++;
+    if (node < 0) {
+      budget.refund(purpose);
+      return false;
+    }
+    if (purpose === 'hedge') hedges++;
+    else retries++;
     send(run, node, true);
     return true;
   };
@@ -297,12 +283,7 @@ export function runSim(world: World, policy: Policy): SimResult {
         const req = requestOf(ev.a);
         const run: ReqRun = { req, done: false, failed: false, latency: NaN, attempts: [], outstanding: 0 };
         runs[ev.a] = run;
-        activeReqs++;
-        if (tail) {
-          refill();
-          retryTokens = Math.min(tail.budget.cap, retryTokens + tail.budget.ratio);
-          hedgeTokens = Math.min(tail.budget.hedgeCap, hedgeTokens + tail.budget.hedgeRatio);
-        }
+        budget.onRequest(now);
         heap.push(req.deadline, Ev.Deadline, ev.a);
         const node = policy.pick(req, null, now, 'primary');
         if (node < 0) finish(run, false);

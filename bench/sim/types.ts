@@ -3,6 +3,7 @@
  * description that agents announce (class, slots, self-benchmark, site), its own sends, replies with
  * queue/exec times, periodic load reports (delayed), status changes (delayed), and the clock.
  */
+import type { TailBudgetOptions } from '../../protocol/budget.ts';
 import type { Rng } from './rng.ts';
 
 export type ClassName = 'gpu-fast' | 'gpu-mid' | 'cpu';
@@ -76,18 +77,8 @@ export interface PolicyEnv {
   deadlineMs: number;
 }
 
-export interface TailBudget {
-  /** Retry tokens earned per original request (Linkerd retryRatio). */
-  ratio: number;
-  cap: number;
-  /** Floor of retries per second. */
-  minPerS: number;
-  /** Hedge tokens per original request, and their cap. */
-  hedgeRatio: number;
-  hedgeCap: number;
-  /** Concurrent retries+hedges cap as a fraction of active requests (Envoy), min 3. */
-  concurrentFrac: number;
-}
+/** Retry and hedge budget: the same buckets the live router and the SDK use (protocol/budget.ts). */
+export type TailBudget = TailBudgetOptions;
 
 /** Hedging, timeouts and retries; the engine enforces them on the policy's behalf. */
 export interface TailPolicy {
