@@ -8,8 +8,10 @@
  *                         mesh/v1/agent/{self}/load                               mesh/v1/agent/{self}/cancel/+
  *                         mesh/v1/client/{any}/res/{self}                          (or a concrete sender id in place of +)
  *   app, bridge, router   mesh/v1/agent/{any}/req/{self}                          mesh/v1/client/{self}/res/+
- *                         mesh/v1/agent/{any}/cancel/{self}                       mesh/v1/agent/+/status, mesh/v1/agent/+/load
+ *                         mesh/v1/agent/{any}/cancel/{self}                       mesh/v1/client/{self}/lease/+
+ *                         mesh/v1/router/{any}/route/{self}                       mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                                                                                 (or a concrete agent id in place of +)
+ *   router (also)         mesh/v1/client/{any}/lease/{self}                       mesh/v1/router/{self}/route/+
  *   operator              mesh/v1/admin/{self}/records  (applied by the broker,   mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                         never forwarded)                                        mesh/v1/admin/{self}/acks
  *
@@ -39,6 +41,11 @@ export interface MeshSession {
   /** `/req/{self}` and `/cancel/{self}`: the tails of a request or cancel a sender sends. */
   readonly requestTail: string;
   readonly cancelTail: string;
+  /** `/route/{self}`: a route request to a router; `/lease/{self}`: a router's lease to a client. */
+  readonly routeTail: string;
+  readonly leaseTail: string;
+  readonly leaseFilter: string;
+  readonly routeFilter: string;
   readonly adminRecords: string;
   readonly adminAcks: string;
   readonly replyFilter: string;
@@ -76,6 +83,10 @@ export function newSession(id: string, role: Role | undefined, expires: number, 
     replyTail: `/res/${id}`,
     requestTail: `/req/${id}`,
     cancelTail: `/cancel/${id}`,
+    routeTail: `/route/${id}`,
+    leaseTail: `/lease/${id}`,
+    leaseFilter: topics.clientLeasesFor(id),
+    routeFilter: topics.routerRoutesFor(id),
     adminRecords: topics.adminRecords(id),
     adminAcks: topics.adminAcks(id),
     replyFilter: topics.clientRepliesFor(id),
@@ -92,6 +103,7 @@ export const ACL_ADMIN = 2;
 
 const AGENT_PREFIX = 'mesh/v1/agent/';
 const CLIENT_PREFIX = 'mesh/v1/client/';
+const ROUTER_PREFIX = 'mesh/v1/router/';
 
 /** True when topic[start, end) is a valid participant id: 3-64 of [a-z0-9-], not starting with '-'. */
 function isIdSpan(topic: string, start: number, end: number): boolean {
@@ -117,10 +129,16 @@ export function aclPublish(s: MeshSession, topic: string): number {
     case 'agent':
       if (topic === s.status || topic === s.load) return ACL_ALLOW;
       return matchesIdBetween(topic, CLIENT_PREFIX, s.replyTail) ? ACL_ALLOW : ACL_DENY;
+    case 'router':
+      if (matchesIdBetween(topic, CLIENT_PREFIX, s.leaseTail)) return ACL_ALLOW;
+    // falls through: a router also sends requests, cancels and route requests like any client
     case 'app':
     case 'bridge':
-    case 'router':
-      return matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) || matchesIdBetween(topic, AGENT_PREFIX, s.cancelTail) ? ACL_ALLOW : ACL_DENY;
+      return matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) ||
+        matchesIdBetween(topic, AGENT_PREFIX, s.cancelTail) ||
+        matchesIdBetween(topic, ROUTER_PREFIX, s.routeTail)
+        ? ACL_ALLOW
+        : ACL_DENY;
     case 'operator':
       return topic === s.adminRecords ? ACL_ADMIN : ACL_DENY;
     case undefined:
@@ -149,8 +167,10 @@ export function aclSubscribe(s: MeshSession, filter: string): boolean {
     return p !== undefined && (p.kind === 'status' || p.kind === 'load');
   }
   // app, bridge, router
-  if (filter === s.replyFilter) return true;
+  if (filter === s.replyFilter || filter === s.leaseFilter) return true;
+  if (role === 'router' && filter === s.routeFilter) return true;
   if (p === undefined) return false;
-  if (p.kind === 'reply') return p.clientId === s.id;
+  if (p.kind === 'reply' || p.kind === 'lease') return p.clientId === s.id;
+  if (p.kind === 'route') return role === 'router' && p.routerId === s.id;
   return p.kind === 'status' || p.kind === 'load';
 }

@@ -144,7 +144,55 @@ export const AgentLoadSchema = Type.Object({
 });
 export type AgentLoad = Static<typeof AgentLoadSchema>;
 
-export type Message = InferRequest | InferReply | ErrorReply | Cancel | AgentStatus | AgentLoad;
+/**
+ * A client asks a router where to send requests for `model` (topics.routerRoute). The router answers
+ * with a lease on topics.clientLease: a few ranked agents the client may use until the lease expires,
+ * so most requests skip the router entirely and go straight to an agent.
+ */
+export const RouteRequestSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('route'),
+  id: RequestIdSchema,
+  model: ModelName,
+  /** Time budget of the requests the lease is for, ms (agents that cannot make it are left out). */
+  budgetMs: Type.Optional(Ms),
+  /** Typical request size in bytes, for the transfer estimate. */
+  bytes: Type.Optional(Count),
+  /** Agents the client wants left out (e.g. ones that just failed it). */
+  exclude: Type.Optional(Type.Array(Id, { maxItems: 16 })),
+});
+export type RouteRequest = Static<typeof RouteRequestSchema>;
+
+export const LeaseAgentSchema = Type.Object({
+  agent: Id,
+  /** The router's predicted completion time there, ms. */
+  predictedMs: Ms,
+  /** Its expected service time per request, ms: what one more request of the client adds there. */
+  serviceMs: Ms,
+  /** Per-try timeout the router would use for it, ms. */
+  timeoutMs: Ms,
+  /** When a still-running attempt there is worth hedging, ms after sending. */
+  hedgeAfterMs: Ms,
+});
+export type LeaseAgent = Static<typeof LeaseAgentSchema>;
+
+export const LeaseSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('lease'),
+  /** The route request's id. */
+  id: RequestIdSchema,
+  router: Id,
+  model: ModelName,
+  /** Best first; empty with `code` when the router has no agent for the model. */
+  agents: Type.Array(LeaseAgentSchema, { maxItems: 16 }),
+  /** How long the lease may be used, ms from receipt. */
+  ttlMs: Ms,
+  code: Type.Optional(Type.String({ pattern: '^MESH_[A-Z_]+$', maxLength: 64 })),
+  message: Type.Optional(Type.String({ maxLength: 1024 })),
+});
+export type Lease = Static<typeof LeaseSchema>;
+
+export type Message = InferRequest | InferReply | ErrorReply | Cancel | AgentStatus | AgentLoad | RouteRequest | Lease;
 export type MessageKind = Message['kind'];
 
 function compile<T extends TSchema>(schema: T): TypeCheck<T> {
@@ -158,6 +206,8 @@ export const checkers = {
   cancel: compile(CancelSchema),
   status: compile(AgentStatusSchema),
   load: compile(AgentLoadSchema),
+  route: compile(RouteRequestSchema),
+  lease: compile(LeaseSchema),
 } as const;
 
 /**

@@ -7,6 +7,8 @@
  *   mesh/v1/agent/{agentId}/cancel/{senderId} cancel by request id (QoS 1)
  *   mesh/v1/agent/{agentId}/status            retained presence and capabilities; the LWT marks it offline
  *   mesh/v1/agent/{agentId}/load              heartbeat (QoS 0)
+ *   mesh/v1/router/{routerId}/route/{senderId}  a client asks a router for a route lease (QoS 1)
+ *   mesh/v1/client/{clientId}/lease/{routerId}  the router's lease (QoS 1)
  *   mesh/v1/admin/{operatorId}/records        signed admission/revocation records for the broker (operator only)
  *   mesh/v1/admin/{operatorId}/acks           the broker's answers to that operator's records
  */
@@ -42,6 +44,10 @@ export const topics = {
   allAgentLoad: () => `${TOPIC_ROOT}/agent/+/load`,
   clientReply: (clientId: string, agentId: string) => `${TOPIC_ROOT}/client/${clientId}/res/${agentId}`,
   clientRepliesFor: (clientId: string) => `${TOPIC_ROOT}/client/${clientId}/res/+`,
+  routerRoute: (routerId: string, senderId: string) => `${TOPIC_ROOT}/router/${routerId}/route/${senderId}`,
+  routerRoutesFor: (routerId: string) => `${TOPIC_ROOT}/router/${routerId}/route/+`,
+  clientLease: (clientId: string, routerId: string) => `${TOPIC_ROOT}/client/${clientId}/lease/${routerId}`,
+  clientLeasesFor: (clientId: string) => `${TOPIC_ROOT}/client/${clientId}/lease/+`,
   /** An operator publishes CBOR `{record, sig}` (a SignedRecord) here; the broker applies it, never forwards it. */
   adminRecords: (operatorId: string) => `${TOPIC_ROOT}/admin/${operatorId}/records`,
   /** The broker's `{v, kind:'ack', id, ok, code?, message?}` answers; only that operator may subscribe. */
@@ -54,6 +60,8 @@ export type ParsedTopic =
   | { kind: 'status'; agentId: string }
   | { kind: 'load'; agentId: string }
   | { kind: 'reply'; clientId: string; agentId: string }
+  | { kind: 'route'; routerId: string; senderId: string }
+  | { kind: 'lease'; clientId: string; routerId: string }
   | { kind: 'admin-records'; operatorId: string }
   | { kind: 'admin-acks'; operatorId: string };
 
@@ -72,8 +80,13 @@ export function parseTopic(topic: string): ParsedTopic | undefined {
     }
     return undefined;
   }
-  if (area === 'client' && parts.length === 6 && verb === 'res' && isValidId(other)) {
-    return { kind: 'reply', clientId: id, agentId: other };
+  if (area === 'client' && parts.length === 6 && isValidId(other)) {
+    if (verb === 'res') return { kind: 'reply', clientId: id, agentId: other };
+    if (verb === 'lease') return { kind: 'lease', clientId: id, routerId: other };
+    return undefined;
+  }
+  if (area === 'router' && parts.length === 6 && verb === 'route' && isValidId(other)) {
+    return { kind: 'route', routerId: id, senderId: other };
   }
   if (area === 'admin' && parts.length === 5) {
     if (verb === 'records') return { kind: 'admin-records', operatorId: id };

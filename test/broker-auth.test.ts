@@ -557,6 +557,48 @@ test('ACL: apps, bridges and routers send requests and cancels only in their own
   }
 });
 
+test('ACL: route requests go to a router only in the sender\'s own name; only a router answers with leases, and only in its own name', { timeout: 30_000 }, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const router = await admitted(ab, 'router');
+  const r = router.id;
+  const agent = await admitted(ab, 'agent');
+  for (const role of ['app', 'bridge', 'router', 'agent'] as const) {
+    const who = role === 'agent' ? agent : role === 'router' ? await admitted(ab, 'router') : await admitted(ab, role);
+    const other = await admitted(ab, 'app');
+    const me = who.id;
+    const verdicts = await publishVerdicts(defer, ab, who, [
+      { topic: topics.routerRoute(r, me) },
+      { topic: topics.routerRoute(r, other.id) },
+      { topic: topics.clientLease(other.id, me) },
+      { topic: topics.clientLease(other.id, r) },
+    ]);
+    const sender = role !== 'agent';
+    assert.deepEqual(
+      verdicts,
+      {
+        [topics.routerRoute(r, me)]: sender ? 'allowed' : 'refused',
+        [topics.routerRoute(r, other.id)]: 'refused',
+        [topics.clientLease(other.id, me)]: role === 'router' ? 'allowed' : 'refused',
+        [topics.clientLease(other.id, r)]: 'refused',
+      },
+      role,
+    );
+    const c = await connect(defer, ab.b, who);
+    assert.deepEqual(
+      await grantedQoS(c, [topics.clientLeasesFor(me), topics.clientLeasesFor(other.id), topics.routerRoutesFor(me), topics.routerRoutesFor(r), 'mesh/v1/router/+/route/+']),
+      {
+        [topics.clientLeasesFor(me)]: sender ? 1 : 128,
+        [topics.clientLeasesFor(other.id)]: 128,
+        [topics.routerRoutesFor(me)]: role === 'router' ? 1 : 128,
+        [topics.routerRoutesFor(r)]: 128,
+        'mesh/v1/router/+/route/+': 128,
+      },
+      role,
+    );
+  }
+});
+
 test('ACL: an operator publishes only its own admin records and subscribes to status, load and its own acks', { timeout: 20_000 }, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
