@@ -85,6 +85,13 @@ export interface AgentOptions {
    * never run twice. When this many are remembered, new requests get MESH_BUSY until some expire.
    */
   maxRememberedRequests?: number;
+  /**
+   * Fault injection for tests and demos of routing: `linkDelayMs` holds each request and each reply
+   * for that long (a far-away link: round trip + 2 × linkDelayMs, outside the reported queue and
+   * execution times); `extraExecMs` adds that much to every execution (slow hardware: the reply waits
+   * and reports the longer execMs). Never set in production.
+   */
+  faults?: { linkDelayMs?: number; extraExecMs?: number };
 }
 
 export interface AgentCounters {
@@ -109,6 +116,8 @@ export interface AgentHandle {
   drain(timeoutMs?: number): Promise<void>;
   /** Publishes the offline status and stops at once; queued work is dropped. */
   close(): Promise<void>;
+  /** Changes the injected faults (see AgentOptions.faults) while running: a gray failure on demand. */
+  setFaults(faults: { linkDelayMs?: number; extraExecMs?: number }): void;
 }
 
 function hardwareSummary(): Hardware {
@@ -292,8 +301,20 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   };
 
   let client!: MqttClient;
-  const publishReply = (senderId: string, payload: Buffer) => {
-    client.publish(topics.clientReply(senderId, agentId), payload, { qos: 1 });
+  const faults = { linkDelayMs: 0, extraExecMs: 0 };
+  const setFaults = (f: { linkDelayMs?: number; extraExecMs?: number }) => {
+    faults.linkDelayMs = Math.max(0, f.linkDelayMs ?? 0);
+    faults.extraExecMs = Math.max(0, f.extraExecMs ?? 0);
+  };
+  setFaults(options.faults ?? {});
+  const publishReply = (senderId: string, payload: Buffer, afterMs = 0) => {
+    const send = () => client.publish(topics.clientReply(senderId, agentId), payload, { qos: 1 });
+    const delay = afterMs + faults.linkDelayMs;
+    if (delay > 0) {
+      setTimeout(() => {
+        if (!closed) send();
+      }, delay).unref();
+    } else send();
   };
   const replyError = (senderId: string, id: Uint8Array, err: MeshError) => {
     counters.errors[err.code] = (counters.errors[err.code] ?? 0) + 1;
@@ -318,8 +339,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
         model: job.model,
         outputs: encodeTensorMap(result!.outputs),
         queueMs: Math.max(0, queueMs),
-        execMs: result!.execMs,
+        execMs: result!.execMs + faults.extraExecMs,
       }),
+      faults.extraExecMs,
     );
   });
   for (const m of loaded) scheduler.addModel(m.name, m.latencyMs);
@@ -328,6 +350,15 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   const cancelPrefix = topics.agentCancel(agentId, '');
 
   const onRequest = (senderId: string, payload: Buffer) => {
+    if (faults.linkDelayMs > 0) {
+      setTimeout(() => {
+        if (!closed) handleRequest(senderId, payload);
+      }, faults.linkDelayMs).unref();
+      return;
+    }
+    handleRequest(senderId, payload);
+  };
+  const handleRequest = (senderId: string, payload: Buffer) => {
     counters.received++;
     const receivedAt = performance.now();
     let request;
@@ -437,15 +468,12 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     }
   });
 
-  const loadReport = (): AgentLoad => ({
-    v: PROTOCOL_VERSION,
-    kind: 'load',
-    agent: agentId,
-    ts: Date.now(),
-    seq: heartbeatSeq,
-    workers: pool.size,
-    ...scheduler.loadReport(),
-  });
+  const loadReport = (): AgentLoad => {
+    const report = scheduler.loadReport();
+    // Injected slowness is part of the service time the agent reports, as a really slow device's would be.
+    if (faults.extraExecMs > 0) for (const m of Object.values(report.models)) m.serviceMs += faults.extraExecMs;
+    return { v: PROTOCOL_VERSION, kind: 'load', agent: agentId, ts: Date.now(), seq: heartbeatSeq, workers: pool.size, ...report };
+  };
   const heartbeat = setInterval(() => {
     scheduler.sweep();
     pruneSeenRequests(Date.now());
@@ -470,6 +498,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   };
 
   const handle: AgentHandle = {
+    setFaults,
     id: agentId,
     models: modelInfos,
     counters,

@@ -142,6 +142,12 @@ export interface AgentEntry {
   firstSeenMs: number;
   /** Last reported requests in flight (queued + executing). */
   reportedRif: number;
+  /**
+   * The same queue as work, ms: Σ over models of (queued + in flight) × service time, from a load
+   * report that breaks the queue down per model; NaN when only a count is known (then rif × S is used).
+   * A 40 ms detection job ahead delays a 0.2 ms keyword request by 40 ms, not by 0.2.
+   */
+  reportedWorkMs: number;
   reportedAtMs: number;
   /** This router's outstanding attempts to the agent. */
   outstanding: number;
@@ -373,7 +379,7 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
   if (!agent) {
     agent = {
       agentId: d.agentId, registry: reg, hardwareClass: '', site: d.site, coord: d.coord ? { ...d.coord } : newCoord(), slots: Math.max(1, d.slots ?? 1),
-      up: true, session: d.session, lastSeenMs: nowMs, firstSeenMs: nowMs, reportedRif: 0, reportedAtMs: nowMs, outstanding: 0,
+      up: true, session: d.session, lastSeenMs: nowMs, firstSeenMs: nowMs, reportedRif: 0, reportedWorkMs: Number.NaN, reportedAtMs: nowMs, outstanding: 0,
       rttMs: Number.NaN, rttAtMs: nowMs, bytesPerMs: reg.config.defaultBytesPerMs, bwAtMs: nowMs, pFail: 0, pFailAtMs: nowMs, kappa: 1, kappaAtMs: nowMs,
       kappaHighSinceMs: Number.NaN, consecutiveFailures: 0, ejectedUntilMs: 0, ejectionCount: 0, lastEjectedAtMs: Number.NEGATIVE_INFINITY,
       slowStartFromMs: nowMs, windowOk: 0, windowFailed: 0, models: new Map(),
@@ -387,6 +393,7 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
   if (restarted) {
     // A new process: its queue and our outstanding attempts to the old one are gone.
     agent.reportedRif = 0;
+    agent.reportedWorkMs = Number.NaN;
     agent.outstanding = 0;
     agent.slowStartFromMs = nowMs;
   }
@@ -478,6 +485,7 @@ export function onQueueReport(reg: Registry, agentId: string, rif: number, nowMs
   const agent = reg.agents.get(agentId);
   if (!agent) return;
   agent.reportedRif = Math.max(0, rif);
+  agent.reportedWorkMs = Number.NaN;
   agent.reportedAtMs = nowMs;
   touch(agent, nowMs);
 }
@@ -495,10 +503,13 @@ export function onLoad(reg: Registry, load: AgentLoad, nowMs: number): void {
   agent.reportedRif = load.queued + load.inFlight;
   agent.reportedAtMs = nowMs;
   if (load.workers > 0) agent.slots = load.workers;
+  let workMs = 0;
   for (const [model, ml] of Object.entries(load.models)) {
     const e = agent.models.get(model);
     if (e && ml.serviceMs > 0) e.priorServiceMs = ml.serviceMs;
+    workMs += (ml.queued + ml.inFlight) * (ml.serviceMs > 0 ? ml.serviceMs : e ? serviceMsAt(e, nowMs) : 0);
   }
+  agent.reportedWorkMs = workMs;
   touch(agent, nowMs);
 }
 
@@ -591,6 +602,7 @@ export function onReply(reg: Registry, agentId: string, model: string, sample: R
   }
   if (sample.rif !== undefined) {
     agent.reportedRif = Math.max(0, sample.rif);
+    agent.reportedWorkMs = Number.NaN;
     agent.reportedAtMs = nowMs;
   }
   touch(agent, nowMs);

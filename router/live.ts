@@ -26,9 +26,14 @@ import {
   type AgentStatus,
   type Identity,
   type InferReply,
+  type Lease,
+  type LeaseAgent,
   type MeshErrorCode,
+  type RouteRequest as RouteMessage,
   type ModelInfo,
   type Tensor,
+  TailBudget,
+  type TailBudgetOptions,
   readAgentStatus,
   readReply,
   changeSignal,
@@ -43,10 +48,11 @@ import {
   onReply,
   onSend,
   onStatus,
+  serviceMsAt,
   type Registry,
   type RouterOptions,
 } from './estimates.ts';
-import { hedgeDelayMs, perTryTimeoutMs, selectAgent, type RouteRequest } from './select.ts';
+import { fleetUtilization, hedgeDelayMs, perTryTimeoutMs, selectAgent, type RouteRequest } from './select.ts';
 import type { RouterHttpHandle, RouterHttpOptions } from './http.ts';
 
 /** The few pino methods the router uses; any pino logger fits. */
@@ -72,12 +78,20 @@ export interface StartRouterOptions {
   maxAttempts?: number;
   /** Hedge a slow attempt on a different warm node (default true). */
   hedging?: boolean;
+  /** No hedges while the fleet's utilisation is above this (default 0.8). */
+  hedgeMaxUtilization?: number;
+  /** Retry and hedge budget (protocol/budget.ts; default: extras ≤ 20 % of requests, hedges ≤ 5 %). */
+  tailBudget?: Partial<TailBudgetOptions>;
   /** Period of outlier evaluation (success-rate ejection), ms. */
   outlierIntervalMs?: number;
   maxMessageBytes?: number;
   keepaliveS?: number;
   /** Ignore statuses without a valid signature from the agent's key (default true). */
   requireSignedStatus?: boolean;
+  /** How long a route lease given to an SDK client may be used, ms (default 500). */
+  leaseTtlMs?: number;
+  /** Agents per lease, best first (default 3). */
+  leaseAgents?: number;
   /** Also serve the HTTP API (KServe v2, /v1 operator endpoints, /metrics; see http.ts); closed with the router. */
   http?: RouterHttpOptions;
 }
@@ -126,6 +140,11 @@ export interface RouterCounters {
   retries: number;
   hedges: number;
   cancels: number;
+  /** Retries and hedges the budget or the utilisation cut-off refused. */
+  budgetRefused: number;
+  /** Route leases given to SDK clients (direct mode), and route requests answered with an error. */
+  leases: number;
+  leasesRefused: number;
   /** Attempts sent per agent id. */
   sentTo: Record<string, number>;
 }
@@ -156,6 +175,8 @@ export interface RouterHandle {
 const RETRY_ELSEWHERE: ReadonlySet<MeshErrorCode> = new Set(['MESH_BUSY', 'MESH_AGENT_LOST', 'MESH_SHUTTING_DOWN', 'MESH_UNKNOWN_MODEL', 'MESH_TIMEOUT', 'MESH_NOT_CONNECTED']);
 
 interface Attempt {
+  /** Paid from the tail budget (a retry or hedge, not a failover). */
+  extra: boolean;
   sentAt: number;
   predictedMs: number;
   timer: NodeJS.Timeout | undefined;
@@ -181,17 +202,21 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
     keepaliveS = 10,
     requireSignedStatus = true,
+    leaseTtlMs = 500,
+    hedgeMaxUtilization = 0.8,
+    leaseAgents = 3,
   } = options;
   if (identity.role !== 'router') throw new MeshError('MESH_CONFIG', `startRouter needs a router key, got a ${identity.role} key (${identity.id})`);
   const routerId = assertValidId(identity.id, 'router id');
   if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
 
   const registry = createRegistry(options.config ?? {});
+  const budget = new TailBudget(options.tailBudget ?? {}, performance.now());
   const statuses = new Map<string, AgentStatus>();
   const pending = new Map<string, InFlight>();
   const listeners = new Set<(a: AttemptRecord) => void>();
   const changes = changeSignal();
-  const counters: RouterCounters = { statusRejected: 0, requests: 0, ok: 0, failed: 0, retries: 0, hedges: 0, cancels: 0, sentTo: {} };
+  const counters: RouterCounters = { statusRejected: 0, requests: 0, ok: 0, failed: 0, retries: 0, hedges: 0, cancels: 0, budgetRefused: 0, leases: 0, leasesRefused: 0, sentTo: {} };
   const emit = (a: AttemptRecord) => {
     for (const l of listeners) {
       try {
@@ -260,36 +285,6 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     if (request?.attempts.has(agentId)) request.onAnswer(agentId, reading.reply, reading.error);
   };
 
-  let connected = false;
-  let closing = false;
-  const connection = openMeshConnection(brokerUrl, {
-    identity,
-    keepaliveS,
-    onConnect: (c: MqttClient) => {
-      connected = true;
-      c.subscribe([topics.clientRepliesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()], { qos: 1 }, (err) => {
-        if (err) logger.error({ err: err.message }, 'subscribe failed');
-      });
-    },
-    onRefused: (err) => logger.error({ code: err.code, err: err.message }, 'broker refused the router'),
-  });
-  const client = connection.client;
-  client.on('close', () => (connected = false));
-  client.on('message', (topic, payload) => {
-    const parsed = parseTopic(topic);
-    if (!parsed) return;
-    if (parsed.kind === 'status') handleStatus(parsed.agentId, payload);
-    else if (parsed.kind === 'load') handleLoad(parsed.agentId, payload);
-    else if (parsed.kind === 'reply' && parsed.clientId === routerId) handleReply(parsed.agentId, payload);
-  });
-  await connection.firstConnect;
-
-  const outlierTimer = setInterval(() => {
-    const ejected = evaluateOutliers(registry, Date.now());
-    if (ejected.length > 0) logger.info({ ejected }, 'ejected outliers');
-  }, outlierIntervalMs);
-  outlierTimer.unref();
-
   const route = (model: string, routeOptions: RouteOptions = {}, extra: Partial<RouteRequest> = {}): RouteResult => {
     const now = Date.now();
     const request: RouteRequest = {
@@ -303,6 +298,85 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     if (!selection.ok) throw new MeshError(selection.code, selection.message, { details: { model } });
     return { agentId: selection.agentId, predictedMs: selection.predictedMs };
   };
+
+  /** Up to `leaseAgents` distinct agents for a lease, best first, each with the numbers the client needs. */
+  const leaseFor = (model: string, budgetMs: number | undefined, bytes: number | undefined, exclude: readonly string[]): LeaseAgent[] => {
+    const out: LeaseAgent[] = [];
+    const skip = new Set(exclude);
+    const now = Date.now();
+    while (out.length < leaseAgents) {
+      let choice: RouteResult;
+      try {
+        choice = route(model, { ...(budgetMs !== undefined ? { deadlineMs: budgetMs } : {}), ...(bytes !== undefined ? { bytesUp: bytes } : {}), exclude: skip });
+      } catch (err) {
+        if (out.length === 0) throw err;
+        break;
+      }
+      if (skip.has(choice.agentId)) break;
+      skip.add(choice.agentId);
+      const entry = registry.agents.get(choice.agentId)?.models.get(model);
+      out.push({
+        agent: choice.agentId,
+        predictedMs: choice.predictedMs,
+        serviceMs: entry ? serviceMsAt(entry, now) : choice.predictedMs,
+        timeoutMs: perTryTimeoutMs(registry, choice.predictedMs, budgetMs),
+        hedgeAfterMs: entry ? hedgeDelayMs(entry, choice.predictedMs) : Number.MAX_SAFE_INTEGER,
+      });
+    }
+    return out;
+  };
+
+  const handleRoute = (senderId: string, payload: Buffer) => {
+    let ask: RouteMessage;
+    try {
+      ask = decodeMessage(payload, ['route'], maxMessageBytes);
+    } catch (err) {
+      logger.debug({ senderId, err: (err as Error).message }, 'ignoring bad route request');
+      return;
+    }
+    let lease: Lease;
+    try {
+      const agents = leaseFor(ask.model, ask.budgetMs, ask.bytes, ask.exclude ?? []);
+      lease = { v: PROTOCOL_VERSION, kind: 'lease', id: ask.id, router: routerId, model: ask.model, agents, ttlMs: leaseTtlMs };
+      counters.leases++;
+    } catch (err) {
+      const e = err instanceof MeshError ? err : new MeshError('MESH_INTERNAL', (err as Error).message);
+      lease = { v: PROTOCOL_VERSION, kind: 'lease', id: ask.id, router: routerId, model: ask.model, agents: [], ttlMs: 0, code: e.code, message: e.message.slice(0, 1024) };
+      counters.leasesRefused++;
+    }
+    if (client.connected) client.publish(topics.clientLease(senderId, routerId), encodeMessage(lease), { qos: 1 });
+  };
+
+  let connected = false;
+  let closing = false;
+  const connection = openMeshConnection(brokerUrl, {
+    identity,
+    keepaliveS,
+    onConnect: (c: MqttClient) => {
+      connected = true;
+      c.subscribe([topics.clientRepliesFor(routerId), topics.routerRoutesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()], { qos: 1 }, (err) => {
+        if (err) logger.error({ err: err.message }, 'subscribe failed');
+      });
+    },
+    onRefused: (err) => logger.error({ code: err.code, err: err.message }, 'broker refused the router'),
+  });
+  const client = connection.client;
+  client.on('close', () => (connected = false));
+  client.on('message', (topic, payload) => {
+    const parsed = parseTopic(topic);
+    if (!parsed) return;
+    if (parsed.kind === 'status') handleStatus(parsed.agentId, payload);
+    else if (parsed.kind === 'load') handleLoad(parsed.agentId, payload);
+    else if (parsed.kind === 'reply' && parsed.clientId === routerId) handleReply(parsed.agentId, payload);
+    else if (parsed.kind === 'route' && parsed.routerId === routerId) handleRoute(parsed.senderId, payload);
+  });
+  await connection.firstConnect;
+
+  const outlierTimer = setInterval(() => {
+    const ejected = evaluateOutliers(registry, Date.now());
+    if (ejected.length > 0) logger.info({ ejected }, 'ejected outliers');
+  }, outlierIntervalMs);
+  outlierTimer.unref();
 
   const cancelOn = (agentId: string, id: Uint8Array) => {
     counters.cancels++;
@@ -331,6 +405,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     // A router that just started may not have heard the statuses yet: wait within the deadline.
     while (!hasCandidate(model) && Date.now() < deadline) await changes.wait(Math.min(100, deadline - Date.now()));
 
+    budget.onRequest(performance.now());
     return new Promise<RouterInferResult>((resolve, reject) => {
       const tried: string[] = [];
       const attempts = new Map<string, Attempt>();
@@ -344,11 +419,13 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
         if (!attempt) return undefined;
         attempts.delete(agentId);
         clearTimeout(attempt.timer);
+        if (attempt.extra) budget.onExtraDone();
         return attempt;
       };
       const finish = (err: MeshError | undefined, result?: RouterInferResult) => {
         if (done) return;
         done = true;
+        budget.onRequestDone();
         clearTimeout(deadlineTimer);
         clearTimeout(hedgeTimer);
         pending.delete(key);
@@ -375,7 +452,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       };
 
       /** Starts an attempt on a node not tried yet; false when there is none, no budget, or no time. */
-      const launch = (kind: 'first' | 'retry' | 'hedge'): boolean => {
+      const launch = (kind: 'first' | 'failover' | 'retry' | 'hedge'): boolean => {
         if (done || closing || tried.length >= maxAttempts) return false;
         const now = Date.now();
         const remaining = deadline - now;
@@ -389,17 +466,23 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
         }
         // selectAgent falls back to excluded nodes when nothing else is left; never send twice to one node.
         if (tried.includes(choice.agentId)) return false;
+        // Retries and hedges are paid from the budget; moving work off a lost agent is not (it never ran).
+        const paid = kind === 'retry' || kind === 'hedge';
+        if (paid && !budget.take(kind, performance.now())) {
+          counters.budgetRefused++;
+          return false;
+        }
         const { agentId, predictedMs } = choice;
         tried.push(agentId);
         counters.sentTo[agentId] = (counters.sentTo[agentId] ?? 0) + 1;
-        if (kind === 'retry') counters.retries++;
+        if (kind === 'retry' || kind === 'failover') counters.retries++;
         if (kind === 'hedge') {
           counters.hedges++;
           hedged = true;
         }
         onSend(registry, agentId, model, now);
         const timeoutMs = perTryTimeoutMs(registry, predictedMs, remaining);
-        const attempt: Attempt = { sentAt: performance.now(), predictedMs, timer: undefined, timedOut: false };
+        const attempt: Attempt = { extra: paid, sentAt: performance.now(), predictedMs, timer: undefined, timedOut: false };
         attempts.set(agentId, attempt);
         if (timeoutMs < remaining) {
           attempt.timer = setTimeout(() => {
@@ -422,7 +505,12 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
           clearTimeout(hedgeTimer);
           if (delay < deadline - Date.now()) {
             hedgeTimer = setTimeout(() => {
-              if (!done && attempts.has(agentId) && launch('hedge')) logger.debug({ model, slow: agentId, afterMs: delay }, 'hedged a slow attempt');
+              if (done || !attempts.has(agentId)) return;
+              if (fleetUtilization(registry, Date.now()) > hedgeMaxUtilization) {
+                counters.budgetRefused++;
+                return;
+              }
+              if (launch('hedge')) logger.debug({ model, slow: agentId, afterMs: delay }, 'hedged a slow attempt');
             }, delay);
           }
         }
@@ -477,7 +565,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
           }
           if (!RETRY_ELSEWHERE.has(error.code)) return finish(error);
           logger.debug({ model, agentId, code: error.code }, 'attempt failed; trying another agent');
-          if (!launch('retry') && attempts.size === 0) failNow();
+          const next = error.code === 'MESH_AGENT_LOST' || error.code === 'MESH_SHUTTING_DOWN' ? 'failover' : 'retry';
+          if (!launch(next) && attempts.size === 0) failNow();
         },
       };
       pending.set(key, request);

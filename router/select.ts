@@ -80,7 +80,9 @@ function coldMs(entry: ModelEntry, nowMs: number): number {
 
 /**
  * ECT = κ · (T_net + T_wait + S + T_cold), ms, where T_net = RTT + bytes / rate, ahead = q + W · os and
- * T_wait = S · max(0, ahead + 1 − c) / c (shortest expected delay; × ((ahead + 1)/c)^(b − 1) when b > 1).
+ * T_wait = max(0, work ahead + S − c · S) / c with work ahead = q · S + W · os · S, or the agent's own
+ * per-model Σ (queued + in flight) × S_model in place of q · S when its load report gives it: that is
+ * S · max(0, ahead + 1 − c) / c when one model is served (shortest expected delay; × ((ahead + 1)/c)^(b − 1) when b > 1).
  */
 export function expectedCompletionMs(entry: ModelEntry, request: RouteRequest, nowMs: number): number {
   const agent = entry.agent;
@@ -90,7 +92,9 @@ export function expectedCompletionMs(entry: ModelEntry, request: RouteRequest, n
   const serviceMs = serviceMsAt(entry, nowMs);
   const slots = entry.slots ?? agent.slots;
   const ahead = agent.reportedRif + c.routers * agent.outstanding;
-  let waitMs = (serviceMs * Math.max(0, ahead + 1 - slots)) / slots;
+  // Work ahead in ms: the agent's per-model breakdown when it sent one, else the count × this model's S.
+  const aheadMs = (Number.isNaN(agent.reportedWorkMs) ? agent.reportedRif * serviceMs : agent.reportedWorkMs) + c.routers * agent.outstanding * serviceMs;
+  let waitMs = Math.max(0, aheadMs + serviceMs - slots * serviceMs) / slots;
   if (c.queueExponent !== 1) waitMs *= ((ahead + 1) / slots) ** (c.queueExponent - 1);
   return kappaAt(agent, nowMs) * (netMs + waitMs + serviceMs + coldMs(entry, nowMs));
 }
@@ -111,6 +115,21 @@ export function perTryTimeoutMs(registry: Registry, predictedMs: number, remaini
 export function hedgeDelayMs(entry: ModelEntry, predictedMs: number): number {
   const p95 = p95E2eMs(entry.stats);
   return Number.isNaN(p95) ? 2 * predictedMs : Math.max(p95, 2 * predictedMs);
+}
+
+/**
+ * Fleet utilisation: requests in flight (the larger of the agent's report and this router's own
+ * outstanding count) over worker slots, across live agents. Above ~0.8 a hedge mostly adds queueing.
+ */
+export function fleetUtilization(reg: Registry, nowMs: number): number {
+  let rif = 0;
+  let slots = 0;
+  for (const agent of reg.agents.values()) {
+    if (!agent.up || isEjected(agent, nowMs)) continue;
+    rif += Math.max(agent.reportedRif, agent.outstanding);
+    slots += Math.max(1, agent.slots);
+  }
+  return slots === 0 ? 1 : rif / slots;
 }
 
 /**

@@ -5,9 +5,12 @@
  *   const mesh = await connect({ brokerUrl: 'mqtt://127.0.0.1:1883', identity });
  *   const { outputs, agentId, timings } = await mesh.infer('kws', { x: tensor }, { deadlineMs: 50 });
  *
- * Until the router lands, the SDK picks among live agents itself from their retained status and
- * load heartbeats (lowest expected latency), and retries on another agent within the deadline when
- * one is busy, silent or dies.
+ * With `router` set to a router's id, the SDK asks that router for a route lease per model (a few
+ * ranked agents, valid for a short while) and sends straight to the agents, one hop fewer than
+ * forwarding through the router. Without a router, or when the router does not answer in time, it
+ * picks among live agents itself from their retained status and load heartbeats (lowest expected
+ * latency). Either way it retries on another agent within the deadline when one is busy, silent or
+ * dies, and hedges an attempt that runs far over its prediction.
  */
 import type { MqttClient } from 'mqtt';
 import pino, { type Logger } from 'pino';
@@ -32,6 +35,10 @@ import {
   type BackoffOptions,
   type Identity,
   type InferReply,
+  type Lease,
+  type LeaseAgent,
+  TailBudget,
+  type TailBudgetOptions,
   type MeshConnection,
   type MeshErrorCode,
   type ModelInfo,
@@ -78,6 +85,15 @@ export interface ConnectOptions {
    * agent, the first answer wins and the other is cancelled. A slow attempt is never abandoned.
    */
   minHedgeAfterMs?: number;
+  /**
+   * Id of a router to ask for route leases (direct mode). Requests still go straight to agents; the
+   * router only says which ones. Unset: the SDK routes by itself.
+   */
+  router?: string;
+  /** Retry and hedge budget (protocol/budget.ts; default: extras ≤ 20 % of requests, hedges ≤ 5 %). */
+  tailBudget?: Partial<TailBudgetOptions>;
+  /** How long to wait for a lease before routing by itself, ms (default 150). */
+  leaseTimeoutMs?: number;
   /** A load report older than this no longer counts; the agent's status still does. */
   loadStaleMs?: number;
   maxMessageBytes?: number;
@@ -111,6 +127,8 @@ export interface InferResult {
   outputs: Record<string, Tensor>;
   timings: InferTimings;
   attempts: number;
+  /** The router whose lease chose the first attempt's agent; undefined when the SDK chose by itself. */
+  routedBy: string | undefined;
 }
 
 export interface AgentView {
@@ -126,6 +144,10 @@ export interface MeshCounters {
   statusRejected: number;
   /** Load reports dropped because their agent has no verified status here. */
   loadIgnored: number;
+  /** Route leases received from the router, requests whose first attempt followed one, and requests the SDK routed itself although a router was set. */
+  leases: number;
+  routed: number;
+  leaseFallbacks: number;
 }
 
 export interface Mesh {
@@ -157,7 +179,7 @@ interface AgentEntry {
 /** One request in flight; it may have attempts on several agents at once (after a hedge). */
 interface InFlight {
   /** Agents holding an attempt, with when it was sent and its expected service time. */
-  attempts: Map<string, { sentAt: number; workMs: number }>;
+  attempts: Map<string, { sentAt: number; workMs: number; extra: boolean }>;
   onAnswer: (agentId: string, reply: InferReply | undefined, err: MeshError | undefined) => void;
 }
 
@@ -173,6 +195,16 @@ const RETRY_ELSEWHERE: ReadonlySet<MeshErrorCode> = new Set([
   'MESH_INFERENCE_FAILED',
 ]);
 
+/** A lease stays usable this many times its ttl while a fresh one is on its way. */
+const LEASE_STALE_FACTOR = 4;
+
+interface LeaseState {
+  agents: LeaseAgent[];
+  /** performance.now() times. */
+  freshUntil: number;
+  usableUntil: number;
+}
+
 const SENDER_ROLES: ReadonlySet<string> = new Set(['app', 'router', 'bridge']);
 
 export async function connect(options: ConnectOptions): Promise<Mesh> {
@@ -186,7 +218,9 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
     keepaliveS = 10,
     backoff,
+    leaseTimeoutMs = 150,
   } = options;
+  const routerId = options.router === undefined ? undefined : assertValidId(options.router, 'router id');
   // A free-form clientId without an identity is the deprecated anonymous mode (open brokers only).
   const identity = options.identity ?? (options.clientId === undefined ? generateIdentity('app') : undefined);
   const ephemeral = options.identity === undefined;
@@ -200,7 +234,12 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
   const logger = (options.logger ?? pino({ level: 'warn' })).child({ part: 'sdk', clientId });
 
-  const counters: MeshCounters = { statusRejected: 0, loadIgnored: 0 };
+  const counters: MeshCounters = { statusRejected: 0, loadIgnored: 0, leases: 0, routed: 0, leaseFallbacks: 0 };
+  const budget = new TailBudget(options.tailBudget ?? {}, performance.now());
+  const leases = new Map<string, LeaseState>();
+  /** Route requests on their way, by request id, and the model each is for (one at a time per model). */
+  const leaseWaiters = new Map<string, (lease: Lease | undefined) => void>();
+  const leasesComing = new Map<string, Promise<LeaseState | undefined>>();
   const agents = new Map<string, AgentEntry>();
   const pending = new Map<string, InFlight>();
   const changes = changeSignal();
@@ -275,6 +314,63 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     if (request?.attempts.has(agentId)) request.onAnswer(agentId, reading.reply, reading.error);
   };
 
+  const onLease = (payload: Buffer) => {
+    let lease: Lease;
+    try {
+      lease = decodeMessage(payload, ['lease'], maxMessageBytes);
+    } catch (err) {
+      logger.debug({ err: (err as Error).message }, 'ignoring bad lease');
+      return;
+    }
+    const waiter = leaseWaiters.get(requestIdHex(lease.id));
+    if (waiter) waiter(lease);
+  };
+
+  /** Asks the router for a lease on `model`; undefined when it refuses or does not answer within leaseTimeoutMs. */
+  const fetchLease = (model: string, budgetMs: number, bytes: number): Promise<LeaseState | undefined> => {
+    const coming = leasesComing.get(model);
+    if (coming) return coming;
+    const id = newRequestId();
+    const key = requestIdHex(id);
+    const p = new Promise<LeaseState | undefined>((resolve) => {
+      const timer = setTimeout(() => answer(undefined), leaseTimeoutMs);
+      const answer = (lease: Lease | undefined) => {
+        clearTimeout(timer);
+        leaseWaiters.delete(key);
+        leasesComing.delete(model);
+        if (!lease || lease.agents.length === 0) {
+          if (lease) logger.debug({ model, code: lease.code, err: lease.message }, 'router has no route');
+          else logger.debug({ model, router: routerId }, 'no lease in time');
+          return resolve(undefined);
+        }
+        counters.leases++;
+        const now = performance.now();
+        const state: LeaseState = { agents: lease.agents, freshUntil: now + lease.ttlMs, usableUntil: now + lease.ttlMs * LEASE_STALE_FACTOR };
+        leases.set(model, state);
+        resolve(state);
+      };
+      leaseWaiters.set(key, answer);
+      if (!client.connected) return answer(undefined);
+      client.publish(topics.routerRoute(routerId!, clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'route', id, model, budgetMs, bytes }), { qos: 1 }, (err) => {
+        if (err) answer(undefined);
+      });
+    });
+    leasesComing.set(model, p);
+    return p;
+  };
+
+  /** A usable lease for `model`: a fresh one at once, a stale one while a fresh one is fetched, else waits for one. */
+  const leaseFor = async (model: string, budgetMs: number, bytes: number): Promise<LeaseState | undefined> => {
+    const now = performance.now();
+    const held = leases.get(model);
+    if (held && now < held.freshUntil) return held;
+    if (held && now < held.usableUntil) {
+      void fetchLease(model, budgetMs, bytes);
+      return held;
+    }
+    return fetchLease(model, budgetMs, bytes);
+  };
+
   let refusedFirst: ((err: MeshError) => void) | undefined;
   const connection: MeshConnection = openMeshConnection(brokerUrl, {
     clientId,
@@ -282,7 +378,9 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     keepaliveS,
     ...(backoff ? { backoff } : {}),
     onConnect: (c: MqttClient) => {
-      c.subscribe([topics.clientRepliesFor(clientId), topics.allAgentStatus(), topics.allAgentLoad()], { qos: 1 }, (err) => {
+      const filters = [topics.clientRepliesFor(clientId), topics.allAgentStatus(), topics.allAgentLoad()];
+      if (routerId) filters.push(topics.clientLeasesFor(clientId));
+      c.subscribe(filters, { qos: 1 }, (err) => {
         if (err) logger.error({ err: err.message }, 'subscribe failed');
       });
     },
@@ -300,6 +398,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       if (parsed.clientId === clientId) onReply(parsed.agentId, payload);
     } else if (parsed.kind === 'status') onStatus(parsed.agentId, payload);
     else if (parsed.kind === 'load') onLoad(parsed.agentId, payload);
+    else if (parsed.kind === 'lease' && parsed.clientId === clientId && parsed.routerId === routerId) onLease(payload);
   });
   // A first CONNECT refused as unauthorized is final: waiting would hang the app on a broker that will never let it in.
   try {
@@ -364,6 +463,21 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     return near[Math.floor(Math.random() * near.length)]!;
   };
 
+  /**
+   * The lease agent with the soonest expected answer: the router's prediction plus the work this client
+   * has outstanding there (expected service times of its requests in flight, shared by the agent's workers).
+   */
+  const pickFromLease = (lease: LeaseState, tried: ReadonlySet<string>) => {
+    let best: { id: string; entry: AgentEntry; leased: LeaseAgent; score: number } | undefined;
+    for (const leased of lease.agents) {
+      const entry = agents.get(leased.agent);
+      if (!entry || entry.status.state !== 'online' || tried.has(leased.agent)) continue;
+      const score = leased.predictedMs + entry.outstandingWorkMs / Math.max(1, entry.status.workers ?? 1);
+      if (!best || score < best.score) best = { id: leased.agent, entry, leased, score };
+    }
+    return best;
+  };
+
   const cancelOn = (agentId: string, id: Uint8Array) => {
     if (client.connected) client.publish(topics.agentCancel(agentId, clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
   };
@@ -386,10 +500,13 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
 
     // Before the first attempt, wait (within the deadline) for an agent to announce the model.
     while (!pick(model, new Set(), pinned) && Date.now() < deadline) await changes.wait(deadline - Date.now());
+    const lease = routerId && !pinned ? await leaseFor(model, Math.max(0, deadline - Date.now()), payload.byteLength) : undefined;
+    let routedBy: string | undefined;
 
+    budget.onRequest(performance.now());
     return new Promise<InferResult>((resolve, reject) => {
       const tried = new Set<string>();
-      const attempts = new Map<string, { sentAt: number; workMs: number }>();
+      const attempts = new Map<string, { sentAt: number; workMs: number; extra: boolean }>();
       let lastError: MeshError | undefined;
       let hedgeTimer: NodeJS.Timeout | undefined;
       let done = false;
@@ -398,6 +515,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         const attempt = attempts.get(agentId);
         if (!attempt) return;
         attempts.delete(agentId);
+        if (attempt.extra) budget.onExtraDone();
         const entry = agents.get(agentId);
         if (entry) {
           entry.outstanding = Math.max(0, entry.outstanding - 1);
@@ -407,6 +525,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       const finish = (err: MeshError | undefined, result?: InferResult) => {
         if (done) return;
         done = true;
+        budget.onRequestDone();
         clearTimeout(deadlineTimer);
         clearTimeout(hedgeTimer);
         pending.delete(key);
@@ -426,25 +545,41 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       };
 
       /** Starts an attempt on the best untried agent; false when there is none (or the budget is spent). */
-      const launch = (): boolean => {
+      const launch = (kind: 'first' | 'failover' | 'retry' | 'hedge'): boolean => {
         if (tried.size >= attemptLimit || Date.now() >= deadline) return false;
-        const choice = pick(model, tried, pinned);
-        if (!choice) return false;
+        const paid = kind === 'retry' || kind === 'hedge';
+        if (paid && !budget.take(kind, performance.now())) {
+          logger.debug({ model, kind }, 'no budget for another attempt');
+          return false;
+        }
+        const leased = lease ? pickFromLease(lease, tried) : undefined;
+        const choice = leased ?? pick(model, tried, pinned);
+        if (!choice) {
+          if (paid) budget.refund(kind);
+          return false;
+        }
+        if (tried.size === 0 && routerId && !pinned) {
+          if (leased) {
+            routedBy = routerId;
+            counters.routed++;
+          } else counters.leaseFallbacks++;
+        }
         const now = performance.now();
-        const workMs = serviceMsOf(choice.entry, model, now);
-        const expected = expectedMs(choice.entry, model, now);
+        const workMs = leased ? leased.leased.serviceMs : serviceMsOf(choice.entry, model, now);
+        const expected = leased ? leased.score : expectedMs(choice.entry, model, now);
         tried.add(choice.id);
-        attempts.set(choice.id, { sentAt: now, workMs });
+        attempts.set(choice.id, { sentAt: now, workMs, extra: paid });
         choice.entry.outstanding++;
         choice.entry.outstandingWorkMs += workMs;
         client.publish(topics.agentRequest(choice.id, clientId), payload, { qos: 1 }, (err) => {
           if (err) request.onAnswer(choice.id, undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
         });
         clearTimeout(hedgeTimer);
-        const hedgeAfterMs = Math.max(minHedgeAfterMs, 4 * expected + 50);
+        // A lease carries the router's hedge delay (max of p95 and 2 × predicted); the floor still applies.
+        const hedgeAfterMs = Math.max(minHedgeAfterMs, leased ? leased.leased.hedgeAfterMs : 4 * expected + 50);
         if (hedgeAfterMs < deadline - Date.now()) {
           hedgeTimer = setTimeout(() => {
-            if (!done && launch()) logger.debug({ model, slow: choice.id, afterMs: hedgeAfterMs }, 'hedged a slow attempt');
+            if (!done && launch('hedge')) logger.debug({ model, slow: choice.id, afterMs: hedgeAfterMs }, 'hedged a slow attempt');
           }, hedgeAfterMs);
         }
         return true;
@@ -474,6 +609,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
               outputs,
               timings: { totalMs: performance.now() - started, queueMs: reply.queueMs, execMs: reply.execMs, networkMs },
               attempts: tried.size,
+              routedBy,
             });
             return;
           }
@@ -481,12 +617,14 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
           if (err!.code === 'MESH_INFERENCE_FAILED' && entry) entry.suspectUntil = performance.now() + SUSPECT_MS;
           if (!RETRY_ELSEWHERE.has(err!.code)) return finish(err);
           logger.debug({ model, agentId, code: err!.code }, 'attempt failed; trying another agent');
-          if (!launch() && attempts.size === 0) failNow();
+          // Work lost with its agent is moved free of the budget: it never ran, so it adds no load.
+          const kind = err!.code === 'MESH_AGENT_LOST' || err!.code === 'MESH_SHUTTING_DOWN' ? 'failover' : 'retry';
+          if (!launch(kind) && attempts.size === 0) failNow();
         },
       };
       pending.set(key, request);
       const deadlineTimer = setTimeout(failNow, Math.max(0, deadline - Date.now()));
-      if (!launch()) failNow();
+      if (!launch('first')) failNow();
     });
   };
 
@@ -509,6 +647,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       }
     },
     async close() {
+      for (const waiter of [...leaseWaiters.values()]) waiter(undefined);
       for (const request of [...pending.values()]) {
         for (const agentId of [...request.attempts.keys()]) request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', 'client closed'));
       }

@@ -1,0 +1,153 @@
+/**
+ * The live router on a fleet: 20 real agents (real ONNX sessions of the wake-word model) on a real
+ * broker, with injected faults: slow hardware, far links, a dead agent, a gray failure. Also the SDK's
+ * direct mode, where the router only hands out route leases.
+ */
+import assert from 'node:assert/strict';
+import { copyFile, readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { describe, test, type TestContext } from 'node:test';
+import { sampleInputs } from '../cli/sample-inputs.ts';
+import type { AgentHandle } from '../edge-agent/index.ts';
+import { generateIdentity } from '../protocol/index.ts';
+import { startRouter, type RouterHandle } from '../router/index.ts';
+import { agentFor, brokerFor, meshFor, modelsDir, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
+
+async function routerFor(t: TestContext, brokerUrl: string, options: Partial<Parameters<typeof startRouter>[0]> = {}): Promise<RouterHandle> {
+  const router = await startRouter({ brokerUrl, identity: generateIdentity('router'), logger: quiet, ...options });
+  t.after(() => router.close());
+  return router;
+}
+
+/** A models folder with the wake-word model only, so twenty agents start fast and stay small. */
+async function kwsOnlyDir(t: TestContext): Promise<string> {
+  const full = await modelsDir();
+  const manifest = JSON.parse(await readFile(path.join(full, 'manifest.json'), 'utf8')) as { models: { name: string; file: string }[] };
+  const kws = manifest.models.filter((m) => m.name === 'kws');
+  assert.equal(kws.length, 1);
+  const dir = await tempDir(t, 'edge-mesh-kws-');
+  await copyFile(path.join(full, kws[0]!.file), path.join(dir, kws[0]!.file));
+  await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...manifest, models: kws }));
+  return dir;
+}
+
+/** Runs `n` calls with at most `concurrency` in flight. */
+async function runAll<T>(n: number, concurrency: number, call: (i: number) => Promise<T>): Promise<T[]> {
+  const out: T[] = new Array(n);
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      while (next < n) {
+        const i = next++;
+        out[i] = await call(i);
+      }
+    }),
+  );
+  return out;
+}
+
+describe('router on a fleet', { timeout: 180_000 }, () => {
+  test('20 agents: most traffic goes to the fast near ones, none to slow or far ones once learned, none to a dead one', async (t) => {
+    const broker = await brokerFor(t);
+    const dir = await kwsOnlyDir(t);
+    const fast: AgentHandle[] = [];
+    const slow: AgentHandle[] = [];
+    const far: AgentHandle[] = [];
+    const starts: Promise<void>[] = [];
+    for (let i = 0; i < 4; i++) starts.push(agentFor(t, { brokerUrl: broker.url, modelsDir: dir }).then((a) => void fast.push(a)));
+    for (let i = 0; i < 12; i++) starts.push(agentFor(t, { brokerUrl: broker.url, modelsDir: dir, faults: { extraExecMs: 25 } }).then((a) => void slow.push(a)));
+    for (let i = 0; i < 3; i++) starts.push(agentFor(t, { brokerUrl: broker.url, modelsDir: dir, faults: { linkDelayMs: 15 } }).then((a) => void far.push(a)));
+    await Promise.all(starts);
+    // The twentieth agent is a separate process, killed with SIGKILL once the router knows it.
+    const deadIdentity = generateIdentity('agent');
+    const dead = await spawnAgent(t, broker.url, deadIdentity);
+
+    const router = await routerFor(t, broker.url);
+    await router.waitForModel('kws', 20_000, 20);
+    dead.kill('SIGKILL');
+    await waitFor(() => router.agents().find((a) => a.id === deadIdentity.id)?.up === false, 10_000, 'the router to see the dead agent go offline');
+
+    const inputs = sampleInputs('kws', 1);
+    const results = await runAll(600, 4, () => router.infer('kws', inputs, { deadlineMs: 5_000 }));
+    assert.equal(results.length, 600);
+    assert.equal(router.counters.ok, 600);
+    assert.equal(router.counters.failed, 0);
+
+    const count = (agents: AgentHandle[], from = 0) => results.slice(from).filter((r) => agents.some((a) => a.id === r.agentId)).length;
+    const fastShare = count(fast) / results.length;
+    const lateFast = count(fast, 300) / 300;
+    const tally = { fast: count(fast), slow: count(slow), far: count(far) };
+    t.diagnostic(`served: ${JSON.stringify(tally)}; fast share ${fastShare.toFixed(3)}, of the last 300 ${lateFast.toFixed(3)}`);
+    assert.equal(router.counters.sentTo[deadIdentity.id] ?? 0, 0, 'no attempt to the dead agent');
+    assert.ok(results.every((r) => r.agentId !== deadIdentity.id));
+    // Four of twenty agents are fast and near: uniform choice would give them 20 %.
+    assert.ok(fastShare > 0.6, `fast near agents served ${(100 * fastShare).toFixed(1)} % (${JSON.stringify(tally)})`);
+    assert.ok(lateFast > 0.8, `after learning, fast near agents served ${(100 * lateFast).toFixed(1)} % of the last 300 (${JSON.stringify(tally)})`);
+    // The router told network from compute: far agents are slow by their link, slow ones by their execution.
+    const farEntry = router.registry.agents.get(far[0]!.id)!;
+    const fastEntry = router.registry.agents.get(fast[0]!.id)!;
+    if (Number.isFinite(farEntry.rttMs) && Number.isFinite(fastEntry.rttMs)) assert.ok(farEntry.rttMs > fastEntry.rttMs + 10, `far rtt ${farEntry.rttMs} vs near ${fastEntry.rttMs}`);
+  });
+
+  test('a gray failure: attempts on an agent that turned slow are hedged on another one, the loser cancelled', async (t) => {
+    const broker = await brokerFor(t);
+    const dir = await kwsOnlyDir(t);
+    const a = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir });
+    // b is a little slower, so the router prefers a until a turns slow.
+    const b = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, faults: { extraExecMs: 4 } });
+    const router = await routerFor(t, broker.url, { maxAttempts: 2 });
+    await router.waitForModel('kws', 10_000, 2);
+    const inputs = sampleInputs('kws', 2);
+    // Both healthy: the router learns their service time and its p95.
+    await runAll(60, 2, () => router.infer('kws', inputs, { deadlineMs: 5_000 }));
+    assert.ok((router.counters.sentTo[a.id] ?? 0) > (router.counters.sentTo[b.id] ?? 0), JSON.stringify(router.counters.sentTo));
+
+    a.setFaults({ extraExecMs: 2_000 });
+    const before = { ...router.counters };
+    const results = await runAll(20, 1, () => router.infer('kws', inputs, { deadlineMs: 5_000 }));
+    const hedged = results.filter((r) => r.hedged);
+    assert.ok(hedged.length >= 1, `no request was hedged (${JSON.stringify(router.counters)})`);
+    for (const r of hedged) {
+      assert.equal(r.agentId, b.id, 'the hedge on the healthy agent wins');
+      assert.deepEqual(r.tried, [a.id, b.id]);
+      assert.ok(r.timings.totalMs < 1_000, `hedged request took ${r.timings.totalMs} ms`);
+    }
+    assert.ok(router.counters.cancels > before.cancels, 'the slow attempt was cancelled');
+    // Every request finished well before the 2 s the slow agent takes.
+    assert.ok(results.every((r) => r.timings.totalMs < 1_000), results.map((r) => r.timings.totalMs.toFixed(0)).join(' '));
+    // Hedges are paid from the budget: never more than a few per cent of requests plus the initial token.
+    assert.ok(router.counters.hedges - before.hedges <= 1 + 0.05 * 80 + 1, `hedges ${router.counters.hedges}`);
+  });
+
+  test('direct mode: the SDK takes route leases from the router and sends straight to agents; without an answer it routes by itself', async (t) => {
+    const broker = await brokerFor(t);
+    const dir = await kwsOnlyDir(t);
+    const near = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir });
+    const slowAgent = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, faults: { extraExecMs: 30 } });
+    const router = await routerFor(t, broker.url, { leaseTtlMs: 200 });
+    await router.waitForModel('kws', 10_000, 2);
+    // Teach the router which agent is slow (through its own forwarding).
+    await runAll(40, 2, () => router.infer('kws', sampleInputs('kws', 1), { deadlineMs: 5_000 }));
+
+    const mesh = await meshFor(t, { brokerUrl: broker.url, router: router.id });
+    await mesh.waitForModel('kws', 10_000, 2);
+    const forwardedBefore = router.counters.requests;
+    const results = await runAll(100, 2, () => mesh.infer('kws', sampleInputs('kws', 1), { deadlineMs: 5_000 }));
+    assert.ok(results.every((r) => r.routedBy === router.id));
+    assert.equal(mesh.counters.routed, 100);
+    assert.ok(mesh.counters.leases >= 1 && router.counters.leases >= 1);
+    // Leases are reused: far fewer route requests than inference requests.
+    assert.ok(router.counters.leases < 60, `leases ${router.counters.leases}`);
+    // The requests themselves never went through the router.
+    assert.equal(router.counters.requests, forwardedBefore);
+    const onNear = results.filter((r) => r.agentId === near.id).length;
+    assert.ok(onNear > 80, `near agent served ${onNear} of 100 (slow ${slowAgent.id.slice(0, 12)})`);
+
+    // A client told to use a router that does not exist falls back to routing by itself.
+    const orphan = await meshFor(t, { brokerUrl: broker.url, router: generateIdentity('router').id, leaseTimeoutMs: 50 });
+    await orphan.waitForModel('kws', 10_000);
+    const r = await orphan.infer('kws', sampleInputs('kws', 1), { deadlineMs: 5_000 });
+    assert.equal(r.routedBy, undefined);
+    assert.equal(orphan.counters.leaseFallbacks, 1);
+  });
+});
