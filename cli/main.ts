@@ -27,6 +27,7 @@ import { cliLogger, LOG_LEVELS } from './log.ts';
 const loadBroker = () => import('../broker/index.ts');
 const loadAgent = () => import('../edge-agent/index.ts');
 const loadSdk = () => import('../sdk/index.ts');
+const loadRouter = () => import('../router/index.ts');
 
 const DEFAULT_BROKER = 'mqtt://127.0.0.1:1883';
 const DEFAULT_DATA_DIR = '.mesh-data';
@@ -38,7 +39,7 @@ const collect = (value: string, previous: string[]) => [...previous, value];
 const keyWarnings = { warn: (message: string) => process.stderr.write(`edge-mesh: warning: ${message}\n`) };
 
 /** The MESH_UNAUTHORIZED hint for commands run without --key (the library's message already says why). */
-function withoutKeyHint(err: unknown, role: 'agent' | 'app'): unknown {
+function withoutKeyHint(err: unknown, role: 'agent' | 'app' | 'router'): unknown {
   if (err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED') {
     return new MeshError('MESH_UNAUTHORIZED', `${err.message} (\`edge-mesh keys new --role ${role}\`, have the operator run \`edge-mesh admit\`, then pass --key)`, { cause: err });
   }
@@ -126,6 +127,7 @@ export function buildProgram(): Command {
     .option('--host <host>', 'broker address', '127.0.0.1')
     .option('--data <dir>', 'data folder: models, keys (made on first run), the admission store', DEFAULT_DATA_DIR)
     .option('--report-every <seconds>', 'seconds between progress reports', positiveNumber, 5)
+    .option('--router-port <port>', "the router's HTTP API port (0 for any free port; a busy default port falls back to a free one)", nonNegativeInt, 8080)
     .addOption(logLevelOption().default('warn'))
     .action(async (opts) => {
       const logger = cliLogger(opts.logLevel);
@@ -142,6 +144,7 @@ export function buildProgram(): Command {
           ratePerS: opts.rate,
           durationS: opts.duration,
           reportEveryS: opts.reportEvery,
+          routerPort: opts.routerPort,
           json: opts.json,
           logger,
           print,
@@ -149,7 +152,10 @@ export function buildProgram(): Command {
         stopSignal().then(() => undefined),
       );
       if (opts.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
-      else print(`done: ${summary.requests} requests, ${summary.ok} ok, ${summary.errors} errors in ${summary.duration_s} s`);
+      else {
+        const paths = Object.entries(summary.routing.paths).map(([k, v]) => `${v} ${k}`).join(', ');
+        print(`done: ${summary.requests} requests, ${summary.ok} ok, ${summary.errors} errors in ${summary.duration_s} s; routed by ${summary.routing.router}: ${paths}`);
+      }
     });
 
   program
@@ -237,6 +243,43 @@ export function buildProgram(): Command {
     });
 
   program
+    .command('router')
+    .description('run a latency-aware router: route leases for SDK clients, forwarding for thin clients over MQTT and HTTP (KServe v2)')
+    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--key <file>', 'the router key file (edge-mesh keys new --role router), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts')
+    .option('--http-port <port>', 'HTTP API port (0 for any free port)', nonNegativeInt, 8080)
+    .option('--http-host <host>', 'HTTP API address', '127.0.0.1')
+    .option('--no-http', 'serve no HTTP API (MQTT only)')
+    .option('--deadline-ms <ms>', 'deadline of a forwarded request that names none', positiveInt, 2_000)
+    .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
+    .option('--no-hedging', 'never hedge a slow attempt')
+    .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
+    .addOption(logLevelOption())
+    .action(async (opts) => {
+      const identity = opts.key ? await loadKeyFile(opts.key, 'router', keyWarnings) : generateIdentity('router');
+      const logger = cliLogger(opts.logLevel);
+      const stop = stopSignal();
+      const { startRouter } = await loadRouter();
+      const router = await startRouter({
+        brokerUrl: opts.broker,
+        identity,
+        logger,
+        defaultDeadlineMs: opts.deadlineMs,
+        maxAttempts: opts.maxAttempts,
+        hedging: opts.hedging,
+        leaseTtlMs: opts.leaseTtlMs,
+        ...(opts.http ? { http: { port: opts.httpPort, host: opts.httpHost } } : {}),
+      }).catch((err: unknown) => {
+        throw opts.key ? err : withoutKeyHint(err, 'router');
+      });
+      logger.info({ routerId: router.id, http: router.http?.url }, 'router up');
+      process.stdout.write(`router ${router.id}${router.http ? ` serving ${router.http.url}` : ''}\n`);
+      const signal = await stop;
+      logger.info({ signal, counters: router.counters }, 'stopping');
+      await router.close();
+    });
+
+  program
     .command('infer')
     .description('send one inference request and print the outputs and timing')
     .requiredOption('--model <name>', 'model name')
@@ -247,13 +290,14 @@ export function buildProgram(): Command {
     .option('--key <file>', 'the app key file (role app, router or bridge) admitted by the operator. Without it: an ephemeral key, which only an open broker accepts')
     .option('--deadline-ms <ms>', 'deadline for the request', positiveInt, 5_000)
     .option('--agent <id>', 'send only to this agent')
+    .option('--router <id>', 'ask this router for the route (direct mode) instead of choosing the agent locally')
     .option('--summary', 'print output shapes and a few values instead of every value', false)
     .addOption(logLevelOption().default('warn'))
     .action(async (opts) => {
       const identity = opts.key ? await loadKeyFile(opts.key, ['app', 'router', 'bridge'], keyWarnings) : undefined;
       const logger = cliLogger(opts.logLevel);
       const { connect } = await loadSdk();
-      const mesh = await connect({ brokerUrl: opts.broker, logger, ...(identity ? { identity } : {}) }).catch((err: unknown) => {
+      const mesh = await connect({ brokerUrl: opts.broker, logger, ...(identity ? { identity } : {}), ...(opts.router ? { router: opts.router } : {}) }).catch((err: unknown) => {
         throw identity ? err : withoutKeyHint(err, 'app');
       });
       try {

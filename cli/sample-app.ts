@@ -21,12 +21,19 @@ export interface SampleAppOptions {
   logger: Logger;
   /** How the report names an agent (default: its id). */
   agentLabel?: (agentId: string) => string;
+  /**
+   * A thin client (e.g. the router's KServe HTTP API) that carries every `every`-th request instead
+   * of the SDK; its requests are counted under the path name `name`.
+   */
+  thinClient?: { name: string; every: number; infer(model: string, inputs: Record<string, Tensor>, deadlineMs: number): Promise<{ agentId: string }> };
 }
 
 export class SampleApp {
   readonly byModel = new TallyMap();
   readonly byAgent = new TallyMap();
   readonly errorCodes: Record<string, number> = {};
+  /** Answered requests by the way they went: 'leased' (SDK on a router lease), 'local' (SDK chose), or the thin client's name. */
+  readonly paths: Record<string, number> = {};
   private timer: NodeJS.Timeout | undefined;
   private inFlight = new Set<Promise<void>>();
   private sent = 0;
@@ -61,13 +68,19 @@ export class SampleApp {
     let inputs = this.inputsCache.get(cacheKey);
     if (!inputs) this.inputsCache.set(cacheKey, (inputs = sampleInputs(model, seed)));
     const started = performance.now();
-    const p = mesh
-      .infer(model, inputs, { deadlineMs: SAMPLE_DEADLINES_MS[model] ?? 1_000 })
+    const deadlineMs = SAMPLE_DEADLINES_MS[model] ?? 1_000;
+    const thin = this.options.thinClient;
+    const sent: Promise<{ agentId: string; path: string }> =
+      thin && n % thin.every === thin.every - 1
+        ? thin.infer(model, inputs, deadlineMs).then((r) => ({ agentId: r.agentId, path: thin.name }))
+        : mesh.infer(model, inputs, { deadlineMs }).then((r) => ({ agentId: r.agentId, path: r.routedBy ? 'leased' : 'local' }));
+    const p = sent
       .then(
         (result) => {
           const ms = performance.now() - started;
           this.byModel.get(model).record(ms);
           this.byAgent.get(result.agentId).record(ms);
+          this.paths[result.path] = (this.paths[result.path] ?? 0) + 1;
         },
         (err: { code?: string; message?: string }) => {
           const code = err.code ?? 'UNKNOWN';

@@ -1,17 +1,21 @@
 /**
  * `edge-mesh up`: the whole local mesh in one process on embedded defaults: an authenticated aedes
- * broker, edge agents serving the real models from their npm packages, and the sample app.
+ * broker, edge agents serving the real models from their npm packages, a router with its HTTP API,
+ * and the sample app. The app asks the router for route leases and sends straight to the agents;
+ * every tenth request goes through the router's KServe HTTP endpoint instead, as a thin client's would.
  *
  * Keys live in `<data>/keys/` (mode 0600), made on first run and reused: `operator.key`, one
- * `agent-N.key` per agent and `app.key`. The operator is the broker's trusted operator and admits
- * the agents and the app (admissions are kept in `<data>/broker/`) before they connect.
+ * `agent-N.key` per agent, `router.key` and `app.key`. The operator is the broker's trusted operator
+ * and admits the agents, the router and the app (admissions are kept in `<data>/broker/`) before they connect.
  */
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { startBroker, type BrokerHandle, type BrokerOptions } from '../broker/index.ts';
 import { startAgent, type AgentHandle } from '../edge-agent/index.ts';
 import { admit, round, type Identity } from '../protocol/index.ts';
+import { startRouter, type RouterHandle } from '../router/index.ts';
 import { connect, type Mesh } from '../sdk/index.ts';
+import { kserveInfer } from './kserve-client.ts';
 import { ensureKeyFile } from './keys.ts';
 import { ensureModelsFolder } from './models.ts';
 import { SampleApp } from './sample-app.ts';
@@ -25,6 +29,8 @@ export interface UpOptions {
   ratePerS: number;
   durationS: number | undefined;
   reportEveryS: number;
+  /** Router HTTP API port (a busy port falls back to a free one; 0 for any free port). */
+  routerPort: number;
   json: boolean;
   logger: Logger;
   /** Where human-readable progress goes. */
@@ -40,6 +46,16 @@ export interface UpSummary {
   /** Keyed by agent id; `name` is its local label (agent-1, agent-2, …). */
   per_agent: Record<string, { name: string; requests: number; p50_ms: number | null; p99_ms: number | null }>;
   error_codes: Record<string, number>;
+  /** How requests were routed: by the router's leases (SDK direct), by the SDK alone, or forwarded by the router over HTTP. */
+  routing: {
+    router: string;
+    http_url: string;
+    paths: Record<string, number>;
+    leases_given: number;
+    forwarded: number;
+    retries: number;
+    hedges: number;
+  };
   duration_s: number;
   broker_url: string;
 }
@@ -58,6 +74,7 @@ async function listen(options: BrokerOptions & { port: number }, logger: Logger)
 export interface UpKeys {
   operator: Identity;
   agents: Identity[];
+  router: Identity;
   app: Identity;
 }
 
@@ -68,13 +85,26 @@ export async function ensureUpKeys(dataDir: string, agents: number, logger: Logg
   const operator = await ensureKeyFile(path.join(dir, 'operator.key'), 'operator', warn);
   const agentKeys: Identity[] = [];
   for (let i = 1; i <= agents; i++) agentKeys.push(await ensureKeyFile(path.join(dir, `agent-${i}.key`), 'agent', warn));
+  const router = await ensureKeyFile(path.join(dir, 'router.key'), 'router', warn);
   const app = await ensureKeyFile(path.join(dir, 'app.key'), 'app', warn);
-  return { operator, agents: agentKeys, app };
+  return { operator, agents: agentKeys, router, app };
 }
 
 /** `agent-1 (agent-k3v9q0c2…)`: a short local label with the start of the key-derived id. */
 export function agentLabel(name: string, id: string): string {
   return `${name} (${id.slice(0, 14)}…)`;
+}
+
+/** The router with its HTTP API on `routerPort`, or on a free port when that one is taken. */
+async function startRouterOn(brokerUrl: string, identity: Identity, options: UpOptions, logger: Logger): Promise<RouterHandle> {
+  const start = (port: number) => startRouter({ brokerUrl, identity, logger: logger.child({ part: 'router' }), http: { port, host: options.host } });
+  try {
+    return await start(options.routerPort);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || options.routerPort === 0) throw err;
+    logger.warn({ port: options.routerPort }, `port ${options.routerPort} is in use; the router's HTTP API takes a free port instead`);
+    return start(0);
+  }
 }
 
 export async function runUp(options: UpOptions, stopSignal: Promise<void>): Promise<UpSummary> {
@@ -98,12 +128,13 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
   const label = (id: string) => agentLabel(names.get(id) ?? id, id);
   const agents: AgentHandle[] = [];
   let mesh: Mesh | undefined;
+  let router: RouterHandle | undefined;
   let app: SampleApp | undefined;
   let reporter: NodeJS.Timeout | undefined;
   try {
     print(`broker listening on ${broker.url} (operator ${keys.operator.id}; keys in ${path.join(dataDir, 'keys')})`);
     // Admissions are idempotent: re-admitting on every start renews their expiry.
-    for (const identity of [...keys.agents, keys.app]) await broker.admit(admit(keys.operator, identity));
+    for (const identity of [...keys.agents, keys.router, keys.app]) await broker.admit(admit(keys.operator, identity));
     for (const identity of keys.agents) {
       agents.push(await startAgent({ brokerUrl: broker.url, modelsDir, identity, workers: options.workers, logger }));
     }
@@ -111,9 +142,22 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
       const models = agent.models.map((m) => `${m.name} ${m.latencyMs.toFixed(2)} ms`).join(', ');
       print(`${label(agent.id)} serving ${models}`);
     }
-    mesh = await connect({ brokerUrl: broker.url, identity: keys.app, logger });
-    for (const model of modelNames) await mesh.waitForModel(model, 10_000, agents.length);
-    app = new SampleApp({ mesh, models: modelNames, ratePerS: options.ratePerS, logger, agentLabel: label });
+    router = await startRouterOn(broker.url, keys.router, options, logger);
+    const routerUrl = router.http!.url;
+    print(`router ${router.id} serving ${routerUrl} (KServe v2: ${routerUrl}/v2/models/kws; operators: ${routerUrl}/v1/agents, ${routerUrl}/metrics)`);
+    mesh = await connect({ brokerUrl: broker.url, identity: keys.app, logger, router: router.id });
+    for (const model of modelNames) {
+      await mesh.waitForModel(model, 10_000, agents.length);
+      await router.waitForModel(model, 10_000, agents.length);
+    }
+    app = new SampleApp({
+      mesh,
+      models: modelNames,
+      ratePerS: options.ratePerS,
+      logger,
+      agentLabel: label,
+      thinClient: { name: 'http', every: 10, infer: (model, inputs, deadlineMs) => kserveInfer(routerUrl, model, inputs, deadlineMs) },
+    });
     print(`sample app sending ${options.ratePerS} requests/s over ${modelNames.join(', ')}; Ctrl-C stops`);
     app.start();
     const runningApp = app;
@@ -128,6 +172,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     if (reporter) clearInterval(reporter);
     await app?.stop();
     await mesh?.close();
+    await router?.close();
     await Promise.all(agents.map((a) => a.drain(5_000)));
     await broker.close();
   }
@@ -149,6 +194,15 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     models,
     per_agent: perAgent,
     error_codes: app!.errorCodes,
+    routing: {
+      router: router!.id,
+      http_url: router!.http?.url ?? '',
+      paths: app!.paths,
+      leases_given: router!.counters.leases,
+      forwarded: router!.counters.requests,
+      retries: router!.counters.retries,
+      hedges: router!.counters.hedges,
+    },
     duration_s: round((performance.now() - started) / 1000, 1),
     broker_url: broker.url,
   };

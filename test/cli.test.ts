@@ -18,7 +18,7 @@ function edgeMesh(args: string[], timeoutMs = 60_000, cwd?: string) {
 
 describe('edge-mesh CLI', () => {
   test('every subcommand has --help', async () => {
-    const commands = [[], ['up'], ['broker'], ['agent'], ['infer'], ['models'], ['models', 'build'], ['keys'], ['keys', 'new'], ['keys', 'show'], ['admit'], ['revoke']];
+    const commands = [[], ['up'], ['broker'], ['agent'], ['router'], ['infer'], ['models'], ['models', 'build'], ['keys'], ['keys', 'new'], ['keys', 'show'], ['admit'], ['revoke']];
     await Promise.all(
       commands.map(async (cmd) => {
         const { stdout } = await edgeMesh([...cmd, '--help']);
@@ -100,7 +100,7 @@ describe('edge-mesh CLI', () => {
 
   test('up runs the whole mesh and ends with a JSON summary', async (t) => {
     const dir = await tempDir(t);
-    const { stdout } = await edgeMesh(['up', '--duration', '6', '--json', '--port', '0', '--data', dir, '--rate', '30'], 120_000);
+    const { stdout } = await edgeMesh(['up', '--duration', '6', '--json', '--port', '0', '--router-port', '0', '--data', dir, '--rate', '30'], 120_000);
     const summary = JSON.parse(stdout.trim().split('\n').at(-1)!);
     assert.ok(summary.requests > 0);
     assert.equal(summary.errors, 0, JSON.stringify(summary.error_codes));
@@ -110,5 +110,13 @@ describe('edge-mesh CLI', () => {
     for (const m of Object.values(summary.models) as { requests: number; p50_ms: number; p99_ms: number }[]) {
       assert.ok(m.requests > 0 && m.p50_ms > 0 && m.p99_ms >= m.p50_ms);
     }
+    // Routing went through the router: leases for the SDK's direct requests, forwarding for the HTTP ones.
+    const routing = summary.routing as { router: string; http_url: string; paths: Record<string, number>; leases_given: number; forwarded: number };
+    assert.match(routing.router, /^router-/);
+    assert.match(routing.http_url, /^http:\/\/127\.0\.0\.1:\d+$/);
+    assert.ok(routing.leases_given > 0);
+    assert.ok((routing.paths.leased ?? 0) > 0 && (routing.paths.http ?? 0) > 0, JSON.stringify(routing.paths));
+    assert.equal(routing.forwarded, routing.paths.http);
+    assert.equal(Object.values(routing.paths).reduce((a, b) => a + b, 0), summary.ok);
   });
 });
