@@ -10,6 +10,8 @@
  *   app, bridge, router   mesh/v1/agent/{any}/req/{self}                          mesh/v1/client/{self}/res/+
  *                         mesh/v1/agent/{any}/cancel/{self}                       mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                                                                                 (or a concrete agent id in place of +)
+ *   bridge (also)         mesh/v1/bridge/{self}/dev/{id}/availability (retained)  mesh/v1/bridge/+/dev/+/availability
+ *                         mesh/v1/bridge/{self}/dev/{id}/telemetry                (apps, routers, operators too)
  *   operator              mesh/v1/admin/{self}/records  (applied by the broker,   mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                         never forwarded)                                        mesh/v1/admin/{self}/acks
  *
@@ -44,6 +46,8 @@ export interface MeshSession {
   readonly replyFilter: string;
   readonly requestFilter: string;
   readonly cancelFilter: string;
+  /** `mesh/v1/bridge/{self}/dev/`: where a bridge publishes its devices' availability and telemetry. */
+  readonly bridgeDevices: string;
 }
 
 /** Admin records one operator connection may send: a burst of 100, then 10 per second. */
@@ -81,6 +85,7 @@ export function newSession(id: string, role: Role | undefined, expires: number, 
     replyFilter: topics.clientRepliesFor(id),
     requestFilter: topics.agentRequestsFor(id),
     cancelFilter: topics.agentCancelsFor(id),
+    bridgeDevices: `mesh/v1/bridge/${id}/dev/`,
   };
 }
 
@@ -117,8 +122,10 @@ export function aclPublish(s: MeshSession, topic: string): number {
     case 'agent':
       if (topic === s.status || topic === s.load) return ACL_ALLOW;
       return matchesIdBetween(topic, CLIENT_PREFIX, s.replyTail) ? ACL_ALLOW : ACL_DENY;
-    case 'app':
     case 'bridge':
+      if (matchesIdBetween(topic, s.bridgeDevices, '/availability') || matchesIdBetween(topic, s.bridgeDevices, '/telemetry')) return ACL_ALLOW;
+    // falls through: a bridge also sends requests and cancels like an app
+    case 'app':
     case 'router':
       return matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) || matchesIdBetween(topic, AGENT_PREFIX, s.cancelTail) ? ACL_ALLOW : ACL_DENY;
     case 'operator':
@@ -132,6 +139,7 @@ export function aclPublish(s: MeshSession, topic: string): number {
 
 const ALL_STATUS = topics.allAgentStatus();
 const ALL_LOAD = topics.allAgentLoad();
+const ALL_DEVICE_AVAILABILITY = topics.allDeviceAvailability();
 
 /** Whether a client may SUBSCRIBE to `filter` (not on the hot path; exact strings or one concrete id). */
 export function aclSubscribe(s: MeshSession, filter: string): boolean {
@@ -142,8 +150,9 @@ export function aclSubscribe(s: MeshSession, filter: string): boolean {
     const p = parseTopic(filter);
     return p !== undefined && (p.kind === 'request' || p.kind === 'cancel') && p.agentId === s.id;
   }
-  if (filter === ALL_STATUS || filter === ALL_LOAD) return true;
+  if (filter === ALL_STATUS || filter === ALL_LOAD || filter === ALL_DEVICE_AVAILABILITY) return true;
   const p = parseTopic(filter);
+  if (p?.kind === 'device') return true;
   if (role === 'operator') {
     if (filter === s.adminAcks) return true;
     return p !== undefined && (p.kind === 'status' || p.kind === 'load');
