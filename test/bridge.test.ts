@@ -39,7 +39,7 @@ import golden from '../firmware-bridge/vectors/golden.json' with { type: 'json' 
 import { tempDir, waitFor } from './helpers.ts';
 
 /** A mesh that sums its input: deterministic, instant, and it counts the calls. */
-function fakeMesh(): BridgeMesh & { calls: number; published: { topic: string; retain: boolean }[] } {
+function fakeMesh(): BridgeMesh & { calls: number; delayMs: number; published: { topic: string; retain: boolean }[] } {
   const model = (name: string, shape: (number | string)[]): ModelInfo =>
     ({ name, version: '1', sha256: '0'.repeat(64), priceMicros: 1, latencyMs: 0.1, inputs: [{ name: 'x', dtype: 'float32', shape }], outputs: [] }) as ModelInfo;
   const fake = {
@@ -204,8 +204,8 @@ describe('bridge: requests', () => {
 
   test('coded errors: unknown model, bad shape, bad body, deadline, unknown frame type; the bridge keeps serving', async (t) => {
     const r = await rig(t);
-    const code = async (type: number, body: Map<number, CborValue> | Buffer) => {
-      const packet = body instanceof Buffer ? sealFrame(Buffer.from(r.record.key, 'hex'), { type, deviceId: r.record.deviceId, epoch: 1, seq: ++r.device.seq }, 0, body) : r.device.frame(type, body);
+    const code = async (type: number, body: Map<number, CborValue>) => {
+      const packet = r.device.frame(type, body);
       const reply = await r.device.exchange(packet);
       assert.equal(reply.type, FrameType.ERROR);
       return (reply.body as Map<number, unknown>).get(K.error.code);
