@@ -125,6 +125,21 @@ export function registerBridgeCommands(program: Command): void {
       }
     });
 
+  // The simulated device of `edge-mesh up` (cli/bridge-demo.ts): a separate process speaking frames over UDP.
+  bridge
+    .command('sim-device', { hidden: true })
+    .description('a simulated device sending wake-word requests over UDP (key in FB_DEVICE_KEY)')
+    .requiredOption('--port <port>', 'bridge UDP port', port)
+    .option('--host <host>', 'bridge UDP host', '127.0.0.1')
+    .requiredOption('--device-id <id>', 'device id', (v: string) => Number(v))
+    .option('--rate <n>', 'requests per second', (v: string) => Number(v), 5)
+    .action(async (opts) => {
+      const key = process.env.FB_DEVICE_KEY;
+      if (!key || !/^[0-9a-f]{64}$/.test(key)) throw new MeshError('MESH_CONFIG', 'FB_DEVICE_KEY must hold the 32-byte device key in hex');
+      const { runSimDevice } = await import('./bridge-demo.ts');
+      await runSimDevice({ host: opts.host, port: opts.port, deviceId: opts.deviceId, key, ratePerS: opts.rate });
+    });
+
   bridge
     .command('list')
     .description('list the registry: one JSON line per device, without keys')

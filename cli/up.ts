@@ -12,6 +12,7 @@ import { startBroker, type BrokerHandle, type BrokerOptions } from '../broker/in
 import { startAgent, type AgentHandle } from '../edge-agent/index.ts';
 import { admit, round, type Identity } from '../protocol/index.ts';
 import { connect, type Mesh } from '../sdk/index.ts';
+import { startBridgeDemo, type BridgeDemo, type BridgeDemoSummary } from './bridge-demo.ts';
 import { ensureKeyFile } from './keys.ts';
 import { ensureModelsFolder } from './models.ts';
 import { SampleApp } from './sample-app.ts';
@@ -42,6 +43,8 @@ export interface UpSummary {
   error_codes: Record<string, number>;
   duration_s: number;
   broker_url: string;
+  /** The firmware bridge with its simulated device (cli/bridge-demo.ts). */
+  bridge: BridgeDemoSummary | undefined;
 }
 
 async function listen(options: BrokerOptions & { port: number }, logger: Logger): Promise<BrokerHandle> {
@@ -100,6 +103,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
   let mesh: Mesh | undefined;
   let app: SampleApp | undefined;
   let reporter: NodeJS.Timeout | undefined;
+  let bridgeDemo: BridgeDemo | undefined;
   try {
     print(`broker listening on ${broker.url} (operator ${keys.operator.id}; keys in ${path.join(dataDir, 'keys')})`);
     // Admissions are idempotent: re-admitting on every start renews their expiry.
@@ -116,6 +120,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     app = new SampleApp({ mesh, models: modelNames, ratePerS: options.ratePerS, logger, agentLabel: label });
     print(`sample app sending ${options.ratePerS} requests/s over ${modelNames.join(', ')}; Ctrl-C stops`);
     app.start();
+    bridgeDemo = await startBridgeDemo({ brokerUrl: broker.url, operator: keys.operator, admit: (r) => broker.admit(r), dataDir, logger, print });
     const runningApp = app;
     reporter = setInterval(() => print(runningApp.report()), options.reportEveryS * 1000);
     const timeout = options.durationS === undefined ? new Promise<void>(() => {}) : new Promise<void>((r) => setTimeout(r, options.durationS! * 1000));
@@ -126,6 +131,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     print(app.report());
   } finally {
     if (reporter) clearInterval(reporter);
+    await bridgeDemo?.stop();
     await app?.stop();
     await mesh?.close();
     await Promise.all(agents.map((a) => a.drain(5_000)));
@@ -151,5 +157,6 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     error_codes: app!.errorCodes,
     duration_s: round((performance.now() - started) / 1000, 1),
     broker_url: broker.url,
+    bridge: bridgeDemo?.summary(),
   };
 }

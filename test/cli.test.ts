@@ -110,5 +110,8 @@ describe('edge-mesh CLI', () => {
     for (const m of Object.values(summary.models) as { requests: number; p50_ms: number; p99_ms: number }[]) {
       assert.ok(m.requests > 0 && m.p50_ms > 0 && m.p99_ms >= m.p50_ms);
     }
+    // The firmware bridge's simulated device (a separate process speaking frames over UDP).
+    assert.equal(summary.bridge.devices, 1);
+    assert.ok(summary.bridge.requests > 0 && summary.bridge.ok === summary.bridge.requests, JSON.stringify(summary.bridge));
   });
 });
