@@ -54,7 +54,13 @@ function buildC(_t: TestContext): Promise<string> {
   built ??= (async () => {
     const out = mkdtempSync(path.join(os.tmpdir(), 'edge-mesh-fbc-'));
     process.on('exit', () => rmSync(out, { recursive: true, force: true }));
-    await run('make', ['-C', C_DIR, `OUT=${out}`, `CC=${compiler}`], { timeout: 120_000 });
+    // The same commands as firmware-bridge/c/Makefile, without needing make.
+    const src = ['fb_client.c', 'fb_cbor.c', 'fb_link.c', 'fb_crypto_sodium.c'].map((f) => path.join(C_DIR, f));
+    const flags = ['-std=c99', '-Wall', '-Wextra', '-Wpedantic', '-Werror', '-O2'];
+    await Promise.all([
+      run(compiler!, [...flags, '-o', path.join(out, 'fb_host'), ...src, path.join(C_DIR, 'host/fb_host.c'), '-lsodium'], { timeout: 120_000 }),
+      run(compiler!, [...flags, '-o', path.join(out, 'fb_vectors'), ...src, path.join(C_DIR, 'test/fb_vectors.c'), '-lsodium'], { timeout: 120_000 }),
+    ]);
     return out;
   })();
   return built;
