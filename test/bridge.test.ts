@@ -466,3 +466,27 @@ describe('bridge: fuzz', () => {
     await assertStillServes(r);
   });
 });
+
+describe('broker rules for bridge topics', () => {
+  test("a bridge publishes (and retains) only its own devices' availability and telemetry; others may only read them", async () => {
+    const { aclPublish, aclSubscribe, newSession, ACL_DENY } = await import('../broker/acl.ts');
+    const { checkPublish } = await import('../broker/policy.ts');
+    const { topics, MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS } = await import('../protocol/index.ts');
+    const limits = { maxTopicLevels: MAX_TOPIC_LEVELS, maxTopicBytes: MAX_TOPIC_BYTES };
+    const bridge = newSession('bridge-aaaaaaaaaaaaaaaaaaaaaaaaaa', 'bridge', Infinity, 100);
+    const other = 'bridge-bbbbbbbbbbbbbbbbbbbbbbbbbb';
+    const app = newSession('app-cccccccccccccccccccccccccc', 'app', Infinity, 100);
+    const own = topics.deviceAvailability(bridge.id, 'dev-0000abcd');
+    assert.notEqual(aclPublish(bridge, own), ACL_DENY);
+    assert.notEqual(aclPublish(bridge, topics.deviceTelemetry(bridge.id, 'dev-0000abcd')), ACL_DENY);
+    assert.equal(aclPublish(bridge, topics.deviceAvailability(other, 'dev-0000abcd')), ACL_DENY, "another bridge's device");
+    assert.equal(aclPublish(bridge, `${own}/x`), ACL_DENY);
+    assert.equal(aclPublish(app, own), ACL_DENY, 'an app cannot speak for a device');
+    assert.notEqual(aclPublish(bridge, topics.agentRequest('agent-dddddddddddddddddddddddddd', bridge.id)), ACL_DENY, 'a bridge still sends requests');
+    assert.equal(checkPublish({ topic: own, qos: 1, retain: true }, bridge.id, limits), undefined, 'retained availability');
+    assert.equal(checkPublish({ topic: topics.deviceTelemetry(bridge.id, 'dev-0000abcd'), qos: 0, retain: true }, bridge.id, limits), 'retain-not-own-status');
+    assert.equal(checkPublish({ topic: topics.deviceAvailability(other, 'dev-0000abcd'), qos: 1, retain: true }, bridge.id, limits), 'retain-not-own-status');
+    assert.ok(aclSubscribe(app, topics.allDeviceAvailability()));
+    assert.ok(aclSubscribe(app, own));
+  });
+});
