@@ -302,7 +302,8 @@ export class Bridge extends EventEmitter {
     }
     s.replay.pending(h.epoch, h.seq, digest);
     this.seen(h.deviceId, s);
-    const work = this.serve(h, s, key, plain, send);
+    // serve() answers every failure it knows with an ERROR frame; anything else is logged, never thrown.
+    const work = this.serve(h, s, key, plain, send).catch((err: Error) => this.options.logger?.error({ err: err.message, device: longIdOf(h.deviceId) }, 'bridge could not serve a frame'));
     this.inflight.add(work);
     void work.finally(() => this.inflight.delete(work));
     return work;
