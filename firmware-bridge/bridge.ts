@@ -511,10 +511,25 @@ export class Bridge extends EventEmitter {
     return id;
   }
 
-  /** Stops serving; waits for requests in flight (their replies are no longer sent). */
+  /**
+   * Stops serving: waits for requests in flight, then marks every device it announced as offline
+   * (retained), since nobody serves them through this bridge any more. A crashed bridge leaves
+   * their last state in place (no per-device will exists in MQTT 3.1.1).
+   */
   async close(): Promise<void> {
+    if (this.closed) return;
     clearInterval(this.timer);
     await Promise.allSettled([...this.inflight]);
     this.closed = true;
+    const publishes: Promise<void>[] = [];
+    for (const [deviceId, s] of this.states) {
+      if (s.availability === undefined || s.availability === 'offline') continue;
+      s.availability = 'offline';
+      const device = longIdOf(deviceId);
+      const payload = encodeMeshCbor({ v: 1, kind: 'availability', device, state: 'offline', last_seen: s.lastSeen, via: this.id });
+      const p = this.options.mesh.publish?.(topics.deviceAvailability(this.id, device), payload, { retain: true, qos: 1 });
+      if (p) publishes.push(p.catch(() => {}));
+    }
+    await Promise.race([Promise.all(publishes), new Promise((r) => setTimeout(r, 1_000).unref())]);
   }
 }

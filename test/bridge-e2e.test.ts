@@ -263,7 +263,7 @@ describe('bridge on the mesh', () => {
     assert.ok(serial.counters.badCobs + serial.counters.badCrc >= 2, 'noise counted');
   });
 
-  test('availability is published retained on the mesh: online, then asleep, then offline', async (t) => {
+  test('availability is published retained on the mesh: online, asleep after SLEEP, offline when the bridge closes', async (t) => {
     const { broker, device, bridge, appId } = await meshWithBridge(t);
     const udp = await listenUdp(bridge, { port: 0 });
     t.after(() => udp.close());
@@ -281,7 +281,9 @@ describe('bridge on the mesh', () => {
     await waitFor(() => states.includes('online'), 5_000, 'online');
     await dev.request(FrameType.SLEEP, new Map([[K.sleep.durationS, 0]]));
     await waitFor(() => states.includes('asleep'), 5_000, 'asleep');
-    // sleepGraceMs is 10 s by default; a fresh bridge with a short grace shows the offline step.
-    assert.deepEqual(states.slice(0, 2), ['online', 'asleep']);
+    // Closing the bridge marks its devices offline (retained).
+    await bridge.close();
+    await waitFor(() => states.includes('offline'), 5_000, 'offline on close');
+    assert.deepEqual(states, ['online', 'asleep', 'offline']);
   });
 });
