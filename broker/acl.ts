@@ -12,6 +12,8 @@
  *                         mesh/v1/router/{any}/route/{self}                       mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                                                                                 (or a concrete agent id in place of +)
  *   router (also)         mesh/v1/client/{any}/lease/{self}                       mesh/v1/router/{self}/route/+
+ *   bridge (also)         mesh/v1/bridge/{self}/dev/{id}/availability (retained)  mesh/v1/bridge/+/dev/+/availability
+ *                         mesh/v1/bridge/{self}/dev/{id}/telemetry                (apps, routers, operators too)
  *   operator              mesh/v1/admin/{self}/records  (applied by the broker,   mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                         never forwarded)                                        mesh/v1/admin/{self}/acks
  *
@@ -51,6 +53,8 @@ export interface MeshSession {
   readonly replyFilter: string;
   readonly requestFilter: string;
   readonly cancelFilter: string;
+  /** `mesh/v1/bridge/{self}/dev/`: where a bridge publishes its devices' availability and telemetry. */
+  readonly bridgeDevices: string;
 }
 
 /** Admin records one operator connection may send: a burst of 100, then 10 per second. */
@@ -92,6 +96,7 @@ export function newSession(id: string, role: Role | undefined, expires: number, 
     replyFilter: topics.clientRepliesFor(id),
     requestFilter: topics.agentRequestsFor(id),
     cancelFilter: topics.agentCancelsFor(id),
+    bridgeDevices: `mesh/v1/bridge/${id}/dev/`,
   };
 }
 
@@ -123,6 +128,13 @@ function matchesIdBetween(topic: string, prefix: string, tail: string): boolean 
   return topic.startsWith(prefix) && topic.endsWith(tail) && isIdSpan(topic, prefix.length, topic.length - tail.length);
 }
 
+/** What every sender (app, bridge, router) may publish: requests, cancels and route requests in its own name. */
+function clientPublish(s: MeshSession, topic: string): number {
+  return matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) || matchesIdBetween(topic, AGENT_PREFIX, s.cancelTail) || matchesIdBetween(topic, ROUTER_PREFIX, s.routeTail)
+    ? ACL_ALLOW
+    : ACL_DENY;
+}
+
 /** The ACL verdict for a PUBLISH by an authenticated client (open-mode sessions have no role: always allowed). */
 export function aclPublish(s: MeshSession, topic: string): number {
   switch (s.role) {
@@ -131,14 +143,12 @@ export function aclPublish(s: MeshSession, topic: string): number {
       return matchesIdBetween(topic, CLIENT_PREFIX, s.replyTail) ? ACL_ALLOW : ACL_DENY;
     case 'router':
       if (matchesIdBetween(topic, CLIENT_PREFIX, s.leaseTail)) return ACL_ALLOW;
-    // falls through: a router also sends requests, cancels and route requests like any client
-    case 'app':
+      return clientPublish(s, topic);
     case 'bridge':
-      return matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) ||
-        matchesIdBetween(topic, AGENT_PREFIX, s.cancelTail) ||
-        matchesIdBetween(topic, ROUTER_PREFIX, s.routeTail)
-        ? ACL_ALLOW
-        : ACL_DENY;
+      if (matchesIdBetween(topic, s.bridgeDevices, '/availability') || matchesIdBetween(topic, s.bridgeDevices, '/telemetry')) return ACL_ALLOW;
+      return clientPublish(s, topic);
+    case 'app':
+      return clientPublish(s, topic);
     case 'operator':
       return topic === s.adminRecords ? ACL_ADMIN : ACL_DENY;
     case undefined:
@@ -150,6 +160,7 @@ export function aclPublish(s: MeshSession, topic: string): number {
 
 const ALL_STATUS = topics.allAgentStatus();
 const ALL_LOAD = topics.allAgentLoad();
+const ALL_DEVICE_AVAILABILITY = topics.allDeviceAvailability();
 
 /** Whether a client may SUBSCRIBE to `filter` (not on the hot path; exact strings or one concrete id). */
 export function aclSubscribe(s: MeshSession, filter: string): boolean {
@@ -160,8 +171,9 @@ export function aclSubscribe(s: MeshSession, filter: string): boolean {
     const p = parseTopic(filter);
     return p !== undefined && (p.kind === 'request' || p.kind === 'cancel') && p.agentId === s.id;
   }
-  if (filter === ALL_STATUS || filter === ALL_LOAD) return true;
+  if (filter === ALL_STATUS || filter === ALL_LOAD || filter === ALL_DEVICE_AVAILABILITY) return true;
   const p = parseTopic(filter);
+  if (p?.kind === 'device') return true;
   if (role === 'operator') {
     if (filter === s.adminAcks) return true;
     return p !== undefined && (p.kind === 'status' || p.kind === 'load');

@@ -89,7 +89,14 @@ export function isOwnStatusTopic(topic: string, ownerId: string | null | undefin
   return parsed !== undefined && parsed.kind === 'status' && parsed.agentId === ownerId;
 }
 
-/** Built-in publish rules: no QoS 2, topic caps, retain only on the publisher's own status topic. */
+/** True when `topic` is `mesh/v1/bridge/{ownerId}/dev/{deviceId}/availability`: a bridge's retained device state. */
+export function isOwnDeviceAvailabilityTopic(topic: string, ownerId: string | null | undefined): boolean {
+  if (!ownerId) return false;
+  const parsed = parseTopic(topic);
+  return parsed !== undefined && parsed.kind === 'device' && parsed.what === 'availability' && parsed.bridgeId === ownerId;
+}
+
+/** Built-in publish rules: no QoS 2, topic caps, retain only on the publisher's own status topic (or a bridge's device availability). */
 export function checkPublish(
   packet: { topic: string; qos?: number; retain?: boolean },
   ownerId: string | null | undefined,
@@ -98,7 +105,7 @@ export function checkPublish(
   if (packet.qos === 2) return 'qos2';
   const refusal = checkPublishTopic(packet.topic, limits);
   if (refusal !== undefined) return refusal;
-  if (packet.retain && !isOwnStatusTopic(packet.topic, ownerId)) return 'retain-not-own-status';
+  if (packet.retain && !isOwnStatusTopic(packet.topic, ownerId) && !isOwnDeviceAvailabilityTopic(packet.topic, ownerId)) return 'retain-not-own-status';
   return undefined;
 }
 

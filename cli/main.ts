@@ -20,6 +20,7 @@ import {
   type Role,
   type Tensor,
 } from '../protocol/index.ts';
+import { registerBridgeCommands } from './bridge.ts';
 import { loadKeyFile, parseOperatorSpec, parsePublicKey, parseRole, writeKeyFile, type TrustedOperator } from './keys.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 
@@ -396,6 +397,7 @@ export function buildProgram(): Command {
       process.stdout.write(`${JSON.stringify({ dir: path.resolve(opts.out), models: manifest.models.map((m) => m.name) })}\n`);
     });
 
+  registerBridgeCommands(program);
   return program;
 }
 

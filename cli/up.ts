@@ -16,6 +16,7 @@ import { admit, round, type Identity } from '../protocol/index.ts';
 import { startRouter, type RouterHandle } from '../router/index.ts';
 import { connect, type Mesh } from '../sdk/index.ts';
 import { kserveInfer } from './kserve-client.ts';
+import { startBridgeDemo, type BridgeDemo, type BridgeDemoSummary } from './bridge-demo.ts';
 import { ensureKeyFile } from './keys.ts';
 import { ensureModelsFolder } from './models.ts';
 import { SampleApp } from './sample-app.ts';
@@ -58,6 +59,8 @@ export interface UpSummary {
   };
   duration_s: number;
   broker_url: string;
+  /** The firmware bridge with its simulated device (cli/bridge-demo.ts). */
+  bridge: BridgeDemoSummary | undefined;
 }
 
 async function listen(options: BrokerOptions & { port: number }, logger: Logger): Promise<BrokerHandle> {
@@ -131,6 +134,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
   let router: RouterHandle | undefined;
   let app: SampleApp | undefined;
   let reporter: NodeJS.Timeout | undefined;
+  let bridgeDemo: BridgeDemo | undefined;
   try {
     print(`broker listening on ${broker.url} (operator ${keys.operator.id}; keys in ${path.join(dataDir, 'keys')})`);
     // Admissions are idempotent: re-admitting on every start renews their expiry.
@@ -160,6 +164,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     });
     print(`sample app sending ${options.ratePerS} requests/s over ${modelNames.join(', ')}; Ctrl-C stops`);
     app.start();
+    bridgeDemo = await startBridgeDemo({ brokerUrl: broker.url, operator: keys.operator, admit: (r) => broker.admit(r), dataDir, logger, print });
     const runningApp = app;
     reporter = setInterval(() => print(runningApp.report()), options.reportEveryS * 1000);
     const timeout = options.durationS === undefined ? new Promise<void>(() => {}) : new Promise<void>((r) => setTimeout(r, options.durationS! * 1000));
@@ -170,6 +175,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     print(app.report());
   } finally {
     if (reporter) clearInterval(reporter);
+    await bridgeDemo?.stop();
     await app?.stop();
     await mesh?.close();
     await router?.close();
@@ -205,5 +211,6 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     },
     duration_s: round((performance.now() - started) / 1000, 1),
     broker_url: broker.url,
+    bridge: bridgeDemo?.summary(),
   };
 }

@@ -11,6 +11,8 @@
  *   mesh/v1/client/{clientId}/lease/{routerId}  the router's lease (QoS 1)
  *   mesh/v1/admin/{operatorId}/records        signed admission/revocation records for the broker (operator only)
  *   mesh/v1/admin/{operatorId}/acks           the broker's answers to that operator's records
+ *   mesh/v1/bridge/{bridgeId}/dev/{deviceId}/availability  a firmware bridge's device: online/asleep/offline (retained)
+ *   mesh/v1/bridge/{bridgeId}/dev/{deviceId}/telemetry     a firmware bridge's device: sensor readings (QoS 0)
  */
 import { MeshError } from './errors.ts';
 
@@ -52,7 +54,14 @@ export const topics = {
   adminRecords: (operatorId: string) => `${TOPIC_ROOT}/admin/${operatorId}/records`,
   /** The broker's `{v, kind:'ack', id, ok, code?, message?}` answers; only that operator may subscribe. */
   adminAcks: (operatorId: string) => `${TOPIC_ROOT}/admin/${operatorId}/acks`,
+  /** Retained `{v, kind:'availability', device, state, last_seen, next_wake, via}` for a device behind a firmware bridge. */
+  deviceAvailability: (bridgeId: string, deviceId: string) => `${TOPIC_ROOT}/bridge/${bridgeId}/dev/${deviceId}/availability`,
+  deviceTelemetry: (bridgeId: string, deviceId: string) => `${TOPIC_ROOT}/bridge/${bridgeId}/dev/${deviceId}/telemetry`,
+  allDeviceAvailability: () => `${TOPIC_ROOT}/bridge/+/dev/+/availability`,
 } as const;
+
+export const DEVICE_TOPIC_KINDS = ['availability', 'telemetry'] as const;
+export type DeviceTopicKind = (typeof DEVICE_TOPIC_KINDS)[number];
 
 export type ParsedTopic =
   | { kind: 'request'; agentId: string; senderId: string }
@@ -63,7 +72,8 @@ export type ParsedTopic =
   | { kind: 'route'; routerId: string; senderId: string }
   | { kind: 'lease'; clientId: string; routerId: string }
   | { kind: 'admin-records'; operatorId: string }
-  | { kind: 'admin-acks'; operatorId: string };
+  | { kind: 'admin-acks'; operatorId: string }
+  | { kind: 'device'; bridgeId: string; deviceId: string; what: DeviceTopicKind };
 
 /** Parses a concrete (wildcard-free) mesh topic; returns undefined for anything outside the tree. */
 export function parseTopic(topic: string): ParsedTopic | undefined {
@@ -87,6 +97,10 @@ export function parseTopic(topic: string): ParsedTopic | undefined {
   }
   if (area === 'router' && parts.length === 6 && verb === 'route' && isValidId(other)) {
     return { kind: 'route', routerId: id, senderId: other };
+  }
+  if (area === 'bridge' && parts.length === 7 && verb === 'dev' && isValidId(other)) {
+    const what = parts[6] as DeviceTopicKind;
+    return (DEVICE_TOPIC_KINDS as readonly string[]).includes(what) ? { kind: 'device', bridgeId: id, deviceId: other, what } : undefined;
   }
   if (area === 'admin' && parts.length === 5) {
     if (verb === 'records') return { kind: 'admin-records', operatorId: id };

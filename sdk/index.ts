@@ -160,6 +160,12 @@ export interface Mesh {
   models(): ModelInfo[];
   /** Resolves once a live agent serves `model` (or, with `count`, that many agents). */
   waitForModel(model: string, timeoutMs?: number, count?: number): Promise<void>;
+  /**
+   * Publishes a raw payload as this client. The broker's ACLs decide what a role may publish: a
+   * bridge publishes its devices' availability (retained) and telemetry here. Rejects with
+   * MESH_NOT_CONNECTED while the broker is unreachable.
+   */
+  publish(topic: string, payload: Uint8Array, options?: { retain?: boolean; qos?: 0 | 1 }): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -645,6 +651,14 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         if (Date.now() >= until) throw new MeshError('MESH_NO_AGENT', `no live agent serves model ${model} after ${timeoutMs} ms`);
         await changes.wait(until - Date.now());
       }
+    },
+    publish(topic, payload, { retain = false, qos = 1 } = {}) {
+      if (!client.connected) return Promise.reject(new MeshError('MESH_NOT_CONNECTED', 'not connected to the broker'));
+      return new Promise<void>((resolve, reject) => {
+        client.publish(topic, Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength), { qos, retain }, (err) =>
+          err ? reject(new MeshError('MESH_NOT_CONNECTED', err.message, { cause: err })) : resolve(),
+        );
+      });
     },
     async close() {
       for (const waiter of [...leaseWaiters.values()]) waiter(undefined);

@@ -118,5 +118,8 @@ describe('edge-mesh CLI', () => {
     assert.ok((routing.paths.leased ?? 0) > 0 && (routing.paths.http ?? 0) > 0, JSON.stringify(routing.paths));
     assert.equal(routing.forwarded, routing.paths.http);
     assert.equal(Object.values(routing.paths).reduce((a, b) => a + b, 0), summary.ok);
+    // The firmware bridge's simulated device (a separate process speaking frames over UDP).
+    assert.equal(summary.bridge.devices, 1);
+    assert.ok(summary.bridge.requests > 0 && summary.bridge.ok === summary.bridge.requests, JSON.stringify(summary.bridge));
   });
 });

@@ -1,0 +1,84 @@
+/**
+ * Per-device replay protection and idempotent retransmits.
+ *
+ * - A device's (epoch, seq) must be new: an epoch below the highest seen is stale; within the current
+ *   epoch a 64-entry sliding window remembers which sequence numbers arrived, and anything older than
+ *   the window is refused.
+ * - The last REPLY_CACHE replies are kept with a digest of the request they answer. A retransmit (same
+ *   epoch, seq and bytes) gets the cached reply again and is never run twice; a retransmit that arrives
+ *   while the first copy is still being served is dropped (its reply is on the way).
+ * - The high-water mark survives a bridge restart: the store keeps the epoch and a sequence floor
+ *   written ahead of use (seq + SEQ_PERSIST_STEP), so after a crash nothing at or below the floor is
+ *   accepted again. A device that gets no answer three times in a row starts a new epoch.
+ */
+
+export const WINDOW = 64n;
+export const REPLY_CACHE = 16;
+export const SEQ_PERSIST_STEP = 64;
+
+export type ReplayVerdict = 'fresh' | 'seen' | 'stale-epoch' | 'too-old' | 'bad-seq';
+
+export interface CachedReply {
+  /** Digest of the request packet (header, ciphertext and tag). */
+  digest: string;
+  /** Undefined while the request is still being served. */
+  reply: Buffer | undefined;
+}
+
+export class ReplayWindow {
+  epoch: number;
+  seqMax: number;
+  private bitmap: bigint;
+  private readonly cache = new Map<string, CachedReply>();
+
+  /** Starts at a persisted high-water mark (everything at or below `seqFloor` in `epoch` counts as seen). */
+  constructor(epoch = -1, seqFloor = 0) {
+    this.epoch = epoch;
+    this.seqMax = seqFloor;
+    this.bitmap = seqFloor > 0 ? (1n << WINDOW) - 1n : 0n;
+  }
+
+  check(epoch: number, seq: number): ReplayVerdict {
+    if (seq === 0) return 'bad-seq';
+    if (epoch < this.epoch) return 'stale-epoch';
+    if (epoch > this.epoch || seq > this.seqMax) return 'fresh';
+    const diff = BigInt(this.seqMax - seq);
+    if (diff >= WINDOW) return 'too-old';
+    return (this.bitmap >> diff) & 1n ? 'seen' : 'fresh';
+  }
+
+  /** Records a verified fresh (epoch, seq). Returns true when the epoch moved forward. */
+  accept(epoch: number, seq: number): boolean {
+    if (epoch > this.epoch) {
+      this.epoch = epoch;
+      this.seqMax = seq;
+      this.bitmap = 1n;
+      this.cache.clear();
+      return true;
+    }
+    if (seq > this.seqMax) {
+      const shift = BigInt(seq - this.seqMax);
+      this.bitmap = shift >= WINDOW ? 1n : ((this.bitmap << shift) | 1n) & ((1n << WINDOW) - 1n);
+      this.seqMax = seq;
+    } else {
+      this.bitmap |= 1n << BigInt(this.seqMax - seq);
+    }
+    return false;
+  }
+
+  cached(epoch: number, seq: number): CachedReply | undefined {
+    return this.cache.get(`${epoch}:${seq}`);
+  }
+
+  /** Marks a request as being served (its reply comes later through `remember`). */
+  pending(epoch: number, seq: number, digest: string): void {
+    this.remember(epoch, seq, digest, undefined);
+  }
+
+  remember(epoch: number, seq: number, digest: string, reply: Buffer | undefined): void {
+    const key = `${epoch}:${seq}`;
+    this.cache.delete(key);
+    this.cache.set(key, { digest, reply });
+    while (this.cache.size > REPLY_CACHE) this.cache.delete(this.cache.keys().next().value!);
+  }
+}

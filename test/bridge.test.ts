@@ -1,0 +1,495 @@
+/**
+ * The firmware bridge's codecs and its handling of hostile input, against a fake mesh that counts
+ * what it is asked to run (the real mesh is in bridge-e2e.test.ts). Every bad-input case is its own
+ * test; the fuzz runs push 100,000+ random and mutated frames through each parser.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { describe, test, type TestContext } from 'node:test';
+import {
+  Bridge,
+  BridgeErrorCode,
+  CborError,
+  cborMap,
+  cobsDecode,
+  cobsEncode,
+  crc16,
+  decodeCbor,
+  DeviceRegistry,
+  encodeCbor,
+  encodeSerialFrame,
+  FrameType,
+  HEADER_BYTES,
+  int16Tensor,
+  K,
+  MAX_PACKET_BYTES,
+  openFrame,
+  readHeader,
+  readInferRequest,
+  sealFrame,
+  SerialDeframer,
+  SimDevice,
+  type BridgeMesh,
+  type CborValue,
+  type DeviceRecord,
+  type DeviceReply,
+} from '../firmware-bridge/index.ts';
+import { MeshError, mulberry32, type ModelInfo, type Tensor } from '../protocol/index.ts';
+import golden from '../firmware-bridge/vectors/golden.json' with { type: 'json' };
+import { tempDir, waitFor } from './helpers.ts';
+
+/** A mesh that sums its input: deterministic, instant, and it counts the calls. */
+function fakeMesh(): BridgeMesh & { calls: number; delayMs: number; published: { topic: string; retain: boolean }[] } {
+  const model = (name: string, shape: (number | string)[]): ModelInfo =>
+    ({ name, version: '1', sha256: '0'.repeat(64), priceMicros: 1, latencyMs: 0.1, inputs: [{ name: 'x', dtype: 'float32', shape }], outputs: [] }) as ModelInfo;
+  const fake = {
+    clientId: 'bridge-aaaaaaaaaaaaaaaaaaaaaaaaaa',
+    calls: 0,
+    delayMs: 0,
+    published: [] as { topic: string; retain: boolean }[],
+    models: () => [model('sum', [1, 8]), model('free', [1, 'n'])],
+    async infer(_model: string, inputs: Record<string, Tensor>, options: { deadlineMs: number }) {
+      fake.calls++;
+      if (fake.delayMs) await new Promise((r) => setTimeout(r, fake.delayMs));
+      if (options.deadlineMs === 1) throw new MeshError('MESH_DEADLINE_EXCEEDED', 'too late');
+      const x = inputs.x!.data as Float32Array;
+      const out = new Float32Array([x.reduce((a, b) => a + b, 0), -1]);
+      return { requestId: '00112233445566778899aabbccddeeff', agentId: 'agent-fake', outputs: { y: { dtype: 'float32', shape: [1, 2], data: out } as Tensor }, timings: { totalMs: 0 } };
+    },
+    async publish(topic: string, _payload: Uint8Array, options: { retain?: boolean }) {
+      fake.published.push({ topic, retain: options.retain ?? false });
+    },
+  };
+  return fake;
+}
+
+interface Rig {
+  bridge: Bridge;
+  mesh: ReturnType<typeof fakeMesh>;
+  registry: DeviceRegistry;
+  record: DeviceRecord;
+  device: SimDevice;
+  /** Replies the bridge sent, in order. */
+  sent: Buffer[];
+  /** Hands a packet to the bridge as a transport would, and waits until it is served. */
+  feed: (packet: Uint8Array) => Promise<void>;
+}
+
+async function rig(t: TestContext, options: { registry?: DeviceRegistry; now?: () => number } = {}): Promise<Rig> {
+  const registry = options.registry ?? DeviceRegistry.inMemory();
+  const record = await registry.provision({ name: 'unit' });
+  const mesh = fakeMesh();
+  const bridge = new Bridge({ mesh, registry, models: ['sum', 'free'], availabilityTickMs: 20, ...(options.now ? { now: options.now } : {}) });
+  t.after(() => bridge.close());
+  const sent: Buffer[] = [];
+  let device: SimDevice | undefined;
+  const feed = (packet: Uint8Array) =>
+    bridge.handlePacket(packet, (reply) => {
+      sent.push(reply);
+      device?.receive(reply);
+    });
+  device = new SimDevice({ deviceId: record.deviceId, key: Buffer.from(record.key, 'hex'), epoch: 1, send: (p) => void feed(p) });
+  return { bridge, mesh, registry, record, device, sent, feed };
+}
+
+const samples = Int16Array.from([1, 2, 3, 4, 5, 6, 7, 8]);
+const inferBody = (extra: [number, CborValue][] = []) => cborMap([[K.inferReq.model, 1], [K.inferReq.tensor, int16Tensor(samples)], [K.inferReq.scale, 0.5], ...extra]);
+
+function openReply(r: Rig, packet: Buffer): DeviceReply {
+  const h = readHeader(packet)!;
+  const plain = openFrame(Buffer.from(r.record.key, 'hex'), packet, h, 1)!;
+  return { type: h.type, body: decodeCbor(plain), packet };
+}
+
+/** Sends `packet`, which the bridge must drop for `reason` without replying or running anything. */
+async function assertDropped(r: Rig, packet: Uint8Array, reason: keyof Bridge['stats']['dropped']) {
+  const before = r.bridge.stats.dropped[reason];
+  const sent = r.sent.length;
+  const calls = r.mesh.calls;
+  await r.feed(packet);
+  assert.equal(r.bridge.stats.dropped[reason], before + 1, `dropped as ${reason}`);
+  assert.equal(r.sent.length, sent, 'no reply');
+  assert.equal(r.mesh.calls, calls, 'nothing ran');
+}
+
+/** The bridge still serves a good request afterwards. */
+async function assertStillServes(r: Rig) {
+  const reply = await r.device.request(FrameType.INFER_REQ, inferBody());
+  assert.equal(reply.type, FrameType.INFER_RESP);
+  assert.equal((reply.body as Map<number, unknown>).get(K.inferResp.score), 18);
+}
+
+describe('link layer and codecs', () => {
+  test('CRC-16/CCITT-FALSE check value and COBS round trips, including 254-byte runs', () => {
+    assert.equal(crc16(Buffer.from('123456789')), 0x29b1);
+    const rng = mulberry32(1);
+    for (let n = 0; n < 800; n += 13) {
+      const data = Buffer.from(Array.from({ length: n }, () => (rng() < 0.2 ? 0 : Math.floor(rng() * 256))));
+      const enc = cobsEncode(data);
+      assert.ok(!enc.includes(0));
+      assert.deepEqual(cobsDecode(enc), data);
+    }
+    const ones = Buffer.alloc(600, 1);
+    assert.deepEqual(cobsDecode(cobsEncode(ones)), ones);
+  });
+
+  test('golden vectors: the TypeScript side seals, frames and opens byte for byte', () => {
+    for (const v of golden.vectors) {
+      const key = Buffer.from(v.key, 'hex');
+      const body = Buffer.from(v.body, 'hex');
+      const packet = sealFrame(key, v, v.direction, body);
+      assert.equal(packet.toString('hex'), v.packet, v.name);
+      assert.equal(encodeSerialFrame(packet).toString('hex'), v.serialFrame, v.name);
+      assert.deepEqual(openFrame(key, packet, readHeader(packet)!, v.direction), body);
+      assert.equal(encodeCbor(decodeCbor(body)).toString('hex'), v.body, `${v.name}: CBOR round trip`);
+    }
+  });
+
+  test('CBOR bombs are refused before anything is allocated for them', () => {
+    const bombs: [string, Buffer][] = [
+      ['array declaring 2^32-1 items', Buffer.from('9affffffff', 'hex')],
+      ['map declaring 2^64-1 pairs', Buffer.from('bbffffffffffffffff', 'hex')],
+      ['byte string declaring 4 GiB', Buffer.from('5affffffff00', 'hex')],
+      ['indefinite-length array', Buffer.from('9f01ff', 'hex')],
+      ['indefinite-length byte string', Buffer.from('5f4101ff', 'hex')],
+      ['nesting 1,000 deep', Buffer.alloc(1000, 0x81)],
+      ['100,000 tiny items', Buffer.concat([Buffer.from('9a000186a0', 'hex'), Buffer.alloc(100_000, 0)])],
+      ['unknown tag', Buffer.from('d9d9f700', 'hex')],
+      ['tag 77 on a non-string', Buffer.from('d84d01', 'hex')],
+      ['int16 array of odd length', Buffer.from('d84d43010203', 'hex')],
+      ['integer above 2^53', Buffer.from('1bffffffffffffffff', 'hex')],
+      ['text key', Buffer.from('a1616101', 'hex')],
+      ['duplicate key', Buffer.from('a201010102', 'hex')],
+      ['invalid UTF-8', Buffer.from('62c328', 'hex')],
+      ['trailing bytes', Buffer.from('0101', 'hex')],
+      ['truncated', Buffer.from('1a0001', 'hex')],
+    ];
+    for (const [what, bytes] of bombs) assert.throws(() => decodeCbor(bytes), CborError, what);
+  });
+
+  test('deframer: random bytes never throw and it resyncs at the next 0x00', () => {
+    const got: Buffer[] = [];
+    const deframer = new SerialDeframer((p) => got.push(p), 256);
+    const rng = mulberry32(3);
+    const good = encodeSerialFrame(Buffer.from('a valid packet'));
+    for (let i = 0; i < 2000; i++) {
+      deframer.push(Buffer.from(Array.from({ length: Math.floor(rng() * 64) }, () => Math.floor(rng() * 256))));
+      deframer.push(good);
+    }
+    assert.equal(got.filter((p) => p.toString() === 'a valid packet').length, 2000, 'every good frame after noise came through');
+    // An oversized frame is dropped and the next one is read.
+    deframer.push(Buffer.concat([Buffer.alloc(2000, 7), good]));
+    assert.equal(got.at(-1)!.toString(), 'a valid packet');
+    assert.ok(deframer.counters.overflow >= 1);
+  });
+});
+
+describe('bridge: requests', () => {
+  test('hello gets the model table; a request is served with the scaled samples; raw outputs on request', async (t) => {
+    const r = await rig(t);
+    const welcome = await r.device.hello();
+    assert.equal(welcome.type, FrameType.WELCOME);
+    assert.deepEqual((welcome.body as Map<number, unknown>).get(K.welcome.models), [[1, 'sum'], [2, 'free']]);
+    const reply = await r.device.request(FrameType.INFER_REQ, inferBody([[K.inferReq.want, 1]]));
+    const body = reply.body as Map<number, unknown>;
+    assert.equal(body.get(K.inferResp.label), 0);
+    assert.equal(body.get(K.inferResp.score), 18);
+    assert.deepEqual(Buffer.from((body.get(K.inferResp.receiptRef) as Uint8Array)).toString('hex'), '0011223344556677');
+    assert.deepEqual((body.get(K.inferResp.output) as { tag: number }).tag, 85);
+    // A free dimension is filled from the element count.
+    r.device.seq; // same device, next sequence number
+    const free = await r.device.request(FrameType.INFER_REQ, cborMap([[K.inferReq.model, 2], [K.inferReq.tensor, int16Tensor(samples)]]));
+    assert.equal((free.body as Map<number, unknown>).get(K.inferResp.score), 36);
+  });
+
+  test('coded errors: unknown model, bad shape, bad body, deadline, unknown frame type; the bridge keeps serving', async (t) => {
+    const r = await rig(t);
+    const code = async (type: number, body: Map<number, CborValue>) => {
+      const packet = r.device.frame(type, body);
+      const reply = await r.device.exchange(packet);
+      assert.equal(reply.type, FrameType.ERROR);
+      return (reply.body as Map<number, unknown>).get(K.error.code);
+    };
+    assert.equal(await code(FrameType.INFER_REQ, cborMap([[K.inferReq.model, 9], [K.inferReq.tensor, int16Tensor(samples)]])), BridgeErrorCode.UNKNOWN_MODEL);
+    assert.equal(await code(FrameType.INFER_REQ, inferBody([[K.inferReq.shape, [3, 3]]])), BridgeErrorCode.BAD_INPUT);
+    assert.equal(await code(FrameType.INFER_REQ, cborMap([[K.inferReq.model, 1]])), BridgeErrorCode.BAD_BODY);
+    assert.equal(await code(FrameType.INFER_REQ, inferBody([[K.inferReq.deadlineMs, 1]])), BridgeErrorCode.DEADLINE);
+    assert.equal(await code(17, new Map()), BridgeErrorCode.UNSUPPORTED_TYPE);
+    await assertStillServes(r);
+  });
+
+  test('CBOR bombs inside an authenticated body get BAD_BODY and run nothing', async (t) => {
+    const r = await rig(t);
+    const calls = r.mesh.calls;
+    for (const bomb of ['9affffffff', '5affffffff', '9f01ff', '81'.repeat(200), 'd9d9f700', 'a1616101']) {
+      const reply = await r.device.exchange(sealFrame(Buffer.from(r.record.key, 'hex'), { type: FrameType.INFER_REQ, deviceId: r.record.deviceId, epoch: 1, seq: ++r.device.seq }, 0, Buffer.from(bomb, 'hex')));
+      assert.equal(reply.type, FrameType.ERROR, bomb);
+      assert.equal((reply.body as Map<number, unknown>).get(K.error.code), BridgeErrorCode.BAD_BODY);
+    }
+    assert.equal(r.mesh.calls, calls);
+    await assertStillServes(r);
+  });
+
+  test('a retransmit gets the cached reply byte for byte and is never run twice', async (t) => {
+    const r = await rig(t);
+    const packet = r.device.frame(FrameType.INFER_REQ, inferBody());
+    const first = await r.device.exchange(packet);
+    const second = await r.device.exchange(packet);
+    assert.deepEqual(second.packet, first.packet);
+    assert.equal(r.mesh.calls, 1);
+    assert.equal(r.bridge.stats.retransmits, 1);
+  });
+
+  test('a retransmit while the first copy is being served is dropped; the one reply answers both', async (t) => {
+    const r = await rig(t);
+    r.mesh.delayMs = 50;
+    const packet = r.device.frame(FrameType.INFER_REQ, inferBody());
+    const a = r.feed(packet);
+    await assertDropped(r, packet, 'in-progress');
+    await a;
+    assert.equal(r.sent.length, 1);
+    assert.equal(r.mesh.calls, 1);
+  });
+});
+
+describe('bridge: hostile frames, each dropped without a reply', () => {
+  test('line noise on the serial link', async (t) => {
+    const r = await rig(t);
+    const deframer = new SerialDeframer((p) => void r.feed(p), MAX_PACKET_BYTES);
+    deframer.push(randomBytes(4096));
+    deframer.push(Buffer.from([0]));
+    const flipped = encodeSerialFrame(r.device.frame(FrameType.INFER_REQ, inferBody()));
+    flipped[20]! ^= 0x10;
+    deframer.push(flipped);
+    assert.equal(r.mesh.calls, 0);
+    assert.ok(deframer.counters.badCrc + deframer.counters.badCobs >= 1);
+    await assertStillServes(r);
+  });
+
+  test('truncated frames', async (t) => {
+    const r = await rig(t);
+    const packet = r.device.frame(FrameType.INFER_REQ, inferBody());
+    await assertDropped(r, packet.subarray(0, HEADER_BYTES + 15), 'size');
+    await assertDropped(r, packet.subarray(0, packet.length - 1), 'auth');
+    await assertStillServes(r);
+  });
+
+  test('oversized frames', async (t) => {
+    const r = await rig(t);
+    await assertDropped(r, Buffer.concat([r.device.frame(FrameType.INFER_REQ, inferBody()), Buffer.alloc(MAX_PACKET_BYTES)]), 'size');
+    await assertStillServes(r);
+  });
+
+  test('a frame sealed with the wrong key', async (t) => {
+    const r = await rig(t);
+    const packet = sealFrame(randomBytes(32), { type: FrameType.INFER_REQ, deviceId: r.record.deviceId, epoch: 1, seq: 1 }, 0, encodeCbor(inferBody()));
+    await assertDropped(r, packet, 'auth');
+    await assertStillServes(r);
+  });
+
+  test('a tampered header: every header byte changed in turn', async (t) => {
+    const r = await rig(t);
+    const packet = r.device.frame(FrameType.INFER_REQ, inferBody());
+    for (let i = 0; i < HEADER_BYTES; i++) {
+      const bad = Buffer.from(packet);
+      bad[i]! ^= 0x01;
+      // Byte 7 is the low byte of seq 1: flipped it is seq 0, which is never valid.
+      const reason = i === 0 ? 'auth' : i <= 4 ? 'unknown-device' : i === 7 ? 'bad-seq' : 'auth';
+      await assertDropped(r, bad, reason);
+    }
+    // The untouched frame is still good (the tampered copies did not burn its sequence number).
+    await r.device.exchange(packet);
+    assert.equal(r.mesh.calls, 1);
+  });
+
+  test('a replayed sequence number: new bytes under a used (epoch, seq), and an old one past the reply cache', async (t) => {
+    const r = await rig(t);
+    await assertStillServes(r);
+    const seq = r.device.seq;
+    // Same (epoch, seq), different body: a nonce reuse or a forgery; never served.
+    const again = sealFrame(Buffer.from(r.record.key, 'hex'), { type: FrameType.INFER_REQ, deviceId: r.record.deviceId, epoch: 1, seq }, 0, encodeCbor(inferBody([[K.inferReq.scale, 2]])));
+    await assertDropped(r, again, 'replayed');
+    // Push the first request out of the 16-reply cache; replaying it is then refused.
+    const first = sealFrame(Buffer.from(r.record.key, 'hex'), { type: FrameType.TELEMETRY, deviceId: r.record.deviceId, epoch: 1, seq: ++r.device.seq }, 0, encodeCbor(cborMap([[1, []]])));
+    await r.device.exchange(first);
+    for (let i = 0; i < 20; i++) await r.device.request(FrameType.POLL, new Map());
+    await assertDropped(r, first, 'replayed');
+    for (let i = 0; i < 70; i++) await r.device.request(FrameType.POLL, new Map());
+    await assertDropped(r, first, 'too-old');
+  });
+
+  test('a stale epoch after the device moved on', async (t) => {
+    const r = await rig(t);
+    const old = r.device.frame(FrameType.INFER_REQ, inferBody());
+    r.device.epoch = 2;
+    r.device.seq = 0;
+    await assertStillServes(r);
+    await assertDropped(r, old, 'stale-epoch');
+  });
+
+  test('an unknown device', async (t) => {
+    const r = await rig(t);
+    const packet = sealFrame(Buffer.from(r.record.key, 'hex'), { type: FrameType.INFER_REQ, deviceId: (r.record.deviceId ^ 0x5a5a) >>> 0 || 1, epoch: 1, seq: 1 }, 0, encodeCbor(inferBody()));
+    await assertDropped(r, packet, 'unknown-device');
+  });
+
+  test('a revoked device', async (t) => {
+    const r = await rig(t);
+    await assertStillServes(r);
+    await r.registry.revoke(r.record.deviceId);
+    await assertDropped(r, r.device.frame(FrameType.INFER_REQ, inferBody()), 'revoked');
+  });
+
+  test('sequence number 0 and a frame of another version', async (t) => {
+    const r = await rig(t);
+    const zero = sealFrame(Buffer.from(r.record.key, 'hex'), { type: FrameType.POLL, deviceId: r.record.deviceId, epoch: 1, seq: 0 }, 0, encodeCbor(new Map()));
+    await assertDropped(r, zero, 'bad-seq');
+    const v2 = r.device.frame(FrameType.POLL, new Map());
+    v2[0] = (2 << 5) | FrameType.POLL;
+    await assertDropped(r, v2, 'header');
+  });
+});
+
+describe('bridge: restarts, sleepy devices, downlinks', () => {
+  test('after a restart the persisted high-water mark refuses old frames; the next epoch is served', async (t) => {
+    const dir = await tempDir(t, 'edge-mesh-reg-');
+    const registry = await DeviceRegistry.open(dir);
+    const r = await rig(t, { registry });
+    const captured = r.device.frame(FrameType.INFER_REQ, inferBody());
+    await r.device.exchange(captured);
+    await r.bridge.close();
+    await registry.close();
+    const reopened = await DeviceRegistry.open(dir);
+    t.after(() => reopened.close());
+    const record = reopened.get(r.record.deviceId)!;
+    assert.equal(record.epoch, 1);
+    const mesh = fakeMesh();
+    const bridge = new Bridge({ mesh, registry: reopened, models: ['sum'] });
+    t.after(() => bridge.close());
+    const sent: Buffer[] = [];
+    await bridge.handlePacket(captured, (p) => sent.push(p));
+    assert.equal(sent.length, 0);
+    assert.equal(mesh.calls, 0);
+    assert.equal(bridge.stats.dropped.replayed + bridge.stats.dropped['too-old'], 1);
+    const rebooted = new SimDevice({ deviceId: record.deviceId, key: Buffer.from(record.key, 'hex'), epoch: 2, send: (p) => void bridge.handlePacket(p, (reply) => rebooted.receive(reply)) });
+    const reply = await rebooted.request(FrameType.INFER_REQ, inferBody());
+    assert.equal(reply.type, FrameType.INFER_RESP);
+  });
+
+  test('downlinks wait for the next poll, one per poll, and the count rides on every reply', async (t) => {
+    const r = await rig(t);
+    r.bridge.queueDownlink(r.record.deviceId, Buffer.from('first'));
+    r.bridge.queueDownlink(r.record.deviceId, Buffer.from('second'));
+    const ack = await r.device.request(FrameType.TELEMETRY, cborMap([[1, [[0, 21.5]]]]));
+    assert.equal((ack.body as Map<number, unknown>).get(K.pending), 2);
+    const a = await r.device.request(FrameType.POLL, new Map());
+    assert.equal(a.type, FrameType.DOWNLINK);
+    assert.equal(Buffer.from((a.body as Map<number, unknown>).get(K.downlink.payload) as Uint8Array).toString(), 'first');
+    assert.equal((a.body as Map<number, unknown>).get(K.pending), 1);
+    const b = await r.device.request(FrameType.POLL, new Map());
+    assert.equal(Buffer.from((b.body as Map<number, unknown>).get(K.downlink.payload) as Uint8Array).toString(), 'second');
+    const c = await r.device.request(FrameType.POLL, new Map());
+    assert.equal(c.type, FrameType.ACK);
+    assert.equal((c.body as Map<number, unknown>).get(K.pending), undefined);
+  });
+
+  test('availability: a sleepy device goes online → asleep → offline on a fake clock; published retained', async (t) => {
+    let clock = 1_000_000;
+    const r = await rig(t, { now: () => clock });
+    const seen: string[] = [];
+    r.bridge.on('availability', (_d: string, state: string) => seen.push(state));
+    await r.device.hello({ sleepPeriodS: 10 });
+    assert.equal(r.bridge.availability(r.record.deviceId), 'online');
+    clock += 6_000; // past the 5 s awake window
+    await waitFor(() => r.bridge.availability(r.record.deviceId) === 'asleep', 2_000, 'asleep');
+    clock += 30_000; // past period × 1.5 + 10 s grace
+    await waitFor(() => r.bridge.availability(r.record.deviceId) === 'offline', 2_000, 'offline');
+    await r.device.request(FrameType.POLL, new Map());
+    assert.deepEqual(seen, ['online', 'asleep', 'offline', 'online']);
+    assert.ok(r.mesh.published.filter((p) => p.topic.endsWith('/availability')).every((p) => p.retain));
+    // An always-on device goes offline after 2.5 × keepalive.
+    const r2 = await rig(t, { now: () => clock });
+    await r2.device.hello({ keepaliveS: 4 });
+    clock += 10_001;
+    await waitFor(() => r2.bridge.availability(r2.record.deviceId) === 'offline', 2_000, 'always-on offline');
+  });
+});
+
+describe('bridge: fuzz', () => {
+  test('100,000 random and mutated frames through the bridge, 33,000 through the deframer, 60,000 bodies through the CBOR decoder: no throw, no hang', { timeout: 240_000 }, async (t) => {
+    const r = await rig(t);
+    const rng = mulberry32(0xb1d9e);
+    const byte = () => Math.floor(rng() * 256);
+    const key = Buffer.from(r.record.key, 'hex');
+    const valid = Array.from({ length: 8 }, () => r.device.frame(FrameType.INFER_REQ, inferBody()));
+    const deframer = new SerialDeframer((p) => void r.feed(p), MAX_PACKET_BYTES);
+    let frames = 0;
+    let packets = 0;
+    for (let i = 0; i < 100_000; i++) {
+      let packet: Buffer;
+      const kind = i % 4;
+      if (kind === 0) packet = Buffer.from(Array.from({ length: Math.floor(rng() * 96) }, byte));
+      else if (kind === 1) {
+        // A known device id so the frame reaches the replay and AEAD checks.
+        packet = Buffer.from(Array.from({ length: 27 + Math.floor(rng() * 64) }, byte));
+        packet[0] = (1 << 5) | (byte() & 0x1f);
+        packet.writeUInt32LE(r.record.deviceId, 1);
+      } else if (kind === 2) {
+        packet = Buffer.from(valid[Math.floor(rng() * valid.length)]!);
+        for (let k = 1 + Math.floor(rng() * 4); k > 0; k--) packet[Math.floor(rng() * packet.length)] = byte();
+      } else {
+        // Random bodies that authenticate: they reach the CBOR decoder and the request checks.
+        const body = Buffer.from(Array.from({ length: Math.floor(rng() * 48) }, byte));
+        if (rng() < 0.5 && body.length) body[0] = 0xa0 | (body[0]! & 0x07);
+        packet = sealFrame(key, { type: [FrameType.INFER_REQ, FrameType.HELLO, FrameType.TELEMETRY, FrameType.SLEEP, FrameType.POLL][i % 5]!, deviceId: r.record.deviceId, epoch: 1, seq: 1000 + i }, 0, body);
+      }
+      await r.feed(packet);
+      packets++;
+      frames++;
+      if (i % 3 === 0) {
+        deframer.push(rng() < 0.5 ? encodeSerialFrame(packet) : packet);
+        frames++;
+      }
+    }
+    // Straight into the CBOR decoder and the request reader.
+    for (let i = 0; i < 60_000; i++) {
+      const bytes = Buffer.from(Array.from({ length: Math.floor(rng() * 40) }, byte));
+      try {
+        readInferRequest(decodeCbor(bytes));
+      } catch (err) {
+        assert.ok(err instanceof CborError, `only CborError escapes: ${(err as Error).message}`);
+      }
+      frames++;
+    }
+    assert.equal(packets, 100_000, 'whole frames through the bridge');
+    assert.ok(frames >= 190_000, `${frames} inputs`);
+    // The fuzz used up sequence numbers of epoch 1: the device goes on in a new epoch.
+    r.device.epoch = 2;
+    r.device.seq = 0;
+    await assertStillServes(r);
+  });
+});
+
+describe('broker rules for bridge topics', () => {
+  test("a bridge publishes (and retains) only its own devices' availability and telemetry; others may only read them", async () => {
+    const { aclPublish, aclSubscribe, newSession, ACL_DENY } = await import('../broker/acl.ts');
+    const { checkPublish } = await import('../broker/policy.ts');
+    const { topics, MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS } = await import('../protocol/index.ts');
+    const limits = { maxTopicLevels: MAX_TOPIC_LEVELS, maxTopicBytes: MAX_TOPIC_BYTES };
+    const bridge = newSession('bridge-aaaaaaaaaaaaaaaaaaaaaaaaaa', 'bridge', Infinity, 100);
+    const other = 'bridge-bbbbbbbbbbbbbbbbbbbbbbbbbb';
+    const app = newSession('app-cccccccccccccccccccccccccc', 'app', Infinity, 100);
+    const own = topics.deviceAvailability(bridge.id, 'dev-0000abcd');
+    assert.notEqual(aclPublish(bridge, own), ACL_DENY);
+    assert.notEqual(aclPublish(bridge, topics.deviceTelemetry(bridge.id, 'dev-0000abcd')), ACL_DENY);
+    assert.equal(aclPublish(bridge, topics.deviceAvailability(other, 'dev-0000abcd')), ACL_DENY, "another bridge's device");
+    assert.equal(aclPublish(bridge, `${own}/x`), ACL_DENY);
+    assert.equal(aclPublish(app, own), ACL_DENY, 'an app cannot speak for a device');
+    assert.notEqual(aclPublish(bridge, topics.agentRequest('agent-dddddddddddddddddddddddddd', bridge.id)), ACL_DENY, 'a bridge still sends requests');
+    assert.equal(checkPublish({ topic: own, qos: 1, retain: true }, bridge.id, limits), undefined, 'retained availability');
+    assert.equal(checkPublish({ topic: topics.deviceTelemetry(bridge.id, 'dev-0000abcd'), qos: 0, retain: true }, bridge.id, limits), 'retain-not-own-status');
+    assert.equal(checkPublish({ topic: topics.deviceAvailability(other, 'dev-0000abcd'), qos: 1, retain: true }, bridge.id, limits), 'retain-not-own-status');
+    assert.ok(aclSubscribe(app, topics.allDeviceAvailability()));
+    assert.ok(aclSubscribe(app, own));
+  });
+});
