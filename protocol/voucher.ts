@@ -218,6 +218,8 @@ export const ESCROW_ABI: string[] = [
   'error BadAgentKey()',
   'error ReentrancyGuardReentrantCall()',
   'error SafeERC20FailedOperation(address token)',
+  'error ERC20InsufficientBalance(address sender, uint256 balance, uint256 needed)',
+  'error ERC20InsufficientAllowance(address spender, uint256 allowance, uint256 needed)',
 ];
 
 /** The ERC-20 (+ EIP-2612 permit, + the mock's open mint) calls the mesh uses. */
@@ -237,4 +239,8 @@ export const ERC20_ABI: string[] = [
   'function mint(address to, uint256 amount)',
   'event Transfer(address indexed from, address indexed to, uint256 value)',
   'event Approval(address indexed owner, address indexed spender, uint256 value)',
+  'error ERC20InsufficientBalance(address sender, uint256 balance, uint256 needed)',
+  'error ERC20InsufficientAllowance(address spender, uint256 allowance, uint256 needed)',
+  'error ERC2612ExpiredSignature(uint256 deadline)',
+  'error ERC2612InvalidSigner(address signer, address owner)',
 ];
