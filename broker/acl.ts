@@ -6,9 +6,11 @@
  *   role                  publish                                                 subscribe
  *   agent                 mesh/v1/agent/{self}/status   (retain only here)        mesh/v1/agent/{self}/req/+
  *                         mesh/v1/agent/{self}/load                               mesh/v1/agent/{self}/cancel/+
+ *                                                                                 mesh/v1/agent/{self}/voucher/+
  *                         mesh/v1/client/{any}/res/{self}                          (or a concrete sender id in place of +)
  *   app, bridge, router   mesh/v1/agent/{any}/req/{self}                          mesh/v1/client/{self}/res/+
  *                         mesh/v1/agent/{any}/cancel/{self}                       mesh/v1/agent/+/status, mesh/v1/agent/+/load
+ *                         mesh/v1/agent/{any}/voucher/{self}
  *                                                                                 (or a concrete agent id in place of +)
  *   operator              mesh/v1/admin/{self}/records  (applied by the broker,   mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                         never forwarded)                                        mesh/v1/admin/{self}/acks
@@ -39,11 +41,13 @@ export interface MeshSession {
   /** `/req/{self}` and `/cancel/{self}`: the tails of a request or cancel a sender sends. */
   readonly requestTail: string;
   readonly cancelTail: string;
+  readonly voucherTail: string;
   readonly adminRecords: string;
   readonly adminAcks: string;
   readonly replyFilter: string;
   readonly requestFilter: string;
   readonly cancelFilter: string;
+  readonly voucherFilter: string;
 }
 
 /** Admin records one operator connection may send: a burst of 100, then 10 per second. */
@@ -76,11 +80,13 @@ export function newSession(id: string, role: Role | undefined, expires: number, 
     replyTail: `/res/${id}`,
     requestTail: `/req/${id}`,
     cancelTail: `/cancel/${id}`,
+    voucherTail: `/voucher/${id}`,
     adminRecords: topics.adminRecords(id),
     adminAcks: topics.adminAcks(id),
     replyFilter: topics.clientRepliesFor(id),
     requestFilter: topics.agentRequestsFor(id),
     cancelFilter: topics.agentCancelsFor(id),
+    voucherFilter: topics.agentVouchersFor(id),
   };
 }
 
@@ -120,7 +126,11 @@ export function aclPublish(s: MeshSession, topic: string): number {
     case 'app':
     case 'bridge':
     case 'router':
-      return matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) || matchesIdBetween(topic, AGENT_PREFIX, s.cancelTail) ? ACL_ALLOW : ACL_DENY;
+      return matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) ||
+        matchesIdBetween(topic, AGENT_PREFIX, s.cancelTail) ||
+        matchesIdBetween(topic, AGENT_PREFIX, s.voucherTail)
+        ? ACL_ALLOW
+        : ACL_DENY;
     case 'operator':
       return topic === s.adminRecords ? ACL_ADMIN : ACL_DENY;
     case undefined:
@@ -138,9 +148,9 @@ export function aclSubscribe(s: MeshSession, filter: string): boolean {
   const role = s.role;
   if (role === undefined) return true;
   if (role === 'agent') {
-    if (filter === s.requestFilter || filter === s.cancelFilter) return true;
+    if (filter === s.requestFilter || filter === s.cancelFilter || filter === s.voucherFilter) return true;
     const p = parseTopic(filter);
-    return p !== undefined && (p.kind === 'request' || p.kind === 'cancel') && p.agentId === s.id;
+    return p !== undefined && (p.kind === 'request' || p.kind === 'cancel' || p.kind === 'voucher') && p.agentId === s.id;
   }
   if (filter === ALL_STATUS || filter === ALL_LOAD) return true;
   const p = parseTopic(filter);

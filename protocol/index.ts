@@ -10,3 +10,5 @@ export * from './identity.ts';
 export * from './random.ts';
 export * from './receive.ts';
 export * from './signal.ts';
+export * from './keccak.ts';
+export * from './receipts.ts';
