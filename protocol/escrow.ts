@@ -267,7 +267,8 @@ export class EscrowClient {
     } catch (err) {
       throw toEscrowError(err, 'permit: token name/nonces');
     }
-    const until = deadline ?? BigInt(Math.floor(Date.now() / 1000) + 3_600);
+    // The chain's clock, not ours: a test chain may run ahead of the wall clock.
+    const until = deadline ?? BigInt(((await signer.provider?.getBlock('latest'))?.timestamp ?? Math.floor(Date.now() / 1000)) + 3_600);
     const sig = ethers.Signature.from(
       await signer.signTypedData(
         { name, version: permitVersion, chainId: this.domain.chainId, verifyingContract: this.token },
