@@ -20,6 +20,7 @@ const BENCHES: Record<string, { file: string; about: string }> = {
   agent: { file: './agent.ts', about: 'agent process start to retained status at a subscriber (ready_ms) and idle RSS' },
   'router-sim': { file: './router-sim.ts', about: 'discrete-event router simulator: scenarios x policies, p50/p99/p99.9, fail rate, extra load' },
   'router-pick': { file: './router-pick.ts', about: 'selectAgent wall-clock cost on 100, 1,000 and 10,000 agents (pick_p50_us, pick_p99_us)' },
+  settlement: { file: './settlement.ts', about: 'MeshEscrow gas on a local chain: one voucher, per voucher in batches (50 lanes to one agent), per receipt' },
   receipts: { file: './receipts.ts', about: 'receipts signed (keccak leaf + Ed25519) and verified by a LaneVerifier per second on one core' },
 };
 
@@ -38,6 +39,7 @@ options:
   agent:      --reps R
   router-sim: --nodes N --duration-s S --seed K --loads 0.7,0.8,0.9 --policies a,b --scenarios a,b --side-load L
   router-pick: --picks N                  timed picks per fleet size (default 300000, quick 50000)
+  settlement: --max-batch N              largest batch measured (default 100, quick 50)
   receipts:   --n N                      receipts signed and verified (default 100000, quick 20000)
 
 The last stdout line is one JSON object with the benchmark's fields (see /work/shared/TARGETS.md).`;

@@ -186,8 +186,11 @@ contract MeshEscrow is EIP712, ReentrancyGuard {
         if (agent == address(0)) revert ZeroAddress();
         uint256 len = packed.length;
         if (len % PACKED != 0) revert BadPacking(len);
-        for (uint256 off; off < len; off += PACKED) {
-            total += _settleOne(agent, packed, off, ds);
+        unchecked {
+            // off < len fits calldata; a sum of uint128 deltas over a calldata-bounded batch fits uint256.
+            for (uint256 off; off < len; off += PACKED) {
+                total += _settleOne(agent, packed, off, ds);
+            }
         }
     }
 
@@ -256,18 +259,35 @@ contract MeshEscrow is EIP712, ReentrancyGuard {
 
     /// Pays the lane's increase, or skips a stale or overspending voucher. One slot read, one slot write.
     function _pay(address payer, address agent, uint128 cumulative, bytes32 root) internal returns (uint128 delta) {
-        Lane storage lane = _lanes[laneId(payer, agent)];
-        (uint128 remaining, uint128 settled) = (lane.remaining, lane.settled);
+        bytes32 id = laneId(payer, agent);
+        uint256 word;
+        bytes32 slot;
+        assembly ("memory-safe") {
+            // _lanes[id]: Lane packs `remaining` in the low 128 bits and `settled` in the high 128 bits.
+            mstore(0x00, id)
+            mstore(0x20, _lanes.slot)
+            slot := keccak256(0x00, 0x40)
+            word := sload(slot)
+        }
+        uint128 remaining = uint128(word);
+        uint128 settled = uint128(word >> 128);
         if (cumulative <= settled) {
             emit SettleSkipped(payer, agent, SKIP_STALE, cumulative);
             return 0;
         }
-        delta = cumulative - settled;
+        unchecked {
+            delta = cumulative - settled; // cumulative > settled
+        }
         if (delta > remaining) {
             emit SettleSkipped(payer, agent, SKIP_OVERSPEND, cumulative);
             return 0;
         }
-        (lane.remaining, lane.settled) = (remaining - delta, cumulative);
+        unchecked {
+            word = (uint256(cumulative) << 128) | uint256(remaining - delta); // delta <= remaining
+        }
+        assembly ("memory-safe") {
+            sstore(slot, word)
+        }
         emit Settled(payer, agent, cumulative, delta, root);
     }
 
