@@ -22,6 +22,7 @@ import {
 } from '../protocol/index.ts';
 import { loadKeyFile, parseOperatorSpec, parsePublicKey, parseRole, writeKeyFile, type TrustedOperator } from './keys.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
+import { registerChainCommands } from './chain.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
 const loadBroker = () => import('../broker/index.ts');
@@ -351,6 +352,9 @@ export function buildProgram(): Command {
       const manifest = await buildModelsFolder(path.resolve(opts.out), { logger: { info: (m: string) => process.stderr.write(`${m}\n`) } });
       process.stdout.write(`${JSON.stringify({ dir: path.resolve(opts.out), models: manifest.models.map((m) => m.name) })}\n`);
     });
+
+  // Settlement on-chain: chain, fund, settle, balance (cli/chain.ts).
+  registerChainCommands(program);
 
   return program;
 }

@@ -95,12 +95,12 @@ export async function startLocalChain(options: StartChainOptions = {}): Promise<
   const { chainId = 31337, accounts: count = 20, startTimeoutMs = 30_000, log } = options;
   let lastError: Error | undefined;
   for (let attempt = 0; attempt < 3; attempt++) {
-    const port = options.port ?? (await freePort());
+    const port = options.port ? options.port : await freePort();
     try {
       return await startOnce(port, chainId, count, startTimeoutMs, log);
     } catch (err) {
       lastError = err as Error;
-      if (options.port !== undefined) break; // a port the caller chose: do not silently move
+      if (options.port) break; // a port the caller chose: do not silently move
       log?.(`local chain: start on port ${port} failed (${lastError.message}); retrying on another port`);
     }
   }
