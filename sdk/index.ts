@@ -40,6 +40,7 @@ import {
   readReply,
   changeSignal,
 } from '../protocol/index.ts';
+import { PayerLanes, type LaneView, type PaymentOptions } from './payments.ts';
 
 export {
   MeshError,
@@ -50,6 +51,7 @@ export {
   type MeshErrorCode,
   type Tensor,
 } from '../protocol/index.ts';
+export type { LaneView, PaymentOptions } from './payments.ts';
 
 export interface ConnectOptions {
   brokerUrl: string;
@@ -84,6 +86,11 @@ export interface ConnectOptions {
   keepaliveS?: number;
   backoff?: BackoffOptions;
   logger?: Logger;
+  /**
+   * Pay agents that quote a price on this chain and escrow: each request names this payer's lane,
+   * each receipt is checked, and verified work is paid with EIP-712 vouchers (see sdk/payments.ts).
+   */
+  payment?: PaymentOptions;
 }
 
 export interface InferOptions {
@@ -138,6 +145,8 @@ export interface Mesh {
   models(): ModelInfo[];
   /** Resolves once a live agent serves `model` (or, with `count`, that many agents). */
   waitForModel(model: string, timeoutMs?: number, count?: number): Promise<void>;
+  /** Payment lanes, one per paid agent: owed (verified receipts) and paid (signed vouchers). Empty without `payment`. */
+  lanes(): LaneView[];
   close(): Promise<void>;
 }
 
@@ -171,6 +180,7 @@ const RETRY_ELSEWHERE: ReadonlySet<MeshErrorCode> = new Set([
   'MESH_SHUTTING_DOWN',
   'MESH_UNKNOWN_MODEL',
   'MESH_INFERENCE_FAILED',
+  'MESH_CREDIT_EXCEEDED',
 ]);
 
 const SENDER_ROLES: ReadonlySet<string> = new Set(['app', 'router', 'bridge']);
@@ -200,6 +210,11 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
   const logger = (options.logger ?? pino({ level: 'warn' })).child({ part: 'sdk', clientId });
 
+  let client!: MqttClient;
+  const payments = options.payment
+    ? await PayerLanes.open(options.payment, clientId, (topic, payload) => client.publish(topic, payload, { qos: 1 }), logger)
+    : undefined;
+
   const counters: MeshCounters = { statusRejected: 0, loadIgnored: 0 };
   const agents = new Map<string, AgentEntry>();
   const pending = new Map<string, InFlight>();
@@ -223,6 +238,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       return;
     }
     const { status } = reading;
+    payments?.onStatus(agentId, status);
     const known = agents.get(agentId);
     if (status.state === 'offline') {
       if (known) {
@@ -270,6 +286,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       logger.debug({ agentId }, 'ignoring bad reply');
       return;
     }
+    // Every receipt is checked and paid, a late or hedged attempt's too: the lane's chain runs through all of them.
+    if (payments && reading.receipt) payments.onReceipt(agentId, reading.key, reading.receipt, reading.reply?.outputs);
     // A reply counts only from an agent the request went to.
     const request = pending.get(reading.key);
     if (request?.attempts.has(agentId)) request.onAnswer(agentId, reading.reply, reading.error);
@@ -292,7 +310,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       logger.error({ code: err.code, err: err.message }, 'broker refused the connection; retrying');
     },
   });
-  const client = connection.client;
+  client = connection.client;
   client.on('message', (topic, payload) => {
     const parsed = parseTopic(topic);
     if (!parsed) return;
@@ -381,11 +399,19 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     const deadline = Date.now() + deadlineMs;
     const id = newRequestId();
     const key = requestIdHex(id);
-    const payload = encodeMessage({ v: PROTOCOL_VERSION, kind: 'req', id, deadline, model, inputs: encodeTensorMap(inputs) });
+    const request0 = { v: PROTOCOL_VERSION, kind: 'req', id, deadline, model, inputs: encodeTensorMap(inputs) } as const;
+    const payload = encodeMessage(request0);
+    payments?.noteRequest(key, deadline, request0.inputs);
+    const payloadFor = (agentId: string) => {
+      const pay = payments?.payField(agentId);
+      return pay ? encodeMessage({ ...request0, pay }) : payload;
+    };
     const attemptLimit = pinned ? 1 : maxAttempts;
 
     // Before the first attempt, wait (within the deadline) for an agent to announce the model.
     while (!pick(model, new Set(), pinned) && Date.now() < deadline) await changes.wait(deadline - Date.now());
+    // Vouchers being signed go out first, so the agent sees its lane paid before the next request.
+    if (payments) await payments.flushed();
 
     return new Promise<InferResult>((resolve, reject) => {
       const tried = new Set<string>();
@@ -393,6 +419,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       let lastError: MeshError | undefined;
       let hedgeTimer: NodeJS.Timeout | undefined;
       let done = false;
+      const creditRetried = new Set<string>();
 
       const release = (agentId: string) => {
         const attempt = attempts.get(agentId);
@@ -437,7 +464,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         attempts.set(choice.id, { sentAt: now, workMs });
         choice.entry.outstanding++;
         choice.entry.outstandingWorkMs += workMs;
-        client.publish(topics.agentRequest(choice.id, clientId), payload, { qos: 1 }, (err) => {
+        client.publish(topics.agentRequest(choice.id, clientId), payloadFor(choice.id), { qos: 1 }, (err) => {
           if (err) request.onAnswer(choice.id, undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
         });
         clearTimeout(hedgeTimer);
@@ -478,6 +505,15 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
             return;
           }
           lastError = err!;
+          if (err!.code === 'MESH_CREDIT_EXCEEDED' && payments?.owes(agentId) && !creditRetried.has(agentId)) {
+            // The agent waits for a voucher this client is about to send: try it again once that is out.
+            creditRetried.add(agentId);
+            tried.delete(agentId);
+            void payments.flushed().then(() => {
+              if (!done && !launch() && attempts.size === 0) failNow();
+            });
+            return;
+          }
           if (err!.code === 'MESH_INFERENCE_FAILED' && entry) entry.suspectUntil = performance.now() + SUSPECT_MS;
           if (!RETRY_ELSEWHERE.has(err!.code)) return finish(err);
           logger.debug({ model, agentId, code: err!.code }, 'attempt failed; trying another agent');
@@ -512,7 +548,10 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       for (const request of [...pending.values()]) {
         for (const agentId of [...request.attempts.keys()]) request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', 'client closed'));
       }
+      // Vouchers being signed still go out before the connection closes.
+      await payments?.close();
       await connection.close();
     },
+    lanes: () => payments?.lanesView() ?? [],
   };
 }
