@@ -338,11 +338,13 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   const withReceipt = (job: Job, err: MeshError | undefined, outputs: InferReply['outputs'] | undefined, send: (receipt: SignedReceipt | undefined) => void) => {
     if (!job.paid || !payments) return send(undefined);
     const ran = job.startedAt !== undefined;
+    // A cancel that comes once the deadline has passed is the sender giving up on a late job: a timeout, not a paid cancel.
+    const expired = job.deadline <= Date.now();
     const status = !err
       ? RECEIPT_STATUS.ok
-      : err.code === 'MESH_CANCELLED'
+      : err.code === 'MESH_CANCELLED' && !expired
         ? RECEIPT_STATUS.cancelled
-        : err.code === 'MESH_DEADLINE_EXCEEDED'
+        : err.code === 'MESH_DEADLINE_EXCEEDED' || err.code === 'MESH_CANCELLED'
           ? RECEIPT_STATUS.timeout
           : RECEIPT_STATUS.failed;
     const nowPerf = performance.now();
