@@ -5,6 +5,8 @@
  * hashes it (keccak256 of abi.encode) and signs the leaf with Ed25519 (node:crypto).
  * verify: a payer's LaneVerifier checks each of those receipts in order: fields, signature, seq, hash
  * chain, price rule and cumulative sum, the duplicate-request check included.
+ * verify_chain100: the same checks in batches of 100 with one signature verification per batch
+ * (LaneVerifier.verifyChain: the hash chain makes the last signature cover the batch).
  * Also reported: the leaf hash alone (keccak_per_s) and a Merkle root over 100 leaves.
  */
 import { generateIdentity, LaneVerifier, merkleRoot, newRequestId, RECEIPT_STATUS, receiptLeaf, receiptPriceMicros, signQuote, signReceipt, toHex, verifyQuote, ZERO_HASH, type SignedReceipt } from '../protocol/index.ts';
@@ -57,6 +59,12 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   for (const r of receipts) verifier.verify(r);
   const verifyS = (performance.now() - t) / 1000;
 
+  // The same lane checked in batches of 100 consecutive receipts: one Ed25519 verification per batch.
+  const chained = new LaneVerifier({ payer, quote });
+  t = performance.now();
+  for (let i = 0; i < n; i += 100) chained.verifyChain(receipts.slice(i, i + 100));
+  const chainS = (performance.now() - t) / 1000;
+
   t = performance.now();
   for (const r of receipts) receiptLeaf(r);
   const hashS = (performance.now() - t) / 1000;
@@ -70,6 +78,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const result = {
     sign_per_s: Math.round(n / signS),
     verify_per_s: Math.round(n / verifyS),
+    verify_chain100_per_s: Math.round(n / chainS),
     keccak_per_s: Math.round(n / hashS),
     merkle_root_100_us: Math.round(rootUs * 10) / 10,
     n,

@@ -159,6 +159,21 @@ describe('receipts', () => {
     assert.equal(reasonOf(() => new LaneVerifier({ payer, quote }).verify(late, { deadline: 4_000 })), 'deadline');
   });
 
+  test('verifyChain: one signature covers a batch through the hash chain; a forged link or last signature refuses it all', () => {
+    const next = lane();
+    const batch = [next(RECEIPT_STATUS.ok, 1), next(RECEIPT_STATUS.failed, 0), next(RECEIPT_STATUS.ok, 1)];
+    const v = new LaneVerifier({ payer, quote });
+    // An edited middle receipt breaks the link its successor signed.
+    const edited = [batch[0]!, { ...batch[1]!, price: 7, cumulative: 14 }, batch[2]!];
+    assert.equal(reasonOf(() => v.verifyChain(edited)), 'price');
+    const badLast = [batch[0]!, batch[1]!, { ...batch[2]!, sig: new Uint8Array(64) }];
+    assert.equal(reasonOf(() => v.verifyChain(badLast)), 'signature');
+    assert.equal(v.state.seq, 0, 'a refused batch leaves the lane as it was');
+    assert.deepEqual(v.verifyChain(batch).map((a) => a.price), [7, 0, 7]);
+    assert.equal(v.state.cumulative, 14);
+    assert.equal(reasonOf(() => v.verify(batch[2]!)), 'replayed');
+  });
+
   test('quotes: signature, id binding and expiry are checked', () => {
     const signed = signQuote(agent, { payout, chainId: 31337, escrow, issuedAt: 0, validUntil: Date.now() + 1000, models: [price] });
     assert.equal(verifyQuote(signed, { agentId: agent.id }).payout, payout);
