@@ -171,7 +171,7 @@ export class PayerLanes {
     return this.lanes.has(agentId) ? { payer: this.payer } : undefined;
   }
 
-  /** Remembers what was sent, so the receipts for it can be held to it. */
+  /** Remembers what was sent, so the receipts for it (from every agent it went to) can be held to it; kept until a minute past the deadline. */
   noteRequest(key: string, deadline: number, inputs: Parameters<typeof hashTensorMap>[0]): void {
     if (this.expectations.size > 10_000) {
       const stale = Date.now() - 60_000;
@@ -203,7 +203,6 @@ export class PayerLanes {
       this.logger.warn({ agentId, err: (err as Error).message }, 'receipt refused: not paid');
       return;
     }
-    if (receipt.status !== 1) this.expectations.delete(requestKey);
     if (lane.verifier.state.cumulative > lane.paid && !lane.signing) {
       const run = this.pump(lane).catch((err: unknown) => this.logger.error({ agentId, err: (err as Error).message }, 'voucher not signed'));
       this.pumping.add(run);

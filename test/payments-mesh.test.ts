@@ -58,7 +58,9 @@ describe('receipts and payment through the mesh', () => {
     const broker = await brokerFor(t);
     const agent = await agentFor(t, { brokerUrl: broker.url, payment: { payout, domain, dataDir: await tempDir(t), creditRequests: 2 } });
     const wallet = Wallet.createRandom();
-    const mesh = await meshFor(t, { brokerUrl: broker.url, payment: { signer: wallet, domain, dataDir: await tempDir(t) } });
+    const identity = generateIdentity('app');
+    const payerDir = await tempDir(t);
+    const mesh = await meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir: payerDir } });
     await mesh.waitForModel('kws');
     const price = agent.models.find((m) => m.name === 'kws')!.priceMicros;
     // More requests than the credit window: vouchers must keep up for all to be served.
@@ -81,6 +83,15 @@ describe('receipts and payment through the mesh', () => {
     const verifier = new LaneVerifier({ payer: wallet.address, quote: verifyQuote(agent.status().quote) });
     for (const r of journal) verifier.verify(r);
     assert.equal(verifier.state.cumulative, 12 * price);
+
+    // The payer restarts on its data folder: the lane goes on from seq 13 and stays paid up.
+    await mesh.close();
+    const again = await meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir: payerDir } });
+    await again.waitForModel('kws');
+    for (let i = 0; i < 3; i++) await again.infer('kws', sampleInputs('kws', 20 + i), { deadlineMs: 5_000 });
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 15 * price, 5_000, 'vouchers after the restart');
+    assert.equal(again.lanes()[0]!.receipts, 15);
+    assert.equal(again.lanes()[0]!.refused, 0);
   });
 
   test('timed-out and cancelled requests cost 0, the chain stays whole, and a free request gets no receipt', async (t) => {
