@@ -10,7 +10,8 @@
  *   requests it has running) minus what its best voucher pays stays within `creditRequests` ok prices
  *   of the agent's dearest model (or `creditMicros`). Beyond it the request is answered MESH_CREDIT_EXCEEDED and costs nothing.
  * - A lane is bound to the mesh id (broker-authenticated) that first named its payer; others naming
- *   the same payer are refused MESH_FORBIDDEN. Vouchers must recover to the lane's payer.
+ *   the same payer are refused MESH_FORBIDDEN, and so is a client past `maxLanesPerClient` lanes.
+ *   Vouchers must recover to the lane's payer.
  */
 import path from 'node:path';
 import { Level } from 'level';
@@ -52,6 +53,11 @@ export interface AgentPaymentOptions {
   quoteTtlMs?: number;
   /** fsync every journal batch (survives power loss, not only a killed process). */
   syncWrites?: boolean;
+  /**
+   * Payer lanes one client may open (default 4). Each lane may owe up to the credit window, so this
+   * bounds what one admitted client can leave unpaid; a client naming fresh payers cannot multiply it.
+   */
+  maxLanesPerClient?: number;
 }
 
 interface StoredVoucher {
@@ -113,6 +119,8 @@ export class AgentPayments {
   private readonly quoteTtlMs: number;
   private readonly sync: boolean;
   private readonly lanes = new Map<string, Lane>();
+  private readonly lanesPerClient = new Map<string, number>();
+  private readonly maxLanesPerClient: number;
   private readonly reserved = new Map<string, number>();
   private readonly prices = new Map<string, ModelPrice>();
   private quote: { signed: SignedQuote; renewAt: number } | undefined;
@@ -134,6 +142,7 @@ export class AgentPayments {
     this.escrow = options.domain.escrow.toLowerCase();
     this.quoteTtlMs = options.quoteTtlMs ?? 86_400_000;
     this.sync = options.syncWrites ?? false;
+    this.maxLanesPerClient = options.maxLanesPerClient ?? 4;
     for (const m of models) {
       const o = options.prices?.[m.name] ?? {};
       this.prices.set(m.name, {
@@ -163,6 +172,7 @@ export class AgentPayments {
     for await (const [key, value] of db.iterator({ gte: LANE_PREFIX, lt: `${LANE_PREFIX}~` })) {
       const lane = value as Lane;
       payments.lanes.set(key.slice(LANE_PREFIX.length), lane);
+      payments.lanesPerClient.set(lane.senderId, (payments.lanesPerClient.get(lane.senderId) ?? 0) + 1);
     }
     return payments;
   }
@@ -196,6 +206,11 @@ export class AgentPayments {
       throw new MeshError('MESH_FORBIDDEN', `the lane of payer ${payer} belongs to another client`, { details: { payer } });
     }
     if (!lane) {
+      const open = this.lanesPerClient.get(senderId) ?? 0;
+      if (open >= this.maxLanesPerClient) {
+        throw new MeshError('MESH_FORBIDDEN', `client ${senderId} already has ${open} payer lanes here (the limit)`, { details: { payer } });
+      }
+      this.lanesPerClient.set(senderId, open + 1);
       lane = { payer, senderId, seq: 0, cumulative: 0, lastLeaf: toHex(ZERO_HASH), paid: 0, voucher: undefined };
       this.lanes.set(payer, lane);
     }

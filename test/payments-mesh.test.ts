@@ -167,6 +167,18 @@ describe('receipts and payment through the mesh', () => {
     const squatReply = await squatter.request(agent.id, squat.id, squat);
     assert.equal(squatReply.kind === 'err' && squatReply.code, 'MESH_FORBIDDEN');
 
+    // Nor can a client multiply its credit by naming fresh payers: lanes per client are capped (default 4).
+    const codes: string[] = [];
+    for (let i = 0; i < 4; i++) {
+      const m = paidRequest('kws', Wallet.createRandom().address.toLowerCase());
+      const r = await squatter.request(agent.id, m.id, m);
+      codes.push(r.kind === 'err' ? r.code : 'ok');
+    }
+    assert.deepEqual(codes, ['ok', 'ok', 'ok', 'ok']);
+    const fifthLane = paidRequest('kws', Wallet.createRandom().address.toLowerCase());
+    const fifthReply = await squatter.request(agent.id, fifthLane.id, fifthLane);
+    assert.equal(fifthReply.kind === 'err' && fifthReply.code, 'MESH_FORBIDDEN');
+
     // A voucher signed by someone else is refused; the window stays shut.
     const forged = await voucherFor(Wallet.createRandom(), 2 * price, leaves);
     raw.client.publish(topics.agentVoucher(agent.id, 'raw-credit'), encodeMessage({ ...forged, payer }), { qos: 1 });
