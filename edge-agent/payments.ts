@@ -187,6 +187,7 @@ export class AgentPayments {
         issuedAt: nowMs,
         validUntil: nowMs + this.quoteTtlMs,
         models: [...this.prices.values()],
+        creditMicros: this.creditMicros,
       });
       this.quote = { signed, renewAt: nowMs + this.quoteTtlMs / 2 };
     }

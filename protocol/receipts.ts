@@ -209,6 +209,8 @@ export interface Quote {
   /** Epoch ms after which the quote no longer holds. */
   validUntil: number;
   models: ModelPrice[];
+  /** The unpaid amount the agent lets a lane owe (its credit window), so payers can pace vouchers. */
+  creditMicros?: number;
 }
 
 const QUOTE_DOMAIN = Buffer.from('edge-mesh/quote/v1\0');
@@ -245,6 +247,7 @@ export function verifyQuote(signed: unknown, { agentId, nowMs = Date.now() }: { 
   if (typeof q.payout !== 'string' || !ADDRESS.test(q.payout) || typeof q.escrow !== 'string' || !ADDRESS.test(q.escrow)) throw bad('payout or escrow is not a lower-case address');
   if (!Number.isSafeInteger(q.chainId) || !Number.isFinite(q.validUntil) || !Array.isArray(q.models)) throw bad('malformed');
   if (q.validUntil <= nowMs) throw bad('expired');
+  if (q.creditMicros !== undefined && !isMicros(q.creditMicros)) throw bad('malformed credit window');
   for (const m of q.models) {
     if (typeof m?.modelHash !== 'string' || !HASH_HEX.test(m.modelHash) || !isMicros(m.baseMicros) || !isMicros(m.unitMicros) || !isMicros(m.minChargeMicros)) {
       throw bad(`malformed price for ${String(m?.name)}`);

@@ -410,8 +410,6 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
 
     // Before the first attempt, wait (within the deadline) for an agent to announce the model.
     while (!pick(model, new Set(), pinned) && Date.now() < deadline) await changes.wait(deadline - Date.now());
-    // Vouchers being signed go out first, so the agent sees its lane paid before the next request.
-    if (payments) await payments.flushed();
 
     return new Promise<InferResult>((resolve, reject) => {
       const tried = new Set<string>();
@@ -509,7 +507,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
             // The agent waits for a voucher this client is about to send: try it again once that is out.
             creditRetried.add(agentId);
             tried.delete(agentId);
-            void payments.flushed().then(() => {
+            void payments.flush().then(() => {
               if (!done && !launch() && attempts.size === 0) failNow();
             });
             return;

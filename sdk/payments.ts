@@ -3,8 +3,9 @@
  * the agent's signed quote) and pay what was verified with an EIP-712 voucher sent to the agent.
  *
  * - Vouchers are signed one lane at a time, after the receipts they cover were verified. Receipts
- *   verified while a voucher is being signed go into the next one, so under load one signature pays
- *   for many receipts. `receiptsRoot` is the Merkle root of the leaves covered since the previous
+ *   verified while a voucher is being signed go into the next one, and while a lane owes less than
+ *   half the agent's quoted credit window its voucher waits `voucherDelayMs` for more: one signature
+ *   (about 3 ms of secp256k1 in ethers) pays for many receipts. `receiptsRoot` is the Merkle root of the leaves covered since the previous
  *   voucher (one leaf: the leaf itself).
  * - A voucher is signed only when the verified cumulative rose: a failed or timed-out request
  *   (priced 0 by the rule, which the verifier enforces) never makes a voucher pay more.
@@ -45,6 +46,11 @@ export interface PaymentOptions {
   dataDir?: string;
   /** Vouchers expire this long after signing. */
   voucherTtlS?: number;
+  /**
+   * While a lane owes less than half the agent's quoted credit window, its voucher waits this long
+   * for more receipts to cover, so one signature pays for many requests (default 50).
+   */
+  voucherDelayMs?: number;
 }
 
 export interface LaneView {
@@ -78,6 +84,7 @@ interface Lane {
   paid: number;
   pendingLeaves: Uint8Array[];
   signing: boolean;
+  timer: NodeJS.Timeout | undefined;
   refused: number;
   lastRefusal: string | undefined;
   voucher: VoucherMessage | undefined;
@@ -99,6 +106,7 @@ export class PayerLanes {
   private readonly escrow: string;
   private readonly maxPriceMicros: number;
   private readonly voucherTtlS: number;
+  private readonly voucherDelayMs: number;
   private pumping = new Set<Promise<void>>();
   counters = { receipts: 0, refused: 0, vouchers: 0 };
 
@@ -114,6 +122,7 @@ export class PayerLanes {
     this.escrow = options.domain.escrow.toLowerCase();
     this.maxPriceMicros = options.maxPriceMicros ?? Number.MAX_SAFE_INTEGER;
     this.voucherTtlS = options.voucherTtlS ?? 7 * 86_400;
+    this.voucherDelayMs = options.voucherDelayMs ?? 50;
   }
 
   static async open(options: PaymentOptions, clientId: string, publish: (topic: string, payload: Buffer) => void, logger: Logger): Promise<PayerLanes> {
@@ -160,6 +169,7 @@ export class PayerLanes {
       paid: resume?.paid ?? 0,
       pendingLeaves: resume?.pendingLeaves.map(fromHex) ?? [],
       signing: false,
+      timer: undefined,
       refused: 0,
       lastRefusal: undefined,
       voucher: resume?.voucher ? { ...resume.voucher, receiptsRoot: fromHex(resume.voucher.receiptsRoot), sig: fromHex(resume.voucher.sig) } : undefined,
@@ -203,15 +213,25 @@ export class PayerLanes {
       this.logger.warn({ agentId, err: (err as Error).message }, 'receipt refused: not paid');
       return;
     }
-    if (lane.verifier.state.cumulative > lane.paid && !lane.signing) {
-      const run = this.pump(lane).catch((err: unknown) => this.logger.error({ agentId, err: (err as Error).message }, 'voucher not signed'));
-      this.pumping.add(run);
-      void run.finally(() => this.pumping.delete(run));
-    }
+    const unpaid = lane.verifier.state.cumulative - lane.paid;
+    if (unpaid <= 0) return;
+    const credit = lane.quote.creditMicros;
+    if (credit === undefined || 2 * unpaid >= credit) this.startPump(lane);
+    else lane.timer ??= setTimeout(() => this.startPump(lane), this.voucherDelayMs);
   }
 
-  /** Resolves when every voucher being signed has been sent (a request sent after it finds the agent paid). */
-  async flushed(): Promise<void> {
+  private startPump(lane: Lane): void {
+    clearTimeout(lane.timer);
+    lane.timer = undefined;
+    if (lane.signing || lane.verifier.state.cumulative <= lane.paid) return;
+    const run = this.pump(lane).catch((err: unknown) => this.logger.error({ agentId: lane.agentId, err: (err as Error).message }, 'voucher not signed'));
+    this.pumping.add(run);
+    void run.finally(() => this.pumping.delete(run));
+  }
+
+  /** Signs and sends every voucher owed now, waiting ones included; resolves once they are out. */
+  async flush(): Promise<void> {
+    for (const lane of this.lanes.values()) if (lane.timer) this.startPump(lane);
     while (this.pumping.size > 0) await Promise.allSettled([...this.pumping]);
   }
 
@@ -236,7 +256,7 @@ export class PayerLanes {
 
   /** Waits for vouchers being signed, then closes the store. */
   async close(): Promise<void> {
-    await this.flushed();
+    await this.flush();
     await this.db?.close();
   }
 
