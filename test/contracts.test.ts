@@ -5,11 +5,15 @@
  * a bad voucher inside a batch, permit funding.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ethers } from 'ethers';
 import { deployArtifact, deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '../contracts/index.ts';
 import { EscrowClient, EscrowError } from '../protocol/escrow.ts';
 import { generateIdentity, signBytes, verifyBytes } from '../protocol/identity.ts';
+import { ROOT } from './helpers.ts';
 import {
   agentBindingMessage,
   ESCROW_ABI,
@@ -406,4 +410,34 @@ describe('MeshEscrow', () => {
     await assert.rejects(p.client.fund(newAgent(), 5n), (e: EscrowError) => e.code === 'ESCROW_REVERTED' && /holds 0/.test(e.message));
     await assert.rejects(p.client.fund('0x1234', 5n), (e: EscrowError) => e.code === 'ESCROW_BAD_ARGUMENT');
   });
+
+  test('the local chain dies with its parent, even after SIGKILL', async () => {
+    const script = `import { startLocalChain } from ${JSON.stringify(path.join(ROOT, 'contracts', 'chain.ts'))};
+const c = await startLocalChain({ accounts: 1 });
+process.stdout.write(c.pid + '\\n');
+setInterval(() => {}, 1000);`;
+    const parent = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'] });
+    const pid = await new Promise<number>((resolve, reject) => {
+      let out = '';
+      parent.stdout.on('data', (d: Buffer) => {
+        out += d.toString();
+        if (out.includes('\n')) resolve(Number(out.trim()));
+      });
+      parent.once('exit', (code) => reject(new Error(`parent exited early (${code})`)));
+    });
+    assert.ok(alive(pid), 'the chain runs');
+    parent.kill('SIGKILL');
+    const deadline = Date.now() + 10_000;
+    while (alive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+    assert.equal(alive(pid), false, 'the hardhat node outlived its parent');
+  });
 });
+
+/** True while the process runs (a zombie waiting for its reaper counts as gone). */
+function alive(pid: number): boolean {
+  try {
+    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
