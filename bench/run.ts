@@ -21,6 +21,8 @@ const BENCHES: Record<string, { file: string; about: string }> = {
   'router-sim': { file: './router-sim.ts', about: 'discrete-event router simulator: scenarios x policies, p50/p99/p99.9, fail rate, extra load' },
   'router-pick': { file: './router-pick.ts', about: 'selectAgent wall-clock cost on 100, 1,000 and 10,000 agents (pick_p50_us, pick_p99_us)' },
   bridge: { file: './bridge.ts', about: 'firmware bridge: authenticated frames/s over UDP and the latency it adds to kws (frames_per_s, added_p50_ms)' },
+  settlement: { file: './settlement.ts', about: 'MeshEscrow gas on a local chain: one voucher, per voucher in batches (50 lanes to one agent), per receipt' },
+  receipts: { file: './receipts.ts', about: 'receipts signed (keccak leaf + Ed25519) and verified by a LaneVerifier per second on one core' },
 };
 
 const USAGE = `usage: npm run bench -- <name> [--quick] [--timeout-s S] [bench options]
@@ -39,6 +41,8 @@ options:
   router-sim: --nodes N --duration-s S --seed K --loads 0.7,0.8,0.9 --policies a,b --scenarios a,b --side-load L
   router-pick: --picks N                  timed picks per fleet size (default 300000, quick 50000)
   bridge:     --n N --duration-ms D      sequential requests each way (default 4000, quick 600); frame-loop length
+  settlement: --max-batch N              largest batch measured (default 100, quick 50)
+  receipts:   --n N                      receipts signed and verified (default 100000, quick 20000)
 
 The last stdout line is one JSON object with the benchmark's fields (see /work/shared/TARGETS.md).`;
 

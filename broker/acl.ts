@@ -6,10 +6,12 @@
  *   role                  publish                                                 subscribe
  *   agent                 mesh/v1/agent/{self}/status   (retain only here)        mesh/v1/agent/{self}/req/+
  *                         mesh/v1/agent/{self}/load                               mesh/v1/agent/{self}/cancel/+
+ *                                                                                 mesh/v1/agent/{self}/voucher/+
  *                         mesh/v1/client/{any}/res/{self}                          (or a concrete sender id in place of +)
  *   app, bridge, router   mesh/v1/agent/{any}/req/{self}                          mesh/v1/client/{self}/res/+
  *                         mesh/v1/agent/{any}/cancel/{self}                       mesh/v1/client/{self}/lease/+
  *                         mesh/v1/router/{any}/route/{self}                       mesh/v1/agent/+/status, mesh/v1/agent/+/load
+ *                         mesh/v1/agent/{any}/voucher/{self}
  *                                                                                 (or a concrete agent id in place of +)
  *   router (also)         mesh/v1/client/{any}/lease/{self}                       mesh/v1/router/{self}/route/+
  *   bridge (also)         mesh/v1/bridge/{self}/dev/{id}/availability (retained)  mesh/v1/bridge/+/dev/+/availability
@@ -48,6 +50,7 @@ export interface MeshSession {
   readonly leaseTail: string;
   readonly leaseFilter: string;
   readonly routeFilter: string;
+  readonly voucherTail: string;
   readonly adminRecords: string;
   readonly adminAcks: string;
   readonly replyFilter: string;
@@ -55,6 +58,7 @@ export interface MeshSession {
   readonly cancelFilter: string;
   /** `mesh/v1/bridge/{self}/dev/`: where a bridge publishes its devices' availability and telemetry. */
   readonly bridgeDevices: string;
+  readonly voucherFilter: string;
 }
 
 /** Admin records one operator connection may send: a burst of 100, then 10 per second. */
@@ -91,12 +95,14 @@ export function newSession(id: string, role: Role | undefined, expires: number, 
     leaseTail: `/lease/${id}`,
     leaseFilter: topics.clientLeasesFor(id),
     routeFilter: topics.routerRoutesFor(id),
+    voucherTail: `/voucher/${id}`,
     adminRecords: topics.adminRecords(id),
     adminAcks: topics.adminAcks(id),
     replyFilter: topics.clientRepliesFor(id),
     requestFilter: topics.agentRequestsFor(id),
     cancelFilter: topics.agentCancelsFor(id),
     bridgeDevices: `mesh/v1/bridge/${id}/dev/`,
+    voucherFilter: topics.agentVouchersFor(id),
   };
 }
 
@@ -128,9 +134,12 @@ function matchesIdBetween(topic: string, prefix: string, tail: string): boolean 
   return topic.startsWith(prefix) && topic.endsWith(tail) && isIdSpan(topic, prefix.length, topic.length - tail.length);
 }
 
-/** What every sender (app, bridge, router) may publish: requests, cancels and route requests in its own name. */
+/** What every sender (app, bridge, router) may publish: requests, cancels, vouchers and route requests in its own name. */
 function clientPublish(s: MeshSession, topic: string): number {
-  return matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) || matchesIdBetween(topic, AGENT_PREFIX, s.cancelTail) || matchesIdBetween(topic, ROUTER_PREFIX, s.routeTail)
+  return matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) ||
+    matchesIdBetween(topic, AGENT_PREFIX, s.cancelTail) ||
+    matchesIdBetween(topic, AGENT_PREFIX, s.voucherTail) ||
+    matchesIdBetween(topic, ROUTER_PREFIX, s.routeTail)
     ? ACL_ALLOW
     : ACL_DENY;
 }
@@ -167,9 +176,9 @@ export function aclSubscribe(s: MeshSession, filter: string): boolean {
   const role = s.role;
   if (role === undefined) return true;
   if (role === 'agent') {
-    if (filter === s.requestFilter || filter === s.cancelFilter) return true;
+    if (filter === s.requestFilter || filter === s.cancelFilter || filter === s.voucherFilter) return true;
     const p = parseTopic(filter);
-    return p !== undefined && (p.kind === 'request' || p.kind === 'cancel') && p.agentId === s.id;
+    return p !== undefined && (p.kind === 'request' || p.kind === 'cancel' || p.kind === 'voucher') && p.agentId === s.id;
   }
   if (filter === ALL_STATUS || filter === ALL_LOAD || filter === ALL_DEVICE_AVAILABILITY) return true;
   const p = parseTopic(filter);

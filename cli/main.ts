@@ -23,6 +23,7 @@ import {
 import { registerBridgeCommands } from './bridge.ts';
 import { loadKeyFile, parseOperatorSpec, parsePublicKey, parseRole, writeKeyFile, type TrustedOperator } from './keys.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
+import { registerChainCommands } from './chain.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
 const loadBroker = () => import('../broker/index.ts');
@@ -212,8 +213,16 @@ export function buildProgram(): Command {
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
     .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
+    .option('--payout <address>', 'take payment: the EVM address paid for this agent\'s work (needs --escrow and --chain-id)')
+    .option('--escrow <address>', 'the escrow contract receipts and vouchers are for')
+    .option('--chain-id <id>', 'the chain id of that escrow', positiveInt)
+    .option('--data <dir>', 'folder for the receipt journal and vouchers', '.mesh-data/agent')
+    .option('--credit-requests <n>', 'unpaid requests a payer lane may owe before MESH_CREDIT_EXCEEDED', positiveInt, 8)
     .addOption(logLevelOption())
     .action(async (opts) => {
+      if (opts.payout !== undefined && (opts.escrow === undefined || opts.chainId === undefined)) {
+        throw new MeshError('MESH_CONFIG', '--payout needs --escrow and --chain-id');
+      }
       if (opts.id !== undefined) throw new MeshError('MESH_CONFIG', '--id was removed: an agent id derives from its key; use --key FILE (edge-mesh keys new --role agent)');
       const identity = opts.key ? await loadKeyFile(opts.key, 'agent', keyWarnings) : undefined;
       const logger = cliLogger(opts.logLevel);
@@ -228,6 +237,16 @@ export function buildProgram(): Command {
         awaitAnnounce: false,
         ...(identity ? { identity } : {}),
         ...(opts.workers ? { workers: opts.workers } : {}),
+        ...(opts.payout
+          ? {
+              payment: {
+                payout: opts.payout,
+                domain: { chainId: BigInt(opts.chainId), escrow: opts.escrow },
+                dataDir: path.resolve(opts.data),
+                creditRequests: opts.creditRequests,
+              },
+            }
+          : {}),
       });
       const refused = agent.announced.then(
         () => {
@@ -398,6 +417,9 @@ export function buildProgram(): Command {
     });
 
   registerBridgeCommands(program);
+  // Settlement on-chain: chain, fund, settle, balance (cli/chain.ts).
+  registerChainCommands(program);
+
   return program;
 }
 

@@ -23,10 +23,12 @@ import {
   encodeMessage,
   encodeTensorMap,
   generateIdentity,
+  hashTensorMap,
   isValidId,
   MeshError,
   openMeshConnection,
   PROTOCOL_VERSION,
+  RECEIPT_STATUS,
   requestIdHex,
   signStatus,
   toMeshError,
@@ -35,17 +37,22 @@ import {
   type AgentStatus,
   type BackoffOptions,
   type Hardware,
+  type InferReply,
   type Identity,
   type MeshConnection,
   type ModelInfo,
+  type SignedReceipt,
   type Tensor,
+  ZERO_HASH,
 } from '../protocol/index.ts';
+import { AgentPayments, type AgentPaymentOptions, type LaneSummary } from './payments.ts';
 import { readManifest, sha256File, type ManifestEntry } from './manifest.ts';
 import { WorkerPool, type JobResult } from './pool.ts';
 import { Scheduler, type Job } from './scheduler.ts';
 import type { LoadedModel } from './worker-protocol.ts';
 
 export { readManifest, sha256File, MANIFEST_FILE, type Manifest, type ManifestEntry } from './manifest.ts';
+export type { AgentPaymentOptions, LaneSummary } from './payments.ts';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -92,6 +99,12 @@ export interface AgentOptions {
    * and reports the longer execMs). Never set in production.
    */
   faults?: { linkDelayMs?: number; extraExecMs?: number };
+  /**
+   * Take payment: sign a quote into the status and a receipt for every request that names a payer
+   * lane, keep the receipt journal and best vouchers in `dataDir`, and hold each lane to a credit
+   * window. Without it (or for a request naming no payer) the agent serves as before, with no receipt.
+   */
+  payment?: AgentPaymentOptions;
 }
 
 export interface AgentCounters {
@@ -118,6 +131,12 @@ export interface AgentHandle {
   close(): Promise<void>;
   /** Changes the injected faults (see AgentOptions.faults) while running: a gray failure on demand. */
   setFaults(faults: { linkDelayMs?: number; extraExecMs?: number }): void;
+  /** Present when the agent takes payment. */
+  readonly payments?: {
+    lanes(): LaneSummary[];
+    receipts(payer: string): Promise<SignedReceipt[]>;
+    readonly counters: AgentPayments['counters'];
+  };
 }
 
 function hardwareSummary(): Hardware {
@@ -269,6 +288,14 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   for (const m of loaded) logger.info({ model: m.name, provider: m.provider, latencyMs: m.latencyMs }, 'model loaded');
   const providersInUse = [...new Set(loaded.map((m) => m.provider))];
 
+  let payments: AgentPayments | undefined;
+  if (options.payment) {
+    payments = await AgentPayments.open(identity, options.payment, entries, logger).catch(async (err: unknown) => {
+      await pool.close();
+      throw err;
+    });
+  }
+
   const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 };
   const session = randomBytes(8).toString('hex');
   const hardware = hardwareSummary();
@@ -290,6 +317,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       providers: providersInUse,
       workers,
       queueLimit,
+      ...(payments ? { quote: payments.signedQuote() } : {}),
     });
   // Signed once: the broker publishes it as the will when the agent dies, so it cannot be signed then.
   const offlinePayload = encodeMessage(signStatus(identity, { v: PROTOCOL_VERSION, kind: 'status', agent: agentId, state: 'offline', ts: Date.now(), session }));
@@ -316,38 +344,81 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       }, delay).unref();
     } else send();
   };
-  const replyError = (senderId: string, id: Uint8Array, err: MeshError) => {
+  const replyError = (senderId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt) => {
     counters.errors[err.code] = (counters.errors[err.code] ?? 0) + 1;
-    publishReply(senderId, encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: agentId, code: err.code, message: err.message.slice(0, 2048) }));
+    publishReply(
+      senderId,
+      encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: agentId, code: err.code, message: err.message.slice(0, 2048), ...(receipt ? { receipt } : {}) }),
+    );
+  };
+
+  /**
+   * A paid job's receipt: status from what happened. It costs by the quote's rule: ok and a cancel of
+   * work that ran are charged, failures and deadline drops are 0. The reply leaves once the receipt is journaled.
+   */
+  const withReceipt = (job: Job, err: MeshError | undefined, outputs: InferReply['outputs'] | undefined, send: (receipt: SignedReceipt | undefined) => void) => {
+    if (!job.paid || !payments) return send(undefined);
+    const ran = job.startedAt !== undefined;
+    // A cancel that comes once the deadline has passed is the sender giving up on a late job: a timeout, not a paid cancel.
+    const expired = job.deadline <= Date.now();
+    const status = !err
+      ? RECEIPT_STATUS.ok
+      : err.code === 'MESH_CANCELLED' && !expired
+        ? RECEIPT_STATUS.cancelled
+        : err.code === 'MESH_DEADLINE_EXCEEDED' || err.code === 'MESH_CANCELLED'
+          ? RECEIPT_STATUS.timeout
+          : RECEIPT_STATUS.failed;
+    const nowPerf = performance.now();
+    const epochOf = (perf: number) => Date.now() - (nowPerf - perf);
+    const { receipt, durable } = payments.issue(job.paid, {
+      requestId: job.id,
+      status,
+      unitsUsed: status === RECEIPT_STATUS.ok || (status === RECEIPT_STATUS.cancelled && ran) ? 1 : 0,
+      outputHash: outputs ? hashTensorMap(outputs) : ZERO_HASH,
+      startedAt: epochOf(job.startedAt ?? job.receivedAt),
+      finishedAt: Date.now(),
+    });
+    durable.then(
+      () => send(receipt),
+      (writeErr: unknown) => {
+        logger.error({ err: (writeErr as Error).message }, 'receipt not journaled; replying without it');
+        send(undefined);
+      },
+    );
   };
 
   const scheduler = new Scheduler(pool, queueLimit, (job: Job, err: MeshError | undefined, result?: JobResult) => {
     if (err) {
       if (err.code === 'MESH_INFERENCE_FAILED') logger.warn({ model: job.model, err: err.message }, 'inference failed');
-      replyError(job.senderId, job.id, err);
+      withReceipt(job, err, undefined, (receipt) => replyError(job.senderId, job.id, err, receipt));
       return;
     }
     const queueMs = job.startedAt! - job.receivedAt;
     counters.served++;
-    publishReply(
-      job.senderId,
-      encodeMessage({
-        v: PROTOCOL_VERSION,
-        kind: 'res',
-        id: job.id,
-        agent: agentId,
-        model: job.model,
-        outputs: encodeTensorMap(result!.outputs),
-        queueMs: Math.max(0, queueMs),
-        execMs: result!.execMs + faults.extraExecMs,
-      }),
-      faults.extraExecMs,
+    const outputs = encodeTensorMap(result!.outputs);
+    withReceipt(job, undefined, outputs, (receipt) =>
+      publishReply(
+        job.senderId,
+        encodeMessage({
+          v: PROTOCOL_VERSION,
+          kind: 'res',
+          id: job.id,
+          agent: agentId,
+          model: job.model,
+          outputs,
+          queueMs: Math.max(0, queueMs),
+          execMs: result!.execMs + faults.extraExecMs,
+          ...(receipt ? { receipt } : {}),
+        }),
+        faults.extraExecMs,
+      ),
     );
   });
   for (const m of loaded) scheduler.addModel(m.name, m.latencyMs);
 
   const requestPrefix = topics.agentRequest(agentId, '');
   const cancelPrefix = topics.agentCancel(agentId, '');
+  const voucherPrefix = topics.agentVoucher(agentId, '');
 
   const onRequest = (senderId: string, payload: Buffer) => {
     if (faults.linkDelayMs > 0) {
@@ -391,14 +462,32 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       }
       seenRequests.set(key, request.deadline);
     }
+    let paid: Job['paid'];
     try {
       const model = loadedByName.get(request.model);
       if (!model) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${request.model} is not served by ${agentId}`);
       const inputs = decodeTensorMap(request.inputs, maxElements);
       checkInputs(model, inputs);
-      scheduler.submit({ key, id: request.id, senderId, model: request.model, inputs, deadline: request.deadline, receivedAt });
+      if (payments && request.pay) {
+        // A piggybacked voucher counts before the credit check; recovering it is synchronous.
+        if (request.pay.voucher) void payments.acceptVoucher(senderId, request.pay.voucher).catch(() => {});
+        paid = payments.admit(request.pay.payer, senderId, request.model, hashTensorMap(request.inputs));
+      }
+      scheduler.submit({ key, id: request.id, senderId, model: request.model, inputs, deadline: request.deadline, receivedAt, ...(paid ? { paid } : {}) });
     } catch (err) {
+      // Refused before it was taken on: no receipt, nothing owed.
+      if (paid) payments!.release(paid);
       replyError(senderId, request.id, toMeshError(err, 'MESH_BAD_REQUEST'));
+    }
+  };
+
+  const onVoucher = (senderId: string, payload: Buffer) => {
+    if (!payments) return;
+    try {
+      const voucher = decodeMessage(payload, ['voucher'], 4096);
+      void payments.acceptVoucher(senderId, voucher).catch((err: unknown) => logger.error({ err: (err as Error).message }, 'voucher not stored'));
+    } catch (err) {
+      logger.debug({ senderId, err: (err as Error).message }, 'bad voucher dropped');
     }
   };
 
@@ -437,7 +526,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       if (everConnected) counters.reconnects++;
       logger.info({ brokerUrl, reconnect: everConnected }, everConnected ? 'reconnected to broker' : 'connected to broker');
       everConnected = true;
-      c.subscribe([topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId)], { qos: 1 }, (err) => {
+      const filters = [topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId)];
+      if (payments) filters.push(topics.agentVouchersFor(agentId));
+      c.subscribe(filters, { qos: 1 }, (err) => {
         if (err) logger.error({ err: err.message }, 'subscribe failed');
         announce();
       });
@@ -465,6 +556,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     } else if (topic.startsWith(cancelPrefix)) {
       const senderId = topic.slice(cancelPrefix.length);
       if (isValidId(senderId)) onCancel(senderId, payload);
+    } else if (topic.startsWith(voucherPrefix)) {
+      const senderId = topic.slice(voucherPrefix.length);
+      if (isValidId(senderId)) onVoucher(senderId, payload);
     }
   });
 
@@ -494,6 +588,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     }
     await connection.close();
     await pool.close();
+    await payments?.close();
     logger.info({ served: counters.served }, 'agent stopped');
   };
 
@@ -516,6 +611,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       await shutdown();
     },
     close: shutdown,
+    ...(payments
+      ? { payments: { lanes: () => payments!.lanesSummary(), receipts: (payer: string) => payments!.receipts(payer), counters: payments.counters } }
+      : {}),
   };
 
   if (awaitAnnounce) await announced;

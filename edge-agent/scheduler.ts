@@ -4,6 +4,7 @@
  * (MESH_DEADLINE_EXCEEDED); the next job is the earliest deadline among the queue heads.
  */
 import { MeshError, type ModelLoad, type Tensor } from '../protocol/index.ts';
+import type { PaidJob } from './payments.ts';
 import type { JobResult, WorkerPool } from './pool.ts';
 
 export interface Job {
@@ -18,6 +19,8 @@ export interface Job {
   receivedAt: number;
   startedAt?: number;
   cancelled?: boolean;
+  /** Set when the request pays on a lane: its receipt is signed when it finishes. */
+  paid?: PaidJob;
 }
 
 export type FinishCallback = (job: Job, err: MeshError | undefined, result?: JobResult) => void;

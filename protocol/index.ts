@@ -11,3 +11,5 @@ export * from './random.ts';
 export * from './receive.ts';
 export * from './signal.ts';
 export * from './budget.ts';
+export * from './keccak.ts';
+export * from './receipts.ts';

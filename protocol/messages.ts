@@ -27,6 +27,70 @@ export const WireTensorSchema = Type.Object(
 
 const TensorMap = Type.Record(Type.String({ maxLength: 128 }), WireTensorSchema, { maxProperties: 64 });
 
+// ---------------------------------------------------------------------------------------------
+// Payment (see protocol/receipts.ts): amounts are micro-dollars as safe integers, EVM addresses are
+// lower-case 0x hex, hashes are raw bytes.
+
+export const AddressSchema = Type.String({ pattern: '^0x[0-9a-f]{40}$' });
+const Bytes32 = Type.Uint8Array({ minByteLength: 32, maxByteLength: 32 });
+const Micros = Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER });
+const Uint = Type.Integer({ minimum: 0, maximum: Number.MAX_SAFE_INTEGER });
+
+/** An agent's Ed25519-signed usage receipt; its leaf hash is keccak256(abi.encode(fields)) (receipts.ts). */
+export const SignedReceiptSchema = Type.Object(
+  {
+    v: Type.Literal(1),
+    chainId: Uint,
+    escrow: AddressSchema,
+    payer: AddressSchema,
+    agentKey: Bytes32,
+    seq: Type.Integer({ minimum: 1, maximum: Number.MAX_SAFE_INTEGER }),
+    requestId: RequestIdSchema,
+    modelHash: Bytes32,
+    inputHash: Bytes32,
+    outputHash: Bytes32,
+    /** 0 ok, 1 partial (progress), 2 failed, 3 timeout, 4 cancelled by the payer. */
+    status: Type.Integer({ minimum: 0, maximum: 4 }),
+    unitsUsed: Type.Integer({ minimum: 0, maximum: 0xffffffff }),
+    price: Micros,
+    cumulative: Micros,
+    startedAt: Uint,
+    finishedAt: Uint,
+    prevReceipt: Bytes32,
+    sig: Type.Uint8Array({ minByteLength: 64, maxByteLength: 64 }),
+  },
+  { additionalProperties: false },
+);
+
+/** A payer-signed EIP-712 voucher as it travels to the agent (protocol/voucher.ts signs and recovers it). */
+export const VoucherMessageSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('voucher'),
+  payer: AddressSchema,
+  /** The agent's payout address the voucher pays. */
+  agent: AddressSchema,
+  cumulative: Micros,
+  receiptsRoot: Bytes32,
+  /** Unix seconds. */
+  expiry: Uint,
+  sig: Type.Uint8Array({ minByteLength: 64, maxByteLength: 65 }),
+});
+export type VoucherMessage = Static<typeof VoucherMessageSchema>;
+
+/** What a paying request names: the payer's lane, and optionally the latest voucher (piggyback). */
+export const PaymentFieldSchema = Type.Object({
+  payer: AddressSchema,
+  voucher: Type.Optional(VoucherMessageSchema),
+});
+export type PaymentField = Static<typeof PaymentFieldSchema>;
+
+/** An agent's price list (quote): its CBOR bytes and the agent's Ed25519 signature over them (receipts.ts). */
+export const SignedQuoteSchema = Type.Object({
+  quote: Type.Uint8Array({ maxByteLength: 16_384 }),
+  sig: Type.Uint8Array({ minByteLength: 64, maxByteLength: 64 }),
+});
+export type SignedQuote = Static<typeof SignedQuoteSchema>;
+
 export const InferRequestSchema = Type.Object({
   v: Type.Literal(PROTOCOL_VERSION),
   kind: Type.Literal('req'),
@@ -35,6 +99,8 @@ export const InferRequestSchema = Type.Object({
   deadline: Type.Number(),
   model: ModelName,
   inputs: TensorMap,
+  /** Present when the sender pays: the agent then signs a receipt on the payer's lane. */
+  pay: Type.Optional(PaymentFieldSchema),
 });
 export type InferRequest = Static<typeof InferRequestSchema>;
 
@@ -49,6 +115,7 @@ export const InferReplySchema = Type.Object({
   queueMs: Ms,
   /** Time the runtime spent computing. */
   execMs: Ms,
+  receipt: Type.Optional(SignedReceiptSchema),
 });
 export type InferReply = Static<typeof InferReplySchema>;
 
@@ -59,6 +126,8 @@ export const ErrorReplySchema = Type.Object({
   agent: Id,
   code: Type.String({ pattern: '^MESH_[A-Z_]+$', maxLength: 64 }),
   message: Type.String({ maxLength: 2048 }),
+  /** The receipt of a request the agent took on and could not finish (it costs what its status says: failed and timeout 0). */
+  receipt: Type.Optional(SignedReceiptSchema),
 });
 export type ErrorReply = Static<typeof ErrorReplySchema>;
 
@@ -116,6 +185,8 @@ export const AgentStatusSchema = Type.Object({
   queueLimit: Type.Optional(Count),
   /** The agent's raw Ed25519 public key; its id derives from it. */
   publicKey: Type.Optional(Type.Uint8Array({ minByteLength: 32, maxByteLength: 32 })),
+  /** The agent's signed price list, when it takes payment. */
+  quote: Type.Optional(SignedQuoteSchema),
   /** Ed25519 signature over the status without this field (see identity.ts). */
   sig: Type.Optional(Type.Uint8Array({ minByteLength: 64, maxByteLength: 64 })),
 });
@@ -192,7 +263,7 @@ export const LeaseSchema = Type.Object({
 });
 export type Lease = Static<typeof LeaseSchema>;
 
-export type Message = InferRequest | InferReply | ErrorReply | Cancel | AgentStatus | AgentLoad | RouteRequest | Lease;
+export type Message = InferRequest | InferReply | ErrorReply | Cancel | AgentStatus | AgentLoad | RouteRequest | Lease | VoucherMessage;
 export type MessageKind = Message['kind'];
 
 function compile<T extends TSchema>(schema: T): TypeCheck<T> {
@@ -208,6 +279,7 @@ export const checkers = {
   load: compile(AgentLoadSchema),
   route: compile(RouteRequestSchema),
   lease: compile(LeaseSchema),
+  voucher: compile(VoucherMessageSchema),
 } as const;
 
 /**

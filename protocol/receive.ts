@@ -6,6 +6,7 @@ import { decodeMessage, DEFAULT_MAX_MESSAGE_BYTES, requestIdHex } from './envelo
 import { isMeshErrorCode, MeshError } from './errors.ts';
 import { verifyStatus } from './identity.ts';
 import type { AgentStatus, InferReply } from './messages.ts';
+import type { SignedReceipt } from './receipts.ts';
 
 export type StatusReading =
   | { ok: true; status: AgentStatus }
@@ -35,6 +36,8 @@ export interface ReplyReading {
   key: string;
   reply: InferReply | undefined;
   error: MeshError | undefined;
+  /** The agent's receipt, when the request paid on a lane (checked by the payer, not here). */
+  receipt: SignedReceipt | undefined;
 }
 
 /**
@@ -51,7 +54,7 @@ export function readReply(agentId: string, payload: Uint8Array, maxBytes = DEFAU
   }
   if (decoded.agent !== agentId) return undefined;
   const key = requestIdHex(decoded.id);
-  if (decoded.kind === 'res') return { key, reply: decoded, error: undefined };
+  if (decoded.kind === 'res') return { key, reply: decoded, error: undefined, receipt: decoded.receipt };
   const code = isMeshErrorCode(decoded.code) ? decoded.code : 'MESH_INTERNAL';
-  return { key, reply: undefined, error: new MeshError(code, decoded.message, { details: { agentId } }) };
+  return { key, reply: undefined, error: new MeshError(code, decoded.message, { details: { agentId } }), receipt: decoded.receipt };
 }

@@ -9,6 +9,7 @@
  *   mesh/v1/agent/{agentId}/load              heartbeat (QoS 0)
  *   mesh/v1/router/{routerId}/route/{senderId}  a client asks a router for a route lease (QoS 1)
  *   mesh/v1/client/{clientId}/lease/{routerId}  the router's lease (QoS 1)
+ *   mesh/v1/agent/{agentId}/voucher/{senderId} payer-signed voucher for the sender's lane (QoS 1)
  *   mesh/v1/admin/{operatorId}/records        signed admission/revocation records for the broker (operator only)
  *   mesh/v1/admin/{operatorId}/acks           the broker's answers to that operator's records
  *   mesh/v1/bridge/{bridgeId}/dev/{deviceId}/availability  a firmware bridge's device: online/asleep/offline (retained)
@@ -40,6 +41,8 @@ export const topics = {
   agentRequestsFor: (agentId: string) => `${TOPIC_ROOT}/agent/${agentId}/req/+`,
   agentCancel: (agentId: string, senderId: string) => `${TOPIC_ROOT}/agent/${agentId}/cancel/${senderId}`,
   agentCancelsFor: (agentId: string) => `${TOPIC_ROOT}/agent/${agentId}/cancel/+`,
+  agentVoucher: (agentId: string, senderId: string) => `${TOPIC_ROOT}/agent/${agentId}/voucher/${senderId}`,
+  agentVouchersFor: (agentId: string) => `${TOPIC_ROOT}/agent/${agentId}/voucher/+`,
   agentStatus: (agentId: string) => `${TOPIC_ROOT}/agent/${agentId}/status`,
   agentLoad: (agentId: string) => `${TOPIC_ROOT}/agent/${agentId}/load`,
   allAgentStatus: () => `${TOPIC_ROOT}/agent/+/status`,
@@ -66,6 +69,7 @@ export type DeviceTopicKind = (typeof DEVICE_TOPIC_KINDS)[number];
 export type ParsedTopic =
   | { kind: 'request'; agentId: string; senderId: string }
   | { kind: 'cancel'; agentId: string; senderId: string }
+  | { kind: 'voucher'; agentId: string; senderId: string }
   | { kind: 'status'; agentId: string }
   | { kind: 'load'; agentId: string }
   | { kind: 'reply'; clientId: string; agentId: string }
@@ -87,6 +91,7 @@ export function parseTopic(topic: string): ParsedTopic | undefined {
     if (parts.length === 6 && isValidId(other)) {
       if (verb === 'req') return { kind: 'request', agentId: id, senderId: other };
       if (verb === 'cancel') return { kind: 'cancel', agentId: id, senderId: other };
+      if (verb === 'voucher') return { kind: 'voucher', agentId: id, senderId: other };
     }
     return undefined;
   }

@@ -47,6 +47,7 @@ import {
   readReply,
   changeSignal,
 } from '../protocol/index.ts';
+import { PayerLanes, type LaneView, type PaymentOptions } from './payments.ts';
 
 export {
   MeshError,
@@ -57,6 +58,7 @@ export {
   type MeshErrorCode,
   type Tensor,
 } from '../protocol/index.ts';
+export type { LaneView, PaymentOptions } from './payments.ts';
 
 export interface ConnectOptions {
   brokerUrl: string;
@@ -100,6 +102,11 @@ export interface ConnectOptions {
   keepaliveS?: number;
   backoff?: BackoffOptions;
   logger?: Logger;
+  /**
+   * Pay agents that quote a price on this chain and escrow: each request names this payer's lane,
+   * each receipt is checked, and verified work is paid with EIP-712 vouchers (see sdk/payments.ts).
+   */
+  payment?: PaymentOptions;
 }
 
 export interface InferOptions {
@@ -166,6 +173,8 @@ export interface Mesh {
    * MESH_NOT_CONNECTED while the broker is unreachable.
    */
   publish(topic: string, payload: Uint8Array, options?: { retain?: boolean; qos?: 0 | 1 }): Promise<void>;
+  /** Payment lanes, one per paid agent: owed (verified receipts) and paid (signed vouchers). Empty without `payment`. */
+  lanes(): LaneView[];
   close(): Promise<void>;
 }
 
@@ -199,6 +208,7 @@ const RETRY_ELSEWHERE: ReadonlySet<MeshErrorCode> = new Set([
   'MESH_SHUTTING_DOWN',
   'MESH_UNKNOWN_MODEL',
   'MESH_INFERENCE_FAILED',
+  'MESH_CREDIT_EXCEEDED',
 ]);
 
 /** A lease stays usable this many times its ttl while a fresh one is on its way. */
@@ -240,6 +250,11 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
   const logger = (options.logger ?? pino({ level: 'warn' })).child({ part: 'sdk', clientId });
 
+  let client!: MqttClient;
+  const payments = options.payment
+    ? await PayerLanes.open(options.payment, clientId, (topic, payload) => client.publish(topic, payload, { qos: 1 }), logger)
+    : undefined;
+
   const counters: MeshCounters = { statusRejected: 0, loadIgnored: 0, leases: 0, routed: 0, leaseFallbacks: 0 };
   const budget = new TailBudget(options.tailBudget ?? {}, performance.now());
   const leases = new Map<string, LeaseState>();
@@ -268,6 +283,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       return;
     }
     const { status } = reading;
+    payments?.onStatus(agentId, status);
     const known = agents.get(agentId);
     if (status.state === 'offline') {
       if (known) {
@@ -315,6 +331,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       logger.debug({ agentId }, 'ignoring bad reply');
       return;
     }
+    // Every receipt is checked and paid, a late or hedged attempt's too: the lane's chain runs through all of them.
+    if (payments && reading.receipt) payments.onReceipt(agentId, reading.key, reading.receipt, reading.reply?.outputs);
     // A reply counts only from an agent the request went to.
     const request = pending.get(reading.key);
     if (request?.attempts.has(agentId)) request.onAnswer(agentId, reading.reply, reading.error);
@@ -396,7 +414,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       logger.error({ code: err.code, err: err.message }, 'broker refused the connection; retrying');
     },
   });
-  const client = connection.client;
+  client = connection.client;
   client.on('message', (topic, payload) => {
     const parsed = parseTopic(topic);
     if (!parsed) return;
@@ -501,7 +519,13 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     const deadline = Date.now() + deadlineMs;
     const id = newRequestId();
     const key = requestIdHex(id);
-    const payload = encodeMessage({ v: PROTOCOL_VERSION, kind: 'req', id, deadline, model, inputs: encodeTensorMap(inputs) });
+    const request0 = { v: PROTOCOL_VERSION, kind: 'req', id, deadline, model, inputs: encodeTensorMap(inputs) } as const;
+    const payload = encodeMessage(request0);
+    payments?.noteRequest(key, deadline, request0.inputs);
+    const payloadFor = (agentId: string) => {
+      const pay = payments?.payField(agentId);
+      return pay ? encodeMessage({ ...request0, pay }) : payload;
+    };
     const attemptLimit = pinned ? 1 : maxAttempts;
 
     // Before the first attempt, wait (within the deadline) for an agent to announce the model.
@@ -516,6 +540,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       let lastError: MeshError | undefined;
       let hedgeTimer: NodeJS.Timeout | undefined;
       let done = false;
+      const creditRetried = new Set<string>();
 
       const release = (agentId: string) => {
         const attempt = attempts.get(agentId);
@@ -577,7 +602,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         attempts.set(choice.id, { sentAt: now, workMs, extra: paid });
         choice.entry.outstanding++;
         choice.entry.outstandingWorkMs += workMs;
-        client.publish(topics.agentRequest(choice.id, clientId), payload, { qos: 1 }, (err) => {
+        client.publish(topics.agentRequest(choice.id, clientId), payloadFor(choice.id), { qos: 1 }, (err) => {
           if (err) request.onAnswer(choice.id, undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
         });
         clearTimeout(hedgeTimer);
@@ -620,6 +645,15 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
             return;
           }
           lastError = err!;
+          if (err!.code === 'MESH_CREDIT_EXCEEDED' && payments?.owes(agentId) && !creditRetried.has(agentId)) {
+            // The agent waits for a voucher this client is about to send: try it again once that is out.
+            creditRetried.add(agentId);
+            tried.delete(agentId);
+            void payments.flush().then(() => {
+              if (!done && !launch('failover') && attempts.size === 0) failNow();
+            });
+            return;
+          }
           if (err!.code === 'MESH_INFERENCE_FAILED' && entry) entry.suspectUntil = performance.now() + SUSPECT_MS;
           if (!RETRY_ELSEWHERE.has(err!.code)) return finish(err);
           logger.debug({ model, agentId, code: err!.code }, 'attempt failed; trying another agent');
@@ -665,7 +699,10 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       for (const request of [...pending.values()]) {
         for (const agentId of [...request.attempts.keys()]) request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', 'client closed'));
       }
+      // Vouchers being signed still go out before the connection closes.
+      await payments?.close();
       await connection.close();
     },
+    lanes: () => payments?.lanesView() ?? [],
   };
 }

@@ -1,0 +1,198 @@
+/** Receipts, quotes, the price rule, Merkle roots and the payer's LaneVerifier (no sockets). */
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { AbiCoder, keccak256 } from 'ethers';
+import {
+  encodeReceiptAbi,
+  generateIdentity,
+  hashPair,
+  keccak256Bytes,
+  LaneVerifier,
+  MeshError,
+  merkleProof,
+  merkleRoot,
+  newRequestId,
+  RECEIPT_ABI_TYPES,
+  RECEIPT_STATUS,
+  receiptLeaf,
+  receiptPriceMicros,
+  signQuote,
+  signReceipt,
+  toHex,
+  verifyMerkleProof,
+  verifyQuote,
+  ZERO_HASH,
+  type Receipt,
+  type SignedReceipt,
+} from '../protocol/index.ts';
+
+const agent = generateIdentity('agent');
+const payer = '0x' + 'a1'.repeat(20);
+const escrow = '0x' + 'e5'.repeat(20);
+const payout = '0x' + 'b0'.repeat(20);
+const modelHash = new Uint8Array(32).fill(9);
+const price = { name: 'kws', modelHash: toHex(modelHash), baseMicros: 2, unitMicros: 5, minChargeMicros: 3 };
+const quote = verifyQuote(signQuote(agent, { payout, chainId: 31337, escrow, issuedAt: Date.now(), validUntil: Date.now() + 60_000, models: [price] }));
+
+/** An honest agent's lane: the next receipt for a status and running units (progress receipts share a request id). */
+function lane(identity = agent) {
+  let seq = 0;
+  let cumulative = 0;
+  let prev = ZERO_HASH;
+  const charged = new Map<string, number>();
+  return (status: number, units: number, requestId = newRequestId(), overrides: Partial<Receipt> = {}): SignedReceipt => {
+    const key = toHex(requestId);
+    const before = charged.get(key) ?? 0;
+    const p = receiptPriceMicros(price, status, units, before);
+    charged.set(key, before + p);
+    const r: Receipt = {
+      v: 1, chainId: 31337, escrow, payer, agentKey: identity.publicKey, seq: seq + 1, requestId, modelHash,
+      inputHash: new Uint8Array(32).fill(1), outputHash: new Uint8Array(32).fill(2), status, unitsUsed: units, price: p,
+      cumulative: cumulative + p, startedAt: 1_000, finishedAt: 1_005, prevReceipt: prev, ...overrides,
+    };
+    const { receipt, leaf } = signReceipt(identity, r);
+    seq = r.seq;
+    cumulative = r.cumulative;
+    prev = leaf;
+    return receipt;
+  };
+}
+
+const reasonOf = (fn: () => unknown) => {
+  try {
+    fn();
+  } catch (err) {
+    assert.ok(err instanceof MeshError);
+    assert.equal(err.code, 'MESH_RECEIPT_INVALID');
+    return err.details?.reason;
+  }
+  assert.fail('expected MESH_RECEIPT_INVALID');
+};
+
+describe('receipts', () => {
+  test('the leaf is keccak256(abi.encode(...)) as ethers encodes it, and keccak matches ethers on every length', () => {
+    const r = lane()(RECEIPT_STATUS.ok, 1);
+    const values = [r.v, r.chainId, r.escrow, r.payer, r.agentKey, r.seq, r.requestId, r.modelHash, r.inputHash, r.outputHash, r.status, r.unitsUsed, r.price, r.cumulative, r.startedAt, r.finishedAt, r.prevReceipt];
+    const encoded = AbiCoder.defaultAbiCoder().encode([...RECEIPT_ABI_TYPES], values);
+    assert.equal(toHex(encodeReceiptAbi(r)), encoded);
+    assert.equal(toHex(receiptLeaf(r)), keccak256(encoded));
+    for (let n = 0; n < 600; n += 7) {
+      const data = new Uint8Array(n).map((_, i) => (i * 31 + n) & 255);
+      assert.equal(toHex(keccak256Bytes(data)), keccak256(data));
+    }
+  });
+
+  test('price rule: ok base + unit x units, partial pro rata, failed and timeout 0, cancelled max(minCharge, unit x units)', () => {
+    assert.equal(receiptPriceMicros(price, RECEIPT_STATUS.ok, 1), 7);
+    assert.equal(receiptPriceMicros(price, RECEIPT_STATUS.partial, 4), 20);
+    assert.equal(receiptPriceMicros(price, RECEIPT_STATUS.failed, 4), 0);
+    assert.equal(receiptPriceMicros(price, RECEIPT_STATUS.timeout, 9), 0);
+    assert.equal(receiptPriceMicros(price, RECEIPT_STATUS.cancelled, 0), 3);
+    assert.equal(receiptPriceMicros(price, RECEIPT_STATUS.cancelled, 2), 10);
+    // Progress already charged is subtracted from the final receipt.
+    assert.equal(receiptPriceMicros(price, RECEIPT_STATUS.ok, 4, 20), 2);
+  });
+
+  test('an honest lane verifies: ok, failed and timed-out (0), cancelled, and a long job paid pro rata by progress receipts', () => {
+    const next = lane();
+    const v = new LaneVerifier({ payer, quote });
+    assert.equal(v.verify(next(RECEIPT_STATUS.ok, 1)).price, 7);
+    assert.equal(v.verify(next(RECEIPT_STATUS.failed, 0)).price, 0);
+    assert.equal(v.verify(next(RECEIPT_STATUS.timeout, 0)).price, 0);
+    assert.equal(v.verify(next(RECEIPT_STATUS.cancelled, 0)).price, 3);
+    const job = newRequestId();
+    assert.equal(v.verify(next(RECEIPT_STATUS.partial, 2, job)).price, 10);
+    assert.equal(v.verify(next(RECEIPT_STATUS.partial, 5, job)).price, 15);
+    // The job then dies: the payer has paid for the 5 units it acknowledged, the failure adds 0.
+    assert.equal(v.verify(next(RECEIPT_STATUS.failed, 5, job)).price, 0);
+    assert.equal(v.state.cumulative, 7 + 3 + 25);
+    assert.equal(v.state.seq, 7);
+  });
+
+  test('a forged receipt (other key, edited field, wrong lane) is refused', () => {
+    const v = new LaneVerifier({ payer, quote });
+    assert.equal(reasonOf(() => v.verify(lane(generateIdentity('agent'))(RECEIPT_STATUS.ok, 1))), 'lane');
+    const good = lane()(RECEIPT_STATUS.ok, 1);
+    assert.equal(reasonOf(() => v.verify({ ...good, outputHash: new Uint8Array(32).fill(3) })), 'signature');
+    const forgedSig = new Uint8Array(good.sig);
+    forgedSig[5]! ^= 1;
+    assert.equal(reasonOf(() => v.verify({ ...good, sig: forgedSig })), 'signature');
+    assert.equal(reasonOf(() => v.verify({ ...good, payer: '0x' + 'cc'.repeat(20) })), 'lane');
+    assert.equal(reasonOf(() => v.verify({ ...good, chainId: 1 })), 'domain');
+    assert.equal(v.state.seq, 0, 'refusals leave the lane unchanged');
+    assert.equal(v.verify(good).price, 7);
+  });
+
+  test('a replayed receipt, a skipped seq, a broken chain and a duplicate request id are refused', () => {
+    const next = lane();
+    const v = new LaneVerifier({ payer, quote });
+    const first = next(RECEIPT_STATUS.ok, 1);
+    v.verify(first);
+    assert.equal(reasonOf(() => v.verify(first)), 'replayed');
+    const skipped = lane();
+    skipped(RECEIPT_STATUS.ok, 1);
+    skipped(RECEIPT_STATUS.ok, 1);
+    assert.equal(reasonOf(() => v.verify(skipped(RECEIPT_STATUS.ok, 1))), 'seq');
+    const otherChain = lane();
+    otherChain(RECEIPT_STATUS.failed, 0);
+    assert.equal(reasonOf(() => v.verify(otherChain(RECEIPT_STATUS.ok, 1))), 'chain');
+    // The same request billed again under the next seq.
+    const dup = next(RECEIPT_STATUS.ok, 1, first.requestId);
+    assert.equal(reasonOf(() => v.verify(dup)), 'duplicate');
+  });
+
+  test('price rule violations and a wrong cumulative sum are refused; the payer cap holds', () => {
+    const v = new LaneVerifier({ payer, quote, maxPriceMicros: 7 });
+    // A failed job priced above 0, by an agent that signs what it likes.
+    assert.equal(reasonOf(() => v.verify(lane()(RECEIPT_STATUS.failed, 1, undefined, { price: 7, cumulative: 7 }))), 'price');
+    assert.equal(reasonOf(() => v.verify(lane()(RECEIPT_STATUS.timeout, 0, undefined, { price: 1, cumulative: 1 }))), 'price');
+    assert.equal(reasonOf(() => v.verify(lane()(RECEIPT_STATUS.ok, 1, undefined, { price: 8, cumulative: 8 }))), 'price');
+    assert.equal(reasonOf(() => v.verify(lane()(RECEIPT_STATUS.ok, 1, undefined, { cumulative: 70 }))), 'cumulative');
+    assert.equal(reasonOf(() => v.verify(lane()(RECEIPT_STATUS.ok, 2))), 'price-cap');
+    // Progress units must rise.
+    const next = lane();
+    const job = newRequestId();
+    v.verify(next(RECEIPT_STATUS.partial, 1, job));
+    assert.equal(reasonOf(() => v.verify(next(RECEIPT_STATUS.partial, 1, job))), 'progress');
+    // Charged for work finished after the payer's deadline.
+    const late = lane()(RECEIPT_STATUS.ok, 1, undefined, { finishedAt: 5_000 });
+    assert.equal(reasonOf(() => new LaneVerifier({ payer, quote }).verify(late, { deadline: 4_000 })), 'deadline');
+  });
+
+  test('verifyChain: one signature covers a batch through the hash chain; a forged link or last signature refuses it all', () => {
+    const next = lane();
+    const batch = [next(RECEIPT_STATUS.ok, 1), next(RECEIPT_STATUS.failed, 0), next(RECEIPT_STATUS.ok, 1)];
+    const v = new LaneVerifier({ payer, quote });
+    // An edited middle receipt breaks the link its successor signed.
+    const edited = [batch[0]!, { ...batch[1]!, price: 7, cumulative: 14 }, batch[2]!];
+    assert.equal(reasonOf(() => v.verifyChain(edited)), 'price');
+    const badLast = [batch[0]!, batch[1]!, { ...batch[2]!, sig: new Uint8Array(64) }];
+    assert.equal(reasonOf(() => v.verifyChain(badLast)), 'signature');
+    assert.equal(v.state.seq, 0, 'a refused batch leaves the lane as it was');
+    assert.deepEqual(v.verifyChain(batch).map((a) => a.price), [7, 0, 7]);
+    assert.equal(v.state.cumulative, 14);
+    assert.equal(reasonOf(() => v.verify(batch[2]!)), 'replayed');
+  });
+
+  test('quotes: signature, id binding and expiry are checked', () => {
+    const signed = signQuote(agent, { payout, chainId: 31337, escrow, issuedAt: 0, validUntil: Date.now() + 1000, models: [price] });
+    assert.equal(verifyQuote(signed, { agentId: agent.id }).payout, payout);
+    assert.throws(() => verifyQuote(signed, { agentId: generateIdentity('agent').id }), /does not match/);
+    const tampered = { ...signed, quote: new Uint8Array(signed.quote) };
+    tampered.quote[tampered.quote.length - 2]! ^= 1;
+    assert.throws(() => verifyQuote(tampered), MeshError);
+    assert.throws(() => verifyQuote(signed, { nowMs: Date.now() + 2000 }), /expired/);
+  });
+
+  test('Merkle root: sorted pairs (OpenZeppelin), one leaf is its own root, proofs verify for every leaf', () => {
+    const leaves = Array.from({ length: 7 }, (_, i) => keccak256Bytes(new Uint8Array([i])));
+    assert.deepEqual(merkleRoot(leaves.slice(0, 1)), leaves[0]);
+    const a = leaves[0]!;
+    const b = leaves[1]!;
+    const sorted = Buffer.compare(a, b) <= 0 ? [a, b] : [b, a];
+    assert.equal(toHex(hashPair(a, b)), keccak256(Buffer.concat(sorted)));
+    const root = merkleRoot(leaves);
+    for (let i = 0; i < leaves.length; i++) assert.ok(verifyMerkleProof(merkleProof(leaves, i), root, leaves[i]!));
+    assert.ok(!verifyMerkleProof(merkleProof(leaves, 0), root, leaves[1]!));
+  });
+});

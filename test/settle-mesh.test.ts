@@ -1,0 +1,71 @@
+/**
+ * Paid inference end to end on a real local chain: fund a lane, serve requests through the mesh with
+ * receipts and vouchers, settle the agent's best voucher, and find exactly the ok work paid on chain.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { ethers } from 'ethers';
+import { sampleInputs } from '../cli/sample-inputs.ts';
+import { deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '../contracts/index.ts';
+import { EscrowClient } from '../protocol/escrow.ts';
+import { MeshError, RECEIPT_STATUS } from '../protocol/index.ts';
+import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
+
+let chain: LocalChain;
+let deployment: MeshDeployment;
+
+describe('settlement of paid inference on a local chain', () => {
+  before(async () => {
+    chain = await startLocalChain({ accounts: 4 });
+    deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+  });
+  after(() => chain?.close());
+
+  test('fund, serve, settle: the agent is paid the sum of its ok receipts exactly; timed-out work costs 0', async (t) => {
+    const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+    const payerWallet = chain.wallet(1);
+    const payer = await EscrowClient.connect({ runner: payerWallet, escrow: deployment.escrow });
+    // The agent's payout address never needs gas: a relayer settles for it.
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    await payer.mint(payerWallet.address, 1_000_000n);
+    await payer.fund(payout, 1_000_000n);
+
+    const broker = await brokerFor(t, { maxPacketBytes: 16 << 20 });
+    const agent = await agentFor(t, { brokerUrl: broker.url, pipelineDepth: 1, maxMessageBytes: 16 << 20, payment: { payout, domain, dataDir: await tempDir(t) } });
+    const mesh = await meshFor(t, { brokerUrl: broker.url, maxMessageBytes: 16 << 20, payment: { signer: payerWallet, domain, dataDir: await tempDir(t) } });
+    await mesh.waitForModel('kws');
+
+    for (let i = 0; i < 20; i++) await mesh.infer(i % 4 === 3 ? 'vad' : 'kws', sampleInputs(i % 4 === 3 ? 'vad' : 'kws', i), { deadlineMs: 5_000 });
+    // A large detection holds the worker; a request behind it times out in the queue and is billed 0.
+    const big = mesh.infer('ocr-det', { x: { dtype: 'float32', shape: [1, 3, 960, 960], data: new Float32Array(3 * 960 * 960) } }, { deadlineMs: 20_000 });
+    await waitFor(() => agent.loadReport().inFlight === 1, 10_000, 'the detection running');
+    await assert.rejects(mesh.infer('kws', sampleInputs('kws', 99), { deadlineMs: 40 }), (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED');
+    await big;
+
+    const journal = await agent.payments!.receipts(payerWallet.address);
+    const okTotal = journal.filter((r) => r.status === RECEIPT_STATUS.ok).reduce((sum, r) => sum + r.price, 0);
+    assert.equal(journal.length, 22);
+    assert.ok(journal.some((r) => r.status === RECEIPT_STATUS.timeout && r.price === 0), 'the timed-out request has a receipt priced 0');
+    assert.equal(journal.at(-1)!.cumulative, okTotal);
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === okTotal, 5_000, 'the last voucher');
+    assert.equal(mesh.lanes()[0]!.paidMicros, okTotal);
+
+    const best = agent.payments!.lanes()[0]!.voucher!;
+    const relayer = await EscrowClient.connect({ runner: chain.wallet(2), escrow: deployment.escrow });
+    const outcome = await relayer.settle(payout, [
+      { voucher: { agent: payout, cumulative: BigInt(best.cumulative), receiptsRoot: best.receiptsRoot, expiry: BigInt(best.expiry) }, signature: best.sig },
+    ]);
+    assert.deepEqual(outcome.skipped, []);
+    assert.equal(outcome.paid, BigInt(okTotal));
+    assert.equal(await relayer.tokenBalance(payout), BigInt(okTotal));
+    const lane = await relayer.laneOf(payerWallet.address, payout);
+    assert.equal(lane.settled, BigInt(okTotal));
+    assert.equal(lane.remaining, 1_000_000n - BigInt(okTotal));
+    // Settling the same voucher again pays nothing.
+    const again = await relayer.settle(payout, [
+      { voucher: { agent: payout, cumulative: BigInt(best.cumulative), receiptsRoot: best.receiptsRoot, expiry: BigInt(best.expiry) }, signature: best.sig },
+    ]);
+    assert.equal(again.paid, 0n);
+    assert.equal(await relayer.tokenBalance(payout), BigInt(okTotal));
+  });
+});
