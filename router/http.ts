@@ -9,6 +9,7 @@
  *
  * Errors answer `{ error, code }` with the code's httpStatus (protocol/errors.ts).
  */
+import swagger from '@fastify/swagger';
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
 import { Counter, Histogram, Registry as PromRegistry, collectDefaultMetrics } from 'prom-client';
 import { MeshError, tensorFromJson, tensorToJson, toMeshError, type DType, type ModelInfo, type Tensor } from '../protocol/index.ts';
@@ -233,6 +234,26 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
 
   const app = Fastify({ logger: false, bodyLimit });
 
+  // OpenAPI 3 description, generated from the routes' schemas, served at /openapi.json.
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.0.3',
+      info: {
+        title: 'edge-mesh router',
+        version: '1',
+        description:
+          'Open Inference Protocol (KServe v2) over the mesh, plus operator endpoints. Errors are `{ error, code }` with a MESH_* code and its HTTP status.',
+      },
+      tags: [
+        { name: 'kserve', description: 'Open Inference Protocol (KServe v2): health, model metadata, inference' },
+        { name: 'operator', description: 'Agents, routing counters, metrics' },
+      ],
+    },
+  });
+  const errorBody = { type: 'object', properties: { error: { type: 'string' }, code: { type: 'string', pattern: '^MESH_[A-Z_]+$' } } } as const;
+  const nameParam = { type: 'object', required: ['name'], properties: { name: { type: 'string', description: 'model name' } } } as const;
+  const doc = (tags: string, summary: string, extra: Record<string, unknown> = {}) => ({ schema: { tags: [tags], summary, ...extra } });
+
   app.setErrorHandler((err: Error & { validation?: unknown; statusCode?: number; code?: string }, request, reply) => {
     let mesh: MeshError;
     if (err instanceof MeshError) mesh = err;
@@ -247,14 +268,15 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   });
   app.setNotFoundHandler((request, reply) => reply.code(404).send({ error: `no route ${request.method} ${request.url}`, code: 'MESH_BAD_REQUEST' }));
 
-  app.get('/v2', async () => ({ name: 'edge-mesh-router', version: '2', extensions: [] }));
-  app.get('/v2/health/live', async () => ({ live: true }));
-  app.get('/v2/health/ready', async (_request, reply) => {
+  app.get('/openapi.json', doc('operator', 'This OpenAPI description'), async () => app.swagger());
+  app.get('/v2', doc('kserve', 'Server metadata'), async () => ({ name: 'edge-mesh-router', version: '2', extensions: [] }));
+  app.get('/v2/health/live', doc('kserve', 'Liveness: the router process answers'), async () => ({ live: true }));
+  app.get('/v2/health/ready', doc('kserve', 'Readiness: connected to the broker with at least one live agent', { response: { 503: errorBody } }), async (_request, reply) => {
     const ready = router.connected && router.agents().some((a) => a.up);
     return reply.code(ready ? 200 : 503).send(ready ? { ready } : { ready, error: 'no live agent known', code: 'MESH_NO_AGENT' });
   });
 
-  app.get<{ Params: { name: string } }>('/v2/models/:name', async (request) => {
+  app.get<{ Params: { name: string } }>('/v2/models/:name', doc('kserve', 'Model metadata: inputs, outputs, versions', { params: nameParam, response: { 404: errorBody } }), async (request) => {
     const found = modelInfo(request.params.name);
     if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`);
     const { info, versions } = found;
@@ -263,14 +285,24 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     return { name: info.name, versions, platform: 'onnx', inputs: tensors(info.inputs), outputs: tensors(info.outputs) };
   });
 
-  app.get<{ Params: { name: string } }>('/v2/models/:name/ready', async (request, reply) => {
+  app.get<{ Params: { name: string } }>('/v2/models/:name/ready', doc('kserve', 'Whether a live agent serves the model', { params: nameParam, response: { 404: errorBody, 503: errorBody } }), async (request, reply) => {
     const found = modelInfo(request.params.name);
     if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`);
     if (!found.live) return reply.code(503).send({ name: request.params.name, ready: false, error: 'no live agent serves the model', code: 'MESH_NO_AGENT' });
     return { name: request.params.name, ready: true };
   });
 
-  app.post<{ Params: { name: string }; Body: InferBody }>('/v2/models/:name/infer', { schema: { body: inferBodySchema } }, async (request) => {
+  app.post<{ Params: { name: string }; Body: InferBody }>('/v2/models/:name/infer',
+    {
+      schema: {
+        tags: ['kserve'],
+        summary: 'Run inference: JSON tensors in and out; parameters.deadline_ms bounds the request (retries and hedges included)',
+        params: nameParam,
+        body: inferBodySchema,
+        response: { 400: errorBody, 404: errorBody, 413: errorBody, 503: errorBody, 504: errorBody },
+      },
+    },
+    async (request) => {
     const model = request.params.name;
     const body = request.body;
     const started = performance.now();
@@ -310,7 +342,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     };
   });
 
-  app.get('/v1/agents', async () => ({
+  app.get('/v1/agents', doc('operator', 'Agents the router knows: state, models, load, RTT, failure rate, ejection'), async () => ({
     agents: router.agents().map(({ id, up, status }) => {
       const entry = router.registry.agents.get(id);
       return {
@@ -335,9 +367,9 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       };
     }),
   }));
-  app.get('/v1/routing', async () => ({ router: router.id, connected: router.connected, counters: router.counters }));
+  app.get('/v1/routing', doc('operator', 'Routing counters: requests, retries, hedges, cancels, leases, budget refusals, attempts per agent'), async () => ({ router: router.id, connected: router.connected, counters: router.counters }));
 
-  app.get('/metrics', async (_request, reply) => {
+  app.get('/metrics', doc('operator', 'Prometheus text: latency histograms per model and agent, error counters, process metrics'), async (_request, reply) => {
     const text = await metrics.metrics();
     return reply.header('content-type', metrics.contentType).send(text);
   });

@@ -143,6 +143,15 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     assert.deepEqual(await getJson(`${url}/v2/health/live`), { status: 200, body: { live: true } });
     const routing = await getJson(`${url}/v1/routing`);
     assert.equal(routing.body.router, router.id);
+    // The OpenAPI description lists every route with its methods, the infer body schema and error bodies.
+    const api = await getJson(`${url}/openapi.json`);
+    assert.equal(api.status, 200);
+    assert.match(api.body.openapi, /^3\./);
+    const paths = api.body.paths as Record<string, Record<string, { tags?: string[]; requestBody?: unknown; responses?: Record<string, unknown> }>>;
+    for (const p of ['/v2/health/live', '/v2/health/ready', '/v2/models/{name}', '/v2/models/{name}/ready', '/v1/agents', '/v1/routing', '/metrics']) assert.ok(paths[p]?.get, `GET ${p} documented`);
+    const infer = paths['/v2/models/{name}/infer']?.post;
+    assert.ok(infer?.requestBody, 'infer body documented');
+    assert.ok(infer?.responses?.['400'] && infer.responses['503'], 'infer errors documented');
     await router.close();
     await assert.rejects(fetch(`${url}/v2/health/live`));
   });
