@@ -78,7 +78,7 @@ export function resolveConfig({
   pFailTauMs = 30_000,
   kappaAlpha = 0.2,
   poolRefreshMs = 1_000,
-  heartbeatTimeoutMs = 3_000,
+  heartbeatTimeoutMs = 2_000,
   staleStatsMs = 30_000,
   consecutiveFailuresToEject = 5,
   ejectBaseMs = 30_000,

@@ -260,8 +260,8 @@ test('pool spills over to farther capacity when the near pool has no free slots'
   const agents = [...Array.from({ length: 4 }, (_, i) => agent(`near-${i}`, 10)), ...Array.from({ length: 20 }, (_, i) => agent(`far-${i}`, 10, { site: 'far' }))];
   const reg = registry(agents, { poolSize: 4 });
   assert.deepEqual(currentPool(reg, { model: 'kws' }, 1)!.pool.map((e) => e.agent.agentId).sort(), ['near-0', 'near-1', 'near-2', 'near-3']);
-  for (let i = 0; i < 4; i++) onQueueReport(reg, `near-${i}`, 8, 1_500);
-  assert.ok(currentPool(reg, { model: 'kws' }, 2_500)!.pool.length > 4);
+  for (let i = 0; i < 4; i++) onQueueReport(reg, `near-${i}`, 8, 1_100);
+  assert.ok(currentPool(reg, { model: 'kws' }, 1_900)!.pool.length > 4);
 });
 
 test('Vivaldi converges on a small synthetic triangle', () => {
