@@ -218,10 +218,35 @@ export function buildProgram(): Command {
     .option('--chain-id <id>', 'the chain id of that escrow', positiveInt)
     .option('--data <dir>', 'folder for the receipt journal and vouchers', '.mesh-data/agent')
     .option('--credit-requests <n>', 'unpaid requests a payer lane may owe before MESH_CREDIT_EXCEEDED', positiveInt, 8)
+    .option('--settle', 'run the settlement relayer: settle the best vouchers on chain (needs --payout, --rpc and an EVM key for gas)', false)
+    .option('--rpc <url>', 'EVM JSON-RPC URL the relayer sends to (env MESH_RPC_URL)')
+    .option('--evm-key <file>', 'file with the 0x-hex EVM private key that pays settlement gas (env MESH_EVM_KEY holds the key itself)')
+    .option('--settle-interval <seconds>', 'settle an owing lane at least this often', positiveNumber, 86_400)
+    .option('--settle-threshold <micros>', 'settle a lane once it owes this much (default: 100 × its gas cost)', positiveInt)
+    .option('--settle-check-ms <ms>', 'how often the relayer checks lanes and withdraw requests', positiveInt, 5_000)
     .addOption(logLevelOption())
     .action(async (opts) => {
       if (opts.payout !== undefined && (opts.escrow === undefined || opts.chainId === undefined)) {
         throw new MeshError('MESH_CONFIG', '--payout needs --escrow and --chain-id');
+      }
+      let settle: import('../edge-agent/index.ts').SettlerOptions | undefined;
+      if (opts.settle) {
+        if (opts.payout === undefined) throw new MeshError('MESH_CONFIG', '--settle needs --payout, --escrow and --chain-id');
+        const rpc = opts.rpc ?? process.env.MESH_RPC_URL;
+        if (!rpc) throw new MeshError('MESH_CONFIG', '--settle needs --rpc URL or MESH_RPC_URL');
+        const { loadEvmKey } = await import('./chain.ts');
+        const key = await loadEvmKey(opts.evmKey);
+        if (key === undefined) throw new MeshError('MESH_CONFIG', '--settle needs --evm-key FILE or MESH_EVM_KEY (the account that pays settlement gas)');
+        const { ethers } = await import('ethers');
+        const provider = new ethers.JsonRpcProvider(rpc, BigInt(opts.chainId), { staticNetwork: ethers.Network.from(BigInt(opts.chainId)), batchMaxCount: 1, cacheTimeout: -1, pollingInterval: 100 });
+        const crash = process.env.MESH_SETTLER_CRASH; // fault injection for the crash tests
+        settle = {
+          runner: new ethers.Wallet(key, provider),
+          maxIntervalMs: opts.settleInterval * 1000,
+          checkEveryMs: opts.settleCheckMs,
+          ...(opts.settleThreshold !== undefined ? { thresholdMicros: opts.settleThreshold } : {}),
+          ...(crash === 'after-intent' || crash === 'after-send' ? { crashAt: crash } : {}),
+        };
       }
       if (opts.id !== undefined) throw new MeshError('MESH_CONFIG', '--id was removed: an agent id derives from its key; use --key FILE (edge-mesh keys new --role agent)');
       const identity = opts.key ? await loadKeyFile(opts.key, 'agent', keyWarnings) : undefined;
@@ -244,6 +269,7 @@ export function buildProgram(): Command {
                 domain: { chainId: BigInt(opts.chainId), escrow: opts.escrow },
                 dataDir: path.resolve(opts.data),
                 creditRequests: opts.creditRequests,
+                ...(settle ? { settle } : {}),
               },
             }
           : {}),
