@@ -130,6 +130,7 @@ export function buildProgram(): Command {
     .option('--data <dir>', 'data folder: models, keys (made on first run), the admission store', DEFAULT_DATA_DIR)
     .option('--report-every <seconds>', 'seconds between progress reports', positiveNumber, 5)
     .option('--router-port <port>', "the router's HTTP API port (0 for any free port; a busy default port falls back to a free one)", nonNegativeInt, 8080)
+    .option('--no-chain', 'run unpaid: no local chain, no receipts or settlement')
     .addOption(logLevelOption().default('warn'))
     .action(async (opts) => {
       const logger = cliLogger(opts.logLevel);
@@ -148,6 +149,7 @@ export function buildProgram(): Command {
           reportEveryS: opts.reportEvery,
           routerPort: opts.routerPort,
           json: opts.json,
+          chain: opts.chain,
           logger,
           print,
         },
@@ -157,6 +159,9 @@ export function buildProgram(): Command {
       else {
         const paths = Object.entries(summary.routing.paths).map(([k, v]) => `${v} ${k}`).join(', ');
         print(`done: ${summary.requests} requests, ${summary.ok} ok, ${summary.errors} errors in ${summary.duration_s} s; routed by ${summary.routing.router}: ${paths}`);
+        if (summary.receipts !== undefined) {
+          print(`paid: ${summary.receipts} receipts owe ${summary.owed_micros} micro-dollars; ${summary.settled_micros} settled on chain in ${summary.settlement_txs} transactions`);
+        }
       }
     });
 
