@@ -96,6 +96,7 @@ const SETTLED = 'settled!';
 const LANE = 'lane!';
 const META = 'meta!';
 
+const LOG_RANGE = 5_000;
 const escrowInterface = new ethers.Interface(ESCROW_ABI);
 const WITHDRAW_TOPIC = escrowInterface.getEvent('WithdrawRequested')!.topicHash;
 
@@ -225,8 +226,11 @@ export class Settler {
 
   private async watchWithdrawals(): Promise<void> {
     const provider = this.escrow.runner.provider!;
-    const latest = await provider.getBlockNumber();
-    if (latest < this.nextLogBlock) return;
+    const head = await provider.getBlockNumber();
+    // A first start looks back LOG_RANGE blocks; each query spans at most LOG_RANGE (public RPCs cap ranges).
+    if (this.nextLogBlock === 0) this.nextLogBlock = Math.max(0, head - LOG_RANGE);
+    if (head < this.nextLogBlock) return;
+    const latest = Math.min(head, this.nextLogBlock + LOG_RANGE - 1);
     const logs = await provider.getLogs({
       address: this.escrow.escrow,
       topics: [WITHDRAW_TOPIC, null, ethers.zeroPadValue(this.payout, 32)],
