@@ -500,7 +500,10 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     } catch (err) {
       // Refused before it was taken on: no receipt, nothing owed.
       if (paid) payments!.release(paid);
-      replyError(senderId, request.id, toMeshError(err, 'MESH_BAD_REQUEST'));
+      const refusal = toMeshError(err, 'MESH_BAD_REQUEST');
+      // It never ran, so the same request may come again: the SDK retries it once its voucher is out.
+      if (refusal.code === 'MESH_CREDIT_EXCEEDED') seenRequests.delete(key);
+      replyError(senderId, request.id, refusal);
     }
   };
 
