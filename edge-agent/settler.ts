@@ -183,7 +183,7 @@ export class Settler {
         await this.db.del(key, { sync: true } as never);
       }
       this.counters.reconciled++;
-      this.logger.warn({ intent: intent.id, hash: intent.hash, mined: Boolean(outcome), lanes: lanes.length }, 'reconciled a settlement intent left by a crash');
+      this.logger.warn({ intent: intent.id, hash: intent.hash, mined: Boolean(outcome), lanes: lanes.length }, 'reconciled an unfinished settlement intent with the chain');
     }
   }
 
@@ -300,13 +300,20 @@ export class Settler {
     ];
     await this.db.batch(ops, { sync: true });
     if (this.options.crashAt === 'after-intent') process.kill(process.pid, 'SIGKILL');
-    const outcome = await this.escrow.settle(this.payout, batch.map((b) => b.entry), {
-      onSent: async (hash) => {
-        intent.hash = hash;
-        await this.db.put(key, intent, { sync: true } as never);
-        if (this.options.crashAt === 'after-send') process.kill(process.pid, 'SIGKILL');
-      },
-    });
+    let outcome: SettleOutcome;
+    try {
+      outcome = await this.escrow.settle(this.payout, batch.map((b) => b.entry), {
+        onSent: async (hash) => {
+          intent.hash = hash;
+          await this.db.put(key, intent, { sync: true } as never);
+          if (this.options.crashAt === 'after-send') process.kill(process.pid, 'SIGKILL');
+        },
+      });
+    } catch (err) {
+      // Sent or not, mined or not: settle the books with the chain now, as after a crash.
+      await this.reconcile().catch(() => {});
+      throw err;
+    }
     await this.record(intent, outcome, key);
   }
 
