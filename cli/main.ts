@@ -111,6 +111,17 @@ async function readInputs(files: string[], dtype: string | undefined, shape: num
   return inputs;
 }
 
+/** The router's chain for /v1/lanes and /v1/settlements, from --rpc/--escrow or MESH_RPC_URL/MESH_ESCROW. */
+async function routerChain(opts: { rpc?: string; escrow?: string; fromBlock: number }) {
+  const rpc = opts.rpc ?? process.env.MESH_RPC_URL;
+  const escrow = opts.escrow ?? process.env.MESH_ESCROW;
+  if (!rpc && !escrow) return {};
+  if (!rpc || !escrow) throw new MeshError('MESH_CONFIG', '--rpc and --escrow go together');
+  const { ethers } = await import('ethers');
+  const provider = new ethers.JsonRpcProvider(rpc, undefined, { batchMaxCount: 1, cacheTimeout: -1 });
+  return { chain: { provider, escrow, fromBlock: opts.fromBlock } };
+}
+
 export function buildProgram(): Command {
   const program = new Command('edge-mesh')
     .description('Edge AI inference mesh: ONNX agents over MQTT, with an SDK for IoT apps.')
@@ -305,6 +316,9 @@ export function buildProgram(): Command {
     .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
     .option('--no-hedging', 'never hedge a slow attempt')
     .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
+    .option('--rpc <url>', 'with --escrow: serve /v1/lanes and /v1/settlements from this EVM chain (env MESH_RPC_URL)')
+    .option('--escrow <address>', 'the MeshEscrow whose lanes and settlements to serve (env MESH_ESCROW)')
+    .option('--from-block <n>', 'first block to read escrow events from (its deployment block)', nonNegativeInt, 0)
     .addOption(logLevelOption())
     .action(async (opts) => {
       const identity = opts.key ? await loadKeyFile(opts.key, 'router', keyWarnings) : generateIdentity('router');
@@ -319,7 +333,7 @@ export function buildProgram(): Command {
         maxAttempts: opts.maxAttempts,
         hedging: opts.hedging,
         leaseTtlMs: opts.leaseTtlMs,
-        ...(opts.http ? { http: { port: opts.httpPort, host: opts.httpHost } } : {}),
+        ...(opts.http ? { http: { port: opts.httpPort, host: opts.httpHost, ...(await routerChain(opts)) } } : {}),
       }).catch((err: unknown) => {
         throw opts.key ? err : withoutKeyHint(err, 'router');
       });

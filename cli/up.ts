@@ -105,8 +105,9 @@ export function agentLabel(name: string, id: string): string {
 }
 
 /** The router with its HTTP API on `routerPort`, or on a free port when that one is taken. */
-async function startRouterOn(brokerUrl: string, identity: Identity, options: UpOptions, logger: Logger): Promise<RouterHandle> {
-  const start = (port: number) => startRouter({ brokerUrl, identity, logger: logger.child({ part: 'router' }), http: { port, host: options.host } });
+async function startRouterOn(brokerUrl: string, identity: Identity, options: UpOptions, logger: Logger, settlement?: UpSettlement): Promise<RouterHandle> {
+  const chain = settlement ? { provider: settlement.chain.provider, escrow: settlement.deployment.escrow, fromBlock: settlement.deployment.deployBlock } : undefined;
+  const start = (port: number) => startRouter({ brokerUrl, identity, logger: logger.child({ part: 'router' }), http: { port, host: options.host, ...(chain ? { chain } : {}) } });
   try {
     return await start(options.routerPort);
   } catch (err) {
@@ -161,9 +162,10 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
       const models = agent.models.map((m) => `${m.name} ${m.latencyMs.toFixed(2)} ms`).join(', ');
       print(`${label(agent.id)} serving ${models}`);
     }
-    router = await startRouterOn(broker.url, keys.router, options, logger);
+    router = await startRouterOn(broker.url, keys.router, options, logger, settlement);
     const routerUrl = router.http!.url;
-    print(`router ${router.id} serving ${routerUrl} (KServe v2: ${routerUrl}/v2/models/kws; operators: ${routerUrl}/v1/agents, ${routerUrl}/metrics)`);
+    const paidApi = settlement ? `, ${routerUrl}/v1/lanes, ${routerUrl}/v1/settlements` : '';
+    print(`router ${router.id} serving ${routerUrl} (KServe v2: ${routerUrl}/v2/models/kws; operators: ${routerUrl}/v1/agents${paidApi}, ${routerUrl}/metrics)`);
     mesh = await connect({ brokerUrl: broker.url, identity: keys.app, logger, router: router.id, ...(settlement ? { payment: settlement.sdkPayment() } : {}) });
     for (const model of modelNames) {
       await mesh.waitForModel(model, 10_000, agents.length);

@@ -15,7 +15,8 @@ import { generateIdentity, MeshError } from '../protocol/index.ts';
 import { EscrowClient } from '../protocol/escrow.ts';
 import { ESCROW_ABI } from '../protocol/voucher.ts';
 import type { SettlerOptions } from '../edge-agent/index.ts';
-import { agentFor, brokerFor, meshFor, spawnAgent, tempDir, waitFor } from './helpers.ts';
+import { startRouter } from '../router/index.ts';
+import { agentFor, brokerFor, meshFor, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -140,6 +141,34 @@ describe('settlement relayer', () => {
     const back = await payer.withdraw(payout);
     assert.equal(back.amount, 1_000_000n - BigInt(owed));
     assert.equal(await payer.tokenBalance(payout), BigInt(owed));
+  });
+
+  test("the router's /v1/lanes and /v1/settlements read the escrow on chain", async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await settlerAgent(t, broker.url, { thresholdMicros: 1e12 });
+    const wallet = await fundedLane(payout);
+    const mesh = await paidMesh(t, broker.url, wallet);
+    await serve(mesh, 4);
+    const owed = mesh.lanes()[0]!.owedMicros;
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === owed, 5_000, 'the last voucher');
+    await new Promise((r) => setTimeout(r, 100));
+    await agent.payments!.settler!.settleNow();
+    const router = await startRouter({
+      brokerUrl: broker.url,
+      identity: generateIdentity('router'),
+      logger: quiet,
+      http: { port: 0, processMetrics: false, chain: { provider: chain.provider, escrow: deployment.escrow, fromBlock: deployment.deployBlock } },
+    });
+    t.after(() => router.close());
+    await router.waitForModel('kws', 10_000);
+    const lanes = (await (await fetch(`${router.http!.url}/v1/lanes`)).json()) as { lanes: { payer: string; payout: string; agents: string[]; settled_micros: number; remaining_micros: number }[] };
+    const lane = lanes.lanes.find((l) => l.payout === payout)!;
+    assert.deepEqual(lane, { payer: wallet.address.toLowerCase(), payout, agents: [agent.id], remaining_micros: 1_000_000 - owed, settled_micros: owed, thaw_end: 0 });
+    const res = await fetch(`${router.http!.url}/v1/settlements?agent=${payout}`);
+    const body = (await res.json()) as { settlements: { kind: string; delta_micros: number; payer: string }[]; settled_micros: number };
+    assert.equal(body.settled_micros, owed);
+    assert.deepEqual(body.settlements.map((e) => [e.kind, e.delta_micros, e.payer]), [['settled', owed, wallet.address.toLowerCase()]]);
+    assert.equal((await fetch(`${router.http!.url}/v1/settlements?payer=nope`)).status, 400);
   });
 
   test('kill -9 of the relayer between intent and send, and right after sending: nothing paid twice, nothing owed lost', async (t) => {
