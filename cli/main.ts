@@ -111,6 +111,17 @@ async function readInputs(files: string[], dtype: string | undefined, shape: num
   return inputs;
 }
 
+/** The router's chain for /v1/lanes and /v1/settlements, from --rpc/--escrow or MESH_RPC_URL/MESH_ESCROW. */
+async function routerChain(opts: { rpc?: string; escrow?: string; fromBlock: number }) {
+  const rpc = opts.rpc ?? process.env.MESH_RPC_URL;
+  const escrow = opts.escrow ?? process.env.MESH_ESCROW;
+  if (!rpc && !escrow) return {};
+  if (!rpc || !escrow) throw new MeshError('MESH_CONFIG', '--rpc and --escrow go together');
+  const { ethers } = await import('ethers');
+  const provider = new ethers.JsonRpcProvider(rpc, undefined, { batchMaxCount: 1, cacheTimeout: -1 });
+  return { chain: { provider, escrow, fromBlock: opts.fromBlock } };
+}
+
 export function buildProgram(): Command {
   const program = new Command('edge-mesh')
     .description('Edge AI inference mesh: ONNX agents over MQTT, with an SDK for IoT apps.')
@@ -130,6 +141,7 @@ export function buildProgram(): Command {
     .option('--data <dir>', 'data folder: models, keys (made on first run), the admission store', DEFAULT_DATA_DIR)
     .option('--report-every <seconds>', 'seconds between progress reports', positiveNumber, 5)
     .option('--router-port <port>', "the router's HTTP API port (0 for any free port; a busy default port falls back to a free one)", nonNegativeInt, 8080)
+    .option('--no-chain', 'run unpaid: no local chain, no receipts or settlement')
     .addOption(logLevelOption().default('warn'))
     .action(async (opts) => {
       const logger = cliLogger(opts.logLevel);
@@ -148,6 +160,7 @@ export function buildProgram(): Command {
           reportEveryS: opts.reportEvery,
           routerPort: opts.routerPort,
           json: opts.json,
+          chain: opts.chain,
           logger,
           print,
         },
@@ -157,6 +170,9 @@ export function buildProgram(): Command {
       else {
         const paths = Object.entries(summary.routing.paths).map(([k, v]) => `${v} ${k}`).join(', ');
         print(`done: ${summary.requests} requests, ${summary.ok} ok, ${summary.errors} errors in ${summary.duration_s} s; routed by ${summary.routing.router}: ${paths}`);
+        if (summary.receipts !== undefined) {
+          print(`paid: ${summary.receipts} receipts owe ${summary.owed_micros} micro-dollars; ${summary.settled_micros} settled on chain in ${summary.settlement_txs} transactions`);
+        }
       }
     });
 
@@ -218,10 +234,35 @@ export function buildProgram(): Command {
     .option('--chain-id <id>', 'the chain id of that escrow', positiveInt)
     .option('--data <dir>', 'folder for the receipt journal and vouchers', '.mesh-data/agent')
     .option('--credit-requests <n>', 'unpaid requests a payer lane may owe before MESH_CREDIT_EXCEEDED', positiveInt, 8)
+    .option('--settle', 'run the settlement relayer: settle the best vouchers on chain (needs --payout, --rpc and an EVM key for gas)', false)
+    .option('--rpc <url>', 'EVM JSON-RPC URL the relayer sends to (env MESH_RPC_URL)')
+    .option('--evm-key <file>', 'file with the 0x-hex EVM private key that pays settlement gas (env MESH_EVM_KEY holds the key itself)')
+    .option('--settle-interval <seconds>', 'settle an owing lane at least this often', positiveNumber, 86_400)
+    .option('--settle-threshold <micros>', 'settle a lane once it owes this much (default: 100 × its gas cost)', positiveInt)
+    .option('--settle-check-ms <ms>', 'how often the relayer checks lanes and withdraw requests', positiveInt, 5_000)
     .addOption(logLevelOption())
     .action(async (opts) => {
       if (opts.payout !== undefined && (opts.escrow === undefined || opts.chainId === undefined)) {
         throw new MeshError('MESH_CONFIG', '--payout needs --escrow and --chain-id');
+      }
+      let settle: import('../edge-agent/index.ts').SettlerOptions | undefined;
+      if (opts.settle) {
+        if (opts.payout === undefined) throw new MeshError('MESH_CONFIG', '--settle needs --payout, --escrow and --chain-id');
+        const rpc = opts.rpc ?? process.env.MESH_RPC_URL;
+        if (!rpc) throw new MeshError('MESH_CONFIG', '--settle needs --rpc URL or MESH_RPC_URL');
+        const { loadEvmKey } = await import('./chain.ts');
+        const key = await loadEvmKey(opts.evmKey);
+        if (key === undefined) throw new MeshError('MESH_CONFIG', '--settle needs --evm-key FILE or MESH_EVM_KEY (the account that pays settlement gas)');
+        const { ethers } = await import('ethers');
+        const provider = new ethers.JsonRpcProvider(rpc, BigInt(opts.chainId), { staticNetwork: ethers.Network.from(BigInt(opts.chainId)), batchMaxCount: 1, cacheTimeout: -1, pollingInterval: 100 });
+        const crash = process.env.MESH_SETTLER_CRASH; // fault injection for the crash tests
+        settle = {
+          runner: new ethers.Wallet(key, provider),
+          maxIntervalMs: opts.settleInterval * 1000,
+          checkEveryMs: opts.settleCheckMs,
+          ...(opts.settleThreshold !== undefined ? { thresholdMicros: opts.settleThreshold } : {}),
+          ...(crash === 'after-intent' || crash === 'after-send' ? { crashAt: crash } : {}),
+        };
       }
       if (opts.id !== undefined) throw new MeshError('MESH_CONFIG', '--id was removed: an agent id derives from its key; use --key FILE (edge-mesh keys new --role agent)');
       const identity = opts.key ? await loadKeyFile(opts.key, 'agent', keyWarnings) : undefined;
@@ -244,6 +285,7 @@ export function buildProgram(): Command {
                 domain: { chainId: BigInt(opts.chainId), escrow: opts.escrow },
                 dataDir: path.resolve(opts.data),
                 creditRequests: opts.creditRequests,
+                ...(settle ? { settle } : {}),
               },
             }
           : {}),
@@ -274,6 +316,9 @@ export function buildProgram(): Command {
     .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
     .option('--no-hedging', 'never hedge a slow attempt')
     .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
+    .option('--rpc <url>', 'with --escrow: serve /v1/lanes and /v1/settlements from this EVM chain (env MESH_RPC_URL)')
+    .option('--escrow <address>', 'the MeshEscrow whose lanes and settlements to serve (env MESH_ESCROW)')
+    .option('--from-block <n>', 'first block to read escrow events from (its deployment block)', nonNegativeInt, 0)
     .addOption(logLevelOption())
     .action(async (opts) => {
       const identity = opts.key ? await loadKeyFile(opts.key, 'router', keyWarnings) : generateIdentity('router');
@@ -288,7 +333,7 @@ export function buildProgram(): Command {
         maxAttempts: opts.maxAttempts,
         hedging: opts.hedging,
         leaseTtlMs: opts.leaseTtlMs,
-        ...(opts.http ? { http: { port: opts.httpPort, host: opts.httpHost } } : {}),
+        ...(opts.http ? { http: { port: opts.httpPort, host: opts.httpHost, ...(await routerChain(opts)) } } : {}),
       }).catch((err: unknown) => {
         throw opts.key ? err : withoutKeyHint(err, 'router');
       });

@@ -20,6 +20,7 @@ import { startBridgeDemo, type BridgeDemo, type BridgeDemoSummary } from './brid
 import { ensureKeyFile } from './keys.ts';
 import { ensureModelsFolder } from './models.ts';
 import { SampleApp } from './sample-app.ts';
+import { startUpSettlement, type UpSettlement, type UpSettlementSummary } from './up-settlement.ts';
 
 export interface UpOptions {
   dataDir: string;
@@ -33,6 +34,8 @@ export interface UpOptions {
   /** Router HTTP API port (a busy port falls back to a free one; 0 for any free port). */
   routerPort: number;
   json: boolean;
+  /** Start a local chain, fund the app's lanes, and pay and settle every request (default true). */
+  chain?: boolean;
   logger: Logger;
   /** Where human-readable progress goes. */
   print: (line: string) => void;
@@ -62,6 +65,9 @@ export interface UpSummary {
   /** The firmware bridge with its simulated device (cli/bridge-demo.ts). */
   bridge: BridgeDemoSummary | undefined;
 }
+
+/** With the local chain (not `--no-chain`): receipts, owed_micros, settled_micros, settlement_txs. */
+export type UpPaidSummary = UpSummary & Partial<UpSettlementSummary>;
 
 async function listen(options: BrokerOptions & { port: number }, logger: Logger): Promise<BrokerHandle> {
   try {
@@ -99,8 +105,9 @@ export function agentLabel(name: string, id: string): string {
 }
 
 /** The router with its HTTP API on `routerPort`, or on a free port when that one is taken. */
-async function startRouterOn(brokerUrl: string, identity: Identity, options: UpOptions, logger: Logger): Promise<RouterHandle> {
-  const start = (port: number) => startRouter({ brokerUrl, identity, logger: logger.child({ part: 'router' }), http: { port, host: options.host } });
+async function startRouterOn(brokerUrl: string, identity: Identity, options: UpOptions, logger: Logger, settlement?: UpSettlement): Promise<RouterHandle> {
+  const chain = settlement ? { provider: settlement.chain.provider, escrow: settlement.deployment.escrow, fromBlock: settlement.deployment.deployBlock } : undefined;
+  const start = (port: number) => startRouter({ brokerUrl, identity, logger: logger.child({ part: 'router' }), http: { port, host: options.host, ...(chain ? { chain } : {}) } });
   try {
     return await start(options.routerPort);
   } catch (err) {
@@ -110,9 +117,13 @@ async function startRouterOn(brokerUrl: string, identity: Identity, options: UpO
   }
 }
 
-export async function runUp(options: UpOptions, stopSignal: Promise<void>): Promise<UpSummary> {
+export async function runUp(options: UpOptions, stopSignal: Promise<void>): Promise<UpPaidSummary> {
   const { dataDir, logger, print } = options;
   const started = performance.now();
+  // The chain starts (a few seconds) while the models and the broker get ready.
+  const settlementP: Promise<UpSettlement | undefined> =
+    options.chain === false ? Promise.resolve(undefined) : startUpSettlement({ dataDir, agents: options.agents, logger, print });
+  settlementP.catch(() => {});
   const modelsDir = path.join(dataDir, 'models');
   const manifest = await ensureModelsFolder(modelsDir, { logger: { info: (m) => logger.info(m), warn: (m) => logger.warn(m) } });
   const modelNames = manifest.models.map((m) => m.name);
@@ -135,21 +146,27 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
   let app: SampleApp | undefined;
   let reporter: NodeJS.Timeout | undefined;
   let bridgeDemo: BridgeDemo | undefined;
+  let settlement: UpSettlement | undefined;
+  let paid: UpSettlementSummary | undefined;
   try {
+    settlement = await settlementP;
     print(`broker listening on ${broker.url} (operator ${keys.operator.id}; keys in ${path.join(dataDir, 'keys')})`);
     // Admissions are idempotent: re-admitting on every start renews their expiry.
     for (const identity of [...keys.agents, keys.router, keys.app]) await broker.admit(admit(keys.operator, identity));
-    for (const identity of keys.agents) {
-      agents.push(await startAgent({ brokerUrl: broker.url, modelsDir, identity, workers: options.workers, logger }));
+    for (const [i, identity] of keys.agents.entries()) {
+      agents.push(
+        await startAgent({ brokerUrl: broker.url, modelsDir, identity, workers: options.workers, logger, ...(settlement ? { payment: settlement.agentPayment(i) } : {}) }),
+      );
     }
     for (const agent of agents) {
       const models = agent.models.map((m) => `${m.name} ${m.latencyMs.toFixed(2)} ms`).join(', ');
       print(`${label(agent.id)} serving ${models}`);
     }
-    router = await startRouterOn(broker.url, keys.router, options, logger);
+    router = await startRouterOn(broker.url, keys.router, options, logger, settlement);
     const routerUrl = router.http!.url;
-    print(`router ${router.id} serving ${routerUrl} (KServe v2: ${routerUrl}/v2/models/kws; operators: ${routerUrl}/v1/agents, ${routerUrl}/metrics)`);
-    mesh = await connect({ brokerUrl: broker.url, identity: keys.app, logger, router: router.id });
+    const paidApi = settlement ? `, ${routerUrl}/v1/lanes, ${routerUrl}/v1/settlements` : '';
+    print(`router ${router.id} serving ${routerUrl} (KServe v2: ${routerUrl}/v2/models/kws; operators: ${routerUrl}/v1/agents${paidApi}, ${routerUrl}/metrics)`);
+    mesh = await connect({ brokerUrl: broker.url, identity: keys.app, logger, router: router.id, ...(settlement ? { payment: settlement.sdkPayment() } : {}) });
     for (const model of modelNames) {
       await mesh.waitForModel(model, 10_000, agents.length);
       await router.waitForModel(model, 10_000, agents.length);
@@ -181,6 +198,16 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     await router?.close();
     await Promise.all(agents.map((a) => a.drain(5_000)));
     await broker.close();
+    if (settlement) {
+      // The agents settled what they held when they stopped; read what the chain paid.
+      paid = await settlement.summary(agents).catch((err: unknown) => {
+        logger.warn({ err: (err as Error).message }, 'could not read the settlement figures');
+        return undefined;
+      });
+      await settlement.close();
+    } else {
+      await settlementP.then((s) => s?.close()).catch(() => {});
+    }
   }
 
   const totals = app!.totals();
@@ -212,5 +239,6 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     duration_s: round((performance.now() - started) / 1000, 1),
     broker_url: broker.url,
     bridge: bridgeDemo?.summary(),
+    ...(paid ?? {}),
   };
 }

@@ -46,6 +46,7 @@ import {
   ZERO_HASH,
 } from '../protocol/index.ts';
 import { AgentPayments, type AgentPaymentOptions, type LaneSummary } from './payments.ts';
+import { Settler, type SettlementRecord, type SettlerCounters } from './settler.ts';
 import { readManifest, sha256File, type ManifestEntry } from './manifest.ts';
 import { WorkerPool, type JobResult } from './pool.ts';
 import { Scheduler, type Job } from './scheduler.ts';
@@ -53,6 +54,7 @@ import type { LoadedModel } from './worker-protocol.ts';
 
 export { readManifest, sha256File, MANIFEST_FILE, type Manifest, type ManifestEntry } from './manifest.ts';
 export type { AgentPaymentOptions, LaneSummary } from './payments.ts';
+export type { SettlerOptions, SettlementRecord, SettlerCounters } from './settler.ts';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -136,6 +138,15 @@ export interface AgentHandle {
     lanes(): LaneSummary[];
     receipts(payer: string): Promise<SignedReceipt[]>;
     readonly counters: AgentPayments['counters'];
+    /** Present when `payment.settle` is set: the settlement relayer. */
+    readonly settler?: {
+      readonly counters: SettlerCounters;
+      settlements(): Promise<SettlementRecord[]>;
+      /** What the chain has settled per payer lane, as the settler last saw it. */
+      settledByLane(): Record<string, number>;
+      /** Settles every lane owing anything now, whatever the policy. */
+      settleNow(): Promise<void>;
+    };
   };
 }
 
@@ -292,6 +303,18 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   if (options.payment) {
     payments = await AgentPayments.open(identity, options.payment, entries, logger).catch(async (err: unknown) => {
       await pool.close();
+      throw err;
+    });
+  }
+  let settler: Settler | undefined;
+  if (payments && options.payment?.settle) {
+    const p = payments;
+    settler = await Settler.start(
+      { payout: p.payout, domain: p.domain, dataDir: options.payment.dataDir, lanes: () => p.durableVoucherLanes(), logger },
+      options.payment.settle,
+    ).catch(async (err: unknown) => {
+      await pool.close();
+      await p.close();
       throw err;
     });
   }
@@ -477,7 +500,10 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     } catch (err) {
       // Refused before it was taken on: no receipt, nothing owed.
       if (paid) payments!.release(paid);
-      replyError(senderId, request.id, toMeshError(err, 'MESH_BAD_REQUEST'));
+      const refusal = toMeshError(err, 'MESH_BAD_REQUEST');
+      // It never ran, so the same request may come again: the SDK retries it once its voucher is out.
+      if (refusal.code === 'MESH_CREDIT_EXCEEDED') seenRequests.delete(key);
+      replyError(senderId, request.id, refusal);
     }
   };
 
@@ -588,6 +614,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     }
     await connection.close();
     await pool.close();
+    await settler?.close();
     await payments?.close();
     logger.info({ served: counters.served }, 'agent stopped');
   };
@@ -612,7 +639,23 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     },
     close: shutdown,
     ...(payments
-      ? { payments: { lanes: () => payments!.lanesSummary(), receipts: (payer: string) => payments!.receipts(payer), counters: payments.counters } }
+      ? {
+          payments: {
+            lanes: () => payments!.lanesSummary(),
+            receipts: (payer: string) => payments!.receipts(payer),
+            counters: payments.counters,
+            ...(settler
+              ? {
+                  settler: {
+                    counters: settler.counters,
+                    settlements: () => settler!.settlements(),
+                    settledByLane: () => settler!.settledByLane(),
+                    settleNow: () => settler!.settleNow(),
+                  },
+                }
+              : {}),
+          },
+        }
       : {}),
   };
 

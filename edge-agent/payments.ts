@@ -35,6 +35,7 @@ import {
   type VoucherMessage,
 } from '../protocol/index.ts';
 import { recoverVoucherSigner, type EscrowDomain } from '../protocol/voucher.ts';
+import type { SettlerOptions } from './settler.ts';
 
 export interface AgentPaymentOptions {
   /** The EVM address the agent is paid to: the second half of every lane. */
@@ -58,6 +59,8 @@ export interface AgentPaymentOptions {
    * bounds what one admitted client can leave unpaid; a client naming fresh payers cannot multiply it.
    */
   maxLanesPerClient?: number;
+  /** Run the settlement relayer (edge-agent/settler.ts): settle the best vouchers on chain by its policy. */
+  settle?: SettlerOptions;
 }
 
 interface StoredVoucher {
@@ -122,6 +125,8 @@ export class AgentPayments {
   private readonly lanesPerClient = new Map<string, number>();
   private readonly maxLanesPerClient: number;
   private readonly reserved = new Map<string, number>();
+  /** The best voucher per lane that is on disk: only these are settled, so a crash never forgets one that was sent. */
+  private readonly durableVouchers = new Map<string, StoredVoucher>();
   private readonly prices = new Map<string, ModelPrice>();
   private quote: { signed: SignedQuote; renewAt: number } | undefined;
   private pendingOps: { type: 'put'; key: string; value: unknown }[] = [];
@@ -172,6 +177,7 @@ export class AgentPayments {
     for await (const [key, value] of db.iterator({ gte: LANE_PREFIX, lt: `${LANE_PREFIX}~` })) {
       const lane = value as Lane;
       payments.lanes.set(key.slice(LANE_PREFIX.length), lane);
+      if (lane.voucher) payments.durableVouchers.set(lane.payer, lane.voucher);
       payments.lanesPerClient.set(lane.senderId, (payments.lanesPerClient.get(lane.senderId) ?? 0) + 1);
     }
     return payments;
@@ -298,9 +304,11 @@ export class AgentPayments {
     }
     if (signer.toLowerCase() !== lane.payer) return refuse(`signed by ${signer}, not the payer`);
     lane.paid = message.cumulative;
-    lane.voucher = { cumulative: message.cumulative, receiptsRoot: toHex(message.receiptsRoot), expiry: message.expiry, sig: toHex(message.sig) };
+    const voucher = { cumulative: message.cumulative, receiptsRoot: toHex(message.receiptsRoot), expiry: message.expiry, sig: toHex(message.sig) };
+    lane.voucher = voucher;
     this.counters.vouchers++;
     await this.write([{ type: 'put', key: LANE_PREFIX + lane.payer, value: { ...lane } }]);
+    if (voucher.cumulative > (this.durableVouchers.get(lane.payer)?.cumulative ?? 0)) this.durableVouchers.set(lane.payer, voucher);
     return true;
   }
 
@@ -314,6 +322,11 @@ export class AgentPayments {
       reservedMicros: this.reserved.get(l.payer) ?? 0,
       voucher: l.voucher,
     }));
+  }
+
+  /** Each lane's best voucher that is already stored: what a settler may send. */
+  durableVoucherLanes(): { payer: string; voucher: StoredVoucher | undefined }[] {
+    return [...this.durableVouchers].map(([payer, voucher]) => ({ payer, voucher }));
   }
 
   /** The journal of one lane, in seq order. */

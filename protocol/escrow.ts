@@ -181,10 +181,15 @@ export class EscrowClient {
     return ethers.getAddress(await this.signer().getAddress());
   }
 
-  private async send(action: string, call: () => Promise<ethers.ContractTransactionResponse>): Promise<ethers.ContractTransactionReceipt> {
+  private async send(
+    action: string,
+    call: () => Promise<ethers.ContractTransactionResponse>,
+    onSent?: (hash: string) => void | Promise<void>,
+  ): Promise<ethers.ContractTransactionReceipt> {
     this.signer();
     try {
       const tx = await call();
+      if (onSent) await onSent(tx.hash);
       const receipt = await tx.wait();
       if (!receipt) throw new EscrowError('ESCROW_UNREACHABLE', `${action}: no receipt for ${tx.hash}`);
       return receipt;
@@ -295,6 +300,11 @@ export class EscrowClient {
     return { voucher, signature: await signVoucher(this.signer(), this.domain, voucher) };
   }
 
+  /** What a mined settle transaction paid and skipped, read from its events. */
+  outcomeOf(receipt: ethers.TransactionReceipt): SettleOutcome {
+    return this.settleOutcome(receipt);
+  }
+
   private settleOutcome(receipt: ethers.TransactionReceipt): SettleOutcome {
     const settled: SettledEvent[] = [];
     const skipped: SkippedEvent[] = [];
@@ -312,8 +322,11 @@ export class EscrowClient {
     return { ...EscrowClient.outcome(receipt), paid: settled.reduce((a, s) => a + s.delta, 0n), settled, skipped };
   }
 
-  /** Settles signed vouchers (any payers) for one agent; skipped vouchers are reported, not thrown. */
-  async settle(agent: string, entries: readonly SignedVoucher[]): Promise<SettleOutcome> {
+  /**
+   * Settles signed vouchers (any payers) for one agent; skipped vouchers are reported, not thrown.
+   * `onSent` runs with the transaction hash once it is sent, before it is mined (a relayer records it).
+   */
+  async settle(agent: string, entries: readonly SignedVoucher[], { onSent }: { onSent?: (hash: string) => void | Promise<void> } = {}): Promise<SettleOutcome> {
     const agentAddress = address(agent, 'agent');
     let packed: string;
     try {
@@ -321,7 +334,7 @@ export class EscrowClient {
     } catch (err) {
       throw toEscrowError(err, 'settle');
     }
-    return this.settleOutcome(await this.send('settle', () => this.escrowContract.getFunction('settle')(agentAddress, packed)));
+    return this.settleOutcome(await this.send('settle', () => this.escrowContract.getFunction('settle')(agentAddress, packed), onSent));
   }
 
   /** Relayer mode: several agents in one transaction. */

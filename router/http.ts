@@ -14,6 +14,7 @@ import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
 import { Counter, Histogram, Registry as PromRegistry, collectDefaultMetrics } from 'prom-client';
 import { MeshError, tensorFromJson, tensorToJson, toMeshError, type DType, type ModelInfo, type Tensor } from '../protocol/index.ts';
 import type { RouterHandle } from './live.ts';
+import { registerSettlementRoutes, type RouterChainOptions } from './settlements.ts';
 
 export interface RouterHttpOptions {
   /** 0 picks a free port (default). */
@@ -25,6 +26,8 @@ export interface RouterHttpOptions {
   bodyLimit?: number;
   /** Also export the Node process metrics (default true). */
   processMetrics?: boolean;
+  /** Serve /v1/lanes and /v1/settlements from this escrow on chain (see settlements.ts). */
+  chain?: RouterChainOptions;
 }
 
 export interface RouterHttpHandle {
@@ -368,6 +371,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     }),
   }));
   app.get('/v1/routing', doc('operator', 'Routing counters: requests, retries, hedges, cancels, leases, budget refusals, attempts per agent'), async () => ({ router: router.id, connected: router.connected, counters: router.counters }));
+  if (options.chain) await registerSettlementRoutes(app, router, options.chain);
 
   app.get('/metrics', doc('operator', 'Prometheus text: latency histograms per model and agent, error counters, process metrics'), async (_request, reply) => {
     const text = await metrics.metrics();

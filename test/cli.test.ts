@@ -121,5 +121,10 @@ describe('edge-mesh CLI', () => {
     // The firmware bridge's simulated device (a separate process speaking frames over UDP).
     assert.equal(summary.bridge.devices, 1);
     assert.ok(summary.bridge.requests > 0 && summary.bridge.ok === summary.bridge.requests, JSON.stringify(summary.bridge));
+    // Paid on a local chain: every receipt's charge was settled when the agents stopped, and never more.
+    assert.ok(summary.receipts > 0 && summary.receipts <= summary.ok, JSON.stringify(summary));
+    assert.ok(summary.owed_micros > 0);
+    assert.ok(summary.settled_micros > 0 && summary.settled_micros <= summary.owed_micros, `${summary.settled_micros} settled of ${summary.owed_micros}`);
+    assert.ok(summary.settlement_txs >= 1);
   });
 });
