@@ -179,9 +179,10 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
       agentLabel: label,
       thinClient: { name: 'http', every: 10, infer: (model, inputs, deadlineMs) => kserveInfer(routerUrl, model, inputs, deadlineMs) },
     });
+    // The bridge and its device process start first: their start-up work would otherwise stall the app's first requests.
+    bridgeDemo = await startBridgeDemo({ brokerUrl: broker.url, operator: keys.operator, admit: (r) => broker.admit(r), dataDir, logger, print });
     print(`sample app sending ${options.ratePerS} requests/s over ${modelNames.join(', ')}; Ctrl-C stops`);
     app.start();
-    bridgeDemo = await startBridgeDemo({ brokerUrl: broker.url, operator: keys.operator, admit: (r) => broker.admit(r), dataDir, logger, print });
     const runningApp = app;
     reporter = setInterval(() => print(runningApp.report()), options.reportEveryS * 1000);
     const timeout = options.durationS === undefined ? new Promise<void>(() => {}) : new Promise<void>((r) => setTimeout(r, options.durationS! * 1000));
