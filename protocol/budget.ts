@@ -9,6 +9,14 @@
  *   token and one retry token, so hedges count against the retry budget too.
  * - At most max(3, concurrentFrac × requests in flight) extra attempts run at once.
  */
+/**
+ * The kind of extra attempt that follows a failed one: work lost with its agent (the agent died or is
+ * shutting down, so the request never ran) is a free failover; anything else is a retry paid from the budget.
+ */
+export function extraAttemptAfter(code: string): 'failover' | 'retry' {
+  return code === 'MESH_AGENT_LOST' || code === 'MESH_SHUTTING_DOWN' ? 'failover' : 'retry';
+}
+
 export interface TailBudgetOptions {
   /** Retry tokens earned per request (default 0.2: at most one extra attempt per five requests). */
   ratio: number;

@@ -33,6 +33,7 @@ import {
   type ModelInfo,
   type Tensor,
   TailBudget,
+  extraAttemptAfter,
   type TailBudgetOptions,
   readAgentStatus,
   readReply,
@@ -565,7 +566,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
           }
           if (!RETRY_ELSEWHERE.has(error.code)) return finish(error);
           logger.debug({ model, agentId, code: error.code }, 'attempt failed; trying another agent');
-          const next = error.code === 'MESH_AGENT_LOST' || error.code === 'MESH_SHUTTING_DOWN' ? 'failover' : 'retry';
+          const next = extraAttemptAfter(error.code);
           if (!launch(next) && attempts.size === 0) failNow();
         },
       };

@@ -38,6 +38,7 @@ import {
   type Lease,
   type LeaseAgent,
   TailBudget,
+  extraAttemptAfter,
   type TailBudgetOptions,
   type MeshConnection,
   type MeshErrorCode,
@@ -657,8 +658,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
           if (err!.code === 'MESH_INFERENCE_FAILED' && entry) entry.suspectUntil = performance.now() + SUSPECT_MS;
           if (!RETRY_ELSEWHERE.has(err!.code)) return finish(err);
           logger.debug({ model, agentId, code: err!.code }, 'attempt failed; trying another agent');
-          // Work lost with its agent is moved free of the budget: it never ran, so it adds no load.
-          const kind = err!.code === 'MESH_AGENT_LOST' || err!.code === 'MESH_SHUTTING_DOWN' ? 'failover' : 'retry';
+          const kind = extraAttemptAfter(err!.code);
           if (!launch(kind) && attempts.size === 0) failNow();
         },
       };
