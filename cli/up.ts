@@ -10,7 +10,7 @@
  */
 import path from 'node:path';
 import type { Logger } from 'pino';
-import { startBroker, type BrokerHandle, type BrokerOptions } from '../broker/index.ts';
+import { startBroker, type BrokerOptions } from '../broker/index.ts';
 import { startAgent, type AgentHandle } from '../edge-agent/index.ts';
 import { admit, round, type Identity } from '../protocol/index.ts';
 import { startRouter, type RouterHandle } from '../router/index.ts';
@@ -69,14 +69,18 @@ export interface UpSummary {
 /** With the local chain (not `--no-chain`): receipts, owed_micros, settled_micros, settlement_txs. */
 export type UpPaidSummary = UpSummary & Partial<UpSettlementSummary>;
 
-async function listen(options: BrokerOptions & { port: number }, logger: Logger): Promise<BrokerHandle> {
+/**
+ * Starts a listener on `port`; when that port is taken (and was not 0), warns and starts it on a free
+ * port instead. The address-in-use error may sit on the error itself or on its cause.
+ */
+async function onPortOrFree<T>(port: number, start: (port: number) => Promise<T>, what: string, logger: Logger): Promise<T> {
   try {
-    return await startBroker(options);
+    return await start(port);
   } catch (err) {
     const cause = (err as { cause?: NodeJS.ErrnoException }).cause ?? (err as NodeJS.ErrnoException);
-    if (cause.code !== 'EADDRINUSE' || options.port === 0) throw err;
-    logger.warn({ port: options.port }, `port ${options.port} is in use; the local broker takes a free port instead`);
-    return startBroker({ ...options, port: 0 });
+    if (((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' && cause.code !== 'EADDRINUSE') || port === 0) throw err;
+    logger.warn({ port }, `port ${port} is in use; ${what} takes a free port instead`);
+    return start(0);
   }
 }
 
@@ -108,13 +112,7 @@ export function agentLabel(name: string, id: string): string {
 async function startRouterOn(brokerUrl: string, identity: Identity, options: UpOptions, logger: Logger, settlement?: UpSettlement): Promise<RouterHandle> {
   const chain = settlement ? { provider: settlement.chain.provider, escrow: settlement.deployment.escrow, fromBlock: settlement.deployment.deployBlock } : undefined;
   const start = (port: number) => startRouter({ brokerUrl, identity, logger: logger.child({ part: 'router' }), http: { port, host: options.host, ...(chain ? { chain } : {}) } });
-  try {
-    return await start(options.routerPort);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' || options.routerPort === 0) throw err;
-    logger.warn({ port: options.routerPort }, `port ${options.routerPort} is in use; the router's HTTP API takes a free port instead`);
-    return start(0);
-  }
+  return onPortOrFree(options.routerPort, start, "the router's HTTP API", logger);
 }
 
 export async function runUp(options: UpOptions, stopSignal: Promise<void>): Promise<UpPaidSummary> {
@@ -129,15 +127,12 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
   const modelNames = manifest.models.map((m) => m.name);
 
   const keys = await ensureUpKeys(dataDir, options.agents, logger);
-  const broker = await listen(
-    {
-      port: options.port,
-      host: options.host,
-      logger,
-      auth: { trustedOperators: [{ id: keys.operator.id, publicKey: keys.operator.publicKey }], dataDir: path.join(dataDir, 'broker') },
-    },
+  const brokerOptions: BrokerOptions = {
+    host: options.host,
     logger,
-  );
+    auth: { trustedOperators: [{ id: keys.operator.id, publicKey: keys.operator.publicKey }], dataDir: path.join(dataDir, 'broker') },
+  };
+  const broker = await onPortOrFree(options.port, (port) => startBroker({ ...brokerOptions, port }), 'the local broker', logger);
   const names = new Map(keys.agents.map((k, i) => [k.id, `agent-${i + 1}`]));
   const label = (id: string) => agentLabel(names.get(id) ?? id, id);
   const agents: AgentHandle[] = [];
