@@ -3,7 +3,7 @@
  *
  * How fast an edge agent becomes useful and what it costs at rest. A `edge-mesh broker` process runs and
  * this process subscribes to `mesh/v1/agent/+/status` on it. Each repetition spawns
- * `node bin/edge-mesh.mjs agent --models DIR --id ID` (CLI defaults: workers = min(cores, 4) unless
+ * `node cli/bin/edge-mesh.mjs agent --models DIR --id ID` (CLI defaults: workers = min(cores, 4) unless
  * --workers is given) and measures:
  *   ready_ms     from just before spawn() to the agent's retained `status` (state online) arriving at the
  *                subscriber: process start, tsx, module loading, sha256 checks, worker threads, model
@@ -21,9 +21,10 @@ import { spawn } from 'node:child_process';
 import { copyFile, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { decodeMessage, openMeshConnection, round, topics, type AgentStatus } from '../protocol/index.ts';
-import { ensureModelsFolder } from '../cli/models.ts';
-import { MANIFEST_FILE } from '../edge-agent/manifest.ts';
+import { decodeMessage, topics, type AgentStatus } from '@edge-mesh/protocol';
+import { openMeshConnection, round } from '@edge-mesh/client';
+import { ensureModelsFolder } from '@edge-mesh/demo';
+import { MANIFEST_FILE } from '@edge-mesh/agent';
 import {
   CLI,
   environment,

@@ -18,11 +18,11 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { DeviceRegistry, FrameType, int16Tensor, udpDevice, type SimDevice } from '../firmware-bridge/index.ts';
-import { round, summarize } from '../protocol/index.ts';
-import { ensureModelsFolder } from '../cli/models.ts';
-import { sampleInputs } from '../cli/sample-inputs.ts';
-import { connect } from '../sdk/index.ts';
+import { DeviceRegistry, FrameType, int16Tensor, udpDevice, type SimDevice } from '@edge-mesh/firmware-bridge';
+import { round, summarize } from '@edge-mesh/client';
+import { ensureModelsFolder } from '@edge-mesh/demo';
+import { sampleInputs } from '@edge-mesh/demo';
+import { connect } from '@edge-mesh/sdk';
 import { admitted, CLI, CpuMeter, environment, MODELS_DIR, spawnProc, startAgentProc, startBrokerProc, type BenchContext, type BenchResult } from './lib.ts';
 
 const DEVICES = 8;

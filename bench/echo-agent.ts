@@ -14,17 +14,8 @@
  */
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import {
-  decodeMessage,
-  encodeMessage,
-  isValidId,
-  openMeshConnection,
-  parseKeyFile,
-  signStatus,
-  PROTOCOL_VERSION,
-  topics,
-  type AgentStatus,
-} from '../protocol/index.ts';
+import { decodeMessage, encodeMessage, isValidId, parseKeyFile, signStatus, PROTOCOL_VERSION, topics, type AgentStatus } from '@edge-mesh/protocol';
+import { openMeshConnection } from '@edge-mesh/client';
 
 const { values } = parseArgs({
   options: {

@@ -16,11 +16,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { sendAdminRecord } from '../cli/admin.ts';
-import { admit, encodeKeyFile, generateIdentity, type Identity, type Role } from '../protocol/index.ts';
+import { sendAdminRecord } from '@edge-mesh/client';
+import { admit, encodeKeyFile, generateIdentity, type Identity, type Role } from '@edge-mesh/protocol';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-export const CLI = path.join(ROOT, 'bin', 'edge-mesh.mjs');
+export const CLI = path.join(ROOT, 'cli', 'bin', 'edge-mesh.mjs');
 export const MODELS_DIR = path.join(ROOT, '.mesh-data', 'models');
 
 /**

@@ -22,9 +22,10 @@
 import { createInterface } from 'node:readline';
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { parseKeyFile, round, summarize } from '../protocol/index.ts';
-import { connect, MeshError } from '../sdk/index.ts';
-import { sampleInputs } from '../cli/sample-inputs.ts';
+import { parseKeyFile } from '@edge-mesh/protocol';
+import { round, summarize } from '@edge-mesh/client';
+import { connect, MeshError } from '@edge-mesh/sdk';
+import { sampleInputs } from '@edge-mesh/demo';
 
 const { values } = parseArgs({
   options: {

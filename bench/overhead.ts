@@ -17,10 +17,10 @@
 import path from 'node:path';
 import * as ort from 'onnxruntime-node';
 import pino from 'pino';
-import { WorkerPool } from '../edge-agent/pool.ts';
-import { round, summarize } from '../protocol/index.ts';
-import { ensureModelsFolder } from '../cli/models.ts';
-import { sampleInputs } from '../cli/sample-inputs.ts';
+import { WorkerPool } from '../edge-agent/src/pool.ts';
+import { round, summarize } from '@edge-mesh/client';
+import { ensureModelsFolder } from '@edge-mesh/demo';
+import { sampleInputs } from '@edge-mesh/demo';
 import {
   CpuMeter,
   environment,
@@ -40,7 +40,7 @@ import {
   type Proc,
   admitted,
 } from './lib.ts';
-import type { Identity } from '../protocol/index.ts';
+import type { Identity } from '@edge-mesh/protocol';
 
 const MODEL = 'kws';
 const WARMUP = 500;

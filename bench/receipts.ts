@@ -9,7 +9,7 @@
  * (LaneVerifier.verifyChain: the hash chain makes the last signature cover the batch).
  * Also reported: the leaf hash alone (keccak_per_s) and a Merkle root over 100 leaves.
  */
-import { generateIdentity, LaneVerifier, merkleRoot, newRequestId, RECEIPT_STATUS, receiptLeaf, receiptPriceMicros, signQuote, signReceipt, toHex, verifyQuote, ZERO_HASH, type SignedReceipt } from '../protocol/index.ts';
+import { generateIdentity, LaneVerifier, merkleRoot, newRequestId, RECEIPT_STATUS, receiptLeaf, receiptPriceMicros, signQuote, signReceipt, toHex, verifyQuote, ZERO_HASH, type SignedReceipt } from '@edge-mesh/protocol';
 import type { BenchContext, BenchResult } from './lib.ts';
 
 export async function run(ctx: BenchContext): Promise<BenchResult> {

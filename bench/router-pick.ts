@@ -5,8 +5,8 @@
  * picks and shows up in the mean and max rather than the p50; its cost is reported on its own as pool_build_ms.
  * Between timed picks the registry keeps changing (sends, replies, queue reports, every agent's 1 s heartbeat), untimed.
  */
-import { percentileSorted, round } from '../protocol/index.ts';
-import { createRegistry, currentPool, mulberry32, onQueueReport, onReply, onSend, selectAgent, upsertAgent, type Registry } from '../router/index.ts';
+import { percentileSorted, round } from '@edge-mesh/client';
+import { createRegistry, currentPool, mulberry32, onQueueReport, onReply, onSend, selectAgent, upsertAgent, type Registry } from '@edge-mesh/router';
 import type { BenchContext, BenchResult } from './lib.ts';
 
 const CLASSES = [

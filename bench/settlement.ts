@@ -12,9 +12,9 @@
  * inference for R ∈ {1, 10, 100, 1000} receipts per voucher. Gas is deterministic: one run per point.
  */
 import { ethers } from 'ethers';
-import { deployMesh, startLocalChain, type LocalChain } from '../contracts/index.ts';
-import { EscrowClient } from '../protocol/escrow.ts';
-import type { SignedVoucher } from '../protocol/voucher.ts';
+import { deployMesh, startLocalChain, type LocalChain } from '@edge-mesh/contracts/dev';
+import { EscrowClient } from '@edge-mesh/contracts';
+import type { SignedVoucher } from '@edge-mesh/protocol';
 import type { BenchContext, BenchResult } from './lib.ts';
 
 const RECEIPTS_PER_VOUCHER = 100;

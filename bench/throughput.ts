@@ -13,8 +13,8 @@
  * mesh_rps is the best agent configuration (named in best_config); ratio = mesh_rps / echo_rps. Errors
  * are counted by code (must be 0). Per-process CPU over the measured window is under configs.*.cpu.
  */
-import { round } from '../protocol/index.ts';
-import { ensureModelsFolder } from '../cli/models.ts';
+import { round } from '@edge-mesh/client';
+import { ensureModelsFolder } from '@edge-mesh/demo';
 import {
   CpuMeter,
   environment,
@@ -33,7 +33,7 @@ import {
   type Proc,
   admitted,
 } from './lib.ts';
-import type { Identity } from '../protocol/index.ts';
+import type { Identity } from '@edge-mesh/protocol';
 
 const MODEL = 'kws';
 

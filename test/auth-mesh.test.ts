@@ -8,31 +8,15 @@ import { execFile } from 'node:child_process';
 import path from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
 import { promisify } from 'node:util';
-import { sampleInputs } from '../cli/sample-inputs.ts';
-import {
-  admit,
-  decodeMessage,
-  encodeMessage,
-  generateIdentity,
-  MeshError,
-  newRequestId,
-  openMeshConnection,
-  PROTOCOL_VERSION,
-  requestIdHex,
-  signStatus,
-  topics,
-  verifyStatus,
-  type AgentStatus,
-  type ErrorReply,
-  type InferReply,
-  type InferRequest,
-} from '../protocol/index.ts';
-import { startAgent } from '../edge-agent/index.ts';
-import { connect } from '../sdk/index.ts';
+import { sampleInputs } from '@edge-mesh/demo';
+import { admit, decodeMessage, encodeMessage, generateIdentity, MeshError, newRequestId, PROTOCOL_VERSION, requestIdHex, signStatus, topics, verifyStatus, type AgentStatus, type ErrorReply, type InferReply, type InferRequest } from '@edge-mesh/protocol';
+import { openMeshConnection } from '@edge-mesh/client';
+import { startAgent } from '@edge-mesh/agent';
+import { connect } from '@edge-mesh/sdk';
 import { agentFor, brokerFor, keyFileFor, meshFor, modelsDir, quiet, rawClient, ROOT, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
-const BIN = path.join(ROOT, 'bin/edge-mesh.mjs');
+const BIN = path.join(ROOT, 'cli/bin/edge-mesh.mjs');
 const edgeMesh = (args: string[]) => run(process.execPath, [BIN, ...args], { timeout: 60_000 });
 const kws = () => sampleInputs('kws', 3);
 const unauthorized = (err: unknown) => err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED';

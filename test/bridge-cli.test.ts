@@ -4,11 +4,11 @@ import { execFile, spawn } from 'node:child_process';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { promisify } from 'node:util';
-import { FrameType, udpDevice } from '../firmware-bridge/index.ts';
+import { FrameType, udpDevice } from '@edge-mesh/firmware-bridge';
 import { brokerFor, ROOT, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
-const BIN = path.join(ROOT, 'bin/edge-mesh.mjs');
+const BIN = path.join(ROOT, 'cli/bin/edge-mesh.mjs');
 const edgeMesh = (args: string[]) => run(process.execPath, [BIN, ...args], { timeout: 60_000 });
 
 describe('edge-mesh bridge', () => {

@@ -27,9 +27,10 @@ import {
   udpDevice,
   Want,
   type DeviceRecord,
-} from '../firmware-bridge/index.ts';
-import { admit, decodeCbor, generateIdentity, mulberry32, openMeshConnection, topics } from '../protocol/index.ts';
-import type { Mesh } from '../sdk/index.ts';
+} from '@edge-mesh/firmware-bridge';
+import { admit, decodeCbor, generateIdentity, topics } from '@edge-mesh/protocol';
+import { mulberry32, openMeshConnection } from '@edge-mesh/client';
+import type { Mesh } from '@edge-mesh/sdk';
 import { agentFor, brokerFor, meshFor, ROOT, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
@@ -167,7 +168,7 @@ describe('C reference client against the bridge', () => {
       pair.kill('SIGTERM');
     });
     await waitFor(() => existsSync(bridgeEnd) && existsSync(deviceEnd), 5_000, 'socat pty pair');
-    const { openSerial } = await import('../firmware-bridge/index.ts');
+    const { openSerial } = await import('@edge-mesh/firmware-bridge');
     const serial = await openSerial(bridge, bridgeEnd);
     t.after(() => serial.close());
     const samples = window(11);

@@ -33,8 +33,9 @@ import {
   type CborValue,
   type DeviceRecord,
   type DeviceReply,
-} from '../firmware-bridge/index.ts';
-import { MeshError, mulberry32, type ModelInfo, type Tensor } from '../protocol/index.ts';
+} from '@edge-mesh/firmware-bridge';
+import { MeshError, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
+import { mulberry32 } from '@edge-mesh/client';
 import golden from '../firmware-bridge/vectors/golden.json' with { type: 'json' };
 import { tempDir, waitFor } from './helpers.ts';
 
@@ -472,9 +473,9 @@ describe('bridge: fuzz', () => {
 
 describe('broker rules for bridge topics', () => {
   test("a bridge publishes (and retains) only its own devices' availability and telemetry; others may only read them", async () => {
-    const { aclPublish, aclSubscribe, newSession, ACL_DENY } = await import('../broker/acl.ts');
-    const { checkPublish } = await import('../broker/policy.ts');
-    const { topics, MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS } = await import('../protocol/index.ts');
+    const { aclPublish, aclSubscribe, newSession, ACL_DENY } = await import('../broker/src/acl.ts');
+    const { checkPublish } = await import('../broker/src/policy.ts');
+    const { topics, MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS } = await import('@edge-mesh/protocol');
     const limits = { maxTopicLevels: MAX_TOPIC_LEVELS, maxTopicBytes: MAX_TOPIC_BYTES };
     const bridge = newSession('bridge-aaaaaaaaaaaaaaaaaaaaaaaaaa', 'bridge', Infinity, 100);
     const other = 'bridge-bbbbbbbbbbbbbbbbbbbbbbbbbb';

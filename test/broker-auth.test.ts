@@ -7,17 +7,9 @@ import net from 'node:net';
 import { once } from 'node:events';
 import test from 'node:test';
 import mqtt, { type IClientOptions } from 'mqtt';
-import {
-  admit,
-  generateIdentity,
-  makeConnectToken,
-  MeshError,
-  revoke,
-  topics,
-  type Identity,
-} from '../protocol/index.ts';
-import { decodeAdminAck, encodeAdminRecord, startBroker, type BrokerHandle } from '../broker/index.ts';
-import { IpGuard, NonceCache } from '../broker/limits.ts';
+import { admit, generateIdentity, makeConnectToken, MeshError, revoke, topics, type Identity } from '@edge-mesh/protocol';
+import { decodeAdminAck, encodeAdminRecord, startBroker, type BrokerHandle } from '@edge-mesh/broker';
+import { IpGuard, NonceCache } from '../broker/src/limits.ts';
 import {
   admitted,
   assertServing,

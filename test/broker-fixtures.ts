@@ -11,8 +11,8 @@ import { once } from 'node:events';
 import type { TestContext } from 'node:test';
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
 import { pino } from 'pino';
-import { admit, generateIdentity, makeConnectToken, topics, type Identity, type Role } from '../protocol/index.ts';
-import { startBroker, type BrokerHandle, type BrokerOptions } from '../broker/index.ts';
+import { admit, generateIdentity, makeConnectToken, topics, type Identity, type Role } from '@edge-mesh/protocol';
+import { startBroker, type BrokerHandle, type BrokerOptions } from '@edge-mesh/broker';
 
 // ── cleanup, logs, temp folders ────────────────────────────────────────────────────────────────────────────────
 

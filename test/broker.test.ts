@@ -7,9 +7,9 @@ import net from 'node:net';
 import { once } from 'node:events';
 import test from 'node:test';
 import mqtt from 'mqtt';
-import { MeshError, topics } from '../protocol/index.ts';
-import { startBroker, type BrokerHandle, type BrokerOptions } from '../broker/index.ts';
-import { PacketSizeGuard } from '../broker/guard.ts';
+import { MeshError, topics } from '@edge-mesh/protocol';
+import { startBroker, type BrokerHandle, type BrokerOptions } from '@edge-mesh/broker';
+import { PacketSizeGuard } from '../broker/src/guard.ts';
 import {
   cleanup,
   connect,

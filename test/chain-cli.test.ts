@@ -9,12 +9,12 @@ import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ethers } from 'ethers';
-import { signVoucher, type EscrowDomain } from '../protocol/voucher.ts';
+import { signVoucher, type EscrowDomain } from '@edge-mesh/protocol';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import { ROOT } from './helpers.ts';
 
-const CLI = path.join(ROOT, 'bin', 'edge-mesh.mjs');
+const CLI = path.join(ROOT, 'cli', 'bin', 'edge-mesh.mjs');
 
 function edgeMesh(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {

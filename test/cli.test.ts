@@ -5,12 +5,12 @@ import { readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { promisify } from 'node:util';
-import { sampleInputs } from '../cli/sample-inputs.ts';
-import { tensorToJson } from '../protocol/index.ts';
+import { sampleInputs } from '@edge-mesh/demo';
+import { tensorToJson } from '@edge-mesh/protocol';
 import { agentFor, brokerFor, ROOT, tempDir } from './helpers.ts';
 
 const run = promisify(execFile);
-const BIN = path.join(ROOT, 'bin/edge-mesh.mjs');
+const BIN = path.join(ROOT, 'cli/bin/edge-mesh.mjs');
 
 function edgeMesh(args: string[], timeoutMs = 60_000, cwd?: string) {
   return run(process.execPath, [BIN, ...args], { timeout: timeoutMs, maxBuffer: 16 * 2 ** 20, ...(cwd ? { cwd } : {}) });

@@ -10,23 +10,12 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { ethers } from 'ethers';
-import { deployArtifact, deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '../contracts/index.ts';
-import { EscrowClient, EscrowError } from '../protocol/escrow.ts';
-import { generateIdentity, signBytes, verifyBytes } from '../protocol/identity.ts';
+import { deployArtifact, deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '@edge-mesh/contracts/dev';
+import { EscrowClient, EscrowError } from '@edge-mesh/contracts';
+import { generateIdentity, signBytes, verifyBytes } from '@edge-mesh/protocol';
 import { ROOT } from './helpers.ts';
-import {
-  agentBindingMessage,
-  ESCROW_ABI,
-  ERC20_ABI,
-  packVouchers,
-  recoverVoucherSigner,
-  SECP256K1_N,
-  signVoucher,
-  voucherDigest,
-  type EscrowDomain,
-  type SignedVoucher,
-  type Voucher,
-} from '../protocol/voucher.ts';
+import { agentBindingMessage, packVouchers, SECP256K1_N, signVoucher, voucherDigest, type EscrowDomain, type SignedVoucher, type Voucher } from '@edge-mesh/protocol';
+import { ESCROW_ABI, ERC20_ABI, recoverVoucherSigner } from '@edge-mesh/contracts';
 
 const THAW = 3_600;
 const USDC = 1_000_000n; // 6 decimals
@@ -412,11 +401,11 @@ describe('MeshEscrow', () => {
   });
 
   test('the local chain dies with its parent, even after SIGKILL', async () => {
-    const script = `import { startLocalChain } from ${JSON.stringify(path.join(ROOT, 'contracts', 'chain.ts'))};
+    const script = `import { startLocalChain } from ${JSON.stringify(path.join(ROOT, 'contracts', 'dist', 'chain.js'))};
 const c = await startLocalChain({ accounts: 1 });
 process.stdout.write(c.pid + '\\n');
 setInterval(() => {}, 1000);`;
-    const parent = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], { cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'] });
+    const parent = spawn(process.execPath, ['--input-type=module', '-e', script], { cwd: ROOT, stdio: ['ignore', 'pipe', 'inherit'] });
     const pid = await new Promise<number>((resolve, reject) => {
       let out = '';
       parent.stdout.on('data', (d: Buffer) => {

@@ -5,23 +5,12 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { Encoder } from 'cbor-x';
-import {
-  decodeMessage,
-  decodeTensor,
-  decodeTensorMap,
-  encodeMessage,
-  encodeTensor,
-  MeshError,
-  mulberry32,
-  newRequestId,
-  PROTOCOL_VERSION,
-  type InferRequest,
-  type MessageKind,
-} from '../protocol/index.ts';
+import { encode as cborgEncode } from 'cborg';
+import { decodeMessage, decodeTensor, decodeTensorMap, encodeMessage, encodeTensor, MeshError, newRequestId, PROTOCOL_VERSION, type InferRequest, type MessageKind } from '@edge-mesh/protocol';
+import { mulberry32 } from '@edge-mesh/client';
 
 const KINDS: MessageKind[] = ['req', 'res', 'err', 'cancel', 'status', 'load'];
-const plainCbor = new Encoder({ useRecords: false, mapsAsObjects: true, tagUint8Array: false });
+const plainCbor = { encode: (value: unknown) => Buffer.from(cborgEncode(value)) };
 
 function rng(seed: number) {
   const next = mulberry32(seed);

@@ -6,23 +6,12 @@ import path from 'node:path';
 import type { TestContext } from 'node:test';
 import type { MqttClient } from 'mqtt';
 import pino from 'pino';
-import { startBroker, type BrokerHandle } from '../broker/index.ts';
-import { ensureModelsFolder } from '../cli/models.ts';
-import { startAgent, type AgentHandle, type AgentOptions } from '../edge-agent/index.ts';
-import {
-  decodeMessage,
-  encodeKeyFile,
-  encodeMessage,
-  generateIdentity,
-  openMeshConnection,
-  requestIdHex,
-  topics,
-  type ErrorReply,
-  type Identity,
-  type InferReply,
-  type Message,
-} from '../protocol/index.ts';
-import { connect, type ConnectOptions, type Mesh } from '../sdk/index.ts';
+import { startBroker, type BrokerHandle } from '@edge-mesh/broker';
+import { ensureModelsFolder } from '@edge-mesh/demo';
+import { startAgent, type AgentHandle, type AgentOptions } from '@edge-mesh/agent';
+import { decodeMessage, encodeKeyFile, encodeMessage, generateIdentity, requestIdHex, topics, type ErrorReply, type Identity, type InferReply, type Message } from '@edge-mesh/protocol';
+import { openMeshConnection } from '@edge-mesh/client';
+import { connect, type ConnectOptions, type Mesh } from '@edge-mesh/sdk';
 
 export const ROOT = path.resolve(import.meta.dirname, '..');
 export const quiet = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
@@ -116,7 +105,7 @@ export async function spawnAgent(t: TestContext, brokerUrl: string, identity: Id
   const keyFile = await keyFileFor(t, identity);
   const child = spawn(
     process.execPath,
-    [path.join(ROOT, 'bin/edge-mesh.mjs'), 'agent', '--models', await modelsDir(), '--broker', brokerUrl, '--key', keyFile, '--workers', '1', ...extraArgs],
+    [path.join(ROOT, 'cli/bin/edge-mesh.mjs'), 'agent', '--models', await modelsDir(), '--broker', brokerUrl, '--key', keyFile, '--workers', '1', ...extraArgs],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
   t.after(() => {

@@ -9,8 +9,8 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import mqtt from 'mqtt';
-import { generateIdentity, makeConnectToken, topics, type Identity } from '../protocol/index.ts';
-import { startBroker } from '../broker/index.ts';
+import { generateIdentity, makeConnectToken, topics, type Identity } from '@edge-mesh/protocol';
+import { startBroker } from '@edge-mesh/broker';
 import {
   admitted,
   assertServing,

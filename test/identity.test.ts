@@ -1,35 +1,8 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import * as noble from '@noble/ed25519';
-import {
-  admit,
-  connectTokenMessage,
-  decodeMessage,
-  encodeMessage,
-  deriveId,
-  encodeKeyFile,
-  generateIdentity,
-  idMatchesKey,
-  identityFromSeed,
-  isValidId,
-  makeConnectToken,
-  MeshError,
-  parseKeyFile,
-  newRequestId,
-  PROTOCOL_VERSION,
-  readAgentStatus,
-  readReply,
-  requestIdHex,
-  readConnectToken,
-  revoke,
-  roleOfId,
-  signBytes,
-  signStatus,
-  verifyBytes,
-  verifyRecord,
-  verifyStatus,
-  type AgentStatus,
-} from '../protocol/index.ts';
+import { admit, connectTokenMessage, decodeMessage, encodeMessage, deriveId, encodeKeyFile, generateIdentity, idMatchesKey, identityFromSeed, isValidId, makeConnectToken, MeshError, parseKeyFile, newRequestId, PROTOCOL_VERSION, requestIdHex, readConnectToken, revoke, roleOfId, signBytes, signStatus, verifyBytes, verifyRecord, verifyStatus, type AgentStatus } from '@edge-mesh/protocol';
+import { readAgentStatus, readReply } from '@edge-mesh/client';
 
 const unauthorized = (err: unknown) => err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED';
 

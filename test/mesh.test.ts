@@ -4,21 +4,10 @@ import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import * as ort from 'onnxruntime-node';
-import { sampleInputs, SAMPLE_MODELS } from '../cli/sample-inputs.ts';
-import { startAgent } from '../edge-agent/index.ts';
-import {
-  decodeMessage,
-  encodeMessage,
-  generateIdentity,
-  MeshError,
-  newRequestId,
-  openMeshConnection,
-  PROTOCOL_VERSION,
-  topics,
-  type AgentLoad,
-  type AgentStatus,
-  type InferRequest,
-} from '../protocol/index.ts';
+import { sampleInputs, SAMPLE_MODELS } from '@edge-mesh/demo';
+import { startAgent } from '@edge-mesh/agent';
+import { decodeMessage, encodeMessage, generateIdentity, MeshError, newRequestId, PROTOCOL_VERSION, topics, type AgentLoad, type AgentStatus, type InferRequest } from '@edge-mesh/protocol';
+import { openMeshConnection } from '@edge-mesh/client';
 import { agentFor, brokerFor, meshFor, modelsDir, quiet, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 const kws = () => sampleInputs('kws', 3);

@@ -9,10 +9,10 @@ import { mkdtemp, readFile, readdir, rm, stat, unlink, writeFile } from 'node:fs
 import os from 'node:os';
 import path from 'node:path';
 import * as ort from 'onnxruntime-node';
-import type { Tensor } from '../protocol/index.ts';
-import { readManifest, type Manifest, type ManifestEntry } from '../edge-agent/manifest.ts';
-import { MODEL_CATALOG, buildModelsFolder, ensureModelsFolder, modelSourcePath, resolvePackageDir } from '../cli/models.ts';
-import { SAMPLE_MODELS, sampleInputs, sampleTextBoxes } from '../cli/sample-inputs.ts';
+import type { Tensor } from '@edge-mesh/protocol';
+import { readManifest, type Manifest, type ManifestEntry } from '@edge-mesh/agent';
+import { MODEL_CATALOG, buildModelsFolder, ensureModelsFolder, modelSourcePath, resolvePackageDir } from '@edge-mesh/demo';
+import { SAMPLE_MODELS, sampleInputs, sampleTextBoxes } from '@edge-mesh/demo';
 
 const EXPECTED = {
   kws: { file: 'hello_deepa.onnx', priceMicros: 2, outputs: [[1, 1]] },

@@ -4,8 +4,8 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { sampleInputs } from '../cli/sample-inputs.ts';
-import { encodeMessage, encodeTensor, generateIdentity, newRequestId, PROTOCOL_VERSION, type InferRequest } from '../protocol/index.ts';
+import { sampleInputs } from '@edge-mesh/demo';
+import { encodeMessage, encodeTensor, generateIdentity, newRequestId, PROTOCOL_VERSION, type InferRequest } from '@edge-mesh/protocol';
 import { agentFor, brokerFor, meshFor, rawClient } from './helpers.ts';
 
 function request(model: string, inputs: InferRequest['inputs']): InferRequest {

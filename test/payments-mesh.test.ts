@@ -7,27 +7,11 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { describe, test } from 'node:test';
 import { Wallet, type Signer } from 'ethers';
-import { sampleInputs } from '../cli/sample-inputs.ts';
-import { encodeTensorMap } from '../protocol/tensor.ts';
-import { AgentPayments } from '../edge-agent/payments.ts';
-import {
-  encodeMessage,
-  fromHex,
-  generateIdentity,
-  LaneVerifier,
-  merkleRoot,
-  newRequestId,
-  PROTOCOL_VERSION,
-  RECEIPT_STATUS,
-  toHex,
-  topics,
-  verifyQuote,
-  type ErrorReply,
-  type InferReply,
-  type InferRequest,
-  type SignedReceipt,
-} from '../protocol/index.ts';
-import { signVoucher, type EscrowDomain } from '../protocol/voucher.ts';
+import { sampleInputs } from '@edge-mesh/demo';
+import { encodeTensorMap } from '@edge-mesh/protocol';
+import { AgentPayments } from '../edge-agent/src/payments.ts';
+import { encodeMessage, fromHex, generateIdentity, LaneVerifier, merkleRoot, newRequestId, PROTOCOL_VERSION, RECEIPT_STATUS, toHex, topics, verifyQuote, type ErrorReply, type InferReply, type InferRequest, type SignedReceipt } from '@edge-mesh/protocol';
+import { signVoucher, type EscrowDomain } from '@edge-mesh/protocol';
 import { agentFor, brokerFor, meshFor, quiet, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 const domain: EscrowDomain = { chainId: 31337n, escrow: '0x' + 'e5'.repeat(20) };

@@ -1,25 +1,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import {
-  cborNestsDeeper,
-  checkTensor,
-  decodeMessage,
-  decodeTensor,
-  encodeMessage,
-  encodeTensor,
-  ERROR_CODES,
-  isValidId,
-  MeshError,
-  newRequestId,
-  parseTopic,
-  PROTOCOL_VERSION,
-  reconnectDelayMs,
-  requestIdHex,
-  summarize,
-  tensorFromJson,
-  topics,
-  type InferRequest,
-} from '../protocol/index.ts';
+import { cborNestsDeeper, checkTensor, decodeMessage, decodeTensor, encodeMessage, encodeTensor, ERROR_CODES, isValidId, MeshError, newRequestId, parseTopic, PROTOCOL_VERSION, requestIdHex, tensorFromJson, topics, type InferRequest } from '@edge-mesh/protocol';
+import { reconnectDelayMs, summarize } from '@edge-mesh/client';
 
 const code = (c: string) => (err: unknown) => err instanceof MeshError && err.code === c;
 

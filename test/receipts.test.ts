@@ -2,29 +2,7 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import { AbiCoder, keccak256 } from 'ethers';
-import {
-  encodeReceiptAbi,
-  generateIdentity,
-  hashPair,
-  keccak256Bytes,
-  LaneVerifier,
-  MeshError,
-  merkleProof,
-  merkleRoot,
-  newRequestId,
-  RECEIPT_ABI_TYPES,
-  RECEIPT_STATUS,
-  receiptLeaf,
-  receiptPriceMicros,
-  signQuote,
-  signReceipt,
-  toHex,
-  verifyMerkleProof,
-  verifyQuote,
-  ZERO_HASH,
-  type Receipt,
-  type SignedReceipt,
-} from '../protocol/index.ts';
+import { encodeReceiptAbi, generateIdentity, hashPair, keccak256Bytes, LaneVerifier, MeshError, merkleProof, merkleRoot, newRequestId, RECEIPT_ABI_TYPES, RECEIPT_STATUS, receiptLeaf, receiptPriceMicros, signQuote, signReceipt, toHex, verifyMerkleProof, verifyQuote, ZERO_HASH, type Receipt, type SignedReceipt } from '@edge-mesh/protocol';
 
 const agent = generateIdentity('agent');
 const payer = '0x' + 'a1'.repeat(20);

@@ -7,10 +7,10 @@ import assert from 'node:assert/strict';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, test, type TestContext } from 'node:test';
-import { sampleInputs } from '../cli/sample-inputs.ts';
-import type { AgentHandle } from '../edge-agent/index.ts';
-import { generateIdentity } from '../protocol/index.ts';
-import { startRouter, type RouterHandle } from '../router/index.ts';
+import { sampleInputs } from '@edge-mesh/demo';
+import type { AgentHandle } from '@edge-mesh/agent';
+import { generateIdentity } from '@edge-mesh/protocol';
+import { startRouter, type RouterHandle } from '@edge-mesh/router';
 import { agentFor, brokerFor, meshFor, modelsDir, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 async function routerFor(t: TestContext, brokerUrl: string, options: Partial<Parameters<typeof startRouter>[0]> = {}): Promise<RouterHandle> {

@@ -1,9 +1,9 @@
 /** The router's HTTP API (KServe v2 JSON, operator endpoints, Prometheus metrics) on a real broker, agent and router. */
 import assert from 'node:assert/strict';
 import { describe, test, type TestContext } from 'node:test';
-import { sampleInputs } from '../cli/sample-inputs.ts';
-import { generateIdentity, tensorToJson } from '../protocol/index.ts';
-import { KSERVE_TO_DTYPE, kserveDatatypeOf, startRouter, startRouterHttp, type RouterHandle, type RouterHttpHandle } from '../router/index.ts';
+import { sampleInputs } from '@edge-mesh/demo';
+import { generateIdentity, tensorToJson } from '@edge-mesh/protocol';
+import { KSERVE_TO_DTYPE, kserveDatatypeOf, startRouter, startRouterHttp, type RouterHandle, type RouterHttpHandle } from '@edge-mesh/router';
 import { agentFor, brokerFor, meshFor, quiet } from './helpers.ts';
 
 const PROM_LINE = /^[a-zA-Z_:][a-zA-Z0-9_:]*(\{.*\})? ([-+0-9.eE]+|NaN|[+-]Inf)$/;

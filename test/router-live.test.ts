@@ -1,9 +1,9 @@
 /** The live router on a real broker with real agents: routing, forwarding, failover, offline agents. */
 import assert from 'node:assert/strict';
 import { describe, test, type TestContext } from 'node:test';
-import { sampleInputs } from '../cli/sample-inputs.ts';
-import { generateIdentity, MeshError } from '../protocol/index.ts';
-import { startRouter, type RouterHandle } from '../router/index.ts';
+import { sampleInputs } from '@edge-mesh/demo';
+import { generateIdentity, MeshError } from '@edge-mesh/protocol';
+import { startRouter, type RouterHandle } from '@edge-mesh/router';
 import { agentFor, brokerFor, meshFor, quiet, spawnAgent, waitFor } from './helpers.ts';
 
 async function routerFor(t: TestContext, brokerUrl: string, options: Partial<Parameters<typeof startRouter>[0]> = {}): Promise<RouterHandle> {

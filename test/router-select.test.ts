@@ -1,7 +1,7 @@
 /** Router core: selection table tests, sampling statistics, ejection, Vivaldi, estimate formulas. No sockets. */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import type { AgentStatus } from '../protocol/index.ts';
+import type { AgentStatus } from '@edge-mesh/protocol';
 import {
   applyVivaldiSample,
   createRegistry,
@@ -26,7 +26,7 @@ import {
   type Registry,
   type RouteRequest,
   type RouterOptions,
-} from '../router/index.ts';
+} from '@edge-mesh/router';
 
 /** Two-candidate pools with no exploration make every table row deterministic. */
 function registry(agents: AgentDescriptor[], options: RouterOptions = {}, nowMs = 0): Registry {

@@ -5,10 +5,10 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { ethers } from 'ethers';
-import { sampleInputs } from '../cli/sample-inputs.ts';
-import { deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '../contracts/index.ts';
-import { EscrowClient } from '../protocol/escrow.ts';
-import { MeshError, RECEIPT_STATUS } from '../protocol/index.ts';
+import { sampleInputs } from '@edge-mesh/demo';
+import { deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '@edge-mesh/contracts/dev';
+import { EscrowClient } from '@edge-mesh/contracts';
+import { MeshError, RECEIPT_STATUS } from '@edge-mesh/protocol';
 import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
 
 let chain: LocalChain;

@@ -4,7 +4,7 @@
  * fail-fast errors, load reports) and the router's runtime (per-try timeouts, hedges, retries with
  * budgets, cancels), calling the policy only with what a real router would see.
  */
-import { TailBudget } from '../../protocol/budget.ts';
+import { TailBudget } from '@edge-mesh/client';
 import { EventHeap } from './heap.ts';
 import { Rng } from './rng.ts';
 import { summarize, type LatencySummary } from './metrics.ts';

@@ -29,7 +29,7 @@ import {
   type ModelEntry,
   type Registry,
   type RouterOptions,
-} from '../../router/index.ts';
+} from '@edge-mesh/router';
 import type { FailureKind, NodeInfo, Policy, PolicyEnv, ReplyInfo, SimRequest, TailPolicy } from './types.ts';
 import { BROKER_HOP_MS, CLIENT_HEIGHT_MS } from './world.ts';
 

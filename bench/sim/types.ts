@@ -3,7 +3,7 @@
  * description that agents announce (class, slots, self-benchmark, site), its own sends, replies with
  * queue/exec times, periodic load reports (delayed), status changes (delayed), and the clock.
  */
-import type { TailBudgetOptions } from '../../protocol/budget.ts';
+import type { TailBudgetOptions } from '@edge-mesh/client';
 import type { Rng } from './rng.ts';
 
 export type ClassName = 'gpu-fast' | 'gpu-mid' | 'cpu';

@@ -5,10 +5,10 @@
  */
 import { writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { cborMap, encodeCbor } from '../cbor.ts';
-import { FrameType, sealFrame } from '../frame.ts';
-import { encodeSerialFrame } from '../link.ts';
-import { inferRequestBody, K } from '../messages.ts';
+import { cborMap, encodeCbor } from '../src/cbor.ts';
+import { FrameType, sealFrame } from '../src/frame.ts';
+import { encodeSerialFrame } from '../src/link.ts';
+import { inferRequestBody, K } from '../src/messages.ts';
 
 const key = Buffer.from('000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f', 'hex');
 const key2 = Buffer.from('c0ffee00'.repeat(8), 'hex');

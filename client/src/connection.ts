@@ -1,0 +1,125 @@
+/**
+ * The one MQTT connection recipe every mesh client shares (agent, SDK, later router and bridge).
+ * It is the only I/O in protocol/, kept here because its rules are part of the transport contract:
+ * MQTT 3.1.1, clean sessions, TCP_NODELAY on every (re)connect, jittered exponential reconnects and,
+ * with an identity, a fresh signed CONNECT token on every attempt (the broker refuses a replayed one).
+ */
+import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
+import { MeshError } from '@edge-mesh/protocol';
+import { makeConnectToken, type Identity } from '@edge-mesh/protocol';
+import { MQTT_PROTOCOL_VERSION, reconnectDelayMs, type BackoffOptions } from './transport.ts';
+
+export interface MeshConnectionOptions {
+  /** Defaults to `identity.id`; with an identity it must be that id. */
+  clientId?: string;
+  /**
+   * The key this client proves on CONNECT: username = its id, password = a token signed over
+   * (id, timestamp, nonce), made fresh for the first connect and before every reconnect.
+   * Without it the client connects anonymously, which only an open broker accepts.
+   */
+  identity?: Identity;
+  keepaliveS?: number;
+  connectTimeoutMs?: number;
+  backoff?: BackoffOptions;
+  will?: IClientOptions['will'];
+  /** Called on every successful (re)connect, before anything else runs on it. */
+  onConnect?: (client: MqttClient) => void;
+  onReconnectScheduled?: (delayMs: number, attempt: number) => void;
+  /**
+   * Called when the broker answers a CONNECT with a refusal (CONNACK return code > 0): MESH_UNAUTHORIZED
+   * for "bad username or password" and "not authorized", MESH_NOT_CONNECTED for the rest. The
+   * connection keeps retrying with backoff until closed; `firstConnect` is true until a connect succeeded.
+   */
+  onRefused?: (err: MeshError, firstConnect: boolean) => void;
+}
+
+export interface MeshConnection {
+  client: MqttClient;
+  /** Resolves on the first successful connect. */
+  firstConnect: Promise<void>;
+  close(): Promise<void>;
+}
+
+/** MQTT 3.1.1 CONNACK return codes (§3.2.2.3) and their MQTT 5 counterparts that mean "who you are is refused". */
+const AUTH_REFUSALS = new Set([4, 5, 134, 135]);
+
+/** The MeshError for a CONNACK refusal as mqtt.js reports it, or undefined for any other error. */
+export function connectRefusal(err: unknown, clientId: string): MeshError | undefined {
+  const e = err as { code?: unknown; message?: unknown } | null;
+  if (!e || typeof e.code !== 'number' || e.code <= 0 || typeof e.message !== 'string' || !e.message.startsWith('Connection refused')) return undefined;
+  const reason = e.message.replace(/^Connection refused:\s*/, '') || `return code ${e.code}`;
+  return AUTH_REFUSALS.has(e.code)
+    ? new MeshError('MESH_UNAUTHORIZED', `the broker refused ${clientId}: ${reason.toLowerCase()}`, { cause: err, details: { clientId, returnCode: e.code } })
+    : new MeshError('MESH_NOT_CONNECTED', `the broker refused ${clientId}: ${reason.toLowerCase()}`, { cause: err, details: { clientId, returnCode: e.code } });
+}
+
+export function openMeshConnection(brokerUrl: string, options: MeshConnectionOptions): MeshConnection {
+  const { identity, keepaliveS = 10, connectTimeoutMs = 5_000, backoff, will, onConnect, onReconnectScheduled, onRefused } = options;
+  const clientId = options.clientId ?? identity?.id;
+  if (clientId === undefined) throw new MeshError('MESH_CONFIG', 'a mesh connection needs a client id or an identity');
+  if (identity && clientId !== identity.id) {
+    throw new MeshError('MESH_CONFIG', `client id ${JSON.stringify(clientId)} must be the identity's id ${identity.id}`);
+  }
+  const client = mqtt.connect(brokerUrl, {
+    clientId,
+    protocolVersion: MQTT_PROTOCOL_VERSION,
+    clean: true,
+    keepalive: keepaliveS,
+    connectTimeout: connectTimeoutMs,
+    // Reconnects are scheduled below with jitter; mqtt.js's own timer has a fixed period.
+    reconnectPeriod: 0,
+    resubscribe: false,
+    queueQoSZero: false,
+    ...(identity ? { username: identity.id, password: makeConnectToken(identity) } : {}),
+    ...(will ? { will } : {}),
+  });
+  let attempt = 0;
+  let closed = false;
+  let connectedOnce = false;
+  let timer: NodeJS.Timeout | undefined;
+  let resolveFirst!: () => void;
+  const firstConnect = new Promise<void>((resolve) => (resolveFirst = resolve));
+
+  client.on('connect', () => {
+    attempt = 0;
+    connectedOnce = true;
+    // mqtt.js never sets TCP_NODELAY; without it small request bursts stall on delayed ACKs.
+    (client.stream as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
+    onConnect?.(client);
+    resolveFirst();
+  });
+  client.on('close', () => {
+    if (closed || timer) return;
+    const delayMs = reconnectDelayMs(attempt++, backoff);
+    onReconnectScheduled?.(delayMs, attempt);
+    timer = setTimeout(() => {
+      timer = undefined;
+      if (closed) return;
+      // mqtt.js sends `client.options.password` again on reconnect; a token is single-use, so renew it.
+      if (identity) client.options.password = makeConnectToken(identity);
+      client.reconnect();
+    }, delayMs);
+  });
+  // Errors (refused connection, protocol errors) are followed by 'close', which reconnects.
+  client.on('error', (err) => {
+    if (closed || !onRefused) return;
+    const refusal = connectRefusal(err, clientId);
+    if (refusal) onRefused(refusal, !connectedOnce);
+  });
+
+  return {
+    client,
+    firstConnect,
+    close: () => {
+      closed = true;
+      if (timer) clearTimeout(timer);
+      return new Promise<void>((resolve) => {
+        if (client.disconnected || !client.connected) {
+          client.end(true, {}, () => resolve());
+        } else {
+          client.end(false, {}, () => resolve());
+        }
+      });
+    },
+  };
+}

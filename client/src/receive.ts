@@ -1,0 +1,60 @@
+/**
+ * How a mesh client reads what agents publish: the same rules for every receiver (SDK, router).
+ * Pure: the caller supplies the topic's agent id and logs or counts the outcome.
+ */
+import { decodeMessage, DEFAULT_MAX_MESSAGE_BYTES, requestIdHex } from '@edge-mesh/protocol';
+import { isMeshErrorCode, MeshError } from '@edge-mesh/protocol';
+import { verifyStatus } from '@edge-mesh/protocol';
+import type { AgentStatus, InferReply } from '@edge-mesh/protocol';
+import type { SignedReceipt } from '@edge-mesh/protocol';
+
+export type StatusReading =
+  | { ok: true; status: AgentStatus }
+  | { ok: false; reason: 'malformed' | 'foreign' | 'unverified'; message: string };
+
+/**
+ * A status from `topics.agentStatus(agentId)`: it must decode, name that agent and, when
+ * `requireSigned`, carry a valid signature by the key the id derives from. Offline statuses are
+ * checked too: a forged "offline" would otherwise evict a genuine agent.
+ */
+export function readAgentStatus(agentId: string, payload: Uint8Array, { maxBytes = DEFAULT_MAX_MESSAGE_BYTES, requireSigned = true } = {}): StatusReading {
+  let status: AgentStatus;
+  try {
+    status = decodeMessage(payload, ['status'], maxBytes);
+  } catch (err) {
+    return { ok: false, reason: 'malformed', message: (err as Error).message };
+  }
+  if (status.agent !== agentId) return { ok: false, reason: 'foreign', message: `status names ${status.agent}, published on ${agentId}'s topic` };
+  if (requireSigned && !verifyStatus(status)) {
+    return { ok: false, reason: 'unverified', message: status.sig === undefined ? 'unsigned status' : 'status not signed by the key its agent id derives from' };
+  }
+  return { ok: true, status };
+}
+
+export interface ReplyReading {
+  /** Hex request id, the key of the sender's pending map. */
+  key: string;
+  reply: InferReply | undefined;
+  error: MeshError | undefined;
+  /** The agent's receipt, when the request paid on a lane (checked by the payer, not here). */
+  receipt: SignedReceipt | undefined;
+}
+
+/**
+ * A reply from `topics.clientReply(me, agentId)`: a result, or the agent's coded error as a
+ * MeshError. Undefined when it does not decode or names another agent than the topic: a reply
+ * counts only from the agent named by both.
+ */
+export function readReply(agentId: string, payload: Uint8Array, maxBytes = DEFAULT_MAX_MESSAGE_BYTES): ReplyReading | undefined {
+  let decoded;
+  try {
+    decoded = decodeMessage(payload, ['res', 'err'], maxBytes);
+  } catch {
+    return undefined;
+  }
+  if (decoded.agent !== agentId) return undefined;
+  const key = requestIdHex(decoded.id);
+  if (decoded.kind === 'res') return { key, reply: decoded, error: undefined, receipt: decoded.receipt };
+  const code = isMeshErrorCode(decoded.code) ? decoded.code : 'MESH_INTERNAL';
+  return { key, reply: undefined, error: new MeshError(code, decoded.message, { details: { agentId } }), receipt: decoded.receipt };
+}

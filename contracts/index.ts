@@ -1,3 +1,0 @@
-/** contracts/: the escrow's Solidity, its solc-js build, a local Hardhat 2 chain and deployment. */
-export { compileContracts, artifact, BUILD_DIR, CONTRACTS_DIR, SOLC_SETTINGS, type Artifact, type Artifacts } from './compile.ts';
-export { startLocalChain, connectRpc, deployMesh, deployArtifact, DEV_MNEMONIC, type LocalChain, type StartChainOptions, type MeshDeployment } from './chain.ts';

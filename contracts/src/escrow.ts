@@ -1,0 +1,377 @@
+/**
+ * A small typed client for the MeshEscrow contract over ethers v6: everything an agent, SDK, relayer
+ * or the CLI needs to fund lanes, settle vouchers, leave a lane and read balances. Works against any
+ * EVM JSON-RPC endpoint given the escrow's address (the token is read from the escrow).
+ *
+ * Transactions need a Signer as runner; reads work with a Provider. One client sends its transactions
+ * one after another; wrap the signer in ethers.NonceManager to send from several clients at once.
+ */
+import { ethers } from 'ethers';
+import { packVouchers, skipReasonName, signVoucher, type EscrowDomain, type SignedVoucher, type SkipReason, type Voucher } from '@edge-mesh/protocol';
+import { ERC20_ABI, ESCROW_ABI } from './abi.ts';
+
+export const ESCROW_ERROR_CODES = {
+  ESCROW_UNREACHABLE: 'the chain could not be reached or answered badly',
+  ESCROW_REVERTED: 'the chain refused the transaction or call (the reason is in the message)',
+  ESCROW_BAD_ARGUMENT: 'an argument is malformed (address, amount, voucher)',
+  ESCROW_NO_SIGNER: 'a transaction needs a signer; the client was built with a provider only',
+  ESCROW_NOT_AN_ESCROW: 'the address holds no MeshEscrow contract',
+} as const;
+export type EscrowErrorCode = keyof typeof ESCROW_ERROR_CODES;
+
+export class EscrowError extends Error {
+  override readonly name = 'EscrowError';
+  constructor(
+    readonly code: EscrowErrorCode,
+    message: string,
+    options: { cause?: unknown } = {},
+  ) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+  }
+}
+
+export interface Lane {
+  /** Funds left on the lane (token units, micro-dollars). */
+  remaining: bigint;
+  /** Highest cumulative voucher amount settled so far. */
+  settled: bigint;
+  /** Unix seconds when a requested withdrawal may run; 0 when none is pending. */
+  thawEnd: bigint;
+}
+
+export interface TxOutcome {
+  hash: string;
+  blockNumber: number;
+  gasUsed: bigint;
+}
+
+export interface SettledEvent {
+  payer: string;
+  agent: string;
+  cumulative: bigint;
+  delta: bigint;
+  receiptsRoot: string;
+}
+
+export interface SkippedEvent {
+  /** The zero address when the signature could not be recovered. */
+  payer: string;
+  agent: string;
+  reasonCode: number;
+  reason: SkipReason | 'UNKNOWN';
+  cumulative: bigint;
+}
+
+export interface SettleOutcome extends TxOutcome {
+  /** Total paid out by this transaction. */
+  paid: bigint;
+  settled: SettledEvent[];
+  skipped: SkippedEvent[];
+}
+
+export interface AgentBatch {
+  agent: string;
+  entries: readonly SignedVoucher[];
+}
+
+export interface EscrowClientOptions {
+  /** A Signer (for transactions) or a Provider (read only). */
+  runner: ethers.Signer | ethers.Provider;
+  escrow: string;
+  /** Skips the escrow.token() lookup; must match it. */
+  token?: string;
+}
+
+function isSigner(runner: ethers.Signer | ethers.Provider): runner is ethers.Signer {
+  return typeof (runner as ethers.Signer).signTypedData === 'function';
+}
+
+function address(value: string, what: string): string {
+  if (!ethers.isAddress(value)) throw new EscrowError('ESCROW_BAD_ARGUMENT', `${what} is not an EVM address: ${JSON.stringify(value)}`);
+  return ethers.getAddress(value);
+}
+
+function amount(value: bigint, what: string): bigint {
+  if (typeof value !== 'bigint' || value <= 0n || value >= 1n << 128n) throw new EscrowError('ESCROW_BAD_ARGUMENT', `${what} must be a positive uint128 bigint`);
+  return value;
+}
+
+const escrowInterface = new ethers.Interface(ESCROW_ABI);
+const erc20Interface = new ethers.Interface(ERC20_ABI);
+
+/** Turns an ethers error into an EscrowError with the decoded revert reason where there is one. */
+export function toEscrowError(err: unknown, action: string): EscrowError {
+  if (err instanceof EscrowError) return err;
+  const e = err as { code?: string; revert?: { name: string; args: unknown[] } | null; data?: string; shortMessage?: string; message?: string };
+  if (e.code === 'CALL_EXCEPTION' || e.code === 'INSUFFICIENT_FUNDS' || e.code === 'NONCE_EXPIRED' || e.code === 'REPLACEMENT_UNDERPRICED') {
+    let reason = e.revert ? `${e.revert.name}(${e.revert.args.map(String).join(', ')})` : undefined;
+    if (!reason && typeof e.data === 'string' && e.data.length >= 10) {
+      const parsed = escrowInterface.parseError(e.data) ?? erc20Interface.parseError(e.data);
+      if (parsed) reason = `${parsed.name}(${parsed.args.map(String).join(', ')})`;
+    }
+    return new EscrowError('ESCROW_REVERTED', `${action}: ${reason ?? e.shortMessage ?? e.message ?? String(err)}`, { cause: err });
+  }
+  if (e.code === 'NETWORK_ERROR' || e.code === 'TIMEOUT' || e.code === 'SERVER_ERROR' || e.code === 'ECONNREFUSED' || e.code === 'UNKNOWN_ERROR') {
+    return new EscrowError('ESCROW_UNREACHABLE', `${action}: ${e.shortMessage ?? e.message ?? String(err)}`, { cause: err });
+  }
+  if (e.code === 'INVALID_ARGUMENT' || err instanceof RangeError) {
+    return new EscrowError('ESCROW_BAD_ARGUMENT', `${action}: ${e.shortMessage ?? e.message ?? String(err)}`, { cause: err });
+  }
+  return new EscrowError('ESCROW_UNREACHABLE', `${action}: ${e.shortMessage ?? e.message ?? String(err)}`, { cause: err });
+}
+
+export class EscrowClient {
+  readonly escrow: string;
+  readonly token: string;
+  readonly domain: EscrowDomain;
+  readonly runner: ethers.Signer | ethers.Provider;
+  private readonly escrowContract: ethers.Contract;
+  private readonly tokenContract: ethers.Contract;
+
+  private constructor(runner: ethers.Signer | ethers.Provider, escrow: string, token: string, chainId: bigint) {
+    this.runner = runner;
+    this.escrow = escrow;
+    this.token = token;
+    this.domain = { chainId, escrow };
+    this.escrowContract = new ethers.Contract(escrow, ESCROW_ABI, runner);
+    this.tokenContract = new ethers.Contract(token, ERC20_ABI, runner);
+  }
+
+  /** Connects to a deployed escrow: checks there is code, reads the chain id and the token. */
+  static async connect({ runner, escrow, token }: EscrowClientOptions): Promise<EscrowClient> {
+    const escrowAddress = address(escrow, 'escrow');
+    const provider = isSigner(runner) ? runner.provider : runner;
+    if (!provider) throw new EscrowError('ESCROW_BAD_ARGUMENT', 'the signer is not connected to a provider');
+    let chainId: bigint;
+    let code: string;
+    try {
+      [{ chainId }, code] = await Promise.all([provider.getNetwork(), provider.getCode(escrowAddress)]);
+    } catch (err) {
+      throw toEscrowError(err, 'connect');
+    }
+    if (code === '0x') throw new EscrowError('ESCROW_NOT_AN_ESCROW', `no contract at ${escrowAddress} on chain ${chainId}`);
+    let tokenAddress: string;
+    try {
+      tokenAddress = ethers.getAddress((await new ethers.Contract(escrowAddress, ESCROW_ABI, provider).getFunction('token')()) as string);
+    } catch (err) {
+      throw new EscrowError('ESCROW_NOT_AN_ESCROW', `${escrowAddress} does not answer token(): not a MeshEscrow?`, { cause: err });
+    }
+    if (token !== undefined && address(token, 'token') !== tokenAddress) {
+      throw new EscrowError('ESCROW_BAD_ARGUMENT', `escrow ${escrowAddress} holds token ${tokenAddress}, not ${token}`);
+    }
+    return new EscrowClient(runner, escrowAddress, tokenAddress, chainId);
+  }
+
+  private signer(): ethers.Signer {
+    if (!isSigner(this.runner)) throw new EscrowError('ESCROW_NO_SIGNER', 'this escrow client is read-only (built with a provider)');
+    return this.runner;
+  }
+
+  /** The signer's address (throws ESCROW_NO_SIGNER when read-only). */
+  async address(): Promise<string> {
+    return ethers.getAddress(await this.signer().getAddress());
+  }
+
+  private async send(
+    action: string,
+    call: () => Promise<ethers.ContractTransactionResponse>,
+    onSent?: (hash: string) => void | Promise<void>,
+  ): Promise<ethers.ContractTransactionReceipt> {
+    this.signer();
+    try {
+      const tx = await call();
+      if (onSent) await onSent(tx.hash);
+      const receipt = await tx.wait();
+      if (!receipt) throw new EscrowError('ESCROW_UNREACHABLE', `${action}: no receipt for ${tx.hash}`);
+      return receipt;
+    } catch (err) {
+      throw toEscrowError(err, action);
+    }
+  }
+
+  private static outcome(receipt: ethers.TransactionReceipt): TxOutcome {
+    return { hash: receipt.hash, blockNumber: receipt.blockNumber, gasUsed: receipt.gasUsed };
+  }
+
+  // ------------------------------------------------------------------ reads
+
+  async laneOf(payer: string, agent: string): Promise<Lane> {
+    try {
+      const [remaining, settled, thawEnd] = (await this.escrowContract.getFunction('laneOf')(address(payer, 'payer'), address(agent, 'agent'))) as [bigint, bigint, bigint];
+      return { remaining, settled, thawEnd };
+    } catch (err) {
+      throw toEscrowError(err, 'laneOf');
+    }
+  }
+
+  async tokenBalance(owner: string): Promise<bigint> {
+    try {
+      return (await this.tokenContract.getFunction('balanceOf')(address(owner, 'owner'))) as bigint;
+    } catch (err) {
+      throw toEscrowError(err, 'tokenBalance');
+    }
+  }
+
+  async agentKeyOf(payout: string): Promise<string> {
+    try {
+      return (await this.escrowContract.getFunction('agentKeyOf')(address(payout, 'payout'))) as string;
+    } catch (err) {
+      throw toEscrowError(err, 'agentKeyOf');
+    }
+  }
+
+  async thawSeconds(): Promise<bigint> {
+    return (await this.escrowContract.getFunction('thawSeconds')()) as bigint;
+  }
+
+  // ---------------------------------------------------------------- funding
+
+  /** Mints test tokens (MockUSDC only: a real stablecoin refuses). */
+  async mint(to: string, value: bigint): Promise<TxOutcome> {
+    const r = await this.send('mint', () => this.tokenContract.getFunction('mint')(address(to, 'to'), amount(value, 'amount')));
+    return EscrowClient.outcome(r);
+  }
+
+  /** Funds the lane (signer, agent): approves the escrow first if the allowance is short. */
+  async fund(agent: string, value: bigint, { approveMax = false }: { approveMax?: boolean } = {}): Promise<TxOutcome> {
+    const agentAddress = address(agent, 'agent');
+    amount(value, 'amount');
+    const owner = await this.address();
+    const [balance, allowance] = await Promise.all([
+      this.tokenBalance(owner),
+      (this.tokenContract.getFunction('allowance')(owner, this.escrow) as Promise<bigint>).catch((err: unknown) => {
+        throw toEscrowError(err, 'allowance');
+      }),
+    ]);
+    if (balance < value) throw new EscrowError('ESCROW_REVERTED', `fund: ${owner} holds ${balance} token units, needs ${value}`);
+    if (allowance < value) {
+      await this.send('approve', () => this.tokenContract.getFunction('approve')(this.escrow, approveMax ? ethers.MaxUint256 : value));
+    }
+    return EscrowClient.outcome(await this.send('fundLane', () => this.escrowContract.getFunction('fundLane')(agentAddress, value)));
+  }
+
+  /** Funds the lane in one transaction with an EIP-2612 permit signed by the signer (no approve). */
+  async fundWithPermit(agent: string, value: bigint, { deadline, permitVersion = '1' }: { deadline?: bigint; permitVersion?: string } = {}): Promise<TxOutcome> {
+    const agentAddress = address(agent, 'agent');
+    amount(value, 'amount');
+    const signer = this.signer();
+    const owner = await this.address();
+    let name: string;
+    let nonce: bigint;
+    try {
+      [name, nonce] = (await Promise.all([this.tokenContract.getFunction('name')(), this.tokenContract.getFunction('nonces')(owner)])) as [string, bigint];
+    } catch (err) {
+      throw toEscrowError(err, 'permit: token name/nonces');
+    }
+    // The chain's clock, not ours: a test chain may run ahead of the wall clock.
+    const until = deadline ?? BigInt(((await signer.provider?.getBlock('latest'))?.timestamp ?? Math.floor(Date.now() / 1000)) + 3_600);
+    const sig = ethers.Signature.from(
+      await signer.signTypedData(
+        { name, version: permitVersion, chainId: this.domain.chainId, verifyingContract: this.token },
+        {
+          Permit: [
+            { name: 'owner', type: 'address' },
+            { name: 'spender', type: 'address' },
+            { name: 'value', type: 'uint256' },
+            { name: 'nonce', type: 'uint256' },
+            { name: 'deadline', type: 'uint256' },
+          ],
+        },
+        { owner, spender: this.escrow, value, nonce, deadline: until },
+      ),
+    );
+    const r = await this.send('fundLaneWithPermit', () => this.escrowContract.getFunction('fundLaneWithPermit')(agentAddress, value, until, sig.v, sig.r, sig.s));
+    return EscrowClient.outcome(r);
+  }
+
+  // ------------------------------------------------------------- vouchers
+
+  /** Signs a voucher for this escrow's domain with the client's signer (the payer). */
+  async signVoucher(voucher: Voucher): Promise<SignedVoucher> {
+    return { voucher, signature: await signVoucher(this.signer(), this.domain, voucher) };
+  }
+
+  /** What a mined settle transaction paid and skipped, read from its events. */
+  outcomeOf(receipt: ethers.TransactionReceipt): SettleOutcome {
+    return this.settleOutcome(receipt);
+  }
+
+  private settleOutcome(receipt: ethers.TransactionReceipt): SettleOutcome {
+    const settled: SettledEvent[] = [];
+    const skipped: SkippedEvent[] = [];
+    for (const log of receipt.logs) {
+      if (log.address.toLowerCase() !== this.escrow.toLowerCase()) continue;
+      const parsed = escrowInterface.parseLog(log);
+      if (parsed?.name === 'Settled') {
+        const [payer, agent, cumulative, delta, receiptsRoot] = parsed.args as unknown as [string, string, bigint, bigint, string];
+        settled.push({ payer, agent, cumulative, delta, receiptsRoot });
+      } else if (parsed?.name === 'SettleSkipped') {
+        const [payer, agent, reasonCode, cumulative] = parsed.args as unknown as [string, string, bigint, bigint];
+        skipped.push({ payer, agent, reasonCode: Number(reasonCode), reason: skipReasonName(reasonCode), cumulative });
+      }
+    }
+    return { ...EscrowClient.outcome(receipt), paid: settled.reduce((a, s) => a + s.delta, 0n), settled, skipped };
+  }
+
+  /**
+   * Settles signed vouchers (any payers) for one agent; skipped vouchers are reported, not thrown.
+   * `onSent` runs with the transaction hash once it is sent, before it is mined (a relayer records it).
+   */
+  async settle(agent: string, entries: readonly SignedVoucher[], { onSent }: { onSent?: (hash: string) => void | Promise<void> } = {}): Promise<SettleOutcome> {
+    const agentAddress = address(agent, 'agent');
+    let packed: string;
+    try {
+      packed = packVouchers(entries);
+    } catch (err) {
+      throw toEscrowError(err, 'settle');
+    }
+    return this.settleOutcome(await this.send('settle', () => this.escrowContract.getFunction('settle')(agentAddress, packed), onSent));
+  }
+
+  /** Relayer mode: several agents in one transaction. */
+  async settleMany(batches: readonly AgentBatch[]): Promise<SettleOutcome> {
+    let agents: string[];
+    let packed: string[];
+    try {
+      agents = batches.map((b) => address(b.agent, 'agent'));
+      packed = batches.map((b) => packVouchers(b.entries));
+    } catch (err) {
+      throw toEscrowError(err, 'settleMany');
+    }
+    return this.settleOutcome(await this.send('settleMany', () => this.escrowContract.getFunction('settleMany')(agents, packed)));
+  }
+
+  // ------------------------------------------------------------ payer exit
+
+  async requestWithdraw(agent: string): Promise<TxOutcome & { thawEnd: bigint }> {
+    const r = await this.send('requestWithdraw', () => this.escrowContract.getFunction('requestWithdraw')(address(agent, 'agent')));
+    const ev = r.logs.map((l) => escrowInterface.parseLog(l)).find((p) => p?.name === 'WithdrawRequested');
+    return { ...EscrowClient.outcome(r), thawEnd: (ev?.args[3] as bigint | undefined) ?? 0n };
+  }
+
+  async cancelWithdraw(agent: string): Promise<TxOutcome> {
+    return EscrowClient.outcome(await this.send('cancelWithdraw', () => this.escrowContract.getFunction('cancelWithdraw')(address(agent, 'agent'))));
+  }
+
+  async withdraw(agent: string): Promise<TxOutcome & { amount: bigint }> {
+    const r = await this.send('withdraw', () => this.escrowContract.getFunction('withdraw')(address(agent, 'agent')));
+    const ev = r.logs.map((l) => escrowInterface.parseLog(l)).find((p) => p?.name === 'Withdrawn');
+    return { ...EscrowClient.outcome(r), amount: (ev?.args[2] as bigint | undefined) ?? 0n };
+  }
+
+  // --------------------------------------------------------------- registry
+
+  /** Binds the signer (payout address) to an Ed25519 device key; see agentBindingMessage() in voucher.ts. */
+  async registerAgent(edPubKey: string | Uint8Array, bindingSig: string | Uint8Array): Promise<TxOutcome> {
+    const key = ethers.hexlify(edPubKey);
+    const sig = ethers.hexlify(bindingSig);
+    if (ethers.dataLength(key) !== 32) throw new EscrowError('ESCROW_BAD_ARGUMENT', 'registerAgent: the Ed25519 public key must be 32 bytes');
+    if (ethers.dataLength(sig) !== 64) throw new EscrowError('ESCROW_BAD_ARGUMENT', 'registerAgent: the binding signature must be 64 bytes');
+    return EscrowClient.outcome(await this.send('registerAgent', () => this.escrowContract.getFunction('registerAgent')(key, sig)));
+  }
+}
+
+/** Shorthand for EscrowClient.connect. */
+export function connectEscrow(options: EscrowClientOptions): Promise<EscrowClient> {
+  return EscrowClient.connect(options);
+}

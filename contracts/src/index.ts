@@ -1,0 +1,8 @@
+/**
+ * The escrow's bindings: its ABI, a typed ethers client and the voucher checks that need secp256k1.
+ * Compiling the Solidity and running a local chain live under `@edge-mesh/contracts/dev`, which a
+ * device never loads.
+ */
+export { ESCROW_ABI, ERC20_ABI } from './abi.ts';
+export * from './escrow.ts';
+export { recoverVoucherSigner } from './vouchers.ts';

@@ -1,0 +1,9 @@
+/** Voucher checks that need secp256k1 (ethers): recovering the payer from its signature. */
+import { splitVoucherSignature, voucherDigest, type EscrowDomain, type Voucher } from '@edge-mesh/protocol';
+import { ethers } from 'ethers';
+
+/** The payer's address, or throws MESH_VOUCHER_INVALID if the signature is malformed or high-s. */
+export function recoverVoucherSigner(domain: EscrowDomain, v: Voucher, sig: string): string {
+  const { r, s, v: recovery } = splitVoucherSignature(sig);
+  return ethers.recoverAddress(voucherDigest(domain, v), { r, s, v: recovery });
+}

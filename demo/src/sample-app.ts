@@ -1,0 +1,136 @@
+/**
+ * The sample IoT app of `edge-mesh up`: a steady, open-loop stream of inference requests over all
+ * models with plausible inputs, and a report of requests, errors and p50/p99 latency per model and
+ * per agent.
+ */
+import type { Logger } from 'pino';
+import { type Tensor } from '@edge-mesh/protocol';
+import { round } from '@edge-mesh/client';
+import type { Mesh } from '@edge-mesh/sdk';
+import { sampleInputs } from './sample-inputs.ts';
+import { formatTable, TallyMap } from './stats.ts';
+
+/** Generous budgets: the whole mesh shares one process and two cores with whatever else runs here. */
+export const SAMPLE_DEADLINES_MS: Record<string, number> = { kws: 500, vad: 500, 'ocr-cls': 1_000, 'ocr-det': 3_000 };
+const SEEDS_PER_MODEL = 8;
+const MAX_IN_FLIGHT = 256;
+
+export interface SampleAppOptions {
+  mesh: Mesh;
+  models: string[];
+  ratePerS: number;
+  logger: Logger;
+  /** How the report names an agent (default: its id). */
+  agentLabel?: (agentId: string) => string;
+  /**
+   * A thin client (e.g. the router's KServe HTTP API) that carries every `every`-th request instead
+   * of the SDK; its requests are counted under the path name `name`.
+   */
+  thinClient?: { name: string; every: number; infer(model: string, inputs: Record<string, Tensor>, deadlineMs: number): Promise<{ agentId: string }> };
+}
+
+export class SampleApp {
+  readonly byModel = new TallyMap();
+  readonly byAgent = new TallyMap();
+  readonly errorCodes: Record<string, number> = {};
+  /** Answered requests by the way they went: 'leased' (SDK on a router lease), 'local' (SDK chose), or the thin client's name. */
+  readonly paths: Record<string, number> = {};
+  private timer: NodeJS.Timeout | undefined;
+  private inFlight = new Set<Promise<void>>();
+  private sent = 0;
+  private skipped = 0;
+  private readonly inputsCache = new Map<string, Record<string, Tensor>>();
+  private startedAt = 0;
+
+  constructor(private readonly options: SampleAppOptions) {}
+
+  start(): void {
+    const { ratePerS } = this.options;
+    this.startedAt = performance.now();
+    // Ticks every 10 ms and sends however many requests the schedule owes, so the offered load stays
+    // steady even when a timer fires late.
+    this.timer = setInterval(() => {
+      const due = Math.floor(((performance.now() - this.startedAt) / 1000) * ratePerS);
+      while (this.sent < due) this.sendOne();
+    }, 10);
+  }
+
+  private sendOne(): void {
+    const { mesh, models, logger } = this.options;
+    const n = this.sent++;
+    const model = models[n % models.length]!;
+    if (this.inFlight.size >= MAX_IN_FLIGHT) {
+      this.skipped++;
+      return;
+    }
+    const seed = 1 + (Math.floor(n / models.length) % SEEDS_PER_MODEL);
+    // The SDK neither mutates nor transfers inputs, so each sample is built once and reused.
+    const cacheKey = `${model}:${seed}`;
+    let inputs = this.inputsCache.get(cacheKey);
+    if (!inputs) this.inputsCache.set(cacheKey, (inputs = sampleInputs(model, seed)));
+    const started = performance.now();
+    const deadlineMs = SAMPLE_DEADLINES_MS[model] ?? 1_000;
+    const thin = this.options.thinClient;
+    const sent: Promise<{ agentId: string; path: string }> =
+      thin && n % thin.every === thin.every - 1
+        ? thin.infer(model, inputs, deadlineMs).then((r) => ({ agentId: r.agentId, path: thin.name }))
+        : mesh.infer(model, inputs, { deadlineMs }).then((r) => ({ agentId: r.agentId, path: r.routedBy ? 'leased' : 'local' }));
+    const p = sent
+      .then(
+        (result) => {
+          const ms = performance.now() - started;
+          this.byModel.get(model).record(ms);
+          this.byAgent.get(result.agentId).record(ms);
+          this.paths[result.path] = (this.paths[result.path] ?? 0) + 1;
+        },
+        (err: { code?: string; message?: string }) => {
+          const code = err.code ?? 'UNKNOWN';
+          this.errorCodes[code] = (this.errorCodes[code] ?? 0) + 1;
+          this.byModel.get(model).record(undefined);
+          logger.warn({ model, code, err: err.message }, 'sample request failed');
+        },
+      )
+      .finally(() => this.inFlight.delete(p));
+    this.inFlight.add(p);
+  }
+
+  /** Stops sending and waits for every outstanding request to settle. */
+  async stop(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
+    await Promise.all([...this.inFlight]);
+  }
+
+  /** The periodic report: the last window's latency, the running totals. */
+  report(): string {
+    const modelRows = [...this.byModel.byKey].sort().map(([name, t]) => {
+      const w = t.takeWindow();
+      return [name, t.requests, t.ok, t.errors, w.n ? round(w.p50, 2) : '-', w.n ? round(w.p99, 2) : '-'];
+    });
+    const label = this.options.agentLabel ?? ((id: string) => id);
+    const agentRows = [...this.byAgent.byKey].map(([id, t]) => [label(id), t] as const).sort(([a], [b]) => a.localeCompare(b)).map(([name, t]) => {
+      const w = t.takeWindow();
+      return [name, t.requests, t.ok, t.errors, w.n ? round(w.p50, 2) : '-', w.n ? round(w.p99, 2) : '-'];
+    });
+    const header = ['', 'requests', 'ok', 'errors', 'p50 ms', 'p99 ms'];
+    const elapsed = ((performance.now() - this.startedAt) / 1000).toFixed(0);
+    const skipped = this.skipped ? `, ${this.skipped} not sent (too many in flight)` : '';
+    return [
+      `-- ${elapsed}s: ${this.totals().requests} requests, ${this.totals().errors} errors${skipped}`,
+      formatTable(['model', ...header.slice(1)], modelRows),
+      formatTable(['agent', ...header.slice(1)], agentRows),
+    ].join('\n');
+  }
+
+  totals(): { requests: number; ok: number; errors: number } {
+    let requests = 0;
+    let ok = 0;
+    let errors = 0;
+    for (const t of this.byModel.byKey.values()) {
+      requests += t.requests;
+      ok += t.ok;
+      errors += t.errors;
+    }
+    return { requests, ok, errors };
+  }
+}

@@ -1,0 +1,114 @@
+/**
+ * Paid inference in `edge-mesh up`: a local Hardhat chain with the escrow and a mock stablecoin, the
+ * sample app's lanes funded, each agent paid to its own payout address and settling through its own
+ * relayer, and the figures for the `--json` summary.
+ *
+ * Accounts come from the chain's development mnemonic: 0 deploys, 1 is the app's payer wallet, and
+ * 2, 3, … are the agents' payout addresses (each also pays its own settlement gas). The chain is new on
+ * every run, so the payment stores live in a fresh folder under `<data>/` that is removed at the end.
+ */
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import { deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '@edge-mesh/contracts/dev';
+import type { AgentHandle, AgentPaymentOptions } from '@edge-mesh/agent';
+import { EscrowClient } from '@edge-mesh/contracts';
+import type { PaymentOptions } from '@edge-mesh/sdk';
+
+export interface UpSettlementSummary {
+  /** Receipts the agents signed on the app's lanes (failed and timed-out work included, at 0). */
+  receipts: number;
+  /** What those receipts charge, in micro-dollars. */
+  owed_micros: number;
+  /** What the escrow paid the agents on chain by the end of the run. */
+  settled_micros: number;
+  /** Settle transactions the agents' relayers sent. */
+  settlement_txs: number;
+}
+
+export interface UpSettlementOptions {
+  dataDir: string;
+  agents: number;
+  logger: Logger;
+  print: (line: string) => void;
+  /** Relayer check period and maximum interval, short so that a 30 s demo settles several times. */
+  checkEveryMs?: number;
+  maxIntervalMs?: number;
+  /** What each of the app's lanes is funded with (micro-dollars; default 100 USD). */
+  fundMicros?: bigint;
+}
+
+export interface UpSettlement {
+  readonly chain: LocalChain;
+  readonly deployment: MeshDeployment;
+  agentPayment(index: number): AgentPaymentOptions;
+  sdkPayment(): PaymentOptions;
+  summary(agents: readonly AgentHandle[]): Promise<UpSettlementSummary>;
+  close(): Promise<void>;
+}
+
+const APP_ACCOUNT = 1;
+const FIRST_AGENT_ACCOUNT = 2;
+
+export async function startUpSettlement(options: UpSettlementOptions): Promise<UpSettlement> {
+  const { logger, print, agents } = options;
+  const fund = options.fundMicros ?? 100_000_000n;
+  const started = performance.now();
+  const chain = await startLocalChain({ accounts: FIRST_AGENT_ACCOUNT + agents, log: (line) => logger.info(line) });
+  let runDir: string | undefined;
+  try {
+    const deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+    const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+    const payouts = Array.from({ length: agents }, (_, i) => chain.accounts[FIRST_AGENT_ACCOUNT + i]!.toLowerCase());
+    const appWallet = chain.wallet(APP_ACCOUNT);
+    const app = await EscrowClient.connect({ runner: appWallet, escrow: deployment.escrow, token: deployment.token });
+    await app.mint(appWallet.address, fund * BigInt(agents));
+    for (const payout of payouts) await app.fund(payout, fund, { approveMax: true });
+    await mkdir(options.dataDir, { recursive: true });
+    runDir = await mkdtemp(path.join(options.dataDir, 'payments-run-'));
+    const dir = runDir;
+    print(
+      `local chain ${deployment.chainId} on ${chain.rpcUrl}: escrow ${deployment.escrow}; app payer ${appWallet.address} funded ${Number(fund) / 1e6} USD per agent lane (${Math.round(performance.now() - started)} ms)`,
+    );
+    return {
+      chain,
+      deployment,
+      agentPayment: (index) => ({
+        payout: payouts[index]!,
+        domain,
+        dataDir: path.join(dir, `agent-${index + 1}`),
+        settle: {
+          runner: chain.wallet(FIRST_AGENT_ACCOUNT + index),
+          checkEveryMs: options.checkEveryMs ?? 1_000,
+          maxIntervalMs: options.maxIntervalMs ?? 5_000,
+          settleOnClose: true,
+        },
+      }),
+      sdkPayment: () => ({ signer: appWallet, domain, dataDir: path.join(dir, 'app') }),
+      async summary(handles) {
+        let receipts = 0;
+        let owed = 0;
+        let txs = 0;
+        let settled = 0n;
+        for (const [i, agent] of handles.entries()) {
+          const lanes = agent.payments?.lanes() ?? [];
+          for (const lane of lanes) {
+            receipts += lane.receipts;
+            owed += lane.owedMicros;
+            settled += (await app.laneOf(lane.payer, payouts[i]!)).settled;
+          }
+          txs += agent.payments?.settler?.counters.txs ?? 0;
+        }
+        return { receipts, owed_micros: owed, settled_micros: Number(settled), settlement_txs: txs };
+      },
+      async close() {
+        await chain.close();
+        await rm(dir, { recursive: true, force: true });
+      },
+    };
+  } catch (err) {
+    await chain.close();
+    if (runDir) await rm(runDir, { recursive: true, force: true });
+    throw err;
+  }
+}

@@ -1,0 +1,159 @@
+/**
+ * Bounded per-model queues in front of the worker pool. A full queue refuses at once (MESH_BUSY);
+ * a job whose deadline has passed is dropped when it reaches the head or at the next sweep
+ * (MESH_DEADLINE_EXCEEDED); the next job is the earliest deadline among the queue heads.
+ */
+import { MeshError, type ModelLoad, type Tensor } from '@edge-mesh/protocol';
+import type { PaidJob } from './payments.ts';
+import type { JobResult, WorkerPool } from './pool.ts';
+
+export interface Job {
+  key: string;
+  id: Uint8Array;
+  senderId: string;
+  model: string;
+  inputs: Record<string, Tensor>;
+  /** Absolute deadline, epoch ms. */
+  deadline: number;
+  /** performance.now() when the request arrived. */
+  receivedAt: number;
+  startedAt?: number;
+  cancelled?: boolean;
+  /** Set when the request pays on a lane: its receipt is signed when it finishes. */
+  paid?: PaidJob;
+}
+
+export type FinishCallback = (job: Job, err: MeshError | undefined, result?: JobResult) => void;
+
+interface ModelState {
+  queue: Job[];
+  inFlight: number;
+  serviceMs: number;
+  served: number;
+  failed: number;
+}
+
+/** Weight of the newest run in the service-time EWMA. */
+const SERVICE_EWMA_ALPHA = 0.2;
+
+export class Scheduler {
+  private readonly models = new Map<string, ModelState>();
+  private readonly byKey = new Map<string, Job>();
+  private draining = false;
+
+  constructor(
+    private readonly pool: WorkerPool,
+    private readonly queueLimit: number,
+    private readonly onFinish: FinishCallback,
+    private readonly now: () => number = Date.now,
+  ) {
+    pool.onIdle = () => this.dispatch();
+  }
+
+  addModel(name: string, latencyMs: number): void {
+    this.models.set(name, { queue: [], inFlight: 0, serviceMs: latencyMs, served: 0, failed: 0 });
+  }
+
+  /** Queues a job or throws MESH_BUSY / MESH_DEADLINE_EXCEEDED / MESH_SHUTTING_DOWN. */
+  submit(job: Job): void {
+    const state = this.models.get(job.model);
+    if (!state) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${job.model} is not served here`);
+    if (this.draining) throw new MeshError('MESH_SHUTTING_DOWN', 'agent is draining');
+    if (job.deadline <= this.now()) throw new MeshError('MESH_DEADLINE_EXCEEDED', 'deadline passed before the request was queued');
+    if (state.queue.length >= this.queueLimit) {
+      throw new MeshError('MESH_BUSY', `queue for ${job.model} is full (${this.queueLimit})`);
+    }
+    if (this.byKey.has(job.key)) throw new MeshError('MESH_BAD_REQUEST', 'duplicate request id');
+    this.byKey.set(job.key, job);
+    state.queue.push(job);
+    this.dispatch();
+  }
+
+  /** Cancels a queued job at once, or marks a running one so its result is discarded. */
+  cancel(key: string, senderId: string): boolean {
+    const job = this.byKey.get(key);
+    if (!job || job.senderId !== senderId) return false;
+    job.cancelled = true;
+    if (job.startedAt === undefined) {
+      const state = this.models.get(job.model)!;
+      const index = state.queue.indexOf(job);
+      if (index >= 0) state.queue.splice(index, 1);
+      this.finish(job, new MeshError('MESH_CANCELLED', 'cancelled by sender'));
+    }
+    return true;
+  }
+
+  /** Drops every queued job whose deadline has passed; called by the heartbeat. */
+  sweep(): void {
+    const now = this.now();
+    for (const state of this.models.values()) {
+      if (!state.queue.some((j) => j.deadline <= now)) continue;
+      const keep: Job[] = [];
+      for (const job of state.queue) {
+        if (job.deadline <= now) this.finish(job, new MeshError('MESH_DEADLINE_EXCEEDED', 'deadline passed while queued'));
+        else keep.push(job);
+      }
+      state.queue = keep;
+    }
+  }
+
+  startDraining(): void {
+    this.draining = true;
+  }
+
+  get pending(): number {
+    return this.byKey.size;
+  }
+
+  loadReport(): { queued: number; inFlight: number; models: Record<string, ModelLoad> } {
+    let queued = 0;
+    let inFlight = 0;
+    const models: Record<string, ModelLoad> = {};
+    for (const [name, s] of this.models) {
+      queued += s.queue.length;
+      inFlight += s.inFlight;
+      models[name] = { queued: s.queue.length, inFlight: s.inFlight, serviceMs: Math.round(s.serviceMs * 1000) / 1000, served: s.served, failed: s.failed };
+    }
+    return { queued, inFlight, models };
+  }
+
+  private dispatch(): void {
+    while (this.pool.freeCapacity > 0) {
+      const next = this.takeNext();
+      if (!next) return;
+      const [job, state] = next;
+      job.startedAt = performance.now();
+      state.inFlight++;
+      this.pool.run(job.model, job.inputs, (err, result) => {
+        state.inFlight--;
+        if (err) state.failed++;
+        else {
+          state.served++;
+          // Service time as a sender sees it: the run plus the hand-off to and from the worker.
+          state.serviceMs += SERVICE_EWMA_ALPHA * (result!.execMs + this.pool.handoffMs - state.serviceMs);
+        }
+        if (job.cancelled) this.finish(job, new MeshError('MESH_CANCELLED', 'cancelled by sender'));
+        else if (!err && job.deadline < this.now()) this.finish(job, new MeshError('MESH_DEADLINE_EXCEEDED', 'finished after the deadline'));
+        else this.finish(job, err, result);
+      });
+    }
+  }
+
+  private takeNext(): [Job, ModelState] | undefined {
+    const now = this.now();
+    let best: ModelState | undefined;
+    for (const state of this.models.values()) {
+      while (state.queue.length > 0 && state.queue[0]!.deadline <= now) {
+        this.finish(state.queue.shift()!, new MeshError('MESH_DEADLINE_EXCEEDED', 'deadline passed while queued'));
+      }
+      const head = state.queue[0];
+      if (head && (!best || head.deadline < best.queue[0]!.deadline)) best = state;
+    }
+    return best ? [best.queue.shift()!, best] : undefined;
+  }
+
+  private finish(job: Job, err: MeshError | undefined, result?: JobResult): void {
+    this.byKey.delete(job.key);
+    this.onFinish(job, err, result);
+  }
+}

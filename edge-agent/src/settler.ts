@@ -1,0 +1,390 @@
+/**
+ * The agent's settlement relayer: turns the best voucher of each payer lane into stablecoin on chain.
+ *
+ * A lane is due when what its best voucher pays beyond what the chain has settled
+ *   - reaches `overheadFactor` (100) × gas per voucher × gas price (at most 1 % goes to gas), or
+ *   - the voucher expires within `expiryMarginS`, or
+ *   - a `WithdrawRequested` event names the lane (the payer is leaving: settle before the thaw ends), or
+ *   - `maxIntervalMs` has passed since the lane was last settled (or first seen unsettled).
+ * Due lanes go together into one `settle(payout, entries)` transaction, up to `maxBatch` per transaction.
+ *
+ * Crash safety. Before a transaction is sent, its intent (the lanes and the voucher cumulative each is
+ * settled to) is written to `level` with fsync. After it is mined the outcome replaces the intent. On
+ * start, any intent left behind is reconciled with `laneOf(payer, payout).settled` on chain: lanes the
+ * chain shows settled are recorded as such, the others stay due and are settled at once. The escrow pays
+ * only `cumulative - settled` and skips a stale voucher, so sending a voucher twice never pays twice;
+ * the intent makes sure nothing owed is forgotten and nothing paid is counted twice.
+ */
+import path from 'node:path';
+import { ethers } from 'ethers';
+import { Level } from 'level';
+import type { Logger } from 'pino';
+import { EscrowClient, type SettleOutcome } from '@edge-mesh/contracts';
+import { type EscrowDomain, type SignedVoucher } from '@edge-mesh/protocol';
+import { ESCROW_ABI } from '@edge-mesh/contracts';
+
+export interface SettlerOptions {
+  /** Sends the settle transactions and pays their gas; any account will do (the payee is inside each voucher). */
+  runner: ethers.Signer;
+  /** Micro-dollars owed-but-unsettled that make a lane due; by default `overheadFactor` × gasPerVoucher × gas price. */
+  thresholdMicros?: number;
+  /** Default 100: settle when gas is at most 1 % of the amount. */
+  overheadFactor?: number;
+  /** Gas one voucher adds to a batch (default 15,000, measured 14.5k at 50). */
+  gasPerVoucher?: number;
+  /** Micro-dollars per whole native coin (ETH), to price gas in dollars (default 3,000 USD). */
+  nativeUsdMicros?: number;
+  /** Settle a voucher that expires within this many seconds (default 3,600). */
+  expiryMarginS?: number;
+  /** Settle an unsettled lane at least this often (default 24 h). */
+  maxIntervalMs?: number;
+  /** How often lanes and withdraw events are checked (default 5 s). */
+  checkEveryMs?: number;
+  /** Lanes per transaction (default 50). */
+  maxBatch?: number;
+  /** Settle every unsettled lane when the agent stops (default false). */
+  settleOnClose?: boolean;
+  /** Fault injection for crash tests: SIGKILL this process after the intent is written, or after the transaction is sent. */
+  crashAt?: 'after-intent' | 'after-send';
+}
+
+/** What the settler needs from the agent's journal: each lane's best voucher. */
+export interface SettlerLane {
+  payer: string;
+  voucher: { cumulative: number; receiptsRoot: string; expiry: number; sig: string } | undefined;
+}
+
+export interface SettlementRecord {
+  hash: string;
+  blockNumber: number;
+  gasUsed: string;
+  paidMicros: number;
+  lanes: { payer: string; cumulative: number; delta: number }[];
+  skipped: { payer: string; reason: string; cumulative: number }[];
+  reasons: string[];
+  at: number;
+}
+
+export interface SettlerCounters {
+  txs: number;
+  settledMicros: number;
+  skipped: number;
+  failures: number;
+  reconciled: number;
+}
+
+interface Intent {
+  id: string;
+  at: number;
+  reasons: string[];
+  lanes: { payer: string; cumulative: number }[];
+  hash?: string;
+}
+
+interface LaneState {
+  /** What the chain has settled on this lane (as last read or settled by us). */
+  settled: number;
+  /** When the lane was last settled, or first seen owing; the max-interval clock. */
+  since: number;
+  /** A withdraw request was seen and not yet answered by a settlement. */
+  withdraw: boolean;
+  /** Left over from an intent found after a restart: settle at once. */
+  recovered: boolean;
+}
+
+const INTENT = 'intent!';
+const SETTLED = 'settled!';
+const LANE = 'lane!';
+const META = 'meta!';
+
+const LOG_RANGE = 5_000;
+const escrowInterface = new ethers.Interface(ESCROW_ABI);
+const WITHDRAW_TOPIC = escrowInterface.getEvent('WithdrawRequested')!.topicHash;
+
+export class Settler {
+  readonly counters: SettlerCounters = { txs: 0, settledMicros: 0, skipped: 0, failures: 0, reconciled: 0 };
+  private readonly lanes = new Map<string, LaneState>();
+  private timer: NodeJS.Timeout | undefined;
+  private running: Promise<void> | undefined;
+  private closed = false;
+  private nextLogBlock = 0;
+  private seq = 0;
+
+  private constructor(
+    private readonly escrow: EscrowClient,
+    private readonly db: Level<string, unknown>,
+    private readonly payout: string,
+    private readonly source: () => SettlerLane[],
+    private readonly options: SettlerOptions,
+    private readonly logger: Logger,
+  ) {}
+
+  /** Opens the settler's store in `<dataDir>/settler-<chainId>-<escrow>`, reconciles left-over intents, and starts checking. */
+  static async start(
+    params: { payout: string; domain: EscrowDomain; dataDir: string; lanes: () => SettlerLane[]; logger: Logger },
+    options: SettlerOptions,
+  ): Promise<Settler> {
+    const escrow = await EscrowClient.connect({ runner: options.runner, escrow: params.domain.escrow });
+    if (escrow.domain.chainId !== BigInt(params.domain.chainId)) {
+      throw new Error(`the settler's chain is ${escrow.domain.chainId}, the agent bills on ${params.domain.chainId}`);
+    }
+    const location = path.join(params.dataDir, `settler-${params.domain.chainId}-${params.domain.escrow.toLowerCase()}`);
+    const db = new Level<string, unknown>(location, { valueEncoding: 'json' });
+    await db.open();
+    const settler = new Settler(escrow, db, ethers.getAddress(params.payout), params.lanes, options, params.logger.child({ part: 'settler' }));
+    try {
+      await settler.load();
+      await settler.reconcile();
+    } catch (err) {
+      await db.close();
+      throw err;
+    }
+    settler.schedule();
+    return settler;
+  }
+
+  private async load(): Promise<void> {
+    for await (const [key, value] of this.db.iterator({ gte: LANE, lt: `${LANE}~` })) {
+      this.lanes.set(key.slice(LANE.length), { ...(value as LaneState), recovered: false });
+    }
+    for await (const value of this.db.values({ gte: SETTLED, lt: `${SETTLED}~` })) {
+      const r = value as SettlementRecord;
+      this.counters.txs++;
+      this.counters.settledMicros += r.paidMicros;
+      this.counters.skipped += r.skipped.length;
+    }
+    const meta = (await this.db.get(`${META}state`).catch(() => undefined)) as { nextLogBlock: number; seq: number } | undefined;
+    this.nextLogBlock = meta?.nextLogBlock ?? 0;
+    this.seq = meta?.seq ?? 0;
+  }
+
+  /** Intents left by a crash: read the chain's settled amount per lane; what is not settled stays due. */
+  private async reconcile(): Promise<void> {
+    for await (const [key, value] of this.db.iterator({ gte: INTENT, lt: `${INTENT}~` })) {
+      const intent = value as Intent;
+      let outcome: SettleOutcome | undefined;
+      if (intent.hash) {
+        // The transaction was sent: if it was mined, its events say exactly what it paid.
+        const receipt = await this.escrow.runner.provider!.getTransactionReceipt(intent.hash).catch(() => null);
+        if (receipt && receipt.status === 1) outcome = this.parseOutcome(receipt);
+      }
+      const lanes: SettlementRecord['lanes'] = [];
+      for (const l of intent.lanes) {
+        const onChain = Number((await this.escrow.laneOf(l.payer, this.payout)).settled);
+        const state = this.state(l.payer, onChain);
+        state.settled = Math.max(state.settled, onChain);
+        if (onChain < l.cumulative) state.recovered = true;
+        const ev = outcome?.settled.find((s) => s.payer.toLowerCase() === l.payer);
+        if (ev) lanes.push({ payer: l.payer, cumulative: Number(ev.cumulative), delta: Number(ev.delta) });
+        await this.db.put(LANE + l.payer, this.stored(state));
+      }
+      if (outcome) {
+        await this.record(intent, outcome, key);
+      } else {
+        await this.db.del(key, { sync: true } as never);
+      }
+      this.counters.reconciled++;
+      this.logger.warn({ intent: intent.id, hash: intent.hash, mined: Boolean(outcome), lanes: lanes.length }, 'reconciled an unfinished settlement intent with the chain');
+    }
+  }
+
+  private state(payer: string, settled = 0): LaneState {
+    let s = this.lanes.get(payer);
+    if (!s) {
+      s = { settled, since: Date.now(), withdraw: false, recovered: false };
+      this.lanes.set(payer, s);
+    }
+    return s;
+  }
+
+  private stored(s: LaneState): Omit<LaneState, 'recovered'> {
+    return { settled: s.settled, since: s.since, withdraw: s.withdraw };
+  }
+
+  private schedule(): void {
+    if (this.closed) return;
+    this.timer = setTimeout(() => {
+      this.running = this.tick()
+        .catch((err: unknown) => {
+          this.counters.failures++;
+          this.logger.warn({ err: (err as Error).message }, 'settlement check failed; retrying later');
+        })
+        .finally(() => {
+          this.running = undefined;
+          this.schedule();
+        });
+    }, this.options.checkEveryMs ?? 5_000);
+  }
+
+  /** The owed-but-unsettled amount that makes a lane due on its own. */
+  async thresholdMicros(): Promise<number> {
+    if (this.options.thresholdMicros !== undefined) return this.options.thresholdMicros;
+    const fee = await this.escrow.runner.provider!.getFeeData();
+    const gasPrice = fee.gasPrice ?? fee.maxFeePerGas ?? 0n;
+    const wei = BigInt(this.options.overheadFactor ?? 100) * BigInt(this.options.gasPerVoucher ?? 15_000) * gasPrice;
+    return Number((wei * BigInt(this.options.nativeUsdMicros ?? 3_000_000_000)) / 10n ** 18n);
+  }
+
+  private async watchWithdrawals(): Promise<void> {
+    const provider = this.escrow.runner.provider!;
+    const head = await provider.getBlockNumber();
+    // A first start looks back LOG_RANGE blocks; each query spans at most LOG_RANGE (public RPCs cap ranges).
+    if (this.nextLogBlock === 0) this.nextLogBlock = Math.max(0, head - LOG_RANGE);
+    if (head < this.nextLogBlock) return;
+    const latest = Math.min(head, this.nextLogBlock + LOG_RANGE - 1);
+    const logs = await provider.getLogs({
+      address: this.escrow.escrow,
+      topics: [WITHDRAW_TOPIC, null, ethers.zeroPadValue(this.payout, 32)],
+      fromBlock: this.nextLogBlock,
+      toBlock: latest,
+    });
+    for (const log of logs) {
+      const payer = ethers.getAddress(ethers.dataSlice(log.topics[1]!, 12)).toLowerCase();
+      const s = this.state(payer);
+      s.withdraw = true;
+      await this.db.put(LANE + payer, this.stored(s));
+      this.logger.info({ payer, block: log.blockNumber }, 'payer asked to withdraw: settling its lane');
+    }
+    this.nextLogBlock = latest + 1;
+    await this.db.put(`${META}state`, { nextLogBlock: this.nextLogBlock, seq: this.seq });
+  }
+
+  /** One check: watch withdrawals, pick the due lanes, settle them in batches. */
+  async tick(all = false): Promise<void> {
+    await this.watchWithdrawals();
+    const threshold = all ? 0 : await this.thresholdMicros();
+    const now = Date.now();
+    const block = await this.escrow.runner.provider!.getBlock('latest');
+    const chainNowS = Math.max(Math.floor(now / 1000), block?.timestamp ?? 0);
+    const due: { payer: string; entry: SignedVoucher; cumulative: number; reason: string }[] = [];
+    for (const lane of this.source()) {
+      const v = lane.voucher;
+      if (!v) continue;
+      const s = this.state(lane.payer);
+      const owed = v.cumulative - s.settled;
+      if (owed <= 0) {
+        s.withdraw = false;
+        continue;
+      }
+      if (v.expiry <= chainNowS) continue; // the escrow would skip it; a newer voucher may still come
+      let reason: string | undefined;
+      if (all) reason = 'close';
+      else if (s.recovered) reason = 'recovered';
+      else if (s.withdraw) reason = 'withdraw';
+      else if (owed >= threshold) reason = 'threshold';
+      else if (v.expiry - chainNowS <= (this.options.expiryMarginS ?? 3_600)) reason = 'expiry';
+      else if (now - s.since >= (this.options.maxIntervalMs ?? 86_400_000)) reason = 'interval';
+      if (!reason) continue;
+      due.push({
+        payer: lane.payer,
+        cumulative: v.cumulative,
+        reason,
+        entry: { voucher: { agent: this.payout, cumulative: BigInt(v.cumulative), receiptsRoot: v.receiptsRoot, expiry: BigInt(v.expiry) }, signature: v.sig },
+      });
+    }
+    const max = this.options.maxBatch ?? 50;
+    for (let i = 0; i < due.length && !(this.closed && !all); i += max) await this.send(due.slice(i, i + max));
+  }
+
+  private async send(batch: { payer: string; entry: SignedVoucher; cumulative: number; reason: string }[]): Promise<void> {
+    const intent: Intent = {
+      id: `${Date.now().toString(36)}-${++this.seq}`,
+      at: Date.now(),
+      reasons: [...new Set(batch.map((b) => b.reason))],
+      lanes: batch.map((b) => ({ payer: b.payer, cumulative: b.cumulative })),
+    };
+    const key = INTENT + intent.id;
+    // Durable before the transaction exists: a crash from here on is reconciled on the next start.
+    const ops: { type: 'put'; key: string; value: unknown }[] = [
+      { type: 'put', key, value: intent },
+      { type: 'put', key: `${META}state`, value: { nextLogBlock: this.nextLogBlock, seq: this.seq } },
+    ];
+    await this.db.batch(ops, { sync: true });
+    if (this.options.crashAt === 'after-intent') process.kill(process.pid, 'SIGKILL');
+    let outcome: SettleOutcome;
+    try {
+      outcome = await this.escrow.settle(this.payout, batch.map((b) => b.entry), {
+        onSent: async (hash) => {
+          intent.hash = hash;
+          await this.db.put(key, intent, { sync: true } as never);
+          if (this.options.crashAt === 'after-send') process.kill(process.pid, 'SIGKILL');
+        },
+      });
+    } catch (err) {
+      // Sent or not, mined or not: settle the books with the chain now, as after a crash.
+      await this.reconcile().catch(() => {});
+      throw err;
+    }
+    await this.record(intent, outcome, key);
+  }
+
+  private parseOutcome(receipt: ethers.TransactionReceipt): SettleOutcome {
+    return this.escrow.outcomeOf(receipt);
+  }
+
+  /** Replaces the intent with the outcome, in one durable batch. */
+  private async record(intent: Intent, outcome: SettleOutcome, intentKey: string): Promise<void> {
+    const rec: SettlementRecord = {
+      hash: outcome.hash,
+      blockNumber: outcome.blockNumber,
+      gasUsed: outcome.gasUsed.toString(),
+      paidMicros: Number(outcome.paid),
+      lanes: outcome.settled.map((s) => ({ payer: s.payer.toLowerCase(), cumulative: Number(s.cumulative), delta: Number(s.delta) })),
+      skipped: outcome.skipped.map((s) => ({ payer: s.payer.toLowerCase(), reason: s.reason, cumulative: Number(s.cumulative) })),
+      reasons: intent.reasons,
+      at: Date.now(),
+    };
+    const ops: { type: 'put' | 'del'; key: string; value?: unknown }[] = [
+      { type: 'del', key: intentKey },
+      { type: 'put', key: `${SETTLED}${String(outcome.blockNumber).padStart(12, '0')}!${outcome.hash}`, value: rec },
+    ];
+    const now = Date.now();
+    for (const l of intent.lanes) {
+      const s = this.state(l.payer);
+      const ev = rec.lanes.find((x) => x.payer === l.payer);
+      if (ev) s.settled = Math.max(s.settled, ev.cumulative);
+      else {
+        // Skipped (stale: someone settled it already; or overspent, expired): believe the chain.
+        s.settled = Math.max(s.settled, Number((await this.escrow.laneOf(l.payer, this.payout)).settled));
+      }
+      s.since = now;
+      s.withdraw = false;
+      s.recovered = false;
+      ops.push({ type: 'put', key: LANE + l.payer, value: this.stored(s) });
+    }
+    await this.db.batch(ops as never, { sync: true });
+    this.counters.txs++;
+    this.counters.settledMicros += rec.paidMicros;
+    this.counters.skipped += rec.skipped.length;
+    this.logger.info({ hash: rec.hash, lanes: rec.lanes.length, paidMicros: rec.paidMicros, skipped: rec.skipped.length, reasons: rec.reasons }, 'settled');
+  }
+
+  /** Settles every lane whose best voucher is above what the chain has settled, now. */
+  async settleNow(): Promise<void> {
+    while (this.running) await this.running;
+    await this.tick(true);
+  }
+
+  /** The settlements this agent sent, oldest first. */
+  async settlements(): Promise<SettlementRecord[]> {
+    const out: SettlementRecord[] = [];
+    for await (const value of this.db.values({ gte: SETTLED, lt: `${SETTLED}~` })) out.push(value as SettlementRecord);
+    return out;
+  }
+
+  /** What the chain has settled per payer lane, as this settler knows it. */
+  settledByLane(): Record<string, number> {
+    return Object.fromEntries([...this.lanes].map(([payer, s]) => [payer, s.settled]));
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+    while (this.running) await this.running;
+    if (this.options.settleOnClose) {
+      await this.tick(true).catch((err: unknown) => this.logger.warn({ err: (err as Error).message }, 'final settlement failed; it runs again on the next start'));
+    }
+    await this.db.close();
+  }
+}

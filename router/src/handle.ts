@@ -1,0 +1,122 @@
+/**
+ * The router's handle and the shapes around it, in a module of their own so the HTTP API and the
+ * settlement routes depend on what the router offers, not on how it is built.
+ */
+import type { AgentStatus, MeshErrorCode, ModelInfo, Tensor } from '@edge-mesh/protocol';
+import type { ethers } from 'ethers';
+import type { FastifyInstance } from 'fastify';
+import type { Registry as PromRegistry } from 'prom-client';
+import type { Registry } from './estimates.ts';
+
+/** The few pino methods the router uses; any pino logger fits. */
+export interface RouterLogger {
+  debug(obj: object, msg?: string): void;
+  info(obj: object, msg?: string): void;
+  warn(obj: object, msg?: string): void;
+  error(obj: object, msg?: string): void;
+}
+
+export interface RouteOptions {
+  deadlineMs?: number;
+  bytesUp?: number;
+  exclude?: ReadonlySet<string>;
+}
+
+export interface RouteResult {
+  agentId: string;
+  predictedMs: number;
+}
+
+export interface RouterInferOptions {
+  deadlineMs?: number;
+}
+
+export interface RouterInferResult {
+  requestId: string;
+  model: string;
+  agentId: string;
+  outputs: Record<string, Tensor>;
+  /** Agents tried, in order (hedges included). */
+  tried: string[];
+  attempts: number;
+  hedged: boolean;
+  timings: { totalMs: number; queueMs: number; execMs: number; predictedMs: number };
+}
+
+/** One finished attempt, for metrics (HTTP layer) and tests. */
+export interface AttemptRecord {
+  model: string;
+  agentId: string;
+  ok: boolean;
+  code?: MeshErrorCode;
+  e2eMs: number;
+}
+
+export interface RouterCounters {
+  statusRejected: number;
+  requests: number;
+  ok: number;
+  failed: number;
+  retries: number;
+  hedges: number;
+  cancels: number;
+  /** Retries and hedges the budget or the utilisation cut-off refused. */
+  budgetRefused: number;
+  /** Route leases given to SDK clients (direct mode), and route requests answered with an error. */
+  leases: number;
+  leasesRefused: number;
+  /** Attempts sent per agent id. */
+  sentTo: Record<string, number>;
+}
+
+export interface RouterHandle {
+  readonly id: string;
+  readonly registry: Registry;
+  readonly counters: RouterCounters;
+  /** Picks an agent for `model` now; throws a coded MeshError (MESH_NO_AGENT, MESH_DEADLINE_EXCEEDED). */
+  route(model: string, options?: RouteOptions): RouteResult;
+  /** Forwards one request over MQTT as the router and resolves with the first result. */
+  infer(model: string, inputs: Record<string, Tensor>, options?: RouterInferOptions): Promise<RouterInferResult>;
+  /** Live agents and their latest verified status. */
+  agents(): { id: string; up: boolean; status: AgentStatus }[];
+  /** Models served by at least one live agent (first status wins for the metadata). */
+  models(): ModelInfo[];
+  /** Resolves once `count` live agents serve `model`. */
+  waitForModel(model: string, timeoutMs?: number, count?: number): Promise<void>;
+  /** Called after every finished attempt. */
+  onAttempt(listener: (a: AttemptRecord) => void): () => void;
+  readonly connected: boolean;
+  /** The HTTP API when started with the `http` option. */
+  readonly http: RouterHttpHandle | undefined;
+  close(): Promise<void>;
+}
+
+export interface RouterChainOptions {
+  provider: ethers.Provider;
+  escrow: string;
+  /** First block to read events from (the escrow's deployment block; default 0). */
+  fromBlock?: number;
+}
+
+export interface RouterHttpOptions {
+  /** 0 picks a free port (default). */
+  port?: number;
+  host?: string;
+  /** Deadline for an infer request without `parameters.deadline_ms`; the router's default when unset. */
+  defaultDeadlineMs?: number;
+  /** Largest accepted request body, bytes (default 64 MiB). */
+  bodyLimit?: number;
+  /** Also export the Node process metrics (default true). */
+  processMetrics?: boolean;
+  /** Serve /v1/lanes and /v1/settlements from this escrow on chain (see settlements.ts). */
+  chain?: RouterChainOptions;
+}
+
+export interface RouterHttpHandle {
+  readonly app: FastifyInstance;
+  readonly port: number;
+  readonly url: string;
+  readonly metrics: PromRegistry;
+  /** Closes the HTTP server (not the router). */
+  close(): Promise<void>;
+}

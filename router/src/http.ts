@@ -1,0 +1,382 @@
+/**
+ * The router's HTTP front: the Open Inference Protocol (KServe v2) JSON API over `router.infer()`,
+ * operator endpoints and Prometheus metrics.
+ *
+ *   const http = await startRouterHttp(router, { port: 8080 });
+ *   // POST http://127.0.0.1:8080/v2/models/kws/infer
+ *   //   { "inputs": [{ "name": "onnx::Flatten_0", "shape": [1,25,96], "datatype": "FP32", "data": [...] }] }
+ *   await http.close(); // closes the server only; the router stays up
+ *
+ * Errors answer `{ error, code }` with the code's httpStatus (protocol/errors.ts).
+ */
+import swagger from '@fastify/swagger';
+import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
+import { Counter, Histogram, Registry as PromRegistry, collectDefaultMetrics } from 'prom-client';
+import { MeshError, tensorFromJson, tensorToJson, toMeshError, type DType, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
+import type { RouterHandle, RouterHttpHandle, RouterHttpOptions } from './handle.ts';
+import { registerSettlementRoutes } from './settlements.ts';
+
+
+
+/** KServe v2 datatypes and the mesh dtypes they map to (BYTES has no mesh counterpart). */
+export const KSERVE_TO_DTYPE = {
+  BOOL: 'bool',
+  UINT8: 'uint8',
+  UINT16: 'uint16',
+  UINT32: 'uint32',
+  UINT64: 'uint64',
+  INT8: 'int8',
+  INT16: 'int16',
+  INT32: 'int32',
+  INT64: 'int64',
+  FP16: 'float16',
+  FP32: 'float32',
+  FP64: 'float64',
+} as const satisfies Record<string, DType>;
+export type KServeDatatype = keyof typeof KSERVE_TO_DTYPE;
+
+const DTYPE_TO_KSERVE = Object.fromEntries(Object.entries(KSERVE_TO_DTYPE).map(([k, v]) => [v, k])) as Record<DType, KServeDatatype>;
+
+/** ONNX type strings an agent may report in its status, to mesh dtypes. */
+const ONNX_TYPE_TO_DTYPE: Record<string, DType> = {
+  'tensor(float)': 'float32',
+  'tensor(double)': 'float64',
+  'tensor(float16)': 'float16',
+  'tensor(int8)': 'int8',
+  'tensor(uint8)': 'uint8',
+  'tensor(int16)': 'int16',
+  'tensor(uint16)': 'uint16',
+  'tensor(int32)': 'int32',
+  'tensor(uint32)': 'uint32',
+  'tensor(int64)': 'int64',
+  'tensor(uint64)': 'uint64',
+  'tensor(bool)': 'bool',
+  float: 'float32',
+  double: 'float64',
+};
+
+/** The KServe datatype for a dtype string from an agent's status ('float32', 'tensor(float)', ...). */
+export function kserveDatatypeOf(dtype: string): string {
+  const mesh = (Object.hasOwn(DTYPE_TO_KSERVE, dtype) ? dtype : ONNX_TYPE_TO_DTYPE[dtype]) as DType | undefined;
+  return mesh ? DTYPE_TO_KSERVE[mesh] : dtype.toUpperCase();
+}
+
+// IEEE half <-> float, for FP16 carried as raw 16-bit patterns in the mesh.
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+function floatToHalf(value: number): number {
+  f32[0] = value;
+  const x = u32[0]!;
+  const sign = (x >>> 16) & 0x8000;
+  const exp = (x >>> 23) & 0xff;
+  let mant = x & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  let e = exp - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - e;
+    let half = mant >>> shift;
+    if ((mant >>> (shift - 1)) & 1 && (mant & ((1 << (shift - 1)) - 1) || half & 1)) half++;
+    return sign | half;
+  }
+  let half = sign | (e << 10) | (mant >>> 13);
+  if (mant & 0x1000 && (mant & 0xfff || half & 1)) half++;
+  return half;
+}
+function halfToFloat(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >>> 10) & 0x1f;
+  const mant = h & 0x3ff;
+  if (exp === 0) return sign * mant * 2 ** -24;
+  if (exp === 0x1f) return mant ? Number.NaN : sign * Number.POSITIVE_INFINITY;
+  return sign * (1 + mant / 1024) * 2 ** (exp - 15);
+}
+
+interface KServeTensor {
+  name: string;
+  shape: number[];
+  datatype: KServeDatatype;
+  data: unknown[];
+  parameters?: Record<string, unknown>;
+}
+
+interface InferBody {
+  id?: string;
+  inputs: KServeTensor[];
+  outputs?: { name: string }[];
+  parameters?: { deadline_ms?: number } & Record<string, unknown>;
+}
+
+const inferBodySchema = {
+  type: 'object',
+  required: ['inputs'],
+  properties: {
+    id: { type: 'string', maxLength: 256 },
+    parameters: { type: 'object', properties: { deadline_ms: { type: 'integer', minimum: 1, maximum: 600_000 } } },
+    inputs: {
+      type: 'array',
+      minItems: 1,
+      maxItems: 64,
+      items: {
+        type: 'object',
+        required: ['name', 'shape', 'datatype', 'data'],
+        properties: {
+          name: { type: 'string', minLength: 1, maxLength: 128 },
+          shape: { type: 'array', maxItems: 8, items: { type: 'integer', minimum: 0 } },
+          datatype: { type: 'string', enum: Object.keys(KSERVE_TO_DTYPE) },
+          data: { type: 'array' },
+          parameters: { type: 'object' },
+        },
+      },
+    },
+    outputs: {
+      type: 'array',
+      maxItems: 64,
+      items: { type: 'object', required: ['name'], properties: { name: { type: 'string', maxLength: 128 } } },
+    },
+  },
+} as const;
+
+function fromKServe(input: KServeTensor): Tensor {
+  const dtype = KSERVE_TO_DTYPE[input.datatype];
+  if (dtype === 'float16') {
+    const values = (input.data as unknown[]).flat(Infinity).map((v) => {
+      if (typeof v !== 'number') throw new MeshError('MESH_BAD_TENSOR', `input ${input.name}: FP16 values must be numbers`);
+      return floatToHalf(v);
+    });
+    return tensorFromJson(input.name, dtype, input.shape, values);
+  }
+  try {
+    return tensorFromJson(input.name, dtype, input.shape, input.data);
+  } catch (err) {
+    // BigInt(1.5) and friends throw RangeError / SyntaxError: a bad tensor all the same.
+    throw toMeshError(err, 'MESH_BAD_TENSOR');
+  }
+}
+
+function toKServe(name: string, tensor: Tensor): { name: string; shape: number[]; datatype: KServeDatatype; data: (number | string | boolean)[] } {
+  const json = tensorToJson(tensor);
+  let data: (number | string | boolean)[] = json.data;
+  if (tensor.dtype === 'bool') data = json.data.map((v) => v !== 0);
+  else if (tensor.dtype === 'float16') data = json.data.map((v) => halfToFloat(Number(v)));
+  return { name, shape: json.shape, datatype: DTYPE_TO_KSERVE[tensor.dtype], data };
+}
+
+function sendError(reply: FastifyReply, err: MeshError): FastifyReply {
+  return reply.code(err.httpStatus).send({ error: err.message, code: err.code });
+}
+
+/** Starts the HTTP API for `router`; resolves once it listens. */
+export async function startRouterHttp(router: RouterHandle, options: RouterHttpOptions = {}): Promise<RouterHttpHandle> {
+  const { port = 0, host = '127.0.0.1', defaultDeadlineMs, bodyLimit = 64 * 1024 * 1024, processMetrics = true } = options;
+
+  const metrics = new PromRegistry();
+  if (processMetrics) collectDefaultMetrics({ register: metrics });
+  const buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+  const requestSeconds = new Histogram({
+    name: 'edge_mesh_request_duration_seconds',
+    help: 'HTTP infer request latency through the router, by model and the agent that answered ("none" on failure)',
+    labelNames: ['model', 'agent'] as const,
+    buckets,
+    registers: [metrics],
+  });
+  const attemptSeconds = new Histogram({
+    name: 'edge_mesh_attempt_duration_seconds',
+    help: 'Latency of each attempt the router sent to an agent (hedges and retries included), by model, agent and outcome',
+    labelNames: ['model', 'agent', 'outcome'] as const,
+    buckets,
+    registers: [metrics],
+  });
+  const requestsTotal = new Counter({ name: 'edge_mesh_requests_total', help: 'HTTP infer requests by model', labelNames: ['model'] as const, registers: [metrics] });
+  const errorsTotal = new Counter({
+    name: 'edge_mesh_request_errors_total',
+    help: 'Failed HTTP requests by model and MESH_* code',
+    labelNames: ['model', 'code'] as const,
+    registers: [metrics],
+  });
+  const unsubscribe = router.onAttempt((a) => {
+    attemptSeconds.observe({ model: a.model, agent: a.agentId, outcome: a.ok ? 'ok' : (a.code ?? 'error') }, a.e2eMs / 1000);
+  });
+
+  /** Metadata for `name` from a live agent, else from any agent's last status. */
+  const modelInfo = (name: string): { info: ModelInfo; live: boolean; versions: string[] } | undefined => {
+    const live = router.models().find((m) => m.name === name);
+    const all = router
+      .agents()
+      .flatMap((a) => a.status.models ?? [])
+      .filter((m) => m.name === name);
+    const info = live ?? all[0];
+    if (!info) return undefined;
+    return { info, live: live !== undefined, versions: [...new Set(all.map((m) => m.version))] };
+  };
+  /** Label value for a model name: unknown names collapse so clients cannot blow up the series count. */
+  const modelLabel = (name: string) => (modelInfo(name) ? name : '_unknown');
+
+  const app = Fastify({ logger: false, bodyLimit });
+
+  // OpenAPI 3 description, generated from the routes' schemas, served at /openapi.json.
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.0.3',
+      info: {
+        title: 'edge-mesh router',
+        version: '1',
+        description:
+          'Open Inference Protocol (KServe v2) over the mesh, plus operator endpoints. Errors are `{ error, code }` with a MESH_* code and its HTTP status.',
+      },
+      tags: [
+        { name: 'kserve', description: 'Open Inference Protocol (KServe v2): health, model metadata, inference' },
+        { name: 'operator', description: 'Agents, routing counters, metrics' },
+      ],
+    },
+  });
+  const errorBody = { type: 'object', properties: { error: { type: 'string' }, code: { type: 'string', pattern: '^MESH_[A-Z_]+$' } } } as const;
+  const nameParam = { type: 'object', required: ['name'], properties: { name: { type: 'string', description: 'model name' } } } as const;
+  const doc = (tags: string, summary: string, extra: Record<string, unknown> = {}) => ({ schema: { tags: [tags], summary, ...extra } });
+
+  app.setErrorHandler((err: Error & { validation?: unknown; statusCode?: number; code?: string }, request, reply) => {
+    let mesh: MeshError;
+    if (err instanceof MeshError) mesh = err;
+    else if (err.validation) mesh = new MeshError('MESH_BAD_REQUEST', err.message);
+    else if (err.statusCode === 413) mesh = new MeshError('MESH_TOO_LARGE', err.message);
+    else if (err.statusCode !== undefined && err.statusCode >= 400 && err.statusCode < 500) mesh = new MeshError('MESH_BAD_REQUEST', err.message);
+    else mesh = toMeshError(err);
+    const params = request.params as { name?: unknown } | undefined;
+    const model = typeof params?.name === 'string' ? modelLabel(params.name) : '';
+    errorsTotal.inc({ model, code: mesh.code });
+    return sendError(reply, mesh);
+  });
+  app.setNotFoundHandler((request, reply) => reply.code(404).send({ error: `no route ${request.method} ${request.url}`, code: 'MESH_BAD_REQUEST' }));
+
+  app.get('/openapi.json', doc('operator', 'This OpenAPI description'), async () => app.swagger());
+  app.get('/v2', doc('kserve', 'Server metadata'), async () => ({ name: 'edge-mesh-router', version: '2', extensions: [] }));
+  app.get('/v2/health/live', doc('kserve', 'Liveness: the router process answers'), async () => ({ live: true }));
+  app.get('/v2/health/ready', doc('kserve', 'Readiness: connected to the broker with at least one live agent', { response: { 503: errorBody } }), async (_request, reply) => {
+    const ready = router.connected && router.agents().some((a) => a.up);
+    return reply.code(ready ? 200 : 503).send(ready ? { ready } : { ready, error: 'no live agent known', code: 'MESH_NO_AGENT' });
+  });
+
+  app.get<{ Params: { name: string } }>('/v2/models/:name', doc('kserve', 'Model metadata: inputs, outputs, versions', { params: nameParam, response: { 404: errorBody } }), async (request) => {
+    const found = modelInfo(request.params.name);
+    if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`);
+    const { info, versions } = found;
+    const tensors = (list: ModelInfo['inputs']) =>
+      list.map((t) => ({ name: t.name, datatype: kserveDatatypeOf(t.dtype), shape: t.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : -1)) }));
+    return { name: info.name, versions, platform: 'onnx', inputs: tensors(info.inputs), outputs: tensors(info.outputs) };
+  });
+
+  app.get<{ Params: { name: string } }>('/v2/models/:name/ready', doc('kserve', 'Whether a live agent serves the model', { params: nameParam, response: { 404: errorBody, 503: errorBody } }), async (request, reply) => {
+    const found = modelInfo(request.params.name);
+    if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`);
+    if (!found.live) return reply.code(503).send({ name: request.params.name, ready: false, error: 'no live agent serves the model', code: 'MESH_NO_AGENT' });
+    return { name: request.params.name, ready: true };
+  });
+
+  app.post<{ Params: { name: string }; Body: InferBody }>('/v2/models/:name/infer',
+    {
+      schema: {
+        tags: ['kserve'],
+        summary: 'Run inference: JSON tensors in and out; parameters.deadline_ms bounds the request (retries and hedges included)',
+        params: nameParam,
+        body: inferBodySchema,
+        response: { 400: errorBody, 404: errorBody, 413: errorBody, 503: errorBody, 504: errorBody },
+      },
+    },
+    async (request) => {
+    const model = request.params.name;
+    const body = request.body;
+    const started = performance.now();
+    const label = modelLabel(model);
+    requestsTotal.inc({ model: label });
+    if (label === '_unknown') {
+      throw router.agents().length > 0
+        ? new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${model}`)
+        : new MeshError('MESH_NO_AGENT', `no agent is known yet, so none serves model ${model}`);
+    }
+    const inputs: Record<string, Tensor> = Object.create(null);
+    for (const input of body.inputs) {
+      if (Object.hasOwn(inputs, input.name)) throw new MeshError('MESH_BAD_REQUEST', `input ${input.name} appears twice`);
+      inputs[input.name] = fromKServe(input);
+    }
+    const deadlineMs = body.parameters?.deadline_ms ?? defaultDeadlineMs;
+    let result;
+    try {
+      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs } : {});
+    } catch (err) {
+      requestSeconds.observe({ model: label, agent: 'none' }, (performance.now() - started) / 1000);
+      throw toMeshError(err);
+    }
+    requestSeconds.observe({ model: label, agent: result.agentId }, (performance.now() - started) / 1000);
+    const wanted = body.outputs?.map((o) => o.name);
+    const names = Object.keys(result.outputs).filter((n) => !wanted || wanted.includes(n));
+    if (wanted) {
+      const missing = wanted.filter((n) => !Object.hasOwn(result.outputs, n));
+      if (missing.length > 0) throw new MeshError('MESH_BAD_INPUT', `model ${model} has no output ${missing.join(', ')}`);
+    }
+    return {
+      model_name: model,
+      ...(versionOf(modelInfo(model)?.info) ?? {}),
+      id: body.id ?? result.requestId,
+      parameters: { agent: result.agentId, attempts: result.attempts, hedged: result.hedged, total_ms: result.timings.totalMs },
+      outputs: names.map((n) => toKServe(n, result.outputs[n]!)),
+    };
+  });
+
+  app.get('/v1/agents', doc('operator', 'Agents the router knows: state, models, load, RTT, failure rate, ejection'), async () => ({
+    agents: router.agents().map(({ id, up, status }) => {
+      const entry = router.registry.agents.get(id);
+      return {
+        id,
+        up,
+        state: status.state,
+        version: status.version,
+        hardware: status.hardware,
+        workers: status.workers,
+        queueLimit: status.queueLimit,
+        models: (status.models ?? []).map((m) => ({ name: m.name, version: m.version, latencyMs: m.latencyMs, priceMicros: m.priceMicros })),
+        load: entry
+          ? {
+              reportedInFlight: entry.reportedRif,
+              outstanding: entry.outstanding,
+              rttMs: Number.isFinite(entry.rttMs) ? entry.rttMs : null,
+              pFail: entry.pFail,
+              ejected: entry.ejectedUntilMs > Date.now(),
+              lastSeenMs: entry.lastSeenMs,
+            }
+          : null,
+      };
+    }),
+  }));
+  app.get('/v1/routing', doc('operator', 'Routing counters: requests, retries, hedges, cancels, leases, budget refusals, attempts per agent'), async () => ({ router: router.id, connected: router.connected, counters: router.counters }));
+  if (options.chain) await registerSettlementRoutes(app, router, options.chain);
+
+  app.get('/metrics', doc('operator', 'Prometheus text: latency histograms per model and agent, error counters, process metrics'), async (_request, reply) => {
+    const text = await metrics.metrics();
+    return reply.header('content-type', metrics.contentType).send(text);
+  });
+
+  await app.listen({ port, host });
+  const address = app.server.address();
+  const boundPort = typeof address === 'object' && address ? address.port : port;
+  const urlHost = host.includes(':') ? `[${host}]` : host;
+  let closed = false;
+  return {
+    app,
+    port: boundPort,
+    url: `http://${urlHost}:${boundPort}`,
+    metrics,
+    async close() {
+      if (closed) return;
+      closed = true;
+      unsubscribe();
+      await app.close();
+    },
+  };
+}
+
+function versionOf(info: ModelInfo | undefined): { model_version: string } | undefined {
+  return info ? { model_version: info.version } : undefined;
+}
+

@@ -1,0 +1,83 @@
+/**
+ * Operator endpoints for payment, read from the escrow on chain (the chain is the truth for money):
+ *   GET /v1/lanes         every funded lane: payer, payout, the agents quoting that payout, remaining, settled, thaw end
+ *   GET /v1/settlements   Settled and SettleSkipped events, oldest first (?payer=0x…&agent=0x… filter)
+ * ethers loads only when the router is given a chain.
+ */
+import type { ethers } from 'ethers';
+import type { FastifyInstance } from 'fastify';
+import { skipReasonName, verifyQuote } from '@edge-mesh/protocol';
+import type { RouterChainOptions, RouterHandle } from './handle.ts';
+
+
+const LOG_RANGE = 5_000;
+
+export async function registerSettlementRoutes(app: FastifyInstance, router: RouterHandle, chain: RouterChainOptions): Promise<void> {
+  const { ethers } = await import('ethers');
+  const { EscrowClient, ESCROW_ABI } = await import('@edge-mesh/contracts');
+  const iface = new ethers.Interface(ESCROW_ABI);
+  const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: chain.escrow });
+  const from = chain.fromBlock ?? 0;
+
+  const logs = async (event: string, topics: (string | null)[] = []) => {
+    const head = await chain.provider.getBlockNumber();
+    const out: ethers.Log[] = [];
+    for (let start = from; start <= head; start += LOG_RANGE) {
+      out.push(
+        ...(await chain.provider.getLogs({ address: escrow.escrow, topics: [iface.getEvent(event)!.topicHash, ...topics], fromBlock: start, toBlock: Math.min(head, start + LOG_RANGE - 1) })),
+      );
+    }
+    return out;
+  };
+  const topicOf = (value: unknown, what: string): string | null => {
+    if (value === undefined) return null;
+    if (typeof value !== 'string' || !ethers.isAddress(value)) throw Object.assign(new Error(`${what} is not an EVM address`), { statusCode: 400 });
+    return ethers.zeroPadValue(ethers.getAddress(value), 32);
+  };
+  const agentsByPayout = () => {
+    const map = new Map<string, string[]>();
+    for (const { id, status } of router.agents()) {
+      if (!status.quote) continue;
+      let payout: string;
+      try {
+        payout = verifyQuote(status.quote, { agentId: id }).payout.toLowerCase();
+      } catch {
+        continue;
+      }
+      map.set(payout, [...(map.get(payout) ?? []), id]);
+    }
+    return map;
+  };
+
+  app.get('/v1/lanes', { schema: { tags: ['operator'], summary: 'Payment lanes on the escrow: funded, settled and remaining per (payer, agent)' } }, async () => {
+    const seen = new Map<string, { payer: string; payout: string }>();
+    for (const log of await logs('LaneFunded')) {
+      const ev = iface.parseLog(log)!;
+      const payer = (ev.args[0] as string).toLowerCase();
+      const payout = (ev.args[1] as string).toLowerCase();
+      seen.set(`${payer}:${payout}`, { payer, payout });
+    }
+    const agents = agentsByPayout();
+    const lanes = await Promise.all(
+      [...seen.values()].map(async ({ payer, payout }) => {
+        const lane = await escrow.laneOf(payer, payout);
+        return { payer, payout, agents: agents.get(payout) ?? [], remaining_micros: Number(lane.remaining), settled_micros: Number(lane.settled), thaw_end: Number(lane.thawEnd) };
+      }),
+    );
+    return { chain_id: Number(escrow.domain.chainId), escrow: escrow.escrow, lanes };
+  });
+
+  app.get('/v1/settlements', { schema: { tags: ['operator'], summary: 'Settlements on chain (Settled and SettleSkipped events); filter with ?payer= and ?agent=' } }, async (request) => {
+    const q = request.query as { payer?: unknown; agent?: unknown };
+    const topics = [topicOf(q.payer, 'payer'), topicOf(q.agent, 'agent')];
+    const events = [...(await logs('Settled', topics)), ...(await logs('SettleSkipped', topics))].sort((a, b) => a.blockNumber - b.blockNumber || a.index - b.index);
+    const settlements = events.map((log) => {
+      const ev = iface.parseLog(log)!;
+      const base = { tx: log.transactionHash, block: log.blockNumber, payer: (ev.args[0] as string).toLowerCase(), payout: (ev.args[1] as string).toLowerCase() };
+      return ev.name === 'Settled'
+        ? { ...base, kind: 'settled', cumulative_micros: Number(ev.args[2]), delta_micros: Number(ev.args[3]), receipts_root: ev.args[4] as string }
+        : { ...base, kind: 'skipped', reason: skipReasonName(ev.args[2] as bigint), cumulative_micros: Number(ev.args[3]) };
+    });
+    return { settlements, settled_micros: settlements.reduce((s, e) => s + ('delta_micros' in e ? e.delta_micros : 0), 0) };
+  });
+}
