@@ -21,16 +21,18 @@ import { spawn } from 'node:child_process';
 import { copyFile, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { decodeMessage, topics, type AgentStatus } from '@edge-mesh/protocol';
+import { MANIFEST_FILE } from '@edge-mesh/agent';
 import { openMeshConnection, round } from '@edge-mesh/client';
 import { ensureModelsFolder } from '@edge-mesh/demo';
-import { MANIFEST_FILE } from '@edge-mesh/agent';
+import { type AgentStatus, decodeMessage, topics } from '@edge-mesh/protocol';
 import {
+  admitted,
+  type BenchContext,
+  type BenchResult,
   CLI,
   environment,
-  idSuffix,
-  median,
   MODELS_DIR,
+  median,
   parseJson,
   procStatusMb,
   procThreads,
@@ -38,9 +40,6 @@ import {
   sleep,
   spawnProc,
   startBrokerProc,
-  type BenchContext,
-  type BenchResult,
-  admitted,
 } from './lib.ts';
 
 interface Rep {
@@ -135,7 +134,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
         if (j?.msg === 'agent ready' && typeof j.readyMs === 'number') rep.agent_logged_ready_ms = j.readyMs;
       }
       await proc.stop();
-      log(`  ${label}${workers ? ` (workers ${workers})` : ''} #${i + 1}: ready ${rep.ready_ms} ms (agent's own ${rep.agent_logged_ready_ms} ms), idle RSS ${rep.idle_rss_mb} MB, peak ${rep.peak_rss_mb} MB, ${rep.threads} threads`);
+      log(
+        `  ${label}${workers ? ` (workers ${workers})` : ''} #${i + 1}: ready ${rep.ready_ms} ms (agent's own ${rep.agent_logged_ready_ms} ms), idle RSS ${rep.idle_rss_mb} MB, peak ${rep.peak_rss_mb} MB, ${rep.threads} threads`,
+      );
       return rep;
     };
 

@@ -18,17 +18,32 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { DeviceRegistry, FrameType, int16Tensor, udpDevice, type SimDevice } from '@edge-mesh/firmware-bridge';
 import { round, summarize } from '@edge-mesh/client';
-import { ensureModelsFolder } from '@edge-mesh/demo';
-import { sampleInputs } from '@edge-mesh/demo';
+import { ensureModelsFolder, sampleInputs } from '@edge-mesh/demo';
+import { DeviceRegistry, FrameType, int16Tensor, type SimDevice, udpDevice } from '@edge-mesh/firmware-bridge';
 import { connect } from '@edge-mesh/sdk';
-import { admitted, CLI, CpuMeter, environment, MODELS_DIR, spawnProc, startAgentProc, startBrokerProc, type BenchContext, type BenchResult } from './lib.ts';
+import {
+  admitted,
+  type BenchContext,
+  type BenchResult,
+  CLI,
+  CpuMeter,
+  environment,
+  MODELS_DIR,
+  spawnProc,
+  startAgentProc,
+  startBrokerProc,
+} from './lib.ts';
 
 const DEVICES = 8;
 const OUTSTANDING = 64;
 
-async function closedLoop(devices: SimDevice[], outstanding: number, durationMs: number, send: (d: SimDevice) => Promise<unknown>): Promise<{ done: number; failed: number; ms: number }> {
+async function closedLoop(
+  devices: SimDevice[],
+  outstanding: number,
+  durationMs: number,
+  send: (d: SimDevice) => Promise<unknown>,
+): Promise<{ done: number; failed: number; ms: number }> {
   let done = 0;
   let failed = 0;
   const until = performance.now() + durationMs;
@@ -68,7 +83,22 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     for (let i = 0; i < DEVICES; i++) records.push(await registry.provision({ name: `bench-${i}` }));
     await registry.close();
 
-    const bridge = spawnProc('bridge', [CLI, 'bridge', '--broker', url, '--key', bridgeKey.keyFile, '--registry', registryDir, '--udp-port', '0', '--models', 'kws', '--log-level', 'info']);
+    const bridge = spawnProc('bridge', [
+      CLI,
+      'bridge',
+      '--broker',
+      url,
+      '--key',
+      bridgeKey.keyFile,
+      '--registry',
+      registryDir,
+      '--udp-port',
+      '0',
+      '--models',
+      'kws',
+      '--log-level',
+      'info',
+    ]);
     const listening = await bridge.waitLine('stderr', (l) => l.includes('"msg":"bridge listening on UDP"'), 30_000, 'its UDP port');
     const port = (JSON.parse(listening) as { port: number }).port;
     await bridge.waitLine('stderr', (l) => l.includes('"msg":"bridge ready"'), 30_000, 'bridge ready');
@@ -76,7 +106,13 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     const devices: SimDevice[] = [];
     const closers: (() => Promise<void>)[] = [];
     for (const r of records) {
-      const { device, close } = await udpDevice({ deviceId: r.deviceId, key: Buffer.from(r.key, 'hex'), epoch: 1, host: '127.0.0.1', port });
+      const { device, close } = await udpDevice({
+        deviceId: r.deviceId,
+        key: Buffer.from(r.key, 'hex'),
+        epoch: 1,
+        host: '127.0.0.1',
+        port,
+      });
       devices.push(device);
       closers.push(close);
     }
@@ -95,10 +131,17 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       const samples = Int16Array.from(features, (v) => Math.round(v / scale));
       const asFloat = Float32Array.from(samples, (v) => v * scale);
       const viaBridge = async () => {
-        const reply = await device.infer(modelId, int16Tensor(samples), { scale, shape: [1, 25, 96], deadlineMs: 1000, timeoutMs: 1000, tries: 1 });
+        const reply = await device.infer(modelId, int16Tensor(samples), {
+          scale,
+          shape: [1, 25, 96],
+          deadlineMs: 1000,
+          timeoutMs: 1000,
+          tries: 1,
+        });
         if (reply.type !== FrameType.INFER_RESP) throw new Error(`bridge answered type ${reply.type}`);
       };
-      const direct = () => mesh.infer('kws', { 'onnx::Flatten_0': { dtype: 'float32', shape: [1, 25, 96], data: asFloat } }, { deadlineMs: 1000 });
+      const direct = () =>
+        mesh.infer('kws', { 'onnx::Flatten_0': { dtype: 'float32', shape: [1, 25, 96], data: asFloat } }, { deadlineMs: 1000 });
 
       ctx.log(`bridge: warm-up, then ${n} sequential kws requests each way, alternating in blocks of 100`);
       for (let i = 0; i < 200; i++) {
@@ -126,7 +169,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       const meter = new CpuMeter({ broker: broker.pid, agent: agent.pid, bridge: bridge.pid });
       await closedLoop(devices, OUTSTANDING, 500, (dev) => dev.request(FrameType.POLL, new Map(), { timeoutMs: 1000, tries: 1 }));
       meter.begin();
-      const frames = await closedLoop(devices, OUTSTANDING, durationMs, (dev) => dev.request(FrameType.POLL, new Map(), { timeoutMs: 1000, tries: 1 }));
+      const frames = await closedLoop(devices, OUTSTANDING, durationMs, (dev) =>
+        dev.request(FrameType.POLL, new Map(), { timeoutMs: 1000, tries: 1 }),
+      );
       const cpu = meter.end();
 
       ctx.log(`bridge: kws INFER_REQ frames through the mesh, 16 outstanding, ${Math.round(durationMs / 2)} ms`);

@@ -14,8 +14,18 @@
  */
 import { readFileSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { decodeMessage, encodeMessage, isValidId, parseKeyFile, signStatus, PROTOCOL_VERSION, topics, type AgentStatus } from '@edge-mesh/protocol';
 import { openMeshConnection } from '@edge-mesh/client';
+import {
+  type AgentStatus,
+  decodeMessage,
+  encodeMessage,
+  type InferRequest,
+  isValidId,
+  PROTOCOL_VERSION,
+  parseKeyFile,
+  signStatus,
+  topics,
+} from '@edge-mesh/protocol';
 
 const { values } = parseArgs({
   options: {
@@ -58,7 +68,9 @@ const status: AgentStatus = {
   workers: 1,
   queueLimit: 1_000_000,
 };
-const offline = encodeMessage(signStatus(identity, { v: PROTOCOL_VERSION, kind: 'status', agent: agentId, state: 'offline', ts: Date.now(), session }));
+const offline = encodeMessage(
+  signStatus(identity, { v: PROTOCOL_VERSION, kind: 'status', agent: agentId, state: 'offline', ts: Date.now(), session }),
+);
 const statusTopic = topics.agentStatus(agentId);
 const requestPrefix = topics.agentRequest(agentId, '');
 const output = { '39': { dtype: 'float32', shape: [1, 1], data: new Uint8Array(4) } };
@@ -84,7 +96,7 @@ client.on('message', (topic, payload) => {
   if (!topic.startsWith(requestPrefix)) return;
   const senderId = topic.slice(requestPrefix.length);
   if (!isValidId(senderId)) return;
-  let req;
+  let req: InferRequest;
   try {
     req = decodeMessage(payload, ['req']);
   } catch {
@@ -94,7 +106,16 @@ client.on('message', (topic, payload) => {
   served++;
   client.publish(
     topics.clientReply(senderId, agentId),
-    encodeMessage({ v: PROTOCOL_VERSION, kind: 'res', id: req.id, agent: agentId, model: req.model, outputs: output, queueMs: 0, execMs: 0 }),
+    encodeMessage({
+      v: PROTOCOL_VERSION,
+      kind: 'res',
+      id: req.id,
+      agent: agentId,
+      model: req.model,
+      outputs: output,
+      queueMs: 0,
+      execMs: 0,
+    }),
     { qos: 1 },
   );
 });

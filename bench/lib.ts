@@ -10,7 +10,7 @@
  * - /proc readers: per-process CPU time (utime + stime) and resident memory by PID.
  * - Machine and version facts included in every result.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -283,7 +283,20 @@ export class CpuMeter {
 
 /** `edge-mesh broker --port 0`; its first stdout line is its URL. */
 export async function startBrokerProc(name = 'broker'): Promise<{ proc: Proc; url: string }> {
-  const proc = spawnProc(name, [CLI, 'broker', '--port', '0', '--host', '127.0.0.1', '--operator', operatorKeyFile, '--data', path.join(KEYS_DIR, `${name.replace(/\W/g, '-')}-${Date.now()}`), '--log-level', 'warn']);
+  const proc = spawnProc(name, [
+    CLI,
+    'broker',
+    '--port',
+    '0',
+    '--host',
+    '127.0.0.1',
+    '--operator',
+    operatorKeyFile,
+    '--data',
+    path.join(KEYS_DIR, `${name.replace(/\W/g, '-')}-${Date.now()}`),
+    '--log-level',
+    'warn',
+  ]);
   const url = (await proc.waitLine('stdout', (l) => l.startsWith('mqtt://127.0.0.1:'), 20_000, 'its URL')).trim();
   return { proc, url };
 }
@@ -311,7 +324,15 @@ export async function startAgentProc(o: AgentProcOptions): Promise<Proc> {
 
 /** bench/echo-agent.ts: answers kws requests without inference; prints {"event":"ready"} once announced. */
 export async function startEchoAgentProc(url: string, id: string, keyFilePath: string): Promise<Proc> {
-  const proc = spawnProc(`echo ${id}`, ['--import', 'tsx', path.join(ROOT, 'bench', 'echo-agent.ts'), '--broker', url, '--key', keyFilePath]);
+  const proc = spawnProc(`echo ${id}`, [
+    '--import',
+    'tsx',
+    path.join(ROOT, 'bench', 'echo-agent.ts'),
+    '--broker',
+    url,
+    '--key',
+    keyFilePath,
+  ]);
   await proc.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');
   return proc;
 }
@@ -333,7 +354,19 @@ export interface LoadgenOptions {
 
 /** bench/loadgen.ts; resolves once it is connected and sees the model ({"event":"ready"}); send 'go' to start. */
 export async function startLoadgenProc(o: LoadgenOptions): Promise<Proc> {
-  const args = ['--import', 'tsx', path.join(ROOT, 'bench', 'loadgen.ts'), '--broker', o.url, '--key', o.keyFile, '--mode', o.mode, '--model', o.model ?? 'kws'];
+  const args = [
+    '--import',
+    'tsx',
+    path.join(ROOT, 'bench', 'loadgen.ts'),
+    '--broker',
+    o.url,
+    '--key',
+    o.keyFile,
+    '--mode',
+    o.mode,
+    '--model',
+    o.model ?? 'kws',
+  ];
   const opt = (flag: string, v: number | undefined) => {
     if (v !== undefined) args.push(flag, String(v));
   };

@@ -19,13 +19,14 @@
  *   next `duration-ms` (the measured window) and their latencies; loops then stop and in-flight
  *   requests drain. Errors are counted by code in both modes (they must be 0).
  */
-import { createInterface } from 'node:readline';
+
 import { readFileSync } from 'node:fs';
+import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
-import { parseKeyFile } from '@edge-mesh/protocol';
 import { round, summarize } from '@edge-mesh/client';
-import { connect, MeshError } from '@edge-mesh/sdk';
 import { sampleInputs } from '@edge-mesh/demo';
+import { parseKeyFile } from '@edge-mesh/protocol';
+import { connect, MeshError } from '@edge-mesh/sdk';
 
 const { values } = parseArgs({
   options: {

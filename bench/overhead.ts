@@ -15,19 +15,22 @@
  * timed window is reported as cpu: { broker, agent, loadgen } in ms and cores (CPU ms / wall ms).
  */
 import path from 'node:path';
+import { round, summarize } from '@edge-mesh/client';
+import { ensureModelsFolder, sampleInputs } from '@edge-mesh/demo';
+import type { Identity } from '@edge-mesh/protocol';
 import * as ort from 'onnxruntime-node';
 import pino from 'pino';
 import { WorkerPool } from '../edge-agent/src/pool.ts';
-import { round, summarize } from '@edge-mesh/client';
-import { ensureModelsFolder } from '@edge-mesh/demo';
-import { sampleInputs } from '@edge-mesh/demo';
 import {
+  admitted,
+  type BenchContext,
+  type BenchResult,
   CpuMeter,
   environment,
-  idSuffix,
   isEvent,
   loadgenResult,
   MODELS_DIR,
+  type Proc,
   parseJson,
   ROOT,
   spawnProc,
@@ -35,12 +38,7 @@ import {
   startBrokerProc,
   startEchoAgentProc,
   startLoadgenProc,
-  type BenchContext,
-  type BenchResult,
-  type Proc,
-  admitted,
 } from './lib.ts';
-import type { Identity } from '@edge-mesh/protocol';
 
 const MODEL = 'kws';
 const WARMUP = 500;
@@ -107,7 +105,20 @@ async function tcpFloor(n: number): Promise<Record<string, unknown>> {
   const server = spawnProc('tcp-floor server', ['--import', 'tsx', script, 'server']);
   try {
     const ready = parseJson(await server.waitLine('stdout', isEvent('ready'), 15_000, 'ready event'))!;
-    const client = spawnProc('tcp-floor client', ['--import', 'tsx', script, 'client', '--port', String(ready.port), '--n', String(n), '--warmup', String(WARMUP), '--bytes', '64']);
+    const client = spawnProc('tcp-floor client', [
+      '--import',
+      'tsx',
+      script,
+      'client',
+      '--port',
+      String(ready.port),
+      '--n',
+      String(n),
+      '--warmup',
+      String(WARMUP),
+      '--bytes',
+      '64',
+    ]);
     const result = parseJson(await client.waitLine('stdout', isEvent('result'), 60_000, 'result'))!;
     await client.exited;
     return result;
@@ -126,11 +137,25 @@ async function meshLatency(
   const broker = await startBrokerProc(`broker (${label})`);
   const server = await startServer(broker.url, await admitted(broker.url, 'agent'));
   const app = await admitted(broker.url, 'app');
-  const loadgen = await startLoadgenProc({ url: broker.url, keyFile: app.keyFile, id: app.identity.id, mode: 'latency', warmup: WARMUP, n, deadlineMs: 1_000 });
+  const loadgen = await startLoadgenProc({
+    url: broker.url,
+    keyFile: app.keyFile,
+    id: app.identity.id,
+    mode: 'latency',
+    warmup: WARMUP,
+    n,
+    deadlineMs: 1_000,
+  });
   const meter = new CpuMeter({ broker: broker.proc.pid, [label === 'echo' ? 'echo_agent' : 'agent']: server.pid, loadgen: loadgen.pid });
   let cpu: ReturnType<CpuMeter['end']> = {};
-  void loadgen.waitLine('stdout', isEvent('measuring'), 120_000).then(() => meter.begin(), () => {});
-  void loadgen.waitLine('stdout', isEvent('window-end'), 600_000).then(() => (cpu = meter.end()), () => {});
+  void loadgen.waitLine('stdout', isEvent('measuring'), 120_000).then(
+    () => meter.begin(),
+    () => {},
+  );
+  void loadgen.waitLine('stdout', isEvent('window-end'), 600_000).then(
+    () => (cpu = meter.end()),
+    () => {},
+  );
   const t0 = performance.now();
   loadgen.send('go');
   const result = await loadgenResult(loadgen, ctx.quick ? 30_000 : 300_000);
@@ -157,7 +182,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const tcp = await tcpFloor(n);
   ctx.log(`  tcp: p50 ${tcp.p50_ms} ms, p99 ${tcp.p99_ms} ms`);
 
-  const mesh = await meshLatency(ctx, 'agent', n, (url, key) => startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1 }));
+  const mesh = await meshLatency(ctx, 'agent', n, (url, key) =>
+    startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1 }),
+  );
   const echo = await meshLatency(ctx, 'echo', n, (url, key) => startEchoAgentProc(url, key.identity.id, key.keyFile));
 
   const meshErrors = Object.values(mesh.errors as Record<string, number>).reduce((a, b) => a + b, 0);

@@ -9,17 +9,40 @@
  * (LaneVerifier.verifyChain: the hash chain makes the last signature cover the batch).
  * Also reported: the leaf hash alone (keccak_per_s) and a Merkle root over 100 leaves.
  */
-import { generateIdentity, LaneVerifier, merkleRoot, newRequestId, RECEIPT_STATUS, receiptLeaf, receiptPriceMicros, signQuote, signReceipt, toHex, verifyQuote, ZERO_HASH, type SignedReceipt } from '@edge-mesh/protocol';
+import {
+  generateIdentity,
+  LaneVerifier,
+  merkleRoot,
+  newRequestId,
+  RECEIPT_STATUS,
+  receiptLeaf,
+  receiptPriceMicros,
+  type SignedReceipt,
+  signQuote,
+  signReceipt,
+  toHex,
+  verifyQuote,
+  ZERO_HASH,
+} from '@edge-mesh/protocol';
 import type { BenchContext, BenchResult } from './lib.ts';
 
 export async function run(ctx: BenchContext): Promise<BenchResult> {
   const n = Number(ctx.args.n ?? (ctx.quick ? 20_000 : 100_000));
   const agent = generateIdentity('agent');
-  const payer = '0x' + '11'.repeat(20);
-  const escrow = '0x' + '22'.repeat(20);
+  const payer = `0x${'11'.repeat(20)}`;
+  const escrow = `0x${'22'.repeat(20)}`;
   const modelHash = new Uint8Array(32).fill(7);
   const price = { name: 'kws', modelHash: toHex(modelHash), baseMicros: 0, unitMicros: 5, minChargeMicros: 0 };
-  const quote = verifyQuote(signQuote(agent, { payout: '0x' + '33'.repeat(20), chainId: 31337, escrow, issuedAt: Date.now(), validUntil: Date.now() + 3_600_000, models: [price] }));
+  const quote = verifyQuote(
+    signQuote(agent, {
+      payout: `0x${'33'.repeat(20)}`,
+      chainId: 31337,
+      escrow,
+      issuedAt: Date.now(),
+      validUntil: Date.now() + 3_600_000,
+      models: [price],
+    }),
+  );
   const inputHash = new Uint8Array(32).fill(1);
   const outputHash = new Uint8Array(32).fill(2);
   const ids = Array.from({ length: n }, () => newRequestId());
@@ -36,8 +59,23 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       cumulative += p;
       const now = Date.now();
       const signed = signReceipt(agent, {
-        v: 1, chainId: 31337, escrow, payer, agentKey: agent.publicKey, seq: i + 1, requestId: ids[i]!, modelHash, inputHash, outputHash,
-        status, unitsUsed: units, price: p, cumulative, startedAt: now, finishedAt: now, prevReceipt: prev,
+        v: 1,
+        chainId: 31337,
+        escrow,
+        payer,
+        agentKey: agent.publicKey,
+        seq: i + 1,
+        requestId: ids[i]!,
+        modelHash,
+        inputHash,
+        outputHash,
+        status,
+        unitsUsed: units,
+        price: p,
+        cumulative,
+        startedAt: now,
+        finishedAt: now,
+        prevReceipt: prev,
       });
       prev = signed.leaf;
       out[i] = signed.receipt;

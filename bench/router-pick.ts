@@ -6,7 +6,17 @@
  * Between timed picks the registry keeps changing (sends, replies, queue reports, every agent's 1 s heartbeat), untimed.
  */
 import { percentileSorted, round } from '@edge-mesh/client';
-import { createRegistry, currentPool, mulberry32, onQueueReport, onReply, onSend, selectAgent, upsertAgent, type Registry } from '@edge-mesh/router';
+import {
+  createRegistry,
+  currentPool,
+  mulberry32,
+  onQueueReport,
+  onReply,
+  onSend,
+  type Registry,
+  selectAgent,
+  upsertAgent,
+} from '@edge-mesh/router';
 import type { BenchContext, BenchResult } from './lib.ts';
 
 const CLASSES = [
@@ -30,7 +40,12 @@ function buildFleet(nodes: number, seed: number): Registry {
         hardwareClass: cls.name,
         site: `site-${Math.floor(rng() * 10)}`,
         slots: cls.slots,
-        models: MODELS.filter(() => rng() < 0.7).map((model, k) => ({ model, serviceMs: 10 * speed * (k + 1), warm: rng() < 0.7, coldLoadMs: 3000 })),
+        models: MODELS.filter(() => rng() < 0.7).map((model, k) => ({
+          model,
+          serviceMs: 10 * speed * (k + 1),
+          warm: rng() < 0.7,
+          coldLoadMs: 3000,
+        })),
       },
       0,
     );

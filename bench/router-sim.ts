@@ -33,7 +33,13 @@ const fin = (v: number): number | null => (Number.isFinite(v) ? Math.round(v * 1
 const r4 = (v: number) => Math.round(v * 1e4) / 1e4;
 
 export function figures(r: SimResult): PolicyFigures {
-  return { p50_ms: fin(r.p50_ms), p99_ms: fin(r.p99_ms), p999_ms: fin(r.p999_ms), fail_rate: r4(r.fail_rate), extra_load: r4(r.extra_load) };
+  return {
+    p50_ms: fin(r.p50_ms),
+    p99_ms: fin(r.p99_ms),
+    p999_ms: fin(r.p999_ms),
+    fail_rate: r4(r.fail_rate),
+    extra_load: r4(r.extra_load),
+  };
 }
 
 const show = (v: number) => (Number.isFinite(v) ? v.toFixed(1) : '∞');
@@ -43,7 +49,11 @@ function table(title: string, rows: SimResult[]): string {
   const body = rows
     .map(
       (r) =>
-        `| ${r.policy} | ${show(r.p50_ms)} | ${show(r.p99_ms)} | ${show(r.p999_ms)} | ${(r.fail_rate * 100).toFixed(2)} % | ${(r.extra_load * 100).toFixed(1)} % | ${['gpu-fast', 'gpu-mid', 'cpu']
+        `| ${r.policy} | ${show(r.p50_ms)} | ${show(r.p99_ms)} | ${show(r.p999_ms)} | ${(r.fail_rate * 100).toFixed(2)} % | ${(r.extra_load * 100).toFixed(1)} % | ${[
+          'gpu-fast',
+          'gpu-mid',
+          'cpu',
+        ]
           .map((c) => ((r.served[c] ?? 0) * 100).toFixed(0))
           .join('/')} |`,
     )
@@ -63,8 +73,12 @@ function svgPlot(byLoad: { load: number; results: SimResult[] }[], ramp: SimResu
   const H = 460;
   const m = { l: 70, r: 200, t: 40, b: 50 };
   const series = new Map<string, { x: number; y: number }[]>();
-  for (const { load, results } of byLoad) for (const r of results) series.set(r.policy, [...(series.get(r.policy) ?? []), { x: load, y: r.p99_ms }]);
-  if (ramp) for (const r of ramp) for (const s of r.steps ?? []) series.set(`${r.policy} (ramp)`, [...(series.get(`${r.policy} (ramp)`) ?? []), { x: s.load, y: s.p99_ms }]);
+  for (const { load, results } of byLoad)
+    for (const r of results) series.set(r.policy, [...(series.get(r.policy) ?? []), { x: load, y: r.p99_ms }]);
+  if (ramp)
+    for (const r of ramp)
+      for (const s of r.steps ?? [])
+        series.set(`${r.policy} (ramp)`, [...(series.get(`${r.policy} (ramp)`) ?? []), { x: s.load, y: s.p99_ms }]);
   const xs = [...series.values()].flat().map((p) => p.x);
   const x0 = Math.min(...xs);
   const x1 = Math.max(...xs);
@@ -75,13 +89,30 @@ function svgPlot(byLoad: { load: number; results: SimResult[] }[], ramp: SimResu
     const v = Number.isFinite(y) ? Math.min(Math.max(y, yMin), yMax) : yMax * 1.6;
     return m.t + (1 - (Math.log10(v) - Math.log10(yMin)) / (Math.log10(yMax * 1.6) - Math.log10(yMin))) * (H - m.t - m.b);
   };
-  const colors = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf', '#000000', '#aa3377', '#228833', '#ccbb44'];
+  const colors = [
+    '#1f77b4',
+    '#ff7f0e',
+    '#2ca02c',
+    '#d62728',
+    '#9467bd',
+    '#8c564b',
+    '#e377c2',
+    '#7f7f7f',
+    '#bcbd22',
+    '#17becf',
+    '#000000',
+    '#aa3377',
+    '#228833',
+    '#ccbb44',
+  ];
   let out = `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="11">\n`;
   out += `<rect width="${W}" height="${H}" fill="white"/>\n<text x="${W / 2 - 100}" y="20" font-size="14">p99 latency against load (log ms; top band = ∞)</text>\n`;
-  for (const y of [10, 30, 100, 300, 1000]) out += `<line x1="${m.l}" x2="${W - m.r}" y1="${py(y)}" y2="${py(y)}" stroke="#ddd"/><text x="${m.l - 8}" y="${py(y) + 4}" text-anchor="end">${y}</text>\n`;
+  for (const y of [10, 30, 100, 300, 1000])
+    out += `<line x1="${m.l}" x2="${W - m.r}" y1="${py(y)}" y2="${py(y)}" stroke="#ddd"/><text x="${m.l - 8}" y="${py(y) + 4}" text-anchor="end">${y}</text>\n`;
   out += `<text x="${m.l - 8}" y="${py(Infinity) + 4}" text-anchor="end">∞</text>\n`;
   const ticks = [...new Set(xs)].sort((a, b) => a - b);
-  for (const x of ticks) out += `<line x1="${px(x)}" x2="${px(x)}" y1="${m.t}" y2="${H - m.b}" stroke="#eee"/><text x="${px(x)}" y="${H - m.b + 16}" text-anchor="middle">${x}</text>\n`;
+  for (const x of ticks)
+    out += `<line x1="${px(x)}" x2="${px(x)}" y1="${m.t}" y2="${H - m.b}" stroke="#eee"/><text x="${px(x)}" y="${H - m.b + 16}" text-anchor="middle">${x}</text>\n`;
   out += `<text x="${(m.l + W - m.r) / 2}" y="${H - 12}" text-anchor="middle">load ρ (fraction of effective capacity)</text>\n`;
   let i = 0;
   for (const [name, pts] of series) {
@@ -107,7 +138,10 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const loads = list('loads', quick ? ['0.7', '0.8', '0.9'] : ['0.5', '0.6', '0.7', '0.8', '0.9']).map(Number);
   const headPolicies = list('policies', Object.keys(FACTORIES));
   const sidePolicies = list('policies', quick ? SIDE_POLICIES : Object.keys(FACTORIES));
-  const scenarios = list('scenarios', SCENARIOS.filter((s) => s !== 'steady')) as ScenarioName[];
+  const scenarios = list(
+    'scenarios',
+    SCENARIOS.filter((s) => s !== 'steady'),
+  ) as ScenarioName[];
   const base = { seed, nodes, durationMs, warmupMs: durationMs * 0.1 };
   const missing = [...headPolicies, ...sidePolicies].filter((p) => !FACTORIES[p]);
   if (missing.length) throw new Error(`unknown policies: ${missing.join(', ')}`);
@@ -163,7 +197,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     goals.heterogeneous = {
       goal: 'ours p99 ≤ 0.70 × min(p2c-peak-ewma-weighted, prequal-lite); fail_rate ≤ 0.1 %',
       per_load: perLoad,
-      met: perLoad.length > 0 && perLoad.every((x) => x.p99_ratio_vs_best !== null && x.p99_ratio_vs_best <= 0.7 && x.ours_fail_rate <= 0.001),
+      met:
+        perLoad.length > 0 && perLoad.every((x) => x.p99_ratio_vs_best !== null && x.p99_ratio_vs_best <= 0.7 && x.ours_fail_rate <= 0.001),
     };
   }
   const ff = side.find((s) => s.scenario === 'fail-fast');
@@ -220,7 +255,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       scenario,
       load: scenario === 'ramp' ? '0.5-1.2' : load,
       policies: pols(results),
-      ...(scenario === 'ramp' ? { ramp_p99_ms: Object.fromEntries(results.map((r) => [r.policy, (r.steps ?? []).map((s) => fin(s.p99_ms))])) } : {}),
+      ...(scenario === 'ramp'
+        ? { ramp_p99_ms: Object.fromEntries(results.map((r) => [r.policy, (r.steps ?? []).map((s) => fin(s.p99_ms))])) }
+        : {}),
     })),
     goals,
   };

@@ -12,17 +12,35 @@
 import { mkdirSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { machineBusyMs, ROOT, stopAll, type BenchContext, type BenchResult } from './lib.ts';
+import { type BenchContext, type BenchResult, machineBusyMs, ROOT, stopAll } from './lib.ts';
 
 const BENCHES: Record<string, { file: string; about: string }> = {
   overhead: { file: './overhead.ts', about: 'kws latency: raw onnxruntime vs mesh (broker + agent + SDK processes) vs a no-op echo agent' },
-  throughput: { file: './throughput.ts', about: 'kws requests/s at fixed concurrency against the agent (workers 1 and 2) and the echo agent' },
+  throughput: {
+    file: './throughput.ts',
+    about: 'kws requests/s at fixed concurrency against the agent (workers 1 and 2) and the echo agent',
+  },
   agent: { file: './agent.ts', about: 'agent process start to retained status at a subscriber (ready_ms) and idle RSS' },
-  'router-sim': { file: './router-sim.ts', about: 'discrete-event router simulator: scenarios x policies, p50/p99/p99.9, fail rate, extra load' },
-  'router-pick': { file: './router-pick.ts', about: 'selectAgent wall-clock cost on 100, 1,000 and 10,000 agents (pick_p50_us, pick_p99_us)' },
-  bridge: { file: './bridge.ts', about: 'firmware bridge: authenticated frames/s over UDP and the latency it adds to kws (frames_per_s, added_p50_ms)' },
-  settlement: { file: './settlement.ts', about: 'MeshEscrow gas on a local chain: one voucher, per voucher in batches (50 lanes to one agent), per receipt' },
-  receipts: { file: './receipts.ts', about: 'receipts signed (keccak leaf + Ed25519) and verified by a LaneVerifier per second on one core' },
+  'router-sim': {
+    file: './router-sim.ts',
+    about: 'discrete-event router simulator: scenarios x policies, p50/p99/p99.9, fail rate, extra load',
+  },
+  'router-pick': {
+    file: './router-pick.ts',
+    about: 'selectAgent wall-clock cost on 100, 1,000 and 10,000 agents (pick_p50_us, pick_p99_us)',
+  },
+  bridge: {
+    file: './bridge.ts',
+    about: 'firmware bridge: authenticated frames/s over UDP and the latency it adds to kws (frames_per_s, added_p50_ms)',
+  },
+  settlement: {
+    file: './settlement.ts',
+    about: 'MeshEscrow gas on a local chain: one voucher, per voucher in batches (50 lanes to one agent), per receipt',
+  },
+  receipts: {
+    file: './receipts.ts',
+    about: 'receipts signed (keccak leaf + Ed25519) and verified by a LaneVerifier per second on one core',
+  },
 };
 
 const USAGE = `usage: npm run bench -- <name> [--quick] [--timeout-s S] [bench options]

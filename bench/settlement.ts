@@ -11,10 +11,11 @@
  * plus the per-voucher cost at other batch sizes, settleMany across agents, and the amortised gas per
  * inference for R ∈ {1, 10, 100, 1000} receipts per voucher. Gas is deterministic: one run per point.
  */
-import { ethers } from 'ethers';
-import { deployMesh, startLocalChain, type LocalChain } from '@edge-mesh/contracts/dev';
+
 import { EscrowClient } from '@edge-mesh/contracts';
+import { deployMesh, type LocalChain, startLocalChain } from '@edge-mesh/contracts/dev';
 import type { SignedVoucher } from '@edge-mesh/protocol';
+import { ethers } from 'ethers';
 import type { BenchContext, BenchResult } from './lib.ts';
 
 const RECEIPTS_PER_VOUCHER = 100;
@@ -56,7 +57,12 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       const key = `${await p.address()}:${to}`;
       const c = (cumulative.get(key) ?? 0n) + BigInt(RECEIPTS_PER_VOUCHER) * PRICE_MICROS;
       cumulative.set(key, c);
-      return p.signVoucher({ agent: to, cumulative: c, receiptsRoot: ethers.keccak256(ethers.toUtf8Bytes(`${key}:${c}`)), expiry: now + 30n * 86_400n });
+      return p.signVoucher({
+        agent: to,
+        cumulative: c,
+        receiptsRoot: ethers.keccak256(ethers.toUtf8Bytes(`${key}:${c}`)),
+        expiry: now + 30n * 86_400n,
+      });
     };
     const batch = (n: number, to = agent) => Promise.all(payers.slice(0, n).map((p) => next(p, to)));
 
@@ -90,12 +96,20 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     ctx.log(`settleMany 2 agents x 25: ${many.gasUsed} gas, ${settleManyPerVoucher} per voucher`);
 
     // Skipped vouchers must stay cheap too (a griefer's batch): 50 stale vouchers.
-    const stale = await relayer.settle(agent, (await batch(50)).map((v) => ({ ...v })));
-    const replay = await relayer.settle(agent, await Promise.all(payers.slice(0, 50).map(async (p) => {
-      const key = `${await p.address()}:${agent}`;
-      const c = cumulative.get(key)!;
-      return p.signVoucher({ agent, cumulative: c, receiptsRoot: ethers.ZeroHash, expiry: now + 30n * 86_400n });
-    })));
+    const stale = await relayer.settle(
+      agent,
+      (await batch(50)).map((v) => ({ ...v })),
+    );
+    const replay = await relayer.settle(
+      agent,
+      await Promise.all(
+        payers.slice(0, 50).map(async (p) => {
+          const key = `${await p.address()}:${agent}`;
+          const c = cumulative.get(key)!;
+          return p.signVoucher({ agent, cumulative: c, receiptsRoot: ethers.ZeroHash, expiry: now + 30n * 86_400n });
+        }),
+      ),
+    );
     if (stale.settled.length !== 50 || replay.skipped.length !== 50) throw new Error('stale batch did not behave');
     const skippedPerVoucher = Math.round(Number(replay.gasUsed) / 50);
 

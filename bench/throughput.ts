@@ -15,25 +15,24 @@
  */
 import { round } from '@edge-mesh/client';
 import { ensureModelsFolder } from '@edge-mesh/demo';
+import type { Identity } from '@edge-mesh/protocol';
 import {
+  admitted,
+  type BenchContext,
+  type BenchResult,
   CpuMeter,
+  type CpuReport,
   environment,
-  idSuffix,
   isEvent,
   loadgenResult,
   MODELS_DIR,
+  type Proc,
   sleep,
   startAgentProc,
   startBrokerProc,
   startEchoAgentProc,
   startLoadgenProc,
-  type BenchContext,
-  type BenchResult,
-  type CpuReport,
-  type Proc,
-  admitted,
 } from './lib.ts';
-import type { Identity } from '@edge-mesh/protocol';
 
 const MODEL = 'kws';
 
@@ -66,14 +65,20 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const workerList = typeof args.workers === 'string' ? args.workers.split(',').map(Number) : [1, 2];
   const warmupMs = typeof args['warmup-ms'] === 'string' ? Number(args['warmup-ms']) : quick ? 1_000 : 3_000;
   const durationMs = typeof args['duration-ms'] === 'string' ? Number(args['duration-ms']) : quick ? 3_000 : 10_000;
-  if (!(concurrency >= 1 && loadgens >= 1 && concurrency % loadgens === 0)) throw new Error('--concurrency must be a positive multiple of --loadgens');
-  log(`throughput: model ${MODEL}, concurrency ${concurrency} over ${loadgens} load generator(s), warm-up ${warmupMs} ms, window ${durationMs} ms`);
+  if (!(concurrency >= 1 && loadgens >= 1 && concurrency % loadgens === 0))
+    throw new Error('--concurrency must be a positive multiple of --loadgens');
+  log(
+    `throughput: model ${MODEL}, concurrency ${concurrency} over ${loadgens} load generator(s), warm-up ${warmupMs} ms, window ${durationMs} ms`,
+  );
   await ensureModelsFolder(MODELS_DIR);
 
-  const suffix = idSuffix();
   const broker = await startBrokerProc();
 
-  const runConfig = async (label: string, workers: number | null, startServer: (key: { identity: Identity; keyFile: string }) => Promise<Proc>): Promise<ConfigResult> => {
+  const runConfig = async (
+    label: string,
+    workers: number | null,
+    startServer: (key: { identity: Identity; keyFile: string }) => Promise<Proc>,
+  ): Promise<ConfigResult> => {
     const serverKey = await admitted(broker.url, 'agent');
     const appKeys = await Promise.all(Array.from({ length: loadgens }, () => admitted(broker.url, 'app')));
     // Load generators start alongside the server and wait for its status, which hides their start-up time.
@@ -95,11 +100,17 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       ),
     ]);
     const procs: Record<string, number> = { broker: broker.proc.pid, [workers === null ? 'echo_agent' : 'agent']: server.pid };
-    gens.forEach((g, i) => (procs[loadgens === 1 ? 'loadgen' : `loadgen_${i}`] = g.pid));
+    for (const [i, g] of gens.entries()) procs[loadgens === 1 ? 'loadgen' : `loadgen_${i}`] = g.pid;
     const meter = new CpuMeter(procs);
     let cpu: CpuReport = {};
-    void gens[0]!.waitLine('stdout', isEvent('measuring'), 60_000).then(() => meter.begin(), () => {});
-    void gens[0]!.waitLine('stdout', isEvent('window-end'), 120_000).then(() => (cpu = meter.end()), () => {});
+    void gens[0]!.waitLine('stdout', isEvent('measuring'), 60_000).then(
+      () => meter.begin(),
+      () => {},
+    );
+    void gens[0]!.waitLine('stdout', isEvent('window-end'), 120_000).then(
+      () => (cpu = meter.end()),
+      () => {},
+    );
     for (const g of gens) g.send('go');
     const results = await Promise.all(gens.map((g) => loadgenResult(g, warmupMs + durationMs + 20_000)));
     await Promise.all([...gens.map((g) => g.stop()), server.stop()]);
@@ -123,7 +134,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     };
     log(
       `  ${label}: ${out.rps} req/s, p50 ${out.p50_ms} ms, p99 ${out.p99_ms} ms, max ${out.max_ms} ms, agent queue p50 ${out.agent_queue_p50_ms} ms, ` +
-        `exec p50 ${out.agent_exec_p50_ms} ms, errors ${JSON.stringify(errors)}, CPU cores ${Object.entries(cpu).map(([k, v]) => `${k} ${v.cores}`).join(', ')}`,
+        `exec p50 ${out.agent_exec_p50_ms} ms, errors ${JSON.stringify(errors)}, CPU cores ${Object.entries(cpu)
+          .map(([k, v]) => `${k} ${v.cores}`)
+          .join(', ')}`,
     );
     // Let the offline status and socket teardown settle before the next configuration.
     await sleep(200);

@@ -8,7 +8,11 @@ module.exports = {
     hardhat: {
       chainId: Number(process.env.MESH_CHAIN_ID || 31337),
       hardfork: 'cancun',
-      accounts: { mnemonic: 'test test test test test test test test test test test junk', count, accountsBalance: '10000000000000000000000' },
+      accounts: {
+        mnemonic: 'test test test test test test test test test test test junk',
+        count,
+        accountsBalance: '10000000000000000000000',
+      },
       mining: { auto: true, interval: 0 },
       blockGasLimit: 30_000_000,
       loggingEnabled: false,

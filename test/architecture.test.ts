@@ -29,7 +29,19 @@ for (const folder of Object.keys(ALLOWED)) {
 }
 
 /** Built-in modules that open sockets or run timers: none of them belongs in the wire contract. */
-const IMPURE_BUILTINS = new Set(['node:net', 'node:dgram', 'node:http', 'node:https', 'node:http2', 'node:tls', 'node:timers', 'node:child_process', 'node:worker_threads', 'node:fs', 'node:fs/promises']);
+const IMPURE_BUILTINS = new Set([
+  'node:net',
+  'node:dgram',
+  'node:http',
+  'node:https',
+  'node:http2',
+  'node:tls',
+  'node:timers',
+  'node:child_process',
+  'node:worker_threads',
+  'node:fs',
+  'node:fs/promises',
+]);
 const IMPORT = /(?:import|export)\s[^'"]*?from\s*['"]([^'"]+)['"]|import\(\s*['"]([^'"]+)['"]\s*\)|import\s+['"]([^'"]+)['"]/g;
 
 function sourceFiles(dir: string): string[] {
@@ -51,14 +63,19 @@ function sourceFiles(dir: string): string[] {
 
 function importsOf(file: string): string[] {
   // Comments may show imports in examples; only code counts.
-  const text = readFileSync(file, 'utf8').replace(/\/\*[\s\S]*?\*\//g, '').replace(/^\s*\/\/.*$/gm, '');
+  const text = readFileSync(file, 'utf8')
+    .replace(/\/\*[\s\S]*?\*\//g, '')
+    .replace(/^\s*\/\/.*$/gm, '');
   return [...text.matchAll(IMPORT)].map((m) => m[1] ?? m[2] ?? m[3]!);
 }
 
 const packageOf = (spec: string): string => (spec.startsWith('@') ? spec.split('/').slice(0, 2).join('/') : spec.split('/')[0]!);
 
 function declaredDependencies(folder: string): Set<string> {
-  const pkg = JSON.parse(readFileSync(path.join(ROOT, folder, 'package.json'), 'utf8')) as Record<string, Record<string, string> | undefined>;
+  const pkg = JSON.parse(readFileSync(path.join(ROOT, folder, 'package.json'), 'utf8')) as Record<
+    string,
+    Record<string, string> | undefined
+  >;
   return new Set([...Object.keys(pkg.dependencies ?? {}), ...Object.keys(pkg.peerDependencies ?? {})]);
 }
 
@@ -74,12 +91,14 @@ test('each part imports only the packages below it, and declares every package i
         if (spec.startsWith('node:')) continue;
         if (spec.startsWith('.')) {
           const target = path.resolve(path.dirname(file), spec);
-          if (!target.startsWith(path.join(ROOT, folder, 'src') + path.sep)) violations.push(`${where} reaches out of its package: ${spec}`);
+          if (!target.startsWith(path.join(ROOT, folder, 'src') + path.sep))
+            violations.push(`${where} reaches out of its package: ${spec}`);
           continue;
         }
         const pkg = packageOf(spec);
         const targetFolder = FOLDER_OF_PACKAGE[pkg];
-        if (targetFolder !== undefined && !allowed.includes(targetFolder)) violations.push(`${where} imports ${spec}: ${folder} may import only ${allowed.join(', ') || 'nothing of ours'}`);
+        if (targetFolder !== undefined && !allowed.includes(targetFolder))
+          violations.push(`${where} imports ${spec}: ${folder} may import only ${allowed.join(', ') || 'nothing of ours'}`);
         if (!declared.has(pkg)) violations.push(`${where} imports ${pkg}, which ${folder}/package.json does not declare`);
       }
     }
@@ -95,9 +114,12 @@ test('protocol is pure: no MQTT or RPC client, no sockets, no timers', () => {
     const where = path.relative(ROOT, file);
     for (const spec of importsOf(file)) {
       if (spec.startsWith('.')) continue;
-      if (spec.startsWith('node:') ? IMPURE_BUILTINS.has(spec) : !allowedThirdParty.has(packageOf(spec))) violations.push(`${where} imports ${spec}`);
+      if (spec.startsWith('node:') ? IMPURE_BUILTINS.has(spec) : !allowedThirdParty.has(packageOf(spec)))
+        violations.push(`${where} imports ${spec}`);
     }
-    const code = readFileSync(file, 'utf8').replace(/\/\*[\s\S]*?\*\//g, '').replace(/\/\/.*$/gm, '');
+    const code = readFileSync(file, 'utf8')
+      .replace(/\/\*[\s\S]*?\*\//g, '')
+      .replace(/\/\/.*$/gm, '');
     if (/\bset(Timeout|Interval|Immediate)\s*\(/.test(code)) violations.push(`${where} runs timers`);
   }
   assert.deepEqual(violations, []);
@@ -163,8 +185,10 @@ test('benchmarks and tests use no CLI internals; benchmarks import no test fixtu
     for (const file of sourceFiles(path.join(ROOT, dir))) {
       for (const spec of importsOf(file)) {
         const target = spec.startsWith('.') ? path.resolve(path.dirname(file), spec) : undefined;
-        if (target?.startsWith(path.join(ROOT, 'cli') + path.sep) || packageOf(spec) === '@edge-mesh/cli') violations.push(`${path.relative(ROOT, file)} imports ${spec}`);
-        if (dir === 'bench' && target?.startsWith(path.join(ROOT, 'test') + path.sep)) violations.push(`${path.relative(ROOT, file)} imports ${spec}`);
+        if (target?.startsWith(path.join(ROOT, 'cli') + path.sep) || packageOf(spec) === '@edge-mesh/cli')
+          violations.push(`${path.relative(ROOT, file)} imports ${spec}`);
+        if (dir === 'bench' && target?.startsWith(path.join(ROOT, 'test') + path.sep))
+          violations.push(`${path.relative(ROOT, file)} imports ${spec}`);
       }
     }
   }

@@ -6,14 +6,30 @@
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import path from 'node:path';
-import { describe, test, type TestContext } from 'node:test';
+import { describe, type TestContext, test } from 'node:test';
 import { promisify } from 'node:util';
-import { sampleInputs } from '@edge-mesh/demo';
-import { admit, decodeMessage, encodeMessage, generateIdentity, MeshError, newRequestId, PROTOCOL_VERSION, requestIdHex, signStatus, topics, verifyStatus, type AgentStatus, type ErrorReply, type InferReply, type InferRequest } from '@edge-mesh/protocol';
-import { openMeshConnection } from '@edge-mesh/client';
 import { startAgent } from '@edge-mesh/agent';
+import { openMeshConnection } from '@edge-mesh/client';
+import { sampleInputs } from '@edge-mesh/demo';
+import {
+  type AgentStatus,
+  admit,
+  decodeMessage,
+  type ErrorReply,
+  encodeMessage,
+  generateIdentity,
+  type InferReply,
+  type InferRequest,
+  MeshError,
+  newRequestId,
+  PROTOCOL_VERSION,
+  requestIdHex,
+  signStatus,
+  topics,
+  verifyStatus,
+} from '@edge-mesh/protocol';
 import { connect } from '@edge-mesh/sdk';
-import { agentFor, brokerFor, keyFileFor, meshFor, modelsDir, quiet, rawClient, ROOT, tempDir, waitFor } from './helpers.ts';
+import { agentFor, brokerFor, keyFileFor, meshFor, modelsDir, quiet, ROOT, rawClient, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
 const BIN = path.join(ROOT, 'cli/bin/edge-mesh.mjs');
@@ -49,7 +65,14 @@ describe('signed status', () => {
     const models = genuine.status().models!.map((m) => ({ ...m, latencyMs: 0.0001 }));
     // Each forgery advertises an implausibly fast agent, so the SDK would pick it if it believed it.
     const forged = (agent: string, state: AgentStatus['state'] = 'online'): AgentStatus => ({
-      v: PROTOCOL_VERSION, kind: 'status', agent, state, ts: Date.now(), session: 'forged', models, workers: 64,
+      v: PROTOCOL_VERSION,
+      kind: 'status',
+      agent,
+      state,
+      ts: Date.now(),
+      session: 'forged',
+      models,
+      workers: 64,
     });
     const unsignedId = generateIdentity('agent').id;
     const victim = generateIdentity('agent');
@@ -72,11 +95,28 @@ describe('signed status', () => {
     const forger = await rawClient(t, broker.url, 'forger-1');
     for (const status of forgeries) forger.client.publish(topics.agentStatus(status.agent), encodeMessage(status), { qos: 1 });
     // Load reports of agents without a verified status change nothing either.
-    forger.client.publish(topics.agentLoad(unsignedId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'load', agent: unsignedId, ts: Date.now(), seq: 1, queued: 0, inFlight: 0, workers: 64, models: {} }), { qos: 0 });
+    forger.client.publish(
+      topics.agentLoad(unsignedId),
+      encodeMessage({
+        v: PROTOCOL_VERSION,
+        kind: 'load',
+        agent: unsignedId,
+        ts: Date.now(),
+        seq: 1,
+        queued: 0,
+        inFlight: 0,
+        workers: 64,
+        models: {},
+      }),
+      { qos: 0 },
+    );
     await waitFor(() => mesh.counters.statusRejected >= forgeries.length, 5_000, 'every forged status to be rejected');
     assert.equal(mesh.counters.statusRejected, forgeries.length);
     await waitFor(() => mesh.counters.loadIgnored >= 1, 5_000, 'the forged load report to be ignored');
-    assert.deepEqual(mesh.agents().map((a) => a.id), [genuine.id]);
+    assert.deepEqual(
+      mesh.agents().map((a) => a.id),
+      [genuine.id],
+    );
     assert.equal(mesh.agents()[0]!.status.session, genuine.status().session);
     for (let i = 0; i < 5; i++) assert.equal((await mesh.infer('kws', kws())).agentId, genuine.id);
 
@@ -167,8 +207,14 @@ describe('authenticated broker', () => {
     assert.equal(mesh.counters.statusRejected, 0);
 
     await assert.rejects(connect({ brokerUrl: broker.url, identity: generateIdentity('app'), logger: quiet }), unauthorized);
-    await assert.rejects(connect({ brokerUrl: broker.url, logger: quiet }), (err: unknown) => unauthorized(err) && /ephemeral key/.test((err as Error).message));
-    await assert.rejects(startAgent({ brokerUrl: broker.url, modelsDir: await modelsDir(), workers: 1, logger: quiet, identity: generateIdentity('agent') }), unauthorized);
+    await assert.rejects(
+      connect({ brokerUrl: broker.url, logger: quiet }),
+      (err: unknown) => unauthorized(err) && /ephemeral key/.test((err as Error).message),
+    );
+    await assert.rejects(
+      startAgent({ brokerUrl: broker.url, modelsDir: await modelsDir(), workers: 1, logger: quiet, identity: generateIdentity('agent') }),
+      unauthorized,
+    );
   });
 
   test('every reconnect proves the key with a fresh token', async (t) => {
@@ -198,11 +244,29 @@ describe('authenticated broker', () => {
     const agentKey = generateIdentity('agent');
     const appKey = generateIdentity('app');
 
-    const admitted = JSON.parse((await edgeMesh(['admit', '--key', operatorFile, '--subject-key', await keyFileFor(t, agentKey), '--broker', broker.url])).stdout);
+    const admitted = JSON.parse(
+      (await edgeMesh(['admit', '--key', operatorFile, '--subject-key', await keyFileFor(t, agentKey), '--broker', broker.url])).stdout,
+    );
     assert.equal(admitted.admitted, agentKey.id);
     assert.equal(admitted.role, 'agent');
     const publicKey = Buffer.from(appKey.publicKey).toString('base64url');
-    const app = JSON.parse((await edgeMesh(['admit', '--key', operatorFile, '--public-key', publicKey, '--role', 'app', '--ttl-days', '1', '--broker', broker.url])).stdout);
+    const app = JSON.parse(
+      (
+        await edgeMesh([
+          'admit',
+          '--key',
+          operatorFile,
+          '--public-key',
+          publicKey,
+          '--role',
+          'app',
+          '--ttl-days',
+          '1',
+          '--broker',
+          broker.url,
+        ])
+      ).stdout,
+    );
     assert.equal(app.admitted, appKey.id);
 
     const agent = await agentFor(t, { brokerUrl: broker.url, identity: agentKey, backoff: { baseMs: 50, maxMs: 200 } });
@@ -225,8 +289,17 @@ describe('authenticated broker', () => {
     t.diagnostic(`revoked agent left the mesh ${cutOffMs.toFixed(0)} ms after the CLI started`);
 
     // A key that is not an operator's cannot admit anyone.
-    await assert.rejects(edgeMesh(['admit', '--key', await keyFileFor(t, appKey), '--subject-key', await keyFileFor(t, generateIdentity('agent')), '--broker', broker.url]), (err: { stderr?: string }) =>
-      /operator/.test(err.stderr ?? ''),
+    await assert.rejects(
+      edgeMesh([
+        'admit',
+        '--key',
+        await keyFileFor(t, appKey),
+        '--subject-key',
+        await keyFileFor(t, generateIdentity('agent')),
+        '--broker',
+        broker.url,
+      ]),
+      (err: { stderr?: string }) => /operator/.test(err.stderr ?? ''),
     );
   });
 });

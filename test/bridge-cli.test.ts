@@ -26,8 +26,15 @@ describe('edge-mesh bridge', () => {
     const header = (await edgeMesh(['bridge', 'provision', '--registry', registry, '--name', 'porch'])).stdout;
     assert.match(header, /#define FB_DEVICE_ID 0x[0-9a-f]{8}u/);
     assert.match(header, /FB_DEVICE_KEY\[32\] = \{/);
-    const dev = JSON.parse((await edgeMesh(['bridge', 'provision', '--registry', registry, '--json'])).stdout) as { device_id: number; long_id: string; key: string };
-    const listed = (await edgeMesh(['bridge', 'list', '--registry', registry])).stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+    const dev = JSON.parse((await edgeMesh(['bridge', 'provision', '--registry', registry, '--json'])).stdout) as {
+      device_id: number;
+      long_id: string;
+      key: string;
+    };
+    const listed = (await edgeMesh(['bridge', 'list', '--registry', registry])).stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
     assert.equal(listed.length, 2);
     assert.ok(listed.every((d) => !('key' in d)) && !JSON.stringify(listed).includes(dev.key), 'no key in the listing');
     const porch = listed.find((d) => d.name === 'porch')!;
@@ -36,7 +43,9 @@ describe('edge-mesh bridge', () => {
 
     // `bridge run` on an open broker (no agent: the device gets a coded NO_AGENT error, which proves the round trip).
     const broker = await brokerFor(t);
-    const child = spawn(process.execPath, [BIN, 'bridge', '--broker', broker.url, '--registry', registry, '--udp-port', '0'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn(process.execPath, [BIN, 'bridge', '--broker', broker.url, '--registry', registry, '--udp-port', '0'], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     t.after(() => {
       if (child.exitCode === null) child.kill('SIGKILL');
     });
@@ -44,7 +53,13 @@ describe('edge-mesh bridge', () => {
     child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
     await waitFor(() => /"msg":"bridge ready"/.test(stderr), 30_000, `bridge ready:\n${stderr}`);
     const port = Number(/"port":(\d+),"msg":"bridge listening on UDP"/.exec(stderr)![1]);
-    const { device, close } = await udpDevice({ deviceId: dev.device_id, key: Buffer.from(dev.key, 'hex'), epoch: 1, host: '127.0.0.1', port });
+    const { device, close } = await udpDevice({
+      deviceId: dev.device_id,
+      key: Buffer.from(dev.key, 'hex'),
+      epoch: 1,
+      host: '127.0.0.1',
+      port,
+    });
     t.after(close);
     const welcome = await device.hello();
     assert.equal(welcome.type, FrameType.WELCOME);

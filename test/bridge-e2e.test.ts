@@ -7,15 +7,16 @@
 import assert from 'node:assert/strict';
 import { execFile, spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import os from 'node:os';
 import { writeFile } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
-import { describe, test, type TestContext } from 'node:test';
+import { describe, type TestContext, test } from 'node:test';
 import { promisify } from 'node:util';
-import { SerialPortMock } from 'serialport';
+import { mulberry32, openMeshConnection } from '@edge-mesh/client';
 import {
   attachSerial,
   Bridge,
+  type DeviceRecord,
   DeviceRegistry,
   encodeSerialFrame,
   FrameType,
@@ -26,11 +27,10 @@ import {
   SimDevice,
   udpDevice,
   Want,
-  type DeviceRecord,
 } from '@edge-mesh/firmware-bridge';
 import { admit, decodeCbor, generateIdentity, topics } from '@edge-mesh/protocol';
-import { mulberry32, openMeshConnection } from '@edge-mesh/client';
 import type { Mesh } from '@edge-mesh/sdk';
+import { SerialPortMock } from 'serialport';
 import { agentFor, brokerFor, meshFor, ROOT, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
@@ -59,8 +59,12 @@ function buildC(_t: TestContext): Promise<string> {
     const src = ['fb_client.c', 'fb_cbor.c', 'fb_link.c', 'fb_crypto_sodium.c'].map((f) => path.join(C_DIR, f));
     const flags = ['-std=c99', '-Wall', '-Wextra', '-Wpedantic', '-Werror', '-O2'];
     await Promise.all([
-      run(compiler!, [...flags, '-o', path.join(out, 'fb_host'), ...src, path.join(C_DIR, 'host/fb_host.c'), '-lsodium'], { timeout: 120_000 }),
-      run(compiler!, [...flags, '-o', path.join(out, 'fb_vectors'), ...src, path.join(C_DIR, 'test/fb_vectors.c'), '-lsodium'], { timeout: 120_000 }),
+      run(compiler!, [...flags, '-o', path.join(out, 'fb_host'), ...src, path.join(C_DIR, 'host/fb_host.c'), '-lsodium'], {
+        timeout: 120_000,
+      }),
+      run(compiler!, [...flags, '-o', path.join(out, 'fb_vectors'), ...src, path.join(C_DIR, 'test/fb_vectors.c'), '-lsodium'], {
+        timeout: 120_000,
+      }),
     ]);
     return out;
   })();
@@ -80,7 +84,9 @@ function asFloat(samples: Int16Array, scale: number): Float32Array {
 /** Broker (authenticated), agent, the bridge's mesh client, a registry with one device, the bridge. */
 async function meshWithBridge(t: TestContext) {
   const operator = generateIdentity('operator');
-  const broker = await brokerFor(t, { auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], dataDir: await tempDir(t) } });
+  const broker = await brokerFor(t, {
+    auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], dataDir: await tempDir(t) },
+  });
   const agentId = generateIdentity('agent');
   const bridgeId = generateIdentity('bridge');
   const appId = generateIdentity('app');
@@ -97,7 +103,11 @@ async function meshWithBridge(t: TestContext) {
 }
 
 async function direct(mesh: Mesh, samples: Int16Array): Promise<string> {
-  const result = await mesh.infer('kws', { 'onnx::Flatten_0': { dtype: 'float32', shape: KWS_INPUT_SHAPE, data: asFloat(samples, SCALE) } }, { deadlineMs: 5_000 });
+  const result = await mesh.infer(
+    'kws',
+    { 'onnx::Flatten_0': { dtype: 'float32', shape: KWS_INPUT_SHAPE, data: asFloat(samples, SCALE) } },
+    { deadlineMs: 5_000 },
+  );
   const out = Object.values(result.outputs)[0]!.data as Float32Array;
   return Buffer.from(out.buffer, out.byteOffset, out.byteLength).toString('hex');
 }
@@ -119,7 +129,27 @@ async function runC(t: TestContext, device: DeviceRecord, link: string[], sample
   const dir = await tempDir(t, 'edge-mesh-fbdev-');
   const input = path.join(dir, 'window.i16');
   await writeFile(input, Buffer.from(samples.buffer, samples.byteOffset, samples.byteLength));
-  const args = [...link, '--device-id', String(device.deviceId), '--key', device.key, '--epoch-file', path.join(dir, 'epoch'), '--model', 'kws', '--input', input, '--scale', String(SCALE), '--shape', KWS_INPUT_SHAPE.join(','), '--deadline', '5000', '--raw', ...extra];
+  const args = [
+    ...link,
+    '--device-id',
+    String(device.deviceId),
+    '--key',
+    device.key,
+    '--epoch-file',
+    path.join(dir, 'epoch'),
+    '--model',
+    'kws',
+    '--input',
+    input,
+    '--scale',
+    String(SCALE),
+    '--shape',
+    KWS_INPUT_SHAPE.join(','),
+    '--deadline',
+    '5000',
+    '--raw',
+    ...extra,
+  ];
   const { stdout } = await run(bin, args, { timeout: 60_000 });
   return stdout
     .trim()
@@ -130,8 +160,12 @@ async function runC(t: TestContext, device: DeviceRecord, link: string[], sample
 describe('C reference client against the bridge', () => {
   test('golden vectors: the C client seals, frames and opens byte for byte like the TypeScript side', { skip: NEED_C }, async (t) => {
     const bin = path.join(await buildC(t), 'fb_vectors');
-    const golden = (await import('../firmware-bridge/vectors/golden.json', { with: { type: 'json' } })).default as { vectors: Record<string, string | number>[] };
-    const lines = golden.vectors.map((v) => [v.name, v.key, v.type, v.deviceId, v.epoch, v.seq, v.direction, v.body || '-', v.packet, v.serialFrame].join(' ')).join('\n');
+    const golden = (await import('../firmware-bridge/vectors/golden.json', { with: { type: 'json' } })).default as {
+      vectors: Record<string, string | number>[];
+    };
+    const lines = golden.vectors
+      .map((v) => [v.name, v.key, v.type, v.deviceId, v.epoch, v.seq, v.direction, v.body || '-', v.packet, v.serialFrame].join(' '))
+      .join('\n');
     const child = spawn(bin, [], { stdio: ['pipe', 'pipe', 'inherit'] });
     let out = '';
     child.stdout.on('data', (c: Buffer) => (out += c.toString()));
@@ -150,7 +184,13 @@ describe('C reference client against the bridge', () => {
     const lines = await runC(t, device, ['--udp', `127.0.0.1:${udp.port}`], samples, ['--count', '2', '--retransmit']);
     assert.deepEqual(
       lines.map((l) => [l.what, l.ok]),
-      [['hello', true], ['infer', true], ['retransmit', true], ['infer', true], ['retransmit', true]],
+      [
+        ['hello', true],
+        ['infer', true],
+        ['retransmit', true],
+        ['infer', true],
+        ['retransmit', true],
+      ],
     );
     for (const l of lines.slice(1)) assert.equal(l.output_hex, expected, `${l.what} output equals the direct mesh request`);
     assert.equal(bridge.stats.requests, 2, 'each request ran once');
@@ -178,14 +218,22 @@ describe('C reference client against the bridge', () => {
     const lines = await runC(t, device, ['--serial', deviceEnd], samples, ['--count', '2', '--retransmit']);
     assert.deepEqual(
       lines.map((l) => [l.what, l.ok]),
-      [['hello', true], ['infer', true], ['retransmit', true], ['infer', true], ['retransmit', true]],
+      [
+        ['hello', true],
+        ['infer', true],
+        ['retransmit', true],
+        ['infer', true],
+        ['retransmit', true],
+      ],
     );
     for (const l of lines.slice(1)) assert.equal(l.output_hex, expected);
     assert.equal(bridge.stats.requests, 2);
     assert.ok(serial.counters.badCobs + serial.counters.badCrc >= 1, 'the noise was counted and dropped');
   });
 
-  test('a rebooted C device (next epoch) is served; the old epoch is refused; a downlink waits for its poll', { skip: NEED_C }, async (t) => {
+  test('a rebooted C device (next epoch) is served; the old epoch is refused; a downlink waits for its poll', {
+    skip: NEED_C,
+  }, async (t) => {
     const { device, bridge } = await meshWithBridge(t);
     const udp = await listenUdp(bridge, { port: 0 });
     t.after(() => udp.close());
@@ -196,9 +244,31 @@ describe('C reference client against the bridge', () => {
     const epochFile = path.join(dir, 'epoch');
     const input = path.join(dir, 'w.i16');
     await writeFile(input, Buffer.from(samples.buffer));
-    const base = [...link, '--device-id', String(device.deviceId), '--key', device.key, '--epoch-file', epochFile, '--model', 'kws', '--input', input, '--scale', String(SCALE), '--shape', '1,25,96'];
-    const first = (await run(bin, base)).stdout.trim().split('\n').map((l) => JSON.parse(l) as CLine);
-    const second = (await run(bin, base)).stdout.trim().split('\n').map((l) => JSON.parse(l) as CLine);
+    const base = [
+      ...link,
+      '--device-id',
+      String(device.deviceId),
+      '--key',
+      device.key,
+      '--epoch-file',
+      epochFile,
+      '--model',
+      'kws',
+      '--input',
+      input,
+      '--scale',
+      String(SCALE),
+      '--shape',
+      '1,25,96',
+    ];
+    const first = (await run(bin, base)).stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as CLine);
+    const second = (await run(bin, base)).stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as CLine);
     assert.equal(first[1]!.ok, true);
     assert.equal(second[1]!.ok, true);
     assert.equal(second[0]!.epoch, first[0]!.epoch! + 1, 'each boot starts a new epoch');
@@ -210,7 +280,12 @@ describe('C reference client against the bridge', () => {
     // A downlink queued for the device is delivered as the reply to its next poll.
     await writeFile(epochFile, `${second[0]!.epoch! + 5}\n`);
     bridge.queueDownlink(device.deviceId, Buffer.from('cafe', 'hex'));
-    const polled = (await run(bin, [...link, '--device-id', String(device.deviceId), '--key', device.key, '--epoch-file', epochFile, '--poll'])).stdout.trim().split('\n').map((l) => JSON.parse(l) as CLine);
+    const polled = (
+      await run(bin, [...link, '--device-id', String(device.deviceId), '--key', device.key, '--epoch-file', epochFile, '--poll'])
+    ).stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as CLine);
     assert.deepEqual(polled.at(-1), { what: 'poll', rc: 1, payload_hex: 'cafe' });
   });
 });
@@ -257,7 +332,12 @@ describe('bridge on the mesh', () => {
     const hello = await dev.hello();
     assert.equal(hello.type, FrameType.WELCOME);
     const samples = window(5);
-    const reply = await dev.infer(dev.models.get('kws')!, int16Tensor(samples), { scale: SCALE, shape: KWS_INPUT_SHAPE, deadlineMs: 5_000, want: Want.RAW });
+    const reply = await dev.infer(dev.models.get('kws')!, int16Tensor(samples), {
+      scale: SCALE,
+      shape: KWS_INPUT_SHAPE,
+      deadlineMs: 5_000,
+      want: Want.RAW,
+    });
     assert.equal(reply.type, FrameType.INFER_RESP);
     const out = (reply.body as Map<number, unknown>).get(K.inferResp.output) as { bytes: Uint8Array };
     assert.equal(Buffer.from(out.bytes).toString('hex'), await direct(mesh, samples));
@@ -269,14 +349,23 @@ describe('bridge on the mesh', () => {
     const udp = await listenUdp(bridge, { port: 0 });
     t.after(() => udp.close());
     const states: string[] = [];
-    const watcher = openMeshConnection(broker.url, { identity: appId, onConnect: (c) => c.subscribe(topics.allDeviceAvailability(), { qos: 1 }) });
+    const watcher = openMeshConnection(broker.url, {
+      identity: appId,
+      onConnect: (c) => c.subscribe(topics.allDeviceAvailability(), { qos: 1 }),
+    });
     t.after(() => watcher.close());
     watcher.client.on('message', (topic, payload) => {
       assert.equal(topic, topics.deviceAvailability(bridge.id, device.longId));
       states.push((decodeCbor(payload) as { state: string }).state);
     });
     await watcher.firstConnect;
-    const { device: dev, close } = await udpDevice({ deviceId: device.deviceId, key: Buffer.from(device.key, 'hex'), epoch: 1, host: '127.0.0.1', port: udp.port });
+    const { device: dev, close } = await udpDevice({
+      deviceId: device.deviceId,
+      key: Buffer.from(device.key, 'hex'),
+      epoch: 1,
+      host: '127.0.0.1',
+      port: udp.port,
+    });
     t.after(close);
     await dev.hello({ sleepPeriodS: 60 });
     await waitFor(() => states.includes('online'), 5_000, 'online');

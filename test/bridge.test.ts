@@ -5,17 +5,21 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { describe, test, type TestContext } from 'node:test';
+import { describe, type TestContext, test } from 'node:test';
+import { mulberry32 } from '@edge-mesh/client';
 import {
   Bridge,
   BridgeErrorCode,
+  type BridgeMesh,
   CborError,
+  type CborValue,
   cborMap,
   cobsDecode,
   cobsEncode,
   crc16,
-  decodeCbor,
+  type DeviceRecord,
   DeviceRegistry,
+  decodeCbor,
   encodeCbor,
   encodeSerialFrame,
   FrameType,
@@ -26,23 +30,26 @@ import {
   openFrame,
   readHeader,
   readInferRequest,
-  sealFrame,
   SerialDeframer,
   SimDevice,
-  type BridgeMesh,
-  type CborValue,
-  type DeviceRecord,
-  type DeviceReply,
+  sealFrame,
 } from '@edge-mesh/firmware-bridge';
 import { MeshError, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
-import { mulberry32 } from '@edge-mesh/client';
 import golden from '../firmware-bridge/vectors/golden.json' with { type: 'json' };
 import { tempDir, waitFor } from './helpers.ts';
 
 /** A mesh that sums its input: deterministic, instant, and it counts the calls. */
 function fakeMesh(): BridgeMesh & { calls: number; delayMs: number; published: { topic: string; retain: boolean }[] } {
   const model = (name: string, shape: (number | string)[]): ModelInfo =>
-    ({ name, version: '1', sha256: '0'.repeat(64), priceMicros: 1, latencyMs: 0.1, inputs: [{ name: 'x', dtype: 'float32', shape }], outputs: [] }) as ModelInfo;
+    ({
+      name,
+      version: '1',
+      sha256: '0'.repeat(64),
+      priceMicros: 1,
+      latencyMs: 0.1,
+      inputs: [{ name: 'x', dtype: 'float32', shape }],
+      outputs: [],
+    }) as ModelInfo;
   const fake = {
     clientId: 'bridge-aaaaaaaaaaaaaaaaaaaaaaaaaa',
     calls: 0,
@@ -55,7 +62,12 @@ function fakeMesh(): BridgeMesh & { calls: number; delayMs: number; published: {
       if (options.deadlineMs === 1) throw new MeshError('MESH_DEADLINE_EXCEEDED', 'too late');
       const x = inputs.x!.data as Float32Array;
       const out = new Float32Array([x.reduce((a, b) => a + b, 0), -1]);
-      return { requestId: '00112233445566778899aabbccddeeff', agentId: 'agent-fake', outputs: { y: { dtype: 'float32', shape: [1, 2], data: out } as Tensor }, timings: { totalMs: 0 } };
+      return {
+        requestId: '00112233445566778899aabbccddeeff',
+        agentId: 'agent-fake',
+        outputs: { y: { dtype: 'float32', shape: [1, 2], data: out } as Tensor },
+        timings: { totalMs: 0 },
+      };
     },
     async publish(topic: string, _payload: Uint8Array, options: { retain?: boolean }) {
       fake.published.push({ topic, retain: options.retain ?? false });
@@ -80,7 +92,13 @@ async function rig(t: TestContext, options: { registry?: DeviceRegistry; now?: (
   const registry = options.registry ?? DeviceRegistry.inMemory();
   const record = await registry.provision({ name: 'unit' });
   const mesh = fakeMesh();
-  const bridge = new Bridge({ mesh, registry, models: ['sum', 'free'], availabilityTickMs: 20, ...(options.now ? { now: options.now } : {}) });
+  const bridge = new Bridge({
+    mesh,
+    registry,
+    models: ['sum', 'free'],
+    availabilityTickMs: 20,
+    ...(options.now ? { now: options.now } : {}),
+  });
   t.after(() => bridge.close());
   const sent: Buffer[] = [];
   let device: SimDevice | undefined;
@@ -94,13 +112,8 @@ async function rig(t: TestContext, options: { registry?: DeviceRegistry; now?: (
 }
 
 const samples = Int16Array.from([1, 2, 3, 4, 5, 6, 7, 8]);
-const inferBody = (extra: [number, CborValue][] = []) => cborMap([[K.inferReq.model, 1], [K.inferReq.tensor, int16Tensor(samples)], [K.inferReq.scale, 0.5], ...extra]);
-
-function openReply(r: Rig, packet: Buffer): DeviceReply {
-  const h = readHeader(packet)!;
-  const plain = openFrame(Buffer.from(r.record.key, 'hex'), packet, h, 1)!;
-  return { type: h.type, body: decodeCbor(plain), packet };
-}
+const inferBody = (extra: [number, CborValue][] = []) =>
+  cborMap([[K.inferReq.model, 1], [K.inferReq.tensor, int16Tensor(samples)], [K.inferReq.scale, 0.5], ...extra]);
 
 /** Sends `packet`, which the bridge must drop for `reason` without replying or running anything. */
 async function assertDropped(r: Rig, packet: Uint8Array, reason: keyof Bridge['stats']['dropped']) {
@@ -190,16 +203,25 @@ describe('bridge: requests', () => {
     const r = await rig(t);
     const welcome = await r.device.hello();
     assert.equal(welcome.type, FrameType.WELCOME);
-    assert.deepEqual((welcome.body as Map<number, unknown>).get(K.welcome.models), [[1, 'sum'], [2, 'free']]);
+    assert.deepEqual((welcome.body as Map<number, unknown>).get(K.welcome.models), [
+      [1, 'sum'],
+      [2, 'free'],
+    ]);
     const reply = await r.device.request(FrameType.INFER_REQ, inferBody([[K.inferReq.want, 1]]));
     const body = reply.body as Map<number, unknown>;
     assert.equal(body.get(K.inferResp.label), 0);
     assert.equal(body.get(K.inferResp.score), 18);
-    assert.deepEqual(Buffer.from((body.get(K.inferResp.receiptRef) as Uint8Array)).toString('hex'), '0011223344556677');
+    assert.deepEqual(Buffer.from(body.get(K.inferResp.receiptRef) as Uint8Array).toString('hex'), '0011223344556677');
     assert.deepEqual((body.get(K.inferResp.output) as { tag: number }).tag, 85);
     // A free dimension is filled from the element count.
     r.device.seq; // same device, next sequence number
-    const free = await r.device.request(FrameType.INFER_REQ, cborMap([[K.inferReq.model, 2], [K.inferReq.tensor, int16Tensor(samples)]]));
+    const free = await r.device.request(
+      FrameType.INFER_REQ,
+      cborMap([
+        [K.inferReq.model, 2],
+        [K.inferReq.tensor, int16Tensor(samples)],
+      ]),
+    );
     assert.equal((free.body as Map<number, unknown>).get(K.inferResp.score), 36);
   });
 
@@ -211,7 +233,16 @@ describe('bridge: requests', () => {
       assert.equal(reply.type, FrameType.ERROR);
       return (reply.body as Map<number, unknown>).get(K.error.code);
     };
-    assert.equal(await code(FrameType.INFER_REQ, cborMap([[K.inferReq.model, 9], [K.inferReq.tensor, int16Tensor(samples)]])), BridgeErrorCode.UNKNOWN_MODEL);
+    assert.equal(
+      await code(
+        FrameType.INFER_REQ,
+        cborMap([
+          [K.inferReq.model, 9],
+          [K.inferReq.tensor, int16Tensor(samples)],
+        ]),
+      ),
+      BridgeErrorCode.UNKNOWN_MODEL,
+    );
     assert.equal(await code(FrameType.INFER_REQ, inferBody([[K.inferReq.shape, [3, 3]]])), BridgeErrorCode.BAD_INPUT);
     assert.equal(await code(FrameType.INFER_REQ, cborMap([[K.inferReq.model, 1]])), BridgeErrorCode.BAD_BODY);
     assert.equal(await code(FrameType.INFER_REQ, inferBody([[K.inferReq.deadlineMs, 1]])), BridgeErrorCode.DEADLINE);
@@ -223,7 +254,14 @@ describe('bridge: requests', () => {
     const r = await rig(t);
     const calls = r.mesh.calls;
     for (const bomb of ['9affffffff', '5affffffff', '9f01ff', '81'.repeat(200), 'd9d9f700', 'a1616101']) {
-      const reply = await r.device.exchange(sealFrame(Buffer.from(r.record.key, 'hex'), { type: FrameType.INFER_REQ, deviceId: r.record.deviceId, epoch: 1, seq: ++r.device.seq }, 0, Buffer.from(bomb, 'hex')));
+      const reply = await r.device.exchange(
+        sealFrame(
+          Buffer.from(r.record.key, 'hex'),
+          { type: FrameType.INFER_REQ, deviceId: r.record.deviceId, epoch: 1, seq: ++r.device.seq },
+          0,
+          Buffer.from(bomb, 'hex'),
+        ),
+      );
       assert.equal(reply.type, FrameType.ERROR, bomb);
       assert.equal((reply.body as Map<number, unknown>).get(K.error.code), BridgeErrorCode.BAD_BODY);
     }
@@ -283,7 +321,12 @@ describe('bridge: hostile frames, each dropped without a reply', () => {
 
   test('a frame sealed with the wrong key', async (t) => {
     const r = await rig(t);
-    const packet = sealFrame(randomBytes(32), { type: FrameType.INFER_REQ, deviceId: r.record.deviceId, epoch: 1, seq: 1 }, 0, encodeCbor(inferBody()));
+    const packet = sealFrame(
+      randomBytes(32),
+      { type: FrameType.INFER_REQ, deviceId: r.record.deviceId, epoch: 1, seq: 1 },
+      0,
+      encodeCbor(inferBody()),
+    );
     await assertDropped(r, packet, 'auth');
     await assertStillServes(r);
   });
@@ -308,10 +351,20 @@ describe('bridge: hostile frames, each dropped without a reply', () => {
     await assertStillServes(r);
     const seq = r.device.seq;
     // Same (epoch, seq), different body: a nonce reuse or a forgery; never served.
-    const again = sealFrame(Buffer.from(r.record.key, 'hex'), { type: FrameType.INFER_REQ, deviceId: r.record.deviceId, epoch: 1, seq }, 0, encodeCbor(inferBody([[K.inferReq.scale, 2]])));
+    const again = sealFrame(
+      Buffer.from(r.record.key, 'hex'),
+      { type: FrameType.INFER_REQ, deviceId: r.record.deviceId, epoch: 1, seq },
+      0,
+      encodeCbor(inferBody([[K.inferReq.scale, 2]])),
+    );
     await assertDropped(r, again, 'replayed');
     // Push the first request out of the 16-reply cache; replaying it is then refused.
-    const first = sealFrame(Buffer.from(r.record.key, 'hex'), { type: FrameType.TELEMETRY, deviceId: r.record.deviceId, epoch: 1, seq: ++r.device.seq }, 0, encodeCbor(cborMap([[1, []]])));
+    const first = sealFrame(
+      Buffer.from(r.record.key, 'hex'),
+      { type: FrameType.TELEMETRY, deviceId: r.record.deviceId, epoch: 1, seq: ++r.device.seq },
+      0,
+      encodeCbor(cborMap([[1, []]])),
+    );
     await r.device.exchange(first);
     for (let i = 0; i < 20; i++) await r.device.request(FrameType.POLL, new Map());
     await assertDropped(r, first, 'replayed');
@@ -330,7 +383,12 @@ describe('bridge: hostile frames, each dropped without a reply', () => {
 
   test('an unknown device', async (t) => {
     const r = await rig(t);
-    const packet = sealFrame(Buffer.from(r.record.key, 'hex'), { type: FrameType.INFER_REQ, deviceId: (r.record.deviceId ^ 0x5a5a) >>> 0 || 1, epoch: 1, seq: 1 }, 0, encodeCbor(inferBody()));
+    const packet = sealFrame(
+      Buffer.from(r.record.key, 'hex'),
+      { type: FrameType.INFER_REQ, deviceId: (r.record.deviceId ^ 0x5a5a) >>> 0 || 1, epoch: 1, seq: 1 },
+      0,
+      encodeCbor(inferBody()),
+    );
     await assertDropped(r, packet, 'unknown-device');
   });
 
@@ -343,7 +401,12 @@ describe('bridge: hostile frames, each dropped without a reply', () => {
 
   test('sequence number 0 and a frame of another version', async (t) => {
     const r = await rig(t);
-    const zero = sealFrame(Buffer.from(r.record.key, 'hex'), { type: FrameType.POLL, deviceId: r.record.deviceId, epoch: 1, seq: 0 }, 0, encodeCbor(new Map()));
+    const zero = sealFrame(
+      Buffer.from(r.record.key, 'hex'),
+      { type: FrameType.POLL, deviceId: r.record.deviceId, epoch: 1, seq: 0 },
+      0,
+      encodeCbor(new Map()),
+    );
     await assertDropped(r, zero, 'bad-seq');
     const v2 = r.device.frame(FrameType.POLL, new Map());
     v2[0] = (2 << 5) | FrameType.POLL;
@@ -372,7 +435,12 @@ describe('bridge: restarts, sleepy devices, downlinks', () => {
     assert.equal(sent.length, 0);
     assert.equal(mesh.calls, 0);
     assert.equal(bridge.stats.dropped.replayed + bridge.stats.dropped['too-old'], 1);
-    const rebooted = new SimDevice({ deviceId: record.deviceId, key: Buffer.from(record.key, 'hex'), epoch: 2, send: (p) => void bridge.handlePacket(p, (reply) => rebooted.receive(reply)) });
+    const rebooted = new SimDevice({
+      deviceId: record.deviceId,
+      key: Buffer.from(record.key, 'hex'),
+      epoch: 2,
+      send: (p) => void bridge.handlePacket(p, (reply) => rebooted.receive(reply)),
+    });
     const reply = await rebooted.request(FrameType.INFER_REQ, inferBody());
     assert.equal(reply.type, FrameType.INFER_RESP);
   });
@@ -417,7 +485,9 @@ describe('bridge: restarts, sleepy devices, downlinks', () => {
 });
 
 describe('bridge: fuzz', () => {
-  test('100,000 random and mutated frames through the bridge, 33,000 through the deframer, 60,000 bodies through the CBOR decoder: no throw, no hang', { timeout: 240_000 }, async (t) => {
+  test('100,000 random and mutated frames through the bridge, 33,000 through the deframer, 60,000 bodies through the CBOR decoder: no throw, no hang', {
+    timeout: 240_000,
+  }, async (t) => {
     const r = await rig(t);
     const rng = mulberry32(0xb1d9e);
     const byte = () => Math.floor(rng() * 256);
@@ -442,7 +512,17 @@ describe('bridge: fuzz', () => {
         // Random bodies that authenticate: they reach the CBOR decoder and the request checks.
         const body = Buffer.from(Array.from({ length: Math.floor(rng() * 48) }, byte));
         if (rng() < 0.5 && body.length) body[0] = 0xa0 | (body[0]! & 0x07);
-        packet = sealFrame(key, { type: [FrameType.INFER_REQ, FrameType.HELLO, FrameType.TELEMETRY, FrameType.SLEEP, FrameType.POLL][i % 5]!, deviceId: r.record.deviceId, epoch: 1, seq: 1000 + i }, 0, body);
+        packet = sealFrame(
+          key,
+          {
+            type: [FrameType.INFER_REQ, FrameType.HELLO, FrameType.TELEMETRY, FrameType.SLEEP, FrameType.POLL][i % 5]!,
+            deviceId: r.record.deviceId,
+            epoch: 1,
+            seq: 1000 + i,
+          },
+          0,
+          body,
+        );
       }
       await r.feed(packet);
       packets++;
@@ -486,10 +566,20 @@ describe('broker rules for bridge topics', () => {
     assert.equal(aclPublish(bridge, topics.deviceAvailability(other, 'dev-0000abcd')), ACL_DENY, "another bridge's device");
     assert.equal(aclPublish(bridge, `${own}/x`), ACL_DENY);
     assert.equal(aclPublish(app, own), ACL_DENY, 'an app cannot speak for a device');
-    assert.notEqual(aclPublish(bridge, topics.agentRequest('agent-dddddddddddddddddddddddddd', bridge.id)), ACL_DENY, 'a bridge still sends requests');
+    assert.notEqual(
+      aclPublish(bridge, topics.agentRequest('agent-dddddddddddddddddddddddddd', bridge.id)),
+      ACL_DENY,
+      'a bridge still sends requests',
+    );
     assert.equal(checkPublish({ topic: own, qos: 1, retain: true }, bridge.id, limits), undefined, 'retained availability');
-    assert.equal(checkPublish({ topic: topics.deviceTelemetry(bridge.id, 'dev-0000abcd'), qos: 0, retain: true }, bridge.id, limits), 'retain-not-own-status');
-    assert.equal(checkPublish({ topic: topics.deviceAvailability(other, 'dev-0000abcd'), qos: 1, retain: true }, bridge.id, limits), 'retain-not-own-status');
+    assert.equal(
+      checkPublish({ topic: topics.deviceTelemetry(bridge.id, 'dev-0000abcd'), qos: 0, retain: true }, bridge.id, limits),
+      'retain-not-own-status',
+    );
+    assert.equal(
+      checkPublish({ topic: topics.deviceAvailability(other, 'dev-0000abcd'), qos: 1, retain: true }, bridge.id, limits),
+      'retain-not-own-status',
+    );
     assert.ok(aclSubscribe(app, topics.allDeviceAvailability()));
     assert.ok(aclSubscribe(app, own));
   });

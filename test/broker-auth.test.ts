@@ -3,21 +3,24 @@
  * admission store, and the per-role topic ACLs. Real broker on port 0, real mqtt.js clients and raw TCP sockets.
  */
 import assert from 'node:assert/strict';
-import net from 'node:net';
 import { once } from 'node:events';
+import net from 'node:net';
 import test from 'node:test';
+import { type BrokerHandle, decodeAdminAck, encodeAdminRecord, startBroker } from '@edge-mesh/broker';
+import { admit, generateIdentity, type Identity, MeshError, makeConnectToken, revoke, topics } from '@edge-mesh/protocol';
 import mqtt, { type IClientOptions } from 'mqtt';
-import { admit, generateIdentity, makeConnectToken, MeshError, revoke, topics, type Identity } from '@edge-mesh/protocol';
-import { decodeAdminAck, encodeAdminRecord, startBroker, type BrokerHandle } from '@edge-mesh/broker';
 import { IpGuard, NonceCache } from '../broker/src/limits.ts';
 import {
+  type AuthBroker,
   admitted,
   assertServing,
   authBrokerFor,
-  cleanup,
   CLIENT_DEFAULTS,
+  cleanup,
   connect,
+  type Defer,
   grantedQoS,
+  type LogLine,
   loggedBroker,
   messagesDuring,
   nextMessage,
@@ -25,9 +28,6 @@ import {
   str,
   tempDir,
   waitClose,
-  type AuthBroker,
-  type Defer,
-  type LogLine,
 } from './broker-fixtures.ts';
 
 // ── helpers ────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -80,7 +80,10 @@ test('open mode logs one warning that anonymous clients are accepted', { timeout
   const c = await mqtt.connectAsync(b.url, { protocolVersion: 4, clientId: 'anything-goes', reconnectPeriod: 0 });
   defer(() => c.endAsync(true));
   assert.ok(c.connected);
-  await assert.rejects(b.admit(admit(generateIdentity('operator'), generateIdentity('agent'))), (err: unknown) => err instanceof MeshError && err.code === 'MESH_CONFIG');
+  await assert.rejects(
+    b.admit(admit(generateIdentity('operator'), generateIdentity('agent'))),
+    (err: unknown) => err instanceof MeshError && err.code === 'MESH_CONFIG',
+  );
   assert.deepEqual(b.admissions(), []);
 });
 
@@ -142,12 +145,17 @@ test('a token signed by the wrong key, a stale or future timestamp, and a replay
   // A nonce is remembered only after its signature held: a forged token cannot burn a nonce in advance.
   const nonce = Buffer.alloc(16, 7);
   const now = Date.now();
-  assert.equal(await refusedCode(ab.b, { ...options(agent), password: makeConnectToken({ ...agent, privateKey: other.privateKey }, now, nonce) }), 5);
+  assert.equal(
+    await refusedCode(ab.b, { ...options(agent), password: makeConnectToken({ ...agent, privateKey: other.privateKey }, now, nonce) }),
+    5,
+  );
   const c = await connect(defer, ab.b, agent, { password: makeConnectToken(agent, now, nonce) });
   assert.ok(c.connected);
 });
 
-test('a second CONNECT with a known id but the wrong key is refused and the first stays connected; the right key takes over', { timeout: 20_000 }, async (t) => {
+test('a second CONNECT with a known id but the wrong key is refused and the first stays connected; the right key takes over', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const agent = await admitted(ab, 'agent');
@@ -158,7 +166,10 @@ test('a second CONNECT with a known id but the wrong key is refused and the firs
   first.on('close', () => (firstClosed = true));
 
   const impostor = generateIdentity('agent');
-  assert.equal(await refusedCode(ab.b, { ...options(agent), password: makeConnectToken({ ...agent, privateKey: impostor.privateKey }) }), 5);
+  assert.equal(
+    await refusedCode(ab.b, { ...options(agent), password: makeConnectToken({ ...agent, privateKey: impostor.privateKey }) }),
+    5,
+  );
   await new Promise((r) => setTimeout(r, 100));
   assert.ok(!firstClosed && first.connected, 'the original connection survived the takeover attempt');
   const sender = await connect(defer, ab.b, app);
@@ -176,7 +187,9 @@ test('a second CONNECT with a known id but the wrong key is refused and the firs
 
 // ── admissions and revocations ─────────────────────────────────────────────────────────────────────────────────
 
-test('a revoked client is cut off within a second and cannot reconnect; a newer admission re-enables it', { timeout: 20_000 }, async (t) => {
+test('a revoked client is cut off within a second and cannot reconnect; a newer admission re-enables it', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const agent = await admitted(ab, 'agent');
@@ -196,19 +209,27 @@ test('a revoked client is cut off within a second and cannot reconnect; a newer 
   assert.equal(revocation.id, agent.id);
   assert.equal((await will).payload.toString(), 'offline', 'its will announced it offline');
   assert.ok(!ab.b.admissions().some((a) => a.id === agent.id));
-  assert.deepEqual(ab.b.revocations().map((r) => r.id), [agent.id]);
+  assert.deepEqual(
+    ab.b.revocations().map((r) => r.id),
+    [agent.id],
+  );
   assert.equal(await refusedCode(ab.b, options(agent)), 5);
   assert.equal(refusal(ab.logs, agent.id), 'revoked');
 
   // Replaying the old admission does not undo the revocation; a newer one does.
-  await assert.rejects(ab.b.admit(admit(ab.op, agent, { nowMs: revocation.revokedAt - 1 })), (err: unknown) => err instanceof MeshError && err.code === 'MESH_BAD_REQUEST');
+  await assert.rejects(
+    ab.b.admit(admit(ab.op, agent, { nowMs: revocation.revokedAt - 1 })),
+    (err: unknown) => err instanceof MeshError && err.code === 'MESH_BAD_REQUEST',
+  );
   assert.equal(await refusedCode(ab.b, options(agent)), 5);
   await ab.b.admit(admit(ab.op, agent, { nowMs: revocation.revokedAt + 1 }));
   const back = await connect(defer, ab.b, agent);
   assert.ok(back.connected);
 });
 
-test('records not signed by a trusted operator, expired or mismatched admissions are refused with MESH_UNAUTHORIZED', { timeout: 20_000 }, async (t) => {
+test('records not signed by a trusted operator, expired or mismatched admissions are refused with MESH_UNAUTHORIZED', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const rogue = generateIdentity('operator');
@@ -257,8 +278,14 @@ test('the admission store survives a broker restart on the same data folder', { 
     await ab.b.close();
   }
   const ab = await authBroker(defer, { op, dataDir });
-  assert.deepEqual(ab.b.admissions().map((a) => a.id), [agent.id]);
-  assert.deepEqual(ab.b.revocations().map((r) => r.id), [gone.id]);
+  assert.deepEqual(
+    ab.b.admissions().map((a) => a.id),
+    [agent.id],
+  );
+  assert.deepEqual(
+    ab.b.revocations().map((r) => r.id),
+    [gone.id],
+  );
   assert.ok((await connect(defer, ab.b, agent)).connected);
   assert.equal(await refusedCode(ab.b, options(gone)), 5);
   assert.equal(refusal(ab.logs, gone.id), 'revoked');
@@ -272,7 +299,9 @@ test('the admission store survives a broker restart on the same data folder', { 
   assert.ok(untrusted.logs.some((l) => l.msg === 'stored record ignored'));
 });
 
-test('admin over MQTT: an operator admits and revokes with acks; non-operators cannot publish or read records', { timeout: 20_000 }, async (t) => {
+test('admin over MQTT: an operator admits and revokes with acks; non-operators cannot publish or read records', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const op = await connect(defer, ab.b, ab.op);
@@ -280,13 +309,22 @@ test('admin over MQTT: an operator admits and revokes with acks; non-operators c
 
   // A router watching everything it may: it must never see a record.
   const router = await connect(defer, ab.b, await admitted(ab, 'router'));
-  assert.deepEqual(await grantedQoS(router, [topics.adminRecords(ab.op.id), 'mesh/v1/admin/+/records', 'mesh/v1/admin/#', topics.adminAcks(ab.op.id), topics.allAgentStatus()]), {
-    [topics.adminRecords(ab.op.id)]: 128,
-    'mesh/v1/admin/+/records': 128,
-    'mesh/v1/admin/#': 128,
-    [topics.adminAcks(ab.op.id)]: 128,
-    [topics.allAgentStatus()]: 1,
-  });
+  assert.deepEqual(
+    await grantedQoS(router, [
+      topics.adminRecords(ab.op.id),
+      'mesh/v1/admin/+/records',
+      'mesh/v1/admin/#',
+      topics.adminAcks(ab.op.id),
+      topics.allAgentStatus(),
+    ]),
+    {
+      [topics.adminRecords(ab.op.id)]: 128,
+      'mesh/v1/admin/+/records': 128,
+      'mesh/v1/admin/#': 128,
+      [topics.adminAcks(ab.op.id)]: 128,
+      [topics.allAgentStatus()]: 1,
+    },
+  );
   const routerSaw = messagesDuring(router, 800);
 
   const agent = generateIdentity('agent');
@@ -359,7 +397,12 @@ test('admin over MQTT: an operator admits and revokes with acks; non-operators c
 // ── topic ACLs ─────────────────────────────────────────────────────────────────────────────────────────────────
 
 /** Each refused publish costs the connection, so every case gets a fresh one. */
-async function publishVerdicts(defer: Defer, ab: AuthBroker, who: Identity, cases: { topic: string; retain?: boolean }[]): Promise<Record<string, 'allowed' | 'refused'>> {
+async function publishVerdicts(
+  defer: Defer,
+  ab: AuthBroker,
+  who: Identity,
+  cases: { topic: string; retain?: boolean }[],
+): Promise<Record<string, 'allowed' | 'refused'>> {
   const out: Record<string, 'allowed' | 'refused'> = {};
   for (const { topic, retain = false } of cases) {
     const c = await connect(defer, ab.b, who);
@@ -367,7 +410,10 @@ async function publishVerdicts(defer: Defer, ab: AuthBroker, who: Identity, case
     c.on('close', () => (closed = true));
     c.publish(topic, 'x', { qos: 1, retain });
     // An allowed QoS 1 publish is acknowledged; a refused one closes the connection.
-    await Promise.race([new Promise<void>((resolve) => c.once('packetreceive', (p) => p.cmd === 'puback' && resolve())), waitClose(c).then(() => undefined)]);
+    await Promise.race([
+      new Promise<void>((resolve) => c.once('packetreceive', (p) => p.cmd === 'puback' && resolve())),
+      waitClose(c).then(() => undefined),
+    ]);
     await new Promise((r) => setTimeout(r, 20));
     out[`${topic}${retain ? ' (retain)' : ''}`] = closed ? 'refused' : 'allowed';
     await c.endAsync(true);
@@ -375,7 +421,9 @@ async function publishVerdicts(defer: Defer, ab: AuthBroker, who: Identity, case
   return out;
 }
 
-test('ACL: an agent publishes only its own status, load and replies, and subscribes only to its own requests and cancels', { timeout: 20_000 }, async (t) => {
+test('ACL: an agent publishes only its own status, load and replies, and subscribes only to its own requests and cancels', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const agent = await admitted(ab, 'agent');
@@ -425,7 +473,9 @@ test('ACL: an agent publishes only its own status, load and replies, and subscri
     'sensors/temperature': 'refused',
     [topics.adminRecords(me)]: 'refused',
   });
-  assert.ok(ab.logs.some((l) => l.msg === 'publish refused' && l.reason === 'acl' && l.clientId === me && l.topic === topics.agentStatus(other.id)));
+  assert.ok(
+    ab.logs.some((l) => l.msg === 'publish refused' && l.reason === 'acl' && l.clientId === me && l.topic === topics.agentStatus(other.id)),
+  );
 
   const c = await connect(defer, ab.b, agent);
   assert.deepEqual(
@@ -469,10 +519,15 @@ test('ACL: an agent publishes only its own status, load and replies, and subscri
   const viewer = await connect(defer, ab.b, await admitted(ab, 'router'));
   const retained = messagesDuring(viewer, 300);
   await viewer.subscribeAsync(topics.allAgentStatus(), { qos: 1 });
-  assert.deepEqual((await retained).map((m) => m.topic), [topics.agentStatus(me)]);
+  assert.deepEqual(
+    (await retained).map((m) => m.topic),
+    [topics.agentStatus(me)],
+  );
 });
 
-test('ACL: apps, bridges and routers send requests and cancels only in their own name and read only their own replies', { timeout: 20_000 }, async (t) => {
+test('ACL: apps, bridges and routers send requests and cancels only in their own name and read only their own replies', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const agent = await admitted(ab, 'agent');
@@ -549,7 +604,9 @@ test('ACL: apps, bridges and routers send requests and cancels only in their own
   }
 });
 
-test('ACL: route requests go to a router only in the sender\'s own name; only a router answers with leases, and only in its own name', { timeout: 30_000 }, async (t) => {
+test("ACL: route requests go to a router only in the sender's own name; only a router answers with leases, and only in its own name", {
+  timeout: 30_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const router = await admitted(ab, 'router');
@@ -578,7 +635,13 @@ test('ACL: route requests go to a router only in the sender\'s own name; only a 
     );
     const c = await connect(defer, ab.b, who);
     assert.deepEqual(
-      await grantedQoS(c, [topics.clientLeasesFor(me), topics.clientLeasesFor(other.id), topics.routerRoutesFor(me), topics.routerRoutesFor(r), 'mesh/v1/router/+/route/+']),
+      await grantedQoS(c, [
+        topics.clientLeasesFor(me),
+        topics.clientLeasesFor(other.id),
+        topics.routerRoutesFor(me),
+        topics.routerRoutesFor(r),
+        'mesh/v1/router/+/route/+',
+      ]),
       {
         [topics.clientLeasesFor(me)]: sender ? 1 : 128,
         [topics.clientLeasesFor(other.id)]: 128,
@@ -591,7 +654,9 @@ test('ACL: route requests go to a router only in the sender\'s own name; only a 
   }
 });
 
-test('ACL: an operator publishes only its own admin records and subscribes to status, load and its own acks', { timeout: 20_000 }, async (t) => {
+test('ACL: an operator publishes only its own admin records and subscribes to status, load and its own acks', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const agent = await admitted(ab, 'agent');
@@ -611,17 +676,27 @@ test('ACL: an operator publishes only its own admin records and subscribes to st
     [topics.clientReply(me, agent.id)]: 'refused',
   });
   const c = await connect(defer, ab.b, ab.op);
-  assert.deepEqual(await grantedQoS(c, [topics.allAgentStatus(), topics.allAgentLoad(), topics.adminAcks(me), topics.agentRequestsFor(agent.id), topics.clientRepliesFor(me), '#']), {
-    [topics.allAgentStatus()]: 1,
-    [topics.allAgentLoad()]: 1,
-    [topics.adminAcks(me)]: 1,
-    [topics.agentRequestsFor(agent.id)]: 128,
-    [topics.clientRepliesFor(me)]: 128,
-    '#': 128,
-  });
+  assert.deepEqual(
+    await grantedQoS(c, [
+      topics.allAgentStatus(),
+      topics.allAgentLoad(),
+      topics.adminAcks(me),
+      topics.agentRequestsFor(agent.id),
+      topics.clientRepliesFor(me),
+      '#',
+    ]),
+    {
+      [topics.allAgentStatus()]: 1,
+      [topics.allAgentLoad()]: 1,
+      [topics.adminAcks(me)]: 1,
+      [topics.agentRequestsFor(agent.id)]: 128,
+      [topics.clientRepliesFor(me)]: 128,
+      '#': 128,
+    },
+  );
 });
 
-test('wills: an agent\'s will must be its own status; other roles may not set one', { timeout: 20_000 }, async (t) => {
+test("wills: an agent's will must be its own status; other roles may not set one", { timeout: 20_000 }, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const agent = await admitted(ab, 'agent');
@@ -636,7 +711,9 @@ test('wills: an agent\'s will must be its own status; other roles may not set on
   assert.ok(c.connected);
 });
 
-test('raw CONNECT with a valid token over a plain socket gets CONNACK 0 (the token is the whole password)', { timeout: 5000 }, async (t) => {
+test('raw CONNECT with a valid token over a plain socket gets CONNACK 0 (the token is the whole password)', {
+  timeout: 5000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const agent = await admitted(ab, 'agent');
@@ -644,10 +721,19 @@ test('raw CONNECT with a valid token over a plain socket gets CONNACK 0 (the tok
   defer(() => socket.destroy());
   await once(socket, 'connect');
   const token = makeConnectToken(agent);
-  const body = Buffer.concat([str(Buffer.from('MQTT')), Buffer.from([4, 0x02 | 0x80 | 0x40, 0, 30]), str(Buffer.from(agent.id)), str(Buffer.from(agent.id)), str(token)]);
+  const body = Buffer.concat([
+    str(Buffer.from('MQTT')),
+    Buffer.from([4, 0x02 | 0x80 | 0x40, 0, 30]),
+    str(Buffer.from(agent.id)),
+    str(Buffer.from(agent.id)),
+    str(token),
+  ]);
   assert.ok(body.length > 127 && body.length < 16_384);
   socket.write(Buffer.concat([Buffer.from([0x10, (body.length & 0x7f) | 0x80, body.length >> 7]), body]));
-  const [data] = (await Promise.race([once(socket, 'data'), new Promise((_, reject) => setTimeout(() => reject(new Error('no CONNACK')), 2000))])) as [Buffer];
+  const [data] = (await Promise.race([
+    once(socket, 'data'),
+    new Promise((_, reject) => setTimeout(() => reject(new Error('no CONNACK')), 2000)),
+  ])) as [Buffer];
   assert.deepEqual([...data.subarray(0, 4)], [0x20, 0x02, 0x00, 0x00]);
 });
 
@@ -661,7 +747,10 @@ test('auth options are validated, and a data folder held by a running broker can
     startBroker({
       port: 0,
       auth: {
-        trustedOperators: [{ id: agent.id, publicKey: agent.publicKey }, { id: op.id, publicKey: agent.publicKey }],
+        trustedOperators: [
+          { id: agent.id, publicKey: agent.publicKey },
+          { id: op.id, publicKey: agent.publicKey },
+        ],
         dataDir: '',
         maxClockSkewMs: 60_000,
         nonceTtlMs: 60_000,
@@ -674,7 +763,10 @@ test('auth options are validated, and a data folder held by a running broker can
       return true;
     },
   );
-  await assert.rejects(startBroker({ port: 0, auth: { trustedOperators: [], dataDir: '/tmp/x' } }), (err: unknown) => err instanceof MeshError && /trustedOperators/.test(err.message));
+  await assert.rejects(
+    startBroker({ port: 0, auth: { trustedOperators: [], dataDir: '/tmp/x' } }),
+    (err: unknown) => err instanceof MeshError && /trustedOperators/.test(err.message),
+  );
   const ab = await authBroker(defer, { op });
   await assert.rejects(
     startBroker({ port: 0, auth: { trustedOperators: [{ id: op.id, publicKey: op.publicKey }], dataDir: ab.dataDir } }),
@@ -683,11 +775,21 @@ test('auth options are validated, and a data folder held by a running broker can
 });
 
 test('IpGuard and NonceCache: buckets refill, bans expire, idle state and old nonces are forgotten', () => {
-  const g = new IpGuard({ maxConnectionsPerIp: 2, connectRatePerIp: 10, connectBurstPerIp: 3, authFailuresBeforeBan: 3, authFailureWindowMs: 1000, banMs: 5000 });
+  const g = new IpGuard({
+    maxConnectionsPerIp: 2,
+    connectRatePerIp: 10,
+    connectBurstPerIp: 3,
+    authFailuresBeforeBan: 3,
+    authFailureWindowMs: 1000,
+    banMs: 5000,
+  });
   assert.deepEqual([g.accept('a', 0), g.accept('a', 0), g.accept('a', 0), g.accept('b', 0)], ['ok', 'ok', 'too-many-connections', 'ok']);
   g.release('a');
   assert.equal(g.accept('a', 0), 'ok');
-  assert.deepEqual([g.connect('a', 0), g.connect('a', 0), g.connect('a', 0), g.connect('a', 0), g.connect('a', 1), g.connect('a', 100)], ['ok', 'ok', 'ok', 'connect-rate', 'connect-rate-again', 'ok']);
+  assert.deepEqual(
+    [g.connect('a', 0), g.connect('a', 0), g.connect('a', 0), g.connect('a', 0), g.connect('a', 1), g.connect('a', 100)],
+    ['ok', 'ok', 'ok', 'connect-rate', 'connect-rate-again', 'ok'],
+  );
   // Failures spread beyond the window do not ban; three within it do, for banMs.
   assert.equal(g.failure('c', 0), false);
   assert.equal(g.failure('c', 2000), false);

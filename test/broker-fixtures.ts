@@ -3,16 +3,16 @@
  * log lines are captured, admitted identities, mqtt.js clients, and raw TCP sockets speaking hand-made MQTT 3.1.1.
  */
 import assert from 'node:assert/strict';
+import { once } from 'node:events';
 import { mkdtemp, rm } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { once } from 'node:events';
 import type { TestContext } from 'node:test';
+import { type BrokerHandle, type BrokerOptions, startBroker } from '@edge-mesh/broker';
+import { admit, generateIdentity, type Identity, makeConnectToken, type Role, topics } from '@edge-mesh/protocol';
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
 import { pino } from 'pino';
-import { admit, generateIdentity, makeConnectToken, topics, type Identity, type Role } from '@edge-mesh/protocol';
-import { startBroker, type BrokerHandle, type BrokerOptions } from '@edge-mesh/broker';
 
 // ── cleanup, logs, temp folders ────────────────────────────────────────────────────────────────────────────────
 
@@ -241,7 +241,7 @@ export interface ConnectFields {
 
 /** A CONNECT: clean session, keepalive 30, MQTT 3.1.1 unless `f` says otherwise. */
 export function connectPacket(f: ConnectFields): Buffer {
-  let flags = (f.clean ?? true ? 0x02 : 0) | (f.extraFlags ?? 0);
+  let flags = ((f.clean ?? true) ? 0x02 : 0) | (f.extraFlags ?? 0);
   if (f.username !== undefined) flags |= 0x80;
   if (f.password !== undefined) flags |= 0x40;
   const keepalive = f.keepalive ?? 30;
@@ -267,7 +267,12 @@ export async function rawSocket(defer: Defer, b: BrokerHandle, localAddress?: st
   const received: Buffer[] = [];
   socket.on('data', (d: Buffer) => received.push(d));
   let isClosed = false;
-  const closed = new Promise<number>((resolve) => socket.once('close', () => ((isClosed = true), resolve(Date.now()))));
+  const closed = new Promise<number>((resolve) =>
+    socket.once('close', () => {
+      isClosed = true;
+      resolve(Date.now());
+    }),
+  );
   await Promise.race([once(socket, 'connect'), closed]);
   return { socket, received, closed, isClosed: () => isClosed, bytes: () => Buffer.concat(received) };
 }

@@ -3,17 +3,18 @@
  * Every test starts its own broker on port 0 and tears everything down in reverse order.
  */
 import assert from 'node:assert/strict';
-import net from 'node:net';
 import { once } from 'node:events';
+import net from 'node:net';
 import test from 'node:test';
-import mqtt from 'mqtt';
+import { type BrokerHandle, type BrokerOptions, startBroker } from '@edge-mesh/broker';
 import { MeshError, topics } from '@edge-mesh/protocol';
-import { startBroker, type BrokerHandle, type BrokerOptions } from '@edge-mesh/broker';
+import mqtt from 'mqtt';
 import { PacketSizeGuard } from '../broker/src/guard.ts';
 import {
   cleanup,
   connect,
   connectPacket,
+  type Defer,
   grantedQoS,
   loggedBroker,
   messagesDuring,
@@ -22,7 +23,6 @@ import {
   str,
   waitClose,
   withTimeout,
-  type Defer,
 } from './broker-fixtures.ts';
 
 // ── helpers ────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -194,7 +194,7 @@ test('QoS 2 publishes are refused (publisher disconnected, nothing delivered) wh
   assert.equal((await got).payload.toString(), 'qos1');
 });
 
-test('retain is kept only on the publisher\'s own status topic', async (t) => {
+test("retain is kept only on the publisher's own status topic", async (t) => {
   const defer = cleanup(t);
   const { b, logs } = await loggedBroker(defer);
 
@@ -218,7 +218,10 @@ test('retain is kept only on the publisher\'s own status topic', async (t) => {
   const router = await connect(defer, b, 'router-one');
   const seen = messagesDuring(router, 300);
   const granted = await router.subscribeAsync([topics.allAgentStatus(), topics.allAgentLoad()], { qos: 1 });
-  assert.deepEqual(granted.map((g) => g.qos), [1, 1]);
+  assert.deepEqual(
+    granted.map((g) => g.qos),
+    [1, 1],
+  );
   const messages = await seen;
   assert.deepEqual(messages, [{ topic: topics.agentStatus('agent-two'), retain: true, payload: 'online' }]);
 });
@@ -251,7 +254,9 @@ test('subscriptions to #, +/#, +/+/#, $SYS/# and over-cap filters get 128; QoS 2
     [topics.allAgentStatus()]: 1,
     'mesh/v1/agent/#': 1,
   });
-  assert.ok(logs.some((l) => l.msg === 'subscribe refused' && l.topic === '#' && l.reason === 'wildcard-all' && l.clientId === 'router-one'));
+  assert.ok(
+    logs.some((l) => l.msg === 'subscribe refused' && l.topic === '#' && l.reason === 'wildcard-all' && l.clientId === 'router-one'),
+  );
   assert.ok(logs.some((l) => l.topic === deep && l.reason === 'too-many-levels'));
   assert.ok(c.connected, 'a refused subscription does not cost the connection');
 
@@ -269,9 +274,9 @@ test('topics deeper than maxTopicLevels or longer than maxTopicBytes (or with NU
   await sub.subscribeAsync('deep/#', { qos: 0 });
 
   const cases: [string, string][] = [
-    ['deep/' + Array.from({ length: 8 }, (_, i) => `l${i}`).join('/'), 'too-many-levels'], // 9 levels
-    ['deep/' + 'x'.repeat(252), 'topic-too-long'], // 257 bytes
-    ['deep/' + 'é'.repeat(126), 'topic-too-long'], // 131 chars but 257 UTF-8 bytes
+    [`deep/${Array.from({ length: 8 }, (_, i) => `l${i}`).join('/')}`, 'too-many-levels'], // 9 levels
+    [`deep/${'x'.repeat(252)}`, 'topic-too-long'], // 257 bytes
+    [`deep/${'é'.repeat(126)}`, 'topic-too-long'], // 131 chars but 257 UTF-8 bytes
     ['deep/a\u0000b', 'nul-in-topic'],
     ['$SYS/fake/heartbeat', 'reserved-topic'],
   ];
@@ -280,19 +285,25 @@ test('topics deeper than maxTopicLevels or longer than maxTopicBytes (or with NU
     const closed = waitClose(pub);
     pub.publish(topic, 'x', { qos: 0 });
     await closed;
-    assert.ok(logs.some((l) => l.msg === 'publish refused' && l.reason === reason && l.clientId === `pub-${i}`), reason);
+    assert.ok(
+      logs.some((l) => l.msg === 'publish refused' && l.reason === reason && l.clientId === `pub-${i}`),
+      reason,
+    );
   }
   assert.deepEqual(await messagesDuring(sub, 100), []);
 
   // At the caps exactly: 8 levels and 256 bytes are delivered.
   const ok = await connect(defer, b, 'pub-ok');
-  const eight = 'deep/' + Array.from({ length: 7 }, (_, i) => `l${i}`).join('/');
-  const max = 'deep/' + 'y'.repeat(251);
+  const eight = `deep/${Array.from({ length: 7 }, (_, i) => `l${i}`).join('/')}`;
+  const max = `deep/${'y'.repeat(251)}`;
   assert.equal(Buffer.byteLength(max), 256);
   const got = messagesDuring(sub, 200);
   await ok.publishAsync(eight, 'a', { qos: 1 });
   await ok.publishAsync(max, 'b', { qos: 1 });
-  assert.deepEqual((await got).map((m) => m.topic), [eight, max]);
+  assert.deepEqual(
+    (await got).map((m) => m.topic),
+    [eight, max],
+  );
 });
 
 test('a socket that connects and sends nothing is closed after connectTimeoutMs', async (t) => {
@@ -314,7 +325,7 @@ test('a socket that connects and sends nothing is closed after connectTimeoutMs'
   assert.equal(Buffer.concat(slow.received).length, 0);
 });
 
-test('a will aimed at another client\'s status topic is refused; one on its own status is published', async (t) => {
+test("a will aimed at another client's status topic is refused; one on its own status is published", async (t) => {
   const defer = cleanup(t);
   const { b, logs } = await loggedBroker(defer);
 

@@ -3,15 +3,14 @@
  * `balance` and `settle` run against it as separate processes, the way an operator uses them.
  */
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { type EscrowDomain, signVoucher } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
-import { signVoucher, type EscrowDomain } from '@edge-mesh/protocol';
-import { mkdtemp, rm } from 'node:fs/promises';
-import os from 'node:os';
 import { ROOT } from './helpers.ts';
 
 const CLI = path.join(ROOT, 'cli', 'bin', 'edge-mesh.mjs');
@@ -27,6 +26,7 @@ function edgeMesh(args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: 
   });
 }
 
+// biome-ignore lint/suspicious/noExplicitAny: the CLI's JSON output, read field by field in the assertions
 const lastJson = (stdout: string) => JSON.parse(stdout.trim().split('\n').at(-1)!) as Record<string, any>;
 
 let dir: string;
@@ -37,7 +37,11 @@ const depFile = () => path.join(dir, 'deployment.json');
 before(async () => {
   dir = await mkdtemp(path.join(os.tmpdir(), 'edge-mesh-chain-'));
   await mkdir(path.join(dir, 'keys'));
-  chainProc = spawn(process.execPath, [CLI, 'chain', '--port', '0', '--accounts', '4', '--out', depFile(), '--write-keys', path.join(dir, 'keys')], { stdio: ['ignore', 'pipe', 'pipe'] });
+  chainProc = spawn(
+    process.execPath,
+    [CLI, 'chain', '--port', '0', '--accounts', '4', '--out', depFile(), '--write-keys', path.join(dir, 'keys')],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
   let out = '';
   chainProc.stderr!.resume();
   deployment = await new Promise((resolve, reject) => {
@@ -88,16 +92,25 @@ describe('edge-mesh chain, fund, balance, settle', () => {
     assert.equal(lastJson(f1.stdout).lane.remaining, '2000000');
     // The key can also come from the environment, and the chain from options.
     const pk2 = (await readFile(key2, 'utf8')).trim();
-    const f2 = await edgeMesh(['fund', '--rpc', deployment.rpcUrl, '--escrow', deployment.escrow, '--agent', agent, '--amount', '1000000', '--mint', '--permit'], { MESH_EVM_KEY: pk2 });
+    const f2 = await edgeMesh(
+      ['fund', '--rpc', deployment.rpcUrl, '--escrow', deployment.escrow, '--agent', agent, '--amount', '1000000', '--mint', '--permit'],
+      { MESH_EVM_KEY: pk2 },
+    );
     assert.equal(f2.code, 0, f2.stderr);
 
     const domain: EscrowDomain = { chainId: 31337n, escrow: deployment.escrow };
     const expiry = BigInt(Math.floor(Date.now() / 1000) + 86_400);
     const entries = [];
-    for (const [keyFile, cumulative] of [[key1, 700_000n], [key2, 300_000n]] as const) {
+    for (const [keyFile, cumulative] of [
+      [key1, 700_000n],
+      [key2, 300_000n],
+    ] as const) {
       const wallet = new ethers.Wallet((await readFile(keyFile, 'utf8')).trim());
       const voucher = { agent, cumulative, receiptsRoot: ethers.id(`r${cumulative}`), expiry };
-      entries.push({ voucher: { ...voucher, cumulative: cumulative.toString(), expiry: expiry.toString() }, signature: await signVoucher(wallet, domain, voucher) });
+      entries.push({
+        voucher: { ...voucher, cumulative: cumulative.toString(), expiry: expiry.toString() },
+        signature: await signVoucher(wallet, domain, voucher),
+      });
     }
     const file = path.join(dir, 'vouchers.json');
     await writeFile(file, JSON.stringify(entries));

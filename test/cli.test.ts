@@ -18,7 +18,21 @@ function edgeMesh(args: string[], timeoutMs = 60_000, cwd?: string) {
 
 describe('edge-mesh CLI', () => {
   test('every subcommand has --help', async () => {
-    const commands = [[], ['up'], ['broker'], ['agent'], ['router'], ['infer'], ['models'], ['models', 'build'], ['keys'], ['keys', 'new'], ['keys', 'show'], ['admit'], ['revoke']];
+    const commands = [
+      [],
+      ['up'],
+      ['broker'],
+      ['agent'],
+      ['router'],
+      ['infer'],
+      ['models'],
+      ['models', 'build'],
+      ['keys'],
+      ['keys', 'new'],
+      ['keys', 'show'],
+      ['admit'],
+      ['revoke'],
+    ];
     await Promise.all(
       commands.map(async (cmd) => {
         const { stdout } = await edgeMesh([...cmd, '--help']);
@@ -29,12 +43,21 @@ describe('edge-mesh CLI', () => {
   });
 
   test('bad arguments fail with a clear message and a non-zero exit', async () => {
-    await assert.rejects(edgeMesh(['up', '--agents', 'zero']), (err: { code?: number; stderr?: string }) => err.code !== 0 && /positive integer/.test(err.stderr ?? ''));
+    await assert.rejects(
+      edgeMesh(['up', '--agents', 'zero']),
+      (err: { code?: number; stderr?: string }) => err.code !== 0 && /positive integer/.test(err.stderr ?? ''),
+    );
     await assert.rejects(edgeMesh(['agent']), (err: { stderr?: string }) => /--models/.test(err.stderr ?? ''));
     await assert.rejects(edgeMesh(['frobnicate']), (err: { stderr?: string }) => /unknown command/.test(err.stderr ?? ''));
     // A broker nobody administers is refused unless it is asked to run open.
-    await assert.rejects(edgeMesh(['broker', '--port', '0']), (err: { code?: number; stderr?: string }) => err.code !== 0 && /--operator/.test(err.stderr ?? '') && /--insecure/.test(err.stderr ?? ''));
-    await assert.rejects(edgeMesh(['keys', 'new', '--role', 'king']), (err: { stderr?: string }) => /role must be one of/.test(err.stderr ?? ''));
+    await assert.rejects(
+      edgeMesh(['broker', '--port', '0']),
+      (err: { code?: number; stderr?: string }) =>
+        err.code !== 0 && /--operator/.test(err.stderr ?? '') && /--insecure/.test(err.stderr ?? ''),
+    );
+    await assert.rejects(edgeMesh(['keys', 'new', '--role', 'king']), (err: { stderr?: string }) =>
+      /role must be one of/.test(err.stderr ?? ''),
+    );
   });
 
   test('keys new writes a 0600 key file, prints only the public identity and never overwrites by accident', async (t) => {
@@ -59,7 +82,10 @@ describe('edge-mesh CLI', () => {
     assert.deepEqual(JSON.parse(shown.stdout), pub);
     assert.ok(!shown.stdout.includes(keyFile.seed) && !shown.stderr.includes(keyFile.seed));
 
-    await assert.rejects(edgeMesh(['keys', 'new', '--role', 'agent', '--out', file]), (err: { stderr?: string }) => /exists/.test(err.stderr ?? '') && /--force/.test(err.stderr ?? ''));
+    await assert.rejects(
+      edgeMesh(['keys', 'new', '--role', 'agent', '--out', file]),
+      (err: { stderr?: string }) => /exists/.test(err.stderr ?? '') && /--force/.test(err.stderr ?? ''),
+    );
     assert.equal(JSON.parse(await readFile(file, 'utf8')).id, pub.id);
     const forced = JSON.parse((await edgeMesh(['keys', 'new', '--role', 'operator', '--out', file, '--force'])).stdout);
     assert.notEqual(forced.id, pub.id);
@@ -90,17 +116,33 @@ describe('edge-mesh CLI', () => {
     const raw = path.join(dir, 'kws.bin');
     const x = Object.values(kws)[0]!;
     await writeFile(raw, Buffer.from(x.data.buffer));
-    const rawRun = await edgeMesh(['infer', '--model', 'kws', '--input', raw, '--dtype', 'float32', '--shape', '1,25,96', '--broker', broker.url]);
+    const rawRun = await edgeMesh([
+      'infer',
+      '--model',
+      'kws',
+      '--input',
+      raw,
+      '--dtype',
+      'float32',
+      '--shape',
+      '1,25,96',
+      '--broker',
+      broker.url,
+    ]);
     assert.deepEqual(Object.values(JSON.parse(rawRun.stdout.trim()).outputs), [output]);
 
-    await assert.rejects(edgeMesh(['infer', '--model', 'nope', '--input', input, '--broker', broker.url, '--deadline-ms', '500']), (err: { stderr?: string }) =>
-      /MESH_NO_AGENT/.test(err.stderr ?? ''),
+    await assert.rejects(
+      edgeMesh(['infer', '--model', 'nope', '--input', input, '--broker', broker.url, '--deadline-ms', '500']),
+      (err: { stderr?: string }) => /MESH_NO_AGENT/.test(err.stderr ?? ''),
     );
   });
 
   test('up runs the whole mesh and ends with a JSON summary', async (t) => {
     const dir = await tempDir(t);
-    const { stdout } = await edgeMesh(['up', '--duration', '6', '--json', '--port', '0', '--router-port', '0', '--data', dir, '--rate', '30'], 120_000);
+    const { stdout } = await edgeMesh(
+      ['up', '--duration', '6', '--json', '--port', '0', '--router-port', '0', '--data', dir, '--rate', '30'],
+      120_000,
+    );
     const summary = JSON.parse(stdout.trim().split('\n').at(-1)!);
     assert.ok(summary.requests > 0);
     assert.equal(summary.errors, 0, JSON.stringify(summary.error_codes));
@@ -111,20 +153,32 @@ describe('edge-mesh CLI', () => {
       assert.ok(m.requests > 0 && m.p50_ms > 0 && m.p99_ms >= m.p50_ms);
     }
     // Routing went through the router: leases for the SDK's direct requests, forwarding for the HTTP ones.
-    const routing = summary.routing as { router: string; http_url: string; paths: Record<string, number>; leases_given: number; forwarded: number };
+    const routing = summary.routing as {
+      router: string;
+      http_url: string;
+      paths: Record<string, number>;
+      leases_given: number;
+      forwarded: number;
+    };
     assert.match(routing.router, /^router-/);
     assert.match(routing.http_url, /^http:\/\/127\.0\.0\.1:\d+$/);
     assert.ok(routing.leases_given > 0);
     assert.ok((routing.paths.leased ?? 0) > 0 && (routing.paths.http ?? 0) > 0, JSON.stringify(routing.paths));
     assert.equal(routing.forwarded, routing.paths.http);
-    assert.equal(Object.values(routing.paths).reduce((a, b) => a + b, 0), summary.ok);
+    assert.equal(
+      Object.values(routing.paths).reduce((a, b) => a + b, 0),
+      summary.ok,
+    );
     // The firmware bridge's simulated device (a separate process speaking frames over UDP).
     assert.equal(summary.bridge.devices, 1);
     assert.ok(summary.bridge.requests > 0 && summary.bridge.ok === summary.bridge.requests, JSON.stringify(summary.bridge));
     // Paid on a local chain: every receipt's charge was settled when the agents stopped, and never more.
     assert.ok(summary.receipts > 0 && summary.receipts <= summary.ok, JSON.stringify(summary));
     assert.ok(summary.owed_micros > 0);
-    assert.ok(summary.settled_micros > 0 && summary.settled_micros <= summary.owed_micros, `${summary.settled_micros} settled of ${summary.owed_micros}`);
+    assert.ok(
+      summary.settled_micros > 0 && summary.settled_micros <= summary.owed_micros,
+      `${summary.settled_micros} settled of ${summary.owed_micros}`,
+    );
     assert.ok(summary.settlement_txs >= 1);
   });
 });

@@ -9,13 +9,23 @@ import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { ERC20_ABI, ESCROW_ABI, EscrowClient, type EscrowError, recoverVoucherSigner } from '@edge-mesh/contracts';
+import { deployArtifact, deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import {
+  agentBindingMessage,
+  type EscrowDomain,
+  generateIdentity,
+  packVouchers,
+  SECP256K1_N,
+  type SignedVoucher,
+  signBytes,
+  signVoucher,
+  type Voucher,
+  verifyBytes,
+  voucherDigest,
+} from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
-import { deployArtifact, deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '@edge-mesh/contracts/dev';
-import { EscrowClient, EscrowError } from '@edge-mesh/contracts';
-import { generateIdentity, signBytes, verifyBytes } from '@edge-mesh/protocol';
 import { ROOT } from './helpers.ts';
-import { agentBindingMessage, packVouchers, SECP256K1_N, signVoucher, voucherDigest, type EscrowDomain, type SignedVoucher, type Voucher } from '@edge-mesh/protocol';
-import { ESCROW_ABI, ERC20_ABI, recoverVoucherSigner } from '@edge-mesh/contracts';
 
 const THAW = 3_600;
 const USDC = 1_000_000n; // 6 decimals
@@ -40,7 +50,12 @@ async function chainNow(): Promise<bigint> {
   return BigInt(block!.timestamp);
 }
 
-async function voucher(client: EscrowClient, agent: string, cumulative: bigint, { expiresIn = 3_600n, domain }: { expiresIn?: bigint; domain?: EscrowDomain } = {}): Promise<SignedVoucher> {
+async function voucher(
+  client: EscrowClient,
+  agent: string,
+  cumulative: bigint,
+  { expiresIn = 3_600n, domain }: { expiresIn?: bigint; domain?: EscrowDomain } = {},
+): Promise<SignedVoucher> {
   const v: Voucher = { agent, cumulative, receiptsRoot: root(`${agent}:${cumulative}`), expiry: (await chainNow()) + expiresIn };
   if (!domain) return client.signVoucher(v);
   return { voucher: v, signature: await signVoucher(client.runner as ethers.Signer, domain, v) };
@@ -66,7 +81,12 @@ after(async () => {
 describe('MeshEscrow', () => {
   test('protocol/voucher.ts computes the same EIP-712 digest as the contract', async () => {
     const v: Voucher = { agent: newAgent(), cumulative: 123_456n, receiptsRoot: root('x'), expiry: 1_900_000_000n };
-    const onChain = (await new ethers.Contract(mesh.escrow, ESCROW_ABI, chain.provider).getFunction('voucherDigest')(v.agent, v.cumulative, v.receiptsRoot, v.expiry)) as string;
+    const onChain = (await new ethers.Contract(mesh.escrow, ESCROW_ABI, chain.provider).getFunction('voucherDigest')(
+      v.agent,
+      v.cumulative,
+      v.receiptsRoot,
+      v.expiry,
+    )) as string;
     assert.equal(onChain, voucherDigest(relayer.domain, v));
   });
 
@@ -201,7 +221,10 @@ describe('MeshEscrow', () => {
     const v = await voucher(p.client, agent, 1_500n);
     const out = await relayer.settle(agent, [v]);
     assert.equal(out.paid, 0n);
-    assert.deepEqual(out.skipped.map((s) => s.reason), ['OVERSPEND']);
+    assert.deepEqual(
+      out.skipped.map((s) => s.reason),
+      ['OVERSPEND'],
+    );
     assert.deepEqual(await relayer.laneOf(p.wallet.address, agent), { remaining: 1_000n, settled: 0n, thawEnd: 0n });
 
     // Another lane of the same payer cannot be drained to cover it.
@@ -224,7 +247,10 @@ describe('MeshEscrow', () => {
 
     const { thawEnd } = await p.client.requestWithdraw(agent);
     assert.equal(thawEnd, (await chainNow()) + BigInt(THAW));
-    await assert.rejects(p.client.withdraw(agent), (err: EscrowError) => err.code === 'ESCROW_REVERTED' && /StillThawing/.test(err.message));
+    await assert.rejects(
+      p.client.withdraw(agent),
+      (err: EscrowError) => err.code === 'ESCROW_REVERTED' && /StillThawing/.test(err.message),
+    );
     await assert.rejects(p.client.requestWithdraw(agent), /WithdrawAlreadyPending/);
 
     // The agent sees WithdrawRequested and settles within the thaw.
@@ -239,7 +265,10 @@ describe('MeshEscrow', () => {
     // After the withdrawal, a voucher the payer signed earlier finds nothing left.
     const after = await relayer.settle(agent, [late]);
     assert.equal(after.paid, 0n);
-    assert.deepEqual(after.skipped.map((s) => s.reason), ['OVERSPEND']);
+    assert.deepEqual(
+      after.skipped.map((s) => s.reason),
+      ['OVERSPEND'],
+    );
     assert.equal(await relayer.tokenBalance(agent), 3_000n);
     await assert.rejects(p.client.withdraw(agent), /NoWithdrawPending/);
   });
@@ -271,7 +300,10 @@ describe('MeshEscrow', () => {
 
     const out = await relayer.settle(agent, [{ voucher: v.voucher, signature: twin }]);
     assert.equal(out.paid, 0n);
-    assert.deepEqual(out.skipped.map((s) => [s.reason, s.payer]), [['MALLEABLE_SIGNATURE', ethers.ZeroAddress]]);
+    assert.deepEqual(
+      out.skipped.map((s) => [s.reason, s.payer]),
+      [['MALLEABLE_SIGNATURE', ethers.ZeroAddress]],
+    );
     assert.equal((await relayer.settle(agent, [v])).paid, 4_242n);
   });
 
@@ -310,7 +342,14 @@ describe('MeshEscrow', () => {
     const deployer = chain.wallet(0);
     const tokenAddr = await deployArtifact(deployer, 'HostileToken');
     const hostile = await deployMesh(deployer, { thawSeconds: THAW, token: tokenAddr });
-    const hostileAbi = [...ERC20_ABI, 'function arm(address target, bytes attack)', 'function disarm()', 'function attempts() view returns (uint256)', 'function lastReentryOk() view returns (bool)', 'function lastReentryResult() view returns (bytes)'];
+    const hostileAbi = [
+      ...ERC20_ABI,
+      'function arm(address target, bytes attack)',
+      'function disarm()',
+      'function attempts() view returns (uint256)',
+      'function lastReentryOk() view returns (bool)',
+      'function lastReentryResult() view returns (bytes)',
+    ];
     const token = new ethers.Contract(tokenAddr, hostileAbi, deployer);
     const escrowIface = new ethers.Interface(ESCROW_ABI);
     const reentrancySelector = escrowIface.getError('ReentrancyGuardReentrantCall')!.selector;
@@ -359,18 +398,41 @@ describe('MeshEscrow', () => {
     const sig = ethers.Signature.from(
       await p.wallet.signTypedData(
         { name: 'Mock USD Coin', version: '1', chainId: chain.chainId, verifyingContract: mesh.token },
-        { Permit: [{ name: 'owner', type: 'address' }, { name: 'spender', type: 'address' }, { name: 'value', type: 'uint256' }, { name: 'nonce', type: 'uint256' }, { name: 'deadline', type: 'uint256' }] },
+        {
+          Permit: [
+            { name: 'owner', type: 'address' },
+            { name: 'spender', type: 'address' },
+            { name: 'value', type: 'uint256' },
+            { name: 'nonce', type: 'uint256' },
+            { name: 'deadline', type: 'uint256' },
+          ],
+        },
         { owner: p.wallet.address, spender: mesh.escrow, value: USDC, nonce: 1n, deadline },
       ),
     );
-    await (await (token.connect(chain.wallet(0)) as ethers.Contract).getFunction('permit')(p.wallet.address, mesh.escrow, USDC, deadline, sig.v, sig.r, sig.s)).wait();
+    await (
+      await (token.connect(chain.wallet(0)) as ethers.Contract).getFunction('permit')(
+        p.wallet.address,
+        mesh.escrow,
+        USDC,
+        deadline,
+        sig.v,
+        sig.r,
+        sig.s,
+      )
+    ).wait();
     const escrow = new ethers.Contract(mesh.escrow, ESCROW_ABI, p.wallet);
     await (await escrow.getFunction('fundLaneWithPermit')(agent, USDC, deadline, sig.v, sig.r, sig.s)).wait();
     assert.equal((await relayer.laneOf(p.wallet.address, agent)).remaining, 2n * USDC);
-    assert.equal(await relayer.tokenBalance(mesh.escrow) >= 2n * USDC, true);
+    assert.equal((await relayer.tokenBalance(mesh.escrow)) >= 2n * USDC, true);
 
     // Without a permit or an allowance the transfer fails with a coded error.
-    await assert.rejects(escrow.getFunction('fundLaneWithPermit')(agent, USDC, deadline, sig.v, sig.r, sig.s).then((t: ethers.ContractTransactionResponse) => t.wait()), /ERC20InsufficientAllowance|reverted/);
+    await assert.rejects(
+      escrow
+        .getFunction('fundLaneWithPermit')(agent, USDC, deadline, sig.v, sig.r, sig.s)
+        .then((t: ethers.ContractTransactionResponse) => t.wait()),
+      /ERC20InsufficientAllowance|reverted/,
+    );
   });
 
   test('registerAgent stores the device key and emits the binding, which clients verify off-chain', async () => {
@@ -385,14 +447,23 @@ describe('MeshEscrow', () => {
     const ev = new ethers.Interface(ESCROW_ABI).parseLog(receipt!.logs[0]!)!;
     assert.equal(ev.name, 'AgentRegistered');
     assert.equal(ev.args[0], payout.address);
-    assert.ok(verifyBytes(ethers.getBytes(ev.args[1] as string), agentBindingMessage(client.domain, ev.args[0] as string), ethers.getBytes(ev.args[2] as string)));
+    assert.ok(
+      verifyBytes(
+        ethers.getBytes(ev.args[1] as string),
+        agentBindingMessage(client.domain, ev.args[0] as string),
+        ethers.getBytes(ev.args[2] as string),
+      ),
+    );
     // A binding copied to another payout address does not verify.
     assert.equal(verifyBytes(device.publicKey, agentBindingMessage(client.domain, chain.accounts[0]!), bindingSig), false);
     await assert.rejects(client.registerAgent(new Uint8Array(32), bindingSig), /BadAgentKey/);
   });
 
   test('the client reports coded errors', async () => {
-    await assert.rejects(EscrowClient.connect({ runner: chain.provider, escrow: ethers.Wallet.createRandom().address }), (e: EscrowError) => e.code === 'ESCROW_NOT_AN_ESCROW');
+    await assert.rejects(
+      EscrowClient.connect({ runner: chain.provider, escrow: ethers.Wallet.createRandom().address }),
+      (e: EscrowError) => e.code === 'ESCROW_NOT_AN_ESCROW',
+    );
     const reader = await EscrowClient.connect({ runner: chain.provider, escrow: mesh.escrow });
     await assert.rejects(reader.fund(newAgent(), 1n), (e: EscrowError) => e.code === 'ESCROW_NO_SIGNER');
     const p = await newPayer();

@@ -5,9 +5,20 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { encode as cborgEncode } from 'cborg';
-import { decodeMessage, decodeTensor, decodeTensorMap, encodeMessage, encodeTensor, MeshError, newRequestId, PROTOCOL_VERSION, type InferRequest, type MessageKind } from '@edge-mesh/protocol';
 import { mulberry32 } from '@edge-mesh/client';
+import {
+  decodeMessage,
+  decodeTensor,
+  decodeTensorMap,
+  encodeMessage,
+  encodeTensor,
+  type InferRequest,
+  MeshError,
+  type MessageKind,
+  newRequestId,
+  PROTOCOL_VERSION,
+} from '@edge-mesh/protocol';
+import { encode as cborgEncode } from 'cborg';
 
 const KINDS: MessageKind[] = ['req', 'res', 'err', 'cancel', 'status', 'load'];
 const plainCbor = { encode: (value: unknown) => Buffer.from(cborgEncode(value)) };
@@ -114,7 +125,8 @@ test('random tensor descriptors: every outcome is a valid aligned tensor or a co
   for (let i = 0; i < 100_000; i++) {
     const rank = r.int(10);
     const shape = Array.from({ length: rank }, () => (r.next() < 0.05 ? [-1, 1.5, 2 ** 53, Number.NaN][r.int(4)]! : r.int(5)));
-    const bytes = r.next() < 0.5 ? r.int(200) : shape.reduce((a, b) => a * (Number.isFinite(b) ? Math.max(0, b) : 1), 1) * [1, 2, 4, 8][r.int(4)]!;
+    const bytes =
+      r.next() < 0.5 ? r.int(200) : shape.reduce((a, b) => a * (Number.isFinite(b) ? Math.max(0, b) : 1), 1) * [1, 2, 4, 8][r.int(4)]!;
     const wire = { dtype: dtypes[r.int(dtypes.length)]!, shape, data: new Uint8Array(Math.min(bytes, 4096)).subarray(r.int(3)) };
     try {
       const t = decodeTensor('x', wire, 4096);

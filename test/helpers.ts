@@ -1,17 +1,28 @@
 /** Shared fixtures: a real broker on port 0, a models folder built from the npm packages, agents. */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
+import { type AgentHandle, type AgentOptions, startAgent } from '@edge-mesh/agent';
+import { type BrokerHandle, startBroker } from '@edge-mesh/broker';
+import { openMeshConnection } from '@edge-mesh/client';
+import { ensureModelsFolder } from '@edge-mesh/demo';
+import {
+  decodeMessage,
+  type ErrorReply,
+  encodeKeyFile,
+  encodeMessage,
+  generateIdentity,
+  type Identity,
+  type InferReply,
+  type Message,
+  requestIdHex,
+  topics,
+} from '@edge-mesh/protocol';
+import { type ConnectOptions, connect, type Mesh } from '@edge-mesh/sdk';
 import type { MqttClient } from 'mqtt';
 import pino from 'pino';
-import { startBroker, type BrokerHandle } from '@edge-mesh/broker';
-import { ensureModelsFolder } from '@edge-mesh/demo';
-import { startAgent, type AgentHandle, type AgentOptions } from '@edge-mesh/agent';
-import { decodeMessage, encodeKeyFile, encodeMessage, generateIdentity, requestIdHex, topics, type ErrorReply, type Identity, type InferReply, type Message } from '@edge-mesh/protocol';
-import { openMeshConnection } from '@edge-mesh/client';
-import { connect, type ConnectOptions, type Mesh } from '@edge-mesh/sdk';
 
 export const ROOT = path.resolve(import.meta.dirname, '..');
 export const quiet = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
@@ -41,7 +52,13 @@ export async function brokerFor(t: TestContext, options: Parameters<typeof start
 
 /** An in-process agent with a fresh agent key unless `identity` is given. */
 export async function agentFor(t: TestContext, options: Partial<AgentOptions> & { brokerUrl: string }): Promise<AgentHandle> {
-  const agent = await startAgent({ modelsDir: await modelsDir(), workers: 1, logger: quiet, identity: generateIdentity('agent'), ...options });
+  const agent = await startAgent({
+    modelsDir: await modelsDir(),
+    workers: 1,
+    logger: quiet,
+    identity: generateIdentity('agent'),
+    ...options,
+  });
   t.after(() => agent.close());
   return agent;
 }
@@ -93,7 +110,9 @@ export async function rawClient(t: TestContext, brokerUrl: string, who: string |
           resolve(m);
         });
         const bytes = payload instanceof Uint8Array ? payload : encodeMessage(payload);
-        connection.client.publish(topics.agentRequest(agentId, clientId), Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), { qos: 1 });
+        connection.client.publish(topics.agentRequest(agentId, clientId), Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), {
+          qos: 1,
+        });
       });
     },
   };
@@ -105,7 +124,19 @@ export async function spawnAgent(t: TestContext, brokerUrl: string, identity: Id
   const keyFile = await keyFileFor(t, identity);
   const child = spawn(
     process.execPath,
-    [path.join(ROOT, 'cli/bin/edge-mesh.mjs'), 'agent', '--models', await modelsDir(), '--broker', brokerUrl, '--key', keyFile, '--workers', '1', ...extraArgs],
+    [
+      path.join(ROOT, 'cli/bin/edge-mesh.mjs'),
+      'agent',
+      '--models',
+      await modelsDir(),
+      '--broker',
+      brokerUrl,
+      '--key',
+      keyFile,
+      '--workers',
+      '1',
+      ...extraArgs,
+    ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
   );
   t.after(() => {

@@ -8,25 +8,25 @@
  */
 import assert from 'node:assert/strict';
 import test from 'node:test';
-import mqtt from 'mqtt';
-import { generateIdentity, makeConnectToken, topics, type Identity } from '@edge-mesh/protocol';
 import { startBroker } from '@edge-mesh/broker';
+import { generateIdentity, type Identity, makeConnectToken, topics } from '@edge-mesh/protocol';
+import mqtt from 'mqtt';
 import {
   admitted,
   assertServing,
   authBrokerFor,
+  type ConnectFields,
   cleanup,
   connect,
   connectPacket,
   frame,
   nextMessage,
   options,
+  type Raw,
   rawSocket,
   str,
   waitClose,
   withTimeout,
-  type ConnectFields,
-  type Raw,
 } from './broker-fixtures.ts';
 
 // ── helpers ────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -66,7 +66,9 @@ async function connackCode(raw: Raw, timeoutMs = 2000): Promise<number | undefin
 
 // ── tests ──────────────────────────────────────────────────────────────────────────────────────────────────────
 
-test('bad protocol names and versions (3.1, MQTT 5, others), reserved flag bits and QoS 3 are closed without a session', { timeout: 20_000 }, async (t) => {
+test('bad protocol names and versions (3.1, MQTT 5, others), reserved flag bits and QoS 3 are closed without a session', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer);
   const agent = await admitted(ab, 'agent');
@@ -146,7 +148,10 @@ test('invalid UTF-8 and NUL in topics are refused (publish disconnects, subscrib
     raw.socket.write(publishPacket(topic, 'x', 1));
     await withTimeout(raw.closed, 2000, what);
     assert.equal(raw.bytes().length, 4, `${what}: no PUBACK`);
-    assert.ok(ab.logs.some((l) => l.msg === 'publish refused' && l.reason === reason), reason);
+    assert.ok(
+      ab.logs.some((l) => l.msg === 'publish refused' && l.reason === reason),
+      reason,
+    );
   }
   const raw = await rawSocket(defer, ab.b);
   raw.socket.write(authConnect(agent));
@@ -190,12 +195,17 @@ test('__proto__ and constructor as client id or topic level change nothing', { t
   }
   const app = await admitted(ab, 'app');
   const c = await connect(defer, ab.b, app);
-  const granted = await c.subscribeAsync(['mesh/v1/client/__proto__/res/+', 'mesh/v1/agent/__proto__/status', '__proto__/#', 'constructor/prototype'], { qos: 1 }).catch(
-    (err: { packet?: { granted?: number[] } }) => err.packet?.granted?.map((qos) => ({ qos })),
+  const granted = await c
+    .subscribeAsync(['mesh/v1/client/__proto__/res/+', 'mesh/v1/agent/__proto__/status', '__proto__/#', 'constructor/prototype'], {
+      qos: 1,
+    })
+    .catch((err: { packet?: { granted?: number[] } }) => err.packet?.granted?.map((qos) => ({ qos })));
+  assert.deepEqual(
+    granted?.map((g) => g.qos),
+    [128, 128, 128, 128],
   );
-  assert.deepEqual(granted?.map((g) => g.qos), [128, 128, 128, 128]);
   const closed = waitClose(c);
-  c.publish('mesh/v1/agent/__proto__/req/' + app.id, 'x', { qos: 1 });
+  c.publish(`mesh/v1/agent/__proto__/req/${app.id}`, 'x', { qos: 1 });
   await closed;
   assert.equal(({} as Record<string, unknown>).clientId, undefined, 'Object.prototype untouched');
   assert.equal(Object.getPrototypeOf({}), Object.prototype);
@@ -258,7 +268,9 @@ test('QoS 2 is refused in authenticated mode too: publisher disconnected, nothin
   await assertServing(defer, ab, 2000);
 });
 
-test('idle-socket flood: one address gets at most maxConnectionsPerIp sockets, idle ones close at the connect timeout', { timeout: 20_000 }, async (t) => {
+test('idle-socket flood: one address gets at most maxConnectionsPerIp sockets, idle ones close at the connect timeout', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer, { maxConnectionsPerIp: 10, maxConnections: 100, connectTimeoutMs: 600 });
   const flood: Raw[] = [];
@@ -296,7 +308,9 @@ test('CONNECT storm: beyond the per-address bucket CONNECTs are closed before an
   await assertServing(defer, ab, 2000);
 });
 
-test('auth-failure storm: an address is banned after a burst of refused CONNECTs, others are unaffected, the ban ends', { timeout: 20_000 }, async (t) => {
+test('auth-failure storm: an address is banned after a burst of refused CONNECTs, others are unaffected, the ban ends', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer, { authFailuresBeforeBan: 5, authFailureWindowMs: 10_000, banMs: 1500 });
   const victim = await admitted(ab, 'agent');
@@ -338,7 +352,9 @@ test('a frozen consumer is disconnected within drainTimeout and does not stall a
   raw.socket.pause(); // never reads again: the kernel buffers fill, then the broker's writes stall
 
   let disconnectedAt = 0;
-  ab.b.aedes.on('clientDisconnect', (c) => c.id === frozenId.id && (disconnectedAt = Date.now()));
+  ab.b.aedes.on('clientDisconnect', (c) => {
+    if (c.id === frozenId.id) disconnectedAt = Date.now();
+  });
   const agent = await connect(defer, ab.b, agentId);
   const chunk = Buffer.alloc(256 * 1024, 1);
   const t0 = Date.now();
@@ -357,7 +373,9 @@ test('a frozen consumer is disconnected within drainTimeout and does not stall a
   await assertServing(defer, ab, 2000);
 });
 
-test('a publish flood from one client is cut off by its token bucket; the default bucket allows a benchmark burst', { timeout: 20_000 }, async (t) => {
+test('a publish flood from one client is cut off by its token bucket; the default bucket allows a benchmark burst', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   const ab = await authBroker(defer, { publishRatePerClient: 200, publishBurstPerClient: 100 });
   const agentId = await admitted(ab, 'agent');
@@ -390,7 +408,9 @@ test('a publish flood from one client is cut off by its token bucket; the defaul
   assert.ok(bench.connected);
 });
 
-test('clean=false sessions, keepalive 0 or above the limit are refused, also with random ids and in open mode', { timeout: 20_000 }, async (t) => {
+test('clean=false sessions, keepalive 0 or above the limit are refused, also with random ids and in open mode', {
+  timeout: 20_000,
+}, async (t) => {
   const defer = cleanup(t);
   // (23 refusals from one address would otherwise trip the default auth-failure ban, tested on its own above.)
   const ab = await authBroker(defer, { authFailuresBeforeBan: 1000 });
@@ -418,11 +438,20 @@ test('clean=false sessions, keepalive 0 or above the limit are refused, also wit
   defer(() => open.close());
   for (let i = 0; i < 20; i++) {
     await assert.rejects(
-      mqtt.connectAsync(open.url, { protocolVersion: 4, clientId: `random-${i}-${Math.random().toString(36).slice(2)}`, clean: false, reconnectPeriod: 0, connectTimeout: 2000 }),
+      mqtt.connectAsync(open.url, {
+        protocolVersion: 4,
+        clientId: `random-${i}-${Math.random().toString(36).slice(2)}`,
+        clean: false,
+        reconnectPeriod: 0,
+        connectTimeout: 2000,
+      }),
       (err: Error & { code?: number }) => err.code === 5,
     );
   }
-  await assert.rejects(mqtt.connectAsync(open.url, { protocolVersion: 4, clientId: 'idle-forever', keepalive: 0, reconnectPeriod: 0, connectTimeout: 2000 }), (err: Error & { code?: number }) => err.code === 5);
+  await assert.rejects(
+    mqtt.connectAsync(open.url, { protocolVersion: 4, clientId: 'idle-forever', keepalive: 0, reconnectPeriod: 0, connectTimeout: 2000 }),
+    (err: Error & { code?: number }) => err.code === 5,
+  );
   assert.equal(open.clientCount(), 0);
   await assertServing(defer, ab, 2000);
 });
@@ -435,8 +464,18 @@ test('64 KB client id, user name or password is refused at once, before any sign
   const cases: [string, Buffer, number, string][] = [
     ['client id', connectPacket({ clientId: big, username: agent.id, password: makeConnectToken(agent) }), 2, 'client-id-too-long'],
     ['user name', connectPacket({ clientId: agent.id, username: big, password: makeConnectToken(agent) }), 5, 'username-too-long'],
-    ['password', connectPacket({ clientId: agent.id, username: agent.id, password: Buffer.alloc(64 * 1024 - 1, 1) }), 5, 'password-too-long'],
-    ['multi-byte user name', connectPacket({ clientId: agent.id, username: 'é'.repeat(33), password: makeConnectToken(agent) }), 5, 'username-too-long'],
+    [
+      'password',
+      connectPacket({ clientId: agent.id, username: agent.id, password: Buffer.alloc(64 * 1024 - 1, 1) }),
+      5,
+      'password-too-long',
+    ],
+    [
+      'multi-byte user name',
+      connectPacket({ clientId: agent.id, username: 'é'.repeat(33), password: makeConnectToken(agent) }),
+      5,
+      'username-too-long',
+    ],
   ];
   for (const [what, bytes, code, reason] of cases) {
     const raw = await rawSocket(defer, ab.b);

@@ -1,8 +1,34 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import * as noble from '@noble/ed25519';
-import { admit, connectTokenMessage, decodeMessage, encodeMessage, deriveId, encodeKeyFile, generateIdentity, idMatchesKey, identityFromSeed, isValidId, makeConnectToken, MeshError, parseKeyFile, newRequestId, PROTOCOL_VERSION, requestIdHex, readConnectToken, revoke, roleOfId, signBytes, signStatus, verifyBytes, verifyRecord, verifyStatus, type AgentStatus } from '@edge-mesh/protocol';
 import { readAgentStatus, readReply } from '@edge-mesh/client';
+import {
+  type AgentStatus,
+  admit,
+  connectTokenMessage,
+  decodeMessage,
+  deriveId,
+  encodeKeyFile,
+  encodeMessage,
+  generateIdentity,
+  identityFromSeed,
+  idMatchesKey,
+  isValidId,
+  MeshError,
+  makeConnectToken,
+  newRequestId,
+  PROTOCOL_VERSION,
+  parseKeyFile,
+  readConnectToken,
+  requestIdHex,
+  revoke,
+  roleOfId,
+  signBytes,
+  signStatus,
+  verifyBytes,
+  verifyRecord,
+  verifyStatus,
+} from '@edge-mesh/protocol';
+import * as noble from '@noble/ed25519';
 
 const unauthorized = (err: unknown) => err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED';
 
@@ -41,8 +67,14 @@ describe('identity', () => {
     assert.deepEqual(back.publicKey, me.publicKey);
     const other = JSON.parse(text);
     other.id = generateIdentity('router').id;
-    assert.throws(() => parseKeyFile(JSON.stringify(other)), (e: unknown) => e instanceof MeshError && e.code === 'MESH_CONFIG');
-    assert.throws(() => parseKeyFile('{"v":1}'), (e: unknown) => e instanceof MeshError && e.code === 'MESH_CONFIG');
+    assert.throws(
+      () => parseKeyFile(JSON.stringify(other)),
+      (e: unknown) => e instanceof MeshError && e.code === 'MESH_CONFIG',
+    );
+    assert.throws(
+      () => parseKeyFile('{"v":1}'),
+      (e: unknown) => e instanceof MeshError && e.code === 'MESH_CONFIG',
+    );
     assert.deepEqual(identityFromSeed('router', me.seed).publicKey, me.publicKey);
   });
 
@@ -74,7 +106,10 @@ describe('identity', () => {
     const forged = { ...signed, record: new Uint8Array(signed.record) };
     forged.record[forged.record.length - 1]! ^= 1;
     assert.throws(() => verifyRecord(forged, trusted, 2000), unauthorized);
-    assert.throws(() => admit(agent, generateIdentity('app')), (e: unknown) => e instanceof MeshError && e.code === 'MESH_CONFIG');
+    assert.throws(
+      () => admit(agent, generateIdentity('app')),
+      (e: unknown) => e instanceof MeshError && e.code === 'MESH_CONFIG',
+    );
     const revocation = verifyRecord(revoke(operator, agent.id, 3000), trusted, 4000);
     assert.equal(revocation.kind, 'revocation');
     assert.throws(() => verifyRecord({ record: 'x', sig: 1 }, trusted), unauthorized);
@@ -82,7 +117,14 @@ describe('identity', () => {
 
   test('agent status signatures', () => {
     const agent = generateIdentity('agent');
-    const status: AgentStatus = { v: PROTOCOL_VERSION, kind: 'status', agent: agent.id, state: 'online', ts: 1_800_000_000_123, workers: 2 };
+    const status: AgentStatus = {
+      v: PROTOCOL_VERSION,
+      kind: 'status',
+      agent: agent.id,
+      state: 'online',
+      ts: 1_800_000_000_123,
+      workers: 2,
+    };
     const signed = signStatus(agent, status);
     assert.ok(verifyStatus(signed));
     // As a receiver sees it: after CBOR encoding, the wire and schema validation.
@@ -101,22 +143,40 @@ describe('reading what agents publish', () => {
     const ok = readAgentStatus(agent.id, encodeMessage(signStatus(agent, status)));
     assert.ok(ok.ok && ok.status.state === 'offline');
     assert.equal((readAgentStatus(agent.id, Buffer.from([0xff])) as { reason: string }).reason, 'malformed');
-    assert.equal((readAgentStatus(generateIdentity('agent').id, encodeMessage(signStatus(agent, status))) as { reason: string }).reason, 'foreign');
+    assert.equal(
+      (readAgentStatus(generateIdentity('agent').id, encodeMessage(signStatus(agent, status))) as { reason: string }).reason,
+      'foreign',
+    );
     assert.equal((readAgentStatus(agent.id, encodeMessage(status)) as { reason: string }).reason, 'unverified');
-    assert.equal((readAgentStatus(agent.id, encodeMessage({ ...signStatus(agent, status), ts: 2 })) as { reason: string }).reason, 'unverified');
+    assert.equal(
+      (readAgentStatus(agent.id, encodeMessage({ ...signStatus(agent, status), ts: 2 })) as { reason: string }).reason,
+      'unverified',
+    );
     assert.ok(readAgentStatus(agent.id, encodeMessage(status), { requireSigned: false }).ok);
   });
 
   test('replies: results, coded errors, and replies naming another agent', () => {
     const id = newRequestId();
-    const res = readReply('agent-a', encodeMessage({ v: PROTOCOL_VERSION, kind: 'res', id, agent: 'agent-a', model: 'kws', outputs: {}, queueMs: 0, execMs: 1 }))!;
+    const res = readReply(
+      'agent-a',
+      encodeMessage({ v: PROTOCOL_VERSION, kind: 'res', id, agent: 'agent-a', model: 'kws', outputs: {}, queueMs: 0, execMs: 1 }),
+    )!;
     assert.equal(res.key, requestIdHex(id));
     assert.ok(res.reply && !res.error);
-    const err = readReply('agent-a', encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: 'agent-a', code: 'MESH_BUSY', message: 'full' }))!;
+    const err = readReply(
+      'agent-a',
+      encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: 'agent-a', code: 'MESH_BUSY', message: 'full' }),
+    )!;
     assert.ok(err.error instanceof MeshError && err.error.code === 'MESH_BUSY' && !err.reply);
-    const odd = readReply('agent-a', encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: 'agent-a', code: 'MESH_MADE_UP', message: '?' }))!;
+    const odd = readReply(
+      'agent-a',
+      encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: 'agent-a', code: 'MESH_MADE_UP', message: '?' }),
+    )!;
     assert.equal(odd.error!.code, 'MESH_INTERNAL');
-    assert.equal(readReply('agent-b', encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: 'agent-a', code: 'MESH_BUSY', message: 'x' })), undefined);
+    assert.equal(
+      readReply('agent-b', encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: 'agent-a', code: 'MESH_BUSY', message: 'x' })),
+      undefined,
+    );
     assert.equal(readReply('agent-a', Buffer.from([0x00])), undefined);
   });
 });

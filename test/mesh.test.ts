@@ -3,11 +3,22 @@ import assert from 'node:assert/strict';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, test } from 'node:test';
-import * as ort from 'onnxruntime-node';
-import { sampleInputs, SAMPLE_MODELS } from '@edge-mesh/demo';
 import { startAgent } from '@edge-mesh/agent';
-import { decodeMessage, encodeMessage, generateIdentity, MeshError, newRequestId, PROTOCOL_VERSION, topics, type AgentLoad, type AgentStatus, type InferRequest } from '@edge-mesh/protocol';
 import { openMeshConnection } from '@edge-mesh/client';
+import { SAMPLE_MODELS, sampleInputs } from '@edge-mesh/demo';
+import {
+  type AgentLoad,
+  type AgentStatus,
+  decodeMessage,
+  encodeMessage,
+  generateIdentity,
+  type InferRequest,
+  MeshError,
+  newRequestId,
+  PROTOCOL_VERSION,
+  topics,
+} from '@edge-mesh/protocol';
+import * as ort from 'onnxruntime-node';
 import { agentFor, brokerFor, meshFor, modelsDir, quiet, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 const kws = () => sampleInputs('kws', 3);
@@ -47,7 +58,11 @@ describe('inference through the mesh', () => {
         assert.deepEqual(got.shape, [...expected.dims], `${model}.${name} shape`);
         assert.equal(got.dtype, expected.type);
         const a = Buffer.from(got.data.buffer, got.data.byteOffset, got.data.byteLength);
-        const e = Buffer.from((expected.data as Float32Array).buffer, (expected.data as Float32Array).byteOffset, (expected.data as Float32Array).byteLength);
+        const e = Buffer.from(
+          (expected.data as Float32Array).buffer,
+          (expected.data as Float32Array).byteOffset,
+          (expected.data as Float32Array).byteLength,
+        );
         assert.ok(a.equals(e), `${model}.${name} differs from the direct run`);
       }
       assert.ok(result.timings.execMs > 0 && result.timings.totalMs >= result.timings.execMs);
@@ -63,14 +78,38 @@ describe('inference through the mesh', () => {
     await mesh.waitForModel('kws');
     const input = agent.models.find((m) => m.name === 'kws')!.inputs[0]!.name;
     const cases: { what: string; message: InferRequest; code: string }[] = [
-      { what: 'unsupported dtype', message: request('kws', { [input]: { dtype: 'complex64', shape: [1, 25, 96], data: new Uint8Array(2400 * 8) } }), code: 'MESH_BAD_TENSOR' },
-      { what: 'wrong dtype for the model', message: request('kws', { [input]: { dtype: 'int32', shape: [1, 25, 96], data: new Uint8Array(2400 * 4) } }), code: 'MESH_BAD_INPUT' },
+      {
+        what: 'unsupported dtype',
+        message: request('kws', { [input]: { dtype: 'complex64', shape: [1, 25, 96], data: new Uint8Array(2400 * 8) } }),
+        code: 'MESH_BAD_TENSOR',
+      },
+      {
+        what: 'wrong dtype for the model',
+        message: request('kws', { [input]: { dtype: 'int32', shape: [1, 25, 96], data: new Uint8Array(2400 * 4) } }),
+        code: 'MESH_BAD_INPUT',
+      },
       { what: 'wrong shape', message: request('kws', { [input]: wireF32([1, 24, 96]) }), code: 'MESH_BAD_INPUT' },
       { what: 'wrong rank', message: request('kws', { [input]: wireF32([25, 96]) }), code: 'MESH_BAD_INPUT' },
-      { what: 'byte length disagrees with shape', message: request('kws', { [input]: wireF32([1, 25, 96], 2399) }), code: 'MESH_BAD_TENSOR' },
-      { what: 'odd byte length', message: request('kws', { [input]: { dtype: 'float32', shape: [1, 25, 96], data: new Uint8Array(9601) } }), code: 'MESH_BAD_TENSOR' },
-      { what: 'huge declared shape', message: request('kws', { [input]: { dtype: 'float32', shape: [1 << 20, 1 << 20], data: new Uint8Array(4) } }), code: 'MESH_TOO_LARGE' },
-      { what: 'negative dim', message: request('kws', { [input]: { dtype: 'float32', shape: [-1, 25, 96], data: new Uint8Array(4) } }), code: 'MESH_BAD_REQUEST' },
+      {
+        what: 'byte length disagrees with shape',
+        message: request('kws', { [input]: wireF32([1, 25, 96], 2399) }),
+        code: 'MESH_BAD_TENSOR',
+      },
+      {
+        what: 'odd byte length',
+        message: request('kws', { [input]: { dtype: 'float32', shape: [1, 25, 96], data: new Uint8Array(9601) } }),
+        code: 'MESH_BAD_TENSOR',
+      },
+      {
+        what: 'huge declared shape',
+        message: request('kws', { [input]: { dtype: 'float32', shape: [1 << 20, 1 << 20], data: new Uint8Array(4) } }),
+        code: 'MESH_TOO_LARGE',
+      },
+      {
+        what: 'negative dim',
+        message: request('kws', { [input]: { dtype: 'float32', shape: [-1, 25, 96], data: new Uint8Array(4) } }),
+        code: 'MESH_BAD_REQUEST',
+      },
       { what: 'wrong input name', message: request('kws', { nope: wireF32([1, 25, 96]) }), code: 'MESH_BAD_INPUT' },
       { what: 'extra input', message: request('kws', { [input]: wireF32([1, 25, 96]), extra: wireF32([1]) }), code: 'MESH_BAD_INPUT' },
       { what: 'missing input', message: request('vad', { input: wireF32([1, 512]), state: wireF32([2, 1, 128]) }), code: 'MESH_BAD_INPUT' },
@@ -118,7 +157,10 @@ describe('inference through the mesh', () => {
     const mesh = await meshFor(t, { brokerUrl: broker.url });
     await mesh.waitForModel('ocr-det');
     const hog = [1, 2, 3].map((s) => mesh.infer('ocr-det', sampleInputs('ocr-det', s), { deadlineMs: 10_000 }));
-    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 3 }), (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED');
+    await assert.rejects(
+      mesh.infer('kws', kws(), { deadlineMs: 3 }),
+      (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED',
+    );
     await Promise.all(hog);
   });
 
@@ -127,9 +169,13 @@ describe('inference through the mesh', () => {
     const agent = await agentFor(t, { brokerUrl: broker.url, queueLimit: 2 });
     const raw = await rawClient(t, broker.url, 'raw-busy');
     const x = sampleInputs('ocr-det', 1).x!;
-    const messages = Array.from({ length: 12 }, () => request('ocr-det', { x: { dtype: 'float32', shape: x.shape, data: new Uint8Array(x.data.buffer) } }, 20_000));
+    const messages = Array.from({ length: 12 }, () =>
+      request('ocr-det', { x: { dtype: 'float32', shape: x.shape, data: new Uint8Array(x.data.buffer) } }, 20_000),
+    );
     const started = performance.now();
-    const results = await Promise.all(messages.map((m) => raw.request(agent.id, m.id, m, 20_000).then((r) => ({ r, ms: performance.now() - started }))));
+    const results = await Promise.all(
+      messages.map((m) => raw.request(agent.id, m.id, m, 20_000).then((r) => ({ r, ms: performance.now() - started }))),
+    );
     const codes = results.map(({ r }) => (r.kind === 'err' ? r.code : 'ok'));
     const busy = results.filter(({ r }) => r.kind === 'err' && r.code === 'MESH_BUSY');
     const ok = results.filter(({ r }) => r.kind === 'res');
@@ -147,12 +193,22 @@ describe('inference through the mesh', () => {
     const agent = await agentFor(t, { brokerUrl: broker.url });
     const raw = await rawClient(t, broker.url, 'raw-cancel');
     const x = sampleInputs('ocr-det', 2).x!;
-    const messages = Array.from({ length: 4 }, () => request('ocr-det', { x: { dtype: 'float32', shape: x.shape, data: new Uint8Array(x.data.buffer) } }, 20_000));
+    const messages = Array.from({ length: 4 }, () =>
+      request('ocr-det', { x: { dtype: 'float32', shape: x.shape, data: new Uint8Array(x.data.buffer) } }, 20_000),
+    );
     const replies = messages.map((m) => raw.request(agent.id, m.id, m, 20_000));
     // The last request waits behind three detection runs; the cancel arrives long before its turn.
-    raw.client.publish(topics.agentCancel(agent.id, 'raw-cancel'), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: messages[3]!.id }), { qos: 1 });
+    raw.client.publish(
+      topics.agentCancel(agent.id, 'raw-cancel'),
+      encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: messages[3]!.id }),
+      { qos: 1 },
+    );
     // A cancel naming someone else's request changes nothing.
-    raw.client.publish(topics.agentCancel(agent.id, 'raw-cancel'), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: newRequestId() }), { qos: 1 });
+    raw.client.publish(
+      topics.agentCancel(agent.id, 'raw-cancel'),
+      encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: newRequestId() }),
+      { qos: 1 },
+    );
     const codes = (await Promise.all(replies)).map((r) => (r.kind === 'err' ? r.code : 'ok'));
     assert.deepEqual(codes, ['ok', 'ok', 'ok', 'MESH_CANCELLED']);
     assert.equal(agent.loadReport().models['ocr-det']!.served, 3);
@@ -171,8 +227,14 @@ describe('inference through the mesh', () => {
     await writeFile(vadFile, bytes);
     await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ models: keep }));
     const agent = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir });
-    assert.deepEqual(agent.models.map((m) => m.name), ['kws']);
-    assert.deepEqual(agent.status().models!.map((m) => m.name), ['kws']);
+    assert.deepEqual(
+      agent.models.map((m) => m.name),
+      ['kws'],
+    );
+    assert.deepEqual(
+      agent.status().models!.map((m) => m.name),
+      ['kws'],
+    );
 
     await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ models: keep.filter((m) => m.name === 'vad') }));
     await assert.rejects(
@@ -219,7 +281,10 @@ describe('inference through the mesh', () => {
     assert.ok(served > 10, `served ${served}`);
     assert.ok(loads.length >= 12, `only ${loads.length} heartbeats in 3 s at a 200 ms period`);
     assert.ok(Math.max(...gaps) < 600, `heartbeat gaps ${gaps.map((g) => g.toFixed(0)).join(',')}`);
-    assert.ok(loads.some((l) => l.load.inFlight > 0 && l.load.models['ocr-det']!.inFlight > 0), 'heartbeats saw the work in flight');
+    assert.ok(
+      loads.some((l) => l.load.inFlight > 0 && l.load.models['ocr-det']!.inFlight > 0),
+      'heartbeats saw the work in flight',
+    );
     assert.ok(loads.every((l, i) => i === 0 || l.load.seq > loads[i - 1]!.load.seq));
   });
 });
@@ -267,13 +332,19 @@ describe('failures', () => {
     const child = await spawnAgent(t, broker.url, drainKey, ['--heartbeat-ms', '50']);
     const mesh = await meshFor(t, { brokerUrl: broker.url });
     await mesh.waitForModel('ocr-det');
-    const calls = Array.from({ length: 4 }, (_, i) => mesh.infer('ocr-det', sampleInputs('ocr-det', 1 + i), { deadlineMs: 15_000, agentId: drainKey.id }));
+    const calls = Array.from({ length: 4 }, (_, i) =>
+      mesh.infer('ocr-det', sampleInputs('ocr-det', 1 + i), { deadlineMs: 15_000, agentId: drainKey.id }),
+    );
     // SIGTERM only once the agent holds all four (its heartbeat says so): requests still in transit
     // when it closes are lost to it, and the SDK would retry them elsewhere (here: nowhere, pinned).
-    await waitFor(() => {
-      const load = mesh.agents().find((a) => a.id === drainKey.id)?.load;
-      return load !== undefined && load.queued + load.inFlight + (load.models['ocr-det']?.served ?? 0) >= 4;
-    }, 10_000, 'the agent to hold all four requests');
+    await waitFor(
+      () => {
+        const load = mesh.agents().find((a) => a.id === drainKey.id)?.load;
+        return load !== undefined && load.queued + load.inFlight + (load.models['ocr-det']?.served ?? 0) >= 4;
+      },
+      10_000,
+      'the agent to hold all four requests',
+    );
     const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
     child.kill('SIGTERM');
     const results = await Promise.all(calls);

@@ -2,26 +2,45 @@
  * The models folder built from npm packages, and the sample inputs, against the real models.
  * Run: node --import tsx --test test/models.test.ts
  */
-import { after, before, describe, test } from 'node:test';
+
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtemp, readFile, readdir, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import * as ort from 'onnxruntime-node';
+import { after, before, describe, test } from 'node:test';
+import { type Manifest, type ManifestEntry, readManifest } from '@edge-mesh/agent';
+import {
+  buildModelsFolder,
+  ensureModelsFolder,
+  MODEL_CATALOG,
+  modelSourcePath,
+  resolvePackageDir,
+  SAMPLE_MODELS,
+  sampleInputs,
+  sampleTextBoxes,
+} from '@edge-mesh/demo';
 import type { Tensor } from '@edge-mesh/protocol';
-import { readManifest, type Manifest, type ManifestEntry } from '@edge-mesh/agent';
-import { MODEL_CATALOG, buildModelsFolder, ensureModelsFolder, modelSourcePath, resolvePackageDir } from '@edge-mesh/demo';
-import { SAMPLE_MODELS, sampleInputs, sampleTextBoxes } from '@edge-mesh/demo';
+import * as ort from 'onnxruntime-node';
 
 const EXPECTED = {
   kws: { file: 'hello_deepa.onnx', priceMicros: 2, outputs: [[1, 1]] },
-  vad: { file: 'silero_vad_v5.onnx', priceMicros: 3, outputs: [[1, 1], [2, 1, 128]] },
+  vad: {
+    file: 'silero_vad_v5.onnx',
+    priceMicros: 3,
+    outputs: [
+      [1, 1],
+      [2, 1, 128],
+    ],
+  },
   'ocr-cls': { file: 'ch_ppocr_mobile_v2.0_cls_infer.onnx', priceMicros: 5, outputs: [[1, 2]] },
   'ocr-det': { file: 'ch_PP-OCRv4_det_infer.onnx', priceMicros: 40, outputs: [[1, 1, 320, 320]] },
 } as const;
 
-const sha256 = async (file: string) => createHash('sha256').update(await readFile(file)).digest('hex');
+const sha256 = async (file: string) =>
+  createHash('sha256')
+    .update(await readFile(file))
+    .digest('hex');
 
 function toOrt(t: Tensor): ort.Tensor {
   return new ort.Tensor(t.dtype as 'float32', t.data as Float32Array, t.shape);
@@ -71,8 +90,14 @@ describe('models folder', () => {
   });
 
   test('manifest lists the four models with files, hashes, prices, notes and warmups', async () => {
-    assert.deepEqual(manifest.models.map((m) => m.name), ['kws', 'vad', 'ocr-cls', 'ocr-det']);
-    assert.deepEqual(MODEL_CATALOG.map((m) => m.name), ['kws', 'vad', 'ocr-cls', 'ocr-det']);
+    assert.deepEqual(
+      manifest.models.map((m) => m.name),
+      ['kws', 'vad', 'ocr-cls', 'ocr-det'],
+    );
+    assert.deepEqual(
+      MODEL_CATALOG.map((m) => m.name),
+      ['kws', 'vad', 'ocr-cls', 'ocr-det'],
+    );
     assert.deepEqual(await readManifest(dir), manifest);
     assert.deepEqual(JSON.parse(await readFile(path.join(dir, 'manifest.json'), 'utf8')), manifest);
     for (const entry of manifest.models) {
@@ -159,22 +184,34 @@ describe('models folder', () => {
     await writeFile(det, 'not a model');
     logs.length = 0;
     assert.deepEqual(await ensureModelsFolder(dir, { logger }), manifest);
-    assert.ok(logs.some((l) => l.includes('wrong sha256')), logs.join('\n'));
-    assert.ok(logs.some((l) => l.includes('replaced ocr-det')), logs.join('\n'));
+    assert.ok(
+      logs.some((l) => l.includes('wrong sha256')),
+      logs.join('\n'),
+    );
+    assert.ok(
+      logs.some((l) => l.includes('replaced ocr-det')),
+      logs.join('\n'),
+    );
     assert.ok(!logs.some((l) => l.includes('replaced kws')), logs.join('\n'));
     assert.equal(await sha256(det), manifest.models[3]?.sha256);
 
     await unlink(path.join(dir, 'manifest.json'));
     logs.length = 0;
     assert.deepEqual(await ensureModelsFolder(dir, { logger }), manifest);
-    assert.ok(logs.some((l) => l.includes('wrote')), logs.join('\n'));
+    assert.ok(
+      logs.some((l) => l.includes('wrote')),
+      logs.join('\n'),
+    );
     assert.ok(!(await readdir(dir)).some((f) => f.endsWith('.tmp')), 'no temp files left behind');
   });
 });
 
 describe('sample inputs', () => {
   test('covers the catalog, is deterministic per seed and differs across seeds', () => {
-    assert.deepEqual([...SAMPLE_MODELS], MODEL_CATALOG.map((m) => m.name));
+    assert.deepEqual(
+      [...SAMPLE_MODELS],
+      MODEL_CATALOG.map((m) => m.name),
+    );
     for (const model of SAMPLE_MODELS) {
       const a = sampleInputs(model, 7);
       const b = sampleInputs(model, 7);
@@ -226,7 +263,10 @@ describe('sample inputs', () => {
       const data = x.data as Float32Array;
       const lo = model === 'ocr-cls' ? -1 : -2.2;
       const hi = model === 'ocr-cls' ? 1 : 2.7;
-      assert.ok(data.every((v) => v >= lo && v <= hi), `${model} normalized range`);
+      assert.ok(
+        data.every((v) => v >= lo && v <= hi),
+        `${model} normalized range`,
+      );
       // Mostly light background with a good share of dark ink.
       const plane = data.length / 3;
       let dark = 0;

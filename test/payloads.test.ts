@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { sampleInputs } from '@edge-mesh/demo';
-import { encodeMessage, encodeTensor, generateIdentity, newRequestId, PROTOCOL_VERSION, type InferRequest } from '@edge-mesh/protocol';
+import { encodeMessage, encodeTensor, generateIdentity, type InferRequest, newRequestId, PROTOCOL_VERSION } from '@edge-mesh/protocol';
 import { agentFor, brokerFor, meshFor, rawClient } from './helpers.ts';
 
 function request(model: string, inputs: InferRequest['inputs']): InferRequest {
@@ -31,7 +31,10 @@ test('NaN and infinity storms, CBOR bombs and shape lies: coded errors or result
       }
       const m = request(model, wire);
       const reply = await raw.request(agent.id, m.id, m);
-      assert.ok(reply.kind === 'res' || (reply.kind === 'err' && reply.code === 'MESH_INFERENCE_FAILED'), `${model} with ${fill}: ${JSON.stringify(reply.kind === 'err' ? reply.code : 'ok')}`);
+      assert.ok(
+        reply.kind === 'res' || (reply.kind === 'err' && reply.code === 'MESH_INFERENCE_FAILED'),
+        `${model} with ${fill}: ${JSON.stringify(reply.kind === 'err' ? reply.code : 'ok')}`,
+      );
     }
     await stillServes();
   }

@@ -6,35 +6,74 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { describe, test } from 'node:test';
-import { Wallet, type Signer } from 'ethers';
 import { sampleInputs } from '@edge-mesh/demo';
-import { encodeTensorMap } from '@edge-mesh/protocol';
+import {
+  type ErrorReply,
+  type EscrowDomain,
+  encodeMessage,
+  encodeTensorMap,
+  fromHex,
+  generateIdentity,
+  type InferReply,
+  type InferRequest,
+  LaneVerifier,
+  merkleRoot,
+  newRequestId,
+  PROTOCOL_VERSION,
+  RECEIPT_STATUS,
+  type SignedReceipt,
+  signVoucher,
+  toHex,
+  topics,
+  verifyQuote,
+} from '@edge-mesh/protocol';
+import { type Signer, Wallet } from 'ethers';
 import { AgentPayments } from '../edge-agent/src/payments.ts';
-import { encodeMessage, fromHex, generateIdentity, LaneVerifier, merkleRoot, newRequestId, PROTOCOL_VERSION, RECEIPT_STATUS, toHex, topics, verifyQuote, type ErrorReply, type InferReply, type InferRequest, type SignedReceipt } from '@edge-mesh/protocol';
-import { signVoucher, type EscrowDomain } from '@edge-mesh/protocol';
 import { agentFor, brokerFor, meshFor, quiet, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
-const domain: EscrowDomain = { chainId: 31337n, escrow: '0x' + 'e5'.repeat(20) };
-const payout = '0x' + 'b0'.repeat(20);
+const domain: EscrowDomain = { chainId: 31337n, escrow: `0x${'e5'.repeat(20)}` };
+const payout = `0x${'b0'.repeat(20)}`;
 
 function wire(model: string, seed = 1): InferRequest['inputs'] {
   return encodeTensorMap(sampleInputs(model, seed));
 }
 
 function paidRequest(model: string, payer: string, deadlineInMs = 10_000, seed = 1): InferRequest {
-  return { v: PROTOCOL_VERSION, kind: 'req', id: newRequestId(), deadline: Date.now() + deadlineInMs, model, inputs: wire(model, seed), pay: { payer } };
+  return {
+    v: PROTOCOL_VERSION,
+    kind: 'req',
+    id: newRequestId(),
+    deadline: Date.now() + deadlineInMs,
+    model,
+    inputs: wire(model, seed),
+    pay: { payer },
+  };
 }
 
 const receiptOf = (reply: InferReply | ErrorReply): SignedReceipt => {
-  assert.ok(reply.receipt, `reply ${reply.kind} ${reply.kind === 'err' ? reply.code + ' ' + reply.message : ''} carries a receipt`);
+  assert.ok(reply.receipt, `reply ${reply.kind} ${reply.kind === 'err' ? `${reply.code} ${reply.message}` : ''} carries a receipt`);
   return reply.receipt;
 };
 
 async function voucherFor(wallet: Signer & { address: string }, cumulative: number, leaves: Uint8Array[]) {
   const receiptsRoot = merkleRoot(leaves);
   const expiry = Math.floor(Date.now() / 1000) + 3600;
-  const sig = await signVoucher(wallet, domain, { agent: payout, cumulative: BigInt(cumulative), receiptsRoot: toHex(receiptsRoot), expiry: BigInt(expiry) });
-  return { v: PROTOCOL_VERSION, kind: 'voucher', payer: wallet.address.toLowerCase(), agent: payout, cumulative, receiptsRoot, expiry, sig: fromHex(sig) } as const;
+  const sig = await signVoucher(wallet, domain, {
+    agent: payout,
+    cumulative: BigInt(cumulative),
+    receiptsRoot: toHex(receiptsRoot),
+    expiry: BigInt(expiry),
+  });
+  return {
+    v: PROTOCOL_VERSION,
+    kind: 'voucher',
+    payer: wallet.address.toLowerCase(),
+    agent: payout,
+    cumulative,
+    receiptsRoot,
+    expiry,
+    sig: fromHex(sig),
+  } as const;
 }
 
 describe('receipts and payment through the mesh', () => {
@@ -81,7 +120,12 @@ describe('receipts and payment through the mesh', () => {
   test('timed-out and cancelled requests cost 0, the chain stays whole, and a free request gets no receipt', async (t) => {
     const broker = await brokerFor(t, { maxPacketBytes: 16 << 20 });
     // One job at a time on the worker, so what waits behind it stays in the agent's queue.
-    const agent = await agentFor(t, { brokerUrl: broker.url, pipelineDepth: 1, maxMessageBytes: 16 << 20, payment: { payout, domain, dataDir: await tempDir(t) } });
+    const agent = await agentFor(t, {
+      brokerUrl: broker.url,
+      pipelineDepth: 1,
+      maxMessageBytes: 16 << 20,
+      payment: { payout, domain, dataDir: await tempDir(t) },
+    });
     const payer = Wallet.createRandom().address.toLowerCase();
     const raw = await rawClient(t, broker.url, 'raw-payer');
     const verifier = new LaneVerifier({ payer, quote: verifyQuote(agent.status().quote, { agentId: agent.id }) });
@@ -101,9 +145,16 @@ describe('receipts and payment through the mesh', () => {
     const cancelled = paidRequest('kws', payer, 20_000);
     const cancelledReply = raw.request(agent.id, cancelled.id, cancelled, 20_000);
     await waitFor(() => agent.loadReport().queued === 2, 5_000, 'both queued');
-    raw.client.publish(topics.agentCancel(agent.id, 'raw-payer'), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: cancelled.id }), { qos: 1 });
+    raw.client.publish(
+      topics.agentCancel(agent.id, 'raw-payer'),
+      encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: cancelled.id }),
+      { qos: 1 },
+    );
     const replies = [await firstReply, await shortReply, await cancelledReply];
-    assert.deepEqual(replies.map((r) => (r.kind === 'err' ? r.code : 'ok')), ['ok', 'MESH_DEADLINE_EXCEEDED', 'MESH_CANCELLED']);
+    assert.deepEqual(
+      replies.map((r) => (r.kind === 'err' ? r.code : 'ok')),
+      ['ok', 'MESH_DEADLINE_EXCEEDED', 'MESH_CANCELLED'],
+    );
     const [ok, timeout, cancel] = replies.map(receiptOf);
     for (const r of [ok!, timeout!, cancel!].sort((a, b) => a.seq - b.seq)) verifier.verify(r);
     const det = agent.models.find((m) => m.name === 'ocr-det')!.priceMicros;
@@ -130,7 +181,10 @@ describe('receipts and payment through the mesh', () => {
   test('the credit window: beyond it MESH_CREDIT_EXCEEDED until a voucher from the payer arrives; forged vouchers and lane squatters are refused', async (t) => {
     const broker = await brokerFor(t);
     const kwsPrice = 2;
-    const agent = await agentFor(t, { brokerUrl: broker.url, payment: { payout, domain, dataDir: await tempDir(t), creditMicros: 2 * kwsPrice } });
+    const agent = await agentFor(t, {
+      brokerUrl: broker.url,
+      payment: { payout, domain, dataDir: await tempDir(t), creditMicros: 2 * kwsPrice },
+    });
     const wallet = Wallet.createRandom();
     const payer = wallet.address.toLowerCase();
     const raw = await rawClient(t, broker.url, 'raw-credit');
@@ -178,7 +232,10 @@ describe('receipts and payment through the mesh', () => {
     assert.equal(verifier.verify(receiptOf(served)).cumulative, 3 * price);
 
     // A voucher can also ride on the next request.
-    const piggy = { ...paidRequest('kws', payer), pay: { payer, voucher: await voucherFor(wallet, 3 * price, [verifier.state.lastLeaf].map(fromHex)) } };
+    const piggy = {
+      ...paidRequest('kws', payer),
+      pay: { payer, voucher: await voucherFor(wallet, 3 * price, [verifier.state.lastLeaf].map(fromHex)) },
+    };
     assert.equal((await send(piggy)).kind, 'res');
     assert.equal(agent.payments!.lanes()[0]!.paidMicros, 3 * price);
   });
@@ -187,7 +244,18 @@ describe('receipts and payment through the mesh', () => {
     const broker = await brokerFor(t);
     const dataDir = await tempDir(t);
     const identity = generateIdentity('agent');
-    const args = ['--payout', payout, '--escrow', domain.escrow, '--chain-id', String(domain.chainId), '--data', dataDir, '--credit-requests', '3'];
+    const args = [
+      '--payout',
+      payout,
+      '--escrow',
+      domain.escrow,
+      '--chain-id',
+      String(domain.chainId),
+      '--data',
+      dataDir,
+      '--credit-requests',
+      '3',
+    ];
     let child = await spawnAgent(t, broker.url, identity, args);
     const wallet = Wallet.createRandom();
     const payer = wallet.address.toLowerCase();
@@ -221,7 +289,10 @@ describe('receipts and payment through the mesh', () => {
     const store = await AgentPayments.open(identity, { payout, domain, dataDir }, [], quiet);
     t.after(() => store.close());
     const journal = await store.receipts(payer);
-    assert.deepEqual(journal.map((r) => r.seq), [1, 2, 3, 4, 5]);
+    assert.deepEqual(
+      journal.map((r) => r.seq),
+      [1, 2, 3, 4, 5],
+    );
     const lane = store.lanesSummary()[0]!;
     assert.equal(lane.owedMicros, verifier.state.cumulative);
     assert.equal(lane.voucher?.cumulative, voucher.cumulative);

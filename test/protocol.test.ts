@@ -1,7 +1,24 @@
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { cborNestsDeeper, checkTensor, decodeMessage, decodeTensor, encodeMessage, encodeTensor, ERROR_CODES, isValidId, MeshError, newRequestId, parseTopic, PROTOCOL_VERSION, requestIdHex, tensorFromJson, topics, type InferRequest } from '@edge-mesh/protocol';
 import { reconnectDelayMs, summarize } from '@edge-mesh/client';
+import {
+  cborNestsDeeper,
+  checkTensor,
+  decodeMessage,
+  decodeTensor,
+  ERROR_CODES,
+  encodeMessage,
+  encodeTensor,
+  type InferRequest,
+  isValidId,
+  MeshError,
+  newRequestId,
+  PROTOCOL_VERSION,
+  parseTopic,
+  requestIdHex,
+  tensorFromJson,
+  topics,
+} from '@edge-mesh/protocol';
 
 const code = (c: string) => (err: unknown) => err instanceof MeshError && err.code === c;
 
@@ -13,14 +30,22 @@ describe('topics', () => {
     assert.deepEqual(parseTopic(topics.agentStatus('agent-1')), { kind: 'status', agentId: 'agent-1' });
     assert.deepEqual(parseTopic(topics.agentLoad('agent-1')), { kind: 'load', agentId: 'agent-1' });
     assert.deepEqual(parseTopic(topics.agentCancel('agent-1', 'app-1')), { kind: 'cancel', agentId: 'agent-1', senderId: 'app-1' });
-    for (const bad of ['mesh/v1/agent/+/status', 'mesh/v1/agent/__proto__/status', 'mesh/v2/agent/agent-1/status', 'mesh/v1/agent/agent-1/status/x', 'mesh/v1/client/app-1/res/#', '']) {
+    for (const bad of [
+      'mesh/v1/agent/+/status',
+      'mesh/v1/agent/__proto__/status',
+      'mesh/v2/agent/agent-1/status',
+      'mesh/v1/agent/agent-1/status/x',
+      'mesh/v1/client/app-1/res/#',
+      '',
+    ]) {
       assert.equal(parseTopic(bad), undefined, bad);
     }
   });
 
   test('ids are restricted to a safe alphabet', () => {
     for (const ok of ['agent-1', 'abc', 'a'.repeat(64)]) assert.ok(isValidId(ok), ok);
-    for (const bad of ['ab', 'Agent', '__proto__', 'a/b', 'a+b', '#', '-abc', 'a'.repeat(65), 'é-abc', 42]) assert.ok(!isValidId(bad), String(bad));
+    for (const bad of ['ab', 'Agent', '__proto__', 'a/b', 'a+b', '#', '-abc', 'a'.repeat(65), 'é-abc', 42])
+      assert.ok(!isValidId(bad), String(bad));
   });
 });
 
@@ -61,7 +86,15 @@ describe('tensors', () => {
   });
 
   test('JSON tensors for the CLI', () => {
-    const t = tensorFromJson('x', 'float32', [2, 2], [[1, 2], [3, 4]]);
+    const t = tensorFromJson(
+      'x',
+      'float32',
+      [2, 2],
+      [
+        [1, 2],
+        [3, 4],
+      ],
+    );
     assert.deepEqual([...t.data], [1, 2, 3, 4]);
     assert.deepEqual([...tensorFromJson('sr', 'int64', [], 16000).data], [16000n]);
     assert.throws(() => tensorFromJson('x', 'float32', [3], [1, 2]), code('MESH_BAD_TENSOR'));
@@ -123,8 +156,22 @@ describe('envelope', () => {
     assert.equal(cborNestsDeeper(Buffer.from([0x9f, 0x80, 0x9f, 0xff, 0x5f, 0x41, 0x00, 0xff, 0xff])), false);
     // Real messages pass, including a status with models, shapes and a signature.
     const status = encodeMessage({
-      v: PROTOCOL_VERSION, kind: 'status', agent: 'agent-1', state: 'online', ts: Date.now(),
-      models: [{ name: 'kws', version: '1', sha256: 'a'.repeat(64), priceMicros: 1, latencyMs: 0.1, inputs: [{ name: 'x', dtype: 'float32', shape: [1, 'n', 96] }], outputs: [] }],
+      v: PROTOCOL_VERSION,
+      kind: 'status',
+      agent: 'agent-1',
+      state: 'online',
+      ts: Date.now(),
+      models: [
+        {
+          name: 'kws',
+          version: '1',
+          sha256: 'a'.repeat(64),
+          priceMicros: 1,
+          latencyMs: 0.1,
+          inputs: [{ name: 'x', dtype: 'float32', shape: [1, 'n', 96] }],
+          outputs: [],
+        },
+      ],
     });
     assert.equal(cborNestsDeeper(status), false);
     assert.equal(cborNestsDeeper(encodeMessage(req())), false);
@@ -133,7 +180,10 @@ describe('envelope', () => {
 
   test('a bounded fuzz run of random and mutated payloads never crashes or hangs', () => {
     let seed = 7;
-    const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 2 ** 32);
+    const rand = () => {
+      seed = (seed * 1103515245 + 12345) >>> 0;
+      return seed / 2 ** 32;
+    };
     const base = encodeMessage(req());
     const started = Date.now();
     let accepted = 0;
@@ -180,11 +230,26 @@ describe('errors, backoff, stats', () => {
   });
 
   test('reconnect delays grow, stay capped and are jittered', () => {
-    assert.equal(reconnectDelayMs(0, { baseMs: 100 }, () => 0), 50);
-    assert.equal(reconnectDelayMs(0, { baseMs: 100 }, () => 1), 100);
-    assert.equal(reconnectDelayMs(3, { baseMs: 100 }, () => 1), 800);
-    assert.equal(reconnectDelayMs(50, { baseMs: 100, maxMs: 5000 }, () => 1), 5000);
-    assert.notEqual(reconnectDelayMs(4, {}, () => 0.1), reconnectDelayMs(4, {}, () => 0.9));
+    assert.equal(
+      reconnectDelayMs(0, { baseMs: 100 }, () => 0),
+      50,
+    );
+    assert.equal(
+      reconnectDelayMs(0, { baseMs: 100 }, () => 1),
+      100,
+    );
+    assert.equal(
+      reconnectDelayMs(3, { baseMs: 100 }, () => 1),
+      800,
+    );
+    assert.equal(
+      reconnectDelayMs(50, { baseMs: 100, maxMs: 5000 }, () => 1),
+      5000,
+    );
+    assert.notEqual(
+      reconnectDelayMs(4, {}, () => 0.1),
+      reconnectDelayMs(4, {}, () => 0.9),
+    );
   });
 
   test('percentiles use nearest rank', () => {

@@ -1,16 +1,40 @@
 /** Receipts, quotes, the price rule, Merkle roots and the payer's LaneVerifier (no sockets). */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
+import {
+  encodeReceiptAbi,
+  generateIdentity,
+  hashPair,
+  keccak256Bytes,
+  LaneVerifier,
+  MeshError,
+  merkleProof,
+  merkleRoot,
+  newRequestId,
+  RECEIPT_ABI_TYPES,
+  RECEIPT_STATUS,
+  type Receipt,
+  receiptLeaf,
+  receiptPriceMicros,
+  type SignedReceipt,
+  signQuote,
+  signReceipt,
+  toHex,
+  verifyMerkleProof,
+  verifyQuote,
+  ZERO_HASH,
+} from '@edge-mesh/protocol';
 import { AbiCoder, keccak256 } from 'ethers';
-import { encodeReceiptAbi, generateIdentity, hashPair, keccak256Bytes, LaneVerifier, MeshError, merkleProof, merkleRoot, newRequestId, RECEIPT_ABI_TYPES, RECEIPT_STATUS, receiptLeaf, receiptPriceMicros, signQuote, signReceipt, toHex, verifyMerkleProof, verifyQuote, ZERO_HASH, type Receipt, type SignedReceipt } from '@edge-mesh/protocol';
 
 const agent = generateIdentity('agent');
-const payer = '0x' + 'a1'.repeat(20);
-const escrow = '0x' + 'e5'.repeat(20);
-const payout = '0x' + 'b0'.repeat(20);
+const payer = `0x${'a1'.repeat(20)}`;
+const escrow = `0x${'e5'.repeat(20)}`;
+const payout = `0x${'b0'.repeat(20)}`;
 const modelHash = new Uint8Array(32).fill(9);
 const price = { name: 'kws', modelHash: toHex(modelHash), baseMicros: 2, unitMicros: 5, minChargeMicros: 3 };
-const quote = verifyQuote(signQuote(agent, { payout, chainId: 31337, escrow, issuedAt: Date.now(), validUntil: Date.now() + 60_000, models: [price] }));
+const quote = verifyQuote(
+  signQuote(agent, { payout, chainId: 31337, escrow, issuedAt: Date.now(), validUntil: Date.now() + 60_000, models: [price] }),
+);
 
 /** An honest agent's lane: the next receipt for a status and running units (progress receipts share a request id). */
 function lane(identity = agent) {
@@ -24,9 +48,24 @@ function lane(identity = agent) {
     const p = receiptPriceMicros(price, status, units, before);
     charged.set(key, before + p);
     const r: Receipt = {
-      v: 1, chainId: 31337, escrow, payer, agentKey: identity.publicKey, seq: seq + 1, requestId, modelHash,
-      inputHash: new Uint8Array(32).fill(1), outputHash: new Uint8Array(32).fill(2), status, unitsUsed: units, price: p,
-      cumulative: cumulative + p, startedAt: 1_000, finishedAt: 1_005, prevReceipt: prev, ...overrides,
+      v: 1,
+      chainId: 31337,
+      escrow,
+      payer,
+      agentKey: identity.publicKey,
+      seq: seq + 1,
+      requestId,
+      modelHash,
+      inputHash: new Uint8Array(32).fill(1),
+      outputHash: new Uint8Array(32).fill(2),
+      status,
+      unitsUsed: units,
+      price: p,
+      cumulative: cumulative + p,
+      startedAt: 1_000,
+      finishedAt: 1_005,
+      prevReceipt: prev,
+      ...overrides,
     };
     const { receipt, leaf } = signReceipt(identity, r);
     seq = r.seq;
@@ -50,7 +89,25 @@ const reasonOf = (fn: () => unknown) => {
 describe('receipts', () => {
   test('the leaf is keccak256(abi.encode(...)) as ethers encodes it, and keccak matches ethers on every length', () => {
     const r = lane()(RECEIPT_STATUS.ok, 1);
-    const values = [r.v, r.chainId, r.escrow, r.payer, r.agentKey, r.seq, r.requestId, r.modelHash, r.inputHash, r.outputHash, r.status, r.unitsUsed, r.price, r.cumulative, r.startedAt, r.finishedAt, r.prevReceipt];
+    const values = [
+      r.v,
+      r.chainId,
+      r.escrow,
+      r.payer,
+      r.agentKey,
+      r.seq,
+      r.requestId,
+      r.modelHash,
+      r.inputHash,
+      r.outputHash,
+      r.status,
+      r.unitsUsed,
+      r.price,
+      r.cumulative,
+      r.startedAt,
+      r.finishedAt,
+      r.prevReceipt,
+    ];
     const encoded = AbiCoder.defaultAbiCoder().encode([...RECEIPT_ABI_TYPES], values);
     assert.equal(toHex(encodeReceiptAbi(r)), encoded);
     assert.equal(toHex(receiptLeaf(r)), keccak256(encoded));
@@ -89,14 +146,29 @@ describe('receipts', () => {
 
   test('a forged receipt (other key, edited field, wrong lane) is refused', () => {
     const v = new LaneVerifier({ payer, quote });
-    assert.equal(reasonOf(() => v.verify(lane(generateIdentity('agent'))(RECEIPT_STATUS.ok, 1))), 'lane');
+    assert.equal(
+      reasonOf(() => v.verify(lane(generateIdentity('agent'))(RECEIPT_STATUS.ok, 1))),
+      'lane',
+    );
     const good = lane()(RECEIPT_STATUS.ok, 1);
-    assert.equal(reasonOf(() => v.verify({ ...good, outputHash: new Uint8Array(32).fill(3) })), 'signature');
+    assert.equal(
+      reasonOf(() => v.verify({ ...good, outputHash: new Uint8Array(32).fill(3) })),
+      'signature',
+    );
     const forgedSig = new Uint8Array(good.sig);
     forgedSig[5]! ^= 1;
-    assert.equal(reasonOf(() => v.verify({ ...good, sig: forgedSig })), 'signature');
-    assert.equal(reasonOf(() => v.verify({ ...good, payer: '0x' + 'cc'.repeat(20) })), 'lane');
-    assert.equal(reasonOf(() => v.verify({ ...good, chainId: 1 })), 'domain');
+    assert.equal(
+      reasonOf(() => v.verify({ ...good, sig: forgedSig })),
+      'signature',
+    );
+    assert.equal(
+      reasonOf(() => v.verify({ ...good, payer: `0x${'cc'.repeat(20)}` })),
+      'lane',
+    );
+    assert.equal(
+      reasonOf(() => v.verify({ ...good, chainId: 1 })),
+      'domain',
+    );
     assert.equal(v.state.seq, 0, 'refusals leave the lane unchanged');
     assert.equal(v.verify(good).price, 7);
   });
@@ -106,35 +178,68 @@ describe('receipts', () => {
     const v = new LaneVerifier({ payer, quote });
     const first = next(RECEIPT_STATUS.ok, 1);
     v.verify(first);
-    assert.equal(reasonOf(() => v.verify(first)), 'replayed');
+    assert.equal(
+      reasonOf(() => v.verify(first)),
+      'replayed',
+    );
     const skipped = lane();
     skipped(RECEIPT_STATUS.ok, 1);
     skipped(RECEIPT_STATUS.ok, 1);
-    assert.equal(reasonOf(() => v.verify(skipped(RECEIPT_STATUS.ok, 1))), 'seq');
+    assert.equal(
+      reasonOf(() => v.verify(skipped(RECEIPT_STATUS.ok, 1))),
+      'seq',
+    );
     const otherChain = lane();
     otherChain(RECEIPT_STATUS.failed, 0);
-    assert.equal(reasonOf(() => v.verify(otherChain(RECEIPT_STATUS.ok, 1))), 'chain');
+    assert.equal(
+      reasonOf(() => v.verify(otherChain(RECEIPT_STATUS.ok, 1))),
+      'chain',
+    );
     // The same request billed again under the next seq.
     const dup = next(RECEIPT_STATUS.ok, 1, first.requestId);
-    assert.equal(reasonOf(() => v.verify(dup)), 'duplicate');
+    assert.equal(
+      reasonOf(() => v.verify(dup)),
+      'duplicate',
+    );
   });
 
   test('price rule violations and a wrong cumulative sum are refused; the payer cap holds', () => {
     const v = new LaneVerifier({ payer, quote, maxPriceMicros: 7 });
     // A failed job priced above 0, by an agent that signs what it likes.
-    assert.equal(reasonOf(() => v.verify(lane()(RECEIPT_STATUS.failed, 1, undefined, { price: 7, cumulative: 7 }))), 'price');
-    assert.equal(reasonOf(() => v.verify(lane()(RECEIPT_STATUS.timeout, 0, undefined, { price: 1, cumulative: 1 }))), 'price');
-    assert.equal(reasonOf(() => v.verify(lane()(RECEIPT_STATUS.ok, 1, undefined, { price: 8, cumulative: 8 }))), 'price');
-    assert.equal(reasonOf(() => v.verify(lane()(RECEIPT_STATUS.ok, 1, undefined, { cumulative: 70 }))), 'cumulative');
-    assert.equal(reasonOf(() => v.verify(lane()(RECEIPT_STATUS.ok, 2))), 'price-cap');
+    assert.equal(
+      reasonOf(() => v.verify(lane()(RECEIPT_STATUS.failed, 1, undefined, { price: 7, cumulative: 7 }))),
+      'price',
+    );
+    assert.equal(
+      reasonOf(() => v.verify(lane()(RECEIPT_STATUS.timeout, 0, undefined, { price: 1, cumulative: 1 }))),
+      'price',
+    );
+    assert.equal(
+      reasonOf(() => v.verify(lane()(RECEIPT_STATUS.ok, 1, undefined, { price: 8, cumulative: 8 }))),
+      'price',
+    );
+    assert.equal(
+      reasonOf(() => v.verify(lane()(RECEIPT_STATUS.ok, 1, undefined, { cumulative: 70 }))),
+      'cumulative',
+    );
+    assert.equal(
+      reasonOf(() => v.verify(lane()(RECEIPT_STATUS.ok, 2))),
+      'price-cap',
+    );
     // Progress units must rise.
     const next = lane();
     const job = newRequestId();
     v.verify(next(RECEIPT_STATUS.partial, 1, job));
-    assert.equal(reasonOf(() => v.verify(next(RECEIPT_STATUS.partial, 1, job))), 'progress');
+    assert.equal(
+      reasonOf(() => v.verify(next(RECEIPT_STATUS.partial, 1, job))),
+      'progress',
+    );
     // Charged for work finished after the payer's deadline.
     const late = lane()(RECEIPT_STATUS.ok, 1, undefined, { finishedAt: 5_000 });
-    assert.equal(reasonOf(() => new LaneVerifier({ payer, quote }).verify(late, { deadline: 4_000 })), 'deadline');
+    assert.equal(
+      reasonOf(() => new LaneVerifier({ payer, quote }).verify(late, { deadline: 4_000 })),
+      'deadline',
+    );
   });
 
   test('verifyChain: one signature covers a batch through the hash chain; a forged link or last signature refuses it all', () => {
@@ -143,13 +248,25 @@ describe('receipts', () => {
     const v = new LaneVerifier({ payer, quote });
     // An edited middle receipt breaks the link its successor signed.
     const edited = [batch[0]!, { ...batch[1]!, price: 7, cumulative: 14 }, batch[2]!];
-    assert.equal(reasonOf(() => v.verifyChain(edited)), 'price');
+    assert.equal(
+      reasonOf(() => v.verifyChain(edited)),
+      'price',
+    );
     const badLast = [batch[0]!, batch[1]!, { ...batch[2]!, sig: new Uint8Array(64) }];
-    assert.equal(reasonOf(() => v.verifyChain(badLast)), 'signature');
+    assert.equal(
+      reasonOf(() => v.verifyChain(badLast)),
+      'signature',
+    );
     assert.equal(v.state.seq, 0, 'a refused batch leaves the lane as it was');
-    assert.deepEqual(v.verifyChain(batch).map((a) => a.price), [7, 0, 7]);
+    assert.deepEqual(
+      v.verifyChain(batch).map((a) => a.price),
+      [7, 0, 7],
+    );
     assert.equal(v.state.cumulative, 14);
-    assert.equal(reasonOf(() => v.verify(batch[2]!)), 'replayed');
+    assert.equal(
+      reasonOf(() => v.verify(batch[2]!)),
+      'replayed',
+    );
   });
 
   test('quotes: signature, id binding and expiry are checked', () => {

@@ -6,14 +6,18 @@
 import assert from 'node:assert/strict';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { describe, test, type TestContext } from 'node:test';
-import { sampleInputs } from '@edge-mesh/demo';
+import { describe, type TestContext, test } from 'node:test';
 import type { AgentHandle } from '@edge-mesh/agent';
+import { sampleInputs } from '@edge-mesh/demo';
 import { generateIdentity } from '@edge-mesh/protocol';
-import { startRouter, type RouterHandle } from '@edge-mesh/router';
+import { type RouterHandle, startRouter } from '@edge-mesh/router';
 import { agentFor, brokerFor, meshFor, modelsDir, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
-async function routerFor(t: TestContext, brokerUrl: string, options: Partial<Parameters<typeof startRouter>[0]> = {}): Promise<RouterHandle> {
+async function routerFor(
+  t: TestContext,
+  brokerUrl: string,
+  options: Partial<Parameters<typeof startRouter>[0]> = {},
+): Promise<RouterHandle> {
   const router = await startRouter({ brokerUrl, identity: generateIdentity('router'), logger: quiet, ...options });
   t.after(() => router.close());
   return router;
@@ -55,8 +59,10 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
     const far: AgentHandle[] = [];
     const starts: Promise<void>[] = [];
     for (let i = 0; i < 4; i++) starts.push(agentFor(t, { brokerUrl: broker.url, modelsDir: dir }).then((a) => void fast.push(a)));
-    for (let i = 0; i < 12; i++) starts.push(agentFor(t, { brokerUrl: broker.url, modelsDir: dir, faults: { extraExecMs: 25 } }).then((a) => void slow.push(a)));
-    for (let i = 0; i < 3; i++) starts.push(agentFor(t, { brokerUrl: broker.url, modelsDir: dir, faults: { linkDelayMs: 15 } }).then((a) => void far.push(a)));
+    for (let i = 0; i < 12; i++)
+      starts.push(agentFor(t, { brokerUrl: broker.url, modelsDir: dir, faults: { extraExecMs: 25 } }).then((a) => void slow.push(a)));
+    for (let i = 0; i < 3; i++)
+      starts.push(agentFor(t, { brokerUrl: broker.url, modelsDir: dir, faults: { linkDelayMs: 15 } }).then((a) => void far.push(a)));
     await Promise.all(starts);
     // The twentieth agent is a separate process, killed with SIGKILL once the router knows it.
     const deadIdentity = generateIdentity('agent');
@@ -65,7 +71,11 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
     const router = await routerFor(t, broker.url);
     await router.waitForModel('kws', 20_000, 20);
     dead.kill('SIGKILL');
-    await waitFor(() => router.agents().find((a) => a.id === deadIdentity.id)?.up === false, 10_000, 'the router to see the dead agent go offline');
+    await waitFor(
+      () => router.agents().find((a) => a.id === deadIdentity.id)?.up === false,
+      10_000,
+      'the router to see the dead agent go offline',
+    );
 
     const inputs = sampleInputs('kws', 1);
     const results = await runAll(600, 4, () => router.infer('kws', inputs, { deadlineMs: 5_000 }));
@@ -82,11 +92,15 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
     assert.ok(results.every((r) => r.agentId !== deadIdentity.id));
     // Four of twenty agents are fast and near: uniform choice would give them 20 %.
     assert.ok(fastShare > 0.6, `fast near agents served ${(100 * fastShare).toFixed(1)} % (${JSON.stringify(tally)})`);
-    assert.ok(lateFast > 0.8, `after learning, fast near agents served ${(100 * lateFast).toFixed(1)} % of the last 300 (${JSON.stringify(tally)})`);
+    assert.ok(
+      lateFast > 0.8,
+      `after learning, fast near agents served ${(100 * lateFast).toFixed(1)} % of the last 300 (${JSON.stringify(tally)})`,
+    );
     // The router told network from compute: far agents are slow by their link, slow ones by their execution.
     const farEntry = router.registry.agents.get(far[0]!.id)!;
     const fastEntry = router.registry.agents.get(fast[0]!.id)!;
-    if (Number.isFinite(farEntry.rttMs) && Number.isFinite(fastEntry.rttMs)) assert.ok(farEntry.rttMs > fastEntry.rttMs + 10, `far rtt ${farEntry.rttMs} vs near ${fastEntry.rttMs}`);
+    if (Number.isFinite(farEntry.rttMs) && Number.isFinite(fastEntry.rttMs))
+      assert.ok(farEntry.rttMs > fastEntry.rttMs + 10, `far rtt ${farEntry.rttMs} vs near ${fastEntry.rttMs}`);
   });
 
   test('a gray failure: attempts on an agent that turned slow are hedged on another one, the loser cancelled', async (t) => {
@@ -114,7 +128,10 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
     }
     assert.ok(router.counters.cancels > before.cancels, 'the slow attempt was cancelled');
     // Every request finished well before the 2 s the slow agent takes.
-    assert.ok(results.every((r) => r.timings.totalMs < 1_000), results.map((r) => r.timings.totalMs.toFixed(0)).join(' '));
+    assert.ok(
+      results.every((r) => r.timings.totalMs < 1_000),
+      results.map((r) => r.timings.totalMs.toFixed(0)).join(' '),
+    );
     // Hedges are paid from the budget: never more than a few per cent of requests plus the initial token.
     assert.ok(router.counters.hedges - before.hedges <= 1 + 0.05 * 80 + 1, `hedges ${router.counters.hedges}`);
   });

@@ -1,9 +1,16 @@
 /** The router's HTTP API (KServe v2 JSON, operator endpoints, Prometheus metrics) on a real broker, agent and router. */
 import assert from 'node:assert/strict';
-import { describe, test, type TestContext } from 'node:test';
+import { describe, type TestContext, test } from 'node:test';
 import { sampleInputs } from '@edge-mesh/demo';
 import { generateIdentity, tensorToJson } from '@edge-mesh/protocol';
-import { KSERVE_TO_DTYPE, kserveDatatypeOf, startRouter, startRouterHttp, type RouterHandle, type RouterHttpHandle } from '@edge-mesh/router';
+import {
+  KSERVE_TO_DTYPE,
+  kserveDatatypeOf,
+  type RouterHandle,
+  type RouterHttpHandle,
+  startRouter,
+  startRouterHttp,
+} from '@edge-mesh/router';
 import { agentFor, brokerFor, meshFor, quiet } from './helpers.ts';
 
 const PROM_LINE = /^[a-zA-Z_:][a-zA-Z0-9_:]*(\{.*\})? ([-+0-9.eE]+|NaN|[+-]Inf)$/;
@@ -19,12 +26,17 @@ async function meshWithHttp(t: TestContext): Promise<{ brokerUrl: string; agentI
   return { brokerUrl: broker.url, agentId: agent.id, router, http };
 }
 
+// biome-ignore lint/suspicious/noExplicitAny: HTTP bodies, read field by field in the assertions
 async function getJson(url: string, init?: RequestInit): Promise<{ status: number; body: any }> {
   const res = await fetch(url, init);
   return { status: res.status, body: await res.json() };
 }
 
-const post = (body: unknown): RequestInit => ({ method: 'POST', headers: { 'content-type': 'application/json' }, body: typeof body === 'string' ? body : JSON.stringify(body) });
+const post = (body: unknown): RequestInit => ({
+  method: 'POST',
+  headers: { 'content-type': 'application/json' },
+  body: typeof body === 'string' ? body : JSON.stringify(body),
+});
 
 describe('router HTTP API', { timeout: 120_000 }, () => {
   test('health, model metadata, a KServe infer equal to a direct infer, errors, operator endpoints and /metrics', async (t) => {
@@ -54,7 +66,10 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     assert.deepEqual(tensor.shape, [1, 25, 96]);
     const data = tensorToJson(tensor).data;
     assert.equal(data.length, 2400);
-    const res = await getJson(`${base}/v2/models/kws/infer`, post({ id: 'req-1', inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data }] }));
+    const res = await getJson(
+      `${base}/v2/models/kws/infer`,
+      post({ id: 'req-1', inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data }] }),
+    );
     assert.equal(res.status, 200, JSON.stringify(res.body));
     assert.equal(res.body.model_name, 'kws');
     assert.equal(res.body.id, 'req-1');
@@ -74,9 +89,13 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     }
 
     // Errors carry a MESH_* code and its status.
-    const unknown = await getJson(`${base}/v2/models/no-such-model/infer`, post({ inputs: [{ name: 'x', shape: [1], datatype: 'FP32', data: [1] }] }));
+    const unknown = await getJson(
+      `${base}/v2/models/no-such-model/infer`,
+      post({ inputs: [{ name: 'x', shape: [1], datatype: 'FP32', data: [1] }] }),
+    );
     assert.ok(
-      (unknown.status === 404 && unknown.body.code === 'MESH_UNKNOWN_MODEL') || (unknown.status === 503 && unknown.body.code === 'MESH_NO_AGENT'),
+      (unknown.status === 404 && unknown.body.code === 'MESH_UNKNOWN_MODEL') ||
+        (unknown.status === 503 && unknown.body.code === 'MESH_NO_AGENT'),
       JSON.stringify(unknown),
     );
     assert.equal(typeof unknown.body.error, 'string');
@@ -97,7 +116,10 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
       assert.equal(bad.body.code, 'MESH_BAD_REQUEST', JSON.stringify(bad.body));
     }
     // Well-formed JSON, but the data do not fill the shape: a bad tensor.
-    const short = await getJson(`${base}/v2/models/kws/infer`, post({ inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data: [1, 2, 3] }] }));
+    const short = await getJson(
+      `${base}/v2/models/kws/infer`,
+      post({ inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data: [1, 2, 3] }] }),
+    );
     assert.equal(short.status, 400);
     assert.equal(short.body.code, 'MESH_BAD_TENSOR');
 
@@ -136,7 +158,12 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
 
   test('startRouter({ http }) serves the API and close() closes it with the router', async (t) => {
     const broker = await brokerFor(t);
-    const router = await startRouter({ brokerUrl: broker.url, identity: generateIdentity('router'), logger: quiet, http: { port: 0, processMetrics: false } });
+    const router = await startRouter({
+      brokerUrl: broker.url,
+      identity: generateIdentity('router'),
+      logger: quiet,
+      http: { port: 0, processMetrics: false },
+    });
     t.after(() => router.close());
     assert.ok(router.http);
     const url = router.http.url;
@@ -147,8 +174,20 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     const api = await getJson(`${url}/openapi.json`);
     assert.equal(api.status, 200);
     assert.match(api.body.openapi, /^3\./);
-    const paths = api.body.paths as Record<string, Record<string, { tags?: string[]; requestBody?: unknown; responses?: Record<string, unknown> }>>;
-    for (const p of ['/v2/health/live', '/v2/health/ready', '/v2/models/{name}', '/v2/models/{name}/ready', '/v1/agents', '/v1/routing', '/metrics']) assert.ok(paths[p]?.get, `GET ${p} documented`);
+    const paths = api.body.paths as Record<
+      string,
+      Record<string, { tags?: string[]; requestBody?: unknown; responses?: Record<string, unknown> }>
+    >;
+    for (const p of [
+      '/v2/health/live',
+      '/v2/health/ready',
+      '/v2/models/{name}',
+      '/v2/models/{name}/ready',
+      '/v1/agents',
+      '/v1/routing',
+      '/metrics',
+    ])
+      assert.ok(paths[p]?.get, `GET ${p} documented`);
     const infer = paths['/v2/models/{name}/infer']?.post;
     assert.ok(infer?.requestBody, 'infer body documented');
     assert.ok(infer?.responses?.['400'] && infer.responses['503'], 'infer errors documented');
@@ -165,7 +204,11 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     const ready = await http.app.inject({ method: 'GET', url: '/v2/health/ready' });
     assert.equal(ready.statusCode, 503);
     assert.equal(ready.json().code, 'MESH_NO_AGENT');
-    const noAgent = await http.app.inject({ method: 'POST', url: '/v2/models/kws/infer', payload: { inputs: [{ name: 'x', shape: [2], datatype: 'INT64', data: [1, 2] }] } });
+    const noAgent = await http.app.inject({
+      method: 'POST',
+      url: '/v2/models/kws/infer',
+      payload: { inputs: [{ name: 'x', shape: [2], datatype: 'INT64', data: [1, 2] }] },
+    });
     assert.equal(noAgent.statusCode, 503);
     assert.equal(noAgent.json().code, 'MESH_NO_AGENT');
     const notFound = await http.app.inject({ method: 'GET', url: '/nope' });

@@ -1,12 +1,16 @@
 /** The live router on a real broker with real agents: routing, forwarding, failover, offline agents. */
 import assert from 'node:assert/strict';
-import { describe, test, type TestContext } from 'node:test';
+import { describe, type TestContext, test } from 'node:test';
 import { sampleInputs } from '@edge-mesh/demo';
 import { generateIdentity, MeshError } from '@edge-mesh/protocol';
-import { startRouter, type RouterHandle } from '@edge-mesh/router';
+import { type RouterHandle, startRouter } from '@edge-mesh/router';
 import { agentFor, brokerFor, meshFor, quiet, spawnAgent, waitFor } from './helpers.ts';
 
-async function routerFor(t: TestContext, brokerUrl: string, options: Partial<Parameters<typeof startRouter>[0]> = {}): Promise<RouterHandle> {
+async function routerFor(
+  t: TestContext,
+  brokerUrl: string,
+  options: Partial<Parameters<typeof startRouter>[0]> = {},
+): Promise<RouterHandle> {
   const router = await startRouter({ brokerUrl, identity: generateIdentity('router'), logger: quiet, ...options });
   t.after(() => router.close());
   return router;
@@ -31,7 +35,10 @@ describe('live router', { timeout: 120_000 }, () => {
     const route = router.route('kws', { deadlineMs: 5_000 });
     assert.equal(route.agentId, agent.id);
     assert.ok(route.predictedMs > 0 && Number.isFinite(route.predictedMs));
-    assert.throws(() => router.route('no-such-model'), (err: unknown) => err instanceof MeshError && err.code === 'MESH_NO_AGENT');
+    assert.throws(
+      () => router.route('no-such-model'),
+      (err: unknown) => err instanceof MeshError && err.code === 'MESH_NO_AGENT',
+    );
     assert.ok(router.models().some((m) => m.name === 'kws'));
 
     const mesh = await meshFor(t, { brokerUrl: broker.url });
@@ -68,12 +75,17 @@ describe('live router', { timeout: 120_000 }, () => {
     assert.ok(elapsed < deadlineMs, `finished in ${elapsed} ms`);
     for (const r of results) assert.ok(r.agentId === survivor.id || r.agentId === doomedKey.id);
     const movedOver = results.filter((r) => r.tried[0] === doomedKey.id && r.agentId === survivor.id);
-    assert.ok(movedOver.length > 0, `some request started on the killed agent and finished elsewhere: ${JSON.stringify(results.map((r) => r.tried))}`);
+    assert.ok(
+      movedOver.length > 0,
+      `some request started on the killed agent and finished elsewhere: ${JSON.stringify(results.map((r) => r.tried))}`,
+    );
 
     await waitFor(() => router.registry.agents.get(doomedKey.id)?.up === false, 5_000, 'the killed agent marked down');
     const sentBefore = router.counters.sentTo[doomedKey.id] ?? 0;
     for (let i = 0; i < 20; i++) assert.equal(router.route('kws', { deadlineMs: 5_000 }).agentId, survivor.id);
-    const after = await Promise.all(Array.from({ length: 10 }, (_, i) => router.infer('kws', sampleInputs('kws', i + 1), { deadlineMs: 5_000 })));
+    const after = await Promise.all(
+      Array.from({ length: 10 }, (_, i) => router.infer('kws', sampleInputs('kws', i + 1), { deadlineMs: 5_000 })),
+    );
     for (const r of after) {
       assert.equal(r.agentId, survivor.id);
       assert.deepEqual(r.tried, [survivor.id]);
@@ -89,13 +101,18 @@ describe('live router', { timeout: 120_000 }, () => {
     await router.waitForModel('kws', 10_000, 2);
     await b.close();
     await waitFor(() => router.registry.agents.get(b.id)?.up === false, 5_000, 'agent b marked down');
-    const results = await Promise.all(Array.from({ length: 12 }, (_, i) => router.infer('kws', sampleInputs('kws', i + 1), { deadlineMs: 5_000 })));
+    const results = await Promise.all(
+      Array.from({ length: 12 }, (_, i) => router.infer('kws', sampleInputs('kws', i + 1), { deadlineMs: 5_000 })),
+    );
     for (const r of results) assert.deepEqual(r.tried, [a.id]);
     assert.equal(router.counters.sentTo[b.id] ?? 0, 0);
     assert.equal(b.counters.received, 0);
 
     await a.close();
     await waitFor(() => router.registry.agents.get(a.id)?.up === false, 5_000, 'agent a marked down');
-    await assert.rejects(router.infer('kws', sampleInputs('kws', 1), { deadlineMs: 300 }), (err: unknown) => err instanceof MeshError && (err.code === 'MESH_NO_AGENT' || err.code === 'MESH_DEADLINE_EXCEEDED'));
+    await assert.rejects(
+      router.infer('kws', sampleInputs('kws', 1), { deadlineMs: 300 }),
+      (err: unknown) => err instanceof MeshError && (err.code === 'MESH_NO_AGENT' || err.code === 'MESH_DEADLINE_EXCEEDED'),
+    );
   });
 });

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
 import type { AgentStatus } from '@edge-mesh/protocol';
 import {
+  type AgentDescriptor,
   applyVivaldiSample,
   createRegistry,
   currentPool,
@@ -18,14 +19,13 @@ import {
   onSend,
   onStatus,
   perTryTimeoutMs,
+  type Registry,
+  type RouteRequest,
+  type RouterOptions,
   selectAgent,
   serviceMsAt,
   upsertAgent,
   vivaldiDistanceMs,
-  type AgentDescriptor,
-  type Registry,
-  type RouteRequest,
-  type RouterOptions,
 } from '@edge-mesh/router';
 
 /** Two-candidate pools with no exploration make every table row deterministic. */
@@ -35,12 +35,18 @@ function registry(agents: AgentDescriptor[], options: RouterOptions = {}, nowMs 
   return reg;
 }
 
-const agent = (agentId: string, serviceMs: number, extra: Partial<AgentDescriptor> & { warm?: boolean; coldLoadMs?: number } = {}): AgentDescriptor => ({
+const agent = (
+  agentId: string,
+  serviceMs: number,
+  extra: Partial<AgentDescriptor> & { warm?: boolean; coldLoadMs?: number } = {},
+): AgentDescriptor => ({
   agentId,
   hardwareClass: extra.hardwareClass ?? 'gpu',
   site: extra.site ?? 'near',
   slots: extra.slots ?? 1,
-  models: [{ model: 'kws', serviceMs, warm: extra.warm ?? true, ...(extra.coldLoadMs !== undefined ? { coldLoadMs: extra.coldLoadMs } : {}) }],
+  models: [
+    { model: 'kws', serviceMs, warm: extra.warm ?? true, ...(extra.coldLoadMs !== undefined ? { coldLoadMs: extra.coldLoadMs } : {}) },
+  ],
 });
 
 describe('selectAgent table', () => {
@@ -52,8 +58,20 @@ describe('selectAgent table', () => {
     nowMs: number;
     expect: string;
   }[] = [
-    { name: 'fast near node beats slow far node', agents: [agent('far-slow', 400, { site: 'far' }), agent('near-fast', 10)], request: { model: 'kws' }, nowMs: 1, expect: 'near-fast' },
-    { name: 'fast far node beats a CPU node next door', agents: [agent('far-fast', 10, { site: 'far' }), agent('near-cpu', 400)], request: { model: 'kws' }, nowMs: 1, expect: 'far-fast' },
+    {
+      name: 'fast near node beats slow far node',
+      agents: [agent('far-slow', 400, { site: 'far' }), agent('near-fast', 10)],
+      request: { model: 'kws' },
+      nowMs: 1,
+      expect: 'near-fast',
+    },
+    {
+      name: 'fast far node beats a CPU node next door',
+      agents: [agent('far-fast', 10, { site: 'far' }), agent('near-cpu', 400)],
+      request: { model: 'kws' },
+      nowMs: 1,
+      expect: 'far-fast',
+    },
     {
       name: 'reported queue depth shifts the choice',
       agents: [agent('fast-busy', 10), agent('mid-idle', 50)],
@@ -72,7 +90,13 @@ describe('selectAgent table', () => {
       nowMs: 1,
       expect: 'mid',
     },
-    { name: 'a cold model pays its load time', agents: [agent('fast-cold', 10, { warm: false, coldLoadMs: 3000 }), agent('slow-warm', 80)], request: { model: 'kws' }, nowMs: 1, expect: 'slow-warm' },
+    {
+      name: 'a cold model pays its load time',
+      agents: [agent('fast-cold', 10, { warm: false, coldLoadMs: 3000 }), agent('slow-warm', 80)],
+      request: { model: 'kws' },
+      nowMs: 1,
+      expect: 'slow-warm',
+    },
     {
       name: 'a cold node wins when every warm node has a long queue',
       agents: [agent('fast-cold', 10, { warm: false, coldLoadMs: 300 }), agent('slow-warm', 80)],
@@ -81,12 +105,43 @@ describe('selectAgent table', () => {
       nowMs: 1,
       expect: 'fast-cold',
     },
-    { name: 'a large upload prefers the near node', agents: [agent('far', 10, { site: 'far' }), agent('near', 60)], request: { model: 'kws', bytesUp: 1_000_000 }, nowMs: 1, expect: 'near' },
-    { name: 'the deadline refuses at once when nothing can make it', agents: [agent('a', 100), agent('b', 120)], request: { model: 'kws', deadlineMs: 51 }, nowMs: 1, expect: 'MESH_DEADLINE_EXCEEDED' },
-    { name: 'a deadline one node can make is routed there', agents: [agent('slow', 300), agent('ok', 40)], request: { model: 'kws', deadlineMs: 101 }, nowMs: 1, expect: 'ok' },
+    {
+      name: 'a large upload prefers the near node',
+      agents: [agent('far', 10, { site: 'far' }), agent('near', 60)],
+      request: { model: 'kws', bytesUp: 1_000_000 },
+      nowMs: 1,
+      expect: 'near',
+    },
+    {
+      name: 'the deadline refuses at once when nothing can make it',
+      agents: [agent('a', 100), agent('b', 120)],
+      request: { model: 'kws', deadlineMs: 51 },
+      nowMs: 1,
+      expect: 'MESH_DEADLINE_EXCEEDED',
+    },
+    {
+      name: 'a deadline one node can make is routed there',
+      agents: [agent('slow', 300), agent('ok', 40)],
+      request: { model: 'kws', deadlineMs: 101 },
+      nowMs: 1,
+      expect: 'ok',
+    },
     { name: 'an unknown model has no agent', agents: [agent('a', 10)], request: { model: 'ocr' }, nowMs: 1, expect: 'MESH_NO_AGENT' },
-    { name: 'excluded (previous attempt) agents are skipped', agents: [agent('best', 10), agent('other', 30)], request: { model: 'kws', exclude: new Set(['best']) }, nowMs: 1, expect: 'other' },
-    { name: 'a silent agent (no heartbeat for 3 s) is skipped', agents: [agent('best', 10), agent('other', 30)], setup: (reg) => onQueueReport(reg, 'other', 0, 3_500), request: { model: 'kws' }, nowMs: 3_600, expect: 'other' },
+    {
+      name: 'excluded (previous attempt) agents are skipped',
+      agents: [agent('best', 10), agent('other', 30)],
+      request: { model: 'kws', exclude: new Set(['best']) },
+      nowMs: 1,
+      expect: 'other',
+    },
+    {
+      name: 'a silent agent (no heartbeat for 3 s) is skipped',
+      agents: [agent('best', 10), agent('other', 30)],
+      setup: (reg) => onQueueReport(reg, 'other', 0, 3_500),
+      request: { model: 'kws' },
+      nowMs: 3_600,
+      expect: 'other',
+    },
   ];
   for (const row of rows) {
     test(row.name, () => {
@@ -112,7 +167,13 @@ test('ECT follows the formula: κ · (RTT + bytes/rate + S·max(0, q + W·os + 1
 
 test('estimates update as the formulas say', () => {
   const status: AgentStatus = {
-    v: 1, kind: 'status', agent: 'jetson-1', state: 'online', ts: 0, providers: ['cuda', 'cpu'], workers: 2,
+    v: 1,
+    kind: 'status',
+    agent: 'jetson-1',
+    state: 'online',
+    ts: 0,
+    providers: ['cuda', 'cpu'],
+    workers: 2,
     models: [{ name: 'kws', version: '1', sha256: '0'.repeat(64), priceMicros: 1, latencyMs: 20, inputs: [], outputs: [] }],
   };
   const reg = createRegistry({ site: 'near' });
@@ -135,7 +196,21 @@ test('estimates update as the formulas say', () => {
 
   onFailure(reg, 'jetson-1', 'kws', 6_000);
   assert.ok(Math.abs(a.pFail - 0.1) < 1e-9, 'p_fail EWMA α = 0.1');
-  onLoad(reg, { v: 1, kind: 'load', agent: 'jetson-1', ts: 0, seq: 1, queued: 3, inFlight: 2, workers: 4, models: { kws: { queued: 3, inFlight: 2, serviceMs: 25, served: 9, failed: 0 } } }, 7_000);
+  onLoad(
+    reg,
+    {
+      v: 1,
+      kind: 'load',
+      agent: 'jetson-1',
+      ts: 0,
+      seq: 1,
+      queued: 3,
+      inFlight: 2,
+      workers: 4,
+      models: { kws: { queued: 3, inFlight: 2, serviceMs: 25, served: 9, failed: 0 } },
+    },
+    7_000,
+  );
   assert.equal(a.reportedRif, 5);
   assert.equal(a.slots, 4);
   assert.equal(e.priorServiceMs, 25);
@@ -164,7 +239,13 @@ function mixedFleet(): Registry {
   const agents: AgentDescriptor[] = [];
   for (let i = 0; i < 100; i++) {
     const [cls, ms, slots] = i < 10 ? ['gpu-fast', 10, 3] : i < 40 ? ['gpu-mid', 40, 2] : ['cpu', 400, 1];
-    agents.push({ agentId: `n-${i}`, hardwareClass: cls as string, site: 'near', slots: slots as number, models: [{ model: 'kws', serviceMs: ms as number }] });
+    agents.push({
+      agentId: `n-${i}`,
+      hardwareClass: cls as string,
+      site: 'near',
+      slots: slots as number,
+      models: [{ model: 'kws', serviceMs: ms as number }],
+    });
   }
   return registry(agents, { poolSize: 100 });
 }
@@ -198,7 +279,9 @@ test('ejected nodes are never chosen and come back slowly', () => {
     { slowStartWindowMs: 30_000 },
     -60_000, // past the slow start of the whole fleet
   );
-  const keepAlive = (t: number) => ids.forEach((id) => onQueueReport(reg, id, 0, t));
+  const keepAlive = (t: number) => {
+    for (const id of ids) onQueueReport(reg, id, 0, t);
+  };
   const share = (t: number, n = 4000) => {
     keepAlive(t);
     const rng = mulberry32(99);
@@ -257,9 +340,17 @@ test('exploration is bounded by ε and reaches outside the pool', () => {
 });
 
 test('pool spills over to farther capacity when the near pool has no free slots', () => {
-  const agents = [...Array.from({ length: 4 }, (_, i) => agent(`near-${i}`, 10)), ...Array.from({ length: 20 }, (_, i) => agent(`far-${i}`, 10, { site: 'far' }))];
+  const agents = [
+    ...Array.from({ length: 4 }, (_, i) => agent(`near-${i}`, 10)),
+    ...Array.from({ length: 20 }, (_, i) => agent(`far-${i}`, 10, { site: 'far' })),
+  ];
   const reg = registry(agents, { poolSize: 4 });
-  assert.deepEqual(currentPool(reg, { model: 'kws' }, 1)!.pool.map((e) => e.agent.agentId).sort(), ['near-0', 'near-1', 'near-2', 'near-3']);
+  assert.deepEqual(
+    currentPool(reg, { model: 'kws' }, 1)!
+      .pool.map((e) => e.agent.agentId)
+      .sort(),
+    ['near-0', 'near-1', 'near-2', 'near-3'],
+  );
   for (let i = 0; i < 4; i++) onQueueReport(reg, `near-${i}`, 8, 1_100);
   assert.ok(currentPool(reg, { model: 'kws' }, 1_900)!.pool.length > 4);
 });
@@ -284,7 +375,10 @@ test('Vivaldi converges on a small synthetic triangle', () => {
       assert.ok(Math.abs(predicted - rtt(i, j)) / rtt(i, j) < 0.05, `${i}-${j}: ${predicted} vs ${rtt(i, j)}`);
     }
   }
-  assert.ok(coords.every((c) => c.error < 0.2), JSON.stringify(coords));
+  assert.ok(
+    coords.every((c) => c.error < 0.2),
+    JSON.stringify(coords),
+  );
 });
 
 test('a fail-fast node stops looking fast', () => {

@@ -4,11 +4,11 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { ethers } from 'ethers';
-import { sampleInputs } from '@edge-mesh/demo';
-import { deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '@edge-mesh/contracts/dev';
 import { EscrowClient } from '@edge-mesh/contracts';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { sampleInputs } from '@edge-mesh/demo';
 import { MeshError, RECEIPT_STATUS } from '@edge-mesh/protocol';
+import { ethers } from 'ethers';
 import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
 
 let chain: LocalChain;
@@ -31,21 +31,41 @@ describe('settlement of paid inference on a local chain', () => {
     await payer.fund(payout, 1_000_000n);
 
     const broker = await brokerFor(t, { maxPacketBytes: 16 << 20 });
-    const agent = await agentFor(t, { brokerUrl: broker.url, pipelineDepth: 1, maxMessageBytes: 16 << 20, payment: { payout, domain, dataDir: await tempDir(t) } });
-    const mesh = await meshFor(t, { brokerUrl: broker.url, maxMessageBytes: 16 << 20, payment: { signer: payerWallet, domain, dataDir: await tempDir(t) } });
+    const agent = await agentFor(t, {
+      brokerUrl: broker.url,
+      pipelineDepth: 1,
+      maxMessageBytes: 16 << 20,
+      payment: { payout, domain, dataDir: await tempDir(t) },
+    });
+    const mesh = await meshFor(t, {
+      brokerUrl: broker.url,
+      maxMessageBytes: 16 << 20,
+      payment: { signer: payerWallet, domain, dataDir: await tempDir(t) },
+    });
     await mesh.waitForModel('kws');
 
-    for (let i = 0; i < 20; i++) await mesh.infer(i % 4 === 3 ? 'vad' : 'kws', sampleInputs(i % 4 === 3 ? 'vad' : 'kws', i), { deadlineMs: 5_000 });
+    for (let i = 0; i < 20; i++)
+      await mesh.infer(i % 4 === 3 ? 'vad' : 'kws', sampleInputs(i % 4 === 3 ? 'vad' : 'kws', i), { deadlineMs: 5_000 });
     // A large detection holds the worker; a request behind it times out in the queue and is billed 0.
-    const big = mesh.infer('ocr-det', { x: { dtype: 'float32', shape: [1, 3, 960, 960], data: new Float32Array(3 * 960 * 960) } }, { deadlineMs: 20_000 });
+    const big = mesh.infer(
+      'ocr-det',
+      { x: { dtype: 'float32', shape: [1, 3, 960, 960], data: new Float32Array(3 * 960 * 960) } },
+      { deadlineMs: 20_000 },
+    );
     await waitFor(() => agent.loadReport().inFlight === 1, 10_000, 'the detection running');
-    await assert.rejects(mesh.infer('kws', sampleInputs('kws', 99), { deadlineMs: 40 }), (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED');
+    await assert.rejects(
+      mesh.infer('kws', sampleInputs('kws', 99), { deadlineMs: 40 }),
+      (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED',
+    );
     await big;
 
     const journal = await agent.payments!.receipts(payerWallet.address);
     const okTotal = journal.filter((r) => r.status === RECEIPT_STATUS.ok).reduce((sum, r) => sum + r.price, 0);
     assert.equal(journal.length, 22);
-    assert.ok(journal.some((r) => r.status === RECEIPT_STATUS.timeout && r.price === 0), 'the timed-out request has a receipt priced 0');
+    assert.ok(
+      journal.some((r) => r.status === RECEIPT_STATUS.timeout && r.price === 0),
+      'the timed-out request has a receipt priced 0',
+    );
     assert.equal(journal.at(-1)!.cumulative, okTotal);
     await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === okTotal, 5_000, 'the last voucher');
     assert.equal(mesh.lanes()[0]!.paidMicros, okTotal);
@@ -53,7 +73,10 @@ describe('settlement of paid inference on a local chain', () => {
     const best = agent.payments!.lanes()[0]!.voucher!;
     const relayer = await EscrowClient.connect({ runner: chain.wallet(2), escrow: deployment.escrow });
     const outcome = await relayer.settle(payout, [
-      { voucher: { agent: payout, cumulative: BigInt(best.cumulative), receiptsRoot: best.receiptsRoot, expiry: BigInt(best.expiry) }, signature: best.sig },
+      {
+        voucher: { agent: payout, cumulative: BigInt(best.cumulative), receiptsRoot: best.receiptsRoot, expiry: BigInt(best.expiry) },
+        signature: best.sig,
+      },
     ]);
     assert.deepEqual(outcome.skipped, []);
     assert.equal(outcome.paid, BigInt(okTotal));
@@ -63,7 +86,10 @@ describe('settlement of paid inference on a local chain', () => {
     assert.equal(lane.remaining, 1_000_000n - BigInt(okTotal));
     // Settling the same voucher again pays nothing.
     const again = await relayer.settle(payout, [
-      { voucher: { agent: payout, cumulative: BigInt(best.cumulative), receiptsRoot: best.receiptsRoot, expiry: BigInt(best.expiry) }, signature: best.sig },
+      {
+        voucher: { agent: payout, cumulative: BigInt(best.cumulative), receiptsRoot: best.receiptsRoot, expiry: BigInt(best.expiry) },
+        signature: best.sig,
+      },
     ]);
     assert.equal(again.paid, 0n);
     assert.equal(await relayer.tokenBalance(payout), BigInt(okTotal));

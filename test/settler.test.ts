@@ -7,15 +7,14 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { after, before, describe, test, type TestContext } from 'node:test';
-import { ethers } from 'ethers';
-import { sampleInputs } from '@edge-mesh/demo';
-import { deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '@edge-mesh/contracts/dev';
-import { generateIdentity, MeshError } from '@edge-mesh/protocol';
-import { EscrowClient } from '@edge-mesh/contracts';
-import { ESCROW_ABI } from '@edge-mesh/contracts';
+import { after, before, describe, type TestContext, test } from 'node:test';
 import type { SettlerOptions } from '@edge-mesh/agent';
+import { ESCROW_ABI, EscrowClient } from '@edge-mesh/contracts';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { sampleInputs } from '@edge-mesh/demo';
+import { generateIdentity, MeshError } from '@edge-mesh/protocol';
 import { startRouter } from '@edge-mesh/router';
+import { ethers } from 'ethers';
 import { agentFor, brokerFor, meshFor, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 let chain: LocalChain;
@@ -31,9 +30,23 @@ async function fundedLane(payout: string, amount = 1_000_000n): Promise<ethers.W
   return wallet;
 }
 
-async function paidMesh(t: TestContext, brokerUrl: string, signer: ethers.Wallet, extra: { voucherTtlS?: number; dataDir?: string; wait?: boolean } = {}) {
+async function paidMesh(
+  t: TestContext,
+  brokerUrl: string,
+  signer: ethers.Wallet,
+  extra: { voucherTtlS?: number; dataDir?: string; wait?: boolean } = {},
+) {
   const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
-  const mesh = await meshFor(t, { brokerUrl, maxMessageBytes: 16 << 20, payment: { signer, domain, dataDir: extra.dataDir ?? (await tempDir(t)), ...(extra.voucherTtlS ? { voucherTtlS: extra.voucherTtlS } : {}) } });
+  const mesh = await meshFor(t, {
+    brokerUrl,
+    maxMessageBytes: 16 << 20,
+    payment: {
+      signer,
+      domain,
+      dataDir: extra.dataDir ?? (await tempDir(t)),
+      ...(extra.voucherTtlS ? { voucherTtlS: extra.voucherTtlS } : {}),
+    },
+  });
   if (extra.wait !== false) await mesh.waitForModel('kws');
   return mesh;
 }
@@ -72,9 +85,16 @@ describe('settlement relayer', () => {
     await new Promise((r) => setTimeout(r, 600));
     assert.equal(agent.payments!.settler!.counters.txs, 0, 'nothing settles below the threshold');
     // A large detection holds the worker; a request behind it times out in the queue and is billed 0.
-    const big = mesh.infer('ocr-det', { x: { dtype: 'float32', shape: [1, 3, 960, 960], data: new Float32Array(3 * 960 * 960) } }, { deadlineMs: 20_000 });
+    const big = mesh.infer(
+      'ocr-det',
+      { x: { dtype: 'float32', shape: [1, 3, 960, 960], data: new Float32Array(3 * 960 * 960) } },
+      { deadlineMs: 20_000 },
+    );
     await waitFor(() => agent.loadReport().inFlight === 1, 10_000, 'the detection running');
-    await assert.rejects(mesh.infer('kws', sampleInputs('kws', 99), { deadlineMs: 40 }), (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED');
+    await assert.rejects(
+      mesh.infer('kws', sampleInputs('kws', 99), { deadlineMs: 40 }),
+      (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED',
+    );
     await big;
     await serve(mesh, 4);
     const owed = mesh.lanes()[0]!.owedMicros;
@@ -87,13 +107,22 @@ describe('settlement relayer', () => {
 
     const journal = await agent.payments!.receipts(payer.address);
     const okTotal = journal.filter((r) => r.status === 0).reduce((s, r) => s + r.price, 0);
-    assert.ok(journal.some((r) => r.status === 3 && r.price === 0), 'the timed-out request has a receipt priced 0');
+    assert.ok(
+      journal.some((r) => r.status === 3 && r.price === 0),
+      'the timed-out request has a receipt priced 0',
+    );
     assert.equal(okTotal, owed);
     assert.equal(await escrow.tokenBalance(payout), BigInt(okTotal));
     assert.equal((await escrow.laneOf(payer.address, payout)).settled, BigInt(okTotal));
     const records = await agent.payments!.settler!.settlements();
-    assert.ok(records.some((r) => r.reasons.includes('threshold')), JSON.stringify(records.map((r) => r.reasons)));
-    assert.equal(records.reduce((s, r) => s + r.paidMicros, 0), okTotal);
+    assert.ok(
+      records.some((r) => r.reasons.includes('threshold')),
+      JSON.stringify(records.map((r) => r.reasons)),
+    );
+    assert.equal(
+      records.reduce((s, r) => s + r.paidMicros, 0),
+      okTotal,
+    );
     assert.equal(agent.payments!.settler!.counters.settledMicros, okTotal);
   });
 
@@ -118,9 +147,15 @@ describe('settlement relayer', () => {
     await waitFor(() => slow.agent.payments!.settler!.counters.settledMicros === owedA, 10_000, 'the interval settlement');
     assert.equal(await escrow.tokenBalance(slow.payout), BigInt(owedA));
     assert.equal(await escrow.tokenBalance(expiring.payout), BigInt(owedB));
-    assert.deepEqual((await slow.agent.payments!.settler!.settlements()).map((r) => r.reasons), [['interval']]);
+    assert.deepEqual(
+      (await slow.agent.payments!.settler!.settlements()).map((r) => r.reasons),
+      [['interval']],
+    );
     const expiryRecords = await expiring.agent.payments!.settler!.settlements();
-    assert.ok(expiryRecords.length >= 1 && expiryRecords.every((r) => r.reasons.join() === 'expiry'), JSON.stringify(expiryRecords.map((r) => r.reasons)));
+    assert.ok(
+      expiryRecords.length >= 1 && expiryRecords.every((r) => r.reasons.join() === 'expiry'),
+      JSON.stringify(expiryRecords.map((r) => r.reasons)),
+    );
   });
 
   test('a withdraw request settles the lane before the payer can leave', async (t) => {
@@ -136,7 +171,10 @@ describe('settlement relayer', () => {
     const payer = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
     await payer.requestWithdraw(payout);
     await waitFor(() => agent.payments!.settler!.counters.settledMicros === owed, 5_000, 'the withdraw-triggered settlement');
-    assert.deepEqual((await agent.payments!.settler!.settlements()).map((r) => r.reasons), [['withdraw']]);
+    assert.deepEqual(
+      (await agent.payments!.settler!.settlements()).map((r) => r.reasons),
+      [['withdraw']],
+    );
     await chain.increaseTime(3_601);
     const back = await payer.withdraw(payout);
     assert.equal(back.amount, 1_000_000n - BigInt(owed));
@@ -157,17 +195,33 @@ describe('settlement relayer', () => {
       brokerUrl: broker.url,
       identity: generateIdentity('router'),
       logger: quiet,
-      http: { port: 0, processMetrics: false, chain: { provider: chain.provider, escrow: deployment.escrow, fromBlock: deployment.deployBlock } },
+      http: {
+        port: 0,
+        processMetrics: false,
+        chain: { provider: chain.provider, escrow: deployment.escrow, fromBlock: deployment.deployBlock },
+      },
     });
     t.after(() => router.close());
     await router.waitForModel('kws', 10_000);
-    const lanes = (await (await fetch(`${router.http!.url}/v1/lanes`)).json()) as { lanes: { payer: string; payout: string; agents: string[]; settled_micros: number; remaining_micros: number }[] };
+    const lanes = (await (await fetch(`${router.http!.url}/v1/lanes`)).json()) as {
+      lanes: { payer: string; payout: string; agents: string[]; settled_micros: number; remaining_micros: number }[];
+    };
     const lane = lanes.lanes.find((l) => l.payout === payout)!;
-    assert.deepEqual(lane, { payer: wallet.address.toLowerCase(), payout, agents: [agent.id], remaining_micros: 1_000_000 - owed, settled_micros: owed, thaw_end: 0 });
+    assert.deepEqual(lane, {
+      payer: wallet.address.toLowerCase(),
+      payout,
+      agents: [agent.id],
+      remaining_micros: 1_000_000 - owed,
+      settled_micros: owed,
+      thaw_end: 0,
+    });
     const res = await fetch(`${router.http!.url}/v1/settlements?agent=${payout}`);
     const body = (await res.json()) as { settlements: { kind: string; delta_micros: number; payer: string }[]; settled_micros: number };
     assert.equal(body.settled_micros, owed);
-    assert.deepEqual(body.settlements.map((e) => [e.kind, e.delta_micros, e.payer]), [['settled', owed, wallet.address.toLowerCase()]]);
+    assert.deepEqual(
+      body.settlements.map((e) => [e.kind, e.delta_micros, e.payer]),
+      [['settled', owed, wallet.address.toLowerCase()]],
+    );
     assert.equal((await fetch(`${router.http!.url}/v1/settlements?payer=nope`)).status, 400);
   });
 
@@ -226,8 +280,14 @@ describe('settlement relayer', () => {
 
     // Every Settled event pays a fresh increase: their deltas add up to the balance.
     const contract = new ethers.Contract(deployment.escrow, ESCROW_ABI, chain.provider);
-    const events = (await contract.queryFilter(contract.filters.Settled!(null, ethers.getAddress(payout)), deployment.deployBlock)) as ethers.EventLog[];
+    const events = (await contract.queryFilter(
+      contract.filters.Settled!(null, ethers.getAddress(payout)),
+      deployment.deployBlock,
+    )) as ethers.EventLog[];
     assert.equal(events.length, 2);
-    assert.equal(events.reduce((s, e) => s + (e.args[3] as bigint), 0n), BigInt(owed));
+    assert.equal(
+      events.reduce((s, e) => s + (e.args[3] as bigint), 0n),
+      BigInt(owed),
+    );
   });
 });

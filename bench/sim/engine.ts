@@ -6,8 +6,8 @@
  */
 import { TailBudget } from '@edge-mesh/client';
 import { EventHeap } from './heap.ts';
+import { type LatencySummary, summarize } from './metrics.ts';
 import { Rng } from './rng.ts';
-import { summarize, type LatencySummary } from './metrics.ts';
 import type { FailureKind, Policy, PolicyEnv, ProbeReply, ReplyInfo, SimRequest } from './types.ts';
 import {
   BROKER_HOP_MS,
@@ -15,12 +15,12 @@ import {
   DRAWS,
   FAIL_FAST_MS,
   LOAD_REPORT_MS,
-  SERVICE_SIGMA,
   type NodeTruth,
+  SERVICE_SIGMA,
   type World,
 } from './world.ts';
 
-const enum Ev {
+enum Ev {
   Arrival,
   AtNode,
   SvcDone,
@@ -120,8 +120,7 @@ export function runSim(world: World, policy: Policy): SimResult {
   const budget = new TailBudget(tail?.budget ?? {}, 0);
 
   const dist = (x1: number, y1: number, x2: number, y2: number) => Math.hypot(x1 - x2, y1 - y2);
-  const clientOneWay = (r: SimRequest, n: NodeTruth) =>
-    dist(r.cx, r.cy, n.x, n.y) + n.heightMs + CLIENT_HEIGHT_MS + BROKER_HOP_MS;
+  const clientOneWay = (r: SimRequest, n: NodeTruth) => dist(r.cx, r.cy, n.x, n.y) + n.heightMs + CLIENT_HEIGHT_MS + BROKER_HOP_MS;
   const routerOneWay = (n: NodeTruth) => dist(world.routerX, world.routerY, n.x, n.y) + n.heightMs + BROKER_HOP_MS;
   const xfer = (bytes: number, n: NodeTruth) => (bytes * 8) / (n.bwMbps * 1000);
 
@@ -135,7 +134,9 @@ export function runSim(world: World, policy: Policy): SimResult {
       if (!up[node]) return; // no answer from a dead agent
       const n = nodes[node]!;
       const rif = n.failFast ? 0 : queues[node]!.length - qHead[node]! + busy[node]!;
-      const latencyMs = n.failFast ? FAIL_FAST_MS : execEwma[node]! * Math.max(1, (rif + 1) / n.slots) + (warmNow(node) ? 0 : Math.max(0, readyAt[node]! - now));
+      const latencyMs = n.failFast
+        ? FAIL_FAST_MS
+        : execEwma[node]! * Math.max(1, (rif + 1) / n.slots) + (warmNow(node) ? 0 : Math.max(0, readyAt[node]! - now));
       const id = probeSeq++;
       probeCbs.set(id, { node, reply: { rif, latencyMs }, cb });
       heap.push(now + 2 * routerOneWay(n), Ev.ProbeReply, id);

@@ -12,9 +12,11 @@
  * one-way) and a link-class bandwidth prior; everything else the registry learns from replies.
  */
 import {
+  type AgentEntry,
   createRegistry,
   evaluateOutliers,
   hedgeDelayMs,
+  type ModelEntry,
   markDown,
   onCancel,
   onFailure,
@@ -23,12 +25,10 @@ import {
   onReply,
   onSend,
   perTryTimeoutMs,
-  selectAgent,
-  upsertAgent,
-  type AgentEntry,
-  type ModelEntry,
   type Registry,
   type RouterOptions,
+  selectAgent,
+  upsertAgent,
 } from '@edge-mesh/router';
 import type { FailureKind, NodeInfo, Policy, PolicyEnv, ReplyInfo, SimRequest, TailPolicy } from './types.ts';
 import { BROKER_HOP_MS, CLIENT_HEIGHT_MS } from './world.ts';
@@ -54,7 +54,6 @@ export class OursPolicy implements Policy {
   readonly name: string;
   readonly tail: TailPolicy;
   private reg!: Registry;
-  private env!: PolicyEnv;
   private nodes: readonly NodeInfo[] = [];
   private agents: AgentEntry[] = [];
   private rng: () => number = () => 0;
@@ -96,7 +95,6 @@ export class OursPolicy implements Policy {
   }
 
   init(env: PolicyEnv): void {
-    this.env = env;
     this.nodes = env.nodes;
     this.rng = () => env.rng.next();
     this.reg = createRegistry({ site: '0', seed: 1, ...(this.opts.choices ? { choices: this.opts.choices } : {}), ...this.opts.router });
@@ -159,7 +157,7 @@ export class OursPolicy implements Policy {
 
   private index = new Map<string, number>();
   private indexOf(agentId: string): number {
-    if (this.index.size === 0) this.nodes.forEach((n) => this.index.set(n.agentId, n.id));
+    if (this.index.size === 0) for (const n of this.nodes) this.index.set(n.agentId, n.id);
     return this.index.get(agentId)!;
   }
 

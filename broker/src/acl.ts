@@ -22,7 +22,7 @@
  * Everything else is refused: `#`, `+/#`, `$SYS/#`, other clients' replies, other agents' requests, status or
  * replies in someone else's name, requests with a sender id that is not the publisher's own.
  */
-import { parseTopic, topics, type Role } from '@edge-mesh/protocol';
+import { parseTopic, type Role, topics } from '@edge-mesh/protocol';
 
 /** What the broker caches on each aedes client after its CONNECT was accepted. */
 export interface MeshSession {
@@ -154,7 +154,8 @@ export function aclPublish(s: MeshSession, topic: string): number {
       if (matchesIdBetween(topic, CLIENT_PREFIX, s.leaseTail)) return ACL_ALLOW;
       return clientPublish(s, topic);
     case 'bridge':
-      if (matchesIdBetween(topic, s.bridgeDevices, '/availability') || matchesIdBetween(topic, s.bridgeDevices, '/telemetry')) return ACL_ALLOW;
+      if (matchesIdBetween(topic, s.bridgeDevices, '/availability') || matchesIdBetween(topic, s.bridgeDevices, '/telemetry'))
+        return ACL_ALLOW;
       return clientPublish(s, topic);
     case 'app':
       return clientPublish(s, topic);

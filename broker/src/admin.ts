@@ -7,7 +7,16 @@
  *   client.publish(topics.adminRecords(op.id), encodeAdminRecord(admit(op, subject)), { qos: 1 });
  *   // … on topics.adminAcks(op.id): decodeAdminAck(payload) → { v: 1, kind: 'ack', id, ok: true }
  */
-import { checkAdminAck, decodeCbor, encodeMessage, MeshError, PROTOCOL_VERSION, toMeshError, type AdminAck, type SignedRecord } from '@edge-mesh/protocol';
+import {
+  type AdminAck,
+  checkAdminAck,
+  decodeCbor,
+  encodeMessage,
+  MeshError,
+  PROTOCOL_VERSION,
+  type SignedRecord,
+  toMeshError,
+} from '@edge-mesh/protocol';
 
 /** A SignedRecord is at most 4096 + 64 bytes of content; anything much larger is refused before decoding. */
 export const MAX_ADMIN_RECORD_BYTES = 8192;

@@ -39,6 +39,12 @@ export class PacketSizeGuard {
 
   constructor(private readonly maxPacketBytes: number) {}
 
+  /** Records the first rejection; every later chunk gets the same answer. */
+  private reject(rejection: GuardRejection): GuardRejection {
+    this.rejected = rejection;
+    return rejection;
+  }
+
   accept(chunk: Buffer): GuardRejection | undefined {
     if (this.rejected) return this.rejected;
     const n = chunk.length;
@@ -57,10 +63,10 @@ export class PacketSizeGuard {
         if (this.first) {
           this.first = false;
           // Every MQTT connection starts with CONNECT; anything else (HTTP, TLS hello, garbage) is dropped at once.
-          if (b !== CONNECT_FIRST_BYTE) return (this.rejected = { reason: 'not-mqtt', firstByte: b });
+          if (b !== CONNECT_FIRST_BYTE) return this.reject({ reason: 'not-mqtt', firstByte: b });
         } else if (type === 0 || type === 15) {
           // 0 is reserved, 15 is MQTT 5 AUTH: neither exists in 3.1.1.
-          return (this.rejected = { reason: 'bad-packet-type', firstByte: b });
+          return this.reject({ reason: 'bad-packet-type', firstByte: b });
         }
         this.lenBytes = 0;
         this.len = 0;
@@ -71,13 +77,13 @@ export class PacketSizeGuard {
       this.len += (b & 0x7f) * this.mul;
       this.lenBytes++;
       if (b & 0x80) {
-        if (this.lenBytes === 4) return (this.rejected = { reason: 'bad-remaining-length' });
+        if (this.lenBytes === 4) return this.reject({ reason: 'bad-remaining-length' });
         this.mul *= 128;
         continue;
       }
       const declaredBytes = 1 + this.lenBytes + this.len;
       if (declaredBytes > this.maxPacketBytes) {
-        return (this.rejected = { reason: 'packet-too-large', declaredBytes, maxPacketBytes: this.maxPacketBytes });
+        return this.reject({ reason: 'packet-too-large', declaredBytes, maxPacketBytes: this.maxPacketBytes });
       }
       this.lenBytes = -1;
       const rest = n - i;

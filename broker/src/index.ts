@@ -29,21 +29,34 @@
  * never logged. Further application checks plug into `hooks`, which run after all of the above.
  */
 import net from 'node:net';
-import { Aedes } from 'aedes';
+import {
+  type AdminAck,
+  type Admission,
+  type ConnectToken,
+  connectTokenMessage,
+  encodeMessage,
+  isValidId,
+  MeshError,
+  type Revocation,
+  readConnectToken,
+  roleOfId,
+  type SignedRecord,
+  verifyBytes,
+} from '@edge-mesh/protocol';
 import type { AuthenticateError, Client, ConnectPacket, PublishPacket, Subscription } from 'aedes';
-import { pino, type Logger } from 'pino';
-import { connectTokenMessage, encodeMessage, isValidId, MeshError, readConnectToken, roleOfId, verifyBytes, type AdminAck, type Admission, type ConnectToken, type Revocation, type SignedRecord } from '@edge-mesh/protocol';
-import { ACL_ADMIN, ACL_DENY, aclPublish, aclSubscribe, newSession, takeAdminToken, type MeshSession } from './acl.ts';
+import { Aedes } from 'aedes';
+import { type Logger, pino } from 'pino';
+import { ACL_ADMIN, ACL_DENY, aclPublish, aclSubscribe, type MeshSession, newSession, takeAdminToken } from './acl.ts';
 import { ackError, ackOk, parseAdminRecord } from './admin.ts';
 import { guardSocket } from './guard.ts';
 import { IpGuard, NonceCache } from './limits.ts';
+import type { BrokerOptions } from './options.ts';
 import { AEDES_MAX_TOPIC_LEVELS, resolveBrokerOptions } from './options.ts';
-import type { BrokerHooks, BrokerOptions } from './options.ts';
 import { checkPublish, checkSubscribeFilter, checkWill, isOwnStatusTopic, type TopicLimits } from './policy.ts';
 import { AdmissionStore } from './store.ts';
 
-export type { BrokerAuthOptions, BrokerHooks, BrokerOptions } from './options.ts';
 export { decodeAdminAck, encodeAdminRecord, MAX_ADMIN_RECORD_BYTES } from './admin.ts';
+export type { BrokerAuthOptions, BrokerHooks, BrokerOptions } from './options.ts';
 
 export interface BrokerHandle {
   /** The bound TCP port (the real one when `port: 0` was asked for). */
@@ -128,7 +141,10 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   const store = auth ? await AdmissionStore.open(auth.dataDir, auth.trustedOperators, log) : undefined;
 
   if (!auth) {
-    log.warn({ mode: 'open' }, 'open mode: anonymous clients are accepted and no topic ACLs apply (start the broker with auth to require admitted keys)');
+    log.warn(
+      { mode: 'open' },
+      'open mode: anonymous clients are accepted and no topic ACLs apply (start the broker with auth to require admitted keys)',
+    );
   }
 
   /** Warn once per `key` per second at most (floods from one source must not flood the log). */
@@ -136,7 +152,10 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   function warnThrottled(key: string, fields: Record<string, unknown>, msg: string): void {
     const now = Date.now();
     const last = lastWarn.get(key);
-    if (last !== undefined && now - last < 1000) return log.debug(fields, msg);
+    if (last !== undefined && now - last < 1000) {
+      log.debug(fields, msg);
+      return;
+    }
     if (lastWarn.size > 10_000) lastWarn.clear();
     lastWarn.set(key, now);
     log.warn(fields, msg);
@@ -212,7 +231,12 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     return { session: newSession(client.id, grant.role, grant.expires, publishBurst) };
   }
 
-  function refusePublish(ownerId: string | null | undefined, topic: string, reason: string, callback: (error?: Error | null) => void): void {
+  function refusePublish(
+    ownerId: string | null | undefined,
+    topic: string,
+    reason: string,
+    callback: (error?: Error | null) => void,
+  ): void {
     warnThrottled(`publish:${ownerId}:${reason}`, { clientId: ownerId ?? null, topic, reason }, 'publish refused');
     // For MQTT 3.1.1 aedes answers an error by closing the connection (there is no PUBACK error code).
     callback(new Error(`publish refused: ${reason}`));
@@ -234,59 +258,92 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
       const ip = ipOf(client);
       const rate = ips.connect(ip, now);
       if (rate !== 'ok') {
-        const fields = { clientId: packet.clientId?.slice(0, 64) || null, reason: rate === 'banned' ? 'banned' : 'connect-rate', remoteAddress: ip };
+        const fields = {
+          clientId: packet.clientId?.slice(0, 64) || null,
+          reason: rate === 'banned' ? 'banned' : 'connect-rate',
+          remoteAddress: ip,
+        };
         if (rate === 'connect-rate') log.warn(fields, 'connect refused');
         else log.debug(fields, 'connect refused');
         // Closed without a CONNACK: the cheapest answer to a storm; a well-behaved client backs off and retries.
-        return callback(new Error(`connect refused: ${fields.reason}`), false);
+        callback(new Error(`connect refused: ${fields.reason}`), false);
+        return;
       }
       if (packet.protocolVersion !== 4) {
         // MQTT 3.1.1 only (3.1, or 3.1.1's level with another name, is refused too). Lowering the level makes aedes
         // answer CONNACK 1 (unacceptable protocol version) itself, as §3.1.2.2 asks, before authenticate runs.
-        log.warn({ clientId: packet.clientId?.slice(0, 64) || null, reason: 'protocol-version', protocolVersion: packet.protocolVersion, remoteAddress: ip }, 'connect refused');
+        log.warn(
+          {
+            clientId: packet.clientId?.slice(0, 64) || null,
+            reason: 'protocol-version',
+            protocolVersion: packet.protocolVersion,
+            remoteAddress: ip,
+          },
+          'connect refused',
+        );
         countFailure(ip);
         packet.protocolVersion = 0 as never;
-        return callback(null, true);
+        callback(null, true);
+        return;
       }
       const refusal = checkConnect(client, packet, now);
       if (refusal) connectRefusals.set(client, refusal);
       const hook = hooks.preConnect;
-      if (!hook) return callback(null, true);
-      runHook(() => hook(client, packet), (err, ok) => {
-        if (err || ok !== true) {
-          const reason = err ? `hook: ${err.message}` : 'hook';
-          log.warn({ clientId: packet.clientId?.slice(0, 64) || null, topic: undefined, reason, remoteAddress: ip }, 'connect refused');
-          // aedes only closes the socket when preConnect reports an error; `false` alone would leave it open.
-          return callback(err ?? new Error('connect refused by preConnect hook'), false);
-        }
+      if (!hook) {
         callback(null, true);
-      });
+        return;
+      }
+      runHook(
+        () => hook(client, packet),
+        (err, ok) => {
+          if (err || ok !== true) {
+            const reason = err ? `hook: ${err.message}` : 'hook';
+            log.warn({ clientId: packet.clientId?.slice(0, 64) || null, topic: undefined, reason, remoteAddress: ip }, 'connect refused');
+            // aedes only closes the socket when preConnect reports an error; `false` alone would leave it open.
+            return callback(err ?? new Error('connect refused by preConnect hook'), false);
+          }
+          callback(null, true);
+        },
+      );
     },
 
-    authenticate(client: Client, username: string | undefined, password: Buffer | undefined, callback: (error: AuthenticateError | null, success: boolean | null) => void): void {
+    authenticate(
+      client: Client,
+      username: string | undefined,
+      password: Buffer | undefined,
+      callback: (error: AuthenticateError | null, success: boolean | null) => void,
+    ): void {
       const refusal = connectRefusals.get(client);
       if (refusal) {
         connectRefusals.delete(client);
         pendingTokens.delete(client);
         connectFailed(client, refusal.reason, refusal.topic);
-        return callback(authError(refusal.reason, refusal.returnCode), false);
+        callback(authError(refusal.reason, refusal.returnCode), false);
+        return;
       }
       const verdict = verifyClient(client, Date.now());
       if ('reason' in verdict) {
         connectFailed(client, verdict.reason);
-        return callback(authError(verdict.reason, CONNACK_NOT_AUTHORIZED), false);
+        callback(authError(verdict.reason, CONNACK_NOT_AUTHORIZED), false);
+        return;
       }
       (client as MeshClient)[SESSION] = verdict.session;
       const hook = hooks.authenticate;
-      if (!hook) return callback(null, true);
-      runHook(() => hook(client, username, password), (err, ok) => {
-        if (err || ok !== true) {
-          const reason = err ? `hook: ${err.message}` : 'hook';
-          connectFailed(client, reason);
-          return callback(authError(reason, CONNACK_NOT_AUTHORIZED), false);
-        }
+      if (!hook) {
         callback(null, true);
-      });
+        return;
+      }
+      runHook(
+        () => hook(client, username, password),
+        (err, ok) => {
+          if (err || ok !== true) {
+            const reason = err ? `hook: ${err.message}` : 'hook';
+            connectFailed(client, reason);
+            return callback(authError(reason, CONNACK_NOT_AUTHORIZED), false);
+          }
+          callback(null, true);
+        },
+      );
     },
 
     authorizePublish(client: Client | null, packet: PublishPacket, callback: (error?: Error | null) => void): void {
@@ -295,7 +352,10 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
       const ownerId = client ? client.id : (packet as { clientId?: string }).clientId;
       const topic = packet.topic;
       const reason = checkPublish(packet, ownerId, limits);
-      if (reason !== undefined) return refusePublish(ownerId, topic, reason, callback);
+      if (reason !== undefined) {
+        refusePublish(ownerId, topic, reason, callback);
+        return;
+      }
       const session = client === null ? undefined : (client as MeshClient)[SESSION];
       let adminRecord = false;
       if (session !== undefined) {
@@ -307,60 +367,85 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
           session.last = now;
           if (tokens < 1) {
             session.tokens = tokens;
-            return refusePublish(ownerId, topic, 'publish-rate', callback);
+            refusePublish(ownerId, topic, 'publish-rate', callback);
+            return;
           }
           session.tokens = tokens - 1;
         }
         if (auth) {
           const acl = aclPublish(session, topic);
-          if (acl === ACL_DENY) return refusePublish(ownerId, topic, 'acl', callback);
+          if (acl === ACL_DENY) {
+            refusePublish(ownerId, topic, 'acl', callback);
+            return;
+          }
           if (acl === ACL_ADMIN) {
-            if (!takeAdminToken(session, Date.now())) return refusePublish(ownerId, topic, 'admin-rate', callback);
+            if (!takeAdminToken(session, Date.now())) {
+              refusePublish(ownerId, topic, 'admin-rate', callback);
+              return;
+            }
             adminRecord = true;
           }
         }
       } else if (auth && (client !== null || !isOwnStatusTopic(topic, ownerId) || roleOfId(ownerId ?? '') !== 'agent')) {
         // No session: an orphaned will (client null) may only be its agent's own status.
-        return refusePublish(ownerId, topic, 'acl', callback);
+        refusePublish(ownerId, topic, 'acl', callback);
+        return;
       }
       // An admin record is applied by the broker and acknowledged on the operator's acks topic. Nobody may subscribe
       // to admin records, so letting aedes go on (which sends the PUBACK) forwards it to no one.
       const hook = hooks.authorizePublish;
       if (!hook) {
         if (adminRecord) void applyAdminRecord(session!, packet.payload as Buffer);
-        return callback(null);
-      }
-      runHook(() => hook(client, packet), (err, ok) => {
-        if (err || ok !== true) return refusePublish(ownerId, topic, err ? `hook: ${err.message}` : 'hook', callback);
-        if (adminRecord) void applyAdminRecord(session!, packet.payload as Buffer);
         callback(null);
-      });
+        return;
+      }
+      runHook(
+        () => hook(client, packet),
+        (err, ok) => {
+          if (err || ok !== true) return refusePublish(ownerId, topic, err ? `hook: ${err.message}` : 'hook', callback);
+          if (adminRecord) void applyAdminRecord(session!, packet.payload as Buffer);
+          callback(null);
+        },
+      );
     },
 
-    authorizeSubscribe(client: Client, sub: Subscription, callback: (error: Error | null, subscription?: Subscription | null) => void): void {
+    authorizeSubscribe(
+      client: Client,
+      sub: Subscription,
+      callback: (error: Error | null, subscription?: Subscription | null) => void,
+    ): void {
       const reason = checkSubscribeFilter(sub.topic, limits);
       if (reason !== undefined) {
         warnThrottled(`subscribe:${client.id}`, { clientId: client.id, topic: sub.topic, reason }, 'subscribe refused');
-        return callback(null, null); // SUBACK 0x80 for this filter; the connection stays up
+        // SUBACK 0x80 for this filter; the connection stays up
+        callback(null, null);
+        return;
       }
       if (auth) {
         const session = (client as MeshClient)[SESSION];
         if (session === undefined || !aclSubscribe(session, sub.topic)) {
           warnThrottled(`subscribe:${client.id}`, { clientId: client.id, topic: sub.topic, reason: 'acl' }, 'subscribe refused');
-          return callback(null, null);
+          callback(null, null);
+          return;
         }
       }
       if (sub.qos === 2) sub.qos = 1;
       const hook = hooks.authorizeSubscribe;
-      if (!hook) return callback(null, sub);
-      runHook(() => hook(client, sub), (err, allowed) => {
-        if (err || !allowed) {
-          log.warn({ clientId: client.id, topic: sub.topic, reason: err ? `hook: ${err.message}` : 'hook' }, 'subscribe refused');
-          return callback(null, null);
-        }
-        if (allowed.qos === 2) allowed.qos = 1;
-        callback(null, allowed);
-      });
+      if (!hook) {
+        callback(null, sub);
+        return;
+      }
+      runHook(
+        () => hook(client, sub),
+        (err, allowed) => {
+          if (err || !allowed) {
+            log.warn({ clientId: client.id, topic: sub.topic, reason: err ? `hook: ${err.message}` : 'hook' }, 'subscribe refused');
+            return callback(null, null);
+          }
+          if (allowed.qos === 2) allowed.qos = 1;
+          callback(null, allowed);
+        },
+      );
     },
   });
 
@@ -402,9 +487,12 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
       log.warn({ clientId: session.id, id, reason: ack.code, err: ack.message }, 'admin record refused');
     }
     if (closing) return;
-    aedes.publish({ cmd: 'publish', topic: session.adminAcks, payload: encodeMessage(ack as never), qos: 1, retain: false, dup: false }, (err) => {
-      if (err) log.warn({ clientId: session.id, err: err.message }, 'admin ack not published');
-    });
+    aedes.publish(
+      { cmd: 'publish', topic: session.adminAcks, payload: encodeMessage(ack as never), qos: 1, retain: false, dup: false },
+      (err) => {
+        if (err) log.warn({ clientId: session.id, err: err.message }, 'admin ack not published');
+      },
+    );
   }
 
   /** Cuts a client off when its admission expires. */
@@ -471,13 +559,18 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     });
     guardSocket(socket, maxPacketBytes, (rejection) => {
       const client = (socket as net.Socket & { client?: Client }).client;
-      log.warn({ clientId: client?.id ?? null, topic: undefined, remoteAddress: socket.remoteAddress, ...rejection }, 'connection dropped by framing guard');
+      log.warn(
+        { clientId: client?.id ?? null, topic: undefined, remoteAddress: socket.remoteAddress, ...rejection },
+        'connection dropped by framing guard',
+      );
     });
     const client = aedes.handle(socket);
     downgradeSubscribeQoS(client);
   });
   server.maxConnections = opts.maxConnections;
-  server.on('drop', (data) => warnThrottled('drop', { remoteAddress: data?.remoteAddress, reason: 'max-connections' }, 'connection dropped'));
+  server.on('drop', (data) =>
+    warnThrottled('drop', { remoteAddress: data?.remoteAddress, reason: 'max-connections' }, 'connection dropped'),
+  );
 
   // Forget idle per-IP state and expired nonces.
   const sweeper = setInterval(() => {
@@ -551,7 +644,10 @@ function runHook<T>(run: () => T | Promise<T>, done: (err: Error | null, value?:
     return;
   }
   if (result !== null && typeof result === 'object' && typeof (result as Promise<T>).then === 'function') {
-    (result as Promise<T>).then((value) => done(null, value), (err: unknown) => done(asError(err)));
+    (result as Promise<T>).then(
+      (value) => done(null, value),
+      (err: unknown) => done(asError(err)),
+    );
   } else {
     done(null, result as T);
   }

@@ -1,9 +1,10 @@
 /**
  * Broker options: the public option/hook types, their defaults and validation.
  */
-import type { Logger } from 'pino';
-import type { Client, ConnectPacket, PublishPacket, Subscription } from 'aedes';
+
 import { idMatchesKey, isValidId, MAX_TOPIC_BYTES, MAX_TOPIC_LEVELS, MeshError, roleOfId } from '@edge-mesh/protocol';
+import type { Client, ConnectPacket, PublishPacket, Subscription } from 'aedes';
+import type { Logger } from 'pino';
 import { MQTT_MAX_REMAINING_LENGTH } from './guard.ts';
 import type { IpLimits } from './limits.ts';
 
@@ -117,10 +118,28 @@ export interface ResolvedBrokerOptions extends IpLimits {
 }
 
 const KNOWN_KEYS = new Set([
-  'port', 'host', 'maxPacketBytes', 'connectTimeoutMs', 'maxTopicLevels', 'maxTopicBytes', 'maxConnections',
-  'keepaliveLimitS', 'drainTimeoutMs', 'queueLimit', 'maxClientIdLength', 'maxConnectionsPerIp', 'connectRatePerIp',
-  'connectBurstPerIp', 'authFailuresBeforeBan', 'authFailureWindowMs', 'banMs', 'publishRatePerClient',
-  'publishBurstPerClient', 'logger', 'hooks', 'auth',
+  'port',
+  'host',
+  'maxPacketBytes',
+  'connectTimeoutMs',
+  'maxTopicLevels',
+  'maxTopicBytes',
+  'maxConnections',
+  'keepaliveLimitS',
+  'drainTimeoutMs',
+  'queueLimit',
+  'maxClientIdLength',
+  'maxConnectionsPerIp',
+  'connectRatePerIp',
+  'connectBurstPerIp',
+  'authFailuresBeforeBan',
+  'authFailureWindowMs',
+  'banMs',
+  'publishRatePerClient',
+  'publishBurstPerClient',
+  'logger',
+  'hooks',
+  'auth',
 ]);
 const AUTH_KEYS = new Set(['trustedOperators', 'dataDir', 'maxClockSkewMs', 'nonceTtlMs']);
 const HOOK_KEYS = new Set(['preConnect', 'authenticate', 'authorizePublish', 'authorizeSubscribe']);
@@ -207,9 +226,27 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     throw new MeshError('MESH_CONFIG', `invalid broker options: ${bad.join(', ')}`, { details: { fields } });
   }
   return {
-    port, host, maxPacketBytes, connectTimeoutMs, maxTopicLevels, maxTopicBytes, maxConnections, keepaliveLimitS,
-    drainTimeoutMs, queueLimit, maxClientIdLength, maxConnectionsPerIp, connectRatePerIp, connectBurstPerIp,
-    authFailuresBeforeBan, authFailureWindowMs, banMs, publishRatePerClient, publishBurstPerClient, logger, hooks,
+    port,
+    host,
+    maxPacketBytes,
+    connectTimeoutMs,
+    maxTopicLevels,
+    maxTopicBytes,
+    maxConnections,
+    keepaliveLimitS,
+    drainTimeoutMs,
+    queueLimit,
+    maxClientIdLength,
+    maxConnectionsPerIp,
+    connectRatePerIp,
+    connectBurstPerIp,
+    authFailuresBeforeBan,
+    authFailureWindowMs,
+    banMs,
+    publishRatePerClient,
+    publishBurstPerClient,
+    logger,
+    hooks,
     auth: resolvedAuth,
   };
 }

@@ -105,7 +105,8 @@ export function checkPublish(
   if (packet.qos === 2) return 'qos2';
   const refusal = checkPublishTopic(packet.topic, limits);
   if (refusal !== undefined) return refusal;
-  if (packet.retain && !isOwnStatusTopic(packet.topic, ownerId) && !isOwnDeviceAvailabilityTopic(packet.topic, ownerId)) return 'retain-not-own-status';
+  if (packet.retain && !isOwnStatusTopic(packet.topic, ownerId) && !isOwnDeviceAvailabilityTopic(packet.topic, ownerId))
+    return 'retain-not-own-status';
   return undefined;
 }
 

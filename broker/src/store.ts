@@ -13,9 +13,19 @@
  * The trusted operators are admitted implicitly with role operator; revocations do not apply to them (remove them
  * from the configuration instead).
  */
+
+import {
+  type Admission,
+  decodeCbor,
+  encodeMessage,
+  MeshError,
+  type Revocation,
+  roleOfId,
+  type SignedRecord,
+  verifyRecord,
+} from '@edge-mesh/protocol';
 import { Level } from 'level';
 import type { Logger } from 'pino';
-import { decodeCbor, encodeMessage, MeshError, roleOfId, verifyRecord, type Admission, type Revocation, type SignedRecord } from '@edge-mesh/protocol';
 
 const ADMISSION = 'adm!';
 const REVOCATION = 'rev!';
@@ -110,7 +120,10 @@ export class AdmissionStore {
       }
       const revocation = this.revoked.get(record.id);
       if (revocation && revocation.revokedAt >= record.issuedAt) {
-        throw new MeshError('MESH_BAD_REQUEST', `${record.id} was revoked at ${revocation.revokedAt}, after this admission was issued: sign a new one`);
+        throw new MeshError(
+          'MESH_BAD_REQUEST',
+          `${record.id} was revoked at ${revocation.revokedAt}, after this admission was issued: sign a new one`,
+        );
       }
       await this.db.put(ADMISSION + record.id, encodeRecord(signed), { sync: true });
       this.admitted.set(record.id, record);
@@ -124,11 +137,17 @@ export class AdmissionStore {
       const record = verifyRecord(signed, this.trusted, nowMs);
       if (record.kind !== 'revocation') throw new MeshError('MESH_BAD_REQUEST', `expected a revocation, got an ${record.kind}`);
       if (this.trusted.has(record.id)) {
-        throw new MeshError('MESH_BAD_REQUEST', `${record.id} is a trusted operator of this broker: remove it from the configuration instead`);
+        throw new MeshError(
+          'MESH_BAD_REQUEST',
+          `${record.id} is a trusted operator of this broker: remove it from the configuration instead`,
+        );
       }
       const admission = this.admitted.get(record.id);
       if (admission && admission.issuedAt > record.revokedAt) {
-        throw new MeshError('MESH_BAD_REQUEST', `${record.id} was admitted at ${admission.issuedAt}, after this revocation was signed: sign a new one`);
+        throw new MeshError(
+          'MESH_BAD_REQUEST',
+          `${record.id} was admitted at ${admission.issuedAt}, after this revocation was signed: sign a new one`,
+        );
       }
       const current = this.revoked.get(record.id);
       if (current && current.revokedAt >= record.revokedAt) return current;

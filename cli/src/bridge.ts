@@ -4,9 +4,9 @@
  * folder, which only one process can hold: stop the bridge before changing it).
  */
 import path from 'node:path';
-import { InvalidArgumentError, Option, type Command } from 'commander';
-import { MeshError } from '@edge-mesh/protocol';
 import { loadKeyFile } from '@edge-mesh/client';
+import { MeshError } from '@edge-mesh/protocol';
+import { type Command, InvalidArgumentError, Option } from 'commander';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 
 const DEFAULT_REGISTRY = path.join('.mesh-data', 'bridge', 'devices');
@@ -43,14 +43,22 @@ export function registerBridgeCommands(program: Command): void {
     .command('run', { isDefault: true })
     .description('serve provisioned devices over UDP and serial ports, as a mesh client (the default subcommand)')
     .option('--broker <url>', 'broker URL', 'mqtt://127.0.0.1:1883')
-    .option('--key <file>', 'the bridge key file (edge-mesh keys new --role bridge), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts')
+    .option(
+      '--key <file>',
+      'the bridge key file (edge-mesh keys new --role bridge), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',
+    )
     .option('--registry <dir>', 'device registry folder', DEFAULT_REGISTRY)
     .option('--udp-host <host>', 'UDP address to listen on', '127.0.0.1')
     .option('--udp-port <port>', 'UDP port (0: any free port; --no-udp turns UDP off)', port, 5685)
     .option('--no-udp', 'do not listen on UDP')
     .option('--serial <path...>', 'serial ports to serve (e.g. /dev/ttyUSB0, a pty)')
     .option('--baud <rate>', 'serial baud rate', (v: string) => Number(v), 115_200)
-    .option('--models <names>', 'model table sent to devices, in id order (id 1 first)', (v: string) => v.split(',').filter(Boolean), DEFAULT_BRIDGE_MODELS)
+    .option(
+      '--models <names>',
+      'model table sent to devices, in id order (id 1 first)',
+      (v: string) => v.split(',').filter(Boolean),
+      DEFAULT_BRIDGE_MODELS,
+    )
     .addOption(new Option('--log-level <level>', 'log level (logs go to stderr)').choices(LOG_LEVELS).default('info'))
     .action(async (opts) => {
       const logger = cliLogger(opts.logLevel);
@@ -72,7 +80,10 @@ export function registerBridgeCommands(program: Command): void {
           closers.push(() => serial.close());
           logger.info({ path: p, baud: opts.baud }, 'bridge serving serial port');
         }
-        logger.info({ bridgeId: core.id, devices: registry.list().filter((d) => d.revokedAt === undefined).length, models: opts.models }, 'bridge ready');
+        logger.info(
+          { bridgeId: core.id, devices: registry.list().filter((d) => d.revokedAt === undefined).length, models: opts.models },
+          'bridge ready',
+        );
         await new Promise<void>((resolve) => {
           process.once('SIGINT', () => resolve());
           process.once('SIGTERM', () => resolve());
@@ -99,7 +110,9 @@ export function registerBridgeCommands(program: Command): void {
       try {
         const record = await registry.provision(opts.name ? { name: opts.name } : {});
         if (opts.json) {
-          process.stdout.write(`${JSON.stringify({ device_id: record.deviceId, long_id: record.longId, name: record.name, key: record.key, bridge: opts.bridge })}\n`);
+          process.stdout.write(
+            `${JSON.stringify({ device_id: record.deviceId, long_id: record.longId, name: record.name, key: record.key, bridge: opts.bridge })}\n`,
+          );
         } else process.stdout.write(flashHeader(record, opts.bridge));
         process.stderr.write(`provisioned ${record.longId}; the key is secret: flash it into the device's key storage, do not log it\n`);
       } finally {
@@ -109,13 +122,16 @@ export function registerBridgeCommands(program: Command): void {
 
   bridge
     .command('revoke')
-    .description('revoke a device: the bridge refuses its frames from then on (stop a running bridge first: one process holds the registry)')
+    .description(
+      'revoke a device: the bridge refuses its frames from then on (stop a running bridge first: one process holds the registry)',
+    )
     .argument('<device>', 'device id: dev-xxxxxxxx, 0x… or decimal')
     .option('--registry <dir>', 'device registry folder', DEFAULT_REGISTRY)
     .action(async (ref: string, opts) => {
       const { DeviceRegistry, parseDeviceRef } = await loadBridge();
       const deviceId = parseDeviceRef(ref);
-      if (deviceId === undefined) throw new MeshError('MESH_CONFIG', `${JSON.stringify(ref)} is not a device id (dev-xxxxxxxx, 0x… or decimal)`);
+      if (deviceId === undefined)
+        throw new MeshError('MESH_CONFIG', `${JSON.stringify(ref)} is not a device id (dev-xxxxxxxx, 0x… or decimal)`);
       const registry = await DeviceRegistry.open(path.resolve(opts.registry));
       try {
         const record = await registry.revoke(deviceId);
@@ -149,7 +165,9 @@ export function registerBridgeCommands(program: Command): void {
       const registry = await DeviceRegistry.open(path.resolve(opts.registry));
       try {
         for (const d of registry.list()) {
-          process.stdout.write(`${JSON.stringify({ long_id: d.longId, device_id: d.deviceId, name: d.name, created_at: d.createdAt, revoked: d.revokedAt !== undefined, epoch: d.epoch })}\n`);
+          process.stdout.write(
+            `${JSON.stringify({ long_id: d.longId, device_id: d.deviceId, name: d.name, created_at: d.createdAt, revoked: d.revokedAt !== undefined, epoch: d.epoch })}\n`,
+          );
         }
       } finally {
         await registry.close();

@@ -11,11 +11,11 @@
  */
 import { chmod, readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { Command, InvalidArgumentError, Option } from 'commander';
-import type { ethers } from 'ethers';
-import { MeshError } from '@edge-mesh/protocol';
 import type { EscrowClient, SettleOutcome } from '@edge-mesh/contracts';
 import type { SignedVoucher } from '@edge-mesh/protocol';
+import { MeshError } from '@edge-mesh/protocol';
+import { type Command, InvalidArgumentError, Option } from 'commander';
+import type { ethers } from 'ethers';
 
 export interface ChainOptions {
   rpc?: string;
@@ -63,16 +63,26 @@ const chainOptions = (cmd: Command, { needsKey }: { needsKey: boolean }) =>
     .option('--escrow <address>', 'MeshEscrow address (env MESH_ESCROW)')
     .option('--token <address>', 'stablecoin address; read from the escrow when omitted (env MESH_TOKEN)')
     .option('--deployment <file>', 'JSON written by `edge-mesh chain --out`: supplies rpc, escrow and token')
-    .option('--key <file>', `file with a 0x-hex EVM private key${needsKey ? '' : ' (optional here)'} (env MESH_EVM_KEY holds the key itself)`);
+    .option(
+      '--key <file>',
+      `file with a 0x-hex EVM private key${needsKey ? '' : ' (optional here)'} (env MESH_EVM_KEY holds the key itself)`,
+    );
 
 /** Reads the EVM private key from --key FILE or MESH_EVM_KEY; never prints it. */
-export async function loadEvmKey(file: string | undefined, warn: (m: string) => void = (m) => process.stderr.write(`edge-mesh: warning: ${m}\n`)): Promise<string | undefined> {
+export async function loadEvmKey(
+  file: string | undefined,
+  warn: (m: string) => void = (m) => process.stderr.write(`edge-mesh: warning: ${m}\n`),
+): Promise<string | undefined> {
   let text: string | undefined;
   if (file !== undefined) {
     try {
       text = await readFile(file, 'utf8');
     } catch (err) {
-      throw new MeshError('MESH_CONFIG', `cannot read EVM key file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { cause: err });
+      throw new MeshError(
+        'MESH_CONFIG',
+        `cannot read EVM key file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+        { cause: err },
+      );
     }
     if (process.platform !== 'win32') {
       const { mode } = await stat(file);
@@ -89,12 +99,16 @@ export async function loadEvmKey(file: string | undefined, warn: (m: string) => 
   } else if (process.env.MESH_EVM_KEY) text = process.env.MESH_EVM_KEY.trim();
   if (text === undefined) return undefined;
   const key = text.startsWith('0x') ? text : `0x${text}`;
-  if (!/^0x[0-9a-fA-F]{64}$/.test(key)) throw new MeshError('MESH_CONFIG', `${file ? `EVM key file ${file}` : 'MESH_EVM_KEY'} does not hold a 32-byte hex private key`);
+  if (!/^0x[0-9a-fA-F]{64}$/.test(key))
+    throw new MeshError('MESH_CONFIG', `${file ? `EVM key file ${file}` : 'MESH_EVM_KEY'} does not hold a 32-byte hex private key`);
   return key;
 }
 
 /** Resolves the chain settings and connects an escrow client (with a signer when a key is given). */
-export async function connectFromOptions(opts: ChainOptions, { needsKey }: { needsKey: boolean }): Promise<{ client: EscrowClient; provider: ethers.JsonRpcProvider; signer?: ethers.Wallet }> {
+export async function connectFromOptions(
+  opts: ChainOptions,
+  { needsKey }: { needsKey: boolean },
+): Promise<{ client: EscrowClient; provider: ethers.JsonRpcProvider; signer?: ethers.Wallet }> {
   let fromFile: Partial<DeploymentFile> = {};
   if (opts.deployment !== undefined) {
     try {
@@ -106,13 +120,21 @@ export async function connectFromOptions(opts: ChainOptions, { needsKey }: { nee
   const rpc = opts.rpc ?? process.env.MESH_RPC_URL ?? fromFile.rpcUrl;
   const escrow = opts.escrow ?? process.env.MESH_ESCROW ?? fromFile.escrow;
   const token = opts.token ?? process.env.MESH_TOKEN ?? fromFile.token;
-  if (!rpc) throw new MeshError('MESH_CONFIG', 'no chain: pass --rpc URL, set MESH_RPC_URL, or pass --deployment FILE (from `edge-mesh chain --out FILE`)');
+  if (!rpc)
+    throw new MeshError(
+      'MESH_CONFIG',
+      'no chain: pass --rpc URL, set MESH_RPC_URL, or pass --deployment FILE (from `edge-mesh chain --out FILE`)',
+    );
   if (!escrow) throw new MeshError('MESH_CONFIG', 'no escrow: pass --escrow ADDRESS, set MESH_ESCROW, or pass --deployment FILE');
   const { ethers } = await loadEthers();
   if (!ethers.isAddress(escrow)) throw new MeshError('MESH_CONFIG', `--escrow is not an EVM address: ${escrow}`);
   if (token !== undefined && !ethers.isAddress(token)) throw new MeshError('MESH_CONFIG', `--token is not an EVM address: ${token}`);
   const key = await loadEvmKey(opts.key);
-  if (needsKey && key === undefined) throw new MeshError('MESH_CONFIG', 'this command sends a transaction: pass --key FILE (a 0x-hex EVM private key, mode 0600) or set MESH_EVM_KEY');
+  if (needsKey && key === undefined)
+    throw new MeshError(
+      'MESH_CONFIG',
+      'this command sends a transaction: pass --key FILE (a 0x-hex EVM private key, mode 0600) or set MESH_EVM_KEY',
+    );
   const provider = new ethers.JsonRpcProvider(rpc, undefined, { batchMaxCount: 1, cacheTimeout: -1, pollingInterval: 250 });
   const signer = key === undefined ? undefined : new ethers.Wallet(key, provider);
   const { EscrowClient } = await loadEscrow();
@@ -124,7 +146,11 @@ export async function connectFromOptions(opts: ChainOptions, { needsKey }: { nee
 }
 
 /** Runs a chain command, turning the client's coded errors into `CODE: message` and closing the provider. */
-async function withClient<T>(opts: ChainOptions, needsKey: boolean, body: (c: { client: EscrowClient; signer?: ethers.Wallet }) => Promise<T>): Promise<T> {
+async function withClient<T>(
+  opts: ChainOptions,
+  needsKey: boolean,
+  body: (c: { client: EscrowClient; signer?: ethers.Wallet }) => Promise<T>,
+): Promise<T> {
   const { EscrowError } = await loadEscrow();
   let provider: ethers.JsonRpcProvider | undefined;
   try {
@@ -151,14 +177,20 @@ export async function readVoucherFile(file: string): Promise<SignedVoucher[]> {
     throw new MeshError('MESH_BAD_INPUT', `cannot read vouchers file ${file}: ${(err as Error).message}`, { cause: err });
   }
   const list = Array.isArray(raw) ? raw : (raw as { vouchers?: unknown })?.vouchers;
-  if (!Array.isArray(list) || list.length === 0) throw new MeshError('MESH_BAD_INPUT', `${file}: expected a non-empty JSON array of { voucher, signature }`);
+  if (!Array.isArray(list) || list.length === 0)
+    throw new MeshError('MESH_BAD_INPUT', `${file}: expected a non-empty JSON array of { voucher, signature }`);
   return list.map((e, i) => {
     const entry = e as { voucher?: Record<string, unknown>; signature?: unknown };
     const v = entry?.voucher;
     try {
       if (!v || typeof entry.signature !== 'string') throw new Error('needs voucher and signature');
       return {
-        voucher: { agent: String(v.agent), cumulative: BigInt(v.cumulative as string), receiptsRoot: String(v.receiptsRoot), expiry: BigInt(v.expiry as string) },
+        voucher: {
+          agent: String(v.agent),
+          cumulative: BigInt(v.cumulative as string),
+          receiptsRoot: String(v.receiptsRoot),
+          expiry: BigInt(v.expiry as string),
+        },
         signature: entry.signature,
       };
     } catch (err) {
@@ -171,7 +203,11 @@ export async function readVoucherFile(file: string): Promise<SignedVoucher[]> {
  * Settles signed vouchers: one settle() for a single agent, settleMany() for several. The place to grow
  * relayer policy (thresholds, batching limits) from.
  */
-export async function settleVouchers(client: EscrowClient, entries: readonly SignedVoucher[], { maxPerTx = 100 }: { maxPerTx?: number } = {}): Promise<SettleOutcome[]> {
+export async function settleVouchers(
+  client: EscrowClient,
+  entries: readonly SignedVoucher[],
+  { maxPerTx = 100 }: { maxPerTx?: number } = {},
+): Promise<SettleOutcome[]> {
   const byAgent = new Map<string, SignedVoucher[]>();
   for (const e of entries) {
     const key = e.voucher.agent.toLowerCase();
@@ -201,18 +237,25 @@ export async function settleVouchers(client: EscrowClient, entries: readonly Sig
 export function registerChainCommands(program: Command): void {
   program
     .command('chain')
-    .description('start a local EVM chain (Hardhat 2 on loopback), deploy the escrow and a mock 6-decimal stablecoin, print the addresses as JSON, and run until Ctrl-C')
+    .description(
+      'start a local EVM chain (Hardhat 2 on loopback), deploy the escrow and a mock 6-decimal stablecoin, print the addresses as JSON, and run until Ctrl-C',
+    )
     .option('--port <port>', 'JSON-RPC port on 127.0.0.1 (0 for any free port)', port, 8545)
     .option('--thaw <seconds>', 'withdrawal thaw period of the escrow', seconds, 3_600)
     .option('--accounts <n>', 'funded development accounts', (v) => Number(v), 10)
     .option('--out <file>', 'also write the deployment JSON here (for --deployment)')
-    .option('--write-keys <dir>', "write the development accounts' EVM keys (public Hardhat keys, local use only) as evm-<i>.key files, mode 0600")
+    .option(
+      '--write-keys <dir>',
+      "write the development accounts' EVM keys (public Hardhat keys, local use only) as evm-<i>.key files, mode 0600",
+    )
     .addOption(new Option('--duration <seconds>', 'stop by itself after this many seconds').argParser(seconds))
     .action(async (opts: { port: number; thaw: number; accounts: number; out?: string; writeKeys?: string; duration?: number }) => {
       const { startLocalChain, deployMesh } = await import('@edge-mesh/contracts/dev');
-      const chain = await startLocalChain({ port: opts.port, accounts: opts.accounts, log: (m) => process.stderr.write(`${m}\n`) }).catch((err: unknown) => {
-        throw new MeshError('MESH_CONFIG', `local chain did not start: ${(err as Error).message}`, { cause: err });
-      });
+      const chain = await startLocalChain({ port: opts.port, accounts: opts.accounts, log: (m) => process.stderr.write(`${m}\n`) }).catch(
+        (err: unknown) => {
+          throw new MeshError('MESH_CONFIG', `local chain did not start: ${(err as Error).message}`, { cause: err });
+        },
+      );
       try {
         const mesh = await deployMesh(chain.wallet(0), { thawSeconds: opts.thaw });
         const deployment: DeploymentFile = {
@@ -245,7 +288,9 @@ export function registerChainCommands(program: Command): void {
       }
     });
 
-  chainOptions(program.command('fund').description("move stablecoin into your lane to an agent (the payer is --key's address)"), { needsKey: true })
+  chainOptions(program.command('fund').description("move stablecoin into your lane to an agent (the payer is --key's address)"), {
+    needsKey: true,
+  })
     .requiredOption('--agent <address>', "the agent's payout address")
     .requiredOption('--amount <micros>', 'token units to add (6 decimals: 1000000 = 1 USD)', micros)
     .option('--permit', 'fund in one transaction with an EIP-2612 permit instead of approve + fund', false)
@@ -255,12 +300,24 @@ export function registerChainCommands(program: Command): void {
         const payer = await client.address();
         if (opts.mint) await client.mint(payer, opts.amount);
         const tx = opts.permit ? await client.fundWithPermit(opts.agent, opts.amount) : await client.fund(opts.agent, opts.amount);
-        printJson({ payer, agent: opts.agent, funded: opts.amount, tx: tx.hash, gasUsed: tx.gasUsed, lane: await client.laneOf(payer, opts.agent) });
+        printJson({
+          payer,
+          agent: opts.agent,
+          funded: opts.amount,
+          tx: tx.hash,
+          gasUsed: tx.gasUsed,
+          lane: await client.laneOf(payer, opts.agent),
+        });
       });
     });
 
-  chainOptions(program.command('settle').description('settle signed vouchers from a JSON file (anyone may relay; --key pays the gas)'), { needsKey: true })
-    .requiredOption('--vouchers <file>', 'JSON array of { voucher: { agent, cumulative, receiptsRoot, expiry }, signature } (numbers as strings)')
+  chainOptions(program.command('settle').description('settle signed vouchers from a JSON file (anyone may relay; --key pays the gas)'), {
+    needsKey: true,
+  })
+    .requiredOption(
+      '--vouchers <file>',
+      'JSON array of { voucher: { agent, cumulative, receiptsRoot, expiry }, signature } (numbers as strings)',
+    )
     .option('--max-per-tx <n>', 'vouchers per transaction', (v) => Number(v), 100)
     .action(async (opts: ChainOptions & { vouchers: string; maxPerTx: number }) => {
       const entries = await readVoucherFile(opts.vouchers);
@@ -274,7 +331,10 @@ export function registerChainCommands(program: Command): void {
       });
     });
 
-  chainOptions(program.command('balance').description('stablecoin balance of an address, and a lane (payer → agent) when --agent is given'), { needsKey: false })
+  chainOptions(
+    program.command('balance').description('stablecoin balance of an address, and a lane (payer → agent) when --agent is given'),
+    { needsKey: false },
+  )
     .option('--address <address>', "whose balance (default: --key's address)")
     .option('--agent <address>', 'also show the lane from --payer (default: the address) to this agent')
     .option('--payer <address>', 'payer of the lane shown with --agent')
@@ -282,7 +342,13 @@ export function registerChainCommands(program: Command): void {
       await withClient(opts, false, async ({ client, signer }) => {
         const who = opts.address ?? signer?.address;
         if (!who) throw new MeshError('MESH_CONFIG', 'whose balance? pass --address ADDRESS or --key FILE');
-        const out: Record<string, unknown> = { chainId: client.domain.chainId, escrow: client.escrow, token: client.token, address: who, balance: await client.tokenBalance(who) };
+        const out: Record<string, unknown> = {
+          chainId: client.domain.chainId,
+          escrow: client.escrow,
+          token: client.token,
+          address: who,
+          balance: await client.tokenBalance(who),
+        };
         if (opts.agent) {
           const payer = opts.payer ?? who;
           out.lane = { payer, agent: opts.agent, ...(await client.laneOf(payer, opts.agent)) };

@@ -1,13 +1,28 @@
 /** `edge-mesh`: the command line of the mesh. Every subcommand has `--help`. */
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
+import { loadKeyFile, parseOperatorSpec, parsePublicKey, parseRole, round, type TrustedOperator, writeKeyFile } from '@edge-mesh/client';
+import {
+  admit,
+  DTYPES,
+  deriveId,
+  generateIdentity,
+  type Identity,
+  isDType,
+  isValidId,
+  MeshError,
+  publicIdentity,
+  ROLES,
+  type Role,
+  revoke,
+  type Tensor,
+  tensorFromJson,
+  tensorToJson,
+} from '@edge-mesh/protocol';
 import { Command, InvalidArgumentError, Option } from 'commander';
-import { admit, deriveId, generateIdentity, isDType, isValidId, MeshError, publicIdentity, revoke, tensorFromJson, tensorToJson, DTYPES, ROLES, type Identity, type Role, type Tensor } from '@edge-mesh/protocol';
-import { round } from '@edge-mesh/client';
 import { registerBridgeCommands } from './bridge.ts';
-import { loadKeyFile, parseOperatorSpec, parsePublicKey, parseRole, writeKeyFile, type TrustedOperator } from '@edge-mesh/client';
-import { cliLogger, LOG_LEVELS } from './log.ts';
 import { registerChainCommands } from './chain.ts';
+import { cliLogger, LOG_LEVELS } from './log.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
 const loadBroker = () => import('@edge-mesh/broker');
@@ -27,7 +42,11 @@ const keyWarnings = { warn: (message: string) => process.stderr.write(`edge-mesh
 /** The MESH_UNAUTHORIZED hint for commands run without --key (the library's message already says why). */
 function withoutKeyHint(err: unknown, role: 'agent' | 'app' | 'router'): unknown {
   if (err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED') {
-    return new MeshError('MESH_UNAUTHORIZED', `${err.message} (\`edge-mesh keys new --role ${role}\`, have the operator run \`edge-mesh admit\`, then pass --key)`, { cause: err });
+    return new MeshError(
+      'MESH_UNAUTHORIZED',
+      `${err.message} (\`edge-mesh keys new --role ${role}\`, have the operator run \`edge-mesh admit\`, then pass --key)`,
+      { cause: err },
+    );
   }
   return err;
 }
@@ -71,7 +90,12 @@ function stopSignal(): Promise<NodeJS.Signals> {
 }
 
 /** Reads `--input` files: a JSON map `{ name: { dtype, shape, data } }`, or raw bytes `[name=]file` with --dtype/--shape. */
-async function readInputs(files: string[], dtype: string | undefined, shape: number[] | undefined, defaultName: string | undefined): Promise<Record<string, Tensor>> {
+async function readInputs(
+  files: string[],
+  dtype: string | undefined,
+  shape: number[] | undefined,
+  defaultName: string | undefined,
+): Promise<Record<string, Tensor>> {
   const inputs: Record<string, Tensor> = {};
   for (const spec of files) {
     if (spec.endsWith('.json')) {
@@ -87,7 +111,8 @@ async function readInputs(files: string[], dtype: string | undefined, shape: num
     if (!isDType(dtype) || !shape) throw new MeshError('MESH_BAD_INPUT', `raw input ${file} needs --dtype and --shape`);
     const bytes = await readFile(file);
     const { itemBytes, array } = DTYPES[dtype];
-    if (bytes.byteLength % itemBytes !== 0) throw new MeshError('MESH_BAD_TENSOR', `${file} has ${bytes.byteLength} bytes, not a multiple of ${itemBytes}`);
+    if (bytes.byteLength % itemBytes !== 0)
+      throw new MeshError('MESH_BAD_TENSOR', `${file} has ${bytes.byteLength} bytes, not a multiple of ${itemBytes}`);
     const aligned = new ArrayBuffer(bytes.byteLength);
     new Uint8Array(aligned).set(bytes);
     inputs[name] = { dtype, shape, data: new array(aligned) };
@@ -124,7 +149,12 @@ export function buildProgram(): Command {
     .option('--host <host>', 'broker address', '127.0.0.1')
     .option('--data <dir>', 'data folder: models, keys (made on first run), the admission store', DEFAULT_DATA_DIR)
     .option('--report-every <seconds>', 'seconds between progress reports', positiveNumber, 5)
-    .option('--router-port <port>', "the router's HTTP API port (0 for any free port; a busy default port falls back to a free one)", nonNegativeInt, 8080)
+    .option(
+      '--router-port <port>',
+      "the router's HTTP API port (0 for any free port; a busy default port falls back to a free one)",
+      nonNegativeInt,
+      8080,
+    )
     .option('--no-chain', 'run unpaid: no local chain, no receipts or settlement')
     .addOption(logLevelOption().default('warn'))
     .action(async (opts) => {
@@ -152,10 +182,16 @@ export function buildProgram(): Command {
       );
       if (opts.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
       else {
-        const paths = Object.entries(summary.routing.paths).map(([k, v]) => `${v} ${k}`).join(', ');
-        print(`done: ${summary.requests} requests, ${summary.ok} ok, ${summary.errors} errors in ${summary.duration_s} s; routed by ${summary.routing.router}: ${paths}`);
+        const paths = Object.entries(summary.routing.paths)
+          .map(([k, v]) => `${v} ${k}`)
+          .join(', ');
+        print(
+          `done: ${summary.requests} requests, ${summary.ok} ok, ${summary.errors} errors in ${summary.duration_s} s; routed by ${summary.routing.router}: ${paths}`,
+        );
         if (summary.receipts !== undefined) {
-          print(`paid: ${summary.receipts} receipts owe ${summary.owed_micros} micro-dollars; ${summary.settled_micros} settled on chain in ${summary.settlement_txs} transactions`);
+          print(
+            `paid: ${summary.receipts} receipts owe ${summary.owed_micros} micro-dollars; ${summary.settled_micros} settled on chain in ${summary.settlement_txs} transactions`,
+          );
         }
       }
     });
@@ -166,13 +202,19 @@ export function buildProgram(): Command {
     .option('--port <port>', 'TCP port', nonNegativeInt, 1883)
     .option('--host <host>', 'address to listen on', '127.0.0.1')
     .option('--max-packet-bytes <bytes>', 'largest MQTT packet accepted', positiveInt)
-    .option('--operator <key>', 'a trusted operator: its key file, its public identity file (`keys show` output) or its base64url public key (repeatable)', collect, [])
+    .option(
+      '--operator <key>',
+      'a trusted operator: its key file, its public identity file (`keys show` output) or its base64url public key (repeatable)',
+      collect,
+      [],
+    )
     .option('--data <dir>', 'admission store folder', path.join(DEFAULT_DATA_DIR, 'broker'))
     .option('--insecure', 'run an open broker: anyone may connect, no ACLs (tests and closed labs only)', false)
     .addOption(logLevelOption())
     .action(async (opts) => {
       const specs = opts.operator as string[];
-      if (opts.insecure && specs.length > 0) throw new MeshError('MESH_CONFIG', '--insecure runs an open broker; it cannot be combined with --operator');
+      if (opts.insecure && specs.length > 0)
+        throw new MeshError('MESH_CONFIG', '--insecure runs an open broker; it cannot be combined with --operator');
       if (!opts.insecure && specs.length === 0) {
         throw new MeshError(
           'MESH_CONFIG',
@@ -194,7 +236,11 @@ export function buildProgram(): Command {
         ...(opts.maxPacketBytes ? { maxPacketBytes: opts.maxPacketBytes } : {}),
         ...(auth ? { auth } : {}),
       });
-      if (auth) logger.info({ url: broker.url, operators: trustedOperators.map((o) => o.id), data: auth.dataDir }, 'broker listening; admitted identities only');
+      if (auth)
+        logger.info(
+          { url: broker.url, operators: trustedOperators.map((o) => o.id), data: auth.dataDir },
+          'broker listening; admitted identities only',
+        );
       else logger.warn({ url: broker.url }, 'broker listening OPEN (--insecure): anyone may connect, publish and subscribe');
       process.stdout.write(`${broker.url}\n`);
       await stopSignal();
@@ -207,18 +253,25 @@ export function buildProgram(): Command {
     .description('run an edge agent that serves the models of a folder')
     .requiredOption('--models <dir>', 'models folder with manifest.json (see `edge-mesh models build`)')
     .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
-    .option('--key <file>', 'the agent key file (edge-mesh keys new --role agent); its id is the agent id. Without it: an ephemeral key, which only an open broker accepts')
+    .option(
+      '--key <file>',
+      'the agent key file (edge-mesh keys new --role agent); its id is the agent id. Without it: an ephemeral key, which only an open broker accepts',
+    )
     .addOption(new Option('--id <id>').hideHelp())
     .option('--workers <n>', 'inference worker threads', positiveInt)
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
     .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
-    .option('--payout <address>', 'take payment: the EVM address paid for this agent\'s work (needs --escrow and --chain-id)')
+    .option('--payout <address>', "take payment: the EVM address paid for this agent's work (needs --escrow and --chain-id)")
     .option('--escrow <address>', 'the escrow contract receipts and vouchers are for')
     .option('--chain-id <id>', 'the chain id of that escrow', positiveInt)
     .option('--data <dir>', 'folder for the receipt journal and vouchers', '.mesh-data/agent')
     .option('--credit-requests <n>', 'unpaid requests a payer lane may owe before MESH_CREDIT_EXCEEDED', positiveInt, 8)
-    .option('--settle', 'run the settlement relayer: settle the best vouchers on chain (needs --payout, --rpc and an EVM key for gas)', false)
+    .option(
+      '--settle',
+      'run the settlement relayer: settle the best vouchers on chain (needs --payout, --rpc and an EVM key for gas)',
+      false,
+    )
     .option('--rpc <url>', 'EVM JSON-RPC URL the relayer sends to (env MESH_RPC_URL)')
     .option('--evm-key <file>', 'file with the 0x-hex EVM private key that pays settlement gas (env MESH_EVM_KEY holds the key itself)')
     .option('--settle-interval <seconds>', 'settle an owing lane at least this often', positiveNumber, 86_400)
@@ -236,9 +289,15 @@ export function buildProgram(): Command {
         if (!rpc) throw new MeshError('MESH_CONFIG', '--settle needs --rpc URL or MESH_RPC_URL');
         const { loadEvmKey } = await import('./chain.ts');
         const key = await loadEvmKey(opts.evmKey);
-        if (key === undefined) throw new MeshError('MESH_CONFIG', '--settle needs --evm-key FILE or MESH_EVM_KEY (the account that pays settlement gas)');
+        if (key === undefined)
+          throw new MeshError('MESH_CONFIG', '--settle needs --evm-key FILE or MESH_EVM_KEY (the account that pays settlement gas)');
         const { ethers } = await import('ethers');
-        const provider = new ethers.JsonRpcProvider(rpc, BigInt(opts.chainId), { staticNetwork: ethers.Network.from(BigInt(opts.chainId)), batchMaxCount: 1, cacheTimeout: -1, pollingInterval: 100 });
+        const provider = new ethers.JsonRpcProvider(rpc, BigInt(opts.chainId), {
+          staticNetwork: ethers.Network.from(BigInt(opts.chainId)),
+          batchMaxCount: 1,
+          cacheTimeout: -1,
+          pollingInterval: 100,
+        });
         const crash = process.env.MESH_SETTLER_CRASH; // fault injection for the crash tests
         settle = {
           runner: new ethers.Wallet(key, provider),
@@ -248,7 +307,11 @@ export function buildProgram(): Command {
           ...(crash === 'after-intent' || crash === 'after-send' ? { crashAt: crash } : {}),
         };
       }
-      if (opts.id !== undefined) throw new MeshError('MESH_CONFIG', '--id was removed: an agent id derives from its key; use --key FILE (edge-mesh keys new --role agent)');
+      if (opts.id !== undefined)
+        throw new MeshError(
+          'MESH_CONFIG',
+          '--id was removed: an agent id derives from its key; use --key FILE (edge-mesh keys new --role agent)',
+        );
       const identity = opts.key ? await loadKeyFile(opts.key, 'agent', keyWarnings) : undefined;
       const logger = cliLogger(opts.logLevel);
       const stop = stopSignal();
@@ -292,7 +355,10 @@ export function buildProgram(): Command {
     .command('router')
     .description('run a latency-aware router: route leases for SDK clients, forwarding for thin clients over MQTT and HTTP (KServe v2)')
     .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
-    .option('--key <file>', 'the router key file (edge-mesh keys new --role router), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts')
+    .option(
+      '--key <file>',
+      'the router key file (edge-mesh keys new --role router), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',
+    )
     .option('--http-port <port>', 'HTTP API port (0 for any free port)', nonNegativeInt, 8080)
     .option('--http-host <host>', 'HTTP API address', '127.0.0.1')
     .option('--no-http', 'serve no HTTP API (MQTT only)')
@@ -336,7 +402,10 @@ export function buildProgram(): Command {
     .option('--dtype <dtype>', 'dtype of raw inputs')
     .option('--shape <dims>', 'shape of raw inputs, e.g. 1,25,96', (v: string) => v.split(/[,x]/).map((d) => nonNegativeInt(d)))
     .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
-    .option('--key <file>', 'the app key file (role app, router or bridge) admitted by the operator. Without it: an ephemeral key, which only an open broker accepts')
+    .option(
+      '--key <file>',
+      'the app key file (role app, router or bridge) admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',
+    )
     .option('--deadline-ms <ms>', 'deadline for the request', positiveInt, 5_000)
     .option('--agent <id>', 'send only to this agent')
     .option('--router <id>', 'ask this router for the route (direct mode) instead of choosing the agent locally')
@@ -346,7 +415,12 @@ export function buildProgram(): Command {
       const identity = opts.key ? await loadKeyFile(opts.key, ['app', 'router', 'bridge'], keyWarnings) : undefined;
       const logger = cliLogger(opts.logLevel);
       const { connect } = await loadSdk();
-      const mesh = await connect({ brokerUrl: opts.broker, logger, ...(identity ? { identity } : {}), ...(opts.router ? { router: opts.router } : {}) }).catch((err: unknown) => {
+      const mesh = await connect({
+        brokerUrl: opts.broker,
+        logger,
+        ...(identity ? { identity } : {}),
+        ...(opts.router ? { router: opts.router } : {}),
+      }).catch((err: unknown) => {
         throw identity ? err : withoutKeyHint(err, 'app');
       });
       try {
@@ -354,20 +428,27 @@ export function buildProgram(): Command {
         const info = mesh.models().find((m) => m.name === opts.model);
         const defaultName = info?.inputs.length === 1 ? info.inputs[0]!.name : undefined;
         const inputs = await readInputs(opts.input, opts.dtype, opts.shape, defaultName);
-        const result = await mesh.infer(opts.model, inputs, { deadlineMs: opts.deadlineMs, ...(opts.agent ? { agentId: opts.agent } : {}) });
+        const result = await mesh.infer(opts.model, inputs, {
+          deadlineMs: opts.deadlineMs,
+          ...(opts.agent ? { agentId: opts.agent } : {}),
+        });
         const outputs: Record<string, unknown> = {};
         for (const [name, t] of Object.entries(result.outputs)) {
           const json = tensorToJson(t);
           outputs[name] = opts.summary ? { dtype: json.dtype, shape: json.shape, first: json.data.slice(0, 8) } : json;
         }
         const timings = Object.fromEntries(Object.entries(result.timings).map(([k, v]) => [k, round(v)]));
-        process.stdout.write(`${JSON.stringify({ model: result.model, agent: result.agentId, attempts: result.attempts, timings, outputs })}\n`);
+        process.stdout.write(
+          `${JSON.stringify({ model: result.model, agent: result.agentId, attempts: result.attempts, timings, outputs })}\n`,
+        );
       } finally {
         await mesh.close();
       }
     });
 
-  const keys = program.command('keys').description('Ed25519 keys: every agent, app, router, operator and bridge has one; its id derives from it');
+  const keys = program
+    .command('keys')
+    .description('Ed25519 keys: every agent, app, router, operator and bridge has one; its id derives from it');
   keys
     .command('new')
     .description('create a key file (mode 0600) and print its public identity; the secret never leaves the file')
@@ -403,7 +484,8 @@ export function buildProgram(): Command {
       const operator = await loadKeyFile(opts.key, 'operator', keyWarnings);
       let subject: { role: Role; publicKey: Uint8Array };
       if (opts.subjectKey) {
-        if (opts.publicKey || opts.role) throw new MeshError('MESH_CONFIG', 'give either --subject-key, or --public-key with --role, not both');
+        if (opts.publicKey || opts.role)
+          throw new MeshError('MESH_CONFIG', 'give either --subject-key, or --public-key with --role, not both');
         const identity: Identity = await loadKeyFile(opts.subjectKey, undefined, keyWarnings);
         subject = { role: identity.role, publicKey: identity.publicKey };
       } else if (opts.publicKey && opts.role) {

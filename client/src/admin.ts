@@ -3,8 +3,19 @@
  * broker over MQTT, connected as itself: the CBOR SignedRecord goes to `mesh/v1/admin/{operator}/records`
  * and the broker answers `{ v: 1, kind: 'ack', id, ok, code?, message? }` on `mesh/v1/admin/{operator}/acks`.
  */
+
+import {
+  type AdminAck,
+  checkAdminAck,
+  decodeCbor,
+  encodeCbor,
+  type Identity,
+  isMeshErrorCode,
+  MeshError,
+  type SignedRecord,
+  topics,
+} from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
-import { checkAdminAck, decodeCbor, encodeCbor, isMeshErrorCode, MeshError, topics, type AdminAck, type Identity, type SignedRecord } from '@edge-mesh/protocol';
 import { openMeshConnection } from './connection.ts';
 
 /**
@@ -12,7 +23,13 @@ import { openMeshConnection } from './connection.ts';
  * MESH_UNAUTHORIZED when the broker refuses the operator, MESH_TIMEOUT when no ack comes in time, and the
  * ack's own code when the broker refuses the record.
  */
-export async function sendAdminRecord(brokerUrl: string, operator: Identity, signed: SignedRecord, subjectId: string, timeoutMs: number): Promise<AdminAck> {
+export async function sendAdminRecord(
+  brokerUrl: string,
+  operator: Identity,
+  signed: SignedRecord,
+  subjectId: string,
+  timeoutMs: number,
+): Promise<AdminAck> {
   const recordsTopic = topics.adminRecords(operator.id);
   const acksTopic = topics.adminAcks(operator.id);
   const payload = encodeCbor(signed);
@@ -27,7 +44,12 @@ export async function sendAdminRecord(brokerUrl: string, operator: Identity, sig
       connected = true;
       c.subscribe(acksTopic, { qos: 1 }, (err, granted) => {
         if (err || granted?.[0]?.qos === 128) {
-          settle.reject(new MeshError('MESH_FORBIDDEN', `the broker refused ${operator.id} a subscription to ${acksTopic}: does it manage admissions (started with --operator)?`));
+          settle.reject(
+            new MeshError(
+              'MESH_FORBIDDEN',
+              `the broker refused ${operator.id} a subscription to ${acksTopic}: does it manage admissions (started with --operator)?`,
+            ),
+          );
           return;
         }
         c.publish(recordsTopic, payload, { qos: 1 });
@@ -35,7 +57,13 @@ export async function sendAdminRecord(brokerUrl: string, operator: Identity, sig
     },
     onRefused: (err) => {
       if (err.code === 'MESH_UNAUTHORIZED') {
-        settle.reject(new MeshError('MESH_UNAUTHORIZED', `${err.message}; is ${operator.id} one of the broker's trusted operators (edge-mesh broker --operator)?`, { cause: err }));
+        settle.reject(
+          new MeshError(
+            'MESH_UNAUTHORIZED',
+            `${err.message}; is ${operator.id} one of the broker's trusted operators (edge-mesh broker --operator)?`,
+            { cause: err },
+          ),
+        );
       } else settle.reject(err);
     },
   });
@@ -53,7 +81,10 @@ export async function sendAdminRecord(brokerUrl: string, operator: Identity, sig
   const timer = setTimeout(() => {
     settle.reject(
       connected
-        ? new MeshError('MESH_TIMEOUT', `no acknowledgement from the broker at ${brokerUrl} within ${timeoutMs} ms: an open (--insecure) broker does not manage admissions`)
+        ? new MeshError(
+            'MESH_TIMEOUT',
+            `no acknowledgement from the broker at ${brokerUrl} within ${timeoutMs} ms: an open (--insecure) broker does not manage admissions`,
+          )
         : new MeshError('MESH_NOT_CONNECTED', `could not connect to the broker at ${brokerUrl} within ${timeoutMs} ms`),
     );
   }, timeoutMs);
@@ -61,7 +92,9 @@ export async function sendAdminRecord(brokerUrl: string, operator: Identity, sig
     const ack = await result;
     if (!ack.ok) {
       const code = isMeshErrorCode(ack.code) ? ack.code : 'MESH_UNAUTHORIZED';
-      throw new MeshError(code, `the broker refused the record for ${subjectId}: ${ack.message ?? ack.code ?? 'no reason given'}`, { details: { id: subjectId } });
+      throw new MeshError(code, `the broker refused the record for ${subjectId}: ${ack.message ?? ack.code ?? 'no reason given'}`, {
+        details: { id: subjectId },
+      });
     }
     return ack;
   } finally {

@@ -4,10 +4,10 @@
  * MQTT 3.1.1, clean sessions, TCP_NODELAY on every (re)connect, jittered exponential reconnects and,
  * with an identity, a fresh signed CONNECT token on every attempt (the broker refuses a replayed one).
  */
+
+import { type Identity, MeshError, makeConnectToken } from '@edge-mesh/protocol';
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
-import { MeshError } from '@edge-mesh/protocol';
-import { makeConnectToken, type Identity } from '@edge-mesh/protocol';
-import { MQTT_PROTOCOL_VERSION, reconnectDelayMs, type BackoffOptions } from './transport.ts';
+import { type BackoffOptions, MQTT_PROTOCOL_VERSION, reconnectDelayMs } from './transport.ts';
 
 export interface MeshConnectionOptions {
   /** Defaults to `identity.id`; with an identity it must be that id. */
@@ -46,11 +46,18 @@ const AUTH_REFUSALS = new Set([4, 5, 134, 135]);
 /** The MeshError for a CONNACK refusal as mqtt.js reports it, or undefined for any other error. */
 export function connectRefusal(err: unknown, clientId: string): MeshError | undefined {
   const e = err as { code?: unknown; message?: unknown } | null;
-  if (!e || typeof e.code !== 'number' || e.code <= 0 || typeof e.message !== 'string' || !e.message.startsWith('Connection refused')) return undefined;
+  if (!e || typeof e.code !== 'number' || e.code <= 0 || typeof e.message !== 'string' || !e.message.startsWith('Connection refused'))
+    return undefined;
   const reason = e.message.replace(/^Connection refused:\s*/, '') || `return code ${e.code}`;
   return AUTH_REFUSALS.has(e.code)
-    ? new MeshError('MESH_UNAUTHORIZED', `the broker refused ${clientId}: ${reason.toLowerCase()}`, { cause: err, details: { clientId, returnCode: e.code } })
-    : new MeshError('MESH_NOT_CONNECTED', `the broker refused ${clientId}: ${reason.toLowerCase()}`, { cause: err, details: { clientId, returnCode: e.code } });
+    ? new MeshError('MESH_UNAUTHORIZED', `the broker refused ${clientId}: ${reason.toLowerCase()}`, {
+        cause: err,
+        details: { clientId, returnCode: e.code },
+      })
+    : new MeshError('MESH_NOT_CONNECTED', `the broker refused ${clientId}: ${reason.toLowerCase()}`, {
+        cause: err,
+        details: { clientId, returnCode: e.code },
+      });
 }
 
 export function openMeshConnection(brokerUrl: string, options: MeshConnectionOptions): MeshConnection {

@@ -3,13 +3,14 @@
  * recipe, how statuses and replies are read, the retry and hedge budget, key files on disk and the
  * operator's admin channel.
  */
-export * from './connection.ts';
-export * from './transport.ts';
-export * from './signal.ts';
-export * from './receive.ts';
-export * from './budget.ts';
-export * from './stats.ts';
-export * from './random.ts';
-export * from './keyfiles.ts';
+
 export * from './admin.ts';
+export * from './budget.ts';
+export * from './connection.ts';
+export * from './keyfiles.ts';
 export * from './logger.ts';
+export * from './random.ts';
+export * from './receive.ts';
+export * from './signal.ts';
+export * from './stats.ts';
+export * from './transport.ts';

@@ -5,7 +5,17 @@
  */
 import { chmod, mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { deriveId, encodeKeyFile, generateIdentity, isRole, MeshError, parseKeyFile, ROLES, type Identity, type Role } from '@edge-mesh/protocol';
+import {
+  deriveId,
+  encodeKeyFile,
+  generateIdentity,
+  type Identity,
+  isRole,
+  MeshError,
+  parseKeyFile,
+  ROLES,
+  type Role,
+} from '@edge-mesh/protocol';
 
 export interface KeyWarnings {
   warn: (message: string) => void;
@@ -17,7 +27,9 @@ export async function loadKeyFile(file: string, expectedRole?: Role | readonly R
   try {
     text = await readFile(file, 'utf8');
   } catch (err) {
-    throw new MeshError('MESH_CONFIG', `cannot read key file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, { cause: err });
+    throw new MeshError('MESH_CONFIG', `cannot read key file ${file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`, {
+      cause: err,
+    });
   }
   const identity = parseKeyFile(text, `key file ${file}`);
   const roles = expectedRole === undefined ? undefined : typeof expectedRole === 'string' ? [expectedRole] : expectedRole;
@@ -71,7 +83,8 @@ export function parseRole(value: string): Role {
 /** A raw 32-byte Ed25519 public key written in base64url (the form `keys show` prints). */
 export function parsePublicKey(value: string): Uint8Array {
   const bytes = /^[A-Za-z0-9_-]{43}=?$/.test(value) ? Buffer.from(value, 'base64url') : Buffer.alloc(0);
-  if (bytes.byteLength !== 32) throw new MeshError('MESH_CONFIG', `${JSON.stringify(value.slice(0, 64))} is not a base64url Ed25519 public key (32 bytes)`);
+  if (bytes.byteLength !== 32)
+    throw new MeshError('MESH_CONFIG', `${JSON.stringify(value.slice(0, 64))} is not a base64url Ed25519 public key (32 bytes)`);
   return new Uint8Array(bytes);
 }
 
@@ -90,10 +103,12 @@ export async function parseOperatorSpec(spec: string, out?: KeyWarnings): Promis
     text = await readFile(spec, 'utf8');
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code !== 'ENOENT' && code !== 'ENAMETOOLONG') throw new MeshError('MESH_CONFIG', `cannot read operator key ${spec}: ${code}`, { cause: err });
+    if (code !== 'ENOENT' && code !== 'ENAMETOOLONG')
+      throw new MeshError('MESH_CONFIG', `cannot read operator key ${spec}: ${code}`, { cause: err });
   }
   if (text === undefined) {
-    if (spec.includes('/') || spec.endsWith('.key') || spec.endsWith('.json')) throw new MeshError('MESH_CONFIG', `operator key file ${spec} does not exist`);
+    if (spec.includes('/') || spec.endsWith('.key') || spec.endsWith('.json'))
+      throw new MeshError('MESH_CONFIG', `operator key file ${spec} does not exist`);
     const publicKey = parsePublicKey(spec);
     return { id: deriveId('operator', publicKey), publicKey };
   }
@@ -112,6 +127,7 @@ export async function parseOperatorSpec(spec: string, out?: KeyWarnings): Promis
   }
   const publicKey = parsePublicKey(parsed.publicKey);
   const id = deriveId('operator', publicKey);
-  if (parsed.id !== undefined && parsed.id !== id) throw new MeshError('MESH_CONFIG', `${spec}: id ${String(parsed.id)} does not derive from its public key`);
+  if (parsed.id !== undefined && parsed.id !== id)
+    throw new MeshError('MESH_CONFIG', `${spec}: id ${String(parsed.id)} does not derive from its public key`);
   return { id, publicKey };
 }

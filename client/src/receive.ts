@@ -2,11 +2,9 @@
  * How a mesh client reads what agents publish: the same rules for every receiver (SDK, router).
  * Pure: the caller supplies the topic's agent id and logs or counts the outcome.
  */
-import { decodeMessage, DEFAULT_MAX_MESSAGE_BYTES, requestIdHex } from '@edge-mesh/protocol';
-import { isMeshErrorCode, MeshError } from '@edge-mesh/protocol';
-import { verifyStatus } from '@edge-mesh/protocol';
-import type { AgentStatus, InferReply } from '@edge-mesh/protocol';
-import type { SignedReceipt } from '@edge-mesh/protocol';
+
+import type { AgentStatus, ErrorReply, InferReply, SignedReceipt } from '@edge-mesh/protocol';
+import { DEFAULT_MAX_MESSAGE_BYTES, decodeMessage, isMeshErrorCode, MeshError, requestIdHex, verifyStatus } from '@edge-mesh/protocol';
 
 export type StatusReading =
   | { ok: true; status: AgentStatus }
@@ -17,16 +15,25 @@ export type StatusReading =
  * `requireSigned`, carry a valid signature by the key the id derives from. Offline statuses are
  * checked too: a forged "offline" would otherwise evict a genuine agent.
  */
-export function readAgentStatus(agentId: string, payload: Uint8Array, { maxBytes = DEFAULT_MAX_MESSAGE_BYTES, requireSigned = true } = {}): StatusReading {
+export function readAgentStatus(
+  agentId: string,
+  payload: Uint8Array,
+  { maxBytes = DEFAULT_MAX_MESSAGE_BYTES, requireSigned = true } = {},
+): StatusReading {
   let status: AgentStatus;
   try {
     status = decodeMessage(payload, ['status'], maxBytes);
   } catch (err) {
     return { ok: false, reason: 'malformed', message: (err as Error).message };
   }
-  if (status.agent !== agentId) return { ok: false, reason: 'foreign', message: `status names ${status.agent}, published on ${agentId}'s topic` };
+  if (status.agent !== agentId)
+    return { ok: false, reason: 'foreign', message: `status names ${status.agent}, published on ${agentId}'s topic` };
   if (requireSigned && !verifyStatus(status)) {
-    return { ok: false, reason: 'unverified', message: status.sig === undefined ? 'unsigned status' : 'status not signed by the key its agent id derives from' };
+    return {
+      ok: false,
+      reason: 'unverified',
+      message: status.sig === undefined ? 'unsigned status' : 'status not signed by the key its agent id derives from',
+    };
   }
   return { ok: true, status };
 }
@@ -46,7 +53,7 @@ export interface ReplyReading {
  * counts only from the agent named by both.
  */
 export function readReply(agentId: string, payload: Uint8Array, maxBytes = DEFAULT_MAX_MESSAGE_BYTES): ReplyReading | undefined {
-  let decoded;
+  let decoded: InferReply | ErrorReply;
   try {
     decoded = decodeMessage(payload, ['res', 'err'], maxBytes);
   } catch {

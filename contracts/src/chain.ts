@@ -6,7 +6,7 @@
  * stops it with SIGTERM, then SIGKILL. Any other EVM JSON-RPC endpoint can be used instead: see
  * connectRpc() and deployMesh(), or pass existing escrow and token addresses to protocol/escrow.ts.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { ethers } from 'ethers';
@@ -107,7 +107,13 @@ export async function startLocalChain(options: StartChainOptions = {}): Promise<
   throw lastError ?? new Error('local chain did not start');
 }
 
-async function startOnce(port: number, chainId: number, count: number, startTimeoutMs: number, log?: (line: string) => void): Promise<LocalChain> {
+async function startOnce(
+  port: number,
+  chainId: number,
+  count: number,
+  startTimeoutMs: number,
+  log?: (line: string) => void,
+): Promise<LocalChain> {
   const child = spawn(process.execPath, [path.join(CONTRACTS_DIR, 'hardhat-node.cjs'), String(port), '127.0.0.1'], {
     cwd: CONTRACTS_DIR,
     stdio: ['pipe', 'pipe', 'pipe'],
@@ -204,7 +210,10 @@ export interface MeshDeployment {
  * Deploys MeshEscrow (and MockUSDC unless `token` names an existing stablecoin) with `signer` as
  * deployer. Works on any EVM chain the signer is connected to.
  */
-export async function deployMesh(signer: ethers.Signer, { thawSeconds, token }: { thawSeconds: number | bigint; token?: string }): Promise<MeshDeployment> {
+export async function deployMesh(
+  signer: ethers.Signer,
+  { thawSeconds, token }: { thawSeconds: number | bigint; token?: string },
+): Promise<MeshDeployment> {
   const provider = signer.provider;
   if (!provider) throw new Error('deployMesh: the signer has no provider');
   let tokenAddress = token;
@@ -215,7 +224,10 @@ export async function deployMesh(signer: ethers.Signer, { thawSeconds, token }: 
     tokenAddress = await c.getAddress();
   }
   const esc = artifact('MeshEscrow');
-  const escrow = await new ethers.ContractFactory(esc.abi as ethers.InterfaceAbi, esc.bytecode, signer).deploy(tokenAddress, BigInt(thawSeconds));
+  const escrow = await new ethers.ContractFactory(esc.abi as ethers.InterfaceAbi, esc.bytecode, signer).deploy(
+    tokenAddress,
+    BigInt(thawSeconds),
+  );
   const receipt = await escrow.deploymentTransaction()!.wait();
   const address = await escrow.getAddress();
   // Sanity: the compiled contract answers the ABI protocol/ speaks.
@@ -223,7 +235,13 @@ export async function deployMesh(signer: ethers.Signer, { thawSeconds, token }: 
   const onChainToken = (await check.getFunction('token')()) as string;
   if (onChainToken.toLowerCase() !== tokenAddress.toLowerCase()) throw new Error('deployMesh: escrow reports another token');
   const { chainId } = await provider.getNetwork();
-  return { chainId, escrow: address, token: ethers.getAddress(tokenAddress), thawSeconds: BigInt(thawSeconds), deployBlock: receipt?.blockNumber ?? 0 };
+  return {
+    chainId,
+    escrow: address,
+    token: ethers.getAddress(tokenAddress),
+    thawSeconds: BigInt(thawSeconds),
+    deployBlock: receipt?.blockNumber ?? 0,
+  };
 }
 
 /** Deploys a contract compiled by compile.ts by name (tests: HostileToken). */

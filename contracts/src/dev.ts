@@ -1,3 +1,13 @@
 /** Development entry: compile the escrow with solc-js, run a local Hardhat 2 chain, deploy. */
-export { compileContracts, artifact, BUILD_DIR, CONTRACTS_DIR, SOLC_SETTINGS, type Artifact, type Artifacts } from './compile.ts';
-export { startLocalChain, connectRpc, deployMesh, deployArtifact, DEV_MNEMONIC, type LocalChain, type StartChainOptions, type MeshDeployment } from './chain.ts';
+
+export {
+  connectRpc,
+  DEV_MNEMONIC,
+  deployArtifact,
+  deployMesh,
+  type LocalChain,
+  type MeshDeployment,
+  type StartChainOptions,
+  startLocalChain,
+} from './chain.ts';
+export { type Artifact, type Artifacts, artifact, BUILD_DIR, CONTRACTS_DIR, compileContracts, SOLC_SETTINGS } from './compile.ts';

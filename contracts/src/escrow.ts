@@ -6,8 +6,17 @@
  * Transactions need a Signer as runner; reads work with a Provider. One client sends its transactions
  * one after another; wrap the signer in ethers.NonceManager to send from several clients at once.
  */
+
+import {
+  type EscrowDomain,
+  packVouchers,
+  type SignedVoucher,
+  type SkipReason,
+  signVoucher,
+  skipReasonName,
+  type Voucher,
+} from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
-import { packVouchers, skipReasonName, signVoucher, type EscrowDomain, type SignedVoucher, type SkipReason, type Voucher } from '@edge-mesh/protocol';
 import { ERC20_ABI, ESCROW_ABI } from './abi.ts';
 
 export const ESCROW_ERROR_CODES = {
@@ -92,7 +101,8 @@ function address(value: string, what: string): string {
 }
 
 function amount(value: bigint, what: string): bigint {
-  if (typeof value !== 'bigint' || value <= 0n || value >= 1n << 128n) throw new EscrowError('ESCROW_BAD_ARGUMENT', `${what} must be a positive uint128 bigint`);
+  if (typeof value !== 'bigint' || value <= 0n || value >= 1n << 128n)
+    throw new EscrowError('ESCROW_BAD_ARGUMENT', `${what} must be a positive uint128 bigint`);
   return value;
 }
 
@@ -102,8 +112,19 @@ const erc20Interface = new ethers.Interface(ERC20_ABI);
 /** Turns an ethers error into an EscrowError with the decoded revert reason where there is one. */
 export function toEscrowError(err: unknown, action: string): EscrowError {
   if (err instanceof EscrowError) return err;
-  const e = err as { code?: string; revert?: { name: string; args: unknown[] } | null; data?: string; shortMessage?: string; message?: string };
-  if (e.code === 'CALL_EXCEPTION' || e.code === 'INSUFFICIENT_FUNDS' || e.code === 'NONCE_EXPIRED' || e.code === 'REPLACEMENT_UNDERPRICED') {
+  const e = err as {
+    code?: string;
+    revert?: { name: string; args: unknown[] } | null;
+    data?: string;
+    shortMessage?: string;
+    message?: string;
+  };
+  if (
+    e.code === 'CALL_EXCEPTION' ||
+    e.code === 'INSUFFICIENT_FUNDS' ||
+    e.code === 'NONCE_EXPIRED' ||
+    e.code === 'REPLACEMENT_UNDERPRICED'
+  ) {
     let reason = e.revert ? `${e.revert.name}(${e.revert.args.map(String).join(', ')})` : undefined;
     if (!reason && typeof e.data === 'string' && e.data.length >= 10) {
       const parsed = escrowInterface.parseError(e.data) ?? erc20Interface.parseError(e.data);
@@ -111,7 +132,13 @@ export function toEscrowError(err: unknown, action: string): EscrowError {
     }
     return new EscrowError('ESCROW_REVERTED', `${action}: ${reason ?? e.shortMessage ?? e.message ?? String(err)}`, { cause: err });
   }
-  if (e.code === 'NETWORK_ERROR' || e.code === 'TIMEOUT' || e.code === 'SERVER_ERROR' || e.code === 'ECONNREFUSED' || e.code === 'UNKNOWN_ERROR') {
+  if (
+    e.code === 'NETWORK_ERROR' ||
+    e.code === 'TIMEOUT' ||
+    e.code === 'SERVER_ERROR' ||
+    e.code === 'ECONNREFUSED' ||
+    e.code === 'UNKNOWN_ERROR'
+  ) {
     return new EscrowError('ESCROW_UNREACHABLE', `${action}: ${e.shortMessage ?? e.message ?? String(err)}`, { cause: err });
   }
   if (e.code === 'INVALID_ARGUMENT' || err instanceof RangeError) {
@@ -197,7 +224,10 @@ export class EscrowClient {
 
   async laneOf(payer: string, agent: string): Promise<Lane> {
     try {
-      const [remaining, settled, thawEnd] = (await this.escrowContract.getFunction('laneOf')(address(payer, 'payer'), address(agent, 'agent'))) as [bigint, bigint, bigint];
+      const [remaining, settled, thawEnd] = (await this.escrowContract.getFunction('laneOf')(
+        address(payer, 'payer'),
+        address(agent, 'agent'),
+      )) as [bigint, bigint, bigint];
       return { remaining, settled, thawEnd };
     } catch (err) {
       throw toEscrowError(err, 'laneOf');
@@ -251,7 +281,11 @@ export class EscrowClient {
   }
 
   /** Funds the lane in one transaction with an EIP-2612 permit signed by the signer (no approve). */
-  async fundWithPermit(agent: string, value: bigint, { deadline, permitVersion = '1' }: { deadline?: bigint; permitVersion?: string } = {}): Promise<TxOutcome> {
+  async fundWithPermit(
+    agent: string,
+    value: bigint,
+    { deadline, permitVersion = '1' }: { deadline?: bigint; permitVersion?: string } = {},
+  ): Promise<TxOutcome> {
     const agentAddress = address(agent, 'agent');
     amount(value, 'amount');
     const signer = this.signer();
@@ -259,7 +293,10 @@ export class EscrowClient {
     let name: string;
     let nonce: bigint;
     try {
-      [name, nonce] = (await Promise.all([this.tokenContract.getFunction('name')(), this.tokenContract.getFunction('nonces')(owner)])) as [string, bigint];
+      [name, nonce] = (await Promise.all([this.tokenContract.getFunction('name')(), this.tokenContract.getFunction('nonces')(owner)])) as [
+        string,
+        bigint,
+      ];
     } catch (err) {
       throw toEscrowError(err, 'permit: token name/nonces');
     }
@@ -280,7 +317,9 @@ export class EscrowClient {
         { owner, spender: this.escrow, value, nonce, deadline: until },
       ),
     );
-    const r = await this.send('fundLaneWithPermit', () => this.escrowContract.getFunction('fundLaneWithPermit')(agentAddress, value, until, sig.v, sig.r, sig.s));
+    const r = await this.send('fundLaneWithPermit', () =>
+      this.escrowContract.getFunction('fundLaneWithPermit')(agentAddress, value, until, sig.v, sig.r, sig.s),
+    );
     return EscrowClient.outcome(r);
   }
 
@@ -317,7 +356,11 @@ export class EscrowClient {
    * Settles signed vouchers (any payers) for one agent; skipped vouchers are reported, not thrown.
    * `onSent` runs with the transaction hash once it is sent, before it is mined (a relayer records it).
    */
-  async settle(agent: string, entries: readonly SignedVoucher[], { onSent }: { onSent?: (hash: string) => void | Promise<void> } = {}): Promise<SettleOutcome> {
+  async settle(
+    agent: string,
+    entries: readonly SignedVoucher[],
+    { onSent }: { onSent?: (hash: string) => void | Promise<void> } = {},
+  ): Promise<SettleOutcome> {
     const agentAddress = address(agent, 'agent');
     let packed: string;
     try {
@@ -350,7 +393,9 @@ export class EscrowClient {
   }
 
   async cancelWithdraw(agent: string): Promise<TxOutcome> {
-    return EscrowClient.outcome(await this.send('cancelWithdraw', () => this.escrowContract.getFunction('cancelWithdraw')(address(agent, 'agent'))));
+    return EscrowClient.outcome(
+      await this.send('cancelWithdraw', () => this.escrowContract.getFunction('cancelWithdraw')(address(agent, 'agent'))),
+    );
   }
 
   async withdraw(agent: string): Promise<TxOutcome & { amount: bigint }> {
@@ -365,8 +410,10 @@ export class EscrowClient {
   async registerAgent(edPubKey: string | Uint8Array, bindingSig: string | Uint8Array): Promise<TxOutcome> {
     const key = ethers.hexlify(edPubKey);
     const sig = ethers.hexlify(bindingSig);
-    if (ethers.dataLength(key) !== 32) throw new EscrowError('ESCROW_BAD_ARGUMENT', 'registerAgent: the Ed25519 public key must be 32 bytes');
-    if (ethers.dataLength(sig) !== 64) throw new EscrowError('ESCROW_BAD_ARGUMENT', 'registerAgent: the binding signature must be 64 bytes');
+    if (ethers.dataLength(key) !== 32)
+      throw new EscrowError('ESCROW_BAD_ARGUMENT', 'registerAgent: the Ed25519 public key must be 32 bytes');
+    if (ethers.dataLength(sig) !== 64)
+      throw new EscrowError('ESCROW_BAD_ARGUMENT', 'registerAgent: the binding signature must be 64 bytes');
     return EscrowClient.outcome(await this.send('registerAgent', () => this.escrowContract.getFunction('registerAgent')(key, sig)));
   }
 }

@@ -3,6 +3,6 @@
  * Compiling the Solidity and running a local chain live under `@edge-mesh/contracts/dev`, which a
  * device never loads.
  */
-export { ESCROW_ABI, ERC20_ABI } from './abi.ts';
+export { ERC20_ABI, ESCROW_ABI } from './abi.ts';
 export * from './escrow.ts';
 export { recoverVoucherSigner } from './vouchers.ts';

@@ -1,5 +1,5 @@
 /** Voucher checks that need secp256k1 (ethers): recovering the payer from its signature. */
-import { splitVoucherSignature, voucherDigest, type EscrowDomain, type Voucher } from '@edge-mesh/protocol';
+import { type EscrowDomain, splitVoucherSignature, type Voucher, voucherDigest } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 
 /** The payer's address, or throws MESH_VOUCHER_INVALID if the signature is malformed or high-s. */

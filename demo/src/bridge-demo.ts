@@ -5,13 +5,12 @@
  * HELLO, then wake-word requests as int16 windows with a scale, a few per second. Its key reaches
  * the child through the environment, never the command line.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import path from 'node:path';
-import type { Logger } from 'pino';
+import { ensureKeyFile, round, summarize } from '@edge-mesh/client';
 import { admit, type Identity } from '@edge-mesh/protocol';
-import { round, summarize } from '@edge-mesh/client';
 import { connect, type Mesh } from '@edge-mesh/sdk';
-import { ensureKeyFile } from '@edge-mesh/client';
+import type { Logger } from 'pino';
 import { sampleInputs } from './sample-inputs.ts';
 
 export interface BridgeDemoSummary {
@@ -58,13 +57,25 @@ export async function startBridgeDemo(options: {
   let deviceReport: BridgeDemoSummary['device'];
   const child: ChildProcess = spawn(
     process.execPath,
-    [CLI_BIN, 'bridge', 'sim-device', '--port', String(udp.port), '--device-id', String(device.deviceId), '--rate', String(options.ratePerS ?? 5)],
+    [
+      CLI_BIN,
+      'bridge',
+      'sim-device',
+      '--port',
+      String(udp.port),
+      '--device-id',
+      String(device.deviceId),
+      '--rate',
+      String(options.ratePerS ?? 5),
+    ],
     { stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, FB_DEVICE_KEY: device.key } },
   );
   let out = '';
   child.stdout!.on('data', (c: Buffer) => (out += c.toString()));
   const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
-  options.print(`firmware bridge ${identity.id.slice(0, 14)}… on udp://127.0.0.1:${udp.port}, serving simulated device ${device.longId} (a separate process)`);
+  options.print(
+    `firmware bridge ${identity.id.slice(0, 14)}… on udp://127.0.0.1:${udp.port}, serving simulated device ${device.longId} (a separate process)`,
+  );
   return {
     bridgeId: identity.id,
     async stop() {
@@ -98,9 +109,21 @@ export async function startBridgeDemo(options: {
 }
 
 /** The simulated device's loop (run by the hidden `edge-mesh bridge sim-device`): prints one JSON summary on SIGTERM. */
-export async function runSimDevice(options: { host: string; port: number; deviceId: number; key: string; ratePerS: number }): Promise<void> {
+export async function runSimDevice(options: {
+  host: string;
+  port: number;
+  deviceId: number;
+  key: string;
+  ratePerS: number;
+}): Promise<void> {
   const { FrameType, int16Tensor, K, udpDevice } = await import('@edge-mesh/firmware-bridge');
-  const { device, close } = await udpDevice({ deviceId: options.deviceId, key: Buffer.from(options.key, 'hex'), epoch: 1, host: options.host, port: options.port });
+  const { device, close } = await udpDevice({
+    deviceId: options.deviceId,
+    key: Buffer.from(options.key, 'hex'),
+    epoch: 1,
+    host: options.host,
+    port: options.port,
+  });
   let sent = 0;
   let ok = 0;
   let errors = 0;
@@ -125,7 +148,13 @@ export async function runSimDevice(options: { host: string; port: number; device
     const started = performance.now();
     sent++;
     try {
-      const reply = await device.infer(modelId, int16Tensor(samples), { scale, shape: [1, 25, 96], deadlineMs: 500, timeoutMs: 500, tries: 3 });
+      const reply = await device.infer(modelId, int16Tensor(samples), {
+        scale,
+        shape: [1, 25, 96],
+        deadlineMs: 500,
+        timeoutMs: 500,
+        tries: 3,
+      });
       if (reply.type === FrameType.INFER_RESP && reply.body instanceof Map && reply.body.has(K.inferResp.label)) {
         ok++;
         latencies.push(performance.now() - started);

@@ -3,11 +3,12 @@
  * the real models copied out of their npm packages, sample inputs, the simulated bridge device, the
  * local chain with a funded escrow, and a KServe v2 HTTP client.
  */
-export * from './up.ts';
+
+export * from './bridge-demo.ts';
+export * from './kserve-client.ts';
+export * from './models.ts';
 export * from './sample-app.ts';
 export * from './sample-inputs.ts';
-export * from './models.ts';
-export * from './bridge-demo.ts';
-export * from './up-settlement.ts';
-export * from './kserve-client.ts';
 export * from './stats.ts';
+export * from './up.ts';
+export * from './up-settlement.ts';

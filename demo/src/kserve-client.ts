@@ -3,17 +3,27 @@
  * would call it: JSON tensors in, JSON tensors out. The sample app sends part of its traffic this way
  * so `edge-mesh up` exercises the router's forwarding path too.
  */
-import { MeshError, tensorFromJson, tensorToJson, type MeshErrorCode, type Tensor } from '@edge-mesh/protocol';
-import { kserveDatatypeOf, KSERVE_TO_DTYPE } from '@edge-mesh/router';
+import { MeshError, type MeshErrorCode, type Tensor, tensorFromJson, tensorToJson } from '@edge-mesh/protocol';
+import { KSERVE_TO_DTYPE, kserveDatatypeOf } from '@edge-mesh/router';
 
 export interface KServeResult {
   agentId: string;
   outputs: Record<string, Tensor>;
 }
 
-export async function kserveInfer(baseUrl: string, model: string, inputs: Record<string, Tensor>, deadlineMs: number): Promise<KServeResult> {
+export async function kserveInfer(
+  baseUrl: string,
+  model: string,
+  inputs: Record<string, Tensor>,
+  deadlineMs: number,
+): Promise<KServeResult> {
   const body = {
-    inputs: Object.entries(inputs).map(([name, t]) => ({ name, shape: [...t.shape], datatype: kserveDatatypeOf(t.dtype), data: tensorToJson(t).data })),
+    inputs: Object.entries(inputs).map(([name, t]) => ({
+      name,
+      shape: [...t.shape],
+      datatype: kserveDatatypeOf(t.dtype),
+      data: tensorToJson(t).data,
+    })),
     parameters: { deadline_ms: Math.max(1, Math.round(deadlineMs)) },
   };
   const res = await fetch(`${baseUrl}/v2/models/${encodeURIComponent(model)}/infer`, {
@@ -30,6 +40,7 @@ export async function kserveInfer(baseUrl: string, model: string, inputs: Record
   };
   if (!res.ok) throw new MeshError((json.code as MeshErrorCode | undefined) ?? 'MESH_INTERNAL', json.error ?? `HTTP ${res.status}`);
   const outputs: Record<string, Tensor> = {};
-  for (const o of json.outputs ?? []) outputs[o.name] = tensorFromJson(o.name, KSERVE_TO_DTYPE[o.datatype as keyof typeof KSERVE_TO_DTYPE] ?? o.datatype, o.shape, o.data);
+  for (const o of json.outputs ?? [])
+    outputs[o.name] = tensorFromJson(o.name, KSERVE_TO_DTYPE[o.datatype as keyof typeof KSERVE_TO_DTYPE] ?? o.datatype, o.shape, o.data);
   return { agentId: json.parameters?.agent ?? 'unknown', outputs };
 }

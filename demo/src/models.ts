@@ -15,8 +15,8 @@ import { copyFile, mkdir, readFile, rename, rm, writeFile } from 'node:fs/promis
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from '@edge-mesh/agent';
 import { MeshError } from '@edge-mesh/protocol';
-import { MANIFEST_FILE, readManifest, sha256File, type Manifest, type ManifestEntry } from '@edge-mesh/agent';
 
 /** Anything with an `info` method taking a message works: `console`, a pino logger. */
 export interface ModelsLogger {
@@ -163,7 +163,6 @@ export function modelSourcePath(model: CatalogModel): string {
   return path.join(resolvePackageDir(model.pkg), model.source);
 }
 
-
 async function sha256OrNull(file: string): Promise<string | null> {
   try {
     return await sha256File(file);
@@ -208,7 +207,10 @@ async function verifyInputNames(model: CatalogModel, file: string): Promise<void
     const names = [...session.inputNames];
     const expected = [...model.inputNames];
     if (names.length !== expected.length || names.some((n, i) => n !== expected[i])) {
-      throw new MeshError('MESH_CONFIG', `model ${model.name}: inputs are [${names.join(', ')}], the catalog expects [${expected.join(', ')}]`);
+      throw new MeshError(
+        'MESH_CONFIG',
+        `model ${model.name}: inputs are [${names.join(', ')}], the catalog expects [${expected.join(', ')}]`,
+      );
     }
     for (const key of Object.keys(model.warmup ?? {})) {
       if (!names.includes(key)) throw new MeshError('MESH_CONFIG', `model ${model.name}: warmup names unknown input ${key}`);

@@ -3,10 +3,11 @@
  * models with plausible inputs, and a report of requests, errors and p50/p99 latency per model and
  * per agent.
  */
-import type { Logger } from 'pino';
-import { type Tensor } from '@edge-mesh/protocol';
+
 import { round } from '@edge-mesh/client';
+import type { Tensor } from '@edge-mesh/protocol';
 import type { Mesh } from '@edge-mesh/sdk';
+import type { Logger } from 'pino';
 import { sampleInputs } from './sample-inputs.ts';
 import { formatTable, TallyMap } from './stats.ts';
 
@@ -26,7 +27,11 @@ export interface SampleAppOptions {
    * A thin client (e.g. the router's KServe HTTP API) that carries every `every`-th request instead
    * of the SDK; its requests are counted under the path name `name`.
    */
-  thinClient?: { name: string; every: number; infer(model: string, inputs: Record<string, Tensor>, deadlineMs: number): Promise<{ agentId: string }> };
+  thinClient?: {
+    name: string;
+    every: number;
+    infer(model: string, inputs: Record<string, Tensor>, deadlineMs: number): Promise<{ agentId: string }>;
+  };
 }
 
 export class SampleApp {
@@ -67,7 +72,10 @@ export class SampleApp {
     // The SDK neither mutates nor transfers inputs, so each sample is built once and reused.
     const cacheKey = `${model}:${seed}`;
     let inputs = this.inputsCache.get(cacheKey);
-    if (!inputs) this.inputsCache.set(cacheKey, (inputs = sampleInputs(model, seed)));
+    if (!inputs) {
+      inputs = sampleInputs(model, seed);
+      this.inputsCache.set(cacheKey, inputs);
+    }
     const started = performance.now();
     const deadlineMs = SAMPLE_DEADLINES_MS[model] ?? 1_000;
     const thin = this.options.thinClient;
@@ -108,10 +116,13 @@ export class SampleApp {
       return [name, t.requests, t.ok, t.errors, w.n ? round(w.p50, 2) : '-', w.n ? round(w.p99, 2) : '-'];
     });
     const label = this.options.agentLabel ?? ((id: string) => id);
-    const agentRows = [...this.byAgent.byKey].map(([id, t]) => [label(id), t] as const).sort(([a], [b]) => a.localeCompare(b)).map(([name, t]) => {
-      const w = t.takeWindow();
-      return [name, t.requests, t.ok, t.errors, w.n ? round(w.p50, 2) : '-', w.n ? round(w.p99, 2) : '-'];
-    });
+    const agentRows = [...this.byAgent.byKey]
+      .map(([id, t]) => [label(id), t] as const)
+      .sort(([a], [b]) => a.localeCompare(b))
+      .map(([name, t]) => {
+        const w = t.takeWindow();
+        return [name, t.requests, t.ok, t.errors, w.n ? round(w.p50, 2) : '-', w.n ? round(w.p99, 2) : '-'];
+      });
     const header = ['', 'requests', 'ok', 'errors', 'p50 ms', 'p99 ms'];
     const elapsed = ((performance.now() - this.startedAt) / 1000).toFixed(0);
     const skipped = this.skipped ? `, ${this.skipped} not sent (too many in flight)` : '';

@@ -7,8 +7,9 @@
  * Same (model, seed) gives the same values. Results are cached per (model, seed) and every call
  * returns fresh typed arrays, so callers may mutate or transfer them.
  */
-import { MeshError, type Tensor } from '@edge-mesh/protocol';
+
 import { mulberry32 } from '@edge-mesh/client';
+import { MeshError, type Tensor } from '@edge-mesh/protocol';
 
 export const SAMPLE_MODELS = ['kws', 'vad', 'ocr-cls', 'ocr-det'] as const;
 export type SampleModel = (typeof SAMPLE_MODELS)[number];
@@ -319,7 +320,7 @@ function ocrDetSample(rng: Rng): { tensors: Record<string, Tensor>; boxes: TextB
     const off = c * plane;
     for (let i = 0; i < plane; i++) {
       const v = img.px[i] ?? 255;
-      data[off + i] = ((v < 0 ? 0 : v > 255 ? 255 : v) / 255 - mean) * invStd;
+      data[off + i] = ((v < 0 ? 0 : Math.min(v, 255)) / 255 - mean) * invStd;
     }
   }
   return { tensors: { x: { dtype: 'float32', shape: [1, 3, DET_SIZE, DET_SIZE], data } }, boxes };

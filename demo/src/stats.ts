@@ -43,7 +43,10 @@ export class TallyMap {
 
   get(key: string): Tally {
     let t = this.byKey.get(key);
-    if (!t) this.byKey.set(key, (t = new Tally()));
+    if (!t) {
+      t = new Tally();
+      this.byKey.set(key, t);
+    }
     return t;
   }
 }

@@ -9,11 +9,11 @@
  */
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import path from 'node:path';
-import type { Logger } from 'pino';
-import { deployMesh, startLocalChain, type LocalChain, type MeshDeployment } from '@edge-mesh/contracts/dev';
 import type { AgentHandle, AgentPaymentOptions } from '@edge-mesh/agent';
 import { EscrowClient } from '@edge-mesh/contracts';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import type { PaymentOptions } from '@edge-mesh/sdk';
+import type { Logger } from 'pino';
 
 export interface UpSettlementSummary {
   /** Receipts the agents signed on the app's lanes (failed and timed-out work included, at 0). */

@@ -9,16 +9,15 @@
  * and admits the agents, the router and the app (admissions are kept in `<data>/broker/`) before they connect.
  */
 import path from 'node:path';
-import type { Logger } from 'pino';
-import { startBroker, type BrokerOptions } from '@edge-mesh/broker';
-import { startAgent, type AgentHandle } from '@edge-mesh/agent';
+import { type AgentHandle, startAgent } from '@edge-mesh/agent';
+import { type BrokerOptions, startBroker } from '@edge-mesh/broker';
+import { ensureKeyFile, round } from '@edge-mesh/client';
 import { admit, type Identity } from '@edge-mesh/protocol';
-import { round } from '@edge-mesh/client';
-import { startRouter, type RouterHandle } from '@edge-mesh/router';
+import { type RouterHandle, startRouter } from '@edge-mesh/router';
 import { connect, type Mesh } from '@edge-mesh/sdk';
+import type { Logger } from 'pino';
+import { type BridgeDemo, type BridgeDemoSummary, startBridgeDemo } from './bridge-demo.ts';
 import { kserveInfer } from './kserve-client.ts';
-import { startBridgeDemo, type BridgeDemo, type BridgeDemoSummary } from './bridge-demo.ts';
-import { ensureKeyFile } from '@edge-mesh/client';
 import { ensureModelsFolder } from './models.ts';
 import { SampleApp } from './sample-app.ts';
 import { startUpSettlement, type UpSettlement, type UpSettlementSummary } from './up-settlement.ts';
@@ -110,9 +109,23 @@ export function agentLabel(name: string, id: string): string {
 }
 
 /** The router with its HTTP API on `routerPort`, or on a free port when that one is taken. */
-async function startRouterOn(brokerUrl: string, identity: Identity, options: UpOptions, logger: Logger, settlement?: UpSettlement): Promise<RouterHandle> {
-  const chain = settlement ? { provider: settlement.chain.provider, escrow: settlement.deployment.escrow, fromBlock: settlement.deployment.deployBlock } : undefined;
-  const start = (port: number) => startRouter({ brokerUrl, identity, logger: logger.child({ part: 'router' }), http: { port, host: options.host, ...(chain ? { chain } : {}) } });
+async function startRouterOn(
+  brokerUrl: string,
+  identity: Identity,
+  options: UpOptions,
+  logger: Logger,
+  settlement?: UpSettlement,
+): Promise<RouterHandle> {
+  const chain = settlement
+    ? { provider: settlement.chain.provider, escrow: settlement.deployment.escrow, fromBlock: settlement.deployment.deployBlock }
+    : undefined;
+  const start = (port: number) =>
+    startRouter({
+      brokerUrl,
+      identity,
+      logger: logger.child({ part: 'router' }),
+      http: { port, host: options.host, ...(chain ? { chain } : {}) },
+    });
   return onPortOrFree(options.routerPort, start, "the router's HTTP API", logger);
 }
 
@@ -151,7 +164,14 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     for (const identity of [...keys.agents, keys.router, keys.app]) await broker.admit(admit(keys.operator, identity));
     for (const [i, identity] of keys.agents.entries()) {
       agents.push(
-        await startAgent({ brokerUrl: broker.url, modelsDir, identity, workers: options.workers, logger, ...(settlement ? { payment: settlement.agentPayment(i) } : {}) }),
+        await startAgent({
+          brokerUrl: broker.url,
+          modelsDir,
+          identity,
+          workers: options.workers,
+          logger,
+          ...(settlement ? { payment: settlement.agentPayment(i) } : {}),
+        }),
       );
     }
     for (const agent of agents) {
@@ -161,8 +181,16 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     router = await startRouterOn(broker.url, keys.router, options, logger, settlement);
     const routerUrl = router.http!.url;
     const paidApi = settlement ? `, ${routerUrl}/v1/lanes, ${routerUrl}/v1/settlements` : '';
-    print(`router ${router.id} serving ${routerUrl} (KServe v2: ${routerUrl}/v2/models/kws; operators: ${routerUrl}/v1/agents${paidApi}, ${routerUrl}/metrics)`);
-    mesh = await connect({ brokerUrl: broker.url, identity: keys.app, logger, router: router.id, ...(settlement ? { payment: settlement.sdkPayment() } : {}) });
+    print(
+      `router ${router.id} serving ${routerUrl} (KServe v2: ${routerUrl}/v2/models/kws; operators: ${routerUrl}/v1/agents${paidApi}, ${routerUrl}/metrics)`,
+    );
+    mesh = await connect({
+      brokerUrl: broker.url,
+      identity: keys.app,
+      logger,
+      router: router.id,
+      ...(settlement ? { payment: settlement.sdkPayment() } : {}),
+    });
     for (const model of modelNames) {
       await mesh.waitForModel(model, 10_000, agents.length);
       await router.waitForModel(model, 10_000, agents.length);
@@ -176,12 +204,20 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
       thinClient: { name: 'http', every: 10, infer: (model, inputs, deadlineMs) => kserveInfer(routerUrl, model, inputs, deadlineMs) },
     });
     // The bridge and its device process start first: their start-up work would otherwise stall the app's first requests.
-    bridgeDemo = await startBridgeDemo({ brokerUrl: broker.url, operator: keys.operator, admit: (r) => broker.admit(r), dataDir, logger, print });
+    bridgeDemo = await startBridgeDemo({
+      brokerUrl: broker.url,
+      operator: keys.operator,
+      admit: (r) => broker.admit(r),
+      dataDir,
+      logger,
+      print,
+    });
     print(`sample app sending ${options.ratePerS} requests/s over ${modelNames.join(', ')}; Ctrl-C stops`);
     app.start();
     const runningApp = app;
     reporter = setInterval(() => print(runningApp.report()), options.reportEveryS * 1000);
-    const timeout = options.durationS === undefined ? new Promise<void>(() => {}) : new Promise<void>((r) => setTimeout(r, options.durationS! * 1000));
+    const timeout =
+      options.durationS === undefined ? new Promise<void>(() => {}) : new Promise<void>((r) => setTimeout(r, options.durationS! * 1000));
     await Promise.race([stopSignal, timeout]);
     print('stopping: waiting for outstanding requests');
     clearInterval(reporter);

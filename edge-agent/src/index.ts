@@ -12,20 +12,48 @@ import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import path from 'node:path';
+import { type BackoffOptions, type MeshConnection, openMeshConnection } from '@edge-mesh/client';
+import {
+  type AgentLoad,
+  type AgentStatus,
+  assertValidId,
+  DEFAULT_MAX_ELEMENTS,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  decodeMessage,
+  decodeTensorMap,
+  encodeMessage,
+  encodeTensorMap,
+  generateIdentity,
+  type Hardware,
+  hashTensorMap,
+  type Identity,
+  type InferReply,
+  type InferRequest,
+  isValidId,
+  MeshError,
+  type ModelInfo,
+  PROTOCOL_VERSION,
+  RECEIPT_STATUS,
+  requestIdHex,
+  type SignedReceipt,
+  signStatus,
+  type Tensor,
+  toMeshError,
+  topics,
+  ZERO_HASH,
+} from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
 import pino, { type Logger } from 'pino';
-import { assertValidId, decodeMessage, decodeTensorMap, DEFAULT_MAX_ELEMENTS, DEFAULT_MAX_MESSAGE_BYTES, encodeMessage, encodeTensorMap, generateIdentity, hashTensorMap, isValidId, MeshError, PROTOCOL_VERSION, RECEIPT_STATUS, requestIdHex, signStatus, toMeshError, topics, type AgentLoad, type AgentStatus, type Hardware, type InferReply, type Identity, type ModelInfo, type SignedReceipt, type Tensor, ZERO_HASH } from '@edge-mesh/protocol';
-import { openMeshConnection, type BackoffOptions, type MeshConnection } from '@edge-mesh/client';
-import { AgentPayments, type AgentPaymentOptions, type LaneSummary } from './payments.ts';
-import { Settler, type SettlementRecord, type SettlerCounters } from './settler.ts';
-import { readManifest, sha256File, type ManifestEntry } from './manifest.ts';
-import { WorkerPool, type JobResult } from './pool.ts';
-import { Scheduler, type Job } from './scheduler.ts';
+import { type ManifestEntry, readManifest, sha256File } from './manifest.ts';
+import { type AgentPaymentOptions, AgentPayments, type LaneSummary } from './payments.ts';
+import { type JobResult, WorkerPool } from './pool.ts';
+import { type Job, Scheduler } from './scheduler.ts';
+import { type SettlementRecord, Settler, type SettlerCounters } from './settler.ts';
 import type { LoadedModel } from './worker-protocol.ts';
 
-export { readManifest, sha256File, MANIFEST_FILE, type Manifest, type ManifestEntry } from './manifest.ts';
+export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';
 export type { AgentPaymentOptions, LaneSummary } from './payments.ts';
-export type { SettlerOptions, SettlementRecord, SettlerCounters } from './settler.ts';
+export type { SettlementRecord, SettlerCounters, SettlerOptions } from './settler.ts';
 
 export const AGENT_VERSION = '0.1.0';
 
@@ -183,11 +211,17 @@ function checkInputs(model: LoadedModel, inputs: Record<string, Tensor>): void {
       throw new MeshError('MESH_BAD_INPUT', `input ${info.name} of ${model.name} must be ${info.dtype}, got ${tensor.dtype}`);
     }
     if (tensor.shape.length !== info.shape.length) {
-      throw new MeshError('MESH_BAD_INPUT', `input ${info.name} of ${model.name} must have rank ${info.shape.length}, got [${tensor.shape.join(',')}]`);
+      throw new MeshError(
+        'MESH_BAD_INPUT',
+        `input ${info.name} of ${model.name} must have rank ${info.shape.length}, got [${tensor.shape.join(',')}]`,
+      );
     }
     info.shape.forEach((dim, i) => {
       if (typeof dim === 'number' && tensor.shape[i] !== dim) {
-        throw new MeshError('MESH_BAD_INPUT', `input ${info.name} of ${model.name} must have dim ${i} = ${dim}, got [${tensor.shape.join(',')}]`);
+        throw new MeshError(
+          'MESH_BAD_INPUT',
+          `input ${info.name} of ${model.name} must have dim ${i} = ${dim}, got [${tensor.shape.join(',')}]`,
+        );
       }
     });
   }
@@ -216,17 +250,23 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     maxRememberedRequests = 100_000,
   } = options;
   if ('agentId' in options) {
-    throw new MeshError('MESH_CONFIG', 'the agentId option was replaced by identity: an agent id derives from its key (see generateIdentity, parseKeyFile)');
+    throw new MeshError(
+      'MESH_CONFIG',
+      'the agentId option was replaced by identity: an agent id derives from its key (see generateIdentity, parseKeyFile)',
+    );
   }
   const ephemeral = options.identity === undefined;
   const identity = options.identity ?? generateIdentity('agent');
-  if (identity.role !== 'agent') throw new MeshError('MESH_CONFIG', `an agent needs an agent key, got a ${identity.role} key (${identity.id})`);
+  if (identity.role !== 'agent')
+    throw new MeshError('MESH_CONFIG', `an agent needs an agent key, got a ${identity.role} key (${identity.id})`);
   const agentId = assertValidId(identity.id, 'agent id');
   const problems: string[] = [];
   if (!Number.isInteger(workers) || workers < 1) problems.push(`workers must be a positive integer, got ${workers}`);
   if (!Number.isInteger(queueLimit) || queueLimit < 1) problems.push(`queueLimit must be a positive integer, got ${queueLimit}`);
-  if (!Number.isInteger(pipelineDepth) || pipelineDepth < 1) problems.push(`pipelineDepth must be a positive integer, got ${pipelineDepth}`);
-  if (!Number.isInteger(maxRememberedRequests) || maxRememberedRequests < 1) problems.push(`maxRememberedRequests must be a positive integer, got ${maxRememberedRequests}`);
+  if (!Number.isInteger(pipelineDepth) || pipelineDepth < 1)
+    problems.push(`pipelineDepth must be a positive integer, got ${pipelineDepth}`);
+  if (!Number.isInteger(maxRememberedRequests) || maxRememberedRequests < 1)
+    problems.push(`maxRememberedRequests must be a positive integer, got ${maxRememberedRequests}`);
   if (!(heartbeatMs >= 50)) problems.push(`heartbeatMs must be at least 50, got ${heartbeatMs}`);
   if (!Number.isInteger(warmupRuns) || warmupRuns < 1) problems.push(`warmupRuns must be a positive integer, got ${warmupRuns}`);
   if (problems.length) throw new MeshError('MESH_CONFIG', `invalid agent options: ${problems.join('; ')}`);
@@ -314,7 +354,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       ...(payments ? { quote: payments.signedQuote() } : {}),
     });
   // Signed once: the broker publishes it as the will when the agent dies, so it cannot be signed then.
-  const offlinePayload = encodeMessage(signStatus(identity, { v: PROTOCOL_VERSION, kind: 'status', agent: agentId, state: 'offline', ts: Date.now(), session }));
+  const offlinePayload = encodeMessage(
+    signStatus(identity, { v: PROTOCOL_VERSION, kind: 'status', agent: agentId, state: 'offline', ts: Date.now(), session }),
+  );
 
   /** Request id (hex) → its deadline: ids seen and not yet expired, so none runs twice. */
   const seenRequests = new Map<string, number>();
@@ -342,7 +384,15 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     counters.errors[err.code] = (counters.errors[err.code] ?? 0) + 1;
     publishReply(
       senderId,
-      encodeMessage({ v: PROTOCOL_VERSION, kind: 'err', id, agent: agentId, code: err.code, message: err.message.slice(0, 2048), ...(receipt ? { receipt } : {}) }),
+      encodeMessage({
+        v: PROTOCOL_VERSION,
+        kind: 'err',
+        id,
+        agent: agentId,
+        code: err.code,
+        message: err.message.slice(0, 2048),
+        ...(receipt ? { receipt } : {}),
+      }),
     );
   };
 
@@ -350,7 +400,12 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
    * A paid job's receipt: status from what happened. It costs by the quote's rule: ok and a cancel of
    * work that ran are charged, failures and deadline drops are 0. The reply leaves once the receipt is journaled.
    */
-  const withReceipt = (job: Job, err: MeshError | undefined, outputs: InferReply['outputs'] | undefined, send: (receipt: SignedReceipt | undefined) => void) => {
+  const withReceipt = (
+    job: Job,
+    err: MeshError | undefined,
+    outputs: InferReply['outputs'] | undefined,
+    send: (receipt: SignedReceipt | undefined) => void,
+  ) => {
     if (!job.paid || !payments) return send(undefined);
     const ran = job.startedAt !== undefined;
     // A cancel that comes once the deadline has passed is the sender giving up on a late job: a timeout, not a paid cancel.
@@ -426,7 +481,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   const handleRequest = (senderId: string, payload: Buffer) => {
     counters.received++;
     const receivedAt = performance.now();
-    let request;
+    let request: InferRequest;
     try {
       request = decodeMessage(payload, ['req'], maxMessageBytes);
     } catch (err) {
@@ -451,7 +506,11 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     if (request.deadline >= nowMs) {
       if (seenRequests.size >= maxRememberedRequests) pruneSeenRequests(nowMs);
       if (seenRequests.size >= maxRememberedRequests) {
-        replyError(senderId, request.id, new MeshError('MESH_BUSY', `${agentId} remembers ${maxRememberedRequests} unexpired request ids; try again later`));
+        replyError(
+          senderId,
+          request.id,
+          new MeshError('MESH_BUSY', `${agentId} remembers ${maxRememberedRequests} unexpired request ids; try again later`),
+        );
         return;
       }
       seenRequests.set(key, request.deadline);
@@ -467,7 +526,16 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
         if (request.pay.voucher) void payments.acceptVoucher(senderId, request.pay.voucher).catch(() => {});
         paid = payments.admit(request.pay.payer, senderId, request.model, hashTensorMap(request.inputs));
       }
-      scheduler.submit({ key, id: request.id, senderId, model: request.model, inputs, deadline: request.deadline, receivedAt, ...(paid ? { paid } : {}) });
+      scheduler.submit({
+        key,
+        id: request.id,
+        senderId,
+        model: request.model,
+        inputs,
+        deadline: request.deadline,
+        receivedAt,
+        ...(paid ? { paid } : {}),
+      });
     } catch (err) {
       // Refused before it was taken on: no receipt, nothing owed.
       if (paid) payments!.release(paid);
@@ -482,7 +550,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     if (!payments) return;
     try {
       const voucher = decodeMessage(payload, ['voucher'], 4096);
-      void payments.acceptVoucher(senderId, voucher).catch((err: unknown) => logger.error({ err: (err as Error).message }, 'voucher not stored'));
+      void payments
+        .acceptVoucher(senderId, voucher)
+        .catch((err: unknown) => logger.error({ err: (err as Error).message }, 'voucher not stored'));
     } catch (err) {
       logger.debug({ senderId, err: (err as Error).message }, 'bad voucher dropped');
     }

@@ -14,11 +14,28 @@
  *   Vouchers must recover to the lane's payer.
  */
 import path from 'node:path';
+import { recoverVoucherSigner } from '@edge-mesh/contracts';
+import {
+  decodeCbor,
+  type EscrowDomain,
+  encodeCbor,
+  fromHex,
+  type Identity,
+  MeshError,
+  type ModelPrice,
+  RECEIPT_STATUS,
+  RECEIPT_VERSION,
+  receiptPriceMicros,
+  type SignedQuote,
+  type SignedReceipt,
+  signQuote,
+  signReceipt,
+  toHex,
+  type VoucherMessage,
+  ZERO_HASH,
+} from '@edge-mesh/protocol';
 import { Level } from 'level';
 import type { Logger } from 'pino';
-import { decodeCbor, encodeCbor, fromHex, MeshError, RECEIPT_STATUS, RECEIPT_VERSION, receiptPriceMicros, signQuote, signReceipt, toHex, ZERO_HASH, type Identity, type ModelPrice, type SignedQuote, type SignedReceipt, type VoucherMessage } from '@edge-mesh/protocol';
-import { type EscrowDomain } from '@edge-mesh/protocol';
-import { recoverVoucherSigner } from '@edge-mesh/contracts';
 import type { SettlerOptions } from './settler.ts';
 
 export interface AgentPaymentOptions {
@@ -146,12 +163,20 @@ export class AgentPayments {
     this.creditMicros = options.creditMicros ?? (options.creditRequests ?? 8) * dearest;
   }
 
-  static async open(identity: Identity, options: AgentPaymentOptions, models: { name: string; sha256: string; priceMicros: number }[], logger: Logger): Promise<AgentPayments> {
+  static async open(
+    identity: Identity,
+    options: AgentPaymentOptions,
+    models: { name: string; sha256: string; priceMicros: number }[],
+    logger: Logger,
+  ): Promise<AgentPayments> {
     const problems: string[] = [];
     if (!/^0x[0-9a-fA-F]{40}$/.test(options.payout)) problems.push(`payout ${JSON.stringify(options.payout)} is not an EVM address`);
-    if (!/^0x[0-9a-fA-F]{40}$/.test(options.domain.escrow)) problems.push(`escrow ${JSON.stringify(options.domain.escrow)} is not an EVM address`);
-    if (options.creditRequests !== undefined && !(Number.isInteger(options.creditRequests) && options.creditRequests >= 1)) problems.push('creditRequests must be a positive integer');
-    if (options.creditMicros !== undefined && !(Number.isSafeInteger(options.creditMicros) && options.creditMicros >= 0)) problems.push('creditMicros must be a non-negative integer');
+    if (!/^0x[0-9a-fA-F]{40}$/.test(options.domain.escrow))
+      problems.push(`escrow ${JSON.stringify(options.domain.escrow)} is not an EVM address`);
+    if (options.creditRequests !== undefined && !(Number.isInteger(options.creditRequests) && options.creditRequests >= 1))
+      problems.push('creditRequests must be a positive integer');
+    if (options.creditMicros !== undefined && !(Number.isSafeInteger(options.creditMicros) && options.creditMicros >= 0))
+      problems.push('creditMicros must be a non-negative integer');
     if (problems.length) throw new MeshError('MESH_CONFIG', `invalid payment options: ${problems.join('; ')}`);
     // Keyed by chain and escrow, so a fresh local chain never mixes with old lanes.
     const location = path.join(options.dataDir, `payments-${options.domain.chainId}-${options.domain.escrow.toLowerCase()}`);
@@ -199,7 +224,9 @@ export class AgentPayments {
     if (!lane) {
       const open = this.lanesPerClient.get(senderId) ?? 0;
       if (open >= this.maxLanesPerClient) {
-        throw new MeshError('MESH_FORBIDDEN', `client ${senderId} already has ${open} payer lanes here (the limit)`, { details: { payer } });
+        throw new MeshError('MESH_FORBIDDEN', `client ${senderId} already has ${open} payer lanes here (the limit)`, {
+          details: { payer },
+        });
       }
       this.lanesPerClient.set(senderId, open + 1);
       lane = { payer, senderId, seq: 0, cumulative: 0, lastLeaf: toHex(ZERO_HASH), paid: 0, voucher: undefined };
@@ -210,9 +237,13 @@ export class AgentPayments {
     const unpaid = lane.cumulative + reserved - lane.paid;
     if (okPrice > 0 && unpaid + okPrice > this.creditMicros) {
       this.counters.creditRefusals++;
-      throw new MeshError('MESH_CREDIT_EXCEEDED', `lane of ${payer} owes ${unpaid} micro-dollars unpaid; the credit window is ${this.creditMicros}: send a voucher`, {
-        details: { payer, unpaidMicros: unpaid, paidMicros: lane.paid },
-      });
+      throw new MeshError(
+        'MESH_CREDIT_EXCEEDED',
+        `lane of ${payer} owes ${unpaid} micro-dollars unpaid; the credit window is ${this.creditMicros}: send a voucher`,
+        {
+          details: { payer, unpaidMicros: unpaid, paidMicros: lane.paid },
+        },
+      );
     }
     this.reserved.set(payer, reserved + okPrice);
     return { payer, price, reservedMicros: okPrice, inputHash };
@@ -280,7 +311,12 @@ export class AgentPayments {
     try {
       signer = recoverVoucherSigner(
         this.domain,
-        { agent: this.payout, cumulative: BigInt(message.cumulative), receiptsRoot: toHex(message.receiptsRoot), expiry: BigInt(message.expiry) },
+        {
+          agent: this.payout,
+          cumulative: BigInt(message.cumulative),
+          receiptsRoot: toHex(message.receiptsRoot),
+          expiry: BigInt(message.expiry),
+        },
         toHex(message.sig),
       );
     } catch (err) {
@@ -288,7 +324,12 @@ export class AgentPayments {
     }
     if (signer.toLowerCase() !== lane.payer) return refuse(`signed by ${signer}, not the payer`);
     lane.paid = message.cumulative;
-    const voucher = { cumulative: message.cumulative, receiptsRoot: toHex(message.receiptsRoot), expiry: message.expiry, sig: toHex(message.sig) };
+    const voucher = {
+      cumulative: message.cumulative,
+      receiptsRoot: toHex(message.receiptsRoot),
+      expiry: message.expiry,
+      sig: toHex(message.sig),
+    };
     lane.voucher = voucher;
     this.counters.vouchers++;
     await this.write([{ type: 'put', key: LANE_PREFIX + lane.payer, value: { ...lane } }]);

@@ -7,8 +7,8 @@
  * wake-word run). Jobs go to the worker holding the fewest.
  */
 import { Worker } from 'node:worker_threads';
-import type { Logger } from 'pino';
 import { MeshError, type Tensor, type TypedArray } from '@edge-mesh/protocol';
+import type { Logger } from 'pino';
 import type { FromWorker, LoadedModel, RunJob, ToWorker, WorkerModelSpec } from './worker-protocol.ts';
 
 const WORKER_URL = new URL('./worker.mjs', import.meta.url);
@@ -182,7 +182,8 @@ export class WorkerPool {
     this.held -= slot.jobs.size;
     slot.outbox = [];
     slot.transfer = [];
-    for (const { callback } of slot.jobs.values()) callback(new MeshError('MESH_INFERENCE_FAILED', `inference worker exited with code ${exitCode}`));
+    for (const { callback } of slot.jobs.values())
+      callback(new MeshError('MESH_INFERENCE_FAILED', `inference worker exited with code ${exitCode}`));
     slot.jobs.clear();
     this.options.logger.warn({ exitCode }, 'replacing inference worker');
     this.spawn().catch((err) => this.options.logger.error({ err }, 'could not replace inference worker'));

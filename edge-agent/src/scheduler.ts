@@ -112,7 +112,13 @@ export class Scheduler {
     for (const [name, s] of this.models) {
       queued += s.queue.length;
       inFlight += s.inFlight;
-      models[name] = { queued: s.queue.length, inFlight: s.inFlight, serviceMs: Math.round(s.serviceMs * 1000) / 1000, served: s.served, failed: s.failed };
+      models[name] = {
+        queued: s.queue.length,
+        inFlight: s.inFlight,
+        serviceMs: Math.round(s.serviceMs * 1000) / 1000,
+        served: s.served,
+        failed: s.failed,
+      };
     }
     return { queued, inFlight, models };
   }
@@ -133,7 +139,8 @@ export class Scheduler {
           state.serviceMs += SERVICE_EWMA_ALPHA * (result!.execMs + this.pool.handoffMs - state.serviceMs);
         }
         if (job.cancelled) this.finish(job, new MeshError('MESH_CANCELLED', 'cancelled by sender'));
-        else if (!err && job.deadline < this.now()) this.finish(job, new MeshError('MESH_DEADLINE_EXCEEDED', 'finished after the deadline'));
+        else if (!err && job.deadline < this.now())
+          this.finish(job, new MeshError('MESH_DEADLINE_EXCEEDED', 'finished after the deadline'));
         else this.finish(job, err, result);
       });
     }

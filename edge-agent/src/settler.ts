@@ -16,12 +16,11 @@
  * the intent makes sure nothing owed is forgotten and nothing paid is counted twice.
  */
 import path from 'node:path';
+import { ESCROW_ABI, EscrowClient, type SettleOutcome } from '@edge-mesh/contracts';
+import type { EscrowDomain, SignedVoucher } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { Level } from 'level';
 import type { Logger } from 'pino';
-import { EscrowClient, type SettleOutcome } from '@edge-mesh/contracts';
-import { type EscrowDomain, type SignedVoucher } from '@edge-mesh/protocol';
-import { ESCROW_ABI } from '@edge-mesh/contracts';
 
 export interface SettlerOptions {
   /** Sends the settle transactions and pays their gas; any account will do (the payee is inside each voucher). */
@@ -131,7 +130,14 @@ export class Settler {
     const location = path.join(params.dataDir, `settler-${params.domain.chainId}-${params.domain.escrow.toLowerCase()}`);
     const db = new Level<string, unknown>(location, { valueEncoding: 'json' });
     await db.open();
-    const settler = new Settler(escrow, db, ethers.getAddress(params.payout), params.lanes, options, params.logger.child({ part: 'settler' }));
+    const settler = new Settler(
+      escrow,
+      db,
+      ethers.getAddress(params.payout),
+      params.lanes,
+      options,
+      params.logger.child({ part: 'settler' }),
+    );
     try {
       await settler.load();
       await settler.reconcile();
@@ -184,7 +190,10 @@ export class Settler {
         await this.db.del(key, { sync: true } as never);
       }
       this.counters.reconciled++;
-      this.logger.warn({ intent: intent.id, hash: intent.hash, mined: Boolean(outcome), lanes: lanes.length }, 'reconciled an unfinished settlement intent with the chain');
+      this.logger.warn(
+        { intent: intent.id, hash: intent.hash, mined: Boolean(outcome), lanes: lanes.length },
+        'reconciled an unfinished settlement intent with the chain',
+      );
     }
   }
 
@@ -279,7 +288,10 @@ export class Settler {
         payer: lane.payer,
         cumulative: v.cumulative,
         reason,
-        entry: { voucher: { agent: this.payout, cumulative: BigInt(v.cumulative), receiptsRoot: v.receiptsRoot, expiry: BigInt(v.expiry) }, signature: v.sig },
+        entry: {
+          voucher: { agent: this.payout, cumulative: BigInt(v.cumulative), receiptsRoot: v.receiptsRoot, expiry: BigInt(v.expiry) },
+          signature: v.sig,
+        },
       });
     }
     const max = this.options.maxBatch ?? 50;
@@ -303,13 +315,17 @@ export class Settler {
     if (this.options.crashAt === 'after-intent') process.kill(process.pid, 'SIGKILL');
     let outcome: SettleOutcome;
     try {
-      outcome = await this.escrow.settle(this.payout, batch.map((b) => b.entry), {
-        onSent: async (hash) => {
-          intent.hash = hash;
-          await this.db.put(key, intent, { sync: true } as never);
-          if (this.options.crashAt === 'after-send') process.kill(process.pid, 'SIGKILL');
+      outcome = await this.escrow.settle(
+        this.payout,
+        batch.map((b) => b.entry),
+        {
+          onSent: async (hash) => {
+            intent.hash = hash;
+            await this.db.put(key, intent, { sync: true } as never);
+            if (this.options.crashAt === 'after-send') process.kill(process.pid, 'SIGKILL');
+          },
         },
-      });
+      );
     } catch (err) {
       // Sent or not, mined or not: settle the books with the chain now, as after a crash.
       await this.reconcile().catch(() => {});
@@ -356,7 +372,10 @@ export class Settler {
     this.counters.txs++;
     this.counters.settledMicros += rec.paidMicros;
     this.counters.skipped += rec.skipped.length;
-    this.logger.info({ hash: rec.hash, lanes: rec.lanes.length, paidMicros: rec.paidMicros, skipped: rec.skipped.length, reasons: rec.reasons }, 'settled');
+    this.logger.info(
+      { hash: rec.hash, lanes: rec.lanes.length, paidMicros: rec.paidMicros, skipped: rec.skipped.length, reasons: rec.reasons },
+      'settled',
+    );
   }
 
   /** Settles every lane whose best voucher is above what the chain has settled, now. */
@@ -383,7 +402,9 @@ export class Settler {
     if (this.timer) clearTimeout(this.timer);
     while (this.running) await this.running;
     if (this.options.settleOnClose) {
-      await this.tick(true).catch((err: unknown) => this.logger.warn({ err: (err as Error).message }, 'final settlement failed; it runs again on the next start'));
+      await this.tick(true).catch((err: unknown) =>
+        this.logger.warn({ err: (err as Error).message }, 'final settlement failed; it runs again on the next start'),
+      );
     }
     await this.db.close();
   }

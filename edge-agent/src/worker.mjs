@@ -140,7 +140,8 @@ async function run(job, model, inputs) {
   try {
     /** @type {Record<string, ort.Tensor>} */
     const feeds = {};
-    for (const [name, t] of Object.entries(inputs)) feeds[name] = new ort.Tensor(/** @type {any} */ (t.dtype), /** @type {any} */ (t.data), t.shape);
+    for (const [name, t] of Object.entries(inputs))
+      feeds[name] = new ort.Tensor(/** @type {any} */ (t.dtype), /** @type {any} */ (t.data), t.shape);
     const results = await session.run(feeds);
     const execMs = performance.now() - t0;
     /** @type {Record<string, Tensor>} */

@@ -12,13 +12,23 @@
  * tell an attacker which check failed, and a reply can only be sealed under a fresh (epoch, seq).
  */
 import { EventEmitter } from 'node:events';
+import { encodeCbor as encodeMeshCbor, MeshError, type ModelInfo, type Tensor, topics } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
-import { encodeCbor as encodeMeshCbor, MeshError, topics, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
-import { CborError, cborMap, decodeCbor, encodeCbor, TYPED_ARRAY_TAGS, type CborMap, type CborValue, type Tagged } from './cbor.ts';
-import { BridgeErrorCode, FrameType, HEADER_BYTES, MAX_PACKET_BYTES, openFrame, readHeader, sealFrame, TAG_BYTES, type FrameHeader } from './frame.ts';
+import { CborError, type CborMap, type CborValue, cborMap, decodeCbor, encodeCbor, type Tagged, TYPED_ARRAY_TAGS } from './cbor.ts';
+import {
+  BridgeErrorCode,
+  type FrameHeader,
+  FrameType,
+  HEADER_BYTES,
+  MAX_PACKET_BYTES,
+  openFrame,
+  readHeader,
+  sealFrame,
+  TAG_BYTES,
+} from './frame.ts';
 import { K, readHello, readInferRequest, Want } from './messages.ts';
+import { type DeviceRegistry, longIdOf } from './registry.ts';
 import { ReplayWindow, SEQ_PERSIST_STEP } from './replay.ts';
-import { longIdOf, type DeviceRegistry } from './registry.ts';
 
 /** What the bridge needs from a mesh client; the SDK's `Mesh` fits it. */
 export interface BridgeMesh {
@@ -77,7 +87,17 @@ export interface BridgeOptions {
   now?: () => number;
 }
 
-export type DropReason = 'size' | 'header' | 'unknown-device' | 'revoked' | 'stale-epoch' | 'too-old' | 'bad-seq' | 'auth' | 'replayed' | 'in-progress';
+export type DropReason =
+  | 'size'
+  | 'header'
+  | 'unknown-device'
+  | 'revoked'
+  | 'stale-epoch'
+  | 'too-old'
+  | 'bad-seq'
+  | 'auth'
+  | 'replayed'
+  | 'in-progress';
 
 export interface BridgeStats {
   packets: number;
@@ -169,10 +189,12 @@ function resolveShape(modelShape: (number | string)[], deviceShape: number[] | u
       const free = modelShape.filter((d) => typeof d !== 'number' || d < 0).length;
       const known = modelShape.reduce<number>((a, d) => (typeof d === 'number' && d >= 0 ? a * d : a), 1);
       if (free === 0) return modelShape as number[];
-      if (free === 1 && known > 0 && count % known === 0) return modelShape.map((d) => (typeof d === 'number' && d >= 0 ? d : count / known));
+      if (free === 1 && known > 0 && count % known === 0)
+        return modelShape.map((d) => (typeof d === 'number' && d >= 0 ? d : count / known));
       throw new WireError(BridgeErrorCode.BAD_INPUT, 'the model has free dimensions: send a shape (key 5)');
     })();
-  if (shape.reduce((a, d) => a * d, 1) !== count) throw new WireError(BridgeErrorCode.BAD_INPUT, `shape [${shape.join(',')}] does not hold ${count} elements`);
+  if (shape.reduce((a, d) => a * d, 1) !== count)
+    throw new WireError(BridgeErrorCode.BAD_INPUT, `shape [${shape.join(',')}] does not hold ${count} elements`);
   return shape;
 }
 
@@ -190,7 +212,18 @@ export class Bridge extends EventEmitter {
     requests: 0,
     ok: 0,
     errors: 0,
-    dropped: { size: 0, header: 0, 'unknown-device': 0, revoked: 0, 'stale-epoch': 0, 'too-old': 0, 'bad-seq': 0, auth: 0, replayed: 0, 'in-progress': 0 },
+    dropped: {
+      size: 0,
+      header: 0,
+      'unknown-device': 0,
+      revoked: 0,
+      'stale-epoch': 0,
+      'too-old': 0,
+      'bad-seq': 0,
+      auth: 0,
+      replayed: 0,
+      'in-progress': 0,
+    },
   };
   readonly id: string;
   private readonly states = new Map<number, DeviceState>();
@@ -298,12 +331,16 @@ export class Bridge extends EventEmitter {
     const newEpoch = s.replay.accept(h.epoch, h.seq);
     if (newEpoch || h.seq >= s.persistedFloor) {
       s.persistedFloor = h.seq + SEQ_PERSIST_STEP;
-      void this.options.registry.saveMark(h.deviceId, h.epoch, s.persistedFloor).catch((err: Error) => this.options.logger?.error({ err: err.message }, 'cannot persist a replay mark'));
+      void this.options.registry
+        .saveMark(h.deviceId, h.epoch, s.persistedFloor)
+        .catch((err: Error) => this.options.logger?.error({ err: err.message }, 'cannot persist a replay mark'));
     }
     s.replay.pending(h.epoch, h.seq, digest);
     this.seen(h.deviceId, s);
     // serve() answers every failure it knows with an ERROR frame; anything else is logged, never thrown.
-    const work = this.serve(h, s, key, plain, send).catch((err: Error) => this.options.logger?.error({ err: err.message, device: longIdOf(h.deviceId) }, 'bridge could not serve a frame'));
+    const work = this.serve(h, s, key, plain, send).catch((err: Error) =>
+      this.options.logger?.error({ err: err.message, device: longIdOf(h.deviceId) }, 'bridge could not serve a frame'),
+    );
     this.inflight.add(work);
     void work.finally(() => this.inflight.delete(work));
     return work;
@@ -320,7 +357,14 @@ export class Bridge extends EventEmitter {
   private async serve(h: FrameHeader, s: DeviceState, key: Buffer, plain: Buffer, send: SendReply): Promise<void> {
     const digest = s.replay.cached(h.epoch, h.seq)!.digest;
     const answer = (type: number, body: CborMap) => this.reply(h, s, key, type, body, digest, send);
-    const fail = (code: number, message: string) => answer(FrameType.ERROR, cborMap([[K.error.code, code], [K.error.message, message.slice(0, 96)]]));
+    const fail = (code: number, message: string) =>
+      answer(
+        FrameType.ERROR,
+        cborMap([
+          [K.error.code, code],
+          [K.error.message, message.slice(0, 96)],
+        ]),
+      );
     let body: CborValue;
     try {
       body = plain.byteLength === 0 ? new Map() : decodeCbor(plain);
@@ -352,7 +396,11 @@ export class Bridge extends EventEmitter {
         if (!Array.isArray(readings)) return fail(BridgeErrorCode.BAD_BODY, 'key 1 (readings) must be an array');
         this.emit('telemetry', longIdOf(h.deviceId), readings);
         void this.options.mesh
-          .publish?.(topics.deviceTelemetry(this.id, longIdOf(h.deviceId)), encodeMeshCbor({ v: 1, kind: 'telemetry', device: longIdOf(h.deviceId), seq: h.seq, readings }), { qos: 0 })
+          .publish?.(
+            topics.deviceTelemetry(this.id, longIdOf(h.deviceId)),
+            encodeMeshCbor({ v: 1, kind: 'telemetry', device: longIdOf(h.deviceId), seq: h.seq, readings }),
+            { qos: 0 },
+          )
           .catch(() => {});
         return answer(FrameType.ACK, new Map());
       }
@@ -371,14 +419,26 @@ export class Bridge extends EventEmitter {
         s.downlinks = s.downlinks.filter((d) => d.expires > t);
         const next = s.downlinks.shift();
         if (!next) return answer(FrameType.ACK, new Map());
-        return answer(FrameType.DOWNLINK, cborMap([[K.downlink.id, next.id], [K.downlink.payload, next.payload]]));
+        return answer(
+          FrameType.DOWNLINK,
+          cborMap([
+            [K.downlink.id, next.id],
+            [K.downlink.payload, next.payload],
+          ]),
+        );
       }
       default:
         return fail(BridgeErrorCode.UNSUPPORTED_TYPE, `frame type ${h.type} is not served`);
     }
   }
 
-  private async infer(h: FrameHeader, s: DeviceState, body: CborValue, answer: (type: number, body: CborMap) => void, fail: (code: number, message: string) => void): Promise<void> {
+  private async infer(
+    h: FrameHeader,
+    s: DeviceState,
+    body: CborValue,
+    answer: (type: number, body: CborMap) => void,
+    fail: (code: number, message: string) => void,
+  ): Promise<void> {
     const started = performance.now();
     const req = readInferRequest(body);
     if (typeof req === 'string') return fail(BridgeErrorCode.BAD_BODY, req);
@@ -411,7 +471,8 @@ export class Bridge extends EventEmitter {
       this.options.onReceipt?.(receipt);
       this.emit('request', receipt);
     };
-    if (s.inFlight >= (this.options.maxInFlightPerDevice ?? 4)) return finish(BridgeErrorCode.BUSY, 'too many requests in flight for this device');
+    if (s.inFlight >= (this.options.maxInFlightPerDevice ?? 4))
+      return finish(BridgeErrorCode.BUSY, 'too many requests in flight for this device');
     s.inFlight++;
     try {
       const info = this.options.mesh.models().find((m) => m.name === model);
@@ -428,7 +489,10 @@ export class Bridge extends EventEmitter {
       receipt.agentId = result.agentId;
       receipt.ok = true;
       const first = Object.values(result.outputs)[0];
-      const values = first && (first.dtype === 'float32' || first.dtype === 'float64') ? (first.data as Float32Array | Float64Array) : new Float32Array(0);
+      const values =
+        first && (first.dtype === 'float32' || first.dtype === 'float64')
+          ? (first.data as Float32Array | Float64Array)
+          : new Float32Array(0);
       const [label, score] = argmax(values);
       const out = cborMap([
         [K.inferResp.label, label],
@@ -487,7 +551,15 @@ export class Bridge extends EventEmitter {
     const device = longIdOf(deviceId);
     const nextWake = s.sleepingUntil ?? (s.sleepPeriodS > 0 ? s.lastSeen + s.sleepPeriodS * 1000 : undefined);
     this.emit('availability', device, next);
-    const payload = encodeMeshCbor({ v: 1, kind: 'availability', device, state: next, last_seen: s.lastSeen, ...(nextWake ? { next_wake: nextWake } : {}), via: this.id });
+    const payload = encodeMeshCbor({
+      v: 1,
+      kind: 'availability',
+      device,
+      state: next,
+      last_seen: s.lastSeen,
+      ...(nextWake ? { next_wake: nextWake } : {}),
+      via: this.id,
+    });
     void this.options.mesh.publish?.(topics.deviceAvailability(this.id, device), payload, { retain: true, qos: 1 }).catch(() => {});
   }
 

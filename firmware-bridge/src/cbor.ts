@@ -247,7 +247,8 @@ function readValue(c: Cursor, depth: number): CborValue {
       need(c, 1);
       if (c.b[c.p]! >> 5 !== 2) throw new CborError('a typed-array tag must wrap a byte string');
       const bytes = readValue(c, depth + 1) as Uint8Array;
-      if (bytes.byteLength % TYPED_ARRAY_TAGS[tag].size !== 0) throw new CborError('typed array length is not a multiple of its element size');
+      if (bytes.byteLength % TYPED_ARRAY_TAGS[tag].size !== 0)
+        throw new CborError('typed array length is not a multiple of its element size');
       return { tag, bytes };
     }
     default: {

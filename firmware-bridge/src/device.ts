@@ -4,7 +4,7 @@
  * on a timeout (so the bridge's reply cache answers), and matches replies by (epoch, seq).
  */
 import dgram from 'node:dgram';
-import { cborMap, decodeCbor, encodeCbor, type CborMap, type CborValue, type Tagged } from './cbor.ts';
+import { type CborMap, type CborValue, cborMap, decodeCbor, encodeCbor, type Tagged } from './cbor.ts';
 import { FrameType, openFrame, readHeader, sealFrame } from './frame.ts';
 import { inferRequestBody, K } from './messages.ts';
 
@@ -96,7 +96,11 @@ export class SimDevice {
     return reply;
   }
 
-  infer(modelId: number, tensor: Tagged, options: { scale?: number; shape?: number[]; deadlineMs?: number; want?: number; timeoutMs?: number; tries?: number } = {}): Promise<DeviceReply> {
+  infer(
+    modelId: number,
+    tensor: Tagged,
+    options: { scale?: number; shape?: number[]; deadlineMs?: number; want?: number; timeoutMs?: number; tries?: number } = {},
+  ): Promise<DeviceReply> {
     return this.request(FrameType.INFER_REQ, inferRequestBody({ modelId, tensor, ...options }), options);
   }
 }
@@ -109,7 +113,9 @@ export function int16Tensor(samples: Int16Array): Tagged {
 }
 
 /** A SimDevice on a UDP socket of its own, talking to a bridge at host:port. */
-export async function udpDevice(options: Omit<SimDeviceOptions, 'send'> & { host: string; port: number }): Promise<{ device: SimDevice; close: () => Promise<void> }> {
+export async function udpDevice(
+  options: Omit<SimDeviceOptions, 'send'> & { host: string; port: number },
+): Promise<{ device: SimDevice; close: () => Promise<void> }> {
   const socket = dgram.createSocket('udp4');
   const device = new SimDevice({ ...options, send: (packet) => socket.send(packet, options.port, options.host) });
   socket.on('message', (msg) => device.receive(msg));

@@ -103,7 +103,9 @@ export function sealFrame(key: Uint8Array, h: FrameHeader, direction: number, bo
 /** The plaintext body, or undefined when the tag does not verify (wrong key, edited header or body). */
 export function openFrame(key: Uint8Array, packet: Uint8Array, h: FrameHeader, direction: number): Buffer | undefined {
   const end = packet.byteLength - TAG_BYTES;
-  const decipher = createDecipheriv('chacha20-poly1305', key, nonceFor(h.deviceId, h.epoch, h.seq, direction), { authTagLength: TAG_BYTES });
+  const decipher = createDecipheriv('chacha20-poly1305', key, nonceFor(h.deviceId, h.epoch, h.seq, direction), {
+    authTagLength: TAG_BYTES,
+  });
   decipher.setAAD(packet.subarray(0, HEADER_BYTES), { plaintextLength: end - HEADER_BYTES });
   decipher.setAuthTag(packet.subarray(end));
   const a = decipher.update(packet.subarray(HEADER_BYTES, end));

@@ -2,7 +2,7 @@
  * Frame bodies: CBOR maps with small integer keys (docs/firmware-protocol.md lists them for firmware
  * authors). Key 20 in any reply from the bridge is the number of downlinks waiting for the device.
  */
-import { cborMap, type CborMap, type CborValue, type Tagged } from './cbor.ts';
+import { type CborMap, type CborValue, cborMap, type Tagged } from './cbor.ts';
 
 export const K = {
   hello: { fw: 1, maxFrame: 2, sleepPeriodS: 3, keepaliveS: 4 },
@@ -28,7 +28,14 @@ export interface InferRequestBody {
   want: number;
 }
 
-export function inferRequestBody(r: { modelId: number; tensor: Tagged; scale?: number; shape?: number[]; deadlineMs?: number; want?: number }): CborMap {
+export function inferRequestBody(r: {
+  modelId: number;
+  tensor: Tagged;
+  scale?: number;
+  shape?: number[];
+  deadlineMs?: number;
+  want?: number;
+}): CborMap {
   return cborMap([
     [K.inferReq.model, r.modelId],
     [K.inferReq.tensor, r.tensor],
@@ -39,7 +46,8 @@ export function inferRequestBody(r: { modelId: number; tensor: Tagged; scale?: n
   ]);
 }
 
-const isUint = (v: CborValue | undefined, max = 0xffffffff): v is number => typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= max;
+const isUint = (v: CborValue | undefined, max = 0xffffffff): v is number =>
+  typeof v === 'number' && Number.isInteger(v) && v >= 0 && v <= max;
 
 /** Validates an INFER_REQ body; returns a reason string when it is malformed. */
 export function readInferRequest(body: CborValue): InferRequestBody | string {

@@ -80,7 +80,9 @@ export class DeviceRegistry {
   }
 
   private write(record: DeviceRecord): Promise<void> {
-    const run = this.queue.then(() => this.db?.put(`dev!${record.deviceId.toString(16).padStart(8, '0')}`, JSON.stringify(record), { sync: true }));
+    const run = this.queue.then(() =>
+      this.db?.put(`dev!${record.deviceId.toString(16).padStart(8, '0')}`, JSON.stringify(record), { sync: true }),
+    );
     this.queue = run.catch(() => {});
     return run;
   }

@@ -6,7 +6,7 @@
 import { SerialPort } from 'serialport';
 import type { Bridge } from './bridge.ts';
 import { MAX_PACKET_BYTES } from './frame.ts';
-import { encodeSerialFrame, SerialDeframer, type DeframerCounters } from './link.ts';
+import { type DeframerCounters, encodeSerialFrame, SerialDeframer } from './link.ts';
 
 /** What the transport needs from a port: serialport's SerialPort and SerialPortMock both fit. */
 export interface BytePort {

@@ -22,9 +22,17 @@ export const ERROR_CODES = {
   MESH_RATE_LIMITED: { httpStatus: 429, retryable: true, summary: 'a rate limit was exceeded' },
   MESH_CONFIG: { httpStatus: 500, retryable: false, summary: 'configuration is invalid' },
   MESH_NOT_CONNECTED: { httpStatus: 503, retryable: true, summary: 'the client is not connected to the broker' },
-  MESH_RECEIPT_INVALID: { httpStatus: 400, retryable: false, summary: 'a usage receipt or price list failed a check (signature, sequence, chain, price rule, sum)' },
+  MESH_RECEIPT_INVALID: {
+    httpStatus: 400,
+    retryable: false,
+    summary: 'a usage receipt or price list failed a check (signature, sequence, chain, price rule, sum)',
+  },
   MESH_VOUCHER_INVALID: { httpStatus: 400, retryable: false, summary: 'a payment voucher failed a check (signer, lane, amount, expiry)' },
-  MESH_CREDIT_EXCEEDED: { httpStatus: 402, retryable: true, summary: "the payer's unpaid amount on this lane is at the agent's credit window; send a voucher" },
+  MESH_CREDIT_EXCEEDED: {
+    httpStatus: 402,
+    retryable: true,
+    summary: "the payer's unpaid amount on this lane is at the agent's credit window; send a voucher",
+  },
   MESH_INTERNAL: { httpStatus: 500, retryable: false, summary: 'an unexpected internal error' },
 } as const;
 

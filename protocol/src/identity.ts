@@ -5,12 +5,20 @@
  *
  *   id = `${role}-${base32(sha256(publicKey))[0..26]}`     e.g. agent-k3v9q0c2m7x4t8b1n6r5d0f2zh
  */
-import { createHash, createPrivateKey, createPublicKey, randomBytes, sign as nodeSign, verify as nodeVerify, type KeyObject } from 'node:crypto';
-import { Type, type Static } from '@sinclair/typebox';
+import {
+  createHash,
+  createPrivateKey,
+  createPublicKey,
+  type KeyObject,
+  sign as nodeSign,
+  verify as nodeVerify,
+  randomBytes,
+} from 'node:crypto';
+import { type Static, Type } from '@sinclair/typebox';
 import { TypeCompiler } from '@sinclair/typebox/compiler';
 import { decodeCbor, encodeMessage } from './envelope.ts';
 import { MeshError } from './errors.ts';
-import { PROTOCOL_VERSION, type AgentStatus } from './messages.ts';
+import { type AgentStatus, PROTOCOL_VERSION } from './messages.ts';
 
 export const ROLES = ['agent', 'app', 'router', 'operator', 'bridge'] as const;
 export type Role = (typeof ROLES)[number];
@@ -226,7 +234,11 @@ function signRecord(operator: Identity, record: Admission | Revocation): SignedR
   return { record: new Uint8Array(bytes), sig: signBytes(operator, Buffer.concat([RECORD_DOMAIN, bytes])) };
 }
 
-export function admit(operator: Identity, subject: { role: Role; publicKey: Uint8Array }, { nowMs = Date.now(), ttlMs = 365 * 86_400_000 } = {}): SignedRecord {
+export function admit(
+  operator: Identity,
+  subject: { role: Role; publicKey: Uint8Array },
+  { nowMs = Date.now(), ttlMs = 365 * 86_400_000 } = {},
+): SignedRecord {
   return signRecord(operator, {
     v: PROTOCOL_VERSION,
     kind: 'admission',
@@ -261,7 +273,8 @@ export function verifyRecord(
     throw new MeshError('MESH_UNAUTHORIZED', 'record is not valid CBOR', { cause });
   }
   const isAdmission = checkAdmission.Check(record);
-  if (!isAdmission && !checkRevocation.Check(record)) throw new MeshError('MESH_UNAUTHORIZED', 'record is neither an admission nor a revocation');
+  if (!isAdmission && !checkRevocation.Check(record))
+    throw new MeshError('MESH_UNAUTHORIZED', 'record is neither an admission nor a revocation');
   const r = record as Admission | Revocation;
   const operatorKey = trustedOperators.get(r.operator);
   if (!operatorKey) throw new MeshError('MESH_UNAUTHORIZED', `operator ${r.operator} is not trusted here`);
@@ -269,7 +282,8 @@ export function verifyRecord(
     throw new MeshError('MESH_UNAUTHORIZED', `bad operator signature on the record for ${r.id}`);
   }
   if (r.kind === 'admission') {
-    if (deriveId(r.role, r.publicKey) !== r.id) throw new MeshError('MESH_UNAUTHORIZED', `admitted id ${r.id} does not derive from its key`);
+    if (deriveId(r.role, r.publicKey) !== r.id)
+      throw new MeshError('MESH_UNAUTHORIZED', `admitted id ${r.id} does not derive from its key`);
     if (r.expires <= nowMs) throw new MeshError('MESH_UNAUTHORIZED', `admission of ${r.id} expired`);
   }
   return r;

@@ -3,8 +3,8 @@
  * compiled checkers are the only validation path: MQTT handlers, the SDK and (later) HTTP routes
  * all validate with the same objects.
  */
-import { Type, type Static, type TSchema } from '@sinclair/typebox';
-import { TypeCompiler, type TypeCheck } from '@sinclair/typebox/compiler';
+import { type Static, type TSchema, Type } from '@sinclair/typebox';
+import { type TypeCheck, TypeCompiler } from '@sinclair/typebox/compiler';
 import { MAX_RANK } from './tensor.ts';
 
 export const PROTOCOL_VERSION = 1;

@@ -27,13 +27,13 @@
  * has one receipt with unitsUsed 1 (0 when it never ran).
  */
 import { createHash } from 'node:crypto';
+import type { Static } from '@sinclair/typebox';
 import { TypeCompiler } from '@sinclair/typebox/compiler';
 import { decodeCbor, encodeCbor, requestIdHex } from './envelope.ts';
 import { MeshError } from './errors.ts';
-import { deriveId, signBytes, verifyBytes, type Identity } from './identity.ts';
+import { deriveId, type Identity, signBytes, verifyBytes } from './identity.ts';
 import { keccak256Bytes } from './keccak.ts';
-import { SignedReceiptSchema, SignedQuoteSchema, type SignedQuote } from './messages.ts';
-import type { Static } from '@sinclair/typebox';
+import { type SignedQuote, SignedQuoteSchema, SignedReceiptSchema } from './messages.ts';
 
 export const RECEIPT_VERSION = 1;
 
@@ -45,8 +45,23 @@ export const receiptStatusName = (status: number): ReceiptStatusName | undefined
 
 /** Solidity types of the leaf encoding, in field order. */
 export const RECEIPT_ABI_TYPES = [
-  'uint8', 'uint64', 'address', 'address', 'bytes32', 'uint64', 'bytes16', 'bytes32', 'bytes32', 'bytes32',
-  'uint8', 'uint32', 'uint64', 'uint128', 'uint64', 'uint64', 'bytes32',
+  'uint8',
+  'uint64',
+  'address',
+  'address',
+  'bytes32',
+  'uint64',
+  'bytes16',
+  'bytes32',
+  'bytes32',
+  'bytes32',
+  'uint8',
+  'uint32',
+  'uint64',
+  'uint128',
+  'uint64',
+  'uint64',
+  'bytes32',
 ] as const;
 
 export type SignedReceipt = Static<typeof SignedReceiptSchema>;
@@ -142,7 +157,10 @@ export const toHex = (bytes: Uint8Array): string => `0x${Buffer.from(bytes.buffe
 export const fromHex = (hex: string): Uint8Array => new Uint8Array(Buffer.from(hex.startsWith('0x') ? hex.slice(2) : hex, 'hex'));
 
 /** Signs a receipt with the agent's key; `agentKey` must be that key. Returns the receipt with `sig` and its leaf. */
-export function signReceipt(identity: Pick<Identity, 'privateKey' | 'publicKey'>, receipt: Receipt): { receipt: SignedReceipt; leaf: Uint8Array } {
+export function signReceipt(
+  identity: Pick<Identity, 'privateKey' | 'publicKey'>,
+  receipt: Receipt,
+): { receipt: SignedReceipt; leaf: Uint8Array } {
   if (!Buffer.from(receipt.agentKey).equals(Buffer.from(identity.publicKey))) {
     throw new MeshError('MESH_CONFIG', 'a receipt is signed by the key it names as agentKey');
   }
@@ -242,14 +260,22 @@ export function verifyQuote(signed: unknown, { agentId, nowMs = Date.now() }: { 
   }
   if (typeof q !== 'object' || q === null || q.v !== 1 || q.kind !== 'quote') throw bad('not a quote');
   if (!(q.agentKey instanceof Uint8Array) || q.agentKey.byteLength !== 32) throw bad('no agent key');
-  if (deriveId('agent', q.agentKey) !== q.agent || (agentId !== undefined && q.agent !== agentId)) throw bad(`agent ${q.agent} does not match its key or ${agentId}`);
+  if (deriveId('agent', q.agentKey) !== q.agent || (agentId !== undefined && q.agent !== agentId))
+    throw bad(`agent ${q.agent} does not match its key or ${agentId}`);
   if (!verifyBytes(q.agentKey, Buffer.concat([QUOTE_DOMAIN, signed.quote]), signed.sig)) throw bad('bad signature');
-  if (typeof q.payout !== 'string' || !ADDRESS.test(q.payout) || typeof q.escrow !== 'string' || !ADDRESS.test(q.escrow)) throw bad('payout or escrow is not a lower-case address');
+  if (typeof q.payout !== 'string' || !ADDRESS.test(q.payout) || typeof q.escrow !== 'string' || !ADDRESS.test(q.escrow))
+    throw bad('payout or escrow is not a lower-case address');
   if (!Number.isSafeInteger(q.chainId) || !Number.isFinite(q.validUntil) || !Array.isArray(q.models)) throw bad('malformed');
   if (q.validUntil <= nowMs) throw bad('expired');
   if (q.creditMicros !== undefined && !isMicros(q.creditMicros)) throw bad('malformed credit window');
   for (const m of q.models) {
-    if (typeof m?.modelHash !== 'string' || !HASH_HEX.test(m.modelHash) || !isMicros(m.baseMicros) || !isMicros(m.unitMicros) || !isMicros(m.minChargeMicros)) {
+    if (
+      typeof m?.modelHash !== 'string' ||
+      !HASH_HEX.test(m.modelHash) ||
+      !isMicros(m.baseMicros) ||
+      !isMicros(m.unitMicros) ||
+      !isMicros(m.minChargeMicros)
+    ) {
       throw bad(`malformed price for ${String(m?.name)}`);
     }
   }
@@ -257,7 +283,11 @@ export function verifyQuote(signed: unknown, { agentId, nowMs = Date.now() }: { 
 }
 
 /** The whole-request price by the rule, before subtracting what earlier (progress) receipts charged. */
-export function ruleMicros(price: Pick<ModelPrice, 'baseMicros' | 'unitMicros' | 'minChargeMicros'>, status: number, units: number): number {
+export function ruleMicros(
+  price: Pick<ModelPrice, 'baseMicros' | 'unitMicros' | 'minChargeMicros'>,
+  status: number,
+  units: number,
+): number {
   switch (status) {
     case RECEIPT_STATUS.ok:
       return price.baseMicros + price.unitMicros * units;
@@ -271,7 +301,12 @@ export function ruleMicros(price: Pick<ModelPrice, 'baseMicros' | 'unitMicros' |
 }
 
 /** The price of one receipt: the rule minus what the request's earlier receipts charged (failed and timeout: 0). */
-export function receiptPriceMicros(price: Pick<ModelPrice, 'baseMicros' | 'unitMicros' | 'minChargeMicros'>, status: number, units: number, chargedBeforeMicros = 0): number {
+export function receiptPriceMicros(
+  price: Pick<ModelPrice, 'baseMicros' | 'unitMicros' | 'minChargeMicros'>,
+  status: number,
+  units: number,
+  chargedBeforeMicros = 0,
+): number {
   if (status === RECEIPT_STATUS.failed || status === RECEIPT_STATUS.timeout) return 0;
   return Math.max(0, ruleMicros(price, status, units) - chargedBeforeMicros);
 }
@@ -383,7 +418,13 @@ export class LaneVerifier {
   private readonly closed: Set<string>;
   state: LaneState;
 
-  constructor({ payer, quote, maxPriceMicros = Number.MAX_SAFE_INTEGER, state = newLaneState(), rememberRequests = 65_536 }: LaneVerifierOptions) {
+  constructor({
+    payer,
+    quote,
+    maxPriceMicros = Number.MAX_SAFE_INTEGER,
+    state = newLaneState(),
+    rememberRequests = 65_536,
+  }: LaneVerifierOptions) {
     this.payer = payer.toLowerCase();
     this.quote = quote;
     this.maxPriceMicros = maxPriceMicros;
@@ -408,7 +449,7 @@ export class LaneVerifier {
     const saved: LaneState = { ...this.state, open: { ...this.state.open }, closed: [...this.state.closed] };
     const out: AcceptedReceipt[] = [];
     try {
-      receipts.forEach((r, i) => out.push(this.check(r, expects[i] ?? {}, i === receipts.length - 1)));
+      for (const [i, r] of receipts.entries()) out.push(this.check(r, expects[i] ?? {}, i === receipts.length - 1));
     } catch (err) {
       const added = this.state.closed.slice(saved.closed.length);
       this.state = saved;
@@ -447,16 +488,22 @@ export class LaneVerifier {
     const price = this.prices.get(toHex(r.modelHash));
     if (!price) fail('price', 'model not in the quote');
     const [unitsBefore, chargedBefore] = s.open[reqKey] ?? [0, 0];
-    if (r.status === RECEIPT_STATUS.partial && r.unitsUsed <= unitsBefore) fail('progress', `progress units ${r.unitsUsed} do not rise above ${unitsBefore}`);
-    if (r.status === RECEIPT_STATUS.ok && r.unitsUsed < unitsBefore) fail('progress', `final units ${r.unitsUsed} below progress ${unitsBefore}`);
+    if (r.status === RECEIPT_STATUS.partial && r.unitsUsed <= unitsBefore)
+      fail('progress', `progress units ${r.unitsUsed} do not rise above ${unitsBefore}`);
+    if (r.status === RECEIPT_STATUS.ok && r.unitsUsed < unitsBefore)
+      fail('progress', `final units ${r.unitsUsed} below progress ${unitsBefore}`);
     const expected = receiptPriceMicros(price!, r.status, r.unitsUsed, chargedBefore);
-    if (r.price !== expected) fail('price', `price ${r.price} for status ${receiptStatusName(r.status)} with ${r.unitsUsed} units; the quote says ${expected}`);
+    if (r.price !== expected)
+      fail('price', `price ${r.price} for status ${receiptStatusName(r.status)} with ${r.unitsUsed} units; the quote says ${expected}`);
     if (r.price > this.maxPriceMicros) fail('price-cap', `price ${r.price} above the payer's cap ${this.maxPriceMicros}`);
     if (r.cumulative !== s.cumulative + r.price) fail('cumulative', `cumulative ${r.cumulative} is not ${s.cumulative} + ${r.price}`);
     if (r.finishedAt < r.startedAt) fail('time', 'finished before it started');
-    if (r.price > 0 && expect.deadline !== undefined && r.finishedAt > expect.deadline) fail('deadline', 'charged for work finished after the deadline');
-    if (expect.inputHash && !Buffer.from(expect.inputHash).equals(Buffer.from(r.inputHash))) fail('input', 'names other inputs than were sent');
-    if (expect.outputHash && r.status === RECEIPT_STATUS.ok && !Buffer.from(expect.outputHash).equals(Buffer.from(r.outputHash))) fail('output', 'names other outputs than were received');
+    if (r.price > 0 && expect.deadline !== undefined && r.finishedAt > expect.deadline)
+      fail('deadline', 'charged for work finished after the deadline');
+    if (expect.inputHash && !Buffer.from(expect.inputHash).equals(Buffer.from(r.inputHash)))
+      fail('input', 'names other inputs than were sent');
+    if (expect.outputHash && r.status === RECEIPT_STATUS.ok && !Buffer.from(expect.outputHash).equals(Buffer.from(r.outputHash)))
+      fail('output', 'names other outputs than were received');
 
     s.seq = r.seq;
     s.cumulative = r.cumulative;

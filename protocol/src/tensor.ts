@@ -24,8 +24,16 @@ export const DTYPES = {
 
 export type DType = keyof typeof DTYPES;
 export type TypedArray =
-  | Float32Array | Float64Array | Int8Array | Uint8Array | Int16Array | Uint16Array
-  | Int32Array | Uint32Array | BigInt64Array | BigUint64Array;
+  | Float32Array
+  | Float64Array
+  | Int8Array
+  | Uint8Array
+  | Int16Array
+  | Uint16Array
+  | Int32Array
+  | Uint32Array
+  | BigInt64Array
+  | BigUint64Array;
 
 /** A tensor as apps and agents hold it. */
 export interface Tensor {
@@ -75,10 +83,16 @@ export function checkTensor(name: string, tensor: Tensor, maxElements = DEFAULT_
   const count = elementCount(tensor.shape, maxElements);
   const Ctor = expectedArray(tensor.dtype);
   if (!(tensor.data instanceof Ctor)) {
-    throw new MeshError('MESH_BAD_TENSOR', `input ${name}: dtype ${tensor.dtype} needs a ${Ctor.name}, got ${tensor.data?.constructor?.name}`);
+    throw new MeshError(
+      'MESH_BAD_TENSOR',
+      `input ${name}: dtype ${tensor.dtype} needs a ${Ctor.name}, got ${tensor.data?.constructor?.name}`,
+    );
   }
   if (tensor.data.length !== count) {
-    throw new MeshError('MESH_BAD_TENSOR', `input ${name}: shape [${tensor.shape.join(',')}] needs ${count} elements, data has ${tensor.data.length}`);
+    throw new MeshError(
+      'MESH_BAD_TENSOR',
+      `input ${name}: shape [${tensor.shape.join(',')}] needs ${count} elements, data has ${tensor.data.length}`,
+    );
   }
 }
 
@@ -138,7 +152,8 @@ export function tensorFromJson(name: string, dtype: unknown, shape: unknown, val
   for (let i = 0; i < count; i++) {
     const v = flat[i];
     if (data instanceof BigInt64Array || data instanceof BigUint64Array) {
-      if (typeof v !== 'number' && typeof v !== 'bigint' && typeof v !== 'string') throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} is not an integer`);
+      if (typeof v !== 'number' && typeof v !== 'bigint' && typeof v !== 'string')
+        throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} is not an integer`);
       data[i] = BigInt(v);
     } else if (typeof v === 'number' || typeof v === 'boolean') {
       data[i] = Number(v);
@@ -153,7 +168,8 @@ export function tensorFromJson(name: string, dtype: unknown, shape: unknown, val
 export function tensorToJson(tensor: Tensor): { dtype: DType; shape: number[]; data: (number | string)[] } {
   const data: (number | string)[] = [];
   for (const v of tensor.data as Iterable<number | bigint>) {
-    if (typeof v === 'bigint') data.push(v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v.toString());
+    if (typeof v === 'bigint')
+      data.push(v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v.toString());
     else data.push(v);
   }
   return { dtype: tensor.dtype, shape: [...tensor.shape], data };

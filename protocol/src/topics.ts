@@ -31,7 +31,10 @@ export function isValidId(id: unknown): id is string {
 
 export function assertValidId(id: unknown, what = 'id'): string {
   if (!isValidId(id)) {
-    throw new MeshError('MESH_CONFIG', `${what} ${JSON.stringify(id)} is not valid: use 3-64 of [a-z0-9-], starting with a letter or digit`);
+    throw new MeshError(
+      'MESH_CONFIG',
+      `${what} ${JSON.stringify(id)} is not valid: use 3-64 of [a-z0-9-], starting with a letter or digit`,
+    );
   }
   return id;
 }

@@ -112,9 +112,11 @@ const HEX = /^0x[0-9a-fA-F]*$/;
 const utf8 = new TextEncoder();
 
 function hexBytes(hex: string, what: string, length?: number): Uint8Array {
-  if (typeof hex !== 'string' || !HEX.test(hex) || hex.length % 2 !== 0) throw new MeshError('MESH_VOUCHER_INVALID', `${what} is not 0x-prefixed hex`);
+  if (typeof hex !== 'string' || !HEX.test(hex) || hex.length % 2 !== 0)
+    throw new MeshError('MESH_VOUCHER_INVALID', `${what} is not 0x-prefixed hex`);
   const bytes = Uint8Array.from(Buffer.from(hex.slice(2), 'hex'));
-  if (length !== undefined && bytes.length !== length) throw new MeshError('MESH_VOUCHER_INVALID', `${what} must be ${length} bytes, got ${bytes.length}`);
+  if (length !== undefined && bytes.length !== length)
+    throw new MeshError('MESH_VOUCHER_INVALID', `${what} must be ${length} bytes, got ${bytes.length}`);
   return bytes;
 }
 
@@ -179,9 +181,12 @@ const VOUCHER_TYPEHASH = keccakText(`Voucher(${VOUCHER_FIELDS.map((f) => `${f.ty
 
 /** Throws MESH_VOUCHER_INVALID unless the voucher's fields fit the on-chain types. */
 export function checkVoucher(v: Voucher): void {
-  if (!isAddress(v.agent) || BigInt(v.agent) === 0n) throw new MeshError('MESH_VOUCHER_INVALID', `voucher agent is not an address: ${String(v.agent)}`);
-  if (typeof v.cumulative !== 'bigint' || v.cumulative < 0n || v.cumulative > MAX_UINT128) throw new MeshError('MESH_VOUCHER_INVALID', 'voucher cumulative must be a uint128 bigint');
-  if (typeof v.expiry !== 'bigint' || v.expiry < 0n || v.expiry > MAX_UINT64) throw new MeshError('MESH_VOUCHER_INVALID', 'voucher expiry must be a uint64 bigint (unix seconds)');
+  if (!isAddress(v.agent) || BigInt(v.agent) === 0n)
+    throw new MeshError('MESH_VOUCHER_INVALID', `voucher agent is not an address: ${String(v.agent)}`);
+  if (typeof v.cumulative !== 'bigint' || v.cumulative < 0n || v.cumulative > MAX_UINT128)
+    throw new MeshError('MESH_VOUCHER_INVALID', 'voucher cumulative must be a uint128 bigint');
+  if (typeof v.expiry !== 'bigint' || v.expiry < 0n || v.expiry > MAX_UINT64)
+    throw new MeshError('MESH_VOUCHER_INVALID', 'voucher expiry must be a uint64 bigint (unix seconds)');
   hexBytes(v.receiptsRoot, 'voucher receiptsRoot', 32);
 }
 
@@ -193,7 +198,13 @@ function message(v: Voucher): Record<string, unknown> {
 /** The EIP-712 domain separator of an escrow. */
 export function voucherDomainSeparator(domain: EscrowDomain): Uint8Array {
   return keccak256Bytes(
-    concat(DOMAIN_TYPEHASH, keccakText(VOUCHER_DOMAIN_NAME), keccakText(VOUCHER_DOMAIN_VERSION), bigintBytes(domain.chainId, 32), addressWord(domain.escrow)),
+    concat(
+      DOMAIN_TYPEHASH,
+      keccakText(VOUCHER_DOMAIN_NAME),
+      keccakText(VOUCHER_DOMAIN_VERSION),
+      bigintBytes(domain.chainId, 32),
+      addressWord(domain.escrow),
+    ),
   );
 }
 
@@ -201,7 +212,13 @@ export function voucherDomainSeparator(domain: EscrowDomain): Uint8Array {
 export function voucherDigest(domain: EscrowDomain, v: Voucher): string {
   checkVoucher(v);
   const structHash = keccak256Bytes(
-    concat(VOUCHER_TYPEHASH, addressWord(v.agent), bigintBytes(v.cumulative, 32), hexBytes(v.receiptsRoot, 'receiptsRoot', 32), bigintBytes(v.expiry, 32)),
+    concat(
+      VOUCHER_TYPEHASH,
+      addressWord(v.agent),
+      bigintBytes(v.cumulative, 32),
+      hexBytes(v.receiptsRoot, 'receiptsRoot', 32),
+      bigintBytes(v.expiry, 32),
+    ),
   );
   return hexOf(keccak256Bytes(concat(Uint8Array.of(0x19, 0x01), voucherDomainSeparator(domain), structHash)));
 }
@@ -238,7 +255,8 @@ export function packVouchers(entries: readonly SignedVoucher[]): string {
   const out = new Uint8Array(entries.length * PACKED_VOUCHER_BYTES);
   entries.forEach(({ voucher, signature }, i) => {
     checkVoucher(voucher);
-    if (checksumAddress(voucher.agent) !== agent) throw new MeshError('MESH_VOUCHER_INVALID', `packVouchers: entry ${i} is for ${voucher.agent}, not ${agent}`);
+    if (checksumAddress(voucher.agent) !== agent)
+      throw new MeshError('MESH_VOUCHER_INVALID', `packVouchers: entry ${i} is for ${voucher.agent}, not ${agent}`);
     const { r, s, v } = splitVoucherSignature(signature, { allowHighS: true });
     const off = i * PACKED_VOUCHER_BYTES;
     out.set(bigintBytes(voucher.cumulative, 16), off);
@@ -254,7 +272,8 @@ export function packVouchers(entries: readonly SignedVoucher[]): string {
 /** The inverse of packVouchers (for relayers, logs and tests). */
 export function unpackVouchers(agent: string, packed: string): SignedVoucher[] {
   const bytes = hexBytes(packed, 'packed vouchers');
-  if (bytes.length % PACKED_VOUCHER_BYTES !== 0) throw new MeshError('MESH_VOUCHER_INVALID', `packed vouchers must be a multiple of ${PACKED_VOUCHER_BYTES} bytes`);
+  if (bytes.length % PACKED_VOUCHER_BYTES !== 0)
+    throw new MeshError('MESH_VOUCHER_INVALID', `packed vouchers must be a multiple of ${PACKED_VOUCHER_BYTES} bytes`);
   const out: SignedVoucher[] = [];
   for (let off = 0; off < bytes.length; off += PACKED_VOUCHER_BYTES) {
     out.push({
@@ -282,6 +301,11 @@ export function laneId(payer: string, agent: string): string {
  */
 export function agentBindingMessage(domain: EscrowDomain, payout: string): Uint8Array {
   return keccak256Bytes(
-    concat(utf8.encode('MESH_BIND'), bigintBytes(domain.chainId, 32), hexBytes(checksumAddress(domain.escrow), 'escrow', 20), hexBytes(checksumAddress(payout), 'payout', 20)),
+    concat(
+      utf8.encode('MESH_BIND'),
+      bigintBytes(domain.chainId, 32),
+      hexBytes(checksumAddress(domain.escrow), 'escrow', 20),
+      hexBytes(checksumAddress(payout), 'payout', 20),
+    ),
   );
 }

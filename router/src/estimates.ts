@@ -3,8 +3,9 @@
  * built from (../shared/notes/routing.md §3.2). Pure: no sockets, no timers; every update takes `nowMs`
  * (any monotonic ms clock, the same one selection uses) and randomness comes from the registry's seeded PRNG.
  */
-import { type AgentLoad, type AgentStatus } from '@edge-mesh/protocol';
+
 import { mulberry32, type Rng } from '@edge-mesh/client';
+import type { AgentLoad, AgentStatus } from '@edge-mesh/protocol';
 import { applyVivaldiSample, newCoord, type VivaldiCoord } from './vivaldi.ts';
 
 export { mulberry32, type Rng };
@@ -108,11 +109,45 @@ export function resolveConfig({
   seed = 1,
 }: RouterOptions = {}): Readonly<RouterConfig> {
   return Object.freeze({
-    choices, poolSize, exploreRate, routers, serviceTauMs, rttTauMs, kappaTauMs, priorDecayTauMs, pFailAlpha, pFailTauMs, kappaAlpha,
-    poolRefreshMs, heartbeatTimeoutMs, staleStatsMs, consecutiveFailuresToEject, ejectBaseMs, ejectMaxMs, ejectJitter,
-    maxEjectedFraction, panicThreshold, slowStartWindowMs, slowStartAggression, slowStartMinWeight, queueExponent,
-    probationKappa, probationAfterMs, srMinHosts, srMinRequests, srStdevFactor, perTryTimeoutFactor, minPerTryTimeoutMs,
-    defaultRttMs, sameSiteRttMs, crossSiteRttMs, defaultBytesPerMs, bwMinBytes, defaultColdLoadMs, site, seed,
+    choices,
+    poolSize,
+    exploreRate,
+    routers,
+    serviceTauMs,
+    rttTauMs,
+    kappaTauMs,
+    priorDecayTauMs,
+    pFailAlpha,
+    pFailTauMs,
+    kappaAlpha,
+    poolRefreshMs,
+    heartbeatTimeoutMs,
+    staleStatsMs,
+    consecutiveFailuresToEject,
+    ejectBaseMs,
+    ejectMaxMs,
+    ejectJitter,
+    maxEjectedFraction,
+    panicThreshold,
+    slowStartWindowMs,
+    slowStartAggression,
+    slowStartMinWeight,
+    queueExponent,
+    probationKappa,
+    probationAfterMs,
+    srMinHosts,
+    srMinRequests,
+    srStdevFactor,
+    perTryTimeoutFactor,
+    minPerTryTimeoutMs,
+    defaultRttMs,
+    sameSiteRttMs,
+    crossSiteRttMs,
+    defaultBytesPerMs,
+    bwMinBytes,
+    defaultColdLoadMs,
+    site,
+    seed,
   });
 }
 
@@ -293,7 +328,9 @@ export function isEjected(agent: AgentEntry, nowMs: number): boolean {
 /** Latency probation (Dean): κ above its limit for longer than probationAfterMs. */
 export function isOnProbation(agent: AgentEntry, nowMs: number): boolean {
   const c = agent.registry.config;
-  return !Number.isNaN(agent.kappaHighSinceMs) && nowMs - agent.kappaHighSinceMs > c.probationAfterMs && kappaAt(agent, nowMs) > c.probationKappa;
+  return (
+    !Number.isNaN(agent.kappaHighSinceMs) && nowMs - agent.kappaHighSinceMs > c.probationAfterMs && kappaAt(agent, nowMs) > c.probationKappa
+  );
 }
 
 export function isAlive(agent: AgentEntry, nowMs: number): boolean {
@@ -342,7 +379,15 @@ function classStatsFor(reg: Registry, hardwareClass: string, model: string): Cla
   const key = `${hardwareClass}\u0000${model}`;
   let s = reg.classStats.get(key);
   if (!s) {
-    s = { hardwareClass, model, coldLoadMs: Number.NaN, e2e: new Float64Array(E2E_RING), e2eCount: 0, p95Cache: Number.NaN, p95Dirty: true };
+    s = {
+      hardwareClass,
+      model,
+      coldLoadMs: Number.NaN,
+      e2e: new Float64Array(E2E_RING),
+      e2eCount: 0,
+      p95Cache: Number.NaN,
+      p95Dirty: true,
+    };
     reg.classStats.set(key, s);
   }
   return s;
@@ -369,7 +414,10 @@ function setClass(reg: Registry, agent: AgentEntry, hardwareClass: string): void
   reg.classMembers.get(agent.hardwareClass)?.delete(agent);
   agent.hardwareClass = hardwareClass;
   let members = reg.classMembers.get(hardwareClass);
-  if (!members) reg.classMembers.set(hardwareClass, (members = new Set()));
+  if (!members) {
+    members = new Set();
+    reg.classMembers.set(hardwareClass, members);
+  }
   members.add(agent);
 }
 
@@ -379,11 +427,37 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
   const restarted = agent !== undefined && d.session !== undefined && agent.session !== undefined && agent.session !== d.session;
   if (!agent) {
     agent = {
-      agentId: d.agentId, registry: reg, hardwareClass: '', site: d.site, coord: d.coord ? { ...d.coord } : newCoord(), slots: Math.max(1, d.slots ?? 1),
-      up: true, session: d.session, lastSeenMs: nowMs, firstSeenMs: nowMs, reportedRif: 0, reportedWorkMs: Number.NaN, reportedAtMs: nowMs, outstanding: 0,
-      rttMs: Number.NaN, rttAtMs: nowMs, bytesPerMs: reg.config.defaultBytesPerMs, bwAtMs: nowMs, pFail: 0, pFailAtMs: nowMs, kappa: 1, kappaAtMs: nowMs,
-      kappaHighSinceMs: Number.NaN, consecutiveFailures: 0, ejectedUntilMs: 0, ejectionCount: 0, lastEjectedAtMs: Number.NEGATIVE_INFINITY,
-      slowStartFromMs: nowMs, windowOk: 0, windowFailed: 0, models: new Map(),
+      agentId: d.agentId,
+      registry: reg,
+      hardwareClass: '',
+      site: d.site,
+      coord: d.coord ? { ...d.coord } : newCoord(),
+      slots: Math.max(1, d.slots ?? 1),
+      up: true,
+      session: d.session,
+      lastSeenMs: nowMs,
+      firstSeenMs: nowMs,
+      reportedRif: 0,
+      reportedWorkMs: Number.NaN,
+      reportedAtMs: nowMs,
+      outstanding: 0,
+      rttMs: Number.NaN,
+      rttAtMs: nowMs,
+      bytesPerMs: reg.config.defaultBytesPerMs,
+      bwAtMs: nowMs,
+      pFail: 0,
+      pFailAtMs: nowMs,
+      kappa: 1,
+      kappaAtMs: nowMs,
+      kappaHighSinceMs: Number.NaN,
+      consecutiveFailures: 0,
+      ejectedUntilMs: 0,
+      ejectionCount: 0,
+      lastEjectedAtMs: Number.NEGATIVE_INFINITY,
+      slowStartFromMs: nowMs,
+      windowOk: 0,
+      windowFailed: 0,
+      models: new Map(),
     };
     reg.agents.set(d.agentId, agent);
   }
@@ -409,8 +483,17 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
     let e = agent.models.get(m.model);
     if (!e) {
       e = {
-        agent, model: m.model, serviceMs: m.serviceMs, serviceAtMs: nowMs, priorServiceMs: m.serviceMs, slots: m.slots, warm: m.warm ?? true,
-        loadingUntilMs: 0, coldLoadMs: m.coldLoadMs ?? Number.NaN, priceMicros: m.priceMicros ?? 0, stats: classStatsFor(reg, agent.hardwareClass, m.model),
+        agent,
+        model: m.model,
+        serviceMs: m.serviceMs,
+        serviceAtMs: nowMs,
+        priorServiceMs: m.serviceMs,
+        slots: m.slots,
+        warm: m.warm ?? true,
+        loadingUntilMs: 0,
+        coldLoadMs: m.coldLoadMs ?? Number.NaN,
+        priceMicros: m.priceMicros ?? 0,
+        stats: classStatsFor(reg, agent.hardwareClass, m.model),
       };
       agent.models.set(m.model, e);
       poolFor(reg, m.model).entries.push(e);
@@ -420,7 +503,8 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
       if (m.coldLoadMs !== undefined) e.coldLoadMs = m.coldLoadMs;
       if (m.slots !== undefined) e.slots = m.slots;
       if (m.priceMicros !== undefined) e.priceMicros = m.priceMicros;
-      if (e.stats.hardwareClass !== agent.hardwareClass) (e as { stats: ClassModelStats }).stats = classStatsFor(reg, agent.hardwareClass, m.model);
+      if (e.stats.hardwareClass !== agent.hardwareClass)
+        (e as { stats: ClassModelStats }).stats = classStatsFor(reg, agent.hardwareClass, m.model);
     }
   }
   for (const [name, e] of agent.models) {
@@ -500,7 +584,7 @@ function touch(agent: AgentEntry, nowMs: number): void {
 /** Load heartbeat: queue = queued + inFlight, slots = workers; per-model serviceMs refreshes the prior. */
 export function onLoad(reg: Registry, load: AgentLoad, nowMs: number): void {
   const agent = reg.agents.get(load.agent);
-  if (!agent || !agent.up) return;
+  if (!agent?.up) return;
   agent.reportedRif = load.queued + load.inFlight;
   agent.reportedAtMs = nowMs;
   if (load.workers > 0) agent.slots = load.workers;
@@ -714,7 +798,13 @@ export function evaluateOutliers(reg: Registry, nowMs: number): string[] {
 }
 
 /** Cold-model bookkeeping: the agent started loading (others then see it warm after the ETA) or evicted it. */
-export function onModelState(reg: Registry, agentId: string, model: string, state: { warm: boolean; loadEtaMs?: number }, nowMs: number): void {
+export function onModelState(
+  reg: Registry,
+  agentId: string,
+  model: string,
+  state: { warm: boolean; loadEtaMs?: number },
+  nowMs: number,
+): void {
   const e = reg.agents.get(agentId)?.models.get(model);
   if (!e) return;
   e.warm = state.warm;

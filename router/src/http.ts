@@ -9,14 +9,13 @@
  *
  * Errors answer `{ error, code }` with the code's httpStatus (protocol/errors.ts).
  */
+
+import { type DType, MeshError, type ModelInfo, type Tensor, tensorFromJson, tensorToJson, toMeshError } from '@edge-mesh/protocol';
 import swagger from '@fastify/swagger';
-import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify';
-import { Counter, Histogram, Registry as PromRegistry, collectDefaultMetrics } from 'prom-client';
-import { MeshError, tensorFromJson, tensorToJson, toMeshError, type DType, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
-import type { RouterHandle, RouterHttpHandle, RouterHttpOptions } from './handle.ts';
+import Fastify, { type FastifyReply } from 'fastify';
+import { Counter, collectDefaultMetrics, Histogram, Registry as PromRegistry } from 'prom-client';
+import type { RouterHandle, RouterHttpHandle, RouterHttpOptions, RouterInferResult } from './handle.ts';
 import { registerSettlementRoutes } from './settlements.ts';
-
-
 
 /** KServe v2 datatypes and the mesh dtypes they map to (BYTES has no mesh counterpart). */
 export const KSERVE_TO_DTYPE = {
@@ -71,7 +70,7 @@ function floatToHalf(value: number): number {
   const exp = (x >>> 23) & 0xff;
   let mant = x & 0x7fffff;
   if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
-  let e = exp - 127 + 15;
+  const e = exp - 127 + 15;
   if (e >= 0x1f) return sign | 0x7c00;
   if (e <= 0) {
     if (e < -10) return sign;
@@ -156,7 +155,10 @@ function fromKServe(input: KServeTensor): Tensor {
   }
 }
 
-function toKServe(name: string, tensor: Tensor): { name: string; shape: number[]; datatype: KServeDatatype; data: (number | string | boolean)[] } {
+function toKServe(
+  name: string,
+  tensor: Tensor,
+): { name: string; shape: number[]; datatype: KServeDatatype; data: (number | string | boolean)[] } {
   const json = tensorToJson(tensor);
   let data: (number | string | boolean)[] = json.data;
   if (tensor.dtype === 'bool') data = json.data.map((v) => v !== 0);
@@ -189,7 +191,12 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     buckets,
     registers: [metrics],
   });
-  const requestsTotal = new Counter({ name: 'edge_mesh_requests_total', help: 'HTTP infer requests by model', labelNames: ['model'] as const, registers: [metrics] });
+  const requestsTotal = new Counter({
+    name: 'edge_mesh_requests_total',
+    help: 'HTTP infer requests by model',
+    labelNames: ['model'] as const,
+    registers: [metrics],
+  });
   const errorsTotal = new Counter({
     name: 'edge_mesh_request_errors_total',
     help: 'Failed HTTP requests by model and MESH_* code',
@@ -232,7 +239,10 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       ],
     },
   });
-  const errorBody = { type: 'object', properties: { error: { type: 'string' }, code: { type: 'string', pattern: '^MESH_[A-Z_]+$' } } } as const;
+  const errorBody = {
+    type: 'object',
+    properties: { error: { type: 'string' }, code: { type: 'string', pattern: '^MESH_[A-Z_]+$' } },
+  } as const;
   const nameParam = { type: 'object', required: ['name'], properties: { name: { type: 'string', description: 'model name' } } } as const;
   const doc = (tags: string, summary: string, extra: Record<string, unknown> = {}) => ({ schema: { tags: [tags], summary, ...extra } });
 
@@ -241,40 +251,63 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     if (err instanceof MeshError) mesh = err;
     else if (err.validation) mesh = new MeshError('MESH_BAD_REQUEST', err.message);
     else if (err.statusCode === 413) mesh = new MeshError('MESH_TOO_LARGE', err.message);
-    else if (err.statusCode !== undefined && err.statusCode >= 400 && err.statusCode < 500) mesh = new MeshError('MESH_BAD_REQUEST', err.message);
+    else if (err.statusCode !== undefined && err.statusCode >= 400 && err.statusCode < 500)
+      mesh = new MeshError('MESH_BAD_REQUEST', err.message);
     else mesh = toMeshError(err);
     const params = request.params as { name?: unknown } | undefined;
     const model = typeof params?.name === 'string' ? modelLabel(params.name) : '';
     errorsTotal.inc({ model, code: mesh.code });
     return sendError(reply, mesh);
   });
-  app.setNotFoundHandler((request, reply) => reply.code(404).send({ error: `no route ${request.method} ${request.url}`, code: 'MESH_BAD_REQUEST' }));
+  app.setNotFoundHandler((request, reply) =>
+    reply.code(404).send({ error: `no route ${request.method} ${request.url}`, code: 'MESH_BAD_REQUEST' }),
+  );
 
   app.get('/openapi.json', doc('operator', 'This OpenAPI description'), async () => app.swagger());
   app.get('/v2', doc('kserve', 'Server metadata'), async () => ({ name: 'edge-mesh-router', version: '2', extensions: [] }));
   app.get('/v2/health/live', doc('kserve', 'Liveness: the router process answers'), async () => ({ live: true }));
-  app.get('/v2/health/ready', doc('kserve', 'Readiness: connected to the broker with at least one live agent', { response: { 503: errorBody } }), async (_request, reply) => {
-    const ready = router.connected && router.agents().some((a) => a.up);
-    return reply.code(ready ? 200 : 503).send(ready ? { ready } : { ready, error: 'no live agent known', code: 'MESH_NO_AGENT' });
-  });
+  app.get(
+    '/v2/health/ready',
+    doc('kserve', 'Readiness: connected to the broker with at least one live agent', { response: { 503: errorBody } }),
+    async (_request, reply) => {
+      const ready = router.connected && router.agents().some((a) => a.up);
+      return reply.code(ready ? 200 : 503).send(ready ? { ready } : { ready, error: 'no live agent known', code: 'MESH_NO_AGENT' });
+    },
+  );
 
-  app.get<{ Params: { name: string } }>('/v2/models/:name', doc('kserve', 'Model metadata: inputs, outputs, versions', { params: nameParam, response: { 404: errorBody } }), async (request) => {
-    const found = modelInfo(request.params.name);
-    if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`);
-    const { info, versions } = found;
-    const tensors = (list: ModelInfo['inputs']) =>
-      list.map((t) => ({ name: t.name, datatype: kserveDatatypeOf(t.dtype), shape: t.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : -1)) }));
-    return { name: info.name, versions, platform: 'onnx', inputs: tensors(info.inputs), outputs: tensors(info.outputs) };
-  });
+  app.get<{ Params: { name: string } }>(
+    '/v2/models/:name',
+    doc('kserve', 'Model metadata: inputs, outputs, versions', { params: nameParam, response: { 404: errorBody } }),
+    async (request) => {
+      const found = modelInfo(request.params.name);
+      if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`);
+      const { info, versions } = found;
+      const tensors = (list: ModelInfo['inputs']) =>
+        list.map((t) => ({
+          name: t.name,
+          datatype: kserveDatatypeOf(t.dtype),
+          shape: t.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : -1)),
+        }));
+      return { name: info.name, versions, platform: 'onnx', inputs: tensors(info.inputs), outputs: tensors(info.outputs) };
+    },
+  );
 
-  app.get<{ Params: { name: string } }>('/v2/models/:name/ready', doc('kserve', 'Whether a live agent serves the model', { params: nameParam, response: { 404: errorBody, 503: errorBody } }), async (request, reply) => {
-    const found = modelInfo(request.params.name);
-    if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`);
-    if (!found.live) return reply.code(503).send({ name: request.params.name, ready: false, error: 'no live agent serves the model', code: 'MESH_NO_AGENT' });
-    return { name: request.params.name, ready: true };
-  });
+  app.get<{ Params: { name: string } }>(
+    '/v2/models/:name/ready',
+    doc('kserve', 'Whether a live agent serves the model', { params: nameParam, response: { 404: errorBody, 503: errorBody } }),
+    async (request, reply) => {
+      const found = modelInfo(request.params.name);
+      if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`);
+      if (!found.live)
+        return reply
+          .code(503)
+          .send({ name: request.params.name, ready: false, error: 'no live agent serves the model', code: 'MESH_NO_AGENT' });
+      return { name: request.params.name, ready: true };
+    },
+  );
 
-  app.post<{ Params: { name: string }; Body: InferBody }>('/v2/models/:name/infer',
+  app.post<{ Params: { name: string }; Body: InferBody }>(
+    '/v2/models/:name/infer',
     {
       schema: {
         tags: ['kserve'],
@@ -285,44 +318,45 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       },
     },
     async (request) => {
-    const model = request.params.name;
-    const body = request.body;
-    const started = performance.now();
-    const label = modelLabel(model);
-    requestsTotal.inc({ model: label });
-    if (label === '_unknown') {
-      throw router.agents().length > 0
-        ? new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${model}`)
-        : new MeshError('MESH_NO_AGENT', `no agent is known yet, so none serves model ${model}`);
-    }
-    const inputs: Record<string, Tensor> = Object.create(null);
-    for (const input of body.inputs) {
-      if (Object.hasOwn(inputs, input.name)) throw new MeshError('MESH_BAD_REQUEST', `input ${input.name} appears twice`);
-      inputs[input.name] = fromKServe(input);
-    }
-    const deadlineMs = body.parameters?.deadline_ms ?? defaultDeadlineMs;
-    let result;
-    try {
-      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs } : {});
-    } catch (err) {
-      requestSeconds.observe({ model: label, agent: 'none' }, (performance.now() - started) / 1000);
-      throw toMeshError(err);
-    }
-    requestSeconds.observe({ model: label, agent: result.agentId }, (performance.now() - started) / 1000);
-    const wanted = body.outputs?.map((o) => o.name);
-    const names = Object.keys(result.outputs).filter((n) => !wanted || wanted.includes(n));
-    if (wanted) {
-      const missing = wanted.filter((n) => !Object.hasOwn(result.outputs, n));
-      if (missing.length > 0) throw new MeshError('MESH_BAD_INPUT', `model ${model} has no output ${missing.join(', ')}`);
-    }
-    return {
-      model_name: model,
-      ...(versionOf(modelInfo(model)?.info) ?? {}),
-      id: body.id ?? result.requestId,
-      parameters: { agent: result.agentId, attempts: result.attempts, hedged: result.hedged, total_ms: result.timings.totalMs },
-      outputs: names.map((n) => toKServe(n, result.outputs[n]!)),
-    };
-  });
+      const model = request.params.name;
+      const body = request.body;
+      const started = performance.now();
+      const label = modelLabel(model);
+      requestsTotal.inc({ model: label });
+      if (label === '_unknown') {
+        throw router.agents().length > 0
+          ? new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${model}`)
+          : new MeshError('MESH_NO_AGENT', `no agent is known yet, so none serves model ${model}`);
+      }
+      const inputs: Record<string, Tensor> = Object.create(null);
+      for (const input of body.inputs) {
+        if (Object.hasOwn(inputs, input.name)) throw new MeshError('MESH_BAD_REQUEST', `input ${input.name} appears twice`);
+        inputs[input.name] = fromKServe(input);
+      }
+      const deadlineMs = body.parameters?.deadline_ms ?? defaultDeadlineMs;
+      let result: RouterInferResult;
+      try {
+        result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs } : {});
+      } catch (err) {
+        requestSeconds.observe({ model: label, agent: 'none' }, (performance.now() - started) / 1000);
+        throw toMeshError(err);
+      }
+      requestSeconds.observe({ model: label, agent: result.agentId }, (performance.now() - started) / 1000);
+      const wanted = body.outputs?.map((o) => o.name);
+      const names = Object.keys(result.outputs).filter((n) => !wanted || wanted.includes(n));
+      if (wanted) {
+        const missing = wanted.filter((n) => !Object.hasOwn(result.outputs, n));
+        if (missing.length > 0) throw new MeshError('MESH_BAD_INPUT', `model ${model} has no output ${missing.join(', ')}`);
+      }
+      return {
+        model_name: model,
+        ...(versionOf(modelInfo(model)?.info) ?? {}),
+        id: body.id ?? result.requestId,
+        parameters: { agent: result.agentId, attempts: result.attempts, hedged: result.hedged, total_ms: result.timings.totalMs },
+        outputs: names.map((n) => toKServe(n, result.outputs[n]!)),
+      };
+    },
+  );
 
   app.get('/v1/agents', doc('operator', 'Agents the router knows: state, models, load, RTT, failure rate, ejection'), async () => ({
     agents: router.agents().map(({ id, up, status }) => {
@@ -335,7 +369,12 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
         hardware: status.hardware,
         workers: status.workers,
         queueLimit: status.queueLimit,
-        models: (status.models ?? []).map((m) => ({ name: m.name, version: m.version, latencyMs: m.latencyMs, priceMicros: m.priceMicros })),
+        models: (status.models ?? []).map((m) => ({
+          name: m.name,
+          version: m.version,
+          latencyMs: m.latencyMs,
+          priceMicros: m.priceMicros,
+        })),
         load: entry
           ? {
               reportedInFlight: entry.reportedRif,
@@ -349,13 +388,21 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       };
     }),
   }));
-  app.get('/v1/routing', doc('operator', 'Routing counters: requests, retries, hedges, cancels, leases, budget refusals, attempts per agent'), async () => ({ router: router.id, connected: router.connected, counters: router.counters }));
+  app.get(
+    '/v1/routing',
+    doc('operator', 'Routing counters: requests, retries, hedges, cancels, leases, budget refusals, attempts per agent'),
+    async () => ({ router: router.id, connected: router.connected, counters: router.counters }),
+  );
   if (options.chain) await registerSettlementRoutes(app, router, options.chain);
 
-  app.get('/metrics', doc('operator', 'Prometheus text: latency histograms per model and agent, error counters, process metrics'), async (_request, reply) => {
-    const text = await metrics.metrics();
-    return reply.header('content-type', metrics.contentType).send(text);
-  });
+  app.get(
+    '/metrics',
+    doc('operator', 'Prometheus text: latency histograms per model and agent, error counters, process metrics'),
+    async (_request, reply) => {
+      const text = await metrics.metrics();
+      return reply.header('content-type', metrics.contentType).send(text);
+    },
+  );
 
   await app.listen({ port, host });
   const address = app.server.address();
@@ -379,4 +426,3 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
 function versionOf(info: ModelInfo | undefined): { model_version: string } | undefined {
   return info ? { model_version: info.version } : undefined;
 }
-

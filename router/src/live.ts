@@ -6,9 +6,42 @@
  * hedgeDelayMs, and the loser cancelled on the cancel topic. Time for the core is Date.now(), the same
  * clock as the wire deadlines.
  */
+
+import {
+  changeSignal,
+  extraAttemptAfter,
+  openMeshConnection,
+  readAgentStatus,
+  readReply,
+  TailBudget,
+  type TailBudgetOptions,
+} from '@edge-mesh/client';
+import {
+  type AgentLoad,
+  type AgentStatus,
+  assertValidId,
+  checkTensor,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  decodeMessage,
+  decodeTensorMap,
+  encodeMessage,
+  encodeTensorMap,
+  type Identity,
+  type InferReply,
+  type Lease,
+  type LeaseAgent,
+  MeshError,
+  type MeshErrorCode,
+  type ModelInfo,
+  newRequestId,
+  PROTOCOL_VERSION,
+  parseTopic,
+  type RouteRequest as RouteMessage,
+  requestIdHex,
+  type Tensor,
+  topics,
+} from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
-import { DEFAULT_MAX_MESSAGE_BYTES, MeshError, PROTOCOL_VERSION, assertValidId, checkTensor, decodeMessage, decodeTensorMap, encodeMessage, encodeTensorMap, newRequestId, parseTopic, requestIdHex, topics, type AgentLoad, type AgentStatus, type Identity, type InferReply, type Lease, type LeaseAgent, type MeshErrorCode, type RouteRequest as RouteMessage, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
-import { openMeshConnection, TailBudget, extraAttemptAfter, type TailBudgetOptions, readAgentStatus, readReply, changeSignal } from '@edge-mesh/client';
 import {
   createRegistry,
   evaluateOutliers,
@@ -19,13 +52,22 @@ import {
   onReply,
   onSend,
   onStatus,
-  serviceMsAt,
-  type Registry,
   type RouterOptions,
+  serviceMsAt,
 } from './estimates.ts';
-import { fleetUtilization, hedgeDelayMs, perTryTimeoutMs, selectAgent, type RouteRequest } from './select.ts';
-import type { AttemptRecord, RouteOptions, RouteResult, RouterCounters, RouterHandle, RouterHttpHandle, RouterHttpOptions, RouterInferOptions, RouterInferResult, RouterLogger } from './handle.ts';
-
+import type {
+  AttemptRecord,
+  RouteOptions,
+  RouteResult,
+  RouterCounters,
+  RouterHandle,
+  RouterHttpHandle,
+  RouterHttpOptions,
+  RouterInferOptions,
+  RouterInferResult,
+  RouterLogger,
+} from './handle.ts';
+import { fleetUtilization, hedgeDelayMs, perTryTimeoutMs, type RouteRequest, selectAgent } from './select.ts';
 
 const SILENT: RouterLogger = { debug() {}, info() {}, warn() {}, error() {} };
 
@@ -60,15 +102,15 @@ export interface StartRouterOptions {
   http?: RouterHttpOptions;
 }
 
-
-
-
-
-
-
-
 /** Codes after which another agent may well succeed. */
-const RETRY_ELSEWHERE: ReadonlySet<MeshErrorCode> = new Set(['MESH_BUSY', 'MESH_AGENT_LOST', 'MESH_SHUTTING_DOWN', 'MESH_UNKNOWN_MODEL', 'MESH_TIMEOUT', 'MESH_NOT_CONNECTED']);
+const RETRY_ELSEWHERE: ReadonlySet<MeshErrorCode> = new Set([
+  'MESH_BUSY',
+  'MESH_AGENT_LOST',
+  'MESH_SHUTTING_DOWN',
+  'MESH_UNKNOWN_MODEL',
+  'MESH_TIMEOUT',
+  'MESH_NOT_CONNECTED',
+]);
 
 interface Attempt {
   /** Paid from the tail budget (a retry or hedge, not a failover). */
@@ -102,9 +144,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     hedgeMaxUtilization = 0.8,
     leaseAgents = 3,
   } = options;
-  if (identity.role !== 'router') throw new MeshError('MESH_CONFIG', `startRouter needs a router key, got a ${identity.role} key (${identity.id})`);
+  if (identity.role !== 'router')
+    throw new MeshError('MESH_CONFIG', `startRouter needs a router key, got a ${identity.role} key (${identity.id})`);
   const routerId = assertValidId(identity.id, 'router id');
-  if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
+  if (!Number.isInteger(maxAttempts) || maxAttempts < 1)
+    throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
 
   const registry = createRegistry(options.config ?? {});
   const budget = new TailBudget(options.tailBudget ?? {}, performance.now());
@@ -112,7 +156,19 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   const pending = new Map<string, InFlight>();
   const listeners = new Set<(a: AttemptRecord) => void>();
   const changes = changeSignal();
-  const counters: RouterCounters = { statusRejected: 0, requests: 0, ok: 0, failed: 0, retries: 0, hedges: 0, cancels: 0, budgetRefused: 0, leases: 0, leasesRefused: 0, sentTo: {} };
+  const counters: RouterCounters = {
+    statusRejected: 0,
+    requests: 0,
+    ok: 0,
+    failed: 0,
+    retries: 0,
+    hedges: 0,
+    cancels: 0,
+    budgetRefused: 0,
+    leases: 0,
+    leasesRefused: 0,
+    sentTo: {},
+  };
   const emit = (a: AttemptRecord) => {
     for (const l of listeners) {
       try {
@@ -203,7 +259,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     while (out.length < leaseAgents) {
       let choice: RouteResult;
       try {
-        choice = route(model, { ...(budgetMs !== undefined ? { deadlineMs: budgetMs } : {}), ...(bytes !== undefined ? { bytesUp: bytes } : {}), exclude: skip });
+        choice = route(model, {
+          ...(budgetMs !== undefined ? { deadlineMs: budgetMs } : {}),
+          ...(bytes !== undefined ? { bytesUp: bytes } : {}),
+          exclude: skip,
+        });
       } catch (err) {
         if (out.length === 0) throw err;
         break;
@@ -237,7 +297,17 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       counters.leases++;
     } catch (err) {
       const e = err instanceof MeshError ? err : new MeshError('MESH_INTERNAL', (err as Error).message);
-      lease = { v: PROTOCOL_VERSION, kind: 'lease', id: ask.id, router: routerId, model: ask.model, agents: [], ttlMs: 0, code: e.code, message: e.message.slice(0, 1024) };
+      lease = {
+        v: PROTOCOL_VERSION,
+        kind: 'lease',
+        id: ask.id,
+        router: routerId,
+        model: ask.model,
+        agents: [],
+        ttlMs: 0,
+        code: e.code,
+        message: e.message.slice(0, 1024),
+      };
       counters.leasesRefused++;
     }
     if (client.connected) client.publish(topics.clientLease(senderId, routerId), encodeMessage(lease), { qos: 1 });
@@ -250,9 +320,13 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     keepaliveS,
     onConnect: (c: MqttClient) => {
       connected = true;
-      c.subscribe([topics.clientRepliesFor(routerId), topics.routerRoutesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()], { qos: 1 }, (err) => {
-        if (err) logger.error({ err: err.message }, 'subscribe failed');
-      });
+      c.subscribe(
+        [topics.clientRepliesFor(routerId), topics.routerRoutesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()],
+        { qos: 1 },
+        (err) => {
+          if (err) logger.error({ err: err.message }, 'subscribe failed');
+        },
+      );
     },
     onRefused: (err) => logger.error({ code: err.code, err: err.message }, 'broker refused the router'),
   });
@@ -276,7 +350,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
 
   const cancelOn = (agentId: string, id: Uint8Array) => {
     counters.cancels++;
-    if (client.connected) client.publish(topics.agentCancel(agentId, routerId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
+    if (client.connected)
+      client.publish(topics.agentCancel(agentId, routerId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
   };
 
   const hasCandidate = (model: string): boolean => {
@@ -288,7 +363,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     }
   };
 
-  const infer = async (model: string, inputs: Record<string, Tensor>, inferOptions: RouterInferOptions = {}): Promise<RouterInferResult> => {
+  const infer = async (
+    model: string,
+    inputs: Record<string, Tensor>,
+    inferOptions: RouterInferOptions = {},
+  ): Promise<RouterInferResult> => {
     const { deadlineMs = defaultDeadlineMs } = inferOptions;
     for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
     counters.requests++;
@@ -342,7 +421,12 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
         if (done) return;
         if (Date.now() >= deadline) {
           const last = lastError ? ` (last: ${lastError.code})` : '';
-          finish(new MeshError('MESH_DEADLINE_EXCEEDED', `no result for ${model} within ${deadlineMs} ms${last}`, { cause: lastError, details: { model, tried } }));
+          finish(
+            new MeshError('MESH_DEADLINE_EXCEEDED', `no result for ${model} within ${deadlineMs} ms${last}`, {
+              cause: lastError,
+              details: { model, tried },
+            }),
+          );
         } else if (lastError) finish(lastError);
         else finish(new MeshError('MESH_NO_AGENT', `no live agent serves model ${model}`, { details: { model } }));
       };
@@ -355,7 +439,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
         if (remaining <= 0) return false;
         let choice: RouteResult;
         try {
-          choice = route(model, { deadlineMs: remaining, bytesUp: payload.byteLength, exclude: new Set(tried) }, kind === 'hedge' ? { warmOnly: true } : {});
+          choice = route(
+            model,
+            { deadlineMs: remaining, bytesUp: payload.byteLength, exclude: new Set(tried) },
+            kind === 'hedge' ? { warmOnly: true } : {},
+          );
         } catch (err) {
           if (kind !== 'hedge') lastError ??= err as MeshError;
           return false;
@@ -393,7 +481,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
           attempt.timer.unref?.();
         }
         client.publish(topics.agentRequest(agentId, routerId), payload, { qos: 1 }, (err) => {
-          if (err) request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
+          if (err)
+            request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
         });
         if (hedging && kind !== 'hedge' && !hedged) {
           const entry = registry.agents.get(agentId)?.models.get(model);
@@ -436,7 +525,13 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
               const a = registry.agents.get(agentId);
               if (a) a.outstanding++;
             }
-            onReply(registry, agentId, model, { queueMs: reply.queueMs, execMs: reply.execMs, e2eMs, predictedMs: attempt.predictedMs, bytes: payload.byteLength }, now);
+            onReply(
+              registry,
+              agentId,
+              model,
+              { queueMs: reply.queueMs, execMs: reply.execMs, e2eMs, predictedMs: attempt.predictedMs, bytes: payload.byteLength },
+              now,
+            );
             emit({ model, agentId, ok: true, e2eMs });
             finish(undefined, {
               requestId: key,
@@ -446,7 +541,12 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
               tried: [...tried],
               attempts: tried.length,
               hedged,
-              timings: { totalMs: performance.now() - started, queueMs: reply.queueMs, execMs: reply.execMs, predictedMs: attempt.predictedMs },
+              timings: {
+                totalMs: performance.now() - started,
+                queueMs: reply.queueMs,
+                execMs: reply.execMs,
+                predictedMs: attempt.predictedMs,
+              },
             });
             return;
           }
@@ -478,7 +578,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     counters,
     route: (model, routeOptions) => route(model, routeOptions),
     infer,
-    agents: () => [...statuses].map(([id, status]) => ({ id, up: status.state === 'online' && (registry.agents.get(id)?.up ?? false), status })),
+    agents: () =>
+      [...statuses].map(([id, status]) => ({ id, up: status.state === 'online' && (registry.agents.get(id)?.up ?? false), status })),
     models: () => {
       const byName = new Map<string, ModelInfo>();
       for (const s of statuses.values()) {
@@ -489,7 +590,10 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     },
     async waitForModel(model, timeoutMs = 10_000, count = 1) {
       const until = Date.now() + timeoutMs;
-      const live = () => [...statuses.values()].filter((s) => s.state === 'online' && registry.agents.get(s.agent)?.up && s.models?.some((m) => m.name === model)).length;
+      const live = () =>
+        [...statuses.values()].filter(
+          (s) => s.state === 'online' && registry.agents.get(s.agent)?.up && s.models?.some((m) => m.name === model),
+        ).length;
       while (live() < count) {
         if (Date.now() >= until) throw new MeshError('MESH_NO_AGENT', `no live agent serves model ${model} after ${timeoutMs} ms`);
         await changes.wait(Math.min(100, until - Date.now()));
@@ -510,7 +614,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       clearInterval(outlierTimer);
       closing = true;
       for (const request of [...pending.values()]) {
-        for (const agentId of [...request.attempts.keys()]) request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', 'router closed'));
+        for (const agentId of [...request.attempts.keys()])
+          request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', 'router closed'));
       }
       await connection.close();
     },

@@ -6,23 +6,23 @@
  */
 import type { MeshErrorCode } from '@edge-mesh/protocol';
 import {
+  type AgentEntry,
   coldLoadMsOf,
   isAlive,
   isEjected,
   isOnProbation,
   kappaAt,
-  p95E2eMs,
-  pFailAt,
-  serviceMsAt,
-  slowStartFactor,
-  type AgentEntry,
   type ModelEntry,
   type ModelPool,
   type PoolCache,
+  p95E2eMs,
+  pFailAt,
   type Registry,
   type Rng,
+  serviceMsAt,
+  slowStartFactor,
 } from './estimates.ts';
-import { isCoordKnown, vivaldiDistanceMs, type VivaldiCoord } from './vivaldi.ts';
+import { isCoordKnown, type VivaldiCoord, vivaldiDistanceMs } from './vivaldi.ts';
 
 export interface RouteRequest {
   model: string;
@@ -61,7 +61,8 @@ export function networkRttMs(agent: AgentEntry, request: RouteRequest = EMPTY_RE
   const remoteClient = request.clientCoord !== undefined || (request.clientSite !== undefined && request.clientSite !== c.site);
   if (remoteClient) {
     if (request.clientCoord && isCoordKnown(agent.coord)) return vivaldiDistanceMs(request.clientCoord, agent.coord);
-    if (request.clientSite !== undefined && agent.site !== undefined) return request.clientSite === agent.site ? c.sameSiteRttMs : c.crossSiteRttMs;
+    if (request.clientSite !== undefined && agent.site !== undefined)
+      return request.clientSite === agent.site ? c.sameSiteRttMs : c.crossSiteRttMs;
     return c.defaultRttMs;
   }
   if (!Number.isNaN(agent.rttMs)) return agent.rttMs;
@@ -93,7 +94,8 @@ export function expectedCompletionMs(entry: ModelEntry, request: RouteRequest, n
   const slots = entry.slots ?? agent.slots;
   const ahead = agent.reportedRif + c.routers * agent.outstanding;
   // Work ahead in ms: the agent's per-model breakdown when it sent one, else the count × this model's S.
-  const aheadMs = (Number.isNaN(agent.reportedWorkMs) ? agent.reportedRif * serviceMs : agent.reportedWorkMs) + c.routers * agent.outstanding * serviceMs;
+  const aheadMs =
+    (Number.isNaN(agent.reportedWorkMs) ? agent.reportedRif * serviceMs : agent.reportedWorkMs) + c.routers * agent.outstanding * serviceMs;
   let waitMs = Math.max(0, aheadMs + serviceMs - slots * serviceMs) / slots;
   if (c.queueExponent !== 1) waitMs *= ((ahead + 1) / slots) ** (c.queueExponent - 1);
   return kappaAt(agent, nowMs) * (netMs + waitMs + serviceMs + coldMs(entry, nowMs));
@@ -153,8 +155,16 @@ function capacityWeight(entry: ModelEntry, nowMs: number): number {
 
 function newCache(): PoolCache {
   return {
-    builtVersion: -1, builtAtMs: Number.NEGATIVE_INFINITY, pool: [], cumulativeWeight: new Float64Array(0), totalWeight: 0, inPool: new Set(),
-    minEct0Ms: Number.POSITIVE_INFINITY, medianEct0Ms: Number.POSITIVE_INFINITY, eligibleCount: 0, panic: false,
+    builtVersion: -1,
+    builtAtMs: Number.NEGATIVE_INFINITY,
+    pool: [],
+    cumulativeWeight: new Float64Array(0),
+    totalWeight: 0,
+    inPool: new Set(),
+    minEct0Ms: Number.POSITIVE_INFINITY,
+    medianEct0Ms: Number.POSITIVE_INFINITY,
+    eligibleCount: 0,
+    panic: false,
   };
 }
 
@@ -220,9 +230,18 @@ export function currentPool(reg: Registry, request: RouteRequest, nowMs: number)
   if (!p || p.entries.length === 0) return undefined;
   const key = poolKey(reg, request);
   let cache = p.caches.get(key);
-  if (!cache) p.caches.set(key, (cache = newCache()));
+  if (!cache) {
+    cache = newCache();
+    p.caches.set(key, cache);
+  }
   if (cache.builtVersion !== p.version || nowMs - cache.builtAtMs >= reg.config.poolRefreshMs || nowMs < cache.builtAtMs) {
-    buildPool(reg, p, cache, poolKey(reg, request) === '' ? EMPTY_REQUEST : { model: request.model, clientSite: request.clientSite }, nowMs);
+    buildPool(
+      reg,
+      p,
+      cache,
+      poolKey(reg, request) === '' ? EMPTY_REQUEST : { model: request.model, clientSite: request.clientSite },
+      nowMs,
+    );
   }
   return cache;
 }

@@ -4,11 +4,11 @@
  *   GET /v1/settlements   Settled and SettleSkipped events, oldest first (?payer=0x…&agent=0x… filter)
  * ethers loads only when the router is given a chain.
  */
+
+import { skipReasonName, verifyQuote } from '@edge-mesh/protocol';
 import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
-import { skipReasonName, verifyQuote } from '@edge-mesh/protocol';
 import type { RouterChainOptions, RouterHandle } from './handle.ts';
-
 
 const LOG_RANGE = 5_000;
 
@@ -24,14 +24,20 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
     const out: ethers.Log[] = [];
     for (let start = from; start <= head; start += LOG_RANGE) {
       out.push(
-        ...(await chain.provider.getLogs({ address: escrow.escrow, topics: [iface.getEvent(event)!.topicHash, ...topics], fromBlock: start, toBlock: Math.min(head, start + LOG_RANGE - 1) })),
+        ...(await chain.provider.getLogs({
+          address: escrow.escrow,
+          topics: [iface.getEvent(event)!.topicHash, ...topics],
+          fromBlock: start,
+          toBlock: Math.min(head, start + LOG_RANGE - 1),
+        })),
       );
     }
     return out;
   };
   const topicOf = (value: unknown, what: string): string | null => {
     if (value === undefined) return null;
-    if (typeof value !== 'string' || !ethers.isAddress(value)) throw Object.assign(new Error(`${what} is not an EVM address`), { statusCode: 400 });
+    if (typeof value !== 'string' || !ethers.isAddress(value))
+      throw Object.assign(new Error(`${what} is not an EVM address`), { statusCode: 400 });
     return ethers.zeroPadValue(ethers.getAddress(value), 32);
   };
   const agentsByPayout = () => {
@@ -49,35 +55,63 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
     return map;
   };
 
-  app.get('/v1/lanes', { schema: { tags: ['operator'], summary: 'Payment lanes on the escrow: funded, settled and remaining per (payer, agent)' } }, async () => {
-    const seen = new Map<string, { payer: string; payout: string }>();
-    for (const log of await logs('LaneFunded')) {
-      const ev = iface.parseLog(log)!;
-      const payer = (ev.args[0] as string).toLowerCase();
-      const payout = (ev.args[1] as string).toLowerCase();
-      seen.set(`${payer}:${payout}`, { payer, payout });
-    }
-    const agents = agentsByPayout();
-    const lanes = await Promise.all(
-      [...seen.values()].map(async ({ payer, payout }) => {
-        const lane = await escrow.laneOf(payer, payout);
-        return { payer, payout, agents: agents.get(payout) ?? [], remaining_micros: Number(lane.remaining), settled_micros: Number(lane.settled), thaw_end: Number(lane.thawEnd) };
-      }),
-    );
-    return { chain_id: Number(escrow.domain.chainId), escrow: escrow.escrow, lanes };
-  });
+  app.get(
+    '/v1/lanes',
+    { schema: { tags: ['operator'], summary: 'Payment lanes on the escrow: funded, settled and remaining per (payer, agent)' } },
+    async () => {
+      const seen = new Map<string, { payer: string; payout: string }>();
+      for (const log of await logs('LaneFunded')) {
+        const ev = iface.parseLog(log)!;
+        const payer = (ev.args[0] as string).toLowerCase();
+        const payout = (ev.args[1] as string).toLowerCase();
+        seen.set(`${payer}:${payout}`, { payer, payout });
+      }
+      const agents = agentsByPayout();
+      const lanes = await Promise.all(
+        [...seen.values()].map(async ({ payer, payout }) => {
+          const lane = await escrow.laneOf(payer, payout);
+          return {
+            payer,
+            payout,
+            agents: agents.get(payout) ?? [],
+            remaining_micros: Number(lane.remaining),
+            settled_micros: Number(lane.settled),
+            thaw_end: Number(lane.thawEnd),
+          };
+        }),
+      );
+      return { chain_id: Number(escrow.domain.chainId), escrow: escrow.escrow, lanes };
+    },
+  );
 
-  app.get('/v1/settlements', { schema: { tags: ['operator'], summary: 'Settlements on chain (Settled and SettleSkipped events); filter with ?payer= and ?agent=' } }, async (request) => {
-    const q = request.query as { payer?: unknown; agent?: unknown };
-    const topics = [topicOf(q.payer, 'payer'), topicOf(q.agent, 'agent')];
-    const events = [...(await logs('Settled', topics)), ...(await logs('SettleSkipped', topics))].sort((a, b) => a.blockNumber - b.blockNumber || a.index - b.index);
-    const settlements = events.map((log) => {
-      const ev = iface.parseLog(log)!;
-      const base = { tx: log.transactionHash, block: log.blockNumber, payer: (ev.args[0] as string).toLowerCase(), payout: (ev.args[1] as string).toLowerCase() };
-      return ev.name === 'Settled'
-        ? { ...base, kind: 'settled', cumulative_micros: Number(ev.args[2]), delta_micros: Number(ev.args[3]), receipts_root: ev.args[4] as string }
-        : { ...base, kind: 'skipped', reason: skipReasonName(ev.args[2] as bigint), cumulative_micros: Number(ev.args[3]) };
-    });
-    return { settlements, settled_micros: settlements.reduce((s, e) => s + ('delta_micros' in e ? e.delta_micros : 0), 0) };
-  });
+  app.get(
+    '/v1/settlements',
+    { schema: { tags: ['operator'], summary: 'Settlements on chain (Settled and SettleSkipped events); filter with ?payer= and ?agent=' } },
+    async (request) => {
+      const q = request.query as { payer?: unknown; agent?: unknown };
+      const topics = [topicOf(q.payer, 'payer'), topicOf(q.agent, 'agent')];
+      const events = [...(await logs('Settled', topics)), ...(await logs('SettleSkipped', topics))].sort(
+        (a, b) => a.blockNumber - b.blockNumber || a.index - b.index,
+      );
+      const settlements = events.map((log) => {
+        const ev = iface.parseLog(log)!;
+        const base = {
+          tx: log.transactionHash,
+          block: log.blockNumber,
+          payer: (ev.args[0] as string).toLowerCase(),
+          payout: (ev.args[1] as string).toLowerCase(),
+        };
+        return ev.name === 'Settled'
+          ? {
+              ...base,
+              kind: 'settled',
+              cumulative_micros: Number(ev.args[2]),
+              delta_micros: Number(ev.args[3]),
+              receipts_root: ev.args[4] as string,
+            }
+          : { ...base, kind: 'skipped', reason: skipReasonName(ev.args[2] as bigint), cumulative_micros: Number(ev.args[3]) };
+      });
+      return { settlements, settled_micros: settlements.reduce((s, e) => s + ('delta_micros' in e ? e.delta_micros : 0), 0) };
+    },
+  );
 }

@@ -51,7 +51,12 @@ export function applyVivaldiSample(
   remote: VivaldiCoord,
   rttMs: number,
   rng: () => number = Math.random,
-  { cc = VIVALDI_DEFAULTS.cc, ce = VIVALDI_DEFAULTS.ce, maxError = VIVALDI_DEFAULTS.maxError, minHeightMs = VIVALDI_DEFAULTS.minHeightMs }: VivaldiOptions = {},
+  {
+    cc = VIVALDI_DEFAULTS.cc,
+    ce = VIVALDI_DEFAULTS.ce,
+    maxError = VIVALDI_DEFAULTS.maxError,
+    minHeightMs = VIVALDI_DEFAULTS.minHeightMs,
+  }: VivaldiOptions = {},
 ): VivaldiCoord {
   if (!(rttMs > 0) || !Number.isFinite(rttMs)) return local;
   const predicted = vivaldiDistanceMs(local, remote);

@@ -12,12 +12,57 @@
  * latency). Either way it retries on another agent within the deadline when one is busy, silent or
  * dies, and hedges an attempt that runs far over its prediction.
  */
-import type { MqttClient } from 'mqtt';
-import { assertValidId, checkTensor, decodeMessage, decodeTensorMap, DEFAULT_MAX_MESSAGE_BYTES, encodeMessage, encodeTensorMap, generateIdentity, MeshError, newRequestId, parseTopic, PROTOCOL_VERSION, requestIdHex, topics, type AgentLoad, type AgentStatus, type Identity, type InferReply, type Lease, type LeaseAgent, type MeshErrorCode, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
-import { childLogger, type MeshLogger, openMeshConnection, type BackoffOptions, TailBudget, extraAttemptAfter, type TailBudgetOptions, type MeshConnection, readAgentStatus, readReply, changeSignal } from '@edge-mesh/client';
-import { PayerLanes, type LaneView, type PaymentOptions } from './payments.ts';
 
-export { MeshError, generateIdentity, parseKeyFile, publicIdentity, type Identity, type MeshErrorCode, type Tensor } from '@edge-mesh/protocol';
+import {
+  type BackoffOptions,
+  changeSignal,
+  childLogger,
+  extraAttemptAfter,
+  type MeshConnection,
+  type MeshLogger,
+  openMeshConnection,
+  readAgentStatus,
+  readReply,
+  TailBudget,
+  type TailBudgetOptions,
+} from '@edge-mesh/client';
+import {
+  type AgentLoad,
+  type AgentStatus,
+  assertValidId,
+  checkTensor,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  decodeMessage,
+  decodeTensorMap,
+  encodeMessage,
+  encodeTensorMap,
+  generateIdentity,
+  type Identity,
+  type InferReply,
+  type Lease,
+  type LeaseAgent,
+  MeshError,
+  type MeshErrorCode,
+  type ModelInfo,
+  newRequestId,
+  PROTOCOL_VERSION,
+  parseTopic,
+  requestIdHex,
+  type Tensor,
+  topics,
+} from '@edge-mesh/protocol';
+import type { MqttClient } from 'mqtt';
+import { type LaneView, PayerLanes, type PaymentOptions } from './payments.ts';
+
+export {
+  generateIdentity,
+  type Identity,
+  MeshError,
+  type MeshErrorCode,
+  parseKeyFile,
+  publicIdentity,
+  type Tensor,
+} from '@edge-mesh/protocol';
 export type { LaneView, PaymentOptions } from './payments.ts';
 
 export interface ConnectOptions {
@@ -205,10 +250,14 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     throw new MeshError('MESH_CONFIG', `an SDK client needs an app, router or bridge key, got a ${identity.role} key (${identity.id})`);
   }
   if (identity && options.clientId !== undefined && options.clientId !== identity.id) {
-    throw new MeshError('MESH_CONFIG', `clientId ${JSON.stringify(options.clientId)} must be the identity's id ${identity.id} (or be left out)`);
+    throw new MeshError(
+      'MESH_CONFIG',
+      `clientId ${JSON.stringify(options.clientId)} must be the identity's id ${identity.id} (or be left out)`,
+    );
   }
   const clientId = assertValidId(identity?.id ?? options.clientId, 'client id');
-  if (!Number.isInteger(maxAttempts) || maxAttempts < 1) throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
+  if (!Number.isInteger(maxAttempts) || maxAttempts < 1)
+    throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
   const logger = childLogger(options.logger, { part: 'sdk', clientId });
 
   let client!: MqttClient;
@@ -330,15 +379,24 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         }
         counters.leases++;
         const now = performance.now();
-        const state: LeaseState = { agents: lease.agents, freshUntil: now + lease.ttlMs, usableUntil: now + lease.ttlMs * LEASE_STALE_FACTOR };
+        const state: LeaseState = {
+          agents: lease.agents,
+          freshUntil: now + lease.ttlMs,
+          usableUntil: now + lease.ttlMs * LEASE_STALE_FACTOR,
+        };
         leases.set(model, state);
         resolve(state);
       };
       leaseWaiters.set(key, answer);
       if (!client.connected) return answer(undefined);
-      client.publish(topics.routerRoute(routerId!, clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'route', id, model, budgetMs, bytes }), { qos: 1 }, (err) => {
-        if (err) answer(undefined);
-      });
+      client.publish(
+        topics.routerRoute(routerId!, clientId),
+        encodeMessage({ v: PROTOCOL_VERSION, kind: 'route', id, model, budgetMs, bytes }),
+        { qos: 1 },
+        (err) => {
+          if (err) answer(undefined);
+        },
+      );
     });
     leasesComing.set(model, p);
     return p;
@@ -456,7 +514,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     let best: { id: string; entry: AgentEntry; leased: LeaseAgent; score: number } | undefined;
     for (const leased of lease.agents) {
       const entry = agents.get(leased.agent);
-      if (!entry || entry.status.state !== 'online' || tried.has(leased.agent)) continue;
+      if (entry?.status.state !== 'online' || tried.has(leased.agent)) continue;
       const score = leased.predictedMs + entry.outstandingWorkMs / Math.max(1, entry.status.workers ?? 1);
       if (!best || score < best.score) best = { id: leased.agent, entry, leased, score };
     }
@@ -464,7 +522,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   };
 
   const cancelOn = (agentId: string, id: Uint8Array) => {
-    if (client.connected) client.publish(topics.agentCancel(agentId, clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
+    if (client.connected)
+      client.publish(topics.agentCancel(agentId, clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }), { qos: 1 });
   };
 
   /**
@@ -531,7 +590,12 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       const failNow = () => {
         if (Date.now() >= deadline) {
           const last = lastError ? ` (last: ${lastError.code})` : '';
-          finish(new MeshError('MESH_DEADLINE_EXCEEDED', `no result for ${model} within ${deadlineMs} ms${last}`, { cause: lastError, details: { model, tried: [...tried] } }));
+          finish(
+            new MeshError('MESH_DEADLINE_EXCEEDED', `no result for ${model} within ${deadlineMs} ms${last}`, {
+              cause: lastError,
+              details: { model, tried: [...tried] },
+            }),
+          );
         } else if (lastError) finish(lastError);
         else finish(new MeshError('MESH_NO_AGENT', `no live agent serves model ${model}`, { details: { model } }));
       };
@@ -564,7 +628,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         choice.entry.outstanding++;
         choice.entry.outstandingWorkMs += workMs;
         client.publish(topics.agentRequest(choice.id, clientId), payloadFor(choice.id), { qos: 1 }, (err) => {
-          if (err) request.onAnswer(choice.id, undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
+          if (err)
+            request.onAnswer(choice.id, undefined, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
         });
         clearTimeout(hedgeTimer);
         // A lease carries the router's hedge delay (max of p95 and 2 × predicted); the floor still applies.
@@ -632,8 +697,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     clientId,
     counters,
     infer,
-    agents: () =>
-      [...agents].map(([id, e]) => ({ id, status: e.status, load: e.load, outstanding: e.outstanding })),
+    agents: () => [...agents].map(([id, e]) => ({ id, status: e.status, load: e.load, outstanding: e.outstanding })),
     models: () => {
       const byName = new Map<string, ModelInfo>();
       for (const e of agents.values()) for (const m of e.status.models ?? []) if (!byName.has(m.name)) byName.set(m.name, m);
@@ -657,7 +721,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     async close() {
       for (const waiter of [...leaseWaiters.values()]) waiter(undefined);
       for (const request of [...pending.values()]) {
-        for (const agentId of [...request.attempts.keys()]) request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', 'client closed'));
+        for (const agentId of [...request.attempts.keys()])
+          request.onAnswer(agentId, undefined, new MeshError('MESH_NOT_CONNECTED', 'client closed'));
       }
       // Vouchers being signed still go out before the connection closes.
       await payments?.close();

@@ -14,8 +14,27 @@
  */
 import path from 'node:path';
 import type { MeshLogger as Logger } from '@edge-mesh/client';
-import { encodeMessage, fromHex, hashTensorMap, LaneVerifier, merkleRoot, PROTOCOL_VERSION, toHex, topics, verifyQuote, type AgentStatus, type LaneState, type PaymentField, type Quote, type SignedReceipt, type VoucherMessage } from '@edge-mesh/protocol';
-import { MeshError, signVoucher, type EscrowDomain, type TypedDataSigner } from '@edge-mesh/protocol';
+import {
+  type AgentStatus,
+  type EscrowDomain,
+  encodeMessage,
+  fromHex,
+  hashTensorMap,
+  type LaneState,
+  LaneVerifier,
+  MeshError,
+  merkleRoot,
+  type PaymentField,
+  PROTOCOL_VERSION,
+  type Quote,
+  type SignedReceipt,
+  signVoucher,
+  type TypedDataSigner,
+  toHex,
+  topics,
+  type VoucherMessage,
+  verifyQuote,
+} from '@edge-mesh/protocol';
 
 export interface PaymentOptions {
   /** The payer's EVM key; its address is the lane's first half and signs the vouchers. */
@@ -65,7 +84,7 @@ interface StoredLane {
   state: LaneState;
   paid: number;
   pendingLeaves: string[];
-  voucher: Omit<VoucherMessage, 'receiptsRoot' | 'sig'> & { receiptsRoot: string; sig: string } | undefined;
+  voucher: (Omit<VoucherMessage, 'receiptsRoot' | 'sig'> & { receiptsRoot: string; sig: string }) | undefined;
 }
 
 interface Lane {
@@ -116,7 +135,12 @@ export class PayerLanes {
     this.voucherDelayMs = options.voucherDelayMs ?? 50;
   }
 
-  static async open(options: PaymentOptions, clientId: string, publish: (topic: string, payload: Buffer) => void, logger: Logger): Promise<PayerLanes> {
+  static async open(
+    options: PaymentOptions,
+    clientId: string,
+    publish: (topic: string, payload: Buffer) => void,
+    logger: Logger,
+  ): Promise<PayerLanes> {
     const payer = (await options.signer.getAddress()).toLowerCase();
     let db: LaneStore | undefined;
     if (options.dataDir) {
@@ -124,7 +148,10 @@ export class PayerLanes {
       const { Level } = await import('level').catch((cause: unknown) => {
         throw new MeshError('MESH_CONFIG', 'payment.dataDir needs the `level` package: npm install level', { cause });
       });
-      db = new Level<string, StoredLane>(path.join(options.dataDir, `payer-${options.domain.chainId}-${options.domain.escrow.toLowerCase()}-${payer}`), { valueEncoding: 'json' });
+      db = new Level<string, StoredLane>(
+        path.join(options.dataDir, `payer-${options.domain.chainId}-${options.domain.escrow.toLowerCase()}-${payer}`),
+        { valueEncoding: 'json' },
+      );
       await db.open();
     }
     const lanes = new PayerLanes(payer, options, clientId, db, publish, logger);
@@ -146,12 +173,21 @@ export class PayerLanes {
     const lane = this.lanes.get(agentId);
     if (lane && Buffer.from(lane.quote.agentKey).equals(Buffer.from(quote.agentKey)) && lane.quote.payout === quote.payout) {
       lane.quote = quote;
-      lane.verifier = new LaneVerifier({ payer: this.payer, quote, maxPriceMicros: this.maxPriceMicros, state: lane.verifier.state, rememberRequests: REMEMBER_REQUESTS });
+      lane.verifier = new LaneVerifier({
+        payer: this.payer,
+        quote,
+        maxPriceMicros: this.maxPriceMicros,
+        state: lane.verifier.state,
+        rememberRequests: REMEMBER_REQUESTS,
+      });
       return;
     }
     for (const other of this.lanes.values()) {
       if (other.agentId !== agentId && other.quote.payout === quote.payout) {
-        this.logger.warn({ agentId, payout: quote.payout, other: other.agentId }, 'payout address already used by another agent: not paying this one');
+        this.logger.warn(
+          { agentId, payout: quote.payout, other: other.agentId },
+          'payout address already used by another agent: not paying this one',
+        );
         return;
       }
     }
@@ -160,14 +196,22 @@ export class PayerLanes {
     this.lanes.set(agentId, {
       agentId,
       quote,
-      verifier: new LaneVerifier({ payer: this.payer, quote, maxPriceMicros: this.maxPriceMicros, rememberRequests: REMEMBER_REQUESTS, ...(resume ? { state: resume.state } : {}) }),
+      verifier: new LaneVerifier({
+        payer: this.payer,
+        quote,
+        maxPriceMicros: this.maxPriceMicros,
+        rememberRequests: REMEMBER_REQUESTS,
+        ...(resume ? { state: resume.state } : {}),
+      }),
       paid: resume?.paid ?? 0,
       pendingLeaves: resume?.pendingLeaves.map(fromHex) ?? [],
       signing: false,
       timer: undefined,
       refused: 0,
       lastRefusal: undefined,
-      voucher: resume?.voucher ? { ...resume.voucher, receiptsRoot: fromHex(resume.voucher.receiptsRoot), sig: fromHex(resume.voucher.sig) } : undefined,
+      voucher: resume?.voucher
+        ? { ...resume.voucher, receiptsRoot: fromHex(resume.voucher.receiptsRoot), sig: fromHex(resume.voucher.sig) }
+        : undefined,
     });
   }
 
@@ -219,7 +263,9 @@ export class PayerLanes {
     clearTimeout(lane.timer);
     lane.timer = undefined;
     if (lane.signing || lane.verifier.state.cumulative <= lane.paid) return;
-    const run = this.pump(lane).catch((err: unknown) => this.logger.error({ agentId: lane.agentId, err: (err as Error).message }, 'voucher not signed'));
+    const run = this.pump(lane).catch((err: unknown) =>
+      this.logger.error({ agentId: lane.agentId, err: (err as Error).message }, 'voucher not signed'),
+    );
     this.pumping.add(run);
     void run.finally(() => this.pumping.delete(run));
   }
@@ -272,7 +318,16 @@ export class PayerLanes {
           receiptsRoot: toHex(receiptsRoot),
           expiry: BigInt(expiry),
         });
-        const message: VoucherMessage = { v: PROTOCOL_VERSION, kind: 'voucher', payer: this.payer, agent: lane.quote.payout, cumulative, receiptsRoot, expiry, sig: fromHex(sig) };
+        const message: VoucherMessage = {
+          v: PROTOCOL_VERSION,
+          kind: 'voucher',
+          payer: this.payer,
+          agent: lane.quote.payout,
+          cumulative,
+          receiptsRoot,
+          expiry,
+          sig: fromHex(sig),
+        };
         lane.paid = cumulative;
         lane.voucher = message;
         await this.save(lane, []);
@@ -293,7 +348,18 @@ export class PayerLanes {
       state: lane.verifier.state,
       paid: lane.paid,
       pendingLeaves: [...inFlightLeaves, ...lane.pendingLeaves].map(toHex),
-      voucher: v ? { v: v.v, kind: v.kind, payer: v.payer, agent: v.agent, cumulative: v.cumulative, expiry: v.expiry, receiptsRoot: toHex(v.receiptsRoot), sig: toHex(v.sig) } : undefined,
+      voucher: v
+        ? {
+            v: v.v,
+            kind: v.kind,
+            payer: v.payer,
+            agent: v.agent,
+            cumulative: v.cumulative,
+            expiry: v.expiry,
+            receiptsRoot: toHex(v.receiptsRoot),
+            sig: toHex(v.sig),
+          }
+        : undefined,
     });
   }
 }
