@@ -13,11 +13,11 @@ import type { BenchContext, BenchResult } from './lib.ts';
 import { runSim, type SimResult } from './sim/engine.ts';
 import { OURS } from './sim/ours.ts';
 import { BASELINES } from './sim/policies.ts';
-import type { Policy } from './sim/types.ts';
+import type { AnyPolicyFactory } from './sim/types.ts';
 import { buildWorld, SCENARIOS, type ScenarioName } from './sim/world.ts';
 
 const ROOT = path.resolve(path.dirname(new URL(import.meta.url).pathname), '..');
-const FACTORIES: Record<string, () => Policy> = { ...BASELINES, ...OURS };
+const FACTORIES: Record<string, AnyPolicyFactory> = { ...BASELINES, ...OURS };
 /** Policies in the side scenarios (the goals need these). */
 const SIDE_POLICIES = ['random', 'round-robin', 'p2c-peak-ewma', 'p2c-peak-ewma-weighted', 'prequal-lite', 'ours', 'ours-no-hedge'];
 

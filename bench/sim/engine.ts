@@ -1,14 +1,17 @@
 /**
- * The discrete-event engine: virtual clock in ms, one event heap, FIFO queues with per-node workers,
- * open-loop arrivals from the pre-generated trace. It plays both the agents (queues, cold loads, crashes,
- * fail-fast errors, load reports) and the router's runtime (per-try timeouts, hedges, retries with
- * budgets, cancels), calling the policy only with what a real router would see.
+ * The discrete-event simulator: virtual clock in ms, one event heap, FIFO queues with per-node workers,
+ * open-loop arrivals from the pre-generated trace. It plays the agents (queues, cold loads, crashes,
+ * fail-fast errors, load reports) and the network. The router's runtime (per-try timeouts, hedges,
+ * retries and failover within the budget, cancels, the one deadline) is the request engine of
+ * @edge-mesh/client itself, run on virtual time, with each policy plugged in as the engine's policy.
+ * A policy sees only what a real router would.
  */
-import { TailBudget } from '@edge-mesh/client';
+import { type Attempt, type AttemptEnd, createRequestEngine, type EngineClock, type EnginePolicy, TailBudget } from '@edge-mesh/client';
+import { MeshError, type MeshErrorCode } from '@edge-mesh/protocol';
 import { EventHeap } from './heap.ts';
 import { type LatencySummary, summarize } from './metrics.ts';
 import { Rng } from './rng.ts';
-import type { FailureKind, Policy, PolicyEnv, ProbeReply, ReplyInfo, SimRequest } from './types.ts';
+import type { AnyPolicy, EngineSimPolicy, Policy, PolicyEnv, ProbeReply, ReplyInfo, SimAsk, SimRequest } from './types.ts';
 import {
   BROKER_HOP_MS,
   CLIENT_HEIGHT_MS,
@@ -25,9 +28,7 @@ enum Ev {
   AtNode,
   SvcDone,
   Reply,
-  TryTimeout,
-  Hedge,
-  Deadline,
+  Timer,
   LoadTick,
   LoadDeliver,
   NodeDown,
@@ -38,15 +39,16 @@ enum Ev {
 }
 
 const DOWN_BYTES = 2_000;
+const MODEL = 'm';
 
-interface Attempt {
+/** One attempt as the simulated agent and network see it. */
+interface Job {
   id: number;
   req: number;
   node: number;
+  /** The attempt's index within its request: picks its random draws. */
   k: number;
   sentAt: number;
-  /** Router has finished with it (reply, timeout, cancel). */
-  ended: boolean;
   /** When the cancel message reaches the agent (Infinity: never cancelled). */
   cancelAt: number;
   arrivedAt: number;
@@ -56,16 +58,15 @@ interface Attempt {
   loadMs: number;
   rif: number;
   warm: boolean;
-  extra: boolean;
+  key: string;
+  agentId: string;
 }
 
 interface ReqRun {
   req: SimRequest;
   done: boolean;
-  failed: boolean;
   latency: number;
-  attempts: Attempt[];
-  outstanding: number;
+  attempts: number;
 }
 
 export interface SimResult extends LatencySummary {
@@ -84,12 +85,69 @@ export interface SimResult extends LatencySummary {
   wall_ms: number;
 }
 
-export function runSim(world: World, policy: Policy): SimResult {
+/**
+ * A baseline `Policy` as an engine policy: its pick for every attempt, its tail (per-try timeout, hedge
+ * delay) as the attempt's plan, and its bookkeeping hooks on send, reply and failure. An attempt that
+ * timed out was reported as a failure then; its late answer still wins the request but is not reported twice.
+ */
+function baselineAsEngine(policy: Policy, nodes: readonly NodeTruth[], nodeOf: (agentId: string) => number): EngineSimPolicy {
+  const tail = policy.tail;
+  const purposeOf = (kind: string): 'primary' | 'hedge' | 'retry' => (kind === 'first' ? 'primary' : kind === 'hedge' ? 'hedge' : 'retry');
+  const engine: EnginePolicy<SimAsk, ReplyInfo> = {
+    pick(request, tried, kind, now) {
+      const exclude = tried.size > 0 ? new Set([...tried].map(nodeOf)) : null;
+      const node = policy.pick(request.data.req, exclude, now, purposeOf(kind));
+      if (node < 0) return undefined;
+      const agentId = nodes[node]!.agentId;
+      if (!tail) return { agentId };
+      const hedge = tail.hedgeDelayMs?.(request.data.req, node, now);
+      return {
+        agentId,
+        timeoutMs: tail.perTryTimeoutMs(request.data.req, node, now),
+        ...(hedge !== null && hedge !== undefined ? { hedgeAfterMs: hedge } : {}),
+      };
+    },
+    onSend: (a, now) => policy.onSend(nodeOf(a.agentId), a.request.data.req, now),
+    onTimeout: (a, now) => policy.onFailure(nodeOf(a.agentId), a.request.data.req, 'timeout', now - a.sentAt, now),
+    onAttemptEnd(a: Attempt<SimAsk>, end: AttemptEnd<ReplyInfo>, now) {
+      if (a.timedOut) return;
+      const node = nodeOf(a.agentId);
+      if (end.kind === 'reply') policy.onReply(node, a.request.data.req, end.reply, now);
+      else if (end.kind === 'error') policy.onFailure(node, a.request.data.req, 'error', now - a.sentAt, now);
+      else policy.onFailure(node, a.request.data.req, end.reason === 'answered-elsewhere' ? 'cancel' : 'timeout', now - a.sentAt, now);
+    },
+  };
+  return {
+    name: policy.name,
+    kind: 'engine',
+    init: (env) => policy.init(env),
+    policy: () => engine,
+    ask: (req) => ({ model: MODEL, bytesUp: req.upBytes, bytesDown: req.downBytes }),
+    maxAttempts: tail?.maxAttempts ?? 1,
+    budget: tail?.budget,
+    ...(policy.onLoadReport
+      ? { onLoadReport: (node: number, rif: number, warm: boolean, now: number) => policy.onLoadReport!(node, rif, warm, now) }
+      : {}),
+    ...(policy.onStatus ? { onStatus: (node: number, up: boolean, now: number) => policy.onStatus!(node, up, now) } : {}),
+    ...(tail
+      ? {
+          retryable: (code: MeshErrorCode) =>
+            code === 'MESH_TIMEOUT' ? tail.retryOnTimeout : code === 'MESH_AGENT_LOST' ? true : tail.retryOnError,
+        }
+      : {}),
+  };
+}
+
+export function runSim(world: World, input: AnyPolicy): SimResult {
   const wall0 = performance.now();
   const { cfg, nodes, trace } = world;
   const N = nodes.length;
   const heap = new EventHeap();
   let now = 0;
+
+  const nodeIndex = new Map(nodes.map((n) => [n.agentId, n.id]));
+  const nodeOf = (agentId: string) => nodeIndex.get(agentId)!;
+  const sim: EngineSimPolicy = 'kind' in input ? input : baselineAsEngine(input, nodes, nodeOf);
 
   // Agent state.
   const up = new Uint8Array(N).fill(1);
@@ -106,18 +164,12 @@ export function runSim(world: World, policy: Policy): SimResult {
   }
   const warmNow = (i: number) => readyAt[i]! <= now;
 
-  const attempts: Attempt[] = [];
+  const jobs: Job[] = [];
   const runs: ReqRun[] = [];
   const probeCbs = new Map<number, { node: number; reply: ProbeReply; cb: (node: number, r: ProbeReply, now: number) => void }>();
   let probeSeq = 0;
   let probes = 0;
-  let hedges = 0;
-  let retries = 0;
   const served: Record<string, number> = {};
-
-  // Retry / hedge budgets (used only when the policy has a tail).
-  const tail = policy.tail;
-  const budget = new TailBudget(tail?.budget ?? {}, 0);
 
   const dist = (x1: number, y1: number, x2: number, y2: number) => Math.hypot(x1 - x2, y1 - y2);
   const clientOneWay = (r: SimRequest, n: NodeTruth) => dist(r.cx, r.cy, n.x, n.y) + n.heightMs + CLIENT_HEIGHT_MS + BROKER_HOP_MS;
@@ -142,7 +194,66 @@ export function runSim(world: World, policy: Policy): SimResult {
       heap.push(now + 2 * routerOneWay(n), Ev.ProbeReply, id);
     },
   };
-  policy.init(env);
+  sim.init(env);
+
+  // The engine's clock: virtual time, timers on the event heap.
+  const timers = new Map<number, () => void>();
+  let timerSeq = 0;
+  const clock: EngineClock = {
+    now: () => now,
+    setTimer(delayMs, fire) {
+      const id = timerSeq++;
+      timers.set(id, fire);
+      heap.push(now + delayMs, Ev.Timer, id);
+      return id;
+    },
+    clearTimer: (id) => {
+      timers.delete(id as number);
+    },
+  };
+  const jobOf = new Map<string, number>(); // `${key}/${agentId}` -> job id
+  const engine = createRequestEngine<SimAsk, ReplyInfo>({
+    policy: sim.policy(),
+    clock,
+    ...(sim.budget ? { budget: new TailBudget(sim.budget, 0) } : {}),
+    maxAttempts: sim.maxAttempts,
+    ...(sim.retryable ? { retryable: sim.retryable } : {}),
+    transport: {
+      send(attempt) {
+        const req = attempt.request.data.req;
+        const node = nodeOf(attempt.agentId);
+        const n = nodes[node]!;
+        const job: Job = {
+          id: jobs.length,
+          req: req.id,
+          node,
+          k: attempt.index,
+          sentAt: now,
+          cancelAt: Infinity,
+          arrivedAt: Number.NaN,
+          ok: false,
+          queueMs: 0,
+          execMs: 0,
+          loadMs: 0,
+          rif: 0,
+          warm: true,
+          key: attempt.request.key,
+          agentId: attempt.agentId,
+        };
+        jobs.push(job);
+        jobOf.set(`${job.key}/${job.agentId}`, job.id);
+        runs[req.id]!.attempts++;
+        const j = req.id * DRAWS + (job.k % DRAWS);
+        heap.push(now + clientOneWay(req, n) * trace.jitUp[j]! + xfer(req.upBytes, n), Ev.AtNode, job.id);
+      },
+      cancel(attempt) {
+        const id = jobOf.get(`${attempt.request.key}/${attempt.agentId}`);
+        if (id === undefined) return;
+        const job = jobs[id]!;
+        job.cancelAt = Math.min(job.cancelAt, now + routerOneWay(nodes[job.node]!));
+      },
+    },
+  });
 
   const requestOf = (i: number): SimRequest => ({
     id: i,
@@ -152,103 +263,28 @@ export function runSim(world: World, policy: Policy): SimResult {
     cy: trace.cy[i]!,
     upBytes: trace.upBytes[i]!,
     downBytes: DOWN_BYTES,
-    model: 'm',
+    model: MODEL,
     deadline: trace.t[i]! + cfg.deadlineMs,
   });
-
-  const send = (run: ReqRun, node: number, extra: boolean) => {
-    const req = run.req;
-    const k = run.attempts.length;
-    const att: Attempt = {
-      id: attempts.length,
-      req: req.id,
-      node,
-      k,
-      sentAt: now,
-      ended: false,
-      cancelAt: Infinity,
-      arrivedAt: NaN,
-      ok: false,
-      queueMs: 0,
-      execMs: 0,
-      loadMs: 0,
-      rif: 0,
-      warm: true,
-      extra,
-    };
-    attempts.push(att);
-    run.attempts.push(att);
-    run.outstanding++;
-    policy.onSend(node, req, now);
-    const n = nodes[node]!;
-    const j = req.id * DRAWS + (k % DRAWS);
-    heap.push(now + clientOneWay(req, n) * trace.jitUp[j]! + xfer(req.upBytes, n), Ev.AtNode, att.id);
-    if (tail) {
-      const to = tail.perTryTimeoutMs(req, node, now);
-      if (now + to < req.deadline) heap.push(now + to, Ev.TryTimeout, att.id);
-      if (tail.hedgeDelayMs && run.attempts.length < tail.maxAttempts) {
-        const d = tail.hedgeDelayMs(req, node, now);
-        if (d !== null && now + d < req.deadline) heap.push(now + d, Ev.Hedge, att.id);
-      }
-    }
-  };
-
-  const endAttempt = (att: Attempt) => {
-    att.ended = true;
-    runs[att.req]!.outstanding--;
-    if (att.extra) budget.onExtraDone();
-  };
-
-  const cancel = (att: Attempt, kind: FailureKind) => {
-    endAttempt(att);
-    att.cancelAt = now + routerOneWay(nodes[att.node]!);
-    const run = runs[att.req]!;
-    policy.onFailure(att.node, run.req, kind, now - att.sentAt, now);
-  };
-
-  const finish = (run: ReqRun, ok: boolean) => {
-    run.done = true;
-    run.failed = !ok;
-    run.latency = ok ? now - run.req.t : Infinity;
-    budget.onRequestDone();
-    for (const a of run.attempts) if (!a.ended) cancel(a, ok ? 'cancel' : 'timeout');
-  };
-
-  const tried = (run: ReqRun) => new Set(run.attempts.map((a) => a.node));
-
-  /** A retry or hedge, if the budgets allow. */
-  const tryExtra = (run: ReqRun, purpose: 'hedge' | 'retry'): boolean => {
-    if (!tail || run.done || run.attempts.length >= tail.maxAttempts) return false;
-    if (!budget.take(purpose, now)) return false;
-    const node = policy.pick(run.req, tried(run), now, purpose);
-    if (node < 0) {
-      budget.refund(purpose);
-      return false;
-    }
-    if (purpose === 'hedge') hedges++;
-    else retries++;
-    send(run, node, true);
-    return true;
-  };
 
   const startWork = (i: number) => {
     const n = nodes[i]!;
     const q = queues[i]!;
     while (busy[i]! < n.slots && qHead[i]! < q.length && warmNow(i)) {
-      const att = attempts[q[qHead[i]!]!]!;
+      const job = jobs[q[qHead[i]!]!]!;
       qHead[i]!++;
-      const run = runs[att.req]!;
+      const run = runs[job.req]!;
       // Agents drop queued work that was cancelled or can no longer make its deadline.
-      if (att.cancelAt <= now || run.req.deadline <= now) continue;
-      const j = att.req * DRAWS + (att.k % DRAWS);
+      if (job.cancelAt <= now || run.req.deadline <= now) continue;
+      const j = job.req * DRAWS + (job.k % DRAWS);
       const gray = now >= n.grayStart && now < n.grayEnd ? n.grayMult : 1;
       const svc = n.medianMs * Math.exp(SERVICE_SIGMA * trace.z[j]!) * trace.strag[j]! * gray;
-      att.queueMs = now - att.arrivedAt;
-      att.execMs = svc;
-      att.loadMs = loadPending[i]!;
+      job.queueMs = now - job.arrivedAt;
+      job.execMs = svc;
+      job.loadMs = loadPending[i]!;
       loadPending[i] = 0;
       busy[i]!++;
-      heap.push(now + svc, Ev.SvcDone, att.id, epoch[i]!);
+      heap.push(now + svc, Ev.SvcDone, job.id, epoch[i]!);
     }
     if (qHead[i]! > 1024 && qHead[i]! * 2 > q.length) {
       queues[i] = q.slice(qHead[i]!);
@@ -256,17 +292,17 @@ export function runSim(world: World, policy: Policy): SimResult {
     }
   };
 
-  const replyBack = (att: Attempt, ok: boolean) => {
-    const n = nodes[att.node]!;
-    const run = runs[att.req]!;
-    const j = att.req * DRAWS + (att.k % DRAWS);
-    att.ok = ok;
-    att.rif = n.failFast ? 0 : queues[att.node]!.length - qHead[att.node]! + busy[att.node]!;
-    att.warm = warmNow(att.node);
-    heap.push(now + clientOneWay(run.req, n) * trace.jitDown[j]! + xfer(DOWN_BYTES, n), Ev.Reply, att.id);
+  const replyBack = (job: Job, ok: boolean) => {
+    const n = nodes[job.node]!;
+    const run = runs[job.req]!;
+    const j = job.req * DRAWS + (job.k % DRAWS);
+    job.ok = ok;
+    job.rif = n.failFast ? 0 : queues[job.node]!.length - qHead[job.node]! + busy[job.node]!;
+    job.warm = warmNow(job.node);
+    heap.push(now + clientOneWay(run.req, n) * trace.jitDown[j]! + xfer(DOWN_BYTES, n), Ev.Reply, job.id);
   };
 
-  // Seed the heap: arrivals, deadlines come per arrival, load ticks, churn.
+  // Seed the heap: arrivals, load ticks, churn.
   for (let i = 0; i < trace.n; i++) heap.push(trace.t[i]!, Ev.Arrival, i);
   const endT = cfg.durationMs + cfg.deadlineMs;
   for (const n of nodes) {
@@ -282,23 +318,34 @@ export function runSim(world: World, policy: Policy): SimResult {
     switch (ev.kind) {
       case Ev.Arrival: {
         const req = requestOf(ev.a);
-        const run: ReqRun = { req, done: false, failed: false, latency: NaN, attempts: [], outstanding: 0 };
+        const run: ReqRun = { req, done: false, latency: Number.NaN, attempts: 0 };
         runs[ev.a] = run;
-        budget.onRequest(now);
-        heap.push(req.deadline, Ev.Deadline, ev.a);
-        const node = policy.pick(req, null, now, 'primary');
-        if (node < 0) finish(run, false);
-        else send(run, node, false);
+        engine.start({ key: String(ev.a), deadlineAt: req.deadline, data: { ...sim.ask(req), req }, model: MODEL }, (outcome) => {
+          run.done = true;
+          run.latency = outcome.ok ? now - req.t : Infinity;
+          if (outcome.ok) {
+            const cls = nodes[nodeOf(outcome.attempt.agentId)]!.cls;
+            served[cls] = (served[cls] ?? 0) + 1;
+          }
+        });
+        break;
+      }
+      case Ev.Timer: {
+        const fire = timers.get(ev.a);
+        if (fire) {
+          timers.delete(ev.a);
+          fire();
+        }
         break;
       }
       case Ev.AtNode: {
-        const att = attempts[ev.a]!;
-        const i = att.node;
+        const job = jobs[ev.a]!;
+        const i = job.node;
         const n = nodes[i]!;
         if (!up[i]) break; // lost: a dead agent never answers
-        att.arrivedAt = now;
+        job.arrivedAt = now;
         if (n.failFast) {
-          heap.push(now + FAIL_FAST_MS, Ev.SvcDone, att.id, -1 - epoch[i]!);
+          heap.push(now + FAIL_FAST_MS, Ev.SvcDone, job.id, -1 - epoch[i]!);
           break;
         }
         if (readyAt[i] === Infinity) {
@@ -306,23 +353,23 @@ export function runSim(world: World, policy: Policy): SimResult {
           loadPending[i] = n.coldLoadMs;
           heap.push(readyAt[i]!, Ev.ModelLoaded, i, epoch[i]!);
         }
-        queues[i]!.push(att.id);
+        queues[i]!.push(job.id);
         startWork(i);
         break;
       }
       case Ev.SvcDone: {
-        const att = attempts[ev.a]!;
-        const i = att.node;
+        const job = jobs[ev.a]!;
+        const i = job.node;
         if (ev.b < 0) {
           // fail-fast error reply
           if (-1 - ev.b !== epoch[i] || !up[i]) break;
-          replyBack(att, false);
+          replyBack(job, false);
           break;
         }
         if (ev.b !== epoch[i] || !up[i]) break; // the node crashed meanwhile
         busy[i]!--;
-        execEwma[i] = 0.9 * execEwma[i]! + 0.1 * att.execMs;
-        replyBack(att, true);
+        execEwma[i] = 0.9 * execEwma[i]! + 0.1 * job.execMs;
+        replyBack(job, true);
         startWork(i);
         break;
       }
@@ -331,54 +378,20 @@ export function runSim(world: World, policy: Policy): SimResult {
         break;
       }
       case Ev.Reply: {
-        const att = attempts[ev.a]!;
-        const run = runs[att.req]!;
-        if (att.ended) break; // timed out or cancelled: the router no longer waits for it
-        endAttempt(att);
-        if (att.ok) {
-          const info: ReplyInfo = {
+        const job = jobs[ev.a]!;
+        const run = runs[job.req]!;
+        if (job.ok) {
+          engine.answer(job.key, job.agentId, {
             ok: true,
-            queueMs: att.queueMs,
-            execMs: att.execMs,
-            loadMs: att.loadMs,
-            rif: att.rif,
-            sentAt: att.sentAt,
+            queueMs: job.queueMs,
+            execMs: job.execMs,
+            loadMs: job.loadMs,
+            rif: job.rif,
+            sentAt: job.sentAt,
             upBytes: run.req.upBytes,
-            warm: att.warm,
-          };
-          policy.onReply(att.node, run.req, info, now);
-          if (!run.done) {
-            served[nodes[att.node]!.cls] = (served[nodes[att.node]!.cls] ?? 0) + 1;
-            finish(run, true);
-          }
-        } else {
-          policy.onFailure(att.node, run.req, 'error', now - att.sentAt, now);
-          if (!run.done) {
-            const retried = tail?.retryOnError ? tryExtra(run, 'retry') : false;
-            if (!retried && run.outstanding === 0) finish(run, false);
-          }
-        }
-        break;
-      }
-      case Ev.TryTimeout: {
-        const att = attempts[ev.a]!;
-        const run = runs[att.req]!;
-        if (att.ended || run.done) break;
-        cancel(att, 'timeout');
-        const retried = tail?.retryOnTimeout ? tryExtra(run, 'retry') : false;
-        if (!retried && run.outstanding === 0) finish(run, false);
-        break;
-      }
-      case Ev.Hedge: {
-        const att = attempts[ev.a]!;
-        const run = runs[att.req]!;
-        if (att.ended || run.done) break;
-        tryExtra(run, 'hedge');
-        break;
-      }
-      case Ev.Deadline: {
-        const run = runs[ev.a]!;
-        if (!run.done) finish(run, false);
+            warm: job.warm,
+          });
+        } else engine.fail(job.key, job.agentId, new MeshError('MESH_INFERENCE_FAILED', 'fail-fast node'));
         break;
       }
       case Ev.LoadTick: {
@@ -392,7 +405,7 @@ export function runSim(world: World, policy: Policy): SimResult {
         break;
       }
       case Ev.LoadDeliver: {
-        if (up[ev.a]) policy.onLoadReport?.(ev.a, ev.b >> 1, (ev.b & 1) === 1, now);
+        if (up[ev.a]) sim.onLoadReport?.(ev.a, ev.b >> 1, (ev.b & 1) === 1, now);
         break;
       }
       case Ev.NodeDown: {
@@ -414,7 +427,11 @@ export function runSim(world: World, policy: Policy): SimResult {
       }
       case Ev.StatusDeliver: {
         // Deliver only if still true (a node back up before its death was noticed sends its birth anyway).
-        if (ev.b === 1 || !up[ev.a]) policy.onStatus?.(ev.a, ev.b === 1, now);
+        if (ev.b === 1 || !up[ev.a]) {
+          sim.onStatus?.(ev.a, ev.b === 1, now);
+          // The live router fails over what the dead agent held, as the request engine does on an offline status.
+          if (ev.b === 0) engine.agentLost(nodes[ev.a]!.agentId);
+        }
         break;
       }
       case Ev.ProbeReply: {
@@ -434,20 +451,20 @@ export function runSim(world: World, policy: Policy): SimResult {
   for (const run of runs) {
     if (run.req.t < cfg.warmupMs) continue;
     originals++;
-    extra += run.attempts.length > 0 ? run.attempts.length - 1 : 0;
-    lat.push(run.latency);
-    stepLat[trace.step[run.req.id]!]!.push(run.latency);
+    extra += run.attempts > 0 ? run.attempts - 1 : 0;
+    lat.push(run.done ? run.latency : Infinity);
+    stepLat[trace.step[run.req.id]!]!.push(run.done ? run.latency : Infinity);
   }
   const summary = summarize(lat);
   const totalServed = Object.values(served).reduce((a, b) => a + b, 0);
   const result: SimResult = {
-    policy: policy.name,
+    policy: sim.name,
     scenario: cfg.scenario,
-    load: cfg.scenario === 'ramp' ? NaN : cfg.load,
+    load: cfg.scenario === 'ramp' ? Number.NaN : cfg.load,
     requests: originals,
     ...summary,
-    hedges,
-    retries,
+    hedges: engine.counters.hedges,
+    retries: engine.counters.retries + engine.counters.failovers,
     extra_load: originals > 0 ? extra / originals : 0,
     probes_per_request: trace.n > 0 ? probes / trace.n : 0,
     served: Object.fromEntries(Object.entries(served).map(([k, v]) => [k, v / Math.max(1, totalServed)])),

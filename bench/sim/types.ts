@@ -3,7 +3,9 @@
  * description that agents announce (class, slots, self-benchmark, site), its own sends, replies with
  * queue/exec times, periodic load reports (delayed), status changes (delayed), and the clock.
  */
-import type { TailBudgetOptions } from '@edge-mesh/client';
+import type { EnginePolicy, TailBudgetOptions } from '@edge-mesh/client';
+import type { MeshErrorCode } from '@edge-mesh/protocol';
+import type { RouterAsk } from '@edge-mesh/router';
 import type { Rng } from './rng.ts';
 
 export type ClassName = 'gpu-fast' | 'gpu-mid' | 'cpu';
@@ -77,7 +79,7 @@ export interface PolicyEnv {
   deadlineMs: number;
 }
 
-/** Retry and hedge budget: the same buckets the live router and the SDK use (protocol/budget.ts). */
+/** Retry and hedge budget: the same buckets the live router and the SDK use (the client layer's TailBudget). */
 export type TailBudget = TailBudgetOptions;
 
 /** Hedging, timeouts and retries; the engine enforces them on the policy's behalf. */
@@ -106,3 +108,31 @@ export interface Policy {
 }
 
 export type PolicyFactory = () => Policy;
+
+/** What the request engine carries for one simulated request: what the router's policy reads, and the request. */
+export interface SimAsk extends RouterAsk {
+  req: SimRequest;
+}
+
+/**
+ * A policy that plugs into the request engine as it is (the router's own policy, for `ours`): the
+ * simulator feeds it the same events a live router gets from MQTT (load reports, statuses).
+ */
+export interface EngineSimPolicy {
+  readonly name: string;
+  readonly kind: 'engine';
+  init(env: PolicyEnv): void;
+  /** The engine policy (built in `init`). */
+  policy(): EnginePolicy<SimAsk, ReplyInfo>;
+  /** What the policy may know of a request (the same fields the live router fills in). */
+  ask(req: SimRequest): RouterAsk;
+  maxAttempts: number;
+  budget: TailBudgetOptions | undefined;
+  /** Whether another agent may succeed after this code (default: the error table's rule). */
+  retryable?(code: MeshErrorCode): boolean;
+  onLoadReport?(node: number, rif: number, warm: boolean, now: number): void;
+  onStatus?(node: number, up: boolean, now: number): void;
+}
+
+export type AnyPolicy = Policy | EngineSimPolicy;
+export type AnyPolicyFactory = () => AnyPolicy;

@@ -58,7 +58,8 @@ export type {
   RouterLogger,
 } from './handle.ts';
 export { KSERVE_TO_DTYPE, type KServeDatatype, kserveDatatypeOf, startRouterHttp } from './http.ts';
-export { type StartRouterOptions, startRouter } from './live.ts';
+export { answerRoute, type LeaseOptions, leaseAgents } from './leases.ts';
+export { createRouterPolicy, type ReplyTimes, type RouterAsk, type RouterPolicy, type RouterPolicyOptions } from './policy.ts';
 export {
   currentPool,
   expectedCompletionMs,
@@ -71,6 +72,7 @@ export {
   type SelectOptions,
   selectAgent,
 } from './select.ts';
+export { type StartRouterOptions, startRouter } from './start.ts';
 export {
   applyVivaldiSample,
   isCoordKnown,

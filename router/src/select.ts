@@ -4,6 +4,7 @@
  * at once when nothing can make the deadline. Pure: time and randomness are arguments. The only state it
  * touches is the pool cache, rebuilt when the model's membership or health changes and every poolRefreshMs.
  */
+import { perTryTimeoutMs as perTryRule } from '@edge-mesh/client';
 import type { MeshErrorCode } from '@edge-mesh/protocol';
 import {
   type AgentEntry,
@@ -110,7 +111,7 @@ function unloadedEctMs(entry: ModelEntry, request: RouteRequest, nowMs: number):
 /** Per-try timeout = clamp(k_to × predicted, 250 ms, remaining deadline). */
 export function perTryTimeoutMs(registry: Registry, predictedMs: number, remainingMs = Number.POSITIVE_INFINITY): number {
   const c = registry.config;
-  return Math.min(remainingMs, Math.max(c.minPerTryTimeoutMs, c.perTryTimeoutFactor * predictedMs));
+  return perTryRule(predictedMs, remainingMs, { factor: c.perTryTimeoutFactor, minMs: c.minPerTryTimeoutMs });
 }
 
 /** Hedge delay = max(p95 of e2e for (model, class of the primary), 2 × predicted ECT). */

@@ -1,0 +1,167 @@
+/**
+ * The fleet as one client sees it (docs/protocol.md, "Statuses and load"): every agent's latest
+ * verified status and load report, built from the retained `status` topics and the `load` heartbeats.
+ * The SDK and the router read the fleet through this one view, so they agree on who is serving.
+ *
+ * What a sender could gain by lying, and what the view does about it:
+ * - a status published for another agent, or signed by a key its id does not derive from, would steer
+ *   traffic or evict a genuine agent: it is ignored (and counted) unless it verifies;
+ * - a load report from an agent with no verified status here is ignored, and one naming another agent too;
+ * - an `offline` status ends the agent's outstanding work (`onAgentLost`) only when it verifies.
+ */
+import { type AgentLoad, type AgentStatus, DEFAULT_MAX_MESSAGE_BYTES, decodeMessage, type ModelInfo } from '@edge-mesh/protocol';
+import type { MeshLogger } from './logger.ts';
+import { SILENT_LOGGER } from './logger.ts';
+import { readAgentStatus } from './receive.ts';
+import { type ChangeSignal, changeSignal } from './signal.ts';
+
+export interface FleetAgent {
+  readonly id: string;
+  status: AgentStatus;
+  /** The latest load report of the agent's current session, if any. */
+  load: AgentLoad | undefined;
+  /** When `load` arrived (the view's clock, ms). */
+  loadAt: number;
+}
+
+export interface FleetCounters {
+  /** Statuses ignored because they were unsigned, mis-signed or signed by a key their id does not derive from. */
+  statusRejected: number;
+  /** Load reports ignored because their agent has no verified status here. */
+  loadIgnored: number;
+}
+
+export interface FleetViewOptions {
+  /** Use only statuses signed by the key their agent id derives from (default true). */
+  requireSignedStatus?: boolean;
+  maxMessageBytes?: number;
+  /** A load report older than this no longer counts (default 5 s). */
+  loadStaleMs?: number;
+  /** The clock for load ages (default `performance.now`). */
+  now?: () => number;
+  logger?: MeshLogger;
+  /** The agent went offline or restarted (a new session): its outstanding work will never be answered. */
+  onAgentLost?: (agentId: string, reason: 'offline' | 'restarted') => void;
+  /** A verified status was applied (`previous` is the one it replaced). */
+  onStatus?: (status: AgentStatus, previous: AgentStatus | undefined) => void;
+  /** A load report was applied. */
+  onLoad?: (load: AgentLoad) => void;
+}
+
+export interface FleetView {
+  /** Applies a payload from `topics.agentStatus(agentId)`; an empty one (retained status cleared) forgets the agent. */
+  onStatus(agentId: string, payload: Uint8Array): void;
+  /** Applies a payload from `topics.agentLoad(agentId)`. */
+  onLoad(agentId: string, payload: Uint8Array): void;
+  get(agentId: string): FleetAgent | undefined;
+  all(): IterableIterator<FleetAgent>;
+  /** Agents whose status is `online` and that serve `model` (any model when omitted). */
+  online(model?: string): FleetAgent[];
+  /** The load report of an agent, unless it is older than `loadStaleMs`. */
+  freshLoad(agent: FleetAgent): AgentLoad | undefined;
+  /** Models served by at least one online agent (the first status seen gives the metadata). */
+  models(): ModelInfo[];
+  readonly counters: Readonly<FleetCounters>;
+  /** Notified on every status change. */
+  readonly changes: ChangeSignal;
+}
+
+export function createFleetView(options: FleetViewOptions = {}): FleetView {
+  const {
+    requireSignedStatus = true,
+    maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
+    loadStaleMs = 5_000,
+    now = () => performance.now(),
+    logger = SILENT_LOGGER,
+    onAgentLost,
+  } = options;
+  const agents = new Map<string, FleetAgent>();
+  const counters: FleetCounters = { statusRejected: 0, loadIgnored: 0 };
+  const changes = changeSignal();
+
+  const serves = (a: FleetAgent, model: string | undefined) => model === undefined || (a.status.models ?? []).some((m) => m.name === model);
+
+  return {
+    onStatus(agentId, payload) {
+      if (payload.byteLength === 0) {
+        if (agents.delete(agentId)) changes.notify();
+        return;
+      }
+      const reading = readAgentStatus(agentId, payload, { maxBytes: maxMessageBytes, requireSigned: requireSignedStatus });
+      if (!reading.ok) {
+        if (reading.reason === 'unverified') counters.statusRejected++;
+        logger.debug({ agentId, reason: reading.reason, err: reading.message }, 'ignoring status');
+        return;
+      }
+      const { status } = reading;
+      const known = agents.get(agentId);
+      const previous = known?.status;
+      const sameSession = previous !== undefined && previous.session === status.session;
+      if (known) {
+        known.status = status;
+        if (!sameSession) {
+          known.load = undefined;
+          known.loadAt = 0;
+        }
+      } else agents.set(agentId, { id: agentId, status, load: undefined, loadAt: 0 });
+      options.onStatus?.(status, previous);
+      if (status.state === 'offline') {
+        if (previous !== undefined && previous.state !== 'offline') {
+          logger.info({ agentId }, 'agent offline');
+          onAgentLost?.(agentId, 'offline');
+        }
+      } else if (previous !== undefined && !sameSession && previous.state !== 'offline') {
+        // A new session: whatever the old one held is gone with it.
+        onAgentLost?.(agentId, 'restarted');
+      }
+      changes.notify();
+    },
+    onLoad(agentId, payload) {
+      const agent = agents.get(agentId);
+      if (!agent) {
+        counters.loadIgnored++;
+        return;
+      }
+      let load: AgentLoad;
+      try {
+        load = decodeMessage(payload, ['load'], maxMessageBytes);
+      } catch (err) {
+        logger.debug({ agentId, err: (err as Error).message }, 'ignoring bad load report');
+        return;
+      }
+      if (load.agent !== agentId) return;
+      agent.load = load;
+      agent.loadAt = now();
+      options.onLoad?.(load);
+    },
+    get: (agentId) => agents.get(agentId),
+    all: () => agents.values(),
+    online(model) {
+      const out: FleetAgent[] = [];
+      for (const a of agents.values()) if (a.status.state === 'online' && serves(a, model)) out.push(a);
+      return out;
+    },
+    freshLoad(agent) {
+      return agent.load !== undefined && now() - agent.loadAt < loadStaleMs ? agent.load : undefined;
+    },
+    models() {
+      const byName = new Map<string, ModelInfo>();
+      for (const a of agents.values()) {
+        if (a.status.state !== 'online') continue;
+        for (const m of a.status.models ?? []) if (!byName.has(m.name)) byName.set(m.name, m);
+      }
+      return [...byName.values()];
+    },
+    counters,
+    changes,
+  };
+}
+
+/** Resolves once `ready()` holds, re-checking on every fleet change; rejects with `onTimeout()` after `timeoutMs`. */
+export async function waitUntil(changes: ChangeSignal, ready: () => boolean, timeoutMs: number, onTimeout: () => Error): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  while (!ready()) {
+    if (Date.now() >= until) throw onTimeout();
+    await changes.wait(Math.min(250, until - Date.now()));
+  }
+}

@@ -1,0 +1,166 @@
+/**
+ * The router's policy for the request engine (docs/routing.md): which agent for each attempt, its
+ * per-try timeout and hedge delay, all from the registry's estimates; and what each attempt teaches the
+ * registry. The live router and the simulator's `ours` run this very object, so what the benchmark
+ * measures is what the router does.
+ */
+import type { Attempt, AttemptEnd, EnginePolicy, EngineRequest } from '@edge-mesh/client';
+import { type InferReply, MeshError } from '@edge-mesh/protocol';
+import { evaluateOutliers, markDown, onCancel, onFailure, onReply, onSend, type Registry } from './estimates.ts';
+import { fleetUtilization, hedgeDelayMs, perTryTimeoutMs, type RouteRequest, type SelectOptions, selectAgent } from './select.ts';
+
+/** What the router's engine carries for one forwarded request. */
+export interface RouterAsk {
+  model: string;
+  /** Request payload size, bytes. */
+  bytesUp: number;
+  /** Expected reply size, bytes, when known. */
+  bytesDown?: number;
+  /** Where the requester sits, when it is not the router itself (the simulator's clients, leases). */
+  clientSite?: string;
+  clientCoord?: RouteRequest['clientCoord'];
+}
+
+/** The part of an agent's answer the registry learns from. */
+export interface ReplyTimes {
+  queueMs: number;
+  execMs: number;
+  /** Cold-load time the request caused (the simulator knows it; the wire does not carry it yet). */
+  loadMs?: number;
+  /** The agent's requests in flight when it replied (the simulator knows it; the wire does not carry it yet). */
+  rif?: number;
+}
+
+export interface RouterPolicyOptions {
+  /** Hedge slow attempts on a different warm node (default true). */
+  hedging?: boolean;
+  /** No hedges while the fleet's utilisation is above this (default 0.8). */
+  hedgeMaxUtilization?: number;
+  /** How often the success-rate outlier sweep runs, ms of the policy's clock (default 1,000). */
+  outlierIntervalMs?: number;
+  /** The registry's random stream for the sampling (default the registry's own). */
+  random?: () => number;
+  /** Selection variants (the simulator's ablations: uniform sampling, more choices). */
+  select?: SelectOptions;
+  /** Called after every attempt that ended with an answer, an error or a per-try timeout (metrics). */
+  onAttemptResult?: (record: { model: string; agentId: string; ok: boolean; code?: MeshError['code']; e2eMs: number }) => void;
+  onEjected?: (agentIds: string[]) => void;
+}
+
+export interface RouterPolicy<Rep extends ReplyTimes> extends EnginePolicy<RouterAsk, Rep> {
+  readonly registry: Registry;
+  /** Attempts sent per agent id. */
+  readonly sentTo: Record<string, number>;
+}
+
+export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
+  registry: Registry,
+  options: RouterPolicyOptions = {},
+): RouterPolicy<Rep> {
+  const { hedging = true, hedgeMaxUtilization = 0.8, outlierIntervalMs = 1_000, onAttemptResult } = options;
+  const random = options.random ?? registry.rng;
+  const sentTo: Record<string, number> = {};
+  let lastSweep = Number.NEGATIVE_INFINITY;
+
+  const sweep = (now: number) => {
+    if (now - lastSweep < outlierIntervalMs) return;
+    lastSweep = now;
+    const ejected = evaluateOutliers(registry, now);
+    if (ejected.length > 0) options.onEjected?.(ejected);
+  };
+
+  const timeoutOf = (attempt: Attempt<RouterAsk>) => attempt.plan.timeoutMs ?? perTryTimeoutMs(registry, attempt.plan.predictedMs ?? 0);
+
+  return {
+    registry,
+    sentTo,
+    pick(request: EngineRequest<RouterAsk>, tried, kind, now) {
+      sweep(now);
+      const ask = request.data;
+      const selection = selectAgent(
+        registry,
+        {
+          model: ask.model,
+          bytesUp: ask.bytesUp,
+          ...(ask.bytesDown !== undefined ? { bytesDown: ask.bytesDown } : {}),
+          deadlineMs: request.deadlineAt,
+          ...(ask.clientSite !== undefined ? { clientSite: ask.clientSite } : {}),
+          ...(ask.clientCoord !== undefined ? { clientCoord: ask.clientCoord } : {}),
+          ...(tried.size > 0 ? { exclude: tried } : {}),
+          warmOnly: kind === 'hedge',
+        },
+        now,
+        random,
+        options.select,
+      );
+      if (!selection.ok) throw new MeshError(selection.code, selection.message, { details: { model: ask.model } });
+      // selectAgent falls back to excluded nodes when nothing else is left; the engine never sends twice to one.
+      if (tried.has(selection.agentId)) return undefined;
+      const remaining = request.deadlineAt - now;
+      return {
+        agentId: selection.agentId,
+        predictedMs: selection.predictedMs,
+        timeoutMs: perTryTimeoutMs(registry, selection.predictedMs, remaining),
+        ...(hedging ? { hedgeAfterMs: hedgeDelayMs(selection.entry, selection.predictedMs) } : {}),
+      };
+    },
+    mayHedge: (_request, now) => fleetUtilization(registry, now) <= hedgeMaxUtilization,
+    onSend(attempt, now) {
+      sentTo[attempt.agentId] = (sentTo[attempt.agentId] ?? 0) + 1;
+      onSend(registry, attempt.agentId, attempt.request.data.model, now);
+    },
+    onTimeout(attempt, now) {
+      // Counted as a failure at once: an attempt this late costs as much as one that failed.
+      onFailure(registry, attempt.agentId, attempt.request.data.model, now, {
+        predictedMs: attempt.plan.predictedMs ?? 0,
+        timeoutMs: timeoutOf(attempt),
+      });
+      onAttemptResult?.({
+        model: attempt.request.data.model,
+        agentId: attempt.agentId,
+        ok: false,
+        code: 'MESH_TIMEOUT',
+        e2eMs: now - attempt.sentAt,
+      });
+    },
+    onAttemptEnd(attempt, end: AttemptEnd<Rep>, now) {
+      const { agentId } = attempt;
+      const { model, bytesUp } = attempt.request.data;
+      const e2eMs = now - attempt.sentAt;
+      if (end.kind === 'reply') {
+        // A timed-out attempt was counted as failed already (which ended it as outstanding); its answer still teaches.
+        if (attempt.timedOut) {
+          const agent = registry.agents.get(agentId);
+          if (agent) agent.outstanding++;
+        }
+        const r = end.reply;
+        onReply(
+          registry,
+          agentId,
+          model,
+          {
+            queueMs: r.queueMs,
+            execMs: r.execMs,
+            e2eMs,
+            bytes: bytesUp + (attempt.request.data.bytesDown ?? 0),
+            ...(attempt.plan.predictedMs !== undefined ? { predictedMs: attempt.plan.predictedMs } : {}),
+            ...(r.loadMs !== undefined ? { loadMs: r.loadMs } : {}),
+            ...(r.rif !== undefined ? { rif: r.rif } : {}),
+          },
+          now,
+        );
+        onAttemptResult?.({ model, agentId, ok: true, e2eMs });
+      } else if (end.kind === 'error') {
+        const lost = end.error.code === 'MESH_AGENT_LOST';
+        if (!attempt.timedOut) {
+          // An error costs what a timeout would have: a node that fails fast must not look fast.
+          onFailure(registry, agentId, model, now, { lost, predictedMs: attempt.plan.predictedMs ?? 0, timeoutMs: timeoutOf(attempt) });
+          onAttemptResult?.({ model, agentId, ok: false, code: end.error.code, e2eMs });
+        } else if (lost) {
+          const agent = registry.agents.get(agentId);
+          if (agent) markDown(agent, now);
+        }
+      } else if (!attempt.timedOut) onCancel(registry, agentId, now);
+    },
+  };
+}

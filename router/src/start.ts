@@ -1,0 +1,367 @@
+/**
+ * The live router (docs/routing.md): the registry and selection core fed from MQTT, answering route
+ * questions from SDK clients (leases.ts) and forwarding requests for thin clients through the request
+ * engine of @edge-mesh/client with the router's policy (policy.ts). Optionally serves the HTTP API
+ * (http.ts, loaded only when asked for). This file is the wiring.
+ */
+import {
+  childLogger,
+  createFleetView,
+  createRequestEngine,
+  mqttTransport,
+  openMeshConnection,
+  readReply,
+  systemClock,
+  TailBudget,
+  type TailBudgetOptions,
+  waitUntil,
+} from '@edge-mesh/client';
+import {
+  assertValidId,
+  checkTensor,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  decodeMessage,
+  decodeTensorMap,
+  encodeMessage,
+  encodeTensorMap,
+  type Identity,
+  type InferReply,
+  MeshError,
+  type ModelInfo,
+  newRequestId,
+  PROTOCOL_VERSION,
+  parseTopic,
+  type RouteRequest as RouteQuestion,
+  requestIdHex,
+  type Tensor,
+  topics,
+} from '@edge-mesh/protocol';
+import type { MqttClient } from 'mqtt';
+import { createRegistry, onLoad, onStatus, type RouterOptions } from './estimates.ts';
+import type {
+  AttemptRecord,
+  RouteOptions,
+  RouteResult,
+  RouterCounters,
+  RouterHandle,
+  RouterHttpHandle,
+  RouterHttpOptions,
+  RouterInferOptions,
+  RouterLogger,
+} from './handle.ts';
+import { answerRoute } from './leases.ts';
+import { createRouterPolicy, type RouterAsk } from './policy.ts';
+import { selectAgent } from './select.ts';
+
+export interface StartRouterOptions {
+  brokerUrl: string;
+  /** A 'router' identity: its id is the router's client id and it proves the router on CONNECT. */
+  identity: Identity;
+  logger?: RouterLogger;
+  /** Tuning of the pure core (see RouterConfig). */
+  config?: RouterOptions;
+  /** Deadline when a call gives none, ms. */
+  defaultDeadlineMs?: number;
+  /** Agents tried per forwarded request, the first included (default 3). */
+  maxAttempts?: number;
+  /** Hedge a slow attempt on a different warm node (default true). */
+  hedging?: boolean;
+  /** No hedges while the fleet's utilisation is above this (default 0.8). */
+  hedgeMaxUtilization?: number;
+  /** Retry and hedge budget (the client layer's TailBudget; default: extras ≤ 20 % of requests, hedges ≤ 5 %). */
+  tailBudget?: Partial<TailBudgetOptions>;
+  /** How often the success-rate outlier sweep runs, ms. */
+  outlierIntervalMs?: number;
+  maxMessageBytes?: number;
+  keepaliveS?: number;
+  /** Ignore statuses without a valid signature from the agent's key (default true). */
+  requireSignedStatus?: boolean;
+  /** How long a route lease given to an SDK client may be used, ms (default 500). */
+  leaseTtlMs?: number;
+  /** Agents per lease, best first (default 3). */
+  leaseAgents?: number;
+  /** Also serve the HTTP API (KServe v2, /v1 operator endpoints, /metrics; see http.ts); closed with the router. */
+  http?: RouterHttpOptions;
+}
+
+/** A forwarded request as the engine carries it: what the policy needs, and the bytes to send. */
+interface Forwarded extends RouterAsk {
+  payload: Buffer;
+}
+
+export async function startRouter(options: StartRouterOptions): Promise<RouterHandle> {
+  const {
+    brokerUrl,
+    identity,
+    defaultDeadlineMs = 2_000,
+    maxAttempts = 3,
+    hedging = true,
+    outlierIntervalMs = 1_000,
+    maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
+    keepaliveS = 10,
+    requireSignedStatus = true,
+    leaseTtlMs = 500,
+    hedgeMaxUtilization = 0.8,
+    leaseAgents = 3,
+  } = options;
+  if (identity.role !== 'router')
+    throw new MeshError('MESH_CONFIG', `startRouter needs a router key, got a ${identity.role} key (${identity.id})`);
+  const routerId = assertValidId(identity.id, 'router id');
+  if (!Number.isInteger(maxAttempts) || maxAttempts < 1)
+    throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
+  const logger = childLogger(options.logger, { part: 'router', routerId });
+  const clock = systemClock;
+
+  const registry = createRegistry(options.config ?? {});
+  const listeners = new Set<(a: AttemptRecord) => void>();
+  const emit = (a: AttemptRecord) => {
+    for (const listener of listeners) {
+      try {
+        listener(a);
+      } catch (err) {
+        logger.warn({ err: (err as Error).message }, 'attempt listener threw');
+      }
+    }
+  };
+  const routeCounters = { leases: 0, leasesRefused: 0 };
+
+  const fleet = createFleetView({
+    requireSignedStatus,
+    maxMessageBytes,
+    now: clock.now,
+    logger,
+    onStatus: (status) => {
+      const entry = onStatus(registry, status, clock.now());
+      // A returning agent is up again (upsertAgent keeps what was learned about it).
+      if (status.state === 'online' && entry) entry.up = true;
+      if (status.state !== 'online') logger.info({ agentId: status.agent, state: status.state }, 'agent not online');
+    },
+    onLoad: (load) => {
+      if (fleet.get(load.agent)?.status.state === 'online') onLoad(registry, load, clock.now());
+    },
+    onAgentLost: (agentId, reason) =>
+      engine.agentLost(
+        agentId,
+        new MeshError('MESH_AGENT_LOST', `agent ${agentId} ${reason === 'offline' ? 'went offline' : 'restarted'}`, {
+          details: { agentId },
+        }),
+      ),
+  });
+  const policy = createRouterPolicy<InferReply>(registry, {
+    hedging,
+    hedgeMaxUtilization,
+    outlierIntervalMs,
+    onAttemptResult: emit,
+    onEjected: (ejected) => logger.info({ ejected }, 'ejected outliers'),
+  });
+
+  let client!: MqttClient;
+  const engine = createRequestEngine<Forwarded, InferReply>({
+    policy,
+    clock,
+    budget: new TailBudget(options.tailBudget ?? {}, clock.now()),
+    maxAttempts,
+    transport: mqttTransport({
+      client: () => client,
+      senderId: routerId,
+      payload: (attempt) => attempt.request.data.payload,
+      onSendFailed: (attempt, error) => engine.fail(attempt.request.key, attempt.agentId, error),
+    }),
+  });
+
+  const onReply = (agentId: string, payload: Buffer) => {
+    const reading = readReply(agentId, payload, maxMessageBytes);
+    if (!reading) {
+      logger.debug({ agentId }, 'ignoring bad reply');
+      return;
+    }
+    if (reading.error) engine.fail(reading.key, agentId, reading.error);
+    else engine.answer(reading.key, agentId, reading.reply!);
+  };
+
+  const onRouteQuestion = (senderId: string, payload: Buffer) => {
+    let question: RouteQuestion;
+    try {
+      question = decodeMessage(payload, ['route'], maxMessageBytes);
+    } catch (err) {
+      logger.debug({ senderId, err: (err as Error).message }, 'ignoring bad route request');
+      return;
+    }
+    const lease = answerRoute(registry, routerId, question, clock.now(), { agents: leaseAgents, ttlMs: leaseTtlMs });
+    if (lease.agents.length > 0) routeCounters.leases++;
+    else routeCounters.leasesRefused++;
+    if (client.connected) client.publish(topics.clientLease(senderId, routerId), encodeMessage(lease), { qos: 1 });
+  };
+
+  let connected = false;
+  const connection = openMeshConnection(brokerUrl, {
+    identity,
+    keepaliveS,
+    onConnect: (c: MqttClient) => {
+      connected = true;
+      c.subscribe(
+        [topics.clientRepliesFor(routerId), topics.routerRoutesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()],
+        { qos: 1 },
+        (err) => {
+          if (err) logger.error({ err: err.message }, 'subscribe failed');
+        },
+      );
+    },
+    onRefused: (err) => logger.error({ code: err.code, err: err.message }, 'broker refused the router'),
+  });
+  client = connection.client;
+  client.on('close', () => {
+    connected = false;
+  });
+  client.on('message', (topic, payload) => {
+    const parsed = parseTopic(topic);
+    if (!parsed) return;
+    if (parsed.kind === 'status') fleet.onStatus(parsed.agentId, payload);
+    else if (parsed.kind === 'load') fleet.onLoad(parsed.agentId, payload);
+    else if (parsed.kind === 'reply' && parsed.clientId === routerId) onReply(parsed.agentId, payload);
+    else if (parsed.kind === 'route' && parsed.routerId === routerId) onRouteQuestion(parsed.senderId, payload);
+  });
+  await connection.firstConnect;
+
+  const route = (model: string, routeOptions: RouteOptions = {}): RouteResult => {
+    const now = clock.now();
+    const selection = selectAgent(
+      registry,
+      {
+        model,
+        ...(routeOptions.deadlineMs !== undefined ? { deadlineMs: now + routeOptions.deadlineMs } : {}),
+        ...(routeOptions.bytesUp !== undefined ? { bytesUp: routeOptions.bytesUp } : {}),
+        ...(routeOptions.exclude ? { exclude: routeOptions.exclude } : {}),
+      },
+      now,
+      registry.rng,
+    );
+    if (!selection.ok) throw new MeshError(selection.code, selection.message, { details: { model } });
+    return { agentId: selection.agentId, predictedMs: selection.predictedMs };
+  };
+  const isLive = (agentId: string) => fleet.get(agentId)?.status.state === 'online' && (registry.agents.get(agentId)?.up ?? false);
+  const hasCandidate = (model: string) => fleet.online(model).some((a) => registry.agents.get(a.id)?.up);
+
+  let closing = false;
+  const infer: RouterHandle['infer'] = async (model, inputs, inferOptions: RouterInferOptions = {}) => {
+    const { deadlineMs = defaultDeadlineMs } = inferOptions;
+    for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
+    if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'router closed');
+    const startedAt = clock.now();
+    const deadlineAt = startedAt + deadlineMs;
+    const id = newRequestId();
+    const key = requestIdHex(id);
+    const payload = encodeMessage({
+      v: PROTOCOL_VERSION,
+      kind: 'req',
+      id,
+      deadline: Date.now() + deadlineMs,
+      model,
+      inputs: encodeTensorMap(inputs),
+    });
+    // A router that just started may not have heard the statuses yet: wait within the deadline.
+    while (!hasCandidate(model) && clock.now() < deadlineAt) await fleet.changes.wait(Math.min(100, deadlineAt - clock.now()));
+    return new Promise((resolve, reject) => {
+      engine.start({ key, deadlineAt, data: { model, bytesUp: payload.byteLength, payload }, model }, (outcome) => {
+        if (!outcome.ok) {
+          reject(outcome.error);
+          return;
+        }
+        let outputs: Record<string, Tensor>;
+        try {
+          outputs = decodeTensorMap(outcome.reply.outputs);
+        } catch (err) {
+          reject(err);
+          return;
+        }
+        const reply = outcome.reply;
+        resolve({
+          requestId: key,
+          model,
+          agentId: outcome.attempt.agentId,
+          outputs,
+          tried: [...outcome.tried],
+          attempts: outcome.tried.length,
+          hedged: outcome.hedged,
+          timings: {
+            totalMs: clock.now() - startedAt,
+            queueMs: reply.queueMs,
+            execMs: reply.execMs,
+            predictedMs: outcome.attempt.plan.predictedMs ?? 0,
+          },
+        });
+      });
+    });
+  };
+
+  let http: RouterHttpHandle | undefined;
+  const counters = (): RouterCounters => {
+    const c = engine.counters;
+    return {
+      statusRejected: fleet.counters.statusRejected,
+      requests: c.requests,
+      ok: c.ok,
+      failed: c.failed,
+      retries: c.retries + c.failovers,
+      hedges: c.hedges,
+      cancels: c.cancels,
+      budgetRefused: c.refused,
+      leases: routeCounters.leases,
+      leasesRefused: routeCounters.leasesRefused,
+      sentTo: policy.sentTo,
+    };
+  };
+  const handle: RouterHandle = {
+    id: routerId,
+    registry,
+    get counters() {
+      return counters();
+    },
+    route: (model, routeOptions) => route(model, routeOptions),
+    infer,
+    agents: () => [...fleet.all()].map((a) => ({ id: a.id, up: isLive(a.id), status: a.status })),
+    models: () => {
+      const byName = new Map<string, ModelInfo>();
+      for (const a of fleet.online()) {
+        if (!registry.agents.get(a.id)?.up) continue;
+        for (const m of a.status.models ?? []) if (!byName.has(m.name)) byName.set(m.name, m);
+      }
+      return [...byName.values()];
+    },
+    waitForModel(model, timeoutMs = 10_000, count = 1) {
+      return waitUntil(
+        fleet.changes,
+        () => fleet.online(model).filter((a) => registry.agents.get(a.id)?.up).length >= count,
+        timeoutMs,
+        () => new MeshError('MESH_NO_AGENT', `no live agent serves model ${model} after ${timeoutMs} ms`),
+      );
+    },
+    onAttempt(listener) {
+      listeners.add(listener);
+      return () => listeners.delete(listener);
+    },
+    get connected() {
+      return connected;
+    },
+    get http() {
+      return http;
+    },
+    async close() {
+      await http?.close();
+      closing = true;
+      engine.close(new MeshError('MESH_NOT_CONNECTED', 'router closed'));
+      await connection.close();
+    },
+  };
+  if (options.http) {
+    try {
+      // Loaded on demand: a router without the HTTP API never loads fastify.
+      const { startRouterHttp } = await import('./http.ts');
+      http = await startRouterHttp(handle, options.http);
+    } catch (err) {
+      await handle.close();
+      throw err;
+    }
+  }
+  return handle;
+}

@@ -1,0 +1,203 @@
+/**
+ * How the SDK chooses an agent for each attempt (docs/routing.md, "Direct mode"): from the router's
+ * route lease when it has one, else by itself from the fleet's statuses and load reports. The request
+ * engine in @edge-mesh/client does the rest (failover, retries, hedges, timeouts, the deadline).
+ *
+ * By itself it estimates each agent's completion time: the work queued there as last reported plus what
+ * this client has sent since, shared by the agent's workers, then one service time and the network
+ * time it measured. Agents within 10 % of the best share the work at random, and an agent whose runtime
+ * just failed is used only when nothing else is left for a few seconds.
+ */
+import {
+  type Attempt,
+  type AttemptKind,
+  type AttemptPlan,
+  type EnginePolicy,
+  type EngineRequest,
+  type FleetAgent,
+  type FleetView,
+  perTryTimeoutMs,
+} from '@edge-mesh/client';
+import type { InferReply, LeaseAgent, MeshError, Tensor } from '@edge-mesh/protocol';
+
+/** A lease as the SDK holds it (clock times). */
+export interface LeaseState {
+  router: string;
+  agents: LeaseAgent[];
+  freshUntil: number;
+  usableUntil: number;
+}
+
+/** What the engine carries for one SDK request. */
+export interface SdkRequest {
+  model: string;
+  /** Encoded request for an agent (with that agent's payment field, if any). */
+  payloadFor(agentId: string): Uint8Array;
+  lease: LeaseState | undefined;
+  /** A router was asked (so a first attempt without its lease counts as a fallback). */
+  viaRouter: boolean;
+  /** Send only here (`infer(…, { agentId })`). */
+  pinned: string | undefined;
+  /** The router whose lease chose the first attempt. */
+  routedBy: string | undefined;
+}
+
+/** An answer as the engine carries it: the agent's reply with its outputs already decoded and checked. */
+export interface SdkReply {
+  reply: InferReply;
+  outputs: Record<string, Tensor>;
+}
+
+export interface SdkPolicyOptions {
+  fleet: FleetView;
+  /** The earliest a slow attempt is hedged, ms. */
+  minHedgeAfterMs: number;
+  random?: () => number;
+  /** After this error, wait for the returned promise and try the same agent once more (payments). */
+  retrySameAfter?: (agentId: string, error: MeshError) => Promise<unknown> | undefined;
+  onRouted?: (routed: boolean) => void;
+}
+
+/** What this client knows of one agent beyond the fleet view. */
+interface Local {
+  outstanding: number;
+  /** Expected service time of the requests this client has outstanding there. */
+  outstandingWorkMs: number;
+  /** EWMA of the part of a round trip spent outside the agent's queue and runtime. */
+  networkMs: number;
+  /** Until this time the agent is only used when nothing else is left. */
+  suspectUntil: number;
+}
+
+const NETWORK_EWMA_ALPHA = 0.2;
+const INITIAL_NETWORK_MS = 1;
+const SUSPECT_MS = 3_000;
+
+export interface SdkPolicy extends EnginePolicy<SdkRequest, SdkReply> {
+  /** Requests this client has outstanding at the agent. */
+  outstanding(agentId: string): number;
+  /** Whether an attempt could be sent now (an online agent serves the model, the pinned one if any). */
+  hasCandidate(model: string, pinned: string | undefined): boolean;
+}
+
+export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
+  const { fleet, minHedgeAfterMs, random = Math.random } = options;
+  const locals = new Map<string, Local>();
+  const local = (agentId: string): Local => {
+    let l = locals.get(agentId);
+    if (!l) {
+      l = { outstanding: 0, outstandingWorkMs: 0, networkMs: INITIAL_NETWORK_MS, suspectUntil: 0 };
+      locals.set(agentId, l);
+    }
+    return l;
+  };
+  /** What each attempt added to its agent's outstanding work, by attempt. */
+  const workOf = new WeakMap<Attempt<SdkRequest>, number>();
+
+  const serviceMsOf = (agent: FleetAgent, model: string): number => {
+    const fresh = fleet.freshLoad(agent)?.models[model];
+    return Math.max(0.01, fresh?.serviceMs ?? agent.status.models?.find((m) => m.name === model)?.latencyMs ?? 1);
+  };
+  const workersOf = (agent: FleetAgent) => Math.max(1, agent.status.workers ?? 1);
+
+  const expectedMs = (agent: FleetAgent, model: string): number => {
+    const l = local(agent.id);
+    let aheadMs = l.outstandingWorkMs;
+    const load = fleet.freshLoad(agent);
+    if (load) for (const m of Object.values(load.models)) aheadMs += (m.queued + m.inFlight) * m.serviceMs;
+    return aheadMs / workersOf(agent) + serviceMsOf(agent, model) + l.networkMs;
+  };
+
+  const candidates = (model: string, tried: ReadonlySet<string>, pinned: string | undefined): FleetAgent[] =>
+    fleet.online(model).filter((a) => !tried.has(a.id) && (pinned === undefined || a.id === pinned));
+
+  const pickLocal = (request: EngineRequest<SdkRequest>, tried: ReadonlySet<string>, now: number): AttemptPlan | undefined => {
+    const { model, pinned } = request.data;
+    const all = candidates(model, tried, pinned);
+    const healthy = all.filter((a) => local(a.id).suspectUntil <= now);
+    const pool = healthy.length > 0 ? healthy : all;
+    if (pool.length === 0) return undefined;
+    const scored = pool.map((agent) => ({ agent, expected: expectedMs(agent, model) }));
+    const best = Math.min(...scored.map((s) => s.expected));
+    const near = scored.filter((s) => s.expected <= best * 1.1 + 0.05);
+    const choice = near[Math.floor(random() * near.length)]!;
+    return {
+      agentId: choice.agent.id,
+      predictedMs: choice.expected,
+      timeoutMs: perTryTimeoutMs(choice.expected, request.deadlineAt - now),
+      hedgeAfterMs: Math.max(minHedgeAfterMs, 4 * choice.expected + 50),
+    };
+  };
+
+  /** The lease agent with the soonest answer: the router's prediction plus this client's work outstanding there. */
+  const pickLeased = (
+    request: EngineRequest<SdkRequest>,
+    tried: ReadonlySet<string>,
+  ): { plan: AttemptPlan; serviceMs: number } | undefined => {
+    const lease = request.data.lease;
+    if (!lease) return undefined;
+    let best: { plan: AttemptPlan; serviceMs: number; score: number } | undefined;
+    for (const leased of lease.agents) {
+      const agent = fleet.get(leased.agent);
+      if (agent?.status.state !== 'online' || tried.has(leased.agent)) continue;
+      const score = leased.predictedMs + local(leased.agent).outstandingWorkMs / workersOf(agent);
+      if (!best || score < best.score) {
+        best = {
+          score,
+          serviceMs: leased.serviceMs,
+          // The lease carries the router's per-try timeout and hedge delay; the SDK's hedge floor still applies.
+          plan: {
+            agentId: leased.agent,
+            predictedMs: score,
+            timeoutMs: leased.timeoutMs,
+            hedgeAfterMs: Math.max(minHedgeAfterMs, leased.hedgeAfterMs),
+          },
+        };
+      }
+    }
+    return best;
+  };
+
+  const leasedWork = new Map<string, number>();
+
+  return {
+    pick(request, tried, kind: AttemptKind, now) {
+      const first = request.data.viaRouter && tried.size === 0 && kind === 'first';
+      const leased = request.data.pinned === undefined ? pickLeased(request, tried) : undefined;
+      if (first) {
+        options.onRouted?.(leased !== undefined);
+        if (leased) request.data.routedBy = request.data.lease!.router;
+      }
+      if (leased) {
+        leasedWork.set(`${request.key}/${leased.plan.agentId}`, leased.serviceMs);
+        return leased.plan;
+      }
+      return pickLocal(request, tried, now);
+    },
+    onSend(attempt) {
+      const agent = fleet.get(attempt.agentId);
+      const leasedKey = `${attempt.request.key}/${attempt.agentId}`;
+      const workMs = leasedWork.get(leasedKey) ?? (agent ? serviceMsOf(agent, attempt.request.data.model) : 1);
+      leasedWork.delete(leasedKey);
+      workOf.set(attempt, workMs);
+      const l = local(attempt.agentId);
+      l.outstanding++;
+      l.outstandingWorkMs += workMs;
+    },
+    onAttemptEnd(attempt, end, now) {
+      const l = local(attempt.agentId);
+      l.outstanding = Math.max(0, l.outstanding - 1);
+      l.outstandingWorkMs = l.outstanding === 0 ? 0 : Math.max(0, l.outstandingWorkMs - (workOf.get(attempt) ?? 0));
+      if (end.kind === 'reply') {
+        const { queueMs, execMs } = end.reply.reply;
+        const networkMs = Math.max(0, now - attempt.sentAt - queueMs - execMs);
+        l.networkMs += NETWORK_EWMA_ALPHA * (networkMs - l.networkMs);
+      } else if (end.kind === 'error' && end.error.code === 'MESH_INFERENCE_FAILED') {
+        l.suspectUntil = now + SUSPECT_MS;
+      }
+    },
+    retrySameAfter: options.retrySameAfter ? (attempt, error) => options.retrySameAfter!(attempt.agentId, error) : undefined,
+    outstanding: (agentId) => locals.get(agentId)?.outstanding ?? 0,
+    hasCandidate: (model, pinned) => candidates(model, new Set(), pinned).length > 0,
+  } satisfies SdkPolicy;
+}
