@@ -41,10 +41,10 @@ const OPEN: ConnectPolicy = { maxClientIdLength: 64, keepaliveLimitS: 300, limit
 const AUTH: ConnectPolicy = { ...OPEN, auth: { maxClockSkewMs: 60_000 } };
 const quiet = pino({ level: 'silent' });
 
-/** A verdict reduced to what the table states: ok, or the reason with its CONNACK code (and will topic). */
-function outcome(v: { ok: true } | { ok: false; reason: string; returnCode?: number; topic?: string | undefined }): unknown {
+/** A verdict reduced to what the table states: ok, or the reason, its registry code and CONNACK code (and will topic). */
+function outcome(v: { ok: true } | { ok: false; reason: string; code: string; returnCode?: number; topic?: string | undefined }): unknown {
   if (v.ok) return 'ok';
-  return v.topic === undefined ? [v.reason, v.returnCode] : [v.reason, v.returnCode, v.topic];
+  return v.topic === undefined ? [v.reason, v.code, v.returnCode] : [v.reason, v.code, v.returnCode, v.topic];
 }
 
 describe('CONNECT decisions', () => {
@@ -57,54 +57,89 @@ describe('CONNECT decisions', () => {
     const cases: [string, ConnectPolicy, ConnectFields, unknown][] = [
       ['a plain open-mode CONNECT', OPEN, { clientId: 'agent-one', keepalive: 60 }, 'ok'],
       ['an empty id in open mode', OPEN, { clientId: '', keepalive: 60 }, 'ok'],
-      ['an id over the cap', OPEN, { clientId: 'x'.repeat(65), keepalive: 60 }, ['client-id-too-long', CONNACK_IDENTIFIER_REJECTED]],
-      ['a 65-byte user name', OPEN, { clientId: 'a1b', username: 'u'.repeat(65), keepalive: 60 }, ['username-too-long', 5]],
-      ['33 two-byte characters (66 bytes)', OPEN, { clientId: 'a1b', username: 'é'.repeat(33), keepalive: 60 }, ['username-too-long', 5]],
-      ['a 129-byte password', OPEN, { clientId: 'a1b', password: Buffer.alloc(129), keepalive: 60 }, ['password-too-long', 5]],
-      ['clean = false', OPEN, { clientId: 'a1b', clean: false, keepalive: 60 }, ['persistent-session', 5]],
-      ['keepalive 0', OPEN, { clientId: 'a1b', keepalive: 0 }, ['keepalive-zero', 5]],
-      ['keepalive over the limit', OPEN, { clientId: 'a1b', keepalive: 301 }, ['keepalive-too-long', 5]],
+      [
+        'an id over the cap',
+        OPEN,
+        { clientId: 'x'.repeat(65), keepalive: 60 },
+        ['client-id-too-long', 'MESH_TOO_LARGE', CONNACK_IDENTIFIER_REJECTED],
+      ],
+      [
+        'a 65-byte user name',
+        OPEN,
+        { clientId: 'a1b', username: 'u'.repeat(65), keepalive: 60 },
+        ['username-too-long', 'MESH_TOO_LARGE', 5],
+      ],
+      [
+        '33 two-byte characters (66 bytes)',
+        OPEN,
+        { clientId: 'a1b', username: 'é'.repeat(33), keepalive: 60 },
+        ['username-too-long', 'MESH_TOO_LARGE', 5],
+      ],
+      [
+        'a 129-byte password',
+        OPEN,
+        { clientId: 'a1b', password: Buffer.alloc(129), keepalive: 60 },
+        ['password-too-long', 'MESH_TOO_LARGE', 5],
+      ],
+      ['clean = false', OPEN, { clientId: 'a1b', clean: false, keepalive: 60 }, ['persistent-session', 'MESH_BAD_REQUEST', 5]],
+      ['keepalive 0', OPEN, { clientId: 'a1b', keepalive: 0 }, ['keepalive-zero', 'MESH_BAD_REQUEST', 5]],
+      ['keepalive over the limit', OPEN, { clientId: 'a1b', keepalive: 301 }, ['keepalive-too-long', 'MESH_BAD_REQUEST', 5]],
       ['keepalive 0 with the limit off', { ...OPEN, keepaliveLimitS: 0 }, { clientId: 'a1b', keepalive: 0 }, 'ok'],
       ['a will on its own status', OPEN, { clientId: 'agent-one', keepalive: 60, will: { topic: topics.agentStatus('agent-one') } }, 'ok'],
       [
         "a will on another's status",
         OPEN,
         { clientId: 'agent-one', keepalive: 60, will: { topic: topics.agentStatus('agent-two') } },
-        ['will-not-own-status', 5, topics.agentStatus('agent-two')],
+        ['will-not-own-status', 'MESH_FORBIDDEN', 5, topics.agentStatus('agent-two')],
       ],
       [
         'a QoS 2 will',
         OPEN,
         { clientId: 'agent-one', keepalive: 60, will: { topic: topics.agentStatus('agent-one'), qos: 2 } },
-        ['will-qos2', 5, topics.agentStatus('agent-one')],
+        ['will-qos2', 'MESH_BAD_REQUEST', 5, topics.agentStatus('agent-one')],
       ],
-      ['auth: an id not derived from a key', AUTH, { clientId: 'agent-one', keepalive: 60 }, ['id-not-key-derived', 2]],
-      ['auth: no token', AUTH, { clientId: agent.id, keepalive: 60 }, ['no-token', 5]],
-      ['auth: an empty password', AUTH, { clientId: agent.id, password: Buffer.alloc(0), keepalive: 60 }, ['no-token', 5]],
-      ['auth: a password that is no token', AUTH, { clientId: agent.id, password: Buffer.alloc(50, 1), keepalive: 60 }, ['bad-token', 5]],
+      [
+        'auth: an id not derived from a key',
+        AUTH,
+        { clientId: 'agent-one', keepalive: 60 },
+        ['id-not-key-derived', 'MESH_UNAUTHORIZED', 2],
+      ],
+      ['auth: no token', AUTH, { clientId: agent.id, keepalive: 60 }, ['no-token', 'MESH_UNAUTHORIZED', 5]],
+      [
+        'auth: an empty password',
+        AUTH,
+        { clientId: agent.id, password: Buffer.alloc(0), keepalive: 60 },
+        ['no-token', 'MESH_UNAUTHORIZED', 5],
+      ],
+      [
+        'auth: a password that is no token',
+        AUTH,
+        { clientId: agent.id, password: Buffer.alloc(50, 1), keepalive: 60 },
+        ['bad-token', 'MESH_UNAUTHORIZED', 5],
+      ],
       [
         'auth: a token two minutes old',
         AUTH,
         { clientId: agent.id, password: token(agent, now - 120_000), keepalive: 60 },
-        ['stale-token', 5],
+        ['stale-token', 'MESH_UNAUTHORIZED', 5],
       ],
       [
         'auth: a user name that is not the id',
         AUTH,
         { clientId: agent.id, username: app.id, password: token(agent), keepalive: 60 },
-        ['username-not-client-id', 5],
+        ['username-not-client-id', 'MESH_UNAUTHORIZED', 5],
       ],
       [
         'auth: an app with a will',
         AUTH,
         { clientId: app.id, password: token(app), keepalive: 60, will: { topic: own } },
-        ['will-not-own-status', 5, own],
+        ['will-not-own-status', 'MESH_FORBIDDEN', 5, own],
       ],
       [
         'auth: an app with a will on its own status',
         AUTH,
         { clientId: app.id, password: token(app), keepalive: 60, will: { topic: topics.agentStatus(app.id) } },
-        ['will-not-agent', 5, topics.agentStatus(app.id)],
+        ['will-not-agent', 'MESH_FORBIDDEN', 5, topics.agentStatus(app.id)],
       ],
       [
         'auth: an agent with its own will and a token',
@@ -135,18 +170,18 @@ describe('CONNECT decisions', () => {
     const t0 = 1_000_000;
     const seq: [string, number | undefined, number, unknown][] = [
       ['10.0.0.1', 4, t0, { action: 'go' }],
-      ['10.0.0.1', 3, t0, { action: 'wrong-version', reason: 'protocol-version' }],
-      ['10.0.0.1', 4, t0, { action: 'drop', reason: 'connect-rate', quiet: false }],
-      ['10.0.0.1', 4, t0, { action: 'drop', reason: 'connect-rate', quiet: true }],
-      ['10.0.0.2', 5, t0, { action: 'wrong-version', reason: 'protocol-version' }],
-      ['10.0.0.2', undefined, t0, { action: 'wrong-version', reason: 'protocol-version' }],
+      ['10.0.0.1', 3, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
+      ['10.0.0.1', 4, t0, { action: 'drop', reason: 'connect-rate', code: 'MESH_RATE_LIMITED', quiet: false }],
+      ['10.0.0.1', 4, t0, { action: 'drop', reason: 'connect-rate', code: 'MESH_RATE_LIMITED', quiet: true }],
+      ['10.0.0.2', 5, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
+      ['10.0.0.2', undefined, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
       ['10.0.0.1', 4, t0 + 1_000, { action: 'go' }],
     ];
     for (const [ip, version, now, expected] of seq)
       assert.deepEqual(doorVerdict(ips, ip, version, now), expected, `${ip} v${version} @${now}`);
     ips.failure('10.0.0.3', t0);
     assert.ok(ips.failure('10.0.0.3', t0), 'the second refusal bans');
-    assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 1), { action: 'drop', reason: 'banned', quiet: true });
+    assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 1), { action: 'drop', reason: 'banned', code: 'MESH_RATE_LIMITED', quiet: true });
     assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 60_001), { action: 'go' });
   });
 
@@ -179,19 +214,23 @@ describe('CONNECT decisions', () => {
     );
 
     const cases: [string, ReturnType<typeof verifyConnect>, unknown][] = [
-      ['no token', verifyConnect(agent.id, undefined, store, nonces, now, 7), ['no-token', CONNACK_NOT_AUTHORIZED]],
-      ['an id never admitted', verifyConnect(stranger.id, tokenOf(stranger), store, nonces, now, 7), ['not-admitted', 5]],
+      ['no token', verifyConnect(agent.id, undefined, store, nonces, now, 7), ['no-token', 'MESH_UNAUTHORIZED', CONNACK_NOT_AUTHORIZED]],
+      [
+        'an id never admitted',
+        verifyConnect(stranger.id, tokenOf(stranger), store, nonces, now, 7),
+        ['not-admitted', 'MESH_UNAUTHORIZED', 5],
+      ],
       [
         'signed by another key',
         verifyConnect(agent.id, tokenOf(agent, stranger, Buffer.alloc(16, 9)), store, nonces, now, 7),
-        ['bad-signature', 5],
+        ['bad-signature', 'MESH_UNAUTHORIZED', 5],
       ],
       // The forged token above did not burn its nonce: the genuine token with the same nonce passes.
       ['the genuine token', verifyConnect(agent.id, tokenOf(agent, agent, Buffer.alloc(16, 9)), store, nonces, now, 7), 'ok'],
       [
         'the same token again',
         verifyConnect(agent.id, tokenOf(agent, agent, Buffer.alloc(16, 9)), store, nonces, now, 7),
-        ['replayed-token', 5],
+        ['replayed-token', 'MESH_UNAUTHORIZED', 5],
       ],
     ];
     for (const [name, verdict, expected] of cases) assert.deepEqual(outcome(verdict), expected, name);
@@ -205,7 +244,7 @@ describe('CONNECT decisions', () => {
     assert.equal(stillAdmitted(store, stranger.id, now), false);
     await store.revoke(revoke(op, agent.id, now + 1));
     assert.equal(stillAdmitted(store, agent.id, now + 2), false);
-    assert.deepEqual(outcome(verifyConnect(agent.id, tokenOf(agent), store, nonces, now + 2, 7)), ['revoked', 5]);
+    assert.deepEqual(outcome(verifyConnect(agent.id, tokenOf(agent), store, nonces, now + 2, 7)), ['revoked', 'MESH_UNAUTHORIZED', 5]);
   });
 });
 
@@ -231,32 +270,52 @@ describe('PUBLISH decisions', () => {
   test('topic policy, ACL, orphaned wills: a table', () => {
     const cases: [string, { topic: string; qos?: number; retain?: boolean }, PublishContext, unknown][] = [
       ['open mode, any topic', { topic: 'a/b', qos: 1 }, ctx({}), { ok: true, admin: false }],
-      ['QoS 2', { topic: 'a/b', qos: 2 }, ctx({}), { ok: false, reason: 'qos2' }],
-      ['$SYS', { topic: '$SYS/x' }, ctx({}), { ok: false, reason: 'reserved-topic' }],
-      ['a wildcard', { topic: 'a/+' }, ctx({}), { ok: false, reason: 'wildcard-in-topic' }],
-      ['an empty topic', { topic: '' }, ctx({}), { ok: false, reason: 'empty-topic' }],
-      ['NUL', { topic: 'a\u0000b' }, ctx({}), { ok: false, reason: 'nul-in-topic' }],
-      ['ill-formed UTF-8', { topic: 'a/\ufffd' }, ctx({}), { ok: false, reason: 'invalid-utf8' }],
-      ['too deep', { topic: `${'a/'.repeat(MAX_TOPIC_LEVELS)}z` }, ctx({}), { ok: false, reason: 'too-many-levels' }],
-      ['too long', { topic: 'a'.repeat(MAX_TOPIC_BYTES + 1) }, ctx({}), { ok: false, reason: 'topic-too-long' }],
-      ['retained, not own status', { topic: 'a/b', retain: true }, ctx({}), { ok: false, reason: 'retain-not-own-status' }],
+      ['QoS 2', { topic: 'a/b', qos: 2 }, ctx({}), { ok: false, reason: 'qos2', code: 'MESH_BAD_REQUEST' }],
+      ['$SYS', { topic: '$SYS/x' }, ctx({}), { ok: false, reason: 'reserved-topic', code: 'MESH_FORBIDDEN' }],
+      ['a wildcard', { topic: 'a/+' }, ctx({}), { ok: false, reason: 'wildcard-in-topic', code: 'MESH_BAD_REQUEST' }],
+      ['an empty topic', { topic: '' }, ctx({}), { ok: false, reason: 'empty-topic', code: 'MESH_BAD_REQUEST' }],
+      ['NUL', { topic: 'a\u0000b' }, ctx({}), { ok: false, reason: 'nul-in-topic', code: 'MESH_BAD_REQUEST' }],
+      ['ill-formed UTF-8', { topic: 'a/\ufffd' }, ctx({}), { ok: false, reason: 'invalid-utf8', code: 'MESH_BAD_REQUEST' }],
+      [
+        'too deep',
+        { topic: `${'a/'.repeat(MAX_TOPIC_LEVELS)}z` },
+        ctx({}),
+        { ok: false, reason: 'too-many-levels', code: 'MESH_BAD_REQUEST' },
+      ],
+      ['too long', { topic: 'a'.repeat(MAX_TOPIC_BYTES + 1) }, ctx({}), { ok: false, reason: 'topic-too-long', code: 'MESH_TOO_LARGE' }],
+      [
+        'retained, not own status',
+        { topic: 'a/b', retain: true },
+        ctx({}),
+        { ok: false, reason: 'retain-not-own-status', code: 'MESH_FORBIDDEN' },
+      ],
       ['retained own status', { topic: topics.agentStatus('agent-one'), retain: true }, ctx({}), { ok: true, admin: false }],
       ['auth: own status', { topic: topics.agentStatus(agent.id), retain: true }, authed(agent), { ok: true, admin: false }],
-      ["auth: another agent's status", { topic: topics.agentStatus(app.id) }, authed(agent), { ok: false, reason: 'acl' }],
+      [
+        "auth: another agent's status",
+        { topic: topics.agentStatus(app.id) },
+        authed(agent),
+        { ok: false, reason: 'acl', code: 'MESH_FORBIDDEN' },
+      ],
       ['auth: a request in its own name', { topic: topics.agentRequest(agent.id, app.id) }, authed(app), { ok: true, admin: false }],
-      ["auth: a request in another's name", { topic: topics.agentRequest(agent.id, op.id) }, authed(app), { ok: false, reason: 'acl' }],
+      [
+        "auth: a request in another's name",
+        { topic: topics.agentRequest(agent.id, op.id) },
+        authed(app),
+        { ok: false, reason: 'acl', code: 'MESH_FORBIDDEN' },
+      ],
       ['auth: an admin record', { topic: topics.adminRecords(op.id), qos: 1 }, authed(op), { ok: true, admin: true }],
       [
         "auth: another operator's records",
         { topic: topics.adminRecords(generateIdentity('operator').id) },
         authed(op),
-        { ok: false, reason: 'acl' },
+        { ok: false, reason: 'acl', code: 'MESH_FORBIDDEN' },
       ],
       [
         'auth: a client without a session',
         { topic: topics.agentStatus(agent.id) },
         authed(agent, { session: undefined }),
-        { ok: false, reason: 'acl' },
+        { ok: false, reason: 'acl', code: 'MESH_FORBIDDEN' },
       ],
       [
         "auth: an orphaned will, its agent's status",
@@ -268,7 +327,7 @@ describe('PUBLISH decisions', () => {
         "auth: an orphaned will, an app's status",
         { topic: topics.agentStatus(app.id) },
         authed(app, { session: undefined, orphanWill: true }),
-        { ok: false, reason: 'acl' },
+        { ok: false, reason: 'acl', code: 'MESH_FORBIDDEN' },
       ],
       [
         'open: an orphaned will',
@@ -288,18 +347,18 @@ describe('PUBLISH decisions', () => {
     assert.deepEqual(verdicts, [
       { ok: true, admin: false },
       { ok: true, admin: false },
-      { ok: false, reason: 'publish-rate' },
+      { ok: false, reason: 'publish-rate', code: 'MESH_RATE_LIMITED' },
     ]);
     assert.deepEqual(decidePublish({ topic: 'a/b' }, c(t0, true)), { ok: true, admin: false }, 'the own will is never rate limited');
     assert.deepEqual(decidePublish({ topic: 'a/b' }, c(t0 + 1_000)), { ok: true, admin: false }, 'one token back after a second');
-    assert.deepEqual(decidePublish({ topic: 'a/b' }, c(t0 + 1_000)), { ok: false, reason: 'publish-rate' });
+    assert.deepEqual(decidePublish({ topic: 'a/b' }, c(t0 + 1_000)), { ok: false, reason: 'publish-rate', code: 'MESH_RATE_LIMITED' });
 
     const opSession = newSession(op.id, 'operator', Infinity, 1_000_000);
     const now = opSession.adminLast;
     const record = { topic: topics.adminRecords(op.id), qos: 1 };
     const opCtx = ctx({ ownerId: op.id, session: opSession, auth: true, burst: 1_000_000, now });
     for (let i = 0; i < ADMIN_RECORD_BURST; i++) assert.deepEqual(decidePublish(record, opCtx), { ok: true, admin: true });
-    assert.deepEqual(decidePublish(record, opCtx), { ok: false, reason: 'admin-rate' });
+    assert.deepEqual(decidePublish(record, opCtx), { ok: false, reason: 'admin-rate', code: 'MESH_RATE_LIMITED' });
   });
 });
 
@@ -314,16 +373,30 @@ describe('SUBSCRIBE and will decisions', () => {
       ['open: a plain filter', 'a/+', 1, open, false, { ok: true, qos: 1 }],
       ['open: QoS 2 is granted as 1', 'a/+', 2, open, false, { ok: true, qos: 1 }],
       ['open: QoS 0 stays 0', 'a/#', 0, open, false, { ok: true, qos: 0 }],
-      ['#', '#', 1, open, false, { ok: false, reason: 'wildcard-all' }],
-      ['+/#', '+/#', 1, open, false, { ok: false, reason: 'wildcard-all' }],
-      ['+/+/#', '+/+/#', 1, open, false, { ok: false, reason: 'wildcard-all' }],
-      ['$SYS/#', '$SYS/#', 1, open, false, { ok: false, reason: 'reserved-topic' }],
-      ['too deep', `${'a/'.repeat(MAX_TOPIC_LEVELS)}#`, 1, open, false, { ok: false, reason: 'too-many-levels' }],
+      ['#', '#', 1, open, false, { ok: false, reason: 'wildcard-all', code: 'MESH_FORBIDDEN' }],
+      ['+/#', '+/#', 1, open, false, { ok: false, reason: 'wildcard-all', code: 'MESH_FORBIDDEN' }],
+      ['+/+/#', '+/+/#', 1, open, false, { ok: false, reason: 'wildcard-all', code: 'MESH_FORBIDDEN' }],
+      ['$SYS/#', '$SYS/#', 1, open, false, { ok: false, reason: 'reserved-topic', code: 'MESH_FORBIDDEN' }],
+      ['too deep', `${'a/'.repeat(MAX_TOPIC_LEVELS)}#`, 1, open, false, { ok: false, reason: 'too-many-levels', code: 'MESH_BAD_REQUEST' }],
       ['auth: its own requests', topics.agentRequestsFor(agent.id), 2, agentSession, true, { ok: true, qos: 1 }],
-      ["auth: another agent's requests", topics.agentRequestsFor(app.id), 1, agentSession, true, { ok: false, reason: 'acl' }],
+      [
+        "auth: another agent's requests",
+        topics.agentRequestsFor(app.id),
+        1,
+        agentSession,
+        true,
+        { ok: false, reason: 'acl', code: 'MESH_FORBIDDEN' },
+      ],
       ['auth: an app reads every status', topics.allAgentStatus(), 1, appSession, true, { ok: true, qos: 1 }],
-      ["auth: an app reads another's replies", topics.clientRepliesFor(agent.id), 1, appSession, true, { ok: false, reason: 'acl' }],
-      ['auth: no session', topics.allAgentStatus(), 1, undefined, true, { ok: false, reason: 'acl' }],
+      [
+        "auth: an app reads another's replies",
+        topics.clientRepliesFor(agent.id),
+        1,
+        appSession,
+        true,
+        { ok: false, reason: 'acl', code: 'MESH_FORBIDDEN' },
+      ],
+      ['auth: no session', topics.allAgentStatus(), 1, undefined, true, { ok: false, reason: 'acl', code: 'MESH_FORBIDDEN' }],
     ];
     for (const [name, filter, qos, session, auth, expected] of cases) {
       assert.deepEqual(decideSubscribe(filter, qos, session, auth, limits), expected, name);

@@ -3,6 +3,7 @@
  * module for its packet kind (./handlers/), answers aedes the way MQTT 3.1.1 wants the refusal answered, logs it, and
  * then runs the application's hook of the same name (options.ts `BrokerHooks`).
  */
+import { MeshError, type MeshErrorCode, toMeshError } from '@edge-mesh/protocol';
 import type { AuthenticateError, Client, ConnectPacket, PublishPacket, Subscription } from 'aedes';
 import type { Logger } from 'pino';
 import type { MeshSession } from './acl.ts';
@@ -78,10 +79,10 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
   }
 
   /** Counts a refused CONNECT against its address and logs it; the address is banned after a burst of them. */
-  function connectFailed(client: Client, reason: string, topic?: string): void {
+  function connectFailed(client: Client, reason: string, code: MeshErrorCode, topic?: string): void {
     const ip = ipOf(client);
     // An over-long id is logged by its first 64 characters only.
-    log.warn({ clientId: client.id?.slice(0, 64) ?? null, topic, reason, remoteAddress: ip }, 'connect refused');
+    log.warn({ clientId: client.id?.slice(0, 64) ?? null, topic, reason, code, remoteAddress: ip }, 'connect refused');
     countFailure(ip);
   }
 
@@ -95,15 +96,23 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
     ownerId: string | null | undefined,
     topic: string,
     reason: string,
+    code: MeshErrorCode,
     callback: (error?: Error | null) => void,
+    cause?: Error,
   ): void {
-    warnThrottled(`publish:${ownerId}:${reason}`, { clientId: ownerId ?? null, topic, reason }, 'publish refused');
-    // For MQTT 3.1.1 aedes answers an error by closing the connection (there is no PUBACK error code).
-    callback(new Error(`publish refused: ${reason}`));
+    warnThrottled(`publish:${ownerId}:${reason}`, { clientId: ownerId ?? null, topic, reason, code }, 'publish refused');
+    // For MQTT 3.1.1 aedes answers an error by closing the connection (there is no PUBACK error code, [MQTT-3.3.5-2]).
+    callback(new MeshError(code, `publish refused: ${reason}`, { cause, details: { reason } }));
   }
 
-  function refuseSubscribe(client: Client, topic: string, reason: string, callback: (error: Error | null, sub?: null) => void): void {
-    warnThrottled(`subscribe:${client.id}`, { clientId: client.id, topic, reason }, 'subscribe refused');
+  function refuseSubscribe(
+    client: Client,
+    topic: string,
+    reason: string,
+    code: MeshErrorCode,
+    callback: (error: Error | null, sub?: null) => void,
+  ): void {
+    warnThrottled(`subscribe:${client.id}`, { clientId: client.id, topic, reason, code }, 'subscribe refused');
     // SUBACK 0x80 for this filter; the connection stays up
     callback(null, null);
   }
@@ -114,15 +123,17 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       const ip = ipOf(client);
       const door = doorVerdict(ctx.ips, ip, packet.protocolVersion, now);
       if (door.action === 'drop') {
-        const fields = { clientId: packet.clientId?.slice(0, 64) || null, reason: door.reason, remoteAddress: ip };
+        const fields = { clientId: packet.clientId?.slice(0, 64) || null, reason: door.reason, code: door.code, remoteAddress: ip };
         if (door.quiet) log.debug(fields, 'connect refused');
         else log.warn(fields, 'connect refused');
-        callback(new Error(`connect refused: ${door.reason}`), false);
+        // Closed without a CONNACK: the cheapest answer to a storm; a well-behaved client backs off and retries.
+        callback(new MeshError(door.code, `connect refused: ${door.reason}`, { details: { reason: door.reason } }), false);
         return;
       }
       if (door.action === 'wrong-version') {
         const clientId = packet.clientId?.slice(0, 64) || null;
-        log.warn({ clientId, reason: door.reason, protocolVersion: packet.protocolVersion, remoteAddress: ip }, 'connect refused');
+        const { reason, code } = door;
+        log.warn({ clientId, reason, code, protocolVersion: packet.protocolVersion, remoteAddress: ip }, 'connect refused');
         countFailure(ip);
         answerUnacceptableProtocol(packet);
         callback(null, true);
@@ -141,9 +152,14 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
         (err, ok) => {
           if (err || ok !== true) {
             const reason = err ? `hook: ${err.message}` : 'hook';
-            log.warn({ clientId: packet.clientId?.slice(0, 64) || null, topic: undefined, reason, remoteAddress: ip }, 'connect refused');
+            const clientId = packet.clientId?.slice(0, 64) || null;
+            log.warn({ clientId, topic: undefined, reason, code: 'MESH_UNAUTHORIZED', remoteAddress: ip }, 'connect refused');
             // aedes only closes the socket when preConnect reports an error; `false` alone would leave it open.
-            return callback(err ?? new Error('connect refused by preConnect hook'), false);
+            const refusal = new MeshError('MESH_UNAUTHORIZED', `connect refused by preConnect hook${err ? `: ${err.message}` : ''}`, {
+              cause: err ?? undefined,
+              details: { reason: 'hook' },
+            });
+            return callback(refusal, false);
           }
           callback(null, true);
         },
@@ -161,8 +177,9 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       const verdict =
         check === undefined || check.ok ? verifyConnect(client.id, check?.token, ctx.store, ctx.nonces, Date.now(), publishBurst) : check;
       if (!verdict.ok) {
-        connectFailed(client, verdict.reason, verdict.topic);
-        callback(authenticateError(new Error(verdict.reason), verdict.returnCode), false);
+        connectFailed(client, verdict.reason, verdict.code, verdict.topic);
+        const refusal = new MeshError(verdict.code, verdict.reason, { details: { reason: verdict.reason } });
+        callback(authenticateError(refusal, verdict.returnCode), false);
         return;
       }
       setSession(client, verdict.session);
@@ -176,8 +193,9 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
         (err, ok) => {
           if (err || ok !== true) {
             const reason = err ? `hook: ${err.message}` : 'hook';
-            connectFailed(client, reason);
-            return callback(authenticateError(new Error(reason), CONNACK_NOT_AUTHORIZED), false);
+            connectFailed(client, reason, 'MESH_UNAUTHORIZED');
+            const refusal = new MeshError('MESH_UNAUTHORIZED', reason, { cause: err ?? undefined, details: { reason: 'hook' } });
+            return callback(authenticateError(refusal, CONNACK_NOT_AUTHORIZED), false);
           }
           callback(null, true);
         },
@@ -200,7 +218,7 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
         now: Date.now(),
       });
       if (!verdict.ok) {
-        refusePublish(ownerId, packet.topic, verdict.reason, callback);
+        refusePublish(ownerId, packet.topic, verdict.reason, verdict.code, callback);
         return;
       }
       // An admin record is applied by the broker and acknowledged on the operator's acks topic. Nobody may subscribe
@@ -217,7 +235,10 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       runHook(
         () => hook(client, packet),
         (err, ok) => {
-          if (err || ok !== true) return refusePublish(ownerId, packet.topic, err ? `hook: ${err.message}` : 'hook', callback);
+          if (err || ok !== true) {
+            const reason = err ? `hook: ${err.message}` : 'hook';
+            return refusePublish(ownerId, packet.topic, reason, 'MESH_FORBIDDEN', callback, err ?? undefined);
+          }
           accept();
         },
       );
@@ -230,7 +251,7 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
     ): void {
       const verdict = decideSubscribe(sub.topic, sub.qos, sessionOf(client), auth !== undefined, limits);
       if (!verdict.ok) {
-        refuseSubscribe(client, sub.topic, verdict.reason, callback);
+        refuseSubscribe(client, sub.topic, verdict.reason, verdict.code, callback);
         return;
       }
       sub.qos = verdict.qos as Subscription['qos'];
@@ -243,7 +264,8 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
         () => hook(client, sub),
         (err, allowed) => {
           if (err || !allowed) {
-            log.warn({ clientId: client.id, topic: sub.topic, reason: err ? `hook: ${err.message}` : 'hook' }, 'subscribe refused');
+            const reason = err ? `hook: ${err.message}` : 'hook';
+            log.warn({ clientId: client.id, topic: sub.topic, reason, code: 'MESH_FORBIDDEN' }, 'subscribe refused');
             return callback(null, null);
           }
           allowed.qos = grantedQos(allowed.qos) as Subscription['qos'];
@@ -273,6 +295,7 @@ function runHook<T>(run: () => T | Promise<T>, done: (err: Error | null, value?:
   }
 }
 
+/** A hook may throw anything; a non-Error becomes a MeshError carrying it as the cause. */
 function asError(err: unknown): Error {
-  return err instanceof Error ? err : new Error(String(err));
+  return err instanceof Error ? err : toMeshError(err, 'MESH_INTERNAL');
 }

@@ -14,11 +14,20 @@
  * Each function takes the packet fields, the policy and the state it reads (the per-address guard, the nonce cache,
  * the admissions) and answers allow or refuse-with-a-reason; none of them touches a socket or aedes.
  */
-import { type ConnectToken, connectTokenMessage, isValidId, readConnectToken, roleOfId, verifyBytes } from '@edge-mesh/protocol';
+import {
+  type ConnectToken,
+  connectTokenMessage,
+  isValidId,
+  type MeshErrorCode,
+  readConnectToken,
+  roleOfId,
+  verifyBytes,
+} from '@edge-mesh/protocol';
 import { type MeshSession, newSession } from '../acl.ts';
 import type { IpGuard, NonceCache } from '../limits.ts';
 import type { TopicLimits } from '../policy.ts';
 import type { Grant, LookupRefusal } from '../store.ts';
+import { REFUSAL_CODES, type RefusalReason } from './refusals.ts';
 import { checkWillPolicy, willRoleRefusal } from './will.ts';
 
 /** CONNACK return codes (MQTT 3.1.1 §3.2.2.3) used when refusing a CONNECT. */
@@ -51,7 +60,9 @@ export interface ConnectPolicy {
 
 export interface ConnectRefusal {
   ok: false;
-  reason: string;
+  reason: RefusalReason;
+  /** The registry code the refusal is raised with (./refusals.ts). */
+  code: MeshErrorCode;
   /** The CONNACK return code to answer with. */
   returnCode: number;
   /** The will topic, when the will is the reason. */
@@ -71,21 +82,21 @@ export type ConnectVerification = { ok: true; session: MeshSession } | ConnectRe
  */
 export type DoorVerdict =
   | { action: 'go' }
-  | { action: 'drop'; reason: 'banned' | 'connect-rate'; quiet: boolean }
-  | { action: 'wrong-version'; reason: 'protocol-version' };
+  | { action: 'drop'; reason: 'banned' | 'connect-rate'; code: 'MESH_RATE_LIMITED'; quiet: boolean }
+  | { action: 'wrong-version'; reason: 'protocol-version'; code: 'MESH_BAD_REQUEST' };
 
-export function refuseConnect(returnCode: number, reason: string, topic?: string): ConnectRefusal {
-  return { ok: false, reason, returnCode, topic };
+export function refuseConnect(returnCode: number, reason: RefusalReason, topic?: string): ConnectRefusal {
+  return { ok: false, reason, code: REFUSAL_CODES[reason], returnCode, topic };
 }
 
 /** Step 1: the address's ban and CONNECT bucket (this takes a token from `ips`), then MQTT 3.1.1 only (level 4). */
 export function doorVerdict(ips: IpGuard, ip: string, protocolVersion: number | undefined, now: number): DoorVerdict {
   const rate = ips.connect(ip, now);
-  if (rate === 'banned') return { action: 'drop', reason: 'banned', quiet: true };
-  if (rate === 'connect-rate') return { action: 'drop', reason: 'connect-rate', quiet: false };
-  if (rate === 'connect-rate-again') return { action: 'drop', reason: 'connect-rate', quiet: true };
+  if (rate === 'banned') return { action: 'drop', reason: 'banned', code: 'MESH_RATE_LIMITED', quiet: true };
+  if (rate === 'connect-rate') return { action: 'drop', reason: 'connect-rate', code: 'MESH_RATE_LIMITED', quiet: false };
+  if (rate === 'connect-rate-again') return { action: 'drop', reason: 'connect-rate', code: 'MESH_RATE_LIMITED', quiet: true };
   // 3.1 (level 3), MQTT 5 (level 5) and anything else: refused, also 3.1.1's level with another protocol name.
-  if (protocolVersion !== 4) return { action: 'wrong-version', reason: 'protocol-version' };
+  if (protocolVersion !== 4) return { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' };
   return { action: 'go' };
 }
 

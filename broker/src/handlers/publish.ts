@@ -6,8 +6,10 @@
  * A refused PUBLISH disconnects its client: MQTT 3.1.1 has no PUBACK error code, and a silently dropped QoS 1 message
  * would look delivered ([MQTT-3.3.5-2] lets the server close the connection instead).
  */
+import type { MeshErrorCode } from '@edge-mesh/protocol';
 import { ACL_ADMIN, ACL_DENY, aclPublish, type MeshSession, takeAdminToken } from '../acl.ts';
 import { checkPublish, type TopicLimits } from '../policy.ts';
+import { REFUSAL_CODES, type RefusalReason } from './refusals.ts';
 import { orphanWillAllowed } from './will.ts';
 
 export interface PublishContext {
@@ -29,7 +31,11 @@ export interface PublishContext {
 }
 
 /** `admin`: the packet is an operator's admin record, which the broker applies itself (../admin.ts). */
-export type PublishVerdict = { ok: true; admin: boolean } | { ok: false; reason: string };
+export type PublishVerdict = { ok: true; admin: boolean } | PublishRefusal;
+/** `code`: the registry code the refusal is raised with (./refusals.ts). */
+export type PublishRefusal = { ok: false; reason: RefusalReason; code: MeshErrorCode };
+
+const refuse = (reason: RefusalReason): PublishRefusal => ({ ok: false, reason, code: REFUSAL_CODES[reason] });
 
 /** Refills and takes one token from the session's publish bucket; false when it is empty. */
 export function takePublishToken(session: MeshSession, now: number, ratePerMs: number, burst: number): boolean {
@@ -48,19 +54,19 @@ export function takePublishToken(session: MeshSession, now: number, ratePerMs: n
 export function decidePublish(packet: { topic: string; qos?: number; retain?: boolean }, ctx: PublishContext): PublishVerdict {
   const { ownerId, session } = ctx;
   const reason = checkPublish(packet, ownerId, ctx.limits);
-  if (reason !== undefined) return { ok: false, reason };
+  if (reason !== undefined) return refuse(reason);
   if (session === undefined) {
     // No session: an orphaned will, which in authenticated mode may only be its agent's own status. A client without
     // a session (it never passed authentication) may publish nothing in authenticated mode.
-    if (ctx.auth && (!ctx.orphanWill || !orphanWillAllowed(packet.topic, ownerId))) return { ok: false, reason: 'acl' };
+    if (ctx.auth && (!ctx.orphanWill || !orphanWillAllowed(packet.topic, ownerId))) return refuse('acl');
     return { ok: true, admin: false };
   }
-  if (!ctx.ownWill && !takePublishToken(session, ctx.now, ctx.ratePerMs, ctx.burst)) return { ok: false, reason: 'publish-rate' };
+  if (!ctx.ownWill && !takePublishToken(session, ctx.now, ctx.ratePerMs, ctx.burst)) return refuse('publish-rate');
   if (!ctx.auth) return { ok: true, admin: false };
   const acl = aclPublish(session, packet.topic);
-  if (acl === ACL_DENY) return { ok: false, reason: 'acl' };
+  if (acl === ACL_DENY) return refuse('acl');
   if (acl === ACL_ADMIN) {
-    if (!takeAdminToken(session, ctx.now)) return { ok: false, reason: 'admin-rate' };
+    if (!takeAdminToken(session, ctx.now)) return refuse('admin-rate');
     return { ok: true, admin: true };
   }
   return { ok: true, admin: false };

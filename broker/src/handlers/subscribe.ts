@@ -4,10 +4,13 @@
  * gets return code 0x80 (Failure, §3.9.3) in the SUBACK and the connection stays up; a granted one is granted at most
  * QoS 1, since the broker never runs QoS 2 ([MQTT-3.8.4-6] lets it grant less than was asked).
  */
+import type { MeshErrorCode } from '@edge-mesh/protocol';
 import { aclSubscribe, type MeshSession } from '../acl.ts';
 import { checkSubscribeFilter, type TopicLimits } from '../policy.ts';
+import { REFUSAL_CODES, type RefusalReason } from './refusals.ts';
 
-export type SubscribeVerdict = { ok: true; qos: number } | { ok: false; reason: string };
+/** A refusal's `code` is the registry code it is logged with (./refusals.ts); the client only sees 0x80. */
+export type SubscribeVerdict = { ok: true; qos: number } | { ok: false; reason: RefusalReason; code: MeshErrorCode };
 
 /** The QoS the broker grants for a requested one: QoS 2 becomes 1. */
 export function grantedQos(requested: number): number {
@@ -23,7 +26,7 @@ export function decideSubscribe(
   limits: TopicLimits,
 ): SubscribeVerdict {
   const reason = checkSubscribeFilter(filter, limits);
-  if (reason !== undefined) return { ok: false, reason };
-  if (auth && (session === undefined || !aclSubscribe(session, filter))) return { ok: false, reason: 'acl' };
+  if (reason !== undefined) return { ok: false, reason, code: REFUSAL_CODES[reason] };
+  if (auth && (session === undefined || !aclSubscribe(session, filter))) return { ok: false, reason: 'acl', code: REFUSAL_CODES.acl };
   return { ok: true, qos: grantedQos(qos) };
 }
