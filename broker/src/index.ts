@@ -25,8 +25,9 @@
  * (not authorized: everything else), except a banned or over-rate address, which is closed without a CONNACK. A
  * refused PUBLISH (topic policy, ACL, or over the publish rate) disconnects the client (MQTT 3.1.1 has no PUBACK
  * error code, and a silently dropped QoS 1 message would look delivered). A refused SUBSCRIBE gets 0x80 and the
- * connection stays up. Every refusal is logged at warn with a reason (storms are logged once per run); passwords are
- * never logged. Further application checks plug into `hooks`, which run after all of the above.
+ * connection stays up. Every refusal is logged at warn with a reason and its MESH_* code (./handlers/refusals.ts,
+ * docs/errors.md; storms are logged once per run); passwords are never logged. Further application checks plug
+ * into `hooks`, which run after all of the above.
  *
  * Layout, one module per packet kind as aedes lays out its own handlers: the identity and policy decisions live in
  * ./handlers/ (connect.ts, publish.ts, subscribe.ts, will.ts), each callable without a socket; ./aedes-hooks.ts turns
