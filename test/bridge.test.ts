@@ -11,7 +11,6 @@ import {
   Bridge,
   BridgeErrorCode,
   type BridgeMesh,
-  CborError,
   type CborValue,
   cborMap,
   cobsDecode,
@@ -25,14 +24,19 @@ import {
   FrameType,
   HEADER_BYTES,
   int16Tensor,
+  isCborError,
   K,
   MAX_PACKET_BYTES,
+  MESH_TO_WIRE,
+  meshErrorOfWire,
   openFrame,
   readHeader,
   readInferRequest,
+  replyError,
   SerialDeframer,
   SimDevice,
   sealFrame,
+  WIRE_TO_MESH,
 } from '@edge-mesh/firmware-bridge';
 import { MeshError, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
 import golden from '../firmware-bridge/vectors/golden.json' with { type: 'json' };
@@ -178,7 +182,13 @@ describe('link layer and codecs', () => {
       ['trailing bytes', Buffer.from('0101', 'hex')],
       ['truncated', Buffer.from('1a0001', 'hex')],
     ];
-    for (const [what, bytes] of bombs) assert.throws(() => decodeCbor(bytes), CborError, what);
+    for (const [what, bytes] of bombs) {
+      assert.throws(
+        () => decodeCbor(bytes),
+        (err: unknown) => isCborError(err) && err.code === 'MESH_BAD_REQUEST',
+        what,
+      );
+    }
   });
 
   test('deframer: random bytes never throw and it resyncs at the next 0x00', () => {
@@ -227,10 +237,16 @@ describe('bridge: requests', () => {
 
   test('coded errors: unknown model, bad shape, bad body, deadline, unknown frame type; the bridge keeps serving', async (t) => {
     const r = await rig(t);
+    const meshCodes: string[] = [];
     const code = async (type: number, body: Map<number, CborValue>) => {
       const packet = r.device.frame(type, body);
       const reply = await r.device.exchange(packet);
       assert.equal(reply.type, FrameType.ERROR);
+      // Where the ERROR frame becomes a JavaScript error it is a MeshError that keeps the wire code.
+      const err = replyError(reply);
+      assert.ok(err instanceof MeshError);
+      assert.equal(err.details?.wireCode, (reply.body as Map<number, unknown>).get(K.error.code));
+      meshCodes.push(err.code);
       return (reply.body as Map<number, unknown>).get(K.error.code);
     };
     assert.equal(
@@ -247,7 +263,46 @@ describe('bridge: requests', () => {
     assert.equal(await code(FrameType.INFER_REQ, cborMap([[K.inferReq.model, 1]])), BridgeErrorCode.BAD_BODY);
     assert.equal(await code(FrameType.INFER_REQ, inferBody([[K.inferReq.deadlineMs, 1]])), BridgeErrorCode.DEADLINE);
     assert.equal(await code(17, new Map()), BridgeErrorCode.UNSUPPORTED_TYPE);
+    assert.deepEqual(meshCodes, ['MESH_UNKNOWN_MODEL', 'MESH_BAD_INPUT', 'MESH_BAD_REQUEST', 'MESH_DEADLINE_EXCEEDED', 'MESH_BAD_REQUEST']);
+    assert.equal(replyError(await r.device.request(FrameType.INFER_REQ, inferBody())), undefined, 'a result is no error');
     await assertStillServes(r);
+  });
+
+  test('wire codes and mesh codes map both ways; every wire code has a mesh code', () => {
+    for (const [name, wire] of Object.entries(BridgeErrorCode)) {
+      const err = meshErrorOfWire(wire, 'from the device');
+      assert.equal(err.code, WIRE_TO_MESH[wire], name);
+      assert.deepEqual(err.details, { wireCode: wire, wireName: name });
+    }
+    // The mesh errors a request can end in go out as a wire code; read back on the device side they name the same kind.
+    const roundTrip = Object.fromEntries(Object.entries(MESH_TO_WIRE).map(([mesh, wire]) => [mesh, meshErrorOfWire(wire!, '').code]));
+    assert.deepEqual(roundTrip, {
+      MESH_BAD_INPUT: 'MESH_BAD_INPUT',
+      MESH_BAD_TENSOR: 'MESH_BAD_INPUT',
+      MESH_BAD_REQUEST: 'MESH_BAD_INPUT',
+      MESH_TOO_LARGE: 'MESH_TOO_LARGE',
+      MESH_BUSY: 'MESH_BUSY',
+      MESH_DEADLINE_EXCEEDED: 'MESH_DEADLINE_EXCEEDED',
+      MESH_NO_AGENT: 'MESH_NO_AGENT',
+      MESH_UNKNOWN_MODEL: 'MESH_NO_AGENT',
+      MESH_INFERENCE_FAILED: 'MESH_INFERENCE_FAILED',
+    });
+    assert.equal(meshErrorOfWire(200, 'unknown').code, 'MESH_INTERNAL');
+  });
+
+  test('registry and device errors are coded MeshErrors', async () => {
+    const coded = (code: string) => (err: unknown) => err instanceof MeshError && err.code === code;
+    const registry = DeviceRegistry.inMemory();
+    const record = await registry.provision({ name: 'one' });
+    await assert.rejects(registry.provision({ deviceId: record.deviceId }), coded('MESH_BAD_REQUEST'));
+    await assert.rejects(registry.provision({ key: new Uint8Array(16) }), coded('MESH_BAD_REQUEST'));
+    await assert.rejects(registry.revoke(0x0badf00d), coded('MESH_NOT_FOUND'));
+    // A device whose frames reach no bridge gives up with MESH_TIMEOUT after its tries.
+    const lonely = new SimDevice({ deviceId: record.deviceId, key: Buffer.from(record.key, 'hex'), epoch: 1, send: () => {} });
+    await assert.rejects(
+      lonely.request(FrameType.POLL, new Map(), { timeoutMs: 20, tries: 2 }),
+      (err: unknown) => coded('MESH_TIMEOUT')(err) && (err as MeshError).details?.tries === 2,
+    );
   });
 
   test('CBOR bombs inside an authenticated body get BAD_BODY and run nothing', async (t) => {
@@ -460,6 +515,13 @@ describe('bridge: restarts, sleepy devices, downlinks', () => {
     const c = await r.device.request(FrameType.POLL, new Map());
     assert.equal(c.type, FrameType.ACK);
     assert.equal((c.body as Map<number, unknown>).get(K.pending), undefined);
+
+    // Refused downlinks are coded: an unknown device, a payload too large for a frame, a full queue.
+    const coded = (code: string) => (err: unknown) => err instanceof MeshError && err.code === code;
+    assert.throws(() => r.bridge.queueDownlink(0x0badf00d, Buffer.from('x')), coded('MESH_NOT_FOUND'));
+    assert.throws(() => r.bridge.queueDownlink(r.record.deviceId, Buffer.alloc(MAX_PACKET_BYTES)), coded('MESH_TOO_LARGE'));
+    for (let i = 0; i < 16; i++) r.bridge.queueDownlink(r.record.deviceId, Buffer.from([i]));
+    assert.throws(() => r.bridge.queueDownlink(r.record.deviceId, Buffer.from('one too many')), coded('MESH_BUSY'));
   });
 
   test('availability: a sleepy device goes online → asleep → offline on a fake clock; published retained', async (t) => {
@@ -538,7 +600,7 @@ describe('bridge: fuzz', () => {
       try {
         readInferRequest(decodeCbor(bytes));
       } catch (err) {
-        assert.ok(err instanceof CborError, `only CborError escapes: ${(err as Error).message}`);
+        assert.ok(isCborError(err), `only the decoder's MESH_BAD_REQUEST escapes: ${(err as Error).message}`);
       }
       frames++;
     }

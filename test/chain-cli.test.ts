@@ -152,10 +152,10 @@ describe('edge-mesh chain, fund, balance, settle', () => {
     assert.match(noChain.stderr, /MESH_CONFIG: no chain/);
     assert.match(noKey.stderr, /MESH_CONFIG: this command sends a transaction/);
     assert.equal(poor.code, 1);
-    assert.match(poor.stderr, /ESCROW_REVERTED: fund: .* holds 0 token units/);
-    assert.match(notEscrow.stderr, /ESCROW_NOT_AN_ESCROW/);
+    assert.match(poor.stderr, /MESH_CHAIN_REVERTED: fund: .* holds 0 token units/);
+    assert.match(notEscrow.stderr, /MESH_CONFIG: no contract at .*: not a MeshEscrow/);
     assert.equal(down.code, 1);
-    assert.match(down.stderr, /ESCROW_UNREACHABLE/);
+    assert.match(down.stderr, /MESH_CHAIN_UNREACHABLE/);
     assert.notEqual(badAmount.code, 0);
     assert.match(badAmount.stderr, /whole number of token units/);
   });

@@ -9,12 +9,13 @@ import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { ERC20_ABI, ESCROW_ABI, EscrowClient, type EscrowError, recoverVoucherSigner } from '@edge-mesh/contracts';
-import { deployArtifact, deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { ERC20_ABI, ESCROW_ABI, EscrowClient, recoverVoucherSigner } from '@edge-mesh/contracts';
+import { connectRpc, deployArtifact, deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import {
   agentBindingMessage,
   type EscrowDomain,
   generateIdentity,
+  MeshError,
   packVouchers,
   SECP256K1_N,
   type SignedVoucher,
@@ -249,7 +250,13 @@ describe('MeshEscrow', () => {
     assert.equal(thawEnd, (await chainNow()) + BigInt(THAW));
     await assert.rejects(
       p.client.withdraw(agent),
-      (err: EscrowError) => err.code === 'ESCROW_REVERTED' && /StillThawing/.test(err.message),
+      (err: unknown) =>
+        err instanceof MeshError &&
+        err.code === 'MESH_CHAIN_REVERTED' &&
+        /StillThawing/.test(err.message) &&
+        /^StillThawing\(/.test(String(err.details?.reason)) &&
+        err.details?.action === 'withdraw' &&
+        err.cause !== undefined,
     );
     await assert.rejects(p.client.requestWithdraw(agent), /WithdrawAlreadyPending/);
 
@@ -459,16 +466,47 @@ describe('MeshEscrow', () => {
     await assert.rejects(client.registerAgent(new Uint8Array(32), bindingSig), /BadAgentKey/);
   });
 
-  test('the client reports coded errors', async () => {
+  test('the client reports coded MeshErrors from the one registry', async () => {
+    const coded =
+      (code: string, check: (e: MeshError) => boolean = () => true) =>
+      (e: unknown) =>
+        e instanceof MeshError && e.code === code && check(e);
+    const nowhere = ethers.Wallet.createRandom().address;
     await assert.rejects(
-      EscrowClient.connect({ runner: chain.provider, escrow: ethers.Wallet.createRandom().address }),
-      (e: EscrowError) => e.code === 'ESCROW_NOT_AN_ESCROW',
+      EscrowClient.connect({ runner: chain.provider, escrow: nowhere }),
+      coded('MESH_CONFIG', (e) => /not a MeshEscrow/.test(e.message) && e.details?.escrow === nowhere),
     );
     const reader = await EscrowClient.connect({ runner: chain.provider, escrow: mesh.escrow });
-    await assert.rejects(reader.fund(newAgent(), 1n), (e: EscrowError) => e.code === 'ESCROW_NO_SIGNER');
+    await assert.rejects(
+      reader.fund(newAgent(), 1n),
+      coded('MESH_CONFIG', (e) => e.details?.reason === 'no-signer'),
+    );
     const p = await newPayer();
-    await assert.rejects(p.client.fund(newAgent(), 5n), (e: EscrowError) => e.code === 'ESCROW_REVERTED' && /holds 0/.test(e.message));
-    await assert.rejects(p.client.fund('0x1234', 5n), (e: EscrowError) => e.code === 'ESCROW_BAD_ARGUMENT');
+    await assert.rejects(
+      p.client.fund(newAgent(), 5n),
+      coded('MESH_CHAIN_REVERTED', (e) => /holds 0/.test(e.message) && e.details?.reason === 'insufficient-balance' && !e.retryable),
+    );
+    await assert.rejects(
+      p.client.fund('0x1234', 5n),
+      coded('MESH_BAD_REQUEST', (e) => e.details?.field === 'agent'),
+    );
+    await assert.rejects(
+      p.client.fund(newAgent(), 0n),
+      coded('MESH_BAD_REQUEST', (e) => e.details?.field === 'amount'),
+    );
+    // Nothing listens on port 9: unreachable, which another endpoint or a later try may not be.
+    const dead = connectRpc('http://127.0.0.1:9', chain.chainId);
+    try {
+      await assert.rejects(
+        EscrowClient.connect({ runner: dead, escrow: mesh.escrow }),
+        coded(
+          'MESH_CHAIN_UNREACHABLE',
+          (e) => e.retryable && e.httpStatus === 503 && e.details?.action === 'connect' && e.cause !== undefined,
+        ),
+      );
+    } finally {
+      dead.destroy();
+    }
   });
 
   test('the local chain dies with its parent, even after SIGKILL', async () => {

@@ -1,8 +1,9 @@
 /** The router's HTTP API (KServe v2 JSON, operator endpoints, Prometheus metrics) on a real broker, agent and router. */
 import assert from 'node:assert/strict';
-import { describe, type TestContext, test } from 'node:test';
+import { after, before, describe, type TestContext, test } from 'node:test';
+import { connectRpc, deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
-import { generateIdentity, tensorToJson } from '@edge-mesh/protocol';
+import { ERROR_CODES, generateIdentity, isMeshErrorCode, tensorToJson } from '@edge-mesh/protocol';
 import {
   KSERVE_TO_DTYPE,
   kserveDatatypeOf,
@@ -30,6 +31,26 @@ async function meshWithHttp(t: TestContext): Promise<{ brokerUrl: string; agentI
 async function getJson(url: string, init?: RequestInit): Promise<{ status: number; body: any }> {
   const res = await fetch(url, init);
   return { status: res.status, body: await res.json() };
+}
+
+/**
+ * The one error body shape (docs/errors.md): `error` (the KServe v2 field) and `code` always, `details` an object
+ * when present, nothing else; the status is the code's.
+ */
+// biome-ignore lint/suspicious/noExplicitAny: an HTTP body, read field by field
+function assertErrorBody(res: { status: number; body: any }, code: string, what: string): Record<string, unknown> | undefined {
+  assert.equal(res.body?.code, code, `${what}: ${JSON.stringify(res.body)}`);
+  assert.ok(isMeshErrorCode(code));
+  assert.equal(res.status, ERROR_CODES[code].httpStatus, `${what}: the status is the code's`);
+  assert.equal(typeof res.body.error, 'string', what);
+  assert.ok(res.body.error.length > 0, what);
+  assert.deepEqual(
+    Object.keys(res.body).filter((k) => k !== 'error' && k !== 'code' && k !== 'details'),
+    [],
+    `${what}: no other fields`,
+  );
+  if ('details' in res.body) assert.ok(res.body.details !== null && typeof res.body.details === 'object', what);
+  return res.body.details;
 }
 
 const post = (body: unknown): RequestInit => ({
@@ -99,9 +120,11 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
       JSON.stringify(unknown),
     );
     assert.equal(typeof unknown.body.error, 'string');
+    assert.equal(assertErrorBody(unknown, unknown.body.code, 'infer, unknown model')?.model, 'no-such-model');
     const unknownMeta = await getJson(`${base}/v2/models/no-such-model`);
     assert.equal(unknownMeta.status, 404);
     assert.equal(unknownMeta.body.code, 'MESH_UNKNOWN_MODEL');
+    assert.deepEqual(assertErrorBody(unknownMeta, 'MESH_UNKNOWN_MODEL', 'metadata, unknown model'), { model: 'no-such-model' });
 
     const malformed = [
       '{"inputs": [',
@@ -114,6 +137,7 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
       const bad = await getJson(`${base}/v2/models/kws/infer`, post(body));
       assert.equal(bad.status, 400, JSON.stringify(body));
       assert.equal(bad.body.code, 'MESH_BAD_REQUEST', JSON.stringify(bad.body));
+      assertErrorBody(bad, 'MESH_BAD_REQUEST', JSON.stringify(body));
     }
     // Well-formed JSON, but the data do not fill the shape: a bad tensor.
     const short = await getJson(
@@ -122,6 +146,7 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     );
     assert.equal(short.status, 400);
     assert.equal(short.body.code, 'MESH_BAD_TENSOR');
+    assertErrorBody(short, 'MESH_BAD_TENSOR', 'short data');
 
     // Operator endpoints.
     const agents = await getJson(`${base}/v1/agents`);
@@ -151,6 +176,9 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     assert.match(text, /^edge_mesh_request_errors_total\{model="kws",code="MESH_BAD_REQUEST"\} 5$/m);
     assert.match(text, /^edge_mesh_request_errors_total\{model="kws",code="MESH_BAD_TENSOR"\} 1$/m);
     assert.match(text, /^edge_mesh_request_errors_total\{model="_unknown",code="MESH_(UNKNOWN_MODEL|NO_AGENT)"\} 2$/m);
+
+    // (After the counters above were read: this one counts as an error too.)
+    assertErrorBody(await getJson(`${base}/v2/models/no-such-model/ready`), 'MESH_UNKNOWN_MODEL', 'ready, unknown model');
 
     await http.close();
     await assert.rejects(fetch(`${base}/v2/health/live`));
@@ -214,6 +242,7 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     const notFound = await http.app.inject({ method: 'GET', url: '/nope' });
     assert.equal(notFound.statusCode, 404);
     assert.equal(typeof notFound.json().code, 'string');
+    assert.equal(notFound.json().code, 'MESH_NOT_FOUND');
     assert.equal(kserveDatatypeOf('float32'), 'FP32');
     assert.equal(kserveDatatypeOf('tensor(int64)'), 'INT64');
     assert.equal(kserveDatatypeOf('bool'), 'BOOL');
@@ -222,5 +251,107 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     await http.close();
     await router.close();
     assert.ok(Date.now() - t0 < 5_000, `closed in ${Date.now() - t0} ms`);
+  });
+  test('every error has one body shape: bad JSON, schema violation, body too large, unknown route, not ready; documented', async (t) => {
+    const broker = await brokerFor(t);
+    const router = await startRouter({ brokerUrl: broker.url, identity: generateIdentity('router'), logger: quiet });
+    t.after(() => router.close());
+    const http = await startRouterHttp(router, { processMetrics: false, bodyLimit: 2048 });
+    t.after(() => http.close());
+    const base = http.url;
+    const infer = `${base}/v2/models/kws/infer`;
+
+    const badJson = assertErrorBody(await getJson(infer, post('{"inputs": [')), 'MESH_BAD_REQUEST', 'bad JSON');
+    assert.equal(badJson?.reason, 'FST_ERR_CTP_INVALID_JSON_BODY');
+    assertErrorBody(await getJson(infer, post('')), 'MESH_BAD_REQUEST', 'empty JSON body');
+    const schema = assertErrorBody(
+      await getJson(infer, post({ inputs: [{ name: 'x', shape: [1], datatype: 'FP99', data: [] }] })),
+      'MESH_BAD_REQUEST',
+      'schema violation',
+    );
+    assert.equal(schema?.in, 'body');
+    assert.deepEqual(
+      ((schema?.violations ?? []) as { path: string; keyword: string }[]).map((v) => [v.path, v.keyword]),
+      [['/inputs/0/datatype', 'enum']],
+    );
+    const tooLarge = assertErrorBody(
+      await getJson(infer, post({ inputs: [{ name: 'x', shape: [1024], datatype: 'FP32', data: new Array(1024).fill(0.5) }] })),
+      'MESH_TOO_LARGE',
+      'body over the limit',
+    );
+    assert.equal(tooLarge?.limitBytes, 2048);
+    const route = assertErrorBody(await getJson(`${base}/v2/nope?x=1`, { method: 'DELETE' }), 'MESH_NOT_FOUND', 'unknown route');
+    assert.deepEqual(route, { method: 'DELETE', url: '/v2/nope?x=1' });
+    assert.deepEqual(assertErrorBody(await getJson(`${base}/v2/health/ready`), 'MESH_NO_AGENT', 'not ready'), {
+      ready: false,
+      connected: true,
+    });
+    const noAgent = assertErrorBody(
+      await getJson(infer, post({ inputs: [{ name: 'x', shape: [1], datatype: 'FP32', data: [1] }] })),
+      'MESH_NO_AGENT',
+      'no agent',
+    );
+    assert.equal(noAgent?.model, 'kws');
+    // Bad input changed nothing: the API still serves.
+    assert.deepEqual(await getJson(`${base}/v2/health/live`), { status: 200, body: { live: true } });
+
+    // The shape is documented in the OpenAPI description: a component schema, every route's error responses.
+    const api = (await getJson(`${base}/openapi.json`)).body;
+    const shape = api.components.schemas.HttpError;
+    assert.deepEqual(shape.required, ['error', 'code']);
+    assert.deepEqual(Object.keys(shape.properties).sort(), ['code', 'details', 'error']);
+    assert.match(api.info.description, /"error": "<message>", "code": "MESH_…"/);
+    let documented = 0;
+    for (const [path, methods] of Object.entries(api.paths as Record<string, Record<string, { responses: Record<string, unknown> }>>)) {
+      for (const [method, op] of Object.entries(methods)) {
+        for (const status of ['4XX', '5XX']) {
+          // biome-ignore lint/suspicious/noExplicitAny: OpenAPI JSON
+          const body = (op.responses[status] as any)?.content?.['application/json']?.schema;
+          assert.deepEqual(Object.keys(body?.properties ?? {}).sort(), ['code', 'details', 'error'], `${method} ${path} ${status}`);
+          documented++;
+        }
+      }
+    }
+    assert.ok(documented >= 20, `${documented} error responses documented`);
+    // biome-ignore lint/suspicious/noExplicitAny: OpenAPI JSON
+    const inferDoc = (api.paths as any)['/v2/models/{name}/infer'].post.responses;
+    for (const status of ['400', '404', '413', '429', '500', '502', '503', '504']) assert.ok(inferDoc[status]?.description, status);
+  });
+});
+
+describe('router HTTP API on a chain', { timeout: 120_000 }, () => {
+  let chain: LocalChain;
+  let deployment: MeshDeployment;
+  before(async () => {
+    chain = await startLocalChain({ accounts: 2 });
+    deployment = await deployMesh(chain.wallet(0), { thawSeconds: 60 });
+  });
+  after(() => chain?.close());
+
+  test('a chain that cannot be read answers 503 MESH_CHAIN_UNREACHABLE in the same body shape, and the API keeps serving', async (t) => {
+    const broker = await brokerFor(t);
+    const router = await startRouter({ brokerUrl: broker.url, identity: generateIdentity('router'), logger: quiet });
+    t.after(() => router.close());
+    // The router's own provider, so that stopping the node leaves it asking a dead endpoint.
+    const provider = connectRpc(chain.rpcUrl, chain.chainId);
+    t.after(() => provider.destroy());
+    const http = await startRouterHttp(router, {
+      processMetrics: false,
+      chain: { provider, escrow: deployment.escrow, fromBlock: deployment.deployBlock },
+    });
+    t.after(() => http.close());
+    const base = http.url;
+    const lanes = await getJson(`${base}/v1/lanes`);
+    assert.equal(lanes.status, 200, JSON.stringify(lanes.body));
+    assert.deepEqual(lanes.body.lanes, []);
+    const badPayer = assertErrorBody(await getJson(`${base}/v1/settlements?payer=nope`), 'MESH_BAD_REQUEST', 'not an address');
+    assert.deepEqual(badPayer, { field: 'payer' });
+
+    await chain.close();
+    for (const path of ['/v1/lanes', '/v1/settlements']) {
+      const details = assertErrorBody(await getJson(`${base}${path}`), 'MESH_CHAIN_UNREACHABLE', `${path} with the chain gone`);
+      assert.match(String(details?.action), /logs$/);
+    }
+    assert.deepEqual(await getJson(`${base}/v2/health/live`), { status: 200, body: { live: true } });
   });
 });

@@ -79,3 +79,27 @@ export function ackError(id: string, err: unknown): AdminAck {
   const e = toMeshError(err);
   return { v: PROTOCOL_VERSION, kind: 'ack', id, ok: false, code: e.code, message: e.message.slice(0, 1024) };
 }
+
+/** What applying a record needs from the broker: its admit and revoke, which store, log and disconnect. */
+export interface AdminRecordTarget {
+  admit(signed: SignedRecord): Promise<unknown>;
+  revoke(signed: SignedRecord): Promise<unknown>;
+}
+
+/**
+ * Applies an operator's admin record (an admission or a revocation) and answers the ack to publish on the operator's
+ * acks topic: ok, or the MeshError code and message that refused it.
+ */
+export async function applyAdminRecord(payload: Uint8Array, target: AdminRecordTarget): Promise<AdminAck> {
+  let id = '';
+  try {
+    const parsed = parseAdminRecord(payload);
+    id = parsed.id;
+    const signed = parsed.signed as SignedRecord;
+    if (parsed.kind === 'revocation') await target.revoke(signed);
+    else await target.admit(signed); // verifyRecord refuses anything that is not a valid admission
+    return ackOk(id);
+  } catch (err) {
+    return ackError(id, err);
+  }
+}

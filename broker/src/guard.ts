@@ -10,6 +10,7 @@
  * one jump per packet header inside the chunk (not a scan of the body bytes).
  */
 import type { Socket } from 'node:net';
+import { MeshError } from '@edge-mesh/protocol';
 
 /** The largest Remaining Length MQTT 3.1.1 can encode (4 varint bytes). */
 export const MQTT_MAX_REMAINING_LENGTH = 268_435_455;
@@ -110,7 +111,8 @@ export function guardSocket(socket: Socket, maxPacketBytes: number, onReject: (r
       if (rejection !== undefined) {
         if (!socket.destroyed) {
           onReject(rejection);
-          socket.destroy(new Error(`MQTT framing guard: ${rejection.reason}`));
+          const code = rejection.reason === 'packet-too-large' ? 'MESH_TOO_LARGE' : 'MESH_BAD_REQUEST';
+          socket.destroy(new MeshError(code, `MQTT framing guard: ${rejection.reason}`, { details: rejection }));
         }
         return false;
       }

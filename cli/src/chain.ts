@@ -145,21 +145,17 @@ export async function connectFromOptions(
   return { client, provider, ...(signer ? { signer } : {}) };
 }
 
-/** Runs a chain command, turning the client's coded errors into `CODE: message` and closing the provider. */
+/** Runs a chain command and closes the provider; the client's MeshErrors reach main(), which prints `CODE: message`. */
 async function withClient<T>(
   opts: ChainOptions,
   needsKey: boolean,
   body: (c: { client: EscrowClient; signer?: ethers.Wallet }) => Promise<T>,
 ): Promise<T> {
-  const { EscrowError } = await loadEscrow();
   let provider: ethers.JsonRpcProvider | undefined;
   try {
     const c = await connectFromOptions(opts, { needsKey });
     provider = c.provider;
     return await body(c);
-  } catch (err) {
-    if (err instanceof EscrowError) throw new Error(`${err.code}: ${err.message}`, { cause: err });
-    throw err;
   } finally {
     provider?.destroy();
   }
@@ -182,8 +178,10 @@ export async function readVoucherFile(file: string): Promise<SignedVoucher[]> {
   return list.map((e, i) => {
     const entry = e as { voucher?: Record<string, unknown>; signature?: unknown };
     const v = entry?.voucher;
+    if (!v || typeof entry.signature !== 'string') {
+      throw new MeshError('MESH_BAD_INPUT', `${file}: entry ${i}: needs voucher and signature`, { details: { entry: i } });
+    }
     try {
-      if (!v || typeof entry.signature !== 'string') throw new Error('needs voucher and signature');
       return {
         voucher: {
           agent: String(v.agent),
@@ -194,7 +192,8 @@ export async function readVoucherFile(file: string): Promise<SignedVoucher[]> {
         signature: entry.signature,
       };
     } catch (err) {
-      throw new MeshError('MESH_BAD_INPUT', `${file}: entry ${i}: ${(err as Error).message}`);
+      // BigInt() of a malformed amount throws SyntaxError.
+      throw new MeshError('MESH_BAD_INPUT', `${file}: entry ${i}: ${(err as Error).message}`, { cause: err, details: { entry: i } });
     }
   });
 }

@@ -9,6 +9,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import path from 'node:path';
+import { MeshError } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { ESCROW_ABI } from './abi.ts';
 import { artifact, CONTRACTS_DIR } from './compile.ts';
@@ -93,18 +94,19 @@ function installExitHook(): void {
 
 export async function startLocalChain(options: StartChainOptions = {}): Promise<LocalChain> {
   const { chainId = 31337, accounts: count = 20, startTimeoutMs = 30_000, log } = options;
-  let lastError: Error | undefined;
+  let lastError: MeshError | undefined;
   for (let attempt = 0; attempt < 3; attempt++) {
     const port = options.port ? options.port : await freePort();
     try {
       return await startOnce(port, chainId, count, startTimeoutMs, log);
     } catch (err) {
-      lastError = err as Error;
+      lastError = err instanceof MeshError ? err : new MeshError('MESH_CHAIN_UNREACHABLE', (err as Error).message, { cause: err });
       if (options.port) break; // a port the caller chose: do not silently move
       log?.(`local chain: start on port ${port} failed (${lastError.message}); retrying on another port`);
     }
   }
-  throw lastError ?? new Error('local chain did not start');
+  // The loop ran at least once, so lastError is set; the fallback only satisfies the type.
+  throw lastError ?? new MeshError('MESH_CHAIN_UNREACHABLE', 'local chain did not start');
 }
 
 async function startOnce(
@@ -142,18 +144,30 @@ async function startOnce(
   const deadline = Date.now() + startTimeoutMs;
   const started = Date.now();
   for (;;) {
-    if (exited !== undefined) throw new Error(`hardhat node exited (${exited}) before answering: ${tail.slice(-600)}`);
+    if (exited !== undefined) {
+      throw new MeshError('MESH_CHAIN_UNREACHABLE', `hardhat node exited (${exited}) before answering: ${tail.slice(-600)}`, {
+        details: { rpcUrl, exitCode: exited },
+      });
+    }
     const id = await rpcChainId(rpcUrl);
     if (id !== undefined) {
       if (id !== BigInt(chainId)) {
         child.kill('SIGKILL');
-        throw new Error(`port ${port} answers chain id ${id}, not ${chainId}: another node?`);
+        throw new MeshError('MESH_CONFIG', `port ${port} answers chain id ${id}, not ${chainId}: another node?`, {
+          details: { rpcUrl, chainId: id.toString() },
+        });
       }
       break;
     }
     if (Date.now() > deadline) {
       child.kill('SIGKILL');
-      throw new Error(`hardhat node did not answer on ${rpcUrl} within ${startTimeoutMs} ms: ${tail.slice(-600)}`);
+      throw new MeshError(
+        'MESH_CHAIN_UNREACHABLE',
+        `hardhat node did not answer on ${rpcUrl} within ${startTimeoutMs} ms: ${tail.slice(-600)}`,
+        {
+          details: { rpcUrl },
+        },
+      );
     }
     await new Promise((r) => setTimeout(r, 100));
   }
@@ -175,7 +189,9 @@ async function startOnce(
     pid: child.pid!,
     wallet: (i: number) => {
       const key = privateKeys[i];
-      if (key === undefined) throw new RangeError(`the local chain has ${count} accounts, not ${i + 1}`);
+      if (key === undefined) {
+        throw new MeshError('MESH_BAD_REQUEST', `the local chain has ${count} accounts, not ${i + 1}`, { details: { field: 'account' } });
+      }
       return new ethers.Wallet(key, provider);
     },
     increaseTime: async (seconds: number | bigint) => {
@@ -215,7 +231,7 @@ export async function deployMesh(
   { thawSeconds, token }: { thawSeconds: number | bigint; token?: string },
 ): Promise<MeshDeployment> {
   const provider = signer.provider;
-  if (!provider) throw new Error('deployMesh: the signer has no provider');
+  if (!provider) throw new MeshError('MESH_CONFIG', 'deployMesh: the signer has no provider', { details: { field: 'signer' } });
   let tokenAddress = token;
   if (tokenAddress === undefined) {
     const usdc = artifact('MockUSDC');
@@ -233,7 +249,10 @@ export async function deployMesh(
   // Sanity: the compiled contract answers the ABI protocol/ speaks.
   const check = new ethers.Contract(address, ESCROW_ABI, provider);
   const onChainToken = (await check.getFunction('token')()) as string;
-  if (onChainToken.toLowerCase() !== tokenAddress.toLowerCase()) throw new Error('deployMesh: escrow reports another token');
+  if (onChainToken.toLowerCase() !== tokenAddress.toLowerCase()) {
+    // An invariant of the compiled contract, not an input: it answers the token it was deployed with.
+    throw new MeshError('MESH_INTERNAL', 'deployMesh: escrow reports another token', { details: { escrow: address, token: onChainToken } });
+  }
   const { chainId } = await provider.getNetwork();
   return {
     chainId,

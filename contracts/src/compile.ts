@@ -8,6 +8,7 @@ import { mkdirSync, readdirSync, readFileSync, renameSync, writeFileSync } from 
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { MeshError } from '@edge-mesh/protocol';
 
 /** The package folder (the same from `src/` under a loader and from `dist/`). */
 export const CONTRACTS_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -92,7 +93,12 @@ export function compileContracts({ log }: { log?: (line: string) => void } = {})
     contracts?: Record<string, Record<string, { abi: unknown[]; evm: { bytecode: { object: string } } }>>;
   };
   const errors = (output.errors ?? []).filter((e) => e.severity === 'error');
-  if (errors.length > 0) throw new Error(`solc ${solc.version()} failed:\n${errors.map((e) => e.formattedMessage).join('\n')}`);
+  if (errors.length > 0) {
+    // Our own Solidity does not compile: a defect of this checkout, not of the caller's input.
+    throw new MeshError('MESH_INTERNAL', `solc ${solc.version()} failed:\n${errors.map((e) => e.formattedMessage).join('\n')}`, {
+      details: { solc: solc.version(), errors: errors.length },
+    });
+  }
   for (const w of output.errors ?? []) if (w.severity !== 'error') log?.(`solc: ${w.formattedMessage.split('\n')[0]}`);
 
   const artifacts: Artifacts = {};
@@ -114,6 +120,6 @@ export function compileContracts({ log }: { log?: (line: string) => void } = {})
 
 export function artifact(name: 'MeshEscrow' | 'MockUSDC' | 'HostileToken' | (string & {})): Artifact {
   const a = compileContracts()[name];
-  if (!a) throw new Error(`no compiled contract named ${name}`);
+  if (!a) throw new MeshError('MESH_NOT_FOUND', `no compiled contract named ${name}`, { details: { contract: name } });
   return a;
 }

@@ -9,6 +9,8 @@
 
 import {
   type EscrowDomain,
+  MeshError,
+  type MeshErrorCode,
   packVouchers,
   type SignedVoucher,
   type SkipReason,
@@ -19,25 +21,14 @@ import {
 import { ethers } from 'ethers';
 import { ERC20_ABI, ESCROW_ABI } from './abi.ts';
 
-export const ESCROW_ERROR_CODES = {
-  ESCROW_UNREACHABLE: 'the chain could not be reached or answered badly',
-  ESCROW_REVERTED: 'the chain refused the transaction or call (the reason is in the message)',
-  ESCROW_BAD_ARGUMENT: 'an argument is malformed (address, amount, voucher)',
-  ESCROW_NO_SIGNER: 'a transaction needs a signer; the client was built with a provider only',
-  ESCROW_NOT_AN_ESCROW: 'the address holds no MeshEscrow contract',
-} as const;
-export type EscrowErrorCode = keyof typeof ESCROW_ERROR_CODES;
-
-export class EscrowError extends Error {
-  override readonly name = 'EscrowError';
-  constructor(
-    readonly code: EscrowErrorCode,
-    message: string,
-    options: { cause?: unknown } = {},
-  ) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause });
-  }
-}
+/*
+ * Errors are MeshErrors from the mesh's one registry (protocol/errors.ts, docs/errors.md):
+ *   MESH_CHAIN_UNREACHABLE  the JSON-RPC endpoint could not be reached, timed out or answered badly;
+ *   MESH_CHAIN_REVERTED     the chain refused the transaction or call; details.reason is the decoded revert
+ *                           (e.g. `StillThawing(…)`) or the node's own reason, details.action the client method;
+ *   MESH_BAD_REQUEST        an argument is malformed (address, amount, voucher, key); details.field names it;
+ *   MESH_CONFIG             the address holds no MeshEscrow, or a transaction was asked of a read-only client.
+ */
 
 export interface Lane {
   /** Funds left on the lane (token units, micro-dollars). */
@@ -95,23 +86,29 @@ function isSigner(runner: ethers.Signer | ethers.Provider): runner is ethers.Sig
   return typeof (runner as ethers.Signer).signTypedData === 'function';
 }
 
+function badArgument(field: string, message: string): MeshError {
+  return new MeshError('MESH_BAD_REQUEST', message, { details: { field } });
+}
+
 function address(value: string, what: string): string {
-  if (!ethers.isAddress(value)) throw new EscrowError('ESCROW_BAD_ARGUMENT', `${what} is not an EVM address: ${JSON.stringify(value)}`);
+  if (!ethers.isAddress(value)) throw badArgument(what, `${what} is not an EVM address: ${JSON.stringify(value)}`);
   return ethers.getAddress(value);
 }
 
 function amount(value: bigint, what: string): bigint {
-  if (typeof value !== 'bigint' || value <= 0n || value >= 1n << 128n)
-    throw new EscrowError('ESCROW_BAD_ARGUMENT', `${what} must be a positive uint128 bigint`);
+  if (typeof value !== 'bigint' || value <= 0n || value >= 1n << 128n) throw badArgument(what, `${what} must be a positive uint128 bigint`);
   return value;
 }
 
 const escrowInterface = new ethers.Interface(ESCROW_ABI);
 const erc20Interface = new ethers.Interface(ERC20_ABI);
 
-/** Turns an ethers error into an EscrowError with the decoded revert reason where there is one. */
-export function toEscrowError(err: unknown, action: string): EscrowError {
-  if (err instanceof EscrowError) return err;
+/**
+ * Turns an ethers error from `action` (a client method, a log scan) into a MeshError: MESH_CHAIN_REVERTED with the
+ * decoded revert reason where there is one, MESH_CHAIN_UNREACHABLE, or MESH_BAD_REQUEST. A MeshError passes unchanged.
+ */
+export function toChainError(err: unknown, action: string): MeshError {
+  if (err instanceof MeshError) return err;
   const e = err as {
     code?: string;
     revert?: { name: string; args: unknown[] } | null;
@@ -130,7 +127,11 @@ export function toEscrowError(err: unknown, action: string): EscrowError {
       const parsed = escrowInterface.parseError(e.data) ?? erc20Interface.parseError(e.data);
       if (parsed) reason = `${parsed.name}(${parsed.args.map(String).join(', ')})`;
     }
-    return new EscrowError('ESCROW_REVERTED', `${action}: ${reason ?? e.shortMessage ?? e.message ?? String(err)}`, { cause: err });
+    const why = reason ?? e.shortMessage ?? e.message ?? String(err);
+    return new MeshError('MESH_CHAIN_REVERTED', `${action}: ${why}`, {
+      cause: err,
+      details: { action, reason: why, ...(reason ? { revert: reason } : {}), ethersCode: e.code },
+    });
   }
   if (
     e.code === 'NETWORK_ERROR' ||
@@ -139,12 +140,18 @@ export function toEscrowError(err: unknown, action: string): EscrowError {
     e.code === 'ECONNREFUSED' ||
     e.code === 'UNKNOWN_ERROR'
   ) {
-    return new EscrowError('ESCROW_UNREACHABLE', `${action}: ${e.shortMessage ?? e.message ?? String(err)}`, { cause: err });
+    return chainError('MESH_CHAIN_UNREACHABLE', err, action);
   }
-  if (e.code === 'INVALID_ARGUMENT' || err instanceof RangeError) {
-    return new EscrowError('ESCROW_BAD_ARGUMENT', `${action}: ${e.shortMessage ?? e.message ?? String(err)}`, { cause: err });
-  }
-  return new EscrowError('ESCROW_UNREACHABLE', `${action}: ${e.shortMessage ?? e.message ?? String(err)}`, { cause: err });
+  if (e.code === 'INVALID_ARGUMENT' || err instanceof RangeError) return chainError('MESH_BAD_REQUEST', err, action);
+  return chainError('MESH_CHAIN_UNREACHABLE', err, action);
+}
+
+function chainError(code: MeshErrorCode, err: unknown, action: string): MeshError {
+  const e = err as { code?: string; shortMessage?: string; message?: string };
+  return new MeshError(code, `${action}: ${e.shortMessage ?? e.message ?? String(err)}`, {
+    cause: err,
+    details: { action, ...(typeof e.code === 'string' ? { ethersCode: e.code } : {}) },
+  });
 }
 
 export class EscrowClient {
@@ -168,33 +175,46 @@ export class EscrowClient {
   static async connect({ runner, escrow, token }: EscrowClientOptions): Promise<EscrowClient> {
     const escrowAddress = address(escrow, 'escrow');
     const provider = isSigner(runner) ? runner.provider : runner;
-    if (!provider) throw new EscrowError('ESCROW_BAD_ARGUMENT', 'the signer is not connected to a provider');
+    if (!provider) throw new MeshError('MESH_CONFIG', 'the signer is not connected to a provider', { details: { field: 'runner' } });
     let chainId: bigint;
     let code: string;
     try {
       [{ chainId }, code] = await Promise.all([provider.getNetwork(), provider.getCode(escrowAddress)]);
     } catch (err) {
-      throw toEscrowError(err, 'connect');
+      throw toChainError(err, 'connect');
     }
-    if (code === '0x') throw new EscrowError('ESCROW_NOT_AN_ESCROW', `no contract at ${escrowAddress} on chain ${chainId}`);
+    if (code === '0x') {
+      throw new MeshError('MESH_CONFIG', `no contract at ${escrowAddress} on chain ${chainId}: not a MeshEscrow`, {
+        details: { escrow: escrowAddress, chainId: chainId.toString() },
+      });
+    }
     let tokenAddress: string;
     try {
       tokenAddress = ethers.getAddress((await new ethers.Contract(escrowAddress, ESCROW_ABI, provider).getFunction('token')()) as string);
     } catch (err) {
-      throw new EscrowError('ESCROW_NOT_AN_ESCROW', `${escrowAddress} does not answer token(): not a MeshEscrow?`, { cause: err });
+      throw new MeshError('MESH_CONFIG', `${escrowAddress} does not answer token(): not a MeshEscrow?`, {
+        cause: err,
+        details: { escrow: escrowAddress, chainId: chainId.toString() },
+      });
     }
     if (token !== undefined && address(token, 'token') !== tokenAddress) {
-      throw new EscrowError('ESCROW_BAD_ARGUMENT', `escrow ${escrowAddress} holds token ${tokenAddress}, not ${token}`);
+      throw new MeshError('MESH_CONFIG', `escrow ${escrowAddress} holds token ${tokenAddress}, not ${token}`, {
+        details: { escrow: escrowAddress, token: tokenAddress },
+      });
     }
     return new EscrowClient(runner, escrowAddress, tokenAddress, chainId);
   }
 
   private signer(): ethers.Signer {
-    if (!isSigner(this.runner)) throw new EscrowError('ESCROW_NO_SIGNER', 'this escrow client is read-only (built with a provider)');
+    if (!isSigner(this.runner)) {
+      throw new MeshError('MESH_CONFIG', 'this escrow client is read-only (built with a provider): a transaction needs a signer', {
+        details: { reason: 'no-signer' },
+      });
+    }
     return this.runner;
   }
 
-  /** The signer's address (throws ESCROW_NO_SIGNER when read-only). */
+  /** The signer's address (throws MESH_CONFIG when read-only). */
   async address(): Promise<string> {
     return ethers.getAddress(await this.signer().getAddress());
   }
@@ -209,10 +229,11 @@ export class EscrowClient {
       const tx = await call();
       if (onSent) await onSent(tx.hash);
       const receipt = await tx.wait();
-      if (!receipt) throw new EscrowError('ESCROW_UNREACHABLE', `${action}: no receipt for ${tx.hash}`);
+      if (!receipt)
+        throw new MeshError('MESH_CHAIN_UNREACHABLE', `${action}: no receipt for ${tx.hash}`, { details: { action, tx: tx.hash } });
       return receipt;
     } catch (err) {
-      throw toEscrowError(err, action);
+      throw toChainError(err, action);
     }
   }
 
@@ -230,7 +251,7 @@ export class EscrowClient {
       )) as [bigint, bigint, bigint];
       return { remaining, settled, thawEnd };
     } catch (err) {
-      throw toEscrowError(err, 'laneOf');
+      throw toChainError(err, 'laneOf');
     }
   }
 
@@ -238,7 +259,7 @@ export class EscrowClient {
     try {
       return (await this.tokenContract.getFunction('balanceOf')(address(owner, 'owner'))) as bigint;
     } catch (err) {
-      throw toEscrowError(err, 'tokenBalance');
+      throw toChainError(err, 'tokenBalance');
     }
   }
 
@@ -246,12 +267,16 @@ export class EscrowClient {
     try {
       return (await this.escrowContract.getFunction('agentKeyOf')(address(payout, 'payout'))) as string;
     } catch (err) {
-      throw toEscrowError(err, 'agentKeyOf');
+      throw toChainError(err, 'agentKeyOf');
     }
   }
 
   async thawSeconds(): Promise<bigint> {
-    return (await this.escrowContract.getFunction('thawSeconds')()) as bigint;
+    try {
+      return (await this.escrowContract.getFunction('thawSeconds')()) as bigint;
+    } catch (err) {
+      throw toChainError(err, 'thawSeconds');
+    }
   }
 
   // ---------------------------------------------------------------- funding
@@ -270,10 +295,15 @@ export class EscrowClient {
     const [balance, allowance] = await Promise.all([
       this.tokenBalance(owner),
       (this.tokenContract.getFunction('allowance')(owner, this.escrow) as Promise<bigint>).catch((err: unknown) => {
-        throw toEscrowError(err, 'allowance');
+        throw toChainError(err, 'allowance');
       }),
     ]);
-    if (balance < value) throw new EscrowError('ESCROW_REVERTED', `fund: ${owner} holds ${balance} token units, needs ${value}`);
+    if (balance < value) {
+      // Checked here rather than left to the token's revert, whose reason names no amounts.
+      throw new MeshError('MESH_CHAIN_REVERTED', `fund: ${owner} holds ${balance} token units, needs ${value}`, {
+        details: { action: 'fund', reason: 'insufficient-balance', balance: balance.toString(), needed: value.toString() },
+      });
+    }
     if (allowance < value) {
       await this.send('approve', () => this.tokenContract.getFunction('approve')(this.escrow, approveMax ? ethers.MaxUint256 : value));
     }
@@ -298,7 +328,7 @@ export class EscrowClient {
         bigint,
       ];
     } catch (err) {
-      throw toEscrowError(err, 'permit: token name/nonces');
+      throw toChainError(err, 'permit: token name/nonces');
     }
     // The chain's clock, not ours: a test chain may run ahead of the wall clock.
     const until = deadline ?? BigInt(((await signer.provider?.getBlock('latest'))?.timestamp ?? Math.floor(Date.now() / 1000)) + 3_600);
@@ -366,7 +396,7 @@ export class EscrowClient {
     try {
       packed = packVouchers(entries);
     } catch (err) {
-      throw toEscrowError(err, 'settle');
+      throw toChainError(err, 'settle');
     }
     return this.settleOutcome(await this.send('settle', () => this.escrowContract.getFunction('settle')(agentAddress, packed), onSent));
   }
@@ -379,7 +409,7 @@ export class EscrowClient {
       agents = batches.map((b) => address(b.agent, 'agent'));
       packed = batches.map((b) => packVouchers(b.entries));
     } catch (err) {
-      throw toEscrowError(err, 'settleMany');
+      throw toChainError(err, 'settleMany');
     }
     return this.settleOutcome(await this.send('settleMany', () => this.escrowContract.getFunction('settleMany')(agents, packed)));
   }
@@ -410,10 +440,8 @@ export class EscrowClient {
   async registerAgent(edPubKey: string | Uint8Array, bindingSig: string | Uint8Array): Promise<TxOutcome> {
     const key = ethers.hexlify(edPubKey);
     const sig = ethers.hexlify(bindingSig);
-    if (ethers.dataLength(key) !== 32)
-      throw new EscrowError('ESCROW_BAD_ARGUMENT', 'registerAgent: the Ed25519 public key must be 32 bytes');
-    if (ethers.dataLength(sig) !== 64)
-      throw new EscrowError('ESCROW_BAD_ARGUMENT', 'registerAgent: the binding signature must be 64 bytes');
+    if (ethers.dataLength(key) !== 32) throw badArgument('edPubKey', 'registerAgent: the Ed25519 public key must be 32 bytes');
+    if (ethers.dataLength(sig) !== 64) throw badArgument('bindingSig', 'registerAgent: the binding signature must be 64 bytes');
     return EscrowClient.outcome(await this.send('registerAgent', () => this.escrowContract.getFunction('registerAgent')(key, sig)));
   }
 }

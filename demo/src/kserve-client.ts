@@ -3,7 +3,7 @@
  * would call it: JSON tensors in, JSON tensors out. The sample app sends part of its traffic this way
  * so `edge-mesh up` exercises the router's forwarding path too.
  */
-import { MeshError, type MeshErrorCode, type Tensor, tensorFromJson, tensorToJson } from '@edge-mesh/protocol';
+import { isMeshErrorCode, MeshError, type Tensor, tensorFromJson, tensorToJson } from '@edge-mesh/protocol';
 import { KSERVE_TO_DTYPE, kserveDatatypeOf } from '@edge-mesh/router';
 
 export interface KServeResult {
@@ -35,10 +35,15 @@ export async function kserveInfer(
   const json = (await res.json()) as {
     code?: string;
     error?: string;
+    details?: Record<string, unknown>;
     parameters?: { agent?: string };
     outputs?: { name: string; shape: number[]; datatype: string; data: unknown[] }[];
   };
-  if (!res.ok) throw new MeshError((json.code as MeshErrorCode | undefined) ?? 'MESH_INTERNAL', json.error ?? `HTTP ${res.status}`);
+  if (!res.ok) {
+    // The router's one error body (docs/errors.md): { error, code, details? }.
+    const code = isMeshErrorCode(json.code) ? json.code : 'MESH_INTERNAL';
+    throw new MeshError(code, json.error ?? `HTTP ${res.status}`, json.details ? { details: json.details } : {});
+  }
   const outputs: Record<string, Tensor> = {};
   for (const o of json.outputs ?? [])
     outputs[o.name] = tensorFromJson(o.name, KSERVE_TO_DTYPE[o.datatype as keyof typeof KSERVE_TO_DTYPE] ?? o.datatype, o.shape, o.data);

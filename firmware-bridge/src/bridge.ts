@@ -12,15 +12,16 @@
  * tell an attacker which check failed, and a reply can only be sealed under a fresh (epoch, seq).
  */
 import { EventEmitter } from 'node:events';
-import { encodeCbor as encodeMeshCbor, MeshError, type ModelInfo, type Tensor, topics } from '@edge-mesh/protocol';
+import { encodeCbor as encodeMeshCbor, MeshError, type MeshErrorCode, type ModelInfo, type Tensor, topics } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
-import { CborError, type CborMap, type CborValue, cborMap, decodeCbor, encodeCbor, type Tagged, TYPED_ARRAY_TAGS } from './cbor.ts';
+import { type CborMap, type CborValue, cborMap, decodeCbor, encodeCbor, isCborError, type Tagged, TYPED_ARRAY_TAGS } from './cbor.ts';
 import {
   BridgeErrorCode,
   type FrameHeader,
   FrameType,
   HEADER_BYTES,
   MAX_PACKET_BYTES,
+  MESH_TO_WIRE,
   openFrame,
   readHeader,
   sealFrame,
@@ -131,25 +132,12 @@ interface DeviceState {
 
 export type SendReply = (packet: Buffer) => void;
 
-const MESH_TO_WIRE: Partial<Record<string, number>> = {
-  MESH_BAD_INPUT: BridgeErrorCode.BAD_INPUT,
-  MESH_BAD_TENSOR: BridgeErrorCode.BAD_INPUT,
-  MESH_BAD_REQUEST: BridgeErrorCode.BAD_INPUT,
-  MESH_TOO_LARGE: BridgeErrorCode.TOO_LARGE,
-  MESH_BUSY: BridgeErrorCode.BUSY,
-  MESH_DEADLINE_EXCEEDED: BridgeErrorCode.DEADLINE,
-  MESH_NO_AGENT: BridgeErrorCode.NO_AGENT,
-  MESH_UNKNOWN_MODEL: BridgeErrorCode.NO_AGENT,
-  MESH_INFERENCE_FAILED: BridgeErrorCode.INFERENCE_FAILED,
-};
-
-class WireError extends Error {
-  constructor(
-    readonly code: number,
-    message: string,
-  ) {
-    super(message);
-  }
+/**
+ * A request the bridge itself refuses before or after the mesh ran it: a MeshError whose message is meant for the
+ * device and goes out in the ERROR frame as is (a mesh error from the SDK goes out as its code only).
+ */
+function deviceRefusal(code: MeshErrorCode, message: string): MeshError {
+  return new MeshError(code, message, { details: { forDevice: true } });
 }
 
 /** A device tensor (typed integer or float array times scale) as float32, element by element. */
@@ -191,10 +179,10 @@ function resolveShape(modelShape: (number | string)[], deviceShape: number[] | u
       if (free === 0) return modelShape as number[];
       if (free === 1 && known > 0 && count % known === 0)
         return modelShape.map((d) => (typeof d === 'number' && d >= 0 ? d : count / known));
-      throw new WireError(BridgeErrorCode.BAD_INPUT, 'the model has free dimensions: send a shape (key 5)');
+      throw deviceRefusal('MESH_BAD_INPUT', 'the model has free dimensions: send a shape (key 5)');
     })();
   if (shape.reduce((a, d) => a * d, 1) !== count)
-    throw new WireError(BridgeErrorCode.BAD_INPUT, `shape [${shape.join(',')}] does not hold ${count} elements`);
+    throw deviceRefusal('MESH_BAD_INPUT', `shape [${shape.join(',')}] does not hold ${count} elements`);
   return shape;
 }
 
@@ -369,7 +357,7 @@ export class Bridge extends EventEmitter {
     try {
       body = plain.byteLength === 0 ? new Map() : decodeCbor(plain);
     } catch (err) {
-      return fail(BridgeErrorCode.BAD_BODY, err instanceof CborError ? err.message : 'bad body');
+      return fail(BridgeErrorCode.BAD_BODY, isCborError(err) ? err.message : 'bad body');
     }
     switch (h.type) {
       case FrameType.HELLO: {
@@ -476,10 +464,10 @@ export class Bridge extends EventEmitter {
     s.inFlight++;
     try {
       const info = this.options.mesh.models().find((m) => m.name === model);
-      if (!info) throw new WireError(BridgeErrorCode.NO_AGENT, `no live agent serves ${model}`);
+      if (!info) throw deviceRefusal('MESH_NO_AGENT', `no live agent serves ${model}`);
       const input = info.inputs[0];
       if (info.inputs.length !== 1 || !input || input.dtype !== 'float32') {
-        throw new WireError(BridgeErrorCode.BAD_INPUT, `${model} needs inputs a device frame cannot carry (one float32 input)`);
+        throw deviceRefusal('MESH_BAD_INPUT', `${model} needs inputs a device frame cannot carry (one float32 input)`);
       }
       const data = tensorToFloat32(req.tensor, req.scale);
       const shape = resolveShape(input.shape, req.shape, data.length);
@@ -505,16 +493,16 @@ export class Bridge extends EventEmitter {
       if (req.want === Want.RAW && first) {
         const f32 = first.data instanceof Float32Array ? first.data : Float32Array.from(values);
         const bytes = Buffer.from(f32.buffer, f32.byteOffset, f32.byteLength);
-        if (bytes.byteLength + 256 > MAX_PACKET_BYTES) throw new WireError(BridgeErrorCode.TOO_LARGE, 'the output does not fit in a frame');
+        if (bytes.byteLength + 256 > MAX_PACKET_BYTES) throw deviceRefusal('MESH_TOO_LARGE', 'the output does not fit in a frame');
         out.set(K.inferResp.output, { tag: 85, bytes });
         out.set(K.inferResp.outputShape, first.shape);
       }
       finish(undefined, '');
       answer(FrameType.INFER_RESP, out);
     } catch (err) {
-      if (err instanceof WireError) finish(err.code, err.message);
-      else if (err instanceof MeshError) finish(MESH_TO_WIRE[err.code] ?? BridgeErrorCode.INTERNAL, err.code);
-      else {
+      if (err instanceof MeshError) {
+        finish(MESH_TO_WIRE[err.code] ?? BridgeErrorCode.INTERNAL, err.details?.forDevice === true ? err.message : err.code);
+      } else {
         this.options.logger?.error({ err: (err as Error).message }, 'bridge request failed');
         finish(BridgeErrorCode.INTERNAL, 'internal error');
       }
@@ -573,11 +561,18 @@ export class Bridge extends EventEmitter {
 
   /** Queues a downlink for a device; it is delivered as the reply to the device's next POLL. */
   queueDownlink(deviceId: number, payload: Uint8Array, ttlMs = this.options.downlinkTtlMs ?? 3_600_000): number {
-    if (!this.options.registry.get(deviceId)) throw new Error(`no device ${longIdOf(deviceId)}`);
-    if (payload.byteLength > MAX_PACKET_BYTES - 64) throw new Error('downlink payload too large');
+    const device = longIdOf(deviceId);
+    if (!this.options.registry.get(deviceId)) throw new MeshError('MESH_NOT_FOUND', `no device ${device}`, { details: { device } });
+    if (payload.byteLength > MAX_PACKET_BYTES - 64) {
+      throw new MeshError('MESH_TOO_LARGE', 'downlink payload too large', {
+        details: { device, bytes: payload.byteLength, maxBytes: MAX_PACKET_BYTES - 64 },
+      });
+    }
     const s = this.state(deviceId);
     const max = this.options.maxDownlinks ?? 16;
-    if (s.downlinks.length >= max) throw new Error(`device ${longIdOf(deviceId)} already has ${max} downlinks waiting`);
+    if (s.downlinks.length >= max) {
+      throw new MeshError('MESH_BUSY', `device ${device} already has ${max} downlinks waiting`, { details: { device, waiting: max } });
+    }
     const id = s.nextDownlinkId++;
     s.downlinks.push({ id, payload, expires: this.now() + ttlMs });
     return id;

@@ -9,8 +9,20 @@
  * above 2^53 and unknown tags, before allocating anything for them. So a CBOR bomb (a huge declared
  * length, a deep nest, a million tiny items) costs a few comparisons.
  */
+import { MeshError } from '@edge-mesh/protocol';
 
-export class CborError extends Error {}
+/**
+ * A body the decoder refuses: MESH_BAD_REQUEST with `details.cbor`, so the bridge can tell a decode refusal (whose
+ * message it sends back to the device) from anything else.
+ */
+export function cborError(message: string): MeshError {
+  return new MeshError('MESH_BAD_REQUEST', message, { details: { cbor: true } });
+}
+
+/** Whether `err` is a refusal from the CBOR decoder. */
+export function isCborError(err: unknown): err is MeshError {
+  return err instanceof MeshError && err.details?.cbor === true;
+}
 
 /** A tagged byte string: RFC 8746 typed arrays (tag 77 = int16 little-endian, 85 = float32 LE, …). */
 export interface Tagged {
@@ -113,7 +125,7 @@ function writeValue(w: Writer, v: CborValue): void {
   } else if (v instanceof Map) {
     w.head(5, v.size);
     for (const [k, item] of v) {
-      if (!Number.isInteger(k) || k < 0) throw new CborError('map keys must be unsigned integers');
+      if (!Number.isInteger(k) || k < 0) throw cborError('map keys must be unsigned integers');
       w.head(0, k);
       writeValue(w, item);
     }
@@ -147,7 +159,7 @@ interface Cursor {
 }
 
 function need(c: Cursor, k: number): void {
-  if (k > c.b.byteLength - c.p) throw new CborError('truncated');
+  if (k > c.b.byteLength - c.p) throw cborError('truncated');
 }
 
 /** Reads the argument of a head whose first byte was `ib`; returns a JS number (<= 2^53). */
@@ -173,11 +185,11 @@ function readArg(c: Cursor, info: number): number {
       need(c, 8);
       const v = c.dv.getBigUint64(c.p);
       c.p += 8;
-      if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new CborError('integer too large');
+      if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw cborError('integer too large');
       return Number(v);
     }
     default:
-      throw new CborError(info === 31 ? 'indefinite lengths are not allowed' : 'reserved additional info');
+      throw cborError(info === 31 ? 'indefinite lengths are not allowed' : 'reserved additional info');
   }
 }
 
@@ -193,7 +205,7 @@ function halfToFloat(h: number): number {
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
 function readValue(c: Cursor, depth: number): CborValue {
-  if (++c.items > MAX_ITEMS) throw new CborError('too many items');
+  if (++c.items > MAX_ITEMS) throw cborError('too many items');
   need(c, 1);
   const ib = c.b[c.p++]!;
   const major = ib >> 5;
@@ -213,42 +225,41 @@ function readValue(c: Cursor, depth: number): CborValue {
       try {
         return utf8.decode(bytes);
       } catch {
-        throw new CborError('text is not UTF-8');
+        throw cborError('text is not UTF-8');
       }
     }
     case 4: {
-      if (depth >= MAX_DEPTH) throw new CborError('nested too deep');
+      if (depth >= MAX_DEPTH) throw cborError('nested too deep');
       const len = readArg(c, info);
       // Every item takes at least one byte: a declared length past the input is refused up front.
       need(c, len);
-      if (len > MAX_ITEMS) throw new CborError('too many items');
+      if (len > MAX_ITEMS) throw cborError('too many items');
       const out: CborValue[] = [];
       for (let i = 0; i < len; i++) out.push(readValue(c, depth + 1));
       return out;
     }
     case 5: {
-      if (depth >= MAX_DEPTH) throw new CborError('nested too deep');
+      if (depth >= MAX_DEPTH) throw cborError('nested too deep');
       const len = readArg(c, info);
       need(c, len * 2);
-      if (len > MAX_ITEMS) throw new CborError('too many items');
+      if (len > MAX_ITEMS) throw cborError('too many items');
       const out: CborMap = new Map();
       for (let i = 0; i < len; i++) {
         need(c, 1);
-        if (c.b[c.p]! >> 5 !== 0) throw new CborError('map keys must be unsigned integers');
+        if (c.b[c.p]! >> 5 !== 0) throw cborError('map keys must be unsigned integers');
         const key = readValue(c, depth + 1) as number;
-        if (out.has(key)) throw new CborError('duplicate map key');
+        if (out.has(key)) throw cborError('duplicate map key');
         out.set(key, readValue(c, depth + 1));
       }
       return out;
     }
     case 6: {
       const tag = readArg(c, info);
-      if (!isTypedArrayTag(tag)) throw new CborError(`unsupported tag ${tag}`);
+      if (!isTypedArrayTag(tag)) throw cborError(`unsupported tag ${tag}`);
       need(c, 1);
-      if (c.b[c.p]! >> 5 !== 2) throw new CborError('a typed-array tag must wrap a byte string');
+      if (c.b[c.p]! >> 5 !== 2) throw cborError('a typed-array tag must wrap a byte string');
       const bytes = readValue(c, depth + 1) as Uint8Array;
-      if (bytes.byteLength % TYPED_ARRAY_TAGS[tag].size !== 0)
-        throw new CborError('typed array length is not a multiple of its element size');
+      if (bytes.byteLength % TYPED_ARRAY_TAGS[tag].size !== 0) throw cborError('typed array length is not a multiple of its element size');
       return { tag, bytes };
     }
     default: {
@@ -273,7 +284,7 @@ function readValue(c: Cursor, depth: number): CborValue {
         c.p += 8;
         return v;
       }
-      throw new CborError('unsupported simple value');
+      throw cborError('unsupported simple value');
     }
   }
 }
@@ -282,6 +293,6 @@ function readValue(c: Cursor, depth: number): CborValue {
 export function decodeCbor(bytes: Uint8Array): CborValue {
   const c: Cursor = { b: bytes, dv: new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength), p: 0, items: 0 };
   const v = readValue(c, 0);
-  if (c.p !== bytes.byteLength) throw new CborError('trailing bytes after the body');
+  if (c.p !== bytes.byteLength) throw cborError('trailing bytes after the body');
   return v;
 }

@@ -4,14 +4,24 @@
  * on a timeout (so the bridge's reply cache answers), and matches replies by (epoch, seq).
  */
 import dgram from 'node:dgram';
+import { MeshError } from '@edge-mesh/protocol';
 import { type CborMap, type CborValue, cborMap, decodeCbor, encodeCbor, type Tagged } from './cbor.ts';
-import { FrameType, openFrame, readHeader, sealFrame } from './frame.ts';
+import { FrameType, meshErrorOfWire, openFrame, readHeader, sealFrame } from './frame.ts';
 import { inferRequestBody, K } from './messages.ts';
 
 export interface DeviceReply {
   type: number;
   body: CborValue;
   packet: Buffer;
+}
+
+/** The MeshError an ERROR reply stands for (its wire code mapped by WIRE_TO_MESH), or undefined for any other reply. */
+export function replyError(reply: DeviceReply): MeshError | undefined {
+  if (reply.type !== FrameType.ERROR) return undefined;
+  const body = reply.body instanceof Map ? reply.body : new Map();
+  const code = body.get(K.error.code);
+  const message = body.get(K.error.message);
+  return meshErrorOfWire(typeof code === 'number' ? code : -1, typeof message === 'string' ? message : 'error frame');
 }
 
 export interface SimDeviceOptions {
@@ -63,7 +73,11 @@ export class SimDevice {
       const attempt = () => {
         if (left-- === 0) {
           this.waiting.delete(h.seq);
-          return reject(new Error(`no reply to frame ${h.epoch}:${h.seq} after ${tries} tries`));
+          return reject(
+            new MeshError('MESH_TIMEOUT', `no reply to frame ${h.epoch}:${h.seq} after ${tries} tries`, {
+              details: { epoch: h.epoch, seq: h.seq, tries },
+            }),
+          );
         }
         this.options.send(packet);
         timer = setTimeout(attempt, timeoutMs);

@@ -13,6 +13,7 @@
  * never used twice as long as the device never reuses an (epoch, seq) for different bytes.
  */
 import { createCipheriv, createDecipheriv } from 'node:crypto';
+import { MeshError, type MeshErrorCode } from '@edge-mesh/protocol';
 
 export const FRAME_VERSION = 1;
 export const HEADER_BYTES = 11;
@@ -52,6 +53,47 @@ export const BridgeErrorCode = {
   UNSUPPORTED_TYPE: 10,
 } as const;
 export type BridgeErrorName = keyof typeof BridgeErrorCode;
+
+/**
+ * The mesh error each wire code stands for, where a device's ERROR frame becomes a JavaScript error (a TypeScript
+ * device, a test, a benchmark). The wire codes themselves are protocol bytes (docs/firmware-protocol.md) and stay.
+ */
+export const WIRE_TO_MESH = {
+  [BridgeErrorCode.BAD_BODY]: 'MESH_BAD_REQUEST',
+  [BridgeErrorCode.UNKNOWN_MODEL]: 'MESH_UNKNOWN_MODEL',
+  [BridgeErrorCode.BAD_INPUT]: 'MESH_BAD_INPUT',
+  [BridgeErrorCode.TOO_LARGE]: 'MESH_TOO_LARGE',
+  [BridgeErrorCode.BUSY]: 'MESH_BUSY',
+  [BridgeErrorCode.DEADLINE]: 'MESH_DEADLINE_EXCEEDED',
+  [BridgeErrorCode.NO_AGENT]: 'MESH_NO_AGENT',
+  [BridgeErrorCode.INFERENCE_FAILED]: 'MESH_INFERENCE_FAILED',
+  [BridgeErrorCode.INTERNAL]: 'MESH_INTERNAL',
+  [BridgeErrorCode.UNSUPPORTED_TYPE]: 'MESH_BAD_REQUEST',
+} as const satisfies Record<number, MeshErrorCode>;
+
+/**
+ * The wire code the bridge answers a device with when a request fails with a mesh error; codes without an entry
+ * (an internal failure, an unexpected one) go out as INTERNAL. An unknown model name maps to NO_AGENT: the device's
+ * model id was valid, only nobody serves the model now.
+ */
+export const MESH_TO_WIRE: Partial<Record<MeshErrorCode, number>> = {
+  MESH_BAD_INPUT: BridgeErrorCode.BAD_INPUT,
+  MESH_BAD_TENSOR: BridgeErrorCode.BAD_INPUT,
+  MESH_BAD_REQUEST: BridgeErrorCode.BAD_INPUT,
+  MESH_TOO_LARGE: BridgeErrorCode.TOO_LARGE,
+  MESH_BUSY: BridgeErrorCode.BUSY,
+  MESH_DEADLINE_EXCEEDED: BridgeErrorCode.DEADLINE,
+  MESH_NO_AGENT: BridgeErrorCode.NO_AGENT,
+  MESH_UNKNOWN_MODEL: BridgeErrorCode.NO_AGENT,
+  MESH_INFERENCE_FAILED: BridgeErrorCode.INFERENCE_FAILED,
+};
+
+/** A wire error code and message (an ERROR frame's body) as a MeshError; details keep the wire code and its name. */
+export function meshErrorOfWire(code: number, message: string): MeshError {
+  const meshCode: MeshErrorCode = (WIRE_TO_MESH as Record<number, MeshErrorCode>)[code] ?? 'MESH_INTERNAL';
+  const name = Object.entries(BridgeErrorCode).find(([, v]) => v === code)?.[0];
+  return new MeshError(meshCode, message, { details: { wireCode: code, ...(name ? { wireName: name } : {}) } });
+}
 
 export interface FrameHeader {
   type: number;

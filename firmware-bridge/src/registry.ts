@@ -10,6 +10,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { chmod, mkdir } from 'node:fs/promises';
+import { MeshError } from '@edge-mesh/protocol';
 import { Level } from 'level';
 import { KEY_BYTES } from './frame.ts';
 
@@ -54,7 +55,10 @@ export class DeviceRegistry {
     } catch (err) {
       const cause = (err as { cause?: { code?: string } }).cause;
       const hint = cause?.code === 'LEVEL_LOCKED' ? ' (is a bridge running on this registry? stop it first)' : '';
-      throw new Error(`cannot open the device registry in ${dir}${hint}: ${(err as Error).message}`, { cause: err });
+      throw new MeshError('MESH_CONFIG', `cannot open the device registry in ${dir}${hint}: ${(err as Error).message}`, {
+        cause: err,
+        details: { dir },
+      });
     }
     const registry = new DeviceRegistry(db);
     for await (const [, value] of db.iterator({ gte: 'dev!', lt: 'dev"' })) {
@@ -90,10 +94,12 @@ export class DeviceRegistry {
   /** Creates a device with a fresh random id and key. */
   async provision(options: { name?: string; deviceId?: number; key?: Uint8Array } = {}): Promise<DeviceRecord> {
     let deviceId = options.deviceId;
-    if (deviceId !== undefined && this.devices.has(deviceId)) throw new Error(`device ${longIdOf(deviceId)} already exists`);
+    if (deviceId !== undefined && this.devices.has(deviceId)) {
+      throw new MeshError('MESH_BAD_REQUEST', `device ${longIdOf(deviceId)} already exists`, { details: { device: longIdOf(deviceId) } });
+    }
     while (deviceId === undefined || deviceId === 0 || this.devices.has(deviceId)) deviceId = randomBytes(4).readUInt32LE(0);
     const key = options.key ?? randomBytes(KEY_BYTES);
-    if (key.byteLength !== KEY_BYTES) throw new Error('a device key has 32 bytes');
+    if (key.byteLength !== KEY_BYTES) throw new MeshError('MESH_BAD_REQUEST', 'a device key has 32 bytes', { details: { field: 'key' } });
     const record: DeviceRecord = {
       deviceId,
       longId: longIdOf(deviceId),
@@ -110,7 +116,7 @@ export class DeviceRegistry {
 
   async revoke(deviceId: number): Promise<DeviceRecord> {
     const record = this.devices.get(deviceId);
-    if (!record) throw new Error(`no device ${longIdOf(deviceId)}`);
+    if (!record) throw new MeshError('MESH_NOT_FOUND', `no device ${longIdOf(deviceId)}`, { details: { device: longIdOf(deviceId) } });
     const next = { ...record, revokedAt: record.revokedAt ?? Date.now() };
     await this.write(next);
     this.devices.set(deviceId, next);

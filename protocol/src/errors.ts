@@ -1,17 +1,25 @@
 /**
- * Stable error codes shared by MQTT replies, the SDK and (later) the HTTP API.
- * The code is the machine identity of an error; the message is for people and may change.
+ * The one error registry of the mesh: every error a part raises on purpose is a MeshError with one of these codes,
+ * whether it travels in an MQTT reply, an admin ack, an HTTP error body (docs/errors.md) or stays in the process.
+ * The code is the machine identity of an error; the message is for people and may change. `retryable` says whether
+ * the same request may succeed if sent again, elsewhere or later (another agent, after a back-off); `httpStatus` is
+ * the status the router's HTTP API answers with.
  */
 export const ERROR_CODES = {
-  MESH_BAD_REQUEST: { httpStatus: 400, retryable: false, summary: 'the envelope could not be decoded or failed its schema' },
+  MESH_BAD_REQUEST: {
+    httpStatus: 400,
+    retryable: false,
+    summary: 'a request, envelope, packet or argument could not be decoded or failed its schema or checks',
+  },
   MESH_BAD_TENSOR: { httpStatus: 400, retryable: false, summary: 'a tensor has a bad dtype, shape, byte length or size' },
   MESH_BAD_INPUT: { httpStatus: 400, retryable: false, summary: 'inputs do not match the model (names, dtypes or shapes)' },
   MESH_TOO_LARGE: { httpStatus: 413, retryable: false, summary: 'a message or tensor exceeds the configured size cap' },
   MESH_UNKNOWN_MODEL: { httpStatus: 404, retryable: true, summary: 'no such model is served here (another agent may serve it)' },
+  MESH_NOT_FOUND: { httpStatus: 404, retryable: false, summary: 'no such HTTP route, device or other named thing' },
   MESH_NO_AGENT: { httpStatus: 503, retryable: true, summary: 'no live agent serves the model' },
-  MESH_BUSY: { httpStatus: 429, retryable: true, summary: "the agent's queue for the model is full" },
+  MESH_BUSY: { httpStatus: 429, retryable: true, summary: "a queue is full: the agent's for the model, or a device's downlinks" },
   MESH_DEADLINE_EXCEEDED: { httpStatus: 504, retryable: false, summary: 'the request deadline passed before a result' },
-  MESH_TIMEOUT: { httpStatus: 504, retryable: true, summary: 'an agent did not answer within the attempt timeout' },
+  MESH_TIMEOUT: { httpStatus: 504, retryable: true, summary: 'an agent (or the bridge, for a device) did not answer in time' },
   MESH_AGENT_LOST: { httpStatus: 502, retryable: true, summary: 'the agent went offline while the request was outstanding' },
   MESH_CANCELLED: { httpStatus: 499, retryable: false, summary: 'the request was cancelled by its sender' },
   MESH_SHUTTING_DOWN: { httpStatus: 503, retryable: true, summary: 'the agent is draining and accepts no new work' },
@@ -24,7 +32,11 @@ export const ERROR_CODES = {
   MESH_UNAUTHORIZED: { httpStatus: 401, retryable: false, summary: 'identity, admission or signature check failed' },
   MESH_FORBIDDEN: { httpStatus: 403, retryable: false, summary: 'the identity may not do this (topic ACL, role)' },
   MESH_RATE_LIMITED: { httpStatus: 429, retryable: true, summary: 'a rate limit was exceeded' },
-  MESH_CONFIG: { httpStatus: 500, retryable: false, summary: 'configuration is invalid' },
+  MESH_CONFIG: {
+    httpStatus: 500,
+    retryable: false,
+    summary: 'configuration is invalid or unusable (options, data folder, port, escrow address, read-only signer)',
+  },
   MESH_NOT_CONNECTED: { httpStatus: 503, retryable: true, summary: 'the client is not connected to the broker' },
   MESH_RECEIPT_INVALID: {
     httpStatus: 400,
@@ -36,6 +48,16 @@ export const ERROR_CODES = {
     httpStatus: 402,
     retryable: true,
     summary: "the payer's unpaid amount on this lane is at the agent's credit window; send a voucher",
+  },
+  MESH_CHAIN_UNREACHABLE: {
+    httpStatus: 503,
+    retryable: true,
+    summary: "the EVM chain's JSON-RPC endpoint could not be reached, timed out or answered badly",
+  },
+  MESH_CHAIN_REVERTED: {
+    httpStatus: 409,
+    retryable: false,
+    summary: 'the chain refused a transaction or call (a revert, a short balance, a nonce); details.reason holds why',
   },
   MESH_INTERNAL: { httpStatus: 500, retryable: false, summary: 'an unexpected internal error' },
 } as const;

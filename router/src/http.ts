@@ -7,14 +7,16 @@
  *   //   { "inputs": [{ "name": "onnx::Flatten_0", "shape": [1,25,96], "datatype": "FP32", "data": [...] }] }
  *   await http.close(); // closes the server only; the router stays up
  *
- * Errors answer `{ error, code }` with the code's httpStatus (protocol/errors.ts).
+ * Every error answers one body shape, `{ error, code, details? }`, with the code's httpStatus (./http-errors.ts,
+ * docs/errors.md).
  */
 
 import { type DType, MeshError, type ModelInfo, type Tensor, tensorFromJson, tensorToJson, toMeshError } from '@edge-mesh/protocol';
 import swagger from '@fastify/swagger';
-import Fastify, { type FastifyReply } from 'fastify';
+import Fastify from 'fastify';
 import { Counter, collectDefaultMetrics, Histogram, Registry as PromRegistry } from 'prom-client';
 import type { RouterHandle, RouterHttpHandle, RouterHttpOptions, RouterInferResult } from './handle.ts';
+import { ANY_ERROR, ERROR_BODY_SCHEMA, errorResponse, installErrorHandlers } from './http-errors.ts';
 import { registerSettlementRoutes } from './settlements.ts';
 
 /** KServe v2 datatypes and the mesh dtypes they map to (BYTES has no mesh counterpart). */
@@ -166,10 +168,6 @@ function toKServe(
   return { name, shape: json.shape, datatype: DTYPE_TO_KSERVE[tensor.dtype], data };
 }
 
-function sendError(reply: FastifyReply, err: MeshError): FastifyReply {
-  return reply.code(err.httpStatus).send({ error: err.message, code: err.code });
-}
-
 /** Starts the HTTP API for `router`; resolves once it listens. */
 export async function startRouterHttp(router: RouterHandle, options: RouterHttpOptions = {}): Promise<RouterHttpHandle> {
   const { port = 0, host = '127.0.0.1', defaultDeadlineMs, bodyLimit = 64 * 1024 * 1024, processMetrics = true } = options;
@@ -230,57 +228,70 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       info: {
         title: 'edge-mesh router',
         version: '1',
-        description:
-          'Open Inference Protocol (KServe v2) over the mesh, plus operator endpoints. Errors are `{ error, code }` with a MESH_* code and its HTTP status.',
+        description: [
+          'Open Inference Protocol (KServe v2) over the mesh, plus operator endpoints.',
+          '',
+          'Every error, whatever failed (a route, a malformed or oversized body, a schema violation, an unknown route), answers',
+          'one body shape, the `HttpError` schema: `{ "error": "<message>", "code": "MESH_…", "details": { … } }`.',
+          "`error` is the KServe v2 error field; `code` is a MESH_* code, and the HTTP status is that code's status;",
+          '`details` carries structured context when there is some (schema violations under `violations`, the body limit',
+          'under `limitBytes`, a chain revert under `reason`). The codes, their statuses and whether a retry may succeed',
+          'are listed in docs/errors.md.',
+        ].join('\n'),
       },
+      components: { schemas: { HttpError: { ...ERROR_BODY_SCHEMA, required: [...ERROR_BODY_SCHEMA.required] } } },
       tags: [
         { name: 'kserve', description: 'Open Inference Protocol (KServe v2): health, model metadata, inference' },
         { name: 'operator', description: 'Agents, routing counters, metrics' },
       ],
     },
   });
-  const errorBody = {
-    type: 'object',
-    properties: { error: { type: 'string' }, code: { type: 'string', pattern: '^MESH_[A-Z_]+$' } },
-  } as const;
   const nameParam = { type: 'object', required: ['name'], properties: { name: { type: 'string', description: 'model name' } } } as const;
-  const doc = (tags: string, summary: string, extra: Record<string, unknown> = {}) => ({ schema: { tags: [tags], summary, ...extra } });
-
-  app.setErrorHandler((err: Error & { validation?: unknown; statusCode?: number; code?: string }, request, reply) => {
-    let mesh: MeshError;
-    if (err instanceof MeshError) mesh = err;
-    else if (err.validation) mesh = new MeshError('MESH_BAD_REQUEST', err.message);
-    else if (err.statusCode === 413) mesh = new MeshError('MESH_TOO_LARGE', err.message);
-    else if (err.statusCode !== undefined && err.statusCode >= 400 && err.statusCode < 500)
-      mesh = new MeshError('MESH_BAD_REQUEST', err.message);
-    else mesh = toMeshError(err);
-    const params = request.params as { name?: unknown } | undefined;
-    const model = typeof params?.name === 'string' ? modelLabel(params.name) : '';
-    errorsTotal.inc({ model, code: mesh.code });
-    return sendError(reply, mesh);
+  const doc = (
+    tags: string,
+    summary: string,
+    { response = {}, ...extra }: { response?: Record<string, unknown> } & Record<string, unknown> = {},
+  ) => ({
+    schema: { tags: [tags], summary, ...extra, response: { ...response, ...ANY_ERROR } },
   });
-  app.setNotFoundHandler((request, reply) =>
-    reply.code(404).send({ error: `no route ${request.method} ${request.url}`, code: 'MESH_BAD_REQUEST' }),
-  );
+
+  installErrorHandlers(app, {
+    bodyLimit,
+    onError: (mesh, request) => {
+      const params = request.params as { name?: unknown } | undefined;
+      const model = typeof params?.name === 'string' ? modelLabel(params.name) : '';
+      errorsTotal.inc({ model, code: mesh.code });
+    },
+  });
 
   app.get('/openapi.json', doc('operator', 'This OpenAPI description'), async () => app.swagger());
   app.get('/v2', doc('kserve', 'Server metadata'), async () => ({ name: 'edge-mesh-router', version: '2', extensions: [] }));
   app.get('/v2/health/live', doc('kserve', 'Liveness: the router process answers'), async () => ({ live: true }));
   app.get(
     '/v2/health/ready',
-    doc('kserve', 'Readiness: connected to the broker with at least one live agent', { response: { 503: errorBody } }),
-    async (_request, reply) => {
-      const ready = router.connected && router.agents().some((a) => a.up);
-      return reply.code(ready ? 200 : 503).send(ready ? { ready } : { ready, error: 'no live agent known', code: 'MESH_NO_AGENT' });
+    doc('kserve', 'Readiness: connected to the broker with at least one live agent', {
+      response: { 503: errorResponse('MESH_NO_AGENT (details.ready is false)') },
+    }),
+    async () => {
+      if (!router.connected || !router.agents().some((a) => a.up)) {
+        throw new MeshError('MESH_NO_AGENT', 'no live agent known', { details: { ready: false, connected: router.connected } });
+      }
+      return { ready: true };
     },
   );
 
   app.get<{ Params: { name: string } }>(
     '/v2/models/:name',
-    doc('kserve', 'Model metadata: inputs, outputs, versions', { params: nameParam, response: { 404: errorBody } }),
+    doc('kserve', 'Model metadata: inputs, outputs, versions', {
+      params: nameParam,
+      response: { 404: errorResponse('MESH_UNKNOWN_MODEL') },
+    }),
     async (request) => {
       const found = modelInfo(request.params.name);
-      if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`);
+      if (!found)
+        throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`, {
+          details: { model: request.params.name },
+        });
       const { info, versions } = found;
       const tensors = (list: ModelInfo['inputs']) =>
         list.map((t) => ({
@@ -294,15 +305,16 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
 
   app.get<{ Params: { name: string } }>(
     '/v2/models/:name/ready',
-    doc('kserve', 'Whether a live agent serves the model', { params: nameParam, response: { 404: errorBody, 503: errorBody } }),
-    async (request, reply) => {
-      const found = modelInfo(request.params.name);
-      if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`);
-      if (!found.live)
-        return reply
-          .code(503)
-          .send({ name: request.params.name, ready: false, error: 'no live agent serves the model', code: 'MESH_NO_AGENT' });
-      return { name: request.params.name, ready: true };
+    doc('kserve', 'Whether a live agent serves the model', {
+      params: nameParam,
+      response: { 404: errorResponse('MESH_UNKNOWN_MODEL'), 503: errorResponse('MESH_NO_AGENT (details.ready is false)') },
+    }),
+    async (request) => {
+      const name = request.params.name;
+      const found = modelInfo(name);
+      if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${name}`, { details: { model: name } });
+      if (!found.live) throw new MeshError('MESH_NO_AGENT', 'no live agent serves the model', { details: { model: name, ready: false } });
+      return { name, ready: true };
     },
   );
 
@@ -314,7 +326,17 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
         summary: 'Run inference: JSON tensors in and out; parameters.deadline_ms bounds the request (retries and hedges included)',
         params: nameParam,
         body: inferBodySchema,
-        response: { 400: errorBody, 404: errorBody, 413: errorBody, 503: errorBody, 504: errorBody },
+        response: {
+          400: errorResponse('MESH_BAD_REQUEST (bad JSON, schema violation: details.violations), MESH_BAD_TENSOR, MESH_BAD_INPUT'),
+          404: errorResponse('MESH_UNKNOWN_MODEL'),
+          413: errorResponse('MESH_TOO_LARGE: the body is over the limit (details.limitBytes)'),
+          429: errorResponse('MESH_BUSY, MESH_RATE_LIMITED: retry, later or elsewhere'),
+          500: errorResponse('MESH_INFERENCE_FAILED, MESH_MODEL_INTEGRITY, MESH_INTERNAL'),
+          502: errorResponse('MESH_AGENT_LOST'),
+          503: errorResponse('MESH_NO_AGENT, MESH_NOT_CONNECTED, MESH_SHUTTING_DOWN'),
+          504: errorResponse('MESH_DEADLINE_EXCEEDED, MESH_TIMEOUT'),
+          ...ANY_ERROR,
+        },
       },
     },
     async (request) => {
@@ -325,12 +347,14 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       requestsTotal.inc({ model: label });
       if (label === '_unknown') {
         throw router.agents().length > 0
-          ? new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${model}`)
-          : new MeshError('MESH_NO_AGENT', `no agent is known yet, so none serves model ${model}`);
+          ? new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${model}`, { details: { model } })
+          : new MeshError('MESH_NO_AGENT', `no agent is known yet, so none serves model ${model}`, { details: { model } });
       }
       const inputs: Record<string, Tensor> = Object.create(null);
       for (const input of body.inputs) {
-        if (Object.hasOwn(inputs, input.name)) throw new MeshError('MESH_BAD_REQUEST', `input ${input.name} appears twice`);
+        if (Object.hasOwn(inputs, input.name)) {
+          throw new MeshError('MESH_BAD_REQUEST', `input ${input.name} appears twice`, { details: { input: input.name } });
+        }
         inputs[input.name] = fromKServe(input);
       }
       const deadlineMs = body.parameters?.deadline_ms ?? defaultDeadlineMs;
@@ -346,7 +370,9 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       const names = Object.keys(result.outputs).filter((n) => !wanted || wanted.includes(n));
       if (wanted) {
         const missing = wanted.filter((n) => !Object.hasOwn(result.outputs, n));
-        if (missing.length > 0) throw new MeshError('MESH_BAD_INPUT', `model ${model} has no output ${missing.join(', ')}`);
+        if (missing.length > 0) {
+          throw new MeshError('MESH_BAD_INPUT', `model ${model} has no output ${missing.join(', ')}`, { details: { outputs: missing } });
+        }
       }
       return {
         model_name: model,

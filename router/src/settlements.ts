@@ -5,39 +5,46 @@
  * ethers loads only when the router is given a chain.
  */
 
-import { skipReasonName, verifyQuote } from '@edge-mesh/protocol';
+import { MeshError, skipReasonName, verifyQuote } from '@edge-mesh/protocol';
 import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
 import type { RouterChainOptions, RouterHandle } from './handle.ts';
+import { ANY_ERROR, errorResponse } from './http-errors.ts';
 
 const LOG_RANGE = 5_000;
 
 export async function registerSettlementRoutes(app: FastifyInstance, router: RouterHandle, chain: RouterChainOptions): Promise<void> {
   const { ethers } = await import('ethers');
-  const { EscrowClient, ESCROW_ABI } = await import('@edge-mesh/contracts');
+  const { EscrowClient, ESCROW_ABI, toChainError } = await import('@edge-mesh/contracts');
   const iface = new ethers.Interface(ESCROW_ABI);
   const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: chain.escrow });
   const from = chain.fromBlock ?? 0;
 
+  /** The escrow's `event` logs; a chain that cannot be read fails with MESH_CHAIN_UNREACHABLE (503). */
   const logs = async (event: string, topics: (string | null)[] = []) => {
-    const head = await chain.provider.getBlockNumber();
-    const out: ethers.Log[] = [];
-    for (let start = from; start <= head; start += LOG_RANGE) {
-      out.push(
-        ...(await chain.provider.getLogs({
-          address: escrow.escrow,
-          topics: [iface.getEvent(event)!.topicHash, ...topics],
-          fromBlock: start,
-          toBlock: Math.min(head, start + LOG_RANGE - 1),
-        })),
-      );
+    try {
+      const head = await chain.provider.getBlockNumber();
+      const out: ethers.Log[] = [];
+      for (let start = from; start <= head; start += LOG_RANGE) {
+        out.push(
+          ...(await chain.provider.getLogs({
+            address: escrow.escrow,
+            topics: [iface.getEvent(event)!.topicHash, ...topics],
+            fromBlock: start,
+            toBlock: Math.min(head, start + LOG_RANGE - 1),
+          })),
+        );
+      }
+      return out;
+    } catch (err) {
+      throw toChainError(err, `${event} logs`);
     }
-    return out;
   };
   const topicOf = (value: unknown, what: string): string | null => {
     if (value === undefined) return null;
-    if (typeof value !== 'string' || !ethers.isAddress(value))
-      throw Object.assign(new Error(`${what} is not an EVM address`), { statusCode: 400 });
+    if (typeof value !== 'string' || !ethers.isAddress(value)) {
+      throw new MeshError('MESH_BAD_REQUEST', `${what} is not an EVM address`, { details: { field: what } });
+    }
     return ethers.zeroPadValue(ethers.getAddress(value), 32);
   };
   const agentsByPayout = () => {
@@ -57,7 +64,13 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
 
   app.get(
     '/v1/lanes',
-    { schema: { tags: ['operator'], summary: 'Payment lanes on the escrow: funded, settled and remaining per (payer, agent)' } },
+    {
+      schema: {
+        tags: ['operator'],
+        summary: 'Payment lanes on the escrow: funded, settled and remaining per (payer, agent)',
+        response: { 503: errorResponse('MESH_CHAIN_UNREACHABLE: the chain cannot be read now'), ...ANY_ERROR },
+      },
+    },
     async () => {
       const seen = new Map<string, { payer: string; payout: string }>();
       for (const log of await logs('LaneFunded')) {
@@ -86,7 +99,17 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
 
   app.get(
     '/v1/settlements',
-    { schema: { tags: ['operator'], summary: 'Settlements on chain (Settled and SettleSkipped events); filter with ?payer= and ?agent=' } },
+    {
+      schema: {
+        tags: ['operator'],
+        summary: 'Settlements on chain (Settled and SettleSkipped events); filter with ?payer= and ?agent=',
+        response: {
+          400: errorResponse('MESH_BAD_REQUEST: payer or agent is not an EVM address (details.field)'),
+          503: errorResponse('MESH_CHAIN_UNREACHABLE: the chain cannot be read now'),
+          ...ANY_ERROR,
+        },
+      },
+    },
     async (request) => {
       const q = request.query as { payer?: unknown; agent?: unknown };
       const topics = [topicOf(q.payer, 'payer'), topicOf(q.agent, 'agent')];

@@ -1,0 +1,301 @@
+/**
+ * The broker's aedes hooks (preConnect, authenticate, authorizePublish, authorizeSubscribe): each asks the decision
+ * module for its packet kind (./handlers/), answers aedes the way MQTT 3.1.1 wants the refusal answered, logs it, and
+ * then runs the application's hook of the same name (options.ts `BrokerHooks`).
+ */
+import { MeshError, type MeshErrorCode, toMeshError } from '@edge-mesh/protocol';
+import type { AuthenticateError, Client, ConnectPacket, PublishPacket, Subscription } from 'aedes';
+import type { Logger } from 'pino';
+import type { MeshSession } from './acl.ts';
+import {
+  answerUnacceptableProtocol,
+  authenticateError,
+  isOwnWill,
+  orphanWillOwner,
+  passAedesKeepaliveCheck,
+  sessionOf,
+  setSession,
+} from './aedes-adapter.ts';
+import {
+  type Admissions,
+  CONNACK_NOT_AUTHORIZED,
+  type ConnectCheck,
+  type ConnectPolicy,
+  checkConnect,
+  doorVerdict,
+  verifyConnect,
+} from './handlers/connect.ts';
+import { decidePublish } from './handlers/publish.ts';
+import { decideSubscribe, grantedQos } from './handlers/subscribe.ts';
+import type { IpGuard, NonceCache } from './limits.ts';
+import type { WarnThrottled } from './log.ts';
+import type { ResolvedBrokerOptions } from './options.ts';
+import type { TopicLimits } from './policy.ts';
+
+export interface HookContext {
+  opts: ResolvedBrokerOptions;
+  log: Logger;
+  warnThrottled: WarnThrottled;
+  ips: IpGuard;
+  nonces: NonceCache;
+  /** The admission store; undefined in open mode. */
+  store: Admissions | undefined;
+  /** The address a socket came from, as the listener recorded it. */
+  addressOf(socket: unknown): string | undefined;
+  /** An operator's admin record passed the ACL: apply it and publish the ack. */
+  onAdminRecord(session: MeshSession, payload: Buffer): void;
+}
+
+export interface AedesHooks {
+  preConnect(client: Client, packet: ConnectPacket, callback: (error: Error | null, success: boolean) => void): void;
+  authenticate(
+    client: Client,
+    username: string | undefined,
+    password: Buffer | undefined,
+    callback: (error: AuthenticateError | null, success: boolean | null) => void,
+  ): void;
+  authorizePublish(client: Client | null, packet: PublishPacket, callback: (error?: Error | null) => void): void;
+  authorizeSubscribe(client: Client, sub: Subscription, callback: (error: Error | null, subscription?: Subscription | null) => void): void;
+}
+
+export function createAedesHooks(ctx: HookContext): AedesHooks {
+  const { opts, log, warnThrottled } = ctx;
+  const { hooks, auth } = opts;
+  const limits: TopicLimits = { maxTopicLevels: opts.maxTopicLevels, maxTopicBytes: opts.maxTopicBytes };
+  const connectPolicy: ConnectPolicy = {
+    maxClientIdLength: opts.maxClientIdLength,
+    keepaliveLimitS: opts.keepaliveLimitS,
+    limits,
+    auth: auth && { maxClockSkewMs: auth.maxClockSkewMs },
+  };
+  const publishRatePerMs = opts.publishRatePerClient / 1000;
+  const publishBurst = opts.publishBurstPerClient;
+  // CONNECT checks run in preConnect (which sees the raw packet) but are answered in authenticate, which is the only
+  // place aedes can send a CONNACK with a refusal code instead of just dropping the socket.
+  const pendingConnects = new WeakMap<Client, ConnectCheck>();
+
+  function ipOf(client: Client): string {
+    return ctx.addressOf(client.conn) ?? (client.conn as { remoteAddress?: string } | undefined)?.remoteAddress ?? 'unknown';
+  }
+
+  /** Counts a refused CONNECT against its address and logs it; the address is banned after a burst of them. */
+  function connectFailed(client: Client, reason: string, code: MeshErrorCode, topic?: string): void {
+    const ip = ipOf(client);
+    // An over-long id is logged by its first 64 characters only.
+    log.warn({ clientId: client.id?.slice(0, 64) ?? null, topic, reason, code, remoteAddress: ip }, 'connect refused');
+    countFailure(ip);
+  }
+
+  function countFailure(ip: string): void {
+    if (ctx.ips.failure(ip, Date.now())) {
+      log.warn({ remoteAddress: ip, reason: 'auth-failure-storm', banMs: opts.banMs }, 'address banned');
+    }
+  }
+
+  function refusePublish(
+    ownerId: string | null | undefined,
+    topic: string,
+    reason: string,
+    code: MeshErrorCode,
+    callback: (error?: Error | null) => void,
+    cause?: Error,
+  ): void {
+    warnThrottled(`publish:${ownerId}:${reason}`, { clientId: ownerId ?? null, topic, reason, code }, 'publish refused');
+    // For MQTT 3.1.1 aedes answers an error by closing the connection (there is no PUBACK error code, [MQTT-3.3.5-2]).
+    callback(new MeshError(code, `publish refused: ${reason}`, { cause, details: { reason } }));
+  }
+
+  function refuseSubscribe(
+    client: Client,
+    topic: string,
+    reason: string,
+    code: MeshErrorCode,
+    callback: (error: Error | null, sub?: null) => void,
+  ): void {
+    warnThrottled(`subscribe:${client.id}`, { clientId: client.id, topic, reason, code }, 'subscribe refused');
+    // SUBACK 0x80 for this filter; the connection stays up
+    callback(null, null);
+  }
+
+  return {
+    preConnect(client: Client, packet: ConnectPacket, callback: (error: Error | null, success: boolean) => void): void {
+      const now = Date.now();
+      const ip = ipOf(client);
+      const door = doorVerdict(ctx.ips, ip, packet.protocolVersion, now);
+      if (door.action === 'drop') {
+        const fields = { clientId: packet.clientId?.slice(0, 64) || null, reason: door.reason, code: door.code, remoteAddress: ip };
+        if (door.quiet) log.debug(fields, 'connect refused');
+        else log.warn(fields, 'connect refused');
+        // Closed without a CONNACK: the cheapest answer to a storm; a well-behaved client backs off and retries.
+        callback(new MeshError(door.code, `connect refused: ${door.reason}`, { details: { reason: door.reason } }), false);
+        return;
+      }
+      if (door.action === 'wrong-version') {
+        const clientId = packet.clientId?.slice(0, 64) || null;
+        const { reason, code } = door;
+        log.warn({ clientId, reason, code, protocolVersion: packet.protocolVersion, remoteAddress: ip }, 'connect refused');
+        countFailure(ip);
+        answerUnacceptableProtocol(packet);
+        callback(null, true);
+        return;
+      }
+      const check = checkConnect(packet, connectPolicy, now);
+      if (!check.ok && (check.reason === 'keepalive-too-long' || check.reason === 'keepalive-zero')) passAedesKeepaliveCheck(packet);
+      pendingConnects.set(client, check);
+      const hook = hooks.preConnect;
+      if (!hook) {
+        callback(null, true);
+        return;
+      }
+      runHook(
+        () => hook(client, packet),
+        (err, ok) => {
+          if (err || ok !== true) {
+            const reason = err ? `hook: ${err.message}` : 'hook';
+            const clientId = packet.clientId?.slice(0, 64) || null;
+            log.warn({ clientId, topic: undefined, reason, code: 'MESH_UNAUTHORIZED', remoteAddress: ip }, 'connect refused');
+            // aedes only closes the socket when preConnect reports an error; `false` alone would leave it open.
+            const refusal = new MeshError('MESH_UNAUTHORIZED', `connect refused by preConnect hook${err ? `: ${err.message}` : ''}`, {
+              cause: err ?? undefined,
+              details: { reason: 'hook' },
+            });
+            return callback(refusal, false);
+          }
+          callback(null, true);
+        },
+      );
+    },
+
+    authenticate(
+      client: Client,
+      username: string | undefined,
+      password: Buffer | undefined,
+      callback: (error: AuthenticateError | null, success: boolean | null) => void,
+    ): void {
+      const check = pendingConnects.get(client);
+      pendingConnects.delete(client);
+      const verdict =
+        check === undefined || check.ok ? verifyConnect(client.id, check?.token, ctx.store, ctx.nonces, Date.now(), publishBurst) : check;
+      if (!verdict.ok) {
+        connectFailed(client, verdict.reason, verdict.code, verdict.topic);
+        const refusal = new MeshError(verdict.code, verdict.reason, { details: { reason: verdict.reason } });
+        callback(authenticateError(refusal, verdict.returnCode), false);
+        return;
+      }
+      setSession(client, verdict.session);
+      const hook = hooks.authenticate;
+      if (!hook) {
+        callback(null, true);
+        return;
+      }
+      runHook(
+        () => hook(client, username, password),
+        (err, ok) => {
+          if (err || ok !== true) {
+            const reason = err ? `hook: ${err.message}` : 'hook';
+            connectFailed(client, reason, 'MESH_UNAUTHORIZED');
+            const refusal = new MeshError('MESH_UNAUTHORIZED', reason, { cause: err ?? undefined, details: { reason: 'hook' } });
+            return callback(authenticateError(refusal, CONNACK_NOT_AUTHORIZED), false);
+          }
+          callback(null, true);
+        },
+      );
+    },
+
+    authorizePublish(client: Client | null, packet: PublishPacket, callback: (error?: Error | null) => void): void {
+      // `client` is null only for a will aedes republishes after its owner's broker vanished.
+      const ownerId = client ? client.id : orphanWillOwner(packet);
+      const session = client === null ? undefined : sessionOf(client);
+      const verdict = decidePublish(packet, {
+        ownerId,
+        session,
+        orphanWill: client === null,
+        ownWill: client !== null && isOwnWill(client, packet),
+        auth: auth !== undefined,
+        limits,
+        ratePerMs: publishRatePerMs,
+        burst: publishBurst,
+        now: Date.now(),
+      });
+      if (!verdict.ok) {
+        refusePublish(ownerId, packet.topic, verdict.reason, verdict.code, callback);
+        return;
+      }
+      // An admin record is applied by the broker and acknowledged on the operator's acks topic. Nobody may subscribe
+      // to admin records, so letting aedes go on (which sends the PUBACK) forwards it to no one.
+      const accept = () => {
+        if (verdict.admin) ctx.onAdminRecord(session!, packet.payload as Buffer);
+        callback(null);
+      };
+      const hook = hooks.authorizePublish;
+      if (!hook) {
+        accept();
+        return;
+      }
+      runHook(
+        () => hook(client, packet),
+        (err, ok) => {
+          if (err || ok !== true) {
+            const reason = err ? `hook: ${err.message}` : 'hook';
+            return refusePublish(ownerId, packet.topic, reason, 'MESH_FORBIDDEN', callback, err ?? undefined);
+          }
+          accept();
+        },
+      );
+    },
+
+    authorizeSubscribe(
+      client: Client,
+      sub: Subscription,
+      callback: (error: Error | null, subscription?: Subscription | null) => void,
+    ): void {
+      const verdict = decideSubscribe(sub.topic, sub.qos, sessionOf(client), auth !== undefined, limits);
+      if (!verdict.ok) {
+        refuseSubscribe(client, sub.topic, verdict.reason, verdict.code, callback);
+        return;
+      }
+      sub.qos = verdict.qos as Subscription['qos'];
+      const hook = hooks.authorizeSubscribe;
+      if (!hook) {
+        callback(null, sub);
+        return;
+      }
+      runHook(
+        () => hook(client, sub),
+        (err, allowed) => {
+          if (err || !allowed) {
+            const reason = err ? `hook: ${err.message}` : 'hook';
+            log.warn({ clientId: client.id, topic: sub.topic, reason, code: 'MESH_FORBIDDEN' }, 'subscribe refused');
+            return callback(null, null);
+          }
+          allowed.qos = grantedQos(allowed.qos) as Subscription['qos'];
+          callback(null, allowed);
+        },
+      );
+    },
+  };
+}
+
+/** Runs an application hook, which may answer synchronously or with a Promise; a throw or rejection becomes `err`. */
+function runHook<T>(run: () => T | Promise<T>, done: (err: Error | null, value?: T) => void): void {
+  let result: T | Promise<T>;
+  try {
+    result = run();
+  } catch (err) {
+    done(asError(err));
+    return;
+  }
+  if (result !== null && typeof result === 'object' && typeof (result as Promise<T>).then === 'function') {
+    (result as Promise<T>).then(
+      (value) => done(null, value),
+      (err: unknown) => done(asError(err)),
+    );
+  } else {
+    done(null, result as T);
+  }
+}
+
+/** A hook may throw anything; a non-Error becomes a MeshError carrying it as the cause. */
+function asError(err: unknown): Error {
+  return err instanceof Error ? err : toMeshError(err, 'MESH_INTERNAL');
+}

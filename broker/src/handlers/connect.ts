@@ -1,0 +1,178 @@
+/**
+ * CONNECT decisions (MQTT 3.1.1 §3.1, §3.2): who may open a session, asked in order of cost.
+ *
+ *   1. `doorVerdict`      the address's ban and CONNECT rate, then the protocol level;
+ *   2. `checkConnect`     the cheap checks on the packet's fields, which need no state: lengths, clean session,
+ *                         keepalive, will, and with auth the id form, user name, token form and timestamp;
+ *   3. `verifyConnect`    the admission lookup, the replay check and only then the Ed25519 verify;
+ *   4. `stillAdmitted`    whether a registered client is still admitted (a revocation cuts it off).
+ *
+ * One live connection per id: aedes replaces a live client by a new one with the same id only once the new CONNECT
+ * was accepted, i.e. after step 3 ([MQTT-3.1.4-2]). A CONNECT with a known id but the wrong key is refused here and
+ * leaves the first connection alone; the right key (a restarted device) takes over.
+ *
+ * Each function takes the packet fields, the policy and the state it reads (the per-address guard, the nonce cache,
+ * the admissions) and answers allow or refuse-with-a-reason; none of them touches a socket or aedes.
+ */
+import {
+  type ConnectToken,
+  connectTokenMessage,
+  isValidId,
+  type MeshErrorCode,
+  readConnectToken,
+  roleOfId,
+  verifyBytes,
+} from '@edge-mesh/protocol';
+import { type MeshSession, newSession } from '../acl.ts';
+import type { IpGuard, NonceCache } from '../limits.ts';
+import type { TopicLimits } from '../policy.ts';
+import type { Grant, LookupRefusal } from '../store.ts';
+import { REFUSAL_CODES, type RefusalReason } from './refusals.ts';
+import { checkWillPolicy, willRoleRefusal } from './will.ts';
+
+/** CONNACK return codes (MQTT 3.1.1 §3.2.2.3) used when refusing a CONNECT. */
+export const CONNACK_IDENTIFIER_REJECTED = 2;
+export const CONNACK_NOT_AUTHORIZED = 5;
+
+/** CONNECT field caps (bytes), checked before anything else looks at the fields. */
+export const MAX_USERNAME_BYTES = 64;
+export const MAX_PASSWORD_BYTES = 128;
+
+/** The fields of a CONNECT packet the decisions read (a subset of mqtt-packet's IConnectPacket). */
+export interface ConnectFields {
+  clientId?: string;
+  protocolVersion?: number;
+  username?: string;
+  password?: Buffer;
+  clean?: boolean;
+  keepalive?: number;
+  will?: { topic: string; qos?: number } | undefined;
+}
+
+export interface ConnectPolicy {
+  maxClientIdLength: number;
+  /** 0 disables the keepalive limit. */
+  keepaliveLimitS: number;
+  limits: TopicLimits;
+  /** Authenticated mode; undefined in open mode. */
+  auth: { maxClockSkewMs: number } | undefined;
+}
+
+export interface ConnectRefusal {
+  ok: false;
+  reason: RefusalReason;
+  /** The registry code the refusal is raised with (./refusals.ts). */
+  code: MeshErrorCode;
+  /** The CONNACK return code to answer with. */
+  returnCode: number;
+  /** The will topic, when the will is the reason. */
+  topic: string | undefined;
+}
+
+/** Step 2's verdict: go on (with the token to verify in authenticated mode) or refuse. */
+export type ConnectCheck = { ok: true; token: ConnectToken | undefined } | ConnectRefusal;
+
+/** Step 3's verdict: the session to attach to the client, or a refusal (always CONNACK 5). */
+export type ConnectVerification = { ok: true; session: MeshSession } | ConnectRefusal;
+
+/**
+ * Step 1's verdict. `drop`: close without a CONNACK (the cheapest answer to a storm; a well-behaved client backs off
+ * and retries); `quiet` says the drop is a repeat that is logged at debug only. `wrong-version`: let aedes answer
+ * CONNACK 1 itself, as [MQTT-3.1.2-2] asks.
+ */
+export type DoorVerdict =
+  | { action: 'go' }
+  | { action: 'drop'; reason: 'banned' | 'connect-rate'; code: 'MESH_RATE_LIMITED'; quiet: boolean }
+  | { action: 'wrong-version'; reason: 'protocol-version'; code: 'MESH_BAD_REQUEST' };
+
+export function refuseConnect(returnCode: number, reason: RefusalReason, topic?: string): ConnectRefusal {
+  return { ok: false, reason, code: REFUSAL_CODES[reason], returnCode, topic };
+}
+
+/** Step 1: the address's ban and CONNECT bucket (this takes a token from `ips`), then MQTT 3.1.1 only (level 4). */
+export function doorVerdict(ips: IpGuard, ip: string, protocolVersion: number | undefined, now: number): DoorVerdict {
+  const rate = ips.connect(ip, now);
+  if (rate === 'banned') return { action: 'drop', reason: 'banned', code: 'MESH_RATE_LIMITED', quiet: true };
+  if (rate === 'connect-rate') return { action: 'drop', reason: 'connect-rate', code: 'MESH_RATE_LIMITED', quiet: false };
+  if (rate === 'connect-rate-again') return { action: 'drop', reason: 'connect-rate', code: 'MESH_RATE_LIMITED', quiet: true };
+  // 3.1 (level 3), MQTT 5 (level 5) and anything else: refused, also 3.1.1's level with another protocol name.
+  if (protocolVersion !== 4) return { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' };
+  return { action: 'go' };
+}
+
+/** Step 2: the cheap checks, in order of cost. */
+export function checkConnect(packet: ConnectFields, policy: ConnectPolicy, now: number): ConnectCheck {
+  const clientId = packet.clientId ?? '';
+  if (clientId.length > policy.maxClientIdLength) return refuseConnect(CONNACK_IDENTIFIER_REJECTED, 'client-id-too-long');
+  const { username, password } = packet;
+  if (username !== undefined && (username.length > MAX_USERNAME_BYTES || Buffer.byteLength(username) > MAX_USERNAME_BYTES)) {
+    return refuseConnect(CONNACK_NOT_AUTHORIZED, 'username-too-long');
+  }
+  if (password !== undefined && password.byteLength > MAX_PASSWORD_BYTES) return refuseConnect(CONNACK_NOT_AUTHORIZED, 'password-too-long');
+  // The mesh keeps no state for a client between connections.
+  if (packet.clean === false) return refuseConnect(CONNACK_NOT_AUTHORIZED, 'persistent-session');
+  const limit = policy.keepaliveLimitS;
+  if (limit > 0 && (!packet.keepalive || packet.keepalive > limit)) {
+    return refuseConnect(CONNACK_NOT_AUTHORIZED, packet.keepalive ? 'keepalive-too-long' : 'keepalive-zero');
+  }
+  if (packet.will) {
+    const reason = checkWillPolicy(packet.will, clientId, policy.limits);
+    if (reason !== undefined) return refuseConnect(CONNACK_NOT_AUTHORIZED, reason, packet.will.topic);
+  }
+  const auth = policy.auth;
+  if (!auth) return { ok: true, token: undefined };
+  const role = isValidId(clientId) ? roleOfId(clientId) : undefined;
+  if (role === undefined) return refuseConnect(CONNACK_IDENTIFIER_REJECTED, 'id-not-key-derived');
+  if (packet.will) {
+    const reason = willRoleRefusal(role);
+    if (reason !== undefined) return refuseConnect(CONNACK_NOT_AUTHORIZED, reason, packet.will.topic);
+  }
+  if (username !== undefined && username !== '' && username !== clientId)
+    return refuseConnect(CONNACK_NOT_AUTHORIZED, 'username-not-client-id');
+  if (password === undefined || password.byteLength === 0) return refuseConnect(CONNACK_NOT_AUTHORIZED, 'no-token');
+  const token = readConnectToken(password);
+  if (token === undefined) return refuseConnect(CONNACK_NOT_AUTHORIZED, 'bad-token');
+  if (Math.abs(now - token.timestampMs) > auth.maxClockSkewMs) return refuseConnect(CONNACK_NOT_AUTHORIZED, 'stale-token');
+  return { ok: true, token };
+}
+
+/** Where step 3 looks ids up: the admission store (./store.ts), or undefined in open mode. */
+export interface Admissions {
+  lookup(id: string, nowMs: number): Grant | LookupRefusal;
+}
+
+/**
+ * Step 3: in open mode every client gets a session with no role (no ACL applies). In authenticated mode the id must
+ * be admitted, the token's nonce unseen, and the signature made by the admitted key. Replays are refused before the
+ * signature is checked (cheap); a nonce is recorded only once its signature held, so a forged token cannot burn a
+ * nonce in advance.
+ */
+export function verifyConnect(
+  clientId: string,
+  token: ConnectToken | undefined,
+  admissions: Admissions | undefined,
+  nonces: NonceCache,
+  now: number,
+  publishBurst: number,
+): ConnectVerification {
+  if (!admissions) return { ok: true, session: newSession(clientId, undefined, Infinity, publishBurst) };
+  if (!token) return refuseConnect(CONNACK_NOT_AUTHORIZED, 'no-token');
+  const grant = admissions.lookup(clientId, now);
+  if (typeof grant === 'string') return refuseConnect(CONNACK_NOT_AUTHORIZED, grant);
+  const nonceKey = token.nonce.toString('base64');
+  if (nonces.has(nonceKey, now)) return refuseConnect(CONNACK_NOT_AUTHORIZED, 'replayed-token');
+  if (!verifyBytes(grant.publicKey, connectTokenMessage(clientId, token.timestampMs, token.nonce), token.signature)) {
+    return refuseConnect(CONNACK_NOT_AUTHORIZED, 'bad-signature');
+  }
+  nonces.add(nonceKey, now);
+  return { ok: true, session: newSession(clientId, grant.role, grant.expires, publishBurst) };
+}
+
+/**
+ * Step 4, for a client aedes registered and again whenever a revocation is stored: whether its id is still admitted
+ * (not revoked, admission not replaced or run out). Open mode (no admissions) never cuts anyone off. The session's own
+ * expiry is watched by a timer in the wiring.
+ */
+export function stillAdmitted(admissions: Admissions | undefined, id: string, now: number): boolean {
+  return admissions === undefined || typeof admissions.lookup(id, now) !== 'string';
+}

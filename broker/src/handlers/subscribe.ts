@@ -1,0 +1,32 @@
+/**
+ * SUBSCRIBE decisions (MQTT 3.1.1 §3.8), one per topic filter: the built-in filter policy (../policy.ts: caps, no `$`
+ * filters, nothing that matches every topic), then in authenticated mode the role ACL (../acl.ts). A refused filter
+ * gets return code 0x80 (Failure, §3.9.3) in the SUBACK and the connection stays up; a granted one is granted at most
+ * QoS 1, since the broker never runs QoS 2 ([MQTT-3.8.4-6] lets it grant less than was asked).
+ */
+import type { MeshErrorCode } from '@edge-mesh/protocol';
+import { aclSubscribe, type MeshSession } from '../acl.ts';
+import { checkSubscribeFilter, type TopicLimits } from '../policy.ts';
+import { REFUSAL_CODES, type RefusalReason } from './refusals.ts';
+
+/** A refusal's `code` is the registry code it is logged with (./refusals.ts); the client only sees 0x80. */
+export type SubscribeVerdict = { ok: true; qos: number } | { ok: false; reason: RefusalReason; code: MeshErrorCode };
+
+/** The QoS the broker grants for a requested one: QoS 2 becomes 1. */
+export function grantedQos(requested: number): number {
+  return requested === 2 ? 1 : requested;
+}
+
+/** Whether a client with `session` (undefined: it has none) may subscribe to `filter` at `qos`, and at which QoS. */
+export function decideSubscribe(
+  filter: string,
+  qos: number,
+  session: MeshSession | undefined,
+  auth: boolean,
+  limits: TopicLimits,
+): SubscribeVerdict {
+  const reason = checkSubscribeFilter(filter, limits);
+  if (reason !== undefined) return { ok: false, reason, code: REFUSAL_CODES[reason] };
+  if (auth && (session === undefined || !aclSubscribe(session, filter))) return { ok: false, reason: 'acl', code: REFUSAL_CODES.acl };
+  return { ok: true, qos: grantedQos(qos) };
+}
