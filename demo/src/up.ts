@@ -17,7 +17,7 @@ import { type RouterHandle, startRouter } from '@edge-mesh/router';
 import { connect, type Mesh } from '@edge-mesh/sdk';
 import type { Logger } from 'pino';
 import { type BridgeDemo, type BridgeDemoSummary, startBridgeDemo } from './bridge-demo.ts';
-import { kserveInfer } from './kserve-client.ts';
+import { encodeKServeInputs, kserveInfer } from './kserve-client.ts';
 import { ensureModelsFolder } from './models.ts';
 import { SampleApp } from './sample-app.ts';
 import { startUpSettlement, type UpSettlement, type UpSettlementSummary } from './up-settlement.ts';
@@ -201,8 +201,14 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
       ratePerS: options.ratePerS,
       logger,
       agentLabel: label,
-      thinClient: { name: 'http', every: 10, infer: (model, inputs, deadlineMs) => kserveInfer(routerUrl, model, inputs, deadlineMs) },
+      thinClient: {
+        name: 'http',
+        every: 10,
+        infer: (model, inputs, deadlineMs) => kserveInfer(routerUrl, model, inputs, deadlineMs),
+        prepare: (inputs) => void encodeKServeInputs(inputs),
+      },
     });
+    app.prepare();
     // The bridge and its device process start first: their start-up work would otherwise stall the app's first requests.
     bridgeDemo = await startBridgeDemo({
       brokerUrl: broker.url,
