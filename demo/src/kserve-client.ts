@@ -40,12 +40,21 @@ export async function kserveInfer(
   deadlineMs: number,
 ): Promise<KServeResult> {
   const parameters = JSON.stringify({ deadline_ms: Math.max(1, Math.round(deadlineMs)) });
-  const res = await fetch(`${baseUrl}/v2/models/${encodeURIComponent(model)}/infer`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: `{"inputs":${encodeKServeInputs(inputs)},"parameters":${parameters}}`,
-    signal: AbortSignal.timeout(deadlineMs + 1_000),
-  });
+  let res: Response;
+  try {
+    res = await fetch(`${baseUrl}/v2/models/${encodeURIComponent(model)}/infer`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: `{"inputs":${encodeKServeInputs(inputs)},"parameters":${parameters}}`,
+      signal: AbortSignal.timeout(deadlineMs + 1_000),
+    });
+  } catch (err) {
+    // fetch's own failures carry DOM codes (a timeout is code 23): say what they mean in the mesh's codes.
+    if ((err as Error).name === 'TimeoutError' || (err as Error).name === 'AbortError') {
+      throw new MeshError('MESH_DEADLINE_EXCEEDED', `no HTTP answer for ${model} within ${deadlineMs + 1_000} ms`, { cause: err });
+    }
+    throw new MeshError('MESH_NOT_CONNECTED', `${baseUrl}: ${(err as Error).message}`, { cause: err });
+  }
   const json = (await res.json()) as {
     code?: string;
     error?: string;
