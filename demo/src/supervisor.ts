@@ -188,10 +188,7 @@ export class Supervisor {
     void part.exited.then((exit) => {
       if (part.stopping) return;
       const err = part.exitError(exit);
-      this.write(
-        `edge-mesh up: ${err.message} while the mesh was running; its last lines (all in ${path.join(this.options.logDir, `${spec.name}.log`)}):`,
-      );
-      for (const line of part.tail()) this.write(`  ${formatLine(spec.name, line).text}`);
+      this.showTail(part, `${err.message} unexpectedly`);
       this.fail(err);
     });
     return part;
@@ -213,7 +210,17 @@ export class Supervisor {
     }, timeoutMs);
     const exit = await part.exited;
     clearTimeout(timer);
+    // A part exits with code 0 after a SIGTERM (or dies of it while still starting); an error code is worth its
+    // last lines, as its figures may be missing.
+    if (exit.signal === null && exit.code !== 0) {
+      this.showTail(part, `${part.exitError(exit).message} while stopping`);
+    }
     return exit;
+  }
+
+  private showTail(part: Part, what: string): void {
+    this.write(`edge-mesh up: ${what}; its last lines (all in ${path.join(this.options.logDir, `${part.name}.log`)}):`);
+    for (const line of part.tail()) this.write(`  ${formatLine(part.name, line).text}`);
   }
 
   /** Stops every part still running, the last started first; closes the log files. */
