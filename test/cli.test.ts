@@ -1,19 +1,54 @@
 /** The `edge-mesh` command line, run as users run it: as a child process. */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import { sampleInputs } from '@edge-mesh/demo';
 import { tensorToJson } from '@edge-mesh/protocol';
-import { agentFor, brokerFor, ROOT, tempDir } from './helpers.ts';
+import { agentFor, brokerFor, ROOT, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
 const BIN = path.join(ROOT, 'cli/bin/edge-mesh.mjs');
 
 function edgeMesh(args: string[], timeoutMs = 60_000, cwd?: string) {
   return run(process.execPath, [BIN, ...args], { timeout: timeoutMs, maxBuffer: 16 * 2 ** 20, ...(cwd ? { cwd } : {}) });
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** `edge-mesh up` in the background; resolves once the sample app sends, with the pids it printed. */
+async function upUntilSending(
+  t: import('node:test').TestContext,
+  args: string[],
+): Promise<{ up: ChildProcess; pids: Map<string, number>; output: () => string }> {
+  const up = spawn(process.execPath, [BIN, 'up', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.after(() => {
+    if (up.exitCode === null && up.signalCode === null) up.kill('SIGKILL');
+  });
+  let out = '';
+  up.stdout!.on('data', (c: Buffer) => (out += c.toString()));
+  up.stderr!.on('data', (c: Buffer) => (out += c.toString()));
+  await waitFor(() => /sample app \(pid \d+\) sending/.test(out) || up.exitCode !== null, 120_000, 'up to start sending');
+  assert.equal(up.exitCode, null, out);
+  // Every part's line names its pid: `broker (pid N) …`, `agent-1 (agent-…) (pid N) …`, `local chain 31337 (pid N) …`.
+  const pids = new Map<string, number>();
+  for (const line of out.split('\n')) {
+    const name = /^(broker|agent-\d+|router|firmware bridge|sample app|local chain)/.exec(line)?.[1];
+    const found = [...line.matchAll(/\(pid (\d+)\)/g)].map((m) => Number(m[1]));
+    if (!name || found.length === 0) continue;
+    pids.set(name, found[0]!);
+    if (name === 'firmware bridge') pids.set('device', found[1]!);
+  }
+  return { up, pids, output: () => out };
 }
 
 describe('edge-mesh CLI', () => {
@@ -32,6 +67,9 @@ describe('edge-mesh CLI', () => {
       ['keys', 'show'],
       ['admit'],
       ['revoke'],
+      ['demo'],
+      ['demo', 'app'],
+      ['bridge', 'run'],
     ];
     await Promise.all(
       commands.map(async (cmd) => {
@@ -137,13 +175,23 @@ describe('edge-mesh CLI', () => {
     );
   });
 
-  test('up runs the whole mesh and ends with a JSON summary', async (t) => {
+  test('up runs every part as its own process and ends with a JSON summary', async (t) => {
     const dir = await tempDir(t);
     const { stdout } = await edgeMesh(
       ['up', '--duration', '6', '--json', '--port', '0', '--router-port', '0', '--data', dir, '--rate', '30'],
       120_000,
     );
     const summary = JSON.parse(stdout.trim().split('\n').at(-1)!);
+    // One process per part, none of them this test's child `up` itself, and all gone once `up` has exited.
+    const pids = summary.pids as Record<string, number>;
+    assert.deepEqual(Object.keys(pids).sort(), ['agent-1', 'agent-2', 'app', 'bridge', 'broker', 'chain', 'device', 'router']);
+    assert.equal(new Set(Object.values(pids)).size, 8, JSON.stringify(pids));
+    for (const [name, pid] of Object.entries(pids)) {
+      assert.ok(Number.isInteger(pid) && pid > 0 && pid !== process.pid, name);
+      assert.ok(!alive(pid), `${name} (pid ${pid}) still runs after up exited`);
+    }
+    // Every part logged to its own file.
+    for (const name of Object.keys(pids).filter((n) => n !== 'chain')) await stat(path.join(dir, 'logs', `${name}.log`));
     assert.ok(summary.requests > 0);
     assert.equal(summary.errors, 0, JSON.stringify(summary.error_codes));
     assert.equal(summary.ok, summary.requests);
@@ -180,5 +228,54 @@ describe('edge-mesh CLI', () => {
       `${summary.settled_micros} settled of ${summary.owed_micros}`,
     );
     assert.ok(summary.settlement_txs >= 1);
+  });
+});
+
+describe('edge-mesh up supervision', () => {
+  test('a SIGKILL of up leaves no part running', async (t) => {
+    const dir = await tempDir(t);
+    const { up, pids, output } = await upUntilSending(t, ['--port', '0', '--router-port', '0', '--data', dir, '--rate', '10']);
+    assert.deepEqual(
+      [...pids.keys()].sort(),
+      ['agent-1', 'agent-2', 'broker', 'device', 'firmware bridge', 'local chain', 'router', 'sample app'],
+      output(),
+    );
+    for (const [name, pid] of pids) assert.ok(alive(pid), `${name} (pid ${pid}) should run`);
+    const exited = new Promise((resolve) => up.once('exit', resolve));
+    up.kill('SIGKILL');
+    await exited;
+    // Each part notices that its supervisor's channel closed (the chain: its stdin) and stops by itself.
+    await waitFor(() => [...pids.values()].every((pid) => !alive(pid)), 20_000, 'every part to exit').catch(() => {});
+    const left = [...pids].filter(([, pid]) => alive(pid));
+    for (const [, pid] of left) process.kill(pid, 'SIGKILL');
+    assert.deepEqual(left, [], 'parts still running 20 s after up was killed');
+  });
+
+  test('a part that dies stops the mesh: up names it, exits non-zero and leaves nothing behind', async (t) => {
+    const dir = await tempDir(t);
+    const { up, pids, output } = await upUntilSending(t, [
+      '--no-chain',
+      '--port',
+      '0',
+      '--router-port',
+      '0',
+      '--data',
+      dir,
+      '--rate',
+      '10',
+    ]);
+    const exited = new Promise<number | null>((resolve) => up.once('exit', (code) => resolve(code)));
+    const victim = pids.get('agent-2')!;
+    process.kill(victim, 'SIGKILL');
+    const code = await exited;
+    assert.equal(code, 1, output());
+    assert.match(output(), new RegExp(`agent-2 \\(pid ${victim}\\) was killed by SIGKILL`));
+    assert.match(output(), /its last lines/);
+    await waitFor(() => [...pids.values()].every((pid) => !alive(pid)), 20_000, 'every part to exit').catch(() => {});
+    assert.deepEqual(
+      [...pids].filter(([, pid]) => alive(pid)),
+      [],
+      'parts still running after up failed',
+    );
   });
 });

@@ -4,10 +4,12 @@
  * folder, which only one process can hold: stop the bridge before changing it).
  */
 import path from 'node:path';
-import { loadKeyFile } from '@edge-mesh/client';
+import { loadKeyFile, round, summarize } from '@edge-mesh/client';
+import type { BridgeReady, BridgeStopSummary, DeviceSummary } from '@edge-mesh/demo';
 import { MeshError } from '@edge-mesh/protocol';
 import { type Command, InvalidArgumentError, Option } from 'commander';
 import { cliLogger, LOG_LEVELS } from './log.ts';
+import { report, stopSignal, supervised } from './supervised.ts';
 
 const DEFAULT_REGISTRY = path.join('.mesh-data', 'bridge', 'devices');
 export const DEFAULT_BRIDGE_MODELS = ['kws', 'ocr-cls', 'ocr-det'];
@@ -62,17 +64,23 @@ export function registerBridgeCommands(program: Command): void {
     .addOption(new Option('--log-level <level>', 'log level (logs go to stderr)').choices(LOG_LEVELS).default('info'))
     .action(async (opts) => {
       const logger = cliLogger(opts.logLevel);
+      const stop = stopSignal();
       const identity = opts.key ? await loadKeyFile(opts.key, 'bridge') : undefined;
       const { Bridge, DeviceRegistry, listenUdp, openSerial } = await loadBridge();
       const { connect } = await import('@edge-mesh/sdk');
       const registry = await DeviceRegistry.open(path.resolve(opts.registry));
       const mesh = await connect({ brokerUrl: opts.broker, logger, ...(identity ? { identity } : {}) });
       const core = new Bridge({ mesh, registry, models: opts.models, logger });
+      // Under a supervisor the latencies make the p50 of its summary (edge-mesh up).
+      const latencies: number[] = [];
+      if (supervised) core.on('request', (r: { latencyMs: number }) => latencies.push(r.latencyMs));
       const closers: (() => Promise<void>)[] = [];
+      let udpAddress: BridgeReady['udp'] = null;
       try {
         if (opts.udp !== false) {
           const udp = await listenUdp(core, { port: opts.udpPort, host: opts.udpHost });
           closers.push(() => udp.close());
+          udpAddress = { host: opts.udpHost, port: udp.port };
           logger.info({ address: udp.address, port: udp.port }, 'bridge listening on UDP');
         }
         for (const p of (opts.serial as string[] | undefined) ?? []) {
@@ -80,14 +88,10 @@ export function registerBridgeCommands(program: Command): void {
           closers.push(() => serial.close());
           logger.info({ path: p, baud: opts.baud }, 'bridge serving serial port');
         }
-        logger.info(
-          { bridgeId: core.id, devices: registry.list().filter((d) => d.revokedAt === undefined).length, models: opts.models },
-          'bridge ready',
-        );
-        await new Promise<void>((resolve) => {
-          process.once('SIGINT', () => resolve());
-          process.once('SIGTERM', () => resolve());
-        });
+        const devices = registry.list().filter((d) => d.revokedAt === undefined).length;
+        logger.info({ bridgeId: core.id, devices, models: opts.models }, 'bridge ready');
+        await report<BridgeReady>('ready', { id: core.id, udp: udpAddress, devices });
+        await stop;
         logger.info(core.stats, 'bridge stopping');
       } finally {
         for (const close of closers) await close();
@@ -95,6 +99,9 @@ export function registerBridgeCommands(program: Command): void {
         await mesh.close();
         await registry.close();
       }
+      const s = latencies.length ? summarize(latencies) : undefined;
+      const { requests, ok, errors, retransmits } = core.stats;
+      await report<BridgeStopSummary>('summary', { requests, ok, errors, retransmits, p50_ms: s ? round(s.p50) : null });
     });
 
   bridge
@@ -141,10 +148,10 @@ export function registerBridgeCommands(program: Command): void {
       }
     });
 
-  // The simulated device of `edge-mesh up` (cli/bridge-demo.ts): a separate process speaking frames over UDP.
+  // The simulated device of `edge-mesh up` (demo/bridge-demo.ts): a separate process speaking frames over UDP.
   bridge
     .command('sim-device', { hidden: true })
-    .description('a simulated device sending wake-word requests over UDP (key in FB_DEVICE_KEY)')
+    .description('a simulated device sending wake-word requests over UDP (key in FB_DEVICE_KEY); prints a JSON summary when stopped')
     .requiredOption('--port <port>', 'bridge UDP port', port)
     .option('--host <host>', 'bridge UDP host', '127.0.0.1')
     .requiredOption('--device-id <id>', 'device id', (v: string) => Number(v))
@@ -152,8 +159,21 @@ export function registerBridgeCommands(program: Command): void {
     .action(async (opts) => {
       const key = process.env.FB_DEVICE_KEY;
       if (!key || !/^[0-9a-f]{64}$/.test(key)) throw new MeshError('MESH_CONFIG', 'FB_DEVICE_KEY must hold the 32-byte device key in hex');
+      const stop = stopSignal();
       const { runSimDevice } = await import('@edge-mesh/demo');
-      await runSimDevice({ host: opts.host, port: opts.port, deviceId: opts.deviceId, key, ratePerS: opts.rate });
+      const summary = await runSimDevice(
+        {
+          host: opts.host,
+          port: opts.port,
+          deviceId: opts.deviceId,
+          key,
+          ratePerS: opts.rate,
+          onReady: () => report('ready', {}),
+        },
+        stop,
+      );
+      if (supervised) await report<DeviceSummary>('summary', summary);
+      else process.stdout.write(`${JSON.stringify(summary)}\n`);
     });
 
   bridge

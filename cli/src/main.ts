@@ -2,6 +2,7 @@
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { loadKeyFile, parseOperatorSpec, parsePublicKey, parseRole, round, type TrustedOperator, writeKeyFile } from '@edge-mesh/client';
+import type { AgentReady, AgentSummary, BrokerReady, RouterReady } from '@edge-mesh/demo';
 import {
   admit,
   DTYPES,
@@ -19,10 +20,13 @@ import {
   tensorFromJson,
   tensorToJson,
 } from '@edge-mesh/protocol';
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
 import { registerBridgeCommands } from './bridge.ts';
 import { registerChainCommands } from './chain.ts';
+import { registerDemoCommands } from './demo.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
+import { collect, nonNegativeInt, positiveInt, positiveNumber } from './options.ts';
+import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
 const loadBroker = () => import('@edge-mesh/broker');
@@ -33,8 +37,6 @@ const loadRouter = () => import('@edge-mesh/router');
 const DEFAULT_BROKER = 'mqtt://127.0.0.1:1883';
 const DEFAULT_DATA_DIR = '.mesh-data';
 const DAY_MS = 86_400_000;
-
-const collect = (value: string, previous: string[]) => [...previous, value];
 
 /** Warnings about key files go to stderr and name the file only. */
 const keyWarnings = { warn: (message: string) => process.stderr.write(`edge-mesh: warning: ${message}\n`) };
@@ -55,39 +57,7 @@ function printJson(value: unknown): void {
   process.stdout.write(`${JSON.stringify(value)}\n`);
 }
 
-function positiveInt(value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 1) throw new InvalidArgumentError('must be a positive integer');
-  return n;
-}
-
-function nonNegativeInt(value: string): number {
-  const n = Number(value);
-  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError('must be a non-negative integer');
-  return n;
-}
-
-function positiveNumber(value: string): number {
-  const n = Number(value);
-  if (!Number.isFinite(n) || n <= 0) throw new InvalidArgumentError('must be a positive number');
-  return n;
-}
-
 const logLevelOption = () => new Option('--log-level <level>', 'log level (logs go to stderr)').choices(LOG_LEVELS).default('info');
-
-/** Resolves when SIGINT or SIGTERM arrives (once); a second signal exits at once. */
-function stopSignal(): Promise<NodeJS.Signals> {
-  return new Promise((resolve) => {
-    let seen = false;
-    const onSignal = (signal: NodeJS.Signals) => {
-      if (seen) process.exit(130);
-      seen = true;
-      resolve(signal);
-    };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
-  });
-}
 
 /** Reads `--input` files: a JSON map `{ name: { dtype, shape, data } }`, or raw bytes `[name=]file` with --dtype/--shape. */
 async function readInputs(
@@ -139,7 +109,9 @@ export function buildProgram(): Command {
 
   program
     .command('up')
-    .description('run the whole local mesh: broker, edge agents with real models, and a sample app that reports latency')
+    .description(
+      'run the whole local mesh, each part in its own process: broker, edge agents with real models, router, firmware bridge with a simulated device, and a sample app that reports latency (see docs/operations.md)',
+    )
     .option('--duration <seconds>', 'stop by itself after this many seconds', positiveNumber)
     .option('--json', 'print one summary JSON object as the last line', false)
     .option('--agents <n>', 'edge agents to start', positiveInt, 2)
@@ -147,7 +119,7 @@ export function buildProgram(): Command {
     .option('--rate <rps>', 'requests per second the sample app sends', positiveNumber, 40)
     .option('--port <port>', 'broker port (0 for any free port; a busy default port falls back to a free one)', nonNegativeInt, 1883)
     .option('--host <host>', 'broker address', '127.0.0.1')
-    .option('--data <dir>', 'data folder: models, keys (made on first run), the admission store', DEFAULT_DATA_DIR)
+    .option('--data <dir>', "data folder: models, keys (made on first run), the admission store, the parts' logs", DEFAULT_DATA_DIR)
     .option('--report-every <seconds>', 'seconds between progress reports', positiveNumber, 5)
     .option(
       '--router-port <port>',
@@ -156,7 +128,14 @@ export function buildProgram(): Command {
       8080,
     )
     .option('--no-chain', 'run unpaid: no local chain, no receipts or settlement')
-    .addOption(logLevelOption().default('warn'))
+    .addOption(
+      new Option(
+        '--log-level <level>',
+        "shown on stderr: up's own logs and the parts' lines at this level or above (all parts log to <data>/logs/)",
+      )
+        .choices(LOG_LEVELS)
+        .default('warn'),
+    )
     .action(async (opts) => {
       const logger = cliLogger(opts.logLevel);
       // With --json the progress reports go to stderr so stdout ends with the summary alone.
@@ -175,6 +154,7 @@ export function buildProgram(): Command {
           routerPort: opts.routerPort,
           json: opts.json,
           chain: opts.chain,
+          logLevel: opts.logLevel,
           logger,
           print,
         },
@@ -243,6 +223,7 @@ export function buildProgram(): Command {
         );
       else logger.warn({ url: broker.url }, 'broker listening OPEN (--insecure): anyone may connect, publish and subscribe');
       process.stdout.write(`${broker.url}\n`);
+      await report<BrokerReady>('ready', { url: broker.url });
       await stopSignal();
       logger.info('broker stopping');
       await broker.close();
@@ -277,6 +258,7 @@ export function buildProgram(): Command {
     .option('--settle-interval <seconds>', 'settle an owing lane at least this often', positiveNumber, 86_400)
     .option('--settle-threshold <micros>', 'settle a lane once it owes this much (default: 100 × its gas cost)', positiveInt)
     .option('--settle-check-ms <ms>', 'how often the relayer checks lanes and withdraw requests', positiveInt, 5_000)
+    .option('--settle-on-close', 'with --settle: settle every lane that owes anything as the agent stops', false)
     .addOption(logLevelOption())
     .action(async (opts) => {
       if (opts.payout !== undefined && (opts.escrow === undefined || opts.chainId === undefined)) {
@@ -304,6 +286,7 @@ export function buildProgram(): Command {
           maxIntervalMs: opts.settleInterval * 1000,
           checkEveryMs: opts.settleCheckMs,
           ...(opts.settleThreshold !== undefined ? { thresholdMicros: opts.settleThreshold } : {}),
+          ...(opts.settleOnClose ? { settleOnClose: true } : {}),
           ...(crash === 'after-intent' || crash === 'after-send' ? { crashAt: crash } : {}),
         };
       }
@@ -338,8 +321,9 @@ export function buildProgram(): Command {
           : {}),
       });
       const refused = agent.announced.then(
-        () => {
+        async () => {
           logger.info({ agentId: agent.id }, 'announced');
+          await report<AgentReady>('ready', { id: agent.id, models: agent.models.map((m) => ({ name: m.name, latencyMs: m.latencyMs })) });
           return new Promise<never>(() => {});
         },
         (err: unknown) => {
@@ -349,6 +333,12 @@ export function buildProgram(): Command {
       const signal = await Promise.race([stop, refused]);
       logger.info({ signal }, 'draining');
       await agent.drain(opts.drainTimeoutMs);
+      await report<AgentSummary>('summary', {
+        id: agent.id,
+        served: agent.counters.served,
+        lanes: (agent.payments?.lanes() ?? []).map((l) => ({ payer: l.payer, receipts: l.receipts, owedMicros: l.owedMicros })),
+        settlementTxs: agent.payments?.settler?.counters.txs ?? 0,
+      });
     });
 
   program
@@ -389,6 +379,7 @@ export function buildProgram(): Command {
       });
       logger.info({ routerId: router.id, http: router.http?.url }, 'router up');
       process.stdout.write(`router ${router.id}${router.http ? ` serving ${router.http.url}` : ''}\n`);
+      await report<RouterReady>('ready', { id: router.id, httpUrl: router.http?.url ?? null });
       const signal = await stop;
       logger.info({ signal, counters: router.counters }, 'stopping');
       await router.close();
@@ -528,6 +519,8 @@ export function buildProgram(): Command {
     });
 
   registerBridgeCommands(program);
+  // The sample app of `edge-mesh up` as a command of its own (cli/demo.ts).
+  registerDemoCommands(program);
   // Settlement on-chain: chain, fund, settle, balance (cli/chain.ts).
   registerChainCommands(program);
 
@@ -537,6 +530,7 @@ export function buildProgram(): Command {
 /** Runs the CLI; returns the process exit code. */
 export async function main(argv: string[]): Promise<number> {
   const program = buildProgram();
+  watchSupervisor();
   try {
     await program.parseAsync(argv);
     return 0;
@@ -549,5 +543,7 @@ export async function main(argv: string[]): Promise<number> {
     }
     process.stderr.write(`edge-mesh: ${e.message ?? String(err)}\n`);
     return 1;
+  } finally {
+    leaveSupervisor();
   }
 }

@@ -119,6 +119,9 @@ async function startOnce(
   const child = spawn(process.execPath, [path.join(CONTRACTS_DIR, 'hardhat-node.cjs'), String(port), '127.0.0.1'], {
     cwd: CONTRACTS_DIR,
     stdio: ['pipe', 'pipe', 'pipe'],
+    // Its own process group: a terminal's Ctrl-C reaches only the parent, which may still need the chain
+    // (agents settle as they stop) and closes it last. It still exits when the parent goes (stdin closes).
+    detached: true,
     env: { ...process.env, MESH_CHAIN_ID: String(chainId), MESH_CHAIN_ACCOUNTS: String(count), HARDHAT_DISABLE_TELEMETRY_PROMPT: 'true' },
   });
   live.add(child);

@@ -5,13 +5,15 @@
  */
 
 import { round } from '@edge-mesh/client';
-import type { Tensor } from '@edge-mesh/protocol';
-import type { Mesh } from '@edge-mesh/sdk';
+import type { Identity, Tensor } from '@edge-mesh/protocol';
+import { connect, type Mesh, type PaymentOptions } from '@edge-mesh/sdk';
 import type { Logger } from 'pino';
+import { encodeKServeInputs, kserveInfer } from './kserve-client.ts';
+import type { AppReady, AppSummary } from './parts.ts';
 import { sampleInputs } from './sample-inputs.ts';
 import { formatTable, TallyMap } from './stats.ts';
 
-/** Generous budgets: the whole mesh shares one process and two cores with whatever else runs here. */
+/** Generous budgets: the whole local mesh shares two cores with whatever else runs here. */
 export const SAMPLE_DEADLINES_MS: Record<string, number> = { kws: 500, vad: 500, 'ocr-cls': 1_000, 'ocr-det': 3_000 };
 const SEEDS_PER_MODEL = 8;
 const MAX_IN_FLIGHT = 256;
@@ -31,6 +33,8 @@ export interface SampleAppOptions {
     name: string;
     every: number;
     infer(model: string, inputs: Record<string, Tensor>, deadlineMs: number): Promise<{ agentId: string }>;
+    /** Does the one-time work for a sample it will send (encoding its body), before the first request. */
+    prepare?(inputs: Record<string, Tensor>): void;
   };
 }
 
@@ -48,6 +52,37 @@ export class SampleApp {
   private startedAt = 0;
 
   constructor(private readonly options: SampleAppOptions) {}
+
+  /**
+   * Builds every sample the app will send, and lets the thin client encode the ones it will carry.
+   * Done lazily, this one-time work (about half a second of CPU, mostly the OCR images and their JSON
+   * bodies) landed in the first seconds of sending and delayed those requests.
+   */
+  prepare(): void {
+    const { models } = this.options;
+    const thin = this.options.thinClient;
+    // The request pattern repeats every models × seeds × thin.every requests.
+    const period = models.length * SEEDS_PER_MODEL * (thin?.every ?? 1);
+    for (let n = 0; n < period; n++) {
+      const inputs = this.inputsFor(n);
+      if (thin && n % thin.every === thin.every - 1) thin.prepare?.(inputs);
+    }
+  }
+
+  /** The model and cached inputs of the n-th request. */
+  private inputsFor(n: number): Record<string, Tensor> {
+    const { models } = this.options;
+    const model = models[n % models.length]!;
+    const seed = 1 + (Math.floor(n / models.length) % SEEDS_PER_MODEL);
+    // The SDK neither mutates nor transfers inputs, so each sample is built once and reused.
+    const cacheKey = `${model}:${seed}`;
+    let inputs = this.inputsCache.get(cacheKey);
+    if (!inputs) {
+      inputs = sampleInputs(model, seed);
+      this.inputsCache.set(cacheKey, inputs);
+    }
+    return inputs;
+  }
 
   start(): void {
     const { ratePerS } = this.options;
@@ -68,14 +103,7 @@ export class SampleApp {
       this.skipped++;
       return;
     }
-    const seed = 1 + (Math.floor(n / models.length) % SEEDS_PER_MODEL);
-    // The SDK neither mutates nor transfers inputs, so each sample is built once and reused.
-    const cacheKey = `${model}:${seed}`;
-    let inputs = this.inputsCache.get(cacheKey);
-    if (!inputs) {
-      inputs = sampleInputs(model, seed);
-      this.inputsCache.set(cacheKey, inputs);
-    }
+    const inputs = this.inputsFor(n);
     const started = performance.now();
     const deadlineMs = SAMPLE_DEADLINES_MS[model] ?? 1_000;
     const thin = this.options.thinClient;
@@ -133,6 +161,21 @@ export class SampleApp {
     ].join('\n');
   }
 
+  /** Totals, latency per model and per agent (by id), error codes and paths, for the `--json` summary. */
+  summary(): AppSummary {
+    const models: AppSummary['models'] = {};
+    for (const [name, t] of this.byModel.byKey) {
+      const s = t.total();
+      models[name] = { requests: s.requests, p50_ms: s.p50_ms, p99_ms: s.p99_ms };
+    }
+    const perAgent: AppSummary['per_agent'] = {};
+    for (const [id, t] of this.byAgent.byKey) {
+      const s = t.total();
+      perAgent[id] = { requests: s.requests, p50_ms: s.p50_ms, p99_ms: s.p99_ms };
+    }
+    return { ...this.totals(), models, per_agent: perAgent, error_codes: { ...this.errorCodes }, paths: { ...this.paths } };
+  }
+
   totals(): { requests: number; ok: number; errors: number } {
     let requests = 0;
     let ok = 0;
@@ -143,5 +186,84 @@ export class SampleApp {
       errors += t.errors;
     }
     return { requests, ok, errors };
+  }
+}
+
+export interface RunSampleAppOptions {
+  brokerUrl: string;
+  identity?: Identity;
+  /** Ask this router for route leases (direct mode). */
+  router?: string;
+  /** The router's HTTP API: every `httpEvery`-th request goes to its KServe endpoint, as a thin client's would. */
+  httpUrl?: string;
+  httpEvery?: number;
+  models: string[];
+  /** Send nothing until this many agents serve every model (their signed statuses seen). */
+  agents: number;
+  waitMs: number;
+  ratePerS: number;
+  /** Stop by itself after this many seconds of sending. */
+  durationS?: number;
+  reportEveryS: number;
+  payment?: PaymentOptions;
+  agentLabel?: (agentId: string) => string;
+  logger: Logger;
+  /** Where the periodic report goes. */
+  print: (text: string) => void;
+  /** Called once the app is sending. */
+  onReady?: (ready: AppReady) => void | Promise<void>;
+}
+
+/**
+ * The sample app as a process of its own (`edge-mesh demo app`): connects, waits until every model is
+ * served by `agents` agents, sends until `stop` resolves (or for `durationS`), waits for every
+ * outstanding request, and returns the summary.
+ */
+export async function runSampleApp(options: RunSampleAppOptions, stop: Promise<unknown>): Promise<AppSummary> {
+  const { logger } = options;
+  const mesh = await connect({
+    brokerUrl: options.brokerUrl,
+    logger,
+    ...(options.identity ? { identity: options.identity } : {}),
+    ...(options.router ? { router: options.router } : {}),
+    ...(options.payment ? { payment: options.payment } : {}),
+  });
+  let app: SampleApp | undefined;
+  let reporter: NodeJS.Timeout | undefined;
+  try {
+    for (const model of options.models) await mesh.waitForModel(model, options.waitMs, options.agents);
+    const httpUrl = options.httpUrl;
+    app = new SampleApp({
+      mesh,
+      models: options.models,
+      ratePerS: options.ratePerS,
+      logger,
+      ...(options.agentLabel ? { agentLabel: options.agentLabel } : {}),
+      ...(httpUrl
+        ? {
+            thinClient: {
+              name: 'http',
+              every: options.httpEvery ?? 10,
+              infer: (model: string, inputs: Record<string, Tensor>, deadlineMs: number) => kserveInfer(httpUrl, model, inputs, deadlineMs),
+              prepare: (inputs: Record<string, Tensor>) => void encodeKServeInputs(inputs),
+            },
+          }
+        : {}),
+    });
+    app.prepare();
+    app.start();
+    await options.onReady?.({ models: options.models, agents: options.agents, ratePerS: options.ratePerS });
+    const running = app;
+    reporter = setInterval(() => options.print(running.report()), options.reportEveryS * 1000);
+    const timeout = options.durationS === undefined ? undefined : new Promise<void>((r) => setTimeout(r, options.durationS! * 1000));
+    await Promise.race(timeout ? [stop, timeout] : [stop]);
+    clearInterval(reporter);
+    await app.stop();
+    options.print(app.report());
+    return app.summary();
+  } finally {
+    if (reporter) clearInterval(reporter);
+    await app?.stop();
+    await mesh.close();
   }
 }

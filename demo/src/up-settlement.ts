@@ -9,11 +9,10 @@
  */
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import path from 'node:path';
-import type { AgentHandle, AgentPaymentOptions } from '@edge-mesh/agent';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
-import type { PaymentOptions } from '@edge-mesh/sdk';
 import type { Logger } from 'pino';
+import type { AgentSummary } from './parts.ts';
 
 export interface UpSettlementSummary {
   /** Receipts the agents signed on the app's lanes (failed and timed-out work included, at 0). */
@@ -38,12 +37,23 @@ export interface UpSettlementOptions {
   fundMicros?: bigint;
 }
 
+/** Command-line arguments and environment for a part's `edge-mesh` command (EVM keys go in the environment). */
+export interface PartPayment {
+  args: string[];
+  env: Record<string, string>;
+}
+
 export interface UpSettlement {
   readonly chain: LocalChain;
   readonly deployment: MeshDeployment;
-  agentPayment(index: number): AgentPaymentOptions;
-  sdkPayment(): PaymentOptions;
-  summary(agents: readonly AgentHandle[]): Promise<UpSettlementSummary>;
+  /** `edge-mesh agent` options: paid to its own payout address, settling through its own relayer. */
+  agentPayment(index: number): PartPayment;
+  /** `edge-mesh demo app` options: pays from the funded app wallet. */
+  appPayment(): PartPayment;
+  /** `edge-mesh router` options: serve /v1/lanes and /v1/settlements from the escrow. */
+  routerArgs(): string[];
+  /** The figures of the summary, from what the agents reported as they stopped and from the chain. */
+  summary(agents: readonly (AgentSummary | undefined)[]): Promise<UpSettlementSummary>;
   close(): Promise<void>;
 }
 
@@ -58,7 +68,6 @@ export async function startUpSettlement(options: UpSettlementOptions): Promise<U
   let runDir: string | undefined;
   try {
     const deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
-    const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
     const payouts = Array.from({ length: agents }, (_, i) => chain.accounts[FIRST_AGENT_ACCOUNT + i]!.toLowerCase());
     const appWallet = chain.wallet(APP_ACCOUNT);
     const app = await EscrowClient.connect({ runner: appWallet, escrow: deployment.escrow, token: deployment.token });
@@ -68,36 +77,47 @@ export async function startUpSettlement(options: UpSettlementOptions): Promise<U
     runDir = await mkdtemp(path.join(options.dataDir, 'payments-run-'));
     const dir = runDir;
     print(
-      `local chain ${deployment.chainId} on ${chain.rpcUrl}: escrow ${deployment.escrow}; app payer ${appWallet.address} funded ${Number(fund) / 1e6} USD per agent lane (${Math.round(performance.now() - started)} ms)`,
+      `local chain ${deployment.chainId} (pid ${chain.pid}) on ${chain.rpcUrl}: escrow ${deployment.escrow}; app payer ${appWallet.address} funded ${Number(fund) / 1e6} USD per agent lane (${Math.round(performance.now() - started)} ms)`,
     );
+    const domainArgs = ['--escrow', deployment.escrow, '--chain-id', deployment.chainId.toString()];
     return {
       chain,
       deployment,
       agentPayment: (index) => ({
-        payout: payouts[index]!,
-        domain,
-        dataDir: path.join(dir, `agent-${index + 1}`),
-        settle: {
-          runner: chain.wallet(FIRST_AGENT_ACCOUNT + index),
-          checkEveryMs: options.checkEveryMs ?? 1_000,
-          maxIntervalMs: options.maxIntervalMs ?? 5_000,
-          settleOnClose: true,
-        },
+        args: [
+          '--payout',
+          payouts[index]!,
+          ...domainArgs,
+          '--data',
+          path.join(dir, `agent-${index + 1}`),
+          '--settle',
+          '--rpc',
+          chain.rpcUrl,
+          '--settle-check-ms',
+          String(options.checkEveryMs ?? 1_000),
+          '--settle-interval',
+          String((options.maxIntervalMs ?? 5_000) / 1000),
+          '--settle-on-close',
+        ],
+        env: { MESH_EVM_KEY: chain.privateKeys[FIRST_AGENT_ACCOUNT + index]! },
       }),
-      sdkPayment: () => ({ signer: appWallet, domain, dataDir: path.join(dir, 'app') }),
-      async summary(handles) {
+      appPayment: () => ({
+        args: [...domainArgs, '--data', path.join(dir, 'app')],
+        env: { MESH_EVM_KEY: chain.privateKeys[APP_ACCOUNT]! },
+      }),
+      routerArgs: () => ['--rpc', chain.rpcUrl, '--escrow', deployment.escrow, '--from-block', String(deployment.deployBlock)],
+      async summary(reports) {
         let receipts = 0;
         let owed = 0;
         let txs = 0;
         let settled = 0n;
-        for (const [i, agent] of handles.entries()) {
-          const lanes = agent.payments?.lanes() ?? [];
-          for (const lane of lanes) {
+        for (const [i, report] of reports.entries()) {
+          for (const lane of report?.lanes ?? []) {
             receipts += lane.receipts;
             owed += lane.owedMicros;
             settled += (await app.laneOf(lane.payer, payouts[i]!)).settled;
           }
-          txs += agent.payments?.settler?.counters.txs ?? 0;
+          txs += report?.settlementTxs ?? 0;
         }
         return { receipts, owed_micros: owed, settled_micros: Number(settled), settlement_txs: txs };
       },

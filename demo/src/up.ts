@@ -1,25 +1,44 @@
 /**
- * `edge-mesh up`: the whole local mesh in one process on embedded defaults: an authenticated aedes
- * broker, edge agents serving the real models from their npm packages, a router with its HTTP API,
- * and the sample app. The app asks the router for route leases and sends straight to the agents;
- * every tenth request goes through the router's KServe HTTP endpoint instead, as a thin client's would.
+ * `edge-mesh up`: the whole local mesh on embedded defaults, each part in its own process as it would
+ * be deployed (docs/operations.md, "The local mesh"): an authenticated broker (`edge-mesh broker`),
+ * edge agents serving the real models from their npm packages (`edge-mesh agent`), a router with its
+ * HTTP API (`edge-mesh router`), the firmware bridge (`edge-mesh bridge run`) with a simulated device
+ * (`edge-mesh bridge sim-device`), and the sample app (`edge-mesh demo app`), plus a local chain that
+ * pays for the requests (unless `chain: false`). The app asks the router for route leases and sends
+ * straight to the agents; every tenth request goes through the router's KServe HTTP endpoint instead,
+ * as a thin client's would.
+ *
+ * Start order, each step waiting for the previous one to report ready: chain, broker, admissions,
+ * agents (each has published its signed status), router (its HTTP API lists every agent with every
+ * model), bridge and device (HELLO answered), app (its SDK has seen every model on every agent). The
+ * app sends only then. Stop order is the reverse, the app first so no request meets a stopping part.
+ * A part that exits unexpectedly stops the run: `runUp` rejects naming it, after stopping the rest.
  *
  * Keys live in `<data>/keys/` (mode 0600), made on first run and reused: `operator.key`, one
- * `agent-N.key` per agent, `router.key` and `app.key`. The operator is the broker's trusted operator
- * and admits the agents, the router and the app (admissions are kept in `<data>/broker/`) before they connect.
+ * `agent-N.key` per agent, `router.key`, `app.key` and `bridge.key`. The operator is the broker's
+ * trusted operator and admits the others over MQTT (admissions are kept in `<data>/broker/`) before they
+ * connect. Logs of the parts go to `<data>/logs/<part>.log`.
  */
+import { rm } from 'node:fs/promises';
+import { createServer } from 'node:net';
 import path from 'node:path';
-import { type AgentHandle, startAgent } from '@edge-mesh/agent';
-import { type BrokerOptions, startBroker } from '@edge-mesh/broker';
-import { ensureKeyFile, round } from '@edge-mesh/client';
-import { admit, type Identity } from '@edge-mesh/protocol';
-import { type RouterHandle, startRouter } from '@edge-mesh/router';
-import { connect, type Mesh } from '@edge-mesh/sdk';
+import { ensureKeyFile, round, sendAdminRecord } from '@edge-mesh/client';
+import { admit, type Identity, MeshError } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
-import { type BridgeDemo, type BridgeDemoSummary, startBridgeDemo } from './bridge-demo.ts';
-import { kserveInfer } from './kserve-client.ts';
+import { type BridgeDemoSummary, provisionDemoDevice } from './bridge-demo.ts';
 import { ensureModelsFolder } from './models.ts';
-import { SampleApp } from './sample-app.ts';
+import type {
+  AgentReady,
+  AgentSummary,
+  AppReady,
+  AppSummary,
+  BridgeReady,
+  BridgeStopSummary,
+  BrokerReady,
+  DeviceSummary,
+  RouterReady,
+} from './parts.ts';
+import { type Part, Supervisor } from './supervisor.ts';
 import { startUpSettlement, type UpSettlement, type UpSettlementSummary } from './up-settlement.ts';
 
 export interface UpOptions {
@@ -36,6 +55,8 @@ export interface UpOptions {
   json: boolean;
   /** Start a local chain, fund the app's lanes, and pay and settle every request (default true). */
   chain?: boolean;
+  /** `up`'s own log level: the parts' log lines at or above it are shown on stderr (all of them go to the log files). */
+  logLevel?: string;
   logger: Logger;
   /** Where human-readable progress goes. */
   print: (line: string) => void;
@@ -62,33 +83,21 @@ export interface UpSummary {
   };
   duration_s: number;
   broker_url: string;
-  /** The firmware bridge with its simulated device (cli/bridge-demo.ts). */
+  /** The firmware bridge with its simulated device. */
   bridge: BridgeDemoSummary | undefined;
+  /** The process id of every part (broker, agent-1, …, router, bridge, device, app; chain unless --no-chain). */
+  pids: Record<string, number>;
 }
 
 /** With the local chain (not `--no-chain`): receipts, owed_micros, settled_micros, settlement_txs. */
 export type UpPaidSummary = UpSummary & Partial<UpSettlementSummary>;
-
-/**
- * Starts a listener on `port`; when that port is taken (and was not 0), warns and starts it on a free
- * port instead. The address-in-use error may sit on the error itself or on its cause.
- */
-async function onPortOrFree<T>(port: number, start: (port: number) => Promise<T>, what: string, logger: Logger): Promise<T> {
-  try {
-    return await start(port);
-  } catch (err) {
-    const cause = (err as { cause?: NodeJS.ErrnoException }).cause ?? (err as NodeJS.ErrnoException);
-    if (((err as NodeJS.ErrnoException).code !== 'EADDRINUSE' && cause.code !== 'EADDRINUSE') || port === 0) throw err;
-    logger.warn({ port }, `port ${port} is in use; ${what} takes a free port instead`);
-    return start(0);
-  }
-}
 
 export interface UpKeys {
   operator: Identity;
   agents: Identity[];
   router: Identity;
   app: Identity;
+  bridge: Identity;
 }
 
 /** The local mesh's keys in `<dataDir>/keys/`, made (0600) on first run and reused after. */
@@ -100,7 +109,8 @@ export async function ensureUpKeys(dataDir: string, agents: number, logger: Logg
   for (let i = 1; i <= agents; i++) agentKeys.push(await ensureKeyFile(path.join(dir, `agent-${i}.key`), 'agent', warn));
   const router = await ensureKeyFile(path.join(dir, 'router.key'), 'router', warn);
   const app = await ensureKeyFile(path.join(dir, 'app.key'), 'app', warn);
-  return { operator, agents: agentKeys, router, app };
+  const bridge = await ensureKeyFile(path.join(dir, 'bridge.key'), 'bridge', warn);
+  return { operator, agents: agentKeys, router, app, bridge };
 }
 
 /** `agent-1 (agent-k3v9q0c2…)`: a short local label with the start of the key-derived id. */
@@ -108,132 +118,286 @@ export function agentLabel(name: string, id: string): string {
   return `${name} (${id.slice(0, 14)}…)`;
 }
 
-/** The router with its HTTP API on `routerPort`, or on a free port when that one is taken. */
-async function startRouterOn(
-  brokerUrl: string,
-  identity: Identity,
-  options: UpOptions,
-  logger: Logger,
-  settlement?: UpSettlement,
-): Promise<RouterHandle> {
-  const chain = settlement
-    ? { provider: settlement.chain.provider, escrow: settlement.deployment.escrow, fromBlock: settlement.deployment.deployBlock }
-    : undefined;
-  const start = (port: number) =>
-    startRouter({
-      brokerUrl,
-      identity,
-      logger: logger.child({ part: 'router' }),
-      http: { port, host: options.host, ...(chain ? { chain } : {}) },
-    });
-  return onPortOrFree(options.routerPort, start, "the router's HTTP API", logger);
+/** True when nothing listens on host:port (0 is always free). */
+async function portIsFree(host: string, port: number): Promise<boolean> {
+  if (port === 0) return true;
+  return new Promise((resolve) => {
+    const server = createServer();
+    server.once('error', () => resolve(false));
+    server.listen(port, host, () => server.close(() => resolve(true)));
+  });
+}
+
+/** `port` when it is free, else 0 (any free port) with a warning. */
+async function portOrFree(host: string, port: number, what: string, logger: Logger): Promise<number> {
+  if (await portIsFree(host, port)) return port;
+  logger.warn({ port }, `port ${port} is in use; ${what} takes a free port instead`);
+  return 0;
+}
+
+/** The parts' log level: at least info, so the log files say what happened even when the terminal shows only warnings. */
+function partLogLevel(level: string | undefined): string {
+  return level === 'debug' || level === 'trace' ? level : 'info';
+}
+
+/**
+ * Resolves once the router's HTTP API lists every agent as up with every model: the router has verified
+ * their signed statuses and will give leases naming them.
+ */
+async function routerSeesAgents(httpUrl: string, agentIds: string[], models: string[], timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let seen = '';
+  for (;;) {
+    try {
+      const res = await fetch(`${httpUrl}/v1/agents`, { signal: AbortSignal.timeout(2_000) });
+      const body = (await res.json()) as { agents: { id: string; up: boolean; models: { name: string }[] }[] };
+      const up = body.agents.filter((a) => a.up && models.every((m) => a.models.some((x) => x.name === m)));
+      if (agentIds.every((id) => up.some((a) => a.id === id))) return;
+      seen = `${up.length} of ${agentIds.length} agents with every model`;
+    } catch (err) {
+      seen = (err as Error).message;
+    }
+    if (Date.now() > deadline) {
+      throw new MeshError('MESH_TIMEOUT', `the router did not see every agent within ${timeoutMs / 1000} s (${seen})`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** The router's counters from its HTTP API (`GET /v1/routing`). */
+async function routerCounters(httpUrl: string): Promise<{ leases: number; requests: number; retries: number; hedges: number }> {
+  const res = await fetch(`${httpUrl}/v1/routing`, { signal: AbortSignal.timeout(5_000) });
+  if (!res.ok) throw new MeshError('MESH_INTERNAL', `GET ${httpUrl}/v1/routing answered ${res.status}`);
+  return ((await res.json()) as { counters: { leases: number; requests: number; retries: number; hedges: number } }).counters;
 }
 
 export async function runUp(options: UpOptions, stopSignal: Promise<void>): Promise<UpPaidSummary> {
   const { dataDir, logger, print } = options;
   const started = performance.now();
-  // The chain starts (a few seconds) while the models and the broker get ready.
+  // The chain starts (a few seconds) while the models, the keys and the broker get ready.
   const settlementP: Promise<UpSettlement | undefined> =
     options.chain === false ? Promise.resolve(undefined) : startUpSettlement({ dataDir, agents: options.agents, logger, print });
   settlementP.catch(() => {});
   const modelsDir = path.join(dataDir, 'models');
-  const manifest = await ensureModelsFolder(modelsDir, { logger: { info: (m) => logger.info(m), warn: (m) => logger.warn(m) } });
-  const modelNames = manifest.models.map((m) => m.name);
+  const keyFile = (name: string) => path.join(dataDir, 'keys', `${name}.key`);
+  const logDir = path.join(dataDir, 'logs');
+  const supervisor = new Supervisor({ logDir, terminalLevel: options.logLevel ?? 'warn' });
+  const partLevel = ['--log-level', partLogLevel(options.logLevel)];
+  // Any way the run can end early: a part failing, or Ctrl-C before the mesh is up.
+  const stopped = stopSignal.then(() => {
+    throw new MeshError('MESH_CANCELLED', 'stopped before the mesh was up');
+  });
+  stopped.catch(() => {});
+  const until = <T>(p: Promise<T>) => Promise.race([p, supervisor.failed, stopped]);
 
-  const keys = await ensureUpKeys(dataDir, options.agents, logger);
-  const brokerOptions: BrokerOptions = {
-    host: options.host,
-    logger,
-    auth: { trustedOperators: [{ id: keys.operator.id, publicKey: keys.operator.publicKey }], dataDir: path.join(dataDir, 'broker') },
-  };
-  const broker = await onPortOrFree(options.port, (port) => startBroker({ ...brokerOptions, port }), 'the local broker', logger);
-  const names = new Map(keys.agents.map((k, i) => [k.id, `agent-${i + 1}`]));
-  const label = (id: string) => agentLabel(names.get(id) ?? id, id);
-  const agents: AgentHandle[] = [];
-  let mesh: Mesh | undefined;
-  let router: RouterHandle | undefined;
-  let app: SampleApp | undefined;
-  let reporter: NodeJS.Timeout | undefined;
-  let bridgeDemo: BridgeDemo | undefined;
   let settlement: UpSettlement | undefined;
   let paid: UpSettlementSummary | undefined;
+  let app: Part | undefined;
+  let bridge: Part | undefined;
+  let device: Part | undefined;
+  const agents: Part[] = [];
+  let brokerUrl = '';
+  let routerReady: RouterReady | undefined;
+  let bridgeReady: BridgeReady | undefined;
+  let routing: Awaited<ReturnType<typeof routerCounters>> | undefined;
+  let modelNames: string[] = [];
+  let keys: UpKeys | undefined;
   try {
-    settlement = await settlementP;
-    print(`broker listening on ${broker.url} (operator ${keys.operator.id}; keys in ${path.join(dataDir, 'keys')})`);
+    const manifest = await until(ensureModelsFolder(modelsDir, { logger: { info: (m) => logger.info(m), warn: (m) => logger.warn(m) } }));
+    modelNames = manifest.models.map((m) => m.name);
+    keys = await ensureUpKeys(dataDir, options.agents, logger);
+    // The parts get their chain settings from `up` alone, never from chain variables set for this shell.
+    const env = { MESH_EVM_KEY: undefined, MESH_RPC_URL: undefined, MESH_ESCROW: undefined, MESH_TOKEN: undefined };
+
+    const brokerPort = await portOrFree(options.host, options.port, 'the local broker', logger);
+    const broker = await supervisor.start({
+      name: 'broker',
+      args: [
+        'broker',
+        '--port',
+        String(brokerPort),
+        '--host',
+        options.host,
+        '--operator',
+        keyFile('operator'),
+        '--data',
+        path.join(dataDir, 'broker'),
+        ...partLevel,
+      ],
+      env,
+    });
+    brokerUrl = (await until(supervisor.ready<BrokerReady>(broker))).url;
+    print(`broker (pid ${broker.pid}) listening on ${brokerUrl} (operator ${keys.operator.id}; keys in ${path.join(dataDir, 'keys')})`);
     // Admissions are idempotent: re-admitting on every start renews their expiry.
-    for (const identity of [...keys.agents, keys.router, keys.app]) await broker.admit(admit(keys.operator, identity));
-    for (const [i, identity] of keys.agents.entries()) {
+    const operator = keys.operator;
+    for (const identity of [...keys.agents, keys.router, keys.app, keys.bridge]) {
+      await until(sendAdminRecord(brokerUrl, operator, admit(operator, identity), identity.id, 10_000));
+    }
+    settlement = await until(settlementP);
+
+    for (const [i] of keys.agents.entries()) {
+      const payment = settlement?.agentPayment(i);
       agents.push(
-        await startAgent({
-          brokerUrl: broker.url,
-          modelsDir,
-          identity,
-          workers: options.workers,
-          logger,
-          ...(settlement ? { payment: settlement.agentPayment(i) } : {}),
+        await supervisor.start({
+          name: `agent-${i + 1}`,
+          args: [
+            'agent',
+            '--models',
+            modelsDir,
+            '--broker',
+            brokerUrl,
+            '--key',
+            keyFile(`agent-${i + 1}`),
+            '--workers',
+            String(options.workers),
+            ...(payment?.args ?? []),
+            ...partLevel,
+          ],
+          env: { ...env, ...payment?.env },
         }),
       );
     }
-    for (const agent of agents) {
-      const models = agent.models.map((m) => `${m.name} ${m.latencyMs.toFixed(2)} ms`).join(', ');
-      print(`${label(agent.id)} serving ${models}`);
+    const agentsReady = await until(Promise.all(agents.map((a) => supervisor.ready<AgentReady>(a))));
+    for (const [i, ready] of agentsReady.entries()) {
+      const models = ready.models.map((m) => `${m.name} ${m.latencyMs.toFixed(2)} ms`).join(', ');
+      print(`${agentLabel(agents[i]!.name, ready.id)} (pid ${agents[i]!.pid}) serving ${models}`);
     }
-    router = await startRouterOn(broker.url, keys.router, options, logger, settlement);
-    const routerUrl = router.http!.url;
+
+    const routerPort = await portOrFree(options.host, options.routerPort, "the router's HTTP API", logger);
+    const router = await supervisor.start({
+      name: 'router',
+      args: [
+        'router',
+        '--broker',
+        brokerUrl,
+        '--key',
+        keyFile('router'),
+        '--http-port',
+        String(routerPort),
+        '--http-host',
+        options.host,
+        ...(settlement?.routerArgs() ?? []),
+        ...partLevel,
+      ],
+      env,
+    });
+    routerReady = await until(supervisor.ready<RouterReady>(router));
+    const routerUrl = routerReady.httpUrl!;
+    await until(
+      routerSeesAgents(
+        routerUrl,
+        keys.agents.map((k) => k.id),
+        modelNames,
+        60_000,
+      ),
+    );
     const paidApi = settlement ? `, ${routerUrl}/v1/lanes, ${routerUrl}/v1/settlements` : '';
     print(
-      `router ${router.id} serving ${routerUrl} (KServe v2: ${routerUrl}/v2/models/kws; operators: ${routerUrl}/v1/agents${paidApi}, ${routerUrl}/metrics)`,
+      `router ${routerReady.id} (pid ${router.pid}) serving ${routerUrl} (KServe v2: ${routerUrl}/v2/models/kws; operators: ${routerUrl}/v1/agents${paidApi}, ${routerUrl}/metrics)`,
     );
-    mesh = await connect({
-      brokerUrl: broker.url,
-      identity: keys.app,
-      logger,
-      router: router.id,
-      ...(settlement ? { payment: settlement.sdkPayment() } : {}),
+
+    // The bridge and its device are up before the app sends, so their start-up never meets its first requests.
+    const registryDir = path.join(dataDir, 'bridge-run', 'devices');
+    const record = await until(provisionDemoDevice(registryDir));
+    bridge = await supervisor.start({
+      name: 'bridge',
+      args: [
+        'bridge',
+        'run',
+        '--broker',
+        brokerUrl,
+        '--key',
+        keyFile('bridge'),
+        '--registry',
+        registryDir,
+        '--udp-host',
+        '127.0.0.1',
+        '--udp-port',
+        '0',
+        '--models',
+        'kws',
+        ...partLevel,
+      ],
+      env,
     });
-    for (const model of modelNames) {
-      await mesh.waitForModel(model, 10_000, agents.length);
-      await router.waitForModel(model, 10_000, agents.length);
-    }
-    app = new SampleApp({
-      mesh,
-      models: modelNames,
-      ratePerS: options.ratePerS,
-      logger,
-      agentLabel: label,
-      thinClient: { name: 'http', every: 10, infer: (model, inputs, deadlineMs) => kserveInfer(routerUrl, model, inputs, deadlineMs) },
+    bridgeReady = await until(supervisor.ready<BridgeReady>(bridge));
+    device = await supervisor.start({
+      name: 'device',
+      args: [
+        'bridge',
+        'sim-device',
+        '--host',
+        bridgeReady.udp!.host,
+        '--port',
+        String(bridgeReady.udp!.port),
+        '--device-id',
+        String(record.deviceId),
+        '--rate',
+        '5',
+      ],
+      env: { ...env, FB_DEVICE_KEY: record.key },
     });
-    // The bridge and its device process start first: their start-up work would otherwise stall the app's first requests.
-    bridgeDemo = await startBridgeDemo({
-      brokerUrl: broker.url,
-      operator: keys.operator,
-      admit: (r) => broker.admit(r),
-      dataDir,
-      logger,
-      print,
+    await until(supervisor.ready(device));
+    print(
+      `firmware bridge ${bridgeReady.id.slice(0, 14)}… (pid ${bridge.pid}) on udp://${bridgeReady.udp!.host}:${bridgeReady.udp!.port}, serving simulated device ${record.longId} (pid ${device.pid})`,
+    );
+
+    const payment = settlement?.appPayment();
+    const labels = keys.agents.flatMap((k, i) => ['--label', `${k.id}=${agentLabel(`agent-${i + 1}`, k.id)}`]);
+    app = await supervisor.start({
+      name: 'app',
+      args: [
+        'demo',
+        'app',
+        '--broker',
+        brokerUrl,
+        '--key',
+        keyFile('app'),
+        '--router',
+        routerReady.id,
+        '--http',
+        routerUrl,
+        '--models',
+        modelNames.join(','),
+        '--agents',
+        String(options.agents),
+        '--rate',
+        String(options.ratePerS),
+        '--report-every',
+        String(options.reportEveryS),
+        ...labels,
+        ...(payment?.args ?? []),
+        ...partLevel,
+      ],
+      env: { ...env, ...payment?.env },
+      // Its reports are the tables of `up`.
+      onStdoutLine: print,
     });
-    print(`sample app sending ${options.ratePerS} requests/s over ${modelNames.join(', ')}; Ctrl-C stops`);
-    app.start();
-    const runningApp = app;
-    reporter = setInterval(() => print(runningApp.report()), options.reportEveryS * 1000);
+    await until(supervisor.ready<AppReady>(app));
+    print(
+      `sample app (pid ${app.pid}) sending ${options.ratePerS} requests/s over ${modelNames.join(', ')}; logs in ${logDir}; Ctrl-C stops`,
+    );
+
     const timeout =
       options.durationS === undefined ? new Promise<void>(() => {}) : new Promise<void>((r) => setTimeout(r, options.durationS! * 1000));
-    await Promise.race([stopSignal, timeout]);
+    await Promise.race([stopSignal, timeout, supervisor.failed]);
     print('stopping: waiting for outstanding requests');
-    clearInterval(reporter);
-    await app.stop();
-    print(app.report());
+    await supervisor.stop(app, 30_000);
+    routing = await routerCounters(routerUrl).catch((err: unknown) => {
+      logger.warn({ err: (err as Error).message }, 'could not read the routing counters');
+      return undefined;
+    });
+    await supervisor.stop(device);
+    await supervisor.stop(bridge);
+    await supervisor.stop(router);
+    // The agents drain, and settle what they hold on chain as they stop.
+    await Promise.all(agents.map((a) => supervisor.stop(a, 30_000)));
+    await supervisor.stop(broker);
   } finally {
-    if (reporter) clearInterval(reporter);
-    await bridgeDemo?.stop();
-    await app?.stop();
-    await mesh?.close();
-    await router?.close();
-    await Promise.all(agents.map((a) => a.drain(5_000)));
-    await broker.close();
+    await supervisor.stopAll();
+    await rm(path.join(dataDir, 'bridge-run'), { recursive: true, force: true });
     if (settlement) {
-      // The agents settled what they held when they stopped; read what the chain paid.
-      paid = await settlement.summary(agents).catch((err: unknown) => {
+      paid = await settlement.summary(agents.map((a) => a.summary as AgentSummary | undefined)).catch((err: unknown) => {
         logger.warn({ err: (err as Error).message }, 'could not read the settlement figures');
         return undefined;
       });
@@ -243,35 +407,42 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     }
   }
 
-  const totals = app!.totals();
-  const models: UpSummary['models'] = {};
-  for (const [name, t] of app!.byModel.byKey) {
-    const s = t.total();
-    models[name] = { requests: s.requests, p50_ms: s.p50_ms, p99_ms: s.p99_ms };
-  }
+  // A part that failed while the others were being stopped still fails the run.
+  if (supervisor.failure) throw supervisor.failure;
+  const appSummary = app?.summary as AppSummary | undefined;
+  if (!appSummary) throw new MeshError('MESH_INTERNAL', `the sample app (pid ${app?.pid}) stopped without its summary`);
+  const names = new Map(keys!.agents.map((k, i) => [k.id, `agent-${i + 1}`]));
   const perAgent: UpSummary['per_agent'] = {};
-  for (const [id, t] of app!.byAgent.byKey) {
-    const s = t.total();
-    perAgent[id] = { name: names.get(id) ?? id, requests: s.requests, p50_ms: s.p50_ms, p99_ms: s.p99_ms };
-  }
+  for (const [id, s] of Object.entries(appSummary.per_agent)) perAgent[id] = { name: names.get(id) ?? id, ...s };
+  const bridgeSummary = bridge?.summary as BridgeStopSummary | undefined;
+  const pids: Record<string, number> = {};
+  if (settlement) pids.chain = settlement.chain.pid;
+  for (const part of supervisor.parts) pids[part.name] = part.pid;
   return {
-    ...totals,
+    requests: appSummary.requests,
+    ok: appSummary.ok,
+    errors: appSummary.errors,
     agents: agents.length,
-    models,
+    models: appSummary.models,
     per_agent: perAgent,
-    error_codes: app!.errorCodes,
+    error_codes: appSummary.error_codes,
     routing: {
-      router: router!.id,
-      http_url: router!.http?.url ?? '',
-      paths: app!.paths,
-      leases_given: router!.counters.leases,
-      forwarded: router!.counters.requests,
-      retries: router!.counters.retries,
-      hedges: router!.counters.hedges,
+      router: routerReady!.id,
+      http_url: routerReady!.httpUrl ?? '',
+      paths: appSummary.paths,
+      leases_given: routing?.leases ?? 0,
+      forwarded: routing?.requests ?? 0,
+      retries: routing?.retries ?? 0,
+      hedges: routing?.hedges ?? 0,
     },
     duration_s: round((performance.now() - started) / 1000, 1),
-    broker_url: broker.url,
-    bridge: bridgeDemo?.summary(),
+    broker_url: brokerUrl,
+    bridge: bridgeSummary && {
+      devices: bridgeReady?.devices ?? 0,
+      ...bridgeSummary,
+      device: device?.summary as DeviceSummary | undefined,
+    },
+    pids,
     ...(paid ?? {}),
   };
 }
