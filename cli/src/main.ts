@@ -528,7 +528,7 @@ export function buildProgram(): Command {
     });
 
   registerBridgeCommands(program);
-  // Settlement on-chain: chain, fund, settle, balance (cli/chain.ts).
+  // Settlement on-chain: chain, fund, settle, balance (chain.ts).
   registerChainCommands(program);
 
   return program;

@@ -62,7 +62,7 @@ export interface UpSummary {
   };
   duration_s: number;
   broker_url: string;
-  /** The firmware bridge with its simulated device (cli/bridge-demo.ts). */
+  /** The firmware bridge with its simulated device (bridge-demo.ts). */
   bridge: BridgeDemoSummary | undefined;
 }
 

@@ -7,7 +7,7 @@
  *   //   { "inputs": [{ "name": "onnx::Flatten_0", "shape": [1,25,96], "datatype": "FP32", "data": [...] }] }
  *   await http.close(); // closes the server only; the router stays up
  *
- * Errors answer `{ error, code }` with the code's httpStatus (protocol/errors.ts).
+ * Errors answer `{ error, code }` with the code's httpStatus (protocol/src/errors.ts).
  */
 
 import { type DType, MeshError, type ModelInfo, type Tensor, tensorFromJson, tensorToJson, toMeshError } from '@edge-mesh/protocol';
