@@ -3,10 +3,10 @@
  *
  * How fast an edge agent becomes useful and what it costs at rest. A `edge-mesh broker` process runs and
  * this process subscribes to `mesh/v1/agent/+/status` on it. Each repetition spawns
- * `node cli/bin/edge-mesh.mjs agent --models DIR --id ID` (CLI defaults: workers = min(cores, 4) unless
+ * `node cli/bin/edge-mesh.mjs agent --models DIR --key FILE` (CLI defaults: workers = min(cores, 4) unless
  * --workers is given) and measures:
  *   ready_ms     from just before spawn() to the agent's retained `status` (state online) arriving at the
- *                subscriber: process start, tsx, module loading, sha256 checks, worker threads, model
+ *                subscriber: process start, module loading, sha256 checks, worker threads, model
  *                sessions, warm-up runs (the latency measurement), MQTT connect and announce.
  *   idle_rss_mb  VmRSS of the agent process (worker threads included, they share it) after --idle-ms
  *                (2 s) of idleness following the announcement; VmHWM (peak) is reported too.
@@ -14,7 +14,7 @@
  * wake-word model, whose manifest has just that entry), interleaved, R repetitions each (quick 3, full 5);
  * each figure is the median. The headline (`model`, `ready_ms`, `idle_rss_mb`) is the all-models case with
  * `models` listing them; `kws` holds the single-model case. For scale, `process_floor_ms` is the median
- * spawn-to-exit time of `node -e 0` and of `edge-mesh --help` (node + tsx + CLI imports).
+ * spawn-to-exit time of `node -e 0` and of `edge-mesh --help` (node + the built CLI's imports).
  * In full mode a workers-1 variant of both cases runs too (`workers_1`).
  */
 import { spawn } from 'node:child_process';

@@ -178,7 +178,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const pols = (rs: SimResult[]) => Object.fromEntries(rs.map((r) => [r.policy, figures(r)]));
   const get = (rs: SimResult[], name: string) => rs.find((r) => r.policy === name);
 
-  // Goals (TARGETS.md, router-sim).
+  // Goals: the comparisons reported under `goals` (docs/benchmarks.md, "router-sim").
   const goals: Record<string, unknown> = {};
   if (headPolicies.includes('ours')) {
     const perLoad = byLoad

@@ -1,6 +1,6 @@
 /**
- * `npm run bench -- <name> [--quick] [--key value ...]`: runs one benchmark of the contract in
- * /work/shared/TARGETS.md and prints its result as ONE JSON object on the last stdout line.
+ * `npm run bench -- <name> [--quick] [--key value ...]`: runs one benchmark and prints its result as ONE
+ * JSON object on the last stdout line (the contract and each benchmark's fields: docs/benchmarks.md).
  *
  * Progress goes to stderr. Every run is bounded by a wall-clock timeout (--quick: 42 s, full: 15 min;
  * `--timeout-s S` overrides), uses loopback only, and stops every child process it started (by PID:
@@ -62,7 +62,9 @@ options:
   settlement: --max-batch N              largest batch measured (default 100, quick 50)
   receipts:   --n N                      receipts signed and verified (default 100000, quick 20000)
 
-The last stdout line is one JSON object with the benchmark's fields (see /work/shared/TARGETS.md).`;
+The last stdout line is one JSON object: the benchmark's fields, then machine_busy_cores_before,
+loadavg_1m and elapsed_s. On failure it is { bench, quick, error } and the exit code is 1.
+Each benchmark's fields are described in docs/benchmarks.md.`;
 
 function parseArgs(argv: string[]): { name: string | undefined; quick: boolean; help: boolean; args: Record<string, string | true> } {
   const args: Record<string, string | true> = {};

@@ -1,5 +1,5 @@
 /**
- * The raw TCP floor under every MQTT number (mqtt.md §8.2): a ping-pong between two processes over
+ * The raw TCP floor under every MQTT number (docs/benchmarks.md, "overhead"): a ping-pong between two processes over
  * loopback with TCP_NODELAY, no MQTT, no CBOR. Used by the overhead benchmark.
  *
  *   node --import tsx bench/tcp-floor.ts server             prints {"event":"ready","port":P}; echoes every byte back

@@ -1,5 +1,5 @@
 /**
- * Hostile input against the authenticated broker (issue 3 "Hostile input", mqtt.md §9), for the cases
+ * Hostile input against the authenticated broker (docs/security.md, "Hostile input"), for the cases
  * test/broker.test.ts does not already cover. Every case checks its own outcome and then that the broker still serves a
  * well-behaved pair of clients (an admitted app and agent exchanging a request and a reply).
  *

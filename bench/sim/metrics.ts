@@ -1,4 +1,4 @@
-/** Exact percentiles with failures counted as +∞ (routing.md §4.7). */
+/** Exact percentiles with failures counted as +∞ (docs/routing.md, "The simulator"). */
 export interface LatencySummary {
   p50_ms: number;
   p90_ms: number;

@@ -6,7 +6,7 @@
  * defaults; the sweep runs every 10 s of virtual time.
  *
  * What this adapter still gives the registry that the wire does not carry yet (docs/routing.md,
- * "Simulator"): converged Vivaldi coordinates for agents and clients (ground truth, ×2 because the
+ * "The simulator"): converged Vivaldi coordinates for agents and clients (ground truth, ×2 because the
  * simulator's figures are one-way), a link-class bandwidth prior per agent, and the agent's requests in
  * flight and cold-load time on every reply.
  */

@@ -1,5 +1,5 @@
 /**
- * Baseline policies (routing.md §4.6), all through the one `Policy` interface. None of them hedges or
+ * Baseline policies (docs/routing.md, "The simulator"), all through the one `Policy` interface. None of them hedges or
  * retries (their defaults: Finagle's P2C peak-EWMA does not retry application errors); the request's
  * deadline is their only timeout. They do honour status (a dead agent's LWT), as their real counterparts
  * honour a closed connection.

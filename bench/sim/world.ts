@@ -2,9 +2,9 @@
  * Fleets, networks, workloads and failure schedules, all drawn from the seed before any policy runs, so
  * every policy sees the same world and the same request trace (common random numbers, paired comparisons).
  *
- * Fleet (routing.md §4.2): gpu-fast 10 % (median 10 ms, 2–4 slots, 100 Mb/s), gpu-mid 30 % (4×, 1–2 slots,
+ * Fleet (docs/routing.md, "The simulator"): gpu-fast 10 % (median 10 ms, 2–4 slots, 100 Mb/s), gpu-mid 30 % (4×, 1–2 slots,
  * 50 Mb/s Wi-Fi), cpu 60 % (40×, 1 slot, 10–20 Mb/s Wi-Fi); per-node speed lognormal(σ 0.2); per-request
- * service lognormal(σ 0.3) × a straggler multiplier U(5, 20) with p = 1 %. Network (§4.3): 10 sites on a
+ * service lognormal(σ 0.3) × a straggler multiplier U(5, 20) with p = 1 %. Network: 10 sites on a
  * 30 × 30 ms plane, one-way delay = distance + access heights + broker hop, × lognormal(σ 0.3) jitter;
  * transfer = bytes × 8 / bandwidth. Payloads 20 KB / 100 KB / 1 MB (50 / 35 / 15 %). Load ρ is against
  * effective capacity Σ slots / E[service] × availability, with E[service] including the straggler and
@@ -177,7 +177,7 @@ export function buildWorld(partial: Partial<SimConfig> = {}): World {
   };
   let availability = 1;
   if (scenario === 'gray') {
-    // 10 % of nodes 5–10× slower for a while (routing.md: 30–120 s; scaled to the run).
+    // 10 % of nodes 5–10× slower for a while (30–120 s, scaled to the run).
     for (const n of pickSome(nodes, Math.max(1, Math.round(cfg.nodes * 0.1)))) {
       n.grayStart = cfg.durationMs * sr.uniform(0.15, 0.35);
       n.grayEnd = n.grayStart + cfg.durationMs * sr.uniform(0.3, 0.5);

@@ -148,7 +148,7 @@ export function registerBridgeCommands(program: Command): void {
       }
     });
 
-  // The simulated device of `edge-mesh up` (demo/bridge-demo.ts): a separate process speaking frames over UDP.
+  // The simulated device of `edge-mesh up` (demo/src/bridge-demo.ts): a separate process speaking frames over UDP.
   bridge
     .command('sim-device', { hidden: true })
     .description('a simulated device sending wake-word requests over UDP (key in FB_DEVICE_KEY); prints a JSON summary when stopped')

@@ -519,9 +519,9 @@ export function buildProgram(): Command {
     });
 
   registerBridgeCommands(program);
-  // The sample app of `edge-mesh up` as a command of its own (cli/demo.ts).
+  // The sample app of `edge-mesh up` as a command of its own (demo.ts).
   registerDemoCommands(program);
-  // Settlement on-chain: chain, fund, settle, balance (cli/chain.ts).
+  // Settlement on-chain: chain, fund, settle, balance (chain.ts).
   registerChainCommands(program);
 
   return program;

@@ -4,7 +4,7 @@
  *
  * The child watches its stdin pipe and exits when this process goes away, even after SIGKILL; close()
  * stops it with SIGTERM, then SIGKILL. Any other EVM JSON-RPC endpoint can be used instead: see
- * connectRpc() and deployMesh(), or pass existing escrow and token addresses to protocol/escrow.ts.
+ * connectRpc() and deployMesh(), or pass existing escrow and token addresses to EscrowClient (escrow.ts).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
 import { createServer } from 'node:net';

@@ -1,5 +1,5 @@
 /**
- * Plausible, deterministic inputs for the catalog models (see `cli/models.ts`), for smoke tests,
+ * Plausible, deterministic inputs for the catalog models (see `models.ts`), for smoke tests,
  * warm-ups with real-looking data and the load generator.
  *
  *   const inputs = sampleInputs('ocr-det', 7); // { x: { dtype: 'float32', shape: [1,3,320,320], data } }

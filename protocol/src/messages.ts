@@ -28,7 +28,7 @@ export const WireTensorSchema = Type.Object(
 const TensorMap = Type.Record(Type.String({ maxLength: 128 }), WireTensorSchema, { maxProperties: 64 });
 
 // ---------------------------------------------------------------------------------------------
-// Payment (see protocol/receipts.ts): amounts are micro-dollars as safe integers, EVM addresses are
+// Payment (see receipts.ts): amounts are micro-dollars as safe integers, EVM addresses are
 // lower-case 0x hex, hashes are raw bytes.
 
 export const AddressSchema = Type.String({ pattern: '^0x[0-9a-f]{40}$' });
@@ -62,7 +62,7 @@ export const SignedReceiptSchema = Type.Object(
   { additionalProperties: false },
 );
 
-/** A payer-signed EIP-712 voucher as it travels to the agent (protocol/voucher.ts signs and recovers it). */
+/** A payer-signed EIP-712 voucher as it travels to the agent (voucher.ts signs it; @edge-mesh/contracts recovers the signer). */
 export const VoucherMessageSchema = Type.Object({
   v: Type.Literal(PROTOCOL_VERSION),
   kind: Type.Literal('voucher'),

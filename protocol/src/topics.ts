@@ -18,7 +18,7 @@
 import { MeshError } from './errors.ts';
 
 export const TOPIC_ROOT = 'mesh/v1';
-/** Deepest topic the mesh itself uses is 6 levels; the broker refuses anything deeper than this. */
+/** Deepest topic the mesh itself uses is 7 levels (a bridged device's topics); the broker refuses anything deeper than this. */
 export const MAX_TOPIC_LEVELS = 8;
 export const MAX_TOPIC_BYTES = 256;
 

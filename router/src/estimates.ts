@@ -1,6 +1,6 @@
 /**
  * The router's registry: per agent and per (agent, model), the estimates that expected completion time is
- * built from (../shared/notes/routing.md §3.2). Pure: no sockets, no timers; every update takes `nowMs`
+ * built from (docs/routing.md, "How the router decides"). Pure: no sockets, no timers; every update takes `nowMs`
  * (any monotonic ms clock, the same one selection uses) and randomness comes from the registry's seeded PRNG.
  */
 

@@ -1,5 +1,5 @@
 /**
- * Route leases for SDK clients (docs/routing.md, "Direct mode"): a client asks which agents to use for a
+ * Route leases for SDK clients (docs/routing.md, "Two ways in"): a client asks which agents to use for a
  * model, and the router answers with a few distinct agents, best first, each with the numbers the
  * client's request engine needs (prediction, service time, per-try timeout, hedge delay). Pure: the
  * caller passes the registry and the time, and publishes the answer.

@@ -1,5 +1,5 @@
 /**
- * Selection (../shared/notes/routing.md §3.3–3.7): expected completion time per candidate, two candidates
+ * Selection (docs/routing.md, "How the router decides"): expected completion time per candidate, two candidates
  * sampled in proportion to capacity from a nearby pool plus an exploration slot, the lower score wins; refusal
  * at once when nothing can make the deadline. Pure: time and randomness are arguments. The only state it
  * touches is the pool cache, rebuilt when the model's membership or health changes and every poolRefreshMs.
@@ -75,7 +75,7 @@ export function networkRttMs(agent: AgentEntry, request: RouteRequest = EMPTY_RE
 
 function coldMs(entry: ModelEntry, nowMs: number): number {
   if (entry.warm) return 0;
-  // "loading" counts as warm with the remaining ETA (load lease, §3.5).
+  // A model already being loaded there costs only the rest of its load time (its ETA), not a whole cold load.
   if (entry.loadingUntilMs > 0) return Math.max(0, entry.loadingUntilMs - nowMs);
   return coldLoadMsOf(entry);
 }

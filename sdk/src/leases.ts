@@ -1,5 +1,5 @@
 /**
- * Route leases from a router (docs/routing.md, "Direct mode"): the SDK asks the router which agents to
+ * Route leases from a router (docs/routing.md, "Two ways in"): the SDK asks the router which agents to
  * use for a model and sends to them itself. A lease is used while fresh, kept for a while longer while
  * a fresh one is on its way, and dropped when the router does not answer in time (the SDK then routes by
  * itself). One question per model is in flight at a time.

@@ -1,5 +1,5 @@
 /**
- * How the SDK chooses an agent for each attempt (docs/routing.md, "Direct mode"): from the router's
+ * How the SDK chooses an agent for each attempt (docs/routing.md, "Two ways in"): from the router's
  * route lease when it has one, else by itself from the fleet's statuses and load reports. The request
  * engine in @edge-mesh/client does the rest (failover, retries, hedges, timeouts, the deadline).
  *
