@@ -45,10 +45,10 @@ import {
 import type { MqttClient } from 'mqtt';
 import pino, { type Logger } from 'pino';
 import { type ManifestEntry, readManifest, sha256File } from './manifest.ts';
-import { type AgentPaymentOptions, AgentPayments, type LaneSummary } from './payments.ts';
+import type { AgentPaymentOptions, AgentPayments, LaneSummary } from './payments.ts';
 import { type JobResult, WorkerPool } from './pool.ts';
 import { type Job, Scheduler } from './scheduler.ts';
-import { type SettlementRecord, Settler, type SettlerCounters } from './settler.ts';
+import type { SettlementRecord, Settler, SettlerCounters } from './settler.ts';
 import type { LoadedModel } from './worker-protocol.ts';
 
 export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';
@@ -310,8 +310,11 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   for (const m of loaded) logger.info({ model: m.name, provider: m.provider, latencyMs: m.latencyMs }, 'model loaded');
   const providersInUse = [...new Set(loaded.map((m) => m.provider))];
 
+  // Payments load only when asked for: ethers, level and the escrow bindings are most of the agent's
+  // JavaScript, and an unpaid agent on a small device should not hold them (docs/agent.md).
   let payments: AgentPayments | undefined;
   if (options.payment) {
+    const { AgentPayments } = await import('./payments.ts');
     payments = await AgentPayments.open(identity, options.payment, entries, logger).catch(async (err: unknown) => {
       await pool.close();
       throw err;
@@ -320,6 +323,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   let settler: Settler | undefined;
   if (payments && options.payment?.settle) {
     const p = payments;
+    const { Settler } = await import('./settler.ts');
     settler = await Settler.start(
       { payout: p.payout, domain: p.domain, dataDir: options.payment.dataDir, lanes: () => p.durableVoucherLanes(), logger },
       options.payment.settle,
