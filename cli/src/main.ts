@@ -258,7 +258,8 @@ export function buildProgram(): Command {
       'the agent key file (edge-mesh keys new --role agent); its id is the agent id. Without it: an ephemeral key, which only an open broker accepts',
     )
     .addOption(new Option('--id <id>').hideHelp())
-    .option('--workers <n>', 'inference worker threads', positiveInt)
+    .option('--workers <n>', 'inference worker threads (default 1; each holds its own copy of every model session)', positiveInt)
+    .option('--pipeline-depth <n>', 'jobs handed to one worker at once, so it never idles through a hand-off', positiveInt)
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
     .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
@@ -325,6 +326,7 @@ export function buildProgram(): Command {
         awaitAnnounce: false,
         ...(identity ? { identity } : {}),
         ...(opts.workers ? { workers: opts.workers } : {}),
+        ...(opts.pipelineDepth ? { pipelineDepth: opts.pipelineDepth } : {}),
         ...(opts.payout
           ? {
               payment: {

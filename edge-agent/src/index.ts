@@ -66,7 +66,11 @@ export interface AgentOptions {
    * logged), which only an open broker accepts.
    */
   identity?: Identity;
-  /** Inference worker threads; each holds a session per model. */
+  /**
+   * Inference worker threads (default 1); each holds a session per model. Each worker costs its own
+   * V8 isolate (about 10 MB) plus a copy of every session (the four demo models: about 55 MB), so the
+   * default is one; more pay off when runs are long or many arrive at once (docs/agent.md).
+   */
   workers?: number;
   /** Threads onnxruntime may use inside one run. */
   intraOpThreads?: number;
@@ -235,7 +239,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   const {
     brokerUrl,
     modelsDir,
-    workers = Math.max(1, Math.min(os.availableParallelism(), 4)),
+    workers = 1,
     intraOpThreads = 1,
     queueLimit = 64,
     pipelineDepth = 2,
