@@ -22,6 +22,7 @@ import {
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { registerBridgeCommands } from './bridge.ts';
 import { registerChainCommands } from './chain.ts';
+import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
@@ -339,6 +340,7 @@ export function buildProgram(): Command {
             }
           : {}),
       });
+      leanAgentStarted();
       const refused = agent.announced.then(
         () => {
           logger.info({ agentId: agent.id }, 'announced');
