@@ -17,21 +17,32 @@
 import v8 from 'node:v8';
 
 let optimizerDeferred = false;
+let youngHeld = false;
+
+const holdYoungGeneration = () => v8.setFlagsFromString('--semi-space-growth-factor=1');
 
 const nodeFlags = (): string => [...process.execArgv, process.env.NODE_OPTIONS ?? ''].join(' ');
 
 /** Called by the bin before the CLI loads, for the agent command only. */
 export function leanAgentStart(): void {
   const given = nodeFlags();
-  if (!/semi-space/.test(given)) v8.setFlagsFromString('--semi-space-growth-factor=1');
+  if (!/semi-space/.test(given)) {
+    holdYoungGeneration();
+    youngHeld = true;
+  }
   if (!/--(no-)?(opt|turbofan)\b/.test(given)) {
     v8.setFlagsFromString('--no-turbofan');
     optimizerDeferred = true;
   }
 }
 
-/** Called once the agent has started: the optimizing compiler is back for the request path. */
+/**
+ * Called once the agent has started. The optimizing compiler is back for the request path. The growth
+ * factor is set again: V8 puts it back to its minimum of 2 whenever it configures a new isolate's heap,
+ * which each worker thread's start does (a worker that replaces a crashed one undoes it again).
+ */
 export function leanAgentStarted(): void {
+  if (youngHeld) holdYoungGeneration();
   if (!optimizerDeferred) return;
   optimizerDeferred = false;
   v8.setFlagsFromString('--turbofan');
