@@ -1,21 +1,30 @@
 /**
- * `npm run bench -- agent [--quick] [--reps R] [--idle-ms 2000] [--workers W]`
+ * `npm run bench -- agent [--quick] [--reps R] [--idle-ms 2000] [--settle-ms 15000] [--workers W]`
  *
  * How fast an edge agent becomes useful and what it costs at rest. A `edge-mesh broker` process runs and
  * this process subscribes to `mesh/v1/agent/+/status` on it. Each repetition spawns
- * `node cli/bin/edge-mesh.mjs agent --models DIR --key FILE` (CLI defaults: workers = min(cores, 4) unless
- * --workers is given) and measures:
+ * `node cli/bin/edge-mesh.mjs agent --models DIR --key FILE` (CLI defaults: one worker unless --workers is
+ * given) and measures:
  *   ready_ms     from just before spawn() to the agent's retained `status` (state online) arriving at the
- *                subscriber: process start, module loading, sha256 checks, worker threads, model
- *                sessions, warm-up runs (the latency measurement), MQTT connect and announce.
+ *                subscriber: process start, the compiled CLI's module loading (no TypeScript loader), sha256
+ *                checks, worker threads, model sessions, warm-up runs (the latency measurement), MQTT
+ *                connect and announce.
  *   idle_rss_mb  VmRSS of the agent process (worker threads included, they share it) after --idle-ms
- *                (2 s) of idleness following the announcement; VmHWM (peak) is reported too.
+ *                (2 s) of idleness following the announcement; VmHWM (peak) is reported too, and the
+ *                split of VmRSS into RssAnon (heaps, sessions: the process's own) and RssFile (mapped
+ *                files: the node binary and onnxruntime's library, pages the kernel can share and drop).
+ *   settled_rss_mb  VmRSS after --settle-ms of idleness (full mode 15 s; quick mode only when given): V8's
+ *                memory reducer shrinks an idle process's heaps some seconds in, so this is what an agent
+ *                that has been idle a while holds.
  * Cases: "all" (the four models of .mesh-data/models) and "kws" (a temp models folder holding only the
  * wake-word model, whose manifest has just that entry), interleaved, R repetitions each (quick 3, full 5);
  * each figure is the median. The headline (`model`, `ready_ms`, `idle_rss_mb`) is the all-models case with
  * `models` listing them; `kws` holds the single-model case. For scale, `process_floor_ms` is the median
- * spawn-to-exit time of `node -e 0` and of `edge-mesh --help` (node + the built CLI's imports).
- * In full mode a workers-1 variant of both cases runs too (`workers_1`).
+ * spawn-to-exit time of `node -e 0` and of `edge-mesh --help` (node + CLI imports), and `floor_rss_mb` the
+ * idle RSS of a bare `node` process and of a node process whose one worker thread holds an onnxruntime
+ * session of the wake-word model and nothing else: the least any agent on this runtime can weigh.
+ * In full mode a variant of both cases with one worker more than the default runs too (`workers_N`): what
+ * a worker costs.
  */
 import { spawn } from 'node:child_process';
 import { copyFile, mkdtemp, rm, writeFile } from 'node:fs/promises';
@@ -47,9 +56,40 @@ interface Rep {
   /** The agent's own 'agent ready' readyMs: startAgent() to models loaded (before connecting). */
   agent_logged_ready_ms: number | null;
   idle_rss_mb: number;
+  settled_rss_mb: number | null;
+  rss_anon_mb: number;
+  rss_file_mb: number;
   peak_rss_mb: number;
   threads: number;
   workers: number | null;
+}
+
+/**
+ * Idle VmRSS of `node <args>` once it prints "ready" and has idled `idleMs`: the floors the agent is
+ * compared with (a bare node process; one worker thread holding one onnxruntime session).
+ */
+async function idleRssMb(name: string, args: string[], idleMs: number): Promise<number> {
+  const proc = spawnProc(name, args);
+  await proc.waitLine('stdout', (l) => l === 'ready', 20_000, 'ready');
+  await sleep(idleMs);
+  const rss = procStatusMb(proc.pid, 'VmRSS');
+  await proc.stop();
+  return rss;
+}
+
+/** A worker thread that loads onnxruntime-node and one session of `modelFile`, as an agent's worker does. */
+function ortFloorScript(modelFile: string): string {
+  const agentDir = path.join(ROOT, 'edge-agent', 'package.json');
+  const worker = `
+    const { parentPort } = require('node:worker_threads');
+    const ort = require(require('node:module').createRequire(${JSON.stringify(agentDir)}).resolve('onnxruntime-node'));
+    ort.InferenceSession.create(${JSON.stringify(modelFile)}, { intraOpNumThreads: 1, interOpNumThreads: 1, executionMode: 'sequential' })
+      .then((session) => {
+        parentPort.postMessage('ready');
+        setInterval(() => session, 1000);
+      });`;
+  return `const { Worker } = require('node:worker_threads');
+    new Worker(${JSON.stringify(worker)}, { eval: true }).on('message', (m) => console.log(m));`;
 }
 
 function spawnTimeMs(args: string[]): Promise<number> {
@@ -65,6 +105,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const { quick, log, args } = ctx;
   const reps = typeof args.reps === 'string' ? Number(args.reps) : quick ? 3 : 5;
   const idleMs = typeof args['idle-ms'] === 'string' ? Number(args['idle-ms']) : 2_000;
+  const settleMs = typeof args['settle-ms'] === 'string' ? Number(args['settle-ms']) : quick ? undefined : 15_000;
   const fixedWorkers = typeof args.workers === 'string' ? Number(args.workers) : undefined;
 
   const manifest = await ensureModelsFolder(MODELS_DIR);
@@ -80,6 +121,12 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       floors.node_ms.push(await spawnTimeMs(['-e', '0']));
       floors.cli_help_ms.push(await spawnTimeMs([CLI, '--help']));
     }
+
+    const floorRss = {
+      node: round(await idleRssMb('node floor', ['-e', "console.log('ready'); setInterval(() => {}, 1000)"], idleMs), 1),
+      node_worker_ort_kws: round(await idleRssMb('onnxruntime floor', ['-e', ortFloorScript(path.join(kwsDir, kwsEntry.file))], idleMs), 1),
+    };
+    log(`agent: floors: idle node ${floorRss.node} MB, node + one worker with a kws session ${floorRss.node_worker_ort_kws} MB`);
 
     const broker = await startBrokerProc();
     const waiters = new Map<string, (t: number, status: AgentStatus) => void>();
@@ -125,17 +172,24 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
         ready_ms: round(readyMs, 1),
         agent_logged_ready_ms: null,
         idle_rss_mb: round(procStatusMb(proc.pid, 'VmRSS'), 1),
+        settled_rss_mb: null,
+        rss_anon_mb: round(procStatusMb(proc.pid, 'RssAnon'), 1),
+        rss_file_mb: round(procStatusMb(proc.pid, 'RssFile'), 1),
         peak_rss_mb: round(procStatusMb(proc.pid, 'VmHWM'), 1),
         threads: procThreads(proc.pid),
         workers: status.workers ?? null,
       };
+      if (settleMs !== undefined && settleMs > idleMs) {
+        await sleep(settleMs - idleMs);
+        rep.settled_rss_mb = round(procStatusMb(proc.pid, 'VmRSS'), 1);
+      }
       for (const line of proc.lines.stderr) {
         const j = parseJson(line);
         if (j?.msg === 'agent ready' && typeof j.readyMs === 'number') rep.agent_logged_ready_ms = j.readyMs;
       }
       await proc.stop();
       log(
-        `  ${label}${workers ? ` (workers ${workers})` : ''} #${i + 1}: ready ${rep.ready_ms} ms (agent's own ${rep.agent_logged_ready_ms} ms), idle RSS ${rep.idle_rss_mb} MB, peak ${rep.peak_rss_mb} MB, ${rep.threads} threads`,
+        `  ${label}${workers ? ` (workers ${workers})` : ''} #${i + 1}: ready ${rep.ready_ms} ms (agent's own ${rep.agent_logged_ready_ms} ms), idle RSS ${rep.idle_rss_mb} MB (anon ${rep.rss_anon_mb}, file ${rep.rss_file_mb})${rep.settled_rss_mb === null ? '' : `, settled ${rep.settled_rss_mb} MB`}, peak ${rep.peak_rss_mb} MB, ${rep.threads} threads`,
       );
       return rep;
     };
@@ -143,6 +197,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     const summarizeCase = (list: Rep[]) => ({
       ready_ms: round(median(list.map((r) => r.ready_ms)), 1),
       idle_rss_mb: round(median(list.map((r) => r.idle_rss_mb)), 1),
+      ...(settleMs !== undefined ? { settled_rss_mb: round(median(list.map((r) => r.settled_rss_mb ?? Number.NaN)), 1) } : {}),
+      rss_anon_mb: round(median(list.map((r) => r.rss_anon_mb)), 1),
+      rss_file_mb: round(median(list.map((r) => r.rss_file_mb)), 1),
       peak_rss_mb: round(median(list.map((r) => r.peak_rss_mb)), 1),
       agent_logged_ready_ms: round(median(list.map((r) => r.agent_logged_ready_ms ?? Number.NaN)), 1),
       workers: list[0]?.workers ?? null,
@@ -161,12 +218,15 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       return { all: summarizeCase(all), kws: summarizeCase(kws) };
     };
 
-    log(`agent: ${reps} repetitions per case, idle ${idleMs} ms, workers ${fixedWorkers ?? 'CLI default'}`);
+    log(
+      `agent: ${reps} repetitions per case, idle ${idleMs} ms${settleMs ? `, settled at ${settleMs} ms` : ''}, workers ${fixedWorkers ?? 'CLI default'}`,
+    );
     const main = await runCases(fixedWorkers);
-    let workers1: Awaited<ReturnType<typeof runCases>> | undefined;
-    if (!quick && fixedWorkers === undefined && main.all.workers !== 1) {
-      log('agent: workers 1 variant');
-      workers1 = await runCases(1);
+    let variant: { workers: number; cases: Awaited<ReturnType<typeof runCases>> } | undefined;
+    const defaultWorkers = main.all.workers;
+    if (!quick && fixedWorkers === undefined && defaultWorkers !== null) {
+      log(`agent: workers ${defaultWorkers + 1} variant`);
+      variant = { workers: defaultWorkers + 1, cases: await runCases(defaultWorkers + 1) };
     }
     await watcher.close();
     await broker.proc.stop();
@@ -176,11 +236,13 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       quick,
       reps,
       idle_ms: idleMs,
+      ...(settleMs !== undefined ? { settle_ms: settleMs } : {}),
       models: manifest.models.map((m) => m.name),
       all: main.all,
       kws: main.kws,
-      ...(workers1 ? { workers_1: workers1 } : {}),
+      ...(variant ? { [`workers_${variant.workers}`]: variant.cases } : {}),
       process_floor_ms: { node: round(median(floors.node_ms), 1), cli_help: round(median(floors.cli_help_ms), 1) },
+      floor_rss_mb: floorRss,
       ...environment(),
       model: 'all',
       ready_ms: main.all.ready_ms,

@@ -24,6 +24,7 @@ import { Command, Option } from 'commander';
 import { registerBridgeCommands } from './bridge.ts';
 import { registerChainCommands } from './chain.ts';
 import { registerDemoCommands } from './demo.ts';
+import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 import { collect, nonNegativeInt, positiveInt, positiveNumber } from './options.ts';
 import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
@@ -239,7 +240,8 @@ export function buildProgram(): Command {
       'the agent key file (edge-mesh keys new --role agent); its id is the agent id. Without it: an ephemeral key, which only an open broker accepts',
     )
     .addOption(new Option('--id <id>').hideHelp())
-    .option('--workers <n>', 'inference worker threads', positiveInt)
+    .option('--workers <n>', 'inference worker threads (default 1; each holds its own copy of every model session)', positiveInt)
+    .option('--pipeline-depth <n>', 'jobs handed to one worker at once, so it never idles through a hand-off', positiveInt)
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
     .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
@@ -308,6 +310,7 @@ export function buildProgram(): Command {
         awaitAnnounce: false,
         ...(identity ? { identity } : {}),
         ...(opts.workers ? { workers: opts.workers } : {}),
+        ...(opts.pipelineDepth ? { pipelineDepth: opts.pipelineDepth } : {}),
         ...(opts.payout
           ? {
               payment: {
@@ -320,6 +323,7 @@ export function buildProgram(): Command {
             }
           : {}),
       });
+      leanAgentStarted();
       const refused = agent.announced.then(
         async () => {
           logger.info({ agentId: agent.id }, 'announced');

@@ -22,6 +22,13 @@ export interface MeshConnectionOptions {
   connectTimeoutMs?: number;
   backoff?: BackoffOptions;
   will?: IClientOptions['will'];
+  /**
+   * mqtt.js by default builds, on the first packet it writes, a table of 65,536 two-byte buffers for the
+   * packet ids and lengths it encodes: about 6 MB of heap held for the life of the process. `false` encodes
+   * those numbers as they come instead; a device where memory counts (the agent, docs/agent.md) turns it off.
+   * The table belongs to mqtt.js's packet writer, so one connection turning it off turns it off for the whole process.
+   */
+  numberCache?: boolean;
   /** Called on every successful (re)connect, before anything else runs on it. */
   onConnect?: (client: MqttClient) => void;
   onReconnectScheduled?: (delayMs: number, attempt: number) => void;
@@ -61,7 +68,17 @@ export function connectRefusal(err: unknown, clientId: string): MeshError | unde
 }
 
 export function openMeshConnection(brokerUrl: string, options: MeshConnectionOptions): MeshConnection {
-  const { identity, keepaliveS = 10, connectTimeoutMs = 5_000, backoff, will, onConnect, onReconnectScheduled, onRefused } = options;
+  const {
+    identity,
+    keepaliveS = 10,
+    connectTimeoutMs = 5_000,
+    backoff,
+    will,
+    onConnect,
+    onReconnectScheduled,
+    onRefused,
+    numberCache,
+  } = options;
   const clientId = options.clientId ?? identity?.id;
   if (clientId === undefined) throw new MeshError('MESH_CONFIG', 'a mesh connection needs a client id or an identity');
   if (identity && clientId !== identity.id) {
@@ -79,6 +96,7 @@ export function openMeshConnection(brokerUrl: string, options: MeshConnectionOpt
     queueQoSZero: false,
     ...(identity ? { username: identity.id, password: makeConnectToken(identity) } : {}),
     ...(will ? { will } : {}),
+    ...(numberCache === false ? { writeCache: false } : {}),
   });
   let attempt = 0;
   let closed = false;

@@ -13,6 +13,26 @@ import type { FromWorker, LoadedModel, RunJob, ToWorker, WorkerModelSpec } from 
 
 const WORKER_URL = new URL('./worker.mjs', import.meta.url);
 
+/**
+ * A worker thread gets no TypeScript loader, so it runs the built packages even when the agent itself
+ * runs from source (the tests run with the `@edge-mesh/source` condition): without that condition,
+ * the worker's imports resolve to dist/. Undefined when there is nothing to drop: the worker then
+ * inherits node's flags as they are (flags passed explicitly must be ones a worker accepts).
+ */
+export function workerExecArgv(execArgv: readonly string[]): string[] | undefined {
+  const out: string[] = [];
+  for (let i = 0; i < execArgv.length; i++) {
+    const arg = execArgv[i]!;
+    if (arg === '--conditions=@edge-mesh/source' || arg === '-C=@edge-mesh/source') continue;
+    if ((arg === '--conditions' || arg === '-C') && execArgv[i + 1] === '@edge-mesh/source') {
+      i++;
+      continue;
+    }
+    out.push(arg);
+  }
+  return out.length === execArgv.length ? undefined : out;
+}
+
 export interface JobResult {
   outputs: Record<string, Tensor>;
   execMs: number;
@@ -130,7 +150,8 @@ export class WorkerPool {
   private spawn(): Promise<LoadedModel[]> {
     const { models, intraOpThreads, warmupRuns, logger } = this.options;
     return new Promise((resolve, reject) => {
-      const worker = new Worker(WORKER_URL);
+      const execArgv = workerExecArgv(process.execArgv);
+      const worker = new Worker(WORKER_URL, execArgv ? { execArgv } : {});
       const slot: Slot = { worker, jobs: new Map(), outbox: [], transfer: [] };
       let ready = false;
       worker.on('message', (message: FromWorker) => {

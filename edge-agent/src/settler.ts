@@ -17,7 +17,7 @@
  */
 import path from 'node:path';
 import { ESCROW_ABI, EscrowClient, type SettleOutcome } from '@edge-mesh/contracts';
-import type { EscrowDomain, SignedVoucher } from '@edge-mesh/protocol';
+import { type EscrowDomain, MeshError, type SignedVoucher } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { Level } from 'level';
 import type { Logger } from 'pino';
@@ -125,7 +125,9 @@ export class Settler {
   ): Promise<Settler> {
     const escrow = await EscrowClient.connect({ runner: options.runner, escrow: params.domain.escrow });
     if (escrow.domain.chainId !== BigInt(params.domain.chainId)) {
-      throw new Error(`the settler's chain is ${escrow.domain.chainId}, the agent bills on ${params.domain.chainId}`);
+      throw new MeshError('MESH_CONFIG', `the settler's chain is ${escrow.domain.chainId}, the agent bills on ${params.domain.chainId}`, {
+        details: { settlerChainId: String(escrow.domain.chainId), agentChainId: String(params.domain.chainId) },
+      });
     }
     const location = path.join(params.dataDir, `settler-${params.domain.chainId}-${params.domain.escrow.toLowerCase()}`);
     const db = new Level<string, unknown>(location, { valueEncoding: 'json' });

@@ -1,0 +1,158 @@
+/**
+ * The agent's MQTT link: one mesh connection (client/connection.ts) with the offline status as its
+ * will, the agent's request, cancel and voucher topics subscribed on every (re)connect, each message
+ * routed to its handler by topic, the signed status announced (retained) after each subscribe, and
+ * replies published to their senders.
+ */
+import { type BackoffOptions, type MeshConnection, type MeshLogger, openMeshConnection } from '@edge-mesh/client';
+import { type AgentLoad, type AgentStatus, encodeMessage, type Identity, isValidId, MeshError, topics } from '@edge-mesh/protocol';
+import type { MqttClient } from 'mqtt';
+import type { Faults } from './faults.ts';
+import type { AgentCounters } from './types.ts';
+
+export type AgentTopicKind = 'request' | 'cancel' | 'voucher';
+
+/**
+ * Which of the agent's topics `topic` is, and the sender its last level names; undefined for any other
+ * topic and for a sender that is not a mesh id. The broker lets a client publish only under its own id,
+ * so the sender is authenticated.
+ */
+export function routeTopic(agentId: string, topic: string): { kind: AgentTopicKind; senderId: string } | undefined {
+  const prefixes: [AgentTopicKind, string][] = [
+    ['request', topics.agentRequest(agentId, '')],
+    ['cancel', topics.agentCancel(agentId, '')],
+    ['voucher', topics.agentVoucher(agentId, '')],
+  ];
+  for (const [kind, prefix] of prefixes) {
+    if (!topic.startsWith(prefix)) continue;
+    const senderId = topic.slice(prefix.length);
+    return isValidId(senderId) ? { kind, senderId } : undefined;
+  }
+  return undefined;
+}
+
+export interface AgentLinkOptions {
+  brokerUrl: string;
+  identity: Identity;
+  /** The agent runs on a key made for this run (it gets a different hint when refused). */
+  ephemeral: boolean;
+  keepaliveS: number;
+  backoff: BackoffOptions | undefined;
+  /** The offline status the broker publishes (retained) if the agent dies. */
+  will: Buffer;
+  /** Subscribe to vouchers too (a paying agent). */
+  vouchers: boolean;
+  /** The status to announce, signed as of now. */
+  status: () => AgentStatus;
+  handlers: Record<AgentTopicKind, (senderId: string, payload: Buffer) => void>;
+  /** The first CONNECT was refused as unauthorized: the agent cannot run (`announced` rejects with the same error). */
+  onUnauthorized: (err: MeshError) => void;
+  counters: AgentCounters;
+  faults: Faults;
+  logger: MeshLogger;
+}
+
+export class AgentLink {
+  /** Resolves when the first status has been published; rejects if the broker refuses the first CONNECT as unauthorized. */
+  readonly announced: Promise<void>;
+  private readonly connection: MeshConnection;
+  private readonly client: MqttClient;
+  private readonly agentId: string;
+  private closed = false;
+  private resolveAnnounced!: () => void;
+
+  constructor(private readonly options: AgentLinkOptions) {
+    const { brokerUrl, identity, ephemeral, keepaliveS, backoff, will, vouchers, handlers, counters, logger } = options;
+    const agentId = identity.id;
+    this.agentId = agentId;
+    let rejectAnnounced!: (err: MeshError) => void;
+    this.announced = new Promise<void>((resolve, reject) => {
+      this.resolveAnnounced = resolve;
+      rejectAnnounced = reject;
+    });
+    // A caller that never awaits `announced` must not see an unhandled rejection.
+    this.announced.catch(() => {});
+
+    let everConnected = false;
+    this.connection = openMeshConnection(brokerUrl, {
+      identity,
+      keepaliveS,
+      // 6 MB of heap for a speed-up mqtt.js's packet writer does not need at the agent's message rates (docs/agent.md).
+      numberCache: false,
+      ...(backoff ? { backoff } : {}),
+      will: { topic: topics.agentStatus(agentId), payload: will, qos: 1, retain: true },
+      onConnect: (c) => {
+        if (everConnected) counters.reconnects++;
+        logger.info({ brokerUrl, reconnect: everConnected }, everConnected ? 'reconnected to broker' : 'connected to broker');
+        everConnected = true;
+        const filters = [topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId)];
+        if (vouchers) filters.push(topics.agentVouchersFor(agentId));
+        c.subscribe(filters, { qos: 1 }, (err) => {
+          if (err) logger.error({ err: err.message }, 'subscribe failed');
+          this.announce();
+        });
+      },
+      onReconnectScheduled: (delayMs, attempt) => {
+        if (!this.closed) logger.warn({ delayMs, attempt }, 'broker connection lost; reconnecting');
+      },
+      onRefused: (err, first) => {
+        if (first && err.code === 'MESH_UNAUTHORIZED') {
+          const hint = ephemeral
+            ? 'this agent runs on an ephemeral key, which only an open broker accepts: give it a key file the operator admitted'
+            : 'is this agent admitted (edge-mesh admit) and not revoked?';
+          const refusal = new MeshError('MESH_UNAUTHORIZED', `${err.message}; ${hint}`, { cause: err, details: { agentId } });
+          rejectAnnounced(refusal);
+          options.onUnauthorized(refusal);
+          return;
+        }
+        logger.error({ code: err.code, err: err.message }, 'broker refused the connection; retrying');
+      },
+    });
+    this.client = this.connection.client;
+    this.client.on('message', (topic, payload) => {
+      const route = routeTopic(agentId, topic);
+      if (route) handlers[route.kind](route.senderId, payload);
+    });
+  }
+
+  get connected(): boolean {
+    return this.client.connected;
+  }
+
+  /** Publishes the status (retained); the first that reaches the broker resolves `announced`. */
+  announce(): void {
+    this.client.publish(topics.agentStatus(this.agentId), encodeMessage(this.options.status()), { qos: 1, retain: true }, (err) => {
+      if (err) return;
+      this.options.counters.announcements++;
+      this.resolveAnnounced();
+    });
+  }
+
+  /** A reply to `senderId`, `afterMs` from now plus any injected link delay; dropped if the link closes first. */
+  reply(senderId: string, payload: Buffer, afterMs = 0): void {
+    const send = () => this.client.publish(topics.clientReply(senderId, this.agentId), payload, { qos: 1 });
+    const delay = afterMs + this.options.faults.linkDelayMs;
+    if (delay > 0) {
+      setTimeout(() => {
+        if (!this.closed) send();
+      }, delay).unref();
+    } else send();
+  }
+
+  /** A heartbeat's load report (QoS 0: the next one replaces it); skipped while disconnected. */
+  publishLoad(load: AgentLoad): void {
+    if (this.client.connected) this.client.publish(topics.agentLoad(this.agentId), encodeMessage(load), { qos: 0 });
+  }
+
+  /** Publishes the offline status (waiting at most a second for the broker) and closes the connection. */
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.client.connected) {
+      await new Promise<void>((resolve) => {
+        this.client.publish(topics.agentStatus(this.agentId), this.options.will, { qos: 1, retain: true }, () => resolve());
+        setTimeout(resolve, 1_000).unref();
+      });
+    }
+    await this.connection.close();
+  }
+}

@@ -1,0 +1,98 @@
+/**
+ * AgentOptions with their defaults filled in and checked: every problem in one MESH_CONFIG error,
+ * before anything is loaded or opened.
+ */
+import type { BackoffOptions } from '@edge-mesh/client';
+import {
+  assertValidId,
+  DEFAULT_MAX_ELEMENTS,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  generateIdentity,
+  type Identity,
+  MeshError,
+} from '@edge-mesh/protocol';
+import type { AgentOptions } from './types.ts';
+
+export interface ResolvedOptions {
+  brokerUrl: string;
+  modelsDir: string;
+  identity: Identity;
+  /** The identity was made for this run (no key given). */
+  ephemeral: boolean;
+  agentId: string;
+  workers: number;
+  intraOpThreads: number;
+  queueLimit: number;
+  pipelineDepth: number;
+  heartbeatMs: number;
+  warmupRuns: number;
+  providers: 'auto' | string[];
+  maxMessageBytes: number;
+  maxElements: number;
+  keepaliveS: number;
+  backoff: BackoffOptions | undefined;
+  awaitAnnounce: boolean;
+  maxRememberedRequests: number;
+}
+
+const positiveInteger = (n: number) => Number.isInteger(n) && n >= 1;
+
+export function resolveOptions(options: AgentOptions): ResolvedOptions {
+  const {
+    brokerUrl,
+    modelsDir,
+    workers = 1,
+    intraOpThreads = 1,
+    queueLimit = 64,
+    pipelineDepth = 2,
+    heartbeatMs = 1_000,
+    warmupRuns = 5,
+    providers = 'auto',
+    maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
+    maxElements = DEFAULT_MAX_ELEMENTS,
+    keepaliveS = 10,
+    backoff,
+    awaitAnnounce = true,
+    maxRememberedRequests = 100_000,
+  } = options;
+  if ('agentId' in options) {
+    throw new MeshError(
+      'MESH_CONFIG',
+      'the agentId option was replaced by identity: an agent id derives from its key (see generateIdentity, parseKeyFile)',
+    );
+  }
+  const ephemeral = options.identity === undefined;
+  const identity = options.identity ?? generateIdentity('agent');
+  if (identity.role !== 'agent')
+    throw new MeshError('MESH_CONFIG', `an agent needs an agent key, got a ${identity.role} key (${identity.id})`);
+  const agentId = assertValidId(identity.id, 'agent id');
+  const problems: string[] = [];
+  if (!positiveInteger(workers)) problems.push(`workers must be a positive integer, got ${workers}`);
+  if (!positiveInteger(queueLimit)) problems.push(`queueLimit must be a positive integer, got ${queueLimit}`);
+  if (!positiveInteger(pipelineDepth)) problems.push(`pipelineDepth must be a positive integer, got ${pipelineDepth}`);
+  if (!positiveInteger(maxRememberedRequests))
+    problems.push(`maxRememberedRequests must be a positive integer, got ${maxRememberedRequests}`);
+  if (!(heartbeatMs >= 50)) problems.push(`heartbeatMs must be at least 50, got ${heartbeatMs}`);
+  if (!positiveInteger(warmupRuns)) problems.push(`warmupRuns must be a positive integer, got ${warmupRuns}`);
+  if (problems.length) throw new MeshError('MESH_CONFIG', `invalid agent options: ${problems.join('; ')}`);
+  return {
+    brokerUrl,
+    modelsDir,
+    identity,
+    ephemeral,
+    agentId,
+    workers,
+    intraOpThreads,
+    queueLimit,
+    pipelineDepth,
+    heartbeatMs,
+    warmupRuns,
+    providers,
+    maxMessageBytes,
+    maxElements,
+    keepaliveS,
+    backoff,
+    awaitAnnounce,
+    maxRememberedRequests,
+  };
+}

@@ -1,0 +1,312 @@
+/**
+ * The agent's request path: an inference request is decoded, refused if its id was seen before,
+ * checked against the model, admitted on its payer's lane when it pays, and queued; when its job
+ * finishes (or is refused) the reply goes back to the sender, with a receipt when the request paid.
+ * Cancels and vouchers arrive here too.
+ */
+import type { MeshLogger } from '@edge-mesh/client';
+import {
+  decodeMessage,
+  decodeTensorMap,
+  encodeMessage,
+  encodeTensorMap,
+  hashTensorMap,
+  type InferReply,
+  type InferRequest,
+  MeshError,
+  PROTOCOL_VERSION,
+  RECEIPT_STATUS,
+  type ReceiptStatus,
+  requestIdHex,
+  type SignedReceipt,
+  toMeshError,
+  ZERO_HASH,
+} from '@edge-mesh/protocol';
+import type { Faults } from './faults.ts';
+import { checkInputs } from './models.ts';
+import type { AgentPayments } from './payments.ts';
+import type { JobResult } from './pool.ts';
+import type { Job, Scheduler } from './scheduler.ts';
+import type { AgentCounters } from './types.ts';
+import type { LoadedModel } from './worker-protocol.ts';
+
+/** Largest cancel and voucher messages read; both are a few hundred bytes. */
+const MAX_CANCEL_BYTES = 1024;
+const MAX_VOUCHER_BYTES = 4096;
+
+export type Remembered = 'ok' | 'replay' | 'full';
+
+/**
+ * Request ids seen and not yet expired, each until its deadline, so a replayed (or redelivered)
+ * request is refused and never runs twice. Bounded: when `limit` ids are remembered, expired ones
+ * are dropped, and if none has expired a new request is refused until some do.
+ */
+export class ReplayGuard {
+  private readonly seen = new Map<string, number>();
+
+  constructor(readonly limit: number) {}
+
+  get size(): number {
+    return this.seen.size;
+  }
+
+  /**
+   * 'replay' when `key` is remembered, 'full' when no room is left, else 'ok'. A request whose
+   * deadline has passed is not remembered: the scheduler refuses it, and any replay of it, anyway.
+   */
+  remember(key: string, deadline: number, nowMs: number): Remembered {
+    if (this.seen.has(key)) return 'replay';
+    if (deadline < nowMs) return 'ok';
+    if (this.seen.size >= this.limit) this.prune(nowMs);
+    if (this.seen.size >= this.limit) return 'full';
+    this.seen.set(key, deadline);
+    return 'ok';
+  }
+
+  /** A request that never ran may come again (the SDK retries it once its voucher is out). */
+  forget(key: string): void {
+    this.seen.delete(key);
+  }
+
+  prune(nowMs: number): void {
+    for (const [key, deadline] of this.seen) if (deadline < nowMs) this.seen.delete(key);
+  }
+}
+
+/**
+ * A paid job's receipt status from how it ended: ok; cancelled by its sender before the deadline;
+ * timeout for a deadline drop, or a cancel once the deadline has passed (the sender giving up on a late
+ * job); failed otherwise.
+ */
+export function receiptStatus(err: MeshError | undefined, expired: boolean): ReceiptStatus {
+  if (!err) return RECEIPT_STATUS.ok;
+  if (err.code === 'MESH_CANCELLED' && !expired) return RECEIPT_STATUS.cancelled;
+  if (err.code === 'MESH_DEADLINE_EXCEEDED' || err.code === 'MESH_CANCELLED') return RECEIPT_STATUS.timeout;
+  return RECEIPT_STATUS.failed;
+}
+
+/** Units charged by the quote's rule: ok, and a cancel of work that ran; failures and timeouts cost 0. */
+export function unitsUsed(status: ReceiptStatus, ran: boolean): number {
+  return status === RECEIPT_STATUS.ok || (status === RECEIPT_STATUS.cancelled && ran) ? 1 : 0;
+}
+
+/** The error reply for request `id` (its message cut to what the schema allows). */
+export function errorReply(agentId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt): Buffer {
+  return encodeMessage({
+    v: PROTOCOL_VERSION,
+    kind: 'err',
+    id,
+    agent: agentId,
+    code: err.code,
+    message: err.message.slice(0, 2048),
+    ...(receipt ? { receipt } : {}),
+  });
+}
+
+export interface RequestsOptions {
+  agentId: string;
+  maxMessageBytes: number;
+  maxElements: number;
+  /** Models as the workers loaded them, by name. */
+  models: ReadonlyMap<string, LoadedModel>;
+  replays: ReplayGuard;
+  /** Present when the agent takes payment. */
+  payments: AgentPayments | undefined;
+  counters: AgentCounters;
+  faults: Faults;
+  logger: MeshLogger;
+  /** Publishes a reply to `senderId`, `afterMs` from now (connection.ts adds the link delay). */
+  reply: (senderId: string, payload: Buffer, afterMs?: number) => void;
+  /** True once the agent is closing: held (delayed) requests are dropped. */
+  closed: () => boolean;
+}
+
+export class AgentRequests {
+  private scheduler: Pick<Scheduler, 'submit' | 'cancel'> | undefined;
+
+  constructor(private readonly options: RequestsOptions) {}
+
+  /** The queue requests go to; it calls `finished` for each job it takes. */
+  attach(scheduler: Pick<Scheduler, 'submit' | 'cancel'>): void {
+    this.scheduler = scheduler;
+  }
+
+  /** An inference request from `senderId` (already authenticated by the broker's topic ACL). */
+  readonly onRequest = (senderId: string, payload: Buffer): void => {
+    const { faults, closed } = this.options;
+    if (faults.linkDelayMs > 0) {
+      setTimeout(() => {
+        if (!closed()) this.handleRequest(senderId, payload);
+      }, faults.linkDelayMs).unref();
+      return;
+    }
+    this.handleRequest(senderId, payload);
+  };
+
+  readonly onCancel = (senderId: string, payload: Buffer): void => {
+    try {
+      const cancel = decodeMessage(payload, ['cancel'], MAX_CANCEL_BYTES);
+      this.queue().cancel(requestIdHex(cancel.id), senderId);
+    } catch (err) {
+      this.options.logger.debug({ senderId, err: (err as Error).message }, 'bad cancel dropped');
+    }
+  };
+
+  readonly onVoucher = (senderId: string, payload: Buffer): void => {
+    const { payments, logger } = this.options;
+    if (!payments) return;
+    try {
+      const voucher = decodeMessage(payload, ['voucher'], MAX_VOUCHER_BYTES);
+      void payments
+        .acceptVoucher(senderId, voucher)
+        .catch((err: unknown) => logger.error({ err: (err as Error).message }, 'voucher not stored'));
+    } catch (err) {
+      logger.debug({ senderId, err: (err as Error).message }, 'bad voucher dropped');
+    }
+  };
+
+  /** The scheduler's callback: a job ran (or was dropped); reply with its outputs or its error. */
+  readonly finished = (job: Job, err: MeshError | undefined, result?: JobResult): void => {
+    const { agentId, counters, faults, logger } = this.options;
+    if (err) {
+      if (err.code === 'MESH_INFERENCE_FAILED') logger.warn({ model: job.model, err: err.message }, 'inference failed');
+      this.withReceipt(job, err, undefined, (receipt) => this.replyError(job.senderId, job.id, err, receipt));
+      return;
+    }
+    const queueMs = job.startedAt! - job.receivedAt;
+    counters.served++;
+    const outputs = encodeTensorMap(result!.outputs);
+    this.withReceipt(job, undefined, outputs, (receipt) =>
+      this.options.reply(
+        job.senderId,
+        encodeMessage({
+          v: PROTOCOL_VERSION,
+          kind: 'res',
+          id: job.id,
+          agent: agentId,
+          model: job.model,
+          outputs,
+          queueMs: Math.max(0, queueMs),
+          execMs: result!.execMs + faults.extraExecMs,
+          ...(receipt ? { receipt } : {}),
+        }),
+        faults.extraExecMs,
+      ),
+    );
+  };
+
+  private queue(): Pick<Scheduler, 'submit' | 'cancel'> {
+    if (!this.scheduler) throw new MeshError('MESH_INTERNAL', 'requests arrived before the agent attached its scheduler');
+    return this.scheduler;
+  }
+
+  private countError(code: string): void {
+    const { errors } = this.options.counters;
+    errors[code] = (errors[code] ?? 0) + 1;
+  }
+
+  private replyError(senderId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt): void {
+    this.countError(err.code);
+    this.options.reply(senderId, errorReply(this.options.agentId, id, err, receipt));
+  }
+
+  private handleRequest(senderId: string, payload: Buffer): void {
+    const { agentId, maxMessageBytes, maxElements, models, replays, payments, counters, logger } = this.options;
+    counters.received++;
+    const receivedAt = performance.now();
+    let request: InferRequest;
+    try {
+      request = decodeMessage(payload, ['req'], maxMessageBytes);
+    } catch (err) {
+      const meshErr = toMeshError(err, 'MESH_BAD_REQUEST');
+      const id = meshErr.details?.id;
+      if (id instanceof Uint8Array) this.replyError(senderId, id, meshErr);
+      else {
+        this.countError(meshErr.code);
+        logger.debug({ senderId, err: meshErr.message }, 'unreadable request dropped');
+      }
+      return;
+    }
+    const key = requestIdHex(request.id);
+    const remembered = replays.remember(key, request.deadline, Date.now());
+    if (remembered === 'replay') {
+      counters.replays++;
+      logger.debug({ senderId, requestId: key }, 'replayed request id refused');
+      this.replyError(senderId, request.id, new MeshError('MESH_BAD_REQUEST', `replayed request id ${key}`));
+      return;
+    }
+    if (remembered === 'full') {
+      this.replyError(
+        senderId,
+        request.id,
+        new MeshError('MESH_BUSY', `${agentId} remembers ${replays.limit} unexpired request ids; try again later`),
+      );
+      return;
+    }
+    let paid: Job['paid'];
+    try {
+      const model = models.get(request.model);
+      if (!model) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${request.model} is not served by ${agentId}`);
+      const inputs = decodeTensorMap(request.inputs, maxElements);
+      checkInputs(model, inputs);
+      if (payments && request.pay) {
+        // A piggybacked voucher counts before the credit check; recovering it is synchronous.
+        if (request.pay.voucher) void payments.acceptVoucher(senderId, request.pay.voucher).catch(() => {});
+        paid = payments.admit(request.pay.payer, senderId, request.model, hashTensorMap(request.inputs));
+      }
+      this.queue().submit({
+        key,
+        id: request.id,
+        senderId,
+        model: request.model,
+        inputs,
+        deadline: request.deadline,
+        receivedAt,
+        ...(paid ? { paid } : {}),
+      });
+    } catch (err) {
+      // Refused before it was taken on: no receipt, nothing owed.
+      if (paid) payments!.release(paid);
+      const refusal = toMeshError(err, 'MESH_BAD_REQUEST');
+      // It never ran, so the same request may come again: the SDK retries it once its voucher is out.
+      if (refusal.code === 'MESH_CREDIT_EXCEEDED') replays.forget(key);
+      this.replyError(senderId, request.id, refusal);
+    }
+  }
+
+  /**
+   * A paid job's receipt, signed by the quote's rule (see receiptStatus, unitsUsed). The reply leaves
+   * once the receipt is journaled; an unpaid job's reply leaves at once, without one.
+   */
+  private withReceipt(
+    job: Job,
+    err: MeshError | undefined,
+    outputs: InferReply['outputs'] | undefined,
+    send: (receipt: SignedReceipt | undefined) => void,
+  ): void {
+    const { payments, logger } = this.options;
+    if (!job.paid || !payments) {
+      send(undefined);
+      return;
+    }
+    const ran = job.startedAt !== undefined;
+    const status = receiptStatus(err, job.deadline <= Date.now());
+    const nowPerf = performance.now();
+    const epochOf = (perf: number) => Date.now() - (nowPerf - perf);
+    const { receipt, durable } = payments.issue(job.paid, {
+      requestId: job.id,
+      status,
+      unitsUsed: unitsUsed(status, ran),
+      outputHash: outputs ? hashTensorMap(outputs) : ZERO_HASH,
+      startedAt: epochOf(job.startedAt ?? job.receivedAt),
+      finishedAt: Date.now(),
+    });
+    durable.then(
+      () => send(receipt),
+      (writeErr: unknown) => {
+        logger.error({ err: (writeErr as Error).message }, 'receipt not journaled; replying without it');
+        send(undefined);
+      },
+    );
+  }
+}

@@ -1,0 +1,111 @@
+/**
+ * The agent's public types: what `startAgent` takes (AgentOptions) and what it gives back
+ * (AgentHandle). Re-exported by index.ts; the modules of the agent share them from here.
+ */
+import type { BackoffOptions } from '@edge-mesh/client';
+import type { AgentLoad, AgentStatus, Identity, ModelInfo, SignedReceipt } from '@edge-mesh/protocol';
+import type { Logger } from 'pino';
+import type { AgentPaymentOptions, AgentPayments, LaneSummary } from './payments.ts';
+import type { SettlementRecord, SettlerCounters } from './settler.ts';
+
+/** Injected faults (see AgentOptions.faults). */
+export interface AgentFaults {
+  linkDelayMs?: number;
+  extraExecMs?: number;
+}
+
+export interface AgentOptions {
+  brokerUrl: string;
+  modelsDir: string;
+  /**
+   * The agent's key (role `agent`); its id is the agent id, and it signs the status and proves the
+   * agent to the broker on CONNECT. When absent, an ephemeral key is made for this run (its id is
+   * logged), which only an open broker accepts.
+   */
+  identity?: Identity;
+  /**
+   * Inference worker threads (default 1); each holds a session per model. Each worker costs its own
+   * V8 isolate (about 10 MB) plus a copy of every session (the four demo models: about 55 MB), so the
+   * default is one; more pay off when runs are long or many arrive at once (docs/agent.md).
+   */
+  workers?: number;
+  /** Threads onnxruntime may use inside one run. */
+  intraOpThreads?: number;
+  /** Bound of each model's queue; a request beyond it gets MESH_BUSY at once. */
+  queueLimit?: number;
+  /** Jobs handed to one worker at once, so it never idles through a hand-off (1 disables). */
+  pipelineDepth?: number;
+  heartbeatMs?: number;
+  warmupRuns?: number;
+  /** 'auto' tries TensorRT, then CUDA when this onnxruntime build ships them, then CPU. */
+  providers?: 'auto' | string[];
+  maxMessageBytes?: number;
+  maxElements?: number;
+  keepaliveS?: number;
+  backoff?: BackoffOptions;
+  logger?: Logger;
+  /**
+   * Resolve only once the first status is published (default true). Then a first CONNECT the broker
+   * refuses as unauthorized rejects `startAgent` with MESH_UNAUTHORIZED; without it, `announced` rejects.
+   */
+  awaitAnnounce?: boolean;
+  /**
+   * Request ids are remembered until their deadline, so a replayed (or redelivered) request is refused and
+   * never run twice. When this many are remembered, new requests get MESH_BUSY until some expire.
+   */
+  maxRememberedRequests?: number;
+  /**
+   * Fault injection for tests and demos of routing: `linkDelayMs` holds each request and each reply
+   * for that long (a far-away link: round trip + 2 × linkDelayMs, outside the reported queue and
+   * execution times); `extraExecMs` adds that much to every execution (slow hardware: the reply waits
+   * and reports the longer execMs). Never set in production.
+   */
+  faults?: AgentFaults;
+  /**
+   * Take payment: sign a quote into the status and a receipt for every request that names a payer
+   * lane, keep the receipt journal and best vouchers in `dataDir`, and hold each lane to a credit
+   * window. Without it (or for a request naming no payer) the agent serves as before, with no receipt.
+   */
+  payment?: AgentPaymentOptions;
+}
+
+export interface AgentCounters {
+  received: number;
+  served: number;
+  errors: Record<string, number>;
+  reconnects: number;
+  announcements: number;
+  /** Requests refused because their id was seen before (also counted in `errors.MESH_BAD_REQUEST`). */
+  replays: number;
+}
+
+export interface AgentHandle {
+  readonly id: string;
+  readonly models: readonly ModelInfo[];
+  readonly counters: AgentCounters;
+  status(): AgentStatus;
+  loadReport(): AgentLoad;
+  /** Resolves when the first status has been published; rejects if the broker refuses the first CONNECT as unauthorized. */
+  readonly announced: Promise<void>;
+  /** Refuses new work, finishes what is queued or running (up to `timeoutMs`), then closes. */
+  drain(timeoutMs?: number): Promise<void>;
+  /** Publishes the offline status and stops at once; queued work is dropped. */
+  close(): Promise<void>;
+  /** Changes the injected faults (see AgentOptions.faults) while running: a gray failure on demand. */
+  setFaults(faults: AgentFaults): void;
+  /** Present when the agent takes payment. */
+  readonly payments?: {
+    lanes(): LaneSummary[];
+    receipts(payer: string): Promise<SignedReceipt[]>;
+    readonly counters: AgentPayments['counters'];
+    /** Present when `payment.settle` is set: the settlement relayer. */
+    readonly settler?: {
+      readonly counters: SettlerCounters;
+      settlements(): Promise<SettlementRecord[]>;
+      /** What the chain has settled per payer lane, as the settler last saw it. */
+      settledByLane(): Record<string, number>;
+      /** Settles every lane owing anything now, whatever the policy. */
+      settleNow(): Promise<void>;
+    };
+  };
+}

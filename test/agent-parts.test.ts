@@ -1,0 +1,273 @@
+/**
+ * The agent's parts on their own (edge-agent/src: options, models, requests, status, connection,
+ * faults, pool): pure functions called directly, and the request path run against a real worker pool
+ * holding the real wake-word model, its replies read as the bytes it would publish. The whole agent
+ * over a real broker is tested in mesh.test.ts and hostile.test.ts.
+ */
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { test } from 'node:test';
+import { readManifest } from '@edge-mesh/agent';
+import {
+  decodeMessage,
+  type ErrorReply,
+  encodeMessage,
+  encodeTensorMap,
+  generateIdentity,
+  type InferReply,
+  MeshError,
+  newRequestId,
+  RECEIPT_STATUS,
+  requestIdHex,
+  type Tensor,
+  topics,
+  verifyStatus,
+} from '@edge-mesh/protocol';
+// The agent's modules are internal to its package; the tests reach them by path, as its own tests would.
+import { routeTopic } from '../edge-agent/src/connection.ts';
+import { Faults } from '../edge-agent/src/faults.ts';
+import { checkInputs, describeModels } from '../edge-agent/src/models.ts';
+import { resolveOptions } from '../edge-agent/src/options.ts';
+import { WorkerPool, workerExecArgv } from '../edge-agent/src/pool.ts';
+import { AgentRequests, errorReply, ReplayGuard, receiptStatus, unitsUsed } from '../edge-agent/src/requests.ts';
+import { Scheduler } from '../edge-agent/src/scheduler.ts';
+import { loadReport, StatusBoard } from '../edge-agent/src/status.ts';
+import type { AgentCounters } from '../edge-agent/src/types.ts';
+import type { LoadedModel } from '../edge-agent/src/worker-protocol.ts';
+import { modelsDir, quiet } from './helpers.ts';
+
+const meshCode = (code: string) => (err: unknown) => err instanceof MeshError && err.code === code;
+
+test('options: defaults filled in, every problem named in one MESH_CONFIG error', () => {
+  const identity = generateIdentity('agent');
+  const o = resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity });
+  assert.equal(o.agentId, identity.id);
+  assert.equal(o.ephemeral, false);
+  assert.equal(o.workers, 1);
+  assert.equal(o.queueLimit, 64);
+  assert.equal(o.pipelineDepth, 2);
+  assert.equal(o.awaitAnnounce, true);
+
+  const ephemeral = resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m' });
+  assert.equal(ephemeral.ephemeral, true);
+  assert.equal(ephemeral.identity.role, 'agent');
+
+  assert.throws(
+    () => resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity, workers: 0, queueLimit: 1.5, heartbeatMs: 10 }),
+    (err: unknown) =>
+      err instanceof MeshError &&
+      err.code === 'MESH_CONFIG' &&
+      /workers must be/.test(err.message) &&
+      /queueLimit must be/.test(err.message) &&
+      /heartbeatMs must be/.test(err.message),
+  );
+  assert.throws(
+    () => resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity: generateIdentity('app') }),
+    meshCode('MESH_CONFIG'),
+  );
+  assert.throws(
+    () => resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', agentId: 'a' } as Parameters<typeof resolveOptions>[0]),
+    meshCode('MESH_CONFIG'),
+  );
+});
+
+const model: LoadedModel = {
+  name: 'm',
+  inputs: [{ name: 'x', dtype: 'float32', shape: [1, 'frames', 3] }],
+  outputs: [{ name: 'y', dtype: 'float32', shape: [1] }],
+  provider: 'cpu',
+  latencyMs: 0.0123456,
+};
+const f32 = (shape: number[]): Tensor => ({ dtype: 'float32', shape, data: new Float32Array(shape.reduce((a, b) => a * b, 1)) });
+
+test('models: inputs checked against the model by name, dtype, rank and fixed dims; free dims take any size', () => {
+  checkInputs(model, { x: f32([1, 7, 3]) });
+  checkInputs(model, { x: f32([1, 1, 3]) });
+  assert.throws(() => checkInputs(model, {}), meshCode('MESH_BAD_INPUT'));
+  assert.throws(() => checkInputs(model, { x: { dtype: 'int32', shape: [1, 2, 3], data: new Int32Array(6) } }), meshCode('MESH_BAD_INPUT'));
+  assert.throws(() => checkInputs(model, { x: f32([1, 3]) }), meshCode('MESH_BAD_INPUT'));
+  assert.throws(() => checkInputs(model, { x: f32([2, 2, 3]) }), /dim 0 = 1/);
+  assert.throws(() => checkInputs(model, { x: f32([1, 2, 3]), z: f32([1]) }), /no input named z/);
+});
+
+test('models: the status describes each model from its manifest entry and what loading measured', () => {
+  const entry = { name: 'm', version: '2', file: 'm.onnx', sha256: 'a'.repeat(64), priceMicros: 5 };
+  const [info] = describeModels([entry], new Map([['m', model]]));
+  assert.deepEqual(info, {
+    name: 'm',
+    version: '2',
+    sha256: 'a'.repeat(64),
+    priceMicros: 5,
+    latencyMs: 0.012,
+    inputs: model.inputs,
+    outputs: model.outputs,
+  });
+  assert.throws(() => describeModels([entry], new Map()), meshCode('MESH_INTERNAL'));
+});
+
+test('requests: an id is refused as a replay until its deadline, expired requests are not remembered, and the bound holds', () => {
+  const guard = new ReplayGuard(2);
+  assert.equal(guard.remember('a', 1_000, 500), 'ok');
+  assert.equal(guard.remember('a', 1_000, 600), 'replay');
+  assert.equal(guard.remember('late', 100, 500), 'ok');
+  assert.equal(guard.remember('late', 100, 500), 'ok', 'an expired request is left to the scheduler');
+  assert.equal(guard.remember('b', 2_000, 500), 'ok');
+  assert.equal(guard.remember('c', 2_000, 500), 'full');
+  // At 1,500 'a' has expired: making room drops it.
+  assert.equal(guard.remember('c', 2_000, 1_500), 'ok');
+  assert.equal(guard.size, 2);
+  guard.forget('c');
+  assert.equal(guard.remember('c', 2_000, 1_500), 'ok');
+  guard.prune(2_500);
+  assert.equal(guard.size, 0);
+});
+
+test('requests: a receipt charges ok and a cancel of work that ran; deadline drops and late cancels are timeouts', () => {
+  const err = (code: ConstructorParameters<typeof MeshError>[0]) => new MeshError(code, 'x');
+  assert.equal(receiptStatus(undefined, false), RECEIPT_STATUS.ok);
+  assert.equal(receiptStatus(err('MESH_CANCELLED'), false), RECEIPT_STATUS.cancelled);
+  assert.equal(receiptStatus(err('MESH_CANCELLED'), true), RECEIPT_STATUS.timeout);
+  assert.equal(receiptStatus(err('MESH_DEADLINE_EXCEEDED'), true), RECEIPT_STATUS.timeout);
+  assert.equal(receiptStatus(err('MESH_INFERENCE_FAILED'), false), RECEIPT_STATUS.failed);
+  assert.equal(unitsUsed(RECEIPT_STATUS.ok, true), 1);
+  assert.equal(unitsUsed(RECEIPT_STATUS.cancelled, true), 1);
+  assert.equal(unitsUsed(RECEIPT_STATUS.cancelled, false), 0);
+  assert.equal(unitsUsed(RECEIPT_STATUS.timeout, true), 0);
+  assert.equal(unitsUsed(RECEIPT_STATUS.failed, true), 0);
+
+  const id = newRequestId();
+  const reply = decodeMessage(errorReply('agent-x', id, new MeshError('MESH_BUSY', 'y'.repeat(5_000))), ['err']);
+  assert.equal(reply.code, 'MESH_BUSY');
+  assert.equal(reply.message.length, 2048);
+  assert.equal(requestIdHex(reply.id), requestIdHex(id));
+});
+
+test('connection: topics route by kind to an authenticated sender; anything else is ignored', () => {
+  const agent = generateIdentity('agent').id;
+  const app = generateIdentity('app').id;
+  assert.deepEqual(routeTopic(agent, topics.agentRequest(agent, app)), { kind: 'request', senderId: app });
+  assert.deepEqual(routeTopic(agent, topics.agentCancel(agent, app)), { kind: 'cancel', senderId: app });
+  assert.deepEqual(routeTopic(agent, topics.agentVoucher(agent, app)), { kind: 'voucher', senderId: app });
+  assert.equal(routeTopic(agent, topics.agentRequest(agent, 'Not An Id')), undefined);
+  assert.equal(routeTopic(agent, topics.agentRequest(generateIdentity('agent').id, app)), undefined);
+  assert.equal(routeTopic(agent, topics.agentStatus(agent)), undefined);
+});
+
+test('status: signed and verifiable, one session for the status and the will, injected slowness in the load report', () => {
+  const identity = generateIdentity('agent');
+  const options = {
+    identity,
+    models: [],
+    hardware: { platform: 'linux', arch: 'arm64', cpus: 4, cpuModel: 'x', memoryMb: 512 },
+    providers: ['cpu'],
+    workers: 1,
+    queueLimit: 64,
+  };
+  const board = new StatusBoard(options);
+  const online = board.status();
+  assert.ok(verifyStatus(online));
+  assert.equal(online.state, 'online');
+  assert.equal(online.workers, 1);
+  board.state = 'draining';
+  assert.equal(board.status().state, 'draining');
+  const will = decodeMessage(board.offlinePayload, ['status']);
+  assert.ok(verifyStatus(will));
+  assert.equal(will.state, 'offline');
+  assert.equal(will.session, online.session);
+  assert.notEqual(new StatusBoard(options).session, online.session, 'each run has its own session');
+
+  const queues = () => ({
+    queued: 1,
+    inFlight: 2,
+    models: { m: { queued: 1, inFlight: 2, serviceMs: 0.5, served: 9, failed: 0 } },
+  });
+  const plain = loadReport(identity.id, 7, 1, queues());
+  assert.equal(plain.seq, 7);
+  assert.equal(plain.models.m!.serviceMs, 0.5);
+  assert.equal(loadReport(identity.id, 8, 1, queues(), 20).models.m!.serviceMs, 20.5);
+});
+
+test('faults: absent or negative values mean none', () => {
+  const faults = new Faults({ linkDelayMs: 5 });
+  assert.deepEqual([faults.linkDelayMs, faults.extraExecMs], [5, 0]);
+  faults.set({ extraExecMs: -3 });
+  assert.deepEqual([faults.linkDelayMs, faults.extraExecMs], [0, 0]);
+});
+
+test('pool: a worker runs the built packages, whatever condition the agent itself was started with', () => {
+  assert.deepEqual(workerExecArgv(['--conditions=@edge-mesh/source', '--import', 'tsx']), ['--import', 'tsx']);
+  assert.deepEqual(workerExecArgv(['-C', '@edge-mesh/source', '--max-old-space-size=64']), ['--max-old-space-size=64']);
+  // Nothing to drop: the worker inherits node's flags, process-wide ones included (which it would refuse if passed).
+  assert.equal(workerExecArgv(['--conditions=other', '--max-semi-space-size=1']), undefined);
+});
+
+test('requests: the request path against a real worker pool with the wake-word model', async (t) => {
+  const dir = await modelsDir();
+  const kws = (await readManifest(dir)).models.find((m) => m.name === 'kws')!;
+  const pool = new WorkerPool({
+    size: 1,
+    intraOpThreads: 1,
+    warmupRuns: 1,
+    pipelineDepth: 2,
+    logger: quiet,
+    models: [{ name: 'kws', path: path.join(dir, kws.file), providers: ['cpu'], warmup: kws.warmup }],
+  });
+  t.after(() => pool.close());
+  const loaded = await pool.start();
+  const agentId = generateIdentity('agent').id;
+  const sender = generateIdentity('app').id;
+  const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 };
+  const replies: { senderId: string; reply: InferReply | ErrorReply }[] = [];
+  const waiters: (() => void)[] = [];
+  const requests = new AgentRequests({
+    agentId,
+    maxMessageBytes: 1 << 20,
+    maxElements: 1 << 20,
+    models: new Map(loaded.map((m) => [m.name, m])),
+    replays: new ReplayGuard(100),
+    payments: undefined,
+    counters,
+    faults: new Faults(),
+    logger: quiet,
+    reply: (senderId, payload) => {
+      replies.push({ senderId, reply: decodeMessage(payload, ['res', 'err']) });
+      waiters.shift()?.();
+    },
+    closed: () => false,
+  });
+  const scheduler = new Scheduler(pool, 8, requests.finished);
+  scheduler.addModel('kws', loaded[0]!.latencyMs);
+  requests.attach(scheduler);
+
+  const send = async (message: Parameters<typeof encodeMessage>[0] | Buffer) => {
+    const replied = new Promise<void>((resolve) => waiters.push(resolve));
+    requests.onRequest(sender, Buffer.isBuffer(message) ? message : encodeMessage(message));
+    await replied;
+    return replies.at(-1)!;
+  };
+  const input = { 'onnx::Flatten_0': f32([1, 25, 96]) };
+  const request = (id: Uint8Array, modelName = 'kws', inputs: Record<string, Tensor> = input) =>
+    ({ v: 1, kind: 'req', id, deadline: Date.now() + 5_000, model: modelName, inputs: encodeTensorMap(inputs) }) as const;
+
+  const id = newRequestId();
+  const ok = await send(request(id));
+  assert.equal(ok.senderId, sender);
+  assert.equal(ok.reply.kind, 'res');
+  if (ok.reply.kind === 'res') {
+    assert.equal(ok.reply.model, 'kws');
+    assert.equal(requestIdHex(ok.reply.id), requestIdHex(id));
+    assert.ok(ok.reply.execMs > 0);
+  }
+  const replay = await send(request(id));
+  assert.equal(replay.reply.kind === 'err' && replay.reply.code, 'MESH_BAD_REQUEST');
+  const unknown = await send(request(newRequestId(), 'nope'));
+  assert.equal(unknown.reply.kind === 'err' && unknown.reply.code, 'MESH_UNKNOWN_MODEL');
+  const badShape = await send(request(newRequestId(), 'kws', { 'onnx::Flatten_0': f32([1, 24, 96]) }));
+  assert.equal(badShape.reply.kind === 'err' && badShape.reply.code, 'MESH_BAD_INPUT');
+
+  // Bytes that are no message at all have no id to answer: counted, and dropped.
+  requests.onRequest(sender, Buffer.from('not cbor'));
+  assert.equal(replies.length, 4);
+  assert.deepEqual(counters.errors, { MESH_BAD_REQUEST: 2, MESH_UNKNOWN_MODEL: 1, MESH_BAD_INPUT: 1 });
+  assert.deepEqual([counters.received, counters.served, counters.replays], [5, 1, 1]);
+});
