@@ -1,5 +1,5 @@
 /**
- * Per-role topic ACLs for authenticated mode (mqtt.md §7.2, issue 3). Identity sits at a fixed topic level, so every
+ * Per-role topic ACLs for authenticated mode (docs/security.md, "Authorization"; docs/protocol.md, "Topics"). Identity sits at a fixed topic level, so every
  * rule is "this level must be my own id": the checks are string comparisons against strings precomputed once per
  * connection (no split, no allocation on the publish hot path).
  *

@@ -1,5 +1,5 @@
 /**
- * The mesh's embedded MQTT broker: aedes 1.2 (MQTT 3.1.1) behind a hardened TCP front door (mqtt.md §7.4, §7.5, §9).
+ * The mesh's embedded MQTT broker: aedes 1.2 (MQTT 3.1.1) behind a hardened TCP front door (docs/security.md).
  *
  *   const broker = await startBroker({ port: 0 });
  *   // … broker.url is 'mqtt://127.0.0.1:<port>'

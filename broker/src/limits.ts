@@ -1,5 +1,5 @@
 /**
- * Per-IP limits (mqtt.md §7.5, §9 #12): simultaneous connections, a CONNECT token bucket, and a ban after a burst of
+ * Per-IP limits (docs/security.md, "Connecting"): simultaneous connections, a CONNECT token bucket, and a ban after a burst of
  * refused CONNECTs. Plus the nonce cache that refuses replayed CONNECT tokens. All O(1) per event; idle state is
  * swept periodically so a spread of source addresses cannot grow the maps without bound.
  */

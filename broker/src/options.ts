@@ -31,7 +31,7 @@ export interface BrokerHooks {
 }
 
 /**
- * Authenticated mode (mqtt.md §7.5, DESIGN.md "Identity"). With it every CONNECT must prove an admitted key and every
+ * Authenticated mode (docs/security.md, "Admission" and "Connecting"). With it every CONNECT must prove an admitted key and every
  * publish/subscribe passes the per-role topic ACL (./acl.ts); without it the broker runs in "open mode".
  */
 export interface BrokerAuthOptions {

@@ -1,5 +1,5 @@
 /**
- * The broker's built-in topic policy (mqtt.md §7.2, §7.5, §9): pure functions that return a refusal reason or
+ * The broker's built-in topic policy (docs/security.md, "Hostile input"): pure functions that return a refusal reason or
  * undefined. They run on every PUBLISH, so they avoid allocation: one charCode pass per topic.
  */
 import { parseTopic } from '@edge-mesh/protocol';
