@@ -5,4 +5,4 @@
  */
 export { ERC20_ABI, ESCROW_ABI } from './abi.ts';
 export * from './escrow.ts';
-export { recoverVoucherSigner } from './vouchers.ts';
+export { recoverLaneGrantSigner, recoverVoucherSigner } from './vouchers.ts';

@@ -44,6 +44,11 @@ export const ERROR_CODES = {
     summary: 'a usage receipt or price list failed a check (signature, sequence, chain, price rule, sum)',
   },
   MESH_VOUCHER_INVALID: { httpStatus: 400, retryable: false, summary: 'a payment voucher failed a check (signer, lane, amount, expiry)' },
+  MESH_PAYMENT_REQUIRED: {
+    httpStatus: 402,
+    retryable: true,
+    summary: 'the agent serves only paid requests, and this one named no lane it can bill (another agent may serve it)',
+  },
   MESH_CREDIT_EXCEEDED: {
     httpStatus: 402,
     retryable: true,

@@ -74,12 +74,38 @@ export const VoucherMessageSchema = Type.Object({
   /** Unix seconds. */
   expiry: Uint,
   sig: Type.Uint8Array({ minByteLength: 64, maxByteLength: 65 }),
+  /**
+   * The highest receipt seq of the lane the payer had checked when it signed (not signed: a hint). What
+   * the agent billed up to that seq and the voucher does not pay is what the payer refused.
+   */
+  seq: Type.Optional(Uint),
 });
 export type VoucherMessage = Static<typeof VoucherMessageSchema>;
 
-/** What a paying request names: the payer's lane, and optionally the latest voucher (piggyback). */
+/**
+ * The payer's permission for one mesh client to spend on its lane with one agent (docs/settlement.md,
+ * "Lanes"): EIP-712 `LaneGrant(address agent,bytes32 client,uint64 issuedAt)` signed by the payer's
+ * voucher key, with `client` the keccak256 of the client's mesh id. A later grant replaces an earlier one,
+ * so a payer moves its lane to another client by signing a new grant; nobody can open a lane in a
+ * payer's name without the payer's key.
+ */
+export const LaneGrantSchema = Type.Object({
+  payer: AddressSchema,
+  /** The agent's payout address. */
+  agent: AddressSchema,
+  /** The mesh id of the client allowed to spend. */
+  client: Id,
+  /** Epoch ms; the newest grant wins. */
+  issuedAt: Uint,
+  sig: Type.Uint8Array({ minByteLength: 65, maxByteLength: 65 }),
+});
+export type LaneGrant = Static<typeof LaneGrantSchema>;
+
+/** What a paying request names: the payer's lane, its grant for this client, and optionally the latest voucher (piggyback). */
 export const PaymentFieldSchema = Type.Object({
   payer: AddressSchema,
+  /** Needed once per lane and client (and again after the agent restarts without its journal). */
+  grant: Type.Optional(LaneGrantSchema),
   voucher: Type.Optional(VoucherMessageSchema),
 });
 export type PaymentField = Static<typeof PaymentFieldSchema>;
@@ -104,6 +130,15 @@ export const InferRequestSchema = Type.Object({
 });
 export type InferRequest = Static<typeof InferRequestSchema>;
 
+/** Where a paid lane stands at the agent, sent with every paid reply so the payer can catch up. */
+export const LaneInfoSchema = Type.Object({
+  /** The last receipt seq the agent issued on the lane. */
+  seq: Uint,
+  /** The cumulative amount of the best voucher the agent holds for the lane. */
+  paid: Micros,
+});
+export type LaneInfo = Static<typeof LaneInfoSchema>;
+
 export const InferReplySchema = Type.Object({
   v: Type.Literal(PROTOCOL_VERSION),
   kind: Type.Literal('res'),
@@ -116,6 +151,7 @@ export const InferReplySchema = Type.Object({
   /** Time the runtime spent computing. */
   execMs: Ms,
   receipt: Type.Optional(SignedReceiptSchema),
+  lane: Type.Optional(LaneInfoSchema),
 });
 export type InferReply = Static<typeof InferReplySchema>;
 
@@ -128,6 +164,7 @@ export const ErrorReplySchema = Type.Object({
   message: Type.String({ maxLength: 2048 }),
   /** The receipt of a request the agent took on and could not finish (it costs what its status says: failed and timeout 0). */
   receipt: Type.Optional(SignedReceiptSchema),
+  lane: Type.Optional(LaneInfoSchema),
 });
 export type ErrorReply = Static<typeof ErrorReplySchema>;
 
@@ -263,7 +300,42 @@ export const LeaseSchema = Type.Object({
 });
 export type Lease = Static<typeof LeaseSchema>;
 
-export type Message = InferRequest | InferReply | ErrorReply | Cancel | AgentStatus | AgentLoad | RouteRequest | Lease | VoucherMessage;
+/**
+ * A payer asks an agent for the receipts of its lane after `afterSeq` (on the voucher topic): after a
+ * lost reply, a restart, or a gap in the seq, so a lane never stays stuck on a missing receipt.
+ */
+export const ResyncSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('resync'),
+  payer: AddressSchema,
+  afterSeq: Uint,
+});
+export type Resync = Static<typeof ResyncSchema>;
+
+/** The agent's answer to a resync (on the client's reply topic): receipts in seq order from its journal. */
+export const ReceiptBatchSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('receipts'),
+  agent: Id,
+  payer: AddressSchema,
+  receipts: Type.Array(SignedReceiptSchema, { maxItems: 256 }),
+  /** Where the lane stands; when `lane.seq` is past the last receipt sent, ask again from there. */
+  lane: LaneInfoSchema,
+});
+export type ReceiptBatch = Static<typeof ReceiptBatchSchema>;
+
+export type Message =
+  | InferRequest
+  | InferReply
+  | ErrorReply
+  | Cancel
+  | AgentStatus
+  | AgentLoad
+  | RouteRequest
+  | Lease
+  | VoucherMessage
+  | Resync
+  | ReceiptBatch;
 export type MessageKind = Message['kind'];
 
 function compile<T extends TSchema>(schema: T): TypeCheck<T> {
@@ -280,6 +352,8 @@ export const checkers = {
   route: compile(RouteRequestSchema),
   lease: compile(LeaseSchema),
   voucher: compile(VoucherMessageSchema),
+  resync: compile(ResyncSchema),
+  receipts: compile(ReceiptBatchSchema),
 } as const;
 
 /**

@@ -309,3 +309,51 @@ export function agentBindingMessage(domain: EscrowDomain, payout: string): Uint8
     ),
   );
 }
+
+// ---- lane grants: the payer lets one mesh client spend on its lane with one agent ----
+
+const LANE_GRANT_FIELDS: readonly TypedDataField[] = [
+  { name: 'agent', type: 'address' },
+  { name: 'client', type: 'bytes32' },
+  { name: 'issuedAt', type: 'uint64' },
+];
+const LANE_GRANT_TYPEHASH = keccakText(`LaneGrant(${LANE_GRANT_FIELDS.map((f) => `${f.type} ${f.name}`).join(',')})`);
+
+/** What a payer grants: its lane with `agent` (a payout address) may be spent on by the mesh client `client`. */
+export interface LaneGrantTerms {
+  agent: string;
+  /** A mesh id (`app-…`, `router-…`, `bridge-…`). */
+  client: string;
+  /** Epoch ms; the newest grant wins. */
+  issuedAt: number;
+}
+
+/** keccak256 of the client's mesh id: the `client` field of the signed grant. */
+export function laneGrantClientHash(client: string): string {
+  return hexOf(keccakText(client));
+}
+
+function laneGrantMessage(g: LaneGrantTerms): Record<string, unknown> {
+  if (!Number.isSafeInteger(g.issuedAt) || g.issuedAt < 0)
+    throw new MeshError('MESH_VOUCHER_INVALID', 'lane grant issuedAt must be epoch ms');
+  return { agent: checksumAddress(g.agent), client: laneGrantClientHash(g.client), issuedAt: BigInt(g.issuedAt) };
+}
+
+/** The EIP-712 digest of a lane grant (same domain as the vouchers). */
+export function laneGrantDigest(domain: EscrowDomain, g: LaneGrantTerms): string {
+  laneGrantMessage(g);
+  const structHash = keccak256Bytes(
+    concat(LANE_GRANT_TYPEHASH, addressWord(g.agent), keccakText(g.client), bigintBytes(BigInt(g.issuedAt), 32)),
+  );
+  return hexOf(keccak256Bytes(concat(Uint8Array.of(0x19, 0x01), voucherDomainSeparator(domain), structHash)));
+}
+
+/** Signs a lane grant with the payer's voucher key; returns 65-byte hex r | s | v, low-s. */
+export async function signLaneGrant(signer: TypedDataSigner, domain: EscrowDomain, g: LaneGrantTerms): Promise<string> {
+  const td = voucherTypedData(domain);
+  const raw = await signer.signTypedData(td.domain, { LaneGrant: LANE_GRANT_FIELDS.map((f) => ({ ...f })) }, laneGrantMessage(g));
+  const { r, s, v } = splitVoucherSignature(raw, { allowHighS: true });
+  const sn = BigInt(s);
+  if (sn <= SECP256K1_N / 2n) return hexOf(concat(hexBytes(r, 'r', 32), hexBytes(s, 's', 32), Uint8Array.of(v)));
+  return hexOf(concat(hexBytes(r, 'r', 32), bigintBytes(SECP256K1_N - sn, 32), Uint8Array.of(v === 27 ? 28 : 27)));
+}
