@@ -31,7 +31,7 @@ const payer = `0x${'a1'.repeat(20)}`;
 const escrow = `0x${'e5'.repeat(20)}`;
 const payout = `0x${'b0'.repeat(20)}`;
 const modelHash = new Uint8Array(32).fill(9);
-const price = { name: 'kws', modelHash: toHex(modelHash), baseMicros: 2, unitMicros: 5, minChargeMicros: 3 };
+const price = { name: 'kws', modelHash: toHex(modelHash), baseMicros: 2, unitMicros: 5, minChargeMicros: 3, maxUnits: 10 };
 const quote = verifyQuote(
   signQuote(agent, { payout, chainId: 31337, escrow, issuedAt: Date.now(), validUntil: Date.now() + 60_000, models: [price] }),
 );
@@ -240,6 +240,41 @@ describe('receipts', () => {
       reasonOf(() => new LaneVerifier({ payer, quote }).verify(late, { deadline: 4_000 })),
       'deadline',
     );
+  });
+
+  test('link: a payer links every receipt of an honest chain but pays only what it asked for, in time, as the reply bears out', () => {
+    const v = new LaneVerifier({ payer, quote });
+    const next = lane();
+    const asked = { asked: true, reply: 'res' as const, deadline: 10_000, arrivedAt: 9_000 };
+    const paid = (r: SignedReceipt, c: Parameters<LaneVerifier['link']>[1]) => {
+      const out = v.link(r, c);
+      return out.payable ? 'paid' : out.reason;
+    };
+    assert.equal(paid(next(RECEIPT_STATUS.ok, 1), asked), 'paid');
+    // A request this payer never sent to this agent: linked, not paid.
+    assert.equal(paid(next(RECEIPT_STATUS.ok, 1), { ...asked, asked: false }), 'unsolicited');
+    // The answer came after the deadline by the payer's own clock, whatever time the receipt states.
+    assert.equal(paid(next(RECEIPT_STATUS.ok, 1), { ...asked, arrivedAt: 10_001 }), 'late');
+    // An ok receipt on an error reply; a cancel the payer never sent.
+    assert.equal(paid(next(RECEIPT_STATUS.ok, 1), { ...asked, reply: 'err' }), 'status');
+    assert.equal(paid(next(RECEIPT_STATUS.cancelled, 1), { ...asked, reply: 'err' }), 'status');
+    assert.equal(paid(next(RECEIPT_STATUS.cancelled, 1), { ...asked, reply: 'err', cancelled: true }), 'paid');
+    // A priced receipt that came without any reply (a resync of work whose answer never arrived).
+    assert.equal(paid(next(RECEIPT_STATUS.ok, 1), { asked: true }), 'no-reply');
+    // More units than the quote allows.
+    assert.equal(paid(next(RECEIPT_STATUS.ok, 11), asked), 'units');
+    // Failed work costs 0 and needs nothing more.
+    assert.equal(paid(next(RECEIPT_STATUS.failed, 0), { asked: true, reply: 'err' }), 'paid');
+    // The chain went on through all of them; the payer owes only the three it accepted.
+    assert.equal(v.state.seq, 9);
+    assert.equal(v.state.payable, 7 + Math.max(3, 5) + 0);
+    assert.ok(v.state.cumulative > (v.state.payable ?? 0), 'the agent billed more than the payer owes');
+    // What breaks the chain still throws and changes nothing.
+    assert.equal(
+      reasonOf(() => v.link(lane()(RECEIPT_STATUS.ok, 1), asked)),
+      'replayed',
+    );
+    assert.equal(v.state.seq, 9);
   });
 
   test('verifyChain: one signature covers a batch through the hash chain; a forged link or last signature refuses it all', () => {

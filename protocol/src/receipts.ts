@@ -211,6 +211,14 @@ export interface ModelPrice {
   baseMicros: number;
   unitMicros: number;
   minChargeMicros: number;
+  /** Most units one request may use (default 1: a model priced per inference); a payer refuses receipts above it. */
+  maxUnits?: number;
+}
+
+/** The most one request of this model can cost by the quote: the ok price at its most units. */
+export function maxRequestMicros(price: Pick<ModelPrice, 'baseMicros' | 'unitMicros' | 'minChargeMicros' | 'maxUnits'>): number {
+  const units = price.maxUnits ?? 1;
+  return Math.max(price.baseMicros + price.unitMicros * units, price.minChargeMicros, price.unitMicros * units);
 }
 
 export interface Quote {
@@ -274,7 +282,8 @@ export function verifyQuote(signed: unknown, { agentId, nowMs = Date.now() }: { 
       !HASH_HEX.test(m.modelHash) ||
       !isMicros(m.baseMicros) ||
       !isMicros(m.unitMicros) ||
-      !isMicros(m.minChargeMicros)
+      !isMicros(m.minChargeMicros) ||
+      (m.maxUnits !== undefined && !(Number.isSafeInteger(m.maxUnits) && m.maxUnits >= 1))
     ) {
       throw bad(`malformed price for ${String(m?.name)}`);
     }
@@ -366,7 +375,10 @@ export function verifyMerkleProof(proof: readonly Uint8Array[], root: Uint8Array
 /** What a payer remembers of a lane; plain JSON, so it can be stored as is. */
 export interface LaneState {
   seq: number;
+  /** The agent's running total, as its receipts state it (checked for consistency, not owed as such). */
   cumulative: number;
+  /** What the payer owes: the prices of the receipts it accepted as payable (see LaneVerifier.link). */
+  payable?: number;
   /** Leaf hash of the last accepted receipt, 0x hex. */
   lastLeaf: string;
   /** Requests with progress receipts and no final one yet: request id hex → [units, charged micros]. */
@@ -375,7 +387,7 @@ export interface LaneState {
   closed: string[];
 }
 
-export const newLaneState = (): LaneState => ({ seq: 0, cumulative: 0, lastLeaf: toHex(ZERO_HASH), open: {}, closed: [] });
+export const newLaneState = (): LaneState => ({ seq: 0, cumulative: 0, payable: 0, lastLeaf: toHex(ZERO_HASH), open: {}, closed: [] });
 
 export interface LaneVerifierOptions {
   payer: string;
@@ -402,6 +414,41 @@ export interface AcceptedReceipt {
   price: number;
   cumulative: number;
 }
+
+/**
+ * What a payer knows of the request behind a receipt when it links it into its lane (LaneVerifier.link):
+ * on top of the expectations, whether it asked this agent at all, how the receipt came and when.
+ */
+export interface ReceiptContext extends ReceiptExpectation {
+  /** The payer sent this request to this agent (false: it never did, or no longer remembers it). */
+  asked: boolean;
+  /** The reply the receipt came with; undefined for a receipt from a resync batch (no reply seen). */
+  reply?: 'res' | 'err';
+  /** When that reply arrived, epoch ms on the payer's clock. */
+  arrivedAt?: number;
+  /** The payer cancelled this attempt. */
+  cancelled?: boolean;
+}
+
+/** A receipt linked into the lane: payable, or linked for the chain's sake and not paid, with why. */
+export interface LinkedReceipt extends AcceptedReceipt {
+  payable: boolean;
+  /** Why it is not paid (details.reason-style: 'unsolicited', 'late', 'no-reply', 'status', 'units', 'price', …). */
+  reason?: string;
+}
+
+/** Reasons `link` throws for: the receipt cannot be linked into the lane at all. */
+export const LINK_FAILURES: ReadonlySet<string> = new Set([
+  'malformed',
+  'version',
+  'domain',
+  'lane',
+  'replayed',
+  'seq',
+  'chain',
+  'signature',
+  'cumulative',
+]);
 
 /**
  * Checks each receipt of one lane before the payer pays for it: fields against the lane and the quote,
@@ -459,20 +506,44 @@ export class LaneVerifier {
     return out;
   }
 
+  /**
+   * Links a receipt into the lane, as a payer that must never be wedged does: a receipt that breaks the
+   * lane (bad signature, wrong lane, a seq that skips or repeats, a broken hash chain, the agent's own
+   * running total not adding up) throws MESH_RECEIPT_INVALID, as `verify` does, and leaves the state
+   * unchanged. Any other fault (a request the payer never sent, a reply past the deadline by the payer's
+   * clock, a status the reply does not bear out, units or a price above the quote) links the receipt
+   * but leaves it unpaid: the lane goes on, and `state.payable` adds only what the payer owes.
+   */
+  link(r: SignedReceipt, context: ReceiptContext): LinkedReceipt {
+    const leaf = this.linkChecks(r, true);
+    const reason = this.payChecks(r, context) ?? this.contextChecks(r, context);
+    return { ...this.commit(r, leaf, reason === undefined), payable: reason === undefined, ...(reason ? { reason } : {}) };
+  }
+
+  private fail(r: SignedReceipt, reason: string, message: string): never {
+    throw new MeshError('MESH_RECEIPT_INVALID', `receipt ${r.seq} refused: ${message}`, { details: { reason, seq: r.seq } });
+  }
+
   private check(r: SignedReceipt, expect: ReceiptExpectation, checkSignature: boolean): AcceptedReceipt {
-    const fail = (reason: string, message: string): never => {
-      throw new MeshError('MESH_RECEIPT_INVALID', `receipt ${r.seq} refused: ${message}`, { details: { reason, seq: r.seq } });
-    };
-    if (!isSignedReceipt(r)) fail('malformed', 'not a receipt');
+    const leaf = this.linkChecks(r, checkSignature);
+    const reason = this.payChecks(r, expect);
+    if (reason !== undefined) this.fail(r, reason, PAY_REASONS[reason] ?? reason);
+    return this.commit(r, leaf, true);
+  }
+
+  /** Everything that keeps the lane one chain: fields, the signature (unless batched), seq, the hash link, the agent's running total. */
+  private linkChecks(r: SignedReceipt, checkSignature: boolean): Uint8Array {
+    if (!isSignedReceipt(r)) this.fail(r, 'malformed', 'not a receipt');
     const q = this.quote;
-    if (r.v !== RECEIPT_VERSION) fail('version', `version ${r.v}`);
-    if (r.chainId !== q.chainId || r.escrow !== q.escrow) fail('domain', `chain ${r.chainId} escrow ${r.escrow} is not the quote's`);
-    if (r.payer !== this.payer) fail('lane', `payer ${r.payer} is not ${this.payer}`);
-    if (!Buffer.from(r.agentKey).equals(Buffer.from(q.agentKey))) fail('lane', 'signed for another agent key');
+    if (r.v !== RECEIPT_VERSION) this.fail(r, 'version', `version ${r.v}`);
+    if (r.chainId !== q.chainId || r.escrow !== q.escrow)
+      this.fail(r, 'domain', `chain ${r.chainId} escrow ${r.escrow} is not the quote's`);
+    if (r.payer !== this.payer) this.fail(r, 'lane', `payer ${r.payer} is not ${this.payer}`);
+    if (!Buffer.from(r.agentKey).equals(Buffer.from(q.agentKey))) this.fail(r, 'lane', 'signed for another agent key');
     const s = this.state;
-    if (r.seq <= s.seq) fail('replayed', `seq ${r.seq} was already accepted (last ${s.seq})`);
-    if (r.seq !== s.seq + 1) fail('seq', `seq ${r.seq} skips (expected ${s.seq + 1})`);
-    if (toHex(r.prevReceipt) !== s.lastLeaf) fail('chain', 'prevReceipt is not the last receipt');
+    if (r.seq <= s.seq) this.fail(r, 'replayed', `seq ${r.seq} was already accepted (last ${s.seq})`);
+    if (r.seq !== s.seq + 1) this.fail(r, 'seq', `seq ${r.seq} skips (expected ${s.seq + 1})`);
+    if (toHex(r.prevReceipt) !== s.lastLeaf) this.fail(r, 'chain', 'prevReceipt is not the last receipt');
     let leaf: Uint8Array | undefined;
     if (checkSignature) leaf = verifyReceiptSignature(r);
     else {
@@ -482,42 +553,78 @@ export class LaneVerifier {
         leaf = undefined;
       }
     }
-    if (!leaf) fail('signature', 'bad Ed25519 signature');
-    const reqKey = requestIdHex(r.requestId);
-    if (this.closed.has(reqKey)) fail('duplicate', `request ${reqKey} already has a final receipt`);
-    const price = this.prices.get(toHex(r.modelHash));
-    if (!price) fail('price', 'model not in the quote');
-    const [unitsBefore, chargedBefore] = s.open[reqKey] ?? [0, 0];
-    if (r.status === RECEIPT_STATUS.partial && r.unitsUsed <= unitsBefore)
-      fail('progress', `progress units ${r.unitsUsed} do not rise above ${unitsBefore}`);
-    if (r.status === RECEIPT_STATUS.ok && r.unitsUsed < unitsBefore)
-      fail('progress', `final units ${r.unitsUsed} below progress ${unitsBefore}`);
-    const expected = receiptPriceMicros(price!, r.status, r.unitsUsed, chargedBefore);
-    if (r.price !== expected)
-      fail('price', `price ${r.price} for status ${receiptStatusName(r.status)} with ${r.unitsUsed} units; the quote says ${expected}`);
-    if (r.price > this.maxPriceMicros) fail('price-cap', `price ${r.price} above the payer's cap ${this.maxPriceMicros}`);
-    if (r.cumulative !== s.cumulative + r.price) fail('cumulative', `cumulative ${r.cumulative} is not ${s.cumulative} + ${r.price}`);
-    if (r.finishedAt < r.startedAt) fail('time', 'finished before it started');
-    if (r.price > 0 && expect.deadline !== undefined && r.finishedAt > expect.deadline)
-      fail('deadline', 'charged for work finished after the deadline');
-    if (expect.inputHash && !Buffer.from(expect.inputHash).equals(Buffer.from(r.inputHash)))
-      fail('input', 'names other inputs than were sent');
-    if (expect.outputHash && r.status === RECEIPT_STATUS.ok && !Buffer.from(expect.outputHash).equals(Buffer.from(r.outputHash)))
-      fail('output', 'names other outputs than were received');
+    if (!leaf) this.fail(r, 'signature', 'bad Ed25519 signature');
+    if (r.cumulative !== s.cumulative + r.price)
+      this.fail(r, 'cumulative', `cumulative ${r.cumulative} is not ${s.cumulative} + ${r.price}`);
+    return leaf!;
+  }
 
+  /** Whether the payer owes the receipt's price by the quote and what it knows of the request; the reason when it does not. */
+  private payChecks(r: SignedReceipt, expect: ReceiptExpectation): string | undefined {
+    const s = this.state;
+    const reqKey = requestIdHex(r.requestId);
+    if (this.closed.has(reqKey)) return 'duplicate';
+    const price = this.prices.get(toHex(r.modelHash));
+    if (!price) return 'price';
+    const [unitsBefore, chargedBefore] = s.open[reqKey] ?? [0, 0];
+    if (r.status === RECEIPT_STATUS.partial && r.unitsUsed <= unitsBefore) return 'progress';
+    if (r.status === RECEIPT_STATUS.ok && r.unitsUsed < unitsBefore) return 'progress';
+    if (r.unitsUsed > (price.maxUnits ?? 1)) return 'units';
+    if (r.price !== receiptPriceMicros(price, r.status, r.unitsUsed, chargedBefore)) return 'price';
+    if (r.price > this.maxPriceMicros) return 'price-cap';
+    if (r.finishedAt < r.startedAt) return 'time';
+    if (r.price > 0 && expect.deadline !== undefined && r.finishedAt > expect.deadline) return 'deadline';
+    if (expect.inputHash && !Buffer.from(expect.inputHash).equals(Buffer.from(r.inputHash))) return 'input';
+    if (expect.outputHash && r.status === RECEIPT_STATUS.ok && !Buffer.from(expect.outputHash).equals(Buffer.from(r.outputHash)))
+      return 'output';
+    return undefined;
+  }
+
+  /** What only the payer's own view of the request can tell: did it ask, did the answer come in time, does the reply bear the status out. */
+  private contextChecks(r: SignedReceipt, c: ReceiptContext): string | undefined {
+    if (!c.asked) return 'unsolicited';
+    if (r.price === 0) return undefined;
+    if (c.reply === undefined) return 'no-reply';
+    if (c.deadline !== undefined && c.arrivedAt !== undefined && c.arrivedAt > c.deadline) return 'late';
+    if (r.status === RECEIPT_STATUS.ok && c.reply !== 'res') return 'status';
+    if (r.status === RECEIPT_STATUS.cancelled && !c.cancelled) return 'status';
+    if (r.status === RECEIPT_STATUS.partial && c.reply !== 'res') return 'status';
+    return undefined;
+  }
+
+  private commit(r: SignedReceipt, leaf: Uint8Array, payable: boolean): AcceptedReceipt {
+    const s = this.state;
+    const reqKey = requestIdHex(r.requestId);
+    const [, chargedBefore] = s.open[reqKey] ?? [0, 0];
     s.seq = r.seq;
     s.cumulative = r.cumulative;
-    s.lastLeaf = toHex(leaf!);
+    if (payable) s.payable = (s.payable ?? 0) + r.price;
+    s.lastLeaf = toHex(leaf);
     if (r.status === RECEIPT_STATUS.partial) s.open[reqKey] = [r.unitsUsed, chargedBefore + r.price];
     else {
       delete s.open[reqKey];
-      this.closed.add(reqKey);
-      s.closed.push(reqKey);
+      if (!this.closed.has(reqKey)) {
+        this.closed.add(reqKey);
+        s.closed.push(reqKey);
+      }
       // Forget the older half at once: shifting one id at a time would copy the whole list per receipt.
       if (s.closed.length > 2 * this.rememberRequests) {
         for (const old of s.closed.splice(0, s.closed.length - this.rememberRequests)) this.closed.delete(old);
       }
     }
-    return { leaf: leaf!, price: r.price, cumulative: r.cumulative };
+    return { leaf, price: r.price, cumulative: r.cumulative };
   }
 }
+
+/** Messages for the reasons `verify` refuses a receipt for, besides breaking the lane. */
+const PAY_REASONS: Record<string, string> = {
+  duplicate: 'the request already has a final receipt',
+  price: 'the price does not follow the quote',
+  progress: 'progress units do not rise',
+  units: 'more units than the quote allows',
+  'price-cap': "the price is above the payer's cap",
+  time: 'finished before it started',
+  deadline: 'charged for work finished after the deadline',
+  input: 'names other inputs than were sent',
+  output: 'names other outputs than were received',
+};
