@@ -29,7 +29,7 @@ test('a lane grant hashes as EIP-712 says, signs with any wallet and recovers to
   // Another client, agent or time recovers to somebody else: the grant covers exactly what it names.
   for (const other of [
     { ...terms, client: 'app-zzzzzzzzzzzzzzzzzzzzzzzzzz' },
-    { ...terms, agent: '0x' + '11'.repeat(20) },
+    { ...terms, agent: `0x${'11'.repeat(20)}` },
     { ...terms, issuedAt: terms.issuedAt + 1 },
   ]) {
     assert.notEqual(recoverLaneGrantSigner(domain, other, sig), wallet.address.toLowerCase());

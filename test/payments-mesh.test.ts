@@ -83,7 +83,11 @@ describe('receipts and payment through the mesh', () => {
     const wallet = Wallet.createRandom();
     const identity = generateIdentity('app');
     const payerDir = await tempDir(t);
-    const mesh = await meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir: payerDir } });
+    const mesh = await meshFor(t, {
+      brokerUrl: broker.url,
+      identity,
+      payment: { signer: wallet, domain, dataDir: payerDir, checkPayouts: false },
+    });
     await mesh.waitForModel('kws');
     const price = agent.models.find((m) => m.name === 'kws')!.priceMicros;
     // More requests than the credit window: vouchers must keep up for all to be served.
@@ -109,7 +113,11 @@ describe('receipts and payment through the mesh', () => {
 
     // The payer restarts on its data folder: the lane goes on from seq 13 and stays paid up.
     await mesh.close();
-    const again = await meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir: payerDir } });
+    const again = await meshFor(t, {
+      brokerUrl: broker.url,
+      identity,
+      payment: { signer: wallet, domain, dataDir: payerDir, checkPayouts: false },
+    });
     await again.waitForModel('kws');
     for (let i = 0; i < 3; i++) await again.infer('kws', sampleInputs('kws', 20 + i), { deadlineMs: 5_000 });
     await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 15 * price, 5_000, 'vouchers after the restart');

@@ -48,6 +48,7 @@ export function registerDemoCommands(program: Command): void {
     .option('--escrow <address>', 'pay for the requests with vouchers for this MeshEscrow (needs --chain-id and an EVM key)')
     .option('--chain-id <id>', 'the chain id of that escrow', positiveInt)
     .option('--evm-key <file>', "file with the payer's 0x-hex EVM private key (env MESH_EVM_KEY holds the key itself)")
+    .option('--rpc <url>', "EVM JSON-RPC URL, to check agents' payouts in the escrow's registry (env MESH_RPC_URL)")
     .option('--data <dir>', 'folder for the payment lanes', path.join('.mesh-data', 'app'))
     .addOption(new Option('--log-level <level>', 'log level (logs go to stderr)').choices(LOG_LEVELS).default('warn'))
     .action(async (opts) => {
@@ -66,8 +67,14 @@ export function registerDemoCommands(program: Command): void {
         if (key === undefined) throw new MeshError('MESH_CONFIG', '--escrow needs --evm-key FILE or MESH_EVM_KEY (the payer)');
         const { ethers } = await import('ethers');
         if (!ethers.isAddress(opts.escrow)) throw new MeshError('MESH_CONFIG', `--escrow is not an EVM address: ${opts.escrow}`);
+        const rpc = opts.rpc ?? process.env.MESH_RPC_URL;
+        if (!rpc) throw new MeshError('MESH_CONFIG', '--escrow needs --rpc URL or MESH_RPC_URL (payouts are checked in the escrow)');
+        const provider = new ethers.JsonRpcProvider(rpc, BigInt(opts.chainId), {
+          staticNetwork: ethers.Network.from(BigInt(opts.chainId)),
+          batchMaxCount: 1,
+        });
         payment = {
-          signer: new ethers.Wallet(key),
+          signer: new ethers.Wallet(key, provider),
           domain: { chainId: BigInt(opts.chainId), escrow: opts.escrow },
           dataDir: path.resolve(opts.data),
         };

@@ -3,7 +3,7 @@
  * Pure: the caller supplies the topic's agent id and logs or counts the outcome.
  */
 
-import type { AgentStatus, ErrorReply, InferReply, SignedReceipt } from '@edge-mesh/protocol';
+import type { AgentStatus, ErrorReply, InferReply, LaneInfo, ReceiptBatch, SignedReceipt } from '@edge-mesh/protocol';
 import { DEFAULT_MAX_MESSAGE_BYTES, decodeMessage, isMeshErrorCode, MeshError, requestIdHex, verifyStatus } from '@edge-mesh/protocol';
 
 export type StatusReading =
@@ -45,6 +45,10 @@ export interface ReplyReading {
   error: MeshError | undefined;
   /** The agent's receipt, when the request paid on a lane (checked by the payer, not here). */
   receipt: SignedReceipt | undefined;
+  /** Where the paid lane stands at the agent, when it says. */
+  lane: LaneInfo | undefined;
+  /** Receipts the agent sent again after a resync (then key is '' and there is no reply). */
+  batch: ReceiptBatch | undefined;
 }
 
 /**
@@ -53,15 +57,25 @@ export interface ReplyReading {
  * counts only from the agent named by both.
  */
 export function readReply(agentId: string, payload: Uint8Array, maxBytes = DEFAULT_MAX_MESSAGE_BYTES): ReplyReading | undefined {
-  let decoded: InferReply | ErrorReply;
+  let decoded: InferReply | ErrorReply | ReceiptBatch;
   try {
-    decoded = decodeMessage(payload, ['res', 'err'], maxBytes);
+    decoded = decodeMessage(payload, ['res', 'err', 'receipts'], maxBytes);
   } catch {
     return undefined;
   }
   if (decoded.agent !== agentId) return undefined;
+  if (decoded.kind === 'receipts')
+    return { key: '', reply: undefined, error: undefined, receipt: undefined, lane: decoded.lane, batch: decoded };
   const key = requestIdHex(decoded.id);
-  if (decoded.kind === 'res') return { key, reply: decoded, error: undefined, receipt: decoded.receipt };
+  if (decoded.kind === 'res')
+    return { key, reply: decoded, error: undefined, receipt: decoded.receipt, lane: decoded.lane, batch: undefined };
   const code = isMeshErrorCode(decoded.code) ? decoded.code : 'MESH_INTERNAL';
-  return { key, reply: undefined, error: new MeshError(code, decoded.message, { details: { agentId } }), receipt: decoded.receipt };
+  return {
+    key,
+    reply: undefined,
+    error: new MeshError(code, decoded.message, { details: { agentId } }),
+    receipt: decoded.receipt,
+    lane: decoded.lane,
+    batch: undefined,
+  };
 }

@@ -11,6 +11,7 @@ import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { agentBindingMessage, type Identity, signBytes } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
 import type { AgentSummary } from './parts.ts';
 
@@ -52,6 +53,11 @@ export interface UpSettlement {
   appPayment(): PartPayment;
   /** `edge-mesh router` options: serve /v1/lanes and /v1/settlements from the escrow. */
   routerArgs(): string[];
+  /**
+   * Registers each agent's Ed25519 key for its payout address in the escrow (`registerAgent`, sent by the
+   * payout account), so payers can check that a quoted payout is the agent's own.
+   */
+  registerAgents(agents: readonly Identity[]): Promise<void>;
   /** The figures of the summary, from what the agents reported as they stopped and from the chain. */
   summary(agents: readonly (AgentSummary | undefined)[]): Promise<UpSettlementSummary>;
   close(): Promise<void>;
@@ -102,10 +108,22 @@ export async function startUpSettlement(options: UpSettlementOptions): Promise<U
         env: { MESH_EVM_KEY: chain.privateKeys[FIRST_AGENT_ACCOUNT + index]! },
       }),
       appPayment: () => ({
-        args: [...domainArgs, '--data', path.join(dir, 'app')],
+        args: [...domainArgs, '--rpc', chain.rpcUrl, '--data', path.join(dir, 'app')],
         env: { MESH_EVM_KEY: chain.privateKeys[APP_ACCOUNT]! },
       }),
       routerArgs: () => ['--rpc', chain.rpcUrl, '--escrow', deployment.escrow, '--from-block', String(deployment.deployBlock)],
+      async registerAgents(identities) {
+        const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+        for (const [i, identity] of identities.entries()) {
+          const payoutClient = await EscrowClient.connect({
+            runner: chain.wallet(FIRST_AGENT_ACCOUNT + i),
+            escrow: deployment.escrow,
+            token: deployment.token,
+          });
+          const binding = signBytes(identity, agentBindingMessage(domain, payouts[i]!));
+          await payoutClient.registerAgent(identity.publicKey, binding);
+        }
+      },
       async summary(reports) {
         let receipts = 0;
         let owed = 0;

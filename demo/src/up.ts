@@ -234,6 +234,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
       await until(sendAdminRecord(brokerUrl, operator, admit(operator, identity), identity.id, 10_000));
     }
     settlement = await until(settlementP);
+    if (settlement) await until(settlement.registerAgents(keys.agents));
 
     for (const [i] of keys.agents.entries()) {
       const payment = settlement?.agentPayment(i);

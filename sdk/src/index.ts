@@ -254,6 +254,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     fleet,
     minHedgeAfterMs,
     onRouted: (routed) => (routed ? counters.routed++ : counters.leaseFallbacks++),
+    onCancelled: (key, agentId) => payments?.noteCancel(key, agentId),
     retrySameAfter: (agentId, error) =>
       // The agent waits for a voucher this client is about to send: try it again once that is out.
       error.code === 'MESH_CREDIT_EXCEEDED' && payments?.owes(agentId) ? payments.flush() : undefined,
@@ -296,8 +297,14 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       logger.debug({ agentId }, 'ignoring bad reply');
       return;
     }
-    // Every receipt is checked and paid, a late or hedged attempt's too: the lane's chain runs through all of them.
-    if (payments && reading.receipt) payments.onReceipt(agentId, reading.key, reading.receipt, reading.reply?.outputs);
+    if (reading.batch) {
+      payments?.onReceiptBatch(agentId, reading.batch);
+      return;
+    }
+    // Every receipt is linked, a late or hedged attempt's too: the lane's chain runs through all of them.
+    if (payments && (reading.receipt || reading.lane)) {
+      payments.onReply(agentId, reading.key, reading.error ? 'err' : 'res', reading.receipt, reading.reply?.outputs, reading.lane);
+    }
     if (reading.error) {
       engine.fail(reading.key, agentId, reading.error);
       return;
@@ -380,11 +387,15 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     payments?.noteRequest(key, deadline, request.inputs);
     const payloadFor = (agentId: string): Uint8Array => {
       const pay = payments?.payField(agentId);
-      return pay ? encodeMessage({ ...request, pay }) : payload;
+      if (!pay) return payload;
+      payments!.noteAttempt(key, agentId);
+      return encodeMessage({ ...request, pay });
     };
 
-    // Before the first attempt, wait (within the deadline) for an agent to announce the model.
+    // Before the first attempt, wait (within the deadline) for an agent to announce the model, and for
+    // the lanes being opened with agents that announced themselves (a payout check on chain, a grant).
     while (!policy.hasCandidate(model, pinned) && clock.now() < deadlineAt) await fleet.changes.wait(deadlineAt - clock.now());
+    if (payments) await payments.ready();
     const lease = leases && !pinned ? await leases.leaseFor(model, Math.max(0, deadlineAt - clock.now()), payload.byteLength) : undefined;
 
     const data: SdkRequest = { model, payloadFor, lease, viaRouter: leases !== undefined && !pinned, pinned, routedBy: undefined };

@@ -1,16 +1,22 @@
 /**
- * The payer's side of payment in the SDK: per agent lane, check every receipt (LaneVerifier against
- * the agent's signed quote) and pay what was verified with an EIP-712 voucher sent to the agent.
+ * The payer's side of payment in the SDK (docs/settlement.md, "The payer"): per agent, a lane; every
+ * receipt linked into it; and what the payer owes (and only that) paid with EIP-712 vouchers.
  *
- * - Vouchers are signed one lane at a time, after the receipts they cover were verified. Receipts
- *   verified while a voucher is being signed go into the next one, and while a lane owes less than
- *   half the agent's quoted credit window its voucher waits `voucherDelayMs` for more: one signature
- *   (about 3 ms of secp256k1 in ethers) pays for many receipts. `receiptsRoot` is the Merkle root of the leaves covered since the previous
- *   voucher (one leaf: the leaf itself).
- * - A voucher is signed only when the verified cumulative rose: a failed or timed-out request
- *   (priced 0 by the rule, which the verifier enforces) never makes a voucher pay more.
- * - With `dataDir`, lane state (verifier state, last voucher, leaves not yet covered) is stored in
- *   `level` before the voucher that depends on it is signed.
+ * What a dishonest agent could try, and what stops it here:
+ * - Billing work nobody asked for: a receipt is paid only for a request this client sent to that agent,
+ *   whose reply came before the deadline by this client's clock, with a status the reply bears out (an ok
+ *   receipt needs a result; a cancelled one needs a cancel this client sent), units within the quote's
+ *   `maxUnits` and prices by the quote this lane was opened with (a price rise needs `acceptQuote`).
+ * - Quoting someone else's payout: a lane opens only when the escrow's registry says the quoted payout
+ *   belongs to the agent's key (`agentKeyOf`), so nobody collects on another agent's work.
+ * - Wedging the lane: a receipt this client does not pay is still linked into the lane's hash chain (it is
+ *   just not paid), a gap in the seq asks the agent for the receipts it sent (`resync`), and a voucher the
+ *   agent reports not having is sent again. A receipt that breaks the chain itself stops paying that agent.
+ *
+ * Vouchers: signed one lane at a time, after the receipts they pay were linked; while a lane owes less
+ * than half the agent's quoted credit window its voucher waits `voucherDelayMs` for more, so one signature
+ * pays for many receipts. `cumulative` is what this client owes on the lane; `seq` says which receipts it
+ * had checked. With `dataDir`, lane state is stored (`level`) before the voucher that depends on it is signed.
  */
 import path from 'node:path';
 import type { MeshLogger as Logger } from '@edge-mesh/client';
@@ -20,14 +26,23 @@ import {
   encodeMessage,
   fromHex,
   hashTensorMap,
+  keccak256Bytes,
+  type LaneGrant,
+  type LaneInfo,
   type LaneState,
   LaneVerifier,
+  type LinkedReceipt,
   MeshError,
+  maxRequestMicros,
   merkleRoot,
   type PaymentField,
   PROTOCOL_VERSION,
   type Quote,
+  type ReceiptBatch,
+  type ReceiptContext,
+  requestIdHex,
   type SignedReceipt,
+  signLaneGrant,
   signVoucher,
   type TypedDataSigner,
   toHex,
@@ -36,15 +51,31 @@ import {
   verifyQuote,
 } from '@edge-mesh/protocol';
 
+/** Reads the chain: an ethers v6 Provider fits as it is. */
+export interface ChainReader {
+  call(tx: { to: string; data: string }): Promise<string>;
+}
+
 export interface PaymentOptions {
-  /** The payer's EVM key; its address is the lane's first half and signs the vouchers. */
-  /** An EIP-712 signer: an ethers v6 Wallet fits as it is. */
-  signer: TypedDataSigner;
+  /** The payer's voucher key (an EIP-712 signer: an ethers v6 Wallet fits): its address is the lane's payer. */
+  signer: TypedDataSigner & { provider?: ChainReader | null };
   /** The chain and escrow the vouchers are for; agents whose quote names another are not paid (nor asked to bill). */
   domain: EscrowDomain;
-  /** Refuse (do not pay) any receipt priced above this. */
+  /**
+   * Reads the escrow to check that a quoted payout is registered to the agent's key (default: the
+   * signer's provider). Without one, `connect` refuses payment unless `checkPayouts` is false.
+   */
+  chain?: ChainReader;
+  /** Check every quoted payout against the escrow's registry before paying that agent (default true). */
+  checkPayouts?: boolean;
+  /** Refuse (do not pay) any receipt priced above this, whatever the quote says. */
   maxPriceMicros?: number;
-  /** Folder for lane state (a level store per chain id and escrow inside it). */
+  /**
+   * Called when an agent's new quote would raise what a request may cost (any model's most by the quote).
+   * True adopts it; by default the lane keeps the prices it was opened with, and receipts above them are not paid.
+   */
+  acceptQuote?: (current: Quote, next: Quote) => boolean;
+  /** Folder for lane state (a level store per chain id and escrow inside it); needs the `level` package. */
   dataDir?: string;
   /** Vouchers expire this long after signing. */
   voucherTtlS?: number;
@@ -59,15 +90,19 @@ export interface LaneView {
   agentId: string;
   payer: string;
   payout: string;
-  /** Receipts verified on the lane. */
+  /** Receipts linked into the lane (paid or not). */
   receipts: number;
-  /** What the verified receipts add up to. */
+  /** What this client owes: the receipts it accepted. */
   owedMicros: number;
+  /** What the agent billed, by its receipts. */
+  billedMicros: number;
   /** What the latest signed voucher pays. */
   paidMicros: number;
-  /** Receipts refused by the checks (not paid). */
+  /** Receipts linked but not paid (see `lastRefusal`). */
   refused: number;
   lastRefusal: string | undefined;
+  /** Why this lane no longer pays, if it does not. */
+  broken: string | undefined;
 }
 
 /** The few calls made on the lane store (a `level` database, loaded only with `dataDir`). */
@@ -85,40 +120,68 @@ interface StoredLane {
   paid: number;
   pendingLeaves: string[];
   voucher: (Omit<VoucherMessage, 'receiptsRoot' | 'sig'> & { receiptsRoot: string; sig: string }) | undefined;
+  grant: (Omit<LaneGrant, 'sig'> & { sig: string }) | undefined;
 }
 
 interface Lane {
   agentId: string;
   quote: Quote;
   verifier: LaneVerifier;
+  /** What the latest signed voucher pays. */
   paid: number;
+  /** Leaves of payable receipts not yet covered by a voucher. */
   pendingLeaves: Uint8Array[];
   signing: boolean;
   timer: NodeJS.Timeout | undefined;
   refused: number;
   lastRefusal: string | undefined;
   voucher: VoucherMessage | undefined;
+  grant: LaneGrant | undefined;
+  /** The agent answered a paid request since the grant was sent: no need to send it again. */
+  grantSeen: boolean;
+  /** Receipts that came ahead of a gap, by seq, with what was known when they came. */
+  ahead: Map<number, { receipt: SignedReceipt; context: ReceiptContext }>;
+  resyncSentAt: number;
+  voucherResentAt: number;
+  broken: string | undefined;
+}
+
+/** What this client remembers of a request it sent. */
+interface Sent {
+  deadline: number;
+  inputHash: Uint8Array;
+  /** Agents it went to, and for each the reply that came back (kind, arrival, outputs hash) and whether it was cancelled. */
+  agents: Map<string, { reply?: 'res' | 'err'; arrivedAt?: number; outputHash?: Uint8Array; cancelled?: boolean }>;
 }
 
 /** Final request ids kept against duplicates per lane (the hash chain already refuses replayed receipts); stored with the lane. */
 const REMEMBER_REQUESTS = 1024;
+/** Requests remembered for their receipts: a minute past their deadline, or fewer when there are many. */
+const REMEMBER_SENT_MS = 60_000;
+const MAX_SENT = 20_000;
+/** Resync and voucher resend requests per lane are spaced by at least this. */
+const RETRY_SPACING_MS = 500;
+/** Receipts held ahead of a gap, per lane. */
+const MAX_AHEAD = 1024;
 
-interface Expectation {
-  deadline: number;
-  inputHash: Uint8Array;
-}
+/** The escrow's `agentKeyOf(address)` selector. */
+const AGENT_KEY_OF = toHex(keccak256Bytes(new TextEncoder().encode('agentKeyOf(address)')).subarray(0, 4));
 
 export class PayerLanes {
   private readonly lanes = new Map<string, Lane>();
+  /** Agents whose lane is being opened (payout check, grant), or refused for good. */
+  private readonly opening = new Map<string, Promise<void>>();
+  private readonly refusedAgents = new Map<string, string>();
   private readonly stored = new Map<string, StoredLane>();
-  private readonly expectations = new Map<string, Expectation>();
+  private readonly sent = new Map<string, Sent>();
   private readonly chainId: number;
   private readonly escrow: string;
   private readonly maxPriceMicros: number;
   private readonly voucherTtlS: number;
   private readonly voucherDelayMs: number;
+  private readonly chain: ChainReader | undefined;
   private pumping = new Set<Promise<void>>();
-  counters = { receipts: 0, refused: 0, vouchers: 0 };
+  counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0 };
 
   private constructor(
     readonly payer: string,
@@ -133,6 +196,7 @@ export class PayerLanes {
     this.maxPriceMicros = options.maxPriceMicros ?? Number.MAX_SAFE_INTEGER;
     this.voucherTtlS = options.voucherTtlS ?? 7 * 86_400;
     this.voucherDelayMs = options.voucherDelayMs ?? 50;
+    this.chain = options.chain ?? options.signer.provider ?? undefined;
   }
 
   static async open(
@@ -142,6 +206,12 @@ export class PayerLanes {
     logger: Logger,
   ): Promise<PayerLanes> {
     const payer = (await options.signer.getAddress()).toLowerCase();
+    if ((options.checkPayouts ?? true) && !options.chain && !options.signer.provider) {
+      throw new MeshError(
+        'MESH_CONFIG',
+        'payment needs a chain reader to check quoted payouts against the escrow: give payment.chain (an ethers Provider), a signer with a provider, or checkPayouts: false',
+      );
+    }
     let db: LaneStore | undefined;
     if (options.dataDir) {
       // Loaded on demand: an app that pays without a data folder needs no level (an optional peer dependency).
@@ -172,27 +242,33 @@ export class PayerLanes {
     if (quote.chainId !== this.chainId || quote.escrow !== this.escrow) return;
     const lane = this.lanes.get(agentId);
     if (lane && Buffer.from(lane.quote.agentKey).equals(Buffer.from(quote.agentKey)) && lane.quote.payout === quote.payout) {
-      lane.quote = quote;
-      lane.verifier = new LaneVerifier({
-        payer: this.payer,
-        quote,
-        maxPriceMicros: this.maxPriceMicros,
-        state: lane.verifier.state,
-        rememberRequests: REMEMBER_REQUESTS,
-      });
+      this.refreshQuote(lane, quote);
       return;
     }
-    for (const other of this.lanes.values()) {
-      if (other.agentId !== agentId && other.quote.payout === quote.payout) {
-        this.logger.warn(
-          { agentId, payout: quote.payout, other: other.agentId },
-          'payout address already used by another agent: not paying this one',
+    if (this.opening.has(agentId)) return;
+    const opening = this.openLane(agentId, quote)
+      .catch((err: unknown) => {
+        this.refuseAgent(agentId, (err as Error).message);
+      })
+      .finally(() => this.opening.delete(agentId));
+    this.opening.set(agentId, opening);
+  }
+
+  /** A lane opens once the payout is the agent's by the escrow's registry, and this client holds the payer's grant for it. */
+  private async openLane(agentId: string, quote: Quote): Promise<void> {
+    if (this.options.checkPayouts ?? true) {
+      const registered = await this.registeredKey(quote.payout);
+      if (registered !== toHex(quote.agentKey).toLowerCase()) {
+        throw new MeshError(
+          'MESH_FORBIDDEN',
+          `payout ${quote.payout} is not registered to agent ${agentId}'s key (registry says ${registered})`,
         );
-        return;
       }
     }
     const stored = this.stored.get(agentId);
     const resume = stored && stored.payout === quote.payout && stored.agentKey === toHex(quote.agentKey) ? stored : undefined;
+    const grant = resume?.grant ? { ...resume.grant, sig: fromHex(resume.grant.sig) } : await this.signGrant(quote.payout);
+    this.refusedAgents.delete(agentId);
     this.lanes.set(agentId, {
       agentId,
       quote,
@@ -201,7 +277,7 @@ export class PayerLanes {
         quote,
         maxPriceMicros: this.maxPriceMicros,
         rememberRequests: REMEMBER_REQUESTS,
-        ...(resume ? { state: resume.state } : {}),
+        ...(resume ? { state: { ...resume.state, payable: resume.state.payable ?? resume.state.cumulative } } : {}),
       }),
       paid: resume?.paid ?? 0,
       pendingLeaves: resume?.pendingLeaves.map(fromHex) ?? [],
@@ -212,57 +288,222 @@ export class PayerLanes {
       voucher: resume?.voucher
         ? { ...resume.voucher, receiptsRoot: fromHex(resume.voucher.receiptsRoot), sig: fromHex(resume.voucher.sig) }
         : undefined,
+      grant,
+      grantSeen: false,
+      ahead: new Map(),
+      resyncSentAt: 0,
+      voucherResentAt: 0,
+      broken: undefined,
+    });
+    this.logger.info({ agentId, payout: quote.payout }, 'lane open');
+  }
+
+  private async signGrant(payout: string): Promise<LaneGrant> {
+    const issuedAt = Date.now();
+    const sig = await signLaneGrant(this.options.signer, this.options.domain, { agent: payout, client: this.clientId, issuedAt });
+    return { payer: this.payer, agent: payout, client: this.clientId, issuedAt, sig: fromHex(sig) };
+  }
+
+  /** The escrow's `agentKeyOf(payout)`, 0x hex. */
+  private async registeredKey(payout: string): Promise<string> {
+    if (!this.chain) throw new MeshError('MESH_CONFIG', 'no chain reader to check payouts');
+    let out: string;
+    try {
+      out = await this.chain.call({
+        to: this.options.domain.escrow,
+        data: `${AGENT_KEY_OF}${payout.slice(2).toLowerCase().padStart(64, '0')}`,
+      });
+    } catch (cause) {
+      throw new MeshError('MESH_CHAIN_UNREACHABLE', `cannot read the escrow's registry: ${(cause as Error).message}`, { cause });
+    }
+    if (typeof out !== 'string' || !/^0x[0-9a-fA-F]{64}$/.test(out))
+      throw new MeshError('MESH_CHAIN_UNREACHABLE', 'the escrow answered agentKeyOf badly');
+    return out.toLowerCase();
+  }
+
+  private refuseAgent(agentId: string, why: string): void {
+    this.counters.lanesRefused++;
+    this.refusedAgents.set(agentId, why);
+    this.logger.warn({ agentId, err: why }, 'not paying this agent');
+  }
+
+  /** A new quote for an open lane: adopted when it costs no more per request, or when the app consents. */
+  private refreshQuote(lane: Lane, quote: Quote): void {
+    const most = (q: Quote) => new Map(q.models.map((m) => [m.modelHash, maxRequestMicros(m)]));
+    const before = most(lane.quote);
+    const rises = [...most(quote)].some(([hash, micros]) => micros > (before.get(hash) ?? 0));
+    if (rises && !this.options.acceptQuote?.(lane.quote, quote)) {
+      this.logger.warn({ agentId: lane.agentId }, 'quote raises prices: keeping the prices the lane was opened with');
+      return;
+    }
+    lane.quote = quote;
+    lane.verifier = new LaneVerifier({
+      payer: this.payer,
+      quote,
+      maxPriceMicros: this.maxPriceMicros,
+      state: lane.verifier.state,
+      rememberRequests: REMEMBER_REQUESTS,
     });
   }
 
-  /** The request's payment field for this agent, when this payer pays it. */
+  /** The request's payment field for this agent, when this payer pays it (its grant until the agent has answered a paid request). */
   payField(agentId: string): PaymentField | undefined {
-    return this.lanes.has(agentId) ? { payer: this.payer } : undefined;
-  }
-
-  /** Remembers what was sent, so the receipts for it (from every agent it went to) can be held to it; kept until a minute past the deadline. */
-  noteRequest(key: string, deadline: number, inputs: Parameters<typeof hashTensorMap>[0]): void {
-    if (this.expectations.size > 10_000) {
-      const stale = Date.now() - 60_000;
-      for (const [k, e] of this.expectations) if (e.deadline < stale) this.expectations.delete(k);
-    }
-    this.expectations.set(key, { deadline, inputHash: hashTensorMap(inputs) });
-  }
-
-  /** Checks a receipt from a reply (or error) of `agentId` and, when it verifies, has it paid. */
-  onReceipt(agentId: string, requestKey: string, receipt: SignedReceipt, outputs: Parameters<typeof hashTensorMap>[0] | undefined): void {
     const lane = this.lanes.get(agentId);
-    if (!lane) {
-      this.counters.refused++;
-      this.logger.warn({ agentId }, 'receipt from an agent without a known quote: not paid');
+    if (!lane || lane.broken) return undefined;
+    return lane.grantSeen || !lane.grant ? { payer: this.payer } : { payer: this.payer, grant: lane.grant };
+  }
+
+  /** Remembers what was sent, so the receipts for it can be held to it; kept until a minute past the deadline. */
+  noteRequest(key: string, deadline: number, inputs: Parameters<typeof hashTensorMap>[0]): void {
+    if (this.sent.size >= MAX_SENT) {
+      const stale = Date.now() - REMEMBER_SENT_MS;
+      for (const [k, e] of this.sent) if (e.deadline < stale || this.sent.size >= MAX_SENT) this.sent.delete(k);
+    }
+    this.sent.set(key, { deadline, inputHash: hashTensorMap(inputs), agents: new Map() });
+  }
+
+  /** An attempt of request `key` went to `agentId`. */
+  noteAttempt(key: string, agentId: string): void {
+    const s = this.sent.get(key);
+    if (s && !s.agents.has(agentId)) s.agents.set(agentId, {});
+  }
+
+  /** This client cancelled the attempt at `agentId`. */
+  noteCancel(key: string, agentId: string): void {
+    const a = this.sent.get(key)?.agents.get(agentId);
+    if (a) a.cancelled = true;
+  }
+
+  /**
+   * A reply from `agentId` for request `key`: its receipt (if any) is linked and, when owed, paid; its
+   * lane info may ask for a resync or for the voucher again.
+   */
+  onReply(
+    agentId: string,
+    key: string,
+    kind: 'res' | 'err',
+    receipt: SignedReceipt | undefined,
+    outputs: Parameters<typeof hashTensorMap>[0] | undefined,
+    lane: LaneInfo | undefined,
+  ): void {
+    const arrivedAt = Date.now();
+    const seen = this.sent.get(key)?.agents.get(agentId);
+    if (seen && seen.reply === undefined) {
+      seen.reply = kind;
+      seen.arrivedAt = arrivedAt;
+      if (outputs) seen.outputHash = hashTensorMap(outputs);
+    }
+    const l = this.lanes.get(agentId);
+    if (!l) {
+      if (receipt) {
+        this.counters.refused++;
+        this.logger.warn({ agentId }, 'receipt from an agent without an open lane: not paid');
+      }
       return;
     }
-    const expected = this.expectations.get(requestKey);
+    if (lane) l.grantSeen = true;
+    if (receipt) {
+      // A receipt stands for the request its reply answers; one naming another request was never asked for here.
+      const context = requestIdHex(receipt.requestId) === key ? this.contextOf(key, agentId) : { asked: false };
+      this.take(l, receipt, context);
+    }
+    if (lane) this.onLaneInfo(l, lane);
+  }
+
+  /** Receipts the agent sent again after a resync. */
+  onReceiptBatch(agentId: string, batch: ReceiptBatch): void {
+    const l = this.lanes.get(agentId);
+    if (!l || batch.payer !== this.payer) return;
+    for (const receipt of batch.receipts) this.take(l, receipt, this.contextOf(requestIdHex(receipt.requestId), agentId));
+    this.onLaneInfo(l, batch.lane);
+  }
+
+  private contextOf(key: string, agentId: string): ReceiptContext {
+    const s = this.sent.get(key);
+    const a = s?.agents.get(agentId);
+    if (!s || !a) return { asked: false };
+    return {
+      asked: true,
+      deadline: s.deadline,
+      inputHash: s.inputHash,
+      ...(a.outputHash ? { outputHash: a.outputHash } : {}),
+      ...(a.reply ? { reply: a.reply, arrivedAt: a.arrivedAt! } : {}),
+      ...(a.cancelled ? { cancelled: true } : {}),
+    };
+  }
+
+  /** Links a receipt (or holds it until the gap before it is filled) and pays it when it is owed. */
+  private take(lane: Lane, receipt: SignedReceipt, context: ReceiptContext): void {
+    if (lane.broken) return;
+    let linked: LinkedReceipt;
     try {
-      const accepted = lane.verifier.verify(receipt, {
-        ...(expected ? { deadline: expected.deadline, inputHash: expected.inputHash } : {}),
-        ...(outputs ? { outputHash: hashTensorMap(outputs) } : {}),
-      });
-      lane.pendingLeaves.push(accepted.leaf.slice());
-      this.counters.receipts++;
+      linked = lane.verifier.link(receipt, context);
     } catch (err) {
-      lane.refused++;
-      lane.lastRefusal = (err as Error).message;
+      const reason = (err as MeshError).details?.reason;
+      if (reason === 'replayed') return;
+      if (reason === 'seq' && Number.isSafeInteger(receipt.seq) && receipt.seq > lane.verifier.state.seq) {
+        if (lane.ahead.size < MAX_AHEAD) lane.ahead.set(receipt.seq, { receipt, context });
+        this.resync(lane);
+        return;
+      }
+      // The agent broke its own chain: nothing after this can be checked, so nothing after this is paid.
+      lane.broken = (err as Error).message;
       this.counters.refused++;
-      this.logger.warn({ agentId, err: (err as Error).message }, 'receipt refused: not paid');
+      this.logger.warn({ agentId: lane.agentId, err: lane.broken }, 'lane broken: not paying this agent any more');
       return;
     }
-    const unpaid = lane.verifier.state.cumulative - lane.paid;
+    this.counters.receipts++;
+    if (linked.payable) lane.pendingLeaves.push(linked.leaf.slice());
+    else {
+      lane.refused++;
+      lane.lastRefusal = linked.reason;
+      this.counters.refused++;
+      this.logger.info({ agentId: lane.agentId, seq: receipt.seq, reason: linked.reason }, 'receipt linked, not paid');
+    }
+    // Receipts held after a gap may link now.
+    const next = lane.ahead.get(lane.verifier.state.seq + 1);
+    if (next) {
+      lane.ahead.delete(next.receipt.seq);
+      this.take(lane, next.receipt, next.context);
+      return;
+    }
+    this.schedule(lane);
+  }
+
+  private schedule(lane: Lane): void {
+    const unpaid = (lane.verifier.state.payable ?? 0) - lane.paid;
     if (unpaid <= 0) return;
     const credit = lane.quote.creditMicros;
     if (credit === undefined || 2 * unpaid >= credit) this.startPump(lane);
     else lane.timer ??= setTimeout(() => this.startPump(lane), this.voucherDelayMs);
   }
 
+  /** The agent's view of the lane: receipts this client has not seen are asked for; a voucher it lacks is sent again. */
+  private onLaneInfo(lane: Lane, info: LaneInfo): void {
+    if (info.seq > lane.verifier.state.seq + lane.ahead.size) this.resync(lane);
+    const now = Date.now();
+    if (lane.voucher && info.paid < lane.paid && !lane.signing && now - lane.voucherResentAt >= RETRY_SPACING_MS) {
+      lane.voucherResentAt = now;
+      this.counters.vouchersResent++;
+      this.publish(topics.agentVoucher(lane.agentId, this.clientId), encodeMessage(lane.voucher));
+    }
+  }
+
+  private resync(lane: Lane): void {
+    const now = Date.now();
+    if (now - lane.resyncSentAt < RETRY_SPACING_MS) return;
+    lane.resyncSentAt = now;
+    this.counters.resyncs++;
+    this.publish(
+      topics.agentVoucher(lane.agentId, this.clientId),
+      encodeMessage({ v: PROTOCOL_VERSION, kind: 'resync', payer: this.payer, afterSeq: lane.verifier.state.seq }),
+    );
+  }
+
   private startPump(lane: Lane): void {
     clearTimeout(lane.timer);
     lane.timer = undefined;
-    if (lane.signing || lane.verifier.state.cumulative <= lane.paid) return;
+    if (lane.signing || (lane.verifier.state.payable ?? 0) <= lane.paid) return;
     const run = this.pump(lane).catch((err: unknown) =>
       this.logger.error({ agentId: lane.agentId, err: (err as Error).message }, 'voucher not signed'),
     );
@@ -276,10 +517,15 @@ export class PayerLanes {
     while (this.pumping.size > 0) await Promise.allSettled([...this.pumping]);
   }
 
-  /** Whether this client owes `agentId` for verified receipts not yet paid by a voucher it sent. */
+  /** Whether this client owes `agentId` for accepted receipts not yet paid by a voucher it sent. */
   owes(agentId: string): boolean {
     const lane = this.lanes.get(agentId);
-    return lane !== undefined && lane.verifier.state.cumulative > lane.paid;
+    return lane !== undefined && (lane.verifier.state.payable ?? 0) > lane.paid;
+  }
+
+  /** Resolves once every lane being opened is open (or refused). */
+  async ready(): Promise<void> {
+    while (this.opening.size > 0) await Promise.allSettled([...this.opening.values()]);
   }
 
   lanesView(): LaneView[] {
@@ -288,15 +534,23 @@ export class PayerLanes {
       payer: this.payer,
       payout: l.quote.payout,
       receipts: l.verifier.state.seq,
-      owedMicros: l.verifier.state.cumulative,
+      owedMicros: l.verifier.state.payable ?? 0,
+      billedMicros: l.verifier.state.cumulative,
       paidMicros: l.paid,
       refused: l.refused,
       lastRefusal: l.lastRefusal,
+      broken: l.broken,
     }));
+  }
+
+  /** Agents this client will not pay, with why. */
+  refusedView(): { agentId: string; reason: string }[] {
+    return [...this.refusedAgents].map(([agentId, reason]) => ({ agentId, reason }));
   }
 
   /** Waits for vouchers being signed, then closes the store. */
   async close(): Promise<void> {
+    await this.ready();
     await this.flush();
     await this.db?.close();
   }
@@ -304,8 +558,9 @@ export class PayerLanes {
   private async pump(lane: Lane): Promise<void> {
     lane.signing = true;
     try {
-      while (lane.verifier.state.cumulative > lane.paid) {
-        const cumulative = lane.verifier.state.cumulative;
+      while ((lane.verifier.state.payable ?? 0) > lane.paid) {
+        const cumulative = lane.verifier.state.payable ?? 0;
+        const seq = lane.verifier.state.seq;
         const leaves = lane.pendingLeaves;
         lane.pendingLeaves = [];
         const receiptsRoot = merkleRoot(leaves);
@@ -327,6 +582,7 @@ export class PayerLanes {
           receiptsRoot,
           expiry,
           sig: fromHex(sig),
+          seq,
         };
         lane.paid = cumulative;
         lane.voucher = message;
@@ -348,18 +604,8 @@ export class PayerLanes {
       state: lane.verifier.state,
       paid: lane.paid,
       pendingLeaves: [...inFlightLeaves, ...lane.pendingLeaves].map(toHex),
-      voucher: v
-        ? {
-            v: v.v,
-            kind: v.kind,
-            payer: v.payer,
-            agent: v.agent,
-            cumulative: v.cumulative,
-            expiry: v.expiry,
-            receiptsRoot: toHex(v.receiptsRoot),
-            sig: toHex(v.sig),
-          }
-        : undefined,
+      voucher: v ? { ...v, receiptsRoot: toHex(v.receiptsRoot), sig: toHex(v.sig) } : undefined,
+      grant: lane.grant ? { ...lane.grant, sig: toHex(lane.grant.sig) } : undefined,
     });
   }
 }

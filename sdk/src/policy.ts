@@ -55,6 +55,8 @@ export interface SdkPolicyOptions {
   random?: () => number;
   /** After this error, wait for the returned promise and try the same agent once more (payments). */
   retrySameAfter?: (agentId: string, error: MeshError) => Promise<unknown> | undefined;
+  /** An attempt was cancelled (a hedge that lost, or the request ended): the payer remembers it. */
+  onCancelled?: (key: string, agentId: string) => void;
   onRouted?: (routed: boolean) => void;
 }
 
@@ -194,6 +196,8 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
         l.networkMs += NETWORK_EWMA_ALPHA * (networkMs - l.networkMs);
       } else if (end.kind === 'error' && end.error.code === 'MESH_INFERENCE_FAILED') {
         l.suspectUntil = now + SUSPECT_MS;
+      } else if (end.kind === 'cancelled' && end.reason !== 'closed') {
+        options.onCancelled?.(attempt.request.key, attempt.agentId);
       }
     },
     retrySameAfter: options.retrySameAfter ? (attempt, error) => options.retrySameAfter!(attempt.agentId, error) : undefined,

@@ -1,0 +1,405 @@
+/**
+ * The payer's side against dishonest agents (docs/settlement.md, "Who can lose what"): a real broker, a
+ * real local chain with the escrow (its payout registry), the SDK paying with a wallet, and scripted agents
+ * that sign whatever receipts they like. Each test asserts what the honest payer paid.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, type TestContext, test } from 'node:test';
+import { openMeshConnection } from '@edge-mesh/client';
+import { EscrowClient } from '@edge-mesh/contracts';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { sampleInputs } from '@edge-mesh/demo';
+import {
+  type AgentStatus,
+  agentBindingMessage,
+  decodeMessage,
+  type EscrowDomain,
+  encodeMessage,
+  generateIdentity,
+  hashTensorMap,
+  type Identity,
+  type InferRequest,
+  type LaneInfo,
+  type ModelPrice,
+  PROTOCOL_VERSION,
+  parseTopic,
+  RECEIPT_STATUS,
+  type Receipt,
+  type SignedReceipt,
+  signBytes,
+  signQuote,
+  signReceipt,
+  signStatus,
+  toHex,
+  topics,
+  type VoucherMessage,
+  ZERO_HASH,
+} from '@edge-mesh/protocol';
+import type { Mesh } from '@edge-mesh/sdk';
+import { ethers } from 'ethers';
+import { agentFor, brokerFor, meshFor, modelsDir, tempDir, waitFor } from './helpers.ts';
+
+let chain: LocalChain;
+let deployment: MeshDeployment;
+let domain: EscrowDomain;
+let nextAccount = 1;
+
+before(async () => {
+  chain = await startLocalChain({ accounts: 20 });
+  deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+  domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+});
+after(() => chain?.close());
+
+/** A funded chain account's wallet: payouts register with it, payers sign with it. */
+function account(): ethers.Wallet {
+  return chain.wallet(nextAccount++);
+}
+
+/** Registers `identity`'s Ed25519 key for `payout` in the escrow (sent by the payout account). */
+async function register(payout: ethers.Wallet, identity: Identity): Promise<void> {
+  const client = await EscrowClient.connect({ runner: payout, escrow: deployment.escrow });
+  await client.registerAgent(identity.publicKey, signBytes(identity, agentBindingMessage(domain, payout.address.toLowerCase())));
+}
+
+const KWS_HASH = `0x${'ab'.repeat(32)}`;
+/** What a scripted agent answers with. */
+const OUTPUTS = { out: { dtype: 'float32', shape: [1, 1], data: new Uint8Array(4) } };
+const kwsPrice: ModelPrice = { name: 'kws', modelHash: KWS_HASH, baseMicros: 0, unitMicros: 2, minChargeMicros: 0 };
+
+interface Scripted {
+  identity: Identity;
+  /** Requests received, in order. */
+  requests: { req: InferRequest; senderId: string }[];
+  vouchers: VoucherMessage[];
+  resyncs: number;
+  /** Receipts issued, by seq. */
+  issued: Map<number, SignedReceipt>;
+  /** Signs the next receipt on the sender's lane (input and output hashes of `req` and the scripted result, unless given). */
+  receipt(payer: string, fields: Partial<Receipt> & { requestId: Uint8Array }, req?: InferRequest): SignedReceipt;
+  /** Sends a result (with a receipt and lane info) for request `id`. */
+  answer(senderId: string, id: Uint8Array, receipt?: SignedReceipt, lane?: LaneInfo): void;
+  /** Sends an error reply. */
+  fail(senderId: string, id: Uint8Array, code: string, receipt?: SignedReceipt): void;
+  lane(): LaneInfo;
+}
+
+/**
+ * An agent that announces a signed status and quote for `kws` with payout `payout`, hands every request to
+ * `onRequest`, answers resyncs from what it issued, and records vouchers.
+ */
+async function scriptedAgent(
+  t: TestContext,
+  brokerUrl: string,
+  payout: string,
+  onRequest: (a: Scripted, req: InferRequest, senderId: string) => void,
+  price: ModelPrice = kwsPrice,
+): Promise<Scripted> {
+  const identity = generateIdentity('agent');
+  const connection = openMeshConnection(brokerUrl, { identity });
+  t.after(() => connection.close());
+  await connection.firstConnect;
+  const client = connection.client;
+  let seq = 0;
+  let cumulative = 0;
+  let prev = ZERO_HASH;
+  let paid = 0;
+  const a: Scripted = {
+    identity,
+    requests: [],
+    vouchers: [],
+    resyncs: 0,
+    issued: new Map(),
+    receipt(payer, fields, req) {
+      const p = fields.price ?? 2;
+      const asked = req ?? a.requests.find((x) => Buffer.from(x.req.id).equals(Buffer.from(fields.requestId)))?.req;
+      const r: Receipt = {
+        v: 1,
+        chainId: Number(domain.chainId),
+        escrow: domain.escrow.toLowerCase(),
+        payer,
+        agentKey: identity.publicKey,
+        seq: seq + 1,
+        modelHash: Buffer.from(KWS_HASH.slice(2), 'hex'),
+        inputHash: asked ? hashTensorMap(asked.inputs) : new Uint8Array(32),
+        outputHash: hashTensorMap(OUTPUTS),
+        status: RECEIPT_STATUS.ok,
+        unitsUsed: 1,
+        price: p,
+        cumulative: cumulative + p,
+        startedAt: Date.now() - 1,
+        finishedAt: Date.now(),
+        prevReceipt: prev,
+        ...fields,
+      };
+      const { receipt, leaf } = signReceipt(identity, r);
+      seq = r.seq;
+      cumulative = r.cumulative;
+      prev = leaf;
+      a.issued.set(r.seq, receipt);
+      return receipt;
+    },
+    answer(senderId, id, receipt, lane) {
+      const outputs = OUTPUTS;
+      client.publish(
+        topics.clientReply(senderId, identity.id),
+        encodeMessage({
+          v: PROTOCOL_VERSION,
+          kind: 'res',
+          id,
+          agent: identity.id,
+          model: 'kws',
+          outputs,
+          queueMs: 0,
+          execMs: 0.01,
+          ...(receipt ? { receipt } : {}),
+          lane: lane ?? a.lane(),
+        }),
+        { qos: 1 },
+      );
+    },
+    fail(senderId, id, code, receipt) {
+      // Reports the lane paid at 0, as an agent that lost its vouchers would.
+      const lane = { seq, paid: 0 };
+      client.publish(
+        topics.clientReply(senderId, identity.id),
+        encodeMessage({
+          v: PROTOCOL_VERSION,
+          kind: 'err',
+          id,
+          agent: identity.id,
+          code,
+          message: code,
+          ...(receipt ? { receipt } : {}),
+          lane,
+        }),
+        { qos: 1 },
+      );
+    },
+    lane: () => ({ seq, paid }),
+  };
+  client.on('message', (topic, payload) => {
+    const parsed = parseTopic(topic);
+    if (parsed?.kind === 'request') {
+      const req = decodeMessage(payload, ['req']);
+      a.requests.push({ req, senderId: parsed.senderId });
+      onRequest(a, req, parsed.senderId);
+    } else if (parsed?.kind === 'voucher') {
+      const m = decodeMessage(payload, ['voucher', 'resync']);
+      if (m.kind === 'voucher') {
+        a.vouchers.push(m);
+        paid = Math.max(paid, m.cumulative);
+      } else {
+        a.resyncs++;
+        const receipts = [...a.issued.values()].filter((r) => r.seq > m.afterSeq).sort((x, y) => x.seq - y.seq);
+        client.publish(
+          topics.clientReply(parsed.senderId, identity.id),
+          encodeMessage({ v: PROTOCOL_VERSION, kind: 'receipts', agent: identity.id, payer: m.payer, receipts, lane: a.lane() }),
+          { qos: 1 },
+        );
+      }
+    }
+  });
+  await new Promise<void>((resolve, reject) =>
+    client.subscribe([topics.agentRequest(identity.id, '+'), topics.agentVoucher(identity.id, '+')], { qos: 1 }, (err) =>
+      err ? reject(err) : resolve(),
+    ),
+  );
+  const quote = signQuote(identity, {
+    payout,
+    chainId: Number(domain.chainId),
+    escrow: domain.escrow.toLowerCase(),
+    issuedAt: Date.now(),
+    validUntil: Date.now() + 3_600_000,
+    models: [price],
+  });
+  const status: AgentStatus = {
+    v: PROTOCOL_VERSION,
+    kind: 'status',
+    agent: identity.id,
+    state: 'online',
+    ts: Date.now(),
+    session: 'scripted',
+    models: [
+      {
+        name: 'kws',
+        version: '1',
+        sha256: KWS_HASH.slice(2),
+        priceMicros: 2,
+        latencyMs: 0.01,
+        inputs: [{ name: 'onnx::Flatten_0', dtype: 'float32', shape: [1, 25, 96] }],
+        outputs: [{ name: 'out', dtype: 'float32', shape: [1, 1] }],
+      },
+    ],
+    workers: 1,
+    quote,
+  };
+  await new Promise<void>((resolve) =>
+    client.publish(topics.agentStatus(identity.id), encodeMessage(signStatus(identity, status)), { qos: 1, retain: true }, () => resolve()),
+  );
+  return a;
+}
+
+/** An SDK client paying with a fresh funded-chain wallet (the payout check reads the chain through it). */
+async function payingMesh(t: TestContext, brokerUrl: string, extra: Record<string, unknown> = {}): Promise<{ mesh: Mesh; payer: string }> {
+  const wallet = account();
+  const mesh = await meshFor(t, { brokerUrl, payment: { signer: wallet, domain, dataDir: await tempDir(t), voucherDelayMs: 0, ...extra } });
+  return { mesh, payer: wallet.address.toLowerCase() };
+}
+
+const kws = () => sampleInputs('kws', 1);
+const lastVoucher = (a: Scripted) => a.vouchers.at(-1)?.cumulative ?? 0;
+
+describe('the payer pays only what it asked for', () => {
+  test('a receipt for a request never sent, one with units beyond the quote and an ok receipt on an error reply are not paid', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const payout = payoutWallet.address.toLowerCase();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payout, (a, req, sender) => {
+      const payer = req.pay!.payer;
+      n++;
+      if (n === 1) {
+        // Honest work, then a receipt for a request id it invented, pushed on the same reply topic.
+        a.answer(sender, req.id, a.receipt(payer, { requestId: req.id }));
+        a.answer(sender, ethers.randomBytes(16), a.receipt(payer, { requestId: ethers.randomBytes(16), unitsUsed: 1, price: 2 }));
+      } else if (n === 2) {
+        // 400,000 units of a model quoted per inference.
+        a.answer(sender, req.id, a.receipt(payer, { requestId: req.id, unitsUsed: 400_000, price: 800_000 }));
+      } else {
+        // Billed as ok on an error reply.
+        a.fail(sender, req.id, 'MESH_INFERENCE_FAILED', a.receipt(payer, { requestId: req.id }));
+      }
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id }));
+    await waitFor(() => (mesh.lanes()[0]?.receipts ?? 0) === 4, 5_000, 'four receipts linked');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.owedMicros, 2, 'only the one real request is owed');
+    assert.equal(lane.billedMicros, 2 + 2 + 800_000 + 2);
+    assert.equal(lane.refused, 3);
+    await waitFor(() => lastVoucher(agent) === 2, 5_000, 'a voucher for 2');
+    assert.ok(
+      agent.vouchers.every((v) => v.cumulative <= 2),
+      JSON.stringify(agent.vouchers.map((v) => v.cumulative)),
+    );
+  });
+
+  test("a reply after the deadline by the payer's clock is not paid, whatever time its receipt states", async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      // Claims to finish at once, answers 300 ms later: past the 100 ms deadline.
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id, finishedAt: Date.now(), startedAt: Date.now() - 1 });
+      setTimeout(() => a.answer(sender, req.id, receipt), 300);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 100, agentId: agent.identity.id }), /MESH_DEADLINE_EXCEEDED|within/);
+    await waitFor(() => (mesh.lanes()[0]?.receipts ?? 0) === 1, 5_000, 'the late receipt linked');
+    assert.equal(mesh.lanes()[0]!.owedMicros, 0);
+    assert.equal(mesh.lanes()[0]!.lastRefusal, 'late');
+    assert.equal(agent.vouchers.length, 0, 'nothing was signed');
+  });
+
+  test('a quote that raises prices is not taken without the app; receipts above the opening prices are not paid', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id, price: 20 }));
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await waitFor(() => (mesh.lanes()[0]?.receipts ?? 0) === 1, 5_000, 'the receipt linked');
+    assert.equal(mesh.lanes()[0]!.owedMicros, 0, 'a price of 20 against a quote of 2');
+    assert.equal(mesh.lanes()[0]!.lastRefusal, 'price');
+  });
+});
+
+describe('payouts and lanes that cannot be squatted or wedged', () => {
+  test("an agent quoting another agent's payout is not paid; the real agent, registered on chain, is", async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const payout = payoutWallet.address.toLowerCase();
+    const realIdentity = generateIdentity('agent');
+    await register(payoutWallet, realIdentity);
+    // The squatter announces first, quoting the real agent's payout.
+    const squatter = await scriptedAgent(t, broker.url, payout, (a, req, sender) =>
+      a.answer(sender, req.id, req.pay ? a.receipt(req.pay.payer, { requestId: req.id }) : undefined),
+    );
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    const real = await agentFor(t, {
+      brokerUrl: broker.url,
+      modelsDir: await modelsDir(),
+      identity: realIdentity,
+      payment: { payout, domain, dataDir: await tempDir(t) },
+    });
+    await mesh.waitForModel('kws', 10_000, 2);
+    await waitFor(() => mesh.lanes().some((l) => l.agentId === real.id), 5_000, "the real agent's lane");
+    assert.ok(!mesh.lanes().some((l) => l.agentId === squatter.identity.id), 'no lane with the squatter');
+    const result = await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: real.id });
+    assert.equal(result.agentId, real.id);
+    await waitFor(() => (mesh.lanes().find((l) => l.agentId === real.id)?.owedMicros ?? 0) > 0, 5_000, 'the real agent is owed');
+    // The squatter gets requests without a payment field (so nothing it bills is ever paid).
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: squatter.identity.id });
+    assert.equal(squatter.requests.at(-1)!.req.pay, undefined);
+  });
+
+  test('a lost reply does not wedge the lane: the payer asks for the receipts again and goes on paying', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+      // The second reply is lost on the way (its receipt stays in the agent's journal).
+      if (n !== 2) a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: agent.identity.id }));
+    for (let i = 0; i < 5; i++) await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await waitFor(() => (mesh.lanes()[0]?.receipts ?? 0) === 7, 5_000, 'all seven receipts linked');
+    assert.ok(agent.resyncs >= 1, 'a resync was asked for');
+    // Paid: the six answered requests. Not paid: the one whose answer never arrived.
+    assert.equal(mesh.lanes()[0]!.owedMicros, 12);
+    await waitFor(() => lastVoucher(agent) === 12, 5_000, 'the voucher pays 12');
+  });
+
+  test('a voucher the agent reports not having is sent again', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      // Work, then a refusal (a receipt priced 0) that reports the lane paid at 0, as an agent that lost its voucher would.
+      if (n === 1) a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id }));
+      else
+        a.fail(
+          sender,
+          req.id,
+          'MESH_BUSY',
+          a.receipt(req.pay!.payer, { requestId: req.id, status: RECEIPT_STATUS.failed, unitsUsed: 0, price: 0 }),
+        );
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await waitFor(() => agent.vouchers.length >= 1, 5_000, 'the first voucher');
+    await new Promise((r) => setTimeout(r, 600));
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id }), /busy/i);
+    await waitFor(() => agent.vouchers.filter((v) => v.cumulative === 2).length >= 2, 5_000, 'the voucher for 2 again');
+    assert.ok(toHex(agent.vouchers[0]!.sig) === toHex(agent.vouchers[1]!.sig), 'the same signed voucher, not a new one');
+  });
+});
