@@ -27,6 +27,7 @@ import { registerDemoCommands } from './demo.ts';
 import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 import { collect, nonNegativeInt, positiveInt, positiveNumber } from './options.ts';
+import { registerPayoutCommands } from './payout.ts';
 import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
@@ -527,6 +528,8 @@ export function buildProgram(): Command {
   registerDemoCommands(program);
   // Settlement on-chain: chain, fund, settle, balance (chain.ts).
   registerChainCommands(program);
+  // The payout registry: payers check it before they pay (payout.ts).
+  registerPayoutCommands(program);
 
   return program;
 }
