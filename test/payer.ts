@@ -122,6 +122,34 @@ export class TestPayer {
     return this.connection.client;
   }
 
+  /** Closes the connection (another payer may then connect with the same client id). */
+  close(): Promise<void> {
+    return this.connection.close();
+  }
+
+  /**
+   * A payer that lost its lane state: asks the agent for the lane's receipts from the start and checks
+   * them all again; the lane then goes on from the last one. Returns how many receipts were checked.
+   */
+  async recover(agentId: string): Promise<number> {
+    const lane = this.lane(agentId);
+    let checked = 0;
+    for (;;) {
+      const batches = await this.resync(agentId, lane.verifier.state.seq, 500);
+      for (const batch of batches) {
+        for (const r of batch.receipts) {
+          lane.leaves.push(lane.verifier.verify(r).leaf.slice());
+          checked++;
+        }
+      }
+      const last = batches.at(-1);
+      if (!last || last.lane.seq <= lane.verifier.state.seq) {
+        if (last) lane.paid = Math.max(lane.paid, last.lane.paid);
+        return checked;
+      }
+    }
+  }
+
   setAutoPay(on: boolean): void {
     this.autoPay = on;
   }
