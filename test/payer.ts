@@ -77,7 +77,7 @@ export interface InferOptions {
 export class TestPayer {
   readonly payer: string;
   readonly clientId: string;
-  private readonly lanes = new Map<string, PayerLane>();
+  private readonly payerLanes = new Map<string, PayerLane>();
   private readonly statuses = new Map<string, AgentStatus>();
   private readonly waiting = new Map<string, (m: Reply) => void>();
   private readonly batches: ReceiptBatch[] = [];
@@ -171,7 +171,7 @@ export class TestPayer {
 
   /** The lane with `agentId`, opened from its verified quote on first use. */
   lane(agentId: string): PayerLane {
-    let lane = this.lanes.get(agentId);
+    let lane = this.payerLanes.get(agentId);
     if (!lane) {
       const status = this.statuses.get(agentId);
       if (!status?.quote) throw new Error(`no quote from ${agentId} yet`);
@@ -186,7 +186,7 @@ export class TestPayer {
         grant: undefined,
         lastVoucher: undefined,
       };
-      this.lanes.set(agentId, lane);
+      this.payerLanes.set(agentId, lane);
     }
     return lane;
   }
@@ -314,8 +314,12 @@ export class TestPayer {
   }
 
   /** Lanes as the SDK's `lanes()` shows them. */
+  lanes() {
+    return this.lanesView();
+  }
+
   lanesView() {
-    return [...this.lanes.values()].map((l) => ({
+    return [...this.payerLanes.values()].map((l) => ({
       agentId: l.agentId,
       payer: this.payer,
       payout: l.quote.payout,
