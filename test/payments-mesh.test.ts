@@ -172,13 +172,32 @@ describe('receipts and payment through the mesh', () => {
     assert.equal(cancel!.price, 0, 'cancelled before it ran: max(minCharge 0, 0 units)');
     assert.equal(verifier.state.cumulative, det);
 
+    // A cancel while the run is under way costs the units done when it arrived: none yet for a one-shot model, not the full price.
+    const running = big();
+    const runningReply = payer.send(agent.id, running, 20_000);
+    await waitFor(() => agent.loadReport().inFlight === 1, 10_000, 'the second detection running');
+    payer.client.publish(
+      topics.agentCancel(agent.id, 'raw-payer'),
+      encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: running.id }),
+      {
+        qos: 1,
+      },
+    );
+    const stopped = await runningReply;
+    assert.equal(stopped.kind === 'err' && stopped.code, 'MESH_CANCELLED');
+    const stoppedReceipt = verifier.verify(receiptOf(stopped));
+    assert.equal(receiptOf(stopped).status, RECEIPT_STATUS.cancelled);
+    assert.equal(receiptOf(stopped).unitsUsed, 0);
+    assert.equal(receiptOf(stopped).price, 0, 'max(minCharge 0, unit × 0 units done)');
+    assert.equal(stoppedReceipt.cumulative, det);
+
     // Without a payer lane the agent refuses: it serves only paid work by default. No receipt, nothing owed.
     const free = paidRequest(payer, 'kws', undefined);
     delete free.pay;
     const freeReply = await payer.send(agent.id, free);
     assert.equal(freeReply.kind === 'err' && freeReply.code, 'MESH_PAYMENT_REQUIRED');
     assert.equal(freeReply.receipt, undefined);
-    assert.equal(agent.payments!.lanes()[0]!.receipts, 3);
+    assert.equal(agent.payments!.lanes()[0]!.receipts, 4);
     assert.equal(agent.payments!.lanes()[0]!.owedMicros, det);
   });
 

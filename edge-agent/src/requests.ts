@@ -89,9 +89,15 @@ export function receiptStatus(err: MeshError | undefined, expired: boolean): Rec
   return RECEIPT_STATUS.failed;
 }
 
-/** Units charged by the quote's rule: ok, and a cancel of work that ran; failures and timeouts cost 0. */
-export function unitsUsed(status: ReceiptStatus, ran: boolean): number {
-  return status === RECEIPT_STATUS.ok || (status === RECEIPT_STATUS.cancelled && ran) ? 1 : 0;
+/**
+ * Units charged by the quote's rule: the units of work done (docs/settlement.md, "What a request
+ * costs"). A one-shot model's single unit is done only when its run returns a result: an ok run is 1
+ * unit, and a cancel costs the units done when it arrived, which for a one-shot run is 0 whether it was
+ * queued or running (its result is discarded; a cancel that comes after the result finds nothing to
+ * cancel). Failures and timeouts cost 0.
+ */
+export function unitsUsed(status: ReceiptStatus, unitsDone: number): number {
+  return status === RECEIPT_STATUS.ok || status === RECEIPT_STATUS.cancelled ? unitsDone : 0;
 }
 
 /** The error reply for request `id` (its message cut to what the schema allows). */
@@ -353,14 +359,15 @@ export class AgentRequests {
       return;
     }
     const paid = job.paid;
-    const ran = job.startedAt !== undefined;
     const status = receiptStatus(err, job.deadline <= Date.now());
+    // One-shot models: the one unit is done when the run returns its outputs, and not before.
+    const unitsDone = outputs ? 1 : 0;
     const nowPerf = performance.now();
     const epochOf = (perf: number) => Date.now() - (nowPerf - perf);
     const { receipt, durable } = payments.issue(job.paid, {
       requestId: job.id,
       status,
-      unitsUsed: unitsUsed(status, ran),
+      unitsUsed: unitsUsed(status, unitsDone),
       outputHash: outputs ? hashTensorMap(outputs) : ZERO_HASH,
       startedAt: epochOf(job.startedAt ?? job.receivedAt),
       finishedAt: Date.now(),
