@@ -219,7 +219,7 @@ describe('payments among strangers: the agent gives credit only against money th
     assert.equal(await escrow.tokenBalance(payout), BigInt(2 * KWS));
   });
 
-  test('a voucher that pays less, or expires before the settle horizon, never replaces the settleable one', async (t) => {
+  test('a voucher that pays less, expires before the settle horizon, or pays more than the lane holds never replaces the settleable one', async (t) => {
     const broker = await brokerFor(t);
     const { agent, payout } = await paidAgent(t, broker.url);
     const wallet = await payerWallet(payout, 1_000_000n);
@@ -238,7 +238,9 @@ describe('payments among strangers: the agent gives credit only against money th
     await payer.voucher(agentId, { cumulative: 4 * KWS, seq: 4, expiry: Math.floor(Date.now() / 1000) + 3_600 });
     // More, but already expired: refused.
     await payer.voucher(agentId, { cumulative: 4 * KWS, seq: 4, expiry: Math.floor(Date.now() / 1000) - 1 });
-    await waitFor(() => agent.payments!.counters.vouchersRefused === refusedBefore + 3, 3_000, 'three vouchers refused');
+    // More than the lane holds: the escrow would skip it whole (OVERSPEND), so it is refused.
+    await payer.voucher(agentId, { cumulative: 2_000_000, seq: 4 });
+    await waitFor(() => agent.payments!.counters.vouchersRefused === refusedBefore + 4, 3_000, 'four vouchers refused');
     const lane = agent.payments!.lanes()[0]!;
     assert.equal(lane.paidMicros, 3 * KWS);
     assert.equal(lane.voucher!.cumulative, 3 * KWS);

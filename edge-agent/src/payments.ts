@@ -475,7 +475,8 @@ export class AgentPayments {
 
   /**
    * Takes a voucher: it must be for this payout, on a lane the agent holds, signed by that lane's
-   * payer, pay more than the best voucher held, and stay settleable for the settle horizon. Anything
+   * payer, pay more than the best voucher held but no more than the lane holds, and stay settleable
+   * for the settle horizon. Anything
    * else is refused (logged and counted) and never replaces the best. Its `seq` says how far the payer
    * had checked: what was billed up to there and is not paid is what the payer refused. Returns whether
    * it became the best; resolves once stored.
@@ -510,6 +511,18 @@ export class AgentPayments {
       return refuse(`unreadable signature: ${(err as Error).message}`);
     }
     if (signer.toLowerCase() !== lane.payer) return refuse(`signed by ${signer}, not the payer`);
+    // The escrow skips a voucher whose increase is more than the lane holds (OVERSPEND) and pays nothing
+    // of it: such a voucher must not replace one that settles.
+    let funds: LaneFundsView;
+    try {
+      funds = await this.funds.track(lane.payer);
+    } catch (err) {
+      return refuse(`the lane cannot be read to check it: ${(err as Error).message}`);
+    }
+    if (message.cumulative - funds.settled > funds.remaining)
+      return refuse(
+        `pays ${message.cumulative}, more than the lane holds (${funds.remaining} left, ${funds.settled} settled): the escrow would skip it`,
+      );
     // The payer cannot have checked receipts it was never sent, nor unchecked what it checked before.
     let checked: { seq: number; billed: number } | undefined;
     if (message.seq !== undefined) {
