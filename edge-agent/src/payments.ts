@@ -65,8 +65,8 @@ export interface AgentPaymentOptions {
   /** fsync every journal batch (survives power loss, not only a killed process). */
   syncWrites?: boolean;
   /**
-   * Payer lanes one client may open (default 4). Each lane may owe up to the credit window, so this
-   * bounds what one admitted client can leave unpaid; a client naming fresh payers cannot multiply it.
+   * Payer lanes that may be granted to one client (default 4). Each lane's credit is backed by its own
+   * money on chain; this also bounds how many windows one admitted client can hold open at once.
    */
   maxLanesPerClient?: number;
   /** Run the settlement relayer (edge-agent/settler.ts): settle the best vouchers on chain by its policy. */
