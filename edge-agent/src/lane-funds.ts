@@ -25,6 +25,8 @@ export interface LaneFundsView {
   remaining: number;
   /** The highest voucher cumulative the escrow has paid out on the lane. */
   settled: number;
+  /** A withdrawal is in progress (thawing or armed; a lapsed one, where the escrow has lapses, is not). */
+  withdrawPending: boolean;
   /** What a withdrawal in progress would take (v1: everything left); 0 when none is pending. */
   pendingWithdrawal: number;
   /** A withdrawal is pending and its thaw has passed: the payer may take the money at any moment. */
@@ -204,6 +206,7 @@ export class LaneFunds {
     return {
       remaining: toMicros(lane.remaining),
       settled: toMicros(lane.settled),
+      withdrawPending: pending,
       // v1's withdraw() takes everything left on the lane.
       pendingWithdrawal: pending ? toMicros(lane.remaining) : 0,
       withdrawArmed: pending && now >= Number(lane.thawEnd),

@@ -324,7 +324,7 @@ export class AgentPayments {
       });
     };
     // Everything after the read is synchronous: no other admission can slip between the check and the reservation.
-    if (funds.pendingWithdrawal > 0 || funds.withdrawArmed || funds.thawEnd !== 0) {
+    if (funds.withdrawPending || funds.withdrawArmed || funds.pendingWithdrawal > 0) {
       refuse('withdrawal', `payer ${payer} is withdrawing its lane (thaw ends at ${funds.thawEnd} s): no new credit`, {
         thawEnd: funds.thawEnd,
         armed: funds.withdrawArmed,
