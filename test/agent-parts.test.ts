@@ -122,18 +122,19 @@ test('requests: an id is refused as a replay until its deadline, expired request
   assert.equal(guard.size, 0);
 });
 
-test('requests: a receipt charges ok and a cancel of work that ran; deadline drops and late cancels are timeouts', () => {
+test('requests: a receipt charges the units done (a cancelled one-shot run has none); deadline drops and late cancels are timeouts', () => {
   const err = (code: ConstructorParameters<typeof MeshError>[0]) => new MeshError(code, 'x');
   assert.equal(receiptStatus(undefined, false), RECEIPT_STATUS.ok);
   assert.equal(receiptStatus(err('MESH_CANCELLED'), false), RECEIPT_STATUS.cancelled);
   assert.equal(receiptStatus(err('MESH_CANCELLED'), true), RECEIPT_STATUS.timeout);
   assert.equal(receiptStatus(err('MESH_DEADLINE_EXCEEDED'), true), RECEIPT_STATUS.timeout);
   assert.equal(receiptStatus(err('MESH_INFERENCE_FAILED'), false), RECEIPT_STATUS.failed);
-  assert.equal(unitsUsed(RECEIPT_STATUS.ok, true), 1);
-  assert.equal(unitsUsed(RECEIPT_STATUS.cancelled, true), 1);
-  assert.equal(unitsUsed(RECEIPT_STATUS.cancelled, false), 0);
-  assert.equal(unitsUsed(RECEIPT_STATUS.timeout, true), 0);
-  assert.equal(unitsUsed(RECEIPT_STATUS.failed, true), 0);
+  // The units done are charged: a one-shot run's unit is done only with its outputs, so a cancel (queued or running) is 0 units.
+  assert.equal(unitsUsed(RECEIPT_STATUS.ok, 1), 1);
+  assert.equal(unitsUsed(RECEIPT_STATUS.cancelled, 1), 1);
+  assert.equal(unitsUsed(RECEIPT_STATUS.cancelled, 0), 0);
+  assert.equal(unitsUsed(RECEIPT_STATUS.timeout, 1), 0);
+  assert.equal(unitsUsed(RECEIPT_STATUS.failed, 1), 0);
 
   const id = newRequestId();
   const reply = decodeMessage(errorReply('agent-x', id, new MeshError('MESH_BUSY', 'y'.repeat(5_000))), ['err']);

@@ -86,6 +86,14 @@ describe('edge-mesh CLI', () => {
       (err: { code?: number; stderr?: string }) => err.code !== 0 && /positive integer/.test(err.stderr ?? ''),
     );
     await assert.rejects(edgeMesh(['agent']), (err: { stderr?: string }) => /--models/.test(err.stderr ?? ''));
+    // Taking payment needs the escrow's chain: credit is given only against money on the lane.
+    if (process.env.MESH_RPC_URL === undefined) {
+      const address = `0x${'b0'.repeat(20)}`;
+      await assert.rejects(
+        edgeMesh(['agent', '--models', '.', '--payout', address, '--escrow', address, '--chain-id', '31337']),
+        (err: { code?: number; stderr?: string }) => err.code !== 0 && /MESH_CONFIG.*--rpc/.test(err.stderr ?? ''),
+      );
+    }
     await assert.rejects(edgeMesh(['frobnicate']), (err: { stderr?: string }) => /unknown command/.test(err.stderr ?? ''));
     // A broker nobody administers is refused unless it is asked to run open.
     await assert.rejects(

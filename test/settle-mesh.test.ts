@@ -9,7 +9,8 @@ import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } fro
 import { sampleInputs } from '@edge-mesh/demo';
 import { MeshError, RECEIPT_STATUS } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
-import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
+import { agentFor, brokerFor, tempDir, waitFor } from './helpers.ts';
+import { TestPayer } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -35,14 +36,10 @@ describe('settlement of paid inference on a local chain', () => {
       brokerUrl: broker.url,
       pipelineDepth: 1,
       maxMessageBytes: 16 << 20,
-      payment: { payout, domain, dataDir: await tempDir(t) },
+      payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider },
     });
-    const mesh = await meshFor(t, {
-      brokerUrl: broker.url,
-      maxMessageBytes: 16 << 20,
-      // This test is about settling; payout registration has its own (test/payments-payer.test.ts).
-      payment: { signer: payerWallet, domain, dataDir: await tempDir(t), checkPayouts: false },
-    });
+    // The payer grants its lane to its mesh client, checks every receipt and pays it with a voucher (test/payer.ts).
+    const mesh = await TestPayer.open(t, broker.url, { wallet: payerWallet, domain, clientId: 'app-settle' });
     await mesh.waitForModel('kws');
 
     for (let i = 0; i < 20; i++)
@@ -69,7 +66,7 @@ describe('settlement of paid inference on a local chain', () => {
     );
     assert.equal(journal.at(-1)!.cumulative, okTotal);
     await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === okTotal, 5_000, 'the last voucher');
-    assert.equal(mesh.lanes()[0]!.paidMicros, okTotal);
+    assert.equal(mesh.lanesView()[0]!.paidMicros, okTotal);
 
     const best = agent.payments!.lanes()[0]!.voucher!;
     const relayer = await EscrowClient.connect({ runner: chain.wallet(2), escrow: deployment.escrow });

@@ -8,19 +8,21 @@ import { once } from 'node:events';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, type TestContext, test } from 'node:test';
-import type { SettlerOptions } from '@edge-mesh/agent';
+import type { AgentPaymentOptions, SettlerOptions } from '@edge-mesh/agent';
 import { ESCROW_ABI, EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
 import { generateIdentity, MeshError } from '@edge-mesh/protocol';
 import { startRouter } from '@edge-mesh/router';
 import { ethers } from 'ethers';
-import { agentFor, brokerFor, meshFor, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
+import { agentFor, brokerFor, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
+import { TestPayer } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
 let nextPayer = 1;
 let nextRelayer = 10;
+let nextClient = 1;
 
 async function fundedLane(payout: string, amount = 1_000_000n): Promise<ethers.Wallet> {
   const wallet = chain.wallet(nextPayer++);
@@ -30,37 +32,38 @@ async function fundedLane(payout: string, amount = 1_000_000n): Promise<ethers.W
   return wallet;
 }
 
-async function paidMesh(
-  t: TestContext,
-  brokerUrl: string,
-  signer: ethers.Wallet,
-  extra: { voucherTtlS?: number; dataDir?: string; wait?: boolean } = {},
-) {
+/** The payer's side: a lane grant for its mesh client, every receipt checked and paid with a voucher (test/payer.ts). */
+async function paidMesh(t: TestContext, brokerUrl: string, signer: ethers.Wallet, extra: { voucherTtlS?: number; wait?: boolean } = {}) {
   const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
-  const mesh = await meshFor(t, {
-    brokerUrl,
-    maxMessageBytes: 16 << 20,
-    payment: {
-      signer,
-      domain,
-      dataDir: extra.dataDir ?? (await tempDir(t)),
-      // These tests are about settling; payout registration has its own (test/payments-payer.test.ts).
-      checkPayouts: false,
-      ...(extra.voucherTtlS ? { voucherTtlS: extra.voucherTtlS } : {}),
-    },
+  const mesh = await TestPayer.open(t, brokerUrl, {
+    wallet: signer,
+    domain,
+    clientId: `app-settler-${nextClient++}`,
+    ...(extra.voucherTtlS ? { voucherTtlS: extra.voucherTtlS } : {}),
   });
   if (extra.wait !== false) await mesh.waitForModel('kws');
   return mesh;
 }
 
-async function settlerAgent(t: TestContext, brokerUrl: string, settle: Partial<SettlerOptions>) {
+async function settlerAgent(
+  t: TestContext,
+  brokerUrl: string,
+  settle: Partial<SettlerOptions>,
+  payment: Partial<AgentPaymentOptions> = {},
+) {
   const payout = ethers.Wallet.createRandom().address.toLowerCase();
   const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
   const agent = await agentFor(t, {
     brokerUrl,
     pipelineDepth: 1,
     maxMessageBytes: 16 << 20,
-    payment: { payout, domain, dataDir: await tempDir(t), settle: { runner: chain.wallet(nextRelayer++), checkEveryMs: 100, ...settle } },
+    payment: {
+      payout,
+      domain,
+      dataDir: await tempDir(t),
+      settle: { runner: chain.wallet(nextRelayer++), checkEveryMs: 100, ...settle },
+      ...payment,
+    },
   });
   return { agent, payout };
 }
@@ -131,7 +134,13 @@ describe('settlement relayer', () => {
   test('the maximum interval settles a small amount; a near-expiry voucher settles at once', async (t) => {
     const broker = await brokerFor(t);
     const slow = await settlerAgent(t, broker.url, { thresholdMicros: 1e12, maxIntervalMs: 1_500 });
-    const expiring = await settlerAgent(t, broker.url, { thresholdMicros: 1e12, maxIntervalMs: 3_600_000, expiryMarginS: 3_600 });
+    // This agent takes vouchers that expire within the hour (no settle horizon), so its relayer's expiry trigger has one to act on.
+    const expiring = await settlerAgent(
+      t,
+      broker.url,
+      { thresholdMicros: 1e12, maxIntervalMs: 3_600_000, expiryMarginS: 3_600 },
+      { settleHorizonS: 0 },
+    );
     const payerA = await fundedLane(slow.payout);
     const payerB = await fundedLane(expiring.payout);
     const meshA = await paidMesh(t, broker.url, payerA);

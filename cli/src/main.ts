@@ -246,17 +246,29 @@ export function buildProgram(): Command {
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
     .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
-    .option('--payout <address>', "take payment: the EVM address paid for this agent's work (needs --escrow and --chain-id)")
+    .option(
+      '--payout <address>',
+      "take payment: the EVM address paid for this agent's work (needs --escrow, --chain-id and --rpc: credit is given only against money on the lane)",
+    )
     .option('--escrow <address>', 'the escrow contract receipts and vouchers are for')
     .option('--chain-id <id>', 'the chain id of that escrow', positiveInt)
     .option('--data <dir>', 'folder for the receipt journal and vouchers', '.mesh-data/agent')
     .option('--credit-requests <n>', 'unpaid requests a payer lane may owe before MESH_CREDIT_EXCEEDED', positiveInt, 8)
+    .option('--serve-unpaid', 'with --payout: serve requests that name no payer too, for free (default: MESH_PAYMENT_REQUIRED)', false)
+    .option(
+      '--settle-horizon <seconds>',
+      'with --payout: take only vouchers that stay settleable this long (default 2 × the escrow thaw + 1 day)',
+      positiveNumber,
+    )
     .option(
       '--settle',
       'run the settlement relayer: settle the best vouchers on chain (needs --payout, --rpc and an EVM key for gas)',
       false,
     )
-    .option('--rpc <url>', 'EVM JSON-RPC URL the relayer sends to (env MESH_RPC_URL)')
+    .option(
+      '--rpc <url>',
+      "EVM JSON-RPC URL of the escrow's chain: lane balances are read there, and the relayer sends to it (env MESH_RPC_URL)",
+    )
     .option('--evm-key <file>', 'file with the 0x-hex EVM private key that pays settlement gas (env MESH_EVM_KEY holds the key itself)')
     .option('--settle-interval <seconds>', 'settle an owing lane at least this often', positiveNumber, 86_400)
     .option('--settle-threshold <micros>', 'settle a lane once it owes this much (default: 100 × its gas cost)', positiveInt)
@@ -267,22 +279,31 @@ export function buildProgram(): Command {
       if (opts.payout !== undefined && (opts.escrow === undefined || opts.chainId === undefined)) {
         throw new MeshError('MESH_CONFIG', '--payout needs --escrow and --chain-id');
       }
-      let settle: import('@edge-mesh/agent').SettlerOptions | undefined;
-      if (opts.settle) {
-        if (opts.payout === undefined) throw new MeshError('MESH_CONFIG', '--settle needs --payout, --escrow and --chain-id');
+      if (opts.settle && opts.payout === undefined) throw new MeshError('MESH_CONFIG', '--settle needs --payout, --escrow and --chain-id');
+      // Taking payment reads the escrow: lane balances and withdrawals decide the credit (docs/settlement.md).
+      let provider: import('ethers').JsonRpcProvider | undefined;
+      if (opts.payout !== undefined) {
         const rpc = opts.rpc ?? process.env.MESH_RPC_URL;
-        if (!rpc) throw new MeshError('MESH_CONFIG', '--settle needs --rpc URL or MESH_RPC_URL');
-        const { loadEvmKey } = await import('./chain.ts');
-        const key = await loadEvmKey(opts.evmKey);
-        if (key === undefined)
-          throw new MeshError('MESH_CONFIG', '--settle needs --evm-key FILE or MESH_EVM_KEY (the account that pays settlement gas)');
+        if (!rpc)
+          throw new MeshError(
+            'MESH_CONFIG',
+            '--payout needs --rpc URL or MESH_RPC_URL: the agent gives credit only against money on the lane, read from the escrow',
+          );
         const { ethers } = await import('ethers');
-        const provider = new ethers.JsonRpcProvider(rpc, BigInt(opts.chainId), {
+        provider = new ethers.JsonRpcProvider(rpc, BigInt(opts.chainId), {
           staticNetwork: ethers.Network.from(BigInt(opts.chainId)),
           batchMaxCount: 1,
           cacheTimeout: -1,
           pollingInterval: 100,
         });
+      }
+      let settle: import('@edge-mesh/agent').SettlerOptions | undefined;
+      if (opts.settle && provider) {
+        const { loadEvmKey } = await import('./chain.ts');
+        const key = await loadEvmKey(opts.evmKey);
+        if (key === undefined)
+          throw new MeshError('MESH_CONFIG', '--settle needs --evm-key FILE or MESH_EVM_KEY (the account that pays settlement gas)');
+        const { ethers } = await import('ethers');
         const crash = process.env.MESH_SETTLER_CRASH; // fault injection for the crash tests
         settle = {
           runner: new ethers.Wallet(key, provider),
@@ -319,6 +340,9 @@ export function buildProgram(): Command {
                 domain: { chainId: BigInt(opts.chainId), escrow: opts.escrow },
                 dataDir: path.resolve(opts.data),
                 creditRequests: opts.creditRequests,
+                ...(provider ? { provider } : {}),
+                ...(opts.serveUnpaid ? { serveUnpaid: true } : {}),
+                ...(opts.settleHorizon !== undefined ? { settleHorizonS: opts.settleHorizon } : {}),
                 ...(settle ? { settle } : {}),
               },
             }

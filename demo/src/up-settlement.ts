@@ -104,6 +104,8 @@ export async function startUpSettlement(options: UpSettlementOptions): Promise<U
           '--settle-interval',
           String((options.maxIntervalMs ?? 5_000) / 1000),
           '--settle-on-close',
+          // The router's HTTP API and the bridge send unpaid requests (docs/settlement.md, "In `npm start`").
+          '--serve-unpaid',
         ],
         env: { MESH_EVM_KEY: chain.privateKeys[FIRST_AGENT_ACCOUNT + index]! },
       }),

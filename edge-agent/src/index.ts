@@ -16,6 +16,7 @@
  *   status.ts      the signed status, the will, the heartbeat's load reports
  *   connection.ts  the MQTT link: subscriptions, topic routing, announcements, replies
  *   paid.ts        payments and settlement, loaded only when the agent takes payment
+ *                  (payments.ts: grants, journal, credit rule; lane-funds.ts: the escrow's view of the lanes)
  */
 import path from 'node:path';
 import pino from 'pino';
@@ -32,6 +33,7 @@ import { Heartbeat, loadReport, StatusBoard } from './status.ts';
 import type { AgentCounters, AgentHandle, AgentOptions } from './types.ts';
 import type { LoadedModel } from './worker-protocol.ts';
 
+export type { LaneFundsView } from './lane-funds.ts';
 export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';
 export { availableProviders } from './models.ts';
 export type { AgentPaymentOptions, LaneSummary } from './payments.ts';

@@ -1,6 +1,7 @@
 /**
- * The paid side of an agent, opened only when it takes payment: the receipt journal and credit
- * window (payments.ts) and, when asked, the settlement relayer (settler.ts). Both load here, on
+ * The paid side of an agent, opened only when it takes payment: the receipt journal, lane grants and
+ * the credit rule (payments.ts) over the escrow's view of the lanes (lane-funds.ts) and, when asked,
+ * the settlement relayer (settler.ts). Both load here, on
  * demand: with ethers, level and the escrow bindings they are most of the agent's JavaScript, and an
  * unpaid agent on a small device should not hold them (docs/agent.md).
  */
@@ -43,6 +44,7 @@ export async function openPaidSide(
 export function paymentsView({ payments, settler }: PaidSide): NonNullable<AgentHandle['payments']> {
   return {
     lanes: () => payments.lanesSummary(),
+    catchUpFunds: () => payments.funds.catchUp(),
     receipts: (payer: string) => payments.receipts(payer),
     counters: payments.counters,
     ...(settler

@@ -1,30 +1,37 @@
 /**
  * The agent's side of payment: a signed quote, a receipt per request a payer's lane takes on, the
- * receipt journal and the best voucher per lane in `level`, and the credit window.
+ * receipt journal and the best voucher per lane in `level`, lane grants, and the credit rule.
  *
  * - Journal: every receipt and its lane's new head are written in one batch, and the reply that
  *   carries the receipt is published only after that batch is written. Batches are group-committed:
  *   receipts issued while a write is running go together in the next one, so `syncWrites` (fsync per
  *   batch) costs one fsync per burst, not per request.
- * - Credit window: a lane is served while what it owes (receipts issued, plus the full ok price of
- *   requests it has running) minus what its best voucher pays stays within `creditRequests` ok prices
- *   of the agent's dearest model (or `creditMicros`). Beyond it the request is answered MESH_CREDIT_EXCEEDED and costs nothing.
- * - A lane is bound to the mesh id (broker-authenticated) that first named its payer; others naming
- *   the same payer are refused MESH_FORBIDDEN, and so is a client past `maxLanesPerClient` lanes.
- *   Vouchers must recover to the lane's payer.
+ * - Lanes are granted: a paid request from mesh client C naming payer P runs on lane (P, payout) only
+ *   once C has shown a grant signed by P's voucher key naming this payout and C (docs/settlement.md,
+ *   "Lanes and grants"). The grant is checked once and stored; a newer one moves the lane.
+ * - Credit only against money that is there (docs/settlement.md, "The credit rule"): the escrow's view
+ *   of the lane (lane-funds.ts) must cover everything the lane owes plus this request's maximum price,
+ *   no withdrawal may be pending, and the unpaid work stays within the credit window.
+ * - Vouchers must recover to the lane's payer, pay more than the best one held, and stay settleable
+ *   for the settle horizon; a worse one never replaces the best.
  */
 import path from 'node:path';
-import { recoverVoucherSigner } from '@edge-mesh/contracts';
+import { recoverLaneGrantSigner, recoverVoucherSigner } from '@edge-mesh/contracts';
 import {
   decodeCbor,
   type EscrowDomain,
   encodeCbor,
   fromHex,
   type Identity,
+  type LaneGrant,
+  type LaneInfo,
   MeshError,
   type ModelPrice,
+  PROTOCOL_VERSION,
   RECEIPT_STATUS,
   RECEIPT_VERSION,
+  type ReceiptBatch,
+  type Resync,
   receiptPriceMicros,
   type SignedQuote,
   type SignedReceipt,
@@ -34,8 +41,10 @@ import {
   type VoucherMessage,
   ZERO_HASH,
 } from '@edge-mesh/protocol';
+import type { ethers } from 'ethers';
 import { Level } from 'level';
 import type { Logger } from 'pino';
+import { LaneFunds, type LaneFundsView } from './lane-funds.ts';
 import type { SettlerOptions } from './settler.ts';
 
 export interface AgentPaymentOptions {
@@ -56,12 +65,28 @@ export interface AgentPaymentOptions {
   /** fsync every journal batch (survives power loss, not only a killed process). */
   syncWrites?: boolean;
   /**
-   * Payer lanes one client may open (default 4). Each lane may owe up to the credit window, so this
-   * bounds what one admitted client can leave unpaid; a client naming fresh payers cannot multiply it.
+   * Payer lanes that may be granted to one client (default 4). Each lane's credit is backed by its own
+   * money on chain; this also bounds how many windows one admitted client can hold open at once.
    */
   maxLanesPerClient?: number;
   /** Run the settlement relayer (edge-agent/settler.ts): settle the best vouchers on chain by its policy. */
   settle?: SettlerOptions;
+  /**
+   * Reads the escrow's chain (lane balances, withdrawals, settlements): required, because credit is
+   * given only against money on the lane. When absent, the settler's runner's provider is used.
+   */
+  provider?: ethers.Provider;
+  /** Serve requests that name no payer too, for free (default false: MESH_PAYMENT_REQUIRED). */
+  serveUnpaid?: boolean;
+  /**
+   * A voucher is taken only if it stays settleable at least this long (seconds; default 2 × the escrow's
+   * thaw + 1 day): time to settle it even after the payer asks to withdraw.
+   */
+  settleHorizonS?: number;
+  /** How often the escrow's events are read (default 4,000 ms). */
+  fundsPollMs?: number;
+  /** Most blocks per `eth_getLogs` when catching up (default 2,000). */
+  fundsMaxBlockRange?: number;
 }
 
 interface StoredVoucher {
@@ -73,24 +98,35 @@ interface StoredVoucher {
 
 interface Lane {
   payer: string;
+  /** The mesh client the payer granted the lane to. */
   senderId: string;
+  /** The grant held (absent in a journal written before grants: the first valid grant binds such a lane). */
+  grant?: { issuedAt: number; sig: string };
   seq: number;
   cumulative: number;
   lastLeaf: string;
   /** Cumulative amount of the best voucher. */
   paid: number;
   voucher: StoredVoucher | undefined;
+  /** The highest receipt seq a voucher said the payer had checked, and what the agent had billed up to it. */
+  checkedSeq?: number;
+  checkedBilled?: number;
 }
 
 export interface LaneSummary {
   payer: string;
+  /** The mesh client the lane is granted to. */
   senderId: string;
   receipts: number;
   owedMicros: number;
   paidMicros: number;
-  /** Ok prices reserved for requests still running. */
+  /** Maximum prices reserved for requests still running. */
   reservedMicros: number;
+  /** What the payer refused: billed up to the seq its best voucher says it checked, minus what that voucher pays. */
+  refusedMicros: number;
   voucher: StoredVoucher | undefined;
+  /** The escrow's view of the lane, once read. */
+  funds: LaneFundsView | undefined;
 }
 
 /** What the agent holds for a paying request between admission and its receipt. */
@@ -100,6 +136,12 @@ export interface PaidJob {
   reservedMicros: number;
   inputHash: Uint8Array;
 }
+
+/** Receipts per `receipts` message (the schema's cap) and messages per resync; the payer asks again from where a batch stops. */
+export const RESYNC_BATCH = 256;
+const RESYNC_MAX_BATCHES = 4;
+/** A grant dated further ahead than this is refused: it would pin the lane against the payer's own later grants. */
+const GRANT_FUTURE_SLACK_MS = 10 * 60_000;
 
 export interface ReceiptFacts {
   requestId: Uint8Array;
@@ -129,11 +171,26 @@ export class AgentPayments {
   /** The best voucher per lane that is on disk: only these are settled, so a crash never forgets one that was sent. */
   private readonly durableVouchers = new Map<string, StoredVoucher>();
   private readonly prices = new Map<string, ModelPrice>();
+  /** Lanes whose refusals filled the window, already logged. */
+  private readonly cutOff = new Set<string>();
   private quote: { signed: SignedQuote; renewAt: number } | undefined;
   private pendingOps: { type: 'put'; key: string; value: unknown }[] = [];
   private pendingWaiters: { resolve: () => void; reject: (err: unknown) => void }[] = [];
   private writing = false;
-  counters = { receipts: 0, vouchers: 0, vouchersRefused: 0, creditRefusals: 0 };
+  /** Requests naming no payer are served free (else MESH_PAYMENT_REQUIRED). */
+  readonly serveUnpaid: boolean;
+  /** Seconds a voucher must stay settleable to be taken. */
+  readonly settleHorizonS: number;
+  counters = {
+    receipts: 0,
+    vouchers: 0,
+    vouchersRefused: 0,
+    creditRefusals: 0,
+    grants: 0,
+    grantsRefused: 0,
+    resyncs: 0,
+    resyncsRefused: 0,
+  };
 
   private constructor(
     private readonly identity: Identity,
@@ -141,6 +198,8 @@ export class AgentPayments {
     options: AgentPaymentOptions,
     models: { name: string; sha256: string; priceMicros: number }[],
     private readonly logger: Logger,
+    /** The escrow's view of the lanes. */
+    readonly funds: LaneFunds,
   ) {
     this.payout = options.payout.toLowerCase();
     this.domain = options.domain;
@@ -149,6 +208,8 @@ export class AgentPayments {
     this.quoteTtlMs = options.quoteTtlMs ?? 86_400_000;
     this.sync = options.syncWrites ?? false;
     this.maxLanesPerClient = options.maxLanesPerClient ?? 4;
+    this.serveUnpaid = options.serveUnpaid ?? false;
+    this.settleHorizonS = options.settleHorizonS ?? 2 * funds.thawSeconds + 86_400;
     for (const m of models) {
       const o = options.prices?.[m.name] ?? {};
       this.prices.set(m.name, {
@@ -177,17 +238,40 @@ export class AgentPayments {
       problems.push('creditRequests must be a positive integer');
     if (options.creditMicros !== undefined && !(Number.isSafeInteger(options.creditMicros) && options.creditMicros >= 0))
       problems.push('creditMicros must be a non-negative integer');
-    if (problems.length) throw new MeshError('MESH_CONFIG', `invalid payment options: ${problems.join('; ')}`);
+    if (options.settleHorizonS !== undefined && !(Number.isFinite(options.settleHorizonS) && options.settleHorizonS >= 0))
+      problems.push('settleHorizonS must be a non-negative number of seconds');
+    const provider = options.provider ?? options.settle?.runner.provider ?? undefined;
+    if (!provider)
+      problems.push(
+        'taking payment needs a chain provider (payment.provider; --rpc URL or MESH_RPC_URL on the command line): credit is given only against money on the lane, read from the escrow',
+      );
+    if (problems.length || !provider) throw new MeshError('MESH_CONFIG', `invalid payment options: ${problems.join('; ')}`);
     // Keyed by chain and escrow, so a fresh local chain never mixes with old lanes.
     const location = path.join(options.dataDir, `payments-${options.domain.chainId}-${options.domain.escrow.toLowerCase()}`);
     const db = new Level<string, unknown>(location, { valueEncoding: 'json' });
     await db.open();
-    const payments = new AgentPayments(identity, db, options, models, logger);
+    let funds: LaneFunds;
+    try {
+      funds = await LaneFunds.open({
+        provider,
+        escrow: options.domain.escrow,
+        payout: options.payout,
+        chainId: BigInt(options.domain.chainId),
+        store: { get: (key) => db.get(key), put: (key, value) => db.put(key, value, { sync: true }) },
+        logger,
+        ...(options.fundsPollMs !== undefined ? { pollMs: options.fundsPollMs } : {}),
+        ...(options.fundsMaxBlockRange !== undefined ? { maxBlockRange: options.fundsMaxBlockRange } : {}),
+      });
+    } catch (err) {
+      await db.close();
+      throw err;
+    }
+    const payments = new AgentPayments(identity, db, options, models, logger, funds);
     for await (const [key, value] of db.iterator({ gte: LANE_PREFIX, lt: `${LANE_PREFIX}~` })) {
       const lane = value as Lane;
       payments.lanes.set(key.slice(LANE_PREFIX.length), lane);
       if (lane.voucher) payments.durableVouchers.set(lane.payer, lane.voucher);
-      payments.lanesPerClient.set(lane.senderId, (payments.lanesPerClient.get(lane.senderId) ?? 0) + 1);
+      if (lane.grant) payments.lanesPerClient.set(lane.senderId, (payments.lanesPerClient.get(lane.senderId) ?? 0) + 1);
     }
     return payments;
   }
@@ -210,43 +294,140 @@ export class AgentPayments {
   }
 
   /**
-   * Admits a paying request: the lane must be this sender's and within its credit window. Reserves the
-   * model's ok price until the receipt is issued (or `release`). Throws MESH_FORBIDDEN or MESH_CREDIT_EXCEEDED.
+   * Admits a paying request from `senderId` on the lane of `payerAddress` (taking `grant` first when
+   * it is newer than the one held), under the credit rule (docs/settlement.md, "The credit rule").
+   * Reserves the request's maximum price until its receipt is issued (or `release`). Throws
+   * MESH_FORBIDDEN (no grant for this client), MESH_CREDIT_EXCEEDED (`details.reason`: `funds`,
+   * `withdrawal`, `window` or `refused`) or MESH_CHAIN_UNREACHABLE (the lane cannot be read).
    */
-  admit(payerAddress: string, senderId: string, model: string, inputHash: Uint8Array): PaidJob {
+  async admit(payerAddress: string, senderId: string, model: string, inputHash: Uint8Array, grant?: LaneGrant): Promise<PaidJob> {
     const payer = payerAddress.toLowerCase();
     const price = this.prices.get(model);
     if (!price) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${model} has no price here`);
-    let lane = this.lanes.get(payer);
-    if (lane && lane.senderId !== senderId) {
-      throw new MeshError('MESH_FORBIDDEN', `the lane of payer ${payer} belongs to another client`, { details: { payer } });
-    }
-    if (!lane) {
-      const open = this.lanesPerClient.get(senderId) ?? 0;
-      if (open >= this.maxLanesPerClient) {
-        throw new MeshError('MESH_FORBIDDEN', `client ${senderId} already has ${open} payer lanes here (the limit)`, {
-          details: { payer },
-        });
-      }
-      this.lanesPerClient.set(senderId, open + 1);
-      lane = { payer, senderId, seq: 0, cumulative: 0, lastLeaf: toHex(ZERO_HASH), paid: 0, voucher: undefined };
-      this.lanes.set(payer, lane);
-    }
-    const okPrice = receiptPriceMicros(price, RECEIPT_STATUS.ok, 1);
-    const reserved = this.reserved.get(payer) ?? 0;
-    const unpaid = lane.cumulative + reserved - lane.paid;
-    if (okPrice > 0 && unpaid + okPrice > this.creditMicros) {
-      this.counters.creditRefusals++;
+    if (grant) await this.takeGrant(payer, senderId, grant);
+    const lane = this.lanes.get(payer);
+    if (!lane?.grant || lane.senderId !== senderId) {
       throw new MeshError(
-        'MESH_CREDIT_EXCEEDED',
-        `lane of ${payer} owes ${unpaid} micro-dollars unpaid; the credit window is ${this.creditMicros}: send a voucher`,
+        'MESH_FORBIDDEN',
+        `client ${senderId} holds no lane grant from payer ${payer} here: send pay.grant, signed by the payer's voucher key for agent ${this.payout} and this client`,
+        { details: { payer, reason: 'no-grant' } },
+      );
+    }
+    this.funds.assertFresh();
+    const funds = await this.funds.track(payer);
+    const maxPrice = Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, 1), price.minChargeMicros);
+    const reserved = this.reserved.get(payer) ?? 0;
+    const refuse = (reason: string, message: string, extra: Record<string, unknown> = {}): never => {
+      this.counters.creditRefusals++;
+      throw new MeshError('MESH_CREDIT_EXCEEDED', message, {
+        details: { payer, reason, paidMicros: lane.paid, billedMicros: lane.cumulative, ...extra },
+      });
+    };
+    // Everything after the read is synchronous: no other admission can slip between the check and the reservation.
+    if (funds.withdrawPending || funds.withdrawArmed || funds.pendingWithdrawal > 0) {
+      refuse('withdrawal', `payer ${payer} is withdrawing its lane (thaw ends at ${funds.thawEnd} s): no new credit`, {
+        thawEnd: funds.thawEnd,
+        armed: funds.withdrawArmed,
+      });
+    }
+    const unvouched = Math.max(0, lane.cumulative - lane.paid);
+    const vouchedUnsettled = Math.max(0, lane.paid - funds.settled);
+    const cover = funds.remaining - vouchedUnsettled - unvouched - reserved - funds.pendingWithdrawal;
+    if (cover < maxPrice) {
+      refuse(
+        'funds',
+        `lane of ${payer} holds ${funds.remaining} micro-dollars on chain and owes ${vouchedUnsettled + unvouched + reserved} not yet settled: it cannot cover ${maxPrice} more; fund the lane`,
+        { remainingMicros: funds.remaining, settledMicros: funds.settled, coverMicros: cover },
+      );
+    }
+    const refused = this.refusedOf(lane);
+    if (refused > 0 && refused + maxPrice > this.creditMicros) {
+      if (!this.cutOff.has(payer)) {
+        this.cutOff.add(payer);
+        this.logger.warn(
+          { payer, refusedMicros: refused, creditMicros: this.creditMicros },
+          'payer refused a credit window of receipts: no further credit',
+        );
+      }
+      refuse(
+        'refused',
+        `payer ${payer} refused ${refused} micro-dollars of receipts, a whole credit window (${this.creditMicros}): no further credit`,
         {
-          details: { payer, unpaidMicros: unpaid, paidMicros: lane.paid },
+          refusedMicros: refused,
         },
       );
     }
-    this.reserved.set(payer, reserved + okPrice);
-    return { payer, price, reservedMicros: okPrice, inputHash };
+    if (unvouched + reserved + maxPrice > this.creditMicros) {
+      refuse(
+        'window',
+        `lane of ${payer} owes ${unvouched + reserved} micro-dollars unpaid; the credit window is ${this.creditMicros}: send a voucher`,
+        { unpaidMicros: unvouched + reserved },
+      );
+    }
+    this.reserved.set(payer, reserved + maxPrice);
+    return { payer, price, reservedMicros: maxPrice, inputHash };
+  }
+
+  /** Where the lane of `payerAddress` stands, for `senderId`'s replies; undefined unless it is granted to that client. */
+  laneInfo(payerAddress: string, senderId: string): LaneInfo | undefined {
+    const lane = this.lanes.get(payerAddress.toLowerCase());
+    return lane?.grant && lane.senderId === senderId ? { seq: lane.seq, paid: lane.paid } : undefined;
+  }
+
+  /**
+   * Takes a lane grant when it is newer than the one held: it must name this payout and `senderId`, be
+   * signed by the payer's voucher key, and not be dated ahead. The same grant again is not checked twice.
+   * A grant no newer than the one held changes nothing. Throws MESH_FORBIDDEN for a bad grant.
+   */
+  private async takeGrant(payer: string, senderId: string, grant: LaneGrant): Promise<void> {
+    const lane = this.lanes.get(payer);
+    const held = lane?.grant;
+    if (held && grant.issuedAt <= held.issuedAt) return;
+    const bad = (why: string): never => {
+      this.counters.grantsRefused++;
+      this.logger.warn({ senderId, payer, why }, 'lane grant refused');
+      throw new MeshError('MESH_FORBIDDEN', `lane grant refused: ${why}`, { details: { payer, reason: 'bad-grant' } });
+    };
+    if (grant.payer !== payer) bad(`it is from payer ${grant.payer}, the request names ${payer}`);
+    if (grant.agent !== this.payout) bad(`it names agent ${grant.agent}, this agent is paid at ${this.payout}`);
+    if (grant.client !== senderId) bad(`it names client ${grant.client}, the request comes from ${senderId}`);
+    if (grant.issuedAt > Date.now() + GRANT_FUTURE_SLACK_MS) bad('it is dated in the future');
+    let signer: string;
+    try {
+      signer = recoverLaneGrantSigner(this.domain, { agent: this.payout, client: senderId, issuedAt: grant.issuedAt }, toHex(grant.sig));
+    } catch (err) {
+      return bad(`unreadable signature: ${(err as Error).message}`);
+    }
+    if (signer !== payer) bad(`it is signed by ${signer}, not the payer`);
+    // Checked: bind (or move) the lane. Another grant may have been taken while this one was checked.
+    const current = this.lanes.get(payer);
+    if (current?.grant && grant.issuedAt <= current.grant.issuedAt) return;
+    const previousClient = current?.grant ? current.senderId : undefined;
+    if (previousClient !== senderId) {
+      const open = this.lanesPerClient.get(senderId) ?? 0;
+      if (open >= this.maxLanesPerClient) {
+        this.counters.grantsRefused++;
+        throw new MeshError('MESH_FORBIDDEN', `client ${senderId} already has ${open} payer lanes here (the limit)`, {
+          details: { payer, reason: 'lanes-per-client' },
+        });
+      }
+      this.lanesPerClient.set(senderId, open + 1);
+      if (previousClient !== undefined)
+        this.lanesPerClient.set(previousClient, Math.max(0, (this.lanesPerClient.get(previousClient) ?? 1) - 1));
+    }
+    const next: Lane = current ?? { payer, senderId, seq: 0, cumulative: 0, lastLeaf: toHex(ZERO_HASH), paid: 0, voucher: undefined };
+    next.senderId = senderId;
+    next.grant = { issuedAt: grant.issuedAt, sig: toHex(grant.sig) };
+    this.lanes.set(payer, next);
+    this.counters.grants++;
+    if (previousClient !== undefined && previousClient !== senderId)
+      this.logger.info({ payer, from: previousClient, to: senderId }, 'lane moved to another client by a newer grant');
+    await this.write([{ type: 'put', key: LANE_PREFIX + payer, value: { ...next } }]);
+  }
+
+  /** What the payer refused: billed up to the seq its vouchers say it checked, minus what its best voucher pays. */
+  private refusedOf(lane: Lane): number {
+    return Math.max(0, (lane.checkedBilled ?? 0) - lane.paid);
   }
 
   /** Gives back a reservation for a request that was refused before it was taken on (no receipt). */
@@ -293,8 +474,12 @@ export class AgentPayments {
   }
 
   /**
-   * Takes a voucher from `senderId`: it must be for this payout, on the sender's lane, unexpired, higher
-   * than the best one and signed by the lane's payer. Returns whether it became the best; resolves once stored.
+   * Takes a voucher: it must be for this payout, on a lane the agent holds, signed by that lane's
+   * payer, pay more than the best voucher held but no more than the lane holds, and stay settleable
+   * for the settle horizon. Anything
+   * else is refused (logged and counted) and never replaces the best. Its `seq` says how far the payer
+   * had checked: what was billed up to there and is not paid is what the payer refused. Returns whether
+   * it became the best; resolves once stored.
    */
   async acceptVoucher(senderId: string, message: VoucherMessage, nowMs = Date.now()): Promise<boolean> {
     const refuse = (why: string) => {
@@ -303,10 +488,13 @@ export class AgentPayments {
       return false;
     };
     const lane = this.lanes.get(message.payer);
-    if (!lane || lane.senderId !== senderId) return refuse('no lane of this payer for this sender');
+    if (!lane) return refuse('no lane of this payer here');
     if (message.agent !== this.payout) return refuse('voucher pays another payout address');
-    if (message.cumulative <= lane.paid) return false;
-    if (message.expiry * 1000 <= nowMs) return refuse('expired');
+    if (message.cumulative === lane.paid) return false; // the best one again (a piggyback repeated)
+    if (message.cumulative < lane.paid) return refuse(`pays ${message.cumulative}, less than the best voucher held (${lane.paid})`);
+    // Judged by the later of our clock and the chain's: the escrow skips a voucher by block time.
+    if (message.expiry < this.funds.nowS(nowMs) + this.settleHorizonS)
+      return refuse(`expires at ${message.expiry}, sooner than the settle horizon (${this.settleHorizonS} s from now)`);
     let signer: string;
     try {
       signer = recoverVoucherSigner(
@@ -323,7 +511,38 @@ export class AgentPayments {
       return refuse(`unreadable signature: ${(err as Error).message}`);
     }
     if (signer.toLowerCase() !== lane.payer) return refuse(`signed by ${signer}, not the payer`);
+    // The escrow skips a voucher whose increase is more than the lane holds (OVERSPEND) and pays nothing
+    // of it: such a voucher must not replace one that settles.
+    let funds: LaneFundsView;
+    try {
+      funds = await this.funds.track(lane.payer);
+    } catch (err) {
+      return refuse(`the lane cannot be read to check it: ${(err as Error).message}`);
+    }
+    if (message.cumulative - funds.settled > funds.remaining)
+      return refuse(
+        `pays ${message.cumulative}, more than the lane holds (${funds.remaining} left, ${funds.settled} settled): the escrow would skip it`,
+      );
+    // The payer cannot have checked receipts it was never sent, nor unchecked what it checked before.
+    let checked: { seq: number; billed: number } | undefined;
+    if (message.seq !== undefined) {
+      const seq = Math.min(message.seq, lane.seq);
+      if (seq > (lane.checkedSeq ?? 0)) {
+        const billed = await this.billedAt(lane, seq);
+        if (billed !== undefined) checked = { seq, billed };
+      }
+    }
+    // Another voucher may have been taken while the journal was read.
+    if (message.cumulative <= lane.paid) return false;
+    const refusedBefore = this.refusedOf(lane);
     lane.paid = message.cumulative;
+    if (checked) {
+      lane.checkedSeq = checked.seq;
+      lane.checkedBilled = checked.billed;
+    }
+    const refused = this.refusedOf(lane);
+    if (refused > refusedBefore)
+      this.logger.warn({ senderId, payer: lane.payer, refusedMicros: refused, checkedSeq: lane.checkedSeq }, 'payer refused receipts');
     const voucher = {
       cumulative: message.cumulative,
       receiptsRoot: toHex(message.receiptsRoot),
@@ -337,6 +556,51 @@ export class AgentPayments {
     return true;
   }
 
+  /** The lane's cumulative billed at receipt `seq` (0 before the first), from the journal; undefined if not found. */
+  private async billedAt(lane: Lane, seq: number): Promise<number | undefined> {
+    if (seq <= 0) return 0;
+    if (seq === lane.seq) return lane.cumulative;
+    const value = await this.db.get(receiptKey(lane.payer, seq));
+    if (typeof value !== 'string') return undefined;
+    return (decodeCbor(Buffer.from(value, 'base64')) as SignedReceipt).cumulative;
+  }
+
+  /**
+   * Answers a resync: the journal's receipts of the lane after `afterSeq`, in seq order, in messages of
+   * at most RESYNC_BATCH receipts (at most RESYNC_MAX_BATCHES messages; the payer asks again from where
+   * they stop). Only the client the lane is granted to is answered: undefined for anyone else.
+   */
+  async resync(senderId: string, request: Resync, agentId: string): Promise<ReceiptBatch[] | undefined> {
+    const lane = this.lanes.get(request.payer);
+    if (!lane?.grant || lane.senderId !== senderId) {
+      this.counters.resyncsRefused++;
+      this.logger.debug({ senderId, payer: request.payer }, 'resync from a client the lane is not granted to: ignored');
+      return undefined;
+    }
+    this.counters.resyncs++;
+    const receipts: SignedReceipt[] = [];
+    for await (const value of this.db.values({
+      gt: receiptKey(lane.payer, request.afterSeq),
+      lt: `${RECEIPT_PREFIX}${lane.payer}!~`,
+      limit: RESYNC_BATCH * RESYNC_MAX_BATCHES,
+    })) {
+      receipts.push(decodeCbor(Buffer.from(value as string, 'base64')) as SignedReceipt);
+    }
+    const info = { seq: lane.seq, paid: lane.paid };
+    const batches: ReceiptBatch[] = [];
+    for (let i = 0; i < receipts.length || batches.length === 0; i += RESYNC_BATCH) {
+      batches.push({
+        v: PROTOCOL_VERSION,
+        kind: 'receipts',
+        agent: agentId,
+        payer: lane.payer,
+        receipts: receipts.slice(i, i + RESYNC_BATCH),
+        lane: info,
+      });
+    }
+    return batches;
+  }
+
   lanesSummary(): LaneSummary[] {
     return [...this.lanes.values()].map((l) => ({
       payer: l.payer,
@@ -345,7 +609,9 @@ export class AgentPayments {
       owedMicros: l.cumulative,
       paidMicros: l.paid,
       reservedMicros: this.reserved.get(l.payer) ?? 0,
+      refusedMicros: this.refusedOf(l),
       voucher: l.voucher,
+      funds: this.funds.view(l.payer),
     }));
   }
 
@@ -365,6 +631,7 @@ export class AgentPayments {
   }
 
   async close(): Promise<void> {
+    await this.funds.close();
     while (this.writing || this.pendingOps.length > 0) await new Promise((r) => setTimeout(r, 5));
     await this.db.close();
   }

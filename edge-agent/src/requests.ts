@@ -1,8 +1,9 @@
 /**
  * The agent's request path: an inference request is decoded, refused if its id was seen before,
- * checked against the model, admitted on its payer's lane when it pays, and queued; when its job
- * finishes (or is refused) the reply goes back to the sender, with a receipt when the request paid.
- * Cancels and vouchers arrive here too.
+ * checked against the model, admitted on its payer's lane when it pays (or refused
+ * MESH_PAYMENT_REQUIRED when it does not and the agent serves only paid work), and queued; when its
+ * job finishes (or is refused) the reply goes back to the sender, with a receipt and where the lane
+ * stands when the request paid. Cancels, vouchers and resyncs arrive here too.
  */
 import type { MeshLogger } from '@edge-mesh/client';
 import {
@@ -13,13 +14,16 @@ import {
   hashTensorMap,
   type InferReply,
   type InferRequest,
+  type LaneInfo,
   MeshError,
   PROTOCOL_VERSION,
   RECEIPT_STATUS,
   type ReceiptStatus,
+  type Resync,
   requestIdHex,
   type SignedReceipt,
   toMeshError,
+  type VoucherMessage,
   ZERO_HASH,
 } from '@edge-mesh/protocol';
 import type { Faults } from './faults.ts';
@@ -30,7 +34,7 @@ import type { Job, Scheduler } from './scheduler.ts';
 import type { AgentCounters } from './types.ts';
 import type { LoadedModel } from './worker-protocol.ts';
 
-/** Largest cancel and voucher messages read; both are a few hundred bytes. */
+/** Largest cancel and voucher (or resync) messages read; each is a few hundred bytes. */
 const MAX_CANCEL_BYTES = 1024;
 const MAX_VOUCHER_BYTES = 4096;
 
@@ -85,13 +89,19 @@ export function receiptStatus(err: MeshError | undefined, expired: boolean): Rec
   return RECEIPT_STATUS.failed;
 }
 
-/** Units charged by the quote's rule: ok, and a cancel of work that ran; failures and timeouts cost 0. */
-export function unitsUsed(status: ReceiptStatus, ran: boolean): number {
-  return status === RECEIPT_STATUS.ok || (status === RECEIPT_STATUS.cancelled && ran) ? 1 : 0;
+/**
+ * Units charged by the quote's rule: the units of work done (docs/settlement.md, "What a request
+ * costs"). A one-shot model's single unit is done only when its run returns a result: an ok run is 1
+ * unit, and a cancel costs the units done when it arrived, which for a one-shot run is 0 whether it was
+ * queued or running (its result is discarded; a cancel that comes after the result finds nothing to
+ * cancel). Failures and timeouts cost 0.
+ */
+export function unitsUsed(status: ReceiptStatus, unitsDone: number): number {
+  return status === RECEIPT_STATUS.ok || status === RECEIPT_STATUS.cancelled ? unitsDone : 0;
 }
 
 /** The error reply for request `id` (its message cut to what the schema allows). */
-export function errorReply(agentId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt): Buffer {
+export function errorReply(agentId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt, lane?: LaneInfo): Buffer {
   return encodeMessage({
     v: PROTOCOL_VERSION,
     kind: 'err',
@@ -100,6 +110,7 @@ export function errorReply(agentId: string, id: Uint8Array, err: MeshError, rece
     code: err.code,
     message: err.message.slice(0, 2048),
     ...(receipt ? { receipt } : {}),
+    ...(lane ? { lane } : {}),
   });
 }
 
@@ -152,17 +163,29 @@ export class AgentRequests {
     }
   };
 
+  /** A voucher, or a resync, on the agent's voucher topic from `senderId`. */
   readonly onVoucher = (senderId: string, payload: Buffer): void => {
-    const { payments, logger } = this.options;
+    const { payments, logger, agentId } = this.options;
     if (!payments) return;
+    let message: VoucherMessage | Resync;
     try {
-      const voucher = decodeMessage(payload, ['voucher'], MAX_VOUCHER_BYTES);
-      void payments
-        .acceptVoucher(senderId, voucher)
-        .catch((err: unknown) => logger.error({ err: (err as Error).message }, 'voucher not stored'));
+      message = decodeMessage(payload, ['voucher', 'resync'], MAX_VOUCHER_BYTES);
     } catch (err) {
       logger.debug({ senderId, err: (err as Error).message }, 'bad voucher dropped');
+      return;
     }
+    if (message.kind === 'voucher') {
+      void payments
+        .acceptVoucher(senderId, message)
+        .catch((err: unknown) => logger.error({ err: (err as Error).message }, 'voucher not stored'));
+      return;
+    }
+    void payments.resync(senderId, message, agentId).then(
+      (batches) => {
+        for (const batch of batches ?? []) this.options.reply(senderId, encodeMessage(batch));
+      },
+      (err: unknown) => logger.error({ err: (err as Error).message }, 'resync not answered'),
+    );
   };
 
   /** The scheduler's callback: a job ran (or was dropped); reply with its outputs or its error. */
@@ -170,13 +193,13 @@ export class AgentRequests {
     const { agentId, counters, faults, logger } = this.options;
     if (err) {
       if (err.code === 'MESH_INFERENCE_FAILED') logger.warn({ model: job.model, err: err.message }, 'inference failed');
-      this.withReceipt(job, err, undefined, (receipt) => this.replyError(job.senderId, job.id, err, receipt));
+      this.withReceipt(job, err, undefined, (receipt, lane) => this.replyError(job.senderId, job.id, err, receipt, lane));
       return;
     }
     const queueMs = job.startedAt! - job.receivedAt;
     counters.served++;
     const outputs = encodeTensorMap(result!.outputs);
-    this.withReceipt(job, undefined, outputs, (receipt) =>
+    this.withReceipt(job, undefined, outputs, (receipt, lane) =>
       this.options.reply(
         job.senderId,
         encodeMessage({
@@ -189,6 +212,7 @@ export class AgentRequests {
           queueMs: Math.max(0, queueMs),
           execMs: result!.execMs + faults.extraExecMs,
           ...(receipt ? { receipt } : {}),
+          ...(lane ? { lane } : {}),
         }),
         faults.extraExecMs,
       ),
@@ -205,9 +229,9 @@ export class AgentRequests {
     errors[code] = (errors[code] ?? 0) + 1;
   }
 
-  private replyError(senderId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt): void {
+  private replyError(senderId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt, lane?: LaneInfo): void {
     this.countError(err.code);
-    this.options.reply(senderId, errorReply(this.options.agentId, id, err, receipt));
+    this.options.reply(senderId, errorReply(this.options.agentId, id, err, receipt, lane));
   }
 
   private handleRequest(senderId: string, payload: Buffer): void {
@@ -243,34 +267,79 @@ export class AgentRequests {
       );
       return;
     }
-    let paid: Job['paid'];
+    let inputs: Job['inputs'];
     try {
       const model = models.get(request.model);
       if (!model) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${request.model} is not served by ${agentId}`);
-      const inputs = decodeTensorMap(request.inputs, maxElements);
+      inputs = decodeTensorMap(request.inputs, maxElements);
       checkInputs(model, inputs);
-      if (payments && request.pay) {
-        // A piggybacked voucher counts before the credit check; recovering it is synchronous.
-        if (request.pay.voucher) void payments.acceptVoucher(senderId, request.pay.voucher).catch(() => {});
-        paid = payments.admit(request.pay.payer, senderId, request.model, hashTensorMap(request.inputs));
+      if (payments && !request.pay && !payments.serveUnpaid) {
+        throw new MeshError(
+          'MESH_PAYMENT_REQUIRED',
+          `${agentId} serves only paid requests: name a payer lane (pay.payer, with its grant) or ask another agent`,
+        );
       }
-      this.queue().submit({
-        key,
-        id: request.id,
-        senderId,
-        model: request.model,
-        inputs,
-        deadline: request.deadline,
-        receivedAt,
-        ...(paid ? { paid } : {}),
-      });
     } catch (err) {
-      // Refused before it was taken on: no receipt, nothing owed.
-      if (paid) payments!.release(paid);
       const refusal = toMeshError(err, 'MESH_BAD_REQUEST');
-      // It never ran, so the same request may come again: the SDK retries it once its voucher is out.
-      if (refusal.code === 'MESH_CREDIT_EXCEEDED') replays.forget(key);
+      // Never taken on: the same request may come again (paid, or to this agent once it serves unpaid work).
+      if (refusal.code === 'MESH_PAYMENT_REQUIRED') replays.forget(key);
       this.replyError(senderId, request.id, refusal);
+      return;
+    }
+    const job: Job = {
+      key,
+      id: request.id,
+      senderId,
+      model: request.model,
+      inputs,
+      deadline: request.deadline,
+      receivedAt,
+    };
+    if (!payments || !request.pay) {
+      this.submit(job);
+      return;
+    }
+    void this.admitPaid(job, request, payments);
+  }
+
+  /** Queues a job; a refusal by the queue (busy, draining, deadline past) is answered at once. */
+  private submit(job: Job): void {
+    try {
+      this.queue().submit(job);
+    } catch (err) {
+      this.replyError(job.senderId, job.id, toMeshError(err, 'MESH_BAD_REQUEST'));
+    }
+  }
+
+  /**
+   * A paying request: a piggybacked voucher is taken first (it may reopen the window), then the lane's
+   * grant and credit are checked (the escrow's view of the lane may have to be read on first use),
+   * then the job is queued. Refused before it is taken on: no receipt, nothing owed.
+   */
+  private async admitPaid(job: Job, request: InferRequest, payments: AgentPayments): Promise<void> {
+    const { replays, closed } = this.options;
+    const pay = request.pay!;
+    let paid: Job['paid'];
+    try {
+      if (pay.voucher) await payments.acceptVoucher(job.senderId, pay.voucher).catch(() => false);
+      paid = await payments.admit(pay.payer, job.senderId, request.model, hashTensorMap(request.inputs), pay.grant);
+    } catch (err) {
+      const refusal = toMeshError(err, 'MESH_INTERNAL');
+      // It never ran, so the same request may come again: the SDK retries it once its voucher is out.
+      if (refusal.code === 'MESH_CREDIT_EXCEEDED' || refusal.code === 'MESH_CHAIN_UNREACHABLE') replays.forget(job.key);
+      this.replyError(job.senderId, job.id, refusal, undefined, payments.laneInfo(pay.payer, job.senderId));
+      return;
+    }
+    if (closed()) {
+      payments.release(paid);
+      return;
+    }
+    job.paid = paid;
+    try {
+      this.queue().submit(job);
+    } catch (err) {
+      payments.release(paid);
+      this.replyError(job.senderId, job.id, toMeshError(err, 'MESH_BAD_REQUEST'), undefined, payments.laneInfo(pay.payer, job.senderId));
     }
   }
 
@@ -282,30 +351,32 @@ export class AgentRequests {
     job: Job,
     err: MeshError | undefined,
     outputs: InferReply['outputs'] | undefined,
-    send: (receipt: SignedReceipt | undefined) => void,
+    send: (receipt: SignedReceipt | undefined, lane?: LaneInfo) => void,
   ): void {
     const { payments, logger } = this.options;
     if (!job.paid || !payments) {
       send(undefined);
       return;
     }
-    const ran = job.startedAt !== undefined;
+    const paid = job.paid;
     const status = receiptStatus(err, job.deadline <= Date.now());
+    // One-shot models: the one unit is done when the run returns its outputs, and not before.
+    const unitsDone = outputs ? 1 : 0;
     const nowPerf = performance.now();
     const epochOf = (perf: number) => Date.now() - (nowPerf - perf);
     const { receipt, durable } = payments.issue(job.paid, {
       requestId: job.id,
       status,
-      unitsUsed: unitsUsed(status, ran),
+      unitsUsed: unitsUsed(status, unitsDone),
       outputHash: outputs ? hashTensorMap(outputs) : ZERO_HASH,
       startedAt: epochOf(job.startedAt ?? job.receivedAt),
       finishedAt: Date.now(),
     });
     durable.then(
-      () => send(receipt),
+      () => send(receipt, payments.laneInfo(paid.payer, job.senderId)),
       (writeErr: unknown) => {
         logger.error({ err: (writeErr as Error).message }, 'receipt not journaled; replying without it');
-        send(undefined);
+        send(undefined, payments.laneInfo(paid.payer, job.senderId));
       },
     );
   }

@@ -62,9 +62,11 @@ export interface AgentOptions {
    */
   faults?: AgentFaults;
   /**
-   * Take payment: sign a quote into the status and a receipt for every request that names a payer
-   * lane, keep the receipt journal and best vouchers in `dataDir`, and hold each lane to a credit
-   * window. Without it (or for a request naming no payer) the agent serves as before, with no receipt.
+   * Take payment: sign a quote into the status and a receipt for every request on a payer lane granted
+   * to its sender, keep the receipt journal and best vouchers in `dataDir`, and give credit only against
+   * money on the lane (read from the escrow through `payment.provider`). Requests naming no payer get
+   * MESH_PAYMENT_REQUIRED unless `payment.serveUnpaid`. Without `payment` the agent serves every request
+   * free, with no receipt.
    */
   payment?: AgentPaymentOptions;
 }
@@ -96,6 +98,8 @@ export interface AgentHandle {
   /** Present when the agent takes payment. */
   readonly payments?: {
     lanes(): LaneSummary[];
+    /** Reads the escrow's events up to the latest block now (the follower otherwise polls on its own). */
+    catchUpFunds(): Promise<void>;
     receipts(payer: string): Promise<SignedReceipt[]>;
     readonly counters: AgentPayments['counters'];
     /** Present when `payment.settle` is set: the settlement relayer. */

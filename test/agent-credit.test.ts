@@ -1,0 +1,417 @@
+/**
+ * Payments among strangers, the agent's side (docs/settlement.md, "The agent's side"): a real local
+ * chain with the escrow, a real broker, real ONNX agents, and a payer spoken over a bare MQTT
+ * connection (test/payer.ts). Each test states what the honest side lost: the agent's loss is what
+ * it billed and can never settle, the payer's what it paid for work it did not get.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, type TestContext, test } from 'node:test';
+import { type AgentPaymentOptions, startAgent } from '@edge-mesh/agent';
+import { EscrowClient } from '@edge-mesh/contracts';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { sampleInputs } from '@edge-mesh/demo';
+import {
+  type ErrorReply,
+  encodeTensorMap,
+  fromHex,
+  generateIdentity,
+  type Identity,
+  type InferReply,
+  type InferRequest,
+  LaneVerifier,
+  MeshError,
+  newRequestId,
+  PROTOCOL_VERSION,
+  signLaneGrant,
+  verifyQuote,
+} from '@edge-mesh/protocol';
+import { ethers } from 'ethers';
+import { agentFor, brokerFor, modelsDir, quiet, rawClient, tempDir, waitFor } from './helpers.ts';
+import { TestPayer } from './payer.ts';
+
+let chain: LocalChain;
+let deployment: MeshDeployment;
+let nextWallet = 1;
+const KWS = 2; // micro-dollars per kws inference (its manifest price)
+
+const domain = () => ({ chainId: deployment.chainId, escrow: deployment.escrow });
+
+/** A fresh funded (or not) payer wallet on the local chain. */
+async function payerWallet(payout: string, fund: bigint): Promise<ethers.Wallet> {
+  const wallet = chain.wallet(nextWallet++);
+  if (fund > 0n) {
+    const client = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
+    await client.mint(wallet.address, fund);
+    await client.fund(payout, fund);
+  }
+  return wallet;
+}
+
+async function paidAgent(
+  t: TestContext,
+  brokerUrl: string,
+  extra: Partial<AgentPaymentOptions> & { identity?: Identity; dataDir?: string; payout?: string } = {},
+) {
+  const payout = extra.payout ?? ethers.Wallet.createRandom().address.toLowerCase();
+  const { identity, ...payment } = extra;
+  const agent = await agentFor(t, {
+    brokerUrl,
+    ...(identity ? { identity } : {}),
+    payment: {
+      payout,
+      domain: domain(),
+      dataDir: extra.dataDir ?? (await tempDir(t)),
+      provider: chain.provider,
+      fundsPollMs: 100,
+      ...payment,
+    },
+  });
+  return { agent, payout };
+}
+
+const codeOf = (r: InferReply | ErrorReply) => (r.kind === 'err' ? r.code : 'ok');
+
+async function settleBest(agent: Awaited<ReturnType<typeof paidAgent>>['agent'], payout: string): Promise<bigint> {
+  const best = agent.payments!.lanes()[0]!.voucher!;
+  const relayer = await EscrowClient.connect({ runner: chain.wallet(0), escrow: deployment.escrow });
+  const outcome = await relayer.settle(payout, [
+    {
+      voucher: { agent: payout, cumulative: BigInt(best.cumulative), receiptsRoot: best.receiptsRoot, expiry: BigInt(best.expiry) },
+      signature: best.sig,
+    },
+  ]);
+  assert.deepEqual(outcome.skipped, [], 'the best voucher settles');
+  return outcome.paid;
+}
+
+describe('payments among strangers: the agent gives credit only against money that is there', () => {
+  before(async () => {
+    chain = await startLocalChain({ accounts: 30 });
+    deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+  });
+  after(() => chain?.close());
+
+  test('taking payment needs a chain to read: no provider is MESH_CONFIG', async (t) => {
+    const broker = await brokerFor(t);
+    await assert.rejects(
+      startAgent({
+        brokerUrl: broker.url,
+        modelsDir: await modelsDir(),
+        logger: quiet,
+        identity: generateIdentity('agent'),
+        payment: { payout: `0x${'b0'.repeat(20)}`, domain: domain(), dataDir: await tempDir(t) },
+      }),
+      (err: unknown) => err instanceof MeshError && err.code === 'MESH_CONFIG' && /provider/.test(err.message),
+    );
+  });
+
+  test('an unfunded payer gets no work at all; unpaid requests get MESH_PAYMENT_REQUIRED unless the agent serves them free', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const wallet = await payerWallet(payout, 0n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-unfunded' });
+    await payer.waitForModel('kws');
+    const codes: string[] = [];
+    for (let i = 0; i < 10; i++) codes.push(codeOf(await payer.request('kws', sampleInputs('kws', i))));
+    assert.deepEqual(codes, Array(10).fill('MESH_CREDIT_EXCEEDED'));
+    const lane = agent.payments!.lanes()[0]!;
+    // The agent lost nothing: it did no work on credit.
+    assert.equal(lane.receipts, 0);
+    assert.equal(lane.owedMicros, 0);
+    assert.equal(agent.counters.served, 0);
+
+    // A request with no payer is refused, coded, and costs nothing.
+    const raw = await rawClient(t, broker.url, 'app-free');
+    const free = {
+      v: PROTOCOL_VERSION,
+      kind: 'req',
+      id: newRequestId(),
+      deadline: Date.now() + 5_000,
+      model: 'kws',
+      inputs: encodeTensorMap(sampleInputs('kws', 1)),
+    } as const;
+    const refused = await raw.request(agent.id, free.id, free);
+    assert.equal(codeOf(refused), 'MESH_PAYMENT_REQUIRED');
+    // An agent started with serveUnpaid serves it free, with no receipt.
+    const { agent: generous } = await paidAgent(t, broker.url, { serveUnpaid: true });
+    const again = { ...free, id: newRequestId() };
+    const served = await raw.request(generous.id, again.id, again);
+    assert.equal(served.kind, 'res');
+    assert.equal(served.receipt, undefined);
+  });
+
+  test('a lane funded for N requests gets N and no more; funding it again reopens it; the agent is paid every one', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const n = 5;
+    const wallet = await payerWallet(payout, BigInt(n * KWS));
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-n' });
+    await payer.waitForModel('kws');
+    const codes: string[] = [];
+    for (let i = 0; i < n + 3; i++) {
+      const reply = await payer.request('kws', sampleInputs('kws', i));
+      codes.push(codeOf(reply));
+      if (i >= n) assert.match((reply as ErrorReply).message, /fund the lane/, 'refused for want of money, not of vouchers');
+      // The payer's voucher for each receipt is in before the next request: what stops the lane is money.
+      await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === payer.lanesView()[0]!.owedMicros, 3_000, 'the voucher');
+    }
+    assert.deepEqual(codes, [...Array(n).fill('ok'), ...Array(3).fill('MESH_CREDIT_EXCEEDED')]);
+    assert.equal(await settleBest(agent, payout), BigInt(n * KWS), 'every request served is paid');
+
+    // Settled: the lane holds nothing more and still serves nothing; funded again, it serves that much.
+    await agent.payments!.catchUpFunds();
+    assert.equal(agent.payments!.lanes()[0]!.funds!.remaining, 0);
+    assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 50))), 'MESH_CREDIT_EXCEEDED');
+    await (await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow })).mint(wallet.address, 2n * BigInt(KWS));
+    await (await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow })).fund(payout, 2n * BigInt(KWS));
+    await agent.payments!.catchUpFunds();
+    const more: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      more.push(codeOf(await payer.request('kws', sampleInputs('kws', 60 + i))));
+      await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === payer.lanesView()[0]!.owedMicros, 3_000, 'the voucher');
+    }
+    assert.deepEqual(more, ['ok', 'ok', 'MESH_CREDIT_EXCEEDED']);
+    assert.equal(await settleBest(agent, payout), BigInt(2 * KWS));
+    const lane = agent.payments!.lanes()[0]!;
+    assert.equal(lane.owedMicros, (n + 2) * KWS);
+    assert.equal(await payerClient().then((c) => c.tokenBalance(payout)), BigInt((n + 2) * KWS), 'the agent lost nothing');
+  });
+
+  test('a withdrawal request stops credit at once; once thawed (armed) it stays stopped, across a restart of the agent', async (t) => {
+    const broker = await brokerFor(t);
+    const identity = generateIdentity('agent');
+    const dataDir = await tempDir(t);
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    let { agent } = await paidAgent(t, broker.url, { identity, dataDir, payout });
+    const wallet = await payerWallet(payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-leaving' });
+    await payer.waitForModel('kws');
+    for (let i = 0; i < 2; i++) assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', i))), 'ok');
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 2 * KWS, 3_000, 'the voucher');
+
+    const escrow = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
+    await escrow.requestWithdraw(payout);
+    await agent.payments!.catchUpFunds();
+    assert.ok(agent.payments!.lanes()[0]!.funds!.thawEnd > 0, 'the agent saw the withdrawal request');
+    const during: string[] = [];
+    for (let i = 0; i < 5; i++) {
+      const reply = await payer.request('kws', sampleInputs('kws', 10 + i));
+      during.push(codeOf(reply));
+      assert.match((reply as ErrorReply).message, /withdrawing/);
+    }
+    assert.deepEqual(during, Array(5).fill('MESH_CREDIT_EXCEEDED'));
+
+    // The thaw passes: the withdrawal is armed. A restarted agent reads the lane afresh and still refuses.
+    await chain.increaseTime(3_601);
+    await agent.close();
+    ({ agent } = await paidAgent(t, broker.url, { identity, dataDir, payout }));
+    await payer.waitForModel('kws');
+    const armed: string[] = [];
+    for (let i = 0; i < 5; i++) armed.push(codeOf(await payer.request('kws', sampleInputs('kws', 20 + i))));
+    assert.deepEqual(armed, Array(5).fill('MESH_CREDIT_EXCEEDED'));
+    assert.equal(agent.payments!.lanes()[0]!.funds!.withdrawArmed, true);
+    assert.equal(agent.payments!.lanes()[0]!.receipts, 2, 'no work after the request to withdraw');
+
+    // The agent settles what it was owed before the payer takes the rest: it lost nothing.
+    assert.equal(await settleBest(agent, payout), BigInt(2 * KWS));
+    const back = await escrow.withdraw(payout);
+    assert.equal(back.amount, 1_000_000n - BigInt(2 * KWS));
+    assert.equal(await escrow.tokenBalance(payout), BigInt(2 * KWS));
+  });
+
+  test('a voucher that pays less, expires before the settle horizon, or pays more than the lane holds never replaces the settleable one', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const wallet = await payerWallet(payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-vouchers', autoPay: false });
+    await payer.waitForModel('kws');
+    for (let i = 0; i < 3; i++) assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', i))), 'ok');
+    const agentId = agent.id;
+    await payer.voucher(agentId, { cumulative: 3 * KWS, seq: 3 });
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 3 * KWS, 3_000, 'the good voucher');
+    const refusedBefore = agent.payments!.counters.vouchersRefused;
+
+    // Less than the best: refused.
+    await payer.voucher(agentId, { cumulative: 2 * KWS, seq: 3 });
+    // More, but it would expire in an hour (the horizon is 2 × 3,600 s + 1 day): refused.
+    assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 9))), 'ok');
+    await payer.voucher(agentId, { cumulative: 4 * KWS, seq: 4, expiry: Math.floor(Date.now() / 1000) + 3_600 });
+    // More, but already expired: refused.
+    await payer.voucher(agentId, { cumulative: 4 * KWS, seq: 4, expiry: Math.floor(Date.now() / 1000) - 1 });
+    // More than the lane holds: the escrow would skip it whole (OVERSPEND), so it is refused.
+    await payer.voucher(agentId, { cumulative: 2_000_000, seq: 4 });
+    await waitFor(() => agent.payments!.counters.vouchersRefused === refusedBefore + 4, 3_000, 'four vouchers refused');
+    const lane = agent.payments!.lanes()[0]!;
+    assert.equal(lane.paidMicros, 3 * KWS);
+    assert.equal(lane.voucher!.cumulative, 3 * KWS);
+    // What the agent keeps is still settleable a day later, when its relayer gets to it.
+    await chain.increaseTime(86_400);
+    assert.equal(await settleBest(agent, payout), BigInt(3 * KWS));
+  });
+
+  test('lane squatting: a client naming a payer without its grant is refused; the payer’s grant works; a newer grant moves the lane', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const wallet = await payerWallet(payout, 1_000_000n);
+    const squatter = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-squatter' });
+    const owner = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-owner' });
+    await owner.waitForModel('kws');
+    await squatter.waitForModel('kws');
+    const agentId = agent.id;
+    const request = (grant: Awaited<ReturnType<TestPayer['grant']>> | undefined, seed: number): InferRequest => ({
+      v: PROTOCOL_VERSION,
+      kind: 'req',
+      id: newRequestId(),
+      deadline: Date.now() + 5_000,
+      model: 'kws',
+      inputs: encodeTensorMap(sampleInputs('kws', seed)),
+      pay: { payer: owner.payer, ...(grant ? { grant } : {}) },
+    });
+
+    // The squatter first, before the real payer ever spoke: no grant, a grant for another client, a forged grant.
+    const noGrant = await squatter.send(agentId, request(undefined, 1));
+    assert.equal(codeOf(noGrant), 'MESH_FORBIDDEN');
+    assert.match((noGrant as ErrorReply).message, /grant/);
+    const othersGrant = await owner.grant(agentId); // the owner's grant names app-owner
+    assert.equal(codeOf(await squatter.send(agentId, request(othersGrant, 2))), 'MESH_FORBIDDEN');
+    const stranger = ethers.Wallet.createRandom();
+    const forgedTerms = { agent: payout, client: 'app-squatter', issuedAt: Date.now() };
+    const forged = { ...forgedTerms, payer: owner.payer, sig: fromHex(await signLaneGrant(stranger, domain(), forgedTerms)) };
+    assert.equal(codeOf(await squatter.send(agentId, request(forged, 3))), 'MESH_FORBIDDEN');
+    assert.equal(agent.payments!.lanes().length, 0, 'no lane was opened in the payer’s name');
+
+    // The real payer's grant works, and the squatter is still refused.
+    assert.equal(codeOf(await owner.request('kws', sampleInputs('kws', 4))), 'ok');
+    assert.equal(codeOf(await squatter.send(agentId, request(undefined, 5))), 'MESH_FORBIDDEN');
+    assert.equal(agent.payments!.lanes()[0]!.senderId, 'app-owner');
+
+    // The payer moves its lane to another client with a newer grant; the old client is refused from then on.
+    const moved = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-moved' });
+    await moved.waitForModel('kws');
+    const newer = await moved.grant(agentId, { issuedAt: Date.now() + 1 });
+    const onMoved = await moved.send(agentId, request(newer, 6));
+    assert.equal(onMoved.kind, 'res');
+    assert.equal(onMoved.receipt!.seq, 2, 'the lane goes on where it was');
+    assert.equal(agent.payments!.lanes()[0]!.senderId, 'app-moved');
+    const old = await owner.send(agentId, request(othersGrant, 7));
+    assert.equal(codeOf(old), 'MESH_FORBIDDEN', 'an older grant does not take the lane back');
+    // What the squatter cost anyone: nothing was billed on its requests.
+    assert.equal(agent.payments!.lanes()[0]!.receipts, 2);
+  });
+
+  test('a payer that refuses receipts costs the agent at most one credit window', async (t) => {
+    const broker = await brokerFor(t);
+    const window = 3 * KWS;
+    const { agent, payout } = await paidAgent(t, broker.url, { creditMicros: window });
+    const wallet = await payerWallet(payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-refuser', autoPay: false });
+    await payer.waitForModel('kws');
+    const agentId = agent.id;
+    // The payer checks every receipt but pays only every other one (its vouchers say how far it checked).
+    let paid = 0;
+    let lastCode = 'ok';
+    for (let i = 0; i < 50 && lastCode === 'ok'; i++) {
+      const reply = await payer.request('kws', sampleInputs('kws', i));
+      lastCode = codeOf(reply);
+      if (lastCode !== 'ok') break;
+      if (reply.receipt!.seq % 2 === 1) {
+        paid += KWS;
+        const want = paid;
+        await payer.voucher(agentId, { cumulative: want, seq: reply.receipt!.seq });
+        await waitFor(() => agent.payments!.lanes()[0]!.paidMicros === want, 3_000, 'the voucher');
+      }
+    }
+    assert.equal(lastCode, 'MESH_CREDIT_EXCEEDED');
+    let lane = agent.payments!.lanes()[0]!;
+    assert.ok(lane.refusedMicros > 0, 'the agent learnt what the payer refused');
+    assert.ok(
+      lane.owedMicros - lane.paidMicros <= window,
+      `the agent lost ${lane.owedMicros - lane.paidMicros}, at most one window (${window})`,
+    );
+
+    // A token voucher naming the last seq does not buy more work: it shows the payer refused a window's worth.
+    const checked = payer.lane(agentId).verifier.state.seq;
+    await payer.voucher(agentId, { cumulative: paid + 1, seq: checked });
+    await waitFor(() => agent.payments!.lanes()[0]!.paidMicros === paid + 1, 3_000, 'the token voucher');
+    const cut = await payer.request('kws', sampleInputs('kws', 99));
+    assert.equal(codeOf(cut), 'MESH_CREDIT_EXCEEDED');
+    assert.match((cut as ErrorReply).message, /refused/);
+    lane = agent.payments!.lanes()[0]!;
+    assert.equal(lane.refusedMicros, lane.owedMicros - lane.paidMicros);
+    assert.ok(lane.owedMicros - lane.paidMicros <= window);
+    // What it did pay settles.
+    assert.equal(await settleBest(agent, payout), BigInt(lane.paidMicros));
+  });
+
+  test('a resync returns the journal’s receipts after a seq, only to the client the lane is granted to; paid replies say where the lane stands', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const wallet = await payerWallet(payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-resync' });
+    await payer.waitForModel('kws');
+    const agentId = agent.id;
+    const replies: (InferReply | ErrorReply)[] = [];
+    for (let i = 0; i < 5; i++) {
+      replies.push(await payer.request('kws', sampleInputs('kws', i)));
+      await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === (i + 1) * KWS, 3_000, 'the voucher');
+    }
+    // Every paid reply carries the lane: its last seq, and the best voucher held when it left.
+    assert.deepEqual(
+      replies.map((r) => r.lane?.seq),
+      [1, 2, 3, 4, 5],
+    );
+    assert.deepEqual(
+      replies.map((r) => r.lane?.paid),
+      [0, 2, 4, 6, 8],
+    );
+
+    const batches = await payer.resync(agentId, 2);
+    assert.equal(batches.length, 1);
+    const journal = await agent.payments!.receipts(wallet.address);
+    assert.deepEqual(
+      batches[0]!.receipts.map((r) => r.seq),
+      [3, 4, 5],
+    );
+    assert.deepEqual(batches[0]!.receipts, journal.slice(2));
+    assert.deepEqual(batches[0]!.lane, { seq: 5, paid: 5 * KWS });
+    // A payer that lost its state checks the whole lane again from the journal and goes on.
+    const fresh = new LaneVerifier({ payer: payer.payer, quote: verifyQuote(agent.status().quote, { agentId }) });
+    for (const r of (await payer.resync(agentId, 0))[0]!.receipts) fresh.verify(r);
+    assert.equal(fresh.state.seq, 5);
+    assert.equal(fresh.state.cumulative, 5 * KWS);
+
+    // Another client asking for the same payer's lane gets nothing.
+    const other = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-snoop' });
+    await other.waitForModel('kws');
+    assert.deepEqual(await other.resync(agentId, 0), []);
+    assert.equal(agent.payments!.counters.resyncsRefused, 1);
+  });
+
+  test('resync answers in batches of at most 256 receipts, in seq order', async (t) => {
+    const broker = await brokerFor(t);
+    const count = 300;
+    const { agent, payout } = await paidAgent(t, broker.url, { creditMicros: count * KWS });
+    const wallet = await payerWallet(payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-batches', autoPay: false });
+    await payer.waitForModel('kws');
+    // Concurrent requests, ten at a time, so 300 receipts take a few seconds.
+    for (let i = 0; i < count; i += 10) {
+      const codes = await Promise.all(Array.from({ length: 10 }, (_, j) => payer.request('kws', sampleInputs('kws', i + j)).then(codeOf)));
+      assert.deepEqual(codes, Array(10).fill('ok'));
+    }
+    const batches = await payer.resync(agent.id, 10, 2_000);
+    assert.deepEqual(
+      batches.map((b) => b.receipts.length),
+      [256, count - 10 - 256],
+    );
+    const seqs = batches.flatMap((b) => b.receipts.map((r) => r.seq));
+    assert.deepEqual(
+      seqs,
+      Array.from({ length: count - 10 }, (_, i) => i + 11),
+    );
+  });
+});
+
+async function payerClient(): Promise<EscrowClient> {
+  return EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
+}
