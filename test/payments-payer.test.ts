@@ -241,10 +241,21 @@ async function scriptedAgent(
 }
 
 /** An SDK client paying with a fresh funded-chain wallet (the payout check reads the chain through it). */
-async function payingMesh(t: TestContext, brokerUrl: string, extra: Record<string, unknown> = {}): Promise<{ mesh: Mesh; payer: string }> {
+async function payingMesh(
+  t: TestContext,
+  brokerUrl: string,
+  extra: Record<string, unknown> = {},
+): Promise<{ mesh: Mesh; payer: string; wallet: ethers.Wallet }> {
   const wallet = account();
   const mesh = await meshFor(t, { brokerUrl, payment: { signer: wallet, domain, dataDir: await tempDir(t), voucherDelayMs: 0, ...extra } });
-  return { mesh, payer: wallet.address.toLowerCase() };
+  return { mesh, payer: wallet.address.toLowerCase(), wallet };
+}
+
+/** Funds the payer's lane to `payout` (a real agent extends credit only against money on the lane). */
+async function fund(wallet: ethers.Wallet, payout: string, micros = 1_000_000n): Promise<void> {
+  const client = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
+  await client.mint(wallet.address, micros);
+  await client.fund(payout, micros);
 }
 
 const kws = () => sampleInputs('kws', 1);
@@ -334,13 +345,14 @@ describe('payouts and lanes that cannot be squatted or wedged', () => {
     const squatter = await scriptedAgent(t, broker.url, payout, (a, req, sender) =>
       a.answer(sender, req.id, req.pay ? a.receipt(req.pay.payer, { requestId: req.id }) : undefined),
     );
-    const { mesh } = await payingMesh(t, broker.url);
+    const { mesh, wallet } = await payingMesh(t, broker.url);
+    await fund(wallet, payout);
     await mesh.waitForModel('kws');
     const real = await agentFor(t, {
       brokerUrl: broker.url,
       modelsDir: await modelsDir(),
       identity: realIdentity,
-      payment: { payout, domain, dataDir: await tempDir(t) },
+      payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider },
     });
     await mesh.waitForModel('kws', 10_000, 2);
     await waitFor(() => mesh.lanes().some((l) => l.agentId === real.id), 5_000, "the real agent's lane");
