@@ -57,12 +57,10 @@ const receiptOf = (reply: InferReply | ErrorReply): SignedReceipt => {
 
 async function voucherFor(wallet: Signer & { address: string }, cumulative: number, leaves: Uint8Array[]) {
   const receiptsRoot = merkleRoot(leaves);
-  const expiry = Math.floor(Date.now() / 1000) + 3600;
   const sig = await signVoucher(wallet, domain, {
     agent: payout,
     cumulative: BigInt(cumulative),
     receiptsRoot: toHex(receiptsRoot),
-    expiry: BigInt(expiry),
   });
   return {
     v: PROTOCOL_VERSION,
@@ -71,7 +69,6 @@ async function voucherFor(wallet: Signer & { address: string }, cumulative: numb
     agent: payout,
     cumulative,
     receiptsRoot,
-    expiry,
     sig: fromHex(sig),
   } as const;
 }

@@ -525,7 +525,7 @@ export function buildProgram(): Command {
   registerBridgeCommands(program);
   // The sample app of `edge-mesh up` as a command of its own (demo.ts).
   registerDemoCommands(program);
-  // Settlement on-chain: chain, fund, settle, balance (chain.ts).
+  // Settlement on-chain: chain, fund, withdraw, settle, claim, balance (chain.ts).
   registerChainCommands(program);
 
   return program;

@@ -67,7 +67,7 @@ export interface AgentPaymentOptions {
 interface StoredVoucher {
   cumulative: number;
   receiptsRoot: string;
-  expiry: number;
+  feeCumulative: number;
   sig: string;
 }
 
@@ -293,10 +293,10 @@ export class AgentPayments {
   }
 
   /**
-   * Takes a voucher from `senderId`: it must be for this payout, on the sender's lane, unexpired, higher
+   * Takes a voucher from `senderId`: it must be for this payout, on the sender's lane, higher
    * than the best one and signed by the lane's payer. Returns whether it became the best; resolves once stored.
    */
-  async acceptVoucher(senderId: string, message: VoucherMessage, nowMs = Date.now()): Promise<boolean> {
+  async acceptVoucher(senderId: string, message: VoucherMessage): Promise<boolean> {
     const refuse = (why: string) => {
       this.counters.vouchersRefused++;
       this.logger.warn({ senderId, payer: message.payer, cumulative: message.cumulative, why }, 'voucher refused');
@@ -306,7 +306,6 @@ export class AgentPayments {
     if (!lane || lane.senderId !== senderId) return refuse('no lane of this payer for this sender');
     if (message.agent !== this.payout) return refuse('voucher pays another payout address');
     if (message.cumulative <= lane.paid) return false;
-    if (message.expiry * 1000 <= nowMs) return refuse('expired');
     let signer: string;
     try {
       signer = recoverVoucherSigner(
@@ -315,7 +314,7 @@ export class AgentPayments {
           agent: this.payout,
           cumulative: BigInt(message.cumulative),
           receiptsRoot: toHex(message.receiptsRoot),
-          expiry: BigInt(message.expiry),
+          feeCumulative: BigInt(message.feeCumulative ?? 0),
         },
         toHex(message.sig),
       );
@@ -327,7 +326,7 @@ export class AgentPayments {
     const voucher = {
       cumulative: message.cumulative,
       receiptsRoot: toHex(message.receiptsRoot),
-      expiry: message.expiry,
+      feeCumulative: message.feeCumulative ?? 0,
       sig: toHex(message.sig),
     };
     lane.voucher = voucher;

@@ -46,8 +46,6 @@ export interface PaymentOptions {
   maxPriceMicros?: number;
   /** Folder for lane state (a level store per chain id and escrow inside it). */
   dataDir?: string;
-  /** Vouchers expire this long after signing. */
-  voucherTtlS?: number;
   /**
    * While a lane owes less than half the agent's quoted credit window, its voucher waits this long
    * for more receipts to cover, so one signature pays for many requests (default 50).
@@ -115,7 +113,6 @@ export class PayerLanes {
   private readonly chainId: number;
   private readonly escrow: string;
   private readonly maxPriceMicros: number;
-  private readonly voucherTtlS: number;
   private readonly voucherDelayMs: number;
   private pumping = new Set<Promise<void>>();
   counters = { receipts: 0, refused: 0, vouchers: 0 };
@@ -131,7 +128,6 @@ export class PayerLanes {
     this.chainId = Number(options.domain.chainId);
     this.escrow = options.domain.escrow.toLowerCase();
     this.maxPriceMicros = options.maxPriceMicros ?? Number.MAX_SAFE_INTEGER;
-    this.voucherTtlS = options.voucherTtlS ?? 7 * 86_400;
     this.voucherDelayMs = options.voucherDelayMs ?? 50;
   }
 
@@ -309,14 +305,13 @@ export class PayerLanes {
         const leaves = lane.pendingLeaves;
         lane.pendingLeaves = [];
         const receiptsRoot = merkleRoot(leaves);
-        const expiry = Math.floor(Date.now() / 1000) + this.voucherTtlS;
         // Stored before signing: a restart never signs for receipts it could not check again.
         await this.save(lane, leaves);
         const sig = await signVoucher(this.options.signer, this.options.domain, {
           agent: lane.quote.payout,
           cumulative: BigInt(cumulative),
           receiptsRoot: toHex(receiptsRoot),
-          expiry: BigInt(expiry),
+          feeCumulative: 0n,
         });
         const message: VoucherMessage = {
           v: PROTOCOL_VERSION,
@@ -325,7 +320,7 @@ export class PayerLanes {
           agent: lane.quote.payout,
           cumulative,
           receiptsRoot,
-          expiry,
+          feeCumulative: 0,
           sig: fromHex(sig),
         };
         lane.paid = cumulative;
@@ -355,7 +350,7 @@ export class PayerLanes {
             payer: v.payer,
             agent: v.agent,
             cumulative: v.cumulative,
-            expiry: v.expiry,
+            feeCumulative: v.feeCumulative ?? 0,
             receiptsRoot: toHex(v.receiptsRoot),
             sig: toHex(v.sig),
           }
