@@ -34,10 +34,12 @@ import {
   type SignedVoucher,
   signBytes,
   signVoucher,
+  skipReasonName,
   unpackVouchers,
   type Voucher,
   verifyBytes,
   voucherDigest,
+  voucherTypedData,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { ROOT } from './helpers.ts';
@@ -138,7 +140,7 @@ describe('MeshEscrow v2', () => {
 
     // Pack and unpack are inverse, at 117 bytes a voucher.
     const p = await newParty();
-    const signed = [await voucher(p.client, v.agent, 5n, { fee: 1n }), await voucher(p.client, v.agent, MAX_UINT96, { fee: 2n })];
+    const signed = [await voucher(p.client, v.agent, 50n, { fee: 1n }), await voucher(p.client, v.agent, MAX_UINT96, { fee: 2n })];
     const packed = packVouchers(signed);
     assert.equal(ethers.dataLength(packed), 2 * PACKED_VOUCHER_BYTES);
     assert.deepEqual(unpackVouchers(v.agent, packed), signed);
@@ -394,12 +396,12 @@ describe('MeshEscrow v2', () => {
     assert.deepEqual([out2.paid, out2.fees], [300n, 20n]);
     assert.equal(await relayer.tokenBalance(relayerB.wallet.address), 20n);
 
-    // The lane holds 50: the agent is paid first (40), the fee gets what is left (10 of 60), the rest waits.
-    const v3 = await voucher(p.client, agent, 940n, { fee: 110n });
+    // The lane holds 50: the agent is paid first (40), the fee gets what is left (10 of 40), the rest waits.
+    const v3 = await voucher(p.client, agent, 940n, { fee: 90n });
     const out3 = await relayerA.client.settle(agent, [v3]);
     assert.deepEqual(
       out3.settled.map((s) => [s.partial, s.paid, s.fee, s.unpaid]),
-      [[true, 40n, 10n, 50n]],
+      [[true, 40n, 10n, 30n]],
     );
     let lane = await relayer.laneOf(p.wallet.address, agent);
     assert.deepEqual([lane.remaining, lane.settled, lane.feeSettled], [0n, 940n, 60n]);
@@ -409,10 +411,10 @@ describe('MeshEscrow v2', () => {
     const out4 = await relayerB.client.settle(agent, [v3]);
     assert.deepEqual(
       out4.settled.map((s) => [s.partial, s.paid, s.fee]),
-      [[false, 0n, 50n]],
+      [[false, 0n, 30n]],
     );
     lane = await relayer.laneOf(p.wallet.address, agent);
-    assert.deepEqual([lane.remaining, lane.settled, lane.feeSettled], [50n, 940n, 110n]);
+    assert.deepEqual([lane.remaining, lane.settled, lane.feeSettled], [70n, 940n, 90n]);
     // Agent plus relayers received exactly what left the lane.
     const received =
       (await relayer.tokenBalance(agent)) +
@@ -420,6 +422,46 @@ describe('MeshEscrow v2', () => {
       (await relayer.tokenBalance(relayerB.wallet.address));
     assert.equal(received + lane.remaining, 1_100n);
     assert.equal(await relayer.tokenBalance(agent), 940n);
+  });
+
+  test('attack: a stolen voucher key cannot drain its lane to itself as relayer fees (a fee over a tenth is skipped)', async () => {
+    const agent = newAgent();
+    const p = await fundedPayer(agent, 10_000n);
+    const thief = await newParty();
+    // The protocol refuses to sign such a voucher; a thief holding the key signs the typed data itself.
+    assert.throws(
+      () => voucherDigest(relayer.domain, { agent, cumulative: 0n, feeCumulative: 10_000n, receiptsRoot: root('x') }),
+      MeshError,
+    );
+    const signRaw = async (cumulative: bigint, feeCumulative: bigint) => {
+      const td = voucherTypedData(relayer.domain);
+      const receiptsRoot = root(`raw:${cumulative}:${feeCumulative}`);
+      const sig = ethers.Signature.from(
+        await p.wallet.signTypedData(td.domain, td.types, { agent, cumulative, feeCumulative, receiptsRoot }),
+      );
+      return ethers.solidityPacked(
+        ['uint96', 'uint64', 'bytes32', 'bytes32', 'bytes32', 'uint8'],
+        [cumulative, feeCumulative, receiptsRoot, sig.r, sig.s, sig.v],
+      );
+    };
+    const escrow = new ethers.Contract(mesh.escrow, ESCROW_ABI, thief.wallet);
+    const iface = new ethers.Interface(ESCROW_ABI);
+    for (const [cumulative, fee] of [
+      [0n, 10_000n],
+      [1_000n, 101n],
+    ] as const) {
+      const tx = (await escrow.getFunction('settle')(agent, await signRaw(cumulative, fee))) as ethers.ContractTransactionResponse;
+      const events = (await tx.wait())!.logs.map((l) => iface.parseLog(l)!);
+      assert.deepEqual(
+        events.map((e) => [e.name, e.args[0], skipReasonName(e.args[2] as bigint)]),
+        [['SettleSkipped', p.wallet.address, 'FEE_TOO_HIGH']],
+      );
+    }
+    assert.equal(await relayer.tokenBalance(thief.wallet.address), 0n);
+    // Exactly a tenth is allowed: to take 100 in fees, the thief must pay the lane's agent 1,000.
+    await (await escrow.getFunction('settle')(agent, await signRaw(1_000n, 100n))).wait();
+    assert.equal(await relayer.tokenBalance(thief.wallet.address), 100n);
+    assert.equal(await relayer.tokenBalance(agent), 1_000n);
   });
 
   test('a withdrawal is of a fixed amount: the rest stays on the lane, and more than the lane holds pays what is left', async () => {

@@ -57,6 +57,12 @@ contract MeshEscrow is EIP712, ReentrancyGuard {
     uint8 internal constant SKIP_MALLEABLE_SIGNATURE = 2;
     uint8 internal constant SKIP_STALE = 3;
     uint8 internal constant SKIP_UNFUNDED = 4;
+    uint8 internal constant SKIP_FEE_TOO_HIGH = 5;
+
+    /// A voucher's fee total may be at most a tenth of what it pays the agent. The fee goes to whoever sends
+    /// the transaction, so without a cap a stolen voucher key could drain its lanes to itself as "fees";
+    /// with it, taking 1 through fees means paying the lane's agent 10.
+    uint256 public constant FEE_CAP_DIVISOR = 10;
 
     IERC20 public immutable token;
     /// Time between a withdrawal request and the earliest withdrawal: the agents' time to settle.
@@ -435,6 +441,14 @@ contract MeshEscrow is EIP712, ReentrancyGuard {
         }
         if (signer == address(0)) {
             emit SettleSkipped(address(0), agent, malleable ? SKIP_MALLEABLE_SIGNATURE : SKIP_BAD_SIGNATURE, uint96(cumulative));
+            return (0, 0);
+        }
+        bool feeTooHigh;
+        unchecked {
+            feeTooHigh = feeCumulative * FEE_CAP_DIVISOR > cumulative; // feeCumulative < 2^64: no overflow
+        }
+        if (feeTooHigh) {
+            emit SettleSkipped(signer, agent, SKIP_FEE_TOO_HIGH, uint96(cumulative));
             return (0, 0);
         }
         return _pay(signer, agent, cumulative, feeCumulative, root);

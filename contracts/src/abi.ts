@@ -10,6 +10,7 @@ export const ESCROW_ABI: string[] = [
   'function MIN_WITHDRAW_WINDOW_SECONDS() view returns (uint64)',
   'function MAX_WITHDRAW_WINDOW_SECONDS() view returns (uint64)',
   'function VOUCHER_TYPEHASH() view returns (bytes32)',
+  'function FEE_CAP_DIVISOR() view returns (uint256)',
   'function LANE_OWNER_TYPEHASH() view returns (bytes32)',
   'function laneId(address signer, address agent) pure returns (bytes32 id)',
   'function laneOf(address signer, address agent) view returns (uint96 remaining, uint96 settled, uint64 feeSettled, address owner, uint96 withdrawAmount, uint64 thawEnd, uint64 lapseAt)',

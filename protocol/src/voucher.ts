@@ -67,7 +67,12 @@ export const SKIP_REASONS = {
   3: 'STALE',
   /** The voucher is owed something but the lane holds nothing (also: a voucher for another chain or escrow). */
   4: 'UNFUNDED',
+  /** `feeCumulative` is more than a tenth of `cumulative` (FEE_CAP_DIVISOR). */
+  5: 'FEE_TOO_HIGH',
 } as const;
+
+/** A voucher's fee total may be at most cumulative / FEE_CAP_DIVISOR; the escrow skips one above it. */
+export const FEE_CAP_DIVISOR = 10n;
 export type SkipReasonCode = keyof typeof SKIP_REASONS;
 export type SkipReason = (typeof SKIP_REASONS)[SkipReasonCode];
 
@@ -199,6 +204,8 @@ export function checkVoucher(v: Voucher): void {
   const fee = v.feeCumulative ?? 0n;
   if (typeof fee !== 'bigint' || fee < 0n || fee > MAX_UINT64)
     throw new MeshError('MESH_VOUCHER_INVALID', 'voucher feeCumulative must be a uint64 bigint (micro-dollars)');
+  if (fee * FEE_CAP_DIVISOR > v.cumulative)
+    throw new MeshError('MESH_VOUCHER_INVALID', `voucher feeCumulative may be at most cumulative / ${FEE_CAP_DIVISOR}`);
   hexBytes(v.receiptsRoot, 'voucher receiptsRoot', 32);
 }
 
