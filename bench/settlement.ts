@@ -8,13 +8,15 @@
  *   gas_single               one voucher in its own settle() transaction (21k base included)
  *   gas_per_voucher_batch50  settle() with 50 vouchers from 50 payers to one agent, divided by 50
  *   gas_per_receipt          gas_per_voucher_batch50 / receipts_per_voucher (100)
- * plus the per-voucher cost at other batch sizes, settleMany across agents, and the amortised gas per
- * inference for R ∈ {1, 10, 100, 1000} receipts per voucher. Gas is deterministic: one run per point.
+ * plus the per-voucher cost at other batch sizes, settleMany across agents, a batch of 50 whose vouchers
+ * carry a relayer fee (one more transfer, to the sender), a partial batch (lanes short), skipped
+ * vouchers, and the amortised gas per inference for R ∈ {1, 10, 100, 1000} receipts per voucher. Gas is
+ * deterministic: one run per point.
  */
 
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, startLocalChain } from '@edge-mesh/contracts/dev';
-import type { SignedVoucher } from '@edge-mesh/protocol';
+import { PACKED_VOUCHER_BYTES, type SignedVoucher } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import type { BenchContext, BenchResult } from './lib.ts';
 
@@ -44,27 +46,29 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       payers.map(async (p) => {
         const me = await p.address();
         await p.mint(me, 20_000_000n);
-        await p.fundWithPermit(agent, 10_000_000n);
-        await p.fundWithPermit(agent2, 5_000_000n);
+        await p.fundWithPermit(me, agent, 10_000_000n);
+        await p.fundWithPermit(me, agent2, 5_000_000n);
       }),
     );
     ctx.log(`${maxBatch} payers funded in ${Math.round(performance.now() - started)} ms`);
 
     const cumulative = new Map<string, bigint>();
-    const now = BigInt((await chain.provider.getBlock('latest'))!.timestamp);
-    /** Next voucher of payer p to `to`: the lane's total grows by RECEIPTS_PER_VOUCHER inferences. */
-    const next = async (p: EscrowClient, to = agent): Promise<SignedVoucher> => {
+    const fees = new Map<string, bigint>();
+    /** Next voucher of payer p to `to`: the lane's total grows by RECEIPTS_PER_VOUCHER inferences (and the fee by `fee`). */
+    const next = async (p: EscrowClient, to = agent, fee = 0n): Promise<SignedVoucher> => {
       const key = `${await p.address()}:${to}`;
       const c = (cumulative.get(key) ?? 0n) + BigInt(RECEIPTS_PER_VOUCHER) * PRICE_MICROS;
+      const f = (fees.get(key) ?? 0n) + fee;
       cumulative.set(key, c);
+      fees.set(key, f);
       return p.signVoucher({
         agent: to,
         cumulative: c,
+        feeCumulative: f,
         receiptsRoot: ethers.keccak256(ethers.toUtf8Bytes(`${key}:${c}`)),
-        expiry: now + 30n * 86_400n,
       });
     };
-    const batch = (n: number, to = agent) => Promise.all(payers.slice(0, n).map((p) => next(p, to)));
+    const batch = (n: number, to = agent, fee = 0n) => Promise.all(payers.slice(0, n).map((p) => next(p, to, fee)));
 
     // The agent's first payout: its token balance goes from zero to non-zero (a 20k-gas store).
     const first = await relayer.settle(agent, [await next(payers[0]!)]);
@@ -95,6 +99,14 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     const settleManyPerVoucher = Math.round(Number(many.gasUsed) / 50);
     ctx.log(`settleMany 2 agents x 25: ${many.gasUsed} gas, ${settleManyPerVoucher} per voucher`);
 
+    // Vouchers with a relayer fee (10 µUSD each): the first fee to the relayer turns its balance from zero to
+    // non-zero, so a warm-up batch goes first; then the steady state.
+    await relayer.settle(agent, await batch(50, agent, 10n));
+    const withFee = await relayer.settle(agent, await batch(50, agent, 10n));
+    if (withFee.settled.length !== 50 || withFee.fees !== 500n) throw new Error('fee batch did not pay every fee');
+    const feePerVoucher = Math.round(Number(withFee.gasUsed) / 50);
+    ctx.log(`batch  50 with relayer fees: ${withFee.gasUsed} gas, ${feePerVoucher} per voucher`);
+
     // Skipped vouchers must stay cheap too (a griefer's batch): 50 stale vouchers.
     const stale = await relayer.settle(
       agent,
@@ -106,7 +118,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
         payers.slice(0, 50).map(async (p) => {
           const key = `${await p.address()}:${agent}`;
           const c = cumulative.get(key)!;
-          return p.signVoucher({ agent, cumulative: c, receiptsRoot: ethers.ZeroHash, expiry: now + 30n * 86_400n });
+          return p.signVoucher({ agent, cumulative: c, feeCumulative: fees.get(key) ?? 0n, receiptsRoot: ethers.ZeroHash });
         }),
       ),
     );
@@ -131,9 +143,10 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       gas_single_first_payout: gasSingleFirst,
       gas_per_voucher_by_batch: perVoucher,
       gas_per_voucher_settle_many_2x25: settleManyPerVoucher,
+      gas_per_voucher_batch50_with_fee: feePerVoucher,
       gas_per_skipped_voucher: skippedPerVoucher,
       amortised_gas_per_inference: amortised,
-      packed_bytes_per_voucher: 121,
+      packed_bytes_per_voucher: PACKED_VOUCHER_BYTES,
       chain: 'hardhat 2 (EDR), cancun, solc 0.8.28 optimizer 10000 runs',
       quick: ctx.quick,
     };

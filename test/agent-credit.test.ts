@@ -12,6 +12,7 @@ import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } fro
 import { sampleInputs } from '@edge-mesh/demo';
 import {
   type ErrorReply,
+  encodeMessage,
   encodeTensorMap,
   fromHex,
   generateIdentity,
@@ -23,6 +24,9 @@ import {
   newRequestId,
   PROTOCOL_VERSION,
   signLaneGrant,
+  signVoucher,
+  toHex,
+  topics,
   verifyQuote,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
@@ -42,7 +46,7 @@ async function payerWallet(payout: string, fund: bigint): Promise<ethers.Wallet>
   if (fund > 0n) {
     const client = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
     await client.mint(wallet.address, fund);
-    await client.fund(payout, fund);
+    await client.fund(wallet.address, payout, fund);
   }
   return wallet;
 }
@@ -76,7 +80,12 @@ async function settleBest(agent: Awaited<ReturnType<typeof paidAgent>>['agent'],
   const relayer = await EscrowClient.connect({ runner: chain.wallet(0), escrow: deployment.escrow });
   const outcome = await relayer.settle(payout, [
     {
-      voucher: { agent: payout, cumulative: BigInt(best.cumulative), receiptsRoot: best.receiptsRoot, expiry: BigInt(best.expiry) },
+      voucher: {
+        agent: payout,
+        cumulative: BigInt(best.cumulative),
+        receiptsRoot: best.receiptsRoot,
+        feeCumulative: BigInt(best.feeCumulative),
+      },
       signature: best.sig,
     },
   ]);
@@ -163,7 +172,7 @@ describe('payments among strangers: the agent gives credit only against money th
     assert.equal(agent.payments!.lanes()[0]!.funds!.remaining, 0);
     assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 50))), 'MESH_CREDIT_EXCEEDED');
     await (await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow })).mint(wallet.address, 2n * BigInt(KWS));
-    await (await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow })).fund(payout, 2n * BigInt(KWS));
+    await (await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow })).fund(wallet.address, payout, 2n * BigInt(KWS));
     await agent.payments!.catchUpFunds();
     const more: string[] = [];
     for (let i = 0; i < 3; i++) {
@@ -190,7 +199,7 @@ describe('payments among strangers: the agent gives credit only against money th
     await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 2 * KWS, 3_000, 'the voucher');
 
     const escrow = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
-    await escrow.requestWithdraw(payout);
+    await escrow.requestWithdraw(wallet.address, payout, 1_000_000n);
     await agent.payments!.catchUpFunds();
     assert.ok(agent.payments!.lanes()[0]!.funds!.thawEnd > 0, 'the agent saw the withdrawal request');
     const during: string[] = [];
@@ -214,12 +223,12 @@ describe('payments among strangers: the agent gives credit only against money th
 
     // The agent settles what it was owed before the payer takes the rest: it lost nothing.
     assert.equal(await settleBest(agent, payout), BigInt(2 * KWS));
-    const back = await escrow.withdraw(payout);
+    const back = await escrow.withdraw(wallet.address, payout);
     assert.equal(back.amount, 1_000_000n - BigInt(2 * KWS));
     assert.equal(await escrow.tokenBalance(payout), BigInt(2 * KWS));
   });
 
-  test('a voucher that pays less, expires before the settle horizon, or pays more than the lane holds never replaces the settleable one', async (t) => {
+  test("a voucher that pays less, or one not signed by the lane's payer, never replaces the settleable one; the best stays settleable", async (t) => {
     const broker = await brokerFor(t);
     const { agent, payout } = await paidAgent(t, broker.url);
     const wallet = await payerWallet(payout, 1_000_000n);
@@ -233,18 +242,20 @@ describe('payments among strangers: the agent gives credit only against money th
 
     // Less than the best: refused.
     await payer.voucher(agentId, { cumulative: 2 * KWS, seq: 3 });
-    // More, but it would expire in an hour (the horizon is 2 × 3,600 s + 1 day): refused.
-    assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 9))), 'ok');
-    await payer.voucher(agentId, { cumulative: 4 * KWS, seq: 4, expiry: Math.floor(Date.now() / 1000) + 3_600 });
-    // More, but already expired: refused.
-    await payer.voucher(agentId, { cumulative: 4 * KWS, seq: 4, expiry: Math.floor(Date.now() / 1000) - 1 });
-    // More than the lane holds: the escrow would skip it whole (OVERSPEND), so it is refused.
-    await payer.voucher(agentId, { cumulative: 2_000_000, seq: 4 });
-    await waitFor(() => agent.payments!.counters.vouchersRefused === refusedBefore + 4, 3_000, 'four vouchers refused');
+    // More, but signed by another key than the lane's payer (sent in the payer's name): refused.
+    const forged = await payer.voucher(agentId, { cumulative: 5 * KWS, seq: 3, send: false });
+    const strangerSig = await signVoucher(chain.wallet(nextWallet++), domain(), {
+      agent: payout,
+      cumulative: BigInt(5 * KWS),
+      receiptsRoot: toHex(forged.receiptsRoot),
+      feeCumulative: 0n,
+    });
+    payer.publishRaw(topics.agentVoucher(agentId, payer.clientId), encodeMessage({ ...forged, sig: fromHex(strangerSig) }));
+    await waitFor(() => agent.payments!.counters.vouchersRefused === refusedBefore + 2, 3_000, 'two vouchers refused');
     const lane = agent.payments!.lanes()[0]!;
     assert.equal(lane.paidMicros, 3 * KWS);
     assert.equal(lane.voucher!.cumulative, 3 * KWS);
-    // What the agent keeps is still settleable a day later, when its relayer gets to it.
+    // A cumulative voucher carries no expiry (escrow v2): what the agent keeps still settles a day later.
     await chain.increaseTime(86_400);
     assert.equal(await settleBest(agent, payout), BigInt(3 * KWS));
   });

@@ -1,6 +1,7 @@
 /**
  * The settlement commands end to end: `edge-mesh chain` starts a local chain and deploys, then `fund`,
- * `balance` and `settle` run against it as separate processes, the way an operator uses them.
+ * `withdraw`, `balance`, `settle` and `claim` run against it as separate processes, the way an operator
+ * uses them.
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
@@ -68,7 +69,7 @@ after(async () => {
 describe('edge-mesh chain, fund, balance, settle', () => {
   test('every settlement command has --help', async () => {
     await Promise.all(
-      ['chain', 'fund', 'settle', 'balance'].map(async (cmd) => {
+      ['chain', 'fund', 'withdraw', 'settle', 'claim', 'balance'].map(async (cmd) => {
         const { code, stdout } = await edgeMesh([cmd, '--help']);
         assert.equal(code, 0);
         assert.match(stdout, new RegExp(`Usage: edge-mesh ${cmd}`));
@@ -99,16 +100,15 @@ describe('edge-mesh chain, fund, balance, settle', () => {
     assert.equal(f2.code, 0, f2.stderr);
 
     const domain: EscrowDomain = { chainId: 31337n, escrow: deployment.escrow };
-    const expiry = BigInt(Math.floor(Date.now() / 1000) + 86_400);
     const entries = [];
-    for (const [keyFile, cumulative] of [
-      [key1, 700_000n],
-      [key2, 300_000n],
+    for (const [keyFile, cumulative, fee] of [
+      [key1, 700_000n, 0n],
+      [key2, 300_000n, 5n],
     ] as const) {
       const wallet = new ethers.Wallet((await readFile(keyFile, 'utf8')).trim());
-      const voucher = { agent, cumulative, receiptsRoot: ethers.id(`r${cumulative}`), expiry };
+      const voucher = { agent, cumulative, feeCumulative: fee, receiptsRoot: ethers.id(`r${cumulative}`) };
       entries.push({
-        voucher: { ...voucher, cumulative: cumulative.toString(), expiry: expiry.toString() },
+        voucher: { ...voucher, cumulative: cumulative.toString(), feeCumulative: fee.toString() },
         signature: await signVoucher(wallet, domain, voucher),
       });
     }
@@ -118,6 +118,7 @@ describe('edge-mesh chain, fund, balance, settle', () => {
     assert.equal(s.code, 0, s.stderr);
     const settled = lastJson(s.stdout);
     assert.equal(settled.paid, '1000000');
+    assert.equal(settled.fees, '5', "the relayer's fee, paid to --key");
     assert.equal(settled.txs.length, 1);
 
     const b = await edgeMesh(['balance', '--deployment', depFile(), '--address', agent]);
@@ -125,8 +126,12 @@ describe('edge-mesh chain, fund, balance, settle', () => {
     assert.equal(lastJson(b.stdout).balance, '1000000');
     const lane = await edgeMesh(['balance', '--deployment', depFile(), '--key', key1, '--agent', agent]);
     assert.deepEqual(
-      { remaining: lastJson(lane.stdout).lane.remaining, settled: lastJson(lane.stdout).lane.settled },
-      { remaining: '1300000', settled: '700000' },
+      {
+        remaining: lastJson(lane.stdout).lane.remaining,
+        settled: lastJson(lane.stdout).lane.settled,
+        owner: lastJson(lane.stdout).lane.owner,
+      },
+      { remaining: '1300000', settled: '700000', owner: deployment.accounts[1] },
     );
 
     // Settling the same file again pays nothing and reports why.
@@ -138,12 +143,103 @@ describe('edge-mesh chain, fund, balance, settle', () => {
     );
   });
 
+  test("an owner funds an app key's lane with its consent and takes a fixed amount back after the thaw; the app key cannot", async () => {
+    const agent = ethers.Wallet.createRandom().address;
+    const [ownerKey, appKey] = [deployment.keyFiles[2]!, deployment.keyFiles[3]!];
+    const [owner, app] = [deployment.accounts[2]!, deployment.accounts[3]!];
+    const d = depFile();
+    const f = await edgeMesh([
+      'fund',
+      '--deployment',
+      d,
+      '--key',
+      ownerKey,
+      '--signer-key',
+      appKey,
+      '--agent',
+      agent,
+      '--amount',
+      '1000000',
+      '--mint',
+    ]);
+    assert.equal(f.code, 0, f.stderr);
+    assert.deepEqual(
+      [lastJson(f.stdout).signer, lastJson(f.stdout).lane.owner, lastJson(f.stdout).lane.remaining],
+      [app, owner, '1000000'],
+    );
+
+    // The app key may not take the money, and a stranger's funding without consent is refused.
+    const byApp = await edgeMesh(['withdraw', '--deployment', d, '--key', appKey, '--agent', agent, '--amount', '1']);
+    assert.equal(byApp.code, 1);
+    assert.match(byApp.stderr, /MESH_CHAIN_REVERTED: requestWithdraw: NotLaneOwner\(/);
+    const stranger = await edgeMesh([
+      'fund',
+      '--deployment',
+      d,
+      '--key',
+      deployment.keyFiles[1]!,
+      '--signer',
+      app,
+      '--agent',
+      agent,
+      '--amount',
+      '1',
+      '--mint',
+    ]);
+    assert.match(stranger.stderr, /NotLaneOwner\(/);
+    // A top-up is a gift: it is allowed and gives no rights.
+    const gift = await edgeMesh([
+      'fund',
+      '--deployment',
+      d,
+      '--key',
+      deployment.keyFiles[1]!,
+      '--signer',
+      app,
+      '--agent',
+      agent,
+      '--amount',
+      '5',
+      '--mint',
+      '--top-up',
+    ]);
+    assert.equal(gift.code, 0, gift.stderr);
+    assert.equal(lastJson(gift.stdout).lane.owner, owner);
+
+    const req = await edgeMesh(['withdraw', '--deployment', d, '--key', ownerKey, '--signer', app, '--agent', agent, '--amount', '400000']);
+    assert.equal(req.code, 0, req.stderr);
+    assert.equal(lastJson(req.stdout).lane.withdrawAmount, '400000');
+    const early = await edgeMesh(['withdraw', '--deployment', d, '--key', ownerKey, '--signer', app, '--agent', agent, '--execute']);
+    assert.match(early.stderr, /StillThawing\(/);
+    // The chain's clock moves past the thaw (an hour on `edge-mesh chain` by default).
+    for (const [method, params] of [
+      ['evm_increaseTime', [3_600]],
+      ['evm_mine', []],
+    ] as const) {
+      await fetch(deployment.rpcUrl, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ jsonrpc: '2.0', id: 1, method, params }),
+      });
+    }
+    const out = await edgeMesh(['withdraw', '--deployment', d, '--key', ownerKey, '--signer', app, '--agent', agent, '--execute']);
+    assert.equal(out.code, 0, out.stderr);
+    assert.equal(lastJson(out.stdout).withdrawn, '400000');
+    assert.equal(lastJson(out.stdout).lane.remaining, '600005');
+
+    const help = await edgeMesh(['withdraw', '--deployment', d, '--key', ownerKey, '--agent', agent]);
+    assert.match(help.stderr, /MESH_CONFIG: withdraw: give exactly one of/);
+    const claim = await edgeMesh(['claim', '--deployment', d, '--key', ownerKey, '--payee', agent]);
+    assert.match(claim.stderr, /NothingToClaim\(/);
+  });
+
   test('clear coded errors', async () => {
     const d = depFile();
     const [noChain, noKey, poor, notEscrow, down, badAmount] = await Promise.all([
       edgeMesh(['balance', '--address', deployment.accounts[0]!], { MESH_RPC_URL: '', MESH_ESCROW: '' }),
       edgeMesh(['fund', '--deployment', d, '--agent', deployment.accounts[0]!, '--amount', '5'], { MESH_EVM_KEY: '' }),
-      edgeMesh(['fund', '--deployment', d, '--key', deployment.keyFiles[3]!, '--agent', deployment.accounts[0]!, '--amount', '5']),
+      // Account 0 deployed the escrow and never held the stablecoin.
+      edgeMesh(['fund', '--deployment', d, '--key', deployment.keyFiles[0]!, '--agent', deployment.accounts[1]!, '--amount', '5']),
       edgeMesh(['balance', '--rpc', deployment.rpcUrl, '--escrow', deployment.accounts[0]!, '--address', deployment.accounts[0]!]),
       edgeMesh(['balance', '--rpc', 'http://127.0.0.1:9', '--escrow', deployment.escrow, '--address', deployment.accounts[0]!]),
       edgeMesh(['fund', '--deployment', d, '--key', deployment.keyFiles[1]!, '--agent', deployment.accounts[0]!, '--amount', '1.5']),

@@ -1,8 +1,21 @@
-/** Lane grants (docs/settlement.md, "Lanes"): the protocol's own EIP-712 hashing against ethers', signing with a wallet, recovery. */
+/**
+ * Lane grants (docs/settlement.md, "Lanes") and the escrow v2's owner consent and voucher: the protocol's own
+ * EIP-712 hashing against ethers', signing with a wallet, recovery.
+ */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { recoverLaneGrantSigner } from '@edge-mesh/contracts';
-import { laneGrantClientHash, laneGrantDigest, MeshError, signLaneGrant, voucherTypedData } from '@edge-mesh/protocol';
+import {
+  laneGrantClientHash,
+  laneGrantDigest,
+  MeshError,
+  ownerConsentDigest,
+  signLaneGrant,
+  signOwnerConsent,
+  signVoucher,
+  voucherDigest,
+  voucherTypedData,
+} from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 
 const domain = { chainId: 31337n, escrow: '0x5fbdb2315678afecb367f032d93f642f64180aa3' };
@@ -41,6 +54,37 @@ test('a lane grant hashes as EIP-712 says, signs with any wallet and recovers to
   const highS = ethers.concat([r, ethers.toBeHex(ethers.N - BigInt(s), 32), Uint8Array.of(v === 27 ? 28 : 27)]);
   assert.throws(
     () => recoverLaneGrantSigner(domain, terms, highS),
+    (e: unknown) => e instanceof MeshError && e.code === 'MESH_VOUCHER_INVALID',
+  );
+});
+
+test('an owner consent and a v2 voucher hash as EIP-712 says (domain version 2) and recover to the voucher key', async () => {
+  const wallet = ethers.Wallet.createRandom();
+  const td = voucherTypedData(domain);
+  assert.equal(td.domain.version, '2');
+  const owner = ethers.Wallet.createRandom().address;
+  assert.equal(
+    ownerConsentDigest(domain, owner),
+    ethers.TypedDataEncoder.hash(td.domain, { LaneOwner: [{ name: 'owner', type: 'address' }] }, { owner }),
+  );
+  const consent = await signOwnerConsent(wallet, domain, owner);
+  assert.equal(ethers.recoverAddress(ownerConsentDigest(domain, owner), consent), wallet.address);
+  // It names its owner: for anyone else it recovers to another address.
+  assert.notEqual(ethers.recoverAddress(ownerConsentDigest(domain, ethers.Wallet.createRandom().address), consent), wallet.address);
+
+  const v = { agent: terms.agent, cumulative: 5_000n, feeCumulative: 7n, receiptsRoot: ethers.id('r') };
+  const expected = ethers.TypedDataEncoder.hash(td.domain, td.types, { ...v, agent: ethers.getAddress(v.agent) });
+  assert.equal(voucherDigest(domain, v), expected);
+  // No fee is a fee of 0.
+  assert.equal(voucherDigest(domain, { ...v, feeCumulative: undefined }), voucherDigest(domain, { ...v, feeCumulative: 0n }));
+  assert.equal(ethers.recoverAddress(expected, await signVoucher(wallet, domain, v)), wallet.address);
+  // Out of the lane slot's widths: refused before signing.
+  await assert.rejects(
+    signVoucher(wallet, domain, { ...v, cumulative: 1n << 96n }),
+    (e: unknown) => e instanceof MeshError && e.code === 'MESH_VOUCHER_INVALID',
+  );
+  await assert.rejects(
+    signVoucher(wallet, domain, { ...v, feeCumulative: 1n << 64n }),
     (e: unknown) => e instanceof MeshError && e.code === 'MESH_VOUCHER_INVALID',
   );
 });

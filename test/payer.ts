@@ -63,8 +63,6 @@ export interface TestPayerOptions {
   clientId: string;
   /** Pay every checked receipt at once with a voucher (default true). */
   autoPay?: boolean;
-  /** How long vouchers stay valid (default 7 days). */
-  voucherTtlS?: number;
 }
 
 export interface InferOptions {
@@ -82,7 +80,6 @@ export class TestPayer {
   private readonly waiting = new Map<string, (m: Reply) => void>();
   private readonly batches: ReceiptBatch[] = [];
   private autoPay: boolean;
-  private readonly voucherTtlS: number;
 
   private constructor(
     private readonly options: TestPayerOptions,
@@ -91,7 +88,6 @@ export class TestPayer {
     this.payer = options.wallet.address.toLowerCase();
     this.clientId = options.clientId;
     this.autoPay = options.autoPay ?? true;
-    this.voucherTtlS = options.voucherTtlS ?? 7 * 86_400;
     connection.client.on('message', (topic, payload) => {
       if (topic.endsWith('/status')) {
         if (payload.length === 0) return;
@@ -264,20 +260,19 @@ export class TestPayer {
     return this.voucher(agentId, { cumulative: lane.verifier.state.cumulative, seq: lane.verifier.state.seq });
   }
 
-  /** Signs and sends a voucher on the lane with `agentId`; any amount, expiry and seq the test wants. */
+  /** Signs and sends a voucher on the lane with `agentId`; any amount and seq the test wants. */
   async voucher(
     agentId: string,
-    { cumulative, seq, expiry, send = true }: { cumulative: number; seq?: number; expiry?: number; send?: boolean },
+    { cumulative, seq, send = true }: { cumulative: number; seq?: number; send?: boolean },
   ): Promise<VoucherMessage> {
     const lane = this.lane(agentId);
     const leaves = lane.leaves.length ? lane.leaves : [new Uint8Array(32)];
     const receiptsRoot = merkleRoot(leaves);
-    const exp = expiry ?? Math.floor(Date.now() / 1000) + this.voucherTtlS;
     const sig = await signVoucher(this.options.wallet, this.options.domain, {
       agent: lane.quote.payout,
       cumulative: BigInt(cumulative),
       receiptsRoot: toHex(receiptsRoot),
-      expiry: BigInt(exp),
+      feeCumulative: 0n,
     });
     const message: VoucherMessage = {
       v: PROTOCOL_VERSION,
@@ -286,7 +281,6 @@ export class TestPayer {
       agent: lane.quote.payout,
       cumulative,
       receiptsRoot,
-      expiry: exp,
       sig: fromHex(sig),
       ...(seq !== undefined ? { seq } : {}),
     };
@@ -299,6 +293,11 @@ export class TestPayer {
       this.client.publish(topics.agentVoucher(agentId, this.clientId), encodeMessage(message), { qos: 1 });
     }
     return message;
+  }
+
+  /** Publishes bytes as this client (for messages a test makes by hand). */
+  publishRaw(topic: string, payload: Uint8Array): void {
+    this.connection.client.publish(topic, Buffer.from(payload), { qos: 1 });
   }
 
   /** Asks `agentId` for the lane's receipts after `afterSeq`; resolves with the batches that came within `waitMs`. */

@@ -41,7 +41,7 @@ async function fundedWallet(payout: string, amount = 1_000_000n): Promise<ethers
   const wallet = chain.wallet(nextWallet++);
   const client = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
   await client.mint(wallet.address, amount);
-  await client.fund(payout, amount);
+  await client.fund(wallet.address, payout, amount);
   return wallet;
 }
 

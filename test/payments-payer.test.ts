@@ -255,7 +255,7 @@ async function payingMesh(
 async function fund(wallet: ethers.Wallet, payout: string, micros = 1_000_000n): Promise<void> {
   const client = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
   await client.mint(wallet.address, micros);
-  await client.fund(payout, micros);
+  await client.fund(wallet.address, payout, micros);
 }
 
 const kws = () => sampleInputs('kws', 1);

@@ -29,7 +29,7 @@ describe('settlement of paid inference on a local chain', () => {
     // The agent's payout address never needs gas: a relayer settles for it.
     const payout = ethers.Wallet.createRandom().address.toLowerCase();
     await payer.mint(payerWallet.address, 1_000_000n);
-    await payer.fund(payout, 1_000_000n);
+    await payer.fund(payerWallet.address, payout, 1_000_000n);
 
     const broker = await brokerFor(t, { maxPacketBytes: 16 << 20 });
     const agent = await agentFor(t, {
@@ -72,7 +72,12 @@ describe('settlement of paid inference on a local chain', () => {
     const relayer = await EscrowClient.connect({ runner: chain.wallet(2), escrow: deployment.escrow });
     const outcome = await relayer.settle(payout, [
       {
-        voucher: { agent: payout, cumulative: BigInt(best.cumulative), receiptsRoot: best.receiptsRoot, expiry: BigInt(best.expiry) },
+        voucher: {
+          agent: payout,
+          cumulative: BigInt(best.cumulative),
+          feeCumulative: BigInt(best.feeCumulative),
+          receiptsRoot: best.receiptsRoot,
+        },
         signature: best.sig,
       },
     ]);
@@ -85,7 +90,12 @@ describe('settlement of paid inference on a local chain', () => {
     // Settling the same voucher again pays nothing.
     const again = await relayer.settle(payout, [
       {
-        voucher: { agent: payout, cumulative: BigInt(best.cumulative), receiptsRoot: best.receiptsRoot, expiry: BigInt(best.expiry) },
+        voucher: {
+          agent: payout,
+          cumulative: BigInt(best.cumulative),
+          feeCumulative: BigInt(best.feeCumulative),
+          receiptsRoot: best.receiptsRoot,
+        },
         signature: best.sig,
       },
     ]);

@@ -1,69 +1,68 @@
 /**
- * The agent's settlement relayer on a real local chain, a real broker and real ONNX agents: each
- * trigger (threshold, interval, expiry, withdraw request), exact payment of the ok receipts, and
- * kill -9 of the relayer between its intent and its transaction, and right after sending it.
+ * The agent's settlement relayer on a real local chain (escrow v2), a real broker and real ONNX agents:
+ * each trigger (threshold, interval, withdrawal pending), no gas spent on a lane that owes nothing (an
+ * emptied lane waits for its top-up, then the same voucher pays the rest), exact payment of the ok
+ * receipts, and kill -9 of the relayer between its intent and its transaction, and right after sending it.
  */
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, type TestContext, test } from 'node:test';
-import type { AgentPaymentOptions, SettlerOptions } from '@edge-mesh/agent';
+import type { SettlerOptions } from '@edge-mesh/agent';
 import { ESCROW_ABI, EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
 import { generateIdentity, MeshError } from '@edge-mesh/protocol';
 import { startRouter } from '@edge-mesh/router';
 import { ethers } from 'ethers';
-import { agentFor, brokerFor, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
-import { TestPayer } from './payer.ts';
+import { agentFor, brokerFor, meshFor, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
 let nextPayer = 1;
 let nextRelayer = 10;
-let nextClient = 1;
 
+/** A lane whose voucher key also owns it (the simplest set-up). */
 async function fundedLane(payout: string, amount = 1_000_000n): Promise<ethers.Wallet> {
   const wallet = chain.wallet(nextPayer++);
   const payer = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
   await payer.mint(wallet.address, amount);
-  await payer.fund(payout, amount);
+  await payer.fund(wallet.address, payout, amount);
   return wallet;
 }
 
-/** The payer's side: a lane grant for its mesh client, every receipt checked and paid with a voucher (test/payer.ts). */
-async function paidMesh(t: TestContext, brokerUrl: string, signer: ethers.Wallet, extra: { voucherTtlS?: number; wait?: boolean } = {}) {
+/** An app's voucher key whose lane a separate funding wallet owns (opened with the voucher key's consent). */
+async function ownedLane(payout: string, amount: bigint): Promise<{ signer: ethers.Wallet; owner: EscrowClient }> {
+  const signer = chain.wallet(nextPayer++);
+  const ownerWallet = chain.wallet(nextPayer++);
+  const app = await EscrowClient.connect({ runner: signer, escrow: deployment.escrow });
+  const owner = await EscrowClient.connect({ runner: ownerWallet, escrow: deployment.escrow });
+  await owner.mint(ownerWallet.address, amount * 10n);
+  await owner.fund(signer.address, payout, amount, { consent: await app.signOwnerConsent(ownerWallet.address) });
+  return { signer, owner };
+}
+
+async function paidMesh(t: TestContext, brokerUrl: string, signer: ethers.Wallet, extra: { dataDir?: string; wait?: boolean } = {}) {
   const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
-  const mesh = await TestPayer.open(t, brokerUrl, {
-    wallet: signer,
-    domain,
-    clientId: `app-settler-${nextClient++}`,
-    ...(extra.voucherTtlS ? { voucherTtlS: extra.voucherTtlS } : {}),
+  const mesh = await meshFor(t, {
+    brokerUrl,
+    maxMessageBytes: 16 << 20,
+    // These tests are about settling; payout registration has its own (test/payments-payer.test.ts).
+    payment: { signer, domain, dataDir: extra.dataDir ?? (await tempDir(t)), checkPayouts: false },
   });
   if (extra.wait !== false) await mesh.waitForModel('kws');
   return mesh;
 }
 
-async function settlerAgent(
-  t: TestContext,
-  brokerUrl: string,
-  settle: Partial<SettlerOptions>,
-  payment: Partial<AgentPaymentOptions> = {},
-) {
+async function settlerAgent(t: TestContext, brokerUrl: string, settle: Partial<SettlerOptions>) {
   const payout = ethers.Wallet.createRandom().address.toLowerCase();
   const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
   const agent = await agentFor(t, {
     brokerUrl,
     pipelineDepth: 1,
     maxMessageBytes: 16 << 20,
-    payment: {
-      payout,
-      domain,
-      dataDir: await tempDir(t),
-      settle: { runner: chain.wallet(nextRelayer++), checkEveryMs: 100, ...settle },
-      ...payment,
-    },
+    payment: { payout, domain, dataDir: await tempDir(t), settle: { runner: chain.wallet(nextRelayer++), checkEveryMs: 100, ...settle } },
   });
   return { agent, payout };
 }
@@ -74,7 +73,7 @@ async function serve(mesh: Awaited<ReturnType<typeof paidMesh>>, n: number, agen
 
 describe('settlement relayer', () => {
   before(async () => {
-    chain = await startLocalChain({ accounts: 20 });
+    chain = await startLocalChain({ accounts: 24 });
     deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   });
   after(() => chain?.close());
@@ -131,65 +130,80 @@ describe('settlement relayer', () => {
     assert.equal(agent.payments!.settler!.counters.settledMicros, okTotal);
   });
 
-  test('the maximum interval settles a small amount; a near-expiry voucher settles at once', async (t) => {
+  test('the maximum interval settles a small amount; a lane that owes nothing costs no gas until it owes again', async (t) => {
     const broker = await brokerFor(t);
-    const slow = await settlerAgent(t, broker.url, { thresholdMicros: 1e12, maxIntervalMs: 1_500 });
-    // This agent takes vouchers that expire within the hour (no settle horizon), so its relayer's expiry trigger has one to act on.
-    const expiring = await settlerAgent(
-      t,
-      broker.url,
-      { thresholdMicros: 1e12, maxIntervalMs: 3_600_000, expiryMarginS: 3_600 },
-      { settleHorizonS: 0 },
-    );
-    const payerA = await fundedLane(slow.payout);
-    const payerB = await fundedLane(expiring.payout);
-    const meshA = await paidMesh(t, broker.url, payerA);
-    const meshB = await paidMesh(t, broker.url, payerB, { voucherTtlS: 1_800 });
-    await meshA.waitForModel('kws', 10_000, 2);
-    await meshB.waitForModel('kws', 10_000, 2);
-    await Promise.all([serve(meshA, 3, slow.agent.id), serve(meshB, 3, expiring.agent.id)]);
+    const { agent, payout } = await settlerAgent(t, broker.url, { thresholdMicros: 1e12, maxIntervalMs: 3_000 });
+    // The lane holds exactly what three requests cost: the agent gives no credit beyond what is there.
+    const { signer, owner } = await ownedLane(payout, 6n);
+    const mesh = await paidMesh(t, broker.url, signer);
+    await serve(mesh, 3);
+    const owed = mesh.lanes()[0]!.owedMicros;
+    assert.equal(owed, 6);
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === owed, 5_000, 'the last voucher');
+    const settler = agent.payments!.settler!;
+    assert.equal(settler.counters.txs, 0, 'the interval has not passed yet');
+    await waitFor(() => settler.counters.settledMicros === 6, 10_000, 'the interval settlement');
     const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
-    const owedA = meshA.lanes().find((l) => l.agentId === slow.agent.id)!.owedMicros;
-    const owedB = meshB.lanes().find((l) => l.agentId === expiring.agent.id)!.owedMicros;
-    assert.equal(owedA, 6);
-    assert.equal(owedB, 6);
-    await waitFor(() => expiring.agent.payments!.settler!.counters.settledMicros === owedB, 5_000, 'the expiry settlement');
-    assert.equal(slow.agent.payments!.settler!.counters.txs, 0, 'the interval has not passed yet');
-    await waitFor(() => slow.agent.payments!.settler!.counters.settledMicros === owedA, 10_000, 'the interval settlement');
-    assert.equal(await escrow.tokenBalance(slow.payout), BigInt(owedA));
-    assert.equal(await escrow.tokenBalance(expiring.payout), BigInt(owedB));
+    assert.equal(await escrow.tokenBalance(payout), 6n);
+    let records = await settler.settlements();
     assert.deepEqual(
-      (await slow.agent.payments!.settler!.settlements()).map((r) => r.reasons),
-      [['interval']],
+      records.map((r) => [r.reasons, r.lanes.map((l) => [l.delta, l.partial])]),
+      [[['interval'], [[6, false]]]],
     );
-    const expiryRecords = await expiring.agent.payments!.settler!.settlements();
-    assert.ok(
-      expiryRecords.length >= 1 && expiryRecords.every((r) => r.reasons.join() === 'expiry'),
-      JSON.stringify(expiryRecords.map((r) => r.reasons)),
+    // Settled and empty, the lane owes the agent nothing: intervals pass with no transaction, and once the
+    // settlement's own event is read the chain is not read again.
+    await new Promise((r) => setTimeout(r, 1_000));
+    const reads = settler.counters.laneReads;
+    await new Promise((r) => setTimeout(r, 7_000));
+    assert.equal(settler.counters.txs, 1, 'no gas on a lane that owes nothing');
+    assert.equal(settler.counters.laneReads, reads, 'no chain read without an event on the lane');
+    // The owner tops it up and the app asks for more: the next interval settles the new work.
+    await owner.fund(signer.address, payout, 10n);
+    await agent.payments!.catchUpFunds();
+    await serve(mesh, 2);
+    await waitFor(() => settler.counters.settledMicros === 10, 10_000, 'the new work settled');
+    assert.equal(await escrow.tokenBalance(payout), 10n);
+    records = await settler.settlements();
+    assert.deepEqual(
+      records.map((r) => r.lanes.map((l) => [l.delta, l.partial])),
+      [[[6, false]], [[4, false]]],
     );
+    const lane = await escrow.laneOf(signer.address, payout);
+    assert.deepEqual([lane.settled, lane.remaining], [10n, 6n]);
   });
 
-  test('a withdraw request settles the lane before the payer can leave', async (t) => {
+  test('a pending withdrawal settles the lane before the owner can leave; the voucher key cannot withdraw', async (t) => {
     const broker = await brokerFor(t);
     const { agent, payout } = await settlerAgent(t, broker.url, { thresholdMicros: 1e12, maxIntervalMs: 3_600_000 });
-    const wallet = await fundedLane(payout);
-    const mesh = await paidMesh(t, broker.url, wallet);
+    const { signer, owner } = await ownedLane(payout, 1_000_000n);
+    const mesh = await paidMesh(t, broker.url, signer);
     await serve(mesh, 5);
     const owed = mesh.lanes()[0]!.owedMicros;
     await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === owed, 5_000, 'the last voucher');
     await new Promise((r) => setTimeout(r, 300));
     assert.equal(agent.payments!.settler!.counters.txs, 0);
-    const payer = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
-    await payer.requestWithdraw(payout);
+    // The owner asks for everything back.
+    const { lapseAt } = await owner.requestWithdraw(signer.address, payout, 1_000_000n);
     await waitFor(() => agent.payments!.settler!.counters.settledMicros === owed, 5_000, 'the withdraw-triggered settlement');
     assert.deepEqual(
       (await agent.payments!.settler!.settlements()).map((r) => r.reasons),
       [['withdraw']],
     );
+    // While the request is pending, new work is settled at once too.
+    await serve(mesh, 2);
+    const owed2 = mesh.lanes()[0]!.owedMicros;
+    await waitFor(() => agent.payments!.settler!.counters.settledMicros === owed2, 5_000, 'settled again while the withdrawal is pending');
+    assert.ok((await agent.payments!.settler!.settlements()).every((r) => r.reasons.join() === 'withdraw'));
     await chain.increaseTime(3_601);
-    const back = await payer.withdraw(payout);
-    assert.equal(back.amount, 1_000_000n - BigInt(owed));
-    assert.equal(await payer.tokenBalance(payout), BigInt(owed));
+    const app = await EscrowClient.connect({ runner: signer, escrow: deployment.escrow });
+    await assert.rejects(
+      app.withdraw(signer.address, payout),
+      (e: unknown) => e instanceof MeshError && /^NotLaneOwner\(/.test(String(e.details?.reason)),
+    );
+    const back = await owner.withdraw(signer.address, payout);
+    assert.equal(back.amount, 1_000_000n - BigInt(owed2));
+    assert.equal(await owner.tokenBalance(payout), BigInt(owed2));
+    assert.ok(lapseAt > 0n);
   });
 
   test("the router's /v1/lanes and /v1/settlements read the escrow on chain", async (t) => {
@@ -220,11 +234,15 @@ describe('settlement relayer', () => {
     const lane = lanes.lanes.find((l) => l.payout === payout)!;
     assert.deepEqual(lane, {
       payer: wallet.address.toLowerCase(),
+      owner: wallet.address.toLowerCase(),
       payout,
       agents: [agent.id],
       remaining_micros: 1_000_000 - owed,
       settled_micros: owed,
+      fee_settled_micros: 0,
+      withdraw_micros: 0,
       thaw_end: 0,
+      lapse_at: 0,
     });
     const res = await fetch(`${router.http!.url}/v1/settlements?agent=${payout}`);
     const body = (await res.json()) as { settlements: { kind: string; delta_micros: number; payer: string }[]; settled_micros: number };

@@ -1,5 +1,7 @@
 /**
- * `edge-mesh chain | fund | settle | balance`: the escrow from the command line.
+ * `edge-mesh chain | fund | withdraw | settle | claim | balance`: the escrow (v2, docs/settlement.md) from
+ * the command line. A lane is (signer, agent): the signer is the app's voucher key, the lane's owner the
+ * key that funded it and alone may withdraw.
  *
  * Chain settings come from options, then the environment, then a deployment file written by
  * `edge-mesh chain --out FILE`:
@@ -13,7 +15,7 @@ import { chmod, readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { EscrowClient, SettleOutcome } from '@edge-mesh/contracts';
 import type { SignedVoucher } from '@edge-mesh/protocol';
-import { MeshError } from '@edge-mesh/protocol';
+import { MeshError, signOwnerConsent } from '@edge-mesh/protocol';
 import { type Command, InvalidArgumentError, Option } from 'commander';
 import type { ethers } from 'ethers';
 
@@ -32,17 +34,25 @@ export interface DeploymentFile {
   escrow: string;
   token: string;
   thawSeconds: string;
+  withdrawWindowSeconds: string;
   deployBlock: number;
 }
 
 const loadEthers = () => import('ethers');
 const loadEscrow = () => import('@edge-mesh/contracts');
 
+/** The largest amount a lane holds (uint96): `withdraw --amount all` asks for everything left. */
+const MAX_UINT96 = (1n << 96n) - 1n;
+
 function micros(value: string): bigint {
   if (!/^[0-9]+$/.test(value)) throw new InvalidArgumentError('must be a whole number of token units (micro-dollars: 1 USD = 1000000)');
   const n = BigInt(value);
-  if (n <= 0n || n >= 1n << 128n) throw new InvalidArgumentError('must be between 1 and 2^128-1');
+  if (n <= 0n || n > MAX_UINT96) throw new InvalidArgumentError('must be between 1 and 2^96-1');
   return n;
+}
+
+function microsOrAll(value: string): bigint {
+  return value === 'all' ? MAX_UINT96 : micros(value);
 }
 
 function seconds(value: string): number {
@@ -164,7 +174,7 @@ async function withClient<T>(
 const big = (_: string, v: unknown) => (typeof v === 'bigint' ? v.toString() : v);
 const printJson = (value: unknown) => process.stdout.write(`${JSON.stringify(value, big)}\n`);
 
-/** Parses a vouchers file: a JSON array of { voucher: { agent, cumulative, receiptsRoot, expiry }, signature }. */
+/** Parses a vouchers file: a JSON array of { voucher: { agent, cumulative, feeCumulative?, receiptsRoot }, signature }. */
 export async function readVoucherFile(file: string): Promise<SignedVoucher[]> {
   let raw: unknown;
   try {
@@ -186,8 +196,8 @@ export async function readVoucherFile(file: string): Promise<SignedVoucher[]> {
         voucher: {
           agent: String(v.agent),
           cumulative: BigInt(v.cumulative as string),
+          feeCumulative: BigInt((v.feeCumulative as string | undefined) ?? 0),
           receiptsRoot: String(v.receiptsRoot),
-          expiry: BigInt(v.expiry as string),
         },
         signature: entry.signature,
       };
@@ -240,7 +250,8 @@ export function registerChainCommands(program: Command): void {
       'start a local EVM chain (Hardhat 2 on loopback), deploy the escrow and a mock 6-decimal stablecoin, print the addresses as JSON, and run until Ctrl-C',
     )
     .option('--port <port>', 'JSON-RPC port on 127.0.0.1 (0 for any free port)', port, 8545)
-    .option('--thaw <seconds>', 'withdrawal thaw period of the escrow', seconds, 3_600)
+    .option('--thaw <seconds>', 'withdrawal thaw period of the escrow (1 s to 365 days)', seconds, 3_600)
+    .option('--withdraw-window <seconds>', 'how long a thawed withdrawal may run before it lapses (1 h to 30 days)', seconds, 86_400)
     .option('--accounts <n>', 'funded development accounts', (v) => Number(v), 10)
     .option('--out <file>', 'also write the deployment JSON here (for --deployment)')
     .option(
@@ -248,65 +259,161 @@ export function registerChainCommands(program: Command): void {
       "write the development accounts' EVM keys (public Hardhat keys, local use only) as evm-<i>.key files, mode 0600",
     )
     .addOption(new Option('--duration <seconds>', 'stop by itself after this many seconds').argParser(seconds))
-    .action(async (opts: { port: number; thaw: number; accounts: number; out?: string; writeKeys?: string; duration?: number }) => {
-      const { startLocalChain, deployMesh } = await import('@edge-mesh/contracts/dev');
-      const chain = await startLocalChain({ port: opts.port, accounts: opts.accounts, log: (m) => process.stderr.write(`${m}\n`) }).catch(
-        (err: unknown) => {
-          throw new MeshError('MESH_CONFIG', `local chain did not start: ${(err as Error).message}`, { cause: err });
-        },
-      );
-      try {
-        const mesh = await deployMesh(chain.wallet(0), { thawSeconds: opts.thaw });
-        const deployment: DeploymentFile = {
-          rpcUrl: chain.rpcUrl,
-          chainId: mesh.chainId.toString(),
-          escrow: mesh.escrow,
-          token: mesh.token,
-          thawSeconds: mesh.thawSeconds.toString(),
-          deployBlock: mesh.deployBlock,
-        };
-        if (opts.out) await writeFile(opts.out, `${JSON.stringify(deployment, null, 2)}\n`);
-        const keyFiles: string[] = [];
-        if (opts.writeKeys) {
-          for (let i = 0; i < chain.privateKeys.length; i++) {
-            const file = path.join(opts.writeKeys, `evm-${i}.key`);
-            await writeFile(file, `${chain.privateKeys[i]}\n`, { mode: 0o600, flag: 'w' });
-            await chmod(file, 0o600);
-            keyFiles.push(file);
+    .action(
+      async (opts: {
+        port: number;
+        thaw: number;
+        withdrawWindow: number;
+        accounts: number;
+        out?: string;
+        writeKeys?: string;
+        duration?: number;
+      }) => {
+        const { startLocalChain, deployMesh } = await import('@edge-mesh/contracts/dev');
+        const chain = await startLocalChain({ port: opts.port, accounts: opts.accounts, log: (m) => process.stderr.write(`${m}\n`) }).catch(
+          (err: unknown) => {
+            throw new MeshError('MESH_CONFIG', `local chain did not start: ${(err as Error).message}`, { cause: err });
+          },
+        );
+        try {
+          const mesh = await deployMesh(chain.wallet(0), { thawSeconds: opts.thaw, withdrawWindowSeconds: opts.withdrawWindow });
+          const deployment: DeploymentFile = {
+            rpcUrl: chain.rpcUrl,
+            chainId: mesh.chainId.toString(),
+            escrow: mesh.escrow,
+            token: mesh.token,
+            thawSeconds: mesh.thawSeconds.toString(),
+            withdrawWindowSeconds: mesh.withdrawWindowSeconds.toString(),
+            deployBlock: mesh.deployBlock,
+          };
+          if (opts.out) await writeFile(opts.out, `${JSON.stringify(deployment, null, 2)}\n`);
+          const keyFiles: string[] = [];
+          if (opts.writeKeys) {
+            for (let i = 0; i < chain.privateKeys.length; i++) {
+              const file = path.join(opts.writeKeys, `evm-${i}.key`);
+              await writeFile(file, `${chain.privateKeys[i]}\n`, { mode: 0o600, flag: 'w' });
+              await chmod(file, 0o600);
+              keyFiles.push(file);
+            }
           }
+          printJson({ ...deployment, accounts: chain.accounts, ...(keyFiles.length ? { keyFiles } : {}) });
+          await new Promise<void>((resolve) => {
+            const done = () => resolve();
+            process.once('SIGINT', done);
+            process.once('SIGTERM', done);
+            if (opts.duration !== undefined) setTimeout(done, opts.duration * 1000).unref();
+          });
+        } finally {
+          await chain.close();
         }
-        printJson({ ...deployment, accounts: chain.accounts, ...(keyFiles.length ? { keyFiles } : {}) });
-        await new Promise<void>((resolve) => {
-          const done = () => resolve();
-          process.once('SIGINT', done);
-          process.once('SIGTERM', done);
-          if (opts.duration !== undefined) setTimeout(done, opts.duration * 1000).unref();
-        });
-      } finally {
-        await chain.close();
-      }
-    });
+      },
+    );
 
-  chainOptions(program.command('fund').description("move stablecoin into your lane to an agent (the payer is --key's address)"), {
-    needsKey: true,
-  })
+  chainOptions(
+    program
+      .command('fund')
+      .description(
+        "move stablecoin from --key's address into the lane (signer, agent); on a lane nobody owns yet --key becomes its owner, which needs the signer's consent unless --key is the signer",
+      ),
+    { needsKey: true },
+  )
     .requiredOption('--agent <address>', "the agent's payout address")
     .requiredOption('--amount <micros>', 'token units to add (6 decimals: 1000000 = 1 USD)', micros)
+    .option('--signer <address>', "the voucher key whose lane this is (default: --key's address)")
+    .option('--signer-key <file>', "the voucher key's file: signs the consent that --key may open the lane")
+    .option('--consent <hex>', "the voucher key's owner consent for --key (EIP-712 LaneOwner), signed elsewhere")
+    .option('--top-up', 'give to a lane someone else owns: adds money, gives --key no rights over it', false)
     .option('--permit', 'fund in one transaction with an EIP-2612 permit instead of approve + fund', false)
     .option('--mint', 'mint the amount first (the mock stablecoin of a local chain only)', false)
-    .action(async (opts: ChainOptions & { agent: string; amount: bigint; permit: boolean; mint: boolean }) => {
-      await withClient(opts, true, async ({ client }) => {
-        const payer = await client.address();
-        if (opts.mint) await client.mint(payer, opts.amount);
-        const tx = opts.permit ? await client.fundWithPermit(opts.agent, opts.amount) : await client.fund(opts.agent, opts.amount);
-        printJson({
-          payer,
-          agent: opts.agent,
-          funded: opts.amount,
-          tx: tx.hash,
-          gasUsed: tx.gasUsed,
-          lane: await client.laneOf(payer, opts.agent),
+    .action(
+      async (
+        opts: ChainOptions & {
+          agent: string;
+          amount: bigint;
+          signer?: string;
+          signerKey?: string;
+          consent?: string;
+          topUp: boolean;
+          permit: boolean;
+          mint: boolean;
+        },
+      ) => {
+        await withClient(opts, true, async ({ client }) => {
+          const me = await client.address();
+          let signer = opts.signer ?? me;
+          let consent = opts.consent ?? '0x';
+          if (opts.signerKey !== undefined) {
+            const key = await loadEvmKey(opts.signerKey);
+            const { ethers } = await loadEthers();
+            const wallet = new ethers.Wallet(key!);
+            if (opts.signer !== undefined && opts.signer.toLowerCase() !== wallet.address.toLowerCase()) {
+              throw new MeshError('MESH_CONFIG', `--signer-key holds ${wallet.address}, not --signer ${opts.signer}`);
+            }
+            signer = wallet.address;
+            consent = await signOwnerConsent(wallet, client.domain, me);
+          }
+          if (opts.mint) await client.mint(me, opts.amount);
+          const tx = opts.topUp
+            ? await client.topUp(signer, opts.agent, opts.amount)
+            : opts.permit
+              ? await client.fundWithPermit(signer, opts.agent, opts.amount, { consent })
+              : await client.fund(signer, opts.agent, opts.amount, { consent });
+          printJson({
+            funder: me,
+            signer,
+            agent: opts.agent,
+            funded: opts.amount,
+            tx: tx.hash,
+            gasUsed: tx.gasUsed,
+            lane: await client.laneOf(signer, opts.agent),
+          });
         });
+      },
+    );
+
+  chainOptions(
+    program
+      .command('withdraw')
+      .description(
+        "as the lane's owner (--key): request a withdrawal of --amount (it thaws, then may run until it lapses), --execute it, or --cancel it",
+      ),
+    { needsKey: true },
+  )
+    .requiredOption('--agent <address>', "the agent's payout address")
+    .option('--signer <address>', "the voucher key whose lane this is (default: --key's address)")
+    .option('--amount <micros>', 'request a withdrawal of this many token units, or `all` for whatever is left when it runs', microsOrAll)
+    .option('--execute', 'run the thawed withdrawal: pays min(requested, remaining) to --key', false)
+    .option('--cancel', 'cancel the pending request', false)
+    .action(async (opts: ChainOptions & { agent: string; signer?: string; amount?: bigint; execute: boolean; cancel: boolean }) => {
+      const chosen = [opts.amount !== undefined, opts.execute, opts.cancel].filter(Boolean).length;
+      if (chosen !== 1) throw new MeshError('MESH_CONFIG', 'withdraw: give exactly one of --amount MICROS|all, --execute, --cancel');
+      await withClient(opts, true, async ({ client }) => {
+        const signer = opts.signer ?? (await client.address());
+        let out: Record<string, unknown>;
+        if (opts.amount !== undefined) {
+          const r = await client.requestWithdraw(signer, opts.agent, opts.amount);
+          out = { requested: opts.amount, thawEnd: r.thawEnd, lapseAt: r.lapseAt, tx: r.hash };
+        } else if (opts.execute) {
+          const r = await client.withdraw(signer, opts.agent);
+          out = { withdrawn: r.amount, tx: r.hash };
+        } else {
+          out = { cancelled: true, tx: (await client.cancelWithdraw(signer, opts.agent)).hash };
+        }
+        printJson({ signer, agent: opts.agent, ...out, lane: await client.laneOf(signer, opts.agent) });
+      });
+    });
+
+  chainOptions(
+    program
+      .command('claim')
+      .description('pay an address the payouts whose transfer failed (a blacklisted or paused payee); anyone may send it'),
+    { needsKey: true },
+  )
+    .requiredOption('--payee <address>', 'whose claimable payouts to pay (they go to the payee)')
+    .action(async (opts: ChainOptions & { payee: string }) => {
+      await withClient(opts, true, async ({ client }) => {
+        const r = await client.claim(opts.payee);
+        printJson({ payee: opts.payee, claimed: r.amount, tx: r.hash });
       });
     });
 
@@ -315,7 +422,7 @@ export function registerChainCommands(program: Command): void {
   })
     .requiredOption(
       '--vouchers <file>',
-      'JSON array of { voucher: { agent, cumulative, receiptsRoot, expiry }, signature } (numbers as strings)',
+      'JSON array of { voucher: { agent, cumulative, feeCumulative?, receiptsRoot }, signature } (numbers as strings)',
     )
     .option('--max-per-tx <n>', 'vouchers per transaction', (v) => Number(v), 100)
     .action(async (opts: ChainOptions & { vouchers: string; maxPerTx: number }) => {
@@ -325,19 +432,33 @@ export function registerChainCommands(program: Command): void {
         printJson({
           vouchers: entries.length,
           paid: outcomes.reduce((a, o) => a + o.paid, 0n),
-          txs: outcomes.map((o) => ({ tx: o.hash, gasUsed: o.gasUsed, paid: o.paid, settled: o.settled.length, skipped: o.skipped })),
+          fees: outcomes.reduce((a, o) => a + o.fees, 0n),
+          txs: outcomes.map((o) => ({
+            tx: o.hash,
+            gasUsed: o.gasUsed,
+            paid: o.paid,
+            fees: o.fees,
+            settled: o.settled.length,
+            partial: o.settled.filter((x) => x.partial).length,
+            skipped: o.skipped,
+            deferred: o.deferred,
+          })),
         });
       });
     });
 
   chainOptions(
-    program.command('balance').description('stablecoin balance of an address, and a lane (payer → agent) when --agent is given'),
+    program
+      .command('balance')
+      .description(
+        'stablecoin balance of an address and what the escrow holds for it to claim, and a lane (signer → agent) when --agent is given',
+      ),
     { needsKey: false },
   )
     .option('--address <address>', "whose balance (default: --key's address)")
-    .option('--agent <address>', 'also show the lane from --payer (default: the address) to this agent')
-    .option('--payer <address>', 'payer of the lane shown with --agent')
-    .action(async (opts: ChainOptions & { address?: string; agent?: string; payer?: string }) => {
+    .option('--agent <address>', 'also show the lane of --signer (default: the address) to this agent')
+    .option('--signer <address>', 'the voucher key of the lane shown with --agent')
+    .action(async (opts: ChainOptions & { address?: string; agent?: string; signer?: string }) => {
       await withClient(opts, false, async ({ client, signer }) => {
         const who = opts.address ?? signer?.address;
         if (!who) throw new MeshError('MESH_CONFIG', 'whose balance? pass --address ADDRESS or --key FILE');
@@ -347,10 +468,11 @@ export function registerChainCommands(program: Command): void {
           token: client.token,
           address: who,
           balance: await client.tokenBalance(who),
+          claimable: await client.claimable(who),
         };
         if (opts.agent) {
-          const payer = opts.payer ?? who;
-          out.lane = { payer, agent: opts.agent, ...(await client.laneOf(payer, opts.agent)) };
+          const signer = opts.signer ?? who;
+          out.lane = { signer, agent: opts.agent, ...(await client.laneOf(signer, opts.agent)) };
         }
         printJson(out);
       });

@@ -256,11 +256,6 @@ export function buildProgram(): Command {
     .option('--credit-requests <n>', 'unpaid requests a payer lane may owe before MESH_CREDIT_EXCEEDED', positiveInt, 8)
     .option('--serve-unpaid', 'with --payout: serve requests that name no payer too, for free (default: MESH_PAYMENT_REQUIRED)', false)
     .option(
-      '--settle-horizon <seconds>',
-      'with --payout: take only vouchers that stay settleable this long (default 2 × the escrow thaw + 1 day)',
-      positiveNumber,
-    )
-    .option(
       '--settle',
       'run the settlement relayer: settle the best vouchers on chain (needs --payout, --rpc and an EVM key for gas)',
       false,
@@ -342,7 +337,6 @@ export function buildProgram(): Command {
                 creditRequests: opts.creditRequests,
                 ...(provider ? { provider } : {}),
                 ...(opts.serveUnpaid ? { serveUnpaid: true } : {}),
-                ...(opts.settleHorizon !== undefined ? { settleHorizonS: opts.settleHorizon } : {}),
                 ...(settle ? { settle } : {}),
               },
             }
@@ -550,7 +544,7 @@ export function buildProgram(): Command {
   registerBridgeCommands(program);
   // The sample app of `edge-mesh up` as a command of its own (demo.ts).
   registerDemoCommands(program);
-  // Settlement on-chain: chain, fund, settle, balance (chain.ts).
+  // Settlement on-chain: chain, fund, withdraw, settle, claim, balance (chain.ts).
   registerChainCommands(program);
   // The payout registry: payers check it before they pay (payout.ts).
   registerPayoutCommands(program);

@@ -13,6 +13,7 @@ import { MeshError } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { ESCROW_ABI } from './abi.ts';
 import { artifact, CONTRACTS_DIR } from './compile.ts';
+import { toChainError } from './escrow.ts';
 
 /** Hardhat's well-known development mnemonic: these keys are public, never use them on a real chain. */
 export const DEV_MNEMONIC = 'test test test test test test test test test test test junk';
@@ -221,17 +222,27 @@ export interface MeshDeployment {
   escrow: string;
   token: string;
   thawSeconds: bigint;
+  withdrawWindowSeconds: bigint;
   /** Block of the escrow's deployment: where a log scan can start. */
   deployBlock: number;
 }
 
+/** The withdrawal window `deployMesh` uses unless told: a day to run a thawed withdrawal before it lapses. */
+export const DEFAULT_WITHDRAW_WINDOW_SECONDS = 86_400;
+
 /**
  * Deploys MeshEscrow (and MockUSDC unless `token` names an existing stablecoin) with `signer` as
- * deployer. Works on any EVM chain the signer is connected to.
+ * deployer. Works on any EVM chain the signer is connected to. The escrow refuses a thaw outside
+ * [1 s, 365 days], a window outside [1 h, 30 days] and a token without 6 decimals: the deployment then
+ * fails with MESH_CHAIN_REVERTED and the decoded reason (e.g. `BadThaw(0)`).
  */
 export async function deployMesh(
   signer: ethers.Signer,
-  { thawSeconds, token }: { thawSeconds: number | bigint; token?: string },
+  {
+    thawSeconds,
+    withdrawWindowSeconds = DEFAULT_WITHDRAW_WINDOW_SECONDS,
+    token,
+  }: { thawSeconds: number | bigint; withdrawWindowSeconds?: number | bigint; token?: string },
 ): Promise<MeshDeployment> {
   const provider = signer.provider;
   if (!provider) throw new MeshError('MESH_CONFIG', 'deployMesh: the signer has no provider', { details: { field: 'signer' } });
@@ -243,11 +254,18 @@ export async function deployMesh(
     tokenAddress = await c.getAddress();
   }
   const esc = artifact('MeshEscrow');
-  const escrow = await new ethers.ContractFactory(esc.abi as ethers.InterfaceAbi, esc.bytecode, signer).deploy(
-    tokenAddress,
-    BigInt(thawSeconds),
-  );
-  const receipt = await escrow.deploymentTransaction()!.wait();
+  let escrow: ethers.BaseContract;
+  let receipt: ethers.TransactionReceipt | null;
+  try {
+    escrow = await new ethers.ContractFactory(ESCROW_ABI, esc.bytecode, signer).deploy(
+      tokenAddress,
+      BigInt(thawSeconds),
+      BigInt(withdrawWindowSeconds),
+    );
+    receipt = await escrow.deploymentTransaction()!.wait();
+  } catch (err) {
+    throw toChainError(err, 'deployMesh');
+  }
   const address = await escrow.getAddress();
   // Sanity: the compiled contract answers the ABI protocol/ speaks.
   const check = new ethers.Contract(address, ESCROW_ABI, provider);
@@ -262,6 +280,7 @@ export async function deployMesh(
     escrow: address,
     token: ethers.getAddress(tokenAddress),
     thawSeconds: BigInt(thawSeconds),
+    withdrawWindowSeconds: BigInt(withdrawWindowSeconds),
     deployBlock: receipt?.blockNumber ?? 0,
   };
 }

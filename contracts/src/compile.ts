@@ -66,7 +66,7 @@ function packageVersion(name: string): string {
 
 let memo: { key: string; artifacts: Artifacts } | undefined;
 
-/** Compiles (or reads the cache) and returns every contract by name: MeshEscrow, MockUSDC, HostileToken. */
+/** Compiles (or reads the cache) and returns every contract by name: MeshEscrow, MockUSDC, HostileToken, QuirkyToken. */
 export function compileContracts({ log }: { log?: (line: string) => void } = {}): Artifacts {
   const sources = ourSources();
   const solcVersion = packageVersion('solc');
@@ -118,7 +118,7 @@ export function compileContracts({ log }: { log?: (line: string) => void } = {})
   return artifacts;
 }
 
-export function artifact(name: 'MeshEscrow' | 'MockUSDC' | 'HostileToken' | (string & {})): Artifact {
+export function artifact(name: 'MeshEscrow' | 'MockUSDC' | 'HostileToken' | 'QuirkyToken' | (string & {})): Artifact {
   const a = compileContracts()[name];
   if (!a) throw new MeshError('MESH_NOT_FOUND', `no compiled contract named ${name}`, { details: { contract: name } });
   return a;

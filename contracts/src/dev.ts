@@ -2,6 +2,7 @@
 
 export {
   connectRpc,
+  DEFAULT_WITHDRAW_WINDOW_SECONDS,
   DEV_MNEMONIC,
   deployArtifact,
   deployMesh,

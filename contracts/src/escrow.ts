@@ -1,7 +1,8 @@
 /**
- * A small typed client for the MeshEscrow contract over ethers v6: everything an agent, SDK, relayer
- * or the CLI needs to fund lanes, settle vouchers, leave a lane and read balances. Works against any
- * EVM JSON-RPC endpoint given the escrow's address (the token is read from the escrow).
+ * A small typed client for the MeshEscrow contract (v2) over ethers v6: everything an agent, SDK, relayer
+ * or the CLI needs to open and fund lanes, settle vouchers, take money back, claim deferred payouts and
+ * read balances. Works against any EVM JSON-RPC endpoint given the escrow's address (the token is read
+ * from the escrow). The contract's rules: docs/settlement.md, "The escrow contract".
  *
  * Transactions need a Signer as runner; reads work with a Provider. One client sends its transactions
  * one after another; wrap the signer in ethers.NonceManager to send from several clients at once.
@@ -9,11 +10,13 @@
 
 import {
   type EscrowDomain,
+  MAX_UINT96,
   MeshError,
   type MeshErrorCode,
   packVouchers,
   type SignedVoucher,
   type SkipReason,
+  signOwnerConsent,
   signVoucher,
   skipReasonName,
   type Voucher,
@@ -30,13 +33,33 @@ import { ERC20_ABI, ESCROW_ABI } from './abi.ts';
  *   MESH_CONFIG             the address holds no MeshEscrow, or a transaction was asked of a read-only client.
  */
 
+/** A lane (signer, agent) as `laneOf` reads it: everything an agent needs to decide credit. */
 export interface Lane {
   /** Funds left on the lane (token units, micro-dollars). */
   remaining: bigint;
-  /** Highest cumulative voucher amount settled so far. */
+  /** What the agent has been paid on the lane: the highest voucher total settled so far. */
   settled: bigint;
-  /** Unix seconds when a requested withdrawal may run; 0 when none is pending. */
+  /** Relayer fees paid from the lane so far. */
+  feeSettled: bigint;
+  /** The key that funded the lane and alone may withdraw; the zero address while nobody has opened it. */
+  owner: string;
+  /** The amount of the pending withdrawal request (0 when none). */
+  withdrawAmount: bigint;
+  /** Unix seconds from which the pending withdrawal may run; 0 when none is pending. */
   thawEnd: bigint;
+  /** Unix seconds at which the pending request lapses unless run; 0 when none is pending. */
+  lapseAt: bigint;
+}
+
+/**
+ * What a pending withdrawal may still take from the lane at chain time `nowS`: min(requested, remaining)
+ * while the request has not lapsed, else 0. Money beyond it stays for the agents.
+ */
+export function withdrawalAtRisk(lane: Lane, nowS: bigint): bigint {
+  if (lane.thawEnd === 0n || nowS >= lane.lapseAt) return 0n;
+  // bigint: no Math.min.
+  if (lane.withdrawAmount > lane.remaining) return lane.remaining;
+  return lane.withdrawAmount;
 }
 
 export interface TxOutcome {
@@ -45,28 +68,45 @@ export interface TxOutcome {
   gasUsed: bigint;
 }
 
+/** A voucher that paid (`Settled`, or `SettledPartial` when the lane ran short). */
 export interface SettledEvent {
-  payer: string;
+  /** The voucher key recovered from the signature. */
+  signer: string;
   agent: string;
   cumulative: bigint;
-  delta: bigint;
+  /** Paid to the agent by this voucher. */
+  paid: bigint;
+  /** Paid to the transaction's sender (the relayer) by this voucher. */
+  fee: bigint;
   receiptsRoot: string;
+  /** The lane ran short: `unpaid` (the agent's part plus the fee) is left for the same voucher after a top-up. */
+  partial: boolean;
+  unpaid: bigint;
 }
 
 export interface SkippedEvent {
   /** The zero address when the signature could not be recovered. */
-  payer: string;
+  signer: string;
   agent: string;
   reasonCode: number;
   reason: SkipReason | 'UNKNOWN';
   cumulative: bigint;
 }
 
+/** A payout whose token transfer failed: it waits in `claimable(payee)`. */
+export interface DeferredPayout {
+  payee: string;
+  amount: bigint;
+}
+
 export interface SettleOutcome extends TxOutcome {
-  /** Total paid out by this transaction. */
+  /** Total paid to agents by this transaction (deferred payouts included: they are owed to the agent now). */
   paid: bigint;
+  /** Total relayer fees paid to the sender. */
+  fees: bigint;
   settled: SettledEvent[];
   skipped: SkippedEvent[];
+  deferred: DeferredPayout[];
 }
 
 export interface AgentBatch {
@@ -90,13 +130,18 @@ function badArgument(field: string, message: string): MeshError {
   return new MeshError('MESH_BAD_REQUEST', message, { details: { field } });
 }
 
+function hexArgument(value: string, what: string): string {
+  if (!ethers.isHexString(value)) throw badArgument(what, `${what} is not 0x-hex`);
+  return value;
+}
+
 function address(value: string, what: string): string {
   if (!ethers.isAddress(value)) throw badArgument(what, `${what} is not an EVM address: ${JSON.stringify(value)}`);
   return ethers.getAddress(value);
 }
 
 function amount(value: bigint, what: string): bigint {
-  if (typeof value !== 'bigint' || value <= 0n || value >= 1n << 128n) throw badArgument(what, `${what} must be a positive uint128 bigint`);
+  if (typeof value !== 'bigint' || value <= 0n || value > MAX_UINT96) throw badArgument(what, `${what} must be a positive uint96 bigint`);
   return value;
 }
 
@@ -243,15 +288,24 @@ export class EscrowClient {
 
   // ------------------------------------------------------------------ reads
 
-  async laneOf(payer: string, agent: string): Promise<Lane> {
+  async laneOf(signer: string, agent: string): Promise<Lane> {
     try {
-      const [remaining, settled, thawEnd] = (await this.escrowContract.getFunction('laneOf')(
-        address(payer, 'payer'),
+      const [remaining, settled, feeSettled, owner, withdrawAmount, thawEnd, lapseAt] = (await this.escrowContract.getFunction('laneOf')(
+        address(signer, 'signer'),
         address(agent, 'agent'),
-      )) as [bigint, bigint, bigint];
-      return { remaining, settled, thawEnd };
+      )) as [bigint, bigint, bigint, string, bigint, bigint, bigint];
+      return { remaining, settled, feeSettled, owner, withdrawAmount, thawEnd, lapseAt };
     } catch (err) {
       throw toChainError(err, 'laneOf');
+    }
+  }
+
+  /** Payouts to `payee` whose transfer failed and that `claim(payee)` would pay. */
+  async claimable(payee: string): Promise<bigint> {
+    try {
+      return (await this.escrowContract.getFunction('claimable')(address(payee, 'payee'))) as bigint;
+    } catch (err) {
+      throw toChainError(err, 'claimable');
     }
   }
 
@@ -279,6 +333,14 @@ export class EscrowClient {
     }
   }
 
+  async withdrawWindowSeconds(): Promise<bigint> {
+    try {
+      return (await this.escrowContract.getFunction('withdrawWindowSeconds')()) as bigint;
+    } catch (err) {
+      throw toChainError(err, 'withdrawWindowSeconds');
+    }
+  }
+
   // ---------------------------------------------------------------- funding
 
   /** Mints test tokens (MockUSDC only: a real stablecoin refuses). */
@@ -287,10 +349,41 @@ export class EscrowClient {
     return EscrowClient.outcome(r);
   }
 
-  /** Funds the lane (signer, agent): approves the escrow first if the allowance is short. */
-  async fund(agent: string, value: bigint, { approveMax = false }: { approveMax?: boolean } = {}): Promise<TxOutcome> {
+  /**
+   * Funds the lane (signer, agent) as its owner, approving the escrow first if the allowance is short. On a
+   * lane nobody owns yet this client's account becomes the owner: it must be the signer itself, or pass the
+   * signer's `consent` (`signOwnerConsent(owner)` signed by the voucher key). On a lane someone else owns
+   * the chain refuses (`NotLaneOwner`); `topUp` gives to such a lane instead.
+   */
+  async fund(
+    signer: string,
+    agent: string,
+    value: bigint,
+    { approveMax = false, consent = '0x' }: { approveMax?: boolean; consent?: string } = {},
+  ): Promise<TxOutcome> {
+    const signerAddress = address(signer, 'signer');
     const agentAddress = address(agent, 'agent');
     amount(value, 'amount');
+    const consentHex = hexArgument(consent, 'consent');
+    await this.approveFor('fund', value, approveMax);
+    return EscrowClient.outcome(
+      await this.send('fundLane', () => this.escrowContract.getFunction('fundLane')(signerAddress, agentAddress, value, consentHex)),
+    );
+  }
+
+  /** Adds money to a lane someone has opened; gives this account no rights over it. */
+  async topUp(signer: string, agent: string, value: bigint, { approveMax = false }: { approveMax?: boolean } = {}): Promise<TxOutcome> {
+    const signerAddress = address(signer, 'signer');
+    const agentAddress = address(agent, 'agent');
+    amount(value, 'amount');
+    await this.approveFor('topUp', value, approveMax);
+    return EscrowClient.outcome(
+      await this.send('topUpLane', () => this.escrowContract.getFunction('topUpLane')(signerAddress, agentAddress, value)),
+    );
+  }
+
+  /** Checks the balance (for a clear error) and approves the escrow when the allowance is short. */
+  private async approveFor(action: string, value: bigint, approveMax: boolean): Promise<void> {
     const owner = await this.address();
     const [balance, allowance] = await Promise.all([
       this.tokenBalance(owner),
@@ -300,25 +393,27 @@ export class EscrowClient {
     ]);
     if (balance < value) {
       // Checked here rather than left to the token's revert, whose reason names no amounts.
-      throw new MeshError('MESH_CHAIN_REVERTED', `fund: ${owner} holds ${balance} token units, needs ${value}`, {
-        details: { action: 'fund', reason: 'insufficient-balance', balance: balance.toString(), needed: value.toString() },
+      throw new MeshError('MESH_CHAIN_REVERTED', `${action}: ${owner} holds ${balance} token units, needs ${value}`, {
+        details: { action, reason: 'insufficient-balance', balance: balance.toString(), needed: value.toString() },
       });
     }
     if (allowance < value) {
       await this.send('approve', () => this.tokenContract.getFunction('approve')(this.escrow, approveMax ? ethers.MaxUint256 : value));
     }
-    return EscrowClient.outcome(await this.send('fundLane', () => this.escrowContract.getFunction('fundLane')(agentAddress, value)));
   }
 
-  /** Funds the lane in one transaction with an EIP-2612 permit signed by the signer (no approve). */
+  /** `fund` in one transaction with an EIP-2612 permit signed by this client's account (no approve). */
   async fundWithPermit(
+    signer: string,
     agent: string,
     value: bigint,
-    { deadline, permitVersion = '1' }: { deadline?: bigint; permitVersion?: string } = {},
+    { deadline, permitVersion = '1', consent = '0x' }: { deadline?: bigint; permitVersion?: string; consent?: string } = {},
   ): Promise<TxOutcome> {
+    const signerAddress = address(signer, 'signer');
     const agentAddress = address(agent, 'agent');
     amount(value, 'amount');
-    const signer = this.signer();
+    const consentHex = hexArgument(consent, 'consent');
+    const wallet = this.signer();
     const owner = await this.address();
     let name: string;
     let nonce: bigint;
@@ -331,9 +426,9 @@ export class EscrowClient {
       throw toChainError(err, 'permit: token name/nonces');
     }
     // The chain's clock, not ours: a test chain may run ahead of the wall clock.
-    const until = deadline ?? BigInt(((await signer.provider?.getBlock('latest'))?.timestamp ?? Math.floor(Date.now() / 1000)) + 3_600);
+    const until = deadline ?? BigInt(((await wallet.provider?.getBlock('latest'))?.timestamp ?? Math.floor(Date.now() / 1000)) + 3_600);
     const sig = ethers.Signature.from(
-      await signer.signTypedData(
+      await wallet.signTypedData(
         { name, version: permitVersion, chainId: this.domain.chainId, verifyingContract: this.token },
         {
           Permit: [
@@ -348,16 +443,29 @@ export class EscrowClient {
       ),
     );
     const r = await this.send('fundLaneWithPermit', () =>
-      this.escrowContract.getFunction('fundLaneWithPermit')(agentAddress, value, until, sig.v, sig.r, sig.s),
+      this.escrowContract.getFunction('fundLaneWithPermit')(signerAddress, agentAddress, value, consentHex, until, sig.v, sig.r, sig.s),
     );
     return EscrowClient.outcome(r);
   }
 
+  /** The owner hands the lane (its money and any pending withdrawal request) to `newOwner`. */
+  async transferLaneOwnership(signer: string, agent: string, newOwner: string): Promise<TxOutcome> {
+    const args = [address(signer, 'signer'), address(agent, 'agent'), address(newOwner, 'newOwner')] as const;
+    return EscrowClient.outcome(
+      await this.send('transferLaneOwnership', () => this.escrowContract.getFunction('transferLaneOwnership')(...args)),
+    );
+  }
+
   // ------------------------------------------------------------- vouchers
 
-  /** Signs a voucher for this escrow's domain with the client's signer (the payer). */
+  /** Signs a voucher for this escrow's domain with the client's account as the voucher key. */
   async signVoucher(voucher: Voucher): Promise<SignedVoucher> {
     return { voucher, signature: await signVoucher(this.signer(), this.domain, voucher) };
+  }
+
+  /** With the client's account as the voucher key: lets `owner` open (and so own) this key's lanes. */
+  async signOwnerConsent(owner: string): Promise<string> {
+    return signOwnerConsent(this.signer(), this.domain, address(owner, 'owner'));
   }
 
   /** What a mined settle transaction paid and skipped, read from its events. */
@@ -368,18 +476,47 @@ export class EscrowClient {
   private settleOutcome(receipt: ethers.TransactionReceipt): SettleOutcome {
     const settled: SettledEvent[] = [];
     const skipped: SkippedEvent[] = [];
+    const deferred: DeferredPayout[] = [];
     for (const log of receipt.logs) {
       if (log.address.toLowerCase() !== this.escrow.toLowerCase()) continue;
       const parsed = escrowInterface.parseLog(log);
       if (parsed?.name === 'Settled') {
-        const [payer, agent, cumulative, delta, receiptsRoot] = parsed.args as unknown as [string, string, bigint, bigint, string];
-        settled.push({ payer, agent, cumulative, delta, receiptsRoot });
+        const [signer, agent, cumulative, paid, fee, receiptsRoot] = parsed.args as unknown as [
+          string,
+          string,
+          bigint,
+          bigint,
+          bigint,
+          string,
+        ];
+        settled.push({ signer, agent, cumulative, paid, fee, receiptsRoot, partial: false, unpaid: 0n });
+      } else if (parsed?.name === 'SettledPartial') {
+        const [signer, agent, cumulative, paid, fee, unpaid, receiptsRoot] = parsed.args as unknown as [
+          string,
+          string,
+          bigint,
+          bigint,
+          bigint,
+          bigint,
+          string,
+        ];
+        settled.push({ signer, agent, cumulative, paid, fee, receiptsRoot, partial: true, unpaid });
       } else if (parsed?.name === 'SettleSkipped') {
-        const [payer, agent, reasonCode, cumulative] = parsed.args as unknown as [string, string, bigint, bigint];
-        skipped.push({ payer, agent, reasonCode: Number(reasonCode), reason: skipReasonName(reasonCode), cumulative });
+        const [signer, agent, reasonCode, cumulative] = parsed.args as unknown as [string, string, bigint, bigint];
+        skipped.push({ signer, agent, reasonCode: Number(reasonCode), reason: skipReasonName(reasonCode), cumulative });
+      } else if (parsed?.name === 'PayoutDeferred') {
+        const [payee, amount] = parsed.args as unknown as [string, bigint];
+        deferred.push({ payee, amount });
       }
     }
-    return { ...EscrowClient.outcome(receipt), paid: settled.reduce((a, s) => a + s.delta, 0n), settled, skipped };
+    return {
+      ...EscrowClient.outcome(receipt),
+      paid: settled.reduce((a, s) => a + s.paid, 0n),
+      fees: settled.reduce((a, s) => a + s.fee, 0n),
+      settled,
+      skipped,
+      deferred,
+    };
   }
 
   /**
@@ -414,24 +551,41 @@ export class EscrowClient {
     return this.settleOutcome(await this.send('settleMany', () => this.escrowContract.getFunction('settleMany')(agents, packed)));
   }
 
-  // ------------------------------------------------------------ payer exit
+  /** Pays `payee` what failed to reach it earlier (anyone may send this; the money goes to the payee). */
+  async claim(payee: string): Promise<TxOutcome & { amount: bigint }> {
+    const r = await this.send('claim', () => this.escrowContract.getFunction('claim')(address(payee, 'payee')));
+    const ev = r.logs.map((l) => escrowInterface.parseLog(l)).find((p) => p?.name === 'Claimed');
+    return { ...EscrowClient.outcome(r), amount: (ev?.args[1] as bigint | undefined) ?? 0n };
+  }
 
-  async requestWithdraw(agent: string): Promise<TxOutcome & { thawEnd: bigint }> {
-    const r = await this.send('requestWithdraw', () => this.escrowContract.getFunction('requestWithdraw')(address(agent, 'agent')));
+  // ------------------------------------------------------------ owner exit
+
+  /**
+   * As the lane's owner: starts the thaw for taking `value` back (MAX_UINT96: whatever is left then). It may
+   * run from `thawEnd` until `lapseAt`; a new request replaces a pending one and restarts the thaw.
+   */
+  async requestWithdraw(signer: string, agent: string, value: bigint): Promise<TxOutcome & { thawEnd: bigint; lapseAt: bigint }> {
+    const args = [address(signer, 'signer'), address(agent, 'agent'), amount(value, 'amount')] as const;
+    const r = await this.send('requestWithdraw', () => this.escrowContract.getFunction('requestWithdraw')(...args));
     const ev = r.logs.map((l) => escrowInterface.parseLog(l)).find((p) => p?.name === 'WithdrawRequested');
-    return { ...EscrowClient.outcome(r), thawEnd: (ev?.args[3] as bigint | undefined) ?? 0n };
+    return {
+      ...EscrowClient.outcome(r),
+      thawEnd: (ev?.args[3] as bigint | undefined) ?? 0n,
+      lapseAt: (ev?.args[4] as bigint | undefined) ?? 0n,
+    };
   }
 
-  async cancelWithdraw(agent: string): Promise<TxOutcome> {
-    return EscrowClient.outcome(
-      await this.send('cancelWithdraw', () => this.escrowContract.getFunction('cancelWithdraw')(address(agent, 'agent'))),
-    );
+  async cancelWithdraw(signer: string, agent: string): Promise<TxOutcome> {
+    const args = [address(signer, 'signer'), address(agent, 'agent')] as const;
+    return EscrowClient.outcome(await this.send('cancelWithdraw', () => this.escrowContract.getFunction('cancelWithdraw')(...args)));
   }
 
-  async withdraw(agent: string): Promise<TxOutcome & { amount: bigint }> {
-    const r = await this.send('withdraw', () => this.escrowContract.getFunction('withdraw')(address(agent, 'agent')));
+  /** As the lane's owner, between the thaw's end and the lapse: takes min(requested, remaining). */
+  async withdraw(signer: string, agent: string): Promise<TxOutcome & { amount: bigint }> {
+    const args = [address(signer, 'signer'), address(agent, 'agent')] as const;
+    const r = await this.send('withdraw', () => this.escrowContract.getFunction('withdraw')(...args));
     const ev = r.logs.map((l) => escrowInterface.parseLog(l)).find((p) => p?.name === 'Withdrawn');
-    return { ...EscrowClient.outcome(r), amount: (ev?.args[2] as bigint | undefined) ?? 0n };
+    return { ...EscrowClient.outcome(r), amount: (ev?.args[3] as bigint | undefined) ?? 0n };
   }
 
   // --------------------------------------------------------------- registry

@@ -1,4 +1,4 @@
-/** Voucher checks that need secp256k1 (ethers): recovering the payer from its signature. */
+/** Voucher checks that need secp256k1 (ethers): recovering the voucher key from its signature. */
 import {
   type EscrowDomain,
   type LaneGrantTerms,
@@ -9,7 +9,7 @@ import {
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 
-/** The payer's address, or throws MESH_VOUCHER_INVALID if the signature is malformed or high-s. */
+/** The voucher key's address (the lane's signer), or throws MESH_VOUCHER_INVALID if the signature is malformed or high-s. */
 export function recoverVoucherSigner(domain: EscrowDomain, v: Voucher, sig: string): string {
   const { r, s, v: recovery } = splitVoucherSignature(sig);
   return ethers.recoverAddress(voucherDigest(domain, v), { r, s, v: recovery });

@@ -3,9 +3,11 @@
  * sample app's lanes funded, each agent paid to its own payout address and settling through its own
  * relayer, and the figures for the `--json` summary.
  *
- * Accounts come from the chain's development mnemonic: 0 deploys, 1 is the app's payer wallet, and
- * 2, 3, … are the agents' payout addresses (each also pays its own settlement gas). The chain is new on
- * every run, so the payment stores live in a fresh folder under `<data>/` that is removed at the end.
+ * Accounts come from the chain's development mnemonic: 0 deploys, 1 is the app's voucher key (the
+ * signer of its lanes, a hot key that holds no money), 2 is the funding wallet that owns those lanes
+ * (opened with the voucher key's consent; it alone could take money back), and 3, 4, … are the agents'
+ * payout addresses (each also pays its own settlement gas). The chain is new on every run, so the payment
+ * stores live in a fresh folder under `<data>/` that is removed at the end.
  */
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import path from 'node:path';
@@ -49,7 +51,7 @@ export interface UpSettlement {
   readonly deployment: MeshDeployment;
   /** `edge-mesh agent` options: paid to its own payout address, settling through its own relayer. */
   agentPayment(index: number): PartPayment;
-  /** `edge-mesh demo app` options: pays from the funded app wallet. */
+  /** `edge-mesh demo app` options: signs vouchers with the app's voucher key, on lanes the funding wallet owns. */
   appPayment(): PartPayment;
   /** `edge-mesh router` options: serve /v1/lanes and /v1/settlements from the escrow. */
   routerArgs(): string[];
@@ -64,7 +66,8 @@ export interface UpSettlement {
 }
 
 const APP_ACCOUNT = 1;
-const FIRST_AGENT_ACCOUNT = 2;
+const FUNDER_ACCOUNT = 2;
+const FIRST_AGENT_ACCOUNT = 3;
 
 export async function startUpSettlement(options: UpSettlementOptions): Promise<UpSettlement> {
   const { logger, print, agents } = options;
@@ -77,13 +80,17 @@ export async function startUpSettlement(options: UpSettlementOptions): Promise<U
     const payouts = Array.from({ length: agents }, (_, i) => chain.accounts[FIRST_AGENT_ACCOUNT + i]!.toLowerCase());
     const appWallet = chain.wallet(APP_ACCOUNT);
     const app = await EscrowClient.connect({ runner: appWallet, escrow: deployment.escrow, token: deployment.token });
-    await app.mint(appWallet.address, fund * BigInt(agents));
-    for (const payout of payouts) await app.fund(payout, fund, { approveMax: true });
+    const funderWallet = chain.wallet(FUNDER_ACCOUNT);
+    const funder = await EscrowClient.connect({ runner: funderWallet, escrow: deployment.escrow, token: deployment.token });
+    // The voucher key lets the funding wallet open its lanes; the money and the right to withdraw stay with the funder.
+    const consent = await app.signOwnerConsent(funderWallet.address);
+    await funder.mint(funderWallet.address, fund * BigInt(agents));
+    for (const payout of payouts) await funder.fund(appWallet.address, payout, fund, { approveMax: true, consent });
     await mkdir(options.dataDir, { recursive: true });
     runDir = await mkdtemp(path.join(options.dataDir, 'payments-run-'));
     const dir = runDir;
     print(
-      `local chain ${deployment.chainId} (pid ${chain.pid}) on ${chain.rpcUrl}: escrow ${deployment.escrow}; app payer ${appWallet.address} funded ${Number(fund) / 1e6} USD per agent lane (${Math.round(performance.now() - started)} ms)`,
+      `local chain ${deployment.chainId} (pid ${chain.pid}) on ${chain.rpcUrl}: escrow ${deployment.escrow}; app voucher key ${appWallet.address}, its lanes owned by ${funderWallet.address} and funded ${Number(fund) / 1e6} USD per agent (${Math.round(performance.now() - started)} ms)`,
     );
     const domainArgs = ['--escrow', deployment.escrow, '--chain-id', deployment.chainId.toString()];
     return {

@@ -10,9 +10,10 @@
  * - an event at or before the block a lane was read at is already in that read and is skipped, so a
  *   read and the follower never count the same change twice.
  *
- * Written against escrow v1 (`laneOf → remaining, settled, thawEnd`; a withdrawal takes everything left
- * once its thaw ends). Switching to another escrow means changing this module only: the rest of the
- * agent sees `LaneFundsView`.
+ * Written against escrow v2: `laneOf → remaining, settled, feeSettled, owner, withdrawAmount, thawEnd,
+ * lapseAt`; a withdrawal takes a fixed amount between its thaw's end and its lapse, and a settlement pays
+ * the agent first and then a relayer fee, both from the lane. Switching to another escrow means changing
+ * this module only: the rest of the agent sees `LaneFundsView`.
  */
 import { ESCROW_ABI, EscrowClient } from '@edge-mesh/contracts';
 import { MeshError } from '@edge-mesh/protocol';
@@ -25,9 +26,9 @@ export interface LaneFundsView {
   remaining: number;
   /** The highest voucher cumulative the escrow has paid out on the lane. */
   settled: number;
-  /** A withdrawal is in progress (thawing or armed; a lapsed one, where the escrow has lapses, is not). */
+  /** A withdrawal is in progress (thawing or armed; a lapsed one is not). */
   withdrawPending: boolean;
-  /** What a withdrawal in progress would take (v1: everything left); 0 when none is pending. */
+  /** What a withdrawal in progress would take (its fixed amount, at most what is left); 0 when none is pending. */
   pendingWithdrawal: number;
   /** A withdrawal is pending and its thaw has passed: the payer may take the money at any moment. */
   withdrawArmed: boolean;
@@ -62,16 +63,19 @@ export interface LaneFundsOptions {
 interface LaneState {
   remaining: bigint;
   settled: bigint;
+  withdrawAmount: bigint;
   thawEnd: bigint;
+  lapseAt: bigint;
   /** The block the lane was read at: events up to it are already counted. */
   asOf: number;
 }
 
 const CHECKPOINT_KEY = 'funds!checkpoint';
 const escrowInterface = new ethers.Interface(ESCROW_ABI);
-const EVENTS = ['LaneFunded', 'WithdrawRequested', 'WithdrawCancelled', 'Withdrawn', 'Settled'] as const;
+const EVENTS = ['LaneFunded', 'WithdrawRequested', 'WithdrawCancelled', 'Withdrawn', 'Settled', 'SettledPartial'] as const;
 const EVENT_TOPICS = EVENTS.map((name) => escrowInterface.getEvent(name)!.topicHash);
 
+const minBig = (a: bigint, b: bigint): bigint => (a < b ? a : b);
 const toMicros = (v: bigint): number => (v > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(v));
 
 export class LaneFunds {
@@ -199,18 +203,17 @@ export class LaneFunds {
   }
 
   private viewOf(lane: LaneState): LaneFundsView {
-    const pending = lane.thawEnd !== 0n;
-    // The chain's clock, not ours: a thaw ends by block time. Whichever is later counts, so a clock
-    // that lags between polls never keeps an armed withdrawal looking unarmed.
+    // The chain's clock, not ours: a thaw ends and a request lapses by block time. Whichever is later
+    // counts, so a clock that lags between polls never keeps an armed withdrawal looking unarmed.
     const now = this.nowS();
+    const pending = lane.thawEnd !== 0n && now < Number(lane.lapseAt);
     return {
       remaining: toMicros(lane.remaining),
       settled: toMicros(lane.settled),
       withdrawPending: pending,
-      // v1's withdraw() takes everything left on the lane.
-      pendingWithdrawal: pending ? toMicros(lane.remaining) : 0,
+      pendingWithdrawal: pending ? toMicros(minBig(lane.withdrawAmount, lane.remaining)) : 0,
       withdrawArmed: pending && now >= Number(lane.thawEnd),
-      thawEnd: Number(lane.thawEnd),
+      thawEnd: pending ? Number(lane.thawEnd) : 0,
     };
   }
 
@@ -220,15 +223,17 @@ export class LaneFunds {
     latest.number = Math.max(latest.number, this.nextBlock - 1);
     let remaining: bigint;
     let settled: bigint;
+    let withdrawAmount: bigint;
     let thawEnd: bigint;
+    let lapseAt: bigint;
     try {
-      [remaining, settled, thawEnd] = (await this.contract.getFunction('laneOf')(
+      [remaining, settled, , , withdrawAmount, thawEnd, lapseAt] = (await this.contract.getFunction('laneOf')(
         ethers.getAddress(payer),
         ethers.getAddress(this.options.payout),
         {
           blockTag: latest.number,
         },
-      )) as [bigint, bigint, bigint];
+      )) as [bigint, bigint, bigint, string, bigint, bigint, bigint];
     } catch (err) {
       throw new MeshError('MESH_CHAIN_UNREACHABLE', `laneOf(${payer}): ${(err as Error).message}`, {
         cause: err,
@@ -240,7 +245,7 @@ export class LaneFunds {
     // A poll may have moved on while this read was out: keep whichever saw the later block.
     const known = this.lanes.get(payer);
     if (known && known.asOf >= latest.number) return known;
-    const lane = { remaining, settled, thawEnd, asOf: latest.number };
+    const lane = { remaining, settled, withdrawAmount, thawEnd, lapseAt, asOf: latest.number };
     this.lanes.set(payer, lane);
     this.options.logger.debug({ payer, remaining: String(remaining), settled: String(settled), thawEnd: String(thawEnd) }, 'lane read');
     return lane;
@@ -302,26 +307,37 @@ export class LaneFunds {
     this.counters.events++;
     switch (parsed.name) {
       case 'LaneFunded':
-        lane.remaining = parsed.args[3] as bigint;
+        // LaneFunded(signer, agent, from, amount, remaining)
+        lane.remaining = parsed.args[4] as bigint;
         break;
       case 'WithdrawRequested':
-        lane.remaining = parsed.args[2] as bigint;
+        // WithdrawRequested(signer, agent, amount, thawEnd, lapseAt): a new request replaces the pending one.
+        lane.withdrawAmount = parsed.args[2] as bigint;
         lane.thawEnd = parsed.args[3] as bigint;
+        lane.lapseAt = parsed.args[4] as bigint;
         break;
       case 'WithdrawCancelled':
+        lane.withdrawAmount = 0n;
         lane.thawEnd = 0n;
+        lane.lapseAt = 0n;
         break;
-      case 'Withdrawn':
-        lane.remaining = 0n;
+      case 'Withdrawn': {
+        // Withdrawn(signer, agent, owner, amount)
+        const amount = parsed.args[3] as bigint;
+        lane.remaining = lane.remaining > amount ? lane.remaining - amount : 0n;
+        lane.withdrawAmount = 0n;
         lane.thawEnd = 0n;
+        lane.lapseAt = 0n;
         break;
-      case 'Settled': {
-        const cumulative = parsed.args[2] as bigint;
-        const delta = parsed.args[3] as bigint;
-        if (cumulative > lane.settled) {
-          lane.settled = cumulative;
-          lane.remaining = lane.remaining > delta ? lane.remaining - delta : 0n;
-        }
+      }
+      case 'Settled':
+      case 'SettledPartial': {
+        // Settled(signer, agent, cumulative, paid, fee, …): the agent's pay and the relayer's fee both leave the lane.
+        const paid = parsed.args[3] as bigint;
+        const fee = parsed.args[4] as bigint;
+        lane.settled += paid;
+        const out = paid + fee;
+        lane.remaining = lane.remaining > out ? lane.remaining - out : 0n;
         break;
       }
     }

@@ -78,11 +78,6 @@ export interface AgentPaymentOptions {
   provider?: ethers.Provider;
   /** Serve requests that name no payer too, for free (default false: MESH_PAYMENT_REQUIRED). */
   serveUnpaid?: boolean;
-  /**
-   * A voucher is taken only if it stays settleable at least this long (seconds; default 2 × the escrow's
-   * thaw + 1 day): time to settle it even after the payer asks to withdraw.
-   */
-  settleHorizonS?: number;
   /** How often the escrow's events are read (default 4,000 ms). */
   fundsPollMs?: number;
   /** Most blocks per `eth_getLogs` when catching up (default 2,000). */
@@ -92,7 +87,7 @@ export interface AgentPaymentOptions {
 interface StoredVoucher {
   cumulative: number;
   receiptsRoot: string;
-  expiry: number;
+  feeCumulative: number;
   sig: string;
 }
 
@@ -180,7 +175,6 @@ export class AgentPayments {
   /** Requests naming no payer are served free (else MESH_PAYMENT_REQUIRED). */
   readonly serveUnpaid: boolean;
   /** Seconds a voucher must stay settleable to be taken. */
-  readonly settleHorizonS: number;
   counters = {
     receipts: 0,
     vouchers: 0,
@@ -209,7 +203,6 @@ export class AgentPayments {
     this.sync = options.syncWrites ?? false;
     this.maxLanesPerClient = options.maxLanesPerClient ?? 4;
     this.serveUnpaid = options.serveUnpaid ?? false;
-    this.settleHorizonS = options.settleHorizonS ?? 2 * funds.thawSeconds + 86_400;
     for (const m of models) {
       const o = options.prices?.[m.name] ?? {};
       this.prices.set(m.name, {
@@ -238,8 +231,6 @@ export class AgentPayments {
       problems.push('creditRequests must be a positive integer');
     if (options.creditMicros !== undefined && !(Number.isSafeInteger(options.creditMicros) && options.creditMicros >= 0))
       problems.push('creditMicros must be a non-negative integer');
-    if (options.settleHorizonS !== undefined && !(Number.isFinite(options.settleHorizonS) && options.settleHorizonS >= 0))
-      problems.push('settleHorizonS must be a non-negative number of seconds');
     const provider = options.provider ?? options.settle?.runner.provider ?? undefined;
     if (!provider)
       problems.push(
@@ -475,13 +466,12 @@ export class AgentPayments {
 
   /**
    * Takes a voucher: it must be for this payout, on a lane the agent holds, signed by that lane's
-   * payer, pay more than the best voucher held but no more than the lane holds, and stay settleable
-   * for the settle horizon. Anything
-   * else is refused (logged and counted) and never replaces the best. Its `seq` says how far the payer
-   * had checked: what was billed up to there and is not paid is what the payer refused. Returns whether
-   * it became the best; resolves once stored.
+   * payer, and pay more than the best voucher held but no more than the lane holds (a cumulative voucher
+   * needs no expiry: it stays settleable). Anything else is refused (logged and counted) and never
+   * replaces the best. Its `seq` says how far the payer had checked: what was billed up to there and is
+   * not paid is what the payer refused. Returns whether it became the best; resolves once stored.
    */
-  async acceptVoucher(senderId: string, message: VoucherMessage, nowMs = Date.now()): Promise<boolean> {
+  async acceptVoucher(senderId: string, message: VoucherMessage): Promise<boolean> {
     const refuse = (why: string) => {
       this.counters.vouchersRefused++;
       this.logger.warn({ senderId, payer: message.payer, cumulative: message.cumulative, why }, 'voucher refused');
@@ -492,9 +482,6 @@ export class AgentPayments {
     if (message.agent !== this.payout) return refuse('voucher pays another payout address');
     if (message.cumulative === lane.paid) return false; // the best one again (a piggyback repeated)
     if (message.cumulative < lane.paid) return refuse(`pays ${message.cumulative}, less than the best voucher held (${lane.paid})`);
-    // Judged by the later of our clock and the chain's: the escrow skips a voucher by block time.
-    if (message.expiry < this.funds.nowS(nowMs) + this.settleHorizonS)
-      return refuse(`expires at ${message.expiry}, sooner than the settle horizon (${this.settleHorizonS} s from now)`);
     let signer: string;
     try {
       signer = recoverVoucherSigner(
@@ -503,7 +490,7 @@ export class AgentPayments {
           agent: this.payout,
           cumulative: BigInt(message.cumulative),
           receiptsRoot: toHex(message.receiptsRoot),
-          expiry: BigInt(message.expiry),
+          feeCumulative: BigInt(message.feeCumulative ?? 0),
         },
         toHex(message.sig),
       );
@@ -511,18 +498,6 @@ export class AgentPayments {
       return refuse(`unreadable signature: ${(err as Error).message}`);
     }
     if (signer.toLowerCase() !== lane.payer) return refuse(`signed by ${signer}, not the payer`);
-    // The escrow skips a voucher whose increase is more than the lane holds (OVERSPEND) and pays nothing
-    // of it: such a voucher must not replace one that settles.
-    let funds: LaneFundsView;
-    try {
-      funds = await this.funds.track(lane.payer);
-    } catch (err) {
-      return refuse(`the lane cannot be read to check it: ${(err as Error).message}`);
-    }
-    if (message.cumulative - funds.settled > funds.remaining)
-      return refuse(
-        `pays ${message.cumulative}, more than the lane holds (${funds.remaining} left, ${funds.settled} settled): the escrow would skip it`,
-      );
     // The payer cannot have checked receipts it was never sent, nor unchecked what it checked before.
     let checked: { seq: number; billed: number } | undefined;
     if (message.seq !== undefined) {
@@ -546,7 +521,7 @@ export class AgentPayments {
     const voucher = {
       cumulative: message.cumulative,
       receiptsRoot: toHex(message.receiptsRoot),
-      expiry: message.expiry,
+      feeCumulative: message.feeCumulative ?? 0,
       sig: toHex(message.sig),
     };
     lane.voucher = voucher;

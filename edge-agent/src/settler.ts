@@ -1,12 +1,20 @@
 /**
- * The agent's settlement relayer: turns the best voucher of each payer lane into stablecoin on chain.
+ * The agent's settlement relayer: turns the best voucher of each lane into stablecoin on chain
+ * (escrow v2: docs/settlement.md, "The escrow contract").
  *
- * A lane is due when what its best voucher pays beyond what the chain has settled
- *   - reaches `overheadFactor` (100) × gas per voucher × gas price (at most 1 % goes to gas), or
- *   - the voucher expires within `expiryMarginS`, or
- *   - a `WithdrawRequested` event names the lane (the payer is leaving: settle before the thaw ends), or
+ * What a lane owes the agent is what its best voucher adds beyond what the chain has settled, as far as the
+ * lane holds: min(cumulative - settled, remaining). A lane that owes nothing is never sent, whatever else
+ * holds (an unfunded lane's voucher waits for a top-up). A lane that owes something is due when
+ *   - it owes at least `overheadFactor` (100) × gas per voucher × gas price (at most 1 % goes to gas), or
+ *   - a withdrawal is pending on it (a `WithdrawRequested` event, or `laneOf` shows a request that has not
+ *     lapsed: the owner is leaving, settle before the thaw ends), or
  *   - `maxIntervalMs` has passed since the lane was last settled (or first seen unsettled).
  * Due lanes go together into one `settle(payout, entries)` transaction, up to `maxBatch` per transaction.
+ *
+ * Chain reads. `laneOf` is read when a lane's voucher first goes beyond what is known settled, after any
+ * escrow event on one of this agent's lanes (funding, withdrawal, settlement: they are watched by log
+ * filter), and once more for each due lane right before sending, so gas is never spent on a lane that
+ * owes nothing.
  *
  * Crash safety. Before a transaction is sent, its intent (the lanes and the voucher cumulative each is
  * settled to) is written to `level` with fsync. After it is mined the outcome replaces the intent. On
@@ -29,12 +37,10 @@ export interface SettlerOptions {
   thresholdMicros?: number;
   /** Default 100: settle when gas is at most 1 % of the amount. */
   overheadFactor?: number;
-  /** Gas one voucher adds to a batch (default 15,000, measured 14.5k at 50). */
+  /** Gas one voucher adds to a batch (default 15,000, measured 14.4k at 50). */
   gasPerVoucher?: number;
   /** Micro-dollars per whole native coin (ETH), to price gas in dollars (default 3,000 USD). */
   nativeUsdMicros?: number;
-  /** Settle a voucher that expires within this many seconds (default 3,600). */
-  expiryMarginS?: number;
   /** Settle an unsettled lane at least this often (default 24 h). */
   maxIntervalMs?: number;
   /** How often lanes and withdraw events are checked (default 5 s). */
@@ -47,18 +53,24 @@ export interface SettlerOptions {
   crashAt?: 'after-intent' | 'after-send';
 }
 
-/** What the settler needs from the agent's journal: each lane's best voucher. */
+/** What the settler needs from the agent's journal: each lane's best voucher. `payer` is the voucher key (the lane's signer). */
 export interface SettlerLane {
   payer: string;
-  voucher: { cumulative: number; receiptsRoot: string; expiry: number; sig: string } | undefined;
+  voucher: { cumulative: number; feeCumulative?: number; receiptsRoot: string; sig: string } | undefined;
 }
 
 export interface SettlementRecord {
   hash: string;
   blockNumber: number;
   gasUsed: string;
+  /** Paid to the payout address (deferred payouts included). */
   paidMicros: number;
-  lanes: { payer: string; cumulative: number; delta: number }[];
+  /** Relayer fees paid to this settler's account. */
+  feesMicros: number;
+  /** Payouts whose token transfer failed: they wait in the escrow's `claimable`. */
+  deferredMicros: number;
+  /** `partial`: the lane ran short; the same voucher pays the rest after a top-up. */
+  lanes: { payer: string; cumulative: number; delta: number; partial: boolean }[];
   skipped: { payer: string; reason: string; cumulative: number }[];
   reasons: string[];
   at: number;
@@ -67,9 +79,13 @@ export interface SettlementRecord {
 export interface SettlerCounters {
   txs: number;
   settledMicros: number;
+  feesMicros: number;
+  deferredMicros: number;
   skipped: number;
   failures: number;
   reconciled: number;
+  /** `laneOf` reads. */
+  laneReads: number;
 }
 
 interface Intent {
@@ -89,6 +105,10 @@ interface LaneState {
   withdraw: boolean;
   /** Left over from an intent found after a restart: settle at once. */
   recovered: boolean;
+  /** The lane's funds as last read; undefined until read, and again after an escrow event on the lane. */
+  remaining: number | undefined;
+  /** Chain seconds until which a withdrawal request is pending (its lapse time); 0 when none. */
+  withdrawUntil: number;
 }
 
 const INTENT = 'intent!';
@@ -98,10 +118,24 @@ const META = 'meta!';
 
 const LOG_RANGE = 5_000;
 const escrowInterface = new ethers.Interface(ESCROW_ABI);
-const WITHDRAW_TOPIC = escrowInterface.getEvent('WithdrawRequested')!.topicHash;
+const topic = (name: string) => escrowInterface.getEvent(name)!.topicHash;
+const WITHDRAW_TOPIC = topic('WithdrawRequested');
+/** Events that change a lane's funds, settlement or withdrawal (all index signer and agent). */
+const LANE_TOPICS = ['LaneFunded', 'WithdrawRequested', 'WithdrawCancelled', 'Withdrawn', 'Settled', 'SettledPartial'].map(topic);
+
+type Due = { payer: string; entry: SignedVoucher; cumulative: number; reason: string };
 
 export class Settler {
-  readonly counters: SettlerCounters = { txs: 0, settledMicros: 0, skipped: 0, failures: 0, reconciled: 0 };
+  readonly counters: SettlerCounters = {
+    txs: 0,
+    settledMicros: 0,
+    feesMicros: 0,
+    deferredMicros: 0,
+    skipped: 0,
+    failures: 0,
+    reconciled: 0,
+    laneReads: 0,
+  };
   private readonly lanes = new Map<string, LaneState>();
   private timer: NodeJS.Timeout | undefined;
   private running: Promise<void> | undefined;
@@ -153,12 +187,14 @@ export class Settler {
 
   private async load(): Promise<void> {
     for await (const [key, value] of this.db.iterator({ gte: LANE, lt: `${LANE}~` })) {
-      this.lanes.set(key.slice(LANE.length), { ...(value as LaneState), recovered: false });
+      this.lanes.set(key.slice(LANE.length), { ...(value as LaneState), recovered: false, remaining: undefined, withdrawUntil: 0 });
     }
     for await (const value of this.db.values({ gte: SETTLED, lt: `${SETTLED}~` })) {
       const r = value as SettlementRecord;
       this.counters.txs++;
       this.counters.settledMicros += r.paidMicros;
+      this.counters.feesMicros += r.feesMicros ?? 0;
+      this.counters.deferredMicros += r.deferredMicros ?? 0;
       this.counters.skipped += r.skipped.length;
     }
     const meta = (await this.db.get(`${META}state`).catch(() => undefined)) as { nextLogBlock: number; seq: number } | undefined;
@@ -176,14 +212,12 @@ export class Settler {
         const receipt = await this.escrow.runner.provider!.getTransactionReceipt(intent.hash).catch(() => null);
         if (receipt && receipt.status === 1) outcome = this.parseOutcome(receipt);
       }
-      const lanes: SettlementRecord['lanes'] = [];
+      let lanes = 0;
       for (const l of intent.lanes) {
-        const onChain = Number((await this.escrow.laneOf(l.payer, this.payout)).settled);
-        const state = this.state(l.payer, onChain);
-        state.settled = Math.max(state.settled, onChain);
+        const state = this.state(l.payer);
+        const onChain = await this.refresh(l.payer, state);
         if (onChain < l.cumulative) state.recovered = true;
-        const ev = outcome?.settled.find((s) => s.payer.toLowerCase() === l.payer);
-        if (ev) lanes.push({ payer: l.payer, cumulative: Number(ev.cumulative), delta: Number(ev.delta) });
+        if (outcome?.settled.some((s) => s.signer.toLowerCase() === l.payer)) lanes++;
         await this.db.put(LANE + l.payer, this.stored(state));
       }
       if (outcome) {
@@ -193,22 +227,32 @@ export class Settler {
       }
       this.counters.reconciled++;
       this.logger.warn(
-        { intent: intent.id, hash: intent.hash, mined: Boolean(outcome), lanes: lanes.length },
+        { intent: intent.id, hash: intent.hash, mined: Boolean(outcome), lanes },
         'reconciled an unfinished settlement intent with the chain',
       );
     }
   }
 
-  private state(payer: string, settled = 0): LaneState {
+  private state(payer: string): LaneState {
     let s = this.lanes.get(payer);
     if (!s) {
-      s = { settled, since: Date.now(), withdraw: false, recovered: false };
+      s = { settled: 0, since: Date.now(), withdraw: false, recovered: false, remaining: undefined, withdrawUntil: 0 };
       this.lanes.set(payer, s);
     }
     return s;
   }
 
-  private stored(s: LaneState): Omit<LaneState, 'recovered'> {
+  /** Reads the lane from the chain into `s`; returns what it has settled. */
+  private async refresh(payer: string, s: LaneState): Promise<number> {
+    const lane = await this.escrow.laneOf(payer, this.payout);
+    this.counters.laneReads++;
+    s.settled = Math.max(s.settled, Number(lane.settled));
+    s.remaining = Number(lane.remaining);
+    s.withdrawUntil = Number(lane.lapseAt);
+    return Number(lane.settled);
+  }
+
+  private stored(s: LaneState): Pick<LaneState, 'settled' | 'since' | 'withdraw'> {
     return { settled: s.settled, since: s.since, withdraw: s.withdraw };
   }
 
@@ -236,7 +280,11 @@ export class Settler {
     return Number((wei * BigInt(this.options.nativeUsdMicros ?? 3_000_000_000)) / 10n ** 18n);
   }
 
-  private async watchWithdrawals(): Promise<void> {
+  /**
+   * Follows the escrow's events on this agent's lanes: any of them makes the lane's cached funds stale (read
+   * again before deciding), and a withdrawal request marks the lane due.
+   */
+  private async watchLanes(): Promise<void> {
     const provider = this.escrow.runner.provider!;
     const head = await provider.getBlockNumber();
     // A first start looks back LOG_RANGE blocks; each query spans at most LOG_RANGE (public RPCs cap ranges).
@@ -245,45 +293,53 @@ export class Settler {
     const latest = Math.min(head, this.nextLogBlock + LOG_RANGE - 1);
     const logs = await provider.getLogs({
       address: this.escrow.escrow,
-      topics: [WITHDRAW_TOPIC, null, ethers.zeroPadValue(this.payout, 32)],
+      topics: [LANE_TOPICS, null, ethers.zeroPadValue(this.payout, 32)],
       fromBlock: this.nextLogBlock,
       toBlock: latest,
     });
     for (const log of logs) {
       const payer = ethers.getAddress(ethers.dataSlice(log.topics[1]!, 12)).toLowerCase();
       const s = this.state(payer);
-      s.withdraw = true;
-      await this.db.put(LANE + payer, this.stored(s));
-      this.logger.info({ payer, block: log.blockNumber }, 'payer asked to withdraw: settling its lane');
+      s.remaining = undefined;
+      if (log.topics[0] === WITHDRAW_TOPIC) {
+        s.withdraw = true;
+        await this.db.put(LANE + payer, this.stored(s));
+        this.logger.info({ payer, block: log.blockNumber }, 'the lane owner asked to withdraw: settling the lane');
+      }
     }
     this.nextLogBlock = latest + 1;
     await this.db.put(`${META}state`, { nextLogBlock: this.nextLogBlock, seq: this.seq });
   }
 
-  /** One check: watch withdrawals, pick the due lanes, settle them in batches. */
+  /** What the lane owes the agent now, by what is known of the chain: its voucher's increase, as far as the lane holds. */
+  private static owed(v: NonNullable<SettlerLane['voucher']>, s: LaneState): number {
+    return Math.max(0, Math.min(v.cumulative - s.settled, s.remaining ?? 0));
+  }
+
+  /** One check: follow the lanes' events, pick the due lanes, settle them in batches. */
   async tick(all = false): Promise<void> {
-    await this.watchWithdrawals();
+    await this.watchLanes();
     const threshold = all ? 0 : await this.thresholdMicros();
     const now = Date.now();
     const block = await this.escrow.runner.provider!.getBlock('latest');
     const chainNowS = Math.max(Math.floor(now / 1000), block?.timestamp ?? 0);
-    const due: { payer: string; entry: SignedVoucher; cumulative: number; reason: string }[] = [];
+    const due: Due[] = [];
     for (const lane of this.source()) {
       const v = lane.voucher;
       if (!v) continue;
       const s = this.state(lane.payer);
-      const owed = v.cumulative - s.settled;
-      if (owed <= 0) {
+      if (v.cumulative <= s.settled) {
         s.withdraw = false;
         continue;
       }
-      if (v.expiry <= chainNowS) continue; // the escrow would skip it; a newer voucher may still come
+      if (s.remaining === undefined) await this.refresh(lane.payer, s);
+      const owed = Settler.owed(v, s);
+      if (owed <= 0) continue; // never spend gas on a lane that owes nothing
       let reason: string | undefined;
       if (all) reason = 'close';
       else if (s.recovered) reason = 'recovered';
-      else if (s.withdraw) reason = 'withdraw';
+      else if (s.withdraw || s.withdrawUntil > chainNowS) reason = 'withdraw';
       else if (owed >= threshold) reason = 'threshold';
-      else if (v.expiry - chainNowS <= (this.options.expiryMarginS ?? 3_600)) reason = 'expiry';
       else if (now - s.since >= (this.options.maxIntervalMs ?? 86_400_000)) reason = 'interval';
       if (!reason) continue;
       due.push({
@@ -291,16 +347,30 @@ export class Settler {
         cumulative: v.cumulative,
         reason,
         entry: {
-          voucher: { agent: this.payout, cumulative: BigInt(v.cumulative), receiptsRoot: v.receiptsRoot, expiry: BigInt(v.expiry) },
+          voucher: {
+            agent: this.payout,
+            cumulative: BigInt(v.cumulative),
+            feeCumulative: BigInt(v.feeCumulative ?? 0),
+            receiptsRoot: v.receiptsRoot,
+          },
           signature: v.sig,
         },
       });
     }
     const max = this.options.maxBatch ?? 50;
-    for (let i = 0; i < due.length && !(this.closed && !all); i += max) await this.send(due.slice(i, i + max));
+    for (let i = 0; i < due.length && !(this.closed && !all); i += max) {
+      // Read again right before paying gas: another relayer or the owner may have moved the lane since.
+      const batch: Due[] = [];
+      for (const d of due.slice(i, i + max)) {
+        const s = this.state(d.payer);
+        await this.refresh(d.payer, s);
+        if (Math.min(d.cumulative - s.settled, s.remaining ?? 0) > 0) batch.push(d);
+      }
+      if (batch.length > 0) await this.send(batch);
+    }
   }
 
-  private async send(batch: { payer: string; entry: SignedVoucher; cumulative: number; reason: string }[]): Promise<void> {
+  private async send(batch: Due[]): Promise<void> {
     const intent: Intent = {
       id: `${Date.now().toString(36)}-${++this.seq}`,
       at: Date.now(),
@@ -347,8 +417,15 @@ export class Settler {
       blockNumber: outcome.blockNumber,
       gasUsed: outcome.gasUsed.toString(),
       paidMicros: Number(outcome.paid),
-      lanes: outcome.settled.map((s) => ({ payer: s.payer.toLowerCase(), cumulative: Number(s.cumulative), delta: Number(s.delta) })),
-      skipped: outcome.skipped.map((s) => ({ payer: s.payer.toLowerCase(), reason: s.reason, cumulative: Number(s.cumulative) })),
+      feesMicros: Number(outcome.fees),
+      deferredMicros: Number(outcome.deferred.reduce((a, d) => a + d.amount, 0n)),
+      lanes: outcome.settled.map((s) => ({
+        payer: s.signer.toLowerCase(),
+        cumulative: Number(s.cumulative),
+        delta: Number(s.paid),
+        partial: s.partial,
+      })),
+      skipped: outcome.skipped.map((s) => ({ payer: s.signer.toLowerCase(), reason: s.reason, cumulative: Number(s.cumulative) })),
       reasons: intent.reasons,
       at: Date.now(),
     };
@@ -360,10 +437,12 @@ export class Settler {
     for (const l of intent.lanes) {
       const s = this.state(l.payer);
       const ev = rec.lanes.find((x) => x.payer === l.payer);
-      if (ev) s.settled = Math.max(s.settled, ev.cumulative);
-      else {
-        // Skipped (stale: someone settled it already; or overspent, expired): believe the chain.
-        s.settled = Math.max(s.settled, Number((await this.escrow.laneOf(l.payer, this.payout)).settled));
+      if (ev && !ev.partial) {
+        s.settled = Math.max(s.settled, ev.cumulative);
+        s.remaining = undefined; // spent from: read again before the next decision
+      } else {
+        // Partial (the lane ran short) or skipped (someone settled it already, or it was emptied): believe the chain.
+        await this.refresh(l.payer, s);
       }
       s.since = now;
       s.withdraw = false;
@@ -373,14 +452,30 @@ export class Settler {
     await this.db.batch(ops as never, { sync: true });
     this.counters.txs++;
     this.counters.settledMicros += rec.paidMicros;
+    this.counters.feesMicros += rec.feesMicros;
+    this.counters.deferredMicros += rec.deferredMicros;
     this.counters.skipped += rec.skipped.length;
+    if (rec.deferredMicros > 0) {
+      this.logger.warn(
+        { hash: rec.hash, deferredMicros: rec.deferredMicros },
+        "the token refused a payout (a blacklisted or paused address?): it waits in the escrow's claimable, claim(payout) pays it",
+      );
+    }
     this.logger.info(
-      { hash: rec.hash, lanes: rec.lanes.length, paidMicros: rec.paidMicros, skipped: rec.skipped.length, reasons: rec.reasons },
+      {
+        hash: rec.hash,
+        lanes: rec.lanes.length,
+        partial: rec.lanes.filter((x) => x.partial).length,
+        paidMicros: rec.paidMicros,
+        feesMicros: rec.feesMicros,
+        skipped: rec.skipped.length,
+        reasons: rec.reasons,
+      },
       'settled',
     );
   }
 
-  /** Settles every lane whose best voucher is above what the chain has settled, now. */
+  /** Settles every lane that owes the agent something, now. */
   async settleNow(): Promise<void> {
     while (this.running) await this.running;
     await this.tick(true);

@@ -43,7 +43,7 @@ export const ERROR_CODES = {
     retryable: false,
     summary: 'a usage receipt or price list failed a check (signature, sequence, chain, price rule, sum)',
   },
-  MESH_VOUCHER_INVALID: { httpStatus: 400, retryable: false, summary: 'a payment voucher failed a check (signer, lane, amount, expiry)' },
+  MESH_VOUCHER_INVALID: { httpStatus: 400, retryable: false, summary: 'a payment voucher failed a check (signer, lane, amount)' },
   MESH_PAYMENT_REQUIRED: {
     httpStatus: 402,
     retryable: true,

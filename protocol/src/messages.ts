@@ -66,13 +66,14 @@ export const SignedReceiptSchema = Type.Object(
 export const VoucherMessageSchema = Type.Object({
   v: Type.Literal(PROTOCOL_VERSION),
   kind: Type.Literal('voucher'),
+  /** The voucher key's address: the signer half of the escrow lane (signer, agent). */
   payer: AddressSchema,
   /** The agent's payout address the voucher pays. */
   agent: AddressSchema,
   cumulative: Micros,
+  /** Running total of relayer fees the voucher pays whoever settles it; absent means 0. Vouchers do not expire. */
+  feeCumulative: Type.Optional(Micros),
   receiptsRoot: Bytes32,
-  /** Unix seconds. */
-  expiry: Uint,
   sig: Type.Uint8Array({ minByteLength: 64, maxByteLength: 65 }),
   /**
    * The highest receipt seq of the lane the payer had checked when it signed (not signed: a hint). What

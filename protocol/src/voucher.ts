@@ -1,27 +1,32 @@
 /**
- * Payment vouchers: the payer's EIP-712 promise of money for one (payer, agent) lane, exactly as
- * the escrow contract (`contracts/sol/MeshEscrow.sol`) checks it on-chain.
+ * Payment vouchers: the EIP-712 promise of money on one (signer, agent) lane, exactly as the escrow
+ * contract (`contracts/sol/MeshEscrow.sol`, v2) checks it on-chain (docs/settlement.md, "The escrow contract").
  *
- *   Voucher(address agent,uint128 cumulative,bytes32 receiptsRoot,uint64 expiry)
- *   domain { name: "EdgeMesh", version: "1", chainId, verifyingContract: escrow }
+ *   Voucher(address agent,uint96 cumulative,uint64 feeCumulative,bytes32 receiptsRoot)
+ *   domain { name: "EdgeMesh", version: "2", chainId, verifyingContract: escrow }
  *
  * `agent` is the agent's payout address: the payee is fixed inside the signed voucher, so anyone may
- * relay it. The payer is never written in the voucher; the escrow recovers it from the signature.
- * `cumulative` is the running total owed on the lane (micro-dollars, the stablecoin's 6 decimals);
- * settling pays `cumulative - settled`, so an old voucher pays nothing twice.
+ * relay it. The signer (the app's voucher key, the lane's "payer" in messages) is never written in the
+ * voucher; the escrow recovers it from the signature. The lane's money belongs to its owner, another key.
+ * `cumulative` is the running total owed to the agent on the lane, `feeCumulative` the running total of
+ * relayer fees (micro-dollars, the stablecoin's 6 decimals). Vouchers do not expire: settling pays
+ * `cumulative - settled` as far as the lane holds, then the fee increase to whoever sends the transaction,
+ * so an old voucher pays nothing twice and a short lane leaves the rest claimable by the same voucher.
  *
- * Packed form for `settle(agent, packed)`: each voucher is 121 bytes,
- *   cumulative (16) | expiry (8) | receiptsRoot (32) | r (32) | s (32) | v (1)
+ * Packed form for `settle(agent, packed)`: each voucher is 117 bytes,
+ *   cumulative (12) | feeCumulative (8) | receiptsRoot (32) | r (32) | s (32) | v (1)
  * with v = 27 or 28. The escrow refuses a high-s signature (the malleable twin of a valid one).
  */
 import { MeshError } from './errors.ts';
 import { keccak256Bytes } from './keccak.ts';
 
 export const VOUCHER_DOMAIN_NAME = 'EdgeMesh';
-export const VOUCHER_DOMAIN_VERSION = '1';
+export const VOUCHER_DOMAIN_VERSION = '2';
 /** Bytes per voucher in the packed form taken by `settle`. */
-export const PACKED_VOUCHER_BYTES = 121;
-export const MAX_UINT128 = (1n << 128n) - 1n;
+export const PACKED_VOUCHER_BYTES = 117;
+/** The widest amount a lane holds or a voucher names (micro-dollars). */
+export const MAX_UINT96 = (1n << 96n) - 1n;
+/** The widest relayer fee total a voucher names (micro-dollars). */
 export const MAX_UINT64 = (1n << 64n) - 1n;
 /** secp256k1 group order; a signature's s must be ≤ N/2 (EIP-2). */
 export const SECP256K1_N = 0xfffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141n;
@@ -35,12 +40,15 @@ export interface EscrowDomain {
 export interface Voucher {
   /** The agent's payout address. */
   agent: string;
-  /** Running total owed on the lane, in the token's smallest unit (micro-dollars). */
+  /** Running total owed to the agent on the lane, in the token's smallest unit (micro-dollars); at most 2^96 - 1. */
   cumulative: bigint;
+  /**
+   * Running total of the fees the signer pays whoever settles its vouchers (micro-dollars, at most 2^64 - 1).
+   * Absent means 0.
+   */
+  feeCumulative?: bigint;
   /** 32-byte hex: Merkle root (or single hash) of the receipts this voucher pays for. */
   receiptsRoot: string;
-  /** Unix seconds after which the escrow skips the voucher. */
-  expiry: bigint;
 }
 
 export interface SignedVoucher {
@@ -51,12 +59,20 @@ export interface SignedVoucher {
 
 /** Why the escrow skipped a voucher in a batch (the `reason` of `SettleSkipped`). */
 export const SKIP_REASONS = {
+  /** No signer can be recovered. */
   1: 'BAD_SIGNATURE',
+  /** A high-s signature: the malleable twin of a valid one. */
   2: 'MALLEABLE_SIGNATURE',
-  3: 'EXPIRED',
-  4: 'STALE',
-  5: 'OVERSPEND',
+  /** Neither total is above what the lane has settled: a replay or an older voucher. */
+  3: 'STALE',
+  /** The voucher is owed something but the lane holds nothing (also: a voucher for another chain or escrow). */
+  4: 'UNFUNDED',
+  /** `feeCumulative` is more than a tenth of `cumulative` (FEE_CAP_DIVISOR). */
+  5: 'FEE_TOO_HIGH',
 } as const;
+
+/** A voucher's fee total may be at most cumulative / FEE_CAP_DIVISOR; the escrow skips one above it. */
+export const FEE_CAP_DIVISOR = 10n;
 export type SkipReasonCode = keyof typeof SKIP_REASONS;
 export type SkipReason = (typeof SKIP_REASONS)[SkipReasonCode];
 
@@ -89,9 +105,9 @@ export interface TypedDataSigner {
 
 const VOUCHER_FIELDS: readonly TypedDataField[] = [
   { name: 'agent', type: 'address' },
-  { name: 'cumulative', type: 'uint128' },
+  { name: 'cumulative', type: 'uint96' },
+  { name: 'feeCumulative', type: 'uint64' },
   { name: 'receiptsRoot', type: 'bytes32' },
-  { name: 'expiry', type: 'uint64' },
 ];
 
 export function voucherTypedData(domain: EscrowDomain): { domain: TypedDataDomain; types: Record<string, TypedDataField[]> } {
@@ -183,16 +199,24 @@ const VOUCHER_TYPEHASH = keccakText(`Voucher(${VOUCHER_FIELDS.map((f) => `${f.ty
 export function checkVoucher(v: Voucher): void {
   if (!isAddress(v.agent) || BigInt(v.agent) === 0n)
     throw new MeshError('MESH_VOUCHER_INVALID', `voucher agent is not an address: ${String(v.agent)}`);
-  if (typeof v.cumulative !== 'bigint' || v.cumulative < 0n || v.cumulative > MAX_UINT128)
-    throw new MeshError('MESH_VOUCHER_INVALID', 'voucher cumulative must be a uint128 bigint');
-  if (typeof v.expiry !== 'bigint' || v.expiry < 0n || v.expiry > MAX_UINT64)
-    throw new MeshError('MESH_VOUCHER_INVALID', 'voucher expiry must be a uint64 bigint (unix seconds)');
+  if (typeof v.cumulative !== 'bigint' || v.cumulative < 0n || v.cumulative > MAX_UINT96)
+    throw new MeshError('MESH_VOUCHER_INVALID', 'voucher cumulative must be a uint96 bigint (micro-dollars)');
+  const fee = v.feeCumulative ?? 0n;
+  if (typeof fee !== 'bigint' || fee < 0n || fee > MAX_UINT64)
+    throw new MeshError('MESH_VOUCHER_INVALID', 'voucher feeCumulative must be a uint64 bigint (micro-dollars)');
+  if (fee * FEE_CAP_DIVISOR > v.cumulative)
+    throw new MeshError('MESH_VOUCHER_INVALID', `voucher feeCumulative may be at most cumulative / ${FEE_CAP_DIVISOR}`);
   hexBytes(v.receiptsRoot, 'voucher receiptsRoot', 32);
 }
 
 function message(v: Voucher): Record<string, unknown> {
   checkVoucher(v);
-  return { agent: checksumAddress(v.agent), cumulative: v.cumulative, receiptsRoot: v.receiptsRoot, expiry: v.expiry };
+  return {
+    agent: checksumAddress(v.agent),
+    cumulative: v.cumulative,
+    feeCumulative: v.feeCumulative ?? 0n,
+    receiptsRoot: v.receiptsRoot,
+  };
 }
 
 /** The EIP-712 domain separator of an escrow. */
@@ -208,7 +232,7 @@ export function voucherDomainSeparator(domain: EscrowDomain): Uint8Array {
   );
 }
 
-/** The EIP-712 digest the payer signs and the escrow recovers from (0x-hex). */
+/** The EIP-712 digest the voucher key signs and the escrow recovers from (0x-hex). */
 export function voucherDigest(domain: EscrowDomain, v: Voucher): string {
   checkVoucher(v);
   const structHash = keccak256Bytes(
@@ -216,8 +240,8 @@ export function voucherDigest(domain: EscrowDomain, v: Voucher): string {
       VOUCHER_TYPEHASH,
       addressWord(v.agent),
       bigintBytes(v.cumulative, 32),
+      bigintBytes(v.feeCumulative ?? 0n, 32),
       hexBytes(v.receiptsRoot, 'receiptsRoot', 32),
-      bigintBytes(v.expiry, 32),
     ),
   );
   return hexOf(keccak256Bytes(concat(Uint8Array.of(0x19, 0x01), voucherDomainSeparator(domain), structHash)));
@@ -226,12 +250,15 @@ export function voucherDigest(domain: EscrowDomain, v: Voucher): string {
 /** Signs with any EIP-712 signer (an ethers Wallet, a JSON-RPC account); returns 65-byte hex r | s | v, low-s, v ∈ {27, 28}. */
 export async function signVoucher(signer: TypedDataSigner, domain: EscrowDomain, v: Voucher): Promise<string> {
   const td = voucherTypedData(domain);
-  const raw = await signer.signTypedData(td.domain, td.types, message(v));
-  // A remote signer may answer high-s or v ∈ {0, 1}: normalise to the one form the escrow takes.
-  const { r, s, v: recovery } = splitVoucherSignature(raw, { allowHighS: true });
+  return lowS(await signer.signTypedData(td.domain, td.types, message(v)));
+}
+
+/** A remote signer may answer high-s or v ∈ {0, 1}: normalise to the one form the escrow takes (low-s, v ∈ {27, 28}). */
+function lowS(raw: string): string {
+  const { r, s, v } = splitVoucherSignature(raw, { allowHighS: true });
   const sn = BigInt(s);
-  if (sn <= SECP256K1_N / 2n) return hexOf(concat(hexBytes(r, 'r', 32), hexBytes(s, 's', 32), Uint8Array.of(recovery)));
-  return hexOf(concat(hexBytes(r, 'r', 32), bigintBytes(SECP256K1_N - sn, 32), Uint8Array.of(recovery === 27 ? 28 : 27)));
+  if (sn <= SECP256K1_N / 2n) return hexOf(concat(hexBytes(r, 'r', 32), hexBytes(s, 's', 32), Uint8Array.of(v)));
+  return hexOf(concat(hexBytes(r, 'r', 32), bigintBytes(SECP256K1_N - sn, 32), Uint8Array.of(v === 27 ? 28 : 27)));
 }
 
 /**
@@ -259,12 +286,12 @@ export function packVouchers(entries: readonly SignedVoucher[]): string {
       throw new MeshError('MESH_VOUCHER_INVALID', `packVouchers: entry ${i} is for ${voucher.agent}, not ${agent}`);
     const { r, s, v } = splitVoucherSignature(signature, { allowHighS: true });
     const off = i * PACKED_VOUCHER_BYTES;
-    out.set(bigintBytes(voucher.cumulative, 16), off);
-    out.set(bigintBytes(voucher.expiry, 8), off + 16);
-    out.set(hexBytes(voucher.receiptsRoot, 'receiptsRoot', 32), off + 24);
-    out.set(hexBytes(r, 'r', 32), off + 56);
-    out.set(hexBytes(s, 's', 32), off + 88);
-    out[off + 120] = v;
+    out.set(bigintBytes(voucher.cumulative, 12), off);
+    out.set(bigintBytes(voucher.feeCumulative ?? 0n, 8), off + 12);
+    out.set(hexBytes(voucher.receiptsRoot, 'receiptsRoot', 32), off + 20);
+    out.set(hexBytes(r, 'r', 32), off + 52);
+    out.set(hexBytes(s, 's', 32), off + 84);
+    out[off + 116] = v;
   });
   return hexOf(out);
 }
@@ -279,19 +306,42 @@ export function unpackVouchers(agent: string, packed: string): SignedVoucher[] {
     out.push({
       voucher: {
         agent: checksumAddress(agent),
-        cumulative: bytesBigint(bytes.subarray(off, off + 16)),
-        expiry: bytesBigint(bytes.subarray(off + 16, off + 24)),
-        receiptsRoot: hexOf(bytes.subarray(off + 24, off + 56)),
+        cumulative: bytesBigint(bytes.subarray(off, off + 12)),
+        feeCumulative: bytesBigint(bytes.subarray(off + 12, off + 20)),
+        receiptsRoot: hexOf(bytes.subarray(off + 20, off + 52)),
       },
-      signature: hexOf(bytes.subarray(off + 56, off + 121)),
+      signature: hexOf(bytes.subarray(off + 52, off + PACKED_VOUCHER_BYTES)),
     });
   }
   return out;
 }
 
-/** The lane id the escrow keys storage by: keccak256(abi.encode(payer, agent)). */
-export function laneId(payer: string, agent: string): string {
-  return hexOf(keccak256Bytes(concat(addressWord(payer), addressWord(agent))));
+/** The lane id the escrow keys storage by: keccak256(abi.encode(signer, agent)), the signer being the voucher key. */
+export function laneId(signer: string, agent: string): string {
+  return hexOf(keccak256Bytes(concat(addressWord(signer), addressWord(agent))));
+}
+
+// ---- owner consent: the voucher key lets a funding key open and own its lanes ----
+
+const LANE_OWNER_TYPEHASH = keccakText('LaneOwner(address owner)');
+
+/**
+ * The EIP-712 digest of `LaneOwner(address owner)` (same domain as the vouchers). A signer's signature of it
+ * lets `owner` open any of the signer's lanes that nobody owns yet, and so own it: fund it, withdraw from it,
+ * hand it on. It is needed because a lane's first funder becomes its owner, and without the signer's consent
+ * a stranger could open the lane first (docs/settlement.md, "Who owns a lane").
+ */
+export function ownerConsentDigest(domain: EscrowDomain, owner: string): string {
+  const structHash = keccak256Bytes(concat(LANE_OWNER_TYPEHASH, addressWord(owner)));
+  return hexOf(keccak256Bytes(concat(Uint8Array.of(0x19, 0x01), voucherDomainSeparator(domain), structHash)));
+}
+
+/** Signs an owner consent with the voucher key; returns 65-byte hex r | s | v, low-s. */
+export async function signOwnerConsent(signer: TypedDataSigner, domain: EscrowDomain, owner: string): Promise<string> {
+  const td = voucherTypedData(domain);
+  return lowS(
+    await signer.signTypedData(td.domain, { LaneOwner: [{ name: 'owner', type: 'address' }] }, { owner: checksumAddress(owner) }),
+  );
 }
 
 /**
@@ -351,9 +401,5 @@ export function laneGrantDigest(domain: EscrowDomain, g: LaneGrantTerms): string
 /** Signs a lane grant with the payer's voucher key; returns 65-byte hex r | s | v, low-s. */
 export async function signLaneGrant(signer: TypedDataSigner, domain: EscrowDomain, g: LaneGrantTerms): Promise<string> {
   const td = voucherTypedData(domain);
-  const raw = await signer.signTypedData(td.domain, { LaneGrant: LANE_GRANT_FIELDS.map((f) => ({ ...f })) }, laneGrantMessage(g));
-  const { r, s, v } = splitVoucherSignature(raw, { allowHighS: true });
-  const sn = BigInt(s);
-  if (sn <= SECP256K1_N / 2n) return hexOf(concat(hexBytes(r, 'r', 32), hexBytes(s, 's', 32), Uint8Array.of(v)));
-  return hexOf(concat(hexBytes(r, 'r', 32), bigintBytes(SECP256K1_N - sn, 32), Uint8Array.of(v === 27 ? 28 : 27)));
+  return lowS(await signer.signTypedData(td.domain, { LaneGrant: LANE_GRANT_FIELDS.map((f) => ({ ...f })) }, laneGrantMessage(g)));
 }

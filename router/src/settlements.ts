@@ -1,7 +1,8 @@
 /**
- * Operator endpoints for payment, read from the escrow on chain (the chain is the truth for money):
- *   GET /v1/lanes         every funded lane: payer, payout, the agents quoting that payout, remaining, settled, thaw end
- *   GET /v1/settlements   Settled and SettleSkipped events, oldest first (?payer=0x…&agent=0x… filter)
+ * Operator endpoints for payment, read from the escrow (v2) on chain (the chain is the truth for money):
+ *   GET /v1/lanes         every funded lane: payer (the voucher key), owner, payout, the agents quoting that
+ *                         payout, remaining, settled, relayer fees, the pending withdrawal
+ *   GET /v1/settlements   Settled, SettledPartial and SettleSkipped events, oldest first (?payer=0x…&agent=0x… filter)
  * ethers loads only when the router is given a chain.
  */
 
@@ -67,7 +68,8 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
     {
       schema: {
         tags: ['operator'],
-        summary: 'Payment lanes on the escrow: funded, settled and remaining per (payer, agent)',
+        summary:
+          'Payment lanes on the escrow: funded, settled and remaining per (payer voucher key, agent), with owner and pending withdrawal',
         response: { 503: errorResponse('MESH_CHAIN_UNREACHABLE: the chain cannot be read now'), ...ANY_ERROR },
       },
     },
@@ -85,11 +87,15 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
           const lane = await escrow.laneOf(payer, payout);
           return {
             payer,
+            owner: lane.owner.toLowerCase(),
             payout,
             agents: agents.get(payout) ?? [],
             remaining_micros: Number(lane.remaining),
             settled_micros: Number(lane.settled),
+            fee_settled_micros: Number(lane.feeSettled),
+            withdraw_micros: Number(lane.withdrawAmount),
             thaw_end: Number(lane.thawEnd),
+            lapse_at: Number(lane.lapseAt),
           };
         }),
       );
@@ -102,7 +108,7 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
     {
       schema: {
         tags: ['operator'],
-        summary: 'Settlements on chain (Settled and SettleSkipped events); filter with ?payer= and ?agent=',
+        summary: 'Settlements on chain (Settled, SettledPartial and SettleSkipped events); filter with ?payer= and ?agent=',
         response: {
           400: errorResponse('MESH_BAD_REQUEST: payer or agent is not an EVM address (details.field)'),
           503: errorResponse('MESH_CHAIN_UNREACHABLE: the chain cannot be read now'),
@@ -113,9 +119,11 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
     async (request) => {
       const q = request.query as { payer?: unknown; agent?: unknown };
       const topics = [topicOf(q.payer, 'payer'), topicOf(q.agent, 'agent')];
-      const events = [...(await logs('Settled', topics)), ...(await logs('SettleSkipped', topics))].sort(
-        (a, b) => a.blockNumber - b.blockNumber || a.index - b.index,
-      );
+      const events = [
+        ...(await logs('Settled', topics)),
+        ...(await logs('SettledPartial', topics)),
+        ...(await logs('SettleSkipped', topics)),
+      ].sort((a, b) => a.blockNumber - b.blockNumber || a.index - b.index);
       const settlements = events.map((log) => {
         const ev = iface.parseLog(log)!;
         const base = {
@@ -124,17 +132,23 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
           payer: (ev.args[0] as string).toLowerCase(),
           payout: (ev.args[1] as string).toLowerCase(),
         };
-        return ev.name === 'Settled'
-          ? {
-              ...base,
-              kind: 'settled',
-              cumulative_micros: Number(ev.args[2]),
-              delta_micros: Number(ev.args[3]),
-              receipts_root: ev.args[4] as string,
-            }
-          : { ...base, kind: 'skipped', reason: skipReasonName(ev.args[2] as bigint), cumulative_micros: Number(ev.args[3]) };
+        if (ev.name === 'SettleSkipped') {
+          return { ...base, kind: 'skipped', reason: skipReasonName(ev.args[2] as bigint), cumulative_micros: Number(ev.args[3]) };
+        }
+        const partial = ev.name === 'SettledPartial';
+        return {
+          ...base,
+          kind: partial ? 'partial' : 'settled',
+          cumulative_micros: Number(ev.args[2]),
+          delta_micros: Number(ev.args[3]),
+          fee_micros: Number(ev.args[4]),
+          ...(partial ? { unpaid_micros: Number(ev.args[5]) } : {}),
+          receipts_root: ev.args[partial ? 6 : 5] as string,
+        };
       });
-      return { settlements, settled_micros: settlements.reduce((s, e) => s + ('delta_micros' in e ? e.delta_micros : 0), 0) };
+      const sum = (field: 'delta_micros' | 'fee_micros') =>
+        settlements.reduce((s, e) => s + (field in e ? (e as Record<typeof field, number>)[field] : 0), 0);
+      return { settlements, settled_micros: sum('delta_micros'), fees_micros: sum('fee_micros') };
     },
   );
 }

@@ -77,8 +77,6 @@ export interface PaymentOptions {
   acceptQuote?: (current: Quote, next: Quote) => boolean;
   /** Folder for lane state (a level store per chain id and escrow inside it); needs the `level` package. */
   dataDir?: string;
-  /** Vouchers expire this long after signing. */
-  voucherTtlS?: number;
   /**
    * While a lane owes less than half the agent's quoted credit window, its voucher waits this long
    * for more receipts to cover, so one signature pays for many requests (default 50).
@@ -177,7 +175,6 @@ export class PayerLanes {
   private readonly chainId: number;
   private readonly escrow: string;
   private readonly maxPriceMicros: number;
-  private readonly voucherTtlS: number;
   private readonly voucherDelayMs: number;
   private readonly chain: ChainReader | undefined;
   private pumping = new Set<Promise<void>>();
@@ -194,7 +191,6 @@ export class PayerLanes {
     this.chainId = Number(options.domain.chainId);
     this.escrow = options.domain.escrow.toLowerCase();
     this.maxPriceMicros = options.maxPriceMicros ?? Number.MAX_SAFE_INTEGER;
-    this.voucherTtlS = options.voucherTtlS ?? 7 * 86_400;
     this.voucherDelayMs = options.voucherDelayMs ?? 50;
     this.chain = options.chain ?? options.signer.provider ?? undefined;
   }
@@ -564,14 +560,13 @@ export class PayerLanes {
         const leaves = lane.pendingLeaves;
         lane.pendingLeaves = [];
         const receiptsRoot = merkleRoot(leaves);
-        const expiry = Math.floor(Date.now() / 1000) + this.voucherTtlS;
         // Stored before signing: a restart never signs for receipts it could not check again.
         await this.save(lane, leaves);
         const sig = await signVoucher(this.options.signer, this.options.domain, {
           agent: lane.quote.payout,
           cumulative: BigInt(cumulative),
           receiptsRoot: toHex(receiptsRoot),
-          expiry: BigInt(expiry),
+          feeCumulative: 0n,
         });
         const message: VoucherMessage = {
           v: PROTOCOL_VERSION,
@@ -580,7 +575,7 @@ export class PayerLanes {
           agent: lane.quote.payout,
           cumulative,
           receiptsRoot,
-          expiry,
+          feeCumulative: 0,
           sig: fromHex(sig),
           seq,
         };
