@@ -216,6 +216,19 @@ describe('settlement relayer', () => {
     await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === owed, 5_000, 'the last voucher');
     await new Promise((r) => setTimeout(r, 100));
     await agent.payments!.settler!.settleNow();
+    // A provider that counts the log ranges asked for: each request reads only the blocks since the last.
+    const ranges: [number, number][] = [];
+    const counted = new Proxy(chain.provider, {
+      get(target, prop, receiver) {
+        if (prop === 'getLogs')
+          return (filter: ethers.Filter) => {
+            ranges.push([Number(filter.fromBlock), Number(filter.toBlock)]);
+            return target.getLogs(filter);
+          };
+        const value = Reflect.get(target, prop, receiver);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
     const router = await startRouter({
       brokerUrl: broker.url,
       identity: generateIdentity('router'),
@@ -223,7 +236,7 @@ describe('settlement relayer', () => {
       http: {
         port: 0,
         processMetrics: false,
-        chain: { provider: chain.provider, escrow: deployment.escrow, fromBlock: deployment.deployBlock },
+        chain: { provider: counted, escrow: deployment.escrow, fromBlock: deployment.deployBlock },
       },
     });
     t.after(() => router.close());
@@ -252,6 +265,14 @@ describe('settlement relayer', () => {
       [['settled', owed, wallet.address.toLowerCase()]],
     );
     assert.equal((await fetch(`${router.http!.url}/v1/settlements?payer=nope`)).status, 400);
+    // Asked again, the router reads no block twice: every range starts after the last one read.
+    const before = ranges.length;
+    const head = await chain.provider.getBlockNumber();
+    await fetch(`${router.http!.url}/v1/lanes`);
+    await fetch(`${router.http!.url}/v1/settlements`);
+    for (const [fromBlock] of ranges.slice(before))
+      assert.ok(fromBlock > head - 1, `a range from block ${fromBlock} read again (head ${head})`);
+    assert.ok(ranges.every(([f]) => f >= deployment.deployBlock));
   });
 
   test('kill -9 of the relayer between intent and send, and right after sending: nothing paid twice, nothing owed lost', async (t) => {

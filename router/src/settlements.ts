@@ -21,26 +21,47 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
   const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: chain.escrow });
   const from = chain.fromBlock ?? 0;
 
-  /** The escrow's `event` logs; a chain that cannot be read fails with MESH_CHAIN_UNREACHABLE (503). */
-  const logs = async (event: string, topics: (string | null)[] = []) => {
-    try {
-      const head = await chain.provider.getBlockNumber();
-      const out: ethers.Log[] = [];
-      for (let start = from; start <= head; start += LOG_RANGE) {
-        out.push(
-          ...(await chain.provider.getLogs({
-            address: escrow.escrow,
-            topics: [iface.getEvent(event)!.topicHash, ...topics],
-            fromBlock: start,
-            toBlock: Math.min(head, start + LOG_RANGE - 1),
-          })),
-        );
-      }
-      return out;
-    } catch (err) {
-      throw toChainError(err, `${event} logs`);
+  /**
+   * The escrow's `event` logs, read once: each event keeps what was read and the next block to read, so
+   * a call reads only the blocks since the last one (in bounded ranges), never the whole history again.
+   * Filters apply to what is kept. A chain that cannot be read fails with MESH_CHAIN_UNREACHABLE (503).
+   */
+  const seen = new Map<string, { next: number; logs: ethers.Log[]; reading: Promise<void> | undefined }>();
+  const catchUp = async (event: string) => {
+    let entry = seen.get(event);
+    if (!entry) {
+      entry = { next: from, logs: [], reading: undefined };
+      seen.set(event, entry);
     }
+    const e = entry;
+    // One reader per event at a time: concurrent requests wait for the same read.
+    e.reading ??= (async () => {
+      try {
+        const head = await chain.provider.getBlockNumber();
+        while (e.next <= head) {
+          const to = Math.min(head, e.next + LOG_RANGE - 1);
+          e.logs.push(
+            ...(await chain.provider.getLogs({
+              address: escrow.escrow,
+              topics: [iface.getEvent(event)!.topicHash],
+              fromBlock: e.next,
+              toBlock: to,
+            })),
+          );
+          e.next = to + 1;
+        }
+      } catch (err) {
+        throw toChainError(err, `${event} logs`);
+      } finally {
+        e.reading = undefined;
+      }
+    })();
+    await e.reading;
+    return e.logs;
   };
+  const logs = async (event: string, topics: (string | null)[] = []) =>
+    (await catchUp(event)).filter((log) => topics.every((t, i) => t === null || log.topics[i + 1]?.toLowerCase() === t.toLowerCase()));
+
   const topicOf = (value: unknown, what: string): string | null => {
     if (value === undefined) return null;
     if (typeof value !== 'string' || !ethers.isAddress(value)) {
