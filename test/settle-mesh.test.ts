@@ -9,8 +9,7 @@ import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } fro
 import { sampleInputs } from '@edge-mesh/demo';
 import { MeshError, RECEIPT_STATUS } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
-import { agentFor, brokerFor, tempDir, waitFor } from './helpers.ts';
-import { TestPayer } from './payer.ts';
+import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -38,8 +37,13 @@ describe('settlement of paid inference on a local chain', () => {
       maxMessageBytes: 16 << 20,
       payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider },
     });
-    // The payer grants its lane to its mesh client, checks every receipt and pays it with a voucher (test/payer.ts).
-    const mesh = await TestPayer.open(t, broker.url, { wallet: payerWallet, domain, clientId: 'app-settle' });
+    // The app pays through the SDK: a lane grant for its client, every receipt linked, what it owes paid with
+    // vouchers. This test is about settling; the payout registry has its own (test/payments-payer.test.ts).
+    const mesh = await meshFor(t, {
+      brokerUrl: broker.url,
+      maxMessageBytes: 16 << 20,
+      payment: { signer: payerWallet, domain, dataDir: await tempDir(t), checkPayouts: false },
+    });
     await mesh.waitForModel('kws');
 
     for (let i = 0; i < 20; i++)
@@ -66,7 +70,8 @@ describe('settlement of paid inference on a local chain', () => {
     );
     assert.equal(journal.at(-1)!.cumulative, okTotal);
     await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === okTotal, 5_000, 'the last voucher');
-    assert.equal(mesh.lanesView()[0]!.paidMicros, okTotal);
+    assert.equal(mesh.lanes()[0]!.paidMicros, okTotal);
+    assert.equal(mesh.lanes()[0]!.owedMicros, okTotal);
 
     const best = agent.payments!.lanes()[0]!.voucher!;
     const relayer = await EscrowClient.connect({ runner: chain.wallet(2), escrow: deployment.escrow });
