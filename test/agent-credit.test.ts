@@ -153,7 +153,8 @@ describe('payments among strangers: the agent gives credit only against money th
     const broker = await brokerFor(t);
     const { agent, payout } = await paidAgent(t, broker.url);
     const n = 5;
-    const wallet = await payerWallet(payout, BigInt(n * KWS));
+    // n requests, plus the relayer fee the payer could take by settling them itself (a tenth of the pay).
+    const wallet = await payerWallet(payout, BigInt(n * KWS + Math.floor((n * KWS) / 10)));
     const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-n' });
     await payer.waitForModel('kws');
     const codes: string[] = [];
@@ -167,9 +168,9 @@ describe('payments among strangers: the agent gives credit only against money th
     assert.deepEqual(codes, [...Array(n).fill('ok'), ...Array(3).fill('MESH_CREDIT_EXCEEDED')]);
     assert.equal(await settleBest(agent, payout), BigInt(n * KWS), 'every request served is paid');
 
-    // Settled: the lane holds nothing more and still serves nothing; funded again, it serves that much.
+    // Settled: the lane holds only the fee margin and serves nothing; funded again, it serves that much.
     await agent.payments!.catchUpFunds();
-    assert.equal(agent.payments!.lanes()[0]!.funds!.remaining, 0);
+    assert.equal(agent.payments!.lanes()[0]!.funds!.remaining, Math.floor((n * KWS) / 10));
     assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 50))), 'MESH_CREDIT_EXCEEDED');
     await (await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow })).mint(wallet.address, 2n * BigInt(KWS));
     await (await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow })).fund(wallet.address, payout, 2n * BigInt(KWS));
@@ -184,6 +185,34 @@ describe('payments among strangers: the agent gives credit only against money th
     const lane = agent.payments!.lanes()[0]!;
     assert.equal(lane.owedMicros, (n + 2) * KWS);
     assert.equal(await payerClient().then((c) => c.tokenBalance(payout)), BigInt((n + 2) * KWS), 'the agent lost nothing');
+  });
+
+  test('a payer that settles its own vouchers with a relayer fee cannot leave served work uncovered', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const fund = 10 * KWS;
+    const wallet = await payerWallet(payout, BigInt(fund));
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-fees' });
+    await payer.waitForModel('kws');
+    const codes: string[] = [];
+    for (let i = 0; i < 10; i++) {
+      codes.push(codeOf(await payer.request('kws', sampleInputs('kws', i))));
+      await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === payer.lanesView()[0]!.owedMicros, 3_000, 'the voucher');
+    }
+    // The lane holds ten requests' worth, but a tenth of what is owed is kept back for the fee the payer
+    // could pay itself: nine are served.
+    assert.deepEqual(codes, [...Array(9).fill('ok'), 'MESH_CREDIT_EXCEEDED']);
+    const owed = 9 * KWS;
+
+    // The payer signs the total it owes with the largest fee the escrow allows and settles it itself.
+    const v = { agent: payout, cumulative: BigInt(owed), feeCumulative: BigInt(owed) / 10n, receiptsRoot: ethers.ZeroHash };
+    const own = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
+    const out = await own.settle(payout, [{ voucher: v, signature: await signVoucher(wallet, domain(), v) }]);
+    assert.deepEqual([out.paid, out.fees], [BigInt(owed), BigInt(owed) / 10n]);
+    // The agent was paid every request it served: nothing it counted on went to the fee.
+    assert.equal(await own.tokenBalance(payout), BigInt(owed), 'the agent lost nothing');
+    await agent.payments!.catchUpFunds();
+    assert.equal(agent.payments!.lanes()[0]!.funds!.remaining, fund - owed - Math.floor(owed / 10));
   });
 
   test('a withdrawal request stops credit at once; once thawed (armed) it stays stopped, across a restart of the agent', async (t) => {

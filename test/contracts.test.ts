@@ -375,7 +375,7 @@ describe('MeshEscrow v2', () => {
     );
   });
 
-  test('the relayer fee goes to the sender once, never twice, after the agent and never beyond the lane', async () => {
+  test('the relayer fee goes to the sender once, never twice, after the agent, never beyond the lane nor a tenth of the new pay', async () => {
     const agent = newAgent();
     const p = await fundedPayer(agent, 1_000n);
     const relayerA = await newParty();
@@ -396,32 +396,37 @@ describe('MeshEscrow v2', () => {
     assert.deepEqual([out2.paid, out2.fees], [300n, 20n]);
     assert.equal(await relayer.tokenBalance(relayerB.wallet.address), 20n);
 
-    // The lane holds 50: the agent is paid first (40), the fee gets what is left (10 of 40), the rest waits.
-    const v3 = await voucher(p.client, agent, 940n, { fee: 90n });
+    // The lane holds 50 and the voucher adds 70: the agent gets all 50, nothing is left for a fee, and the
+    // agent's other 20 waits for a top-up.
+    const v3 = await voucher(p.client, agent, 970n, { fee: 90n });
     const out3 = await relayerA.client.settle(agent, [v3]);
     assert.deepEqual(
       out3.settled.map((s) => [s.partial, s.paid, s.fee, s.unpaid]),
-      [[true, 40n, 10n, 30n]],
+      [[true, 50n, 0n, 20n]],
     );
     let lane = await relayer.laneOf(p.wallet.address, agent);
-    assert.deepEqual([lane.remaining, lane.settled, lane.feeSettled], [0n, 940n, 60n]);
-    // The fee alone is owed now: after a top-up the same voucher pays it, and the agent nothing more.
+    assert.deepEqual([lane.remaining, lane.settled, lane.feeSettled], [0n, 950n, 50n]);
+    // After a top-up the same voucher pays the agent the rest, and a fee of at most a tenth of that (2 of
+    // the 40 the voucher still names).
     await p.client.mint(p.wallet.address, 100n);
     await p.client.fund(p.wallet.address, agent, 100n);
     const out4 = await relayerB.client.settle(agent, [v3]);
     assert.deepEqual(
       out4.settled.map((s) => [s.partial, s.paid, s.fee]),
-      [[false, 0n, 30n]],
+      [[false, 20n, 2n]],
     );
     lane = await relayer.laneOf(p.wallet.address, agent);
-    assert.deepEqual([lane.remaining, lane.settled, lane.feeSettled], [70n, 940n, 90n]);
+    assert.deepEqual([lane.remaining, lane.settled, lane.feeSettled], [78n, 970n, 52n]);
+    // Fully paid, the voucher is stale: the fee it still names (38 more) is never paid by it.
+    const out5 = await relayerA.client.settle(agent, [v3]);
+    assert.deepEqual([out5.paid, out5.fees, out5.skipped.map((s) => s.reason)], [0n, 0n, ['STALE']]);
     // Agent plus relayers received exactly what left the lane.
     const received =
       (await relayer.tokenBalance(agent)) +
       (await relayer.tokenBalance(relayerA.wallet.address)) +
       (await relayer.tokenBalance(relayerB.wallet.address));
-    assert.equal(received + lane.remaining, 1_100n);
-    assert.equal(await relayer.tokenBalance(agent), 940n);
+    assert.equal(received + (await relayer.laneOf(p.wallet.address, agent)).remaining, 1_100n);
+    assert.equal(await relayer.tokenBalance(agent), 970n);
   });
 
   test('attack: a stolen voucher key cannot drain its lane to itself as relayer fees (a fee over a tenth is skipped)', async () => {
@@ -462,6 +467,23 @@ describe('MeshEscrow v2', () => {
     await (await escrow.getFunction('settle')(agent, await signRaw(1_000n, 100n))).wait();
     assert.equal(await relayer.tokenBalance(thief.wallet.address), 100n);
     assert.equal(await relayer.tokenBalance(agent), 1_000n);
+  });
+
+  test('attack: a signer cannot take back as relayer fees a tenth of what its lane paid before', async () => {
+    const agent = newAgent();
+    const p = await fundedPayer(agent, 10_000n);
+    // Honest vouchers without fees pay the agent 1,000.
+    await relayer.settle(agent, [await voucher(p.client, agent, 1_000n)]);
+    assert.equal(await relayer.tokenBalance(agent), 1_000n);
+    // The signer, relaying for itself, signs the same total with a fee of a tenth: the voucher adds nothing
+    // for the agent, so it pays no fee. Else the lane would lose 100 the agent counted on for its next work.
+    const drain = await p.client.settle(agent, [await voucher(p.client, agent, 1_000n, { fee: 100n })]);
+    assert.deepEqual([drain.paid, drain.fees, drain.skipped.map((s) => s.reason)], [0n, 0n, ['STALE']]);
+    // With 10 more for the agent, the fee is 1, not the 100 the voucher names.
+    const next = await p.client.settle(agent, [await voucher(p.client, agent, 1_010n, { fee: 101n })]);
+    assert.deepEqual([next.paid, next.fees], [10n, 1n]);
+    assert.equal(await relayer.tokenBalance(p.wallet.address), 1n);
+    assert.equal((await relayer.laneOf(p.wallet.address, agent)).remaining, 10_000n - 1_010n - 1n);
   });
 
   test('a withdrawal is of a fixed amount: the rest stays on the lane, and more than the lane holds pays what is left', async () => {

@@ -14,7 +14,8 @@ import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol
 /// @notice A lane is (signer, agent). The signer is the key that signs EIP-712 vouchers (an app's hot key);
 /// the lane's owner is the key that funded it and alone may take money back (a cold key). Vouchers are
 /// cumulative and never expire: settling pays the agent what the voucher adds beyond what is settled, as
-/// far as the lane holds, then pays the relayer (msg.sender) the voucher's fee increase from what is left.
+/// far as the lane holds, then pays the relayer (msg.sender) the voucher's fee increase, at most a tenth of
+/// that pay, from what is left.
 /// The rules, the lane's storage slot and who can lose what are in docs/settlement.md, "The escrow contract".
 contract MeshEscrow is EIP712, ReentrancyGuard {
     using SafeERC20 for IERC20;
@@ -59,9 +60,10 @@ contract MeshEscrow is EIP712, ReentrancyGuard {
     uint8 internal constant SKIP_UNFUNDED = 4;
     uint8 internal constant SKIP_FEE_TOO_HIGH = 5;
 
-    /// A voucher's fee total may be at most a tenth of what it pays the agent. The fee goes to whoever sends
-    /// the transaction, so without a cap a stolen voucher key could drain its lanes to itself as "fees";
-    /// with it, taking 1 through fees means paying the lane's agent 10.
+    /// A voucher's fee total may be at most a tenth of what it pays the agent, and a settlement pays a fee
+    /// of at most a tenth of what it pays the agent. The fee goes to whoever sends the transaction, so
+    /// without a cap a stolen voucher key could drain its lanes to itself as "fees"; with it, taking 1
+    /// through fees means paying the lane's agent 10 that it had not been paid before.
     uint256 public constant FEE_CAP_DIVISOR = 10;
 
     IERC20 public immutable token;
@@ -81,11 +83,11 @@ contract MeshEscrow is EIP712, ReentrancyGuard {
     event WithdrawRequested(address indexed signer, address indexed agent, uint96 amount, uint64 thawEnd, uint64 lapseAt);
     event WithdrawCancelled(address indexed signer, address indexed agent);
     event Withdrawn(address indexed signer, address indexed agent, address indexed owner, uint96 amount);
-    /// The agent got everything the voucher adds (`paid`), and the relayer its fee increase (`fee`).
+    /// The agent got everything the voucher adds (`paid`), and the relayer a fee (`fee`, at most paid / 10).
     event Settled(
         address indexed signer, address indexed agent, uint96 cumulative, uint96 paid, uint64 fee, bytes32 receiptsRoot
     );
-    /// The lane ran short: `unpaid` (agent's part plus fee) stays claimable by the same voucher after a top-up.
+    /// The lane ran short: `unpaid` (the agent's part) is paid by the same voucher after a top-up.
     event SettledPartial(
         address indexed signer,
         address indexed agent,
@@ -468,7 +470,8 @@ contract MeshEscrow is EIP712, ReentrancyGuard {
         uint256 remaining = word & MASK96;
         uint256 settled = (word >> 96) & MASK96;
         uint256 feeSettled = word >> 192;
-        if (cumulative <= settled && feeCumulative <= feeSettled) {
+        if (cumulative <= settled) {
+            // Nothing new for the agent, so no fee either (below): a fee is paid only alongside new pay.
             emit SettleSkipped(signer, agent, SKIP_STALE, uint96(cumulative));
             return (0, 0);
         }
@@ -479,14 +482,15 @@ contract MeshEscrow is EIP712, ReentrancyGuard {
         unchecked {
             // Each subtraction follows the comparison that guards it; settled + paid <= cumulative < 2^96 and
             // feeSettled + fee <= feeCumulative < 2^64, so every field still fits its bits.
-            if (cumulative > settled) {
-                paid = cumulative - settled;
-                if (paid > remaining) paid = remaining;
-                settled += paid;
-                remaining -= paid;
-            }
+            paid = cumulative - settled;
+            if (paid > remaining) paid = remaining;
+            settled += paid;
+            remaining -= paid;
             if (feeCumulative > feeSettled) {
+                // At most a tenth of what this settlement pays the agent: the signer, settling its own
+                // vouchers, cannot take back a tenth of everything the lane ever paid, only of new pay.
                 fee = feeCumulative - feeSettled;
+                if (fee > paid / FEE_CAP_DIVISOR) fee = paid / FEE_CAP_DIVISOR;
                 if (fee > remaining) fee = remaining;
                 feeSettled += fee;
                 remaining -= fee;
@@ -495,7 +499,7 @@ contract MeshEscrow is EIP712, ReentrancyGuard {
         assembly ("memory-safe") {
             sstore(slot, or(or(shl(192, feeSettled), shl(96, settled)), remaining))
         }
-        if (settled >= cumulative && feeSettled >= feeCumulative) {
+        if (settled >= cumulative) {
             // emit Settled(signer, agent, cumulative, paid, fee, root), without the ABI encoder's copying.
             bytes32 topic = Settled.selector;
             assembly ("memory-safe") {
@@ -509,9 +513,7 @@ contract MeshEscrow is EIP712, ReentrancyGuard {
         } else {
             uint256 unpaid;
             unchecked {
-                // At least one of the two is short; each difference is taken only when positive.
-                if (cumulative > settled) unpaid = cumulative - settled;
-                if (feeCumulative > feeSettled) unpaid += feeCumulative - feeSettled;
+                unpaid = cumulative - settled; // the agent's part that waits for a top-up; cumulative > settled here
             }
             emit SettledPartial(signer, agent, uint96(cumulative), uint96(paid), uint64(fee), unpaid, root);
         }

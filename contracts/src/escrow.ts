@@ -79,7 +79,7 @@ export interface SettledEvent {
   /** Paid to the transaction's sender (the relayer) by this voucher. */
   fee: bigint;
   receiptsRoot: string;
-  /** The lane ran short: `unpaid` (the agent's part plus the fee) is left for the same voucher after a top-up. */
+  /** The lane ran short: `unpaid` (the agent's part) is left for the same voucher after a top-up. */
   partial: boolean;
   unpaid: bigint;
 }

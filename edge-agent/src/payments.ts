@@ -21,6 +21,7 @@ import {
   decodeCbor,
   type EscrowDomain,
   encodeCbor,
+  FEE_CAP_DIVISOR,
   fromHex,
   type Identity,
   type LaneGrant,
@@ -323,11 +324,15 @@ export class AgentPayments {
     }
     const unvouched = Math.max(0, lane.cumulative - lane.paid);
     const vouchedUnsettled = Math.max(0, lane.paid - funds.settled);
-    const cover = funds.remaining - vouchedUnsettled - unvouched - reserved - funds.pendingWithdrawal;
+    // The payer may settle its own vouchers and take a relayer fee of up to a tenth of what a settlement
+    // pays this agent; what it could pay the agent now is at most all that is owed with this request.
+    const owed = vouchedUnsettled + unvouched + reserved;
+    const feeAllowance = Math.floor((owed + maxPrice) / Number(FEE_CAP_DIVISOR));
+    const cover = funds.remaining - owed - funds.pendingWithdrawal - feeAllowance;
     if (cover < maxPrice) {
       refuse(
         'funds',
-        `lane of ${payer} holds ${funds.remaining} micro-dollars on chain and owes ${vouchedUnsettled + unvouched + reserved} not yet settled: it cannot cover ${maxPrice} more; fund the lane`,
+        `lane of ${payer} holds ${funds.remaining} micro-dollars on chain and owes ${owed} not yet settled (plus up to ${feeAllowance} in relayer fees): it cannot cover ${maxPrice} more; fund the lane`,
         { remainingMicros: funds.remaining, settledMicros: funds.settled, coverMicros: cover },
       );
     }
