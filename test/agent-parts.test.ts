@@ -235,8 +235,8 @@ test('requests: the request path against a real worker pool with the wake-word m
     },
     closed: () => false,
   });
-  const scheduler = new Scheduler(pool, 8, requests.finished);
-  scheduler.addModel('kws', loaded[0]!.latencyMs);
+  const scheduler = new Scheduler(8, requests.finished);
+  scheduler.addModel('kws', loaded[0]!.latencyMs, pool);
   requests.attach(scheduler);
 
   const send = async (message: Parameters<typeof encodeMessage>[0] | Buffer) => {

@@ -9,6 +9,7 @@
 import { Worker } from 'node:worker_threads';
 import { MeshError, type Tensor, type TypedArray } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
+import type { Executor, JobCallback } from './executor.ts';
 import type { FromWorker, LoadedModel, RunJob, ToWorker, WorkerModelSpec } from './worker-protocol.ts';
 
 const WORKER_URL = new URL('./worker.mjs', import.meta.url);
@@ -32,13 +33,6 @@ export function workerExecArgv(execArgv: readonly string[]): string[] | undefine
   }
   return out.length === execArgv.length ? undefined : out;
 }
-
-export interface JobResult {
-  outputs: Record<string, Tensor>;
-  execMs: number;
-}
-
-type JobCallback = (err: MeshError | undefined, result?: JobResult) => void;
 
 interface SlotJob {
   callback: JobCallback;
@@ -68,7 +62,7 @@ export interface PoolOptions {
   logger: Logger;
 }
 
-export class WorkerPool {
+export class WorkerPool implements Executor {
   private readonly slots: Slot[] = [];
   private held = 0;
   private nextJob = 1;
