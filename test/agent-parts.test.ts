@@ -47,19 +47,23 @@ test('options: defaults filled in, every problem named in one MESH_CONFIG error'
   assert.equal(o.queueLimit, 64);
   assert.equal(o.pipelineDepth, 2);
   assert.equal(o.awaitAnnounce, true);
+  assert.equal(o.inlineMaxMs, 0.5);
+  assert.equal(resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity, inlineMaxMs: 0 }).inlineMaxMs, 0);
 
   const ephemeral = resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m' });
   assert.equal(ephemeral.ephemeral, true);
   assert.equal(ephemeral.identity.role, 'agent');
 
   assert.throws(
-    () => resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity, workers: 0, queueLimit: 1.5, heartbeatMs: 10 }),
+    () =>
+      resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity, workers: 0, queueLimit: 1.5, heartbeatMs: 10, inlineMaxMs: -1 }),
     (err: unknown) =>
       err instanceof MeshError &&
       err.code === 'MESH_CONFIG' &&
       /workers must be/.test(err.message) &&
       /queueLimit must be/.test(err.message) &&
-      /heartbeatMs must be/.test(err.message),
+      /heartbeatMs must be/.test(err.message) &&
+      /inlineMaxMs must be/.test(err.message),
   );
   assert.throws(
     () => resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity: generateIdentity('app') }),
