@@ -49,15 +49,28 @@ async function fileVerdict(spec: WorkerModelSpec): Promise<string | undefined> {
 
 export async function openExecutors(specs: WorkerModelSpec[], options: ExecutorOptions, logger: Logger): Promise<Executors> {
   const { inlineMaxMs } = options;
+  const pool = new WorkerPool({
+    size: options.workers,
+    intraOpThreads: options.intraOpThreads,
+    warmupRuns: options.warmupRuns,
+    pipelineDepth: options.pipelineDepth,
+    logger,
+    models: [],
+  });
   let inline: InlineExecutor | undefined;
   const inlineLoaded = new Map<string, LoadedModel>();
-  if (inlineMaxMs > 0) {
+  try {
     const candidates: WorkerModelSpec[] = [];
-    for (const spec of specs) {
-      const reason = await fileVerdict(spec);
-      if (reason) logger.info({ model: spec.name, reason }, 'model runs on the worker pool');
-      else candidates.push(spec);
+    if (inlineMaxMs > 0) {
+      for (const spec of specs) {
+        const reason = await fileVerdict(spec);
+        if (reason) logger.info({ model: spec.name, reason }, 'model runs on the worker pool');
+        else candidates.push(spec);
+      }
     }
+    // When some model surely needs the pool, its workers start (a thread, a V8 isolate, onnxruntime)
+    // while this thread measures the candidates, instead of after.
+    if (candidates.length < specs.length) pool.boot();
     if (candidates.length > 0) {
       const { loadInline } = await import('./inline.ts');
       const result = await loadInline(candidates, options);
@@ -72,25 +85,18 @@ export async function openExecutors(specs: WorkerModelSpec[], options: ExecutorO
           );
       }
     }
+  } catch (err) {
+    await Promise.all([pool.close(), inline?.close()]);
+    throw err;
   }
 
   const pooled = specs.filter((s) => !inlineLoaded.has(s.name));
-  let pool: WorkerPool | undefined;
   const poolLoaded = new Map<string, LoadedModel>();
   if (pooled.length > 0) {
-    pool = new WorkerPool({
-      size: options.workers,
-      intraOpThreads: options.intraOpThreads,
-      warmupRuns: options.warmupRuns,
-      pipelineDepth: options.pipelineDepth,
-      logger,
-      models: pooled,
-    });
     try {
-      for (const m of await pool.start()) poolLoaded.set(m.name, m);
+      for (const m of await pool.start(pooled)) poolLoaded.set(m.name, m);
     } catch (err) {
-      await pool.close();
-      await inline?.close();
+      await Promise.all([pool.close(), inline?.close()]);
       throw err;
     }
   }
@@ -102,16 +108,16 @@ export async function openExecutors(specs: WorkerModelSpec[], options: ExecutorO
     // The pool resolves with every model or rejects; a model in neither map would be a bug here.
     if (!m) continue;
     loaded.push(m);
-    executorOf.set(spec.name, inlineLoaded.has(spec.name) ? inline! : pool!);
+    executorOf.set(spec.name, inlineLoaded.has(spec.name) ? inline! : pool);
   }
   return {
     loaded,
     executorOf,
     inline: [...inlineLoaded.keys()],
-    workerThreads: () => pool?.size ?? 0,
-    lanes: () => (pool?.size ?? 0) + (inline ? 1 : 0),
+    workerThreads: () => pool.size,
+    lanes: () => pool.size + (inline ? 1 : 0),
     async close() {
-      await Promise.all([pool?.close(), inline?.close()]);
+      await Promise.all([pool.close(), inline?.close()]);
     },
   };
 }

@@ -62,8 +62,17 @@ export interface PoolOptions {
   logger: Logger;
 }
 
+/** A worker thread started and listened to, its models not yet sent (see `boot`). */
+interface Spawned {
+  worker: Worker;
+  loaded: Promise<LoadedModel[]>;
+}
+
 export class WorkerPool implements Executor {
   private readonly slots: Slot[] = [];
+  /** Workers booted ahead of `start`. */
+  private booted: Spawned[] = [];
+  private models: WorkerModelSpec[];
   private held = 0;
   private nextJob = 1;
   private closing = false;
@@ -73,11 +82,29 @@ export class WorkerPool implements Executor {
   /** Called when a worker frees a place, so the scheduler can hand it the next job. */
   onIdle: () => void = () => {};
 
-  constructor(private readonly options: PoolOptions) {}
+  constructor(private readonly options: PoolOptions) {
+    this.models = options.models;
+  }
 
-  /** Starts every worker and resolves with the models as loaded, latency the median across workers. */
-  async start(): Promise<LoadedModel[]> {
-    const results = await Promise.all(Array.from({ length: this.options.size }, () => this.spawn()));
+  /**
+   * Starts the worker threads now, before their models are known: each loads worker.mjs and onnxruntime
+   * while the agent decides which models run inline (executors.ts); `start` then sends them their models.
+   */
+  boot(): void {
+    while (this.booted.length < this.options.size) this.booted.push(this.spawn());
+  }
+
+  /**
+   * Starts every worker (or those booted) with `models` (default: the options' models) and resolves with the
+   * models as loaded, latency the median across workers.
+   */
+  async start(models: WorkerModelSpec[] = this.options.models): Promise<LoadedModel[]> {
+    this.models = models;
+    this.boot();
+    const spawned = this.booted;
+    this.booted = [];
+    for (const { worker } of spawned) this.init(worker);
+    const results = await Promise.all(spawned.map((s) => s.loaded));
     const first = results[0]!;
     return first.map((model, i) => {
       const latencies = results.map((r) => r[i]!.latencyMs).sort((a, b) => a - b);
@@ -136,16 +163,19 @@ export class WorkerPool implements Executor {
 
   async close(): Promise<void> {
     this.closing = true;
-    await Promise.all(this.slots.map((s) => s.worker.terminate()));
+    const booted = this.booted.map((s) => s.worker);
+    this.booted = [];
+    await Promise.all([...this.slots.map((s) => s.worker), ...booted].map((w) => w.terminate()));
     this.slots.length = 0;
     this.held = 0;
   }
 
-  private spawn(): Promise<LoadedModel[]> {
-    const { models, intraOpThreads, warmupRuns, logger } = this.options;
-    return new Promise((resolve, reject) => {
-      const execArgv = workerExecArgv(process.execArgv);
-      const worker = new Worker(WORKER_URL, execArgv ? { execArgv } : {});
+  /** A worker thread with its listeners; it loads its models once `init` sends them. */
+  private spawn(): Spawned {
+    const { logger } = this.options;
+    const execArgv = workerExecArgv(process.execArgv);
+    const worker = new Worker(WORKER_URL, execArgv ? { execArgv } : {});
+    const loaded = new Promise<LoadedModel[]>((resolve, reject) => {
       const slot: Slot = { worker, jobs: new Map(), outbox: [], transfer: [] };
       let ready = false;
       worker.on('message', (message: FromWorker) => {
@@ -186,9 +216,16 @@ export class WorkerPool implements Executor {
         if (!ready || this.closing) return;
         this.replace(slot, code);
       });
-      const init: ToWorker = { type: 'init', models, intraOpThreads, warmupRuns };
-      worker.postMessage(init);
     });
+    // A worker closed before it got its models rejects a promise no one awaits.
+    loaded.catch(() => {});
+    return { worker, loaded };
+  }
+
+  private init(worker: Worker): void {
+    const { intraOpThreads, warmupRuns } = this.options;
+    const init: ToWorker = { type: 'init', models: this.models, intraOpThreads, warmupRuns };
+    worker.postMessage(init);
   }
 
   private replace(slot: Slot, exitCode: number): void {
@@ -201,6 +238,8 @@ export class WorkerPool implements Executor {
       callback(new MeshError('MESH_INFERENCE_FAILED', `inference worker exited with code ${exitCode}`));
     slot.jobs.clear();
     this.options.logger.warn({ exitCode }, 'replacing inference worker');
-    this.spawn().catch((err) => this.options.logger.error({ err }, 'could not replace inference worker'));
+    const { worker, loaded } = this.spawn();
+    this.init(worker);
+    loaded.catch((err) => this.options.logger.error({ err }, 'could not replace inference worker'));
   }
 }
