@@ -26,8 +26,10 @@
  * compiled CLI. The headline (`model`, `ready_ms`, `idle_rss_mb`) is the all-models case with
  * `models` listing them; `kws` holds the single-model case. For scale, `process_floor_ms` is the median
  * spawn-to-exit time of `node -e 0` and of `edge-mesh --help` (node + CLI imports), and `floor_rss_mb` the
- * idle RSS of a bare `node` process and of a node process whose one worker thread holds an onnxruntime
- * session of the wake-word model and nothing else: the least any agent on this runtime can weigh.
+ * idle RSS of a bare `node` process (`node`), of a node process whose one worker thread holds an
+ * onnxruntime session of the wake-word model and nothing else (`node_worker_ort_kws`: the least an agent
+ * serving it from a worker can weigh), and of a node process holding that session on its main thread
+ * (`node_ort_kws`: the least an agent serving it inline can weigh).
  * In full mode a variant of both cases with one worker more than the default runs too (`workers_N`): what
  * a worker costs.
  */
@@ -86,6 +88,17 @@ async function idleRssMb(name: string, args: string[], idleMs: number): Promise<
   return rss;
 }
 
+/** onnxruntime-node and one session of `modelFile` on the main thread, as an agent whose model runs inline holds it. */
+function ortMainFloorScript(modelFile: string): string {
+  const agentDir = path.join(ROOT, 'edge-agent', 'package.json');
+  return `const ort = require(require('node:module').createRequire(${JSON.stringify(agentDir)}).resolve('onnxruntime-node'));
+    ort.InferenceSession.create(${JSON.stringify(modelFile)}, { intraOpNumThreads: 1, interOpNumThreads: 1, executionMode: 'sequential' })
+      .then((session) => {
+        console.log('ready');
+        setInterval(() => session, 1000);
+      });`;
+}
+
 /** A worker thread that loads onnxruntime-node and one session of `modelFile`, as an agent's worker does. */
 function ortFloorScript(modelFile: string): string {
   const agentDir = path.join(ROOT, 'edge-agent', 'package.json');
@@ -136,8 +149,14 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     const floorRss = {
       node: round(await idleRssMb('node floor', ['-e', "console.log('ready'); setInterval(() => {}, 1000)"], idleMs), 1),
       node_worker_ort_kws: round(await idleRssMb('onnxruntime floor', ['-e', ortFloorScript(path.join(kwsDir, kwsEntry.file))], idleMs), 1),
+      node_ort_kws: round(
+        await idleRssMb('onnxruntime main floor', ['-e', ortMainFloorScript(path.join(kwsDir, kwsEntry.file))], idleMs),
+        1,
+      ),
     };
-    log(`agent: floors: idle node ${floorRss.node} MB, node + one worker with a kws session ${floorRss.node_worker_ort_kws} MB`);
+    log(
+      `agent: floors: idle node ${floorRss.node} MB, node + one worker with a kws session ${floorRss.node_worker_ort_kws} MB, node with a kws session on its main thread ${floorRss.node_ort_kws} MB`,
+    );
 
     const broker = await startBrokerProc();
     const waiters = new Map<string, (t: number, status: AgentStatus) => void>();
