@@ -1,6 +1,7 @@
 /**
- * A fixed pool of inference workers. Each worker holds a session for every model, so any worker
- * can take any job; a worker that dies is replaced and its jobs fail with a coded error.
+ * A fixed pool of inference workers for the models that do not run inline (executors.ts). Each worker
+ * holds a session for every such model, so any worker can take any job; a worker that dies is
+ * replaced and its jobs fail with a coded error.
  *
  * A worker may hold `pipelineDepth` jobs: while it computes one, the next already waits in its
  * message queue, so it never idles through the hand-off (about 0.2 ms here, four times a
