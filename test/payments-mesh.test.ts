@@ -119,10 +119,12 @@ describe('receipts and payment through the mesh', () => {
 
   test('timed-out and cancelled requests cost 0, the chain stays whole, and a free request gets no receipt', async (t) => {
     const broker = await brokerFor(t, { maxPacketBytes: 16 << 20 });
-    // One job at a time on the worker, so what waits behind it stays in the agent's queue.
+    // One job at a time on the worker, so what waits behind it stays in the agent's queue; every model on
+    // the worker (inline, the wake-word requests would not wait behind the detection).
     const agent = await agentFor(t, {
       brokerUrl: broker.url,
       pipelineDepth: 1,
+      inlineMaxMs: 0,
       maxMessageBytes: 16 << 20,
       payment: { payout, domain, dataDir: await tempDir(t) },
     });
