@@ -86,10 +86,6 @@ export class InlineExecutor implements Executor {
     private readonly sliceMs: number,
   ) {}
 
-  has(model: string): boolean {
-    return this.models.has(model);
-  }
-
   get freeCapacity(): number {
     if (this.closing) return 0;
     return this.running === 0 || this.committedMs < this.sliceMs ? 1 : 0;
