@@ -205,6 +205,32 @@ test('pool: a worker runs the built packages, whatever condition the agent itsel
   assert.equal(workerExecArgv(['--conditions=other', '--max-semi-space-size=1']), undefined);
 });
 
+test('pool: closing while a worker runs a long job lets the run finish instead of aborting the process', async () => {
+  const dir = await modelsDir();
+  const det = (await readManifest(dir)).models.find((m) => m.name === 'ocr-det')!;
+  const pool = new WorkerPool({
+    size: 1,
+    intraOpThreads: 1,
+    warmupRuns: 1,
+    pipelineDepth: 2,
+    logger: quiet,
+    models: [{ name: 'ocr-det', path: path.join(dir, det.file), providers: ['cpu'], warmup: det.warmup }],
+  });
+  await pool.start();
+  // A 960 x 960 detection: about ten times the sample, far longer than the wait below.
+  const big = () => ({ x: { dtype: 'float32' as const, shape: [1, 3, 960, 960], data: new Float32Array(3 * 960 * 960) } });
+  const results: string[] = [];
+  pool.run('ocr-det', big(), (err) => results.push(err ? err.code : 'ok'));
+  pool.run('ocr-det', big(), (err) => results.push(err ? err.code : 'ok'));
+  await new Promise((r) => setTimeout(r, 30));
+  // Terminated from outside during the run, the worker would take this process down with SIGABRT.
+  await pool.close();
+  assert.equal(pool.size, 0);
+  // The results of a closed pool are dropped, as the agent is going away.
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual(results, []);
+});
+
 test('requests: the request path against a real worker pool with the wake-word model', async (t) => {
   const dir = await modelsDir();
   const kws = (await readManifest(dir)).models.find((m) => m.name === 'kws')!;

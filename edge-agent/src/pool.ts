@@ -50,6 +50,13 @@ interface Slot {
   transfer: ArrayBuffer[];
 }
 
+/**
+ * How long `close` waits for a worker to finish the run it is in before terminating it. Terminating a
+ * thread while onnxruntime runs on it aborts the process when the run returns (node-addon-api cannot
+ * throw into a terminating thread), so a worker is asked to exit between jobs and only forced after this.
+ */
+const CLOSE_GRACE_MS = 5_000;
+
 /** Weight of the newest sample in the hand-off EWMA. */
 const HANDOFF_EWMA_ALPHA = 0.1;
 
@@ -69,10 +76,27 @@ interface Spawned {
   loaded: Promise<LoadedModel[]>;
 }
 
+/** Asks `worker` to exit between jobs and resolves once it has; terminates it after CLOSE_GRACE_MS. */
+function stopWorker(worker: Worker): Promise<void> {
+  // A worker that has exited has no thread id left.
+  if (worker.threadId < 0) return Promise.resolve();
+  return new Promise((resolve) => {
+    const force = setTimeout(() => void worker.terminate(), CLOSE_GRACE_MS);
+    worker.once('exit', () => {
+      clearTimeout(force);
+      resolve();
+    });
+    const close: ToWorker = { type: 'close' };
+    worker.postMessage(close);
+  });
+}
+
 export class WorkerPool implements Executor {
   private readonly slots: Slot[] = [];
   /** Workers booted ahead of `start`. */
   private booted: Spawned[] = [];
+  /** Every worker thread not yet exited, ready or not. */
+  private readonly threads = new Set<Worker>();
   private models: WorkerModelSpec[];
   private held = 0;
   private nextJob = 1;
@@ -162,11 +186,11 @@ export class WorkerPool implements Executor {
     }
   };
 
+  /** Stops every worker between jobs: jobs running finish (their results are dropped), jobs waiting are dropped. */
   async close(): Promise<void> {
     this.closing = true;
-    const booted = this.booted.map((s) => s.worker);
     this.booted = [];
-    await Promise.all([...this.slots.map((s) => s.worker), ...booted].map((w) => w.terminate()));
+    await Promise.all([...this.threads].map((w) => stopWorker(w)));
     this.slots.length = 0;
     this.held = 0;
   }
@@ -176,6 +200,7 @@ export class WorkerPool implements Executor {
     const { logger } = this.options;
     const execArgv = workerExecArgv(process.execArgv);
     const worker = new Worker(WORKER_URL, execArgv ? { execArgv } : {});
+    this.threads.add(worker);
     const loaded = new Promise<LoadedModel[]>((resolve, reject) => {
       const slot: Slot = { worker, jobs: new Map(), outbox: [], transfer: [] };
       let ready = false;
@@ -193,6 +218,8 @@ export class WorkerPool implements Executor {
             return;
           case 'done':
           case 'failed': {
+            // A closing pool drops results, as it did when it terminated its workers at once.
+            if (this.closing) return;
             const entry = slot.jobs.get(message.job);
             if (!entry) return;
             slot.jobs.delete(message.job);
@@ -214,6 +241,7 @@ export class WorkerPool implements Executor {
         if (!ready) reject(new MeshError('MESH_INFERENCE_FAILED', `worker failed to start: ${err.message}`, { cause: err }));
       });
       worker.on('exit', (code) => {
+        this.threads.delete(worker);
         if (!ready || this.closing) return;
         this.replace(slot, code);
       });

@@ -81,24 +81,37 @@ async function run(job, model, inputs) {
   }
 }
 
-/** Batches run in arrival order, one job at a time. */
+/** Loading and batches run in arrival order, one job at a time. */
 let queue = Promise.resolve();
+let closing = false;
 
 port.on('message', (/** @type {ToWorker} */ message) => {
-  if (message.type === 'run') {
-    queue = queue.then(async () => {
-      for (const { job, model, inputs } of message.jobs) await run(job, model, inputs);
-    });
-    return;
+  switch (message.type) {
+    case 'run':
+      queue = queue.then(async () => {
+        for (const { job, model, inputs } of message.jobs) {
+          if (closing) return;
+          await run(job, model, inputs);
+        }
+      });
+      return;
+    case 'close':
+      // Exit between jobs, never during one: a thread terminated from outside while onnxruntime runs
+      // aborts the whole process when the run returns (pool.ts, close).
+      closing = true;
+      queue = queue.then(() => process.exit(0));
+      return;
+    case 'init':
+      queue = queue.then(async () => {
+        try {
+          /** @type {LoadedModel[]} */
+          const loaded = [];
+          for (const spec of message.models) loaded.push(await load(spec, message.intraOpThreads, message.warmupRuns));
+          send({ type: 'ready', models: loaded });
+        } catch (err) {
+          send({ type: 'fatal', message: err instanceof Error ? err.message : String(err) });
+        }
+      });
+      return;
   }
-  void (async () => {
-    try {
-      /** @type {LoadedModel[]} */
-      const loaded = [];
-      for (const spec of message.models) loaded.push(await load(spec, message.intraOpThreads, message.warmupRuns));
-      send({ type: 'ready', models: loaded });
-    } catch (err) {
-      send({ type: 'fatal', message: err instanceof Error ? err.message : String(err) });
-    }
-  })();
 });
