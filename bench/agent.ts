@@ -1,5 +1,5 @@
 /**
- * `npm run bench -- agent [--quick] [--reps R] [--idle-ms 2000] [--settle-ms 15000] [--workers W]`
+ * `npm run bench -- agent [--quick] [--reps R] [--idle-ms 2000] [--settle-ms 15000] [--workers W] [--inline-max-ms MS]`
  *
  * How fast an edge agent becomes useful and what it costs at rest. A `edge-mesh broker` process runs and
  * this process subscribes to `mesh/v1/agent/+/status` on it. Each repetition spawns
@@ -16,13 +16,20 @@
  *   settled_rss_mb  VmRSS after --settle-ms of idleness (full mode 15 s; quick mode only when given): V8's
  *                memory reducer shrinks an idle process's heaps some seconds in, so this is what an agent
  *                that has been idle a while holds.
- * Cases: "all" (the four models of .mesh-data/models) and "kws" (a temp models folder holding only the
- * wake-word model, whose manifest has just that entry), interleaved, R repetitions each (quick 3, full 5);
- * each figure is the median. The headline (`model`, `ready_ms`, `idle_rss_mb`) is the all-models case with
+ * Cases: "all" (the four models of .mesh-data/models), "kws" (a temp models folder holding only the
+ * wake-word model, whose manifest has just that entry) and "kws_pool" (the same folder with
+ * `--inline-max-ms 0`: the wake-word model on a worker thread instead of inline, for comparison in the same
+ * run), interleaved, R repetitions each (quick 3, full 5); each figure is the median. Each case also says
+ * which models ran inline and how many worker threads the agent started (from its 'agent ready' log), and
+ * the process's thread count. `--inline-max-ms` is passed to the "all" and "kws" agents (CLI default
+ * otherwise). The run refuses a build older than its sources (lib.ts, assertBuilt): the agent is the
+ * compiled CLI. The headline (`model`, `ready_ms`, `idle_rss_mb`) is the all-models case with
  * `models` listing them; `kws` holds the single-model case. For scale, `process_floor_ms` is the median
  * spawn-to-exit time of `node -e 0` and of `edge-mesh --help` (node + CLI imports), and `floor_rss_mb` the
- * idle RSS of a bare `node` process and of a node process whose one worker thread holds an onnxruntime
- * session of the wake-word model and nothing else: the least any agent on this runtime can weigh.
+ * idle RSS of a bare `node` process (`node`), of a node process whose one worker thread holds an
+ * onnxruntime session of the wake-word model and nothing else (`node_worker_ort_kws`: the least an agent
+ * serving it from a worker can weigh), and of a node process holding that session on its main thread
+ * (`node_ort_kws`: the least an agent serving it inline can weigh).
  * In full mode a variant of both cases with one worker more than the default runs too (`workers_N`): what
  * a worker costs.
  */
@@ -36,6 +43,8 @@ import { ensureModelsFolder } from '@edge-mesh/demo';
 import { type AgentStatus, decodeMessage, topics } from '@edge-mesh/protocol';
 import {
   admitted,
+  agentReadyFacts,
+  assertBuilt,
   type BenchContext,
   type BenchResult,
   CLI,
@@ -62,6 +71,8 @@ interface Rep {
   peak_rss_mb: number;
   threads: number;
   workers: number | null;
+  inline_models: string[] | null;
+  worker_threads: number | null;
 }
 
 /**
@@ -75,6 +86,17 @@ async function idleRssMb(name: string, args: string[], idleMs: number): Promise<
   const rss = procStatusMb(proc.pid, 'VmRSS');
   await proc.stop();
   return rss;
+}
+
+/** onnxruntime-node and one session of `modelFile` on the main thread, as an agent whose model runs inline holds it. */
+function ortMainFloorScript(modelFile: string): string {
+  const agentDir = path.join(ROOT, 'edge-agent', 'package.json');
+  return `const ort = require(require('node:module').createRequire(${JSON.stringify(agentDir)}).resolve('onnxruntime-node'));
+    ort.InferenceSession.create(${JSON.stringify(modelFile)}, { intraOpNumThreads: 1, interOpNumThreads: 1, executionMode: 'sequential' })
+      .then((session) => {
+        console.log('ready');
+        setInterval(() => session, 1000);
+      });`;
 }
 
 /** A worker thread that loads onnxruntime-node and one session of `modelFile`, as an agent's worker does. */
@@ -107,6 +129,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const idleMs = typeof args['idle-ms'] === 'string' ? Number(args['idle-ms']) : 2_000;
   const settleMs = typeof args['settle-ms'] === 'string' ? Number(args['settle-ms']) : quick ? undefined : 15_000;
   const fixedWorkers = typeof args.workers === 'string' ? Number(args.workers) : undefined;
+  const inlineMaxMs = typeof args['inline-max-ms'] === 'string' ? Number(args['inline-max-ms']) : undefined;
+  assertBuilt();
 
   const manifest = await ensureModelsFolder(MODELS_DIR);
   const kwsEntry = manifest.models.find((m) => m.name === 'kws');
@@ -125,8 +149,14 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     const floorRss = {
       node: round(await idleRssMb('node floor', ['-e', "console.log('ready'); setInterval(() => {}, 1000)"], idleMs), 1),
       node_worker_ort_kws: round(await idleRssMb('onnxruntime floor', ['-e', ortFloorScript(path.join(kwsDir, kwsEntry.file))], idleMs), 1),
+      node_ort_kws: round(
+        await idleRssMb('onnxruntime main floor', ['-e', ortMainFloorScript(path.join(kwsDir, kwsEntry.file))], idleMs),
+        1,
+      ),
     };
-    log(`agent: floors: idle node ${floorRss.node} MB, node + one worker with a kws session ${floorRss.node_worker_ort_kws} MB`);
+    log(
+      `agent: floors: idle node ${floorRss.node} MB, node + one worker with a kws session ${floorRss.node_worker_ort_kws} MB, node with a kws session on its main thread ${floorRss.node_ort_kws} MB`,
+    );
 
     const broker = await startBrokerProc();
     const waiters = new Map<string, (t: number, status: AgentStatus) => void>();
@@ -147,7 +177,13 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     await watcher.firstConnect;
     await sleep(100); // the SUBACK
 
-    const once = async (label: string, modelsDir: string, i: number, workers: number | undefined): Promise<Rep> => {
+    const once = async (
+      label: string,
+      modelsDir: string,
+      i: number,
+      workers: number | undefined,
+      inline: number | undefined = inlineMaxMs,
+    ): Promise<Rep> => {
       const key = await admitted(broker.url, 'agent');
       const id = key.identity.id;
       const online = new Promise<[number, AgentStatus]>((resolve, reject) => {
@@ -160,6 +196,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       });
       const cliArgs = [CLI, 'agent', '--models', modelsDir, '--broker', broker.url, '--key', key.keyFile, '--log-level', 'info'];
       if (workers) cliArgs.push('--workers', String(workers));
+      if (inline !== undefined) cliArgs.push('--inline-max-ms', String(inline));
       const t0 = performance.now();
       const proc = spawnProc(`agent ${label}-${i}`, cliArgs);
       const exitedEarly = proc.exited.then((code) => {
@@ -178,6 +215,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
         peak_rss_mb: round(procStatusMb(proc.pid, 'VmHWM'), 1),
         threads: procThreads(proc.pid),
         workers: status.workers ?? null,
+        inline_models: agentReadyFacts(proc)?.inline ?? null,
+        worker_threads: agentReadyFacts(proc)?.workerThreads ?? null,
       };
       if (settleMs !== undefined && settleMs > idleMs) {
         await sleep(settleMs - idleMs);
@@ -189,7 +228,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       }
       await proc.stop();
       log(
-        `  ${label}${workers ? ` (workers ${workers})` : ''} #${i + 1}: ready ${rep.ready_ms} ms (agent's own ${rep.agent_logged_ready_ms} ms), idle RSS ${rep.idle_rss_mb} MB (anon ${rep.rss_anon_mb}, file ${rep.rss_file_mb})${rep.settled_rss_mb === null ? '' : `, settled ${rep.settled_rss_mb} MB`}, peak ${rep.peak_rss_mb} MB, ${rep.threads} threads`,
+        `  ${label}${workers ? ` (workers ${workers})` : ''} #${i + 1}: ready ${rep.ready_ms} ms (agent's own ${rep.agent_logged_ready_ms} ms), idle RSS ${rep.idle_rss_mb} MB (anon ${rep.rss_anon_mb}, file ${rep.rss_file_mb})${rep.settled_rss_mb === null ? '' : `, settled ${rep.settled_rss_mb} MB`}, peak ${rep.peak_rss_mb} MB, ${rep.threads} threads, ${rep.worker_threads} worker threads, inline [${rep.inline_models}]`,
       );
       return rep;
     };
@@ -204,6 +243,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       agent_logged_ready_ms: round(median(list.map((r) => r.agent_logged_ready_ms ?? Number.NaN)), 1),
       workers: list[0]?.workers ?? null,
       threads: list[0]?.threads ?? null,
+      worker_threads: list[0]?.worker_threads ?? null,
+      inline_models: list[0]?.inline_models ?? null,
       ready_ms_all: list.map((r) => r.ready_ms),
       idle_rss_mb_all: list.map((r) => r.idle_rss_mb),
     });
@@ -211,11 +252,13 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     const runCases = async (workers: number | undefined) => {
       const all: Rep[] = [];
       const kws: Rep[] = [];
+      const kwsPool: Rep[] = [];
       for (let i = 0; i < reps; i++) {
         all.push(await once('all', MODELS_DIR, i, workers));
         kws.push(await once('kws', kwsDir, i, workers));
+        kwsPool.push(await once('kws_pool', kwsDir, i, workers, 0));
       }
-      return { all: summarizeCase(all), kws: summarizeCase(kws) };
+      return { all: summarizeCase(all), kws: summarizeCase(kws), kws_pool: summarizeCase(kwsPool) };
     };
 
     log(
@@ -240,6 +283,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       models: manifest.models.map((m) => m.name),
       all: main.all,
       kws: main.kws,
+      kws_pool: main.kws_pool,
+      ...(inlineMaxMs !== undefined ? { inline_max_ms: inlineMaxMs } : {}),
       ...(variant ? { [`workers_${variant.workers}`]: variant.cases } : {}),
       process_floor_ms: { node: round(median(floors.node_ms), 1), cli_help: round(median(floors.cli_help_ms), 1) },
       floor_rss_mb: floorRss,

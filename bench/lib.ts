@@ -9,9 +9,10 @@
  *   waits for a matching line with a timeout and fails early if the child exits.
  * - /proc readers: per-process CPU time (utime + stime) and resident memory by PID.
  * - Machine and version facts included in every result.
+ * - The build check: the processes spawned run the compiled code (cli/bin/edge-mesh.mjs loads dist/).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -36,6 +37,43 @@ function keyFile(identity: Identity): string {
   const file = path.join(KEYS_DIR, `${identity.id}.key`);
   writeFileSync(file, encodeKeyFile(identity), { mode: 0o600 });
   return file;
+}
+
+/** The newest modification time of the files under `dir`, and which file has it. */
+function newestFile(dir: string): { file: string; mtimeMs: number } {
+  let newest = { file: '', mtimeMs: 0 };
+  for (const entry of readdirSync(dir, { withFileTypes: true, recursive: true })) {
+    if (!entry.isFile()) continue;
+    const file = path.join(entry.parentPath, entry.name);
+    const { mtimeMs } = statSync(file);
+    if (mtimeMs > newest.mtimeMs) newest = { file, mtimeMs };
+  }
+  return newest;
+}
+
+/**
+ * The agent, broker and load generators a benchmark spawns run `cli/bin/edge-mesh.mjs`, which loads the
+ * compiled packages (dist/), not the sources: refuse to measure a build older than its sources (it would
+ * report figures of code that is not in the working tree), or an environment that would make a spawned
+ * node load the sources (the source condition or a TypeScript loader in NODE_OPTIONS).
+ */
+export function assertBuilt(packages = ['protocol', 'client', 'edge-agent', 'broker', 'sdk', 'cli']): void {
+  const stale: string[] = [];
+  for (const pkg of packages) {
+    let builtMs: number;
+    try {
+      // tsc -b writes (or touches) the build info whenever it builds the package.
+      builtMs = statSync(path.join(ROOT, pkg, 'dist', '.tsbuildinfo')).mtimeMs;
+    } catch {
+      stale.push(`${pkg} (not built)`);
+      continue;
+    }
+    const newest = newestFile(path.join(ROOT, pkg, 'src'));
+    if (newest.mtimeMs > builtMs) stale.push(path.relative(ROOT, newest.file));
+  }
+  if (stale.length > 0) throw new Error(`the build is older than its sources (${stale.join(', ')}): run npm run build first`);
+  if (/@edge-mesh\/source|tsx/.test(process.env.NODE_OPTIONS ?? ''))
+    throw new Error('NODE_OPTIONS would make the spawned processes run the sources; unset it to measure the compiled code');
 }
 
 /** A fresh identity admitted on the broker at `url`; returns it with its key file. */
@@ -309,6 +347,8 @@ export interface AgentProcOptions {
   modelsDir?: string;
   workers?: number;
   queueLimit?: number;
+  /** --inline-max-ms (0: every model on the worker pool); the CLI's default when absent. */
+  inlineMaxMs?: number;
   name?: string;
 }
 
@@ -317,9 +357,20 @@ export async function startAgentProc(o: AgentProcOptions): Promise<Proc> {
   const args = [CLI, 'agent', '--models', o.modelsDir ?? MODELS_DIR, '--broker', o.url, '--key', o.keyFile, '--log-level', 'info'];
   if (o.workers) args.push('--workers', String(o.workers));
   if (o.queueLimit) args.push('--queue-limit', String(o.queueLimit));
+  if (o.inlineMaxMs !== undefined) args.push('--inline-max-ms', String(o.inlineMaxMs));
   const proc = spawnProc(o.name ?? `agent ${o.id}`, args);
   await proc.waitLine('stderr', (l) => l.includes('"msg":"announced"'), 30_000, "'announced'");
   return proc;
+}
+
+/** What an `edge-mesh agent` process logged as ready: the models that run inline and its worker threads (null before). */
+export function agentReadyFacts(proc: Proc): { inline: string[]; workerThreads: number; readyMs: number } | null {
+  for (const line of proc.lines.stderr) {
+    const j = parseJson(line);
+    if (j?.msg === 'agent ready')
+      return { inline: (j.inline as string[]) ?? [], workerThreads: Number(j.workerThreads), readyMs: Number(j.readyMs) };
+  }
+  return null;
 }
 
 /** bench/echo-agent.ts: answers kws requests without inference; prints {"event":"ready"} once announced. */

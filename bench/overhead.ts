@@ -5,12 +5,16 @@
  *       interOpNumThreads 1, sequential, graph optimisation all), the same sampleInputs('kws', 1) tensor,
  *       closed loop `await session.run(feeds)` after 500 warm-up runs, n timed runs. Nothing else runs then.
  * mesh: three processes: `edge-mesh broker`, `edge-mesh agent --workers 1` (all four models loaded, as
- *       deployed) and bench/loadgen.ts (SDK `mesh.infer('kws', ...)`, QoS 1, closed loop window 1, 500 warm-up
- *       requests, then n timed requests stamped with hrtime in the load generator).
+ *       deployed: kws runs inline on the agent's main thread, the others on its worker) and bench/loadgen.ts
+ *       (SDK `mesh.infer('kws', ...)`, QoS 1, closed loop window 1, 500 warm-up requests, then n timed
+ *       requests stamped with hrtime in the load generator).
+ * mesh_pool: the same with `--inline-max-ms 0`: kws on the worker thread too, as before inline models.
  * echo: the same with bench/echo-agent.ts (a protocol-complete agent that answers without inference) in place
  *       of the agent, on a fresh broker: the floor set by MQTT, the broker and the SDK.
- * Also, to split the overhead: tcp (a raw TCP ping-pong between two processes, bench/tcp-floor.ts) and
- *       pool (the agent's WorkerPool alone in this process: main thread → worker → session.run → back).
+ * Also, to split the overhead: tcp (a raw TCP ping-pong between two processes, bench/tcp-floor.ts),
+ *       pool (the agent's WorkerPool alone in this process: main thread → worker → session.run → back) and
+ *       inline (the agent's InlineExecutor alone in this process: session.run on this thread, the same hop
+ *       through the event loop's check phase that the agent takes).
  * n = 10,000 (full) or 2,000 (--quick). overhead_p50_ms = mesh_p50_ms − raw_p50_ms. Per-process CPU over the
  * timed window is reported as cpu: { broker, agent, loadgen } in ms and cores (CPU ms / wall ms).
  */
@@ -20,9 +24,12 @@ import { ensureModelsFolder, sampleInputs } from '@edge-mesh/demo';
 import type { Identity } from '@edge-mesh/protocol';
 import * as ort from 'onnxruntime-node';
 import pino from 'pino';
+import { loadInline } from '../edge-agent/src/inline.ts';
 import { WorkerPool } from '../edge-agent/src/pool.ts';
 import {
   admitted,
+  agentReadyFacts,
+  assertBuilt,
   type BenchContext,
   type BenchResult,
   CpuMeter,
@@ -99,6 +106,31 @@ async function poolLatency(n: number): Promise<ReturnType<typeof summarize>> {
   }
 }
 
+/** The agent's InlineExecutor alone, in this process (no MQTT): the round trip of an inline job. */
+async function inlineLatency(n: number): Promise<ReturnType<typeof summarize>> {
+  const manifest = await ensureModelsFolder(MODELS_DIR);
+  const entry = manifest.models.find((m) => m.name === MODEL)!;
+  const { executor } = await loadInline(
+    [{ name: MODEL, path: path.join(MODELS_DIR, entry.file), providers: ['cpu'], warmup: entry.warmup }],
+    { intraOpThreads: 1, warmupRuns: 5, inlineMaxMs: 0.5 },
+  );
+  if (!executor) throw new Error(`${MODEL} does not run inline on this machine (its warm-up p99 is over 0.5 ms)`);
+  try {
+    const once = () =>
+      new Promise<void>((resolve, reject) => executor.run(MODEL, sampleInputs(MODEL, 1), (err) => (err ? reject(err) : resolve())));
+    for (let i = 0; i < WARMUP; i++) await once();
+    const samples = new Float64Array(n);
+    for (let i = 0; i < n; i++) {
+      const t0 = process.hrtime.bigint();
+      await once();
+      samples[i] = Number(process.hrtime.bigint() - t0) / 1e6;
+    }
+    return summarize(samples);
+  } finally {
+    await executor.close();
+  }
+}
+
 /** Raw TCP ping-pong between two processes (bench/tcp-floor.ts): the floor under every MQTT figure. */
 async function tcpFloor(n: number): Promise<Record<string, unknown>> {
   const script = path.join(ROOT, 'bench', 'tcp-floor.ts');
@@ -167,6 +199,7 @@ async function meshLatency(
 
 export async function run(ctx: BenchContext): Promise<BenchResult> {
   const n = typeof ctx.args.n === 'string' ? Number(ctx.args.n) : ctx.quick ? 2_000 : 10_000;
+  assertBuilt();
   ctx.log(`overhead: model ${MODEL}, n ${n}, warm-up ${WARMUP}`);
   await ensureModelsFolder(MODELS_DIR);
 
@@ -178,16 +211,26 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const pool = await poolLatency(n);
   ctx.log(`  pool: p50 ${round(pool.p50, 4)} ms, p99 ${round(pool.p99, 4)} ms`);
 
+  ctx.log('  agent inline executor alone (in process, no MQTT)...');
+  const inline = await inlineLatency(n);
+  ctx.log(`  inline: p50 ${round(inline.p50, 4)} ms, p99 ${round(inline.p99, 4)} ms`);
+
   ctx.log('  raw TCP ping-pong between two processes (64 B, TCP_NODELAY)...');
   const tcp = await tcpFloor(n);
   ctx.log(`  tcp: p50 ${tcp.p50_ms} ms, p99 ${tcp.p99_ms} ms`);
 
-  const mesh = await meshLatency(ctx, 'agent', n, (url, key) =>
-    startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1 }),
+  let agentInline: string[] | null = null;
+  const mesh = await meshLatency(ctx, 'agent', n, async (url, key) => {
+    const proc = await startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1 });
+    agentInline = agentReadyFacts(proc)?.inline ?? null;
+    return proc;
+  });
+  const meshPool = await meshLatency(ctx, 'agent-pool', n, (url, key) =>
+    startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1, inlineMaxMs: 0 }),
   );
   const echo = await meshLatency(ctx, 'echo', n, (url, key) => startEchoAgentProc(url, key.identity.id, key.keyFile));
 
-  const meshErrors = Object.values(mesh.errors as Record<string, number>).reduce((a, b) => a + b, 0);
+  const meshErrors = [mesh, meshPool].flatMap((m) => Object.values(m.errors as Record<string, number>)).reduce((a, b) => a + b, 0);
   const echoErrors = Object.values(echo.errors as Record<string, number>).reduce((a, b) => a + b, 0);
   return {
     bench: 'overhead',
@@ -203,13 +246,20 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     tcp_echo_p99_ms: tcp.p99_ms,
     agent_pool_p50_ms: round(pool.p50, 4),
     agent_pool_p99_ms: round(pool.p99, 4),
+    agent_inline_p50_ms: round(inline.p50, 4),
+    agent_inline_p99_ms: round(inline.p99, 4),
+    agent_inline_models: agentInline,
     mesh_minus_echo_p50_ms: round((mesh.p50_ms as number) - (echo.p50_ms as number)),
+    mesh_pool_p50_ms: meshPool.p50_ms,
+    mesh_pool_p99_ms: meshPool.p99_ms,
+    mesh_pool_minus_echo_p50_ms: round((meshPool.p50_ms as number) - (echo.p50_ms as number)),
+    mesh_pool_agent_exec_p50_ms: meshPool.agent_exec_p50_ms,
     agent_exec_p50_ms: mesh.agent_exec_p50_ms,
     agent_queue_p50_ms: mesh.agent_queue_p50_ms,
-    errors: { mesh: mesh.errors, echo: echo.errors },
+    errors: { mesh: mesh.errors, mesh_pool: meshPool.errors, echo: echo.errors },
     error_count: meshErrors + echoErrors,
-    retried: { mesh: mesh.retried, echo: echo.retried },
-    cpu: { mesh: mesh.cpu, echo: echo.cpu },
+    retried: { mesh: mesh.retried, mesh_pool: meshPool.retried, echo: echo.retried },
+    cpu: { mesh: mesh.cpu, mesh_pool: meshPool.cpu, echo: echo.cpu },
     agent_workers: 1,
     warmup: WARMUP,
     ...environment(),

@@ -18,7 +18,7 @@ const BENCHES: Record<string, { file: string; about: string }> = {
   overhead: { file: './overhead.ts', about: 'kws latency: raw onnxruntime vs mesh (broker + agent + SDK processes) vs a no-op echo agent' },
   throughput: {
     file: './throughput.ts',
-    about: 'kws requests/s at fixed concurrency against the agent (workers 1 and 2) and the echo agent',
+    about: 'kws requests/s at fixed concurrency against the agent (workers 1 and 2; and kws on the pool) and the echo agent',
   },
   agent: { file: './agent.ts', about: 'agent process start to retained status at a subscriber (ready_ms) and idle RSS' },
   'router-sim': {
@@ -55,7 +55,7 @@ options:
   --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full)
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
-  agent:      --reps R --idle-ms MS --settle-ms MS --workers W
+  agent:      --reps R --idle-ms MS --settle-ms MS --workers W --inline-max-ms MS
   router-sim: --nodes N --duration-s S --seed K --loads 0.7,0.8,0.9 --policies a,b --scenarios a,b --side-load L
   router-pick: --picks N                  timed picks per fleet size (default 300000, quick 50000)
   bridge:     --n N --duration-ms D      sequential requests each way (default 4000, quick 600); frame-loop length

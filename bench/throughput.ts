@@ -4,7 +4,9 @@
  *
  * Steady-state kws requests per second through the mesh at a fixed number of outstanding requests.
  * Processes: one `edge-mesh broker`, one server at a time (`edge-mesh agent --workers W --queue-limit 1024`
- * for each W in --workers, then bench/echo-agent.ts, the no-op floor), and L bench/loadgen.ts processes
+ * for each W in --workers, where kws runs inline on the agent's main thread and the worker count matters
+ * only for the other models; then the same with --workers 1 --inline-max-ms 0, kws on the worker thread
+ * (config agent_w1_pool); then bench/echo-agent.ts, the no-op floor), and L bench/loadgen.ts processes
  * (SDK, QoS 1) sharing the concurrency (C/L closed loops each). For every configuration: the load
  * generators start (and wait for the server's status), all get `go` at once, run `warmup-ms`
  * (quick 1 s, full 3 s), then count the requests that complete in the next `duration-ms` (quick 3 s,
@@ -18,6 +20,7 @@ import { ensureModelsFolder } from '@edge-mesh/demo';
 import type { Identity } from '@edge-mesh/protocol';
 import {
   admitted,
+  assertBuilt,
   type BenchContext,
   type BenchResult,
   CpuMeter,
@@ -67,6 +70,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const durationMs = typeof args['duration-ms'] === 'string' ? Number(args['duration-ms']) : quick ? 3_000 : 10_000;
   if (!(concurrency >= 1 && loadgens >= 1 && concurrency % loadgens === 0))
     throw new Error('--concurrency must be a positive multiple of --loadgens');
+  assertBuilt();
   log(
     `throughput: model ${MODEL}, concurrency ${concurrency} over ${loadgens} load generator(s), warm-up ${warmupMs} ms, window ${durationMs} ms`,
   );
@@ -149,6 +153,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       startAgentProc({ url: broker.url, keyFile: key.keyFile, id: key.identity.id, workers: w, queueLimit: 1_024 }),
     );
   }
+  configs.agent_w1_pool = await runConfig('agent-w1-pool', 1, (key) =>
+    startAgentProc({ url: broker.url, keyFile: key.keyFile, id: key.identity.id, workers: 1, queueLimit: 1_024, inlineMaxMs: 0 }),
+  );
   configs.echo = await runConfig('echo', null, (key) => startEchoAgentProc(broker.url, key.identity.id, key.keyFile));
   await broker.proc.stop();
 

@@ -47,19 +47,23 @@ test('options: defaults filled in, every problem named in one MESH_CONFIG error'
   assert.equal(o.queueLimit, 64);
   assert.equal(o.pipelineDepth, 2);
   assert.equal(o.awaitAnnounce, true);
+  assert.equal(o.inlineMaxMs, 0.5);
+  assert.equal(resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity, inlineMaxMs: 0 }).inlineMaxMs, 0);
 
   const ephemeral = resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m' });
   assert.equal(ephemeral.ephemeral, true);
   assert.equal(ephemeral.identity.role, 'agent');
 
   assert.throws(
-    () => resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity, workers: 0, queueLimit: 1.5, heartbeatMs: 10 }),
+    () =>
+      resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity, workers: 0, queueLimit: 1.5, heartbeatMs: 10, inlineMaxMs: -1 }),
     (err: unknown) =>
       err instanceof MeshError &&
       err.code === 'MESH_CONFIG' &&
       /workers must be/.test(err.message) &&
       /queueLimit must be/.test(err.message) &&
-      /heartbeatMs must be/.test(err.message),
+      /heartbeatMs must be/.test(err.message) &&
+      /inlineMaxMs must be/.test(err.message),
   );
   assert.throws(
     () => resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: '/m', identity: generateIdentity('app') }),
@@ -202,6 +206,32 @@ test('pool: a worker runs the built packages, whatever condition the agent itsel
   assert.equal(workerExecArgv(['--conditions=other', '--max-semi-space-size=1']), undefined);
 });
 
+test('pool: closing while a worker runs a long job lets the run finish instead of aborting the process', async () => {
+  const dir = await modelsDir();
+  const det = (await readManifest(dir)).models.find((m) => m.name === 'ocr-det')!;
+  const pool = new WorkerPool({
+    size: 1,
+    intraOpThreads: 1,
+    warmupRuns: 1,
+    pipelineDepth: 2,
+    logger: quiet,
+    models: [{ name: 'ocr-det', path: path.join(dir, det.file), providers: ['cpu'], warmup: det.warmup }],
+  });
+  await pool.start();
+  // A 960 x 960 detection: about ten times the sample, far longer than the wait below.
+  const big = () => ({ x: { dtype: 'float32' as const, shape: [1, 3, 960, 960], data: new Float32Array(3 * 960 * 960) } });
+  const results: string[] = [];
+  pool.run('ocr-det', big(), (err) => results.push(err ? err.code : 'ok'));
+  pool.run('ocr-det', big(), (err) => results.push(err ? err.code : 'ok'));
+  await new Promise((r) => setTimeout(r, 30));
+  // Terminated from outside during the run, the worker would take this process down with SIGABRT.
+  await pool.close();
+  assert.equal(pool.size, 0);
+  // The results of a closed pool are dropped, as the agent is going away.
+  await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual(results, []);
+});
+
 test('requests: the request path against a real worker pool with the wake-word model', async (t) => {
   const dir = await modelsDir();
   const kws = (await readManifest(dir)).models.find((m) => m.name === 'kws')!;
@@ -236,8 +266,8 @@ test('requests: the request path against a real worker pool with the wake-word m
     },
     closed: () => false,
   });
-  const scheduler = new Scheduler(pool, 8, requests.finished);
-  scheduler.addModel('kws', loaded[0]!.latencyMs);
+  const scheduler = new Scheduler(8, requests.finished);
+  scheduler.addModel('kws', loaded[0]!.latencyMs, pool);
   requests.attach(scheduler);
 
   const send = async (message: Parameters<typeof encodeMessage>[0] | Buffer) => {

@@ -118,8 +118,16 @@ export async function rawClient(t: TestContext, brokerUrl: string, who: string |
   };
 }
 
-/** Runs `edge-mesh agent --key` as a child process (key file written for `identity`) and resolves once it has announced itself. */
-export async function spawnAgent(t: TestContext, brokerUrl: string, identity: Identity, extraArgs: string[] = []): Promise<ChildProcess> {
+/**
+ * Runs `edge-mesh agent --key` as a child process (key file written for `identity`) and resolves once it has announced
+ * itself; `stderrText()` is its log so far. Later options in `extraArgs` override earlier ones (`--models DIR`).
+ */
+export async function spawnAgent(
+  t: TestContext,
+  brokerUrl: string,
+  identity: Identity,
+  extraArgs: string[] = [],
+): Promise<ChildProcess & { stderrText(): string }> {
   const agentId = identity.id;
   const keyFile = await keyFileFor(t, identity);
   const child = spawn(
@@ -154,7 +162,7 @@ export async function spawnAgent(t: TestContext, brokerUrl: string, identity: Id
     });
     child.on('exit', (code) => reject(new Error(`agent ${agentId} exited early (${code}):\n${stderr}`)));
   });
-  return child;
+  return Object.assign(child, { stderrText: () => stderr });
 }
 
 export function waitFor(predicate: () => boolean, timeoutMs: number, what: string): Promise<void> {

@@ -135,7 +135,9 @@ describe('inference through the mesh', () => {
 
   test('a request whose deadline has passed is refused with MESH_DEADLINE_EXCEEDED', async (t) => {
     const broker = await brokerFor(t);
-    const agent = await agentFor(t, { brokerUrl: broker.url });
+    // Every model on the worker pool, so the wake-word requests queue behind detection runs (inline, they
+    // would not: test/inline.test.ts has the inline case).
+    const agent = await agentFor(t, { brokerUrl: broker.url, inlineMaxMs: 0 });
     const raw = await rawClient(t, broker.url, 'raw-deadline');
     const late = request('kws', { [agent.models[0]!.inputs[0]!.name]: wireF32([1, 25, 96]) }, -1);
     const reply = await raw.request(agent.id, late.id, late);

@@ -125,8 +125,9 @@ describe('receipts and payment through the mesh', () => {
 
   test('timed-out and cancelled requests cost 0, the chain stays whole, and a request naming no payer is refused MESH_PAYMENT_REQUIRED', async (t) => {
     const broker = await brokerFor(t, { maxPacketBytes: 16 << 20 });
-    // One job at a time on the worker, so what waits behind it stays in the agent's queue.
-    const { agent, payout } = await paidAgent(t, broker.url, { pipelineDepth: 1, maxMessageBytes: 16 << 20 });
+    // One job at a time on the worker, so what waits behind it stays in the agent's queue; every model on
+    // the worker (inline, the wake-word requests would not wait behind the detection).
+    const { agent, payout } = await paidAgent(t, broker.url, { pipelineDepth: 1, inlineMaxMs: 0, maxMessageBytes: 16 << 20 });
     const wallet = await fundedWallet(payout);
     const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'raw-payer', autoPay: false });
     await payer.waitForModel('kws');

@@ -31,9 +31,12 @@ describe('settlement of paid inference on a local chain', () => {
     await payer.fund(payerWallet.address, payout, 1_000_000n);
 
     const broker = await brokerFor(t, { maxPacketBytes: 16 << 20 });
+    // Every model on the one worker, one job at a time: the wake-word request below waits behind the
+    // detection (inline, it would not).
     const agent = await agentFor(t, {
       brokerUrl: broker.url,
       pipelineDepth: 1,
+      inlineMaxMs: 0,
       maxMessageBytes: 16 << 20,
       payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider },
     });

@@ -58,9 +58,12 @@ async function paidMesh(t: TestContext, brokerUrl: string, signer: ethers.Wallet
 async function settlerAgent(t: TestContext, brokerUrl: string, settle: Partial<SettlerOptions>) {
   const payout = ethers.Wallet.createRandom().address.toLowerCase();
   const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+  // Every model on the one worker, one job at a time, so a wake-word request can wait behind a detection
+  // (inline, it would not).
   const agent = await agentFor(t, {
     brokerUrl,
     pipelineDepth: 1,
+    inlineMaxMs: 0,
     maxMessageBytes: 16 << 20,
     payment: { payout, domain, dataDir: await tempDir(t), settle: { runner: chain.wallet(nextRelayer++), checkEveryMs: 100, ...settle } },
   });

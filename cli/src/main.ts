@@ -26,7 +26,7 @@ import { registerChainCommands } from './chain.ts';
 import { registerDemoCommands } from './demo.ts';
 import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
-import { collect, nonNegativeInt, positiveInt, positiveNumber } from './options.ts';
+import { collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
 import { registerPayoutCommands } from './payout.ts';
 import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
 
@@ -243,6 +243,11 @@ export function buildProgram(): Command {
     .addOption(new Option('--id <id>').hideHelp())
     .option('--workers <n>', 'inference worker threads (default 1; each holds its own copy of every model session)', positiveInt)
     .option('--pipeline-depth <n>', 'jobs handed to one worker at once, so it never idles through a hand-off', positiveInt)
+    .option(
+      '--inline-max-ms <ms>',
+      'run a fixed-shape model on the main thread, with no worker hop, when the p99 of its warm-up runs is at most this (default 0.5; 0 turns it off)',
+      nonNegativeNumber,
+    )
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
     .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
@@ -328,6 +333,7 @@ export function buildProgram(): Command {
         ...(identity ? { identity } : {}),
         ...(opts.workers ? { workers: opts.workers } : {}),
         ...(opts.pipelineDepth ? { pipelineDepth: opts.pipelineDepth } : {}),
+        ...(opts.inlineMaxMs !== undefined ? { inlineMaxMs: opts.inlineMaxMs } : {}),
         ...(opts.payout
           ? {
               payment: {

@@ -1,6 +1,7 @@
 /**
  * The edge agent: loads the ONNX models of a folder, announces them in a status it signs, and
- * serves inference requests over MQTT from a worker-thread pool.
+ * serves inference requests over MQTT, from a worker-thread pool or, for tiny fixed-shape models, on
+ * its main thread ("inline").
  *
  *   const identity = parseKeyFile(await readFile('agent.key', 'utf8'));
  *   const agent = await startAgent({ brokerUrl: 'mqtt://127.0.0.1:1883', modelsDir: './models', identity });
@@ -10,8 +11,10 @@
  * `startAgent` is the wiring of the agent's modules (docs/agent.md):
  *   options.ts     defaults and checks of AgentOptions
  *   models.ts      sha256 checks, execution providers, model descriptions, input checks
+ *   executors.ts   where each model runs: inline (inline.ts) or on the worker pool
  *   pool.ts        worker threads holding the onnxruntime sessions (worker.mjs)
- *   scheduler.ts   per-model bounded queues, earliest deadline first
+ *   inline.ts      sessions on the main thread for tiny fixed-shape models, loaded only when used
+ *   scheduler.ts   per-model bounded queues, earliest deadline first per executor
  *   requests.ts    decode, replay check, validation, payer admission, queueing, replies and receipts
  *   status.ts      the signed status, the will, the heartbeat's load reports
  *   connection.ts  the MQTT link: subscriptions, topic routing, announcements, replies
@@ -19,19 +22,19 @@
  *                  (payments.ts: grants, journal, credit rule; lane-funds.ts: the escrow's view of the lanes)
  */
 import path from 'node:path';
+import type { ModelInfo } from '@edge-mesh/protocol';
 import pino from 'pino';
 import { AgentLink } from './connection.ts';
+import { openExecutors } from './executors.ts';
 import { Faults } from './faults.ts';
 import { readManifest } from './manifest.ts';
 import { availableProviders, describeModels, hardwareSummary, verifyModels } from './models.ts';
 import { resolveOptions } from './options.ts';
 import { closePaidSide, openPaidSide, type PaidSide, paymentsView } from './paid.ts';
-import { WorkerPool } from './pool.ts';
 import { AgentRequests, ReplayGuard } from './requests.ts';
 import { Scheduler } from './scheduler.ts';
 import { Heartbeat, loadReport, StatusBoard } from './status.ts';
 import type { AgentCounters, AgentHandle, AgentOptions } from './types.ts';
-import type { LoadedModel } from './worker-protocol.ts';
 
 export type { LaneFundsView } from './lane-funds.ts';
 export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';
@@ -51,29 +54,28 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   const entries = await verifyModels(modelsDir, manifest.models, logger);
   const providerList = availableProviders(o.providers, logger);
 
-  const pool = new WorkerPool({
-    size: o.workers,
-    intraOpThreads: o.intraOpThreads,
-    warmupRuns: o.warmupRuns,
-    pipelineDepth: o.pipelineDepth,
+  const executors = await openExecutors(
+    entries.map((e) => ({ name: e.name, path: path.join(modelsDir, e.file), providers: providerList, warmup: e.warmup })),
+    o,
     logger,
-    models: entries.map((e) => ({ name: e.name, path: path.join(modelsDir, e.file), providers: providerList, warmup: e.warmup })),
-  });
-  let loaded: LoadedModel[];
+  );
+  const { loaded } = executors;
+  const loadedByName = new Map(loaded.map((m) => [m.name, m]));
+  let modelInfos: ModelInfo[];
   try {
-    loaded = await pool.start();
+    modelInfos = describeModels(entries, loadedByName);
   } catch (err) {
-    await pool.close();
+    await executors.close();
     throw err;
   }
-  const loadedByName = new Map(loaded.map((m) => [m.name, m]));
-  const modelInfos = describeModels(entries, loadedByName);
-  for (const m of loaded) logger.info({ model: m.name, provider: m.provider, latencyMs: m.latencyMs }, 'model loaded');
+  const inline = new Set(executors.inline);
+  for (const m of loaded)
+    logger.info({ model: m.name, provider: m.provider, latencyMs: m.latencyMs, inline: inline.has(m.name) }, 'model loaded');
 
   let paid: PaidSide | undefined;
   if (options.payment) {
     paid = await openPaidSide(identity, options.payment, entries, logger).catch(async (err: unknown) => {
-      await pool.close();
+      await executors.close();
       throw err;
     });
   }
@@ -86,7 +88,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     models: modelInfos,
     hardware: hardwareSummary(),
     providers: [...new Set(loaded.map((m) => m.provider))],
-    workers: o.workers,
+    workers: executors.lanes(),
     queueLimit: o.queueLimit,
     ...(payments ? { quote: () => payments.signedQuote() } : {}),
   });
@@ -108,8 +110,8 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     reply: (senderId, payload, afterMs) => link.reply(senderId, payload, afterMs),
     closed: () => closed,
   });
-  const scheduler = new Scheduler(pool, o.queueLimit, requests.finished);
-  for (const m of loaded) scheduler.addModel(m.name, m.latencyMs);
+  const scheduler = new Scheduler(o.queueLimit, requests.finished);
+  for (const m of loaded) scheduler.addModel(m.name, m.latencyMs, executors.executorOf.get(m.name)!);
   requests.attach(scheduler);
 
   link = new AgentLink({
@@ -128,7 +130,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     logger,
   });
 
-  const currentLoad = () => loadReport(agentId, heartbeat.seq, pool.size, scheduler.loadReport(), faults.extraExecMs);
+  const currentLoad = () => loadReport(agentId, heartbeat.seq, executors.lanes(), scheduler.loadReport(), faults.extraExecMs);
   const heartbeat = new Heartbeat(o.heartbeatMs, () => {
     scheduler.sweep();
     replays.prune(Date.now());
@@ -141,7 +143,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     heartbeat.stop();
     board.state = 'offline';
     await link.close();
-    await pool.close();
+    await executors.close();
     if (paid) await closePaidSide(paid);
     logger.info({ served: counters.served }, 'agent stopped');
   };
@@ -169,6 +171,14 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   };
 
   if (o.awaitAnnounce) await link.announced;
-  logger.info({ models: modelInfos.map((m) => m.name), readyMs: Math.round(performance.now() - readyStarted) }, 'agent ready');
+  logger.info(
+    {
+      models: modelInfos.map((m) => m.name),
+      inline: executors.inline,
+      workerThreads: executors.workerThreads(),
+      readyMs: Math.round(performance.now() - readyStarted),
+    },
+    'agent ready',
+  );
   return handle;
 }

@@ -33,7 +33,11 @@ export interface ResolvedOptions {
   backoff: BackoffOptions | undefined;
   awaitAnnounce: boolean;
   maxRememberedRequests: number;
+  inlineMaxMs: number;
 }
+
+/** Default bound on a model's warm-up p99 for it to run on the main thread (docs/agent.md, "Inline models"). */
+export const DEFAULT_INLINE_MAX_MS = 0.5;
 
 const positiveInteger = (n: number) => Number.isInteger(n) && n >= 1;
 
@@ -54,6 +58,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     backoff,
     awaitAnnounce = true,
     maxRememberedRequests = 100_000,
+    inlineMaxMs = DEFAULT_INLINE_MAX_MS,
   } = options;
   if ('agentId' in options) {
     throw new MeshError(
@@ -74,6 +79,8 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     problems.push(`maxRememberedRequests must be a positive integer, got ${maxRememberedRequests}`);
   if (!(heartbeatMs >= 50)) problems.push(`heartbeatMs must be at least 50, got ${heartbeatMs}`);
   if (!positiveInteger(warmupRuns)) problems.push(`warmupRuns must be a positive integer, got ${warmupRuns}`);
+  if (!(Number.isFinite(inlineMaxMs) && inlineMaxMs >= 0))
+    problems.push(`inlineMaxMs must be a number of milliseconds, 0 or more, got ${inlineMaxMs}`);
   if (problems.length) throw new MeshError('MESH_CONFIG', `invalid agent options: ${problems.join('; ')}`);
   return {
     brokerUrl,
@@ -94,5 +101,6 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     backoff,
     awaitAnnounce,
     maxRememberedRequests,
+    inlineMaxMs,
   };
 }

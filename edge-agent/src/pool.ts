@@ -1,6 +1,7 @@
 /**
- * A fixed pool of inference workers. Each worker holds a session for every model, so any worker
- * can take any job; a worker that dies is replaced and its jobs fail with a coded error.
+ * A fixed pool of inference workers for the models that do not run inline (executors.ts). Each worker
+ * holds a session for every such model, so any worker can take any job; a worker that dies is
+ * replaced and its jobs fail with a coded error.
  *
  * A worker may hold `pipelineDepth` jobs: while it computes one, the next already waits in its
  * message queue, so it never idles through the hand-off (about 0.2 ms here, four times a
@@ -9,6 +10,7 @@
 import { Worker } from 'node:worker_threads';
 import { MeshError, type Tensor, type TypedArray } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
+import type { Executor, JobCallback } from './executor.ts';
 import type { FromWorker, LoadedModel, RunJob, ToWorker, WorkerModelSpec } from './worker-protocol.ts';
 
 const WORKER_URL = new URL('./worker.mjs', import.meta.url);
@@ -33,13 +35,6 @@ export function workerExecArgv(execArgv: readonly string[]): string[] | undefine
   return out.length === execArgv.length ? undefined : out;
 }
 
-export interface JobResult {
-  outputs: Record<string, Tensor>;
-  execMs: number;
-}
-
-type JobCallback = (err: MeshError | undefined, result?: JobResult) => void;
-
 interface SlotJob {
   callback: JobCallback;
   sentAt: number;
@@ -55,6 +50,13 @@ interface Slot {
   transfer: ArrayBuffer[];
 }
 
+/**
+ * How long `close` waits for a worker to finish the run it is in before terminating it. Terminating a
+ * thread while onnxruntime runs on it aborts the process when the run returns (node-addon-api cannot
+ * throw into a terminating thread), so a worker is asked to exit between jobs and only forced after this.
+ */
+const CLOSE_GRACE_MS = 5_000;
+
 /** Weight of the newest sample in the hand-off EWMA. */
 const HANDOFF_EWMA_ALPHA = 0.1;
 
@@ -68,8 +70,34 @@ export interface PoolOptions {
   logger: Logger;
 }
 
-export class WorkerPool {
+/** A worker thread started and listened to, its models not yet sent (see `boot`). */
+interface Spawned {
+  worker: Worker;
+  loaded: Promise<LoadedModel[]>;
+}
+
+/** Asks `worker` to exit between jobs and resolves once it has; terminates it after CLOSE_GRACE_MS. */
+function stopWorker(worker: Worker): Promise<void> {
+  // A worker that has exited has no thread id left.
+  if (worker.threadId < 0) return Promise.resolve();
+  return new Promise((resolve) => {
+    const force = setTimeout(() => void worker.terminate(), CLOSE_GRACE_MS);
+    worker.once('exit', () => {
+      clearTimeout(force);
+      resolve();
+    });
+    const close: ToWorker = { type: 'close' };
+    worker.postMessage(close);
+  });
+}
+
+export class WorkerPool implements Executor {
   private readonly slots: Slot[] = [];
+  /** Workers booted ahead of `start`. */
+  private booted: Spawned[] = [];
+  /** Every worker thread not yet exited, ready or not. */
+  private readonly threads = new Set<Worker>();
+  private models: WorkerModelSpec[];
   private held = 0;
   private nextJob = 1;
   private closing = false;
@@ -79,11 +107,29 @@ export class WorkerPool {
   /** Called when a worker frees a place, so the scheduler can hand it the next job. */
   onIdle: () => void = () => {};
 
-  constructor(private readonly options: PoolOptions) {}
+  constructor(private readonly options: PoolOptions) {
+    this.models = options.models;
+  }
 
-  /** Starts every worker and resolves with the models as loaded, latency the median across workers. */
-  async start(): Promise<LoadedModel[]> {
-    const results = await Promise.all(Array.from({ length: this.options.size }, () => this.spawn()));
+  /**
+   * Starts the worker threads now, before their models are known: each loads worker.mjs and onnxruntime
+   * while the agent decides which models run inline (executors.ts); `start` then sends them their models.
+   */
+  boot(): void {
+    while (this.booted.length < this.options.size) this.booted.push(this.spawn());
+  }
+
+  /**
+   * Starts every worker (or those booted) with `models` (default: the options' models) and resolves with the
+   * models as loaded, latency the median across workers.
+   */
+  async start(models: WorkerModelSpec[] = this.options.models): Promise<LoadedModel[]> {
+    this.models = models;
+    this.boot();
+    const spawned = this.booted;
+    this.booted = [];
+    for (const { worker } of spawned) this.init(worker);
+    const results = await Promise.all(spawned.map((s) => s.loaded));
     const first = results[0]!;
     return first.map((model, i) => {
       const latencies = results.map((r) => r[i]!.latencyMs).sort((a, b) => a - b);
@@ -140,18 +186,22 @@ export class WorkerPool {
     }
   };
 
+  /** Stops every worker between jobs: jobs running finish (their results are dropped), jobs waiting are dropped. */
   async close(): Promise<void> {
     this.closing = true;
-    await Promise.all(this.slots.map((s) => s.worker.terminate()));
+    this.booted = [];
+    await Promise.all([...this.threads].map((w) => stopWorker(w)));
     this.slots.length = 0;
     this.held = 0;
   }
 
-  private spawn(): Promise<LoadedModel[]> {
-    const { models, intraOpThreads, warmupRuns, logger } = this.options;
-    return new Promise((resolve, reject) => {
-      const execArgv = workerExecArgv(process.execArgv);
-      const worker = new Worker(WORKER_URL, execArgv ? { execArgv } : {});
+  /** A worker thread with its listeners; it loads its models once `init` sends them. */
+  private spawn(): Spawned {
+    const { logger } = this.options;
+    const execArgv = workerExecArgv(process.execArgv);
+    const worker = new Worker(WORKER_URL, execArgv ? { execArgv } : {});
+    this.threads.add(worker);
+    const loaded = new Promise<LoadedModel[]>((resolve, reject) => {
       const slot: Slot = { worker, jobs: new Map(), outbox: [], transfer: [] };
       let ready = false;
       worker.on('message', (message: FromWorker) => {
@@ -168,6 +218,8 @@ export class WorkerPool {
             return;
           case 'done':
           case 'failed': {
+            // A closing pool drops results, as it did when it terminated its workers at once.
+            if (this.closing) return;
             const entry = slot.jobs.get(message.job);
             if (!entry) return;
             slot.jobs.delete(message.job);
@@ -189,12 +241,20 @@ export class WorkerPool {
         if (!ready) reject(new MeshError('MESH_INFERENCE_FAILED', `worker failed to start: ${err.message}`, { cause: err }));
       });
       worker.on('exit', (code) => {
+        this.threads.delete(worker);
         if (!ready || this.closing) return;
         this.replace(slot, code);
       });
-      const init: ToWorker = { type: 'init', models, intraOpThreads, warmupRuns };
-      worker.postMessage(init);
     });
+    // A worker closed before it got its models rejects a promise no one awaits.
+    loaded.catch(() => {});
+    return { worker, loaded };
+  }
+
+  private init(worker: Worker): void {
+    const { intraOpThreads, warmupRuns } = this.options;
+    const init: ToWorker = { type: 'init', models: this.models, intraOpThreads, warmupRuns };
+    worker.postMessage(init);
   }
 
   private replace(slot: Slot, exitCode: number): void {
@@ -207,6 +267,8 @@ export class WorkerPool {
       callback(new MeshError('MESH_INFERENCE_FAILED', `inference worker exited with code ${exitCode}`));
     slot.jobs.clear();
     this.options.logger.warn({ exitCode }, 'replacing inference worker');
-    this.spawn().catch((err) => this.options.logger.error({ err }, 'could not replace inference worker'));
+    const { worker, loaded } = this.spawn();
+    this.init(worker);
+    loaded.catch((err) => this.options.logger.error({ err }, 'could not replace inference worker'));
   }
 }

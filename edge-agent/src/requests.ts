@@ -26,10 +26,10 @@ import {
   type VoucherMessage,
   ZERO_HASH,
 } from '@edge-mesh/protocol';
+import type { JobResult } from './executor.ts';
 import type { Faults } from './faults.ts';
 import { checkInputs } from './models.ts';
 import type { AgentPayments } from './payments.ts';
-import type { JobResult } from './pool.ts';
 import type { Job, Scheduler } from './scheduler.ts';
 import type { AgentCounters } from './types.ts';
 import type { LoadedModel } from './worker-protocol.ts';

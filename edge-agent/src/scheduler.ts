@@ -1,11 +1,12 @@
 /**
- * Bounded per-model queues in front of the worker pool. A full queue refuses at once (MESH_BUSY);
- * a job whose deadline has passed is dropped when it reaches the head or at the next sweep
- * (MESH_DEADLINE_EXCEEDED); the next job is the earliest deadline among the queue heads.
+ * Bounded per-model queues in front of the executors (the worker pool, and the main thread for
+ * models that run inline). A full queue refuses at once (MESH_BUSY); a job whose deadline has passed
+ * is dropped when it reaches the head or at the next sweep (MESH_DEADLINE_EXCEEDED); when an executor
+ * can take a job, it gets the earliest deadline among the queue heads of the models it runs.
  */
 import { MeshError, type ModelLoad, type Tensor } from '@edge-mesh/protocol';
+import type { Executor, JobResult } from './executor.ts';
 import type { PaidJob } from './payments.ts';
-import type { JobResult, WorkerPool } from './pool.ts';
 
 export interface Job {
   key: string;
@@ -26,6 +27,7 @@ export interface Job {
 export type FinishCallback = (job: Job, err: MeshError | undefined, result?: JobResult) => void;
 
 interface ModelState {
+  executor: Executor;
   queue: Job[];
   inFlight: number;
   serviceMs: number;
@@ -38,20 +40,27 @@ const SERVICE_EWMA_ALPHA = 0.2;
 
 export class Scheduler {
   private readonly models = new Map<string, ModelState>();
+  /** The models each executor runs. */
+  private readonly lanes = new Map<Executor, ModelState[]>();
   private readonly byKey = new Map<string, Job>();
   private draining = false;
 
   constructor(
-    private readonly pool: WorkerPool,
     private readonly queueLimit: number,
     private readonly onFinish: FinishCallback,
     private readonly now: () => number = Date.now,
-  ) {
-    pool.onIdle = () => this.dispatch();
-  }
+  ) {}
 
-  addModel(name: string, latencyMs: number): void {
-    this.models.set(name, { queue: [], inFlight: 0, serviceMs: latencyMs, served: 0, failed: 0 });
+  /** Serves `name` on `executor`; `latencyMs` is the first service-time estimate. */
+  addModel(name: string, latencyMs: number, executor: Executor): void {
+    const state: ModelState = { executor, queue: [], inFlight: 0, serviceMs: latencyMs, served: 0, failed: 0 };
+    this.models.set(name, state);
+    const lane = this.lanes.get(executor);
+    if (lane) lane.push(state);
+    else {
+      this.lanes.set(executor, [state]);
+      executor.onIdle = () => this.dispatch(executor);
+    }
   }
 
   /** Queues a job or throws MESH_BUSY / MESH_DEADLINE_EXCEEDED / MESH_SHUTTING_DOWN. */
@@ -66,7 +75,7 @@ export class Scheduler {
     if (this.byKey.has(job.key)) throw new MeshError('MESH_BAD_REQUEST', 'duplicate request id');
     this.byKey.set(job.key, job);
     state.queue.push(job);
-    this.dispatch();
+    this.dispatch(state.executor);
   }
 
   /** Cancels a queued job at once, or marks a running one so its result is discarded. */
@@ -123,20 +132,21 @@ export class Scheduler {
     return { queued, inFlight, models };
   }
 
-  private dispatch(): void {
-    while (this.pool.freeCapacity > 0) {
-      const next = this.takeNext();
+  private dispatch(executor: Executor): void {
+    const lane = this.lanes.get(executor)!;
+    while (executor.freeCapacity > 0) {
+      const next = this.takeNext(lane);
       if (!next) return;
       const [job, state] = next;
       job.startedAt = performance.now();
       state.inFlight++;
-      this.pool.run(job.model, job.inputs, (err, result) => {
+      executor.run(job.model, job.inputs, (err, result) => {
         state.inFlight--;
         if (err) state.failed++;
         else {
           state.served++;
-          // Service time as a sender sees it: the run plus the hand-off to and from the worker.
-          state.serviceMs += SERVICE_EWMA_ALPHA * (result!.execMs + this.pool.handoffMs - state.serviceMs);
+          // Service time as a sender sees it: the run plus the hand-off to and from the executor.
+          state.serviceMs += SERVICE_EWMA_ALPHA * (result!.execMs + executor.handoffMs - state.serviceMs);
         }
         if (job.cancelled) this.finish(job, new MeshError('MESH_CANCELLED', 'cancelled by sender'));
         else if (!err && job.deadline < this.now())
@@ -146,10 +156,10 @@ export class Scheduler {
     }
   }
 
-  private takeNext(): [Job, ModelState] | undefined {
+  private takeNext(lane: ModelState[]): [Job, ModelState] | undefined {
     const now = this.now();
     let best: ModelState | undefined;
-    for (const state of this.models.values()) {
+    for (const state of lane) {
       while (state.queue.length > 0 && state.queue[0]!.deadline <= now) {
         this.finish(state.queue.shift()!, new MeshError('MESH_DEADLINE_EXCEEDED', 'deadline passed while queued'));
       }

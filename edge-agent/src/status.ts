@@ -24,7 +24,10 @@ export interface StatusBoardOptions {
   hardware: Hardware;
   /** Execution providers the sessions were created with. */
   providers: string[];
-  /** Configured worker threads. */
+  /**
+   * Jobs the agent runs at once (the status's `workers`): one per worker thread, plus one for the main
+   * thread when models run inline there.
+   */
   workers: number;
   queueLimit: number;
   /** A paying agent's current signed quote. */

@@ -24,11 +24,20 @@ export interface AgentOptions {
    */
   identity?: Identity;
   /**
-   * Inference worker threads (default 1); each holds a session per model. Each worker costs its own
+   * Inference worker threads (default 1) for the models that do not run inline (none are started when
+   * every model does); each holds a session per such model. Each worker costs its own
    * V8 isolate (about 10 MB) plus a copy of every session (the four demo models: about 55 MB), so the
    * default is one; more pay off when runs are long or many arrive at once (docs/agent.md).
    */
   workers?: number;
+  /**
+   * Run a model on the agent's main thread ("inline") when its inputs have fixed shapes and the p99 of
+   * its warm-up runs there is at most this many milliseconds (default 0.5); 0 turns it off. Inline runs
+   * skip the hop to a worker and back, and an agent whose models all run inline starts no worker thread.
+   * They block the event loop while they run, so the agent runs at most about this much inline work per
+   * event-loop turn (docs/agent.md, "Inline models").
+   */
+  inlineMaxMs?: number;
   /** Threads onnxruntime may use inside one run. */
   intraOpThreads?: number;
   /** Bound of each model's queue; a request beyond it gets MESH_BUSY at once. */

@@ -11,7 +11,9 @@ export interface WorkerModelSpec {
 
 export type ToWorker =
   | { type: 'init'; models: WorkerModelSpec[]; intraOpThreads: number; warmupRuns: number }
-  | { type: 'run'; jobs: RunJob[] };
+  | { type: 'run'; jobs: RunJob[] }
+  /** Exit once the job running (if any) is done; jobs still waiting are dropped. */
+  | { type: 'close' };
 
 export interface RunJob {
   job: number;

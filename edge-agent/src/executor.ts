@@ -1,0 +1,25 @@
+/**
+ * What the scheduler hands jobs to. Each model runs on one executor, chosen when the agent starts
+ * (executors.ts): the worker pool (pool.ts) or, for a tiny fixed-shape model, the main thread
+ * itself (inline.ts). The scheduler keeps one earliest-deadline-first choice per executor.
+ */
+import type { MeshError, Tensor } from '@edge-mesh/protocol';
+
+export interface JobResult {
+  outputs: Record<string, Tensor>;
+  /** Time onnxruntime took for the run, as the executor measured it. */
+  execMs: number;
+}
+
+export type JobCallback = (err: MeshError | undefined, result?: JobResult) => void;
+
+export interface Executor {
+  /** Jobs it takes now; the scheduler hands it one only while this is above zero. */
+  readonly freeCapacity: number;
+  /** Runs one job; `callback` is called once with the result or a coded error. Input buffers may be transferred. */
+  run(model: string, inputs: Record<string, Tensor>, callback: JobCallback): void;
+  /** Time a job spends outside the runtime between dispatch and result (EWMA, ms). */
+  readonly handoffMs: number;
+  /** Set by the scheduler: called whenever the executor can take a job again. */
+  onIdle: () => void;
+}
