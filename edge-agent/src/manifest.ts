@@ -17,38 +17,10 @@ import { createReadStream } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { MeshError } from '@edge-mesh/protocol';
-import { type Static, Type } from '@sinclair/typebox';
-import { TypeCompiler } from '@sinclair/typebox/compiler';
+import { checkManifest } from './manifest.generated.ts';
+import type { Manifest } from './manifest-schema.ts';
 
-const WarmupInput = Type.Object(
-  {
-    shape: Type.Optional(Type.Array(Type.Integer({ minimum: 0 }), { maxItems: 8 })),
-    fill: Type.Optional(Type.Number()),
-  },
-  { additionalProperties: false },
-);
-
-export const ManifestEntrySchema = Type.Object(
-  {
-    name: Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' }),
-    version: Type.String({ minLength: 1, maxLength: 64 }),
-    file: Type.String({ minLength: 1, maxLength: 255 }),
-    sha256: Type.String({ pattern: '^[0-9a-f]{64}$' }),
-    priceMicros: Type.Integer({ minimum: 0 }),
-    notes: Type.Optional(Type.String({ maxLength: 1024 })),
-    warmup: Type.Optional(Type.Record(Type.String(), WarmupInput)),
-  },
-  { additionalProperties: false },
-);
-export type ManifestEntry = Static<typeof ManifestEntrySchema>;
-
-export const ManifestSchema = Type.Object(
-  { models: Type.Array(ManifestEntrySchema, { minItems: 1, maxItems: 256 }) },
-  { additionalProperties: true },
-);
-export type Manifest = Static<typeof ManifestSchema>;
-
-const checkManifest = TypeCompiler.Compile(ManifestSchema);
+export type { Manifest, ManifestEntry } from './manifest-schema.ts';
 
 export const MANIFEST_FILE = 'manifest.json';
 
@@ -62,6 +34,7 @@ export async function readManifest(modelsDir: string): Promise<Manifest> {
     throw new MeshError('MESH_CONFIG', `cannot read model manifest ${file}: ${(cause as Error).message}`, { cause });
   }
   if (!checkManifest.Check(parsed)) {
+    // Describing the problems loads TypeBox (protocol's validate.ts): only a bad manifest pays for it.
     const problems = [...checkManifest.Errors(parsed)].slice(0, 10).map((e) => `${e.path || '/'}: ${e.message}`);
     throw new MeshError('MESH_CONFIG', `invalid model manifest ${file}: ${problems.join('; ')}`);
   }

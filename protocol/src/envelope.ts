@@ -8,6 +8,7 @@ import { randomFillSync } from 'node:crypto';
 import { decode as cborDecode, encode as cborEncode, type DecodeOptions, type EncodeOptions } from 'cborg';
 import { MeshError } from './errors.ts';
 import { checkers, type Message, type MessageKind } from './messages.ts';
+import { firstError, type Validator } from './validate.ts';
 
 // No map sorting: a signed record is verified over the bytes its signer encoded, and sorting costs time.
 const ENCODE: EncodeOptions = { float64: true, mapSorter: undefined };
@@ -124,11 +125,10 @@ export function decodeMessage<K extends MessageKind>(
   if (typeof kind !== 'string' || !(expected as readonly string[]).includes(kind)) {
     throw new MeshError('MESH_BAD_REQUEST', `unexpected message kind ${JSON.stringify(kind)}`, details ? { details } : {});
   }
-  const checker = checkers[kind as K];
+  const checker: Validator<unknown> = checkers[kind as K];
   if (!checker.Check(value)) {
-    const first = checker.Errors(value).First();
-    const where = first ? `${first.path || '/'}: ${first.message}` : 'schema mismatch';
-    throw new MeshError('MESH_BAD_REQUEST', `invalid ${kind} message at ${where}`, details ? { details } : {});
+    // Only a refused message loads TypeBox, to say what is wrong with it (validate.ts).
+    throw new MeshError('MESH_BAD_REQUEST', `invalid ${kind} message at ${firstError(checker, value)}`, details ? { details } : {});
   }
   return value as MessageOf<K>;
 }

@@ -14,14 +14,15 @@ import {
   verify as nodeVerify,
   randomBytes,
 } from 'node:crypto';
-import { type Static, Type } from '@sinclair/typebox';
-import { TypeCompiler } from '@sinclair/typebox/compiler';
+import { PROTOCOL_VERSION, ROLES, type Role } from './constants.ts';
 import { decodeCbor, encodeMessage } from './envelope.ts';
 import { MeshError } from './errors.ts';
-import { type AgentStatus, PROTOCOL_VERSION } from './messages.ts';
+import type { AgentStatus } from './messages.ts';
+import type { Admission, KeyFile, Revocation, SignedRecord } from './schemas.ts';
+import { checkAdmission, checkKeyFile, checkRevocation, checkSignedRecord } from './validators.generated.ts';
 
-export const ROLES = ['agent', 'app', 'router', 'operator', 'bridge'] as const;
-export type Role = (typeof ROLES)[number];
+export { ROLES, type Role } from './constants.ts';
+export type { Admission, Revocation, SignedRecord } from './schemas.ts';
 
 export function isRole(value: unknown): value is Role {
   return typeof value === 'string' && (ROLES as readonly string[]).includes(value);
@@ -118,19 +119,9 @@ export function verifyBytes(publicKey: Uint8Array, message: Uint8Array, signatur
 // ---------------------------------------------------------------------------------------------
 // Key files
 
-const KeyFileSchema = Type.Object({
-  v: Type.Literal(1),
-  kind: Type.Literal('edge-mesh-key'),
-  role: Type.Union(ROLES.map((r) => Type.Literal(r))),
-  id: Type.String(),
-  publicKey: Type.String(),
-  seed: Type.String(),
-});
-const checkKeyFile = TypeCompiler.Compile(KeyFileSchema);
-
 /** The JSON text of a key file. Whoever writes it must give the file mode 0600. */
 export function encodeKeyFile(identity: Identity): string {
-  const file: Static<typeof KeyFileSchema> = {
+  const file: KeyFile = {
     v: 1,
     kind: 'edge-mesh-key',
     role: identity.role,
@@ -194,38 +185,6 @@ export function readConnectToken(password: Uint8Array | undefined): ConnectToken
 // ---------------------------------------------------------------------------------------------
 // Admission and revocation records, signed by an operator
 
-export const AdmissionSchema = Type.Object({
-  v: Type.Literal(PROTOCOL_VERSION),
-  kind: Type.Literal('admission'),
-  id: Type.String({ maxLength: 64 }),
-  role: Type.Union(ROLES.map((r) => Type.Literal(r))),
-  publicKey: Type.Uint8Array({ minByteLength: 32, maxByteLength: 32 }),
-  issuedAt: Type.Number(),
-  /** Epoch ms after which the admission no longer holds. */
-  expires: Type.Number(),
-  operator: Type.String({ maxLength: 64 }),
-});
-export type Admission = Static<typeof AdmissionSchema>;
-
-export const RevocationSchema = Type.Object({
-  v: Type.Literal(PROTOCOL_VERSION),
-  kind: Type.Literal('revocation'),
-  id: Type.String({ maxLength: 64 }),
-  revokedAt: Type.Number(),
-  operator: Type.String({ maxLength: 64 }),
-});
-export type Revocation = Static<typeof RevocationSchema>;
-
-/** A record with the operator's signature over its CBOR encoding. */
-export const SignedRecordSchema = Type.Object({
-  record: Type.Uint8Array({ maxByteLength: 4096 }),
-  sig: Type.Uint8Array({ minByteLength: 64, maxByteLength: 64 }),
-});
-export type SignedRecord = Static<typeof SignedRecordSchema>;
-
-const checkAdmission = TypeCompiler.Compile(AdmissionSchema);
-const checkRevocation = TypeCompiler.Compile(RevocationSchema);
-const checkSigned = TypeCompiler.Compile(SignedRecordSchema);
 const RECORD_DOMAIN = Buffer.from('edge-mesh/record/v1\0');
 
 function signRecord(operator: Identity, record: Admission | Revocation): SignedRecord {
@@ -265,7 +224,7 @@ export function verifyRecord(
   trustedOperators: ReadonlyMap<string, Uint8Array>,
   nowMs = Date.now(),
 ): Admission | Revocation {
-  if (!checkSigned.Check(signed)) throw new MeshError('MESH_UNAUTHORIZED', 'not a signed record');
+  if (!checkSignedRecord.Check(signed)) throw new MeshError('MESH_UNAUTHORIZED', 'not a signed record');
   let record: unknown;
   try {
     record = decodeCbor(signed.record);

@@ -8,4 +8,6 @@ export * from './messages.ts';
 export * from './receipts.ts';
 export * from './tensor.ts';
 export * from './topics.ts';
+export * from './validate.ts';
+export * from './validators.generated.ts';
 export * from './voucher.ts';

@@ -27,13 +27,12 @@
  * has one receipt with unitsUsed 1 (0 when it never ran).
  */
 import { createHash } from 'node:crypto';
-import type { Static } from '@sinclair/typebox';
-import { TypeCompiler } from '@sinclair/typebox/compiler';
 import { decodeCbor, encodeCbor, requestIdHex } from './envelope.ts';
 import { MeshError } from './errors.ts';
 import { deriveId, type Identity, signBytes, verifyBytes } from './identity.ts';
 import { keccak256Bytes } from './keccak.ts';
-import { type SignedQuote, SignedQuoteSchema, SignedReceiptSchema } from './messages.ts';
+import type { SignedQuote, SignedReceipt } from './schemas.ts';
+import { checkSignedQuote, checkSignedReceipt } from './validators.generated.ts';
 
 export const RECEIPT_VERSION = 1;
 
@@ -64,13 +63,11 @@ export const RECEIPT_ABI_TYPES = [
   'bytes32',
 ] as const;
 
-export type SignedReceipt = Static<typeof SignedReceiptSchema>;
+export type { SignedReceipt } from './schemas.ts';
 /** A receipt before the agent signs it. */
 export type Receipt = Omit<SignedReceipt, 'sig'>;
 
 export const ZERO_HASH: Uint8Array = new Uint8Array(32);
-
-const checkSignedReceipt = TypeCompiler.Compile(SignedReceiptSchema);
 
 /** Whether a decoded value has the shape of a signed receipt (no signature or chain checks). */
 export function isSignedReceipt(value: unknown): value is SignedReceipt {
@@ -247,7 +244,6 @@ export function signQuote(identity: Identity, quote: Omit<Quote, 'v' | 'kind' | 
   return { quote: new Uint8Array(bytes), sig: signBytes(identity, Buffer.concat([QUOTE_DOMAIN, bytes])) };
 }
 
-const checkSignedQuote = TypeCompiler.Compile(SignedQuoteSchema);
 const ADDRESS = /^0x[0-9a-f]{40}$/;
 const HASH_HEX = /^0x[0-9a-f]{64}$/;
 const isMicros = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) >= 0;
