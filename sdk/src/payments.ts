@@ -384,7 +384,9 @@ export class PayerLanes {
   ): void {
     const arrivedAt = Date.now();
     const seen = this.sent.get(key)?.agents.get(agentId);
-    if (seen && seen.reply === undefined) {
+    // An error without a receipt is a refusal before the agent took the request on (it costs nothing): it is
+    // not the attempt's answer, which may still come when the SDK tries that agent again (MESH_CREDIT_EXCEEDED).
+    if (seen && seen.reply === undefined && (kind === 'res' || receipt !== undefined)) {
       seen.reply = kind;
       seen.arrivedAt = arrivedAt;
       if (outputs) seen.outputHash = hashTensorMap(outputs);
