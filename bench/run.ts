@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { type BenchContext, type BenchResult, machineBusyMs, ROOT, stopAll } from './lib.ts';
 
-const BENCHES: Record<string, { file: string; about: string }> = {
+const BENCHES: Record<string, { file: string; about: string; quickTimeoutS?: number }> = {
   overhead: { file: './overhead.ts', about: 'kws latency: raw onnxruntime vs mesh (broker + agent + SDK processes) vs a no-op echo agent' },
   throughput: {
     file: './throughput.ts',
@@ -41,6 +41,13 @@ const BENCHES: Record<string, { file: string; about: string }> = {
     file: './receipts.ts',
     about: 'receipts signed (keccak leaf + Ed25519) and verified by a LaneVerifier per second on one core',
   },
+  economics: {
+    file: './economics.ts',
+    // A real chain, two dozen thousand paid requests and their settlement: its quick run is allowed a minute.
+    quickTimeoutS: 60,
+    about:
+      'honest and dishonest agents and payers over simulated hours on the real payment code and a local chain: losses, gas per receipt',
+  },
 };
 
 const USAGE = `usage: npm run bench -- <name> [--quick] [--timeout-s S] [bench options]
@@ -51,8 +58,8 @@ ${Object.entries(BENCHES)
   .join('\n')}
 
 options:
-  --quick        short run (under 45 s)
-  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full)
+  --quick        short run (under 45 s; economics under 60 s)
+  --timeout-s S  wall-clock cap for the whole run (default 42 quick (economics 60), 900 full)
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
   agent:      --reps R --idle-ms MS --settle-ms MS --workers W --inline-max-ms MS
@@ -61,6 +68,8 @@ options:
   bridge:     --n N --duration-ms D      sequential requests each way (default 4000, quick 600); frame-loop length
   settlement: --max-batch N              largest batch measured (default 100, quick 50)
   receipts:   --n N                      receipts signed and verified (default 100000, quick 20000)
+  economics:  --rounds R --agents A --payers P --loss L --seed K   rounds of 15 simulated minutes (48, quick 8),
+                                         honest agents (3, quick 2) and payers (40), per-message loss (0.005)
 
 The last stdout line is one JSON object: the benchmark's fields, then machine_busy_cores_before,
 loadavg_1m and elapsed_s. On failure it is { bench, quick, error } and the exit code is 1.
@@ -97,7 +106,7 @@ async function main(): Promise<number> {
     process.stdout.write(`${USAGE}\n`);
     return 2;
   }
-  const timeoutS = typeof args['timeout-s'] === 'string' ? Number(args['timeout-s']) : quick ? 42 : 900;
+  const timeoutS = typeof args['timeout-s'] === 'string' ? Number(args['timeout-s']) : quick ? (bench.quickTimeoutS ?? 42) : 900;
   const log = (line: string) => process.stderr.write(`${line}\n`);
   const ctx: BenchContext = { quick, log, args };
   const started = performance.now();
