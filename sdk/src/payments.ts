@@ -159,6 +159,8 @@ const REMEMBER_SENT_MS = 60_000;
 const MAX_SENT = 20_000;
 /** Resync and voucher resend requests per lane are spaced by at least this. */
 const RETRY_SPACING_MS = 500;
+/** How long closing waits for receipts missing before ones it holds (see `close`). */
+const CLOSE_GAP_WAIT_MS = 1_500;
 /** Receipts held ahead of a gap, per lane. */
 const MAX_AHEAD = 1024;
 
@@ -456,7 +458,10 @@ export class PayerLanes {
       lane.refused++;
       lane.lastRefusal = linked.reason;
       this.counters.refused++;
-      this.logger.info({ agentId: lane.agentId, seq: receipt.seq, reason: linked.reason }, 'receipt linked, not paid');
+      this.logger.info(
+        { agentId: lane.agentId, seq: receipt.seq, requestId: requestIdHex(receipt.requestId), reason: linked.reason },
+        'receipt linked, not paid',
+      );
     }
     // Receipts held after a gap may link now.
     const next = lane.ahead.get(lane.verifier.state.seq + 1);
@@ -546,9 +551,21 @@ export class PayerLanes {
     return [...this.refusedAgents].map(([agentId, reason]) => ({ agentId, reason }));
   }
 
-  /** Waits for vouchers being signed, then closes the store. */
+  /**
+   * Waits for vouchers being signed, then closes the store. A receipt held behind a gap (one before it was
+   * lost) is linked only when the gap fills, and what is held in memory is gone after a restart: the
+   * receipts are asked for again and awaited for up to `CLOSE_GAP_WAIT_MS` first, so that closing does not
+   * leave unpaid an answer the app got.
+   */
   async close(): Promise<void> {
     await this.ready();
+    const until = Date.now() + CLOSE_GAP_WAIT_MS;
+    for (;;) {
+      const gaps = [...this.lanes.values()].filter((l) => l.ahead.size > 0 && !l.broken);
+      if (gaps.length === 0 || Date.now() >= until) break;
+      for (const lane of gaps) this.resync(lane);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
     await this.flush();
     await this.db?.close();
   }
