@@ -110,6 +110,8 @@ export class Network {
   /** Messages that arrived while their receiver was restarting. */
   lostToRestarts = 0;
   inflight = 0;
+  /** Per receiver and sender, when the last message sent between them arrives (performance.now()). */
+  private readonly lastArrival = new WeakMap<Endpoint, Map<string, number>>();
 
   constructor(
     private readonly rng: Rng,
@@ -117,7 +119,11 @@ export class Network {
     private readonly delayMs: readonly [number, number],
   ) {}
 
-  send(kind: MessageKind, to: Endpoint, deliver: () => void, dropped?: () => void): void {
+  /**
+   * Sends one message. With `from`, messages from one sender to one receiver arrive in the order sent, as
+   * MQTT delivers one client's publishes to a subscriber: a random delay never lets one overtake another.
+   */
+  send(kind: MessageKind, to: Endpoint, deliver: () => void, dropped?: () => void, from?: string): void {
     this.sent[kind]++;
     if (this.loss > 0 && this.rng.next() < this.loss) {
       this.lost[kind]++;
@@ -125,18 +131,24 @@ export class Network {
       return;
     }
     this.inflight++;
-    setTimeout(
-      () => {
-        this.inflight--;
-        if (!to.up) {
-          this.lostToRestarts++;
-          dropped?.();
-          return;
-        }
-        deliver();
-      },
-      this.rng.uniform(this.delayMs[0], this.delayMs[1]),
-    );
+    let delay = this.rng.uniform(this.delayMs[0], this.delayMs[1]);
+    if (from !== undefined) {
+      const now = performance.now();
+      const last = this.lastArrival.get(to) ?? new Map<string, number>();
+      this.lastArrival.set(to, last);
+      const at = Math.max(now + delay, last.get(from) ?? 0);
+      last.set(from, at);
+      delay = at - now;
+    }
+    setTimeout(() => {
+      this.inflight--;
+      if (!to.up) {
+        this.lostToRestarts++;
+        dropped?.();
+        return;
+      }
+      deliver();
+    }, delay);
   }
 }
 
@@ -454,6 +466,7 @@ export class SimAgent implements Endpoint {
       () => {
         if (id) to.dropped(this.id, id);
       },
+      this.id,
     );
   }
 
@@ -534,6 +547,8 @@ export class SimPayer implements Endpoint {
   up = true;
   lanes!: PayerLanes;
   restarts = 0;
+  /** From the start of a restart until its lanes are open again: the app sends nothing and takes no replies. */
+  private reopening = false;
   readonly logger = new CountingLogger();
   /** What happens to this payer's vouchers on the way out: sent, dropped, or rewritten to pay half. */
   vouchers: 'send' | 'drop' | 'halve' = 'send';
@@ -602,7 +617,7 @@ export class SimPayer implements Endpoint {
       void this.halve(agent, message);
       return;
     }
-    this.net.send(message.kind, agent, () => agent.deliverVoucher(this.clientId, payload));
+    this.net.send(message.kind, agent, () => agent.deliverVoucher(this.clientId, payload), undefined, this.clientId);
   }
 
   /** Refuses half of what it owes: the same voucher, signed again for half the amount (and the same checked seq). */
@@ -626,7 +641,7 @@ export class SimPayer implements Endpoint {
    * payer owes the agent (its voucher is flushed first). Resolves with how it ended.
    */
   async request(agent: SimAgent, rng: Rng): Promise<Outcome> {
-    if (!this.up) return this.count('down');
+    if (!this.up || this.reopening) return this.count('down');
     const pay = this.lanes.payField(agent.id);
     if (!pay) return this.count('no-lane');
     this.counters.requests++;
@@ -642,8 +657,10 @@ export class SimPayer implements Endpoint {
     if (outcome === 'MESH_CREDIT_EXCEEDED' && this.up && this.lanes.owes(agent.id)) {
       // The SDK's retrySameAfter: the agent waits for a voucher this client is about to send.
       this.counters.retried++;
-      await this.lanes.flush();
-      outcome = await this.attempt(agent, request, key);
+      const lanes = this.lanes;
+      await lanes.flush();
+      // A restart while the voucher went out ends this request, as it would end the app's process.
+      outcome = this.lanes === lanes ? await this.attempt(agent, request, key) : 'down';
     }
     if (outcome === 'ok') this.counters.ok++;
     return this.count(outcome);
@@ -669,6 +686,7 @@ export class SimPayer implements Endpoint {
         agent,
         () => agent.deliverRequest(this.clientId, payload),
         () => this.settle(waitKey, 'lost'),
+        this.clientId,
       );
     });
   }
@@ -697,6 +715,7 @@ export class SimPayer implements Endpoint {
       this.lanes.onReceiptBatch(agentId, reading.batch);
       return;
     }
+    if (this.reopening) return;
     const arrived = Date.now();
     // A reply for a request this instance is not waiting for (sent before a restart) reaches no app.
     const waiting = this.waiters.has(`${agentId}|${reading.key}`);
@@ -744,13 +763,24 @@ export class SimPayer implements Endpoint {
 
   /** Closes its lanes (vouchers owed are signed and sent first, as `mesh.close()` does) and opens them again from its store. */
   async restart(downMs: number): Promise<void> {
-    this.up = false;
     this.restarts++;
+    // The app stops: its requests in flight end, it sends nothing more and takes no more replies; its lanes
+    // close while connected (as `mesh.close()` closes payments before the connection), so a receipt held
+    // behind a lost one can still be asked for again.
+    this.reopening = true;
     for (const key of [...this.waiters.keys()]) this.settle(key, 'down');
     await this.lanes.close();
+    this.up = false;
     await new Promise((r) => setTimeout(r, downMs));
+    // Up for messages while the lanes reopen, but the app sends nothing until they have: a request sent
+    // now would be remembered by the closed lanes, and its receipt refused by the new ones.
     this.up = true;
-    await this.open();
+    this.reopening = true;
+    try {
+      await this.open();
+    } finally {
+      this.reopening = false;
+    }
   }
 
   async close(): Promise<void> {
