@@ -2,7 +2,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { EnginePolicy } from '@edge-mesh/client';
-import { runSim, type SimResult } from '../bench/sim/engine.ts';
+import { InferReplySchema, ModelLoadSchema } from '@edge-mesh/protocol';
+import { runSim, type SimResult, WIRE } from '../bench/sim/engine.ts';
 import { summarize } from '../bench/sim/metrics.ts';
 import { OursPolicy } from '../bench/sim/ours.ts';
 import { BASELINES } from '../bench/sim/policies.ts';
@@ -62,8 +63,11 @@ test('paired workloads: the service times do not depend on the policy, and a rep
   assert.ok(a.exec.size > 100);
   assert.deepEqual([...a.exec], [...b.exec]);
   assert.deepEqual(b.rng, c.rng);
-  // Information parity: what the wire's reply carries, nothing more (no requests in flight, no load time).
-  assert.deepEqual([...a.keys].sort(), ['execMs', 'queueMs']);
+  // Information parity: a reply carries what the protocol's reply defines, nothing more.
+  const onWire = new Set(Object.keys(InferReplySchema.properties));
+  for (const k of a.keys) assert.ok(onWire.has(k), `${k} is not a field of the protocol's reply`);
+  assert.ok(a.keys.has('execMs') && a.keys.has('queueMs'));
+  assert.equal(a.keys.has('rif'), WIRE.replyRif);
   const w2 = buildWorld({ ...small, routers: 1, seed: 5, load: 0.3 });
   assert.deepEqual(w2.trace.t, w.trace.t);
   assert.deepEqual(w2.trace.input, w.trace.input);
@@ -125,4 +129,34 @@ test('failures count as infinite latency', () => {
   const r = runSim(w, BASELINES.prequal!);
   assert.ok(r.fail_rate > 0.01, `prequal fails ${r.fail_rate}`);
   assert.equal(r.p999_ms, Number.POSITIVE_INFINITY);
+});
+
+test("load reports carry a model's fields as the protocol defines them, and its cold state only if the schema has it", () => {
+  const keys = new Set<string>();
+  const states = new Set<unknown>();
+  const make: PolicyFactory = () => {
+    const inner = BASELINES.finagle!();
+    return {
+      name: 'load-recorder',
+      init: (env) => inner.init(env),
+      policy: () => inner.policy(),
+      budget: () => inner.budget(),
+      ask: (req) => inner.ask(req),
+      get maxAttempts() {
+        return inner.maxAttempts;
+      },
+      onStatus: (status, now) => inner.onStatus?.(status, now),
+      onLoad(load) {
+        for (const ml of Object.values(load.models)) {
+          for (const k of Object.keys(ml)) keys.add(k);
+          states.add((ml as Record<string, unknown>).state);
+        }
+      },
+    };
+  };
+  runSim(buildWorld({ ...small, scenario: 'cold', seed: 3 }), make);
+  const onWire = new Set(Object.keys(ModelLoadSchema.properties));
+  for (const k of keys) assert.ok(onWire.has(k), `${k} is not a field of the protocol's model load`);
+  if (WIRE.modelState) assert.ok(states.has('cold') && states.has('warm'));
+  else assert.deepEqual([...states], [undefined]);
 });

@@ -6,7 +6,16 @@
  * router, each with its own instance of the policy under test, fed only what the wire carries.
  */
 import { type Attempt, createRequestEngine, type EngineClock, type RequestEngine } from '@edge-mesh/client';
-import { type AgentLoad, type AgentStatus, MeshError, type MeshErrorCode, PROTOCOL_VERSION } from '@edge-mesh/protocol';
+import {
+  type AgentLoad,
+  type AgentStatus,
+  ErrorReplySchema,
+  InferReplySchema,
+  MeshError,
+  type MeshErrorCode,
+  ModelLoadSchema,
+  PROTOCOL_VERSION,
+} from '@edge-mesh/protocol';
 import type { ProbeAnswer } from '@edge-mesh/router';
 import { EventHeap } from './heap.ts';
 import { type LatencySummary, summarize } from './metrics.ts';
@@ -31,6 +40,22 @@ enum Ev {
 }
 
 const M = MODELS.length;
+
+/**
+ * Which optional fields the protocol's messages define (protocol/src/messages.ts). The simulated agents
+ * fill exactly these, as the live agent does, so a figure put on the wire reaches every policy here the
+ * day the schema carries it, and none before: the reply's queue (`rif`, `workMs`) and cold-load wait
+ * (`loadMs`), the error reply's queue, and a model's `state` and `etaMs` in the load report.
+ */
+export const WIRE = {
+  replyRif: 'rif' in InferReplySchema.properties,
+  replyWorkMs: 'workMs' in InferReplySchema.properties,
+  replyLoadMs: 'loadMs' in InferReplySchema.properties,
+  errorRif: 'rif' in ErrorReplySchema.properties,
+  errorWorkMs: 'workMs' in ErrorReplySchema.properties,
+  modelState: 'state' in ModelLoadSchema.properties,
+  modelEtaMs: 'etaMs' in ModelLoadSchema.properties,
+} as const;
 /** The agent's per-model queue bound (edge-agent's default queueLimit): beyond it, MESH_BUSY at once. */
 const QUEUE_LIMIT = 64;
 /** SvcDone marker of a MESH_BUSY refusal. */
@@ -51,6 +76,10 @@ interface Job {
   ok: boolean;
   code: MeshErrorCode;
   svcMs: number;
+  /** Time the attempt waited at the agent for its model to load. */
+  loadWaitMs: number;
+  /** The optional reply fields the protocol defines, as the agent filled them when it replied. */
+  wire: Record<string, number> | undefined;
   key: string;
   agentId: string;
 }
@@ -73,6 +102,8 @@ export interface SimResult extends LatencySummary {
   served: Record<string, number>;
   /** Failed requests by error code. */
   errors: Record<string, number>;
+  /** Per model: p99 (failures as +∞) and fail rate, to see where a tail comes from. */
+  by_model: Record<string, { p99_ms: number; fail_rate: number }>;
   wall_ms: number;
 }
 
@@ -167,6 +198,23 @@ function simulate(world: World, make: PolicyFactory): SimResult {
     };
   };
 
+  /** A model's load state as the report carries it, when the schema has the fields. */
+  const modelState = (i: number, m: number): Record<string, unknown> => {
+    if (!WIRE.modelState) return {};
+    const r = readyAt[i * M + m]!;
+    if (r <= now) return { state: 'warm' };
+    if (r === Number.POSITIVE_INFINITY) return { state: 'cold' };
+    return { state: 'loading', ...(WIRE.modelEtaMs ? { etaMs: r - now } : {}) };
+  };
+
+  /** The agent's queue as a reply claims it: requests held (queued and running) and the same as work, ms. */
+  const queueClaim = (i: number): { rif: number; workMs: number } => {
+    if (nodes[i]!.failFast) return { rif: 0, workMs: 0 };
+    let workMs = 0;
+    for (let k = 0; k < M; k++) workMs += (queuedBy[i * M + k]! + runningBy[i * M + k]!) * execEwma[i * M + k]!;
+    return { rif: queuedAt(i) + busy[i]!, workMs };
+  };
+
   const loadOf = (i: number): AgentLoad => {
     const n = nodes[i]!;
     const models: AgentLoad['models'] = {};
@@ -179,6 +227,7 @@ function simulate(world: World, make: PolicyFactory): SimResult {
             serviceMs: execEwma[i * M + k]!,
             served: served[i * M + k]!,
             failed: 0,
+            ...modelState(i, k),
           };
     });
     return {
@@ -244,6 +293,7 @@ function simulate(world: World, make: PolicyFactory): SimResult {
     const sim = make();
     const env: PolicyEnv = {
       rng: new Rng(cfg.seed, `policy-${r}`),
+      routers: R,
       now: () => now,
       truth,
       probe(agentId, model, cb) {
@@ -283,6 +333,8 @@ function simulate(world: World, make: PolicyFactory): SimResult {
             ok: false,
             code: 'MESH_INFERENCE_FAILED',
             svcMs: 0,
+            loadWaitMs: 0,
+            wire: undefined,
             key: attempt.request.key,
             agentId: attempt.agentId,
           };
@@ -377,6 +429,12 @@ function simulate(world: World, make: PolicyFactory): SimResult {
   const replyBack = (id: number, ok: boolean, code: MeshErrorCode = 'MESH_INFERENCE_FAILED') => {
     const job = jobs[id]!;
     job.code = code;
+    const claim = queueClaim(job.node);
+    const fields: Record<string, number> = {};
+    if (ok ? WIRE.replyRif : WIRE.errorRif) fields.rif = claim.rif;
+    if (ok ? WIRE.replyWorkMs : WIRE.errorWorkMs) fields.workMs = claim.workMs;
+    if (ok && WIRE.replyLoadMs && job.loadWaitMs > 0) fields.loadMs = job.loadWaitMs;
+    if (Object.keys(fields).length > 0) job.wire = fields;
     const n = nodes[job.node]!;
     const req = runs[job.req]!.req;
     const j = job.req * DRAWS + (job.k % DRAWS);
@@ -455,6 +513,7 @@ function simulate(world: World, make: PolicyFactory): SimResult {
           readyAt[i * M + m] = now + n.coldLoadMs;
           heap.push(readyAt[i * M + m]!, Ev.ModelLoaded, i, epoch[i]!);
         }
+        job.loadWaitMs = Math.max(0, readyAt[i * M + m]! - now);
         if (queues[i * M + m]!.length - qHead[i * M + m]! >= QUEUE_LIMIT) {
           heap.push(now + FAIL_FAST_MS, Ev.SvcDone, ev.a, BUSY_REPLY);
           break;
@@ -495,8 +554,16 @@ function simulate(world: World, make: PolicyFactory): SimResult {
       case Ev.Reply: {
         const job = jobs[ev.a]!;
         const engine = engines[job.router]!;
-        if (job.ok) engine.answer(job.key, job.agentId, { queueMs: job.startedAt - job.arrivedAt, execMs: job.svcMs });
-        else engine.fail(job.key, job.agentId, new MeshError(job.code, job.code === 'MESH_BUSY' ? 'queue full' : 'fail-fast node'));
+        const fields = job.wire;
+        if (job.ok) engine.answer(job.key, job.agentId, { queueMs: job.startedAt - job.arrivedAt, execMs: job.svcMs, ...fields });
+        else
+          engine.fail(
+            job.key,
+            job.agentId,
+            new MeshError(job.code, job.code === 'MESH_BUSY' ? 'queue full' : 'fail-fast node', {
+              details: { agentId: job.agentId, ...fields },
+            }),
+          );
         break;
       }
       case Ev.LoadTick: {
@@ -571,13 +638,16 @@ function simulate(world: World, make: PolicyFactory): SimResult {
 
   // Measure requests after the warm-up.
   const lat: number[] = [];
+  const latByModel: number[][] = MODELS.map(() => []);
   let originals = 0;
   let extra = 0;
   for (const run of runs) {
     if (run.req.t < cfg.warmupMs) continue;
     originals++;
     extra += run.attempts > 0 ? run.attempts - 1 : 0;
-    lat.push(run.done ? run.latency : Number.POSITIVE_INFINITY);
+    const ms = run.done ? run.latency : Number.POSITIVE_INFINITY;
+    lat.push(ms);
+    latByModel[run.req.model]!.push(ms);
   }
   const totalServed = Object.values(servedBy).reduce((a, b) => a + b, 0);
   return {
@@ -590,6 +660,12 @@ function simulate(world: World, make: PolicyFactory): SimResult {
     probes_per_request: trace.n > 0 ? probes / trace.n : 0,
     served: Object.fromEntries(Object.entries(servedBy).map(([k, v]) => [k, v / Math.max(1, totalServed)])),
     errors,
+    by_model: Object.fromEntries(
+      MODELS.map((m, k) => {
+        const s = summarize(latByModel[k]!);
+        return [m.name, { p99_ms: s.p99_ms, fail_rate: s.fail_rate }];
+      }),
+    ),
     wall_ms: performance.now() - wall0,
   };
 }

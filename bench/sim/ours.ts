@@ -33,7 +33,8 @@ export class OursPolicy implements SimPolicy {
   }
 
   init(env: PolicyEnv): void {
-    this.reg = createRegistry({ seed: 1, ...this.opts.router });
+    // The operator tells each router how many routers share the fleet (C3's concurrency compensation).
+    this.reg = createRegistry({ seed: 1, routers: env.routers, ...this.opts.router });
     this.engine = createRouterPolicy<SimReply>(this.reg, {
       hedging: this.opts.hedging ?? true,
       ...(this.opts.hedgeMaxUtil !== undefined ? { hedgeMaxUtilization: this.opts.hedgeMaxUtil } : {}),

@@ -13,6 +13,10 @@ import type { Rng } from './rng.ts';
 export interface SimReply {
   queueMs: number;
   execMs: number;
+  /** Filled only when the protocol's reply defines them (engine.ts, WIRE). */
+  rif?: number;
+  workMs?: number;
+  loadMs?: number;
 }
 
 export interface SimRequest {
@@ -39,6 +43,8 @@ export interface Truth {
 export interface PolicyEnv {
   /** The policy's own random stream (identical for every policy of the same router in a run). */
   rng: Rng;
+  /** Routers sharing the fleet: configuration an operator knows (the router's `routers` option). */
+  routers: number;
   now(): number;
   /** A probe to an agent, answered after a network round trip (Prequal; the protocol has no such message). */
   probe: ProbeChannel;
