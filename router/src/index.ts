@@ -109,3 +109,4 @@ export {
   type VivaldiOptions,
   vivaldiDistanceMs,
 } from './vivaldi.ts';
+export { createWarmer, type Warmer, type WarmingOptions } from './warming.ts';
