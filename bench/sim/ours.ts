@@ -17,6 +17,8 @@ export interface OursOptions {
   hedging?: boolean;
   /** Hedging off above this fleet utilisation (the live default is 0.8). */
   hedgeMaxUtil?: number;
+  /** Warm cold agents ahead of demand (the live default is on). */
+  warming?: boolean;
   router?: RouterOptions;
 }
 
@@ -37,6 +39,7 @@ export class OursPolicy implements SimPolicy {
     this.reg = createRegistry({ seed: 1, routers: env.routers, ...this.opts.router });
     this.engine = createRouterPolicy<SimReply>(this.reg, {
       hedging: this.opts.hedging ?? true,
+      ...(this.opts.warming !== undefined ? { warming: this.opts.warming } : {}),
       ...(this.opts.hedgeMaxUtil !== undefined ? { hedgeMaxUtilization: this.opts.hedgeMaxUtil } : {}),
       random: () => env.rng.next(),
     });
@@ -71,4 +74,5 @@ export class OursPolicy implements SimPolicy {
 export const OURS: Record<string, PolicyFactory> = {
   ours: () => new OursPolicy(),
   'ours-no-hedge': () => new OursPolicy({ name: 'ours-no-hedge', hedging: false }),
+  'ours-no-warming': () => new OursPolicy({ name: 'ours-no-warming', warming: false }),
 };
