@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { type BenchContext, type BenchResult, machineBusyMs, ROOT, stopAll } from './lib.ts';
 
-const BENCHES: Record<string, { file: string; about: string; quickTimeoutS?: number }> = {
+const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick: number; full: number } }> = {
   overhead: { file: './overhead.ts', about: 'kws latency: raw onnxruntime vs mesh (broker + agent + SDK processes) vs a no-op echo agent' },
   throughput: {
     file: './throughput.ts',
@@ -23,7 +23,8 @@ const BENCHES: Record<string, { file: string; about: string; quickTimeoutS?: num
   agent: { file: './agent.ts', about: 'agent process start to retained status at a subscriber (ready_ms) and idle RSS' },
   'router-sim': {
     file: './router-sim.ts',
-    about: 'discrete-event router simulator: scenarios x policies, p50/p99/p99.9, fail rate, extra load',
+    about: 'discrete-event router simulator: fleet mixes x loads x scenarios x policies x seeds, ratios with bootstrap CIs',
+    timeoutS: { quick: 150, full: 3_600 },
   },
   'router-pick': {
     file: './router-pick.ts',
@@ -44,7 +45,7 @@ const BENCHES: Record<string, { file: string; about: string; quickTimeoutS?: num
   economics: {
     file: './economics.ts',
     // A real chain, two dozen thousand paid requests and their settlement: its quick run is allowed a minute.
-    quickTimeoutS: 60,
+    timeoutS: { quick: 60, full: 900 },
     about:
       'honest and dishonest agents and payers over simulated hours on the real payment code and a local chain: losses, gas per receipt',
   },
@@ -63,7 +64,8 @@ options:
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
   agent:      --reps R --idle-ms MS --settle-ms MS --workers W --inline-max-ms MS
-  router-sim: --nodes N --duration-s S --seed K --loads 0.7,0.8,0.9 --policies a,b --scenarios a,b --side-load L
+  router-sim: --seeds N --nodes N --duration-s S --warmup-s S --routers W --mixes a,b --loads 0.7,0.8,0.9
+              --policies a,b --scenarios a,b --workers K
   router-pick: --picks N                  timed picks per fleet size (default 300000, quick 50000)
   bridge:     --n N --duration-ms D      sequential requests each way (default 4000, quick 600); frame-loop length
   settlement: --max-batch N              largest batch measured (default 100, quick 50)
@@ -106,7 +108,12 @@ async function main(): Promise<number> {
     process.stdout.write(`${USAGE}\n`);
     return 2;
   }
-  const timeoutS = typeof args['timeout-s'] === 'string' ? Number(args['timeout-s']) : quick ? (bench.quickTimeoutS ?? 42) : 900;
+  const timeoutS =
+    typeof args['timeout-s'] === 'string'
+      ? Number(args['timeout-s'])
+      : quick
+        ? (bench.timeoutS?.quick ?? 42)
+        : (bench.timeoutS?.full ?? 900);
   const log = (line: string) => process.stderr.write(`${line}\n`);
   const ctx: BenchContext = { quick, log, args };
   const started = performance.now();

@@ -2,6 +2,33 @@
  * The router part's front door. This step exports the pure core (registry, estimates, Vivaldi, selection);
  * `startRouter` (MQTT, HTTP, timers) builds on it and the simulator drives the very same functions.
  */
+
+export {
+  type BaselinePolicy,
+  type BaselineReply,
+  createEnvoyPolicy,
+  createFinaglePolicy,
+  createLinkerdPolicy,
+  createPrequalPolicy,
+  type Endpoint,
+  type EnvoyOptions,
+  FailureAccrual,
+  FINAGLE_PENALTY,
+  type FinagleOptions,
+  FinaglePeakEwma,
+  hotColdPick,
+  type LinkerdOptions,
+  LOST,
+  Membership,
+  type PrequalOptions,
+  type ProbeAnswer,
+  type ProbeChannel,
+  reuseBudget,
+  TokenRetryBudget,
+  TowerPeakEwma,
+  WeightedSampler,
+  WindowedLatencies,
+} from './baselines/index.ts';
 export {
   type AgentDescriptor,
   type AgentEntry,
@@ -82,3 +109,4 @@ export {
   type VivaldiOptions,
   vivaldiDistanceMs,
 } from './vivaldi.ts';
+export { createWarmer, type Warmer, type WarmingOptions } from './warming.ts';

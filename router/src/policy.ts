@@ -8,6 +8,7 @@ import type { Attempt, AttemptEnd, EnginePolicy, EngineRequest } from '@edge-mes
 import { type InferReply, MeshError } from '@edge-mesh/protocol';
 import { evaluateOutliers, markDown, onCancel, onFailure, onReply, onSend, type Registry } from './estimates.ts';
 import { fleetUtilization, hedgeDelayMs, perTryTimeoutMs, type RouteRequest, type SelectOptions, selectAgent } from './select.ts';
+import { createWarmer, type WarmingOptions } from './warming.ts';
 
 /** What the router's engine carries for one forwarded request. */
 export interface RouterAsk {
@@ -40,6 +41,11 @@ export interface RouterPolicyOptions {
   outlierIntervalMs?: number;
   /** The registry's random stream for the sampling (default the registry's own). */
   random?: () => number;
+  /**
+   * Warm cold agents ahead of demand (warming.ts): when most agents holding a model have no free slot,
+   * one request also goes at once to the best cold agent, which loads the model. Default on; false turns it off.
+   */
+  warming?: boolean | WarmingOptions;
   /** Selection variants (the simulator's ablations: uniform sampling, more choices). */
   select?: SelectOptions;
   /** Called after every attempt that ended with an answer, an error or a per-try timeout (metrics). */
@@ -61,6 +67,9 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
   const random = options.random ?? registry.rng;
   const sentTo: Record<string, number> = {};
   let lastSweep = Number.NEGATIVE_INFINITY;
+  const warmer = options.warming === false ? undefined : createWarmer(registry, options.warming === true ? {} : options.warming);
+  /** Requests whose backup copy goes at once to a cold agent, to make it load the model. */
+  const warmingFor = new WeakMap<EngineRequest<RouterAsk>, string>();
 
   const sweep = (now: number) => {
     if (now - lastSweep < outlierIntervalMs) return;
@@ -77,6 +86,12 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
     pick(request: EngineRequest<RouterAsk>, tried, kind, now) {
       sweep(now);
       const ask = request.data;
+      const warming = kind === 'hedge' ? warmingFor.get(request) : undefined;
+      if (warming !== undefined) {
+        warmingFor.delete(request);
+        // The warming copy waits for the load: no per-try timeout (a load is not a failure), no hedge.
+        return tried.has(warming) ? undefined : { agentId: warming };
+      }
       const selection = selectAgent(
         registry,
         {
@@ -97,14 +112,20 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
       // selectAgent falls back to excluded nodes when nothing else is left; the engine never sends twice to one.
       if (tried.has(selection.agentId)) return undefined;
       const remaining = request.deadlineAt - now;
+      const cold = kind === 'first' ? warmer?.target(ask.model, now) : undefined;
+      if (cold && cold.agent.agentId !== selection.agentId) warmingFor.set(request, cold.agent.agentId);
       return {
         agentId: selection.agentId,
         predictedMs: selection.predictedMs,
         timeoutMs: perTryTimeoutMs(registry, selection.predictedMs, remaining),
-        ...(hedging ? { hedgeAfterMs: hedgeDelayMs(selection.entry, selection.predictedMs) } : {}),
+        ...(warmingFor.has(request)
+          ? { hedgeAfterMs: 0 }
+          : hedging
+            ? { hedgeAfterMs: hedgeDelayMs(selection.entry, selection.predictedMs) }
+            : {}),
       };
     },
-    mayHedge: (_request, now) => fleetUtilization(registry, now) <= hedgeMaxUtilization,
+    mayHedge: (request, now) => warmingFor.has(request) || fleetUtilization(registry, now) <= hedgeMaxUtilization,
     onSend(attempt, now) {
       sentTo[attempt.agentId] = (sentTo[attempt.agentId] ?? 0) + 1;
       onSend(registry, attempt.agentId, attempt.request.data.model, now);
