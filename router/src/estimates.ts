@@ -6,7 +6,8 @@
 
 import { mulberry32, type Rng } from '@edge-mesh/client';
 import type { AgentLoad, AgentStatus } from '@edge-mesh/protocol';
-import { applyVivaldiSample, newCoord, type VivaldiCoord } from './vivaldi.ts';
+import { addNetSample, MIN_RTT_MS, type NetFit, newNetFit } from './netfit.ts';
+import { applyVivaldiSample, isCoordKnown, newCoord, type VivaldiCoord, vivaldiDistanceMs } from './vivaldi.ts';
 
 export { mulberry32, type Rng };
 
@@ -57,8 +58,8 @@ export interface RouterConfig {
   crossSiteRttMs: number;
   /** Transfer rate prior, bytes/ms (1,250 = 10 Mb/s). */
   defaultBytesPerMs: number;
-  /** Only payloads at least this large give a transfer-rate sample. */
-  bwMinBytes: number;
+  /** Payload size at which the prior rate weighs as much as one reply in the RTT and rate fit (netfit.ts). */
+  netRefBytes: number;
   defaultColdLoadMs: number;
   /** The router's own site label, for the site-label RTT fallback. */
   site: string | undefined;
@@ -103,7 +104,7 @@ export function resolveConfig({
   sameSiteRttMs = 4,
   crossSiteRttMs = 40,
   defaultBytesPerMs = 1_250,
-  bwMinBytes = 16_384,
+  netRefBytes = 8_192,
   defaultColdLoadMs = 5_000,
   site = undefined,
   seed = 1,
@@ -144,7 +145,7 @@ export function resolveConfig({
     sameSiteRttMs,
     crossSiteRttMs,
     defaultBytesPerMs,
-    bwMinBytes,
+    netRefBytes,
     defaultColdLoadMs,
     site,
     seed,
@@ -187,11 +188,14 @@ export interface AgentEntry {
   reportedAtMs: number;
   /** This router's outstanding attempts to the agent. */
   outstanding: number;
-  /** EWMA of measured network RTT; NaN until measured. */
+  /** Measured network RTT (the fit's intercept); NaN until measured. */
   rttMs: number;
   rttAtMs: number;
+  /** Transfer rate, bytes/ms: the fit's, or the prior until measured. */
   bytesPerMs: number;
   bwAtMs: number;
+  /** The joint RTT and rate fit (netfit.ts); undefined until the first reply. */
+  net: NetFit | undefined;
   pFail: number;
   pFailAtMs: number;
   kappa: number;
@@ -337,6 +341,18 @@ export function isAlive(agent: AgentEntry, nowMs: number): boolean {
   return agent.up && nowMs - agent.lastSeenMs <= agent.registry.config.heartbeatTimeoutMs;
 }
 
+/**
+ * RTT to an agent from what is known without measuring it: Vivaldi coordinates, else site labels, else the
+ * default. The prior of the measured RTT, and what selection uses until there is one.
+ */
+export function priorRttMs(agent: AgentEntry): number {
+  const c = agent.registry.config;
+  const self = agent.registry.selfCoord;
+  if (isCoordKnown(agent.coord) && isCoordKnown(self)) return vivaldiDistanceMs(self, agent.coord);
+  if (c.site !== undefined && agent.site !== undefined) return c.site === agent.site ? c.sameSiteRttMs : c.crossSiteRttMs;
+  return c.defaultRttMs;
+}
+
 /** 95th percentile of recent e2e latency for the entry's (class, model); NaN with fewer than 20 samples. */
 export function p95E2eMs(stats: ClassModelStats): number {
   const n = Math.min(stats.e2eCount, E2E_RING);
@@ -445,6 +461,7 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
       rttAtMs: nowMs,
       bytesPerMs: reg.config.defaultBytesPerMs,
       bwAtMs: nowMs,
+      net: undefined,
       pFail: 0,
       pFailAtMs: nowMs,
       kappa: 1,
@@ -658,23 +675,22 @@ export function onReply(reg: Registry, agentId: string, model: string, sample: R
     }
   }
 
-  const rtt = sample.rttMs ?? (sample.e2eMs !== undefined ? sample.e2eMs - sample.queueMs - sample.execMs - loadMs : Number.NaN);
-  if (rtt > 0 && Number.isFinite(rtt)) {
+  const networkMs = sample.rttMs ?? (sample.e2eMs !== undefined ? sample.e2eMs - sample.queueMs - sample.execMs - loadMs : Number.NaN);
+  if (networkMs >= 0 && Number.isFinite(networkMs)) {
     const bytes = sample.bytes ?? 0;
-    if (bytes >= c.bwMinBytes && !Number.isNaN(agent.rttMs)) {
-      // Base RTT is known: the rest of the network time is transfer.
-      const transferMs = Math.max(0.05, rtt - agent.rttMs);
-      agent.bytesPerMs = decayedEwma(agent.bytesPerMs, agent.bwAtMs, bytes / transferMs, nowMs, c.rttTauMs);
-      agent.bwAtMs = nowMs;
-    } else {
-      const base = Math.max(0.01, rtt - bytes / agent.bytesPerMs);
-      agent.rttMs = Number.isNaN(agent.rttMs) ? base : decayedEwma(agent.rttMs, agent.rttAtMs, base, nowMs, c.rttTauMs);
-      agent.rttAtMs = nowMs;
-      // Router ↔ agent sample moves both coordinates, so agents never contacted by a client still get a place.
-      const routerCoord = { ...reg.selfCoord };
-      applyVivaldiSample(reg.selfCoord, agent.coord, base, reg.rng);
-      applyVivaldiSample(agent.coord, routerCoord, base, reg.rng);
-    }
+    // RTT and rate are fitted together from every reply (netfit.ts): neither is ever held fixed to learn the other.
+    agent.net ??= newNetFit(priorRttMs(agent), agent.bytesPerMs, nowMs);
+    const added = addNetSample(agent.net, bytes, networkMs, nowMs, { tauMs: c.rttTauMs, refBytes: c.netRefBytes });
+    agent.rttMs = agent.net.rttMs;
+    agent.bytesPerMs = 1 / agent.net.msPerByte;
+    agent.rttAtMs = nowMs;
+    agent.bwAtMs = nowMs;
+    // This sample's own RTT (its transfer at the fitted rate taken off) moves both Vivaldi coordinates, so
+    // agents never contacted by a client still get a place.
+    const base = Math.max(MIN_RTT_MS, added - bytes * agent.net.msPerByte);
+    const routerCoord = { ...reg.selfCoord };
+    applyVivaldiSample(reg.selfCoord, agent.coord, base, reg.rng);
+    applyVivaldiSample(agent.coord, routerCoord, base, reg.rng);
   }
 
   agent.pFail = pFailAt(agent, nowMs) * (1 - c.pFailAlpha);

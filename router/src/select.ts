@@ -18,6 +18,7 @@ import {
   type PoolCache,
   p95E2eMs,
   pFailAt,
+  priorRttMs,
   type Registry,
   type Rng,
   serviceMsAt,
@@ -67,10 +68,7 @@ export function networkRttMs(agent: AgentEntry, request: RouteRequest = EMPTY_RE
     return c.defaultRttMs;
   }
   if (!Number.isNaN(agent.rttMs)) return agent.rttMs;
-  const self = agent.registry.selfCoord;
-  if (isCoordKnown(agent.coord) && isCoordKnown(self)) return vivaldiDistanceMs(self, agent.coord);
-  if (c.site !== undefined && agent.site !== undefined) return c.site === agent.site ? c.sameSiteRttMs : c.crossSiteRttMs;
-  return c.defaultRttMs;
+  return priorRttMs(agent);
 }
 
 function coldMs(entry: ModelEntry, nowMs: number): number {
