@@ -1,8 +1,20 @@
 /** The live router on a real broker with real agents: routing, forwarding, failover, offline agents. */
 import assert from 'node:assert/strict';
 import { describe, type TestContext, test } from 'node:test';
+import { openMeshConnection } from '@edge-mesh/client';
 import { sampleInputs } from '@edge-mesh/demo';
-import { generateIdentity, MeshError } from '@edge-mesh/protocol';
+import {
+  type AgentStatus,
+  decodeMessage,
+  encodeMessage,
+  generateIdentity,
+  type InferReply,
+  MeshError,
+  PROTOCOL_VERSION,
+  parseTopic,
+  signStatus,
+  topics,
+} from '@edge-mesh/protocol';
 import { type RouterHandle, startRouter } from '@edge-mesh/router';
 import { agentFor, brokerFor, meshFor, quiet, spawnAgent, waitFor } from './helpers.ts';
 
@@ -14,6 +26,59 @@ async function routerFor(
   const router = await startRouter({ brokerUrl, identity: generateIdentity('router'), logger: quiet, ...options });
   t.after(() => router.close());
   return router;
+}
+
+/**
+ * An agent that announces itself (a signed status, models copied from `like`, faster than any) and answers
+ * every request at once with empty outputs and whatever extra reply fields `claims()` gives: a liar.
+ */
+async function lyingAgent(t: TestContext, brokerUrl: string, like: AgentStatus, claims: () => Record<string, unknown>) {
+  const identity = generateIdentity('agent');
+  const connection = openMeshConnection(brokerUrl, { identity });
+  t.after(() => connection.close());
+  await connection.firstConnect;
+  const client = connection.client;
+  let requests = 0;
+  client.on('message', (topic, payload) => {
+    const parsed = parseTopic(topic);
+    if (parsed?.kind !== 'request') return;
+    const request = decodeMessage(payload, ['req']);
+    requests++;
+    const reply = {
+      v: PROTOCOL_VERSION,
+      kind: 'res',
+      id: request.id,
+      agent: identity.id,
+      model: request.model,
+      outputs: {},
+      queueMs: 0,
+      execMs: 0,
+    };
+    client.publish(topics.clientReply(parsed.senderId, identity.id), encodeMessage({ ...reply, ...claims() } as InferReply), { qos: 1 });
+  });
+  await new Promise<void>((resolve, reject) =>
+    client.subscribe(topics.agentRequest(identity.id, '+'), { qos: 1 }, (err) => (err ? reject(err) : resolve())),
+  );
+  const status: AgentStatus = {
+    v: PROTOCOL_VERSION,
+    kind: 'status',
+    agent: identity.id,
+    state: 'online',
+    ts: Date.now(),
+    session: 'liar',
+    models: like.models!.map((m) => ({ ...m, latencyMs: 0.001 })),
+    workers: 1,
+    queueLimit: 8,
+  };
+  await new Promise<void>((resolve) =>
+    client.publish(topics.agentStatus(identity.id), encodeMessage(signStatus(identity, status)), { qos: 1, retain: true }, () => resolve()),
+  );
+  return {
+    id: identity.id,
+    get requests() {
+      return requests;
+    },
+  };
 }
 
 function sameTensors(a: Record<string, { dtype: string; shape: number[]; data: ArrayLike<unknown> }>, b: typeof a): void {
@@ -114,5 +179,85 @@ describe('live router', { timeout: 120_000 }, () => {
       router.infer('kws', sampleInputs('kws', 1), { deadlineMs: 300 }),
       (err: unknown) => err instanceof MeshError && (err.code === 'MESH_NO_AGENT' || err.code === 'MESH_DEADLINE_EXCEEDED'),
     );
+  });
+
+  test('replies carry the agent queue: the router and the SDK learn it between heartbeats', async (t) => {
+    const broker = await brokerFor(t);
+    // No heartbeat within the test: whatever the clients learn of the queue, they learn from replies.
+    const agent = await agentFor(t, { brokerUrl: broker.url, heartbeatMs: 600_000 });
+    const router = await routerFor(t, broker.url, { hedging: false });
+    const mesh = await meshFor(t, { brokerUrl: broker.url });
+    await router.waitForModel('ocr-det', 10_000);
+    await mesh.waitForModel('ocr-det', 10_000);
+    const seen: number[] = [];
+    router.onAttempt(() => seen.push(router.registry.agents.get(agent.id)!.reportedRif));
+    // Six at once on one worker: every reply but the last leaves requests behind it.
+    await Promise.all(
+      Array.from({ length: 6 }, (_, i) => router.infer('ocr-det', sampleInputs('ocr-det', 1 + (i % 4)), { deadlineMs: 20_000 })),
+    );
+    assert.ok(Math.max(...seen) > 0, `the router saw the queue in the replies: ${seen.join(',')}`);
+    assert.equal(router.registry.agents.get(agent.id)!.reportedRif, 0, 'and the last reply left nothing behind');
+    const queues: number[] = [];
+    await Promise.all(
+      Array.from({ length: 6 }, (_, i) =>
+        mesh.infer('ocr-det', sampleInputs('ocr-det', 1 + (i % 4)), { deadlineMs: 20_000 }).then(() => {
+          queues.push(mesh.agents().find((a) => a.id === agent.id)!.claimedQueue!.rif);
+        }),
+      ),
+    );
+    assert.ok(Math.max(...queues) > 0, `the SDK saw the queue in the replies: ${queues.join(',')}`);
+    assert.equal(mesh.agents().find((a) => a.id === agent.id)!.load, undefined, 'no load report came');
+  });
+
+  test('a lying agent: claims outside the schema lose the reply and the request moves on; claims at its top are bounded', async (t) => {
+    const broker = await brokerFor(t);
+    const real = await agentFor(t, { brokerUrl: broker.url });
+    let claims: Record<string, unknown> = {};
+    const liar = await lyingAgent(t, broker.url, real.status(), () => claims);
+    /** A fresh router and SDK client (no history of the liar), and a way to get one request to the liar through each. */
+    const clients = async () => {
+      const router = await routerFor(t, broker.url, { hedging: false });
+      const mesh = await meshFor(t, { brokerUrl: broker.url, minHedgeAfterMs: 60_000 });
+      await router.waitForModel('kws', 10_000, 2);
+      await mesh.waitForModel('kws', 10_000, 2);
+      const viaLiar = async (infer: () => Promise<{ agentId: string; attempts: number }>) => {
+        for (let i = 0; i < 30; i++) {
+          const before = liar.requests;
+          const r = await infer();
+          if (liar.requests > before) return r;
+        }
+        assert.fail('the liar was never tried');
+      };
+      return {
+        router,
+        mesh,
+        throughRouter: () => viaLiar(() => router.infer('kws', sampleInputs('kws', 1), { deadlineMs: 5_000 })),
+        throughSdk: () => viaLiar(() => mesh.infer('kws', sampleInputs('kws', 1), { deadlineMs: 5_000 })),
+      };
+    };
+
+    // Outside the schema: the reply does not decode, so it never answers; the per-try timeout moves the
+    // request to the real agent.
+    claims = { rif: -1 };
+    const first = await clients();
+    for (const r of [await first.throughRouter(), await first.throughSdk()]) {
+      assert.equal(r.agentId, real.id);
+      assert.equal(r.attempts, 2);
+    }
+
+    // In the schema, but absurd: a queue of a million, a day of work, of loading, of queueing and running.
+    claims = { rif: 1_048_576, workMs: 86_400_000, loadMs: 86_400_000, queueMs: 86_400_000, execMs: 86_400_000 };
+    const second = await clients();
+    assert.equal((await second.throughRouter()).agentId, liar.id);
+    assert.equal((await second.throughSdk()).agentId, liar.id);
+    const entry = second.router.registry.agents.get(liar.id)!;
+    assert.ok(entry.reportedRif <= 4 + 8 * 4, `queue claim bounded by what its status says it holds: ${entry.reportedRif}`);
+    const model = entry.models.get('kws')!;
+    assert.ok(model.serviceMs < 1_000, `service time bounded by the attempt the router timed: ${model.serviceMs}`);
+    const claimed = second.mesh.agents().find((a) => a.id === liar.id)!.claimedQueue!;
+    assert.ok(claimed.rif <= 4 + 8 * 4, `the SDK bounds it too: ${claimed.rif}`);
+    // And both still serve: the next requests complete.
+    await second.router.infer('kws', sampleInputs('kws', 2), { deadlineMs: 5_000 });
+    await second.mesh.infer('kws', sampleInputs('kws', 2), { deadlineMs: 5_000 });
   });
 });

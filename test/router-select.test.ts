@@ -223,16 +223,18 @@ test('estimates update as the formulas say', () => {
   assert.equal(selectAgent(reg, { model: 'kws' }, 8_000, mulberry32(1)).ok, false);
 });
 
-test('hedge delay = max(p95, 2 × predicted); per-try timeout = clamp(5 × predicted, 250 ms, remaining)', () => {
-  const reg = registry([agent('a', 10)]);
+test('hedge delay = max(p95, 2 × predicted); per-try timeout = clamp(5 × predicted, 250 ms, remaining) with no history', () => {
+  // The history is another node's of the same class: this node has none of its own, so the class p95 counts.
+  const reg = registry([agent('a', 10), agent('b', 10)]);
   const e = reg.agents.get('a')!.models.get('kws')!;
   assert.equal(hedgeDelayMs(e, 30), 60, 'no history: 2 × predicted');
-  for (let i = 0; i < 100; i++) onReply(reg, 'a', 'kws', { queueMs: 0, execMs: 10, e2eMs: i < 90 ? 20 : 500 }, i);
+  for (let i = 0; i < 100; i++) onReply(reg, 'b', 'kws', { queueMs: 0, execMs: 10, e2eMs: i < 90 ? 20 : 500 }, i);
   assert.equal(hedgeDelayMs(e, 30), 500, 'p95 of the (class, model) e2e history');
   assert.equal(hedgeDelayMs(e, 400), 800);
   assert.equal(perTryTimeoutMs(reg, 10), 250);
   assert.equal(perTryTimeoutMs(reg, 100), 500);
   assert.equal(perTryTimeoutMs(reg, 100, 120), 120);
+  assert.equal(perTryTimeoutMs(reg, 10, Number.POSITIVE_INFINITY, e), 250, 'a node with no history of its own: the same rule');
 });
 
 /** 100 nodes, 10 / 30 / 60 % fast GPU / mid GPU / CPU, 40× apart; all in one pool so only the sampling differs. */

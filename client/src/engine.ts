@@ -458,11 +458,6 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
   };
 }
 
-/** Per-try timeout from a prediction: `factor` × predicted, at least `minMs`, never past the deadline. */
-export function perTryTimeoutMs(predictedMs: number, remainingMs = Number.POSITIVE_INFINITY, { factor = 5, minMs = 250 } = {}): number {
-  return Math.min(remainingMs, Math.max(minMs, factor * predictedMs));
-}
-
 /** The timers of this process for the engine: `now` is epoch-aligned and sub-millisecond. */
 export const systemClock: EngineClock = {
   now: () => performance.timeOrigin + performance.now(),

@@ -4,7 +4,7 @@
  * (any monotonic ms clock, the same one selection uses) and randomness comes from the registry's seeded PRNG.
  */
 
-import { mulberry32, type Rng } from '@edge-mesh/client';
+import { boundQueueClaim, fitTimesToAttempt, LatencyQuantiles, maxHeldRequests, mulberry32, type Rng } from '@edge-mesh/client';
 import type { AgentLoad, AgentStatus } from '@edge-mesh/protocol';
 import { addNetSample, MIN_RTT_MS, type NetFit, newNetFit } from './netfit.ts';
 import { applyVivaldiSample, isCoordKnown, newCoord, type VivaldiCoord, vivaldiDistanceMs } from './vivaldi.ts';
@@ -51,8 +51,16 @@ export interface RouterConfig {
   srMinHosts: number;
   srMinRequests: number;
   srStdevFactor: number;
+  /** Per-try timeout with no latency history for the node: clamp(factor × predicted, min, time left). */
   perTryTimeoutFactor: number;
   minPerTryTimeoutMs: number;
+  /** With a history: max(quantile factor × the node's p99, 2 × predicted), at least this floor (ms). */
+  perTryQuantileFactor: number;
+  minQuantileTimeoutMs: number;
+  /** A load report or reply claim older than this no longer counts toward fleet utilisation (ms). */
+  claimStaleMs: number;
+  /** No agent weighs more than this many worker slots in fleet utilisation. */
+  maxUtilizationSlots: number;
   defaultRttMs: number;
   sameSiteRttMs: number;
   crossSiteRttMs: number;
@@ -100,6 +108,10 @@ export function resolveConfig({
   srStdevFactor = 1.9,
   perTryTimeoutFactor = 5,
   minPerTryTimeoutMs = 250,
+  perTryQuantileFactor = 1.5,
+  minQuantileTimeoutMs = 50,
+  claimStaleMs = 5_000,
+  maxUtilizationSlots = 16,
   defaultRttMs = 20,
   sameSiteRttMs = 4,
   crossSiteRttMs = 40,
@@ -141,6 +153,10 @@ export function resolveConfig({
     srStdevFactor,
     perTryTimeoutFactor,
     minPerTryTimeoutMs,
+    perTryQuantileFactor,
+    minQuantileTimeoutMs,
+    claimStaleMs,
+    maxUtilizationSlots,
     defaultRttMs,
     sameSiteRttMs,
     crossSiteRttMs,
@@ -173,11 +189,13 @@ export interface AgentEntry {
   site: string | undefined;
   coord: VivaldiCoord;
   slots: number;
+  /** Queued requests per model before MESH_BUSY, from the status; bounds what a queue claim may say. */
+  queueLimit: number | undefined;
   up: boolean;
   session: string | undefined;
   lastSeenMs: number;
   firstSeenMs: number;
-  /** Last reported requests in flight (queued + executing). */
+  /** Last reported requests in flight (queued + executing): a load report's or a reply's, bounded (claims.ts). */
   reportedRif: number;
   /**
    * The same queue as work, ms: Σ over models of (queued + in flight) × service time, from a load
@@ -230,6 +248,8 @@ export interface ModelEntry {
   coldLoadMs: number;
   priceMicros: number;
   readonly stats: ClassModelStats;
+  /** This node's own attempt latencies for the model (e2e): per-try timeout, hedge delay, the cap on claimed queues. */
+  readonly latency: LatencyQuantiles;
 }
 
 /** The nearby pool for one requester site, with cumulative capacity weights for O(log K) sampling (select.ts). */
@@ -387,6 +407,8 @@ export interface AgentDescriptor {
   /** Agent-reported or ground-truth coordinate, when one exists. */
   coord?: VivaldiCoord;
   slots?: number;
+  /** Queued requests per model the agent accepts (its status); bounds its queue claims. */
+  queueLimit?: number;
   models: AgentModelDescriptor[];
   session?: string;
 }
@@ -449,6 +471,7 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
       site: d.site,
       coord: d.coord ? { ...d.coord } : newCoord(),
       slots: Math.max(1, d.slots ?? 1),
+      queueLimit: d.queueLimit,
       up: true,
       session: d.session,
       lastSeenMs: nowMs,
@@ -482,6 +505,7 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
   if (d.site !== undefined) agent.site = d.site;
   if (d.coord) agent.coord = { ...d.coord };
   if (d.slots !== undefined) agent.slots = Math.max(1, d.slots);
+  if (d.queueLimit !== undefined) agent.queueLimit = d.queueLimit;
   if (restarted) {
     // A new process: its queue and our outstanding attempts to the old one are gone.
     agent.reportedRif = 0;
@@ -511,6 +535,7 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
         coldLoadMs: m.coldLoadMs ?? Number.NaN,
         priceMicros: m.priceMicros ?? 0,
         stats: classStatsFor(reg, agent.hardwareClass, m.model),
+        latency: new LatencyQuantiles(),
       };
       agent.models.set(m.model, e);
       poolFor(reg, m.model).entries.push(e);
@@ -567,6 +592,7 @@ export function onStatus(reg: Registry, status: AgentStatus, nowMs: number, extr
       site: extras.site,
       coord: extras.coord,
       slots: status.workers,
+      ...(status.queueLimit !== undefined ? { queueLimit: status.queueLimit } : {}),
       session: status.session,
       models: (status.models ?? []).map((m) => ({ model: m.name, serviceMs: m.latencyMs, warm: true, priceMicros: m.priceMicros })),
     },
@@ -582,14 +608,39 @@ export function markDown(agent: AgentEntry, _nowMs: number): void {
   invalidateAgent(agent);
 }
 
-/** Reports queue depth directly (a reply's piggybacked rif, or a simulator's heartbeat). */
-export function onQueueReport(reg: Registry, agentId: string, rif: number, nowMs: number): void {
+/**
+ * An agent's queue as it claims it: requests held and, when given, that as work in ms. Bounded first
+ * (client/src/claims.ts): the count by what its status says it can hold, the work by the service times
+ * the router measured there. Used for the queue a reply or an error reply carries, and by the simulator.
+ */
+export function onQueueClaim(reg: Registry, agentId: string, rif: number, workMs: number | undefined, nowMs: number): void {
   const agent = reg.agents.get(agentId);
   if (!agent) return;
-  agent.reportedRif = Math.max(0, rif);
-  agent.reportedWorkMs = Number.NaN;
-  agent.reportedAtMs = nowMs;
+  applyQueueClaim(agent, rif, workMs, nowMs);
   touch(agent, nowMs);
+}
+
+/** A queue depth with no breakdown (a simulator's heartbeat): onQueueClaim without work. */
+export function onQueueReport(reg: Registry, agentId: string, rif: number, nowMs: number): void {
+  onQueueClaim(reg, agentId, rif, undefined, nowMs);
+}
+
+function applyQueueClaim(agent: AgentEntry, rif: number, workMs: number | undefined, nowMs: number): void {
+  let minServiceMs = Number.POSITIVE_INFINITY;
+  let maxServiceMs = 0;
+  for (const e of agent.models.values()) {
+    const s = serviceMsAt(e, nowMs);
+    if (s < minServiceMs) minServiceMs = s;
+    if (s > maxServiceMs) maxServiceMs = s;
+  }
+  const known = agent.models.size > 0;
+  const bounded = boundQueueClaim(rif, workMs, {
+    maxRif: maxHeldRequests(agent.slots, agent.queueLimit, agent.models.size),
+    ...(known ? { minServiceMs, maxServiceMs } : {}),
+  });
+  agent.reportedRif = bounded.rif;
+  agent.reportedWorkMs = bounded.workMs;
+  agent.reportedAtMs = nowMs;
 }
 
 function touch(agent: AgentEntry, nowMs: number): void {
@@ -598,20 +649,26 @@ function touch(agent: AgentEntry, nowMs: number): void {
   if (!wasAlive) invalidateAgent(agent);
 }
 
-/** Load heartbeat: queue = queued + inFlight, slots = workers; per-model serviceMs refreshes the prior. */
+/**
+ * Load heartbeat: queue = queued + inFlight, as work Σ (queued + inFlight) × that model's service time,
+ * bounded like a reply's claim; slots = workers; per-model serviceMs refreshes the prior, and a model
+ * reported loading or cold is no longer counted as warm.
+ */
 export function onLoad(reg: Registry, load: AgentLoad, nowMs: number): void {
   const agent = reg.agents.get(load.agent);
   if (!agent?.up) return;
-  agent.reportedRif = load.queued + load.inFlight;
-  agent.reportedAtMs = nowMs;
   if (load.workers > 0) agent.slots = load.workers;
   let workMs = 0;
   for (const [model, ml] of Object.entries(load.models)) {
     const e = agent.models.get(model);
     if (e && ml.serviceMs > 0) e.priorServiceMs = ml.serviceMs;
     workMs += (ml.queued + ml.inFlight) * (ml.serviceMs > 0 ? ml.serviceMs : e ? serviceMsAt(e, nowMs) : 0);
+    if (e && ml.state !== undefined) {
+      e.warm = ml.state === 'warm';
+      e.loadingUntilMs = ml.state === 'loading' ? nowMs + (ml.etaMs ?? coldLoadMsOf(e)) : 0;
+    }
   }
-  agent.reportedWorkMs = workMs;
+  applyQueueClaim(agent, load.queued + load.inFlight, workMs, nowMs);
   touch(agent, nowMs);
 }
 
@@ -647,6 +704,8 @@ export interface ReplySample {
   predictedMs?: number;
   /** Piggybacked requests in flight at the agent after this one. */
   rif?: number;
+  /** The same queue as work, ms (the reply's `workMs`). */
+  workMs?: number;
 }
 
 /** A successful reply: learns service time, network RTT and rate, Vivaldi coordinates, cold cost, κ. */
@@ -656,9 +715,10 @@ export function onReply(reg: Registry, agentId: string, model: string, sample: R
   const c = reg.config;
   if (agent.outstanding > 0) agent.outstanding--;
   const e = agent.models.get(model);
-  const loadMs = sample.loadMs ?? 0;
+  // The agent's times are claims: together they cannot exceed the attempt the router timed (claims.ts).
+  const { queueMs, execMs, loadMs } = fitTimesToAttempt(sample, sample.e2eMs);
   if (e) {
-    e.serviceMs = decayedEwma(serviceMsAt(e, nowMs), e.serviceAtMs, sample.execMs, nowMs, c.serviceTauMs);
+    e.serviceMs = decayedEwma(serviceMsAt(e, nowMs), e.serviceAtMs, execMs, nowMs, c.serviceTauMs);
     e.serviceAtMs = nowMs;
     if (loadMs > 0) {
       const s = e.stats;
@@ -672,10 +732,11 @@ export function onReply(reg: Registry, agentId: string, model: string, sample: R
       s.e2e[s.e2eCount % E2E_RING] = sample.e2eMs;
       s.e2eCount++;
       s.p95Dirty = true;
+      e.latency.add(sample.e2eMs);
     }
   }
 
-  const networkMs = sample.rttMs ?? (sample.e2eMs !== undefined ? sample.e2eMs - sample.queueMs - sample.execMs - loadMs : Number.NaN);
+  const networkMs = sample.rttMs ?? (sample.e2eMs !== undefined ? sample.e2eMs - queueMs - execMs - loadMs : Number.NaN);
   if (networkMs >= 0 && Number.isFinite(networkMs)) {
     const bytes = sample.bytes ?? 0;
     // RTT and rate are fitted together from every reply (netfit.ts): neither is ever held fixed to learn the other.
@@ -701,11 +762,7 @@ export function onReply(reg: Registry, agentId: string, model: string, sample: R
   if (sample.e2eMs !== undefined && sample.predictedMs !== undefined && sample.predictedMs > 0) {
     updateKappa(agent, sample.e2eMs / sample.predictedMs, nowMs);
   }
-  if (sample.rif !== undefined) {
-    agent.reportedRif = Math.max(0, sample.rif);
-    agent.reportedWorkMs = Number.NaN;
-    agent.reportedAtMs = nowMs;
-  }
+  if (sample.rif !== undefined) applyQueueClaim(agent, sample.rif, sample.workMs, nowMs);
   touch(agent, nowMs);
 }
 

@@ -153,6 +153,11 @@ export interface AgentView {
   load: AgentLoad | undefined;
   /** Requests this client has outstanding there. */
   outstanding: number;
+  /**
+   * The agent's queue as its last reply to this client gave it (requests held, and that as work in ms;
+   * NaN when it gave none), bounded by what its status says it can hold: see docs/routing.md.
+   */
+  claimedQueue: { rif: number; workMs: number } | undefined;
 }
 
 export interface MeshCounters {
@@ -443,7 +448,13 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     agents: () =>
       [...fleet.all()]
         .filter((a) => a.status.state !== 'offline')
-        .map((a) => ({ id: a.id, status: a.status, load: a.load, outstanding: policy.outstanding(a.id) })),
+        .map((a) => ({
+          id: a.id,
+          status: a.status,
+          load: a.load,
+          outstanding: policy.outstanding(a.id),
+          claimedQueue: policy.claimedQueue(a.id),
+        })),
     models: () => fleet.models(),
     waitForModel(model, timeoutMs = 10_000, count = 1) {
       return waitUntil(
