@@ -161,6 +161,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     clock,
     budget: new TailBudget(options.tailBudget ?? {}, clock.now()),
     maxAttempts,
+    // An agent silent for a few heartbeats is presumed dead before its last will arrives.
+    liveness: { isSilent: (agentId, now) => fleet.silent(agentId, now) },
     transport: mqttTransport({
       client: () => client,
       senderId: routerId,
@@ -175,6 +177,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       logger.debug({ agentId }, 'ignoring bad reply');
       return;
     }
+    fleet.heard(agentId);
     if (reading.error) engine.fail(reading.key, agentId, reading.error);
     else engine.answer(reading.key, agentId, reading.reply!);
   };
@@ -305,6 +308,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       retries: c.retries + c.failovers,
       hedges: c.hedges,
       cancels: c.cancels,
+      silenced: c.silent,
       budgetRefused: c.refused,
       leases: routeCounters.leases,
       leasesRefused: routeCounters.leasesRefused,

@@ -174,6 +174,8 @@ export interface MeshCounters {
   retries: number;
   hedges: number;
   timeouts: number;
+  /** Attempts given up because their agent went silent (no heartbeat for a few periods, no last will yet). */
+  silenced: number;
 }
 
 export interface Mesh {
@@ -269,6 +271,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     clock,
     budget: new TailBudget(options.tailBudget ?? {}, clock.now()),
     maxAttempts,
+    // An agent silent for a few heartbeats is presumed dead before its last will arrives.
+    liveness: { isSilent: (agentId, now) => fleet.silent(agentId, now) },
     transport: mqttTransport({
       client: () => client,
       senderId: clientId,
@@ -302,6 +306,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       logger.debug({ agentId }, 'ignoring bad reply');
       return;
     }
+    fleet.heard(agentId);
     if (reading.batch) {
       payments?.onReceiptBatch(agentId, reading.batch);
       return;
@@ -433,7 +438,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   return {
     clientId,
     get counters() {
-      const { failovers, retries, hedges, timeouts } = engine.counters;
+      const { failovers, retries, hedges, timeouts, silent } = engine.counters;
       return {
         ...counters,
         statusRejected: fleet.counters.statusRejected,
@@ -442,6 +447,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         retries,
         hedges,
         timeouts,
+        silenced: silent,
       };
     },
     infer,

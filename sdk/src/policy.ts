@@ -165,7 +165,8 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
   const pickLocal = (request: EngineRequest<SdkRequest>, tried: ReadonlySet<string>, now: number): AttemptPlan | undefined => {
     const { model, pinned } = request.data;
     const all = candidates(model, tried, pinned);
-    const healthy = all.filter((a) => local(a.id).suspectUntil <= now);
+    // Not suspect, and not silent (no heartbeat for a few periods: presumed dead before its last will).
+    const healthy = all.filter((a) => local(a.id).suspectUntil <= now && !fleet.silent(a.id, now));
     const pool = healthy.length > 0 ? healthy : all;
     if (pool.length === 0) return undefined;
     const scored = pool.map((agent) => ({ agent, expected: expectedMs(agent, model, now) }));
@@ -193,7 +194,7 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     let best: { plan: AttemptPlan; serviceMs: number; score: number } | undefined;
     for (const leased of lease.agents) {
       const agent = fleet.get(leased.agent);
-      if (agent?.status.state !== 'online' || tried.has(leased.agent)) continue;
+      if (agent?.status.state !== 'online' || tried.has(leased.agent) || fleet.silent(leased.agent)) continue;
       const score = leased.predictedMs + local(leased.agent).outstandingWorkMs / workersOf(agent);
       if (!best || score < best.score) {
         best = {
