@@ -73,6 +73,8 @@ export interface RouterCounters {
 
 export interface RouterHandle {
   readonly id: string;
+  /** The balancer forwarding requests: `ours`, or the name of the live policy selected (StartRouterOptions.policy). */
+  readonly policy: string;
   readonly registry: Registry;
   readonly counters: RouterCounters;
   /** Picks an agent for `model` now; throws a coded MeshError (MESH_NO_AGENT, MESH_DEADLINE_EXCEEDED). */

@@ -62,6 +62,15 @@ export type {
 export { KSERVE_TO_DTYPE, type KServeDatatype, kserveDatatypeOf, startRouterHttp } from './http.ts';
 export { answerRoute, type LeaseOptions, leaseAgents } from './leases.ts';
 export { addNetSample, type NetFit, type NetFitOptions, netFitMs, newNetFit } from './netfit.ts';
+export {
+  type LivePolicy,
+  type LivePolicyContext,
+  type LivePolicyFactory,
+  observedBy,
+  ROUTER_POLICIES,
+  ROUTER_POLICY_NAMES,
+  resolveRouterPolicy,
+} from './policies.ts';
 export { createRouterPolicy, type ReplyTimes, type RouterAsk, type RouterPolicy, type RouterPolicyOptions } from './policy.ts';
 export {
   currentPool,
