@@ -225,3 +225,74 @@ test('a model reported loading is warm after its ETA for selection; one reported
   report('warm');
   assert.equal(expectedCompletionMs(entry, { model: 'kws' }, 1_000), base);
 });
+
+/** A load report for one agent serving kws: `queued` requests ahead, the model in `state`. */
+function kwsLoad(agent: string, queued: number, state?: 'warm' | 'loading' | 'cold', etaMs?: number) {
+  return {
+    v: 1,
+    kind: 'load',
+    agent,
+    ts: 0,
+    seq: 1,
+    queued,
+    inFlight: 0,
+    workers: 1,
+    models: {
+      kws: {
+        queued,
+        inFlight: 0,
+        serviceMs: 50,
+        served: 0,
+        failed: 0,
+        ...(state ? { state } : {}),
+        ...(etaMs !== undefined ? { etaMs } : {}),
+      },
+    },
+  } as const;
+}
+
+test('a loading node is admitted with its ETA when ETA + service beats the alternatives within the deadline, and refused past it', () => {
+  const reg = createRegistry({ site: 'near', exploreRate: 0 });
+  onStatus(reg, status('busy', 50), 0, { site: 'near' });
+  onStatus(reg, status('loading', 50), 0, { site: 'near' });
+  const rng = mulberry32(7);
+  const pick = (deadlineMs: number, at = 1_000) => selectAgent(reg, { model: 'kws', deadlineMs: at + deadlineMs }, at, rng);
+  // The warm one has 20 requests of 50 ms ahead of it: about a second. The other is loading the model.
+  onLoad(reg, kwsLoad('busy', 20), 1_000);
+  onLoad(reg, kwsLoad('loading', 0, 'loading', 300), 1_000);
+  const soon = pick(2_000);
+  assert.ok(soon.ok && soon.agentId === 'loading', `ready in 300 ms beats a second of queue: ${JSON.stringify(soon)}`);
+  assert.ok(soon.ok && soon.predictedMs >= 300 && soon.predictedMs < 600, `its ETA is in the prediction: ${soon.ok && soon.predictedMs}`);
+
+  onLoad(reg, kwsLoad('loading', 0, 'loading', 4_000), 1_000);
+  const later = pick(2_000);
+  assert.ok(later.ok && later.agentId === 'busy', 'an ETA of 4 s loses to a second of queue');
+
+  // Alone: admitted when its ETA fits the deadline, refused at once when it cannot.
+  markDown(reg.agents.get('busy')!, 1_000);
+  const fits = pick(6_000);
+  assert.ok(fits.ok && fits.agentId === 'loading', 'admitted, not refused for not being warm');
+  const late = pick(2_000);
+  assert.ok(!late.ok && late.code === 'MESH_DEADLINE_EXCEEDED', 'refused: ready only after the deadline');
+});
+
+test('claiming "loading, ready in 0 ms" over and over earns no more than the load time measured there', () => {
+  const reg = createRegistry({ site: 'near', exploreRate: 0 });
+  onStatus(reg, status('a', 10), 0, { site: 'near' });
+  const entry = reg.agents.get('a')!.models.get('kws')!;
+  // A reply that waited 2 s for the model to load: the router learns the load time there.
+  onSend(reg, 'a', 'kws', 0);
+  onReply(reg, 'a', 'kws', { queueMs: 0, execMs: 10, loadMs: 2_000, e2eMs: 2_015, bytes: 100 }, 2_015);
+  const warm = expectedCompletionMs(entry, { model: 'kws' }, 3_000);
+  // Evicted and loading again; the agent keeps claiming it is ready now.
+  for (let t = 3_000; t <= 4_000; t += 250) onLoad(reg, kwsLoad('a', 0, 'loading', 0), t);
+  const claimed = expectedCompletionMs(entry, { model: 'kws' }, 4_000);
+  assert.ok(Math.abs(claimed - warm - 1_000) < 10, `a second of the measured 2 s load is left: ${claimed - warm}`);
+  assert.ok(expectedCompletionMs(entry, { model: 'kws' }, 5_000) - warm < 10, 'and none once the measured time has passed');
+  // An honest ETA longer than the measured time stands; a reply (the model answered) makes it warm at once.
+  onLoad(reg, kwsLoad('a', 0, 'loading', 3_000), 5_000);
+  assert.ok(Math.abs(expectedCompletionMs(entry, { model: 'kws' }, 5_000) - warm - 3_000) < 10);
+  onSend(reg, 'a', 'kws', 5_000);
+  onReply(reg, 'a', 'kws', { queueMs: 0, execMs: 10, e2eMs: 15, bytes: 100 }, 5_015);
+  assert.ok(Math.abs(expectedCompletionMs(entry, { model: 'kws' }, 5_015) - warm) < 10);
+});

@@ -26,6 +26,8 @@ export interface FleetAgent {
   heardAt: number;
   /** Its heartbeat period as received (an EWMA of the gaps between its load reports, ms); NaN until two arrive. */
   heartbeatMs: number;
+  /** Per model reported loading: when the first report of this load arrived (the view's clock, ms). */
+  loadingSince: Map<string, number>;
 }
 
 export interface FleetCounters {
@@ -125,8 +127,18 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
           known.load = undefined;
           known.loadAt = 0;
           known.heartbeatMs = Number.NaN;
+          known.loadingSince.clear();
         }
-      } else agents.set(agentId, { id: agentId, status, load: undefined, loadAt: 0, heardAt: now(), heartbeatMs: Number.NaN });
+      } else
+        agents.set(agentId, {
+          id: agentId,
+          status,
+          load: undefined,
+          loadAt: 0,
+          heardAt: now(),
+          heartbeatMs: Number.NaN,
+          loadingSince: new Map(),
+        });
       options.onStatus?.(status, previous);
       if (status.state === 'offline') {
         if (previous !== undefined && previous.state !== 'offline') {
@@ -157,6 +169,10 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
       if (agent.loadAt > 0) {
         const gap = at - agent.loadAt;
         agent.heartbeatMs = Number.isNaN(agent.heartbeatMs) ? gap : agent.heartbeatMs + 0.2 * (gap - agent.heartbeatMs);
+      }
+      for (const [model, m] of Object.entries(load.models)) {
+        if (m.state !== 'loading') agent.loadingSince.delete(model);
+        else if (!agent.loadingSince.has(model)) agent.loadingSince.set(model, at);
       }
       agent.load = load;
       agent.loadAt = at;

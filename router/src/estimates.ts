@@ -244,8 +244,12 @@ export interface ModelEntry {
   warm: boolean;
   /** While loading, other picks treat it as warm with this remaining ETA. */
   loadingUntilMs: number;
+  /** When the current load began, as reported (0: not loading). */
+  loadingSinceMs: number;
   /** Known cold-load cost of this (agent, model); NaN = use the class figure. */
   coldLoadMs: number;
+  /** The load time its replies last reported (fitted to the attempt); NaN until one did. */
+  measuredLoadMs: number;
   priceMicros: number;
   readonly stats: ClassModelStats;
   /** This node's own attempt latencies for the model (e2e): per-try timeout, hedge delay, the cap on claimed queues. */
@@ -328,6 +332,30 @@ export function pFailAt(agent: AgentEntry, nowMs: number): number {
 /** κ now: decays to 1 with τ_κ. */
 export function kappaAt(agent: AgentEntry, nowMs: number): number {
   return 1 + (agent.kappa - 1) * decayWeight(nowMs - agent.kappaAtMs, agent.registry.config.kappaTauMs);
+}
+
+/**
+ * A model reported loading: when it will be ready. The agent's ETA is a claim; where the load time of
+ * the model there (or on its hardware class) was measured from replies, the ETA cannot promise it
+ * sooner than that measured time counted from when the loading began: claiming `loading, ready in
+ * 0 ms` over and over earns what claiming warm does, and no more than the agent's measured load allows.
+ * Without a claim, the known cold-load cost from now.
+ */
+export function loadingReadyAt(entry: ModelEntry, claimedEtaMs: number | undefined, nowMs: number): number {
+  if (entry.loadingSinceMs === 0) entry.loadingSinceMs = nowMs;
+  if (claimedEtaMs === undefined) return nowMs + coldLoadMsOf(entry);
+  const measured = !Number.isNaN(entry.measuredLoadMs) ? entry.measuredLoadMs : entry.stats.coldLoadMs;
+  const floor = Number.isNaN(measured) ? nowMs : entry.loadingSinceMs + measured;
+  return Math.max(nowMs + claimedEtaMs, floor);
+}
+
+function setModelState(entry: ModelEntry, state: 'warm' | 'loading' | 'cold', etaMs: number | undefined, nowMs: number): void {
+  entry.warm = state === 'warm';
+  if (state === 'loading') entry.loadingUntilMs = loadingReadyAt(entry, etaMs, nowMs);
+  else {
+    entry.loadingUntilMs = 0;
+    entry.loadingSinceMs = 0;
+  }
 }
 
 export function coldLoadMsOf(entry: ModelEntry): number {
@@ -532,7 +560,9 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
         slots: m.slots,
         warm: m.warm ?? true,
         loadingUntilMs: 0,
+        loadingSinceMs: 0,
         coldLoadMs: m.coldLoadMs ?? Number.NaN,
+        measuredLoadMs: Number.NaN,
         priceMicros: m.priceMicros ?? 0,
         stats: classStatsFor(reg, agent.hardwareClass, m.model),
         latency: new LatencyQuantiles(),
@@ -663,10 +693,7 @@ export function onLoad(reg: Registry, load: AgentLoad, nowMs: number): void {
     const e = agent.models.get(model);
     if (e && ml.serviceMs > 0) e.priorServiceMs = ml.serviceMs;
     workMs += (ml.queued + ml.inFlight) * (ml.serviceMs > 0 ? ml.serviceMs : e ? serviceMsAt(e, nowMs) : 0);
-    if (e && ml.state !== undefined) {
-      e.warm = ml.state === 'warm';
-      e.loadingUntilMs = ml.state === 'loading' ? nowMs + (ml.etaMs ?? coldLoadMsOf(e)) : 0;
-    }
+    if (e && ml.state !== undefined) setModelState(e, ml.state, ml.etaMs, nowMs);
   }
   applyQueueClaim(agent, load.queued + load.inFlight, workMs, nowMs);
   touch(agent, nowMs);
@@ -724,9 +751,9 @@ export function onReply(reg: Registry, agentId: string, model: string, sample: R
       const s = e.stats;
       s.coldLoadMs = Number.isNaN(s.coldLoadMs) ? loadMs : 0.7 * s.coldLoadMs + 0.3 * loadMs;
       e.coldLoadMs = loadMs;
+      e.measuredLoadMs = loadMs;
     }
-    e.warm = true;
-    e.loadingUntilMs = 0;
+    setModelState(e, 'warm', undefined, nowMs);
     if (sample.e2eMs !== undefined && sample.e2eMs >= 0) {
       const s = e.stats;
       s.e2e[s.e2eCount % E2E_RING] = sample.e2eMs;
@@ -880,6 +907,5 @@ export function onModelState(
 ): void {
   const e = reg.agents.get(agentId)?.models.get(model);
   if (!e) return;
-  e.warm = state.warm;
-  e.loadingUntilMs = !state.warm && state.loadEtaMs !== undefined ? nowMs + state.loadEtaMs : 0;
+  setModelState(e, state.warm ? 'warm' : state.loadEtaMs !== undefined ? 'loading' : 'cold', state.loadEtaMs, nowMs);
 }

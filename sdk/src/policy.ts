@@ -81,6 +81,9 @@ interface Local {
   claimAt: number;
   /** This client's attempt latencies there, per model. */
   latency: Map<string, LatencyQuantiles>;
+  /** Per model: the load time its replies last reported (fitted to the attempt), and when one last came. */
+  loadMs: Map<string, number>;
+  repliedAt: Map<string, number>;
 }
 
 const NETWORK_EWMA_ALPHA = 0.2;
@@ -88,6 +91,8 @@ const INITIAL_NETWORK_MS = 1;
 const SUSPECT_MS = 3_000;
 /** A reply's queue claim older than this no longer counts (the fleet view's default for load reports). */
 const CLAIM_STALE_MS = 5_000;
+/** What loading a model is taken to cost before any reply said (the router's default too). */
+const DEFAULT_COLD_LOAD_MS = 5_000;
 
 export interface SdkPolicy extends EnginePolicy<SdkRequest, SdkReply> {
   /** Requests this client has outstanding at the agent. */
@@ -112,6 +117,8 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
         claim: undefined,
         claimAt: 0,
         latency: new Map(),
+        loadMs: new Map(),
+        repliedAt: new Map(),
       };
       locals.set(agentId, l);
     }
@@ -156,7 +163,25 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
       // The agent's last reply to this client is newer than its last heartbeat.
       aheadMs += Number.isNaN(l.claim.workMs) ? l.claim.rif * serviceMsOf(agent, model) : l.claim.workMs;
     } else if (load) for (const m of Object.values(load.models)) aheadMs += (m.queued + m.inFlight) * m.serviceMs;
-    return aheadMs / workersOf(agent) + serviceMsOf(agent, model) + l.networkMs;
+    return aheadMs / workersOf(agent) + serviceMsOf(agent, model) + l.networkMs + untilReadyMs(agent, model, now);
+  };
+
+  /**
+   * How long until the model is ready there, by its last load report: 0 when warm (or when a reply for it
+   * came after the report), the rest of a loading model's ETA, a cold model's load time. The ETA is the
+   * agent's claim: where its replies reported a load time, the ETA cannot promise it sooner than that,
+   * counted from the first report of this load.
+   */
+  const untilReadyMs = (agent: FleetAgent, model: string, now: number): number => {
+    const l = local(agent.id);
+    const ml = fleet.freshLoad(agent)?.models[model];
+    if (!ml?.state || ml.state === 'warm' || (l.repliedAt.get(model) ?? Number.NEGATIVE_INFINITY) > agent.loadAt) return 0;
+    const measured = l.loadMs.get(model);
+    if (ml.state === 'cold') return measured ?? DEFAULT_COLD_LOAD_MS;
+    const since = agent.loadingSince.get(model) ?? agent.loadAt;
+    const claimedAt = agent.loadAt + (ml.etaMs ?? measured ?? DEFAULT_COLD_LOAD_MS);
+    const readyAt = measured === undefined ? claimedAt : Math.max(claimedAt, since + measured);
+    return Math.max(0, readyAt - now);
   };
 
   const candidates = (model: string, tried: ReadonlySet<string>, pinned: string | undefined): FleetAgent[] =>
@@ -259,6 +284,8 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
         const networkMs = Math.max(0, attemptMs - queueMs - execMs - loadMs);
         l.networkMs += NETWORK_EWMA_ALPHA * (networkMs - l.networkMs);
         latencyOf(attempt.agentId, attempt.request.data.model).add(attemptMs);
+        l.repliedAt.set(attempt.request.data.model, now);
+        if (loadMs > 0) l.loadMs.set(attempt.request.data.model, loadMs);
         if (reply.rif !== undefined) noteClaim(attempt.agentId, reply.rif, reply.workMs, now);
       } else if (end.kind === 'error') {
         const claim = end.error.details;
