@@ -278,8 +278,12 @@ describe('live router', { timeout: 120_000 }, () => {
       'work on the agent about to hang',
     );
     hung.kill('SIGSTOP');
+    const stoppedAt = Date.now();
     const routed = await Promise.all(viaRouter);
     const direct = await Promise.all(viaSdk);
+    t.diagnostic(
+      `all 16 answered ${Date.now() - stoppedAt} ms after the stop; router ${JSON.stringify({ silenced: router.counters.silenced, retries: router.counters.retries })}, SDK ${JSON.stringify({ silenced: mesh.counters.silenced, timeouts: mesh.counters.timeouts, failovers: mesh.counters.failovers })}`,
+    );
     // Those the hung agent finished before it stopped are its; every other one that started there moved.
     const moved = routed.filter((r) => r.tried[0] === hungKey.id && r.tried.length > 1);
     assert.ok(moved.length > 0, `some routed request started on the hung agent and moved: ${JSON.stringify(routed.map((r) => r.tried))}`);
