@@ -115,3 +115,43 @@ test('an agent claiming "loading, ready in 0 ms" over and over gains no more tha
   assert.ok(Math.abs(claimed - warm - 1_000) < 10, `a second of the 2 s it took is left: ${claimed - warm}`);
   assert.ok(policy.pick(req, new Set(), 'first', 6_100)!.predictedMs! - warm < 10, 'none once that time has passed');
 });
+
+test('an agent claiming loadMs 0 for a reply that waited 2 s for its model gains nothing: the 2 s count as network time', () => {
+  const { fleet } = fleetOf('agent-honest', 'agent-liar');
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+  const req = request(60_000);
+  const answer = (agentId: string, loadMs: number) => {
+    const attempt = {
+      request: req,
+      agentId,
+      kind: 'first',
+      index: 0,
+      paid: false,
+      sentAt: 1_000,
+      plan: { agentId },
+      timedOut: false,
+    } as const;
+    policy.onSend!(attempt, 1_000);
+    const reply = {
+      v: 1,
+      kind: 'res',
+      id: new Uint8Array(16),
+      agent: agentId,
+      model: 'kws',
+      outputs: {},
+      queueMs: 0,
+      execMs: 50,
+      loadMs,
+    } as InferReply;
+    policy.onAttemptEnd!(attempt, { kind: 'reply', reply: { reply, outputs: {} } }, 3_051);
+  };
+  // Both waited 2 s for a cold load; the honest one says so, the liar claims it did not.
+  answer('agent-honest', 2_000);
+  answer('agent-liar', 0);
+  const expected = (agentId: string) =>
+    policy.pick(req, new Set(['agent-honest', 'agent-liar'].filter((a) => a !== agentId)), 'retry', 3_100)!.predictedMs!;
+  assert.ok(
+    expected('agent-liar') > expected('agent-honest') + 300,
+    `liar ${expected('agent-liar')} against honest ${expected('agent-honest')}`,
+  );
+});
