@@ -296,3 +296,21 @@ test('claiming "loading, ready in 0 ms" over and over earns no more than the loa
   onReply(reg, 'a', 'kws', { queueMs: 0, execMs: 10, e2eMs: 15, bytes: 100 }, 5_015);
   assert.ok(Math.abs(expectedCompletionMs(entry, { model: 'kws' }, 5_015) - warm) < 10);
 });
+
+test('claiming loadMs 0 for a reply that waited for a cold load gains nothing: a cold model there costs no less, a warm one no less', () => {
+  const reg = twins();
+  // Both waited 2 s for the model to load; the honest one says so, the liar hides it.
+  for (const [agent, loadMs] of [
+    ['honest', 2_000],
+    ['liar', 0],
+  ] as const) {
+    onSend(reg, agent, 'kws', 0);
+    onReply(reg, agent, 'kws', { queueMs: 0, execMs: 10, loadMs, e2eMs: 2_012, bytes: 100 }, 2_012);
+  }
+  const ect = (agent: string, at: number) => expectedCompletionMs(reg.agents.get(agent)!.models.get('kws')!, { model: 'kws' }, at);
+  assert.ok(ect('liar', 2_100) >= ect('honest', 2_100) - 1, `warm: liar ${ect('liar', 2_100)} against honest ${ect('honest', 2_100)}`);
+  // Both evicted: the liar's cold load is priced at what its hardware class measured, not at nothing.
+  for (const agent of ['honest', 'liar']) onLoad(reg, kwsLoad(agent, 0, 'cold'), 3_000);
+  assert.ok(ect('liar', 3_000) >= ect('honest', 3_000) - 1, `cold: liar ${ect('liar', 3_000)} against honest ${ect('honest', 3_000)}`);
+  assert.ok(ect('liar', 3_000) >= 2_000);
+});
