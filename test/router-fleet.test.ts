@@ -127,7 +127,9 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
     const fastShare = count(fast) / results.length;
     const lateFast = count(fast, 300) / 300;
     const tally = { fast: count(fast), slow: count(slow), far: count(far) };
-    t.diagnostic(`served: ${JSON.stringify(tally)}; fast share ${fastShare.toFixed(3)}, of the last 300 ${lateFast.toFixed(3)}`);
+    t.diagnostic(
+      `served: ${JSON.stringify(tally)}; fast share ${fastShare.toFixed(3)}, of the last 300 ${lateFast.toFixed(3)}; silenced ${router.counters.silenced}, retries ${router.counters.retries}, hedges ${router.counters.hedges}`,
+    );
     assert.equal(router.counters.sentTo[deadIdentity.id] ?? 0, 0, 'no attempt to the dead agent');
     assert.ok(results.every((r) => r.agentId !== deadIdentity.id));
     // Four of twenty agents are fast and near: uniform choice would give them 20 %.
@@ -164,7 +166,10 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
       await waitFor(() => router.agents().find((a) => a.id === deadIdentity.id)?.up === false, 10_000, 'the dead agent offline');
 
     const inputs = sampleInputs('kws', 1);
-    const figures: Record<string, { p50_ms: number; p99_ms: number; p99_last300_ms: number; failed: number; fast_share: number }> = {};
+    const figures: Record<
+      string,
+      { p50_ms: number; p99_ms: number; p99_last300_ms: number; failed: number; fast_share: number; extra: Record<string, number> }
+    > = {};
     // One policy at a time on the same agents, each with a router that starts knowing nothing.
     for (const [name, router] of routers) {
       const results = await runAll(600, 4, () =>
@@ -186,6 +191,7 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
         p99_last300_ms: Number(quantile(last, 0.99).toFixed(1)),
         failed: results.length - ok.length,
         fast_share: Number((ok.filter((r) => fast.some((a) => a.id === r.agentId)).length / ok.length).toFixed(3)),
+        extra: { retries: router.counters.retries, hedges: router.counters.hedges, silenced: router.counters.silenced },
       };
       assert.equal(router.counters.sentTo[deadIdentity.id] ?? 0, 0, `${name}: nothing to the dead agent`);
     }
