@@ -277,7 +277,12 @@ export class SimAgent implements Endpoint {
       reply: (senderId, payload) => this.reply(generation, senderId, payload),
       closed: () => generation !== this.generation || !this.up,
     });
-    this.requests.attach({ submit: (job) => this.submit(generation, job), cancel: () => false });
+    this.requests.attach({
+      submit: (job) => this.submit(generation, job),
+      cancel: () => false,
+      // The instant model queues nothing: what it holds is what it has not answered yet.
+      queueClaim: () => ({ rif: this.busy, workMs: 0 }),
+    });
   }
 
   /** The paid side's counters summed over restarts (receipts, vouchers refused, grants refused, resyncs refused, …). */

@@ -385,6 +385,11 @@ export function buildProgram(): Command {
     .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
     .option('--no-hedging', 'never hedge a slow attempt')
     .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
+    .option(
+      '--policy <name>',
+      'the balancer for forwarded requests: ours, or a baseline built into the router (finagle) to compare the live fleet with the simulator',
+      'ours',
+    )
     .option('--rpc <url>', 'with --escrow: serve /v1/lanes and /v1/settlements from this EVM chain (env MESH_RPC_URL)')
     .option('--escrow <address>', 'the MeshEscrow whose lanes and settlements to serve (env MESH_ESCROW)')
     .option('--from-block <n>', 'first block to read escrow events from (its deployment block)', nonNegativeInt, 0)
@@ -402,11 +407,12 @@ export function buildProgram(): Command {
         maxAttempts: opts.maxAttempts,
         hedging: opts.hedging,
         leaseTtlMs: opts.leaseTtlMs,
+        policy: opts.policy,
         ...(opts.http ? { http: { port: opts.httpPort, host: opts.httpHost, ...(await routerChain(opts)) } } : {}),
       }).catch((err: unknown) => {
         throw opts.key ? err : withoutKeyHint(err, 'router');
       });
-      logger.info({ routerId: router.id, http: router.http?.url }, 'router up');
+      logger.info({ routerId: router.id, http: router.http?.url, policy: router.policy }, 'router up');
       process.stdout.write(`router ${router.id}${router.http ? ` serving ${router.http.url}` : ''}\n`);
       await report<RouterReady>('ready', { id: router.id, httpUrl: router.http?.url ?? null });
       const signal = await stop;

@@ -60,6 +60,8 @@ export interface RouterCounters {
   retries: number;
   hedges: number;
   cancels: number;
+  /** Attempts given up because their agent went silent (no heartbeat for a few periods, no last will yet). */
+  silenced: number;
   /** Retries and hedges the budget or the utilisation cut-off refused. */
   budgetRefused: number;
   /** Route leases given to SDK clients (direct mode), and route requests answered with an error. */
@@ -71,6 +73,8 @@ export interface RouterCounters {
 
 export interface RouterHandle {
   readonly id: string;
+  /** The balancer forwarding requests: `ours`, or the name of the live policy selected (StartRouterOptions.policy). */
+  readonly policy: string;
   readonly registry: Registry;
   readonly counters: RouterCounters;
   /** Picks an agent for `model` now; throws a coded MeshError (MESH_NO_AGENT, MESH_DEADLINE_EXCEEDED). */

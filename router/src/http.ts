@@ -416,8 +416,11 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   }));
   app.get(
     '/v1/routing',
-    doc('operator', 'Routing counters: requests, retries, hedges, cancels, leases, budget refusals, attempts per agent'),
-    async () => ({ router: router.id, connected: router.connected, counters: router.counters }),
+    doc(
+      'operator',
+      'Routing counters: requests, retries, hedges, cancels, silence failovers, leases, budget refusals, attempts per agent; and the policy forwarding requests',
+    ),
+    async () => ({ router: router.id, connected: router.connected, policy: router.policy, counters: router.counters }),
   );
   if (options.chain) await registerSettlementRoutes(app, router, options.chain);
 

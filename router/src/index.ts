@@ -53,6 +53,7 @@ export {
   onFailure,
   onLoad,
   onModelState,
+  onQueueClaim,
   onQueueReport,
   onReply,
   onSend,
@@ -60,6 +61,7 @@ export {
   type PoolCache,
   p95E2eMs,
   pFailAt,
+  priorRttMs,
   type Registry,
   type ReplySample,
   type Rng,
@@ -86,11 +88,22 @@ export type {
 } from './handle.ts';
 export { KSERVE_TO_DTYPE, type KServeDatatype, kserveDatatypeOf, startRouterHttp } from './http.ts';
 export { answerRoute, type LeaseOptions, leaseAgents } from './leases.ts';
+export { addNetSample, type NetFit, type NetFitOptions, netFitMs, newNetFit } from './netfit.ts';
+export {
+  type LivePolicy,
+  type LivePolicyContext,
+  type LivePolicyFactory,
+  observedBy,
+  ROUTER_POLICIES,
+  ROUTER_POLICY_NAMES,
+  resolveRouterPolicy,
+} from './policies.ts';
 export { createRouterPolicy, type ReplyTimes, type RouterAsk, type RouterPolicy, type RouterPolicyOptions } from './policy.ts';
 export {
   currentPool,
   expectedCompletionMs,
   failureAwareScoreMs,
+  fleetUtilization,
   hedgeDelayMs,
   networkRttMs,
   perTryTimeoutMs,

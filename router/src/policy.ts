@@ -6,7 +6,7 @@
  */
 import type { Attempt, AttemptEnd, EnginePolicy, EngineRequest } from '@edge-mesh/client';
 import { type InferReply, MeshError } from '@edge-mesh/protocol';
-import { evaluateOutliers, markDown, onCancel, onFailure, onReply, onSend, type Registry } from './estimates.ts';
+import { evaluateOutliers, markDown, onCancel, onFailure, onQueueClaim, onReply, onSend, type Registry } from './estimates.ts';
 import { fleetUtilization, hedgeDelayMs, perTryTimeoutMs, type RouteRequest, type SelectOptions, selectAgent } from './select.ts';
 import { createWarmer, type WarmingOptions } from './warming.ts';
 
@@ -22,15 +22,28 @@ export interface RouterAsk {
   clientCoord?: RouteRequest['clientCoord'];
 }
 
-/** The part of an agent's answer the registry learns from. */
+/**
+ * The part of an agent's answer the registry learns from: the fields of the `res` message
+ * (docs/protocol.md), which the simulator's agents fill the same way. All of it is the agent's claim,
+ * bounded by the registry (client/src/claims.ts).
+ */
 export interface ReplyTimes {
   queueMs: number;
   execMs: number;
-  /** Cold-load time the request caused (the simulator knows it; the wire does not carry it yet). */
+  /** Cold-load time the request waited for. */
   loadMs?: number;
-  /** The agent's requests in flight when it replied (the simulator knows it; the wire does not carry it yet). */
+  /** The agent's requests in flight (queued + running) when it replied. */
   rif?: number;
+  /** The same queue as work, ms. */
+  workMs?: number;
 }
+
+/**
+ * A per-try timer that fires this much later than it was due (or later than its own length) says the
+ * router's process stalled, not that the agent was slow: the retry still goes out, but the agent is not
+ * charged with a failure.
+ */
+const STALLED_TIMER_FRACTION = 0.5;
 
 export interface RouterPolicyOptions {
   /** Hedge slow attempts on a different warm node (default true). */
@@ -79,6 +92,8 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
   };
 
   const timeoutOf = (attempt: Attempt<RouterAsk>) => attempt.plan.timeoutMs ?? perTryTimeoutMs(registry, attempt.plan.predictedMs ?? 0);
+  /** Attempts whose per-try timeout was charged to their agent as a failure. */
+  const charged = new WeakSet<Attempt<RouterAsk>>();
 
   return {
     registry,
@@ -117,7 +132,7 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
       return {
         agentId: selection.agentId,
         predictedMs: selection.predictedMs,
-        timeoutMs: perTryTimeoutMs(registry, selection.predictedMs, remaining),
+        timeoutMs: perTryTimeoutMs(registry, selection.predictedMs, remaining, selection.entry),
         ...(warmingFor.has(request)
           ? { hedgeAfterMs: 0 }
           : hedging
@@ -131,10 +146,13 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
       onSend(registry, attempt.agentId, attempt.request.data.model, now);
     },
     onTimeout(attempt, now) {
+      const timeoutMs = timeoutOf(attempt);
+      if (now - attempt.sentAt - timeoutMs > STALLED_TIMER_FRACTION * timeoutMs) return;
+      charged.add(attempt);
       // Counted as a failure at once: an attempt this late costs as much as one that failed.
       onFailure(registry, attempt.agentId, attempt.request.data.model, now, {
         predictedMs: attempt.plan.predictedMs ?? 0,
-        timeoutMs: timeoutOf(attempt),
+        timeoutMs,
       });
       onAttemptResult?.({
         model: attempt.request.data.model,
@@ -150,7 +168,7 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
       const e2eMs = now - attempt.sentAt;
       if (end.kind === 'reply') {
         // A timed-out attempt was counted as failed already (which ended it as outstanding); its answer still teaches.
-        if (attempt.timedOut) {
+        if (charged.has(attempt)) {
           const agent = registry.agents.get(agentId);
           if (agent) agent.outstanding++;
         }
@@ -167,13 +185,18 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
             ...(attempt.plan.predictedMs !== undefined ? { predictedMs: attempt.plan.predictedMs } : {}),
             ...(r.loadMs !== undefined ? { loadMs: r.loadMs } : {}),
             ...(r.rif !== undefined ? { rif: r.rif } : {}),
+            ...(r.workMs !== undefined ? { workMs: r.workMs } : {}),
           },
           now,
         );
         onAttemptResult?.({ model, agentId, ok: true, e2eMs });
       } else if (end.kind === 'error') {
         const lost = end.error.code === 'MESH_AGENT_LOST';
-        if (!attempt.timedOut) {
+        const claim = end.error.details;
+        if (typeof claim?.rif === 'number') {
+          onQueueClaim(registry, agentId, claim.rif, typeof claim.workMs === 'number' ? claim.workMs : undefined, now);
+        }
+        if (!charged.has(attempt)) {
           // An error costs what a timeout would have: a node that fails fast must not look fast.
           onFailure(registry, agentId, model, now, { lost, predictedMs: attempt.plan.predictedMs ?? 0, timeoutMs: timeoutOf(attempt) });
           onAttemptResult?.({ model, agentId, ok: false, code: end.error.code, e2eMs });
@@ -181,7 +204,7 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
           const agent = registry.agents.get(agentId);
           if (agent) markDown(agent, now);
         }
-      } else if (!attempt.timedOut) onCancel(registry, agentId, now);
+      } else if (!charged.has(attempt)) onCancel(registry, agentId, now);
     },
   };
 }
