@@ -61,6 +61,18 @@ export { KSERVE_TO_DTYPE, type KServeDatatype, kserveDatatypeOf, startRouterHttp
 export { answerRoute, type LeaseOptions, leaseAgents } from './leases.ts';
 export { createRouterPolicy, type ReplyTimes, type RouterAsk, type RouterPolicy, type RouterPolicyOptions } from './policy.ts';
 export {
+  type RelayCounters,
+  type RelayOptions,
+  type RelayRefusal,
+  type RelayServer,
+  type RelayServerOptions,
+  type RelayVerdict,
+  type RelayVoucherInput,
+  registerRelayRoutes,
+  startRelayServer,
+  VoucherRelay,
+} from './relay.ts';
+export {
   currentPool,
   expectedCompletionMs,
   failureAwareScoreMs,
