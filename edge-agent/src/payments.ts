@@ -232,7 +232,7 @@ export class AgentPayments {
       problems.push('creditRequests must be a positive integer');
     if (options.creditMicros !== undefined && !(Number.isSafeInteger(options.creditMicros) && options.creditMicros >= 0))
       problems.push('creditMicros must be a non-negative integer');
-    const provider = options.provider ?? options.settle?.runner.provider ?? undefined;
+    const provider = options.provider ?? options.settle?.runner?.provider ?? undefined;
     if (!provider)
       problems.push(
         'taking payment needs a chain provider (payment.provider; --rpc URL or MESH_RPC_URL on the command line): credit is given only against money on the lane, read from the escrow',
