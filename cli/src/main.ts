@@ -173,7 +173,7 @@ export function buildProgram(): Command {
         );
         if (summary.receipts !== undefined) {
           print(
-            `paid: ${summary.receipts} receipts owe ${summary.owed_micros} micro-dollars; ${summary.settled_micros} settled on chain in ${summary.settlement_txs} transactions`,
+            `paid: ${summary.receipts} receipts owe ${summary.owed_micros} micro-dollars; ${summary.settled_micros} settled on chain (the agents' own relayers sent ${summary.settlement_txs} transactions; the relay paid ${summary.relayed_micros} in ${summary.relay_txs}, earning ${summary.relay_fees_micros} in fees)`,
           );
         }
       }
