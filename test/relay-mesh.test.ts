@@ -14,6 +14,7 @@ import { sampleInputs } from '@edge-mesh/demo';
 import { agentBindingMessage, generateIdentity, type Identity, MeshError, signBytes } from '@edge-mesh/protocol';
 import { startRouter } from '@edge-mesh/router';
 import { ethers } from 'ethers';
+import { voucherFee } from '../sdk/src/payments.ts';
 import { agentFor, brokerFor, meshFor, quiet, tempDir, waitFor } from './helpers.ts';
 
 let chain: LocalChain;
@@ -177,6 +178,30 @@ describe('agents paid through a relay, with no gas', () => {
     assert.ok(settler.counters.relayFailures >= 1, 'the relay that is down was counted');
     assert.ok(settler.counters.relayMisses >= 1, 'the liar was counted');
     assert.equal(settler.counters.txs, 0);
+  });
+
+  test("the SDK's relayer fee rises with the voucher, never falls, never breaks the escrow's cap; a share above 0.1 is MESH_CONFIG", async (t) => {
+    for (const ppm of [0n, 1n, 10_000n, 33_333n, 100_000n]) {
+      let previous = 0;
+      for (let c = 0; c <= 5_000; c += 7) {
+        const fee = voucherFee(c, ppm, previous);
+        assert.ok(fee >= previous, 'monotone');
+        assert.ok(BigInt(fee) * 10n <= BigInt(c), 'within the cap');
+        assert.equal(fee, Math.max(previous, Number((BigInt(c) * ppm) / 1_000_000n)));
+        previous = fee;
+      }
+    }
+    // A fee carried over from a larger share (a restart with a smaller one) is kept, and still capped.
+    assert.equal(voucherFee(1_000, 10_000n, 90), 90);
+    assert.equal(voucherFee(1_000, 10_000n, 100), 100);
+    const broker = await brokerFor(t);
+    await assert.rejects(
+      meshFor(t, {
+        brokerUrl: broker.url,
+        payment: { signer: chain.wallet(0), domain: domain(), checkPayouts: false, relayerFee: 0.2 },
+      }),
+      (err: unknown) => err instanceof MeshError && err.code === 'MESH_CONFIG' && /relayerFee/.test(err.message),
+    );
   });
 
   test('settling needs a runner or a relay', async (t) => {
