@@ -6,6 +6,8 @@
  * next one (settler.ts).
  */
 
+import { MeshError } from '@edge-mesh/protocol';
+
 /** One voucher as the relay takes it. */
 export interface RelayedVoucher {
   payer: string;
@@ -22,7 +24,7 @@ export interface RelayAnswer {
   reason: string | undefined;
 }
 
-/** Posts vouchers to one relay; resolves with its answer per voucher, or throws when it cannot be reached or answers badly. */
+/** Posts vouchers to one relay; resolves with its answer per voucher, or throws when it cannot be reached or answers badly (MESH_INTERNAL). */
 export async function postToRelay(relayUrl: string, vouchers: readonly RelayedVoucher[], timeoutMs = 10_000): Promise<RelayAnswer[]> {
   const res = await fetch(new URL('/v1/relay/vouchers', relayUrl), {
     method: 'POST',
@@ -31,16 +33,18 @@ export async function postToRelay(relayUrl: string, vouchers: readonly RelayedVo
     signal: AbortSignal.timeout(timeoutMs),
   });
   const text = await res.text();
-  if (!res.ok) throw new Error(`relay ${relayUrl} answered ${res.status}: ${text.slice(0, 200)}`);
+  const bad: (why: string) => never = (why) => {
+    throw new MeshError('MESH_INTERNAL', `relay ${relayUrl} ${why}`, { details: { relay: relayUrl } });
+  };
+  if (!res.ok) bad(`answered ${res.status}: ${text.slice(0, 200)}`);
   let body: unknown;
   try {
     body = JSON.parse(text);
   } catch {
-    throw new Error(`relay ${relayUrl} answered something that is not JSON`);
+    bad('answered something that is not JSON');
   }
   const results = (body as { results?: unknown }).results;
-  if (!Array.isArray(results) || results.length !== vouchers.length)
-    throw new Error(`relay ${relayUrl} answered without one result per voucher`);
+  if (!Array.isArray(results) || results.length !== vouchers.length) bad('answered without one result per voucher');
   return results.map((r, i) => {
     const o = (typeof r === 'object' && r !== null ? r : {}) as { accepted?: unknown; reason?: unknown };
     return {

@@ -197,7 +197,7 @@ export class VoucherRelay {
     try {
       ({ entry, payer } = parse(input, this.ethers));
     } catch (err) {
-      return refuse((err as { reason?: RelayRefusal }).reason ?? 'malformed');
+      return refuse(((err as MeshError).details?.reason as RelayRefusal | undefined) ?? 'malformed');
     }
     const fee = entry.voucher.feeCumulative ?? 0n;
     if (fee === 0n) return refuse('no-fee');
@@ -332,10 +332,10 @@ export class VoucherRelay {
   }
 }
 
-/** A voucher from the wire, checked for shape and the escrow's fee cap; throws { reason } on failure. */
+/** A voucher from the wire, checked for shape and the escrow's fee cap; throws MESH_VOUCHER_INVALID with `details.reason`. */
 function parse(input: RelayVoucherInput, ethers: typeof import('ethers').ethers): { entry: SignedVoucher; payer: string } {
   const fail = (reason: RelayRefusal): never => {
-    throw Object.assign(new Error(reason), { reason });
+    throw new MeshError('MESH_VOUCHER_INVALID', reason, { details: { reason } });
   };
   if (typeof input !== 'object' || input === null) fail('malformed');
   if (typeof input.payer !== 'string' || !ADDRESS.test(input.payer)) fail('malformed');
