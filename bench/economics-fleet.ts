@@ -589,6 +589,8 @@ export class SimPayer implements Endpoint {
         chain: this.setup.provider,
         dataDir: this.setup.dataDir,
         voucherDelayMs: this.setup.voucherDelayMs,
+        // The agents settle their own vouchers here; a fee would count as what the payer paid beyond the work.
+        relayerFee: 0,
       },
       this.clientId,
       (topic, payload) => this.publish(topic, payload),

@@ -7,6 +7,7 @@ import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
 import type { Registry as PromRegistry } from 'prom-client';
 import type { Registry } from './estimates.ts';
+import type { RelayOptions } from './relay.ts';
 
 /** The few pino methods the router uses; any pino logger fits. */
 export interface RouterLogger {
@@ -114,6 +115,8 @@ export interface RouterHttpOptions {
   processMetrics?: boolean;
   /** Serve /v1/lanes and /v1/settlements from this escrow on chain (see settlements.ts). */
   chain?: RouterChainOptions;
+  /** Also relay vouchers (POST /v1/relay/vouchers) from this account, which pays the gas and earns the fees (see relay.ts). */
+  relay?: RelayOptions;
 }
 
 export interface RouterHttpHandle {

@@ -100,6 +100,18 @@ export {
 } from './policies.ts';
 export { createRouterPolicy, type ReplyTimes, type RouterAsk, type RouterPolicy, type RouterPolicyOptions } from './policy.ts';
 export {
+  type RelayCounters,
+  type RelayOptions,
+  type RelayRefusal,
+  type RelayServer,
+  type RelayServerOptions,
+  type RelayVerdict,
+  type RelayVoucherInput,
+  registerRelayRoutes,
+  startRelayServer,
+  VoucherRelay,
+} from './relay.ts';
+export {
   currentPool,
   expectedCompletionMs,
   failureAwareScoreMs,
