@@ -11,6 +11,7 @@
  */
 import type { AttemptBudget, EnginePolicy } from '@edge-mesh/client';
 import { type AgentLoad, type AgentStatus, type InferReply, MeshError, type MeshErrorCode } from '@edge-mesh/protocol';
+import { createFinaglePolicy } from './baselines/index.ts';
 import type { ReplyTimes, RouterAsk } from './policy.ts';
 
 /** A request-engine policy the live router can run in place of its own (the baselines implement it). */
@@ -46,7 +47,12 @@ export type LivePolicyFactory<Rep extends ReplyTimes = InferReply> = (context: L
  * The policies `--policy NAME` can select besides `ours`. The baselines (router/src/baselines) join
  * this table where they are built into the router: `finagle` is the one the 20-agent fleet test runs.
  */
-export const ROUTER_POLICIES: Readonly<Record<string, LivePolicyFactory>> = {};
+export const ROUTER_POLICIES: Readonly<Record<string, LivePolicyFactory>> = {
+  // Finagle's balancer as router/src/baselines/finagle.ts implements it; `--no-hedging` turns its
+  // backup requests off.
+  finagle: ({ random, nowMs, maxAttempts, hedging }) =>
+    createFinaglePolicy<InferReply>({ random, nowMs, maxAttempts, ...(hedging ? {} : { maxExtraLoad: 0 }) }),
+};
 
 /** The names the router's options document: `ours`, and the baselines meant to be selectable live. */
 export const ROUTER_POLICY_NAMES = ['ours', 'finagle'] as const;
