@@ -207,12 +207,13 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
     assert.ok(figures.ours!.fast_share > 0.6, JSON.stringify(figures));
   });
 
-  test('a gray failure: attempts on an agent that turned slow are hedged on another one, the loser cancelled', async (t) => {
+  test('a gray failure: attempts on an agent that turned slow move to another one (a hedge, or a retry after the per-try timeout), the loser cancelled', async (t) => {
     const broker = await brokerFor(t);
     const dir = await kwsOnlyDir(t);
     const a = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir });
-    // b is a little slower, so the router prefers a until a turns slow.
-    const b = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, faults: { extraExecMs: 4 } });
+    // b is slower, so the router prefers a until a turns slow (by a margin that a busy machine's noise in
+    // a few-millisecond model does not hide).
+    const b = await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, faults: { extraExecMs: 10 } });
     const router = await routerFor(t, broker.url, { maxAttempts: 2 });
     await router.waitForModel('kws', 10_000, 2);
     const inputs = sampleInputs('kws', 2);
@@ -223,12 +224,15 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
     a.setFaults({ extraExecMs: 2_000 });
     const before = { ...router.counters };
     const results = await runAll(20, 1, () => router.infer('kws', inputs, { deadlineMs: 5_000 }));
-    const hedged = results.filter((r) => r.hedged);
-    assert.ok(hedged.length >= 1, `no request was hedged (${JSON.stringify(router.counters)})`);
-    for (const r of hedged) {
-      assert.equal(r.agentId, b.id, 'the hedge on the healthy agent wins');
+    // The first request after the change meets the slow agent. A hedge moves it when the budget has a token;
+    // ordinary tails of the healthy phase may have spent them (hedging is on whenever the agents report
+    // room), and then the per-try timeout (1.5 × the agent's p99, at least 50 ms) moves it instead.
+    const moved = results.filter((r) => r.tried.length > 1);
+    assert.ok(moved.length >= 1, `no request moved off the slow agent (${JSON.stringify(router.counters)})`);
+    for (const r of moved) {
+      assert.equal(r.agentId, b.id, 'the attempt on the healthy agent wins');
       assert.deepEqual(r.tried, [a.id, b.id]);
-      assert.ok(r.timings.totalMs < 1_000, `hedged request took ${r.timings.totalMs} ms`);
+      assert.ok(r.timings.totalMs < 1_000, `moved request took ${r.timings.totalMs} ms`);
     }
     assert.ok(router.counters.cancels > before.cancels, 'the slow attempt was cancelled');
     // Every request finished well before the 2 s the slow agent takes.
