@@ -10,18 +10,8 @@ import { describe, type TestContext, test } from 'node:test';
 import type { AgentHandle } from '@edge-mesh/agent';
 import { sampleInputs } from '@edge-mesh/demo';
 import { type AgentStatus, generateIdentity } from '@edge-mesh/protocol';
-import { type LivePolicyFactory, ROUTER_POLICIES, type RouterHandle, startRouter } from '@edge-mesh/router';
-import { agentFor, brokerFor, meshFor, modelsDir, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
-
-async function routerFor(
-  t: TestContext,
-  brokerUrl: string,
-  options: Partial<Parameters<typeof startRouter>[0]> = {},
-): Promise<RouterHandle> {
-  const router = await startRouter({ brokerUrl, identity: generateIdentity('router'), logger: quiet, ...options });
-  t.after(() => router.close());
-  return router;
-}
+import { type LivePolicyFactory, ROUTER_POLICIES, type RouterHandle } from '@edge-mesh/router';
+import { agentFor, brokerFor, meshFor, modelsDir, routerFor, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 /** A models folder with the wake-word model only, so twenty agents start fast and stay small. */
 async function kwsOnlyDir(t: TestContext): Promise<string> {

@@ -15,18 +15,7 @@ import {
   signStatus,
   topics,
 } from '@edge-mesh/protocol';
-import { type RouterHandle, startRouter } from '@edge-mesh/router';
-import { agentFor, brokerFor, meshFor, quiet, spawnAgent, waitFor } from './helpers.ts';
-
-async function routerFor(
-  t: TestContext,
-  brokerUrl: string,
-  options: Partial<Parameters<typeof startRouter>[0]> = {},
-): Promise<RouterHandle> {
-  const router = await startRouter({ brokerUrl, identity: generateIdentity('router'), logger: quiet, ...options });
-  t.after(() => router.close());
-  return router;
-}
+import { agentFor, brokerFor, meshFor, routerFor, spawnAgent, waitFor } from './helpers.ts';
 
 /**
  * An agent that announces itself (a signed status, models copied from `like`, faster than any) and answers

@@ -1,6 +1,6 @@
 /** The live router running another balancer than its own (router/src/policies.ts), on a real broker with real agents. */
 import assert from 'node:assert/strict';
-import { describe, type TestContext, test } from 'node:test';
+import { describe, test } from 'node:test';
 import type { Attempt } from '@edge-mesh/client';
 import { sampleInputs } from '@edge-mesh/demo';
 import { type AgentStatus, generateIdentity, MeshError } from '@edge-mesh/protocol';
@@ -14,17 +14,7 @@ import {
   resolveRouterPolicy,
   startRouter,
 } from '@edge-mesh/router';
-import { agentFor, brokerFor, quiet } from './helpers.ts';
-
-async function routerFor(
-  t: TestContext,
-  brokerUrl: string,
-  options: Partial<Parameters<typeof startRouter>[0]> = {},
-): Promise<RouterHandle> {
-  const router = await startRouter({ brokerUrl, identity: generateIdentity('router'), logger: quiet, ...options });
-  t.after(() => router.close());
-  return router;
-}
+import { agentFor, brokerFor, quiet, routerFor } from './helpers.ts';
 
 /** A test balancer: round robin over the agents whose status says online, from statuses alone. */
 function roundRobin() {
