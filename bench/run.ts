@@ -14,7 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { type BenchContext, type BenchResult, machineBusyMs, ROOT, stopAll } from './lib.ts';
 
-const BENCHES: Record<string, { file: string; about: string }> = {
+const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick: number; full: number } }> = {
   overhead: { file: './overhead.ts', about: 'kws latency: raw onnxruntime vs mesh (broker + agent + SDK processes) vs a no-op echo agent' },
   throughput: {
     file: './throughput.ts',
@@ -23,7 +23,8 @@ const BENCHES: Record<string, { file: string; about: string }> = {
   agent: { file: './agent.ts', about: 'agent process start to retained status at a subscriber (ready_ms) and idle RSS' },
   'router-sim': {
     file: './router-sim.ts',
-    about: 'discrete-event router simulator: scenarios x policies, p50/p99/p99.9, fail rate, extra load',
+    about: 'discrete-event router simulator: fleet mixes x loads x scenarios x policies x seeds, ratios with bootstrap CIs',
+    timeoutS: { quick: 150, full: 3_600 },
   },
   'router-pick': {
     file: './router-pick.ts',
@@ -41,6 +42,14 @@ const BENCHES: Record<string, { file: string; about: string }> = {
     file: './receipts.ts',
     about: 'receipts signed (keccak leaf + Ed25519) and verified by a LaneVerifier per second on one core',
   },
+  economics: {
+    file: './economics.ts',
+    // A real chain, two dozen thousand paid requests and their settlement: a quick run takes about a minute
+    // on an idle machine, and twice that on a busy one; a full run 7 to 20 minutes.
+    timeoutS: { quick: 180, full: 2_400 },
+    about:
+      'honest and dishonest agents and payers over simulated hours on the real payment code and a local chain: losses, gas per receipt',
+  },
 };
 
 const USAGE = `usage: npm run bench -- <name> [--quick] [--timeout-s S] [bench options]
@@ -51,16 +60,19 @@ ${Object.entries(BENCHES)
   .join('\n')}
 
 options:
-  --quick        short run (under 45 s)
-  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full)
+  --quick        short run (under 45 s; economics about 60 s)
+  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; economics 180 and 2400)
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
   agent:      --reps R --idle-ms MS --settle-ms MS --workers W --inline-max-ms MS
-  router-sim: --nodes N --duration-s S --seed K --loads 0.7,0.8,0.9 --policies a,b --scenarios a,b --side-load L
+  router-sim: --seeds N --nodes N --duration-s S --warmup-s S --routers W --mixes a,b --loads 0.7,0.8,0.9
+              --policies a,b --scenarios a,b --workers K
   router-pick: --picks N                  timed picks per fleet size (default 300000, quick 50000)
   bridge:     --n N --duration-ms D      sequential requests each way (default 4000, quick 600); frame-loop length
   settlement: --max-batch N              largest batch measured (default 100, quick 50)
   receipts:   --n N                      receipts signed and verified (default 100000, quick 20000)
+  economics:  --rounds R --agents A --payers P --loss L --seed K   rounds of 15 simulated minutes (48, quick 8),
+                                         honest agents (3, quick 2) and payers (40), per-message loss (0.005)
 
 The last stdout line is one JSON object: the benchmark's fields, then machine_busy_cores_before,
 loadavg_1m and elapsed_s. On failure it is { bench, quick, error } and the exit code is 1.
@@ -97,7 +109,12 @@ async function main(): Promise<number> {
     process.stdout.write(`${USAGE}\n`);
     return 2;
   }
-  const timeoutS = typeof args['timeout-s'] === 'string' ? Number(args['timeout-s']) : quick ? 42 : 900;
+  const timeoutS =
+    typeof args['timeout-s'] === 'string'
+      ? Number(args['timeout-s'])
+      : quick
+        ? (bench.timeoutS?.quick ?? 42)
+        : (bench.timeoutS?.full ?? 900);
   const log = (line: string) => process.stderr.write(`${line}\n`);
   const ctx: BenchContext = { quick, log, args };
   const started = performance.now();

@@ -215,6 +215,40 @@ describe('payments among strangers: the agent gives credit only against money th
     assert.equal(agent.payments!.lanes()[0]!.funds!.remaining, fund - owed - Math.floor(owed / 10));
   });
 
+  test('a voucher whose relayer fee is above the escrow cap is refused and never replaces the held one', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const wallet = await payerWallet(payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-fee-cap', autoPay: false });
+    await payer.waitForModel('kws');
+    for (let i = 0; i < 6; i++) assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', i))), 'ok');
+    // 12 micro-dollars owed: a fee of 1 is within the escrow's cap (a tenth, 1.2).
+    await payer.voucher(agent.id, { cumulative: 6 * KWS, fee: 1 });
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 6 * KWS, 3_000, 'the voucher with a fee');
+    assert.equal(agent.payments!.lanes()[0]!.voucher!.feeCumulative, 1);
+    for (let i = 0; i < 2; i++) assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 20 + i))), 'ok');
+    // A voucher that pays more but names a fee of 2 on 16 (above 1.6): the escrow would skip it (FEE_TOO_HIGH).
+    const refusedBefore = agent.payments!.counters.vouchersRefused;
+    await payer.voucher(agent.id, { cumulative: 8 * KWS, fee: 2 });
+    await waitFor(() => agent.payments!.counters.vouchersRefused === refusedBefore + 1, 3_000, 'the refusal');
+    const lane = agent.payments!.lanes()[0]!;
+    assert.equal(lane.paidMicros, 6 * KWS, 'the held voucher is still the best');
+    assert.deepEqual([lane.voucher!.cumulative, lane.voucher!.feeCumulative], [6 * KWS, 1]);
+    // What the agent holds settles, fee and all; then a good voucher for the rest replaces it.
+    const relayer = await EscrowClient.connect({ runner: chain.wallet(0), escrow: deployment.escrow });
+    const entry = (v: NonNullable<typeof lane.voucher>) => ({
+      voucher: { agent: payout, cumulative: BigInt(v.cumulative), feeCumulative: BigInt(v.feeCumulative), receiptsRoot: v.receiptsRoot },
+      signature: v.sig,
+    });
+    const first = await relayer.settle(payout, [entry(lane.voucher!)]);
+    assert.deepEqual([first.paid, first.fees, first.skipped.length], [BigInt(6 * KWS), 1n, 0]);
+    await payer.voucher(agent.id, { cumulative: 8 * KWS, fee: 1 });
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 8 * KWS, 3_000, 'the good voucher');
+    const second = await relayer.settle(payout, [entry(agent.payments!.lanes()[0]!.voucher!)]);
+    assert.deepEqual([second.paid, second.fees, second.skipped.length], [BigInt(2 * KWS), 0n, 0]);
+    assert.equal(await relayer.tokenBalance(payout), BigInt(8 * KWS), 'the agent lost nothing');
+  });
+
   test('a withdrawal request stops credit at once; once thawed (armed) it stays stopped, across a restart of the agent', async (t) => {
     const broker = await brokerFor(t);
     const identity = generateIdentity('agent');

@@ -301,4 +301,19 @@ test('requests: the request path against a real worker pool with the wake-word m
   assert.equal(replies.length, 4);
   assert.deepEqual(counters.errors, { MESH_BAD_REQUEST: 2, MESH_UNKNOWN_MODEL: 1, MESH_BAD_INPUT: 1 });
   assert.deepEqual([counters.received, counters.served, counters.replays], [5, 1, 1]);
+
+  // Every reply carries the agent's queue as it stands when the reply leaves: four at once on one
+  // worker, so the replies count down what is still held, and give it as work too.
+  const burst = Array.from({ length: 4 }, () => new Promise<void>((resolve) => waiters.push(resolve)));
+  for (let i = 0; i < 4; i++) requests.onRequest(sender, encodeMessage(request(newRequestId())));
+  await Promise.all(burst);
+  const held = replies.slice(-4).map((r) => (r.reply.kind === 'res' ? [r.reply.rif, r.reply.workMs] : undefined));
+  assert.deepEqual(
+    held.map((h) => h?.[0]),
+    [3, 2, 1, 0],
+  );
+  for (const h of held) assert.ok(h![1]! >= 0 && (h![0] === 0) === (h![1] === 0), `workMs ${h![1]} for ${h![0]} held`);
+  // Error replies carry it too.
+  const refused = await send(request(newRequestId(), 'nope'));
+  assert.equal(refused.reply.kind === 'err' && refused.reply.rif, 0);
 });

@@ -20,6 +20,7 @@ import {
   requestIdHex,
   topics,
 } from '@edge-mesh/protocol';
+import { type RouterHandle, startRouter } from '@edge-mesh/router';
 import { type ConnectOptions, connect, type Mesh } from '@edge-mesh/sdk';
 import type { MqttClient } from 'mqtt';
 import pino from 'pino';
@@ -175,4 +176,15 @@ export function waitFor(predicate: () => boolean, timeoutMs: number, what: strin
     };
     tick();
   });
+}
+
+/** A router on `brokerUrl` with a fresh identity and a quiet logger, closed after the test. */
+export async function routerFor(
+  t: TestContext,
+  brokerUrl: string,
+  options: Partial<Parameters<typeof startRouter>[0]> = {},
+): Promise<RouterHandle> {
+  const router = await startRouter({ brokerUrl, identity: generateIdentity('router'), logger: quiet, ...options });
+  t.after(() => router.close());
+  return router;
 }

@@ -40,8 +40,9 @@ import {
   type VoucherMessage,
   verifyQuote,
   verifyStatus,
+  voucherTypedData,
 } from '@edge-mesh/protocol';
-import type { ethers } from 'ethers';
+import { ethers } from 'ethers';
 
 type Reply = InferReply | ErrorReply;
 
@@ -263,17 +264,27 @@ export class TestPayer {
   /** Signs and sends a voucher on the lane with `agentId`; any amount and seq the test wants. */
   async voucher(
     agentId: string,
-    { cumulative, seq, send = true }: { cumulative: number; seq?: number; send?: boolean },
+    { cumulative, seq, send = true, fee = 0 }: { cumulative: number; seq?: number; send?: boolean; fee?: number },
   ): Promise<VoucherMessage> {
     const lane = this.lane(agentId);
     const leaves = lane.leaves.length ? lane.leaves : [new Uint8Array(32)];
     const receiptsRoot = merkleRoot(leaves);
-    const sig = await signVoucher(this.options.wallet, this.options.domain, {
+    const terms = {
       agent: lane.quote.payout,
       cumulative: BigInt(cumulative),
       receiptsRoot: toHex(receiptsRoot),
-      feeCumulative: 0n,
-    });
+      feeCumulative: BigInt(fee),
+    };
+    // A fee above the escrow's cap cannot go through signVoucher (it refuses one): sign the typed data directly.
+    const sig =
+      BigInt(fee) * 10n > BigInt(cumulative)
+        ? this.options.wallet.signingKey.sign(
+            ethers.TypedDataEncoder.hash(voucherTypedData(this.options.domain).domain, voucherTypedData(this.options.domain).types, {
+              ...terms,
+              agent: ethers.getAddress(terms.agent),
+            }),
+          ).serialized
+        : await signVoucher(this.options.wallet, this.options.domain, terms);
     const message: VoucherMessage = {
       v: PROTOCOL_VERSION,
       kind: 'voucher',
@@ -281,6 +292,7 @@ export class TestPayer {
       agent: lane.quote.payout,
       cumulative,
       receiptsRoot,
+      ...(fee !== 0 ? { feeCumulative: fee } : {}),
       sig: fromHex(sig),
       ...(seq !== undefined ? { seq } : {}),
     };

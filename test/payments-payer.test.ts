@@ -94,6 +94,7 @@ async function scriptedAgent(
   payout: string,
   onRequest: (a: Scripted, req: InferRequest, senderId: string) => void,
   price: ModelPrice = kwsPrice,
+  creditMicros?: number,
 ): Promise<Scripted> {
   const identity = generateIdentity('agent');
   const connection = openMeshConnection(brokerUrl, { identity });
@@ -212,6 +213,7 @@ async function scriptedAgent(
     issuedAt: Date.now(),
     validUntil: Date.now() + 3_600_000,
     models: [price],
+    ...(creditMicros !== undefined ? { creditMicros } : {}),
   });
   const status: AgentStatus = {
     v: PROTOCOL_VERSION,
@@ -316,6 +318,40 @@ describe('the payer pays only what it asked for', () => {
     assert.equal(mesh.lanes()[0]!.owedMicros, 0);
     assert.equal(mesh.lanes()[0]!.lastRefusal, 'late');
     assert.equal(agent.vouchers.length, 0, 'nothing was signed');
+  });
+
+  test('a request refused with MESH_CREDIT_EXCEEDED and served when the SDK tries the same agent again is paid', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(
+      t,
+      broker.url,
+      payoutWallet.address.toLowerCase(),
+      (a, req, sender) => {
+        n++;
+        // The second request's first attempt is refused before it is taken on (no receipt, lane info only), as
+        // an agent waiting for a voucher refuses; the SDK sends its voucher and tries again, and it is served.
+        if (n === 2) a.fail(sender, req.id, 'MESH_CREDIT_EXCEEDED');
+        else a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id }));
+      },
+      kwsPrice,
+      100,
+    );
+    await register(payoutWallet, agent.identity);
+    // A window of 100 and vouchers that wait: the payer still owes the agent when the refusal comes, which is
+    // when the SDK retries.
+    const { mesh } = await payingMesh(t, broker.url, { voucherDelayMs: 60_000 });
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    // Not pinned (a pinned request is tried once): the only agent is tried again.
+    const second = await mesh.infer('kws', kws(), { deadlineMs: 3_000 });
+    assert.equal(second.agentId, agent.identity.id);
+    assert.equal(n, 3, 'the second request was tried twice');
+    await waitFor(() => (mesh.lanes()[0]?.receipts ?? 0) === 2, 5_000, 'both receipts linked');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
+    assert.equal(lane.owedMicros, 4, 'both requests are owed: the refusal before the retry took nothing on');
   });
 
   test('a quote that raises prices is not taken without the app; receipts above the opening prices are not paid', async (t) => {

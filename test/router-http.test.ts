@@ -159,6 +159,8 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     const routing = await getJson(`${base}/v1/routing`);
     assert.equal(routing.status, 200);
     assert.equal(routing.body.counters.ok, 2);
+    assert.equal(routing.body.policy, 'ours');
+    assert.equal(routing.body.counters.silenced, 0);
 
     // Prometheus text.
     const metricsRes = await fetch(`${base}/metrics`);

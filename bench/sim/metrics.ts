@@ -2,6 +2,7 @@
 export interface LatencySummary {
   p50_ms: number;
   p90_ms: number;
+  p95_ms: number;
   p99_ms: number;
   p999_ms: number;
   max_ms: number;
@@ -23,6 +24,7 @@ export function summarize(latencies: readonly number[]): LatencySummary {
   return {
     p50_ms: percentile(a, 0.5),
     p90_ms: percentile(a, 0.9),
+    p95_ms: percentile(a, 0.95),
     p99_ms: percentile(a, 0.99),
     p999_ms: percentile(a, 0.999),
     max_ms: a.length ? a[a.length - 1]! : NaN,

@@ -28,6 +28,7 @@ import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 import { collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
 import { registerPayoutCommands } from './payout.ts';
+import { registerRelayCommand, relayFlags, relayOptionsFrom } from './relay.ts';
 import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
@@ -172,7 +173,7 @@ export function buildProgram(): Command {
         );
         if (summary.receipts !== undefined) {
           print(
-            `paid: ${summary.receipts} receipts owe ${summary.owed_micros} micro-dollars; ${summary.settled_micros} settled on chain in ${summary.settlement_txs} transactions`,
+            `paid: ${summary.receipts} receipts owe ${summary.owed_micros} micro-dollars; ${summary.settled_micros} settled on chain (the agents' own relayers sent ${summary.settlement_txs} transactions; the relay paid ${summary.relayed_micros} in ${summary.relay_txs}, earning ${summary.relay_fees_micros} in fees)`,
           );
         }
       }
@@ -274,12 +275,22 @@ export function buildProgram(): Command {
     .option('--settle-threshold <micros>', 'settle a lane once it owes this much (default: 100 × its gas cost)', positiveInt)
     .option('--settle-check-ms <ms>', 'how often the relayer checks lanes and withdraw requests', positiveInt, 5_000)
     .option('--settle-on-close', 'with --settle: settle every lane that owes anything as the agent stops', false)
+    .option(
+      '--relay <url>',
+      "hand due vouchers to this relay (an edge-mesh relay, or a router started with --relay-evm-key) instead of paying gas; repeatable: a relay that does not settle is replaced by the next (needs --payout and --rpc; with --settle and --evm-key the agent's own account settles what no relay would)",
+      collect,
+      [],
+    )
+    .option('--relay-wait-ms <ms>', 'how long a relay has to settle a lane it took before the next relay is tried', positiveInt, 30_000)
     .addOption(logLevelOption())
     .action(async (opts) => {
       if (opts.payout !== undefined && (opts.escrow === undefined || opts.chainId === undefined)) {
         throw new MeshError('MESH_CONFIG', '--payout needs --escrow and --chain-id');
       }
       if (opts.settle && opts.payout === undefined) throw new MeshError('MESH_CONFIG', '--settle needs --payout, --escrow and --chain-id');
+      const relays = opts.relay as string[];
+      if (relays.length > 0 && opts.payout === undefined)
+        throw new MeshError('MESH_CONFIG', '--relay needs --payout, --escrow and --chain-id');
       // Taking payment reads the escrow: lane balances and withdrawals decide the credit (docs/settlement.md).
       let provider: import('ethers').JsonRpcProvider | undefined;
       if (opts.payout !== undefined) {
@@ -298,7 +309,17 @@ export function buildProgram(): Command {
         });
       }
       let settle: import('@edge-mesh/agent').SettlerOptions | undefined;
-      if (opts.settle && provider) {
+      if (relays.length > 0 && !opts.settle) {
+        // No gas here: relays settle; the settler still decides when a lane is due and watches the chain.
+        settle = {
+          relays,
+          relayWaitMs: opts.relayWaitMs,
+          maxIntervalMs: opts.settleInterval * 1000,
+          checkEveryMs: opts.settleCheckMs,
+          ...(opts.settleThreshold !== undefined ? { thresholdMicros: opts.settleThreshold } : {}),
+          ...(opts.settleOnClose ? { settleOnClose: true } : {}),
+        };
+      } else if (opts.settle && provider) {
         const { loadEvmKey } = await import('./chain.ts');
         const key = await loadEvmKey(opts.evmKey);
         if (key === undefined)
@@ -312,6 +333,7 @@ export function buildProgram(): Command {
           ...(opts.settleThreshold !== undefined ? { thresholdMicros: opts.settleThreshold } : {}),
           ...(opts.settleOnClose ? { settleOnClose: true } : {}),
           ...(crash === 'after-intent' || crash === 'after-send' ? { crashAt: crash } : {}),
+          ...(relays.length > 0 ? { relays, relayWaitMs: opts.relayWaitMs } : {}),
         };
       }
       if (opts.id !== undefined)
@@ -370,49 +392,68 @@ export function buildProgram(): Command {
       });
     });
 
-  program
-    .command('router')
-    .description('run a latency-aware router: route leases for SDK clients, forwarding for thin clients over MQTT and HTTP (KServe v2)')
-    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
-    .option(
-      '--key <file>',
-      'the router key file (edge-mesh keys new --role router), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',
-    )
-    .option('--http-port <port>', 'HTTP API port (0 for any free port)', nonNegativeInt, 8080)
-    .option('--http-host <host>', 'HTTP API address', '127.0.0.1')
-    .option('--no-http', 'serve no HTTP API (MQTT only)')
-    .option('--deadline-ms <ms>', 'deadline of a forwarded request that names none', positiveInt, 2_000)
-    .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
-    .option('--no-hedging', 'never hedge a slow attempt')
-    .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
-    .option('--rpc <url>', 'with --escrow: serve /v1/lanes and /v1/settlements from this EVM chain (env MESH_RPC_URL)')
-    .option('--escrow <address>', 'the MeshEscrow whose lanes and settlements to serve (env MESH_ESCROW)')
-    .option('--from-block <n>', 'first block to read escrow events from (its deployment block)', nonNegativeInt, 0)
-    .addOption(logLevelOption())
-    .action(async (opts) => {
-      const identity = opts.key ? await loadKeyFile(opts.key, 'router', keyWarnings) : generateIdentity('router');
-      const logger = cliLogger(opts.logLevel);
-      const stop = stopSignal();
-      const { startRouter } = await loadRouter();
-      const router = await startRouter({
-        brokerUrl: opts.broker,
-        identity,
-        logger,
-        defaultDeadlineMs: opts.deadlineMs,
-        maxAttempts: opts.maxAttempts,
-        hedging: opts.hedging,
-        leaseTtlMs: opts.leaseTtlMs,
-        ...(opts.http ? { http: { port: opts.httpPort, host: opts.httpHost, ...(await routerChain(opts)) } } : {}),
-      }).catch((err: unknown) => {
-        throw opts.key ? err : withoutKeyHint(err, 'router');
-      });
-      logger.info({ routerId: router.id, http: router.http?.url }, 'router up');
-      process.stdout.write(`router ${router.id}${router.http ? ` serving ${router.http.url}` : ''}\n`);
-      await report<RouterReady>('ready', { id: router.id, httpUrl: router.http?.url ?? null });
-      const signal = await stop;
-      logger.info({ signal, counters: router.counters }, 'stopping');
-      await router.close();
+  relayFlags(
+    program
+      .command('router')
+      .description('run a latency-aware router: route leases for SDK clients, forwarding for thin clients over MQTT and HTTP (KServe v2)')
+      .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+      .option(
+        '--key <file>',
+        'the router key file (edge-mesh keys new --role router), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',
+      )
+      .option('--http-port <port>', 'HTTP API port (0 for any free port)', nonNegativeInt, 8080)
+      .option('--http-host <host>', 'HTTP API address', '127.0.0.1')
+      .option('--no-http', 'serve no HTTP API (MQTT only)')
+      .option('--deadline-ms <ms>', 'deadline of a forwarded request that names none', positiveInt, 2_000)
+      .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
+      .option('--no-hedging', 'never hedge a slow attempt')
+      .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
+      .option(
+        '--policy <name>',
+        'the balancer for forwarded requests: ours, or a baseline built into the router (finagle) to compare the live fleet with the simulator',
+        'ours',
+      )
+      .option('--rpc <url>', 'with --escrow: serve /v1/lanes and /v1/settlements from this EVM chain (env MESH_RPC_URL)')
+      .option('--escrow <address>', 'the MeshEscrow whose lanes and settlements to serve (env MESH_ESCROW)')
+      .option('--from-block <n>', 'first block to read escrow events from (its deployment block)', nonNegativeInt, 0)
+      .addOption(logLevelOption()),
+  ).action(async (opts) => {
+    const identity = opts.key ? await loadKeyFile(opts.key, 'router', keyWarnings) : generateIdentity('router');
+    if (!opts.http && opts.relayEvmKey !== undefined)
+      throw new MeshError('MESH_CONFIG', '--relay-evm-key needs the HTTP API (drop --no-http)');
+    const relay = opts.http ? await relayOptionsFrom(opts) : undefined;
+    const logger = cliLogger(opts.logLevel);
+    const stop = stopSignal();
+    const { startRouter } = await loadRouter();
+    const router = await startRouter({
+      brokerUrl: opts.broker,
+      identity,
+      logger,
+      defaultDeadlineMs: opts.deadlineMs,
+      maxAttempts: opts.maxAttempts,
+      hedging: opts.hedging,
+      leaseTtlMs: opts.leaseTtlMs,
+      policy: opts.policy,
+      ...(opts.http
+        ? {
+            http: {
+              port: opts.httpPort,
+              host: opts.httpHost,
+              ...(await routerChain(opts)),
+              ...(relay ? { relay: { ...relay, logger } } : {}),
+            },
+          }
+        : {}),
+    }).catch((err: unknown) => {
+      throw opts.key ? err : withoutKeyHint(err, 'router');
     });
+    logger.info({ routerId: router.id, http: router.http?.url, policy: router.policy }, 'router up');
+    process.stdout.write(`router ${router.id}${router.http ? ` serving ${router.http.url}` : ''}\n`);
+    await report<RouterReady>('ready', { id: router.id, httpUrl: router.http?.url ?? null });
+    const signal = await stop;
+    logger.info({ signal, counters: router.counters }, 'stopping');
+    await router.close();
+  });
 
   program
     .command('infer')
@@ -554,6 +595,7 @@ export function buildProgram(): Command {
   registerChainCommands(program);
   // The payout registry: payers check it before they pay (payout.ts).
   registerPayoutCommands(program);
+  registerRelayCommand(program);
 
   return program;
 }

@@ -16,6 +16,10 @@
  *   backup request is one request), paid from the budget, and only when the policy allows it now.
  * - **Never twice to one agent**, at most `maxAttempts` agents per request, all retries and hedges
  *   within the budget.
+ * - **Dead agents.** An agent's last will (or a new session) ends its attempts at once, a free failover
+ *   each (`agentLost`). An agent gone silent, whose will may not come for a keep-alive and a half, is
+ *   presumed dead as soon as the `liveness` check says so: each of its attempts moves on as a free
+ *   failover too, but keeps running, so a late answer from it still wins (once).
  *
  * No I/O and no clock of its own: `transport` sends and cancels, `clock` says the time and runs the
  * timers (real ones in the SDK and the router, virtual ones in the simulator). Callbacks, not promises,
@@ -127,6 +131,16 @@ export interface EngineCounters {
   cancels: number;
   /** Retries and hedges refused by the budget or by the policy's `mayHedge`. */
   refused: number;
+  /** Attempts given up because their agent went silent (the `liveness` check); each moved on as a failover. */
+  silent: number;
+}
+
+/** Which agents are presumed dead before their last will arrives (see RequestEngineOptions.liveness). */
+export interface EngineLiveness {
+  /** For example the fleet view's `silent`: no heartbeat or reply for a few heartbeat periods. */
+  isSilent(agentId: string, now: number): boolean;
+  /** How often attempts in flight are checked, ms (default 250). */
+  checkEveryMs?: number;
 }
 
 export interface RequestEngineOptions<Req, Rep> {
@@ -141,6 +155,16 @@ export interface RequestEngineOptions<Req, Rep> {
   maxHedges?: number;
   /** Whether another agent may succeed after this code (default: the error table's `retryable`). */
   retryable?: (code: MeshErrorCode) => boolean;
+  /**
+   * Heartbeat silence. While attempts are in flight, every `checkEveryMs` each agent holding one is
+   * asked about: an attempt at a silent agent counts as failed at once (MESH_TIMEOUT; it keeps running
+   * and its late answer still wins) and, unless another attempt of its request is still running, a
+   * failover goes out, free like the one after a last will: an agent could get that one by dropping its
+   * connection anyway, so faking death by silence earns a liar nothing more, while charging the budget
+   * would fail the work of an agent that really died with more requests than the budget holds. A check
+   * that runs late (this process stalled, so every agent looks quiet) judges nobody.
+   */
+  liveness?: EngineLiveness;
 }
 
 export interface StartOptions<Req> {
@@ -175,6 +199,8 @@ const defaultRetryable = (code: MeshErrorCode): boolean => ERROR_CODES[code].ret
 
 interface MutableAttempt<Req> extends Attempt<Req> {
   timer: unknown;
+  /** Its agent was judged silent (once per attempt). */
+  silent?: boolean;
 }
 
 interface RequestState<Req, Rep> {
@@ -193,7 +219,7 @@ interface RequestState<Req, Rep> {
 }
 
 export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req, Rep>): RequestEngine<Req, Rep> {
-  const { policy, transport, clock, budget, maxAttempts = 3, maxHedges = 1, retryable = defaultRetryable } = options;
+  const { policy, transport, clock, budget, maxAttempts = 3, maxHedges = 1, retryable = defaultRetryable, liveness } = options;
   if (!Number.isInteger(maxAttempts) || maxAttempts < 1)
     throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
   if (!Number.isInteger(maxHedges) || maxHedges < 0)
@@ -209,7 +235,10 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     timeouts: 0,
     cancels: 0,
     refused: 0,
+    silent: 0,
   };
+  /** Runs while requests are pending, when there is a `liveness` check. */
+  let livenessTimer: unknown;
 
   const clear = (timer: unknown) => {
     if (timer !== undefined) clock.clearTimer(timer);
@@ -230,6 +259,10 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     if (state.done) return;
     state.done = true;
     pending.delete(state.request.key);
+    if (pending.size === 0 && livenessTimer !== undefined) {
+      clock.clearTimer(livenessTimer);
+      livenessTimer = undefined;
+    }
     budget?.onRequestDone();
     clear(state.deadlineTimer);
     clear(state.hedgeTimer);
@@ -347,6 +380,57 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     if (retryable('MESH_TIMEOUT')) launch(state, 'retry');
   };
 
+  /**
+   * The attempt's agent went silent: its per-try timeout, now (unless that fired already), and a failover
+   * unless another attempt still runs. An attempt that timed out earlier and whose retry the budget
+   * refused is moved on here too: its agent is presumed dead now, not merely slow.
+   */
+  const onSilent = (state: RequestState<Req, Rep>, attempt: MutableAttempt<Req>, now: number) => {
+    attempt.silent = true;
+    counters.silent++;
+    if (!attempt.timedOut) {
+      clear(attempt.timer);
+      attempt.timer = undefined;
+      attempt.timedOut = true;
+      policy.onTimeout?.(attempt, now);
+    }
+    state.lastError = new MeshError('MESH_TIMEOUT', `agent ${attempt.agentId} went silent (no heartbeat) with the request`, {
+      details: { agentId: attempt.agentId },
+    });
+    const covered = [...state.attempts.values()].some((a) => a !== attempt && !a.timedOut);
+    if (!covered) launch(state, 'failover');
+  };
+
+  const checkEveryMs = liveness?.checkEveryMs ?? 250;
+  let livenessDueAt = 0;
+  const armLiveness = () => {
+    if (!liveness || livenessTimer !== undefined || pending.size === 0) return;
+    livenessDueAt = clock.now() + checkEveryMs;
+    livenessTimer = clock.setTimer(checkEveryMs, checkLiveness);
+  };
+  const checkLiveness = () => {
+    livenessTimer = undefined;
+    const now = clock.now();
+    // Fired a whole period late: this process was stalled and the messages it missed are still queued.
+    if (now - livenessDueAt > checkEveryMs) {
+      armLiveness();
+      return;
+    }
+    const verdicts = new Map<string, boolean>();
+    for (const state of [...pending.values()]) {
+      for (const attempt of [...state.attempts.values()]) {
+        if (state.done || attempt.silent) continue;
+        let silent = verdicts.get(attempt.agentId);
+        if (silent === undefined) {
+          silent = liveness!.isSilent(attempt.agentId, now);
+          verdicts.set(attempt.agentId, silent);
+        }
+        if (silent) onSilent(state, attempt, now);
+      }
+    }
+    armLiveness();
+  };
+
   const onHedgeDue = (state: RequestState<Req, Rep>, slow: MutableAttempt<Req>) => {
     state.hedgeTimer = undefined;
     if (state.done || state.attempts.get(slow.agentId) !== slow) return;
@@ -415,6 +499,7 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
       if (!state.done) failNow(state, true);
     });
     if (!launch(state, 'first') && state.attempts.size === 0) failNow(state);
+    armLiveness();
   };
 
   return {
@@ -446,6 +531,8 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     counters,
     close(error) {
       const err = error ?? new MeshError('MESH_NOT_CONNECTED', 'the client closed');
+      if (livenessTimer !== undefined) clock.clearTimer(livenessTimer);
+      livenessTimer = undefined;
       for (const state of [...pending.values()]) {
         const now = clock.now();
         for (const attempt of [...state.attempts.values()]) {
@@ -456,11 +543,6 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
       }
     },
   };
-}
-
-/** Per-try timeout from a prediction: `factor` × predicted, at least `minMs`, never past the deadline. */
-export function perTryTimeoutMs(predictedMs: number, remainingMs = Number.POSITIVE_INFINITY, { factor = 5, minMs = 250 } = {}): number {
-  return Math.min(remainingMs, Math.max(minMs, factor * predictedMs));
 }
 
 /** The timers of this process for the engine: `now` is epoch-aligned and sub-millisecond. */

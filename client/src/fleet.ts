@@ -22,6 +22,12 @@ export interface FleetAgent {
   load: AgentLoad | undefined;
   /** When `load` arrived (the view's clock, ms). */
   loadAt: number;
+  /** When the agent was last heard from: a status, a load report or a reply (the view's clock, ms). */
+  heardAt: number;
+  /** Its heartbeat period as received (an EWMA of the gaps between its load reports, ms); NaN until two arrive. */
+  heartbeatMs: number;
+  /** Per model reported loading: when the first report of this load arrived (the view's clock, ms). */
+  loadingSince: Map<string, number>;
 }
 
 export interface FleetCounters {
@@ -40,6 +46,15 @@ export interface FleetViewOptions {
   /** The clock for load ages (default `performance.now`). */
   now?: () => number;
   logger?: MeshLogger;
+  /**
+   * An online agent counts as silent (presumed dead, though its connection and so its last will may
+   * linger) when nothing was heard from it for `silenceBeats` heartbeat periods, and at least
+   * `minSilenceMs` (defaults 3 and 1 s). Only agents whose period is known (two load reports) are judged,
+   * and only while some other agent was heard from within that time: when every agent is quiet, it is
+   * this side's link or process that stalled, and nobody is presumed dead for it.
+   */
+  silenceBeats?: number;
+  minSilenceMs?: number;
   /** The agent went offline or restarted (a new session): its outstanding work will never be answered. */
   onAgentLost?: (agentId: string, reason: 'offline' | 'restarted') => void;
   /** A verified status was applied (`previous` is the one it replaced). */
@@ -59,6 +74,10 @@ export interface FleetView {
   online(model?: string): FleetAgent[];
   /** The load report of an agent, unless it is older than `loadStaleMs`. */
   freshLoad(agent: FleetAgent): AgentLoad | undefined;
+  /** A reply from the agent arrived: it is alive. */
+  heard(agentId: string): void;
+  /** See `silenceBeats`: online, its heartbeat period known, nothing heard for that many periods while others were. */
+  silent(agentId: string, now?: number): boolean;
   /** Models served by at least one online agent (the first status seen gives the metadata). */
   models(): ModelInfo[];
   readonly counters: Readonly<FleetCounters>;
@@ -74,9 +93,13 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
     now = () => performance.now(),
     logger = SILENT_LOGGER,
     onAgentLost,
+    silenceBeats = 3,
+    minSilenceMs = 1_000,
   } = options;
   const agents = new Map<string, FleetAgent>();
   const counters: FleetCounters = { statusRejected: 0, loadIgnored: 0 };
+  /** When any agent was last heard from. */
+  let anyHeardAt = Number.NEGATIVE_INFINITY;
   const changes = changeSignal();
 
   const serves = (a: FleetAgent, model: string | undefined) => model === undefined || (a.status.models ?? []).some((m) => m.name === model);
@@ -99,11 +122,23 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
       const sameSession = previous !== undefined && previous.session === status.session;
       if (known) {
         known.status = status;
+        known.heardAt = now();
         if (!sameSession) {
           known.load = undefined;
           known.loadAt = 0;
+          known.heartbeatMs = Number.NaN;
+          known.loadingSince.clear();
         }
-      } else agents.set(agentId, { id: agentId, status, load: undefined, loadAt: 0 });
+      } else
+        agents.set(agentId, {
+          id: agentId,
+          status,
+          load: undefined,
+          loadAt: 0,
+          heardAt: now(),
+          heartbeatMs: Number.NaN,
+          loadingSince: new Map(),
+        });
       options.onStatus?.(status, previous);
       if (status.state === 'offline') {
         if (previous !== undefined && previous.state !== 'offline') {
@@ -130,9 +165,32 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
         return;
       }
       if (load.agent !== agentId) return;
+      const at = now();
+      if (agent.loadAt > 0) {
+        const gap = at - agent.loadAt;
+        agent.heartbeatMs = Number.isNaN(agent.heartbeatMs) ? gap : agent.heartbeatMs + 0.2 * (gap - agent.heartbeatMs);
+      }
+      for (const [model, m] of Object.entries(load.models)) {
+        if (m.state !== 'loading') agent.loadingSince.delete(model);
+        else if (!agent.loadingSince.has(model)) agent.loadingSince.set(model, at);
+      }
       agent.load = load;
-      agent.loadAt = now();
+      agent.loadAt = at;
+      agent.heardAt = at;
+      anyHeardAt = at;
       options.onLoad?.(load);
+    },
+    heard(agentId) {
+      const agent = agents.get(agentId);
+      if (!agent) return;
+      agent.heardAt = now();
+      anyHeardAt = agent.heardAt;
+    },
+    silent(agentId, at = now()) {
+      const agent = agents.get(agentId);
+      if (agent?.status.state !== 'online' || !(agent.heartbeatMs > 0)) return false;
+      const quietMs = Math.max(minSilenceMs, silenceBeats * agent.heartbeatMs);
+      return at - agent.heardAt > quietMs && at - anyHeardAt <= quietMs;
     },
     get: (agentId) => agents.get(agentId),
     all: () => agents.values(),

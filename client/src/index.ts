@@ -6,11 +6,13 @@
 
 export * from './admin.ts';
 export * from './budget.ts';
+export * from './claims.ts';
 export * from './connection.ts';
 export * from './engine.ts';
 export * from './fleet.ts';
 export * from './keyfiles.ts';
 export * from './logger.ts';
+export * from './quantiles.ts';
 export * from './random.ts';
 export * from './receive.ts';
 export * from './signal.ts';

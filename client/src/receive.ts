@@ -70,10 +70,12 @@ export function readReply(agentId: string, payload: Uint8Array, maxBytes = DEFAU
   if (decoded.kind === 'res')
     return { key, reply: decoded, error: undefined, receipt: decoded.receipt, lane: decoded.lane, batch: undefined };
   const code = isMeshErrorCode(decoded.code) ? decoded.code : 'MESH_INTERNAL';
+  // The agent's queue, when the error reply carries it, travels with the error to whoever learns from it.
+  const queue = decoded.rif === undefined ? {} : { rif: decoded.rif, ...(decoded.workMs !== undefined ? { workMs: decoded.workMs } : {}) };
   return {
     key,
     reply: undefined,
-    error: new MeshError(code, decoded.message, { details: { agentId } }),
+    error: new MeshError(code, decoded.message, { details: { agentId, ...queue } }),
     receipt: decoded.receipt,
     lane: decoded.lane,
     batch: undefined,

@@ -30,6 +30,9 @@ class FakeClock implements EngineClock {
   clearTimer = (id: unknown) => {
     this.timers.delete(id as number);
   };
+  timersPending() {
+    return this.timers.size;
+  }
   advance(ms: number) {
     const until = this.t + ms;
     for (;;) {
@@ -37,7 +40,7 @@ class FakeClock implements EngineClock {
       for (const entry of this.timers) if (entry[1].at <= until && (!next || entry[1].at < next[1].at)) next = entry;
       if (!next) break;
       this.timers.delete(next[0]);
-      this.t = next[1].at;
+      this.t = Math.max(this.t, next[1].at);
       next[1].fire();
     }
     this.t = until;
@@ -68,6 +71,7 @@ function rig(
     mayHedge,
     sendThrows,
     retrySameAfter,
+    silent,
   }: {
     plan?: Omit<AttemptPlan, 'agentId'>;
     budget?: TailBudget;
@@ -76,6 +80,8 @@ function rig(
     mayHedge?: () => boolean;
     sendThrows?: (a: Attempt<Req>) => boolean;
     retrySameAfter?: EnginePolicy<Req, Rep>['retrySameAfter'];
+    /** Agents the liveness check calls silent. */
+    silent?: Set<string>;
   } = {},
 ): Rig {
   const clock = new FakeClock();
@@ -105,6 +111,7 @@ function rig(
     ...(budget ? { budget } : {}),
     ...(maxAttempts !== undefined ? { maxAttempts } : {}),
     ...(maxHedges !== undefined ? { maxHedges } : {}),
+    ...(silent ? { liveness: { isSilent: (agentId: string) => silent.has(agentId), checkEveryMs: 100 } } : {}),
   });
   return {
     clock,
@@ -377,5 +384,138 @@ describe('the request engine', () => {
     r.clock.advance(10_000);
     assert.equal(r.outcomes.length, 2);
     assert.equal(r.engine.pending, 0);
+  });
+});
+
+describe('dead agents', () => {
+  test('an attempt at an agent gone silent fails over at once, free, and its late answer may still win', () => {
+    const silent = new Set<string>();
+    const budget = new TailBudget({}, 0);
+    // A per-try timeout far away: only the liveness check can move the request before it.
+    const r = rig(['a', 'b'], { plan: { timeoutMs: 5_000 }, budget, silent });
+    r.start('r1', 10_000);
+    r.clock.advance(150);
+    assert.equal(r.sent.length, 1, 'nothing moves while the agent is heard from');
+    silent.add('a');
+    r.clock.advance(100);
+    assert.deepEqual(
+      r.sent.map((a) => [a.agentId, a.kind]),
+      [
+        ['a', 'first'],
+        ['b', 'failover'],
+      ],
+    );
+    assert.equal(r.engine.counters.silent, 1);
+    assert.equal(budget.activeExtras, 0, 'free, like the failover after a last will');
+    assert.equal(r.cancelled.length, 0, 'the silent attempt keeps running');
+    r.clock.advance(1_000);
+    assert.equal(r.sent.length, 2, 'judged once');
+    r.engine.answer('r1', 'a', { value: 'back from the silence' });
+    const o = r.outcomes[0]!;
+    assert.ok(o.ok && o.reply.value === 'back from the silence');
+    assert.deepEqual(r.cancelled, ['b']);
+  });
+
+  test('a silent agent: nothing more is sent while another attempt covers the request; with no budget left it still fails over', () => {
+    const silent = new Set<string>();
+    const covered = rig(['a', 'b', 'c'], { plan: { hedgeAfterMs: 50 }, silent });
+    covered.start();
+    covered.clock.advance(60);
+    assert.deepEqual(
+      covered.sent.map((a) => a.agentId),
+      ['a', 'b'],
+      'hedged on b',
+    );
+    silent.add('a');
+    covered.clock.advance(100);
+    assert.equal(covered.sent.length, 2, 'b still runs: nothing more is sent');
+    assert.equal(covered.engine.counters.silent, 1);
+
+    const spent = new TailBudget({ ratio: 0, cap: 0, minPerS: 0, hedgeRatio: 0, hedgeCap: 0 }, 0);
+    const broke = rig(['a', 'b'], { budget: spent, silent: new Set(['a']) });
+    broke.start('r1', 1_000);
+    broke.clock.advance(100);
+    assert.deepEqual(
+      broke.sent.map((a) => [a.agentId, a.kind]),
+      [
+        ['a', 'first'],
+        ['b', 'failover'],
+      ],
+    );
+    assert.equal(broke.engine.counters.refused, 0);
+    broke.clock.advance(1_000);
+    const o = broke.outcomes[0]!;
+    assert.ok(!o.ok && o.error.code === 'MESH_DEADLINE_EXCEEDED');
+    assert.equal((o.error.cause as MeshError).code, 'MESH_TIMEOUT', 'the silence is the cause');
+  });
+
+  test('an attempt whose per-try timeout fired, its retry refused by the budget, moves on once its agent is silent', () => {
+    const silent = new Set<string>();
+    const spent = new TailBudget({ ratio: 0, cap: 0, minPerS: 0, hedgeRatio: 0, hedgeCap: 0 }, 0);
+    const r = rig(['a', 'b'], { plan: { timeoutMs: 50 }, budget: spent, silent });
+    r.start('r1', 10_000);
+    r.clock.advance(60);
+    assert.equal(r.engine.counters.timeouts, 1);
+    assert.equal(r.engine.counters.refused, 1, 'the retry was refused');
+    assert.equal(r.sent.length, 1);
+    silent.add('a');
+    r.clock.advance(45); // the check at 100 ms
+    assert.deepEqual(
+      r.sent.map((a) => [a.agentId, a.kind]),
+      [
+        ['a', 'first'],
+        ['b', 'failover'],
+      ],
+    );
+    assert.equal(r.engine.counters.timeouts, 1, 'not timed out twice');
+    r.engine.answer('r1', 'b', { value: 'ok' });
+    assert.ok(r.outcomes[0]!.ok);
+  });
+
+  test('a fake death: the silent agent answers late after its request moved on, and the answer counts once', () => {
+    const r = rig(['a', 'b'], { silent: new Set(['a']) });
+    r.start('r1', 10_000);
+    r.clock.advance(100);
+    assert.deepEqual(
+      r.sent.map((a) => a.agentId),
+      ['a', 'b'],
+    );
+    r.engine.answer('r1', 'b', { value: 'from b' });
+    // The liar answers after all, twice, and fails too: the request is over, none of it counts.
+    r.engine.answer('r1', 'a', { value: 'late' });
+    r.engine.answer('r1', 'a', { value: 'late again' });
+    r.engine.fail('r1', 'a', new MeshError('MESH_BUSY', 'busy'));
+    assert.equal(r.outcomes.length, 1);
+    const o = r.outcomes[0]!;
+    assert.ok(o.ok && o.reply.value === 'from b');
+    assert.equal(r.engine.counters.ok, 1);
+    assert.deepEqual(r.cancelled, ['a'], 'the silent attempt is cancelled with the request');
+  });
+
+  test('a liveness check that runs a whole period late judges nobody (this process stalled)', () => {
+    const r = rig(['a', 'b'], { silent: new Set(['a']) });
+    r.start('r1', 10_000);
+    // Time jumps past the check without running it, as a blocked event loop does.
+    r.clock.t += 500;
+    r.clock.advance(0);
+    assert.equal(r.sent.length, 1, 'the late check passed');
+    r.clock.advance(100);
+    assert.equal(r.sent.length, 2, 'the next one on time judges');
+  });
+
+  test('a last will ends the attempts at once, a free failover each, and the liveness timer stops with the last request', () => {
+    const r = rig(['a', 'b'], { silent: new Set() });
+    r.start();
+    r.engine.agentLost('a');
+    assert.deepEqual(
+      r.sent.map((a) => [a.agentId, a.kind]),
+      [
+        ['a', 'first'],
+        ['b', 'failover'],
+      ],
+    );
+    r.engine.answer('r1', 'b', { value: 'ok' });
+    assert.equal(r.engine.pending, 0);
+    assert.equal(r.clock.timersPending(), 0, 'no timer left behind');
   });
 });

@@ -1,19 +1,22 @@
 /**
  * Paid inference in `edge-mesh up`: a local Hardhat chain with the escrow and a mock stablecoin, the
- * sample app's lanes funded, each agent paid to its own payout address and settling through its own
- * relayer, and the figures for the `--json` summary.
+ * sample app's lanes funded, each agent paid to its own payout address, and the figures for the `--json`
+ * summary. Every agent but the last settles through its own relayer (paying its own gas); the last holds
+ * no ETH at all and hands its vouchers to a voucher relay (router/relay.ts) that this process runs, which
+ * pays the gas and earns the relayer fee the app's vouchers carry.
  *
  * Accounts come from the chain's development mnemonic: 0 deploys, 1 is the app's voucher key (the
  * signer of its lanes, a hot key that holds no money), 2 is the funding wallet that owns those lanes
- * (opened with the voucher key's consent; it alone could take money back), and 3, 4, … are the agents'
- * payout addresses (each also pays its own settlement gas). The chain is new on every run, so the payment
- * stores live in a fresh folder under `<data>/` that is removed at the end.
+ * (opened with the voucher key's consent; it alone could take money back), 3, 4, … are the agents'
+ * payout addresses, and the one after them is the relay's account. The chain is new on every run, so the
+ * payment stores live in a fresh folder under `<data>/` that is removed at the end.
  */
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { agentBindingMessage, type Identity, signBytes } from '@edge-mesh/protocol';
+import { type RelayServer, startRelayServer } from '@edge-mesh/router';
 import type { Logger } from 'pino';
 import type { AgentSummary } from './parts.ts';
 
@@ -24,8 +27,12 @@ export interface UpSettlementSummary {
   owed_micros: number;
   /** What the escrow paid the agents on chain by the end of the run. */
   settled_micros: number;
-  /** Settle transactions the agents' relayers sent. */
+  /** Settle transactions the agents' relayers sent (the relay's not included). */
   settlement_txs: number;
+  /** What the relay settled for the agent without gas, and the fees it earned. */
+  relayed_micros: number;
+  relay_fees_micros: number;
+  relay_txs: number;
 }
 
 export interface UpSettlementOptions {
@@ -49,7 +56,7 @@ export interface PartPayment {
 export interface UpSettlement {
   readonly chain: LocalChain;
   readonly deployment: MeshDeployment;
-  /** `edge-mesh agent` options: paid to its own payout address, settling through its own relayer. */
+  /** `edge-mesh agent` options: paid to its own payout address, settling through its own relayer or (the last) the relay. */
   agentPayment(index: number): PartPayment;
   /** `edge-mesh demo app` options: signs vouchers with the app's voucher key, on lanes the funding wallet owns. */
   appPayment(): PartPayment;
@@ -73,8 +80,11 @@ export async function startUpSettlement(options: UpSettlementOptions): Promise<U
   const { logger, print, agents } = options;
   const fund = options.fundMicros ?? 100_000_000n;
   const started = performance.now();
-  const chain = await startLocalChain({ accounts: FIRST_AGENT_ACCOUNT + agents, log: (line) => logger.info(line) });
+  const relayAccount = FIRST_AGENT_ACCOUNT + agents;
+  const relayedAgent = agents - 1;
+  const chain = await startLocalChain({ accounts: relayAccount + 1, log: (line) => logger.info(line) });
   let runDir: string | undefined;
+  let relay: RelayServer | undefined;
   try {
     const deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
     const payouts = Array.from({ length: agents }, (_, i) => chain.accounts[FIRST_AGENT_ACCOUNT + i]!.toLowerCase());
@@ -92,7 +102,22 @@ export async function startUpSettlement(options: UpSettlementOptions): Promise<U
     print(
       `local chain ${deployment.chainId} (pid ${chain.pid}) on ${chain.rpcUrl}: escrow ${deployment.escrow}; app voucher key ${appWallet.address}, its lanes owned by ${funderWallet.address} and funded ${Number(fund) / 1e6} USD per agent (${Math.round(performance.now() - started)} ms)`,
     );
+    relay = await startRelayServer({
+      runner: chain.wallet(relayAccount),
+      escrow: deployment.escrow,
+      batchMs: 500,
+      logger: logger.child({ part: 'relay' }),
+    });
+    const relayServer = relay;
+    print(`voucher relay ${relay.relay.address} on ${relay.url}: settles agent-${relayedAgent + 1}'s vouchers for their fee`);
     const domainArgs = ['--escrow', deployment.escrow, '--chain-id', deployment.chainId.toString()];
+    const settleArgs = [
+      '--settle-check-ms',
+      String(options.checkEveryMs ?? 1_000),
+      '--settle-interval',
+      String((options.maxIntervalMs ?? 5_000) / 1000),
+      '--settle-on-close',
+    ];
     return {
       chain,
       deployment,
@@ -103,18 +128,15 @@ export async function startUpSettlement(options: UpSettlementOptions): Promise<U
           ...domainArgs,
           '--data',
           path.join(dir, `agent-${index + 1}`),
-          '--settle',
           '--rpc',
           chain.rpcUrl,
-          '--settle-check-ms',
-          String(options.checkEveryMs ?? 1_000),
-          '--settle-interval',
-          String((options.maxIntervalMs ?? 5_000) / 1000),
-          '--settle-on-close',
+          // The last agent has no EVM key and no gas: the relay settles for it.
+          ...(index === relayedAgent ? ['--relay', relayServer.url, '--relay-wait-ms', '5000'] : ['--settle']),
+          ...settleArgs,
           // The router's HTTP API and the bridge send unpaid requests (docs/settlement.md, "In `npm start`").
           '--serve-unpaid',
         ],
-        env: { MESH_EVM_KEY: chain.privateKeys[FIRST_AGENT_ACCOUNT + index]! },
+        env: index === relayedAgent ? ({} as Record<string, string>) : { MESH_EVM_KEY: chain.privateKeys[FIRST_AGENT_ACCOUNT + index]! },
       }),
       appPayment: () => ({
         args: [...domainArgs, '--rpc', chain.rpcUrl, '--data', path.join(dir, 'app')],
@@ -132,8 +154,12 @@ export async function startUpSettlement(options: UpSettlementOptions): Promise<U
           const binding = signBytes(identity, agentBindingMessage(domain, payouts[i]!));
           await payoutClient.registerAgent(identity.publicKey, binding);
         }
+        // Registered (one transaction from the payout account); from here on the relayed agent's payout holds no ETH.
+        await chain.provider.send('hardhat_setBalance', [payouts[relayedAgent]!, '0x0']);
       },
       async summary(reports) {
+        // What the relayed agent handed over as it stopped goes out now.
+        await relayServer.relay.flush();
         let receipts = 0;
         let owed = 0;
         let txs = 0;
@@ -146,14 +172,25 @@ export async function startUpSettlement(options: UpSettlementOptions): Promise<U
           }
           txs += report?.settlementTxs ?? 0;
         }
-        return { receipts, owed_micros: owed, settled_micros: Number(settled), settlement_txs: txs };
+        const c = relayServer.relay.counters;
+        return {
+          receipts,
+          owed_micros: owed,
+          settled_micros: Number(settled),
+          settlement_txs: txs,
+          relayed_micros: c.paidMicros,
+          relay_fees_micros: c.feesMicros,
+          relay_txs: c.txs,
+        };
       },
       async close() {
+        await relayServer.close();
         await chain.close();
         await rm(dir, { recursive: true, force: true });
       },
     };
   } catch (err) {
+    await relay?.close().catch(() => {});
     await chain.close();
     if (runDir) await rm(runDir, { recursive: true, force: true });
     throw err;

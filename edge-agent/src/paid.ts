@@ -30,7 +30,14 @@ export async function openPaidSide(
   try {
     const { Settler } = await import('./settler.ts');
     const settler = await Settler.start(
-      { payout: payments.payout, domain: payments.domain, dataDir: payment.dataDir, lanes: () => payments.durableVoucherLanes(), logger },
+      {
+        payout: payments.payout,
+        domain: payments.domain,
+        dataDir: payment.dataDir,
+        lanes: () => payments.durableVoucherLanes(),
+        logger,
+        ...(payment.provider ? { provider: payment.provider } : {}),
+      },
       payment.settle,
     );
     return { payments, settler };

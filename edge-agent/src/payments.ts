@@ -12,8 +12,8 @@
  * - Credit only against money that is there (docs/settlement.md, "The credit rule"): the escrow's view
  *   of the lane (lane-funds.ts) must cover everything the lane owes plus this request's maximum price,
  *   no withdrawal may be pending, and the unpaid work stays within the credit window.
- * - Vouchers must recover to the lane's payer, pay more than the best one held, and stay settleable
- *   for the settle horizon; a worse one never replaces the best.
+ * - Vouchers must recover to the lane's payer, pay more than the best one held, and carry a relayer fee
+ *   within the escrow's cap (else the escrow would skip them); a worse one never replaces the best.
  */
 import path from 'node:path';
 import { recoverLaneGrantSigner, recoverVoucherSigner } from '@edge-mesh/contracts';
@@ -232,7 +232,7 @@ export class AgentPayments {
       problems.push('creditRequests must be a positive integer');
     if (options.creditMicros !== undefined && !(Number.isSafeInteger(options.creditMicros) && options.creditMicros >= 0))
       problems.push('creditMicros must be a non-negative integer');
-    const provider = options.provider ?? options.settle?.runner.provider ?? undefined;
+    const provider = options.provider ?? options.settle?.runner?.provider ?? undefined;
     if (!provider)
       problems.push(
         'taking payment needs a chain provider (payment.provider; --rpc URL or MESH_RPC_URL on the command line): credit is given only against money on the lane, read from the escrow',
@@ -485,6 +485,11 @@ export class AgentPayments {
     const lane = this.lanes.get(message.payer);
     if (!lane) return refuse('no lane of this payer here');
     if (message.agent !== this.payout) return refuse('voucher pays another payout address');
+    // The escrow skips a voucher whose fee total is above a tenth of its total (FEE_TOO_HIGH): held, it
+    // would be worth nothing on chain, so it must never replace a settleable one.
+    const fee = message.feeCumulative ?? 0;
+    if (!Number.isSafeInteger(fee) || fee < 0 || BigInt(fee) * FEE_CAP_DIVISOR > BigInt(message.cumulative))
+      return refuse(`relayer fee ${fee} is above the escrow's cap (a tenth of ${message.cumulative}): the escrow would skip it`);
     if (message.cumulative === lane.paid) return false; // the best one again (a piggyback repeated)
     if (message.cumulative < lane.paid) return refuse(`pays ${message.cumulative}, less than the best voucher held (${lane.paid})`);
     let signer: string;

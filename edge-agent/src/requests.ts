@@ -100,8 +100,21 @@ export function unitsUsed(status: ReceiptStatus, unitsDone: number): number {
   return status === RECEIPT_STATUS.ok || status === RECEIPT_STATUS.cancelled ? unitsDone : 0;
 }
 
-/** The error reply for request `id` (its message cut to what the schema allows). */
-export function errorReply(agentId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt, lane?: LaneInfo): Buffer {
+/** The agent's queue as a reply carries it (Scheduler.queueClaim). */
+export interface QueueClaim {
+  rif: number;
+  workMs: number;
+}
+
+/** The error reply for request `id` (its message cut to what the schema allows), with the agent's queue when known. */
+export function errorReply(
+  agentId: string,
+  id: Uint8Array,
+  err: MeshError,
+  receipt?: SignedReceipt,
+  lane?: LaneInfo,
+  queue?: QueueClaim,
+): Buffer {
   return encodeMessage({
     v: PROTOCOL_VERSION,
     kind: 'err',
@@ -109,6 +122,7 @@ export function errorReply(agentId: string, id: Uint8Array, err: MeshError, rece
     agent: agentId,
     code: err.code,
     message: err.message.slice(0, 2048),
+    ...(queue ? { rif: queue.rif, workMs: queue.workMs } : {}),
     ...(receipt ? { receipt } : {}),
     ...(lane ? { lane } : {}),
   });
@@ -132,13 +146,15 @@ export interface RequestsOptions {
   closed: () => boolean;
 }
 
+type Queue = Pick<Scheduler, 'submit' | 'cancel' | 'queueClaim'>;
+
 export class AgentRequests {
-  private scheduler: Pick<Scheduler, 'submit' | 'cancel'> | undefined;
+  private scheduler: Queue | undefined;
 
   constructor(private readonly options: RequestsOptions) {}
 
   /** The queue requests go to; it calls `finished` for each job it takes. */
-  attach(scheduler: Pick<Scheduler, 'submit' | 'cancel'>): void {
+  attach(scheduler: Queue): void {
     this.scheduler = scheduler;
   }
 
@@ -199,7 +215,9 @@ export class AgentRequests {
     const queueMs = job.startedAt! - job.receivedAt;
     counters.served++;
     const outputs = encodeTensorMap(result!.outputs);
-    this.withReceipt(job, undefined, outputs, (receipt, lane) =>
+    this.withReceipt(job, undefined, outputs, (receipt, lane) => {
+      // The queue as it stands when the reply leaves (a paid reply waits for its receipt to be journaled).
+      const { rif, workMs } = this.queue().queueClaim(faults.extraExecMs);
       this.options.reply(
         job.senderId,
         encodeMessage({
@@ -211,15 +229,17 @@ export class AgentRequests {
           outputs,
           queueMs: Math.max(0, queueMs),
           execMs: result!.execMs + faults.extraExecMs,
+          rif,
+          workMs,
           ...(receipt ? { receipt } : {}),
           ...(lane ? { lane } : {}),
         }),
         faults.extraExecMs,
-      ),
-    );
+      );
+    });
   };
 
-  private queue(): Pick<Scheduler, 'submit' | 'cancel'> {
+  private queue(): Queue {
     if (!this.scheduler) throw new MeshError('MESH_INTERNAL', 'requests arrived before the agent attached its scheduler');
     return this.scheduler;
   }
@@ -231,7 +251,8 @@ export class AgentRequests {
 
   private replyError(senderId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt, lane?: LaneInfo): void {
     this.countError(err.code);
-    this.options.reply(senderId, errorReply(this.options.agentId, id, err, receipt, lane));
+    const queue = this.scheduler?.queueClaim(this.options.faults.extraExecMs);
+    this.options.reply(senderId, errorReply(this.options.agentId, id, err, receipt, lane, queue));
   }
 
   private handleRequest(senderId: string, payload: Buffer): void {

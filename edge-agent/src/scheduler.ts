@@ -132,6 +132,22 @@ export class Scheduler {
     return { queued, inFlight, models };
   }
 
+  /**
+   * The queue a reply carries (docs/protocol.md, `res`): requests held, queued and running, across
+   * models, and that as work, Σ (queued + running) × the model's service time plus `extraExecMs` each.
+   * Cheap enough for every reply: one pass over the models, no allocation but the result.
+   */
+  queueClaim(extraExecMs = 0): { rif: number; workMs: number } {
+    let rif = 0;
+    let workMs = 0;
+    for (const s of this.models.values()) {
+      const held = s.queue.length + s.inFlight;
+      rif += held;
+      workMs += held * (s.serviceMs + extraExecMs);
+    }
+    return { rif, workMs: Math.round(workMs * 1000) / 1000 };
+  }
+
   private dispatch(executor: Executor): void {
     const lane = this.lanes.get(executor)!;
     while (executor.freeCapacity > 0) {

@@ -22,6 +22,11 @@
  * chain shows settled are recorded as such, the others stay due and are settled at once. The escrow pays
  * only `cumulative - settled` and skips a stale voucher, so sending a voucher twice never pays twice;
  * the intent makes sure nothing owed is forgotten and nothing paid is counted twice.
+ *
+ * Relay mode (`relays`): the due lanes' vouchers are POSTed to a relay (router/relay.ts) instead of sent
+ * from the agent's own account, so the agent needs no gas. Nothing is sent from here, so there is no intent
+ * to keep: the lanes are watched on chain as above, and a lane a relay has not settled within `relayWaitMs`
+ * goes to the next relay (and, with a `runner`, after every relay failed it, out from the agent's account).
  */
 import path from 'node:path';
 import { ESCROW_ABI, EscrowClient, type SettleOutcome } from '@edge-mesh/contracts';
@@ -29,10 +34,22 @@ import { type EscrowDomain, MeshError, type SignedVoucher } from '@edge-mesh/pro
 import { ethers } from 'ethers';
 import { Level } from 'level';
 import type { Logger } from 'pino';
+import { postToRelay } from './relay-handoff.ts';
 
 export interface SettlerOptions {
-  /** Sends the settle transactions and pays their gas; any account will do (the payee is inside each voucher). */
-  runner: ethers.Signer;
+  /**
+   * Sends the settle transactions and pays their gas; any account will do (the payee is inside each voucher).
+   * Optional with `relays`: then the agent needs no gas, and a runner only settles what no relay would.
+   */
+  runner?: ethers.Signer;
+  /**
+   * Relay base URLs (router/relay.ts): due lanes are handed to a relay instead of sent from `runner`; the
+   * lanes are then watched on chain, and a relay that has not settled a lane within `relayWaitMs` is replaced
+   * by the next (and, after every relay, by `runner` if there is one).
+   */
+  relays?: string[];
+  /** How long a relay has to settle a lane it was handed before the next one is tried (default 30 s). */
+  relayWaitMs?: number;
   /** Micro-dollars owed-but-unsettled that make a lane due; by default `overheadFactor` × gasPerVoucher × gas price. */
   thresholdMicros?: number;
   /** Default 100: settle when gas is at most 1 % of the amount. */
@@ -86,6 +103,16 @@ export interface SettlerCounters {
   reconciled: number;
   /** `laneOf` reads. */
   laneReads: number;
+  /** Vouchers a relay said it took. */
+  relayHandoffs: number;
+  /** Vouchers a relay refused (its reason is logged). */
+  relayRefusals: number;
+  /** Lanes a relay took and had not settled within `relayWaitMs`. */
+  relayMisses: number;
+  /** Posts to a relay that failed (unreachable, a bad answer). */
+  relayFailures: number;
+  /** Paid to the payout by settlements others sent (relays), as seen in the escrow's events. */
+  relayedMicros: number;
 }
 
 interface Intent {
@@ -109,6 +136,10 @@ interface LaneState {
   remaining: number | undefined;
   /** Chain seconds until which a withdrawal request is pending (its lapse time); 0 when none. */
   withdrawUntil: number;
+  /** The voucher last handed to a relay, and when (relay mode; memory only: handing it again is harmless). */
+  handed?: { cumulative: number; at: number; relay: string };
+  /** Relays that failed this lane so far: the next hand-off goes to the next relay. */
+  misses?: number;
 }
 
 const INTENT = 'intent!';
@@ -120,6 +151,7 @@ const LOG_RANGE = 5_000;
 const escrowInterface = new ethers.Interface(ESCROW_ABI);
 const topic = (name: string) => escrowInterface.getEvent(name)!.topicHash;
 const WITHDRAW_TOPIC = topic('WithdrawRequested');
+const SETTLED_TOPICS = new Set([topic('Settled'), topic('SettledPartial')]);
 /** Events that change a lane's funds, settlement or withdrawal (all index signer and agent). */
 const LANE_TOPICS = ['LaneFunded', 'WithdrawRequested', 'WithdrawCancelled', 'Withdrawn', 'Settled', 'SettledPartial'].map(topic);
 
@@ -135,6 +167,11 @@ export class Settler {
     failures: 0,
     reconciled: 0,
     laneReads: 0,
+    relayHandoffs: 0,
+    relayRefusals: 0,
+    relayMisses: 0,
+    relayFailures: 0,
+    relayedMicros: 0,
   };
   private readonly lanes = new Map<string, LaneState>();
   private timer: NodeJS.Timeout | undefined;
@@ -142,6 +179,9 @@ export class Settler {
   private closed = false;
   private nextLogBlock = 0;
   private seq = 0;
+  /** Transactions this settler sent itself (their settlements are counted by `record`, not as relayed). */
+  private readonly ownTxs = new Set<string>();
+  private readonly provider: ethers.Provider;
 
   private constructor(
     private readonly escrow: EscrowClient,
@@ -150,14 +190,30 @@ export class Settler {
     private readonly source: () => SettlerLane[],
     private readonly options: SettlerOptions,
     private readonly logger: Logger,
-  ) {}
+  ) {
+    this.provider = escrow.runner.provider!;
+  }
 
   /** Opens the settler's store in `<dataDir>/settler-<chainId>-<escrow>`, reconciles left-over intents, and starts checking. */
   static async start(
-    params: { payout: string; domain: EscrowDomain; dataDir: string; lanes: () => SettlerLane[]; logger: Logger },
+    params: {
+      payout: string;
+      domain: EscrowDomain;
+      dataDir: string;
+      lanes: () => SettlerLane[];
+      logger: Logger;
+      /** Reads the chain when there is no runner (relay mode). */
+      provider?: ethers.Provider;
+    },
     options: SettlerOptions,
   ): Promise<Settler> {
-    const escrow = await EscrowClient.connect({ runner: options.runner, escrow: params.domain.escrow });
+    const runner = options.runner ?? params.provider;
+    if (!runner || (!options.runner && !options.relays?.length))
+      throw new MeshError('MESH_CONFIG', 'settling needs a runner that pays gas (--evm-key) or a relay (--relay URL) and a provider');
+    for (const url of options.relays ?? []) {
+      if (!URL.canParse(url)) throw new MeshError('MESH_CONFIG', `relay ${JSON.stringify(url)} is not a URL`);
+    }
+    const escrow = await EscrowClient.connect({ runner, escrow: params.domain.escrow });
     if (escrow.domain.chainId !== BigInt(params.domain.chainId)) {
       throw new MeshError('MESH_CONFIG', `the settler's chain is ${escrow.domain.chainId}, the agent bills on ${params.domain.chainId}`, {
         details: { settlerChainId: String(escrow.domain.chainId), agentChainId: String(params.domain.chainId) },
@@ -209,7 +265,7 @@ export class Settler {
       let outcome: SettleOutcome | undefined;
       if (intent.hash) {
         // The transaction was sent: if it was mined, its events say exactly what it paid.
-        const receipt = await this.escrow.runner.provider!.getTransactionReceipt(intent.hash).catch(() => null);
+        const receipt = await this.provider.getTransactionReceipt(intent.hash).catch(() => null);
         if (receipt && receipt.status === 1) outcome = this.parseOutcome(receipt);
       }
       let lanes = 0;
@@ -274,7 +330,7 @@ export class Settler {
   /** The owed-but-unsettled amount that makes a lane due on its own. */
   async thresholdMicros(): Promise<number> {
     if (this.options.thresholdMicros !== undefined) return this.options.thresholdMicros;
-    const fee = await this.escrow.runner.provider!.getFeeData();
+    const fee = await this.provider.getFeeData();
     const gasPrice = fee.gasPrice ?? fee.maxFeePerGas ?? 0n;
     const wei = BigInt(this.options.overheadFactor ?? 100) * BigInt(this.options.gasPerVoucher ?? 15_000) * gasPrice;
     return Number((wei * BigInt(this.options.nativeUsdMicros ?? 3_000_000_000)) / 10n ** 18n);
@@ -285,7 +341,7 @@ export class Settler {
    * again before deciding), and a withdrawal request marks the lane due.
    */
   private async watchLanes(): Promise<void> {
-    const provider = this.escrow.runner.provider!;
+    const provider = this.provider;
     const head = await provider.getBlockNumber();
     // A first start looks back LOG_RANGE blocks; each query spans at most LOG_RANGE (public RPCs cap ranges).
     if (this.nextLogBlock === 0) this.nextLogBlock = Math.max(0, head - LOG_RANGE);
@@ -301,6 +357,10 @@ export class Settler {
       const payer = ethers.getAddress(ethers.dataSlice(log.topics[1]!, 12)).toLowerCase();
       const s = this.state(payer);
       s.remaining = undefined;
+      if (SETTLED_TOPICS.has(log.topics[0]!) && !this.ownTxs.has(log.transactionHash)) {
+        // Settled by someone else (a relay): what it paid this agent.
+        this.counters.relayedMicros += Number(escrowInterface.parseLog(log)!.args[3] as bigint);
+      }
       if (log.topics[0] === WITHDRAW_TOPIC) {
         s.withdraw = true;
         await this.db.put(LANE + payer, this.stored(s));
@@ -321,7 +381,7 @@ export class Settler {
     await this.watchLanes();
     const threshold = all ? 0 : await this.thresholdMicros();
     const now = Date.now();
-    const block = await this.escrow.runner.provider!.getBlock('latest');
+    const block = await this.provider.getBlock('latest');
     const chainNowS = Math.max(Math.floor(now / 1000), block?.timestamp ?? 0);
     const due: Due[] = [];
     for (const lane of this.source()) {
@@ -333,6 +393,14 @@ export class Settler {
         continue;
       }
       if (s.remaining === undefined) await this.refresh(lane.payer, s);
+      if (s.handed && s.settled >= s.handed.cumulative) {
+        // A relay settled what it was handed: the lane starts a new interval.
+        s.handed = undefined;
+        s.misses = 0;
+        s.since = now;
+        s.withdraw = false;
+        await this.db.put(LANE + lane.payer, this.stored(s));
+      }
       const owed = Settler.owed(v, s);
       if (owed <= 0) continue; // never spend gas on a lane that owes nothing
       let reason: string | undefined;
@@ -357,17 +425,91 @@ export class Settler {
         },
       });
     }
+    const own = this.options.relays?.length ? await this.handOff(due) : due;
     const max = this.options.maxBatch ?? 50;
-    for (let i = 0; i < due.length && !(this.closed && !all); i += max) {
+    for (let i = 0; i < own.length && !(this.closed && !all); i += max) {
       // Read again right before paying gas: another relayer or the owner may have moved the lane since.
       const batch: Due[] = [];
-      for (const d of due.slice(i, i + max)) {
+      for (const d of own.slice(i, i + max)) {
         const s = this.state(d.payer);
         await this.refresh(d.payer, s);
         if (Math.min(d.cumulative - s.settled, s.remaining ?? 0) > 0) batch.push(d);
       }
       if (batch.length > 0) await this.send(batch);
     }
+  }
+
+  /**
+   * Relay mode: hands the due lanes to relays and returns those this settler must send itself (only with a
+   * runner, once every relay has failed the lane). A lane handed to a relay waits `relayWaitMs` for the chain
+   * to show it settled; then it counts as a miss and goes to the next relay. The relay's answer is a hint:
+   * only the chain says a lane is settled.
+   */
+  private async handOff(due: Due[]): Promise<Due[]> {
+    const relays = this.options.relays!;
+    const wait = this.options.relayWaitMs ?? 30_000;
+    const now = Date.now();
+    const self: Due[] = [];
+    const byRelay = new Map<string, Due[]>();
+    for (const d of due) {
+      const s = this.state(d.payer);
+      const h = s.handed;
+      if (h && h.cumulative >= d.cumulative) {
+        if (now - h.at < wait) continue; // a relay has it: wait for the chain
+        s.misses = (s.misses ?? 0) + 1;
+        this.counters.relayMisses++;
+        this.logger.warn(
+          { payer: d.payer, relay: h.relay, waitedMs: now - h.at, cumulative: d.cumulative },
+          'the relay has not settled the lane: handing it to the next one',
+        );
+        s.handed = undefined;
+      }
+      if (this.options.runner && (s.misses ?? 0) >= relays.length) {
+        self.push(d);
+        continue;
+      }
+      const relay = relays[(s.misses ?? 0) % relays.length]!;
+      byRelay.set(relay, [...(byRelay.get(relay) ?? []), d]);
+    }
+    for (const [relay, lanes] of byRelay) {
+      for (let i = 0; i < lanes.length; i += 100) {
+        const chunk = lanes.slice(i, i + 100);
+        let answers: Awaited<ReturnType<typeof postToRelay>>;
+        try {
+          answers = await postToRelay(
+            relay,
+            chunk.map((d) => ({
+              payer: d.payer,
+              agent: this.payout,
+              cumulative: d.entry.voucher.cumulative.toString(),
+              feeCumulative: (d.entry.voucher.feeCumulative ?? 0n).toString(),
+              receiptsRoot: d.entry.voucher.receiptsRoot,
+              sig: d.entry.signature,
+            })),
+          );
+        } catch (err) {
+          this.counters.relayFailures++;
+          this.logger.warn({ relay, lanes: chunk.length, err: (err as Error).message }, 'relay unreachable: the next one gets these lanes');
+          for (const d of chunk) {
+            const s = this.state(d.payer);
+            s.misses = (s.misses ?? 0) + 1;
+          }
+          continue;
+        }
+        for (const [k, a] of answers.entries()) {
+          const d = chunk[k]!;
+          // Refused or taken, the lane waits before it is handed again: a refusal (its fee too small for this
+          // relay, or settled meanwhile) is retried later, with the next relay.
+          this.state(d.payer).handed = { cumulative: d.cumulative, at: now, relay };
+          if (a.accepted) this.counters.relayHandoffs++;
+          else {
+            this.counters.relayRefusals++;
+            this.logger.info({ relay, payer: d.payer, cumulative: d.cumulative, reason: a.reason }, 'the relay refused a voucher');
+          }
+        }
+      }
+    }
+    return self;
   }
 
   private async send(batch: Due[]): Promise<void> {
@@ -392,6 +534,7 @@ export class Settler {
         batch.map((b) => b.entry),
         {
           onSent: async (hash) => {
+            this.ownTxs.add(hash);
             intent.hash = hash;
             await this.db.put(key, intent, { sync: true } as never);
             if (this.options.crashAt === 'after-send') process.kill(process.pid, 'SIGKILL');

@@ -16,6 +16,13 @@ const Id = Type.String({ pattern: '^[a-z0-9][a-z0-9-]{2,63}$' });
 const ModelName = Type.String({ pattern: '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$' });
 const Ms = Type.Number({ minimum: 0 });
 const Count = Type.Integer({ minimum: 0 });
+/**
+ * What an agent reports about its own load is a claim (docs/routing.md, "What a reply may claim"): a
+ * count of at most 2^20 requests and a duration of at most a day, so no finite-looking figure can
+ * overflow a receiver's arithmetic. Receivers bound them further by what they measure.
+ */
+const ClaimedCount = Type.Integer({ minimum: 0, maximum: 1_048_576 });
+const ClaimedMs = Type.Number({ minimum: 0, maximum: 86_400_000 });
 /** 128-bit request id, chosen at random by the sender. */
 export const RequestIdSchema = Type.Uint8Array({ minByteLength: 16, maxByteLength: 16 });
 
@@ -155,6 +162,12 @@ export const InferReplySchema = Type.Object({
   queueMs: Ms,
   /** Time the runtime spent computing. */
   execMs: Ms,
+  /** Requests the agent held (queued and running, every model) when it replied, this one not counted. */
+  rif: Type.Optional(ClaimedCount),
+  /** The same queue as work: Σ over models of (queued + running) × that model's service time, ms. */
+  workMs: Type.Optional(ClaimedMs),
+  /** Time this request waited for its model to be loaded (a cold start it caused or joined), ms. */
+  loadMs: Type.Optional(ClaimedMs),
   receipt: Type.Optional(SignedReceiptSchema),
   lane: Type.Optional(LaneInfoSchema),
 });
@@ -167,6 +180,9 @@ export const ErrorReplySchema = Type.Object({
   agent: Id,
   code: Type.String({ pattern: '^MESH_[A-Z_]+$', maxLength: 64 }),
   message: Type.String({ maxLength: 2048 }),
+  /** The agent's queue when it replied, as in `res`. */
+  rif: Type.Optional(ClaimedCount),
+  workMs: Type.Optional(ClaimedMs),
   /** The receipt of a request the agent took on and could not finish (it costs what its status says: failed and timeout 0). */
   receipt: Type.Optional(SignedReceiptSchema),
   lane: Type.Optional(LaneInfoSchema),
@@ -241,6 +257,9 @@ export const ModelLoadSchema = Type.Object({
   serviceMs: Ms,
   served: Count,
   failed: Count,
+  /** Absent or 'warm': loaded. 'loading': being loaded, ready in about `etaMs`. 'cold': served, loaded on first use. */
+  state: Type.Optional(Type.Union([Type.Literal('warm'), Type.Literal('loading'), Type.Literal('cold')])),
+  etaMs: Type.Optional(ClaimedMs),
 });
 export type ModelLoad = Static<typeof ModelLoadSchema>;
 

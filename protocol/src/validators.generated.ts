@@ -389,63 +389,6 @@ return function check(value: any): boolean {
 }
 })());
 
-export const ModelLoadSchema = {
-  [KIND]: "Object",
-  "type": "object",
-  "required": [
-    "queued",
-    "inFlight",
-    "serviceMs",
-    "served",
-    "failed",
-  ],
-  "properties": {
-    "queued": {
-      [KIND]: "Integer",
-      "minimum": 0,
-      "type": "integer",
-    },
-    "inFlight": {
-      [KIND]: "Integer",
-      "minimum": 0,
-      "type": "integer",
-    },
-    "serviceMs": {
-      [KIND]: "Number",
-      "minimum": 0,
-      "type": "number",
-    },
-    "served": {
-      [KIND]: "Integer",
-      "minimum": 0,
-      "type": "integer",
-    },
-    "failed": {
-      [KIND]: "Integer",
-      "minimum": 0,
-      "type": "integer",
-    },
-  },
-} as unknown as typeof S.ModelLoadSchema;
-
-export const checkModelLoad: Validator<Static<typeof S.ModelLoadSchema>> = validator(ModelLoadSchema, (() => {
-return function check(value: any): boolean {
-  return (
-    (typeof value === 'object' && value !== null && !Array.isArray(value)) &&
-    Number.isInteger(value['queued']) &&
-    value['queued'] >= 0 &&
-    Number.isInteger(value['inFlight']) &&
-    value['inFlight'] >= 0 &&
-    Number.isFinite(value['serviceMs']) &&
-    value['serviceMs'] >= 0 &&
-    Number.isInteger(value['served']) &&
-    value['served'] >= 0 &&
-    Number.isInteger(value['failed']) &&
-    value['failed'] >= 0
-  )
-}
-})());
-
 export const LeaseAgentSchema = {
   [KIND]: "Object",
   "type": "object",
@@ -830,6 +773,93 @@ return function check(value: any): boolean {
 }
 })());
 
+export const ModelLoadSchema = {
+  [KIND]: "Object",
+  "type": "object",
+  "required": [
+    "queued",
+    "inFlight",
+    "serviceMs",
+    "served",
+    "failed",
+  ],
+  "properties": {
+    "queued": {
+      [KIND]: "Integer",
+      "minimum": 0,
+      "type": "integer",
+    },
+    "inFlight": {
+      [KIND]: "Integer",
+      "minimum": 0,
+      "type": "integer",
+    },
+    "serviceMs": {
+      [KIND]: "Number",
+      "minimum": 0,
+      "type": "number",
+    },
+    "served": {
+      [KIND]: "Integer",
+      "minimum": 0,
+      "type": "integer",
+    },
+    "failed": {
+      [KIND]: "Integer",
+      "minimum": 0,
+      "type": "integer",
+    },
+    "state": {
+      [KIND]: "Union",
+      [OPTIONAL]: "Optional",
+      "anyOf": [
+        {
+          [KIND]: "Literal",
+          "const": "warm",
+          "type": "string",
+        },
+        {
+          [KIND]: "Literal",
+          "const": "loading",
+          "type": "string",
+        },
+        {
+          [KIND]: "Literal",
+          "const": "cold",
+          "type": "string",
+        },
+      ],
+    },
+    "etaMs": {
+      [KIND]: "Number",
+      [OPTIONAL]: "Optional",
+      "minimum": 0,
+      "maximum": 86400000,
+      "type": "number",
+    },
+  },
+} as unknown as typeof S.ModelLoadSchema;
+
+export const checkModelLoad: Validator<Static<typeof S.ModelLoadSchema>> = validator(ModelLoadSchema, (() => {
+return function check(value: any): boolean {
+  return (
+    (typeof value === 'object' && value !== null && !Array.isArray(value)) &&
+    Number.isInteger(value['queued']) &&
+    value['queued'] >= 0 &&
+    Number.isInteger(value['inFlight']) &&
+    value['inFlight'] >= 0 &&
+    Number.isFinite(value['serviceMs']) &&
+    value['serviceMs'] >= 0 &&
+    Number.isInteger(value['served']) &&
+    value['served'] >= 0 &&
+    Number.isInteger(value['failed']) &&
+    value['failed'] >= 0 &&
+    (value['state'] !== undefined ? ((((value['state'] === 'warm')) || ((value['state'] === 'loading')) || ((value['state'] === 'cold')))) : true) &&
+    (value['etaMs'] !== undefined ? (Number.isFinite(value['etaMs']) && value['etaMs'] <= 86400000 && value['etaMs'] >= 0) : true)
+  )
+}
+})());
+
 export const VoucherMessageSchema = {
   [KIND]: "Object",
   "type": "object",
@@ -1014,97 +1044,6 @@ return function check(value: any): boolean {
     Number.isFinite(value['expires']) &&
     (typeof value['operator'] === 'string') &&
     value['operator'].length <= 64
-  )
-}
-})());
-
-export const AgentLoadSchema = {
-  [KIND]: "Object",
-  "type": "object",
-  "required": [
-    "v",
-    "kind",
-    "agent",
-    "ts",
-    "seq",
-    "queued",
-    "inFlight",
-    "workers",
-    "models",
-  ],
-  "properties": {
-    "v": {
-      [KIND]: "Literal",
-      "const": 1,
-      "type": "number",
-    },
-    "kind": {
-      [KIND]: "Literal",
-      "const": "load",
-      "type": "string",
-    },
-    "agent": {
-      [KIND]: "String",
-      "pattern": "^[a-z0-9][a-z0-9-]{2,63}$",
-      "type": "string",
-    },
-    "ts": {
-      [KIND]: "Number",
-      "type": "number",
-    },
-    "seq": {
-      [KIND]: "Integer",
-      "minimum": 0,
-      "type": "integer",
-    },
-    "queued": {
-      [KIND]: "Integer",
-      "minimum": 0,
-      "type": "integer",
-    },
-    "inFlight": {
-      [KIND]: "Integer",
-      "minimum": 0,
-      "type": "integer",
-    },
-    "workers": {
-      [KIND]: "Integer",
-      "minimum": 0,
-      "type": "integer",
-    },
-    "models": {
-      [KIND]: "Record",
-      "maxProperties": 256,
-      "type": "object",
-      "patternProperties": {
-        "^(.*)$": ModelLoadSchema,
-      },
-    },
-  },
-} as unknown as typeof S.AgentLoadSchema;
-
-export const checkAgentLoad: Validator<Static<typeof S.AgentLoadSchema>> = validator(AgentLoadSchema, (() => {
-const local_0 = /^[a-z0-9][a-z0-9-]{2,63}$/;
-const local_1 = /^(.*)$/
-return function check(value: any): boolean {
-  return (
-    (typeof value === 'object' && value !== null && !Array.isArray(value)) &&
-    (value['v'] === 1) &&
-    (value['kind'] === 'load') &&
-    (typeof value['agent'] === 'string') &&
-    local_0.test(value['agent']) &&
-    Number.isFinite(value['ts']) &&
-    Number.isInteger(value['seq']) &&
-    value['seq'] >= 0 &&
-    Number.isInteger(value['queued']) &&
-    value['queued'] >= 0 &&
-    Number.isInteger(value['inFlight']) &&
-    value['inFlight'] >= 0 &&
-    Number.isInteger(value['workers']) &&
-    value['workers'] >= 0 &&
-    (typeof value['models'] === 'object' && value['models'] !== null && !Array.isArray(value['models']) && !(value['models'] instanceof Date) && !(value['models'] instanceof Uint8Array)) &&
-    Object.getOwnPropertyNames(value['models']).length <= 256 &&
-    (Object.entries(value['models']).every(([key, value]) => (local_1.test(key) ? ((typeof value === 'object' && value !== null && !Array.isArray(value)) && Number.isInteger(value['queued']) && value['queued'] >= 0 && Number.isInteger(value['inFlight']) && value['inFlight'] >= 0 && Number.isFinite(value['serviceMs']) && value['serviceMs'] >= 0 && Number.isInteger(value['served']) && value['served'] >= 0 && Number.isInteger(value['failed']) && value['failed'] >= 0) : true)))
   )
 }
 })());
@@ -1410,6 +1349,97 @@ return function check(value: any): boolean {
 }
 })());
 
+export const AgentLoadSchema = {
+  [KIND]: "Object",
+  "type": "object",
+  "required": [
+    "v",
+    "kind",
+    "agent",
+    "ts",
+    "seq",
+    "queued",
+    "inFlight",
+    "workers",
+    "models",
+  ],
+  "properties": {
+    "v": {
+      [KIND]: "Literal",
+      "const": 1,
+      "type": "number",
+    },
+    "kind": {
+      [KIND]: "Literal",
+      "const": "load",
+      "type": "string",
+    },
+    "agent": {
+      [KIND]: "String",
+      "pattern": "^[a-z0-9][a-z0-9-]{2,63}$",
+      "type": "string",
+    },
+    "ts": {
+      [KIND]: "Number",
+      "type": "number",
+    },
+    "seq": {
+      [KIND]: "Integer",
+      "minimum": 0,
+      "type": "integer",
+    },
+    "queued": {
+      [KIND]: "Integer",
+      "minimum": 0,
+      "type": "integer",
+    },
+    "inFlight": {
+      [KIND]: "Integer",
+      "minimum": 0,
+      "type": "integer",
+    },
+    "workers": {
+      [KIND]: "Integer",
+      "minimum": 0,
+      "type": "integer",
+    },
+    "models": {
+      [KIND]: "Record",
+      "maxProperties": 256,
+      "type": "object",
+      "patternProperties": {
+        "^(.*)$": ModelLoadSchema,
+      },
+    },
+  },
+} as unknown as typeof S.AgentLoadSchema;
+
+export const checkAgentLoad: Validator<Static<typeof S.AgentLoadSchema>> = validator(AgentLoadSchema, (() => {
+const local_0 = /^[a-z0-9][a-z0-9-]{2,63}$/;
+const local_1 = /^(.*)$/
+return function check(value: any): boolean {
+  return (
+    (typeof value === 'object' && value !== null && !Array.isArray(value)) &&
+    (value['v'] === 1) &&
+    (value['kind'] === 'load') &&
+    (typeof value['agent'] === 'string') &&
+    local_0.test(value['agent']) &&
+    Number.isFinite(value['ts']) &&
+    Number.isInteger(value['seq']) &&
+    value['seq'] >= 0 &&
+    Number.isInteger(value['queued']) &&
+    value['queued'] >= 0 &&
+    Number.isInteger(value['inFlight']) &&
+    value['inFlight'] >= 0 &&
+    Number.isInteger(value['workers']) &&
+    value['workers'] >= 0 &&
+    (typeof value['models'] === 'object' && value['models'] !== null && !Array.isArray(value['models']) && !(value['models'] instanceof Date) && !(value['models'] instanceof Uint8Array)) &&
+    Object.getOwnPropertyNames(value['models']).length <= 256 &&
+    (Object.entries(value['models']).every(([key, value]) => (local_1.test(key) ? ((typeof value === 'object' && value !== null && !Array.isArray(value)) && Number.isInteger(value['queued']) && value['queued'] >= 0 && Number.isInteger(value['inFlight']) && value['inFlight'] >= 0 && Number.isFinite(value['serviceMs']) && value['serviceMs'] >= 0 && Number.isInteger(value['served']) && value['served'] >= 0 && Number.isInteger(value['failed']) && value['failed'] >= 0 && (value['state'] !== undefined ? ((((value['state'] === 'warm')) || ((value['state'] === 'loading')) || ((value['state'] === 'cold')))) : true) && (value['etaMs'] !== undefined ? (Number.isFinite(value['etaMs']) && value['etaMs'] <= 86400000 && value['etaMs'] >= 0) : true)) : true)))
+  )
+}
+})());
+
 export const ModelInfoSchema = {
   [KIND]: "Object",
   "type": "object",
@@ -1496,76 +1526,6 @@ return function check(value: any): boolean {
 }
 })());
 
-export const ErrorReplySchema = {
-  [KIND]: "Object",
-  "type": "object",
-  "required": [
-    "v",
-    "kind",
-    "id",
-    "agent",
-    "code",
-    "message",
-  ],
-  "properties": {
-    "v": {
-      [KIND]: "Literal",
-      "const": 1,
-      "type": "number",
-    },
-    "kind": {
-      [KIND]: "Literal",
-      "const": "err",
-      "type": "string",
-    },
-    "id": RequestIdSchema,
-    "agent": {
-      [KIND]: "String",
-      "pattern": "^[a-z0-9][a-z0-9-]{2,63}$",
-      "type": "string",
-    },
-    "code": {
-      [KIND]: "String",
-      "pattern": "^MESH_[A-Z_]+$",
-      "maxLength": 64,
-      "type": "string",
-    },
-    "message": {
-      [KIND]: "String",
-      "maxLength": 2048,
-      "type": "string",
-    },
-    "receipt": { ...SignedReceiptSchema, [OPTIONAL]: "Optional" },
-    "lane": { ...LaneInfoSchema, [OPTIONAL]: "Optional" },
-  },
-} as unknown as typeof S.ErrorReplySchema;
-
-export const checkErrorReply: Validator<Static<typeof S.ErrorReplySchema>> = validator(ErrorReplySchema, (() => {
-const local_0 = /^[a-z0-9][a-z0-9-]{2,63}$/;
-const local_1 = /^MESH_[A-Z_]+$/;
-const local_2 = /^0x[0-9a-f]{40}$/;
-const local_3 = /^0x[0-9a-f]{40}$/;
-return function check(value: any): boolean {
-  return (
-    (typeof value === 'object' && value !== null && !Array.isArray(value)) &&
-    (value['v'] === 1) &&
-    (value['kind'] === 'err') &&
-    value['id'] instanceof Uint8Array &&
-    (value['id'].length <= 16) &&
-    (value['id'].length >= 16) &&
-    (typeof value['agent'] === 'string') &&
-    local_0.test(value['agent']) &&
-    (typeof value['code'] === 'string') &&
-    value['code'].length <= 64 &&
-    local_1.test(value['code']) &&
-    (typeof value['message'] === 'string') &&
-    value['message'].length <= 2048 &&
-    (value['receipt'] !== undefined ? ((typeof value['receipt'] === 'object' && value['receipt'] !== null && !Array.isArray(value['receipt'])) && (value['receipt']['v'] === 1) && Number.isInteger(value['receipt']['chainId']) && value['receipt']['chainId'] <= 9007199254740991 && value['receipt']['chainId'] >= 0 && (typeof value['receipt']['escrow'] === 'string') && local_2.test(value['receipt']['escrow']) && (typeof value['receipt']['payer'] === 'string') && local_3.test(value['receipt']['payer']) && value['receipt']['agentKey'] instanceof Uint8Array && (value['receipt']['agentKey'].length <= 32) && (value['receipt']['agentKey'].length >= 32) && Number.isInteger(value['receipt']['seq']) && value['receipt']['seq'] <= 9007199254740991 && value['receipt']['seq'] >= 1 && value['receipt']['requestId'] instanceof Uint8Array && (value['receipt']['requestId'].length <= 16) && (value['receipt']['requestId'].length >= 16) && value['receipt']['modelHash'] instanceof Uint8Array && (value['receipt']['modelHash'].length <= 32) && (value['receipt']['modelHash'].length >= 32) && value['receipt']['inputHash'] instanceof Uint8Array && (value['receipt']['inputHash'].length <= 32) && (value['receipt']['inputHash'].length >= 32) && value['receipt']['outputHash'] instanceof Uint8Array && (value['receipt']['outputHash'].length <= 32) && (value['receipt']['outputHash'].length >= 32) && Number.isInteger(value['receipt']['status']) && value['receipt']['status'] <= 4 && value['receipt']['status'] >= 0 && Number.isInteger(value['receipt']['unitsUsed']) && value['receipt']['unitsUsed'] <= 4294967295 && value['receipt']['unitsUsed'] >= 0 && Number.isInteger(value['receipt']['price']) && value['receipt']['price'] <= 9007199254740991 && value['receipt']['price'] >= 0 && Number.isInteger(value['receipt']['cumulative']) && value['receipt']['cumulative'] <= 9007199254740991 && value['receipt']['cumulative'] >= 0 && Number.isInteger(value['receipt']['startedAt']) && value['receipt']['startedAt'] <= 9007199254740991 && value['receipt']['startedAt'] >= 0 && Number.isInteger(value['receipt']['finishedAt']) && value['receipt']['finishedAt'] <= 9007199254740991 && value['receipt']['finishedAt'] >= 0 && value['receipt']['prevReceipt'] instanceof Uint8Array && (value['receipt']['prevReceipt'].length <= 32) && (value['receipt']['prevReceipt'].length >= 32) && value['receipt']['sig'] instanceof Uint8Array && (value['receipt']['sig'].length <= 64) && (value['receipt']['sig'].length >= 64) && Object.getOwnPropertyNames(value['receipt']).length === 18) : true) &&
-    (value['lane'] !== undefined ? ((typeof value['lane'] === 'object' && value['lane'] !== null && !Array.isArray(value['lane'])) && Number.isInteger(value['lane']['seq']) && value['lane']['seq'] <= 9007199254740991 && value['lane']['seq'] >= 0 && Number.isInteger(value['lane']['paid']) && value['lane']['paid'] <= 9007199254740991 && value['lane']['paid'] >= 0) : true)
-  )
-}
-})());
-
 export const ReceiptBatchSchema = {
   [KIND]: "Object",
   "type": "object",
@@ -1628,6 +1588,92 @@ return function check(value: any): boolean {
     Number.isInteger(value['lane']['paid']) &&
     value['lane']['paid'] <= 9007199254740991 &&
     value['lane']['paid'] >= 0
+  )
+}
+})());
+
+export const ErrorReplySchema = {
+  [KIND]: "Object",
+  "type": "object",
+  "required": [
+    "v",
+    "kind",
+    "id",
+    "agent",
+    "code",
+    "message",
+  ],
+  "properties": {
+    "v": {
+      [KIND]: "Literal",
+      "const": 1,
+      "type": "number",
+    },
+    "kind": {
+      [KIND]: "Literal",
+      "const": "err",
+      "type": "string",
+    },
+    "id": RequestIdSchema,
+    "agent": {
+      [KIND]: "String",
+      "pattern": "^[a-z0-9][a-z0-9-]{2,63}$",
+      "type": "string",
+    },
+    "code": {
+      [KIND]: "String",
+      "pattern": "^MESH_[A-Z_]+$",
+      "maxLength": 64,
+      "type": "string",
+    },
+    "message": {
+      [KIND]: "String",
+      "maxLength": 2048,
+      "type": "string",
+    },
+    "rif": {
+      [KIND]: "Integer",
+      [OPTIONAL]: "Optional",
+      "minimum": 0,
+      "maximum": 1048576,
+      "type": "integer",
+    },
+    "workMs": {
+      [KIND]: "Number",
+      [OPTIONAL]: "Optional",
+      "minimum": 0,
+      "maximum": 86400000,
+      "type": "number",
+    },
+    "receipt": { ...SignedReceiptSchema, [OPTIONAL]: "Optional" },
+    "lane": { ...LaneInfoSchema, [OPTIONAL]: "Optional" },
+  },
+} as unknown as typeof S.ErrorReplySchema;
+
+export const checkErrorReply: Validator<Static<typeof S.ErrorReplySchema>> = validator(ErrorReplySchema, (() => {
+const local_0 = /^[a-z0-9][a-z0-9-]{2,63}$/;
+const local_1 = /^MESH_[A-Z_]+$/;
+const local_2 = /^0x[0-9a-f]{40}$/;
+const local_3 = /^0x[0-9a-f]{40}$/;
+return function check(value: any): boolean {
+  return (
+    (typeof value === 'object' && value !== null && !Array.isArray(value)) &&
+    (value['v'] === 1) &&
+    (value['kind'] === 'err') &&
+    value['id'] instanceof Uint8Array &&
+    (value['id'].length <= 16) &&
+    (value['id'].length >= 16) &&
+    (typeof value['agent'] === 'string') &&
+    local_0.test(value['agent']) &&
+    (typeof value['code'] === 'string') &&
+    value['code'].length <= 64 &&
+    local_1.test(value['code']) &&
+    (typeof value['message'] === 'string') &&
+    value['message'].length <= 2048 &&
+    (value['rif'] !== undefined ? (Number.isInteger(value['rif']) && value['rif'] <= 1048576 && value['rif'] >= 0) : true) &&
+    (value['workMs'] !== undefined ? (Number.isFinite(value['workMs']) && value['workMs'] <= 86400000 && value['workMs'] >= 0) : true) &&
+    (value['receipt'] !== undefined ? ((typeof value['receipt'] === 'object' && value['receipt'] !== null && !Array.isArray(value['receipt'])) && (value['receipt']['v'] === 1) && Number.isInteger(value['receipt']['chainId']) && value['receipt']['chainId'] <= 9007199254740991 && value['receipt']['chainId'] >= 0 && (typeof value['receipt']['escrow'] === 'string') && local_2.test(value['receipt']['escrow']) && (typeof value['receipt']['payer'] === 'string') && local_3.test(value['receipt']['payer']) && value['receipt']['agentKey'] instanceof Uint8Array && (value['receipt']['agentKey'].length <= 32) && (value['receipt']['agentKey'].length >= 32) && Number.isInteger(value['receipt']['seq']) && value['receipt']['seq'] <= 9007199254740991 && value['receipt']['seq'] >= 1 && value['receipt']['requestId'] instanceof Uint8Array && (value['receipt']['requestId'].length <= 16) && (value['receipt']['requestId'].length >= 16) && value['receipt']['modelHash'] instanceof Uint8Array && (value['receipt']['modelHash'].length <= 32) && (value['receipt']['modelHash'].length >= 32) && value['receipt']['inputHash'] instanceof Uint8Array && (value['receipt']['inputHash'].length <= 32) && (value['receipt']['inputHash'].length >= 32) && value['receipt']['outputHash'] instanceof Uint8Array && (value['receipt']['outputHash'].length <= 32) && (value['receipt']['outputHash'].length >= 32) && Number.isInteger(value['receipt']['status']) && value['receipt']['status'] <= 4 && value['receipt']['status'] >= 0 && Number.isInteger(value['receipt']['unitsUsed']) && value['receipt']['unitsUsed'] <= 4294967295 && value['receipt']['unitsUsed'] >= 0 && Number.isInteger(value['receipt']['price']) && value['receipt']['price'] <= 9007199254740991 && value['receipt']['price'] >= 0 && Number.isInteger(value['receipt']['cumulative']) && value['receipt']['cumulative'] <= 9007199254740991 && value['receipt']['cumulative'] >= 0 && Number.isInteger(value['receipt']['startedAt']) && value['receipt']['startedAt'] <= 9007199254740991 && value['receipt']['startedAt'] >= 0 && Number.isInteger(value['receipt']['finishedAt']) && value['receipt']['finishedAt'] <= 9007199254740991 && value['receipt']['finishedAt'] >= 0 && value['receipt']['prevReceipt'] instanceof Uint8Array && (value['receipt']['prevReceipt'].length <= 32) && (value['receipt']['prevReceipt'].length >= 32) && value['receipt']['sig'] instanceof Uint8Array && (value['receipt']['sig'].length <= 64) && (value['receipt']['sig'].length >= 64) && Object.getOwnPropertyNames(value['receipt']).length === 18) : true) &&
+    (value['lane'] !== undefined ? ((typeof value['lane'] === 'object' && value['lane'] !== null && !Array.isArray(value['lane'])) && Number.isInteger(value['lane']['seq']) && value['lane']['seq'] <= 9007199254740991 && value['lane']['seq'] >= 0 && Number.isInteger(value['lane']['paid']) && value['lane']['paid'] <= 9007199254740991 && value['lane']['paid'] >= 0) : true)
   )
 }
 })());
@@ -1757,6 +1803,27 @@ export const InferReplySchema = {
       "minimum": 0,
       "type": "number",
     },
+    "rif": {
+      [KIND]: "Integer",
+      [OPTIONAL]: "Optional",
+      "minimum": 0,
+      "maximum": 1048576,
+      "type": "integer",
+    },
+    "workMs": {
+      [KIND]: "Number",
+      [OPTIONAL]: "Optional",
+      "minimum": 0,
+      "maximum": 86400000,
+      "type": "number",
+    },
+    "loadMs": {
+      [KIND]: "Number",
+      [OPTIONAL]: "Optional",
+      "minimum": 0,
+      "maximum": 86400000,
+      "type": "number",
+    },
     "receipt": { ...SignedReceiptSchema, [OPTIONAL]: "Optional" },
     "lane": { ...LaneInfoSchema, [OPTIONAL]: "Optional" },
   },
@@ -1787,6 +1854,9 @@ return function check(value: any): boolean {
     value['queueMs'] >= 0 &&
     Number.isFinite(value['execMs']) &&
     value['execMs'] >= 0 &&
+    (value['rif'] !== undefined ? (Number.isInteger(value['rif']) && value['rif'] <= 1048576 && value['rif'] >= 0) : true) &&
+    (value['workMs'] !== undefined ? (Number.isFinite(value['workMs']) && value['workMs'] <= 86400000 && value['workMs'] >= 0) : true) &&
+    (value['loadMs'] !== undefined ? (Number.isFinite(value['loadMs']) && value['loadMs'] <= 86400000 && value['loadMs'] >= 0) : true) &&
     (value['receipt'] !== undefined ? ((typeof value['receipt'] === 'object' && value['receipt'] !== null && !Array.isArray(value['receipt'])) && (value['receipt']['v'] === 1) && Number.isInteger(value['receipt']['chainId']) && value['receipt']['chainId'] <= 9007199254740991 && value['receipt']['chainId'] >= 0 && (typeof value['receipt']['escrow'] === 'string') && local_3.test(value['receipt']['escrow']) && (typeof value['receipt']['payer'] === 'string') && local_4.test(value['receipt']['payer']) && value['receipt']['agentKey'] instanceof Uint8Array && (value['receipt']['agentKey'].length <= 32) && (value['receipt']['agentKey'].length >= 32) && Number.isInteger(value['receipt']['seq']) && value['receipt']['seq'] <= 9007199254740991 && value['receipt']['seq'] >= 1 && value['receipt']['requestId'] instanceof Uint8Array && (value['receipt']['requestId'].length <= 16) && (value['receipt']['requestId'].length >= 16) && value['receipt']['modelHash'] instanceof Uint8Array && (value['receipt']['modelHash'].length <= 32) && (value['receipt']['modelHash'].length >= 32) && value['receipt']['inputHash'] instanceof Uint8Array && (value['receipt']['inputHash'].length <= 32) && (value['receipt']['inputHash'].length >= 32) && value['receipt']['outputHash'] instanceof Uint8Array && (value['receipt']['outputHash'].length <= 32) && (value['receipt']['outputHash'].length >= 32) && Number.isInteger(value['receipt']['status']) && value['receipt']['status'] <= 4 && value['receipt']['status'] >= 0 && Number.isInteger(value['receipt']['unitsUsed']) && value['receipt']['unitsUsed'] <= 4294967295 && value['receipt']['unitsUsed'] >= 0 && Number.isInteger(value['receipt']['price']) && value['receipt']['price'] <= 9007199254740991 && value['receipt']['price'] >= 0 && Number.isInteger(value['receipt']['cumulative']) && value['receipt']['cumulative'] <= 9007199254740991 && value['receipt']['cumulative'] >= 0 && Number.isInteger(value['receipt']['startedAt']) && value['receipt']['startedAt'] <= 9007199254740991 && value['receipt']['startedAt'] >= 0 && Number.isInteger(value['receipt']['finishedAt']) && value['receipt']['finishedAt'] <= 9007199254740991 && value['receipt']['finishedAt'] >= 0 && value['receipt']['prevReceipt'] instanceof Uint8Array && (value['receipt']['prevReceipt'].length <= 32) && (value['receipt']['prevReceipt'].length >= 32) && value['receipt']['sig'] instanceof Uint8Array && (value['receipt']['sig'].length <= 64) && (value['receipt']['sig'].length >= 64) && Object.getOwnPropertyNames(value['receipt']).length === 18) : true) &&
     (value['lane'] !== undefined ? ((typeof value['lane'] === 'object' && value['lane'] !== null && !Array.isArray(value['lane'])) && Number.isInteger(value['lane']['seq']) && value['lane']['seq'] <= 9007199254740991 && value['lane']['seq'] >= 0 && Number.isInteger(value['lane']['paid']) && value['lane']['paid'] <= 9007199254740991 && value['lane']['paid'] >= 0) : true)
   )

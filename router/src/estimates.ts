@@ -4,9 +4,10 @@
  * (any monotonic ms clock, the same one selection uses) and randomness comes from the registry's seeded PRNG.
  */
 
-import { mulberry32, type Rng } from '@edge-mesh/client';
+import { boundQueueClaim, fitTimesToAttempt, LatencyQuantiles, maxHeldRequests, mulberry32, type Rng } from '@edge-mesh/client';
 import type { AgentLoad, AgentStatus } from '@edge-mesh/protocol';
-import { applyVivaldiSample, newCoord, type VivaldiCoord } from './vivaldi.ts';
+import { addNetSample, MIN_RTT_MS, type NetFit, newNetFit } from './netfit.ts';
+import { applyVivaldiSample, isCoordKnown, newCoord, type VivaldiCoord, vivaldiDistanceMs } from './vivaldi.ts';
 
 export { mulberry32, type Rng };
 
@@ -50,15 +51,23 @@ export interface RouterConfig {
   srMinHosts: number;
   srMinRequests: number;
   srStdevFactor: number;
+  /** Per-try timeout with no latency history for the node: clamp(factor × predicted, min, time left). */
   perTryTimeoutFactor: number;
   minPerTryTimeoutMs: number;
+  /** With a history: max(quantile factor × the node's p99, 2 × predicted), at least this floor (ms). */
+  perTryQuantileFactor: number;
+  minQuantileTimeoutMs: number;
+  /** A load report or reply claim older than this no longer counts toward fleet utilisation (ms). */
+  claimStaleMs: number;
+  /** No agent weighs more than this many worker slots in fleet utilisation. */
+  maxUtilizationSlots: number;
   defaultRttMs: number;
   sameSiteRttMs: number;
   crossSiteRttMs: number;
   /** Transfer rate prior, bytes/ms (1,250 = 10 Mb/s). */
   defaultBytesPerMs: number;
-  /** Only payloads at least this large give a transfer-rate sample. */
-  bwMinBytes: number;
+  /** Payload size at which the prior rate weighs as much as one reply in the RTT and rate fit (netfit.ts). */
+  netRefBytes: number;
   defaultColdLoadMs: number;
   /** The router's own site label, for the site-label RTT fallback. */
   site: string | undefined;
@@ -99,11 +108,15 @@ export function resolveConfig({
   srStdevFactor = 1.9,
   perTryTimeoutFactor = 5,
   minPerTryTimeoutMs = 250,
+  perTryQuantileFactor = 1.5,
+  minQuantileTimeoutMs = 50,
+  claimStaleMs = 5_000,
+  maxUtilizationSlots = 16,
   defaultRttMs = 20,
   sameSiteRttMs = 4,
   crossSiteRttMs = 40,
   defaultBytesPerMs = 1_250,
-  bwMinBytes = 16_384,
+  netRefBytes = 8_192,
   defaultColdLoadMs = 5_000,
   site = undefined,
   seed = 1,
@@ -140,11 +153,15 @@ export function resolveConfig({
     srStdevFactor,
     perTryTimeoutFactor,
     minPerTryTimeoutMs,
+    perTryQuantileFactor,
+    minQuantileTimeoutMs,
+    claimStaleMs,
+    maxUtilizationSlots,
     defaultRttMs,
     sameSiteRttMs,
     crossSiteRttMs,
     defaultBytesPerMs,
-    bwMinBytes,
+    netRefBytes,
     defaultColdLoadMs,
     site,
     seed,
@@ -172,11 +189,13 @@ export interface AgentEntry {
   site: string | undefined;
   coord: VivaldiCoord;
   slots: number;
+  /** Queued requests per model before MESH_BUSY, from the status; bounds what a queue claim may say. */
+  queueLimit: number | undefined;
   up: boolean;
   session: string | undefined;
   lastSeenMs: number;
   firstSeenMs: number;
-  /** Last reported requests in flight (queued + executing). */
+  /** Last reported requests in flight (queued + executing): a load report's or a reply's, bounded (claims.ts). */
   reportedRif: number;
   /**
    * The same queue as work, ms: Σ over models of (queued + in flight) × service time, from a load
@@ -187,11 +206,14 @@ export interface AgentEntry {
   reportedAtMs: number;
   /** This router's outstanding attempts to the agent. */
   outstanding: number;
-  /** EWMA of measured network RTT; NaN until measured. */
+  /** Measured network RTT (the fit's intercept); NaN until measured. */
   rttMs: number;
   rttAtMs: number;
+  /** Transfer rate, bytes/ms: the fit's, or the prior until measured. */
   bytesPerMs: number;
   bwAtMs: number;
+  /** The joint RTT and rate fit (netfit.ts); undefined until the first reply. */
+  net: NetFit | undefined;
   pFail: number;
   pFailAtMs: number;
   kappa: number;
@@ -222,10 +244,16 @@ export interface ModelEntry {
   warm: boolean;
   /** While loading, other picks treat it as warm with this remaining ETA. */
   loadingUntilMs: number;
+  /** When the current load began, as reported (0: not loading). */
+  loadingSinceMs: number;
   /** Known cold-load cost of this (agent, model); NaN = use the class figure. */
   coldLoadMs: number;
+  /** The load time its replies last reported (fitted to the attempt); NaN until one did. */
+  measuredLoadMs: number;
   priceMicros: number;
   readonly stats: ClassModelStats;
+  /** This node's own attempt latencies for the model (e2e): per-try timeout, hedge delay, the cap on claimed queues. */
+  readonly latency: LatencyQuantiles;
 }
 
 /** The nearby pool for one requester site, with cumulative capacity weights for O(log K) sampling (select.ts). */
@@ -306,6 +334,30 @@ export function kappaAt(agent: AgentEntry, nowMs: number): number {
   return 1 + (agent.kappa - 1) * decayWeight(nowMs - agent.kappaAtMs, agent.registry.config.kappaTauMs);
 }
 
+/**
+ * A model reported loading: when it will be ready. The agent's ETA is a claim; where the load time of
+ * the model there (or on its hardware class) was measured from replies, the ETA cannot promise it
+ * sooner than that measured time counted from when the loading began: claiming `loading, ready in
+ * 0 ms` over and over earns what claiming warm does, and no more than the agent's measured load allows.
+ * Without a claim, the known cold-load cost from now.
+ */
+export function loadingReadyAt(entry: ModelEntry, claimedEtaMs: number | undefined, nowMs: number): number {
+  if (entry.loadingSinceMs === 0) entry.loadingSinceMs = nowMs;
+  if (claimedEtaMs === undefined) return nowMs + coldLoadMsOf(entry);
+  const measured = !Number.isNaN(entry.measuredLoadMs) ? entry.measuredLoadMs : entry.stats.coldLoadMs;
+  const floor = Number.isNaN(measured) ? nowMs : entry.loadingSinceMs + measured;
+  return Math.max(nowMs + claimedEtaMs, floor);
+}
+
+function setModelState(entry: ModelEntry, state: 'warm' | 'loading' | 'cold', etaMs: number | undefined, nowMs: number): void {
+  entry.warm = state === 'warm';
+  if (state === 'loading') entry.loadingUntilMs = loadingReadyAt(entry, etaMs, nowMs);
+  else {
+    entry.loadingUntilMs = 0;
+    entry.loadingSinceMs = 0;
+  }
+}
+
 export function coldLoadMsOf(entry: ModelEntry): number {
   if (!Number.isNaN(entry.coldLoadMs)) return entry.coldLoadMs;
   if (!Number.isNaN(entry.stats.coldLoadMs)) return entry.stats.coldLoadMs;
@@ -335,6 +387,18 @@ export function isOnProbation(agent: AgentEntry, nowMs: number): boolean {
 
 export function isAlive(agent: AgentEntry, nowMs: number): boolean {
   return agent.up && nowMs - agent.lastSeenMs <= agent.registry.config.heartbeatTimeoutMs;
+}
+
+/**
+ * RTT to an agent from what is known without measuring it: Vivaldi coordinates, else site labels, else the
+ * default. The prior of the measured RTT, and what selection uses until there is one.
+ */
+export function priorRttMs(agent: AgentEntry): number {
+  const c = agent.registry.config;
+  const self = agent.registry.selfCoord;
+  if (isCoordKnown(agent.coord) && isCoordKnown(self)) return vivaldiDistanceMs(self, agent.coord);
+  if (c.site !== undefined && agent.site !== undefined) return c.site === agent.site ? c.sameSiteRttMs : c.crossSiteRttMs;
+  return c.defaultRttMs;
 }
 
 /** 95th percentile of recent e2e latency for the entry's (class, model); NaN with fewer than 20 samples. */
@@ -371,6 +435,8 @@ export interface AgentDescriptor {
   /** Agent-reported or ground-truth coordinate, when one exists. */
   coord?: VivaldiCoord;
   slots?: number;
+  /** Queued requests per model the agent accepts (its status); bounds its queue claims. */
+  queueLimit?: number;
   models: AgentModelDescriptor[];
   session?: string;
 }
@@ -433,6 +499,7 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
       site: d.site,
       coord: d.coord ? { ...d.coord } : newCoord(),
       slots: Math.max(1, d.slots ?? 1),
+      queueLimit: d.queueLimit,
       up: true,
       session: d.session,
       lastSeenMs: nowMs,
@@ -445,6 +512,7 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
       rttAtMs: nowMs,
       bytesPerMs: reg.config.defaultBytesPerMs,
       bwAtMs: nowMs,
+      net: undefined,
       pFail: 0,
       pFailAtMs: nowMs,
       kappa: 1,
@@ -465,6 +533,7 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
   if (d.site !== undefined) agent.site = d.site;
   if (d.coord) agent.coord = { ...d.coord };
   if (d.slots !== undefined) agent.slots = Math.max(1, d.slots);
+  if (d.queueLimit !== undefined) agent.queueLimit = d.queueLimit;
   if (restarted) {
     // A new process: its queue and our outstanding attempts to the old one are gone.
     agent.reportedRif = 0;
@@ -491,9 +560,12 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
         slots: m.slots,
         warm: m.warm ?? true,
         loadingUntilMs: 0,
+        loadingSinceMs: 0,
         coldLoadMs: m.coldLoadMs ?? Number.NaN,
+        measuredLoadMs: Number.NaN,
         priceMicros: m.priceMicros ?? 0,
         stats: classStatsFor(reg, agent.hardwareClass, m.model),
+        latency: new LatencyQuantiles(),
       };
       agent.models.set(m.model, e);
       poolFor(reg, m.model).entries.push(e);
@@ -550,6 +622,7 @@ export function onStatus(reg: Registry, status: AgentStatus, nowMs: number, extr
       site: extras.site,
       coord: extras.coord,
       slots: status.workers,
+      ...(status.queueLimit !== undefined ? { queueLimit: status.queueLimit } : {}),
       session: status.session,
       models: (status.models ?? []).map((m) => ({ model: m.name, serviceMs: m.latencyMs, warm: true, priceMicros: m.priceMicros })),
     },
@@ -565,14 +638,39 @@ export function markDown(agent: AgentEntry, _nowMs: number): void {
   invalidateAgent(agent);
 }
 
-/** Reports queue depth directly (a reply's piggybacked rif, or a simulator's heartbeat). */
-export function onQueueReport(reg: Registry, agentId: string, rif: number, nowMs: number): void {
+/**
+ * An agent's queue as it claims it: requests held and, when given, that as work in ms. Bounded first
+ * (client/src/claims.ts): the count by what its status says it can hold, the work by the service times
+ * the router measured there. Used for the queue a reply or an error reply carries, and by the simulator.
+ */
+export function onQueueClaim(reg: Registry, agentId: string, rif: number, workMs: number | undefined, nowMs: number): void {
   const agent = reg.agents.get(agentId);
   if (!agent) return;
-  agent.reportedRif = Math.max(0, rif);
-  agent.reportedWorkMs = Number.NaN;
-  agent.reportedAtMs = nowMs;
+  applyQueueClaim(agent, rif, workMs, nowMs);
   touch(agent, nowMs);
+}
+
+/** A queue depth with no breakdown (a simulator's heartbeat): onQueueClaim without work. */
+export function onQueueReport(reg: Registry, agentId: string, rif: number, nowMs: number): void {
+  onQueueClaim(reg, agentId, rif, undefined, nowMs);
+}
+
+function applyQueueClaim(agent: AgentEntry, rif: number, workMs: number | undefined, nowMs: number): void {
+  let minServiceMs = Number.POSITIVE_INFINITY;
+  let maxServiceMs = 0;
+  for (const e of agent.models.values()) {
+    const s = serviceMsAt(e, nowMs);
+    if (s < minServiceMs) minServiceMs = s;
+    if (s > maxServiceMs) maxServiceMs = s;
+  }
+  const known = agent.models.size > 0;
+  const bounded = boundQueueClaim(rif, workMs, {
+    maxRif: maxHeldRequests(agent.slots, agent.queueLimit, agent.models.size),
+    ...(known ? { minServiceMs, maxServiceMs } : {}),
+  });
+  agent.reportedRif = bounded.rif;
+  agent.reportedWorkMs = bounded.workMs;
+  agent.reportedAtMs = nowMs;
 }
 
 function touch(agent: AgentEntry, nowMs: number): void {
@@ -581,20 +679,23 @@ function touch(agent: AgentEntry, nowMs: number): void {
   if (!wasAlive) invalidateAgent(agent);
 }
 
-/** Load heartbeat: queue = queued + inFlight, slots = workers; per-model serviceMs refreshes the prior. */
+/**
+ * Load heartbeat: queue = queued + inFlight, as work Σ (queued + inFlight) × that model's service time,
+ * bounded like a reply's claim; slots = workers; per-model serviceMs refreshes the prior, and a model
+ * reported loading or cold is no longer counted as warm.
+ */
 export function onLoad(reg: Registry, load: AgentLoad, nowMs: number): void {
   const agent = reg.agents.get(load.agent);
   if (!agent?.up) return;
-  agent.reportedRif = load.queued + load.inFlight;
-  agent.reportedAtMs = nowMs;
   if (load.workers > 0) agent.slots = load.workers;
   let workMs = 0;
   for (const [model, ml] of Object.entries(load.models)) {
     const e = agent.models.get(model);
     if (e && ml.serviceMs > 0) e.priorServiceMs = ml.serviceMs;
     workMs += (ml.queued + ml.inFlight) * (ml.serviceMs > 0 ? ml.serviceMs : e ? serviceMsAt(e, nowMs) : 0);
+    if (e && ml.state !== undefined) setModelState(e, ml.state, ml.etaMs, nowMs);
   }
-  agent.reportedWorkMs = workMs;
+  applyQueueClaim(agent, load.queued + load.inFlight, workMs, nowMs);
   touch(agent, nowMs);
 }
 
@@ -630,6 +731,8 @@ export interface ReplySample {
   predictedMs?: number;
   /** Piggybacked requests in flight at the agent after this one. */
   rif?: number;
+  /** The same queue as work, ms (the reply's `workMs`). */
+  workMs?: number;
 }
 
 /** A successful reply: learns service time, network RTT and rate, Vivaldi coordinates, cold cost, κ. */
@@ -639,42 +742,43 @@ export function onReply(reg: Registry, agentId: string, model: string, sample: R
   const c = reg.config;
   if (agent.outstanding > 0) agent.outstanding--;
   const e = agent.models.get(model);
-  const loadMs = sample.loadMs ?? 0;
+  // The agent's times are claims: together they cannot exceed the attempt the router timed (claims.ts).
+  const { queueMs, execMs, loadMs } = fitTimesToAttempt(sample, sample.e2eMs);
   if (e) {
-    e.serviceMs = decayedEwma(serviceMsAt(e, nowMs), e.serviceAtMs, sample.execMs, nowMs, c.serviceTauMs);
+    e.serviceMs = decayedEwma(serviceMsAt(e, nowMs), e.serviceAtMs, execMs, nowMs, c.serviceTauMs);
     e.serviceAtMs = nowMs;
     if (loadMs > 0) {
       const s = e.stats;
       s.coldLoadMs = Number.isNaN(s.coldLoadMs) ? loadMs : 0.7 * s.coldLoadMs + 0.3 * loadMs;
       e.coldLoadMs = loadMs;
+      e.measuredLoadMs = loadMs;
     }
-    e.warm = true;
-    e.loadingUntilMs = 0;
+    setModelState(e, 'warm', undefined, nowMs);
     if (sample.e2eMs !== undefined && sample.e2eMs >= 0) {
       const s = e.stats;
       s.e2e[s.e2eCount % E2E_RING] = sample.e2eMs;
       s.e2eCount++;
       s.p95Dirty = true;
+      e.latency.add(sample.e2eMs);
     }
   }
 
-  const rtt = sample.rttMs ?? (sample.e2eMs !== undefined ? sample.e2eMs - sample.queueMs - sample.execMs - loadMs : Number.NaN);
-  if (rtt > 0 && Number.isFinite(rtt)) {
+  const networkMs = sample.rttMs ?? (sample.e2eMs !== undefined ? sample.e2eMs - queueMs - execMs - loadMs : Number.NaN);
+  if (networkMs >= 0 && Number.isFinite(networkMs)) {
     const bytes = sample.bytes ?? 0;
-    if (bytes >= c.bwMinBytes && !Number.isNaN(agent.rttMs)) {
-      // Base RTT is known: the rest of the network time is transfer.
-      const transferMs = Math.max(0.05, rtt - agent.rttMs);
-      agent.bytesPerMs = decayedEwma(agent.bytesPerMs, agent.bwAtMs, bytes / transferMs, nowMs, c.rttTauMs);
-      agent.bwAtMs = nowMs;
-    } else {
-      const base = Math.max(0.01, rtt - bytes / agent.bytesPerMs);
-      agent.rttMs = Number.isNaN(agent.rttMs) ? base : decayedEwma(agent.rttMs, agent.rttAtMs, base, nowMs, c.rttTauMs);
-      agent.rttAtMs = nowMs;
-      // Router ↔ agent sample moves both coordinates, so agents never contacted by a client still get a place.
-      const routerCoord = { ...reg.selfCoord };
-      applyVivaldiSample(reg.selfCoord, agent.coord, base, reg.rng);
-      applyVivaldiSample(agent.coord, routerCoord, base, reg.rng);
-    }
+    // RTT and rate are fitted together from every reply (netfit.ts): neither is ever held fixed to learn the other.
+    agent.net ??= newNetFit(priorRttMs(agent), agent.bytesPerMs, nowMs);
+    const added = addNetSample(agent.net, bytes, networkMs, nowMs, { tauMs: c.rttTauMs, refBytes: c.netRefBytes });
+    agent.rttMs = agent.net.rttMs;
+    agent.bytesPerMs = 1 / agent.net.msPerByte;
+    agent.rttAtMs = nowMs;
+    agent.bwAtMs = nowMs;
+    // This sample's own RTT (its transfer at the fitted rate taken off) moves both Vivaldi coordinates, so
+    // agents never contacted by a client still get a place.
+    const base = Math.max(MIN_RTT_MS, added - bytes * agent.net.msPerByte);
+    const routerCoord = { ...reg.selfCoord };
+    applyVivaldiSample(reg.selfCoord, agent.coord, base, reg.rng);
+    applyVivaldiSample(agent.coord, routerCoord, base, reg.rng);
   }
 
   agent.pFail = pFailAt(agent, nowMs) * (1 - c.pFailAlpha);
@@ -685,11 +789,7 @@ export function onReply(reg: Registry, agentId: string, model: string, sample: R
   if (sample.e2eMs !== undefined && sample.predictedMs !== undefined && sample.predictedMs > 0) {
     updateKappa(agent, sample.e2eMs / sample.predictedMs, nowMs);
   }
-  if (sample.rif !== undefined) {
-    agent.reportedRif = Math.max(0, sample.rif);
-    agent.reportedWorkMs = Number.NaN;
-    agent.reportedAtMs = nowMs;
-  }
+  if (sample.rif !== undefined) applyQueueClaim(agent, sample.rif, sample.workMs, nowMs);
   touch(agent, nowMs);
 }
 
@@ -807,6 +907,5 @@ export function onModelState(
 ): void {
   const e = reg.agents.get(agentId)?.models.get(model);
   if (!e) return;
-  e.warm = state.warm;
-  e.loadingUntilMs = !state.warm && state.loadEtaMs !== undefined ? nowMs + state.loadEtaMs : 0;
+  setModelState(e, state.warm ? 'warm' : state.loadEtaMs !== undefined ? 'loading' : 'cold', state.loadEtaMs, nowMs);
 }

@@ -7,6 +7,7 @@ import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
 import type { Registry as PromRegistry } from 'prom-client';
 import type { Registry } from './estimates.ts';
+import type { RelayOptions } from './relay.ts';
 
 /** The few pino methods the router uses; any pino logger fits. */
 export interface RouterLogger {
@@ -60,6 +61,8 @@ export interface RouterCounters {
   retries: number;
   hedges: number;
   cancels: number;
+  /** Attempts given up because their agent went silent (no heartbeat for a few periods, no last will yet). */
+  silenced: number;
   /** Retries and hedges the budget or the utilisation cut-off refused. */
   budgetRefused: number;
   /** Route leases given to SDK clients (direct mode), and route requests answered with an error. */
@@ -71,6 +74,8 @@ export interface RouterCounters {
 
 export interface RouterHandle {
   readonly id: string;
+  /** The balancer forwarding requests: `ours`, or the name of the live policy selected (StartRouterOptions.policy). */
+  readonly policy: string;
   readonly registry: Registry;
   readonly counters: RouterCounters;
   /** Picks an agent for `model` now; throws a coded MeshError (MESH_NO_AGENT, MESH_DEADLINE_EXCEEDED). */
@@ -110,6 +115,8 @@ export interface RouterHttpOptions {
   processMetrics?: boolean;
   /** Serve /v1/lanes and /v1/settlements from this escrow on chain (see settlements.ts). */
   chain?: RouterChainOptions;
+  /** Also relay vouchers (POST /v1/relay/vouchers) from this account, which pays the gas and earns the fees (see relay.ts). */
+  relay?: RelayOptions;
 }
 
 export interface RouterHttpHandle {

@@ -17,6 +17,7 @@ import Fastify from 'fastify';
 import { Counter, collectDefaultMetrics, Histogram, Registry as PromRegistry } from 'prom-client';
 import type { RouterHandle, RouterHttpHandle, RouterHttpOptions, RouterInferResult } from './handle.ts';
 import { ANY_ERROR, ERROR_BODY_SCHEMA, errorResponse, installErrorHandlers } from './http-errors.ts';
+import { registerRelayRoutes } from './relay.ts';
 import { registerSettlementRoutes } from './settlements.ts';
 
 /** KServe v2 datatypes and the mesh dtypes they map to (BYTES has no mesh counterpart). */
@@ -416,10 +417,14 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   }));
   app.get(
     '/v1/routing',
-    doc('operator', 'Routing counters: requests, retries, hedges, cancels, leases, budget refusals, attempts per agent'),
-    async () => ({ router: router.id, connected: router.connected, counters: router.counters }),
+    doc(
+      'operator',
+      'Routing counters: requests, retries, hedges, cancels, silence failovers, leases, budget refusals, attempts per agent; and the policy forwarding requests',
+    ),
+    async () => ({ router: router.id, connected: router.connected, policy: router.policy, counters: router.counters }),
   );
   if (options.chain) await registerSettlementRoutes(app, router, options.chain);
+  if (options.relay) await registerRelayRoutes(app, options.relay);
 
   app.get(
     '/metrics',

@@ -2,6 +2,33 @@
  * The router part's front door. This step exports the pure core (registry, estimates, Vivaldi, selection);
  * `startRouter` (MQTT, HTTP, timers) builds on it and the simulator drives the very same functions.
  */
+
+export {
+  type BaselinePolicy,
+  type BaselineReply,
+  createEnvoyPolicy,
+  createFinaglePolicy,
+  createLinkerdPolicy,
+  createPrequalPolicy,
+  type Endpoint,
+  type EnvoyOptions,
+  FailureAccrual,
+  FINAGLE_PENALTY,
+  type FinagleOptions,
+  FinaglePeakEwma,
+  hotColdPick,
+  type LinkerdOptions,
+  LOST,
+  Membership,
+  type PrequalOptions,
+  type ProbeAnswer,
+  type ProbeChannel,
+  reuseBudget,
+  TokenRetryBudget,
+  TowerPeakEwma,
+  WeightedSampler,
+  WindowedLatencies,
+} from './baselines/index.ts';
 export {
   type AgentDescriptor,
   type AgentEntry,
@@ -26,6 +53,7 @@ export {
   onFailure,
   onLoad,
   onModelState,
+  onQueueClaim,
   onQueueReport,
   onReply,
   onSend,
@@ -33,6 +61,7 @@ export {
   type PoolCache,
   p95E2eMs,
   pFailAt,
+  priorRttMs,
   type Registry,
   type ReplySample,
   type Rng,
@@ -59,11 +88,34 @@ export type {
 } from './handle.ts';
 export { KSERVE_TO_DTYPE, type KServeDatatype, kserveDatatypeOf, startRouterHttp } from './http.ts';
 export { answerRoute, type LeaseOptions, leaseAgents } from './leases.ts';
+export { addNetSample, type NetFit, type NetFitOptions, netFitMs, newNetFit } from './netfit.ts';
+export {
+  type LivePolicy,
+  type LivePolicyContext,
+  type LivePolicyFactory,
+  observedBy,
+  ROUTER_POLICIES,
+  ROUTER_POLICY_NAMES,
+  resolveRouterPolicy,
+} from './policies.ts';
 export { createRouterPolicy, type ReplyTimes, type RouterAsk, type RouterPolicy, type RouterPolicyOptions } from './policy.ts';
+export {
+  type RelayCounters,
+  type RelayOptions,
+  type RelayRefusal,
+  type RelayServer,
+  type RelayServerOptions,
+  type RelayVerdict,
+  type RelayVoucherInput,
+  registerRelayRoutes,
+  startRelayServer,
+  VoucherRelay,
+} from './relay.ts';
 export {
   currentPool,
   expectedCompletionMs,
   failureAwareScoreMs,
+  fleetUtilization,
   hedgeDelayMs,
   networkRttMs,
   perTryTimeoutMs,
@@ -82,3 +134,4 @@ export {
   type VivaldiOptions,
   vivaldiDistanceMs,
 } from './vivaldi.ts';
+export { createWarmer, type Warmer, type WarmingOptions } from './warming.ts';

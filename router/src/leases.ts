@@ -48,7 +48,7 @@ export function leaseAgents(
       agent: selection.agentId,
       predictedMs: selection.predictedMs,
       serviceMs: entry ? serviceMsAt(entry, nowMs) : selection.predictedMs,
-      timeoutMs: perTryTimeoutMs(registry, selection.predictedMs, question.budgetMs),
+      timeoutMs: perTryTimeoutMs(registry, selection.predictedMs, question.budgetMs, entry),
       hedgeAfterMs: entry ? hedgeDelayMs(entry, selection.predictedMs) : Number.MAX_SAFE_INTEGER,
     });
   }

@@ -6,8 +6,9 @@
  */
 import type { Attempt, AttemptEnd, EnginePolicy, EngineRequest } from '@edge-mesh/client';
 import { type InferReply, MeshError } from '@edge-mesh/protocol';
-import { evaluateOutliers, markDown, onCancel, onFailure, onReply, onSend, type Registry } from './estimates.ts';
+import { evaluateOutliers, markDown, onCancel, onFailure, onQueueClaim, onReply, onSend, type Registry } from './estimates.ts';
 import { fleetUtilization, hedgeDelayMs, perTryTimeoutMs, type RouteRequest, type SelectOptions, selectAgent } from './select.ts';
+import { createWarmer, type WarmingOptions } from './warming.ts';
 
 /** What the router's engine carries for one forwarded request. */
 export interface RouterAsk {
@@ -21,15 +22,28 @@ export interface RouterAsk {
   clientCoord?: RouteRequest['clientCoord'];
 }
 
-/** The part of an agent's answer the registry learns from. */
+/**
+ * The part of an agent's answer the registry learns from: the fields of the `res` message
+ * (docs/protocol.md), which the simulator's agents fill the same way. All of it is the agent's claim,
+ * bounded by the registry (client/src/claims.ts).
+ */
 export interface ReplyTimes {
   queueMs: number;
   execMs: number;
-  /** Cold-load time the request caused (the simulator knows it; the wire does not carry it yet). */
+  /** Cold-load time the request waited for. */
   loadMs?: number;
-  /** The agent's requests in flight when it replied (the simulator knows it; the wire does not carry it yet). */
+  /** The agent's requests in flight (queued + running) when it replied. */
   rif?: number;
+  /** The same queue as work, ms. */
+  workMs?: number;
 }
+
+/**
+ * A per-try timer that fires this much later than it was due (or later than its own length) says the
+ * router's process stalled, not that the agent was slow: the retry still goes out, but the agent is not
+ * charged with a failure.
+ */
+const STALLED_TIMER_FRACTION = 0.5;
 
 export interface RouterPolicyOptions {
   /** Hedge slow attempts on a different warm node (default true). */
@@ -40,6 +54,11 @@ export interface RouterPolicyOptions {
   outlierIntervalMs?: number;
   /** The registry's random stream for the sampling (default the registry's own). */
   random?: () => number;
+  /**
+   * Warm cold agents ahead of demand (warming.ts): when most agents holding a model have no free slot,
+   * one request also goes at once to the best cold agent, which loads the model. Default on; false turns it off.
+   */
+  warming?: boolean | WarmingOptions;
   /** Selection variants (the simulator's ablations: uniform sampling, more choices). */
   select?: SelectOptions;
   /** Called after every attempt that ended with an answer, an error or a per-try timeout (metrics). */
@@ -61,6 +80,9 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
   const random = options.random ?? registry.rng;
   const sentTo: Record<string, number> = {};
   let lastSweep = Number.NEGATIVE_INFINITY;
+  const warmer = options.warming === false ? undefined : createWarmer(registry, options.warming === true ? {} : options.warming);
+  /** Requests whose backup copy goes at once to a cold agent, to make it load the model. */
+  const warmingFor = new WeakMap<EngineRequest<RouterAsk>, string>();
 
   const sweep = (now: number) => {
     if (now - lastSweep < outlierIntervalMs) return;
@@ -70,6 +92,8 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
   };
 
   const timeoutOf = (attempt: Attempt<RouterAsk>) => attempt.plan.timeoutMs ?? perTryTimeoutMs(registry, attempt.plan.predictedMs ?? 0);
+  /** Attempts whose per-try timeout was charged to their agent as a failure. */
+  const charged = new WeakSet<Attempt<RouterAsk>>();
 
   return {
     registry,
@@ -77,6 +101,12 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
     pick(request: EngineRequest<RouterAsk>, tried, kind, now) {
       sweep(now);
       const ask = request.data;
+      const warming = kind === 'hedge' ? warmingFor.get(request) : undefined;
+      if (warming !== undefined) {
+        warmingFor.delete(request);
+        // The warming copy waits for the load: no per-try timeout (a load is not a failure), no hedge.
+        return tried.has(warming) ? undefined : { agentId: warming };
+      }
       const selection = selectAgent(
         registry,
         {
@@ -97,23 +127,32 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
       // selectAgent falls back to excluded nodes when nothing else is left; the engine never sends twice to one.
       if (tried.has(selection.agentId)) return undefined;
       const remaining = request.deadlineAt - now;
+      const cold = kind === 'first' ? warmer?.target(ask.model, now) : undefined;
+      if (cold && cold.agent.agentId !== selection.agentId) warmingFor.set(request, cold.agent.agentId);
       return {
         agentId: selection.agentId,
         predictedMs: selection.predictedMs,
-        timeoutMs: perTryTimeoutMs(registry, selection.predictedMs, remaining),
-        ...(hedging ? { hedgeAfterMs: hedgeDelayMs(selection.entry, selection.predictedMs) } : {}),
+        timeoutMs: perTryTimeoutMs(registry, selection.predictedMs, remaining, selection.entry),
+        ...(warmingFor.has(request)
+          ? { hedgeAfterMs: 0 }
+          : hedging
+            ? { hedgeAfterMs: hedgeDelayMs(selection.entry, selection.predictedMs) }
+            : {}),
       };
     },
-    mayHedge: (_request, now) => fleetUtilization(registry, now) <= hedgeMaxUtilization,
+    mayHedge: (request, now) => warmingFor.has(request) || fleetUtilization(registry, now) <= hedgeMaxUtilization,
     onSend(attempt, now) {
       sentTo[attempt.agentId] = (sentTo[attempt.agentId] ?? 0) + 1;
       onSend(registry, attempt.agentId, attempt.request.data.model, now);
     },
     onTimeout(attempt, now) {
+      const timeoutMs = timeoutOf(attempt);
+      if (now - attempt.sentAt - timeoutMs > STALLED_TIMER_FRACTION * timeoutMs) return;
+      charged.add(attempt);
       // Counted as a failure at once: an attempt this late costs as much as one that failed.
       onFailure(registry, attempt.agentId, attempt.request.data.model, now, {
         predictedMs: attempt.plan.predictedMs ?? 0,
-        timeoutMs: timeoutOf(attempt),
+        timeoutMs,
       });
       onAttemptResult?.({
         model: attempt.request.data.model,
@@ -129,7 +168,7 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
       const e2eMs = now - attempt.sentAt;
       if (end.kind === 'reply') {
         // A timed-out attempt was counted as failed already (which ended it as outstanding); its answer still teaches.
-        if (attempt.timedOut) {
+        if (charged.has(attempt)) {
           const agent = registry.agents.get(agentId);
           if (agent) agent.outstanding++;
         }
@@ -146,13 +185,18 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
             ...(attempt.plan.predictedMs !== undefined ? { predictedMs: attempt.plan.predictedMs } : {}),
             ...(r.loadMs !== undefined ? { loadMs: r.loadMs } : {}),
             ...(r.rif !== undefined ? { rif: r.rif } : {}),
+            ...(r.workMs !== undefined ? { workMs: r.workMs } : {}),
           },
           now,
         );
         onAttemptResult?.({ model, agentId, ok: true, e2eMs });
       } else if (end.kind === 'error') {
         const lost = end.error.code === 'MESH_AGENT_LOST';
-        if (!attempt.timedOut) {
+        const claim = end.error.details;
+        if (typeof claim?.rif === 'number') {
+          onQueueClaim(registry, agentId, claim.rif, typeof claim.workMs === 'number' ? claim.workMs : undefined, now);
+        }
+        if (!charged.has(attempt)) {
           // An error costs what a timeout would have: a node that fails fast must not look fast.
           onFailure(registry, agentId, model, now, { lost, predictedMs: attempt.plan.predictedMs ?? 0, timeoutMs: timeoutOf(attempt) });
           onAttemptResult?.({ model, agentId, ok: false, code: end.error.code, e2eMs });
@@ -160,7 +204,7 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
           const agent = registry.agents.get(agentId);
           if (agent) markDown(agent, now);
         }
-      } else if (!attempt.timedOut) onCancel(registry, agentId, now);
+      } else if (!charged.has(attempt)) onCancel(registry, agentId, now);
     },
   };
 }

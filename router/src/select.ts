@@ -4,7 +4,7 @@
  * at once when nothing can make the deadline. Pure: time and randomness are arguments. The only state it
  * touches is the pool cache, rebuilt when the model's membership or health changes and every poolRefreshMs.
  */
-import { perTryTimeoutMs as perTryRule } from '@edge-mesh/client';
+import { hedgeAfterMs, perTryTimeoutMs as perTryRule } from '@edge-mesh/client';
 import type { MeshErrorCode } from '@edge-mesh/protocol';
 import {
   type AgentEntry,
@@ -18,6 +18,7 @@ import {
   type PoolCache,
   p95E2eMs,
   pFailAt,
+  priorRttMs,
   type Registry,
   type Rng,
   serviceMsAt,
@@ -67,10 +68,7 @@ export function networkRttMs(agent: AgentEntry, request: RouteRequest = EMPTY_RE
     return c.defaultRttMs;
   }
   if (!Number.isNaN(agent.rttMs)) return agent.rttMs;
-  const self = agent.registry.selfCoord;
-  if (isCoordKnown(agent.coord) && isCoordKnown(self)) return vivaldiDistanceMs(self, agent.coord);
-  if (c.site !== undefined && agent.site !== undefined) return c.site === agent.site ? c.sameSiteRttMs : c.crossSiteRttMs;
-  return c.defaultRttMs;
+  return priorRttMs(agent);
 }
 
 function coldMs(entry: ModelEntry, nowMs: number): number {
@@ -83,8 +81,13 @@ function coldMs(entry: ModelEntry, nowMs: number): number {
 /**
  * ECT = κ · (T_net + T_wait + S + T_cold), ms, where T_net = RTT + bytes / rate, ahead = q + W · os and
  * T_wait = max(0, work ahead + S − c · S) / c with work ahead = q · S + W · os · S, or the agent's own
- * per-model Σ (queued + in flight) × S_model in place of q · S when its load report gives it: that is
+ * per-model Σ (queued + in flight) × S_model in place of q · S when its load report or reply gives it: that is
  * S · max(0, ahead + 1 − c) / c when one model is served (shortest expected delay; × ((ahead + 1)/c)^(b − 1) when b > 1).
+ *
+ * The agent's part of the queue (q) is its claim: once the router has its own latency history for the
+ * node, the wait that claim adds is capped at the node's p99 attempt time, so an agent that says it is
+ * busier than it is repels no more traffic than its measured latency does. A claim of less than the truth
+ * shows up in the measured latency, and κ (observed ÷ predicted) prices it back in.
  */
 export function expectedCompletionMs(entry: ModelEntry, request: RouteRequest, nowMs: number): number {
   const agent = entry.agent;
@@ -95,8 +98,10 @@ export function expectedCompletionMs(entry: ModelEntry, request: RouteRequest, n
   const slots = entry.slots ?? agent.slots;
   const ahead = agent.reportedRif + c.routers * agent.outstanding;
   // Work ahead in ms: the agent's per-model breakdown when it sent one, else the count × this model's S.
-  const aheadMs =
-    (Number.isNaN(agent.reportedWorkMs) ? agent.reportedRif * serviceMs : agent.reportedWorkMs) + c.routers * agent.outstanding * serviceMs;
+  let claimedMs = Number.isNaN(agent.reportedWorkMs) ? agent.reportedRif * serviceMs : agent.reportedWorkMs;
+  const p99 = entry.latency.p99();
+  if (p99 > 0) claimedMs = Math.min(claimedMs, slots * p99);
+  const aheadMs = claimedMs + c.routers * agent.outstanding * serviceMs;
   let waitMs = Math.max(0, aheadMs + serviceMs - slots * serviceMs) / slots;
   if (c.queueExponent !== 1) waitMs *= ((ahead + 1) / slots) ** (c.queueExponent - 1);
   return kappaAt(agent, nowMs) * (netMs + waitMs + serviceMs + coldMs(entry, nowMs));
@@ -108,31 +113,53 @@ function unloadedEctMs(entry: ModelEntry, request: RouteRequest, nowMs: number):
   return networkRttMs(agent, request) + (request.bytesUp ?? 0) / agent.bytesPerMs + serviceMsAt(entry, nowMs) + coldMs(entry, nowMs);
 }
 
-/** Per-try timeout = clamp(k_to × predicted, 250 ms, remaining deadline). */
-export function perTryTimeoutMs(registry: Registry, predictedMs: number, remainingMs = Number.POSITIVE_INFINITY): number {
+/**
+ * Per-try timeout (client/src/quantiles.ts): with the node's own latency history for the model,
+ * max(1.5 × its p99, 2 × predicted), no less than 50 ms and no more than the rule without one,
+ * clamp(5 × predicted, 250 ms, …); never past the remaining deadline.
+ */
+export function perTryTimeoutMs(
+  registry: Registry,
+  predictedMs: number,
+  remainingMs = Number.POSITIVE_INFINITY,
+  entry?: ModelEntry,
+): number {
   const c = registry.config;
-  return perTryRule(predictedMs, remainingMs, { factor: c.perTryTimeoutFactor, minMs: c.minPerTryTimeoutMs });
+  return perTryRule(predictedMs, remainingMs, {
+    factor: c.perTryTimeoutFactor,
+    minMs: c.minPerTryTimeoutMs,
+    quantileFactor: c.perTryQuantileFactor,
+    floorMs: c.minQuantileTimeoutMs,
+    ...(entry ? { p99Ms: entry.latency.p99() } : {}),
+  });
 }
 
-/** Hedge delay = max(p95 of e2e for (model, class of the primary), 2 × predicted ECT). */
+/** Hedge delay = max(p95 of the node's own attempts for the model, else of its (class, model), 2 × predicted). */
 export function hedgeDelayMs(entry: ModelEntry, predictedMs: number): number {
-  const p95 = p95E2eMs(entry.stats);
-  return Number.isNaN(p95) ? 2 * predictedMs : Math.max(p95, 2 * predictedMs);
+  return hedgeAfterMs(predictedMs, entry.latency.p95(), p95E2eMs(entry.stats));
 }
 
 /**
- * Fleet utilisation: requests in flight (the larger of the agent's report and this router's own
- * outstanding count) over worker slots, across live agents. Above ~0.8 a hedge mostly adds queueing.
+ * Fleet utilisation: requests in flight over worker slots, across live agents, from what the agents
+ * report (on every reply, and in their load reports), or this router's own outstanding count where no
+ * report is fresh. The router's own count runs from send to reply, so it also counts requests on the
+ * wire: on a busy fleet it read about 2 where the agents reported 0.6, and kept hedging off. Each agent
+ * counts for at most its slots busy and at most `maxUtilizationSlots` slots, so one agent's claim moves
+ * the figure by no more than its share of the fleet. Above ~0.8 a hedge mostly adds queueing.
  */
 export function fleetUtilization(reg: Registry, nowMs: number): number {
-  let rif = 0;
+  const c = reg.config;
+  let busy = 0;
   let slots = 0;
   for (const agent of reg.agents.values()) {
     if (!agent.up || isEjected(agent, nowMs)) continue;
-    rif += Math.max(agent.reportedRif, agent.outstanding);
-    slots += Math.max(1, agent.slots);
+    const agentSlots = Math.min(c.maxUtilizationSlots, Math.max(1, agent.slots));
+    const fresh = nowMs - agent.reportedAtMs <= c.claimStaleMs;
+    const held = fresh ? agent.reportedRif : agent.outstanding;
+    busy += agentSlots * Math.min(1, held / Math.max(1, agent.slots));
+    slots += agentSlots;
   }
-  return slots === 0 ? 1 : rif / slots;
+  return slots === 0 ? 1 : busy / slots;
 }
 
 /**
@@ -141,7 +168,7 @@ export function fleetUtilization(reg: Registry, nowMs: number): number {
 export function failureAwareScoreMs(entry: ModelEntry, ectMs: number, altMs: number, remainingMs: number, nowMs: number): number {
   const p = pFailAt(entry.agent, nowMs);
   if (p <= 0) return ectMs;
-  return (1 - p) * ectMs + p * (perTryTimeoutMs(entry.agent.registry, ectMs, remainingMs) + altMs);
+  return (1 - p) * ectMs + p * (perTryTimeoutMs(entry.agent.registry, ectMs, remainingMs, entry) + altMs);
 }
 
 function isEligible(agent: AgentEntry, nowMs: number): boolean {

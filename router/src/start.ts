@@ -27,6 +27,7 @@ import {
   type Identity,
   type InferReply,
   MeshError,
+  type MeshErrorCode,
   type ModelInfo,
   newRequestId,
   PROTOCOL_VERSION,
@@ -50,6 +51,7 @@ import type {
   RouterLogger,
 } from './handle.ts';
 import { answerRoute } from './leases.ts';
+import { type LivePolicyFactory, observedBy, resolveRouterPolicy } from './policies.ts';
 import { createRouterPolicy, type RouterAsk } from './policy.ts';
 import { selectAgent } from './select.ts';
 
@@ -80,6 +82,11 @@ export interface StartRouterOptions {
   leaseTtlMs?: number;
   /** Agents per lease, best first (default 3). */
   leaseAgents?: number;
+  /**
+   * The balancer for forwarded requests (policies.ts): `ours` (default), a name from ROUTER_POLICIES
+   * (`finagle` where the baselines are built in), or a factory. Route leases always come from `ours`.
+   */
+  policy?: string | LivePolicyFactory;
   /** Also serve the HTTP API (KServe v2, /v1 operator endpoints, /metrics; see http.ts); closed with the router. */
   http?: RouterHttpOptions;
 }
@@ -111,8 +118,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     throw new MeshError('MESH_CONFIG', `maxAttempts must be a positive integer, got ${maxAttempts}`);
   const logger = childLogger(options.logger, { part: 'router', routerId });
   const clock = systemClock;
+  const liveFactory = resolveRouterPolicy(options.policy);
 
   const registry = createRegistry(options.config ?? {});
+  // Built before the fleet view, which feeds it the statuses it has seen.
+  const live = liveFactory?.({ random: registry.rng, nowMs: clock.now(), maxAttempts, hedging });
   const listeners = new Set<(a: AttemptRecord) => void>();
   const emit = (a: AttemptRecord) => {
     for (const listener of listeners) {
@@ -131,13 +141,16 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     now: clock.now,
     logger,
     onStatus: (status) => {
+      live?.onStatus?.(status, clock.now());
       const entry = onStatus(registry, status, clock.now());
       // A returning agent is up again (upsertAgent keeps what was learned about it).
       if (status.state === 'online' && entry) entry.up = true;
       if (status.state !== 'online') logger.info({ agentId: status.agent, state: status.state }, 'agent not online');
     },
     onLoad: (load) => {
-      if (fleet.get(load.agent)?.status.state === 'online') onLoad(registry, load, clock.now());
+      if (fleet.get(load.agent)?.status.state !== 'online') return;
+      live?.onLoad?.(load, clock.now());
+      onLoad(registry, load, clock.now());
     },
     onAgentLost: (agentId, reason) =>
       engine.agentLost(
@@ -157,10 +170,22 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
 
   let client!: MqttClient;
   const engine = createRequestEngine<Forwarded, InferReply>({
-    policy,
+    ...(live
+      ? {
+          // Another balancer routes, with its own retry rule, attempt limit and budget; ours only learns.
+          policy: observedBy(live, policy),
+          budget: live.budget,
+          maxAttempts: live.maxAttempts ?? maxAttempts,
+          ...(live.retryable ? { retryable: (code: MeshErrorCode) => live.retryable!(code) } : {}),
+        }
+      : {
+          policy,
+          budget: new TailBudget(options.tailBudget ?? {}, clock.now()),
+          maxAttempts,
+          // An agent silent for a few heartbeats is presumed dead before its last will arrives.
+          liveness: { isSilent: (agentId: string, now: number) => fleet.silent(agentId, now) },
+        }),
     clock,
-    budget: new TailBudget(options.tailBudget ?? {}, clock.now()),
-    maxAttempts,
     transport: mqttTransport({
       client: () => client,
       senderId: routerId,
@@ -175,6 +200,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       logger.debug({ agentId }, 'ignoring bad reply');
       return;
     }
+    fleet.heard(agentId);
     if (reading.error) engine.fail(reading.key, agentId, reading.error);
     else engine.answer(reading.key, agentId, reading.reply!);
   };
@@ -305,6 +331,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       retries: c.retries + c.failovers,
       hedges: c.hedges,
       cancels: c.cancels,
+      silenced: c.silent,
       budgetRefused: c.refused,
       leases: routeCounters.leases,
       leasesRefused: routeCounters.leasesRefused,
@@ -313,6 +340,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   };
   const handle: RouterHandle = {
     id: routerId,
+    policy: live?.name ?? 'ours',
     registry,
     get counters() {
       return counters();

@@ -153,6 +153,11 @@ export interface AgentView {
   load: AgentLoad | undefined;
   /** Requests this client has outstanding there. */
   outstanding: number;
+  /**
+   * The agent's queue as its last reply to this client gave it (requests held, and that as work in ms;
+   * NaN when it gave none), bounded by what its status says it can hold: see docs/routing.md.
+   */
+  claimedQueue: { rif: number; workMs: number } | undefined;
 }
 
 export interface MeshCounters {
@@ -169,6 +174,8 @@ export interface MeshCounters {
   retries: number;
   hedges: number;
   timeouts: number;
+  /** Attempts given up because their agent went silent (no heartbeat for a few periods, no last will yet). */
+  silenced: number;
 }
 
 export interface Mesh {
@@ -264,6 +271,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     clock,
     budget: new TailBudget(options.tailBudget ?? {}, clock.now()),
     maxAttempts,
+    // An agent silent for a few heartbeats is presumed dead before its last will arrives.
+    liveness: { isSilent: (agentId, now) => fleet.silent(agentId, now) },
     transport: mqttTransport({
       client: () => client,
       senderId: clientId,
@@ -297,6 +306,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       logger.debug({ agentId }, 'ignoring bad reply');
       return;
     }
+    fleet.heard(agentId);
     if (reading.batch) {
       payments?.onReceiptBatch(agentId, reading.batch);
       return;
@@ -428,7 +438,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   return {
     clientId,
     get counters() {
-      const { failovers, retries, hedges, timeouts } = engine.counters;
+      const { failovers, retries, hedges, timeouts, silent } = engine.counters;
       return {
         ...counters,
         statusRejected: fleet.counters.statusRejected,
@@ -437,13 +447,20 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         retries,
         hedges,
         timeouts,
+        silenced: silent,
       };
     },
     infer,
     agents: () =>
       [...fleet.all()]
         .filter((a) => a.status.state !== 'offline')
-        .map((a) => ({ id: a.id, status: a.status, load: a.load, outstanding: policy.outstanding(a.id) })),
+        .map((a) => ({
+          id: a.id,
+          status: a.status,
+          load: a.load,
+          outstanding: policy.outstanding(a.id),
+          claimedQueue: policy.claimedQueue(a.id),
+        })),
     models: () => fleet.models(),
     waitForModel(model, timeoutMs = 10_000, count = 1) {
       return waitUntil(

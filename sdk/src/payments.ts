@@ -24,6 +24,7 @@ import {
   type AgentStatus,
   type EscrowDomain,
   encodeMessage,
+  FEE_CAP_DIVISOR,
   fromHex,
   hashTensorMap,
   keccak256Bytes,
@@ -82,6 +83,29 @@ export interface PaymentOptions {
    * for more receipts to cover, so one signature pays for many requests (default 50).
    */
   voucherDelayMs?: number;
+  /**
+   * The share of each voucher paid as a relayer fee to whoever settles it on chain, so that an agent needs
+   * no gas of its own (docs/settlement.md, "The relay"): each voucher carries
+   * `feeCumulative = floor(cumulative × relayerFee)`. At most 0.1 (the escrow's cap); default 0.01.
+   */
+  relayerFee?: number;
+}
+
+/** The SDK's default relayer fee: 1 % of what each voucher pays the agent (docs/settlement.md, "The relay"). */
+export const DEFAULT_RELAYER_FEE = 0.01;
+/** Fee shares are applied in parts per million, in integers: no float rounding reaches a signed amount. */
+const FEE_PPM = 1_000_000n;
+
+/**
+ * The fee total a voucher for `cumulative` carries at `feePpm` parts per million, never below the fee an
+ * earlier voucher of the lane carried (`previous`), and never above the escrow's cap (a tenth of `cumulative`).
+ */
+export function voucherFee(cumulative: number, feePpm: bigint, previous = 0): number {
+  const cap = BigInt(cumulative) / FEE_CAP_DIVISOR;
+  let fee = (BigInt(cumulative) * feePpm) / FEE_PPM;
+  if (fee < BigInt(previous)) fee = BigInt(previous);
+  if (fee > cap) fee = cap;
+  return Number(fee);
 }
 
 export interface LaneView {
@@ -94,8 +118,12 @@ export interface LaneView {
   owedMicros: number;
   /** What the agent billed, by its receipts. */
   billedMicros: number;
-  /** What the latest signed voucher pays. */
+  /** What the latest signed voucher pays the agent. */
   paidMicros: number;
+  /** The relayer fee total of the latest signed voucher: what the lane pays whoever settles it, on top of `paidMicros`. */
+  feeMicros: number;
+  /** What the lane pays for this agent's work at most: `paidMicros + feeMicros` (work + fee). */
+  spentMicros: number;
   /** Receipts linked but not paid (see `lastRefusal`). */
   refused: number;
   lastRefusal: string | undefined;
@@ -127,6 +155,8 @@ interface Lane {
   verifier: LaneVerifier;
   /** What the latest signed voucher pays. */
   paid: number;
+  /** The latest signed voucher's relayer fee total. */
+  fee: number;
   /** Leaves of payable receipts not yet covered by a voucher. */
   pendingLeaves: Uint8Array[];
   signing: boolean;
@@ -159,6 +189,8 @@ const REMEMBER_SENT_MS = 60_000;
 const MAX_SENT = 20_000;
 /** Resync and voucher resend requests per lane are spaced by at least this. */
 const RETRY_SPACING_MS = 500;
+/** How long closing waits for receipts missing before ones it holds (see `close`). */
+const CLOSE_GAP_WAIT_MS = 1_500;
 /** Receipts held ahead of a gap, per lane. */
 const MAX_AHEAD = 1024;
 
@@ -177,6 +209,7 @@ export class PayerLanes {
   private readonly maxPriceMicros: number;
   private readonly voucherDelayMs: number;
   private readonly chain: ChainReader | undefined;
+  private readonly feePpm: bigint;
   private pumping = new Set<Promise<void>>();
   counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0 };
 
@@ -193,6 +226,7 @@ export class PayerLanes {
     this.maxPriceMicros = options.maxPriceMicros ?? Number.MAX_SAFE_INTEGER;
     this.voucherDelayMs = options.voucherDelayMs ?? 50;
     this.chain = options.chain ?? options.signer.provider ?? undefined;
+    this.feePpm = BigInt(Math.round((options.relayerFee ?? DEFAULT_RELAYER_FEE) * Number(FEE_PPM)));
   }
 
   static async open(
@@ -201,6 +235,13 @@ export class PayerLanes {
     publish: (topic: string, payload: Buffer) => void,
     logger: Logger,
   ): Promise<PayerLanes> {
+    const share = options.relayerFee ?? DEFAULT_RELAYER_FEE;
+    if (!(typeof share === 'number' && share >= 0 && share <= 1 / Number(FEE_CAP_DIVISOR))) {
+      throw new MeshError(
+        'MESH_CONFIG',
+        `payment.relayerFee must be a share between 0 and ${1 / Number(FEE_CAP_DIVISOR)} (the escrow's cap), got ${String(share)}`,
+      );
+    }
     const payer = (await options.signer.getAddress()).toLowerCase();
     if ((options.checkPayouts ?? true) && !options.chain && !options.signer.provider) {
       throw new MeshError(
@@ -276,6 +317,7 @@ export class PayerLanes {
         ...(resume ? { state: { ...resume.state, payable: resume.state.payable ?? resume.state.cumulative } } : {}),
       }),
       paid: resume?.paid ?? 0,
+      fee: resume?.voucher?.feeCumulative ?? 0,
       pendingLeaves: resume?.pendingLeaves.map(fromHex) ?? [],
       signing: false,
       timer: undefined,
@@ -384,7 +426,9 @@ export class PayerLanes {
   ): void {
     const arrivedAt = Date.now();
     const seen = this.sent.get(key)?.agents.get(agentId);
-    if (seen && seen.reply === undefined) {
+    // An error without a receipt is a refusal before the agent took the request on (it costs nothing): it is
+    // not the attempt's answer, which may still come when the SDK tries that agent again (MESH_CREDIT_EXCEEDED).
+    if (seen && seen.reply === undefined && (kind === 'res' || receipt !== undefined)) {
       seen.reply = kind;
       seen.arrivedAt = arrivedAt;
       if (outputs) seen.outputHash = hashTensorMap(outputs);
@@ -454,7 +498,10 @@ export class PayerLanes {
       lane.refused++;
       lane.lastRefusal = linked.reason;
       this.counters.refused++;
-      this.logger.info({ agentId: lane.agentId, seq: receipt.seq, reason: linked.reason }, 'receipt linked, not paid');
+      this.logger.info(
+        { agentId: lane.agentId, seq: receipt.seq, requestId: requestIdHex(receipt.requestId), reason: linked.reason },
+        'receipt linked, not paid',
+      );
     }
     // Receipts held after a gap may link now.
     const next = lane.ahead.get(lane.verifier.state.seq + 1);
@@ -533,6 +580,8 @@ export class PayerLanes {
       owedMicros: l.verifier.state.payable ?? 0,
       billedMicros: l.verifier.state.cumulative,
       paidMicros: l.paid,
+      feeMicros: l.fee,
+      spentMicros: l.paid + l.fee,
       refused: l.refused,
       lastRefusal: l.lastRefusal,
       broken: l.broken,
@@ -544,9 +593,21 @@ export class PayerLanes {
     return [...this.refusedAgents].map(([agentId, reason]) => ({ agentId, reason }));
   }
 
-  /** Waits for vouchers being signed, then closes the store. */
+  /**
+   * Waits for vouchers being signed, then closes the store. A receipt held behind a gap (one before it was
+   * lost) is linked only when the gap fills, and what is held in memory is gone after a restart: the
+   * receipts are asked for again and awaited for up to `CLOSE_GAP_WAIT_MS` first, so that closing does not
+   * leave unpaid an answer the app got.
+   */
   async close(): Promise<void> {
     await this.ready();
+    const until = Date.now() + CLOSE_GAP_WAIT_MS;
+    for (;;) {
+      const gaps = [...this.lanes.values()].filter((l) => l.ahead.size > 0 && !l.broken);
+      if (gaps.length === 0 || Date.now() >= until) break;
+      for (const lane of gaps) this.resync(lane);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
     await this.flush();
     await this.db?.close();
   }
@@ -560,13 +621,14 @@ export class PayerLanes {
         const leaves = lane.pendingLeaves;
         lane.pendingLeaves = [];
         const receiptsRoot = merkleRoot(leaves);
+        const feeCumulative = voucherFee(cumulative, this.feePpm, lane.fee);
         // Stored before signing: a restart never signs for receipts it could not check again.
         await this.save(lane, leaves);
         const sig = await signVoucher(this.options.signer, this.options.domain, {
           agent: lane.quote.payout,
           cumulative: BigInt(cumulative),
           receiptsRoot: toHex(receiptsRoot),
-          feeCumulative: 0n,
+          feeCumulative: BigInt(feeCumulative),
         });
         const message: VoucherMessage = {
           v: PROTOCOL_VERSION,
@@ -575,11 +637,12 @@ export class PayerLanes {
           agent: lane.quote.payout,
           cumulative,
           receiptsRoot,
-          feeCumulative: 0,
+          feeCumulative,
           sig: fromHex(sig),
           seq,
         };
         lane.paid = cumulative;
+        lane.fee = feeCumulative;
         lane.voucher = message;
         await this.save(lane, []);
         this.counters.vouchers++;

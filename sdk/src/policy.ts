@@ -3,19 +3,26 @@
  * route lease when it has one, else by itself from the fleet's statuses and load reports. The request
  * engine in @edge-mesh/client does the rest (failover, retries, hedges, timeouts, the deadline).
  *
- * By itself it estimates each agent's completion time: the work queued there as last reported plus what
- * this client has sent since, shared by the agent's workers, then one service time and the network
- * time it measured. Agents within 10 % of the best share the work at random, and an agent whose runtime
- * just failed is used only when nothing else is left for a few seconds.
+ * By itself it estimates each agent's completion time: the work queued there as last reported (by its
+ * load heartbeat or, when newer, by its last reply to this client) plus what this client has sent
+ * since, shared by the agent's workers, then one service time and the network time it measured. Agents
+ * within 10 % of the best share the work at random, and an agent whose runtime just failed is used only
+ * when nothing else is left for a few seconds. Per-try timeouts and hedge delays come from this
+ * client's own latency history with each agent and model once it has one (client/src/quantiles.ts).
  */
 import {
   type Attempt,
   type AttemptKind,
   type AttemptPlan,
+  type BoundedQueue,
+  boundQueueClaim,
   type EnginePolicy,
   type EngineRequest,
   type FleetAgent,
   type FleetView,
+  fitTimesToAttempt,
+  LatencyQuantiles,
+  maxHeldRequests,
   perTryTimeoutMs,
 } from '@edge-mesh/client';
 import type { InferReply, LeaseAgent, MeshError, Tensor } from '@edge-mesh/protocol';
@@ -69,15 +76,29 @@ interface Local {
   networkMs: number;
   /** Until this time the agent is only used when nothing else is left. */
   suspectUntil: number;
+  /** The queue its last reply (or error reply) to this client carried, bounded, and when it came. */
+  claim: BoundedQueue | undefined;
+  claimAt: number;
+  /** This client's attempt latencies there, per model. */
+  latency: Map<string, LatencyQuantiles>;
+  /** Per model: the load time its replies last reported (fitted to the attempt), and when one last came. */
+  loadMs: Map<string, number>;
+  repliedAt: Map<string, number>;
 }
 
 const NETWORK_EWMA_ALPHA = 0.2;
 const INITIAL_NETWORK_MS = 1;
 const SUSPECT_MS = 3_000;
+/** A reply's queue claim older than this no longer counts (the fleet view's default for load reports). */
+const CLAIM_STALE_MS = 5_000;
+/** What loading a model is taken to cost before any reply said (the router's default too). */
+const DEFAULT_COLD_LOAD_MS = 5_000;
 
 export interface SdkPolicy extends EnginePolicy<SdkRequest, SdkReply> {
   /** Requests this client has outstanding at the agent. */
   outstanding(agentId: string): number;
+  /** The queue the agent's last reply to this client carried, as bounded (workMs NaN when it gave none). */
+  claimedQueue(agentId: string): BoundedQueue | undefined;
   /** Whether an attempt could be sent now (an online agent serves the model, the pinned one if any). */
   hasCandidate(model: string, pinned: string | undefined): boolean;
 }
@@ -88,7 +109,17 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
   const local = (agentId: string): Local => {
     let l = locals.get(agentId);
     if (!l) {
-      l = { outstanding: 0, outstandingWorkMs: 0, networkMs: INITIAL_NETWORK_MS, suspectUntil: 0 };
+      l = {
+        outstanding: 0,
+        outstandingWorkMs: 0,
+        networkMs: INITIAL_NETWORK_MS,
+        suspectUntil: 0,
+        claim: undefined,
+        claimAt: 0,
+        latency: new Map(),
+        loadMs: new Map(),
+        repliedAt: new Map(),
+      };
       locals.set(agentId, l);
     }
     return l;
@@ -102,12 +133,55 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
   };
   const workersOf = (agent: FleetAgent) => Math.max(1, agent.status.workers ?? 1);
 
-  const expectedMs = (agent: FleetAgent, model: string): number => {
+  const latencyOf = (agentId: string, model: string): LatencyQuantiles => {
+    const byModel = local(agentId).latency;
+    let q = byModel.get(model);
+    if (!q) {
+      q = new LatencyQuantiles();
+      byModel.set(model, q);
+    }
+    return q;
+  };
+
+  /** An agent's queue claim, bounded by its status and the service times it announced (client/src/claims.ts). */
+  const boundClaim = (agentId: string, rif: number, workMs: number | undefined): BoundedQueue | undefined => {
+    const agent = fleet.get(agentId);
+    if (!agent) return undefined;
+    const models = agent.status.models ?? [];
+    const services = models.map((m) => serviceMsOf(agent, m.name));
+    return boundQueueClaim(rif, workMs, {
+      maxRif: maxHeldRequests(agent.status.workers, agent.status.queueLimit, models.length),
+      ...(services.length > 0 ? { minServiceMs: Math.min(...services), maxServiceMs: Math.max(...services) } : {}),
+    });
+  };
+
+  const expectedMs = (agent: FleetAgent, model: string, now: number): number => {
     const l = local(agent.id);
     let aheadMs = l.outstandingWorkMs;
     const load = fleet.freshLoad(agent);
-    if (load) for (const m of Object.values(load.models)) aheadMs += (m.queued + m.inFlight) * m.serviceMs;
-    return aheadMs / workersOf(agent) + serviceMsOf(agent, model) + l.networkMs;
+    if (l.claim && now - l.claimAt < CLAIM_STALE_MS && (!load || l.claimAt > agent.loadAt)) {
+      // The agent's last reply to this client is newer than its last heartbeat.
+      aheadMs += Number.isNaN(l.claim.workMs) ? l.claim.rif * serviceMsOf(agent, model) : l.claim.workMs;
+    } else if (load) for (const m of Object.values(load.models)) aheadMs += (m.queued + m.inFlight) * m.serviceMs;
+    return aheadMs / workersOf(agent) + serviceMsOf(agent, model) + l.networkMs + untilReadyMs(agent, model, now);
+  };
+
+  /**
+   * How long until the model is ready there, by its last load report: 0 when warm (or when a reply for it
+   * came after the report), the rest of a loading model's ETA, a cold model's load time. The ETA is the
+   * agent's claim: where its replies reported a load time, the ETA cannot promise it sooner than that,
+   * counted from the first report of this load.
+   */
+  const untilReadyMs = (agent: FleetAgent, model: string, now: number): number => {
+    const l = local(agent.id);
+    const ml = fleet.freshLoad(agent)?.models[model];
+    if (!ml?.state || ml.state === 'warm' || (l.repliedAt.get(model) ?? Number.NEGATIVE_INFINITY) > agent.loadAt) return 0;
+    const measured = l.loadMs.get(model);
+    if (ml.state === 'cold') return measured ?? DEFAULT_COLD_LOAD_MS;
+    const since = agent.loadingSince.get(model) ?? agent.loadAt;
+    const claimedAt = agent.loadAt + (ml.etaMs ?? measured ?? DEFAULT_COLD_LOAD_MS);
+    const readyAt = measured === undefined ? claimedAt : Math.max(claimedAt, since + measured);
+    return Math.max(0, readyAt - now);
   };
 
   const candidates = (model: string, tried: ReadonlySet<string>, pinned: string | undefined): FleetAgent[] =>
@@ -116,18 +190,22 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
   const pickLocal = (request: EngineRequest<SdkRequest>, tried: ReadonlySet<string>, now: number): AttemptPlan | undefined => {
     const { model, pinned } = request.data;
     const all = candidates(model, tried, pinned);
-    const healthy = all.filter((a) => local(a.id).suspectUntil <= now);
+    // Not suspect, and not silent (no heartbeat for a few periods: presumed dead before its last will).
+    const healthy = all.filter((a) => local(a.id).suspectUntil <= now && !fleet.silent(a.id, now));
     const pool = healthy.length > 0 ? healthy : all;
     if (pool.length === 0) return undefined;
-    const scored = pool.map((agent) => ({ agent, expected: expectedMs(agent, model) }));
+    const scored = pool.map((agent) => ({ agent, expected: expectedMs(agent, model, now) }));
     const best = Math.min(...scored.map((s) => s.expected));
     const near = scored.filter((s) => s.expected <= best * 1.1 + 0.05);
     const choice = near[Math.floor(random() * near.length)]!;
+    const latency = latencyOf(choice.agent.id, model);
+    const p95 = latency.p95();
     return {
       agentId: choice.agent.id,
       predictedMs: choice.expected,
-      timeoutMs: perTryTimeoutMs(choice.expected, request.deadlineAt - now),
-      hedgeAfterMs: Math.max(minHedgeAfterMs, 4 * choice.expected + 50),
+      timeoutMs: perTryTimeoutMs(choice.expected, request.deadlineAt - now, { p99Ms: latency.p99() }),
+      // With a history, hedge past this agent's own p95 (and 2 × expected); without, well past the expectation.
+      hedgeAfterMs: Math.max(minHedgeAfterMs, p95 > 0 ? Math.max(p95, 2 * choice.expected) : 4 * choice.expected + 50),
     };
   };
 
@@ -141,7 +219,7 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     let best: { plan: AttemptPlan; serviceMs: number; score: number } | undefined;
     for (const leased of lease.agents) {
       const agent = fleet.get(leased.agent);
-      if (agent?.status.state !== 'online' || tried.has(leased.agent)) continue;
+      if (agent?.status.state !== 'online' || tried.has(leased.agent) || fleet.silent(leased.agent)) continue;
       const score = leased.predictedMs + local(leased.agent).outstandingWorkMs / workersOf(agent);
       if (!best || score < best.score) {
         best = {
@@ -161,6 +239,14 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
   };
 
   const leasedWork = new Map<string, number>();
+
+  const noteClaim = (agentId: string, rif: number, workMs: number | undefined, now: number) => {
+    const claim = boundClaim(agentId, rif, workMs);
+    if (!claim) return;
+    const l = local(agentId);
+    l.claim = claim;
+    l.claimAt = now;
+  };
 
   return {
     pick(request, tried, kind: AttemptKind, now) {
@@ -191,17 +277,28 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
       l.outstanding = Math.max(0, l.outstanding - 1);
       l.outstandingWorkMs = l.outstanding === 0 ? 0 : Math.max(0, l.outstandingWorkMs - (workOf.get(attempt) ?? 0));
       if (end.kind === 'reply') {
-        const { queueMs, execMs } = end.reply.reply;
-        const networkMs = Math.max(0, now - attempt.sentAt - queueMs - execMs);
+        const reply = end.reply.reply;
+        const attemptMs = now - attempt.sentAt;
+        // The agent's times and queue are claims, bounded by what this client measured and was told.
+        const { queueMs, execMs, loadMs } = fitTimesToAttempt(reply, attemptMs);
+        const networkMs = Math.max(0, attemptMs - queueMs - execMs - loadMs);
         l.networkMs += NETWORK_EWMA_ALPHA * (networkMs - l.networkMs);
-      } else if (end.kind === 'error' && end.error.code === 'MESH_INFERENCE_FAILED') {
-        l.suspectUntil = now + SUSPECT_MS;
+        latencyOf(attempt.agentId, attempt.request.data.model).add(attemptMs);
+        l.repliedAt.set(attempt.request.data.model, now);
+        if (loadMs > 0) l.loadMs.set(attempt.request.data.model, loadMs);
+        if (reply.rif !== undefined) noteClaim(attempt.agentId, reply.rif, reply.workMs, now);
+      } else if (end.kind === 'error') {
+        const claim = end.error.details;
+        if (typeof claim?.rif === 'number')
+          noteClaim(attempt.agentId, claim.rif, typeof claim.workMs === 'number' ? claim.workMs : undefined, now);
+        if (end.error.code === 'MESH_INFERENCE_FAILED') l.suspectUntil = now + SUSPECT_MS;
       } else if (end.kind === 'cancelled' && end.reason !== 'closed') {
         options.onCancelled?.(attempt.request.key, attempt.agentId);
       }
     },
     retrySameAfter: options.retrySameAfter ? (attempt, error) => options.retrySameAfter!(attempt.agentId, error) : undefined,
     outstanding: (agentId) => locals.get(agentId)?.outstanding ?? 0,
+    claimedQueue: (agentId) => locals.get(agentId)?.claim,
     hasCandidate: (model, pinned) => candidates(model, new Set(), pinned).length > 0,
   } satisfies SdkPolicy;
 }

@@ -1,0 +1,157 @@
+/** The SDK's own choice of agent (sdk/src/policy.ts) for a model that is loading or cold there. No sockets. */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { createFleetView, type EngineRequest } from '@edge-mesh/client';
+import { encodeMessage, type InferReply } from '@edge-mesh/protocol';
+import { createSdkPolicy, type SdkRequest } from '../src/policy.ts';
+
+function fleetOf(...agents: string[]) {
+  let now = 1_000;
+  const fleet = createFleetView({ requireSignedStatus: false, now: () => now });
+  for (const agent of agents)
+    fleet.onStatus(
+      agent,
+      encodeMessage({
+        v: 1,
+        kind: 'status',
+        agent,
+        state: 'online',
+        ts: 0,
+        session: 's',
+        workers: 1,
+        queueLimit: 64,
+        models: [{ name: 'kws', version: '1', sha256: '0'.repeat(64), priceMicros: 0, latencyMs: 50, inputs: [], outputs: [] }],
+      }),
+    );
+  const load = (agent: string, queued: number, state?: 'warm' | 'loading' | 'cold', etaMs?: number) =>
+    fleet.onLoad(
+      agent,
+      encodeMessage({
+        v: 1,
+        kind: 'load',
+        agent,
+        ts: 0,
+        seq: 1,
+        queued,
+        inFlight: 0,
+        workers: 1,
+        models: {
+          kws: {
+            queued,
+            inFlight: 0,
+            serviceMs: 50,
+            served: 0,
+            failed: 0,
+            ...(state ? { state } : {}),
+            ...(etaMs !== undefined ? { etaMs } : {}),
+          },
+        },
+      }),
+    );
+  return {
+    fleet,
+    load,
+    at: (t: number) => {
+      now = t;
+    },
+  };
+}
+
+function request(deadlineAt: number): EngineRequest<SdkRequest> {
+  return {
+    key: 'k',
+    deadlineAt,
+    startedAt: 0,
+    maxAttempts: 3,
+    model: 'kws',
+    data: { model: 'kws', payloadFor: () => new Uint8Array(), lease: undefined, viaRouter: false, pinned: undefined, routedBy: undefined },
+  };
+}
+
+test('the SDK sends to a loading agent when its ETA + service beats a warm one’s queue, not when the ETA is longer', () => {
+  const { fleet, load } = fleetOf('busy', 'loading');
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+  load('busy', 20); // a second of queue
+  load('loading', 0, 'loading', 300);
+  const soon = policy.pick(request(10_000), new Set(), 'first', 1_000)!;
+  assert.equal(soon.agentId, 'loading');
+  assert.ok(soon.predictedMs! >= 300 && soon.predictedMs! < 600, `its ETA is in the estimate: ${soon.predictedMs}`);
+  load('loading', 0, 'loading', 4_000);
+  assert.equal(policy.pick(request(10_000), new Set(), 'first', 1_000)!.agentId, 'busy');
+  // Cold (loaded on first use): it costs a load, the default 5 s before any reply said how long.
+  load('loading', 0, 'cold');
+  const cold = policy.pick(request(10_000), new Set(['busy']), 'first', 1_000)!;
+  assert.ok(cold.predictedMs! >= 5_000, `cold costs a load: ${cold.predictedMs}`);
+});
+
+test('an agent claiming "loading, ready in 0 ms" over and over gains no more than the load time its replies showed', () => {
+  const { fleet, load, at } = fleetOf('agent-a');
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+  const req = request(60_000);
+  const plan = policy.pick(req, new Set(), 'first', 1_000)!;
+  assert.equal(plan.agentId, 'agent-a');
+  const attempt = { request: req, agentId: 'agent-a', kind: 'first', index: 0, paid: false, sentAt: 1_000, plan, timedOut: false } as const;
+  policy.onSend!(attempt, 1_000);
+  // Its reply waited 2 s for the model to load.
+  const reply = {
+    v: 1,
+    kind: 'res',
+    id: new Uint8Array(16),
+    agent: 'a',
+    model: 'kws',
+    outputs: {},
+    queueMs: 0,
+    execMs: 50,
+    loadMs: 2_000,
+  } as InferReply;
+  policy.onAttemptEnd!(attempt, { kind: 'reply', reply: { reply, outputs: {} } }, 3_060);
+  const warm = policy.pick(req, new Set(), 'first', 3_100)!.predictedMs!;
+  // Evicted, loading again, and claiming it is ready now, every report.
+  for (const t of [4_000, 4_500, 5_000]) {
+    at(t);
+    load('agent-a', 0, 'loading', 0);
+  }
+  const claimed = policy.pick(req, new Set(), 'first', 5_000)!.predictedMs!;
+  assert.ok(Math.abs(claimed - warm - 1_000) < 10, `a second of the 2 s it took is left: ${claimed - warm}`);
+  assert.ok(policy.pick(req, new Set(), 'first', 6_100)!.predictedMs! - warm < 10, 'none once that time has passed');
+});
+
+test('an agent claiming loadMs 0 for a reply that waited 2 s for its model gains nothing: the 2 s count as network time', () => {
+  const { fleet } = fleetOf('agent-honest', 'agent-liar');
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+  const req = request(60_000);
+  const answer = (agentId: string, loadMs: number) => {
+    const attempt = {
+      request: req,
+      agentId,
+      kind: 'first',
+      index: 0,
+      paid: false,
+      sentAt: 1_000,
+      plan: { agentId },
+      timedOut: false,
+    } as const;
+    policy.onSend!(attempt, 1_000);
+    const reply = {
+      v: 1,
+      kind: 'res',
+      id: new Uint8Array(16),
+      agent: agentId,
+      model: 'kws',
+      outputs: {},
+      queueMs: 0,
+      execMs: 50,
+      loadMs,
+    } as InferReply;
+    policy.onAttemptEnd!(attempt, { kind: 'reply', reply: { reply, outputs: {} } }, 3_051);
+  };
+  // Both waited 2 s for a cold load; the honest one says so, the liar claims it did not.
+  answer('agent-honest', 2_000);
+  answer('agent-liar', 0);
+  const expected = (agentId: string) =>
+    policy.pick(req, new Set(['agent-honest', 'agent-liar'].filter((a) => a !== agentId)), 'retry', 3_100)!.predictedMs!;
+  assert.ok(
+    expected('agent-liar') > expected('agent-honest') + 300,
+    `liar ${expected('agent-liar')} against honest ${expected('agent-honest')}`,
+  );
+});
