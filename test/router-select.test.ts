@@ -120,6 +120,14 @@ describe('selectAgent table', () => {
       expect: 'MESH_DEADLINE_EXCEEDED',
     },
     {
+      name: 'a queue is no reason to refuse: the agent runs the earliest deadline first',
+      agents: [agent('busy', 20)],
+      setup: (reg) => onQueueReport(reg, 'busy', 10, 1),
+      request: { model: 'kws', deadlineMs: 101 },
+      nowMs: 1,
+      expect: 'busy',
+    },
+    {
       name: 'a deadline one node can make is routed there',
       agents: [agent('slow', 300), agent('ok', 40)],
       request: { model: 'kws', deadlineMs: 101 },

@@ -32,9 +32,9 @@ function fleet(): Registry {
   return reg;
 }
 
-test('the warmer asks for one load when most warm agents have no free slot, the fastest cold agent first, once per load time', () => {
+test('the warmer asks for one load when most warm agents have no free slot, cold agents drawn by capacity, each once per load time', () => {
   const reg = fleet();
-  const warmer = createWarmer(reg, { checkEveryMs: 1_000, retryMs: 5_000 });
+  const warmer = createWarmer(reg, { checkEveryMs: 1_000, retryMs: 5_000 }, () => 0.5);
   assert.equal(warmer.target('det', 0), undefined, 'idle warm agents: no load');
   onQueueReport(reg, 'warm-a', 1, 1_000);
   assert.equal(warmer.target('det', 1_000), undefined, 'one busy agent of three: no load');

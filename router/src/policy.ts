@@ -80,7 +80,7 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
   const random = options.random ?? registry.rng;
   const sentTo: Record<string, number> = {};
   let lastSweep = Number.NEGATIVE_INFINITY;
-  const warmer = options.warming === false ? undefined : createWarmer(registry, options.warming === true ? {} : options.warming);
+  const warmer = options.warming === false ? undefined : createWarmer(registry, options.warming === true ? {} : options.warming, random);
   /** Requests whose backup copy goes at once to a cold agent, to make it load the model. */
   const warmingFor = new WeakMap<EngineRequest<RouterAsk>, string>();
 

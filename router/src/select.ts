@@ -309,6 +309,17 @@ function usable(entry: ModelEntry, request: RouteRequest, nowMs: number, panic: 
   return true;
 }
 
+/**
+ * Whether some usable agent could finish the request in time with an empty queue (network, transfer,
+ * service, cold load). The queue wait in the ECT is an estimate, and the agent runs the earliest deadline
+ * among its queue heads first (edge-agent/src/scheduler.ts), so other models' work queued there need not
+ * come before this request: the router refuses up front only what no agent could finish at all.
+ */
+function anyCouldFinish(pool: readonly ModelEntry[], request: RouteRequest, nowMs: number, panic: boolean, remainingMs: number): boolean {
+  for (const e of pool) if (usable(e, request, nowMs, panic) && unloadedEctMs(e, request, nowMs) <= remainingMs) return true;
+  return false;
+}
+
 export interface SelectOptions {
   /** d: candidates compared; default the registry's `choices` (2). Values > 2 add further weighted draws. */
   choices?: number;
@@ -319,8 +330,8 @@ export interface SelectOptions {
 /**
  * Picks the agent for one attempt. Candidates: d sampled ∝ capacity from the nearby pool, plus with
  * probability ε one random eligible node outside it; the lowest failure-aware ECT wins. If the winner cannot
- * make the deadline the whole pool is scanned, and if nothing in it can, the request is refused at once with
- * MESH_DEADLINE_EXCEEDED. Does not count the send: call onSend when the attempt goes out.
+ * make the deadline the whole pool is scanned for a better one, and if no agent in it could make it even
+ * with an empty queue, the request is refused at once with MESH_DEADLINE_EXCEEDED. Does not count the send: call onSend when the attempt goes out.
  */
 export function selectAgent(registry: Registry, request: RouteRequest, nowMs: number, rng: Rng, options: SelectOptions = {}): Selection {
   const c = registry.config;
@@ -382,7 +393,7 @@ export function selectAgent(registry: Registry, request: RouteRequest, nowMs: nu
   if (best === undefined) {
     return { ok: false, code: 'MESH_NO_AGENT', message: `no usable agent serves model ${request.model}` };
   }
-  if (bestEct > remainingMs) {
+  if (bestEct > remainingMs && !anyCouldFinish(pool, request, nowMs, cache.panic, remainingMs)) {
     return {
       ok: false,
       code: 'MESH_DEADLINE_EXCEEDED',

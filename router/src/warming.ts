@@ -9,8 +9,9 @@
  * - the model is under pressure: at least `hotShare` of the agents that hold it warm (or are loading
  *   it) have no free slot, judged by what the wire says (the agent's reported queue plus this router's
  *   own requests there, counted `routers` times as in the expected-completion rule);
- * - the target is the cold agent with the most capacity for the model (slots ÷ service time), alive
- *   and not ejected, that this router has not asked to load it within its load time plus `retryMs`.
+ * - the target is a cold agent drawn in proportion to its capacity for the model (slots ÷ service
+ *   time), alive and not ejected, that this router has not asked to load it within its load time plus
+ *   `retryMs`; drawn, so that several routers under the same pressure warm different agents.
  *
  * It only uses the model's state as the agent reports it (warm, loading with an ETA, cold), the queue
  * reports and the router's own counts. The policy (policy.ts) sends the warming request as an immediate
@@ -32,7 +33,7 @@ export interface Warmer {
   target(model: string, nowMs: number): ModelEntry | undefined;
 }
 
-export function createWarmer(registry: Registry, options: WarmingOptions = {}): Warmer {
+export function createWarmer(registry: Registry, options: WarmingOptions = {}, random: () => number = registry.rng): Warmer {
   const { checkEveryMs = 1_000, hotShare = 0.5, retryMs = 5_000 } = options;
   const checkedAt = new Map<string, number>();
   const askedUntil = new WeakMap<ModelEntry, number>();
@@ -46,8 +47,9 @@ export function createWarmer(registry: Registry, options: WarmingOptions = {}): 
       const routers = registry.config.routers;
       let warm = 0;
       let hot = 0;
-      let best: ModelEntry | undefined;
-      let bestCapacity = 0;
+      const cold: ModelEntry[] = [];
+      const capacity: number[] = [];
+      let total = 0;
       for (const e of pool.entries) {
         const agent = e.agent;
         if (!isAlive(agent, nowMs) || isEjected(agent, nowMs)) continue;
@@ -58,13 +60,15 @@ export function createWarmer(registry: Registry, options: WarmingOptions = {}): 
           continue;
         }
         if ((askedUntil.get(e) ?? Number.NEGATIVE_INFINITY) > nowMs) continue;
-        const capacity = slots / Math.max(0.001, serviceMsAt(e, nowMs));
-        if (capacity > bestCapacity) {
-          best = e;
-          bestCapacity = capacity;
-        }
+        cold.push(e);
+        capacity.push(slots / Math.max(0.001, serviceMsAt(e, nowMs)));
+        total += capacity[capacity.length - 1]!;
       }
-      if (!best || (warm > 0 && hot < hotShare * warm)) return undefined;
+      if (cold.length === 0 || (warm > 0 && hot < hotShare * warm)) return undefined;
+      let u = random() * total;
+      let k = 0;
+      while (k < cold.length - 1 && u >= capacity[k]!) u -= capacity[k++]!;
+      const best = cold[k]!;
       askedUntil.set(best, nowMs + coldLoadMsOf(best) + retryMs);
       return best;
     },
