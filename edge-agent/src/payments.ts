@@ -166,6 +166,8 @@ export class AgentPayments {
   private readonly reserved = new Map<string, number>();
   /** The best voucher per lane that is on disk: only these are settled, so a crash never forgets one that was sent. */
   private readonly durableVouchers = new Map<string, StoredVoucher>();
+  /** Per payer, receipts issued by this process whose reply has not gone out yet (see `resync`). */
+  private readonly unsent = new Map<string, Set<number>>();
   private readonly prices = new Map<string, ModelPrice>();
   /** Lanes whose refusals filled the window, already logged. */
   private readonly cutOff = new Set<string>();
@@ -462,6 +464,9 @@ export class AgentPayments {
     lane.cumulative = receipt.cumulative;
     lane.lastLeaf = toHex(leaf);
     this.counters.receipts++;
+    const unsent = this.unsent.get(job.payer) ?? new Set<number>();
+    this.unsent.set(job.payer, unsent);
+    unsent.add(receipt.seq);
     const durable = this.write([
       { type: 'put', key: receiptKey(job.payer, receipt.seq), value: Buffer.from(encodeCbor(receipt)).toString('base64') },
       { type: 'put', key: LANE_PREFIX + job.payer, value: { ...lane } },
@@ -550,6 +555,13 @@ export class AgentPayments {
     return (decodeCbor(Buffer.from(value, 'base64')) as SignedReceipt).cumulative;
   }
 
+  /** The reply that carries receipt `seq` of `payer`'s lane has gone out (or never will): a resync may return it. */
+  replied(payer: string, seq: number): void {
+    const unsent = this.unsent.get(payer);
+    unsent?.delete(seq);
+    if (unsent?.size === 0) this.unsent.delete(payer);
+  }
+
   /**
    * Answers a resync: the journal's receipts of the lane after `afterSeq`, in seq order, in messages of
    * at most RESYNC_BATCH receipts (at most RESYNC_MAX_BATCHES messages; the payer asks again from where
@@ -570,6 +582,14 @@ export class AgentPayments {
       limit: RESYNC_BATCH * RESYNC_MAX_BATCHES,
     })) {
       receipts.push(decodeCbor(Buffer.from(value as string, 'base64')) as SignedReceipt);
+    }
+    // A receipt whose reply has not gone out yet stops the batch there: sent ahead of its reply, it would
+    // reach the payer before the answer it stands for, and be refused as 'no-reply'. The reply brings it.
+    const unsent = this.unsent.get(lane.payer);
+    if (unsent && unsent.size > 0) {
+      const first = Math.min(...unsent);
+      const stop = receipts.findIndex((r) => r.seq >= first);
+      if (stop >= 0) receipts.length = stop;
     }
     const info = { seq: lane.seq, paid: lane.paid };
     const batches: ReceiptBatch[] = [];

@@ -394,10 +394,14 @@ export class AgentRequests {
       finishedAt: Date.now(),
     });
     durable.then(
-      () => send(receipt, payments.laneInfo(paid.payer, job.senderId)),
+      () => {
+        send(receipt, payments.laneInfo(paid.payer, job.senderId));
+        payments.replied(paid.payer, receipt.seq);
+      },
       (writeErr: unknown) => {
         logger.error({ err: (writeErr as Error).message }, 'receipt not journaled; replying without it');
         send(undefined, payments.laneInfo(paid.payer, job.senderId));
+        payments.replied(paid.payer, receipt.seq);
       },
     );
   }
