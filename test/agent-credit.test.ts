@@ -31,7 +31,7 @@ import {
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { agentFor, brokerFor, modelsDir, quiet, rawClient, tempDir, waitFor } from './helpers.ts';
-import { TestPayer } from './payer.ts';
+import { fundOwnLane, TestPayer } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -43,11 +43,7 @@ const domain = () => ({ chainId: deployment.chainId, escrow: deployment.escrow }
 /** A fresh funded (or not) payer wallet on the local chain. */
 async function payerWallet(payout: string, fund: bigint): Promise<ethers.Wallet> {
   const wallet = chain.wallet(nextWallet++);
-  if (fund > 0n) {
-    const client = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
-    await client.mint(wallet.address, fund);
-    await client.fund(wallet.address, payout, fund);
-  }
+  if (fund > 0n) await fundOwnLane(wallet, deployment.escrow, payout, fund);
   return wallet;
 }
 

@@ -9,6 +9,7 @@
 
 import type { TestContext } from 'node:test';
 import { openMeshConnection } from '@edge-mesh/client';
+import { EscrowClient } from '@edge-mesh/contracts';
 import {
   type AgentStatus,
   decodeMessage,
@@ -340,4 +341,16 @@ export class TestPayer {
       refused: l.refused,
     }));
   }
+}
+
+/** Mints `amount` to `wallet` and funds its own lane to `payout` with it, on the escrow at `escrow`. */
+export async function fundOwnLane(
+  wallet: ethers.Wallet | ethers.HDNodeWallet,
+  escrow: string,
+  payout: string,
+  amount: bigint,
+): Promise<void> {
+  const client = await EscrowClient.connect({ runner: wallet, escrow });
+  await client.mint(wallet.address, amount);
+  await client.fund(wallet.address, payout, amount);
 }

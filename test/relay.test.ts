@@ -15,6 +15,9 @@ import { brokerFor, quiet } from './helpers.ts';
 let chain: LocalChain;
 let deployment: MeshDeployment;
 let nextWallet = 1;
+
+import { fundOwnLane } from './payer.ts';
+
 const ROOT = `0x${'ab'.repeat(32)}`;
 
 const domain = () => ({ chainId: deployment.chainId, escrow: deployment.escrow });
@@ -22,11 +25,7 @@ const domain = () => ({ chainId: deployment.chainId, escrow: deployment.escrow }
 /** A payer wallet whose own lane to `payout` holds `fund`. */
 async function fundedPayer(payout: string, fund: bigint): Promise<ethers.Wallet> {
   const wallet = chain.wallet(nextWallet++);
-  if (fund > 0n) {
-    const client = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
-    await client.mint(wallet.address, fund);
-    await client.fund(wallet.address, payout, fund);
-  }
+  if (fund > 0n) await fundOwnLane(wallet, deployment.escrow, payout, fund);
   return wallet;
 }
 
