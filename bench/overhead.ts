@@ -91,19 +91,27 @@ async function poolLatency(n: number): Promise<ReturnType<typeof summarize>> {
   });
   try {
     await pool.start();
-    const once = () =>
-      new Promise<void>((resolve, reject) => pool.run(MODEL, sampleInputs(MODEL, 1), (err) => (err ? reject(err) : resolve())));
-    for (let i = 0; i < WARMUP; i++) await once();
-    const samples = new Float64Array(n);
-    for (let i = 0; i < n; i++) {
-      const t0 = process.hrtime.bigint();
-      await once();
-      samples[i] = Number(process.hrtime.bigint() - t0) / 1e6;
-    }
-    return summarize(samples);
+    return await timedRuns(pool, n);
   } finally {
     await pool.close();
   }
+}
+
+/** WARMUP untimed runs of MODEL on `executor`, then the latency of `n` more, one at a time. */
+async function timedRuns(
+  executor: { run(model: string, inputs: ReturnType<typeof sampleInputs>, done: (err?: Error | null) => void): void },
+  n: number,
+): Promise<ReturnType<typeof summarize>> {
+  const once = () =>
+    new Promise<void>((resolve, reject) => executor.run(MODEL, sampleInputs(MODEL, 1), (err) => (err ? reject(err) : resolve())));
+  for (let i = 0; i < WARMUP; i++) await once();
+  const samples = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    const t0 = process.hrtime.bigint();
+    await once();
+    samples[i] = Number(process.hrtime.bigint() - t0) / 1e6;
+  }
+  return summarize(samples);
 }
 
 /** The agent's InlineExecutor alone, in this process (no MQTT): the round trip of an inline job. */
@@ -116,16 +124,7 @@ async function inlineLatency(n: number): Promise<ReturnType<typeof summarize>> {
   );
   if (!executor) throw new Error(`${MODEL} does not run inline on this machine (its warm-up p99 is over 0.5 ms)`);
   try {
-    const once = () =>
-      new Promise<void>((resolve, reject) => executor.run(MODEL, sampleInputs(MODEL, 1), (err) => (err ? reject(err) : resolve())));
-    for (let i = 0; i < WARMUP; i++) await once();
-    const samples = new Float64Array(n);
-    for (let i = 0; i < n; i++) {
-      const t0 = process.hrtime.bigint();
-      await once();
-      samples[i] = Number(process.hrtime.bigint() - t0) / 1e6;
-    }
-    return summarize(samples);
+    return await timedRuns(executor, n);
   } finally {
     await executor.close();
   }
