@@ -1,4 +1,5 @@
 /** Shared fixtures: a real broker on port 0, a models folder built from the npm packages, agents. */
+import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
@@ -16,6 +17,7 @@ import {
   generateIdentity,
   type Identity,
   type InferReply,
+  type InferRequest,
   type Message,
   requestIdHex,
   topics,
@@ -187,4 +189,26 @@ export async function routerFor(
   const router = await startRouter({ brokerUrl, identity: generateIdentity('router'), logger: quiet, ...options });
   t.after(() => router.close());
   return router;
+}
+
+/**
+ * Sends `messages` to `agentId` back to back on an agent whose queue holds two, and checks what such a
+ * burst must give: every answer ok or MESH_BUSY, most refused, the first three served, and the first
+ * refusal back before the last queued answer. Returns the refusals and the answers.
+ */
+export async function assertBusyBurst(raw: Awaited<ReturnType<typeof rawClient>>, agentId: string, messages: InferRequest[]) {
+  const started = performance.now();
+  const results = await Promise.all(
+    messages.map((m) => raw.request(agentId, m.id, m, 20_000).then((r) => ({ r, ms: performance.now() - started }))),
+  );
+  const codes = results.map(({ r }) => (r.kind === 'err' ? r.code : 'ok'));
+  const busy = results.filter(({ r }) => r.kind === 'err' && r.code === 'MESH_BUSY');
+  const ok = results.filter(({ r }) => r.kind === 'res');
+  assert.equal(busy.length + ok.length, messages.length, codes.join(','));
+  // One runs and two wait while the burst arrives: most are refused, the first three are served.
+  assert.ok(busy.length >= 5, codes.join(','));
+  assert.deepEqual(codes.slice(0, 3), ['ok', 'ok', 'ok']);
+  // Refusals do not wait for the queue: the first comes back before the queued work is done.
+  assert.ok(Math.min(...busy.map((b) => b.ms)) < Math.max(...ok.map((o) => o.ms)));
+  return { busy, ok };
 }

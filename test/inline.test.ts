@@ -33,7 +33,7 @@ import * as ort from 'onnxruntime-node';
 import pino from 'pino';
 import { declaredInputs, declaresFixedShapes } from '../edge-agent/src/onnx-inputs.ts';
 import { describe as describeMeta, fixedShapes } from '../edge-agent/src/ort-session.mjs';
-import { agentFor, brokerFor, meshFor, modelsDir, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
+import { agentFor, assertBusyBurst, brokerFor, meshFor, modelsDir, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 // ---- The spin model, written as an ONNX protobuf (onnx.proto of the ONNX specification) ----
 
@@ -345,19 +345,7 @@ describe('serving inline', () => {
     const busyAgent = await spawnAgent(t, broker.url, busyKey, [...inlineArgs, '--queue-limit', '2']);
     assert.match(busyAgent.stderrText(), /"inline":\["kws","spin"\],"workerThreads":0/);
     const twelve = Array.from({ length: 12 }, (_, i) => request('spin', spin(i), 20_000));
-    const started = performance.now();
-    const results = await Promise.all(
-      twelve.map((m) => raw.request(busyKey.id, m.id, m, 20_000).then((r) => ({ r, ms: performance.now() - started }))),
-    );
-    const codes = results.map(({ r }) => (r.kind === 'err' ? r.code : 'ok'));
-    const busy = results.filter(({ r }) => r.kind === 'err' && r.code === 'MESH_BUSY');
-    const ok = results.filter(({ r }) => r.kind === 'res');
-    assert.equal(busy.length + ok.length, 12, codes.join(','));
-    // One runs and two wait while twelve arrive back to back: most are refused, the first three are served.
-    assert.ok(busy.length >= 5, codes.join(','));
-    assert.deepEqual(codes.slice(0, 3), ['ok', 'ok', 'ok']);
-    // Refusals do not wait for the queue: the first comes back before the queued work is done.
-    assert.ok(Math.min(...busy.map((b) => b.ms)) < Math.max(...ok.map((o) => o.ms)));
+    const { ok } = await assertBusyBurst(raw, busyKey.id, twelve);
     await waitFor(() => loads.latest.get(busyKey.id)?.models.spin?.served === ok.length, 5_000, 'the served count');
 
     const key = generateIdentity('agent');
