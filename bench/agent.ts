@@ -21,7 +21,10 @@
  * `--inline-max-ms 0`: the wake-word model on a worker thread instead of inline, for comparison in the same
  * run), interleaved, R repetitions each (quick 3, full 5); each figure is the median. Each case also says
  * which models ran inline and how many worker threads the agent started (from its 'agent ready' log), and
- * the process's thread count. `--inline-max-ms` is passed to the "all" and "kws" agents (CLI default
+ * the process's thread count. Every agent starts with the launch settings of edge-agent/src/launch.ts
+ * (allocator pools, libuv and V8 helper threads), as `edge-mesh up` and a device's service start it,
+ * except "kws_bare": the "kws" case started as plain `node edge-mesh.mjs agent`, for comparison; `launch`
+ * in the result says which settings were applied (none that the environment already set). `--inline-max-ms` is passed to the "all" and "kws" agents (CLI default
  * otherwise). The run refuses a build older than its sources (lib.ts, assertBuilt): the agent is the
  * compiled CLI. The headline (`model`, `ready_ms`, `idle_rss_mb`) is the all-models case with
  * `models` listing them; `kws` holds the single-model case. For scale, `process_floor_ms` is the median
@@ -38,6 +41,7 @@ import { copyFile, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { MANIFEST_FILE } from '@edge-mesh/agent';
+import { agentLaunch } from '@edge-mesh/agent/launch';
 import { openMeshConnection, round } from '@edge-mesh/client';
 import { ensureModelsFolder } from '@edge-mesh/demo';
 import { type AgentStatus, decodeMessage, topics } from '@edge-mesh/protocol';
@@ -183,6 +187,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       i: number,
       workers: number | undefined,
       inline: number | undefined = inlineMaxMs,
+      launched = true,
     ): Promise<Rep> => {
       const key = await admitted(broker.url, 'agent');
       const id = key.identity.id;
@@ -198,7 +203,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       if (workers) cliArgs.push('--workers', String(workers));
       if (inline !== undefined) cliArgs.push('--inline-max-ms', String(inline));
       const t0 = performance.now();
-      const proc = spawnProc(`agent ${label}-${i}`, cliArgs);
+      // As `edge-mesh up` and a device's service start it (edge-agent/src/launch.ts), or bare for comparison.
+      const launch = launched ? agentLaunch(process.env) : { env: {}, nodeArgs: [] };
+      const proc = spawnProc(`agent ${label}-${i}`, [...launch.nodeArgs, ...cliArgs], { env: launch.env });
       const exitedEarly = proc.exited.then((code) => {
         throw new Error(`agent ${id} exited (${code}) before announcing; stderr:\n${proc.lines.stderr.slice(-10).join('\n')}`);
       });
@@ -253,12 +260,14 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       const all: Rep[] = [];
       const kws: Rep[] = [];
       const kwsPool: Rep[] = [];
+      const kwsBare: Rep[] = [];
       for (let i = 0; i < reps; i++) {
         all.push(await once('all', MODELS_DIR, i, workers));
         kws.push(await once('kws', kwsDir, i, workers));
         kwsPool.push(await once('kws_pool', kwsDir, i, workers, 0));
+        kwsBare.push(await once('kws_bare', kwsDir, i, workers, inlineMaxMs, false));
       }
-      return { all: summarizeCase(all), kws: summarizeCase(kws), kws_pool: summarizeCase(kwsPool) };
+      return { all: summarizeCase(all), kws: summarizeCase(kws), kws_pool: summarizeCase(kwsPool), kws_bare: summarizeCase(kwsBare) };
     };
 
     log(
@@ -284,6 +293,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       all: main.all,
       kws: main.kws,
       kws_pool: main.kws_pool,
+      kws_bare: main.kws_bare,
+      launch: agentLaunch(process.env),
       ...(inlineMaxMs !== undefined ? { inline_max_ms: inlineMaxMs } : {}),
       ...(variant ? { [`workers_${variant.workers}`]: variant.cases } : {}),
       process_floor_ms: { node: round(median(floors.node_ms), 1), cli_help: round(median(floors.cli_help_ms), 1) },

@@ -2,7 +2,7 @@
  * `npm run bench -- <name> [--quick] [--key value ...]`: runs one benchmark and prints its result as ONE
  * JSON object on the last stdout line (the contract and each benchmark's fields: docs/benchmarks.md).
  *
- * Progress goes to stderr. Every run is bounded by a wall-clock timeout (--quick: 42 s, full: 15 min;
+ * Progress goes to stderr. Every run is bounded by a wall-clock timeout (--quick: 42 s, full: 15 min, unless the bench sets its own;
  * `--timeout-s S` overrides), uses loopback only, and stops every child process it started (by PID:
  * SIGTERM, then SIGKILL) on success, on error and on timeout. On failure the last line is still one
  * JSON object, `{ "bench", "error" }`, and the exit code is 1. The machine is shared, so each result
@@ -20,7 +20,11 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
     file: './throughput.ts',
     about: 'kws requests/s at fixed concurrency against the agent (workers 1 and 2; and kws on the pool) and the echo agent',
   },
-  agent: { file: './agent.ts', about: 'agent process start to retained status at a subscriber (ready_ms) and idle RSS' },
+  agent: {
+    file: './agent.ts',
+    about: 'agent process start to retained status at a subscriber (ready_ms) and idle RSS',
+    timeoutS: { quick: 90, full: 900 },
+  },
   'router-sim': {
     file: './router-sim.ts',
     about: 'discrete-event router simulator: fleet mixes x loads x scenarios x policies x seeds, ratios with bootstrap CIs',
@@ -61,7 +65,7 @@ ${Object.entries(BENCHES)
 
 options:
   --quick        short run (under 45 s; economics about 60 s)
-  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; economics 180 and 2400)
+  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; agent 90 quick; economics 180 and 2400)
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
   agent:      --reps R --idle-ms MS --settle-ms MS --workers W --inline-max-ms MS

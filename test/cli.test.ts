@@ -5,6 +5,7 @@ import { readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { promisify } from 'node:util';
+import { AGENT_LAUNCH_ENV, AGENT_NODE_FLAGS } from '@edge-mesh/agent/launch';
 import { sampleInputs } from '@edge-mesh/demo';
 import { tensorToJson } from '@edge-mesh/protocol';
 import { agentFor, brokerFor, ROOT, tempDir, waitFor } from './helpers.ts';
@@ -249,6 +250,17 @@ describe('edge-mesh up supervision', () => {
       output(),
     );
     for (const [name, pid] of pids) assert.ok(alive(pid), `${name} (pid ${pid}) should run`);
+    // Agents start with their launch settings (edge-agent/src/launch.ts); the other parts do not.
+    for (const name of ['agent-1', 'agent-2', 'router']) {
+      const pid = pids.get(name)!;
+      const env = (await readFile(`/proc/${pid}/environ`, 'utf8')).split('\0');
+      const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
+      const launched = name.startsWith('agent');
+      for (const [k, v] of Object.entries(AGENT_LAUNCH_ENV)) {
+        if (process.env[k] === undefined) assert.equal(env.includes(`${k}=${v}`), launched, `${name}: ${k}`);
+      }
+      for (const flag of AGENT_NODE_FLAGS) assert.equal(argv.includes(flag), launched, `${name}: ${argv.join(' ')}`);
+    }
     const exited = new Promise((resolve) => up.once('exit', resolve));
     up.kill('SIGKILL');
     await exited;

@@ -31,6 +31,8 @@ export interface PartSpec {
   args: string[];
   /** Added to the environment (secrets travel here, never on the command line); undefined removes a variable. */
   env?: Record<string, string | undefined>;
+  /** Node flags placed before the command (an agent's launch settings, edge-agent/src/launch.ts). */
+  nodeArgs?: readonly string[];
   /** Each stdout line goes here instead of the log (the sample app's reports). */
   onStdoutLine?: (line: string) => void;
   /** How long it may take to report `ready` (default 120 s: models load slowly on a busy Pi). */
@@ -163,7 +165,7 @@ export class Supervisor {
     const log = createWriteStream(path.join(this.options.logDir, `${spec.name}.log`), { flags: 'w' });
     log.on('error', () => {});
     this.logs.push(log);
-    const child = spawn(process.execPath, [CLI_BIN, ...spec.args], {
+    const child = spawn(process.execPath, [...(spec.nodeArgs ?? []), CLI_BIN, ...spec.args], {
       stdio: ['ignore', 'pipe', 'pipe', 'ipc'],
       detached: true,
       env: { ...process.env, ...spec.env },

@@ -22,6 +22,7 @@
 import { rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import path from 'node:path';
+import { agentLaunch } from '@edge-mesh/agent/launch';
 import { ensureKeyFile, round, sendAdminRecord } from '@edge-mesh/client';
 import { admit, type Identity, MeshError } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
@@ -236,6 +237,8 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     settlement = await until(settlementP);
     if (settlement) await until(settlement.registerAgents(keys.agents));
 
+    // Each agent starts as a device's service would start it (docs/agent.md, "Launch settings").
+    const launch = agentLaunch(process.env);
     for (const [i] of keys.agents.entries()) {
       const payment = settlement?.agentPayment(i);
       agents.push(
@@ -254,7 +257,8 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
             ...(payment?.args ?? []),
             ...partLevel,
           ],
-          env: { ...env, ...payment?.env },
+          env: { ...launch.env, ...env, ...payment?.env },
+          nodeArgs: launch.nodeArgs,
         }),
       );
     }
