@@ -36,7 +36,6 @@ import { describe as describeMeta, fixedShapes } from '../edge-agent/src/ort-ses
 import { agentFor, assertBusyBurst, brokerFor, meshFor, modelsDir, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
 import { SPIN_DEPTH, SPIN_WIDTH, spinModel } from './spin-model.ts';
 
-
 const spin = (seed = 1): Record<string, Tensor> => ({
   x: { dtype: 'float32', shape: [1, SPIN_WIDTH], data: Float32Array.from({ length: SPIN_WIDTH }, (_, i) => Math.sin(i * 0.37 + seed)) },
 });

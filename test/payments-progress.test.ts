@@ -13,7 +13,15 @@ import { after, before, test } from 'node:test';
 import { type AgentHandle, startAgent } from '@edge-mesh/agent';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
-import { agentBindingMessage, generateIdentity, MeshError, RECEIPT_STATUS, type SignedReceipt, signBytes, type Tensor } from '@edge-mesh/protocol';
+import {
+  agentBindingMessage,
+  generateIdentity,
+  MeshError,
+  RECEIPT_STATUS,
+  type SignedReceipt,
+  signBytes,
+  type Tensor,
+} from '@edge-mesh/protocol';
 import { connect, type Mesh } from '@edge-mesh/sdk';
 import { brokerFor, quiet, tempDir, waitFor } from './helpers.ts';
 import { SPIN_WIDTH, spinModel } from './spin-model.ts';
@@ -104,7 +112,10 @@ test('a job in units is paid pro rata by progress receipts, a cancel for the uni
     deadlineMs: 20_000,
     onProgress: (p) => seen.push({ units: p.units, rows: p.outputs.y!.shape[0]! }),
   });
-  assert.deepEqual(seen, [1, 2, 3, 4].map((units) => ({ units, rows: 1 })));
+  assert.deepEqual(
+    seen,
+    [1, 2, 3, 4].map((units) => ({ units, rows: 1 })),
+  );
   assert.deepEqual(done.outputs.y!.shape, [5, SPIN_WIDTH]);
   const y = done.outputs.y!.data as Float32Array;
   const x = input.x!.data as Float32Array;
@@ -154,12 +165,10 @@ test('a job in units is paid pro rata by progress receipts, a cancel for the uni
 
   // 3. A job whose deadline passes after some progress: the progress that came in time is paid, the timeout adds 0.
   const before = owed();
-  const late = await mesh
-    .infer('spin-units', rows(MAX_UNITS, 3), { deadlineMs: 60 })
-    .then(
-      () => undefined,
-      (err: unknown) => err,
-    );
+  const late = await mesh.infer('spin-units', rows(MAX_UNITS, 3), { deadlineMs: 60 }).then(
+    () => undefined,
+    (err: unknown) => err,
+  );
   assert.ok(late instanceof MeshError && late.code === 'MESH_DEADLINE_EXCEEDED', String(late));
   await waitFor(() => agent.loadReport().inFlight === 0 && agent.loadReport().queued === 0, 10_000, 'the late job ending');
   const seqNow = (await journal()).length;
@@ -190,7 +199,12 @@ test('a job in units is paid pro rata by progress receipts, a cancel for the uni
   const relayer = await EscrowClient.connect({ runner: chain.wallet(3), escrow: deployment.escrow });
   const outcome = await relayer.settle(payout, [
     {
-      voucher: { agent: payout, cumulative: BigInt(best.cumulative), feeCumulative: BigInt(best.feeCumulative), receiptsRoot: best.receiptsRoot },
+      voucher: {
+        agent: payout,
+        cumulative: BigInt(best.cumulative),
+        feeCumulative: BigInt(best.feeCumulative),
+        receiptsRoot: best.receiptsRoot,
+      },
       signature: best.sig,
     },
   ]);

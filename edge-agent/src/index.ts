@@ -103,7 +103,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     maxElements: o.maxElements,
     models: loadedByName,
     units: new Map(
-      entries.flatMap((e) => (e.units ? [[e.name, { maxUnits: e.units.maxUnits, progressEvery: e.units.progressEvery ?? 1 }] as const] : [])),
+      entries.flatMap((e) =>
+        e.units ? [[e.name, { maxUnits: e.units.maxUnits, progressEvery: e.units.progressEvery ?? 1 }] as const] : [],
+      ),
     ),
     replays,
     payments,

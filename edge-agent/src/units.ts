@@ -43,7 +43,10 @@ export function unitsOf(model: LoadedModel, spec: UnitSpec, inputs: Record<strin
   for (const [name, t] of Object.entries(inputs)) {
     const rows = t.shape[0];
     if (rows === undefined || (n !== undefined && rows !== n)) {
-      throw new MeshError('MESH_BAD_INPUT', `model ${model.name} runs in units: every input's leading dimension counts them, and they differ`);
+      throw new MeshError(
+        'MESH_BAD_INPUT',
+        `model ${model.name} runs in units: every input's leading dimension counts them, and they differ`,
+      );
     }
     n = rows;
     asOneUnit[name] = { ...t, shape: [1, ...t.shape.slice(1)] };

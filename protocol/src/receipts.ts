@@ -593,7 +593,11 @@ export class LaneVerifier {
     if (r.finishedAt < r.startedAt) return 'time';
     if (r.price > 0 && expect.deadline !== undefined && r.finishedAt > expect.deadline) return 'deadline';
     if (expect.inputHash && !Buffer.from(expect.inputHash).equals(Buffer.from(r.inputHash))) return 'input';
-    if (expect.outputHash && (r.status === RECEIPT_STATUS.ok || r.status === RECEIPT_STATUS.partial) && !Buffer.from(expect.outputHash).equals(Buffer.from(r.outputHash)))
+    if (
+      expect.outputHash &&
+      (r.status === RECEIPT_STATUS.ok || r.status === RECEIPT_STATUS.partial) &&
+      !Buffer.from(expect.outputHash).equals(Buffer.from(r.outputHash))
+    )
       return 'output';
     return undefined;
   }
