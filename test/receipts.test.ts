@@ -258,7 +258,7 @@ describe('receipts', () => {
     // An ok receipt on an error reply; a cancel the payer never sent.
     assert.equal(paid(next(RECEIPT_STATUS.ok, 1), { ...asked, reply: 'err' }), 'status');
     assert.equal(paid(next(RECEIPT_STATUS.cancelled, 1), { ...asked, reply: 'err' }), 'status');
-    assert.equal(paid(next(RECEIPT_STATUS.cancelled, 1), { ...asked, reply: 'err', cancelled: true }), 'paid');
+    assert.equal(paid(next(RECEIPT_STATUS.cancelled, 1), { ...asked, reply: 'err', cancelled: true, rows: 1 }), 'paid');
     // A priced receipt that came without any reply (a resync of work whose answer never arrived).
     assert.equal(paid(next(RECEIPT_STATUS.ok, 1), { asked: true }), 'no-reply');
     // More units than the quote allows.
@@ -275,6 +275,45 @@ describe('receipts', () => {
       'replayed',
     );
     assert.equal(v.state.seq, 9);
+  });
+
+  test('link: progress receipts are paid for unit outputs delivered, below the units asked, once each; a cancel for units delivered', () => {
+    const v = new LaneVerifier({ payer, quote });
+    const next = lane();
+    const progress = { asked: true, reply: 'progress' as const, deadline: 10_000, arrivedAt: 9_000, units: 6 };
+    const paid = (r: SignedReceipt, c: Parameters<LaneVerifier['link']>[1]) => {
+      const out = v.link(r, c);
+      return out.payable ? `paid ${out.price}` : out.reason;
+    };
+    const job = newRequestId();
+    assert.equal(paid(next(RECEIPT_STATUS.partial, 2, job), { ...progress, rows: 2 }), 'paid 10');
+    // Units the agent says it did but whose outputs never came: not paid (and the agent's rule still counts them charged).
+    assert.equal(paid(next(RECEIPT_STATUS.partial, 4, job), { ...progress, rows: 3 }), 'undelivered');
+    // A partial that came on a final reply or through a resync (no progress message seen).
+    assert.equal(paid(next(RECEIPT_STATUS.partial, 5, job), { ...progress, reply: 'res', rows: 5 }), 'status');
+    // A partial at every unit asked is no progress: the job is done and its receipt must be final.
+    assert.equal(paid(next(RECEIPT_STATUS.partial, 6, job), { ...progress, rows: 6 }), 'units');
+    // The final ok receipt charges the base and what the partials did not: 2 + 5 × 6 − 30 charged before.
+    assert.equal(paid(next(RECEIPT_STATUS.ok, 6, job), { ...progress, reply: 'res' }), 'paid 2');
+    // A partial after the final one: the request is closed.
+    assert.equal(paid(next(RECEIPT_STATUS.partial, 7, job), { ...progress, rows: 7, units: 10 }), 'duplicate');
+    // More units than the request asked for, final or partial.
+    assert.equal(paid(next(RECEIPT_STATUS.ok, 7), { ...progress, reply: 'res' }), 'units');
+    // A one-shot model (maxUnits 1) has no progress: a partial at its one unit is refused whatever it delivered.
+    const oneShot = new LaneVerifier({ payer, quote: { ...quote, models: [{ ...price, maxUnits: 1 }] } });
+    assert.equal(oneShot.link(lane()(RECEIPT_STATUS.partial, 1), { ...progress, rows: 1 }).reason, 'units');
+    // A cancel is paid for the units whose outputs came, and no more.
+    const cancelled = { asked: true, reply: 'err' as const, cancelled: true, deadline: 10_000, arrivedAt: 9_000, units: 6 };
+    const job2 = newRequestId();
+    assert.equal(paid(next(RECEIPT_STATUS.partial, 3, job2), { ...progress, rows: 3 }), 'paid 15');
+    assert.equal(paid(next(RECEIPT_STATUS.cancelled, 4, job2), { ...cancelled, rows: 3 }), 'undelivered');
+    const job3 = newRequestId();
+    assert.equal(paid(next(RECEIPT_STATUS.partial, 3, job3), { ...progress, rows: 3 }), 'paid 15');
+    // max(minCharge 3, 5 × 3) − 15 charged: the cancel adds 0 to the progress already paid.
+    assert.equal(paid(next(RECEIPT_STATUS.cancelled, 3, job3), { ...cancelled, rows: 3 }), 'paid 0');
+    // What the payer owes: 10 + 2 for the first job (units 3–6 were not delivered as progress, so the agent
+    // lost them), 15 for the second (its cancel claimed an undelivered unit), 15 for the third.
+    assert.equal(v.state.payable, 10 + 2 + 15 + 15);
   });
 
   test('verifyChain: one signature covers a batch through the hash chain; a forged link or last signature refuses it all', () => {

@@ -187,6 +187,8 @@ export interface RequestEngine<Req, Rep> {
   fail(key: string, agentId: string, error: MeshError): void;
   /** Fails every pending attempt at this agent (it went offline or restarted): a free failover each. */
   agentLost(agentId: string, error?: MeshError): void;
+  /** Ends a pending request with `error` at once, as its sender gave up on it: every attempt still running is cancelled. */
+  abort(key: string, error: MeshError): void;
   /** Pending requests with an attempt at this agent. */
   attemptsAt(agentId: string): number;
   readonly pending: number;
@@ -515,6 +517,10 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     fail(key, agentId, error) {
       const state = pending.get(key);
       if (state) onFailure(state, agentId, error);
+    },
+    abort(key, error) {
+      const state = pending.get(key);
+      if (state) finish(state, { ok: false, error });
     },
     agentLost(agentId, error) {
       const lost = error ?? new MeshError('MESH_AGENT_LOST', `agent ${agentId} went offline`, { details: { agentId } });

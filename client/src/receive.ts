@@ -3,7 +3,7 @@
  * Pure: the caller supplies the topic's agent id and logs or counts the outcome.
  */
 
-import type { AgentStatus, ErrorReply, InferReply, LaneInfo, ReceiptBatch, SignedReceipt } from '@edge-mesh/protocol';
+import type { AgentStatus, ErrorReply, InferReply, LaneInfo, ProgressMessage, ReceiptBatch, SignedReceipt } from '@edge-mesh/protocol';
 import { DEFAULT_MAX_MESSAGE_BYTES, decodeMessage, isMeshErrorCode, MeshError, requestIdHex, verifyStatus } from '@edge-mesh/protocol';
 
 export type StatusReading =
@@ -49,6 +49,8 @@ export interface ReplyReading {
   lane: LaneInfo | undefined;
   /** Receipts the agent sent again after a resync (then key is '' and there is no reply). */
   batch: ReceiptBatch | undefined;
+  /** Progress of a job that runs in units (no reply yet: the request is still running). */
+  progress?: ProgressMessage;
 }
 
 /**
@@ -57,9 +59,9 @@ export interface ReplyReading {
  * counts only from the agent named by both.
  */
 export function readReply(agentId: string, payload: Uint8Array, maxBytes = DEFAULT_MAX_MESSAGE_BYTES): ReplyReading | undefined {
-  let decoded: InferReply | ErrorReply | ReceiptBatch;
+  let decoded: InferReply | ErrorReply | ReceiptBatch | ProgressMessage;
   try {
-    decoded = decodeMessage(payload, ['res', 'err', 'receipts'], maxBytes);
+    decoded = decodeMessage(payload, ['res', 'err', 'receipts', 'progress'], maxBytes);
   } catch {
     return undefined;
   }
@@ -67,6 +69,8 @@ export function readReply(agentId: string, payload: Uint8Array, maxBytes = DEFAU
   if (decoded.kind === 'receipts')
     return { key: '', reply: undefined, error: undefined, receipt: undefined, lane: decoded.lane, batch: decoded };
   const key = requestIdHex(decoded.id);
+  if (decoded.kind === 'progress')
+    return { key, reply: undefined, error: undefined, receipt: decoded.receipt, lane: decoded.lane, batch: undefined, progress: decoded };
   if (decoded.kind === 'res')
     return { key, reply: decoded, error: undefined, receipt: decoded.receipt, lane: decoded.lane, batch: undefined };
   const code = isMeshErrorCode(decoded.code) ? decoded.code : 'MESH_INTERNAL';

@@ -102,6 +102,11 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     maxMessageBytes: o.maxMessageBytes,
     maxElements: o.maxElements,
     models: loadedByName,
+    units: new Map(
+      entries.flatMap((e) =>
+        e.units ? [[e.name, { maxUnits: e.units.maxUnits, progressEvery: e.units.progressEvery ?? 1 }] as const] : [],
+      ),
+    ),
     replays,
     payments,
     counters,
@@ -111,6 +116,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     closed: () => closed,
   });
   const scheduler = new Scheduler(o.queueLimit, requests.finished);
+  scheduler.onProgress = requests.progressed;
   for (const m of loaded) scheduler.addModel(m.name, m.latencyMs, executors.executorOf.get(m.name)!);
   requests.attach(scheduler);
 

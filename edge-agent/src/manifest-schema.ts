@@ -23,6 +23,21 @@ export const ManifestEntrySchema = Type.Object(
     priceMicros: Type.Integer({ minimum: 0 }),
     notes: Type.Optional(Type.String({ maxLength: 1024 })),
     warmup: Type.Optional(Type.Record(Type.String(), WarmupInput)),
+    /**
+     * The model runs in units (docs/agent.md, "Models that run in units"): a request's inputs carry N
+     * units along their leading dimension (1 ≤ N ≤ maxUnits), each unit one run of the model, and
+     * `priceMicros` is the price of one unit. A progress message (and on a paid request a `partial`
+     * receipt) goes out after every `progressEvery` units (default 1).
+     */
+    units: Type.Optional(
+      Type.Object(
+        {
+          maxUnits: Type.Integer({ minimum: 2, maximum: 65_536 }),
+          progressEvery: Type.Optional(Type.Integer({ minimum: 1, maximum: 65_536 })),
+        },
+        { additionalProperties: false },
+      ),
+    ),
   },
   { additionalProperties: false },
 );

@@ -85,6 +85,30 @@ export const ManifestEntrySchema = {
         },
       },
     },
+    "units": {
+      [KIND]: "Object",
+      [OPTIONAL]: "Optional",
+      "additionalProperties": false,
+      "type": "object",
+      "required": [
+        "maxUnits",
+      ],
+      "properties": {
+        "maxUnits": {
+          [KIND]: "Integer",
+          "minimum": 2,
+          "maximum": 65536,
+          "type": "integer",
+        },
+        "progressEvery": {
+          [KIND]: "Integer",
+          [OPTIONAL]: "Optional",
+          "minimum": 1,
+          "maximum": 65536,
+          "type": "integer",
+        },
+      },
+    },
   },
 } as unknown as typeof S.ManifestEntrySchema;
 
@@ -109,7 +133,8 @@ return function check(value: any): boolean {
     value['priceMicros'] >= 0 &&
     (value['notes'] !== undefined ? ((typeof value['notes'] === 'string') && value['notes'].length <= 1024) : true) &&
     (value['warmup'] !== undefined ? ((typeof value['warmup'] === 'object' && value['warmup'] !== null && !Array.isArray(value['warmup']) && !(value['warmup'] instanceof Date) && !(value['warmup'] instanceof Uint8Array)) && (Object.entries(value['warmup']).every(([key, value]) => (local_2.test(key) ? ((typeof value === 'object' && value !== null && !Array.isArray(value)) && (value['shape'] !== undefined ? (Array.isArray(value['shape']) && value['shape'].length <= 8 && ((array) => { for(const value of array) if(!((Number.isInteger(value) && value >= 0))) { return false }; return true; })(value['shape'])) : true) && (value['fill'] !== undefined ? (Number.isFinite(value['fill'])) : true) && Object.getOwnPropertyNames(value).every(key => ['shape', 'fill'].includes(key))) : true)))) : true) &&
-    Object.getOwnPropertyNames(value).every(key => ['name', 'version', 'file', 'sha256', 'priceMicros', 'notes', 'warmup'].includes(key))
+    (value['units'] !== undefined ? ((typeof value['units'] === 'object' && value['units'] !== null && !Array.isArray(value['units'])) && Number.isInteger(value['units']['maxUnits']) && value['units']['maxUnits'] <= 65536 && value['units']['maxUnits'] >= 2 && (value['units']['progressEvery'] !== undefined ? (Number.isInteger(value['units']['progressEvery']) && value['units']['progressEvery'] <= 65536 && value['units']['progressEvery'] >= 1) : true) && Object.getOwnPropertyNames(value['units']).every(key => ['maxUnits', 'progressEvery'].includes(key))) : true) &&
+    Object.getOwnPropertyNames(value).every(key => ['name', 'version', 'file', 'sha256', 'priceMicros', 'notes', 'warmup', 'units'].includes(key))
   )
 }
 })());
@@ -142,7 +167,7 @@ return function check(value: any): boolean {
     Array.isArray(value['models']) &&
     value['models'].length <= 256 &&
     value['models'].length >= 1 &&
-    ((array) => { for(const value of array) if(!(((typeof value === 'object' && value !== null && !Array.isArray(value)) && (typeof value['name'] === 'string') && local_0.test(value['name']) && (typeof value['version'] === 'string') && value['version'].length <= 64 && value['version'].length >= 1 && (typeof value['file'] === 'string') && value['file'].length <= 255 && value['file'].length >= 1 && (typeof value['sha256'] === 'string') && local_1.test(value['sha256']) && Number.isInteger(value['priceMicros']) && value['priceMicros'] >= 0 && (value['notes'] !== undefined ? ((typeof value['notes'] === 'string') && value['notes'].length <= 1024) : true) && (value['warmup'] !== undefined ? ((typeof value['warmup'] === 'object' && value['warmup'] !== null && !Array.isArray(value['warmup']) && !(value['warmup'] instanceof Date) && !(value['warmup'] instanceof Uint8Array)) && (Object.entries(value['warmup']).every(([key, value]) => (local_2.test(key) ? ((typeof value === 'object' && value !== null && !Array.isArray(value)) && (value['shape'] !== undefined ? (Array.isArray(value['shape']) && value['shape'].length <= 8 && ((array) => { for(const value of array) if(!((Number.isInteger(value) && value >= 0))) { return false }; return true; })(value['shape'])) : true) && (value['fill'] !== undefined ? (Number.isFinite(value['fill'])) : true) && Object.getOwnPropertyNames(value).every(key => ['shape', 'fill'].includes(key))) : true)))) : true) && Object.getOwnPropertyNames(value).every(key => ['name', 'version', 'file', 'sha256', 'priceMicros', 'notes', 'warmup'].includes(key))))) { return false }; return true; })(value['models'])
+    ((array) => { for(const value of array) if(!(((typeof value === 'object' && value !== null && !Array.isArray(value)) && (typeof value['name'] === 'string') && local_0.test(value['name']) && (typeof value['version'] === 'string') && value['version'].length <= 64 && value['version'].length >= 1 && (typeof value['file'] === 'string') && value['file'].length <= 255 && value['file'].length >= 1 && (typeof value['sha256'] === 'string') && local_1.test(value['sha256']) && Number.isInteger(value['priceMicros']) && value['priceMicros'] >= 0 && (value['notes'] !== undefined ? ((typeof value['notes'] === 'string') && value['notes'].length <= 1024) : true) && (value['warmup'] !== undefined ? ((typeof value['warmup'] === 'object' && value['warmup'] !== null && !Array.isArray(value['warmup']) && !(value['warmup'] instanceof Date) && !(value['warmup'] instanceof Uint8Array)) && (Object.entries(value['warmup']).every(([key, value]) => (local_2.test(key) ? ((typeof value === 'object' && value !== null && !Array.isArray(value)) && (value['shape'] !== undefined ? (Array.isArray(value['shape']) && value['shape'].length <= 8 && ((array) => { for(const value of array) if(!((Number.isInteger(value) && value >= 0))) { return false }; return true; })(value['shape'])) : true) && (value['fill'] !== undefined ? (Number.isFinite(value['fill'])) : true) && Object.getOwnPropertyNames(value).every(key => ['shape', 'fill'].includes(key))) : true)))) : true) && (value['units'] !== undefined ? ((typeof value['units'] === 'object' && value['units'] !== null && !Array.isArray(value['units'])) && Number.isInteger(value['units']['maxUnits']) && value['units']['maxUnits'] <= 65536 && value['units']['maxUnits'] >= 2 && (value['units']['progressEvery'] !== undefined ? (Number.isInteger(value['units']['progressEvery']) && value['units']['progressEvery'] <= 65536 && value['units']['progressEvery'] >= 1) : true) && Object.getOwnPropertyNames(value['units']).every(key => ['maxUnits', 'progressEvery'].includes(key))) : true) && Object.getOwnPropertyNames(value).every(key => ['name', 'version', 'file', 'sha256', 'priceMicros', 'notes', 'warmup', 'units'].includes(key))))) { return false }; return true; })(value['models'])
   )
 }
 })());

@@ -28,6 +28,7 @@ import {
   type LaneInfo,
   MeshError,
   type ModelPrice,
+  maxRequestMicros,
   PROTOCOL_VERSION,
   RECEIPT_STATUS,
   RECEIPT_VERSION,
@@ -129,8 +130,11 @@ export interface LaneSummary {
 export interface PaidJob {
   payer: string;
   price: ModelPrice;
+  /** What is still reserved for the job: its most by the quote, less what its progress receipts charged. */
   reservedMicros: number;
   inputHash: Uint8Array;
+  /** What the job's receipts charged so far (its progress receipts). */
+  chargedMicros: number;
 }
 
 /** Receipts per `receipts` message (the schema's cap) and messages per resync; the payer asks again from where a batch stops. */
@@ -193,7 +197,7 @@ export class AgentPayments {
     private readonly identity: Identity,
     private readonly db: Level<string, unknown>,
     options: AgentPaymentOptions,
-    models: { name: string; sha256: string; priceMicros: number }[],
+    models: { name: string; sha256: string; priceMicros: number; units?: { maxUnits: number } }[],
     private readonly logger: Logger,
     /** The escrow's view of the lanes. */
     readonly funds: LaneFunds,
@@ -214,16 +218,18 @@ export class AgentPayments {
         baseMicros: o.baseMicros ?? 0,
         unitMicros: o.unitMicros ?? m.priceMicros,
         minChargeMicros: o.minChargeMicros ?? 0,
+        ...(m.units ? { maxUnits: m.units.maxUnits } : {}),
       });
     }
-    const dearest = Math.max(0, ...[...this.prices.values()].map((p) => receiptPriceMicros(p, RECEIPT_STATUS.ok, 1)));
+    // The window holds creditRequests whole requests of the dearest model, at its most units.
+    const dearest = Math.max(0, ...[...this.prices.values()].map((p) => maxRequestMicros(p)));
     this.creditMicros = options.creditMicros ?? (options.creditRequests ?? 8) * dearest;
   }
 
   static async open(
     identity: Identity,
     options: AgentPaymentOptions,
-    models: { name: string; sha256: string; priceMicros: number }[],
+    models: { name: string; sha256: string; priceMicros: number; units?: { maxUnits: number } }[],
     logger: Logger,
   ): Promise<AgentPayments> {
     const problems: string[] = [];
@@ -294,7 +300,14 @@ export class AgentPayments {
    * MESH_FORBIDDEN (no grant for this client), MESH_CREDIT_EXCEEDED (`details.reason`: `funds`,
    * `withdrawal`, `window` or `refused`) or MESH_CHAIN_UNREACHABLE (the lane cannot be read).
    */
-  async admit(payerAddress: string, senderId: string, model: string, inputHash: Uint8Array, grant?: LaneGrant): Promise<PaidJob> {
+  async admit(
+    payerAddress: string,
+    senderId: string,
+    model: string,
+    inputHash: Uint8Array,
+    grant?: LaneGrant,
+    units = 1,
+  ): Promise<PaidJob> {
     const payer = payerAddress.toLowerCase();
     const price = this.prices.get(model);
     if (!price) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${model} has no price here`);
@@ -309,7 +322,7 @@ export class AgentPayments {
     }
     this.funds.assertFresh();
     const funds = await this.funds.track(payer);
-    const maxPrice = Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, 1), price.minChargeMicros);
+    const maxPrice = Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, units), price.minChargeMicros);
     const reserved = this.reserved.get(payer) ?? 0;
     const refuse = (reason: string, message: string, extra: Record<string, unknown> = {}): never => {
       this.counters.creditRefusals++;
@@ -363,7 +376,7 @@ export class AgentPayments {
       );
     }
     this.reserved.set(payer, reserved + maxPrice);
-    return { payer, price, reservedMicros: maxPrice, inputHash };
+    return { payer, price, reservedMicros: maxPrice, inputHash, chargedMicros: 0 };
   }
 
   /** Where the lane of `payerAddress` stands, for `senderId`'s replies; undefined unless it is granted to that client. */
@@ -430,7 +443,13 @@ export class AgentPayments {
 
   /** Gives back a reservation for a request that was refused before it was taken on (no receipt). */
   release(job: PaidJob): void {
-    this.reserved.set(job.payer, Math.max(0, (this.reserved.get(job.payer) ?? 0) - job.reservedMicros));
+    this.unreserve(job, job.reservedMicros);
+  }
+
+  private unreserve(job: PaidJob, micros: number): void {
+    const take = Math.min(micros, job.reservedMicros);
+    job.reservedMicros -= take;
+    this.reserved.set(job.payer, Math.max(0, (this.reserved.get(job.payer) ?? 0) - take));
   }
 
   /**
@@ -438,9 +457,12 @@ export class AgentPayments {
    * chain); `durable` resolves when it is written, and only then may it leave the agent.
    */
   issue(job: PaidJob, facts: ReceiptFacts): { receipt: SignedReceipt; durable: Promise<void> } {
-    this.release(job);
+    // A progress receipt charges part of the job's reservation; the final one gives back the rest.
+    const price = receiptPriceMicros(job.price, facts.status, facts.unitsUsed, job.chargedMicros);
+    if (facts.status === RECEIPT_STATUS.partial) this.unreserve(job, price);
+    else this.release(job);
+    job.chargedMicros += price;
     const lane = this.lanes.get(job.payer)!;
-    const price = receiptPriceMicros(job.price, facts.status, facts.unitsUsed);
     const { receipt, leaf } = signReceipt(this.identity, {
       v: RECEIPT_VERSION,
       chainId: this.chainId,

@@ -32,6 +32,7 @@ import { checkInputs } from './models.ts';
 import type { AgentPayments } from './payments.ts';
 import type { Job, Scheduler } from './scheduler.ts';
 import type { AgentCounters } from './types.ts';
+import { joinUnits, type UnitSpec, unitsOf } from './units.ts';
 import type { LoadedModel } from './worker-protocol.ts';
 
 /** Largest cancel and voucher (or resync) messages read; each is a few hundred bytes. */
@@ -134,6 +135,8 @@ export interface RequestsOptions {
   maxElements: number;
   /** Models as the workers loaded them, by name. */
   models: ReadonlyMap<string, LoadedModel>;
+  /** Models that run in units (manifest `units`), by name. */
+  units?: ReadonlyMap<string, UnitSpec>;
   replays: ReplayGuard;
   /** Present when the agent takes payment. */
   payments: AgentPayments | undefined;
@@ -204,9 +207,65 @@ export class AgentRequests {
     );
   };
 
+  /**
+   * The scheduler's callback after each unit of a job that runs in units: on a paid request, every
+   * `progressEvery` units, a progress message with the outputs of the units since the last one and a
+   * `partial` receipt for them (docs/settlement.md, "Progress receipts"). Unpaid jobs send no progress.
+   */
+  readonly progressed = (job: Job): void => {
+    const u = job.units;
+    if (!u || !job.paid || u.done - u.reported < u.every) return;
+    this.sendProgress(job, u.done);
+  };
+
+  /** Sends the outputs of units [reported, upTo) with the partial receipt for `upTo` units. */
+  private sendProgress(job: Job, upTo: number): void {
+    const { agentId, payments, logger } = this.options;
+    const u = job.units!;
+    const paid = job.paid;
+    if (!payments || !paid || upTo <= u.reported) return;
+    const outputs = encodeTensorMap(joinUnits(u.parts.slice(u.reported, upTo)));
+    u.reported = upTo;
+    const nowPerf = performance.now();
+    const { receipt, durable } = payments.issue(paid, {
+      requestId: job.id,
+      status: RECEIPT_STATUS.partial,
+      unitsUsed: upTo,
+      outputHash: hashTensorMap(outputs),
+      startedAt: Date.now() - (nowPerf - (job.startedAt ?? job.receivedAt)),
+      finishedAt: Date.now(),
+    });
+    const send = (withReceipt: boolean) => {
+      this.options.reply(
+        job.senderId,
+        encodeMessage({
+          v: PROTOCOL_VERSION,
+          kind: 'progress',
+          id: job.id,
+          agent: agentId,
+          units: upTo,
+          outputs,
+          ...(withReceipt ? { receipt } : {}),
+          lane: payments.laneInfo(paid.payer, job.senderId),
+        }),
+      );
+      payments.replied(paid.payer, receipt.seq);
+    };
+    durable.then(
+      () => send(true),
+      (writeErr: unknown) => {
+        logger.error({ err: (writeErr as Error).message }, 'progress receipt not journaled; sending progress without it');
+        send(false);
+      },
+    );
+  }
+
   /** The scheduler's callback: a job ran (or was dropped); reply with its outputs or its error. */
   readonly finished = (job: Job, err: MeshError | undefined, result?: JobResult): void => {
     const { agentId, counters, faults, logger } = this.options;
+    // A cancelled job that runs in units is paid for the units done when the cancel arrived: their outputs
+    // go out first, as progress, if they have not yet.
+    if (job.units?.atCancel !== undefined && err?.code === 'MESH_CANCELLED') this.sendProgress(job, job.units.atCancel);
     if (err) {
       if (err.code === 'MESH_INFERENCE_FAILED') logger.warn({ model: job.model, err: err.message }, 'inference failed');
       this.withReceipt(job, err, undefined, (receipt, lane) => this.replyError(job.senderId, job.id, err, receipt, lane));
@@ -289,11 +348,14 @@ export class AgentRequests {
       return;
     }
     let inputs: Job['inputs'];
+    let units: number | undefined;
+    const unitSpec = this.options.units?.get(request.model);
     try {
       const model = models.get(request.model);
       if (!model) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${request.model} is not served by ${agentId}`);
       inputs = decodeTensorMap(request.inputs, maxElements);
-      checkInputs(model, inputs);
+      if (unitSpec) units = unitsOf(model, unitSpec, inputs);
+      else checkInputs(model, inputs);
       if (payments && !request.pay && !payments.serveUnpaid) {
         throw new MeshError(
           'MESH_PAYMENT_REQUIRED',
@@ -315,6 +377,9 @@ export class AgentRequests {
       inputs,
       deadline: request.deadline,
       receivedAt,
+      ...(unitSpec && units !== undefined
+        ? { units: { total: units, every: unitSpec.progressEvery, done: 0, reported: 0, parts: [], execMs: 0 } }
+        : {}),
     };
     if (!payments || !request.pay) {
       this.submit(job);
@@ -343,7 +408,7 @@ export class AgentRequests {
     let paid: Job['paid'];
     try {
       if (pay.voucher) await payments.acceptVoucher(job.senderId, pay.voucher).catch(() => false);
-      paid = await payments.admit(pay.payer, job.senderId, request.model, hashTensorMap(request.inputs), pay.grant);
+      paid = await payments.admit(pay.payer, job.senderId, request.model, hashTensorMap(request.inputs), pay.grant, job.units?.total);
     } catch (err) {
       const refusal = toMeshError(err, 'MESH_INTERNAL');
       // It never ran, so the same request may come again: the SDK retries it once its voucher is out.
@@ -381,8 +446,9 @@ export class AgentRequests {
     }
     const paid = job.paid;
     const status = receiptStatus(err, job.deadline <= Date.now());
-    // One-shot models: the one unit is done when the run returns its outputs, and not before.
-    const unitsDone = outputs ? 1 : 0;
+    // One-shot models: the one unit is done when the run returns its outputs, and not before. A job that
+    // runs in units: all of them when it returns, and when cancelled those done when the cancel arrived.
+    const unitsDone = job.units ? (outputs ? job.units.total : (job.units.atCancel ?? 0)) : outputs ? 1 : 0;
     const nowPerf = performance.now();
     const epochOf = (perf: number) => Date.now() - (nowPerf - perf);
     const { receipt, durable } = payments.issue(job.paid, {

@@ -7,6 +7,7 @@
 import { MeshError, type ModelLoad, type Tensor } from '@edge-mesh/protocol';
 import type { Executor, JobResult } from './executor.ts';
 import type { PaidJob } from './payments.ts';
+import { joinUnits, type UnitRun, unitInputs } from './units.ts';
 
 export interface Job {
   key: string;
@@ -22,6 +23,8 @@ export interface Job {
   cancelled?: boolean;
   /** Set when the request pays on a lane: its receipt is signed when it finishes. */
   paid?: PaidJob;
+  /** Set when the model runs in units (units.ts): one run per unit, the job keeping its place between them. */
+  units?: UnitRun;
 }
 
 export type FinishCallback = (job: Job, err: MeshError | undefined, result?: JobResult) => void;
@@ -44,6 +47,8 @@ export class Scheduler {
   private readonly lanes = new Map<Executor, ModelState[]>();
   private readonly byKey = new Map<string, Job>();
   private draining = false;
+  /** Called after each unit of a job that runs in units, while more remain and it is neither cancelled nor late. */
+  onProgress: (job: Job) => void = () => {};
 
   constructor(
     private readonly queueLimit: number,
@@ -82,11 +87,15 @@ export class Scheduler {
   cancel(key: string, senderId: string): boolean {
     const job = this.byKey.get(key);
     if (!job || job.senderId !== senderId) return false;
+    if (job.cancelled) return true;
     job.cancelled = true;
-    if (job.startedAt === undefined) {
-      const state = this.models.get(job.model)!;
-      const index = state.queue.indexOf(job);
-      if (index >= 0) state.queue.splice(index, 1);
+    // Units done when the cancel arrived: the one running now is not counted (docs/settlement.md).
+    if (job.units) job.units.atCancel = job.units.done;
+    const state = this.models.get(job.model)!;
+    const index = state.queue.indexOf(job);
+    // Queued, never started or between two units: it ends now. Running: when the run returns.
+    if (index >= 0) {
+      state.queue.splice(index, 1);
       this.finish(job, new MeshError('MESH_CANCELLED', 'cancelled by sender'));
     }
     return true;
@@ -154,9 +163,10 @@ export class Scheduler {
       const next = this.takeNext(lane);
       if (!next) return;
       const [job, state] = next;
-      job.startedAt = performance.now();
+      job.startedAt ??= performance.now();
       state.inFlight++;
-      executor.run(job.model, job.inputs, (err, result) => {
+      const units = job.units;
+      executor.run(job.model, units ? unitInputs(job.inputs, units.done) : job.inputs, (err, result) => {
         state.inFlight--;
         if (err) state.failed++;
         else {
@@ -164,10 +174,28 @@ export class Scheduler {
           // Service time as a sender sees it: the run plus the hand-off to and from the executor.
           state.serviceMs += SERVICE_EWMA_ALPHA * (result!.execMs + executor.handoffMs - state.serviceMs);
         }
+        if (units && !err) {
+          units.parts.push(result!.outputs);
+          units.done++;
+          units.execMs += result!.execMs;
+        }
         if (job.cancelled) this.finish(job, new MeshError('MESH_CANCELLED', 'cancelled by sender'));
         else if (!err && job.deadline < this.now())
           this.finish(job, new MeshError('MESH_DEADLINE_EXCEEDED', 'finished after the deadline'));
-        else this.finish(job, err, result);
+        else if (units && !err && units.done < units.total) {
+          this.onProgress(job);
+          // The next unit goes first in its model's queue: the executor calls onIdle after this callback.
+          if (!job.cancelled) state.queue.unshift(job);
+        } else if (units && !err) {
+          let joined: JobResult;
+          try {
+            joined = { outputs: joinUnits(units.parts), execMs: units.execMs };
+          } catch (joinErr) {
+            this.finish(job, joinErr as MeshError);
+            return;
+          }
+          this.finish(job, undefined, joined);
+        } else this.finish(job, err, result);
       });
     }
   }

@@ -13,6 +13,7 @@ import type {
   InferReply,
   InferRequest,
   Lease,
+  ProgressMessage,
   ReceiptBatch,
   Resync,
   RouteRequest,
@@ -27,6 +28,7 @@ import {
   checkInferReply,
   checkInferRequest,
   checkLease,
+  checkProgressMessage,
   checkReceiptBatch,
   checkResync,
   checkRouteRequest,
@@ -50,6 +52,7 @@ export type {
   ModelInfo,
   ModelLoad,
   PaymentField,
+  ProgressMessage,
   ReceiptBatch,
   Resync,
   RouteRequest,
@@ -69,7 +72,8 @@ export type Message =
   | Lease
   | VoucherMessage
   | Resync
-  | ReceiptBatch;
+  | ReceiptBatch
+  | ProgressMessage;
 export type MessageKind = Message['kind'];
 
 /** The checker of each message kind. */
@@ -85,4 +89,5 @@ export const checkers: { readonly [K in MessageKind]: Validator<Extract<Message,
   voucher: checkVoucherMessage,
   resync: checkResync,
   receipts: checkReceiptBatch,
+  progress: checkProgressMessage,
 };

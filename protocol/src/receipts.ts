@@ -24,7 +24,9 @@
  * receipt's `price` is the rule for its status and running total, minus what the earlier receipts of
  * that request already charged (never below 0), so a job that dies after progress has been paid for
  * exactly the progress acknowledged, and a failed or timed-out ending adds 0. A one-shot inference
- * has one receipt with unitsUsed 1 (0 when it never ran).
+ * has one receipt with unitsUsed 1 (0 when it never ran). A payer pays a partial receipt only when it
+ * came with a progress message (schemas.ts, `progress`) that delivered the outputs of the units it
+ * charges, below the units the request asked for (`ReceiptContext.rows`, `ReceiptExpectation.units`).
  */
 import { createHash } from 'node:crypto';
 import { decodeCbor, encodeCbor, requestIdHex } from './envelope.ts';
@@ -401,8 +403,14 @@ export interface ReceiptExpectation {
   /** Epoch ms: a receipt priced above 0 must finish by then (else it should have said timeout). */
   deadline?: number;
   inputHash?: Uint8Array;
-  /** Hash of the outputs the payer received (an ok receipt must name them). */
+  /** Hash of the outputs the payer received (an ok receipt must name them; a partial one, its progress message's). */
   outputHash?: Uint8Array;
+  /**
+   * Units the request asked for, for a model priced in units (quote `maxUnits` above 1): the leading
+   * dimension of its inputs. No receipt may use more, and a partial one must use fewer (at all of them the
+   * job is done and its receipt final). Ignored for a one-shot model, whose limit is its one unit.
+   */
+  units?: number;
 }
 
 export interface AcceptedReceipt {
@@ -418,8 +426,17 @@ export interface AcceptedReceipt {
 export interface ReceiptContext extends ReceiptExpectation {
   /** The payer sent this request to this agent (false: it never did, or no longer remembers it). */
   asked: boolean;
-  /** The reply the receipt came with; undefined for a receipt from a resync batch (no reply seen). */
-  reply?: 'res' | 'err';
+  /**
+   * The message the receipt came with: the final reply, a progress message of a job that runs in units, or
+   * undefined for a receipt from a resync batch (no reply seen).
+   */
+  reply?: 'res' | 'err' | 'progress';
+  /**
+   * Units whose outputs the payer has received in progress messages so far (this receipt's message
+   * included). A partial or cancelled receipt may charge no more units than that: the payer pays for the
+   * unit outputs it was given, not for units the agent says it did. Undefined: not checked.
+   */
+  rows?: number;
   /** When that reply arrived, epoch ms on the payer's clock. */
   arrivedAt?: number;
   /** The payer cancelled this attempt. */
@@ -429,7 +446,7 @@ export interface ReceiptContext extends ReceiptExpectation {
 /** A receipt linked into the lane: payable, or linked for the chain's sake and not paid, with why. */
 export interface LinkedReceipt extends AcceptedReceipt {
   payable: boolean;
-  /** Why it is not paid (details.reason-style: 'unsolicited', 'late', 'no-reply', 'status', 'units', 'price', …). */
+  /** Why it is not paid (details.reason-style: 'unsolicited', 'late', 'no-reply', 'status', 'units', 'undelivered', 'price', …). */
   reason?: string;
 }
 
@@ -565,13 +582,22 @@ export class LaneVerifier {
     const [unitsBefore, chargedBefore] = s.open[reqKey] ?? [0, 0];
     if (r.status === RECEIPT_STATUS.partial && r.unitsUsed <= unitsBefore) return 'progress';
     if (r.status === RECEIPT_STATUS.ok && r.unitsUsed < unitsBefore) return 'progress';
-    if (r.unitsUsed > (price.maxUnits ?? 1)) return 'units';
+    const most = price.maxUnits ?? 1;
+    const asked = most > 1 && expect.units !== undefined ? Math.min(most, expect.units) : most;
+    if (r.unitsUsed > asked) return 'units';
+    // A progress receipt at the job's last unit (or for a one-shot model, at its only one) is no progress:
+    // it would charge the unit before the job's result is out.
+    if (r.status === RECEIPT_STATUS.partial && r.unitsUsed >= asked) return 'units';
     if (r.price !== receiptPriceMicros(price, r.status, r.unitsUsed, chargedBefore)) return 'price';
     if (r.price > this.maxPriceMicros) return 'price-cap';
     if (r.finishedAt < r.startedAt) return 'time';
     if (r.price > 0 && expect.deadline !== undefined && r.finishedAt > expect.deadline) return 'deadline';
     if (expect.inputHash && !Buffer.from(expect.inputHash).equals(Buffer.from(r.inputHash))) return 'input';
-    if (expect.outputHash && r.status === RECEIPT_STATUS.ok && !Buffer.from(expect.outputHash).equals(Buffer.from(r.outputHash)))
+    if (
+      expect.outputHash &&
+      (r.status === RECEIPT_STATUS.ok || r.status === RECEIPT_STATUS.partial) &&
+      !Buffer.from(expect.outputHash).equals(Buffer.from(r.outputHash))
+    )
       return 'output';
     return undefined;
   }
@@ -584,7 +610,9 @@ export class LaneVerifier {
     if (c.deadline !== undefined && c.arrivedAt !== undefined && c.arrivedAt > c.deadline) return 'late';
     if (r.status === RECEIPT_STATUS.ok && c.reply !== 'res') return 'status';
     if (r.status === RECEIPT_STATUS.cancelled && !c.cancelled) return 'status';
-    if (r.status === RECEIPT_STATUS.partial && c.reply !== 'res') return 'status';
+    if (r.status === RECEIPT_STATUS.partial && c.reply !== 'progress') return 'status';
+    if ((r.status === RECEIPT_STATUS.partial || r.status === RECEIPT_STATUS.cancelled) && c.rows !== undefined && r.unitsUsed > c.rows)
+      return 'undelivered';
     return undefined;
   }
 

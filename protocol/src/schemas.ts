@@ -189,6 +189,25 @@ export const ErrorReplySchema = Type.Object({
 });
 export type ErrorReply = Static<typeof ErrorReplySchema>;
 
+/**
+ * Progress of a job that runs in units (a model whose manifest sets `units`, docs/agent.md): the outputs of
+ * the units done since the last progress message, along the leading dimension, and on a paid request the
+ * `partial` receipt for them (docs/settlement.md, "Progress receipts"). The final `res` still carries every
+ * unit's outputs.
+ */
+export const ProgressMessageSchema = Type.Object({
+  v: Type.Literal(PROTOCOL_VERSION),
+  kind: Type.Literal('progress'),
+  id: RequestIdSchema,
+  agent: Id,
+  /** Units of the job done so far (the outputs here are the last ones of them). */
+  units: Uint,
+  outputs: TensorMap,
+  receipt: Type.Optional(SignedReceiptSchema),
+  lane: Type.Optional(LaneInfoSchema),
+});
+export type ProgressMessage = Static<typeof ProgressMessageSchema>;
+
 export const CancelSchema = Type.Object({
   v: Type.Literal(PROTOCOL_VERSION),
   kind: Type.Literal('cancel'),

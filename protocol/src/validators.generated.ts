@@ -1750,6 +1750,80 @@ return function check(value: any): boolean {
 }
 })());
 
+export const ProgressMessageSchema = {
+  [KIND]: "Object",
+  "type": "object",
+  "required": [
+    "v",
+    "kind",
+    "id",
+    "agent",
+    "units",
+    "outputs",
+  ],
+  "properties": {
+    "v": {
+      [KIND]: "Literal",
+      "const": 1,
+      "type": "number",
+    },
+    "kind": {
+      [KIND]: "Literal",
+      "const": "progress",
+      "type": "string",
+    },
+    "id": RequestIdSchema,
+    "agent": {
+      [KIND]: "String",
+      "pattern": "^[a-z0-9][a-z0-9-]{2,63}$",
+      "type": "string",
+    },
+    "units": {
+      [KIND]: "Integer",
+      "minimum": 0,
+      "maximum": 9007199254740991,
+      "type": "integer",
+    },
+    "outputs": {
+      [KIND]: "Record",
+      "maxProperties": 64,
+      "type": "object",
+      "patternProperties": {
+        "^(.*)$": WireTensorSchema,
+      },
+    },
+    "receipt": { ...SignedReceiptSchema, [OPTIONAL]: "Optional" },
+    "lane": { ...LaneInfoSchema, [OPTIONAL]: "Optional" },
+  },
+} as unknown as typeof S.ProgressMessageSchema;
+
+export const checkProgressMessage: Validator<Static<typeof S.ProgressMessageSchema>> = validator(ProgressMessageSchema, (() => {
+const local_0 = /^[a-z0-9][a-z0-9-]{2,63}$/;
+const local_1 = /^(.*)$/
+const local_2 = /^0x[0-9a-f]{40}$/;
+const local_3 = /^0x[0-9a-f]{40}$/;
+return function check(value: any): boolean {
+  return (
+    (typeof value === 'object' && value !== null && !Array.isArray(value)) &&
+    (value['v'] === 1) &&
+    (value['kind'] === 'progress') &&
+    value['id'] instanceof Uint8Array &&
+    (value['id'].length <= 16) &&
+    (value['id'].length >= 16) &&
+    (typeof value['agent'] === 'string') &&
+    local_0.test(value['agent']) &&
+    Number.isInteger(value['units']) &&
+    value['units'] <= 9007199254740991 &&
+    value['units'] >= 0 &&
+    (typeof value['outputs'] === 'object' && value['outputs'] !== null && !Array.isArray(value['outputs']) && !(value['outputs'] instanceof Date) && !(value['outputs'] instanceof Uint8Array)) &&
+    Object.getOwnPropertyNames(value['outputs']).length <= 64 &&
+    (Object.entries(value['outputs']).every(([key, value]) => (local_1.test(key) ? ((typeof value === 'object' && value !== null && !Array.isArray(value)) && (typeof value['dtype'] === 'string') && value['dtype'].length <= 16 && Array.isArray(value['shape']) && value['shape'].length <= 8 && ((array) => { for(const value of array) if(!((Number.isInteger(value) && value >= 0))) { return false }; return true; })(value['shape']) && value['data'] instanceof Uint8Array && Object.getOwnPropertyNames(value).length === 3) : true))) &&
+    (value['receipt'] !== undefined ? ((typeof value['receipt'] === 'object' && value['receipt'] !== null && !Array.isArray(value['receipt'])) && (value['receipt']['v'] === 1) && Number.isInteger(value['receipt']['chainId']) && value['receipt']['chainId'] <= 9007199254740991 && value['receipt']['chainId'] >= 0 && (typeof value['receipt']['escrow'] === 'string') && local_2.test(value['receipt']['escrow']) && (typeof value['receipt']['payer'] === 'string') && local_3.test(value['receipt']['payer']) && value['receipt']['agentKey'] instanceof Uint8Array && (value['receipt']['agentKey'].length <= 32) && (value['receipt']['agentKey'].length >= 32) && Number.isInteger(value['receipt']['seq']) && value['receipt']['seq'] <= 9007199254740991 && value['receipt']['seq'] >= 1 && value['receipt']['requestId'] instanceof Uint8Array && (value['receipt']['requestId'].length <= 16) && (value['receipt']['requestId'].length >= 16) && value['receipt']['modelHash'] instanceof Uint8Array && (value['receipt']['modelHash'].length <= 32) && (value['receipt']['modelHash'].length >= 32) && value['receipt']['inputHash'] instanceof Uint8Array && (value['receipt']['inputHash'].length <= 32) && (value['receipt']['inputHash'].length >= 32) && value['receipt']['outputHash'] instanceof Uint8Array && (value['receipt']['outputHash'].length <= 32) && (value['receipt']['outputHash'].length >= 32) && Number.isInteger(value['receipt']['status']) && value['receipt']['status'] <= 4 && value['receipt']['status'] >= 0 && Number.isInteger(value['receipt']['unitsUsed']) && value['receipt']['unitsUsed'] <= 4294967295 && value['receipt']['unitsUsed'] >= 0 && Number.isInteger(value['receipt']['price']) && value['receipt']['price'] <= 9007199254740991 && value['receipt']['price'] >= 0 && Number.isInteger(value['receipt']['cumulative']) && value['receipt']['cumulative'] <= 9007199254740991 && value['receipt']['cumulative'] >= 0 && Number.isInteger(value['receipt']['startedAt']) && value['receipt']['startedAt'] <= 9007199254740991 && value['receipt']['startedAt'] >= 0 && Number.isInteger(value['receipt']['finishedAt']) && value['receipt']['finishedAt'] <= 9007199254740991 && value['receipt']['finishedAt'] >= 0 && value['receipt']['prevReceipt'] instanceof Uint8Array && (value['receipt']['prevReceipt'].length <= 32) && (value['receipt']['prevReceipt'].length >= 32) && value['receipt']['sig'] instanceof Uint8Array && (value['receipt']['sig'].length <= 64) && (value['receipt']['sig'].length >= 64) && Object.getOwnPropertyNames(value['receipt']).length === 18) : true) &&
+    (value['lane'] !== undefined ? ((typeof value['lane'] === 'object' && value['lane'] !== null && !Array.isArray(value['lane'])) && Number.isInteger(value['lane']['seq']) && value['lane']['seq'] <= 9007199254740991 && value['lane']['seq'] >= 0 && Number.isInteger(value['lane']['paid']) && value['lane']['paid'] <= 9007199254740991 && value['lane']['paid'] >= 0) : true)
+  )
+}
+})());
+
 export const InferReplySchema = {
   [KIND]: "Object",
   "type": "object",

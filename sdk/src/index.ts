@@ -123,6 +123,17 @@ export interface InferOptions {
   deadlineMs?: number;
   /** Send only to this agent: one attempt, no failover, retry or hedge. */
   agentId?: string;
+  /**
+   * Gives up on the request: it fails with MESH_CANCELLED and every attempt still running is cancelled. On a
+   * paid request to a model that runs in units, the agent is paid for the units whose outputs came before
+   * the cancel reached it (docs/settlement.md, "Progress receipts").
+   */
+  signal?: AbortSignal;
+  /**
+   * Called with each progress message of a model that runs in units (docs/agent.md): the units done so far
+   * and the outputs of the ones since the last call. Paid requests only; the result still carries every unit.
+   */
+  onProgress?: (progress: { agentId: string; units: number; outputs: Record<string, Tensor> }) => void;
 }
 
 export interface InferTimings {
@@ -300,6 +311,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       })
     : undefined;
 
+  const progressListeners = new Map<string, NonNullable<InferOptions['onProgress']>>();
   const onReply = (agentId: string, payload: Buffer) => {
     const reading = readReply(agentId, payload, maxMessageBytes);
     if (!reading) {
@@ -309,6 +321,19 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     fleet.heard(agentId);
     if (reading.batch) {
       payments?.onReceiptBatch(agentId, reading.batch);
+      return;
+    }
+    // Progress of a job that runs in units: its partial receipt is paid for the unit outputs it brought.
+    if (reading.progress) {
+      payments?.onProgress(agentId, reading.key, reading.progress);
+      const listener = progressListeners.get(reading.key);
+      if (listener) {
+        try {
+          listener({ agentId, units: reading.progress.units, outputs: decodeTensorMap(reading.progress.outputs) });
+        } catch (err) {
+          logger.debug({ agentId, err: (err as Error).message }, 'progress not delivered');
+        }
+      }
       return;
     }
     // Every receipt is linked, a late or hedged attempt's too: the lane's chain runs through all of them.
@@ -385,7 +410,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   }
 
   const infer = async (model: string, inputs: Record<string, Tensor>, inferOptions: InferOptions = {}): Promise<InferResult> => {
-    const { deadlineMs = defaultDeadlineMs, agentId: pinned } = inferOptions;
+    const { deadlineMs = defaultDeadlineMs, agentId: pinned, signal, onProgress } = inferOptions;
+    if (signal?.aborted) throw new MeshError('MESH_CANCELLED', 'the request was aborted before it was sent');
     for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
     const startedAt = clock.now();
     const deadline = Date.now() + deadlineMs;
@@ -409,8 +435,13 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     const lease = leases && !pinned ? await leases.leaseFor(model, Math.max(0, deadlineAt - clock.now()), payload.byteLength) : undefined;
 
     const data: SdkRequest = { model, payloadFor, lease, viaRouter: leases !== undefined && !pinned, pinned, routedBy: undefined };
+    if (onProgress) progressListeners.set(key, onProgress);
+    const onAbort = () => engine.abort(key, new MeshError('MESH_CANCELLED', 'the request was aborted by its sender'));
+    signal?.addEventListener('abort', onAbort, { once: true });
     return new Promise<InferResult>((resolve, reject) => {
       engine.start({ key, deadlineAt, data, model, ...(pinned ? { maxAttempts: 1 } : {}) }, (outcome) => {
+        progressListeners.delete(key);
+        signal?.removeEventListener('abort', onAbort);
         if (!outcome.ok) {
           reject(outcome.error);
           return;

@@ -38,6 +38,7 @@ import {
   merkleRoot,
   type PaymentField,
   PROTOCOL_VERSION,
+  type ProgressMessage,
   type Quote,
   type ReceiptBatch,
   type ReceiptContext,
@@ -178,8 +179,24 @@ interface Lane {
 interface Sent {
   deadline: number;
   inputHash: Uint8Array;
-  /** Agents it went to, and for each the reply that came back (kind, arrival, outputs hash) and whether it was cancelled. */
-  agents: Map<string, { reply?: 'res' | 'err'; arrivedAt?: number; outputHash?: Uint8Array; cancelled?: boolean }>;
+  /** The leading dimension its inputs share (1 when they do not): the units it asks of a model that runs in units. */
+  units: number;
+  /**
+   * Agents it went to, and for each the reply that came back (kind, arrival, outputs hash), whether it was
+   * cancelled, and the unit outputs its progress messages brought before the reply (`rows`).
+   */
+  agents: Map<string, { reply?: 'res' | 'err'; arrivedAt?: number; outputHash?: Uint8Array; cancelled?: boolean; rows?: number }>;
+}
+
+/** The leading dimension every tensor of a map shares, or undefined. */
+function leadingRows(tensors: Record<string, { shape: number[] }>): number | undefined {
+  let rows: number | undefined;
+  for (const t of Object.values(tensors)) {
+    const lead = t.shape[0];
+    if (lead === undefined || (rows !== undefined && lead !== rows)) return undefined;
+    rows = lead;
+  }
+  return rows;
 }
 
 /** Final request ids kept against duplicates per lane (the hash chain already refuses replayed receipts); stored with the lane. */
@@ -397,7 +414,7 @@ export class PayerLanes {
       const stale = Date.now() - REMEMBER_SENT_MS;
       for (const [k, e] of this.sent) if (e.deadline < stale || this.sent.size >= MAX_SENT) this.sent.delete(k);
     }
-    this.sent.set(key, { deadline, inputHash: hashTensorMap(inputs), agents: new Map() });
+    this.sent.set(key, { deadline, inputHash: hashTensorMap(inputs), units: leadingRows(inputs) ?? 1, agents: new Map() });
   }
 
   /** An attempt of request `key` went to `agentId`. */
@@ -450,6 +467,37 @@ export class PayerLanes {
     if (lane) this.onLaneInfo(l, lane);
   }
 
+  /**
+   * Progress of request `key` at `agentId` (a model that runs in units): its unit outputs are counted for
+   * the attempt while no reply has come, and its partial receipt is linked and paid for no more units than
+   * were delivered so, below the units asked (protocol/src/receipts.ts, `ReceiptContext.rows`).
+   */
+  onProgress(agentId: string, key: string, progress: ProgressMessage): void {
+    const arrivedAt = Date.now();
+    const seen = this.sent.get(key)?.agents.get(agentId);
+    if (seen && seen.reply === undefined) seen.rows = (seen.rows ?? 0) + (leadingRows(progress.outputs) ?? 0);
+    const l = this.lanes.get(agentId);
+    const receipt = progress.receipt;
+    if (!l) {
+      if (receipt) {
+        this.counters.refused++;
+        this.logger.warn({ agentId }, 'progress receipt from an agent without an open lane: not paid');
+      }
+      return;
+    }
+    if (progress.lane) l.grantSeen = true;
+    if (receipt) {
+      const context: ReceiptContext =
+        requestIdHex(receipt.requestId) === key
+          ? { ...this.contextOf(key, agentId), reply: 'progress', arrivedAt, outputHash: hashTensorMap(progress.outputs) }
+          : { asked: false };
+      // Progress after the reply (or for a request never sent) brings nothing the payer owes.
+      if (seen?.reply !== undefined) context.reply = undefined;
+      this.take(l, receipt, context);
+    }
+    if (progress.lane) this.onLaneInfo(l, progress.lane);
+  }
+
   /** Receipts the agent sent again after a resync. */
   onReceiptBatch(agentId: string, batch: ReceiptBatch): void {
     const l = this.lanes.get(agentId);
@@ -466,6 +514,8 @@ export class PayerLanes {
       asked: true,
       deadline: s.deadline,
       inputHash: s.inputHash,
+      units: s.units,
+      rows: a.rows ?? 0,
       ...(a.outputHash ? { outputHash: a.outputHash } : {}),
       ...(a.reply ? { reply: a.reply, arrivedAt: a.arrivedAt! } : {}),
       ...(a.cancelled ? { cancelled: true } : {}),

@@ -1,0 +1,50 @@
+/**
+ * `spin`, an ONNX model written here as a protobuf (onnx.proto of the ONNX specification): 128 MatMuls in a
+ * chain with one 1024 × 1024 weight (the identity), input x and output y, [1, 1024] float32. A run takes
+ * about 20 ms here. Used by test/inline.test.ts and, run in units, by test/payments-progress.test.ts.
+ */
+
+function varint(n: number): Buffer {
+  const out: number[] = [];
+  while (n >= 0x80) {
+    out.push((n % 128) | 0x80);
+    n = Math.floor(n / 128);
+  }
+  out.push(n);
+  return Buffer.from(out);
+}
+
+const lenField = (field: number, payload: Buffer) => Buffer.concat([varint(field * 8 + 2), varint(payload.length), payload]);
+const varintField = (field: number, n: number) => Buffer.concat([varint(field * 8), varint(n)]);
+const stringField = (field: number, s: string) => lenField(field, Buffer.from(s));
+
+export const SPIN_WIDTH = 1024;
+export const SPIN_DEPTH = 128;
+
+/** ModelProto { ir_version 8, opset_import { version 17 }, graph { node × depth, initializer W, input x, output y } }. */
+export function spinModel(): Buffer {
+  const n = SPIN_WIDTH;
+  const weight = new Float32Array(n * n);
+  for (let i = 0; i < n; i++) weight[i * n + i] = 1;
+  // TypeProto { tensor_type { elem_type FLOAT, shape { dim { dim_value } ... } } }
+  const type = (dims: number[]) =>
+    lenField(1, Buffer.concat([varintField(1, 1), lenField(2, Buffer.concat(dims.map((d) => lenField(1, varintField(1, d)))))]));
+  const valueInfo = (name: string, dims: number[]) => Buffer.concat([stringField(1, name), lenField(2, type(dims))]);
+  const name = (i: number) => (i === 0 ? 'x' : i === SPIN_DEPTH ? 'y' : `h${i}`);
+  const nodes = Array.from({ length: SPIN_DEPTH }, (_, i) =>
+    lenField(1, Buffer.concat([stringField(1, name(i)), stringField(1, 'W'), stringField(2, name(i + 1)), stringField(4, 'MatMul')])),
+  );
+  // TensorProto { dims, data_type FLOAT, name, raw_data (little-endian) }
+  const initializer = lenField(
+    5,
+    Buffer.concat([varintField(1, n), varintField(1, n), varintField(2, 1), stringField(8, 'W'), lenField(9, Buffer.from(weight.buffer))]),
+  );
+  const graph = Buffer.concat([
+    ...nodes,
+    stringField(2, 'spin'),
+    initializer,
+    lenField(11, valueInfo('x', [1, n])),
+    lenField(12, valueInfo('y', [1, n])),
+  ]);
+  return Buffer.concat([varintField(1, 8), lenField(8, varintField(2, 17)), lenField(7, graph)]);
+}
