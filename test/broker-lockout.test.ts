@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import test from 'node:test';
 import { openMeshConnection } from '@edge-mesh/client';
 import { generateIdentity, type Identity, MeshError, makeConnectToken, topics } from '@edge-mesh/protocol';
+import { resolveBrokerOptions } from '../broker/src/options.ts';
 import {
   admitted,
   assertServing,
@@ -155,4 +156,39 @@ test('beyond its CONNECT rate an address still admits valid credentials; strange
   const warned = ab.logs.filter((l) => l.reason === 'connect-rate' && l.level === 40);
   assert.equal(warned.length, 1, 'the run over the rate is logged once at warn');
   await withTimeout(assertServing(defer, ab, 5000), 6000, 'serving');
+});
+
+test('a client blasting publishes is slowed to its byte rate while another client is served', { timeout: 30_000 }, async (t) => {
+  const defer = cleanup(t);
+  const rate = 256 * 1024;
+  const ab = await authBroker(defer, {
+    byteRatePerClient: rate,
+    byteBurstPerClient: rate,
+    publishRatePerClient: 1_000_000,
+    publishBurstPerClient: 1_000_000,
+  });
+  const agentId = await admitted(ab, 'agent');
+  const blasterId = await admitted(ab, 'app');
+  const agent = await connect(defer, ab.b, agentId);
+  const blaster = await connect(defer, ab.b, blasterId);
+  await agent.subscribeAsync(topics.agentRequestsFor(agentId.id), { qos: 1 });
+  let received = 0;
+  agent.on('message', (topic, payload) => {
+    if (topic === topics.agentRequest(agentId.id, blasterId.id)) received += payload.length;
+  });
+  // 16 MiB of garbage at QoS 0, as fast as the socket takes it: 64 times the bucket.
+  const chunk = Buffer.alloc(64 * 1024, 0xab);
+  const t0 = Date.now();
+  for (let i = 0; i < 256; i++) blaster.publish(topics.agentRequest(agentId.id, blasterId.id), chunk, { qos: 0 });
+  // Meanwhile another app's requests keep being answered.
+  await assertServing(defer, ab, 10_000);
+  await new Promise((r) => setTimeout(r, 1500));
+  const elapsedS = (Date.now() - t0) / 1000;
+  // The broker forwarded at most the burst plus the rate over the elapsed time (plus one chunk read past the bucket).
+  const ceiling = rate + rate * elapsedS + 2 * chunk.length;
+  assert.ok(received <= ceiling, `forwarded ${received} bytes in ${elapsedS.toFixed(1)} s, ceiling ${Math.round(ceiling)}`);
+  assert.ok(received >= rate / 2, `slowed, not cut off: ${received} bytes forwarded`);
+  assert.ok(blaster.connected, 'the blaster is throttled, not disconnected');
+  assert.ok(ab.logs.some((l) => l.reason === 'byte-rate' && l.clientId === blasterId.id));
+  assert.equal(resolveBrokerOptions({}).byteRatePerClient, 64 * 1024 * 1024, 'a byte rate applies by default');
 });
