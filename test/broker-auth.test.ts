@@ -35,7 +35,12 @@ import {
 const TMP_PREFIX = 'broker-auth-';
 
 /** An authenticated broker with one trusted operator; generous per-IP limits so tests are not rate limited. */
-const authBroker = authBrokerFor(TMP_PREFIX, { connectBurstPerIp: 10_000, connectRatePerIp: 10_000, authFailuresBeforeBan: 10_000 });
+const authBroker = authBrokerFor(TMP_PREFIX, {
+  connectBurstPerIp: 10_000,
+  connectRatePerIp: 10_000,
+  authFailuresBeforeBan: 10_000,
+  addressFailuresBeforeLimit: 10_000,
+});
 
 /** Resolves with the CONNACK return code of a refused connect (fails if the connect succeeds). */
 async function refusedCode(b: BrokerHandle, opts: IClientOptions): Promise<number> {
@@ -774,34 +779,28 @@ test('auth options are validated, and a data folder held by a running broker can
   );
 });
 
-test('IpGuard and NonceCache: buckets refill, bans expire, idle state and old nonces are forgotten', () => {
+test('IpGuard and NonceCache: buckets refill, limits expire, idle state and old nonces are forgotten', () => {
   const g = new IpGuard({
     maxConnectionsPerIp: 2,
     connectRatePerIp: 10,
     connectBurstPerIp: 3,
+    addressFailuresBeforeLimit: 3,
     authFailuresBeforeBan: 3,
     authFailureWindowMs: 1000,
     banMs: 5000,
   });
-  assert.deepEqual([g.accept('a', 0), g.accept('a', 0), g.accept('a', 0), g.accept('b', 0)], ['ok', 'ok', 'too-many-connections', 'ok']);
-  g.release('a');
-  assert.equal(g.accept('a', 0), 'ok');
   assert.deepEqual(
     [g.connect('a', 0), g.connect('a', 0), g.connect('a', 0), g.connect('a', 0), g.connect('a', 1), g.connect('a', 100)],
     ['ok', 'ok', 'ok', 'connect-rate', 'connect-rate-again', 'ok'],
   );
-  // Failures spread beyond the window do not ban; three within it do, for banMs.
+  // Failures spread beyond the window do not limit; three within it do, for banMs.
   assert.equal(g.failure('c', 0), false);
   assert.equal(g.failure('c', 2000), false);
   assert.equal(g.failure('c', 2100), false);
   assert.equal(g.failure('c', 2200), true);
-  assert.equal(g.accept('c', 2300), 'banned');
-  assert.equal(g.connect('c', 7199), 'banned');
-  assert.equal(g.accept('c', 7201), 'ok');
-  g.release('c');
-  g.release('a');
-  g.release('a');
-  g.release('b');
+  assert.equal(g.isLimited('c', 2300), true);
+  assert.equal(g.connect('c', 7199), 'limited');
+  assert.equal(g.connect('c', 7201), 'ok');
   g.sweep(100_000);
   assert.equal(g.size, 0);
 

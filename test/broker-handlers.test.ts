@@ -26,13 +26,15 @@ import {
   type ConnectPolicy,
   checkConnect,
   doorVerdict,
+  limitRefusal,
+  namesAdmittedId,
   stillAdmitted,
   verifyConnect,
 } from '../broker/src/handlers/connect.ts';
 import { decidePublish, type PublishContext } from '../broker/src/handlers/publish.ts';
 import { decideSubscribe, grantedQos } from '../broker/src/handlers/subscribe.ts';
 import { checkWillPolicy, orphanWillAllowed, willRoleRefusal } from '../broker/src/handlers/will.ts';
-import { IpGuard, NonceCache } from '../broker/src/limits.ts';
+import { ClientGuard, IpGuard, NonceCache } from '../broker/src/limits.ts';
 import { AdmissionStore } from '../broker/src/store.ts';
 import { cleanup, tempDir } from './broker-fixtures.ts';
 
@@ -158,31 +160,78 @@ describe('CONNECT decisions', () => {
     assert.ok(open.ok && open.token === undefined, 'open mode verifies nothing');
   });
 
-  test('doorVerdict: ban, CONNECT bucket, then MQTT 3.1.1 only', () => {
-    const ips = new IpGuard({
-      maxConnectionsPerIp: 10,
-      connectRatePerIp: 1,
-      connectBurstPerIp: 2,
-      authFailuresBeforeBan: 2,
-      authFailureWindowMs: 10_000,
-      banMs: 60_000,
-    });
+  const LIMITS = {
+    maxConnectionsPerIp: 10,
+    connectRatePerIp: 1,
+    connectBurstPerIp: 2,
+    addressFailuresBeforeLimit: 2,
+    authFailuresBeforeBan: 2,
+    authFailureWindowMs: 10_000,
+    banMs: 60_000,
+  };
+
+  test('doorVerdict: the address limit and CONNECT bucket are noted, not acted on; then MQTT 3.1.1 only', () => {
+    const ips = new IpGuard(LIMITS);
     const t0 = 1_000_000;
     const seq: [string, number | undefined, number, unknown][] = [
-      ['10.0.0.1', 4, t0, { action: 'go' }],
+      ['10.0.0.1', 4, t0, { action: 'go', limited: undefined }],
       ['10.0.0.1', 3, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
-      ['10.0.0.1', 4, t0, { action: 'drop', reason: 'connect-rate', code: 'MESH_RATE_LIMITED', quiet: false }],
-      ['10.0.0.1', 4, t0, { action: 'drop', reason: 'connect-rate', code: 'MESH_RATE_LIMITED', quiet: true }],
+      ['10.0.0.1', 4, t0, { action: 'go', limited: 'connect-rate', quiet: false }],
+      ['10.0.0.1', 4, t0, { action: 'go', limited: 'connect-rate', quiet: true }],
       ['10.0.0.2', 5, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
       ['10.0.0.2', undefined, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
-      ['10.0.0.1', 4, t0 + 1_000, { action: 'go' }],
+      ['10.0.0.1', 4, t0 + 1_000, { action: 'go', limited: undefined }],
     ];
     for (const [ip, version, now, expected] of seq)
       assert.deepEqual(doorVerdict(ips, ip, version, now), expected, `${ip} v${version} @${now}`);
     ips.failure('10.0.0.3', t0);
-    assert.ok(ips.failure('10.0.0.3', t0), 'the second refusal bans');
-    assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 1), { action: 'drop', reason: 'banned', code: 'MESH_RATE_LIMITED', quiet: true });
-    assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 60_001), { action: 'go' });
+    assert.ok(ips.failure('10.0.0.3', t0), 'the second unauthenticated refusal limits the address');
+    assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 1), { action: 'go', limited: 'address-limited', quiet: true });
+    assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 60_001), { action: 'go', limited: undefined });
+  });
+
+  test('limitRefusal: a limited address lets admitted ids through; failed tokens ban the (id, address) pair only', async (t) => {
+    const defer = cleanup(t);
+    const op = generateIdentity('operator');
+    const store = await AdmissionStore.open(await tempDir(defer, 'mesh-limits-'), new Map([[op.id, op.publicKey]]), quiet);
+    defer(() => store.close());
+    const agent = generateIdentity('agent');
+    const stranger = generateIdentity('agent');
+    await store.admit(admit(op, agent));
+    const clients = new ClientGuard(LIMITS);
+    const now = Date.now();
+    const reasonOf = (r: ReturnType<typeof limitRefusal>) => (r === undefined ? 'go' : [r.reason, r.code, r.returnCode]);
+    // Not limited: everyone goes on to the usual checks.
+    assert.equal(reasonOf(limitRefusal(false, stranger.id, '10.0.0.1', clients, store, now)), 'go');
+    assert.equal(reasonOf(limitRefusal(false, 'garbage', '10.0.0.1', clients, store, now)), 'go');
+    // A limited address: only the admitted id goes on.
+    assert.equal(reasonOf(limitRefusal(true, agent.id, '10.0.0.1', clients, store, now)), 'go');
+    assert.deepEqual(reasonOf(limitRefusal(true, stranger.id, '10.0.0.1', clients, store, now)), [
+      'address-limited',
+      'MESH_RATE_LIMITED',
+      3,
+    ]);
+    assert.deepEqual(reasonOf(limitRefusal(true, 'garbage', '10.0.0.1', clients, store, now)), ['address-limited', 'MESH_RATE_LIMITED', 3]);
+    // Open mode has no identities: a limited address is refused.
+    assert.deepEqual(reasonOf(limitRefusal(true, 'agent-one', '10.0.0.1', clients, undefined, now)), [
+      'address-limited',
+      'MESH_RATE_LIMITED',
+      3,
+    ]);
+    // Failed tokens for the admitted id from one address ban that pair, and nothing else.
+    assert.equal(namesAdmittedId(agent.id, store, now), true);
+    assert.equal(namesAdmittedId(stranger.id, store, now), false);
+    assert.equal(clients.failure('10.0.0.1', agent.id, now), false);
+    assert.equal(clients.failure('10.0.0.1', agent.id, now), true);
+    assert.deepEqual(reasonOf(limitRefusal(false, agent.id, '10.0.0.1', clients, store, now + 1)), [
+      'client-limited',
+      'MESH_RATE_LIMITED',
+      3,
+    ]);
+    assert.equal(reasonOf(limitRefusal(false, agent.id, '10.0.0.2', clients, store, now + 1)), 'go', 'the same id from elsewhere');
+    assert.equal(reasonOf(limitRefusal(false, agent.id, '10.0.0.1', clients, store, now + 60_001)), 'go', 'the ban ends');
+    clients.sweep(now + 200_000);
+    assert.equal(clients.size, 0);
   });
 
   test('verifyConnect and stillAdmitted against a real admission store', async (t) => {

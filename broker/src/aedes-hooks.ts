@@ -22,12 +22,15 @@ import {
   type ConnectCheck,
   type ConnectPolicy,
   checkConnect,
+  type DoorVerdict,
   doorVerdict,
+  limitRefusal,
+  namesAdmittedId,
   verifyConnect,
 } from './handlers/connect.ts';
 import { decidePublish } from './handlers/publish.ts';
 import { decideSubscribe, grantedQos } from './handlers/subscribe.ts';
-import type { IpGuard, NonceCache } from './limits.ts';
+import type { ClientGuard, IpGuard, NonceCache } from './limits.ts';
 import type { WarnThrottled } from './log.ts';
 import type { ResolvedBrokerOptions } from './options.ts';
 import type { TopicLimits } from './policy.ts';
@@ -37,6 +40,7 @@ export interface HookContext {
   log: Logger;
   warnThrottled: WarnThrottled;
   ips: IpGuard;
+  clients: ClientGuard;
   nonces: NonceCache;
   /** The admission store; undefined in open mode. */
   store: Admissions | undefined;
@@ -72,23 +76,32 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
   const publishBurst = opts.publishBurstPerClient;
   // CONNECT checks run in preConnect (which sees the raw packet) but are answered in authenticate, which is the only
   // place aedes can send a CONNACK with a refusal code instead of just dropping the socket.
-  const pendingConnects = new WeakMap<Client, ConnectCheck>();
+  const pendingConnects = new WeakMap<Client, { check: ConnectCheck; door: DoorVerdict & { action: 'go' } }>();
 
   function ipOf(client: Client): string {
     return ctx.addressOf(client.conn) ?? (client.conn as { remoteAddress?: string } | undefined)?.remoteAddress ?? 'unknown';
   }
 
-  /** Counts a refused CONNECT against its address and logs it; the address is banned after a burst of them. */
+  /**
+   * Counts a refused CONNECT and logs it: against the (id, address) pair when it named an admitted id, else against
+   * the address (docs/security.md, "Connecting").
+   */
   function connectFailed(client: Client, reason: string, code: MeshErrorCode, topic?: string): void {
     const ip = ipOf(client);
     // An over-long id is logged by its first 64 characters only.
-    log.warn({ clientId: client.id?.slice(0, 64) ?? null, topic, reason, code, remoteAddress: ip }, 'connect refused');
-    countFailure(ip);
+    const clientId = client.id?.slice(0, 64) ?? null;
+    log.warn({ clientId, topic, reason, code, remoteAddress: ip }, 'connect refused');
+    const now = Date.now();
+    if (namesAdmittedId(client.id ?? '', ctx.store, now)) {
+      if (ctx.clients.failure(ip, client.id, now)) {
+        log.warn({ clientId, remoteAddress: ip, reason: 'auth-failure-storm', banMs: opts.banMs }, 'client limited');
+      }
+    } else countFailure(ip);
   }
 
   function countFailure(ip: string): void {
     if (ctx.ips.failure(ip, Date.now())) {
-      log.warn({ remoteAddress: ip, reason: 'auth-failure-storm', banMs: opts.banMs }, 'address banned');
+      log.warn({ remoteAddress: ip, reason: 'auth-failure-storm', banMs: opts.banMs }, 'address limited');
     }
   }
 
@@ -122,14 +135,6 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       const now = Date.now();
       const ip = ipOf(client);
       const door = doorVerdict(ctx.ips, ip, packet.protocolVersion, now);
-      if (door.action === 'drop') {
-        const fields = { clientId: packet.clientId?.slice(0, 64) || null, reason: door.reason, code: door.code, remoteAddress: ip };
-        if (door.quiet) log.debug(fields, 'connect refused');
-        else log.warn(fields, 'connect refused');
-        // Closed without a CONNACK: the cheapest answer to a storm; a well-behaved client backs off and retries.
-        callback(new MeshError(door.code, `connect refused: ${door.reason}`, { details: { reason: door.reason } }), false);
-        return;
-      }
       if (door.action === 'wrong-version') {
         const clientId = packet.clientId?.slice(0, 64) || null;
         const { reason, code } = door;
@@ -139,9 +144,15 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
         callback(null, true);
         return;
       }
+      if (door.limited === 'connect-rate' && !door.quiet) {
+        log.warn(
+          { remoteAddress: ip, reason: door.limited, code: 'MESH_RATE_LIMITED' },
+          'address over its CONNECT rate: only admitted ids go on',
+        );
+      }
       const check = checkConnect(packet, connectPolicy, now);
       if (!check.ok && (check.reason === 'keepalive-too-long' || check.reason === 'keepalive-zero')) passAedesKeepaliveCheck(packet);
-      pendingConnects.set(client, check);
+      pendingConnects.set(client, { check, door });
       const hook = hooks.preConnect;
       if (!hook) {
         callback(null, true);
@@ -172,10 +183,26 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       password: Buffer | undefined,
       callback: (error: AuthenticateError | null, success: boolean | null) => void,
     ): void {
-      const check = pendingConnects.get(client);
+      const pending = pendingConnects.get(client);
       pendingConnects.delete(client);
+      const now = Date.now();
+      const ip = ipOf(client);
+      // The limits first: a refusal by a limit is not itself counted as a failure, so a limit cannot feed itself.
+      const limited = limitRefusal(pending?.door.limited !== undefined, client.id ?? '', ip, ctx.clients, ctx.store, now);
+      if (limited !== undefined) {
+        const clientId = client.id?.slice(0, 64) ?? null;
+        warnThrottled(
+          `limit:${ip}:${limited.reason}`,
+          { clientId, reason: limited.reason, code: limited.code, remoteAddress: ip },
+          'connect refused',
+        );
+        const refusal = new MeshError(limited.code, limited.reason, { details: { reason: limited.reason } });
+        callback(authenticateError(refusal, limited.returnCode), false);
+        return;
+      }
+      const check = pending?.check;
       const verdict =
-        check === undefined || check.ok ? verifyConnect(client.id, check?.token, ctx.store, ctx.nonces, Date.now(), publishBurst) : check;
+        check === undefined || check.ok ? verifyConnect(client.id, check?.token, ctx.store, ctx.nonces, now, publishBurst) : check;
       if (!verdict.ok) {
         connectFailed(client, verdict.reason, verdict.code, verdict.topic);
         const refusal = new MeshError(verdict.code, verdict.reason, { details: { reason: verdict.reason } });

@@ -120,3 +120,81 @@ export function guardSocket(socket: Socket, maxPacketBytes: number, onReject: (r
     return push.call(this, chunk, encoding);
   };
 }
+
+/**
+ * Per-connection inbound byte rate (docs/security.md, "Hostile input"): a token bucket of `burstBytes` refilled at
+ * `bytesPerSec`, charged for every chunk the kernel hands over. When it runs dry the broker stops reading the socket
+ * until the bucket is back above zero: the chunks already read wait in the socket's buffer, Node stops reading from
+ * the kernel once that buffer is full, and TCP flow control slows the sender. Nothing is dropped and nobody else
+ * waits. This is the "pause receiving client messages" behaviour EMQX documents for its per-client `bytes_rate`
+ * limiter (emqx/emqx-docs, en_US/rate-limit/rate-limit.md).
+ *
+ * aedes reads in paused mode (`'readable'` + `read(null)`, aedes lib/client.js), so pausing is done by answering
+ * `read()` with null while throttled and emitting `'readable'` once the bucket has refilled.
+ */
+export class ByteBucket {
+  private tokens: number;
+  private last: number;
+
+  constructor(
+    private readonly bytesPerSec: number,
+    private readonly burstBytes: number,
+    now: number,
+  ) {
+    this.tokens = burstBytes;
+    this.last = now;
+  }
+
+  private refill(now: number): void {
+    this.tokens = Math.min(this.burstBytes, this.tokens + ((now - this.last) * this.bytesPerSec) / 1000);
+    this.last = now;
+  }
+
+  /** Charges `bytes`; returns how long to wait (ms) before reading again, 0 when the bucket is not overdrawn. */
+  take(bytes: number, now: number): number {
+    this.refill(now);
+    this.tokens -= bytes;
+    return this.waitMs(now);
+  }
+
+  /** How long until the bucket is back above zero. */
+  waitMs(now: number): number {
+    this.refill(now);
+    return this.tokens >= 0 ? 0 : Math.ceil((-this.tokens * 1000) / this.bytesPerSec);
+  }
+}
+
+/** Installs the byte-rate limit on a socket before anything reads from it; `onThrottle` is told of each pause. */
+export function throttleSocket(socket: Socket, bytesPerSec: number, burstBytes: number, onThrottle: (waitMs: number) => void): void {
+  const bucket = new ByteBucket(bytesPerSec, burstBytes, Date.now());
+  let timer: NodeJS.Timeout | undefined;
+  const push = socket.push;
+  const read = socket.read;
+  const resume = (): void => {
+    timer = undefined;
+    if (socket.destroyed) return;
+    const waitMs = bucket.waitMs(Date.now());
+    if (waitMs > 0) {
+      timer = setTimeout(resume, waitMs);
+      return;
+    }
+    socket.emit('readable');
+  };
+  socket.push = function throttledPush(this: Socket, chunk: unknown, encoding?: BufferEncoding): boolean {
+    if (chunk !== null && Buffer.isBuffer(chunk) && timer === undefined) {
+      const waitMs = bucket.take(chunk.length, Date.now());
+      if (waitMs > 0) {
+        onThrottle(waitMs);
+        timer = setTimeout(resume, waitMs);
+      }
+    } else if (chunk !== null && Buffer.isBuffer(chunk)) {
+      bucket.take(chunk.length, Date.now());
+    }
+    return push.call(this, chunk, encoding);
+  };
+  socket.read = function throttledRead(this: Socket, n?: number) {
+    if (timer !== undefined) return null;
+    return read.call(this, n);
+  };
+  socket.once('close', () => clearTimeout(timer));
+}

@@ -11,8 +11,10 @@
  *   more than `maxPacketBytes`, before the body is buffered;
  * - the built-in topic policy (./policy.ts): no QoS 2, topic caps, no `$` topics, retain and wills only on the
  *   client's own status topic, no match-everything subscriptions.
- * - per-IP limits (./limits.ts): simultaneous connections, a CONNECT token bucket, a ban after a burst of refused
- *   CONNECTs; clean sessions only; keepalive between 1 and `keepaliveLimitS`; a per-client publish token bucket.
+ * - front-door limits (./limits.ts, ./listener.ts): per address, a cap on sockets that have not finished CONNECT
+ *   (the oldest is evicted), a CONNECT token bucket and a limit after a burst of refused CONNECTs that named no
+ *   admitted id; per (admitted id, address), a ban after a burst of failed tokens; clean sessions only; keepalive
+ *   between 1 and `keepaliveLimitS`; a per-client publish token bucket and byte-rate limit (./guard.ts).
  *
  * With `auth` (authenticated mode) every CONNECT must carry clientId = a key-derived id, username = that id (or
  * empty) and password = a CONNECT token (protocol/identity.ts) signed by the key the id was admitted with; cheap
@@ -21,8 +23,8 @@
  * operators administer admissions over MQTT (./admin.ts), and the admission store (./store.ts) lives in `level`.
  * Without `auth` ("open mode", for local tests) anonymous clients are accepted and no ACL applies.
  *
- * Refusals: a refused CONNECT is answered with CONNACK 2 (identifier rejected: id too long or not key-derived) or 5
- * (not authorized: everything else), except a banned or over-rate address, which is closed without a CONNACK. A
+ * Refusals: a refused CONNECT is answered with CONNACK 2 (identifier rejected: id too long or not key-derived), 3
+ * (server unavailable: refused by a limit, retry later) or 5 (not authorized: everything else). A
  * refused PUBLISH (topic policy, ACL, or over the publish rate) disconnects the client (MQTT 3.1.1 has no PUBACK
  * error code, and a silently dropped QoS 1 message would look delivered). A refused SUBSCRIBE gets 0x80 and the
  * connection stays up. Every refusal is logged at warn with a reason and its MESH_* code (./handlers/refusals.ts,
@@ -42,7 +44,7 @@ import { admissionControl } from './admissions.ts';
 import { downgradeSubscribeQoS } from './aedes-adapter.ts';
 import { createAedesHooks } from './aedes-hooks.ts';
 import { grantedQos } from './handlers/subscribe.ts';
-import { IpGuard, NonceCache } from './limits.ts';
+import { ClientGuard, IpGuard, NonceCache } from './limits.ts';
 import { createListener } from './listener.ts';
 import { throttledWarn } from './log.ts';
 import type { BrokerOptions } from './options.ts';
@@ -99,6 +101,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   const log: Logger = (opts.logger ?? pino({ level: 'silent' })).child({ part: 'broker' });
   const warnThrottled = throttledWarn(log);
   const ips = new IpGuard(opts);
+  const clients = new ClientGuard(opts);
   const nonces = new NonceCache(auth?.nonceTtlMs ?? 0);
   const store = auth ? await AdmissionStore.open(auth.dataDir, auth.trustedOperators, log) : undefined;
   if (!auth) {
@@ -109,8 +112,10 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   }
 
   const listener = createListener({
-    ips,
+    maxPendingPerIp: opts.maxConnectionsPerIp,
     maxPacketBytes: opts.maxPacketBytes,
+    byteRatePerClient: opts.byteRatePerClient,
+    byteBurstPerClient: opts.byteBurstPerClient,
     maxConnections: opts.maxConnections,
     log,
     warnThrottled,
@@ -131,6 +136,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
       log,
       warnThrottled,
       ips,
+      clients,
       nonces,
       store,
       addressOf: listener.addressOf,
@@ -140,6 +146,8 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   let closing: Promise<void> | undefined;
   const admissions = admissionControl(aedes, store, log, () => closing !== undefined);
 
+  // A client that finished CONNECT no longer counts against its address's cap on pending sockets.
+  aedes.on('client', (client) => listener.established(client.conn));
   aedes.on('clientError', (client, err) => log.debug({ clientId: client.id, err: err.message }, 'client error'));
   aedes.on('connectionError', (client, err) => {
     log.debug(
@@ -155,6 +163,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   const sweeper = setInterval(() => {
     const now = Date.now();
     ips.sweep(now);
+    clients.sweep(now);
     nonces.prune(now);
   }, SWEEP_INTERVAL_MS);
   sweeper.unref();

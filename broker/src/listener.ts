@@ -1,17 +1,26 @@
 /**
- * The TCP listener in front of aedes: TCP_NODELAY on every socket, the connection cap, the per-address connection
- * limit and ban at accept (./limits.ts), and the framing guard (./guard.ts) installed before aedes reads a byte.
+ * The TCP listener in front of aedes: TCP_NODELAY on every socket, the connection cap, the per-address cap on sockets
+ * that have not finished CONNECT, and the framing guard and byte-rate limit (./guard.ts) installed before aedes reads
+ * a byte.
+ *
+ * The per-address cap evicts rather than refuses: when an address already holds `maxPendingPerIp` sockets that have
+ * not finished CONNECT, its oldest such socket is closed to make room. A flood of idle sockets then only recycles
+ * its own sockets, while a real client, whose CONNECT follows its TCP handshake at once, still gets in; a client
+ * that finished CONNECT is never counted or evicted (docs/security.md, "Connecting").
  */
 import net from 'node:net';
 import type { Logger } from 'pino';
 import { clientOfSocket } from './aedes-adapter.ts';
-import { guardSocket } from './guard.ts';
-import type { IpGuard } from './limits.ts';
+import { guardSocket, throttleSocket } from './guard.ts';
 import type { WarnThrottled } from './log.ts';
 
 export interface ListenerOptions {
-  ips: IpGuard;
+  /** Sockets per address that have not finished CONNECT; beyond it the oldest is closed. */
+  maxPendingPerIp: number;
   maxPacketBytes: number;
+  /** Per-connection inbound byte rate and burst. */
+  byteRatePerClient: number;
+  byteBurstPerClient: number;
   maxConnections: number;
   log: Logger;
   warnThrottled: WarnThrottled;
@@ -25,6 +34,8 @@ export interface Listener {
   addressOf(socket: unknown): string | undefined;
   /** Binds; resolves with the bound port. */
   listen(port: number, host: string): Promise<number>;
+  /** The socket's client finished CONNECT: it no longer counts against its address's pending cap. */
+  established(socket: unknown): void;
   /** Refuses new sockets from now on. */
   stopAccepting(): void;
   /** Closes the server and destroys the sockets aedes never registered (no CONNECT yet) or that are still closing. */
@@ -32,10 +43,19 @@ export interface Listener {
 }
 
 export function createListener(options: ListenerOptions): Listener {
-  const { ips, maxPacketBytes, log, warnThrottled } = options;
+  const { maxPendingPerIp, maxPacketBytes, log, warnThrottled } = options;
   const socketIps = new WeakMap<object, string>();
   const sockets = new Set<net.Socket>();
+  /** Per address, its sockets that have not finished CONNECT, oldest first (a Set keeps insertion order). */
+  const pending = new Map<string, Set<net.Socket>>();
   let accepting = true;
+
+  const unpend = (ip: string, socket: net.Socket): void => {
+    const set = pending.get(ip);
+    if (set === undefined) return;
+    set.delete(socket);
+    if (set.size === 0) pending.delete(ip);
+  };
 
   const server = net.createServer({ noDelay: true }, (socket) => {
     if (!accepting) {
@@ -43,24 +63,36 @@ export function createListener(options: ListenerOptions): Listener {
       return;
     }
     const ip = socket.remoteAddress ?? 'unknown';
-    const verdict = ips.accept(ip, Date.now());
-    if (verdict !== 'ok') {
-      // Banned addresses are dropped before a byte is read; one IP cannot take the whole connection cap.
-      if (verdict === 'too-many-connections') warnThrottled(`accept:${ip}`, { remoteAddress: ip, reason: verdict }, 'connection dropped');
-      else log.debug({ remoteAddress: ip, reason: verdict }, 'connection dropped');
-      socket.destroy();
-      return;
+    let set = pending.get(ip);
+    if (set === undefined) {
+      set = new Set();
+      pending.set(ip, set);
     }
+    if (set.size >= maxPendingPerIp) {
+      const oldest = set.values().next().value as net.Socket;
+      set.delete(oldest);
+      warnThrottled(`accept:${ip}`, { remoteAddress: ip, reason: 'too-many-connections' }, 'oldest connection without CONNECT closed');
+      oldest.destroy();
+    }
+    set.add(socket);
     socketIps.set(socket, ip);
     sockets.add(socket);
     socket.once('close', () => {
       sockets.delete(socket);
-      ips.release(ip);
+      unpend(ip, socket);
     });
     guardSocket(socket, maxPacketBytes, (rejection) => {
       log.warn(
         { clientId: clientOfSocket(socket)?.id ?? null, topic: undefined, remoteAddress: socket.remoteAddress, ...rejection },
         'connection dropped by framing guard',
+      );
+    });
+    throttleSocket(socket, options.byteRatePerClient, options.byteBurstPerClient, (waitMs) => {
+      const clientId = clientOfSocket(socket)?.id ?? null;
+      warnThrottled(
+        `bytes:${ip}:${clientId}`,
+        { clientId, remoteAddress: ip, reason: 'byte-rate', waitMs },
+        'reading paused: over the byte rate',
       );
     });
     options.handle(socket);
@@ -73,6 +105,11 @@ export function createListener(options: ListenerOptions): Listener {
   return {
     server,
     addressOf: (socket) => (socket !== null && typeof socket === 'object' ? socketIps.get(socket) : undefined),
+    established(socket) {
+      if (socket === null || typeof socket !== 'object') return;
+      const ip = socketIps.get(socket);
+      if (ip !== undefined) unpend(ip, socket as net.Socket);
+    },
     async listen(port, host) {
       await new Promise<void>((resolve, reject) => {
         server.once('error', reject);

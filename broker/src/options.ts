@@ -75,18 +75,36 @@ export interface BrokerOptions {
   queueLimit?: number;
   /** Longest clientId in characters. */
   maxClientIdLength?: number;
-  /** Cap on simultaneous TCP connections from one IP address (idle-socket floods). Default 1000. */
+  /**
+   * Cap on sockets from one IP address that have not finished CONNECT (idle-socket floods). Beyond it the oldest such
+   * socket from that address is closed, so a new client (whose CONNECT follows at once) still gets in. Default 1000.
+   */
   maxConnectionsPerIp?: number;
   /** CONNECT packets per second one IP address may send, sustained (token bucket). Default 50. */
   connectRatePerIp?: number;
   /** …and in a burst. Default 200. */
   connectBurstPerIp?: number;
-  /** This many refused CONNECTs from one IP address within `authFailureWindowMs` ban it. Default 20. */
+  /**
+   * This many refused CONNECTs from one IP address naming no admitted id, within `authFailureWindowMs`, limit the
+   * address for `banMs`: then only CONNECTs naming an admitted id go on (the rest get CONNACK 3). Default 100.
+   */
+  addressFailuresBeforeLimit?: number;
+  /**
+   * This many refused CONNECTs naming one admitted id from one IP address within `authFailureWindowMs` ban that id
+   * from that address for `banMs` (CONNACK 3, no signature checked). Default 20.
+   */
   authFailuresBeforeBan?: number;
   /** Default 10 000. */
   authFailureWindowMs?: number;
-  /** How long a banned IP address has its connections dropped at accept. Default 60 000. */
+  /** How long a limited address or a banned (id, address) pair stays so. Default 60 000. */
   banMs?: number;
+  /**
+   * Inbound bytes per second one connection may send, sustained (token bucket). Over it the broker stops reading the
+   * socket until the bucket refills (TCP backpressure; nothing is dropped). Default 64 MiB/s.
+   */
+  byteRatePerClient?: number;
+  /** …and in a burst. Default 64 MiB (16 of the largest packets). */
+  byteBurstPerClient?: number;
   /** PUBLISH packets per second one client may send, sustained (token bucket). Default 20 000. */
   publishRatePerClient?: number;
   /** …and in a burst. Default 40 000. A client beyond it is disconnected. */
@@ -112,6 +130,8 @@ export interface ResolvedBrokerOptions extends IpLimits {
   maxClientIdLength: number;
   publishRatePerClient: number;
   publishBurstPerClient: number;
+  byteRatePerClient: number;
+  byteBurstPerClient: number;
   logger: Logger | undefined;
   hooks: BrokerHooks;
   auth: ResolvedAuthOptions | undefined;
@@ -132,11 +152,14 @@ const KNOWN_KEYS = new Set([
   'maxConnectionsPerIp',
   'connectRatePerIp',
   'connectBurstPerIp',
+  'addressFailuresBeforeLimit',
   'authFailuresBeforeBan',
   'authFailureWindowMs',
   'banMs',
   'publishRatePerClient',
   'publishBurstPerClient',
+  'byteRatePerClient',
+  'byteBurstPerClient',
   'logger',
   'hooks',
   'auth',
@@ -164,11 +187,14 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     maxConnectionsPerIp = 1000,
     connectRatePerIp = 50,
     connectBurstPerIp = 200,
+    addressFailuresBeforeLimit = 100,
     authFailuresBeforeBan = 20,
     authFailureWindowMs = 10_000,
     banMs = 60_000,
     publishRatePerClient = 20_000,
     publishBurstPerClient = 40_000,
+    byteRatePerClient = 64 * 1024 * 1024,
+    byteBurstPerClient = 64 * 1024 * 1024,
     logger,
     hooks = {},
     auth,
@@ -202,11 +228,14 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
   int('maxConnectionsPerIp', maxConnectionsPerIp, 1, 10_000_000);
   int('connectRatePerIp', connectRatePerIp, 1, 1_000_000);
   int('connectBurstPerIp', connectBurstPerIp, 1, 1_000_000);
+  int('addressFailuresBeforeLimit', addressFailuresBeforeLimit, 1, 1_000_000);
   int('authFailuresBeforeBan', authFailuresBeforeBan, 1, 1_000_000);
   int('authFailureWindowMs', authFailureWindowMs, 1, 86_400_000);
   int('banMs', banMs, 0, 86_400_000);
   int('publishRatePerClient', publishRatePerClient, 1, 10_000_000);
   int('publishBurstPerClient', publishBurstPerClient, 1, 10_000_000);
+  int('byteRatePerClient', byteRatePerClient, 1024, 2 ** 40);
+  int('byteBurstPerClient', byteBurstPerClient, 1024, 2 ** 40);
   if (logger !== undefined) {
     const l = logger as unknown as Record<string, unknown> | null;
     if (l === null || typeof l !== 'object' || typeof l.child !== 'function' || typeof l.warn !== 'function') {
@@ -240,11 +269,14 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     maxConnectionsPerIp,
     connectRatePerIp,
     connectBurstPerIp,
+    addressFailuresBeforeLimit,
     authFailuresBeforeBan,
     authFailureWindowMs,
     banMs,
     publishRatePerClient,
     publishBurstPerClient,
+    byteRatePerClient,
+    byteBurstPerClient,
     logger,
     hooks,
     auth: resolvedAuth,

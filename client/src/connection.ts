@@ -34,8 +34,11 @@ export interface MeshConnectionOptions {
   onReconnectScheduled?: (delayMs: number, attempt: number) => void;
   /**
    * Called when the broker answers a CONNECT with a refusal (CONNACK return code > 0): MESH_UNAUTHORIZED
-   * for "bad username or password" and "not authorized", MESH_NOT_CONNECTED for the rest. The
-   * connection keeps retrying with backoff until closed; `firstConnect` is true until a connect succeeded.
+   * for "bad username or password" and "not authorized", MESH_RATE_LIMITED for "server unavailable" (the
+   * broker's limits, docs/security.md "Connecting"), MESH_NOT_CONNECTED for the rest. Called once per run
+   * of the same refusal (again only after a connect succeeded or the return code changed), so a caller
+   * that logs it logs it once. The connection keeps retrying with backoff until closed; `firstConnect` is
+   * true until a connect succeeded. `refusal` on the handle holds the latest one until a connect succeeds.
    */
   onRefused?: (err: MeshError, firstConnect: boolean) => void;
 }
@@ -44,11 +47,16 @@ export interface MeshConnection {
   client: MqttClient;
   /** Resolves on the first successful connect. */
   firstConnect: Promise<void>;
+  /** The broker's latest CONNACK refusal, cleared by a successful connect. */
+  readonly refusal: MeshError | undefined;
   close(): Promise<void>;
 }
 
 /** MQTT 3.1.1 CONNACK return codes (§3.2.2.3) and their MQTT 5 counterparts that mean "who you are is refused". */
 const AUTH_REFUSALS = new Set([4, 5, 134, 135]);
+
+/** MQTT 3.1.1 CONNACK 3, "server unavailable": the mesh broker's answer when a limit refuses a CONNECT. */
+const CONNACK_SERVER_UNAVAILABLE = 3;
 
 /** The MeshError for a CONNACK refusal as mqtt.js reports it, or undefined for any other error. */
 export function connectRefusal(err: unknown, clientId: string): MeshError | undefined {
@@ -56,6 +64,12 @@ export function connectRefusal(err: unknown, clientId: string): MeshError | unde
   if (!e || typeof e.code !== 'number' || e.code <= 0 || typeof e.message !== 'string' || !e.message.startsWith('Connection refused'))
     return undefined;
   const reason = e.message.replace(/^Connection refused:\s*/, '') || `return code ${e.code}`;
+  if (e.code === CONNACK_SERVER_UNAVAILABLE) {
+    return new MeshError('MESH_RATE_LIMITED', `the broker is limiting ${clientId}: ${reason.toLowerCase()}; retrying later`, {
+      cause: err,
+      details: { clientId, returnCode: e.code },
+    });
+  }
   return AUTH_REFUSALS.has(e.code)
     ? new MeshError('MESH_UNAUTHORIZED', `the broker refused ${clientId}: ${reason.toLowerCase()}`, {
         cause: err,
@@ -102,12 +116,14 @@ export function openMeshConnection(brokerUrl: string, options: MeshConnectionOpt
   let closed = false;
   let connectedOnce = false;
   let timer: NodeJS.Timeout | undefined;
+  let refusal: MeshError | undefined;
   let resolveFirst!: () => void;
   const firstConnect = new Promise<void>((resolve) => (resolveFirst = resolve));
 
   client.on('connect', () => {
     attempt = 0;
     connectedOnce = true;
+    refusal = undefined;
     // mqtt.js never sets TCP_NODELAY; without it small request bursts stall on delayed ACKs.
     (client.stream as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
     onConnect?.(client);
@@ -127,14 +143,20 @@ export function openMeshConnection(brokerUrl: string, options: MeshConnectionOpt
   });
   // Errors (refused connection, protocol errors) are followed by 'close', which reconnects.
   client.on('error', (err) => {
-    if (closed || !onRefused) return;
-    const refusal = connectRefusal(err, clientId);
-    if (refusal) onRefused(refusal, !connectedOnce);
+    if (closed) return;
+    const refused = connectRefusal(err, clientId);
+    if (!refused) return;
+    const repeat = refusal !== undefined && refusal.details?.returnCode === refused.details?.returnCode;
+    refusal = refused;
+    if (!repeat) onRefused?.(refused, !connectedOnce);
   });
 
   return {
     client,
     firstConnect,
+    get refusal() {
+      return refusal;
+    },
     close: () => {
       closed = true;
       if (timer) clearTimeout(timer);

@@ -7,6 +7,7 @@
 import { boundQueueClaim, fitTimesToAttempt, LatencyQuantiles, maxHeldRequests, mulberry32, type Rng } from '@edge-mesh/client';
 import type { AgentLoad, AgentStatus } from '@edge-mesh/protocol';
 import { addNetSample, MIN_RTT_MS, type NetFit, newNetFit } from './netfit.ts';
+import type { StallSource } from './stalls.ts';
 import { applyVivaldiSample, isCoordKnown, newCoord, type VivaldiCoord, vivaldiDistanceMs } from './vivaldi.ts';
 
 export { mulberry32, type Rng };
@@ -289,6 +290,11 @@ export interface Registry {
   /** The router's own Vivaldi coordinate. */
   readonly selfCoord: VivaldiCoord;
   readonly rng: Rng;
+  /**
+   * The router's own event-loop stalls (./stalls.ts), taken out of each reply's round trip before it is learnt from.
+   * The live router sets it; the simulator, on a virtual clock, does not.
+   */
+  stalls?: StallSource;
 }
 
 export function createRegistry(options: RouterOptions = {}): Registry {
@@ -736,12 +742,15 @@ export interface ReplySample {
 }
 
 /** A successful reply: learns service time, network RTT and rate, Vivaldi coordinates, cold cost, κ. */
-export function onReply(reg: Registry, agentId: string, model: string, sample: ReplySample, nowMs: number): void {
+export function onReply(reg: Registry, agentId: string, model: string, reported: ReplySample, nowMs: number): void {
   const agent = reg.agents.get(agentId);
   if (!agent) return;
   const c = reg.config;
   if (agent.outstanding > 0) agent.outstanding--;
   const e = agent.models.get(model);
+  // The router's own stall during the attempt is not the agent's latency (docs/routing.md, "The router's own stalls").
+  const stalled = reported.e2eMs !== undefined && reg.stalls !== undefined ? reg.stalls.stalledMs(nowMs - reported.e2eMs, nowMs) : 0;
+  const sample = stalled > 0 ? { ...reported, e2eMs: Math.max(0, (reported.e2eMs ?? 0) - stalled) } : reported;
   // The agent's times are claims: together they cannot exceed the attempt the router timed (claims.ts).
   const { queueMs, execMs, loadMs } = fitTimesToAttempt(sample, sample.e2eMs);
   if (e) {

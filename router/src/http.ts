@@ -11,7 +11,17 @@
  * docs/errors.md).
  */
 
-import { type DType, MeshError, type ModelInfo, type Tensor, tensorFromJson, tensorToJson, toMeshError } from '@edge-mesh/protocol';
+import { Transform } from 'node:stream';
+import {
+  DEFAULT_MAX_MESSAGE_BYTES,
+  type DType,
+  MeshError,
+  type ModelInfo,
+  type Tensor,
+  tensorFromJson,
+  tensorToJson,
+  toMeshError,
+} from '@edge-mesh/protocol';
 import swagger from '@fastify/swagger';
 import Fastify from 'fastify';
 import { Counter, collectDefaultMetrics, Histogram, Registry as PromRegistry } from 'prom-client';
@@ -169,6 +179,77 @@ function toKServe(
   return { name, shape: json.shape, datatype: DTYPE_TO_KSERVE[tensor.dtype], data };
 }
 
+/**
+ * JSON text one tensor element may take in a KServe body: a float64 printed in full ("-1.2345678901234567e-308")
+ * is 24 characters, plus its comma; nested arrays add brackets. 32 bytes covers every datatype.
+ */
+export const JSON_BYTES_PER_ELEMENT = 32;
+/** Room for the body's keys, names, parameters and whitespace on top of the tensors. */
+export const BODY_MARGIN_BYTES = 64 * 1024;
+
+/** Bytes per element of each mesh dtype, for the bound on a symbolic dimension. */
+const DTYPE_BYTES: Record<DType, number> = {
+  bool: 1,
+  uint8: 1,
+  int8: 1,
+  uint16: 2,
+  int16: 2,
+  float16: 2,
+  uint32: 4,
+  int32: 4,
+  float32: 4,
+  uint64: 8,
+  int64: 8,
+  float64: 8,
+};
+
+/**
+ * The largest infer body a model can need (docs/routing.md, "Request bodies"): its inputs' element counts from the
+ * agent's status, JSON_BYTES_PER_ELEMENT each, plus BODY_MARGIN_BYTES, capped by `bodyLimit`. An input with a
+ * symbolic or free dimension is bounded by what the agent accepts at all: a message of DEFAULT_MAX_MESSAGE_BYTES,
+ * so at most that many bytes of its dtype. An unknown model gets only the margin, since its request is refused anyway.
+ */
+export function modelBodyLimit(info: ModelInfo | undefined, bodyLimit: number): number {
+  if (info === undefined) return Math.min(bodyLimit, BODY_MARGIN_BYTES);
+  let elements = 0;
+  for (const input of info.inputs) {
+    let n = 1;
+    let free = false;
+    for (const d of input.shape) {
+      if (typeof d === 'number' && Number.isInteger(d) && d >= 0) n *= d;
+      else free = true;
+    }
+    const dtype = (Object.hasOwn(DTYPE_TO_KSERVE, input.dtype) ? input.dtype : ONNX_TYPE_TO_DTYPE[input.dtype]) as DType | undefined;
+    const maxElements = Math.floor(DEFAULT_MAX_MESSAGE_BYTES / (dtype ? DTYPE_BYTES[dtype] : 1));
+    elements += free ? maxElements : Math.min(n, maxElements);
+  }
+  return Math.min(bodyLimit, elements * JSON_BYTES_PER_ELEMENT + BODY_MARGIN_BYTES);
+}
+
+/** A stream that passes `payload` on and fails with MESH_TOO_LARGE as soon as more than `limit` bytes went through. */
+function cappedBody(payload: NodeJS.ReadableStream, limit: number, model: string): Transform {
+  let seen = 0;
+  const capped = new Transform({
+    transform(chunk: Buffer, _encoding, callback) {
+      seen += chunk.length;
+      if (seen > limit) {
+        callback(tooLarge(limit, model));
+        return;
+      }
+      callback(null, chunk);
+    },
+  });
+  payload.on('error', (err) => capped.destroy(err));
+  payload.pipe(capped);
+  return capped;
+}
+
+function tooLarge(limit: number, model: string): MeshError {
+  return new MeshError('MESH_TOO_LARGE', `the body is over the ${limit}-byte limit for model ${model}`, {
+    details: { limitBytes: limit, model },
+  });
+}
+
 /** Starts the HTTP API for `router`; resolves once it listens. */
 export async function startRouterHttp(router: RouterHandle, options: RouterHttpOptions = {}): Promise<RouterHttpHandle> {
   const { port = 0, host = '127.0.0.1', defaultDeadlineMs, bodyLimit = 64 * 1024 * 1024, processMetrics = true } = options;
@@ -322,6 +403,15 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   app.post<{ Params: { name: string }; Body: InferBody }>(
     '/v2/models/:name/infer',
     {
+      // Each model's body is bounded by its input shapes before a byte of JSON is parsed: a declared length over the
+      // limit is refused at once, a longer stream as soon as it passes the limit (docs/routing.md, "Request bodies").
+      preParsing: async (request, _reply, payload) => {
+        const model = (request.params as { name: string }).name;
+        const limit = modelBodyLimit(modelInfo(model)?.info, bodyLimit);
+        const declared = Number(request.headers['content-length']);
+        if (Number.isFinite(declared) && declared > limit) throw tooLarge(limit, model);
+        return cappedBody(payload, limit, model);
+      },
       schema: {
         tags: ['kserve'],
         summary: 'Run inference: JSON tensors in and out; parameters.deadline_ms bounds the request (retries and hedges included)',

@@ -54,6 +54,7 @@ import { answerRoute } from './leases.ts';
 import { type LivePolicyFactory, observedBy, resolveRouterPolicy } from './policies.ts';
 import { createRouterPolicy, type RouterAsk } from './policy.ts';
 import { selectAgent } from './select.ts';
+import { StallMonitor } from './stalls.ts';
 
 export interface StartRouterOptions {
   brokerUrl: string;
@@ -121,6 +122,9 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   const liveFactory = resolveRouterPolicy(options.policy);
 
   const registry = createRegistry(options.config ?? {});
+  // The router's own stalls are taken out of the round trips it learns from (docs/routing.md).
+  const stalls = new StallMonitor(clock.now).start();
+  registry.stalls = stalls;
   // Built before the fleet view, which feeds it the statuses it has seen.
   const live = liveFactory?.({ random: registry.rng, nowMs: clock.now(), maxAttempts, hedging });
   const listeners = new Set<(a: AttemptRecord) => void>();
@@ -376,6 +380,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     },
     async close() {
       await http?.close();
+      stalls.stop();
       closing = true;
       engine.close(new MeshError('MESH_NOT_CONNECTED', 'router closed'));
       await connection.close();

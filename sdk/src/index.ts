@@ -502,7 +502,10 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       );
     },
     publish(topic, payload, { retain = false, qos = 1 } = {}) {
-      if (!client.connected) return Promise.reject(new MeshError('MESH_NOT_CONNECTED', 'not connected to the broker'));
+      if (!client.connected) {
+        // A broker limit (CONNACK 3) says why better than "not connected": MESH_RATE_LIMITED, retried until it ends.
+        return Promise.reject(connection.refusal ?? new MeshError('MESH_NOT_CONNECTED', 'not connected to the broker'));
+      }
       return new Promise<void>((resolve, reject) => {
         client.publish(topic, Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength), { qos, retain }, (err) =>
           err ? reject(new MeshError('MESH_NOT_CONNECTED', err.message, { cause: err })) : resolve(),

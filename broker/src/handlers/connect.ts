@@ -1,14 +1,16 @@
 /**
  * CONNECT decisions (MQTT 3.1.1 §3.1, §3.2): who may open a session, asked in order of cost.
  *
- *   1. `doorVerdict`      the address's ban and CONNECT rate, then the protocol level;
- *   2. `checkConnect`     the cheap checks on the packet's fields, which need no state: lengths, clean session,
+ *   1. `doorVerdict`      the address's limit and CONNECT rate (noted, not yet acted on), then the protocol level;
+ *   2. `limitRefusal`     the limits that depend on who is named: a (client id, address) pair banned after a storm
+ *                         of failed tokens, and a limited address, which lets only admitted ids go on;
+ *   3. `checkConnect`     the cheap checks on the packet's fields, which need no state: lengths, clean session,
  *                         keepalive, will, and with auth the id form, user name, token form and timestamp;
- *   3. `verifyConnect`    the admission lookup, the replay check and only then the Ed25519 verify;
- *   4. `stillAdmitted`    whether a registered client is still admitted (a revocation cuts it off).
+ *   4. `verifyConnect`    the admission lookup, the replay check and only then the Ed25519 verify;
+ *   5. `stillAdmitted`    whether a registered client is still admitted (a revocation cuts it off).
  *
  * One live connection per id: aedes replaces a live client by a new one with the same id only once the new CONNECT
- * was accepted, i.e. after step 3 ([MQTT-3.1.4-2]). A CONNECT with a known id but the wrong key is refused here and
+ * was accepted, i.e. after step 4 ([MQTT-3.1.4-2]). A CONNECT with a known id but the wrong key is refused here and
  * leaves the first connection alone; the right key (a restarted device) takes over.
  *
  * Each function takes the packet fields, the policy and the state it reads (the per-address guard, the nonce cache,
@@ -24,7 +26,7 @@ import {
   verifyBytes,
 } from '@edge-mesh/protocol';
 import { type MeshSession, newSession } from '../acl.ts';
-import type { IpGuard, NonceCache } from '../limits.ts';
+import type { ClientGuard, IpGuard, NonceCache } from '../limits.ts';
 import type { TopicLimits } from '../policy.ts';
 import type { Grant, LookupRefusal } from '../store.ts';
 import { REFUSAL_CODES, type RefusalReason } from './refusals.ts';
@@ -32,6 +34,8 @@ import { checkWillPolicy, willRoleRefusal } from './will.ts';
 
 /** CONNACK return codes (MQTT 3.1.1 §3.2.2.3) used when refusing a CONNECT. */
 export const CONNACK_IDENTIFIER_REJECTED = 2;
+/** "Server unavailable": the answer to a CONNECT refused by a limit; the client should retry later. */
+export const CONNACK_SERVER_UNAVAILABLE = 3;
 export const CONNACK_NOT_AUTHORIZED = 5;
 
 /** CONNECT field caps (bytes), checked before anything else looks at the fields. */
@@ -69,38 +73,69 @@ export interface ConnectRefusal {
   topic: string | undefined;
 }
 
-/** Step 2's verdict: go on (with the token to verify in authenticated mode) or refuse. */
+/** Step 3's verdict: go on (with the token to verify in authenticated mode) or refuse. */
 export type ConnectCheck = { ok: true; token: ConnectToken | undefined } | ConnectRefusal;
 
-/** Step 3's verdict: the session to attach to the client, or a refusal (always CONNACK 5). */
+/** Step 4's verdict: the session to attach to the client, or a refusal (always CONNACK 5). */
 export type ConnectVerification = { ok: true; session: MeshSession } | ConnectRefusal;
 
 /**
- * Step 1's verdict. `drop`: close without a CONNACK (the cheapest answer to a storm; a well-behaved client backs off
- * and retries); `quiet` says the drop is a repeat that is logged at debug only. `wrong-version`: let aedes answer
- * CONNACK 1 itself, as [MQTT-3.1.2-2] asks.
+ * Step 1's verdict. `go` with `limited` set: the address is limited (after a storm of unauthenticated refusals) or
+ * over its CONNECT rate, so only a CONNECT naming an admitted id may go on (step 2 decides); `quiet` says this is a
+ * repeat that is logged at debug only. `wrong-version`: let aedes answer CONNACK 1 itself, as [MQTT-3.1.2-2] asks.
  */
 export type DoorVerdict =
-  | { action: 'go' }
-  | { action: 'drop'; reason: 'banned' | 'connect-rate'; code: 'MESH_RATE_LIMITED'; quiet: boolean }
+  | { action: 'go'; limited: undefined }
+  | { action: 'go'; limited: 'address-limited' | 'connect-rate'; quiet: boolean }
   | { action: 'wrong-version'; reason: 'protocol-version'; code: 'MESH_BAD_REQUEST' };
 
 export function refuseConnect(returnCode: number, reason: RefusalReason, topic?: string): ConnectRefusal {
   return { ok: false, reason, code: REFUSAL_CODES[reason], returnCode, topic };
 }
 
-/** Step 1: the address's ban and CONNECT bucket (this takes a token from `ips`), then MQTT 3.1.1 only (level 4). */
+/** Step 1: the address's limit and CONNECT bucket (this takes a token from `ips`), then MQTT 3.1.1 only (level 4). */
 export function doorVerdict(ips: IpGuard, ip: string, protocolVersion: number | undefined, now: number): DoorVerdict {
   const rate = ips.connect(ip, now);
-  if (rate === 'banned') return { action: 'drop', reason: 'banned', code: 'MESH_RATE_LIMITED', quiet: true };
-  if (rate === 'connect-rate') return { action: 'drop', reason: 'connect-rate', code: 'MESH_RATE_LIMITED', quiet: false };
-  if (rate === 'connect-rate-again') return { action: 'drop', reason: 'connect-rate', code: 'MESH_RATE_LIMITED', quiet: true };
   // 3.1 (level 3), MQTT 5 (level 5) and anything else: refused, also 3.1.1's level with another protocol name.
   if (protocolVersion !== 4) return { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' };
-  return { action: 'go' };
+  if (rate === 'limited') return { action: 'go', limited: 'address-limited', quiet: true };
+  if (rate === 'connect-rate') return { action: 'go', limited: 'connect-rate', quiet: false };
+  if (rate === 'connect-rate-again') return { action: 'go', limited: 'connect-rate', quiet: true };
+  return { action: 'go', limited: undefined };
 }
 
-/** Step 2: the cheap checks, in order of cost. */
+/**
+ * Step 2: the limits that depend on the id named. In authenticated mode a (id, address) pair banned after a storm of
+ * failed tokens is refused before anything is verified; from a limited (or over-rate) address only an admitted id
+ * goes on, so valid credentials still get in while a flood of strangers costs one Map lookup each. In open mode
+ * there are no identities: a limited address is refused outright. Answered CONNACK 3 (server unavailable).
+ *
+ * What a dishonest sender gains: naming an admitted id it does not hold lets it spend at most
+ * `authFailuresBeforeBan` signature checks per window per (id, address) before that pair is banned; the id's owner
+ * connecting from another address is unaffected.
+ */
+export function limitRefusal(
+  limited: boolean,
+  clientId: string,
+  ip: string,
+  clients: ClientGuard,
+  admissions: Admissions | undefined,
+  now: number,
+): ConnectRefusal | undefined {
+  if (admissions === undefined) return limited ? refuseConnect(CONNACK_SERVER_UNAVAILABLE, 'address-limited') : undefined;
+  if (!isValidId(clientId) || typeof admissions.lookup(clientId, now) === 'string') {
+    return limited ? refuseConnect(CONNACK_SERVER_UNAVAILABLE, 'address-limited') : undefined;
+  }
+  if (clients.isBanned(ip, clientId, now)) return refuseConnect(CONNACK_SERVER_UNAVAILABLE, 'client-limited');
+  return undefined;
+}
+
+/** Whether a refused CONNECT named an admitted id, so that its failure counts against the id, not the address. */
+export function namesAdmittedId(clientId: string, admissions: Admissions | undefined, now: number): boolean {
+  return admissions !== undefined && isValidId(clientId) && typeof admissions.lookup(clientId, now) !== 'string';
+}
+
+/** Step 3: the cheap checks, in order of cost. */
 export function checkConnect(packet: ConnectFields, policy: ConnectPolicy, now: number): ConnectCheck {
   const clientId = packet.clientId ?? '';
   if (clientId.length > policy.maxClientIdLength) return refuseConnect(CONNACK_IDENTIFIER_REJECTED, 'client-id-too-long');
@@ -136,13 +171,13 @@ export function checkConnect(packet: ConnectFields, policy: ConnectPolicy, now: 
   return { ok: true, token };
 }
 
-/** Where step 3 looks ids up: the admission store (./store.ts), or undefined in open mode. */
+/** Where step 4 looks ids up: the admission store (./store.ts), or undefined in open mode. */
 export interface Admissions {
   lookup(id: string, nowMs: number): Grant | LookupRefusal;
 }
 
 /**
- * Step 3: in open mode every client gets a session with no role (no ACL applies). In authenticated mode the id must
+ * Step 4: in open mode every client gets a session with no role (no ACL applies). In authenticated mode the id must
  * be admitted, the token's nonce unseen, and the signature made by the admitted key. Replays are refused before the
  * signature is checked (cheap); a nonce is recorded only once its signature held, so a forged token cannot burn a
  * nonce in advance.
@@ -169,7 +204,7 @@ export function verifyConnect(
 }
 
 /**
- * Step 4, for a client aedes registered and again whenever a revocation is stored: whether its id is still admitted
+ * Step 5, for a client aedes registered and again whenever a revocation is stored: whether its id is still admitted
  * (not revoked, admission not replaced or run out). Open mode (no admissions) never cuts anyone off. The session's own
  * expiry is watched by a timer in the wiring.
  */

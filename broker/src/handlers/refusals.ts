@@ -5,9 +5,11 @@
 import type { MeshErrorCode } from '@edge-mesh/protocol';
 
 export const REFUSAL_CODES = {
-  // The address: a storm is answered by closing the socket, a back-off and retry later succeeds.
-  banned: 'MESH_RATE_LIMITED',
-  'connect-rate': 'MESH_RATE_LIMITED',
+  // The limits (../limits.ts), answered CONNACK 3: a back-off and retry later succeeds. `address-limited`: a CONNECT
+  // naming no admitted id from an address that is over its CONNECT rate or limited after a storm of such refusals;
+  // `client-limited`: an admitted id from an address where tokens for it kept failing.
+  'address-limited': 'MESH_RATE_LIMITED',
+  'client-limited': 'MESH_RATE_LIMITED',
   // The CONNECT packet's fields.
   'protocol-version': 'MESH_BAD_REQUEST',
   'client-id-too-long': 'MESH_TOO_LARGE',
