@@ -23,10 +23,26 @@ import {
   toMeshError,
 } from '@edge-mesh/protocol';
 import swagger from '@fastify/swagger';
-import Fastify from 'fastify';
+import Fastify, { type FastifyReply, type FastifyRequest } from 'fastify';
 import { Counter, collectDefaultMetrics, Histogram, Registry as PromRegistry } from 'prom-client';
 import type { RouterHandle, RouterHttpHandle, RouterHttpOptions, RouterInferResult } from './handle.ts';
 import { ANY_ERROR, ERROR_BODY_SCHEMA, errorResponse, installErrorHandlers } from './http-errors.ts';
+import {
+  BINARY_BODY_TYPE,
+  BINARY_SECTION,
+  type BinaryCarrier,
+  binaryInputs,
+  binaryResponse,
+  deadlineFromParameters,
+  HEADER_LENGTH,
+  InferStats,
+  KSERVE_EXTENSIONS,
+  modelConfig,
+  refuseUnsupported,
+  splitBinaryBody,
+  tensorBytes,
+  wantsBinary,
+} from './kserve.ts';
 import { registerRelayRoutes } from './relay.ts';
 import { registerSettlementRoutes } from './settlements.ts';
 
@@ -110,14 +126,15 @@ interface KServeTensor {
   name: string;
   shape: number[];
   datatype: KServeDatatype;
-  data: unknown[];
+  /** Absent when `parameters.binary_data_size` says the bytes follow the JSON header (kserve.ts). */
+  data?: unknown[];
   parameters?: Record<string, unknown>;
 }
 
-interface InferBody {
+interface InferBody extends BinaryCarrier {
   id?: string;
   inputs: KServeTensor[];
-  outputs?: { name: string }[];
+  outputs?: { name: string; parameters?: Record<string, unknown> }[];
   parameters?: { deadline_ms?: number } & Record<string, unknown>;
 }
 
@@ -133,7 +150,7 @@ const inferBodySchema = {
       maxItems: 64,
       items: {
         type: 'object',
-        required: ['name', 'shape', 'datatype', 'data'],
+        required: ['name', 'shape', 'datatype'],
         properties: {
           name: { type: 'string', minLength: 1, maxLength: 128 },
           shape: { type: 'array', maxItems: 8, items: { type: 'integer', minimum: 0 } },
@@ -146,13 +163,54 @@ const inferBodySchema = {
     outputs: {
       type: 'array',
       maxItems: 64,
-      items: { type: 'object', required: ['name'], properties: { name: { type: 'string', maxLength: 128 } } },
+      items: {
+        type: 'object',
+        required: ['name'],
+        properties: { name: { type: 'string', maxLength: 128 }, parameters: { type: 'object' } },
+      },
+    },
+  },
+} as const;
+
+const TENSOR_METADATA_SCHEMA = {
+  type: 'object',
+  properties: { name: { type: 'string' }, datatype: { type: 'string' }, shape: { type: 'array', items: { type: 'integer' } } },
+} as const;
+
+/** The 200 body of an infer request answered as JSON (a binary answer carries the same object as its header). */
+const INFER_RESPONSE_SCHEMA = {
+  type: 'object',
+  properties: {
+    model_name: { type: 'string' },
+    model_version: { type: 'string' },
+    id: { type: 'string' },
+    parameters: {
+      type: 'object',
+      properties: { agent: { type: 'string' }, attempts: { type: 'integer' }, hedged: { type: 'boolean' }, total_ms: { type: 'number' } },
+    },
+    outputs: {
+      type: 'array',
+      items: {
+        type: 'object',
+        properties: {
+          name: { type: 'string' },
+          datatype: { type: 'string' },
+          shape: { type: 'array', items: { type: 'integer' } },
+          data: { type: 'array', items: {} },
+          parameters: { type: 'object', properties: { binary_data_size: { type: 'integer' } } },
+        },
+      },
     },
   },
 } as const;
 
 function fromKServe(input: KServeTensor): Tensor {
   const dtype = KSERVE_TO_DTYPE[input.datatype];
+  if (input.data === undefined) {
+    throw new MeshError('MESH_BAD_REQUEST', `input ${input.name} has neither data nor parameters.binary_data_size`, {
+      details: { input: input.name },
+    });
+  }
   if (dtype === 'float16') {
     const values = (input.data as unknown[]).flat(Infinity).map((v) => {
       if (typeof v !== 'number') throw new MeshError('MESH_BAD_TENSOR', `input ${input.name}: FP16 values must be numbers`);
@@ -347,7 +405,11 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   });
 
   app.get('/openapi.json', doc('operator', 'This OpenAPI description'), async () => app.swagger());
-  app.get('/v2', doc('kserve', 'Server metadata'), async () => ({ name: 'edge-mesh-router', version: '2', extensions: [] }));
+  app.get('/v2', doc('kserve', 'Server metadata: name, version and the extensions this router implements'), async () => ({
+    name: 'edge-mesh-router',
+    version: '2',
+    extensions: [...KSERVE_EXTENSIONS],
+  }));
   app.get('/v2/health/live', doc('kserve', 'Liveness: the router process answers'), async () => ({ live: true }));
   app.get(
     '/v2/health/ready',
@@ -362,117 +424,285 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     },
   );
 
-  app.get<{ Params: { name: string } }>(
-    '/v2/models/:name',
-    doc('kserve', 'Model metadata: inputs, outputs, versions', {
-      params: nameParam,
-      response: { 404: errorResponse('MESH_UNKNOWN_MODEL') },
+  const unknownModel = (name: string) => new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${name}`, { details: { model: name } });
+  /**
+   * The model's metadata for a request naming it, and a version if the path has one. A version no agent serves is
+   * unknown. The router does not pin a version when several are live (docs/routing.md, "The HTTP API"), so a
+   * versioned request is served only while every live agent of the model runs that version.
+   */
+  const modelFor = (name: string, version?: string, forInfer = false) => {
+    const found = modelInfo(name);
+    if (!found) throw unknownModel(name);
+    if (version === undefined) return found;
+    if (!found.versions.includes(version)) {
+      throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves version ${version} of model ${name}`, {
+        details: { model: name, version, versions: found.versions },
+      });
+    }
+    const liveVersions = new Set(
+      router
+        .agents()
+        .filter((a) => a.up)
+        .flatMap((a) => (a.status.models ?? []).filter((m) => m.name === name).map((m) => m.version)),
+    );
+    if (forInfer && (liveVersions.size !== 1 || !liveVersions.has(version))) {
+      throw new MeshError(
+        'MESH_NO_AGENT',
+        `live agents serve versions ${[...liveVersions].join(', ') || 'none'} of model ${name}, not only ${version}`,
+        {
+          details: { model: name, version, live: [...liveVersions] },
+        },
+      );
+    }
+    const info =
+      router
+        .agents()
+        .flatMap((a) => a.status.models ?? [])
+        .find((m) => m.name === name && m.version === version) ?? found.info;
+    return { ...found, info };
+  };
+  const versionParams = {
+    type: 'object',
+    required: ['name', 'version'],
+    properties: { name: { type: 'string', description: 'model name' }, version: { type: 'string', description: 'model version' } },
+  } as const;
+  type ModelParams = { name: string; version?: string };
+
+  const metadata = (params: ModelParams) => {
+    const { info, versions } = modelFor(params.name, params.version);
+    const tensors = (list: ModelInfo['inputs']) =>
+      list.map((t) => ({
+        name: t.name,
+        datatype: kserveDatatypeOf(t.dtype),
+        shape: t.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : -1)),
+      }));
+    return { name: info.name, versions, platform: 'onnx', inputs: tensors(info.inputs), outputs: tensors(info.outputs) };
+  };
+  const metadataSchema = {
+    type: 'object',
+    properties: {
+      name: { type: 'string' },
+      versions: { type: 'array', items: { type: 'string' } },
+      platform: { type: 'string' },
+      inputs: { type: 'array', items: TENSOR_METADATA_SCHEMA },
+      outputs: { type: 'array', items: TENSOR_METADATA_SCHEMA },
+    },
+  } as const;
+  for (const [path, params] of [
+    ['/v2/models/:name', nameParam],
+    ['/v2/models/:name/versions/:version', versionParams],
+  ] as const) {
+    app.get<{ Params: ModelParams }>(
+      path,
+      doc('kserve', 'Model metadata: inputs, outputs, versions', {
+        params,
+        response: { 200: metadataSchema, 404: errorResponse('MESH_UNKNOWN_MODEL') },
+      }),
+      async (request) => metadata(request.params),
+    );
+  }
+
+  for (const [path, params] of [
+    ['/v2/models/:name/ready', nameParam],
+    ['/v2/models/:name/versions/:version/ready', versionParams],
+  ] as const) {
+    app.get<{ Params: ModelParams }>(
+      path,
+      doc('kserve', 'Whether a live agent serves the model (and, with a version, only that version)', {
+        params,
+        response: { 404: errorResponse('MESH_UNKNOWN_MODEL'), 503: errorResponse('MESH_NO_AGENT (details.ready is false)') },
+      }),
+      async (request) => {
+        const { name, version } = request.params;
+        const found = modelFor(name, version);
+        if (!found.live) throw new MeshError('MESH_NO_AGENT', 'no live agent serves the model', { details: { model: name, ready: false } });
+        if (version !== undefined) modelFor(name, version, true);
+        return { name, ready: true };
+      },
+    );
+  }
+
+  for (const [path, params] of [
+    ['/v2/models/:name/config', nameParam],
+    ['/v2/models/:name/versions/:version/config', versionParams],
+  ] as const) {
+    app.get<{ Params: ModelParams }>(
+      path,
+      doc('kserve', "Model configuration (Triton's model_configuration extension, its JSON form)", {
+        params,
+        response: { 404: errorResponse('MESH_UNKNOWN_MODEL') },
+      }),
+      async (request) => modelConfig(modelFor(request.params.name, request.params.version).info, kserveDatatypeOf),
+    );
+  }
+
+  const stats = new InferStats();
+  const servedModels = () => {
+    const seen = new Map<string, string>();
+    for (const a of router.agents()) for (const m of a.status.models ?? []) if (!seen.has(m.name)) seen.set(m.name, m.version);
+    return [...seen].map(([name, version]) => ({ name, version }));
+  };
+  app.get(
+    '/v2/models/stats',
+    doc('kserve', "Inference statistics of every model (Triton's statistics extension), from this router's HTTP requests"),
+    async () => stats.report(servedModels()),
+  );
+  for (const [path, params] of [
+    ['/v2/models/:name/stats', nameParam],
+    ['/v2/models/:name/versions/:version/stats', versionParams],
+  ] as const) {
+    app.get<{ Params: ModelParams }>(
+      path,
+      doc('kserve', "Inference statistics of one model (Triton's statistics extension)", {
+        params,
+        response: { 404: errorResponse('MESH_UNKNOWN_MODEL') },
+      }),
+      async (request) => {
+        const { info } = modelFor(request.params.name, request.params.version);
+        return stats.report([{ name: info.name, version: info.version }]);
+      },
+    );
+  }
+
+  app.post<{ Body: { ready?: boolean } | undefined }>(
+    '/v2/repository/index',
+    doc('kserve', 'The repository index: every model an agent announced, READY while a live agent serves it', {
+      body: { type: 'object', nullable: true, properties: { ready: { type: 'boolean' } } },
     }),
     async (request) => {
-      const found = modelInfo(request.params.name);
-      if (!found)
-        throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${request.params.name}`, {
-          details: { model: request.params.name },
-        });
-      const { info, versions } = found;
-      const tensors = (list: ModelInfo['inputs']) =>
-        list.map((t) => ({
-          name: t.name,
-          datatype: kserveDatatypeOf(t.dtype),
-          shape: t.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : -1)),
-        }));
-      return { name: info.name, versions, platform: 'onnx', inputs: tensors(info.inputs), outputs: tensors(info.outputs) };
+      const entries = new Map<string, { name: string; version: string; state: string; reason: string }>();
+      for (const a of router.agents()) {
+        for (const m of a.status.models ?? []) {
+          const key = `${m.name}\u0000${m.version}`;
+          const ready = a.up;
+          const prev = entries.get(key);
+          if (prev?.state === 'READY') continue;
+          entries.set(key, {
+            name: m.name,
+            version: m.version,
+            state: ready ? 'READY' : 'UNAVAILABLE',
+            reason: ready ? '' : 'no live agent',
+          });
+        }
+      }
+      const list = [...entries.values()].sort((x, y) => x.name.localeCompare(y.name) || x.version.localeCompare(y.version));
+      return request.body?.ready ? list.filter((e) => e.state === 'READY') : list;
     },
   );
 
-  app.get<{ Params: { name: string } }>(
-    '/v2/models/:name/ready',
-    doc('kserve', 'Whether a live agent serves the model', {
-      params: nameParam,
-      response: { 404: errorResponse('MESH_UNKNOWN_MODEL'), 503: errorResponse('MESH_NO_AGENT (details.ready is false)') },
-    }),
-    async (request) => {
-      const name = request.params.name;
-      const found = modelInfo(name);
-      if (!found) throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${name}`, { details: { model: name } });
-      if (!found.live) throw new MeshError('MESH_NO_AGENT', 'no live agent serves the model', { details: { model: name, ready: false } });
-      return { name, ready: true };
-    },
-  );
+  // A body that carries Inference-Header-Content-Length is the binary extension's, whatever Content-Type its sender
+  // gave it (Triton's Python client gives none): preParsing below names it BINARY_BODY_TYPE, parsed here.
+  app.addContentTypeParser([BINARY_BODY_TYPE, 'application/octet-stream'], { parseAs: 'buffer', bodyLimit }, (request, body, done) => {
+    try {
+      done(null, splitBinaryBody(body as Buffer, request.headers[HEADER_LENGTH]));
+    } catch (err) {
+      done(err as Error, undefined);
+    }
+  });
 
+  const inferRoute = {
+    // Each model's body is bounded by its input shapes before a byte of JSON is parsed: a declared length over the
+    // limit is refused at once, a longer stream as soon as it passes the limit (docs/routing.md, "Request bodies").
+    preParsing: async (request: FastifyRequest, _reply: unknown, payload: NodeJS.ReadableStream) => {
+      const model = (request.params as { name: string }).name;
+      const limit = modelBodyLimit(modelInfo(model)?.info, bodyLimit);
+      const declared = Number(request.headers['content-length']);
+      if (Number.isFinite(declared) && declared > limit) throw tooLarge(limit, model);
+      if (request.headers[HEADER_LENGTH] !== undefined) request.headers['content-type'] = BINARY_BODY_TYPE;
+      return cappedBody(payload, limit, model);
+    },
+    schema: {
+      tags: ['kserve'],
+      summary:
+        "Run inference: JSON tensors, or binary ones after a JSON header (Inference-Header-Content-Length); parameters.deadline_ms (or Triton's timeout, in µs) bounds the request, retries and hedges included",
+      body: inferBodySchema,
+      response: {
+        200: INFER_RESPONSE_SCHEMA,
+        400: errorResponse('MESH_BAD_REQUEST (bad JSON, schema violation: details.violations), MESH_BAD_TENSOR, MESH_BAD_INPUT'),
+        404: errorResponse('MESH_UNKNOWN_MODEL'),
+        413: errorResponse('MESH_TOO_LARGE: the body is over the limit (details.limitBytes)'),
+        429: errorResponse('MESH_BUSY, MESH_RATE_LIMITED: retry, later or elsewhere'),
+        500: errorResponse('MESH_INFERENCE_FAILED, MESH_MODEL_INTEGRITY, MESH_INTERNAL'),
+        502: errorResponse('MESH_AGENT_LOST'),
+        503: errorResponse('MESH_NO_AGENT, MESH_NOT_CONNECTED, MESH_SHUTTING_DOWN'),
+        504: errorResponse('MESH_DEADLINE_EXCEEDED, MESH_TIMEOUT'),
+        ...ANY_ERROR,
+      },
+    },
+  };
+  const infer = async (params: ModelParams, body: InferBody, reply: FastifyReply) => {
+    const model = params.name;
+    const started = performance.now();
+    const label = modelLabel(model);
+    requestsTotal.inc({ model: label });
+    if (label === '_unknown') {
+      throw router.agents().length > 0
+        ? unknownModel(model)
+        : new MeshError('MESH_NO_AGENT', `no agent is known yet, so none serves model ${model}`, { details: { model } });
+    }
+    if (params.version !== undefined) modelFor(model, params.version, true);
+    refuseUnsupported(body.parameters);
+    const binary = binaryInputs(
+      body.inputs.map((i) => ({ name: i.name, shape: i.shape, dtype: KSERVE_TO_DTYPE[i.datatype], parameters: i.parameters })),
+      body[BINARY_SECTION],
+    );
+    const inputs: Record<string, Tensor> = Object.create(null);
+    for (const input of body.inputs) {
+      if (Object.hasOwn(inputs, input.name)) {
+        throw new MeshError('MESH_BAD_REQUEST', `input ${input.name} appears twice`, { details: { input: input.name } });
+      }
+      inputs[input.name] = binary.get(input.name) ?? fromKServe(input);
+    }
+    const deadlineMs = deadlineFromParameters(body.parameters) ?? defaultDeadlineMs;
+    const version = modelInfo(model)?.info.version ?? '';
+    let result: RouterInferResult;
+    try {
+      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs } : {});
+    } catch (err) {
+      const ms = performance.now() - started;
+      requestSeconds.observe({ model: label, agent: 'none' }, ms / 1000);
+      stats.failed(model, version, ms);
+      throw toMeshError(err);
+    }
+    const ms = performance.now() - started;
+    requestSeconds.observe({ model: label, agent: result.agentId }, ms / 1000);
+    stats.ok(model, version, ms, result.timings.queueMs, result.timings.execMs);
+    const wanted = body.outputs?.map((o) => o.name);
+    const names = Object.keys(result.outputs).filter((n) => !wanted || wanted.includes(n));
+    if (wanted) {
+      const missing = wanted.filter((n) => !Object.hasOwn(result.outputs, n));
+      if (missing.length > 0) {
+        throw new MeshError('MESH_BAD_INPUT', `model ${model} has no output ${missing.join(', ')}`, { details: { outputs: missing } });
+      }
+    }
+    const sections: Buffer[] = [];
+    const outputs = names.map((n) => {
+      const tensor = result.outputs[n]!;
+      if (!wantsBinary(n, body.outputs, body.parameters)) return toKServe(n, tensor);
+      const bytes = tensorBytes(tensor);
+      sections.push(bytes);
+      return { name: n, shape: [...tensor.shape], datatype: DTYPE_TO_KSERVE[tensor.dtype], parameters: { binary_data_size: bytes.length } };
+    });
+    const response = {
+      model_name: model,
+      ...(versionOf(modelInfo(model)?.info) ?? {}),
+      id: body.id ?? result.requestId,
+      parameters: { agent: result.agentId, attempts: result.attempts, hedged: result.hedged, total_ms: result.timings.totalMs },
+      outputs,
+    };
+    if (sections.length === 0) return response;
+    const { body: bytes, headerLength } = binaryResponse(response, sections);
+    return reply.header('content-type', 'application/octet-stream').header(HEADER_LENGTH, String(headerLength)).send(bytes);
+  };
   app.post<{ Params: { name: string }; Body: InferBody }>(
     '/v2/models/:name/infer',
-    {
-      // Each model's body is bounded by its input shapes before a byte of JSON is parsed: a declared length over the
-      // limit is refused at once, a longer stream as soon as it passes the limit (docs/routing.md, "Request bodies").
-      preParsing: async (request, _reply, payload) => {
-        const model = (request.params as { name: string }).name;
-        const limit = modelBodyLimit(modelInfo(model)?.info, bodyLimit);
-        const declared = Number(request.headers['content-length']);
-        if (Number.isFinite(declared) && declared > limit) throw tooLarge(limit, model);
-        return cappedBody(payload, limit, model);
-      },
-      schema: {
-        tags: ['kserve'],
-        summary: 'Run inference: JSON tensors in and out; parameters.deadline_ms bounds the request (retries and hedges included)',
-        params: nameParam,
-        body: inferBodySchema,
-        response: {
-          400: errorResponse('MESH_BAD_REQUEST (bad JSON, schema violation: details.violations), MESH_BAD_TENSOR, MESH_BAD_INPUT'),
-          404: errorResponse('MESH_UNKNOWN_MODEL'),
-          413: errorResponse('MESH_TOO_LARGE: the body is over the limit (details.limitBytes)'),
-          429: errorResponse('MESH_BUSY, MESH_RATE_LIMITED: retry, later or elsewhere'),
-          500: errorResponse('MESH_INFERENCE_FAILED, MESH_MODEL_INTEGRITY, MESH_INTERNAL'),
-          502: errorResponse('MESH_AGENT_LOST'),
-          503: errorResponse('MESH_NO_AGENT, MESH_NOT_CONNECTED, MESH_SHUTTING_DOWN'),
-          504: errorResponse('MESH_DEADLINE_EXCEEDED, MESH_TIMEOUT'),
-          ...ANY_ERROR,
-        },
-      },
-    },
-    async (request) => {
-      const model = request.params.name;
-      const body = request.body;
-      const started = performance.now();
-      const label = modelLabel(model);
-      requestsTotal.inc({ model: label });
-      if (label === '_unknown') {
-        throw router.agents().length > 0
-          ? new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${model}`, { details: { model } })
-          : new MeshError('MESH_NO_AGENT', `no agent is known yet, so none serves model ${model}`, { details: { model } });
-      }
-      const inputs: Record<string, Tensor> = Object.create(null);
-      for (const input of body.inputs) {
-        if (Object.hasOwn(inputs, input.name)) {
-          throw new MeshError('MESH_BAD_REQUEST', `input ${input.name} appears twice`, { details: { input: input.name } });
-        }
-        inputs[input.name] = fromKServe(input);
-      }
-      const deadlineMs = body.parameters?.deadline_ms ?? defaultDeadlineMs;
-      let result: RouterInferResult;
-      try {
-        result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs } : {});
-      } catch (err) {
-        requestSeconds.observe({ model: label, agent: 'none' }, (performance.now() - started) / 1000);
-        throw toMeshError(err);
-      }
-      requestSeconds.observe({ model: label, agent: result.agentId }, (performance.now() - started) / 1000);
-      const wanted = body.outputs?.map((o) => o.name);
-      const names = Object.keys(result.outputs).filter((n) => !wanted || wanted.includes(n));
-      if (wanted) {
-        const missing = wanted.filter((n) => !Object.hasOwn(result.outputs, n));
-        if (missing.length > 0) {
-          throw new MeshError('MESH_BAD_INPUT', `model ${model} has no output ${missing.join(', ')}`, { details: { outputs: missing } });
-        }
-      }
-      return {
-        model_name: model,
-        ...(versionOf(modelInfo(model)?.info) ?? {}),
-        id: body.id ?? result.requestId,
-        parameters: { agent: result.agentId, attempts: result.attempts, hedged: result.hedged, total_ms: result.timings.totalMs },
-        outputs: names.map((n) => toKServe(n, result.outputs[n]!)),
-      };
-    },
+    { ...inferRoute, schema: { ...inferRoute.schema, params: nameParam } },
+    async (request, reply) => infer(request.params, request.body, reply),
+  );
+  app.post<{ Params: { name: string; version: string }; Body: InferBody }>(
+    '/v2/models/:name/versions/:version/infer',
+    { ...inferRoute, schema: { ...inferRoute.schema, params: versionParams } },
+    async (request, reply) => infer(request.params, request.body, reply),
   );
 
   app.get('/v1/agents', doc('operator', 'Agents the router knows: state, models, load, RTT, failure rate, ejection'), async () => ({
