@@ -244,7 +244,7 @@ describe('edge-mesh chain, fund, balance, settle', () => {
       edgeMesh(['balance', '--rpc', 'http://127.0.0.1:9', '--escrow', deployment.escrow, '--address', deployment.accounts[0]!]),
       edgeMesh(['fund', '--deployment', d, '--key', deployment.keyFiles[1]!, '--agent', deployment.accounts[0]!, '--amount', '1.5']),
     ]);
-    assert.equal(noChain.code, 1);
+    assert.equal(noChain.code, 78, 'a configuration error exits 78');
     assert.match(noChain.stderr, /MESH_CONFIG: no chain/);
     assert.match(noKey.stderr, /MESH_CONFIG: this command sends a transaction/);
     assert.equal(poor.code, 1);

@@ -86,7 +86,7 @@ describe('the relay on the command line', () => {
     let err = '';
     bare.stderr.on('data', (d: Buffer) => (err += d.toString()));
     const [code] = await once(bare, 'exit');
-    assert.equal(code, 1);
+    assert.equal(code, 78, 'a configuration error exits 78');
     assert.match(err, /MESH_CONFIG/);
   });
 

@@ -9,6 +9,7 @@ import type { BridgeReady, BridgeStopSummary, DeviceSummary } from '@edge-mesh/d
 import { MeshError } from '@edge-mesh/protocol';
 import { type Command, InvalidArgumentError, Option } from 'commander';
 import { cliLogger, LOG_LEVELS } from './log.ts';
+import { positiveInt } from './options.ts';
 import { report, stopSignal, supervised } from './supervised.ts';
 
 const DEFAULT_REGISTRY = path.join('.mesh-data', 'bridge', 'devices');
@@ -54,7 +55,7 @@ export function registerBridgeCommands(program: Command): void {
     .option('--udp-port <port>', 'UDP port (0: any free port; --no-udp turns UDP off)', port, 5685)
     .option('--no-udp', 'do not listen on UDP')
     .option('--serial <path...>', 'serial ports to serve (e.g. /dev/ttyUSB0, a pty)')
-    .option('--baud <rate>', 'serial baud rate', (v: string) => Number(v), 115_200)
+    .option('--baud <rate>', 'serial baud rate', positiveInt, 115_200)
     .option(
       '--models <names>',
       'model table sent to devices, in id order (id 1 first)',

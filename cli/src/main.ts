@@ -1,5 +1,6 @@
 /** `edge-mesh`: the command line of the mesh. Every subcommand has `--help`. */
 import { readFile } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import { loadKeyFile, parseOperatorSpec, parsePublicKey, parseRole, round, type TrustedOperator, writeKeyFile } from '@edge-mesh/client';
 import type { AgentReady, AgentSummary, BrokerReady, RouterReady } from '@edge-mesh/demo';
@@ -23,6 +24,8 @@ import {
 import { Command, Option } from 'commander';
 import { registerBridgeCommands } from './bridge.ts';
 import { registerChainCommands } from './chain.ts';
+import { CONFIG_ROLES, type ConfigRole, commandAt, configurable, EXIT } from './config.ts';
+import { registerConfigCommands } from './config-commands.ts';
 import { registerDemoCommands } from './demo.ts';
 import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
@@ -38,6 +41,8 @@ const loadSdk = () => import('@edge-mesh/sdk');
 const loadRouter = () => import('@edge-mesh/router');
 
 const DEFAULT_BROKER = 'mqtt://127.0.0.1:1883';
+/** The version of this CLI, from its package.json (one folder up from src/ and from dist/). */
+const CLI_VERSION = (createRequire(import.meta.url)('../package.json') as { version: string }).version;
 const DEFAULT_DATA_DIR = '.mesh-data';
 const DAY_MS = 86_400_000;
 
@@ -107,6 +112,7 @@ async function routerChain(opts: { rpc?: string; escrow?: string; fromBlock: num
 export function buildProgram(): Command {
   const program = new Command('edge-mesh')
     .description('Edge AI inference mesh: ONNX agents over MQTT, with an SDK for IoT apps.')
+    .version(CLI_VERSION, '--version', 'print the version of edge-mesh')
     .showHelpAfterError()
     .exitOverride();
 
@@ -597,10 +603,18 @@ export function buildProgram(): Command {
   registerPayoutCommands(program);
   registerRelayCommand(program);
 
+  // Files and MESH_<ROLE>_* variables for the long-running commands, once each has all its options.
+  for (const [role, at] of Object.entries(CONFIG_ROLES)) configurable(commandAt(program, at), role as ConfigRole);
+  registerConfigCommands(program, buildProgram);
+
   return program;
 }
 
 /** Runs the CLI; returns the process exit code. */
+/**
+ * Runs the command line and returns the exit code (docs/cli.md, "Exit codes"): 0, 64 for a bad command line, 78 for
+ * a bad configuration (MESH_CONFIG), 1 for anything else that failed.
+ */
 export async function main(argv: string[]): Promise<number> {
   const program = buildProgram();
   watchSupervisor();
@@ -609,13 +623,13 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   } catch (err) {
     const e = err as { code?: string; exitCode?: number; message?: string };
-    if (typeof e.code === 'string' && e.code.startsWith('commander.')) return e.exitCode ?? 1;
+    if (typeof e.code === 'string' && e.code.startsWith('commander.')) return e.exitCode === 0 ? 0 : EXIT.usage;
     if (err instanceof MeshError) {
       process.stderr.write(`edge-mesh: ${err.code}: ${err.message}\n`);
-      return 1;
+      return err.code === 'MESH_CONFIG' ? EXIT.config : EXIT.runtime;
     }
     process.stderr.write(`edge-mesh: ${e.message ?? String(err)}\n`);
-    return 1;
+    return EXIT.runtime;
   } finally {
     leaveSupervisor();
   }
