@@ -246,6 +246,12 @@ describe('errors, backoff, stats', () => {
       reconnectDelayMs(50, { baseMs: 100, maxMs: 5000 }, () => 1),
       5000,
     );
+    // Defaults: the first retry within 100 ms, none later than 1 s (docs/operations.md, "Recovery").
+    assert.ok(reconnectDelayMs(0, {}, () => 1) <= 100);
+    assert.equal(
+      reconnectDelayMs(50, {}, () => 1),
+      1000,
+    );
     assert.notEqual(
       reconnectDelayMs(4, {}, () => 0.1),
       reconnectDelayMs(4, {}, () => 0.9),

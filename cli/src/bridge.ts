@@ -44,7 +44,7 @@ export function registerBridgeCommands(program: Command): void {
   bridge
     .command('run', { isDefault: true })
     .description('serve provisioned devices over UDP and serial ports, as a mesh client (the default subcommand)')
-    .option('--broker <url>', 'broker URL', 'mqtt://127.0.0.1:1883')
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', 'mqtt://127.0.0.1:1883')
     .option(
       '--key <file>',
       'the bridge key file (edge-mesh keys new --role bridge), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',

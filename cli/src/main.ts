@@ -236,7 +236,7 @@ export function buildProgram(): Command {
     .command('agent')
     .description('run an edge agent that serves the models of a folder')
     .requiredOption('--models <dir>', 'models folder with manifest.json (see `edge-mesh models build`)')
-    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
     .option(
       '--key <file>',
       'the agent key file (edge-mesh keys new --role agent); its id is the agent id. Without it: an ephemeral key, which only an open broker accepts',
@@ -396,7 +396,7 @@ export function buildProgram(): Command {
     program
       .command('router')
       .description('run a latency-aware router: route leases for SDK clients, forwarding for thin clients over MQTT and HTTP (KServe v2)')
-      .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+      .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
       .option(
         '--key <file>',
         'the router key file (edge-mesh keys new --role router), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',
@@ -462,7 +462,7 @@ export function buildProgram(): Command {
     .requiredOption('--input <file...>', 'JSON file { name: { dtype, shape, data } }, or raw bytes [NAME=]FILE with --dtype and --shape')
     .option('--dtype <dtype>', 'dtype of raw inputs')
     .option('--shape <dims>', 'shape of raw inputs, e.g. 1,25,96', (v: string) => v.split(/[,x]/).map((d) => nonNegativeInt(d)))
-    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
     .option(
       '--key <file>',
       'the app key file (role app, router or bridge) admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',
@@ -539,7 +539,7 @@ export function buildProgram(): Command {
     .option('--public-key <b64url>', 'public key of the device or app to admit (with --role)')
     .option('--role <role>', `its role with --public-key: ${ROLES.join(', ')}`, parseRole)
     .option('--ttl-days <days>', 'how long the admission holds', positiveNumber, 365)
-    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
     .option('--timeout-ms <ms>', "how long to wait for the broker's acknowledgement", positiveInt, 5_000)
     .action(async (opts) => {
       const operator = await loadKeyFile(opts.key, 'operator', keyWarnings);
@@ -567,7 +567,7 @@ export function buildProgram(): Command {
     .description('revoke a device or app: the broker disconnects it and refuses it from then on')
     .requiredOption('--key <file>', "the operator's key file")
     .requiredOption('--id <id>', 'id of the device or app to revoke')
-    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
     .option('--timeout-ms <ms>', "how long to wait for the broker's acknowledgement", positiveInt, 5_000)
     .action(async (opts) => {
       if (!isValidId(opts.id)) throw new MeshError('MESH_CONFIG', `--id ${JSON.stringify(opts.id)} is not a mesh id`);
