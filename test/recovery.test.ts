@@ -185,6 +185,10 @@ test('a broker list with a bad entry is refused as MESH_CONFIG', () => {
     ],
   );
   for (const bad of ['', ' , ', 'http://a:1883', 'mqtt://a:1883,nonsense', 'ws://a:80']) {
-    assert.throws(() => brokerList(bad), (err: unknown) => err instanceof MeshError && err.code === 'MESH_CONFIG', bad);
+    assert.throws(
+      () => brokerList(bad),
+      (err: unknown) => err instanceof MeshError && err.code === 'MESH_CONFIG',
+      bad,
+    );
   }
 });
