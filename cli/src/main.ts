@@ -253,6 +253,11 @@ export function buildProgram(): Command {
     .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
     .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
     .option(
+      '--load-nice <n>',
+      'nice value (0-19) added to the inference workers while they load and warm models, so a restarting agent leaves the CPU to its neighbours (default 10; 0 turns it off)',
+      nonNegativeInt,
+    )
+    .option(
       '--payout <address>',
       "take payment: the EVM address paid for this agent's work (needs --escrow, --chain-id and --rpc: credit is given only against money on the lane)",
     )
@@ -356,6 +361,7 @@ export function buildProgram(): Command {
         ...(opts.workers ? { workers: opts.workers } : {}),
         ...(opts.pipelineDepth ? { pipelineDepth: opts.pipelineDepth } : {}),
         ...(opts.inlineMaxMs !== undefined ? { inlineMaxMs: opts.inlineMaxMs } : {}),
+        ...(opts.loadNice !== undefined ? { loadNice: opts.loadNice } : {}),
         ...(opts.payout
           ? {
               payment: {
