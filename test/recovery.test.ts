@@ -6,10 +6,10 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { test } from 'node:test';
 import { type BrokerHandle, startBroker } from '@edge-mesh/broker';
-import { brokerList, type MeshLogger, SILENT_LOGGER } from '@edge-mesh/client';
+import { brokerList } from '@edge-mesh/client';
 import { sampleInputs } from '@edge-mesh/demo';
 import { MeshError } from '@edge-mesh/protocol';
-import type pino from 'pino';
+import pino from 'pino';
 import { agentFor, brokerFor, kwsOnlyDir, meshFor, quiet, routerFor } from './helpers.ts';
 
 async function restartableBroker(t: import('node:test').TestContext) {
@@ -85,14 +85,15 @@ test('a broker restarted on the same port under a request stream: clients retry 
   const dir = await kwsOnlyDir(t);
   // The reconnect delays the agent and the SDK schedule, as they log them.
   const delays: number[] = [];
-  const logger = {
-    ...SILENT_LOGGER,
-    warn: (fields: object) => {
-      const { delayMs } = fields as { delayMs?: unknown };
-      if (typeof delayMs === 'number') delays.push(delayMs);
+  const logger = pino(
+    { level: 'warn' },
+    {
+      write: (line: string) => {
+        const { delayMs } = JSON.parse(line) as { delayMs?: unknown };
+        if (typeof delayMs === 'number') delays.push(delayMs);
+      },
     },
-    child: () => logger,
-  } as MeshLogger & pino.Logger;
+  );
   await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, logger });
   const mesh = await meshFor(t, { brokerUrl: broker.url, logger });
   await mesh.waitForModel('kws', 10_000);
