@@ -64,22 +64,26 @@ export async function kserveInfer(
   } catch (err) {
     throw fetchFailure(err, 'body');
   }
-  let json: {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (err) {
+    parsed = err;
+  }
+  if (parsed === null || typeof parsed !== 'object' || parsed instanceof Error) {
+    const why = parsed instanceof Error ? parsed.message : `a JSON ${parsed === null ? 'null' : typeof parsed}`;
+    throw new MeshError('MESH_BAD_REQUEST', `HTTP ${res.status} from ${baseUrl} is not a JSON object: ${why}`, {
+      ...(parsed instanceof Error ? { cause: parsed } : {}),
+      details: { status: res.status },
+    });
+  }
+  const json = parsed as {
     code?: string;
     error?: string;
     details?: Record<string, unknown>;
     parameters?: { agent?: string };
     outputs?: { name: string; shape: number[]; datatype: string; data: unknown[] }[];
   };
-  try {
-    json = JSON.parse(text);
-    if (json === null || typeof json !== 'object') throw new TypeError('not a JSON object');
-  } catch (err) {
-    throw new MeshError('MESH_BAD_REQUEST', `HTTP ${res.status} from ${baseUrl} is not a JSON object: ${(err as Error).message}`, {
-      cause: err,
-      details: { status: res.status },
-    });
-  }
   if (!res.ok) {
     // The router's one error body (docs/errors.md): { error, code, details? }.
     const code = isMeshErrorCode(json.code) ? json.code : 'MESH_INTERNAL';
