@@ -46,6 +46,12 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
     file: './receipts.ts',
     about: 'receipts signed (keccak leaf + Ed25519) and verified by a LaneVerifier per second on one core',
   },
+  contention: {
+    file: './contention.ts',
+    // Two agents with every model start first (10-20 s), then three phases and their recovery windows.
+    timeoutS: { quick: 120, full: 900 },
+    about: 'broker + two agents as processes at a steady rate (sample app mix) with 0, 1 and 2 cores held busy by another process',
+  },
   economics: {
     file: './economics.ts',
     // A real chain, two dozen thousand paid requests and their settlement: a quick run takes about a minute
@@ -75,6 +81,7 @@ options:
   bridge:     --n N --duration-ms D      sequential requests each way (default 4000, quick 600); frame-loop length
   settlement: --max-batch N              largest batch measured (default 100, quick 50)
   receipts:   --n N                      receipts signed and verified (default 100000, quick 20000)
+  contention: --rate R --phase-ms D --recovery-ms D --busy 0,1,2   requests/s (40), phase length (quick 6000, full 30000)
   economics:  --rounds R --agents A --payers P --loss L --seed K   rounds of 15 simulated minutes (48, quick 8),
                                          honest agents (3, quick 2) and payers (40), per-message loss (0.005)
 

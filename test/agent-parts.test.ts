@@ -5,9 +5,11 @@
  * over a real broker is tested in mesh.test.ts and hostile.test.ts.
  */
 import assert from 'node:assert/strict';
+import os from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
 import { readManifest } from '@edge-mesh/agent';
+import { sampleInputs } from '@edge-mesh/demo';
 import {
   decodeMessage,
   type ErrorReply,
@@ -316,4 +318,42 @@ test('requests: the request path against a real worker pool with the wake-word m
   // Error replies carry it too.
   const refused = await send(request(newRequestId(), 'nope'));
   assert.equal(refused.reply.kind === 'err' && refused.reply.rif, 0);
+});
+
+test('pool: workers load and warm their models at a lower priority (nice + loadNice), the event loop keeps its own', async (t) => {
+  const dir = await modelsDir();
+  const models = (await readManifest(dir)).models.filter((m) => m.name === 'kws' || m.name === 'ocr-det');
+  assert.equal(models.length, 2);
+  const specs = models.map((m) => ({ name: m.name, path: path.join(dir, m.file), providers: ['cpu'], warmup: m.warmup }));
+  const mainBefore = os.getPriority(0);
+  const pool = new WorkerPool({ size: 2, intraOpThreads: 1, warmupRuns: 1, pipelineDepth: 1, loadNice: 7, logger: quiet, models: specs });
+  t.after(() => pool.close());
+  await pool.start();
+  assert.equal(pool.loadPriorities.length, 2, 'each worker reports its priority');
+  for (const p of pool.loadPriorities) {
+    assert.equal(p.during, Math.min(19, p.before + 7), JSON.stringify(p));
+    // Raising the priority again needs CAP_SYS_NICE: back where it was, or kept low where that is refused.
+    assert.ok(p.after === p.before || p.after === p.during, JSON.stringify(p));
+  }
+  // setpriority(0) names the calling thread on Linux: the event loop's priority is untouched.
+  assert.equal(os.getPriority(0), mainBefore);
+  // Still serving after the load.
+  const out = await new Promise<string>((resolve) => pool.run('kws', sampleInputs('kws', 1), (err) => resolve(err ? err.code : 'ok')));
+  assert.equal(out, 'ok');
+
+  // loadNice 0 leaves it alone; the agent's default is 10, and out-of-range values are a config error.
+  const plain = new WorkerPool({
+    size: 1,
+    intraOpThreads: 1,
+    warmupRuns: 1,
+    pipelineDepth: 1,
+    loadNice: 0,
+    logger: quiet,
+    models: [specs[0]!],
+  });
+  t.after(() => plain.close());
+  await plain.start();
+  assert.equal(plain.loadPriorities[0]!.during, plain.loadPriorities[0]!.before);
+  assert.equal(resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: dir }).loadNice, 10);
+  assert.throws(() => resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: dir, loadNice: 20 }), /loadNice/);
 });

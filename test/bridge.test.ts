@@ -5,6 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import dgram from 'node:dgram';
 import { describe, type TestContext, test } from 'node:test';
 import { mulberry32 } from '@edge-mesh/client';
 import {
@@ -26,6 +27,7 @@ import {
   int16Tensor,
   isCborError,
   K,
+  listenUdp,
   MAX_PACKET_BYTES,
   MESH_TO_WIRE,
   meshErrorOfWire,
@@ -644,5 +646,42 @@ describe('broker rules for bridge topics', () => {
     );
     assert.ok(aclSubscribe(app, topics.allDeviceAvailability()));
     assert.ok(aclSubscribe(app, own));
+  });
+});
+
+describe('UDP transport counters', () => {
+  test('a datagram flood: what the kernel dropped is counted, every datagram read is counted, garbage counts as dropped frames', async (t) => {
+    const r = await rig(t);
+    // A small receive buffer, so a burst sent while this process does not read overflows it.
+    const udp = await listenUdp(r.bridge, { port: 0, recvBufferSize: 4096 });
+    t.after(() => udp.close());
+    const sender = dgram.createSocket('udp4');
+    t.after(() => new Promise<void>((resolve) => sender.close(() => resolve())));
+    await new Promise<void>((resolve) => sender.bind(0, '127.0.0.1', () => resolve()));
+    sender.connect(udp.port, '127.0.0.1');
+    await new Promise((resolve) => sender.once('connect', resolve));
+    const before = udp.stats();
+    assert.equal(before.datagrams, 0);
+    assert.equal(before.kernelDrops, 0, 'Linux reports this socket in /proc/net/udp');
+    const flood = 2_000;
+    const garbage = Buffer.alloc(600, 0x5a);
+    // Sent in one synchronous loop: the bridge's socket is not read until it ends.
+    for (let i = 0; i < flood; i++) sender.send(garbage);
+    const settled = () => {
+      const s = udp.stats();
+      return s.datagrams + (s.kernelDrops ?? 0) >= flood;
+    };
+    const until = Date.now() + 10_000;
+    while (!settled() && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 20));
+    const after = udp.stats();
+    assert.ok((after.kernelDrops ?? 0) > 0, `kernel drops ${after.kernelDrops}`);
+    assert.equal(after.datagrams + after.kernelDrops!, flood, JSON.stringify(after));
+    // Every datagram read was garbage: dropped by the bridge, unanswered.
+    const droppedFrames = Object.values(r.bridge.stats.dropped).reduce((a, b) => a + b, 0);
+    assert.equal(droppedFrames, after.datagrams);
+    assert.equal(after.replies, 0);
+    // The count survives close (the socket's /proc line does not).
+    await udp.close();
+    assert.equal(udp.stats().kernelDrops, after.kernelDrops);
   });
 });

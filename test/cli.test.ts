@@ -229,6 +229,10 @@ describe('edge-mesh CLI', () => {
     // The firmware bridge's simulated device (a separate process speaking frames over UDP).
     assert.equal(summary.bridge.devices, 1);
     assert.ok(summary.bridge.requests > 0 && summary.bridge.ok === summary.bridge.requests, JSON.stringify(summary.bridge));
+    // The bridge's counters (docs/bridge.md, "Counters"): an honest device's frames are never dropped.
+    assert.equal(summary.bridge.dropped, 0, JSON.stringify(summary.bridge));
+    assert.ok(summary.bridge.udp_datagrams >= summary.bridge.requests, JSON.stringify(summary.bridge));
+    assert.equal(typeof summary.bridge.udp_kernel_drops, 'number', JSON.stringify(summary.bridge));
     // Paid on a local chain: every receipt's charge was settled when the agents stopped, and never more.
     assert.ok(summary.receipts > 0 && summary.receipts <= summary.ok, JSON.stringify(summary));
     assert.ok(summary.owed_micros > 0);

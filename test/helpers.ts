@@ -1,7 +1,7 @@
 /** Shared fixtures: a real broker on port 0, a models folder built from the npm packages, agents. */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
@@ -211,4 +211,16 @@ export async function assertBusyBurst(raw: Awaited<ReturnType<typeof rawClient>>
   // Refusals do not wait for the queue: the first comes back before the queued work is done.
   assert.ok(Math.min(...busy.map((b) => b.ms)) < Math.max(...ok.map((o) => o.ms)));
   return { busy, ok };
+}
+
+/** A models folder with the wake-word model only, so twenty agents start fast and stay small. */
+export async function kwsOnlyDir(t: TestContext): Promise<string> {
+  const full = await modelsDir();
+  const manifest = JSON.parse(await readFile(path.join(full, 'manifest.json'), 'utf8')) as { models: { name: string; file: string }[] };
+  const kws = manifest.models.filter((m) => m.name === 'kws');
+  assert.equal(kws.length, 1);
+  const dir = await tempDir(t, 'edge-mesh-kws-');
+  await copyFile(path.join(full, kws[0]!.file), path.join(dir, kws[0]!.file));
+  await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...manifest, models: kws }));
+  return dir;
 }

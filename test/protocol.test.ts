@@ -99,6 +99,13 @@ describe('tensors', () => {
     assert.deepEqual([...tensorFromJson('sr', 'int64', [], 16000).data], [16000n]);
     assert.throws(() => tensorFromJson('x', 'float32', [3], [1, 2]), code('MESH_BAD_TENSOR'));
     assert.throws(() => tensorFromJson('x', 'float32', [2], ['a', 'b']), code('MESH_BAD_TENSOR'));
+    // JSON.parse('1e400') is Infinity; 1e39 overflows a float32; neither is a value the sender wrote.
+    assert.throws(() => tensorFromJson('x', 'float32', [2], JSON.parse('[1, 1e400]')), code('MESH_BAD_TENSOR'));
+    assert.throws(() => tensorFromJson('x', 'float32', [1], [-1e39]), code('MESH_BAD_TENSOR'));
+    assert.throws(() => tensorFromJson('x', 'float64', [1], [Number.NaN]), code('MESH_BAD_TENSOR'));
+    assert.deepEqual([...tensorFromJson('x', 'float64', [1], [1e300]).data], [1e300]);
+    assert.throws(() => tensorFromJson('x', 'int64', [1], JSON.parse('[1e400]')), code('MESH_BAD_TENSOR'));
+    assert.throws(() => tensorFromJson('x', 'int32', [1], JSON.parse('[1e400]')), code('MESH_BAD_TENSOR'));
   });
 });
 
@@ -245,6 +252,12 @@ describe('errors, backoff, stats', () => {
     assert.equal(
       reconnectDelayMs(50, { baseMs: 100, maxMs: 5000 }, () => 1),
       5000,
+    );
+    // Defaults: the first retry within 100 ms, none later than 1 s (docs/operations.md, "Recovery").
+    assert.ok(reconnectDelayMs(0, {}, () => 1) <= 100);
+    assert.equal(
+      reconnectDelayMs(50, {}, () => 1),
+      1000,
     );
     assert.notEqual(
       reconnectDelayMs(4, {}, () => 0.1),

@@ -4,26 +4,12 @@
  * direct mode, where the router only hands out route leases.
  */
 import assert from 'node:assert/strict';
-import { copyFile, readFile, writeFile } from 'node:fs/promises';
-import path from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
 import type { AgentHandle } from '@edge-mesh/agent';
 import { sampleInputs } from '@edge-mesh/demo';
 import { type AgentStatus, generateIdentity } from '@edge-mesh/protocol';
 import { type LivePolicyFactory, ROUTER_POLICIES, type RouterHandle } from '@edge-mesh/router';
-import { agentFor, brokerFor, meshFor, modelsDir, routerFor, spawnAgent, tempDir, waitFor } from './helpers.ts';
-
-/** A models folder with the wake-word model only, so twenty agents start fast and stay small. */
-async function kwsOnlyDir(t: TestContext): Promise<string> {
-  const full = await modelsDir();
-  const manifest = JSON.parse(await readFile(path.join(full, 'manifest.json'), 'utf8')) as { models: { name: string; file: string }[] };
-  const kws = manifest.models.filter((m) => m.name === 'kws');
-  assert.equal(kws.length, 1);
-  const dir = await tempDir(t, 'edge-mesh-kws-');
-  await copyFile(path.join(full, kws[0]!.file), path.join(dir, kws[0]!.file));
-  await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...manifest, models: kws }));
-  return dir;
-}
+import { agentFor, brokerFor, kwsOnlyDir, meshFor, routerFor, spawnAgent, waitFor } from './helpers.ts';
 
 /** Runs `n` calls with at most `concurrency` in flight. */
 async function runAll<T>(n: number, concurrency: number, call: (i: number) => Promise<T>): Promise<T[]> {

@@ -147,7 +147,6 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
     assert.equal(short.status, 400);
     assert.equal(short.body.code, 'MESH_BAD_TENSOR');
     assertErrorBody(short, 'MESH_BAD_TENSOR', 'short data');
-
     // Operator endpoints.
     const agents = await getJson(`${base}/v1/agents`);
     assert.equal(agents.status, 200);
@@ -181,6 +180,21 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
 
     // (After the counters above were read: this one counts as an error too.)
     assertErrorBody(await getJson(`${base}/v2/models/no-such-model/ready`), 'MESH_UNKNOWN_MODEL', 'ready, unknown model');
+
+    // (After the counters too.) 1e400 is valid JSON that parses as Infinity, and 1e39 overflows a float32: a coded 400, never null with 200.
+    for (const huge of ['1e400', '-1e400', '1e39']) {
+      const data = `[${huge}${',0'.repeat(25 * 96 - 1)}]`;
+      const res = await getJson(
+        `${base}/v2/models/kws/infer`,
+        post(`{"inputs":[{"name":"onnx::Flatten_0","shape":[1,25,96],"datatype":"FP32","data":${data}}]}`),
+      );
+      assertErrorBody(res, 'MESH_BAD_TENSOR', `an input of ${huge}`);
+    }
+    const stillServing = await getJson(
+      `${base}/v2/models/kws/infer`,
+      post({ inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data: new Array(25 * 96).fill(0) }] }),
+    );
+    assert.equal(stillServing.status, 200, JSON.stringify(stillServing.body));
 
     await http.close();
     await assert.rejects(fetch(`${base}/v2/health/live`));

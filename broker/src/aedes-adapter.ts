@@ -5,6 +5,7 @@
 import type { Socket } from 'node:net';
 import type { Aedes, AuthenticateError, Client, ConnectPacket, PublishPacket } from 'aedes';
 import type { MeshSession } from './acl.ts';
+import { type SubscribeEntry, unifyDuplicateFilters } from './handlers/subscribe.ts';
 
 /** The per-connection state the broker caches on each aedes client once its CONNECT is accepted. */
 const SESSION = Symbol('edge-mesh.session');
@@ -80,8 +81,20 @@ export function clientOfSocket(socket: Socket): Client | undefined {
 export function downgradeSubscribeQoS(client: Client, granted: (qos: number) => number): void {
   const parser = (client as MeshClient)._parser;
   if (!parser || typeof parser.prependListener !== 'function') return;
-  parser.prependListener('packet', (packet: { cmd: string; subscriptions?: { qos: number }[] }) => {
+  parser.prependListener('packet', (packet: { cmd: string; subscriptions?: SubscribeEntry[] }) => {
     if (packet.cmd !== 'subscribe' || !packet.subscriptions) return;
     for (const sub of packet.subscriptions) sub.qos = granted(sub.qos);
+    keepEverySubscription(packet as { subscriptions: SubscribeEntry[] });
   });
+}
+
+/**
+ * One SUBACK return code per filter asked for, duplicates included (./handlers/subscribe.ts, unifyDuplicateFilters):
+ * aedes replaces `packet.subscriptions` with its de-duplicated list before it authorizes them and builds the SUBACK
+ * from that list (lib/handlers/subscribe.js, handleSubscribe), so the full list is kept and that assignment ignored.
+ */
+function keepEverySubscription(packet: { subscriptions: SubscribeEntry[] }): void {
+  if (!unifyDuplicateFilters(packet.subscriptions)) return;
+  const all = packet.subscriptions;
+  Object.defineProperty(packet, 'subscriptions', { get: () => all, set: () => {}, enumerable: true, configurable: true });
 }

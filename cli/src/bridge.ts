@@ -6,6 +6,7 @@
 import path from 'node:path';
 import { loadKeyFile, round, summarize } from '@edge-mesh/client';
 import type { BridgeReady, BridgeStopSummary, DeviceSummary } from '@edge-mesh/demo';
+import type { UdpTransport } from '@edge-mesh/firmware-bridge';
 import { MeshError } from '@edge-mesh/protocol';
 import { type Command, InvalidArgumentError, Option } from 'commander';
 import { cliLogger, LOG_LEVELS } from './log.ts';
@@ -45,7 +46,7 @@ export function registerBridgeCommands(program: Command): void {
   bridge
     .command('run', { isDefault: true })
     .description('serve provisioned devices over UDP and serial ports, as a mesh client (the default subcommand)')
-    .option('--broker <url>', 'broker URL', 'mqtt://127.0.0.1:1883')
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', 'mqtt://127.0.0.1:1883')
     .option(
       '--key <file>',
       'the bridge key file (edge-mesh keys new --role bridge), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',
@@ -77,12 +78,14 @@ export function registerBridgeCommands(program: Command): void {
       if (supervised) core.on('request', (r: { latencyMs: number }) => latencies.push(r.latencyMs));
       const closers: (() => Promise<void>)[] = [];
       let udpAddress: BridgeReady['udp'] = null;
+      let udp: UdpTransport | undefined;
       try {
         if (opts.udp !== false) {
-          const udp = await listenUdp(core, { port: opts.udpPort, host: opts.udpHost });
-          closers.push(() => udp.close());
-          udpAddress = { host: opts.udpHost, port: udp.port };
-          logger.info({ address: udp.address, port: udp.port }, 'bridge listening on UDP');
+          const transport = await listenUdp(core, { port: opts.udpPort, host: opts.udpHost });
+          udp = transport;
+          closers.push(() => transport.close());
+          udpAddress = { host: opts.udpHost, port: transport.port };
+          logger.info({ address: transport.address, port: transport.port }, 'bridge listening on UDP');
         }
         for (const p of (opts.serial as string[] | undefined) ?? []) {
           const serial = await openSerial(core, p, opts.baud);
@@ -93,7 +96,7 @@ export function registerBridgeCommands(program: Command): void {
         logger.info({ bridgeId: core.id, devices, models: opts.models }, 'bridge ready');
         await report<BridgeReady>('ready', { id: core.id, udp: udpAddress, devices });
         await stop;
-        logger.info(core.stats, 'bridge stopping');
+        logger.info({ ...core.stats, ...(udp ? { udp: udp.stats() } : {}) }, 'bridge stopping');
       } finally {
         for (const close of closers) await close();
         await core.close();
@@ -102,7 +105,17 @@ export function registerBridgeCommands(program: Command): void {
       }
       const s = latencies.length ? summarize(latencies) : undefined;
       const { requests, ok, errors, retransmits } = core.stats;
-      await report<BridgeStopSummary>('summary', { requests, ok, errors, retransmits, p50_ms: s ? round(s.p50) : null });
+      const udpStats = udp?.stats();
+      await report<BridgeStopSummary>('summary', {
+        requests,
+        ok,
+        errors,
+        retransmits,
+        dropped: Object.values(core.stats.dropped).reduce((a, b) => a + b, 0),
+        udp_datagrams: udpStats?.datagrams ?? null,
+        udp_kernel_drops: udpStats?.kernelDrops ?? null,
+        p50_ms: s ? round(s.p50) : null,
+      });
     });
 
   bridge

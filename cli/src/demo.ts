@@ -21,7 +21,7 @@ export function registerDemoCommands(program: Command): void {
     .description(
       'run the sample app against a running mesh: a steady stream of requests over the models, with latency reports on stdout every few seconds',
     )
-    .option('--broker <url>', 'broker URL', 'mqtt://127.0.0.1:1883')
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', 'mqtt://127.0.0.1:1883')
     .option(
       '--key <file>',
       'the app key file (edge-mesh keys new --role app), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',

@@ -242,7 +242,7 @@ export function buildProgram(): Command {
     .command('agent')
     .description('run an edge agent that serves the models of a folder')
     .requiredOption('--models <dir>', 'models folder with manifest.json (see `edge-mesh models build`)')
-    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
     .option(
       '--key <file>',
       'the agent key file (edge-mesh keys new --role agent); its id is the agent id. Without it: an ephemeral key, which only an open broker accepts',
@@ -258,6 +258,11 @@ export function buildProgram(): Command {
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
     .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
+    .option(
+      '--load-nice <n>',
+      'nice value (0-19) added to the inference workers while they load and warm models, so a restarting agent leaves the CPU to its neighbours (default 10; 0 turns it off)',
+      nonNegativeInt,
+    )
     .option(
       '--payout <address>',
       "take payment: the EVM address paid for this agent's work (needs --escrow, --chain-id and --rpc: credit is given only against money on the lane)",
@@ -362,6 +367,7 @@ export function buildProgram(): Command {
         ...(opts.workers ? { workers: opts.workers } : {}),
         ...(opts.pipelineDepth ? { pipelineDepth: opts.pipelineDepth } : {}),
         ...(opts.inlineMaxMs !== undefined ? { inlineMaxMs: opts.inlineMaxMs } : {}),
+        ...(opts.loadNice !== undefined ? { loadNice: opts.loadNice } : {}),
         ...(opts.payout
           ? {
               payment: {
@@ -402,7 +408,7 @@ export function buildProgram(): Command {
     program
       .command('router')
       .description('run a latency-aware router: route leases for SDK clients, forwarding for thin clients over MQTT and HTTP (KServe v2)')
-      .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+      .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
       .option(
         '--key <file>',
         'the router key file (edge-mesh keys new --role router), admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',
@@ -468,7 +474,7 @@ export function buildProgram(): Command {
     .requiredOption('--input <file...>', 'JSON file { name: { dtype, shape, data } }, or raw bytes [NAME=]FILE with --dtype and --shape')
     .option('--dtype <dtype>', 'dtype of raw inputs')
     .option('--shape <dims>', 'shape of raw inputs, e.g. 1,25,96', (v: string) => v.split(/[,x]/).map((d) => nonNegativeInt(d)))
-    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
     .option(
       '--key <file>',
       'the app key file (role app, router or bridge) admitted by the operator. Without it: an ephemeral key, which only an open broker accepts',
@@ -545,7 +551,7 @@ export function buildProgram(): Command {
     .option('--public-key <b64url>', 'public key of the device or app to admit (with --role)')
     .option('--role <role>', `its role with --public-key: ${ROLES.join(', ')}`, parseRole)
     .option('--ttl-days <days>', 'how long the admission holds', positiveNumber, 365)
-    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
     .option('--timeout-ms <ms>', "how long to wait for the broker's acknowledgement", positiveInt, 5_000)
     .action(async (opts) => {
       const operator = await loadKeyFile(opts.key, 'operator', keyWarnings);
@@ -573,7 +579,7 @@ export function buildProgram(): Command {
     .description('revoke a device or app: the broker disconnects it and refuses it from then on')
     .requiredOption('--key <file>', "the operator's key file")
     .requiredOption('--id <id>', 'id of the device or app to revoke')
-    .option('--broker <url>', 'broker URL', DEFAULT_BROKER)
+    .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
     .option('--timeout-ms <ms>', "how long to wait for the broker's acknowledgement", positiveInt, 5_000)
     .action(async (opts) => {
       if (!isValidId(opts.id)) throw new MeshError('MESH_CONFIG', `--id ${JSON.stringify(opts.id)} is not a mesh id`);

@@ -81,7 +81,36 @@ export function connectRefusal(err: unknown, clientId: string): MeshError | unde
       });
 }
 
-export function openMeshConnection(brokerUrl: string, options: MeshConnectionOptions): MeshConnection {
+const BROKER_PROTOCOLS = new Set(['mqtt:', 'tcp:']);
+
+/**
+ * The brokers a client may use, in order: one URL, a comma-separated list of them, or an array. Each must be
+ * `mqtt://host:port` (or `tcp://`), the only transport the broker offers (docs/security.md); a bad entry is MESH_CONFIG.
+ */
+export function brokerList(brokers: string | readonly string[]): { url: string; host: string; port: number }[] {
+  const entries = (typeof brokers === 'string' ? brokers.split(',') : [...brokers]).map((u) => u.trim()).filter((u) => u !== '');
+  if (entries.length === 0) throw new MeshError('MESH_CONFIG', 'no broker URL given');
+  return entries.map((url) => {
+    let parsed: URL;
+    try {
+      parsed = new URL(url);
+    } catch {
+      throw new MeshError('MESH_CONFIG', `not a broker URL: ${JSON.stringify(url)}`);
+    }
+    if (!BROKER_PROTOCOLS.has(parsed.protocol) || parsed.hostname === '')
+      throw new MeshError('MESH_CONFIG', `a broker URL is mqtt://host:port, got ${JSON.stringify(url)}`);
+    const port = parsed.port === '' ? 1883 : Number(parsed.port);
+    // URL keeps an IPv6 host in brackets; net.connect wants it bare.
+    return { url, host: parsed.hostname.replace(/^\[|\]$/g, ''), port };
+  });
+}
+
+/**
+ * Opens the connection to the first broker of `brokers` (one URL, a comma-separated list, or an array). Each
+ * reconnect attempt goes to the next broker of the list, round the list (mqtt.js's `servers` option), so a
+ * client whose broker is gone fails over at its next retry.
+ */
+export function openMeshConnection(brokers: string | readonly string[], options: MeshConnectionOptions): MeshConnection {
   const {
     identity,
     keepaliveS = 10,
@@ -98,8 +127,10 @@ export function openMeshConnection(brokerUrl: string, options: MeshConnectionOpt
   if (identity && clientId !== identity.id) {
     throw new MeshError('MESH_CONFIG', `client id ${JSON.stringify(clientId)} must be the identity's id ${identity.id}`);
   }
-  const client = mqtt.connect(brokerUrl, {
+  const servers = brokerList(brokers);
+  const client = mqtt.connect(servers[0]!.url, {
     clientId,
+    ...(servers.length > 1 ? { servers: servers.map(({ host, port }) => ({ host, port, protocol: 'mqtt' as const })) } : {}),
     protocolVersion: MQTT_PROTOCOL_VERSION,
     clean: true,
     keepalive: keepaliveS,

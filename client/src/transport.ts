@@ -10,9 +10,11 @@ export interface BackoffOptions {
 
 /**
  * Delay before reconnect attempt `attempt` (0-based): exponential up to `maxMs`, with the upper half
- * jittered so a fleet that lost its broker does not reconnect in lock step.
+ * jittered so a fleet that lost its broker does not reconnect in lock step. The first retry comes within
+ * 100 ms and the cap is 1 s, so a client is back at most about a second after its broker is
+ * (docs/operations.md, "Recovery").
  */
-export function reconnectDelayMs(attempt: number, { baseMs = 100, maxMs = 5_000 }: BackoffOptions = {}, random = Math.random): number {
+export function reconnectDelayMs(attempt: number, { baseMs = 100, maxMs = 1_000 }: BackoffOptions = {}, random = Math.random): number {
   const ceiling = Math.min(maxMs, baseMs * 2 ** Math.min(attempt, 30));
   return Math.round(ceiling / 2 + random() * (ceiling / 2));
 }

@@ -40,22 +40,44 @@ export async function kserveInfer(
   deadlineMs: number,
 ): Promise<KServeResult> {
   const parameters = JSON.stringify({ deadline_ms: Math.max(1, Math.round(deadlineMs)) });
+  const timeoutMs = deadlineMs + 1_000;
+  // fetch's own failures carry DOM codes (a timeout is DOMException code 23): say what they mean in the mesh's codes.
+  // The timeout covers reading the body too, so the body's failures are translated the same way.
+  const fetchFailure = (err: unknown, what: string): MeshError =>
+    (err as Error).name === 'TimeoutError' || (err as Error).name === 'AbortError'
+      ? new MeshError('MESH_DEADLINE_EXCEEDED', `no HTTP ${what} for ${model} within ${timeoutMs} ms`, { cause: err })
+      : new MeshError('MESH_NOT_CONNECTED', `${baseUrl}: ${(err as Error).message}`, { cause: err });
   let res: Response;
   try {
     res = await fetch(`${baseUrl}/v2/models/${encodeURIComponent(model)}/infer`, {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
       body: `{"inputs":${encodeKServeInputs(inputs)},"parameters":${parameters}}`,
-      signal: AbortSignal.timeout(deadlineMs + 1_000),
+      signal: AbortSignal.timeout(timeoutMs),
     });
   } catch (err) {
-    // fetch's own failures carry DOM codes (a timeout is code 23): say what they mean in the mesh's codes.
-    if ((err as Error).name === 'TimeoutError' || (err as Error).name === 'AbortError') {
-      throw new MeshError('MESH_DEADLINE_EXCEEDED', `no HTTP answer for ${model} within ${deadlineMs + 1_000} ms`, { cause: err });
-    }
-    throw new MeshError('MESH_NOT_CONNECTED', `${baseUrl}: ${(err as Error).message}`, { cause: err });
+    throw fetchFailure(err, 'answer');
   }
-  const json = (await res.json()) as {
+  let text: string;
+  try {
+    text = await res.text();
+  } catch (err) {
+    throw fetchFailure(err, 'body');
+  }
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch (err) {
+    parsed = err;
+  }
+  if (parsed === null || typeof parsed !== 'object' || parsed instanceof Error) {
+    const why = parsed instanceof Error ? parsed.message : `a JSON ${parsed === null ? 'null' : typeof parsed}`;
+    throw new MeshError('MESH_BAD_REQUEST', `HTTP ${res.status} from ${baseUrl} is not a JSON object: ${why}`, {
+      ...(parsed instanceof Error ? { cause: parsed } : {}),
+      details: { status: res.status },
+    });
+  }
+  const json = parsed as {
     code?: string;
     error?: string;
     details?: Record<string, unknown>;

@@ -55,6 +55,11 @@ export interface BridgeStopSummary {
   ok: number;
   errors: number;
   retransmits: number;
+  /** Frames the bridge dropped without an answer (bad size, header, key, replay, unknown device: docs/bridge.md). */
+  dropped: number;
+  /** UDP datagrams read, and those the kernel dropped before the bridge read them (null: not known, or no UDP). */
+  udp_datagrams: number | null;
+  udp_kernel_drops: number | null;
   /** Bridge-side latency of a device request (frame in → reply out), ms. */
   p50_ms: number | null;
 }

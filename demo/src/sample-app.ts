@@ -5,7 +5,7 @@
  */
 
 import { round } from '@edge-mesh/client';
-import type { Identity, Tensor } from '@edge-mesh/protocol';
+import { type Identity, isMeshErrorCode, type Tensor } from '@edge-mesh/protocol';
 import { connect, type Mesh, type PaymentOptions } from '@edge-mesh/sdk';
 import type { Logger } from 'pino';
 import { encodeKServeInputs, kserveInfer } from './kserve-client.ts';
@@ -119,8 +119,9 @@ export class SampleApp {
           this.byAgent.get(result.agentId).record(ms);
           this.paths[result.path] = (this.paths[result.path] ?? 0) + 1;
         },
-        (err: { code?: string; message?: string }) => {
-          const code = err.code ?? 'UNKNOWN';
+        (err: { code?: unknown; message?: string }) => {
+          // Only the mesh's codes are counted by name; anything else (a DOM or Node error code) is a bug to report as one.
+          const code = isMeshErrorCode(err.code) ? err.code : 'MESH_INTERNAL';
           this.errorCodes[code] = (this.errorCodes[code] ?? 0) + 1;
           this.byModel.get(model).record(undefined);
           logger.warn({ model, code, err: err.message }, 'sample request failed');

@@ -19,6 +19,8 @@ export interface ExecutorOptions {
   workers: number;
   intraOpThreads: number;
   warmupRuns: number;
+  /** Nice value added to worker threads while they load (docs/agent.md, "Starting without starving the neighbours"). */
+  loadNice: number;
   pipelineDepth: number;
   /** 0 turns inline execution off. */
   inlineMaxMs: number;
@@ -53,6 +55,7 @@ export async function openExecutors(specs: WorkerModelSpec[], options: ExecutorO
     size: options.workers,
     intraOpThreads: options.intraOpThreads,
     warmupRuns: options.warmupRuns,
+    loadNice: options.loadNice,
     pipelineDepth: options.pipelineDepth,
     logger,
     models: [],

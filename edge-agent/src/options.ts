@@ -26,6 +26,7 @@ export interface ResolvedOptions {
   pipelineDepth: number;
   heartbeatMs: number;
   warmupRuns: number;
+  loadNice: number;
   providers: 'auto' | string[];
   maxMessageBytes: number;
   maxElements: number;
@@ -39,6 +40,9 @@ export interface ResolvedOptions {
 /** Default bound on a model's warm-up p99 for it to run on the main thread (docs/agent.md, "Inline models"). */
 export const DEFAULT_INLINE_MAX_MS = 0.5;
 
+/** Nice value added to the worker threads while they load and warm models (docs/agent.md, "Starting without starving the neighbours"). */
+export const DEFAULT_LOAD_NICE = 10;
+
 const positiveInteger = (n: number) => Number.isInteger(n) && n >= 1;
 
 export function resolveOptions(options: AgentOptions): ResolvedOptions {
@@ -51,6 +55,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     pipelineDepth = 2,
     heartbeatMs = 1_000,
     warmupRuns = 5,
+    loadNice = DEFAULT_LOAD_NICE,
     providers = 'auto',
     maxMessageBytes = DEFAULT_MAX_MESSAGE_BYTES,
     maxElements = DEFAULT_MAX_ELEMENTS,
@@ -79,6 +84,8 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     problems.push(`maxRememberedRequests must be a positive integer, got ${maxRememberedRequests}`);
   if (!(heartbeatMs >= 50)) problems.push(`heartbeatMs must be at least 50, got ${heartbeatMs}`);
   if (!positiveInteger(warmupRuns)) problems.push(`warmupRuns must be a positive integer, got ${warmupRuns}`);
+  if (!(Number.isInteger(loadNice) && loadNice >= 0 && loadNice <= 19))
+    problems.push(`loadNice must be an integer from 0 to 19, got ${loadNice}`);
   if (!(Number.isFinite(inlineMaxMs) && inlineMaxMs >= 0))
     problems.push(`inlineMaxMs must be a number of milliseconds, 0 or more, got ${inlineMaxMs}`);
   if (problems.length) throw new MeshError('MESH_CONFIG', `invalid agent options: ${problems.join('; ')}`);
@@ -94,6 +101,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     pipelineDepth,
     heartbeatMs,
     warmupRuns,
+    loadNice,
     providers,
     maxMessageBytes,
     maxElements,

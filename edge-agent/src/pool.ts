@@ -11,7 +11,7 @@ import { Worker } from 'node:worker_threads';
 import { MeshError, type Tensor, type TypedArray } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
 import type { Executor, JobCallback } from './executor.ts';
-import type { FromWorker, LoadedModel, RunJob, ToWorker, WorkerModelSpec } from './worker-protocol.ts';
+import type { FromWorker, LoadedModel, LoadPriority, RunJob, ToWorker, WorkerModelSpec } from './worker-protocol.ts';
 
 const WORKER_URL = new URL('./worker.mjs', import.meta.url);
 
@@ -65,6 +65,8 @@ export interface PoolOptions {
   models: WorkerModelSpec[];
   intraOpThreads: number;
   warmupRuns: number;
+  /** Nice value added to each worker thread while it loads and warms its models (0: none; docs/agent.md). */
+  loadNice?: number;
   /** Jobs one worker may hold at once (1 = no pipelining). */
   pipelineDepth: number;
   logger: Logger;
@@ -97,6 +99,8 @@ export class WorkerPool implements Executor {
   private booted: Spawned[] = [];
   /** Every worker thread not yet exited, ready or not. */
   private readonly threads = new Set<Worker>();
+  /** The priority each worker reported when its models were loaded, in the order they were ready. */
+  readonly loadPriorities: LoadPriority[] = [];
   private models: WorkerModelSpec[];
   private held = 0;
   private nextJob = 1;
@@ -208,6 +212,7 @@ export class WorkerPool implements Executor {
         switch (message.type) {
           case 'ready':
             ready = true;
+            if (message.priority) this.loadPriorities.push(message.priority);
             this.slots.push(slot);
             resolve(message.models);
             this.onIdle();
@@ -252,8 +257,8 @@ export class WorkerPool implements Executor {
   }
 
   private init(worker: Worker): void {
-    const { intraOpThreads, warmupRuns } = this.options;
-    const init: ToWorker = { type: 'init', models: this.models, intraOpThreads, warmupRuns };
+    const { intraOpThreads, warmupRuns, loadNice = 0 } = this.options;
+    const init: ToWorker = { type: 'init', models: this.models, intraOpThreads, warmupRuns, loadNice };
     worker.postMessage(init);
   }
 

@@ -46,6 +46,11 @@ export interface AgentOptions {
   pipelineDepth?: number;
   heartbeatMs?: number;
   warmupRuns?: number;
+  /**
+   * Nice value (0–19) added to each inference worker thread while it loads and warms its models, so a restarting
+   * agent leaves the CPU to its neighbours first; default 10, 0 turns it off.
+   */
+  loadNice?: number;
   /** 'auto' tries TensorRT, then CUDA when this onnxruntime build ships them, then CPU. */
   providers?: 'auto' | string[];
   maxMessageBytes?: number;

@@ -10,7 +10,8 @@ export interface WorkerModelSpec {
 }
 
 export type ToWorker =
-  | { type: 'init'; models: WorkerModelSpec[]; intraOpThreads: number; warmupRuns: number }
+  /** `loadNice`: how much to raise the worker thread's nice value while it loads and warms its models (0: not at all). */
+  | { type: 'init'; models: WorkerModelSpec[]; intraOpThreads: number; warmupRuns: number; loadNice: number }
   | { type: 'run'; jobs: RunJob[] }
   /** Exit once the job running (if any) is done; jobs still waiting are dropped. */
   | { type: 'close' };
@@ -31,8 +32,18 @@ export interface LoadedModel {
   latencyMs: number;
 }
 
+/**
+ * The worker thread's nice value (os.getPriority) before, while and after it loaded its models; `after` equals
+ * `before` unless the system refused to raise the priority again (docs/agent.md, "Starting without starving the neighbours").
+ */
+export interface LoadPriority {
+  before: number;
+  during: number;
+  after: number;
+}
+
 export type FromWorker =
-  | { type: 'ready'; models: LoadedModel[] }
+  | { type: 'ready'; models: LoadedModel[]; priority: LoadPriority | undefined }
   | { type: 'fatal'; message: string }
   | { type: 'done'; job: number; outputs: Record<string, Tensor>; execMs: number }
   | { type: 'failed'; job: number; message: string; execMs: number };

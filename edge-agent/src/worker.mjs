@@ -8,6 +8,7 @@
  * each loader costs a thread, ~30 MB and ~250 ms per worker. Its messages are typed in
  * worker-protocol.ts.
  */
+import os from 'node:os';
 import { parentPort } from 'node:worker_threads';
 // The errors module alone: the whole protocol package would cost every worker its schema compilers.
 import { MeshError } from '@edge-mesh/protocol/errors';
@@ -18,6 +19,7 @@ import { createSession, fromResults, toFeeds, warmupFeeds } from './ort-session.
 /** @typedef {import('./worker-protocol.ts').FromWorker} FromWorker */
 /** @typedef {import('./worker-protocol.ts').LoadedModel} LoadedModel */
 /** @typedef {import('./worker-protocol.ts').WorkerModelSpec} WorkerModelSpec */
+/** @typedef {import('./worker-protocol.ts').LoadPriority} LoadPriority */
 /** @typedef {import('@edge-mesh/protocol').Tensor} Tensor */
 
 if (!parentPort) throw new MeshError('MESH_INTERNAL', 'worker.mjs must run in a worker thread');
@@ -31,6 +33,50 @@ const sessions = new Map();
  */
 function send(message, transfer = []) {
   port.postMessage(message, transfer);
+}
+
+/**
+ * This thread's nice value, or undefined where it cannot be read. On Linux, setpriority(PRIO_PROCESS, 0) (what
+ * os.getPriority(0) and os.setPriority(0, …) call through libuv's uv_os_setpriority) names the calling thread only,
+ * so the worker lowers itself and not the agent's event loop (docs/agent.md, "Starting without starving the neighbours").
+ * @returns {number | undefined}
+ */
+function threadPriority() {
+  try {
+    return os.getPriority(0);
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Raises this thread's nice value by `nice` (capped at 19, the lowest priority) for the loading and warm-up that
+ * follow, so a restarting agent does not take CPU from its neighbours' inference. Returns the value before and now.
+ * @param {number} nice
+ * @returns {{ before: number, during: number } | undefined}
+ */
+function lowerPriority(nice) {
+  const before = threadPriority();
+  if (before === undefined || nice <= 0) return before === undefined ? undefined : { before, during: before };
+  try {
+    os.setPriority(0, Math.min(19, before + nice));
+  } catch {
+    /* not allowed here: load at the priority we have */
+  }
+  return { before, during: threadPriority() ?? before };
+}
+
+/**
+ * Back to the priority the thread had before loading. Lowering a nice value needs CAP_SYS_NICE (or RLIMIT_NICE) on
+ * Linux; without it the worker keeps serving at the lower priority, which `after` reports.
+ * @param {number} before
+ */
+function restorePriority(before) {
+  try {
+    os.setPriority(0, before);
+  } catch {
+    /* reported in `after` */
+  }
 }
 
 /**
@@ -106,8 +152,17 @@ port.on('message', (/** @type {ToWorker} */ message) => {
         try {
           /** @type {LoadedModel[]} */
           const loaded = [];
-          for (const spec of message.models) loaded.push(await load(spec, message.intraOpThreads, message.warmupRuns));
-          send({ type: 'ready', models: loaded });
+          const before = lowerPriority(message.loadNice);
+          try {
+            for (const spec of message.models) {
+              loaded.push(await load(spec, message.intraOpThreads, message.warmupRuns));
+              // Between two models, give the thread up for a turn.
+              await new Promise((resolve) => setImmediate(resolve));
+            }
+          } finally {
+            if (before !== undefined) restorePriority(before.before);
+          }
+          send({ type: 'ready', models: loaded, priority: before && { ...before, after: threadPriority() ?? before.before } });
         } catch (err) {
           send({ type: 'fatal', message: err instanceof Error ? err.message : String(err) });
         }

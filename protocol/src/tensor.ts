@@ -154,9 +154,18 @@ export function tensorFromJson(name: string, dtype: unknown, shape: unknown, val
     if (data instanceof BigInt64Array || data instanceof BigUint64Array) {
       if (typeof v !== 'number' && typeof v !== 'bigint' && typeof v !== 'string')
         throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} is not an integer`);
-      data[i] = BigInt(v);
+      try {
+        data[i] = BigInt(v);
+      } catch (err) {
+        // BigInt(1.5), BigInt(Infinity) (JSON's 1e400), BigInt('x').
+        throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} (${String(v)}) is not an integer`, { cause: err });
+      }
     } else if (typeof v === 'number' || typeof v === 'boolean') {
       data[i] = Number(v);
+      // JSON has no Infinity or NaN: a value like 1e400 parses as Infinity, and 1e39 overflows a float32. Either
+      // would run the model on a value the sender never wrote and answer null (issue 13).
+      if (!Number.isFinite(Number(v)) || !Number.isFinite(data[i] as number))
+        throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} (${String(v)}) is out of range for ${dtype}`);
     } else {
       throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} is not a number`);
     }

@@ -214,6 +214,9 @@ function fromKServe(input: KServeTensor): Tensor {
   if (dtype === 'float16') {
     const values = (input.data as unknown[]).flat(Infinity).map((v) => {
       if (typeof v !== 'number') throw new MeshError('MESH_BAD_TENSOR', `input ${input.name}: FP16 values must be numbers`);
+      // 65504 is FP16's largest finite value; past it (and for 1e400, which JSON.parse makes Infinity) the half is infinite.
+      if (!Number.isFinite(v) || Math.abs(v) > 65520)
+        throw new MeshError('MESH_BAD_TENSOR', `input ${input.name}: ${String(v)} is out of range for FP16`);
       return floatToHalf(v);
     });
     return tensorFromJson(input.name, dtype, input.shape, values);

@@ -30,3 +30,27 @@ export function decideSubscribe(
   if (auth && (session === undefined || !aclSubscribe(session, filter))) return { ok: false, reason: 'acl', code: REFUSAL_CODES.acl };
   return { ok: true, qos: grantedQos(qos) };
 }
+
+/** A SUBSCRIBE's topic filter as the MQTT parser gives it. */
+export interface SubscribeEntry {
+  topic: string;
+  qos: number;
+  [option: string]: unknown;
+}
+
+/**
+ * MQTT 3.1.1 §3.8.4 [MQTT-3.8.4-4]: a SUBSCRIBE with several filters is handled as a sequence of SUBSCRIBEs, one per
+ * filter, whose answers go in one SUBACK with a return code for each filter asked for [MQTT-3.9.3-1], duplicates
+ * included. aedes (lib/handlers/subscribe.js, `_dedupe`) keeps only the last of duplicate filters and answers fewer
+ * codes than were asked for, which mqtt.js takes as a protocol error and closes the connection (issue 13). This keeps
+ * every entry and gives each duplicate the options of the filter's last occurrence, as handling them in sequence
+ * would leave it; true when the list had duplicates.
+ */
+export function unifyDuplicateFilters(subscriptions: SubscribeEntry[]): boolean {
+  if (subscriptions.length < 2) return false;
+  const last = new Map<string, SubscribeEntry>();
+  for (const sub of subscriptions) last.set(sub.topic, sub);
+  if (last.size === subscriptions.length) return false;
+  for (let i = 0; i < subscriptions.length; i++) subscriptions[i] = { ...last.get(subscriptions[i]!.topic)! };
+  return true;
+}
