@@ -3,10 +3,14 @@
  * It is the only I/O in protocol/, kept here because its rules are part of the transport contract:
  * MQTT 3.1.1, clean sessions, TCP_NODELAY on every (re)connect, jittered exponential reconnects and,
  * with an identity, a fresh signed CONNECT token on every attempt (the broker refuses a replayed one).
+ * With a password (given, or in the URL) the same credentials go with every attempt instead, for an external broker
+ * that checks passwords (docs/operations.md, "External brokers"). `mqtts://` URLs connect over TLS with `tls`'s CA,
+ * certificate and key; a TLS failure is reported as MESH_TLS, not retried in silence (docs/operations.md, "TLS").
  */
 
 import { type Identity, MeshError, makeConnectToken } from '@edge-mesh/protocol';
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
+import { describeTlsFailure, type MeshTlsOptions } from './tls.ts';
 import { type BackoffOptions, MQTT_PROTOCOL_VERSION, reconnectDelayMs } from './transport.ts';
 
 export interface MeshConnectionOptions {
@@ -18,6 +22,15 @@ export interface MeshConnectionOptions {
    * Without it the client connects anonymously, which only an open broker accepts.
    */
   identity?: Identity;
+  /**
+   * Credentials for a broker that checks passwords (mosquitto, RabbitMQ): sent on the first connect and on every
+   * reconnect. A password here, or one in the URL (`mqtt://user:pass@host`), replaces the identity's CONNECT token;
+   * the username defaults to the URL's, then to the identity's id.
+   */
+  username?: string;
+  password?: string | Buffer;
+  /** CA, client certificate and key for `mqtts://` (docs/operations.md, "TLS"). */
+  tls?: MeshTlsOptions;
   keepaliveS?: number;
   connectTimeoutMs?: number;
   backoff?: BackoffOptions;
@@ -39,6 +52,8 @@ export interface MeshConnectionOptions {
    * of the same refusal (again only after a connect succeeded or the return code changed), so a caller
    * that logs it logs it once. The connection keeps retrying with backoff until closed; `firstConnect` is
    * true until a connect succeeded. `refusal` on the handle holds the latest one until a connect succeeds.
+   * A failed TLS handshake (untrusted or mismatched certificate, a plaintext server, a client certificate refused) is
+   * reported here too, as MESH_TLS with `details.reason` (Node's TLS error code).
    */
   onRefused?: (err: MeshError, firstConnect: boolean) => void;
 }
@@ -98,6 +113,7 @@ export function openMeshConnection(brokerUrl: string, options: MeshConnectionOpt
   if (identity && clientId !== identity.id) {
     throw new MeshError('MESH_CONFIG', `client id ${JSON.stringify(clientId)} must be the identity's id ${identity.id}`);
   }
+  const credentials = resolveCredentials(brokerUrl, options, identity);
   const client = mqtt.connect(brokerUrl, {
     clientId,
     protocolVersion: MQTT_PROTOCOL_VERSION,
@@ -108,7 +124,12 @@ export function openMeshConnection(brokerUrl: string, options: MeshConnectionOpt
     reconnectPeriod: 0,
     resubscribe: false,
     queueQoSZero: false,
-    ...(identity ? { username: identity.id, password: makeConnectToken(identity) } : {}),
+    // `auth: undefined` keeps mqtt.js from reading the URL's user:pass over ours (resolveCredentials read them).
+    auth: undefined,
+    ...(credentials.username !== undefined ? { username: credentials.username } : {}),
+    ...(credentials.password !== undefined ? { password: credentials.password } : {}),
+    ...(credentials.useToken && identity ? { password: makeConnectToken(identity) } : {}),
+    ...(options.tls ? tlsConnectOptions(options.tls) : {}),
     ...(will ? { will } : {}),
     ...(numberCache === false ? { writeCache: false } : {}),
   });
@@ -136,17 +157,22 @@ export function openMeshConnection(brokerUrl: string, options: MeshConnectionOpt
     timer = setTimeout(() => {
       timer = undefined;
       if (closed) return;
-      // mqtt.js sends `client.options.password` again on reconnect; a token is single-use, so renew it.
-      if (identity) client.options.password = makeConnectToken(identity);
+      // mqtt.js sends `client.options.password` again on reconnect; a token is single-use, so renew it. A password
+      // the caller gave stays as it is: the broker that checks it would refuse a token.
+      if (credentials.useToken && identity) client.options.password = makeConnectToken(identity);
       client.reconnect();
     }, delayMs);
   });
   // Errors (refused connection, protocol errors) are followed by 'close', which reconnects.
   client.on('error', (err) => {
     if (closed) return;
-    const refused = connectRefusal(err, clientId);
+    const refused = connectRefusal(err, clientId) ?? describeTlsFailure(err, brokerUrl, connectedOnce);
     if (!refused) return;
-    const repeat = refusal !== undefined && refusal.details?.returnCode === refused.details?.returnCode;
+    const repeat =
+      refusal !== undefined &&
+      refusal.code === refused.code &&
+      refusal.details?.returnCode === refused.details?.returnCode &&
+      refusal.details?.reason === refused.details?.reason;
     refusal = refused;
     if (!repeat) onRefused?.(refused, !connectedOnce);
   });
@@ -168,5 +194,35 @@ export function openMeshConnection(brokerUrl: string, options: MeshConnectionOpt
         }
       });
     },
+  };
+}
+
+/** Which credentials a connection sends: a given password (options, then URL) wins over the identity's token. */
+export function resolveCredentials(
+  brokerUrl: string,
+  options: Pick<MeshConnectionOptions, 'username' | 'password'>,
+  identity: Identity | undefined,
+): { username: string | undefined; password: string | Buffer | undefined; useToken: boolean } {
+  let urlUser: string | undefined;
+  let urlPassword: string | undefined;
+  try {
+    const url = new URL(brokerUrl);
+    if (url.username !== '') urlUser = decodeURIComponent(url.username);
+    if (url.password !== '') urlPassword = decodeURIComponent(url.password);
+  } catch {
+    // mqtt.js reports a URL it cannot use; nothing to read here.
+  }
+  const password = options.password ?? urlPassword;
+  const username = options.username ?? urlUser ?? identity?.id;
+  return { username, password, useToken: password === undefined && identity !== undefined };
+}
+
+function tlsConnectOptions(tls: MeshTlsOptions): Partial<IClientOptions> {
+  return {
+    ...(tls.ca !== undefined ? { ca: tls.ca } : {}),
+    ...(tls.cert !== undefined ? { cert: tls.cert } : {}),
+    ...(tls.key !== undefined ? { key: tls.key } : {}),
+    ...(tls.servername !== undefined ? { servername: tls.servername } : {}),
+    rejectUnauthorized: true,
   };
 }
