@@ -107,7 +107,7 @@ const unauthorized = (reason: string, message: string) => new MeshError('MESH_UN
 
 /**
  * Checks a token: form, audience, times, the admission (a trusted operator's signature, not expired, for this very
- * key) and the key's signature over the claims, in that order (cheap checks first). Throws MESH_UNAUTHORIZED with
+ * key), the key's signature over the claims and the scopes the key's role may hold, in that order (cheap checks first). Throws MESH_UNAUTHORIZED with
  * `details.reason`; revocation is the caller's check (the router keeps the revoked ids).
  */
 export function verifyHttpToken(token: string, options: VerifyHttpTokenOptions): VerifiedHttpToken {
@@ -149,11 +149,6 @@ export function verifyHttpToken(token: string, options: VerifyHttpTokenOptions):
   const publicKey = Buffer.from(claims.pk, 'base64url');
   const role = roleOfId(claims.id);
   if (role === undefined || !idMatchesKey(claims.id, publicKey)) throw unauthorized('id-not-key-derived', 'the token id is not its key');
-  const allowed = SCOPES_OF_ROLE[role];
-  if (!claims.scp.every((s) => allowed.includes(s)))
-    throw new MeshError('MESH_FORBIDDEN', `a ${role} key may not hold scope ${claims.scp.join(', ')}`, {
-      details: { reason: 'scope-not-of-role', role },
-    });
   let admission: ReturnType<typeof verifyRecord>;
   try {
     admission = verifyRecord(
@@ -170,5 +165,11 @@ export function verifyHttpToken(token: string, options: VerifyHttpTokenOptions):
   if (admission.kind !== 'admission' || admission.id !== claims.id || !Buffer.from(admission.publicKey).equals(publicKey))
     throw unauthorized('not-admitted', 'the admission in the token is for another key');
   if (!verifyBytes(publicKey, Buffer.concat([TOKEN_DOMAIN, body]), sig)) throw unauthorized('bad-signature', 'bad token signature');
+  // Only a token its key really signed gets a 403: a forged one stays a 401 whatever it claims.
+  const allowed = SCOPES_OF_ROLE[role];
+  if (!claims.scp.every((s) => allowed.includes(s)))
+    throw new MeshError('MESH_FORBIDDEN', `a ${role} key may not hold scope ${claims.scp.join(', ')}`, {
+      details: { reason: 'scope-not-of-role', role },
+    });
   return { id: claims.id, role, scopes: claims.scp, expiresMs: claims.exp, admissionExpiresMs: admission.expires };
 }
