@@ -38,13 +38,15 @@ export async function kserveInfer(
   model: string,
   inputs: Record<string, Tensor>,
   deadlineMs: number,
+  /** `Authorization` header, e.g. `Bearer meshkey.…` or `Bearer mesh1.…`, for a router that requires one. */
+  authorization?: string,
 ): Promise<KServeResult> {
   const parameters = JSON.stringify({ deadline_ms: Math.max(1, Math.round(deadlineMs)) });
   let res: Response;
   try {
     res = await fetch(`${baseUrl}/v2/models/${encodeURIComponent(model)}/infer`, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: { 'content-type': 'application/json', ...(authorization ? { authorization } : {}) },
       body: `{"inputs":${encodeKServeInputs(inputs)},"parameters":${parameters}}`,
       signal: AbortSignal.timeout(deadlineMs + 1_000),
     });

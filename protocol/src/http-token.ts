@@ -10,9 +10,9 @@
  * tag and the claims' bytes as sent. Pure: no clock reads beyond the defaults, no I/O.
  */
 import { randomBytes } from 'node:crypto';
+import type { Role } from './constants.ts';
 import { MeshError } from './errors.ts';
 import { type Identity, idMatchesKey, roleOfId, type SignedRecord, signBytes, verifyBytes, verifyRecord } from './identity.ts';
-import type { Role } from './constants.ts';
 
 /** What an HTTP credential may do: `infer` (KServe inference and model metadata), `read` (operator views: agents,
  * routing, lanes, settlements, metrics, the OpenAPI description), `operator` (everything), `relay` (hand vouchers to a
