@@ -53,12 +53,12 @@ import { AdmissionStore } from './store.ts';
 
 export { decodeAdminAck, encodeAdminRecord, MAX_ADMIN_RECORD_BYTES } from './admin.ts';
 export { MAX_PASSWORD_BYTES, MAX_USERNAME_BYTES } from './handlers/connect.ts';
-export type { BrokerAuthOptions, BrokerHooks, BrokerOptions } from './options.ts';
+export type { BrokerAuthOptions, BrokerHooks, BrokerOptions, BrokerTlsOptions } from './options.ts';
 
 export interface BrokerHandle {
   /** The bound TCP port (the real one when `port: 0` was asked for). */
   readonly port: number;
-  /** `mqtt://host:port`, ready for `mqtt.connect`. */
+  /** `mqtt://host:port` (`mqtts://` with `tls`), ready for `mqtt.connect`. */
   readonly url: string;
   /** The aedes instance, for events and in-process publishing. */
   readonly aedes: Aedes;
@@ -117,6 +117,15 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     byteRatePerClient: opts.byteRatePerClient,
     byteBurstPerClient: opts.byteBurstPerClient,
     maxConnections: opts.maxConnections,
+    tls: opts.tls
+      ? {
+          cert: opts.tls.cert,
+          key: opts.tls.key,
+          ...(opts.tls.ca !== undefined ? { ca: opts.tls.ca } : {}),
+          requestCert: opts.tls.requireClientCert === true,
+        }
+      : undefined,
+    handshakeTimeoutMs: opts.connectTimeoutMs,
     log,
     warnThrottled,
     handle: (socket) => downgradeSubscribeQoS(aedes.handle(socket), grantedQos),
@@ -177,7 +186,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     await store?.close();
     throw new MeshError('MESH_CONFIG', `broker cannot listen on ${host}:${opts.port}: ${(err as Error).message}`, { cause: err });
   }
-  const url = `mqtt://${host.includes(':') ? `[${host}]` : host}:${port}`;
+  const url = `${listener.scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`;
   log.debug({ port, host }, 'broker listening');
 
   async function shutdown(): Promise<void> {

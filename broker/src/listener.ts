@@ -7,12 +7,20 @@
  * not finished CONNECT, its oldest such socket is closed to make room. A flood of idle sockets then only recycles
  * its own sockets, while a real client, whose CONNECT follows its TCP handshake at once, still gets in; a client
  * that finished CONNECT is never counted or evicted (docs/security.md, "Connecting").
+ *
+ * With `tls` the listener is a TLS server (mqtts): a socket is handed on, and counted, guarded and throttled, only
+ * once its handshake is done, so the guard reads the cleartext MQTT stream; a handshake must finish within
+ * `handshakeTimeoutMs`, and a failed one is logged (reason `tls`, MESH_TLS) and closed (docs/operations.md, "TLS").
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import type { Logger } from 'pino';
 import { clientOfSocket } from './aedes-adapter.ts';
 import { guardSocket, throttleSocket } from './guard.ts';
 import type { WarnThrottled } from './log.ts';
+
+/** MQTT 3.1.1 CONNACK, return code 5 (not authorized). */
+const CONNACK_NOT_AUTHORIZED = Buffer.from([0x20, 0x02, 0x00, 0x05]);
 
 export interface ListenerOptions {
   /** Sockets per address that have not finished CONNECT; beyond it the oldest is closed. */
@@ -22,6 +30,10 @@ export interface ListenerOptions {
   byteRatePerClient: number;
   byteBurstPerClient: number;
   maxConnections: number;
+  /** Serve TLS with these options (certificate, key, and for mutual TLS the client CA and requestCert). */
+  tls?: tls.TlsOptions | undefined;
+  /** With `tls`: how long a handshake may take. */
+  handshakeTimeoutMs?: number;
   log: Logger;
   warnThrottled: WarnThrottled;
   /** Hands an accepted, guarded socket to aedes. */
@@ -30,6 +42,8 @@ export interface ListenerOptions {
 
 export interface Listener {
   readonly server: net.Server;
+  /** 'mqtts' with `tls`, else 'mqtt'. */
+  readonly scheme: 'mqtt' | 'mqtts';
   /** The address a socket came from, read once at accept (remoteAddress is gone after a destroy). */
   addressOf(socket: unknown): string | undefined;
   /** Binds; resolves with the bound port. */
@@ -57,7 +71,7 @@ export function createListener(options: ListenerOptions): Listener {
     if (set.size === 0) pending.delete(ip);
   };
 
-  const server = net.createServer({ noDelay: true }, (socket) => {
+  const accept = (socket: net.Socket): void => {
     if (!accepting) {
       socket.destroy();
       return;
@@ -96,7 +110,51 @@ export function createListener(options: ListenerOptions): Listener {
       );
     });
     options.handle(socket);
-  });
+  };
+  /** Raw sockets still in their TLS handshake: closed with the server. */
+  const handshaking = new Set<net.Socket>();
+  let server: net.Server;
+  if (options.tls) {
+    // Node checks a client certificate only after the handshake and then closes the socket without an alert, which a
+    // client cannot tell from a network failure. So the check is made here instead: a client whose certificate the CA
+    // did not sign (or that sent none) gets its CONNECT answered with CONNACK 5, "not authorized", and is closed.
+    const requireClientCert = options.tls.requestCert === true;
+    const secure = tls.createServer(
+      { ...options.tls, rejectUnauthorized: false, noDelay: true, handshakeTimeout: options.handshakeTimeoutMs ?? 10_000 },
+      (socket: tls.TLSSocket) => {
+        socket.setNoDelay(true);
+        if (requireClientCert && !socket.authorized) {
+          const ip = socket.remoteAddress ?? 'unknown';
+          warnThrottled(
+            `tls-cert:${ip}`,
+            { remoteAddress: ip, reason: 'client-certificate', code: 'MESH_UNAUTHORIZED', tlsError: String(socket.authorizationError) },
+            'client certificate refused',
+          );
+          socket.setTimeout(options.handshakeTimeoutMs ?? 10_000, () => socket.destroy());
+          socket.once('data', () => socket.end(CONNACK_NOT_AUTHORIZED));
+          socket.on('error', () => {});
+          return;
+        }
+        accept(socket);
+      },
+    );
+    secure.on('connection', (raw: net.Socket) => {
+      handshaking.add(raw);
+      raw.once('close', () => handshaking.delete(raw));
+    });
+    secure.on('tlsClientError', (err: Error & { code?: string }, socket: tls.TLSSocket) => {
+      const ip = socket.remoteAddress ?? 'unknown';
+      warnThrottled(
+        `tls:${ip}`,
+        { remoteAddress: ip, reason: 'tls', code: 'MESH_TLS', tlsError: err.code ?? err.message },
+        'TLS handshake failed',
+      );
+      // Node closes the socket itself once the alert that tells the client why has gone out.
+    });
+    server = secure;
+  } else {
+    server = net.createServer({ noDelay: true }, accept);
+  }
   server.maxConnections = options.maxConnections;
   server.on('drop', (data) =>
     warnThrottled('drop', { remoteAddress: data?.remoteAddress, reason: 'max-connections' }, 'connection dropped'),
@@ -104,6 +162,7 @@ export function createListener(options: ListenerOptions): Listener {
 
   return {
     server,
+    scheme: options.tls ? 'mqtts' : 'mqtt',
     addressOf: (socket) => (socket !== null && typeof socket === 'object' ? socketIps.get(socket) : undefined),
     established(socket) {
       if (socket === null || typeof socket !== 'object') return;
@@ -127,6 +186,7 @@ export function createListener(options: ListenerOptions): Listener {
     async close() {
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       for (const socket of sockets) socket.destroy();
+      for (const socket of handshaking) socket.destroy();
       await closed;
     },
   };

@@ -52,6 +52,18 @@ export interface ResolvedAuthOptions {
   nonceTtlMs: number;
 }
 
+/**
+ * TLS on the broker's listener (mqtts; docs/operations.md, "TLS"). PEM text or bytes, as `tls.createServer` takes them.
+ */
+export interface BrokerTlsOptions {
+  cert: string | Buffer;
+  key: string | Buffer;
+  /** CA(s) that sign client certificates; with `requireClientCert` a client must present one (mutual TLS). */
+  ca?: string | Buffer;
+  /** Refuse a client without a certificate signed by `ca`. Default false. */
+  requireClientCert?: boolean;
+}
+
 export interface BrokerOptions {
   /** TCP port; 0 picks a free one (read it back from the handle). Default 1883. */
   port?: number;
@@ -114,6 +126,8 @@ export interface BrokerOptions {
   hooks?: BrokerHooks;
   /** Authenticated mode; without it anonymous clients are accepted ("open mode", for local tests). */
   auth?: BrokerAuthOptions;
+  /** Serve mqtts (TLS) instead of plaintext MQTT on the listener; the TLS handshake must finish within `connectTimeoutMs`. */
+  tls?: BrokerTlsOptions;
 }
 
 export interface ResolvedBrokerOptions extends IpLimits {
@@ -135,6 +149,7 @@ export interface ResolvedBrokerOptions extends IpLimits {
   logger: Logger | undefined;
   hooks: BrokerHooks;
   auth: ResolvedAuthOptions | undefined;
+  tls: BrokerTlsOptions | undefined;
 }
 
 const KNOWN_KEYS = new Set([
@@ -163,6 +178,7 @@ const KNOWN_KEYS = new Set([
   'logger',
   'hooks',
   'auth',
+  'tls',
 ]);
 const AUTH_KEYS = new Set(['trustedOperators', 'dataDir', 'maxClockSkewMs', 'nonceTtlMs']);
 const HOOK_KEYS = new Set(['preConnect', 'authenticate', 'authorizePublish', 'authorizeSubscribe']);
@@ -198,6 +214,7 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     logger,
     hooks = {},
     auth,
+    tls,
   } = options;
 
   const bad: string[] = [];
@@ -251,6 +268,19 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     }
   }
   const resolvedAuth = auth === undefined ? undefined : resolveAuth(auth, fail, int);
+  if (tls !== undefined) {
+    const pem = (v: unknown) => typeof v === 'string' || Buffer.isBuffer(v);
+    if (tls === null || typeof tls !== 'object') fail('tls', 'expected { cert, key, ca?, requireClientCert? }');
+    else {
+      for (const key of Object.keys(tls))
+        if (!['cert', 'key', 'ca', 'requireClientCert'].includes(key)) fail(`tls.${key}`, 'unknown option');
+      if (!pem(tls.cert)) fail('tls.cert', 'expected PEM text or bytes');
+      if (!pem(tls.key)) fail('tls.key', 'expected PEM text or bytes');
+      if (tls.ca !== undefined && !pem(tls.ca)) fail('tls.ca', 'expected PEM text or bytes');
+      if (tls.requireClientCert && tls.ca === undefined)
+        fail('tls.requireClientCert', 'needs tls.ca, the CA that signs client certificates');
+    }
+  }
   if (bad.length > 0) {
     throw new MeshError('MESH_CONFIG', `invalid broker options: ${bad.join(', ')}`, { details: { fields } });
   }
@@ -280,6 +310,7 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     logger,
     hooks,
     auth: resolvedAuth,
+    tls,
   };
 }
 

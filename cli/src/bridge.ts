@@ -10,7 +10,7 @@ import type { UdpTransport } from '@edge-mesh/firmware-bridge';
 import { MeshError } from '@edge-mesh/protocol';
 import { type Command, InvalidArgumentError, Option } from 'commander';
 import { cliLogger, LOG_LEVELS } from './log.ts';
-import { positiveInt } from './options.ts';
+import { brokerAccessFlags, brokerAccessFrom, positiveInt } from './options.ts';
 import { report, stopSignal, supervised } from './supervised.ts';
 
 const DEFAULT_REGISTRY = path.join('.mesh-data', 'bridge', 'devices');
@@ -71,7 +71,7 @@ export function registerBridgeCommands(program: Command): void {
       const { Bridge, DeviceRegistry, listenUdp, openSerial } = await loadBridge();
       const { connect } = await import('@edge-mesh/sdk');
       const registry = await DeviceRegistry.open(path.resolve(opts.registry));
-      const mesh = await connect({ brokerUrl: opts.broker, logger, ...(identity ? { identity } : {}) });
+      const mesh = await connect({ brokerUrl: opts.broker, ...(await brokerAccessFrom(opts)), logger, ...(identity ? { identity } : {}) });
       const core = new Bridge({ mesh, registry, models: opts.models, logger });
       // Under a supervisor the latencies make the p50 of its summary (edge-mesh up).
       const latencies: number[] = [];
@@ -207,4 +207,5 @@ export function registerBridgeCommands(program: Command): void {
         await registry.close();
       }
     });
+  brokerAccessFlags(bridge.commands.find((c) => c.name() === 'run')!);
 }

@@ -8,7 +8,7 @@ import type { AppReady, AppSummary } from '@edge-mesh/demo';
 import { MeshError } from '@edge-mesh/protocol';
 import { type Command, Option } from 'commander';
 import { cliLogger, LOG_LEVELS } from './log.ts';
-import { collect, positiveInt, positiveNumber } from './options.ts';
+import { brokerAccessFlags, brokerAccessFrom, collect, positiveInt, positiveNumber } from './options.ts';
 import { report, stopSignal } from './supervised.ts';
 
 const keyWarnings = { warn: (message: string) => process.stderr.write(`edge-mesh: warning: ${message}\n`) };
@@ -32,6 +32,10 @@ export function registerDemoCommands(program: Command): void {
       "the router's HTTP API: every --http-every-th request goes through its KServe v2 endpoint, as a thin client's would",
     )
     .option('--http-every <n>', 'with --http: which share of the requests goes over HTTP', positiveInt, 10)
+    .option(
+      '--http-api-key-file <file>',
+      "with --http: file holding the API key the router's HTTP API asks for (sent as Authorization: Bearer)",
+    )
     .option('--models <names>', 'models to send to, comma-separated', (v: string) => v.split(',').filter(Boolean), [
       'kws',
       'vad',
@@ -79,6 +83,12 @@ export function registerDemoCommands(program: Command): void {
           dataDir: path.resolve(opts.data),
         };
       }
+      const brokerAccess = await brokerAccessFrom(opts);
+      let httpKey: string | undefined;
+      if (opts.httpApiKeyFile !== undefined) {
+        const { readFile } = await import('node:fs/promises');
+        httpKey = (await readFile(opts.httpApiKeyFile, 'utf8')).trim();
+      }
       const logger = cliLogger(opts.logLevel);
       const stop = stopSignal();
       const { runSampleApp } = await import('@edge-mesh/demo');
@@ -88,6 +98,8 @@ export function registerDemoCommands(program: Command): void {
           ...(identity ? { identity } : {}),
           ...(opts.router ? { router: opts.router } : {}),
           ...(opts.http ? { httpUrl: opts.http, httpEvery: opts.httpEvery } : {}),
+          ...(httpKey ? { httpAuthorization: () => `Bearer ${httpKey}` } : {}),
+          brokerAccess,
           models: opts.models,
           agents: opts.agents,
           waitMs: opts.waitMs,
@@ -108,4 +120,5 @@ export function registerDemoCommands(program: Command): void {
       await report<AppSummary>('summary', summary);
       if (opts.json) process.stdout.write(`${JSON.stringify(summary)}\n`);
     });
+  brokerAccessFlags(demo.commands.find((c) => c.name() === 'app')!);
 }

@@ -29,7 +29,7 @@ import { registerConfigCommands } from './config-commands.ts';
 import { registerDemoCommands } from './demo.ts';
 import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
-import { collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
+import { brokerAccessFlags, brokerAccessFrom, collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
 import { registerPayoutCommands } from './payout.ts';
 import { registerRelayCommand, relayFlags, relayOptionsFrom } from './relay.ts';
 import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
@@ -107,6 +107,23 @@ async function routerChain(opts: { rpc?: string; escrow?: string; fromBlock: num
   const { ethers } = await import('ethers');
   const provider = new ethers.JsonRpcProvider(rpc, undefined, { batchMaxCount: 1, cacheTimeout: -1 });
   return { chain: { provider, escrow, fromBlock: opts.fromBlock } };
+}
+
+/** The router's HTTP auth from --http-operator and --http-api-keys; undefined (no authentication) when neither is given. */
+async function routerHttpAuth(operatorSpecs: string[], apiKeysFile: string | undefined) {
+  if (operatorSpecs.length === 0 && apiKeysFile === undefined) return undefined;
+  const trustedOperators: TrustedOperator[] = [];
+  for (const spec of operatorSpecs) trustedOperators.push(await parseOperatorSpec(spec, keyWarnings));
+  let apiKeys: import('@edge-mesh/router').ApiKeyEntry[] = [];
+  if (apiKeysFile !== undefined) {
+    try {
+      apiKeys = JSON.parse(await readFile(apiKeysFile, 'utf8'));
+    } catch (cause) {
+      throw new MeshError('MESH_CONFIG', `cannot read --http-api-keys ${apiKeysFile}: ${(cause as Error).message}`, { cause });
+    }
+    if (!Array.isArray(apiKeys)) throw new MeshError('MESH_CONFIG', `--http-api-keys ${apiKeysFile} must hold a JSON list`);
+  }
+  return { trustedOperators, apiKeys };
 }
 
 export function buildProgram(): Command {
@@ -188,8 +205,12 @@ export function buildProgram(): Command {
   program
     .command('broker')
     .description('run a standalone MQTT broker for the mesh (aedes, MQTT 3.1.1)')
-    .option('--port <port>', 'TCP port', nonNegativeInt, 1883)
+    .option('--port <port>', 'TCP port (default 1883; 8883 with --tls-cert)', nonNegativeInt)
     .option('--host <host>', 'address to listen on', '127.0.0.1')
+    .option('--tls-cert <file>', 'PEM server certificate: listen on mqtts (TLS) instead of plaintext; with --tls-key')
+    .option('--tls-key <file>', 'PEM private key of --tls-cert')
+    .option('--tls-ca <file>', 'PEM CA that signs client certificates (with --require-client-cert)')
+    .option('--require-client-cert', 'mutual TLS: refuse a client without a certificate signed by --tls-ca', false)
     .option('--max-packet-bytes <bytes>', 'largest MQTT packet accepted', positiveInt)
     .option(
       '--operator <key>',
@@ -218,8 +239,17 @@ export function buildProgram(): Command {
       const logger = cliLogger(opts.logLevel);
       const { startBroker } = await loadBroker();
       const auth = opts.insecure ? undefined : { trustedOperators, dataDir: path.resolve(opts.data) };
+      const { loadTlsFiles } = await import('@edge-mesh/client');
+      const files = await loadTlsFiles({ ca: opts.tlsCa, cert: opts.tlsCert, key: opts.tlsKey });
+      if (files && (files.cert === undefined || files.key === undefined))
+        throw new MeshError('MESH_CONFIG', '--tls-ca needs --tls-cert and --tls-key (the server certificate)');
+      if (opts.requireClientCert && files?.ca === undefined) throw new MeshError('MESH_CONFIG', '--require-client-cert needs --tls-ca');
+      const tls = files
+        ? { cert: files.cert!, key: files.key!, ...(files.ca ? { ca: files.ca } : {}), requireClientCert: opts.requireClientCert }
+        : undefined;
       const broker = await startBroker({
-        port: opts.port,
+        port: opts.port ?? (tls ? 8883 : 1883),
+        ...(tls ? { tls } : {}),
         host: opts.host,
         logger,
         ...(opts.maxPacketBytes ? { maxPacketBytes: opts.maxPacketBytes } : {}),
@@ -358,6 +388,7 @@ export function buildProgram(): Command {
       const { startAgent } = await loadAgent();
       const agent = await startAgent({
         brokerUrl: opts.broker,
+        ...(await brokerAccessFrom(opts)),
         modelsDir: path.resolve(opts.models),
         queueLimit: opts.queueLimit,
         heartbeatMs: opts.heartbeatMs,
@@ -416,6 +447,18 @@ export function buildProgram(): Command {
       .option('--http-port <port>', 'HTTP API port (0 for any free port)', nonNegativeInt, 8080)
       .option('--http-host <host>', 'HTTP API address', '127.0.0.1')
       .option('--no-http', 'serve no HTTP API (MQTT only)')
+      .option('--http-tls-cert <file>', 'PEM certificate: serve the HTTP API on HTTPS; with --http-tls-key')
+      .option('--http-tls-key <file>', 'PEM private key of --http-tls-cert')
+      .option(
+        '--http-operator <key>',
+        'require credentials on the HTTP API: mesh tokens from keys this operator admitted (key file, public identity file or base64url key; repeatable)',
+        collect,
+        [],
+      )
+      .option(
+        '--http-api-keys <file>',
+        'require credentials on the HTTP API: JSON list of API keys [{ id, sha256, scopes }] (`edge-mesh api-key new`)',
+      )
       .option('--deadline-ms <ms>', 'deadline of a forwarded request that names none', positiveInt, 2_000)
       .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
       .option('--no-hedging', 'never hedge a slow attempt')
@@ -434,11 +477,14 @@ export function buildProgram(): Command {
     if (!opts.http && opts.relayEvmKey !== undefined)
       throw new MeshError('MESH_CONFIG', '--relay-evm-key needs the HTTP API (drop --no-http)');
     const relay = opts.http ? await relayOptionsFrom(opts) : undefined;
+    const httpTls = await (await import('@edge-mesh/client')).loadTlsFiles({ cert: opts.httpTlsCert, key: opts.httpTlsKey });
+    const httpAuth = await routerHttpAuth(opts.httpOperator as string[], opts.httpApiKeys);
     const logger = cliLogger(opts.logLevel);
     const stop = stopSignal();
     const { startRouter } = await loadRouter();
     const router = await startRouter({
       brokerUrl: opts.broker,
+      ...(await brokerAccessFrom(opts)),
       identity,
       logger,
       defaultDeadlineMs: opts.deadlineMs,
@@ -451,6 +497,8 @@ export function buildProgram(): Command {
             http: {
               port: opts.httpPort,
               host: opts.httpHost,
+              ...(httpTls ? { tls: { cert: httpTls.cert!, key: httpTls.key! } } : {}),
+              ...(httpAuth ? { auth: httpAuth } : {}),
               ...(await routerChain(opts)),
               ...(relay ? { relay: { ...relay, logger } } : {}),
             },
@@ -490,6 +538,9 @@ export function buildProgram(): Command {
       const { connect } = await loadSdk();
       const mesh = await connect({
         brokerUrl: opts.broker,
+        ...(await brokerAccessFrom(opts)),
+        // The whole run has the request's deadline: a broker that cannot be reached fails it, not a wait for ever.
+        connectTimeoutMs: opts.deadlineMs,
         logger,
         ...(identity ? { identity } : {}),
         ...(opts.router ? { router: opts.router } : {}),
@@ -600,6 +651,9 @@ export function buildProgram(): Command {
       process.stdout.write(`${JSON.stringify({ dir: path.resolve(opts.out), models: manifest.models.map((m) => m.name) })}\n`);
     });
 
+  // --tls-ca/--tls-cert/--tls-key and --username/--password-file on every command that connects to the broker as a client.
+  for (const command of program.commands) if (['agent', 'router', 'infer'].includes(command.name())) brokerAccessFlags(command);
+
   registerBridgeCommands(program);
   // The sample app of `edge-mesh up` as a command of its own (demo.ts).
   registerDemoCommands(program);
@@ -608,6 +662,19 @@ export function buildProgram(): Command {
   // The payout registry: payers check it before they pay (payout.ts).
   registerPayoutCommands(program);
   registerRelayCommand(program);
+
+  program
+    .command('api-key')
+    .description("operator API keys for the router's HTTP API")
+    .command('new')
+    .description("make an API key: prints the key (hand it to the client once) and the entry to add to the router's --http-api-keys file")
+    .requiredOption('--id <id>', 'its name: 1 to 32 of a-z, 0-9 and -')
+    .requiredOption('--scopes <list>', 'comma-separated: infer, read, operator, relay', (v: string) => v.split(',').filter(Boolean))
+    .action(async (opts) => {
+      const { makeApiKey } = await loadRouter();
+      const { key, entry } = makeApiKey(opts.id, opts.scopes);
+      printJson({ key, entry });
+    });
 
   // Files and MESH_<ROLE>_* variables for the long-running commands, once each has all its options.
   for (const [role, at] of Object.entries(CONFIG_ROLES)) configurable(commandAt(program, at), role as ConfigRole);

@@ -1,5 +1,8 @@
 /** Option parsers shared by the commands: a bad value fails with commander's message and a non-zero exit. */
-import { InvalidArgumentError } from 'commander';
+import { readFile } from 'node:fs/promises';
+import { loadTlsFiles, type MeshTlsOptions } from '@edge-mesh/client';
+import { MeshError } from '@edge-mesh/protocol';
+import { type Command, InvalidArgumentError } from 'commander';
 
 export function positiveInt(value: string): number {
   const n = Number(value);
@@ -26,3 +29,40 @@ export function nonNegativeNumber(value: string): number {
 }
 
 export const collect = (value: string, previous: string[]) => [...previous, value];
+
+/**
+ * The flags every command that connects to the broker takes (docs/cli.md, "Connecting"): TLS files and, for an
+ * external broker that checks passwords, a username and a password file (a file, so the password is not in `ps`).
+ */
+export function brokerAccessFlags(command: Command): Command {
+  return command
+    .option('--tls-ca <file>', "PEM CA certificate(s) that sign the broker's certificate (mqtts:// URLs)")
+    .option('--tls-cert <file>', 'PEM client certificate, for a broker that asks for one (mutual TLS); with --tls-key')
+    .option('--tls-key <file>', 'PEM private key of --tls-cert')
+    .option('--username <name>', 'username for an external broker that checks passwords (with --password-file)')
+    .option('--password-file <file>', "file holding the broker password; sent on every reconnect instead of the key's token");
+}
+
+/** What `brokerAccessFlags` gave, as connection options (tls, username, password). MESH_CONFIG for unreadable files. */
+export async function brokerAccessFrom(opts: {
+  tlsCa?: string;
+  tlsCert?: string;
+  tlsKey?: string;
+  username?: string;
+  passwordFile?: string;
+}): Promise<{ tls?: MeshTlsOptions; username?: string; password?: string }> {
+  const tls = await loadTlsFiles({ ca: opts.tlsCa, cert: opts.tlsCert, key: opts.tlsKey });
+  let password: string | undefined;
+  if (opts.passwordFile !== undefined) {
+    try {
+      password = (await readFile(opts.passwordFile, 'utf8')).replace(/\r?\n$/, '');
+    } catch (cause) {
+      throw new MeshError('MESH_CONFIG', `cannot read --password-file ${opts.passwordFile}: ${(cause as Error).message}`, { cause });
+    }
+  }
+  return {
+    ...(tls ? { tls } : {}),
+    ...(opts.username !== undefined ? { username: opts.username } : {}),
+    ...(password !== undefined ? { password } : {}),
+  };
+}

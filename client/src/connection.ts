@@ -3,10 +3,14 @@
  * It is the only I/O in protocol/, kept here because its rules are part of the transport contract:
  * MQTT 3.1.1, clean sessions, TCP_NODELAY on every (re)connect, jittered exponential reconnects and,
  * with an identity, a fresh signed CONNECT token on every attempt (the broker refuses a replayed one).
+ * With a password (given, or in the URL) the same credentials go with every attempt instead, for an external broker
+ * that checks passwords (docs/operations.md, "External brokers"). `mqtts://` URLs connect over TLS with `tls`'s CA,
+ * certificate and key; a TLS failure is reported as MESH_TLS, not retried in silence (docs/operations.md, "TLS").
  */
 
 import { type Identity, MeshError, makeConnectToken } from '@edge-mesh/protocol';
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt';
+import { describeTlsFailure, type MeshTlsOptions } from './tls.ts';
 import { type BackoffOptions, MQTT_PROTOCOL_VERSION, reconnectDelayMs } from './transport.ts';
 
 export interface MeshConnectionOptions {
@@ -18,6 +22,15 @@ export interface MeshConnectionOptions {
    * Without it the client connects anonymously, which only an open broker accepts.
    */
   identity?: Identity;
+  /**
+   * Credentials for a broker that checks passwords (mosquitto, RabbitMQ): sent on the first connect and on every
+   * reconnect. A password here, or one in the URL (`mqtt://user:pass@host`), replaces the identity's CONNECT token;
+   * the username defaults to the URL's, then to the identity's id.
+   */
+  username?: string;
+  password?: string | Buffer;
+  /** CA, client certificate and key for `mqtts://` (docs/operations.md, "TLS"). */
+  tls?: MeshTlsOptions;
   keepaliveS?: number;
   connectTimeoutMs?: number;
   backoff?: BackoffOptions;
@@ -39,6 +52,8 @@ export interface MeshConnectionOptions {
    * of the same refusal (again only after a connect succeeded or the return code changed), so a caller
    * that logs it logs it once. The connection keeps retrying with backoff until closed; `firstConnect` is
    * true until a connect succeeded. `refusal` on the handle holds the latest one until a connect succeeds.
+   * A failed TLS handshake (untrusted or mismatched certificate, a plaintext server, a client certificate refused) is
+   * reported here too, as MESH_TLS with `details.reason` (Node's TLS error code).
    */
   onRefused?: (err: MeshError, firstConnect: boolean) => void;
 }
@@ -81,13 +96,18 @@ export function connectRefusal(err: unknown, clientId: string): MeshError | unde
       });
 }
 
-const BROKER_PROTOCOLS = new Set(['mqtt:', 'tcp:']);
+/** The transports a broker URL may name, as mqtt.js calls them, and their default ports. */
+const BROKER_PROTOCOLS: Record<string, { protocol: 'mqtt' | 'mqtts'; port: number }> = {
+  'mqtt:': { protocol: 'mqtt', port: 1883 },
+  'tcp:': { protocol: 'mqtt', port: 1883 },
+  'mqtts:': { protocol: 'mqtts', port: 8883 },
+};
 
 /**
  * The brokers a client may use, in order: one URL, a comma-separated list of them, or an array. Each must be
- * `mqtt://host:port` (or `tcp://`), the only transport the broker offers (docs/security.md); a bad entry is MESH_CONFIG.
+ * `mqtt://host:port` (or `tcp://`), or `mqtts://host:port` for TLS (docs/security.md); a bad entry is MESH_CONFIG.
  */
-export function brokerList(brokers: string | readonly string[]): { url: string; host: string; port: number }[] {
+export function brokerList(brokers: string | readonly string[]): { url: string; host: string; port: number; protocol: 'mqtt' | 'mqtts' }[] {
   const entries = (typeof brokers === 'string' ? brokers.split(',') : [...brokers]).map((u) => u.trim()).filter((u) => u !== '');
   if (entries.length === 0) throw new MeshError('MESH_CONFIG', 'no broker URL given');
   return entries.map((url) => {
@@ -97,11 +117,12 @@ export function brokerList(brokers: string | readonly string[]): { url: string; 
     } catch {
       throw new MeshError('MESH_CONFIG', `not a broker URL: ${JSON.stringify(url)}`);
     }
-    if (!BROKER_PROTOCOLS.has(parsed.protocol) || parsed.hostname === '')
-      throw new MeshError('MESH_CONFIG', `a broker URL is mqtt://host:port, got ${JSON.stringify(url)}`);
-    const port = parsed.port === '' ? 1883 : Number(parsed.port);
+    const transport = BROKER_PROTOCOLS[parsed.protocol];
+    if (!transport || parsed.hostname === '')
+      throw new MeshError('MESH_CONFIG', `a broker URL is mqtt://host:port or mqtts://host:port, got ${JSON.stringify(url)}`);
+    const port = parsed.port === '' ? transport.port : Number(parsed.port);
     // URL keeps an IPv6 host in brackets; net.connect wants it bare.
-    return { url, host: parsed.hostname.replace(/^\[|\]$/g, ''), port };
+    return { url, host: parsed.hostname.replace(/^\[|\]$/g, ''), port, protocol: transport.protocol };
   });
 }
 
@@ -128,9 +149,11 @@ export function openMeshConnection(brokers: string | readonly string[], options:
     throw new MeshError('MESH_CONFIG', `client id ${JSON.stringify(clientId)} must be the identity's id ${identity.id}`);
   }
   const servers = brokerList(brokers);
-  const client = mqtt.connect(servers[0]!.url, {
+  const brokerUrl = servers[0]!.url;
+  const credentials = resolveCredentials(brokerUrl, options, identity);
+  const client = mqtt.connect(brokerUrl, {
     clientId,
-    ...(servers.length > 1 ? { servers: servers.map(({ host, port }) => ({ host, port, protocol: 'mqtt' as const })) } : {}),
+    ...(servers.length > 1 ? { servers: servers.map(({ host, port, protocol }) => ({ host, port, protocol })) } : {}),
     protocolVersion: MQTT_PROTOCOL_VERSION,
     clean: true,
     keepalive: keepaliveS,
@@ -139,7 +162,12 @@ export function openMeshConnection(brokers: string | readonly string[], options:
     reconnectPeriod: 0,
     resubscribe: false,
     queueQoSZero: false,
-    ...(identity ? { username: identity.id, password: makeConnectToken(identity) } : {}),
+    // `auth: undefined` keeps mqtt.js from reading the URL's user:pass over ours (resolveCredentials read them).
+    auth: undefined,
+    ...(credentials.username !== undefined ? { username: credentials.username } : {}),
+    ...(credentials.password !== undefined ? { password: credentials.password } : {}),
+    ...(credentials.useToken && identity ? { password: makeConnectToken(identity) } : {}),
+    ...(options.tls ? tlsConnectOptions(options.tls) : {}),
     ...(will ? { will } : {}),
     ...(numberCache === false ? { writeCache: false } : {}),
   });
@@ -167,17 +195,22 @@ export function openMeshConnection(brokers: string | readonly string[], options:
     timer = setTimeout(() => {
       timer = undefined;
       if (closed) return;
-      // mqtt.js sends `client.options.password` again on reconnect; a token is single-use, so renew it.
-      if (identity) client.options.password = makeConnectToken(identity);
+      // mqtt.js sends `client.options.password` again on reconnect; a token is single-use, so renew it. A password
+      // the caller gave stays as it is: the broker that checks it would refuse a token.
+      if (credentials.useToken && identity) client.options.password = makeConnectToken(identity);
       client.reconnect();
     }, delayMs);
   });
   // Errors (refused connection, protocol errors) are followed by 'close', which reconnects.
   client.on('error', (err) => {
     if (closed) return;
-    const refused = connectRefusal(err, clientId);
+    const refused = connectRefusal(err, clientId) ?? describeTlsFailure(err, brokerUrl, connectedOnce);
     if (!refused) return;
-    const repeat = refusal !== undefined && refusal.details?.returnCode === refused.details?.returnCode;
+    const repeat =
+      refusal !== undefined &&
+      refusal.code === refused.code &&
+      refusal.details?.returnCode === refused.details?.returnCode &&
+      refusal.details?.reason === refused.details?.reason;
     refusal = refused;
     if (!repeat) onRefused?.(refused, !connectedOnce);
   });
@@ -199,5 +232,35 @@ export function openMeshConnection(brokers: string | readonly string[], options:
         }
       });
     },
+  };
+}
+
+/** Which credentials a connection sends: a given password (options, then URL) wins over the identity's token. */
+export function resolveCredentials(
+  brokerUrl: string,
+  options: Pick<MeshConnectionOptions, 'username' | 'password'>,
+  identity: Identity | undefined,
+): { username: string | undefined; password: string | Buffer | undefined; useToken: boolean } {
+  let urlUser: string | undefined;
+  let urlPassword: string | undefined;
+  try {
+    const url = new URL(brokerUrl);
+    if (url.username !== '') urlUser = decodeURIComponent(url.username);
+    if (url.password !== '') urlPassword = decodeURIComponent(url.password);
+  } catch {
+    // mqtt.js reports a URL it cannot use; nothing to read here.
+  }
+  const password = options.password ?? urlPassword;
+  const username = options.username ?? urlUser ?? identity?.id;
+  return { username, password, useToken: password === undefined && identity !== undefined };
+}
+
+function tlsConnectOptions(tls: MeshTlsOptions): Partial<IClientOptions> {
+  return {
+    ...(tls.ca !== undefined ? { ca: tls.ca } : {}),
+    ...(tls.cert !== undefined ? { cert: tls.cert } : {}),
+    ...(tls.key !== undefined ? { key: tls.key } : {}),
+    ...(tls.servername !== undefined ? { servername: tls.servername } : {}),
+    rejectUnauthorized: true,
   };
 }

@@ -17,4 +17,5 @@ export * from './random.ts';
 export * from './receive.ts';
 export * from './signal.ts';
 export * from './stats.ts';
+export * from './tls.ts';
 export * from './transport.ts';

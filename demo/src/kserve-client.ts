@@ -38,6 +38,8 @@ export async function kserveInfer(
   model: string,
   inputs: Record<string, Tensor>,
   deadlineMs: number,
+  /** `Authorization` header, e.g. `Bearer meshkey.…` or `Bearer mesh1.…`, for a router that requires one. */
+  authorization?: string,
 ): Promise<KServeResult> {
   const parameters = JSON.stringify({ deadline_ms: Math.max(1, Math.round(deadlineMs)) });
   const timeoutMs = deadlineMs + 1_000;
@@ -51,7 +53,7 @@ export async function kserveInfer(
   try {
     res = await fetch(`${baseUrl}/v2/models/${encodeURIComponent(model)}/infer`, {
       method: 'POST',
-      headers: { 'content-type': 'application/json' },
+      headers: { 'content-type': 'application/json', ...(authorization ? { authorization } : {}) },
       body: `{"inputs":${encodeKServeInputs(inputs)},"parameters":${parameters}}`,
       signal: AbortSignal.timeout(timeoutMs),
     });

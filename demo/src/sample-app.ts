@@ -198,6 +198,10 @@ export interface RunSampleAppOptions {
   /** The router's HTTP API: every `httpEvery`-th request goes to its KServe endpoint, as a thin client's would. */
   httpUrl?: string;
   httpEvery?: number;
+  /** The `Authorization` header value for the router's HTTP API (an API key or a mesh token, docs/security.md). */
+  httpAuthorization?: () => string;
+  /** TLS and password credentials for the broker (docs/operations.md). */
+  brokerAccess?: Pick<import('@edge-mesh/sdk').ConnectOptions, 'tls' | 'username' | 'password'>;
   models: string[];
   /** Send nothing until this many agents serve every model (their signed statuses seen). */
   agents: number;
@@ -224,6 +228,7 @@ export async function runSampleApp(options: RunSampleAppOptions, stop: Promise<u
   const { logger } = options;
   const mesh = await connect({
     brokerUrl: options.brokerUrl,
+    ...(options.brokerAccess ?? {}),
     logger,
     ...(options.identity ? { identity: options.identity } : {}),
     ...(options.router ? { router: options.router } : {}),
@@ -245,7 +250,8 @@ export async function runSampleApp(options: RunSampleAppOptions, stop: Promise<u
             thinClient: {
               name: 'http',
               every: options.httpEvery ?? 10,
-              infer: (model: string, inputs: Record<string, Tensor>, deadlineMs: number) => kserveInfer(httpUrl, model, inputs, deadlineMs),
+              infer: (model: string, inputs: Record<string, Tensor>, deadlineMs: number) =>
+                kserveInfer(httpUrl, model, inputs, deadlineMs, options.httpAuthorization?.()),
               prepare: (inputs: Record<string, Tensor>) => void encodeKServeInputs(inputs),
             },
           }

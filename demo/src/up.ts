@@ -19,7 +19,7 @@
  * trusted operator and admits the others over MQTT (admissions are kept in `<data>/broker/`) before they
  * connect. Logs of the parts go to `<data>/logs/<part>.log`.
  */
-import { rm } from 'node:fs/promises';
+import { rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import path from 'node:path';
 import { agentLaunch } from '@edge-mesh/agent/launch';
@@ -145,12 +145,18 @@ function partLogLevel(level: string | undefined): string {
  * Resolves once the router's HTTP API lists every agent as up with every model: the router has verified
  * their signed statuses and will give leases naming them.
  */
-async function routerSeesAgents(httpUrl: string, agentIds: string[], models: string[], timeoutMs: number): Promise<void> {
+async function routerSeesAgents(
+  httpUrl: string,
+  authorization: string,
+  agentIds: string[],
+  models: string[],
+  timeoutMs: number,
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let seen = '';
   for (;;) {
     try {
-      const res = await fetch(`${httpUrl}/v1/agents`, { signal: AbortSignal.timeout(2_000) });
+      const res = await fetch(`${httpUrl}/v1/agents`, { headers: { authorization }, signal: AbortSignal.timeout(2_000) });
       const body = (await res.json()) as { agents: { id: string; up: boolean; models: { name: string }[] }[] };
       const up = body.agents.filter((a) => a.up && models.every((m) => a.models.some((x) => x.name === m)));
       if (agentIds.every((id) => up.some((a) => a.id === id))) return;
@@ -166,8 +172,11 @@ async function routerSeesAgents(httpUrl: string, agentIds: string[], models: str
 }
 
 /** The router's counters from its HTTP API (`GET /v1/routing`). */
-async function routerCounters(httpUrl: string): Promise<{ leases: number; requests: number; retries: number; hedges: number }> {
-  const res = await fetch(`${httpUrl}/v1/routing`, { signal: AbortSignal.timeout(5_000) });
+async function routerCounters(
+  httpUrl: string,
+  authorization: string,
+): Promise<{ leases: number; requests: number; retries: number; hedges: number }> {
+  const res = await fetch(`${httpUrl}/v1/routing`, { headers: { authorization }, signal: AbortSignal.timeout(5_000) });
   if (!res.ok) throw new MeshError('MESH_INTERNAL', `GET ${httpUrl}/v1/routing answered ${res.status}`);
   return ((await res.json()) as { counters: { leases: number; requests: number; retries: number; hedges: number } }).counters;
 }
@@ -181,6 +190,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
   settlementP.catch(() => {});
   const modelsDir = path.join(dataDir, 'models');
   const keyFile = (name: string) => path.join(dataDir, 'keys', `${name}.key`);
+  let upAuthorization = '';
   const logDir = path.join(dataDir, 'logs');
   const supervisor = new Supervisor({ logDir, terminalLevel: options.logLevel ?? 'warn' });
   const partLevel = ['--log-level', partLogLevel(options.logLevel)];
@@ -269,6 +279,16 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     }
 
     const routerPort = await portOrFree(options.host, options.routerPort, "the router's HTTP API", logger);
+    // The router's HTTP API asks for credentials (docs/security.md): fresh API keys each run, one for the sample
+    // app's KServe requests (scope infer) and one for up's own reads of /v1/agents and /v1/routing (scope read).
+    const { makeApiKey } = await import('@edge-mesh/router');
+    const appHttp = makeApiKey('up-app', ['infer']);
+    const upHttp = makeApiKey('up', ['read']);
+    const apiKeysFile = path.join(dataDir, 'keys', 'http-api-keys.json');
+    const appHttpKeyFile = path.join(dataDir, 'keys', 'app-http.key');
+    await writeFile(apiKeysFile, JSON.stringify([appHttp.entry, upHttp.entry]), { mode: 0o600 });
+    await writeFile(appHttpKeyFile, appHttp.key, { mode: 0o600 });
+    upAuthorization = `Bearer ${upHttp.key}`;
     const router = await supervisor.start({
       name: 'router',
       args: [
@@ -281,6 +301,8 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
         String(routerPort),
         '--http-host',
         options.host,
+        '--http-api-keys',
+        apiKeysFile,
         ...(settlement?.routerArgs() ?? []),
         ...partLevel,
       ],
@@ -291,6 +313,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     await until(
       routerSeesAgents(
         routerUrl,
+        upAuthorization,
         keys.agents.map((k) => k.id),
         modelNames,
         60_000,
@@ -362,6 +385,8 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
         routerReady.id,
         '--http',
         routerUrl,
+        '--http-api-key-file',
+        appHttpKeyFile,
         '--models',
         modelNames.join(','),
         '--agents',
@@ -388,7 +413,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     await Promise.race([stopSignal, timeout, supervisor.failed]);
     print('stopping: waiting for outstanding requests');
     await supervisor.stop(app, 30_000);
-    routing = await routerCounters(routerUrl).catch((err: unknown) => {
+    routing = await routerCounters(routerUrl, upAuthorization).catch((err: unknown) => {
       logger.warn({ err: (err as Error).message }, 'could not read the routing counters');
       return undefined;
     });

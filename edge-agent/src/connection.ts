@@ -4,7 +4,13 @@
  * routed to its handler by topic, the signed status announced (retained) after each subscribe, and
  * replies published to their senders.
  */
-import { type BackoffOptions, type MeshConnection, type MeshLogger, openMeshConnection } from '@edge-mesh/client';
+import {
+  type BackoffOptions,
+  type MeshConnection,
+  type MeshConnectionOptions,
+  type MeshLogger,
+  openMeshConnection,
+} from '@edge-mesh/client';
 import { type AgentLoad, type AgentStatus, encodeMessage, type Identity, isValidId, MeshError, topics } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
 import type { Faults } from './faults.ts';
@@ -33,6 +39,7 @@ export function routeTopic(agentId: string, topic: string): { kind: AgentTopicKi
 
 export interface AgentLinkOptions {
   brokerUrl: string;
+  brokerAccess: Pick<MeshConnectionOptions, 'tls' | 'username' | 'password'>;
   identity: Identity;
   /** The agent runs on a key made for this run (it gets a different hint when refused). */
   ephemeral: boolean;
@@ -45,7 +52,7 @@ export interface AgentLinkOptions {
   /** The status to announce, signed as of now. */
   status: () => AgentStatus;
   handlers: Record<AgentTopicKind, (senderId: string, payload: Buffer) => void>;
-  /** The first CONNECT was refused as unauthorized: the agent cannot run (`announced` rejects with the same error). */
+  /** The first CONNECT was refused as unauthorized, or its TLS handshake failed: the agent cannot run (`announced` rejects with the same error). */
   onUnauthorized: (err: MeshError) => void;
   counters: AgentCounters;
   faults: Faults;
@@ -76,6 +83,7 @@ export class AgentLink {
     let everConnected = false;
     this.connection = openMeshConnection(brokerUrl, {
       identity,
+      ...options.brokerAccess,
       keepaliveS,
       // 6 MB of heap for a speed-up mqtt.js's packet writer does not need at the agent's message rates (docs/agent.md).
       numberCache: false,
@@ -96,6 +104,12 @@ export class AgentLink {
         if (!this.closed) logger.warn({ delayMs, attempt }, 'broker connection lost; reconnecting');
       },
       onRefused: (err, first) => {
+        if (first && err.code === 'MESH_TLS') {
+          // A handshake that failed on the first connect is configuration; retrying cannot fix it.
+          rejectAnnounced(err);
+          options.onUnauthorized(err);
+          return;
+        }
         if (first && err.code === 'MESH_UNAUTHORIZED') {
           const hint = ephemeral
             ? 'this agent runs on an ephemeral key, which only an open broker accepts: give it a key file the operator admitted'

@@ -122,6 +122,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
 
   link = new AgentLink({
     brokerUrl: o.brokerUrl,
+    brokerAccess: o.brokerAccess,
     identity,
     ephemeral: o.ephemeral,
     keepaliveS: o.keepaliveS,

@@ -15,6 +15,8 @@ import type { AgentOptions } from './types.ts';
 
 export interface ResolvedOptions {
   brokerUrl: string;
+  /** TLS and password credentials for the broker, passed to the connection as given. */
+  brokerAccess: Pick<AgentOptions, 'tls' | 'username' | 'password'>;
   modelsDir: string;
   identity: Identity;
   /** The identity was made for this run (no key given). */
@@ -91,6 +93,11 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
   if (problems.length) throw new MeshError('MESH_CONFIG', `invalid agent options: ${problems.join('; ')}`);
   return {
     brokerUrl,
+    brokerAccess: {
+      ...(options.tls ? { tls: options.tls } : {}),
+      ...(options.username !== undefined ? { username: options.username } : {}),
+      ...(options.password !== undefined ? { password: options.password } : {}),
+    },
     modelsDir,
     identity,
     ephemeral,

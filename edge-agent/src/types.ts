@@ -2,7 +2,7 @@
  * The agent's public types: what `startAgent` takes (AgentOptions) and what it gives back
  * (AgentHandle). Re-exported by index.ts; the modules of the agent share them from here.
  */
-import type { BackoffOptions } from '@edge-mesh/client';
+import type { BackoffOptions, MeshTlsOptions } from '@edge-mesh/client';
 import type { AgentLoad, AgentStatus, Identity, ModelInfo, SignedReceipt } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
 import type { AgentPaymentOptions, AgentPayments, LaneSummary } from './payments.ts';
@@ -16,6 +16,11 @@ export interface AgentFaults {
 
 export interface AgentOptions {
   brokerUrl: string;
+  /** CA, and for mutual TLS the agent's certificate and key, for an `mqtts://` broker (docs/operations.md, "TLS"). */
+  tls?: MeshTlsOptions;
+  /** Username and password for an external broker that checks passwords; sent on every (re)connect instead of the key's token. */
+  username?: string;
+  password?: string | Buffer;
   modelsDir: string;
   /**
    * The agent's key (role `agent`); its id is the agent id, and it signs the status and proves the

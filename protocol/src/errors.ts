@@ -38,6 +38,11 @@ export const ERROR_CODES = {
     summary: 'configuration is invalid or unusable (options, data folder, port, escrow address, read-only signer)',
   },
   MESH_NOT_CONNECTED: { httpStatus: 503, retryable: true, summary: 'the client is not connected to the broker' },
+  MESH_TLS: {
+    httpStatus: 502,
+    retryable: false,
+    summary: 'a TLS handshake failed: an untrusted or mismatched certificate, a plaintext peer, a client certificate refused',
+  },
   MESH_RECEIPT_INVALID: {
     httpStatus: 400,
     retryable: false,

@@ -2,6 +2,7 @@
 
 export * from './envelope.ts';
 export * from './errors.ts';
+export * from './http-token.ts';
 export * from './identity.ts';
 export * from './keccak.ts';
 export * from './messages.ts';

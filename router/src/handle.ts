@@ -7,6 +7,7 @@ import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
 import type { Registry as PromRegistry } from 'prom-client';
 import type { Registry } from './estimates.ts';
+import type { RouterHttpAuthOptions } from './http-auth.ts';
 import type { RelayOptions } from './relay.ts';
 
 /** The few pino methods the router uses; any pino logger fits. */
@@ -104,6 +105,13 @@ export interface RouterChainOptions {
 }
 
 export interface RouterHttpOptions {
+  /**
+   * Serve HTTPS with this certificate and key (docs/operations.md, "TLS"); with `ca` and `requireClientCert`, only
+   * clients presenting a certificate signed by `ca` get through the handshake (mutual TLS).
+   */
+  tls?: { cert: string | Buffer; key: string | Buffer; ca?: string | Buffer; requireClientCert?: boolean };
+  /** Who may call which endpoint (./http-auth.ts, docs/security.md "The router's HTTP API"). Unset: no authentication. */
+  auth?: RouterHttpAuthOptions;
   /** 0 picks a free port (default). */
   port?: number;
   host?: string;

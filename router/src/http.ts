@@ -23,9 +23,10 @@ import {
   toMeshError,
 } from '@edge-mesh/protocol';
 import swagger from '@fastify/swagger';
-import Fastify, { type FastifyReply, type FastifyRequest } from 'fastify';
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { Counter, collectDefaultMetrics, Histogram, Registry as PromRegistry } from 'prom-client';
 import type { RouterHandle, RouterHttpHandle, RouterHttpOptions, RouterInferResult } from './handle.ts';
+import { installHttpAuth } from './http-auth.ts';
 import { ANY_ERROR, ERROR_BODY_SCHEMA, errorResponse, installErrorHandlers } from './http-errors.ts';
 import {
   BINARY_BODY_TYPE,
@@ -362,7 +363,22 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   /** Label value for a model name: unknown names collapse so clients cannot blow up the series count. */
   const modelLabel = (name: string) => (modelInfo(name) ? name : '_unknown');
 
-  const app = Fastify({ logger: false, bodyLimit });
+  const { tls } = options;
+  const app = Fastify({
+    logger: false,
+    bodyLimit,
+    ...(tls
+      ? {
+          https: {
+            cert: tls.cert,
+            key: tls.key,
+            ...(tls.ca !== undefined ? { ca: tls.ca } : {}),
+            requestCert: tls.requireClientCert === true,
+            rejectUnauthorized: tls.requireClientCert === true,
+          },
+        }
+      : {}),
+  }) as unknown as FastifyInstance;
 
   // OpenAPI 3 description, generated from the routes' schemas, served at /openapi.json.
   await app.register(swagger, {
@@ -398,6 +414,8 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     schema: { tags: [tags], summary, ...extra, response: { ...response, ...ANY_ERROR } },
   });
 
+  // Before any route: the credential check (./http-auth.ts) runs on every request, the 404s' included.
+  if (options.auth) installHttpAuth(app, router.id, options.auth);
   installErrorHandlers(app, {
     bodyLimit,
     onError: (mesh, request) => {
@@ -766,7 +784,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   return {
     app,
     port: boundPort,
-    url: `http://${urlHost}:${boundPort}`,
+    url: `${tls ? 'https' : 'http'}://${urlHost}:${boundPort}`,
     metrics,
     async close() {
       if (closed) return;

@@ -8,6 +8,7 @@ import {
   childLogger,
   createFleetView,
   createRequestEngine,
+  type MeshTlsOptions,
   mqttTransport,
   openMeshConnection,
   readReply,
@@ -58,6 +59,11 @@ import { StallMonitor } from './stalls.ts';
 
 export interface StartRouterOptions {
   brokerUrl: string;
+  /** CA, and for mutual TLS the router's certificate and key, for an `mqtts://` broker (docs/operations.md, "TLS"). */
+  tls?: MeshTlsOptions;
+  /** Username and password for an external broker that checks passwords; sent on every (re)connect instead of the key's token. */
+  username?: string;
+  password?: string | Buffer;
   /** A 'router' identity: its id is the router's client id and it proves the router on CONNECT. */
   identity: Identity;
   logger?: RouterLogger;
@@ -224,8 +230,12 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   };
 
   let connected = false;
+  let refusedFirst: ((err: MeshError) => void) | undefined;
   const connection = openMeshConnection(brokerUrl, {
     identity,
+    ...(options.tls ? { tls: options.tls } : {}),
+    ...(options.username !== undefined ? { username: options.username } : {}),
+    ...(options.password !== undefined ? { password: options.password } : {}),
     keepaliveS,
     onConnect: (c: MqttClient) => {
       connected = true;
@@ -237,7 +247,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
         },
       );
     },
-    onRefused: (err) => logger.error({ code: err.code, err: err.message }, 'broker refused the router'),
+    onRefused: (err, first) => {
+      // A refused identity or a failed TLS handshake on the first connect is configuration: fail the start at once.
+      if (first && (err.code === 'MESH_UNAUTHORIZED' || err.code === 'MESH_TLS') && refusedFirst) return refusedFirst(err);
+      logger.error({ code: err.code, err: err.message }, 'broker refused the router');
+    },
   });
   client = connection.client;
   client.on('close', () => {
@@ -251,7 +265,15 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     else if (parsed.kind === 'reply' && parsed.clientId === routerId) onReply(parsed.agentId, payload);
     else if (parsed.kind === 'route' && parsed.routerId === routerId) onRouteQuestion(parsed.senderId, payload);
   });
-  await connection.firstConnect;
+  try {
+    await Promise.race([connection.firstConnect, new Promise<never>((_, reject) => (refusedFirst = reject))]);
+  } catch (err) {
+    stalls.stop();
+    await connection.close();
+    throw err;
+  } finally {
+    refusedFirst = undefined;
+  }
 
   const route = (model: string, routeOptions: RouteOptions = {}): RouteResult => {
     const now = clock.now();

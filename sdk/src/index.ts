@@ -23,6 +23,7 @@ import {
   createRequestEngine,
   type MeshConnection,
   type MeshLogger,
+  type MeshTlsOptions,
   mqttTransport,
   openMeshConnection,
   readReply,
@@ -86,6 +87,20 @@ export interface ConnectOptions {
    * ignored (and counted in `mesh.counters`).
    */
   requireSignedStatus?: boolean;
+  /** CA, and for mutual TLS this client's certificate and key, for an `mqtts://` broker (docs/operations.md, "TLS"). */
+  tls?: MeshTlsOptions;
+  /**
+   * Username and password for an external broker that checks passwords, sent on every (re)connect instead of the
+   * identity's CONNECT token (docs/operations.md, "External brokers").
+   */
+  username?: string;
+  password?: string | Buffer;
+  /**
+   * How long `connect` waits for the first connection before it fails with MESH_NOT_CONNECTED (default 30 000; the
+   * last refusal or TLS failure seen, if any, is the error's cause). A TLS failure or an unauthorized CONNECT fails it
+   * at once, with MESH_TLS or MESH_UNAUTHORIZED.
+   */
+  connectTimeoutMs?: number;
   /** Deadline used when `infer` is given none. */
   defaultDeadlineMs?: number;
   /** Agents tried per request, the first included (default 3). */
@@ -224,7 +239,10 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     keepaliveS = 10,
     backoff,
     leaseTimeoutMs = 150,
+    connectTimeoutMs = 30_000,
   } = options;
+  if (!Number.isFinite(connectTimeoutMs) || connectTimeoutMs <= 0)
+    throw new MeshError('MESH_CONFIG', `connectTimeoutMs must be a positive number, got ${connectTimeoutMs}`);
   const routerId = options.router === undefined ? undefined : assertValidId(options.router, 'router id');
   // A free-form clientId without an identity is the deprecated anonymous mode (open brokers only).
   const identity = options.identity ?? (options.clientId === undefined ? generateIdentity('app') : undefined);
@@ -362,7 +380,12 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   const connection: MeshConnection = openMeshConnection(brokerUrl, {
     clientId,
     ...(identity ? { identity } : {}),
+    ...(options.tls ? { tls: options.tls } : {}),
+    ...(options.username !== undefined ? { username: options.username } : {}),
+    ...(options.password !== undefined ? { password: options.password } : {}),
     keepaliveS,
+    // One CONNECT attempt may not outlast the whole wait for the first connection.
+    connectTimeoutMs: Math.min(5_000, connectTimeoutMs),
     ...(backoff ? { backoff } : {}),
     onConnect: (c: MqttClient) => {
       const filters = [topics.clientRepliesFor(clientId), topics.allAgentStatus(), topics.allAgentLoad()];
@@ -373,7 +396,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     },
     onReconnectScheduled: (delayMs) => logger.warn({ delayMs }, 'broker connection lost; reconnecting'),
     onRefused: (err, first) => {
-      if (first && err.code === 'MESH_UNAUTHORIZED' && refusedFirst) return refusedFirst(err);
+      if (first && (err.code === 'MESH_UNAUTHORIZED' || err.code === 'MESH_TLS') && refusedFirst) return refusedFirst(err);
       logger.error({ code: err.code, err: err.message }, 'broker refused the connection; retrying');
     },
   });
@@ -387,12 +410,25 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     else if (parsed.kind === 'load') fleet.onLoad(parsed.agentId, payload);
     else if (parsed.kind === 'lease' && parsed.clientId === clientId && parsed.routerId === routerId) leases?.onLeaseMessage(payload);
   });
-  // A first CONNECT refused as unauthorized is final: waiting would hang the app on a broker that will never let it in.
+  // A first CONNECT refused as unauthorized, or a failed TLS handshake, is final: waiting would hang the app on a broker
+  // that will never let it in. Anything else is retried until connectTimeoutMs.
+  let connectTimer: NodeJS.Timeout | undefined;
   try {
     await Promise.race([
       connection.firstConnect,
       new Promise<never>((_, reject) => {
+        connectTimer = setTimeout(() => {
+          const last = connection.refusal;
+          reject(
+            new MeshError(
+              'MESH_NOT_CONNECTED',
+              `no connection to the broker within ${connectTimeoutMs} ms${last ? `: ${last.message}` : ' (is it up, and is this the right port and scheme, mqtt:// or mqtts://?)'}`,
+              { ...(last ? { cause: last } : {}), details: { clientId, connectTimeoutMs, ...(last ? { lastCode: last.code } : {}) } },
+            ),
+          );
+        }, connectTimeoutMs);
         refusedFirst = (err) => {
+          if (err.code === 'MESH_TLS') return reject(err);
           const hint = !identity
             ? 'a client id without an identity connects anonymously, which only an open broker accepts: pass an identity the operator admitted'
             : ephemeral
@@ -407,6 +443,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     throw err;
   } finally {
     refusedFirst = undefined;
+    clearTimeout(connectTimer);
   }
 
   const infer = async (model: string, inputs: Record<string, Tensor>, inferOptions: InferOptions = {}): Promise<InferResult> => {

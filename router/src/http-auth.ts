@@ -1,0 +1,182 @@
+/**
+ * Who may call the router's HTTP API (docs/security.md, "The router's HTTP API"). Every route except the two health
+ * probes needs `Authorization: Bearer <credential>` holding the route's scope:
+ *
+ * - a mesh token (protocol/src/http-token.ts): signed by an admitted key, for this router, short-lived; its scopes are
+ *   bounded by the key's role;
+ * - or an operator-issued API key, `meshkey.<id>.<secret>`, whose scopes the router's key list gives. Only the
+ *   secret's SHA-256 is kept; the presented secret's hash is compared in constant time (crypto.timingSafeEqual).
+ *
+ * Refusals use the one HTTP error body (docs/errors.md): 401 MESH_UNAUTHORIZED (no, malformed, expired or unadmitted
+ * credential, revoked id), 403 MESH_FORBIDDEN (a valid credential without the route's scope), 429 MESH_RATE_LIMITED
+ * (a credential over its request rate, or an address over its rate of failed credentials; failed credentials are
+ * counted before any signature is checked, so a flood of bad tokens costs little).
+ */
+import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { type HttpScope, isHttpScope, MAX_HTTP_TOKEN_CHARS, MeshError, type VerifiedHttpToken, verifyHttpToken } from '@edge-mesh/protocol';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+
+export interface ApiKeyEntry {
+  /** The key's public name, `[a-z0-9-]{1,32}`; it names the caller in limits and logs. */
+  id: string;
+  /** Hex SHA-256 of the secret. */
+  sha256: string;
+  scopes: HttpScope[];
+}
+
+export interface RouterHttpAuthOptions {
+  /** Operators whose admissions make a mesh token's key acceptable. */
+  trustedOperators: { id: string; publicKey: Uint8Array }[];
+  /** Operator-issued API keys (`edge-mesh api-key new`). */
+  apiKeys?: ApiKeyEntry[];
+  /** Ids refused even with an admission that still holds (revoked ones). Asked on every request. */
+  isRevoked?: (id: string) => boolean;
+  /** Longest lifetime a mesh token may claim, ms (default 300 000). */
+  maxTokenLifetimeMs?: number;
+  /** Requests per second one credential may make, sustained (default 200), and in a burst (default 400). */
+  requestsPerSecond?: number;
+  burst?: number;
+  /** Failed credentials per second one address may present (default 5), and in a burst (default 20). */
+  failuresPerSecond?: number;
+  failureBurst?: number;
+}
+
+export const API_KEY_PREFIX = 'meshkey.';
+const API_KEY_ID = /^[a-z0-9-]{1,32}$/;
+
+/** A new API key: the secret to hand to the client once, and the entry the router keeps. */
+export function makeApiKey(id: string, scopes: HttpScope[]): { key: string; entry: ApiKeyEntry } {
+  if (!API_KEY_ID.test(id)) throw new MeshError('MESH_CONFIG', `an API key id is 1 to 32 of a-z, 0-9 and -, got ${JSON.stringify(id)}`);
+  if (scopes.length === 0 || !scopes.every(isHttpScope)) throw new MeshError('MESH_CONFIG', `bad scopes ${JSON.stringify(scopes)}`);
+  const secret = randomBytes(32).toString('base64url');
+  return { key: `${API_KEY_PREFIX}${id}.${secret}`, entry: { id, sha256: sha256Hex(secret), scopes: [...scopes] } };
+}
+
+const sha256 = (text: string) => createHash('sha256').update(text).digest();
+const sha256Hex = (text: string) => sha256(text).toString('hex');
+
+/** The scope a route needs; `open` for the health probes. Routes not listed need `operator` (closed by default). */
+export function scopeOfRoute(method: string, url: string | undefined): HttpScope | 'open' {
+  if (method === 'GET' || method === 'HEAD') {
+    if (url === '/v2/health/live' || url === '/v2/health/ready') return 'open';
+    // What a KServe client reads before it infers: server and model metadata, readiness, the model's config.
+    if (url === '/v2' || (url !== undefined && /^\/v2\/models\/:name(\/versions\/:version)?(\/ready|\/config)?$/.test(url))) return 'infer';
+    if (url === '/metrics' || url === '/openapi.json' || url?.startsWith('/v1/')) return 'read';
+    if (url === '/v2/models/stats' || url === '/v2/models/:name/stats' || url === '/v2/models/:name/versions/:version/stats') return 'read';
+  }
+  if (method === 'POST' && (url === '/v2/models/:name/infer' || url === '/v2/models/:name/versions/:version/infer')) return 'infer';
+  if (method === 'POST' && url === '/v2/repository/index') return 'read';
+  if (method === 'POST' && url === '/v1/relay/vouchers') return 'relay';
+  return 'operator';
+}
+
+class Buckets {
+  private readonly buckets = new Map<string, { tokens: number; last: number }>();
+  constructor(
+    private readonly perSecond: number,
+    private readonly burst: number,
+  ) {}
+  /** Takes one token; false when the bucket is empty. */
+  take(key: string, now: number): boolean {
+    let b = this.buckets.get(key);
+    if (b === undefined) {
+      if (this.buckets.size >= 100_000) this.buckets.clear();
+      b = { tokens: this.burst, last: now };
+      this.buckets.set(key, b);
+    }
+    b.tokens = Math.min(this.burst, b.tokens + ((now - b.last) * this.perSecond) / 1000);
+    b.last = now;
+    if (b.tokens < 1) return false;
+    b.tokens -= 1;
+    return true;
+  }
+  empty(key: string, now: number): boolean {
+    const b = this.buckets.get(key);
+    return b !== undefined && Math.min(this.burst, b.tokens + ((now - b.last) * this.perSecond) / 1000) < 1;
+  }
+}
+
+interface Principal {
+  id: string;
+  scopes: readonly HttpScope[];
+}
+
+/** Installs the check on every route of `app` (an onRequest hook, so it runs before a body is read). */
+export function installHttpAuth(app: FastifyInstance, audience: string, options: RouterHttpAuthOptions): void {
+  const trusted = new Map(options.trustedOperators.map((o) => [o.id, o.publicKey] as const));
+  const apiKeys = new Map((options.apiKeys ?? []).map((k) => [k.id, { ...k, hash: Buffer.from(k.sha256, 'hex') }] as const));
+  for (const k of apiKeys.values()) {
+    if (!API_KEY_ID.test(k.id) || k.hash.byteLength !== 32 || !k.scopes.every(isHttpScope))
+      throw new MeshError('MESH_CONFIG', `API key ${JSON.stringify(k.id)} is malformed (id, 64 hex digits of sha256, scopes)`);
+  }
+  const requests = new Buckets(options.requestsPerSecond ?? 200, options.burst ?? 400);
+  const failures = new Buckets(options.failuresPerSecond ?? 5, options.failureBurst ?? 20);
+  /** Tokens already verified: the two Ed25519 checks run once per token, not per request. */
+  const verified = new Map<string, VerifiedHttpToken>();
+  const isRevoked = options.isRevoked ?? (() => false);
+
+  const authenticate = (header: string | undefined, now: number): Principal => {
+    if (header === undefined)
+      throw new MeshError('MESH_UNAUTHORIZED', 'this endpoint needs Authorization: Bearer <token>', {
+        details: { reason: 'no-credential' },
+      });
+    const match = /^Bearer +(\S+)$/i.exec(header);
+    if (!match || match[1]!.length > MAX_HTTP_TOKEN_CHARS)
+      throw new MeshError('MESH_UNAUTHORIZED', 'expected Authorization: Bearer <token>', { details: { reason: 'bad-credential' } });
+    const credential = match[1]!;
+    if (credential.startsWith(API_KEY_PREFIX)) {
+      const [id, secret] = credential.slice(API_KEY_PREFIX.length).split('.', 2);
+      const entry = id === undefined ? undefined : apiKeys.get(id);
+      // Hash first, then compare the fixed-length hashes in constant time: no early exit on a matching prefix.
+      const presented = sha256(secret ?? '');
+      if (entry === undefined || !timingSafeEqual(presented, entry.hash))
+        throw new MeshError('MESH_UNAUTHORIZED', 'unknown API key', { details: { reason: 'bad-api-key' } });
+      return { id: `apikey:${entry.id}`, scopes: entry.scopes };
+    }
+    let token = verified.get(credential);
+    if (token === undefined) {
+      token = verifyHttpToken(credential, {
+        audience,
+        trustedOperators: trusted,
+        nowMs: now,
+        ...(options.maxTokenLifetimeMs !== undefined ? { maxLifetimeMs: options.maxTokenLifetimeMs } : {}),
+      });
+      if (verified.size >= 10_000) verified.delete(verified.keys().next().value as string);
+      verified.set(credential, token);
+    }
+    if (token.expiresMs <= now || token.admissionExpiresMs <= now) {
+      verified.delete(credential);
+      throw new MeshError('MESH_UNAUTHORIZED', 'the token has expired', { details: { reason: 'expired-token' } });
+    }
+    if (isRevoked(token.id)) throw new MeshError('MESH_UNAUTHORIZED', `${token.id} is revoked`, { details: { reason: 'revoked' } });
+    return { id: token.id, scopes: token.scopes };
+  };
+
+  app.addHook('onRequest', async (request: FastifyRequest, reply) => {
+    const scope = scopeOfRoute(request.method, request.routeOptions.url);
+    if (scope === 'open') return;
+    const now = Date.now();
+    const address = request.ip;
+    if (failures.empty(address, now)) {
+      throw new MeshError('MESH_RATE_LIMITED', 'too many failed credentials from this address; slow down', {
+        details: { reason: 'auth-failures' },
+      });
+    }
+    let principal: Principal;
+    try {
+      principal = authenticate(request.headers.authorization, now);
+    } catch (err) {
+      failures.take(address, now);
+      if (err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED') reply.header('www-authenticate', 'Bearer realm="edge-mesh"');
+      throw err;
+    }
+    if (!principal.scopes.includes(scope) && !principal.scopes.includes('operator')) {
+      throw new MeshError('MESH_FORBIDDEN', `this credential lacks scope ${scope}`, {
+        details: { reason: 'scope', scope, held: [...principal.scopes] },
+      });
+    }
+    if (!requests.take(principal.id, now)) {
+      throw new MeshError('MESH_RATE_LIMITED', 'this credential is over its request rate', { details: { reason: 'request-rate' } });
+    }
+  });
+}

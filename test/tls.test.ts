@@ -1,0 +1,205 @@
+/**
+ * The mesh over TLS (issue 14, acceptance 1): an authenticated broker on mqtts, an agent, a router whose HTTP API is
+ * on HTTPS, and an SDK client, all with certificates this test makes with openssl (nothing committed). A plaintext
+ * client, a client that trusts another CA and a client without the certificate mutual TLS asks for are refused with
+ * a coded error well within their deadline, and the broker keeps serving.
+ */
+import assert from 'node:assert/strict';
+import { execFile, execFileSync } from 'node:child_process';
+import { readFile, writeFile } from 'node:fs/promises';
+import https from 'node:https';
+import path from 'node:path';
+import { type TestContext, test } from 'node:test';
+import { promisify } from 'node:util';
+import { startAgent } from '@edge-mesh/agent';
+import { sampleInputs } from '@edge-mesh/demo';
+import { admit, generateIdentity, MeshError } from '@edge-mesh/protocol';
+import { startRouter } from '@edge-mesh/router';
+import { connect } from '@edge-mesh/sdk';
+import { brokerFor, modelsDir, quiet, tempDir } from './helpers.ts';
+
+const run = promisify(execFile);
+
+const hasOpenssl = (() => {
+  try {
+    execFileSync('openssl', ['version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+})();
+const SKIP = hasOpenssl ? false : 'openssl is not installed: the TLS tests make their certificates with it';
+
+interface Pki {
+  ca: Buffer;
+  otherCa: Buffer;
+  serverCert: Buffer;
+  serverKey: Buffer;
+  clientCert: Buffer;
+  clientKey: Buffer;
+  strangerCert: Buffer;
+  strangerKey: Buffer;
+}
+
+/** A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and a second CA with its own client. */
+async function makePki(t: TestContext): Promise<Pki> {
+  const dir = await tempDir(t, 'edge-mesh-tls-');
+  const f = (name: string) => path.join(dir, name);
+  const ssl = (...args: string[]) => run('openssl', args, { cwd: dir });
+  const newKey = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes'];
+  for (const name of ['ca', 'other-ca']) {
+    await ssl('req', '-x509', ...newKey, '-days', '2', '-subj', `/CN=${name}`, '-keyout', f(`${name}.key`), '-out', f(`${name}.pem`));
+  }
+  const leaf = async (name: string, issuer: string, extensions: string) => {
+    await writeFile(f(`${name}.ext`), extensions);
+    await ssl('req', ...newKey, '-subj', `/CN=${name}`, '-keyout', f(`${name}.key`), '-out', f(`${name}.csr`));
+    const signer = ['-CA', f(`${issuer}.pem`), '-CAkey', f(`${issuer}.key`), '-CAcreateserial'];
+    await ssl('x509', '-req', '-in', f(`${name}.csr`), ...signer, '-days', '2', '-out', f(`${name}.pem`), '-extfile', f(`${name}.ext`));
+  };
+  await leaf('server', 'ca', 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n');
+  await leaf('client', 'ca', 'extendedKeyUsage=clientAuth\n');
+  await leaf('stranger', 'other-ca', 'extendedKeyUsage=clientAuth\n');
+  const read = (name: string) => readFile(f(name));
+  return {
+    ca: await read('ca.pem'),
+    otherCa: await read('other-ca.pem'),
+    serverCert: await read('server.pem'),
+    serverKey: await read('server.key'),
+    clientCert: await read('client.pem'),
+    clientKey: await read('client.key'),
+    strangerCert: await read('stranger.pem'),
+    strangerKey: await read('stranger.key'),
+  };
+}
+
+const code = (expected: string) => (err: unknown) => {
+  assert.ok(err instanceof MeshError, `a MeshError, got ${String(err)}`);
+  assert.equal(err.code, expected, err.message);
+  return true;
+};
+
+async function tlsBroker(t: TestContext, pki: Pki, requireClientCert = false) {
+  const operator = generateIdentity('operator');
+  const broker = await brokerFor(t, {
+    auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], dataDir: await tempDir(t) },
+    tls: { cert: pki.serverCert, key: pki.serverKey, ca: pki.ca, requireClientCert },
+  });
+  return { broker, operator };
+}
+
+test('the mesh serves over TLS: mqtts broker, agent, HTTPS router and SDK', { skip: SKIP, timeout: 120_000 }, async (t) => {
+  const pki = await makePki(t);
+  const { broker, operator } = await tlsBroker(t, pki);
+  assert.match(broker.url, /^mqtts:\/\/127\.0\.0\.1:\d+$/);
+  const [agentKey, routerKey, appKey] = [generateIdentity('agent'), generateIdentity('router'), generateIdentity('app')];
+  for (const id of [agentKey, routerKey, appKey]) await broker.admit(admit(operator, id));
+  const tls = { ca: pki.ca };
+
+  const agent = await startAgent({
+    brokerUrl: broker.url,
+    modelsDir: await modelsDir(),
+    workers: 1,
+    logger: quiet,
+    identity: agentKey,
+    tls,
+  });
+  t.after(() => agent.close());
+  const router = await startRouter({
+    brokerUrl: broker.url,
+    identity: routerKey,
+    logger: quiet,
+    tls,
+    http: { port: 0, tls: { cert: pki.serverCert, key: pki.serverKey } },
+  });
+  t.after(() => router.close());
+  const mesh = await connect({ brokerUrl: broker.url, identity: appKey, logger: quiet, tls });
+  t.after(() => mesh.close());
+  await mesh.waitForModel('kws', 20_000);
+  const result = await mesh.infer('kws', sampleInputs('kws', 0), { deadlineMs: 10_000 });
+  assert.equal(result.agentId, agent.id);
+  assert.ok(Object.keys(result.outputs).length > 0);
+
+  // The router's HTTP API is HTTPS, trusted through the test CA; its forwarding runs over the mqtts connection.
+  assert.match(router.http!.url, /^https:\/\//);
+  await router.waitForModel('kws', 20_000);
+  const status = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+    const req = https.get(`${router.http!.url}/v2/health/ready`, { ca: pki.ca }, (res) => {
+      let body = '';
+      res.on('data', (c) => (body += c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+    });
+    req.on('error', reject);
+  });
+  assert.equal(status.status, 200, status.body);
+  // A client that does not trust the router's CA fails its handshake; it never reaches the API.
+  await assert.rejects(
+    new Promise((resolve, reject) => https.get(`${router.http!.url}/v2/health/live`, { ca: pki.otherCa }, resolve).on('error', reject)),
+    (err: NodeJS.ErrnoException) => err.code === 'UNABLE_TO_VERIFY_LEAF_SIGNATURE',
+  );
+});
+
+test('plaintext and wrong-CA clients are refused with a coded error within their deadline; the broker keeps serving', {
+  skip: SKIP,
+  timeout: 120_000,
+}, async (t) => {
+  const pki = await makePki(t);
+  const { broker, operator } = await tlsBroker(t, pki);
+  const appKey = generateIdentity('app');
+  await broker.admit(admit(operator, appKey));
+  const deadlineMs = 3_000;
+
+  // The server's certificate is signed by a CA this client does not trust: MESH_TLS at once, not a reconnect loop.
+  let started = Date.now();
+  await assert.rejects(
+    connect({ brokerUrl: broker.url, identity: appKey, logger: quiet, tls: { ca: pki.otherCa }, connectTimeoutMs: deadlineMs }),
+    (err: unknown) => {
+      code('MESH_TLS')(err);
+      // Node names the failed verification: the broker sends its CA along, so the chain ends in a self-signed root.
+      assert.ok(
+        ['SELF_SIGNED_CERT_IN_CHAIN', 'UNABLE_TO_VERIFY_LEAF_SIGNATURE'].includes(String((err as MeshError).details?.reason)),
+        (err as MeshError).message,
+      );
+      return true;
+    },
+  );
+  assert.ok(Date.now() - started < deadlineMs, `refused in ${Date.now() - started} ms`);
+
+  // No CA at all: Node's public CAs do not know the test CA either.
+  await assert.rejects(connect({ brokerUrl: broker.url, identity: appKey, logger: quiet, connectTimeoutMs: deadlineMs }), code('MESH_TLS'));
+
+  // Plaintext MQTT to the TLS port: the broker's TLS server drops it; the client gives up by its connect deadline.
+  started = Date.now();
+  const plain = broker.url.replace('mqtts://', 'mqtt://');
+  await assert.rejects(connect({ brokerUrl: plain, identity: appKey, logger: quiet, connectTimeoutMs: deadlineMs }), (err: unknown) => {
+    assert.ok(err instanceof MeshError);
+    assert.ok(err.code === 'MESH_NOT_CONNECTED' || err.code === 'MESH_TLS', `${err.code}: ${err.message}`);
+    return true;
+  });
+  assert.ok(Date.now() - started < deadlineMs + 1_500, `gave up in ${Date.now() - started} ms`);
+
+  // TLS to the right CA works, on the same broker, after all that.
+  const mesh = await connect({ brokerUrl: broker.url, identity: appKey, logger: quiet, tls: { ca: pki.ca }, connectTimeoutMs: 10_000 });
+  await mesh.close();
+});
+
+test("mutual TLS: a client without a certificate from the broker's CA is refused at once", {
+  skip: SKIP,
+  timeout: 120_000,
+}, async (t) => {
+  const pki = await makePki(t);
+  const { broker, operator } = await tlsBroker(t, pki, true);
+  const appKey = generateIdentity('app');
+  await broker.admit(admit(operator, appKey));
+  const connectWith = (tls: Parameters<typeof connect>[0]['tls']) =>
+    connect({ brokerUrl: broker.url, identity: appKey, logger: quiet, tls, connectTimeoutMs: 5_000 });
+
+  // No certificate, or one another CA signed: the broker answers the CONNECT with CONNACK 5 and closes (Node checks
+  // client certificates after the handshake, too late for a TLS alert), so the client fails at once, not by timeout.
+  for (const tls of [{ ca: pki.ca }, { ca: pki.ca, cert: pki.strangerCert, key: pki.strangerKey }]) {
+    const started = Date.now();
+    await assert.rejects(connectWith(tls), code('MESH_UNAUTHORIZED'));
+    assert.ok(Date.now() - started < 4_000, `refused in ${Date.now() - started} ms`);
+  }
+  const mesh = await connectWith({ ca: pki.ca, cert: pki.clientCert, key: pki.clientKey });
+  await mesh.close();
+});
