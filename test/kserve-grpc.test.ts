@@ -8,6 +8,9 @@
  * Real broker, agent and router.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import path from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
 import { sampleInputs } from '@edge-mesh/demo';
 import { generateIdentity, type Tensor } from '@edge-mesh/protocol';
@@ -20,7 +23,9 @@ import {
   startRouterGrpc,
 } from '@edge-mesh/router';
 import * as grpc from '@grpc/grpc-js';
-import { agentFor, brokerFor, quiet } from './helpers.ts';
+import { agentFor, brokerFor, quiet, ROOT } from './helpers.ts';
+
+const BIN = path.join(ROOT, 'cli/bin/edge-mesh.mjs');
 
 // biome-ignore lint/suspicious/noExplicitAny: protobuf messages as proto-loader gives them, read field by field
 type Msg = any;
@@ -389,5 +394,45 @@ describe('KServe v2 gRPC service', { timeout: 180_000 }, () => {
     const after = await call('ServerLive', {}, 2_000);
     assert.equal(after.ok, false);
     assert.ok(after.code === grpc.status.UNAVAILABLE || after.code === grpc.status.DEADLINE_EXCEEDED, `code ${after.code}`);
+  });
+
+  test('edge-mesh router --grpc-port serves the gRPC service (with --no-http: gRPC only)', async (t) => {
+    const broker = await brokerFor(t);
+    await agentFor(t, { brokerUrl: broker.url });
+    const child = spawn(process.execPath, [BIN, 'router', '--broker', broker.url, '--no-http', '--grpc-port', '0', '--log-level', 'warn'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    t.after(async () => {
+      if (child.exitCode === null) {
+        child.kill('SIGTERM');
+        await once(child, 'exit');
+      }
+    });
+    let out = '';
+    let err = '';
+    child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+    const address = await new Promise<string>((resolve, reject) => {
+      child.stdout.on('data', (d: Buffer) => {
+        out += d.toString();
+        const m = /gRPC (\S+)/.exec(out);
+        if (m) resolve(m[1]!);
+      });
+      child.on('exit', (code) => reject(new Error(`exited ${code}: ${err}`)));
+    });
+    assert.doesNotMatch(out, /serving http/, '--no-http: no HTTP API');
+    const call = clientFor(t, address);
+    assert.deepEqual((await call('ServerLive', {})).value, { live: true });
+    // The router finds the agent through the broker; then a Triton-shaped request is served.
+    let ready = false;
+    for (let i = 0; i < 100 && !ready; i++) {
+      ready = (await call('ModelReady', { name: 'kws' })).value?.ready === true;
+      if (!ready) await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.ok(ready, 'kws becomes ready');
+    const res = await call('ModelInfer', tritonRequest('kws', sampleInputs('kws')));
+    assert.ok(res.ok, res.details);
+    child.kill('SIGTERM');
+    const [code] = await once(child, 'exit');
+    assert.equal(code, 0, err);
   });
 });

@@ -404,6 +404,12 @@ export function buildProgram(): Command {
       .option('--http-port <port>', 'HTTP API port (0 for any free port)', nonNegativeInt, 8080)
       .option('--http-host <host>', 'HTTP API address', '127.0.0.1')
       .option('--no-http', 'serve no HTTP API (MQTT only)')
+      .option(
+        '--grpc-port <port>',
+        'also serve the KServe v2 gRPC service on this port (0 for any free port; default: no gRPC)',
+        nonNegativeInt,
+      )
+      .option('--grpc-host <host>', 'gRPC service address', '127.0.0.1')
       .option('--deadline-ms <ms>', 'deadline of a forwarded request that names none', positiveInt, 2_000)
       .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
       .option('--no-hedging', 'never hedge a slow attempt')
@@ -434,6 +440,7 @@ export function buildProgram(): Command {
       hedging: opts.hedging,
       leaseTtlMs: opts.leaseTtlMs,
       policy: opts.policy,
+      ...(opts.grpcPort !== undefined ? { grpcPort: opts.grpcPort, grpcHost: opts.grpcHost } : {}),
       ...(opts.http
         ? {
             http: {
@@ -447,8 +454,10 @@ export function buildProgram(): Command {
     }).catch((err: unknown) => {
       throw opts.key ? err : withoutKeyHint(err, 'router');
     });
-    logger.info({ routerId: router.id, http: router.http?.url, policy: router.policy }, 'router up');
-    process.stdout.write(`router ${router.id}${router.http ? ` serving ${router.http.url}` : ''}\n`);
+    logger.info({ routerId: router.id, http: router.http?.url, grpc: router.grpc?.address, policy: router.policy }, 'router up');
+    process.stdout.write(
+      `router ${router.id}${router.http ? ` serving ${router.http.url}` : ''}${router.grpc ? ` gRPC ${router.grpc.address}` : ''}\n`,
+    );
     await report<RouterReady>('ready', { id: router.id, httpUrl: router.http?.url ?? null });
     const signal = await stop;
     logger.info({ signal, counters: router.counters }, 'stopping');
