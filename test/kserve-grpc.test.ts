@@ -10,11 +10,13 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
 import { sampleInputs } from '@edge-mesh/demo';
-import { generateIdentity, type Tensor } from '@edge-mesh/protocol';
+import { ERROR_CODES, generateIdentity, type Tensor } from '@edge-mesh/protocol';
 import {
+  GRPC_STATUS_OF,
   loadKServeProto,
   MESH_CODE_METADATA,
   type RouterHandle,
@@ -119,6 +121,15 @@ function assertSameAsDirect(res: Msg, direct: Record<string, Tensor>, what: stri
 }
 
 describe('KServe v2 gRPC service', { timeout: 180_000 }, () => {
+  test('docs/errors.md gives every MESH code the gRPC status the service answers with', () => {
+    const doc = readFileSync(path.join(ROOT, 'docs', 'errors.md'), 'utf8');
+    const section = doc.slice(doc.indexOf('## gRPC statuses'));
+    const rows = new Map([...section.matchAll(/^\| `(MESH_[A-Z_]+)` +\| `([A-Z_]+)` +\|$/gm)].map((m) => [m[1]!, m[2]!] as const));
+    assert.deepEqual([...rows.keys()].sort(), Object.keys(ERROR_CODES).sort());
+    for (const [code, status] of rows)
+      assert.equal(GRPC_STATUS_OF[code as keyof typeof GRPC_STATUS_OF], grpc.status[status as keyof typeof grpc.status], code);
+  });
+
   test('raw_input_contents as Triton sends them, and typed contents, give the bits a direct infer gives', async (t) => {
     const { router, call, version } = await mesh(t);
 
