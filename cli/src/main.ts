@@ -459,6 +459,12 @@ export function buildProgram(): Command {
         '--http-api-keys <file>',
         'require credentials on the HTTP API: JSON list of API keys [{ id, sha256, scopes }] (`edge-mesh api-key new`)',
       )
+      .option(
+        '--grpc-port <port>',
+        'also serve the KServe v2 gRPC service on this port, without authentication: keep it on loopback or a trusted network (0 for any free port; default: no gRPC)',
+        nonNegativeInt,
+      )
+      .option('--grpc-host <host>', 'gRPC service address', '127.0.0.1')
       .option('--deadline-ms <ms>', 'deadline of a forwarded request that names none', positiveInt, 2_000)
       .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
       .option('--no-hedging', 'never hedge a slow attempt')
@@ -492,6 +498,7 @@ export function buildProgram(): Command {
       hedging: opts.hedging,
       leaseTtlMs: opts.leaseTtlMs,
       policy: opts.policy,
+      ...(opts.grpcPort !== undefined ? { grpcPort: opts.grpcPort, grpcHost: opts.grpcHost } : {}),
       ...(opts.http
         ? {
             http: {
@@ -507,8 +514,10 @@ export function buildProgram(): Command {
     }).catch((err: unknown) => {
       throw opts.key ? err : withoutKeyHint(err, 'router');
     });
-    logger.info({ routerId: router.id, http: router.http?.url, policy: router.policy }, 'router up');
-    process.stdout.write(`router ${router.id}${router.http ? ` serving ${router.http.url}` : ''}\n`);
+    logger.info({ routerId: router.id, http: router.http?.url, grpc: router.grpc?.address, policy: router.policy }, 'router up');
+    process.stdout.write(
+      `router ${router.id}${router.http ? ` serving ${router.http.url}` : ''}${router.grpc ? ` gRPC ${router.grpc.address}` : ''}\n`,
+    );
     await report<RouterReady>('ready', { id: router.id, httpUrl: router.http?.url ?? null });
     const signal = await stop;
     logger.info({ signal, counters: router.counters }, 'stopping');

@@ -94,6 +94,8 @@ export interface RouterHandle {
   readonly connected: boolean;
   /** The HTTP API when started with the `http` option. */
   readonly http: RouterHttpHandle | undefined;
+  /** The KServe v2 gRPC service when started with the `grpcPort` option. */
+  readonly grpc: RouterGrpcHandle | undefined;
   close(): Promise<void>;
 }
 
@@ -133,5 +135,21 @@ export interface RouterHttpHandle {
   readonly url: string;
   readonly metrics: PromRegistry;
   /** Closes the HTTP server (not the router). */
+  close(): Promise<void>;
+}
+
+export interface RouterGrpcOptions {
+  /** 0 picks a free port (default). */
+  port?: number;
+  host?: string;
+  /** Largest request message accepted, bytes (default: the mesh's message cap plus 64 KiB); larger ones get RESOURCE_EXHAUSTED. */
+  maxMessageBytes?: number;
+}
+
+export interface RouterGrpcHandle {
+  readonly port: number;
+  /** host:port, as a gRPC client takes it. */
+  readonly address: string;
+  /** Closes the gRPC server (not the router); calls still running get a second to finish. */
   close(): Promise<void>;
 }

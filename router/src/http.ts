@@ -29,66 +29,39 @@ import type { RouterHandle, RouterHttpHandle, RouterHttpOptions, RouterInferResu
 import { installHttpAuth } from './http-auth.ts';
 import { ANY_ERROR, ERROR_BODY_SCHEMA, errorResponse, installErrorHandlers } from './http-errors.ts';
 import {
+  assertModelReady,
   BINARY_BODY_TYPE,
   BINARY_SECTION,
   type BinaryCarrier,
   binaryInputs,
   binaryResponse,
+  DTYPE_TO_KSERVE,
   deadlineFromParameters,
   HEADER_LENGTH,
-  InferStats,
-  KSERVE_EXTENSIONS,
+  inferTarget,
+  KSERVE_TO_DTYPE,
+  type KServeDatatype,
+  kserveDatatypeOf,
   modelConfig,
+  modelFor as modelForIn,
+  modelInfoOf,
+  modelMetadata,
+  ONNX_TYPE_TO_DTYPE,
   refuseUnsupported,
+  repositoryIndex,
+  servedModels as servedModelsOf,
+  serverMetadata,
+  serverReady,
   splitBinaryBody,
+  statsFor,
   tensorBytes,
   wantsBinary,
 } from './kserve.ts';
 import { registerRelayRoutes } from './relay.ts';
 import { registerSettlementRoutes } from './settlements.ts';
 
-/** KServe v2 datatypes and the mesh dtypes they map to (BYTES has no mesh counterpart). */
-export const KSERVE_TO_DTYPE = {
-  BOOL: 'bool',
-  UINT8: 'uint8',
-  UINT16: 'uint16',
-  UINT32: 'uint32',
-  UINT64: 'uint64',
-  INT8: 'int8',
-  INT16: 'int16',
-  INT32: 'int32',
-  INT64: 'int64',
-  FP16: 'float16',
-  FP32: 'float32',
-  FP64: 'float64',
-} as const satisfies Record<string, DType>;
-export type KServeDatatype = keyof typeof KSERVE_TO_DTYPE;
-
-const DTYPE_TO_KSERVE = Object.fromEntries(Object.entries(KSERVE_TO_DTYPE).map(([k, v]) => [v, k])) as Record<DType, KServeDatatype>;
-
-/** ONNX type strings an agent may report in its status, to mesh dtypes. */
-const ONNX_TYPE_TO_DTYPE: Record<string, DType> = {
-  'tensor(float)': 'float32',
-  'tensor(double)': 'float64',
-  'tensor(float16)': 'float16',
-  'tensor(int8)': 'int8',
-  'tensor(uint8)': 'uint8',
-  'tensor(int16)': 'int16',
-  'tensor(uint16)': 'uint16',
-  'tensor(int32)': 'int32',
-  'tensor(uint32)': 'uint32',
-  'tensor(int64)': 'int64',
-  'tensor(uint64)': 'uint64',
-  'tensor(bool)': 'bool',
-  float: 'float32',
-  double: 'float64',
-};
-
-/** The KServe datatype for a dtype string from an agent's status ('float32', 'tensor(float)', ...). */
-export function kserveDatatypeOf(dtype: string): string {
-  const mesh = (Object.hasOwn(DTYPE_TO_KSERVE, dtype) ? dtype : ONNX_TYPE_TO_DTYPE[dtype]) as DType | undefined;
-  return mesh ? DTYPE_TO_KSERVE[mesh] : dtype.toUpperCase();
-}
+// The datatype mapping moved to kserve.ts (shared with grpc.ts); exported from here as before.
+export { KSERVE_TO_DTYPE, type KServeDatatype, kserveDatatypeOf };
 
 // IEEE half <-> float, for FP16 carried as raw 16-bit patterns in the mesh.
 const f32 = new Float32Array(1);
@@ -349,17 +322,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     attemptSeconds.observe({ model: a.model, agent: a.agentId, outcome: a.ok ? 'ok' : (a.code ?? 'error') }, a.e2eMs / 1000);
   });
 
-  /** Metadata for `name` from a live agent, else from any agent's last status. */
-  const modelInfo = (name: string): { info: ModelInfo; live: boolean; versions: string[] } | undefined => {
-    const live = router.models().find((m) => m.name === name);
-    const all = router
-      .agents()
-      .flatMap((a) => a.status.models ?? [])
-      .filter((m) => m.name === name);
-    const info = live ?? all[0];
-    if (!info) return undefined;
-    return { info, live: live !== undefined, versions: [...new Set(all.map((m) => m.version))] };
-  };
+  const modelInfo = (name: string) => modelInfoOf(router, name);
   /** Label value for a model name: unknown names collapse so clients cannot blow up the series count. */
   const modelLabel = (name: string) => (modelInfo(name) ? name : '_unknown');
 
@@ -426,11 +389,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   });
 
   app.get('/openapi.json', doc('operator', 'This OpenAPI description'), async () => app.swagger());
-  app.get('/v2', doc('kserve', 'Server metadata: name, version and the extensions this router implements'), async () => ({
-    name: 'edge-mesh-router',
-    version: '2',
-    extensions: [...KSERVE_EXTENSIONS],
-  }));
+  app.get('/v2', doc('kserve', 'Server metadata: name, version and the extensions this router implements'), async () => serverMetadata());
   app.get('/v2/health/live', doc('kserve', 'Liveness: the router process answers'), async () => ({ live: true }));
   app.get(
     '/v2/health/ready',
@@ -438,50 +397,15 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       response: { 503: errorResponse('MESH_NO_AGENT (details.ready is false)') },
     }),
     async () => {
-      if (!router.connected || !router.agents().some((a) => a.up)) {
+      if (!serverReady(router)) {
         throw new MeshError('MESH_NO_AGENT', 'no live agent known', { details: { ready: false, connected: router.connected } });
       }
       return { ready: true };
     },
   );
 
-  const unknownModel = (name: string) => new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${name}`, { details: { model: name } });
-  /**
-   * The model's metadata for a request naming it, and a version if the path has one. A version no agent serves is
-   * unknown. The router does not pin a version when several are live (docs/routing.md, "The HTTP API"), so a
-   * versioned request is served only while every live agent of the model runs that version.
-   */
-  const modelFor = (name: string, version?: string, forInfer = false) => {
-    const found = modelInfo(name);
-    if (!found) throw unknownModel(name);
-    if (version === undefined) return found;
-    if (!found.versions.includes(version)) {
-      throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves version ${version} of model ${name}`, {
-        details: { model: name, version, versions: found.versions },
-      });
-    }
-    const liveVersions = new Set(
-      router
-        .agents()
-        .filter((a) => a.up)
-        .flatMap((a) => (a.status.models ?? []).filter((m) => m.name === name).map((m) => m.version)),
-    );
-    if (forInfer && (liveVersions.size !== 1 || !liveVersions.has(version))) {
-      throw new MeshError(
-        'MESH_NO_AGENT',
-        `live agents serve versions ${[...liveVersions].join(', ') || 'none'} of model ${name}, not only ${version}`,
-        {
-          details: { model: name, version, live: [...liveVersions] },
-        },
-      );
-    }
-    const info =
-      router
-        .agents()
-        .flatMap((a) => a.status.models ?? [])
-        .find((m) => m.name === name && m.version === version) ?? found.info;
-    return { ...found, info };
-  };
+  /** The version rule (kserve.ts, `modelFor`): a version no agent serves is unknown; infer needs it to be the only live one. */
+  const modelFor = (name: string, version?: string, forInfer = false) => modelForIn(router, name, version, forInfer);
   const versionParams = {
     type: 'object',
     required: ['name', 'version'],
@@ -489,16 +413,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   } as const;
   type ModelParams = { name: string; version?: string };
 
-  const metadata = (params: ModelParams) => {
-    const { info, versions } = modelFor(params.name, params.version);
-    const tensors = (list: ModelInfo['inputs']) =>
-      list.map((t) => ({
-        name: t.name,
-        datatype: kserveDatatypeOf(t.dtype),
-        shape: t.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : -1)),
-      }));
-    return { name: info.name, versions, platform: 'onnx', inputs: tensors(info.inputs), outputs: tensors(info.outputs) };
-  };
+  const metadata = (params: ModelParams) => modelMetadata(router, params.name, params.version);
   const metadataSchema = {
     type: 'object',
     properties: {
@@ -535,9 +450,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       }),
       async (request) => {
         const { name, version } = request.params;
-        const found = modelFor(name, version);
-        if (!found.live) throw new MeshError('MESH_NO_AGENT', 'no live agent serves the model', { details: { model: name, ready: false } });
-        if (version !== undefined) modelFor(name, version, true);
+        assertModelReady(router, name, version);
         return { name, ready: true };
       },
     );
@@ -557,12 +470,9 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     );
   }
 
-  const stats = new InferStats();
-  const servedModels = () => {
-    const seen = new Map<string, string>();
-    for (const a of router.agents()) for (const m of a.status.models ?? []) if (!seen.has(m.name)) seen.set(m.name, m.version);
-    return [...seen].map(([name, version]) => ({ name, version }));
-  };
+  // Shared with the gRPC service of the same router (kserve.ts, statsFor).
+  const stats = statsFor(router);
+  const servedModels = () => servedModelsOf(router);
   app.get(
     '/v2/models/stats',
     doc('kserve', "Inference statistics of every model (Triton's statistics extension), from this router's HTTP requests"),
@@ -590,25 +500,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     doc('kserve', 'The repository index: every model an agent announced, READY while a live agent serves it', {
       body: { type: 'object', nullable: true, properties: { ready: { type: 'boolean' } } },
     }),
-    async (request) => {
-      const entries = new Map<string, { name: string; version: string; state: string; reason: string }>();
-      for (const a of router.agents()) {
-        for (const m of a.status.models ?? []) {
-          const key = `${m.name}\u0000${m.version}`;
-          const ready = a.up;
-          const prev = entries.get(key);
-          if (prev?.state === 'READY') continue;
-          entries.set(key, {
-            name: m.name,
-            version: m.version,
-            state: ready ? 'READY' : 'UNAVAILABLE',
-            reason: ready ? '' : 'no live agent',
-          });
-        }
-      }
-      const list = [...entries.values()].sort((x, y) => x.name.localeCompare(y.name) || x.version.localeCompare(y.version));
-      return request.body?.ready ? list.filter((e) => e.state === 'READY') : list;
-    },
+    async (request) => repositoryIndex(router, request.body?.ready === true),
   );
 
   // A body that carries Inference-Header-Content-Length is the binary extension's, whatever Content-Type its sender
@@ -656,12 +548,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     const started = performance.now();
     const label = modelLabel(model);
     requestsTotal.inc({ model: label });
-    if (label === '_unknown') {
-      throw router.agents().length > 0
-        ? unknownModel(model)
-        : new MeshError('MESH_NO_AGENT', `no agent is known yet, so none serves model ${model}`, { details: { model } });
-    }
-    if (params.version !== undefined) modelFor(model, params.version, true);
+    inferTarget(router, model, params.version);
     refuseUnsupported(body.parameters);
     const binary = binaryInputs(
       body.inputs.map((i) => ({ name: i.name, shape: i.shape, dtype: KSERVE_TO_DTYPE[i.datatype], parameters: i.parameters })),

@@ -73,12 +73,23 @@ export {
   slowStartFactor,
   upsertAgent,
 } from './estimates.ts';
+export {
+  GRPC_STATUS_OF,
+  grpcErrorOf,
+  KSERVE_PROTO_OPTIONS,
+  KSERVE_PROTO_PATH,
+  loadKServeProto,
+  MESH_CODE_METADATA,
+  startRouterGrpc,
+} from './grpc.ts';
 export type {
   AttemptRecord,
   RouteOptions,
   RouteResult,
   RouterChainOptions,
   RouterCounters,
+  RouterGrpcHandle,
+  RouterGrpcOptions,
   RouterHandle,
   RouterHttpHandle,
   RouterHttpOptions,

@@ -14,9 +14,57 @@
  * - the statistics extension (`/stats`), from what this router saw of its HTTP requests;
  * - the repository index.
  *
- * Pure functions and a small counter store; the routes are in http.ts.
+ * - what the HTTP routes (http.ts) and the gRPC service (grpc.ts) share: the datatype mapping, the version rule
+ *   (`modelFor`), model metadata, the repository index, readiness, the request parameters (deadline, refused
+ *   sequence requests) and one statistics store per router, so both fronts count into the same `/stats`.
+ *
+ * Pure functions over the router handle and a small counter store; the routes are in http.ts and grpc.ts.
  */
 import { type DType, decodeTensor, encodeTensor, MeshError, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
+import type { RouterHandle } from './handle.ts';
+
+/** KServe v2 datatypes and the mesh dtypes they map to (BYTES has no mesh counterpart). */
+export const KSERVE_TO_DTYPE = {
+  BOOL: 'bool',
+  UINT8: 'uint8',
+  UINT16: 'uint16',
+  UINT32: 'uint32',
+  UINT64: 'uint64',
+  INT8: 'int8',
+  INT16: 'int16',
+  INT32: 'int32',
+  INT64: 'int64',
+  FP16: 'float16',
+  FP32: 'float32',
+  FP64: 'float64',
+} as const satisfies Record<string, DType>;
+export type KServeDatatype = keyof typeof KSERVE_TO_DTYPE;
+
+export const DTYPE_TO_KSERVE = Object.fromEntries(Object.entries(KSERVE_TO_DTYPE).map(([k, v]) => [v, k])) as Record<DType, KServeDatatype>;
+
+/** ONNX type strings an agent may report in its status, to mesh dtypes. */
+export const ONNX_TYPE_TO_DTYPE: Record<string, DType> = {
+  'tensor(float)': 'float32',
+  'tensor(double)': 'float64',
+  'tensor(float16)': 'float16',
+  'tensor(int8)': 'int8',
+  'tensor(uint8)': 'uint8',
+  'tensor(int16)': 'int16',
+  'tensor(uint16)': 'uint16',
+  'tensor(int32)': 'int32',
+  'tensor(uint32)': 'uint32',
+  'tensor(int64)': 'int64',
+  'tensor(uint64)': 'uint64',
+  'tensor(bool)': 'bool',
+  float: 'float32',
+  double: 'float64',
+};
+
+/** The KServe datatype for a dtype string from an agent's status ('float32', 'tensor(float)', ...). */
+export function kserveDatatypeOf(dtype: string): string {
+  const mesh = (Object.hasOwn(DTYPE_TO_KSERVE, dtype) ? dtype : ONNX_TYPE_TO_DTYPE[dtype]) as DType | undefined;
+  return mesh ? DTYPE_TO_KSERVE[mesh] : dtype.toUpperCase();
+}
 
 /** The media type http.ts gives a body that carries `Inference-Header-Content-Length`, whatever its sender said. */
 export const BINARY_BODY_TYPE = 'application/x-edge-mesh-kserve-binary';
@@ -152,7 +200,15 @@ export function binaryResponse(header: object, sections: readonly Buffer[]): { b
  */
 export function deadlineFromParameters(parameters: Record<string, unknown> | undefined): number | undefined {
   const ms = parameters?.deadline_ms;
-  if (typeof ms === 'number') return ms;
+  if (ms !== undefined) {
+    // The HTTP body schema checks this too; a gRPC request reaches here unchecked.
+    if (typeof ms !== 'number' || !Number.isSafeInteger(ms) || ms < 1 || ms > 600_000) {
+      throw new MeshError('MESH_BAD_REQUEST', 'parameters.deadline_ms must be a whole number of milliseconds from 1 to 600000', {
+        details: { deadline_ms: ms as never },
+      });
+    }
+    return ms;
+  }
   const us = parameters?.timeout;
   if (us === undefined) return undefined;
   if (typeof us !== 'number' || !Number.isSafeInteger(us) || us <= 0 || us > 600_000_000) {
@@ -286,4 +342,156 @@ export class InferStats {
 function add(d: Duration, ms: number): void {
   d.count += 1;
   d.ns += Math.max(0, Math.round(ms * 1e6));
+}
+
+/** One statistics store per router, shared by its HTTP and gRPC fronts. */
+const statsByRouter = new WeakMap<RouterHandle, InferStats>();
+export function statsFor(router: RouterHandle): InferStats {
+  let stats = statsByRouter.get(router);
+  if (!stats) {
+    stats = new InferStats();
+    statsByRouter.set(router, stats);
+  }
+  return stats;
+}
+
+/** Server metadata, as `/v2` and ServerMetadata answer it. */
+export function serverMetadata(): { name: string; version: string; extensions: string[] } {
+  return { name: 'edge-mesh-router', version: '2', extensions: [...KSERVE_EXTENSIONS] };
+}
+
+/** Ready: connected to the broker with at least one live agent. */
+export function serverReady(router: RouterHandle): boolean {
+  return router.connected && router.agents().some((a) => a.up);
+}
+
+export interface FoundModel {
+  info: ModelInfo;
+  live: boolean;
+  versions: string[];
+}
+
+/** Metadata for `name` from a live agent, else from any agent's last status. */
+export function modelInfoOf(router: RouterHandle, name: string): FoundModel | undefined {
+  const live = router.models().find((m) => m.name === name);
+  const all = router
+    .agents()
+    .flatMap((a) => a.status.models ?? [])
+    .filter((m) => m.name === name);
+  const info = live ?? all[0];
+  if (!info) return undefined;
+  return { info, live: live !== undefined, versions: [...new Set(all.map((m) => m.version))] };
+}
+
+export const unknownModel = (name: string): MeshError =>
+  new MeshError('MESH_UNKNOWN_MODEL', `no agent serves model ${name}`, { details: { model: name } });
+
+/**
+ * The model's metadata for a request naming it, and a version if the request has one. A version no agent serves is
+ * unknown. The router does not pin a version when several are live (docs/routing.md, "The HTTP API"), so a
+ * versioned request is served only while every live agent of the model runs that version.
+ */
+export function modelFor(router: RouterHandle, name: string, version?: string, forInfer = false): FoundModel {
+  const found = modelInfoOf(router, name);
+  if (!found) throw unknownModel(name);
+  if (version === undefined) return found;
+  if (!found.versions.includes(version)) {
+    throw new MeshError('MESH_UNKNOWN_MODEL', `no agent serves version ${version} of model ${name}`, {
+      details: { model: name, version, versions: found.versions },
+    });
+  }
+  const liveVersions = new Set(
+    router
+      .agents()
+      .filter((a) => a.up)
+      .flatMap((a) => (a.status.models ?? []).filter((m) => m.name === name).map((m) => m.version)),
+  );
+  if (forInfer && (liveVersions.size !== 1 || !liveVersions.has(version))) {
+    throw new MeshError(
+      'MESH_NO_AGENT',
+      `live agents serve versions ${[...liveVersions].join(', ') || 'none'} of model ${name}, not only ${version}`,
+      {
+        details: { model: name, version, live: [...liveVersions] },
+      },
+    );
+  }
+  const info =
+    router
+      .agents()
+      .flatMap((a) => a.status.models ?? [])
+      .find((m) => m.name === name && m.version === version) ?? found.info;
+  return { ...found, info };
+}
+
+/** Throws unless a live agent serves the model (and, with a version, only that version). */
+export function assertModelReady(router: RouterHandle, name: string, version?: string): void {
+  const found = modelFor(router, name, version);
+  if (!found.live) throw new MeshError('MESH_NO_AGENT', 'no live agent serves the model', { details: { model: name, ready: false } });
+  if (version !== undefined) modelFor(router, name, version, true);
+}
+
+export interface TensorMetadata {
+  name: string;
+  datatype: string;
+  shape: number[];
+}
+
+/** Model metadata in KServe's form: -1 for a free dimension. */
+export function modelMetadata(
+  router: RouterHandle,
+  name: string,
+  version?: string,
+): { name: string; versions: string[]; platform: string; inputs: TensorMetadata[]; outputs: TensorMetadata[] } {
+  const { info, versions } = modelFor(router, name, version);
+  const tensors = (list: ModelInfo['inputs']) =>
+    list.map((t) => ({
+      name: t.name,
+      datatype: kserveDatatypeOf(t.dtype),
+      shape: t.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : -1)),
+    }));
+  return { name: info.name, versions, platform: 'onnx', inputs: tensors(info.inputs), outputs: tensors(info.outputs) };
+}
+
+/**
+ * The model an infer request names, checked before its tensors are read: an unknown model is MESH_UNKNOWN_MODEL
+ * (MESH_NO_AGENT while no agent is known at all), a version is held to `modelFor`'s rule.
+ */
+export function inferTarget(router: RouterHandle, model: string, version?: string): FoundModel {
+  const found = modelInfoOf(router, model);
+  if (!found) {
+    throw router.agents().length > 0
+      ? unknownModel(model)
+      : new MeshError('MESH_NO_AGENT', `no agent is known yet, so none serves model ${model}`, { details: { model } });
+  }
+  return version !== undefined ? modelFor(router, model, version, true) : found;
+}
+
+/** Every model some agent announced, with the first version seen, for the statistics of all models. */
+export function servedModels(router: RouterHandle): { name: string; version: string }[] {
+  const seen = new Map<string, string>();
+  for (const a of router.agents()) for (const m of a.status.models ?? []) if (!seen.has(m.name)) seen.set(m.name, m.version);
+  return [...seen].map(([name, version]) => ({ name, version }));
+}
+
+export interface IndexEntry {
+  name: string;
+  version: string;
+  state: string;
+  reason: string;
+}
+
+/** The repository index: every model an agent announced, READY while a live agent serves it. */
+export function repositoryIndex(router: RouterHandle, readyOnly = false): IndexEntry[] {
+  const entries = new Map<string, IndexEntry>();
+  for (const a of router.agents()) {
+    for (const m of a.status.models ?? []) {
+      const key = `${m.name}\u0000${m.version}`;
+      const ready = a.up;
+      const prev = entries.get(key);
+      if (prev?.state === 'READY') continue;
+      entries.set(key, { name: m.name, version: m.version, state: ready ? 'READY' : 'UNAVAILABLE', reason: ready ? '' : 'no live agent' });
+    }
+  }
+  const list = [...entries.values()].sort((x, y) => x.name.localeCompare(y.name) || x.version.localeCompare(y.version));
+  return readyOnly ? list.filter((e) => e.state === 'READY') : list;
 }

@@ -45,6 +45,7 @@ import type {
   RouteOptions,
   RouteResult,
   RouterCounters,
+  RouterGrpcHandle,
   RouterHandle,
   RouterHttpHandle,
   RouterHttpOptions,
@@ -96,6 +97,10 @@ export interface StartRouterOptions {
   policy?: string | LivePolicyFactory;
   /** Also serve the HTTP API (KServe v2, /v1 operator endpoints, /metrics; see http.ts); closed with the router. */
   http?: RouterHttpOptions;
+  /** Also serve the KServe v2 gRPC service on this port (0: any free port; see grpc.ts); closed with the router. */
+  grpcPort?: number;
+  /** Address of the gRPC service (default 127.0.0.1). */
+  grpcHost?: string;
 }
 
 /** A forwarded request as the engine carries it: what the policy needs, and the bytes to send. */
@@ -347,6 +352,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   };
 
   let http: RouterHttpHandle | undefined;
+  let grpc: RouterGrpcHandle | undefined;
   const counters = (): RouterCounters => {
     const c = engine.counters;
     return {
@@ -400,8 +406,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     get http() {
       return http;
     },
+    get grpc() {
+      return grpc;
+    },
     async close() {
-      await http?.close();
+      await Promise.all([http?.close(), grpc?.close()]);
       stalls.stop();
       closing = true;
       engine.close(new MeshError('MESH_NOT_CONNECTED', 'router closed'));
@@ -413,6 +422,19 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       // Loaded on demand: a router without the HTTP API never loads fastify.
       const { startRouterHttp } = await import('./http.ts');
       http = await startRouterHttp(handle, options.http);
+    } catch (err) {
+      await handle.close();
+      throw err;
+    }
+  }
+  if (options.grpcPort !== undefined) {
+    try {
+      // Loaded on demand, like the HTTP API.
+      const { startRouterGrpc } = await import('./grpc.ts');
+      grpc = await startRouterGrpc(handle, {
+        port: options.grpcPort,
+        ...(options.grpcHost !== undefined ? { host: options.grpcHost } : {}),
+      });
     } catch (err) {
       await handle.close();
       throw err;
