@@ -178,7 +178,7 @@ export function commandAt(program: Command, path: readonly string[]): Command {
   let cmd = program;
   for (const name of path) {
     const next = cmd.commands.find((c) => c.name() === name);
-    if (!next) throw new Error(`no command ${path.join(' ')}`);
+    if (!next) throw new MeshError('MESH_INTERNAL', `no command ${path.join(' ')}`);
     cmd = next;
   }
   return cmd;

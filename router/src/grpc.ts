@@ -77,6 +77,7 @@ export const GRPC_STATUS_OF: Record<MeshErrorCode, grpc.status> = {
   MESH_SHUTTING_DOWN: grpc.status.UNAVAILABLE,
   MESH_AGENT_LOST: grpc.status.UNAVAILABLE,
   MESH_CHAIN_UNREACHABLE: grpc.status.UNAVAILABLE,
+  MESH_TLS: grpc.status.UNAVAILABLE,
   MESH_DEADLINE_EXCEEDED: grpc.status.DEADLINE_EXCEEDED,
   MESH_TIMEOUT: grpc.status.DEADLINE_EXCEEDED,
   MESH_CANCELLED: grpc.status.CANCELLED,
