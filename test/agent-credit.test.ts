@@ -31,7 +31,7 @@ import {
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { agentFor, brokerFor, modelsDir, quiet, rawClient, tempDir, waitFor } from './helpers.ts';
-import { fundOwnLane, TestPayer } from './payer.ts';
+import { fundOwnLane, settleEntry, TestPayer } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -74,17 +74,7 @@ const codeOf = (r: InferReply | ErrorReply) => (r.kind === 'err' ? r.code : 'ok'
 async function settleBest(agent: Awaited<ReturnType<typeof paidAgent>>['agent'], payout: string): Promise<bigint> {
   const best = agent.payments!.lanes()[0]!.voucher!;
   const relayer = await EscrowClient.connect({ runner: chain.wallet(0), escrow: deployment.escrow });
-  const outcome = await relayer.settle(payout, [
-    {
-      voucher: {
-        agent: payout,
-        cumulative: BigInt(best.cumulative),
-        receiptsRoot: best.receiptsRoot,
-        feeCumulative: BigInt(best.feeCumulative),
-      },
-      signature: best.sig,
-    },
-  ]);
+  const outcome = await relayer.settle(payout, [settleEntry(payout, best)]);
   assert.deepEqual(outcome.skipped, [], 'the best voucher settles');
   return outcome.paid;
 }
@@ -232,15 +222,11 @@ describe('payments among strangers: the agent gives credit only against money th
     assert.deepEqual([lane.voucher!.cumulative, lane.voucher!.feeCumulative], [6 * KWS, 1]);
     // What the agent holds settles, fee and all; then a good voucher for the rest replaces it.
     const relayer = await EscrowClient.connect({ runner: chain.wallet(0), escrow: deployment.escrow });
-    const entry = (v: NonNullable<typeof lane.voucher>) => ({
-      voucher: { agent: payout, cumulative: BigInt(v.cumulative), feeCumulative: BigInt(v.feeCumulative), receiptsRoot: v.receiptsRoot },
-      signature: v.sig,
-    });
-    const first = await relayer.settle(payout, [entry(lane.voucher!)]);
+    const first = await relayer.settle(payout, [settleEntry(payout, lane.voucher!)]);
     assert.deepEqual([first.paid, first.fees, first.skipped.length], [BigInt(6 * KWS), 1n, 0]);
     await payer.voucher(agent.id, { cumulative: 8 * KWS, fee: 1 });
     await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 8 * KWS, 3_000, 'the good voucher');
-    const second = await relayer.settle(payout, [entry(agent.payments!.lanes()[0]!.voucher!)]);
+    const second = await relayer.settle(payout, [settleEntry(payout, agent.payments!.lanes()[0]!.voucher!)]);
     assert.deepEqual([second.paid, second.fees, second.skipped.length], [BigInt(2 * KWS), 0n, 0]);
     assert.equal(await relayer.tokenBalance(payout), BigInt(8 * KWS), 'the agent lost nothing');
   });

@@ -354,3 +354,19 @@ export async function fundOwnLane(
   await client.mint(wallet.address, amount);
   await client.fund(wallet.address, payout, amount);
 }
+
+/** The escrow's settle entry for a voucher an agent holds (`agent.payments.lanes()[i].voucher`), paying `payout`. */
+export function settleEntry(
+  payout: string,
+  voucher: { cumulative: number | string; feeCumulative: number | string; receiptsRoot: string; sig: string },
+) {
+  return {
+    voucher: {
+      agent: payout,
+      cumulative: BigInt(voucher.cumulative),
+      feeCumulative: BigInt(voucher.feeCumulative),
+      receiptsRoot: voucher.receiptsRoot,
+    },
+    signature: voucher.sig,
+  };
+}

@@ -24,6 +24,7 @@ import {
 } from '@edge-mesh/protocol';
 import { connect, type Mesh } from '@edge-mesh/sdk';
 import { brokerFor, quiet, tempDir, waitFor } from './helpers.ts';
+import { settleEntry } from './payer.ts';
 import { SPIN_WIDTH, spinModel } from './spin-model.ts';
 
 let chain: LocalChain;
@@ -197,17 +198,7 @@ test('a job in units is paid pro rata by progress receipts, a cancel for the uni
   await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === total, 5_000, 'the last voucher');
   const best = agent.payments!.lanes()[0]!.voucher!;
   const relayer = await EscrowClient.connect({ runner: chain.wallet(3), escrow: deployment.escrow });
-  const outcome = await relayer.settle(payout, [
-    {
-      voucher: {
-        agent: payout,
-        cumulative: BigInt(best.cumulative),
-        feeCumulative: BigInt(best.feeCumulative),
-        receiptsRoot: best.receiptsRoot,
-      },
-      signature: best.sig,
-    },
-  ]);
+  const outcome = await relayer.settle(payout, [settleEntry(payout, best)]);
   assert.deepEqual(outcome.skipped, []);
   assert.equal(outcome.paid, BigInt(total));
   assert.equal((await relayer.laneOf(payerWallet.address, payout)).settled, BigInt(total));

@@ -12,6 +12,7 @@ import { sampleInputs } from '@edge-mesh/demo';
 import { agentBindingMessage, generateIdentity, signBytes } from '@edge-mesh/protocol';
 import { connect, type Mesh } from '@edge-mesh/sdk';
 import { brokerFor, modelsDir, quiet, tempDir, waitFor } from './helpers.ts';
+import { settleEntry } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -97,16 +98,6 @@ test('an app restarted with a paid request in flight, and an agent restarted on 
   // What the agent holds settles on chain to the micro-dollar.
   const best = agent.payments!.lanes()[0]!.voucher!;
   const relayer = await EscrowClient.connect({ runner: chain.wallet(3), escrow: deployment.escrow });
-  await relayer.settle(payout, [
-    {
-      voucher: {
-        agent: payout,
-        cumulative: BigInt(best.cumulative),
-        feeCumulative: BigInt(best.feeCumulative),
-        receiptsRoot: best.receiptsRoot,
-      },
-      signature: best.sig,
-    },
-  ]);
+  await relayer.settle(payout, [settleEntry(payout, best)]);
   assert.equal(await relayer.tokenBalance(payout), BigInt(owed));
 });

@@ -10,6 +10,7 @@ import { sampleInputs } from '@edge-mesh/demo';
 import { MeshError, RECEIPT_STATUS } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
+import { settleEntry } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -78,17 +79,7 @@ describe('settlement of paid inference on a local chain', () => {
 
     const best = agent.payments!.lanes()[0]!.voucher!;
     const relayer = await EscrowClient.connect({ runner: chain.wallet(2), escrow: deployment.escrow });
-    const outcome = await relayer.settle(payout, [
-      {
-        voucher: {
-          agent: payout,
-          cumulative: BigInt(best.cumulative),
-          feeCumulative: BigInt(best.feeCumulative),
-          receiptsRoot: best.receiptsRoot,
-        },
-        signature: best.sig,
-      },
-    ]);
+    const outcome = await relayer.settle(payout, [settleEntry(payout, best)]);
     assert.deepEqual(outcome.skipped, []);
     assert.equal(outcome.paid, BigInt(okTotal));
     assert.equal(await relayer.tokenBalance(payout), BigInt(okTotal));
@@ -96,17 +87,7 @@ describe('settlement of paid inference on a local chain', () => {
     assert.equal(lane.settled, BigInt(okTotal));
     assert.equal(lane.remaining, 1_000_000n - BigInt(okTotal));
     // Settling the same voucher again pays nothing.
-    const again = await relayer.settle(payout, [
-      {
-        voucher: {
-          agent: payout,
-          cumulative: BigInt(best.cumulative),
-          feeCumulative: BigInt(best.feeCumulative),
-          receiptsRoot: best.receiptsRoot,
-        },
-        signature: best.sig,
-      },
-    ]);
+    const again = await relayer.settle(payout, [settleEntry(payout, best)]);
     assert.equal(again.paid, 0n);
     assert.equal(await relayer.tokenBalance(payout), BigInt(okTotal));
   });
