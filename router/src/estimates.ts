@@ -815,6 +815,13 @@ export interface FailureInfo {
   timeoutMs?: number;
   /** The agent vanished (LWT, disconnect): mark it down too. */
   lost?: boolean;
+  /**
+   * The failure says the agent is slow or full, not broken: a per-try timeout, or a MESH_BUSY refusal.
+   * It raises p_fail and κ (which price the agent down, and κ held high puts it on probation) but does
+   * not count toward the consecutive failures that eject it: under a burst every agent runs over its
+   * timer at once, and ejecting them for it removed the capacity the burst needed (docs/routing.md).
+   */
+  load?: boolean;
 }
 
 /**
@@ -829,7 +836,7 @@ export function onFailure(reg: Registry, agentId: string, _model: string, nowMs:
   if (agent.outstanding > 0) agent.outstanding--;
   agent.pFail = pFailAt(agent, nowMs) * (1 - c.pFailAlpha) + c.pFailAlpha;
   agent.pFailAtMs = nowMs;
-  agent.consecutiveFailures++;
+  if (!info.load) agent.consecutiveFailures++;
   agent.windowFailed++;
   if (info.predictedMs !== undefined && info.timeoutMs !== undefined && info.predictedMs > 0) {
     updateKappa(agent, info.timeoutMs / info.predictedMs, nowMs);
