@@ -333,7 +333,7 @@ test('ejection never takes out more than half of a hardware class', () => {
   assert.equal(isEjected(reg.agents.get('c-1')!, 2), false);
 });
 
-test('a per-try timeout or a busy refusal is load, not a broken agent: it prices the agent down but never ejects it; errors do', () => {
+test('a per-try timeout, a busy refusal or a crash is not a broken agent: none of them ejects; five errors in a row do', () => {
   // On the homogeneous control every agent of the one class ran over its per-try timer in the same
   // burst; five in a row ejected it, up to half the fleet, and the rest drowned (docs/routing.md).
   const ids = ['b-0', 'b-1', 'b-2', 'b-3'];
@@ -385,6 +385,15 @@ test('a per-try timeout or a busy refusal is load, not a broken agent: it prices
   const busy = () => new MeshError('MESH_BUSY', 'queue full', { details: { rif: 68 } });
   for (let i = 0; i < 10; i++) policy.onAttemptEnd!(attemptAt('b-1', 500 + i), { kind: 'error', error: busy() }, 501 + i);
   assert.equal(isEjected(reg.agents.get('b-1')!, 600), false, 'ten busy refusals in a row do not eject');
+  // A crash fails every attempt the agent held at once: one event, not five failures. The agent is down
+  // until it is heard from again, then comes back through the slow start, not after an ejection.
+  for (let i = 0; i < 6; i++) {
+    const error = new MeshError('MESH_AGENT_LOST', 'agent went offline');
+    policy.onAttemptEnd!(attemptAt('b-3', 600 + i), { kind: 'error', error }, 650);
+  }
+  const b3 = reg.agents.get('b-3')!;
+  assert.equal(b3.up, false, 'a lost agent is down');
+  assert.equal(isEjected(b3, 660), false, 'six attempts lost with it do not eject it');
   // An agent that answers errors is broken: the fifth in a row ejects it.
   for (let i = 0; i < 5; i++) {
     const error = new MeshError('MESH_INFERENCE_FAILED', 'runtime failed');

@@ -813,7 +813,12 @@ export interface FailureInfo {
   /** The ECT predicted for the attempt; with timeoutMs it feeds κ "as if it took the full per-try timeout". */
   predictedMs?: number;
   timeoutMs?: number;
-  /** The agent vanished (LWT, disconnect): mark it down too. */
+  /**
+   * The agent vanished (LWT, disconnect, a new session): mark it down too. Not counted toward the
+   * consecutive failures that eject: every attempt a dead agent held fails at once, so one crash read as
+   * five failures and kept the restarted agent out for 30 s × n; markDown keeps it out while it is gone,
+   * and it returns through the slow-start ramp.
+   */
   lost?: boolean;
   /**
    * The failure says the agent is slow or full, not broken: a per-try timeout, or a MESH_BUSY refusal.
@@ -825,8 +830,9 @@ export interface FailureInfo {
 }
 
 /**
- * A failed attempt (timeout, error, disconnect): p_fail up, consecutive failures up; 5 in a row eject the
- * agent for 30 s × k (k = its ejection count, ≤ 300 s, ±10 % jitter) unless half its hardware class is out.
+ * A failed attempt (timeout, error, disconnect): p_fail up; an error the agent answered (not MESH_BUSY)
+ * also counts toward consecutive failures, and 5 in a row eject the agent for 30 s × k (k = its
+ * ejection count, ≤ 300 s, ±10 % jitter) unless half its hardware class is out.
  * Returns true when this failure ejected it.
  */
 export function onFailure(reg: Registry, agentId: string, _model: string, nowMs: number, info: FailureInfo = {}): boolean {
@@ -836,7 +842,7 @@ export function onFailure(reg: Registry, agentId: string, _model: string, nowMs:
   if (agent.outstanding > 0) agent.outstanding--;
   agent.pFail = pFailAt(agent, nowMs) * (1 - c.pFailAlpha) + c.pFailAlpha;
   agent.pFailAtMs = nowMs;
-  if (!info.load) agent.consecutiveFailures++;
+  if (!info.load && !info.lost) agent.consecutiveFailures++;
   agent.windowFailed++;
   if (info.predictedMs !== undefined && info.timeoutMs !== undefined && info.predictedMs > 0) {
     updateKappa(agent, info.timeoutMs / info.predictedMs, nowMs);
