@@ -272,7 +272,7 @@ test('capacity-weighted sampling on a 10/30/60 % fleet picks fast nodes far more
     const byClass: Record<string, number> = { 'gpu-fast': 0, 'gpu-mid': 0, cpu: 0 };
     const n = 20_000;
     for (let i = 0; i < n; i++) {
-      const sel = selectAgent(reg, { model: 'kws' }, 1, rng, { uniform });
+      const sel = selectAgent(reg, { model: 'kws' }, 1, rng, { uniform, choices: 2 });
       assert.ok(sel.ok);
       byClass[sel.entry.agent.hardwareClass]!++;
     }

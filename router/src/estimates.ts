@@ -12,7 +12,7 @@ import { applyVivaldiSample, isCoordKnown, newCoord, type VivaldiCoord, vivaldiD
 export { mulberry32, type Rng };
 
 export interface RouterConfig {
-  /** d: candidates compared per pick. */
+  /** d: candidates compared per pick (default 4: on a mixed fleet two draws often miss the fast nodes; docs/routing.md). */
   choices: number;
   /** K: size of the nearby pool sampled from (it grows while the pool lacks free slots). */
   poolSize: number;
@@ -77,7 +77,7 @@ export interface RouterConfig {
 export type RouterOptions = Partial<RouterConfig>;
 
 export function resolveConfig({
-  choices = 2,
+  choices = 4,
   poolSize = 16,
   exploreRate = 0.03,
   routers = 1,
