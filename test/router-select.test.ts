@@ -366,13 +366,13 @@ test('a per-try timeout, a busy refusal or a crash is not a broken agent: none o
     policy.onSend!(attempt, t);
     return attempt;
   };
-  const share = (t: number) => {
+  const share = (t: number, who = 'b-0') => {
     for (const id of ids) onQueueReport(reg, id, 0, t);
     const rng = mulberry32(5);
     let hits = 0;
     for (let i = 0; i < 2000; i++) {
       const sel = selectAgent(reg, { model: 'kws' }, t, rng);
-      if (sel.ok && sel.agentId === 'b-0') hits++;
+      if (sel.ok && sel.agentId === who) hits++;
     }
     return hits / 2000;
   };
@@ -382,9 +382,12 @@ test('a per-try timeout, a busy refusal or a crash is not a broken agent: none o
   assert.equal(isEjected(b0, 400), false, 'ten per-try timeouts in a row do not eject');
   assert.ok(pFailAt(b0, 400) > 0.5, `p_fail ${pFailAt(b0, 400)}`);
   assert.ok(share(400) < 0.05, `but the agent is priced down: ${share(400)}`);
-  const busy = () => new MeshError('MESH_BUSY', 'queue full', { details: { rif: 68 } });
+  // A liar refuses everything as busy while claiming an empty queue (its load reports say empty too):
+  // not ejected, but its failures price it out all the same.
+  const busy = () => new MeshError('MESH_BUSY', 'queue full', { details: { rif: 0, workMs: 0 } });
   for (let i = 0; i < 10; i++) policy.onAttemptEnd!(attemptAt('b-1', 500 + i), { kind: 'error', error: busy() }, 501 + i);
   assert.equal(isEjected(reg.agents.get('b-1')!, 600), false, 'ten busy refusals in a row do not eject');
+  assert.ok(share(600, 'b-1') < 0.05, `the refuser is priced down: ${share(600, 'b-1')}`);
   // A crash fails every attempt the agent held at once: one event, not five failures. The agent is down
   // until it is heard from again, then comes back through the slow start, not after an ejection.
   for (let i = 0; i < 6; i++) {
