@@ -1,11 +1,13 @@
 /** Router core: selection table tests, sampling statistics, ejection, Vivaldi, estimate formulas. No sockets. */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import type { AgentStatus } from '@edge-mesh/protocol';
+import type { Attempt } from '@edge-mesh/client';
+import { type AgentStatus, MeshError } from '@edge-mesh/protocol';
 import {
   type AgentDescriptor,
   applyVivaldiSample,
   createRegistry,
+  createRouterPolicy,
   currentPool,
   expectedCompletionMs,
   hedgeDelayMs,
@@ -19,8 +21,10 @@ import {
   onSend,
   onStatus,
   perTryTimeoutMs,
+  pFailAt,
   type Registry,
   type RouteRequest,
+  type RouterAsk,
   type RouterOptions,
   selectAgent,
   serviceMsAt,
@@ -268,7 +272,7 @@ test('capacity-weighted sampling on a 10/30/60 % fleet picks fast nodes far more
     const byClass: Record<string, number> = { 'gpu-fast': 0, 'gpu-mid': 0, cpu: 0 };
     const n = 20_000;
     for (let i = 0; i < n; i++) {
-      const sel = selectAgent(reg, { model: 'kws' }, 1, rng, { uniform });
+      const sel = selectAgent(reg, { model: 'kws' }, 1, rng, { uniform, choices: 2 });
       assert.ok(sel.ok);
       byClass[sel.entry.agent.hardwareClass]!++;
     }
@@ -327,6 +331,78 @@ test('ejection never takes out more than half of a hardware class', () => {
   for (let i = 0; i < 5; i++) onFailure(reg, 'c-1', 'kws', 1);
   assert.equal(isEjected(reg.agents.get('c-0')!, 2), true);
   assert.equal(isEjected(reg.agents.get('c-1')!, 2), false);
+});
+
+test('a per-try timeout, a busy refusal or a crash is not a broken agent: none of them ejects; five errors in a row do', () => {
+  // On the homogeneous control every agent of the one class ran over its per-try timer in the same
+  // burst; five in a row ejected it, up to half the fleet, and the rest drowned (docs/routing.md).
+  const ids = ['b-0', 'b-1', 'b-2', 'b-3'];
+  const reg = registry(
+    ids.map((id) => agent(id, 10)),
+    {},
+    -60_000,
+  );
+  const policy = createRouterPolicy(reg, { warming: false, hedging: false });
+  let n = 0;
+  const attemptAt = (agentId: string, t: number): Attempt<RouterAsk> => {
+    const request = {
+      key: `r${n++}`,
+      deadlineAt: t + 500,
+      startedAt: t,
+      data: { model: 'kws', bytesUp: 100 },
+      maxAttempts: 3,
+      model: 'kws',
+    };
+    const attempt = {
+      request,
+      agentId,
+      kind: 'first',
+      index: 0,
+      paid: false,
+      sentAt: t,
+      plan: { agentId, predictedMs: 12, timeoutMs: 250 },
+      timedOut: false,
+    } as Attempt<RouterAsk>;
+    policy.onSend!(attempt, t);
+    return attempt;
+  };
+  const share = (t: number, who = 'b-0') => {
+    for (const id of ids) onQueueReport(reg, id, 0, t);
+    const rng = mulberry32(5);
+    let hits = 0;
+    for (let i = 0; i < 2000; i++) {
+      const sel = selectAgent(reg, { model: 'kws' }, t, rng);
+      if (sel.ok && sel.agentId === who) hits++;
+    }
+    return hits / 2000;
+  };
+  assert.ok(share(0) > 0.18, 'a healthy agent gets its share');
+  const b0 = reg.agents.get('b-0')!;
+  for (let i = 0; i < 10; i++) policy.onTimeout!(attemptAt('b-0', 10 * i), 10 * i + 250);
+  assert.equal(isEjected(b0, 400), false, 'ten per-try timeouts in a row do not eject');
+  assert.ok(pFailAt(b0, 400) > 0.5, `p_fail ${pFailAt(b0, 400)}`);
+  assert.ok(share(400) < 0.05, `but the agent is priced down: ${share(400)}`);
+  // A liar refuses everything as busy while claiming an empty queue (its load reports say empty too):
+  // not ejected, but its failures price it out all the same.
+  const busy = () => new MeshError('MESH_BUSY', 'queue full', { details: { rif: 0, workMs: 0 } });
+  for (let i = 0; i < 10; i++) policy.onAttemptEnd!(attemptAt('b-1', 500 + i), { kind: 'error', error: busy() }, 501 + i);
+  assert.equal(isEjected(reg.agents.get('b-1')!, 600), false, 'ten busy refusals in a row do not eject');
+  assert.ok(share(600, 'b-1') < 0.05, `the refuser is priced down: ${share(600, 'b-1')}`);
+  // A crash fails every attempt the agent held at once: one event, not five failures. The agent is down
+  // until it is heard from again, then comes back through the slow start, not after an ejection.
+  for (let i = 0; i < 6; i++) {
+    const error = new MeshError('MESH_AGENT_LOST', 'agent went offline');
+    policy.onAttemptEnd!(attemptAt('b-3', 600 + i), { kind: 'error', error }, 650);
+  }
+  const b3 = reg.agents.get('b-3')!;
+  assert.equal(b3.up, false, 'a lost agent is down');
+  assert.equal(isEjected(b3, 660), false, 'six attempts lost with it do not eject it');
+  // An agent that answers errors is broken: the fifth in a row ejects it.
+  for (let i = 0; i < 5; i++) {
+    const error = new MeshError('MESH_INFERENCE_FAILED', 'runtime failed');
+    policy.onAttemptEnd!(attemptAt('b-2', 700 + i), { kind: 'error', error }, 701 + i);
+  }
+  assert.equal(isEjected(reg.agents.get('b-2')!, 710), true, 'five errors in a row eject');
 });
 
 test('exploration is bounded by ε and reaches outside the pool', () => {

@@ -50,6 +50,11 @@ export class OursPolicy implements SimPolicy {
     return this.engine;
   }
 
+  /** The router's registry, for tests that look at what it learned (ejections, estimates). */
+  get registry(): Registry {
+    return this.reg;
+  }
+
   budget(): AttemptBudget {
     return this.tail;
   }

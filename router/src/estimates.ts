@@ -13,7 +13,7 @@ import { applyVivaldiSample, isCoordKnown, newCoord, type VivaldiCoord, vivaldiD
 export { mulberry32, type Rng };
 
 export interface RouterConfig {
-  /** d: candidates compared per pick. */
+  /** d: candidates compared per pick (default 4: on a mixed fleet two draws often miss the fast nodes; docs/routing.md). */
   choices: number;
   /** K: size of the nearby pool sampled from (it grows while the pool lacks free slots). */
   poolSize: number;
@@ -78,7 +78,7 @@ export interface RouterConfig {
 export type RouterOptions = Partial<RouterConfig>;
 
 export function resolveConfig({
-  choices = 2,
+  choices = 4,
   poolSize = 16,
   exploreRate = 0.03,
   routers = 1,
@@ -822,13 +822,26 @@ export interface FailureInfo {
   /** The ECT predicted for the attempt; with timeoutMs it feeds κ "as if it took the full per-try timeout". */
   predictedMs?: number;
   timeoutMs?: number;
-  /** The agent vanished (LWT, disconnect): mark it down too. */
+  /**
+   * The agent vanished (LWT, disconnect, a new session): mark it down too. Not counted toward the
+   * consecutive failures that eject: every attempt a dead agent held fails at once, so one crash read as
+   * five failures and kept the restarted agent out for 30 s × n; markDown keeps it out while it is gone,
+   * and it returns through the slow-start ramp.
+   */
   lost?: boolean;
+  /**
+   * The failure says the agent is slow or full, not broken: a per-try timeout, or a MESH_BUSY refusal.
+   * It raises p_fail and κ (which price the agent down, and κ held high puts it on probation) but does
+   * not count toward the consecutive failures that eject it: under a burst every agent runs over its
+   * timer at once, and ejecting them for it removed the capacity the burst needed (docs/routing.md).
+   */
+  load?: boolean;
 }
 
 /**
- * A failed attempt (timeout, error, disconnect): p_fail up, consecutive failures up; 5 in a row eject the
- * agent for 30 s × k (k = its ejection count, ≤ 300 s, ±10 % jitter) unless half its hardware class is out.
+ * A failed attempt (timeout, error, disconnect): p_fail up; an error the agent answered (not MESH_BUSY)
+ * also counts toward consecutive failures, and 5 in a row eject the agent for 30 s × k (k = its
+ * ejection count, ≤ 300 s, ±10 % jitter) unless half its hardware class is out.
  * Returns true when this failure ejected it.
  */
 export function onFailure(reg: Registry, agentId: string, _model: string, nowMs: number, info: FailureInfo = {}): boolean {
@@ -838,7 +851,7 @@ export function onFailure(reg: Registry, agentId: string, _model: string, nowMs:
   if (agent.outstanding > 0) agent.outstanding--;
   agent.pFail = pFailAt(agent, nowMs) * (1 - c.pFailAlpha) + c.pFailAlpha;
   agent.pFailAtMs = nowMs;
-  agent.consecutiveFailures++;
+  if (!info.load && !info.lost) agent.consecutiveFailures++;
   agent.windowFailed++;
   if (info.predictedMs !== undefined && info.timeoutMs !== undefined && info.predictedMs > 0) {
     updateKappa(agent, info.timeoutMs / info.predictedMs, nowMs);

@@ -153,6 +153,7 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
       onFailure(registry, attempt.agentId, attempt.request.data.model, now, {
         predictedMs: attempt.plan.predictedMs ?? 0,
         timeoutMs,
+        load: true,
       });
       onAttemptResult?.({
         model: attempt.request.data.model,
@@ -198,7 +199,12 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
         }
         if (!charged.has(attempt)) {
           // An error costs what a timeout would have: a node that fails fast must not look fast.
-          onFailure(registry, agentId, model, now, { lost, predictedMs: attempt.plan.predictedMs ?? 0, timeoutMs: timeoutOf(attempt) });
+          onFailure(registry, agentId, model, now, {
+            lost,
+            load: end.error.code === 'MESH_BUSY',
+            predictedMs: attempt.plan.predictedMs ?? 0,
+            timeoutMs: timeoutOf(attempt),
+          });
           onAttemptResult?.({ model, agentId, ok: false, code: end.error.code, e2eMs });
         } else if (lost) {
           const agent = registry.agents.get(agentId);

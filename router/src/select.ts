@@ -1,5 +1,5 @@
 /**
- * Selection (docs/routing.md, "How the router decides"): expected completion time per candidate, two candidates
+ * Selection (docs/routing.md, "How the router decides"): expected completion time per candidate, d candidates (default 4)
  * sampled in proportion to capacity from a nearby pool plus an exploration slot, the lower score wins; refusal
  * at once when nothing can make the deadline. Pure: time and randomness are arguments. The only state it
  * touches is the pool cache, rebuilt when the model's membership or health changes and every poolRefreshMs.
@@ -328,7 +328,7 @@ export interface SelectOptions {
 }
 
 /**
- * Picks the agent for one attempt. Candidates: d sampled ∝ capacity from the nearby pool, plus with
+ * Picks the agent for one attempt. Candidates: d (default 4) sampled ∝ capacity from the nearby pool, plus with
  * probability ε one random eligible node outside it; the lowest failure-aware ECT wins. If the winner cannot
  * make the deadline the whole pool is scanned for a better one, and if no agent in it could make it even
  * with an empty queue, the request is refused at once with MESH_DEADLINE_EXCEEDED. Does not count the send: call onSend when the attempt goes out.
@@ -369,7 +369,10 @@ export function selectAgent(registry: Registry, request: RouteRequest, nowMs: nu
     consider(pool[i]!, false);
     if (j >= 0) consider(pool[j]!, false);
   }
-  for (let k = 2; k < d && k < pool.length; k++) consider(pool[weightedIndex(cache.cumulativeWeight, rng() * cache.totalWeight)]!, false);
+  for (let k = 2; k < d && k < pool.length; k++) {
+    const i = options.uniform ? Math.floor(rng() * pool.length) : weightedIndex(cache.cumulativeWeight, rng() * cache.totalWeight);
+    consider(pool[i]!, false);
+  }
 
   if (c.exploreRate > 0 && rng() < c.exploreRate) {
     const entries = registry.pools.get(request.model)!.entries;
