@@ -5,12 +5,15 @@
  */
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
+import { readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
 import { test } from 'node:test';
+import { pathToFileURL } from 'node:url';
 import { sampleInputs } from '@edge-mesh/demo';
-import { tensorToJson } from '@edge-mesh/protocol';
+import { generateIdentity, tensorToJson } from '@edge-mesh/protocol';
 import { hardwareClassOf } from '@edge-mesh/router';
 import mqtt from 'mqtt';
-import { agentFor, brokerFor, kwsOnlyDir, meshFor, routerFor } from './helpers.ts';
+import { agentFor, brokerFor, kwsOnlyDir, meshFor, routerFor, spawnAgent, tempDir } from './helpers.ts';
 
 const PROMTOOL = spawnSync('promtool', ['--version'], { encoding: 'utf8' });
 const NO_PROMTOOL = PROMTOOL.error
@@ -38,9 +41,7 @@ function samples(text: string): Sample[] {
 }
 
 const sum = (all: Sample[], name: string, where: Record<string, string> = {}) =>
-  all
-    .filter((s) => s.name === name && Object.entries(where).every(([k, v]) => s.labels[k] === v))
-    .reduce((a, s) => a + s.value, 0);
+  all.filter((s) => s.name === name && Object.entries(where).every(([k, v]) => s.labels[k] === v)).reduce((a, s) => a + s.value, 0);
 
 async function scrape(url: string): Promise<string> {
   const res = await fetch(url);
@@ -56,109 +57,110 @@ function assertPromtoolClean(text: string, part: string): void {
   assert.equal(`${run.stdout}${run.stderr}`.trim(), '', `${part}: promtool findings`);
 }
 
-test(
-  'router, agents and broker /metrics pass promtool while serving leased and HTTP traffic; leased requests are counted',
-  { timeout: 120_000, skip: NO_PROMTOOL },
-  async (t) => {
-    const broker = await brokerFor(t, { metricsPort: 0 });
-    assert.ok(broker.metricsUrl);
-    const dir = await kwsOnlyDir(t);
-    const agents = [
-      await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, metricsPort: 0 }),
-      await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, metricsPort: 0 }),
-    ];
-    for (const a of agents) assert.match(a.metricsUrl ?? '', /^http:\/\/127\.0\.0\.1:\d+\/metrics$/);
-    const router = await routerFor(t, broker.url, { leaseTtlMs: 200, http: { port: 0 } });
-    await router.waitForModel('kws', 10_000, 2);
-    const http = router.http!;
+test('router, agents and broker /metrics pass promtool while serving leased and HTTP traffic; leased requests are counted', {
+  timeout: 120_000,
+  skip: NO_PROMTOOL,
+}, async (t) => {
+  const broker = await brokerFor(t, { metricsPort: 0 });
+  assert.ok(broker.metricsUrl);
+  const dir = await kwsOnlyDir(t);
+  const agents = [
+    await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, metricsPort: 0 }),
+    await agentFor(t, { brokerUrl: broker.url, modelsDir: dir, metricsPort: 0 }),
+  ];
+  for (const a of agents) assert.match(a.metricsUrl ?? '', /^http:\/\/127\.0\.0\.1:\d+\/metrics$/);
+  const router = await routerFor(t, broker.url, { leaseTtlMs: 200, http: { port: 0 } });
+  await router.waitForModel('kws', 10_000, 2);
+  const http = router.http!;
 
-    // Leased traffic: the SDK asks the router for route leases and sends straight to the agents.
-    const mesh = await meshFor(t, { brokerUrl: broker.url, router: router.id });
-    await mesh.waitForModel('kws', 10_000, 2);
-    let leased = 0;
-    for (let i = 0; i < 30; i++) {
-      const r = await mesh.infer('kws', sampleInputs('kws', i), { deadlineMs: 5_000 });
-      if (r.routedBy === router.id) leased++;
-    }
-    assert.ok(leased >= 1, 'no request followed a lease');
-    assert.ok(router.counters.leases >= 1);
-    assert.equal(router.counters.requests, 0, 'leased requests never go through the router');
+  // Leased traffic: the SDK asks the router for route leases and sends straight to the agents.
+  const mesh = await meshFor(t, { brokerUrl: broker.url, router: router.id });
+  await mesh.waitForModel('kws', 10_000, 2);
+  let leased = 0;
+  for (let i = 0; i < 30; i++) {
+    const r = await mesh.infer('kws', sampleInputs('kws', i), { deadlineMs: 5_000 });
+    if (r.routedBy === router.id) leased++;
+  }
+  assert.ok(leased >= 1, 'no request followed a lease');
+  assert.ok(router.counters.leases >= 1);
+  assert.equal(router.counters.requests, 0, 'leased requests never go through the router');
 
-    // HTTP traffic through the router.
-    const data = tensorToJson(sampleInputs('kws', 1)['onnx::Flatten_0']!).data;
-    const HTTP_REQUESTS = 5;
-    for (let i = 0; i < HTTP_REQUESTS; i++) {
-      const res = await fetch(`${http.url}/v2/models/kws/infer`, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data }] }),
-      });
-      assert.equal(res.status, 200, await res.text());
-    }
-    // A refused CONNECT (MQTT 3.1, level 3) for the broker's refusal counter.
-    const old = mqtt.connect(broker.url, { protocolVersion: 3, reconnectPeriod: 0, connectTimeout: 5_000 });
-    await new Promise<void>((resolve) => {
-      old.once('error', () => resolve());
-      old.once('close', () => resolve());
+  // HTTP traffic through the router.
+  const data = tensorToJson(sampleInputs('kws', 1)['onnx::Flatten_0']!).data;
+  const HTTP_REQUESTS = 5;
+  for (let i = 0; i < HTTP_REQUESTS; i++) {
+    const res = await fetch(`${http.url}/v2/models/kws/infer`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data }] }),
     });
-    old.end(true);
+    assert.equal(res.status, 200, await res.text());
+  }
+  // A refused CONNECT (MQTT 3.1, level 3) for the broker's refusal counter.
+  const old = mqtt.connect(broker.url, { protocolVersion: 3, reconnectPeriod: 0, connectTimeout: 5_000 });
+  await new Promise<void>((resolve) => {
+    old.once('error', () => resolve());
+    old.once('close', () => resolve());
+  });
+  old.end(true);
 
-    // Router: promtool clean, all routed traffic by model and hardware class, nothing by agent.
-    const routerText = await scrape(`${http.url}/metrics`);
-    assertPromtoolClean(routerText, 'router');
-    const rs = samples(routerText);
-    const hw = hardwareClassOf(router.agents()[0]!.status);
-    assert.equal(sum(rs, 'edge_mesh_routed_requests_total', { via: 'lease', outcome: 'ok', model: 'kws', hardware_class: hw }), router.counters.leases);
-    assert.equal(sum(rs, 'edge_mesh_routed_requests_total', { via: 'forward', outcome: 'ok', model: 'kws', hardware_class: hw }), HTTP_REQUESTS);
-    assert.equal(sum(rs, 'edge_mesh_request_duration_seconds_count', { model: 'kws', hardware_class: hw }), HTTP_REQUESTS);
-    assert.ok(sum(rs, 'edge_mesh_attempt_duration_seconds_count', { model: 'kws', hardware_class: hw, outcome: 'ok' }) >= HTTP_REQUESTS);
-    for (const s of rs) {
-      for (const [k, v] of Object.entries(s.labels)) {
-        assert.notEqual(k, 'agent', `${s.name} has an agent label`);
-        assert.ok(!agents.some((a) => a.id === v), `${s.name} carries agent id ${v} in label ${k}`);
-      }
+  // Router: promtool clean, all routed traffic by model and hardware class, nothing by agent.
+  const routerText = await scrape(`${http.url}/metrics`);
+  assertPromtoolClean(routerText, 'router');
+  const rs = samples(routerText);
+  const hw = hardwareClassOf(router.agents()[0]!.status);
+  assert.equal(
+    sum(rs, 'edge_mesh_routed_requests_total', { via: 'lease', outcome: 'ok', model: 'kws', hardware_class: hw }),
+    router.counters.leases,
+  );
+  assert.equal(
+    sum(rs, 'edge_mesh_routed_requests_total', { via: 'forward', outcome: 'ok', model: 'kws', hardware_class: hw }),
+    HTTP_REQUESTS,
+  );
+  assert.equal(sum(rs, 'edge_mesh_request_duration_seconds_count', { model: 'kws', hardware_class: hw }), HTTP_REQUESTS);
+  assert.ok(sum(rs, 'edge_mesh_attempt_duration_seconds_count', { model: 'kws', hardware_class: hw, outcome: 'ok' }) >= HTTP_REQUESTS);
+  for (const s of rs) {
+    for (const [k, v] of Object.entries(s.labels)) {
+      assert.notEqual(k, 'agent', `${s.name} has an agent label`);
+      assert.ok(!agents.some((a) => a.id === v), `${s.name} carries agent id ${v} in label ${k}`);
     }
+  }
 
-    // Agents: promtool clean; their request counts hold the leased and the HTTP requests.
-    let servedOk = 0;
-    for (const a of agents) {
-      const text = await scrape(a.metricsUrl!);
-      assertPromtoolClean(text, `agent ${a.id.slice(0, 12)}`);
-      const as = samples(text);
-      const ok = sum(as, 'edge_mesh_agent_requests_total', { outcome: 'ok' });
-      assert.equal(ok, a.counters.served);
-      assert.equal(sum(as, 'edge_mesh_agent_queue_duration_seconds_count', { model: 'kws' }), ok);
-      assert.equal(sum(as, 'edge_mesh_agent_compute_duration_seconds_count', { model: 'kws' }), ok);
-      assert.equal(sum(as, 'edge_mesh_agent_ready_models'), 1);
-      assert.equal(as.filter((s) => s.name === 'edge_mesh_agent_pending_requests').length, 1);
-      assert.ok(sum(as, 'process_cpu_seconds_total') > 0);
-      assert.ok(sum(as, 'process_resident_memory_bytes') > 0);
-      servedOk += ok;
-    }
-    // Hedges and retries may run a request twice: at least every request the clients got an answer for.
-    assert.ok(servedOk >= 30 + HTTP_REQUESTS, `agents served ${servedOk} of ${30 + HTTP_REQUESTS}`);
+  // Agents: promtool clean; their request counts hold the leased and the HTTP requests.
+  let servedOk = 0;
+  for (const a of agents) {
+    const text = await scrape(a.metricsUrl!);
+    assertPromtoolClean(text, `agent ${a.id.slice(0, 12)}`);
+    const as = samples(text);
+    const ok = sum(as, 'edge_mesh_agent_requests_total', { outcome: 'ok' });
+    assert.equal(ok, a.counters.served);
+    assert.equal(sum(as, 'edge_mesh_agent_queue_duration_seconds_count', { model: 'kws' }), ok);
+    assert.equal(sum(as, 'edge_mesh_agent_compute_duration_seconds_count', { model: 'kws' }), ok);
+    assert.equal(sum(as, 'edge_mesh_agent_ready_models'), 1);
+    assert.equal(as.filter((s) => s.name === 'edge_mesh_agent_pending_requests').length, 1);
+    assert.ok(sum(as, 'process_cpu_seconds_total') > 0);
+    assert.ok(sum(as, 'process_resident_memory_bytes') > 0);
+    servedOk += ok;
+  }
+  // Hedges and retries may run a request twice: at least every request the clients got an answer for.
+  assert.ok(servedOk >= 30 + HTTP_REQUESTS, `agents served ${servedOk} of ${30 + HTTP_REQUESTS}`);
 
-    // Broker: promtool clean; connections, traffic and the refused CONNECT.
-    const brokerText = await scrape(broker.metricsUrl!);
-    assertPromtoolClean(brokerText, 'broker');
-    const bs = samples(brokerText);
-    assert.equal(sum(bs, 'edge_mesh_broker_connections'), broker.clientCount());
-    assert.ok(broker.clientCount() >= 4);
-    assert.ok(sum(bs, 'edge_mesh_broker_messages_received_total') >= 30 + HTTP_REQUESTS);
-    assert.ok(sum(bs, 'edge_mesh_broker_messages_sent_total') >= 30 + HTTP_REQUESTS);
-    assert.ok(sum(bs, 'edge_mesh_broker_received_bytes_total') > 0 && sum(bs, 'edge_mesh_broker_sent_bytes_total') > 0);
-    assert.equal(
-      sum(bs, 'edge_mesh_broker_connect_refusals_total', { reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }),
-      1,
-      brokerText,
-    );
+  // Broker: promtool clean; connections, traffic and the refused CONNECT.
+  const brokerText = await scrape(broker.metricsUrl!);
+  assertPromtoolClean(brokerText, 'broker');
+  const bs = samples(brokerText);
+  assert.equal(sum(bs, 'edge_mesh_broker_connections'), broker.clientCount());
+  assert.ok(broker.clientCount() >= 4);
+  assert.ok(sum(bs, 'edge_mesh_broker_messages_received_total') >= 30 + HTTP_REQUESTS);
+  assert.ok(sum(bs, 'edge_mesh_broker_messages_sent_total') >= 30 + HTTP_REQUESTS);
+  assert.ok(sum(bs, 'edge_mesh_broker_received_bytes_total') > 0 && sum(bs, 'edge_mesh_broker_sent_bytes_total') > 0);
+  assert.equal(sum(bs, 'edge_mesh_broker_connect_refusals_total', { reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }), 1, brokerText);
 
-    // Only GET /metrics is served on the metrics ports.
-    const other = await fetch(new URL('/other', agents[0]!.metricsUrl!));
-    assert.equal(other.status, 404);
-    await other.text();
-  },
-);
+  // Only GET /metrics is served on the metrics ports.
+  const other = await fetch(new URL('/other', agents[0]!.metricsUrl!));
+  assert.equal(other.status, 404);
+  await other.text();
+});
 
 test('a metrics port that cannot be bound is a coded MESH_CONFIG and the agent closes what it opened', async (t) => {
   const broker = await brokerFor(t, { metricsPort: 0 });
@@ -170,4 +172,45 @@ test('a metrics port that cannot be bound is a coded MESH_CONFIG and the agent c
   );
   // The broker keeps serving.
   assert.equal((await fetch(broker.metricsUrl!)).status, 200);
+});
+
+test('`edge-mesh agent` loads prom-client only with --metrics-port, and then serves a clean /metrics', { timeout: 120_000 }, async (t) => {
+  const broker = await brokerFor(t);
+  const dir = await tempDir(t, 'edge-mesh-metrics-');
+  // A module resolve hook (node:module register) in the agent process writes down every prom-client file it loads.
+  const log = path.join(dir, 'loaded.txt');
+  await writeFile(log, '');
+  const hook = path.join(dir, 'hook.mjs');
+  await writeFile(
+    hook,
+    `import { appendFileSync } from 'node:fs';
+export async function resolve(specifier, context, next) {
+  const r = await next(specifier, context);
+  if (r.url.includes('/prom-client/')) appendFileSync(${JSON.stringify(log)}, r.url + '\\n');
+  return r;
+}
+`,
+  );
+  const register = path.join(dir, 'register.mjs');
+  await writeFile(register, `import { register } from 'node:module';\nregister(${JSON.stringify(pathToFileURL(hook).href)});\n`);
+  const models = await kwsOnlyDir(t);
+  const before = process.env.NODE_OPTIONS;
+  process.env.NODE_OPTIONS = `${before ?? ''} --import ${pathToFileURL(register).href}`.trim();
+  let plain: Awaited<ReturnType<typeof spawnAgent>>;
+  let metered: Awaited<ReturnType<typeof spawnAgent>>;
+  try {
+    plain = await spawnAgent(t, broker.url, generateIdentity('agent'), ['--models', models]);
+    assert.equal(await readFile(log, 'utf8'), '', 'an agent without --metrics-port loaded prom-client');
+    metered = await spawnAgent(t, broker.url, generateIdentity('agent'), ['--models', models, '--metrics-port', '0']);
+  } finally {
+    if (before === undefined) delete process.env.NODE_OPTIONS;
+    else process.env.NODE_OPTIONS = before;
+  }
+  assert.match(await readFile(log, 'utf8'), /prom-client/, 'the hook saw the metered agent load prom-client');
+  const url = /"url":"(http:[^"]+\/metrics)","msg":"metrics listening"/.exec(metered.stderrText())?.[1];
+  assert.ok(url, metered.stderrText());
+  const text = await scrape(url);
+  assert.match(text, /^edge_mesh_agent_ready_models 1$/m);
+  if (!NO_PROMTOOL) assertPromtoolClean(text, 'CLI agent');
+  assert.ok(!plain.stderrText().includes('metrics listening'));
 });
