@@ -9,11 +9,14 @@ import { readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
+import { deployMesh, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
 import { generateIdentity, tensorToJson } from '@edge-mesh/protocol';
 import { hardwareClassOf } from '@edge-mesh/router';
+import { ethers } from 'ethers';
 import mqtt from 'mqtt';
-import { agentFor, brokerFor, kwsOnlyDir, meshFor, routerFor, spawnAgent, tempDir } from './helpers.ts';
+import { agentFor, brokerFor, kwsOnlyDir, meshFor, routerFor, spawnAgent, tempDir, waitFor } from './helpers.ts';
+import { fundOwnLane, TestPayer } from './payer.ts';
 
 const PROMTOOL = spawnSync('promtool', ['--version'], { encoding: 'utf8' });
 const NO_PROMTOOL = PROMTOOL.error
@@ -213,4 +216,39 @@ export async function resolve(specifier, context, next) {
   assert.match(text, /^edge_mesh_agent_ready_models 1$/m);
   if (!NO_PROMTOOL) assertPromtoolClean(text, 'CLI agent');
   assert.ok(!plain.stderrText().includes('metrics listening'));
+});
+
+test('with payments on, the agent exports its receipts, what lanes owe and what vouchers pay', { timeout: 120_000 }, async (t) => {
+  const chain = await startLocalChain({ accounts: 3 });
+  t.after(() => chain.close());
+  const deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+  const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+  const broker = await brokerFor(t);
+  const payout = ethers.Wallet.createRandom().address.toLowerCase();
+  const agent = await agentFor(t, {
+    brokerUrl: broker.url,
+    modelsDir: await kwsOnlyDir(t),
+    metricsPort: 0,
+    payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100 },
+  });
+  const KWS = 2; // micro-dollars per kws inference (its manifest price)
+  const n = 3;
+  const wallet = chain.wallet(1);
+  await fundOwnLane(wallet, deployment.escrow, payout, BigInt(10 * n * KWS));
+  const payer = await TestPayer.open(t, broker.url, { wallet, domain, clientId: 'app-metrics' });
+  await payer.waitForModel('kws');
+  for (let i = 0; i < n; i++) {
+    const reply = await payer.request('kws', sampleInputs('kws', i));
+    assert.equal(reply.kind, 'res');
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === payer.lanesView()[0]!.owedMicros, 3_000, 'the voucher');
+  }
+  const text = await scrape(agent.metricsUrl!);
+  if (!NO_PROMTOOL) assertPromtoolClean(text, 'paid agent');
+  const as = samples(text);
+  assert.equal(sum(as, 'edge_mesh_agent_receipts_total'), agent.payments!.counters.receipts);
+  assert.ok(agent.payments!.counters.receipts >= n);
+  assert.equal(sum(as, 'edge_mesh_agent_owed_micro_dollars'), n * KWS);
+  assert.equal(sum(as, 'edge_mesh_agent_vouched_micro_dollars'), n * KWS);
+  // No settler configured: no settled gauge.
+  assert.ok(!as.some((s) => s.name === 'edge_mesh_agent_settled_micro_dollars'));
 });
