@@ -165,7 +165,7 @@ test('router, agents and broker /metrics pass promtool while serving leased and 
   await other.text();
 });
 
-test('a metrics port that cannot be bound is a coded MESH_CONFIG and the agent closes what it opened', async (t) => {
+test('a bad or busy metrics port is a coded MESH_CONFIG, and what keeps running keeps serving', async (t) => {
   const broker = await brokerFor(t, { metricsPort: 0 });
   const taken = Number(new URL(broker.metricsUrl!).port);
   const dir = await kwsOnlyDir(t);
@@ -173,8 +173,14 @@ test('a metrics port that cannot be bound is a coded MESH_CONFIG and the agent c
     agentFor(t, { brokerUrl: broker.url, modelsDir: dir, metricsPort: taken }),
     (err: { code?: string }) => err.code === 'MESH_CONFIG',
   );
+  const isConfig = (err: { code?: string }) => err.code === 'MESH_CONFIG';
+  await assert.rejects(agentFor(t, { brokerUrl: broker.url, modelsDir: dir, metricsPort: 70_000 }), isConfig);
+  await assert.rejects(brokerFor(t, { metricsPort: -1 }), isConfig);
+  await assert.rejects(brokerFor(t, { metricsPort: taken }), isConfig);
   // The broker keeps serving.
-  assert.equal((await fetch(broker.metricsUrl!)).status, 200);
+  const res = await fetch(broker.metricsUrl!);
+  assert.equal(res.status, 200);
+  assert.match(await res.text(), /^edge_mesh_broker_connections 0$/m);
 });
 
 test('`edge-mesh agent` loads prom-client only with --metrics-port, and then serves a clean /metrics', { timeout: 120_000 }, async (t) => {

@@ -3,7 +3,6 @@
  * returns, anything else 404. node:http only: the metrics library stays with the part that renders (the agent and
  * the broker load prom-client only when their metrics port is set), so the SDK gains no dependency.
  */
-import http from 'node:http';
 import { MeshError } from '@edge-mesh/protocol';
 
 /**
@@ -35,6 +34,8 @@ export interface MetricsServer {
 /** Listens; resolves once bound. A port that cannot be bound rejects with MESH_CONFIG. */
 export async function serveMetrics(options: MetricsServerOptions): Promise<MetricsServer> {
   const { port, host = '127.0.0.1', render, onError } = options;
+  // Loaded here, not at the top: every part imports the client layer, and only a metrics port needs node:http.
+  const http = await import('node:http');
   const server = http.createServer((req, res) => {
     const path = (req.url ?? '').split('?')[0];
     if (req.method !== 'GET' || path !== '/metrics') {

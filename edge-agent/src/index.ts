@@ -85,18 +85,23 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 };
   const paymentsHandle = paid ? paymentsView(paid) : undefined;
   // The metrics module (and prom-client with it) loads only when the metrics port is set (docs/agent.md, "Memory").
-  const metrics: AgentMetrics | undefined =
-    options.metricsPort !== undefined
-      ? await import('./metrics.ts').then(({ createAgentMetrics }) =>
-          createAgentMetrics({
-            counters,
-            pending: (): number => scheduler.pending,
-            readyModels: () => loaded.length,
-            payments: () => paymentsHandle,
-            logger,
-          }),
-        )
-      : undefined;
+  let metrics: AgentMetrics | undefined;
+  if (options.metricsPort !== undefined) {
+    try {
+      const { createAgentMetrics } = await import('./metrics.ts');
+      metrics = await createAgentMetrics({
+        counters,
+        pending: (): number => scheduler.pending,
+        readyModels: () => loaded.length,
+        payments: () => paymentsHandle,
+        logger,
+      });
+    } catch (err) {
+      await executors.close();
+      if (paid) await closePaidSide(paid);
+      throw err;
+    }
+  }
   const faults = new Faults(options.faults);
   const board = new StatusBoard({
     identity,
