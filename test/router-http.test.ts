@@ -5,6 +5,7 @@ import { connectRpc, deployMesh, type LocalChain, type MeshDeployment, startLoca
 import { sampleInputs } from '@edge-mesh/demo';
 import { ERROR_CODES, generateIdentity, isMeshErrorCode, tensorToJson } from '@edge-mesh/protocol';
 import {
+  hardwareClassOf,
   KSERVE_TO_DTYPE,
   kserveDatatypeOf,
   type RouterHandle,
@@ -171,9 +172,13 @@ describe('router HTTP API', { timeout: 120_000 }, () => {
       assert.match(line, PROM_LINE);
     }
     assert.match(text, /^# TYPE edge_mesh_request_duration_seconds histogram$/m);
-    assert.ok(text.includes(`edge_mesh_request_duration_seconds_count{model="kws",agent="${agentId}"} 1`), text);
-    assert.ok(text.includes(`edge_mesh_attempt_duration_seconds_count{model="kws",agent="${agentId}",outcome="ok"} 2`), text);
-    assert.match(text, /^edge_mesh_requests_total\{model="kws"\} \d+$/m);
+    // Labelled by hardware class, never by agent id; the direct infer above counts as forwarded too.
+    const hw = hardwareClassOf(router.agents()[0]!.status);
+    assert.ok(text.includes(`edge_mesh_request_duration_seconds_count{model="kws",hardware_class="${hw}"} 2`), text);
+    assert.ok(text.includes(`edge_mesh_attempt_duration_seconds_count{model="kws",hardware_class="${hw}",outcome="ok"} 2`), text);
+    assert.ok(text.includes(`edge_mesh_routed_requests_total{model="kws",hardware_class="${hw}",via="forward",outcome="ok"} 2`), text);
+    assert.ok(!text.includes(agentId), 'no agent id in the metrics');
+    assert.match(text, /^edge_mesh_http_infer_requests_total\{model="kws"\} \d+$/m);
     assert.match(text, /^edge_mesh_request_errors_total\{model="kws",code="MESH_BAD_REQUEST"\} 5$/m);
     assert.match(text, /^edge_mesh_request_errors_total\{model="kws",code="MESH_BAD_TENSOR"\} 1$/m);
     assert.match(text, /^edge_mesh_request_errors_total\{model="_unknown",code="MESH_(UNKNOWN_MODEL|NO_AGENT)"\} 2$/m);

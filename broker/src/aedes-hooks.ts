@@ -16,6 +16,7 @@ import {
   sessionOf,
   setSession,
 } from './aedes-adapter.ts';
+import { type BrokerCounters, countConnectRefused, countInto } from './counters.ts';
 import {
   type Admissions,
   CONNACK_NOT_AUTHORIZED,
@@ -46,6 +47,8 @@ export interface HookContext {
   store: Admissions | undefined;
   /** The address a socket came from, as the listener recorded it. */
   addressOf(socket: unknown): string | undefined;
+  /** Refusals and bans, for the metrics (./counters.ts). */
+  counters: BrokerCounters;
   /** An operator's admin record passed the ACL: apply it and publish the ack. */
   onAdminRecord(session: MeshSession, payload: Buffer): void;
 }
@@ -91,9 +94,11 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
     // An over-long id is logged by its first 64 characters only.
     const clientId = client.id?.slice(0, 64) ?? null;
     log.warn({ clientId, topic, reason, code, remoteAddress: ip }, 'connect refused');
+    countConnectRefused(ctx.counters, reason, code);
     const now = Date.now();
     if (namesAdmittedId(client.id ?? '', ctx.store, now)) {
       if (ctx.clients.failure(ip, client.id, now)) {
+        ctx.counters.clientBans++;
         log.warn({ clientId, remoteAddress: ip, reason: 'auth-failure-storm', banMs: opts.banMs }, 'client limited');
       }
     } else countFailure(ip);
@@ -101,6 +106,7 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
 
   function countFailure(ip: string): void {
     if (ctx.ips.failure(ip, Date.now())) {
+      ctx.counters.addressLimits++;
       log.warn({ remoteAddress: ip, reason: 'auth-failure-storm', banMs: opts.banMs }, 'address limited');
     }
   }
@@ -113,6 +119,7 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
     callback: (error?: Error | null) => void,
     cause?: Error,
   ): void {
+    countInto(ctx.counters.publishRefused, code);
     warnThrottled(`publish:${ownerId}:${reason}`, { clientId: ownerId ?? null, topic, reason, code }, 'publish refused');
     // For MQTT 3.1.1 aedes answers an error by closing the connection (there is no PUBACK error code, [MQTT-3.3.5-2]).
     callback(new MeshError(code, `publish refused: ${reason}`, { cause, details: { reason } }));
@@ -125,6 +132,7 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
     code: MeshErrorCode,
     callback: (error: Error | null, sub?: null) => void,
   ): void {
+    countInto(ctx.counters.subscribeRefused, code);
     warnThrottled(`subscribe:${client.id}`, { clientId: client.id, topic, reason, code }, 'subscribe refused');
     // SUBACK 0x80 for this filter; the connection stays up
     callback(null, null);
@@ -139,6 +147,7 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
         const clientId = packet.clientId?.slice(0, 64) || null;
         const { reason, code } = door;
         log.warn({ clientId, reason, code, protocolVersion: packet.protocolVersion, remoteAddress: ip }, 'connect refused');
+        countConnectRefused(ctx.counters, reason, code);
         countFailure(ip);
         answerUnacceptableProtocol(packet);
         callback(null, true);
@@ -165,6 +174,7 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
             const reason = err ? `hook: ${err.message}` : 'hook';
             const clientId = packet.clientId?.slice(0, 64) || null;
             log.warn({ clientId, topic: undefined, reason, code: 'MESH_UNAUTHORIZED', remoteAddress: ip }, 'connect refused');
+            countConnectRefused(ctx.counters, 'hook', 'MESH_UNAUTHORIZED');
             // aedes only closes the socket when preConnect reports an error; `false` alone would leave it open.
             const refusal = new MeshError('MESH_UNAUTHORIZED', `connect refused by preConnect hook${err ? `: ${err.message}` : ''}`, {
               cause: err ?? undefined,
@@ -196,6 +206,7 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
           { clientId, reason: limited.reason, code: limited.code, remoteAddress: ip },
           'connect refused',
         );
+        countConnectRefused(ctx.counters, limited.reason, limited.code);
         const refusal = new MeshError(limited.code, limited.reason, { details: { reason: limited.reason } });
         callback(authenticateError(refusal, limited.returnCode), false);
         return;

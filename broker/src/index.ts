@@ -36,6 +36,9 @@
  * them into aedes' hooks (answers, logging, application hooks); ./admissions.ts stores admissions and cuts clients
  * off; ./listener.ts is the TCP side; ./aedes-adapter.ts holds every use of aedes internals. This file wires them.
  */
+
+import type { Socket } from 'node:net';
+import type { MetricsServer } from '@edge-mesh/client';
 import type { Admission, Revocation, SignedRecord } from '@edge-mesh/protocol';
 import { MeshError } from '@edge-mesh/protocol';
 import { Aedes } from 'aedes';
@@ -43,6 +46,7 @@ import { type Logger, pino } from 'pino';
 import { admissionControl } from './admissions.ts';
 import { downgradeSubscribeQoS } from './aedes-adapter.ts';
 import { createAedesHooks } from './aedes-hooks.ts';
+import { newBrokerCounters } from './counters.ts';
 import { grantedQos } from './handlers/subscribe.ts';
 import { ClientGuard, IpGuard, NonceCache } from './limits.ts';
 import { createListener } from './listener.ts';
@@ -62,6 +66,8 @@ export interface BrokerHandle {
   readonly url: string;
   /** The aedes instance, for events and in-process publishing. */
   readonly aedes: Aedes;
+  /** `http://host:port/metrics` when started with `metricsPort`. */
+  readonly metricsUrl?: string;
   /** MQTT clients that completed CONNECT and are still connected. */
   clientCount(): number;
   /** 'auth' when started with `auth`, else 'open' (anonymous clients accepted). */
@@ -111,6 +117,18 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     );
   }
 
+  const counters = newBrokerCounters();
+  // Bytes in and out: sockets still open are read at scrape time, closed ones are added up as they close.
+  const sockets = new Set<Socket>();
+  const track = (socket: Socket) => {
+    sockets.add(socket);
+    socket.once('close', () => {
+      sockets.delete(socket);
+      counters.bytesInClosed += socket.bytesRead;
+      counters.bytesOutClosed += socket.bytesWritten;
+    });
+    return socket;
+  };
   const listener = createListener({
     maxPendingPerIp: opts.maxConnectionsPerIp,
     maxPacketBytes: opts.maxPacketBytes,
@@ -128,7 +146,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     handshakeTimeoutMs: opts.connectTimeoutMs,
     log,
     warnThrottled,
-    handle: (socket) => downgradeSubscribeQoS(aedes.handle(socket), grantedQos),
+    handle: (socket) => downgradeSubscribeQoS(aedes.handle(track(socket)), grantedQos),
   });
   const aedes = await Aedes.createBroker({
     connectTimeout: opts.connectTimeoutMs,
@@ -140,6 +158,11 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     // aedes disconnects on its own level cap, even for SUBSCRIBE; keep it at qlobber's ceiling and enforce the
     // mesh's tighter `maxTopicLevels` in the authorize handlers so an over-deep filter gets SUBACK 0x80.
     maxTopicLevels: AEDES_MAX_TOPIC_LEVELS,
+    // Public aedes hook, called once per message forwarded to a subscriber: counted, never changed.
+    authorizeForward: (_client, packet) => {
+      counters.messagesOut++;
+      return packet;
+    },
     ...createAedesHooks({
       opts,
       log,
@@ -149,6 +172,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
       nonces,
       store,
       addressOf: listener.addressOf,
+      counters,
       onAdminRecord: (session, payload) => void admissions.applyRecord(session, payload),
     }),
   });
@@ -163,6 +187,9 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
       { remoteAddress: (client.conn as { remoteAddress?: string } | undefined)?.remoteAddress, err: err.message },
       'connection error',
     );
+  });
+  aedes.on('publish', (_packet, client) => {
+    if (client) counters.messagesIn++;
   });
   aedes.on('keepaliveTimeout', (client) => log.debug({ clientId: client.id }, 'keepalive timeout'));
   // Without a listener an 'error' (e.g. from persistence) would throw and take the process down.
@@ -188,9 +215,43 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   }
   const url = `${listener.scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`;
   log.debug({ port, host }, 'broker listening');
+  let metrics: MetricsServer | undefined;
+  if (opts.metricsPort !== undefined) {
+    try {
+      // prom-client loads only here, with the metrics port on.
+      const { serveBrokerMetrics } = await import('./metrics.ts');
+      metrics = await serveBrokerMetrics(
+        {
+          counters,
+          connections: () => aedes.connectedClients,
+          liveBytes: () => {
+            let read = 0;
+            let written = 0;
+            for (const s of sockets) {
+              read += s.bytesRead;
+              written += s.bytesWritten;
+            }
+            return { read, written };
+          },
+          logger: log,
+        },
+        opts.metricsPort,
+        opts.metricsHost,
+      );
+      log.info({ url: metrics.url }, 'metrics listening');
+    } catch (err) {
+      clearInterval(sweeper);
+      listener.stopAccepting();
+      await new Promise<void>((resolve) => aedes.close(() => resolve()));
+      await listener.close();
+      await store?.close();
+      throw err;
+    }
+  }
 
   async function shutdown(): Promise<void> {
     clearInterval(sweeper);
+    await metrics?.close();
     listener.stopAccepting();
     // aedes first: it disconnects its clients, after which the server can actually finish closing.
     await new Promise<void>((resolve) => aedes.close(() => resolve()));
@@ -204,6 +265,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     url,
     aedes,
     clientCount: () => aedes.connectedClients,
+    ...(metrics ? { metricsUrl: metrics.url } : {}),
     mode: auth ? 'auth' : 'open',
     admit: (signed: SignedRecord): Promise<Admission> => admissions.admit(signed),
     revoke: (signed: SignedRecord): Promise<Revocation> => admissions.revoke(signed),

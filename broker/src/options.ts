@@ -128,6 +128,10 @@ export interface BrokerOptions {
   auth?: BrokerAuthOptions;
   /** Serve mqtts (TLS) instead of plaintext MQTT on the listener; the TLS handshake must finish within `connectTimeoutMs`. */
   tls?: BrokerTlsOptions;
+  /** Serve Prometheus metrics at GET /metrics on this port (docs/operations.md, "Metrics"); off by default. */
+  metricsPort?: number;
+  /** Address the metrics port listens on. Default '127.0.0.1'. */
+  metricsHost?: string;
 }
 
 export interface ResolvedBrokerOptions extends IpLimits {
@@ -150,6 +154,8 @@ export interface ResolvedBrokerOptions extends IpLimits {
   hooks: BrokerHooks;
   auth: ResolvedAuthOptions | undefined;
   tls: BrokerTlsOptions | undefined;
+  metricsPort: number | undefined;
+  metricsHost: string;
 }
 
 const KNOWN_KEYS = new Set([
@@ -179,6 +185,8 @@ const KNOWN_KEYS = new Set([
   'hooks',
   'auth',
   'tls',
+  'metricsPort',
+  'metricsHost',
 ]);
 const AUTH_KEYS = new Set(['trustedOperators', 'dataDir', 'maxClockSkewMs', 'nonceTtlMs']);
 const HOOK_KEYS = new Set(['preConnect', 'authenticate', 'authorizePublish', 'authorizeSubscribe']);
@@ -232,6 +240,10 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     if (!KNOWN_KEYS.has(key)) fail(key, 'unknown option');
   }
   int('port', port, 0, 65_535);
+  const { metricsPort, metricsHost = '127.0.0.1' } = options;
+  if (metricsPort !== undefined) int('metricsPort', metricsPort, 0, 65_535);
+  if (typeof metricsHost !== 'string' || metricsHost.length === 0)
+    fail('metricsHost', `${JSON.stringify(metricsHost)}; expected a non-empty string`);
   if (typeof host !== 'string' || host.length === 0) fail('host', `${JSON.stringify(host)}; expected a non-empty string`);
   int('maxPacketBytes', maxPacketBytes, 64, MQTT_MAX_REMAINING_LENGTH + 5);
   int('connectTimeoutMs', connectTimeoutMs, 1, 600_000);
@@ -287,6 +299,8 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
   return {
     port,
     host,
+    metricsPort,
+    metricsHost,
     maxPacketBytes,
     connectTimeoutMs,
     maxTopicLevels,

@@ -220,6 +220,8 @@ export function buildProgram(): Command {
     )
     .option('--data <dir>', 'admission store folder', path.join(DEFAULT_DATA_DIR, 'broker'))
     .option('--insecure', 'run an open broker: anyone may connect, no ACLs (tests and closed labs only)', false)
+    .option('--metrics-port <port>', 'serve Prometheus metrics at GET /metrics on this port (off by default)', nonNegativeInt)
+    .option('--metrics-host <host>', 'address the metrics port listens on', '127.0.0.1')
     .addOption(logLevelOption())
     .action(async (opts) => {
       const specs = opts.operator as string[];
@@ -254,6 +256,7 @@ export function buildProgram(): Command {
         logger,
         ...(opts.maxPacketBytes ? { maxPacketBytes: opts.maxPacketBytes } : {}),
         ...(auth ? { auth } : {}),
+        ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort, metricsHost: opts.metricsHost } : {}),
       });
       if (auth)
         logger.info(
@@ -323,6 +326,12 @@ export function buildProgram(): Command {
       [],
     )
     .option('--relay-wait-ms <ms>', 'how long a relay has to settle a lane it took before the next relay is tried', positiveInt, 30_000)
+    .option(
+      '--metrics-port <port>',
+      'serve Prometheus metrics at GET /metrics on this port (off by default; loads prom-client only then)',
+      nonNegativeInt,
+    )
+    .option('--metrics-host <host>', 'address the metrics port listens on', '127.0.0.1')
     .addOption(logLevelOption())
     .action(async (opts) => {
       if (opts.payout !== undefined && (opts.escrow === undefined || opts.chainId === undefined)) {
@@ -399,6 +408,7 @@ export function buildProgram(): Command {
         ...(opts.pipelineDepth ? { pipelineDepth: opts.pipelineDepth } : {}),
         ...(opts.inlineMaxMs !== undefined ? { inlineMaxMs: opts.inlineMaxMs } : {}),
         ...(opts.loadNice !== undefined ? { loadNice: opts.loadNice } : {}),
+        ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort, metricsHost: opts.metricsHost } : {}),
         ...(opts.payout
           ? {
               payment: {

@@ -12,6 +12,7 @@ export * from './engine.ts';
 export * from './fleet.ts';
 export * from './keyfiles.ts';
 export * from './logger.ts';
+export * from './metrics-http.ts';
 export * from './quantiles.ts';
 export * from './random.ts';
 export * from './receive.ts';

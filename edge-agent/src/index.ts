@@ -28,6 +28,7 @@ import { AgentLink } from './connection.ts';
 import { openExecutors } from './executors.ts';
 import { Faults } from './faults.ts';
 import { readManifest } from './manifest.ts';
+import type { AgentMetrics } from './metrics.ts';
 import { availableProviders, describeModels, hardwareSummary, verifyModels } from './models.ts';
 import { resolveOptions } from './options.ts';
 import { closePaidSide, openPaidSide, type PaidSide, paymentsView } from './paid.ts';
@@ -82,6 +83,25 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   const payments = paid?.payments;
 
   const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 };
+  const paymentsHandle = paid ? paymentsView(paid) : undefined;
+  // The metrics module (and prom-client with it) loads only when the metrics port is set (docs/agent.md, "Memory").
+  let metrics: AgentMetrics | undefined;
+  if (options.metricsPort !== undefined) {
+    try {
+      const { createAgentMetrics } = await import('./metrics.ts');
+      metrics = await createAgentMetrics({
+        counters,
+        pending: (): number => scheduler.pending,
+        readyModels: () => loaded.length,
+        payments: () => paymentsHandle,
+        logger,
+      });
+    } catch (err) {
+      await executors.close();
+      if (paid) await closePaidSide(paid);
+      throw err;
+    }
+  }
   const faults = new Faults(options.faults);
   const board = new StatusBoard({
     identity,
@@ -114,6 +134,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     logger,
     reply: (senderId, payload, afterMs) => link.reply(senderId, payload, afterMs),
     closed: () => closed,
+    ...(metrics ? { onServed: metrics.observeServed } : {}),
   });
   const scheduler = new Scheduler(o.queueLimit, requests.finished);
   scheduler.onProgress = requests.progressed;
@@ -152,6 +173,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     await link.close();
     await executors.close();
     if (paid) await closePaidSide(paid);
+    await metrics?.close();
     logger.info({ served: counters.served }, 'agent stopped');
   };
 
@@ -174,8 +196,18 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       await shutdown();
     },
     close: shutdown,
-    ...(paid ? { payments: paymentsView(paid) } : {}),
+    ...(paymentsHandle ? { payments: paymentsHandle } : {}),
   };
+  if (metrics && options.metricsPort !== undefined) {
+    try {
+      const url = await metrics.serve(options.metricsPort, options.metricsHost);
+      Object.defineProperty(handle, 'metricsUrl', { value: url, enumerable: true });
+      logger.info({ url }, 'metrics listening');
+    } catch (err) {
+      await shutdown();
+      throw err;
+    }
+  }
 
   if (o.awaitAnnounce) await link.announced;
   logger.info(

@@ -90,6 +90,9 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     problems.push(`loadNice must be an integer from 0 to 19, got ${loadNice}`);
   if (!(Number.isFinite(inlineMaxMs) && inlineMaxMs >= 0))
     problems.push(`inlineMaxMs must be a number of milliseconds, 0 or more, got ${inlineMaxMs}`);
+  const { metricsPort } = options;
+  if (metricsPort !== undefined && !(Number.isInteger(metricsPort) && metricsPort >= 0 && metricsPort <= 65_535))
+    problems.push(`metricsPort must be a port number from 0 to 65535, got ${metricsPort}`);
   if (problems.length) throw new MeshError('MESH_CONFIG', `invalid agent options: ${problems.join('; ')}`);
   return {
     brokerUrl,

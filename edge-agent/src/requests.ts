@@ -147,6 +147,8 @@ export interface RequestsOptions {
   reply: (senderId: string, payload: Buffer, afterMs?: number) => void;
   /** True once the agent is closing: held (delayed) requests are dropped. */
   closed: () => boolean;
+  /** Sees every served request's queue and compute time (metrics.ts, when the metrics port is on). */
+  onServed?: (model: string, queueMs: number, execMs: number) => void;
 }
 
 type Queue = Pick<Scheduler, 'submit' | 'cancel' | 'queueClaim'>;
@@ -273,6 +275,7 @@ export class AgentRequests {
     }
     const queueMs = job.startedAt! - job.receivedAt;
     counters.served++;
+    this.options.onServed?.(job.model, queueMs, result!.execMs + faults.extraExecMs);
     const outputs = encodeTensorMap(result!.outputs);
     this.withReceipt(job, undefined, outputs, (receipt, lane) => {
       // The queue as it stands when the reply leaves (a paid reply waits for its receipt to be journaled).

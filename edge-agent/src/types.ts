@@ -43,6 +43,13 @@ export interface AgentOptions {
    * event-loop turn (docs/agent.md, "Inline models").
    */
   inlineMaxMs?: number;
+  /**
+   * Serve Prometheus metrics on this port at GET /metrics (docs/operations.md, "Metrics"); off by default. The
+   * metrics library is loaded only when this is set (docs/agent.md, "Memory").
+   */
+  metricsPort?: number;
+  /** Address the metrics port listens on (default 127.0.0.1). */
+  metricsHost?: string;
   /** Threads onnxruntime may use inside one run. */
   intraOpThreads?: number;
   /** Bound of each model's queue; a request beyond it gets MESH_BUSY at once. */
@@ -114,6 +121,8 @@ export interface AgentHandle {
   close(): Promise<void>;
   /** Changes the injected faults (see AgentOptions.faults) while running: a gray failure on demand. */
   setFaults(faults: AgentFaults): void;
+  /** `http://host:port/metrics` when `metricsPort` was given. */
+  readonly metricsUrl?: string;
   /** Present when the agent takes payment. */
   readonly payments?: {
     lanes(): LaneSummary[];

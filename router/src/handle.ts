@@ -54,6 +54,22 @@ export interface AttemptRecord {
   e2eMs: number;
 }
 
+/**
+ * One piece of routed traffic, for metrics (HTTP layer): a forwarded request that ended (HTTP, gRPC or a
+ * library `infer`), or a route question answered with a lease (granted, or refused with a code). Leased
+ * requests themselves go straight to agents; the router sees only the grant.
+ */
+export interface RoutedRecord {
+  via: 'forward' | 'lease';
+  model: string;
+  ok: boolean;
+  code?: MeshErrorCode;
+  /** The agent that answered (forward) or the lease's first agent; absent when there was none. */
+  agentId?: string;
+  /** Forwarded requests: from start to answer or failure, ms. */
+  totalMs?: number;
+}
+
 export interface RouterCounters {
   statusRejected: number;
   requests: number;
@@ -91,6 +107,8 @@ export interface RouterHandle {
   waitForModel(model: string, timeoutMs?: number, count?: number): Promise<void>;
   /** Called after every finished attempt. */
   onAttempt(listener: (a: AttemptRecord) => void): () => void;
+  /** Every forwarded request that ended and every route question answered; returns the unsubscribe. */
+  onRouted(listener: (r: RoutedRecord) => void): () => void;
   readonly connected: boolean;
   /** The HTTP API when started with the `http` option. */
   readonly http: RouterHttpHandle | undefined;

@@ -12,6 +12,7 @@
  */
 
 import { Transform } from 'node:stream';
+import { PROMTOOL_REJECTED_DEFAULT_METRICS } from '@edge-mesh/client';
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
   type DType,
@@ -58,6 +59,21 @@ import {
   wantsBinary,
 } from './kserve.ts';
 import { registerRelayRoutes } from './relay.ts';
+
+/** Node's process.arch values: the CPU part of a hardware class an agent may claim (estimates.ts hardwareClassOf). */
+const ARCHES = new Set(['arm', 'arm64', 'ia32', 'loong64', 'mips', 'mipsel', 'ppc', 'ppc64', 'riscv64', 's390', 's390x', 'x64', 'unknown']);
+
+/**
+ * A hardware class as a metric label: the agent's status names its arch, so an agent could invent a new class per
+ * status; anything outside the fixed set counts as `other`.
+ */
+export function hardwareLabel(hardwareClass: string | undefined): string {
+  if (hardwareClass === undefined) return 'none';
+  if (hardwareClass === 'gpu-trt' || hardwareClass === 'gpu-cuda') return hardwareClass;
+  if (hardwareClass.startsWith('cpu-') && ARCHES.has(hardwareClass.slice(4))) return hardwareClass;
+  return 'other';
+}
+
 import { registerSettlementRoutes } from './settlements.ts';
 
 // The datatype mapping moved to kserve.ts (shared with grpc.ts); exported from here as before.
@@ -290,25 +306,36 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   const { port = 0, host = '127.0.0.1', defaultDeadlineMs, bodyLimit = 64 * 1024 * 1024, processMetrics = true } = options;
 
   const metrics = new PromRegistry();
-  if (processMetrics) collectDefaultMetrics({ register: metrics });
+  if (processMetrics) {
+    collectDefaultMetrics({ register: metrics });
+    for (const name of PROMTOOL_REJECTED_DEFAULT_METRICS) metrics.removeSingleMetric(name);
+  }
   const buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+  // Labels are bounded: models the fleet serves (others collapse to _unknown), hardware classes from a fixed set
+  // (hardwareLabel below), MESH_* codes. No agent id: the series count must not grow with the fleet.
   const requestSeconds = new Histogram({
     name: 'edge_mesh_request_duration_seconds',
-    help: 'HTTP infer request latency through the router, by model and the agent that answered ("none" on failure)',
-    labelNames: ['model', 'agent'] as const,
+    help: 'Requests the router forwarded (HTTP, gRPC and library infer), from start to answer or failure, by model and the hardware class that answered ("none" on failure)',
+    labelNames: ['model', 'hardware_class'] as const,
     buckets,
+    registers: [metrics],
+  });
+  const routedTotal = new Counter({
+    name: 'edge_mesh_routed_requests_total',
+    help: 'Routed traffic by model, hardware class, way (forward: the router sent it; lease: a route lease granted to an SDK client, which then sends to agents itself) and outcome (ok or the MESH_* code)',
+    labelNames: ['model', 'hardware_class', 'via', 'outcome'] as const,
     registers: [metrics],
   });
   const attemptSeconds = new Histogram({
     name: 'edge_mesh_attempt_duration_seconds',
-    help: 'Latency of each attempt the router sent to an agent (hedges and retries included), by model, agent and outcome',
-    labelNames: ['model', 'agent', 'outcome'] as const,
+    help: 'Latency of each attempt the router sent to an agent (hedges and retries included), by model, hardware class and outcome',
+    labelNames: ['model', 'hardware_class', 'outcome'] as const,
     buckets,
     registers: [metrics],
   });
   const requestsTotal = new Counter({
-    name: 'edge_mesh_requests_total',
-    help: 'HTTP infer requests by model',
+    name: 'edge_mesh_http_infer_requests_total',
+    help: 'HTTP infer requests received, by model',
     labelNames: ['model'] as const,
     registers: [metrics],
   });
@@ -318,8 +345,18 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     labelNames: ['model', 'code'] as const,
     registers: [metrics],
   });
+  const hardwareOf = (agentId: string | undefined) =>
+    agentId === undefined ? 'none' : hardwareLabel(router.registry.agents.get(agentId)?.hardwareClass);
   const unsubscribe = router.onAttempt((a) => {
-    attemptSeconds.observe({ model: a.model, agent: a.agentId, outcome: a.ok ? 'ok' : (a.code ?? 'error') }, a.e2eMs / 1000);
+    attemptSeconds.observe(
+      { model: modelLabel(a.model), hardware_class: hardwareOf(a.agentId), outcome: a.ok ? 'ok' : (a.code ?? 'error') },
+      a.e2eMs / 1000,
+    );
+  });
+  const unsubscribeRouted = router.onRouted((r) => {
+    const labels = { model: modelLabel(r.model), hardware_class: hardwareOf(r.agentId) };
+    routedTotal.inc({ ...labels, via: r.via, outcome: r.ok ? 'ok' : (r.code ?? 'error') });
+    if (r.via === 'forward' && r.totalMs !== undefined) requestSeconds.observe(labels, r.totalMs / 1000);
   });
 
   const modelInfo = (name: string) => modelInfoOf(router, name);
@@ -568,12 +605,10 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs } : {});
     } catch (err) {
       const ms = performance.now() - started;
-      requestSeconds.observe({ model: label, agent: 'none' }, ms / 1000);
       stats.failed(model, version, ms);
       throw toMeshError(err);
     }
     const ms = performance.now() - started;
-    requestSeconds.observe({ model: label, agent: result.agentId }, ms / 1000);
     stats.ok(model, version, ms, result.timings.queueMs, result.timings.execMs);
     const wanted = body.outputs?.map((o) => o.name);
     const names = Object.keys(result.outputs).filter((n) => !wanted || wanted.includes(n));
@@ -656,7 +691,10 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
 
   app.get(
     '/metrics',
-    doc('operator', 'Prometheus text: latency histograms per model and agent, error counters, process metrics'),
+    doc(
+      'operator',
+      'Prometheus text: routed traffic (forwarded and leased) and latency histograms per model and hardware class, error counters, process metrics',
+    ),
     async (_request, reply) => {
       const text = await metrics.metrics();
       return reply.header('content-type', metrics.contentType).send(text);
@@ -677,6 +715,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       if (closed) return;
       closed = true;
       unsubscribe();
+      unsubscribeRouted();
       await app.close();
     },
   };

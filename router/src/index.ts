@@ -84,6 +84,7 @@ export {
 } from './grpc.ts';
 export type {
   AttemptRecord,
+  RoutedRecord,
   RouteOptions,
   RouteResult,
   RouterChainOptions,

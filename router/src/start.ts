@@ -27,6 +27,7 @@ import {
   encodeTensorMap,
   type Identity,
   type InferReply,
+  isMeshErrorCode,
   MeshError,
   type MeshErrorCode,
   type ModelInfo,
@@ -42,6 +43,7 @@ import type { MqttClient } from 'mqtt';
 import { createRegistry, onLoad, onStatus, type RouterOptions } from './estimates.ts';
 import type {
   AttemptRecord,
+  RoutedRecord,
   RouteOptions,
   RouteResult,
   RouterCounters,
@@ -149,6 +151,16 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     }
   };
   const routeCounters = { leases: 0, leasesRefused: 0 };
+  const routedListeners = new Set<(r: RoutedRecord) => void>();
+  const routed = (r: RoutedRecord) => {
+    for (const listener of routedListeners) {
+      try {
+        listener(r);
+      } catch (err) {
+        logger.warn({ err: (err as Error).message }, 'routed listener threw');
+      }
+    }
+  };
 
   const fleet = createFleetView({
     requireSignedStatus,
@@ -231,6 +243,13 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     const lease = answerRoute(registry, routerId, question, clock.now(), { agents: leaseAgents, ttlMs: leaseTtlMs });
     if (lease.agents.length > 0) routeCounters.leases++;
     else routeCounters.leasesRefused++;
+    routed({
+      via: 'lease',
+      model: question.model,
+      ok: lease.agents.length > 0,
+      ...(isMeshErrorCode(lease.code) ? { code: lease.code } : {}),
+      ...(lease.agents[0] ? { agentId: lease.agents[0].agent } : {}),
+    });
     if (client.connected) client.publish(topics.clientLease(senderId, routerId), encodeMessage(lease), { qos: 1 });
   };
 
@@ -321,9 +340,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     return new Promise((resolve, reject) => {
       engine.start({ key, deadlineAt, data: { model, bytesUp: payload.byteLength, payload }, model }, (outcome) => {
         if (!outcome.ok) {
+          routed({ via: 'forward', model, ok: false, code: outcome.error.code, totalMs: clock.now() - startedAt });
           reject(outcome.error);
           return;
         }
+        routed({ via: 'forward', model, ok: true, agentId: outcome.attempt.agentId, totalMs: clock.now() - startedAt });
         let outputs: Record<string, Tensor>;
         try {
           outputs = decodeTensorMap(outcome.reply.outputs);
@@ -399,6 +420,10 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     onAttempt(listener) {
       listeners.add(listener);
       return () => listeners.delete(listener);
+    },
+    onRouted(listener) {
+      routedListeners.add(listener);
+      return () => routedListeners.delete(listener);
     },
     get connected() {
       return connected;
