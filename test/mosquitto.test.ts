@@ -103,8 +103,23 @@ async function publicFile(dir: string, identity: Identity): Promise<string> {
 }
 
 /** A bare mqtt.js client with a generated password, recording every message it receives. */
-async function bareClient(t: TestContext, url: string, username: string, password: string, clientId = username) {
-  const client = mqtt.connect(url, { username, password, clientId, reconnectPeriod: 0, protocolVersion: 4, connectTimeout: 5_000 });
+async function bareClient(
+  t: TestContext,
+  url: string,
+  username: string,
+  password: string,
+  clientId = username,
+  extra: mqtt.IClientOptions = {},
+) {
+  const client = mqtt.connect(url, {
+    username,
+    password,
+    clientId,
+    reconnectPeriod: 0,
+    protocolVersion: 4,
+    connectTimeout: 5_000,
+    ...extra,
+  });
   t.after(() => client.end(true));
   const received: { topic: string; payload: Buffer; retain: boolean }[] = [];
   client.on('message', (topic, payload, packet) => received.push({ topic, payload, retain: packet.retain }));
@@ -218,6 +233,8 @@ test('the mesh serves on mosquitto with generated passwords and ACLs; eavesdropp
   // app's name. mosquitto drops both (it acks a refused QoS 1 publish and forwards nothing).
   const squat = await bareClient(t, url, squatKey.id, await secretOf(squatKey));
   const watch = await bareClient(t, url, watchKey.id, await secretOf(watchKey));
+  let watchClosed = false;
+  watch.client.on('close', () => (watchClosed = true));
   await watch.client.subscribeAsync(topics.allAgentStatus(), { qos: 1 });
   await waitFor(() => watch.received.some((m) => m.topic === topics.agentStatus(agent.id)), 5_000, 'the retained status');
   const before = watch.received.length;
@@ -229,16 +246,36 @@ test('the mesh serves on mosquitto with generated passwords and ACLs; eavesdropp
   await new Promise((r) => setTimeout(r, 300));
   assert.equal(watch.received.slice(before).filter((m) => m.payload.equals(fake)).length, 0, 'no forged status reached the watcher');
   // A newcomer gets the genuine retained status, not the squatter's.
-  const late = await bareClient(t, url, watchKey.id, await secretOf(watchKey), 'late');
+  // (As the eavesdropper: with use_username_as_clientid a second connection as the watcher would replace the watcher.)
+  const late = await bareClient(t, url, spyKey.id, await secretOf(spyKey), 'late');
   await late.client.subscribeAsync(topics.agentStatus(agent.id), { qos: 1 });
   await waitFor(() => late.received.length > 0, 5_000, 'the retained status for a newcomer');
   assert.ok(!late.received[0]!.payload.equals(fake));
 
+  // Last wills: the squatter's own will (an agent's offline status on its own topic) is delivered when its
+  // connection drops; a will it sets on the real agent's topic never reaches anyone (mosquitto checks wills against
+  // the ACL; whether it then refuses the CONNECT or drops the will, the watcher must not see it).
+  const forgedWill = Buffer.from('forged will');
+  const ownWill = Buffer.from('own will');
+  const dropWith = async (topic: string, payload: Buffer, clientId: string) => {
+    let c: Awaited<ReturnType<typeof bareClient>> | undefined;
+    try {
+      c = await bareClient(t, url, squatKey.id, await secretOf(squatKey), clientId, { will: { topic, payload, qos: 1, retain: false } });
+    } catch (err) {
+      t.diagnostic(`CONNECT with a will on ${topic}: ${(err as Error).message}`);
+      return;
+    }
+    (c.client.stream as net.Socket).destroy();
+  };
+  await dropWith(topics.agentStatus(agent.id), forgedWill, 'w1');
+  await dropWith(topics.agentStatus(squatKey.id), ownWill, 'w2');
+  await waitFor(() => watch.received.some((m) => m.payload.equals(ownWill)), 10_000, "the squatter's own will");
+  await new Promise((r) => setTimeout(r, 200));
+  assert.ok(!watch.received.some((m) => m.payload.equals(forgedWill)), 'no forged will reached the watcher');
+
   // A client id squatter: the eavesdropper connects with the watcher's id as its client id. mosquitto replaces the
   // client id by the username (use_username_as_clientid), so the watcher keeps its session (without it, the
   // second CONNECT with a known client id would close the first).
-  let watchClosed = false;
-  watch.client.on('close', () => (watchClosed = true));
   const idSquat = await bareClient(t, url, spyKey.id, await secretOf(spyKey), watchKey.id);
   assert.ok(idSquat.client.connected);
   await new Promise((r) => setTimeout(r, 300));

@@ -153,6 +153,8 @@ export function mosquittoConf(o: MosquittoConfOptions): string {
     'set_tcp_nodelay true',
     // The default of 1000 dropped QoS 1 messages to a busy subscriber (FACTS); agents keep their own queue bound.
     'max_queued_messages 10000',
+    // The embedded broker's default largest packet (broker/src/options.ts, maxPacketBytes): 4 MiB + 64 KiB.
+    'max_packet_size 4259840',
     'persistence false',
     '',
   ].join('\n');
