@@ -133,7 +133,7 @@ async function aedesEngine(load: Load, log: (l: string) => void) {
   }
 }
 
-async function mosquittoEngine(bin: string, load: Load, log: (l: string) => void) {
+async function mosquittoEngine(bin: string, load: Load, log: (l: string) => void, nodelay = true) {
   const agent = unadmitted('agent');
   const app = unadmitted('app');
   const dir = benchTempDir('mosquitto');
@@ -148,13 +148,15 @@ async function mosquittoEngine(bin: string, load: Load, log: (l: string) => void
   );
   // As root mosquitto drops to the `mosquitto` user, which could not read the 0700 folder: stay root here.
   const conf = `${files.confFile}.bench`;
-  writeFileSync(conf, readFileSync(files.confFile, 'utf8') + (process.getuid?.() === 0 ? 'user root\n' : ''));
+  let text = readFileSync(files.confFile, 'utf8') + (process.getuid?.() === 0 ? 'user root\n' : '');
+  if (!nodelay) text = text.replace('set_tcp_nodelay true', 'set_tcp_nodelay false');
+  writeFileSync(conf, text);
   const proc = spawnProc('mosquitto', ['-c', conf], { command: bin });
   try {
     await waitForPort(port, proc, 10_000);
     const version = /mosquitto version (\S+)/.exec(proc.lines.stderr.join('\n'))?.[1] ?? 'unknown';
     const figures = await measure(
-      'mosquitto',
+      nodelay ? 'mosquitto' : 'mosquitto without set_tcp_nodelay',
       `mqtt://127.0.0.1:${port}`,
       { keyFile: agent.keyFile, id: agent.identity.id, passwordFile: files.secrets.get(agent.identity.id)! },
       { keyFile: app.keyFile, id: app.identity.id, passwordFile: files.secrets.get(app.identity.id)! },
@@ -185,8 +187,17 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
 
   engines.aedes = await aedesEngine(load, ctx.log);
   const mosquitto = which('mosquitto');
-  if (mosquitto) engines.mosquitto = await mosquittoEngine(mosquitto, load, ctx.log);
-  else skipped.mosquitto = 'mosquitto is not installed (Debian package `mosquitto`)';
+  if (mosquitto) {
+    engines.mosquitto = await mosquittoEngine(mosquitto, load, ctx.log);
+    // The delayed-ACK trap (docs/operations.md): each round trip waits tens of ms, so only a few are measured.
+    if (ctx.args['with-delayed-ack'] === true)
+      engines.mosquitto_no_nodelay = await mosquittoEngine(
+        mosquitto,
+        { warmup: 5, n: Math.min(load.n, 100), concurrency: load.concurrency, durationMs: 2_000 },
+        ctx.log,
+        false,
+      );
+  } else skipped.mosquitto = 'mosquitto is not installed (Debian package `mosquitto`)';
   // The mesh's auth wiring for these engines is not built yet (issue 14): they are not measured even when installed.
   skipped.rabbitmq = which('rabbitmq-server')
     ? 'rabbitmq-server is installed, but the mesh has no auth wiring for RabbitMQ yet'

@@ -87,7 +87,8 @@ options:
   receipts:   --n N                      receipts signed and verified (default 100000, quick 20000)
   contention: --rate R --phase-ms D --recovery-ms D --busy 0,1,2   requests/s (40), phase length (quick 6000, full 30000)
   brokers:    --n N --warmup W --concurrency C --duration-ms D   sequential round trips (20000, quick 2000), then C
-                                         outstanding (16) for D ms (10000, quick 2000) per engine
+                                         outstanding (16) for D ms (10000, quick 2000) per engine;
+              --with-delayed-ack         also mosquitto without set_tcp_nodelay (100 round trips)
   economics:  --rounds R --agents A --payers P --loss L --seed K   rounds of 15 simulated minutes (48, quick 8),
                                          honest agents (3, quick 2) and payers (40), per-message loss (0.005)
 

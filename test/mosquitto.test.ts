@@ -17,11 +17,11 @@ import { promisify } from 'node:util';
 import { startAgent } from '@edge-mesh/agent';
 import { mosquittoPasswordHash, verifyMosquittoPassword } from '@edge-mesh/broker';
 import { sampleInputs } from '@edge-mesh/demo';
-import { encodeMessage, generateIdentity, type Identity, MeshError, publicIdentity, topics } from '@edge-mesh/protocol';
+import { admit, encodeMessage, generateIdentity, type Identity, MeshError, publicIdentity, revoke, topics } from '@edge-mesh/protocol';
 import { startRouter } from '@edge-mesh/router';
 import { connect } from '@edge-mesh/sdk';
 import mqtt from 'mqtt';
-import { modelsDir, quiet, ROOT, tempDir, waitFor } from './helpers.ts';
+import { brokerFor, modelsDir, quiet, ROOT, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
 
@@ -51,8 +51,8 @@ function freePort(): Promise<number> {
 }
 
 /** Runs `edge-mesh auth mosquitto` and returns its JSON line. */
-async function authMosquitto(outDir: string, identityFiles: string[], port: number) {
-  const args = [path.join(ROOT, 'cli/bin/edge-mesh.mjs'), 'auth', 'mosquitto', '--out', outDir, '--port', String(port)];
+async function authMosquitto(outDir: string, identityFiles: string[], port: number, extra: string[] = []) {
+  const args = [path.join(ROOT, 'cli/bin/edge-mesh.mjs'), 'auth', 'mosquitto', '--out', outDir, '--port', String(port), ...extra];
   for (const f of identityFiles) args.push('--identity', f);
   const { stdout } = await run(process.execPath, args);
   return JSON.parse(stdout) as {
@@ -357,4 +357,39 @@ test('revocation on mosquitto: regenerate without the id, SIGHUP, and the revoke
     connectTimeoutMs: 5_000,
   });
   await still.close();
+});
+
+test("auth mosquitto reads an embedded broker's admission store: revoked ids are left out; bad identities are refused", async (t) => {
+  const dir = await tempDir(t, 'edge-mesh-mosq-');
+  const operator = generateIdentity('operator');
+  const dataDir = path.join(dir, 'store');
+  const broker = await brokerFor(t, { auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], dataDir } });
+  const [agentKey, appKey, goneKey] = [generateIdentity('agent'), generateIdentity('app'), generateIdentity('app')];
+  for (const k of [agentKey, appKey, goneKey]) await broker.admit(admit(operator, k));
+  await broker.revoke(revoke(operator, goneKey.id));
+  await broker.close();
+
+  const opKey = Buffer.from(operator.publicKey).toString('base64url');
+  const out = await authMosquitto(path.join(dir, 'out'), [], 1883, ['--data', dataDir, '--operator', opKey]);
+  assert.deepEqual(out.identities.map((i) => `${i.role}:${i.id}`).sort(), [`agent:${agentKey.id}`, `app:${appKey.id}`].sort());
+  const acl = await readFile(out.aclFile, 'utf8');
+  assert.match(acl, new RegExp(`^user ${agentKey.id}\ntopic write mesh/v1/agent/${agentKey.id}/status$`, 'm'));
+  assert.doesNotMatch(acl, new RegExp(goneKey.id));
+  const passwd = (await readFile(out.passwordFile, 'utf8')).trim().split('\n');
+  assert.equal(passwd.length, 2);
+  for (const line of passwd) {
+    const [id, hash] = line.split(':');
+    const secret = (await readFile(out.identities.find((i) => i.id === id)!.passwordFile, 'utf8')).trim();
+    assert.equal(verifyMosquittoPassword(hash!, secret), true, `${id}'s secret checks against its passwd entry`);
+  }
+
+  // Another operator's view of the same store admits nobody: the records do not verify against it.
+  const stranger = Buffer.from(generateIdentity('operator').publicKey).toString('base64url');
+  await assert.rejects(authMosquitto(path.join(dir, 'out2'), [], 1883, ['--data', dataDir, '--operator', stranger]), /MESH_CONFIG/);
+  // A public identity whose id does not derive from its key is refused, as is one listed twice.
+  const forged = path.join(dir, 'forged.json');
+  await writeFile(forged, JSON.stringify({ ...publicIdentity(appKey), id: agentKey.id.replace('agent-', 'app-') }));
+  await assert.rejects(authMosquitto(path.join(dir, 'out3'), [forged], 1883), /does not derive/);
+  const appFile = await publicFile(dir, appKey);
+  await assert.rejects(authMosquitto(path.join(dir, 'out4'), [appFile, appFile], 1883), /listed twice/);
 });
