@@ -1,8 +1,8 @@
 /**
  * The mesh on a real mosquitto 2.0 (issue 14; docs/operations.md, "Running on mosquitto"): `edge-mesh auth mosquitto`
  * writes the password file, ACL file and configuration from the admitted identities; a real mosquitto runs with
- * them; an agent, a router and SDK clients connect with `--username/--password-file` style credentials and serve
- * inferences, direct and through the router's leases. Then the hostile cases: an admitted eavesdropper, a topic
+ * them; an agent (the CLI, `--username/--password-file`), a router and SDK clients connect with passwords and serve
+ * inferences: direct, through the router's leases, and through the router's KServe HTTP API. Then the hostile cases: an admitted eavesdropper, a topic
  * squatter, a client id squatter, a wrong password, and a revocation applied by SIGHUP.
  *
  * Skips, saying why, when the `mosquitto` binary (Debian package `mosquitto`) is not installed.
@@ -14,14 +14,23 @@ import net from 'node:net';
 import path from 'node:path';
 import { type TestContext, test } from 'node:test';
 import { promisify } from 'node:util';
-import { startAgent } from '@edge-mesh/agent';
 import { mosquittoPasswordHash, verifyMosquittoPassword } from '@edge-mesh/broker';
 import { sampleInputs } from '@edge-mesh/demo';
-import { admit, encodeMessage, generateIdentity, type Identity, MeshError, publicIdentity, revoke, topics } from '@edge-mesh/protocol';
-import { startRouter } from '@edge-mesh/router';
+import {
+  admit,
+  encodeMessage,
+  generateIdentity,
+  type Identity,
+  MeshError,
+  publicIdentity,
+  revoke,
+  tensorToJson,
+  topics,
+} from '@edge-mesh/protocol';
+import { makeApiKey, startRouter } from '@edge-mesh/router';
 import { connect } from '@edge-mesh/sdk';
 import mqtt from 'mqtt';
-import { brokerFor, modelsDir, quiet, ROOT, tempDir, waitFor } from './helpers.ts';
+import { brokerFor, quiet, ROOT, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
 
@@ -184,9 +193,18 @@ test('the mesh serves on mosquitto with generated passwords and ACLs; eavesdropp
   };
   const creds = async (k: Identity) => ({ identity: k, username: k.id, password: await secretOf(k) });
 
-  const agent = await startAgent({ brokerUrl: url, modelsDir: await modelsDir(), workers: 1, logger: quiet, ...(await creds(agentKey)) });
-  t.after(() => agent.close());
-  const router = await startRouter({ brokerUrl: url, logger: quiet, ...(await creds(routerKey)) });
+  // The agent is the CLI (`edge-mesh agent --username ID --password-file FILE`), the router and SDK in-process.
+  const agentPasswordFile = generated.identities.find((i) => i.id === agentKey.id)!.passwordFile;
+  await secretOf(agentKey);
+  await spawnAgent(t, url, agentKey, ['--username', agentKey.id, '--password-file', agentPasswordFile]);
+  const agent = { id: agentKey.id };
+  const apiKey = makeApiKey('mosq-test', ['infer']);
+  const router = await startRouter({
+    brokerUrl: url,
+    logger: quiet,
+    http: { port: 0, processMetrics: false, auth: { trustedOperators: [], apiKeys: [apiKey.entry] } },
+    ...(await creds(routerKey)),
+  });
   t.after(() => router.close());
 
   // The eavesdropper, an admitted app, asks for everything and for the app's replies before any request is sent.
@@ -216,6 +234,21 @@ test('the mesh serves on mosquitto with generated passwords and ACLs; eavesdropp
   const viaLease = await leased.infer('kws', sampleInputs('kws', 1), { deadlineMs: 10_000 });
   assert.equal(viaLease.agentId, agent.id);
   assert.equal(viaLease.routedBy, router.id, 'the first attempt followed the router lease');
+
+  // Through the router's own forwarding: a KServe request on its HTTP API, the router as the sender on mosquitto.
+  const res = await fetch(`${router.http!.url}/v2/models/kws/infer`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${apiKey.key}`, 'content-type': 'application/json' },
+    body: JSON.stringify({
+      inputs: Object.entries(sampleInputs('kws', 3)).map(([name, tensor]) => {
+        const json = tensorToJson(tensor);
+        return { name, shape: json.shape, datatype: 'FP32', data: json.data };
+      }),
+    }),
+  });
+  const body = (await res.json()) as { outputs?: unknown[] };
+  assert.equal(res.status, 200, JSON.stringify(body));
+  assert.ok((body.outputs ?? []).length > 0);
 
   // The eavesdropper saw no request, reply or lease of anyone (statuses and load it may read, like any app).
   await new Promise((r) => setTimeout(r, 300));
