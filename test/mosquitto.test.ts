@@ -419,6 +419,12 @@ test("auth mosquitto reads an embedded broker's admission store: revoked ids are
   // Another operator's view of the same store admits nobody: the records do not verify against it.
   const stranger = Buffer.from(generateIdentity('operator').publicKey).toString('base64url');
   await assert.rejects(authMosquitto(path.join(dir, 'out2'), [], 1883, ['--data', dataDir, '--operator', stranger]), /MESH_CONFIG/);
+  // Nobody to admit: a coded configuration error, exit code 78 (docs/cli.md, "Exit codes").
+  await assert.rejects(authMosquitto(path.join(dir, 'out5'), [], 1883), (err: { code?: number; stderr?: string }) => {
+    assert.equal(err.code, 78, err.stderr);
+    assert.match(err.stderr ?? '', /MESH_CONFIG: nobody to admit/);
+    return true;
+  });
   // A public identity whose id does not derive from its key is refused, as is one listed twice.
   const forged = path.join(dir, 'forged.json');
   await writeFile(forged, JSON.stringify({ ...publicIdentity(appKey), id: agentKey.id.replace('agent-', 'app-') }));
