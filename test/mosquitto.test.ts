@@ -34,16 +34,20 @@ import { brokerFor, quiet, ROOT, spawnAgent, tempDir, waitFor } from './helpers.
 
 const run = promisify(execFile);
 
-function installed(bin: string): boolean {
+/** The path of `bin` on PATH, or in /usr/sbin (Debian puts mosquitto there, outside a normal user's PATH). */
+function installed(bin: string): string | undefined {
   try {
-    execFileSync('sh', ['-c', `command -v ${bin}`], { stdio: 'ignore' });
-    return true;
+    return (
+      execFileSync('sh', ['-c', `command -v ${bin} || { [ -x /usr/sbin/${bin} ] && echo /usr/sbin/${bin}; }`], {
+        encoding: 'utf8',
+      }).trim() || undefined
+    );
   } catch {
-    return false;
+    return undefined;
   }
 }
-const HAS_MOSQUITTO = installed('mosquitto');
-const SKIP = HAS_MOSQUITTO
+const MOSQUITTO = installed('mosquitto');
+const SKIP = MOSQUITTO
   ? false
   : 'mosquitto is not installed (Debian package `mosquitto`; .ci/run installs it): the mosquitto tests need it';
 const SKIP_PASSWD = installed('mosquitto_passwd') ? false : 'mosquitto_passwd is not installed (Debian package `mosquitto`)';
@@ -80,7 +84,7 @@ async function startMosquitto(t: TestContext, confFile: string, port: number): P
   if (process.getuid?.() === 0) conf += 'user root\n';
   const testConf = `${confFile}.test`;
   await writeFile(testConf, conf);
-  const child = spawn('mosquitto', ['-c', testConf], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(MOSQUITTO!, ['-c', testConf], { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   child.stderr!.on('data', (c: Buffer) => (log += c.toString()));
   t.after(async () => {
