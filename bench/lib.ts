@@ -76,6 +76,17 @@ export function assertBuilt(packages = ['protocol', 'client', 'edge-agent', 'bro
     throw new Error('NODE_OPTIONS would make the spawned processes run the sources; unset it to measure the compiled code');
 }
 
+/** A fresh identity with its key file, admitted nowhere (for an external broker's own credentials). */
+export function unadmitted(role: Role): { identity: Identity; keyFile: string } {
+  const identity = generateIdentity(role);
+  return { identity, keyFile: keyFile(identity) };
+}
+
+/** The benchmarks' own temp folder (removed at exit). */
+export function benchTempDir(name: string): string {
+  return mkdtempSync(path.join(KEYS_DIR, `${name}-`));
+}
+
 /** A fresh identity admitted on the broker at `url`; returns it with its key file. */
 export async function admitted(url: string, role: Role): Promise<{ identity: Identity; keyFile: string }> {
   const identity = generateIdentity(role);
@@ -127,8 +138,13 @@ process.on('exit', () => {
 
 const MAX_KEPT_LINES = 2_000;
 
-export function spawnProc(name: string, args: string[], options: { stdin?: boolean; env?: NodeJS.ProcessEnv } = {}): Proc {
-  const child = spawn(process.execPath, args, {
+export function spawnProc(
+  name: string,
+  args: string[],
+  options: { stdin?: boolean; env?: NodeJS.ProcessEnv; command?: string } = {},
+): Proc {
+  // `command` runs another program (a broker engine such as mosquitto) under the same bookkeeping; default node.
+  const child = spawn(options.command ?? process.execPath, args, {
     cwd: ROOT,
     stdio: [options.stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'],
     env: { ...process.env, ...options.env },

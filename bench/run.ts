@@ -52,6 +52,10 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
     timeoutS: { quick: 120, full: 900 },
     about: 'broker + two agents as processes at a steady rate (sample app mix) with 0, 1 and 2 cores held busy by another process',
   },
+  brokers: {
+    file: './brokers.ts',
+    about: "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto (RabbitMQ, NATS skipped)",
+  },
   economics: {
     file: './economics.ts',
     // A real chain, two dozen thousand paid requests and their settlement: a quick run takes about a minute
@@ -82,6 +86,9 @@ options:
   settlement: --max-batch N              largest batch measured (default 100, quick 50)
   receipts:   --n N                      receipts signed and verified (default 100000, quick 20000)
   contention: --rate R --phase-ms D --recovery-ms D --busy 0,1,2   requests/s (40), phase length (quick 6000, full 30000)
+  brokers:    --n N --warmup W --concurrency C --duration-ms D   sequential round trips (20000, quick 2000), then C
+                                         outstanding (16) for D ms (10000, quick 2000) per engine;
+              --with-delayed-ack         also mosquitto without set_tcp_nodelay (100 round trips)
   economics:  --rounds R --agents A --payers P --loss L --seed K   rounds of 15 simulated minutes (48, quick 8),
                                          honest agents (3, quick 2) and payers (40), per-message loss (0.005)
 

@@ -71,6 +71,8 @@ describe('edge-mesh CLI', () => {
       ['demo'],
       ['demo', 'app'],
       ['bridge', 'run'],
+      ['auth'],
+      ['auth', 'mosquitto'],
     ];
     await Promise.all(
       commands.map(async (cmd) => {

@@ -57,6 +57,19 @@ import { AdmissionStore } from './store.ts';
 
 export { decodeAdminAck, encodeAdminRecord, MAX_ADMIN_RECORD_BYTES } from './admin.ts';
 export { MAX_PASSWORD_BYTES, MAX_USERNAME_BYTES } from './handlers/connect.ts';
+export {
+  admittedInStore,
+  type MosquittoAclRule,
+  type MosquittoAuthFiles,
+  type MosquittoIdentity,
+  mosquittoAclFile,
+  mosquittoAclRules,
+  mosquittoConf,
+  mosquittoIdentityOf,
+  mosquittoPasswordHash,
+  verifyMosquittoPassword,
+  writeMosquittoAuth,
+} from './mosquitto.ts';
 export type { BrokerAuthOptions, BrokerHooks, BrokerOptions, BrokerTlsOptions } from './options.ts';
 
 export interface BrokerHandle {

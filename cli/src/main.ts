@@ -22,6 +22,7 @@ import {
   tensorToJson,
 } from '@edge-mesh/protocol';
 import { Command, Option } from 'commander';
+import { registerAuthCommands } from './auth.ts';
 import { registerBridgeCommands } from './bridge.ts';
 import { registerChainCommands } from './chain.ts';
 import { CONFIG_ROLES, type ConfigRole, commandAt, configurable, EXIT } from './config.ts';
@@ -681,6 +682,7 @@ export function buildProgram(): Command {
   // The payout registry: payers check it before they pay (payout.ts).
   registerPayoutCommands(program);
   registerRelayCommand(program);
+  registerAuthCommands(program);
 
   program
     .command('api-key')

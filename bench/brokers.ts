@@ -1,0 +1,219 @@
+/**
+ * `npm run bench -- brokers [--quick]` (docs/benchmarks.md, "brokers"): the same QoS 1 request/reply load through each
+ * MQTT engine the mesh runs on, with the mesh's own authentication on each: the embedded aedes broker
+ * (`edge-mesh broker`, CONNECT tokens and its ACLs) and mosquitto 2.0 (password and ACL files written by
+ * `edge-mesh auth mosquitto`'s code, broker/src/mosquitto.ts). Two client processes (bench/broker-rr.ts): a responder
+ * on an agent's request topic and a requester on an app's reply topic; N sequential round trips give p50_ms and
+ * p99_ms, then `concurrency` outstanding requests for a fixed time give rps.
+ *
+ * RabbitMQ and NATS are listed as engines and skipped with the reason (not installed here, or no auth wiring for
+ * them yet): last line `{ engines: { NAME: { p50_ms, p99_ms, rps } }, skipped: { NAME: reason } }`.
+ */
+import { execFileSync } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { writeMosquittoAuth } from '@edge-mesh/broker';
+import {
+  admitted,
+  assertBuilt,
+  type BenchContext,
+  type BenchResult,
+  benchTempDir,
+  environment,
+  isEvent,
+  type Proc,
+  parseJson,
+  ROOT,
+  sleep,
+  spawnProc,
+  startBrokerProc,
+  unadmitted,
+} from './lib.ts';
+
+interface Load {
+  warmup: number;
+  n: number;
+  concurrency: number;
+  durationMs: number;
+}
+
+function which(bin: string): string | undefined {
+  try {
+    return (
+      execFileSync('sh', ['-c', `command -v ${bin} || { [ -x /usr/sbin/${bin} ] && echo /usr/sbin/${bin}; }`], {
+        encoding: 'utf8',
+      }).trim() || undefined
+    );
+  } catch {
+    return undefined;
+  }
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.on('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as net.AddressInfo;
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+async function waitForPort(port: number, proc: Proc, timeoutMs: number): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    if (proc.hasExited()) throw new Error(`${proc.name} exited: ${proc.lines.stderr.slice(-10).join('\n')}`);
+    const ok = await new Promise<boolean>((resolve) => {
+      const s = net.connect(port, '127.0.0.1', () => {
+        s.destroy();
+        resolve(true);
+      });
+      s.on('error', () => resolve(false));
+    });
+    if (ok) return;
+    if (Date.now() > until) throw new Error(`${proc.name} did not listen on ${port}`);
+    await sleep(50);
+  }
+}
+
+interface Side {
+  keyFile: string;
+  id: string;
+  passwordFile?: string;
+}
+
+/** Runs the responder and the requester against `url` and returns the requester's figures. */
+async function measure(name: string, url: string, agent: Side, app: Side, load: Load, log: (l: string) => void) {
+  const rr = path.join(ROOT, 'bench', 'broker-rr.ts');
+  const creds = (s: Side) => ['--broker', url, '--key', s.keyFile, ...(s.passwordFile ? ['--password-file', s.passwordFile] : [])];
+  const responder = spawnProc(`${name} responder`, ['--import', 'tsx', rr, 'responder', ...creds(agent)]);
+  await responder.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');
+  const requester = spawnProc(`${name} requester`, [
+    '--import',
+    'tsx',
+    rr,
+    'requester',
+    ...creds(app),
+    '--peer',
+    agent.id,
+    '--warmup',
+    String(load.warmup),
+    '--n',
+    String(load.n),
+    '--concurrency',
+    String(load.concurrency),
+    '--duration-ms',
+    String(load.durationMs),
+  ]);
+  const line = await requester.waitLine('stdout', isEvent('result'), 60_000 + load.durationMs, 'result');
+  await requester.stop();
+  await responder.stop();
+  const r = parseJson(line)!;
+  log(`${name}: p50 ${r.p50_ms} ms, p99 ${r.p99_ms} ms, ${r.rps} req/s at ${r.concurrency} outstanding`);
+  return { p50_ms: r.p50_ms, p90_ms: r.p90_ms, p99_ms: r.p99_ms, rps: r.rps, n: r.n, concurrency: r.concurrency };
+}
+
+async function aedesEngine(load: Load, log: (l: string) => void) {
+  const { proc, url } = await startBrokerProc('aedes');
+  const agent = await admitted(url, 'agent');
+  const app = await admitted(url, 'app');
+  try {
+    return await measure(
+      'aedes',
+      url,
+      { keyFile: agent.keyFile, id: agent.identity.id },
+      { keyFile: app.keyFile, id: app.identity.id },
+      load,
+      log,
+    );
+  } finally {
+    await proc.stop();
+  }
+}
+
+async function mosquittoEngine(bin: string, load: Load, log: (l: string) => void, nodelay = true) {
+  const agent = unadmitted('agent');
+  const app = unadmitted('app');
+  const dir = benchTempDir('mosquitto');
+  const port = await freePort();
+  const files = await writeMosquittoAuth(
+    dir,
+    [
+      { id: agent.identity.id, role: 'agent' },
+      { id: app.identity.id, role: 'app' },
+    ],
+    { port, host: '127.0.0.1' },
+  );
+  // As root mosquitto drops to the `mosquitto` user, which could not read the 0700 folder: stay root here.
+  const conf = `${files.confFile}.bench`;
+  let text = readFileSync(files.confFile, 'utf8') + (process.getuid?.() === 0 ? 'user root\n' : '');
+  if (!nodelay) text = text.replace('set_tcp_nodelay true', 'set_tcp_nodelay false');
+  writeFileSync(conf, text);
+  const proc = spawnProc('mosquitto', ['-c', conf], { command: bin });
+  try {
+    await waitForPort(port, proc, 10_000);
+    const version = /mosquitto version (\S+)/.exec(proc.lines.stderr.join('\n'))?.[1] ?? 'unknown';
+    const figures = await measure(
+      nodelay ? 'mosquitto' : 'mosquitto without set_tcp_nodelay',
+      `mqtt://127.0.0.1:${port}`,
+      { keyFile: agent.keyFile, id: agent.identity.id, passwordFile: files.secrets.get(agent.identity.id)! },
+      { keyFile: app.keyFile, id: app.identity.id, passwordFile: files.secrets.get(app.identity.id)! },
+      load,
+      log,
+    );
+    return { ...figures, version };
+  } finally {
+    await proc.stop();
+  }
+}
+
+export async function run(ctx: BenchContext): Promise<BenchResult> {
+  assertBuilt(['protocol', 'client', 'broker', 'cli']);
+  const num = (key: string, quick: number, full: number) => {
+    const v = ctx.args[key];
+    return typeof v === 'string' ? Number(v) : ctx.quick ? quick : full;
+  };
+  const load: Load = {
+    warmup: num('warmup', 200, 1_000),
+    n: num('n', 2_000, 20_000),
+    concurrency: num('concurrency', 16, 16),
+    durationMs: num('duration-ms', 2_000, 10_000),
+  };
+  const engines: Record<string, unknown> = {};
+  const skipped: Record<string, string> = {};
+  ctx.log(`brokers: ${load.n} sequential QoS 1 round trips per engine, then ${load.concurrency} outstanding for ${load.durationMs} ms`);
+
+  engines.aedes = await aedesEngine(load, ctx.log);
+  const mosquitto = which('mosquitto');
+  if (mosquitto) {
+    engines.mosquitto = await mosquittoEngine(mosquitto, load, ctx.log);
+    // The delayed-ACK trap (docs/operations.md): each round trip waits tens of ms, so only a few are measured.
+    if (ctx.args['with-delayed-ack'] === true)
+      engines.mosquitto_no_nodelay = await mosquittoEngine(
+        mosquitto,
+        { warmup: 5, n: Math.min(load.n, 100), concurrency: load.concurrency, durationMs: 2_000 },
+        ctx.log,
+        false,
+      );
+  } else skipped.mosquitto = 'mosquitto is not installed (Debian package `mosquitto`)';
+  // The mesh's auth wiring for these engines is not built yet (issue 14): they are not measured even when installed.
+  skipped.rabbitmq = which('rabbitmq-server')
+    ? 'rabbitmq-server is installed, but the mesh has no auth wiring for RabbitMQ yet'
+    : 'rabbitmq-server is not installed';
+  skipped.nats = which('nats-server')
+    ? 'nats-server is installed, but the mesh has no auth wiring for NATS yet'
+    : 'nats-server is not installed';
+
+  return {
+    bench: 'brokers',
+    quick: ctx.quick,
+    qos: 1,
+    payload_bytes: 64,
+    ...load,
+    environment: environment(),
+    engines,
+    skipped,
+  };
+}
