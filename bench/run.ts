@@ -28,7 +28,7 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
   'router-sim': {
     file: './router-sim.ts',
     about: 'discrete-event router simulator: fleet mixes x loads x scenarios x policies x seeds, ratios with bootstrap CIs',
-    timeoutS: { quick: 150, full: 3_600 },
+    timeoutS: { quick: 300, full: 3_600 },
   },
   'router-pick': {
     file: './router-pick.ts',
@@ -75,7 +75,7 @@ ${Object.entries(BENCHES)
 
 options:
   --quick        short run (under 45 s; economics about 60 s)
-  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; agent 90 quick; economics 180 and 2400)
+  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; agent 90 quick; router-sim 300 and 3600; economics 180 and 2400)
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
   agent:      --reps R --idle-ms MS --settle-ms MS --workers W --inline-max-ms MS
