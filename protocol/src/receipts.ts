@@ -566,8 +566,10 @@ export class LaneVerifier {
     const payable = reason === undefined;
     const payableBefore = this.state.payable ?? 0;
     const accepted = this.commit(r, leaf, payable);
-    if (this.deferSignatures)
-      (this.state.unchecked ??= []).push([r.seq, this.state.lastLeaf, toHex(r.sig), payableBefore, payable ? 1 : 0]);
+    if (this.deferSignatures) {
+      this.state.unchecked ??= [];
+      this.state.unchecked.push([r.seq, this.state.lastLeaf, toHex(r.sig), payableBefore, payable ? 1 : 0]);
+    }
     return { ...accepted, payable, ...(reason ? { reason } : {}) };
   }
 
