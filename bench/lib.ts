@@ -358,7 +358,9 @@ export async function startAgentProc(o: AgentProcOptions): Promise<Proc> {
   if (o.workers) args.push('--workers', String(o.workers));
   if (o.queueLimit) args.push('--queue-limit', String(o.queueLimit));
   if (o.inlineMaxMs !== undefined) args.push('--inline-max-ms', String(o.inlineMaxMs));
-  const proc = spawnProc(o.name ?? `agent ${o.id}`, args);
+  // BENCH_AGENT_NODE_ARGS (space-separated) goes to the agents' node, e.g. `--cpu-prof --cpu-prof-dir=/tmp/prof`.
+  const nodeArgs = process.env.BENCH_AGENT_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  const proc = spawnProc(o.name ?? `agent ${o.id}`, [...nodeArgs, ...args]);
   await proc.waitLine('stderr', (l) => l.includes('"msg":"announced"'), 30_000, "'announced'");
   return proc;
 }

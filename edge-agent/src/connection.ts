@@ -59,6 +59,8 @@ export class AgentLink {
   private readonly client: MqttClient;
   private readonly agentId: string;
   private closed = false;
+  /** Writes are held until the end of this turn's check phase (holdWrites). */
+  private held = false;
   private resolveAnnounced!: () => void;
 
   constructor(private readonly options: AgentLinkOptions) {
@@ -111,8 +113,33 @@ export class AgentLink {
     this.client = this.connection.client;
     this.client.on('message', (topic, payload) => {
       const route = routeTopic(agentId, topic);
-      if (route) handlers[route.kind](route.senderId, payload);
+      if (!route) return;
+      if (route.kind === 'request') this.holdWrites();
+      handlers[route.kind](route.senderId, payload);
     });
+  }
+
+  /**
+   * Holds the socket's writes from a request's arrival to this event-loop turn's check phase, so that
+   * the PUBACK mqtt.js writes once the handler returns (mqtt.js lib/handlers/publish.js) and the reply of
+   * a model that runs inline, which runs in that check phase (inline.ts), leave in one write, as they do
+   * from an agent that answers inside the handler. A write then costs one syscall, and the broker one
+   * read, per request instead of two (docs/agent.md, "The request path"). The release is queued after
+   * the handler's own (a nextTick, then setImmediate: behind onnxruntime's setImmediate for the run), and
+   * nothing is held past that turn.
+   */
+  private holdWrites(): void {
+    if (this.held) return;
+    const stream = this.client.stream as { cork?: () => void; uncork?: () => void; destroyed?: boolean } | undefined;
+    if (!stream?.cork || !stream.uncork || stream.destroyed) return;
+    stream.cork();
+    this.held = true;
+    process.nextTick(() =>
+      setImmediate(() => {
+        this.held = false;
+        stream.uncork!();
+      }),
+    );
   }
 
   get connected(): boolean {
