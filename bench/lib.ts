@@ -403,6 +403,8 @@ export interface LoadgenOptions {
   warmupMs?: number;
   durationMs?: number;
   deadlineMs?: number;
+  /** Latency mode: pin request i to agents[i mod k] and report each agent's figures (`by_agent`). */
+  agents?: string[];
 }
 
 /** bench/loadgen.ts; resolves once it is connected and sees the model ({"event":"ready"}); send 'go' to start. */
@@ -429,6 +431,7 @@ export async function startLoadgenProc(o: LoadgenOptions): Promise<Proc> {
   opt('--warmup-ms', o.warmupMs);
   opt('--duration-ms', o.durationMs);
   opt('--deadline-ms', o.deadlineMs);
+  if (o.agents) args.push('--agents', o.agents.join(','));
   const proc = spawnProc(`loadgen ${o.id}`, args, { stdin: true });
   await proc.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');
   return proc;
