@@ -374,7 +374,9 @@ export async function startAgentProc(o: AgentProcOptions): Promise<Proc> {
   if (o.workers) args.push('--workers', String(o.workers));
   if (o.queueLimit) args.push('--queue-limit', String(o.queueLimit));
   if (o.inlineMaxMs !== undefined) args.push('--inline-max-ms', String(o.inlineMaxMs));
-  const proc = spawnProc(o.name ?? `agent ${o.id}`, args);
+  // BENCH_AGENT_NODE_ARGS (space-separated) goes to the agents' node, e.g. `--cpu-prof --cpu-prof-dir=/tmp/prof`.
+  const nodeArgs = process.env.BENCH_AGENT_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
+  const proc = spawnProc(o.name ?? `agent ${o.id}`, [...nodeArgs, ...args]);
   await proc.waitLine('stderr', (l) => l.includes('"msg":"announced"'), 30_000, "'announced'");
   return proc;
 }
@@ -417,6 +419,8 @@ export interface LoadgenOptions {
   warmupMs?: number;
   durationMs?: number;
   deadlineMs?: number;
+  /** Latency mode: pin request i to agents[i mod k] and report each agent's figures (`by_agent`). */
+  agents?: string[];
 }
 
 /** bench/loadgen.ts; resolves once it is connected and sees the model ({"event":"ready"}); send 'go' to start. */
@@ -443,6 +447,7 @@ export async function startLoadgenProc(o: LoadgenOptions): Promise<Proc> {
   opt('--warmup-ms', o.warmupMs);
   opt('--duration-ms', o.durationMs);
   opt('--deadline-ms', o.deadlineMs);
+  if (o.agents) args.push('--agents', o.agents.join(','));
   const proc = spawnProc(`loadgen ${o.id}`, args, { stdin: true });
   await proc.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');
   return proc;

@@ -14,7 +14,9 @@
  * It exits by itself if stdin closes (the parent is gone) and has its own wall-clock cap (--max-ms).
  *
  * latency: closed loop, window 1: `warmup` requests, then `n` timed requests, each stamped with
- *   process.hrtime.bigint() around `await mesh.infer(...)` (single clock, in this process).
+ *   process.hrtime.bigint() around `await mesh.infer(...)` (single clock, in this process). With
+ *   `--agents ID,ID,...` request i goes to agent i mod k (pinned), and the result adds each agent's
+ *   p50 and p99 in `by_agent`: agents measured in turns, under the same moment-to-moment load.
  * throughput: `concurrency` closed loops; after `warmup-ms` counts the requests that complete within the
  *   next `duration-ms` (the measured window) and their latencies; loops then stop and in-flight
  *   requests drain. Errors are counted by code in both modes (they must be 0).
@@ -41,12 +43,15 @@ const { values } = parseArgs({
     'duration-ms': { type: 'string', default: '5000' },
     'deadline-ms': { type: 'string', default: '5000' },
     'max-ms': { type: 'string', default: '600000' },
+    agents: { type: 'string' },
   },
 });
 const num = (k: keyof typeof values) => Number(values[k]);
 const mode = values.mode as 'latency' | 'throughput';
 const model = values.model!;
 const deadlineMs = num('deadline-ms');
+const pinned = values.agents?.split(',').filter(Boolean) ?? [];
+const target = (i: number) => (pinned.length > 0 ? { deadlineMs, agentId: pinned[i % pinned.length]! } : { deadlineMs });
 
 const emit = (event: string, data: Record<string, unknown> = {}) => process.stdout.write(`${JSON.stringify({ event, ...data })}\n`);
 
@@ -61,7 +66,7 @@ stdinLines.on('close', () => process.exit(4));
 
 const identity = parseKeyFile(readFileSync(values.key!, 'utf8'), values.key);
 const mesh = await connect({ brokerUrl: values.broker!, identity });
-await mesh.waitForModel(model, 15_000);
+await mesh.waitForModel(model, 15_000, Math.max(1, pinned.length));
 const inputs = sampleInputs(model, 1);
 emit('ready', { agents: mesh.agents().map((a) => a.id) });
 await go;
@@ -78,7 +83,7 @@ if (mode === 'latency') {
   const n = num('n');
   for (let i = 0; i < warmup; i++) {
     try {
-      await mesh.infer(model, inputs, { deadlineMs });
+      await mesh.infer(model, inputs, target(i));
     } catch (err) {
       countError(err);
     }
@@ -89,6 +94,7 @@ if (mode === 'latency') {
   const execMs: number[] = [];
   const queueMs: number[] = [];
   const networkMs: number[] = [];
+  const byAgent = new Map<string, number[]>(pinned.map((id) => [id, []]));
   let ok = 0;
   emit('measuring');
   const cpu0 = process.cpuUsage();
@@ -96,8 +102,10 @@ if (mode === 'latency') {
   for (let i = 0; i < n; i++) {
     const start = process.hrtime.bigint();
     try {
-      const r = await mesh.infer(model, inputs, { deadlineMs });
-      latencies[ok++] = Number(process.hrtime.bigint() - start) / 1e6;
+      const r = await mesh.infer(model, inputs, target(i));
+      const ms = Number(process.hrtime.bigint() - start) / 1e6;
+      latencies[ok++] = ms;
+      byAgent.get(r.agentId)?.push(ms);
       if (r.attempts > 1) retried++;
       execMs.push(r.timings.execMs);
       queueMs.push(r.timings.queueMs);
@@ -128,6 +136,16 @@ if (mode === 'latency') {
     wall_ms: Math.round(wallMs),
     cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
     cores: round((cpu.user + cpu.system) / 1000 / wallMs, 2),
+    ...(pinned.length > 0
+      ? {
+          by_agent: Object.fromEntries(
+            [...byAgent].map(([id, ms]) => {
+              const a = summarize(Float64Array.from(ms));
+              return [id, { n: ms.length, p50_ms: round(a.p50), p99_ms: round(a.p99) }];
+            }),
+          ),
+        }
+      : {}),
   });
 } else {
   const concurrency = num('concurrency');

@@ -11,6 +11,10 @@
  * mesh_pool: the same with `--inline-max-ms 0`: kws on the worker thread too, as before inline models.
  * echo: the same with bench/echo-agent.ts (a protocol-complete agent that answers without inference) in place
  *       of the agent, on a fresh broker: the floor set by MQTT, the broker and the SDK.
+ * paired: the agent and the echo agent on one broker, the load generator sending request i to the agent
+ *       when i is even and to the echo agent when odd (pinned): both measured in turns under the same
+ *       moment-to-moment load of a shared machine, where mesh and echo, run one after the other, can land
+ *       in different load. Reported as paired_mesh_p50_ms, paired_echo_p50_ms and their difference.
  * Also, to split the overhead: tcp (a raw TCP ping-pong between two processes, bench/tcp-floor.ts),
  *       pool (the agent's WorkerPool alone in this process: main thread → worker → session.run → back) and
  *       inline (the agent's InlineExecutor alone in this process: session.run on this thread, the same hop
@@ -196,6 +200,42 @@ async function meshLatency(
   return { ...result, cpu };
 }
 
+/** The agent and the echo agent on one broker, requests alternating between them (see the header). */
+async function pairedLatency(ctx: BenchContext, n: number): Promise<Record<string, unknown>> {
+  const broker = await startBrokerProc('broker (paired)');
+  const agentKey = await admitted(broker.url, 'agent');
+  const echoKey = await admitted(broker.url, 'agent');
+  const agent = await startAgentProc({ url: broker.url, keyFile: agentKey.keyFile, id: agentKey.identity.id, workers: 1 });
+  const echo = await startEchoAgentProc(broker.url, echoKey.identity.id, echoKey.keyFile);
+  const app = await admitted(broker.url, 'app');
+  const loadgen = await startLoadgenProc({
+    url: broker.url,
+    keyFile: app.keyFile,
+    id: app.identity.id,
+    mode: 'latency',
+    warmup: WARMUP,
+    n: 2 * n,
+    deadlineMs: 1_000,
+    agents: [agentKey.identity.id, echoKey.identity.id],
+  });
+  loadgen.send('go');
+  const result = await loadgenResult(loadgen, ctx.quick ? 30_000 : 300_000);
+  await Promise.all([loadgen.stop(), agent.stop(), echo.stop()]);
+  await broker.proc.stop();
+  const by = result.by_agent as Record<string, { p50_ms: number; p99_ms: number }>;
+  const a = by[agentKey.identity.id]!;
+  const e = by[echoKey.identity.id]!;
+  ctx.log(`  paired: agent p50 ${a.p50_ms} ms, echo p50 ${e.p50_ms} ms, ${result.ok}/${2 * n} ok`);
+  return {
+    paired_mesh_p50_ms: a.p50_ms,
+    paired_mesh_p99_ms: a.p99_ms,
+    paired_echo_p50_ms: e.p50_ms,
+    paired_echo_p99_ms: e.p99_ms,
+    paired_mesh_minus_echo_p50_ms: round(a.p50_ms - e.p50_ms),
+    paired_errors: result.errors,
+  };
+}
+
 export async function run(ctx: BenchContext): Promise<BenchResult> {
   const n = typeof ctx.args.n === 'string' ? Number(ctx.args.n) : ctx.quick ? 2_000 : 10_000;
   assertBuilt();
@@ -228,9 +268,12 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1, inlineMaxMs: 0 }),
   );
   const echo = await meshLatency(ctx, 'echo', n, (url, key) => startEchoAgentProc(url, key.identity.id, key.keyFile));
+  const paired = await pairedLatency(ctx, n);
 
   const meshErrors = [mesh, meshPool].flatMap((m) => Object.values(m.errors as Record<string, number>)).reduce((a, b) => a + b, 0);
-  const echoErrors = Object.values(echo.errors as Record<string, number>).reduce((a, b) => a + b, 0);
+  const echoErrors = [echo.errors, paired.paired_errors]
+    .flatMap((e) => Object.values(e as Record<string, number>))
+    .reduce((a, b) => a + b, 0);
   return {
     bench: 'overhead',
     quick: ctx.quick,
@@ -255,6 +298,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     mesh_pool_agent_exec_p50_ms: meshPool.agent_exec_p50_ms,
     agent_exec_p50_ms: mesh.agent_exec_p50_ms,
     agent_queue_p50_ms: mesh.agent_queue_p50_ms,
+    ...paired,
     errors: { mesh: mesh.errors, mesh_pool: meshPool.errors, echo: echo.errors },
     error_count: meshErrors + echoErrors,
     retried: { mesh: mesh.retried, mesh_pool: meshPool.retried, echo: echo.retried },

@@ -15,7 +15,12 @@ import path from 'node:path';
 import { type BenchContext, type BenchResult, machineBusyMs, ROOT, stopAll } from './lib.ts';
 
 const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick: number; full: number } }> = {
-  overhead: { file: './overhead.ts', about: 'kws latency: raw onnxruntime vs mesh (broker + agent + SDK processes) vs a no-op echo agent' },
+  overhead: {
+    file: './overhead.ts',
+    about: 'kws latency: raw onnxruntime vs mesh (broker + agent + SDK processes) vs a no-op echo agent',
+    // Four mesh phases (agent, agent on its worker, echo, and the two paired) on a busy 2-core machine.
+    timeoutS: { quick: 60, full: 900 },
+  },
   throughput: {
     file: './throughput.ts',
     about: 'kws requests/s at fixed concurrency against the agent (workers 1 and 2; and kws on the pool) and the echo agent',
@@ -75,7 +80,7 @@ ${Object.entries(BENCHES)
 
 options:
   --quick        short run (under 45 s; economics about 60 s)
-  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; agent 90 quick; router-sim 300 and 3600; economics 180 and 2400)
+  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; overhead 60 quick; agent 90 quick; router-sim 300 and 3600; economics 180 and 2400)
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
   agent:      --reps R --idle-ms MS --settle-ms MS --workers W --inline-max-ms MS

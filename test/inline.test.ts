@@ -12,6 +12,7 @@ import type { ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
+import net from 'node:net';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import type { AgentHandle, AgentOptions, ManifestEntry } from '@edge-mesh/agent';
@@ -332,6 +333,80 @@ describe('serving inline', () => {
     // And it still serves the model.
     const later = request('kws', kws(2), 5_000);
     assert.equal((await raw.request(key.id, later.id, later)).kind, 'res');
+  });
+});
+
+/**
+ * A TCP relay in front of `brokerPort` that keeps, for the client-to-broker direction, the first byte
+ * (packet type and flags) of each MQTT packet in each chunk read (a chunk is what one read returned: what
+ * the client wrote at once, or more).
+ */
+async function packetRelay(t: Parameters<typeof tempDir>[0], brokerPort: number) {
+  const chunks: number[][] = [];
+  const server = net.createServer((client) => {
+    client.setNoDelay(true);
+    const upstream = net.connect(brokerPort, '127.0.0.1');
+    upstream.setNoDelay(true);
+    let pending = Buffer.alloc(0);
+    client.on('data', (data: Buffer) => {
+      upstream.write(data);
+      // Packets that end in this chunk (remaining length: MQTT 3.1.1 §2.2.3).
+      pending = Buffer.concat([pending, data]);
+      const types: number[] = [];
+      for (;;) {
+        let length = 0;
+        let multiplier = 1;
+        let at = 1;
+        for (; at < pending.length && at <= 4; at++) {
+          length += (pending[at]! & 0x7f) * multiplier;
+          multiplier *= 128;
+          if ((pending[at]! & 0x80) === 0) break;
+        }
+        if (at >= pending.length || pending.length < at + 1 + length) break;
+        types.push(pending[0]!);
+        pending = pending.subarray(at + 1 + length);
+      }
+      chunks.push(types);
+    });
+    upstream.on('data', (data) => client.write(data));
+    const end = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    client.on('close', end).on('error', end);
+    upstream.on('close', end).on('error', end);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  return { url: `mqtt://127.0.0.1:${(server.address() as net.AddressInfo).port}`, chunks };
+}
+
+describe('the request path', () => {
+  test("an inline model's reply leaves the agent in the same write as the request's PUBACK", async (t) => {
+    const broker = await brokerFor(t);
+    const relay = await packetRelay(t, Number(new URL(broker.url).port));
+    const { dir } = await modelsFolder(t, ['kws']);
+    // Its own process (the built CLI), so that the relay reads its writes as they come; a generous bound,
+    // so that on a busy machine the wake-word model still runs inline.
+    const agent = generateIdentity('agent');
+    const proc = await spawnAgent(t, relay.url, agent, ['--models', dir, '--inline-max-ms', '20']);
+    assert.match(proc.stderrText(), /"inline":\["kws"\]/);
+    const mesh = await meshFor(t, { brokerUrl: broker.url });
+    await mesh.waitForModel('kws');
+    // A QoS 1 PUBLISH (the replies; the heartbeat's load report is QoS 0) and a PUBACK, MQTT 3.1.1 §3.3.1, §3.4.
+    const PUBLISH = 0x32;
+    const PUBACK = 0x40;
+    const before = relay.chunks.length;
+    for (let i = 0; i < 20; i++) await mesh.infer('kws', kws(1 + (i % 4)), { deadlineMs: 10_000, agentId: agent.id });
+    await waitFor(() => relay.chunks.slice(before).filter((c) => c.includes(PUBLISH)).length >= 20, 5_000, '20 replies relayed');
+    const replies = relay.chunks.slice(before).filter((c) => c.includes(PUBLISH));
+    // One write per request: its PUBACK and its reply together, never a PUBACK alone.
+    assert.deepEqual(
+      replies.filter((c) => !c.includes(PUBACK)),
+      [],
+      `chunks: ${JSON.stringify(relay.chunks.slice(before))}`,
+    );
+    assert.equal(relay.chunks.slice(before).filter((c) => c.length === 1 && c[0] === PUBACK).length, 0);
   });
 });
 

@@ -25,6 +25,7 @@ import {
   parseTopic,
   RECEIPT_STATUS,
   type Receipt,
+  receiptLeaf,
   type SignedReceipt,
   signBytes,
   signQuote,
@@ -300,6 +301,48 @@ describe('the payer pays only what it asked for', () => {
       agent.vouchers.every((v) => v.cumulative <= 2),
       JSON.stringify(agent.vouchers.map((v) => v.cumulative)),
     );
+  });
+
+  test('receipts the agent did not sign, hidden in a voucher batch behind honest ones, are caught before the voucher and not paid', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    // Whoever sits between agent and payer (a relay, the network) signs receipts 3 and 4 in the agent's name.
+    const forger = generateIdentity('agent');
+    let n = 0;
+    const agent = await scriptedAgent(
+      t,
+      broker.url,
+      payoutWallet.address.toLowerCase(),
+      (a, req, sender) => {
+        n++;
+        // A broken lane sends requests unpaid: nothing to bill.
+        if (!req.pay) return a.answer(sender, req.id);
+        const receipt = a.receipt(req.pay.payer, { requestId: req.id });
+        a.answer(sender, req.id, n <= 2 ? receipt : { ...receipt, sig: signBytes(forger, receiptLeaf(receipt)) });
+      },
+      kwsPrice,
+      // A window of 16 at 2 a request: the voucher waits until 8 is owed, after the fourth receipt, so one
+      // signature check covers all four.
+      16,
+    );
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url, { voucherDelayMs: 60_000 });
+    await mesh.waitForModel('kws');
+    for (let i = 0; i < 4; i++) await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await waitFor(() => mesh.lanes()[0]?.broken !== undefined, 5_000, 'the lane broken at the voucher');
+    await waitFor(() => agent.vouchers.length >= 1, 5_000, 'a voucher for what the agent signed');
+    assert.deepEqual(
+      agent.vouchers.map((v) => [v.cumulative, v.seq]),
+      [[4, 2]],
+      'one voucher, for receipts 1 and 2 only',
+    );
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.owedMicros, 4);
+    assert.match(lane.broken!, /receipt 3/);
+    // Nothing more is paid to that lane: the next request goes without a payment field.
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    assert.equal(agent.requests.at(-1)!.req.pay, undefined);
+    assert.equal(agent.vouchers.length, 1);
   });
 
   test("a reply after the deadline by the payer's clock is not paid, whatever time its receipt states", async (t) => {

@@ -6,6 +6,7 @@ import {
   checkTensor,
   decodeMessage,
   decodeTensor,
+  decodeTensorMap,
   ERROR_CODES,
   encodeMessage,
   encodeTensor,
@@ -62,6 +63,33 @@ describe('tensors', () => {
     assert.deepEqual([...back.data], [...data]);
     const ints = decodeTensor('i', encodeTensor({ dtype: 'int64', shape: [], data: BigInt64Array.of(16000n) }));
     assert.deepEqual([...ints.data], [16000n]);
+  });
+
+  test("adopt: a received message's byte strings become the tensors' data without a copy; views into larger buffers are copied", () => {
+    const data = Float32Array.from({ length: 2400 }, (_, i) => i);
+    const sent: InferRequest = {
+      v: PROTOCOL_VERSION,
+      kind: 'req',
+      id: newRequestId(),
+      deadline: Date.now() + 1000,
+      model: 'kws',
+      inputs: { x: encodeTensor({ dtype: 'float32', shape: [1, 25, 96], data }) },
+    };
+    // Received at an odd offset inside a larger buffer, as a socket read delivers it.
+    const encoded = encodeMessage(sent);
+    const chunk = Buffer.alloc(encoded.length + 3);
+    encoded.copy(chunk, 3);
+    const received = decodeMessage(chunk.subarray(3), ['req']);
+    const wire = received.inputs.x!;
+    assert.equal(wire.data.byteLength, wire.data.buffer.byteLength, 'the decoder copied the byte string out of the payload');
+    const adopted = decodeTensorMap(received.inputs, 1 << 20, { adopt: true }).x!;
+    assert.equal(adopted.data.buffer, wire.data.buffer, 'no second copy');
+    assert.deepEqual([...adopted.data], [...data]);
+    assert.notEqual(decodeTensorMap(received.inputs).x!.data.buffer, wire.data.buffer, 'copied unless asked');
+    // A view into a larger buffer (another tensor's bytes, a pooled Buffer) is never taken over.
+    const view = decodeTensor('x', { ...wire, data: chunk.subarray(0, 9600) }, 1 << 20, { adopt: true });
+    assert.notEqual(view.data.buffer, chunk.buffer);
+    assert.equal(view.data.buffer.byteLength, 9600);
   });
 
   test('strict checks: dtype allow-list, shape × itemsize == bytes, element cap', () => {

@@ -17,6 +17,7 @@ import {
   receiptLeaf,
   receiptPriceMicros,
   type SignedReceipt,
+  signBytes,
   signQuote,
   signReceipt,
   toHex,
@@ -341,6 +342,100 @@ describe('receipts', () => {
       reasonOf(() => v.verify(batch[2]!)),
       'replayed',
     );
+  });
+
+  describe('deferred signatures (the SDK links receipts and checks signatures before each voucher)', () => {
+    const asked = { asked: true, reply: 'res' as const };
+    const forger = generateIdentity('agent');
+    /** Receipts that continue a lane from `prev` in the agent's name, signed by someone else (a relay, a router, the network). */
+    const forgeTail = (honest: SignedReceipt[], prev: Uint8Array): SignedReceipt[] =>
+      honest.map((r) => {
+        const forged: Receipt = { ...r, prevReceipt: prev, outputHash: new Uint8Array(32).fill(0xee) };
+        prev = receiptLeaf(forged).slice();
+        return { ...forged, sig: signBytes(forger, prev) };
+      });
+
+    test('one Ed25519 verification covers every receipt linked since the last check', () => {
+      const next = lane();
+      const v = new LaneVerifier({ payer, quote, deferSignatures: true });
+      for (let i = 0; i < 100; i++) assert.ok(v.link(next(RECEIPT_STATUS.ok, 1), asked).payable);
+      assert.equal(v.unchecked, 100);
+      assert.equal(v.signedSeq, 0, 'nothing is covered by a checked signature yet');
+      assert.deepEqual(v.checkSignatures(), { ok: true, checked: 1 });
+      assert.equal(v.signedSeq, 100);
+      assert.equal(v.state.payable, 700);
+      assert.deepEqual(v.checkSignatures(), { ok: true, checked: 0 });
+    });
+
+    test('a forged tail hidden in a batch behind honest receipts is caught before paying and taken out of what is owed', () => {
+      const next = lane();
+      const v = new LaneVerifier({ payer, quote, deferSignatures: true });
+      const honest = Array.from({ length: 7 }, () => next(RECEIPT_STATUS.ok, 1));
+      for (const r of honest.slice(0, 4)) v.link(r, asked);
+      // Receipts 5-7 link (every field, seq and hash link is right) but the agent never signed them.
+      for (const r of forgeTail(honest.slice(4), receiptLeaf(honest[3]!).slice())) assert.ok(v.link(r, asked).payable);
+      assert.equal(v.state.payable, 49);
+      const check = v.checkSignatures();
+      assert.deepEqual(check, { ok: false, seq: 5, unpaid: 3, checked: 4 });
+      assert.equal(v.state.payable, 28, 'only the four receipts the agent signed are owed');
+      assert.equal(v.signedSeq, 4);
+      assert.equal(
+        reasonOf(() => v.link(next(RECEIPT_STATUS.ok, 1), asked)),
+        'signature',
+        'the lane links nothing after a receipt the agent did not sign',
+      );
+    });
+
+    test('a whole batch with no valid signature is owed nothing beyond the last check', () => {
+      const next = lane();
+      const v = new LaneVerifier({ payer, quote, deferSignatures: true });
+      const first = next(RECEIPT_STATUS.ok, 1);
+      v.link(first, asked);
+      assert.equal(v.checkSignatures().ok, true);
+      const forged = forgeTail(
+        Array.from({ length: 3 }, () => next(RECEIPT_STATUS.ok, 1)),
+        receiptLeaf(first).slice(),
+      );
+      for (const r of forged) v.link(r, asked);
+      assert.deepEqual(v.checkSignatures(), { ok: false, seq: 2, unpaid: 3, checked: 3 });
+      assert.equal(v.state.payable, 7);
+    });
+
+    test('a forged receipt followed by an honest one breaks the hash link at once', () => {
+      const next = lane();
+      const v = new LaneVerifier({ payer, quote, deferSignatures: true });
+      const honest = [next(RECEIPT_STATUS.ok, 1), next(RECEIPT_STATUS.ok, 1), next(RECEIPT_STATUS.ok, 1)];
+      v.link(honest[0]!, asked);
+      v.link(forgeTail([honest[1]!], receiptLeaf(honest[0]!).slice())[0]!, asked);
+      assert.equal(
+        reasonOf(() => v.link(honest[2]!, asked)),
+        'chain',
+      );
+    });
+
+    test("a receipt with a broken signature under the agent's later signed receipt is the agent's word, through the hash chain", () => {
+      const next = lane();
+      const v = new LaneVerifier({ payer, quote, deferSignatures: true });
+      const batch = [next(RECEIPT_STATUS.ok, 1), next(RECEIPT_STATUS.ok, 1), next(RECEIPT_STATUS.ok, 1)];
+      // Receipt 3 is signed by the agent and its leaf hashes receipt 2's exact fields: the agent is bound to them.
+      v.link(batch[0]!, asked);
+      v.link({ ...batch[1]!, sig: new Uint8Array(64) }, asked);
+      v.link(batch[2]!, asked);
+      assert.deepEqual(v.checkSignatures(), { ok: true, checked: 1 });
+      assert.equal(v.state.payable, 21);
+    });
+
+    test('unchecked receipts survive a store and restore (plain JSON) and are still checked', () => {
+      const next = lane();
+      const v = new LaneVerifier({ payer, quote, deferSignatures: true });
+      const honest = [next(RECEIPT_STATUS.ok, 1), next(RECEIPT_STATUS.ok, 1), next(RECEIPT_STATUS.ok, 1)];
+      v.link(honest[0]!, asked);
+      for (const r of forgeTail(honest.slice(1), receiptLeaf(honest[0]!).slice())) v.link(r, asked);
+      const restored = new LaneVerifier({ payer, quote, deferSignatures: true, state: JSON.parse(JSON.stringify(v.state)) });
+      assert.equal(restored.unchecked, 3);
+      assert.deepEqual(restored.checkSignatures(), { ok: false, seq: 2, unpaid: 2, checked: 3 });
+      assert.equal(restored.state.payable, 7);
+    });
   });
 
   test('quotes: signature, id binding and expiry are checked', () => {

@@ -356,7 +356,9 @@ export class AgentRequests {
     try {
       const model = models.get(request.model);
       if (!model) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${request.model} is not served by ${agentId}`);
-      inputs = decodeTensorMap(request.inputs, maxElements);
+      // The request's byte strings are its own copies (decodeMessage): the job takes them over, and
+      // request.inputs is read no more once the job is queued (a worker may take the buffers).
+      inputs = decodeTensorMap(request.inputs, maxElements, { adopt: true });
       if (unitSpec) units = unitsOf(model, unitSpec, inputs);
       else checkInputs(model, inputs);
       if (payments && !request.pay && !payments.serveUnpaid) {

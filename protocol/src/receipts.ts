@@ -383,7 +383,29 @@ export interface LaneState {
   open: Record<string, [number, number]>;
   /** Request ids (hex) of recent final receipts, oldest first (between 1 and 2 × rememberRequests of them). */
   closed: string[];
+  /** Receipts linked with their signature not yet checked (LaneVerifier `deferSignatures`), oldest first. */
+  unchecked?: UncheckedReceipt[];
 }
+
+/**
+ * A receipt linked before its signature was checked: [seq, leaf hex, signature hex, `payable` before it,
+ * 1 when it was payable]. Enough to check the signature later (it signs the leaf) and to take back what it
+ * added to `payable`, after a restart too.
+ */
+export type UncheckedReceipt = [number, string, string, number, 0 | 1];
+
+/** What `LaneVerifier.checkSignatures` found. */
+export type SignatureCheck =
+  | { ok: true; checked: number }
+  | {
+      ok: false;
+      /** The first receipt that no valid signature covers: it and every receipt after it are not paid. */
+      seq: number;
+      /** Of those, how many had been payable (their leaves are to be dropped from the next voucher). */
+      unpaid: number;
+      /** Ed25519 verifications it took to find them. */
+      checked: number;
+    };
 
 export const newLaneState = (): LaneState => ({ seq: 0, cumulative: 0, payable: 0, lastLeaf: toHex(ZERO_HASH), open: {}, closed: [] });
 
@@ -396,6 +418,11 @@ export interface LaneVerifierOptions {
   state?: LaneState;
   /** Final request ids remembered against duplicates (the hash chain already refuses replayed receipts). */
   rememberRequests?: number;
+  /**
+   * `link` checks every field and link of a receipt but not its signature, which waits for
+   * `checkSignatures` (due before any voucher is signed over the lane's `payable`). Default false.
+   */
+  deferSignatures?: boolean;
 }
 
 /** What the payer knows of the request a receipt is for, when it still knows it. */
@@ -476,6 +503,9 @@ export class LaneVerifier {
   private readonly rememberRequests: number;
   private readonly prices = new Map<string, ModelPrice>();
   private readonly closed: Set<string>;
+  private readonly deferSignatures: boolean;
+  /** Seq of the first receipt a failed `checkSignatures` found unsigned: the lane links nothing after it. */
+  private unsignedAt: number | undefined;
   state: LaneState;
 
   constructor({
@@ -484,11 +514,13 @@ export class LaneVerifier {
     maxPriceMicros = Number.MAX_SAFE_INTEGER,
     state = newLaneState(),
     rememberRequests = 65_536,
+    deferSignatures = false,
   }: LaneVerifierOptions) {
     this.payer = payer.toLowerCase();
     this.quote = quote;
     this.maxPriceMicros = maxPriceMicros;
     this.rememberRequests = rememberRequests;
+    this.deferSignatures = deferSignatures;
     this.state = state;
     this.closed = new Set(state.closed);
     for (const m of quote.models) this.prices.set(m.modelHash, m);
@@ -528,9 +560,60 @@ export class LaneVerifier {
    * but leaves it unpaid: the lane goes on, and `state.payable` adds only what the payer owes.
    */
   link(r: SignedReceipt, context: ReceiptContext): LinkedReceipt {
-    const leaf = this.linkChecks(r, true);
+    if (this.unsignedAt !== undefined) this.fail(r, 'signature', `receipt ${this.unsignedAt} of this lane was not signed by the agent`);
+    const leaf = this.linkChecks(r, !this.deferSignatures);
     const reason = this.payChecks(r, context) ?? this.contextChecks(r, context);
-    return { ...this.commit(r, leaf, reason === undefined), payable: reason === undefined, ...(reason ? { reason } : {}) };
+    const payable = reason === undefined;
+    const payableBefore = this.state.payable ?? 0;
+    const accepted = this.commit(r, leaf, payable);
+    if (this.deferSignatures) {
+      this.state.unchecked ??= [];
+      this.state.unchecked.push([r.seq, this.state.lastLeaf, toHex(r.sig), payableBefore, payable ? 1 : 0]);
+    }
+    return { ...accepted, payable, ...(reason ? { reason } : {}) };
+  }
+
+  /** The newest seq whose receipt (and so every one before it) a checked signature covers. */
+  get signedSeq(): number {
+    if (this.unsignedAt !== undefined) return this.unsignedAt - 1;
+    const first = this.state.unchecked?.[0];
+    return first ? first[0] - 1 : this.state.seq;
+  }
+
+  /** Receipts linked whose signature `checkSignatures` has not checked yet. */
+  get unchecked(): number {
+    return this.state.unchecked?.length ?? 0;
+  }
+
+  /**
+   * Checks the signatures of the receipts linked since the last check with one Ed25519 verification, the
+   * newest receipt's: each leaf hashes its prevReceipt, so the agent's signature on the newest leaf commits
+   * it to every receipt linked before it (the argument `verifyChain` rests on). When that signature fails,
+   * the receipts are checked one by one from the newest back to the newest one the agent did sign; the
+   * receipts after it are not the agent's word, so what they added to `payable` is taken back and the lane
+   * links nothing more (`link` throws `signature`). Call it before signing a voucher over `payable`.
+   */
+  checkSignatures(): SignatureCheck {
+    const pending = this.state.unchecked;
+    if (!pending || pending.length === 0) return { ok: true, checked: 0 };
+    const key = this.quote.agentKey;
+    const signed = (u: UncheckedReceipt) => verifyBytes(key, fromHex(u[1]), fromHex(u[2]));
+    let checked = 1;
+    if (signed(pending[pending.length - 1]!)) {
+      this.state.unchecked = [];
+      return { ok: true, checked };
+    }
+    let first = pending.length - 1;
+    while (first > 0) {
+      checked++;
+      if (signed(pending[first - 1]!)) break;
+      first--;
+    }
+    const refused = pending.slice(first);
+    this.state.payable = refused[0]![3];
+    this.state.unchecked = [];
+    this.unsignedAt = refused[0]![0];
+    return { ok: false, seq: this.unsignedAt, unpaid: refused.filter((u) => u[4] === 1).length, checked };
   }
 
   private fail(r: SignedReceipt, reason: string, message: string): never {

@@ -102,8 +102,24 @@ export function encodeTensor(tensor: Tensor): WireTensor {
   return { dtype: tensor.dtype, shape: [...tensor.shape], data: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) };
 }
 
-/** Validates a received tensor and copies it into an aligned typed array. */
-export function decodeTensor(name: string, wire: WireTensor, maxElements = DEFAULT_MAX_ELEMENTS): Tensor {
+/** How a received tensor's bytes become its data. */
+export interface DecodeTensorOptions {
+  /**
+   * Take over a byte string that owns its whole ArrayBuffer (as each one decodeMessage returns does: the
+   * CBOR decoder copies every byte string out of the payload) instead of copying it: the tensor and the
+   * wire map then share those bytes, so the wire map must not be used once the tensor's data is written
+   * to or its buffer transferred. A byte string that is a view into a larger buffer is still copied.
+   */
+  adopt?: boolean;
+}
+
+/** Validates a received tensor and copies it into an aligned typed array (see DecodeTensorOptions.adopt). */
+export function decodeTensor(
+  name: string,
+  wire: WireTensor,
+  maxElements = DEFAULT_MAX_ELEMENTS,
+  { adopt = false }: DecodeTensorOptions = {},
+): Tensor {
   if (!isDType(wire.dtype)) throw new MeshError('MESH_BAD_TENSOR', `tensor ${name}: dtype ${JSON.stringify(wire.dtype)} is not supported`);
   const count = elementCount(wire.shape, maxElements);
   const { itemBytes } = DTYPES[wire.dtype];
@@ -114,9 +130,14 @@ export function decodeTensor(name: string, wire: WireTensor, maxElements = DEFAU
       `tensor ${name}: shape [${wire.shape.join(',')}] × ${itemBytes} bytes = ${count * itemBytes}, data has ${wire.data.byteLength}`,
     );
   }
-  const aligned = new ArrayBuffer(wire.data.byteLength);
-  new Uint8Array(aligned).set(wire.data);
   const Ctor = expectedArray(wire.dtype);
+  const bytes = wire.data;
+  // Owning its whole buffer, the byte string starts at offset 0, which every dtype's alignment allows.
+  if (adopt && bytes.byteOffset === 0 && bytes.buffer instanceof ArrayBuffer && bytes.buffer.byteLength === bytes.byteLength) {
+    return { dtype: wire.dtype, shape: [...wire.shape], data: new Ctor(bytes.buffer) };
+  }
+  const aligned = new ArrayBuffer(bytes.byteLength);
+  new Uint8Array(aligned).set(bytes);
   return { dtype: wire.dtype, shape: [...wire.shape], data: new Ctor(aligned) };
 }
 
@@ -126,11 +147,15 @@ export function encodeTensorMap(tensors: Record<string, Tensor>): Record<string,
   return out;
 }
 
-export function decodeTensorMap(wire: Record<string, WireTensor>, maxElements = DEFAULT_MAX_ELEMENTS): Record<string, Tensor> {
+export function decodeTensorMap(
+  wire: Record<string, WireTensor>,
+  maxElements = DEFAULT_MAX_ELEMENTS,
+  options: DecodeTensorOptions = {},
+): Record<string, Tensor> {
   const out: Record<string, Tensor> = Object.create(null);
   let total = 0;
   for (const [name, tensor] of Object.entries(wire)) {
-    const decoded = decodeTensor(name, tensor, maxElements);
+    const decoded = decodeTensor(name, tensor, maxElements, options);
     total += decoded.data.length;
     if (total > maxElements) throw new MeshError('MESH_TOO_LARGE', `tensors exceed ${maxElements} elements in total`);
     out[name] = decoded;

@@ -208,6 +208,8 @@ const MAX_SENT = 20_000;
 const RETRY_SPACING_MS = 500;
 /** How long closing waits for receipts missing before ones it holds (see `close`). */
 const CLOSE_GAP_WAIT_MS = 1_500;
+/** Receipts linked before their signatures are checked, per lane, when no voucher comes sooner. */
+const MAX_UNCHECKED = 256;
 /** Receipts held ahead of a gap, per lane. */
 const MAX_AHEAD = 1024;
 
@@ -331,6 +333,7 @@ export class PayerLanes {
         quote,
         maxPriceMicros: this.maxPriceMicros,
         rememberRequests: REMEMBER_REQUESTS,
+        deferSignatures: true,
         ...(resume ? { state: { ...resume.state, payable: resume.state.payable ?? resume.state.cumulative } } : {}),
       }),
       paid: resume?.paid ?? 0,
@@ -398,6 +401,7 @@ export class PayerLanes {
       maxPriceMicros: this.maxPriceMicros,
       state: lane.verifier.state,
       rememberRequests: REMEMBER_REQUESTS,
+      deferSignatures: true,
     });
   }
 
@@ -553,6 +557,9 @@ export class PayerLanes {
         'receipt linked, not paid',
       );
     }
+    // A lane that owes nothing is never paid, so its signatures are checked in batches all the same.
+    if (lane.verifier.unchecked >= MAX_UNCHECKED) this.checkSignatures(lane);
+    if (lane.broken) return;
     // Receipts held after a gap may link now.
     const next = lane.ahead.get(lane.verifier.state.seq + 1);
     if (next) {
@@ -561,6 +568,23 @@ export class PayerLanes {
       return;
     }
     this.schedule(lane);
+  }
+
+  /**
+   * The signature check of every receipt linked since the last one (protocol/src/receipts.ts,
+   * `checkSignatures`: one Ed25519 verification covers them through the hash chain). Receipts no valid
+   * signature covers are taken out of what is owed and of the next voucher's leaves, and the lane breaks.
+   */
+  private checkSignatures(lane: Lane): void {
+    const check = lane.verifier.checkSignatures();
+    if (check.ok) return;
+    lane.pendingLeaves.length -= check.unpaid;
+    lane.broken = `receipt ${check.seq} and those after it are not signed by the agent`;
+    this.counters.refused++;
+    this.logger.warn(
+      { agentId: lane.agentId, seq: check.seq, unpaid: check.unpaid },
+      'lane broken: a receipt the agent did not sign; not paying this agent any more',
+    );
   }
 
   private schedule(lane: Lane): void {
@@ -665,9 +689,12 @@ export class PayerLanes {
   private async pump(lane: Lane): Promise<void> {
     lane.signing = true;
     try {
-      while ((lane.verifier.state.payable ?? 0) > lane.paid) {
+      for (;;) {
+        // No voucher is signed over a receipt whose signature was not checked.
+        this.checkSignatures(lane);
+        if ((lane.verifier.state.payable ?? 0) <= lane.paid) break;
         const cumulative = lane.verifier.state.payable ?? 0;
-        const seq = lane.verifier.state.seq;
+        const seq = lane.verifier.signedSeq;
         const leaves = lane.pendingLeaves;
         lane.pendingLeaves = [];
         const receiptsRoot = merkleRoot(leaves);
@@ -706,10 +733,13 @@ export class PayerLanes {
   private async save(lane: Lane, inFlightLeaves: Uint8Array[]): Promise<void> {
     if (!this.db) return;
     const v = lane.voucher;
+    const s = lane.verifier.state;
     await this.db.put(lane.agentId, {
       payout: lane.quote.payout,
       agentKey: toHex(lane.quote.agentKey),
-      state: lane.verifier.state,
+      // A copy taken now: the lane goes on linking while the write is under way, and the unchecked
+      // receipts stored must be the ones whose leaves are stored beside them.
+      state: { ...s, open: { ...s.open }, closed: [...s.closed], unchecked: [...(s.unchecked ?? [])] },
       paid: lane.paid,
       pendingLeaves: [...inFlightLeaves, ...lane.pendingLeaves].map(toHex),
       voucher: v ? { ...v, receiptsRoot: toHex(v.receiptsRoot), sig: toHex(v.sig) } : undefined,
