@@ -75,6 +75,8 @@ find "$lib/node_modules" -type d -name prebuilds | while read -r prebuilds; do
     [ "$(basename "$dir")" = "linux-$ort" ] || rm -rf "$dir"
   done
 done
+# classic-level's C++ sources, for building the addon where no prebuild fits; the prebuild above does.
+rm -rf "$lib/node_modules/classic-level/deps"
 # ELF header: magic at 0, e_machine (little-endian) at 18: 3e 00 for x86-64, b7 00 for aarch64.
 machine=$([ "$arch" = amd64 ] && echo "7f454c463e00" || echo "7f454c46b700")
 find "$lib/node_modules" -type f \( -name '*.node' -o -name '*.so' -o -name '*.so.*' -o -name '*.dylib' -o -name '*.dll' -o -name '*.exe' \) | while read -r bin; do
