@@ -1,9 +1,11 @@
 /**
  * The agent's Debian package as a device gets it (docs/operations.md, "Installing an agent from the Debian
- * package"): packaging/deb/build-agent.sh builds the amd64 package, `dpkg-deb -x` unpacks it into a
- * temporary root, and the unit's ExecStart command line, its paths moved into that root, starts the agent
- * with the package's configuration file (paths moved the same way, the broker this test starts). An app
- * gets an inference from it through the SDK. The package must hold no other platform's binaries.
+ * package"): packaging/deb/build-agent.sh builds the amd64 package, `dpkg --root` installs it into a
+ * temporary root with its maintainer scripts (as root; otherwise `dpkg-deb -x` unpacks it), and the unit's
+ * ExecStart command line, its paths moved into that root, starts the agent with the package's
+ * configuration file (paths moved the same way, the broker this test starts) and the key postinst made.
+ * An app gets an inference from it through the SDK; an upgrade keeps the key, the data and an edited
+ * configuration. The package must hold no other platform's binaries.
  */
 import assert from 'node:assert/strict';
 import { type ChildProcess, execFile, spawn, spawnSync } from 'node:child_process';
@@ -11,7 +13,7 @@ import { copyFile, mkdir, open, readdir, readFile, stat, writeFile } from 'node:
 import path from 'node:path';
 import { test } from 'node:test';
 import { promisify } from 'node:util';
-import { admit, encodeKeyFile, generateIdentity } from '@edge-mesh/protocol';
+import { admit, encodeKeyFile, generateIdentity, parseKeyFile } from '@edge-mesh/protocol';
 import { brokerFor, kwsOnlyDir, meshFor, ROOT, tempDir } from './helpers.ts';
 
 const run = promisify(execFile);
@@ -95,9 +97,24 @@ test('the amd64 agent package installs into a root, holds only amd64 binaries, a
   assert.equal((await readFile(path.join(control, 'conffiles'), 'utf8')).trim(), '/etc/edge-mesh/agent.json');
   for (const script of ['postinst', 'prerm', 'postrm']) await run('sh', ['-n', path.join(control, script)]);
 
-  // Unpacked as dpkg would install it; no other platform's native code anywhere in it.
+  // Installed by dpkg into a temporary root, maintainer scripts included (they work under $DPKG_ROOT and
+  // touch no service or user of this machine). Installing needs root; otherwise the files are unpacked.
   const root = path.join(dir, 'root');
-  await run('dpkg-deb', ['-x', deb, root]);
+  const dpkgInstall = process.getuid?.() === 0 && has('dpkg');
+  const install = () =>
+    run('dpkg', [`--root=${root}`, '--force-depends', '--force-script-chrootless', '--force-confold', '-i', deb], {
+      env: { ...process.env, PATH: `${path.dirname(process.execPath)}:${process.env.PATH}` },
+    });
+  if (dpkgInstall) {
+    for (const sub of ['updates', 'info']) await mkdir(path.join(root, 'var/lib/dpkg', sub), { recursive: true });
+    await writeFile(path.join(root, 'var/lib/dpkg/status'), '');
+    await install();
+    const { stdout: status } = await run('dpkg', [`--root=${root}`, '-s', 'edge-mesh-agent']);
+    assert.match(status, /^Status: install ok installed$/m);
+  } else {
+    t.diagnostic('not root: the package is unpacked with dpkg-deb -x and its maintainer scripts do not run');
+    await run('dpkg-deb', ['-x', deb, root]);
+  }
   const all = await files(root);
   const native = all.filter((f) => NATIVE.test(path.basename(f)));
   // Binaries by name, and whatever lies in a per-platform binary folder (onnxruntime-node's bin, prebuilds).
@@ -148,12 +165,30 @@ test('the amd64 agent package installs into a root, holds only amd64 binaries, a
   const broker = await brokerFor(t, {
     auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], dataDir: await tempDir(t) },
   });
-  const agentKey = generateIdentity('agent');
+  // The device's key: the one postinst made, or (unpacked only) one written as an owner would.
+  const state = '/var/lib/edge-mesh';
+  const keyFile = path.join(root, state, 'agent.key');
+  let agentKey = generateIdentity('agent');
+  if (dpkgInstall) {
+    const passwd = await readFile(path.join(root, 'etc/passwd'), 'utf8');
+    const user = /^edge-mesh:x:(\d+):(\d+):[^:]*:\/var\/lib\/edge-mesh:\/usr\/sbin\/nologin$/m.exec(passwd);
+    assert.ok(user, `postinst made the edge-mesh system user in the root:\n${passwd}`);
+    assert.ok(Number(user[1]) < 1000, 'a system uid');
+    const [stateInfo, keyInfo] = await Promise.all([stat(path.join(root, state)), stat(keyFile)]);
+    assert.equal(stateInfo.mode & 0o777, 0o750);
+    assert.equal(keyInfo.mode & 0o777, 0o600);
+    for (const info of [stateInfo, keyInfo]) assert.deepEqual([info.uid, info.gid], [Number(user[1]), Number(user[2])]);
+    agentKey = parseKeyFile(await readFile(keyFile, 'utf8'));
+    assert.equal(agentKey.role, 'agent');
+  } else {
+    await mkdir(path.dirname(keyFile), { recursive: true });
+    await writeFile(keyFile, encodeKeyFile(agentKey), { mode: 0o600 });
+  }
+  const keyText = await readFile(keyFile, 'utf8');
   const appKey = generateIdentity('app');
   for (const who of [agentKey, appKey]) await broker.admit(admit(operator, who));
 
   // The package's configuration file with its paths moved into the root and this test's broker.
-  const state = '/var/lib/edge-mesh';
   const shipped = JSON.parse(await readFile(path.join(root, 'etc/edge-mesh/agent.json'), 'utf8')) as Record<string, unknown>;
   const config = Object.fromEntries(
     Object.entries(shipped).map(([key, value]) => [key, typeof value === 'string' && value.startsWith(state) ? root + value : value]),
@@ -164,7 +199,7 @@ test('the amd64 agent package installs into a root, holds only amd64 binaries, a
   const models = await kwsOnlyDir(t);
   await mkdir(config.models as string, { recursive: true });
   for (const file of await readdir(models)) await copyFile(path.join(models, file), path.join(config.models as string, file));
-  await writeFile(config.key as string, encodeKeyFile(agentKey), { mode: 0o600 });
+  assert.equal(config.key, keyFile);
   const configFile = path.join(dir, 'agent.json');
   await writeFile(configFile, JSON.stringify(config));
 
@@ -224,4 +259,19 @@ test('the amd64 agent package installs into a root, holds only amd64 binaries, a
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   child.kill('SIGTERM');
   assert.equal(await exited, 0, stderr);
+
+  if (dpkgInstall) {
+    // An upgrade (the same package again: prerm upgrade, unpack, postinst configure) keeps the key, the
+    // receipts folder's contents and an edited configuration file.
+    const receipt = path.join(root, state, 'data', 'kept-on-upgrade');
+    await mkdir(path.dirname(receipt), { recursive: true });
+    await writeFile(receipt, 'receipts');
+    const conffile = path.join(root, 'etc/edge-mesh/agent.json');
+    const edited = `${JSON.stringify({ ...shipped, broker: 'mqtt://broker.example:1883' })}\n`;
+    await writeFile(conffile, edited);
+    await install();
+    assert.equal(await readFile(keyFile, 'utf8'), keyText, 'the key is kept');
+    assert.equal(await readFile(receipt, 'utf8'), 'receipts');
+    assert.equal(await readFile(conffile, 'utf8'), edited, 'the edited conffile is kept');
+  }
 });

@@ -94,6 +94,7 @@ install -D -m 0755 "$here/agent/edge-mesh-agent" "$root/usr/bin/edge-mesh-agent"
 install -D -m 0755 "$here/agent/edge-mesh" "$root/usr/bin/edge-mesh"
 install -D -m 0644 "$here/agent/edge-mesh-agent.service" "$root/lib/systemd/system/edge-mesh-agent.service"
 install -D -m 0644 "$here/agent/agent.json" "$root/etc/edge-mesh/agent.json"
+install -D -m 0644 "$here/agent/sysusers.conf" "$root/usr/lib/sysusers.d/edge-mesh-agent.conf"
 mkdir -p "$root/DEBIAN" "$root/usr/share/doc/edge-mesh-agent"
 cp "$repo/docs/operations.md" "$root/usr/share/doc/edge-mesh-agent/operations.md"
 for script in postinst prerm postrm; do install -m 0755 "$here/agent/$script" "$root/DEBIAN/$script"; done
