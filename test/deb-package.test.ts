@@ -160,6 +160,19 @@ test('the amd64 agent package installs into a root, holds only amd64 binaries, a
     t.diagnostic('systemd-analyze not found: the unit was not verified');
   }
 
+  // The installed CLI: its version, and the shipped configuration file passes its own check.
+  const cliEnv = { ...process.env, PATH: `${path.dirname(process.execPath)}:${process.env.PATH}` };
+  const { stdout: version } = await run(path.join(root, 'usr/bin/edge-mesh'), ['--version'], { env: cliEnv });
+  assert.equal(version.trim(), JSON.parse(await readFile(path.join(ROOT, 'package.json'), 'utf8')).version);
+  const { stdout: checked } = await run(
+    path.join(root, 'usr/bin/edge-mesh'),
+    ['config', 'check', 'agent', path.join(root, 'etc/edge-mesh/agent.json')],
+    {
+      env: cliEnv,
+    },
+  );
+  assert.match(checked, /: ok, 4 settings for agent/);
+
   // A mesh: an authenticated broker, the device's key admitted by the operator, an app key.
   const operator = generateIdentity('operator');
   const broker = await brokerFor(t, {
