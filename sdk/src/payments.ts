@@ -40,8 +40,10 @@ import {
   PROTOCOL_VERSION,
   type ProgressMessage,
   type Quote,
+  RECEIPT_STATUS,
   type ReceiptBatch,
   type ReceiptContext,
+  receiptPriceMicros,
   requestIdHex,
   type SignedReceipt,
   signLaneGrant,
@@ -173,7 +175,18 @@ interface Lane {
   resyncSentAt: number;
   voucherResentAt: number;
   broken: string | undefined;
+  /**
+   * Credit this client holds for its attempts in flight at the agent, by request key: the most each may
+   * cost by the quote (what the agent reserves on admission), less what its progress receipts charged.
+   */
+  held: Map<string, { micros: number; timer: NodeJS.Timeout }>;
+  heldMicros: number;
+  /** The best voucher the agent has said it holds (its lane info): below `paid`, the voucher rides along with requests. */
+  agentPaid: number;
 }
+
+/** Whether an agent's credit window has room for a request (see `PayerLanes.room`). */
+export type CreditRoom = 'room' | 'full' | 'never';
 
 /** What this client remembers of a request it sent. */
 interface Sent {
@@ -210,6 +223,11 @@ const RETRY_SPACING_MS = 500;
 const CLOSE_GAP_WAIT_MS = 1_500;
 /** Receipts held ahead of a gap, per lane. */
 const MAX_AHEAD = 1024;
+/**
+ * Credit held for an attempt is given back when its reply comes; without one (lost, or an agent that never
+ * answers), this long after the request's deadline: an honest agent has answered or dropped it by then.
+ */
+const HOLD_GRACE_MS = 2_000;
 
 /** The escrow's `agentKeyOf(address)` selector. */
 const AGENT_KEY_OF = toHex(keccak256Bytes(new TextEncoder().encode('agentKeyOf(address)')).subarray(0, 4));
@@ -228,6 +246,8 @@ export class PayerLanes {
   private readonly chain: ChainReader | undefined;
   private readonly feePpm: bigint;
   private pumping = new Set<Promise<void>>();
+  /** Requests waiting for room in a credit window: woken whenever credit may have been freed. */
+  private roomWaiters = new Set<() => void>();
   counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0 };
 
   private constructor(
@@ -349,6 +369,9 @@ export class PayerLanes {
       resyncSentAt: 0,
       voucherResentAt: 0,
       broken: undefined,
+      held: new Map(),
+      heldMicros: 0,
+      agentPaid: 0,
     });
     this.logger.info({ agentId, payout: quote.payout }, 'lane open');
   }
@@ -401,11 +424,108 @@ export class PayerLanes {
     });
   }
 
-  /** The request's payment field for this agent, when this payer pays it (its grant until the agent has answered a paid request). */
+  /**
+   * The request's payment field for this agent, when this payer pays it: its grant until the agent has
+   * answered a paid request, and the latest voucher until the agent's lane info says it holds it (the agent
+   * takes a voucher that rides along before it admits the request, so credit this client counts as freed is
+   * freed there too, whatever became of the voucher sent on its own).
+   */
   payField(agentId: string): PaymentField | undefined {
     const lane = this.lanes.get(agentId);
     if (!lane || lane.broken) return undefined;
-    return lane.grantSeen || !lane.grant ? { payer: this.payer } : { payer: this.payer, grant: lane.grant };
+    return {
+      payer: this.payer,
+      ...(lane.grantSeen || !lane.grant ? {} : { grant: lane.grant }),
+      ...(lane.voucher && lane.agentPaid < lane.paid ? { voucher: lane.voucher } : {}),
+    };
+  }
+
+  /**
+   * Whether the credit window `agentId` quoted has room now for request `key` (of `model`): what this client
+   * counts as unpaid there (billed by receipts, less what its latest voucher pays, plus what it holds for
+   * attempts in flight) plus the most this request may cost must stay within the window, as the agent's
+   * credit rule requires (docs/settlement.md, "The credit rule"). 'room' also for an agent this client does
+   * not pay or whose quote names no window; 'never' when the request cannot fit even with every voucher
+   * signed (a window smaller than one request, or filled by receipts this client refused).
+   */
+  room(agentId: string, key: string, model: string): CreditRoom {
+    const lane = this.lanes.get(agentId);
+    const credit = lane?.quote.creditMicros;
+    if (!lane || lane.broken || credit === undefined) return 'room';
+    const need = this.mostFor(lane, key, model);
+    const billed = this.billedOf(lane);
+    const refused = Math.max(0, lane.verifier.state.cumulative - (lane.verifier.state.payable ?? 0));
+    if (refused + need > credit) return 'never';
+    return billed - lane.paid + lane.heldMicros - (lane.held.get(key)?.micros ?? 0) + need <= credit ? 'room' : 'full';
+  }
+
+  /**
+   * Resolves when credit may have been freed on some lane (a voucher signed, a reply in, a hold given back)
+   * or after `timeoutMs`, whichever is first; the waiter then asks `room` again. Vouchers owed to the agents
+   * named are signed at once, not after `voucherDelayMs`: someone is waiting on them.
+   */
+  whenRoom(agentIds: readonly string[], timeoutMs: number): Promise<void> {
+    for (const id of agentIds) {
+      const lane = this.lanes.get(id);
+      if (lane) this.startPump(lane);
+    }
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer);
+        this.roomWaiters.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, Math.max(0, timeoutMs));
+      this.roomWaiters.add(wake);
+    });
+  }
+
+  private wakeRoomWaiters(): void {
+    for (const wake of [...this.roomWaiters]) wake();
+  }
+
+  /** What the agent may have billed on the lane, as far as this client has seen: receipts held behind a gap included. */
+  private billedOf(lane: Lane): number {
+    let billed = lane.verifier.state.cumulative;
+    for (const { receipt } of lane.ahead.values()) if (receipt.cumulative > billed) billed = receipt.cumulative;
+    return billed;
+  }
+
+  /**
+   * The most request `key` of `model` may cost by the lane's quote: what the agent reserves when it admits
+   * it (the ok price at the units asked, or the minimum charge); a model the quote does not price counts
+   * as the dearest request it quotes.
+   */
+  private mostFor(lane: Lane, key: string, model: string): number {
+    const price = lane.quote.models.find((m) => m.name === model);
+    if (!price) return Math.max(0, ...lane.quote.models.map((m) => maxRequestMicros(m)));
+    const units = price.maxUnits !== undefined ? Math.max(1, this.sent.get(key)?.units ?? 1) : 1;
+    return Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, units), price.minChargeMicros);
+  }
+
+  /** Holds credit for an attempt of `key` sent to the agent, until its reply (or HOLD_GRACE_MS past the deadline). */
+  private hold(lane: Lane, key: string, model: string | undefined): void {
+    this.unhold(lane, key);
+    const micros = model === undefined ? 0 : this.mostFor(lane, key, model);
+    const deadline = this.sent.get(key)?.deadline ?? Date.now();
+    const timer = setTimeout(() => this.unhold(lane, key), Math.max(0, deadline - Date.now()) + HOLD_GRACE_MS);
+    timer.unref?.();
+    lane.held.set(key, { micros, timer });
+    lane.heldMicros += micros;
+  }
+
+  /** Gives back what is held for `key`, or `micros` of it (a progress receipt charged that much of it). */
+  private unhold(lane: Lane, key: string, micros?: number): void {
+    const h = lane.held.get(key);
+    if (!h) return;
+    const take = micros === undefined ? h.micros : Math.min(micros, h.micros);
+    h.micros -= take;
+    lane.heldMicros = Math.max(0, lane.heldMicros - take);
+    if (micros === undefined) {
+      clearTimeout(h.timer);
+      lane.held.delete(key);
+    }
+    if (take > 0 || micros === undefined) this.wakeRoomWaiters();
   }
 
   /** Remembers what was sent, so the receipts for it can be held to it; kept until a minute past the deadline. */
@@ -417,10 +537,12 @@ export class PayerLanes {
     this.sent.set(key, { deadline, inputHash: hashTensorMap(inputs), units: leadingRows(inputs) ?? 1, agents: new Map() });
   }
 
-  /** An attempt of request `key` went to `agentId`. */
-  noteAttempt(key: string, agentId: string): void {
+  /** An attempt of request `key` (of `model`) went to `agentId`: the most it may cost is held against that agent's credit window. */
+  noteAttempt(key: string, agentId: string, model?: string): void {
     const s = this.sent.get(key);
     if (s && !s.agents.has(agentId)) s.agents.set(agentId, {});
+    const lane = this.lanes.get(agentId);
+    if (lane && s) this.hold(lane, key, model);
   }
 
   /** This client cancelled the attempt at `agentId`. */
@@ -458,6 +580,8 @@ export class PayerLanes {
       }
       return;
     }
+    // The attempt is over at the agent: what it reserved is billed by this receipt, or was given back.
+    this.unhold(l, key);
     if (lane) l.grantSeen = true;
     if (receipt) {
       // A receipt stands for the request its reply answers; one naming another request was never asked for here.
@@ -493,6 +617,8 @@ export class PayerLanes {
           : { asked: false };
       // Progress after the reply (or for a request never sent) brings nothing the payer owes.
       if (seen?.reply !== undefined) context.reply = undefined;
+      // What the receipt charged comes out of the agent's reservation for the request (and is billed now).
+      if (requestIdHex(receipt.requestId) === key && Number.isSafeInteger(receipt.price)) this.unhold(l, key, Math.max(0, receipt.price));
       this.take(l, receipt, context);
     }
     if (progress.lane) this.onLaneInfo(l, progress.lane);
@@ -563,17 +689,31 @@ export class PayerLanes {
     this.schedule(lane);
   }
 
+  /**
+   * A voucher waits `voucherDelayMs` for more receipts, unless the window is half used by what is owed, or
+   * what is owed plus what is held for attempts in flight leaves no room for one more of the dearest
+   * requests, or a request waits for room: then it is signed at once, so that the pipeline does not stall.
+   */
   private schedule(lane: Lane): void {
     const unpaid = (lane.verifier.state.payable ?? 0) - lane.paid;
     if (unpaid <= 0) return;
     const credit = lane.quote.creditMicros;
-    if (credit === undefined || 2 * unpaid >= credit) this.startPump(lane);
+    const dearest = Math.max(0, ...lane.quote.models.map((m) => maxRequestMicros(m)));
+    if (
+      credit === undefined ||
+      2 * unpaid >= credit ||
+      this.roomWaiters.size > 0 ||
+      this.billedOf(lane) - lane.paid + lane.heldMicros + dearest > credit
+    )
+      this.startPump(lane);
     else lane.timer ??= setTimeout(() => this.startPump(lane), this.voucherDelayMs);
   }
 
   /** The agent's view of the lane: receipts this client has not seen are asked for; a voucher it lacks is sent again. */
   private onLaneInfo(lane: Lane, info: LaneInfo): void {
     if (info.seq > lane.verifier.state.seq + lane.ahead.size) this.resync(lane);
+    // What the agent says it holds stops the voucher riding along; never above what this client signed.
+    if (Number.isSafeInteger(info.paid)) lane.agentPaid = Math.min(lane.paid, Math.max(lane.agentPaid, info.paid));
     const now = Date.now();
     if (lane.voucher && info.paid < lane.paid && !lane.signing && now - lane.voucherResentAt >= RETRY_SPACING_MS) {
       lane.voucherResentAt = now;
@@ -697,6 +837,7 @@ export class PayerLanes {
         await this.save(lane, []);
         this.counters.vouchers++;
         this.publish(topics.agentVoucher(lane.agentId, this.clientId), encodeMessage(message));
+        this.wakeRoomWaiters();
       }
     } finally {
       lane.signing = false;
