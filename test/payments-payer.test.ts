@@ -20,6 +20,7 @@ import {
   type Identity,
   type InferRequest,
   type LaneInfo,
+  type MeshError,
   type ModelPrice,
   PROTOCOL_VERSION,
   parseTopic,
@@ -45,7 +46,7 @@ let domain: EscrowDomain;
 let nextAccount = 1;
 
 before(async () => {
-  chain = await startLocalChain({ accounts: 20 });
+  chain = await startLocalChain({ accounts: 30 });
   deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   domain = { chainId: deployment.chainId, escrow: deployment.escrow };
 });
@@ -449,5 +450,117 @@ describe('payouts and lanes that cannot be squatted or wedged', () => {
     await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id }), /busy/i);
     await waitFor(() => agent.vouchers.filter((v) => v.cumulative === 2).length >= 2, 5_000, 'the voucher for 2 again');
     assert.ok(toHex(agent.vouchers[0]!.sig) === toHex(agent.vouchers[1]!.sig), 'the same signed voucher, not a new one');
+  });
+});
+
+describe('agents that play with the credit window', () => {
+  test('an agent quoting a window smaller than one request gets no request: the SDK fails it at once with MESH_CREDIT_EXCEEDED', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    // A window of 1 µUSD for a request of 2: every request would be refused, or held for ever.
+    const agent = await scriptedAgent(
+      t,
+      broker.url,
+      payoutWallet.address.toLowerCase(),
+      (a, req, sender) => a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id })),
+      kwsPrice,
+      1,
+    );
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const started = Date.now();
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 10_000 }), (err: MeshError) => {
+      assert.equal(err.code, 'MESH_CREDIT_EXCEEDED');
+      assert.equal(err.details?.reason, 'window-too-small');
+      return true;
+    });
+    assert.ok(Date.now() - started < 5_000, 'failed without waiting for the deadline');
+    assert.equal(agent.requests.length, 0, 'nothing was sent to it');
+    assert.equal(mesh.lanes()[0]!.paidMicros, 0);
+  });
+
+  test('a request that gets no credit before its deadline fails with MESH_CREDIT_EXCEEDED and is never sent; the one in flight is paid', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const held: { sender: string; req: InferRequest }[] = [];
+    // A window of one request; the first is answered only when the test says so.
+    const agent = await scriptedAgent(
+      t,
+      broker.url,
+      payoutWallet.address.toLowerCase(),
+      (_a, req, sender) => held.push({ sender, req }),
+      kwsPrice,
+      2,
+    );
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const first = mesh.infer('kws', kws(), { deadlineMs: 10_000 });
+    await waitFor(() => held.length === 1, 5_000, 'the first request at the agent');
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300 }), (err: MeshError) => {
+      assert.equal(err.code, 'MESH_CREDIT_EXCEEDED');
+      assert.equal(err.details?.reason, 'no-room');
+      return true;
+    });
+    assert.equal(agent.requests.length, 1, 'the second request was held back, not sent');
+    assert.equal(mesh.counters.creditHeld, 1);
+    assert.equal(mesh.counters.creditFailed, 1);
+    // The first is answered: it is paid, and the window has room again.
+    agent.answer(held[0]!.sender, held[0]!.req.id, agent.receipt(held[0]!.req.pay!.payer, { requestId: held[0]!.req.id }));
+    await first;
+    await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the first request paid');
+    const third = mesh.infer('kws', kws(), { deadlineMs: 5_000 });
+    await waitFor(() => held.length === 2, 5_000, 'the third request sent once the voucher freed the window');
+    assert.ok(held[1]!.req.pay?.voucher, 'the voucher rides along until the agent says it holds it');
+    assert.equal(held[1]!.req.pay!.voucher!.cumulative, 2);
+    agent.answer(held[1]!.sender, held[1]!.req.id, agent.receipt(held[1]!.req.pay!.payer, { requestId: held[1]!.req.id }));
+    await third;
+    await waitFor(() => lastVoucher(agent) === 4, 5_000, 'the third request paid');
+    assert.equal(mesh.lanes()[0]!.paidMicros, 4, 'two requests served, two paid, nothing more');
+  });
+
+  test('an agent that never acknowledges vouchers and refuses for credit does not make the SDK hang or pay more', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let billed = 0;
+    // It says its window is 10, refuses once 4 are unpaid by its own count (vouchers ignored), and its lane
+    // info always says it holds no voucher.
+    const agent = await scriptedAgent(
+      t,
+      broker.url,
+      payoutWallet.address.toLowerCase(),
+      (a, req, sender) => {
+        if (billed >= 4) return a.fail(sender, req.id, 'MESH_CREDIT_EXCEEDED');
+        billed += 2;
+        const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+        a.answer(sender, req.id, receipt, { seq: receipt.seq, paid: 0 });
+      },
+      kwsPrice,
+      10,
+    );
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const outcomes: string[] = [];
+    const started = Date.now();
+    for (let i = 0; i < 5; i++) {
+      outcomes.push(
+        await mesh.infer('kws', kws(), { deadlineMs: 2_000 }).then(
+          () => 'ok',
+          (err: MeshError) => err.code,
+        ),
+      );
+    }
+    assert.deepEqual(outcomes, ['ok', 'ok', 'MESH_CREDIT_EXCEEDED', 'MESH_CREDIT_EXCEEDED', 'MESH_CREDIT_EXCEEDED']);
+    // Each refused request ended with the agent's refusal, well within its deadline: nothing waited for ever.
+    assert.ok(Date.now() - started < 5 * 2_000, `took ${Date.now() - started} ms`);
+    await waitFor(() => lastVoucher(agent) === 4, 5_000, 'the two served requests paid');
+    await mesh.close();
+    assert.equal(Math.max(...agent.vouchers.map((v) => v.cumulative)), 4, 'never more than the two requests served');
+    assert.equal(mesh.lanes()[0]!.paidMicros, 4);
   });
 });
