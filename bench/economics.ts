@@ -282,7 +282,10 @@ export async function runEconomics(config: EconomicsConfig, log: (line: string) 
       await Promise.all(tasks);
     };
     const idle = async (): Promise<void> => {
-      for (let waited = 0; net.inflight > 0 || agentList.some((a) => a.up && a.busy - a.holding > 0); waited += 5) {
+      // A payer holding a resync's receipt until its reply or deadline, or about to ask again, is not idle either.
+      const moving = () =>
+        net.inflight > 0 || agentList.some((a) => a.up && a.busy - a.holding > 0) || payers.some((p) => p.up && p.lanes.awaiting() > 0);
+      for (let waited = 0; moving(); waited += 5) {
         if (waited > 30_000) throw new MeshError('MESH_TIMEOUT', 'the simulated network did not settle within 30 s');
         await sleep(5);
       }

@@ -74,6 +74,8 @@ interface Scripted {
   requests: { req: InferRequest; senderId: string }[];
   vouchers: VoucherMessage[];
   resyncs: number;
+  /** Resyncs are answered from what was issued (default); false counts them and answers none. */
+  answerResyncs: boolean;
   /** Receipts issued, by seq. */
   issued: Map<number, SignedReceipt>;
   /** Signs the next receipt on the sender's lane (input and output hashes of `req` and the scripted result, unless given). */
@@ -111,6 +113,7 @@ async function scriptedAgent(
     requests: [],
     vouchers: [],
     resyncs: 0,
+    answerResyncs: true,
     issued: new Map(),
     receipt(payer, fields, req) {
       const p = fields.price ?? 2;
@@ -193,6 +196,7 @@ async function scriptedAgent(
         paid = Math.max(paid, m.cumulative);
       } else {
         a.resyncs++;
+        if (!a.answerResyncs) return;
         const receipts = [...a.issued.values()].filter((r) => r.seq > m.afterSeq).sort((x, y) => x.seq - y.seq);
         client.publish(
           topics.clientReply(parsed.senderId, identity.id),
@@ -562,5 +566,98 @@ describe('agents that play with the credit window', () => {
     await mesh.close();
     assert.equal(Math.max(...agent.vouchers.map((v) => v.cumulative)), 4, 'never more than the two requests served');
     assert.equal(mesh.lanes()[0]!.paidMicros, 4);
+  });
+});
+
+describe('receipts that come before their replies', () => {
+  test('a resync batch that overtakes a reply does not leave the answered request unpaid', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const held: { sender: string; req: InferRequest; receipt: SignedReceipt }[] = [];
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+      // The first request's reply is held back; the second is answered at once, so the payer sees a gap and
+      // asks for the receipts again, and this agent's batch carries the first receipt before its reply.
+      if (held.length === 0) held.push({ sender, req, receipt });
+      else a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const first = mesh.infer('kws', kws(), { deadlineMs: 10_000, agentId: agent.identity.id });
+    await waitFor(() => held.length === 1, 5_000, 'the first request at the agent');
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    await waitFor(() => agent.resyncs >= 1, 5_000, 'a resync');
+    // The batch (both receipts) has reached the payer before the first reply: nothing is linked yet.
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(mesh.lanes()[0]!.receipts, 0, 'the receipts wait for the reply that is due');
+    agent.answer(held[0]!.sender, held[0]!.req.id, held[0]!.receipt);
+    await first;
+    await waitFor(() => mesh.lanes()[0]!.receipts === 2, 5_000, 'both receipts linked');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
+    assert.equal(lane.owedMicros, 4, 'both answered requests are owed');
+    await waitFor(() => lastVoucher(agent) === 4, 5_000, 'the voucher pays 4');
+  });
+
+  test('a receipt from a resync whose reply never comes is linked unpaid at the deadline, and the lane goes on', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+      if (n !== 1) a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const lost = mesh.infer('kws', kws(), { deadlineMs: 600, agentId: agent.identity.id }).catch((err: MeshError) => err.code);
+    await waitFor(() => n === 1, 5_000, 'the first request at the agent');
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    assert.equal(await lost, 'MESH_DEADLINE_EXCEEDED');
+    await waitFor(() => mesh.lanes()[0]!.receipts === 2, 5_000, 'both receipts linked after the deadline');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.refused, 1);
+    assert.equal(lane.lastRefusal, 'no-reply');
+    assert.equal(lane.owedMicros, 2, 'only the answered request is owed');
+  });
+
+  test('a receipt held behind a gap when the app closes is stored, and paid after the restart when the gap fills', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+      // The first reply is lost; the second is answered.
+      if (n !== 1) a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const wallet = account();
+    const identity = generateIdentity('app');
+    const dataDir = await tempDir(t);
+    const open = () => meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir, voucherDelayMs: 0 } });
+    let mesh = await open();
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    // Resyncs go unanswered until the app has restarted (a lossy link, or an agent busy restarting).
+    agent.answerResyncs = false;
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: agent.identity.id }));
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    assert.equal(mesh.lanes()[0]!.receipts, 0, 'the answered receipt waits behind the lost one');
+    const asked = agent.resyncs;
+    await mesh.close();
+    assert.ok(agent.resyncs > asked || asked > 0, 'the app asked for the missing receipt');
+    agent.answerResyncs = true;
+    mesh = await open();
+    await mesh.waitForModel('kws');
+    await waitFor(() => (mesh.lanes()[0]?.receipts ?? 0) === 2, 5_000, 'both receipts linked after the restart');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.owedMicros, 2, 'the request the app got an answer for before it closed is owed');
+    assert.equal(lane.refused, 1, 'the one never answered is not');
+    await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the voucher pays 2');
   });
 });

@@ -543,6 +543,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     });
   };
 
+  let closing: Promise<void> | undefined;
   return {
     clientId,
     get counters() {
@@ -590,12 +591,16 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         );
       });
     },
-    async close() {
-      leases?.close();
-      engine.close(new MeshError('MESH_NOT_CONNECTED', 'client closed'));
-      // Vouchers being signed still go out before the connection closes.
-      await payments?.close();
-      await connection.close();
+    close() {
+      // Closing twice waits for the first close (the lanes' store and the connection close once).
+      closing ??= (async () => {
+        leases?.close();
+        engine.close(new MeshError('MESH_NOT_CONNECTED', 'client closed'));
+        // Vouchers being signed still go out before the connection closes.
+        await payments?.close();
+        await connection.close();
+      })();
+      return closing;
     },
     lanes: () => payments?.lanesView() ?? [],
   };

@@ -22,7 +22,9 @@ import path from 'node:path';
 import type { MeshLogger as Logger } from '@edge-mesh/client';
 import {
   type AgentStatus,
+  decodeCbor,
   type EscrowDomain,
+  encodeCbor,
   encodeMessage,
   FEE_CAP_DIVISOR,
   fromHex,
@@ -150,6 +152,8 @@ interface StoredLane {
   pendingLeaves: string[];
   voucher: (Omit<VoucherMessage, 'receiptsRoot' | 'sig'> & { receiptsRoot: string; sig: string }) | undefined;
   grant: (Omit<LaneGrant, 'sig'> & { sig: string }) | undefined;
+  /** Receipts held behind a gap when the lanes closed, with what was known of their requests then. */
+  ahead?: StoredAhead[];
 }
 
 interface Lane {
@@ -170,9 +174,16 @@ interface Lane {
   grant: LaneGrant | undefined;
   /** The agent answered a paid request since the grant was sent: no need to send it again. */
   grantSeen: boolean;
-  /** Receipts that came ahead of a gap, by seq, with what was known when they came. */
-  ahead: Map<number, { receipt: SignedReceipt; context: ReceiptContext }>;
+  /**
+   * Receipts that came ahead of a gap, by seq, with what was known when they came; and receipts of a resync
+   * batch whose reply is still due (`awaiting`: the request's key), held until it comes or the deadline passes.
+   */
+  ahead: Map<number, Ahead>;
+  /** Fires at the deadline of the receipt awaited first, to link it as it stands then. */
+  awaitTimer: NodeJS.Timeout | undefined;
   resyncSentAt: number;
+  /** A resync deferred to the end of the spacing (see `resync`). */
+  resyncTimer: NodeJS.Timeout | undefined;
   voucherResentAt: number;
   broken: string | undefined;
   /**
@@ -183,6 +194,20 @@ interface Lane {
   heldMicros: number;
   /** The best voucher the agent has said it holds (its lane info): below `paid`, the voucher rides along with requests. */
   agentPaid: number;
+}
+
+/** A receipt held out of the lane's chain for now: behind a gap, or before its reply. */
+interface Ahead {
+  receipt: SignedReceipt;
+  context: ReceiptContext;
+  /** The request key whose reply is awaited: the context is read again when the receipt links. */
+  awaiting?: string;
+}
+
+/** A held receipt as stored with the lane (hex and base64 for the JSON store). */
+interface StoredAhead {
+  receipt: string;
+  context: Omit<ReceiptContext, 'inputHash' | 'outputHash'> & { inputHash?: string; outputHash?: string };
 }
 
 /** Whether an agent's credit window has room for a request (see `PayerLanes.room`). */
@@ -248,6 +273,8 @@ export class PayerLanes {
   private pumping = new Set<Promise<void>>();
   /** Requests waiting for room in a credit window: woken whenever credit may have been freed. */
   private roomWaiters = new Set<() => void>();
+  /** Closing: replies no longer reach the app, so receipts awaiting theirs link as they stand. */
+  private closing = false;
   counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0 };
 
   private constructor(
@@ -365,7 +392,9 @@ export class PayerLanes {
         : undefined,
       grant,
       grantSeen: false,
-      ahead: new Map(),
+      ahead: new Map((resume?.ahead ?? []).map(restoreAhead).map((a) => [a.receipt.seq, a])),
+      awaitTimer: undefined,
+      resyncTimer: undefined,
       resyncSentAt: 0,
       voucherResentAt: 0,
       broken: undefined,
@@ -374,6 +403,9 @@ export class PayerLanes {
       agentPaid: 0,
     });
     this.logger.info({ agentId, payout: quote.payout }, 'lane open');
+    // Receipts stored behind a gap: ask for the missing ones now.
+    const opened = this.lanes.get(agentId)!;
+    if (opened.ahead.size > 0) this.resync(opened);
   }
 
   private async signGrant(payout: string): Promise<LaneGrant> {
@@ -624,12 +656,28 @@ export class PayerLanes {
     if (progress.lane) this.onLaneInfo(l, progress.lane);
   }
 
-  /** Receipts the agent sent again after a resync. */
+  /**
+   * Receipts the agent sent again after a resync. One for a request whose reply is still due (asked, not
+   * answered, deadline not passed) is not linked yet: the batch may have overtaken the reply, and linked
+   * now it would be refused as 'no-reply' for an answer the app is about to get. It and the receipts after
+   * it wait for that reply, or for the deadline, whichever comes first.
+   */
   onReceiptBatch(agentId: string, batch: ReceiptBatch): void {
     const l = this.lanes.get(agentId);
     if (!l || batch.payer !== this.payer) return;
-    for (const receipt of batch.receipts) this.take(l, receipt, this.contextOf(requestIdHex(receipt.requestId), agentId));
+    for (const receipt of batch.receipts) {
+      const key = requestIdHex(receipt.requestId);
+      const context = this.contextOf(key, agentId);
+      this.take(l, receipt, context, this.replyDue(context) ? key : undefined);
+    }
     this.onLaneInfo(l, batch.lane);
+  }
+
+  /** The payer asked for the request and its reply may still come in time. */
+  private replyDue(context: ReceiptContext): boolean {
+    return (
+      !this.closing && context.asked && context.reply === undefined && context.deadline !== undefined && Date.now() <= context.deadline
+    );
   }
 
   private contextOf(key: string, agentId: string): ReceiptContext {
@@ -648,9 +696,17 @@ export class PayerLanes {
     };
   }
 
-  /** Links a receipt (or holds it until the gap before it is filled) and pays it when it is owed. */
-  private take(lane: Lane, receipt: SignedReceipt, context: ReceiptContext): void {
+  /**
+   * Links a receipt (or holds it until the gap before it is filled, or until the reply to request
+   * `awaiting` comes) and pays it when it is owed.
+   */
+  private take(lane: Lane, receipt: SignedReceipt, context: ReceiptContext, awaiting?: string): void {
     if (lane.broken) return;
+    if (awaiting !== undefined && Number.isSafeInteger(receipt.seq) && receipt.seq > lane.verifier.state.seq) {
+      if (lane.ahead.size < MAX_AHEAD && !lane.ahead.has(receipt.seq)) lane.ahead.set(receipt.seq, { receipt, context, awaiting });
+      this.armAwait(lane, context.deadline);
+      return;
+    }
     let linked: LinkedReceipt;
     try {
       linked = lane.verifier.link(receipt, context);
@@ -659,7 +715,8 @@ export class PayerLanes {
       if (reason === 'replayed') return;
       if (reason === 'seq' && Number.isSafeInteger(receipt.seq) && receipt.seq > lane.verifier.state.seq) {
         if (lane.ahead.size < MAX_AHEAD) lane.ahead.set(receipt.seq, { receipt, context });
-        this.resync(lane);
+        // Nothing is missing when the next receipt is here, only waiting for its reply.
+        if (!lane.ahead.get(lane.verifier.state.seq + 1)?.awaiting) this.resync(lane);
         return;
       }
       // The agent broke its own chain: nothing after this can be checked, so nothing after this is paid.
@@ -679,14 +736,43 @@ export class PayerLanes {
         'receipt linked, not paid',
       );
     }
+    // Linked with its reply: a copy held from a resync batch is done with.
+    lane.ahead.delete(receipt.seq);
     // Receipts held after a gap may link now.
-    const next = lane.ahead.get(lane.verifier.state.seq + 1);
-    if (next) {
-      lane.ahead.delete(next.receipt.seq);
-      this.take(lane, next.receipt, next.context);
-      return;
-    }
+    if (this.linkAhead(lane)) return;
+    // Held receipts remain behind a gap (the next one is missing, not waiting for its reply): ask for it.
+    if (lane.ahead.size > 0 && !lane.ahead.has(lane.verifier.state.seq + 1)) this.resync(lane);
     this.schedule(lane);
+  }
+
+  /** Links the next held receipt, unless it still waits for its reply; whether it did. */
+  private linkAhead(lane: Lane): boolean {
+    const next = lane.ahead.get(lane.verifier.state.seq + 1);
+    if (!next) return false;
+    let context = next.context;
+    if (next.awaiting !== undefined) {
+      context = this.contextOf(next.awaiting, lane.agentId);
+      if (this.replyDue(context)) {
+        this.armAwait(lane, context.deadline);
+        return false;
+      }
+    }
+    lane.ahead.delete(next.receipt.seq);
+    this.take(lane, next.receipt, context);
+    return true;
+  }
+
+  /** Links what waits for a reply once its deadline has passed (the reply, if it came, is in its context then). */
+  private armAwait(lane: Lane, deadline: number | undefined): void {
+    if (lane.awaitTimer || deadline === undefined) return;
+    lane.awaitTimer = setTimeout(
+      () => {
+        lane.awaitTimer = undefined;
+        if (!this.linkAhead(lane)) this.schedule(lane);
+      },
+      Math.max(0, deadline - Date.now()) + 1,
+    );
+    lane.awaitTimer.unref?.();
   }
 
   /**
@@ -722,9 +808,26 @@ export class PayerLanes {
     }
   }
 
+  /**
+   * Asks the agent for the receipts after the lane's last. Within RETRY_SPACING_MS of the previous ask, the
+   * ask is deferred to the end of that spacing (one at most), not dropped: the event that wanted it may be
+   * the last one for a while (a gap left behind when a receipt that waited for its reply was linked).
+   */
   private resync(lane: Lane): void {
     const now = Date.now();
-    if (now - lane.resyncSentAt < RETRY_SPACING_MS) return;
+    if (now - lane.resyncSentAt < RETRY_SPACING_MS) {
+      if (!lane.resyncTimer && !this.closing) {
+        lane.resyncTimer = setTimeout(
+          () => {
+            lane.resyncTimer = undefined;
+            if (!lane.broken && lane.ahead.size > 0 && !lane.ahead.has(lane.verifier.state.seq + 1)) this.resync(lane);
+          },
+          RETRY_SPACING_MS - (now - lane.resyncSentAt),
+        );
+        lane.resyncTimer.unref?.();
+      }
+      return;
+    }
     lane.resyncSentAt = now;
     this.counters.resyncs++;
     this.publish(
@@ -754,6 +857,19 @@ export class PayerLanes {
   owes(agentId: string): boolean {
     const lane = this.lanes.get(agentId);
     return lane !== undefined && (lane.verifier.state.payable ?? 0) > lane.paid;
+  }
+
+  /**
+   * Receipts held for a reply that may still come in time, plus resyncs deferred to the end of their
+   * spacing: work this client will do by itself within a deadline, without any message arriving.
+   */
+  awaiting(): number {
+    let n = 0;
+    for (const lane of this.lanes.values()) {
+      for (const a of lane.ahead.values()) if (a.awaiting !== undefined) n++;
+      if (lane.resyncTimer) n++;
+    }
+    return n;
   }
 
   /** Resolves once every lane being opened is open (or refused). */
@@ -791,6 +907,16 @@ export class PayerLanes {
    */
   async close(): Promise<void> {
     await this.ready();
+    this.closing = true;
+    for (const lane of this.lanes.values()) {
+      clearTimeout(lane.awaitTimer);
+      lane.awaitTimer = undefined;
+      clearTimeout(lane.resyncTimer);
+      lane.resyncTimer = undefined;
+      while (this.linkAhead(lane));
+      for (const h of lane.held.values()) clearTimeout(h.timer);
+      this.schedule(lane);
+    }
     const until = Date.now() + CLOSE_GAP_WAIT_MS;
     for (;;) {
       const gaps = [...this.lanes.values()].filter((l) => l.ahead.size > 0 && !l.broken);
@@ -799,6 +925,9 @@ export class PayerLanes {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
     await this.flush();
+    // Receipts still held behind a gap are stored with what this client knew of their requests: the lanes
+    // opened next link them, as this instance would have, when the agent sends the missing ones again.
+    for (const lane of this.lanes.values()) if (lane.ahead.size > 0 && !lane.broken) await this.save(lane, []);
     await this.db?.close();
   }
 
@@ -855,6 +984,27 @@ export class PayerLanes {
       pendingLeaves: [...inFlightLeaves, ...lane.pendingLeaves].map(toHex),
       voucher: v ? { ...v, receiptsRoot: toHex(v.receiptsRoot), sig: toHex(v.sig) } : undefined,
       grant: lane.grant ? { ...lane.grant, sig: toHex(lane.grant.sig) } : undefined,
+      ahead: [...lane.ahead.values()].map(storeAhead),
     });
   }
+}
+
+function storeAhead({ receipt, context }: Ahead): StoredAhead {
+  const { inputHash, outputHash, ...rest } = context;
+  return {
+    receipt: encodeCbor(receipt).toString('base64'),
+    context: { ...rest, ...(inputHash ? { inputHash: toHex(inputHash) } : {}), ...(outputHash ? { outputHash: toHex(outputHash) } : {}) },
+  };
+}
+
+function restoreAhead(stored: StoredAhead): Ahead {
+  const { inputHash, outputHash, ...rest } = stored.context;
+  return {
+    receipt: decodeCbor(Buffer.from(stored.receipt, 'base64')) as SignedReceipt,
+    context: {
+      ...rest,
+      ...(inputHash ? { inputHash: fromHex(inputHash) } : {}),
+      ...(outputHash ? { outputHash: fromHex(outputHash) } : {}),
+    },
+  };
 }
