@@ -866,7 +866,8 @@ export class PayerLanes {
   awaiting(): number {
     let n = 0;
     for (const lane of this.lanes.values()) {
-      for (const a of lane.ahead.values()) if (a.awaiting !== undefined) n++;
+      // Past its deadline, a receipt that waited for its reply waits only for the gap before it, like any other.
+      for (const a of lane.ahead.values()) if (a.awaiting !== undefined && Date.now() <= (a.context.deadline ?? 0)) n++;
       if (lane.resyncTimer) n++;
     }
     return n;
