@@ -741,7 +741,7 @@ export class PayerLanes {
     // Receipts held after a gap may link now.
     if (this.linkAhead(lane)) return;
     // Held receipts remain behind a gap (the next one is missing, not waiting for its reply): ask for it.
-    if (lane.ahead.size > 0 && !lane.ahead.has(lane.verifier.state.seq + 1)) this.resync(lane);
+    if (lane.ahead.size > 0 && !lane.ahead.has(lane.verifier.state.seq + 1)) this.resync(lane, true);
     this.schedule(lane);
   }
 
@@ -809,14 +809,15 @@ export class PayerLanes {
   }
 
   /**
-   * Asks the agent for the receipts after the lane's last. Within RETRY_SPACING_MS of the previous ask, the
-   * ask is deferred to the end of that spacing (one at most), not dropped: the event that wanted it may be
-   * the last one for a while (a gap left behind when a receipt that waited for its reply was linked).
+   * Asks the agent for the receipts after the lane's last, at most every RETRY_SPACING_MS. With `defer`, an
+   * ask within the spacing is deferred to its end (one at most), not dropped: the event that wanted it may
+   * be the last one for a while (a gap left behind when receipts were linked). Only linking defers, never
+   * a lane info or a batch, so an agent that does not fill the gap cannot keep a lane asking for ever.
    */
-  private resync(lane: Lane): void {
+  private resync(lane: Lane, defer = false): void {
     const now = Date.now();
     if (now - lane.resyncSentAt < RETRY_SPACING_MS) {
-      if (!lane.resyncTimer && !this.closing) {
+      if (defer && !lane.resyncTimer && !this.closing) {
         lane.resyncTimer = setTimeout(
           () => {
             lane.resyncTimer = undefined;
