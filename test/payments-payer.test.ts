@@ -76,6 +76,8 @@ interface Scripted {
   resyncs: number;
   /** Resyncs are answered from what was issued (default); false counts them and answers none. */
   answerResyncs: boolean;
+  /** Receipt seqs its resync answers leave out. */
+  withhold: Set<number>;
   /** Receipts issued, by seq. */
   issued: Map<number, SignedReceipt>;
   /** Signs the next receipt on the sender's lane (input and output hashes of `req` and the scripted result, unless given). */
@@ -114,6 +116,7 @@ async function scriptedAgent(
     vouchers: [],
     resyncs: 0,
     answerResyncs: true,
+    withhold: new Set(),
     issued: new Map(),
     receipt(payer, fields, req) {
       const p = fields.price ?? 2;
@@ -197,7 +200,7 @@ async function scriptedAgent(
       } else {
         a.resyncs++;
         if (!a.answerResyncs) return;
-        const receipts = [...a.issued.values()].filter((r) => r.seq > m.afterSeq).sort((x, y) => x.seq - y.seq);
+        const receipts = [...a.issued.values()].filter((r) => r.seq > m.afterSeq && !a.withhold.has(r.seq)).sort((x, y) => x.seq - y.seq);
         client.publish(
           topics.clientReply(parsed.senderId, identity.id),
           encodeMessage({ v: PROTOCOL_VERSION, kind: 'receipts', agent: identity.id, payer: m.payer, receipts, lane: a.lane() }),
@@ -659,5 +662,33 @@ describe('receipts that come before their replies', () => {
     assert.equal(lane.owedMicros, 2, 'the request the app got an answer for before it closed is owed');
     assert.equal(lane.refused, 1, 'the one never answered is not');
     await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the voucher pays 2');
+  });
+});
+
+describe('resyncs an agent cannot turn into a flood', () => {
+  test('an agent that never sends a receipt it lost gets one resync per event, not one every 500 ms', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+      // The second reply is lost, and its receipt is left out of every resync answer.
+      if (n === 2) a.withhold.add(receipt.seq);
+      else a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: agent.identity.id }));
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await waitFor(() => agent.resyncs >= 1, 5_000, 'a resync for the missing receipt');
+    await new Promise((r) => setTimeout(r, 2_500));
+    // One ask for the gap the third reply showed; the answer (without the receipt) asks nothing more by itself.
+    assert.ok(agent.resyncs <= 2, `${agent.resyncs} resyncs in 2.5 s`);
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.receipts, 1, 'the lane stands before the gap');
+    assert.equal(lane.owedMicros, 2);
   });
 });
