@@ -509,6 +509,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     while (creditHold) {
       await creditHold;
       if (signal?.aborted) throw new MeshError('MESH_CANCELLED', 'the request was aborted while it waited for credit');
+      if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'client closed while the request waited for credit');
       creditHold = creditWait(key, model, eligible, deadlineAt, true);
     }
     const data: SdkRequest = { model, payloadFor, lease, viaRouter: leases !== undefined && !pinned, pinned, routedBy: undefined };

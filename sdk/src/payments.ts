@@ -910,6 +910,8 @@ export class PayerLanes {
   async close(): Promise<void> {
     await this.ready();
     this.closing = true;
+    // Requests waiting for credit give up now (the client is closing), not at their deadlines.
+    this.wakeRoomWaiters();
     for (const lane of this.lanes.values()) {
       clearTimeout(lane.awaitTimer);
       lane.awaitTimer = undefined;
