@@ -529,6 +529,47 @@ describe('agents that play with the credit window', () => {
     assert.equal(mesh.lanes()[0]!.paidMicros, 4, 'two requests served, two paid, nothing more');
   });
 
+  test('a request goes to another agent whose window has room instead of waiting for a full one', async (t) => {
+    const broker = await brokerFor(t);
+    const held: { sender: string; req: InferRequest }[] = [];
+    // Agent A has a window of one request and holds its reply until the test says so; B's window is roomy.
+    const payoutA = account();
+    const a = await scriptedAgent(
+      t,
+      broker.url,
+      payoutA.address.toLowerCase(),
+      (_x, req, sender) => held.push({ sender, req }),
+      kwsPrice,
+      2,
+    );
+    await register(payoutA, a.identity);
+    const payoutB = account();
+    const b = await scriptedAgent(
+      t,
+      broker.url,
+      payoutB.address.toLowerCase(),
+      (x, req, sender) => x.answer(sender, req.id, x.receipt(req.pay!.payer, { requestId: req.id })),
+      kwsPrice,
+      100,
+    );
+    await register(payoutB, b.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws', 10_000, 2);
+    await waitFor(() => mesh.lanes().length === 2, 5_000, 'both lanes open');
+    const first = mesh.infer('kws', kws(), { deadlineMs: 10_000, agentId: a.identity.id });
+    await waitFor(() => held.length === 1, 5_000, 'the first request at agent A');
+    // A's window is full with the request in flight: the next ones go to B, none held back.
+    for (let i = 0; i < 3; i++) {
+      const r = await mesh.infer('kws', kws(), { deadlineMs: 5_000 });
+      assert.equal(r.agentId, b.identity.id);
+    }
+    assert.equal(a.requests.length, 1, 'nothing more was sent to the full window');
+    assert.equal(mesh.counters.creditHeld, 0, 'no request waited: another agent had room');
+    a.answer(held[0]!.sender, held[0]!.req.id, a.receipt(held[0]!.req.pay!.payer, { requestId: held[0]!.req.id }));
+    await first;
+    await waitFor(() => lastVoucher(a) === 2 && lastVoucher(b) === 6, 5_000, 'both agents paid for what they served');
+  });
+
   test('an agent that never acknowledges vouchers and refuses for credit does not make the SDK hang or pay more', async (t) => {
     const broker = await brokerFor(t);
     const payoutWallet = account();
