@@ -120,8 +120,12 @@ export class Network {
   ) {}
 
   /**
-   * Sends one message. With `from`, messages from one sender to one receiver arrive in the order sent, as
-   * MQTT delivers one client's publishes to a subscriber: a random delay never lets one overtake another.
+   * Sends one message. With `from`, messages from one sender to one receiver are meant to arrive in the
+   * order sent, as MQTT delivers one client's publishes on a topic to a subscriber: a later one is due no
+   * earlier than the one before. Not strictly so: each is a timer of its own, and Node counts a timer from
+   * the event loop's cached time, so two due within the same millisecond can fire in either order (about
+   * 6 % of such pairs on a busy loop). The payment code must not depend on that order: the SDK holds a
+   * resync's receipt whose reply is still due (sdk/src/payments.ts, `onReceiptBatch`).
    */
   send(kind: MessageKind, to: Endpoint, deliver: () => void, dropped?: () => void, from?: string): void {
     this.sent[kind]++;
@@ -680,9 +684,14 @@ export class SimPayer implements Endpoint {
 
   private attempt(agent: SimAgent, request: InferRequest, key: string): Promise<Outcome> {
     if (!this.up) return Promise.resolve('down');
-    const pay = this.lanes.payField(agent.id);
+    let pay = this.lanes.payField(agent.id);
     if (!pay) return Promise.resolve('no-lane');
-    this.lanes.noteAttempt(key, agent.id);
+    // A payer that stops or rewrites its vouchers does not let the real one ride along with its requests.
+    if (this.vouchers !== 'send' && pay.voucher) {
+      const { voucher: _riding, ...rest } = pay;
+      pay = rest;
+    }
+    this.lanes.noteAttempt(key, agent.id, MODEL);
     const payload = Buffer.from(encodeMessage({ ...request, pay }));
     const waitKey = `${agent.id}|${key}`;
     return new Promise<Outcome>((resolve) => {

@@ -282,8 +282,18 @@ export async function runEconomics(config: EconomicsConfig, log: (line: string) 
       await Promise.all(tasks);
     };
     const idle = async (): Promise<void> => {
-      for (let waited = 0; net.inflight > 0 || agentList.some((a) => a.up && a.busy - a.holding > 0); waited += 5) {
-        if (waited > 30_000) throw new MeshError('MESH_TIMEOUT', 'the simulated network did not settle within 30 s');
+      // A payer holding a resync's receipt until its reply or deadline, or about to ask again, is not idle either.
+      const moving = () =>
+        net.inflight > 0 || agentList.some((a) => a.up && a.busy - a.holding > 0) || payers.some((p) => p.up && p.lanes.awaiting() > 0);
+      for (let waited = 0; moving(); waited += 5) {
+        if (waited > 30_000) {
+          const busy = agentList.filter((a) => a.up && a.busy - a.holding > 0).map((a) => `${a.behaviour}:${a.busy - a.holding}`);
+          const awaiting = payers.filter((p) => p.up && p.lanes.awaiting() > 0).map((p) => `${p.behaviour}:${p.lanes.awaiting()}`);
+          throw new MeshError(
+            'MESH_TIMEOUT',
+            `the simulated network did not settle within 30 s (in flight ${net.inflight}; busy agents ${busy.join(' ') || 'none'}; payers awaiting replies ${awaiting.join(' ') || 'none'})`,
+          );
+        }
         await sleep(5);
       }
     };

@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { type EconomicsConfig, quickConfig, runEconomics } from '../bench/economics.ts';
 
-test('economics on a tiny fleet: honest payers overpay nothing, no honest party loses more than one window, every cheat is tried', async (t) => {
+test('economics on a tiny fleet: honest payers overpay nothing, no honest party loses more than one window, every cheat is tried', async () => {
   const config: EconomicsConfig = {
     ...quickConfig(7),
     honestAgents: 2,
@@ -28,16 +28,11 @@ test('economics on a tiny fleet: honest payers overpay nothing, no honest party 
   const summary = JSON.stringify({ ...result, behaviours: undefined });
   assert.equal(result.honest_payers_overpaid_micros, 0, summary);
   assert.ok((result.max_honest_loss_windows as number) <= 1, `${JSON.stringify(result.loss_windows_by_behaviour)}`);
-  // At this size one request is 0.4 % of what honest payers owe. A rare race not found yet (about one run in
-  // fifteen in CI) leaves one honest request refused as 'no-reply' although its reply reached the app; it is
-  // allowed here as exactly that, one request on one lane, and reported. Anything more fails.
-  const short = result.honest_lanes_paid_other_than_owed as { value: number; settled: number }[];
-  const knownRace =
-    short.length === 1 &&
-    short[0]!.value - short[0]!.settled === config.priceMicros &&
-    Object.keys(result.honest_payers_unpaid_receipts_from_honest_agents as object).every((r) => r === 'no-reply');
-  if (knownRace) t.diagnostic(`one honest request unpaid as 'no-reply' (known race): ${JSON.stringify(short)}`);
-  assert.ok((result.honest_agents_paid_of_owed as number) >= 0.999 || knownRace, summary);
+  // Every request an honest payer got an answer for from an honest agent is paid: none is refused as
+  // 'no-reply' or 'unsolicited' (the network here may deliver a resync's receipts before a reply, and
+  // payers restart with receipts held behind lost ones; docs/settlement.md, "Resync and lane info").
+  assert.deepEqual(result.honest_lanes_paid_other_than_owed, [], summary);
+  assert.ok((result.honest_agents_paid_of_owed as number) >= 0.999, summary);
   assert.ok((result.honest_agents_owed_micros as number) > 0, 'honest work was done and paid');
   // The gas goal assumes relayers settling about 50 lanes of 100 receipts each per transaction: a fleet this
   // small cannot show it, so only its presence is checked here.

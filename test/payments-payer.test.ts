@@ -20,6 +20,7 @@ import {
   type Identity,
   type InferRequest,
   type LaneInfo,
+  type MeshError,
   type ModelPrice,
   PROTOCOL_VERSION,
   parseTopic,
@@ -46,7 +47,7 @@ let domain: EscrowDomain;
 let nextAccount = 1;
 
 before(async () => {
-  chain = await startLocalChain({ accounts: 20 });
+  chain = await startLocalChain({ accounts: 30 });
   deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   domain = { chainId: deployment.chainId, escrow: deployment.escrow };
 });
@@ -74,6 +75,10 @@ interface Scripted {
   requests: { req: InferRequest; senderId: string }[];
   vouchers: VoucherMessage[];
   resyncs: number;
+  /** Resyncs are answered from what was issued (default); false counts them and answers none. */
+  answerResyncs: boolean;
+  /** Receipt seqs its resync answers leave out. */
+  withhold: Set<number>;
   /** Receipts issued, by seq. */
   issued: Map<number, SignedReceipt>;
   /** Signs the next receipt on the sender's lane (input and output hashes of `req` and the scripted result, unless given). */
@@ -111,6 +116,8 @@ async function scriptedAgent(
     requests: [],
     vouchers: [],
     resyncs: 0,
+    answerResyncs: true,
+    withhold: new Set(),
     issued: new Map(),
     receipt(payer, fields, req) {
       const p = fields.price ?? 2;
@@ -193,7 +200,8 @@ async function scriptedAgent(
         paid = Math.max(paid, m.cumulative);
       } else {
         a.resyncs++;
-        const receipts = [...a.issued.values()].filter((r) => r.seq > m.afterSeq).sort((x, y) => x.seq - y.seq);
+        if (!a.answerResyncs) return;
+        const receipts = [...a.issued.values()].filter((r) => r.seq > m.afterSeq && !a.withhold.has(r.seq)).sort((x, y) => x.seq - y.seq);
         client.publish(
           topics.clientReply(parsed.senderId, identity.id),
           encodeMessage({ v: PROTOCOL_VERSION, kind: 'receipts', agent: identity.id, payer: m.payer, receipts, lane: a.lane() }),
@@ -492,5 +500,279 @@ describe('payouts and lanes that cannot be squatted or wedged', () => {
     await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id }), /busy/i);
     await waitFor(() => agent.vouchers.filter((v) => v.cumulative === 2).length >= 2, 5_000, 'the voucher for 2 again');
     assert.ok(toHex(agent.vouchers[0]!.sig) === toHex(agent.vouchers[1]!.sig), 'the same signed voucher, not a new one');
+  });
+});
+
+describe('agents that play with the credit window', () => {
+  test('an agent quoting a window smaller than one request gets no request: the SDK fails it at once with MESH_CREDIT_EXCEEDED', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    // A window of 1 µUSD for a request of 2: every request would be refused, or held for ever.
+    const agent = await scriptedAgent(
+      t,
+      broker.url,
+      payoutWallet.address.toLowerCase(),
+      (a, req, sender) => a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id })),
+      kwsPrice,
+      1,
+    );
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const started = Date.now();
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 10_000 }), (err: MeshError) => {
+      assert.equal(err.code, 'MESH_CREDIT_EXCEEDED');
+      assert.equal(err.details?.reason, 'window-too-small');
+      return true;
+    });
+    assert.ok(Date.now() - started < 5_000, 'failed without waiting for the deadline');
+    assert.equal(agent.requests.length, 0, 'nothing was sent to it');
+    assert.equal(mesh.lanes()[0]!.paidMicros, 0);
+  });
+
+  test('a request that gets no credit before its deadline fails with MESH_CREDIT_EXCEEDED and is never sent; the one in flight is paid', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const held: { sender: string; req: InferRequest }[] = [];
+    // A window of one request; the first is answered only when the test says so.
+    const agent = await scriptedAgent(
+      t,
+      broker.url,
+      payoutWallet.address.toLowerCase(),
+      (_a, req, sender) => held.push({ sender, req }),
+      kwsPrice,
+      2,
+    );
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const first = mesh.infer('kws', kws(), { deadlineMs: 10_000 });
+    await waitFor(() => held.length === 1, 5_000, 'the first request at the agent');
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300 }), (err: MeshError) => {
+      assert.equal(err.code, 'MESH_CREDIT_EXCEEDED');
+      assert.equal(err.details?.reason, 'no-room');
+      return true;
+    });
+    assert.equal(agent.requests.length, 1, 'the second request was held back, not sent');
+    assert.equal(mesh.counters.creditHeld, 1);
+    assert.equal(mesh.counters.creditFailed, 1);
+    // The first is answered: it is paid, and the window has room again.
+    agent.answer(held[0]!.sender, held[0]!.req.id, agent.receipt(held[0]!.req.pay!.payer, { requestId: held[0]!.req.id }));
+    await first;
+    await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the first request paid');
+    const third = mesh.infer('kws', kws(), { deadlineMs: 5_000 });
+    await waitFor(() => held.length === 2, 5_000, 'the third request sent once the voucher freed the window');
+    assert.ok(held[1]!.req.pay?.voucher, 'the voucher rides along until the agent says it holds it');
+    assert.equal(held[1]!.req.pay!.voucher!.cumulative, 2);
+    agent.answer(held[1]!.sender, held[1]!.req.id, agent.receipt(held[1]!.req.pay!.payer, { requestId: held[1]!.req.id }));
+    await third;
+    await waitFor(() => lastVoucher(agent) === 4, 5_000, 'the third request paid');
+    assert.equal(mesh.lanes()[0]!.paidMicros, 4, 'two requests served, two paid, nothing more');
+  });
+
+  test('a request goes to another agent whose window has room instead of waiting for a full one', async (t) => {
+    const broker = await brokerFor(t);
+    const held: { sender: string; req: InferRequest }[] = [];
+    // Agent A has a window of one request and holds its reply until the test says so; B's window is roomy.
+    const payoutA = account();
+    const a = await scriptedAgent(
+      t,
+      broker.url,
+      payoutA.address.toLowerCase(),
+      (_x, req, sender) => held.push({ sender, req }),
+      kwsPrice,
+      2,
+    );
+    await register(payoutA, a.identity);
+    const payoutB = account();
+    const b = await scriptedAgent(
+      t,
+      broker.url,
+      payoutB.address.toLowerCase(),
+      (x, req, sender) => x.answer(sender, req.id, x.receipt(req.pay!.payer, { requestId: req.id })),
+      kwsPrice,
+      100,
+    );
+    await register(payoutB, b.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws', 10_000, 2);
+    await waitFor(() => mesh.lanes().length === 2, 5_000, 'both lanes open');
+    const first = mesh.infer('kws', kws(), { deadlineMs: 10_000, agentId: a.identity.id });
+    await waitFor(() => held.length === 1, 5_000, 'the first request at agent A');
+    // A's window is full with the request in flight: the next ones go to B, none held back.
+    for (let i = 0; i < 3; i++) {
+      const r = await mesh.infer('kws', kws(), { deadlineMs: 5_000 });
+      assert.equal(r.agentId, b.identity.id);
+    }
+    assert.equal(a.requests.length, 1, 'nothing more was sent to the full window');
+    assert.equal(mesh.counters.creditHeld, 0, 'no request waited: another agent had room');
+    a.answer(held[0]!.sender, held[0]!.req.id, a.receipt(held[0]!.req.pay!.payer, { requestId: held[0]!.req.id }));
+    await first;
+    await waitFor(() => lastVoucher(a) === 2 && lastVoucher(b) === 6, 5_000, 'both agents paid for what they served');
+  });
+
+  test('an agent that never acknowledges vouchers and refuses for credit does not make the SDK hang or pay more', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let billed = 0;
+    // It says its window is 10, refuses once 4 are unpaid by its own count (vouchers ignored), and its lane
+    // info always says it holds no voucher.
+    const agent = await scriptedAgent(
+      t,
+      broker.url,
+      payoutWallet.address.toLowerCase(),
+      (a, req, sender) => {
+        if (billed >= 4) return a.fail(sender, req.id, 'MESH_CREDIT_EXCEEDED');
+        billed += 2;
+        const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+        a.answer(sender, req.id, receipt, { seq: receipt.seq, paid: 0 });
+      },
+      kwsPrice,
+      10,
+    );
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const outcomes: string[] = [];
+    const started = Date.now();
+    for (let i = 0; i < 5; i++) {
+      outcomes.push(
+        await mesh.infer('kws', kws(), { deadlineMs: 2_000 }).then(
+          () => 'ok',
+          (err: MeshError) => err.code,
+        ),
+      );
+    }
+    assert.deepEqual(outcomes, ['ok', 'ok', 'MESH_CREDIT_EXCEEDED', 'MESH_CREDIT_EXCEEDED', 'MESH_CREDIT_EXCEEDED']);
+    // Each refused request ended with the agent's refusal, well within its deadline: nothing waited for ever.
+    assert.ok(Date.now() - started < 5 * 2_000, `took ${Date.now() - started} ms`);
+    await waitFor(() => lastVoucher(agent) === 4, 5_000, 'the two served requests paid');
+    await mesh.close();
+    assert.equal(Math.max(...agent.vouchers.map((v) => v.cumulative)), 4, 'never more than the two requests served');
+    assert.equal(mesh.lanes()[0]!.paidMicros, 4);
+  });
+});
+
+describe('receipts that come before their replies', () => {
+  test('a resync batch that overtakes a reply does not leave the answered request unpaid', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const held: { sender: string; req: InferRequest; receipt: SignedReceipt }[] = [];
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+      // The first request's reply is held back; the second is answered at once, so the payer sees a gap and
+      // asks for the receipts again, and this agent's batch carries the first receipt before its reply.
+      if (held.length === 0) held.push({ sender, req, receipt });
+      else a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const first = mesh.infer('kws', kws(), { deadlineMs: 10_000, agentId: agent.identity.id });
+    await waitFor(() => held.length === 1, 5_000, 'the first request at the agent');
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    await waitFor(() => agent.resyncs >= 1, 5_000, 'a resync');
+    // The batch (both receipts) has reached the payer before the first reply: nothing is linked yet.
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(mesh.lanes()[0]!.receipts, 0, 'the receipts wait for the reply that is due');
+    agent.answer(held[0]!.sender, held[0]!.req.id, held[0]!.receipt);
+    await first;
+    await waitFor(() => mesh.lanes()[0]!.receipts === 2, 5_000, 'both receipts linked');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
+    assert.equal(lane.owedMicros, 4, 'both answered requests are owed');
+    await waitFor(() => lastVoucher(agent) === 4, 5_000, 'the voucher pays 4');
+  });
+
+  test('a receipt from a resync whose reply never comes is linked unpaid at the deadline, and the lane goes on', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+      if (n !== 1) a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const lost = mesh.infer('kws', kws(), { deadlineMs: 600, agentId: agent.identity.id }).catch((err: MeshError) => err.code);
+    await waitFor(() => n === 1, 5_000, 'the first request at the agent');
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    assert.equal(await lost, 'MESH_DEADLINE_EXCEEDED');
+    await waitFor(() => mesh.lanes()[0]!.receipts === 2, 5_000, 'both receipts linked after the deadline');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.refused, 1);
+    assert.equal(lane.lastRefusal, 'no-reply');
+    assert.equal(lane.owedMicros, 2, 'only the answered request is owed');
+  });
+
+  test('a receipt held behind a gap when the app closes is stored, and paid after the restart when the gap fills', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+      // The first reply is lost; the second is answered.
+      if (n !== 1) a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const wallet = account();
+    const identity = generateIdentity('app');
+    const dataDir = await tempDir(t);
+    const open = () => meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir, voucherDelayMs: 0 } });
+    let mesh = await open();
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    // Resyncs go unanswered until the app has restarted (a lossy link, or an agent busy restarting).
+    agent.answerResyncs = false;
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: agent.identity.id }));
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    assert.equal(mesh.lanes()[0]!.receipts, 0, 'the answered receipt waits behind the lost one');
+    const asked = agent.resyncs;
+    await mesh.close();
+    assert.ok(agent.resyncs > asked || asked > 0, 'the app asked for the missing receipt');
+    agent.answerResyncs = true;
+    mesh = await open();
+    await mesh.waitForModel('kws');
+    await waitFor(() => (mesh.lanes()[0]?.receipts ?? 0) === 2, 5_000, 'both receipts linked after the restart');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.owedMicros, 2, 'the request the app got an answer for before it closed is owed');
+    assert.equal(lane.refused, 1, 'the one never answered is not');
+    await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the voucher pays 2');
+  });
+});
+
+describe('resyncs an agent cannot turn into a flood', () => {
+  test('an agent that never sends a receipt it lost gets one resync per event, not one every 500 ms', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+      // The second reply is lost, and its receipt is left out of every resync answer.
+      if (n === 2) a.withhold.add(receipt.seq);
+      else a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: agent.identity.id }));
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await waitFor(() => agent.resyncs >= 1, 5_000, 'a resync for the missing receipt');
+    await new Promise((r) => setTimeout(r, 2_500));
+    // One ask for the gap the third reply showed; the answer (without the receipt) asks nothing more by itself.
+    assert.ok(agent.resyncs <= 2, `${agent.resyncs} resyncs in 2.5 s`);
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.receipts, 1, 'the lane stands before the gap');
+    assert.equal(lane.owedMicros, 2);
   });
 });

@@ -202,6 +202,12 @@ export interface MeshCounters {
   timeouts: number;
   /** Attempts given up because their agent went silent (no heartbeat for a few periods, no last will yet). */
   silenced: number;
+  /**
+   * Paid requests held back before their first attempt because no agent serving them had room in its credit
+   * window by this client's count, and of those, the ones that failed (MESH_CREDIT_EXCEEDED) for want of it.
+   */
+  creditHeld: number;
+  creditFailed: number;
 }
 
 export interface Mesh {
@@ -291,9 +297,14 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     minHedgeAfterMs,
     onRouted: (routed) => (routed ? counters.routed++ : counters.leaseFallbacks++),
     onCancelled: (key, agentId) => payments?.noteCancel(key, agentId),
-    retrySameAfter: (agentId, error) =>
-      // The agent waits for a voucher this client is about to send: try it again once that is out.
-      error.code === 'MESH_CREDIT_EXCEEDED' && payments?.owes(agentId) ? payments.flush() : undefined,
+    retrySameAfter: (agentId, error, key, model, deadlineAt) =>
+      // The agent waits for a voucher this client is about to send: try it again once that is out and, by
+      // this client's count, its window has room for the request (or the deadline is near).
+      error.code === 'MESH_CREDIT_EXCEEDED' && payments?.owes(agentId)
+        ? payments.flush().then(() => waitForCredit(key, model, (id) => id === agentId, deadlineAt, false))
+        : undefined,
+    // Agents whose credit window has no room for the request now are passed over while another has room.
+    creditRoom: (agentId, key, model) => payments?.room(agentId, key, model) ?? 'room',
   });
   const engine = createRequestEngine<SdkRequest, SdkReply>({
     policy,
@@ -355,7 +366,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       return;
     }
     // Every receipt is linked, a late or hedged attempt's too: the lane's chain runs through all of them.
-    if (payments && (reading.receipt || reading.lane)) {
+    // Every reply also gives back the credit held for its attempt.
+    if (payments) {
       payments.onReply(agentId, reading.key, reading.error ? 'err' : 'res', reading.receipt, reading.reply?.outputs, reading.lane);
     }
     if (reading.error) {
@@ -446,6 +458,60 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     clearTimeout(connectTimer);
   }
 
+  /**
+   * Whether request `key` must wait for credit: undefined when one of the agents serving `model` that
+   * `eligible` accepts has room in its credit window by this client's count (or none serves it: the engine
+   * says so), else a promise that resolves when credit may have been freed, to ask again. When no agent could
+   * ever have room, or at `deadlineAt` (engine clock), it throws MESH_CREDIT_EXCEEDED (`details.reason`
+   * 'window-too-small' or 'no-room') when `failAtEnd`, else returns undefined (the agent is tried anyway,
+   * and its refusal ends the attempt). Synchronous when there is room, so that nothing runs between the
+   * check and the attempt it lets through.
+   */
+  const creditWait = (
+    key: string,
+    model: string,
+    eligible: (agentId: string) => boolean,
+    deadlineAt: number,
+    failAtEnd: boolean,
+  ): Promise<void> | undefined => {
+    if (!payments) return undefined;
+    const agents = fleet
+      .online(model)
+      .map((a) => a.id)
+      .filter(eligible);
+    const rooms = agents.map((id) => payments!.room(id, key, model));
+    if (agents.length === 0 || rooms.includes('room')) return undefined;
+    const left = deadlineAt - clock.now();
+    const never = rooms.every((r) => r === 'never');
+    if (never || left <= 0) {
+      if (!failAtEnd) return undefined;
+      creditCounters.creditFailed++;
+      throw new MeshError(
+        'MESH_CREDIT_EXCEEDED',
+        never
+          ? `no agent serving ${model} quotes a credit window this request fits in (beside receipts this client refused)`
+          : `no credit window had room for this request before its deadline: the unpaid work and requests in flight on every lane serving ${model} fill it`,
+        { details: { reason: never ? 'window-too-small' : 'no-room', model, agents } },
+      );
+    }
+    return payments.whenRoom(agents, left);
+  };
+  /** Waits (see creditWait) until there is room; resolves with no await after the last check. */
+  const waitForCredit = async (
+    key: string,
+    model: string,
+    eligible: (agentId: string) => boolean,
+    deadlineAt: number,
+    failAtEnd: boolean,
+  ): Promise<void> => {
+    let wait = creditWait(key, model, eligible, deadlineAt, failAtEnd);
+    while (wait) {
+      await wait;
+      wait = creditWait(key, model, eligible, deadlineAt, failAtEnd);
+    }
+  };
+  const creditCounters = { creditHeld: 0, creditFailed: 0 };
+
   const infer = async (model: string, inputs: Record<string, Tensor>, inferOptions: InferOptions = {}): Promise<InferResult> => {
     const { deadlineMs = defaultDeadlineMs, agentId: pinned, signal, onProgress } = inferOptions;
     if (signal?.aborted) throw new MeshError('MESH_CANCELLED', 'the request was aborted before it was sent');
@@ -461,7 +527,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     const payloadFor = (agentId: string): Uint8Array => {
       const pay = payments?.payField(agentId);
       if (!pay) return payload;
-      payments!.noteAttempt(key, agentId);
+      payments!.noteAttempt(key, agentId, model);
       return encodeMessage({ ...request, pay });
     };
 
@@ -471,6 +537,18 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     if (payments) await payments.ready();
     const lease = leases && !pinned ? await leases.leaseFor(model, Math.max(0, deadlineAt - clock.now()), payload.byteLength) : undefined;
 
+    // A paid request waits here (within its deadline) until an agent that serves it has room in its credit
+    // window by this client's count, instead of drawing MESH_CREDIT_EXCEEDED; nothing is awaited between the
+    // last check and the first attempt, so requests released together cannot overfill a window.
+    const eligible = (id: string) => pinned === undefined || id === pinned;
+    let creditHold = creditWait(key, model, eligible, deadlineAt, true);
+    if (creditHold) creditCounters.creditHeld++;
+    while (creditHold) {
+      await creditHold;
+      if (signal?.aborted) throw new MeshError('MESH_CANCELLED', 'the request was aborted while it waited for credit');
+      if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'client closed while the request waited for credit');
+      creditHold = creditWait(key, model, eligible, deadlineAt, true);
+    }
     const data: SdkRequest = { model, payloadFor, lease, viaRouter: leases !== undefined && !pinned, pinned, routedBy: undefined };
     if (onProgress) progressListeners.set(key, onProgress);
     const onAbort = () => engine.abort(key, new MeshError('MESH_CANCELLED', 'the request was aborted by its sender'));
@@ -503,6 +581,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     });
   };
 
+  let closing: Promise<void> | undefined;
   return {
     clientId,
     get counters() {
@@ -516,6 +595,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         hedges,
         timeouts,
         silenced: silent,
+        ...creditCounters,
       };
     },
     infer,
@@ -549,12 +629,16 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         );
       });
     },
-    async close() {
-      leases?.close();
-      engine.close(new MeshError('MESH_NOT_CONNECTED', 'client closed'));
-      // Vouchers being signed still go out before the connection closes.
-      await payments?.close();
-      await connection.close();
+    close() {
+      // Closing twice waits for the first close (the lanes' store and the connection close once).
+      closing ??= (async () => {
+        leases?.close();
+        engine.close(new MeshError('MESH_NOT_CONNECTED', 'client closed'));
+        // Vouchers being signed still go out before the connection closes.
+        await payments?.close();
+        await connection.close();
+      })();
+      return closing;
     },
     lanes: () => payments?.lanesView() ?? [],
   };

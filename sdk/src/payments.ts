@@ -22,7 +22,9 @@ import path from 'node:path';
 import type { MeshLogger as Logger } from '@edge-mesh/client';
 import {
   type AgentStatus,
+  decodeCbor,
   type EscrowDomain,
+  encodeCbor,
   encodeMessage,
   FEE_CAP_DIVISOR,
   fromHex,
@@ -40,8 +42,10 @@ import {
   PROTOCOL_VERSION,
   type ProgressMessage,
   type Quote,
+  RECEIPT_STATUS,
   type ReceiptBatch,
   type ReceiptContext,
+  receiptPriceMicros,
   requestIdHex,
   type SignedReceipt,
   signLaneGrant,
@@ -148,6 +152,8 @@ interface StoredLane {
   pendingLeaves: string[];
   voucher: (Omit<VoucherMessage, 'receiptsRoot' | 'sig'> & { receiptsRoot: string; sig: string }) | undefined;
   grant: (Omit<LaneGrant, 'sig'> & { sig: string }) | undefined;
+  /** Receipts held behind a gap when the lanes closed, with what was known of their requests then. */
+  ahead?: StoredAhead[];
 }
 
 interface Lane {
@@ -168,12 +174,44 @@ interface Lane {
   grant: LaneGrant | undefined;
   /** The agent answered a paid request since the grant was sent: no need to send it again. */
   grantSeen: boolean;
-  /** Receipts that came ahead of a gap, by seq, with what was known when they came. */
-  ahead: Map<number, { receipt: SignedReceipt; context: ReceiptContext }>;
+  /**
+   * Receipts that came ahead of a gap, by seq, with what was known when they came; and receipts of a resync
+   * batch whose reply is still due (`awaiting`: the request's key), held until it comes or the deadline passes.
+   */
+  ahead: Map<number, Ahead>;
+  /** Fires at the deadline of the receipt awaited first, to link it as it stands then. */
+  awaitTimer: NodeJS.Timeout | undefined;
   resyncSentAt: number;
+  /** A resync deferred to the end of the spacing (see `resync`). */
+  resyncTimer: NodeJS.Timeout | undefined;
   voucherResentAt: number;
   broken: string | undefined;
+  /**
+   * Credit this client holds for its attempts in flight at the agent, by request key: the most each may
+   * cost by the quote (what the agent reserves on admission), less what its progress receipts charged.
+   */
+  held: Map<string, { micros: number; timer: NodeJS.Timeout }>;
+  heldMicros: number;
+  /** The best voucher the agent has said it holds (its lane info): below `paid`, the voucher rides along with requests. */
+  agentPaid: number;
 }
+
+/** A receipt held out of the lane's chain for now: behind a gap, or before its reply. */
+interface Ahead {
+  receipt: SignedReceipt;
+  context: ReceiptContext;
+  /** The request key whose reply is awaited: the context is read again when the receipt links. */
+  awaiting?: string;
+}
+
+/** A held receipt as stored with the lane (hex and base64 for the JSON store). */
+interface StoredAhead {
+  receipt: string;
+  context: Omit<ReceiptContext, 'inputHash' | 'outputHash'> & { inputHash?: string; outputHash?: string };
+}
+
+/** Whether an agent's credit window has room for a request (see `PayerLanes.room`). */
+export type CreditRoom = 'room' | 'full' | 'never';
 
 /** What this client remembers of a request it sent. */
 interface Sent {
@@ -212,6 +250,11 @@ const CLOSE_GAP_WAIT_MS = 1_500;
 const MAX_UNCHECKED = 256;
 /** Receipts held ahead of a gap, per lane. */
 const MAX_AHEAD = 1024;
+/**
+ * Credit held for an attempt is given back when its reply comes; without one (lost, or an agent that never
+ * answers), this long after the request's deadline: an honest agent has answered or dropped it by then.
+ */
+const HOLD_GRACE_MS = 2_000;
 
 /** The escrow's `agentKeyOf(address)` selector. */
 const AGENT_KEY_OF = toHex(keccak256Bytes(new TextEncoder().encode('agentKeyOf(address)')).subarray(0, 4));
@@ -230,6 +273,10 @@ export class PayerLanes {
   private readonly chain: ChainReader | undefined;
   private readonly feePpm: bigint;
   private pumping = new Set<Promise<void>>();
+  /** Requests waiting for room in a credit window: woken whenever credit may have been freed. */
+  private roomWaiters = new Set<() => void>();
+  /** Closing: replies no longer reach the app, so receipts awaiting theirs link as they stand. */
+  private closing = false;
   counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0 };
 
   private constructor(
@@ -348,12 +395,20 @@ export class PayerLanes {
         : undefined,
       grant,
       grantSeen: false,
-      ahead: new Map(),
+      ahead: new Map((resume?.ahead ?? []).map(restoreAhead).map((a) => [a.receipt.seq, a])),
+      awaitTimer: undefined,
+      resyncTimer: undefined,
       resyncSentAt: 0,
       voucherResentAt: 0,
       broken: undefined,
+      held: new Map(),
+      heldMicros: 0,
+      agentPaid: 0,
     });
     this.logger.info({ agentId, payout: quote.payout }, 'lane open');
+    // Receipts stored behind a gap: ask for the missing ones now.
+    const opened = this.lanes.get(agentId)!;
+    if (opened.ahead.size > 0) this.resync(opened);
   }
 
   private async signGrant(payout: string): Promise<LaneGrant> {
@@ -405,11 +460,108 @@ export class PayerLanes {
     });
   }
 
-  /** The request's payment field for this agent, when this payer pays it (its grant until the agent has answered a paid request). */
+  /**
+   * The request's payment field for this agent, when this payer pays it: its grant until the agent has
+   * answered a paid request, and the latest voucher until the agent's lane info says it holds it (the agent
+   * takes a voucher that rides along before it admits the request, so credit this client counts as freed is
+   * freed there too, whatever became of the voucher sent on its own).
+   */
   payField(agentId: string): PaymentField | undefined {
     const lane = this.lanes.get(agentId);
     if (!lane || lane.broken) return undefined;
-    return lane.grantSeen || !lane.grant ? { payer: this.payer } : { payer: this.payer, grant: lane.grant };
+    return {
+      payer: this.payer,
+      ...(lane.grantSeen || !lane.grant ? {} : { grant: lane.grant }),
+      ...(lane.voucher && lane.agentPaid < lane.paid ? { voucher: lane.voucher } : {}),
+    };
+  }
+
+  /**
+   * Whether the credit window `agentId` quoted has room now for request `key` (of `model`): what this client
+   * counts as unpaid there (billed by receipts, less what its latest voucher pays, plus what it holds for
+   * attempts in flight) plus the most this request may cost must stay within the window, as the agent's
+   * credit rule requires (docs/settlement.md, "The credit rule"). 'room' also for an agent this client does
+   * not pay or whose quote names no window; 'never' when the request cannot fit even with every voucher
+   * signed (a window smaller than one request, or filled by receipts this client refused).
+   */
+  room(agentId: string, key: string, model: string): CreditRoom {
+    const lane = this.lanes.get(agentId);
+    const credit = lane?.quote.creditMicros;
+    if (!lane || lane.broken || credit === undefined) return 'room';
+    const need = this.mostFor(lane, key, model);
+    const billed = this.billedOf(lane);
+    const refused = Math.max(0, lane.verifier.state.cumulative - (lane.verifier.state.payable ?? 0));
+    if (refused + need > credit) return 'never';
+    return billed - lane.paid + lane.heldMicros - (lane.held.get(key)?.micros ?? 0) + need <= credit ? 'room' : 'full';
+  }
+
+  /**
+   * Resolves when credit may have been freed on some lane (a voucher signed, a reply in, a hold given back)
+   * or after `timeoutMs`, whichever is first; the waiter then asks `room` again. Vouchers owed to the agents
+   * named are signed at once, not after `voucherDelayMs`: someone is waiting on them.
+   */
+  whenRoom(agentIds: readonly string[], timeoutMs: number): Promise<void> {
+    for (const id of agentIds) {
+      const lane = this.lanes.get(id);
+      if (lane) this.startPump(lane);
+    }
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer);
+        this.roomWaiters.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, Math.max(0, timeoutMs));
+      this.roomWaiters.add(wake);
+    });
+  }
+
+  private wakeRoomWaiters(): void {
+    for (const wake of [...this.roomWaiters]) wake();
+  }
+
+  /** What the agent may have billed on the lane, as far as this client has seen: receipts held behind a gap included. */
+  private billedOf(lane: Lane): number {
+    let billed = lane.verifier.state.cumulative;
+    for (const { receipt } of lane.ahead.values()) if (receipt.cumulative > billed) billed = receipt.cumulative;
+    return billed;
+  }
+
+  /**
+   * The most request `key` of `model` may cost by the lane's quote: what the agent reserves when it admits
+   * it (the ok price at the units asked, or the minimum charge); a model the quote does not price counts
+   * as the dearest request it quotes.
+   */
+  private mostFor(lane: Lane, key: string, model: string): number {
+    const price = lane.quote.models.find((m) => m.name === model);
+    if (!price) return Math.max(0, ...lane.quote.models.map((m) => maxRequestMicros(m)));
+    const units = price.maxUnits !== undefined ? Math.max(1, this.sent.get(key)?.units ?? 1) : 1;
+    return Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, units), price.minChargeMicros);
+  }
+
+  /** Holds credit for an attempt of `key` sent to the agent, until its reply (or HOLD_GRACE_MS past the deadline). */
+  private hold(lane: Lane, key: string, model: string | undefined): void {
+    this.unhold(lane, key);
+    const micros = model === undefined ? 0 : this.mostFor(lane, key, model);
+    const deadline = this.sent.get(key)?.deadline ?? Date.now();
+    const timer = setTimeout(() => this.unhold(lane, key), Math.max(0, deadline - Date.now()) + HOLD_GRACE_MS);
+    timer.unref?.();
+    lane.held.set(key, { micros, timer });
+    lane.heldMicros += micros;
+  }
+
+  /** Gives back what is held for `key`, or `micros` of it (a progress receipt charged that much of it). */
+  private unhold(lane: Lane, key: string, micros?: number): void {
+    const h = lane.held.get(key);
+    if (!h) return;
+    const take = micros === undefined ? h.micros : Math.min(micros, h.micros);
+    h.micros -= take;
+    lane.heldMicros = Math.max(0, lane.heldMicros - take);
+    if (micros === undefined) {
+      clearTimeout(h.timer);
+      lane.held.delete(key);
+    }
+    if (take > 0 || micros === undefined) this.wakeRoomWaiters();
   }
 
   /** Remembers what was sent, so the receipts for it can be held to it; kept until a minute past the deadline. */
@@ -421,10 +573,12 @@ export class PayerLanes {
     this.sent.set(key, { deadline, inputHash: hashTensorMap(inputs), units: leadingRows(inputs) ?? 1, agents: new Map() });
   }
 
-  /** An attempt of request `key` went to `agentId`. */
-  noteAttempt(key: string, agentId: string): void {
+  /** An attempt of request `key` (of `model`) went to `agentId`: the most it may cost is held against that agent's credit window. */
+  noteAttempt(key: string, agentId: string, model?: string): void {
     const s = this.sent.get(key);
     if (s && !s.agents.has(agentId)) s.agents.set(agentId, {});
+    const lane = this.lanes.get(agentId);
+    if (lane && s) this.hold(lane, key, model);
   }
 
   /** This client cancelled the attempt at `agentId`. */
@@ -462,6 +616,8 @@ export class PayerLanes {
       }
       return;
     }
+    // The attempt is over at the agent: what it reserved is billed by this receipt, or was given back.
+    this.unhold(l, key);
     if (lane) l.grantSeen = true;
     if (receipt) {
       // A receipt stands for the request its reply answers; one naming another request was never asked for here.
@@ -497,17 +653,35 @@ export class PayerLanes {
           : { asked: false };
       // Progress after the reply (or for a request never sent) brings nothing the payer owes.
       if (seen?.reply !== undefined) context.reply = undefined;
+      // What the receipt charged comes out of the agent's reservation for the request (and is billed now).
+      if (requestIdHex(receipt.requestId) === key && Number.isSafeInteger(receipt.price)) this.unhold(l, key, Math.max(0, receipt.price));
       this.take(l, receipt, context);
     }
     if (progress.lane) this.onLaneInfo(l, progress.lane);
   }
 
-  /** Receipts the agent sent again after a resync. */
+  /**
+   * Receipts the agent sent again after a resync. One for a request whose reply is still due (asked, not
+   * answered, deadline not passed) is not linked yet: the batch may have overtaken the reply, and linked
+   * now it would be refused as 'no-reply' for an answer the app is about to get. It and the receipts after
+   * it wait for that reply, or for the deadline, whichever comes first.
+   */
   onReceiptBatch(agentId: string, batch: ReceiptBatch): void {
     const l = this.lanes.get(agentId);
     if (!l || batch.payer !== this.payer) return;
-    for (const receipt of batch.receipts) this.take(l, receipt, this.contextOf(requestIdHex(receipt.requestId), agentId));
+    for (const receipt of batch.receipts) {
+      const key = requestIdHex(receipt.requestId);
+      const context = this.contextOf(key, agentId);
+      this.take(l, receipt, context, this.replyDue(context) ? key : undefined);
+    }
     this.onLaneInfo(l, batch.lane);
+  }
+
+  /** The payer asked for the request and its reply may still come in time. */
+  private replyDue(context: ReceiptContext): boolean {
+    return (
+      !this.closing && context.asked && context.reply === undefined && context.deadline !== undefined && Date.now() <= context.deadline
+    );
   }
 
   private contextOf(key: string, agentId: string): ReceiptContext {
@@ -526,9 +700,17 @@ export class PayerLanes {
     };
   }
 
-  /** Links a receipt (or holds it until the gap before it is filled) and pays it when it is owed. */
-  private take(lane: Lane, receipt: SignedReceipt, context: ReceiptContext): void {
+  /**
+   * Links a receipt (or holds it until the gap before it is filled, or until the reply to request
+   * `awaiting` comes) and pays it when it is owed.
+   */
+  private take(lane: Lane, receipt: SignedReceipt, context: ReceiptContext, awaiting?: string): void {
     if (lane.broken) return;
+    if (awaiting !== undefined && Number.isSafeInteger(receipt.seq) && receipt.seq > lane.verifier.state.seq) {
+      if (lane.ahead.size < MAX_AHEAD && !lane.ahead.has(receipt.seq)) lane.ahead.set(receipt.seq, { receipt, context, awaiting });
+      this.armAwait(lane, context.deadline);
+      return;
+    }
     let linked: LinkedReceipt;
     try {
       linked = lane.verifier.link(receipt, context);
@@ -537,7 +719,8 @@ export class PayerLanes {
       if (reason === 'replayed') return;
       if (reason === 'seq' && Number.isSafeInteger(receipt.seq) && receipt.seq > lane.verifier.state.seq) {
         if (lane.ahead.size < MAX_AHEAD) lane.ahead.set(receipt.seq, { receipt, context });
-        this.resync(lane);
+        // Nothing is missing when the next receipt is here, only waiting for its reply.
+        if (!lane.ahead.get(lane.verifier.state.seq + 1)?.awaiting) this.resync(lane);
         return;
       }
       // The agent broke its own chain: nothing after this can be checked, so nothing after this is paid.
@@ -557,16 +740,15 @@ export class PayerLanes {
         'receipt linked, not paid',
       );
     }
+    // Linked with its reply: a copy held from a resync batch is done with.
+    lane.ahead.delete(receipt.seq);
     // A lane that owes nothing is never paid, so its signatures are checked in batches all the same.
     if (lane.verifier.unchecked >= MAX_UNCHECKED) this.checkSignatures(lane);
     if (lane.broken) return;
     // Receipts held after a gap may link now.
-    const next = lane.ahead.get(lane.verifier.state.seq + 1);
-    if (next) {
-      lane.ahead.delete(next.receipt.seq);
-      this.take(lane, next.receipt, next.context);
-      return;
-    }
+    if (this.linkAhead(lane)) return;
+    // Held receipts remain behind a gap (the next one is missing, not waiting for its reply): ask for it.
+    if (lane.ahead.size > 0 && !lane.ahead.has(lane.verifier.state.seq + 1)) this.resync(lane, true);
     this.schedule(lane);
   }
 
@@ -587,17 +769,61 @@ export class PayerLanes {
     );
   }
 
+  /** Links the next held receipt, unless it still waits for its reply; whether it did. */
+  private linkAhead(lane: Lane): boolean {
+    const next = lane.ahead.get(lane.verifier.state.seq + 1);
+    if (!next) return false;
+    let context = next.context;
+    if (next.awaiting !== undefined) {
+      context = this.contextOf(next.awaiting, lane.agentId);
+      if (this.replyDue(context)) {
+        this.armAwait(lane, context.deadline);
+        return false;
+      }
+    }
+    lane.ahead.delete(next.receipt.seq);
+    this.take(lane, next.receipt, context);
+    return true;
+  }
+
+  /** Links what waits for a reply once its deadline has passed (the reply, if it came, is in its context then). */
+  private armAwait(lane: Lane, deadline: number | undefined): void {
+    if (lane.awaitTimer || deadline === undefined) return;
+    lane.awaitTimer = setTimeout(
+      () => {
+        lane.awaitTimer = undefined;
+        if (!this.linkAhead(lane)) this.schedule(lane);
+      },
+      Math.max(0, deadline - Date.now()) + 1,
+    );
+    lane.awaitTimer.unref?.();
+  }
+
+  /**
+   * A voucher waits `voucherDelayMs` for more receipts, unless the window is half used by what is owed, or
+   * what is owed plus what is held for attempts in flight leaves no room for one more of the dearest
+   * requests, or a request waits for room: then it is signed at once, so that the pipeline does not stall.
+   */
   private schedule(lane: Lane): void {
     const unpaid = (lane.verifier.state.payable ?? 0) - lane.paid;
     if (unpaid <= 0) return;
     const credit = lane.quote.creditMicros;
-    if (credit === undefined || 2 * unpaid >= credit) this.startPump(lane);
+    const dearest = Math.max(0, ...lane.quote.models.map((m) => maxRequestMicros(m)));
+    if (
+      credit === undefined ||
+      2 * unpaid >= credit ||
+      this.roomWaiters.size > 0 ||
+      this.billedOf(lane) - lane.paid + lane.heldMicros + dearest > credit
+    )
+      this.startPump(lane);
     else lane.timer ??= setTimeout(() => this.startPump(lane), this.voucherDelayMs);
   }
 
   /** The agent's view of the lane: receipts this client has not seen are asked for; a voucher it lacks is sent again. */
   private onLaneInfo(lane: Lane, info: LaneInfo): void {
     if (info.seq > lane.verifier.state.seq + lane.ahead.size) this.resync(lane);
+    // What the agent says it holds stops the voucher riding along; never above what this client signed.
+    if (Number.isSafeInteger(info.paid)) lane.agentPaid = Math.min(lane.paid, Math.max(lane.agentPaid, info.paid));
     const now = Date.now();
     if (lane.voucher && info.paid < lane.paid && !lane.signing && now - lane.voucherResentAt >= RETRY_SPACING_MS) {
       lane.voucherResentAt = now;
@@ -606,9 +832,27 @@ export class PayerLanes {
     }
   }
 
-  private resync(lane: Lane): void {
+  /**
+   * Asks the agent for the receipts after the lane's last, at most every RETRY_SPACING_MS. With `defer`, an
+   * ask within the spacing is deferred to its end (one at most), not dropped: the event that wanted it may
+   * be the last one for a while (a gap left behind when receipts were linked). Only linking defers, never
+   * a lane info or a batch, so an agent that does not fill the gap cannot keep a lane asking for ever.
+   */
+  private resync(lane: Lane, defer = false): void {
     const now = Date.now();
-    if (now - lane.resyncSentAt < RETRY_SPACING_MS) return;
+    if (now - lane.resyncSentAt < RETRY_SPACING_MS) {
+      if (defer && !lane.resyncTimer && !this.closing) {
+        lane.resyncTimer = setTimeout(
+          () => {
+            lane.resyncTimer = undefined;
+            if (!lane.broken && lane.ahead.size > 0 && !lane.ahead.has(lane.verifier.state.seq + 1)) this.resync(lane);
+          },
+          RETRY_SPACING_MS - (now - lane.resyncSentAt),
+        );
+        lane.resyncTimer.unref?.();
+      }
+      return;
+    }
     lane.resyncSentAt = now;
     this.counters.resyncs++;
     this.publish(
@@ -638,6 +882,20 @@ export class PayerLanes {
   owes(agentId: string): boolean {
     const lane = this.lanes.get(agentId);
     return lane !== undefined && (lane.verifier.state.payable ?? 0) > lane.paid;
+  }
+
+  /**
+   * Receipts held for a reply that may still come in time, plus resyncs deferred to the end of their
+   * spacing: work this client will do by itself within a deadline, without any message arriving.
+   */
+  awaiting(): number {
+    let n = 0;
+    for (const lane of this.lanes.values()) {
+      // Past its deadline, a receipt that waited for its reply waits only for the gap before it, like any other.
+      for (const a of lane.ahead.values()) if (a.awaiting !== undefined && Date.now() <= (a.context.deadline ?? 0)) n++;
+      if (lane.resyncTimer) n++;
+    }
+    return n;
   }
 
   /** Resolves once every lane being opened is open (or refused). */
@@ -675,6 +933,18 @@ export class PayerLanes {
    */
   async close(): Promise<void> {
     await this.ready();
+    this.closing = true;
+    // Requests waiting for credit give up now (the client is closing), not at their deadlines.
+    this.wakeRoomWaiters();
+    for (const lane of this.lanes.values()) {
+      clearTimeout(lane.awaitTimer);
+      lane.awaitTimer = undefined;
+      clearTimeout(lane.resyncTimer);
+      lane.resyncTimer = undefined;
+      while (this.linkAhead(lane));
+      for (const h of lane.held.values()) clearTimeout(h.timer);
+      this.schedule(lane);
+    }
     const until = Date.now() + CLOSE_GAP_WAIT_MS;
     for (;;) {
       const gaps = [...this.lanes.values()].filter((l) => l.ahead.size > 0 && !l.broken);
@@ -683,6 +953,9 @@ export class PayerLanes {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
     await this.flush();
+    // Receipts still held behind a gap are stored with what this client knew of their requests: the lanes
+    // opened next link them, as this instance would have, when the agent sends the missing ones again.
+    for (const lane of this.lanes.values()) if (lane.ahead.size > 0 && !lane.broken) await this.save(lane, []);
     await this.db?.close();
   }
 
@@ -724,6 +997,7 @@ export class PayerLanes {
         await this.save(lane, []);
         this.counters.vouchers++;
         this.publish(topics.agentVoucher(lane.agentId, this.clientId), encodeMessage(message));
+        this.wakeRoomWaiters();
       }
     } finally {
       lane.signing = false;
@@ -744,6 +1018,27 @@ export class PayerLanes {
       pendingLeaves: [...inFlightLeaves, ...lane.pendingLeaves].map(toHex),
       voucher: v ? { ...v, receiptsRoot: toHex(v.receiptsRoot), sig: toHex(v.sig) } : undefined,
       grant: lane.grant ? { ...lane.grant, sig: toHex(lane.grant.sig) } : undefined,
+      ahead: [...lane.ahead.values()].map(storeAhead),
     });
   }
+}
+
+function storeAhead({ receipt, context }: Ahead): StoredAhead {
+  const { inputHash, outputHash, ...rest } = context;
+  return {
+    receipt: encodeCbor(receipt).toString('base64'),
+    context: { ...rest, ...(inputHash ? { inputHash: toHex(inputHash) } : {}), ...(outputHash ? { outputHash: toHex(outputHash) } : {}) },
+  };
+}
+
+function restoreAhead(stored: StoredAhead): Ahead {
+  const { inputHash, outputHash, ...rest } = stored.context;
+  return {
+    receipt: decodeCbor(Buffer.from(stored.receipt, 'base64')) as SignedReceipt,
+    context: {
+      ...rest,
+      ...(inputHash ? { inputHash: fromHex(inputHash) } : {}),
+      ...(outputHash ? { outputHash: fromHex(outputHash) } : {}),
+    },
+  };
 }

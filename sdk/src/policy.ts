@@ -61,7 +61,12 @@ export interface SdkPolicyOptions {
   minHedgeAfterMs: number;
   random?: () => number;
   /** After this error, wait for the returned promise and try the same agent once more (payments). */
-  retrySameAfter?: (agentId: string, error: MeshError) => Promise<unknown> | undefined;
+  retrySameAfter?: (agentId: string, error: MeshError, key: string, model: string, deadlineAt: number) => Promise<unknown> | undefined;
+  /**
+   * Whether the agent's credit window has room for the request (payments): agents without room are passed
+   * over while another has room; a hedge goes only where there is room.
+   */
+  creditRoom?: (agentId: string, key: string, model: string) => 'room' | 'full' | 'never';
   /** An attempt was cancelled (a hedge that lost, or the request ended): the payer remembers it. */
   onCancelled?: (key: string, agentId: string) => void;
   onRouted?: (routed: boolean) => void;
@@ -187,12 +192,25 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
   const candidates = (model: string, tried: ReadonlySet<string>, pinned: string | undefined): FleetAgent[] =>
     fleet.online(model).filter((a) => !tried.has(a.id) && (pinned === undefined || a.id === pinned));
 
-  const pickLocal = (request: EngineRequest<SdkRequest>, tried: ReadonlySet<string>, now: number): AttemptPlan | undefined => {
+  const hasRoom = (agentId: string, request: EngineRequest<SdkRequest>): boolean =>
+    !options.creditRoom || options.creditRoom(agentId, request.key, request.data.model) === 'room';
+
+  const pickLocal = (
+    request: EngineRequest<SdkRequest>,
+    tried: ReadonlySet<string>,
+    now: number,
+    kind: AttemptKind,
+  ): AttemptPlan | undefined => {
     const { model, pinned } = request.data;
     const all = candidates(model, tried, pinned);
     // Not suspect, and not silent (no heartbeat for a few periods: presumed dead before its last will).
     const healthy = all.filter((a) => local(a.id).suspectUntil <= now && !fleet.silent(a.id, now));
-    const pool = healthy.length > 0 ? healthy : all;
+    const live = healthy.length > 0 ? healthy : all;
+    const roomy = live.filter((a) => hasRoom(a.id, request));
+    // Without room anywhere a hedge waits for none; other attempts go where they would have, and an agent
+    // that refuses for credit is tried again once there is room (retrySameAfter).
+    if (roomy.length === 0 && kind === 'hedge' && live.length > 0) return undefined;
+    const pool = roomy.length > 0 ? roomy : live;
     if (pool.length === 0) return undefined;
     const scored = pool.map((agent) => ({ agent, expected: expectedMs(agent, model, now) }));
     const best = Math.min(...scored.map((s) => s.expected));
@@ -220,6 +238,8 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     for (const leased of lease.agents) {
       const agent = fleet.get(leased.agent);
       if (agent?.status.state !== 'online' || tried.has(leased.agent) || fleet.silent(leased.agent)) continue;
+      // A leased agent without room in its credit window is passed over (the SDK then picks by itself).
+      if (!hasRoom(leased.agent, request)) continue;
       const score = leased.predictedMs + local(leased.agent).outstandingWorkMs / workersOf(agent);
       if (!best || score < best.score) {
         best = {
@@ -260,7 +280,7 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
         leasedWork.set(`${request.key}/${leased.plan.agentId}`, leased.serviceMs);
         return leased.plan;
       }
-      return pickLocal(request, tried, now);
+      return pickLocal(request, tried, now, kind);
     },
     onSend(attempt) {
       const agent = fleet.get(attempt.agentId);
@@ -296,7 +316,10 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
         options.onCancelled?.(attempt.request.key, attempt.agentId);
       }
     },
-    retrySameAfter: options.retrySameAfter ? (attempt, error) => options.retrySameAfter!(attempt.agentId, error) : undefined,
+    retrySameAfter: options.retrySameAfter
+      ? (attempt, error) =>
+          options.retrySameAfter!(attempt.agentId, error, attempt.request.key, attempt.request.data.model, attempt.request.deadlineAt)
+      : undefined,
     outstanding: (agentId) => locals.get(agentId)?.outstanding ?? 0,
     claimedQueue: (agentId) => locals.get(agentId)?.claim,
     hasCandidate: (model, pinned) => candidates(model, new Set(), pinned).length > 0,
