@@ -94,7 +94,18 @@ export interface PaymentOptions {
    * `feeCumulative = floor(cumulative × relayerFee)`. At most 0.1 (the escrow's cap); default 0.01.
    */
   relayerFee?: number;
+  /**
+   * Receipts this client refused only because their reply came after the deadline by its own clock (`late`:
+   * the agent finished in time by its signed clock, the answer reached this process too late) count against the
+   * agent's credit window as refused work, and a window of them closes the lane (docs/settlement.md, "Late
+   * answers"). With this on (the default), when that is all that keeps a lane closed, the client pays those late
+   * answers, which it did receive, to reopen it; off, the lane stays closed and requests go to other agents.
+   */
+  payLateToReopen?: boolean;
 }
+
+/** Late receipts a lane keeps for payLateToReopen; more are refused for good. */
+const MAX_LATE = 1024;
 
 /** The SDK's default relayer fee: 1 % of what each voucher pays the agent (docs/settlement.md, "The relay"). */
 export const DEFAULT_RELAYER_FEE = 0.01;
@@ -132,6 +143,8 @@ export interface LaneView {
   /** Receipts linked but not paid (see `lastRefusal`). */
   refused: number;
   lastRefusal: string | undefined;
+  /** Late answers paid after all to reopen the lane (`payLateToReopen`); they stay counted in `refused` too. */
+  lateRepaid: number;
   /** Why this lane no longer pays, if it does not. */
   broken: string | undefined;
 }
@@ -166,6 +179,9 @@ interface Lane {
   fee: number;
   /** Leaves of payable receipts not yet covered by a voucher. */
   pendingLeaves: Uint8Array[];
+  /** Receipts refused only as `late`, with their price: paid if the lane would otherwise stay closed (payLateToReopen). */
+  late: { leaf: Uint8Array; price: number }[];
+  lateRepaid: number;
   signing: boolean;
   timer: NodeJS.Timeout | undefined;
   refused: number;
@@ -277,7 +293,7 @@ export class PayerLanes {
   private roomWaiters = new Set<() => void>();
   /** Closing: replies no longer reach the app, so receipts awaiting theirs link as they stand. */
   private closing = false;
-  counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0 };
+  counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0, lateRepaid: 0 };
 
   private constructor(
     readonly payer: string,
@@ -389,6 +405,8 @@ export class PayerLanes {
       signing: false,
       timer: undefined,
       refused: 0,
+      late: [],
+      lateRepaid: 0,
       lastRefusal: undefined,
       voucher: resume?.voucher
         ? { ...resume.voucher, receiptsRoot: fromHex(resume.voucher.receiptsRoot), sig: fromHex(resume.voucher.sig) }
@@ -490,9 +508,32 @@ export class PayerLanes {
     if (!lane || lane.broken || credit === undefined) return 'room';
     const need = this.mostFor(lane, key, model);
     const billed = this.billedOf(lane);
-    const refused = Math.max(0, lane.verifier.state.cumulative - (lane.verifier.state.payable ?? 0));
+    let refused = Math.max(0, lane.verifier.state.cumulative - (lane.verifier.state.payable ?? 0));
+    if (refused + need > credit && lane.late.length > 0 && (this.options.payLateToReopen ?? true)) {
+      this.payLate(lane);
+      refused = Math.max(0, lane.verifier.state.cumulative - (lane.verifier.state.payable ?? 0));
+    }
     if (refused + need > credit) return 'never';
     return billed - lane.paid + lane.heldMicros - (lane.held.get(key)?.micros ?? 0) + need <= credit ? 'room' : 'full';
+  }
+
+  /**
+   * Pays the late answers of a lane whose refused work would otherwise keep it closed: their leaves join the next
+   * voucher and what they charged becomes owed. Only receipts refused as `late` (answered, in time by the agent's
+   * signed clock, after the deadline by this client's): never an unsolicited, unanswered or mispriced one.
+   */
+  private payLate(lane: Lane): void {
+    const micros = lane.late.reduce((sum, r) => sum + r.price, 0);
+    for (const r of lane.late) lane.pendingLeaves.push(r.leaf);
+    lane.verifier.state.payable = (lane.verifier.state.payable ?? 0) + micros;
+    this.counters.lateRepaid += lane.late.length;
+    lane.lateRepaid += lane.late.length;
+    this.logger.warn(
+      { agentId: lane.agentId, receipts: lane.late.length, micros },
+      'paying answers that came after their deadlines: the agent counts them as refused and its lane would stay closed',
+    );
+    lane.late = [];
+    this.startPump(lane);
   }
 
   /**
@@ -732,6 +773,8 @@ export class PayerLanes {
     this.counters.receipts++;
     if (linked.payable) lane.pendingLeaves.push(linked.leaf.slice());
     else {
+      if (linked.reason === 'late' && linked.price > 0 && lane.late.length < MAX_LATE)
+        lane.late.push({ leaf: linked.leaf.slice(), price: linked.price });
       lane.refused++;
       lane.lastRefusal = linked.reason;
       this.counters.refused++;
@@ -915,6 +958,7 @@ export class PayerLanes {
       feeMicros: l.fee,
       spentMicros: l.paid + l.fee,
       refused: l.refused,
+      lateRepaid: l.lateRepaid,
       lastRefusal: l.lastRefusal,
       broken: l.broken,
     }));

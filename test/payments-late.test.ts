@@ -1,0 +1,87 @@
+/**
+ * Answers that reach the app after their deadline (docs/settlement.md, "Late answers"): the agent finished in time
+ * by its signed clock, but the app's own process was busy when the reply came, so the SDK refuses the receipt as
+ * `late`. A window of such refusals closes the lane at the agent. With `payLateToReopen` (the default) the SDK then
+ * pays those late answers, which it did receive, and the lane serves again; with it off, the lane stays closed.
+ * Real broker, agent with real ONNX sessions, local chain, SDK.
+ */
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+import { EscrowClient } from '@edge-mesh/contracts';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { sampleInputs } from '@edge-mesh/demo';
+import { agentBindingMessage, generateIdentity, MeshError, signBytes } from '@edge-mesh/protocol';
+import type { Mesh } from '@edge-mesh/sdk';
+import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
+
+let chain: LocalChain;
+let deployment: MeshDeployment;
+
+before(async () => {
+  chain = await startLocalChain({ accounts: 5 });
+  deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+});
+after(() => chain?.close());
+
+/** Blocks this thread (the app's event loop) for `ms`: a reply that comes meanwhile is read only afterwards. */
+const block = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+
+/** A request the agent answers in time (about 100 ms of a 1.5 s deadline) that this process reads 1.7 s after sending. */
+async function lateAnswer(mesh: Mesh, i: number): Promise<void> {
+  const pending = mesh.infer('kws', sampleInputs('kws', i), { deadlineMs: 1_500 }).catch((err: unknown) => err);
+  await new Promise((r) => setTimeout(r, 50));
+  block(1_650);
+  await pending;
+}
+
+test('a window of late answers closes a lane at the agent; the SDK pays them to reopen it, or with payLateToReopen off leaves it closed', async (t) => {
+  const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+  const payoutWallet = chain.wallet(2);
+  const payout = payoutWallet.address.toLowerCase();
+  const identity = generateIdentity('agent');
+  const escrow = await EscrowClient.connect({ runner: payoutWallet, escrow: deployment.escrow });
+  await escrow.registerAgent(identity.publicKey, signBytes(identity, agentBindingMessage(domain, payout)));
+  for (const i of [1, 3]) {
+    const payer = await EscrowClient.connect({ runner: chain.wallet(i), escrow: deployment.escrow });
+    await payer.mint(chain.wallet(i).address, 1_000_000n);
+    await payer.fund(chain.wallet(i).address, payout, 1_000_000n);
+  }
+
+  const broker = await brokerFor(t);
+  const KWS = 2;
+  const agent = await agentFor(t, {
+    brokerUrl: broker.url,
+    identity,
+    faults: { extraExecMs: 100 },
+    payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100, creditMicros: 3 * KWS },
+  });
+  const laneOf = (payer: string) => agent.payments!.lanes().find((l) => l.payer === payer.toLowerCase());
+
+  for (const [wallet, payLateToReopen] of [
+    [chain.wallet(1), true],
+    [chain.wallet(3), false],
+  ] as const) {
+    const mesh = await meshFor(t, {
+      brokerUrl: broker.url,
+      payment: { signer: wallet, domain, dataDir: await tempDir(t), payLateToReopen },
+    });
+    await mesh.waitForModel('kws');
+    // Three answers read after their deadlines: the SDK refuses their receipts as late, and the agent counts a
+    // whole window (3 × 2 µUSD) refused.
+    for (let i = 0; i < 3; i++) await lateAnswer(mesh, i);
+    await waitFor(() => mesh.lanes()[0]?.refused === 3, 10_000, 'three late receipts');
+    assert.equal(mesh.lanes()[0]!.owedMicros, 0, 'nothing owed for answers that came late');
+
+    const next = await mesh.infer('kws', sampleInputs('kws', 9), { deadlineMs: 5_000 }).catch((err: unknown) => err);
+    if (payLateToReopen) {
+      assert.ok(!(next instanceof Error), `the lane serves again: ${String(next)}`);
+      assert.equal(mesh.lanes()[0]!.lateRepaid, 3, 'the three late answers paid');
+      // The agent is paid the three late answers and the new one, and counts nothing refused.
+      await waitFor(() => laneOf(wallet.address)?.paidMicros === 4 * KWS, 10_000, 'the voucher paying the late answers');
+      assert.equal(laneOf(wallet.address)!.refusedMicros, 0);
+    } else {
+      assert.ok(next instanceof MeshError, 'the closed lane is not used');
+      assert.equal(laneOf(wallet.address)!.paidMicros, 0, 'nothing paid');
+    }
+  }
+});
