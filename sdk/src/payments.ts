@@ -180,7 +180,7 @@ interface Lane {
   /** Leaves of payable receipts not yet covered by a voucher. */
   pendingLeaves: Uint8Array[];
   /** Receipts refused only as `late`, with their price: paid if the lane would otherwise stay closed (payLateToReopen). */
-  late: { leaf: Uint8Array; price: number }[];
+  late: { seq: number; leaf: Uint8Array; price: number }[];
   lateRepaid: number;
   signing: boolean;
   timer: NodeJS.Timeout | undefined;
@@ -523,6 +523,12 @@ export class PayerLanes {
    * signed clock, after the deadline by this client's): never an unsolicited, unanswered or mispriced one.
    */
   private payLate(lane: Lane): void {
+    // Only receipts the agent's signature covers: check the chain first; a lane that breaks pays nothing more.
+    this.checkSignatures(lane);
+    if (lane.broken) return;
+    const signed = lane.late.filter((r) => r.seq <= lane.verifier.signedSeq);
+    if (signed.length === 0) return;
+    lane.late = signed;
     const micros = lane.late.reduce((sum, r) => sum + r.price, 0);
     for (const r of lane.late) lane.pendingLeaves.push(r.leaf);
     lane.verifier.state.payable = (lane.verifier.state.payable ?? 0) + micros;
@@ -774,7 +780,7 @@ export class PayerLanes {
     if (linked.payable) lane.pendingLeaves.push(linked.leaf.slice());
     else {
       if (linked.reason === 'late' && linked.price > 0 && lane.late.length < MAX_LATE)
-        lane.late.push({ leaf: linked.leaf.slice(), price: linked.price });
+        lane.late.push({ seq: receipt.seq, leaf: linked.leaf.slice(), price: linked.price });
       lane.refused++;
       lane.lastRefusal = linked.reason;
       this.counters.refused++;
