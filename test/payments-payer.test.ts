@@ -47,7 +47,7 @@ let domain: EscrowDomain;
 let nextAccount = 1;
 
 before(async () => {
-  chain = await startLocalChain({ accounts: 30 });
+  chain = await startLocalChain({ accounts: 40 });
   deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   domain = { chainId: deployment.chainId, escrow: deployment.escrow };
 });
