@@ -12,6 +12,7 @@ import { openMeshConnection } from '@edge-mesh/client';
 import { EscrowClient } from '@edge-mesh/contracts';
 import {
   type AgentStatus,
+  agentBindingMessage,
   decodeMessage,
   decodeTensorMap,
   type ErrorReply,
@@ -19,7 +20,9 @@ import {
   encodeMessage,
   encodeTensorMap,
   fromHex,
+  generateIdentity,
   hashTensorMap,
+  type Identity,
   type InferReply,
   type InferRequest,
   type LaneGrant,
@@ -33,6 +36,7 @@ import {
   type ReceiptBatch,
   requestIdHex,
   type SignedReceipt,
+  signBytes,
   signLaneGrant,
   signVoucher,
   type Tensor,
@@ -369,4 +373,20 @@ export function settleEntry(
     },
     signature: voucher.sig,
   };
+}
+
+/**
+ * A fresh agent key registered in the escrow's payout registry for `payoutWallet`'s address, as an operator
+ * registers an agent before payers will pay it (docs/settlement.md, "The payout registry").
+ */
+export async function registeredAgent(
+  deployment: EscrowDomain,
+  payoutWallet: ethers.Wallet | ethers.HDNodeWallet,
+): Promise<{ identity: Identity; payout: string; domain: EscrowDomain }> {
+  const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+  const payout = payoutWallet.address.toLowerCase();
+  const identity = generateIdentity('agent');
+  const client = await EscrowClient.connect({ runner: payoutWallet, escrow: deployment.escrow });
+  await client.registerAgent(identity.publicKey, signBytes(identity, agentBindingMessage(domain, payout)));
+  return { identity, payout, domain };
 }

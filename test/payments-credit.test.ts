@@ -6,11 +6,10 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
-import { agentBindingMessage, generateIdentity, signBytes } from '@edge-mesh/protocol';
 import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
+import { fundOwnLane, registeredAgent } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -22,16 +21,10 @@ before(async () => {
 after(() => chain?.close());
 
 test('a burst of paid requests beyond the credit window is held back by the SDK, never refused, and all paid; one that fits is not held', async (t) => {
-  const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
   const payerWallet = chain.wallet(1);
-  const payoutWallet = chain.wallet(2);
-  const payout = payoutWallet.address.toLowerCase();
-  const identity = generateIdentity('agent');
-  const escrow = await EscrowClient.connect({ runner: payoutWallet, escrow: deployment.escrow });
-  await escrow.registerAgent(identity.publicKey, signBytes(identity, agentBindingMessage(domain, payout)));
-  const payer = await EscrowClient.connect({ runner: payerWallet, escrow: deployment.escrow });
-  await payer.mint(payerWallet.address, 1_000_000n);
-  await payer.fund(payerWallet.address, payout, 1_000_000n);
+  // An agent key registered for its payout; the app's owner funds its lane.
+  const { identity, payout, domain } = await registeredAgent(deployment, chain.wallet(2));
+  await fundOwnLane(payerWallet, deployment.escrow, payout, 1_000_000n);
 
   const broker = await brokerFor(t);
   const KWS = 2;

@@ -7,12 +7,12 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
-import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
-import { agentBindingMessage, generateIdentity, MeshError, signBytes } from '@edge-mesh/protocol';
+import { MeshError } from '@edge-mesh/protocol';
 import type { Mesh } from '@edge-mesh/sdk';
 import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
+import { fundOwnLane, registeredAgent } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -35,17 +35,8 @@ async function lateAnswer(mesh: Mesh, i: number): Promise<void> {
 }
 
 test('a window of late answers closes a lane at the agent; the SDK pays them to reopen it, or with payLateToReopen off leaves it closed', async (t) => {
-  const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
-  const payoutWallet = chain.wallet(2);
-  const payout = payoutWallet.address.toLowerCase();
-  const identity = generateIdentity('agent');
-  const escrow = await EscrowClient.connect({ runner: payoutWallet, escrow: deployment.escrow });
-  await escrow.registerAgent(identity.publicKey, signBytes(identity, agentBindingMessage(domain, payout)));
-  for (const i of [1, 3]) {
-    const payer = await EscrowClient.connect({ runner: chain.wallet(i), escrow: deployment.escrow });
-    await payer.mint(chain.wallet(i).address, 1_000_000n);
-    await payer.fund(chain.wallet(i).address, payout, 1_000_000n);
-  }
+  const { identity, payout, domain } = await registeredAgent(deployment, chain.wallet(2));
+  for (const i of [1, 3]) await fundOwnLane(chain.wallet(i), deployment.escrow, payout, 1_000_000n);
 
   const broker = await brokerFor(t);
   const KWS = 2;

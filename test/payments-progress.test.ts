@@ -13,18 +13,10 @@ import { after, before, test } from 'node:test';
 import { type AgentHandle, startAgent } from '@edge-mesh/agent';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
-import {
-  agentBindingMessage,
-  generateIdentity,
-  MeshError,
-  RECEIPT_STATUS,
-  type SignedReceipt,
-  signBytes,
-  type Tensor,
-} from '@edge-mesh/protocol';
+import { generateIdentity, MeshError, RECEIPT_STATUS, type SignedReceipt, type Tensor } from '@edge-mesh/protocol';
 import { connect, type Mesh } from '@edge-mesh/sdk';
 import { brokerFor, quiet, tempDir, waitFor } from './helpers.ts';
-import { settleEntry } from './payer.ts';
+import { fundOwnLane, registeredAgent, settleEntry } from './payer.ts';
 import { SPIN_WIDTH, spinModel } from './spin-model.ts';
 
 let chain: LocalChain;
@@ -52,16 +44,10 @@ const rows = (n: number, seed: number): Record<string, Tensor> => ({
 const statusOf = (r: SignedReceipt) => r.status;
 
 test('a job in units is paid pro rata by progress receipts, a cancel for the units done, a timeout adds 0, and the chain pays each unit once', async (t) => {
-  const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
   const payerWallet = chain.wallet(1);
-  const payoutWallet = chain.wallet(2);
-  const payout = payoutWallet.address.toLowerCase();
-  const agentIdentity = generateIdentity('agent');
-  const payoutClient = await EscrowClient.connect({ runner: payoutWallet, escrow: deployment.escrow });
-  await payoutClient.registerAgent(agentIdentity.publicKey, signBytes(agentIdentity, agentBindingMessage(domain, payout)));
-  const payerClient = await EscrowClient.connect({ runner: payerWallet, escrow: deployment.escrow });
-  await payerClient.mint(payerWallet.address, 1_000_000n);
-  await payerClient.fund(payerWallet.address, payout, 1_000_000n);
+  // An agent key registered for its payout; the app's owner funds its lane.
+  const { identity: agentIdentity, payout, domain } = await registeredAgent(deployment, chain.wallet(2));
+  await fundOwnLane(payerWallet, deployment.escrow, payout, 1_000_000n);
 
   // The models folder: spin, run in units of one row, written by this test.
   const modelsDir = await tempDir(t, 'edge-mesh-units-');

@@ -9,10 +9,10 @@ import { type AgentHandle, startAgent } from '@edge-mesh/agent';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
-import { agentBindingMessage, generateIdentity, signBytes } from '@edge-mesh/protocol';
+import { generateIdentity } from '@edge-mesh/protocol';
 import { connect, type Mesh } from '@edge-mesh/sdk';
 import { brokerFor, modelsDir, quiet, tempDir, waitFor } from './helpers.ts';
-import { settleEntry } from './payer.ts';
+import { fundOwnLane, registeredAgent, settleEntry } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -24,18 +24,11 @@ before(async () => {
 after(() => chain?.close());
 
 test('an app restarted with a paid request in flight, and an agent restarted on its folder, leave the lane paying', async (t) => {
-  const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
   const payerWallet = chain.wallet(1);
-  const payoutWallet = chain.wallet(2);
-  const payout = payoutWallet.address.toLowerCase();
-  const agentIdentity = generateIdentity('agent');
+  // An agent key registered for its payout; the app's owner funds its lane.
+  const { identity: agentIdentity, payout, domain } = await registeredAgent(deployment, chain.wallet(2));
   const appIdentity = generateIdentity('app');
-  // The operator registers the agent's key for its payout; the app's owner funds its lane.
-  const payoutClient = await EscrowClient.connect({ runner: payoutWallet, escrow: deployment.escrow });
-  await payoutClient.registerAgent(agentIdentity.publicKey, signBytes(agentIdentity, agentBindingMessage(domain, payout)));
-  const payerClient = await EscrowClient.connect({ runner: payerWallet, escrow: deployment.escrow });
-  await payerClient.mint(payerWallet.address, 1_000_000n);
-  await payerClient.fund(payerWallet.address, payout, 1_000_000n);
+  await fundOwnLane(payerWallet, deployment.escrow, payout, 1_000_000n);
 
   const broker = await brokerFor(t);
   const agentDir = await tempDir(t);
