@@ -450,7 +450,15 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   } as const;
   type ModelParams = { name: string; version?: string };
 
-  const metadata = (params: ModelParams) => modelMetadata(router, params.name, params.version);
+  /** GET `/v2/models/{name}<suffix>` and its `/v2/models/{name}/versions/{version}<suffix>` twin, served by one handler. */
+  const modelRoutes = (suffix: string, summary: string, response: Record<string, unknown>, handler: (params: ModelParams) => unknown) => {
+    for (const [path, params] of [
+      [`/v2/models/:name${suffix}`, nameParam],
+      [`/v2/models/:name/versions/:version${suffix}`, versionParams],
+    ] as const) {
+      app.get<{ Params: ModelParams }>(path, doc('kserve', summary, { params, response }), async (request) => handler(request.params));
+    }
+  };
   const metadataSchema = {
     type: 'object',
     properties: {
@@ -461,76 +469,34 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       outputs: { type: 'array', items: TENSOR_METADATA_SCHEMA },
     },
   } as const;
-  for (const [path, params] of [
-    ['/v2/models/:name', nameParam],
-    ['/v2/models/:name/versions/:version', versionParams],
-  ] as const) {
-    app.get<{ Params: ModelParams }>(
-      path,
-      doc('kserve', 'Model metadata: inputs, outputs, versions', {
-        params,
-        response: { 200: metadataSchema, 404: errorResponse('MESH_UNKNOWN_MODEL') },
-      }),
-      async (request) => metadata(request.params),
-    );
-  }
-
-  for (const [path, params] of [
-    ['/v2/models/:name/ready', nameParam],
-    ['/v2/models/:name/versions/:version/ready', versionParams],
-  ] as const) {
-    app.get<{ Params: ModelParams }>(
-      path,
-      doc('kserve', 'Whether a live agent serves the model (and, with a version, only that version)', {
-        params,
-        response: { 404: errorResponse('MESH_UNKNOWN_MODEL'), 503: errorResponse('MESH_NO_AGENT (details.ready is false)') },
-      }),
-      async (request) => {
-        const { name, version } = request.params;
-        assertModelReady(router, name, version);
-        return { name, ready: true };
-      },
-    );
-  }
-
-  for (const [path, params] of [
-    ['/v2/models/:name/config', nameParam],
-    ['/v2/models/:name/versions/:version/config', versionParams],
-  ] as const) {
-    app.get<{ Params: ModelParams }>(
-      path,
-      doc('kserve', "Model configuration (Triton's model_configuration extension, its JSON form)", {
-        params,
-        response: { 404: errorResponse('MESH_UNKNOWN_MODEL') },
-      }),
-      async (request) => modelConfig(modelFor(request.params.name, request.params.version).info, kserveDatatypeOf),
-    );
-  }
+  const unknown = { 404: errorResponse('MESH_UNKNOWN_MODEL') };
+  modelRoutes('', 'Model metadata: inputs, outputs, versions', { 200: metadataSchema, ...unknown }, ({ name, version }) =>
+    modelMetadata(router, name, version),
+  );
+  modelRoutes(
+    '/ready',
+    'Whether a live agent serves the model (and, with a version, only that version)',
+    { ...unknown, 503: errorResponse('MESH_NO_AGENT (details.ready is false)') },
+    ({ name, version }) => {
+      assertModelReady(router, name, version);
+      return { name, ready: true };
+    },
+  );
+  modelRoutes('/config', "Model configuration (Triton's model_configuration extension, its JSON form)", unknown, ({ name, version }) =>
+    modelConfig(modelFor(name, version).info, kserveDatatypeOf),
+  );
 
   // Shared with the gRPC service of the same router (kserve.ts, statsFor).
   const stats = statsFor(router);
-  const servedModels = () => servedModelsOf(router);
   app.get(
     '/v2/models/stats',
     doc('kserve', "Inference statistics of every model (Triton's statistics extension), from this router's HTTP requests"),
-    async () => stats.report(servedModels()),
+    async () => stats.report(servedModelsOf(router)),
   );
-  for (const [path, params] of [
-    ['/v2/models/:name/stats', nameParam],
-    ['/v2/models/:name/versions/:version/stats', versionParams],
-  ] as const) {
-    app.get<{ Params: ModelParams }>(
-      path,
-      doc('kserve', "Inference statistics of one model (Triton's statistics extension)", {
-        params,
-        response: { 404: errorResponse('MESH_UNKNOWN_MODEL') },
-      }),
-      async (request) => {
-        const { info } = modelFor(request.params.name, request.params.version);
-        return stats.report([{ name: info.name, version: info.version }]);
-      },
-    );
-  }
+  modelRoutes('/stats', "Inference statistics of one model (Triton's statistics extension)", unknown, ({ name, version }) => {
+    const { info } = modelFor(name, version);
+    return stats.report([{ name: info.name, version: info.version }]);
+  });
 
   app.post<{ Body: { ready?: boolean } | undefined }>(
     '/v2/repository/index',
