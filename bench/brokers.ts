@@ -9,11 +9,11 @@
  * RabbitMQ and NATS are listed as engines and skipped with the reason (not installed here, or no auth wiring for
  * them yet): last line `{ engines: { NAME: { p50_ms, p99_ms, rps } }, skipped: { NAME: reason } }`.
  */
-import { execFileSync } from 'node:child_process';
 import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { writeMosquittoAuth } from '@edge-mesh/broker';
+import { freePort, installedCommand } from '@edge-mesh/demo';
 import {
   admitted,
   assertBuilt,
@@ -36,29 +36,6 @@ interface Load {
   n: number;
   concurrency: number;
   durationMs: number;
-}
-
-function which(bin: string): string | undefined {
-  try {
-    return (
-      execFileSync('sh', ['-c', `command -v ${bin} || { [ -x /usr/sbin/${bin} ] && echo /usr/sbin/${bin}; }`], {
-        encoding: 'utf8',
-      }).trim() || undefined
-    );
-  } catch {
-    return undefined;
-  }
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.on('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
 }
 
 async function waitForPort(port: number, proc: Proc, timeoutMs: number): Promise<void> {
@@ -186,7 +163,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   ctx.log(`brokers: ${load.n} sequential QoS 1 round trips per engine, then ${load.concurrency} outstanding for ${load.durationMs} ms`);
 
   engines.aedes = await aedesEngine(load, ctx.log);
-  const mosquitto = which('mosquitto');
+  const mosquitto = installedCommand('mosquitto');
   if (mosquitto) {
     engines.mosquitto = await mosquittoEngine(mosquitto, load, ctx.log);
     // The delayed-ACK trap (docs/operations.md): each round trip waits tens of ms, so only a few are measured.
@@ -199,10 +176,10 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       );
   } else skipped.mosquitto = 'mosquitto is not installed (Debian package `mosquitto`)';
   // The mesh's auth wiring for these engines is not built yet (issue 14): they are not measured even when installed.
-  skipped.rabbitmq = which('rabbitmq-server')
+  skipped.rabbitmq = installedCommand('rabbitmq-server')
     ? 'rabbitmq-server is installed, but the mesh has no auth wiring for RabbitMQ yet'
     : 'rabbitmq-server is not installed';
-  skipped.nats = which('nats-server')
+  skipped.nats = installedCommand('nats-server')
     ? 'nats-server is installed, but the mesh has no auth wiring for NATS yet'
     : 'nats-server is not installed';
 

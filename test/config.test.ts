@@ -7,10 +7,10 @@ import assert from 'node:assert/strict';
 import { execFile, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { writeFile } from 'node:fs/promises';
-import { createServer } from 'node:net';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import { promisify } from 'node:util';
+import { freePort } from '@edge-mesh/demo';
 import mqtt from 'mqtt';
 import { ROOT, tempDir } from './helpers.ts';
 
@@ -156,12 +156,7 @@ describe('edge-mesh configuration', { timeout: 240_000 }, () => {
 
   test('a broker runs from its configuration file', async (t) => {
     const dir = await tempDir(t);
-    const port = await new Promise<number>((resolve) => {
-      const s = createServer().listen(0, '127.0.0.1', () => {
-        const p = (s.address() as { port: number }).port;
-        s.close(() => resolve(p));
-      });
-    });
+    const port = await freePort();
     const file = path.join(dir, 'broker.json');
     await writeFile(file, JSON.stringify({ port, host: '127.0.0.1', insecure: true, data: path.join(dir, 'broker'), logLevel: 'warn' }));
     const broker = spawn(process.execPath, [BIN, 'broker', '--config', file], { stdio: ['ignore', 'pipe', 'pipe'] });

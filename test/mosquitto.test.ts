@@ -8,14 +8,14 @@
  * Skips, saying why, when the `mosquitto` binary (Debian package `mosquitto`) is not installed.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
+import { type ChildProcess, execFile, spawn } from 'node:child_process';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { type TestContext, test } from 'node:test';
 import { promisify } from 'node:util';
 import { mosquittoPasswordHash, verifyMosquittoPassword } from '@edge-mesh/broker';
-import { sampleInputs } from '@edge-mesh/demo';
+import { freePort, installedCommand, sampleInputs } from '@edge-mesh/demo';
 import {
   admit,
   encodeMessage,
@@ -34,34 +34,11 @@ import { brokerFor, quiet, ROOT, spawnAgent, tempDir, waitFor } from './helpers.
 
 const run = promisify(execFile);
 
-/** The path of `bin` on PATH, or in /usr/sbin (Debian puts mosquitto there, outside a normal user's PATH). */
-function installed(bin: string): string | undefined {
-  try {
-    return (
-      execFileSync('sh', ['-c', `command -v ${bin} || { [ -x /usr/sbin/${bin} ] && echo /usr/sbin/${bin}; }`], {
-        encoding: 'utf8',
-      }).trim() || undefined
-    );
-  } catch {
-    return undefined;
-  }
-}
-const MOSQUITTO = installed('mosquitto');
+const MOSQUITTO = installedCommand('mosquitto');
 const SKIP = MOSQUITTO
   ? false
   : 'mosquitto is not installed (Debian package `mosquitto`; .ci/run installs it): the mosquitto tests need it';
-const SKIP_PASSWD = installed('mosquitto_passwd') ? false : 'mosquitto_passwd is not installed (Debian package `mosquitto`)';
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.on('error', reject);
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as net.AddressInfo;
-      server.close(() => resolve(port));
-    });
-  });
-}
+const SKIP_PASSWD = installedCommand('mosquitto_passwd') ? false : 'mosquitto_passwd is not installed (Debian package `mosquitto`)';
 
 /** Runs `edge-mesh auth mosquitto` and returns its JSON line. */
 async function authMosquitto(outDir: string, identityFiles: string[], port: number, extra: string[] = []) {

@@ -5,6 +5,7 @@
  */
 
 export * from './bridge-demo.ts';
+export * from './host.ts';
 export * from './kserve-client.ts';
 export * from './models.ts';
 export * from './parts.ts';
