@@ -528,17 +528,16 @@ export class PayerLanes {
     if (lane.broken) return;
     const signed = lane.late.filter((r) => r.seq <= lane.verifier.signedSeq);
     if (signed.length === 0) return;
-    lane.late = signed;
-    const micros = lane.late.reduce((sum, r) => sum + r.price, 0);
-    for (const r of lane.late) lane.pendingLeaves.push(r.leaf);
+    lane.late = lane.late.filter((r) => r.seq > lane.verifier.signedSeq);
+    const micros = signed.reduce((sum, r) => sum + r.price, 0);
+    for (const r of signed) lane.pendingLeaves.push(r.leaf);
     lane.verifier.state.payable = (lane.verifier.state.payable ?? 0) + micros;
-    this.counters.lateRepaid += lane.late.length;
-    lane.lateRepaid += lane.late.length;
+    this.counters.lateRepaid += signed.length;
+    lane.lateRepaid += signed.length;
     this.logger.warn(
-      { agentId: lane.agentId, receipts: lane.late.length, micros },
+      { agentId: lane.agentId, receipts: signed.length, micros },
       'paying answers that came after their deadlines: the agent counts them as refused and its lane would stay closed',
     );
-    lane.late = [];
     this.startPump(lane);
   }
 
