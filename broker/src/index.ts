@@ -157,6 +157,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
         }
       : undefined,
     handshakeTimeoutMs: opts.connectTimeoutMs,
+    proxyProtocol: opts.proxyProtocol,
     log,
     warnThrottled,
     handle: (socket) => downgradeSubscribeQoS(aedes.handle(track(socket)), grantedQos),

@@ -11,6 +11,9 @@
  * With `tls` the listener is a TLS server (mqtts): a socket is handed on, and counted, guarded and throttled, only
  * once its handshake is done, so the guard reads the cleartext MQTT stream; a handshake must finish within
  * `handshakeTimeoutMs`, and a failed one is logged (reason `tls`, MESH_TLS) and closed (docs/operations.md, "TLS").
+ *
+ * With `proxyProtocol` every connection must open with a PROXY header (./proxy-protocol.ts), read before the TLS
+ * handshake and before the guard; the address it names is the socket's address for every limit, ban and log line.
  */
 import net from 'node:net';
 import tls from 'node:tls';
@@ -18,6 +21,7 @@ import type { Logger } from 'pino';
 import { clientOfSocket } from './aedes-adapter.ts';
 import { guardSocket, throttleSocket } from './guard.ts';
 import type { WarnThrottled } from './log.ts';
+import { readProxyHeader } from './proxy-protocol.ts';
 
 /** MQTT 3.1.1 CONNACK, return code 5 (not authorized). */
 const CONNACK_NOT_AUTHORIZED = Buffer.from([0x20, 0x02, 0x00, 0x05]);
@@ -32,8 +36,10 @@ export interface ListenerOptions {
   maxConnections: number;
   /** Serve TLS with these options (certificate, key, and for mutual TLS the client CA and requestCert). */
   tls?: tls.TlsOptions | undefined;
-  /** With `tls`: how long a handshake may take. */
+  /** With `tls`: how long a handshake may take; with `proxyProtocol`, also how long the PROXY header may take. */
   handshakeTimeoutMs?: number;
+  /** Every connection opens with a PROXY header (v1 or v2) from a trusted balancer; its client address is used. */
+  proxyProtocol?: boolean | undefined;
   log: Logger;
   warnThrottled: WarnThrottled;
   /** Hands an accepted, guarded socket to aedes. */
@@ -63,6 +69,12 @@ export function createListener(options: ListenerOptions): Listener {
   /** Per address, its sockets that have not finished CONNECT, oldest first (a Set keeps insertion order). */
   const pending = new Map<string, Set<net.Socket>>();
   let accepting = true;
+  /** With `proxyProtocol`: "address:port" of the balancer's socket → the client address its header named. */
+  const proxied = new Map<string, string>();
+  const peerKey = (socket: net.Socket): string => `${socket.remoteAddress}:${socket.remotePort}`;
+  /** The client's address: the PROXY header's, else the socket's own. */
+  const realAddress = (socket: net.Socket): string =>
+    (options.proxyProtocol ? proxied.get(peerKey(socket)) : undefined) ?? socket.remoteAddress ?? 'unknown';
 
   const unpend = (ip: string, socket: net.Socket): void => {
     const set = pending.get(ip);
@@ -76,7 +88,7 @@ export function createListener(options: ListenerOptions): Listener {
       socket.destroy();
       return;
     }
-    const ip = socket.remoteAddress ?? 'unknown';
+    const ip = realAddress(socket);
     let set = pending.get(ip);
     if (set === undefined) {
       set = new Set();
@@ -97,7 +109,7 @@ export function createListener(options: ListenerOptions): Listener {
     });
     guardSocket(socket, maxPacketBytes, (rejection) => {
       log.warn(
-        { clientId: clientOfSocket(socket)?.id ?? null, topic: undefined, remoteAddress: socket.remoteAddress, ...rejection },
+        { clientId: clientOfSocket(socket)?.id ?? null, topic: undefined, remoteAddress: ip, ...rejection },
         'connection dropped by framing guard',
       );
     });
@@ -124,7 +136,7 @@ export function createListener(options: ListenerOptions): Listener {
       (socket: tls.TLSSocket) => {
         socket.setNoDelay(true);
         if (requireClientCert && !socket.authorized) {
-          const ip = socket.remoteAddress ?? 'unknown';
+          const ip = realAddress(socket);
           warnThrottled(
             `tls-cert:${ip}`,
             { remoteAddress: ip, reason: 'client-certificate', code: 'MESH_UNAUTHORIZED', tlsError: String(socket.authorizationError) },
@@ -143,7 +155,7 @@ export function createListener(options: ListenerOptions): Listener {
       raw.once('close', () => handshaking.delete(raw));
     });
     secure.on('tlsClientError', (err: Error & { code?: string }, socket: tls.TLSSocket) => {
-      const ip = socket.remoteAddress ?? 'unknown';
+      const ip = realAddress(socket);
       warnThrottled(
         `tls:${ip}`,
         { remoteAddress: ip, reason: 'tls', code: 'MESH_TLS', tlsError: err.code ?? err.message },
@@ -154,6 +166,45 @@ export function createListener(options: ListenerOptions): Listener {
     server = secure;
   } else {
     server = net.createServer({ noDelay: true }, accept);
+  }
+  /** Sockets still sending their PROXY header: closed with the server. */
+  const awaitingHeader = new Set<net.Socket>();
+  if (options.proxyProtocol) {
+    // The balancer's connection arrives on an outer server, which reads the header and then hands the socket to the
+    // TLS or plain server as if it had just connected; the bytes read past the header are pushed back once the guard
+    // and the byte limit are in place, so they see every byte of the client's stream.
+    const inner = server;
+    const timeoutMs = options.handshakeTimeoutMs ?? 10_000;
+    server = net.createServer({ noDelay: true }, (socket) => {
+      if (!accepting) {
+        socket.destroy();
+        return;
+      }
+      const key = peerKey(socket);
+      awaitingHeader.add(socket);
+      socket.on('error', () => {});
+      readProxyHeader(socket, timeoutMs).then(
+        ({ address, rest }) => {
+          awaitingHeader.delete(socket);
+          if (socket.destroyed) return;
+          if (address !== undefined) {
+            proxied.set(key, address);
+            socket.once('close', () => proxied.delete(key));
+          }
+          inner.emit('connection', socket);
+          if (rest.length > 0) socket.push(rest);
+        },
+        (err: Error & { code?: string }) => {
+          awaitingHeader.delete(socket);
+          warnThrottled(
+            `proxy:${socket.remoteAddress}`,
+            { remoteAddress: socket.remoteAddress, reason: 'proxy-protocol', code: err.code, error: err.message },
+            'connection without a valid PROXY header closed',
+          );
+          socket.destroy();
+        },
+      );
+    });
   }
   server.maxConnections = options.maxConnections;
   server.on('drop', (data) =>
@@ -187,6 +238,7 @@ export function createListener(options: ListenerOptions): Listener {
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
       for (const socket of sockets) socket.destroy();
       for (const socket of handshaking) socket.destroy();
+      for (const socket of awaitingHeader) socket.destroy();
       await closed;
     },
   };

@@ -128,6 +128,12 @@ export interface BrokerOptions {
   auth?: BrokerAuthOptions;
   /** Serve mqtts (TLS) instead of plaintext MQTT on the listener; the TLS handshake must finish within `connectTimeoutMs`. */
   tls?: BrokerTlsOptions;
+  /**
+   * Every connection opens with a PROXY protocol header (v1 or v2) from a trusted load balancer, and the client address
+   * it names is used for limits, bans and logs; connections without one are closed. Only for a listener that nothing
+   * but the balancer can reach (docs/operations.md, "Behind a load balancer"). Default false.
+   */
+  proxyProtocol?: boolean;
   /** Serve Prometheus metrics at GET /metrics on this port (docs/operations.md, "Metrics"); off by default. */
   metricsPort?: number;
   /** Address the metrics port listens on. Default '127.0.0.1'. */
@@ -154,6 +160,7 @@ export interface ResolvedBrokerOptions extends IpLimits {
   hooks: BrokerHooks;
   auth: ResolvedAuthOptions | undefined;
   tls: BrokerTlsOptions | undefined;
+  proxyProtocol: boolean;
   metricsPort: number | undefined;
   metricsHost: string;
 }
@@ -185,6 +192,7 @@ const KNOWN_KEYS = new Set([
   'hooks',
   'auth',
   'tls',
+  'proxyProtocol',
   'metricsPort',
   'metricsHost',
 ]);
@@ -223,6 +231,7 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     hooks = {},
     auth,
     tls,
+    proxyProtocol = false,
   } = options;
 
   const bad: string[] = [];
@@ -279,6 +288,7 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
       else if (value !== undefined && typeof value !== 'function') fail(`hooks.${key}`, 'expected a function');
     }
   }
+  if (typeof proxyProtocol !== 'boolean') fail('proxyProtocol', `${JSON.stringify(proxyProtocol)}; expected true or false`);
   const resolvedAuth = auth === undefined ? undefined : resolveAuth(auth, fail, int);
   if (tls !== undefined) {
     const pem = (v: unknown) => typeof v === 'string' || Buffer.isBuffer(v);
@@ -325,6 +335,7 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     hooks,
     auth: resolvedAuth,
     tls,
+    proxyProtocol,
   };
 }
 

@@ -214,6 +214,11 @@ export function buildProgram(): Command {
     .option('--require-client-cert', 'mutual TLS: refuse a client without a certificate signed by --tls-ca', false)
     .option('--max-packet-bytes <bytes>', 'largest MQTT packet accepted', positiveInt)
     .option(
+      '--proxy-protocol',
+      'every connection opens with a PROXY protocol header (v1 or v2) from your load balancer, whose client address limits and bans use; only for a port nothing else can reach',
+      false,
+    )
+    .option(
       '--operator <key>',
       'a trusted operator: its key file, its public identity file (`keys show` output) or its base64url public key (repeatable)',
       collect,
@@ -256,6 +261,7 @@ export function buildProgram(): Command {
         host: opts.host,
         logger,
         ...(opts.maxPacketBytes ? { maxPacketBytes: opts.maxPacketBytes } : {}),
+        ...(opts.proxyProtocol ? { proxyProtocol: true } : {}),
         ...(auth ? { auth } : {}),
         ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort, metricsHost: opts.metricsHost } : {}),
       });
