@@ -203,3 +203,39 @@ test("mutual TLS: a client without a certificate from the broker's CA is refused
   const mesh = await connectWith({ ca: pki.ca, cert: pki.clientCert, key: pki.clientKey });
   await mesh.close();
 });
+
+test('MQTT over WebSocket with TLS (wss): the SDK is served; a client that does not trust the CA never connects', {
+  skip: SKIP,
+  timeout: 60_000,
+}, async (t) => {
+  const pki = await makePki(t);
+  const operator = generateIdentity('operator');
+  const broker = await brokerFor(t, {
+    auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], dataDir: await tempDir(t) },
+    tls: { cert: pki.serverCert, key: pki.serverKey },
+    wsPort: 0,
+  });
+  assert.match(broker.wsUrl ?? '', /^wss:\/\/127\.0\.0\.1:\d+\/mqtt$/);
+  const [agentKey, appKey] = [generateIdentity('agent'), generateIdentity('app')];
+  for (const id of [agentKey, appKey]) await broker.admit(admit(operator, id));
+  const agent = await startAgent({
+    brokerUrl: broker.url,
+    modelsDir: await modelsDir(),
+    workers: 1,
+    logger: quiet,
+    identity: agentKey,
+    tls: { ca: pki.ca },
+  });
+  t.after(() => agent.close());
+  const mesh = await connect({ brokerUrl: broker.wsUrl!, identity: appKey, logger: quiet, tls: { ca: pki.ca } });
+  t.after(() => mesh.close());
+  await mesh.waitForModel('kws', 20_000);
+  const result = await mesh.infer('kws', sampleInputs('kws', 0), { deadlineMs: 10_000 });
+  assert.equal(result.agentId, agent.id);
+  const started = Date.now();
+  await assert.rejects(
+    connect({ brokerUrl: broker.wsUrl!, identity: appKey, logger: quiet, tls: { ca: pki.otherCa }, connectTimeoutMs: 3_000 }),
+    (err: unknown) => err instanceof MeshError && ['MESH_TLS', 'MESH_NOT_CONNECTED'].includes(err.code),
+  );
+  assert.ok(Date.now() - started < 4_000, 'within its connect deadline');
+});

@@ -2,7 +2,7 @@
  * Every place the broker reaches past aedes 1.2's documented API, in one file, so an aedes upgrade has one place to
  * check. Each function says which internal it relies on and why the public API does not suffice.
  */
-import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import type { Aedes, AuthenticateError, Client, ConnectPacket, PublishPacket } from 'aedes';
 import type { MeshSession } from './acl.ts';
 import { type SubscribeEntry, unifyDuplicateFilters } from './handlers/subscribe.ts';
@@ -69,8 +69,8 @@ export function authenticateError<E extends Error>(error: E, returnCode: number)
 }
 
 /** The aedes client aedes.handle() attached to a socket (`socket.client`, undocumented), for log lines. */
-export function clientOfSocket(socket: Socket): Client | undefined {
-  return (socket as Socket & { client?: Client }).client;
+export function clientOfSocket(socket: Duplex): Client | undefined {
+  return (socket as Duplex & { client?: Client }).client;
 }
 
 /**

@@ -9,7 +9,7 @@
  * stream sits on the hot path: an accepted chunk is passed on as the same Buffer, uncopied, and the per-chunk cost is
  * one jump per packet header inside the chunk (not a scan of the body bytes).
  */
-import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import { MeshError } from '@edge-mesh/protocol';
 
 /** The largest Remaining Length MQTT 3.1.1 can encode (4 varint bytes). */
@@ -102,10 +102,10 @@ export class PacketSizeGuard {
  * Installs the guard on a socket before anything reads from it. On a rejection the chunk is not buffered, the
  * socket is destroyed with an Error (so whoever holds it sees 'error' then 'close'), and `onReject` is told why.
  */
-export function guardSocket(socket: Socket, maxPacketBytes: number, onReject: (rejection: GuardRejection) => void): void {
+export function guardSocket(socket: Duplex, maxPacketBytes: number, onReject: (rejection: GuardRejection) => void): void {
   const guard = new PacketSizeGuard(maxPacketBytes);
   const push = socket.push;
-  socket.push = function guardedPush(this: Socket, chunk: unknown, encoding?: BufferEncoding): boolean {
+  socket.push = function guardedPush(this: Duplex, chunk: unknown, encoding?: BufferEncoding): boolean {
     if (chunk !== null && Buffer.isBuffer(chunk)) {
       const rejection = guard.accept(chunk);
       if (rejection !== undefined) {
@@ -165,7 +165,7 @@ export class ByteBucket {
 }
 
 /** Installs the byte-rate limit on a socket before anything reads from it; `onThrottle` is told of each pause. */
-export function throttleSocket(socket: Socket, bytesPerSec: number, burstBytes: number, onThrottle: (waitMs: number) => void): void {
+export function throttleSocket(socket: Duplex, bytesPerSec: number, burstBytes: number, onThrottle: (waitMs: number) => void): void {
   const bucket = new ByteBucket(bytesPerSec, burstBytes, Date.now());
   let timer: NodeJS.Timeout | undefined;
   const push = socket.push;
@@ -180,7 +180,7 @@ export function throttleSocket(socket: Socket, bytesPerSec: number, burstBytes: 
     }
     socket.emit('readable');
   };
-  socket.push = function throttledPush(this: Socket, chunk: unknown, encoding?: BufferEncoding): boolean {
+  socket.push = function throttledPush(this: Duplex, chunk: unknown, encoding?: BufferEncoding): boolean {
     if (chunk !== null && Buffer.isBuffer(chunk) && timer === undefined) {
       const waitMs = bucket.take(chunk.length, Date.now());
       if (waitMs > 0) {
@@ -192,7 +192,7 @@ export function throttleSocket(socket: Socket, bytesPerSec: number, burstBytes: 
     }
     return push.call(this, chunk, encoding);
   };
-  socket.read = function throttledRead(this: Socket, n?: number) {
+  socket.read = function throttledRead(this: Duplex, n?: number) {
     if (timer !== undefined) return null;
     return read.call(this, n);
   };

@@ -38,6 +38,7 @@
  */
 
 import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import type { MetricsServer } from '@edge-mesh/client';
 import type { Admission, Revocation, SignedRecord } from '@edge-mesh/protocol';
 import { MeshError } from '@edge-mesh/protocol';
@@ -77,6 +78,8 @@ export interface BrokerHandle {
   readonly port: number;
   /** `mqtt://host:port` (`mqtts://` with `tls`), ready for `mqtt.connect`. */
   readonly url: string;
+  /** `ws://host:port/mqtt` (`wss://` with `tls`) when started with `wsPort`. */
+  readonly wsUrl?: string;
   /** The aedes instance, for events and in-process publishing. */
   readonly aedes: Aedes;
   /** `http://host:port/metrics` when started with `metricsPort`. */
@@ -133,14 +136,14 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   const counters = newBrokerCounters();
   // Bytes in and out: sockets still open are read at scrape time, closed ones are added up as they close.
   const sockets = new Set<Socket>();
-  const track = (socket: Socket) => {
+  const track = (stream: Duplex, socket: Socket) => {
     sockets.add(socket);
     socket.once('close', () => {
       sockets.delete(socket);
       counters.bytesInClosed += socket.bytesRead;
       counters.bytesOutClosed += socket.bytesWritten;
     });
-    return socket;
+    return stream;
   };
   const listener = createListener({
     maxPendingPerIp: opts.maxConnectionsPerIp,
@@ -160,7 +163,8 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     proxyProtocol: opts.proxyProtocol,
     log,
     warnThrottled,
-    handle: (socket) => downgradeSubscribeQoS(aedes.handle(track(socket)), grantedQos),
+    wsPath: opts.wsPath,
+    handle: (stream, transport) => downgradeSubscribeQoS(aedes.handle(track(stream, transport)), grantedQos),
   });
   const aedes = await Aedes.createBroker({
     connectTimeout: opts.connectTimeoutMs,
@@ -227,7 +231,24 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     await store?.close();
     throw new MeshError('MESH_CONFIG', `broker cannot listen on ${host}:${opts.port}: ${(err as Error).message}`, { cause: err });
   }
-  const url = `${listener.scheme}://${host.includes(':') ? `[${host}]` : host}:${port}`;
+  const hostPart = host.includes(':') ? `[${host}]` : host;
+  const url = `${listener.scheme}://${hostPart}:${port}`;
+  let wsUrl: string | undefined;
+  if (opts.wsPort !== undefined) {
+    try {
+      const wsPort = await listener.listenWs(opts.wsPort, host);
+      wsUrl = `${listener.wsScheme}://${hostPart}:${wsPort}${opts.wsPath}`;
+    } catch (err) {
+      clearInterval(sweeper);
+      listener.stopAccepting();
+      await new Promise<void>((resolve) => aedes.close(() => resolve()));
+      await listener.close();
+      await store?.close();
+      throw new MeshError('MESH_CONFIG', `broker cannot listen for WebSocket on ${host}:${opts.wsPort}: ${(err as Error).message}`, {
+        cause: err,
+      });
+    }
+  }
   log.debug({ port, host }, 'broker listening');
   let metrics: MetricsServer | undefined;
   if (opts.metricsPort !== undefined) {
@@ -277,6 +298,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   return {
     port,
     url,
+    ...(wsUrl ? { wsUrl } : {}),
     aedes,
     clientCount: () => aedes.connectedClients,
     ...(metrics ? { metricsUrl: metrics.url } : {}),

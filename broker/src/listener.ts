@@ -12,12 +12,19 @@
  * once its handshake is done, so the guard reads the cleartext MQTT stream; a handshake must finish within
  * `handshakeTimeoutMs`, and a failed one is logged (reason `tls`, MESH_TLS) and closed (docs/operations.md, "TLS").
  *
+ * With `ws`, a second port serves MQTT over WebSocket (ws://, or wss:// with `tls`) for browser clients: each
+ * WebSocket becomes a byte stream that goes through the same caps, guard and byte limit, then to aedes.
+ *
  * With `proxyProtocol` every connection must open with a PROXY header (./proxy-protocol.ts), read before the TLS
  * handshake and before the guard; the address it names is the socket's address for every limit, ban and log line.
  */
+import http from 'node:http';
+import https from 'node:https';
 import net from 'node:net';
+import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
 import type { Logger } from 'pino';
+import { createWebSocketStream, WebSocketServer } from 'ws';
 import { clientOfSocket } from './aedes-adapter.ts';
 import { guardSocket, throttleSocket } from './guard.ts';
 import type { WarnThrottled } from './log.ts';
@@ -40,10 +47,15 @@ export interface ListenerOptions {
   handshakeTimeoutMs?: number;
   /** Every connection opens with a PROXY header (v1 or v2) from a trusted balancer; its client address is used. */
   proxyProtocol?: boolean | undefined;
+  /** Also serve MQTT over WebSocket on its own port (`listenWs`), at this HTTP path. */
+  wsPath?: string | undefined;
   log: Logger;
   warnThrottled: WarnThrottled;
-  /** Hands an accepted, guarded socket to aedes. */
-  handle(socket: net.Socket): void;
+  /**
+   * Hands an accepted, guarded stream to aedes: a TCP or TLS socket, or a WebSocket's byte stream with the TCP
+   * socket under it as `transport` (for byte counts).
+   */
+  handle(stream: Duplex, transport: net.Socket): void;
 }
 
 export interface Listener {
@@ -54,6 +66,10 @@ export interface Listener {
   addressOf(socket: unknown): string | undefined;
   /** Binds; resolves with the bound port. */
   listen(port: number, host: string): Promise<number>;
+  /** 'wss' with `tls`, else 'ws'. */
+  readonly wsScheme: 'ws' | 'wss';
+  /** Binds the WebSocket port (needs `wsPath`); resolves with the bound port. */
+  listenWs(port: number, host: string): Promise<number>;
   /** The socket's client finished CONNECT: it no longer counts against its address's pending cap. */
   established(socket: unknown): void;
   /** Refuses new sockets from now on. */
@@ -65,9 +81,9 @@ export interface Listener {
 export function createListener(options: ListenerOptions): Listener {
   const { maxPendingPerIp, maxPacketBytes, log, warnThrottled } = options;
   const socketIps = new WeakMap<object, string>();
-  const sockets = new Set<net.Socket>();
+  const sockets = new Set<Duplex>();
   /** Per address, its sockets that have not finished CONNECT, oldest first (a Set keeps insertion order). */
-  const pending = new Map<string, Set<net.Socket>>();
+  const pending = new Map<string, Set<Duplex>>();
   let accepting = true;
   /** With `proxyProtocol`: "address:port" of the balancer's socket → the client address its header named. */
   const proxied = new Map<string, string>();
@@ -76,26 +92,28 @@ export function createListener(options: ListenerOptions): Listener {
   const realAddress = (socket: net.Socket): string =>
     (options.proxyProtocol ? proxied.get(peerKey(socket)) : undefined) ?? socket.remoteAddress ?? 'unknown';
 
-  const unpend = (ip: string, socket: net.Socket): void => {
+  const unpend = (ip: string, socket: Duplex): void => {
     const set = pending.get(ip);
     if (set === undefined) return;
     set.delete(socket);
     if (set.size === 0) pending.delete(ip);
   };
 
-  const accept = (socket: net.Socket): void => {
+  const accept = (socket: net.Socket): void => admit(socket, realAddress(socket), socket);
+
+  /** Counts, guards and throttles a new stream from `ip`, then hands it on. */
+  const admit = (socket: Duplex, ip: string, transport: net.Socket): void => {
     if (!accepting) {
       socket.destroy();
       return;
     }
-    const ip = realAddress(socket);
     let set = pending.get(ip);
     if (set === undefined) {
       set = new Set();
       pending.set(ip, set);
     }
     if (set.size >= maxPendingPerIp) {
-      const oldest = set.values().next().value as net.Socket;
+      const oldest = set.values().next().value as Duplex;
       set.delete(oldest);
       warnThrottled(`accept:${ip}`, { remoteAddress: ip, reason: 'too-many-connections' }, 'oldest connection without CONNECT closed');
       oldest.destroy();
@@ -121,7 +139,7 @@ export function createListener(options: ListenerOptions): Listener {
         'reading paused: over the byte rate',
       );
     });
-    options.handle(socket);
+    options.handle(socket, transport);
   };
   /** Raw sockets still in their TLS handshake: closed with the server. */
   const handshaking = new Set<net.Socket>();
@@ -211,9 +229,67 @@ export function createListener(options: ListenerOptions): Listener {
     warnThrottled('drop', { remoteAddress: data?.remoteAddress, reason: 'max-connections' }, 'connection dropped'),
   );
 
+  let ws: { server: http.Server; wss: WebSocketServer } | undefined;
+  const startWs = (): { server: http.Server; wss: WebSocketServer } => {
+    const path = options.wsPath ?? '/mqtt';
+    const requireClientCert = options.tls?.requestCert === true;
+    const web = options.tls
+      ? https.createServer({ ...options.tls, rejectUnauthorized: false, handshakeTimeout: options.handshakeTimeoutMs ?? 10_000 })
+      : http.createServer();
+    web.maxConnections = options.maxConnections;
+    web.headersTimeout = options.handshakeTimeoutMs ?? 10_000;
+    web.requestTimeout = options.handshakeTimeoutMs ?? 10_000;
+    // Plain HTTP on the WebSocket port gets a short answer saying what the port is for.
+    web.on('request', (_req, res) => {
+      res.writeHead(426, { 'content-type': 'text/plain', upgrade: 'websocket' });
+      res.end(`MQTT over WebSocket: open a WebSocket at ${path} with the "mqtt" subprotocol\n`);
+    });
+    const wss = new WebSocketServer({
+      server: web,
+      path,
+      // One MQTT packet per frame at most, as MQTT over WebSocket clients send it; larger frames are refused by ws.
+      maxPayload: maxPacketBytes,
+      perMessageDeflate: false,
+      handleProtocols: (protocols) => (protocols.has('mqtt') ? 'mqtt' : protocols.has('mqttv3.1') ? 'mqttv3.1' : false),
+    });
+    wss.on('connection', (socket, req) => {
+      const raw = req.socket as net.Socket;
+      raw.setNoDelay(true);
+      const ip = raw.remoteAddress ?? 'unknown';
+      if (requireClientCert && !(raw as tls.TLSSocket).authorized) {
+        warnThrottled(
+          `tls-cert:${ip}`,
+          { remoteAddress: ip, reason: 'client-certificate', code: 'MESH_UNAUTHORIZED', transport: 'websocket' },
+          'client certificate refused',
+        );
+        socket.close(1008, 'client certificate required');
+        return;
+      }
+      const stream = createWebSocketStream(socket);
+      stream.on('error', () => {});
+      admit(stream, ip, raw);
+    });
+    wss.on('error', (err) => log.error({ err }, 'websocket server error'));
+    return { server: web, wss };
+  };
+
   return {
     server,
     scheme: options.tls ? 'mqtts' : 'mqtt',
+    wsScheme: options.tls ? 'wss' : 'ws',
+    async listenWs(port, host) {
+      ws ??= startWs();
+      const web = ws.server;
+      await new Promise<void>((resolve, reject) => {
+        web.once('error', reject);
+        web.listen(port, host, () => {
+          web.off('error', reject);
+          resolve();
+        });
+      });
+      web.on('error', (err) => log.error({ err }, 'websocket port error'));
+      return (web.address() as net.AddressInfo).port;
+    },
     addressOf: (socket) => (socket !== null && typeof socket === 'object' ? socketIps.get(socket) : undefined),
     established(socket) {
       if (socket === null || typeof socket !== 'object') return;
@@ -236,10 +312,17 @@ export function createListener(options: ListenerOptions): Listener {
     },
     async close() {
       const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      const wsClosed = ws
+        ? new Promise<void>((resolve) => {
+            ws!.wss.close();
+            ws!.server.close(() => resolve());
+            ws!.server.closeAllConnections();
+          })
+        : Promise.resolve();
       for (const socket of sockets) socket.destroy();
       for (const socket of handshaking) socket.destroy();
       for (const socket of awaitingHeader) socket.destroy();
-      await closed;
+      await Promise.all([closed, wsClosed]);
     },
   };
 }

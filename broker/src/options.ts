@@ -134,6 +134,10 @@ export interface BrokerOptions {
    * but the balancer can reach (docs/operations.md, "Behind a load balancer"). Default false.
    */
   proxyProtocol?: boolean;
+  /** Also serve MQTT over WebSocket on this port (ws://, or wss:// with `tls`), for browser clients. Off by default. */
+  wsPort?: number;
+  /** The WebSocket's HTTP path. Default '/mqtt'. */
+  wsPath?: string;
   /** Serve Prometheus metrics at GET /metrics on this port (docs/operations.md, "Metrics"); off by default. */
   metricsPort?: number;
   /** Address the metrics port listens on. Default '127.0.0.1'. */
@@ -161,6 +165,8 @@ export interface ResolvedBrokerOptions extends IpLimits {
   auth: ResolvedAuthOptions | undefined;
   tls: BrokerTlsOptions | undefined;
   proxyProtocol: boolean;
+  wsPort: number | undefined;
+  wsPath: string;
   metricsPort: number | undefined;
   metricsHost: string;
 }
@@ -193,6 +199,8 @@ const KNOWN_KEYS = new Set([
   'auth',
   'tls',
   'proxyProtocol',
+  'wsPort',
+  'wsPath',
   'metricsPort',
   'metricsHost',
 ]);
@@ -232,6 +240,8 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     auth,
     tls,
     proxyProtocol = false,
+    wsPort,
+    wsPath = '/mqtt',
   } = options;
 
   const bad: string[] = [];
@@ -288,6 +298,8 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
       else if (value !== undefined && typeof value !== 'function') fail(`hooks.${key}`, 'expected a function');
     }
   }
+  if (wsPort !== undefined) int('wsPort', wsPort, 0, 65_535);
+  if (typeof wsPath !== 'string' || !wsPath.startsWith('/')) fail('wsPath', `${JSON.stringify(wsPath)}; expected a path starting with /`);
   if (typeof proxyProtocol !== 'boolean') fail('proxyProtocol', `${JSON.stringify(proxyProtocol)}; expected true or false`);
   const resolvedAuth = auth === undefined ? undefined : resolveAuth(auth, fail, int);
   if (tls !== undefined) {
@@ -336,6 +348,8 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     auth: resolvedAuth,
     tls,
     proxyProtocol,
+    wsPort,
+    wsPath,
   };
 }
 

@@ -214,6 +214,12 @@ export function buildProgram(): Command {
     .option('--require-client-cert', 'mutual TLS: refuse a client without a certificate signed by --tls-ca', false)
     .option('--max-packet-bytes <bytes>', 'largest MQTT packet accepted', positiveInt)
     .option(
+      '--ws-port <port>',
+      'also serve MQTT over WebSocket on this port (ws://, or wss:// with --tls-cert), for browser clients',
+      nonNegativeInt,
+    )
+    .option('--ws-path <path>', 'the WebSocket path', '/mqtt')
+    .option(
       '--proxy-protocol',
       'every connection opens with a PROXY protocol header (v1 or v2) from your load balancer, whose client address limits and bans use; only for a port nothing else can reach',
       false,
@@ -262,6 +268,7 @@ export function buildProgram(): Command {
         logger,
         ...(opts.maxPacketBytes ? { maxPacketBytes: opts.maxPacketBytes } : {}),
         ...(opts.proxyProtocol ? { proxyProtocol: true } : {}),
+        ...(opts.wsPort !== undefined ? { wsPort: opts.wsPort, wsPath: opts.wsPath } : {}),
         ...(auth ? { auth } : {}),
         ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort, metricsHost: opts.metricsHost } : {}),
       });
@@ -271,6 +278,7 @@ export function buildProgram(): Command {
           'broker listening; admitted identities only',
         );
       else logger.warn({ url: broker.url }, 'broker listening OPEN (--insecure): anyone may connect, publish and subscribe');
+      if (broker.wsUrl) logger.info({ url: broker.wsUrl }, 'MQTT over WebSocket listening');
       process.stdout.write(`${broker.url}\n`);
       await report<BrokerReady>('ready', { url: broker.url });
       await stopSignal();

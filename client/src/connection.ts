@@ -97,17 +97,23 @@ export function connectRefusal(err: unknown, clientId: string): MeshError | unde
 }
 
 /** The transports a broker URL may name, as mqtt.js calls them, and their default ports. */
-const BROKER_PROTOCOLS: Record<string, { protocol: 'mqtt' | 'mqtts'; port: number }> = {
+const BROKER_PROTOCOLS: Record<string, { protocol: BrokerTransport; port: number }> = {
   'mqtt:': { protocol: 'mqtt', port: 1883 },
   'tcp:': { protocol: 'mqtt', port: 1883 },
   'mqtts:': { protocol: 'mqtts', port: 8883 },
+  'ws:': { protocol: 'ws', port: 80 },
+  'wss:': { protocol: 'wss', port: 443 },
 };
+
+type BrokerTransport = 'mqtt' | 'mqtts' | 'ws' | 'wss';
 
 /**
  * The brokers a client may use, in order: one URL, a comma-separated list of them, or an array. Each must be
- * `mqtt://host:port` (or `tcp://`), or `mqtts://host:port` for TLS (docs/security.md); a bad entry is MESH_CONFIG.
+ * `mqtt://host:port` (or `tcp://`), or `mqtts://host:port` for TLS (docs/security.md), or MQTT over WebSocket as
+ * `ws://host:port/path` or `wss://…`; a bad entry is MESH_CONFIG. In a list, every WebSocket entry uses the first
+ * URL's path.
  */
-export function brokerList(brokers: string | readonly string[]): { url: string; host: string; port: number; protocol: 'mqtt' | 'mqtts' }[] {
+export function brokerList(brokers: string | readonly string[]): { url: string; host: string; port: number; protocol: BrokerTransport }[] {
   const entries = (typeof brokers === 'string' ? brokers.split(',') : [...brokers]).map((u) => u.trim()).filter((u) => u !== '');
   if (entries.length === 0) throw new MeshError('MESH_CONFIG', 'no broker URL given');
   return entries.map((url) => {
@@ -119,7 +125,10 @@ export function brokerList(brokers: string | readonly string[]): { url: string; 
     }
     const transport = BROKER_PROTOCOLS[parsed.protocol];
     if (!transport || parsed.hostname === '')
-      throw new MeshError('MESH_CONFIG', `a broker URL is mqtt://host:port or mqtts://host:port, got ${JSON.stringify(url)}`);
+      throw new MeshError(
+        'MESH_CONFIG',
+        `a broker URL is mqtt://host:port, mqtts://host:port, ws://host:port/path or wss://host:port/path, got ${JSON.stringify(url)}`,
+      );
     const port = parsed.port === '' ? transport.port : Number(parsed.port);
     // URL keeps an IPv6 host in brackets; net.connect wants it bare.
     return { url, host: parsed.hostname.replace(/^\[|\]$/g, ''), port, protocol: transport.protocol };
