@@ -46,6 +46,12 @@ export interface ConsoleAdminOptions {
   send?: (signed: SignedRecord, subjectId: string) => Promise<void>;
 }
 
+/** The operator console's options (console.ts). */
+export interface RouterConsoleOptions {
+  /** Admit and revoke from the console with this operator key, through this broker; unset: the lists are read-only. */
+  admin?: ConsoleAdminOptions;
+}
+
 export interface PendingAdmission {
   id: string;
   role: JoinRole;

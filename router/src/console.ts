@@ -25,14 +25,9 @@ import { fileURLToPath } from 'node:url';
 import { sendAdminRecord } from '@edge-mesh/client';
 import { MeshError, verifyQuote } from '@edge-mesh/protocol';
 import type { FastifyInstance, FastifyReply } from 'fastify';
-import { type ConsoleAdminOptions, ConsoleAdmissions, type JoinRequestBody } from './console-admissions.ts';
+import { ConsoleAdmissions, type JoinRequestBody, type RouterConsoleOptions } from './console-admissions.ts';
 import type { RouterHandle } from './handle.ts';
 import { ANY_ERROR, errorResponse } from './http-errors.ts';
-
-export interface RouterConsoleOptions {
-  /** Admit and revoke from the console with this operator key, through this broker; unset: the lists are read-only. */
-  admin?: ConsoleAdminOptions;
-}
 
 const require = createRequire(import.meta.url);
 /** The folder of an installed package, found from its main file (htm and uplot do not export package.json). */

@@ -6,7 +6,7 @@ import type { AgentStatus, MeshErrorCode, ModelInfo, Tensor } from '@edge-mesh/p
 import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
 import type { Registry as PromRegistry } from 'prom-client';
-import type { RouterConsoleOptions } from './console.ts';
+import type { RouterConsoleOptions } from './console-admissions.ts';
 import type { Registry } from './estimates.ts';
 import type { RouterHttpAuthOptions } from './http-auth.ts';
 import type { RelayOptions } from './relay.ts';

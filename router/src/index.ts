@@ -29,8 +29,14 @@ export {
   WeightedSampler,
   WindowedLatencies,
 } from './baselines/index.ts';
-export type { RouterConsoleOptions } from './console.ts';
-export { type ConsoleAdminOptions, JOIN_ROLES, type JoinRole, type LedgerEntry, type PendingAdmission } from './console-admissions.ts';
+export {
+  type ConsoleAdminOptions,
+  JOIN_ROLES,
+  type JoinRole,
+  type LedgerEntry,
+  type PendingAdmission,
+  type RouterConsoleOptions,
+} from './console-admissions.ts';
 export {
   type AgentDescriptor,
   type AgentEntry,
