@@ -124,7 +124,7 @@ export async function registerConsoleRoutes(app: FastifyInstance, router: Router
   const admin = options.admin ? new ConsoleAdmissions(options.admin, sendAdminRecord) : undefined;
   const needAdmin = () => {
     if (!admin)
-      throw new MeshError('MESH_CONFIG', 'this router has no operator key for admissions (edge-mesh router --admin-key)', {
+      throw new MeshError('MESH_NOT_FOUND', 'this router takes no join requests and admits no one: it has no operator key (edge-mesh router --admin-key)', {
         details: { reason: 'no-admin-key' },
       });
     return admin;
