@@ -186,7 +186,7 @@ test('the console in Chromium: loads behind auth, updates live, admits and revok
   await page.getByTestId('sign-in').click();
   const row = (id: string) => page.locator(`[data-testid=agent-row][data-agent="${id}"]`);
   for (const id of [first.id, second.id, hostile.id]) await row(id).waitFor({ timeout: 15_000 });
-  assert.equal(await page.evaluate(() => sessionStorage.getItem('edge-mesh.console.credential')), operatorKey);
+  assert.equal(await page.evaluate("sessionStorage.getItem('edge-mesh.console.credential')"), operatorKey);
   assert.deepEqual(await context.cookies(), []);
 
   // The hostile strings are there as text; nothing ran and no element was made from them.
@@ -196,7 +196,7 @@ test('the console in Chromium: loads behind auth, updates live, admits and revok
   await pending.waitFor({ timeout: 10_000 });
   assert.equal(await pending.locator('.name').textContent(), HOSTILE_NAME);
   assert.equal(await page.locator('main img, main script').count(), 0);
-  assert.equal(await page.evaluate(() => (window as unknown as { __pwned?: number }).__pwned), undefined);
+  assert.equal(await page.evaluate('window.__pwned'), undefined);
 
   // Plots are drawn.
   await page.locator('[data-testid=chart-rtt] canvas').waitFor({ timeout: 10_000 });
@@ -204,11 +204,11 @@ test('the console in Chromium: loads behind auth, updates live, admits and revok
 
   // Traffic through the router shows in the earnings per owner (unpaid agents: one owner without a payout address).
   for (let i = 0; i < 4; i++) await router.infer('kws', sampleInputs('kws', i));
-  await page.waitForFunction(
-    () => [...document.querySelectorAll('[data-testid=owner-requests]')].reduce((s, td) => s + Number(td.textContent), 0) >= 4,
-    undefined,
-    { timeout: 10_000 },
-  );
+  const servedShown = async () => (await page.getByTestId('owner-requests').allTextContents()).reduce((s, n) => s + Number(n), 0);
+  for (const until = Date.now() + 10_000; (await servedShown()) < 4; ) {
+    assert.ok(Date.now() < until, 'the earnings never showed the 4 requests');
+    await new Promise((r) => setTimeout(r, 100));
+  }
 
   // Admit the pending device from the page: the broker now lets it in, and the fleet shows it join, live.
   await pending.getByTestId('admit').click();
@@ -216,9 +216,7 @@ test('the console in Chromium: loads behind auth, updates live, admits and revok
   assert.equal(await pending.count(), 0);
   const joined = await agentFor(t, { brokerUrl: broker.url, identity: device });
   await row(joined.id).waitFor({ timeout: 15_000 });
-  await page.waitForFunction((id) => document.querySelector(`[data-agent="${id}"]`)?.classList.contains('up'), joined.id, {
-    timeout: 15_000,
-  });
+  await page.locator(`[data-testid=agent-row][data-agent="${joined.id}"].up`).waitFor({ timeout: 15_000 });
 
   // A person can look at it.
   const outDir = path.join(ROOT, 'test-output');
@@ -231,14 +229,8 @@ test('the console in Chromium: loads behind auth, updates live, admits and revok
   // Revoke it from the page: the broker cuts it off and the fleet shows it leave.
   await page.locator(`[data-testid=admitted-row][data-id="${device.id}"]`).getByTestId('revoke').click();
   await page.locator(`[data-testid=revoked-row][data-id="${device.id}"]`).waitFor({ timeout: 10_000 });
-  await page.waitForFunction(
-    (id) => {
-      const r = document.querySelector(`[data-agent="${id}"]`);
-      return r === null || r.classList.contains('down');
-    },
-    joined.id,
-    { timeout: 20_000 },
-  );
+  // Gone from the table, or shown down: no row for it that is not down.
+  await page.locator(`[data-testid=agent-row][data-agent="${joined.id}"]:not(.down)`).waitFor({ state: 'detached', timeout: 20_000 });
   const view = (await (await fetch(`${url}/v1/agents`, { headers: { authorization: `Bearer ${operatorKey}` } })).json()) as {
     agents: { id: string; up: boolean }[];
   };
@@ -246,13 +238,6 @@ test('the console in Chromium: loads behind auth, updates live, admits and revok
 
   // An agent that shuts down leaves the fleet view too.
   await second.close();
-  await page.waitForFunction(
-    (id) => {
-      const r = document.querySelector(`[data-agent="${id}"]`);
-      return r === null || r.classList.contains('down');
-    },
-    second.id,
-    { timeout: 20_000 },
-  );
+  await page.locator(`[data-testid=agent-row][data-agent="${second.id}"]:not(.down)`).waitFor({ state: 'detached', timeout: 20_000 });
   assert.deepEqual(pageErrors, []);
 });

@@ -67,7 +67,8 @@ function Login({ onSave, error }) {
 function Chart({ title, labels, data, bars = false, xLabels, testid }) {
   const box = useRef(null);
   const plot = useRef(null);
-  const key = labels.join('|');
+  // A bar plot is rebuilt when its categories change too (its x range is their count).
+  const key = [...labels, ...(xLabels ?? [])].join('|');
   useEffect(() => {
     if (!box.current) return undefined;
     const width = Math.max(280, box.current.clientWidth || 480);
@@ -85,7 +86,7 @@ function Chart({ title, labels, data, bars = false, xLabels, testid }) {
       width,
       height: 200,
       series,
-      scales: bars ? { x: { time: false, range: (_u, min, max) => [min - 0.5, max + 0.5] } } : {},
+      scales: bars ? { x: { time: false, range: () => [-0.5, (xLabels?.length ?? 1) - 0.5] } } : {},
       axes: bars ? [{ values: (_u, splits) => splits.map((i) => xLabels?.[i] ?? ''), space: 60 }, {}] : [{}, {}],
     };
     plot.current = new uPlot(options, data, box.current);

@@ -124,9 +124,13 @@ export async function registerConsoleRoutes(app: FastifyInstance, router: Router
   const admin = options.admin ? new ConsoleAdmissions(options.admin, sendAdminRecord) : undefined;
   const needAdmin = () => {
     if (!admin)
-      throw new MeshError('MESH_NOT_FOUND', 'this router takes no join requests and admits no one: it has no operator key (edge-mesh router --admin-key)', {
-        details: { reason: 'no-admin-key' },
-      });
+      throw new MeshError(
+        'MESH_NOT_FOUND',
+        'this router takes no join requests and admits no one: it has no operator key (edge-mesh router --admin-key)',
+        {
+          details: { reason: 'no-admin-key' },
+        },
+      );
     return admin;
   };
   const idBody = { type: 'object', required: ['id'], properties: { id: { type: 'string', maxLength: 128 } } } as const;
