@@ -27,6 +27,7 @@ import { registerBridgeCommands } from './bridge.ts';
 import { registerChainCommands } from './chain.ts';
 import { CONFIG_ROLES, type ConfigRole, commandAt, configurable, EXIT } from './config.ts';
 import { registerConfigCommands } from './config-commands.ts';
+import { registerConsoleCommands } from './console.ts';
 import { registerDemoCommands } from './demo.ts';
 import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
@@ -502,6 +503,12 @@ export function buildProgram(): Command {
       .option('--rpc <url>', 'with --escrow: serve /v1/lanes and /v1/settlements from this EVM chain (env MESH_RPC_URL)')
       .option('--escrow <address>', 'the MeshEscrow whose lanes and settlements to serve (env MESH_ESCROW)')
       .option('--from-block <n>', 'first block to read escrow events from (its deployment block)', nonNegativeInt, 0)
+      .option('--no-console', 'serve no operator console page (/console) nor its admissions and earnings endpoints')
+      .option(
+        '--admin-key <file>',
+        "an operator key file (one of the broker's --operator keys): the console takes join requests and admits and revokes with it, through --broker",
+      )
+      .option('--admin-ttl-days <days>', 'lifetime of an admission made from the console', positiveInt, 365)
       .addOption(logLevelOption()),
   ).action(async (opts) => {
     const identity = opts.key ? await loadKeyFile(opts.key, 'router', keyWarnings) : generateIdentity('router');
@@ -533,6 +540,17 @@ export function buildProgram(): Command {
               ...(httpAuth ? { auth: httpAuth } : {}),
               ...(await routerChain(opts)),
               ...(relay ? { relay: { ...relay, logger } } : {}),
+              console: opts.console
+                ? opts.adminKey !== undefined
+                  ? {
+                      admin: {
+                        operator: await loadKeyFile(opts.adminKey, 'operator', keyWarnings),
+                        brokerUrl: opts.broker,
+                        ttlDays: opts.adminTtlDays,
+                      },
+                    }
+                  : {}
+                : false,
             },
           }
         : {}),
@@ -695,6 +713,7 @@ export function buildProgram(): Command {
   registerChainCommands(program);
   // The payout registry: payers check it before they pay (payout.ts).
   registerPayoutCommands(program);
+  registerConsoleCommands(program);
   registerRelayCommand(program);
   registerAuthCommands(program);
 

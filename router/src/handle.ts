@@ -6,6 +6,7 @@ import type { AgentStatus, MeshErrorCode, ModelInfo, Tensor } from '@edge-mesh/p
 import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
 import type { Registry as PromRegistry } from 'prom-client';
+import type { RouterConsoleOptions } from './console-admissions.ts';
 import type { Registry } from './estimates.ts';
 import type { RouterHttpAuthOptions } from './http-auth.ts';
 import type { RelayOptions } from './relay.ts';
@@ -145,6 +146,8 @@ export interface RouterHttpOptions {
   chain?: RouterChainOptions;
   /** Also relay vouchers (POST /v1/relay/vouchers) from this account, which pays the gas and earns the fees (see relay.ts). */
   relay?: RelayOptions;
+  /** The operator console (console.ts, docs/console.md): served unless false; `admin` lets it admit and revoke. */
+  console?: RouterConsoleOptions | false;
 }
 
 export interface RouterHttpHandle {

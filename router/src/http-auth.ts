@@ -59,6 +59,8 @@ const sha256Hex = (text: string) => sha256(text).toString('hex');
 export function scopeOfRoute(method: string, url: string | undefined): HttpScope | 'open' {
   if (method === 'GET' || method === 'HEAD') {
     if (url === '/v2/health/live' || url === '/v2/health/ready') return 'open';
+    // The console's page and scripts (console.ts): published code without data; what it shows is read with a credential.
+    if (url === '/console' || url?.startsWith('/console/')) return 'open';
     // What a KServe client reads before it infers: server and model metadata, readiness, the model's config.
     if (url === '/v2' || (url !== undefined && /^\/v2\/models\/:name(\/versions\/:version)?(\/ready|\/config)?$/.test(url))) return 'infer';
     if (url === '/metrics' || url === '/openapi.json' || url?.startsWith('/v1/')) return 'read';
@@ -67,6 +69,8 @@ export function scopeOfRoute(method: string, url: string | undefined): HttpScope
   if (method === 'POST' && (url === '/v2/models/:name/infer' || url === '/v2/models/:name/versions/:version/infer')) return 'infer';
   if (method === 'POST' && url === '/v2/repository/index') return 'read';
   if (method === 'POST' && url === '/v1/relay/vouchers') return 'relay';
+  // A device without a credential yet asks to be admitted; bounded, and admits nothing by itself (console-admissions.ts).
+  if (method === 'POST' && url === '/v1/admissions/requests') return 'open';
   return 'operator';
 }
 

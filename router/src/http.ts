@@ -654,6 +654,11 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   );
   if (options.chain) await registerSettlementRoutes(app, router, options.chain);
   if (options.relay) await registerRelayRoutes(app, options.relay);
+  if (options.console !== false) {
+    // Loaded with the HTTP API: the operator console's page and its endpoints (console.ts, docs/console.md).
+    const { registerConsoleRoutes } = await import('./console.ts');
+    await registerConsoleRoutes(app, router, options.console ?? {});
+  }
 
   app.get(
     '/metrics',

@@ -30,6 +30,14 @@ export {
   WindowedLatencies,
 } from './baselines/index.ts';
 export {
+  type ConsoleAdminOptions,
+  JOIN_ROLES,
+  type JoinRole,
+  type LedgerEntry,
+  type PendingAdmission,
+  type RouterConsoleOptions,
+} from './console-admissions.ts';
+export {
   type AgentDescriptor,
   type AgentEntry,
   type AgentModelDescriptor,
