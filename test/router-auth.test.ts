@@ -24,7 +24,7 @@ import { agentFor, brokerFor, quiet } from './helpers.ts';
 const operator = generateIdentity('operator');
 const trustedOperators = [{ id: operator.id, publicKey: operator.publicKey }];
 
-async function meshWithAuth(t: TestContext, auth: Omit<RouterHttpAuthOptions, 'trustedOperators'> = {}) {
+async function meshWithAuth(t: TestContext, auth: Omit<RouterHttpAuthOptions, 'trustedOperators'> = {}, trustProxy?: string[]) {
   const broker = await brokerFor(t);
   await agentFor(t, { brokerUrl: broker.url });
   const routerKey = generateIdentity('router');
@@ -32,7 +32,7 @@ async function meshWithAuth(t: TestContext, auth: Omit<RouterHttpAuthOptions, 't
     brokerUrl: broker.url,
     identity: routerKey,
     logger: quiet,
-    http: { port: 0, processMetrics: false, auth: { trustedOperators, ...auth } },
+    http: { port: 0, processMetrics: false, auth: { trustedOperators, ...auth }, ...(trustProxy ? { trustProxy } : {}) },
   });
   t.after(() => router.close());
   await router.waitForModel('kws', 20_000);
@@ -246,4 +246,35 @@ test('per-client limits: a credential over its rate and an address sending bad t
   assertRefused(await call(url, models, 'Bearer mesh1.x.y'), 'MESH_RATE_LIMITED', 'failure flood');
   // Health stays open whatever the limits.
   assert.equal((await call(url, { method: 'GET', path: '/v2/health/live' })).status, 200);
+});
+
+test('behind a trusted reverse proxy the failure limit falls on the client X-Forwarded-For names; untrusted, the header is ignored', {
+  timeout: 120_000,
+}, async (t) => {
+  const limits = { failuresPerSecond: 1, failureBurst: 3 };
+  const models = '/v2/models/kws';
+  const get = (url: string, forwardedFor: string, authorization = 'Bearer mesh1.x.y') =>
+    fetch(`${url}${models}`, { headers: { authorization, 'x-forwarded-for': forwardedFor } });
+  const trusted = await meshWithAuth(t, limits, ['127.0.0.1', '::1']);
+  for (let i = 0; i < 3; i++) assert.equal((await get(trusted.url, '203.0.113.1')).status, 401, `bad token ${i}`);
+  assert.equal((await get(trusted.url, '203.0.113.1')).status, 429, 'that client is limited');
+  // Another client behind the same proxy is still checked, and a good token from it is served.
+  assert.equal((await get(trusted.url, '203.0.113.2')).status, 401);
+  const good = `Bearer ${tokenFor(generateIdentity('app'), trusted.router.id, ['infer'])}`;
+  assert.equal((await get(trusted.url, '203.0.113.2', good)).status, 200);
+
+  // Without trustProxy a client cannot escape the limit by naming a new address in each request.
+  const direct = await meshWithAuth(t, limits);
+  for (let i = 0; i < 3; i++) assert.equal((await get(direct.url, `198.51.100.${i}`)).status, 401);
+  assert.equal((await get(direct.url, '198.51.100.99')).status, 429, 'X-Forwarded-For ignored');
+
+  await assert.rejects(
+    startRouter({
+      brokerUrl: (await brokerFor(t)).url,
+      identity: generateIdentity('router'),
+      logger: quiet,
+      http: { port: 0, trustProxy: ['not-an-address'] },
+    }),
+    (err: unknown) => err instanceof Error && /trustProxy/.test(err.message),
+  );
 });

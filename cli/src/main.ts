@@ -473,6 +473,15 @@ export function buildProgram(): Command {
       .option('--http-port <port>', 'HTTP API port (0 for any free port)', nonNegativeInt, 8080)
       .option('--http-host <host>', 'HTTP API address', '127.0.0.1')
       .option('--no-http', 'serve no HTTP API (MQTT only)')
+      .option(
+        '--http-trust-proxy <addresses>',
+        "reverse proxies (addresses or CIDR ranges, comma-separated) whose X-Forwarded-For names the client for the HTTP API's per-address limits",
+        (v: string) =>
+          v
+            .split(',')
+            .map((a) => a.trim())
+            .filter((a) => a !== ''),
+      )
       .option('--http-tls-cert <file>', 'PEM certificate: serve the HTTP API on HTTPS; with --http-tls-key')
       .option('--http-tls-key <file>', 'PEM private key of --http-tls-cert')
       .option(
@@ -536,6 +545,7 @@ export function buildProgram(): Command {
             http: {
               port: opts.httpPort,
               host: opts.httpHost,
+              ...(opts.httpTrustProxy ? { trustProxy: opts.httpTrustProxy } : {}),
               ...(httpTls ? { tls: { cert: httpTls.cert!, key: httpTls.key! } } : {}),
               ...(httpAuth ? { auth: httpAuth } : {}),
               ...(await routerChain(opts)),

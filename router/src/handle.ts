@@ -133,6 +133,13 @@ export interface RouterHttpOptions {
   tls?: { cert: string | Buffer; key: string | Buffer; ca?: string | Buffer; requireClientCert?: boolean };
   /** Who may call which endpoint (./http-auth.ts, docs/security.md "The router's HTTP API"). Unset: no authentication. */
   auth?: RouterHttpAuthOptions;
+  /**
+   * Addresses (or CIDR ranges) of reverse proxies whose `X-Forwarded-For` is believed: a request from one of them counts
+   * as coming from the client it names, for the per-address limit on failed credentials and for the console's join
+   * requests (docs/operations.md, "Running behind a load balancer"). Unset: the socket's address, and the header is
+   * ignored, so a client cannot name its own address.
+   */
+  trustProxy?: string[];
   /** 0 picks a free port (default). */
   port?: number;
   host?: string;

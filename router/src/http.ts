@@ -11,6 +11,7 @@
  * docs/errors.md).
  */
 
+import net from 'node:net';
 import { Transform } from 'node:stream';
 import { PROMTOOL_REJECTED_DEFAULT_METRICS } from '@edge-mesh/client';
 import {
@@ -364,9 +365,17 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   const modelLabel = (name: string) => (modelInfo(name) ? name : '_unknown');
 
   const { tls } = options;
+  for (const entry of options.trustProxy ?? []) {
+    const [address, bits] = entry.split('/');
+    const family = net.isIP(address ?? '');
+    if (family === 0 || (bits !== undefined && !(/^\d+$/.test(bits) && Number(bits) <= (family === 4 ? 32 : 128))))
+      throw new MeshError('MESH_CONFIG', `trustProxy: ${JSON.stringify(entry)} is not an IP address or CIDR range`);
+  }
   const app = Fastify({
     logger: false,
     bodyLimit,
+    // fastify's trustProxy (proxy-addr): request.ip is the rightmost X-Forwarded-For hop not in this list.
+    ...(options.trustProxy && options.trustProxy.length > 0 ? { trustProxy: options.trustProxy } : {}),
     ...(tls
       ? {
           https: {
