@@ -45,9 +45,13 @@ function sample(
   key: string,
   p: Property,
 ): { file: unknown; env: string; flags: string[]; expected: unknown; expectedEnv?: unknown } {
-  // The two bridge options whose flags parse with their own rules.
+  // The options whose flags parse with their own rules.
   const custom: Record<string, { text: string; expected: unknown }> =
-    role === 'bridge' ? { udpPort: { text: '5999', expected: 5999 }, models: { text: 'kws,vad', expected: ['kws', 'vad'] } } : {};
+    role === 'bridge'
+      ? { udpPort: { text: '5999', expected: 5999 }, models: { text: 'kws,vad', expected: ['kws', 'vad'] } }
+      : role === 'router'
+        ? { httpTrustProxy: { text: '10.0.0.2,10.1.0.0/16', expected: ['10.0.0.2', '10.1.0.0/16'] } }
+        : {};
   if (p.type === 'boolean') {
     const value = p.default !== true;
     return { file: value, env: String(value), flags: [p['x-flag']], expected: value };
