@@ -8,17 +8,19 @@
  * Real broker, agent and router.
  */
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
 import { sampleInputs } from '@edge-mesh/demo';
-import { ERROR_CODES, generateIdentity, type Tensor } from '@edge-mesh/protocol';
+import { admit, ERROR_CODES, generateIdentity, makeHttpToken, type Tensor } from '@edge-mesh/protocol';
 import {
   GRPC_STATUS_OF,
   loadKServeProto,
   MESH_CODE_METADATA,
+  makeApiKey,
   type RouterHandle,
   type RouterInferOptions,
   startRouter,
@@ -28,6 +30,15 @@ import * as grpc from '@grpc/grpc-js';
 import { agentFor, brokerFor, quiet, ROOT } from './helpers.ts';
 
 const BIN = path.join(ROOT, 'cli/bin/edge-mesh.mjs');
+
+const HAS_OPENSSL = (() => {
+  try {
+    execFileSync('openssl', ['version'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+})();
 
 // biome-ignore lint/suspicious/noExplicitAny: protobuf messages as proto-loader gives them, read field by field
 type Msg = any;
@@ -41,16 +52,18 @@ interface Answer {
 }
 
 /** A promise-returning client for the router's service: each method resolves with the answer or the error's parts. */
-function clientFor(t: TestContext, address: string) {
+function clientFor(t: TestContext, address: string, auth: { credentials?: grpc.ChannelCredentials; authorization?: string } = {}) {
   const proto = loadKServeProto() as unknown as { inference: { GRPCInferenceService: grpc.ServiceClientConstructor } };
-  const client = new proto.inference.GRPCInferenceService(address, grpc.credentials.createInsecure(), {
+  const client = new proto.inference.GRPCInferenceService(address, auth.credentials ?? grpc.credentials.createInsecure(), {
     'grpc.max_send_message_length': 64 * 1024 * 1024,
   });
   t.after(() => client.close());
   return (method: string, request: Msg, deadlineMs = 30_000): Promise<Answer> =>
     new Promise((resolve) => {
       const fn = client[method] as (req: Msg, meta: grpc.Metadata, opts: grpc.CallOptions, cb: grpc.requestCallback<Msg>) => void;
-      fn.call(client, request, new grpc.Metadata(), { deadline: Date.now() + deadlineMs }, (err, value) => {
+      const metadata = new grpc.Metadata();
+      if (auth.authorization !== undefined) metadata.set('authorization', auth.authorization);
+      fn.call(client, request, metadata, { deadline: Date.now() + deadlineMs }, (err, value) => {
         if (err) {
           const mesh = err.metadata?.get(MESH_CODE_METADATA)[0];
           resolve({
@@ -396,6 +409,98 @@ describe('KServe v2 gRPC service', { timeout: 180_000 }, () => {
     assert.equal(late.code, grpc.status.DEADLINE_EXCEEDED, late.details);
     assert.match(late.meshCode ?? '', /^MESH_(DEADLINE_EXCEEDED|TIMEOUT)$/);
     assert.ok((await call('ModelInfer', tritonRequest('kws', kws))).ok);
+  });
+
+  test("the HTTP API's credentials guard the gRPC port: no credential, a wrong scope and a forged token are refused", async (t) => {
+    const operator = generateIdentity('operator');
+    const broker = await brokerFor(t);
+    await agentFor(t, { brokerUrl: broker.url });
+    const { key: readKey, entry: readEntry } = makeApiKey('reader', ['read']);
+    const { key: inferKey, entry: inferEntry } = makeApiKey('app', ['infer']);
+    const router = await startRouter({
+      brokerUrl: broker.url,
+      identity: generateIdentity('router'),
+      logger: quiet,
+      grpcPort: 0,
+      http: {
+        port: 0,
+        processMetrics: false,
+        auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], apiKeys: [readEntry, inferEntry] },
+      },
+    });
+    t.after(() => router.close());
+    await router.waitForModel('kws', 20_000);
+    const address = router.grpc!.address;
+    const anonymous = clientFor(t, address);
+    const reader = clientFor(t, address, { authorization: `Bearer ${readKey}` });
+    const app = clientFor(t, address, { authorization: `Bearer ${inferKey}` });
+    const forged = clientFor(t, address, {
+      authorization: `Bearer ${makeHttpToken(generateIdentity('app'), admit(generateIdentity('operator'), generateIdentity('app')), { audience: router.id, scopes: ['infer'] })}`,
+    });
+    const request = tritonRequest('kws', sampleInputs('kws'));
+
+    assert.ok((await anonymous('ServerLive', {})).ok, 'liveness stays open');
+    const none = await anonymous('ModelInfer', request);
+    assert.equal(none.code, grpc.status.UNAUTHENTICATED);
+    assert.equal(none.meshCode, 'MESH_UNAUTHORIZED');
+    assert.equal((await anonymous('ModelMetadata', { name: 'kws', version: '' })).code, grpc.status.UNAUTHENTICATED);
+    const wrongScope = await reader('ModelInfer', request);
+    assert.equal(wrongScope.code, grpc.status.PERMISSION_DENIED);
+    assert.equal(wrongScope.meshCode, 'MESH_FORBIDDEN');
+    assert.ok((await reader('ModelStatistics', { name: '', version: '' })).ok, 'read opens statistics');
+    assert.equal((await app('ModelStatistics', { name: '', version: '' })).code, grpc.status.PERMISSION_DENIED);
+    assert.equal((await forged('ModelInfer', request)).code, grpc.status.UNAUTHENTICATED, 'a token whose key no trusted operator admitted');
+    const served = await app('ModelInfer', request);
+    assert.ok(served.ok, served.details);
+    assert.equal(served.value.model_name, 'kws');
+  });
+
+  test('with the HTTP API on TLS the gRPC port is TLS too: a client trusting the certificate is served, a plaintext one is not', {
+    skip: HAS_OPENSSL ? false : 'openssl is not installed: this test makes its certificate with it',
+  }, async (t) => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'grpc-tls-'));
+    t.after(() => rmSync(dir, { recursive: true, force: true }));
+    execFileSync(
+      'openssl',
+      [
+        'req',
+        '-x509',
+        '-newkey',
+        'ec',
+        '-pkeyopt',
+        'ec_paramgen_curve:P-256',
+        '-nodes',
+        '-days',
+        '1',
+        '-subj',
+        '/CN=127.0.0.1',
+        '-addext',
+        'subjectAltName=IP:127.0.0.1',
+        '-keyout',
+        'key.pem',
+        '-out',
+        'cert.pem',
+      ],
+      { cwd: dir, stdio: 'ignore' },
+    );
+    const cert = readFileSync(path.join(dir, 'cert.pem'));
+    const key = readFileSync(path.join(dir, 'key.pem'));
+    const broker = await brokerFor(t);
+    await agentFor(t, { brokerUrl: broker.url });
+    const router = await startRouter({
+      brokerUrl: broker.url,
+      identity: generateIdentity('router'),
+      logger: quiet,
+      grpcPort: 0,
+      http: { port: 0, processMetrics: false, tls: { cert, key } },
+    });
+    t.after(() => router.close());
+    await router.waitForModel('kws', 20_000);
+    const secure = clientFor(t, router.grpc!.address, { credentials: grpc.credentials.createSsl(cert) });
+    const served = await secure('ModelInfer', tritonRequest('kws', sampleInputs('kws')));
+    assert.ok(served.ok, served.details);
+    const plain = clientFor(t, router.grpc!.address);
+    assert.equal((await plain('ServerLive', {}, 3_000)).code, grpc.status.UNAVAILABLE);
   });
 
   test('the gRPC service closes with the router', async (t) => {

@@ -17,6 +17,7 @@
  * The service is described by ../proto/kserve_v2.proto, loaded with @grpc/proto-loader.
  */
 import { fileURLToPath } from 'node:url';
+import type { HttpScope } from '@edge-mesh/protocol';
 import {
   DEFAULT_MAX_MESSAGE_BYTES,
   decodeTensor,
@@ -29,6 +30,7 @@ import {
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import type { RouterGrpcHandle, RouterGrpcOptions, RouterHandle, RouterInferResult } from './handle.ts';
+import { createCredentialCheck } from './http-auth.ts';
 import {
   assertModelReady,
   DTYPE_TO_KSERVE,
@@ -326,13 +328,27 @@ export async function startRouterGrpc(router: RouterHandle, options: RouterGrpcO
   const stats = statsFor(router);
   const proto = loadKServeProto() as unknown as { inference: { GRPCInferenceService: { service: grpc.ServiceDefinition } } };
   const server = new grpc.Server({ 'grpc.max_receive_message_length': maxMessageBytes });
+  const check = options.auth ? createCredentialCheck(router.id, options.auth) : undefined;
+  /** The address of a call's peer ("ipv4:1.2.3.4:5", "ipv6:[::1]:5"), for the limit on failed credentials. */
+  const peerAddress = (peer: string) =>
+    peer
+      .replace(/^ipv[46]:/, '')
+      .replace(/:\d+$/, '')
+      .replace(/^\[|\]$/g, '');
 
-  // Every method: the handler's value, or its error as a coded gRPC status; the server keeps serving either way.
+  // Every method: the credential check for its scope, then the handler's value, or its error as a coded gRPC status;
+  // the server keeps serving either way.
   const unary =
-    <Req, Res>(fn: (request: Req, call: grpc.ServerUnaryCall<Req, Res>) => Res | Promise<Res>) =>
+    <Req, Res>(fn: (request: Req, call: grpc.ServerUnaryCall<Req, Res>) => Res | Promise<Res>, scope: HttpScope | 'open' = 'infer') =>
     (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>) => {
       Promise.resolve()
-        .then(() => fn(call.request, call))
+        .then(() => {
+          if (check && scope !== 'open') {
+            const [authorization] = call.metadata.get('authorization');
+            check(typeof authorization === 'string' ? authorization : undefined, peerAddress(call.getPeer()), scope, Date.now());
+          }
+          return fn(call.request, call);
+        })
         .then(
           (res) => callback(null, res),
           (err: unknown) => callback(grpcErrorOf(err)),
@@ -388,8 +404,8 @@ export async function startRouterGrpc(router: RouterHandle, options: RouterGrpcO
   };
 
   server.addService(proto.inference.GRPCInferenceService.service, {
-    ServerLive: unary(() => ({ live: true })),
-    ServerReady: unary(() => ({ ready: serverReady(router) })),
+    ServerLive: unary(() => ({ live: true }), 'open'),
+    ServerReady: unary(() => ({ ready: serverReady(router) }), 'open'),
     ServerMetadata: unary(() => serverMetadata()),
     // Unknown model or version: NOT_FOUND, as for metadata; known but not served by a live agent: ready false.
     ModelReady: unary((request: Named) => {
@@ -412,15 +428,26 @@ export async function startRouterGrpc(router: RouterHandle, options: RouterGrpcO
       if (request.name === '') return stats.report(servedModels(router));
       const { info } = modelFor(router, request.name, versionOf(request.version));
       return stats.report([{ name: info.name, version: info.version }]);
-    }),
+    }, 'read'),
     // One repository: repository_name is not checked.
-    RepositoryIndex: unary((request: { repository_name: string; ready: boolean }) => ({ models: repositoryIndex(router, request.ready) })),
+    RepositoryIndex: unary(
+      (request: { repository_name: string; ready: boolean }) => ({ models: repositoryIndex(router, request.ready) }),
+      'read',
+    ),
     ModelInfer: unary(infer),
   });
 
   const hostPart = host.includes(':') ? `[${host}]` : host;
   const boundPort = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(`${hostPart}:${port}`, grpc.ServerCredentials.createInsecure(), (err, p) => {
+    const { tls } = options;
+    const credentials = tls
+      ? grpc.ServerCredentials.createSsl(
+          tls.ca !== undefined ? Buffer.from(tls.ca) : null,
+          [{ private_key: Buffer.from(tls.key), cert_chain: Buffer.from(tls.cert) }],
+          tls.requireClientCert === true,
+        )
+      : grpc.ServerCredentials.createInsecure();
+    server.bindAsync(`${hostPart}:${port}`, credentials, (err, p) => {
       if (err) reject(new MeshError('MESH_CONFIG', `cannot listen for gRPC on ${hostPart}:${port}: ${err.message}`, { cause: err }));
       else resolve(p);
     });

@@ -172,6 +172,13 @@ export interface RouterGrpcOptions {
   host?: string;
   /** Largest request message accepted, bytes (default: the mesh's message cap plus 64 KiB); larger ones get RESOURCE_EXHAUSTED. */
   maxMessageBytes?: number;
+  /**
+   * The HTTP API's credentials, sent as `authorization: Bearer …` metadata: every method but ServerLive and ServerReady
+   * needs one with the method's scope (infer; read for statistics and the repository index). Unset: open.
+   */
+  auth?: RouterHttpAuthOptions;
+  /** Serve over TLS with this certificate and key; with `ca` and `requireClientCert`, mutual TLS. */
+  tls?: { cert: string | Buffer; key: string | Buffer; ca?: string | Buffer; requireClientCert?: boolean };
 }
 
 export interface RouterGrpcHandle {

@@ -100,13 +100,19 @@ class Buckets {
   }
 }
 
-interface Principal {
+export interface Principal {
   id: string;
   scopes: readonly HttpScope[];
 }
 
-/** Installs the check on every route of `app` (an onRequest hook, so it runs before a body is read). */
-export function installHttpAuth(app: FastifyInstance, audience: string, options: RouterHttpAuthOptions): void {
+/** Checks one request's credential: who it is, that it holds `scope`, and the limits. Throws a coded MeshError. */
+export type CredentialCheck = (authorization: string | undefined, address: string, scope: HttpScope, now: number) => Principal;
+
+/**
+ * The credential check both front doors use (this file's HTTP hook, and grpc.ts's `authorization` metadata): mesh
+ * tokens for `audience` and API keys, the per-address limit on failed credentials, the scope, the per-credential rate.
+ */
+export function createCredentialCheck(audience: string, options: RouterHttpAuthOptions): CredentialCheck {
   const trusted = new Map(options.trustedOperators.map((o) => [o.id, o.publicKey] as const));
   const apiKeys = new Map((options.apiKeys ?? []).map((k) => [k.id, { ...k, hash: Buffer.from(k.sha256, 'hex') }] as const));
   for (const k of apiKeys.values()) {
@@ -118,7 +124,6 @@ export function installHttpAuth(app: FastifyInstance, audience: string, options:
   /** Tokens already verified: the two Ed25519 checks run once per token, not per request. */
   const verified = new Map<string, VerifiedHttpToken>();
   const isRevoked = options.isRevoked ?? (() => false);
-
   const authenticate = (header: string | undefined, now: number): Principal => {
     if (header === undefined)
       throw new MeshError('MESH_UNAUTHORIZED', 'this endpoint needs Authorization: Bearer <token>', {
@@ -156,11 +161,7 @@ export function installHttpAuth(app: FastifyInstance, audience: string, options:
     return { id: token.id, scopes: token.scopes };
   };
 
-  app.addHook('onRequest', async (request: FastifyRequest, reply) => {
-    const scope = scopeOfRoute(request.method, request.routeOptions.url);
-    if (scope === 'open') return;
-    const now = Date.now();
-    const address = request.ip;
+  return (authorization, address, scope, now) => {
     if (failures.empty(address, now)) {
       throw new MeshError('MESH_RATE_LIMITED', 'too many failed credentials from this address; slow down', {
         details: { reason: 'auth-failures' },
@@ -168,10 +169,9 @@ export function installHttpAuth(app: FastifyInstance, audience: string, options:
     }
     let principal: Principal;
     try {
-      principal = authenticate(request.headers.authorization, now);
+      principal = authenticate(authorization, now);
     } catch (err) {
       failures.take(address, now);
-      if (err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED') reply.header('www-authenticate', 'Bearer realm="edge-mesh"');
       throw err;
     }
     if (!principal.scopes.includes(scope) && !principal.scopes.includes('operator')) {
@@ -181,6 +181,22 @@ export function installHttpAuth(app: FastifyInstance, audience: string, options:
     }
     if (!requests.take(principal.id, now)) {
       throw new MeshError('MESH_RATE_LIMITED', 'this credential is over its request rate', { details: { reason: 'request-rate' } });
+    }
+    return principal;
+  };
+}
+
+/** Installs the check on every route of `app` (an onRequest hook, so it runs before a body is read). */
+export function installHttpAuth(app: FastifyInstance, audience: string, options: RouterHttpAuthOptions): void {
+  const check = createCredentialCheck(audience, options);
+  app.addHook('onRequest', async (request: FastifyRequest, reply) => {
+    const scope = scopeOfRoute(request.method, request.routeOptions.url);
+    if (scope === 'open') return;
+    try {
+      check(request.headers.authorization, request.ip, scope, Date.now());
+    } catch (err) {
+      if (err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED') reply.header('www-authenticate', 'Bearer realm="edge-mesh"');
+      throw err;
     }
   });
 }

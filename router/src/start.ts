@@ -456,9 +456,12 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     try {
       // Loaded on demand, like the HTTP API.
       const { startRouterGrpc } = await import('./grpc.ts');
+      // The gRPC port takes the HTTP API's credentials and certificate, so neither door is more open than the other.
       grpc = await startRouterGrpc(handle, {
         port: options.grpcPort,
         ...(options.grpcHost !== undefined ? { host: options.grpcHost } : {}),
+        ...(options.http?.auth ? { auth: options.http.auth } : {}),
+        ...(options.http?.tls ? { tls: options.http.tls } : {}),
       });
     } catch (err) {
       await handle.close();
