@@ -18,6 +18,7 @@
  *                         mesh/v1/bridge/{self}/dev/{id}/telemetry                (apps, routers, operators too)
  *   operator              mesh/v1/admin/{self}/records  (applied by the broker,   mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                         never forwarded)                                        mesh/v1/admin/{self}/acks
+ *   router, operator      (nobody publishes; the broker does)                     mesh/v1/revoked/+ (or one id)
  *
  * Everything else is refused: `#`, `+/#`, `$SYS/#`, other clients' replies, other agents' requests, status or
  * replies in someone else's name, requests with a sender id that is not the publisher's own.
@@ -171,6 +172,7 @@ export function aclPublish(s: MeshSession, topic: string): number {
 const ALL_STATUS = topics.allAgentStatus();
 const ALL_LOAD = topics.allAgentLoad();
 const ALL_DEVICE_AVAILABILITY = topics.allDeviceAvailability();
+const ALL_REVOCATIONS = topics.allRevocations();
 
 /** Whether a client may SUBSCRIBE to `filter` (not on the hot path; exact strings or one concrete id). */
 export function aclSubscribe(s: MeshSession, filter: string): boolean {
@@ -184,6 +186,7 @@ export function aclSubscribe(s: MeshSession, filter: string): boolean {
   if (filter === ALL_STATUS || filter === ALL_LOAD || filter === ALL_DEVICE_AVAILABILITY) return true;
   const p = parseTopic(filter);
   if (p?.kind === 'device') return true;
+  if (filter === ALL_REVOCATIONS || p?.kind === 'revocation') return role === 'router' || role === 'operator';
   if (role === 'operator') {
     if (filter === s.adminAcks) return true;
     return p !== undefined && (p.kind === 'status' || p.kind === 'load');

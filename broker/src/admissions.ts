@@ -2,7 +2,7 @@
  * Admissions at run time: storing operator-signed admissions and revocations (./store.ts), applying admin records
  * sent over MQTT (./admin.ts), and cutting clients off when their id is revoked or their admission runs out.
  */
-import { type Admission, encodeMessage, MeshError, type Revocation, type SignedRecord } from '@edge-mesh/protocol';
+import { type Admission, encodeMessage, MeshError, type Revocation, type SignedRecord, topics } from '@edge-mesh/protocol';
 import type { Aedes, Client } from 'aedes';
 import type { Logger } from 'pino';
 import type { MeshSession } from './acl.ts';
@@ -36,10 +36,31 @@ export function admissionControl(aedes: Aedes, store: AdmissionStore | undefined
     return admission;
   }
 
+  /** Republishes a stored revocation, retained, for routers to refuse the id's tokens (they check its signature). */
+  function announce(signed: SignedRecord, id: string): void {
+    if (closing()) return;
+    aedes.publish(
+      {
+        cmd: 'publish',
+        topic: topics.revocation(id),
+        payload: encodeMessage({ record: signed.record, sig: signed.sig } as never),
+        qos: 1,
+        retain: true,
+        dup: false,
+      },
+      (err) => {
+        if (err) log.warn({ id, err: err.message }, 'revocation not republished');
+      },
+    );
+  }
+  // After a restart the retained copies are gone with aedes' in-memory store: publish the stored ones again.
+  for (const { id, signed } of store?.signedRevocations() ?? []) announce(signed, id);
+
   async function revoke(signed: SignedRecord): Promise<Revocation> {
     const s = requireStore();
     const revocation = await s.revoke(signed);
     log.info({ id: revocation.id, revokedAt: revocation.revokedAt, operator: revocation.operator }, 'revocation stored');
+    announce(signed, revocation.id);
     const live = liveClient(aedes, revocation.id);
     if (live && !stillAdmitted(s, revocation.id, Date.now())) {
       log.warn({ clientId: revocation.id, reason: 'revoked' }, 'client disconnected');

@@ -42,6 +42,8 @@ export type LookupRefusal = 'not-admitted' | 'revoked' | 'admission-expired' | '
 export class AdmissionStore {
   private readonly admitted = new Map<string, Admission>();
   private readonly revoked = new Map<string, Revocation>();
+  /** The newest revocation per id as its operator signed it, for the broker to republish. */
+  private readonly revokedSigned = new Map<string, SignedRecord>();
   private readonly operators = new Map<string, Grant>();
   /** Writes are serialized so two records for one id cannot interleave between check and put. */
   private queue: Promise<unknown> = Promise.resolve();
@@ -75,8 +77,10 @@ export class AdmissionStore {
         continue;
       }
       if (record.kind === 'admission' && key === ADMISSION + record.id) store.admitted.set(record.id, record);
-      else if (record.kind === 'revocation' && key === REVOCATION + record.id) store.revoked.set(record.id, record);
-      else skipped++;
+      else if (record.kind === 'revocation' && key === REVOCATION + record.id) {
+        store.revoked.set(record.id, record);
+        store.revokedSigned.set(record.id, decodeCbor(value) as SignedRecord);
+      } else skipped++;
     }
     log.info({ admissions: store.admitted.size, revocations: store.revoked.size, skipped }, 'admission store loaded');
     return store;
@@ -107,6 +111,11 @@ export class AdmissionStore {
   /** The newest revocation stored per id. */
   revocations(): Revocation[] {
     return [...this.revoked.values()];
+  }
+
+  /** The same, as the records their operators signed. */
+  signedRevocations(): { id: string; signed: SignedRecord }[] {
+    return [...this.revokedSigned].map(([id, signed]) => ({ id, signed }));
   }
 
   /** Verifies, persists (synced) and applies an admission. Throws MESH_UNAUTHORIZED for a record that does not verify. */
@@ -153,6 +162,7 @@ export class AdmissionStore {
       if (current && current.revokedAt >= record.revokedAt) return current;
       await this.db.put(REVOCATION + record.id, encodeRecord(signed), { sync: true });
       this.revoked.set(record.id, record);
+      this.revokedSigned.set(record.id, { record: signed.record, sig: signed.sig });
       return record;
     });
   }

@@ -91,6 +91,8 @@ export interface VerifiedHttpToken {
   expiresMs: number;
   /** When the admission carried in the token runs out. */
   admissionExpiresMs: number;
+  /** When that admission was issued: a revocation signed at or after it revokes the token. */
+  admissionIssuedMs: number;
 }
 
 export interface VerifyHttpTokenOptions {
@@ -171,5 +173,12 @@ export function verifyHttpToken(token: string, options: VerifyHttpTokenOptions):
     throw new MeshError('MESH_FORBIDDEN', `a ${role} key may not hold scope ${claims.scp.join(', ')}`, {
       details: { reason: 'scope-not-of-role', role },
     });
-  return { id: claims.id, role, scopes: claims.scp, expiresMs: claims.exp, admissionExpiresMs: admission.expires };
+  return {
+    id: claims.id,
+    role,
+    scopes: claims.scp,
+    expiresMs: claims.exp,
+    admissionExpiresMs: admission.expires,
+    admissionIssuedMs: admission.issuedAt,
+  };
 }

@@ -12,6 +12,7 @@
  *   mesh/v1/agent/{agentId}/voucher/{senderId} payer-signed voucher for the sender's lane (QoS 1)
  *   mesh/v1/admin/{operatorId}/records        signed admission/revocation records for the broker (operator only)
  *   mesh/v1/admin/{operatorId}/acks           the broker's answers to that operator's records
+ *   mesh/v1/revoked/{id}                       retained operator-signed revocation of id, republished by the broker
  *   mesh/v1/bridge/{bridgeId}/dev/{deviceId}/availability  a firmware bridge's device: online/asleep/offline (retained)
  *   mesh/v1/bridge/{bridgeId}/dev/{deviceId}/telemetry     a firmware bridge's device: sensor readings (QoS 0)
  */
@@ -60,6 +61,12 @@ export const topics = {
   adminRecords: (operatorId: string) => `${TOPIC_ROOT}/admin/${operatorId}/records`,
   /** The broker's `{v, kind:'ack', id, ok, code?, message?}` answers; only that operator may subscribe. */
   adminAcks: (operatorId: string) => `${TOPIC_ROOT}/admin/${operatorId}/acks`,
+  /**
+   * Retained CBOR `{record, sig}`: the operator-signed revocation of `id`, as the broker stored it, republished by the
+   * broker (no client may publish here) so routers can refuse the id's HTTP tokens; readers check the signature.
+   */
+  revocation: (id: string) => `${TOPIC_ROOT}/revoked/${id}`,
+  allRevocations: () => `${TOPIC_ROOT}/revoked/+`,
   /** Retained `{v, kind:'availability', device, state, last_seen, next_wake, via}` for a device behind a firmware bridge. */
   deviceAvailability: (bridgeId: string, deviceId: string) => `${TOPIC_ROOT}/bridge/${bridgeId}/dev/${deviceId}/availability`,
   deviceTelemetry: (bridgeId: string, deviceId: string) => `${TOPIC_ROOT}/bridge/${bridgeId}/dev/${deviceId}/telemetry`,
@@ -80,6 +87,7 @@ export type ParsedTopic =
   | { kind: 'lease'; clientId: string; routerId: string }
   | { kind: 'admin-records'; operatorId: string }
   | { kind: 'admin-acks'; operatorId: string }
+  | { kind: 'revocation'; id: string }
   | { kind: 'device'; bridgeId: string; deviceId: string; what: DeviceTopicKind };
 
 /** Parses a concrete (wildcard-free) mesh topic; returns undefined for anything outside the tree. */
@@ -110,6 +118,7 @@ export function parseTopic(topic: string): ParsedTopic | undefined {
     const what = parts[6] as DeviceTopicKind;
     return (DEVICE_TOPIC_KINDS as readonly string[]).includes(what) ? { kind: 'device', bridgeId: id, deviceId: other, what } : undefined;
   }
+  if (area === 'revoked' && parts.length === 4) return { kind: 'revocation', id };
   if (area === 'admin' && parts.length === 5) {
     if (verb === 'records') return { kind: 'admin-records', operatorId: id };
     if (verb === 'acks') return { kind: 'admin-acks', operatorId: id };

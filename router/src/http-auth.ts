@@ -29,8 +29,11 @@ export interface RouterHttpAuthOptions {
   trustedOperators: { id: string; publicKey: Uint8Array }[];
   /** Operator-issued API keys (`edge-mesh api-key new`). */
   apiKeys?: ApiKeyEntry[];
-  /** Ids refused even with an admission that still holds (revoked ones). Asked on every request. */
-  isRevoked?: (id: string) => boolean;
+  /**
+   * Ids refused even with an admission that still holds (revoked ones), given the id and when the admission its token
+   * carries was issued. Asked on every request. `startRouter` adds the revocations the broker republishes.
+   */
+  isRevoked?: (id: string, admissionIssuedMs: number) => boolean;
   /** Longest lifetime a mesh token may claim, ms (default 300 000). */
   maxTokenLifetimeMs?: number;
   /** Requests per second one credential may make, sustained (default 200), and in a burst (default 400). */
@@ -157,7 +160,8 @@ export function createCredentialCheck(audience: string, options: RouterHttpAuthO
       verified.delete(credential);
       throw new MeshError('MESH_UNAUTHORIZED', 'the token has expired', { details: { reason: 'expired-token' } });
     }
-    if (isRevoked(token.id)) throw new MeshError('MESH_UNAUTHORIZED', `${token.id} is revoked`, { details: { reason: 'revoked' } });
+    if (isRevoked(token.id, token.admissionIssuedMs))
+      throw new MeshError('MESH_UNAUTHORIZED', `${token.id} is revoked`, { details: { reason: 'revoked' } });
     return { id: token.id, scopes: token.scopes };
   };
 

@@ -57,6 +57,7 @@ import type {
 import { answerRoute } from './leases.ts';
 import { type LivePolicyFactory, observedBy, resolveRouterPolicy } from './policies.ts';
 import { createRouterPolicy, type RouterAsk } from './policy.ts';
+import { RevocationList } from './revocations.ts';
 import { selectAgent } from './select.ts';
 import { StallMonitor } from './stalls.ts';
 
@@ -253,6 +254,17 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     if (client.connected) client.publish(topics.clientLease(senderId, routerId), encodeMessage(lease), { qos: 1 });
   };
 
+  // With credentials on the HTTP/gRPC API, the revocations the broker republishes refuse revoked ids' tokens.
+  const revocations = options.http?.auth
+    ? new RevocationList(new Map(options.http.auth.trustedOperators.map((o) => [o.id, o.publicKey] as const)), logger)
+    : undefined;
+  const auth = options.http?.auth
+    ? {
+        ...options.http.auth,
+        isRevoked: (id: string, issuedMs: number) =>
+          revocations!.isRevoked(id, issuedMs) || (options.http!.auth!.isRevoked?.(id, issuedMs) ?? false),
+      }
+    : undefined;
   let connected = false;
   let refusedFirst: ((err: MeshError) => void) | undefined;
   const connection = openMeshConnection(brokerUrl, {
@@ -270,6 +282,15 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
           if (err) logger.error({ err: err.message }, 'subscribe failed');
         },
       );
+      if (revocations) {
+        c.subscribe(topics.allRevocations(), { qos: 1 }, (err, granted) => {
+          if (err || granted?.[0]?.qos === 128)
+            logger.warn(
+              { err: err?.message },
+              'the broker does not let this router read revocations (mesh/v1/revoked/+): revoked keys keep their HTTP tokens until they expire',
+            );
+        });
+      }
     },
     onRefused: (err, first) => {
       // A refused identity or a failed TLS handshake on the first connect is configuration: fail the start at once.
@@ -288,6 +309,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     else if (parsed.kind === 'load') fleet.onLoad(parsed.agentId, payload);
     else if (parsed.kind === 'reply' && parsed.clientId === routerId) onReply(parsed.agentId, payload);
     else if (parsed.kind === 'route' && parsed.routerId === routerId) onRouteQuestion(parsed.senderId, payload);
+    else if (parsed.kind === 'revocation') revocations?.onMessage(parsed.id, payload);
   });
   try {
     await Promise.race([connection.firstConnect, new Promise<never>((_, reject) => (refusedFirst = reject))]);
@@ -446,7 +468,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     try {
       // Loaded on demand: a router without the HTTP API never loads fastify.
       const { startRouterHttp } = await import('./http.ts');
-      http = await startRouterHttp(handle, options.http);
+      http = await startRouterHttp(handle, auth ? { ...options.http, auth } : options.http);
     } catch (err) {
       await handle.close();
       throw err;
@@ -460,7 +482,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       grpc = await startRouterGrpc(handle, {
         port: options.grpcPort,
         ...(options.grpcHost !== undefined ? { host: options.grpcHost } : {}),
-        ...(options.http?.auth ? { auth: options.http.auth } : {}),
+        ...(auth ? { auth } : {}),
         ...(options.http?.tls ? { tls: options.http.tls } : {}),
       });
     } catch (err) {
