@@ -12,3 +12,4 @@ export * from './topics.ts';
 export * from './validate.ts';
 export * from './validators.generated.ts';
 export * from './voucher.ts';
+export * from './deployment.ts';
