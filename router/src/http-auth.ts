@@ -59,6 +59,8 @@ const sha256Hex = (text: string) => sha256(text).toString('hex');
 export function scopeOfRoute(method: string, url: string | undefined): HttpScope | 'open' {
   if (method === 'GET' || method === 'HEAD') {
     if (url === '/v2/health/live' || url === '/v2/health/ready') return 'open';
+    // Content-addressed model bundles: an agent checks the bytes against the operator-signed sha256 (docs/deployment.md).
+    if (url === '/bundles/:sha256') return 'open';
     // What a KServe client reads before it infers: server and model metadata, readiness, the model's config.
     if (url === '/v2' || (url !== undefined && /^\/v2\/models\/:name(\/versions\/:version)?(\/ready|\/config)?$/.test(url))) return 'infer';
     if (url === '/metrics' || url === '/openapi.json' || url?.startsWith('/v1/')) return 'read';

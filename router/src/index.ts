@@ -137,6 +137,16 @@ export {
   type SelectOptions,
   selectAgent,
 } from './select.ts';
+export {
+  type AuditEntry,
+  judgeCanary,
+  type RolloutOptions,
+  type RolloutStatus,
+  RouterRollouts,
+  summarize,
+  type Verdict,
+  type VersionWindow,
+} from './rollout.ts';
 export { type StartRouterOptions, startRouter } from './start.ts';
 export {
   applyVivaldiSample,
