@@ -172,8 +172,12 @@ export class RouterRollouts {
   }
 
   /** Stores a bundle under its sha256; returns the address. */
+  get maxBundleBytes(): number {
+    return this.options.maxBundleBytes ?? 512 * 2 ** 20;
+  }
+
   putBundle(bytes: Uint8Array): { sha256: string; size: number } {
-    const max = this.options.maxBundleBytes ?? 512 * 2 ** 20;
+    const max = this.maxBundleBytes;
     if (bytes.byteLength === 0 || bytes.byteLength > max) throw new MeshError('MESH_TOO_LARGE', `a bundle is 1 to ${max} bytes`);
     const sha256 = bundleAddress(bytes);
     const file = this.bundleFile(sha256);
@@ -341,6 +345,9 @@ export class RouterRollouts {
   }
 }
 
+/** The media type of a bundle upload (PUT /v1/bundles). */
+export const BUNDLE_MEDIA_TYPE = 'application/vnd.edge-mesh.bundle';
+
 /** The HTTP routes (scopes in http-auth.ts: GET /bundles/{sha256} open, GET /v1/rollouts read, the rest operator). */
 export function installRolloutRoutes(app: FastifyInstance, rollouts: RouterRollouts): void {
   app.get('/bundles/:sha256', async (request, reply) => {
@@ -349,9 +356,13 @@ export function installRolloutRoutes(app: FastifyInstance, rollouts: RouterRollo
     if (!file) throw new MeshError('MESH_NOT_FOUND', `no bundle ${sha256} here`);
     return reply.type('application/octet-stream').header('cache-control', 'public, max-age=31536000, immutable').send(readFileSync(file));
   });
+  // Its own media type: application/octet-stream is the KServe binary extension's on this server (kserve.ts).
+  app.addContentTypeParser(BUNDLE_MEDIA_TYPE, { parseAs: 'buffer', bodyLimit: rollouts.maxBundleBytes }, (_request, body, done) =>
+    done(null, body),
+  );
   app.put('/v1/bundles', async (request) => {
     const body = request.body;
-    if (!(body instanceof Buffer)) throw new MeshError('MESH_BAD_REQUEST', 'send the bundle as application/octet-stream');
+    if (!(body instanceof Buffer)) throw new MeshError('MESH_BAD_REQUEST', `send the bundle as ${BUNDLE_MEDIA_TYPE}`);
     return rollouts.putBundle(body);
   });
   app.post('/v1/deployments', async (request) => {
