@@ -10,7 +10,7 @@ import { writeFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import path from 'node:path';
 import { test } from 'node:test';
-import type { AgentHandle } from '@edge-mesh/edge-agent';
+import type { AgentHandle } from '@edge-mesh/agent';
 import {
   type Deployment,
   deploymentTopics,
@@ -34,18 +34,36 @@ async function modelsFolder(dir: string, version: string, bytes: Buffer): Promis
   await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ models }));
 }
 
-function step(operator: Identity, fields: Partial<Deployment> & Pick<Deployment, 'seq' | 'version' | 'sha256' | 'size' | 'phase'>): Deployment {
-  return { v: 1, kind: 'deployment', operator: operator.id, issuedAt: Date.now(), group: GROUP, model: 'scale', priceMicros: 0, plan: PLAN, ...fields };
+function step(
+  operator: Identity,
+  fields: Partial<Deployment> & Pick<Deployment, 'seq' | 'version' | 'sha256' | 'size' | 'phase'>,
+): Deployment {
+  return {
+    v: 1,
+    kind: 'deployment',
+    operator: operator.id,
+    issuedAt: Date.now(),
+    group: GROUP,
+    model: 'scale',
+    priceMicros: 0,
+    plan: PLAN,
+    ...fields,
+  };
 }
 
-async function post(router: RouterHandle, route: string, body: unknown, method = 'POST'): Promise<{ status: number; json: any }> {
+async function post(
+  router: RouterHandle,
+  route: string,
+  body: unknown,
+  method = 'POST',
+): Promise<{ status: number; json: { code?: string; sha256?: string; size?: number } }> {
   const isBytes = body instanceof Buffer;
   const response = await fetch(`${router.http!.url}${route}`, {
     method,
     headers: { 'content-type': isBytes ? 'application/vnd.edge-mesh.bundle' : 'application/json' },
     body: isBytes ? body : JSON.stringify(body),
   });
-  return { status: response.status, json: await response.json() };
+  return { status: response.status, json: (await response.json()) as { code?: string; sha256?: string; size?: number } };
 }
 
 /** Three callers in a loop through the router; each answer's y[0] is the factor of the version that ran. */
@@ -112,7 +130,14 @@ test('a signed rollout under steady load: canary then promotion, then a slow ver
   assert.deepEqual((await post(router, '/v1/bundles', v2, 'PUT')).json, { sha256: sha(v2), size: v2.byteLength });
   const canary2 = signDeployment(
     operator,
-    step(operator, { seq: 1, version: '2', sha256: sha(v2), size: v2.byteLength, phase: 'canary', previous: { version: '1', sha256: sha(v1) } }),
+    step(operator, {
+      seq: 1,
+      version: '2',
+      sha256: sha(v2),
+      size: v2.byteLength,
+      phase: 'canary',
+      previous: { version: '1', sha256: sha(v1) },
+    }),
   );
   const posted = await post(router, '/v1/deployments', signedDeploymentToJson(canary2));
   assert.equal(posted.status, 200, JSON.stringify(posted.json));
@@ -122,8 +147,15 @@ test('a signed rollout under steady load: canary then promotion, then a slow ver
   const during = load.since(canaryFrom);
   const share = during.filter((f) => f === 2).length / during.length;
   assert.ok(share > 0.1 && share < 0.6, `canary share ${share} of ${during.length} answers should be near 0.3`);
-  assert.ok(during.every((f) => f === 1 || f === 2), 'only versions 1 and 2 answer during the canary');
-  await waitFor(() => agents.every((a) => a.status().models?.[0]?.version === '2' && !a.status().canaries), 10_000, 'agents to serve 2 alone');
+  assert.ok(
+    during.every((f) => f === 1 || f === 2),
+    'only versions 1 and 2 answer during the canary',
+  );
+  await waitFor(
+    () => agents.every((a) => a.status().models?.[0]?.version === '2' && !a.status().canaries),
+    10_000,
+    'agents to serve 2 alone',
+  );
   const afterPromotion = Date.now();
   await waitFor(() => load.since(afterPromotion).length >= 50, 20_000, '50 answers after the promotion');
   assert.deepEqual([...new Set(load.since(afterPromotion))], [2], 'after the promotion every answer comes from version 2');
@@ -168,7 +200,7 @@ test('a signed rollout under steady load: canary then promotion, then a slow ver
     ],
   );
   for (let i = 1; i < audit.length; i++) assert.notEqual(audit[i]!.prev, '', 'each line links to the one before');
-  const status = await fetch(`${router.http!.url}/v1/rollouts/scale`).then((r) => r.json());
+  const status = (await fetch(`${router.http!.url}/v1/rollouts/scale`).then((r) => r.json())) as { rollout: { phase: string } };
   assert.equal(status.rollout.phase, 'rolled-back');
 
   // An agent restarting after the rollout comes back on the version it announced last (2), from its journal.
@@ -207,7 +239,13 @@ test('what a liar sends is refused: unknown key, wrong bytes, a replayed old ste
     await agent.deployments!.settled();
     return events()[n - 1]!;
   };
-  const base = { version: '2', sha256: sha(v2), size: v2.byteLength, phase: 'canary' as const, previous: { version: '1', sha256: sha(v1) } };
+  const base = {
+    version: '2',
+    sha256: sha(v2),
+    size: v2.byteLength,
+    phase: 'canary' as const,
+    previous: { version: '1', sha256: sha(v1) },
+  };
 
   // Signed by a key the agent does not trust.
   send(GROUP, signDeployment(stranger, step(stranger, { seq: 1, ...base })));
@@ -238,7 +276,10 @@ test('what a liar sends is refused: unknown key, wrong bytes, a replayed old ste
   assert.equal(agent.status().models?.[0]?.version, '1');
 
   // The router: an unknown key is 401, a bundle it does not hold is 404, a replayed seq is 400.
-  assert.equal((await post(router, '/v1/deployments', signedDeploymentToJson(signDeployment(stranger, step(stranger, { seq: 1, ...base }))))).status, 401);
+  assert.equal(
+    (await post(router, '/v1/deployments', signedDeploymentToJson(signDeployment(stranger, step(stranger, { seq: 1, ...base }))))).status,
+    401,
+  );
   const v9 = scaleModel(9);
   const missing = signDeployment(operator, step(operator, { seq: 1, ...base, version: '9', sha256: sha(v9), size: v9.byteLength }));
   assert.equal((await post(router, '/v1/deployments', signedDeploymentToJson(missing))).status, 404);

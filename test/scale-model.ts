@@ -34,10 +34,16 @@ export function scaleModel(factor: number, depth = 1): Buffer {
   const valueInfo = (name: string, dims: number[]) => Buffer.concat([stringField(1, name), lenField(2, type(dims))]);
   const name = (i: number) => (i === 0 ? 'x' : i === depth ? 'y' : `h${i}`);
   const nodes = Array.from({ length: depth }, (_, i) =>
-    lenField(1, Buffer.concat([stringField(1, name(i)), stringField(1, i === 0 ? 'S' : 'I'), stringField(2, name(i + 1)), stringField(4, 'MatMul')])),
+    lenField(
+      1,
+      Buffer.concat([stringField(1, name(i)), stringField(1, i === 0 ? 'S' : 'I'), stringField(2, name(i + 1)), stringField(4, 'MatMul')]),
+    ),
   );
   const initializer = (label: string, value: number) =>
-    lenField(5, Buffer.concat([varintField(1, n), varintField(1, n), varintField(2, 1), stringField(8, label), lenField(9, diagonal(n, value))]));
+    lenField(
+      5,
+      Buffer.concat([varintField(1, n), varintField(1, n), varintField(2, 1), stringField(8, label), lenField(9, diagonal(n, value))]),
+    );
   const graph = Buffer.concat([
     ...nodes,
     stringField(2, 'scale'),

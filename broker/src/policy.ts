@@ -2,7 +2,7 @@
  * The broker's built-in topic policy (docs/security.md, "Hostile input"): pure functions that return a refusal reason or
  * undefined. They run on every PUBLISH, so they avoid allocation: one charCode pass per topic.
  */
-import { parseTopic, parseDeploymentTopic } from '@edge-mesh/protocol';
+import { parseDeploymentTopic, parseTopic } from '@edge-mesh/protocol';
 
 export interface TopicLimits {
   maxTopicLevels: number;

@@ -17,7 +17,9 @@ import { existsSync } from 'node:fs';
 import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import {
+  checkSignedDeployment,
   type Deployment,
+  decodeCbor,
   deploymentTopics,
   isNewerStep,
   MeshError,
@@ -27,8 +29,6 @@ import {
   signedDeploymentToJson,
   toMeshError,
   verifyDeployment,
-  decodeCbor,
-  checkSignedDeployment,
 } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
 import type { ExecutorOptions, Executors } from './executors.ts';
@@ -155,7 +155,10 @@ export async function promotedEntries(
         out.push({ ...entry, version: promoted.version, sha256: promoted.sha256, priceMicros: promoted.priceMicros });
         continue;
       }
-      logger.error({ model: entry.name, version: promoted.version }, 'promoted bundle missing or corrupt; serving the models folder version');
+      logger.error(
+        { model: entry.name, version: promoted.version },
+        'promoted bundle missing or corrupt; serving the models folder version',
+      );
     }
     out.push(entry);
   }
@@ -174,7 +177,8 @@ export class AgentDeployments {
     private readonly options: AgentDeployOptions,
     private readonly hooks: DeployHooks,
   ) {
-    for (const g of options.groups) if (!/^[a-z0-9][a-z0-9-]{2,63}$/.test(g)) throw new MeshError('MESH_CONFIG', `deployment group ${JSON.stringify(g)} is not valid`);
+    for (const g of options.groups)
+      if (!/^[a-z0-9][a-z0-9-]{2,63}$/.test(g)) throw new MeshError('MESH_CONFIG', `deployment group ${JSON.stringify(g)} is not valid`);
   }
 
   /** Registers the versions the agent started with; then re-applies a canary the journal says was running. */
@@ -193,7 +197,13 @@ export class AgentDeployments {
       try {
         await this.loadCanary(model, j.canary.version, j.canary.sha256, j.canary.priceMicros, []);
       } catch (err) {
-        this.record({ model, version: j.canary.version, ok: false, code: toMeshError(err).code, message: `canary not reloaded: ${(err as Error).message}` });
+        this.record({
+          model,
+          version: j.canary.version,
+          ok: false,
+          code: toMeshError(err).code,
+          message: `canary not reloaded: ${(err as Error).message}`,
+        });
       }
     }
   }
@@ -214,7 +224,8 @@ export class AgentDeployments {
   /** The status's `canaries`. */
   canaries(): { name: string; version: string; sha256: string; latencyMs: number }[] {
     const out = [];
-    for (const [name, r] of this.routes) if (r.canary) out.push({ name, version: r.canary.version, sha256: r.canary.sha256, latencyMs: r.canary.info.latencyMs });
+    for (const [name, r] of this.routes)
+      if (r.canary) out.push({ name, version: r.canary.version, sha256: r.canary.sha256, latencyMs: r.canary.info.latencyMs });
     return out;
   }
 
@@ -259,22 +270,38 @@ export class AgentDeployments {
     }
     const base = { model: step.model, version: step.version, seq: step.seq, phase: step.phase };
     if (step.group !== where.group || step.model !== where.model) {
-      this.record({ ...base, ok: false, code: 'MESH_UNAUTHORIZED', message: `deployment refused: signed for ${step.group}/${step.model}, published on ${where.group}/${where.model}` });
+      this.record({
+        ...base,
+        ok: false,
+        code: 'MESH_UNAUTHORIZED',
+        message: `deployment refused: signed for ${step.group}/${step.model}, published on ${where.group}/${where.model}`,
+      });
       return;
     }
     if (!this.options.groups.includes(step.group)) {
-      this.record({ ...base, ok: false, code: 'MESH_FORBIDDEN', message: `deployment ignored: group ${step.group} is not one of this agent's` });
+      this.record({
+        ...base,
+        ok: false,
+        code: 'MESH_FORBIDDEN',
+        message: `deployment ignored: group ${step.group} is not one of this agent's`,
+      });
       return;
     }
     const applied = this.journal.models[step.model];
     if (!isNewerStep(step, applied?.seq)) {
       // The retained step the agent already applied comes again on every reconnect: not worth a warning.
       if (applied?.seq !== step.seq)
-        this.record({ ...base, ok: false, code: 'MESH_UNAUTHORIZED', message: `deployment refused: seq ${step.seq} is not above ${applied?.seq} (a replayed older step)` });
+        this.record({
+          ...base,
+          ok: false,
+          code: 'MESH_UNAUTHORIZED',
+          message: `deployment refused: seq ${step.seq} is not above ${applied?.seq} (a replayed older step)`,
+        });
       return;
     }
     try {
-      if (step.phase === 'canary') await this.loadCanary(step.model, step.version, step.sha256, step.priceMicros, step.urls ?? [], step.size);
+      if (step.phase === 'canary')
+        await this.loadCanary(step.model, step.version, step.sha256, step.priceMicros, step.urls ?? [], step.size);
       else if (step.phase === 'promoted') await this.promote(step);
       else await this.dropCanary(step.model, step.version);
     } catch (err) {
@@ -285,8 +312,15 @@ export class AgentDeployments {
     const route = this.routes.get(step.model);
     const entry: JournalEntry = {
       seq: step.seq,
-      ...(step.phase === 'promoted' || applied?.primary ? { primary: step.phase === 'promoted' ? { version: step.version, sha256: step.sha256, priceMicros: step.priceMicros } : applied!.primary! } : {}),
-      ...(route?.canary ? { canary: { version: route.canary.version, sha256: route.canary.sha256, priceMicros: route.canary.priceMicros } } : {}),
+      ...(step.phase === 'promoted' || applied?.primary
+        ? {
+            primary:
+              step.phase === 'promoted' ? { version: step.version, sha256: step.sha256, priceMicros: step.priceMicros } : applied!.primary!,
+          }
+        : {}),
+      ...(route?.canary
+        ? { canary: { version: route.canary.version, sha256: route.canary.sha256, priceMicros: route.canary.priceMicros } }
+        : {}),
       step: signedDeploymentToJson(signed),
     };
     this.journal.models[step.model] = entry;
@@ -296,10 +330,18 @@ export class AgentDeployments {
   }
 
   /** Fetches (or finds) the bundle, checks it, loads and warms it beside the running version. */
-  private async loadCanary(model: string, version: string, sha256: string, priceMicros: number, urls: string[], size?: number): Promise<void> {
+  private async loadCanary(
+    model: string,
+    version: string,
+    sha256: string,
+    priceMicros: number,
+    urls: string[],
+    size?: number,
+  ): Promise<void> {
     const route = this.routes.get(model) ?? {};
     if (route.canary?.sha256 === sha256) return;
-    if (route.primary?.sha256 === sha256) throw new MeshError('MESH_BAD_REQUEST', `version ${version} of ${model} is already the default here`);
+    if (route.primary?.sha256 === sha256)
+      throw new MeshError('MESH_BAD_REQUEST', `version ${version} of ${model} is already the default here`);
     const file = await this.fetchBundle(sha256, urls, size);
     const key = `${model}@${version}`;
     const executors = await this.hooks.openExecutors(
@@ -312,7 +354,15 @@ export class AgentDeployments {
       await executors.close();
       throw new MeshError('MESH_INTERNAL', `bundle ${sha256} did not load`);
     }
-    const info: ModelInfo = { name: model, version, sha256, priceMicros, latencyMs: Math.round(loaded.latencyMs * 1000) / 1000, inputs: loaded.inputs, outputs: loaded.outputs };
+    const info: ModelInfo = {
+      name: model,
+      version,
+      sha256,
+      priceMicros,
+      latencyMs: Math.round(loaded.latencyMs * 1000) / 1000,
+      inputs: loaded.inputs,
+      outputs: loaded.outputs,
+    };
     const old = route.canary;
     this.hooks.models.set(key, { ...loaded });
     this.hooks.scheduler.addModel(key, loaded.latencyMs, executors.executorOf.get(key)!);
@@ -402,4 +452,3 @@ async function fetchCapped(url: string, limit: number, timeoutMs: number): Promi
   }
   return Buffer.concat(parts);
 }
-

@@ -186,7 +186,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     vouchers: payments !== undefined,
     status: () => board.status(),
     handlers: { request: requests.onRequest, cancel: requests.onCancel, voucher: requests.onVoucher },
-    ...(deployments ? { deployments: { filters: deployments.filters(), onMessage: (t: string, p: Buffer) => deployments?.onMessage(t, p) } } : {}),
+    ...(deployments
+      ? { deployments: { filters: deployments.filters(), onMessage: (t: string, p: Buffer) => deployments?.onMessage(t, p) } }
+      : {}),
     onUnauthorized: () => void shutdown(),
     counters,
     faults,

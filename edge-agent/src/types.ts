@@ -3,9 +3,9 @@
  * (AgentHandle). Re-exported by index.ts; the modules of the agent share them from here.
  */
 import type { BackoffOptions, MeshTlsOptions } from '@edge-mesh/client';
-import type { AgentDeployOptions, DeployEvent } from './deploy.ts';
 import type { AgentLoad, AgentStatus, Identity, ModelInfo, SignedReceipt } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
+import type { AgentDeployOptions, DeployEvent } from './deploy.ts';
 import type { AgentPaymentOptions, AgentPayments, LaneSummary } from './payments.ts';
 import type { SettlementRecord, SettlerCounters } from './settler.ts';
 

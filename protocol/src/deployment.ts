@@ -16,8 +16,8 @@ import { MeshError } from './errors.ts';
 import { type Identity, signBytes, verifyBytes } from './identity.ts';
 import { isValidId, TOPIC_ROOT } from './topics.ts';
 
-export type { Deployment, RolloutPlan, SignedDeployment } from './deployment-schema.ts';
 export { checkDeployment, checkRolloutPlan, checkSignedDeployment } from './deployment.generated.ts';
+export type { Deployment, RolloutPlan, SignedDeployment } from './deployment-schema.ts';
 
 const DEPLOYMENT_DOMAIN = Buffer.from('edge-mesh/deployment/v1\0');
 const MODEL_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -41,7 +41,8 @@ export function parseDeploymentTopic(topic: string): { group: string; model: str
 
 /** Signs one step; only an operator key may. */
 export function signDeployment(operator: Identity, deployment: Deployment): SignedDeployment {
-  if (operator.role !== 'operator') throw new MeshError('MESH_CONFIG', `only an operator key signs deployments, got a ${operator.role} key`);
+  if (operator.role !== 'operator')
+    throw new MeshError('MESH_CONFIG', `only an operator key signs deployments, got a ${operator.role} key`);
   if (deployment.operator !== operator.id)
     throw new MeshError('MESH_CONFIG', `the manifest names operator ${deployment.operator}, but the key is ${operator.id}`);
   if (!checkDeployment.Check(deployment)) {

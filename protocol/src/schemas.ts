@@ -273,9 +273,17 @@ export const AgentStatusSchema = Type.Object({
    * one of them as its `version` runs on it.
    */
   canaries: Type.Optional(
-    Type.Array(Type.Object({ name: ModelName, version: Type.String({ maxLength: 64 }), sha256: Type.String({ pattern: '^[0-9a-f]{64}$' }), latencyMs: Ms }), {
-      maxItems: 64,
-    }),
+    Type.Array(
+      Type.Object({
+        name: ModelName,
+        version: Type.String({ maxLength: 64 }),
+        sha256: Type.String({ pattern: '^[0-9a-f]{64}$' }),
+        latencyMs: Ms,
+      }),
+      {
+        maxItems: 64,
+      },
+    ),
   ),
   /** Ed25519 signature over the status without this field (see identity.ts). */
   sig: Type.Optional(Type.Uint8Array({ minByteLength: 64, maxByteLength: 64 })),

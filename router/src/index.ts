@@ -125,6 +125,16 @@ export {
   VoucherRelay,
 } from './relay.ts';
 export {
+  type AuditEntry,
+  judgeCanary,
+  type RolloutOptions,
+  type RolloutStatus,
+  RouterRollouts,
+  summarize,
+  type Verdict,
+  type VersionWindow,
+} from './rollout.ts';
+export {
   currentPool,
   expectedCompletionMs,
   failureAwareScoreMs,
@@ -137,16 +147,6 @@ export {
   type SelectOptions,
   selectAgent,
 } from './select.ts';
-export {
-  type AuditEntry,
-  judgeCanary,
-  type RolloutOptions,
-  type RolloutStatus,
-  RouterRollouts,
-  summarize,
-  type Verdict,
-  type VersionWindow,
-} from './rollout.ts';
 export { type StartRouterOptions, startRouter } from './start.ts';
 export {
   applyVivaldiSample,

@@ -29,7 +29,6 @@ import {
   verifyDeployment,
 } from '@edge-mesh/protocol';
 import type { FastifyInstance } from 'fastify';
-import type { RouterLogger } from './handle.ts';
 
 export interface RolloutOptions {
   /** Operators whose signed steps the router takes: id → raw public key. */
@@ -44,6 +43,13 @@ export interface RolloutOptions {
   maxBundleBytes?: number;
   /** Random source in [0, 1) for the split (tests pass a seeded one). */
   random?: () => number;
+}
+
+/** The pino methods the rollouts log with (any pino logger fits; handle.ts's RouterLogger is one). */
+interface RolloutLogger {
+  info(obj: object, msg?: string): void;
+  warn(obj: object, msg?: string): void;
+  error(obj: object, msg?: string): void;
 }
 
 /** What the router saw one version answer during the canary. */
@@ -82,11 +88,18 @@ export function judgeCanary(plan: RolloutPlan, previous: VersionWindow, next: Ve
   const n = summarize(next);
   if (n.requests >= plan.minRequests) {
     if (n.errorRate - o.errorRate > plan.maxErrorRateDelta)
-      return { decision: 'rollback', reason: `error rate ${fmt(n.errorRate)} against ${fmt(o.errorRate)} (allowed +${plan.maxErrorRateDelta})` };
+      return {
+        decision: 'rollback',
+        reason: `error rate ${fmt(n.errorRate)} against ${fmt(o.errorRate)} (allowed +${plan.maxErrorRateDelta})`,
+      };
     // Without an old sample there is nothing to compare latency with yet.
     if (o.requests >= plan.minRequests && n.p95Ms > plan.maxP95LatencyRatio * Math.max(o.p95Ms, 0.001))
       return { decision: 'rollback', reason: `p95 ${fmt(n.p95Ms)} ms against ${fmt(o.p95Ms)} ms (allowed ×${plan.maxP95LatencyRatio})` };
-    if (o.requests >= plan.minRequests) return { decision: 'promote', reason: `held over ${n.requests} requests: error rate ${fmt(n.errorRate)}, p95 ${fmt(n.p95Ms)} ms against ${fmt(o.p95Ms)} ms` };
+    if (o.requests >= plan.minRequests)
+      return {
+        decision: 'promote',
+        reason: `held over ${n.requests} requests: error rate ${fmt(n.errorRate)}, p95 ${fmt(n.p95Ms)} ms against ${fmt(o.p95Ms)} ms`,
+      };
   }
   if (plan.maxCanaryMs !== undefined && elapsedMs > plan.maxCanaryMs)
     return { decision: 'rollback', reason: `no verdict within ${plan.maxCanaryMs} ms (${n.requests} canary requests)` };
@@ -155,7 +168,7 @@ export class RouterRollouts {
       publish: (topic: string, payload: Buffer) => void;
       /** Statuses of the live agents. */
       agents: () => AgentStatus[];
-      logger: RouterLogger;
+      logger: RolloutLogger;
     },
   ) {
     this.random = options.random ?? Math.random;
@@ -207,9 +220,15 @@ export class RouterRollouts {
     const step = verifyDeployment(signed, this.options.operators);
     const current = this.rollouts.get(step.model);
     if (!isNewerStep(step, current?.step.seq))
-      throw new MeshError('MESH_BAD_REQUEST', `seq ${step.seq} of ${step.model} is not above ${current?.step.seq}: a replayed or stale step`);
+      throw new MeshError(
+        'MESH_BAD_REQUEST',
+        `seq ${step.seq} of ${step.model} is not above ${current?.step.seq}: a replayed or stale step`,
+      );
     if (step.phase !== 'canary' && current && current.step.version !== step.version)
-      throw new MeshError('MESH_BAD_REQUEST', `${step.phase} names version ${step.version}, but the rollout of ${step.model} is of ${current.step.version}`);
+      throw new MeshError(
+        'MESH_BAD_REQUEST',
+        `${step.phase} names version ${step.version}, but the rollout of ${step.model} is of ${current.step.version}`,
+      );
     const file = this.bundle(step.sha256);
     if (step.phase !== 'rolled-back') {
       if (!file) throw new MeshError('MESH_NOT_FOUND', `bundle ${step.sha256} is not stored here: upload it first (PUT /v1/bundles)`);
@@ -248,7 +267,7 @@ export class RouterRollouts {
   /** The version a forwarded request for `model` is pinned to, or undefined (no canary, or none loaded yet). */
   pick(model: string): RolloutPin | undefined {
     const r = this.rollouts.get(model);
-    if (!r || r.step.phase !== 'canary' || !r.step.previous) return undefined;
+    if (r?.step.phase !== 'canary' || !r.step.previous) return undefined;
     if (this.canaryAgents(r.step) === 0) return undefined;
     return this.random() < r.step.plan.canaryShare
       ? { model, version: r.step.version, arm: 'next' }
@@ -261,7 +280,7 @@ export class RouterRollouts {
    */
   observe(pin: RolloutPin, ok: boolean, totalMs: number, answeredVersion?: string): void {
     const r = this.rollouts.get(pin.model);
-    if (!r || r.step.phase !== 'canary') return;
+    if (r?.step.phase !== 'canary') return;
     const arm = ok && answeredVersion !== undefined ? (answeredVersion === r.step.version ? 'next' : 'previous') : pin.arm;
     const w = arm === 'next' ? r.next : r.previous;
     if (ok) {
@@ -272,7 +291,9 @@ export class RouterRollouts {
   }
 
   private canaryAgents(step: Deployment): number {
-    return this.io.agents().filter((s) => s.canaries?.some((c) => c.name === step.model && c.version === step.version && c.sha256 === step.sha256)).length;
+    return this.io
+      .agents()
+      .filter((s) => s.canaries?.some((c) => c.name === step.model && c.version === step.version && c.sha256 === step.sha256)).length;
   }
 
   judgeAll(now = Date.now()): void {
@@ -282,7 +303,13 @@ export class RouterRollouts {
       if (r.verdict.decision === 'hold' || !this.options.signer) continue;
       const phase = r.verdict.decision === 'promote' ? 'promoted' : 'rolled-back';
       try {
-        const signed = signDeployment(this.options.signer, { ...r.step, operator: this.options.signer.id, seq: r.step.seq + 1, issuedAt: now, phase });
+        const signed = signDeployment(this.options.signer, {
+          ...r.step,
+          operator: this.options.signer.id,
+          seq: r.step.seq + 1,
+          issuedAt: now,
+          phase,
+        });
         this.apply(verifyDeployment(signed, this.options.operators), signed, 'router', r.verdict.reason, r);
       } catch (err) {
         this.io.logger.error({ model: r.step.model, err: (err as Error).message }, 'rollout verdict could not be signed');
@@ -337,7 +364,14 @@ export class RouterRollouts {
         const entry = JSON.parse(line) as AuditEntry;
         const signed = signedDeploymentFromJson(entry.step);
         const step = verifyDeployment(signed, this.options.operators);
-        this.rollouts.set(step.model, { step, signed, startedAt: Date.now(), previous: emptyWindow(), next: emptyWindow(), verdict: { decision: 'hold', reason: 'resumed after a restart' } });
+        this.rollouts.set(step.model, {
+          step,
+          signed,
+          startedAt: Date.now(),
+          previous: emptyWindow(),
+          next: emptyWindow(),
+          verdict: { decision: 'hold', reason: 'resumed after a restart' },
+        });
       } catch (err) {
         this.io.logger.warn({ err: (err as Error).message }, 'audit line skipped on restore');
       }
