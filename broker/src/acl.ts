@@ -19,11 +19,26 @@
  *   operator              mesh/v1/admin/{self}/records  (applied by the broker,   mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                         never forwarded)                                        mesh/v1/admin/{self}/acks
  *   router, operator      (nobody publishes; the broker does)                     mesh/v1/revoked/+ (or one id)
+ *   operator, router      mesh/v1/deploy/{group}/{model} (retained)              mesh/v1/deploy/{group}/+ (agents too)
  *
  * Everything else is refused: `#`, `+/#`, `$SYS/#`, other clients' replies, other agents' requests, status or
  * replies in someone else's name, requests with a sender id that is not the publisher's own.
  */
-import { parseTopic, type Role, topics } from '@edge-mesh/protocol';
+import { parseDeploymentTopic, parseTopic, type Role, topics } from '@edge-mesh/protocol';
+
+const DEPLOY_PREFIX = 'mesh/v1/deploy/';
+
+/**
+ * Deployment steps (docs/deployment.md): operators and routers publish them, anyone with a role may read them. The
+ * signature inside, not the ACL, is what an agent trusts; the ACL only keeps the retained slots from squatters.
+ */
+function isDeploymentFilter(filter: string): boolean {
+  if (!filter.startsWith(DEPLOY_PREFIX)) return false;
+  const [group, model, ...rest] = filter.slice(DEPLOY_PREFIX.length).split('/');
+  if (rest.length > 0 || group === undefined || model === undefined) return false;
+  // Each level is a wildcard or a concrete name; the concrete topic rule checks the names.
+  return parseDeploymentTopic(`${DEPLOY_PREFIX}${group === '+' ? 'any' : group}/${model === '+' ? 'any' : model}`) !== undefined;
+}
 
 /** What the broker caches on each aedes client after its CONNECT was accepted. */
 export interface MeshSession {
@@ -153,6 +168,7 @@ export function aclPublish(s: MeshSession, topic: string): number {
       return matchesIdBetween(topic, CLIENT_PREFIX, s.replyTail) ? ACL_ALLOW : ACL_DENY;
     case 'router':
       if (matchesIdBetween(topic, CLIENT_PREFIX, s.leaseTail)) return ACL_ALLOW;
+      if (topic.startsWith(DEPLOY_PREFIX)) return parseDeploymentTopic(topic) ? ACL_ALLOW : ACL_DENY;
       return clientPublish(s, topic);
     case 'bridge':
       if (matchesIdBetween(topic, s.bridgeDevices, '/availability') || matchesIdBetween(topic, s.bridgeDevices, '/telemetry'))
@@ -161,6 +177,7 @@ export function aclPublish(s: MeshSession, topic: string): number {
     case 'app':
       return clientPublish(s, topic);
     case 'operator':
+      if (topic.startsWith(DEPLOY_PREFIX)) return parseDeploymentTopic(topic) ? ACL_ALLOW : ACL_DENY;
       return topic === s.adminRecords ? ACL_ADMIN : ACL_DENY;
     case undefined:
       return ACL_ALLOW;
@@ -178,6 +195,7 @@ const ALL_REVOCATIONS = topics.allRevocations();
 export function aclSubscribe(s: MeshSession, filter: string): boolean {
   const role = s.role;
   if (role === undefined) return true;
+  if (isDeploymentFilter(filter)) return true;
   if (role === 'agent') {
     if (filter === s.requestFilter || filter === s.cancelFilter || filter === s.voucherFilter) return true;
     const p = parseTopic(filter);

@@ -2,7 +2,7 @@
  * The broker's built-in topic policy (docs/security.md, "Hostile input"): pure functions that return a refusal reason or
  * undefined. They run on every PUBLISH, so they avoid allocation: one charCode pass per topic.
  */
-import { parseTopic } from '@edge-mesh/protocol';
+import { parseDeploymentTopic, parseTopic } from '@edge-mesh/protocol';
 
 export interface TopicLimits {
   maxTopicLevels: number;
@@ -105,7 +105,13 @@ export function checkPublish(
   if (packet.qos === 2) return 'qos2';
   const refusal = checkPublishTopic(packet.topic, limits);
   if (refusal !== undefined) return refusal;
-  if (packet.retain && !isOwnStatusTopic(packet.topic, ownerId) && !isOwnDeviceAvailabilityTopic(packet.topic, ownerId))
+  if (
+    packet.retain &&
+    !isOwnStatusTopic(packet.topic, ownerId) &&
+    !isOwnDeviceAvailabilityTopic(packet.topic, ownerId) &&
+    // A deployment step is retained for agents that connect later; the ACL (acl.ts) says who may publish one.
+    parseDeploymentTopic(packet.topic) === undefined
+  )
     return 'retain-not-own-status';
   return undefined;
 }

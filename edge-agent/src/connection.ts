@@ -52,6 +52,8 @@ export interface AgentLinkOptions {
   /** The status to announce, signed as of now. */
   status: () => AgentStatus;
   handlers: Record<AgentTopicKind, (senderId: string, payload: Buffer) => void>;
+  /** Deployment steps (deploy.ts): the filters to subscribe to as well, and where their messages go. */
+  deployments?: { filters: string[]; onMessage: (topic: string, payload: Buffer) => void };
   /** The first CONNECT was refused as unauthorized, or its TLS handshake failed: the agent cannot run (`announced` rejects with the same error). */
   onUnauthorized: (err: MeshError) => void;
   counters: AgentCounters;
@@ -97,6 +99,7 @@ export class AgentLink {
         everConnected = true;
         const filters = [topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId)];
         if (vouchers) filters.push(topics.agentVouchersFor(agentId));
+        if (options.deployments) filters.push(...options.deployments.filters);
         c.subscribe(filters, { qos: 1 }, (err) => {
           if (err) logger.error({ err: err.message }, 'subscribe failed');
           this.announce();
@@ -127,7 +130,10 @@ export class AgentLink {
     this.client = this.connection.client;
     this.client.on('message', (topic, payload) => {
       const route = routeTopic(agentId, topic);
-      if (!route) return;
+      if (!route) {
+        if (options.deployments && topic.startsWith('mesh/v1/deploy/')) options.deployments.onMessage(topic, payload);
+        return;
+      }
       if (route.kind === 'request') this.holdWrites();
       handlers[route.kind](route.senderId, payload);
     });

@@ -25,6 +25,7 @@ import path from 'node:path';
 import type { ModelInfo } from '@edge-mesh/protocol';
 import pino from 'pino';
 import { AgentLink } from './connection.ts';
+import { AgentDeployments, promotedEntries } from './deploy.ts';
 import { openExecutors } from './executors.ts';
 import { Faults } from './faults.ts';
 import { readManifest } from './manifest.ts';
@@ -37,6 +38,7 @@ import { Scheduler } from './scheduler.ts';
 import { Heartbeat, loadReport, StatusBoard } from './status.ts';
 import type { AgentCounters, AgentHandle, AgentOptions } from './types.ts';
 
+export type { AgentDeployOptions, DeployEvent } from './deploy.ts';
 export type { LaneFundsView } from './lane-funds.ts';
 export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';
 export { availableProviders } from './models.ts';
@@ -52,11 +54,19 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   if (o.ephemeral) logger.info({ agentId }, 'no key given: using an ephemeral agent identity, which only an open broker accepts');
   const readyStarted = performance.now();
   const manifest = await readManifest(modelsDir);
-  const entries = await verifyModels(modelsDir, manifest.models, logger);
+  let entries = await verifyModels(modelsDir, manifest.models, logger);
   const providerList = availableProviders(o.providers, logger);
+  // A version promoted by a signed deployment replaces the folder's (deploy.ts): a restart keeps what was announced.
+  let deployedPaths = new Map<string, string>();
+  if (options.deploy) ({ entries, paths: deployedPaths } = await promotedEntries(options.deploy.stateDir, entries, logger));
 
   const executors = await openExecutors(
-    entries.map((e) => ({ name: e.name, path: path.join(modelsDir, e.file), providers: providerList, warmup: e.warmup })),
+    entries.map((e) => ({
+      name: e.name,
+      path: deployedPaths.get(e.name) ?? path.join(modelsDir, e.file),
+      providers: providerList,
+      warmup: e.warmup,
+    })),
     o,
     logger,
   );
@@ -111,6 +121,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     workers: executors.lanes(),
     queueLimit: o.queueLimit,
     ...(payments ? { quote: () => payments.signedQuote() } : {}),
+    canaries: () => deployments?.canaries() ?? [],
   });
   let closed = false;
 
@@ -129,6 +140,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     ),
     replays,
     payments,
+    ...(options.deploy ? { resolve: (model: string, version: string | undefined) => deployments?.resolve(model, version) } : {}),
     counters,
     faults,
     logger,
@@ -141,6 +153,28 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   for (const m of loaded) scheduler.addModel(m.name, m.latencyMs, executors.executorOf.get(m.name)!);
   requests.attach(scheduler);
 
+  let deployments: AgentDeployments | undefined;
+  if (options.deploy) {
+    deployments = new AgentDeployments(options.deploy, {
+      options: { ...o, providers: providerList },
+      openExecutors,
+      scheduler,
+      models: loadedByName,
+      modelInfos,
+      announce: () => {
+        if (link.connected) link.announce();
+      },
+      logger,
+    });
+    try {
+      await deployments.start(entries, loadedByName);
+    } catch (err) {
+      await executors.close();
+      if (paid) await closePaidSide(paid);
+      throw err;
+    }
+  }
+
   link = new AgentLink({
     brokerUrl: o.brokerUrl,
     brokerAccess: o.brokerAccess,
@@ -152,6 +186,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     vouchers: payments !== undefined,
     status: () => board.status(),
     handlers: { request: requests.onRequest, cancel: requests.onCancel, voucher: requests.onVoucher },
+    ...(deployments
+      ? { deployments: { filters: deployments.filters(), onMessage: (t: string, p: Buffer) => deployments?.onMessage(t, p) } }
+      : {}),
     onUnauthorized: () => void shutdown(),
     counters,
     faults,
@@ -171,6 +208,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     heartbeat.stop();
     board.state = 'offline';
     await link.close();
+    await deployments?.close();
     await executors.close();
     if (paid) await closePaidSide(paid);
     await metrics?.close();
@@ -197,6 +235,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     },
     close: shutdown,
     ...(paymentsHandle ? { payments: paymentsHandle } : {}),
+    ...(deployments ? { deployments: { events: deployments.events, settled: () => deployments!.settled() } } : {}),
   };
   if (metrics && options.metricsPort !== undefined) {
     try {

@@ -135,6 +135,8 @@ export interface RequestsOptions {
   maxElements: number;
   /** Models as the workers loaded them, by name. */
   models: ReadonlyMap<string, LoadedModel>;
+  /** Which loaded slot serves (model, version) during a rollout (deploy.ts); absent: the model's name is its slot. */
+  resolve?: (model: string, version: string | undefined) => { key: string; version?: string } | undefined;
   /** Models that run in units (manifest `units`), by name. */
   units?: ReadonlyMap<string, UnitSpec>;
   replays: ReplayGuard;
@@ -287,7 +289,8 @@ export class AgentRequests {
           kind: 'res',
           id: job.id,
           agent: agentId,
-          model: job.model,
+          model: job.served?.name ?? job.model,
+          ...(job.served?.version !== undefined ? { version: job.served.version } : {}),
           outputs,
           queueMs: Math.max(0, queueMs),
           execMs: result!.execMs + faults.extraExecMs,
@@ -352,9 +355,11 @@ export class AgentRequests {
     }
     let inputs: Job['inputs'];
     let units: number | undefined;
+    let slot: { key: string; version?: string } | undefined;
     const unitSpec = this.options.units?.get(request.model);
     try {
-      const model = models.get(request.model);
+      slot = this.options.resolve?.(request.model, request.version);
+      const model = models.get(slot?.key ?? request.model);
       if (!model) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${request.model} is not served by ${agentId}`);
       // The request's byte strings are its own copies (decodeMessage): the job takes them over, and
       // request.inputs is read no more once the job is queued (a worker may take the buffers).
@@ -378,7 +383,8 @@ export class AgentRequests {
       key,
       id: request.id,
       senderId,
-      model: request.model,
+      model: slot?.key ?? request.model,
+      ...(slot ? { served: { name: request.model, ...(slot.version !== undefined ? { version: slot.version } : {}) } } : {}),
       inputs,
       deadline: request.deadline,
       receivedAt,

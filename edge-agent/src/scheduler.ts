@@ -25,6 +25,8 @@ export interface Job {
   paid?: PaidJob;
   /** Set when the model runs in units (units.ts): one run per unit, the job keeping its place between them. */
   units?: UnitRun;
+  /** The model name and version the request asked for, when `model` is a deployed version's slot (deploy.ts). */
+  served?: { name: string; version?: string };
 }
 
 export type FinishCallback = (job: Job, err: MeshError | undefined, result?: JobResult) => void;
@@ -66,6 +68,20 @@ export class Scheduler {
       this.lanes.set(executor, [state]);
       executor.onIdle = () => this.dispatch(executor);
     }
+  }
+
+  /**
+   * Stops serving `name` (docs/deployment.md): true once it holds no queued or running job, false (nothing done)
+   * while it still does, so the caller retries after the work drains.
+   */
+  removeModel(name: string): boolean {
+    const state = this.models.get(name);
+    if (!state) return true;
+    if (state.queue.length > 0 || state.inFlight > 0) return false;
+    this.models.delete(name);
+    const lane = this.lanes.get(state.executor);
+    if (lane) lane.splice(lane.indexOf(state), 1);
+    return true;
   }
 
   /** Queues a job or throws MESH_BUSY / MESH_DEADLINE_EXCEEDED / MESH_SHUTTING_DOWN. */

@@ -32,6 +32,8 @@ export interface StatusBoardOptions {
   queueLimit: number;
   /** A paying agent's current signed quote. */
   quote?: () => SignedQuote;
+  /** Versions served beside `models` during a rollout (deploy.ts). */
+  canaries?: () => NonNullable<AgentStatus['canaries']>;
 }
 
 /** The scheduler's side of a load report. */
@@ -82,6 +84,7 @@ export class StatusBoard {
       workers,
       queueLimit,
       ...(quote ? { quote: quote() } : {}),
+      ...(this.options.canaries && this.options.canaries().length > 0 ? { canaries: this.options.canaries() } : {}),
     });
   }
 }

@@ -5,6 +5,7 @@
 import type { BackoffOptions, MeshTlsOptions } from '@edge-mesh/client';
 import type { AgentLoad, AgentStatus, Identity, ModelInfo, SignedReceipt } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
+import type { AgentDeployOptions, DeployEvent } from './deploy.ts';
 import type { AgentPaymentOptions, AgentPayments, LaneSummary } from './payments.ts';
 import type { SettlementRecord, SettlerCounters } from './settler.ts';
 
@@ -95,6 +96,8 @@ export interface AgentOptions {
    * free, with no receipt.
    */
   payment?: AgentPaymentOptions;
+  /** Take signed model deployments for these groups (docs/deployment.md); absent: the models folder is all. */
+  deploy?: AgentDeployOptions;
 }
 
 export interface AgentCounters {
@@ -124,6 +127,8 @@ export interface AgentHandle {
   /** `http://host:port/metrics` when `metricsPort` was given. */
   readonly metricsUrl?: string;
   /** Present when the agent takes payment. */
+  /** Deployment steps applied and refused, newest last (with the `deploy` option). */
+  readonly deployments?: { readonly events: readonly DeployEvent[]; settled(): Promise<void> };
   readonly payments?: {
     lanes(): LaneSummary[];
     /** Reads the escrow's events up to the latest block now (the follower otherwise polls on its own). */

@@ -28,6 +28,7 @@ export interface Target {
 
 export const TARGETS: readonly Target[] = [
   { schemas: 'protocol/src/schemas.ts', out: 'protocol/src/validators.generated.ts', validatorFrom: './validate.ts' },
+  { schemas: 'protocol/src/deployment-schema.ts', out: 'protocol/src/deployment.generated.ts', validatorFrom: './validate.ts' },
   { schemas: 'edge-agent/src/manifest-schema.ts', out: 'edge-agent/src/manifest.generated.ts', validatorFrom: '@edge-mesh/protocol' },
 ];
 

@@ -1,5 +1,6 @@
 /** The wire contract of the mesh (docs/protocol.md): pure, no sockets, no RPC, no timers. */
 
+export * from './deployment.ts';
 export * from './envelope.ts';
 export * from './errors.ts';
 export * from './http-token.ts';

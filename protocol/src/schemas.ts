@@ -139,6 +139,8 @@ export const InferRequestSchema = Type.Object({
   inputs: TensorMap,
   /** Present when the sender pays: the agent then signs a receipt on the payer's lane. */
   pay: Type.Optional(PaymentFieldSchema),
+  /** A version of the model during a rollout (docs/deployment.md); absent: the version the agent serves by default. */
+  version: Type.Optional(Type.String({ maxLength: 64 })),
 });
 export type InferRequest = Static<typeof InferRequestSchema>;
 
@@ -170,6 +172,8 @@ export const InferReplySchema = Type.Object({
   loadMs: Type.Optional(ClaimedMs),
   receipt: Type.Optional(SignedReceiptSchema),
   lane: Type.Optional(LaneInfoSchema),
+  /** The model version that ran (docs/deployment.md); a claim the router checks against what it asked for. */
+  version: Type.Optional(Type.String({ maxLength: 64 })),
 });
 export type InferReply = Static<typeof InferReplySchema>;
 
@@ -264,6 +268,23 @@ export const AgentStatusSchema = Type.Object({
   publicKey: Type.Optional(Type.Uint8Array({ minByteLength: 32, maxByteLength: 32 })),
   /** The agent's signed price list, when it takes payment. */
   quote: Type.Optional(SignedQuoteSchema),
+  /**
+   * Versions loaded, warmed and served beside `models` during a rollout (docs/deployment.md): a request naming
+   * one of them as its `version` runs on it.
+   */
+  canaries: Type.Optional(
+    Type.Array(
+      Type.Object({
+        name: ModelName,
+        version: Type.String({ maxLength: 64 }),
+        sha256: Type.String({ pattern: '^[0-9a-f]{64}$' }),
+        latencyMs: Ms,
+      }),
+      {
+        maxItems: 64,
+      },
+    ),
+  ),
   /** Ed25519 signature over the status without this field (see identity.ts). */
   sig: Type.Optional(Type.Uint8Array({ minByteLength: 64, maxByteLength: 64 })),
 });

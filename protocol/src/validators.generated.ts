@@ -1719,6 +1719,12 @@ export const InferRequestSchema = {
       },
     },
     "pay": { ...PaymentFieldSchema, [OPTIONAL]: "Optional" },
+    "version": {
+      [KIND]: "String",
+      [OPTIONAL]: "Optional",
+      "maxLength": 64,
+      "type": "string",
+    },
   },
 } as unknown as typeof S.InferRequestSchema;
 
@@ -1745,7 +1751,8 @@ return function check(value: any): boolean {
     (typeof value['inputs'] === 'object' && value['inputs'] !== null && !Array.isArray(value['inputs']) && !(value['inputs'] instanceof Date) && !(value['inputs'] instanceof Uint8Array)) &&
     Object.getOwnPropertyNames(value['inputs']).length <= 64 &&
     (Object.entries(value['inputs']).every(([key, value]) => (local_1.test(key) ? ((typeof value === 'object' && value !== null && !Array.isArray(value)) && (typeof value['dtype'] === 'string') && value['dtype'].length <= 16 && Array.isArray(value['shape']) && value['shape'].length <= 8 && ((array) => { for(const value of array) if(!((Number.isInteger(value) && value >= 0))) { return false }; return true; })(value['shape']) && value['data'] instanceof Uint8Array && Object.getOwnPropertyNames(value).length === 3) : true))) &&
-    (value['pay'] !== undefined ? ((typeof value['pay'] === 'object' && value['pay'] !== null && !Array.isArray(value['pay'])) && (typeof value['pay']['payer'] === 'string') && local_2.test(value['pay']['payer']) && (value['pay']['grant'] !== undefined ? ((typeof value['pay']['grant'] === 'object' && value['pay']['grant'] !== null && !Array.isArray(value['pay']['grant'])) && (typeof value['pay']['grant']['payer'] === 'string') && local_3.test(value['pay']['grant']['payer']) && (typeof value['pay']['grant']['agent'] === 'string') && local_4.test(value['pay']['grant']['agent']) && (typeof value['pay']['grant']['client'] === 'string') && local_5.test(value['pay']['grant']['client']) && Number.isInteger(value['pay']['grant']['issuedAt']) && value['pay']['grant']['issuedAt'] <= 9007199254740991 && value['pay']['grant']['issuedAt'] >= 0 && value['pay']['grant']['sig'] instanceof Uint8Array && (value['pay']['grant']['sig'].length <= 65) && (value['pay']['grant']['sig'].length >= 65)) : true) && (value['pay']['voucher'] !== undefined ? ((typeof value['pay']['voucher'] === 'object' && value['pay']['voucher'] !== null && !Array.isArray(value['pay']['voucher'])) && (value['pay']['voucher']['v'] === 1) && (value['pay']['voucher']['kind'] === 'voucher') && (typeof value['pay']['voucher']['payer'] === 'string') && local_6.test(value['pay']['voucher']['payer']) && (typeof value['pay']['voucher']['agent'] === 'string') && local_7.test(value['pay']['voucher']['agent']) && Number.isInteger(value['pay']['voucher']['cumulative']) && value['pay']['voucher']['cumulative'] <= 9007199254740991 && value['pay']['voucher']['cumulative'] >= 0 && (value['pay']['voucher']['feeCumulative'] !== undefined ? (Number.isInteger(value['pay']['voucher']['feeCumulative']) && value['pay']['voucher']['feeCumulative'] <= 9007199254740991 && value['pay']['voucher']['feeCumulative'] >= 0) : true) && value['pay']['voucher']['receiptsRoot'] instanceof Uint8Array && (value['pay']['voucher']['receiptsRoot'].length <= 32) && (value['pay']['voucher']['receiptsRoot'].length >= 32) && value['pay']['voucher']['sig'] instanceof Uint8Array && (value['pay']['voucher']['sig'].length <= 65) && (value['pay']['voucher']['sig'].length >= 64) && (value['pay']['voucher']['seq'] !== undefined ? (Number.isInteger(value['pay']['voucher']['seq']) && value['pay']['voucher']['seq'] <= 9007199254740991 && value['pay']['voucher']['seq'] >= 0) : true)) : true)) : true)
+    (value['pay'] !== undefined ? ((typeof value['pay'] === 'object' && value['pay'] !== null && !Array.isArray(value['pay'])) && (typeof value['pay']['payer'] === 'string') && local_2.test(value['pay']['payer']) && (value['pay']['grant'] !== undefined ? ((typeof value['pay']['grant'] === 'object' && value['pay']['grant'] !== null && !Array.isArray(value['pay']['grant'])) && (typeof value['pay']['grant']['payer'] === 'string') && local_3.test(value['pay']['grant']['payer']) && (typeof value['pay']['grant']['agent'] === 'string') && local_4.test(value['pay']['grant']['agent']) && (typeof value['pay']['grant']['client'] === 'string') && local_5.test(value['pay']['grant']['client']) && Number.isInteger(value['pay']['grant']['issuedAt']) && value['pay']['grant']['issuedAt'] <= 9007199254740991 && value['pay']['grant']['issuedAt'] >= 0 && value['pay']['grant']['sig'] instanceof Uint8Array && (value['pay']['grant']['sig'].length <= 65) && (value['pay']['grant']['sig'].length >= 65)) : true) && (value['pay']['voucher'] !== undefined ? ((typeof value['pay']['voucher'] === 'object' && value['pay']['voucher'] !== null && !Array.isArray(value['pay']['voucher'])) && (value['pay']['voucher']['v'] === 1) && (value['pay']['voucher']['kind'] === 'voucher') && (typeof value['pay']['voucher']['payer'] === 'string') && local_6.test(value['pay']['voucher']['payer']) && (typeof value['pay']['voucher']['agent'] === 'string') && local_7.test(value['pay']['voucher']['agent']) && Number.isInteger(value['pay']['voucher']['cumulative']) && value['pay']['voucher']['cumulative'] <= 9007199254740991 && value['pay']['voucher']['cumulative'] >= 0 && (value['pay']['voucher']['feeCumulative'] !== undefined ? (Number.isInteger(value['pay']['voucher']['feeCumulative']) && value['pay']['voucher']['feeCumulative'] <= 9007199254740991 && value['pay']['voucher']['feeCumulative'] >= 0) : true) && value['pay']['voucher']['receiptsRoot'] instanceof Uint8Array && (value['pay']['voucher']['receiptsRoot'].length <= 32) && (value['pay']['voucher']['receiptsRoot'].length >= 32) && value['pay']['voucher']['sig'] instanceof Uint8Array && (value['pay']['voucher']['sig'].length <= 65) && (value['pay']['voucher']['sig'].length >= 64) && (value['pay']['voucher']['seq'] !== undefined ? (Number.isInteger(value['pay']['voucher']['seq']) && value['pay']['voucher']['seq'] <= 9007199254740991 && value['pay']['voucher']['seq'] >= 0) : true)) : true)) : true) &&
+    (value['version'] !== undefined ? ((typeof value['version'] === 'string') && value['version'].length <= 64) : true)
   )
 }
 })());
@@ -1900,6 +1907,12 @@ export const InferReplySchema = {
     },
     "receipt": { ...SignedReceiptSchema, [OPTIONAL]: "Optional" },
     "lane": { ...LaneInfoSchema, [OPTIONAL]: "Optional" },
+    "version": {
+      [KIND]: "String",
+      [OPTIONAL]: "Optional",
+      "maxLength": 64,
+      "type": "string",
+    },
   },
 } as unknown as typeof S.InferReplySchema;
 
@@ -1932,7 +1945,8 @@ return function check(value: any): boolean {
     (value['workMs'] !== undefined ? (Number.isFinite(value['workMs']) && value['workMs'] <= 86400000 && value['workMs'] >= 0) : true) &&
     (value['loadMs'] !== undefined ? (Number.isFinite(value['loadMs']) && value['loadMs'] <= 86400000 && value['loadMs'] >= 0) : true) &&
     (value['receipt'] !== undefined ? ((typeof value['receipt'] === 'object' && value['receipt'] !== null && !Array.isArray(value['receipt'])) && (value['receipt']['v'] === 1) && Number.isInteger(value['receipt']['chainId']) && value['receipt']['chainId'] <= 9007199254740991 && value['receipt']['chainId'] >= 0 && (typeof value['receipt']['escrow'] === 'string') && local_3.test(value['receipt']['escrow']) && (typeof value['receipt']['payer'] === 'string') && local_4.test(value['receipt']['payer']) && value['receipt']['agentKey'] instanceof Uint8Array && (value['receipt']['agentKey'].length <= 32) && (value['receipt']['agentKey'].length >= 32) && Number.isInteger(value['receipt']['seq']) && value['receipt']['seq'] <= 9007199254740991 && value['receipt']['seq'] >= 1 && value['receipt']['requestId'] instanceof Uint8Array && (value['receipt']['requestId'].length <= 16) && (value['receipt']['requestId'].length >= 16) && value['receipt']['modelHash'] instanceof Uint8Array && (value['receipt']['modelHash'].length <= 32) && (value['receipt']['modelHash'].length >= 32) && value['receipt']['inputHash'] instanceof Uint8Array && (value['receipt']['inputHash'].length <= 32) && (value['receipt']['inputHash'].length >= 32) && value['receipt']['outputHash'] instanceof Uint8Array && (value['receipt']['outputHash'].length <= 32) && (value['receipt']['outputHash'].length >= 32) && Number.isInteger(value['receipt']['status']) && value['receipt']['status'] <= 4 && value['receipt']['status'] >= 0 && Number.isInteger(value['receipt']['unitsUsed']) && value['receipt']['unitsUsed'] <= 4294967295 && value['receipt']['unitsUsed'] >= 0 && Number.isInteger(value['receipt']['price']) && value['receipt']['price'] <= 9007199254740991 && value['receipt']['price'] >= 0 && Number.isInteger(value['receipt']['cumulative']) && value['receipt']['cumulative'] <= 9007199254740991 && value['receipt']['cumulative'] >= 0 && Number.isInteger(value['receipt']['startedAt']) && value['receipt']['startedAt'] <= 9007199254740991 && value['receipt']['startedAt'] >= 0 && Number.isInteger(value['receipt']['finishedAt']) && value['receipt']['finishedAt'] <= 9007199254740991 && value['receipt']['finishedAt'] >= 0 && value['receipt']['prevReceipt'] instanceof Uint8Array && (value['receipt']['prevReceipt'].length <= 32) && (value['receipt']['prevReceipt'].length >= 32) && value['receipt']['sig'] instanceof Uint8Array && (value['receipt']['sig'].length <= 64) && (value['receipt']['sig'].length >= 64) && Object.getOwnPropertyNames(value['receipt']).length === 18) : true) &&
-    (value['lane'] !== undefined ? ((typeof value['lane'] === 'object' && value['lane'] !== null && !Array.isArray(value['lane'])) && Number.isInteger(value['lane']['seq']) && value['lane']['seq'] <= 9007199254740991 && value['lane']['seq'] >= 0 && Number.isInteger(value['lane']['paid']) && value['lane']['paid'] <= 9007199254740991 && value['lane']['paid'] >= 0) : true)
+    (value['lane'] !== undefined ? ((typeof value['lane'] === 'object' && value['lane'] !== null && !Array.isArray(value['lane'])) && Number.isInteger(value['lane']['seq']) && value['lane']['seq'] <= 9007199254740991 && value['lane']['seq'] >= 0 && Number.isInteger(value['lane']['paid']) && value['lane']['paid'] <= 9007199254740991 && value['lane']['paid'] >= 0) : true) &&
+    (value['version'] !== undefined ? ((typeof value['version'] === 'string') && value['version'].length <= 64) : true)
   )
 }
 })());
@@ -2038,6 +2052,44 @@ export const AgentStatusSchema = {
       "type": "Uint8Array",
     },
     "quote": { ...SignedQuoteSchema, [OPTIONAL]: "Optional" },
+    "canaries": {
+      [KIND]: "Array",
+      [OPTIONAL]: "Optional",
+      "maxItems": 64,
+      "type": "array",
+      "items": {
+        [KIND]: "Object",
+        "type": "object",
+        "required": [
+          "name",
+          "version",
+          "sha256",
+          "latencyMs",
+        ],
+        "properties": {
+          "name": {
+            [KIND]: "String",
+            "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+            "type": "string",
+          },
+          "version": {
+            [KIND]: "String",
+            "maxLength": 64,
+            "type": "string",
+          },
+          "sha256": {
+            [KIND]: "String",
+            "pattern": "^[0-9a-f]{64}$",
+            "type": "string",
+          },
+          "latencyMs": {
+            [KIND]: "Number",
+            "minimum": 0,
+            "type": "number",
+          },
+        },
+      },
+    },
     "sig": {
       [KIND]: "Uint8Array",
       [OPTIONAL]: "Optional",
@@ -2052,6 +2104,8 @@ export const checkAgentStatus: Validator<Static<typeof S.AgentStatusSchema>> = v
 const local_0 = /^[a-z0-9][a-z0-9-]{2,63}$/;
 const local_1 = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 const local_2 = /^[0-9a-f]{64}$/;
+const local_3 = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const local_4 = /^[0-9a-f]{64}$/;
 return function check(value: any): boolean {
   return (
     (typeof value === 'object' && value !== null && !Array.isArray(value)) &&
@@ -2070,6 +2124,7 @@ return function check(value: any): boolean {
     (value['queueLimit'] !== undefined ? (Number.isInteger(value['queueLimit']) && value['queueLimit'] >= 0) : true) &&
     (value['publicKey'] !== undefined ? (value['publicKey'] instanceof Uint8Array && (value['publicKey'].length <= 32) && (value['publicKey'].length >= 32)) : true) &&
     (value['quote'] !== undefined ? ((typeof value['quote'] === 'object' && value['quote'] !== null && !Array.isArray(value['quote'])) && value['quote']['quote'] instanceof Uint8Array && (value['quote']['quote'].length <= 16384) && value['quote']['sig'] instanceof Uint8Array && (value['quote']['sig'].length <= 64) && (value['quote']['sig'].length >= 64)) : true) &&
+    (value['canaries'] !== undefined ? (Array.isArray(value['canaries']) && value['canaries'].length <= 64 && ((array) => { for(const value of array) if(!(((typeof value === 'object' && value !== null && !Array.isArray(value)) && (typeof value['name'] === 'string') && local_3.test(value['name']) && (typeof value['version'] === 'string') && value['version'].length <= 64 && (typeof value['sha256'] === 'string') && local_4.test(value['sha256']) && Number.isFinite(value['latencyMs']) && value['latencyMs'] >= 0))) { return false }; return true; })(value['canaries'])) : true) &&
     (value['sig'] !== undefined ? (value['sig'] instanceof Uint8Array && (value['sig'].length <= 64) && (value['sig'].length >= 64)) : true)
   )
 }

@@ -10,6 +10,7 @@ import type { RouterConsoleOptions } from './console-admissions.ts';
 import type { Registry } from './estimates.ts';
 import type { RouterHttpAuthOptions } from './http-auth.ts';
 import type { RelayOptions } from './relay.ts';
+import type { RouterRollouts } from './rollout.ts';
 
 /** The few pino methods the router uses; any pino logger fits. */
 export interface RouterLogger {
@@ -111,6 +112,8 @@ export interface RouterHandle {
   /** Every forwarded request that ended and every route question answered; returns the unsubscribe. */
   onRouted(listener: (r: RoutedRecord) => void): () => void;
   readonly connected: boolean;
+  /** Staged model rollouts (rollout.ts) when started with the `rollouts` option. */
+  readonly rollouts: RouterRollouts | undefined;
   /** The HTTP API when started with the `http` option. */
   readonly http: RouterHttpHandle | undefined;
   /** The KServe v2 gRPC service when started with the `grpcPort` option. */

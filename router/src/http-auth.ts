@@ -64,6 +64,8 @@ export function scopeOfRoute(method: string, url: string | undefined): HttpScope
     if (url === '/v2/health/live' || url === '/v2/health/ready') return 'open';
     // The console's page and scripts (console.ts): published code without data; what it shows is read with a credential.
     if (url === '/console' || url?.startsWith('/console/')) return 'open';
+    // Content-addressed model bundles: an agent checks the bytes against the operator-signed sha256 (docs/deployment.md).
+    if (url === '/bundles/:sha256') return 'open';
     // What a KServe client reads before it infers: server and model metadata, readiness, the model's config.
     if (url === '/v2' || (url !== undefined && /^\/v2\/models\/:name(\/versions\/:version)?(\/ready|\/config)?$/.test(url))) return 'infer';
     if (url === '/metrics' || url === '/openapi.json' || url?.startsWith('/v1/')) return 'read';

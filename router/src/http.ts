@@ -425,6 +425,10 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
 
   // Before any route: the credential check (./http-auth.ts) runs on every request, the 404s' included.
   if (options.auth) installHttpAuth(app, router.id, options.auth);
+  if (router.rollouts) {
+    const { installRolloutRoutes } = await import('./rollout.ts');
+    installRolloutRoutes(app, router.rollouts);
+  }
   installErrorHandlers(app, {
     bodyLimit,
     onError: (mesh, request) => {

@@ -133,6 +133,16 @@ export {
   VoucherRelay,
 } from './relay.ts';
 export {
+  type AuditEntry,
+  judgeCanary,
+  type RolloutOptions,
+  type RolloutStatus,
+  RouterRollouts,
+  summarize,
+  type Verdict,
+  type VersionWindow,
+} from './rollout.ts';
+export {
   currentPool,
   expectedCompletionMs,
   failureAwareScoreMs,

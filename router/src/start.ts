@@ -58,6 +58,7 @@ import { answerRoute } from './leases.ts';
 import { type LivePolicyFactory, observedBy, resolveRouterPolicy } from './policies.ts';
 import { createRouterPolicy, type RouterAsk } from './policy.ts';
 import { RevocationList } from './revocations.ts';
+import type { RolloutOptions, RouterRollouts } from './rollout.ts';
 import { selectAgent } from './select.ts';
 import { StallMonitor } from './stalls.ts';
 
@@ -100,6 +101,8 @@ export interface StartRouterOptions {
   policy?: string | LivePolicyFactory;
   /** Also serve the HTTP API (KServe v2, /v1 operator endpoints, /metrics; see http.ts); closed with the router. */
   http?: RouterHttpOptions;
+  /** Staged model rollouts (rollout.ts, docs/deployment.md): bundles, signed steps, canary split and analysis. */
+  rollouts?: RolloutOptions;
   /** Also serve the KServe v2 gRPC service on this port (0: any free port; see grpc.ts); closed with the router. */
   grpcPort?: number;
   /** Address of the gRPC service (default 127.0.0.1). */
@@ -339,6 +342,15 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   };
   const isLive = (agentId: string) => fleet.get(agentId)?.status.state === 'online' && (registry.agents.get(agentId)?.up ?? false);
   const hasCandidate = (model: string) => fleet.online(model).some((a) => registry.agents.get(a.id)?.up);
+  let rollouts: RouterRollouts | undefined;
+  if (options.rollouts) {
+    const { RouterRollouts } = await import('./rollout.ts');
+    rollouts = new RouterRollouts(options.rollouts, {
+      publish: (topic, payload) => client.publish(topic, payload, { qos: 1, retain: true }),
+      agents: () => [...fleet.all()].filter((a) => isLive(a.id)).map((a) => a.status),
+      logger,
+    });
+  }
 
   let closing = false;
   const infer: RouterHandle['infer'] = async (model, inputs, inferOptions: RouterInferOptions = {}) => {
@@ -349,6 +361,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     const deadlineAt = startedAt + deadlineMs;
     const id = newRequestId();
     const key = requestIdHex(id);
+    const pin = rollouts?.pick(model);
     const payload = encodeMessage({
       v: PROTOCOL_VERSION,
       kind: 'req',
@@ -356,11 +369,13 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       deadline: Date.now() + deadlineMs,
       model,
       inputs: encodeTensorMap(inputs),
+      ...(pin ? { version: pin.version } : {}),
     });
     // A router that just started may not have heard the statuses yet: wait within the deadline.
     while (!hasCandidate(model) && clock.now() < deadlineAt) await fleet.changes.wait(Math.min(100, deadlineAt - clock.now()));
     return new Promise((resolve, reject) => {
       engine.start({ key, deadlineAt, data: { model, bytesUp: payload.byteLength, payload }, model }, (outcome) => {
+        if (pin) rollouts?.observe(pin, outcome.ok, clock.now() - startedAt, outcome.ok ? outcome.reply.version : undefined);
         if (!outcome.ok) {
           routed({ via: 'forward', model, ok: false, code: outcome.error.code, totalMs: clock.now() - startedAt });
           reject(outcome.error);
@@ -453,11 +468,13 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     get http() {
       return http;
     },
+    rollouts,
     get grpc() {
       return grpc;
     },
     async close() {
       await Promise.all([http?.close(), grpc?.close()]);
+      rollouts?.close();
       stalls.stop();
       closing = true;
       engine.close(new MeshError('MESH_NOT_CONNECTED', 'router closed'));
