@@ -288,3 +288,30 @@ test('the amd64 agent package installs into a root, holds only amd64 binaries, a
     assert.equal(await readFile(conffile, 'utf8'), edited, 'the edited conffile is kept');
   }
 });
+
+test('the arm64 agent package (Raspberry Pi 4/5, Jetson) holds only aarch64 binaries: its onnxruntime and its store', {
+  skip: has('dpkg-deb') ? false : 'dpkg-deb not found (Debian package dpkg): cannot build the agent package',
+  timeout: 240_000,
+}, async (t) => {
+  // Built and inspected here; running it needs an arm64 machine (docs/agent.md says what was run where).
+  const dir = await tempDir(t, 'edge-mesh-deb-arm64-');
+  const { stdout: built } = await run(path.join(ROOT, 'packaging/deb/build-agent.sh'), [path.join(dir, 'out')], {
+    env: { ...process.env, ARCH: 'arm64' },
+    timeout: 200_000,
+  });
+  const deb = built.trim().split('\n').at(-1)!;
+  const { stdout: fields } = await run('dpkg-deb', ['-f', deb, 'Architecture']);
+  assert.equal(fields.trim(), 'arm64');
+  const root = path.join(dir, 'root');
+  await run('dpkg-deb', ['-x', deb, root]);
+  const all = await files(root);
+  const binaries = all.filter((f) => NATIVE.test(path.basename(f)) || /\/onnxruntime-node\/bin\/|\/prebuilds\//.test(f));
+  const foreign = binaries.filter((f) => /\/(darwin|win32)\/|\/linux\/x64\/|\/prebuilds\/(?!linux-arm64\/)/.test(f));
+  assert.deepEqual(foreign, [], 'no darwin, win32 or linux/x64 binaries');
+  const native = all.filter((f) => NATIVE.test(path.basename(f)));
+  assert.ok(native.length >= 3, `onnxruntime's binding and library, and the store's: ${native.map((f) => path.basename(f))}`);
+  for (const file of native) assert.equal(await elfMachine(file), 183, `${path.relative(root, file)} is an aarch64 ELF file`);
+  const ort = 'usr/lib/edge-mesh/node_modules/onnxruntime-node/bin/napi-v6/linux/arm64';
+  for (const file of ['onnxruntime_binding.node', 'libonnxruntime.so.1']) assert.ok(native.includes(path.join(root, ort, file)), file);
+  assert.ok(native.some((f) => /classic-level\/prebuilds\/linux-arm64\//.test(f)), "the receipt store's arm64 binary");
+});
