@@ -3,6 +3,12 @@
  * models that run inline). A full queue refuses at once (MESH_BUSY); a job whose deadline has passed
  * is dropped when it reaches the head or at the next sweep (MESH_DEADLINE_EXCEEDED); when an executor
  * can take a job, it gets the earliest deadline among the queue heads of the models it runs.
+ *
+ * Admission (docs/operations.md, "Overload"): a job that the queue cannot serve before its deadline is refused at once
+ * with MESH_OVERLOADED instead of being queued to expire. The estimate is the agent's own: the work held on the job's
+ * executor (each queued job its model's measured service time, each running one half of it) shared by the executor's
+ * parallel runs, plus one service time of the job's model. Only the deadline is the sender's; whatever it claims, the
+ * estimate comes from this agent's queue and clock.
  */
 import { MeshError, type ModelLoad, type Tensor } from '@edge-mesh/protocol';
 import type { Executor, JobResult } from './executor.ts';
@@ -36,7 +42,12 @@ interface ModelState {
   serviceMs: number;
   served: number;
   failed: number;
+  /** When a job of the model last started, this.now() ms. */
+  lastStartAt: number;
 }
+
+/** A model that started no job for this long takes one that would start at once, whatever its estimate (admit). */
+const PROBE_AFTER_MS = 1_000;
 
 /** Weight of the newest run in the service-time EWMA. */
 const SERVICE_EWMA_ALPHA = 0.2;
@@ -58,7 +69,7 @@ export class Scheduler {
 
   /** Serves `name` on `executor`; `latencyMs` is the first service-time estimate. */
   addModel(name: string, latencyMs: number, executor: Executor): void {
-    const state: ModelState = { executor, queue: [], inFlight: 0, serviceMs: latencyMs, served: 0, failed: 0 };
+    const state: ModelState = { executor, queue: [], inFlight: 0, serviceMs: latencyMs, served: 0, failed: 0, lastStartAt: 0 };
     this.models.set(name, state);
     const lane = this.lanes.get(executor);
     if (lane) lane.push(state);
@@ -68,7 +79,7 @@ export class Scheduler {
     }
   }
 
-  /** Queues a job or throws MESH_BUSY / MESH_DEADLINE_EXCEEDED / MESH_SHUTTING_DOWN. */
+  /** Queues a job or throws MESH_BUSY / MESH_OVERLOADED / MESH_DEADLINE_EXCEEDED / MESH_SHUTTING_DOWN. */
   submit(job: Job): void {
     const state = this.models.get(job.model);
     if (!state) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${job.model} is not served here`);
@@ -77,10 +88,55 @@ export class Scheduler {
     if (state.queue.length >= this.queueLimit) {
       throw new MeshError('MESH_BUSY', `queue for ${job.model} is full (${this.queueLimit})`);
     }
+    this.admit(job, state);
     if (this.byKey.has(job.key)) throw new MeshError('MESH_BAD_REQUEST', 'duplicate request id');
     this.byKey.set(job.key, job);
     state.queue.push(job);
     this.dispatch(state.executor);
+  }
+
+  /**
+   * What a job of `model` would take here, ms from now (see the file comment): the held work on its executor over
+   * the executor's parallelism, plus one service time of its model.
+   */
+  estimateMs(model: string): number {
+    const state = this.models.get(model);
+    return state ? this.waitMs(state) + state.serviceMs : Number.POSITIVE_INFINITY;
+  }
+
+  /** The wait before a job of this model would start: 0 when a run slot is free and nothing waits for it. */
+  private waitMs(state: ModelState): number {
+    const executor = state.executor;
+    const parallelism = Math.max(1, executor.parallelism ?? 1);
+    let heldMs = 0;
+    let queued = 0;
+    let running = 0;
+    for (const s of this.lanes.get(executor)!) {
+      heldMs += s.queue.length * s.serviceMs + s.inFlight * s.serviceMs * 0.5;
+      queued += s.queue.length;
+      running += s.inFlight;
+    }
+    return queued === 0 && running < parallelism && executor.freeCapacity > 0 ? 0 : heldMs / parallelism;
+  }
+
+  /**
+   * Refuses (MESH_OVERLOADED) a job whose estimate would pass its deadline. The service time is only measured on
+   * runs, so a model that has not started a job for PROBE_AFTER_MS takes one anyway when it would start at once:
+   * an estimate that grew under a passing load cannot refuse everything for ever.
+   */
+  private admit(job: Job, state: ModelState): void {
+    const now = this.now();
+    const remainingMs = job.deadline - now;
+    const waitMs = this.waitMs(state);
+    // A job that runs in units (units.ts) takes one run per unit.
+    const estimatedMs = waitMs + state.serviceMs * (job.units ? job.units.total - job.units.done : 1);
+    if (estimatedMs <= remainingMs) return;
+    if (waitMs === 0 && now - state.lastStartAt >= PROBE_AFTER_MS) return;
+    throw new MeshError(
+      'MESH_OVERLOADED',
+      `${job.model} would take about ${Math.ceil(estimatedMs)} ms here (queue ${state.queue.length}), ${Math.floor(remainingMs)} ms left before its deadline`,
+      { details: { estimatedMs: Math.ceil(estimatedMs), remainingMs: Math.floor(remainingMs) } },
+    );
   }
 
   /** Cancels a queued job at once, or marks a running one so its result is discarded. */
@@ -165,6 +221,7 @@ export class Scheduler {
       const [job, state] = next;
       job.startedAt ??= performance.now();
       state.inFlight++;
+      state.lastStartAt = this.now();
       const units = job.units;
       executor.run(job.model, units ? unitInputs(job.inputs, units.done) : job.inputs, (err, result) => {
         state.inFlight--;

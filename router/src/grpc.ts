@@ -75,6 +75,7 @@ export const GRPC_STATUS_OF: Record<MeshErrorCode, grpc.status> = {
   MESH_NO_AGENT: grpc.status.UNAVAILABLE,
   MESH_NOT_CONNECTED: grpc.status.UNAVAILABLE,
   MESH_SHUTTING_DOWN: grpc.status.UNAVAILABLE,
+  MESH_OVERLOADED: grpc.status.UNAVAILABLE,
   MESH_AGENT_LOST: grpc.status.UNAVAILABLE,
   MESH_CHAIN_UNREACHABLE: grpc.status.UNAVAILABLE,
   MESH_TLS: grpc.status.UNAVAILABLE,
