@@ -5,6 +5,7 @@
  */
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
+import { sampleInputs } from '@edge-mesh/demo';
 import {
   decodeMessage,
   type ErrorReply,
@@ -15,12 +16,13 @@ import {
   newRequestId,
   type Tensor,
 } from '@edge-mesh/protocol';
+import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions, startRouterHttp } from '@edge-mesh/router';
 import type { Executor, JobCallback } from '../edge-agent/src/executor.ts';
 import { Faults } from '../edge-agent/src/faults.ts';
 import { AgentRequests, ReplayGuard } from '../edge-agent/src/requests.ts';
 import { type Job, Scheduler } from '../edge-agent/src/scheduler.ts';
 import type { AgentCounters } from '../edge-agent/src/types.ts';
-import { quiet } from './helpers.ts';
+import { agentFor, brokerFor, quiet, routerFor } from './helpers.ts';
 
 /** An executor whose runs end only when the test says, each taking `execMs` by its report. */
 class HeldExecutor implements Executor {
@@ -211,5 +213,147 @@ describe('agent request path', () => {
     assert.ok(reply.kind === 'err' && reply.code === 'MESH_OVERLOADED', JSON.stringify(reply));
     assert.equal(reply.kind === 'err' && reply.rif, 2);
     assert.deepEqual(counters.errors, { MESH_OVERLOADED: 1 });
+  });
+});
+
+describe('router adaptive concurrency (Envoy gradient controller)', () => {
+  function limiter(options: AdaptiveConcurrencyOptions = {}) {
+    const clock = { t: 0 };
+    const c = new AdaptiveConcurrency({ now: () => clock.t, random: () => 0, ...options });
+    /** `n` requests started together, each taking `ms`, ended in order. */
+    const wave = (n: number, ms: number) => {
+      const permits = Array.from({ length: n }, () => c.acquire());
+      clock.t += ms;
+      for (const p of permits) p.release();
+    };
+    /** Waves of `ms` latency, as many requests each as the limit lets through, for `windows` sample windows. */
+    const windows = (count: number, ms: number) => {
+      for (let i = 0; i < count; i++) {
+        wave(c.snapshot().limit, ms);
+        clock.t += 100;
+      }
+    };
+    return { c, clock, wave, windows };
+  }
+  const refusal = (c: AdaptiveConcurrency) => {
+    try {
+      c.acquire().release();
+      return undefined;
+    } catch (err) {
+      return err as MeshError;
+    }
+  };
+
+  test('starts in a minRTT window pinned at minConcurrency; beyond the limit, refused at once with MESH_OVERLOADED (HTTP 503)', () => {
+    const { c } = limiter();
+    const held = [c.acquire(), c.acquire(), c.acquire()];
+    const refused = refusal(c);
+    assert.equal(refused?.code, 'MESH_OVERLOADED');
+    assert.equal(refused?.httpStatus, 503);
+    assert.deepEqual(refused?.details, { limit: 3 });
+    assert.equal(c.snapshot().refused, 1);
+    held[0]!.release();
+    held[0]!.release(); // a second release of one permit changes nothing
+    assert.equal(c.snapshot().outstanding, 2);
+    assert.equal(refusal(c), undefined);
+  });
+
+  test('latency at the baseline grows the limit; latency above it shrinks it (gradient clamped to [0.5, 2], plus √ headroom)', () => {
+    const { c, wave, windows } = limiter();
+    for (let i = 0; i < 17; i++) wave(3, 10);
+    const base = c.snapshot();
+    assert.equal(base.inMinRttWindow, false);
+    assert.equal(base.minRttMs, 10);
+    assert.equal(base.limit, 3);
+    // At the baseline: gradient 12.5 / 10 = 1.25 each window: 3 → 5 → 8 → 12 → ...
+    windows(1, 10);
+    assert.equal(c.snapshot().limit, 5);
+    windows(1, 10);
+    assert.equal(c.snapshot().limit, 8);
+    windows(4, 10);
+    const grown = c.snapshot().limit;
+    assert.ok(grown > 30, `grew to ${grown}`);
+    // Four times the baseline: gradient 0.3125, clamped to 0.5: the limit halves (plus its square root).
+    windows(1, 40);
+    const shrunk = c.snapshot();
+    assert.equal(shrunk.gradient, 0.5);
+    assert.equal(shrunk.limit, Math.floor(grown * 0.5 + Math.sqrt(grown * 0.5)));
+    windows(6, 40);
+    assert.ok(c.snapshot().limit < 10, `shrank to ${c.snapshot().limit}`);
+    // Back at the baseline, it grows again.
+    const low = c.snapshot().limit;
+    windows(3, 10);
+    assert.ok(c.snapshot().limit > low);
+  });
+
+  test('never beyond maxConcurrency nor below minConcurrency', () => {
+    const { c, wave, windows } = limiter({ minConcurrency: 2, maxConcurrency: 6, minRttRequests: 4 });
+    wave(2, 10);
+    wave(2, 10);
+    windows(10, 1);
+    assert.equal(c.snapshot().limit, 6);
+    windows(3, 1_000);
+    assert.equal(c.snapshot().limit, 2);
+  });
+
+  test('requests started before a minRTT window do not count toward its baseline', () => {
+    const { c, clock, wave } = limiter({ minRttRequests: 3, minRttIntervalMs: 1_000, jitterPct: 0 });
+    wave(3, 10);
+    assert.equal(c.snapshot().minRttMs, 10);
+    // One slow request starts before the next window and ends inside it.
+    const early = c.acquire();
+    clock.t += 1_500;
+    assert.equal(c.snapshot().inMinRttWindow, true);
+    early.release();
+    wave(1, 20);
+    wave(1, 20);
+    assert.equal(c.snapshot().inMinRttWindow, true, 'the early sample did not count');
+    wave(1, 20);
+    assert.equal(c.snapshot().minRttMs, 20);
+  });
+
+  test('five sample windows at the floor start a new minRTT window at once: the baseline is measured again', () => {
+    const { c, windows, wave } = limiter({ minRttRequests: 3 });
+    wave(3, 1);
+    assert.equal(c.snapshot().minRttMs, 1);
+    // 100 ms against a 1 ms baseline: at the floor, window after window, long before the 60 s interval.
+    windows(5, 100);
+    assert.equal(c.snapshot().inMinRttWindow, true);
+    windows(1, 100);
+    assert.deepEqual([c.snapshot().inMinRttWindow, c.snapshot().minRttMs], [false, 100]);
+    windows(2, 100);
+    assert.ok(c.snapshot().limit > 3, 'and the limit grows again at the new baseline');
+  });
+
+  test('over HTTP: a request beyond the limit answers 503 MESH_OVERLOADED at once, /metrics shows the limit, and serving goes on', async (t) => {
+    const broker = await brokerFor(t);
+    // Each request waits 300 ms at the agent's door, so four sent together are all in flight at once.
+    await agentFor(t, { brokerUrl: broker.url, faults: { linkDelayMs: 300 } });
+    const router = await routerFor(t, broker.url, { adaptiveConcurrency: { minConcurrency: 2, maxConcurrency: 2 }, hedging: false });
+    const http = await startRouterHttp(router, { port: 0 });
+    t.after(() => http.close());
+    await router.waitForModel('kws', 10_000);
+    const data = Array.from(sampleInputs('kws', 1)['onnx::Flatten_0']!.data as Float32Array);
+    const infer = async () => {
+      const res = await fetch(`${http.url}/v2/models/kws/infer`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({
+          inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data }],
+          parameters: { deadline_ms: 10_000 },
+        }),
+      });
+      return { status: res.status, body: (await res.json()) as { code?: string; details?: { limit?: number } } };
+    };
+    const started = performance.now();
+    const answers = await Promise.all([infer(), infer(), infer(), infer()]);
+    const statuses = answers.map((a) => a.status).sort();
+    assert.deepEqual(statuses, [200, 200, 503, 503], JSON.stringify(answers.map((a) => a.body.code)));
+    for (const a of answers.filter((x) => x.status === 503)) assert.deepEqual([a.body.code, a.body.details?.limit], ['MESH_OVERLOADED', 2]);
+    assert.ok(performance.now() - started < 5_000);
+    const metrics = await (await fetch(`${http.url}/metrics`)).text();
+    assert.match(metrics, /^edge_mesh_router_concurrency_limit 2$/m);
+    assert.match(metrics, /^edge_mesh_router_concurrency_refused_total 2$/m);
+    assert.equal((await infer()).status, 200);
   });
 });

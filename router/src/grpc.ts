@@ -360,7 +360,7 @@ export async function startRouterGrpc(router: RouterHandle, options: RouterGrpcO
     const served = modelInfoOf(router, model)?.info.version ?? '';
     let result: RouterInferResult;
     try {
-      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs } : {});
+      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs, limited: true } : { limited: true });
     } catch (err) {
       stats.failed(model, served, performance.now() - started);
       throw err;

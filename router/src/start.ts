@@ -40,6 +40,7 @@ import {
   topics,
 } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
+import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions } from './concurrency.ts';
 import { createRegistry, onLoad, onStatus, type RouterOptions } from './estimates.ts';
 import type {
   AttemptRecord,
@@ -103,6 +104,11 @@ export interface StartRouterOptions {
   grpcPort?: number;
   /** Address of the gRPC service (default 127.0.0.1). */
   grpcHost?: string;
+  /**
+   * The adaptive concurrency limit on requests forwarded for the HTTP and gRPC APIs (concurrency.ts; Envoy's
+   * gradient controller and its defaults); false turns it off.
+   */
+  adaptiveConcurrency?: AdaptiveConcurrencyOptions | false;
 }
 
 /** A forwarded request as the engine carries it: what the policy needs, and the bytes to send. */
@@ -318,6 +324,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   const isLive = (agentId: string) => fleet.get(agentId)?.status.state === 'online' && (registry.agents.get(agentId)?.up ?? false);
   const hasCandidate = (model: string) => fleet.online(model).some((a) => registry.agents.get(a.id)?.up);
 
+  const limiter = options.adaptiveConcurrency === false ? undefined : new AdaptiveConcurrency(options.adaptiveConcurrency ?? {});
   let closing = false;
   const infer: RouterHandle['infer'] = async (model, inputs, inferOptions: RouterInferOptions = {}) => {
     const { deadlineMs = defaultDeadlineMs } = inferOptions;
@@ -337,8 +344,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     });
     // A router that just started may not have heard the statuses yet: wait within the deadline.
     while (!hasCandidate(model) && clock.now() < deadlineAt) await fleet.changes.wait(Math.min(100, deadlineAt - clock.now()));
+    // Beyond the adaptive limit: refused at once, before anything is sent (MESH_OVERLOADED, HTTP 503).
+    const permit = inferOptions.limited ? limiter?.acquire() : undefined;
     return new Promise((resolve, reject) => {
       engine.start({ key, deadlineAt, data: { model, bytesUp: payload.byteLength, payload }, model }, (outcome) => {
+        permit?.release();
         if (!outcome.ok) {
           routed({ via: 'forward', model, ok: false, code: outcome.error.code, totalMs: clock.now() - startedAt });
           reject(outcome.error);
@@ -399,6 +409,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       return counters();
     },
     route: (model, routeOptions) => route(model, routeOptions),
+    concurrency: () => limiter?.snapshot(),
     infer,
     agents: () => [...fleet.all()].map((a) => ({ id: a.id, up: isLive(a.id), status: a.status })),
     models: () => {
