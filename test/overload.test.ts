@@ -17,6 +17,7 @@ import {
   type Tensor,
 } from '@edge-mesh/protocol';
 import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions, startRouterHttp } from '@edge-mesh/router';
+import { kindOf, recoveryMs } from '../bench/contention.ts';
 import type { Executor, JobCallback } from '../edge-agent/src/executor.ts';
 import { Faults } from '../edge-agent/src/faults.ts';
 import { AgentRequests, ReplayGuard } from '../edge-agent/src/requests.ts';
@@ -355,5 +356,33 @@ describe('router adaptive concurrency (Envoy gradient controller)', () => {
     assert.match(metrics, /^edge_mesh_router_concurrency_limit 2$/m);
     assert.match(metrics, /^edge_mesh_router_concurrency_refused_total 2$/m);
     assert.equal((await infer()).status, 200);
+  });
+});
+
+describe('bench contention: how its figures are counted', () => {
+  test('errors by kind: refusals at admission, deadlines after acceptance, the rest', () => {
+    assert.deepEqual(['MESH_OVERLOADED', 'MESH_BUSY', 'MESH_DEADLINE_EXCEEDED', 'MESH_TIMEOUT', 'MESH_AGENT_LOST', 'OTHER'].map(kindOf), [
+      'admission',
+      'admission',
+      'deadline',
+      'deadline',
+      'other',
+      'other',
+    ]);
+  });
+
+  test('recovery: the first 250 ms window from which every window is within the bound and without errors', () => {
+    const at = (sentAt: number, ms: number, code?: string) => ({ sentAt, ms, code, http: false });
+    const stopped = 10_000;
+    const fine = [at(10_010, 5), at(10_300, 5), at(10_600, 5)];
+    assert.equal(recoveryMs(fine, stopped, 50), 0);
+    // Slow until 500 ms after the stop, then fine.
+    const slow = [at(10_010, 400), at(10_300, 300), at(10_600, 5), at(10_900, 5)];
+    assert.equal(recoveryMs(slow, stopped, 50), 500);
+    // A window with an error is not recovered, even if its answers were fast; a relapse moves the time on.
+    const relapse = [at(10_010, 5), at(10_300, 5, 'MESH_OVERLOADED'), at(10_600, 5), at(10_900, 400), at(11_200, 5)];
+    assert.equal(recoveryMs(relapse, stopped, 50), 1_000);
+    // Still slow in the last window: not recovered.
+    assert.equal(recoveryMs([at(10_010, 5), at(10_300, 400)], stopped, 50), null);
   });
 });
