@@ -145,7 +145,9 @@ export function recoveryMs(outcomes: Outcome[], stoppedAt: number, boundMs: numb
   const windows: Outcome[][] = [];
   for (const o of outcomes) {
     const i = Math.max(0, Math.floor((o.sentAt - stoppedAt) / windowMs));
-    (windows[i] ??= []).push(o);
+    const w = windows[i] ?? [];
+    w.push(o);
+    windows[i] = w;
   }
   let recoveredFrom: number | null = null;
   for (let i = 0; i < windows.length; i++) {
