@@ -16,6 +16,9 @@
  * `recovery_ms` is the start of the first window from which every window's p99 is within the bound (the 0-core
  * phase's p99 × 2, at least + 10 ms) and has no error; null when that never happened within the recovery time.
  *
+ * `--no-admission` runs the baseline without overload control: the agents with `--no-admission` (they queue what they
+ * cannot serve in time) and the router with `--no-adaptive-concurrency`. The SDK's shedding has no switch and stays on.
+ *
  * Last line: { busy_cores: { "0": { requests, errors, p50_ms, p99_ms, errors_by_code, errors_by_kind, recovery_ms,
  * recovery_p99_ms, recovery_errors }, "1": …, "2": … }, recovery_bound_ms, … } (docs/benchmarks.md, "contention").
  */
@@ -165,6 +168,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const rate = Number(ctx.args.rate ?? 40);
   const phaseMs = Number(ctx.args['phase-ms'] ?? (ctx.quick ? 6_000 : 30_000));
   const recoveryWindowMs = Number(ctx.args['recovery-window-ms'] ?? (ctx.quick ? 4_000 : 10_000));
+  // --no-admission: the baseline without overload control (agents queue what they cannot serve in time, the router
+  // forwards without a concurrency limit); the SDK's shedding stays on (it has no switch).
+  const admission = ctx.args['no-admission'] === undefined;
   const busyList = String(ctx.args.busy ?? '0,1,2')
     .split(',')
     .map(Number);
@@ -173,7 +179,15 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const agents: Proc[] = [];
   for (let i = 0; i < 2; i++) {
     const a = await admitted(url, 'agent');
-    agents.push(await startAgentProc({ url, keyFile: a.keyFile, id: a.identity.id, name: `agent-${i + 1}` }));
+    agents.push(
+      await startAgentProc({
+        url,
+        keyFile: a.keyFile,
+        id: a.identity.id,
+        name: `agent-${i + 1}`,
+        ...(admission ? {} : { extraArgs: ['--no-admission'] }),
+      }),
+    );
   }
   const routerKey = await admitted(url, 'router');
   const router = spawnProc('router', [
@@ -187,6 +201,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     '0',
     '--log-level',
     'warn',
+    ...(admission ? [] : ['--no-adaptive-concurrency']),
   ]);
   const routerLine = await router.waitLine('stdout', (l) => / serving http:\/\//.test(l), 30_000, 'its HTTP URL');
   const httpUrl = routerLine.match(/serving (http:\/\/\S+)/)![1]!;
@@ -236,6 +251,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     return {
       bench: 'contention',
       quick: ctx.quick,
+      admission,
       rate_per_s: rate,
       phase_ms: phaseMs,
       recovery_window_ms: recoveryWindowMs,

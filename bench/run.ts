@@ -92,7 +92,8 @@ options:
   settlement: --max-batch N              largest batch measured (default 100, quick 50)
   receipts:   --n N                      receipts signed and verified (default 100000, quick 20000)
   contention: --rate R --phase-ms D --recovery-window-ms D --busy 0,1,2   requests/s (40), busy phase (quick 6000,
-                                         full 30000), stream after it (quick 4000, full 10000)
+                                         full 30000), stream after it (quick 4000, full 10000);
+              --no-admission             the baseline: agents --no-admission, router --no-adaptive-concurrency
   brokers:    --n N --warmup W --concurrency C --duration-ms D   sequential round trips (20000, quick 2000), then C
                                          outstanding (16) for D ms (10000, quick 2000) per engine;
               --with-delayed-ack         also mosquitto without set_tcp_nodelay (100 round trips)

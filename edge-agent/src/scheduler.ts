@@ -65,6 +65,8 @@ export class Scheduler {
     private readonly queueLimit: number,
     private readonly onFinish: FinishCallback,
     private readonly now: () => number = Date.now,
+    /** Refuse what the queue cannot serve in time (admit); false queues it to expire there. */
+    private readonly admission = true,
   ) {}
 
   /** Serves `name` on `executor`; `latencyMs` is the first service-time estimate. */
@@ -88,7 +90,7 @@ export class Scheduler {
     if (state.queue.length >= this.queueLimit) {
       throw new MeshError('MESH_BUSY', `queue for ${job.model} is full (${this.queueLimit})`);
     }
-    this.admit(job, state);
+    if (this.admission) this.admit(job, state);
     if (this.byKey.has(job.key)) throw new MeshError('MESH_BAD_REQUEST', 'duplicate request id');
     this.byKey.set(job.key, job);
     state.queue.push(job);
