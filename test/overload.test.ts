@@ -122,6 +122,26 @@ describe('agent admission', () => {
     assert.equal(r.refusal(r.job(60))?.code, 'MESH_OVERLOADED');
   });
 
+  test('one run that took long (the process lost the CPU) does not refuse what follows; a slow spell does', () => {
+    const r = rig(1, 10);
+    for (let i = 0; i < 10; i++) {
+      r.refusal(r.job(1_000));
+      r.executor.finishOne(10);
+    }
+    r.refusal(r.job(1_000));
+    r.executor.finishOne(2_000);
+    assert.equal(r.scheduler.estimateMs('m'), 10, 'the median of the last runs');
+    assert.equal(r.refusal(r.job(50)), undefined);
+    r.executor.finishOne(10);
+    // Eight slow runs of the last fifteen: the median moves, and a 50 ms deadline no longer fits.
+    for (let i = 0; i < 8; i++) {
+      r.refusal(r.job(100_000));
+      r.executor.finishOne(200);
+    }
+    assert.equal(r.scheduler.estimateMs('m'), 200);
+    assert.equal(r.refusal(r.job(50))?.code, 'MESH_OVERLOADED');
+  });
+
   test('a lying sender: a deadline already past, a huge deadline, a flood', () => {
     const r = rig(1, 10, 8);
     assert.equal(r.refusal(r.job(-1))?.code, 'MESH_DEADLINE_EXCEEDED');
@@ -220,7 +240,8 @@ describe('agent request path', () => {
 describe('router adaptive concurrency (Envoy gradient controller)', () => {
   function limiter(options: AdaptiveConcurrencyOptions = {}) {
     const clock = { t: 0 };
-    const c = new AdaptiveConcurrency({ now: () => clock.t, random: () => 0, ...options });
+    // Envoy's defaults, its min_concurrency of 3 included (the router's own floor is 20).
+    const c = new AdaptiveConcurrency({ now: () => clock.t, random: () => 0, minConcurrency: 3, ...options });
     /** `n` requests started together, each taking `ms`, ended in order. */
     const wave = (n: number, ms: number) => {
       const permits = Array.from({ length: n }, () => c.acquire());
@@ -246,6 +267,7 @@ describe('router adaptive concurrency (Envoy gradient controller)', () => {
   };
 
   test('starts in a minRTT window pinned at minConcurrency; beyond the limit, refused at once with MESH_OVERLOADED (HTTP 503)', () => {
+    assert.equal(new AdaptiveConcurrency().snapshot().limit, 20, "the router's default floor");
     const { c } = limiter();
     const held = [c.acquire(), c.acquire(), c.acquire()];
     const refused = refusal(c);

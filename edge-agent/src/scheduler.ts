@@ -6,8 +6,10 @@
  *
  * Admission (docs/operations.md, "Overload"): a job that the queue cannot serve before its deadline is refused at once
  * with MESH_OVERLOADED instead of being queued to expire. The estimate is the agent's own: the work held on the job's
- * executor (each queued job its model's measured service time, each running one half of it) shared by the executor's
- * parallel runs, plus one service time of the job's model. Only the deadline is the sender's; whatever it claims, the
+ * executor (each queued job its model's service time, each running one half of it) shared by the executor's
+ * parallel runs, plus one service time of the job's model. The service time here is the median of the model's last
+ * runs, not the EWMA the load report carries: a run that measured long because the process lost the CPU for a while
+ * must not refuse the requests after it. Only the deadline is the sender's; whatever it claims, the
  * estimate comes from this agent's queue and clock.
  */
 import { MeshError, type ModelLoad, type Tensor } from '@edge-mesh/protocol';
@@ -44,13 +46,28 @@ interface ModelState {
   failed: number;
   /** When a job of the model last started, this.now() ms. */
   lastStartAt: number;
+  /** The last runs' service times (a ring), and their median: the service time admission uses. */
+  recent: number[];
+  recentNext: number;
+  admitMs: number;
 }
+
+/** Runs whose median is admission's service time. */
+const ADMIT_RUNS = 15;
 
 /** A model that started no job for this long takes one that would start at once, whatever its estimate (admit). */
 const PROBE_AFTER_MS = 1_000;
 
 /** Weight of the newest run in the service-time EWMA. */
 const SERVICE_EWMA_ALPHA = 0.2;
+
+/** Adds a run's service time to the model's last runs and updates their median (a sort of at most ADMIT_RUNS). */
+function noteRun(state: ModelState, ms: number): void {
+  state.recent[state.recentNext] = ms;
+  state.recentNext = (state.recentNext + 1) % ADMIT_RUNS;
+  const sorted = state.recent.slice().sort((a, b) => a - b);
+  state.admitMs = sorted[sorted.length >> 1]!;
+}
 
 export class Scheduler {
   private readonly models = new Map<string, ModelState>();
@@ -71,7 +88,18 @@ export class Scheduler {
 
   /** Serves `name` on `executor`; `latencyMs` is the first service-time estimate. */
   addModel(name: string, latencyMs: number, executor: Executor): void {
-    const state: ModelState = { executor, queue: [], inFlight: 0, serviceMs: latencyMs, served: 0, failed: 0, lastStartAt: 0 };
+    const state: ModelState = {
+      executor,
+      queue: [],
+      inFlight: 0,
+      serviceMs: latencyMs,
+      served: 0,
+      failed: 0,
+      lastStartAt: 0,
+      recent: [],
+      recentNext: 0,
+      admitMs: latencyMs,
+    };
     this.models.set(name, state);
     const lane = this.lanes.get(executor);
     if (lane) lane.push(state);
@@ -103,7 +131,7 @@ export class Scheduler {
    */
   estimateMs(model: string): number {
     const state = this.models.get(model);
-    return state ? this.waitMs(state) + state.serviceMs : Number.POSITIVE_INFINITY;
+    return state ? this.waitMs(state) + state.admitMs : Number.POSITIVE_INFINITY;
   }
 
   /** The wait before a job of this model would start: 0 when a run slot is free and nothing waits for it. */
@@ -114,7 +142,7 @@ export class Scheduler {
     let queued = 0;
     let running = 0;
     for (const s of this.lanes.get(executor)!) {
-      heldMs += s.queue.length * s.serviceMs + s.inFlight * s.serviceMs * 0.5;
+      heldMs += s.queue.length * s.admitMs + s.inFlight * s.admitMs * 0.5;
       queued += s.queue.length;
       running += s.inFlight;
     }
@@ -131,7 +159,7 @@ export class Scheduler {
     const remainingMs = job.deadline - now;
     const waitMs = this.waitMs(state);
     // A job that runs in units (units.ts) takes one run per unit.
-    const estimatedMs = waitMs + state.serviceMs * (job.units ? job.units.total - job.units.done : 1);
+    const estimatedMs = waitMs + state.admitMs * (job.units ? job.units.total - job.units.done : 1);
     if (estimatedMs <= remainingMs) return;
     if (waitMs === 0 && now - state.lastStartAt >= PROBE_AFTER_MS) return;
     throw new MeshError(
@@ -231,7 +259,9 @@ export class Scheduler {
         else {
           state.served++;
           // Service time as a sender sees it: the run plus the hand-off to and from the executor.
-          state.serviceMs += SERVICE_EWMA_ALPHA * (result!.execMs + executor.handoffMs - state.serviceMs);
+          const ms = result!.execMs + executor.handoffMs;
+          state.serviceMs += SERVICE_EWMA_ALPHA * (ms - state.serviceMs);
+          noteRun(state, ms);
         }
         if (units && !err) {
           units.parts.push(result!.outputs);

@@ -2,7 +2,10 @@
  * The router's adaptive concurrency limit on the requests it forwards for the HTTP and gRPC APIs (docs/routing.md,
  * "Adaptive concurrency"). It follows Envoy's gradient controller,
  * source/extensions/filters/http/adaptive_concurrency/controller/gradient_controller.cc in envoyproxy/envoy, rule by
- * rule, with Envoy's defaults:
+ * rule, with Envoy's defaults but one: the floor (min_concurrency) is 20, not 3. At 3 the first minRTT window (50
+ * requests at a concurrency of 3) refused requests in `edge-mesh up`, whose HTTP path sees about 3 requests a second,
+ * some of them OCR images that take a second or more. 20 is the default minLimit of Netflix concurrency-limits'
+ * Gradient2Limit (concurrency-limits-core/src/main/java/com/netflix/concurrency/limits/limit/Gradient2Limit.java).
  *
  * - A request goes on while fewer than `limit` are outstanding; beyond that it is refused at once (MESH_OVERLOADED,
  *   HTTP 503), never queued. Every request that went on and ended (answered or failed) is a latency sample.
@@ -24,7 +27,7 @@
 import { MeshError } from '@edge-mesh/protocol';
 
 export interface AdaptiveConcurrencyOptions {
-  /** The limit during a minRTT window, and its floor (Envoy's min_concurrency, default 3). */
+  /** The limit during a minRTT window, and its floor (default 20; Envoy's min_concurrency defaults to 3). */
   minConcurrency?: number;
   /** The limit's ceiling (max_concurrency_limit, default 1,000). */
   maxConcurrency?: number;
@@ -89,7 +92,7 @@ export class AdaptiveConcurrency {
 
   constructor(options: AdaptiveConcurrencyOptions = {}) {
     this.o = {
-      minConcurrency: options.minConcurrency ?? 3,
+      minConcurrency: options.minConcurrency ?? 20,
       maxConcurrency: options.maxConcurrency ?? 1_000,
       minRttRequests: options.minRttRequests ?? 50,
       minRttIntervalMs: options.minRttIntervalMs ?? 60_000,
