@@ -366,6 +366,8 @@ export interface AgentProcOptions {
   /** --inline-max-ms (0: every model on the worker pool); the CLI's default when absent. */
   inlineMaxMs?: number;
   name?: string;
+  /** More `edge-mesh agent` options, e.g. ['--no-admission']. */
+  extraArgs?: string[];
 }
 
 /** `edge-mesh agent`; resolves once it logs 'announced' (its retained status reached the broker). */
@@ -374,6 +376,7 @@ export async function startAgentProc(o: AgentProcOptions): Promise<Proc> {
   if (o.workers) args.push('--workers', String(o.workers));
   if (o.queueLimit) args.push('--queue-limit', String(o.queueLimit));
   if (o.inlineMaxMs !== undefined) args.push('--inline-max-ms', String(o.inlineMaxMs));
+  if (o.extraArgs) args.push(...o.extraArgs);
   // BENCH_AGENT_NODE_ARGS (space-separated) goes to the agents' node, e.g. `--cpu-prof --cpu-prof-dir=/tmp/prof`.
   const nodeArgs = process.env.BENCH_AGENT_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
   const proc = spawnProc(o.name ?? `agent ${o.id}`, [...nodeArgs, ...args]);

@@ -55,7 +55,8 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
     file: './contention.ts',
     // Two agents with every model start first (10-20 s), then three phases and their recovery windows.
     timeoutS: { quick: 120, full: 900 },
-    about: 'broker + two agents as processes at a steady rate (sample app mix) with 0, 1 and 2 cores held busy by another process',
+    about:
+      'broker, router and two agents as processes at a steady rate (sample app mix, every tenth request over HTTP) with 0, 1 and 2 cores held busy by another process; errors by kind, recovery time',
   },
   brokers: {
     file: './brokers.ts',
@@ -90,7 +91,9 @@ options:
   bridge:     --n N --duration-ms D      sequential requests each way (default 4000, quick 600); frame-loop length
   settlement: --max-batch N              largest batch measured (default 100, quick 50)
   receipts:   --n N                      receipts signed and verified (default 100000, quick 20000)
-  contention: --rate R --phase-ms D --recovery-ms D --busy 0,1,2   requests/s (40), phase length (quick 6000, full 30000)
+  contention: --rate R --phase-ms D --recovery-window-ms D --busy 0,1,2   requests/s (40), busy phase (quick 6000,
+                                         full 30000), stream after it (quick 4000, full 10000);
+              --no-admission             the baseline: agents --no-admission, router --no-adaptive-concurrency
   brokers:    --n N --warmup W --concurrency C --duration-ms D   sequential round trips (20000, quick 2000), then C
                                          outstanding (16) for D ms (10000, quick 2000) per engine;
               --with-delayed-ack         also mosquitto without set_tcp_nodelay (100 round trips)

@@ -313,5 +313,8 @@ test('the arm64 agent package (Raspberry Pi 4/5, Jetson) holds only aarch64 bina
   for (const file of native) assert.equal(await elfMachine(file), 183, `${path.relative(root, file)} is an aarch64 ELF file`);
   const ort = 'usr/lib/edge-mesh/node_modules/onnxruntime-node/bin/napi-v6/linux/arm64';
   for (const file of ['onnxruntime_binding.node', 'libonnxruntime.so.1']) assert.ok(native.includes(path.join(root, ort, file)), file);
-  assert.ok(native.some((f) => /classic-level\/prebuilds\/linux-arm64\//.test(f)), "the receipt store's arm64 binary");
+  assert.ok(
+    native.some((f) => /classic-level\/prebuilds\/linux-arm64\//.test(f)),
+    "the receipt store's arm64 binary",
+  );
 });

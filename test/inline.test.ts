@@ -304,7 +304,8 @@ describe('serving inline', () => {
     await waitFor(() => loads.latest.get(busyKey.id)?.models.spin?.served === ok.length, 5_000, 'the served count');
 
     const key = generateIdentity('agent');
-    await spawnAgent(t, broker.url, key, inlineArgs);
+    // Admission off: the short deadline below is queued and expires there, instead of being refused at once.
+    await spawnAgent(t, broker.url, key, [...inlineArgs, '--no-admission']);
     const servedIs = async (model: string, n: number) => {
       await waitFor(() => loads.latest.get(key.id)?.models[model]?.served === n, 5_000, `${model} served ${n}`);
       // A few heartbeats more: no late run changes the count.

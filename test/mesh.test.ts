@@ -137,7 +137,9 @@ describe('inference through the mesh', () => {
     const broker = await brokerFor(t);
     // Every model on the worker pool, so the wake-word requests queue behind detection runs (inline, they
     // would not: test/inline.test.ts has the inline case).
-    const agent = await agentFor(t, { brokerUrl: broker.url, inlineMaxMs: 0 });
+    // Admission off, so a deadline the queue cannot meet is queued and expires there (with it on, such a
+    // request is refused at once: test/overload.test.ts).
+    const agent = await agentFor(t, { brokerUrl: broker.url, inlineMaxMs: 0, admission: false });
     const raw = await rawClient(t, broker.url, 'raw-deadline');
     const late = request('kws', { [agent.models[0]!.inputs[0]!.name]: wireF32([1, 25, 96]) }, -1);
     const reply = await raw.request(agent.id, late.id, late);

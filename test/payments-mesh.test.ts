@@ -127,7 +127,13 @@ describe('receipts and payment through the mesh', () => {
     const broker = await brokerFor(t, { maxPacketBytes: 16 << 20 });
     // One job at a time on the worker, so what waits behind it stays in the agent's queue; every model on
     // the worker (inline, the wake-word requests would not wait behind the detection).
-    const { agent, payout } = await paidAgent(t, broker.url, { pipelineDepth: 1, inlineMaxMs: 0, maxMessageBytes: 16 << 20 });
+    // Admission off, so the short deadline below is queued and expires there (on, it is refused at once, unbilled).
+    const { agent, payout } = await paidAgent(t, broker.url, {
+      pipelineDepth: 1,
+      inlineMaxMs: 0,
+      maxMessageBytes: 16 << 20,
+      admission: false,
+    });
     const wallet = await fundedWallet(payout);
     const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'raw-payer', autoPay: false });
     await payer.waitForModel('kws');

@@ -70,6 +70,8 @@ test('a job in units is paid pro rata by progress receipts, a cancel for the uni
     identity: agentIdentity,
     workers: 1,
     inlineMaxMs: 0,
+    // The job whose deadline passes after some progress must be taken on, not refused at admission.
+    admission: false,
     logger: quiet,
     payment: {
       payout,

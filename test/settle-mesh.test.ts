@@ -39,6 +39,8 @@ describe('settlement of paid inference on a local chain', () => {
       pipelineDepth: 1,
       inlineMaxMs: 0,
       maxMessageBytes: 16 << 20,
+      // The request behind the detection must be queued and time out there, not be refused at admission.
+      admission: false,
       payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider },
     });
     // The app pays through the SDK: a lane grant for its client, every receipt linked, what it owes paid with

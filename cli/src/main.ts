@@ -305,6 +305,10 @@ export function buildProgram(): Command {
       nonNegativeNumber,
     )
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
+    .option(
+      '--no-admission',
+      'queue a request even when the queue cannot serve it before its deadline (default: refuse it at once, MESH_OVERLOADED)',
+    )
     .option('--heartbeat-ms <ms>', 'load heartbeat period', positiveInt, 1000)
     .option('--drain-timeout-ms <ms>', 'on SIGTERM, how long to finish queued work', positiveInt, 30_000)
     .option(
@@ -416,6 +420,7 @@ export function buildProgram(): Command {
         ...(await brokerAccessFrom(opts)),
         modelsDir: path.resolve(opts.models),
         queueLimit: opts.queueLimit,
+        admission: opts.admission !== false,
         heartbeatMs: opts.heartbeatMs,
         logger,
         awaitAnnounce: false,
@@ -503,6 +508,10 @@ export function buildProgram(): Command {
       .option('--deadline-ms <ms>', 'deadline of a forwarded request that names none', positiveInt, 2_000)
       .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
       .option('--no-hedging', 'never hedge a slow attempt')
+      .option(
+        '--no-adaptive-concurrency',
+        "no adaptive concurrency limit on forwarded HTTP and gRPC requests (default: on, after Envoy's gradient controller; beyond the limit MESH_OVERLOADED, 503)",
+      )
       .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
       .option(
         '--policy <name>',
@@ -537,6 +546,7 @@ export function buildProgram(): Command {
       defaultDeadlineMs: opts.deadlineMs,
       maxAttempts: opts.maxAttempts,
       hedging: opts.hedging,
+      ...(opts.adaptiveConcurrency === false ? { adaptiveConcurrency: false as const } : {}),
       leaseTtlMs: opts.leaseTtlMs,
       policy: opts.policy,
       ...(opts.grpcPort !== undefined ? { grpcPort: opts.grpcPort, grpcHost: opts.grpcHost } : {}),

@@ -11,10 +11,11 @@
  */
 /**
  * The kind of extra attempt that follows a failed one: work lost with its agent (the agent died or is
- * shutting down, so the request never ran) is a free failover; anything else is a retry paid from the budget.
+ * shutting down, so the request never ran) or refused at its admission (MESH_OVERLOADED: it never started)
+ * is a free failover; anything else is a retry paid from the budget.
  */
 export function extraAttemptAfter(code: string): 'failover' | 'retry' {
-  return code === 'MESH_AGENT_LOST' || code === 'MESH_SHUTTING_DOWN' ? 'failover' : 'retry';
+  return code === 'MESH_AGENT_LOST' || code === 'MESH_SHUTTING_DOWN' || code === 'MESH_OVERLOADED' ? 'failover' : 'retry';
 }
 
 export interface TailBudgetOptions {

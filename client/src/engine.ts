@@ -14,6 +14,10 @@
  * - **Hedges.** After the policy's hedge delay, a slow attempt is backed up on another agent; the
  *   first answer wins and the loser is cancelled. At most `maxHedges` per request (default one, as a
  *   backup request is one request), paid from the budget, and only when the policy allows it now.
+ * - **Shed what cannot be met.** When the policy says how fast the quickest agent left could answer (`floorMs`) and
+ *   less time than that is left, no attempt goes out: the request fails at once with MESH_OVERLOADED (or the last
+ *   agent's error) instead of waiting for a deadline it cannot meet. An agent's own admission refusal
+ *   (MESH_OVERLOADED) moves the request on as a free failover, like MESH_SHUTTING_DOWN: the work never started.
  * - **Never twice to one agent**, at most `maxAttempts` agents per request, all retries and hedges
  *   within the budget.
  * - **Dead agents.** An agent's last will (or a new session) ends its attempts at once, a free failover
@@ -82,6 +86,11 @@ export interface EnginePolicy<Req, Rep> {
    * that says why (it becomes the request's error if nothing else answers).
    */
   pick(request: EngineRequest<Req>, tried: ReadonlySet<string>, kind: AttemptKind, now: number): AttemptPlan | undefined;
+  /**
+   * The least time, ms, any agent not in `tried` could take to answer (its service time with no queue); undefined
+   * when not known. With less than this left before the deadline, no attempt is sent (see "Shed what cannot be met").
+   */
+  floorMs?(request: EngineRequest<Req>, tried: ReadonlySet<string>, now: number): number | undefined;
   /** Whether a hedge may start now (for example: not while the fleet is nearly saturated). */
   mayHedge?(request: EngineRequest<Req>, now: number): boolean;
   onSend?(attempt: Attempt<Req>, now: number): void;
@@ -133,6 +142,8 @@ export interface EngineCounters {
   refused: number;
   /** Attempts given up because their agent went silent (the `liveness` check); each moved on as a failover. */
   silent: number;
+  /** Attempts not sent because less time was left than the policy's `floorMs` (first attempts, failovers, retries, hedges). */
+  shed: number;
 }
 
 /** Which agents are presumed dead before their last will arrives (see RequestEngineOptions.liveness). */
@@ -238,6 +249,7 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     cancels: 0,
     refused: 0,
     silent: 0,
+    shed: 0,
   };
   /** Runs while requests are pending, when there is a `liveness` check. */
   let livenessTimer: unknown;
@@ -313,6 +325,19 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     const { request } = state;
     const now = clock.now();
     if (state.done || state.tried.size >= request.maxAttempts || now >= request.deadlineAt) return false;
+    const remainingMs = request.deadlineAt - now;
+    const floorMs = policy.floorMs?.(request, state.tried, now);
+    if (floorMs !== undefined && floorMs > remainingMs) {
+      counters.shed++;
+      if (kind !== 'hedge') {
+        state.lastError ??= new MeshError(
+          'MESH_OVERLOADED',
+          `no agent can answer ${request.model ?? 'the request'} in the ${Math.floor(remainingMs)} ms left (the fastest takes about ${Math.ceil(floorMs)} ms)`,
+          { details: { floorMs: Math.ceil(floorMs), remainingMs: Math.floor(remainingMs) } },
+        );
+      }
+      return false;
+    }
     let plan: AttemptPlan | undefined;
     try {
       plan = policy.pick(request, state.tried, kind, now);

@@ -72,6 +72,7 @@ function rig(
     sendThrows,
     retrySameAfter,
     silent,
+    floorMs,
   }: {
     plan?: Omit<AttemptPlan, 'agentId'>;
     budget?: TailBudget;
@@ -82,6 +83,8 @@ function rig(
     retrySameAfter?: EnginePolicy<Req, Rep>['retrySameAfter'];
     /** Agents the liveness check calls silent. */
     silent?: Set<string>;
+    /** The policy's floorMs: the fastest untried agent's service time. */
+    floorMs?: (tried: ReadonlySet<string>) => number | undefined;
   } = {},
 ): Rig {
   const clock = new FakeClock();
@@ -97,6 +100,7 @@ function rig(
     onAttemptEnd: (a, end) => ends.push({ agentId: a.agentId, end }),
     ...(mayHedge ? { mayHedge } : {}),
     ...(retrySameAfter ? { retrySameAfter } : {}),
+    ...(floorMs ? { floorMs: (_r: unknown, tried: ReadonlySet<string>) => floorMs(tried) } : {}),
   };
   const engine = createRequestEngine<Req, Rep>({
     policy,
@@ -517,5 +521,68 @@ describe('dead agents', () => {
     r.engine.answer('r1', 'b', { value: 'ok' });
     assert.equal(r.engine.pending, 0);
     assert.equal(r.clock.timersPending(), 0, 'no timer left behind');
+  });
+});
+
+describe('shedding what cannot meet its deadline', () => {
+  const empty = () => new TailBudget({ ratio: 0, cap: 0, minPerS: 0, hedgeRatio: 0, hedgeCap: 0 }, 0);
+
+  test('less time left than the fastest agent takes: refused at once, coded, nothing sent, no timer left', () => {
+    const r = rig(['a', 'b'], { floorMs: () => 300 });
+    r.start('r1', 200);
+    assert.equal(r.sent.length, 0);
+    const o = r.outcomes[0]!;
+    assert.ok(!o.ok && o.error.code === 'MESH_OVERLOADED', 'refused before the deadline, not at it');
+    assert.deepEqual(o.ok ? undefined : o.error.details, { floorMs: 300, remainingMs: 200 });
+    assert.equal(r.engine.counters.shed, 1);
+    assert.equal(r.clock.timersPending(), 0);
+    // Enough time: sent as usual; an unknown floor sheds nothing.
+    r.start('r2', 400);
+    assert.equal(r.sent.length, 1);
+    const unknown = rig(['a'], { floorMs: () => undefined });
+    unknown.start('r1', 1);
+    assert.equal(unknown.sent.length, 1);
+  });
+
+  test("an agent's admission refusal moves on for free while the deadline allows, then ends at once with it", () => {
+    // b is fast, c slow: after a's refusal b is tried with an empty retry budget; c is not, with too little time left.
+    const service: Record<string, number> = { a: 10, b: 10, c: 500 };
+    const floorMs = (tried: ReadonlySet<string>) =>
+      Math.min(
+        ...Object.keys(service)
+          .filter((id) => !tried.has(id))
+          .map((id) => service[id]!),
+      );
+    const r = rig(['a', 'b', 'c'], { budget: empty(), floorMs });
+    r.start('r1', 300);
+    r.clock.advance(5);
+    r.engine.fail('r1', 'a', coded('MESH_OVERLOADED'));
+    assert.deepEqual(
+      r.sent.map((a) => [a.agentId, a.kind]),
+      [
+        ['a', 'first'],
+        ['b', 'failover'],
+      ],
+    );
+    assert.equal(r.engine.counters.refused, 0, 'a failover: the budget was not asked');
+    r.clock.advance(5);
+    r.engine.fail('r1', 'b', coded('MESH_OVERLOADED'));
+    assert.equal(r.sent.length, 2, 'c cannot answer in the 290 ms left');
+    const o = r.outcomes[0]!;
+    assert.ok(!o.ok && o.error.code === 'MESH_OVERLOADED' && o.error.message === 'agent said MESH_OVERLOADED');
+    assert.equal(r.clock.now(), 10, 'ended at once, not at the deadline');
+  });
+
+  test('agents that refuse everything (lying or full) cost at most maxAttempts sends per request, never a storm', () => {
+    const r = rig(['a', 'b', 'c', 'd', 'e'], { budget: empty(), floorMs: () => 1, maxAttempts: 3 });
+    for (let i = 0; i < 50; i++) {
+      const key = `r${i}`;
+      r.start(key, 1_000);
+      for (const id of ['a', 'b', 'c', 'd', 'e']) r.engine.fail(key, id, coded('MESH_OVERLOADED'));
+    }
+    assert.equal(r.sent.length, 150);
+    assert.equal(r.outcomes.length, 50);
+    assert.ok(r.outcomes.every((o) => !o.ok && o.error.code === 'MESH_OVERLOADED'));
+    assert.equal(r.engine.pending, 0);
   });
 });

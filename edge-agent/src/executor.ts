@@ -18,6 +18,8 @@ export interface Executor {
   readonly freeCapacity: number;
   /** Runs one job; `callback` is called once with the result or a coded error. Input buffers may be transferred. */
   run(model: string, inputs: Record<string, Tensor>, callback: JobCallback): void;
+  /** Jobs it runs at the same time (the pool's workers; 1 inline); absent: 1. The scheduler's admission divides queued work by it. */
+  readonly parallelism?: number;
   /** Time a job spends outside the runtime between dispatch and result (EWMA, ms). */
   readonly handoffMs: number;
   /** Set by the scheduler: called whenever the executor can take a job again. */

@@ -148,7 +148,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     closed: () => closed,
     ...(metrics ? { onServed: metrics.observeServed } : {}),
   });
-  const scheduler = new Scheduler(o.queueLimit, requests.finished);
+  const scheduler = new Scheduler(o.queueLimit, requests.finished, Date.now, o.admission);
   scheduler.onProgress = requests.progressed;
   for (const m of loaded) scheduler.addModel(m.name, m.latencyMs, executors.executorOf.get(m.name)!);
   requests.attach(scheduler);

@@ -25,6 +25,7 @@ export interface ResolvedOptions {
   workers: number;
   intraOpThreads: number;
   queueLimit: number;
+  admission: boolean;
   pipelineDepth: number;
   heartbeatMs: number;
   warmupRuns: number;
@@ -54,6 +55,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     workers = 1,
     intraOpThreads = 1,
     queueLimit = 64,
+    admission = true,
     pipelineDepth = 2,
     heartbeatMs = 1_000,
     warmupRuns = 5,
@@ -108,6 +110,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     workers,
     intraOpThreads,
     queueLimit,
+    admission,
     pipelineDepth,
     heartbeatMs,
     warmupRuns,

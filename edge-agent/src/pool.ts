@@ -145,6 +145,11 @@ export class WorkerPool implements Executor {
     return this.slots.length;
   }
 
+  /** Workers: jobs that run at the same time. */
+  get parallelism(): number {
+    return this.slots.length;
+  }
+
   /** Places left for jobs across all workers. */
   get freeCapacity(): number {
     return this.slots.length * this.options.pipelineDepth - this.held;

@@ -3,6 +3,14 @@
  * models that run inline). A full queue refuses at once (MESH_BUSY); a job whose deadline has passed
  * is dropped when it reaches the head or at the next sweep (MESH_DEADLINE_EXCEEDED); when an executor
  * can take a job, it gets the earliest deadline among the queue heads of the models it runs.
+ *
+ * Admission (docs/operations.md, "Overload"): a job that the queue cannot serve before its deadline is refused at once
+ * with MESH_OVERLOADED instead of being queued to expire. The estimate is the agent's own: the work held on the job's
+ * executor (each queued job its model's service time, each running one half of it) shared by the executor's
+ * parallel runs, plus one service time of the job's model. The service time here is the median of the model's last
+ * runs, not the EWMA the load report carries: a run that measured long because the process lost the CPU for a while
+ * must not refuse the requests after it. Only the deadline is the sender's; whatever it claims, the
+ * estimate comes from this agent's queue and clock.
  */
 import { MeshError, type ModelLoad, type Tensor } from '@edge-mesh/protocol';
 import type { Executor, JobResult } from './executor.ts';
@@ -38,10 +46,30 @@ interface ModelState {
   serviceMs: number;
   served: number;
   failed: number;
+  /** When a job of the model last started, this.now() ms. */
+  lastStartAt: number;
+  /** The last runs' service times (a ring), and their median: the service time admission uses. */
+  recent: number[];
+  recentNext: number;
+  admitMs: number;
 }
+
+/** Runs whose median is admission's service time. */
+const ADMIT_RUNS = 15;
+
+/** A model that started no job for this long takes one that would start at once, whatever its estimate (admit). */
+const PROBE_AFTER_MS = 1_000;
 
 /** Weight of the newest run in the service-time EWMA. */
 const SERVICE_EWMA_ALPHA = 0.2;
+
+/** Adds a run's service time to the model's last runs and updates their median (a sort of at most ADMIT_RUNS). */
+function noteRun(state: ModelState, ms: number): void {
+  state.recent[state.recentNext] = ms;
+  state.recentNext = (state.recentNext + 1) % ADMIT_RUNS;
+  const sorted = state.recent.slice().sort((a, b) => a - b);
+  state.admitMs = sorted[sorted.length >> 1]!;
+}
 
 export class Scheduler {
   private readonly models = new Map<string, ModelState>();
@@ -56,11 +84,24 @@ export class Scheduler {
     private readonly queueLimit: number,
     private readonly onFinish: FinishCallback,
     private readonly now: () => number = Date.now,
+    /** Refuse what the queue cannot serve in time (admit); false queues it to expire there. */
+    private readonly admission = true,
   ) {}
 
   /** Serves `name` on `executor`; `latencyMs` is the first service-time estimate. */
   addModel(name: string, latencyMs: number, executor: Executor): void {
-    const state: ModelState = { executor, queue: [], inFlight: 0, serviceMs: latencyMs, served: 0, failed: 0 };
+    const state: ModelState = {
+      executor,
+      queue: [],
+      inFlight: 0,
+      serviceMs: latencyMs,
+      served: 0,
+      failed: 0,
+      lastStartAt: 0,
+      recent: [],
+      recentNext: 0,
+      admitMs: latencyMs,
+    };
     this.models.set(name, state);
     const lane = this.lanes.get(executor);
     if (lane) lane.push(state);
@@ -84,7 +125,7 @@ export class Scheduler {
     return true;
   }
 
-  /** Queues a job or throws MESH_BUSY / MESH_DEADLINE_EXCEEDED / MESH_SHUTTING_DOWN. */
+  /** Queues a job or throws MESH_BUSY / MESH_OVERLOADED / MESH_DEADLINE_EXCEEDED / MESH_SHUTTING_DOWN. */
   submit(job: Job): void {
     const state = this.models.get(job.model);
     if (!state) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${job.model} is not served here`);
@@ -93,10 +134,55 @@ export class Scheduler {
     if (state.queue.length >= this.queueLimit) {
       throw new MeshError('MESH_BUSY', `queue for ${job.model} is full (${this.queueLimit})`);
     }
+    if (this.admission) this.admit(job, state);
     if (this.byKey.has(job.key)) throw new MeshError('MESH_BAD_REQUEST', 'duplicate request id');
     this.byKey.set(job.key, job);
     state.queue.push(job);
     this.dispatch(state.executor);
+  }
+
+  /**
+   * What a job of `model` would take here, ms from now (see the file comment): the held work on its executor over
+   * the executor's parallelism, plus one service time of its model.
+   */
+  estimateMs(model: string): number {
+    const state = this.models.get(model);
+    return state ? this.waitMs(state) + state.admitMs : Number.POSITIVE_INFINITY;
+  }
+
+  /** The wait before a job of this model would start: 0 when a run slot is free and nothing waits for it. */
+  private waitMs(state: ModelState): number {
+    const executor = state.executor;
+    const parallelism = Math.max(1, executor.parallelism ?? 1);
+    let heldMs = 0;
+    let queued = 0;
+    let running = 0;
+    for (const s of this.lanes.get(executor)!) {
+      heldMs += s.queue.length * s.admitMs + s.inFlight * s.admitMs * 0.5;
+      queued += s.queue.length;
+      running += s.inFlight;
+    }
+    return queued === 0 && running < parallelism && executor.freeCapacity > 0 ? 0 : heldMs / parallelism;
+  }
+
+  /**
+   * Refuses (MESH_OVERLOADED) a job whose estimate would pass its deadline. The service time is only measured on
+   * runs, so a model that has not started a job for PROBE_AFTER_MS takes one anyway when it would start at once:
+   * an estimate that grew under a passing load cannot refuse everything for ever.
+   */
+  private admit(job: Job, state: ModelState): void {
+    const now = this.now();
+    const remainingMs = job.deadline - now;
+    const waitMs = this.waitMs(state);
+    // A job that runs in units (units.ts) takes one run per unit.
+    const estimatedMs = waitMs + state.admitMs * (job.units ? job.units.total - job.units.done : 1);
+    if (estimatedMs <= remainingMs) return;
+    if (waitMs === 0 && now - state.lastStartAt >= PROBE_AFTER_MS) return;
+    throw new MeshError(
+      'MESH_OVERLOADED',
+      `${job.model} would take about ${Math.ceil(estimatedMs)} ms here (queue ${state.queue.length}), ${Math.floor(remainingMs)} ms left before its deadline`,
+      { details: { estimatedMs: Math.ceil(estimatedMs), remainingMs: Math.floor(remainingMs) } },
+    );
   }
 
   /** Cancels a queued job at once, or marks a running one so its result is discarded. */
@@ -181,6 +267,7 @@ export class Scheduler {
       const [job, state] = next;
       job.startedAt ??= performance.now();
       state.inFlight++;
+      state.lastStartAt = this.now();
       const units = job.units;
       executor.run(job.model, units ? unitInputs(job.inputs, units.done) : job.inputs, (err, result) => {
         state.inFlight--;
@@ -188,7 +275,9 @@ export class Scheduler {
         else {
           state.served++;
           // Service time as a sender sees it: the run plus the hand-off to and from the executor.
-          state.serviceMs += SERVICE_EWMA_ALPHA * (result!.execMs + executor.handoffMs - state.serviceMs);
+          const ms = result!.execMs + executor.handoffMs;
+          state.serviceMs += SERVICE_EWMA_ALPHA * (ms - state.serviceMs);
+          noteRun(state, ms);
         }
         if (units && !err) {
           units.parts.push(result!.outputs);

@@ -55,6 +55,11 @@ export interface AgentOptions {
   intraOpThreads?: number;
   /** Bound of each model's queue; a request beyond it gets MESH_BUSY at once. */
   queueLimit?: number;
+  /**
+   * Refuse at once (MESH_OVERLOADED) a request the queue cannot serve before its deadline (default true; docs/operations.md,
+   * "Overload"). Off, such a request is queued and dropped when its deadline passes, as before admission existed.
+   */
+  admission?: boolean;
   /** Jobs handed to one worker at once, so it never idles through a hand-off (1 disables). */
   pipelineDepth?: number;
   heartbeatMs?: number;

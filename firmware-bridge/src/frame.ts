@@ -82,6 +82,7 @@ export const MESH_TO_WIRE: Partial<Record<MeshErrorCode, number>> = {
   MESH_BAD_REQUEST: BridgeErrorCode.BAD_INPUT,
   MESH_TOO_LARGE: BridgeErrorCode.TOO_LARGE,
   MESH_BUSY: BridgeErrorCode.BUSY,
+  MESH_OVERLOADED: BridgeErrorCode.BUSY,
   MESH_DEADLINE_EXCEEDED: BridgeErrorCode.DEADLINE,
   MESH_NO_AGENT: BridgeErrorCode.NO_AGENT,
   MESH_UNKNOWN_MODEL: BridgeErrorCode.NO_AGENT,

@@ -18,6 +18,11 @@ export const ERROR_CODES = {
   MESH_NOT_FOUND: { httpStatus: 404, retryable: false, summary: 'no such HTTP route, device or other named thing' },
   MESH_NO_AGENT: { httpStatus: 503, retryable: true, summary: 'no live agent serves the model' },
   MESH_BUSY: { httpStatus: 429, retryable: true, summary: "a queue is full: the agent's for the model, or a device's downlinks" },
+  MESH_OVERLOADED: {
+    httpStatus: 503,
+    retryable: true,
+    summary: 'refused at admission, before any work: the wait and service time would pass the deadline, or a concurrency limit is reached',
+  },
   MESH_DEADLINE_EXCEEDED: { httpStatus: 504, retryable: false, summary: 'the request deadline passed before a result' },
   MESH_TIMEOUT: { httpStatus: 504, retryable: true, summary: 'an agent (or the bridge, for a device) did not answer in time' },
   MESH_AGENT_LOST: { httpStatus: 502, retryable: true, summary: 'the agent went offline while the request was outstanding' },

@@ -77,6 +77,7 @@ export const GRPC_STATUS_OF: Record<MeshErrorCode, grpc.status> = {
   MESH_NO_AGENT: grpc.status.UNAVAILABLE,
   MESH_NOT_CONNECTED: grpc.status.UNAVAILABLE,
   MESH_SHUTTING_DOWN: grpc.status.UNAVAILABLE,
+  MESH_OVERLOADED: grpc.status.UNAVAILABLE,
   MESH_AGENT_LOST: grpc.status.UNAVAILABLE,
   MESH_CHAIN_UNREACHABLE: grpc.status.UNAVAILABLE,
   MESH_TLS: grpc.status.UNAVAILABLE,
@@ -375,7 +376,7 @@ export async function startRouterGrpc(router: RouterHandle, options: RouterGrpcO
     const served = modelInfoOf(router, model)?.info.version ?? '';
     let result: RouterInferResult;
     try {
-      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs } : {});
+      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs, limited: true } : { limited: true });
     } catch (err) {
       stats.failed(model, served, performance.now() - started);
       throw err;

@@ -6,6 +6,7 @@ import type { AgentStatus, MeshErrorCode, ModelInfo, Tensor } from '@edge-mesh/p
 import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
 import type { Registry as PromRegistry } from 'prom-client';
+import type { ConcurrencySnapshot } from './concurrency.ts';
 import type { RouterConsoleOptions } from './console-admissions.ts';
 import type { Registry } from './estimates.ts';
 import type { RouterHttpAuthOptions } from './http-auth.ts';
@@ -33,6 +34,11 @@ export interface RouteResult {
 
 export interface RouterInferOptions {
   deadlineMs?: number;
+  /**
+   * Count the request against the router's adaptive concurrency limit (concurrency.ts): beyond it, refused at once
+   * with MESH_OVERLOADED. The HTTP and gRPC APIs set it; a library caller may.
+   */
+  limited?: boolean;
 }
 
 export interface RouterInferResult {
@@ -99,6 +105,8 @@ export interface RouterHandle {
   readonly counters: RouterCounters;
   /** Picks an agent for `model` now; throws a coded MeshError (MESH_NO_AGENT, MESH_DEADLINE_EXCEEDED). */
   route(model: string, options?: RouteOptions): RouteResult;
+  /** The adaptive concurrency limit on forwarded requests as it stands (undefined when turned off). */
+  concurrency(): ConcurrencySnapshot | undefined;
   /** Forwards one request over MQTT as the router and resolves with the first result. */
   infer(model: string, inputs: Record<string, Tensor>, options?: RouterInferOptions): Promise<RouterInferResult>;
   /** Live agents and their latest verified status. */

@@ -26,7 +26,8 @@ import {
 } from '@edge-mesh/protocol';
 import swagger from '@fastify/swagger';
 import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
-import { Counter, collectDefaultMetrics, Histogram, Registry as PromRegistry } from 'prom-client';
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry as PromRegistry } from 'prom-client';
+import type { ConcurrencySnapshot } from './concurrency.ts';
 import type { RouterHandle, RouterHttpHandle, RouterHttpOptions, RouterInferResult } from './handle.ts';
 import { installHttpAuth } from './http-auth.ts';
 import { ANY_ERROR, ERROR_BODY_SCHEMA, errorResponse, installErrorHandlers } from './http-errors.ts';
@@ -346,6 +347,43 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     labelNames: ['model', 'code'] as const,
     registers: [metrics],
   });
+  // The adaptive concurrency limit (concurrency.ts), read when scraped; absent when the router runs without it.
+  if (router.concurrency()) {
+    const concurrencyGauge = (name: string, help: string, read: (c: ConcurrencySnapshot) => number) =>
+      new Gauge({
+        name,
+        help,
+        registers: [metrics],
+        collect() {
+          const c = router.concurrency();
+          if (c) this.set(read(c));
+        },
+      });
+    concurrencyGauge(
+      'edge_mesh_router_concurrency_limit',
+      'Adaptive concurrency limit on forwarded HTTP and gRPC requests',
+      (c) => c.limit,
+    );
+    concurrencyGauge(
+      'edge_mesh_router_concurrency_outstanding',
+      'Forwarded HTTP and gRPC requests in flight under the limit',
+      (c) => c.outstanding,
+    );
+    concurrencyGauge('edge_mesh_router_concurrency_min_rtt_seconds', "The limit's latency baseline (minRTT), seconds", (c) =>
+      Number.isNaN(c.minRttMs) ? 0 : c.minRttMs / 1000,
+    );
+    new Counter({
+      name: 'edge_mesh_router_concurrency_refused_total',
+      help: 'Forwarded HTTP and gRPC requests refused for the adaptive concurrency limit (MESH_OVERLOADED)',
+      registers: [metrics],
+      collect() {
+        const c = router.concurrency();
+        if (!c) return;
+        this.reset();
+        this.inc(c.refused);
+      },
+    });
+  }
   const hardwareOf = (agentId: string | undefined) =>
     agentId === undefined ? 'none' : hardwareLabel(router.registry.agents.get(agentId)?.hardwareClass);
   const unsubscribe = router.onAttempt((a) => {
@@ -553,7 +591,9 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
         429: errorResponse('MESH_BUSY, MESH_RATE_LIMITED: retry, later or elsewhere'),
         500: errorResponse('MESH_INFERENCE_FAILED, MESH_MODEL_INTEGRITY, MESH_INTERNAL'),
         502: errorResponse('MESH_AGENT_LOST'),
-        503: errorResponse('MESH_NO_AGENT, MESH_NOT_CONNECTED, MESH_SHUTTING_DOWN'),
+        503: errorResponse(
+          'MESH_NO_AGENT, MESH_NOT_CONNECTED, MESH_SHUTTING_DOWN, MESH_OVERLOADED (the adaptive concurrency limit: details.limit)',
+        ),
         504: errorResponse('MESH_DEADLINE_EXCEEDED, MESH_TIMEOUT'),
         ...ANY_ERROR,
       },
@@ -581,7 +621,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     const version = modelInfo(model)?.info.version ?? '';
     let result: RouterInferResult;
     try {
-      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs } : {});
+      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs, limited: true } : { limited: true });
     } catch (err) {
       const ms = performance.now() - started;
       stats.failed(model, version, ms);

@@ -29,6 +29,7 @@ export {
   WeightedSampler,
   WindowedLatencies,
 } from './baselines/index.ts';
+export { AdaptiveConcurrency, type AdaptiveConcurrencyOptions, type ConcurrencyPermit, type ConcurrencySnapshot } from './concurrency.ts';
 export {
   type ConsoleAdminOptions,
   JOIN_ROLES,

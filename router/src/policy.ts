@@ -201,7 +201,7 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
           // An error costs what a timeout would have: a node that fails fast must not look fast.
           onFailure(registry, agentId, model, now, {
             lost,
-            load: end.error.code === 'MESH_BUSY',
+            load: end.error.code === 'MESH_BUSY' || end.error.code === 'MESH_OVERLOADED',
             predictedMs: attempt.plan.predictedMs ?? 0,
             timeoutMs: timeoutOf(attempt),
           });

@@ -40,6 +40,7 @@ import {
   topics,
 } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
+import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions } from './concurrency.ts';
 import { createRegistry, onLoad, onStatus, type RouterOptions } from './estimates.ts';
 import type {
   AttemptRecord,
@@ -107,6 +108,11 @@ export interface StartRouterOptions {
   grpcPort?: number;
   /** Address of the gRPC service (default 127.0.0.1). */
   grpcHost?: string;
+  /**
+   * The adaptive concurrency limit on requests forwarded for the HTTP and gRPC APIs (concurrency.ts; Envoy's
+   * gradient controller and its defaults); false turns it off.
+   */
+  adaptiveConcurrency?: AdaptiveConcurrencyOptions | false;
 }
 
 /** A forwarded request as the engine carries it: what the policy needs, and the bytes to send. */
@@ -352,6 +358,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     });
   }
 
+  const limiter = options.adaptiveConcurrency === false ? undefined : new AdaptiveConcurrency(options.adaptiveConcurrency ?? {});
   let closing = false;
   const infer: RouterHandle['infer'] = async (model, inputs, inferOptions: RouterInferOptions = {}) => {
     const { deadlineMs = defaultDeadlineMs } = inferOptions;
@@ -373,9 +380,12 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     });
     // A router that just started may not have heard the statuses yet: wait within the deadline.
     while (!hasCandidate(model) && clock.now() < deadlineAt) await fleet.changes.wait(Math.min(100, deadlineAt - clock.now()));
+    // Beyond the adaptive limit: refused at once, before anything is sent (MESH_OVERLOADED, HTTP 503).
+    const permit = inferOptions.limited ? limiter?.acquire() : undefined;
     return new Promise((resolve, reject) => {
       engine.start({ key, deadlineAt, data: { model, bytesUp: payload.byteLength, payload }, model }, (outcome) => {
         if (pin) rollouts?.observe(pin, outcome.ok, clock.now() - startedAt, outcome.ok ? outcome.reply.version : undefined);
+        permit?.release();
         if (!outcome.ok) {
           routed({ via: 'forward', model, ok: false, code: outcome.error.code, totalMs: clock.now() - startedAt });
           reject(outcome.error);
@@ -436,6 +446,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       return counters();
     },
     route: (model, routeOptions) => route(model, routeOptions),
+    concurrency: () => limiter?.snapshot(),
     infer,
     agents: () => [...fleet.all()].map((a) => ({ id: a.id, up: isLive(a.id), status: a.status })),
     models: () => {

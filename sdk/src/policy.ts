@@ -9,6 +9,9 @@
  * within 10 % of the best share the work at random, and an agent whose runtime just failed is used only
  * when nothing else is left for a few seconds. Per-try timeouts and hedge delays come from this
  * client's own latency history with each agent and model once it has one (client/src/quantiles.ts).
+ *
+ * Its `floorMs` for the engine is the shortest service time any agent left claims for the model: with less time
+ * than that before the deadline, the request is refused at once (MESH_OVERLOADED) instead of being sent to fail.
  */
 import {
   type Attempt,
@@ -96,6 +99,11 @@ const INITIAL_NETWORK_MS = 1;
 const SUSPECT_MS = 3_000;
 /** A reply's queue claim older than this no longer counts (the fleet view's default for load reports). */
 const CLAIM_STALE_MS = 5_000;
+/**
+ * When every agent's service time is longer than a request's time left, the engine sheds it (`floorMs`); once per
+ * this long per model one such request still goes out, so an estimate that only runs refresh cannot stay stale.
+ */
+const SHED_PROBE_EVERY_MS = 1_000;
 /** What loading a model is taken to cost before any reply said (the router's default too). */
 const DEFAULT_COLD_LOAD_MS = 5_000;
 
@@ -259,6 +267,8 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
   };
 
   const leasedWork = new Map<string, number>();
+  /** Per model: when a request that the floor would have shed last went out as a probe. */
+  const probedAt = new Map<string, number>();
 
   const noteClaim = (agentId: string, rif: number, workMs: number | undefined, now: number) => {
     const claim = boundClaim(agentId, rif, workMs);
@@ -281,6 +291,18 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
         return leased.plan;
       }
       return pickLocal(request, tried, now, kind);
+    },
+    floorMs(request, tried, now) {
+      const { model, pinned } = request.data;
+      let floor = Number.POSITIVE_INFINITY;
+      // Each agent's own claim of its service time: one honest agent is enough to keep the floor low.
+      for (const agent of candidates(model, tried, pinned)) floor = Math.min(floor, serviceMsOf(agent, model));
+      if (!Number.isFinite(floor) || floor <= request.deadlineAt - now) return undefined;
+      if (now - (probedAt.get(model) ?? Number.NEGATIVE_INFINITY) >= SHED_PROBE_EVERY_MS) {
+        probedAt.set(model, now);
+        return undefined;
+      }
+      return floor;
     },
     onSend(attempt) {
       const agent = fleet.get(attempt.agentId);

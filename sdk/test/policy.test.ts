@@ -155,3 +155,36 @@ test('an agent claiming loadMs 0 for a reply that waited 2 s for its model gains
     `liar ${expected('agent-liar')} against honest ${expected('agent-honest')}`,
   );
 });
+
+test('floorMs: the fastest untried agent by its own claim; one honest agent keeps it low; one probe a second gets past it', () => {
+  const { fleet } = fleetOf('honest', 'liar');
+  const claim = (agent: string, serviceMs: number) =>
+    fleet.onLoad(
+      agent,
+      encodeMessage({
+        v: 1,
+        kind: 'load',
+        agent,
+        ts: 0,
+        seq: 1,
+        queued: 0,
+        inFlight: 0,
+        workers: 1,
+        models: { kws: { queued: 0, inFlight: 0, serviceMs, served: 0, failed: 0 } },
+      }),
+    );
+  claim('honest', 40);
+  claim('liar', 1e9);
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+  const floorMs = policy.floorMs!;
+  // Enough time for the honest agent: nothing to shed, whatever the liar claims.
+  assert.equal(floorMs(request(1_100), new Set(), 1_000), undefined);
+  // Too little for either: the first such request in a second is let through (a probe), the next is shed.
+  assert.equal(floorMs(request(1_030), new Set(), 1_000), undefined);
+  assert.equal(floorMs(request(1_030), new Set(), 1_010), 40);
+  assert.equal(floorMs(request(2_030), new Set(), 2_000), undefined, 'a second later, another probe');
+  // With the honest agent tried, only the liar is left: its claim is the floor.
+  assert.equal(floorMs(request(60_000), new Set(['honest']), 2_010), 1e9);
+  // No candidate at all: nothing known, nothing shed here (the engine answers MESH_NO_AGENT).
+  assert.equal(floorMs(request(1_030), new Set(['honest', 'liar']), 2_020), undefined);
+});

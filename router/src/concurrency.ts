@@ -1,0 +1,218 @@
+/**
+ * The router's adaptive concurrency limit on the requests it forwards for the HTTP and gRPC APIs (docs/routing.md,
+ * "Adaptive concurrency"). It follows Envoy's gradient controller,
+ * source/extensions/filters/http/adaptive_concurrency/controller/gradient_controller.cc in envoyproxy/envoy, rule by
+ * rule, with Envoy's defaults but one: the floor (min_concurrency) is 20, not 3. At 3 the first minRTT window (50
+ * requests at a concurrency of 3) refused requests in `edge-mesh up`, whose HTTP path sees about 3 requests a second,
+ * some of them OCR images that take a second or more. 20 is the default minLimit of Netflix concurrency-limits'
+ * Gradient2Limit (concurrency-limits-core/src/main/java/com/netflix/concurrency/limits/limit/Gradient2Limit.java).
+ *
+ * - A request goes on while fewer than `limit` are outstanding; beyond that it is refused at once (MESH_OVERLOADED,
+ *   HTTP 503), never queued. Every request that went on and ended (answered or failed) is a latency sample.
+ * - **minRTT window.** At start, and every `minRttIntervalMs` (plus up to `jitterPct` of it) after the last one ended,
+ *   the limit is pinned to `minConcurrency` and the samples of `minRttRequests` requests started in the window make
+ *   the baseline: minRTT is their `percentile`. Samples of requests started before the window are not counted. Then
+ *   the limit goes back to what it was.
+ * - **Sample windows.** Every `sampleIntervalMs` outside a minRTT window, the window's samples give sampleRTT (the
+ *   same percentile), and the limit becomes `limit × gradient + √(limit × gradient)`, where gradient =
+ *   minRTT × (1 + `bufferPct`) / sampleRTT clamped to [0.5, 2], the result clamped to [minConcurrency, maxConcurrency].
+ *   Latency above the buffered baseline shrinks the limit; latency at or below it lets it grow.
+ * - A limit set to `minConcurrency` for five sample windows in a row starts a new minRTT window at once (the
+ *   baseline is presumed wrong).
+ *
+ * One difference, in form only: Envoy runs the windows on timers; here they are advanced by the requests themselves
+ * (each acquire and release looks at the clock first). With no traffic nothing would change in Envoy either, since
+ * an empty sample window leaves the limit as it is.
+ */
+import { MeshError } from '@edge-mesh/protocol';
+
+export interface AdaptiveConcurrencyOptions {
+  /** The limit during a minRTT window, and its floor (default 20; Envoy's min_concurrency defaults to 3). */
+  minConcurrency?: number;
+  /** The limit's ceiling (max_concurrency_limit, default 1,000). */
+  maxConcurrency?: number;
+  /** Samples that make a minRTT baseline (request_count, default 50). */
+  minRttRequests?: number;
+  /** Time between minRTT windows, ms (interval, default 60,000). */
+  minRttIntervalMs?: number;
+  /** Random extra on that interval, a fraction of it (jitter, default 0.15). */
+  jitterPct?: number;
+  /** Length of a sample window, ms (concurrency_update_interval, default 100). */
+  sampleIntervalMs?: number;
+  /** Headroom over minRTT before latency counts as higher (buffer, default 0.25). */
+  bufferPct?: number;
+  /** The percentile of a window's samples that stands for it (sample_aggregate_percentile, default 0.5). */
+  percentile?: number;
+  /** Milliseconds, monotonic (default performance.now). */
+  now?: () => number;
+  random?: () => number;
+}
+
+/** What /metrics and the tests read. */
+export interface ConcurrencySnapshot {
+  limit: number;
+  outstanding: number;
+  /** The baseline, ms; NaN before the first minRTT window ended. */
+  minRttMs: number;
+  /** The last sample window's latency, ms; NaN before the first. */
+  sampleRttMs: number;
+  gradient: number;
+  inMinRttWindow: boolean;
+  /** Requests refused for the limit since start. */
+  refused: number;
+}
+
+/** A request let through; `release` it exactly once when it ends. */
+export interface ConcurrencyPermit {
+  release(): void;
+}
+
+/** Most samples a window keeps (a 100 ms window at 40,000 requests/s); later ones in the same window are dropped. */
+const MAX_SAMPLES = 4_096;
+/** Sample windows in a row at the floor before the baseline is measured again (Envoy's constant). */
+const MIN_LIMIT_WINDOWS = 5;
+
+export class AdaptiveConcurrency {
+  private readonly o: Required<Omit<AdaptiveConcurrencyOptions, 'now' | 'random'>>;
+  private readonly now: () => number;
+  private readonly random: () => number;
+  private limitValue: number;
+  private outstanding = 0;
+  private samples: number[] = [];
+  private minRttMs = Number.NaN;
+  private sampleRttMs = Number.NaN;
+  private gradient = 1;
+  private deferredLimit: number;
+  private inMinRttWindow = false;
+  private minRttEpoch = 0;
+  private nextMinRttAt = 0;
+  private nextSampleAt: number;
+  private atFloorWindows = 0;
+  private refused = 0;
+
+  constructor(options: AdaptiveConcurrencyOptions = {}) {
+    this.o = {
+      minConcurrency: options.minConcurrency ?? 20,
+      maxConcurrency: options.maxConcurrency ?? 1_000,
+      minRttRequests: options.minRttRequests ?? 50,
+      minRttIntervalMs: options.minRttIntervalMs ?? 60_000,
+      jitterPct: options.jitterPct ?? 0.15,
+      sampleIntervalMs: options.sampleIntervalMs ?? 100,
+      bufferPct: options.bufferPct ?? 0.25,
+      percentile: options.percentile ?? 0.5,
+    };
+    const { minConcurrency, maxConcurrency, minRttRequests, sampleIntervalMs, percentile } = this.o;
+    if (!Number.isInteger(minConcurrency) || minConcurrency < 1 || !Number.isInteger(maxConcurrency) || maxConcurrency < minConcurrency)
+      throw new MeshError(
+        'MESH_CONFIG',
+        `concurrency limits must be integers with 1 ≤ min ≤ max, got ${minConcurrency} and ${maxConcurrency}`,
+      );
+    if (!Number.isInteger(minRttRequests) || minRttRequests < 1 || !(sampleIntervalMs > 0) || !(percentile > 0 && percentile <= 1))
+      throw new MeshError('MESH_CONFIG', 'minRttRequests must be a positive integer, sampleIntervalMs positive, percentile in (0, 1]');
+    this.now = options.now ?? (() => performance.now());
+    this.random = options.random ?? Math.random;
+    this.limitValue = minConcurrency;
+    this.deferredLimit = minConcurrency;
+    this.nextSampleAt = this.now() + sampleIntervalMs;
+    this.enterMinRttWindow(this.now());
+  }
+
+  /** A permit, or MESH_OVERLOADED at once when `limit` requests are outstanding. */
+  acquire(): ConcurrencyPermit {
+    const now = this.now();
+    this.advance(now);
+    if (this.outstanding >= this.limitValue) {
+      this.refused++;
+      throw new MeshError('MESH_OVERLOADED', `the router has ${this.outstanding} requests in flight, its adaptive concurrency limit`, {
+        details: { limit: this.limitValue },
+      });
+    }
+    this.outstanding++;
+    const startedAt = now;
+    let released = false;
+    return {
+      release: () => {
+        if (released) return;
+        released = true;
+        this.record(startedAt);
+      },
+    };
+  }
+
+  snapshot(): ConcurrencySnapshot {
+    this.advance(this.now());
+    return {
+      limit: this.limitValue,
+      outstanding: this.outstanding,
+      minRttMs: this.minRttMs,
+      sampleRttMs: this.sampleRttMs,
+      gradient: this.gradient,
+      inMinRttWindow: this.inMinRttWindow,
+      refused: this.refused,
+    };
+  }
+
+  private record(startedAt: number): void {
+    const now = this.now();
+    this.outstanding--;
+    this.advance(now);
+    // A request started before the minRTT window began says nothing about the baseline.
+    if (startedAt < this.minRttEpoch) return;
+    if (this.samples.length < MAX_SAMPLES) this.samples.push(now - startedAt);
+    if (this.inMinRttWindow && this.samples.length >= this.o.minRttRequests) this.endMinRttWindow(now);
+  }
+
+  /** Runs the windows due by `now` (Envoy's timers): the sample window, then a minRTT window if one is due. */
+  private advance(now: number): void {
+    if (!this.inMinRttWindow && now >= this.nextSampleAt) {
+      // One window's samples, however many intervals passed without a request.
+      this.nextSampleAt = now + this.o.sampleIntervalMs;
+      if (this.samples.length > 0) {
+        this.sampleRttMs = this.takePercentile();
+        this.setLimit(this.newLimit());
+      }
+    }
+    if (!this.inMinRttWindow && now >= this.nextMinRttAt) this.enterMinRttWindow(now);
+  }
+
+  private enterMinRttWindow(now: number): void {
+    this.inMinRttWindow = true;
+    this.deferredLimit = this.limitValue;
+    this.setLimit(this.o.minConcurrency);
+    this.samples = [];
+    this.minRttEpoch = now;
+  }
+
+  private endMinRttWindow(now: number): void {
+    this.minRttMs = this.takePercentile();
+    // Set while still in the window, as Envoy does: the restored limit does not count as a window at the floor.
+    this.setLimit(this.deferredLimit);
+    this.inMinRttWindow = false;
+    const { minRttIntervalMs, jitterPct, sampleIntervalMs } = this.o;
+    this.nextMinRttAt = now + minRttIntervalMs + (jitterPct > 0 ? Math.floor(this.random() * Math.ceil(minRttIntervalMs * jitterPct)) : 0);
+    this.nextSampleAt = now + sampleIntervalMs;
+  }
+
+  private newLimit(): number {
+    const buffered = this.minRttMs * (1 + this.o.bufferPct);
+    this.gradient = this.sampleRttMs > 0 ? Math.max(0.5, Math.min(2, buffered / this.sampleRttMs)) : 2;
+    const limit = this.limitValue * this.gradient;
+    const next = Math.floor(limit + Math.sqrt(limit));
+    return Math.max(this.o.minConcurrency, Math.min(this.o.maxConcurrency, next));
+  }
+
+  private setLimit(limit: number): void {
+    const floor = this.o.minConcurrency;
+    if (!this.inMinRttWindow && this.limitValue === floor && limit === floor) this.atFloorWindows++;
+    else this.atFloorWindows = 0;
+    this.limitValue = limit;
+    if (this.atFloorWindows >= MIN_LIMIT_WINDOWS) this.nextMinRttAt = this.now();
+  }
+
+  /** The window's percentile, and the window emptied. */
+  private takePercentile(): number {
+    const sorted = this.samples.sort((a, b) => a - b);
+    this.samples = [];
+    return sorted[Math.min(sorted.length - 1, Math.max(0, Math.ceil(this.o.percentile * sorted.length) - 1))]!;
+  }
+}

@@ -1,0 +1,410 @@
+/**
+ * Overload (docs/operations.md, "Overload"): the agent's admission refuses at once what its queue cannot serve
+ * before the deadline, whatever the sender claims; the router's adaptive concurrency limit (router/src/concurrency.ts)
+ * shrinks when latency rises above its min-RTT baseline and grows when it does not.
+ */
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { sampleInputs } from '@edge-mesh/demo';
+import {
+  decodeMessage,
+  type ErrorReply,
+  encodeMessage,
+  encodeTensorMap,
+  type InferReply,
+  type MeshError,
+  newRequestId,
+  type Tensor,
+} from '@edge-mesh/protocol';
+import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions, startRouterHttp } from '@edge-mesh/router';
+import { kindOf, recoveryMs } from '../bench/contention.ts';
+import type { Executor, JobCallback } from '../edge-agent/src/executor.ts';
+import { Faults } from '../edge-agent/src/faults.ts';
+import { AgentRequests, ReplayGuard } from '../edge-agent/src/requests.ts';
+import { type Job, Scheduler } from '../edge-agent/src/scheduler.ts';
+import type { AgentCounters } from '../edge-agent/src/types.ts';
+import { agentFor, brokerFor, quiet, routerFor } from './helpers.ts';
+
+/** An executor whose runs end only when the test says, each taking `execMs` by its report. */
+class HeldExecutor implements Executor {
+  readonly runs: { model: string; callback: JobCallback }[] = [];
+  handoffMs = 0;
+  onIdle = () => {};
+  constructor(
+    readonly parallelism: number,
+    private readonly slots = parallelism,
+  ) {}
+  get freeCapacity() {
+    return this.slots - this.runs.length;
+  }
+  run(model: string, _inputs: Record<string, Tensor>, callback: JobCallback) {
+    this.runs.push({ model, callback });
+  }
+  /** Ends the oldest run, reporting `execMs`. */
+  finishOne(execMs: number) {
+    const run = this.runs.shift()!;
+    run.callback(undefined, { outputs: {}, execMs });
+    this.onIdle();
+  }
+}
+
+function rig(parallelism: number, serviceMs: number, queueLimit = 64) {
+  let now = 1_000_000;
+  const finished: { key: string; code: string | undefined }[] = [];
+  const scheduler = new Scheduler(
+    queueLimit,
+    (job, err) => finished.push({ key: job.key, code: err?.code }),
+    () => now,
+  );
+  const executor = new HeldExecutor(parallelism);
+  scheduler.addModel('m', serviceMs, executor);
+  let n = 0;
+  const job = (deadlineInMs: number): Job => ({
+    key: `j${n++}`,
+    id: new Uint8Array(16),
+    senderId: 's',
+    model: 'm',
+    inputs: {},
+    deadline: now + deadlineInMs,
+    receivedAt: 0,
+  });
+  const refusal = (j: Job): MeshError | undefined => {
+    try {
+      scheduler.submit(j);
+      return undefined;
+    } catch (err) {
+      return err as MeshError;
+    }
+  };
+  return {
+    scheduler,
+    executor,
+    finished,
+    job,
+    refusal,
+    advance: (ms: number) => {
+      now += ms;
+    },
+  };
+}
+
+describe('agent admission', () => {
+  test('a deadline the queue cannot meet is refused at once (MESH_OVERLOADED), one it can is queued', () => {
+    const r = rig(1, 10);
+    // Idle: one service time is all it takes.
+    assert.equal(r.refusal(r.job(10)), undefined);
+    assert.equal(r.executor.runs.length, 1);
+    // Busy: one running (half of 10 ms left, by the estimate) and three queued of 10 ms each ahead: 35 ms + 10 ms.
+    for (let i = 0; i < 3; i++) assert.equal(r.refusal(r.job(1_000)), undefined);
+    assert.equal(r.scheduler.estimateMs('m'), 45);
+    const refused = r.refusal(r.job(44));
+    assert.equal(refused?.code, 'MESH_OVERLOADED');
+    assert.deepEqual(refused?.details, { estimatedMs: 45, remainingMs: 44 });
+    assert.equal(r.refusal(r.job(45)), undefined);
+    // The refused job was never queued: it neither holds a place nor finishes later.
+    assert.equal(r.scheduler.pending, 5);
+    assert.equal(r.finished.length, 0);
+  });
+
+  test('the wait is shared by the parallel runs, and measured service times move the estimate', () => {
+    const r = rig(2, 10);
+    r.refusal(r.job(1_000));
+    r.refusal(r.job(1_000));
+    for (let i = 0; i < 4; i++) r.refusal(r.job(1_000));
+    // Two running (5 ms each left), four queued (40 ms), over two workers: 25 ms, plus 10.
+    assert.equal(r.scheduler.estimateMs('m'), 35);
+    // Runs that take 100 ms raise the service time (EWMA), and with it the estimate.
+    for (let i = 0; i < 6; i++) r.executor.finishOne(100);
+    assert.equal(r.scheduler.pending, 0);
+    assert.ok(r.scheduler.estimateMs('m') > 70, `estimate ${r.scheduler.estimateMs('m')}`);
+    r.refusal(r.job(1_000));
+    r.refusal(r.job(1_000));
+    assert.equal(r.refusal(r.job(60))?.code, 'MESH_OVERLOADED');
+  });
+
+  test('one run that took long (the process lost the CPU) does not refuse what follows; a slow spell does', () => {
+    const r = rig(1, 10);
+    for (let i = 0; i < 10; i++) {
+      r.refusal(r.job(1_000));
+      r.executor.finishOne(10);
+    }
+    r.refusal(r.job(1_000));
+    r.executor.finishOne(2_000);
+    assert.equal(r.scheduler.estimateMs('m'), 10, 'the median of the last runs');
+    assert.equal(r.refusal(r.job(50)), undefined);
+    r.executor.finishOne(10);
+    // Eight slow runs of the last fifteen: the median moves, and a 50 ms deadline no longer fits.
+    for (let i = 0; i < 8; i++) {
+      r.refusal(r.job(100_000));
+      r.executor.finishOne(200);
+    }
+    assert.equal(r.scheduler.estimateMs('m'), 200);
+    assert.equal(r.refusal(r.job(50))?.code, 'MESH_OVERLOADED');
+  });
+
+  test('a lying sender: a deadline already past, a huge deadline, a flood', () => {
+    const r = rig(1, 10, 8);
+    assert.equal(r.refusal(r.job(-1))?.code, 'MESH_DEADLINE_EXCEEDED');
+    assert.equal(r.refusal(r.job(0))?.code, 'MESH_DEADLINE_EXCEEDED');
+    // A huge deadline is admitted, but buys no more than its place: the queue bound still holds.
+    assert.equal(r.refusal(r.job(Number.MAX_SAFE_INTEGER)), undefined);
+    const flood = Array.from({ length: 20 }, () => r.refusal(r.job(Number.MAX_SAFE_INTEGER))?.code);
+    assert.equal(flood.filter((c) => c === undefined).length, 8);
+    assert.ok(flood.slice(8).every((c) => c === 'MESH_BUSY'));
+    // A flood of deadlines too tight for the queue: every one refused at once, none queued, none run.
+    const tight = Array.from({ length: 100 }, () => r.refusal(r.job(20))?.code);
+    assert.ok(tight.every((c) => c === 'MESH_OVERLOADED' || c === 'MESH_BUSY'));
+    assert.equal(r.scheduler.pending, 9);
+    assert.equal(r.executor.runs.length, 1);
+  });
+
+  test('an accepted job that expires in the queue is dropped with MESH_DEADLINE_EXCEEDED, not run', () => {
+    const r = rig(1, 10);
+    r.refusal(r.job(1_000));
+    const late = r.job(30);
+    assert.equal(r.refusal(late), undefined, 'admitted: 5 + 10 ms fit in 30');
+    // The running job takes far longer than its service time said.
+    r.advance(40);
+    r.executor.finishOne(40);
+    assert.deepEqual(r.finished.at(-1), { key: late.key, code: 'MESH_DEADLINE_EXCEEDED' });
+    assert.equal(r.executor.runs.length, 0);
+  });
+
+  test('an idle model whose estimate grew past every deadline still takes one job a second, so it can recover', () => {
+    const r = rig(1, 10);
+    r.refusal(r.job(1_000));
+    r.executor.finishOne(5_000);
+    r.executor.runs.length = 0;
+    const estimate = r.scheduler.estimateMs('m');
+    assert.ok(estimate > 500);
+    // It just ran: refused.
+    assert.equal(r.refusal(r.job(500))?.code, 'MESH_OVERLOADED');
+    r.advance(1_000);
+    assert.equal(r.refusal(r.job(500)), undefined, 'a probe, a second after the last start');
+    assert.equal(r.refusal(r.job(500))?.code, 'MESH_OVERLOADED', 'one probe, not a flood');
+  });
+});
+
+describe('agent request path', () => {
+  test('a request the agent cannot serve in time gets a MESH_OVERLOADED reply at once, with its queue, and is counted', () => {
+    const replies: (InferReply | ErrorReply)[] = [];
+    const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 };
+    const model = {
+      name: 'm',
+      inputs: [{ name: 'x', dtype: 'float32' as const, shape: [1] }],
+      outputs: [],
+      provider: 'cpu',
+      latencyMs: 50,
+    };
+    const requests = new AgentRequests({
+      agentId: 'agent',
+      maxMessageBytes: 1 << 20,
+      maxElements: 1 << 20,
+      models: new Map([['m', model]]),
+      replays: new ReplayGuard(100),
+      payments: undefined,
+      counters,
+      faults: new Faults(),
+      logger: quiet,
+      reply: (_sender, payload) => void replies.push(decodeMessage(payload, ['res', 'err'])),
+      closed: () => false,
+    });
+    const scheduler = new Scheduler(8, requests.finished);
+    const executor = new HeldExecutor(1);
+    scheduler.addModel('m', 50, executor);
+    requests.attach(scheduler);
+    const send = (deadlineInMs: number) =>
+      requests.onRequest(
+        'app',
+        encodeMessage({
+          v: 1,
+          kind: 'req',
+          id: newRequestId(),
+          deadline: Date.now() + deadlineInMs,
+          model: 'm',
+          inputs: encodeTensorMap({ x: { dtype: 'float32', shape: [1], data: new Float32Array([1]) } }),
+        }),
+      );
+    send(5_000);
+    send(5_000);
+    assert.equal(replies.length, 0);
+    send(60);
+    assert.equal(replies.length, 1);
+    const reply = replies[0]!;
+    assert.ok(reply.kind === 'err' && reply.code === 'MESH_OVERLOADED', JSON.stringify(reply));
+    assert.equal(reply.kind === 'err' && reply.rif, 2);
+    assert.deepEqual(counters.errors, { MESH_OVERLOADED: 1 });
+  });
+});
+
+describe('router adaptive concurrency (Envoy gradient controller)', () => {
+  function limiter(options: AdaptiveConcurrencyOptions = {}) {
+    const clock = { t: 0 };
+    // Envoy's defaults, its min_concurrency of 3 included (the router's own floor is 20).
+    const c = new AdaptiveConcurrency({ now: () => clock.t, random: () => 0, minConcurrency: 3, ...options });
+    /** `n` requests started together, each taking `ms`, ended in order. */
+    const wave = (n: number, ms: number) => {
+      const permits = Array.from({ length: n }, () => c.acquire());
+      clock.t += ms;
+      for (const p of permits) p.release();
+    };
+    /** Waves of `ms` latency, as many requests each as the limit lets through, for `windows` sample windows. */
+    const windows = (count: number, ms: number) => {
+      for (let i = 0; i < count; i++) {
+        wave(c.snapshot().limit, ms);
+        clock.t += 100;
+      }
+    };
+    return { c, clock, wave, windows };
+  }
+  const refusal = (c: AdaptiveConcurrency) => {
+    try {
+      c.acquire().release();
+      return undefined;
+    } catch (err) {
+      return err as MeshError;
+    }
+  };
+
+  test('starts in a minRTT window pinned at minConcurrency; beyond the limit, refused at once with MESH_OVERLOADED (HTTP 503)', () => {
+    assert.equal(new AdaptiveConcurrency().snapshot().limit, 20, "the router's default floor");
+    const { c } = limiter();
+    const held = [c.acquire(), c.acquire(), c.acquire()];
+    const refused = refusal(c);
+    assert.equal(refused?.code, 'MESH_OVERLOADED');
+    assert.equal(refused?.httpStatus, 503);
+    assert.deepEqual(refused?.details, { limit: 3 });
+    assert.equal(c.snapshot().refused, 1);
+    held[0]!.release();
+    held[0]!.release(); // a second release of one permit changes nothing
+    assert.equal(c.snapshot().outstanding, 2);
+    assert.equal(refusal(c), undefined);
+  });
+
+  test('latency at the baseline grows the limit; latency above it shrinks it (gradient clamped to [0.5, 2], plus √ headroom)', () => {
+    const { c, wave, windows } = limiter();
+    for (let i = 0; i < 17; i++) wave(3, 10);
+    const base = c.snapshot();
+    assert.equal(base.inMinRttWindow, false);
+    assert.equal(base.minRttMs, 10);
+    assert.equal(base.limit, 3);
+    // At the baseline: gradient 12.5 / 10 = 1.25 each window: 3 → 5 → 8 → 12 → ...
+    windows(1, 10);
+    assert.equal(c.snapshot().limit, 5);
+    windows(1, 10);
+    assert.equal(c.snapshot().limit, 8);
+    windows(4, 10);
+    const grown = c.snapshot().limit;
+    assert.ok(grown > 30, `grew to ${grown}`);
+    // Four times the baseline: gradient 0.3125, clamped to 0.5: the limit halves (plus its square root).
+    windows(1, 40);
+    const shrunk = c.snapshot();
+    assert.equal(shrunk.gradient, 0.5);
+    assert.equal(shrunk.limit, Math.floor(grown * 0.5 + Math.sqrt(grown * 0.5)));
+    windows(6, 40);
+    assert.ok(c.snapshot().limit < 10, `shrank to ${c.snapshot().limit}`);
+    // Back at the baseline, it grows again.
+    const low = c.snapshot().limit;
+    windows(3, 10);
+    assert.ok(c.snapshot().limit > low);
+  });
+
+  test('never beyond maxConcurrency nor below minConcurrency', () => {
+    const { c, wave, windows } = limiter({ minConcurrency: 2, maxConcurrency: 6, minRttRequests: 4 });
+    wave(2, 10);
+    wave(2, 10);
+    windows(10, 1);
+    assert.equal(c.snapshot().limit, 6);
+    windows(3, 1_000);
+    assert.equal(c.snapshot().limit, 2);
+  });
+
+  test('requests started before a minRTT window do not count toward its baseline', () => {
+    const { c, clock, wave } = limiter({ minRttRequests: 3, minRttIntervalMs: 1_000, jitterPct: 0 });
+    wave(3, 10);
+    assert.equal(c.snapshot().minRttMs, 10);
+    // One slow request starts before the next window and ends inside it.
+    const early = c.acquire();
+    clock.t += 1_500;
+    assert.equal(c.snapshot().inMinRttWindow, true);
+    early.release();
+    wave(1, 20);
+    wave(1, 20);
+    assert.equal(c.snapshot().inMinRttWindow, true, 'the early sample did not count');
+    wave(1, 20);
+    assert.equal(c.snapshot().minRttMs, 20);
+  });
+
+  test('five sample windows at the floor start a new minRTT window at once: the baseline is measured again', () => {
+    const { c, windows, wave } = limiter({ minRttRequests: 3 });
+    wave(3, 1);
+    assert.equal(c.snapshot().minRttMs, 1);
+    // 100 ms against a 1 ms baseline: at the floor, window after window, long before the 60 s interval.
+    windows(5, 100);
+    assert.equal(c.snapshot().inMinRttWindow, true);
+    windows(1, 100);
+    assert.deepEqual([c.snapshot().inMinRttWindow, c.snapshot().minRttMs], [false, 100]);
+    windows(2, 100);
+    assert.ok(c.snapshot().limit > 3, 'and the limit grows again at the new baseline');
+  });
+
+  test('over HTTP: a request beyond the limit answers 503 MESH_OVERLOADED at once, /metrics shows the limit, and serving goes on', async (t) => {
+    const broker = await brokerFor(t);
+    // Each request waits 300 ms at the agent's door, so four sent together are all in flight at once.
+    await agentFor(t, { brokerUrl: broker.url, faults: { linkDelayMs: 300 } });
+    const router = await routerFor(t, broker.url, { adaptiveConcurrency: { minConcurrency: 2, maxConcurrency: 2 }, hedging: false });
+    const http = await startRouterHttp(router, { port: 0 });
+    t.after(() => http.close());
+    await router.waitForModel('kws', 10_000);
+    const data = Array.from(sampleInputs('kws', 1)['onnx::Flatten_0']!.data as Float32Array);
+    const infer = async () => {
+      const res = await fetch(`${http.url}/v2/models/kws/infer`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({
+          inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data }],
+          parameters: { deadline_ms: 10_000 },
+        }),
+      });
+      return { status: res.status, body: (await res.json()) as { code?: string; details?: { limit?: number } } };
+    };
+    const started = performance.now();
+    const answers = await Promise.all([infer(), infer(), infer(), infer()]);
+    const statuses = answers.map((a) => a.status).sort();
+    assert.deepEqual(statuses, [200, 200, 503, 503], JSON.stringify(answers.map((a) => a.body.code)));
+    for (const a of answers.filter((x) => x.status === 503)) assert.deepEqual([a.body.code, a.body.details?.limit], ['MESH_OVERLOADED', 2]);
+    assert.ok(performance.now() - started < 5_000);
+    const metrics = await (await fetch(`${http.url}/metrics`)).text();
+    assert.match(metrics, /^edge_mesh_router_concurrency_limit 2$/m);
+    assert.match(metrics, /^edge_mesh_router_concurrency_refused_total 2$/m);
+    assert.equal((await infer()).status, 200);
+  });
+});
+
+describe('bench contention: how its figures are counted', () => {
+  test('errors by kind: refusals at admission, deadlines after acceptance, the rest', () => {
+    assert.deepEqual(['MESH_OVERLOADED', 'MESH_BUSY', 'MESH_DEADLINE_EXCEEDED', 'MESH_TIMEOUT', 'MESH_AGENT_LOST', 'OTHER'].map(kindOf), [
+      'admission',
+      'admission',
+      'deadline',
+      'deadline',
+      'other',
+      'other',
+    ]);
+  });
+
+  test('recovery: the first 250 ms window from which every window is within the bound and without errors', () => {
+    const at = (sentAt: number, ms: number, code?: string) => ({ sentAt, ms, code, http: false });
+    const stopped = 10_000;
+    const fine = [at(10_010, 5), at(10_300, 5), at(10_600, 5)];
+    assert.equal(recoveryMs(fine, stopped, 50), 0);
+    // Slow until 500 ms after the stop, then fine.
+    const slow = [at(10_010, 400), at(10_300, 300), at(10_600, 5), at(10_900, 5)];
+    assert.equal(recoveryMs(slow, stopped, 50), 500);
+    // A window with an error is not recovered, even if its answers were fast; a relapse moves the time on.
+    const relapse = [at(10_010, 5), at(10_300, 5, 'MESH_OVERLOADED'), at(10_600, 5), at(10_900, 400), at(11_200, 5)];
+    assert.equal(recoveryMs(relapse, stopped, 50), 1_000);
+    // Still slow in the last window: not recovered.
+    assert.equal(recoveryMs([at(10_010, 5), at(10_300, 400)], stopped, 50), null);
+  });
+});
