@@ -71,7 +71,7 @@ export function sourceOfProxyHeader(header: Buffer): string | undefined {
 /** An IP address as Node writes a socket's (IPv6 compressed), so one client is one key; throws for anything else. */
 function canonicalAddress(text: string): string {
   const family = net.isIP(text);
-  if (family === 0) throw new Error(`not an IP address: ${JSON.stringify(text.slice(0, 64))}`);
+  if (family === 0) throw new MeshError('MESH_BAD_REQUEST', `not an IP address: ${JSON.stringify(text.slice(0, 64))}`);
   return new net.SocketAddress({ address: text, family: family === 4 ? 'ipv4' : 'ipv6' }).address;
 }
 

@@ -114,7 +114,7 @@ export async function readDeployJournal(stateDir: string): Promise<Journal> {
   if (!existsSync(file)) return { v: 1, models: {} };
   try {
     const parsed = JSON.parse(await readFile(file, 'utf8')) as Journal;
-    if (parsed.v !== 1 || typeof parsed.models !== 'object') throw new Error('not a deployment journal');
+    if (parsed.v !== 1 || typeof parsed.models !== 'object') throw new MeshError('MESH_CONFIG', 'not a deployment journal');
     return parsed;
   } catch (cause) {
     throw new MeshError('MESH_CONFIG', `cannot read the deployment journal ${file}: ${(cause as Error).message}`, { cause });
@@ -442,12 +442,12 @@ export class AgentDeployments {
 /** GET with a byte cap enforced while reading, so a lying server cannot make the agent buffer more than the manifest's size. */
 async function fetchCapped(url: string, limit: number, timeoutMs: number): Promise<Buffer> {
   const response = await fetch(url, { signal: AbortSignal.timeout(timeoutMs) });
-  if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
+  if (!response.ok || !response.body) throw new MeshError('MESH_NOT_FOUND', `HTTP ${response.status}`);
   const parts: Buffer[] = [];
   let total = 0;
   for await (const chunk of response.body as unknown as AsyncIterable<Uint8Array>) {
     total += chunk.byteLength;
-    if (total > limit) throw new Error(`more than the ${limit} bytes announced`);
+    if (total > limit) throw new MeshError('MESH_TOO_LARGE', `more than the ${limit} bytes announced`);
     parts.push(Buffer.from(chunk));
   }
   return Buffer.concat(parts);
