@@ -20,3 +20,6 @@ export * from './signal.ts';
 export * from './stats.ts';
 export * from './tls.ts';
 export * from './transport.ts';
+export * from './pipeline.ts';
+export * from './pipelines/ocr.ts';
+export * from './pipelines/wakeword.ts';

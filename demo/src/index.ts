@@ -15,3 +15,6 @@ export * from './stats.ts';
 export * from './supervisor.ts';
 export * from './up.ts';
 export * from './up-settlement.ts';
+export * from './pipeline-models.ts';
+export * from './text-image.ts';
+export * from './pipeline-local.ts';

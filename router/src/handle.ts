@@ -8,6 +8,7 @@ import type { FastifyInstance } from 'fastify';
 import type { Registry as PromRegistry } from 'prom-client';
 import type { Registry } from './estimates.ts';
 import type { RouterHttpAuthOptions } from './http-auth.ts';
+import type { RouterPipelines } from './pipelines.ts';
 import type { RelayOptions } from './relay.ts';
 
 /** The few pino methods the router uses; any pino logger fits. */
@@ -31,6 +32,8 @@ export interface RouteResult {
 
 export interface RouterInferOptions {
   deadlineMs?: number;
+  /** Agents never to try (a pipeline stage whose answer from them was refused). */
+  excludeAgents?: ReadonlySet<string>;
 }
 
 export interface RouterInferResult {
@@ -43,6 +46,8 @@ export interface RouterInferResult {
   attempts: number;
   hedged: boolean;
   timings: { totalMs: number; queueMs: number; execMs: number; predictedMs: number };
+  /** A pipeline's model stages in order: which agent answered each, with which request. */
+  stages?: { stage: string; model: string; agentId: string; requestId: string }[];
 }
 
 /** One finished attempt, for metrics (HTTP layer) and tests. */
@@ -97,6 +102,8 @@ export interface RouterHandle {
   readonly counters: RouterCounters;
   /** Picks an agent for `model` now; throws a coded MeshError (MESH_NO_AGENT, MESH_DEADLINE_EXCEEDED). */
   route(model: string, options?: RouteOptions): RouteResult;
+  /** Pipelines served as models (docs/pipelines.md); `infer` with a pipeline's name runs it. */
+  readonly pipelines: RouterPipelines;
   /** Forwards one request over MQTT as the router and resolves with the first result. */
   infer(model: string, inputs: Record<string, Tensor>, options?: RouterInferOptions): Promise<RouterInferResult>;
   /** Live agents and their latest verified status. */

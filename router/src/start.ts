@@ -9,6 +9,7 @@ import {
   createFleetView,
   createRequestEngine,
   type MeshTlsOptions,
+  type PipelineDefinition,
   mqttTransport,
   openMeshConnection,
   readReply,
@@ -57,6 +58,7 @@ import type {
 import { answerRoute } from './leases.ts';
 import { type LivePolicyFactory, observedBy, resolveRouterPolicy } from './policies.ts';
 import { createRouterPolicy, type RouterAsk } from './policy.ts';
+import { createRouterPipelines } from './pipelines.ts';
 import { selectAgent } from './select.ts';
 import { StallMonitor } from './stalls.ts';
 
@@ -74,6 +76,8 @@ export interface StartRouterOptions {
   config?: RouterOptions;
   /** Deadline when a call gives none, ms. */
   defaultDeadlineMs?: number;
+  /** Pipelines served as models on the KServe API and by `infer` (docs/pipelines.md). */
+  pipelines?: readonly PipelineDefinition[];
   /** Agents tried per forwarded request, the first included (default 3). */
   maxAttempts?: number;
   /** Hedge a slow attempt on a different warm node (default true). */
@@ -320,9 +324,10 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
 
   let closing = false;
   const infer: RouterHandle['infer'] = async (model, inputs, inferOptions: RouterInferOptions = {}) => {
-    const { deadlineMs = defaultDeadlineMs } = inferOptions;
-    for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
+    const { deadlineMs = defaultDeadlineMs, excludeAgents } = inferOptions;
     if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'router closed');
+    if (pipelines.has(model)) return pipelines.run(model, inputs, deadlineMs);
+    for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
     const startedAt = clock.now();
     const deadlineAt = startedAt + deadlineMs;
     const id = newRequestId();
@@ -338,7 +343,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     // A router that just started may not have heard the statuses yet: wait within the deadline.
     while (!hasCandidate(model) && clock.now() < deadlineAt) await fleet.changes.wait(Math.min(100, deadlineAt - clock.now()));
     return new Promise((resolve, reject) => {
-      engine.start({ key, deadlineAt, data: { model, bytesUp: payload.byteLength, payload }, model }, (outcome) => {
+      const data = { model, bytesUp: payload.byteLength, payload, ...(excludeAgents?.size ? { excluded: excludeAgents } : {}) };
+      engine.start({ key, deadlineAt, data, model }, (outcome) => {
         if (!outcome.ok) {
           routed({ via: 'forward', model, ok: false, code: outcome.error.code, totalMs: clock.now() - startedAt });
           reject(outcome.error);
@@ -372,6 +378,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     });
   };
 
+  const pipelines = createRouterPipelines(options.pipelines ?? [], infer, () => handle.models());
+
   let http: RouterHttpHandle | undefined;
   let grpc: RouterGrpcHandle | undefined;
   const counters = (): RouterCounters => {
@@ -400,6 +408,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     },
     route: (model, routeOptions) => route(model, routeOptions),
     infer,
+    pipelines,
     agents: () => [...fleet.all()].map((a) => ({ id: a.id, up: isLive(a.id), status: a.status })),
     models: () => {
       const byName = new Map<string, ModelInfo>();

@@ -24,6 +24,7 @@ import {
   type MeshConnection,
   type MeshLogger,
   type MeshTlsOptions,
+  type PipelineDefinition,
   mqttTransport,
   openMeshConnection,
   readReply,
@@ -55,6 +56,7 @@ import {
 } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
 import { createLeaseBook, type LeaseBook } from './leases.ts';
+import { createPipelines, type PipelineOptions, type PipelineRunResult } from './pipelines.ts';
 import type { LaneView, PayerLanes, PaymentOptions } from './payments.ts';
 import { createSdkPolicy, type SdkReply, type SdkRequest } from './policy.ts';
 
@@ -68,6 +70,15 @@ export {
   type Tensor,
 } from '@edge-mesh/protocol';
 export type { LaneView, PaymentOptions } from './payments.ts';
+export type { PipelineOptions, PipelineRunResult } from './pipelines.ts';
+export {
+  ocrPipeline,
+  ocrText,
+  type PipelineDefinition,
+  type PipelineResult,
+  type StageRecord,
+  wakeWordPipeline,
+} from '@edge-mesh/client';
 
 export interface ConnectOptions {
   brokerUrl: string;
@@ -131,6 +142,11 @@ export interface ConnectOptions {
    * each receipt is checked, and verified work is paid with EIP-712 vouchers (docs/settlement.md).
    */
   payment?: PaymentOptions;
+  /**
+   * Pipelines `pipeline()` runs besides the built-in `wakeword` (docs/pipelines.md); one with the same name
+   * replaces it. The OCR pipeline needs its dictionary: `ocrPipeline({ dictionary })`.
+   */
+  pipelines?: readonly PipelineDefinition[];
 }
 
 export interface InferOptions {
@@ -138,6 +154,8 @@ export interface InferOptions {
   deadlineMs?: number;
   /** Send only to this agent: one attempt, no failover, retry or hedge. */
   agentId?: string;
+  /** Never send to these agents (a pipeline stage retried after refusing an agent's answer). */
+  excludeAgents?: ReadonlySet<string>;
   /**
    * Gives up on the request: it fails with MESH_CANCELLED and every attempt still running is cancelled. On a
    * paid request to a model that runs in units, the agent is paid for the units whose outputs came before
@@ -214,6 +232,13 @@ export interface Mesh {
   readonly clientId: string;
   readonly counters: Readonly<MeshCounters>;
   infer(model: string, inputs: Record<string, Tensor>, options?: InferOptions): Promise<InferResult>;
+  /**
+   * Runs a pipeline (docs/pipelines.md): each model stage an ordinary request (routed, paid, receipted) to
+   * whichever agent is best for its model, within one deadline; the steps between run here.
+   */
+  pipeline(name: string, inputs: Record<string, Tensor>, options?: PipelineOptions): Promise<PipelineRunResult>;
+  /** The pipelines `pipeline()` knows, by name. */
+  pipelines(): PipelineDefinition[];
   /** Live agents as this client sees them. */
   agents(): AgentView[];
   /** Models served by at least one live agent. */
@@ -513,7 +538,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   const creditCounters = { creditHeld: 0, creditFailed: 0 };
 
   const infer = async (model: string, inputs: Record<string, Tensor>, inferOptions: InferOptions = {}): Promise<InferResult> => {
-    const { deadlineMs = defaultDeadlineMs, agentId: pinned, signal, onProgress } = inferOptions;
+    const { deadlineMs = defaultDeadlineMs, agentId: pinned, signal, onProgress, excludeAgents } = inferOptions;
     if (signal?.aborted) throw new MeshError('MESH_CANCELLED', 'the request was aborted before it was sent');
     for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
     const startedAt = clock.now();
@@ -540,7 +565,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     // A paid request waits here (within its deadline) until an agent that serves it has room in its credit
     // window by this client's count, instead of drawing MESH_CREDIT_EXCEEDED; nothing is awaited between the
     // last check and the first attempt, so requests released together cannot overfill a window.
-    const eligible = (id: string) => pinned === undefined || id === pinned;
+    const eligible = (id: string) => (pinned === undefined || id === pinned) && !excludeAgents?.has(id);
     let creditHold = creditWait(key, model, eligible, deadlineAt, true);
     if (creditHold) creditCounters.creditHeld++;
     while (creditHold) {
@@ -549,7 +574,15 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'client closed while the request waited for credit');
       creditHold = creditWait(key, model, eligible, deadlineAt, true);
     }
-    const data: SdkRequest = { model, payloadFor, lease, viaRouter: leases !== undefined && !pinned, pinned, routedBy: undefined };
+    const data: SdkRequest = {
+      model,
+      payloadFor,
+      lease,
+      viaRouter: leases !== undefined && !pinned,
+      pinned,
+      routedBy: undefined,
+      ...(excludeAgents?.size ? { excluded: excludeAgents } : {}),
+    };
     if (onProgress) progressListeners.set(key, onProgress);
     const onAbort = () => engine.abort(key, new MeshError('MESH_CANCELLED', 'the request was aborted by its sender'));
     signal?.addEventListener('abort', onAbort, { once: true });
@@ -581,6 +614,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     });
   };
 
+  const pipelines = createPipelines(options.pipelines ?? [], infer, defaultDeadlineMs);
+
   let closing: Promise<void> | undefined;
   return {
     clientId,
@@ -599,6 +634,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       };
     },
     infer,
+    pipeline: pipelines.run,
+    pipelines: pipelines.list,
     agents: () =>
       [...fleet.all()]
         .filter((a) => a.status.state !== 'offline')

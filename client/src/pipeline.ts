@@ -1,0 +1,276 @@
+/**
+ * Pipelines (docs/pipelines.md): a named graph of models, an ensemble in Triton's words, run stage by stage
+ * within one deadline. A `model` stage is an ordinary request through the caller's `infer` (the SDK's or the
+ * router's request engine), so it goes to whichever agent is best for that model, is paid and receipted like
+ * any request, and may land on a different agent from the stage before. A `step` stage is a deterministic
+ * function in the orchestrating process: the pre- and post-processing between models that is not an ONNX
+ * model (windowing, box finding, decoding).
+ *
+ * What the orchestrator does not trust: the caller's inputs (checked against the declared inputs) and every
+ * stage agent's outputs (checked against the stage's declared outputs, so a wrong-shaped, wrong-typed or
+ * oversized tensor from a dishonest agent never reaches the next stage). A stage whose agent answered with
+ * outputs that fail the check is tried once more on another agent when the deadline allows; the failed
+ * attempt is reported in `rejected` so the caller can refuse to pay it (the SDK does).
+ *
+ * Beyond Triton's ensembles: a model stage may escalate. When its outputs say the result is unsure (the
+ * `when` test) and at least `minRemainingMs` remain, the same inputs go to a bigger model, usually served by
+ * stronger nodes; its answer replaces the first when it passes the same checks, else the first stands.
+ */
+import { checkTensor, type DType, MeshError, type Tensor } from '@edge-mesh/protocol';
+
+/** A tensor's declared form: dtype, and per dimension a size or null for any. */
+export interface TensorSpec {
+  dtype: DType;
+  shape: readonly (number | null)[];
+  /** Upper bound on elements (default 1 << 22). */
+  maxElements?: number;
+}
+
+/** Send the same inputs to a bigger model when the first answer is unsure and time allows. */
+export interface Escalation {
+  model: string;
+  /** True when the stage's outputs (by model output name) are unsure enough to ask the bigger model. */
+  when: (outputs: Readonly<Record<string, Tensor>>) => boolean;
+  /** Escalate only when at least this much of the deadline is left, ms (default 0). */
+  minRemainingMs?: number;
+  /** Time kept back for the stages after this one: the bigger model gets what is left minus this, ms (default 0). */
+  reserveMs?: number;
+}
+
+export interface ModelStage {
+  kind: 'model';
+  /** Unique within the pipeline; names the stage in results and errors. */
+  name: string;
+  model: string;
+  /** Model input name → the pipeline tensor fed to it. */
+  inputs: Readonly<Record<string, string>>;
+  /** Model output name → the pipeline tensor it becomes, with the form an honest agent returns. */
+  outputs: Readonly<Record<string, { as: string; spec: TensorSpec }>>;
+  /**
+   * A further check of an answer beyond each output's form, across inputs and outputs (one embedding per
+   * window, say); throws to refuse the answer.
+   */
+  check?: (inputs: Readonly<Record<string, Tensor>>, outputs: Readonly<Record<string, Tensor>>) => void;
+  /**
+   * Outputs to use without asking any agent, when the inputs leave nothing to compute (no text box found, say):
+   * no request is sent and nothing is paid. Undefined: ask.
+   */
+  skip?: (inputs: Readonly<Record<string, Tensor>>) => Record<string, Tensor> | undefined;
+  escalate?: Escalation;
+}
+
+export interface StepStage {
+  kind: 'step';
+  name: string;
+  /** The pipeline tensors the step reads. */
+  inputs: readonly string[];
+  /** The pipeline tensors it writes. */
+  outputs: readonly string[];
+  run: (tensors: Readonly<Record<string, Tensor>>) => Record<string, Tensor>;
+}
+
+export type PipelineStage = ModelStage | StepStage;
+
+export interface PipelineDefinition {
+  name: string;
+  version: string;
+  description?: string;
+  inputs: Readonly<Record<string, TensorSpec>>;
+  /** Pipeline tensors returned to the caller. */
+  outputs: readonly string[];
+  stages: readonly PipelineStage[];
+}
+
+/** What the orchestrator needs from a request path: one routed, paid request; the agents to avoid, if any. */
+export type StageInfer = (
+  model: string,
+  inputs: Record<string, Tensor>,
+  options: { deadlineMs: number; excludeAgents?: ReadonlySet<string> },
+) => Promise<{ outputs: Record<string, Tensor>; agentId: string; requestId: string }>;
+
+export interface StageRecord {
+  stage: string;
+  model: string;
+  agentId: string;
+  requestId: string;
+  ms: number;
+  /** Set on an escalated stage: the model first asked, whose answer was unsure. */
+  escalatedFrom?: string;
+}
+
+/** An answered request whose outputs failed the stage's check: the work is refused. */
+export interface RejectedAttempt {
+  stage: string;
+  model: string;
+  agentId: string;
+  requestId: string;
+  error: MeshError;
+}
+
+export interface PipelineResult {
+  pipeline: string;
+  outputs: Record<string, Tensor>;
+  /** One record per model stage, in order: the answer that was used. */
+  stages: StageRecord[];
+  /** Answers refused for failing their stage's check (not used, and not to be paid). */
+  rejected: RejectedAttempt[];
+  /** Escalations tried whose answer failed or came too late (the first answer stood). */
+  escalationsFailed: { stage: string; model: string; error: MeshError }[];
+  totalMs: number;
+}
+
+export interface RunPipelineOptions {
+  deadlineMs: number;
+  infer: StageInfer;
+  /** Called for each refused answer as soon as it is refused (the SDK refuses its receipt). */
+  onRejected?: (rejected: RejectedAttempt) => void;
+  now?: () => number;
+}
+
+const DEFAULT_MAX_ELEMENTS = 1 << 22;
+
+/** Throws MESH_BAD_TENSOR (MESH_TOO_LARGE past the element bound) unless `tensor` has the declared form. */
+export function checkTensorSpec(name: string, tensor: Tensor | undefined, spec: TensorSpec): Tensor {
+  if (tensor === undefined) throw new MeshError('MESH_BAD_TENSOR', `tensor ${name} is missing`, { details: { tensor: name } });
+  checkTensor(name, tensor, spec.maxElements ?? DEFAULT_MAX_ELEMENTS);
+  if (tensor.dtype !== spec.dtype) {
+    throw new MeshError('MESH_BAD_TENSOR', `tensor ${name}: dtype ${tensor.dtype}, expected ${spec.dtype}`, { details: { tensor: name } });
+  }
+  const fits = tensor.shape.length === spec.shape.length && spec.shape.every((d, i) => d === null || d === tensor.shape[i]);
+  if (!fits) {
+    const want = spec.shape.map((d) => (d === null ? '?' : d)).join(',');
+    throw new MeshError('MESH_BAD_TENSOR', `tensor ${name}: shape [${tensor.shape.join(',')}], expected [${want}]`, {
+      details: { tensor: name },
+    });
+  }
+  return tensor;
+}
+
+/** Checks a definition once: unique stage names, every tensor produced before it is read. Throws MESH_CONFIG. */
+export function validatePipeline(def: PipelineDefinition): PipelineDefinition {
+  const bad = (msg: string) => new MeshError('MESH_CONFIG', `pipeline ${def.name}: ${msg}`);
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(def.name)) throw bad('the name must be 1-64 letters, digits, ".", "_" or "-"');
+  const known = new Set(Object.keys(def.inputs));
+  const names = new Set<string>();
+  for (const stage of def.stages) {
+    if (names.has(stage.name)) throw bad(`two stages are named ${stage.name}`);
+    names.add(stage.name);
+    const reads = stage.kind === 'model' ? Object.values(stage.inputs) : stage.inputs;
+    for (const t of reads) if (!known.has(t)) throw bad(`stage ${stage.name} reads ${t} before any stage writes it`);
+    const writes = stage.kind === 'model' ? Object.values(stage.outputs).map((o) => o.as) : stage.outputs;
+    for (const t of writes) known.add(t);
+  }
+  for (const t of def.outputs) if (!known.has(t)) throw bad(`output ${t} is written by no stage`);
+  return def;
+}
+
+/** Runs `def` on `inputs`: model stages through `infer`, steps here, all within `deadlineMs`. */
+export async function runPipeline(
+  def: PipelineDefinition,
+  inputs: Record<string, Tensor>,
+  { deadlineMs, infer, onRejected, now = () => performance.now() }: RunPipelineOptions,
+): Promise<PipelineResult> {
+  const startedAt = now();
+  const deadlineAt = startedAt + deadlineMs;
+  const tensors: Record<string, Tensor> = {};
+  for (const [name, spec] of Object.entries(def.inputs)) {
+    tensors[name] = checkTensorSpec(`${def.name}.${name}`, inputs[name], spec);
+  }
+  for (const name of Object.keys(inputs)) {
+    if (!Object.hasOwn(def.inputs, name)) {
+      throw new MeshError('MESH_BAD_TENSOR', `pipeline ${def.name} has no input ${name}`, { details: { pipeline: def.name } });
+    }
+  }
+  const stages: StageRecord[] = [];
+  const rejected: RejectedAttempt[] = [];
+  const escalationsFailed: PipelineResult['escalationsFailed'] = [];
+  const remaining = () => deadlineAt - now();
+  const expired = (stage: string) =>
+    new MeshError('MESH_DEADLINE_EXCEEDED', `pipeline ${def.name}: the deadline passed before stage ${stage}`, {
+      details: { pipeline: def.name, stage },
+    });
+
+  /** One answer for `model` whose outputs pass the stage's check; a second agent when the first lies. */
+  const askChecked = async (stage: ModelStage, model: string, feed: Record<string, Tensor>, reserveMs = 0) => {
+    const exclude = new Set<string>();
+    for (let tries = 0; ; tries++) {
+      const left = remaining() - reserveMs;
+      if (left <= 0) throw expired(stage.name);
+      const sentAt = now();
+      const answer = await infer(model, feed, { deadlineMs: left, ...(exclude.size ? { excludeAgents: exclude } : {}) });
+      try {
+        const out: Record<string, Tensor> = {};
+        for (const [outName, { spec }] of Object.entries(stage.outputs)) {
+          out[outName] = checkTensorSpec(`${stage.name}.${outName}`, answer.outputs[outName], spec);
+        }
+        stage.check?.(feed, out);
+        return { ...answer, outputs: out, ms: now() - sentAt };
+      } catch (err) {
+        const error = new MeshError(
+          'MESH_BAD_TENSOR',
+          `pipeline ${def.name}, stage ${stage.name}: agent ${answer.agentId} answered ${model} with ${(err as Error).message}`,
+          { cause: err, details: { pipeline: def.name, stage: stage.name, agentId: answer.agentId } },
+        );
+        const record = { stage: stage.name, model, agentId: answer.agentId, requestId: answer.requestId, error };
+        rejected.push(record);
+        onRejected?.(record);
+        exclude.add(answer.agentId);
+        if (tries >= 1 || remaining() <= 0) throw error;
+      }
+    }
+  };
+
+  for (const stage of def.stages) {
+    if (remaining() <= 0) throw expired(stage.name);
+    if (stage.kind === 'step') {
+      const view: Record<string, Tensor> = {};
+      for (const t of stage.inputs) view[t] = tensors[t]!;
+      let produced: Record<string, Tensor>;
+      try {
+        produced = stage.run(view);
+      } catch (err) {
+        if (err instanceof MeshError) throw err;
+        throw new MeshError('MESH_BAD_INPUT', `pipeline ${def.name}, step ${stage.name}: ${(err as Error).message}`, {
+          cause: err,
+          details: { pipeline: def.name, stage: stage.name },
+        });
+      }
+      for (const t of stage.outputs) {
+        if (!produced[t]) throw new MeshError('MESH_INTERNAL', `pipeline ${def.name}, step ${stage.name} did not produce ${t}`);
+        tensors[t] = produced[t];
+      }
+      continue;
+    }
+    const feed: Record<string, Tensor> = {};
+    for (const [modelInput, t] of Object.entries(stage.inputs)) feed[modelInput] = tensors[t]!;
+    const skipped = stage.skip?.(feed);
+    if (skipped) {
+      for (const [outName, { as }] of Object.entries(stage.outputs)) tensors[as] = skipped[outName]!;
+      continue;
+    }
+    let answer = await askChecked(stage, stage.model, feed);
+    let escalatedFrom: string | undefined;
+    const rule = stage.escalate;
+    if (rule && rule.when(answer.outputs) && remaining() > (rule.minRemainingMs ?? 0)) {
+      try {
+        answer = await askChecked(stage, rule.model, feed, rule.reserveMs ?? 0);
+        escalatedFrom = stage.model;
+      } catch (err) {
+        const error = err instanceof MeshError ? err : new MeshError('MESH_INTERNAL', (err as Error).message, { cause: err });
+        escalationsFailed.push({ stage: stage.name, model: rule.model, error });
+      }
+    }
+    for (const [outName, { as }] of Object.entries(stage.outputs)) tensors[as] = answer.outputs[outName]!;
+    stages.push({
+      stage: stage.name,
+      model: escalatedFrom ? rule!.model : stage.model,
+      agentId: answer.agentId,
+      requestId: answer.requestId,
+      ms: answer.ms,
+      ...(escalatedFrom ? { escalatedFrom } : {}),
+    });
+  }
+  const outputs: Record<string, Tensor> = {};
+  for (const t of def.outputs) outputs[t] = tensors[t]!;
+  return { pipeline: def.name, outputs, stages, rejected, escalationsFailed, totalMs: now() - startedAt };
+}
