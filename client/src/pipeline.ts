@@ -117,6 +117,8 @@ export interface PipelineResult {
   /** Escalations tried whose answer failed or came too late (the first answer stood). */
   escalationsFailed: { stage: string; model: string; error: MeshError }[];
   totalMs: number;
+  /** Every tensor the pipeline made, stage outputs included, when `intermediates` was asked for. */
+  tensors?: Record<string, Tensor>;
 }
 
 export interface RunPipelineOptions {
@@ -124,6 +126,8 @@ export interface RunPipelineOptions {
   infer: StageInfer;
   /** Called for each refused answer as soon as it is refused (the SDK refuses its receipt). */
   onRejected?: (rejected: RejectedAttempt) => void;
+  /** Return every intermediate tensor too (`tensors`), to check stages one by one. */
+  intermediates?: boolean;
   now?: () => number;
 }
 
@@ -168,7 +172,7 @@ export function validatePipeline(def: PipelineDefinition): PipelineDefinition {
 export async function runPipeline(
   def: PipelineDefinition,
   inputs: Record<string, Tensor>,
-  { deadlineMs, infer, onRejected, now = () => performance.now() }: RunPipelineOptions,
+  { deadlineMs, infer, onRejected, intermediates = false, now = () => performance.now() }: RunPipelineOptions,
 ): Promise<PipelineResult> {
   const startedAt = now();
   const deadlineAt = startedAt + deadlineMs;
@@ -197,7 +201,20 @@ export async function runPipeline(
       const left = remaining() - reserveMs;
       if (left <= 0) throw expired(stage.name);
       const sentAt = now();
-      const answer = await infer(model, feed, { deadlineMs: left, ...(exclude.size ? { excludeAgents: exclude } : {}) });
+      let answer: Awaited<ReturnType<StageInfer>>;
+      try {
+        answer = await infer(model, feed, { deadlineMs: left, ...(exclude.size ? { excludeAgents: exclude } : {}) });
+      } catch (err) {
+        // The refusal says more than "no other agent": report it, with why the second try failed.
+        const refused = rejected.findLast((r) => r.stage === stage.name && r.model === model);
+        if (refused && exclude.size > 0) {
+          throw new MeshError('MESH_BAD_TENSOR', `${refused.error.message}; no honest answer after it: ${(err as Error).message}`, {
+            cause: err,
+            details: { ...refused.error.details, retryCode: err instanceof MeshError ? err.code : 'MESH_INTERNAL' },
+          });
+        }
+        throw err;
+      }
       try {
         const out: Record<string, Tensor> = {};
         for (const [outName, { spec }] of Object.entries(stage.outputs)) {
@@ -272,5 +289,13 @@ export async function runPipeline(
   }
   const outputs: Record<string, Tensor> = {};
   for (const t of def.outputs) outputs[t] = tensors[t]!;
-  return { pipeline: def.name, outputs, stages, rejected, escalationsFailed, totalMs: now() - startedAt };
+  return {
+    pipeline: def.name,
+    outputs,
+    stages,
+    rejected,
+    escalationsFailed,
+    totalMs: now() - startedAt,
+    ...(intermediates ? { tensors: { ...tensors } } : {}),
+  };
 }

@@ -1,3 +1,4 @@
+/// <reference path="./opentype.d.ts" />
 /**
  * Text drawn into an RGB image, deterministically, for the OCR pipeline's tests, benchmark and camera-hub
  * example: DejaVu Sans (npm `dejavu-fonts-ttf`, the Bitstream Vera licence) parsed by opentype.js, each glyph

@@ -8,6 +8,8 @@ import { MeshError, type Tensor } from '@edge-mesh/protocol';
 export interface PipelineOptions {
   /** Time budget from now for every stage together, ms (default: the client's default deadline). */
   deadlineMs?: number;
+  /** Return every stage's tensors too (`tensors`). */
+  intermediates?: boolean;
 }
 
 export type PipelineRunResult = PipelineResult;
@@ -23,7 +25,7 @@ export function createPipelines(extra: readonly PipelineDefinition[], infer: Inf
   for (const def of [wakeWordPipeline(), ...extra]) byName.set(def.name, validatePipeline(def));
   return {
     list: (): PipelineDefinition[] => [...byName.values()],
-    run(name: string, inputs: Record<string, Tensor>, { deadlineMs = defaultDeadlineMs }: PipelineOptions = {}): Promise<PipelineResult> {
+    run(name: string, inputs: Record<string, Tensor>, { deadlineMs = defaultDeadlineMs, intermediates = false }: PipelineOptions = {}): Promise<PipelineResult> {
       const def = byName.get(name);
       if (!def) {
         return Promise.reject(
@@ -32,6 +34,7 @@ export function createPipelines(extra: readonly PipelineDefinition[], infer: Inf
       }
       return runPipeline(def, inputs, {
         deadlineMs,
+        intermediates,
         infer: async (model, stageInputs, options) => {
           const r = await infer(model, stageInputs, options);
           return { outputs: r.outputs, agentId: r.agentId, requestId: r.requestId };

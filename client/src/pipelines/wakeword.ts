@@ -27,6 +27,8 @@ export const CLASSIFIER_FRAMES = 16;
 export const MIN_MEL_FRAMES = EMBEDDING_WINDOW + EMBEDDING_STEP * (CLASSIFIER_FRAMES - 1);
 /** Audio accepted per request: up to 10 s. */
 export const MAX_AUDIO_SAMPLES = 10 * WAKEWORD_SAMPLE_RATE;
+/** Embedding windows of the longest audio: (1001 frames − 76) / 8 + 1. */
+const MAX_WINDOWS = Math.floor((MAX_AUDIO_SAMPLES / 160 + 1 - EMBEDDING_WINDOW) / EMBEDDING_STEP) + 1;
 
 export interface WakeWordPipelineOptions {
   name?: string;
@@ -123,7 +125,9 @@ export function wakeWordPipeline(options: WakeWordPipelineOptions = {}): Pipelin
         name: 'embedding',
         model: embeddingModel,
         inputs: { input_1: 'windows' },
-        outputs: { conv2d_19: { as: 'embeddings', spec: { dtype: 'float32', shape: [null, 1, 1, EMBEDDING_DIM] } } },
+        outputs: {
+          conv2d_19: { as: 'embeddings', spec: { dtype: 'float32', shape: [null, 1, 1, EMBEDDING_DIM], maxElements: MAX_WINDOWS * EMBEDDING_DIM } },
+        },
         check: (inputs, outputs) => {
           // One embedding per window: fewer or more would shift which 16 the classifier reads.
           if (outputs.conv2d_19!.shape[0] !== inputs.input_1!.shape[0]) {
