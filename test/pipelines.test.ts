@@ -12,24 +12,23 @@ import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { before, describe, type TestContext, test } from 'node:test';
-import type { AgentStatus } from '@edge-mesh/protocol';
-import { ocrPipeline, ocrText, recognitionConfidence, wakeWordPipeline } from '@edge-mesh/client';
+import { ocrPipeline, ocrText, openMeshConnection, recognitionConfidence, wakeWordPipeline } from '@edge-mesh/client';
 import { ensurePipelineModelsFolder, kserveInfer, localStages, ocrDictionary, textImage } from '@edge-mesh/demo';
+import type { AgentStatus } from '@edge-mesh/protocol';
 import {
   decodeMessage,
   encodeMessage,
   encodeTensorMap,
   generateIdentity,
   type InferReply,
-  MeshError,
+  type MeshError,
   PROTOCOL_VERSION,
   parseTopic,
   signStatus,
   type Tensor,
   topics,
 } from '@edge-mesh/protocol';
-import { openMeshConnection } from '@edge-mesh/client';
-import { agentFor, brokerFor, meshFor, routerFor, tempDir } from './helpers.ts';
+import { agentFor, brokerFor, meshFor, ROOT, routerFor, tempDir } from './helpers.ts';
 
 const WAKE_MODELS = ['oww-melspectrogram', 'oww-embedding', 'oww-hey-jarvis'] as const;
 let fullDir: string;
@@ -121,8 +120,9 @@ async function wakeWordDirect(run: (model: string, inputs: Record<string, Tensor
   const windows: Float32Array[] = [];
   for (let i = 0; i + 76 <= frames; i += 8) windows.push(spec.slice(i * 32, (i + 76) * 32));
   const batch = new Float32Array(windows.length * 76 * 32);
-  windows.forEach((w, k) => batch.set(w, k * 76 * 32));
-  const embeddings = (await run('oww-embedding', { input_1: { dtype: 'float32', shape: [windows.length, 76, 32, 1], data: batch } })).conv2d_19!;
+  for (const [k, w] of windows.entries()) batch.set(w, k * 76 * 32);
+  const embeddings = (await run('oww-embedding', { input_1: { dtype: 'float32', shape: [windows.length, 76, 32, 1], data: batch } }))
+    .conv2d_19!;
   const features = (embeddings.data as Float32Array).slice((windows.length - 16) * 96);
   const score = (await run('oww-hey-jarvis', { 'x.1': { dtype: 'float32', shape: [1, 16, 96], data: features } }))['53']!;
   return { mel, embeddings, score };
@@ -132,7 +132,12 @@ async function wakeWordDirect(run: (model: string, inputs: Record<string, Tensor
  * An agent that announces `like`'s models (faster than any) and answers every request with `outputs(request)`:
  * a dishonest stage agent.
  */
-async function lyingAgent(t: TestContext, brokerUrl: string, like: AgentStatus, outputs: (inputs: Record<string, unknown>) => Record<string, Tensor>) {
+async function lyingAgent(
+  t: TestContext,
+  brokerUrl: string,
+  like: AgentStatus,
+  outputs: (inputs: Record<string, unknown>) => Record<string, Tensor>,
+) {
   const identity = generateIdentity('agent');
   const connection = openMeshConnection(brokerUrl, { identity });
   t.after(() => connection.close());
@@ -288,7 +293,11 @@ describe('the wake-word pipeline', () => {
   });
 });
 
-async function waitForAgents(mesh: { waitForModel(m: string, timeoutMs?: number, count?: number): Promise<void> }, model: string, count: number) {
+async function waitForAgents(
+  mesh: { waitForModel(m: string, timeoutMs?: number, count?: number): Promise<void> },
+  model: string,
+  count: number,
+) {
   await mesh.waitForModel(model, 10_000, count);
 }
 
@@ -340,7 +349,8 @@ describe('the OCR pipeline', () => {
     const big = await agentFor(t, { brokerUrl: broker.url, modelsDir: await renamedDir(t, 'ocr-rec', 'ocr-rec-large') });
     const dictionary = ocrDictionary();
     // Unsure: any line under 0.999 mean step probability (the drawn text reads at about 0.95-0.997).
-    const unsure = (outputs: Readonly<Record<string, Tensor>>) => recognitionConfidence(outputs['softmax_11.tmp_0']!).some((c) => c < 0.999);
+    const unsure = (outputs: Readonly<Record<string, Tensor>>) =>
+      recognitionConfidence(outputs['softmax_11.tmp_0']!).some((c) => c < 0.999);
     const escalating = (minRemainingMs: number) =>
       ocrPipeline({ dictionary, name: `ocr-${minRemainingMs}`, escalate: { model: 'ocr-rec-large', when: unsure, minRemainingMs } });
     const mesh = await meshFor(t, { brokerUrl: broker.url, pipelines: [escalating(0), escalating(3_600_000)] });
@@ -395,3 +405,83 @@ describe('pipelines on the router', () => {
     assert.equal(((await bad.json()) as { code: string }).code, 'MESH_BAD_TENSOR');
   });
 });
+
+describe('the examples against a local mesh', () => {
+  /** `node examples/<name>.mjs ...args` from the repository root; its stdout as JSON lines. */
+  async function runExample(name: string, args: string[], env: Record<string, string>): Promise<Record<string, unknown>[]> {
+    const { execFile } = await import('node:child_process');
+    const stdout = await new Promise<string>((resolve, reject) =>
+      execFile(
+        process.execPath,
+        [path.join(ROOT, 'examples', `${name}.mjs`), ...args],
+        { cwd: ROOT, env: { ...process.env, ...env }, timeout: 120_000 },
+        (err, out, errOut) => (err ? reject(new Error(`${name} failed: ${err.message}\n${errOut}`)) : resolve(out)),
+      ),
+    );
+    return stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as Record<string, unknown>);
+  }
+
+  test('the voice gateway sends raw audio and the camera hub sends frames; both get their answers', async (t) => {
+    const broker = await brokerFor(t);
+    const a = await agentFor(t, {
+      brokerUrl: broker.url,
+      modelsDir: await subsetDir(t, ['oww-melspectrogram', 'oww-hey-jarvis', 'ocr-det']),
+    });
+    const b = await agentFor(t, { brokerUrl: broker.url, modelsDir: await subsetDir(t, ['oww-embedding', 'ocr-cls', 'ocr-rec']) });
+    const router = await routerFor(t, broker.url, {
+      http: { port: 0, processMetrics: false },
+      pipelines: [wakeWordPipeline(), ocrPipeline({ dictionary: ocrDictionary() })],
+    });
+    const dir = await tempDir(t, 'edge-mesh-examples-');
+    // 3 s of audio: "hey jarvis" ending near 2 s when espeak-ng is here, else the synthetic signal, then silence.
+    const pcm = new Int16Array(48_000);
+    pcm.set(espeak ? spoken('hey jarvis') : syntheticAudio());
+    const wav = Buffer.alloc(44 + pcm.byteLength);
+    wav.write('RIFF', 0, 'latin1');
+    wav.writeUInt32LE(36 + pcm.byteLength, 4);
+    wav.write('WAVEfmt ', 8, 'latin1');
+    wav.writeUInt32LE(16, 16);
+    wav.writeUInt16LE(1, 20);
+    wav.writeUInt16LE(1, 22);
+    wav.writeUInt32LE(16_000, 24);
+    wav.writeUInt32LE(32_000, 28);
+    wav.writeUInt16LE(2, 32);
+    wav.writeUInt16LE(16, 34);
+    wav.write('data', 36, 'latin1');
+    wav.writeUInt32LE(pcm.byteLength, 40);
+    Buffer.from(pcm.buffer).copy(wav, 44);
+    await writeFile(path.join(dir, 'clip.wav'), wav);
+    const env = { MESH_BROKER: broker.url, MESH_APP_KEY: path.join(dir, 'no-key'), MESH_ROUTER_URL: router.http!.url };
+    const windows = await runExample('voice-gateway', [path.join(dir, 'clip.wav')], env);
+    assert.deepEqual(
+      windows.map((w) => w.at_s),
+      [2, 2.5, 3],
+    );
+    for (const w of windows) assert.deepEqual(w.stages, [`melspectrogram@${a.id}`, `embedding@${b.id}`, `classifier@${a.id}`]);
+    if (espeak) assert.equal(windows[0]!.detected, true, `score ${windows[0]!.score}`);
+    assert.ok(
+      windows.some((w) => w.detected === false),
+      'silence is no wake word',
+    );
+
+    const image = textImage(['Pipelines on the edge']);
+    const [h, w] = image.shape as [number, number];
+    await writeFile(
+      path.join(dir, 'frame.ppm'),
+      Buffer.concat([Buffer.from(`P6\n# a frame\n${w} ${h}\n255\n`), Buffer.from(image.data.buffer)]),
+    );
+    await mesh(t, broker.url, ['ocr-det', 'ocr-cls', 'ocr-rec']);
+    const [frame] = await runExample('camera-hub', [path.join(dir, 'frame.ppm')], env);
+    assert.equal(frame!.text, 'Pipelines on the edge');
+    assert.equal(frame!.stages, `detection:ocr-det@${a.id},direction:ocr-cls@${b.id},recognition:ocr-rec@${b.id}`);
+  });
+});
+
+/** Waits until an SDK client sees every model of `models` served (the router hears the same statuses). */
+async function mesh(t: TestContext, brokerUrl: string, models: string[]) {
+  const client = await meshFor(t, { brokerUrl });
+  for (const m of models) await client.waitForModel(m, 20_000);
+}

@@ -32,6 +32,7 @@ import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 import { brokerAccessFlags, brokerAccessFrom, collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
 import { registerPayoutCommands } from './payout.ts';
+import { builtInPipelines } from './pipelines.ts';
 import { registerRelayCommand, relayFlags, relayOptionsFrom } from './relay.ts';
 import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
 
@@ -479,6 +480,12 @@ export function buildProgram(): Command {
       .option('--deadline-ms <ms>', 'deadline of a forwarded request that names none', positiveInt, 2_000)
       .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
       .option('--no-hedging', 'never hedge a slow attempt')
+      .option(
+        '--pipelines <names>',
+        'serve these built-in pipelines as KServe models, comma-separated: wakeword, ocr (docs/pipelines.md)',
+        (v: string) => v.split(',').filter(Boolean),
+        [],
+      )
       .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
       .option(
         '--policy <name>',
@@ -509,6 +516,7 @@ export function buildProgram(): Command {
       hedging: opts.hedging,
       leaseTtlMs: opts.leaseTtlMs,
       policy: opts.policy,
+      ...((opts.pipelines as string[]).length > 0 ? { pipelines: await builtInPipelines(opts.pipelines as string[]) } : {}),
       ...(opts.grpcPort !== undefined ? { grpcPort: opts.grpcPort, grpcHost: opts.grpcHost } : {}),
       ...(opts.http
         ? {

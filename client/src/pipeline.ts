@@ -268,7 +268,7 @@ export async function runPipeline(
     let answer = await askChecked(stage, stage.model, feed);
     let escalatedFrom: string | undefined;
     const rule = stage.escalate;
-    if (rule && rule.when(answer.outputs) && remaining() > (rule.minRemainingMs ?? 0)) {
+    if (rule?.when(answer.outputs) && remaining() > (rule.minRemainingMs ?? 0)) {
       try {
         answer = await askChecked(stage, rule.model, feed, rule.reserveMs ?? 0);
         escalatedFrom = stage.model;

@@ -37,7 +37,8 @@ export async function localStages(modelsDir: string, models: readonly string[]):
     for (const [name, t] of Object.entries(inputs)) feeds[name] = new ort.Tensor(t.dtype as 'float32', t.data as Float32Array, t.shape);
     const out = await session.run(feeds);
     const outputs: Record<string, Tensor> = {};
-    for (const [name, t] of Object.entries(out)) outputs[name] = { dtype: t.type as Tensor['dtype'], shape: [...t.dims], data: t.data as Float32Array };
+    for (const [name, t] of Object.entries(out))
+      outputs[name] = { dtype: t.type as Tensor['dtype'], shape: [...t.dims], data: t.data as Float32Array };
     return outputs;
   };
   return {

@@ -2,13 +2,13 @@
  * The router's handle and the shapes around it, in a module of their own so the HTTP API and the
  * settlement routes depend on what the router offers, not on how it is built.
  */
+import type { PipelineResult } from '@edge-mesh/client';
 import type { AgentStatus, MeshErrorCode, ModelInfo, Tensor } from '@edge-mesh/protocol';
 import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
 import type { Registry as PromRegistry } from 'prom-client';
 import type { Registry } from './estimates.ts';
 import type { RouterHttpAuthOptions } from './http-auth.ts';
-import type { RouterPipelines } from './pipelines.ts';
 import type { RelayOptions } from './relay.ts';
 
 /** The few pino methods the router uses; any pino logger fits. */
@@ -48,6 +48,17 @@ export interface RouterInferResult {
   timings: { totalMs: number; queueMs: number; execMs: number; predictedMs: number };
   /** A pipeline's model stages in order: which agent answered each, with which request. */
   stages?: { stage: string; model: string; agentId: string; requestId: string }[];
+}
+
+/** Pipelines served as models (pipelines.ts). */
+export interface RouterPipelines {
+  has(name: string): boolean;
+  /** A pipeline as model metadata (inputs and outputs its own; price and latency the sum of its models'). */
+  info(name: string): ModelInfo | undefined;
+  /** Whether a live agent serves every model of the pipeline. */
+  ready(name: string): boolean;
+  names(): string[];
+  run(name: string, inputs: Record<string, Tensor>, deadlineMs: number): Promise<RouterInferResult & { pipeline: PipelineResult }>;
 }
 
 /** One finished attempt, for metrics (HTTP layer) and tests. */

@@ -176,7 +176,13 @@ const INFER_RESPONSE_SCHEMA = {
     id: { type: 'string' },
     parameters: {
       type: 'object',
-      properties: { agent: { type: 'string' }, attempts: { type: 'integer' }, hedged: { type: 'boolean' }, total_ms: { type: 'number' }, stages: { type: 'string' } },
+      properties: {
+        agent: { type: 'string' },
+        attempts: { type: 'integer' },
+        hedged: { type: 'boolean' },
+        total_ms: { type: 'number' },
+        stages: { type: 'string' },
+      },
     },
     outputs: {
       type: 'array',

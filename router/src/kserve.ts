@@ -497,7 +497,12 @@ export function repositoryIndex(router: RouterHandle, readyOnly = false): IndexE
   for (const name of router.pipelines?.names() ?? []) {
     const ready = router.pipelines.ready(name);
     const version = router.pipelines.info(name)!.version;
-    entries.set(`${name}\u0000${version}`, { name, version, state: ready ? 'READY' : 'UNAVAILABLE', reason: ready ? '' : 'a stage model has no live agent' });
+    entries.set(`${name}\u0000${version}`, {
+      name,
+      version,
+      state: ready ? 'READY' : 'UNAVAILABLE',
+      reason: ready ? '' : 'a stage model has no live agent',
+    });
   }
   const list = [...entries.values()].sort((x, y) => x.name.localeCompare(y.name) || x.version.localeCompare(y.version));
   return readyOnly ? list.filter((e) => e.state === 'READY') : list;

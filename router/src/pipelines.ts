@@ -7,9 +7,9 @@
  *   startRouter({ ..., pipelines: [wakeWordPipeline(), ocrPipeline({ dictionary })] })
  */
 import { createHash } from 'node:crypto';
-import { type PipelineDefinition, type PipelineResult, runPipeline, validatePipeline } from '@edge-mesh/client';
+import { type PipelineDefinition, runPipeline, validatePipeline } from '@edge-mesh/client';
 import type { ModelInfo, Tensor } from '@edge-mesh/protocol';
-import type { RouterInferResult } from './handle.ts';
+import type { RouterInferResult, RouterPipelines } from './handle.ts';
 
 type StageInfer = (
   model: string,
@@ -17,18 +17,7 @@ type StageInfer = (
   options: { deadlineMs: number; excludeAgents?: ReadonlySet<string> },
 ) => Promise<RouterInferResult>;
 
-export interface RouterPipelines {
-  has(name: string): boolean;
-  /** A pipeline as model metadata (inputs and outputs its own; price and latency the sum of its models'). */
-  info(name: string): ModelInfo | undefined;
-  /** Whether a live agent serves every model of the pipeline. */
-  ready(name: string): boolean;
-  names(): string[];
-  run(name: string, inputs: Record<string, Tensor>, deadlineMs: number): Promise<RouterInferResult & { pipeline: PipelineResult }>;
-}
-
-const modelsOf = (def: PipelineDefinition): string[] =>
-  def.stages.flatMap((s) => (s.kind === 'model' ? [s.model] : []));
+const modelsOf = (def: PipelineDefinition): string[] => def.stages.flatMap((s) => (s.kind === 'model' ? [s.model] : []));
 
 export function createRouterPipelines(
   definitions: readonly PipelineDefinition[],
@@ -40,7 +29,13 @@ export function createRouterPipelines(
     [...byName.values()].map((d) => [
       d.name,
       createHash('sha256')
-        .update(JSON.stringify({ name: d.name, version: d.version, stages: d.stages.map((s) => [s.kind, s.name, s.kind === 'model' ? s.model : '']) }))
+        .update(
+          JSON.stringify({
+            name: d.name,
+            version: d.version,
+            stages: d.stages.map((s) => [s.kind, s.name, s.kind === 'model' ? s.model : '']),
+          }),
+        )
         .digest('hex'),
     ]),
   );
@@ -70,7 +65,10 @@ export function createRouterPipelines(
           const o = Object.values(s.outputs).find((x) => x.as === t);
           if (o) return { dtype: o.spec.dtype, shape: o.spec.shape.map((d) => d ?? '') };
         }
-        return { dtype: t === 'confidence' || t === 'score' ? 'float32' : t === 'boxes' ? 'int32' : 'uint8', shape: [''] as (number | string)[] };
+        return {
+          dtype: t === 'confidence' || t === 'score' ? 'float32' : t === 'boxes' ? 'int32' : 'uint8',
+          shape: [''] as (number | string)[],
+        };
       };
       return {
         name,

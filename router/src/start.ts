@@ -9,9 +9,9 @@ import {
   createFleetView,
   createRequestEngine,
   type MeshTlsOptions,
-  type PipelineDefinition,
   mqttTransport,
   openMeshConnection,
+  type PipelineDefinition,
   readReply,
   systemClock,
   TailBudget,
@@ -56,9 +56,9 @@ import type {
   RouterLogger,
 } from './handle.ts';
 import { answerRoute } from './leases.ts';
+import { createRouterPipelines } from './pipelines.ts';
 import { type LivePolicyFactory, observedBy, resolveRouterPolicy } from './policies.ts';
 import { createRouterPolicy, type RouterAsk } from './policy.ts';
-import { createRouterPipelines } from './pipelines.ts';
 import { selectAgent } from './select.ts';
 import { StallMonitor } from './stalls.ts';
 

@@ -24,9 +24,9 @@ import {
   type MeshConnection,
   type MeshLogger,
   type MeshTlsOptions,
-  type PipelineDefinition,
   mqttTransport,
   openMeshConnection,
+  type PipelineDefinition,
   readReply,
   systemClock,
   TailBudget,
@@ -56,10 +56,18 @@ import {
 } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
 import { createLeaseBook, type LeaseBook } from './leases.ts';
-import { createPipelines, type PipelineOptions, type PipelineRunResult } from './pipelines.ts';
 import type { LaneView, PayerLanes, PaymentOptions } from './payments.ts';
+import { createPipelines, type PipelineOptions, type PipelineRunResult } from './pipelines.ts';
 import { createSdkPolicy, type SdkReply, type SdkRequest } from './policy.ts';
 
+export {
+  ocrPipeline,
+  ocrText,
+  type PipelineDefinition,
+  type PipelineResult,
+  type StageRecord,
+  wakeWordPipeline,
+} from '@edge-mesh/client';
 export {
   generateIdentity,
   type Identity,
@@ -71,14 +79,6 @@ export {
 } from '@edge-mesh/protocol';
 export type { LaneView, PaymentOptions } from './payments.ts';
 export type { PipelineOptions, PipelineRunResult } from './pipelines.ts';
-export {
-  ocrPipeline,
-  ocrText,
-  type PipelineDefinition,
-  type PipelineResult,
-  type StageRecord,
-  wakeWordPipeline,
-} from '@edge-mesh/client';
 
 export interface ConnectOptions {
   brokerUrl: string;

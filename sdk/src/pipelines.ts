@@ -25,11 +25,17 @@ export function createPipelines(extra: readonly PipelineDefinition[], infer: Inf
   for (const def of [wakeWordPipeline(), ...extra]) byName.set(def.name, validatePipeline(def));
   return {
     list: (): PipelineDefinition[] => [...byName.values()],
-    run(name: string, inputs: Record<string, Tensor>, { deadlineMs = defaultDeadlineMs, intermediates = false }: PipelineOptions = {}): Promise<PipelineResult> {
+    run(
+      name: string,
+      inputs: Record<string, Tensor>,
+      { deadlineMs = defaultDeadlineMs, intermediates = false }: PipelineOptions = {},
+    ): Promise<PipelineResult> {
       const def = byName.get(name);
       if (!def) {
         return Promise.reject(
-          new MeshError('MESH_UNKNOWN_MODEL', `no pipeline ${name}; known: ${[...byName.keys()].join(', ')}`, { details: { pipeline: name } }),
+          new MeshError('MESH_UNKNOWN_MODEL', `no pipeline ${name}; known: ${[...byName.keys()].join(', ')}`, {
+            details: { pipeline: name },
+          }),
         );
       }
       return runPipeline(def, inputs, {

@@ -239,7 +239,13 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     let best: { plan: AttemptPlan; serviceMs: number; score: number } | undefined;
     for (const leased of lease.agents) {
       const agent = fleet.get(leased.agent);
-      if (agent?.status.state !== 'online' || tried.has(leased.agent) || request.data.excluded?.has(leased.agent) || fleet.silent(leased.agent)) continue;
+      if (
+        agent?.status.state !== 'online' ||
+        tried.has(leased.agent) ||
+        request.data.excluded?.has(leased.agent) ||
+        fleet.silent(leased.agent)
+      )
+        continue;
       // A leased agent without room in its credit window is passed over (the SDK then picks by itself).
       if (!hasRoom(leased.agent, request)) continue;
       const score = leased.predictedMs + local(leased.agent).outstandingWorkMs / workersOf(agent);

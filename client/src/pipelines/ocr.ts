@@ -329,7 +329,8 @@ export function ocrPipeline(options: OcrPipelineOptions): PipelineDefinition {
         check: (inputs, outputs) => {
           const [, , h, w] = inputs.x!.shape;
           const out = outputs['sigmoid_0.tmp_0']!;
-          if (out.shape[2] !== h || out.shape[3] !== w) throw new MeshError('MESH_BAD_TENSOR', `map [${out.shape}] for input [${inputs.x!.shape}]`);
+          if (out.shape[2] !== h || out.shape[3] !== w)
+            throw new MeshError('MESH_BAD_TENSOR', `map [${out.shape}] for input [${inputs.x!.shape}]`);
         },
       },
       {

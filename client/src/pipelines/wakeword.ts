@@ -126,7 +126,10 @@ export function wakeWordPipeline(options: WakeWordPipelineOptions = {}): Pipelin
         model: embeddingModel,
         inputs: { input_1: 'windows' },
         outputs: {
-          conv2d_19: { as: 'embeddings', spec: { dtype: 'float32', shape: [null, 1, 1, EMBEDDING_DIM], maxElements: MAX_WINDOWS * EMBEDDING_DIM } },
+          conv2d_19: {
+            as: 'embeddings',
+            spec: { dtype: 'float32', shape: [null, 1, 1, EMBEDDING_DIM], maxElements: MAX_WINDOWS * EMBEDDING_DIM },
+          },
         },
         check: (inputs, outputs) => {
           // One embedding per window: fewer or more would shift which 16 the classifier reads.
@@ -135,7 +138,13 @@ export function wakeWordPipeline(options: WakeWordPipelineOptions = {}): Pipelin
           }
         },
       },
-      { kind: 'step', name: 'last-16', inputs: ['embeddings'], outputs: ['features'], run: (t) => ({ features: lastEmbeddings(t.embeddings!) }) },
+      {
+        kind: 'step',
+        name: 'last-16',
+        inputs: ['embeddings'],
+        outputs: ['features'],
+        run: (t) => ({ features: lastEmbeddings(t.embeddings!) }),
+      },
       {
         kind: 'model',
         name: 'classifier',
@@ -153,7 +162,9 @@ export function wakeWordPipeline(options: WakeWordPipelineOptions = {}): Pipelin
         name: 'decide',
         inputs: ['score'],
         outputs: ['detected'],
-        run: (t) => ({ detected: { dtype: 'uint8', shape: [1], data: Uint8Array.of((t.score!.data as Float32Array)[0]! >= threshold ? 1 : 0) } }),
+        run: (t) => ({
+          detected: { dtype: 'uint8', shape: [1], data: Uint8Array.of((t.score!.data as Float32Array)[0]! >= threshold ? 1 : 0) },
+        }),
       },
     ],
   };
