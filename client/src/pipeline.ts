@@ -81,11 +81,16 @@ export interface PipelineDefinition {
   stages: readonly PipelineStage[];
 }
 
-/** What the orchestrator needs from a request path: one routed, paid request; the agents to avoid, if any. */
+/**
+ * What the orchestrator needs from a request path: one routed, paid request; the agents to avoid, if any. A path
+ * that can check an answer before paying for it calls `check` on the outputs and, when it throws, refuses the
+ * answer's receipt and fails the request with MESH_BAD_TENSOR carrying `details.refused` 'outputs' and
+ * `details.agentId` (the SDK does); the orchestrator checks every answer again either way.
+ */
 export type StageInfer = (
   model: string,
   inputs: Record<string, Tensor>,
-  options: { deadlineMs: number; excludeAgents?: ReadonlySet<string> },
+  options: { deadlineMs: number; excludeAgents?: ReadonlySet<string>; check?: (outputs: Record<string, Tensor>) => void },
 ) => Promise<{ outputs: Record<string, Tensor>; agentId: string; requestId: string }>;
 
 export interface StageRecord {
@@ -194,17 +199,51 @@ export async function runPipeline(
       details: { pipeline: def.name, stage },
     });
 
+  /** The stage's outputs from `outputs` (by model output name) when they have the declared form; throws otherwise. */
+  const checked = (stage: ModelStage, feed: Record<string, Tensor>, outputs: Record<string, Tensor>) => {
+    const out: Record<string, Tensor> = {};
+    for (const [outName, { spec }] of Object.entries(stage.outputs)) {
+      out[outName] = checkTensorSpec(`${stage.name}.${outName}`, outputs[outName], spec);
+    }
+    stage.check?.(feed, out);
+    return out;
+  };
+
   /** One answer for `model` whose outputs pass the stage's check; a second agent when the first lies. */
   const askChecked = async (stage: ModelStage, model: string, feed: Record<string, Tensor>, reserveMs = 0) => {
     const exclude = new Set<string>();
+    const refuse = (agentId: string, requestId: string, cause: unknown) => {
+      const error = new MeshError(
+        'MESH_BAD_TENSOR',
+        `pipeline ${def.name}, stage ${stage.name}: agent ${agentId} answered ${model} with ${(cause as Error).message}`,
+        { cause, details: { pipeline: def.name, stage: stage.name, agentId } },
+      );
+      const record = { stage: stage.name, model, agentId, requestId, error };
+      rejected.push(record);
+      onRejected?.(record);
+      exclude.add(agentId);
+      return error;
+    };
     for (let tries = 0; ; tries++) {
       const left = remaining() - reserveMs;
       if (left <= 0) throw expired(stage.name);
       const sentAt = now();
       let answer: Awaited<ReturnType<StageInfer>>;
       try {
-        answer = await infer(model, feed, { deadlineMs: left, ...(exclude.size ? { excludeAgents: exclude } : {}) });
+        answer = await infer(model, feed, {
+          deadlineMs: left,
+          check: (outputs) => void checked(stage, feed, outputs),
+          ...(exclude.size ? { excludeAgents: exclude } : {}),
+        });
       } catch (err) {
+        const details =
+          err instanceof MeshError ? (err.details as { refused?: string; agentId?: string; requestId?: string } | undefined) : undefined;
+        if (details?.refused === 'outputs' && details.agentId) {
+          // Refused, and not paid, by the request path itself: try another agent once.
+          const error = refuse(details.agentId, details.requestId ?? '', err);
+          if (tries >= 1 || remaining() <= 0) throw error;
+          continue;
+        }
         // The refusal says more than "no other agent": report it, with why the second try failed.
         const refused = rejected.findLast((r) => r.stage === stage.name && r.model === model);
         if (refused && exclude.size > 0) {
@@ -216,22 +255,9 @@ export async function runPipeline(
         throw err;
       }
       try {
-        const out: Record<string, Tensor> = {};
-        for (const [outName, { spec }] of Object.entries(stage.outputs)) {
-          out[outName] = checkTensorSpec(`${stage.name}.${outName}`, answer.outputs[outName], spec);
-        }
-        stage.check?.(feed, out);
-        return { ...answer, outputs: out, ms: now() - sentAt };
+        return { ...answer, outputs: checked(stage, feed, answer.outputs), ms: now() - sentAt };
       } catch (err) {
-        const error = new MeshError(
-          'MESH_BAD_TENSOR',
-          `pipeline ${def.name}, stage ${stage.name}: agent ${answer.agentId} answered ${model} with ${(err as Error).message}`,
-          { cause: err, details: { pipeline: def.name, stage: stage.name, agentId: answer.agentId } },
-        );
-        const record = { stage: stage.name, model, agentId: answer.agentId, requestId: answer.requestId, error };
-        rejected.push(record);
-        onRejected?.(record);
-        exclude.add(answer.agentId);
+        const error = refuse(answer.agentId, answer.requestId, err);
         if (tries >= 1 || remaining() <= 0) throw error;
       }
     }

@@ -157,6 +157,12 @@ export interface InferOptions {
   /** Never send to these agents (a pipeline stage retried after refusing an agent's answer). */
   excludeAgents?: ReadonlySet<string>;
   /**
+   * Checks an answer's outputs before it is accepted and paid: throwing refuses them. The request then fails with
+   * MESH_BAD_TENSOR (`details.refused` 'outputs', `details.agentId`), and on a paid request the agent's receipt for
+   * them is not paid. A pipeline checks each stage's outputs this way (docs/pipelines.md).
+   */
+  checkOutputs?: (outputs: Record<string, Tensor>) => void;
+  /**
    * Gives up on the request: it fails with MESH_CANCELLED and every attempt still running is cancelled. On a
    * paid request to a model that runs in units, the agent is paid for the units whose outputs came before
    * the cancel reached it (docs/settlement.md, "Progress receipts").
@@ -366,6 +372,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     : undefined;
 
   const progressListeners = new Map<string, NonNullable<InferOptions['onProgress']>>();
+  const outputChecks = new Map<string, NonNullable<InferOptions['checkOutputs']>>();
   const onReply = (agentId: string, payload: Buffer) => {
     const reading = readReply(agentId, payload, maxMessageBytes);
     if (!reading) {
@@ -390,27 +397,42 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       }
       return;
     }
+    // The app's check of the outputs comes first: outputs it refuses are not paid.
+    let outputs: Record<string, Tensor> | undefined;
+    let refusal: MeshError | undefined;
+    if (!reading.error) {
+      try {
+        outputs = decodeTensorMap(reading.reply!.outputs);
+        outputChecks.get(reading.key)?.(outputs);
+      } catch (err) {
+        refusal = new MeshError('MESH_BAD_TENSOR', `agent ${agentId} answered with outputs refused: ${(err as Error).message}`, {
+          cause: err,
+          details: { agentId, requestId: reading.key, refused: 'outputs' },
+        });
+      }
+    }
     // Every receipt is linked, a late or hedged attempt's too: the lane's chain runs through all of them.
     // Every reply also gives back the credit held for its attempt.
     if (payments) {
-      payments.onReply(agentId, reading.key, reading.error ? 'err' : 'res', reading.receipt, reading.reply?.outputs, reading.lane);
+      payments.onReply(
+        agentId,
+        reading.key,
+        reading.error ? 'err' : 'res',
+        reading.receipt,
+        reading.reply?.outputs,
+        reading.lane,
+        refusal !== undefined,
+      );
     }
     if (reading.error) {
       engine.fail(reading.key, agentId, reading.error);
       return;
     }
-    let outputs: Record<string, Tensor>;
-    try {
-      outputs = decodeTensorMap(reading.reply!.outputs);
-    } catch (err) {
-      engine.fail(
-        reading.key,
-        agentId,
-        err instanceof MeshError ? err : new MeshError('MESH_BAD_TENSOR', (err as Error).message, { cause: err }),
-      );
+    if (refusal) {
+      engine.fail(reading.key, agentId, refusal);
       return;
     }
-    engine.answer(reading.key, agentId, { reply: reading.reply!, outputs });
+    engine.answer(reading.key, agentId, { reply: reading.reply!, outputs: outputs! });
   };
 
   let refusedFirst: ((err: MeshError) => void) | undefined;
@@ -538,7 +560,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   const creditCounters = { creditHeld: 0, creditFailed: 0 };
 
   const infer = async (model: string, inputs: Record<string, Tensor>, inferOptions: InferOptions = {}): Promise<InferResult> => {
-    const { deadlineMs = defaultDeadlineMs, agentId: pinned, signal, onProgress, excludeAgents } = inferOptions;
+    const { deadlineMs = defaultDeadlineMs, agentId: pinned, signal, onProgress, excludeAgents, checkOutputs } = inferOptions;
     if (signal?.aborted) throw new MeshError('MESH_CANCELLED', 'the request was aborted before it was sent');
     for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
     const startedAt = clock.now();
@@ -584,11 +606,13 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       ...(excludeAgents?.size ? { excluded: excludeAgents } : {}),
     };
     if (onProgress) progressListeners.set(key, onProgress);
+    if (checkOutputs) outputChecks.set(key, checkOutputs);
     const onAbort = () => engine.abort(key, new MeshError('MESH_CANCELLED', 'the request was aborted by its sender'));
     signal?.addEventListener('abort', onAbort, { once: true });
     return new Promise<InferResult>((resolve, reject) => {
       engine.start({ key, deadlineAt, data, model, ...(pinned ? { maxAttempts: 1 } : {}) }, (outcome) => {
         progressListeners.delete(key);
+        outputChecks.delete(key);
         signal?.removeEventListener('abort', onAbort);
         if (!outcome.ok) {
           reject(outcome.error);

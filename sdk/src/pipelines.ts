@@ -17,7 +17,7 @@ export type PipelineRunResult = PipelineResult;
 type Infer = (
   model: string,
   inputs: Record<string, Tensor>,
-  options: { deadlineMs: number; excludeAgents?: ReadonlySet<string> },
+  options: { deadlineMs: number; excludeAgents?: ReadonlySet<string>; checkOutputs?: (outputs: Record<string, Tensor>) => void },
 ) => Promise<{ outputs: Record<string, Tensor>; agentId: string; requestId: string }>;
 
 export function createPipelines(extra: readonly PipelineDefinition[], infer: Infer, defaultDeadlineMs: number) {
@@ -41,8 +41,9 @@ export function createPipelines(extra: readonly PipelineDefinition[], infer: Inf
       return runPipeline(def, inputs, {
         deadlineMs,
         intermediates,
-        infer: async (model, stageInputs, options) => {
-          const r = await infer(model, stageInputs, options);
+        infer: async (model, stageInputs, { check, ...options }) => {
+          // The stage's check runs before the answer is accepted, so outputs it refuses are not paid.
+          const r = await infer(model, stageInputs, { ...options, ...(check ? { checkOutputs: check } : {}) });
           return { outputs: r.outputs, agentId: r.agentId, requestId: r.requestId };
         },
       });
