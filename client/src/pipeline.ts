@@ -91,7 +91,7 @@ export type StageInfer = (
   model: string,
   inputs: Record<string, Tensor>,
   options: { deadlineMs: number; excludeAgents?: ReadonlySet<string>; check?: (outputs: Record<string, Tensor>) => void },
-) => Promise<{ outputs: Record<string, Tensor>; agentId: string; requestId: string }>;
+) => Promise<{ outputs: Record<string, Tensor>; agentId: string; requestId: string; execMs?: number; queueMs?: number }>;
 
 export interface StageRecord {
   stage: string;
@@ -99,6 +99,9 @@ export interface StageRecord {
   agentId: string;
   requestId: string;
   ms: number;
+  /** The serving agent's compute and queue time, as it reported them (absent when the request path gives none). */
+  execMs?: number;
+  queueMs?: number;
   /** Set on an escalated stage: the model first asked, whose answer was unsure. */
   escalatedFrom?: string;
 }
@@ -310,6 +313,8 @@ export async function runPipeline(
       agentId: answer.agentId,
       requestId: answer.requestId,
       ms: answer.ms,
+      ...(answer.execMs !== undefined ? { execMs: answer.execMs } : {}),
+      ...(answer.queueMs !== undefined ? { queueMs: answer.queueMs } : {}),
       ...(escalatedFrom ? { escalatedFrom } : {}),
     });
   }

@@ -98,7 +98,7 @@ export function createRouterPipelines(
           queueMs += r.timings.queueMs;
           execMs += r.timings.execMs;
           tried.push(...r.tried);
-          return r;
+          return { ...r, execMs: r.timings.execMs, queueMs: r.timings.queueMs };
         },
       });
       const last = result.stages.at(-1);

@@ -18,7 +18,7 @@ type Infer = (
   model: string,
   inputs: Record<string, Tensor>,
   options: { deadlineMs: number; excludeAgents?: ReadonlySet<string>; checkOutputs?: (outputs: Record<string, Tensor>) => void },
-) => Promise<{ outputs: Record<string, Tensor>; agentId: string; requestId: string }>;
+) => Promise<{ outputs: Record<string, Tensor>; agentId: string; requestId: string; timings: { execMs: number; queueMs: number } }>;
 
 export function createPipelines(extra: readonly PipelineDefinition[], infer: Infer, defaultDeadlineMs: number) {
   const byName = new Map<string, PipelineDefinition>();
@@ -44,7 +44,7 @@ export function createPipelines(extra: readonly PipelineDefinition[], infer: Inf
         infer: async (model, stageInputs, { check, ...options }) => {
           // The stage's check runs before the answer is accepted, so outputs it refuses are not paid.
           const r = await infer(model, stageInputs, { ...options, ...(check ? { checkOutputs: check } : {}) });
-          return { outputs: r.outputs, agentId: r.agentId, requestId: r.requestId };
+          return { outputs: r.outputs, agentId: r.agentId, requestId: r.requestId, execMs: r.timings.execMs, queueMs: r.timings.queueMs };
         },
       });
     },
