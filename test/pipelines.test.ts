@@ -485,3 +485,57 @@ async function mesh(t: TestContext, brokerUrl: string, models: string[]) {
   const client = await meshFor(t, { brokerUrl });
   for (const m of models) await client.waitForModel(m, 20_000);
 }
+
+describe('edge-mesh router --pipelines', () => {
+  test('serves the built-in pipelines as KServe models; an unknown name is a configuration error', async (t) => {
+    const { spawn } = await import('node:child_process');
+    const broker = await brokerFor(t);
+    const bin = path.join(ROOT, 'cli', 'bin', 'edge-mesh.mjs');
+    const router = spawn(process.execPath, [bin, 'router', '--broker', broker.url, '--http-port', '0', '--pipelines', 'wakeword,ocr'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    t.after(() => router.kill('SIGKILL'));
+    const url = await new Promise<string>((resolve, reject) => {
+      let out = '';
+      const timer = setTimeout(() => reject(new Error(`router did not start: ${out}`)), 30_000);
+      router.stdout!.on('data', (chunk: Buffer) => {
+        out += chunk.toString();
+        const found = /serving (http:\/\/\S+)/.exec(out);
+        if (found) {
+          clearTimeout(timer);
+          resolve(found[1]!);
+        }
+      });
+    });
+    const meta = (await (await fetch(`${url}/v2/models/ocr`)).json()) as {
+      inputs: { name: string; datatype: string }[];
+      outputs: { name: string }[];
+    };
+    assert.deepEqual(
+      meta.inputs.map((i) => [i.name, i.datatype]),
+      [['image', 'UINT8']],
+    );
+    assert.deepEqual(
+      meta.outputs.map((o) => o.name),
+      ['text', 'confidence', 'boxes'],
+    );
+    const index = (await (
+      await fetch(`${url}/v2/repository/index`, { method: 'POST', body: '{}', headers: { 'content-type': 'application/json' } })
+    ).json()) as {
+      name: string;
+      state: string;
+    }[];
+    assert.deepEqual(
+      index.map((e) => [e.name, e.state]),
+      [
+        ['ocr', 'UNAVAILABLE'],
+        ['wakeword', 'UNAVAILABLE'],
+      ],
+    );
+    const bad = spawn(process.execPath, [bin, 'router', '--broker', broker.url, '--http-port', '0', '--pipelines', 'wakeword,nope'], {
+      stdio: 'ignore',
+    });
+    const code = await new Promise<number | null>((resolve) => bad.on('exit', resolve));
+    assert.equal(code, 78);
+  });
+});

@@ -480,12 +480,7 @@ export function buildProgram(): Command {
       .option('--deadline-ms <ms>', 'deadline of a forwarded request that names none', positiveInt, 2_000)
       .option('--max-attempts <n>', 'attempts per forwarded request, hedges included', positiveInt, 3)
       .option('--no-hedging', 'never hedge a slow attempt')
-      .option(
-        '--pipelines <names>',
-        'serve these built-in pipelines as KServe models, comma-separated: wakeword, ocr (docs/pipelines.md)',
-        (v: string) => v.split(',').filter(Boolean),
-        [],
-      )
+      .option('--pipelines <names>', 'serve these built-in pipelines as KServe models, comma-separated: wakeword, ocr (docs/pipelines.md)')
       .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
       .option(
         '--policy <name>',
@@ -516,7 +511,7 @@ export function buildProgram(): Command {
       hedging: opts.hedging,
       leaseTtlMs: opts.leaseTtlMs,
       policy: opts.policy,
-      ...((opts.pipelines as string[]).length > 0 ? { pipelines: await builtInPipelines(opts.pipelines as string[]) } : {}),
+      ...(opts.pipelines ? { pipelines: await builtInPipelines(String(opts.pipelines).split(',').filter(Boolean)) } : {}),
       ...(opts.grpcPort !== undefined ? { grpcPort: opts.grpcPort, grpcHost: opts.grpcHost } : {}),
       ...(opts.http
         ? {
