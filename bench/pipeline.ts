@@ -104,6 +104,7 @@ export async function run({ quick, log, args }: BenchContext): Promise<BenchResu
       const direct: number[] = [];
       const diffs: number[] = [];
       const agentMs: number[] = [];
+      const wayMs = new Map<string, number[]>();
       const agents = new Set<string>();
       for (let i = 0; i < warmup + pairs; i++) {
         let t0 = performance.now();
@@ -118,9 +119,16 @@ export async function run({ quick, log, args }: BenchContext): Promise<BenchResu
         direct.push(d);
         diffs.push(m - d);
         agentMs.push(r.stages.reduce((sum, s) => sum + (s.execMs ?? 0) + (s.queueMs ?? 0), 0));
+        for (const s of r.stages) {
+          const way = wayMs.get(s.stage) ?? [];
+          way.push(s.ms - (s.execMs ?? 0) - (s.queueMs ?? 0));
+          wayMs.set(s.stage, way);
+        }
       }
       log(`${name}: ${pairs} pairs, mesh p50 ${round(summarize(viaMesh).p50, 2)} ms, direct p50 ${round(summarize(direct).p50, 2)} ms`);
-      return { viaMesh, direct, diffs, agentMs, stages: [...agents] };
+      // Per stage: the request's time at the orchestrator minus the agent's queue and compute (transfers, hops, checks).
+      const way = Object.fromEntries([...wayMs].map(([stage, v]) => [stage, round(summarize(v).p50, 3)]));
+      return { viaMesh, direct, diffs, agentMs, way, stages: [...agents] };
     };
     const ww = await measure('wakeword', { audio: audio() }, n, 20);
     const image = textImage(['Pipelines on the edge', 'Hello, world']);
@@ -139,6 +147,7 @@ export async function run({ quick, log, args }: BenchContext): Promise<BenchResu
       // What the agents said their queues and runs took, summed over the stages: the rest of pipeline_p50_ms is
       // transfers, MQTT and the steps.
       agents_queue_exec_p50_ms: round(summarize(ww.agentMs).p50, 3),
+      stage_way_p50_ms: ww.way,
       model_stages: stagesOf,
       stages: ww.stages,
       runs: n,
@@ -148,6 +157,7 @@ export async function run({ quick, log, args }: BenchContext): Promise<BenchResu
         direct_p50_ms: round(summarize(ocr.direct).p50, 3),
         overhead_p50_ms: round(summarize(ocr.diffs).p50, 3),
         overhead_p99_ms: round(p99(ocr.diffs), 3),
+        stage_way_p50_ms: ocr.way,
         runs: ocrN,
         stages: ocr.stages,
       },
