@@ -12,10 +12,21 @@ import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { before, describe, type TestContext, test } from 'node:test';
-import { ocrPipeline, ocrText, openMeshConnection, recognitionConfidence, wakeWordPipeline } from '@edge-mesh/client';
-import { ensurePipelineModelsFolder, kserveInfer, localStages, ocrDictionary, textImage } from '@edge-mesh/demo';
-import type { AgentStatus } from '@edge-mesh/protocol';
 import {
+  type ModelStage,
+  ocrPipeline,
+  ocrText,
+  openMeshConnection,
+  type PipelineDefinition,
+  recognitionConfidence,
+  runPipeline,
+  type StageInfer,
+  validatePipeline,
+  wakeWordPipeline,
+} from '@edge-mesh/client';
+import { ensurePipelineModelsFolder, kserveInfer, localStages, ocrDictionary, textImage } from '@edge-mesh/demo';
+import {
+  type AgentStatus,
   decodeMessage,
   encodeMessage,
   encodeTensorMap,
@@ -195,6 +206,120 @@ async function wakeWordMesh(t: TestContext) {
   for (const m of WAKE_MODELS) await mesh.waitForModel(m, 20_000);
   return { broker, a, b, mesh };
 }
+
+describe('pipeline definitions and the orchestrator (no mesh)', () => {
+  const f32 = (shape: number[], fill = 0): Tensor => ({
+    dtype: 'float32',
+    shape,
+    data: new Float32Array(shape.reduce((a, b) => a * b, 1)).fill(fill),
+  });
+  /** x [1, 4] → model `double` → y [1, 4] → step `sum` → total [1]. */
+  const def = (extra: Partial<ModelStage> = {}): PipelineDefinition => ({
+    name: 'tiny',
+    version: '1',
+    inputs: { x: { dtype: 'float32', shape: [1, 4] } },
+    outputs: ['total'],
+    stages: [
+      {
+        kind: 'model',
+        name: 'double',
+        model: 'double',
+        inputs: { in: 'x' },
+        outputs: { out: { as: 'y', spec: { dtype: 'float32', shape: [1, 4] } } },
+        ...extra,
+      },
+      {
+        kind: 'step',
+        name: 'sum',
+        inputs: ['y'],
+        outputs: ['total'],
+        run: (t) => ({
+          total: { dtype: 'float32', shape: [1], data: Float32Array.of((t.y!.data as Float32Array).reduce((a, b) => a + b, 0)) },
+        }),
+      },
+    ],
+  });
+  /** An in-test request path: `double` doubles, `double-large` triples, and each answer names its agent. */
+  const calls: string[] = [];
+  const infer: StageInfer = async (model, inputs) => {
+    calls.push(model);
+    const x = inputs.in!.data as Float32Array;
+    const k = model === 'double' ? 2 : 3;
+    return {
+      outputs: { out: { dtype: 'float32', shape: [1, 4], data: x.map((v) => v * k) } },
+      agentId: `agent-${model}`,
+      requestId: String(calls.length),
+    };
+  };
+
+  test('a definition that reads a tensor before any stage writes it, or names a stage twice, is refused', () => {
+    const bad = def();
+    assert.throws(
+      () => validatePipeline({ ...bad, stages: [bad.stages[1]!, bad.stages[0]!] }),
+      (err: MeshError) => err.code === 'MESH_CONFIG' && /reads y before/.test(err.message),
+    );
+    assert.throws(
+      () => validatePipeline({ ...bad, stages: [bad.stages[0]!, bad.stages[0]!] }),
+      (err: MeshError) => err.code === 'MESH_CONFIG',
+    );
+    assert.throws(
+      () => validatePipeline({ ...bad, outputs: ['nowhere'] }),
+      (err: MeshError) => err.code === 'MESH_CONFIG',
+    );
+    assert.throws(
+      () => validatePipeline({ ...bad, name: 'has space' }),
+      (err: MeshError) => err.code === 'MESH_CONFIG',
+    );
+    assert.equal(validatePipeline(bad), bad);
+  });
+
+  test('runs stages in order, and escalates only when the rule says so and the deadline allows', async () => {
+    calls.length = 0;
+    const plain = await runPipeline(def(), { x: f32([1, 4], 1) }, { deadlineMs: 5_000, infer });
+    assert.deepEqual(Array.from(plain.outputs.total!.data as Float32Array), [8]);
+    const unsure = { model: 'double-large', when: () => true };
+    const escalated = await runPipeline(def({ escalate: unsure }), { x: f32([1, 4], 1) }, { deadlineMs: 5_000, infer });
+    assert.deepEqual(Array.from(escalated.outputs.total!.data as Float32Array), [12]);
+    assert.equal(escalated.stages[0]!.escalatedFrom, 'double');
+    assert.equal(escalated.stages[0]!.agentId, 'agent-double-large');
+    const noTime = await runPipeline(
+      def({ escalate: { ...unsure, minRemainingMs: 60_000 } }),
+      { x: f32([1, 4], 1) },
+      { deadlineMs: 5_000, infer },
+    );
+    assert.deepEqual(Array.from(noTime.outputs.total!.data as Float32Array), [8]);
+    assert.deepEqual(calls, ['double', 'double', 'double-large', 'double']);
+    // The bigger model answering badly: the first answer stands, and the failure is reported.
+    const badBig: StageInfer = async (model, inputs, options) =>
+      model === 'double' ? infer(model, inputs, options) : { outputs: { out: f32([1, 5]) }, agentId: 'big', requestId: 'b' };
+    const kept = await runPipeline(def({ escalate: unsure }), { x: f32([1, 4], 1) }, { deadlineMs: 5_000, infer: badBig });
+    assert.deepEqual(Array.from(kept.outputs.total!.data as Float32Array), [8]);
+    assert.equal(kept.escalationsFailed.length, 1);
+    assert.equal(kept.escalationsFailed[0]!.error.code, 'MESH_BAD_TENSOR');
+    assert.deepEqual(
+      kept.rejected.map((r) => r.agentId),
+      ['big', 'big'],
+      'refused, then tried once more (the in-test path ignores the exclusion)',
+    );
+  });
+
+  test('the deadline covers every stage; a failing step is a coded error', async () => {
+    const slow: StageInfer = (model, inputs, options) =>
+      new Promise((resolve) => setTimeout(() => resolve(infer(model, inputs, options)), 60));
+    await assert.rejects(
+      runPipeline(def(), { x: f32([1, 4]) }, { deadlineMs: 30, infer: slow }),
+      (err: MeshError) => err.code === 'MESH_DEADLINE_EXCEEDED' && (err.details as { stage?: string }).stage === 'sum',
+    );
+    const throwing = def();
+    (throwing.stages[1] as { run: unknown }).run = () => {
+      throw new RangeError('boom');
+    };
+    await assert.rejects(
+      runPipeline(throwing, { x: f32([1, 4]) }, { deadlineMs: 5_000, infer }),
+      (err: MeshError) => err.code === 'MESH_BAD_INPUT' && (err.details as { stage?: string }).stage === 'sum',
+    );
+  });
+});
 
 describe('the wake-word pipeline', () => {
   test('gives the same bits as the three models run directly, stage by stage, with its stages on two agents', async (t) => {
