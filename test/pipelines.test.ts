@@ -531,6 +531,38 @@ describe('pipelines on the router', () => {
   });
 });
 
+describe('pipelines on the router over gRPC', () => {
+  test('ModelInfer on the wakeword pipeline, as tritonclient.grpc sends it, gives the bits the SDK gets', async (t) => {
+    const { loadKServeProto } = await import('@edge-mesh/router');
+    const grpc = await import('@grpc/grpc-js');
+    const { broker, mesh } = await wakeWordMesh(t);
+    const router = await routerFor(t, broker.url, { grpcPort: 0, pipelines: [wakeWordPipeline()] });
+    for (const m of WAKE_MODELS) await router.waitForModel(m, 20_000);
+    const audio = audioTensor(syntheticAudio());
+    const viaSdk = await mesh.pipeline('wakeword', { audio }, { deadlineMs: 20_000 });
+    const proto = loadKServeProto() as unknown as { inference: { GRPCInferenceService: import('@grpc/grpc-js').ServiceClientConstructor } };
+    const client = new proto.inference.GRPCInferenceService(router.grpc!.address, grpc.credentials.createInsecure());
+    t.after(() => client.close());
+    // biome-ignore lint/suspicious/noExplicitAny: a ModelInferResponse as proto-loader gives it
+    const res = await new Promise<any>((resolve, reject) =>
+      client.ModelInfer!(
+        {
+          model_name: 'wakeword',
+          inputs: [{ name: 'audio', datatype: 'INT16', shape: audio.shape }],
+          raw_input_contents: [bytesOf(audio)],
+          outputs: [{ name: 'score' }],
+        },
+        new grpc.Metadata(),
+        { deadline: Date.now() + 20_000 },
+        // biome-ignore lint/suspicious/noExplicitAny: as above
+        (err: Error | null, value: any) => (err ? reject(err) : resolve(value)),
+      ),
+    );
+    assert.equal(res.outputs[0].name, 'score');
+    assert.ok(Buffer.from(res.raw_output_contents[0]).equals(bytesOf(viaSdk.outputs.score!)));
+  });
+});
+
 describe('the examples against a local mesh', () => {
   /** `node examples/<name>.mjs ...args` from the repository root; its stdout as JSON lines. */
   async function runExample(name: string, args: string[], env: Record<string, string>): Promise<Record<string, unknown>[]> {
