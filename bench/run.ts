@@ -62,6 +62,12 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
     file: './brokers.ts',
     about: "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto (RabbitMQ, NATS skipped)",
   },
+  pipeline: {
+    file: './pipeline.ts',
+    // Broker and two agents with three models each start first (10-30 s), then paired wake-word and OCR runs.
+    timeoutS: { quick: 150, full: 900 },
+    about: 'wake-word and OCR pipelines through the mesh (stages on two agents) vs the same stages in one process',
+  },
   economics: {
     file: './economics.ts',
     // A real chain, two dozen thousand paid requests and their settlement: a quick run takes about a minute
@@ -97,6 +103,7 @@ options:
   brokers:    --n N --warmup W --concurrency C --duration-ms D   sequential round trips (20000, quick 2000), then C
                                          outstanding (16) for D ms (10000, quick 2000) per engine;
               --with-delayed-ack         also mosquitto without set_tcp_nodelay (100 round trips)
+  pipeline:   --n N --ocr-n N            timed wake-word pairs (400, quick 100) and OCR pairs (40, quick 10)
   economics:  --rounds R --agents A --payers P --loss L --seed K   rounds of 15 simulated minutes (48, quick 8),
                                          honest agents (3, quick 2) and payers (40), per-message loss (0.005)
 

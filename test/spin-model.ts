@@ -48,3 +48,22 @@ export function spinModel(): Buffer {
   ]);
   return Buffer.concat([varintField(1, 8), lenField(8, varintField(2, 17)), lenField(7, graph)]);
 }
+
+/**
+ * A model that flattens its input, [d0, d1, …] float32 → [d0, d1 × …]: a stand-in for a model that answers with the
+ * wrong shape (a dishonest stage agent serves it under another model's name in test/pipelines-paid.test.ts).
+ */
+export function flattenModel(input: string, output: string, dims: number[]): Buffer {
+  const type = (shape: number[]) =>
+    lenField(1, Buffer.concat([varintField(1, 1), lenField(2, Buffer.concat(shape.map((d) => lenField(1, varintField(1, d)))))]));
+  const valueInfo = (name: string, shape: number[]) => Buffer.concat([stringField(1, name), lenField(2, type(shape))]);
+  const flat = [dims[0]!, dims.slice(1).reduce((a, b) => a * b, 1)];
+  const node = lenField(1, Buffer.concat([stringField(1, input), stringField(2, output), stringField(4, 'Flatten')]));
+  const graph = Buffer.concat([
+    node,
+    stringField(2, 'flatten'),
+    lenField(11, valueInfo(input, dims)),
+    lenField(12, valueInfo(output, flat)),
+  ]);
+  return Buffer.concat([varintField(1, 8), lenField(8, varintField(2, 17)), lenField(7, graph)]);
+}

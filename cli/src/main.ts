@@ -33,6 +33,7 @@ import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 import { brokerAccessFlags, brokerAccessFrom, collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
 import { registerPayoutCommands } from './payout.ts';
+import { builtInPipelines } from './pipelines.ts';
 import { registerRelayCommand, relayFlags, relayOptionsFrom } from './relay.ts';
 import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
 
@@ -512,6 +513,7 @@ export function buildProgram(): Command {
         '--no-adaptive-concurrency',
         "no adaptive concurrency limit on forwarded HTTP and gRPC requests (default: on, after Envoy's gradient controller; beyond the limit MESH_OVERLOADED, 503)",
       )
+      .option('--pipelines <names>', 'serve these built-in pipelines as KServe models, comma-separated: wakeword, ocr (docs/pipelines.md)')
       .option('--lease-ttl-ms <ms>', 'how long an SDK client may use a route lease', positiveInt, 500)
       .option(
         '--policy <name>',
@@ -549,6 +551,7 @@ export function buildProgram(): Command {
       ...(opts.adaptiveConcurrency === false ? { adaptiveConcurrency: false as const } : {}),
       leaseTtlMs: opts.leaseTtlMs,
       policy: opts.policy,
+      ...(opts.pipelines ? { pipelines: await builtInPipelines(String(opts.pipelines).split(',').filter(Boolean)) } : {}),
       ...(opts.grpcPort !== undefined ? { grpcPort: opts.grpcPort, grpcHost: opts.grpcHost } : {}),
       ...(opts.http
         ? {

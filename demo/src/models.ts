@@ -31,6 +31,8 @@ export interface BuildModelsOptions {
    * keys of the catalog (default true). Costs a few hundred ms.
    */
   verify?: boolean;
+  /** The models to put in the folder (default MODEL_CATALOG; see pipeline-models.ts for the pipelines' stages). */
+  catalog?: readonly CatalogModel[];
 }
 
 /** One model of the catalog: where it comes from and what goes into its manifest entry. */
@@ -238,10 +240,10 @@ function entryFor(model: CatalogModel, sha256: string): ManifestEntry {
  * `outDir/manifest.json`. Returns the manifest written (validated by `readManifest`).
  */
 export async function buildModelsFolder(outDir: string, options: BuildModelsOptions = {}): Promise<Manifest> {
-  const { logger, verify = true } = options;
+  const { logger, verify = true, catalog = MODEL_CATALOG } = options;
   await mkdir(outDir, { recursive: true });
   const entries: ManifestEntry[] = [];
-  for (const model of MODEL_CATALOG) {
+  for (const model of catalog) {
     const source = modelSourcePath(model);
     if (!existsSync(source)) {
       throw new MeshError('MESH_CONFIG', `model ${model.name}: ${model.source} is missing from package ${model.pkg} (${source})`);
@@ -292,7 +294,7 @@ export async function ensureModelsFolder(dir: string, options: BuildModelsOption
   }
   if (manifest) {
     const byName = new Map(manifest.models.map((m) => [m.name, m]));
-    for (const model of MODEL_CATALOG) {
+    for (const model of options.catalog ?? MODEL_CATALOG) {
       const entry = byName.get(model.name);
       if (!entry) {
         reason = `model ${model.name} is missing from the manifest`;

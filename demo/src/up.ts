@@ -27,7 +27,7 @@ import { ensureKeyFile, round, sendAdminRecord } from '@edge-mesh/client';
 import { admit, type Identity, MeshError } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
 import { type BridgeDemoSummary, provisionDemoDevice } from './bridge-demo.ts';
-import { ensureModelsFolder } from './models.ts';
+import { MODEL_NAMES } from './models.ts';
 import type {
   AgentReady,
   AgentSummary,
@@ -39,6 +39,7 @@ import type {
   DeviceSummary,
   RouterReady,
 } from './parts.ts';
+import { ensurePipelineModelsFolder } from './pipeline-models.ts';
 import { type Part, Supervisor } from './supervisor.ts';
 import { startUpSettlement, type UpSettlement, type UpSettlementSummary } from './up-settlement.ts';
 
@@ -214,8 +215,9 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
   let modelNames: string[] = [];
   let keys: UpKeys | undefined;
   try {
-    const manifest = await until(ensureModelsFolder(modelsDir, { logger: { info: (m) => logger.info(m), warn: (m) => logger.warn(m) } }));
-    modelNames = manifest.models.map((m) => m.name);
+    // Every catalog model plus the pipelines' stages (docs/pipelines.md); the sample app sends to the catalog's.
+    await until(ensurePipelineModelsFolder(modelsDir, { logger: { info: (m) => logger.info(m), warn: (m) => logger.warn(m) } }));
+    modelNames = [...MODEL_NAMES];
     keys = await ensureUpKeys(dataDir, options.agents, logger);
     // The parts get their chain settings from `up` alone, never from chain variables set for this shell.
     const env = { MESH_EVM_KEY: undefined, MESH_RPC_URL: undefined, MESH_ESCROW: undefined, MESH_TOKEN: undefined };
@@ -303,6 +305,8 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
         options.host,
         '--http-api-keys',
         apiKeysFile,
+        '--pipelines',
+        'wakeword,ocr',
         ...(settlement?.routerArgs() ?? []),
         ...partLevel,
       ],

@@ -468,6 +468,11 @@ export interface ReceiptContext extends ReceiptExpectation {
   arrivedAt?: number;
   /** The payer cancelled this attempt. */
   cancelled?: boolean;
+  /**
+   * The payer refused the outputs the reply carried: not the form the request's use of them needs (a pipeline
+   * stage's declared outputs, docs/pipelines.md). An ok receipt for them is not paid (reason 'outputs').
+   */
+  refusedOutputs?: boolean;
 }
 
 /** A receipt linked into the lane: payable, or linked for the chain's sake and not paid, with why. */
@@ -690,6 +695,7 @@ export class LaneVerifier {
     if (!c.asked) return 'unsolicited';
     if (r.price === 0) return undefined;
     if (c.reply === undefined) return 'no-reply';
+    if (c.refusedOutputs && r.status === RECEIPT_STATUS.ok) return 'outputs';
     if (c.deadline !== undefined && c.arrivedAt !== undefined && c.arrivedAt > c.deadline) return 'late';
     if (r.status === RECEIPT_STATUS.ok && c.reply !== 'res') return 'status';
     if (r.status === RECEIPT_STATUS.cancelled && !c.cancelled) return 'status';

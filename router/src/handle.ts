@@ -2,6 +2,7 @@
  * The router's handle and the shapes around it, in a module of their own so the HTTP API and the
  * settlement routes depend on what the router offers, not on how it is built.
  */
+import type { PipelineResult } from '@edge-mesh/client';
 import type { AgentStatus, MeshErrorCode, ModelInfo, Tensor } from '@edge-mesh/protocol';
 import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
@@ -39,6 +40,8 @@ export interface RouterInferOptions {
    * with MESH_OVERLOADED. The HTTP and gRPC APIs set it; a library caller may.
    */
   limited?: boolean;
+  /** Agents never to try (a pipeline stage whose answer from them was refused). */
+  excludeAgents?: ReadonlySet<string>;
 }
 
 export interface RouterInferResult {
@@ -51,6 +54,19 @@ export interface RouterInferResult {
   attempts: number;
   hedged: boolean;
   timings: { totalMs: number; queueMs: number; execMs: number; predictedMs: number };
+  /** A pipeline's model stages in order: which agent answered each, with which request. */
+  stages?: { stage: string; model: string; agentId: string; requestId: string }[];
+}
+
+/** Pipelines served as models (pipelines.ts). */
+export interface RouterPipelines {
+  has(name: string): boolean;
+  /** A pipeline as model metadata (inputs and outputs its own; price and latency the sum of its models'). */
+  info(name: string): ModelInfo | undefined;
+  /** Whether a live agent serves every model of the pipeline. */
+  ready(name: string): boolean;
+  names(): string[];
+  run(name: string, inputs: Record<string, Tensor>, deadlineMs: number): Promise<RouterInferResult & { pipeline: PipelineResult }>;
 }
 
 /** One finished attempt, for metrics (HTTP layer) and tests. */
@@ -107,6 +123,8 @@ export interface RouterHandle {
   route(model: string, options?: RouteOptions): RouteResult;
   /** The adaptive concurrency limit on forwarded requests as it stands (undefined when turned off). */
   concurrency(): ConcurrencySnapshot | undefined;
+  /** Pipelines served as models (docs/pipelines.md); `infer` with a pipeline's name runs it. */
+  readonly pipelines: RouterPipelines;
   /** Forwards one request over MQTT as the router and resolves with the first result. */
   infer(model: string, inputs: Record<string, Tensor>, options?: RouterInferOptions): Promise<RouterInferResult>;
   /** Live agents and their latest verified status. */

@@ -178,7 +178,13 @@ const INFER_RESPONSE_SCHEMA = {
     id: { type: 'string' },
     parameters: {
       type: 'object',
-      properties: { agent: { type: 'string' }, attempts: { type: 'integer' }, hedged: { type: 'boolean' }, total_ms: { type: 'number' } },
+      properties: {
+        agent: { type: 'string' },
+        attempts: { type: 'integer' },
+        hedged: { type: 'boolean' },
+        total_ms: { type: 'number' },
+        stages: { type: 'string' },
+      },
     },
     outputs: {
       type: 'array',
@@ -649,7 +655,14 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       model_name: model,
       ...(versionOf(modelInfo(model)?.info) ?? {}),
       id: body.id ?? result.requestId,
-      parameters: { agent: result.agentId, attempts: result.attempts, hedged: result.hedged, total_ms: result.timings.totalMs },
+      parameters: {
+        agent: result.agentId,
+        attempts: result.attempts,
+        hedged: result.hedged,
+        total_ms: result.timings.totalMs,
+        // A pipeline's stages as "stage:model@agent" (parameters carry scalars only).
+        ...(result.stages ? { stages: result.stages.map((s) => `${s.stage}:${s.model}@${s.agentId}`).join(',') } : {}),
+      },
       outputs,
     };
     if (sections.length === 0) return response;

@@ -373,6 +373,8 @@ export interface FoundModel {
 
 /** Metadata for `name` from a live agent, else from any agent's last status. */
 export function modelInfoOf(router: RouterHandle, name: string): FoundModel | undefined {
+  const pipeline = router.pipelines?.info(name);
+  if (pipeline) return { info: pipeline, live: router.pipelines.ready(name), versions: [pipeline.version] };
   const live = router.models().find((m) => m.name === name);
   const all = router
     .agents()
@@ -491,6 +493,16 @@ export function repositoryIndex(router: RouterHandle, readyOnly = false): IndexE
       if (prev?.state === 'READY') continue;
       entries.set(key, { name: m.name, version: m.version, state: ready ? 'READY' : 'UNAVAILABLE', reason: ready ? '' : 'no live agent' });
     }
+  }
+  for (const name of router.pipelines?.names() ?? []) {
+    const ready = router.pipelines.ready(name);
+    const version = router.pipelines.info(name)!.version;
+    entries.set(`${name}\u0000${version}`, {
+      name,
+      version,
+      state: ready ? 'READY' : 'UNAVAILABLE',
+      reason: ready ? '' : 'a stage model has no live agent',
+    });
   }
   const list = [...entries.values()].sort((x, y) => x.name.localeCompare(y.name) || x.version.localeCompare(y.version));
   return readyOnly ? list.filter((e) => e.state === 'READY') : list;

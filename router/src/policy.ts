@@ -20,6 +20,8 @@ export interface RouterAsk {
   /** Where the requester sits, when it is not the router itself (the simulator's clients, leases). */
   clientSite?: string;
   clientCoord?: RouteRequest['clientCoord'];
+  /** Agents never to send this request to (a pipeline stage whose answer from them was refused). */
+  excluded?: ReadonlySet<string>;
 }
 
 /**
@@ -101,11 +103,12 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
     pick(request: EngineRequest<RouterAsk>, tried, kind, now) {
       sweep(now);
       const ask = request.data;
+      const avoid = ask.excluded ? new Set([...tried, ...ask.excluded]) : tried;
       const warming = kind === 'hedge' ? warmingFor.get(request) : undefined;
       if (warming !== undefined) {
         warmingFor.delete(request);
         // The warming copy waits for the load: no per-try timeout (a load is not a failure), no hedge.
-        return tried.has(warming) ? undefined : { agentId: warming };
+        return avoid.has(warming) ? undefined : { agentId: warming };
       }
       const selection = selectAgent(
         registry,
@@ -116,7 +119,7 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
           deadlineMs: request.deadlineAt,
           ...(ask.clientSite !== undefined ? { clientSite: ask.clientSite } : {}),
           ...(ask.clientCoord !== undefined ? { clientCoord: ask.clientCoord } : {}),
-          ...(tried.size > 0 ? { exclude: tried } : {}),
+          ...(avoid.size > 0 ? { exclude: avoid } : {}),
           warmOnly: kind === 'hedge',
         },
         now,
@@ -125,7 +128,7 @@ export function createRouterPolicy<Rep extends ReplyTimes = InferReply>(
       );
       if (!selection.ok) throw new MeshError(selection.code, selection.message, { details: { model: ask.model } });
       // selectAgent falls back to excluded nodes when nothing else is left; the engine never sends twice to one.
-      if (tried.has(selection.agentId)) return undefined;
+      if (avoid.has(selection.agentId)) return undefined;
       const remaining = request.deadlineAt - now;
       const cold = kind === 'first' ? warmer?.target(ask.model, now) : undefined;
       if (cold && cold.agent.agentId !== selection.agentId) warmingFor.set(request, cold.agent.agentId);

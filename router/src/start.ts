@@ -11,6 +11,7 @@ import {
   type MeshTlsOptions,
   mqttTransport,
   openMeshConnection,
+  type PipelineDefinition,
   readReply,
   systemClock,
   TailBudget,
@@ -56,6 +57,7 @@ import type {
   RouterLogger,
 } from './handle.ts';
 import { answerRoute } from './leases.ts';
+import { createRouterPipelines } from './pipelines.ts';
 import { type LivePolicyFactory, observedBy, resolveRouterPolicy } from './policies.ts';
 import { createRouterPolicy, type RouterAsk } from './policy.ts';
 import { RevocationList } from './revocations.ts';
@@ -77,6 +79,8 @@ export interface StartRouterOptions {
   config?: RouterOptions;
   /** Deadline when a call gives none, ms. */
   defaultDeadlineMs?: number;
+  /** Pipelines served as models on the KServe API and by `infer` (docs/pipelines.md). */
+  pipelines?: readonly PipelineDefinition[];
   /** Agents tried per forwarded request, the first included (default 3). */
   maxAttempts?: number;
   /** Hedge a slow attempt on a different warm node (default true). */
@@ -361,9 +365,10 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   const limiter = options.adaptiveConcurrency === false ? undefined : new AdaptiveConcurrency(options.adaptiveConcurrency ?? {});
   let closing = false;
   const infer: RouterHandle['infer'] = async (model, inputs, inferOptions: RouterInferOptions = {}) => {
-    const { deadlineMs = defaultDeadlineMs } = inferOptions;
-    for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
+    const { deadlineMs = defaultDeadlineMs, excludeAgents } = inferOptions;
     if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'router closed');
+    if (pipelines.has(model)) return pipelines.run(model, inputs, deadlineMs);
+    for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
     const startedAt = clock.now();
     const deadlineAt = startedAt + deadlineMs;
     const id = newRequestId();
@@ -383,7 +388,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     // Beyond the adaptive limit: refused at once, before anything is sent (MESH_OVERLOADED, HTTP 503).
     const permit = inferOptions.limited ? limiter?.acquire() : undefined;
     return new Promise((resolve, reject) => {
-      engine.start({ key, deadlineAt, data: { model, bytesUp: payload.byteLength, payload }, model }, (outcome) => {
+      const data = { model, bytesUp: payload.byteLength, payload, ...(excludeAgents?.size ? { excluded: excludeAgents } : {}) };
+      engine.start({ key, deadlineAt, data, model }, (outcome) => {
         if (pin) rollouts?.observe(pin, outcome.ok, clock.now() - startedAt, outcome.ok ? outcome.reply.version : undefined);
         permit?.release();
         if (!outcome.ok) {
@@ -419,6 +425,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     });
   };
 
+  const pipelines = createRouterPipelines(options.pipelines ?? [], infer, () => handle.models());
+
   let http: RouterHttpHandle | undefined;
   let grpc: RouterGrpcHandle | undefined;
   const counters = (): RouterCounters => {
@@ -448,6 +456,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     route: (model, routeOptions) => route(model, routeOptions),
     concurrency: () => limiter?.snapshot(),
     infer,
+    pipelines,
     agents: () => [...fleet.all()].map((a) => ({ id: a.id, up: isLive(a.id), status: a.status })),
     models: () => {
       const byName = new Map<string, ModelInfo>();

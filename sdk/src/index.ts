@@ -26,6 +26,7 @@ import {
   type MeshTlsOptions,
   mqttTransport,
   openMeshConnection,
+  type PipelineDefinition,
   readReply,
   systemClock,
   TailBudget,
@@ -56,8 +57,17 @@ import {
 import type { MqttClient } from 'mqtt';
 import { createLeaseBook, type LeaseBook } from './leases.ts';
 import type { LaneView, PayerLanes, PaymentOptions } from './payments.ts';
+import { createPipelines, type PipelineOptions, type PipelineRunResult } from './pipelines.ts';
 import { createSdkPolicy, type SdkReply, type SdkRequest } from './policy.ts';
 
+export {
+  ocrPipeline,
+  ocrText,
+  type PipelineDefinition,
+  type PipelineResult,
+  type StageRecord,
+  wakeWordPipeline,
+} from '@edge-mesh/client';
 export {
   generateIdentity,
   type Identity,
@@ -68,6 +78,7 @@ export {
   type Tensor,
 } from '@edge-mesh/protocol';
 export type { LaneView, PaymentOptions } from './payments.ts';
+export type { PipelineOptions, PipelineRunResult } from './pipelines.ts';
 
 export interface ConnectOptions {
   brokerUrl: string;
@@ -131,6 +142,11 @@ export interface ConnectOptions {
    * each receipt is checked, and verified work is paid with EIP-712 vouchers (docs/settlement.md).
    */
   payment?: PaymentOptions;
+  /**
+   * Pipelines `pipeline()` runs besides the built-in `wakeword` (docs/pipelines.md); one with the same name
+   * replaces it. The OCR pipeline needs its dictionary: `ocrPipeline({ dictionary })`.
+   */
+  pipelines?: readonly PipelineDefinition[];
 }
 
 export interface InferOptions {
@@ -138,6 +154,14 @@ export interface InferOptions {
   deadlineMs?: number;
   /** Send only to this agent: one attempt, no failover, retry or hedge. */
   agentId?: string;
+  /** Never send to these agents (a pipeline stage retried after refusing an agent's answer). */
+  excludeAgents?: ReadonlySet<string>;
+  /**
+   * Checks an answer's outputs before it is accepted and paid: throwing refuses them. The request then fails with
+   * MESH_BAD_TENSOR (`details.refused` 'outputs', `details.agentId`), and on a paid request the agent's receipt for
+   * them is not paid. A pipeline checks each stage's outputs this way (docs/pipelines.md).
+   */
+  checkOutputs?: (outputs: Record<string, Tensor>) => void;
   /**
    * Gives up on the request: it fails with MESH_CANCELLED and every attempt still running is cancelled. On a
    * paid request to a model that runs in units, the agent is paid for the units whose outputs came before
@@ -214,6 +238,13 @@ export interface Mesh {
   readonly clientId: string;
   readonly counters: Readonly<MeshCounters>;
   infer(model: string, inputs: Record<string, Tensor>, options?: InferOptions): Promise<InferResult>;
+  /**
+   * Runs a pipeline (docs/pipelines.md): each model stage an ordinary request (routed, paid, receipted) to
+   * whichever agent is best for its model, within one deadline; the steps between run here.
+   */
+  pipeline(name: string, inputs: Record<string, Tensor>, options?: PipelineOptions): Promise<PipelineRunResult>;
+  /** The pipelines `pipeline()` knows, by name. */
+  pipelines(): PipelineDefinition[];
   /** Live agents as this client sees them. */
   agents(): AgentView[];
   /** Models served by at least one live agent. */
@@ -341,6 +372,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     : undefined;
 
   const progressListeners = new Map<string, NonNullable<InferOptions['onProgress']>>();
+  const outputChecks = new Map<string, NonNullable<InferOptions['checkOutputs']>>();
   const onReply = (agentId: string, payload: Buffer) => {
     const reading = readReply(agentId, payload, maxMessageBytes);
     if (!reading) {
@@ -365,27 +397,42 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       }
       return;
     }
+    // The app's check of the outputs comes first: outputs it refuses are not paid.
+    let outputs: Record<string, Tensor> | undefined;
+    let refusal: MeshError | undefined;
+    if (!reading.error) {
+      try {
+        outputs = decodeTensorMap(reading.reply!.outputs);
+        outputChecks.get(reading.key)?.(outputs);
+      } catch (err) {
+        refusal = new MeshError('MESH_BAD_TENSOR', `agent ${agentId} answered with outputs refused: ${(err as Error).message}`, {
+          cause: err,
+          details: { agentId, requestId: reading.key, refused: 'outputs' },
+        });
+      }
+    }
     // Every receipt is linked, a late or hedged attempt's too: the lane's chain runs through all of them.
     // Every reply also gives back the credit held for its attempt.
     if (payments) {
-      payments.onReply(agentId, reading.key, reading.error ? 'err' : 'res', reading.receipt, reading.reply?.outputs, reading.lane);
+      payments.onReply(
+        agentId,
+        reading.key,
+        reading.error ? 'err' : 'res',
+        reading.receipt,
+        reading.reply?.outputs,
+        reading.lane,
+        refusal !== undefined,
+      );
     }
     if (reading.error) {
       engine.fail(reading.key, agentId, reading.error);
       return;
     }
-    let outputs: Record<string, Tensor>;
-    try {
-      outputs = decodeTensorMap(reading.reply!.outputs);
-    } catch (err) {
-      engine.fail(
-        reading.key,
-        agentId,
-        err instanceof MeshError ? err : new MeshError('MESH_BAD_TENSOR', (err as Error).message, { cause: err }),
-      );
+    if (refusal) {
+      engine.fail(reading.key, agentId, refusal);
       return;
     }
-    engine.answer(reading.key, agentId, { reply: reading.reply!, outputs });
+    engine.answer(reading.key, agentId, { reply: reading.reply!, outputs: outputs! });
   };
 
   let refusedFirst: ((err: MeshError) => void) | undefined;
@@ -513,7 +560,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   const creditCounters = { creditHeld: 0, creditFailed: 0 };
 
   const infer = async (model: string, inputs: Record<string, Tensor>, inferOptions: InferOptions = {}): Promise<InferResult> => {
-    const { deadlineMs = defaultDeadlineMs, agentId: pinned, signal, onProgress } = inferOptions;
+    const { deadlineMs = defaultDeadlineMs, agentId: pinned, signal, onProgress, excludeAgents, checkOutputs } = inferOptions;
     if (signal?.aborted) throw new MeshError('MESH_CANCELLED', 'the request was aborted before it was sent');
     for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
     const startedAt = clock.now();
@@ -540,7 +587,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     // A paid request waits here (within its deadline) until an agent that serves it has room in its credit
     // window by this client's count, instead of drawing MESH_CREDIT_EXCEEDED; nothing is awaited between the
     // last check and the first attempt, so requests released together cannot overfill a window.
-    const eligible = (id: string) => pinned === undefined || id === pinned;
+    const eligible = (id: string) => (pinned === undefined || id === pinned) && !excludeAgents?.has(id);
     let creditHold = creditWait(key, model, eligible, deadlineAt, true);
     if (creditHold) creditCounters.creditHeld++;
     while (creditHold) {
@@ -549,13 +596,23 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'client closed while the request waited for credit');
       creditHold = creditWait(key, model, eligible, deadlineAt, true);
     }
-    const data: SdkRequest = { model, payloadFor, lease, viaRouter: leases !== undefined && !pinned, pinned, routedBy: undefined };
+    const data: SdkRequest = {
+      model,
+      payloadFor,
+      lease,
+      viaRouter: leases !== undefined && !pinned,
+      pinned,
+      routedBy: undefined,
+      ...(excludeAgents?.size ? { excluded: excludeAgents } : {}),
+    };
     if (onProgress) progressListeners.set(key, onProgress);
+    if (checkOutputs) outputChecks.set(key, checkOutputs);
     const onAbort = () => engine.abort(key, new MeshError('MESH_CANCELLED', 'the request was aborted by its sender'));
     signal?.addEventListener('abort', onAbort, { once: true });
     return new Promise<InferResult>((resolve, reject) => {
       engine.start({ key, deadlineAt, data, model, ...(pinned ? { maxAttempts: 1 } : {}) }, (outcome) => {
         progressListeners.delete(key);
+        outputChecks.delete(key);
         signal?.removeEventListener('abort', onAbort);
         if (!outcome.ok) {
           reject(outcome.error);
@@ -581,6 +638,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     });
   };
 
+  const pipelines = createPipelines(options.pipelines ?? [], infer, defaultDeadlineMs);
+
   let closing: Promise<void> | undefined;
   return {
     clientId,
@@ -599,6 +658,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       };
     },
     infer,
+    pipeline: pipelines.run,
+    pipelines: pipelines.list,
     agents: () =>
       [...fleet.all()]
         .filter((a) => a.status.state !== 'offline')

@@ -239,7 +239,10 @@ interface Sent {
    * Agents it went to, and for each the reply that came back (kind, arrival, outputs hash), whether it was
    * cancelled, and the unit outputs its progress messages brought before the reply (`rows`).
    */
-  agents: Map<string, { reply?: 'res' | 'err'; arrivedAt?: number; outputHash?: Uint8Array; cancelled?: boolean; rows?: number }>;
+  agents: Map<
+    string,
+    { reply?: 'res' | 'err'; arrivedAt?: number; outputHash?: Uint8Array; cancelled?: boolean; rows?: number; refusedOutputs?: boolean }
+  >;
 }
 
 /** The leading dimension every tensor of a map shares, or undefined. */
@@ -644,9 +647,12 @@ export class PayerLanes {
     receipt: SignedReceipt | undefined,
     outputs: Parameters<typeof hashTensorMap>[0] | undefined,
     lane: LaneInfo | undefined,
+    /** The app refused these outputs (InferOptions.checkOutputs): the receipt for them is linked, not paid. */
+    refusedOutputs = false,
   ): void {
     const arrivedAt = Date.now();
     const seen = this.sent.get(key)?.agents.get(agentId);
+    if (seen && refusedOutputs) seen.refusedOutputs = true;
     // An error without a receipt is a refusal before the agent took the request on (it costs nothing): it is
     // not the attempt's answer, which may still come when the SDK tries that agent again (MESH_CREDIT_EXCEEDED).
     if (seen && seen.reply === undefined && (kind === 'res' || receipt !== undefined)) {
@@ -743,6 +749,7 @@ export class PayerLanes {
       ...(a.outputHash ? { outputHash: a.outputHash } : {}),
       ...(a.reply ? { reply: a.reply, arrivedAt: a.arrivedAt! } : {}),
       ...(a.cancelled ? { cancelled: true } : {}),
+      ...(a.refusedOutputs ? { refusedOutputs: true } : {}),
     };
   }
 

@@ -48,6 +48,8 @@ export interface SdkRequest {
   viaRouter: boolean;
   /** Send only here (`infer(…, { agentId })`). */
   pinned: string | undefined;
+  /** Never send here (`infer(…, { excludeAgents })`: a pipeline stage whose answer from them was refused). */
+  excluded?: ReadonlySet<string>;
   /** The router whose lease chose the first attempt. */
   routedBy: string | undefined;
 }
@@ -209,8 +211,8 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     now: number,
     kind: AttemptKind,
   ): AttemptPlan | undefined => {
-    const { model, pinned } = request.data;
-    const all = candidates(model, tried, pinned);
+    const { model, pinned, excluded } = request.data;
+    const all = candidates(model, tried, pinned).filter((a) => !excluded?.has(a.id));
     // Not suspect, and not silent (no heartbeat for a few periods: presumed dead before its last will).
     const healthy = all.filter((a) => local(a.id).suspectUntil <= now && !fleet.silent(a.id, now));
     const live = healthy.length > 0 ? healthy : all;
@@ -245,7 +247,13 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     let best: { plan: AttemptPlan; serviceMs: number; score: number } | undefined;
     for (const leased of lease.agents) {
       const agent = fleet.get(leased.agent);
-      if (agent?.status.state !== 'online' || tried.has(leased.agent) || fleet.silent(leased.agent)) continue;
+      if (
+        agent?.status.state !== 'online' ||
+        tried.has(leased.agent) ||
+        request.data.excluded?.has(leased.agent) ||
+        fleet.silent(leased.agent)
+      )
+        continue;
       // A leased agent without room in its credit window is passed over (the SDK then picks by itself).
       if (!hasRoom(leased.agent, request)) continue;
       const score = leased.predictedMs + local(leased.agent).outstandingWorkMs / workersOf(agent);
