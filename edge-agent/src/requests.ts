@@ -397,18 +397,9 @@ export class AgentRequests {
       this.replyError(senderId, request.id, refusal);
       return;
     }
-    const job: Job = {
-      key,
-      id: request.id,
-      senderId,
-      model: request.model,
-      inputs,
-      deadline: request.deadline,
-      receivedAt,
-      ...(unitSpec && units !== undefined
-        ? { units: { total: units, every: unitSpec.progressEvery, done: 0, reported: 0, parts: [], execMs: 0 } }
-        : {}),
-    };
+    const job: Job = { key, id: request.id, senderId, model: request.model, inputs, deadline: request.deadline, receivedAt };
+    if (unitSpec && units !== undefined)
+      job.units = { total: units, every: unitSpec.progressEvery, done: 0, reported: 0, parts: [], execMs: 0 };
     if (!payments || !request.pay) {
       this.submit(job);
       return;
