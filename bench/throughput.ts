@@ -187,7 +187,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     };
     log(
       `  ${label}: ${out.rps} req/s, p50 ${out.p50_ms} ms, p99 ${out.p99_ms} ms, max ${out.max_ms} ms, agent queue p50 ${out.agent_queue_p50_ms} ms, ` +
-        `exec p50 ${out.agent_exec_p50_ms} ms, errors ${JSON.stringify(errors)}, CPU µs/request ${JSON.stringify(perRequest)}, CPU cores ${Object.entries(cpu)
+        `exec p50 ${out.agent_exec_p50_ms} ms, errors ${JSON.stringify(errors)}, CPU µs/request ${JSON.stringify(perRequest)}, CPU cores ${Object.entries(
+          cpu,
+        )
           .map(([k, v]) => `${k} ${v.cores}`)
           .join(', ')}`,
     );
