@@ -7,7 +7,9 @@
  * (`openMeshConnection`: MQTT 3.1.1, TCP_NODELAY), a retained `status` (state online, one model with the
  * kws input/output signature, latencyMs 0.001, workers 1) with an offline will, a subscription to
  * `mesh/v1/agent/{id}/req/+` at QoS 1, and for every request a `res` on `mesh/v1/client/{sender}/res/{id}`
- * at QoS 1 with a 4-byte float32 [1,1] output, queueMs 0 and execMs 0. Each request is decoded and
+ * at QoS 1 with a 4-byte float32 [1,1] output, queueMs 0, execMs 0 and the queue every agent reply carries
+ * (rif 0 and workMs 0: it holds no other request when it answers), so the SDK reads and books the same
+ * fields from it as from an agent (sdk/src/policy.ts, noteClaim). Each request is decoded and
  * schema-checked with `decodeMessage` (it needs the id, and any agent must validate); nothing else runs:
  * no tensor copy, no worker hop, no inference. Prints {"event":"ready"} on stdout once its status is
  * published; stops on SIGTERM/SIGINT after publishing an offline status.
@@ -115,6 +117,8 @@ client.on('message', (topic, payload) => {
       outputs: output,
       queueMs: 0,
       execMs: 0,
+      rif: 0,
+      workMs: 0,
     }),
     { qos: 1 },
   );

@@ -17,6 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { agentLaunch } from '@edge-mesh/agent/launch';
 import { sendAdminRecord } from '@edge-mesh/client';
 import { admit, encodeKeyFile, generateIdentity, type Identity, type Role } from '@edge-mesh/protocol';
 
@@ -377,9 +378,12 @@ export async function startAgentProc(o: AgentProcOptions): Promise<Proc> {
   if (o.queueLimit) args.push('--queue-limit', String(o.queueLimit));
   if (o.inlineMaxMs !== undefined) args.push('--inline-max-ms', String(o.inlineMaxMs));
   if (o.extraArgs) args.push(...o.extraArgs);
-  // BENCH_AGENT_NODE_ARGS (space-separated) goes to the agents' node, e.g. `--cpu-prof --cpu-prof-dir=/tmp/prof`.
+  // As `edge-mesh up` and a device's service start it (edge-agent/src/launch.ts: allocator pools, libuv and V8
+  // helper threads). BENCH_AGENT_NODE_ARGS (space-separated) goes to the agents' node too, e.g.
+  // `--cpu-prof --cpu-prof-dir=/tmp/prof`.
+  const launch = agentLaunch(process.env);
   const nodeArgs = process.env.BENCH_AGENT_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
-  const proc = spawnProc(o.name ?? `agent ${o.id}`, [...nodeArgs, ...args]);
+  const proc = spawnProc(o.name ?? `agent ${o.id}`, [...launch.nodeArgs, ...nodeArgs, ...args], { env: launch.env });
   await proc.waitLine('stderr', (l) => l.includes('"msg":"announced"'), 30_000, "'announced'");
   return proc;
 }

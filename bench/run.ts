@@ -23,7 +23,14 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
   },
   throughput: {
     file: './throughput.ts',
+    // Two rounds of every configuration with --quick (docs/benchmarks.md), on a busy 2-core machine.
+    timeoutS: { quick: 75, full: 900 },
     about: 'kws requests/s at fixed concurrency against the agent (workers 1 and 2; and kws on the pool) and the echo agent',
+  },
+  'request-path': {
+    file: './request-path.ts',
+    about:
+      "the agent's own CPU per kws request in process, without MQTT: its request path with the model, with an instant executor, and the echo agent's codec work",
   },
   agent: {
     file: './agent.ts',
@@ -89,7 +96,8 @@ options:
   --quick        short run (under 45 s; economics about 60 s)
   --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; overhead 60 quick; agent 90 quick; router-sim 300 and 3600; economics 180 and 2400)
   overhead:   --n N                      timed requests (default 10000, quick 2000)
-  throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
+  throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2 --rounds R
+  request-path: --n N --rounds R         requests per round (30000, quick 10000), rounds (5, quick 3)
   agent:      --reps R --idle-ms MS --settle-ms MS --workers W --inline-max-ms MS
   router-sim: --seeds N --nodes N --duration-s S --warmup-s S --routers W --mixes a,b --loads 0.7,0.8,0.9
               --policies a,b --scenarios a,b --workers K

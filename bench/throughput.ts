@@ -1,6 +1,6 @@
 /**
  * `npm run bench -- throughput [--quick] [--concurrency 64] [--loadgens 1] [--workers 1,2]
- *                               [--warmup-ms W] [--duration-ms D]`
+ *                               [--warmup-ms W] [--duration-ms D] [--rounds R]`
  *
  * Steady-state kws requests per second through the mesh at a fixed number of outstanding requests.
  * Processes: one `edge-mesh broker`, one server at a time (`edge-mesh agent --workers W --queue-limit 1024`
@@ -12,8 +12,16 @@
  * (quick 1 s, full 3 s), then count the requests that complete in the next `duration-ms` (quick 3 s,
  * full 10 s); rps is summed over the load generators. The agent of the previous configuration is stopped
  * (its retained status goes offline) before the next one starts, so the SDK only ever sees one server.
- * mesh_rps is the best agent configuration (named in best_config); ratio = mesh_rps / echo_rps. Errors
- * are counted by code (must be 0). Per-process CPU over the measured window is under configs.*.cpu.
+ * The agent configurations and the echo agent run in R rounds (quick 2, full 3), one after another within
+ * each round (agent_w1_pool in the first round only): on a shared machine the load moves between phases,
+ * and a ratio of two phases minutes apart measures that as much as the agent. Each configuration's
+ * figures are its medians over the rounds (its rounds' own under `rounds`); best_config is the agent
+ * configuration with the highest median rps, mesh_rps that median; ratio is the median over rounds of
+ * best_config's rps ÷ the echo agent's rps in the same round (each in `ratio_rounds`). Errors are counted
+ * by code (must be 0). Per-process CPU over the measured window is under configs.*.cpu, and per request
+ * (CPU µs ÷ requests completed in the window) under configs.*.cpu_us_per_request; cpu_ratio = the echo
+ * run's CPU per request (broker + server + load generators) ÷ best_config's, the ratio the two would
+ * reach if the machine's cores were all theirs and busy, which moves less with other work than rps does.
  */
 import { round } from '@edge-mesh/client';
 import { ensureModelsFolder } from '@edge-mesh/demo';
@@ -29,6 +37,7 @@ import {
   isEvent,
   loadgenResult,
   MODELS_DIR,
+  median,
   type Proc,
   sleep,
   startAgentProc,
@@ -53,6 +62,34 @@ interface ConfigResult {
   agent_exec_p50_ms: number;
   per_loadgen_rps: number[];
   cpu: CpuReport;
+  /** CPU µs per request completed in the window: each process, and `total` (broker + server + load generators). */
+  cpu_us_per_request: Record<string, number>;
+}
+
+/** A configuration's medians over its rounds, and the rounds themselves. */
+type ConfigSummary = Omit<ConfigResult, 'cpu' | 'per_loadgen_rps'> & { rounds: ConfigResult[] };
+
+function summarizeRounds(rounds: ConfigResult[]): ConfigSummary {
+  const med = (f: (r: ConfigResult) => number) => round(median(rounds.map(f)), 3);
+  const first = rounds[0]!;
+  const errors = sumErrors(rounds.map((r) => r.errors));
+  return {
+    server: first.server,
+    workers: first.workers,
+    rps: med((r) => r.rps),
+    errors,
+    error_count: Object.values(errors).reduce((a, b) => a + b, 0),
+    retried: rounds.reduce((a, r) => a + r.retried, 0),
+    p50_ms: med((r) => r.p50_ms),
+    p99_ms: med((r) => r.p99_ms),
+    max_ms: Math.max(...rounds.map((r) => r.max_ms)),
+    agent_queue_p50_ms: med((r) => r.agent_queue_p50_ms),
+    agent_exec_p50_ms: med((r) => r.agent_exec_p50_ms),
+    cpu_us_per_request: Object.fromEntries(
+      Object.keys(first.cpu_us_per_request).map((k) => [k, med((r) => r.cpu_us_per_request[k] ?? Number.NaN)]),
+    ),
+    rounds,
+  };
 }
 
 function sumErrors(list: Record<string, number>[]): Record<string, number> {
@@ -68,6 +105,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const workerList = typeof args.workers === 'string' ? args.workers.split(',').map(Number) : [1, 2];
   const warmupMs = typeof args['warmup-ms'] === 'string' ? Number(args['warmup-ms']) : quick ? 1_000 : 3_000;
   const durationMs = typeof args['duration-ms'] === 'string' ? Number(args['duration-ms']) : quick ? 3_000 : 10_000;
+  const roundCount = typeof args.rounds === 'string' ? Number(args.rounds) : quick ? 2 : 3;
+  if (!(Number.isInteger(roundCount) && roundCount >= 1)) throw new Error('--rounds must be a positive integer');
   if (!(concurrency >= 1 && loadgens >= 1 && concurrency % loadgens === 0))
     throw new Error('--concurrency must be a positive multiple of --loadgens');
   assertBuilt();
@@ -120,6 +159,15 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     await Promise.all([...gens.map((g) => g.stop()), server.stop()]);
     const errors = sumErrors(results.map((r) => r.errors as Record<string, number>));
     const rps = results.reduce((a, r) => a + (r.rps as number), 0);
+    const served = (rps * durationMs) / 1_000;
+    const perRequest: Record<string, number> = {};
+    let total = 0;
+    for (const [name, used] of Object.entries(cpu)) {
+      if (name === 'machine' || name === 'others') continue;
+      perRequest[name] = round((used.cpu_ms * 1_000) / served, 1);
+      total += used.cpu_ms;
+    }
+    perRequest.total = round((total * 1_000) / served, 1);
     const out: ConfigResult = {
       server: label,
       workers,
@@ -135,10 +183,13 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       agent_exec_p50_ms: Math.max(...results.map((r) => r.agent_exec_p50_ms as number)),
       per_loadgen_rps: results.map((r) => r.rps as number),
       cpu,
+      cpu_us_per_request: perRequest,
     };
     log(
       `  ${label}: ${out.rps} req/s, p50 ${out.p50_ms} ms, p99 ${out.p99_ms} ms, max ${out.max_ms} ms, agent queue p50 ${out.agent_queue_p50_ms} ms, ` +
-        `exec p50 ${out.agent_exec_p50_ms} ms, errors ${JSON.stringify(errors)}, CPU cores ${Object.entries(cpu)
+        `exec p50 ${out.agent_exec_p50_ms} ms, errors ${JSON.stringify(errors)}, CPU µs/request ${JSON.stringify(perRequest)}, CPU cores ${Object.entries(
+          cpu,
+        )
           .map(([k, v]) => `${k} ${v.cores}`)
           .join(', ')}`,
     );
@@ -147,22 +198,41 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     return out;
   };
 
-  const configs: Record<string, ConfigResult> = {};
-  for (const w of workerList) {
-    configs[`agent_w${w}`] = await runConfig(`agent-w${w}`, w, (key) =>
-      startAgentProc({ url: broker.url, keyFile: key.keyFile, id: key.identity.id, workers: w, queueLimit: 1_024 }),
-    );
+  const runs: Record<string, ConfigResult[]> = {};
+  const add = (name: string, r: ConfigResult) => {
+    runs[name] ??= [];
+    runs[name].push(r);
+  };
+  for (let r = 0; r < roundCount; r++) {
+    if (roundCount > 1) log(`  round ${r + 1} of ${roundCount}`);
+    for (const w of workerList) {
+      add(
+        `agent_w${w}`,
+        await runConfig(`agent-w${w}`, w, (key) =>
+          startAgentProc({ url: broker.url, keyFile: key.keyFile, id: key.identity.id, workers: w, queueLimit: 1_024 }),
+        ),
+      );
+    }
+    if (r === 0) {
+      add(
+        'agent_w1_pool',
+        await runConfig('agent-w1-pool', 1, (key) =>
+          startAgentProc({ url: broker.url, keyFile: key.keyFile, id: key.identity.id, workers: 1, queueLimit: 1_024, inlineMaxMs: 0 }),
+        ),
+      );
+    }
+    add('echo', await runConfig('echo', null, (key) => startEchoAgentProc(broker.url, key.identity.id, key.keyFile)));
   }
-  configs.agent_w1_pool = await runConfig('agent-w1-pool', 1, (key) =>
-    startAgentProc({ url: broker.url, keyFile: key.keyFile, id: key.identity.id, workers: 1, queueLimit: 1_024, inlineMaxMs: 0 }),
-  );
-  configs.echo = await runConfig('echo', null, (key) => startEchoAgentProc(broker.url, key.identity.id, key.keyFile));
   await broker.proc.stop();
 
+  const configs: Record<string, ConfigSummary> = {};
+  for (const [name, list] of Object.entries(runs)) configs[name] = summarizeRounds(list);
   const agentConfigs = Object.entries(configs).filter(([k]) => k !== 'echo');
   const [bestName, best] = agentConfigs.reduce((a, b) => (b[1].rps > a[1].rps ? b : a));
   const echo = configs.echo!;
   const errorCount = Object.values(configs).reduce((a, c) => a + c.error_count, 0);
+  // Per round: the best configuration against the echo agent of the same round (the pool config has one round).
+  const ratioRounds = best.rounds.map((b, i) => round(b.rps / echo.rounds[i]!.rps, 3));
   return {
     bench: 'throughput',
     quick,
@@ -177,12 +247,15 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     echo_p50_ms: echo.p50_ms,
     echo_p99_ms: echo.p99_ms,
     error_count: errorCount,
+    rounds: roundCount,
+    ratio_rounds: ratioRounds,
+    cpu_ratio: round(echo.cpu_us_per_request.total! / best.cpu_us_per_request.total!, 3),
     configs,
     ...environment(),
     model: MODEL,
     concurrency,
     mesh_rps: best.rps,
     echo_rps: echo.rps,
-    ratio: round(best.rps / echo.rps, 3),
+    ratio: round(median(ratioRounds), 3),
   };
 }

@@ -128,6 +128,27 @@ test('requests: an id is refused as a replay until its deadline, expired request
   assert.equal(guard.size, 0);
 });
 
+test('requests: a full replay guard refuses without walking its ids until one can have expired, and then at most once per interval', () => {
+  const guard = new ReplayGuard(3);
+  for (const key of ['a', 'b', 'c']) assert.equal(guard.remember(key, 10_000, 0), 'ok');
+  // Filled with far deadlines: every further request is refused, and none walks the ids.
+  for (let now = 1; now < 1_000; now += 10) assert.equal(guard.remember(`x${now}`, 20_000, now), 'full');
+  guard.prune(5_000);
+  assert.equal(guard.walks, 0, 'nothing can have expired: no walk');
+  assert.equal(guard.remember('a', 20_000, 5_000), 'replay');
+  // Past the earliest deadline a full guard walks once and takes the request in the room it made.
+  assert.equal(guard.remember('d', 30_000, 10_001), 'ok');
+  assert.equal(guard.walks, 1);
+  assert.equal(guard.size, 1);
+  assert.equal(guard.remember('a', 30_000, 10_002), 'ok', 'an expired id is forgotten');
+  assert.equal(guard.remember('b', 10_003 + 5, 10_003), 'ok');
+  // Full again; 'b' expires at 10,008. Within the interval after the last walk the guard answers 'full' without one.
+  assert.equal(guard.remember('e', 30_000, 10_050), 'full');
+  assert.equal(guard.walks, 1);
+  assert.equal(guard.remember('e', 30_000, 10_001 + ReplayGuard.PRUNE_WHEN_FULL_MS), 'ok');
+  assert.equal(guard.walks, 2);
+});
+
 test('requests: a receipt charges the units done (a cancelled one-shot run has none); deadline drops and late cancels are timeouts', () => {
   const err = (code: ConstructorParameters<typeof MeshError>[0]) => new MeshError(code, 'x');
   assert.equal(receiptStatus(undefined, false), RECEIPT_STATUS.ok);

@@ -16,6 +16,9 @@ import type { MqttClient } from 'mqtt';
 import type { Faults } from './faults.ts';
 import type { AgentCounters } from './types.ts';
 
+/** Replies go at QoS 1; mqtt.js copies the options it is given, so one object serves every reply. */
+const QOS1 = { qos: 1 } as const;
+
 export type AgentTopicKind = 'request' | 'cancel' | 'voucher';
 
 /**
@@ -179,13 +182,12 @@ export class AgentLink {
 
   /** A reply to `senderId`, `afterMs` from now plus any injected link delay; dropped if the link closes first. */
   reply(senderId: string, payload: Buffer, afterMs = 0): void {
-    const send = () => this.client.publish(topics.clientReply(senderId, this.agentId), payload, { qos: 1 });
     const delay = afterMs + this.options.faults.linkDelayMs;
     if (delay > 0) {
       setTimeout(() => {
-        if (!this.closed) send();
+        if (!this.closed) this.client.publish(topics.clientReply(senderId, this.agentId), payload, QOS1);
       }, delay).unref();
-    } else send();
+    } else this.client.publish(topics.clientReply(senderId, this.agentId), payload, QOS1);
   }
 
   /** A heartbeat's load report (QoS 0: the next one replaces it); skipped while disconnected. */

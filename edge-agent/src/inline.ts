@@ -78,7 +78,8 @@ export class InlineExecutor implements Executor {
   /** Sum of the p99s of the jobs handed to onnxruntime and not finished. */
   private committedMs = 0;
   private closing = false;
-  private readonly inFlight = new Set<Promise<void>>();
+  /** Called when the last run finishes while closing. */
+  private drained: (() => void) | undefined;
 
   constructor(
     private readonly models: ReadonlyMap<string, InlineModel>,
@@ -91,6 +92,11 @@ export class InlineExecutor implements Executor {
     return this.running === 0 || this.committedMs < this.sliceMs ? 1 : 0;
   }
 
+  /**
+   * Hands `inputs` to onnxruntime. The run's time is measured as timedRun does (from a mark queued just
+   * before onnxruntime's own setImmediate), written out here so that a run allocates no more than its
+   * promise and the two callbacks.
+   */
   run(model: string, inputs: Record<string, Tensor>, callback: JobCallback): void {
     const m = this.models.get(model);
     if (!m || this.closing) throw new MeshError('MESH_INTERNAL', `model ${model} does not run inline here`);
@@ -98,21 +104,20 @@ export class InlineExecutor implements Executor {
     this.running++;
     this.committedMs += m.p99Ms;
     const sentAt = performance.now();
-    let running: Promise<[InferenceSession.ReturnType, number]>;
+    let started = sentAt;
+    setImmediate(() => {
+      started = performance.now();
+    });
+    let running: Promise<InferenceSession.ReturnType>;
     try {
-      running = timedRun(m.session, toFeeds(inputs));
+      running = m.session.run(toFeeds(inputs));
     } catch (err) {
       running = Promise.reject(err);
     }
-    const finished = () => {
-      this.running--;
-      this.committedMs = this.running === 0 ? 0 : this.committedMs - m.p99Ms;
-    };
-    const settled: Promise<void> = running.then(
-      ([results, execMs]) => {
-        finished();
-        this.inFlight.delete(settled);
-        if (this.closing) return;
+    running.then(
+      (results) => {
+        const execMs = performance.now() - started;
+        if (this.finished(m)) return;
         if (alone) {
           const handoff = Math.max(0, performance.now() - sentAt - execMs);
           this.handoffMs += HANDOFF_EWMA_ALPHA * (handoff - this.handoffMs);
@@ -121,21 +126,35 @@ export class InlineExecutor implements Executor {
         this.onIdle();
       },
       (err: unknown) => {
-        finished();
-        this.inFlight.delete(settled);
-        if (this.closing) return;
+        if (this.finished(m)) return;
         const message = err instanceof Error ? err.message : String(err);
         callback(new MeshError('MESH_INFERENCE_FAILED', message, { details: { execMs: performance.now() - sentAt } }));
         this.onIdle();
       },
     );
-    this.inFlight.add(settled);
+  }
+
+  /** Books a run of `m` as finished; true when the executor is closing (the result is dropped). */
+  private finished(m: InlineModel): boolean {
+    this.running--;
+    this.committedMs = this.running === 0 ? 0 : this.committedMs - m.p99Ms;
+    if (!this.closing) return false;
+    if (this.running === 0) this.drained?.();
+    return true;
   }
 
   /** Takes no more jobs, lets those running finish (their results are dropped), then releases the sessions. */
   async close(): Promise<void> {
     this.closing = true;
-    await Promise.allSettled([...this.inFlight]);
+    if (this.running > 0) {
+      await new Promise<void>((resolve) => {
+        const before = this.drained;
+        this.drained = () => {
+          before?.();
+          resolve();
+        };
+      });
+    }
     await Promise.allSettled([...this.models.values()].map((m) => m.session.release()));
   }
 }

@@ -45,9 +45,21 @@ export type Remembered = 'ok' | 'replay' | 'full';
  * Request ids seen and not yet expired, each until its deadline, so a replayed (or redelivered)
  * request is refused and never runs twice. Bounded: when `limit` ids are remembered, expired ones
  * are dropped, and if none has expired a new request is refused until some do.
+ *
+ * Making room walks every id, so it is done only when an id can have expired (the earliest deadline
+ * remembered has passed) and, while the guard stays full, at most once per PRUNE_WHEN_FULL_MS: a full
+ * guard answers 'full' without a walk, so requests arriving then (from a sender that filled it with far
+ * deadlines, say) cost no more than any other refusal.
  */
 export class ReplayGuard {
+  /** While full, the least time between two walks to make room. */
+  static readonly PRUNE_WHEN_FULL_MS = 100;
   private readonly seen = new Map<string, number>();
+  /** No remembered deadline is earlier than this (it may be earlier than the true minimum after a forget). */
+  private earliest = Number.POSITIVE_INFINITY;
+  private lastFullPrune = Number.NEGATIVE_INFINITY;
+  /** Walks over the remembered ids so far (prune calls that found something could have expired). */
+  walks = 0;
 
   constructor(readonly limit: number) {}
 
@@ -62,9 +74,13 @@ export class ReplayGuard {
   remember(key: string, deadline: number, nowMs: number): Remembered {
     if (this.seen.has(key)) return 'replay';
     if (deadline < nowMs) return 'ok';
-    if (this.seen.size >= this.limit) this.prune(nowMs);
+    if (this.seen.size >= this.limit && nowMs - this.lastFullPrune >= ReplayGuard.PRUNE_WHEN_FULL_MS) {
+      this.lastFullPrune = nowMs;
+      this.prune(nowMs);
+    }
     if (this.seen.size >= this.limit) return 'full';
     this.seen.set(key, deadline);
+    if (deadline < this.earliest) this.earliest = deadline;
     return 'ok';
   }
 
@@ -74,7 +90,14 @@ export class ReplayGuard {
   }
 
   prune(nowMs: number): void {
-    for (const [key, deadline] of this.seen) if (deadline < nowMs) this.seen.delete(key);
+    if (this.earliest >= nowMs) return;
+    this.walks++;
+    let earliest = Number.POSITIVE_INFINITY;
+    for (const [key, deadline] of this.seen) {
+      if (deadline < nowMs) this.seen.delete(key);
+      else if (deadline < earliest) earliest = deadline;
+    }
+    this.earliest = earliest;
   }
 }
 
