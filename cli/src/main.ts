@@ -290,7 +290,7 @@ export function buildProgram(): Command {
   program
     .command('agent')
     .description('run an edge agent that serves the models of a folder')
-    .requiredOption('--models <dir>', 'models folder with manifest.json (see `edge-mesh models build`)')
+    .requiredOption('--models <dir>', 'models folder with manifest.json (see `edge-mesh models build`); SIGHUP re-reads it')
     .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
     .option(
       '--key <file>',
@@ -410,6 +410,13 @@ export function buildProgram(): Command {
       const identity = opts.key ? await loadKeyFile(opts.key, 'agent', keyWarnings) : undefined;
       const logger = cliLogger(opts.logLevel);
       const stop = stopSignal();
+      // SIGHUP re-reads the models folder (docs/agent.md, "Reloading the models folder"). Caught from here on, so one
+      // that arrives while the models load does not end the process (Node's default for SIGHUP).
+      let reload: (() => Promise<unknown>) | undefined;
+      process.on('SIGHUP', () => {
+        if (reload) void reload();
+        else logger.warn({ signal: 'SIGHUP' }, 'still starting: the models loading now are the folder as it was read');
+      });
       const { startAgent } = await loadAgent();
       const agent = await startAgent({
         brokerUrl: opts.broker,
@@ -440,6 +447,7 @@ export function buildProgram(): Command {
           : {}),
       });
       leanAgentStarted();
+      reload = () => agent.reloadModels();
       const refused = agent.announced.then(
         async () => {
           logger.info({ agentId: agent.id }, 'announced');
