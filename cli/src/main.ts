@@ -35,6 +35,7 @@ import { brokerAccessFlags, brokerAccessFrom, collect, nonNegativeInt, nonNegati
 import { registerPayoutCommands } from './payout.ts';
 import { registerRelayCommand, relayFlags, relayOptionsFrom } from './relay.ts';
 import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
+import { systemdNotifier } from './systemd.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
 const loadBroker = () => import('@edge-mesh/broker');
@@ -410,6 +411,8 @@ export function buildProgram(): Command {
       const identity = opts.key ? await loadKeyFile(opts.key, 'agent', keyWarnings) : undefined;
       const logger = cliLogger(opts.logLevel);
       const stop = stopSignal();
+      // Under systemd (Type=notify, WatchdogSec=): READY=1, watchdog pings from the event loop, STOPPING=1.
+      const systemd = systemdNotifier({ logger });
       // SIGHUP re-reads the models folder (docs/agent.md, "Reloading the models folder"). Caught from here on, so one
       // that arrives while the models load does not end the process (Node's default for SIGHUP).
       let reload: (() => Promise<unknown>) | undefined;
@@ -451,6 +454,7 @@ export function buildProgram(): Command {
       const refused = agent.announced.then(
         async () => {
           logger.info({ agentId: agent.id }, 'announced');
+          systemd?.ready();
           await report<AgentReady>('ready', { id: agent.id, models: agent.models.map((m) => ({ name: m.name, latencyMs: m.latencyMs })) });
           return new Promise<never>(() => {});
         },
@@ -460,7 +464,9 @@ export function buildProgram(): Command {
       );
       const signal = await Promise.race([stop, refused]);
       logger.info({ signal }, 'draining');
+      systemd?.stopping();
       await agent.drain(opts.drainTimeoutMs);
+      systemd?.close();
       await report<AgentSummary>('summary', {
         id: agent.id,
         served: agent.counters.served,
