@@ -687,7 +687,7 @@ export function buildProgram(): Command {
       const signed = admit(operator, subject, { nowMs, ttlMs: opts.ttlDays * DAY_MS });
       const subjectId = deriveId(subject.role, subject.publicKey);
       const { sendAdminRecord } = await import('@edge-mesh/client');
-      await sendAdminRecord(opts.broker, operator, signed, subjectId, opts.timeoutMs);
+      await sendAdminRecord(opts.broker, operator, signed, subjectId, opts.timeoutMs, await brokerAccessFrom(opts));
       printJson({ admitted: subjectId, role: subject.role, expires: new Date(nowMs + opts.ttlDays * DAY_MS).toISOString() });
     });
 
@@ -702,7 +702,7 @@ export function buildProgram(): Command {
       if (!isValidId(opts.id)) throw new MeshError('MESH_CONFIG', `--id ${JSON.stringify(opts.id)} is not a mesh id`);
       const operator = await loadKeyFile(opts.key, 'operator', keyWarnings);
       const { sendAdminRecord } = await import('@edge-mesh/client');
-      await sendAdminRecord(opts.broker, operator, revoke(operator, opts.id), opts.id, opts.timeoutMs);
+      await sendAdminRecord(opts.broker, operator, revoke(operator, opts.id), opts.id, opts.timeoutMs, await brokerAccessFrom(opts));
       printJson({ revoked: opts.id });
     });
 
@@ -718,7 +718,8 @@ export function buildProgram(): Command {
     });
 
   // --tls-ca/--tls-cert/--tls-key and --username/--password-file on every command that connects to the broker as a client.
-  for (const command of program.commands) if (['agent', 'router', 'infer'].includes(command.name())) brokerAccessFlags(command);
+  for (const command of program.commands)
+    if (['agent', 'router', 'infer', 'admit', 'revoke'].includes(command.name())) brokerAccessFlags(command);
 
   registerBridgeCommands(program);
   // The sample app of `edge-mesh up` as a command of its own (demo.ts).
