@@ -14,7 +14,7 @@ import { promisify } from 'node:util';
 import { startAgent } from '@edge-mesh/agent';
 import { sampleInputs } from '@edge-mesh/demo';
 import { admit, generateIdentity, MeshError } from '@edge-mesh/protocol';
-import { startRouter } from '@edge-mesh/router';
+import { makeApiKey, startRouter } from '@edge-mesh/router';
 import { connect } from '@edge-mesh/sdk';
 import { brokerFor, modelsDir, quiet, tempDir } from './helpers.ts';
 
@@ -180,6 +180,64 @@ test('plaintext and wrong-CA clients are refused with a coded error within their
   // TLS to the right CA works, on the same broker, after all that.
   const mesh = await connect({ brokerUrl: broker.url, identity: appKey, logger: quiet, tls: { ca: pki.ca }, connectTimeoutMs: 10_000 });
   await mesh.close();
+});
+
+test("the console admits through a broker with a private CA and mutual TLS, with the router's own TLS settings", {
+  skip: SKIP,
+  timeout: 60_000,
+}, async (t) => {
+  const pki = await makePki(t);
+  const { broker, operator } = await tlsBroker(t, pki, true);
+  const routerKey = generateIdentity('router');
+  await broker.admit(admit(operator, routerKey));
+  const tls = { ca: pki.ca, cert: pki.clientCert, key: pki.clientKey };
+  const apiKey = makeApiKey('console', ['read', 'operator']);
+  // The console's admin connection is given no TLS of its own: it takes the router's.
+  const router = await startRouter({
+    brokerUrl: broker.url,
+    identity: routerKey,
+    logger: quiet,
+    tls,
+    http: {
+      port: 0,
+      processMetrics: false,
+      auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], apiKeys: [apiKey.entry] },
+      console: { admin: { operator, brokerUrl: broker.url, timeoutMs: 10_000 } },
+    },
+  });
+  t.after(() => router.close());
+  const url = router.http!.url;
+  const post = (p: string, body: unknown, auth = true) =>
+    fetch(`${url}${p}`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', ...(auth ? { authorization: `Bearer ${apiKey.key}` } : {}) },
+      body: JSON.stringify(body),
+    });
+
+  // Before the admission the app is refused; after the console admits its join request, it connects.
+  const app = generateIdentity('app');
+  await assert.rejects(
+    connect({ brokerUrl: broker.url, identity: app, logger: quiet, tls, connectTimeoutMs: 3_000 }),
+    code('MESH_UNAUTHORIZED'),
+  );
+  const asked = await post(
+    '/v1/admissions/requests',
+    { role: 'app', public_key: Buffer.from(app.publicKey).toString('base64url'), name: 'cam' },
+    false,
+  );
+  assert.equal(asked.status, 202, await asked.text());
+  const admitted = await post('/v1/admissions/admit', { id: app.id });
+  assert.equal(admitted.status, 200, await admitted.text());
+  const mesh = await connect({ brokerUrl: broker.url, identity: app, logger: quiet, tls });
+  await mesh.close();
+
+  // Revoked from the console, the app is refused again.
+  const revoked = await post('/v1/admissions/revoke', { id: app.id });
+  assert.equal(revoked.status, 200, await revoked.text());
+  await assert.rejects(
+    connect({ brokerUrl: broker.url, identity: app, logger: quiet, tls, connectTimeoutMs: 3_000 }),
+    code('MESH_UNAUTHORIZED'),
+  );
 });
 
 test("mutual TLS: a client without a certificate from the broker's CA is refused at once", {

@@ -36,6 +36,7 @@ import { registerPayoutCommands } from './payout.ts';
 import { builtInPipelines } from './pipelines.ts';
 import { registerRelayCommand, relayFlags, relayOptionsFrom } from './relay.ts';
 import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
+import { systemdNotifier } from './systemd.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
 const loadBroker = () => import('@edge-mesh/broker');
@@ -291,7 +292,7 @@ export function buildProgram(): Command {
   program
     .command('agent')
     .description('run an edge agent that serves the models of a folder')
-    .requiredOption('--models <dir>', 'models folder with manifest.json (see `edge-mesh models build`)')
+    .requiredOption('--models <dir>', 'models folder with manifest.json (see `edge-mesh models build`); SIGHUP re-reads it')
     .option('--broker <urls>', 'broker URL, or a comma-separated list to fail over through', DEFAULT_BROKER)
     .option(
       '--key <file>',
@@ -415,6 +416,15 @@ export function buildProgram(): Command {
       const identity = opts.key ? await loadKeyFile(opts.key, 'agent', keyWarnings) : undefined;
       const logger = cliLogger(opts.logLevel);
       const stop = stopSignal();
+      // Under systemd (Type=notify, WatchdogSec=): READY=1, watchdog pings from the event loop, STOPPING=1.
+      const systemd = systemdNotifier({ logger });
+      // SIGHUP re-reads the models folder (docs/agent.md, "Reloading the models folder"). Caught from here on, so one
+      // that arrives while the models load does not end the process (Node's default for SIGHUP).
+      let reload: (() => Promise<unknown>) | undefined;
+      process.on('SIGHUP', () => {
+        if (reload) void reload();
+        else logger.warn({ signal: 'SIGHUP' }, 'still starting: the models loading now are the folder as it was read');
+      });
       const { startAgent } = await loadAgent();
       const agent = await startAgent({
         brokerUrl: opts.broker,
@@ -446,9 +456,11 @@ export function buildProgram(): Command {
           : {}),
       });
       leanAgentStarted();
+      reload = () => agent.reloadModels();
       const refused = agent.announced.then(
         async () => {
           logger.info({ agentId: agent.id }, 'announced');
+          systemd?.ready();
           await report<AgentReady>('ready', { id: agent.id, models: agent.models.map((m) => ({ name: m.name, latencyMs: m.latencyMs })) });
           return new Promise<never>(() => {});
         },
@@ -458,7 +470,9 @@ export function buildProgram(): Command {
       );
       const signal = await Promise.race([stop, refused]);
       logger.info({ signal }, 'draining');
+      systemd?.stopping();
       await agent.drain(opts.drainTimeoutMs);
+      systemd?.close();
       await report<AgentSummary>('summary', {
         id: agent.id,
         served: agent.counters.served,
@@ -696,7 +710,7 @@ export function buildProgram(): Command {
       const signed = admit(operator, subject, { nowMs, ttlMs: opts.ttlDays * DAY_MS });
       const subjectId = deriveId(subject.role, subject.publicKey);
       const { sendAdminRecord } = await import('@edge-mesh/client');
-      await sendAdminRecord(opts.broker, operator, signed, subjectId, opts.timeoutMs);
+      await sendAdminRecord(opts.broker, operator, signed, subjectId, opts.timeoutMs, await brokerAccessFrom(opts));
       printJson({ admitted: subjectId, role: subject.role, expires: new Date(nowMs + opts.ttlDays * DAY_MS).toISOString() });
     });
 
@@ -711,7 +725,7 @@ export function buildProgram(): Command {
       if (!isValidId(opts.id)) throw new MeshError('MESH_CONFIG', `--id ${JSON.stringify(opts.id)} is not a mesh id`);
       const operator = await loadKeyFile(opts.key, 'operator', keyWarnings);
       const { sendAdminRecord } = await import('@edge-mesh/client');
-      await sendAdminRecord(opts.broker, operator, revoke(operator, opts.id), opts.id, opts.timeoutMs);
+      await sendAdminRecord(opts.broker, operator, revoke(operator, opts.id), opts.id, opts.timeoutMs, await brokerAccessFrom(opts));
       printJson({ revoked: opts.id });
     });
 
@@ -727,7 +741,8 @@ export function buildProgram(): Command {
     });
 
   // --tls-ca/--tls-cert/--tls-key and --username/--password-file on every command that connects to the broker as a client.
-  for (const command of program.commands) if (['agent', 'router', 'infer'].includes(command.name())) brokerAccessFlags(command);
+  for (const command of program.commands)
+    if (['agent', 'router', 'infer', 'admit', 'revoke'].includes(command.name())) brokerAccessFlags(command);
 
   registerBridgeCommands(program);
   // The sample app of `edge-mesh up` as a command of its own (demo.ts).

@@ -16,12 +16,16 @@ import {
   topics,
 } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
-import { openMeshConnection } from './connection.ts';
+import { type MeshConnectionOptions, openMeshConnection } from './connection.ts';
+
+/** How the operator's connection reaches the broker: TLS files for `mqtts://`, a password for a broker that checks one. */
+export type AdminBrokerAccess = Pick<MeshConnectionOptions, 'tls' | 'username' | 'password'>;
 
 /**
  * Sends one signed record as `operator` and resolves with the broker's ack for `subjectId`. Rejects with
  * MESH_UNAUTHORIZED when the broker refuses the operator, MESH_TIMEOUT when no ack comes in time, and the
- * ack's own code when the broker refuses the record.
+ * ack's own code when the broker refuses the record. `access` carries the TLS and password settings the broker
+ * needs (a private CA, a client certificate, a shared password), as every other part's connection does.
  */
 export async function sendAdminRecord(
   brokerUrl: string,
@@ -29,6 +33,7 @@ export async function sendAdminRecord(
   signed: SignedRecord,
   subjectId: string,
   timeoutMs: number,
+  access: AdminBrokerAccess = {},
 ): Promise<AdminAck> {
   const recordsTopic = topics.adminRecords(operator.id);
   const acksTopic = topics.adminAcks(operator.id);
@@ -38,6 +43,9 @@ export async function sendAdminRecord(
   const result = new Promise<AdminAck>((resolve, reject) => (settle = { resolve, reject }));
 
   const connection = openMeshConnection(brokerUrl, {
+    ...(access.tls ? { tls: access.tls } : {}),
+    ...(access.username !== undefined ? { username: access.username } : {}),
+    ...(access.password !== undefined ? { password: access.password } : {}),
     identity: operator,
     backoff: { baseMs: 100, maxMs: 1_000 },
     onConnect: (c: MqttClient) => {

@@ -397,7 +397,7 @@ export class AgentDeployments {
 
   /** A slot no request resolves to any more: once its queue is empty it leaves the scheduler and its executor closes. */
   private async retire(slot: Slot): Promise<void> {
-    while (!this.hooks.scheduler.removeModel(slot.key)) await new Promise((r) => setTimeout(r, 20));
+    while (!this.hooks.scheduler.removeIdleModel(slot.key)) await new Promise((r) => setTimeout(r, 20));
     this.hooks.models.delete(slot.key);
     // A version loaded at start shares the worker pool with the other models: its session stays until restart.
     await slot.executors?.close();

@@ -33,6 +33,7 @@ import type { AgentMetrics } from './metrics.ts';
 import { availableProviders, describeModels, hardwareSummary, verifyModels } from './models.ts';
 import { resolveOptions } from './options.ts';
 import { closePaidSide, openPaidSide, type PaidSide, paymentsView } from './paid.ts';
+import { type ReloadResult, reloadModelsFolder, type ServedModels } from './reload.ts';
 import { AgentRequests, ReplayGuard } from './requests.ts';
 import { Scheduler } from './scheduler.ts';
 import { Heartbeat, loadReport, StatusBoard } from './status.ts';
@@ -43,6 +44,7 @@ export type { LaneFundsView } from './lane-funds.ts';
 export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';
 export { availableProviders } from './models.ts';
 export type { AgentPaymentOptions, LaneSummary } from './payments.ts';
+export type { ReloadResult } from './reload.ts';
 export type { SettlementRecord, SettlerCounters, SettlerOptions } from './settler.ts';
 export { AGENT_VERSION } from './status.ts';
 export type { AgentCounters, AgentFaults, AgentHandle, AgentOptions } from './types.ts';
@@ -102,7 +104,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       metrics = await createAgentMetrics({
         counters,
         pending: (): number => scheduler.pending,
-        readyModels: () => loaded.length,
+        readyModels: () => loadedByName.size,
         payments: () => paymentsHandle,
         logger,
       });
@@ -126,6 +128,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   let closed = false;
 
   const replays = new ReplayGuard(o.maxRememberedRequests);
+  const unitSpecs = new Map(
+    entries.flatMap((e) => (e.units ? [[e.name, { maxUnits: e.units.maxUnits, progressEvery: e.units.progressEvery ?? 1 }] as const] : [])),
+  );
   // The link is made below; replies only flow once it is connected.
   let link!: AgentLink;
   const requests = new AgentRequests({
@@ -133,11 +138,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     maxMessageBytes: o.maxMessageBytes,
     maxElements: o.maxElements,
     models: loadedByName,
-    units: new Map(
-      entries.flatMap((e) =>
-        e.units ? [[e.name, { maxUnits: e.units.maxUnits, progressEvery: e.units.progressEvery ?? 1 }] as const] : [],
-      ),
-    ),
+    units: unitSpecs,
     replays,
     payments,
     ...(options.deploy ? { resolve: (model: string, version: string | undefined) => deployments?.resolve(model, version) } : {}),
@@ -195,7 +196,34 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     logger,
   });
 
-  const currentLoad = () => loadReport(agentId, heartbeat.seq, executors.lanes(), scheduler.loadReport(), faults.extraExecMs);
+  // Executor sets: the one opened here, and one per reload that loaded models beside the running ones (reload.ts).
+  const executorSets = [executors];
+  const lanes = () => executorSets.reduce((n, set) => n + set.lanes(), 0);
+  const currentLoad = () => loadReport(agentId, heartbeat.seq, lanes(), scheduler.loadReport(), faults.extraExecMs);
+  const served: ServedModels = {
+    modelsDir,
+    entries: new Map(entries.map((e) => [e.name, e])),
+    loaded: loadedByName,
+    units: unitSpecs,
+    infos: modelInfos,
+    scheduler,
+    executorSets,
+    executorOptions: o,
+    providers: providerList,
+    announce: () => {
+      if (link.connected) link.announce();
+    },
+    paying: payments !== undefined,
+    closed: () => closed,
+    logger,
+  };
+  // One reload at a time: a SIGHUP during a reload runs another after it.
+  let reloading: Promise<ReloadResult> | undefined;
+  const reloadModels = (): Promise<ReloadResult> => {
+    const next: Promise<ReloadResult> = (reloading ?? Promise.resolve()).then(() => reloadModelsFolder(served));
+    reloading = next;
+    return next;
+  };
   const heartbeat = new Heartbeat(o.heartbeatMs, () => {
     scheduler.sweep();
     replays.prune(Date.now());
@@ -208,8 +236,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     heartbeat.stop();
     board.state = 'offline';
     await link.close();
+    await reloading?.catch(() => undefined);
     await deployments?.close();
-    await executors.close();
+    await Promise.all(executorSets.map((set) => set.close()));
     if (paid) await closePaidSide(paid);
     await metrics?.close();
     logger.info({ served: counters.served }, 'agent stopped');
@@ -234,6 +263,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       await shutdown();
     },
     close: shutdown,
+    reloadModels,
     ...(paymentsHandle ? { payments: paymentsHandle } : {}),
     ...(deployments ? { deployments: { events: deployments.events, settled: () => deployments!.settled() } } : {}),
   };

@@ -88,7 +88,11 @@ export class Scheduler {
     private readonly admission = true,
   ) {}
 
-  /** Serves `name` on `executor`; `latencyMs` is the first service-time estimate. */
+  /**
+   * Serves `name` on `executor`; `latencyMs` is the first service-time estimate. When `name` is already served (a
+   * model reloaded beside the running one, reload.ts), its queued jobs move to the new executor and the old one
+   * keeps only the jobs running on it.
+   */
   addModel(name: string, latencyMs: number, executor: Executor): void {
     const state: ModelState = {
       executor,
@@ -102,6 +106,14 @@ export class Scheduler {
       recentNext: 0,
       admitMs: latencyMs,
     };
+    const old = this.models.get(name);
+    if (old) {
+      state.queue = old.queue;
+      old.queue = [];
+      state.served = old.served;
+      state.failed = old.failed;
+      this.retired.set(old, name);
+    }
     this.models.set(name, state);
     const lane = this.lanes.get(executor);
     if (lane) lane.push(state);
@@ -109,13 +121,53 @@ export class Scheduler {
       this.lanes.set(executor, [state]);
       executor.onIdle = () => this.dispatch(executor);
     }
+    if (state.queue.length > 0) this.dispatch(executor);
+  }
+
+  /**
+   * Stops taking requests for `name` (MESH_UNKNOWN_MODEL from now on); its queued and running jobs still run on
+   * its executor. Returns whether it was served.
+   */
+  removeModel(name: string): boolean {
+    const state = this.models.get(name);
+    if (!state) return false;
+    this.models.delete(name);
+    this.retired.set(state, name);
+    return true;
+  }
+
+  /** Whether `executor` still has work: a model served on it, or jobs queued or running on it. */
+  inUse(executor: Executor): boolean {
+    this.pruneRetired();
+    return (this.lanes.get(executor) ?? []).length > 0;
+  }
+
+  /** Whether a removed or replaced `name` still has jobs queued or running on its old executor. */
+  retiredBusy(name: string): boolean {
+    this.pruneRetired();
+    for (const [state, model] of this.retired) if (model === name && (state.queue.length > 0 || state.inFlight > 0)) return true;
+    return false;
+  }
+
+  /** States of removed or replaced models, kept in their executor's lane until their jobs are done. */
+  private readonly retired = new Map<ModelState, string>();
+
+  private pruneRetired(): void {
+    for (const state of this.retired.keys()) {
+      if (state.queue.length > 0 || state.inFlight > 0) continue;
+      this.retired.delete(state);
+      const lane = this.lanes.get(state.executor);
+      if (!lane) continue;
+      lane.splice(lane.indexOf(state), 1);
+      if (lane.length === 0) this.lanes.delete(state.executor);
+    }
   }
 
   /**
    * Stops serving `name` (docs/deployment.md): true once it holds no queued or running job, false (nothing done)
    * while it still does, so the caller retries after the work drains.
    */
-  removeModel(name: string): boolean {
+  removeIdleModel(name: string): boolean {
     const state = this.models.get(name);
     if (!state) return true;
     if (state.queue.length > 0 || state.inFlight > 0) return false;
@@ -193,11 +245,14 @@ export class Scheduler {
     job.cancelled = true;
     // Units done when the cancel arrived: the one running now is not counted (docs/settlement.md).
     if (job.units) job.units.atCancel = job.units.done;
-    const state = this.models.get(job.model)!;
-    const index = state.queue.indexOf(job);
+    let state = this.models.get(job.model);
+    if (!state?.queue.includes(job)) {
+      for (const retired of this.retired.keys()) if (retired.queue.includes(job)) state = retired;
+    }
+    const index = state ? state.queue.indexOf(job) : -1;
     // Queued, never started or between two units: it ends now. Running: when the run returns.
     if (index >= 0) {
-      state.queue.splice(index, 1);
+      state!.queue.splice(index, 1);
       this.finish(job, new MeshError('MESH_CANCELLED', 'cancelled by sender'));
     }
     return true;
@@ -206,7 +261,7 @@ export class Scheduler {
   /** Drops every queued job whose deadline has passed; called by the heartbeat. */
   sweep(): void {
     const now = this.now();
-    for (const state of this.models.values()) {
+    for (const state of [...this.models.values(), ...this.retired.keys()]) {
       if (!state.queue.some((j) => j.deadline <= now)) continue;
       const keep: Job[] = [];
       for (const job of state.queue) {

@@ -7,6 +7,7 @@ import type { AgentLoad, AgentStatus, Identity, ModelInfo, SignedReceipt } from 
 import type { Logger } from 'pino';
 import type { AgentDeployOptions, DeployEvent } from './deploy.ts';
 import type { AgentPaymentOptions, AgentPayments, LaneSummary } from './payments.ts';
+import type { ReloadResult } from './reload.ts';
 import type { SettlementRecord, SettlerCounters } from './settler.ts';
 
 /** Injected faults (see AgentOptions.faults). */
@@ -127,6 +128,11 @@ export interface AgentHandle {
   drain(timeoutMs?: number): Promise<void>;
   /** Publishes the offline status and stops at once; queued work is dropped. */
   close(): Promise<void>;
+  /**
+   * Re-reads the models folder and serves what it lists now (docs/agent.md, "Reloading the models folder"):
+   * `edge-mesh agent` calls it on SIGHUP. Never rejects: a refusal is in the result and the log.
+   */
+  reloadModels(): Promise<ReloadResult>;
   /** Changes the injected faults (see AgentOptions.faults) while running: a gray failure on demand. */
   setFaults(faults: AgentFaults): void;
   /** `http://host:port/metrics` when `metricsPort` was given. */

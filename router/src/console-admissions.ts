@@ -12,6 +12,7 @@
  *   a flood cannot push a real request out), at most `maxPendingPerAddress` from one address, each for `pendingTtlMs`;
  * - operator keys are never admitted this way (the broker's trusted operators come from its configuration).
  */
+import type { AdminBrokerAccess } from '@edge-mesh/client';
 import {
   deriveId,
   type Identity,
@@ -34,6 +35,11 @@ export interface ConsoleAdminOptions {
   operator: Identity;
   /** The broker that applies the records. */
   brokerUrl: string;
+  /**
+   * TLS and password settings for that broker. `startRouter` fills in the router's own (`tls`, `username`,
+   * `password`) where these are not given, so a broker with a private CA or passwords takes the console's records too.
+   */
+  brokerAccess?: AdminBrokerAccess;
   /** Lifetime of an admission made from the console, days (default 365). */
   ttlDays?: number;
   /** How long to wait for the broker's acknowledgement, ms (default 5 000). */
@@ -96,7 +102,14 @@ export class ConsoleAdmissions {
 
   constructor(
     readonly options: ConsoleAdminOptions,
-    defaultSend: (brokerUrl: string, operator: Identity, signed: SignedRecord, subjectId: string, timeoutMs: number) => Promise<unknown>,
+    defaultSend: (
+      brokerUrl: string,
+      operator: Identity,
+      signed: SignedRecord,
+      subjectId: string,
+      timeoutMs: number,
+      access?: AdminBrokerAccess,
+    ) => Promise<unknown>,
   ) {
     if (options.operator.role !== 'operator')
       throw new MeshError('MESH_CONFIG', `the console's admin key must be an operator key, got a ${options.operator.role} key`);
@@ -108,7 +121,7 @@ export class ConsoleAdmissions {
     this.send =
       options.send ??
       (async (signed, subjectId) => {
-        await defaultSend(options.brokerUrl, options.operator, signed, subjectId, this.timeoutMs);
+        await defaultSend(options.brokerUrl, options.operator, signed, subjectId, this.timeoutMs, options.brokerAccess ?? {});
       });
   }
 

@@ -309,6 +309,9 @@ function tooLarge(limit: number, model: string): MeshError {
   });
 }
 
+/** How many model names `edge_mesh_model_live_agents` remembers (docs/operations.md, "Metrics"). */
+const MAX_REMEMBERED_MODELS = 256;
+
 /** Starts the HTTP API for `router`; resolves once it listens. */
 export async function startRouterHttp(router: RouterHandle, options: RouterHttpOptions = {}): Promise<RouterHttpHandle> {
   const { port = 0, host = '127.0.0.1', defaultDeadlineMs, bodyLimit = 64 * 1024 * 1024, processMetrics = true } = options;
@@ -390,6 +393,29 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
       },
     });
   }
+  // Models stay at 0 once their last agent has gone (a clean shutdown clears its retained status, and the model with
+  // it), so "no live agent for a model" is a plain comparison in an alert rule
+  // (packaging/prometheus/edge-mesh-rules.yml) rather than an absent() per model name. Agents name the models: the
+  // remembered set is capped so agents announcing made-up names cannot grow the series count without bound.
+  const seenModels = new Set<string>();
+  new Gauge({
+    name: 'edge_mesh_model_live_agents',
+    help: 'Live agents serving each model, for every model an agent announced since the router started (0 when none is live now)',
+    labelNames: ['model'] as const,
+    registers: [metrics],
+    collect() {
+      this.reset();
+      const live = new Map<string, number>();
+      for (const a of router.agents()) {
+        const up = a.up && a.status.state === 'online';
+        for (const m of a.status.models ?? []) {
+          if (seenModels.size < MAX_REMEMBERED_MODELS) seenModels.add(m.name);
+          if (up) live.set(m.name, (live.get(m.name) ?? 0) + 1);
+        }
+      }
+      for (const model of seenModels) this.set({ model }, live.get(model) ?? 0);
+    },
+  });
   const hardwareOf = (agentId: string | undefined) =>
     agentId === undefined ? 'none' : hardwareLabel(router.registry.agents.get(agentId)?.hardwareClass);
   const unsubscribe = router.onAttempt((a) => {

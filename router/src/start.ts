@@ -505,7 +505,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     try {
       // Loaded on demand: a router without the HTTP API never loads fastify.
       const { startRouterHttp } = await import('./http.ts');
-      http = await startRouterHttp(handle, auth ? { ...options.http, auth } : options.http);
+      const httpOptions = withConsoleBrokerAccess(options)!;
+      http = await startRouterHttp(handle, auth ? { ...httpOptions, auth } : httpOptions);
     } catch (err) {
       await handle.close();
       throw err;
@@ -528,4 +529,20 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     }
   }
   return handle;
+}
+
+/**
+ * The HTTP options with the console's admin connection given the router's own broker TLS and password settings where
+ * it has none of its own: the operator's records go to the same broker the router reaches with them.
+ */
+function withConsoleBrokerAccess(options: StartRouterOptions): StartRouterOptions['http'] {
+  const http = options.http;
+  const admin = http?.console ? http.console.admin : undefined;
+  if (!http?.console || !admin || admin.brokerAccess !== undefined) return http;
+  const brokerAccess = {
+    ...(options.tls ? { tls: options.tls } : {}),
+    ...(options.username !== undefined ? { username: options.username } : {}),
+    ...(options.password !== undefined ? { password: options.password } : {}),
+  };
+  return { ...http, console: { ...http.console, admin: { ...admin, brokerAccess } } };
 }
