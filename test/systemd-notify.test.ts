@@ -1,5 +1,5 @@
 /**
- * The agent under systemd (cli/src/systemd.ts, docs/agent.md "Running an agent as a service"): READY=1 once it has
+ * The agent under systemd (edge-agent/src/systemd.ts, docs/agent.md "Running an agent as a service"): READY=1 once it has
  * announced itself, WATCHDOG=1 every third of WATCHDOG_USEC from its event loop, STOPPING=1 when it drains. A
  * unix datagram listener (python3) stands in for systemd's NOTIFY_SOCKET; the messages go through the real
  * `systemd-notify`.
@@ -9,8 +9,8 @@ import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { test } from 'node:test';
+import { systemdNotifier } from '@edge-mesh/agent/systemd';
 import { generateIdentity } from '@edge-mesh/protocol';
-import { systemdNotifier } from '../cli/src/systemd.ts';
 import { brokerFor, kwsOnlyDir, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 const has = (cmd: string) => spawnSync('sh', ['-c', `command -v ${cmd}`]).status === 0;

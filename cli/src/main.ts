@@ -2,6 +2,7 @@
 import { readFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import path from 'node:path';
+import { systemdNotifier } from '@edge-mesh/agent/systemd';
 import { loadKeyFile, parseOperatorSpec, parsePublicKey, parseRole, round, type TrustedOperator, writeKeyFile } from '@edge-mesh/client';
 import type { AgentReady, AgentSummary, BrokerReady, RouterReady } from '@edge-mesh/demo';
 import {
@@ -36,7 +37,6 @@ import { registerPayoutCommands } from './payout.ts';
 import { builtInPipelines } from './pipelines.ts';
 import { registerRelayCommand, relayFlags, relayOptionsFrom } from './relay.ts';
 import { leaveSupervisor, report, stopSignal, watchSupervisor } from './supervised.ts';
-import { systemdNotifier } from './systemd.ts';
 
 // Each command loads only the parts it runs: an agent on a Pi should not pay for the broker.
 const loadBroker = () => import('@edge-mesh/broker');
