@@ -14,7 +14,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
-import { sampleInputs } from '@edge-mesh/demo';
+import { installedCommand, sampleInputs } from '@edge-mesh/demo';
 import { admit, ERROR_CODES, generateIdentity, makeHttpToken, type Tensor } from '@edge-mesh/protocol';
 import {
   GRPC_STATUS_OF,
@@ -31,14 +31,7 @@ import { agentFor, brokerFor, quiet, ROOT } from './helpers.ts';
 
 const BIN = path.join(ROOT, 'cli/bin/edge-mesh.mjs');
 
-const HAS_OPENSSL = (() => {
-  try {
-    execFileSync('openssl', ['version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-})();
+const HAS_OPENSSL = installedCommand('openssl') !== undefined;
 
 // biome-ignore lint/suspicious/noExplicitAny: protobuf messages as proto-loader gives them, read field by field
 type Msg = any;

@@ -24,7 +24,7 @@ import {
   validatePipeline,
   wakeWordPipeline,
 } from '@edge-mesh/client';
-import { ensurePipelineModelsFolder, kserveInfer, localStages, ocrDictionary, textImage } from '@edge-mesh/demo';
+import { ensurePipelineModelsFolder, installedCommand, kserveInfer, localStages, ocrDictionary, textImage } from '@edge-mesh/demo';
 import {
   type AgentStatus,
   decodeMessage,
@@ -88,14 +88,7 @@ function syntheticAudio(seconds = 2): Int16Array {
   return out;
 }
 
-const espeak = (() => {
-  try {
-    execFileSync('espeak-ng', ['--version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-})();
+const espeak = installedCommand('espeak-ng') !== undefined;
 
 /** `text` spoken by espeak-ng, resampled linearly from its 22.05 kHz to 16 kHz, ending 0.1 s before 2 s of audio. */
 function spoken(text: string, voice = 'en-us', wordsPerMinute = 140): Int16Array {

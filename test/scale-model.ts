@@ -4,19 +4,7 @@
  * output tells which version answered; the depth sets how slow it runs (same inputs and outputs at every depth).
  */
 
-function varint(n: number): Buffer {
-  const out: number[] = [];
-  while (n >= 0x80) {
-    out.push((n % 128) | 0x80);
-    n = Math.floor(n / 128);
-  }
-  out.push(n);
-  return Buffer.from(out);
-}
-
-const lenField = (field: number, payload: Buffer) => Buffer.concat([varint(field * 8 + 2), varint(payload.length), payload]);
-const varintField = (field: number, n: number) => Buffer.concat([varint(field * 8), varint(n)]);
-const stringField = (field: number, s: string) => lenField(field, Buffer.from(s));
+import { lenField, stringField, varintField } from './spin-model.ts';
 
 export const SCALE_WIDTH = 256;
 

@@ -4,7 +4,8 @@
  * about 20 ms here. Used by test/inline.test.ts and, run in units, by test/payments-progress.test.ts.
  */
 
-function varint(n: number): Buffer {
+/** Protobuf wire encoding, the little of it an ONNX ModelProto needs (also used by ./scale-model.ts). */
+export function varint(n: number): Buffer {
   const out: number[] = [];
   while (n >= 0x80) {
     out.push((n % 128) | 0x80);
@@ -14,9 +15,9 @@ function varint(n: number): Buffer {
   return Buffer.from(out);
 }
 
-const lenField = (field: number, payload: Buffer) => Buffer.concat([varint(field * 8 + 2), varint(payload.length), payload]);
-const varintField = (field: number, n: number) => Buffer.concat([varint(field * 8), varint(n)]);
-const stringField = (field: number, s: string) => lenField(field, Buffer.from(s));
+export const lenField = (field: number, payload: Buffer) => Buffer.concat([varint(field * 8 + 2), varint(payload.length), payload]);
+export const varintField = (field: number, n: number) => Buffer.concat([varint(field * 8), varint(n)]);
+export const stringField = (field: number, s: string) => lenField(field, Buffer.from(s));
 
 export const SPIN_WIDTH = 1024;
 export const SPIN_DEPTH = 128;

@@ -5,14 +5,14 @@
  * a coded error well within their deadline, and the broker keeps serving.
  */
 import assert from 'node:assert/strict';
-import { execFile, execFileSync } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { readFile, writeFile } from 'node:fs/promises';
 import https from 'node:https';
 import path from 'node:path';
 import { type TestContext, test } from 'node:test';
 import { promisify } from 'node:util';
 import { startAgent } from '@edge-mesh/agent';
-import { sampleInputs } from '@edge-mesh/demo';
+import { installedCommand, sampleInputs } from '@edge-mesh/demo';
 import { admit, generateIdentity, MeshError } from '@edge-mesh/protocol';
 import { makeApiKey, startRouter } from '@edge-mesh/router';
 import { connect } from '@edge-mesh/sdk';
@@ -20,14 +20,7 @@ import { brokerFor, modelsDir, quiet, tempDir } from './helpers.ts';
 
 const run = promisify(execFile);
 
-const hasOpenssl = (() => {
-  try {
-    execFileSync('openssl', ['version'], { stdio: 'ignore' });
-    return true;
-  } catch {
-    return false;
-  }
-})();
+const hasOpenssl = installedCommand('openssl') !== undefined;
 const SKIP = hasOpenssl ? false : 'openssl is not installed: the TLS tests make their certificates with it';
 
 interface Pki {

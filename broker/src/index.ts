@@ -233,17 +233,21 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   }
   const hostPart = host.includes(':') ? `[${host}]` : host;
   const url = `${listener.scheme}://${hostPart}:${port}`;
+  /** Undoes a start that failed once the listener was up. */
+  const abandon = async (): Promise<void> => {
+    clearInterval(sweeper);
+    listener.stopAccepting();
+    await new Promise<void>((resolve) => aedes.close(() => resolve()));
+    await listener.close();
+    await store?.close();
+  };
   let wsUrl: string | undefined;
   if (opts.wsPort !== undefined) {
     try {
       const wsPort = await listener.listenWs(opts.wsPort, host);
       wsUrl = `${listener.wsScheme}://${hostPart}:${wsPort}${opts.wsPath}`;
     } catch (err) {
-      clearInterval(sweeper);
-      listener.stopAccepting();
-      await new Promise<void>((resolve) => aedes.close(() => resolve()));
-      await listener.close();
-      await store?.close();
+      await abandon();
       throw new MeshError('MESH_CONFIG', `broker cannot listen for WebSocket on ${host}:${opts.wsPort}: ${(err as Error).message}`, {
         cause: err,
       });
@@ -275,11 +279,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
       );
       log.info({ url: metrics.url }, 'metrics listening');
     } catch (err) {
-      clearInterval(sweeper);
-      listener.stopAccepting();
-      await new Promise<void>((resolve) => aedes.close(() => resolve()));
-      await listener.close();
-      await store?.close();
+      await abandon();
       throw err;
     }
   }
