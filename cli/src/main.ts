@@ -29,6 +29,7 @@ import { CONFIG_ROLES, type ConfigRole, commandAt, configurable, EXIT } from './
 import { registerConfigCommands } from './config-commands.ts';
 import { registerConsoleCommands } from './console.ts';
 import { registerDemoCommands } from './demo.ts';
+import { registerDeployCommands } from './deploy.ts';
 import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 import { brokerAccessFlags, brokerAccessFrom, collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
@@ -132,6 +133,8 @@ export function buildProgram(): Command {
   const program = new Command('edge-mesh')
     .description('Edge AI inference mesh: ONNX agents over MQTT, with an SDK for IoT apps.')
     .version(CLI_VERSION, '--version', 'print the version of edge-mesh')
+    // `--version` after a subcommand is that subcommand's own (`deploy --version 2`), not the program's.
+    .enablePositionalOptions()
     .showHelpAfterError()
     .exitOverride();
 
@@ -724,6 +727,8 @@ export function buildProgram(): Command {
   // The payout registry: payers check it before they pay (payout.ts).
   registerPayoutCommands(program);
   registerConsoleCommands(program);
+  // Model rollouts: deploy, rollout status, promote, rollback (deploy.ts).
+  registerDeployCommands(program);
   registerRelayCommand(program);
   registerAuthCommands(program);
 

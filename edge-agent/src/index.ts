@@ -41,7 +41,17 @@ import type { AgentCounters, AgentHandle, AgentOptions } from './types.ts';
 export type { AgentDeployOptions, DeployEvent } from './deploy.ts';
 export type { LaneFundsView } from './lane-funds.ts';
 export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';
+export {
+  checkConfigAgainstModel,
+  type ModelSource,
+  parseTextProto,
+  readModelSource,
+  readTritonConfig,
+  type TritonConfig,
+  type TritonTensor,
+} from './model-source.ts';
 export { availableProviders } from './models.ts';
+export { type DeclaredInput, declaredInputs } from './onnx-inputs.ts';
 export type { AgentPaymentOptions, LaneSummary } from './payments.ts';
 export type { SettlementRecord, SettlerCounters, SettlerOptions } from './settler.ts';
 export { AGENT_VERSION } from './status.ts';
