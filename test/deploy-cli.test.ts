@@ -5,7 +5,7 @@
  * input, each with its code and exit status, and what a lying router or an untrusted key gets.
  */
 import assert from 'node:assert/strict';
-import { execFile } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
@@ -15,7 +15,7 @@ import { promisify } from 'node:util';
 import { parseTextProto, readTritonConfig } from '@edge-mesh/agent';
 import { generateIdentity, signDeployment, signedDeploymentToJson } from '@edge-mesh/protocol';
 import { makeApiKey, type RouterHandle } from '@edge-mesh/router';
-import { agentFor, brokerFor, keyFileFor, ROOT, routerFor, tempDir, waitFor } from './helpers.ts';
+import { agentFor, brokerFor, keyFileFor, ROOT, routerFor, spawnAgent, tempDir, waitFor } from './helpers.ts';
 import { SCALE_WIDTH, scaleModel } from './scale-model.ts';
 
 const run = promisify(execFile);
@@ -386,4 +386,125 @@ test('a lying router gets nothing signed: a status that disagrees with its audit
   assert.equal(d.code, 1);
   assert.match(d.stderr, /MESH_MODEL_INTEGRITY.*stored the bundle as/);
   assert.deepEqual(posted, [], 'no step was posted to the lying router');
+});
+
+test('the whole flow from the command line: edge-mesh router --rollouts-dir, edge-mesh agent --deploy-group --memory-budget-mb, deploy, rollout status, promote', {
+  timeout: 240_000,
+}, async (t) => {
+  const broker = await brokerFor(t);
+  const operator = generateIdentity('operator');
+  const dir = await tempDir(t);
+  const keyFile = await keyFileFor(t, operator);
+  // The agent and the router trust the operator's public half only.
+  const pubFile = path.join(dir, 'operator.pub');
+  await writeFile(
+    pubFile,
+    JSON.stringify({ role: 'operator', id: operator.id, publicKey: Buffer.from(operator.publicKey).toString('base64url') }),
+  );
+  const admin = makeApiKey('admin', ['read', 'operator']);
+  const apiKeys = path.join(dir, 'api-keys.json');
+  await writeFile(apiKeys, JSON.stringify([admin.entry]));
+
+  // Bad combinations of the new flags: 78 before anything starts.
+  const alone = await edgeMesh(['agent', '--models', dir, '--broker', broker.url, '--memory-budget-mb', '64']);
+  assert.equal(alone.code, 78);
+  assert.match(alone.stderr, /--memory-budget-mb needs --deploy-group/);
+  const noOperator = await edgeMesh(['agent', '--models', dir, '--broker', broker.url, '--deploy-group', GROUP]);
+  assert.equal(noOperator.code, 78);
+  assert.match(noOperator.stderr, /--deploy-group needs --deploy-operator/);
+  const routerAlone = await edgeMesh(['router', '--broker', broker.url, '--rollouts-dir', dir]);
+  assert.equal(routerAlone.code, 78);
+  assert.match(routerAlone.stderr, /--rollout-operator/);
+
+  const router = spawn(
+    process.execPath,
+    [
+      BIN,
+      'router',
+      '--broker',
+      broker.url,
+      '--http-port',
+      '0',
+      '--http-api-keys',
+      apiKeys,
+      '--rollouts-dir',
+      path.join(dir, 'rollouts'),
+      '--rollout-operator',
+      pubFile,
+      '--log-level',
+      'warn',
+    ],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  t.after(() => {
+    if (router.exitCode === null) router.kill('SIGKILL');
+  });
+  let routerErr = '';
+  router.stderr!.on('data', (c: Buffer) => (routerErr += c.toString()));
+  const url = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`router did not start:\n${routerErr}`)), 30_000);
+    router.stdout!.on('data', (c: Buffer) => {
+      out += c.toString();
+      const m = / serving (http:\/\/\S+)/.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]!);
+      }
+    });
+    router.on('exit', (code) => reject(new Error(`router exited (${code}):\n${routerErr}`)));
+  });
+
+  const v1 = scaleModel(1);
+  const folder = path.join(dir, 'models');
+  await mkdir(folder);
+  await writeFile(path.join(folder, 'scale.onnx'), v1);
+  await writeFile(
+    path.join(folder, 'manifest.json'),
+    JSON.stringify({ models: [{ name: 'scale', version: '1', file: 'scale.onnx', sha256: sha(v1), priceMicros: 3 }] }),
+  );
+  const agentKey = generateIdentity('agent');
+  const agent = await spawnAgent(t, broker.url, agentKey, [
+    '--models',
+    folder,
+    '--data',
+    path.join(dir, 'agent'),
+    '--deploy-group',
+    GROUP,
+    '--deploy-operator',
+    pubFile,
+    '--bundle-url',
+    url,
+    '--memory-budget-mb',
+    '64',
+  ]);
+
+  const env = { MESH_API_KEY: admin.key, MESH_ROUTER_URL: url };
+  const repo = await tritonRepo(path.join(dir, 'repo'), 'scale', CONFIG('scale'), { '2': { file: 'model.onnx', bytes: scaleModel(2) } });
+  // The router learns the agent's model from its status; deploy compares with what the agents serve.
+  let deployed = await edgeMesh(['deploy', repo, '--model', 'scale', '--group', GROUP, '--key', keyFile, '--min-requests', '1000'], env);
+  for (let i = 0; i < 50 && deployed.code !== 0 && /no live agent serves/.test(deployed.stderr); i++) {
+    await new Promise((r) => setTimeout(r, 200));
+    deployed = await edgeMesh(['deploy', repo, '--model', 'scale', '--group', GROUP, '--key', keyFile, '--min-requests', '1000'], env);
+  }
+  assert.equal(deployed.code, 0, deployed.stderr);
+  assert.equal((JSON.parse(deployed.stdout) as { previous: { version: string } }).previous.version, '1');
+  let status = '';
+  for (let i = 0; i < 100; i++) {
+    status = (await edgeMesh(['rollout', 'status', 'scale'], env)).stdout;
+    if (/scale +edge-pis +canary +2 +1 +\d+ +10\.0% +1 /.test(status)) break;
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  assert.match(status, /scale +edge-pis +canary +2 +1 +\d+ +10\.0% +1 /, 'the agent announces the canary');
+  assert.match(agent.stderrText(), /deployment step applied: canary/);
+  const promoted = await edgeMesh(['promote', 'scale', '--key', keyFile], env);
+  assert.equal(promoted.code, 0, promoted.stderr);
+  await waitFor(() => /deployment step applied: promoted/.test(agent.stderrText()), 20_000, 'the agent to promote');
+  const after = JSON.parse((await edgeMesh(['rollout', 'status', '--json'], env)).stdout) as {
+    rollouts: { phase: string; version: string }[];
+  };
+  assert.deepEqual(
+    after.rollouts.map((r) => [r.phase, r.version]),
+    [['promoted', '2']],
+  );
 });
