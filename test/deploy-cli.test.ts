@@ -488,7 +488,9 @@ test('the whole flow from the command line: edge-mesh router --rollouts-dir, edg
     deployed = await edgeMesh(['deploy', repo, '--model', 'scale', '--group', GROUP, '--key', keyFile, '--min-requests', '1000'], env);
   }
   assert.equal(deployed.code, 0, deployed.stderr);
-  assert.equal((JSON.parse(deployed.stdout) as { previous: { version: string } }).previous.version, '1');
+  const step = JSON.parse(deployed.stdout) as { previous: { version: string }; priceMicros: number };
+  assert.equal(step.previous.version, '1');
+  assert.equal(step.priceMicros, 3, "the replaced version's price, as the agent announces it");
   let status = '';
   for (let i = 0; i < 100; i++) {
     status = (await edgeMesh(['rollout', 'status', 'scale'], env)).stdout;

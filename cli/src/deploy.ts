@@ -125,23 +125,25 @@ async function servedVersion(
   opts: RouterFlags,
   key: string | undefined,
   model: string,
-): Promise<{ version: string; sha256: string } | undefined> {
+): Promise<{ version: string; sha256: string; priceMicros?: number } | undefined> {
   const view = (await call(opts.router, '/v1/agents', { key })) as {
-    agents: { up: boolean; models: { name: string; version: string; sha256?: string }[] }[];
+    agents: { up: boolean; models: { name: string; version: string; sha256?: string; priceMicros?: number }[] }[];
   };
-  const counts = new Map<string, { version: string; sha256: string; n: number }>();
+  const counts = new Map<string, { version: string; sha256: string; priceMicros?: number; n: number }>();
   for (const a of view.agents) {
     if (!a.up) continue;
     for (const m of a.models) {
       if (m.name !== model || typeof m.sha256 !== 'string' || !/^[0-9a-f]{64}$/.test(m.sha256) || !VERSION.test(m.version)) continue;
       const k = `${m.version}\0${m.sha256}`;
-      const c = counts.get(k) ?? { version: m.version, sha256: m.sha256, n: 0 };
+      const price = Number.isSafeInteger(m.priceMicros) && m.priceMicros! >= 0 ? { priceMicros: m.priceMicros! } : {};
+      const c = counts.get(k) ?? { version: m.version, sha256: m.sha256, ...price, n: 0 };
       c.n++;
       counts.set(k, c);
     }
   }
   const best = [...counts.values()].sort((a, b) => b.n - a.n)[0];
-  return best ? { version: best.version, sha256: best.sha256 } : undefined;
+  if (!best) return undefined;
+  return { version: best.version, sha256: best.sha256, ...(best.priceMicros !== undefined ? { priceMicros: best.priceMicros } : {}) };
 }
 
 interface DeployFlags extends RouterFlags {
@@ -192,14 +194,24 @@ async function deploy(target: string, opts: DeployFlags, cmd: Command): Promise<
       'MESH_BAD_REQUEST',
       `a canary of ${opts.model} ${current.rollout.version} is running: promote it or roll it back first (edge-mesh promote|rollback ${opts.model})`,
     );
+  // The version being replaced, and its price (the new version's unless --price or a models folder says otherwise).
   let previous: { version: string; sha256: string } | undefined;
-  if (current?.rollout.phase === 'promoted') {
-    const last = current.audit.at(-1);
-    const manifest = last ? (decodeCbor(signedDeploymentFromJson(last.step).manifest) as Deployment) : undefined;
-    if (manifest?.version === current.rollout.version && checkDeployment.Check(manifest))
-      previous = { version: manifest.version, sha256: manifest.sha256 };
+  let previousPrice: number | undefined;
+  let lastStep: Deployment | undefined;
+  try {
+    const last = current?.audit.at(-1);
+    const manifest = last ? decodeCbor(signedDeploymentFromJson(last.step).manifest) : undefined;
+    if (checkDeployment.Check(manifest) && manifest.model === opts.model) lastStep = manifest;
+  } catch {}
+  if (current?.rollout.phase === 'promoted' && lastStep?.version === current.rollout.version) {
+    previous = { version: lastStep.version, sha256: lastStep.sha256 };
+    previousPrice = lastStep.priceMicros;
   } else if (current?.rollout.phase === 'rolled-back' && current.rollout.previous) previous = current.rollout.previous;
-  previous ??= await servedVersion(opts, key, opts.model);
+  if (!previous || previousPrice === undefined) {
+    const served = await servedVersion(opts, key, opts.model);
+    if (!previous && served) previous = { version: served.version, sha256: served.sha256 };
+    if (served && served.version === previous?.version) previousPrice ??= served.priceMicros;
+  }
   if (!previous)
     throw new MeshError(
       'MESH_NOT_FOUND',
@@ -237,7 +249,7 @@ async function deploy(target: string, opts: DeployFlags, cmd: Command): Promise<
     version,
     sha256,
     size: bytes.byteLength,
-    priceMicros: opts.price ?? source.priceMicros ?? 0,
+    priceMicros: opts.price ?? source.priceMicros ?? previousPrice ?? 0,
     phase: 'canary',
     previous,
     plan: {
@@ -260,6 +272,7 @@ async function deploy(target: string, opts: DeployFlags, cmd: Command): Promise<
       seq: step.seq,
       sha256,
       size: step.size,
+      priceMicros: step.priceMicros,
       layout: source.layout,
       previous,
       plan: step.plan,
@@ -337,7 +350,11 @@ export function registerDeployCommands(program: Command): void {
         'roll back when no decision came this many seconds after the canary started (at least 1)',
         positiveNumber,
       )
-      .option('--price <micros>', 'price per request in micro-dollars (default: the models folder entry, else 0)', nonNegativeInt)
+      .option(
+        '--price <micros>',
+        "price per request in micro-dollars (default: the models folder entry's, else the replaced version's, else 0)",
+        nonNegativeInt,
+      )
       .option('--url <url>', 'also fetchable here (a mirror; agents check the hash whatever the source); repeatable', collect, [])
       .option('--notes <text>', 'a note kept in the signed step and the audit log'),
   ).action(async function (this: Command, target: string, opts: DeployFlags) {
