@@ -9,7 +9,7 @@ import { loadKeyFile } from '@edge-mesh/client';
 import { isMeshErrorCode, MeshError } from '@edge-mesh/protocol';
 import type { Command } from 'commander';
 
-const DEFAULT_ROUTER = 'http://127.0.0.1:8080';
+export const DEFAULT_ROUTER = 'http://127.0.0.1:8080';
 
 interface ViewOptions {
   router: string;
@@ -24,7 +24,7 @@ function viewFlags(cmd: Command): Command {
     .option('--json', "print the router's JSON answer instead of a table", false);
 }
 
-async function credential(file: string | undefined): Promise<string | undefined> {
+export async function credential(file: string | undefined): Promise<string | undefined> {
   if (file !== undefined) {
     try {
       return (await readFile(file, 'utf8')).trim();
@@ -37,18 +37,28 @@ async function credential(file: string | undefined): Promise<string | undefined>
   return process.env.MESH_API_KEY?.trim() || undefined;
 }
 
-/** Calls the router; a refusal becomes the MeshError its body names, so the CLI prints the code and message. */
-async function call(router: string, path: string, init: { key?: string | undefined; body?: unknown } = {}): Promise<unknown> {
+/**
+ * Calls the router; a refusal becomes the MeshError its body names, so the CLI prints the code and message. A JSON
+ * `body` is POSTed; `bytes` are sent with their own media type and method (a bundle upload is a PUT).
+ */
+export async function call(
+  router: string,
+  path: string,
+  init: { key?: string | undefined; body?: unknown; bytes?: Uint8Array; mediaType?: string; method?: string; timeoutMs?: number } = {},
+): Promise<unknown> {
   let res: Response;
+  const hasBody = init.body !== undefined || init.bytes !== undefined;
   try {
     res = await fetch(new URL(path, router), {
-      method: init.body === undefined ? 'GET' : 'POST',
+      method: init.method ?? (hasBody ? 'POST' : 'GET'),
       headers: {
         ...(init.key ? { authorization: `Bearer ${init.key}` } : {}),
         ...(init.body !== undefined ? { 'content-type': 'application/json' } : {}),
+        ...(init.bytes !== undefined ? { 'content-type': init.mediaType ?? 'application/octet-stream' } : {}),
       },
       ...(init.body !== undefined ? { body: JSON.stringify(init.body) } : {}),
-      signal: AbortSignal.timeout(10_000),
+      ...(init.bytes !== undefined ? { body: init.bytes } : {}),
+      signal: AbortSignal.timeout(init.timeoutMs ?? 10_000),
     });
   } catch (cause) {
     throw new MeshError('MESH_NOT_CONNECTED', `cannot reach the router at ${router}: ${(cause as Error).message}`, { cause });
@@ -57,7 +67,9 @@ async function call(router: string, path: string, init: { key?: string | undefin
   if (!res.ok) {
     const code = isMeshErrorCode(body?.code) ? body.code : 'MESH_INTERNAL';
     const hint = res.status === 401 ? ' (pass --api-key-file, or set MESH_API_KEY)' : '';
-    throw new MeshError(code, `the router refused ${path}: ${body?.error ?? `HTTP ${res.status}`}${hint}`);
+    throw new MeshError(code, `the router refused ${path}: ${body?.error ?? `HTTP ${res.status}`}${hint}`, {
+      details: { status: res.status },
+    });
   }
   return body;
 }

@@ -30,6 +30,7 @@ import { CONFIG_ROLES, type ConfigRole, commandAt, configurable, EXIT } from './
 import { registerConfigCommands } from './config-commands.ts';
 import { registerConsoleCommands } from './console.ts';
 import { registerDemoCommands } from './demo.ts';
+import { registerDeployCommands } from './deploy.ts';
 import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
 import { brokerAccessFlags, brokerAccessFrom, collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
@@ -130,10 +131,81 @@ async function routerHttpAuth(operatorSpecs: string[], apiKeysFile: string | und
   return { trustedOperators, apiKeys };
 }
 
+/** The trusted operators of --deploy-operator / --rollout-operator: id → public key. */
+async function trustedOperatorMap(specs: string[]): Promise<Map<string, Uint8Array>> {
+  const out = new Map<string, Uint8Array>();
+  for (const spec of specs) {
+    const o = await parseOperatorSpec(spec, keyWarnings);
+    out.set(o.id, o.publicKey);
+  }
+  return out;
+}
+
+/** The agent's `deploy` option from its --deploy-* flags; undefined without --deploy-group. */
+async function agentDeployOptions(opts: {
+  deployGroup: string[];
+  deployOperator: string[];
+  bundleUrl: string[];
+  deployStateDir?: string;
+  data: string;
+  memoryBudgetMb?: number;
+  modelMemoryFactor?: number;
+}): Promise<import('@edge-mesh/agent').AgentDeployOptions | undefined> {
+  if (opts.deployGroup.length === 0) {
+    const stray = [
+      opts.deployOperator.length > 0 && '--deploy-operator',
+      opts.bundleUrl.length > 0 && '--bundle-url',
+      opts.deployStateDir !== undefined && '--deploy-state-dir',
+      opts.memoryBudgetMb !== undefined && '--memory-budget-mb',
+      opts.modelMemoryFactor !== undefined && '--model-memory-factor',
+    ].filter(Boolean);
+    if (stray.length > 0)
+      throw new MeshError(
+        'MESH_CONFIG',
+        `${stray.join(', ')} ${stray.length === 1 ? 'needs' : 'need'} --deploy-group: the agent takes no deployments without one`,
+      );
+    return undefined;
+  }
+  if (opts.deployOperator.length === 0)
+    throw new MeshError('MESH_CONFIG', '--deploy-group needs --deploy-operator: the operators whose signed steps the agent takes');
+  return {
+    operators: await trustedOperatorMap(opts.deployOperator),
+    groups: opts.deployGroup,
+    stateDir: path.resolve(opts.deployStateDir ?? path.join(opts.data, 'deploy')),
+    bundleBaseUrls: opts.bundleUrl,
+    ...(opts.memoryBudgetMb !== undefined ? { memoryBudgetMb: opts.memoryBudgetMb } : {}),
+    ...(opts.modelMemoryFactor !== undefined ? { modelMemoryFactor: opts.modelMemoryFactor } : {}),
+  };
+}
+
+/** The router's `rollouts` option from --rollouts-dir, --rollout-operator and --rollout-signer; undefined without the first. */
+async function routerRolloutOptions(opts: {
+  rolloutsDir?: string;
+  rolloutOperator: string[];
+  rolloutSigner?: string;
+  http: boolean;
+}): Promise<import('@edge-mesh/router').RolloutOptions | undefined> {
+  if (opts.rolloutsDir === undefined) {
+    if (opts.rolloutOperator.length > 0 || opts.rolloutSigner !== undefined)
+      throw new MeshError('MESH_CONFIG', '--rollout-operator and --rollout-signer need --rollouts-dir');
+    return undefined;
+  }
+  if (!opts.http) throw new MeshError('MESH_CONFIG', '--rollouts-dir needs the HTTP API (drop --no-http): bundles and steps arrive there');
+  const signer = opts.rolloutSigner !== undefined ? await loadKeyFile(opts.rolloutSigner, 'operator', keyWarnings) : undefined;
+  const operators = await trustedOperatorMap(opts.rolloutOperator);
+  // The signer's own verdicts must pass the router's check too.
+  if (signer) operators.set(signer.id, signer.publicKey);
+  if (operators.size === 0)
+    throw new MeshError('MESH_CONFIG', '--rollouts-dir needs --rollout-operator (or --rollout-signer): whose steps to take');
+  return { operators, dir: path.resolve(opts.rolloutsDir), ...(signer ? { signer } : {}) };
+}
+
 export function buildProgram(): Command {
   const program = new Command('edge-mesh')
     .description('Edge AI inference mesh: ONNX agents over MQTT, with an SDK for IoT apps.')
     .version(CLI_VERSION, '--version', 'print the version of edge-mesh')
+    // `--version` after a subcommand is that subcommand's own (`deploy --version 2`), not the program's.
+    .enablePositionalOptions()
     .showHelpAfterError()
     .exitOverride();
 
@@ -354,8 +426,38 @@ export function buildProgram(): Command {
       nonNegativeInt,
     )
     .option('--metrics-host <host>', 'address the metrics port listens on', '127.0.0.1')
+    .option(
+      '--deploy-group <group>',
+      'take signed model deployments for this agent group (repeatable; with --deploy-operator; docs/deployment.md)',
+      collect,
+      [],
+    )
+    .option(
+      '--deploy-operator <key>',
+      'an operator whose signed deployment steps the agent takes (key file, public identity file or base64url key; repeatable)',
+      collect,
+      [],
+    )
+    .option(
+      '--bundle-url <url>',
+      "fetch deployed bundles from here as GET <url>/bundles/<sha256> (a router's HTTP API; repeatable)",
+      collect,
+      [],
+    )
+    .option('--deploy-state-dir <dir>', 'where fetched bundles and the journal of applied steps live (default <data>/deploy)')
+    .option(
+      '--memory-budget-mb <mib>',
+      'bound on the estimated memory of the loaded models: a deployment past it evicts the least recently used idle model first, or is refused (MESH_TOO_LARGE)',
+      positiveNumber,
+    )
+    .option(
+      '--model-memory-factor <x>',
+      "a model's memory estimate per session copy, as a multiple of its file size (default 2)",
+      positiveNumber,
+    )
     .addOption(logLevelOption())
     .action(async (opts) => {
+      const deploy = await agentDeployOptions(opts);
       if (opts.payout !== undefined && (opts.escrow === undefined || opts.chainId === undefined)) {
         throw new MeshError('MESH_CONFIG', '--payout needs --escrow and --chain-id');
       }
@@ -441,6 +543,7 @@ export function buildProgram(): Command {
         ...(opts.inlineMaxMs !== undefined ? { inlineMaxMs: opts.inlineMaxMs } : {}),
         ...(opts.loadNice !== undefined ? { loadNice: opts.loadNice } : {}),
         ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort, metricsHost: opts.metricsHost } : {}),
+        ...(deploy ? { deploy } : {}),
         ...(opts.payout
           ? {
               payment: {
@@ -543,6 +646,20 @@ export function buildProgram(): Command {
         "an operator key file (one of the broker's --operator keys): the console takes join requests and admits and revokes with it, through --broker",
       )
       .option('--admin-ttl-days <days>', 'lifetime of an admission made from the console', positiveInt, 365)
+      .option(
+        '--rollouts-dir <dir>',
+        'run model rollouts (docs/deployment.md): store bundles and the audit log here, take signed steps at POST /v1/deployments',
+      )
+      .option(
+        '--rollout-operator <key>',
+        'an operator whose signed deployment steps the router takes (key file, public identity file or base64url key; repeatable)',
+        collect,
+        [],
+      )
+      .option(
+        '--rollout-signer <file>',
+        "an operator key file: the router signs its own promotions and rollbacks with it (without it, it reports the canary's verdict and waits for `edge-mesh promote|rollback`)",
+      )
       .addOption(logLevelOption()),
   ).action(async (opts) => {
     const identity = opts.key ? await loadKeyFile(opts.key, 'router', keyWarnings) : generateIdentity('router');
@@ -551,6 +668,7 @@ export function buildProgram(): Command {
     const relay = opts.http ? await relayOptionsFrom(opts) : undefined;
     const httpTls = await (await import('@edge-mesh/client')).loadTlsFiles({ cert: opts.httpTlsCert, key: opts.httpTlsKey });
     const httpAuth = await routerHttpAuth(opts.httpOperator as string[], opts.httpApiKeys);
+    const rollouts = await routerRolloutOptions(opts);
     const logger = cliLogger(opts.logLevel);
     const stop = stopSignal();
     const { startRouter } = await loadRouter();
@@ -566,6 +684,7 @@ export function buildProgram(): Command {
       leaseTtlMs: opts.leaseTtlMs,
       policy: opts.policy,
       ...(opts.pipelines ? { pipelines: await builtInPipelines(String(opts.pipelines).split(',').filter(Boolean)) } : {}),
+      ...(rollouts ? { rollouts } : {}),
       ...(opts.grpcPort !== undefined ? { grpcPort: opts.grpcPort, grpcHost: opts.grpcHost } : {}),
       ...(opts.http
         ? {
@@ -752,6 +871,8 @@ export function buildProgram(): Command {
   // The payout registry: payers check it before they pay (payout.ts).
   registerPayoutCommands(program);
   registerConsoleCommands(program);
+  // Model rollouts: deploy, rollout status, promote, rollback (deploy.ts).
+  registerDeployCommands(program);
   registerRelayCommand(program);
   registerAuthCommands(program);
 

@@ -14,7 +14,7 @@
  */
 import { createHash } from 'node:crypto';
 import { existsSync } from 'node:fs';
-import { mkdir, open, readFile, rename, rm } from 'node:fs/promises';
+import { mkdir, open, readFile, rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
 import {
   checkSignedDeployment,
@@ -31,7 +31,7 @@ import {
   verifyDeployment,
 } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
-import type { ExecutorOptions, Executors } from './executors.ts';
+import { closingOnce, type ExecutorOptions, type Executors } from './executors.ts';
 import type { ManifestEntry } from './manifest.ts';
 import { sha256File } from './manifest.ts';
 import type { Scheduler } from './scheduler.ts';
@@ -50,6 +50,18 @@ export interface AgentDeployOptions {
   maxBundleBytes?: number;
   /** How long a fetch may take, ms (default 120 000). */
   fetchTimeoutMs?: number;
+  /**
+   * Bound on the memory the loaded models are estimated to take, MiB (default: none). A step whose version would
+   * pass it first evicts the least recently used idle models; when that cannot make room it is refused
+   * (MESH_TOO_LARGE). With a budget every model runs on executors of its own, so an evicted one frees its memory.
+   */
+  memoryBudgetMb?: number;
+  /**
+   * The estimate of one model: its file size × this factor × the session copies it runs in (one per worker thread,
+   * one when it runs inline). Default 2: the weights as ONNX Runtime holds them plus as much again for its arena and
+   * graph copies. An estimate from the file, not a measurement: set it from what `ps` shows on the device.
+   */
+  modelMemoryFactor?: number;
 }
 
 /** What the agent records of a refused or applied step (AgentHandle.deployments.events, and the log). */
@@ -72,6 +84,10 @@ interface Slot {
   info: ModelInfo;
   /** Set when this slot has an executor of its own (a deployed version), closed when the slot goes. */
   executors?: Executors;
+  /** Its memory estimate (AgentDeployOptions.modelMemoryFactor), bytes. */
+  estimateBytes: number;
+  /** When a request last resolved to it, ms (the budget evicts the least recently used first). */
+  lastUsedMs: number;
 }
 
 interface ModelRoute {
@@ -105,6 +121,7 @@ export interface DeployHooks {
 }
 
 const JOURNAL = 'deployments.json';
+const mib = (bytes: number) => Math.round((bytes / 2 ** 20) * 100) / 100;
 
 export const bundlePath = (stateDir: string, sha256: string) => path.join(stateDir, 'bundles', `${sha256}.onnx`);
 
@@ -172,6 +189,10 @@ export class AgentDeployments {
   /** Steps are applied one at a time, in arrival order. */
   private chain: Promise<void> = Promise.resolve();
   private closed = false;
+  /** Slots that left their route but whose executor has not closed yet: they still hold memory. */
+  private readonly retiring = new Set<Slot>();
+  private readonly budgetBytes: number | undefined;
+  private readonly memoryFactor: number;
 
   constructor(
     private readonly options: AgentDeployOptions,
@@ -179,19 +200,117 @@ export class AgentDeployments {
   ) {
     for (const g of options.groups)
       if (!/^[a-z0-9][a-z0-9-]{2,63}$/.test(g)) throw new MeshError('MESH_CONFIG', `deployment group ${JSON.stringify(g)} is not valid`);
+    const { memoryBudgetMb, modelMemoryFactor = 2 } = options;
+    if (memoryBudgetMb !== undefined && !(Number.isFinite(memoryBudgetMb) && memoryBudgetMb > 0))
+      throw new MeshError('MESH_CONFIG', `memoryBudgetMb must be a positive number, got ${memoryBudgetMb}`);
+    if (!(Number.isFinite(modelMemoryFactor) && modelMemoryFactor > 0))
+      throw new MeshError('MESH_CONFIG', `modelMemoryFactor must be a positive number, got ${modelMemoryFactor}`);
+    this.budgetBytes = memoryBudgetMb === undefined ? undefined : Math.floor(memoryBudgetMb * 2 ** 20);
+    this.memoryFactor = modelMemoryFactor;
   }
 
-  /** Registers the versions the agent started with; then re-applies a canary the journal says was running. */
-  async start(entries: ManifestEntry[], loaded: ReadonlyMap<string, LoadedModel>): Promise<void> {
+  /** The estimate of a model file of `bytes` run in `copies` sessions. */
+  private estimate(bytes: number, copies: number): number {
+    return Math.ceil(bytes * this.memoryFactor * Math.max(1, copies));
+  }
+
+  /** What the loaded models are estimated to hold now, bytes (AgentHandle.deployments.memory). */
+  memory(): { usedBytes: number; budgetBytes: number | undefined; models: { key: string; estimateBytes: number; lastUsedMs: number }[] } {
+    const slots = [...this.routes.values()].flatMap((r) => [r.primary, r.canary]).filter((s): s is Slot => s !== undefined);
+    slots.push(...this.retiring);
+    return {
+      usedBytes: slots.reduce((n, s) => n + s.estimateBytes, 0),
+      budgetBytes: this.budgetBytes,
+      models: slots.map((s) => ({ key: s.key, estimateBytes: s.estimateBytes, lastUsedMs: s.lastUsedMs })),
+    };
+  }
+
+  /**
+   * Makes room for `needBytes` more under the budget, for a version of `model`: evicts the least recently used
+   * models that are idle (nothing queued or running), are no rollout's canary and not `model` itself, and are on
+   * executors of their own. Either enough of them leave or none does (MESH_TOO_LARGE, the agent serving on as before).
+   * Everything up to the un-announcement runs without an await, so no request slips in between the check and the
+   * eviction.
+   */
+  private async makeRoom(model: string, needBytes: number): Promise<void> {
+    if (this.budgetBytes === undefined) return;
+    const { usedBytes } = this.memory();
+    let over = usedBytes + needBytes - this.budgetBytes;
+    if (over <= 0) return;
+    const candidates = [...this.routes.entries()]
+      .filter(([name, r]) => name !== model && !r.canary && r.primary?.executors && this.hooks.scheduler.isIdle(r.primary.key))
+      .map(([name, r]) => ({ name, slot: r.primary! }))
+      .sort((a, b) => a.slot.lastUsedMs - b.slot.lastUsedMs);
+    const evict: typeof candidates = [];
+    for (const c of candidates) {
+      if (over <= 0) break;
+      evict.push(c);
+      over -= c.slot.estimateBytes;
+    }
+    if (over > 0)
+      throw new MeshError(
+        'MESH_TOO_LARGE',
+        `${model} needs ~${mib(needBytes)} MiB, ${mib(usedBytes)} of the ${mib(this.budgetBytes)} MiB memory budget are in use, and evicting every idle model would free only ${mib(
+          candidates.reduce((n, c) => n + c.slot.estimateBytes, 0),
+        )} MiB`,
+        { details: { needBytes, usedBytes, budgetBytes: this.budgetBytes } },
+      );
+    for (const { name, slot } of evict) {
+      this.routes.delete(name);
+      const index = this.hooks.modelInfos.findIndex((m) => m.name === name);
+      if (index >= 0) this.hooks.modelInfos.splice(index, 1);
+      // Idle, so the scheduler lets it go at once; its requests from now on are MESH_UNKNOWN_MODEL (another agent may serve it).
+      this.hooks.scheduler.removeIdleModel(slot.key);
+      this.hooks.models.delete(slot.key);
+    }
+    this.hooks.announce();
+    for (const { name, slot } of evict) {
+      await slot.executors?.close();
+      this.record({
+        model: name,
+        version: slot.version,
+        ok: true,
+        message: `model evicted for the memory budget (~${mib(slot.estimateBytes)} MiB, idle since ${new Date(slot.lastUsedMs).toISOString()})`,
+      });
+    }
+  }
+
+  /**
+   * Registers the versions the agent started with (`path`: the file each was loaded from; `executorsOf`: each
+   * model's own executors, with a memory budget); then re-applies a canary the journal says was running.
+   */
+  async start(
+    entries: (ManifestEntry & { path: string })[],
+    loaded: ReadonlyMap<string, LoadedModel>,
+    executorsOf?: ReadonlyMap<string, Executors>,
+  ): Promise<void> {
     await mkdir(path.join(this.options.stateDir, 'bundles'), { recursive: true });
     this.journal = await readDeployJournal(this.options.stateDir);
+    const now = Date.now();
     for (const entry of entries) {
       const info = this.hooks.modelInfos.find((m) => m.name === entry.name);
       if (!info || !loaded.has(entry.name)) continue;
+      const executors = executorsOf?.get(entry.name);
+      const bytes = (await stat(entry.path)).size;
       this.routes.set(entry.name, {
-        primary: { key: entry.name, version: entry.version, sha256: entry.sha256, priceMicros: entry.priceMicros, info },
+        primary: {
+          key: entry.name,
+          version: entry.version,
+          sha256: entry.sha256,
+          priceMicros: entry.priceMicros,
+          info,
+          ...(executors ? { executors } : {}),
+          estimateBytes: this.estimate(bytes, executors ? executors.workerThreads() : this.hooks.options.workers),
+          lastUsedMs: now,
+        },
       });
     }
+    const { usedBytes } = this.memory();
+    if (this.budgetBytes !== undefined && usedBytes > this.budgetBytes)
+      this.hooks.logger.warn(
+        { usedMiB: mib(usedBytes), budgetMiB: mib(this.budgetBytes) },
+        'the models folder alone is over the memory budget: deployments will evict idle models first',
+      );
     for (const [model, j] of Object.entries(this.journal.models)) {
       if (!j.canary) continue;
       try {
@@ -218,7 +337,9 @@ export class AgentDeployments {
     const route = this.routes.get(model);
     if (!route) return undefined;
     const slot = version !== undefined && route.canary?.version === version ? route.canary : (route.primary ?? route.canary);
-    return slot ? { key: slot.key, version: slot.version } : undefined;
+    if (!slot) return undefined;
+    slot.lastUsedMs = Date.now();
+    return { key: slot.key, version: slot.version };
   };
 
   /** The status's `canaries`. */
@@ -245,6 +366,7 @@ export class AgentDeployments {
     this.closed = true;
     await this.chain;
     for (const r of this.routes.values()) for (const s of [r.primary, r.canary]) await s?.executors?.close();
+    for (const s of this.retiring) await s.executors?.close();
   }
 
   private record(event: Omit<DeployEvent, 'at'>): void {
@@ -343,11 +465,16 @@ export class AgentDeployments {
     if (route.primary?.sha256 === sha256)
       throw new MeshError('MESH_BAD_REQUEST', `version ${version} of ${model} is already the default here`);
     const file = await this.fetchBundle(sha256, urls, size);
+    const bytes = (await stat(file)).size;
+    // Before loading: the new version's sessions come on top of everything loaded (its worker count is the most it takes).
+    await this.makeRoom(model, this.estimate(bytes, this.hooks.options.workers));
     const key = `${model}@${version}`;
-    const executors = await this.hooks.openExecutors(
-      [{ name: key, path: file, providers: this.hooks.options.providers, warmup: undefined }],
-      this.hooks.options,
-      this.hooks.logger,
+    const executors = closingOnce(
+      await this.hooks.openExecutors(
+        [{ name: key, path: file, providers: this.hooks.options.providers, warmup: undefined }],
+        this.hooks.options,
+        this.hooks.logger,
+      ),
     );
     const loaded = executors.loaded[0];
     if (!loaded) {
@@ -366,7 +493,16 @@ export class AgentDeployments {
     const old = route.canary;
     this.hooks.models.set(key, { ...loaded });
     this.hooks.scheduler.addModel(key, loaded.latencyMs, executors.executorOf.get(key)!);
-    route.canary = { key, version, sha256, priceMicros, info, executors };
+    route.canary = {
+      key,
+      version,
+      sha256,
+      priceMicros,
+      info,
+      executors,
+      estimateBytes: this.estimate(bytes, executors.workerThreads()),
+      lastUsedMs: Date.now(),
+    };
     this.routes.set(model, route);
     if (old) void this.retire(old);
   }
@@ -397,10 +533,12 @@ export class AgentDeployments {
 
   /** A slot no request resolves to any more: once its queue is empty it leaves the scheduler and its executor closes. */
   private async retire(slot: Slot): Promise<void> {
+    this.retiring.add(slot);
     while (!this.hooks.scheduler.removeIdleModel(slot.key)) await new Promise((r) => setTimeout(r, 20));
     this.hooks.models.delete(slot.key);
-    // A version loaded at start shares the worker pool with the other models: its session stays until restart.
+    // Without a memory budget a version loaded at start shares the worker pool with the other models: its session stays until restart.
     await slot.executors?.close();
+    this.retiring.delete(slot);
     this.hooks.logger.info({ model: slot.key, version: slot.version }, 'model version unloaded');
   }
 

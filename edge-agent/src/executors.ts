@@ -126,3 +126,43 @@ export async function openExecutors(specs: WorkerModelSpec[], options: ExecutorO
 }
 
 const round3 = (ms: number) => Math.round(ms * 1000) / 1000;
+
+/** The same executors, whose close() runs once however often it is called (a slot's owner and the agent's shutdown both close). */
+export function closingOnce(executors: Executors): Executors {
+  let closing: Promise<void> | undefined;
+  return { ...executors, close: () => (closing ??= executors.close()) };
+}
+
+/**
+ * One executor per model, for an agent with a memory budget (deploy.ts): each can be closed alone, which ends its
+ * worker threads (or releases its inline session) and so frees that model's memory. The cost is a worker pool per
+ * model instead of one for all. Sessions are never released one by one inside a shared worker (worker.mjs: creating
+ * and releasing sessions repeatedly leaks).
+ */
+export async function openExecutorsEach(
+  specs: WorkerModelSpec[],
+  options: ExecutorOptions,
+  logger: Logger,
+): Promise<{ all: Executors; each: Map<string, Executors> }> {
+  const each = new Map<string, Executors>();
+  try {
+    for (const spec of specs) each.set(spec.name, closingOnce(await openExecutors([spec], options, logger)));
+  } catch (err) {
+    await Promise.all([...each.values()].map((e) => e.close()));
+    throw err;
+  }
+  const list = [...each.values()];
+  return {
+    each,
+    all: {
+      loaded: list.flatMap((e) => e.loaded),
+      executorOf: new Map(list.flatMap((e) => [...e.executorOf])),
+      inline: list.flatMap((e) => e.inline),
+      workerThreads: () => list.reduce((n, e) => n + e.workerThreads(), 0),
+      lanes: () => list.reduce((n, e) => n + e.lanes(), 0),
+      async close() {
+        await Promise.all(list.map((e) => e.close()));
+      },
+    },
+  };
+}

@@ -26,7 +26,7 @@ import type { ModelInfo } from '@edge-mesh/protocol';
 import pino from 'pino';
 import { AgentLink } from './connection.ts';
 import { AgentDeployments, promotedEntries } from './deploy.ts';
-import { openExecutors } from './executors.ts';
+import { type Executors, openExecutors, openExecutorsEach } from './executors.ts';
 import { Faults } from './faults.ts';
 import { readManifest } from './manifest.ts';
 import type { AgentMetrics } from './metrics.ts';
@@ -42,7 +42,17 @@ import type { AgentCounters, AgentHandle, AgentOptions } from './types.ts';
 export type { AgentDeployOptions, DeployEvent } from './deploy.ts';
 export type { LaneFundsView } from './lane-funds.ts';
 export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';
+export {
+  checkConfigAgainstModel,
+  type ModelSource,
+  parseTextProto,
+  readModelSource,
+  readTritonConfig,
+  type TritonConfig,
+  type TritonTensor,
+} from './model-source.ts';
 export { availableProviders } from './models.ts';
+export { type DeclaredInput, declaredInputs } from './onnx-inputs.ts';
 export type { AgentPaymentOptions, LaneSummary } from './payments.ts';
 export type { ReloadResult } from './reload.ts';
 export type { SettlementRecord, SettlerCounters, SettlerOptions } from './settler.ts';
@@ -62,16 +72,20 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   let deployedPaths = new Map<string, string>();
   if (options.deploy) ({ entries, paths: deployedPaths } = await promotedEntries(options.deploy.stateDir, entries, logger));
 
-  const executors = await openExecutors(
-    entries.map((e) => ({
-      name: e.name,
-      path: deployedPaths.get(e.name) ?? path.join(modelsDir, e.file),
-      providers: providerList,
-      warmup: e.warmup,
-    })),
-    o,
-    logger,
-  );
+  const specs = entries.map((e) => ({
+    name: e.name,
+    path: deployedPaths.get(e.name) ?? path.join(modelsDir, e.file),
+    providers: providerList,
+    warmup: e.warmup,
+  }));
+  // With a memory budget each model gets executors of its own, so evicting one frees its memory (deploy.ts).
+  let executorsOf: Map<string, Executors> | undefined;
+  let executors: Executors;
+  if (options.deploy?.memoryBudgetMb !== undefined) {
+    const opened = await openExecutorsEach(specs, o, logger);
+    executors = opened.all;
+    executorsOf = opened.each;
+  } else executors = await openExecutors(specs, o, logger);
   const { loaded } = executors;
   const loadedByName = new Map(loaded.map((m) => [m.name, m]));
   let modelInfos: ModelInfo[];
@@ -168,7 +182,11 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
       logger,
     });
     try {
-      await deployments.start(entries, loadedByName);
+      await deployments.start(
+        entries.map((e) => ({ ...e, path: specs.find((s) => s.name === e.name)!.path })),
+        loadedByName,
+        executorsOf,
+      );
     } catch (err) {
       await executors.close();
       if (paid) await closePaidSide(paid);
@@ -265,7 +283,9 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     close: shutdown,
     reloadModels,
     ...(paymentsHandle ? { payments: paymentsHandle } : {}),
-    ...(deployments ? { deployments: { events: deployments.events, settled: () => deployments!.settled() } } : {}),
+    ...(deployments
+      ? { deployments: { events: deployments.events, settled: () => deployments!.settled(), memory: () => deployments!.memory() } }
+      : {}),
   };
   if (metrics && options.metricsPort !== undefined) {
     try {

@@ -163,6 +163,12 @@ export class Scheduler {
     }
   }
 
+  /** No job of the model is queued or running (the memory budget evicts only such a model, deploy.ts). */
+  isIdle(name: string): boolean {
+    const state = this.models.get(name);
+    return !state || (state.queue.length === 0 && state.inFlight === 0);
+  }
+
   /**
    * Stops serving `name` (docs/deployment.md): true once it holds no queued or running job, false (nothing done)
    * while it still does, so the caller retries after the work drains.

@@ -5,7 +5,7 @@
 import type { BackoffOptions, MeshTlsOptions } from '@edge-mesh/client';
 import type { AgentLoad, AgentStatus, Identity, ModelInfo, SignedReceipt } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
-import type { AgentDeployOptions, DeployEvent } from './deploy.ts';
+import type { AgentDeployments, AgentDeployOptions, DeployEvent } from './deploy.ts';
 import type { AgentPaymentOptions, AgentPayments, LaneSummary } from './payments.ts';
 import type { ReloadResult } from './reload.ts';
 import type { SettlementRecord, SettlerCounters } from './settler.ts';
@@ -139,7 +139,12 @@ export interface AgentHandle {
   readonly metricsUrl?: string;
   /** Present when the agent takes payment. */
   /** Deployment steps applied and refused, newest last (with the `deploy` option). */
-  readonly deployments?: { readonly events: readonly DeployEvent[]; settled(): Promise<void> };
+  readonly deployments?: {
+    readonly events: readonly DeployEvent[];
+    settled(): Promise<void>;
+    /** The loaded models' memory estimates against the budget (AgentDeployOptions.memoryBudgetMb). */
+    memory(): ReturnType<AgentDeployments['memory']>;
+  };
   readonly payments?: {
     lanes(): LaneSummary[];
     /** Reads the escrow's events up to the latest block now (the follower otherwise polls on its own). */

@@ -720,6 +720,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
         models: (status.models ?? []).map((m) => ({
           name: m.name,
           version: m.version,
+          sha256: m.sha256,
           latencyMs: m.latencyMs,
           priceMicros: m.priceMicros,
         })),

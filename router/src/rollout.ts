@@ -402,10 +402,14 @@ export function installRolloutRoutes(app: FastifyInstance, rollouts: RouterRollo
   app.post('/v1/deployments', async (request) => {
     const signed = signedDeploymentFromJson(request.body);
     let by = 'operator';
+    let notes: string | undefined;
     try {
-      by = (decodeCbor(signed.manifest) as { operator?: string }).operator ?? by;
+      const manifest = decodeCbor(signed.manifest) as { operator?: string; notes?: unknown };
+      by = manifest.operator ?? by;
+      if (typeof manifest.notes === 'string') notes = manifest.notes;
     } catch {}
-    const step = rollouts.accept(signed, by);
+    // The operator's signed note is the step's reason in the audit log (edge-mesh promote|rollback --reason).
+    const step = rollouts.accept(signed, by, notes === undefined ? undefined : `posted by an operator: ${notes}`);
     return { model: step.model, version: step.version, seq: step.seq, phase: step.phase };
   });
   app.get('/v1/rollouts', async () => ({ rollouts: rollouts.status() }));
