@@ -534,3 +534,146 @@ test('revocation on NATS: regenerate without the id with --reload; its connectio
   const still = await connect({ brokerUrl: urls[1]!, logger: quiet, identity: keep, username: keep.id, password: keepPassword });
   await still.close();
 });
+
+test('kill -9 of a NATS node under a steady paid request stream: nothing lost that could be retried, nothing paid twice, agents back within 5 s', {
+  skip: SKIP,
+  timeout: 240_000,
+}, async (t) => {
+  const { startLocalChain, deployMesh } = await import('@edge-mesh/contracts/dev');
+  const { EscrowClient } = await import('@edge-mesh/contracts');
+  const { ethers } = await import('ethers');
+  const chain = await startLocalChain({ accounts: 3 });
+  t.after(() => chain.close());
+  const deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+  const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+  const payerWallet = chain.wallet(1);
+  const escrow = await EscrowClient.connect({ runner: payerWallet, escrow: deployment.escrow });
+  await escrow.mint(payerWallet.address, 2_000_000n);
+
+  const dir = await tempDir(t, 'edge-mesh-nats-');
+  const [aKey, bKey, appKey] = [generateIdentity('agent'), generateIdentity('agent'), generateIdentity('app')];
+  const generated = await authNats(
+    path.join(dir, 'nats'),
+    await Promise.all([aKey, bKey, appKey].map((k) => publicFile(dir, k))),
+    await clusterArgs(),
+  );
+  const nodes = await startCluster(t, generated.nodes);
+  const urls = nodes.map((n) => n.url);
+  const from = (i: number) => [...urls.slice(i), ...urls.slice(0, i)].join(',');
+  const password = async (k: Identity) => (await readFile(generated.identities.find((i) => i.id === k.id)!.passwordFile, 'utf8')).trim();
+  await clusterReady(urls, appKey.id, await password(appKey));
+
+  // Agent A on node 1 first, agent B on node 2 first, the paying app on node 3 first; each lists all three nodes.
+  const { agentFor, kwsOnlyDir, meshFor } = await import('./helpers.ts');
+  const models = await kwsOnlyDir(t);
+  const paidAgent = async (key: Identity, first: number) => {
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    await escrow.fund(payerWallet.address, payout, 1_000_000n);
+    return agentFor(t, {
+      brokerUrl: from(first),
+      identity: key,
+      modelsDir: models,
+      username: key.id,
+      password: await password(key),
+      backoff: { baseMs: 50, maxMs: 500 },
+      payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100 },
+    });
+  };
+  const agents = [await paidAgent(aKey, 0), await paidAgent(bKey, 1)];
+  const mesh = await meshFor(t, {
+    brokerUrl: from(2),
+    identity: appKey,
+    username: appKey.id,
+    password: await password(appKey),
+    backoff: { baseMs: 50, maxMs: 500 },
+    payment: { signer: payerWallet, domain, dataDir: await tempDir(t), checkPayouts: false },
+  });
+  await mesh.waitForModel('kws', 30_000);
+  await waitFor(() => mesh.agents().length === 2, 30_000, 'both agents seen by the app');
+
+  // Four request loops, each request with an 8 s deadline: room for a retry after a node dies.
+  const results: { requestId: string; agentId: string; attempts: number }[] = [];
+  const failures: string[] = [];
+  let streaming = true;
+  t.after(() => {
+    streaming = false;
+  });
+  const loops = Array.from({ length: 4 }, async (_, loop) => {
+    for (let i = 0; streaming; i++) {
+      try {
+        const r = await mesh.infer('kws', sampleInputs('kws', loop * 1_000 + i), { deadlineMs: 8_000 });
+        results.push({ requestId: r.requestId, agentId: r.agentId, attempts: r.attempts });
+      } catch (err) {
+        failures.push(`${(err as MeshError).code ?? ''} ${(err as Error).message}`);
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  });
+  await waitFor(() => results.length >= 40, 30_000, 'a steady stream before the kill');
+  const before = results.length;
+  const reconnectsBefore = agents.map((a) => a.counters.reconnects);
+  nodes[0]!.child.kill('SIGKILL');
+  const killedAt = performance.now();
+  // Agent A was on node 1: it must be served again from another node within 5 s.
+  await waitFor(() => agents[0]!.counters.reconnects > reconnectsBefore[0]!, 10_000, 'agent A to reconnect');
+  const reconnectMs = performance.now() - killedAt;
+  await waitFor(() => results.slice(before).filter((r) => r.agentId === aKey.id).length >= 5, 30_000, 'agent A serving again').catch(
+    (err) => {
+      throw new Error(
+        `${err.message}: after the kill ${results.length - before} answered (${results.slice(before).filter((r) => r.agentId === aKey.id).length} by A), failures ${failures.slice(0, 3).join(' | ')}; A ${JSON.stringify(agents[0]!.counters)}; B ${JSON.stringify(agents[1]!.counters)}; app sees ${JSON.stringify(mesh.agents().map((a) => [a.id.slice(0, 10), a.status.state, a.outstanding]))}\n${nodes
+          .slice(1)
+          .map((n) =>
+            n
+              .log()
+              .split('\n')
+              .filter((l) => /ERR|WRN/.test(l))
+              .slice(-8)
+              .join('\n'),
+          )
+          .join('\n')}`,
+      );
+    },
+  );
+  await new Promise((r) => setTimeout(r, 2_000));
+  streaming = false;
+  await Promise.all(loops);
+  const retried = results.filter((r) => r.attempts > 1).length;
+  t.diagnostic(
+    `${results.length} answered (${results.length - before} after the kill), ${failures.length} failed, ${retried} needed more than one attempt; agent A reconnected ${reconnectMs.toFixed(0)} ms after the kill; reconnects A ${agents[0]!.counters.reconnects}, B ${agents[1]!.counters.reconnects}`,
+  );
+  assert.deepEqual(failures, [], 'every request had time for a retry: none may fail');
+  assert.ok(reconnectMs <= 5_000, `agent A reconnected ${reconnectMs.toFixed(0)} ms after the kill`);
+  assert.equal(new Set(results.map((r) => r.requestId)).size, results.length, 'each request answered once');
+
+  // Billing: no agent charged a request twice, and the payer paid exactly the receipts it accepted, each once.
+  const price = (await agents[0]!.payments!.receipts(payerWallet.address)).find((r) => r.status === 0)!.price;
+  assert.ok(price > 0);
+  let doubleRun = 0;
+  const byAgent = new Map<string, Set<string>>();
+  for (const [i, agent] of agents.entries()) {
+    const journal = await agent.payments!.receipts(payerWallet.address);
+    const ids = journal.map((r) => Buffer.from(r.requestId).toString('hex'));
+    assert.equal(new Set(ids).size, ids.length, `agent ${i} has one receipt per request`);
+    byAgent.set(agent.id, new Set(journal.filter((r) => r.price > 0).map((r) => Buffer.from(r.requestId).toString('hex'))));
+  }
+  for (const id of byAgent.get(aKey.id)!) if (byAgent.get(bKey.id)!.has(id)) doubleRun++;
+  await waitFor(() => mesh.lanes().every((l) => l.paidMicros === l.owedMicros), 10_000, 'the last vouchers');
+  const lanes = mesh.lanes();
+  const paid = lanes.reduce((s, l) => s + l.paidMicros, 0);
+  const owedRequests = lanes.reduce((s, l) => s + l.owedMicros, 0) / price;
+  t.diagnostic(
+    `paid ${paid} micros for ${results.length} answers at ${price} each; ${doubleRun} requests ran on both agents; lanes: ${lanes.map((l) => `${l.receipts} receipts, owed ${l.owedMicros}, refused ${l.refused}`).join('; ')}`,
+  );
+  for (const l of lanes) {
+    const answered = results.filter((r) => r.agentId === l.agentId).length;
+    assert.ok(l.owedMicros >= answered * price, `${l.agentId}: every answer it gave is owed`);
+  }
+  // Whatever is owed beyond the answers is a second attempt's work the app asked for and received (a late reply
+  // after a retry); no request is paid more than once per agent that ran it, and none beyond its attempts.
+  assert.ok(owedRequests <= results.reduce((s, r) => s + r.attempts, 0), `owed ${owedRequests} requests' worth`);
+  assert.equal(
+    paid,
+    lanes.reduce((s, l) => s + l.owedMicros, 0),
+  );
+  for (const n of nodes.slice(1)) assert.equal(n.child.exitCode, null, `${n.name} still runs`);
+});

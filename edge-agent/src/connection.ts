@@ -10,6 +10,7 @@ import {
   type MeshConnectionOptions,
   type MeshLogger,
   openMeshConnection,
+  subscribeOrReconnect,
 } from '@edge-mesh/client';
 import { type AgentLoad, type AgentStatus, encodeMessage, type Identity, isValidId, MeshError, topics } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
@@ -97,10 +98,14 @@ export class AgentLink {
         everConnected = true;
         const filters = [topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId)];
         if (vouchers) filters.push(topics.agentVouchersFor(agentId));
-        c.subscribe(filters, { qos: 1 }, (err) => {
-          if (err) logger.error({ err: err.message }, 'subscribe failed');
-          this.announce();
-        });
+        // Announced only once subscribed: a status tells senders to send here.
+        subscribeOrReconnect(
+          c,
+          filters,
+          1,
+          (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
+          () => this.announce(),
+        );
       },
       onReconnectScheduled: (delayMs, attempt) => {
         if (!this.closed) logger.warn({ delayMs, attempt }, 'broker connection lost; reconnecting');

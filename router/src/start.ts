@@ -12,6 +12,7 @@ import {
   mqttTransport,
   openMeshConnection,
   readReply,
+  subscribeOrReconnect,
   systemClock,
   TailBudget,
   type TailBudgetOptions,
@@ -263,12 +264,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     keepaliveS,
     onConnect: (c: MqttClient) => {
       connected = true;
-      c.subscribe(
+      subscribeOrReconnect(
+        c,
         [topics.clientRepliesFor(routerId), topics.routerRoutesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()],
-        { qos: 1 },
-        (err) => {
-          if (err) logger.error({ err: err.message }, 'subscribe failed');
-        },
+        1,
+        (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
       );
     },
     onRefused: (err, first) => {

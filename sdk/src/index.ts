@@ -27,6 +27,7 @@ import {
   mqttTransport,
   openMeshConnection,
   readReply,
+  subscribeOrReconnect,
   systemClock,
   TailBudget,
   type TailBudgetOptions,
@@ -402,9 +403,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     onConnect: (c: MqttClient) => {
       const filters = [topics.clientRepliesFor(clientId), topics.allAgentStatus(), topics.allAgentLoad()];
       if (routerId) filters.push(topics.clientLeasesFor(clientId));
-      c.subscribe(filters, { qos: 1 }, (err) => {
-        if (err) logger.error({ err: err.message }, 'subscribe failed');
-      });
+      subscribeOrReconnect(c, filters, 1, (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'));
     },
     onReconnectScheduled: (delayMs) => logger.warn({ delayMs }, 'broker connection lost; reconnecting'),
     onRefused: (err, first) => {
