@@ -20,6 +20,7 @@ const { positionals, values } = parseArgs({
     broker: { type: 'string' },
     key: { type: 'string' },
     'password-file': { type: 'string' },
+    'subscription-qos': { type: 'string' },
     peer: { type: 'string' },
     warmup: { type: 'string', default: '300' },
     n: { type: 'string', default: '3000' },
@@ -44,7 +45,7 @@ async function subscribe(filter: string): Promise<void> {
   const until = Date.now() + 30_000;
   for (;;) {
     try {
-      await client.subscribeAsync(filter, { qos: 1 });
+      await client.subscribeAsync(filter, { qos: values['subscription-qos'] === '0' ? 0 : 1 });
       return;
     } catch (err) {
       if (Date.now() > until) throw err;

@@ -60,12 +60,21 @@ interface Side {
   keyFile: string;
   id: string;
   passwordFile?: string;
+  /** 0 on NATS, as the mesh runs there (docs/operations.md, "Running on a NATS cluster"). */
+  subscriptionQos?: 0 | 1;
 }
 
 /** Runs the responder and the requester against `url` and returns the requester's figures. */
 async function measure(name: string, url: string, agent: Side, app: Side, load: Load, log: (l: string) => void, responderUrl = url) {
   const rr = path.join(ROOT, 'bench', 'broker-rr.ts');
-  const creds = (s: Side, at = url) => ['--broker', at, '--key', s.keyFile, ...(s.passwordFile ? ['--password-file', s.passwordFile] : [])];
+  const creds = (s: Side, at = url) => [
+    '--broker',
+    at,
+    '--key',
+    s.keyFile,
+    ...(s.passwordFile ? ['--password-file', s.passwordFile] : []),
+    ...(s.subscriptionQos !== undefined ? ['--subscription-qos', String(s.subscriptionQos)] : []),
+  ];
   const responder = spawnProc(`${name} responder`, ['--import', 'tsx', rr, 'responder', ...creds(agent, responderUrl)]);
   await responder.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');
   const requester = spawnProc(`${name} requester`, [
@@ -152,7 +161,7 @@ async function mosquittoEngine(bin: string, load: Load, log: (l: string) => void
  * stream replicas 3, users written by `edge-mesh auth nats`'s code (broker/src/nats.ts). The responder is on node 1
  * and the requester on node 2, so every round trip crosses the cluster, as it does when devices spread over nodes.
  */
-async function natsEngine(bin: string, load: Load, log: (l: string) => void) {
+async function natsEngine(bin: string, load: Load, log: (l: string) => void, subscriptionQos: 0 | 1 = 0) {
   const agent = unadmitted('agent');
   const app = unadmitted('app');
   const dir = benchTempDir('nats');
@@ -183,15 +192,15 @@ async function natsEngine(bin: string, load: Load, log: (l: string) => void) {
     // JetStream elects its leaders after the routes are up; bench/broker-rr.ts retries its subscription until then.
     const version = /Version:\s+(\S+)/.exec(procs[0]!.lines.stderr.join('\n'))?.[1] ?? 'unknown';
     const figures = await measure(
-      'nats',
+      subscriptionQos === 0 ? 'nats' : 'nats with QoS 1 subscriptions',
       files.nodeConfs[1]!.mqttUrl,
-      { keyFile: agent.keyFile, id: agent.identity.id, passwordFile: files.secrets.get(agent.identity.id)! },
-      { keyFile: app.keyFile, id: app.identity.id, passwordFile: files.secrets.get(app.identity.id)! },
+      { keyFile: agent.keyFile, id: agent.identity.id, passwordFile: files.secrets.get(agent.identity.id)!, subscriptionQos },
+      { keyFile: app.keyFile, id: app.identity.id, passwordFile: files.secrets.get(app.identity.id)!, subscriptionQos },
       load,
       log,
       files.nodeConfs[0]!.mqttUrl,
     );
-    return { ...figures, version, nodes: 3, stream_replicas: 3, responder_node: 1, requester_node: 2 };
+    return { ...figures, version, nodes: 3, stream_replicas: 3, subscription_qos: subscriptionQos, responder_node: 1, requester_node: 2 };
   } finally {
     await Promise.all(procs.map((p) => p.stop()));
   }
@@ -231,8 +240,11 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     ? 'rabbitmq-server is installed, but the mesh has no auth wiring for RabbitMQ yet'
     : 'rabbitmq-server is not installed';
   const nats = installedCommand('nats-server');
-  if (nats) engines.nats = await natsEngine(nats, load, ctx.log);
-  else skipped.nats = 'nats-server is not installed (Debian package `nats-server`)';
+  if (nats) {
+    engines.nats = await natsEngine(nats, load, ctx.log);
+    // What QoS 1 subscriptions (a JetStream consumer each) cost there.
+    if (ctx.args['with-nats-qos1'] === true) engines.nats_qos1_subscriptions = await natsEngine(nats, load, ctx.log, 1);
+  } else skipped.nats = 'nats-server is not installed (Debian package `nats-server`)';
 
   return {
     bench: 'brokers',

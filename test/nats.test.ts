@@ -300,12 +300,13 @@ test('the mesh serves on a 3-node NATS cluster with generated users; eavesdroppe
   // Every client gets all three URLs, starting from a different node.
   const from = (i: number) => [...urls.slice(i), ...urls.slice(0, i)].join(',');
   const secretOf = async (k: Identity) => (await readFile(generated.identities.find((i) => i.id === k.id)!.passwordFile, 'utf8')).trim();
-  const creds = async (k: Identity) => ({ identity: k, username: k.id, password: await secretOf(k) });
+  // QoS 0 subscriptions, as docs/operations.md recommends on NATS (no JetStream consumer per subscription).
+  const creds = async (k: Identity) => ({ identity: k, username: k.id, password: await secretOf(k), subscriptionQos: 0 as const });
   await clusterReady(urls, watchKey.id, await secretOf(watchKey));
 
   // The agent is the CLI on node 1 first, the router on node 2, the app on node 3.
   const agentPasswordFile = generated.identities.find((i) => i.id === agentKey.id)!.passwordFile;
-  await spawnAgent(t, from(0), agentKey, ['--username', agentKey.id, '--password-file', agentPasswordFile]);
+  await spawnAgent(t, from(0), agentKey, ['--username', agentKey.id, '--password-file', agentPasswordFile, '--subscription-qos', '0']);
   const apiKey = makeApiKey('nats-test', ['infer']);
   const router = await startRouter({
     brokerUrl: from(1),
@@ -575,6 +576,7 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
       modelsDir: models,
       username: key.id,
       password: await password(key),
+      subscriptionQos: 0,
       backoff: { baseMs: 50, maxMs: 500 },
       payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100 },
     });
@@ -585,6 +587,7 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
     identity: appKey,
     username: appKey.id,
     password: await password(appKey),
+    subscriptionQos: 0,
     backoff: { baseMs: 50, maxMs: 500 },
     payment: { signer: payerWallet, domain, dataDir: await tempDir(t), checkPayouts: false },
   });
@@ -614,32 +617,29 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
   const reconnectsBefore = agents.map((a) => a.counters.reconnects);
   nodes[0]!.child.kill('SIGKILL');
   const killedAt = performance.now();
-  // Agent A was on node 1: it must be served again from another node within 5 s.
+  // Agent A was on node 1: it must be connected to another node within 5 s, then serve again (a request pinned to
+  // it; the app's own choice may well prefer B for a while, A having been slow during the outage).
+  const announcementsBefore = agents[0]!.counters.announcements;
   await waitFor(() => agents[0]!.counters.reconnects > reconnectsBefore[0]!, 10_000, 'agent A to reconnect');
   const reconnectMs = performance.now() - killedAt;
-  await waitFor(() => results.slice(before).filter((r) => r.agentId === aKey.id).length >= 5, 30_000, 'agent A serving again').catch(
-    (err) => {
-      throw new Error(
-        `${err.message}: after the kill ${results.length - before} answered (${results.slice(before).filter((r) => r.agentId === aKey.id).length} by A), failures ${failures.slice(0, 3).join(' | ')}; A ${JSON.stringify(agents[0]!.counters)}; B ${JSON.stringify(agents[1]!.counters)}; app sees ${JSON.stringify(mesh.agents().map((a) => [a.id.slice(0, 10), a.status.state, a.outstanding]))}\n${nodes
-          .slice(1)
-          .map((n) =>
-            n
-              .log()
-              .split('\n')
-              .filter((l) => /ERR|WRN/.test(l))
-              .slice(-8)
-              .join('\n'),
-          )
-          .join('\n')}`,
-      );
-    },
-  );
+  await waitFor(() => agents[0]!.counters.announcements > announcementsBefore, 30_000, 'agent A to subscribe and announce again');
+  const announcedMs = performance.now() - killedAt;
+  let servedAgainMs: number | undefined;
+  for (let i = 0; servedAgainMs === undefined; i++) {
+    const r = await mesh.infer('kws', sampleInputs('kws', 9_000 + i), { deadlineMs: 8_000, agentId: aKey.id }).catch((err: Error) => err);
+    if (r instanceof Error) {
+      if (performance.now() - killedAt > 30_000) throw new Error(`agent A never served again: ${r.message}`);
+      continue;
+    }
+    results.push({ requestId: r.requestId, agentId: r.agentId, attempts: r.attempts });
+    servedAgainMs = performance.now() - killedAt;
+  }
   await new Promise((r) => setTimeout(r, 2_000));
   streaming = false;
   await Promise.all(loops);
   const retried = results.filter((r) => r.attempts > 1).length;
   t.diagnostic(
-    `${results.length} answered (${results.length - before} after the kill), ${failures.length} failed, ${retried} needed more than one attempt; agent A reconnected ${reconnectMs.toFixed(0)} ms after the kill; reconnects A ${agents[0]!.counters.reconnects}, B ${agents[1]!.counters.reconnects}`,
+    `${results.length} answered (${results.length - before} after the kill), ${failures.length} failed, ${retried} needed more than one attempt; agent A reconnected ${reconnectMs.toFixed(0)} ms after the kill, announced ${announcedMs.toFixed(0)} ms, served a pinned request ${servedAgainMs.toFixed(0)} ms; reconnects A ${agents[0]!.counters.reconnects}, B ${agents[1]!.counters.reconnects}`,
   );
   assert.deepEqual(failures, [], 'every request had time for a retry: none may fail');
   assert.ok(reconnectMs <= 5_000, `agent A reconnected ${reconnectMs.toFixed(0)} ms after the kill`);

@@ -40,7 +40,15 @@ export function brokerAccessFlags(command: Command): Command {
     .option('--tls-cert <file>', 'PEM client certificate, for a broker that asks for one (mutual TLS); with --tls-key')
     .option('--tls-key <file>', 'PEM private key of --tls-cert')
     .option('--username <name>', 'username for an external broker that checks passwords (with --password-file)')
-    .option('--password-file <file>', "file holding the broker password; sent on every reconnect instead of the key's token");
+    .option('--password-file <file>', "file holding the broker password; sent on every reconnect instead of the key's token")
+    .option(
+      '--subscription-qos <qos>',
+      'QoS of the subscriptions, 1 (default) or 0 (on a NATS cluster: docs/operations.md)',
+      (v: string) => {
+        if (v !== '0' && v !== '1') throw new InvalidArgumentError('must be 0 or 1');
+        return Number(v) as 0 | 1;
+      },
+    );
 }
 
 /** What `brokerAccessFlags` gave, as connection options (tls, username, password). MESH_CONFIG for unreadable files. */
@@ -50,7 +58,8 @@ export async function brokerAccessFrom(opts: {
   tlsKey?: string;
   username?: string;
   passwordFile?: string;
-}): Promise<{ tls?: MeshTlsOptions; username?: string; password?: string }> {
+  subscriptionQos?: 0 | 1;
+}): Promise<{ tls?: MeshTlsOptions; username?: string; password?: string; subscriptionQos?: 0 | 1 }> {
   const tls = await loadTlsFiles({ ca: opts.tlsCa, cert: opts.tlsCert, key: opts.tlsKey });
   let password: string | undefined;
   if (opts.passwordFile !== undefined) {
@@ -64,5 +73,6 @@ export async function brokerAccessFrom(opts: {
     ...(tls ? { tls } : {}),
     ...(opts.username !== undefined ? { username: opts.username } : {}),
     ...(password !== undefined ? { password } : {}),
+    ...(opts.subscriptionQos !== undefined ? { subscriptionQos: opts.subscriptionQos } : {}),
   };
 }

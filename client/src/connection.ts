@@ -31,6 +31,13 @@ export interface MeshConnectionOptions {
   password?: string | Buffer;
   /** CA, client certificate and key for `mqtts://` (docs/operations.md, "TLS"). */
   tls?: MeshTlsOptions;
+  /**
+   * QoS of this client's subscriptions (default 1). 0 on a NATS cluster (docs/operations.md, "Running on a NATS
+   * cluster"): there a QoS 1 subscription is a JetStream consumer, slower and refused while the cluster elects
+   * leaders after losing a node, while a QoS 0 one is plain NATS routing. With clean sessions a QoS 1 subscription
+   * keeps nothing across a reconnect either, so the mesh loses nothing by it.
+   */
+  subscriptionQos?: 0 | 1;
   keepaliveS?: number;
   connectTimeoutMs?: number;
   backoff?: BackoffOptions;

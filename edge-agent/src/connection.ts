@@ -40,7 +40,7 @@ export function routeTopic(agentId: string, topic: string): { kind: AgentTopicKi
 
 export interface AgentLinkOptions {
   brokerUrl: string;
-  brokerAccess: Pick<MeshConnectionOptions, 'tls' | 'username' | 'password'>;
+  brokerAccess: Pick<MeshConnectionOptions, 'tls' | 'username' | 'password' | 'subscriptionQos'>;
   identity: Identity;
   /** The agent runs on a key made for this run (it gets a different hint when refused). */
   ephemeral: boolean;
@@ -102,7 +102,7 @@ export class AgentLink {
         subscribeOrReconnect(
           c,
           filters,
-          1,
+          options.brokerAccess.subscriptionQos ?? 1,
           (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
           () => this.announce(),
         );

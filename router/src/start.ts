@@ -68,6 +68,13 @@ export interface StartRouterOptions {
   /** Username and password for an external broker that checks passwords; sent on every (re)connect instead of the key's token. */
   username?: string;
   password?: string | Buffer;
+  /**
+   * QoS of this client's subscriptions (default 1). 0 on a NATS cluster (docs/operations.md, "Running on a NATS
+   * cluster"): there a QoS 1 subscription is a JetStream consumer, slower and refused while the cluster elects
+   * leaders after losing a node, while a QoS 0 one is plain NATS routing. With clean sessions a QoS 1 subscription
+   * keeps nothing across a reconnect either, so the mesh loses nothing by it.
+   */
+  subscriptionQos?: 0 | 1;
   /** A 'router' identity: its id is the router's client id and it proves the router on CONNECT. */
   identity: Identity;
   logger?: RouterLogger;
@@ -267,7 +274,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       subscribeOrReconnect(
         c,
         [topics.clientRepliesFor(routerId), topics.routerRoutesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()],
-        1,
+        options.subscriptionQos ?? 1,
         (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
       );
     },
