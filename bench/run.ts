@@ -59,7 +59,10 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
   },
   brokers: {
     file: './brokers.ts',
-    about: "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto (RabbitMQ, NATS skipped)",
+    // A 3-node NATS cluster starts and elects its JetStream leaders inside the run.
+    timeoutS: { quick: 60, full: 900 },
+    about:
+      "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto, a 3-node NATS cluster (RabbitMQ skipped)",
   },
   economics: {
     file: './economics.ts',
