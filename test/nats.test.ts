@@ -423,6 +423,20 @@ test('the mesh serves on a 3-node NATS cluster with generated users; eavesdroppe
   await new Promise((r) => setTimeout(r, 300));
   assert.ok(!watch.received.some((m) => m.payload.equals(forgedWill)), 'no forged will reached the watcher');
 
+  // A client id squatter: NATS 2.9 binds no client id to a user, so an admitted identity that connects with the
+  // app's client id closes the app's connection (docs/operations.md). The app reconnects, which closes the squatter's
+  // in turn, and serves on: the squat costs a reconnect, and yields no message.
+  const idSquat = await bareClient(t, urls[2]!, spyKey.id, await secretOf(spyKey), appKey.id);
+  await suback(idSquat.client, [topics.clientRepliesFor(appKey.id)], 0);
+  const squatted = await leased.infer('kws', sampleInputs('kws', 4), { deadlineMs: 10_000 });
+  assert.equal(squatted.agentId, agentKey.id);
+  t.diagnostic(`client id squatter ${idSquat.closedAt() === undefined ? 'still connected' : 'displaced'} after the app's next request`);
+  assert.deepEqual(
+    idSquat.received.map((m) => m.topic),
+    [],
+    'the squatter got none of the app’s messages',
+  );
+
   // Wrong password, unknown identity, and the mesh token (which NATS cannot check) are refused at once.
   await assert.rejects(
     connect({ brokerUrl: urls[0]!, logger: quiet, identity: spyKey, username: spyKey.id, password: 'not-it', connectTimeoutMs: 5_000 }),

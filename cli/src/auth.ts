@@ -10,7 +10,6 @@ import type { MosquittoIdentity } from '@edge-mesh/broker';
 import { parseOperatorSpec } from '@edge-mesh/client';
 import { MeshError } from '@edge-mesh/protocol';
 import type { Command } from 'commander';
-import { registerNatsAuthCommand } from './auth-nats.ts';
 import { cliLogger } from './log.ts';
 import { collect, positiveInt } from './options.ts';
 
@@ -93,5 +92,4 @@ export function registerAuthCommands(program: Command): void {
         })}\n`,
       );
     });
-  registerNatsAuthCommand(auth);
 }
