@@ -2,7 +2,7 @@
 import { readFile } from 'node:fs/promises';
 import { loadTlsFiles, type MeshTlsOptions } from '@edge-mesh/client';
 import { MeshError } from '@edge-mesh/protocol';
-import { type Command, InvalidArgumentError } from 'commander';
+import { type Command, InvalidArgumentError, Option } from 'commander';
 
 export function positiveInt(value: string): number {
   const n = Number(value);
@@ -41,13 +41,10 @@ export function brokerAccessFlags(command: Command): Command {
     .option('--tls-key <file>', 'PEM private key of --tls-cert')
     .option('--username <name>', 'username for an external broker that checks passwords (with --password-file)')
     .option('--password-file <file>', "file holding the broker password; sent on every reconnect instead of the key's token")
-    .option(
-      '--subscription-qos <qos>',
-      'QoS of the subscriptions, 1 (default) or 0 (on a NATS cluster: docs/operations.md)',
-      (v: string) => {
-        if (v !== '0' && v !== '1') throw new InvalidArgumentError('must be 0 or 1');
-        return Number(v) as 0 | 1;
-      },
+    .addOption(
+      new Option('--subscription-qos <qos>', 'QoS of the subscriptions; 0 on a NATS cluster (docs/operations.md)')
+        .choices(['0', '1'])
+        .default('1'),
     );
 }
 
@@ -58,7 +55,7 @@ export async function brokerAccessFrom(opts: {
   tlsKey?: string;
   username?: string;
   passwordFile?: string;
-  subscriptionQos?: 0 | 1;
+  subscriptionQos?: string;
 }): Promise<{ tls?: MeshTlsOptions; username?: string; password?: string; subscriptionQos?: 0 | 1 }> {
   const tls = await loadTlsFiles({ ca: opts.tlsCa, cert: opts.tlsCert, key: opts.tlsKey });
   let password: string | undefined;
@@ -73,6 +70,6 @@ export async function brokerAccessFrom(opts: {
     ...(tls ? { tls } : {}),
     ...(opts.username !== undefined ? { username: opts.username } : {}),
     ...(password !== undefined ? { password } : {}),
-    ...(opts.subscriptionQos !== undefined ? { subscriptionQos: opts.subscriptionQos } : {}),
+    ...(opts.subscriptionQos !== undefined ? { subscriptionQos: opts.subscriptionQos === '0' ? (0 as const) : (1 as const) } : {}),
   };
 }
