@@ -428,9 +428,9 @@ test('the mesh serves on a 3-node NATS cluster with generated users; eavesdroppe
   // in turn, and serves on: the squat costs a reconnect, and yields no message.
   const idSquat = await bareClient(t, urls[2]!, spyKey.id, await secretOf(spyKey), appKey.id);
   await suback(idSquat.client, [topics.clientRepliesFor(appKey.id)], 0);
+  await waitFor(() => idSquat.closedAt() !== undefined, 20_000, 'the app to reconnect and take its client id back');
   const squatted = await leased.infer('kws', sampleInputs('kws', 4), { deadlineMs: 10_000 });
   assert.equal(squatted.agentId, agentKey.id);
-  t.diagnostic(`client id squatter ${idSquat.closedAt() === undefined ? 'still connected' : 'displaced'} after the app's next request`);
   assert.deepEqual(
     idSquat.received.map((m) => m.topic),
     [],
@@ -608,7 +608,10 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
   await mesh.waitForModel('kws', 30_000);
   await waitFor(() => mesh.agents().length === 2, 30_000, 'both agents seen by the app');
 
-  // Four request loops, each request with an 8 s deadline: room for a retry after a node dies.
+  // Four request loops, each request with a 15 s deadline: room for a retry after a node dies. On NATS 2.9 a QoS 1
+  // PUBLISH waits for JetStream, up to the MQTT layer's 4 s JetStream API timeout (server/mqtt.go, mqttJSAPITimeout)
+  // while the streams elect a new leader, before the connection is dropped and the client reconnects: with an 8 s
+  // deadline, 1 request of 528 failed in one run here (docs/operations.md).
   const results: { requestId: string; agentId: string; attempts: number }[] = [];
   const failures: string[] = [];
   let streaming = true;
@@ -618,7 +621,7 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
   const loops = Array.from({ length: 4 }, async (_, loop) => {
     for (let i = 0; streaming; i++) {
       try {
-        const r = await mesh.infer('kws', sampleInputs('kws', loop * 1_000 + i), { deadlineMs: 8_000 });
+        const r = await mesh.infer('kws', sampleInputs('kws', loop * 1_000 + i), { deadlineMs: 15_000 });
         results.push({ requestId: r.requestId, agentId: r.agentId, attempts: r.attempts });
       } catch (err) {
         failures.push(`${(err as MeshError).code ?? ''} ${(err as Error).message}`);
