@@ -20,6 +20,7 @@ const { positionals, values } = parseArgs({
     broker: { type: 'string' },
     key: { type: 'string' },
     'password-file': { type: 'string' },
+    'subscription-qos': { type: 'string' },
     peer: { type: 'string' },
     warmup: { type: 'string', default: '300' },
     n: { type: 'string', default: '3000' },
@@ -39,6 +40,19 @@ await connection.firstConnect;
 const client = connection.client;
 const emit = (event: Record<string, unknown>) => process.stdout.write(`${JSON.stringify(event)}\n`);
 process.on('SIGTERM', () => process.exit(0));
+/** A clustered broker refuses a QoS 1 subscription until it can hold it (NATS: until JetStream has its leaders). */
+async function subscribe(filter: string): Promise<void> {
+  const until = Date.now() + 30_000;
+  for (;;) {
+    try {
+      await client.subscribeAsync(filter, { qos: values['subscription-qos'] === '0' ? 0 : 1 });
+      return;
+    } catch (err) {
+      if (Date.now() > until) throw err;
+      await new Promise((r) => setTimeout(r, 250));
+    }
+  }
+}
 
 if (positionals[0] === 'responder') {
   const prefix = `mesh/v1/agent/${identity.id}/req/`;
@@ -46,7 +60,7 @@ if (positionals[0] === 'responder') {
     if (!topic.startsWith(prefix)) return;
     client.publish(topics.clientReply(topic.slice(prefix.length), identity.id), payload, { qos: 1 });
   });
-  await client.subscribeAsync(topics.agentRequestsFor(identity.id), { qos: 1 });
+  await subscribe(topics.agentRequestsFor(identity.id));
   emit({ event: 'ready' });
 } else {
   const peer = values.peer!;
@@ -59,7 +73,7 @@ if (positionals[0] === 'responder') {
     waiting.delete(seq);
     done?.();
   });
-  await client.subscribeAsync(topics.clientRepliesFor(identity.id), { qos: 1 });
+  await subscribe(topics.clientRepliesFor(identity.id));
   let next = 0;
   const payload = Buffer.alloc(64, 7);
   const once = () =>

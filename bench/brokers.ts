@@ -6,13 +6,14 @@
  * on an agent's request topic and a requester on an app's reply topic; N sequential round trips give p50_ms and
  * p99_ms, then `concurrency` outstanding requests for a fixed time give rps.
  *
- * RabbitMQ and NATS are listed as engines and skipped with the reason (not installed here, or no auth wiring for
- * them yet): last line `{ engines: { NAME: { p50_ms, p99_ms, rps } }, skipped: { NAME: reason } }`.
+ * NATS 2.9 runs as a 3-node cluster with JetStream and MQTT (users from `edge-mesh auth nats`'s code, broker/src/nats.ts),
+ * the responder and the requester on different nodes. RabbitMQ is listed and skipped with the reason (not installed
+ * here, or no auth wiring for it yet): last line `{ engines: { NAME: { p50_ms, p99_ms, rps } }, skipped: { NAME: reason } }`.
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { writeMosquittoAuth } from '@edge-mesh/broker';
+import { writeMosquittoAuth, writeNatsAuth } from '@edge-mesh/broker';
 import { freePort, installedCommand } from '@edge-mesh/demo';
 import {
   admitted,
@@ -59,13 +60,22 @@ interface Side {
   keyFile: string;
   id: string;
   passwordFile?: string;
+  /** 0 on NATS, as the mesh runs there (docs/operations.md, "Running on a NATS cluster"). */
+  subscriptionQos?: 0 | 1;
 }
 
 /** Runs the responder and the requester against `url` and returns the requester's figures. */
-async function measure(name: string, url: string, agent: Side, app: Side, load: Load, log: (l: string) => void) {
+async function measure(name: string, url: string, agent: Side, app: Side, load: Load, log: (l: string) => void, responderUrl = url) {
   const rr = path.join(ROOT, 'bench', 'broker-rr.ts');
-  const creds = (s: Side) => ['--broker', url, '--key', s.keyFile, ...(s.passwordFile ? ['--password-file', s.passwordFile] : [])];
-  const responder = spawnProc(`${name} responder`, ['--import', 'tsx', rr, 'responder', ...creds(agent)]);
+  const creds = (s: Side, at = url) => [
+    '--broker',
+    at,
+    '--key',
+    s.keyFile,
+    ...(s.passwordFile ? ['--password-file', s.passwordFile] : []),
+    ...(s.subscriptionQos !== undefined ? ['--subscription-qos', String(s.subscriptionQos)] : []),
+  ];
+  const responder = spawnProc(`${name} responder`, ['--import', 'tsx', rr, 'responder', ...creds(agent, responderUrl)]);
   await responder.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');
   const requester = spawnProc(`${name} requester`, [
     '--import',
@@ -146,6 +156,56 @@ async function mosquittoEngine(bin: string, load: Load, log: (l: string) => void
   }
 }
 
+/**
+ * NATS 2.9 as the mesh runs it (docs/operations.md, "Running on a NATS cluster"): three nodes with JetStream and MQTT,
+ * stream replicas 3, users written by `edge-mesh auth nats`'s code (broker/src/nats.ts). The responder is on node 1
+ * and the requester on node 2, so every round trip crosses the cluster, as it does when devices spread over nodes.
+ */
+async function natsEngine(bin: string, load: Load, log: (l: string) => void, subscriptionQos: 0 | 1 = 0) {
+  const agent = unadmitted('agent');
+  const app = unadmitted('app');
+  const dir = benchTempDir('nats');
+  const nodes = [];
+  const taken = new Set<number>();
+  const port = async () => {
+    for (;;) {
+      const p = await freePort();
+      if (!taken.has(p)) {
+        taken.add(p);
+        return p;
+      }
+    }
+  };
+  for (let i = 1; i <= 3; i++)
+    nodes.push({ name: `mesh-${i}`, host: '127.0.0.1', mqttPort: await port(), clientPort: await port(), clusterPort: await port() });
+  const files = await writeNatsAuth(
+    dir,
+    [
+      { id: agent.identity.id, role: 'agent' },
+      { id: app.identity.id, role: 'app' },
+    ],
+    { nodes },
+  );
+  const procs = files.nodeConfs.map((n) => spawnProc(n.name, ['-c', n.conf], { command: bin }));
+  try {
+    for (const [i, n] of nodes.entries()) await waitForPort(n.mqttPort, procs[i]!, 20_000);
+    // JetStream elects its leaders after the routes are up; bench/broker-rr.ts retries its subscription until then.
+    const version = /Version:\s+(\S+)/.exec(procs[0]!.lines.stderr.join('\n'))?.[1] ?? 'unknown';
+    const figures = await measure(
+      subscriptionQos === 0 ? 'nats' : 'nats with QoS 1 subscriptions',
+      files.nodeConfs[1]!.mqttUrl,
+      { keyFile: agent.keyFile, id: agent.identity.id, passwordFile: files.secrets.get(agent.identity.id)!, subscriptionQos },
+      { keyFile: app.keyFile, id: app.identity.id, passwordFile: files.secrets.get(app.identity.id)!, subscriptionQos },
+      load,
+      log,
+      files.nodeConfs[0]!.mqttUrl,
+    );
+    return { ...figures, version, nodes: 3, stream_replicas: 3, subscription_qos: subscriptionQos, responder_node: 1, requester_node: 2 };
+  } finally {
+    await Promise.all(procs.map((p) => p.stop()));
+  }
+}
+
 export async function run(ctx: BenchContext): Promise<BenchResult> {
   assertBuilt(['protocol', 'client', 'broker', 'cli']);
   const num = (key: string, quick: number, full: number) => {
@@ -175,13 +235,16 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
         false,
       );
   } else skipped.mosquitto = 'mosquitto is not installed (Debian package `mosquitto`)';
-  // The mesh's auth wiring for these engines is not built yet (issue 14): they are not measured even when installed.
+  // The mesh's auth wiring for RabbitMQ is not built here yet (issue 14): not measured even when installed.
   skipped.rabbitmq = installedCommand('rabbitmq-server')
     ? 'rabbitmq-server is installed, but the mesh has no auth wiring for RabbitMQ yet'
     : 'rabbitmq-server is not installed';
-  skipped.nats = installedCommand('nats-server')
-    ? 'nats-server is installed, but the mesh has no auth wiring for NATS yet'
-    : 'nats-server is not installed';
+  const nats = installedCommand('nats-server');
+  if (nats) {
+    engines.nats = await natsEngine(nats, load, ctx.log);
+    // What QoS 1 subscriptions (a JetStream consumer each) cost there.
+    if (ctx.args['with-nats-qos1'] === true) engines.nats_qos1_subscriptions = await natsEngine(nats, load, ctx.log, 1);
+  } else skipped.nats = 'nats-server is not installed (Debian package `nats-server`)';
 
   return {
     bench: 'brokers',

@@ -67,7 +67,10 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
   },
   brokers: {
     file: './brokers.ts',
-    about: "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto (RabbitMQ, NATS skipped)",
+    // A 3-node NATS cluster starts and elects its JetStream leaders inside the run.
+    timeoutS: { quick: 60, full: 900 },
+    about:
+      "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto, a 3-node NATS cluster (RabbitMQ skipped)",
   },
   pipeline: {
     file: './pipeline.ts',
@@ -112,6 +115,7 @@ options:
                                          outstanding (16) for D ms (10000, quick 2000) per engine;
               --with-delayed-ack         also mosquitto without set_tcp_nodelay (100 round trips)
   pipeline:   --n N --ocr-n N            timed wake-word pairs (400, quick 100) and OCR pairs (40, quick 10)
+              --with-nats-qos1           also NATS with QoS 1 subscriptions (a JetStream consumer each)
   economics:  --rounds R --agents A --payers P --loss L --seed K   rounds of 15 simulated minutes (48, quick 8),
                                          honest agents (3, quick 2) and payers (40), per-message loss (0.005)
 

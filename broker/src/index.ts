@@ -71,6 +71,19 @@ export {
   verifyMosquittoPassword,
   writeMosquittoAuth,
 } from './mosquitto.ts';
+export {
+  NATS_MESH_ACCOUNT,
+  type NatsAuthFiles,
+  type NatsClusterOptions,
+  type NatsNode,
+  type NatsPermissions,
+  natsAccountsConf,
+  natsNodeConf,
+  natsPermissions,
+  natsSubject,
+  reloadNatsNodes,
+  writeNatsAuth,
+} from './nats.ts';
 export type { BrokerAuthOptions, BrokerHooks, BrokerOptions, BrokerTlsOptions } from './options.ts';
 
 export interface BrokerHandle {

@@ -40,6 +40,28 @@ async function identitiesInFile(file: string): Promise<unknown[]> {
   return out;
 }
 
+/**
+ * The identities to let in, from `--identity FILE` (repeatable) and an embedded broker's admission store
+ * (`--data DIR` with `--operator KEY`); MESH_CONFIG when there is nobody. Shared by every `auth` engine.
+ */
+export async function admittedIdentities(opts: { identity: string[]; data?: string; operator: string[] }): Promise<MosquittoIdentity[]> {
+  const { admittedInStore, mosquittoIdentityOf } = await import('@edge-mesh/broker');
+  const identities: MosquittoIdentity[] = [];
+  for (const file of opts.identity) for (const item of await identitiesInFile(file)) identities.push(mosquittoIdentityOf(item, file));
+  if (opts.data !== undefined) {
+    if (opts.operator.length === 0) throw new MeshError('MESH_CONFIG', '--data needs the --operator keys whose admissions it trusts');
+    const trusted = new Map<string, Uint8Array>();
+    for (const spec of opts.operator) {
+      const op = await parseOperatorSpec(spec);
+      trusted.set(op.id, op.publicKey);
+    }
+    for (const a of await admittedInStore(path.resolve(opts.data), trusted, cliLogger('warn')))
+      if (!identities.some((i) => i.id === a.id)) identities.push(a);
+  } else if (opts.operator.length > 0) throw new MeshError('MESH_CONFIG', '--operator is only read with --data');
+  if (identities.length === 0) throw new MeshError('MESH_CONFIG', 'nobody to admit: give --identity FILE or --data DIR with --operator');
+  return identities;
+}
+
 export function registerAuthCommands(program: Command): void {
   const auth = program.command('auth').description("give an external MQTT broker the mesh's identities and topic rights");
   auth
@@ -57,21 +79,8 @@ export function registerAuthCommands(program: Command): void {
     .option('--port <port>', 'the listener port written into mosquitto.conf', positiveInt, 1883)
     .option('--host <host>', 'the listener address written into mosquitto.conf', '127.0.0.1')
     .action(async (opts: { out: string; identity: string[]; data?: string; operator: string[]; port: number; host: string }) => {
-      const { admittedInStore, mosquittoIdentityOf, writeMosquittoAuth } = await import('@edge-mesh/broker');
-      const identities: MosquittoIdentity[] = [];
-      for (const file of opts.identity) for (const item of await identitiesInFile(file)) identities.push(mosquittoIdentityOf(item, file));
-      if (opts.data !== undefined) {
-        if (opts.operator.length === 0) throw new MeshError('MESH_CONFIG', '--data needs the --operator keys whose admissions it trusts');
-        const trusted = new Map<string, Uint8Array>();
-        for (const spec of opts.operator) {
-          const op = await parseOperatorSpec(spec);
-          trusted.set(op.id, op.publicKey);
-        }
-        for (const a of await admittedInStore(path.resolve(opts.data), trusted, cliLogger('warn')))
-          if (!identities.some((i) => i.id === a.id)) identities.push(a);
-      } else if (opts.operator.length > 0) throw new MeshError('MESH_CONFIG', '--operator is only read with --data');
-      if (identities.length === 0)
-        throw new MeshError('MESH_CONFIG', 'nobody to admit: give --identity FILE or --data DIR with --operator');
+      const { writeMosquittoAuth } = await import('@edge-mesh/broker');
+      const identities = await admittedIdentities(opts);
       const files = await writeMosquittoAuth(opts.out, identities, { port: opts.port, host: opts.host });
       process.stdout.write(
         `${JSON.stringify({

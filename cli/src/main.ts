@@ -24,6 +24,7 @@ import {
 } from '@edge-mesh/protocol';
 import { Command, Option } from 'commander';
 import { registerAuthCommands } from './auth.ts';
+import { registerNatsAuthCommand } from './auth-nats.ts';
 import { registerBridgeCommands } from './bridge.ts';
 import { registerChainCommands } from './chain.ts';
 import { CONFIG_ROLES, type ConfigRole, commandAt, configurable, EXIT } from './config.ts';
@@ -875,6 +876,7 @@ export function buildProgram(): Command {
   registerDeployCommands(program);
   registerRelayCommand(program);
   registerAuthCommands(program);
+  registerNatsAuthCommand(program.commands.find((c) => c.name() === 'auth')!);
 
   program
     .command('api-key')

@@ -2,7 +2,7 @@
 import { readFile } from 'node:fs/promises';
 import { loadTlsFiles, type MeshTlsOptions } from '@edge-mesh/client';
 import { MeshError } from '@edge-mesh/protocol';
-import { type Command, InvalidArgumentError } from 'commander';
+import { type Command, InvalidArgumentError, Option } from 'commander';
 
 export function positiveInt(value: string): number {
   const n = Number(value);
@@ -40,7 +40,12 @@ export function brokerAccessFlags(command: Command): Command {
     .option('--tls-cert <file>', 'PEM client certificate, for a broker that asks for one (mutual TLS); with --tls-key')
     .option('--tls-key <file>', 'PEM private key of --tls-cert')
     .option('--username <name>', 'username for an external broker that checks passwords (with --password-file)')
-    .option('--password-file <file>', "file holding the broker password; sent on every reconnect instead of the key's token");
+    .option('--password-file <file>', "file holding the broker password; sent on every reconnect instead of the key's token")
+    .addOption(
+      new Option('--subscription-qos <qos>', 'QoS of the subscriptions; 0 on a NATS cluster (docs/operations.md)')
+        .choices(['0', '1'])
+        .default('1'),
+    );
 }
 
 /** What `brokerAccessFlags` gave, as connection options (tls, username, password). MESH_CONFIG for unreadable files. */
@@ -50,7 +55,8 @@ export async function brokerAccessFrom(opts: {
   tlsKey?: string;
   username?: string;
   passwordFile?: string;
-}): Promise<{ tls?: MeshTlsOptions; username?: string; password?: string }> {
+  subscriptionQos?: string;
+}): Promise<{ tls?: MeshTlsOptions; username?: string; password?: string; subscriptionQos?: 0 | 1 }> {
   const tls = await loadTlsFiles({ ca: opts.tlsCa, cert: opts.tlsCert, key: opts.tlsKey });
   let password: string | undefined;
   if (opts.passwordFile !== undefined) {
@@ -64,5 +70,6 @@ export async function brokerAccessFrom(opts: {
     ...(tls ? { tls } : {}),
     ...(opts.username !== undefined ? { username: opts.username } : {}),
     ...(password !== undefined ? { password } : {}),
+    ...(opts.subscriptionQos !== undefined ? { subscriptionQos: opts.subscriptionQos === '0' ? (0 as const) : (1 as const) } : {}),
   };
 }

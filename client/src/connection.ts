@@ -31,6 +31,13 @@ export interface MeshConnectionOptions {
   password?: string | Buffer;
   /** CA, client certificate and key for `mqtts://` (docs/operations.md, "TLS"). */
   tls?: MeshTlsOptions;
+  /**
+   * QoS of this client's subscriptions (default 1). 0 on a NATS cluster (docs/operations.md, "Running on a NATS
+   * cluster"): there a QoS 1 subscription is a JetStream consumer, slower and refused while the cluster elects
+   * leaders after losing a node, while a QoS 0 one is plain NATS routing. With clean sessions a QoS 1 subscription
+   * keeps nothing across a reconnect either, so the mesh loses nothing by it.
+   */
+  subscriptionQos?: 0 | 1;
   keepaliveS?: number;
   connectTimeoutMs?: number;
   backoff?: BackoffOptions;
@@ -242,6 +249,28 @@ export function openMeshConnection(brokers: string | readonly string[], options:
       });
     },
   };
+}
+
+/**
+ * Subscribes `filters` on a connection that has just connected, and calls `onSubscribed` once the broker granted them
+ * all. A refusal (an error, or a SUBACK failure code 0x80) drops the connection instead, so that it reconnects with
+ * backoff and subscribes again: a client whose subscriptions failed would otherwise look connected and receive
+ * nothing. A clustered broker refuses while it cannot create the subscription's state (NATS: a QoS 1 subscription
+ * is a JetStream consumer, refused while the cluster elects a new stream leader after a node died).
+ */
+export function subscribeOrReconnect(
+  client: MqttClient,
+  filters: string[],
+  qos: 0 | 1,
+  onRefused: (reason: string) => void,
+  onSubscribed: () => void = () => {},
+): void {
+  client.subscribe(filters, { qos }, (err, granted) => {
+    const failed = err ? err.message : granted?.some((g) => g.qos === 128) ? 'a subscription was refused (SUBACK 0x80)' : undefined;
+    if (failed === undefined) return onSubscribed();
+    onRefused(failed);
+    (client.stream as { destroy?: () => void } | undefined)?.destroy?.();
+  });
 }
 
 /** Which credentials a connection sends: a given password (options, then URL) wins over the identity's token. */

@@ -10,6 +10,7 @@ import {
   type MeshConnectionOptions,
   type MeshLogger,
   openMeshConnection,
+  subscribeOrReconnect,
 } from '@edge-mesh/client';
 import { type AgentLoad, type AgentStatus, encodeMessage, type Identity, isValidId, MeshError, topics } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
@@ -42,7 +43,7 @@ export function routeTopic(agentId: string, topic: string): { kind: AgentTopicKi
 
 export interface AgentLinkOptions {
   brokerUrl: string;
-  brokerAccess: Pick<MeshConnectionOptions, 'tls' | 'username' | 'password'>;
+  brokerAccess: Pick<MeshConnectionOptions, 'tls' | 'username' | 'password' | 'subscriptionQos'>;
   identity: Identity;
   /** The agent runs on a key made for this run (it gets a different hint when refused). */
   ephemeral: boolean;
@@ -103,10 +104,14 @@ export class AgentLink {
         const filters = [topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId)];
         if (vouchers) filters.push(topics.agentVouchersFor(agentId));
         if (options.deployments) filters.push(...options.deployments.filters);
-        c.subscribe(filters, { qos: 1 }, (err) => {
-          if (err) logger.error({ err: err.message }, 'subscribe failed');
-          this.announce();
-        });
+        // Announced only once subscribed: a status tells senders to send here.
+        subscribeOrReconnect(
+          c,
+          filters,
+          options.brokerAccess.subscriptionQos ?? 1,
+          (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
+          () => this.announce(),
+        );
       },
       onReconnectScheduled: (delayMs, attempt) => {
         if (!this.closed) logger.warn({ delayMs, attempt }, 'broker connection lost; reconnecting');

@@ -16,7 +16,7 @@ import type { AgentOptions } from './types.ts';
 export interface ResolvedOptions {
   brokerUrl: string;
   /** TLS and password credentials for the broker, passed to the connection as given. */
-  brokerAccess: Pick<AgentOptions, 'tls' | 'username' | 'password'>;
+  brokerAccess: Pick<AgentOptions, 'tls' | 'username' | 'password' | 'subscriptionQos'>;
   modelsDir: string;
   identity: Identity;
   /** The identity was made for this run (no key given). */
@@ -102,6 +102,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
       ...(options.tls ? { tls: options.tls } : {}),
       ...(options.username !== undefined ? { username: options.username } : {}),
       ...(options.password !== undefined ? { password: options.password } : {}),
+      ...(options.subscriptionQos !== undefined ? { subscriptionQos: options.subscriptionQos } : {}),
     },
     modelsDir,
     identity,

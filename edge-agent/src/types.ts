@@ -23,6 +23,13 @@ export interface AgentOptions {
   /** Username and password for an external broker that checks passwords; sent on every (re)connect instead of the key's token. */
   username?: string;
   password?: string | Buffer;
+  /**
+   * QoS of this client's subscriptions (default 1). 0 on a NATS cluster (docs/operations.md, "Running on a NATS
+   * cluster"): there a QoS 1 subscription is a JetStream consumer, slower and refused while the cluster elects
+   * leaders after losing a node, while a QoS 0 one is plain NATS routing. With clean sessions a QoS 1 subscription
+   * keeps nothing across a reconnect either, so the mesh loses nothing by it.
+   */
+  subscriptionQos?: 0 | 1;
   modelsDir: string;
   /**
    * The agent's key (role `agent`); its id is the agent id, and it signs the status and proves the

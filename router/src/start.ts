@@ -13,6 +13,7 @@ import {
   openMeshConnection,
   type PipelineDefinition,
   readReply,
+  subscribeOrReconnect,
   systemClock,
   TailBudget,
   type TailBudgetOptions,
@@ -72,6 +73,13 @@ export interface StartRouterOptions {
   /** Username and password for an external broker that checks passwords; sent on every (re)connect instead of the key's token. */
   username?: string;
   password?: string | Buffer;
+  /**
+   * QoS of this client's subscriptions (default 1). 0 on a NATS cluster (docs/operations.md, "Running on a NATS
+   * cluster"): there a QoS 1 subscription is a JetStream consumer, slower and refused while the cluster elects
+   * leaders after losing a node, while a QoS 0 one is plain NATS routing. With clean sessions a QoS 1 subscription
+   * keeps nothing across a reconnect either, so the mesh loses nothing by it.
+   */
+  subscriptionQos?: 0 | 1;
   /** A 'router' identity: its id is the router's client id and it proves the router on CONNECT. */
   identity: Identity;
   logger?: RouterLogger;
@@ -288,12 +296,11 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     keepaliveS,
     onConnect: (c: MqttClient) => {
       connected = true;
-      c.subscribe(
+      subscribeOrReconnect(
+        c,
         [topics.clientRepliesFor(routerId), topics.routerRoutesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()],
-        { qos: 1 },
-        (err) => {
-          if (err) logger.error({ err: err.message }, 'subscribe failed');
-        },
+        options.subscriptionQos ?? 1,
+        (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
       );
       if (revocations) {
         c.subscribe(topics.allRevocations(), { qos: 1 }, (err, granted) => {

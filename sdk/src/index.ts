@@ -28,6 +28,7 @@ import {
   openMeshConnection,
   type PipelineDefinition,
   readReply,
+  subscribeOrReconnect,
   systemClock,
   TailBudget,
   type TailBudgetOptions,
@@ -106,6 +107,13 @@ export interface ConnectOptions {
    */
   username?: string;
   password?: string | Buffer;
+  /**
+   * QoS of this client's subscriptions (default 1). 0 on a NATS cluster (docs/operations.md, "Running on a NATS
+   * cluster"): there a QoS 1 subscription is a JetStream consumer, slower and refused while the cluster elects
+   * leaders after losing a node, while a QoS 0 one is plain NATS routing. With clean sessions a QoS 1 subscription
+   * keeps nothing across a reconnect either, so the mesh loses nothing by it.
+   */
+  subscriptionQos?: 0 | 1;
   /**
    * How long `connect` waits for the first connection before it fails with MESH_NOT_CONNECTED (default 30 000; the
    * last refusal or TLS failure seen, if any, is the error's cause). A TLS failure or an unauthorized CONNECT fails it
@@ -449,9 +457,9 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     onConnect: (c: MqttClient) => {
       const filters = [topics.clientRepliesFor(clientId), topics.allAgentStatus(), topics.allAgentLoad()];
       if (routerId) filters.push(topics.clientLeasesFor(clientId));
-      c.subscribe(filters, { qos: 1 }, (err) => {
-        if (err) logger.error({ err: err.message }, 'subscribe failed');
-      });
+      subscribeOrReconnect(c, filters, options.subscriptionQos ?? 1, (reason) =>
+        logger.error({ err: reason }, 'subscribe failed; reconnecting'),
+      );
     },
     onReconnectScheduled: (delayMs) => logger.warn({ delayMs }, 'broker connection lost; reconnecting'),
     onRefused: (err, first) => {
