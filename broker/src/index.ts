@@ -287,3 +287,13 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     close: () => (closing ??= shutdown()),
   };
 }
+export {
+  decodeForm,
+  RABBITMQ_SERVICE_USER,
+  type RabbitmqAuthHandle,
+  type RabbitmqAuthOptions,
+  RabbitmqDecisions,
+  rabbitmqAuthConf,
+  routingKeyToTopic,
+  startRabbitmqAuth,
+} from './rabbitmq.ts';

@@ -9,6 +9,7 @@ export * from './host.ts';
 export * from './kserve-client.ts';
 export * from './models.ts';
 export * from './parts.ts';
+export * from './rabbitmq.ts';
 export * from './sample-app.ts';
 export * from './sample-inputs.ts';
 export * from './stats.ts';
