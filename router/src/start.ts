@@ -268,6 +268,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
         { qos: 1 },
         (err) => {
           if (err) logger.error({ err: err.message }, 'subscribe failed');
+          // Agents announce again: a broker may not hand this connection their retained statuses (RabbitMQ 3.10).
+          else c.publish(topics.discover(routerId), Buffer.alloc(0), { qos: 0 });
         },
       );
     },

@@ -404,6 +404,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       if (routerId) filters.push(topics.clientLeasesFor(clientId));
       c.subscribe(filters, { qos: 1 }, (err) => {
         if (err) logger.error({ err: err.message }, 'subscribe failed');
+        // Agents announce again: a broker may not hand this connection their retained statuses (RabbitMQ 3.10).
+        else c.publish(topics.discover(clientId), Buffer.alloc(0), { qos: 0 });
       });
     },
     onReconnectScheduled: (delayMs) => logger.warn({ delayMs }, 'broker connection lost; reconnecting'),
