@@ -297,3 +297,4 @@ export {
   routingKeyToTopic,
   startRabbitmqAuth,
 } from './rabbitmq.ts';
+export { AdmissionStore } from './store.ts';

@@ -168,12 +168,24 @@ export async function startRabbitmqCluster(o: RabbitmqClusterOptions): Promise<R
       }
       n.kill9();
     }
-    for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+    // Each node runs in its own process group (the script, the Erlang VM and its helper): kill the whole group.
+    killGroups();
+    process.off('exit', killGroups);
   };
 
+  // Whatever way this process ends, the nodes end with it (a test that fails mid-way never leaves one behind).
+  const killGroups = () => {
+    for (const c of children) {
+      if (c.pid === undefined) continue;
+      try {
+        process.kill(-c.pid, 'SIGKILL');
+      } catch {}
+    }
+  };
+  process.once('exit', killGroups);
   try {
     for (const n of nodes) {
-      const child = spawn(server, [], { env: n.env, stdio: 'ignore', detached: false });
+      const child = spawn(server, [], { env: n.env, stdio: 'ignore', detached: true });
       children.push(child);
     }
     const remaining = () => Math.max(1_000, deadline - Date.now());
