@@ -12,6 +12,7 @@
  * The cluster tests skip, saying why, when rabbitmq-server (Debian package `rabbitmq-server`) is not installed.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
@@ -32,7 +33,7 @@ import { admit, generateIdentity, type Identity, MeshError, makeConnectToken, re
 import { makeApiKey, startRouter } from '@edge-mesh/router';
 import { connect } from '@edge-mesh/sdk';
 import mqtt from 'mqtt';
-import { agentFor, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
+import { agentFor, brokerFor, quiet, ROOT, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, registeredAgent } from './payer.ts';
 
 const SKIP = rabbitmqServerCommand()
@@ -174,6 +175,101 @@ describe('the RabbitMQ auth decisions', () => {
     assert.deepEqual(topic('edge_mesh_auth', 'write', topics.adminAcks(operator.id), 'edge_mesh_auth_1'), ok);
     assert.equal(topic('edge_mesh_auth', 'read', topics.allAgentStatus(), 'edge_mesh_auth_1').allow, false);
   });
+});
+
+test('discover: an agent announces again when asked, at most once a second however many ask', async (t) => {
+  const broker = await brokerFor(t);
+  const agent = await agentFor(t, { brokerUrl: broker.url });
+  await agent.announced;
+  const watcher = { client: await mqtt.connectAsync(broker.url, { clientId: 'app-watcher', protocolVersion: 4 }) };
+  t.after(() => watcher.client.end(true));
+  const statuses: number[] = [];
+  watcher.client.on('message', (topic) => topic === topics.agentStatus(agent.id) && statuses.push(Date.now()));
+  await watcher.client.subscribeAsync(topics.agentStatus(agent.id), { qos: 1 });
+  await waitFor(() => statuses.length === 1, 5_000, 'the retained status');
+  const before = agent.counters.announcements;
+  // A flood of 200 discover messages in about a second, from one sender (a dishonest one gains nothing more).
+  const flooder = await rawClient(t, broker.url, 'app-flooder');
+  const started = Date.now();
+  for (let i = 0; i < 200; i++) {
+    flooder.client.publish(topics.discover('app-flooder'), Buffer.alloc(0), { qos: 0 });
+    if (i % 20 === 19) await new Promise((r) => setTimeout(r, 100));
+  }
+  await new Promise((r) => setTimeout(r, 1_500));
+  const answers = agent.counters.announcements - before;
+  const seconds = (Date.now() - started) / 1000;
+  t.diagnostic(`${answers} announcements for 200 discover messages in ${seconds.toFixed(1)} s`);
+  assert.ok(answers >= 1, 'the agent answered');
+  assert.ok(answers <= Math.ceil(seconds) + 1, `at most one announcement a second, got ${answers} in ${seconds} s`);
+  assert.equal(statuses.length - 1, answers, 'each answer reached the watcher');
+});
+
+test('`edge-mesh auth rabbitmq`: serves the four paths from an admission store; refuses what it cannot read; stops on SIGTERM', async (t) => {
+  const dir = await tempDir(t, 'edge-mesh-rmq-cli-');
+  const operator = generateIdentity('operator');
+  const app = generateIdentity('app');
+  const data = path.join(dir, 'store');
+  const store = await AdmissionStore.open(data, new Map([[operator.id, operator.publicKey]]), quiet);
+  await store.admit(admit(operator, app));
+  await store.close();
+  const opKey = Buffer.from(operator.publicKey).toString('base64url');
+  const child = spawn(
+    process.execPath,
+    [
+      path.join(ROOT, 'cli/bin/edge-mesh.mjs'),
+      'auth',
+      'rabbitmq',
+      '--operator',
+      opKey,
+      '--data',
+      data,
+      '--port',
+      '0',
+      '--log-level',
+      'warn',
+    ],
+    { stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  t.after(() => child.exitCode === null && child.kill('SIGKILL'));
+  let stderr = '';
+  child.stderr!.on('data', (c: Buffer) => (stderr += c.toString()));
+  const url = await new Promise<string>((resolve, reject) => {
+    let out = '';
+    child.stdout!.on('data', (c: Buffer) => {
+      out += c.toString();
+      if (out.includes('\n')) resolve(out.trim());
+    });
+    child.once('exit', (code) => reject(new Error(`exited ${code}: ${stderr}`)));
+  });
+  assert.match(url, /^http:\/\/127\.0\.0\.1:\d+$/);
+  const ask = async (what: string, body: string) => {
+    const res = await fetch(`${url}/auth/${what}`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/x-www-form-urlencoded' },
+      body,
+    });
+    return [res.status, await res.text()];
+  };
+  const pct = (b: Buffer) => [...b].map((x) => `%${x.toString(16).padStart(2, '0')}`).join('');
+  const token = makeConnectToken(app);
+  assert.deepEqual(await ask('user', `username=${app.id}&password=${pct(token)}&vhost=%2F`), [200, 'allow']);
+  assert.deepEqual(await ask('user', `username=${app.id}&password=${pct(token)}&vhost=%2F`), [200, 'deny'], 'a replayed token');
+  // GET with the query, as RabbitMQ sends it when http_method is get.
+  const get = await fetch(`${url}/auth/vhost?username=${app.id}&vhost=%2F&client_id=${app.id}&ip=127.0.0.1`);
+  assert.equal(await get.text(), 'allow');
+  assert.deepEqual(await ask('topic', `username=${app.id}&vhost=%2F&resource=topic&name=amq.topic&permission=read&routing_key=%23`), [
+    200,
+    'deny',
+  ]);
+  assert.deepEqual(await ask('user', 'username=a&password=%zz'), [200, 'deny'], 'a malformed body');
+  assert.deepEqual(await ask('user', `username=${'x'.repeat(10_000)}`), [200, 'deny'], 'an oversized body');
+  assert.equal((await fetch(`${url}/auth/other`)).status, 404);
+  assert.equal(await (await fetch(`${url}/health`)).text(), 'ok');
+  assert.match(stderr, /MESH_UNAUTHORIZED/, 'refusals are logged with their code');
+  assert.doesNotMatch(stderr, new RegExp(pct(token).slice(0, 30).replaceAll('%', '%?')), 'the token is not logged');
+  child.kill('SIGTERM');
+  const [code] = await new Promise<[number | null]>((r) => child.once('exit', (c) => r([c])));
+  assert.equal(code, 0, stderr);
 });
 
 // ---------------------------------------------------------------------------------------------

@@ -280,9 +280,10 @@ function readBody(req: http.IncomingMessage): Promise<string | undefined> {
     req.on('data', (c: Buffer) => {
       size += c.byteLength;
       if (size > MAX_BODY_BYTES) {
+        // Answered (deny) at once; the rest is read and dropped, within the server's request timeout.
         if (!done) resolve(undefined);
         done = true;
-        req.destroy();
+        chunks.length = 0;
         return;
       }
       chunks.push(c);
@@ -413,9 +414,14 @@ export async function startRabbitmqAuth(options: RabbitmqAuthOptions): Promise<R
       );
     }
     // RabbitMQ reads the body only: `allow` or `deny` (any other answer is an error, and it refuses).
-    res.writeHead(200, { 'content-type': 'text/plain' }).end(decision.allow ? 'allow' : 'deny');
+    res
+      .writeHead(200, { 'content-type': 'text/plain', ...(text === undefined ? { connection: 'close' } : {}) })
+      .end(decision.allow ? 'allow' : 'deny');
   });
   server.keepAliveTimeout = 60_000;
+  // A client that never finishes its request is cut off (RabbitMQ's own requests take milliseconds).
+  server.requestTimeout = 10_000;
+  server.headersTimeout = 5_000;
   try {
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
