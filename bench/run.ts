@@ -59,7 +59,9 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
   },
   brokers: {
     file: './brokers.ts',
-    about: "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto (RabbitMQ, NATS skipped)",
+    about: "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto, a 3-node RabbitMQ cluster",
+    // A RabbitMQ cluster takes 25-40 s to start and join on a busy 2-core machine.
+    timeoutS: { quick: 150, full: 900 },
   },
   economics: {
     file: './economics.ts',
@@ -80,7 +82,7 @@ ${Object.entries(BENCHES)
 
 options:
   --quick        short run (under 45 s; economics about 60 s)
-  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; overhead 60 quick; agent 90 quick; router-sim 300 and 3600; economics 180 and 2400)
+  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; overhead 60 quick; agent 90 quick; brokers 150 quick; router-sim 300 and 3600; economics 180 and 2400)
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2
   agent:      --reps R --idle-ms MS --settle-ms MS --workers W --inline-max-ms MS

@@ -182,7 +182,8 @@ export async function startRabbitmqCluster(o: RabbitmqClusterOptions): Promise<R
       } catch {}
     }
   };
-  process.once('exit', killGroups);
+  // First among the exit handlers, so the nodes are gone before anyone removes their folders.
+  process.prependOnceListener('exit', killGroups);
   try {
     for (const n of nodes) {
       const child = spawn(server, [], { env: n.env, stdio: 'ignore', detached: true });
