@@ -269,6 +269,17 @@ export class RabbitmqDecisions {
   }
 }
 
+/**
+ * Closes a connection, waiting at most a second for what it has in flight: a graceful MQTT close waits for the acks
+ * of its QoS 1 publishes, which a node that died never sends.
+ */
+async function closeSoon(conn: MeshConnection): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([conn.close(), new Promise<void>((resolve) => (timer = setTimeout(resolve, 1_000)))]);
+  clearTimeout(timer);
+  conn.client.end(true);
+}
+
 const codeOf = (reason: string) => REFUSAL_CODES[reason as RefusalReason] ?? 'MESH_FORBIDDEN';
 
 /** Reads a request body up to MAX_BODY_BYTES; undefined when it is larger. */
@@ -336,7 +347,7 @@ export async function startRabbitmqAuth(options: RabbitmqAuthOptions): Promise<R
     } catch (err) {
       log.error({ clientId: id, err: (err as Error).message }, 'could not close the connection of a revoked id');
     } finally {
-      await conn.close();
+      await closeSoon(conn);
       clientIds.delete(id);
     }
   }
@@ -482,7 +493,7 @@ export async function startRabbitmqAuth(options: RabbitmqAuthOptions): Promise<R
       if (closed) return;
       closed = true;
       for (const t of expiryTimers.values()) clearTimeout(t);
-      await conn?.close();
+      if (conn) await closeSoon(conn);
       server.closeAllConnections();
       await new Promise<void>((resolve) => server.close(() => resolve()));
       await store.close();
