@@ -60,7 +60,7 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
   brokers: {
     file: './brokers.ts',
     about: "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto, a 3-node RabbitMQ cluster",
-    // A RabbitMQ cluster takes 25-40 s to start and join on a busy 2-core machine.
+    // A RabbitMQ cluster takes 17-40 s to start and join on a busy 2-core machine.
     timeoutS: { quick: 150, full: 900 },
   },
   economics: {
