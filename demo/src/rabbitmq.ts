@@ -120,6 +120,8 @@ export async function startRabbitmqCluster(o: RabbitmqClusterOptions): Promise<R
       RABBITMQ_ENABLED_PLUGINS_FILE: path.join(nodeDir, 'enabled_plugins'),
       RABBITMQ_CONF_ENV_FILE: path.join(nodeDir, 'rabbitmq-env.conf'),
       RABBITMQ_PID_FILE: pidFile,
+      // An Erlang VM that dies (a node, or rabbitmqctl's own) writes its crash dump here, not into the caller's folder.
+      ERL_CRASH_DUMP: path.join(nodeDir, 'erl_crash.dump'),
       // Idle schedulers sleep instead of spinning: the machine is shared.
       RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS: '+sbwt none +sbwtdcpu none +sbwtdio none',
     };
