@@ -7,14 +7,21 @@
  * p99_ms, then `concurrency` outstanding requests for a fixed time give rps.
  *
  * NATS 2.9 runs as a 3-node cluster with JetStream and MQTT (users from `edge-mesh auth nats`'s code, broker/src/nats.ts),
- * the responder and the requester on different nodes. RabbitMQ is listed and skipped with the reason (not installed
- * here, or no auth wiring for it yet): last line `{ engines: { NAME: { p50_ms, p99_ms, rps } }, skipped: { NAME: reason } }`.
+ * the responder and the requester on different nodes.
+ * RabbitMQ 3.10 (Debian's rabbitmq-server) runs as a 3-node cluster with the MQTT plugin and
+ * rabbitmq_auth_backend_http pointed at the mesh's auth service (`edge-mesh auth rabbitmq`, broker/src/rabbitmq.ts),
+ * started in this process: `rabbitmq` has both clients on one node, `rabbitmq_cross_node` the requester on another
+ * node than the responder (every message crosses the cluster link).
+ *
+ * An engine that is not installed (or has no auth wiring yet) is skipped with the reason: last line
+ * `{ engines: { NAME: { p50_ms, p99_ms, rps } }, skipped: { NAME: reason } }`.
  */
 import { readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { writeMosquittoAuth, writeNatsAuth } from '@edge-mesh/broker';
-import { freePort, installedCommand } from '@edge-mesh/demo';
+import { rabbitmqAuthConf, startRabbitmqAuth, writeMosquittoAuth, writeNatsAuth } from '@edge-mesh/broker';
+import { freePort, installedCommand, type RabbitmqCluster, rabbitmqServerCommand, startRabbitmqCluster } from '@edge-mesh/demo';
+import { admit, generateIdentity } from '@edge-mesh/protocol';
 import {
   admitted,
   assertBuilt,
@@ -65,17 +72,22 @@ interface Side {
 }
 
 /** Runs the responder and the requester against `url` and returns the requester's figures. */
-async function measure(name: string, url: string, agent: Side, app: Side, load: Load, log: (l: string) => void, responderUrl = url) {
+function measure(name: string, url: string, agent: Side, app: Side, load: Load, log: (l: string) => void, responderUrl = url) {
+  return measureSplit(name, responderUrl, url, agent, app, load, log);
+}
+
+/** The same with the responder on `agentUrl` and the requester on `appUrl` (two nodes of one cluster). */
+async function measureSplit(name: string, agentUrl: string, appUrl: string, agent: Side, app: Side, load: Load, log: (l: string) => void) {
   const rr = path.join(ROOT, 'bench', 'broker-rr.ts');
-  const creds = (s: Side, at = url) => [
+  const creds = (s: Side) => [
     '--broker',
-    at,
+    s === agent ? agentUrl : appUrl,
     '--key',
     s.keyFile,
     ...(s.passwordFile ? ['--password-file', s.passwordFile] : []),
     ...(s.subscriptionQos !== undefined ? ['--subscription-qos', String(s.subscriptionQos)] : []),
   ];
-  const responder = spawnProc(`${name} responder`, ['--import', 'tsx', rr, 'responder', ...creds(agent, responderUrl)]);
+  const responder = spawnProc(`${name} responder`, ['--import', 'tsx', rr, 'responder', ...creds(agent)]);
   await responder.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');
   const requester = spawnProc(`${name} requester`, [
     '--import',
@@ -206,6 +218,52 @@ async function natsEngine(bin: string, load: Load, log: (l: string) => void, sub
   }
 }
 
+/** A 3-node RabbitMQ cluster with the mesh's auth service; both clients on node 1, then the requester on node 2. */
+async function rabbitmqEngines(load: Load, log: (l: string) => void) {
+  const operator = generateIdentity('operator');
+  const agent = unadmitted('agent');
+  const app = unadmitted('app');
+  const dir = benchTempDir('rabbitmq');
+  let cluster: RabbitmqCluster | undefined;
+  let auth: Awaited<ReturnType<typeof startRabbitmqAuth>> | undefined;
+  const started = Date.now();
+  try {
+    // Ports are picked free but may be taken before a node binds them: try again with new ones.
+    for (let attempt = 1; !cluster; attempt++) {
+      const ports = new Set<number>();
+      while (ports.size < 3) ports.add(await freePort());
+      auth = await startRabbitmqAuth({
+        trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }],
+        dataDir: path.join(dir, `admissions-${attempt}`),
+        brokerUrls: [...ports].map((p) => `mqtt://127.0.0.1:${p}`),
+      });
+      try {
+        cluster = await startRabbitmqCluster({
+          dir: path.join(dir, `cluster-${attempt}`),
+          conf: rabbitmqAuthConf(auth.url),
+          mqttPorts: [...ports],
+        });
+      } catch (err) {
+        await auth.close();
+        auth = undefined;
+        if (attempt === 3) throw err;
+        log(`rabbitmq: cluster start failed, trying again: ${(err as Error).message}`);
+      }
+    }
+    log(`rabbitmq: 3 nodes up and joined in ${Date.now() - started} ms`);
+    for (const k of [agent, app]) await auth!.admit(admit(operator, k.identity));
+    const version = (await cluster.ctl(cluster.nodes[0]!, ['version'])).trim();
+    const [n1, n2] = cluster.urls as [string, string];
+    const side = (k: typeof agent) => ({ keyFile: k.keyFile, id: k.identity.id });
+    const same = await measure('rabbitmq', n1, side(agent), side(app), load, log);
+    const cross = await measureSplit('rabbitmq_cross_node', n1, n2, side(agent), side(app), load, log);
+    return { rabbitmq: { ...same, version, nodes: 3 }, rabbitmq_cross_node: { ...cross, version, nodes: 3 } };
+  } finally {
+    await auth?.close();
+    await cluster?.close();
+  }
+}
+
 export async function run(ctx: BenchContext): Promise<BenchResult> {
   assertBuilt(['protocol', 'client', 'broker', 'cli']);
   const num = (key: string, quick: number, full: number) => {
@@ -235,10 +293,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
         false,
       );
   } else skipped.mosquitto = 'mosquitto is not installed (Debian package `mosquitto`)';
-  // The mesh's auth wiring for RabbitMQ is not built here yet (issue 14): not measured even when installed.
-  skipped.rabbitmq = installedCommand('rabbitmq-server')
-    ? 'rabbitmq-server is installed, but the mesh has no auth wiring for RabbitMQ yet'
-    : 'rabbitmq-server is not installed';
+  if (rabbitmqServerCommand()) Object.assign(engines, await rabbitmqEngines(load, ctx.log));
+  else skipped.rabbitmq = 'rabbitmq-server is not installed (Debian package `rabbitmq-server`)';
   const nats = installedCommand('nats-server');
   if (nats) {
     engines.nats = await natsEngine(nats, load, ctx.log);

@@ -67,10 +67,10 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
   },
   brokers: {
     file: './brokers.ts',
-    // A 3-node NATS cluster starts and elects its JetStream leaders inside the run.
-    timeoutS: { quick: 60, full: 900 },
+    // A 3-node NATS cluster and a 3-node RabbitMQ cluster start inside the run (17-40 s for RabbitMQ on a busy 2-core machine).
+    timeoutS: { quick: 150, full: 900 },
     about:
-      "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto, a 3-node NATS cluster (RabbitMQ skipped)",
+      "QoS 1 request/reply through each MQTT engine with the mesh's auth: embedded aedes, mosquitto, a 3-node NATS cluster, a 3-node RabbitMQ cluster",
   },
   pipeline: {
     file: './pipeline.ts',
@@ -97,7 +97,7 @@ ${Object.entries(BENCHES)
 
 options:
   --quick        short run (under 45 s; economics about 60 s)
-  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; overhead 60 quick; agent 90 quick; router-sim 300 and 3600; economics 180 and 2400)
+  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; overhead 60 quick; agent 90 quick; brokers 150 quick; router-sim 300 and 3600; economics 180 and 2400)
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2 --rounds R
   request-path: --n N --rounds R         requests per round (30000, quick 10000), rounds (5, quick 3)

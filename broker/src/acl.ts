@@ -8,10 +8,12 @@
  *                         mesh/v1/agent/{self}/load                               mesh/v1/agent/{self}/cancel/+
  *                                                                                 mesh/v1/agent/{self}/voucher/+
  *                         mesh/v1/client/{any}/res/{self}                          (or a concrete sender id in place of +)
+ *                                                                                 mesh/v1/discover/+
  *   app, bridge, router   mesh/v1/agent/{any}/req/{self}                          mesh/v1/client/{self}/res/+
  *                         mesh/v1/agent/{any}/cancel/{self}                       mesh/v1/client/{self}/lease/+
  *                         mesh/v1/router/{any}/route/{self}                       mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                         mesh/v1/agent/{any}/voucher/{self}
+ *                         mesh/v1/discover/{self}  (agents answer with their status; operators may send it too)
  *                                                                                 (or a concrete agent id in place of +)
  *   router (also)         mesh/v1/client/{any}/lease/{self}                       mesh/v1/router/{self}/route/+
  *   bridge (also)         mesh/v1/bridge/{self}/dev/{id}/availability (retained)  mesh/v1/bridge/+/dev/+/availability
@@ -75,6 +77,8 @@ export interface MeshSession {
   /** `mesh/v1/bridge/{self}/dev/`: where a bridge publishes its devices' availability and telemetry. */
   readonly bridgeDevices: string;
   readonly voucherFilter: string;
+  /** `mesh/v1/discover/{self}`: asks every agent to announce its status again. */
+  readonly discover: string;
 }
 
 /** Admin records one operator connection may send: a burst of 100, then 10 per second. */
@@ -119,6 +123,7 @@ export function newSession(id: string, role: Role | undefined, expires: number, 
     cancelFilter: topics.agentCancelsFor(id),
     bridgeDevices: `mesh/v1/bridge/${id}/dev/`,
     voucherFilter: topics.agentVouchersFor(id),
+    discover: topics.discover(id),
   };
 }
 
@@ -152,7 +157,8 @@ function matchesIdBetween(topic: string, prefix: string, tail: string): boolean 
 
 /** What every sender (app, bridge, router) may publish: requests, cancels, vouchers and route requests in its own name. */
 function clientPublish(s: MeshSession, topic: string): number {
-  return matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) ||
+  return topic === s.discover ||
+    matchesIdBetween(topic, AGENT_PREFIX, s.requestTail) ||
     matchesIdBetween(topic, AGENT_PREFIX, s.cancelTail) ||
     matchesIdBetween(topic, AGENT_PREFIX, s.voucherTail) ||
     matchesIdBetween(topic, ROUTER_PREFIX, s.routeTail)
@@ -178,6 +184,7 @@ export function aclPublish(s: MeshSession, topic: string): number {
       return clientPublish(s, topic);
     case 'operator':
       if (topic.startsWith(DEPLOY_PREFIX)) return parseDeploymentTopic(topic) ? ACL_ALLOW : ACL_DENY;
+      if (topic === s.discover) return ACL_ALLOW;
       return topic === s.adminRecords ? ACL_ADMIN : ACL_DENY;
     case undefined:
       return ACL_ALLOW;
@@ -190,6 +197,7 @@ const ALL_STATUS = topics.allAgentStatus();
 const ALL_LOAD = topics.allAgentLoad();
 const ALL_DEVICE_AVAILABILITY = topics.allDeviceAvailability();
 const ALL_REVOCATIONS = topics.allRevocations();
+const ALL_DISCOVER = topics.allDiscover();
 
 /** Whether a client may SUBSCRIBE to `filter` (not on the hot path; exact strings or one concrete id). */
 export function aclSubscribe(s: MeshSession, filter: string): boolean {
@@ -197,7 +205,7 @@ export function aclSubscribe(s: MeshSession, filter: string): boolean {
   if (role === undefined) return true;
   if (isDeploymentFilter(filter)) return true;
   if (role === 'agent') {
-    if (filter === s.requestFilter || filter === s.cancelFilter || filter === s.voucherFilter) return true;
+    if (filter === s.requestFilter || filter === s.cancelFilter || filter === s.voucherFilter || filter === ALL_DISCOVER) return true;
     const p = parseTopic(filter);
     return p !== undefined && (p.kind === 'request' || p.kind === 'cancel' || p.kind === 'voucher') && p.agentId === s.id;
   }

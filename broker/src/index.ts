@@ -323,3 +323,14 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     close: () => (closing ??= shutdown()),
   };
 }
+export {
+  decodeForm,
+  RABBITMQ_SERVICE_USER,
+  type RabbitmqAuthHandle,
+  type RabbitmqAuthOptions,
+  RabbitmqDecisions,
+  rabbitmqAuthConf,
+  routingKeyToTopic,
+  startRabbitmqAuth,
+} from './rabbitmq.ts';
+export { AdmissionStore } from './store.ts';

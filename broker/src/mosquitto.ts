@@ -73,6 +73,7 @@ export function mosquittoAclRules(role: Role, id: string): MosquittoAclRule[] {
         r(topics.agentRequestsFor(id)),
         r(topics.agentCancelsFor(id)),
         r(topics.agentVouchersFor(id)),
+        r(topics.allDiscover()),
       ];
     case 'app':
     case 'router':
@@ -82,6 +83,7 @@ export function mosquittoAclRules(role: Role, id: string): MosquittoAclRule[] {
         w(topics.agentCancel('+', id)),
         w(topics.agentVoucher('+', id)),
         w(topics.routerRoute('+', id)),
+        w(topics.discover(id)),
         r(topics.clientRepliesFor(id)),
         r(topics.clientLeasesFor(id)),
         r(topics.allAgentStatus()),
@@ -94,7 +96,7 @@ export function mosquittoAclRules(role: Role, id: string): MosquittoAclRule[] {
     }
     case 'operator':
       // Admin records need the embedded broker to apply them: on mosquitto an operator only watches the fleet.
-      return [r(topics.allAgentStatus()), r(topics.allAgentLoad()), ...DEVICE_READ];
+      return [w(topics.discover(id)), r(topics.allAgentStatus()), r(topics.allAgentLoad()), ...DEVICE_READ];
     default:
       return [];
   }

@@ -10,6 +10,7 @@ import type { MosquittoIdentity } from '@edge-mesh/broker';
 import { parseOperatorSpec } from '@edge-mesh/client';
 import { MeshError } from '@edge-mesh/protocol';
 import type { Command } from 'commander';
+import { registerRabbitmqAuth } from './auth-rabbitmq.ts';
 import { cliLogger } from './log.ts';
 import { collect, positiveInt } from './options.ts';
 
@@ -92,4 +93,5 @@ export function registerAuthCommands(program: Command): void {
         })}\n`,
       );
     });
+  registerRabbitmqAuth(auth);
 }

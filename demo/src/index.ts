@@ -11,6 +11,7 @@ export * from './models.ts';
 export * from './parts.ts';
 export * from './pipeline-local.ts';
 export * from './pipeline-models.ts';
+export * from './rabbitmq.ts';
 export * from './sample-app.ts';
 export * from './sample-inputs.ts';
 export * from './stats.ts';

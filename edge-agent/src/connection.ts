@@ -1,8 +1,8 @@
 /**
  * The agent's MQTT link: one mesh connection (client/connection.ts) with the offline status as its
  * will, the agent's request, cancel and voucher topics subscribed on every (re)connect, each message
- * routed to its handler by topic, the signed status announced (retained) after each subscribe, and
- * replies published to their senders.
+ * routed to its handler by topic, the signed status announced (retained) after each subscribe and
+ * again when a client asks on `mesh/v1/discover/{id}`, and replies published to their senders.
  */
 import {
   type BackoffOptions,
@@ -21,6 +21,13 @@ import type { AgentCounters } from './types.ts';
 const QOS1 = { qos: 1 } as const;
 
 export type AgentTopicKind = 'request' | 'cancel' | 'voucher';
+
+/**
+ * Answers to discover messages are at most one status per this many ms: a client that floods discover
+ * messages makes each agent publish at most one status a second, and a burst of newcomers is answered by one.
+ */
+export const DISCOVER_ANSWER_INTERVAL_MS = 1_000;
+const DISCOVER_PREFIX = topics.discover('');
 
 /**
  * Which of the agent's topics `topic` is, and the sender its last level names; undefined for any other
@@ -75,6 +82,8 @@ export class AgentLink {
   /** Writes are held until this turn's check phase (holdWrites). */
   private held = false;
   private resolveAnnounced!: () => void;
+  private lastDiscoverAnswer = -Infinity;
+  private discoverTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly options: AgentLinkOptions) {
     const { brokerUrl, identity, ephemeral, keepaliveS, backoff, will, vouchers, handlers, counters, logger } = options;
@@ -101,7 +110,7 @@ export class AgentLink {
         if (everConnected) counters.reconnects++;
         logger.info({ brokerUrl, reconnect: everConnected }, everConnected ? 'reconnected to broker' : 'connected to broker');
         everConnected = true;
-        const filters = [topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId)];
+        const filters = [topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId), topics.allDiscover()];
         if (vouchers) filters.push(topics.agentVouchersFor(agentId));
         if (options.deployments) filters.push(...options.deployments.filters);
         // Announced only once subscribed: a status tells senders to send here.
@@ -137,6 +146,10 @@ export class AgentLink {
     });
     this.client = this.connection.client;
     this.client.on('message', (topic, payload) => {
+      if (topic.startsWith(DISCOVER_PREFIX)) {
+        this.answerDiscover();
+        return;
+      }
       const route = routeTopic(agentId, topic);
       if (!route) {
         if (options.deployments && topic.startsWith('mesh/v1/deploy/')) options.deployments.onMessage(topic, payload);
@@ -172,6 +185,23 @@ export class AgentLink {
     );
   }
 
+  /** Announces again for a discover message, at most once per DISCOVER_ANSWER_INTERVAL_MS (later ones are merged). */
+  private answerDiscover(): void {
+    if (this.discoverTimer !== undefined || this.closed) return;
+    const waitMs = this.lastDiscoverAnswer + DISCOVER_ANSWER_INTERVAL_MS - Date.now();
+    const answer = () => {
+      this.discoverTimer = undefined;
+      if (this.closed || !this.client.connected) return;
+      this.lastDiscoverAnswer = Date.now();
+      this.announce();
+    };
+    if (waitMs <= 0) answer();
+    else {
+      this.discoverTimer = setTimeout(answer, waitMs);
+      this.discoverTimer.unref();
+    }
+  }
+
   get connected(): boolean {
     return this.client.connected;
   }
@@ -203,6 +233,7 @@ export class AgentLink {
   /** Publishes the offline status (waiting at most a second for the broker) and closes the connection. */
   async close(): Promise<void> {
     this.closed = true;
+    clearTimeout(this.discoverTimer);
     if (this.client.connected) {
       await new Promise<void>((resolve) => {
         this.client.publish(topics.agentStatus(this.agentId), this.options.will, { qos: 1, retain: true }, () => resolve());

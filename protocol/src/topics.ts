@@ -71,6 +71,13 @@ export const topics = {
   deviceAvailability: (bridgeId: string, deviceId: string) => `${TOPIC_ROOT}/bridge/${bridgeId}/dev/${deviceId}/availability`,
   deviceTelemetry: (bridgeId: string, deviceId: string) => `${TOPIC_ROOT}/bridge/${bridgeId}/dev/${deviceId}/telemetry`,
   allDeviceAvailability: () => `${TOPIC_ROOT}/bridge/+/dev/+/availability`,
+  /**
+   * "Agents, announce yourselves": a client that watches statuses publishes here (empty payload, QoS 0) on every
+   * (re)connect, and every agent answers by publishing its status again. A broker that keeps retained messages
+   * per node, or matches them only on exact topics (RabbitMQ 3.10), never hands a newcomer the retained statuses.
+   */
+  discover: (senderId: string) => `${TOPIC_ROOT}/discover/${senderId}`,
+  allDiscover: () => `${TOPIC_ROOT}/discover/+`,
 } as const;
 
 export const DEVICE_TOPIC_KINDS = ['availability', 'telemetry'] as const;
@@ -88,6 +95,7 @@ export type ParsedTopic =
   | { kind: 'admin-records'; operatorId: string }
   | { kind: 'admin-acks'; operatorId: string }
   | { kind: 'revocation'; id: string }
+  | { kind: 'discover'; senderId: string }
   | { kind: 'device'; bridgeId: string; deviceId: string; what: DeviceTopicKind };
 
 /** Parses a concrete (wildcard-free) mesh topic; returns undefined for anything outside the tree. */
@@ -119,6 +127,7 @@ export function parseTopic(topic: string): ParsedTopic | undefined {
     return (DEVICE_TOPIC_KINDS as readonly string[]).includes(what) ? { kind: 'device', bridgeId: id, deviceId: other, what } : undefined;
   }
   if (area === 'revoked' && parts.length === 4) return { kind: 'revocation', id };
+  if (area === 'discover' && parts.length === 4) return { kind: 'discover', senderId: id };
   if (area === 'admin' && parts.length === 5) {
     if (verb === 'records') return { kind: 'admin-records', operatorId: id };
     if (verb === 'acks') return { kind: 'admin-acks', operatorId: id };

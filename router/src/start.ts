@@ -301,6 +301,8 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
         [topics.clientRepliesFor(routerId), topics.routerRoutesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()],
         options.subscriptionQos ?? 1,
         (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
+        // Agents announce again: a broker may not hand this connection their retained statuses (RabbitMQ 3.10).
+        () => c.publish(topics.discover(routerId), Buffer.alloc(0), { qos: 0 }),
       );
       if (revocations) {
         c.subscribe(topics.allRevocations(), { qos: 1 }, (err, granted) => {

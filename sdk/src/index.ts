@@ -457,8 +457,13 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     onConnect: (c: MqttClient) => {
       const filters = [topics.clientRepliesFor(clientId), topics.allAgentStatus(), topics.allAgentLoad()];
       if (routerId) filters.push(topics.clientLeasesFor(clientId));
-      subscribeOrReconnect(c, filters, options.subscriptionQos ?? 1, (reason) =>
-        logger.error({ err: reason }, 'subscribe failed; reconnecting'),
+      subscribeOrReconnect(
+        c,
+        filters,
+        options.subscriptionQos ?? 1,
+        (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
+        // Agents announce again: a broker may not hand this connection their retained statuses (RabbitMQ 3.10).
+        () => c.publish(topics.discover(clientId), Buffer.alloc(0), { qos: 0 }),
       );
     },
     onReconnectScheduled: (delayMs) => logger.warn({ delayMs }, 'broker connection lost; reconnecting'),
