@@ -271,7 +271,7 @@ test('requests: the request path against a real worker pool with the wake-word m
   const agentId = generateIdentity('agent').id;
   const sender = generateIdentity('app').id;
   const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 };
-  const replies: { senderId: string; reply: InferReply | ErrorReply }[] = [];
+  const replies: { senderId: string; reply: InferReply | ErrorReply; raw: Buffer }[] = [];
   const waiters: (() => void)[] = [];
   const requests = new AgentRequests({
     agentId,
@@ -284,7 +284,7 @@ test('requests: the request path against a real worker pool with the wake-word m
     faults: new Faults(),
     logger: quiet,
     reply: (senderId, payload) => {
-      replies.push({ senderId, reply: decodeMessage(payload, ['res', 'err']) });
+      replies.push({ senderId, reply: decodeMessage(payload, ['res', 'err']), raw: Buffer.from(payload) });
       waiters.shift()?.();
     },
     closed: () => false,
@@ -293,9 +293,9 @@ test('requests: the request path against a real worker pool with the wake-word m
   scheduler.addModel('kws', loaded[0]!.latencyMs, pool);
   requests.attach(scheduler);
 
-  const send = async (message: Parameters<typeof encodeMessage>[0] | Buffer) => {
+  const send = async (message: Parameters<typeof encodeMessage>[0] | Buffer, from = sender) => {
     const replied = new Promise<void>((resolve) => waiters.push(resolve));
-    requests.onRequest(sender, Buffer.isBuffer(message) ? message : encodeMessage(message));
+    requests.onRequest(from, Buffer.isBuffer(message) ? message : encodeMessage(message));
     await replied;
     return replies.at(-1)!;
   };
@@ -312,7 +312,11 @@ test('requests: the request path against a real worker pool with the wake-word m
     assert.equal(requestIdHex(ok.reply.id), requestIdHex(id));
     assert.ok(ok.reply.execMs > 0);
   }
-  const replay = await send(request(id));
+  // Sent again by its sender (its connection dropped before the reply came back): the same reply again, not run again.
+  const again = await send(request(id));
+  assert.ok(again.raw.equals(ok.raw), 'the very reply it was sent');
+  // The same id from someone else: refused as a replay, and it learns nothing of the first sender's outputs.
+  const replay = await send(request(id), generateIdentity('app').id);
   assert.equal(replay.reply.kind === 'err' && replay.reply.code, 'MESH_BAD_REQUEST');
   const unknown = await send(request(newRequestId(), 'nope'));
   assert.equal(unknown.reply.kind === 'err' && unknown.reply.code, 'MESH_UNKNOWN_MODEL');
@@ -321,9 +325,9 @@ test('requests: the request path against a real worker pool with the wake-word m
 
   // Bytes that are no message at all have no id to answer: counted, and dropped.
   requests.onRequest(sender, Buffer.from('not cbor'));
-  assert.equal(replies.length, 4);
+  assert.equal(replies.length, 5);
   assert.deepEqual(counters.errors, { MESH_BAD_REQUEST: 2, MESH_UNKNOWN_MODEL: 1, MESH_BAD_INPUT: 1 });
-  assert.deepEqual([counters.received, counters.served, counters.replays], [5, 1, 1]);
+  assert.deepEqual([counters.received, counters.served, counters.replays], [6, 1, 2]);
 
   // Every reply carries the agent's queue as it stands when the reply leaves: four at once on one
   // worker, so the replies count down what is still held, and give it as work too.

@@ -185,7 +185,7 @@ test('a broker list with a bad entry is refused as MESH_CONFIG', () => {
       ['b', 1883],
     ],
   );
-  for (const bad of ['', ' , ', 'http://a:1883', 'mqtt://a:1883,nonsense', 'ws://a:80']) {
+  for (const bad of ['', ' , ', 'http://a:1883', 'mqtt://a:1883,nonsense', 'amqp://a:5672']) {
     assert.throws(
       () => brokerList(bad),
       (err: unknown) => err instanceof MeshError && err.code === 'MESH_CONFIG',

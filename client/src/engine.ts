@@ -144,6 +144,8 @@ export interface EngineCounters {
   silent: number;
   /** Attempts not sent because less time was left than the policy's `floorMs` (first attempts, failovers, retries, hedges). */
   shed: number;
+  /** Attempts sent again to the same agent after the sender's connection came back (resendInFlight). */
+  resent: number;
 }
 
 /** Which agents are presumed dead before their last will arrives (see RequestEngineOptions.liveness). */
@@ -196,12 +198,23 @@ export interface RequestEngine<Req, Rep> {
   answer(key: string, agentId: string, reply: Rep): void;
   /** An attempt's failure: the agent's coded error, or the transport's. Same rule as `answer`. */
   fail(key: string, agentId: string, error: MeshError): void;
+  /**
+   * The sender could not publish the attempt (its own connection is down): the attempt is kept for resendInFlight, and
+   * its agent is not used up; its timers and the deadline still bound it.
+   */
+  unsent(key: string, agentId: string, error: MeshError): void;
   /** Fails every pending attempt at this agent (it went offline or restarted): a free failover each. */
   agentLost(agentId: string, error?: MeshError): void;
   /** Ends a pending request with `error` at once, as its sender gave up on it: every attempt still running is cancelled. */
   abort(key: string, error: MeshError): void;
   /** Pending requests with an attempt at this agent. */
   attemptsAt(agentId: string): number;
+  /**
+   * The sender's own connection is back (and subscribed): every attempt still in flight is sent again, to the same agent
+   * with the same request id, since its request or its reply may have been lost with the connection. An agent answers a
+   * request it already served with the same reply, so nothing runs or is billed twice. Returns how many were sent.
+   */
+  resendInFlight(): number;
   readonly pending: number;
   readonly counters: Readonly<EngineCounters>;
   /** Fails every pending request with `error` (MESH_NOT_CONNECTED by default). */
@@ -214,6 +227,8 @@ interface MutableAttempt<Req> extends Attempt<Req> {
   timer: unknown;
   /** Its agent was judged silent (once per attempt). */
   silent?: boolean;
+  /** Its publish failed with the sender's connection: kept, to be sent again when the connection is back. */
+  unsent?: boolean;
 }
 
 interface RequestState<Req, Rep> {
@@ -250,6 +265,7 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     refused: 0,
     silent: 0,
     shed: 0,
+    resent: 0,
   };
   /** Runs while requests are pending, when there is a `liveness` check. */
   let livenessTimer: unknown;
@@ -386,7 +402,7 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     } catch (err) {
       const error =
         err instanceof MeshError ? err : new MeshError('MESH_NOT_CONNECTED', `send failed: ${(err as Error).message}`, { cause: err });
-      onFailure(state, attempt.agentId, error);
+      onFailure(state, attempt.agentId, error, true);
     }
     return true;
   };
@@ -468,9 +484,16 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     launch(state, 'hedge');
   };
 
-  const onFailure = (state: RequestState<Req, Rep>, agentId: string, error: MeshError) => {
+  const onFailure = (state: RequestState<Req, Rep>, agentId: string, error: MeshError, unsent = false) => {
     const attempt = state.attempts.get(agentId);
     if (state.done || !attempt) return;
+    // The sender's connection failed, not the agent: the attempt waits for the connection (resendInFlight), bounded by
+    // its timers and the deadline, instead of using the agent up.
+    if (unsent) {
+      attempt.unsent = true;
+      state.lastError = error;
+      return;
+    }
     endAttempt(state, attempt);
     policy.onAttemptEnd?.(attempt, { kind: 'error', error }, clock.now());
     state.lastError = error;
@@ -543,6 +566,10 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
       const state = pending.get(key);
       if (state) onFailure(state, agentId, error);
     },
+    unsent(key, agentId, error) {
+      const state = pending.get(key);
+      if (state) onFailure(state, agentId, error, true);
+    },
     abort(key, error) {
       const state = pending.get(key);
       if (state) finish(state, { ok: false, error });
@@ -550,6 +577,24 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     agentLost(agentId, error) {
       const lost = error ?? new MeshError('MESH_AGENT_LOST', `agent ${agentId} went offline`, { details: { agentId } });
       for (const state of [...pending.values()]) if (state.attempts.has(agentId)) onFailure(state, agentId, lost);
+    },
+    resendInFlight() {
+      let n = 0;
+      for (const state of [...pending.values()]) {
+        for (const attempt of [...state.attempts.values()]) {
+          if (state.done) break;
+          attempt.unsent = false;
+          n++;
+          try {
+            transport.send(attempt);
+          } catch (err) {
+            attempt.unsent = true;
+            if (!(err instanceof MeshError)) throw err;
+          }
+        }
+      }
+      counters.resent += n;
+      return n;
     },
     attemptsAt(agentId) {
       let n = 0;

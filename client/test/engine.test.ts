@@ -186,24 +186,49 @@ describe('the drift table, settled in one rule each', () => {
     }
   });
 
-  test('a failed publish is MESH_NOT_CONNECTED and moves to another agent, as any retryable failure', () => {
-    const r = rig(['a', 'b'], { sendThrows: (a) => a.agentId === 'a' });
-    r.start();
+  test("a failed publish is the sender's connection, not the agent: the attempt waits and goes to the same agent again when the connection is back", () => {
+    let down = true;
+    const r = rig(['a', 'b'], { sendThrows: () => down });
+    r.start('r1', 5_000);
+    assert.equal(r.sent.length, 0, 'nothing went out');
+    assert.equal(r.ends.length, 0, 'the attempt at a is not ended: a is not used up');
+    assert.equal(r.engine.pending, 1);
+    down = false;
+    assert.equal(r.engine.resendInFlight(), 1);
     assert.deepEqual(
       r.sent.map((a) => [a.agentId, a.kind]),
-      [['b', 'retry']],
+      [['a', 'first']],
     );
-    const end = r.ends.find((e) => e.agentId === 'a')!.end;
-    assert.equal(end.kind, 'error');
-    assert.equal(end.kind === 'error' && end.error.code, 'MESH_NOT_CONNECTED');
-    // A publish that fails later (the callback of an MQTT publish) is reported the same way.
-    const r2 = rig(['a', 'b']);
-    r2.start();
-    r2.engine.fail('r1', 'a', new MeshError('MESH_NOT_CONNECTED', 'publish failed'));
+    r.engine.answer('r1', 'a', { value: 'ok' });
+    assert.equal(r.outcomes[0]?.ok, true);
+    assert.equal(r.engine.counters.resent, 1);
+
+    // A publish that fails later (the callback of an MQTT publish) is reported the same way; a request in flight
+    // when the connection came back is sent again too (its reply may have been lost with the old connection).
+    const r2 = rig(['a', 'b'], { plan: { timeoutMs: 1_000 } });
+    r2.start('r1', 5_000);
+    r2.start('r2', 5_000);
+    r2.engine.unsent('r1', 'a', new MeshError('MESH_NOT_CONNECTED', 'publish failed'));
     assert.deepEqual(
       r2.sent.map((a) => a.agentId),
-      ['a', 'b'],
+      ['a', 'a'],
     );
+    assert.equal(r2.engine.resendInFlight(), 2);
+    assert.deepEqual(
+      r2.sent.map((a) => [a.request.key, a.agentId]),
+      [
+        ['r1', 'a'],
+        ['r2', 'a'],
+        ['r1', 'a'],
+        ['r2', 'a'],
+      ],
+    );
+    // Still bounded by its timers: no answer from a after the resend, so the per-try timeout moves r1 on to b.
+    r2.clock.advance(1_000);
+    assert.ok(r2.sent.some((a) => a.request.key === 'r1' && a.agentId === 'b'));
+    // And by its deadline when nothing comes back at all.
+    r2.clock.advance(5_000);
+    assert.ok(r2.outcomes.every((o) => !o.ok && o.error.code === 'MESH_DEADLINE_EXCEEDED'));
   });
 
   test('hedges per request: at most one by default, however many attempts are allowed', () => {

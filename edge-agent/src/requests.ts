@@ -176,10 +176,55 @@ export interface RequestsOptions {
   onServed?: (model: string, queueMs: number, execMs: number) => void;
 }
 
-type Queue = Pick<Scheduler, 'submit' | 'cancel' | 'queueClaim'>;
+type Queue = Pick<Scheduler, 'submit' | 'cancel' | 'queueClaim'> & Partial<Pick<Scheduler, 'holds'>>;
+
+/** Replies kept for redelivery: at most this many, and this many bytes in all (the oldest go first). */
+const KEPT_REPLIES = 1_024;
+const KEPT_REPLY_BYTES = 16 * 1024 * 1024;
+
+/**
+ * The replies sent lately, by request id, until their request's deadline: a sender whose connection dropped with the
+ * reply in flight sends the same request again (same id), and gets the same reply back (the same receipt, so nothing is
+ * billed twice and nothing runs twice). Only to the sender the reply was for.
+ */
+class SentReplies {
+  private readonly byKey = new Map<string, { senderId: string; bytes: Buffer; expiresAt: number }>();
+  private bytes = 0;
+
+  keep(key: string, senderId: string, bytes: Buffer, expiresAt: number): void {
+    if (bytes.byteLength > KEPT_REPLY_BYTES / 4) return;
+    this.drop(key);
+    this.byKey.set(key, { senderId, bytes, expiresAt });
+    this.bytes += bytes.byteLength;
+    const now = Date.now();
+    for (const [k, v] of this.byKey) {
+      if (this.byKey.size <= KEPT_REPLIES && this.bytes <= KEPT_REPLY_BYTES && v.expiresAt > now) break;
+      this.drop(k);
+    }
+  }
+
+  /** The reply to `key` if it went to `senderId` and its deadline has not passed. */
+  get(key: string, senderId: string): Buffer | undefined {
+    const kept = this.byKey.get(key);
+    if (!kept || kept.senderId !== senderId) return undefined;
+    if (kept.expiresAt <= Date.now()) {
+      this.drop(key);
+      return undefined;
+    }
+    return kept.bytes;
+  }
+
+  private drop(key: string): void {
+    const kept = this.byKey.get(key);
+    if (!kept) return;
+    this.bytes -= kept.bytes.byteLength;
+    this.byKey.delete(key);
+  }
+}
 
 export class AgentRequests {
   private scheduler: Queue | undefined;
+  private readonly sent = new SentReplies();
 
   constructor(private readonly options: RequestsOptions) {}
 
@@ -295,7 +340,7 @@ export class AgentRequests {
     if (job.units?.atCancel !== undefined && err?.code === 'MESH_CANCELLED') this.sendProgress(job, job.units.atCancel);
     if (err) {
       if (err.code === 'MESH_INFERENCE_FAILED') logger.warn({ model: job.model, err: err.message }, 'inference failed');
-      this.withReceipt(job, err, undefined, (receipt, lane) => this.replyError(job.senderId, job.id, err, receipt, lane));
+      this.withReceipt(job, err, undefined, (receipt, lane) => this.replyError(job.senderId, job.id, err, receipt, lane, job));
       return;
     }
     const queueMs = job.startedAt! - job.receivedAt;
@@ -305,25 +350,23 @@ export class AgentRequests {
     this.withReceipt(job, undefined, outputs, (receipt, lane) => {
       // The queue as it stands when the reply leaves (a paid reply waits for its receipt to be journaled).
       const { rif, workMs } = this.queue().queueClaim(faults.extraExecMs);
-      this.options.reply(
-        job.senderId,
-        encodeMessage({
-          v: PROTOCOL_VERSION,
-          kind: 'res',
-          id: job.id,
-          agent: agentId,
-          model: job.served?.name ?? job.model,
-          ...(job.served?.version !== undefined ? { version: job.served.version } : {}),
-          outputs,
-          queueMs: Math.max(0, queueMs),
-          execMs: result!.execMs + faults.extraExecMs,
-          rif,
-          workMs,
-          ...(receipt ? { receipt } : {}),
-          ...(lane ? { lane } : {}),
-        }),
-        faults.extraExecMs,
-      );
+      const bytes = encodeMessage({
+        v: PROTOCOL_VERSION,
+        kind: 'res',
+        id: job.id,
+        agent: agentId,
+        model: job.served?.name ?? job.model,
+        ...(job.served?.version !== undefined ? { version: job.served.version } : {}),
+        outputs,
+        queueMs: Math.max(0, queueMs),
+        execMs: result!.execMs + faults.extraExecMs,
+        rif,
+        workMs,
+        ...(receipt ? { receipt } : {}),
+        ...(lane ? { lane } : {}),
+      });
+      this.sent.keep(job.key, job.senderId, bytes, job.deadline);
+      this.options.reply(job.senderId, bytes, faults.extraExecMs);
     });
   };
 
@@ -337,10 +380,13 @@ export class AgentRequests {
     errors[code] = (errors[code] ?? 0) + 1;
   }
 
-  private replyError(senderId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt, lane?: LaneInfo): void {
+  /** An error reply; with `job`, one that answers that job, kept for redelivery like a result. */
+  private replyError(senderId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt, lane?: LaneInfo, job?: Job): void {
     this.countError(err.code);
     const queue = this.scheduler?.queueClaim(this.options.faults.extraExecMs);
-    this.options.reply(senderId, errorReply(this.options.agentId, id, err, receipt, lane, queue));
+    const bytes = errorReply(this.options.agentId, id, err, receipt, lane, queue);
+    if (job) this.sent.keep(job.key, senderId, bytes, job.deadline);
+    this.options.reply(senderId, bytes);
   }
 
   private handleRequest(senderId: string, payload: Buffer): void {
@@ -364,6 +410,18 @@ export class AgentRequests {
     const remembered = replays.remember(key, request.deadline, Date.now());
     if (remembered === 'replay') {
       counters.replays++;
+      // Its sender lost the connection before the reply came back and sent it again: the same reply again, or, while it
+      // still runs, the reply when it is done. Nothing runs or is billed twice.
+      const kept = this.sent.get(key, senderId);
+      if (kept) {
+        logger.debug({ senderId, requestId: key }, 'request sent again: its reply redelivered');
+        this.options.reply(senderId, kept);
+        return;
+      }
+      if (this.scheduler?.holds?.(key)) {
+        logger.debug({ senderId, requestId: key }, 'request sent again while it runs');
+        return;
+      }
       logger.debug({ senderId, requestId: key }, 'replayed request id refused');
       this.replyError(senderId, request.id, new MeshError('MESH_BAD_REQUEST', `replayed request id ${key}`));
       return;

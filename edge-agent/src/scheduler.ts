@@ -183,6 +183,11 @@ export class Scheduler {
     return true;
   }
 
+  /** Whether the job `key` is queued or running here. */
+  holds(key: string): boolean {
+    return this.byKey.has(key);
+  }
+
   /** Queues a job or throws MESH_BUSY / MESH_OVERLOADED / MESH_DEADLINE_EXCEEDED / MESH_SHUTTING_DOWN. */
   submit(job: Job): void {
     const state = this.models.get(job.model);

@@ -239,7 +239,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       client: () => client,
       senderId: routerId,
       payload: (attempt) => attempt.request.data.payload,
-      onSendFailed: (attempt, error) => engine.fail(attempt.request.key, attempt.agentId, error),
+      onSendFailed: (attempt, error) => engine.unsent(attempt.request.key, attempt.agentId, error),
     }),
   });
 
@@ -288,6 +288,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     : undefined;
   let connected = false;
   let refusedFirst: ((err: MeshError) => void) | undefined;
+  let subscribedBefore = false;
   const connection = openMeshConnection(brokerUrl, {
     identity,
     ...(options.tls ? { tls: options.tls } : {}),
@@ -301,8 +302,16 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
         [topics.clientRepliesFor(routerId), topics.routerRoutesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()],
         options.subscriptionQos ?? 1,
         (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
-        // Agents announce again: a broker may not hand this connection their retained statuses (RabbitMQ 3.10).
-        () => c.publish(topics.discover(routerId), Buffer.alloc(0), { qos: 0 }),
+        () => {
+          // Agents announce again: a broker may not hand this connection their retained statuses (RabbitMQ 3.10).
+          c.publish(topics.discover(routerId), Buffer.alloc(0), { qos: 0 });
+          // Requests in flight when the connection dropped go out again, now that their replies can come back.
+          if (subscribedBefore) {
+            const resent = engine.resendInFlight();
+            if (resent > 0) logger.info({ resent }, 'requests in flight sent again after the reconnect');
+          }
+          subscribedBefore = true;
+        },
       );
       if (revocations) {
         c.subscribe(topics.allRevocations(), { qos: 1 }, (err, granted) => {

@@ -356,7 +356,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       client: () => client,
       senderId: clientId,
       payload: (attempt) => attempt.request.data.payloadFor(attempt.agentId),
-      onSendFailed: (attempt, error) => engine.fail(attempt.request.key, attempt.agentId, error),
+      onSendFailed: (attempt, error) => engine.unsent(attempt.request.key, attempt.agentId, error),
     }),
   });
   const leases: LeaseBook | undefined = routerId
@@ -444,6 +444,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   };
 
   let refusedFirst: ((err: MeshError) => void) | undefined;
+  let subscribedBefore = false;
   const connection: MeshConnection = openMeshConnection(brokerUrl, {
     clientId,
     ...(identity ? { identity } : {}),
@@ -462,8 +463,16 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         filters,
         options.subscriptionQos ?? 1,
         (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
-        // Agents announce again: a broker may not hand this connection their retained statuses (RabbitMQ 3.10).
-        () => c.publish(topics.discover(clientId), Buffer.alloc(0), { qos: 0 }),
+        () => {
+          // Agents announce again: a broker may not hand this connection their retained statuses (RabbitMQ 3.10).
+          c.publish(topics.discover(clientId), Buffer.alloc(0), { qos: 0 });
+          // Requests in flight when the connection dropped go out again, now that their replies can come back.
+          if (subscribedBefore) {
+            const resent = engine.resendInFlight();
+            if (resent > 0) logger.info({ resent }, 'requests in flight sent again after the reconnect');
+          }
+          subscribedBefore = true;
+        },
       );
     },
     onReconnectScheduled: (delayMs) => logger.warn({ delayMs }, 'broker connection lost; reconnecting'),
