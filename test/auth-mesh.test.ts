@@ -18,7 +18,6 @@ import {
   type ErrorReply,
   encodeMessage,
   generateIdentity,
-  type InferReply,
   type InferRequest,
   MeshError,
   newRequestId,
