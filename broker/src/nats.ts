@@ -308,7 +308,7 @@ export async function reloadNatsNodes(pidFiles: readonly string[]): Promise<{ re
       pid = Number((await readFile(file, 'utf8')).trim());
     } catch {}
     try {
-      if (!Number.isInteger(pid) || pid <= 1) throw new Error('no pid');
+      if (!Number.isInteger(pid) || pid <= 1) throw new MeshError('MESH_NOT_FOUND', `no pid in ${file}`);
       process.kill(pid, 'SIGHUP');
       reloaded.push(pid);
     } catch {
