@@ -342,7 +342,10 @@ export async function startRabbitmqAuth(options: RabbitmqAuthOptions): Promise<R
       backoff: { baseMs: 50, maxMs: 200 },
     });
     try {
-      await Promise.race([conn.firstConnect, new Promise((_, reject) => setTimeout(() => reject(new MeshError('MESH_TIMEOUT', 'no connection within 5 s')), 5_000).unref())]);
+      await Promise.race([
+        conn.firstConnect,
+        new Promise((_, reject) => setTimeout(() => reject(new MeshError('MESH_TIMEOUT', 'no connection within 5 s')), 5_000).unref()),
+      ]);
       log.warn({ clientId: id, reason: 'revoked' }, 'client disconnected');
     } catch (err) {
       log.error({ clientId: id, err: (err as Error).message }, 'could not close the connection of a revoked id');
