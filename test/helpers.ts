@@ -1,4 +1,8 @@
-/** Shared fixtures: a real broker on port 0, a models folder built from the npm packages, agents. */
+/**
+ * Shared fixtures: a real broker on port 0, a models folder built from the npm packages, agents. The end-to-end suite
+ * takes its broker from `meshBrokerFor`, which is the embedded broker or, with MESH_TEST_ENGINE, an external engine
+ * (test/engines.ts); the helpers below admit every identity they connect on such an engine first.
+ */
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { copyFile, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -18,6 +22,7 @@ import {
   type Identity,
   type InferReply,
   type InferRequest,
+  MeshError,
   type Message,
   requestIdHex,
   topics,
@@ -26,6 +31,7 @@ import { type RouterHandle, startRouter } from '@edge-mesh/router';
 import { type ConnectOptions, connect, type Mesh } from '@edge-mesh/sdk';
 import type { MqttClient } from 'mqtt';
 import pino from 'pino';
+import { ENGINE, type EngineAccess, type EngineName, type ExternalEngine, sharedEngine } from './engines.ts';
 
 export const ROOT = path.resolve(import.meta.dirname, '..');
 export const quiet = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
@@ -53,13 +59,90 @@ export async function brokerFor(t: TestContext, options: Parameters<typeof start
   return broker;
 }
 
+/** The broker of the end-to-end suite: what the tests use of it, on every engine. */
+export interface MeshBroker {
+  readonly engine: EngineName;
+  /** The URL (a comma-separated list on a cluster) clients connect to. */
+  readonly url: string;
+  /**
+   * Restarts the broker on the same port (on a cluster: the node every client tries first). `at` is when clients can
+   * be back (the restart for a single broker, the node's loss on a cluster); `done` once the restarted broker serves.
+   */
+  restart(): Promise<{ at: number; done: Promise<void> }>;
+}
+
+/** External engines by the URL list they were handed out as, so the helpers below know where they connect. */
+const engineByUrl = new Map<string, ExternalEngine>();
+
+/**
+ * The broker for an end-to-end test: a fresh embedded broker (closed after the test, `options` applied), or the file's
+ * external engine (test/engines.ts) when MESH_TEST_ENGINE names one. On an engine `options.maxPacketBytes` may be at
+ * most the 16 MiB + 64 KiB the engines are started with.
+ */
+export async function meshBrokerFor(t: TestContext, options: Parameters<typeof startBroker>[0] = {}): Promise<MeshBroker> {
+  if (ENGINE === 'aedes') {
+    let broker = await brokerFor(t, options);
+    const port = broker.port;
+    return {
+      engine: ENGINE,
+      url: broker.url,
+      async restart() {
+        await broker.close();
+        await new Promise((r) => setTimeout(r, 300));
+        const at = performance.now();
+        broker = await brokerFor(t, { ...options, port });
+        return { at, done: Promise.resolve() };
+      },
+    };
+  }
+  if ((options.maxPacketBytes ?? 0) > (16 << 20) + 65_536)
+    throw new MeshError('MESH_CONFIG', `the engines take packets up to 16 MiB + 64 KiB, not ${options.maxPacketBytes}`);
+  const engine = await sharedEngine(quiet);
+  const url = engine.urls.join(',');
+  engineByUrl.set(url, engine);
+  return { engine: ENGINE, url, restart: () => engine.restartFirstNode() };
+}
+
+/** What a connection of `identity` to `brokerUrl` adds to its options: nothing on the embedded broker. */
+export async function accessFor(brokerUrl: string, identity: Identity): Promise<EngineAccess> {
+  const engine = engineByUrl.get(brokerUrl);
+  return engine ? engine.admit(identity) : {};
+}
+
+/** Connection options minus the password file (which only the CLI takes). */
+function connectionAccess({ passwordFile: _, ...access }: EngineAccess) {
+  return access;
+}
+
+/** Identities standing for the free-form client ids the tests name, one per name, on an external engine. */
+const namedIdentities = new Map<string, Identity>();
+
+/**
+ * The client id and connection options for a test client called `name`: on the embedded broker the name itself,
+ * anonymous; on an external engine an admitted app identity standing for that name (the same one every time).
+ */
+export async function namedClient(
+  brokerUrl: string,
+  name: string,
+): Promise<{ clientId: string; identity?: Identity; username?: string; password?: string; subscriptionQos?: 0 }> {
+  if (!engineByUrl.has(brokerUrl)) return { clientId: name };
+  let identity = namedIdentities.get(name);
+  if (!identity) {
+    identity = generateIdentity('app');
+    namedIdentities.set(name, identity);
+  }
+  return { clientId: identity.id, identity, ...connectionAccess(await accessFor(brokerUrl, identity)) };
+}
+
 /** An in-process agent with a fresh agent key unless `identity` is given. */
 export async function agentFor(t: TestContext, options: Partial<AgentOptions> & { brokerUrl: string }): Promise<AgentHandle> {
+  const identity = options.identity ?? generateIdentity('agent');
   const agent = await startAgent({
     modelsDir: await modelsDir(),
     workers: 1,
     logger: quiet,
-    identity: generateIdentity('agent'),
+    identity,
+    ...connectionAccess(await accessFor(options.brokerUrl, identity)),
     ...options,
   });
   t.after(() => agent.close());
@@ -67,7 +150,10 @@ export async function agentFor(t: TestContext, options: Partial<AgentOptions> & 
 }
 
 export async function meshFor(t: TestContext, options: Partial<ConnectOptions> & { brokerUrl: string }): Promise<Mesh> {
-  const mesh = await connect({ logger: quiet, ...options });
+  // On an external engine the SDK's own ephemeral key would not be admitted: make one here and admit it.
+  const identity = options.identity ?? (engineByUrl.has(options.brokerUrl) ? generateIdentity('app') : undefined);
+  const access = identity ? connectionAccess(await accessFor(options.brokerUrl, identity)) : {};
+  const mesh = await connect({ logger: quiet, ...(identity ? { identity } : {}), ...access, ...options });
   t.after(() => mesh.close());
   return mesh;
 }
@@ -84,12 +170,15 @@ export async function keyFileFor(t: TestContext, identity: Identity): Promise<st
  * an identity to connect to an authenticated broker; a plain id connects anonymously (open broker).
  */
 export async function rawClient(t: TestContext, brokerUrl: string, who: string | Identity) {
-  const identity = typeof who === 'string' ? undefined : who;
-  const clientId = typeof who === 'string' ? who : who.id;
+  // On an external engine a plain id stands for an admitted identity: use `clientId` of the result in topics.
+  const named =
+    typeof who === 'string'
+      ? await namedClient(brokerUrl, who)
+      : { clientId: who.id, identity: who, ...connectionAccess(await accessFor(brokerUrl, who)) };
+  const { clientId } = named;
   const replies = new Map<string, (m: InferReply | ErrorReply) => void>();
   const connection = openMeshConnection(brokerUrl, {
-    clientId,
-    ...(identity ? { identity } : {}),
+    ...named,
     onConnect: (c: MqttClient) => c.subscribe(topics.clientRepliesFor(clientId), { qos: 1 }),
   });
   t.after(() => connection.close());
@@ -133,6 +222,12 @@ export async function spawnAgent(
 ): Promise<ChildProcess & { stderrText(): string }> {
   const agentId = identity.id;
   const keyFile = await keyFileFor(t, identity);
+  const access = await accessFor(brokerUrl, identity);
+  const accessArgs = [
+    ...(access.username !== undefined ? ['--username', access.username] : []),
+    ...(access.passwordFile !== undefined ? ['--password-file', access.passwordFile] : []),
+    ...(access.subscriptionQos !== undefined ? ['--subscription-qos', String(access.subscriptionQos)] : []),
+  ];
   const child = spawn(
     process.execPath,
     [
@@ -146,6 +241,7 @@ export async function spawnAgent(
       keyFile,
       '--workers',
       '1',
+      ...accessArgs,
       ...extraArgs,
     ],
     { stdio: ['ignore', 'ignore', 'pipe'] },
@@ -186,7 +282,14 @@ export async function routerFor(
   brokerUrl: string,
   options: Partial<Parameters<typeof startRouter>[0]> = {},
 ): Promise<RouterHandle> {
-  const router = await startRouter({ brokerUrl, identity: generateIdentity('router'), logger: quiet, ...options });
+  const identity = options.identity ?? generateIdentity('router');
+  const router = await startRouter({
+    brokerUrl,
+    identity,
+    logger: quiet,
+    ...connectionAccess(await accessFor(brokerUrl, identity)),
+    ...options,
+  });
   t.after(() => router.close());
   return router;
 }

@@ -1,8 +1,12 @@
-/** The mesh end to end: real broker on port 0, real ONNX sessions, agents in-process and as child processes. */
+/**
+ * The mesh end to end: real broker on port 0, real ONNX sessions, agents in-process and as child processes. With
+ * MESH_TEST_ENGINE=mosquitto|rabbitmq|nats the same tests run on that engine (test/engines.ts), with the mesh's ACLs
+ * enforced there, checked by the eavesdropper and squatter test at the end.
+ */
 import assert from 'node:assert/strict';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { describe, test } from 'node:test';
+import { describe, type TestContext, test } from 'node:test';
 import { startAgent } from '@edge-mesh/agent';
 import { openMeshConnection } from '@edge-mesh/client';
 import { SAMPLE_MODELS, sampleInputs } from '@edge-mesh/demo';
@@ -11,15 +15,33 @@ import {
   type AgentStatus,
   decodeMessage,
   encodeMessage,
+  encodeTensorMap,
   generateIdentity,
+  type Identity,
   type InferRequest,
   MeshError,
+  makeConnectToken,
   newRequestId,
   PROTOCOL_VERSION,
   topics,
 } from '@edge-mesh/protocol';
+import mqtt from 'mqtt';
 import * as ort from 'onnxruntime-node';
-import { agentFor, assertBusyBurst, brokerFor, meshFor, modelsDir, quiet, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
+import { ENGINE, ENGINE_SKIP } from './engines.ts';
+import {
+  accessFor,
+  agentFor,
+  assertBusyBurst,
+  meshBrokerFor as brokerFor,
+  meshFor,
+  modelsDir,
+  namedClient,
+  quiet,
+  rawClient,
+  spawnAgent,
+  tempDir,
+  waitFor,
+} from './helpers.ts';
 
 const kws = () => sampleInputs('kws', 3);
 
@@ -31,7 +53,7 @@ function wireF32(shape: number[], count = shape.reduce((a, b) => a * b, 1)) {
   return { dtype: 'float32', shape, data: new Uint8Array(count * 4) };
 }
 
-describe('inference through the mesh', () => {
+describe('inference through the mesh', { skip: ENGINE_SKIP }, () => {
   test('outputs equal a direct onnxruntime run, bit for bit, for every model', async (t) => {
     const broker = await brokerFor(t);
     const agent = await agentFor(t, { brokerUrl: broker.url });
@@ -127,8 +149,8 @@ describe('inference through the mesh', () => {
     const id = newRequestId();
     const bad = await raw.request(agent.id, id, encodeMessage({ ...request('kws', {}), id, deadline: 'soon' } as unknown as InferRequest));
     assert.equal(bad.kind === 'err' && bad.code, 'MESH_BAD_REQUEST');
-    raw.client.publish(topics.agentRequest(agent.id, 'raw-sender'), Buffer.from([0xff, 0x00, 0x13, 0x37]), { qos: 1 });
-    raw.client.publish(topics.agentRequest(agent.id, 'raw-sender'), Buffer.alloc(10_000, 0x81), { qos: 1 });
+    raw.client.publish(topics.agentRequest(agent.id, raw.clientId), Buffer.from([0xff, 0x00, 0x13, 0x37]), { qos: 1 });
+    raw.client.publish(topics.agentRequest(agent.id, raw.clientId), Buffer.alloc(10_000, 0x81), { qos: 1 });
     assert.equal((await mesh.infer('kws', kws())).agentId, agent.id);
     assert.ok((agent.counters.errors.MESH_BAD_REQUEST ?? 0) >= 3);
   });
@@ -191,13 +213,13 @@ describe('inference through the mesh', () => {
     const replies = messages.map((m) => raw.request(agent.id, m.id, m, 20_000));
     // The last request waits behind three detection runs; the cancel arrives long before its turn.
     raw.client.publish(
-      topics.agentCancel(agent.id, 'raw-cancel'),
+      topics.agentCancel(agent.id, raw.clientId),
       encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: messages[3]!.id }),
       { qos: 1 },
     );
     // A cancel naming someone else's request changes nothing.
     raw.client.publish(
-      topics.agentCancel(agent.id, 'raw-cancel'),
+      topics.agentCancel(agent.id, raw.clientId),
       encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: newRequestId() }),
       { qos: 1 },
     );
@@ -241,7 +263,7 @@ describe('inference through the mesh', () => {
     const loads: { at: number; load: AgentLoad }[] = [];
     let status: AgentStatus | undefined;
     const watcher = openMeshConnection(broker.url, {
-      clientId: 'watcher',
+      ...(await namedClient(broker.url, 'watcher')),
       onConnect: (c) => c.subscribe([topics.agentStatus(agent.id), topics.agentLoad(agent.id)], { qos: 1 }),
     });
     t.after(() => watcher.close());
@@ -281,7 +303,7 @@ describe('inference through the mesh', () => {
   });
 });
 
-describe('failures', () => {
+describe('failures', { skip: ENGINE_SKIP }, () => {
   test('an agent killed mid-request: the SDK retries on another agent within the deadline', async (t) => {
     const broker = await brokerFor(t);
     const victimKey = generateIdentity('agent');
@@ -302,18 +324,17 @@ describe('failures', () => {
   });
 
   test('after a broker restart, agents reconnect and re-announce, and serving resumes', async (t) => {
-    const first = await brokerFor(t);
-    const port = first.port;
-    const agent = await agentFor(t, { brokerUrl: first.url, backoff: { baseMs: 50, maxMs: 1_000 } });
+    // On a cluster the restarted broker is the node every client tries first (test/engines.ts, restartFirstNode).
+    const broker = await brokerFor(t);
+    const agent = await agentFor(t, { brokerUrl: broker.url, backoff: { baseMs: 50, maxMs: 1_000 } });
     const announcements = agent.counters.announcements;
-    await first.close();
-    await new Promise((r) => setTimeout(r, 300));
-    const restartedAt = performance.now();
-    const second = await brokerFor(t, { port });
+    const restart = await broker.restart();
+    const restartedAt = restart.at;
     await waitFor(() => agent.counters.announcements > announcements, 5_000, 're-announcement');
     assert.ok(performance.now() - restartedAt < 5_000);
     assert.equal(agent.counters.reconnects, 1);
-    const mesh = await meshFor(t, { brokerUrl: second.url });
+    await restart.done;
+    const mesh = await meshFor(t, { brokerUrl: broker.url });
     await mesh.waitForModel('kws', 5_000);
     assert.equal((await mesh.infer('kws', kws())).agentId, agent.id);
   });
@@ -344,5 +365,107 @@ describe('failures', () => {
     assert.ok(results.every((r) => r.agentId === drainKey.id));
     assert.equal(await exited, 0);
     await waitFor(() => !mesh.agents().some((a) => a.id === drainKey.id), 5_000, 'offline status');
+  });
+});
+
+/** A bare mqtt.js client of `identity` on the engine's first node, recording what it receives and whether it closed. */
+async function engineClient(t: TestContext, brokerUrl: string, identity: Identity) {
+  const access = await accessFor(brokerUrl, identity);
+  const client = mqtt.connect(brokerUrl.split(',')[0]!, {
+    clientId: identity.id,
+    username: access.username ?? identity.id,
+    password: access.password ?? makeConnectToken(identity),
+    reconnectPeriod: 0,
+    protocolVersion: 4,
+    connectTimeout: 5_000,
+  });
+  t.after(() => client.end(true));
+  const state = { received: [] as { topic: string; payload: Buffer }[], closed: false };
+  client.on('message', (topic, payload) => state.received.push({ topic, payload }));
+  client.on('close', () => (state.closed = true));
+  client.on('error', () => {});
+  await new Promise<void>((resolve, reject) => {
+    client.once('connect', () => resolve());
+    client.once('close', () => reject(new MeshError('MESH_NOT_CONNECTED', `${identity.id} closed before CONNACK`)));
+  });
+  return { client, state };
+}
+
+/** SUBSCRIBE one filter: the granted QoS, 128 when refused in the SUBACK, or 'closed' when the engine hung up. */
+function subscribeOutcome(client: mqtt.MqttClient, filter: string): Promise<number | 'closed'> {
+  return new Promise((resolve) => {
+    client.once('close', () => resolve('closed'));
+    client.subscribe(filter, { qos: 1 }, (err, granted) => resolve(err ? 'closed' : (granted?.[0]?.qos ?? 128)));
+  });
+}
+
+describe('the mesh ACLs on the engine', {
+  skip:
+    ENGINE === 'aedes'
+      ? 'runs on an external engine (MESH_TEST_ENGINE); the embedded broker: test/auth-mesh.test.ts, test/hostile.test.ts'
+      : ENGINE_SKIP,
+}, () => {
+  test('while the mesh serves on the engine, an eavesdropper and a squatter get nothing', async (t) => {
+    const broker = await brokerFor(t);
+    const agent = await agentFor(t, { brokerUrl: broker.url });
+    const appKey = generateIdentity('app');
+    const mesh = await meshFor(t, { brokerUrl: broker.url, identity: appKey });
+    await mesh.waitForModel('kws');
+
+    // Eavesdroppers, admitted apps, one per filter (every engine keeps one connection per id): everything, the mesh's
+    // tree, the app's replies, the agent's requests. Each engine refuses its own way (mosquitto grants and delivers
+    // nothing, NATS answers 128, RabbitMQ closes the connection); none may receive a message.
+    const wanted = ['#', 'mesh/#', topics.clientRepliesFor(appKey.id), topics.agentRequestsFor(agent.id)];
+    const spies = [];
+    for (const filter of wanted) {
+      const spy = await engineClient(t, broker.url, generateIdentity('app'));
+      t.diagnostic(`${ENGINE}: SUBSCRIBE ${filter} by an eavesdropper: ${await subscribeOutcome(spy.client, filter)}`);
+      spies.push(spy);
+    }
+    // What an app may read it gets: the eavesdropping is live, not a dead connection.
+    const watch = await engineClient(t, broker.url, generateIdentity('app'));
+    const watching = await subscribeOutcome(watch.client, topics.allAgentStatus());
+    assert.ok(watching === 0 || watching === 1, `the watcher's subscription is granted: ${watching}`);
+    watch.client.publish(topics.discover(watch.client.options.clientId!), Buffer.alloc(0), { qos: 0 });
+    await waitFor(() => watch.state.received.some((m) => m.topic === topics.agentStatus(agent.id)), 5_000, "the agent's status");
+
+    for (let i = 0; i < 3; i++) assert.equal((await mesh.infer('kws', sampleInputs('kws', i))).agentId, agent.id);
+    await new Promise((r) => setTimeout(r, 300));
+    for (const [i, spy] of spies.entries())
+      assert.deepEqual(
+        spy.state.received.map((m) => m.topic).filter((topic) => !/^mesh\/v1\/agent\/[a-z0-9-]+\/(status|load)$/.test(topic)),
+        [],
+        `the eavesdropper on ${wanted[i]} got nothing but statuses and loads`,
+      );
+
+    // A squatter, an admitted agent, publishes a status under the real agent's topic (retained) and a request in the
+    // app's name, each on a fresh connection (RabbitMQ closes one that publishes where it may not).
+    const squatKey = generateIdentity('agent');
+    const fake = Buffer.from('forged status');
+    const receivedBefore = agent.counters.received;
+    const forgedRequest = request('kws', encodeTensorMap(kws()));
+    for (const [topic, payload, retain] of [
+      [topics.agentStatus(agent.id), fake, true],
+      [topics.agentRequest(agent.id, appKey.id), Buffer.from(encodeMessage(forgedRequest)), false],
+    ] as const) {
+      const squat = await engineClient(t, broker.url, squatKey);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, 3_000);
+        squat.client.once('close', () => resolve());
+        squat.client.publish(topic, payload, { qos: 1, retain }, () => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+      squat.client.end(true);
+    }
+    // Its own status it may publish, and the watcher gets it: the refusal is per id, not a blanket one.
+    const own = await engineClient(t, broker.url, squatKey);
+    own.client.publish(topics.agentStatus(squatKey.id), Buffer.from('own status'), { qos: 1 });
+    await waitFor(() => watch.state.received.some((m) => m.topic === topics.agentStatus(squatKey.id)), 5_000, "the squatter's own status");
+    assert.ok(!watch.state.received.some((m) => m.payload.equals(fake)), 'no forged status reached the watcher');
+    assert.equal(agent.counters.received, receivedBefore, 'the forged request never reached the agent');
+    // The mesh still serves, and the app still picks the genuine agent.
+    assert.equal((await mesh.infer('kws', sampleInputs('kws', 5))).agentId, agent.id);
   });
 });

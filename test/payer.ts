@@ -48,6 +48,7 @@ import {
   voucherTypedData,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
+import { namedClient } from './helpers.ts';
 
 type Reply = InferReply | ErrorReply;
 
@@ -65,7 +66,10 @@ interface PayerLane {
 export interface TestPayerOptions {
   wallet: ethers.Wallet | ethers.HDNodeWallet;
   domain: EscrowDomain;
-  /** The mesh client id (an open broker lets it connect as it is). */
+  /**
+   * The mesh client id (an open broker lets it connect as it is; on an external engine it names an admitted
+   * identity whose id the payer then uses, test/helpers.ts `namedClient`).
+   */
   clientId: string;
   /** Pay every checked receipt at once with a voucher (default true). */
   autoPay?: boolean;
@@ -90,9 +94,10 @@ export class TestPayer {
   private constructor(
     private readonly options: TestPayerOptions,
     private readonly connection: ReturnType<typeof openMeshConnection>,
+    clientId: string,
   ) {
     this.payer = options.wallet.address.toLowerCase();
-    this.clientId = options.clientId;
+    this.clientId = clientId;
     this.autoPay = options.autoPay ?? true;
     connection.client.on('message', (topic, payload) => {
       if (topic.endsWith('/status')) {
@@ -108,13 +113,20 @@ export class TestPayer {
   }
 
   static async open(t: TestContext, brokerUrl: string, options: TestPayerOptions): Promise<TestPayer> {
+    const named = await namedClient(brokerUrl, options.clientId);
+    const { clientId } = named;
     const connection = openMeshConnection(brokerUrl, {
-      clientId: options.clientId,
-      onConnect: (c) => c.subscribe([topics.clientRepliesFor(options.clientId), topics.allAgentStatus()], { qos: 1 }),
+      ...named,
+      onConnect: (c) =>
+        c.subscribe([topics.clientRepliesFor(clientId), topics.allAgentStatus()], { qos: 1 }, () => {
+          // On an external engine, ask the agents to announce again, as the SDK does: RabbitMQ 3.10 hands a wildcard
+          // subscription no retained status.
+          if (named.identity) c.publish(topics.discover(clientId), Buffer.alloc(0), { qos: 0 });
+        }),
     });
     t.after(() => connection.close());
     // Listening before the subscription answers: retained statuses arrive right after it.
-    const payer = new TestPayer(options, connection);
+    const payer = new TestPayer(options, connection, clientId);
     await connection.firstConnect;
     await new Promise((r) => setTimeout(r, 50));
     return payer;
