@@ -83,19 +83,27 @@ export interface ServerProcess {
   stop(signal?: NodeJS.Signals): Promise<void>;
 }
 
+/** Servers started here and not stopped yet: a test process that ends any way at all takes them with it. */
+const live = new Set<ChildProcess>();
+process.once('exit', () => {
+  for (const child of live) child.kill('SIGKILL');
+});
+
 function serverProcess(command: string, args: string[]): ServerProcess {
   const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  live.add(child);
   let log = '';
   child.stderr!.on('data', (c: Buffer) => (log += c.toString()));
-  const exited = new Promise<void>((r) => child.once('exit', () => r()));
-  // A test process that ends any way at all takes its servers with it.
-  const kill = () => child.exitCode === null && child.signalCode === null && child.kill('SIGKILL');
-  process.once('exit', kill);
+  const exited = new Promise<void>((r) =>
+    child.once('exit', () => {
+      live.delete(child);
+      r();
+    }),
+  );
   return {
     child,
     log: () => log,
     async stop(signal: NodeJS.Signals = 'SIGTERM') {
-      process.off('exit', kill);
       if (child.exitCode === null && child.signalCode === null) child.kill(signal);
       await exited;
     },

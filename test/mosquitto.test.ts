@@ -8,9 +8,9 @@
  * Skips, saying why, when the `mosquitto` binary (Debian package `mosquitto`) is not installed.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { type ChildProcess, execFile } from 'node:child_process';
 import { readFile, stat, writeFile } from 'node:fs/promises';
-import net from 'node:net';
+import type net from 'node:net';
 import path from 'node:path';
 import { type TestContext, test } from 'node:test';
 import { promisify } from 'node:util';
@@ -30,11 +30,11 @@ import {
 import { makeApiKey, startRouter } from '@edge-mesh/router';
 import { connect } from '@edge-mesh/sdk';
 import mqtt from 'mqtt';
+import { MOSQUITTO, startMosquitto as startMosquittoServer } from './engines.ts';
 import { brokerFor, quiet, ROOT, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
 
-const MOSQUITTO = installedCommand('mosquitto');
 const SKIP = MOSQUITTO
   ? false
   : 'mosquitto is not installed (Debian package `mosquitto`; .ci/run installs it): the mosquitto tests need it';
@@ -54,36 +54,11 @@ async function authMosquitto(outDir: string, identityFiles: string[], port: numb
   };
 }
 
-/** Starts mosquitto with the generated configuration; resolves once its port takes connections. */
+/** Starts mosquitto with the generated configuration (test/engines.ts), stopped after the test. */
 async function startMosquitto(t: TestContext, confFile: string, port: number): Promise<ChildProcess> {
-  let conf = await readFile(confFile, 'utf8');
-  // Run as root (CI containers), mosquitto drops to the `mosquitto` user and could not read the 0700 folder.
-  if (process.getuid?.() === 0) conf += 'user root\n';
-  const testConf = `${confFile}.test`;
-  await writeFile(testConf, conf);
-  const child = spawn(MOSQUITTO!, ['-c', testConf], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let log = '';
-  child.stderr!.on('data', (c: Buffer) => (log += c.toString()));
-  t.after(async () => {
-    if (child.exitCode === null && child.signalCode === null) {
-      child.kill('SIGTERM');
-      await new Promise((r) => child.once('exit', r));
-    }
-  });
-  const until = Date.now() + 10_000;
-  for (;;) {
-    if (child.exitCode !== null) throw new MeshError('MESH_CONFIG', `mosquitto exited: ${log}`);
-    const ok = await new Promise<boolean>((resolve) => {
-      const s = net.connect(port, '127.0.0.1', () => {
-        s.destroy();
-        resolve(true);
-      });
-      s.on('error', () => resolve(false));
-    });
-    if (ok) return child;
-    if (Date.now() > until) throw new MeshError('MESH_CONFIG', `mosquitto did not listen on ${port}: ${log}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
+  const server = await startMosquittoServer(confFile, port);
+  t.after(() => server.stop());
+  return server.child;
 }
 
 async function publicFile(dir: string, identity: Identity): Promise<string> {

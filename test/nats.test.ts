@@ -10,14 +10,14 @@
  * Skips, saying why, when `nats-server` (Debian package `nats-server`) is not installed.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { readFile, stat, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { type TestContext, test } from 'node:test';
 import { promisify } from 'node:util';
 import { mosquittoAclRules, natsPermissions, natsSubject, writeNatsAuth } from '@edge-mesh/broker';
-import { freePort, installedCommand, sampleInputs } from '@edge-mesh/demo';
+import { sampleInputs } from '@edge-mesh/demo';
 import {
   encodeMessage,
   generateIdentity,
@@ -31,11 +31,11 @@ import {
 import { makeApiKey, startRouter } from '@edge-mesh/router';
 import { connect } from '@edge-mesh/sdk';
 import mqtt from 'mqtt';
+import { NATS, type NatsNodeProc, natsClusterPorts, natsClusterReady, startNatsNodes } from './engines.ts';
 import { quiet, ROOT, spawnAgent, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
 
-const NATS = installedCommand('nats-server');
 const SKIP = NATS ? false : 'nats-server is not installed (Debian package `nats-server`; .ci/run installs it): the NATS tests need it';
 
 interface AuthOutput {
@@ -63,46 +63,10 @@ async function publicFile(dir: string, identity: Identity): Promise<string> {
   return file;
 }
 
-function listening(host: string, port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(port, host, () => {
-      s.destroy();
-      resolve(true);
-    });
-    s.on('error', () => resolve(false));
-  });
-}
-
-interface NatsNodeProc {
-  name: string;
-  url: string;
-  child: ChildProcess;
-  log(): string;
-}
-
-/** Starts one nats-server per configuration and waits until each MQTT port takes connections. */
+/** Starts one nats-server per configuration (test/engines.ts), stopped after the test. */
 async function startCluster(t: TestContext, nodes: AuthOutput['nodes']): Promise<NatsNodeProc[]> {
-  const procs = nodes.map((n) => {
-    const child = spawn(NATS!, ['-c', n.conf, ...(process.env.NATS_TEST_DEBUG ? ['-D'] : [])], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let log = '';
-    child.stderr!.on('data', (c: Buffer) => (log += c.toString()));
-    t.after(async () => {
-      if (child.exitCode === null && child.signalCode === null) {
-        child.kill('SIGTERM');
-        await new Promise((r) => child.once('exit', r));
-      }
-    });
-    return { name: n.name, url: n.mqttUrl, child, log: () => log };
-  });
-  for (const p of procs) {
-    const u = new URL(p.url);
-    const until = Date.now() + 20_000;
-    while (!(await listening(u.hostname, Number(u.port)))) {
-      if (p.child.exitCode !== null) throw new MeshError('MESH_CONFIG', `${p.name} exited: ${p.log()}`);
-      if (Date.now() > until) throw new MeshError('MESH_CONFIG', `${p.name} did not listen on ${p.url}: ${p.log()}`);
-      await new Promise((r) => setTimeout(r, 50));
-    }
-  }
+  const procs = await startNatsNodes(nodes);
+  t.after(() => Promise.all(procs.map((p) => p.stop())));
   return procs;
 }
 
@@ -149,34 +113,7 @@ function suback(client: mqtt.MqttClient, filters: string[], qos: 0 | 1): Promise
   });
 }
 
-/** Waits until an admitted client can connect to every node and hold a QoS 1 subscription (JetStream is up). */
-async function clusterReady(urls: string[], username: string, password: string): Promise<void> {
-  const until = Date.now() + 30_000;
-  for (const url of urls) {
-    for (;;) {
-      const c = mqtt.connect(url, {
-        username,
-        password,
-        clientId: `${username}-probe`,
-        reconnectPeriod: 0,
-        protocolVersion: 4,
-        connectTimeout: 3_000,
-      });
-      const ok = await new Promise<boolean>((resolve) => {
-        c.once('error', () => resolve(false));
-        c.once('close', () => resolve(false));
-        c.once('connect', () =>
-          c.subscribe(topics.clientRepliesFor(username), { qos: 1 }, (err, granted) => resolve(!err && granted?.[0]?.qos === 1)),
-        );
-        setTimeout(() => resolve(false), 5_000);
-      });
-      await c.endAsync(true);
-      if (ok) break;
-      if (Date.now() > until) throw new MeshError('MESH_NOT_CONNECTED', `NATS node ${url} never accepted a QoS 1 subscription`);
-      await new Promise((r) => setTimeout(r, 250));
-    }
-  }
-}
+const clusterReady = natsClusterReady;
 
 const code = (expected: string) => (err: unknown) => {
   assert.ok(err instanceof MeshError, `a MeshError, got ${String(err)}`);
@@ -258,26 +195,9 @@ test('auth nats: files, modes, kept secrets; nodes per host; bad input is MESH_C
   );
 });
 
-/** Three loopback addresses, one node on each, on ports free there. */
+/** Three loopback addresses, one node on each, on ports free there: the `edge-mesh auth nats` arguments. */
 async function clusterArgs(): Promise<string[]> {
-  const hosts = ['127.0.0.1', '127.0.0.2', '127.0.0.3'];
-  const ports: number[] = [];
-  while (ports.length < 3) {
-    const p = await freePort();
-    if (ports.includes(p)) continue;
-    let free = true;
-    for (const h of hosts.slice(1)) free &&= !(await listening(h, p));
-    if (free) ports.push(p);
-  }
-  return [
-    ...hosts.flatMap((h) => ['--node-host', h]),
-    '--mqtt-port',
-    String(ports[0]),
-    '--client-port',
-    String(ports[1]),
-    '--cluster-port',
-    String(ports[2]),
-  ];
+  return (await natsClusterPorts()).args;
 }
 
 test('the mesh serves on a 3-node NATS cluster with generated users; eavesdroppers, squatters and wrong passwords get nothing', {

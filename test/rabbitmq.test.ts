@@ -13,27 +13,18 @@
  */
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
-import os from 'node:os';
 import path from 'node:path';
 import { after, describe, type TestContext, test } from 'node:test';
 import { type AgentOptions, startAgent } from '@edge-mesh/agent';
-import {
-  AdmissionStore,
-  decodeForm,
-  type RabbitmqAuthHandle,
-  RabbitmqDecisions,
-  rabbitmqAuthConf,
-  routingKeyToTopic,
-  startRabbitmqAuth,
-} from '@edge-mesh/broker';
+import { AdmissionStore, decodeForm, type RabbitmqAuthHandle, RabbitmqDecisions, routingKeyToTopic } from '@edge-mesh/broker';
 import { sendAdminRecord } from '@edge-mesh/client';
 import { deployMesh, startLocalChain } from '@edge-mesh/contracts/dev';
-import { freePort, type RabbitmqCluster, rabbitmqServerCommand, sampleInputs, startRabbitmqCluster } from '@edge-mesh/demo';
+import { type RabbitmqCluster, rabbitmqServerCommand, sampleInputs } from '@edge-mesh/demo';
 import { admit, generateIdentity, type Identity, MeshError, makeConnectToken, revoke, tensorToJson, topics } from '@edge-mesh/protocol';
 import { makeApiKey, startRouter } from '@edge-mesh/router';
 import { connect } from '@edge-mesh/sdk';
 import mqtt from 'mqtt';
+import { type RabbitmqWithAuth, startRabbitmqWithAuth } from './engines.ts';
 import { agentFor, brokerFor, modelsDir, quiet, ROOT, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, registeredAgent } from './payer.ts';
 
@@ -286,46 +277,18 @@ interface Shared {
 }
 
 let shared: Promise<Shared> | undefined;
+let started: RabbitmqWithAuth | undefined;
 function cluster(): Promise<Shared> {
   shared ??= (async () => {
-    const dir = await mkdtemp(path.join(os.tmpdir(), 'edge-mesh-rmq-'));
-    const operator = generateIdentity('operator');
-    const started = Date.now();
-    let auth: RabbitmqAuthHandle | undefined;
-    let c: RabbitmqCluster | undefined;
-    let urls: string[] = [];
-    // Ports are picked free but may be taken by someone else before a node binds them: try again with new ones.
-    for (let attempt = 1; !c; attempt++) {
-      const ports = new Set<number>();
-      while (ports.size < 3) ports.add(await freePort());
-      urls = [...ports].map((p) => `mqtt://127.0.0.1:${p}`);
-      auth = await startRabbitmqAuth({
-        trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }],
-        dataDir: path.join(dir, `admissions-${attempt}`),
-        brokerUrls: urls,
-        logger: quiet,
-      });
-      try {
-        c = await startRabbitmqCluster({
-          dir: path.join(dir, `cluster-${attempt}`),
-          conf: rabbitmqAuthConf(auth.url),
-          mqttPorts: [...ports],
-        });
-      } catch (err) {
-        await auth.close();
-        if (attempt === 3) throw err;
-        process.stderr.write(`# RabbitMQ cluster start failed, trying again: ${(err as Error).message}\n`);
-      }
-    }
-    await auth!.ready;
-    process.stderr.write(`# RabbitMQ: 3 nodes up and joined in ${Date.now() - started} ms\n`);
+    started = await startRabbitmqWithAuth(quiet);
+    const { dir, cluster: c, auth, operator } = started;
     return {
       dir,
       cluster: c,
-      auth: auth!,
+      auth,
       operator,
       async admitAll(keys, via = 0) {
-        for (const k of keys) await sendAdminRecord(urls[via % urls.length]!, operator, admit(operator, k), k.id, 10_000);
+        for (const k of keys) await sendAdminRecord(c.urls[via % c.urls.length]!, operator, admit(operator, k), k.id, 10_000);
       },
     };
   })();
@@ -333,12 +296,8 @@ function cluster(): Promise<Shared> {
 }
 after(async () => {
   if (!shared) return;
-  const s = await shared.catch(() => undefined);
-  if (!s) return;
-  // Bounded: a teardown that hangs must not hold the whole run.
-  await Promise.race([s.auth.close(), new Promise((r) => setTimeout(r, 10_000).unref())]);
-  await s.cluster.close();
-  await rm(s.dir, { recursive: true, force: true });
+  await shared.catch(() => undefined);
+  await started?.close();
 });
 
 /** A bare mqtt.js client with a fresh CONNECT token, recording every message and when it closed. */
