@@ -109,10 +109,12 @@ export async function accessFor(brokerUrl: string, identity: Identity): Promise<
   return engine ? engine.admit(identity) : {};
 }
 
-/** Connection options minus the password file (which only the CLI takes). */
-function connectionAccess({ passwordFile: _, ...access }: EngineAccess) {
+/** Connection options: the access minus the password file (which only the CLI takes) and the tests' request QoS. */
+function connectionAccess({ passwordFile: _, requestQos: __, ...access }: EngineAccess) {
   return access;
 }
+
+const requestQosOf = (access: EngineAccess): 0 | 1 => access.requestQos ?? 1;
 
 /** Identities standing for the free-form client ids the tests name, one per name, on an external engine. */
 const namedIdentities = new Map<string, Identity>();
@@ -124,14 +126,23 @@ const namedIdentities = new Map<string, Identity>();
 export async function namedClient(
   brokerUrl: string,
   name: string,
-): Promise<{ clientId: string; identity?: Identity; username?: string; password?: string; subscriptionQos?: 0 }> {
-  if (!engineByUrl.has(brokerUrl)) return { clientId: name };
+): Promise<{
+  clientId: string;
+  identity?: Identity;
+  username?: string;
+  password?: string;
+  subscriptionQos?: 0;
+  /** The QoS to publish requests at (test/engines.ts, `EngineAccess.requestQos`). */
+  requestQos: 0 | 1;
+}> {
+  if (!engineByUrl.has(brokerUrl)) return { clientId: name, requestQos: 1 };
   let identity = namedIdentities.get(name);
   if (!identity) {
     identity = generateIdentity('app');
     namedIdentities.set(name, identity);
   }
-  return { clientId: identity.id, identity, ...connectionAccess(await accessFor(brokerUrl, identity)) };
+  const access = await accessFor(brokerUrl, identity);
+  return { clientId: identity.id, identity, ...connectionAccess(access), requestQos: requestQosOf(access) };
 }
 
 /** An in-process agent with a fresh agent key unless `identity` is given. */
@@ -171,10 +182,15 @@ export async function keyFileFor(t: TestContext, identity: Identity): Promise<st
  */
 export async function rawClient(t: TestContext, brokerUrl: string, who: string | Identity) {
   // On an external engine a plain id stands for an admitted identity: use `clientId` of the result in topics.
-  const named =
+  const { requestQos, ...named } =
     typeof who === 'string'
       ? await namedClient(brokerUrl, who)
-      : { clientId: who.id, identity: who, ...connectionAccess(await accessFor(brokerUrl, who)) };
+      : await accessFor(brokerUrl, who).then((access) => ({
+          clientId: who.id,
+          identity: who,
+          ...connectionAccess(access),
+          requestQos: requestQosOf(access),
+        }));
   const { clientId } = named;
   const replies = new Map<string, (m: InferReply | ErrorReply) => void>();
   const connection = openMeshConnection(brokerUrl, {
@@ -203,7 +219,7 @@ export async function rawClient(t: TestContext, brokerUrl: string, who: string |
         });
         const bytes = payload instanceof Uint8Array ? payload : encodeMessage(payload);
         connection.client.publish(topics.agentRequest(agentId, clientId), Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), {
-          qos: 1,
+          qos: requestQos,
         });
       });
     },

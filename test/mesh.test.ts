@@ -391,11 +391,13 @@ async function engineClient(t: TestContext, brokerUrl: string, identity: Identit
   return { client, state };
 }
 
-/** SUBSCRIBE one filter: the granted QoS, 128 when refused in the SUBACK, or 'closed' when the engine hung up. */
-function subscribeOutcome(client: mqtt.MqttClient, filter: string): Promise<number | 'closed'> {
+/** SUBSCRIBE one filter: the granted QoS, 'refused' (SUBACK 128), or 'closed' when the engine hung up. */
+function subscribeOutcome(client: mqtt.MqttClient, filter: string): Promise<number | 'refused' | 'closed'> {
   return new Promise((resolve) => {
     client.once('close', () => resolve('closed'));
-    client.subscribe(filter, { qos: 1 }, (err, granted) => resolve(err ? 'closed' : (granted?.[0]?.qos ?? 128)));
+    client.subscribe(filter, { qos: 1 }, (err, granted) =>
+      resolve(client.connected ? (err || granted?.[0]?.qos === 128 ? 'refused' : (granted?.[0]?.qos ?? 'refused')) : 'closed'),
+    );
   });
 }
 
@@ -457,7 +459,7 @@ describe('the mesh ACLs on the engine', {
           resolve();
         });
       });
-      squat.client.end(true);
+      if (!squat.state.closed) await squat.client.endAsync();
     }
     // Its own status it may publish, and the watcher gets it: the refusal is per id, not a blanket one.
     const own = await engineClient(t, broker.url, squatKey);

@@ -95,6 +95,7 @@ export class TestPayer {
     private readonly options: TestPayerOptions,
     private readonly connection: ReturnType<typeof openMeshConnection>,
     clientId: string,
+    private readonly requestQos: 0 | 1,
   ) {
     this.payer = options.wallet.address.toLowerCase();
     this.clientId = clientId;
@@ -113,7 +114,7 @@ export class TestPayer {
   }
 
   static async open(t: TestContext, brokerUrl: string, options: TestPayerOptions): Promise<TestPayer> {
-    const named = await namedClient(brokerUrl, options.clientId);
+    const { requestQos, ...named } = await namedClient(brokerUrl, options.clientId);
     const { clientId } = named;
     const connection = openMeshConnection(brokerUrl, {
       ...named,
@@ -126,7 +127,7 @@ export class TestPayer {
     });
     t.after(() => connection.close());
     // Listening before the subscription answers: retained statuses arrive right after it.
-    const payer = new TestPayer(options, connection, clientId);
+    const payer = new TestPayer(options, connection, clientId, requestQos);
     await connection.firstConnect;
     await new Promise((r) => setTimeout(r, 50));
     return payer;
@@ -225,7 +226,7 @@ export class TestPayer {
         this.waiting.delete(key);
         resolve(m);
       });
-      this.client.publish(topics.agentRequest(agentId, this.clientId), encodeMessage(request), { qos: 1 });
+      this.client.publish(topics.agentRequest(agentId, this.clientId), encodeMessage(request), { qos: this.requestQos });
     });
     if (reply.receipt) await this.onReceipt(agentId, reply.receipt, request, reply.kind === 'res' ? reply.outputs : undefined);
     return reply;
