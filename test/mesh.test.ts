@@ -49,6 +49,18 @@ function request(model: string, inputs: InferRequest['inputs'], deadlineInMs = 5
   return { v: PROTOCOL_VERSION, kind: 'req', id: newRequestId(), deadline: Date.now() + deadlineInMs, model, inputs };
 }
 
+/**
+ * The two tests that send a burst of detection requests (1.2 MB each) and need it to pile up in the agent's queue
+ * cannot make one on NATS 2.9: its MQTT layer delivered such messages about 30 ms apart here (12 in 334 ms at QoS 0,
+ * 465 ms at QoS 1, against 103 and 73 ms on mosquitto), about as fast as the agent runs them, so the queue held two
+ * or fewer and the burst got 0 or 1 MESH_BUSY where the test needs 5 (docs/operations.md, "Running the end-to-end
+ * suite on an engine").
+ */
+const BURST_SKIP =
+  ENGINE === 'nats'
+    ? "NATS 2.9's MQTT layer delivers 1.2 MB requests about 30 ms apart here, as fast as the agent serves them: a burst from one sender never fills the queue"
+    : false;
+
 function wireF32(shape: number[], count = shape.reduce((a, b) => a * b, 1)) {
   return { dtype: 'float32', shape, data: new Uint8Array(count * 4) };
 }
@@ -190,7 +202,7 @@ describe('inference through the mesh', { skip: ENGINE_SKIP }, () => {
     await Promise.all(hog);
   });
 
-  test('a full queue answers MESH_BUSY at once while accepted work is served', async (t) => {
+  test('a full queue answers MESH_BUSY at once while accepted work is served', { skip: BURST_SKIP }, async (t) => {
     const broker = await brokerFor(t);
     const agent = await agentFor(t, { brokerUrl: broker.url, queueLimit: 2 });
     const raw = await rawClient(t, broker.url, 'raw-busy');
@@ -202,7 +214,7 @@ describe('inference through the mesh', { skip: ENGINE_SKIP }, () => {
     assert.equal(agent.counters.errors.MESH_BUSY, busy.length);
   });
 
-  test('a queued request can be cancelled by its id', async (t) => {
+  test('a queued request can be cancelled by its id', { skip: BURST_SKIP }, async (t) => {
     const broker = await brokerFor(t);
     const agent = await agentFor(t, { brokerUrl: broker.url });
     const raw = await rawClient(t, broker.url, 'raw-cancel');
