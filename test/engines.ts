@@ -196,19 +196,20 @@ export async function natsClusterPorts(): Promise<{ nodes: NatsNode[]; args: str
   };
 }
 
+/**
+ * A one-shot client that checks `username` can connect: a client id of its own, since NATS holds a session's client id
+ * for a moment after the connection closed and the identity's own client connects right after the probe.
+ */
+function probeClient(url: string, username: string, password: string): mqtt.MqttClient {
+  return mqtt.connect(url, { username, password, clientId: `${username}-probe`, reconnectPeriod: 0, protocolVersion: 4, connectTimeout: 3_000 });
+}
+
 /** Waits until an admitted client can connect to every node and hold a QoS 1 subscription (JetStream is up). */
 export async function natsClusterReady(urls: readonly string[], username: string, password: string, timeoutMs = 30_000): Promise<void> {
   const until = Date.now() + timeoutMs;
   for (const url of urls) {
     for (;;) {
-      const c = mqtt.connect(url, {
-        username,
-        password,
-        clientId: `${username}-probe`,
-        reconnectPeriod: 0,
-        protocolVersion: 4,
-        connectTimeout: 3_000,
-      });
+      const c = probeClient(url, username, password);
       const ok = await new Promise<boolean>((resolve) => {
         c.once('error', () => resolve(false));
         c.once('close', () => resolve(false));
@@ -340,16 +341,7 @@ function serial() {
 async function acceptedOn(url: string, username: string, password: string, timeoutMs = 15_000): Promise<void> {
   const until = Date.now() + timeoutMs;
   for (;;) {
-    // A client id of its own: NATS holds a session's client id for a moment after the connection closed, and the
-    // identity's own client connects right after this probe (mosquitto replaces it by the username anyway).
-    const c = mqtt.connect(url, {
-      username,
-      password,
-      clientId: `${username}-probe`,
-      reconnectPeriod: 0,
-      protocolVersion: 4,
-      connectTimeout: 3_000,
-    });
+    const c = probeClient(url, username, password);
     const result = await new Promise<string>((resolve) => {
       c.once('connect', () => resolve('ok'));
       c.once('error', (err) => resolve(err.message));
