@@ -201,7 +201,14 @@ export async function natsClusterPorts(): Promise<{ nodes: NatsNode[]; args: str
  * for a moment after the connection closed and the identity's own client connects right after the probe.
  */
 function probeClient(url: string, username: string, password: string): mqtt.MqttClient {
-  return mqtt.connect(url, { username, password, clientId: `${username}-probe`, reconnectPeriod: 0, protocolVersion: 4, connectTimeout: 3_000 });
+  return mqtt.connect(url, {
+    username,
+    password,
+    clientId: `${username}-probe`,
+    reconnectPeriod: 0,
+    protocolVersion: 4,
+    connectTimeout: 3_000,
+  });
 }
 
 /** Waits until an admitted client can connect to every node and hold a QoS 1 subscription (JetStream is up). */
