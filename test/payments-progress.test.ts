@@ -159,9 +159,20 @@ test('a job in units is paid pro rata by progress receipts, a cancel for the uni
     (err: unknown) => err,
   );
   assert.ok(late instanceof MeshError && late.code === 'MESH_DEADLINE_EXCEEDED', String(late));
-  await waitFor(() => agent.loadReport().inFlight === 0 && agent.loadReport().queued === 0, 10_000, 'the late job ending');
-  const seqNow = (await journal()).length;
-  await waitFor(() => mesh.lanes()[0]!.receipts === seqNow, 10_000, 'every receipt linked');
+  // The job is in neither the queue nor a run while the agent admits it on its lane (asynchronous), so an idle load
+  // report alone does not say it has ended: wait for its timeout receipt in the journal, and for the app to have
+  // linked every receipt journaled.
+  const until = Date.now() + 10_000;
+  for (;;) {
+    const journaled = await journal();
+    const idle = agent.loadReport().inFlight === 0 && agent.loadReport().queued === 0;
+    if (idle && journaled.at(-1)?.status === RECEIPT_STATUS.timeout && mesh.lanes()[0]!.receipts === journaled.length) break;
+    assert.ok(
+      Date.now() < until,
+      `the late job ending and every receipt linked: ${journaled.length} journaled (last status ${journaled.at(-1)?.status}), ${mesh.lanes()[0]!.receipts} linked`,
+    );
+    await new Promise((r) => setTimeout(r, 20));
+  }
   receipts = await journal();
   const last = receipts.at(-1)!;
   assert.equal(last.status, RECEIPT_STATUS.timeout);
