@@ -91,7 +91,12 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
       () => router.agents().find((a) => a.id === deadIdentity.id)?.up === false,
       10_000,
       'the router to see the dead agent go offline',
-    );
+    ).catch((err: Error) => {
+      const seen = router.agents().find((a) => a.id === deadIdentity.id);
+      throw new Error(
+        `${err.message}: child exit ${dead.exitCode} signal ${dead.signalCode}; the router's view ${JSON.stringify(seen && { up: seen.up, state: (seen as { status?: { state?: string } }).status?.state })}`,
+      );
+    });
 
     const inputs = sampleInputs('kws', 1);
     const results = await runAll(600, 4, () => router.infer('kws', inputs, { deadlineMs: 5_000 }));
