@@ -35,6 +35,7 @@ import type { ClientGuard, IpGuard, NonceCache } from './limits.ts';
 import type { WarnThrottled } from './log.ts';
 import type { ResolvedBrokerOptions } from './options.ts';
 import type { TopicLimits } from './policy.ts';
+import type { WillOrder } from './will-order.ts';
 
 export interface HookContext {
   opts: ResolvedBrokerOptions;
@@ -49,6 +50,8 @@ export interface HookContext {
   addressOf(socket: unknown): string | undefined;
   /** Refusals and bans, for the metrics (./counters.ts). */
   counters: BrokerCounters;
+  /** Holds each client's will until its earlier publishes are through. */
+  willOrder: WillOrder;
   /** An operator's admin record passed the ACL: apply it and publish the ack. */
   onAdminRecord(session: MeshSession, payload: Buffer): void;
 }
@@ -244,11 +247,17 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       // `client` is null only for a will aedes republishes after its owner's broker vanished.
       const ownerId = client ? client.id : orphanWillOwner(packet);
       const session = client === null ? undefined : sessionOf(client);
+      const ownWill = client !== null && isOwnWill(client, packet);
+      if (client !== null && !ownWill && ctx.willOrder.willReleased(client)) {
+        // Read from the connection after its will went out: older news than the will (./will-order.ts).
+        refusePublish(ownerId, packet.topic, 'after-will', 'MESH_FORBIDDEN', callback);
+        return;
+      }
       const verdict = decidePublish(packet, {
         ownerId,
         session,
         orphanWill: client === null,
-        ownWill: client !== null && isOwnWill(client, packet),
+        ownWill,
         auth: auth !== undefined,
         limits,
         ratePerMs: publishRatePerMs,
@@ -263,7 +272,12 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       // to admin records, so letting aedes go on (which sends the PUBACK) forwards it to no one.
       const accept = () => {
         if (verdict.admin) ctx.onAdminRecord(session!, packet.payload as Buffer);
-        callback(null);
+        if (client === null) callback(null);
+        else if (ownWill) ctx.willOrder.beforeWill(client, () => callback(null));
+        else {
+          ctx.willOrder.accepted(client);
+          callback(null);
+        }
       };
       const hook = hooks.authorizePublish;
       if (!hook) {

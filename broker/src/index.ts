@@ -55,6 +55,7 @@ import { throttledWarn } from './log.ts';
 import type { BrokerOptions } from './options.ts';
 import { AEDES_MAX_TOPIC_LEVELS, resolveBrokerOptions } from './options.ts';
 import { AdmissionStore } from './store.ts';
+import { WillOrder } from './will-order.ts';
 
 export { decodeAdminAck, encodeAdminRecord, MAX_ADMIN_RECORD_BYTES } from './admin.ts';
 export { MAX_PASSWORD_BYTES, MAX_USERNAME_BYTES } from './handlers/connect.ts';
@@ -179,6 +180,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     wsPath: opts.wsPath,
     handle: (stream, transport) => downgradeSubscribeQoS(aedes.handle(track(stream, transport)), grantedQos),
   });
+  const willOrder = new WillOrder();
   const aedes = await Aedes.createBroker({
     connectTimeout: opts.connectTimeoutMs,
     keepaliveLimit: opts.keepaliveLimitS,
@@ -204,6 +206,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
       store,
       addressOf: listener.addressOf,
       counters,
+      willOrder,
       onAdminRecord: (session, payload) => void admissions.applyRecord(session, payload),
     }),
   });
@@ -220,7 +223,9 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     );
   });
   aedes.on('publish', (_packet, client) => {
-    if (client) counters.messagesIn++;
+    if (!client) return;
+    counters.messagesIn++;
+    willOrder.published(client);
   });
   aedes.on('keepaliveTimeout', (client) => log.debug({ clientId: client.id }, 'keepalive timeout'));
   // Without a listener an 'error' (e.g. from persistence) would throw and take the process down.
