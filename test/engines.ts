@@ -308,12 +308,12 @@ export interface EngineAccess {
   passwordFile?: string;
   subscriptionQos?: 0;
   /**
-   * The QoS the tests' hand-made senders (test/helpers.ts `rawClient`, test/payer.ts) publish requests at, when not 1.
-   * On NATS 2.9 a QoS 1 PUBLISH is stored in JetStream before it is delivered: 12 small messages took 45 ms to arrive
+   * The QoS of requests, replies, cancels, leases and vouchers (the `publishQos` option of the agent, SDK and router;
+   * the tests' hand-made senders, test/helpers.ts `rawClient` and test/payer.ts, follow it too), when not 1. On NATS 2.9 a QoS 1 PUBLISH is stored in JetStream before it is delivered: 12 small messages took 45 ms to arrive
    * at QoS 1 and 7 ms at QoS 0 here, and a request with a 40 ms deadline (test/payments-mesh.test.ts) expired on the
    * way at QoS 1 instead of expiring in the agent's queue.
    */
-  requestQos?: 0;
+  publishQos?: 0;
 }
 
 export interface ExternalEngine {
@@ -443,7 +443,7 @@ async function natsEngine(): Promise<ExternalEngine> {
         const password = (await readFile(passwordFile, 'utf8')).trim();
         for (const p of procs) if (p.child.exitCode === null) await acceptedOn(p.url, identity.id, password);
         // QoS 0 subscriptions, as docs/operations.md recommends on NATS (no JetStream consumer per subscription).
-        const access: EngineAccess = { username: identity.id, password, passwordFile, subscriptionQos: 0, requestQos: 0 };
+        const access: EngineAccess = { username: identity.id, password, passwordFile, subscriptionQos: 0, publishQos: 0 };
         admitted.get(identity.id)!.access = access;
         return access;
       }),

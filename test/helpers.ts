@@ -109,12 +109,12 @@ export async function accessFor(brokerUrl: string, identity: Identity): Promise<
   return engine ? engine.admit(identity) : {};
 }
 
-/** Connection options: the access minus the password file (which only the CLI takes) and the tests' request QoS. */
-function connectionAccess({ passwordFile: _, requestQos: __, ...access }: EngineAccess) {
+/** Connection options: the access minus the password file (which only the CLI takes). */
+function connectionAccess({ passwordFile: _, ...access }: EngineAccess) {
   return access;
 }
 
-const requestQosOf = (access: EngineAccess): 0 | 1 => access.requestQos ?? 1;
+const requestQosOf = (access: EngineAccess): 0 | 1 => access.publishQos ?? 1;
 
 /** Identities standing for the free-form client ids the tests name, one per name, on an external engine. */
 const namedIdentities = new Map<string, Identity>();
@@ -132,7 +132,8 @@ export async function namedClient(
   username?: string;
   password?: string;
   subscriptionQos?: 0;
-  /** The QoS to publish requests at (test/engines.ts, `EngineAccess.requestQos`). */
+  publishQos?: 0;
+  /** The QoS to publish requests at (test/engines.ts, `EngineAccess.publishQos`). */
   requestQos: 0 | 1;
 }> {
   if (!engineByUrl.has(brokerUrl)) return { clientId: name, requestQos: 1 };
@@ -243,6 +244,7 @@ export async function spawnAgent(
     ...(access.username !== undefined ? ['--username', access.username] : []),
     ...(access.passwordFile !== undefined ? ['--password-file', access.passwordFile] : []),
     ...(access.subscriptionQos !== undefined ? ['--subscription-qos', String(access.subscriptionQos)] : []),
+    ...(access.publishQos !== undefined ? ['--publish-qos', String(access.publishQos)] : []),
   ];
   const child = spawn(
     process.execPath,

@@ -475,6 +475,35 @@ describe('payouts and lanes that cannot be squatted or wedged', () => {
     await waitFor(() => lastVoucher(agent) === 12, 5_000, 'the voucher pays 12');
   });
 
+  test('a resync lost on the way is asked again, with nothing else coming to trigger it', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+      // The second reply is lost on the way (its receipt stays in the agent's journal).
+      if (n !== 2) a.answer(sender, req.id, receipt);
+    });
+    // The first resync is lost too (as with a broker node's death at QoS 0): the agent never sees it.
+    agent.answerResyncs = false;
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: agent.identity.id }));
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await waitFor(() => agent.resyncs >= 1, 5_000, 'a resync for the missing receipt');
+    agent.answerResyncs = true;
+    assert.equal(mesh.lanes()[0]!.held, 1, 'the third receipt is held behind the gap');
+    // No request follows: only the SDK's own retry can fill the gap.
+    await waitFor(() => mesh.lanes()[0]!.receipts === 3, 5_000, 'the gap filled by a second ask');
+    assert.equal(agent.resyncs, 2, 'asked once more');
+    assert.equal(mesh.lanes()[0]!.held, 0);
+    // Paid: the two answered requests; not the one whose answer never arrived.
+    assert.equal(mesh.lanes()[0]!.owedMicros, 4);
+  });
+
   test('a voucher the agent reports not having is sent again', async (t) => {
     const broker = await brokerFor(t);
     const payoutWallet = account();
@@ -769,7 +798,8 @@ describe('resyncs an agent cannot turn into a flood', () => {
     await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
     await waitFor(() => agent.resyncs >= 1, 5_000, 'a resync for the missing receipt');
     await new Promise((r) => setTimeout(r, 2_500));
-    // One ask for the gap the third reply showed; the answer (without the receipt) asks nothing more by itself.
+    // One ask for the gap the third reply showed, and one retry after 1 s (the next would come at 3 s): the answer
+    // (without the receipt) asks nothing more by itself.
     assert.ok(agent.resyncs <= 2, `${agent.resyncs} resyncs in 2.5 s`);
     const lane = mesh.lanes()[0]!;
     assert.equal(lane.receipts, 1, 'the lane stands before the gap');

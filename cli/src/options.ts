@@ -45,6 +45,11 @@ export function brokerAccessFlags(command: Command): Command {
       new Option('--subscription-qos <qos>', 'QoS of the subscriptions; 0 on a NATS cluster (docs/operations.md)')
         .choices(['0', '1'])
         .default('1'),
+    )
+    .addOption(
+      new Option('--publish-qos <qos>', 'QoS of requests, replies, cancels, leases and vouchers; 0 on a NATS cluster (docs/operations.md)')
+        .choices(['0', '1'])
+        .default('1'),
     );
 }
 
@@ -56,7 +61,8 @@ export async function brokerAccessFrom(opts: {
   username?: string;
   passwordFile?: string;
   subscriptionQos?: string;
-}): Promise<{ tls?: MeshTlsOptions; username?: string; password?: string; subscriptionQos?: 0 | 1 }> {
+  publishQos?: string;
+}): Promise<{ tls?: MeshTlsOptions; username?: string; password?: string; subscriptionQos?: 0 | 1; publishQos?: 0 | 1 }> {
   const tls = await loadTlsFiles({ ca: opts.tlsCa, cert: opts.tlsCert, key: opts.tlsKey });
   let password: string | undefined;
   if (opts.passwordFile !== undefined) {
@@ -71,5 +77,6 @@ export async function brokerAccessFrom(opts: {
     ...(opts.username !== undefined ? { username: opts.username } : {}),
     ...(password !== undefined ? { password } : {}),
     ...(opts.subscriptionQos !== undefined ? { subscriptionQos: opts.subscriptionQos === '0' ? (0 as const) : (1 as const) } : {}),
+    ...(opts.publishQos !== undefined ? { publishQos: opts.publishQos === '0' ? (0 as const) : (1 as const) } : {}),
   };
 }

@@ -630,16 +630,18 @@ export const systemClock: EngineClock = {
 
 /**
  * The engine's transport over MQTT, the same for every sender: a request on the agent's request topic
- * in this sender's name (QoS 1; a failed publish fails the attempt with MESH_NOT_CONNECTED), a cancel on
- * the agent's cancel topic. `client` is read at each call, so it may be set after the engine is built.
+ * in this sender's name (at `qos`, default 1; a failed publish fails the attempt with MESH_NOT_CONNECTED), a
+ * cancel on the agent's cancel topic at the same QoS. `client` is read at each call, so it may be set after the engine is built.
  */
 export function mqttTransport<Req>(options: {
   client: () => MqttClient;
   senderId: string;
+  qos?: 0 | 1;
   payload: (attempt: Attempt<Req>) => Uint8Array;
   onSendFailed: (attempt: Attempt<Req>, error: MeshError) => void;
 }): EngineTransport<Req> {
   const { senderId } = options;
+  const qos = options.qos ?? 1;
   return {
     send(attempt) {
       const bytes = options.payload(attempt);
@@ -648,7 +650,7 @@ export function mqttTransport<Req>(options: {
         .publish(
           topics.agentRequest(attempt.agentId, senderId),
           Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength),
-          { qos: 1 },
+          { qos },
           (err) => {
             if (err) options.onSendFailed(attempt, new MeshError('MESH_NOT_CONNECTED', `publish failed: ${err.message}`, { cause: err }));
           },
@@ -658,7 +660,7 @@ export function mqttTransport<Req>(options: {
       const client = options.client();
       if (!client.connected) return;
       const cancel = encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: Buffer.from(attempt.request.key, 'hex') });
-      client.publish(topics.agentCancel(attempt.agentId, senderId), cancel, { qos: 1 });
+      client.publish(topics.agentCancel(attempt.agentId, senderId), cancel, { qos });
     },
   };
 }

@@ -18,7 +18,6 @@ import type { Faults } from './faults.ts';
 import type { AgentCounters } from './types.ts';
 
 /** Replies go at QoS 1; mqtt.js copies the options it is given, so one object serves every reply. */
-const QOS1 = { qos: 1 } as const;
 
 export type AgentTopicKind = 'request' | 'cancel' | 'voucher';
 
@@ -50,7 +49,7 @@ export function routeTopic(agentId: string, topic: string): { kind: AgentTopicKi
 
 export interface AgentLinkOptions {
   brokerUrl: string;
-  brokerAccess: Pick<MeshConnectionOptions, 'tls' | 'username' | 'password' | 'subscriptionQos'>;
+  brokerAccess: Pick<MeshConnectionOptions, 'tls' | 'username' | 'password' | 'subscriptionQos' | 'publishQos'>;
   identity: Identity;
   /** The agent runs on a key made for this run (it gets a different hint when refused). */
   ephemeral: boolean;
@@ -78,6 +77,8 @@ export class AgentLink {
   private readonly connection: MeshConnection;
   private readonly client: MqttClient;
   private readonly agentId: string;
+  /** Replies go to one sender: at the access's publish QoS (1 unless the engine makes it costly). */
+  private readonly replyQos: { qos: 0 | 1 };
   private closed = false;
   /** Writes are held until this turn's check phase (holdWrites). */
   private held = false;
@@ -89,6 +90,7 @@ export class AgentLink {
     const { brokerUrl, identity, ephemeral, keepaliveS, backoff, will, vouchers, handlers, counters, logger } = options;
     const agentId = identity.id;
     this.agentId = agentId;
+    this.replyQos = { qos: options.brokerAccess.publishQos ?? 1 };
     let rejectAnnounced!: (err: MeshError) => void;
     this.announced = new Promise<void>((resolve, reject) => {
       this.resolveAnnounced = resolve;
@@ -220,9 +222,9 @@ export class AgentLink {
     const delay = afterMs + this.options.faults.linkDelayMs;
     if (delay > 0) {
       setTimeout(() => {
-        if (!this.closed) this.client.publish(topics.clientReply(senderId, this.agentId), payload, QOS1);
+        if (!this.closed) this.client.publish(topics.clientReply(senderId, this.agentId), payload, this.replyQos);
       }, delay).unref();
-    } else this.client.publish(topics.clientReply(senderId, this.agentId), payload, QOS1);
+    } else this.client.publish(topics.clientReply(senderId, this.agentId), payload, this.replyQos);
   }
 
   /** A heartbeat's load report (QoS 0: the next one replaces it); skipped while disconnected. */

@@ -16,7 +16,7 @@ import type { AgentOptions } from './types.ts';
 export interface ResolvedOptions {
   brokerUrl: string;
   /** TLS and password credentials for the broker, passed to the connection as given. */
-  brokerAccess: Pick<AgentOptions, 'tls' | 'username' | 'password' | 'subscriptionQos'>;
+  brokerAccess: Pick<AgentOptions, 'tls' | 'username' | 'password' | 'subscriptionQos' | 'publishQos'>;
   modelsDir: string;
   identity: Identity;
   /** The identity was made for this run (no key given). */
@@ -103,6 +103,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
       ...(options.username !== undefined ? { username: options.username } : {}),
       ...(options.password !== undefined ? { password: options.password } : {}),
       ...(options.subscriptionQos !== undefined ? { subscriptionQos: options.subscriptionQos } : {}),
+      ...(options.publishQos !== undefined ? { publishQos: options.publishQos } : {}),
     },
     modelsDir,
     identity,

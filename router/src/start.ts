@@ -80,6 +80,13 @@ export interface StartRouterOptions {
    * keeps nothing across a reconnect either, so the mesh loses nothing by it.
    */
   subscriptionQos?: 0 | 1;
+  /**
+   * QoS of what this client publishes to one receiver (requests, cancels, replies, leases, vouchers; default 1).
+   * 0 on a NATS cluster (docs/operations.md, "Running on a NATS cluster"): there a QoS 1 PUBLISH is stored in
+   * JetStream before the broker reads the client's next packet, and while the cluster elects leaders after losing a
+   * node each one waits up to 4 s. Statuses and the last will stay QoS 1 and retained.
+   */
+  publishQos?: 0 | 1;
   /** A 'router' identity: its id is the router's client id and it proves the router on CONNECT. */
   identity: Identity;
   logger?: RouterLogger;
@@ -238,6 +245,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     transport: mqttTransport({
       client: () => client,
       senderId: routerId,
+      qos: options.publishQos ?? 1,
       payload: (attempt) => attempt.request.data.payload,
       onSendFailed: (attempt, error) => engine.unsent(attempt.request.key, attempt.agentId, error),
     }),
@@ -272,7 +280,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
       ...(isMeshErrorCode(lease.code) ? { code: lease.code } : {}),
       ...(lease.agents[0] ? { agentId: lease.agents[0].agent } : {}),
     });
-    if (client.connected) client.publish(topics.clientLease(senderId, routerId), encodeMessage(lease), { qos: 1 });
+    if (client.connected) client.publish(topics.clientLease(senderId, routerId), encodeMessage(lease), { qos: options.publishQos ?? 1 });
   };
 
   // With credentials on the HTTP/gRPC API, the revocations the broker republishes refuse revoked ids' tokens.

@@ -115,6 +115,13 @@ export interface ConnectOptions {
    */
   subscriptionQos?: 0 | 1;
   /**
+   * QoS of what this client publishes to one receiver (requests, cancels, replies, leases, vouchers; default 1).
+   * 0 on a NATS cluster (docs/operations.md, "Running on a NATS cluster"): there a QoS 1 PUBLISH is stored in
+   * JetStream before the broker reads the client's next packet, and while the cluster elects leaders after losing a
+   * node each one waits up to 4 s. Statuses and the last will stay QoS 1 and retained.
+   */
+  publishQos?: 0 | 1;
+  /**
    * How long `connect` waits for the first connection before it fails with MESH_NOT_CONNECTED (default 30 000; the
    * last refusal or TLS failure seen, if any, is the error's cause). A TLS failure or an unauthorized CONNECT fails it
    * at once, with MESH_TLS or MESH_UNAUTHORIZED.
@@ -312,7 +319,12 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   if (options.payment) {
     // Loaded on demand: an app that does not pay never loads the payment code.
     const { PayerLanes } = await import('./payments.ts');
-    payments = await PayerLanes.open(options.payment, clientId, (topic, payload) => client.publish(topic, payload, { qos: 1 }), logger);
+    payments = await PayerLanes.open(
+      options.payment,
+      clientId,
+      (topic, payload) => client.publish(topic, payload, { qos: options.publishQos ?? 1 }),
+      logger,
+    );
   }
 
   const counters = { leases: 0, routed: 0, leaseFallbacks: 0 };
@@ -355,6 +367,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     transport: mqttTransport({
       client: () => client,
       senderId: clientId,
+      qos: options.publishQos ?? 1,
       payload: (attempt) => attempt.request.data.payloadFor(attempt.agentId),
       onSendFailed: (attempt, error) => engine.unsent(attempt.request.key, attempt.agentId, error),
     }),
@@ -372,7 +385,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
           client.publish(
             topics.routerRoute(routerId, clientId),
             encodeMessage({ v: PROTOCOL_VERSION, kind: 'route', id, model, budgetMs, bytes }),
-            { qos: 1 },
+            { qos: options.publishQos ?? 1 },
             (err) => sent(!err),
           );
         },

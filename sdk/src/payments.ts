@@ -130,6 +130,8 @@ export interface LaneView {
   payout: string;
   /** Receipts linked into the lane (paid or not). */
   receipts: number;
+  /** Receipts held, not linked yet: ahead of a gap (one before them is missing), or waiting for their reply. */
+  held: number;
   /** What this client owes: the receipts it accepted. */
   owedMicros: number;
   /** What the agent billed, by its receipts. */
@@ -200,6 +202,10 @@ interface Lane {
   resyncSentAt: number;
   /** A resync deferred to the end of the spacing (see `resync`). */
   resyncTimer: NodeJS.Timeout | undefined;
+  /** Asks again while a gap stays open after a resync (see `resync`). */
+  resyncRetryTimer: NodeJS.Timeout | undefined;
+  /** Resyncs sent again since the lane last linked a receipt. */
+  resyncRetries: number;
   voucherResentAt: number;
   broken: string | undefined;
   /**
@@ -263,6 +269,14 @@ const REMEMBER_SENT_MS = 60_000;
 const MAX_SENT = 20_000;
 /** Resync and voucher resend requests per lane are spaced by at least this. */
 const RETRY_SPACING_MS = 500;
+/**
+ * A resync that leaves the gap open is sent again after RESYNC_RETRY_MS, doubling each time, at most
+ * MAX_RESYNC_RETRIES times in a row (counted from the lane's last linked receipt): 31 s in all. The ask or its
+ * answer can be lost with a broker node where requests and replies travel at QoS 0 (`publishQos`), and nothing else
+ * may come to ask again.
+ */
+const RESYNC_RETRY_MS = 1_000;
+const MAX_RESYNC_RETRIES = 5;
 /** How long closing waits for receipts missing before ones it holds (see `close`). */
 const CLOSE_GAP_WAIT_MS = 1_500;
 /** Receipts linked before their signatures are checked, per lane, when no voucher comes sooner. */
@@ -419,6 +433,8 @@ export class PayerLanes {
       ahead: new Map((resume?.ahead ?? []).map(restoreAhead).map((a) => [a.receipt.seq, a])),
       awaitTimer: undefined,
       resyncTimer: undefined,
+      resyncRetryTimer: undefined,
+      resyncRetries: 0,
       resyncSentAt: 0,
       voucherResentAt: 0,
       broken: undefined,
@@ -783,6 +799,7 @@ export class PayerLanes {
       return;
     }
     this.counters.receipts++;
+    lane.resyncRetries = 0;
     if (linked.payable) lane.pendingLeaves.push(linked.leaf.slice());
     else {
       if (linked.reason === 'late' && linked.price > 0 && lane.late.length < MAX_LATE)
@@ -914,6 +931,18 @@ export class PayerLanes {
       topics.agentVoucher(lane.agentId, this.clientId),
       encodeMessage({ v: PROTOCOL_VERSION, kind: 'resync', payer: this.payer, afterSeq: lane.verifier.state.seq }),
     );
+    if (!lane.resyncRetryTimer && !this.closing && lane.resyncRetries < MAX_RESYNC_RETRIES) {
+      lane.resyncRetryTimer = setTimeout(
+        () => {
+          lane.resyncRetryTimer = undefined;
+          if (lane.broken || this.closing || lane.ahead.size === 0 || lane.ahead.has(lane.verifier.state.seq + 1)) return;
+          lane.resyncRetries++;
+          this.resync(lane);
+        },
+        RESYNC_RETRY_MS * 2 ** lane.resyncRetries,
+      );
+      lane.resyncRetryTimer.unref?.();
+    }
   }
 
   private startPump(lane: Lane): void {
@@ -964,6 +993,7 @@ export class PayerLanes {
       payer: this.payer,
       payout: l.quote.payout,
       receipts: l.verifier.state.seq,
+      held: l.ahead.size,
       owedMicros: l.verifier.state.payable ?? 0,
       billedMicros: l.verifier.state.cumulative,
       paidMicros: l.paid,
@@ -997,6 +1027,8 @@ export class PayerLanes {
       lane.awaitTimer = undefined;
       clearTimeout(lane.resyncTimer);
       lane.resyncTimer = undefined;
+      clearTimeout(lane.resyncRetryTimer);
+      lane.resyncRetryTimer = undefined;
       while (this.linkAhead(lane));
       for (const h of lane.held.values()) clearTimeout(h.timer);
       this.schedule(lane);
