@@ -221,12 +221,27 @@ test('the mesh serves on a 3-node NATS cluster with generated users; eavesdroppe
   const from = (i: number) => [...urls.slice(i), ...urls.slice(0, i)].join(',');
   const secretOf = async (k: Identity) => (await readFile(generated.identities.find((i) => i.id === k.id)!.passwordFile, 'utf8')).trim();
   // QoS 0 subscriptions, as docs/operations.md recommends on NATS (no JetStream consumer per subscription).
-  const creds = async (k: Identity) => ({ identity: k, username: k.id, password: await secretOf(k), subscriptionQos: 0 as const });
+  const creds = async (k: Identity) => ({
+    identity: k,
+    username: k.id,
+    password: await secretOf(k),
+    subscriptionQos: 0 as const,
+    publishQos: 0 as const,
+  });
   await clusterReady(urls, watchKey.id, await secretOf(watchKey));
 
   // The agent is the CLI on node 1 first, the router on node 2, the app on node 3.
   const agentPasswordFile = generated.identities.find((i) => i.id === agentKey.id)!.passwordFile;
-  await spawnAgent(t, from(0), agentKey, ['--username', agentKey.id, '--password-file', agentPasswordFile, '--subscription-qos', '0']);
+  await spawnAgent(t, from(0), agentKey, [
+    '--username',
+    agentKey.id,
+    '--password-file',
+    agentPasswordFile,
+    '--subscription-qos',
+    '0',
+    '--publish-qos',
+    '0',
+  ]);
   const apiKey = makeApiKey('nats-test', ['infer']);
   const router = await startRouter({
     brokerUrl: from(1),

@@ -104,7 +104,10 @@ export class TestPayer {
       if (topic.endsWith('/status')) {
         if (payload.length === 0) return;
         const status = decodeMessage(payload, ['status']);
-        if (verifyStatus(status)) this.statuses.set(status.agent, status);
+        const known = this.statuses.get(status.agent);
+        // As the SDK's fleet view does: an offline status (a late last will) ends only the session it names.
+        const stale = status.state === 'offline' && known !== undefined && known.session !== status.session && known.state !== 'offline';
+        if (verifyStatus(status) && !stale) this.statuses.set(status.agent, status);
         return;
       }
       const message = decodeMessage(payload, ['res', 'err', 'receipts']);

@@ -272,6 +272,28 @@ async function fund(wallet: ethers.Wallet, payout: string, micros = 1_000_000n):
 const kws = () => sampleInputs('kws', 1);
 const lastVoucher = (a: Scripted) => a.vouchers.at(-1)?.cumulative ?? 0;
 
+/**
+ * A scripted agent whose reply to its `lost`-th request is lost on the way (its receipt stays in the agent's journal;
+ * with `withhold`, it is also left out of every resync answer), and a paying mesh that found it. `pinned` sends it a
+ * request.
+ */
+async function laneLosingReply(t: TestContext, lost: number, withhold = false) {
+  const broker = await brokerFor(t);
+  const payoutWallet = account();
+  let n = 0;
+  const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+    n++;
+    const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+    if (n !== lost) a.answer(sender, req.id, receipt);
+    else if (withhold) a.withhold.add(receipt.seq);
+  });
+  await register(payoutWallet, agent.identity);
+  const { mesh } = await payingMesh(t, broker.url);
+  await mesh.waitForModel('kws');
+  const pinned = (deadlineMs: number) => mesh.infer('kws', kws(), { deadlineMs, agentId: agent.identity.id });
+  return { agent, mesh, pinned };
+}
+
 describe('the payer pays only what it asked for', () => {
   test('a receipt for a request never sent, one with units beyond the quote and an ok receipt on an error reply are not paid', async (t) => {
     const broker = await brokerFor(t);
@@ -453,21 +475,10 @@ describe('payouts and lanes that cannot be squatted or wedged', () => {
   });
 
   test('a lost reply does not wedge the lane: the payer asks for the receipts again and goes on paying', async (t) => {
-    const broker = await brokerFor(t);
-    const payoutWallet = account();
-    let n = 0;
-    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
-      n++;
-      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
-      // The second reply is lost on the way (its receipt stays in the agent's journal).
-      if (n !== 2) a.answer(sender, req.id, receipt);
-    });
-    await register(payoutWallet, agent.identity);
-    const { mesh } = await payingMesh(t, broker.url);
-    await mesh.waitForModel('kws');
-    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
-    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: agent.identity.id }));
-    for (let i = 0; i < 5; i++) await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    const { agent, mesh, pinned } = await laneLosingReply(t, 2);
+    await pinned(3_000);
+    await assert.rejects(pinned(300));
+    for (let i = 0; i < 5; i++) await pinned(3_000);
     await waitFor(() => (mesh.lanes()[0]?.receipts ?? 0) === 7, 5_000, 'all seven receipts linked');
     assert.ok(agent.resyncs >= 1, 'a resync was asked for');
     // Paid: the six answered requests. Not paid: the one whose answer never arrived.
@@ -476,23 +487,12 @@ describe('payouts and lanes that cannot be squatted or wedged', () => {
   });
 
   test('a resync lost on the way is asked again, with nothing else coming to trigger it', async (t) => {
-    const broker = await brokerFor(t);
-    const payoutWallet = account();
-    let n = 0;
-    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
-      n++;
-      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
-      // The second reply is lost on the way (its receipt stays in the agent's journal).
-      if (n !== 2) a.answer(sender, req.id, receipt);
-    });
+    const { agent, mesh, pinned } = await laneLosingReply(t, 2);
     // The first resync is lost too (as with a broker node's death at QoS 0): the agent never sees it.
     agent.answerResyncs = false;
-    await register(payoutWallet, agent.identity);
-    const { mesh } = await payingMesh(t, broker.url);
-    await mesh.waitForModel('kws');
-    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
-    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: agent.identity.id }));
-    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await pinned(3_000);
+    await assert.rejects(pinned(300));
+    await pinned(3_000);
     await waitFor(() => agent.resyncs >= 1, 5_000, 'a resync for the missing receipt');
     agent.answerResyncs = true;
     assert.equal(mesh.lanes()[0]!.held, 1, 'the third receipt is held behind the gap');
@@ -780,22 +780,11 @@ describe('receipts that come before their replies', () => {
 
 describe('resyncs an agent cannot turn into a flood', () => {
   test('an agent that never sends a receipt it lost gets one resync per event, not one every 500 ms', async (t) => {
-    const broker = await brokerFor(t);
-    const payoutWallet = account();
-    let n = 0;
-    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
-      n++;
-      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
-      // The second reply is lost, and its receipt is left out of every resync answer.
-      if (n === 2) a.withhold.add(receipt.seq);
-      else a.answer(sender, req.id, receipt);
-    });
-    await register(payoutWallet, agent.identity);
-    const { mesh } = await payingMesh(t, broker.url);
-    await mesh.waitForModel('kws');
-    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
-    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: agent.identity.id }));
-    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    // The second reply is lost, and its receipt is left out of every resync answer.
+    const { agent, mesh, pinned } = await laneLosingReply(t, 2, true);
+    await pinned(3_000);
+    await assert.rejects(pinned(300));
+    await pinned(3_000);
     await waitFor(() => agent.resyncs >= 1, 5_000, 'a resync for the missing receipt');
     await new Promise((r) => setTimeout(r, 2_500));
     // One ask for the gap the third reply showed, and one retry after 1 s (the next would come at 3 s): the answer

@@ -35,6 +35,8 @@ export interface FleetCounters {
   statusRejected: number;
   /** Load reports ignored because their agent has no verified status here. */
   loadIgnored: number;
+  /** Offline statuses (late last wills) ignored because they name an older session than the agent's live one. */
+  staleOffline: number;
 }
 
 export interface FleetViewOptions {
@@ -97,7 +99,7 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
     minSilenceMs = 1_000,
   } = options;
   const agents = new Map<string, FleetAgent>();
-  const counters: FleetCounters = { statusRejected: 0, loadIgnored: 0 };
+  const counters: FleetCounters = { statusRejected: 0, loadIgnored: 0, staleOffline: 0 };
   /** When any agent was last heard from. */
   let anyHeardAt = Number.NEGATIVE_INFINITY;
   const changes = changeSignal();
@@ -120,6 +122,14 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
       const known = agents.get(agentId);
       const previous = known?.status;
       const sameSession = previous !== undefined && previous.session === status.session;
+      // An offline status ends only the session it names. A restarted agent's old last will can come after the new
+      // session's announcement (an engine that publishes wills late, such as a NATS node noticing the dead
+      // connection after the new one came up); taking it would mark a live agent dead and fail its work.
+      if (status.state === 'offline' && previous !== undefined && !sameSession && previous.state !== 'offline') {
+        counters.staleOffline++;
+        logger.debug({ agentId, session: status.session, current: previous.session }, 'ignoring the offline status of an older session');
+        return;
+      }
       if (known) {
         known.status = status;
         known.heardAt = now();
