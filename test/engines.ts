@@ -361,40 +361,56 @@ async function acceptedOn(url: string, username: string, password: string, timeo
   }
 }
 
+/**
+ * `admit` for an engine that checks generated password files. Each new identity regenerates the files for every
+ * identity so far (`regenerate` has the engine reload them and returns each id's password file), then waits until
+ * `accepted` says the engine takes the identity's password. One regeneration at a time.
+ */
+function passwordAdmitter(
+  seed: MosquittoIdentity,
+  regenerate: (identities: MosquittoIdentity[]) => Promise<Map<string, string>>,
+  accepted: (id: string, password: string) => Promise<void>,
+  extra: Partial<EngineAccess> = {},
+): ExternalEngine['admit'] {
+  const admitted = new Map<string, { identity: MosquittoIdentity; access?: EngineAccess }>([[seed.id, { identity: seed }]]);
+  const queue = serial();
+  return (identity) =>
+    queue(async () => {
+      const known = admitted.get(identity.id)?.access;
+      if (known) return known;
+      admitted.set(identity.id, { identity: { id: identity.id, role: identity.role } });
+      const secrets = await regenerate([...admitted.values()].map((a) => a.identity));
+      const passwordFile = secrets.get(identity.id)!;
+      const password = (await readFile(passwordFile, 'utf8')).trim();
+      await accepted(identity.id, password);
+      const access: EngineAccess = { username: identity.id, password, passwordFile, ...extra };
+      admitted.get(identity.id)!.access = access;
+      return access;
+    });
+}
+
 async function mosquittoEngine(): Promise<ExternalEngine> {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'edge-mesh-engine-mosq-'));
   const out = path.join(dir, 'mosquitto');
   const port = await freePort();
   const url = `mqtt://127.0.0.1:${port}`;
-  const admitted = new Map<string, { identity: MosquittoIdentity; access?: EngineAccess }>();
   // mosquitto takes no empty password file: the files start with one identity nobody uses.
-  const placeholder = generateIdentity('app');
-  admitted.set(placeholder.id, { identity: { id: placeholder.id, role: 'app' } });
-  let files = await writeMosquittoAuth(out, [{ id: placeholder.id, role: 'app' }], { port, host: '127.0.0.1' });
+  const placeholder: MosquittoIdentity = { id: generateIdentity('app').id, role: 'app' };
+  let files = await writeMosquittoAuth(out, [placeholder], { port, host: '127.0.0.1' });
   const extra = [`max_packet_size ${MAX_PACKET_BYTES}`];
   let server = await startMosquitto(files.confFile, port, extra);
-  const queue = serial();
   return {
     name: 'mosquitto',
     urls: [url],
-    admit: (identity) =>
-      queue(async () => {
-        const known = admitted.get(identity.id)?.access;
-        if (known) return known;
-        admitted.set(identity.id, { identity: { id: identity.id, role: identity.role } });
-        files = await writeMosquittoAuth(
-          out,
-          [...admitted.values()].map((a) => a.identity),
-          { port, host: '127.0.0.1' },
-        );
+    admit: passwordAdmitter(
+      placeholder,
+      async (identities) => {
+        files = await writeMosquittoAuth(out, identities, { port, host: '127.0.0.1' });
         server.child.kill('SIGHUP');
-        const passwordFile = files.secrets.get(identity.id)!;
-        const password = (await readFile(passwordFile, 'utf8')).trim();
-        await acceptedOn(url, identity.id, password);
-        const access = { username: identity.id, password, passwordFile };
-        admitted.get(identity.id)!.access = access;
-        return access;
-      }),
+        return files.secrets;
+      },
+      (id, password) => acceptedOn(url, id, password),
+    ),
     async restartFirstNode() {
       await server.stop();
       await sleep(300);
@@ -414,9 +430,7 @@ async function natsEngine(): Promise<ExternalEngine> {
   const out = path.join(dir, 'nats');
   const { nodes } = await natsClusterPorts();
   const options = { nodes, maxPayloadBytes: MAX_PACKET_BYTES };
-  const admitted = new Map<string, { identity: MosquittoIdentity; access?: EngineAccess }>();
   const probe = generateIdentity('app');
-  admitted.set(probe.id, { identity: { id: probe.id, role: 'app' } });
   let files = await writeNatsAuth(out, [{ id: probe.id, role: 'app' }], options);
   const started = Date.now();
   const procs = await startNatsNodes(files.nodeConfs);
@@ -424,29 +438,22 @@ async function natsEngine(): Promise<ExternalEngine> {
   const probePassword = (await readFile(files.secrets.get(probe.id)!, 'utf8')).trim();
   await natsClusterReady(urls, probe.id, probePassword);
   process.stderr.write(`# NATS: 3 nodes up with JetStream in ${Date.now() - started} ms\n`);
-  const queue = serial();
   return {
     name: 'nats',
     urls,
-    admit: (identity) =>
-      queue(async () => {
-        const known = admitted.get(identity.id)?.access;
-        if (known) return known;
-        admitted.set(identity.id, { identity: { id: identity.id, role: identity.role } });
-        files = await writeNatsAuth(
-          out,
-          [...admitted.values()].map((a) => a.identity),
-          options,
-        );
+    admit: passwordAdmitter(
+      { id: probe.id, role: 'app' },
+      async (identities) => {
+        files = await writeNatsAuth(out, identities, options);
         await reloadNatsNodes(files.nodeConfs.map((n) => n.pidFile));
-        const passwordFile = files.secrets.get(identity.id)!;
-        const password = (await readFile(passwordFile, 'utf8')).trim();
-        for (const p of procs) if (p.child.exitCode === null) await acceptedOn(p.url, identity.id, password);
-        // QoS 0 subscriptions, as docs/operations.md recommends on NATS (no JetStream consumer per subscription).
-        const access: EngineAccess = { username: identity.id, password, passwordFile, subscriptionQos: 0, publishQos: 0 };
-        admitted.get(identity.id)!.access = access;
-        return access;
-      }),
+        return files.secrets;
+      },
+      async (id, password) => {
+        for (const p of procs) if (p.child.exitCode === null) await acceptedOn(p.url, id, password);
+      },
+      // QoS 0 subscriptions and publishes, as docs/operations.md recommends on NATS (nothing waits for JetStream).
+      { subscriptionQos: 0, publishQos: 0 },
+    ),
     async restartFirstNode() {
       const first = procs[0]!;
       await first.stop();

@@ -527,6 +527,7 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
       password: await password(key),
       subscriptionQos: 0,
       publishQos: 0,
+      retainStatus: false,
       backoff: { baseMs: 50, maxMs: 500 },
       payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100 },
     });
@@ -587,7 +588,11 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
     const r = await mesh.infer('kws', sampleInputs('kws', 9_000 + i), { deadlineMs: 8_000, agentId: aKey.id }).catch((err: Error) => err);
     if (r instanceof Error) {
       pinnedErrors.push(`${(performance.now() - killedAt).toFixed(0)} ms ${(r as MeshError).code}: ${r.message}`);
-      if (performance.now() - killedAt > 30_000) throw new Error(`agent A never served again: ${pinnedErrors.join('; ')}`);
+      // A request of the stream that was on its way to A when the node died keeps its credit held on A's lane until its
+      // 25 s deadline plus the SDK's 2 s grace (sdk/src/payments.ts, HOLD_GRACE_MS): A may have run it and may bill it.
+      // With four loops that can fill the lane's window (8 requests by default), and this payer's pinned requests then
+      // fail MESH_CREDIT_EXCEEDED until 27 s after the kill (seen in 6 runs here), however soon A is back.
+      if (performance.now() - killedAt > 40_000) throw new Error(`agent A never served again: ${pinnedErrors.join('; ')}`);
       await new Promise((r) => setTimeout(r, 100));
       continue;
     }

@@ -14,10 +14,10 @@
  * Spelling each id out grants each identity exactly its role's rights and nothing to anyone else.
  */
 import { pbkdf2Sync, randomBytes, timingSafeEqual } from 'node:crypto';
-import { chmod, mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { deriveId, isValidId, MeshError, type Role, roleOfId, topics } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
+import { checkIdentities, putFile, removeUnlisted, secretOf, secretsFolder } from './secret-files.ts';
 import { AdmissionStore } from './store.ts';
 
 /** mosquitto 2.0's `$7$` parameters (PW_DEFAULT_ITERATIONS, SALT_LEN and the SHA-512 digest length). */
@@ -172,8 +172,6 @@ export interface MosquittoAuthFiles {
   removed: string[];
 }
 
-const SECRET_SUFFIX = '.password';
-
 /**
  * Writes `passwd`, `acl`, `mosquitto.conf` and `secrets/{id}.password` under `outDir`. A secret that already exists
  * for a listed id is kept (regenerating after a revocation does not change anyone else's password); the secrets of
@@ -185,56 +183,23 @@ export async function writeMosquittoAuth(
   identities: readonly MosquittoIdentity[],
   conf: Omit<MosquittoConfOptions, 'passwordFile' | 'aclFile'>,
 ): Promise<MosquittoAuthFiles> {
-  const seen = new Set<string>();
-  for (const { id, role } of identities) {
-    if (!isValidId(id) || roleOfId(id) !== role)
-      throw new MeshError('MESH_CONFIG', `${JSON.stringify(id)} is not a mesh id of role ${role}`);
-    if (seen.has(id)) throw new MeshError('MESH_CONFIG', `${id} is listed twice`);
-    seen.add(id);
-  }
+  const seen = checkIdentities(identities);
   const dir = path.resolve(outDir);
-  const secretsDir = path.join(dir, 'secrets');
-  try {
-    await mkdir(secretsDir, { recursive: true, mode: 0o700 });
-  } catch (cause) {
-    throw new MeshError('MESH_CONFIG', `cannot create ${secretsDir}: ${(cause as Error).message}`, { cause });
-  }
+  const secretsDir = await secretsFolder(dir);
   const secrets = new Map<string, string>();
   const entries: string[] = [];
   for (const { id } of identities) {
-    const file = path.join(secretsDir, `${id}${SECRET_SUFFIX}`);
-    let password: string;
-    try {
-      password = (await readFile(file, 'utf8')).trim();
-    } catch {
-      password = '';
-    }
-    if (password.length < 32) {
-      password = randomBytes(32).toString('base64url');
-      await writeFile(file, `${password}\n`, { mode: 0o600 });
-    }
-    await chmod(file, 0o600);
+    const { file, password } = await secretOf(secretsDir, id);
     secrets.set(id, file);
     entries.push(`${id}:${mosquittoPasswordHash(password)}`);
   }
-  const removed: string[] = [];
-  for (const name of await readdir(secretsDir)) {
-    if (!name.endsWith(SECRET_SUFFIX) || seen.has(name.slice(0, -SECRET_SUFFIX.length))) continue;
-    await rm(path.join(secretsDir, name), { force: true });
-    removed.push(path.join(secretsDir, name));
-  }
+  const removed = await removeUnlisted(secretsDir, seen);
   const passwordFile = path.join(dir, 'passwd');
   const aclFile = path.join(dir, 'acl');
   const confFile = path.join(dir, 'mosquitto.conf');
-  const put = async (file: string, text: string, mode: number) => {
-    const tmp = `${file}.${process.pid}.tmp`;
-    await writeFile(tmp, text, { mode });
-    await chmod(tmp, mode);
-    await rename(tmp, file);
-  };
-  await put(passwordFile, entries.length ? `${entries.join('\n')}\n` : '', 0o600);
-  await put(aclFile, mosquittoAclFile(identities), 0o644);
-  await put(confFile, mosquittoConf({ ...conf, passwordFile, aclFile }), 0o644);
+  await putFile(passwordFile, entries.length ? `${entries.join('\n')}\n` : '', 0o600);
+  await putFile(aclFile, mosquittoAclFile(identities), 0o644);
+  await putFile(confFile, mosquittoConf({ ...conf, passwordFile, aclFile }), 0o644);
   return { passwordFile, aclFile, confFile, secrets, removed };
 }
 

@@ -29,11 +29,12 @@
  * A tombstone's connections still close on reload: the server checks each connected client's password again.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { chmod, mkdir, readdir, readFile, rename, rm, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { isValidId, MeshError, type Role, roleOfId } from '@edge-mesh/protocol';
 import bcrypt from 'bcryptjs';
 import { type MosquittoIdentity, mosquittoAclRules } from './mosquitto.ts';
+import { checkIdentities, putFile, removeUnlisted, SECRET_SUFFIX, secretOf, secretsFolder } from './secret-files.ts';
 
 /** The account every mesh user lives in: MQTT sessions and retained messages are per account. */
 export const NATS_MESH_ACCOUNT = 'MESH';
@@ -163,40 +164,22 @@ export interface NatsAuthFiles {
   removed: string[];
 }
 
-const SECRET_SUFFIX = '.password';
 const HASH_SUFFIX = '.bcrypt';
-
-async function put(file: string, text: string, mode: number): Promise<void> {
-  // Written aside and renamed, so a reload never reads half a file.
-  const tmp = `${file}.${process.pid}.tmp`;
-  await writeFile(tmp, text, { mode });
-  await chmod(tmp, mode);
-  await rename(tmp, file);
-}
 
 /**
  * The secret of `id` (kept when one exists, so a regeneration logs nobody else out) and its bcrypt hash. The hash is
  * cached beside the secret with the secret's SHA-256, so regenerating after a revocation costs no bcrypt per id.
  */
 async function secretAndHash(secretsDir: string, id: string): Promise<{ file: string; hash: string }> {
-  const file = path.join(secretsDir, `${id}${SECRET_SUFFIX}`);
+  const { file, password } = await secretOf(secretsDir, id);
   const hashFile = path.join(secretsDir, `${id}${HASH_SUFFIX}`);
-  let password = '';
-  try {
-    password = (await readFile(file, 'utf8')).trim();
-  } catch {}
-  if (password.length < 32) {
-    password = randomBytes(32).toString('base64url');
-    await put(file, `${password}\n`, 0o600);
-  }
-  await chmod(file, 0o600);
   const digest = createHash('sha256').update(password).digest('hex');
   try {
     const [cachedDigest, cachedHash] = (await readFile(hashFile, 'utf8')).trim().split(' ');
     if (cachedDigest === digest && cachedHash?.startsWith('$2')) return { file, hash: cachedHash };
   } catch {}
   const hash = bcrypt.hashSync(password, NATS_BCRYPT_COST);
-  await put(hashFile, `${digest} ${hash}\n`, 0o600);
+  await putFile(hashFile, `${digest} ${hash}\n`, 0o600);
   return { file, hash };
 }
 
@@ -211,13 +194,7 @@ export async function writeNatsAuth(
   identities: readonly MosquittoIdentity[],
   cluster: NatsClusterOptions,
 ): Promise<NatsAuthFiles> {
-  const seen = new Set<string>();
-  for (const { id, role } of identities) {
-    if (!isValidId(id) || roleOfId(id) !== role)
-      throw new MeshError('MESH_CONFIG', `${JSON.stringify(id)} is not a mesh id of role ${role}`);
-    if (seen.has(id)) throw new MeshError('MESH_CONFIG', `${id} is listed twice`);
-    seen.add(id);
-  }
+  const seen = checkIdentities(identities);
   if (cluster.nodes.length === 0) throw new MeshError('MESH_CONFIG', 'a NATS cluster needs at least one node');
   const names = new Set(cluster.nodes.map((n) => n.name));
   if (names.size !== cluster.nodes.length) throw new MeshError('MESH_CONFIG', 'node names must differ');
@@ -228,12 +205,7 @@ export async function writeNatsAuth(
     throw new MeshError('MESH_CONFIG', `stream replicas must be 1..${Math.min(5, cluster.nodes.length)} (the node count, at most 5)`);
 
   const dir = path.resolve(outDir);
-  const secretsDir = path.join(dir, 'secrets');
-  try {
-    await mkdir(secretsDir, { recursive: true, mode: 0o700 });
-  } catch (cause) {
-    throw new MeshError('MESH_CONFIG', `cannot create ${secretsDir}: ${(cause as Error).message}`, { cause });
-  }
+  const secretsDir = await secretsFolder(dir);
   const secrets = new Map<string, string>();
   const users: { id: string; role: Role; hash: string; revoked?: boolean }[] = [];
   for (const { id, role } of identities) {
@@ -252,19 +224,13 @@ export async function writeNatsAuth(
     if (!seen.has(r.id) && isValidId(r.id) && roleOfId(r.id) === r.role) revoked.set(r.id, { id: r.id, role: r.role });
   for (const { id, role } of revoked.values())
     users.push({ id, role, hash: bcrypt.hashSync(randomBytes(32).toString('base64url'), NATS_BCRYPT_COST), revoked: true });
-  await put(
+  await putFile(
     stateFile,
     `${JSON.stringify({ admitted: identities.map(({ id, role }) => ({ id, role })), revoked: [...revoked.values()] }, null, 1)}\n`,
     0o600,
   );
 
-  const removed: string[] = [];
-  for (const name of await readdir(secretsDir)) {
-    const suffix = name.endsWith(SECRET_SUFFIX) ? SECRET_SUFFIX : name.endsWith(HASH_SUFFIX) ? HASH_SUFFIX : undefined;
-    if (!suffix || seen.has(name.slice(0, -suffix.length))) continue;
-    await rm(path.join(secretsDir, name), { force: true });
-    if (suffix === SECRET_SUFFIX) removed.push(path.join(secretsDir, name));
-  }
+  const removed = await removeUnlisted(secretsDir, seen, [SECRET_SUFFIX, HASH_SUFFIX]);
 
   // The routes' shared secret: kept across runs, since changing it would need every node restarted together.
   const routeFile = path.join(dir, 'route.secret');
@@ -274,17 +240,17 @@ export async function writeNatsAuth(
   } catch {}
   if (routeSecret.length < 32) {
     routeSecret = randomBytes(32).toString('base64url');
-    await put(routeFile, `${routeSecret}\n`, 0o600);
+    await putFile(routeFile, `${routeSecret}\n`, 0o600);
   }
 
   const accountsFile = path.join(dir, 'accounts.conf');
-  await put(accountsFile, natsAccountsConf(users), 0o600);
+  await putFile(accountsFile, natsAccountsConf(users), 0o600);
   const storeDir = path.resolve(cluster.storeDir ?? dir);
   const nodeConfs: NatsAuthFiles['nodeConfs'] = [];
   for (const node of cluster.nodes) {
     const conf = path.join(dir, `${node.name}.conf`);
     const pidFile = path.join(dir, `${node.name}.pid`);
-    await put(conf, natsNodeConf(node, { ...cluster, streamReplicas: replicas, storeDir, routeSecret, pidFile }), 0o600);
+    await putFile(conf, natsNodeConf(node, { ...cluster, streamReplicas: replicas, storeDir, routeSecret, pidFile }), 0o600);
     nodeConfs.push({
       name: node.name,
       conf,

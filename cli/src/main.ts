@@ -381,6 +381,10 @@ export function buildProgram(): Command {
     )
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option(
+      '--no-retain-status',
+      'announce the status without retain; on a NATS cluster, where a retained PUBLISH waits for JetStream (docs/operations.md)',
+    )
+    .option(
       '--no-admission',
       'queue a request even when the queue cannot serve it before its deadline (default: refuse it at once, MESH_OVERLOADED)',
     )
@@ -535,6 +539,7 @@ export function buildProgram(): Command {
         modelsDir: path.resolve(opts.models),
         queueLimit: opts.queueLimit,
         admission: opts.admission !== false,
+        retainStatus: opts.retainStatus !== false,
         heartbeatMs: opts.heartbeatMs,
         logger,
         awaitAnnounce: false,

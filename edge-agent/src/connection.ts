@@ -57,6 +57,8 @@ export interface AgentLinkOptions {
   backoff: BackoffOptions | undefined;
   /** The offline status the broker publishes (retained) if the agent dies. */
   will: Buffer;
+  /** Announcements are retained (AgentOptions.retainStatus). */
+  retainStatus: boolean;
   /** Subscribe to vouchers too (a paying agent). */
   vouchers: boolean;
   /** The status to announce, signed as of now. */
@@ -208,9 +210,14 @@ export class AgentLink {
     return this.client.connected;
   }
 
-  /** Publishes the status (retained); the first that reaches the broker resolves `announced`. */
+  /**
+   * Publishes the status (retained, at QoS 1; unretained, at the publish QoS); the first that reaches the broker
+   * resolves `announced`.
+   */
   announce(): void {
-    this.client.publish(topics.agentStatus(this.agentId), encodeMessage(this.options.status()), { qos: 1, retain: true }, (err) => {
+    const retain = this.options.retainStatus;
+    const qos = retain ? 1 : this.replyQos.qos;
+    this.client.publish(topics.agentStatus(this.agentId), encodeMessage(this.options.status()), { qos, retain }, (err) => {
       if (err) return;
       this.options.counters.announcements++;
       this.resolveAnnounced();

@@ -202,6 +202,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     keepaliveS: o.keepaliveS,
     backoff: o.backoff,
     will: board.offlinePayload,
+    retainStatus: o.retainStatus,
     vouchers: payments !== undefined,
     status: () => board.status(),
     handlers: { request: requests.onRequest, cancel: requests.onCancel, voucher: requests.onVoucher },

@@ -26,6 +26,7 @@ export interface ResolvedOptions {
   intraOpThreads: number;
   queueLimit: number;
   admission: boolean;
+  retainStatus: boolean;
   pipelineDepth: number;
   heartbeatMs: number;
   warmupRuns: number;
@@ -56,6 +57,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     intraOpThreads = 1,
     queueLimit = 64,
     admission = true,
+    retainStatus = true,
     pipelineDepth = 2,
     heartbeatMs = 1_000,
     warmupRuns = 5,
@@ -113,6 +115,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     intraOpThreads,
     queueLimit,
     admission,
+    retainStatus,
     pipelineDepth,
     heartbeatMs,
     warmupRuns,

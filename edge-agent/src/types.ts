@@ -75,6 +75,14 @@ export interface AgentOptions {
    * "Overload"). Off, such a request is queued and dropped when its deadline passes, as before admission existed.
    */
   admission?: boolean;
+  /**
+   * Publish the status retained (default true). Off on a NATS cluster (docs/operations.md, "Running on a NATS
+   * cluster"): there a retained PUBLISH is stored in JetStream before the node reads the agent's next packet, so
+   * while the cluster elects leaders after losing a node, the replies the agent sends after announcing wait too (up
+   * to 8 s in the chaos runs here). Off, the status goes at `publishQos`. Receivers ask agents to announce
+   * (`discover`) and do not need the retained copy; the last will stays retained.
+   */
+  retainStatus?: boolean;
   /** Jobs handed to one worker at once, so it never idles through a hand-off (1 disables). */
   pipelineDepth?: number;
   heartbeatMs?: number;
