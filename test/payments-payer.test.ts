@@ -272,6 +272,20 @@ async function fund(wallet: ethers.Wallet, payout: string, micros = 1_000_000n):
 const kws = () => sampleInputs('kws', 1);
 const lastVoucher = (a: Scripted) => a.vouchers.at(-1)?.cumulative ?? 0;
 
+/** The registered scripted agent of `laneLosingReply`, on `brokerUrl`. */
+async function agentLosingReply(t: TestContext, brokerUrl: string, lost: number, withhold = false): Promise<Scripted> {
+  const payoutWallet = account();
+  let n = 0;
+  const agent = await scriptedAgent(t, brokerUrl, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+    n++;
+    const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
+    if (n !== lost) a.answer(sender, req.id, receipt);
+    else if (withhold) a.withhold.add(receipt.seq);
+  });
+  await register(payoutWallet, agent.identity);
+  return agent;
+}
+
 /**
  * A scripted agent whose reply to its `lost`-th request is lost on the way (its receipt stays in the agent's journal;
  * with `withhold`, it is also left out of every resync answer), and a paying mesh that found it. `pinned` sends it a
@@ -279,15 +293,7 @@ const lastVoucher = (a: Scripted) => a.vouchers.at(-1)?.cumulative ?? 0;
  */
 async function laneLosingReply(t: TestContext, lost: number, withhold = false) {
   const broker = await brokerFor(t);
-  const payoutWallet = account();
-  let n = 0;
-  const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
-    n++;
-    const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
-    if (n !== lost) a.answer(sender, req.id, receipt);
-    else if (withhold) a.withhold.add(receipt.seq);
-  });
-  await register(payoutWallet, agent.identity);
+  const agent = await agentLosingReply(t, broker.url, lost, withhold);
   const { mesh } = await payingMesh(t, broker.url);
   await mesh.waitForModel('kws');
   const pinned = (deadlineMs: number) => mesh.infer('kws', kws(), { deadlineMs, agentId: agent.identity.id });
@@ -718,21 +724,11 @@ describe('receipts that come before their replies', () => {
   });
 
   test('a receipt from a resync whose reply never comes is linked unpaid at the deadline, and the lane goes on', async (t) => {
-    const broker = await brokerFor(t);
-    const payoutWallet = account();
-    let n = 0;
-    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
-      n++;
-      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
-      if (n !== 1) a.answer(sender, req.id, receipt);
-    });
-    await register(payoutWallet, agent.identity);
-    const { mesh } = await payingMesh(t, broker.url);
-    await mesh.waitForModel('kws');
+    const { agent, mesh, pinned } = await laneLosingReply(t, 1);
     await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
-    const lost = mesh.infer('kws', kws(), { deadlineMs: 600, agentId: agent.identity.id }).catch((err: MeshError) => err.code);
-    await waitFor(() => n === 1, 5_000, 'the first request at the agent');
-    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    const lost = pinned(600).catch((err: MeshError) => err.code);
+    await waitFor(() => agent.requests.length === 1, 5_000, 'the first request at the agent');
+    await pinned(5_000);
     assert.equal(await lost, 'MESH_DEADLINE_EXCEEDED');
     await waitFor(() => mesh.lanes()[0]!.receipts === 2, 5_000, 'both receipts linked after the deadline');
     const lane = mesh.lanes()[0]!;
@@ -743,15 +739,8 @@ describe('receipts that come before their replies', () => {
 
   test('a receipt held behind a gap when the app closes is stored, and paid after the restart when the gap fills', async (t) => {
     const broker = await brokerFor(t);
-    const payoutWallet = account();
-    let n = 0;
-    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
-      n++;
-      const receipt = a.receipt(req.pay!.payer, { requestId: req.id });
-      // The first reply is lost; the second is answered.
-      if (n !== 1) a.answer(sender, req.id, receipt);
-    });
-    await register(payoutWallet, agent.identity);
+    // The first reply is lost; the second is answered.
+    const agent = await agentLosingReply(t, broker.url, 1);
     const wallet = account();
     const identity = generateIdentity('app');
     const dataDir = await tempDir(t);

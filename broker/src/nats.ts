@@ -34,7 +34,7 @@ import path from 'node:path';
 import { isValidId, MeshError, type Role, roleOfId } from '@edge-mesh/protocol';
 import bcrypt from 'bcryptjs';
 import { type MosquittoIdentity, mosquittoAclRules } from './mosquitto.ts';
-import { checkIdentities, putFile, removeUnlisted, SECRET_SUFFIX, secretOf, secretsFolder } from './secret-files.ts';
+import { checkIdentities, keptSecret, putFile, removeUnlisted, SECRET_SUFFIX, secretOf, secretsFolder } from './secret-files.ts';
 
 /** The account every mesh user lives in: MQTT sessions and retained messages are per account. */
 export const NATS_MESH_ACCOUNT = 'MESH';
@@ -233,15 +233,7 @@ export async function writeNatsAuth(
   const removed = await removeUnlisted(secretsDir, seen, [SECRET_SUFFIX, HASH_SUFFIX]);
 
   // The routes' shared secret: kept across runs, since changing it would need every node restarted together.
-  const routeFile = path.join(dir, 'route.secret');
-  let routeSecret = '';
-  try {
-    routeSecret = (await readFile(routeFile, 'utf8')).trim();
-  } catch {}
-  if (routeSecret.length < 32) {
-    routeSecret = randomBytes(32).toString('base64url');
-    await putFile(routeFile, `${routeSecret}\n`, 0o600);
-  }
+  const routeSecret = await keptSecret(path.join(dir, 'route.secret'));
 
   const accountsFile = path.join(dir, 'accounts.conf');
   await putFile(accountsFile, natsAccountsConf(users), 0o600);

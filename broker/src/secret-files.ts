@@ -42,19 +42,24 @@ export async function putFile(file: string, text: string, mode: number): Promise
   await rename(tmp, file);
 }
 
-/** The secret of `id` (the one on file when it has 32 characters or more, else 256 fresh random bits) and its file, 0600. */
-export async function secretOf(secretsDir: string, id: string): Promise<{ file: string; password: string }> {
-  const file = path.join(secretsDir, `${id}${SECRET_SUFFIX}`);
-  let password = '';
+/** The secret in `file` when it has 32 characters or more, else 256 fresh random bits written there; the file is 0600. */
+export async function keptSecret(file: string): Promise<string> {
+  let secret = '';
   try {
-    password = (await readFile(file, 'utf8')).trim();
+    secret = (await readFile(file, 'utf8')).trim();
   } catch {}
-  if (password.length < 32) {
-    password = randomBytes(32).toString('base64url');
-    await putFile(file, `${password}\n`, 0o600);
+  if (secret.length < 32) {
+    secret = randomBytes(32).toString('base64url');
+    await putFile(file, `${secret}\n`, 0o600);
   }
   await chmod(file, 0o600);
-  return { file, password };
+  return secret;
+}
+
+/** The secret of `id` under `secretsDir` (see `keptSecret`) and its file. */
+export async function secretOf(secretsDir: string, id: string): Promise<{ file: string; password: string }> {
+  const file = path.join(secretsDir, `${id}${SECRET_SUFFIX}`);
+  return { file, password: await keptSecret(file) };
 }
 
 /**
