@@ -56,6 +56,12 @@ function request(model: string, inputs: InferRequest['inputs'], deadlineInMs = 5
  * or fewer and the burst got 0 or 1 MESH_BUSY where the test needs 5 (docs/operations.md, "Running the end-to-end
  * suite on an engine").
  */
+/**
+ * A suite that hangs fails instead of holding CI for ever: the NATS run of this file once stalled for over 13 minutes
+ * after its first test (cause not found; it passes in about 95 s with the payments file).
+ */
+const SUITE_TIMEOUT_MS = 600_000;
+
 const BURST_SKIP =
   ENGINE === 'nats'
     ? "NATS 2.9's MQTT layer delivers 1.2 MB requests about 30 ms apart here, as fast as the agent serves them: a burst from one sender never fills the queue"
@@ -65,7 +71,7 @@ function wireF32(shape: number[], count = shape.reduce((a, b) => a * b, 1)) {
   return { dtype: 'float32', shape, data: new Uint8Array(count * 4) };
 }
 
-describe('inference through the mesh', { skip: ENGINE_SKIP }, () => {
+describe('inference through the mesh', { skip: ENGINE_SKIP, timeout: SUITE_TIMEOUT_MS }, () => {
   test('outputs equal a direct onnxruntime run, bit for bit, for every model', async (t) => {
     const broker = await brokerFor(t);
     const agent = await agentFor(t, { brokerUrl: broker.url });
@@ -315,7 +321,7 @@ describe('inference through the mesh', { skip: ENGINE_SKIP }, () => {
   });
 });
 
-describe('failures', { skip: ENGINE_SKIP }, () => {
+describe('failures', { skip: ENGINE_SKIP, timeout: SUITE_TIMEOUT_MS }, () => {
   test('an agent killed mid-request: the SDK retries on another agent within the deadline', async (t) => {
     const broker = await brokerFor(t);
     const victimKey = generateIdentity('agent');
@@ -414,6 +420,7 @@ function subscribeOutcome(client: mqtt.MqttClient, filter: string): Promise<numb
 }
 
 describe('the mesh ACLs on the engine', {
+  timeout: SUITE_TIMEOUT_MS,
   skip:
     ENGINE === 'aedes'
       ? 'runs on an external engine (MESH_TEST_ENGINE); the embedded broker: test/auth-mesh.test.ts, test/hostile.test.ts'

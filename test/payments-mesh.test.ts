@@ -75,7 +75,7 @@ async function paidAgent(t: TestContext, brokerUrl: string, extra: Record<string
   return { agent, payout };
 }
 
-describe('receipts and payment through the mesh', { skip: ENGINE_SKIP }, () => {
+describe('receipts and payment through the mesh', { skip: ENGINE_SKIP, timeout: 600_000 }, () => {
   before(async () => {
     chain = await startLocalChain({ accounts: 20 });
     deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
