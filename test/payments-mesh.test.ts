@@ -291,6 +291,8 @@ describe('receipts and payment through the mesh', { skip: ENGINE_SKIP, timeout: 
     child.kill('SIGKILL');
     await once(child, 'exit');
     child = await spawnAgent(t, broker.url, identity, args);
+    // On a cluster the new status reaches the payer through another node, possibly after the agent logged it.
+    await payer.waitForModel('kws');
     // The lane goes on where it stopped: seq 5 chains onto seq 4 (the payer's checks say so), the cumulative continues.
     const fifth = await payer.request('kws', sampleInputs('kws', 4));
     assert.equal(receiptOf(fifth).seq, 5);
