@@ -30,12 +30,7 @@ export interface AgentOptions {
    * keeps nothing across a reconnect either, so the mesh loses nothing by it.
    */
   subscriptionQos?: 0 | 1;
-  /**
-   * QoS of what this client publishes to one receiver (requests, cancels, replies, leases, vouchers; default 1).
-   * 0 on a NATS cluster (docs/operations.md, "Running on a NATS cluster"): there a QoS 1 PUBLISH is stored in
-   * JetStream before the broker reads the client's next packet, and while the cluster elects leaders after losing a
-   * node each one waits up to 4 s. Statuses and the last will stay QoS 1 and retained.
-   */
+  /** QoS of requests, cancels, replies, leases and vouchers (default 1; 0 on NATS): MeshConnectionOptions.publishQos. */
   publishQos?: 0 | 1;
   modelsDir: string;
   /**

@@ -114,12 +114,7 @@ export interface ConnectOptions {
    * keeps nothing across a reconnect either, so the mesh loses nothing by it.
    */
   subscriptionQos?: 0 | 1;
-  /**
-   * QoS of what this client publishes to one receiver (requests, cancels, replies, leases, vouchers; default 1).
-   * 0 on a NATS cluster (docs/operations.md, "Running on a NATS cluster"): there a QoS 1 PUBLISH is stored in
-   * JetStream before the broker reads the client's next packet, and while the cluster elects leaders after losing a
-   * node each one waits up to 4 s. Statuses and the last will stay QoS 1 and retained.
-   */
+  /** QoS of requests, cancels, replies, leases and vouchers (default 1; 0 on NATS): MeshConnectionOptions.publishQos. */
   publishQos?: 0 | 1;
   /**
    * How long `connect` waits for the first connection before it fails with MESH_NOT_CONNECTED (default 30 000; the
@@ -315,6 +310,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   const clock = systemClock;
 
   let client!: MqttClient;
+  const publishQos = options.publishQos ?? 1;
   let payments: PayerLanes | undefined;
   if (options.payment) {
     // Loaded on demand: an app that does not pay never loads the payment code.
@@ -322,7 +318,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     payments = await PayerLanes.open(
       options.payment,
       clientId,
-      (topic, payload) => client.publish(topic, payload, { qos: options.publishQos ?? 1 }),
+      (topic, payload) => client.publish(topic, payload, { qos: publishQos }),
       logger,
     );
   }
@@ -367,7 +363,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     transport: mqttTransport({
       client: () => client,
       senderId: clientId,
-      qos: options.publishQos ?? 1,
+      qos: publishQos,
       payload: (attempt) => attempt.request.data.payloadFor(attempt.agentId),
       onSendFailed: (attempt, error) => engine.unsent(attempt.request.key, attempt.agentId, error),
     }),
@@ -385,7 +381,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
           client.publish(
             topics.routerRoute(routerId, clientId),
             encodeMessage({ v: PROTOCOL_VERSION, kind: 'route', id, model, budgetMs, bytes }),
-            { qos: options.publishQos ?? 1 },
+            { qos: publishQos },
             (err) => sent(!err),
           );
         },
