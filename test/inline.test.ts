@@ -9,7 +9,6 @@
  */
 import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
-import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
 import net from 'node:net';
@@ -35,7 +34,7 @@ import pino from 'pino';
 import { declaredInputs, declaresFixedShapes } from '../edge-agent/src/onnx-inputs.ts';
 import { describe as describeMeta, fixedShapes } from '../edge-agent/src/ort-session.mjs';
 import { agentFor, assertBusyBurst, brokerFor, meshFor, modelsDir, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
-import { SPIN_DEPTH, SPIN_WIDTH, spinModel } from './spin-model.ts';
+import { SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
 
 const spin = (seed = 1): Record<string, Tensor> => ({
   x: { dtype: 'float32', shape: [1, SPIN_WIDTH], data: Float32Array.from({ length: SPIN_WIDTH }, (_, i) => Math.sin(i * 0.37 + seed)) },
@@ -54,16 +53,7 @@ async function modelsFolder(t: Parameters<typeof tempDir>[0], names: string[]): 
   const entries: Record<string, ManifestEntry> = {};
   for (const name of names) {
     if (name === 'spin') {
-      const bytes = spinModel();
-      await writeFile(path.join(dir, 'spin.onnx'), bytes);
-      entries[name] = {
-        name,
-        version: '1',
-        file: 'spin.onnx',
-        sha256: createHash('sha256').update(bytes).digest('hex'),
-        priceMicros: 1,
-        notes: `${SPIN_DEPTH} MatMuls of [1,${SPIN_WIDTH}] by an identity weight`,
-      };
+      entries[name] = await writeSpinModel(dir);
       continue;
     }
     const entry = manifest.models.find((m) => m.name === name)!;

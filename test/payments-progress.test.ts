@@ -6,7 +6,6 @@
  * the units done when it arrived, a timeout adds 0, and what settles on chain is each unit once.
  */
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
 import { writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
@@ -17,7 +16,7 @@ import { generateIdentity, MeshError, RECEIPT_STATUS, type SignedReceipt, type T
 import { connect, type Mesh } from '@edge-mesh/sdk';
 import { brokerFor, quiet, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, registeredAgent, settleEntry } from './payer.ts';
-import { SPIN_WIDTH, spinModel } from './spin-model.ts';
+import { SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -51,16 +50,12 @@ test('a job in units is paid pro rata by progress receipts, a cancel for the uni
 
   // The models folder: spin, run in units of one row, written by this test.
   const modelsDir = await tempDir(t, 'edge-mesh-units-');
-  const bytes = spinModel();
-  await writeFile(path.join(modelsDir, 'spin.onnx'), bytes);
-  const entry = {
+  const entry = await writeSpinModel(modelsDir, {
     name: 'spin-units',
-    version: '1',
-    file: 'spin.onnx',
-    sha256: createHash('sha256').update(bytes).digest('hex'),
     priceMicros: UNIT,
     units: { maxUnits: MAX_UNITS },
-  };
+    notes: undefined,
+  });
   await writeFile(path.join(modelsDir, 'manifest.json'), JSON.stringify({ models: [entry] }));
 
   const broker = await brokerFor(t);

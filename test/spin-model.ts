@@ -1,8 +1,12 @@
 /**
  * `spin`, an ONNX model written here as a protobuf (onnx.proto of the ONNX specification): 128 MatMuls in a
  * chain with one 1024 × 1024 weight (the identity), input x and output y, [1, 1024] float32. A run takes
- * about 20 ms here. Used by test/inline.test.ts and, run in units, by test/payments-progress.test.ts.
+ * about 20 ms here. Used by test/inline.test.ts, by the queue tests of test/mesh.test.ts (small requests that queue
+ * on any broker) and, run in units, by test/payments-progress.test.ts.
  */
+import { createHash } from 'node:crypto';
+import { writeFile } from 'node:fs/promises';
+import path from 'node:path';
 
 /** Protobuf wire encoding, the little of it an ONNX ModelProto needs (also used by ./scale-model.ts). */
 export function varint(n: number): Buffer {
@@ -48,6 +52,21 @@ export function spinModel(): Buffer {
     lenField(12, valueInfo('y', [1, n])),
   ]);
   return Buffer.concat([varintField(1, 8), lenField(8, varintField(2, 17)), lenField(7, graph)]);
+}
+
+/** Writes `spin.onnx` into `dir` and returns its manifest entry (name `spin`, price 1 µ$ unless `extra` says otherwise). */
+export async function writeSpinModel(dir: string, extra: Record<string, unknown> = {}) {
+  const bytes = spinModel();
+  await writeFile(path.join(dir, 'spin.onnx'), bytes);
+  return {
+    name: 'spin',
+    version: '1',
+    file: 'spin.onnx',
+    sha256: createHash('sha256').update(bytes).digest('hex'),
+    priceMicros: 1,
+    notes: `${SPIN_DEPTH} MatMuls of [1,${SPIN_WIDTH}] by an identity weight`,
+    ...extra,
+  };
 }
 
 /**
