@@ -81,6 +81,9 @@ export interface MeshConnection {
   close(): Promise<void>;
 }
 
+const MQTT_DEBUG = /mqttjs/.test(process.env.DEBUG ?? '');
+const noLog = () => {};
+
 /** MQTT 3.1.1 CONNACK return codes (§3.2.2.3) and their MQTT 5 counterparts that mean "who you are is refused". */
 const AUTH_REFUSALS = new Set([4, 5, 134, 135]);
 
@@ -193,6 +196,8 @@ export function openMeshConnection(brokers: string | readonly string[], options:
     ...(options.tls ? tlsConnectOptions(options.tls) : {}),
     ...(will ? { will } : {}),
     ...(numberCache === false ? { writeCache: false } : {}),
+    // mqtt.js calls its `debug` logger a dozen times per packet; a no-op costs less, unless DEBUG asks for mqtt.js's logs.
+    ...(MQTT_DEBUG ? {} : { log: noLog }),
   });
   let attempt = 0;
   let closed = false;
