@@ -158,6 +158,43 @@ describe('edge-mesh configuration', { timeout: 240_000 }, () => {
     assert.deepEqual(shown.models, { value: dir, source: 'config' });
   });
 
+  test('--engine nats makes QoS 0 and an unretained status the defaults; a flag, a variable or the file still wins', async (t) => {
+    const dir = await tempDir(t);
+    const show = async (role: string, args: string[], vars: Record<string, string> = {}) => {
+      const r = await cli(['config', 'show', role, ...args], vars);
+      assert.equal(r.code, 0, r.stderr);
+      const o = JSON.parse(r.stdout) as Record<string, { value: unknown; source: string }>;
+      return { sub: o.subscriptionQos, pub: o.publishQos, retain: o.retainStatus };
+    };
+    const agent = ['--models', dir];
+    const engine = (value: unknown) => ({ value, source: 'engine' });
+    assert.deepEqual(await show('agent', agent), {
+      sub: { value: '1', source: 'default' },
+      pub: { value: '1', source: 'default' },
+      retain: { value: true, source: 'default' },
+    });
+    assert.deepEqual(await show('agent', [...agent, '--engine', 'nats']), { sub: engine('0'), pub: engine('0'), retain: engine(false) });
+    assert.deepEqual(await show('agent', [...agent, '--engine', 'mosquitto']), await show('agent', agent));
+    // The engine may come from a variable or the file; a setting given any way wins over the engine's.
+    assert.deepEqual(await show('agent', agent, { MESH_AGENT_ENGINE: 'nats', MESH_AGENT_PUBLISH_QOS: '1' }), {
+      sub: engine('0'),
+      pub: { value: '1', source: 'env' },
+      retain: engine(false),
+    });
+    const file = path.join(dir, 'agent.json');
+    await writeFile(file, JSON.stringify({ engine: 'nats', retainStatus: true }));
+    assert.deepEqual(await show('agent', ['--config', file, '--models', dir, '--subscription-qos', '1']), {
+      sub: { value: '1', source: 'cli' },
+      pub: engine('0'),
+      retain: { value: true, source: 'config' },
+    });
+    // The router has no status to retain: only the QoS settings.
+    assert.deepEqual(await show('router', ['--engine', 'nats']), { sub: engine('0'), pub: engine('0'), retain: undefined });
+    const bad = await cli(['agent', ...agent, '--engine', 'kafka']);
+    assert.equal(bad.code, 64);
+    assert.match(bad.stderr, /Allowed choices are mesh, mosquitto, rabbitmq, nats/);
+  });
+
   test('a broker runs from its configuration file', async (t) => {
     const dir = await tempDir(t);
     const port = await freePort();

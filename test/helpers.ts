@@ -243,8 +243,13 @@ export async function spawnAgent(
   const accessArgs = [
     ...(access.username !== undefined ? ['--username', access.username] : []),
     ...(access.passwordFile !== undefined ? ['--password-file', access.passwordFile] : []),
-    ...(access.subscriptionQos !== undefined ? ['--subscription-qos', String(access.subscriptionQos)] : []),
-    ...(access.publishQos !== undefined ? ['--publish-qos', String(access.publishQos)] : []),
+    // NATS's settings as an operator gives them (docs/operations.md): `--engine nats`, which also stops the retained status.
+    ...(access.subscriptionQos === 0 && access.publishQos === 0
+      ? ['--engine', 'nats']
+      : [
+          ...(access.subscriptionQos !== undefined ? ['--subscription-qos', String(access.subscriptionQos)] : []),
+          ...(access.publishQos !== undefined ? ['--publish-qos', String(access.publishQos)] : []),
+        ]),
   ];
   const child = spawn(
     process.execPath,

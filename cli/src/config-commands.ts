@@ -39,7 +39,7 @@ export function registerConfigCommands(program: Command, build: () => Command): 
   config
     .command('show')
     .description(
-      "print, as JSON, the settings a role's command would run with and where each came from (flag, env, config, default), without running it; pass the command's own flags after the role",
+      "print, as JSON, the settings a role's command would run with and where each came from (flag, env, config, engine, default), without running it; pass the command's own flags after the role",
     )
     .argument('<role>', Object.keys(CONFIG_ROLES).join(' | '))
     .argument('[flags...]', "the command's flags, as you would give them")

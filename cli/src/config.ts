@@ -15,7 +15,7 @@
 import { readFile } from 'node:fs/promises';
 import { MeshError } from '@edge-mesh/protocol';
 import type { Command, Option } from 'commander';
-import { collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
+import { applyEngineDefaults, collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
 
 /** The commands a configuration file can drive, by role name: their paths under `edge-mesh`. */
 export const CONFIG_ROLES = {
@@ -159,6 +159,8 @@ export function configurable(cmd: Command, role: ConfigRole): Command {
     .option('--config <file>', `a JSON file of settings (keys: the options' names in camelCase; env MESH_${role.toUpperCase()}_CONFIG)`)
     .hook('preAction', async (_this, actionCommand) => {
       await applyConfig(actionCommand, role);
+      // `--engine` may have come from the file or a variable: its defaults go where nothing else set a value.
+      applyEngineDefaults(actionCommand);
       for (const option of required) {
         if (actionCommand.getOptionValue(option.attributeName()) === undefined) {
           actionCommand.error(

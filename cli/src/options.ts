@@ -50,7 +50,42 @@ export function brokerAccessFlags(command: Command): Command {
       new Option('--publish-qos <qos>', 'QoS of requests, replies, cancels, leases and vouchers; 0 on a NATS cluster (docs/operations.md)')
         .choices(['0', '1'])
         .default('1'),
-    );
+    )
+    .addOption(
+      new Option('--engine <name>', 'the MQTT engine behind the broker URL; its recommended settings become the defaults (docs/cli.md)')
+        .choices(ENGINES)
+        .default('mesh'),
+    )
+    .hook('preAction', (_this, action) => applyEngineDefaults(action));
+}
+
+/** The engines `--engine` names: the mesh's own broker, and the external engines docs/operations.md describes. */
+export const ENGINES = ['mesh', 'mosquitto', 'rabbitmq', 'nats'] as const;
+
+/**
+ * What an engine wants different from the mesh's defaults (docs/operations.md, "Running on a NATS cluster"): on NATS
+ * 2.9 a QoS 1 subscription is a JetStream consumer, and a QoS 1 or retained PUBLISH is stored in JetStream from the
+ * connection's read loop, so everything goes at QoS 0 and the agent's status unretained.
+ */
+const ENGINE_DEFAULTS: Record<(typeof ENGINES)[number], Record<string, unknown>> = {
+  mesh: {},
+  mosquitto: {},
+  rabbitmq: {},
+  nats: { subscriptionQos: '0', publishQos: '0', retainStatus: false },
+};
+
+/**
+ * Sets the settings `--engine` implies on `cmd`, each only where nothing else set it (a flag, a variable or a config
+ * file wins); `config show` reports them with the source `engine`. Runs again after the config file is read.
+ */
+export function applyEngineDefaults(cmd: Command): void {
+  const engine = cmd.getOptionValue('engine') as (typeof ENGINES)[number] | undefined;
+  if (engine === undefined) return;
+  for (const [key, value] of Object.entries(ENGINE_DEFAULTS[engine])) {
+    const has = (cmd.options as Option[]).some((o) => o.attributeName() === key);
+    const source = cmd.getOptionValueSource(key);
+    if (has && (source === undefined || source === 'default')) cmd.setOptionValueWithSource(key, value, 'engine');
+  }
 }
 
 /** What `brokerAccessFlags` gave, as connection options (tls, username, password). MESH_CONFIG for unreadable files. */
