@@ -8,7 +8,7 @@
  */
 
 import type { TestContext } from 'node:test';
-import { openMeshConnection } from '@edge-mesh/client';
+import { isStaleOffline, openMeshConnection } from '@edge-mesh/client';
 import { EscrowClient } from '@edge-mesh/contracts';
 import {
   type AgentStatus,
@@ -106,8 +106,7 @@ export class TestPayer {
         const status = decodeMessage(payload, ['status']);
         const known = this.statuses.get(status.agent);
         // As the SDK's fleet view does: an offline status (a late last will) ends only the session it names.
-        const stale = status.state === 'offline' && known !== undefined && known.session !== status.session && known.state !== 'offline';
-        if (verifyStatus(status) && !stale) this.statuses.set(status.agent, status);
+        if (verifyStatus(status) && !isStaleOffline(known, status)) this.statuses.set(status.agent, status);
         return;
       }
       const message = decodeMessage(payload, ['res', 'err', 'receipts']);

@@ -87,6 +87,19 @@ export interface FleetView {
   readonly changes: ChangeSignal;
 }
 
+/**
+ * Whether `status` is an offline status of an older session than the one `previous` announced. An offline status
+ * ends only the session it names: a restarted agent's old last will can come after the new session's announcement (an
+ * engine that publishes wills late, such as a NATS node noticing the dead connection after the new one came up), and
+ * taking it would mark a live agent dead and fail its work.
+ */
+export function isStaleOffline(
+  previous: Pick<AgentStatus, 'session' | 'state'> | undefined,
+  status: Pick<AgentStatus, 'session' | 'state'>,
+): boolean {
+  return status.state === 'offline' && previous !== undefined && previous.session !== status.session && previous.state !== 'offline';
+}
+
 export function createFleetView(options: FleetViewOptions = {}): FleetView {
   const {
     requireSignedStatus = true,
@@ -122,12 +135,9 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
       const known = agents.get(agentId);
       const previous = known?.status;
       const sameSession = previous !== undefined && previous.session === status.session;
-      // An offline status ends only the session it names. A restarted agent's old last will can come after the new
-      // session's announcement (an engine that publishes wills late, such as a NATS node noticing the dead
-      // connection after the new one came up); taking it would mark a live agent dead and fail its work.
-      if (status.state === 'offline' && previous !== undefined && !sameSession && previous.state !== 'offline') {
+      if (isStaleOffline(previous, status)) {
         counters.staleOffline++;
-        logger.debug({ agentId, session: status.session, current: previous.session }, 'ignoring the offline status of an older session');
+        logger.debug({ agentId, session: status.session, current: previous?.session }, 'ignoring the offline status of an older session');
         return;
       }
       if (known) {
