@@ -6,7 +6,7 @@
  *   node --import tsx bench/broker-rr.ts responder --broker URL --key FILE [--password-file F]
  *        subscribes to its request topics and answers each request with its payload; prints {"event":"ready"}
  *   node --import tsx bench/broker-rr.ts requester --broker URL --key FILE [--password-file F] --peer AGENT_ID
- *        --warmup W --n N --concurrency C --duration-ms D
+ *        --warmup W --n N --concurrency C --duration-ms D [--subscription-qos 0|1] [--publish-qos 0|1]
  *        N sequential round trips (p50_ms, p99_ms), then C outstanding for D ms (rps); prints {"event":"result", ...}
  */
 import { readFileSync } from 'node:fs';
@@ -21,6 +21,7 @@ const { positionals, values } = parseArgs({
     key: { type: 'string' },
     'password-file': { type: 'string' },
     'subscription-qos': { type: 'string' },
+    'publish-qos': { type: 'string' },
     peer: { type: 'string' },
     warmup: { type: 'string', default: '300' },
     n: { type: 'string', default: '3000' },
@@ -38,6 +39,8 @@ const connection = openMeshConnection(values.broker!, {
 });
 await connection.firstConnect;
 const client = connection.client;
+/** 0 on NATS, as the mesh publishes there (docs/operations.md, "Running on a NATS cluster"). */
+const publishQos = values['publish-qos'] === '0' ? 0 : 1;
 const emit = (event: Record<string, unknown>) => process.stdout.write(`${JSON.stringify(event)}\n`);
 process.on('SIGTERM', () => process.exit(0));
 /** A clustered broker refuses a QoS 1 subscription until it can hold it (NATS: until JetStream has its leaders). */
@@ -58,7 +61,7 @@ if (positionals[0] === 'responder') {
   const prefix = `mesh/v1/agent/${identity.id}/req/`;
   client.on('message', (topic, payload) => {
     if (!topic.startsWith(prefix)) return;
-    client.publish(topics.clientReply(topic.slice(prefix.length), identity.id), payload, { qos: 1 });
+    client.publish(topics.clientReply(topic.slice(prefix.length), identity.id), payload, { qos: publishQos });
   });
   await subscribe(topics.agentRequestsFor(identity.id));
   emit({ event: 'ready' });
@@ -76,13 +79,23 @@ if (positionals[0] === 'responder') {
   await subscribe(topics.clientRepliesFor(identity.id));
   let next = 0;
   const payload = Buffer.alloc(64, 7);
+  // At QoS 0 a message can be lost: a round trip with no answer after 5 s is counted and given up.
+  let lost = 0;
   const once = () =>
     new Promise<void>((resolve) => {
       const seq = next++;
       const body = Buffer.from(payload);
       body.writeUInt32BE(seq, 0);
-      waiting.set(seq, resolve);
-      client.publish(requestTopic, body, { qos: 1 });
+      const timer = setTimeout(() => {
+        if (!waiting.delete(seq)) return;
+        lost++;
+        resolve();
+      }, 5_000);
+      waiting.set(seq, () => {
+        clearTimeout(timer);
+        resolve();
+      });
+      client.publish(requestTopic, body, { qos: publishQos });
     });
   // The responder may not have its subscription everywhere yet: retry the first request until one comes back.
   for (;;) {
@@ -124,5 +137,7 @@ if (positionals[0] === 'responder') {
     p99_ms: r4(at(99)),
     concurrency,
     rps: Math.round(completed / elapsedS),
+    qos: publishQos,
+    lost,
   });
 }

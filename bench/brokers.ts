@@ -7,11 +7,16 @@
  * p99_ms, then `concurrency` outstanding requests for a fixed time give rps.
  *
  * NATS 2.9 runs as a 3-node cluster with JetStream and MQTT (users from `edge-mesh auth nats`'s code, broker/src/nats.ts),
- * the responder and the requester on different nodes.
+ * the responder and the requester on different nodes, with QoS 0 subscriptions and publishes, as `--engine nats` runs
+ * the mesh there (`--with-nats-qos1` adds a run at QoS 1). Each engine's `qos` is the QoS of its requests and replies.
  * RabbitMQ 3.10 (Debian's rabbitmq-server) runs as a 3-node cluster with the MQTT plugin and
  * rabbitmq_auth_backend_http pointed at the mesh's auth service (`edge-mesh auth rabbitmq`, broker/src/rabbitmq.ts),
  * started in this process: `rabbitmq` has both clients on one node, `rabbitmq_cross_node` the requester on another
  * node than the responder (every message crosses the cluster link).
+ *
+ * With `--devices N`, each cluster is measured once more (the cross-node pair) while N idle device connections, spread
+ * round its three nodes by bench/device-swarm.ts, stay connected: `NAME.with_devices` has the same figures and how
+ * the devices fared (connected, failed, connect_ms, dropped).
  *
  * An engine that is not installed (or has no auth wiring yet) is skipped with the reason: last line
  * `{ engines: { NAME: { p50_ms, p99_ms, rps } }, skipped: { NAME: reason } }`.
@@ -44,6 +49,58 @@ interface Load {
   n: number;
   concurrency: number;
   durationMs: number;
+  /** Idle device connections to hold across a cluster's nodes for a second measurement (0: none). */
+  devices: number;
+}
+
+/** How bench/device-swarm.ts authenticates its devices: a key file each (CONNECT tokens), or one shared password. */
+type SwarmAuth = { keysFile: string } | { username: string; passwordFile: string };
+
+/**
+ * Connects `load.devices` idle devices round `urls` (bench/device-swarm.ts), runs `measureAgain` while they stay, and
+ * returns its figures with what the devices saw.
+ */
+async function withDevices(
+  name: string,
+  urls: string[],
+  auth: SwarmAuth,
+  load: Load,
+  log: (l: string) => void,
+  measureAgain: () => Promise<Record<string, unknown>>,
+): Promise<Record<string, unknown>> {
+  const swarm = spawnProc(
+    `${name} devices`,
+    [
+      '--import',
+      'tsx',
+      path.join(ROOT, 'bench', 'device-swarm.ts'),
+      '--brokers',
+      urls.join(','),
+      '--n',
+      String(load.devices),
+      ...('keysFile' in auth ? ['--keys', auth.keysFile] : ['--username', auth.username, '--password-file', auth.passwordFile]),
+    ],
+    { stdin: true },
+  );
+  try {
+    const up = parseJson(await swarm.waitLine('stdout', isEvent('connected'), 600_000, 'connected event'))!;
+    log(`${name}: ${up.connected} of ${load.devices} devices connected in ${up.connect_ms} ms (${JSON.stringify(up.errors)})`);
+    const figures = await measureAgain();
+    swarm.send('stop');
+    swarm.child.stdin?.end();
+    const end = parseJson(await swarm.waitLine('stdout', isEvent('result'), 30_000, 'result'))!;
+    return {
+      ...figures,
+      devices: load.devices,
+      connected: up.connected,
+      failed: up.failed,
+      connect_ms: up.connect_ms,
+      connect_errors: up.errors,
+      dropped: end.dropped,
+    };
+  } finally {
+    await swarm.stop(10_000);
+  }
 }
 
 async function waitForPort(port: number, proc: Proc, timeoutMs: number): Promise<void> {
@@ -69,6 +126,8 @@ interface Side {
   passwordFile?: string;
   /** 0 on NATS, as the mesh runs there (docs/operations.md, "Running on a NATS cluster"). */
   subscriptionQos?: 0 | 1;
+  /** The QoS of requests and replies; 0 on NATS with QoS 0 subscriptions, as `--engine nats` gives the mesh. */
+  publishQos?: 0 | 1;
 }
 
 /** Runs the responder and the requester against `url` and returns the requester's figures. */
@@ -86,6 +145,7 @@ async function measureSplit(name: string, agentUrl: string, appUrl: string, agen
     s.keyFile,
     ...(s.passwordFile ? ['--password-file', s.passwordFile] : []),
     ...(s.subscriptionQos !== undefined ? ['--subscription-qos', String(s.subscriptionQos)] : []),
+    ...(s.publishQos !== undefined ? ['--publish-qos', String(s.publishQos)] : []),
   ];
   const responder = spawnProc(`${name} responder`, ['--import', 'tsx', rr, 'responder', ...creds(agent)]);
   await responder.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');
@@ -111,7 +171,7 @@ async function measureSplit(name: string, agentUrl: string, appUrl: string, agen
   await responder.stop();
   const r = parseJson(line)!;
   log(`${name}: p50 ${r.p50_ms} ms, p99 ${r.p99_ms} ms, ${r.rps} req/s at ${r.concurrency} outstanding`);
-  return { p50_ms: r.p50_ms, p90_ms: r.p90_ms, p99_ms: r.p99_ms, rps: r.rps, n: r.n, concurrency: r.concurrency };
+  return { p50_ms: r.p50_ms, p90_ms: r.p90_ms, p99_ms: r.p99_ms, rps: r.rps, n: r.n, concurrency: r.concurrency, qos: r.qos, lost: r.lost };
 }
 
 async function aedesEngine(load: Load, log: (l: string) => void) {
@@ -206,13 +266,67 @@ async function natsEngine(bin: string, load: Load, log: (l: string) => void, sub
     const figures = await measure(
       subscriptionQos === 0 ? 'nats' : 'nats with QoS 1 subscriptions',
       files.nodeConfs[1]!.mqttUrl,
-      { keyFile: agent.keyFile, id: agent.identity.id, passwordFile: files.secrets.get(agent.identity.id)!, subscriptionQos },
-      { keyFile: app.keyFile, id: app.identity.id, passwordFile: files.secrets.get(app.identity.id)!, subscriptionQos },
+      {
+        keyFile: agent.keyFile,
+        id: agent.identity.id,
+        passwordFile: files.secrets.get(agent.identity.id)!,
+        subscriptionQos,
+        publishQos: subscriptionQos,
+      },
+      {
+        keyFile: app.keyFile,
+        id: app.identity.id,
+        passwordFile: files.secrets.get(app.identity.id)!,
+        subscriptionQos,
+        publishQos: subscriptionQos,
+      },
       load,
       log,
       files.nodeConfs[0]!.mqttUrl,
     );
-    return { ...figures, version, nodes: 3, stream_replicas: 3, subscription_qos: subscriptionQos, responder_node: 1, requester_node: 2 };
+    const result: Record<string, unknown> = {
+      ...figures,
+      version,
+      nodes: 3,
+      stream_replicas: 3,
+      subscription_qos: subscriptionQos,
+      publish_qos: subscriptionQos,
+      responder_node: 1,
+      requester_node: 2,
+    };
+    if (load.devices > 0 && subscriptionQos === 0) {
+      // Every device with the app's user and a client id of its own: NATS ties permissions to the user, not the client id.
+      result.with_devices = await withDevices(
+        'nats',
+        files.nodeConfs.map((c) => c.mqttUrl),
+        { username: app.identity.id, passwordFile: files.secrets.get(app.identity.id)! },
+        load,
+        log,
+        () =>
+          measure(
+            'nats with devices',
+            files.nodeConfs[1]!.mqttUrl,
+            {
+              keyFile: agent.keyFile,
+              id: agent.identity.id,
+              passwordFile: files.secrets.get(agent.identity.id)!,
+              subscriptionQos,
+              publishQos: subscriptionQos,
+            },
+            {
+              keyFile: app.keyFile,
+              id: app.identity.id,
+              passwordFile: files.secrets.get(app.identity.id)!,
+              subscriptionQos,
+              publishQos: subscriptionQos,
+            },
+            load,
+            log,
+            files.nodeConfs[0]!.mqttUrl,
+          ),
+      );
+    }
+    return result;
   } finally {
     await Promise.all(procs.map((p) => p.stop()));
   }
@@ -256,7 +370,17 @@ async function rabbitmqEngines(load: Load, log: (l: string) => void) {
     const [n1, n2] = cluster.urls as [string, string];
     const side = (k: typeof agent) => ({ keyFile: k.keyFile, id: k.identity.id });
     const same = await measure('rabbitmq', n1, side(agent), side(app), load, log);
-    const cross = await measureSplit('rabbitmq_cross_node', n1, n2, side(agent), side(app), load, log);
+    const cross: Record<string, unknown> = await measureSplit('rabbitmq_cross_node', n1, n2, side(agent), side(app), load, log);
+    if (load.devices > 0) {
+      // The auth service ties a client id to its identity: every device has its own admitted key.
+      const keys = Array.from({ length: load.devices }, () => unadmitted('app'));
+      for (const k of keys) await auth!.admit(admit(operator, k.identity));
+      const keysFile = path.join(dir, 'device-keys.txt');
+      writeFileSync(keysFile, keys.map((k) => k.keyFile).join('\n'));
+      cross.with_devices = await withDevices('rabbitmq', cluster.urls, { keysFile }, load, log, () =>
+        measureSplit('rabbitmq_cross_node with devices', n1, n2, side(agent), side(app), load, log),
+      );
+    }
     return { rabbitmq: { ...same, version, nodes: 3 }, rabbitmq_cross_node: { ...cross, version, nodes: 3 } };
   } finally {
     await auth?.close();
@@ -275,28 +399,39 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     n: num('n', 2_000, 20_000),
     concurrency: num('concurrency', 16, 16),
     durationMs: num('duration-ms', 2_000, 10_000),
+    devices: num('devices', 0, 0),
   };
   const engines: Record<string, unknown> = {};
   const skipped: Record<string, string> = {};
-  ctx.log(`brokers: ${load.n} sequential QoS 1 round trips per engine, then ${load.concurrency} outstanding for ${load.durationMs} ms`);
+  ctx.log(
+    `brokers: ${load.n} sequential round trips per engine (QoS 1; NATS QoS 0), then ${load.concurrency} outstanding for ${load.durationMs} ms`,
+  );
 
-  engines.aedes = await aedesEngine(load, ctx.log);
+  const only = typeof ctx.args.engines === 'string' ? new Set(ctx.args.engines.split(',')) : undefined;
+  const wanted = (name: string) => !only || only.has(name);
+  if (wanted('aedes')) engines.aedes = await aedesEngine(load, ctx.log);
   const mosquitto = installedCommand('mosquitto');
-  if (mosquitto) {
+  if (!wanted('mosquitto')) {
+    // not asked for
+  } else if (mosquitto) {
     engines.mosquitto = await mosquittoEngine(mosquitto, load, ctx.log);
     // The delayed-ACK trap (docs/operations.md): each round trip waits tens of ms, so only a few are measured.
     if (ctx.args['with-delayed-ack'] === true)
       engines.mosquitto_no_nodelay = await mosquittoEngine(
         mosquitto,
-        { warmup: 5, n: Math.min(load.n, 100), concurrency: load.concurrency, durationMs: 2_000 },
+        { warmup: 5, n: Math.min(load.n, 100), concurrency: load.concurrency, durationMs: 2_000, devices: 0 },
         ctx.log,
         false,
       );
   } else skipped.mosquitto = 'mosquitto is not installed (Debian package `mosquitto`)';
-  if (rabbitmqServerCommand()) Object.assign(engines, await rabbitmqEngines(load, ctx.log));
+  if (!wanted('rabbitmq')) {
+    // not asked for
+  } else if (rabbitmqServerCommand()) Object.assign(engines, await rabbitmqEngines(load, ctx.log));
   else skipped.rabbitmq = 'rabbitmq-server is not installed (Debian package `rabbitmq-server`)';
   const nats = installedCommand('nats-server');
-  if (nats) {
+  if (!wanted('nats')) {
+    // not asked for
+  } else if (nats) {
     engines.nats = await natsEngine(nats, load, ctx.log);
     // What QoS 1 subscriptions (a JetStream consumer each) cost there.
     if (ctx.args['with-nats-qos1'] === true) engines.nats_qos1_subscriptions = await natsEngine(nats, load, ctx.log, 1);
@@ -305,7 +440,6 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   return {
     bench: 'brokers',
     quick: ctx.quick,
-    qos: 1,
     payload_bytes: 64,
     ...load,
     environment: environment(),

@@ -114,8 +114,10 @@ options:
   brokers:    --n N --warmup W --concurrency C --duration-ms D   sequential round trips (20000, quick 2000), then C
                                          outstanding (16) for D ms (10000, quick 2000) per engine;
               --with-delayed-ack         also mosquitto without set_tcp_nodelay (100 round trips)
-  pipeline:   --n N --ocr-n N            timed wake-word pairs (400, quick 100) and OCR pairs (40, quick 10)
               --with-nats-qos1           also NATS with QoS 1 subscriptions (a JetStream consumer each)
+              --devices N                measure each cluster again with N idle device connections across its nodes
+              --engines a,b              only these of aedes, mosquitto, rabbitmq, nats
+  pipeline:   --n N --ocr-n N            timed wake-word pairs (400, quick 100) and OCR pairs (40, quick 10)
   economics:  --rounds R --agents A --payers P --loss L --seed K   rounds of 15 simulated minutes (48, quick 8),
                                          honest agents (3, quick 2) and payers (40), per-message loss (0.005)
 
