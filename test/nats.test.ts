@@ -528,6 +528,9 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
       subscriptionQos: 0,
       publishQos: 0,
       retainStatus: false,
+      // As `--engine nats` runs an agent: a second connection, subscribed on the next node, serves at once when the
+      // first node dies, instead of a reconnect that waits for JetStream's election.
+      standbyConnection: true,
       backoff: { baseMs: 50, maxMs: 500 },
       payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100 },
     });
@@ -606,10 +609,10 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
   t.diagnostic(
     `${results.length} answered (${results.length - before} after the kill), ${failures.length} failed, ${retried} needed more than one attempt; agent A reconnected ${reconnectMs.toFixed(0)} ms after the kill, announced ${announcedMs.toFixed(0)} ms, served a pinned request ${servedAgainMs.toFixed(0)} ms after ${pinnedErrors.length} failed (${[...new Set(pinnedErrors.map((e) => e.replace(/^\d+ ms /, '')))].join('; ').slice(0, 400)}); reconnects A ${agents[0]!.counters.reconnects}, B ${agents[1]!.counters.reconnects}`,
   );
-  // The issue asks 5 s. On NATS 2.9 the first CONNECT after a node's death can wait for JetStream to elect the MQTT
-  // streams' new leader: 41-130 ms in most runs here, 8,688 ms in two (docs/operations.md, "Running on a NATS cluster").
-  // What holds every time is the bound of one election plus one connect timeout; the 5 s goal is not met on NATS.
-  assert.ok(reconnectMs <= 12_000, `agent A reconnected ${reconnectMs.toFixed(0)} ms after the kill`);
+  // The issue asks 5 s. On NATS 2.9 a CONNECT or SUBSCRIBE after a node's death can wait for JetStream to elect the MQTT
+  // streams' new leader (8,688 ms in two runs before the standby; docs/operations.md, "Running on a NATS cluster"). The
+  // standby connection was connected and subscribed before the kill, so A serves on it as soon as it sees the drop.
+  assert.ok(reconnectMs <= 5_000, `agent A serving again ${reconnectMs.toFixed(0)} ms after the kill`);
   assert.equal(new Set(results.map((r) => r.requestId)).size, results.length, 'each request answered once');
 
   // Billing: no agent charged a request twice, and the payer paid exactly the receipts it accepted, each once.

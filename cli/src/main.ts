@@ -385,6 +385,10 @@ export function buildProgram(): Command {
       'announce the status without retain; on a NATS cluster, where a retained PUBLISH waits for JetStream (docs/operations.md)',
     )
     .option(
+      '--standby-connection',
+      'keep a second connection to the next broker of --broker subscribed, and serve on it at once when the first drops (a NATS cluster; needs --password-file)',
+    )
+    .option(
       '--no-admission',
       'queue a request even when the queue cannot serve it before its deadline (default: refuse it at once, MESH_OVERLOADED)',
     )
@@ -540,6 +544,7 @@ export function buildProgram(): Command {
         queueLimit: opts.queueLimit,
         admission: opts.admission !== false,
         retainStatus: opts.retainStatus !== false,
+        standbyConnection: opts.standbyConnection === true,
         heartbeatMs: opts.heartbeatMs,
         logger,
         awaitAnnounce: false,

@@ -65,13 +65,14 @@ export const ENGINES = ['mesh', 'mosquitto', 'rabbitmq', 'nats'] as const;
 /**
  * What an engine wants different from the mesh's defaults (docs/operations.md, "Running on a NATS cluster"): on NATS
  * 2.9 a QoS 1 subscription is a JetStream consumer, and a QoS 1 or retained PUBLISH is stored in JetStream from the
- * connection's read loop, so everything goes at QoS 0 and the agent's status unretained.
+ * connection's read loop, so everything goes at QoS 0 and the agent's status unretained; and a reconnect waits for
+ * JetStream's leaders after a node's death, so agents keep a standby connection.
  */
 const ENGINE_DEFAULTS: Record<(typeof ENGINES)[number], Record<string, unknown>> = {
   mesh: {},
   mosquitto: {},
   rabbitmq: {},
-  nats: { subscriptionQos: '0', publishQos: '0', retainStatus: false },
+  nats: { subscriptionQos: '0', publishQos: '0', retainStatus: false, standbyConnection: true },
 };
 
 /**

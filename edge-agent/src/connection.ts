@@ -3,9 +3,16 @@
  * will, the agent's request, cancel and voucher topics subscribed on every (re)connect, each message
  * routed to its handler by topic, the signed status announced (retained) after each subscribe and
  * again when a client asks on `mesh/v1/discover/{id}`, and replies published to their senders.
+ *
+ * With a standby (AgentLinkOptions.standby, docs/operations.md "Running on a NATS cluster"), a second connection to
+ * another broker of the list subscribes to the same topics and stays idle: its messages are dropped unread while the
+ * first serves. When the serving connection drops, the other takes over at once, already subscribed, and announces.
+ * On NATS 2.9 a CONNECT and a SUBSCRIBE wait for JetStream's leaders, which a node's death makes the cluster elect
+ * again for 4 to 9 s; the standby made both before.
  */
 import {
   type BackoffOptions,
+  brokerList,
   type MeshConnection,
   type MeshConnectionOptions,
   type MeshLogger,
@@ -71,13 +78,33 @@ export interface AgentLinkOptions {
   counters: AgentCounters;
   faults: Faults;
   logger: MeshLogger;
+  /**
+   * Keep a second, subscribed connection to another broker of the list and fail over to it at once (see the header).
+   * It needs a password (the broker must accept a second client id for the same user: the mesh's own broker and
+   * RabbitMQ's auth service bind a client id to its key) and at least two brokers; otherwise it is not opened and
+   * the log says why. The standby has no last will: an agent that dies while serving on it is seen offline only when
+   * its heartbeats stop.
+   */
+  standby?: boolean;
 }
+
+/** One of the agent's connections: the first (with the will), or the standby. */
+interface Link {
+  name: 'primary' | 'standby';
+  connection: MeshConnection;
+  /** Connected and granted every subscription. */
+  subscribed: boolean;
+}
+
+/** After a failover the agent announces again this long after, in case its old connection's will came after the first. */
+const REANNOUNCE_AFTER_FAILOVER_MS = 1_000;
 
 export class AgentLink {
   /** Resolves when the first status has been published; rejects if the broker refuses the first CONNECT as unauthorized. */
   readonly announced: Promise<void>;
-  private readonly connection: MeshConnection;
-  private readonly client: MqttClient;
+  private readonly links: Link[] = [];
+  /** The link that serves: its messages are handled and everything goes out on it. */
+  private active = 0;
   private readonly agentId: string;
   /** Replies go to one sender: at the access's publish QoS (1 unless the engine makes it costly). */
   private readonly replyQos: { qos: 0 | 1 };
@@ -89,7 +116,7 @@ export class AgentLink {
   private discoverTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly options: AgentLinkOptions) {
-    const { brokerUrl, identity, ephemeral, keepaliveS, backoff, will, vouchers, handlers, counters, logger } = options;
+    const { brokerUrl, identity, ephemeral, keepaliveS, backoff, will, counters, logger } = options;
     const agentId = identity.id;
     this.agentId = agentId;
     this.replyQos = { qos: options.brokerAccess.publishQos ?? 1 };
@@ -102,7 +129,9 @@ export class AgentLink {
     this.announced.catch(() => {});
 
     let everConnected = false;
-    this.connection = openMeshConnection(brokerUrl, {
+    const primary: Link = { name: 'primary', connection: undefined as unknown as MeshConnection, subscribed: false };
+    this.links.push(primary);
+    primary.connection = openMeshConnection(brokerUrl, {
       identity,
       ...options.brokerAccess,
       keepaliveS,
@@ -114,17 +143,8 @@ export class AgentLink {
         if (everConnected) counters.reconnects++;
         logger.info({ brokerUrl, reconnect: everConnected }, everConnected ? 'reconnected to broker' : 'connected to broker');
         everConnected = true;
-        const filters = [topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId), topics.allDiscover()];
-        if (vouchers) filters.push(topics.agentVouchersFor(agentId));
-        if (options.deployments) filters.push(...options.deployments.filters);
         // Announced only once subscribed: a status tells senders to send here.
-        subscribeOrReconnect(
-          c,
-          filters,
-          options.brokerAccess.subscriptionQos ?? 1,
-          (reason) => logger.error({ err: reason }, 'subscribe failed; reconnecting'),
-          () => this.announce(),
-        );
+        this.subscribeLink(primary, c, this.filters());
       },
       onReconnectScheduled: (delayMs, attempt) => {
         if (!this.closed) logger.warn({ delayMs, attempt }, 'broker connection lost; reconnecting');
@@ -148,8 +168,112 @@ export class AgentLink {
         logger.error({ code: err.code, err: err.message }, 'broker refused the connection; retrying');
       },
     });
-    this.client = this.connection.client;
-    this.client.on('message', (topic, payload) => {
+    this.listen(primary);
+    if (options.standby) this.openStandby();
+  }
+
+  /** The filters every connection of the agent subscribes to. */
+  private filters(): string[] {
+    const { vouchers, deployments } = this.options;
+    const agentId = this.agentId;
+    const filters = [topics.agentRequestsFor(agentId), topics.agentCancelsFor(agentId), topics.allDiscover()];
+    if (vouchers) filters.push(topics.agentVouchersFor(agentId));
+    if (deployments) filters.push(...deployments.filters);
+    return filters;
+  }
+
+  /** Subscribes `link`; once granted, the serving link announces, and a standby takes over if nothing else serves. */
+  private subscribeLink(link: Link, c: MqttClient, filters: string[]): void {
+    const { logger } = this.options;
+    link.subscribed = false;
+    subscribeOrReconnect(
+      c,
+      filters,
+      this.options.brokerAccess.subscriptionQos ?? 1,
+      (reason) => logger.error({ err: reason, link: link.name }, 'subscribe failed; reconnecting'),
+      () => {
+        link.subscribed = true;
+        const index = this.links.indexOf(link);
+        if (index === this.active) this.announce();
+        // The serving link dropped before this one was ready: this one serves. (One that is still subscribing is
+        // left to finish: at start the standby may be granted first.)
+        else if (!this.servingLink().connection.client.connected) this.failOver(index);
+        else logger.info({ link: link.name }, 'connection subscribed, standing by');
+      },
+    );
+  }
+
+  private servingLink(): Link {
+    return this.links[this.active]!;
+  }
+
+  /** The serving link's client: replies, statuses and loads go out on it. */
+  private get client(): MqttClient {
+    return this.servingLink().connection.client;
+  }
+
+  /** The second connection: the same subscriptions on another broker of the list, no will, messages dropped until it serves. */
+  private openStandby(): void {
+    const { brokerUrl, brokerAccess, keepaliveS, backoff, logger } = this.options;
+    const urls = brokerList(brokerUrl).map((b) => b.url);
+    const why =
+      urls.length < 2
+        ? 'it needs at least two broker URLs'
+        : brokerAccess.password === undefined
+          ? 'it needs a broker password (--password-file): CONNECT tokens bind a client id to its key'
+          : undefined;
+    if (why) {
+      logger.warn({}, `no standby connection: ${why}`);
+      return;
+    }
+    const standby: Link = { name: 'standby', connection: undefined as unknown as MeshConnection, subscribed: false };
+    this.links.push(standby);
+    standby.connection = openMeshConnection([...urls.slice(1), urls[0]!], {
+      ...brokerAccess,
+      clientId: `${this.agentId}-standby`,
+      username: brokerAccess.username ?? this.agentId,
+      keepaliveS,
+      numberCache: false,
+      ...(backoff ? { backoff } : {}),
+      onConnect: (c) => {
+        logger.info({ link: 'standby' }, 'standby connection connected');
+        this.subscribeLink(standby, c, this.filters());
+      },
+      onRefused: (err) =>
+        logger.error({ code: err.code, err: err.message, link: 'standby' }, 'broker refused the standby connection; retrying'),
+    });
+    this.listen(standby);
+  }
+
+  /** Makes link `index` the serving one and announces on it (again a moment later, behind any late will). */
+  private failOver(index: number): void {
+    const { counters, logger } = this.options;
+    if (this.closed || index === this.active) return;
+    const from = this.servingLink().name;
+    this.active = index;
+    counters.reconnects++;
+    this.held = false;
+    logger.warn({ from, to: this.servingLink().name }, 'serving on the other connection');
+    this.announce();
+    setTimeout(() => {
+      if (!this.closed && this.active === index) this.announce();
+    }, REANNOUNCE_AFTER_FAILOVER_MS).unref();
+  }
+
+  /** Routes `link`'s messages while it serves; when it drops, the other link takes over if it is subscribed. */
+  private listen(link: Link): void {
+    const { agentId, options } = this;
+    const { handlers } = options;
+    const client = link.connection.client;
+    client.on('close', () => {
+      link.subscribed = false;
+      const index = this.links.indexOf(link);
+      if (index !== this.active || this.closed) return;
+      const other = this.links.findIndex((l, i) => i !== index && l.subscribed && l.connection.client.connected);
+      if (other >= 0) this.failOver(other);
+    });
+    client.on('message', (topic, payload) => {
+      if (this.links[this.active] !== link) return;
       if (topic.startsWith(DISCOVER_PREFIX)) {
         this.answerDiscover();
         return;
@@ -249,6 +373,6 @@ export class AgentLink {
         setTimeout(resolve, 1_000).unref();
       });
     }
-    await this.connection.close();
+    await Promise.all(this.links.map((l) => l.connection.close()));
   }
 }

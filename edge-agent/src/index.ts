@@ -203,6 +203,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     backoff: o.backoff,
     will: board.offlinePayload,
     retainStatus: o.retainStatus,
+    standby: o.standbyConnection,
     vouchers: payments !== undefined,
     status: () => board.status(),
     handlers: { request: requests.onRequest, cancel: requests.onCancel, voucher: requests.onVoucher },

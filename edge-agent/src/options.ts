@@ -27,6 +27,7 @@ export interface ResolvedOptions {
   queueLimit: number;
   admission: boolean;
   retainStatus: boolean;
+  standbyConnection: boolean;
   pipelineDepth: number;
   heartbeatMs: number;
   warmupRuns: number;
@@ -58,6 +59,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     queueLimit = 64,
     admission = true,
     retainStatus = true,
+    standbyConnection = false,
     pipelineDepth = 2,
     heartbeatMs = 1_000,
     warmupRuns = 5,
@@ -116,6 +118,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     queueLimit,
     admission,
     retainStatus,
+    standbyConnection,
     pipelineDepth,
     heartbeatMs,
     warmupRuns,

@@ -78,6 +78,13 @@ export interface AgentOptions {
    * (`discover`) and do not need the retained copy; the last will stays retained.
    */
   retainStatus?: boolean;
+  /**
+   * Keep a second connection, to the next broker of the list, subscribed and idle, and serve on it at once when the
+   * first drops (default false; docs/operations.md, "Running on a NATS cluster"). For a cluster whose nodes make a
+   * reconnecting client wait (NATS 2.9: 4 to 9 s after a node's death). Needs a broker password and two or more broker
+   * URLs; the standby has no last will.
+   */
+  standbyConnection?: boolean;
   /** Jobs handed to one worker at once, so it never idles through a hand-off (1 disables). */
   pipelineDepth?: number;
   heartbeatMs?: number;
