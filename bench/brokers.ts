@@ -263,27 +263,17 @@ async function natsEngine(bin: string, load: Load, log: (l: string) => void, sub
     for (const [i, n] of nodes.entries()) await waitForPort(n.mqttPort, procs[i]!, 20_000);
     // JetStream elects its leaders after the routes are up; bench/broker-rr.ts retries its subscription until then.
     const version = /Version:\s+(\S+)/.exec(procs[0]!.lines.stderr.join('\n'))?.[1] ?? 'unknown';
-    const figures = await measure(
-      subscriptionQos === 0 ? 'nats' : 'nats with QoS 1 subscriptions',
-      files.nodeConfs[1]!.mqttUrl,
-      {
-        keyFile: agent.keyFile,
-        id: agent.identity.id,
-        passwordFile: files.secrets.get(agent.identity.id)!,
-        subscriptionQos,
-        publishQos: subscriptionQos,
-      },
-      {
-        keyFile: app.keyFile,
-        id: app.identity.id,
-        passwordFile: files.secrets.get(app.identity.id)!,
-        subscriptionQos,
-        publishQos: subscriptionQos,
-      },
-      load,
-      log,
-      files.nodeConfs[0]!.mqttUrl,
-    );
+    const side = (k: typeof agent): Side => ({
+      keyFile: k.keyFile,
+      id: k.identity.id,
+      passwordFile: files.secrets.get(k.identity.id)!,
+      subscriptionQos,
+      publishQos: subscriptionQos,
+    });
+    // The responder on node 1, the requester on node 2.
+    const run = (name: string) =>
+      measure(name, files.nodeConfs[1]!.mqttUrl, side(agent), side(app), load, log, files.nodeConfs[0]!.mqttUrl);
+    const figures = await run(subscriptionQos === 0 ? 'nats' : 'nats with QoS 1 subscriptions');
     const result: Record<string, unknown> = {
       ...figures,
       version,
@@ -302,28 +292,7 @@ async function natsEngine(bin: string, load: Load, log: (l: string) => void, sub
         { username: app.identity.id, passwordFile: files.secrets.get(app.identity.id)! },
         load,
         log,
-        () =>
-          measure(
-            'nats with devices',
-            files.nodeConfs[1]!.mqttUrl,
-            {
-              keyFile: agent.keyFile,
-              id: agent.identity.id,
-              passwordFile: files.secrets.get(agent.identity.id)!,
-              subscriptionQos,
-              publishQos: subscriptionQos,
-            },
-            {
-              keyFile: app.keyFile,
-              id: app.identity.id,
-              passwordFile: files.secrets.get(app.identity.id)!,
-              subscriptionQos,
-              publishQos: subscriptionQos,
-            },
-            load,
-            log,
-            files.nodeConfs[0]!.mqttUrl,
-          ),
+        () => run('nats with devices'),
       );
     }
     return result;
