@@ -275,7 +275,7 @@ export class SimAgent implements Endpoint {
       models,
       replays: new ReplayGuard(1 << 20),
       payments: this.side.payments,
-      counters: { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 },
+      counters: { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 },
       faults: new Faults(),
       logger: this.logger,
       reply: (senderId, payload) => this.reply(generation, senderId, payload),

@@ -99,7 +99,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       units: new Map(),
       replays: new ReplayGuard(100_000),
       payments: undefined,
-      counters: { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 },
+      counters: { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 },
       faults: new Faults(),
       logger: pino({ level: 'silent' }),
       reply: replied,

@@ -270,7 +270,7 @@ test('requests: the request path against a real worker pool with the wake-word m
   const loaded = await pool.start();
   const agentId = generateIdentity('agent').id;
   const sender = generateIdentity('app').id;
-  const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 };
+  const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 };
   const replies: { senderId: string; reply: InferReply | ErrorReply; raw: Buffer }[] = [];
   const waiters: (() => void)[] = [];
   const requests = new AgentRequests({

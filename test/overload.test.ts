@@ -188,7 +188,7 @@ describe('agent admission', () => {
 describe('agent request path', () => {
   test('a request the agent cannot serve in time gets a MESH_OVERLOADED reply at once, with its queue, and is counted', () => {
     const replies: (InferReply | ErrorReply)[] = [];
-    const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 };
+    const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 };
     const model = {
       name: 'm',
       inputs: [{ name: 'x', dtype: 'float32' as const, shape: [1] }],

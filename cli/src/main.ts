@@ -143,6 +143,23 @@ async function trustedOperatorMap(specs: string[]): Promise<Map<string, Uint8Arr
 }
 
 /** The agent's `deploy` option from its --deploy-* flags; undefined without --deploy-group. */
+/**
+ * `--standby-connection`, warned about outside NATS: mosquitto's generated configuration makes the username the client
+ * id (the two connections would take each other's place) and RabbitMQ's auth service binds a client id to its key.
+ */
+function standbyConnectionFor(
+  opts: { standbyConnection?: boolean; engine?: string },
+  logger: { warn: (o: object, m: string) => void },
+): boolean {
+  if (opts.standbyConnection !== true) return false;
+  if (opts.engine !== 'nats')
+    logger.warn(
+      { engine: opts.engine },
+      "a standby connection is meant for a NATS cluster (--engine nats): on other brokers the two connections may take each other's place (docs/operations.md)",
+    );
+  return true;
+}
+
 async function agentDeployOptions(opts: {
   deployGroup: string[];
   deployOperator: string[];
@@ -386,8 +403,9 @@ export function buildProgram(): Command {
     )
     .option(
       '--standby-connection',
-      'keep a second connection to the next broker of --broker subscribed, and serve on it at once when the first drops (a NATS cluster; needs --password-file)',
+      'keep a second connection to the next broker of --broker subscribed, and serve on it at once when the first drops (a NATS cluster; needs --password-file; on with --engine nats)',
     )
+    .option('--no-standby-connection', 'no standby connection, even with --engine nats')
     .option(
       '--no-admission',
       'queue a request even when the queue cannot serve it before its deadline (default: refuse it at once, MESH_OVERLOADED)',
@@ -544,7 +562,7 @@ export function buildProgram(): Command {
         queueLimit: opts.queueLimit,
         admission: opts.admission !== false,
         retainStatus: opts.retainStatus !== false,
-        standbyConnection: opts.standbyConnection === true,
+        standbyConnection: standbyConnectionFor(opts, logger),
         heartbeatMs: opts.heartbeatMs,
         logger,
         awaitAnnounce: false,

@@ -17,6 +17,7 @@ import {
   type MeshConnectionOptions,
   type MeshLogger,
   openMeshConnection,
+  resolveCredentials,
   subscribeOrReconnect,
 } from '@edge-mesh/client';
 import { type AgentLoad, type AgentStatus, encodeMessage, type Identity, isValidId, MeshError, topics } from '@edge-mesh/protocol';
@@ -94,10 +95,18 @@ interface Link {
   connection: MeshConnection;
   /** Connected and granted every subscription. */
   subscribed: boolean;
+  /** Closed since it was last subscribed (false until its first close: at start it is only not ready yet). */
+  down: boolean;
+  /** Times in a row the standby left a broker because the primary was on it. */
+  hops: number;
 }
 
-/** After a failover the agent announces again this long after, in case its old connection's will came after the first. */
-const REANNOUNCE_AFTER_FAILOVER_MS = 1_000;
+/**
+ * After a connection of the agent drops (the serving one, or the other with the will) the serving one announces again
+ * this long after, and again after the broker's keepalive grace: a will the broker publishes for the dropped
+ * connection (at once, or once 1.5 keepalives pass without a packet, or late from a cluster) must not be the last word.
+ */
+const REANNOUNCE_AFTER_DROP_MS = 1_000;
 
 export class AgentLink {
   /** Resolves when the first status has been published; rejects if the broker refuses the first CONNECT as unauthorized. */
@@ -114,6 +123,8 @@ export class AgentLink {
   private resolveAnnounced!: () => void;
   private lastDiscoverAnswer = -Infinity;
   private discoverTimer: NodeJS.Timeout | undefined;
+  /** Announcements scheduled behind a dropped connection's will (coverWill), at most one per delay. */
+  private readonly willCover = new Map<number, NodeJS.Timeout>();
 
   constructor(private readonly options: AgentLinkOptions) {
     const { brokerUrl, identity, ephemeral, keepaliveS, backoff, will, counters, logger } = options;
@@ -129,7 +140,7 @@ export class AgentLink {
     this.announced.catch(() => {});
 
     let everConnected = false;
-    const primary: Link = { name: 'primary', connection: undefined as unknown as MeshConnection, subscribed: false };
+    const primary: Link = { name: 'primary', connection: undefined as unknown as MeshConnection, subscribed: false, down: false, hops: 0 };
     this.links.push(primary);
     primary.connection = openMeshConnection(brokerUrl, {
       identity,
@@ -192,15 +203,64 @@ export class AgentLink {
       this.options.brokerAccess.subscriptionQos ?? 1,
       (reason) => logger.error({ err: reason, link: link.name }, 'subscribe failed; reconnecting'),
       () => {
+        if (this.closed) return;
         link.subscribed = true;
+        link.down = false;
         const index = this.links.indexOf(link);
         if (index === this.active) this.announce();
-        // The serving link dropped before this one was ready: this one serves. (One that is still subscribing is
-        // left to finish: at start the standby may be granted first.)
-        else if (!this.servingLink().connection.client.connected) this.failOver(index);
-        else logger.info({ link: link.name }, 'connection subscribed, standing by');
+        // The serving link dropped and has not subscribed again: this one serves. (At start the serving link is only
+        // not ready yet, and is left to finish: the standby may be granted first.)
+        else if (this.servingLink().down) this.failOver(index);
+        else {
+          logger.info({ link: link.name }, 'connection subscribed, standing by');
+          // It had dropped: the broker may have published its will (the primary's), so the serving link speaks again.
+          this.coverWill();
+        }
+        this.checkPlacement();
       },
     );
+  }
+
+  /**
+   * Keeps the standby off the primary's broker: after a node dies the primary's reconnect walks its list and can land
+   * where the standby is, and the next death would then take both. The standby has no will, so it is the one that
+   * moves (the primary serving meanwhile), once per other broker of the list before it settles for sharing one.
+   */
+  private checkPlacement(): void {
+    const [primary, standby] = this.links;
+    if (!primary || !standby || this.closed || !primary.subscribed || !standby.subscribed) return;
+    const at = (l: Link) => {
+      const stream = l.connection.client.stream as { remoteAddress?: string; remotePort?: number } | undefined;
+      return stream?.remoteAddress === undefined ? undefined : `${stream.remoteAddress}:${stream.remotePort}`;
+    };
+    const where = at(primary);
+    if (where === undefined || where !== at(standby)) {
+      standby.hops = 0;
+      return;
+    }
+    if (standby.hops >= this.brokers - 1) return;
+    standby.hops++;
+    if (this.active !== 0) this.failOver(0);
+    this.options.logger.info({ broker: where }, 'the standby connection shares the primary broker: moving it to the next');
+    (standby.connection.client.stream as { destroy?: () => void }).destroy?.();
+  }
+
+  /** How many brokers the agent's list names. */
+  private get brokers(): number {
+    return brokerList(this.options.brokerUrl).length;
+  }
+
+  /** Announces on the serving link after REANNOUNCE_AFTER_DROP_MS and after the keepalive grace (see there). */
+  private coverWill(): void {
+    for (const delay of [REANNOUNCE_AFTER_DROP_MS, Math.ceil(1.5 * this.options.keepaliveS * 1_000) + REANNOUNCE_AFTER_DROP_MS]) {
+      if (this.willCover.has(delay)) continue;
+      const timer = setTimeout(() => {
+        this.willCover.delete(delay);
+        if (!this.closed && this.client.connected) this.announce();
+      }, delay);
+      timer.unref();
+      this.willCover.set(delay, timer);
+    }
   }
 
   private servingLink(): Link {
@@ -214,24 +274,27 @@ export class AgentLink {
 
   /** The second connection: the same subscriptions on another broker of the list, no will, messages dropped until it serves. */
   private openStandby(): void {
-    const { brokerUrl, brokerAccess, keepaliveS, backoff, logger } = this.options;
+    const { brokerUrl, brokerAccess, identity, keepaliveS, backoff, logger } = this.options;
     const urls = brokerList(brokerUrl).map((b) => b.url);
+    // The primary's credentials (a password given, or in the URL), sent under another client id.
+    const credentials = resolveCredentials(urls[0]!, brokerAccess, identity);
     const why =
       urls.length < 2
         ? 'it needs at least two broker URLs'
-        : brokerAccess.password === undefined
+        : credentials.useToken || credentials.password === undefined
           ? 'it needs a broker password (--password-file): CONNECT tokens bind a client id to its key'
           : undefined;
     if (why) {
       logger.warn({}, `no standby connection: ${why}`);
       return;
     }
-    const standby: Link = { name: 'standby', connection: undefined as unknown as MeshConnection, subscribed: false };
+    const standby: Link = { name: 'standby', connection: undefined as unknown as MeshConnection, subscribed: false, down: false, hops: 0 };
     this.links.push(standby);
     standby.connection = openMeshConnection([...urls.slice(1), urls[0]!], {
       ...brokerAccess,
       clientId: `${this.agentId}-standby`,
-      username: brokerAccess.username ?? this.agentId,
+      username: credentials.username ?? this.agentId,
+      password: credentials.password!,
       keepaliveS,
       numberCache: false,
       ...(backoff ? { backoff } : {}),
@@ -239,25 +302,26 @@ export class AgentLink {
         logger.info({ link: 'standby' }, 'standby connection connected');
         this.subscribeLink(standby, c, this.filters());
       },
+      onReconnectScheduled: (delayMs, attempt) => {
+        if (!this.closed) logger.info({ delayMs, attempt, link: 'standby' }, 'standby connection lost; reconnecting');
+      },
       onRefused: (err) =>
         logger.error({ code: err.code, err: err.message, link: 'standby' }, 'broker refused the standby connection; retrying'),
     });
     this.listen(standby);
   }
 
-  /** Makes link `index` the serving one and announces on it (again a moment later, behind any late will). */
+  /** Makes link `index` the serving one and announces on it (again later, behind any late will: coverWill). */
   private failOver(index: number): void {
     const { counters, logger } = this.options;
     if (this.closed || index === this.active) return;
     const from = this.servingLink().name;
     this.active = index;
-    counters.reconnects++;
+    counters.failovers++;
     this.held = false;
     logger.warn({ from, to: this.servingLink().name }, 'serving on the other connection');
     this.announce();
-    setTimeout(() => {
-      if (!this.closed && this.active === index) this.announce();
-    }, REANNOUNCE_AFTER_FAILOVER_MS).unref();
+    this.coverWill();
   }
 
   /** Routes `link`'s messages while it serves; when it drops, the other link takes over if it is subscribed. */
@@ -266,11 +330,15 @@ export class AgentLink {
     const { handlers } = options;
     const client = link.connection.client;
     client.on('close', () => {
+      const wasUp = link.subscribed;
       link.subscribed = false;
+      link.down = true;
+      if (this.closed || this.links.length < 2) return;
       const index = this.links.indexOf(link);
-      if (index !== this.active || this.closed) return;
-      const other = this.links.findIndex((l, i) => i !== index && l.subscribed && l.connection.client.connected);
-      if (other >= 0) this.failOver(other);
+      if (index === this.active) {
+        const other = this.links.findIndex((l, i) => i !== index && l.subscribed && l.connection.client.connected);
+        if (other >= 0) this.failOver(other);
+      } else if (wasUp && link.name === 'primary') this.coverWill();
     });
     client.on('message', (topic, payload) => {
       if (this.links[this.active] !== link) return;
@@ -367,9 +435,14 @@ export class AgentLink {
   async close(): Promise<void> {
     this.closed = true;
     clearTimeout(this.discoverTimer);
-    if (this.client.connected) {
+    for (const timer of this.willCover.values()) clearTimeout(timer);
+    // On the serving link, or on the other if only it is up: closing cleanly throws the primary's will away.
+    const up =
+      this.links.find((l, i) => i === this.active && l.connection.client.connected) ??
+      this.links.find((l) => l.connection.client.connected);
+    if (up) {
       await new Promise<void>((resolve) => {
-        this.client.publish(topics.agentStatus(this.agentId), this.options.will, { qos: 1, retain: true }, () => resolve());
+        up.connection.client.publish(topics.agentStatus(this.agentId), this.options.will, { qos: 1, retain: true }, () => resolve());
         setTimeout(resolve, 1_000).unref();
       });
     }

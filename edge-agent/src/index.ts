@@ -108,7 +108,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   }
   const payments = paid?.payments;
 
-  const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, announcements: 0, replays: 0 };
+  const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 };
   const paymentsHandle = paid ? paymentsView(paid) : undefined;
   // The metrics module (and prom-client with it) loads only when the metrics port is set (docs/agent.md, "Memory").
   let metrics: AgentMetrics | undefined;

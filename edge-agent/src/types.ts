@@ -134,7 +134,10 @@ export interface AgentCounters {
   received: number;
   served: number;
   errors: Record<string, number>;
+  /** Reconnects of the agent's (first) connection. */
   reconnects: number;
+  /** Switches to the other connection when the serving one dropped (AgentOptions.standbyConnection). */
+  failovers: number;
   announcements: number;
   /** Requests refused because their id was seen before (also counted in `errors.MESH_BAD_REQUEST`). */
   replays: number;
