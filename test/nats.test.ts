@@ -29,7 +29,7 @@ import {
   topics,
 } from '@edge-mesh/protocol';
 import { makeApiKey, startRouter } from '@edge-mesh/router';
-import { connect } from '@edge-mesh/sdk';
+import { connect, engineDefaults } from '@edge-mesh/sdk';
 import mqtt from 'mqtt';
 import { NATS, type NatsNodeProc, natsClusterPorts, natsClusterReady, startNatsNodes } from './engines.ts';
 import { quiet, ROOT, spawnAgent, tempDir, waitFor } from './helpers.ts';
@@ -525,12 +525,9 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
       modelsDir: models,
       username: key.id,
       password: await password(key),
-      subscriptionQos: 0,
-      publishQos: 0,
-      retainStatus: false,
-      // As `--engine nats` runs an agent: a second connection, subscribed on the next node, serves at once when the
-      // first node dies, instead of a reconnect that waits for JetStream's election.
-      standbyConnection: true,
+      // As `--engine nats` runs an agent: QoS 0, an unretained status, and a second connection, subscribed on the
+      // next node, that serves at once when the first node dies instead of a reconnect that waits for JetStream.
+      ...engineDefaults('nats', 'agent'),
       backoff: { baseMs: 50, maxMs: 500 },
       payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100 },
     });
@@ -541,8 +538,7 @@ test('kill -9 of a NATS node under a steady paid request stream: nothing lost th
     identity: appKey,
     username: appKey.id,
     password: await password(appKey),
-    subscriptionQos: 0,
-    publishQos: 0,
+    ...engineDefaults('nats', 'client'),
     backoff: { baseMs: 50, maxMs: 500 },
     payment: { signer: payerWallet, domain, dataDir: await tempDir(t), checkPayouts: false },
   });

@@ -1,6 +1,6 @@
 /** Option parsers shared by the commands: a bad value fails with commander's message and a non-zero exit. */
 import { readFile } from 'node:fs/promises';
-import { loadTlsFiles, type MeshTlsOptions } from '@edge-mesh/client';
+import { BROKER_ENGINES, type BrokerEngine, engineDefaults, loadTlsFiles, type MeshTlsOptions } from '@edge-mesh/client';
 import { MeshError } from '@edge-mesh/protocol';
 import { type Command, InvalidArgumentError, Option } from 'commander';
 
@@ -53,36 +53,25 @@ export function brokerAccessFlags(command: Command): Command {
     )
     .addOption(
       new Option('--engine <name>', 'the MQTT engine behind the broker URL; its recommended settings become the defaults (docs/cli.md)')
-        .choices(ENGINES)
+        .choices(BROKER_ENGINES)
         .default('mesh'),
     )
     .hook('preAction', (_this, action) => applyEngineDefaults(action));
 }
 
-/** The engines `--engine` names: the mesh's own broker, and the external engines docs/operations.md describes. */
-export const ENGINES = ['mesh', 'mosquitto', 'rabbitmq', 'nats'] as const;
-
-/**
- * What an engine wants different from the mesh's defaults (docs/operations.md, "Running on a NATS cluster"): on NATS
- * 2.9 a QoS 1 subscription is a JetStream consumer, and a QoS 1 or retained PUBLISH is stored in JetStream from the
- * connection's read loop, so everything goes at QoS 0 and the agent's status unretained; and a reconnect waits for
- * JetStream's leaders after a node's death, so agents keep a standby connection.
- */
-const ENGINE_DEFAULTS: Record<(typeof ENGINES)[number], Record<string, unknown>> = {
-  mesh: {},
-  mosquitto: {},
-  rabbitmq: {},
-  nats: { subscriptionQos: '0', publishQos: '0', retainStatus: false, standbyConnection: true },
-};
+/** An engine's defaults as option values (engineDefaults in the client layer; QoS as the strings the flags take). */
+function engineOptionDefaults(engine: BrokerEngine): Record<string, unknown> {
+  return Object.fromEntries(Object.entries(engineDefaults(engine, 'agent')).map(([k, v]) => [k, typeof v === 'number' ? String(v) : v]));
+}
 
 /**
  * Sets the settings `--engine` implies on `cmd`, each only where nothing else set it (a flag, a variable or a config
  * file wins); `config show` reports them with the source `engine`. Runs again after the config file is read.
  */
 export function applyEngineDefaults(cmd: Command): void {
-  const engine = cmd.getOptionValue('engine') as (typeof ENGINES)[number] | undefined;
+  const engine = cmd.getOptionValue('engine') as BrokerEngine | undefined;
   if (engine === undefined) return;
-  for (const [key, value] of Object.entries(ENGINE_DEFAULTS[engine])) {
+  for (const [key, value] of Object.entries(engineOptionDefaults(engine))) {
     const has = (cmd.options as Option[]).some((o) => o.attributeName() === key);
     const source = cmd.getOptionValueSource(key);
     if (has && (source === undefined || source === 'default')) cmd.setOptionValueWithSource(key, value, 'engine');

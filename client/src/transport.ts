@@ -18,3 +18,32 @@ export function reconnectDelayMs(attempt: number, { baseMs = 100, maxMs = 1_000 
   const ceiling = Math.min(maxMs, baseMs * 2 ** Math.min(attempt, 30));
   return Math.round(ceiling / 2 + random() * (ceiling / 2));
 }
+
+/** The MQTT engines the mesh runs on: its own broker, and the external engines docs/operations.md describes. */
+export const BROKER_ENGINES = ['mesh', 'mosquitto', 'rabbitmq', 'nats'] as const;
+export type BrokerEngine = (typeof BROKER_ENGINES)[number];
+
+/** The settings an engine wants different from the mesh's defaults (see engineDefaults). */
+export interface EngineDefaults {
+  subscriptionQos?: 0;
+  publishQos?: 0;
+  /** Agents only. */
+  retainStatus?: false;
+  /** Agents only. */
+  standbyConnection?: true;
+}
+
+/**
+ * What `engine` wants different from the mesh's defaults, for `part` (the CLI's `--engine`; docs/operations.md,
+ * "Running on a NATS cluster"). On NATS 2.9 a QoS 1 subscription is a JetStream consumer and a QoS 1 or retained
+ * PUBLISH is stored in JetStream from the connection's read loop, so everything goes at QoS 0 and an agent's status
+ * unretained; a reconnect waits for JetStream's leaders after a node's death, so agents keep a standby connection.
+ * The other engines want nothing different. Spread it under your own options: `connect({ ...engineDefaults('nats',
+ * 'client'), brokerUrl })`.
+ */
+export function engineDefaults(engine: BrokerEngine, part: 'agent' | 'client'): EngineDefaults {
+  if (engine !== 'nats') return {};
+  return part === 'agent'
+    ? { subscriptionQos: 0, publishQos: 0, retainStatus: false, standbyConnection: true }
+    : { subscriptionQos: 0, publishQos: 0 };
+}

@@ -39,6 +39,7 @@ import { Scheduler } from './scheduler.ts';
 import { Heartbeat, loadReport, StatusBoard } from './status.ts';
 import type { AgentCounters, AgentHandle, AgentOptions } from './types.ts';
 
+export { type BrokerEngine, engineDefaults } from '@edge-mesh/client';
 export type { AgentDeployOptions, DeployEvent } from './deploy.ts';
 export type { LaneFundsView } from './lane-funds.ts';
 export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';

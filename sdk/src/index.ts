@@ -62,6 +62,8 @@ import { createPipelines, type PipelineOptions, type PipelineRunResult } from '.
 import { createSdkPolicy, type SdkReply, type SdkRequest } from './policy.ts';
 
 export {
+  type BrokerEngine,
+  engineDefaults,
   ocrPipeline,
   ocrText,
   type PipelineDefinition,
