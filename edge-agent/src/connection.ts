@@ -10,6 +10,7 @@
  * On NATS 2.9 a CONNECT and a SUBSCRIBE wait for JetStream's leaders, which a node's death makes the cluster elect
  * again for 4 to 9 s; the standby made both before.
  */
+import { randomBytes } from 'node:crypto';
 import {
   type BackoffOptions,
   brokerList,
@@ -292,7 +293,9 @@ export class AgentLink {
     this.links.push(standby);
     standby.connection = openMeshConnection([...urls.slice(1), urls[0]!], {
       ...brokerAccess,
-      clientId: `${this.agentId}-standby`,
+      // A random part per run: other clients of a cluster that binds no client id to a user (NATS 2.9) cannot name it
+      // to take it over, as they could an id derived from the agent's public one.
+      clientId: `${this.agentId}-standby-${randomBytes(6).toString('hex')}`,
       username: credentials.username ?? this.agentId,
       password: credentials.password!,
       keepaliveS,
