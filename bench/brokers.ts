@@ -86,7 +86,7 @@ async function withDevices(
     const up = parseJson(await swarm.waitLine('stdout', isEvent('connected'), 600_000, 'connected event'))!;
     log(`${name}: ${up.connected} of ${load.devices} devices connected in ${up.connect_ms} ms (${JSON.stringify(up.errors)})`);
     const figures = await measureAgain();
-    swarm.send('stop');
+    // The swarm lets its devices go when its stdin closes.
     swarm.child.stdin?.end();
     const end = parseJson(await swarm.waitLine('stdout', isEvent('result'), 30_000, 'result'))!;
     return {
@@ -379,32 +379,32 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const only = typeof ctx.args.engines === 'string' ? new Set(ctx.args.engines.split(',')) : undefined;
   const wanted = (name: string) => !only || only.has(name);
   if (wanted('aedes')) engines.aedes = await aedesEngine(load, ctx.log);
-  const mosquitto = installedCommand('mosquitto');
-  if (!wanted('mosquitto')) {
-    // not asked for
-  } else if (mosquitto) {
-    engines.mosquitto = await mosquittoEngine(mosquitto, load, ctx.log);
-    // The delayed-ACK trap (docs/operations.md): each round trip waits tens of ms, so only a few are measured.
-    if (ctx.args['with-delayed-ack'] === true)
-      engines.mosquitto_no_nodelay = await mosquittoEngine(
-        mosquitto,
-        { warmup: 5, n: Math.min(load.n, 100), concurrency: load.concurrency, durationMs: 2_000, devices: 0 },
-        ctx.log,
-        false,
-      );
-  } else skipped.mosquitto = 'mosquitto is not installed (Debian package `mosquitto`)';
-  if (!wanted('rabbitmq')) {
-    // not asked for
-  } else if (rabbitmqServerCommand()) Object.assign(engines, await rabbitmqEngines(load, ctx.log));
-  else skipped.rabbitmq = 'rabbitmq-server is not installed (Debian package `rabbitmq-server`)';
-  const nats = installedCommand('nats-server');
-  if (!wanted('nats')) {
-    // not asked for
-  } else if (nats) {
-    engines.nats = await natsEngine(nats, load, ctx.log);
-    // What QoS 1 subscriptions (a JetStream consumer each) cost there.
-    if (ctx.args['with-nats-qos1'] === true) engines.nats_qos1_subscriptions = await natsEngine(nats, load, ctx.log, 1);
-  } else skipped.nats = 'nats-server is not installed (Debian package `nats-server`)';
+  if (wanted('mosquitto')) {
+    const mosquitto = installedCommand('mosquitto');
+    if (mosquitto) {
+      engines.mosquitto = await mosquittoEngine(mosquitto, load, ctx.log);
+      // The delayed-ACK trap (docs/operations.md): each round trip waits tens of ms, so only a few are measured.
+      if (ctx.args['with-delayed-ack'] === true)
+        engines.mosquitto_no_nodelay = await mosquittoEngine(
+          mosquitto,
+          { warmup: 5, n: Math.min(load.n, 100), concurrency: load.concurrency, durationMs: 2_000, devices: 0 },
+          ctx.log,
+          false,
+        );
+    } else skipped.mosquitto = 'mosquitto is not installed (Debian package `mosquitto`)';
+  }
+  if (wanted('rabbitmq')) {
+    if (rabbitmqServerCommand()) Object.assign(engines, await rabbitmqEngines(load, ctx.log));
+    else skipped.rabbitmq = 'rabbitmq-server is not installed (Debian package `rabbitmq-server`)';
+  }
+  if (wanted('nats')) {
+    const nats = installedCommand('nats-server');
+    if (nats) {
+      engines.nats = await natsEngine(nats, load, ctx.log);
+      // What QoS 1 subscriptions (a JetStream consumer each) cost there.
+      if (ctx.args['with-nats-qos1'] === true) engines.nats_qos1_subscriptions = await natsEngine(nats, load, ctx.log, 1);
+    } else skipped.nats = 'nats-server is not installed (Debian package `nats-server`)';
+  }
 
   return {
     bench: 'brokers',

@@ -142,7 +142,6 @@ async function trustedOperatorMap(specs: string[]): Promise<Map<string, Uint8Arr
   return out;
 }
 
-/** The agent's `deploy` option from its --deploy-* flags; undefined without --deploy-group. */
 /**
  * `--standby-connection`, warned about outside NATS: mosquitto's generated configuration makes the username the client
  * id (the two connections would take each other's place) and RabbitMQ's auth service binds a client id to its key.
@@ -160,6 +159,7 @@ function standbyConnectionFor(
   return true;
 }
 
+/** The agent's `deploy` option from its --deploy-* flags; undefined without --deploy-group. */
 async function agentDeployOptions(opts: {
   deployGroup: string[];
   deployOperator: string[];

@@ -116,6 +116,8 @@ export class AgentLink {
   /** The link that serves: its messages are handled and everything goes out on it. */
   private active = 0;
   private readonly agentId: string;
+  /** The brokers the agent's list names, in order. */
+  private readonly brokerUrls: string[];
   /** Replies go to one sender: at the access's publish QoS (1 unless the engine makes it costly). */
   private readonly replyQos: { qos: 0 | 1 };
   private closed = false;
@@ -131,6 +133,7 @@ export class AgentLink {
     const { brokerUrl, identity, ephemeral, keepaliveS, backoff, will, counters, logger } = options;
     const agentId = identity.id;
     this.agentId = agentId;
+    this.brokerUrls = brokerList(brokerUrl).map((b) => b.url);
     this.replyQos = { qos: options.brokerAccess.publishQos ?? 1 };
     let rejectAnnounced!: (err: MeshError) => void;
     this.announced = new Promise<void>((resolve, reject) => {
@@ -156,7 +159,7 @@ export class AgentLink {
         logger.info({ brokerUrl, reconnect: everConnected }, everConnected ? 'reconnected to broker' : 'connected to broker');
         everConnected = true;
         // Announced only once subscribed: a status tells senders to send here.
-        this.subscribeLink(primary, c, this.filters());
+        this.subscribeLink(primary, c);
       },
       onReconnectScheduled: (delayMs, attempt) => {
         if (!this.closed) logger.warn({ delayMs, attempt }, 'broker connection lost; reconnecting');
@@ -195,12 +198,12 @@ export class AgentLink {
   }
 
   /** Subscribes `link`; once granted, the serving link announces, and a standby takes over if nothing else serves. */
-  private subscribeLink(link: Link, c: MqttClient, filters: string[]): void {
+  private subscribeLink(link: Link, c: MqttClient): void {
     const { logger } = this.options;
     link.subscribed = false;
     subscribeOrReconnect(
       c,
-      filters,
+      this.filters(),
       this.options.brokerAccess.subscriptionQos ?? 1,
       (reason) => logger.error({ err: reason, link: link.name }, 'subscribe failed; reconnecting'),
       () => {
@@ -239,16 +242,11 @@ export class AgentLink {
       standby.hops = 0;
       return;
     }
-    if (standby.hops >= this.brokers - 1) return;
+    if (standby.hops >= this.brokerUrls.length - 1) return;
     standby.hops++;
     if (this.active !== 0) this.failOver(0);
     this.options.logger.info({ broker: where }, 'the standby connection shares the primary broker: moving it to the next');
     (standby.connection.client.stream as { destroy?: () => void }).destroy?.();
-  }
-
-  /** How many brokers the agent's list names. */
-  private get brokers(): number {
-    return brokerList(this.options.brokerUrl).length;
   }
 
   /** Announces on the serving link after REANNOUNCE_AFTER_DROP_MS and after the keepalive grace (see there). */
@@ -275,8 +273,8 @@ export class AgentLink {
 
   /** The second connection: the same subscriptions on another broker of the list, no will, messages dropped until it serves. */
   private openStandby(): void {
-    const { brokerUrl, brokerAccess, identity, keepaliveS, backoff, logger } = this.options;
-    const urls = brokerList(brokerUrl).map((b) => b.url);
+    const { brokerAccess, identity, keepaliveS, backoff, logger } = this.options;
+    const urls = this.brokerUrls;
     // The primary's credentials (a password given, or in the URL), sent under another client id.
     const credentials = resolveCredentials(urls[0]!, brokerAccess, identity);
     const why =
@@ -303,7 +301,7 @@ export class AgentLink {
       ...(backoff ? { backoff } : {}),
       onConnect: (c) => {
         logger.info({ link: 'standby' }, 'standby connection connected');
-        this.subscribeLink(standby, c, this.filters());
+        this.subscribeLink(standby, c);
       },
       onReconnectScheduled: (delayMs, attempt) => {
         if (!this.closed) logger.info({ delayMs, attempt, link: 'standby' }, 'standby connection lost; reconnecting');
