@@ -6,6 +6,7 @@
  */
 import { randomFillSync } from 'node:crypto';
 import { decode as cborDecode, encode as cborEncode, type DecodeOptions, type EncodeOptions } from 'cborg';
+import { encodeDirect } from './cbor-encode.ts';
 import { MeshError } from './errors.ts';
 import { checkers, type Message, type MessageKind } from './messages.ts';
 import { firstError, type Validator } from './validate.ts';
@@ -17,7 +18,8 @@ const DECODE: DecodeOptions = { useMaps: false, rejectDuplicateMapKeys: true };
 
 const toBuffer = (bytes: Uint8Array): Buffer => Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 const cbor = {
-  encode: (value: unknown): Buffer => toBuffer(cborEncode(value, ENCODE)),
+  // The envelope's own writer for the values messages are made of, cborg for anything else (cbor-encode.ts).
+  encode: (value: unknown): Buffer => encodeDirect(value) ?? toBuffer(cborEncode(value, ENCODE)),
   decode: (bytes: Uint8Array): unknown => cborDecode(bytes, DECODE),
 };
 

@@ -1,0 +1,188 @@
+/**
+ * The envelope's own CBOR writer (protocol/src/cbor-encode.ts) against cborg with the envelope's options:
+ * the same bytes for every value, random and chosen, and cborg's behaviour for what the writer leaves to it.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { mulberry32, type Rng } from '@edge-mesh/client';
+import {
+  decodeMessage,
+  encodeCbor,
+  encodeMessage,
+  encodeTensorMap,
+  type InferReply,
+  type InferRequest,
+  newRequestId,
+  PROTOCOL_VERSION,
+} from '@edge-mesh/protocol';
+import { encode as cborgEncode } from 'cborg';
+import { encodeDirect } from '../protocol/src/cbor-encode.ts';
+
+const cborg = (value: unknown) => Buffer.from(cborgEncode(value, { float64: true, mapSorter: undefined }));
+
+const INTEGERS = [
+  0,
+  1,
+  23,
+  24,
+  255,
+  256,
+  65535,
+  65536,
+  2 ** 32 - 1,
+  2 ** 32,
+  2 ** 53 - 1,
+  -1,
+  -24,
+  -25,
+  -256,
+  -257,
+  -65536,
+  -65537,
+  -(2 ** 32),
+  -(2 ** 32) - 1,
+  -(2 ** 53 - 1),
+];
+const FLOATS = [0.5, -0.5, 1.1, 2 ** 53, -(2 ** 53), 1e300, 5e-324, Number.NaN, Number.POSITIVE_INFINITY, Number.NEGATIVE_INFINITY, -0];
+const STRINGS = [
+  '',
+  'a',
+  'kind',
+  'x'.repeat(23),
+  'x'.repeat(24),
+  'y'.repeat(300),
+  'é',
+  'héllo wörld',
+  '日本語',
+  '🙂',
+  '\ud800',
+  'a\udc00b',
+  '\u0000',
+];
+
+function randomString(next: Rng): string {
+  const pick = next();
+  if (pick < 0.3) return STRINGS[Math.floor(next() * STRINGS.length)]!;
+  const length = Math.floor(next() * (next() < 0.01 ? 70_000 : 40));
+  let s = '';
+  for (let i = 0; i < length; i++) {
+    const r = next();
+    s += String.fromCharCode(r < 0.8 ? 32 + Math.floor(next() * 95) : r < 0.95 ? Math.floor(next() * 0x800) : Math.floor(next() * 0x10000));
+  }
+  return s;
+}
+
+function randomBytes(next: Rng): Uint8Array {
+  const length = Math.floor(next() * (next() < 0.01 ? 200_000 : 64));
+  const bytes = next() < 0.5 ? new Uint8Array(length) : Buffer.allocUnsafe(length);
+  const start = Math.floor(next() * 256);
+  for (let i = 0; i < length; i++) bytes[i] = (start + i * 31) & 255;
+  // A view into a larger buffer, as a decoded tensor or a pooled Buffer is.
+  if (next() < 0.3 && length > 2) return bytes.subarray(1, length - 1);
+  return bytes;
+}
+
+function randomValue(next: Rng, depth: number): unknown {
+  const r = next();
+  if (depth > 3 || r < 0.45) {
+    const s = next();
+    if (s < 0.2) return INTEGERS[Math.floor(next() * INTEGERS.length)];
+    if (s < 0.3) return Math.floor((next() - 0.5) * 2 ** (next() * 60));
+    if (s < 0.45) return next() < 0.5 ? FLOATS[Math.floor(next() * FLOATS.length)] : (next() - 0.5) * 10 ** Math.floor(next() * 20);
+    if (s < 0.7) return randomString(next);
+    if (s < 0.85) return randomBytes(next);
+    return [null, undefined, true, false][Math.floor(next() * 4)];
+  }
+  if (r < 0.7) {
+    const length = Math.floor(next() * (depth === 0 && next() < 0.05 ? 300 : 5));
+    return Array.from({ length }, () => randomValue(next, depth + 1));
+  }
+  const record: Record<string, unknown> = next() < 0.1 ? Object.create(null) : {};
+  const size = Math.floor(next() * (depth === 0 && next() < 0.05 ? 40 : 6));
+  for (let i = 0; i < size; i++) {
+    // Integer-like keys too: Object.keys puts them first, in both encoders.
+    const key = next() < 0.15 ? String(Math.floor(next() * 100)) : randomString(next);
+    record[key] = randomValue(next, depth + 1);
+  }
+  return record;
+}
+
+test('the envelope writes the bytes cborg writes, for 20,000 random values over five seeds', () => {
+  for (const seed of [1, 2, 3, 4, 5]) {
+    const next = mulberry32(seed);
+    for (let i = 0; i < 4_000; i++) {
+      const value = randomValue(next, 0);
+      // The writer itself, not cborg behind it: every random value is of a kind it takes.
+      const ours = encodeDirect(value);
+      if (ours === undefined) assert.fail(`seed ${seed}, value ${i}: left to cborg`);
+      const theirs = cborg(value);
+      if (!ours.equals(theirs))
+        assert.fail(`seed ${seed}, value ${i}: ${ours.toString('hex').slice(0, 200)} ≠ ${theirs.toString('hex').slice(0, 200)}`);
+    }
+  }
+});
+
+test('boundary values, one at a time', () => {
+  const holey: unknown[] = [];
+  holey[0] = 'a hole follows';
+  holey[2] = 1;
+  for (const value of [...INTEGERS, ...FLOATS, ...STRINGS, null, undefined, true, false, [], {}, new Uint8Array(0), holey]) {
+    assert.deepEqual(encodeCbor(value), cborg(value), `value ${String(value)}`);
+  }
+});
+
+test('real messages: a request with a tensor and a reply, the same bytes, and they decode back', () => {
+  const id = newRequestId();
+  const inputs = encodeTensorMap({ x: { dtype: 'float32', shape: [1, 25, 96], data: new Float32Array(2400).map((_, i) => i / 7) } });
+  const req: InferRequest = { v: PROTOCOL_VERSION, kind: 'req', id, model: 'kws', inputs, deadline: Date.now() + 1000 };
+  assert.deepEqual(encodeMessage(req), cborg(req));
+  const back = decodeMessage(encodeMessage(req), ['req']);
+  assert.deepEqual(back.inputs, req.inputs);
+  const res: InferReply = {
+    v: PROTOCOL_VERSION,
+    kind: 'res',
+    id,
+    agent: 'a'.repeat(43),
+    model: 'kws',
+    outputs: inputs,
+    queueMs: 0.25,
+    execMs: 0.021,
+    rif: 3,
+    workMs: 0.75,
+  };
+  assert.deepEqual(encodeMessage(res), cborg(res));
+});
+
+test('what the writer does not know goes to cborg, which encodes or refuses it as before', () => {
+  class Point {
+    x = 1;
+  }
+  const others: unknown[] = [
+    new Map([['a', 1]]),
+    { n: 10n },
+    { f: new Float32Array([1.5, 2]) },
+    new Point(),
+    { deep: JSON.parse(`${'['.repeat(40)}1${']'.repeat(40)}`) },
+  ];
+  for (const value of others) {
+    assert.equal(encodeDirect(value), undefined);
+    assert.deepEqual(encodeCbor(value), cborg(value));
+  }
+  const cycle: Record<string, unknown> = { a: 1 };
+  cycle.self = cycle;
+  assert.throws(() => encodeCbor(cycle), /circular/i);
+  assert.throws(() => encodeCbor({ f: () => 1 }), /unsupported type/i);
+  // And the writer is fine after a refusal.
+  assert.deepEqual(encodeCbor({ ok: [1, 'two'] }), cborg({ ok: [1, 'two'] }));
+});
+
+test('a value larger than the reused buffer, then a small one: both right', () => {
+  const big = { data: new Uint8Array(3 * 1024 * 1024).fill(7), tail: 'end' };
+  assert.deepEqual(encodeCbor(big), cborg(big));
+  assert.deepEqual(encodeCbor({ small: 1 }), cborg({ small: 1 }));
+  // Results do not share bytes: encoding again does not change an earlier result.
+  const first = encodeCbor({ a: 'first' });
+  const copy = Buffer.from(first);
+  encodeCbor({ a: 'second, longer' });
+  assert.deepEqual(first, copy);
+});
