@@ -128,8 +128,10 @@ export async function createSession(spec, intraOpThreads) {
 export function toFeeds(inputs) {
   /** @type {Record<string, ort.Tensor>} */
   const feeds = {};
-  for (const [name, t] of Object.entries(inputs))
+  for (const name of Object.keys(inputs)) {
+    const t = /** @type {Tensor} */ (inputs[name]);
     feeds[name] = new ort.Tensor(/** @type {any} */ (t.dtype), /** @type {any} */ (t.data), t.shape);
+  }
   return feeds;
 }
 
@@ -141,9 +143,10 @@ export function toFeeds(inputs) {
 export function fromResults(results) {
   /** @type {Record<string, Tensor>} */
   const outputs = {};
-  for (const [name, value] of Object.entries(results)) {
+  for (const name of Object.keys(results)) {
+    const value = /** @type {ort.Tensor} */ (results[name]);
     const data = /** @type {Tensor['data']} */ (value.data);
-    outputs[name] = { dtype: /** @type {Tensor['dtype']} */ (value.type), shape: [...value.dims], data };
+    outputs[name] = { dtype: /** @type {Tensor['dtype']} */ (value.type), shape: value.dims.slice(), data };
   }
   return outputs;
 }

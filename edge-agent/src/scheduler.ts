@@ -63,12 +63,21 @@ const PROBE_AFTER_MS = 1_000;
 /** Weight of the newest run in the service-time EWMA. */
 const SERVICE_EWMA_ALPHA = 0.2;
 
-/** Adds a run's service time to the model's last runs and updates their median (a sort of at most ADMIT_RUNS). */
+/** Where noteRun sorts a copy of the last runs: one array for every model, so a run allocates nothing here. */
+const sortedRuns = new Float64Array(ADMIT_RUNS);
+
+/** Adds a run's service time to the model's last runs and updates their median (an insertion sort of at most ADMIT_RUNS). */
 function noteRun(state: ModelState, ms: number): void {
   state.recent[state.recentNext] = ms;
   state.recentNext = (state.recentNext + 1) % ADMIT_RUNS;
-  const sorted = state.recent.slice().sort((a, b) => a - b);
-  state.admitMs = sorted[sorted.length >> 1]!;
+  const n = state.recent.length;
+  for (let i = 0; i < n; i++) {
+    const v = state.recent[i]!;
+    let j = i;
+    for (; j > 0 && sortedRuns[j - 1]! > v; j--) sortedRuns[j] = sortedRuns[j - 1]!;
+    sortedRuns[j] = v;
+  }
+  state.admitMs = sortedRuns[n >> 1]!;
 }
 
 export class Scheduler {

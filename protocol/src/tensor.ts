@@ -143,7 +143,7 @@ export function decodeTensor(
 
 export function encodeTensorMap(tensors: Record<string, Tensor>): Record<string, WireTensor> {
   const out: Record<string, WireTensor> = {};
-  for (const [name, tensor] of Object.entries(tensors)) out[name] = encodeTensor(tensor);
+  for (const name of Object.keys(tensors)) out[name] = encodeTensor(tensors[name]!);
   return out;
 }
 
@@ -154,8 +154,8 @@ export function decodeTensorMap(
 ): Record<string, Tensor> {
   const out: Record<string, Tensor> = Object.create(null);
   let total = 0;
-  for (const [name, tensor] of Object.entries(wire)) {
-    const decoded = decodeTensor(name, tensor, maxElements, options);
+  for (const name of Object.keys(wire)) {
+    const decoded = decodeTensor(name, wire[name]!, maxElements, options);
     total += decoded.data.length;
     if (total > maxElements) throw new MeshError('MESH_TOO_LARGE', `tensors exceed ${maxElements} elements in total`);
     out[name] = decoded;
