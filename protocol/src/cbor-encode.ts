@@ -12,7 +12,7 @@
  * booleans, numbers, strings, byte arrays (Buffers included), arrays and plain objects. Anything else
  * (a Map, a bigint, another typed array, a class instance, nesting past MAX_DEPTH, which is also how a
  * cycle shows) returns `undefined`, and the caller hands the value to cborg, which encodes or refuses it
- * as before. test/cbor-encode.test.ts checks the bytes against cborg's over random values.
+ * as before. test/cbor.test.ts checks the bytes against cborg's over random values.
  */
 
 /** Deeper than any mesh message; past it cborg takes the value (and refuses a cycle). */

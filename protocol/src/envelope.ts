@@ -6,6 +6,7 @@
  */
 import { randomFillSync } from 'node:crypto';
 import { decode as cborDecode, encode as cborEncode, type DecodeOptions, type EncodeOptions } from 'cborg';
+import { decodeDirect, LEAVE_TO_CBORG } from './cbor-decode.ts';
 import { encodeDirect } from './cbor-encode.ts';
 import { MeshError } from './errors.ts';
 import { checkers, type Message, type MessageKind } from './messages.ts';
@@ -20,7 +21,11 @@ const toBuffer = (bytes: Uint8Array): Buffer => Buffer.from(bytes.buffer, bytes.
 const cbor = {
   // The envelope's own writer for the values messages are made of, cborg for anything else (cbor-encode.ts).
   encode: (value: unknown): Buffer => encodeDirect(value) ?? toBuffer(cborEncode(value, ENCODE)),
-  decode: (bytes: Uint8Array): unknown => cborDecode(bytes, DECODE),
+  // The common shape of a message read directly; cborg decides everything else (cbor-decode.ts).
+  decode: (bytes: Uint8Array): unknown => {
+    const value = decodeDirect(bytes);
+    return value === LEAVE_TO_CBORG ? cborDecode(bytes, DECODE) : value;
+  },
 };
 
 export const DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024;

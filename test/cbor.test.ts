@@ -1,11 +1,14 @@
 /**
- * The envelope's own CBOR writer (protocol/src/cbor-encode.ts) against cborg with the envelope's options:
- * the same bytes for every value, random and chosen, and cborg's behaviour for what the writer leaves to it.
+ * The envelope's own CBOR writer and reader (protocol/src/cbor-encode.ts, cbor-decode.ts) against cborg with the
+ * envelope's options: the same bytes for every value, random and chosen, and cborg's behaviour for what the writer
+ * leaves to it; and a reader that, whenever it answers rather than leave a payload to cborg, answers what cborg
+ * answers, over random, mutated and chosen payloads.
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { mulberry32, type Rng } from '@edge-mesh/client';
 import {
+  decodeCbor,
   decodeMessage,
   encodeCbor,
   encodeMessage,
@@ -15,7 +18,8 @@ import {
   newRequestId,
   PROTOCOL_VERSION,
 } from '@edge-mesh/protocol';
-import { encode as cborgEncode } from 'cborg';
+import { decode as cborgDecode, encode as cborgEncode } from 'cborg';
+import { decodeDirect, LEAVE_TO_CBORG } from '../protocol/src/cbor-decode.ts';
 import { encodeDirect } from '../protocol/src/cbor-encode.ts';
 
 const cborg = (value: unknown) => Buffer.from(cborgEncode(value, { float64: true, mapSorter: undefined }));
@@ -185,4 +189,103 @@ test('a value larger than the reused buffer, then a small one: both right', () =
   const copy = Buffer.from(first);
   encodeCbor({ a: 'second, longer' });
   assert.deepEqual(first, copy);
+});
+
+const cborgRead = (bytes: Uint8Array) => cborgDecode(bytes, { useMaps: false, rejectDuplicateMapKeys: true });
+
+/** The reader's answer must be cborg's; a payload it leaves to cborg is cborg's to answer anyway. */
+function sameAsCborg(bytes: Uint8Array, where: string): boolean {
+  const ours = decodeDirect(bytes);
+  if (ours === LEAVE_TO_CBORG) return false;
+  let theirs: unknown;
+  try {
+    theirs = cborgRead(bytes);
+  } catch (err) {
+    assert.fail(
+      `${where}: the reader answered where cborg refuses (${(err as Error).message}): ${Buffer.from(bytes).toString('hex').slice(0, 200)}`,
+    );
+  }
+  assert.deepStrictEqual(ours, theirs, where);
+  return true;
+}
+
+test('the reader answers what cborg answers, for random values and for mutations of them', () => {
+  let direct = 0;
+  let total = 0;
+  for (const seed of [11, 12, 13, 14, 15]) {
+    const next = mulberry32(seed);
+    for (let i = 0; i < 3_000; i++) {
+      const encoded = cborg(randomValue(next, 0));
+      // As a Buffer (what MQTT hands over) and as a plain Uint8Array.
+      const forms = [encoded, new Uint8Array(encoded)];
+      for (const bytes of forms) {
+        total++;
+        if (sameAsCborg(bytes, `seed ${seed}, value ${i}`)) direct++;
+      }
+      // Mutations: a flipped byte, a cut, bytes appended.
+      const mutated = Buffer.from(encoded);
+      if (mutated.length > 0) mutated[Math.floor(next() * mutated.length)] = Math.floor(next() * 256);
+      sameAsCborg(mutated, `seed ${seed}, value ${i}, flipped`);
+      sameAsCborg(encoded.subarray(0, Math.floor(next() * encoded.length)), `seed ${seed}, value ${i}, cut`);
+      sameAsCborg(Buffer.concat([encoded, Buffer.from([Math.floor(next() * 256)])]), `seed ${seed}, value ${i}, appended`);
+    }
+  }
+  // Most random values have only ASCII text, which the reader takes itself: it is tested, not bypassed.
+  assert.ok(direct > total / 3, `read directly ${direct} of ${total}`);
+});
+
+test('random bytes: the reader never answers what cborg refuses', () => {
+  const next = mulberry32(21);
+  for (let i = 0; i < 20_000; i++) {
+    const bytes = Buffer.alloc(1 + Math.floor(next() * 24));
+    for (let j = 0; j < bytes.length; j++) bytes[j] = Math.floor(next() * 256);
+    // Start with a map head often, as a message does.
+    if (next() < 0.5) bytes[0] = 0xa0 | Math.floor(next() * 4);
+    sameAsCborg(bytes, `random ${i}`);
+  }
+});
+
+test('chosen payloads: edges of integers, keys cborg refuses or treats specially', () => {
+  const cases: [string, Buffer][] = [
+    ['largest safe uint in 8 bytes', Buffer.from('1b001fffffffffffff', 'hex')],
+    ['2^53 in 8 bytes', Buffer.from('1b0020000000000000', 'hex')],
+    ['small uint in 8 bytes', Buffer.from('1b0000000000000005', 'hex')],
+    ['negative in 8 bytes', Buffer.from('3b001ffffffffffffe', 'hex')],
+    ['duplicate key', Buffer.from('a2616101616102', 'hex')],
+    ['__proto__ key', Buffer.from(`a1${Buffer.from([0x69]).toString('hex')}${Buffer.from('__proto__').toString('hex')}a0`, 'hex')],
+    ['toString key', Buffer.from(`a168${Buffer.from('toString').toString('hex')}01`, 'hex')],
+    ['integer key', Buffer.from('a10101', 'hex')],
+    ['float16', Buffer.from('f93c00', 'hex')],
+    ['float32', Buffer.from('fa3fc00000', 'hex')],
+    ['tag', Buffer.from('c11a514b67b0', 'hex')],
+    ['indefinite map', Buffer.from('bf616101ff', 'hex')],
+    ['two items', Buffer.from('0101', 'hex')],
+    ['empty', Buffer.alloc(0)],
+    ['array claiming more than there is', Buffer.from('9a7fffffff01', 'hex')],
+    ['non-ASCII text', Buffer.from('62c3a9', 'hex')],
+    ['simple value 16', Buffer.from('f0', 'hex')],
+  ];
+  for (const [name, bytes] of cases) {
+    sameAsCborg(bytes, name);
+    let ours: unknown;
+    let theirs: unknown;
+    try {
+      ours = decodeCbor(bytes);
+    } catch (err) {
+      ours = `refused: ${(err as Error).constructor.name}`;
+    }
+    try {
+      theirs = cborgRead(bytes);
+    } catch (err) {
+      theirs = `refused: ${(err as Error).constructor.name}`;
+    }
+    assert.deepStrictEqual(ours, theirs, name);
+  }
+  // The usual shape of a message is read directly.
+  const req = encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: newRequestId() });
+  assert.notEqual(decodeDirect(req), LEAVE_TO_CBORG);
+  // A key seen before comes back as the same string, from the cache, and is still right.
+  const a = decodeDirect(encodeCbor({ someKey: 1 })) as Record<string, number>;
+  const b = decodeDirect(encodeCbor({ someKey: 2, someKez: 3 })) as Record<string, number>;
+  assert.deepStrictEqual([a.someKey, b.someKey, b.someKez], [1, 2, 3]);
 });
