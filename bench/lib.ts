@@ -432,7 +432,9 @@ export interface LoadgenOptions {
 
 /** bench/loadgen.ts; resolves once it is connected and sees the model ({"event":"ready"}); send 'go' to start. */
 export async function startLoadgenProc(o: LoadgenOptions): Promise<Proc> {
+  // BENCH_LOADGEN_NODE_ARGS (space-separated) goes to the load generators' node, as BENCH_AGENT_NODE_ARGS to the agents'.
   const args = [
+    ...(process.env.BENCH_LOADGEN_NODE_ARGS?.split(' ').filter(Boolean) ?? []),
     '--import',
     'tsx',
     path.join(ROOT, 'bench', 'loadgen.ts'),
