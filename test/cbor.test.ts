@@ -10,6 +10,7 @@ import { mulberry32, type Rng } from '@edge-mesh/client';
 import {
   decodeCbor,
   decodeMessage,
+  decodeTensorMap,
   encodeCbor,
   encodeMessage,
   encodeTensorMap,
@@ -17,6 +18,7 @@ import {
   type InferRequest,
   newRequestId,
   PROTOCOL_VERSION,
+  type WireTensor,
 } from '@edge-mesh/protocol';
 import { decode as cborgDecode, encode as cborgEncode } from 'cborg';
 import { decodeDirect, LEAVE_TO_CBORG } from '../protocol/src/cbor-decode.ts';
@@ -288,4 +290,63 @@ test('chosen payloads: edges of integers, keys cborg refuses or treats specially
   const a = decodeDirect(encodeCbor({ someKey: 1 })) as Record<string, number>;
   const b = decodeDirect(encodeCbor({ someKey: 2, someKez: 3 })) as Record<string, number>;
   assert.deepStrictEqual([a.someKey, b.someKey, b.someKez], [1, 2, 3]);
+});
+
+test('what a sender or a caller could turn against the reader and writer', async () => {
+  // Empty byte strings: each is an ArrayBuffer of its own here, so past a few hundred the payload is cborg's, which
+  // shares one empty array between them (a payload of 4 MiB of them would otherwise cost seconds and a gigabyte).
+  const empties = (n: number) => Buffer.concat([Buffer.from([0x99, n >> 8, n & 0xff]), Buffer.alloc(n, 0x40)]);
+  assert.notEqual(decodeDirect(empties(256)), LEAVE_TO_CBORG);
+  assert.equal(decodeDirect(empties(257)), LEAVE_TO_CBORG);
+  assert.equal((decodeCbor(empties(5_000)) as Uint8Array[]).length, 5_000);
+
+  // cborg's shared empty array must never be handed to a worker: adopting it would detach it for every later message.
+  const emptyTensor = cborgEncode(
+    { t: { dtype: 'float32', shape: [0], data: new Uint8Array(0) } },
+    { float64: false, mapSorter: undefined },
+  );
+  const viaCborg = Buffer.concat([Buffer.from([0xa2]), Buffer.from(emptyTensor.subarray(1)), Buffer.from('63706164f90000', 'hex')]);
+  for (let i = 0; i < 2; i++) {
+    const wire = (decodeCbor(viaCborg) as { t: WireTensor }).t;
+    const tensor = decodeTensorMap({ t: wire }, 1_000, { adopt: true }).t!;
+    assert.notEqual(tensor.data.buffer, wire.data.buffer);
+    structuredClone(tensor.data.buffer, { transfer: [tensor.data.buffer as ArrayBuffer] });
+  }
+
+  // A getter that encodes while a value is written: the inner value goes to cborg, both come out right.
+  const outer = {
+    k: 'outer',
+    get r() {
+      assert.deepEqual(encodeCbor({ x: 'inner value' }), cborg({ x: 'inner value' }));
+      return 1;
+    },
+    z: 'tail',
+  };
+  assert.deepEqual(encodeCbor(outer), cborg(outer));
+
+  // Values cborg types otherwise than their prototype says: its bytes, or its refusal.
+  const ownIterator = [1, 2];
+  Object.defineProperty(ownIterator, Symbol.iterator, {
+    value: function* () {
+      yield 7;
+      yield 8;
+    },
+  });
+  const tagged = Object.assign(Object.create(null), { tag: 1, value: 2, [Symbol.toStringTag]: 'Tagged' });
+  const longLength = Object.defineProperty(new Uint8Array([1, 2, 3]), 'length', { value: 1 });
+  class Bytes extends Uint8Array {}
+  for (const value of [ownIterator, tagged, longLength, new Bytes([1, 2])]) {
+    assert.equal(encodeDirect(value), undefined);
+    assert.deepEqual(encodeCbor(value), cborg(value));
+  }
+  const dated = Object.assign(Object.create(null), { [Symbol.toStringTag]: 'Date' });
+  assert.throws(() => cborg(dated));
+  assert.throws(() => encodeCbor(dated));
+
+  // Input that is not a plain Uint8Array or Buffer is cborg's to refuse, or to answer in its own kind.
+  assert.equal(decodeDirect(new Uint8ClampedArray([0xa1, 0x61, 0x61, 0x01]) as unknown as Uint8Array), LEAVE_TO_CBORG);
+  assert.throws(() => decodeCbor(new Uint8ClampedArray([0xa1, 0x61, 0x61, 0x01]) as unknown as Uint8Array));
+  const sub = new Bytes(encodeCbor({ b: new Uint8Array([5]) }));
+  assert.equal(decodeDirect(sub), LEAVE_TO_CBORG);
+  assert.deepStrictEqual(decodeCbor(sub), cborgRead(sub));
 });

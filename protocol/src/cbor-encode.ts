@@ -9,10 +9,12 @@
  *
  * This writes the same bytes as cborg does with the envelope's options (every float as 64 bits, safe
  * integers in their shortest form, maps in key order, `undefined` as simple value 23) for null,
- * booleans, numbers, strings, byte arrays (Buffers included), arrays and plain objects. Anything else
- * (a Map, a bigint, another typed array, a class instance, nesting past MAX_DEPTH, which is also how a
- * cycle shows) returns `undefined`, and the caller hands the value to cborg, which encodes or refuses it
- * as before. test/cbor.test.ts checks the bytes against cborg's over random values.
+ * booleans, numbers, strings, byte arrays (Uint8Array and Buffer), arrays and plain objects. Anything
+ * else (a Map, a bigint, another typed array, a subclass or class instance, an object with its own
+ * iterator or type tag, nesting past MAX_DEPTH, which is also how a cycle shows, a value encoded from a
+ * getter while another is written) returns `undefined`, and the caller hands the value to cborg, which
+ * encodes or refuses it as before. One difference stays: a getter that changes a value already written
+ * changes cborg's bytes (it reads everything before it writes) and not these. test/cbor.test.ts checks the bytes against cborg's over random values.
  */
 
 /** Deeper than any mesh message; past it cborg takes the value (and refuses a cycle). */
@@ -116,22 +118,30 @@ function writeValue(value: unknown, depth: number): void {
     return;
   }
   if (depth >= MAX_DEPTH) throw UNSUPPORTED;
-  if (value instanceof Uint8Array) {
-    head(2, value.byteLength);
-    reserve(value.byteLength);
-    out.set(value, pos);
-    pos += value.byteLength;
-    return;
-  }
-  if (Array.isArray(value)) {
-    const length = value.length;
-    head(4, length);
-    for (let i = 0; i < length; i++) writeValue(value[i], depth + 1);
-    return;
-  }
   const proto = Object.getPrototypeOf(value);
+  if (proto === Uint8Array.prototype || proto === Buffer.prototype) {
+    const bytes = value as Uint8Array;
+    // cborg writes `length`; an own `length` that disagrees with the bytes is for cborg to write.
+    if (bytes.length !== bytes.byteLength) throw UNSUPPORTED;
+    head(2, bytes.byteLength);
+    reserve(bytes.byteLength);
+    out.set(bytes, pos);
+    pos += bytes.byteLength;
+    return;
+  }
+  if (proto === Array.prototype) {
+    // cborg walks an array with for…of: an array with an iterator of its own is for cborg to walk.
+    const items = value as unknown[];
+    if (Object.hasOwn(items, Symbol.iterator)) throw UNSUPPORTED;
+    const length = items.length;
+    head(4, length);
+    for (let i = 0; i < length; i++) writeValue(items[i], depth + 1);
+    return;
+  }
   if (proto !== Object.prototype && proto !== null) throw UNSUPPORTED;
-  const record = value as Record<string, unknown>;
+  const record = value as Record<string | symbol, unknown>;
+  // cborg names a type by its tag when the object has one (cborg/lib/is.js): such an object is for cborg.
+  if (Symbol.toStringTag in record) throw UNSUPPORTED;
   const keys = Object.keys(record);
   head(5, keys.length);
   for (let i = 0; i < keys.length; i++) {
@@ -141,8 +151,13 @@ function writeValue(value: unknown, depth: number): void {
   }
 }
 
+/** Set while a value is being written: a getter that encodes another value in the middle leaves that one to cborg. */
+let busy = false;
+
 /** The value's CBOR bytes in a Buffer of their own, or undefined for a value to leave to cborg. */
 export function encodeDirect(value: unknown): Buffer | undefined {
+  if (busy) return undefined;
+  busy = true;
   pos = 0;
   try {
     writeValue(value, 0);
@@ -150,11 +165,16 @@ export function encodeDirect(value: unknown): Buffer | undefined {
     if (out.length > KEEP_BYTES) out = Buffer.allocUnsafe(INITIAL_BYTES);
     if (err === UNSUPPORTED) return undefined;
     throw err;
+  } finally {
+    busy = false;
   }
   if (out.length > KEEP_BYTES) {
-    // Grown for this value alone: it becomes the result, and the next message starts small again.
-    const result = out.subarray(0, pos);
+    // Grown for this value alone: at least half of it is the result, and the next message starts small again.
+    const grown = out;
     out = Buffer.allocUnsafe(INITIAL_BYTES);
+    if (pos * 2 >= grown.length) return grown.subarray(0, pos);
+    const result = Buffer.allocUnsafe(pos);
+    grown.copy(result, 0, 0, pos);
     return result;
   }
   const result = Buffer.allocUnsafe(pos);

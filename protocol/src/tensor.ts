@@ -105,10 +105,12 @@ export function encodeTensor(tensor: Tensor): WireTensor {
 /** How a received tensor's bytes become its data. */
 export interface DecodeTensorOptions {
   /**
-   * Take over a byte string that owns its whole ArrayBuffer (as each one decodeMessage returns does: the
-   * CBOR decoder copies every byte string out of the payload) instead of copying it: the tensor and the
-   * wire map then share those bytes, so the wire map must not be used once the tensor's data is written
-   * to or its buffer transferred. A byte string that is a view into a larger buffer is still copied.
+   * Take over a non-empty byte string that owns its whole ArrayBuffer (as each one decodeMessage returns
+   * does: the CBOR decoder copies every byte string out of the payload) instead of copying it: the tensor
+   * and the wire map then share those bytes, so the wire map must not be used once the tensor's data is
+   * written to or its buffer transferred. A byte string that is a view into a larger buffer is still
+   * copied, and so is an empty one: cborg answers every empty byte string with one shared array, whose
+   * buffer a worker must never be handed (it would be detached for every later message).
    */
   adopt?: boolean;
 }
@@ -133,7 +135,13 @@ export function decodeTensor(
   const Ctor = expectedArray(wire.dtype);
   const bytes = wire.data;
   // Owning its whole buffer, the byte string starts at offset 0, which every dtype's alignment allows.
-  if (adopt && bytes.byteOffset === 0 && bytes.buffer instanceof ArrayBuffer && bytes.buffer.byteLength === bytes.byteLength) {
+  if (
+    adopt &&
+    bytes.byteLength > 0 &&
+    bytes.byteOffset === 0 &&
+    bytes.buffer instanceof ArrayBuffer &&
+    bytes.buffer.byteLength === bytes.byteLength
+  ) {
     return { dtype: wire.dtype, shape: [...wire.shape], data: new Ctor(bytes.buffer) };
   }
   const aligned = new ArrayBuffer(bytes.byteLength);
