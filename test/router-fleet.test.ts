@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { describe, type TestContext, test } from 'node:test';
 import type { AgentHandle } from '@edge-mesh/agent';
 import { sampleInputs } from '@edge-mesh/demo';
-import { type AgentStatus, generateIdentity } from '@edge-mesh/protocol';
+import { type AgentStatus, decodeCbor, generateIdentity, topics } from '@edge-mesh/protocol';
 import { type LivePolicyFactory, ROUTER_POLICIES, type RouterHandle } from '@edge-mesh/router';
 import { agentFor, brokerFor, kwsOnlyDir, meshFor, routerFor, spawnAgent, waitFor } from './helpers.ts';
 
@@ -86,6 +86,21 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
 
     const router = await routerFor(t, broker.url);
     await router.waitForModel('kws', 20_000, 20);
+    // What the broker did with the dead agent, for the message should the router not see it go: when its connection
+    // closed, and each status published on its topic (its will included) with the state it carried.
+    const startedAt = Date.now();
+    const brokerSaw: string[] = [];
+    broker.aedes.on('clientDisconnect', (client) => {
+      if (client.id === deadIdentity.id) brokerSaw.push(`disconnect at ${Date.now() - startedAt} ms`);
+    });
+    broker.aedes.on('publish', (packet) => {
+      if (packet.topic !== topics.agentStatus(deadIdentity.id)) return;
+      let state = '?';
+      try {
+        state = String((decodeCbor(packet.payload as Buffer) as { state?: unknown }).state);
+      } catch {}
+      brokerSaw.push(`status ${state} (retain ${packet.retain}) at ${Date.now() - startedAt} ms`);
+    });
     dead.kill('SIGKILL');
     await waitFor(
       () => router.agents().find((a) => a.id === deadIdentity.id)?.up === false,
@@ -94,7 +109,7 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
     ).catch((err: Error) => {
       const seen = router.agents().find((a) => a.id === deadIdentity.id);
       throw new Error(
-        `${err.message}: child exit ${dead.exitCode} signal ${dead.signalCode}; the router's view ${JSON.stringify(seen && { up: seen.up, state: (seen as { status?: { state?: string } }).status?.state })}`,
+        `${err.message}: child exit ${dead.exitCode} signal ${dead.signalCode}; the router's view ${JSON.stringify(seen && { up: seen.up, state: (seen as { status?: { state?: string } }).status?.state })}; statuses it refused ${router.counters.statusRejected}; the broker: ${brokerSaw.join(', ') || 'nothing'}, still connected ${dead.pid !== undefined && Object.hasOwn((broker.aedes as unknown as { clients: object }).clients, deadIdentity.id)}`,
       );
     });
 
