@@ -53,6 +53,7 @@ import { closePaidSide, openPaidSide, type PaidSide } from '../edge-agent/src/pa
 import type { AgentPayments, PaidJob, ReceiptFacts } from '../edge-agent/src/payments.ts';
 import { AgentRequests, ReplayGuard } from '../edge-agent/src/requests.ts';
 import type { Job } from '../edge-agent/src/scheduler.ts';
+import { newAgentCounters } from '../edge-agent/src/types.ts';
 import type { LoadedModel } from '../edge-agent/src/worker-protocol.ts';
 import { PayerLanes } from '../sdk/src/payments.ts';
 import type { Rng } from './sim/rng.ts';
@@ -275,7 +276,7 @@ export class SimAgent implements Endpoint {
       models,
       replays: new ReplayGuard(1 << 20),
       payments: this.side.payments,
-      counters: { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 },
+      counters: newAgentCounters(),
       faults: new Faults(),
       logger: this.logger,
       reply: (senderId, payload) => this.reply(generation, senderId, payload),

@@ -29,6 +29,7 @@ import { Faults } from '../edge-agent/src/faults.ts';
 import { loadInline } from '../edge-agent/src/inline.ts';
 import { AgentRequests, ReplayGuard } from '../edge-agent/src/requests.ts';
 import { Scheduler } from '../edge-agent/src/scheduler.ts';
+import { newAgentCounters } from '../edge-agent/src/types.ts';
 import { type BenchContext, type BenchResult, environment, MODELS_DIR, median } from './lib.ts';
 
 const MODEL = 'kws';
@@ -99,7 +100,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       units: new Map(),
       replays: new ReplayGuard(100_000),
       payments: undefined,
-      counters: { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 },
+      counters: newAgentCounters(),
       faults: new Faults(),
       logger: pino({ level: 'silent' }),
       reply: replied,

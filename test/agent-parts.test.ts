@@ -34,7 +34,7 @@ import { WorkerPool, workerExecArgv } from '../edge-agent/src/pool.ts';
 import { AgentRequests, errorReply, ReplayGuard, receiptStatus, unitsUsed } from '../edge-agent/src/requests.ts';
 import { Scheduler } from '../edge-agent/src/scheduler.ts';
 import { loadReport, StatusBoard } from '../edge-agent/src/status.ts';
-import type { AgentCounters } from '../edge-agent/src/types.ts';
+import { newAgentCounters } from '../edge-agent/src/types.ts';
 import type { LoadedModel } from '../edge-agent/src/worker-protocol.ts';
 import { modelsDir, quiet } from './helpers.ts';
 
@@ -270,7 +270,7 @@ test('requests: the request path against a real worker pool with the wake-word m
   const loaded = await pool.start();
   const agentId = generateIdentity('agent').id;
   const sender = generateIdentity('app').id;
-  const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 };
+  const counters = newAgentCounters();
   const replies: { senderId: string; reply: InferReply | ErrorReply; raw: Buffer }[] = [];
   const waiters: (() => void)[] = [];
   const requests = new AgentRequests({

@@ -22,7 +22,7 @@ import type { Executor, JobCallback } from '../edge-agent/src/executor.ts';
 import { Faults } from '../edge-agent/src/faults.ts';
 import { AgentRequests, ReplayGuard } from '../edge-agent/src/requests.ts';
 import { type Job, Scheduler } from '../edge-agent/src/scheduler.ts';
-import type { AgentCounters } from '../edge-agent/src/types.ts';
+import { newAgentCounters } from '../edge-agent/src/types.ts';
 import { agentFor, brokerFor, quiet, routerFor } from './helpers.ts';
 
 /** An executor whose runs end only when the test says, each taking `execMs` by its report. */
@@ -188,7 +188,7 @@ describe('agent admission', () => {
 describe('agent request path', () => {
   test('a request the agent cannot serve in time gets a MESH_OVERLOADED reply at once, with its queue, and is counted', () => {
     const replies: (InferReply | ErrorReply)[] = [];
-    const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 };
+    const counters = newAgentCounters();
     const model = {
       name: 'm',
       inputs: [{ name: 'x', dtype: 'float32' as const, shape: [1] }],

@@ -37,7 +37,7 @@ import { type ReloadResult, reloadModelsFolder, type ServedModels } from './relo
 import { AgentRequests, ReplayGuard } from './requests.ts';
 import { Scheduler } from './scheduler.ts';
 import { Heartbeat, loadReport, StatusBoard } from './status.ts';
-import type { AgentCounters, AgentHandle, AgentOptions } from './types.ts';
+import { type AgentHandle, type AgentOptions, newAgentCounters } from './types.ts';
 
 export { type BrokerEngine, engineDefaults } from '@edge-mesh/client';
 export type { AgentDeployOptions, DeployEvent } from './deploy.ts';
@@ -109,7 +109,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   }
   const payments = paid?.payments;
 
-  const counters: AgentCounters = { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 };
+  const counters = newAgentCounters();
   const paymentsHandle = paid ? paymentsView(paid) : undefined;
   // The metrics module (and prom-client with it) loads only when the metrics port is set (docs/agent.md, "Memory").
   let metrics: AgentMetrics | undefined;

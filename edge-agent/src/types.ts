@@ -143,6 +143,11 @@ export interface AgentCounters {
   replays: number;
 }
 
+/** Counters at zero, as an agent starts. */
+export function newAgentCounters(): AgentCounters {
+  return { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 };
+}
+
 export interface AgentHandle {
   readonly id: string;
   readonly models: readonly ModelInfo[];
