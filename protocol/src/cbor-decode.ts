@@ -8,17 +8,17 @@
  * integers, 64-bit floats, booleans, null and undefined, straight from the bytes.
  *
  * It never decides alone what cborg would refuse: at anything outside that subset (a tag, an
- * indefinite length, a 16- or 32-bit float, an integer past 2^53, non-ASCII text, a non-text or
- * repeated map key, `__proto__`, truncated or trailing bytes) it gives up and the caller decodes the
+ * indefinite length, a 16- or 32-bit float, an integer from 2^53 − 2^32 on, non-ASCII text, a non-text
+ * or repeated map key, `__proto__`, more than EMPTY_BYTE_STRINGS empty byte strings, truncated or
+ * trailing bytes) it gives up and the caller decodes the
  * payload with cborg, which returns the value or the error it always did. Byte strings come back as
  * cborg returns them: a plain Uint8Array copy of their own, which the agent may hand to a worker.
  * test/cbor.test.ts compares both readers over random and mutated payloads.
  */
+import { isAscii } from 'node:buffer';
 
 /** Returned for a payload this reader leaves to cborg. */
 export const LEAVE_TO_CBORG = Symbol('leave to cborg');
-
-import { isAscii } from 'node:buffer';
 
 const MAX_DEPTH = 64;
 const CACHED_STRING_BYTES = 32;
@@ -105,6 +105,15 @@ function ascii(start: number, length: number): string {
   return text.toString('latin1');
 }
 
+/** A text string whose head's additional information is `info` (the head byte read): its length, then its ASCII. */
+function readText(info: number): string {
+  const length = argument(info);
+  if (pos + length > data.length) throw GIVE_UP;
+  const s = ascii(pos, length);
+  pos += length;
+  return s;
+}
+
 function readValue(depth: number): unknown {
   if (pos >= data.length || depth > MAX_DEPTH) throw GIVE_UP;
   const initial = data[pos++]!;
@@ -125,13 +134,8 @@ function readValue(depth: number): unknown {
       pos += length;
       return bytes;
     }
-    case 3: {
-      const length = argument(info);
-      if (pos + length > data.length) throw GIVE_UP;
-      const s = ascii(pos, length);
-      pos += length;
-      return s;
-    }
+    case 3:
+      return readText(info);
     case 4: {
       const length = argument(info);
       // Each item takes a byte at least: a larger count is a lie cborg gets to refuse.
@@ -146,11 +150,7 @@ function readValue(depth: number): unknown {
       const record: Record<string, unknown> = {};
       for (let i = 0; i < length; i++) {
         if (pos >= data.length || data[pos]! >> 5 !== 3) throw GIVE_UP;
-        const head = data[pos++]!;
-        const keyLength = argument(head & 31);
-        if (pos + keyLength > data.length) throw GIVE_UP;
-        const key = ascii(pos, keyLength);
-        pos += keyLength;
+        const key = readText(data[pos++]! & 31);
         if (key === '__proto__' || Object.hasOwn(record, key)) throw GIVE_UP;
         record[key] = readValue(depth + 1);
       }

@@ -14,7 +14,8 @@
  * iterator or type tag, nesting past MAX_DEPTH, which is also how a cycle shows, a value encoded from a
  * getter while another is written) returns `undefined`, and the caller hands the value to cborg, which
  * encodes or refuses it as before. One difference stays: a getter that changes a value already written
- * changes cborg's bytes (it reads everything before it writes) and not these. test/cbor.test.ts checks the bytes against cborg's over random values.
+ * changes cborg's bytes (it reads everything before it writes) and not these. test/cbor.test.ts checks
+ * the bytes against cborg's over random values.
  */
 
 /** Deeper than any mesh message; past it cborg takes the value (and refuses a cycle). */
