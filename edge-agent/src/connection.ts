@@ -144,8 +144,7 @@ export class AgentLink {
     this.announced.catch(() => {});
 
     let everConnected = false;
-    const primary: Link = { name: 'primary', connection: undefined as unknown as MeshConnection, subscribed: false, down: false, hops: 0 };
-    this.links.push(primary);
+    const primary = this.addLink('primary');
     primary.connection = openMeshConnection(brokerUrl, {
       identity,
       ...options.brokerAccess,
@@ -185,6 +184,13 @@ export class AgentLink {
     });
     this.listen(primary);
     if (options.standby) this.openStandby();
+  }
+
+  /** A new link in the list; its connection is set right after, once its callbacks can name the link. */
+  private addLink(name: Link['name']): Link {
+    const link: Link = { name, connection: undefined as unknown as MeshConnection, subscribed: false, down: false, hops: 0 };
+    this.links.push(link);
+    return link;
   }
 
   /** The filters every connection of the agent subscribes to. */
@@ -287,8 +293,7 @@ export class AgentLink {
       logger.warn({}, `no standby connection: ${why}`);
       return;
     }
-    const standby: Link = { name: 'standby', connection: undefined as unknown as MeshConnection, subscribed: false, down: false, hops: 0 };
-    this.links.push(standby);
+    const standby = this.addLink('standby');
     standby.connection = openMeshConnection([...urls.slice(1), urls[0]!], {
       ...brokerAccess,
       // A random part per run: other clients of a cluster that binds no client id to a user (NATS 2.9) cannot name it
@@ -342,7 +347,7 @@ export class AgentLink {
       } else if (wasUp && link.name === 'primary') this.coverWill();
     });
     client.on('message', (topic, payload) => {
-      if (this.links[this.active] !== link) return;
+      if (this.servingLink() !== link) return;
       if (topic.startsWith(DISCOVER_PREFIX)) {
         this.answerDiscover();
         return;
