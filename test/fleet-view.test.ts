@@ -53,3 +53,47 @@ test('an offline status for an agent already offline, or never seen, is taken as
   assert.equal(fleet.get(identity.id)?.status.session, 'b');
   assert.equal(fleet.counters.staleOffline, 0);
 });
+
+test("a retained copy of an agent's online status that comes after its live will leaves the agent offline", () => {
+  // The order a router subscribing to a busy fleet saw (test/router-fleet.test.ts): the agent's announcement live, then
+  // its will live, then the retained copy of the announcement the broker had queued for the new subscription.
+  const lost: string[] = [];
+  const fleet = createFleetView({ onAgentLost: (agentId, reason) => lost.push(`${agentId} ${reason}`) });
+  fleet.onConnect();
+  fleet.onStatus(identity.id, status('s', 'online', 1_000), false);
+  fleet.onStatus(identity.id, status('s', 'offline', 900), false);
+  fleet.onStatus(identity.id, status('s', 'online', 1_000), true);
+  assert.equal(fleet.get(identity.id)?.status.state, 'offline');
+  assert.deepEqual(fleet.online('kws'), []);
+  assert.equal(fleet.counters.staleRetained, 1);
+  assert.deepEqual(lost, [`${identity.id} offline`]);
+
+  // The same copy on a new connection is what the broker holds now: taken. (A real broker would hold the will.)
+  fleet.onConnect();
+  fleet.onStatus(identity.id, status('s', 'online', 1_000), true);
+  assert.equal(fleet.get(identity.id)?.status.state, 'online');
+  assert.equal(fleet.counters.staleRetained, 1);
+});
+
+test("a retained copy of an agent's will that comes after the agent's live announcement leaves the agent online", () => {
+  // The agent dropped its connection (the broker kept its will as the retained status), came back within its
+  // session and announced again; a router subscribing meanwhile gets the new announcement live before the old copy.
+  const fleet = createFleetView();
+  fleet.onConnect();
+  fleet.onStatus(identity.id, status('s', 'online', 2_000), false);
+  fleet.onStatus(identity.id, status('s', 'offline', 900), true);
+  assert.equal(fleet.get(identity.id)?.status.state, 'online');
+  assert.equal(fleet.counters.staleRetained, 1);
+});
+
+test("retained copies are taken before anything live, and another session's retained copy is taken after", () => {
+  const fleet = createFleetView();
+  fleet.onConnect();
+  fleet.onStatus(identity.id, status('s', 'online', 1_000), true);
+  fleet.onStatus(identity.id, status('s', 'offline', 900), true);
+  assert.equal(fleet.get(identity.id)?.status.state, 'offline', 'two retained copies: the later one is taken');
+  fleet.onStatus(identity.id, status('s', 'online', 1_000), false);
+  fleet.onStatus(identity.id, status('t', 'online', 3_000), true);
+  assert.equal(fleet.get(identity.id)?.status.session, 't', 'a new session is news, however it comes');
+  assert.equal(fleet.counters.staleRetained, 0);
+});

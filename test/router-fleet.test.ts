@@ -109,7 +109,7 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
     ).catch((err: Error) => {
       const seen = router.agents().find((a) => a.id === deadIdentity.id);
       throw new Error(
-        `${err.message}: child exit ${dead.exitCode} signal ${dead.signalCode}; the router's view ${JSON.stringify(seen && { up: seen.up, state: (seen as { status?: { state?: string } }).status?.state })}; statuses it refused ${router.counters.statusRejected}; the broker: ${brokerSaw.join(', ') || 'nothing'}, still connected ${dead.pid !== undefined && Object.hasOwn((broker.aedes as unknown as { clients: object }).clients, deadIdentity.id)}`,
+        `${err.message}: child exit ${dead.exitCode} signal ${dead.signalCode}; the router's view ${JSON.stringify(seen && { up: seen.up, state: (seen as { status?: { state?: string } }).status?.state })}; statuses it refused ${router.counters.statusRejected} as unverified, ${router.counters.statusMalformed} as malformed, ${router.counters.staleOffline} as an older session's offline, ${router.counters.staleRetained} as stale retained copies; the broker: ${brokerSaw.join(', ') || 'nothing'}, still connected ${dead.pid !== undefined && Object.hasOwn((broker.aedes as unknown as { clients: object }).clients, deadIdentity.id)}`,
       );
     });
 

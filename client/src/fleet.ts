@@ -33,10 +33,14 @@ export interface FleetAgent {
 export interface FleetCounters {
   /** Statuses ignored because they were unsigned, mis-signed or signed by a key their id does not derive from. */
   statusRejected: number;
+  /** Statuses ignored because they did not decode as a status or named another agent than their topic. */
+  statusMalformed: number;
   /** Load reports ignored because their agent has no verified status here. */
   loadIgnored: number;
   /** Offline statuses (late last wills) ignored because they name an older session than the agent's live one. */
   staleOffline: number;
+  /** Retained statuses ignored because a status of the same session had already come live on this connection. */
+  staleRetained: number;
 }
 
 export interface FleetViewOptions {
@@ -66,8 +70,14 @@ export interface FleetViewOptions {
 }
 
 export interface FleetView {
-  /** Applies a payload from `topics.agentStatus(agentId)`; an empty one (retained status cleared) forgets the agent. */
-  onStatus(agentId: string, payload: Uint8Array): void;
+  /**
+   * Applies a payload from `topics.agentStatus(agentId)`; an empty one (retained status cleared) forgets the agent.
+   * `retained` is the MQTT retain flag of the delivery: set on the copies the broker hands a new subscription (see
+   * `isStaleRetained`).
+   */
+  onStatus(agentId: string, payload: Uint8Array, retained?: boolean): void;
+  /** The client's broker connection is new (call before subscribing): retained copies are expected again. */
+  onConnect(): void;
   /** Applies a payload from `topics.agentLoad(agentId)`. */
   onLoad(agentId: string, payload: Uint8Array): void;
   get(agentId: string): FleetAgent | undefined;
@@ -100,6 +110,20 @@ export function isStaleOffline(
   return status.state === 'offline' && previous !== undefined && previous.session !== status.session && previous.state !== 'offline';
 }
 
+/**
+ * Whether a retained copy of a status is older news than what this connection already received live. A broker sends
+ * a new subscription the retained status it holds, through a queue of its own, while live statuses flow to the same
+ * subscription: aedes reads the retained store when the SUBSCRIBE is handled and writes each copy only after the one
+ * before it was written (aedes/lib/handlers/subscribe.js, `sendRetained`), so a router subscribing to a busy fleet got
+ * an agent's retained "online" 140 ms after the will that agent's death had published live, and held a dead agent
+ * online. Live messages are published after the subscription began, so a retained copy that comes after a live status
+ * of the same session never says anything newer: it is the same status or an older one. Another session's retained copy
+ * is still taken (a session is ended only by an offline status naming it; see `isStaleOffline`).
+ */
+export function isStaleRetained(liveSession: string | undefined, status: Pick<AgentStatus, 'session'>, retained: boolean): boolean {
+  return retained && liveSession !== undefined && liveSession === status.session;
+}
+
 export function createFleetView(options: FleetViewOptions = {}): FleetView {
   const {
     requireSignedStatus = true,
@@ -112,15 +136,20 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
     minSilenceMs = 1_000,
   } = options;
   const agents = new Map<string, FleetAgent>();
-  const counters: FleetCounters = { statusRejected: 0, loadIgnored: 0, staleOffline: 0 };
+  const counters: FleetCounters = { statusRejected: 0, statusMalformed: 0, loadIgnored: 0, staleOffline: 0, staleRetained: 0 };
   /** When any agent was last heard from. */
   let anyHeardAt = Number.NEGATIVE_INFINITY;
   const changes = changeSignal();
+  /** Per agent, the session of the last status that came live (not a retained copy) on this connection. */
+  const liveSessions = new Map<string, string | undefined>();
 
   const serves = (a: FleetAgent, model: string | undefined) => model === undefined || (a.status.models ?? []).some((m) => m.name === model);
 
   return {
-    onStatus(agentId, payload) {
+    onConnect() {
+      liveSessions.clear();
+    },
+    onStatus(agentId, payload, retained = false) {
       if (payload.byteLength === 0) {
         if (agents.delete(agentId)) changes.notify();
         return;
@@ -128,10 +157,17 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
       const reading = readAgentStatus(agentId, payload, { maxBytes: maxMessageBytes, requireSigned: requireSignedStatus });
       if (!reading.ok) {
         if (reading.reason === 'unverified') counters.statusRejected++;
+        else counters.statusMalformed++;
         logger.debug({ agentId, reason: reading.reason, err: reading.message }, 'ignoring status');
         return;
       }
       const { status } = reading;
+      if (isStaleRetained(liveSessions.get(agentId), status, retained)) {
+        counters.staleRetained++;
+        logger.debug({ agentId, session: status.session, state: status.state }, 'ignoring a retained status older than a live one');
+        return;
+      }
+      if (!retained) liveSessions.set(agentId, status.session);
       const known = agents.get(agentId);
       const previous = known?.status;
       const sameSession = previous !== undefined && previous.session === status.session;

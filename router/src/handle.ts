@@ -95,7 +95,14 @@ export interface RoutedRecord {
 }
 
 export interface RouterCounters {
+  /** Statuses ignored: unsigned, mis-signed, or signed by a key their id does not derive from. */
   statusRejected: number;
+  /** Statuses ignored: they did not decode as a status, or named another agent than their topic. */
+  statusMalformed: number;
+  /** Offline statuses ignored because they name an older session than the agent's live one (a late last will). */
+  staleOffline: number;
+  /** Retained statuses ignored because a status of the same session had already come live on this connection. */
+  staleRetained: number;
   requests: number;
   ok: number;
   failed: number;

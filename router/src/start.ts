@@ -300,6 +300,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     keepaliveS,
     onConnect: (c: MqttClient) => {
       connected = true;
+      fleet.onConnect();
       subscribeOrReconnect(
         c,
         [topics.clientRepliesFor(routerId), topics.routerRoutesFor(routerId), topics.allAgentStatus(), topics.allAgentLoad()],
@@ -336,10 +337,10 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   client.on('close', () => {
     connected = false;
   });
-  client.on('message', (topic, payload) => {
+  client.on('message', (topic, payload, packet) => {
     const parsed = parseTopic(topic);
     if (!parsed) return;
-    if (parsed.kind === 'status') fleet.onStatus(parsed.agentId, payload);
+    if (parsed.kind === 'status') fleet.onStatus(parsed.agentId, payload, packet.retain);
     else if (parsed.kind === 'load') fleet.onLoad(parsed.agentId, payload);
     else if (parsed.kind === 'reply' && parsed.clientId === routerId) onReply(parsed.agentId, payload);
     else if (parsed.kind === 'route' && parsed.routerId === routerId) onRouteQuestion(parsed.senderId, payload);
@@ -454,6 +455,9 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     const c = engine.counters;
     return {
       statusRejected: fleet.counters.statusRejected,
+      statusMalformed: fleet.counters.statusMalformed,
+      staleOffline: fleet.counters.staleOffline,
+      staleRetained: fleet.counters.staleRetained,
       requests: c.requests,
       ok: c.ok,
       failed: c.failed,

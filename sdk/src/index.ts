@@ -225,6 +225,12 @@ export interface AgentView {
 export interface MeshCounters {
   /** Statuses dropped because they were unsigned, mis-signed or signed by a key their id does not derive from. */
   statusRejected: number;
+  /** Statuses dropped because they did not decode as a status or named another agent than their topic. */
+  statusMalformed: number;
+  /** Offline statuses (late last wills) dropped because they name an older session than the agent's live one. */
+  staleOffline: number;
+  /** Retained statuses dropped because a status of the same session had already come live on this connection. */
+  staleRetained: number;
   /** Load reports dropped because their agent has no verified status here. */
   loadIgnored: number;
   /** Route leases received from the router, requests whose first attempt followed one, and requests the SDK routed itself although a router was set. */
@@ -467,6 +473,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     connectTimeoutMs: Math.min(5_000, connectTimeoutMs),
     ...(backoff ? { backoff } : {}),
     onConnect: (c: MqttClient) => {
+      fleet.onConnect();
       const filters = [topics.clientRepliesFor(clientId), topics.allAgentStatus(), topics.allAgentLoad()];
       if (routerId) filters.push(topics.clientLeasesFor(clientId));
       subscribeOrReconnect(
@@ -493,12 +500,12 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     },
   });
   client = connection.client;
-  client.on('message', (topic, payload) => {
+  client.on('message', (topic, payload, packet) => {
     const parsed = parseTopic(topic);
     if (!parsed) return;
     if (parsed.kind === 'reply') {
       if (parsed.clientId === clientId) onReply(parsed.agentId, payload);
-    } else if (parsed.kind === 'status') fleet.onStatus(parsed.agentId, payload);
+    } else if (parsed.kind === 'status') fleet.onStatus(parsed.agentId, payload, packet.retain);
     else if (parsed.kind === 'load') fleet.onLoad(parsed.agentId, payload);
     else if (parsed.kind === 'lease' && parsed.clientId === clientId && parsed.routerId === routerId) leases?.onLeaseMessage(payload);
   });
@@ -681,6 +688,9 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       return {
         ...counters,
         statusRejected: fleet.counters.statusRejected,
+        statusMalformed: fleet.counters.statusMalformed,
+        staleOffline: fleet.counters.staleOffline,
+        staleRetained: fleet.counters.staleRetained,
         loadIgnored: fleet.counters.loadIgnored,
         failovers,
         retries,
