@@ -27,6 +27,7 @@ import {
 } from '@edge-mesh/protocol';
 // The agent's modules are internal to its package; the tests reach them by path, as its own tests would.
 import { routeTopic } from '../edge-agent/src/connection.ts';
+import { AgentDeployments, type DeployHooks } from '../edge-agent/src/deploy.ts';
 import { Faults } from '../edge-agent/src/faults.ts';
 import { checkInputs, describeModels } from '../edge-agent/src/models.ts';
 import { resolveOptions } from '../edge-agent/src/options.ts';
@@ -381,4 +382,26 @@ test('pool: workers load and warm their models at a lower priority (nice + loadN
   assert.equal(plain.loadPriorities[0]!.during, plain.loadPriorities[0]!.before);
   assert.equal(resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: dir }).loadNice, 10);
   assert.throws(() => resolveOptions({ brokerUrl: 'mqtt://x', modelsDir: dir, loadNice: 20 }), /loadNice/);
+});
+
+test('deploy: a version being retired when the agent closes stops waiting for its queue, and its executor is closed', async () => {
+  // A run its executor dropped on closing never leaves the scheduler, so the slot never turns idle.
+  let idle = false;
+  let closedExecutors = 0;
+  const hooks = {
+    scheduler: { removeIdleModel: () => idle },
+    models: new Map(),
+    modelInfos: [],
+    announce: () => {},
+    logger: quiet,
+  } as unknown as DeployHooks;
+  const deployments = new AgentDeployments({ operators: new Map(), groups: ['edge-pis'], stateDir: os.tmpdir() }, hooks);
+  const slot = { key: 'scale@3', version: '3', executors: { close: async () => void closedExecutors++ }, estimateBytes: 0 };
+  const retired = (deployments as unknown as { retire(s: typeof slot): Promise<void> }).retire(slot).then(() => 'ended');
+  await new Promise((r) => setTimeout(r, 50));
+  await deployments.close();
+  const outcome = await Promise.race([retired, new Promise((r) => setTimeout(r, 1_000, 'still waiting'))]);
+  idle = true; // lets a loop that did not stop end, so that a failure here does not also hold the process up
+  assert.equal(outcome, 'ended', 'the retirement stopped waiting once the agent closed');
+  assert.equal(closedExecutors, 1, "close() closed the retiring slot's executor, once");
 });

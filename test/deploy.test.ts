@@ -223,7 +223,13 @@ test('what a liar sends is refused: unknown key, wrong bytes, a replayed old ste
   // A mirror that serves other bytes than the hash it is asked for.
   const mirror = createServer((_req, res) => res.end(scaleModel(5)));
   await new Promise<void>((r) => mirror.listen(0, '127.0.0.1', r));
-  t.after(() => mirror.close());
+  t.after(
+    () =>
+      new Promise<void>((resolve) => {
+        mirror.closeAllConnections();
+        mirror.close(() => resolve());
+      }),
+  );
   const mirrorUrl = `http://127.0.0.1:${(mirror.address() as { port: number }).port}`;
   const agent = await agentFor(t, {
     brokerUrl: broker.url,

@@ -531,10 +531,17 @@ export class AgentDeployments {
     void this.retire(old);
   }
 
-  /** A slot no request resolves to any more: once its queue is empty it leaves the scheduler and its executor closes. */
+  /**
+   * A slot no request resolves to any more: once its queue is empty it leaves the scheduler and its executor closes.
+   * Once the agent closes it stops waiting: close() closes the executor of every retiring slot, and a run that executor
+   * dropped on closing never leaves the scheduler, so the wait would poll every 20 ms for ever and keep the process up.
+   */
   private async retire(slot: Slot): Promise<void> {
     this.retiring.add(slot);
-    while (!this.hooks.scheduler.removeIdleModel(slot.key)) await new Promise((r) => setTimeout(r, 20));
+    while (!this.hooks.scheduler.removeIdleModel(slot.key)) {
+      if (this.closed) return;
+      await new Promise((r) => setTimeout(r, 20));
+    }
     this.hooks.models.delete(slot.key);
     // Without a memory budget a version loaded at start shares the worker pool with the other models: its session stays until restart.
     await slot.executors?.close();
