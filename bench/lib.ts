@@ -378,6 +378,8 @@ export async function startAgentProc(o: AgentProcOptions): Promise<Proc> {
   if (o.queueLimit) args.push('--queue-limit', String(o.queueLimit));
   if (o.inlineMaxMs !== undefined) args.push('--inline-max-ms', String(o.inlineMaxMs));
   if (o.extraArgs) args.push(...o.extraArgs);
+  // BENCH_AGENT_ARGS (space-separated) adds `edge-mesh agent` options, e.g. `--inline-batch-max 1` for an A/B run.
+  args.push(...(process.env.BENCH_AGENT_ARGS?.split(' ').filter(Boolean) ?? []));
   // As `edge-mesh up` and a device's service start it (edge-agent/src/launch.ts: allocator pools, libuv and V8
   // helper threads). BENCH_AGENT_NODE_ARGS (space-separated) goes to the agents' node too, e.g.
   // `--cpu-prof --cpu-prof-dir=/tmp/prof`.

@@ -124,7 +124,7 @@ async function inlineLatency(n: number): Promise<ReturnType<typeof summarize>> {
   const entry = manifest.models.find((m) => m.name === MODEL)!;
   const { executor } = await loadInline(
     [{ name: MODEL, path: path.join(MODELS_DIR, entry.file), providers: ['cpu'], warmup: entry.warmup }],
-    { intraOpThreads: 1, warmupRuns: 5, inlineMaxMs: 0.5 },
+    { intraOpThreads: 1, warmupRuns: 5, inlineMaxMs: 0.5, inlineBatchMax: 1 },
   );
   if (!executor) throw new Error(`${MODEL} does not run inline on this machine (its warm-up p99 is over 0.5 ms)`);
   try {

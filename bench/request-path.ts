@@ -27,6 +27,7 @@ import pino from 'pino';
 import type { Executor, JobCallback } from '../edge-agent/src/executor.ts';
 import { Faults } from '../edge-agent/src/faults.ts';
 import { loadInline } from '../edge-agent/src/inline.ts';
+import { DEFAULT_INLINE_BATCH_MAX } from '../edge-agent/src/options.ts';
 import { AgentRequests, ReplayGuard } from '../edge-agent/src/requests.ts';
 import { Scheduler } from '../edge-agent/src/scheduler.ts';
 import { newAgentCounters } from '../edge-agent/src/types.ts';
@@ -88,7 +89,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
 
   const { executor: inline, loaded } = await loadInline(
     [{ name: MODEL, path: path.join(MODELS_DIR, entry.file), providers: ['cpu'], warmup: entry.warmup }],
-    { intraOpThreads: 1, warmupRuns: 5, inlineMaxMs: 0.5 },
+    { intraOpThreads: 1, warmupRuns: 5, inlineMaxMs: 0.5, inlineBatchMax: DEFAULT_INLINE_BATCH_MAX },
   );
   if (!inline) throw new Error(`${MODEL} does not run inline on this machine (its warm-up p99 is over 0.5 ms)`);
   const agentPath = (executor: Executor): Handler => {

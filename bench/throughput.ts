@@ -39,6 +39,7 @@ import {
   MODELS_DIR,
   median,
   type Proc,
+  parseJson,
   sleep,
   startAgentProc,
   startBrokerProc,
@@ -64,6 +65,8 @@ interface ConfigResult {
   cpu: CpuReport;
   /** CPU µs per request completed in the window: each process, and `total` (broker + server + load generators). */
   cpu_us_per_request: Record<string, number>;
+  /** The agent's stacked inline runs over its whole life (warm-up included), from its 'agent stopped' log line. */
+  stacked?: { runs: number; requests: number; fallbacks: number; served: number };
 }
 
 /** A configuration's medians over its rounds, and the rounds themselves. */
@@ -185,13 +188,18 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       cpu,
       cpu_us_per_request: perRequest,
     };
+    for (const line of server.lines.stderr) {
+      const j = parseJson(line);
+      if (j?.msg === 'agent stopped' && j.stacked)
+        out.stacked = { ...(j.stacked as Omit<NonNullable<ConfigResult['stacked']>, 'served'>), served: Number(j.served) };
+    }
     log(
       `  ${label}: ${out.rps} req/s, p50 ${out.p50_ms} ms, p99 ${out.p99_ms} ms, max ${out.max_ms} ms, agent queue p50 ${out.agent_queue_p50_ms} ms, ` +
         `exec p50 ${out.agent_exec_p50_ms} ms, errors ${JSON.stringify(errors)}, CPU µs/request ${JSON.stringify(perRequest)}, CPU cores ${Object.entries(
           cpu,
         )
           .map(([k, v]) => `${k} ${v.cores}`)
-          .join(', ')}`,
+          .join(', ')}${out.stacked ? `, stacked ${JSON.stringify(out.stacked)}` : ''}`,
     );
     // Let the offline status and socket teardown settle before the next configuration.
     await sleep(200);

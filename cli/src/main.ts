@@ -396,6 +396,11 @@ export function buildProgram(): Command {
       'run a fixed-shape model on the main thread, with no worker hop, when the p99 of its warm-up runs is at most this (default 0.5; 0 turns it off)',
       nonNegativeNumber,
     )
+    .option(
+      '--inline-batch-max <n>',
+      'most requests for one inline model stacked in one run, when the model passed the batching check at load (default 16; 1 turns batching off)',
+      positiveInt,
+    )
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option(
       '--no-retain-status',
@@ -570,6 +575,7 @@ export function buildProgram(): Command {
         ...(opts.workers ? { workers: opts.workers } : {}),
         ...(opts.pipelineDepth ? { pipelineDepth: opts.pipelineDepth } : {}),
         ...(opts.inlineMaxMs !== undefined ? { inlineMaxMs: opts.inlineMaxMs } : {}),
+        ...(opts.inlineBatchMax !== undefined ? { inlineBatchMax: opts.inlineBatchMax } : {}),
         ...(opts.loadNice !== undefined ? { loadNice: opts.loadNice } : {}),
         ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort, metricsHost: opts.metricsHost } : {}),
         ...(deploy ? { deploy } : {}),

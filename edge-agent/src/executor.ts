@@ -25,3 +25,13 @@ export interface Executor {
   /** Set by the scheduler: called whenever the executor can take a job again. */
   onIdle: () => void;
 }
+
+/** What an executor that stacks jobs (inline.ts) counts: AgentCounters.stacked. */
+export interface StackingCounters {
+  /** Stacked runs made. */
+  runs: number;
+  /** Requests they carried. */
+  requests: number;
+  /** Stacked runs that failed and whose requests were run again one by one. */
+  fallbacks: number;
+}

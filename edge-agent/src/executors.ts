@@ -9,7 +9,7 @@
  * worker thread.
  */
 import type { Logger } from 'pino';
-import type { Executor } from './executor.ts';
+import type { Executor, StackingCounters } from './executor.ts';
 import type { InlineExecutor } from './inline.ts';
 import { declaredInputs, declaresFixedShapes } from './onnx-inputs.ts';
 import { WorkerPool } from './pool.ts';
@@ -24,6 +24,9 @@ export interface ExecutorOptions {
   pipelineDepth: number;
   /** 0 turns inline execution off. */
   inlineMaxMs: number;
+  inlineBatchMax: number;
+  /** Where stacked inline runs are counted (a fresh count when absent). */
+  stacking?: StackingCounters;
 }
 
 export interface Executors {
@@ -80,8 +83,16 @@ export async function openExecutors(specs: WorkerModelSpec[], options: ExecutorO
       inline = result.executor;
       for (const m of result.loaded) inlineLoaded.set(m.name, m);
       for (const p of result.probes) {
-        if (p.inline) logger.info({ model: p.name, p99Ms: round3(p.p99Ms!), inlineMaxMs }, 'model runs inline');
-        else
+        if (p.inline) {
+          logger.info({ model: p.name, p99Ms: round3(p.p99Ms!), inlineMaxMs }, 'model runs inline');
+          const b = p.batching;
+          if (b?.on)
+            logger.info(
+              { model: p.name, rowMs: round3(b.rowMs!), aloneMs: round3(b.aloneMs), batchMax: options.inlineBatchMax },
+              'model runs stacked when requests wait together',
+            );
+          else if (b) logger.info({ model: p.name, reason: b.reason }, 'model runs one request at a time');
+        } else
           logger.info(
             { model: p.name, reason: p.reason, ...(p.p99Ms !== undefined ? { p99Ms: round3(p.p99Ms) } : {}) },
             'model runs on the worker pool',

@@ -109,7 +109,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   }
   const payments = paid?.payments;
 
-  const counters = newAgentCounters();
+  const counters = newAgentCounters(o.stacking);
   const paymentsHandle = paid ? paymentsView(paid) : undefined;
   // The metrics module (and prom-client with it) loads only when the metrics port is set (docs/agent.md, "Memory").
   let metrics: AgentMetrics | undefined;
@@ -262,7 +262,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     await Promise.all(executorSets.map((set) => set.close()));
     if (paid) await closePaidSide(paid);
     await metrics?.close();
-    logger.info({ served: counters.served }, 'agent stopped');
+    logger.info({ served: counters.served, stacked: counters.stacked }, 'agent stopped');
   };
 
   const handle: AgentHandle = {

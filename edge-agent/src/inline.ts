@@ -14,10 +14,12 @@
  * jobs while the p99s of those not yet finished add up to less than its slice (inlineMaxMs, at most
  * 1 ms), and always one, so inline runs hold the loop for about a slice plus one run per turn at most.
  */
-import { MeshError, type Tensor } from '@edge-mesh/protocol';
+import { readFile } from 'node:fs/promises';
+import { MeshError, type Tensor, type TensorInfo, type TypedArray } from '@edge-mesh/protocol';
 import type { InferenceSession } from 'onnxruntime-node';
-import type { Executor, JobCallback } from './executor.ts';
+import type { Executor, JobCallback, StackingCounters } from './executor.ts';
 import { createSession, fixedShapes, fromResults, toFeeds, warmupFeeds } from './ort-session.mjs';
+import { rebatchOnnx } from './rebatch.ts';
 import type { LoadedModel, WorkerModelSpec } from './worker-protocol.ts';
 
 /** Runs timed after the first: enough for a p99 that tolerates one stray slow run. */
@@ -40,6 +42,24 @@ interface InlineModel {
   session: InferenceSession;
   /** p99 of the warm-up runs: what one run of it may hold the event loop. */
   p99Ms: number;
+  /** The same model with a batch dimension, when it passed the batching probe (probeBatching). */
+  batched?: InferenceSession;
+  /** Most jobs in one stacked run. */
+  batchMax?: number;
+  /**
+   * What a job in a stacked run may hold the event loop, ms: the probe's median cost of a row scaled by the single
+   * runs' p99 over their median. The executor's slice counts stacked jobs at this, so a turn can stack more of them.
+   */
+  rowP99Ms?: number;
+  /** A run of it was handed to onnxruntime in this turn and has not started: later jobs of the turn are stacked. */
+  opening?: boolean;
+  /** Jobs waiting for the stacked run at the end of this turn's check phase. */
+  pending?: PendingJob[];
+}
+
+interface PendingJob {
+  inputs: Record<string, Tensor>;
+  callback: JobCallback;
 }
 
 /**
@@ -56,6 +76,139 @@ function timedRun(session: InferenceSession, feeds: InferenceSession.FeedsType):
   return session.run(feeds).then((results) => [results, performance.now() - started]);
 }
 
+/**
+ * The jobs' inputs stacked: each input's rows in job order. Every job's tensors have the model's fixed shape, one row
+ * (the agent checked them); a job whose tensor has another length makes this throw, and the jobs run one by one.
+ */
+export function stackRows(rows: readonly Record<string, Tensor>[]): Record<string, Tensor> {
+  const first = rows[0]!;
+  const stacked: Record<string, Tensor> = {};
+  for (const name of Object.keys(first)) {
+    const t = first[name]!;
+    const rowLength = t.data.length;
+    const data = new (t.data.constructor as new (length: number) => TypedArray)(rowLength * rows.length);
+    for (let i = 0; i < rows.length; i++) {
+      const row = rows[i]![name];
+      if (!row || row.data.length !== rowLength || row.dtype !== t.dtype)
+        throw new MeshError('MESH_INTERNAL', `input ${name} differs between the stacked jobs`);
+      data.set(row.data as never, i * rowLength);
+    }
+    stacked[name] = { dtype: t.dtype, shape: [rows.length, ...t.shape.slice(1)], data };
+  }
+  return stacked;
+}
+
+/** Row `i` of `count` of each output of a stacked run, copied (a job's outputs share no memory with another's). */
+export function rowOf(outputs: Record<string, Tensor>, i: number, count: number): Record<string, Tensor> {
+  const row: Record<string, Tensor> = {};
+  for (const name of Object.keys(outputs)) {
+    const t = outputs[name]!;
+    if (t.shape[0] !== count || t.data.length % count !== 0)
+      throw new MeshError('MESH_INTERNAL', `output ${name} has ${t.shape[0]} rows, not ${count}`);
+    const rowLength = t.data.length / count;
+    row[name] = { dtype: t.dtype, shape: [1, ...t.shape.slice(1)], data: t.data.slice(i * rowLength, (i + 1) * rowLength) };
+  }
+  return row;
+}
+
+/** Rows in the batching probe's stacked run. */
+export const BATCH_PROBE_ROWS = 4;
+/** A stacked run is used when a row of it costs at most this share of a run of one row. */
+export const BATCH_ROW_SHARE_MAX = 0.75;
+const FLOATS = new Set(['float32', 'float64']);
+const NUMERIC = new Set(['float32', 'float64', 'int8', 'uint8', 'int16', 'uint16', 'int32', 'uint32', 'int64', 'uint64']);
+
+/** Distinct inputs for row `r` of the probe: float inputs only (their values cannot be out of a model's range). */
+function probeRow(inputs: readonly TensorInfo[], r: number): Record<string, Tensor> {
+  const row: Record<string, Tensor> = {};
+  for (const info of inputs) {
+    const shape = info.shape as number[];
+    const length = shape.reduce((a, b) => a * b, 1);
+    const data = info.dtype === 'float64' ? new Float64Array(length) : new Float32Array(length);
+    for (let i = 0; i < length; i++) data[i] = Math.sin(i * 0.37 + r * 1.91) * 0.5;
+    row[info.name] = { dtype: info.dtype as Tensor['dtype'], shape, data };
+  }
+  return row;
+}
+
+/** Where `mine` differs from `own` (the row's own run), or undefined when every value agrees. */
+function outputsDiffer(own: Record<string, Tensor>, mine: Record<string, Tensor>): string | undefined {
+  for (const name of Object.keys(own)) {
+    const a = own[name]!;
+    const b = mine[name];
+    if (!b || b.dtype !== a.dtype || b.data.length !== a.data.length || b.shape.join() !== a.shape.join())
+      return `output ${name} has another shape or type`;
+    for (let i = 0; i < a.data.length; i++) {
+      const x = a.data[i]!;
+      const y = b.data[i]!;
+      if (
+        typeof x === 'bigint' || typeof y === 'bigint'
+          ? x !== y
+          : !(Math.abs(x - y) <= 1e-5 * Math.max(1, Math.abs(x)) || (Number.isNaN(x) && Number.isNaN(y)))
+      )
+        return `output ${name} differs at ${i}: ${x} alone, ${y} stacked`;
+    }
+  }
+  return undefined;
+}
+
+export interface BatchProbe {
+  /** The session with a batch dimension, when stacked runs are used. */
+  batched?: InferenceSession;
+  /** Why not, when not. */
+  reason?: string;
+  /** What a row of a stacked run of BATCH_PROBE_ROWS cost, ms (median). */
+  rowMs?: number;
+}
+
+/**
+ * Whether the model's runs may be stacked: every input a float tensor and every output a numeric one, each with a
+ * leading dimension of 1 (rebatch.ts makes it `N`); the model with that batch dimension loads; a stacked run of
+ * BATCH_PROBE_ROWS distinct rows gives each row the outputs its own run gives (within 1e-5, relative); and a row of
+ * it costs at most BATCH_ROW_SHARE_MAX of a run of one (`aloneMs`).
+ */
+export async function probeBatching(
+  spec: WorkerModelSpec,
+  intraOpThreads: number,
+  session: InferenceSession,
+  inputs: readonly TensorInfo[],
+  outputs: readonly TensorInfo[],
+  aloneMs: number,
+): Promise<BatchProbe> {
+  if (!inputs.every((i) => FLOATS.has(i.dtype))) return { reason: 'an input that is not a float tensor' };
+  if (!outputs.every((o) => NUMERIC.has(o.dtype))) return { reason: 'an output that is not a numeric tensor' };
+  const rebatched = rebatchOnnx(await readFile(spec.path));
+  if (!rebatched.ok) return { reason: `no batch dimension can be given: ${rebatched.reason}` };
+  let batched: InferenceSession;
+  try {
+    batched = (await createSession(spec, intraOpThreads, rebatched.bytes)).session;
+  } catch (err) {
+    return { reason: `the model with a batch dimension does not load: ${(err as Error).message}` };
+  }
+  const refuse = async (reason: string, rowMs?: number): Promise<BatchProbe> => {
+    await batched.release();
+    return { reason, ...(rowMs !== undefined ? { rowMs } : {}) };
+  };
+  try {
+    const rows = Array.from({ length: BATCH_PROBE_ROWS }, (_, r) => probeRow(inputs, r));
+    const feeds = toFeeds(stackRows(rows));
+    const stacked = fromResults(await batched.run(feeds));
+    for (let r = 0; r < rows.length; r++) {
+      const differs = outputsDiffer(fromResults(await session.run(toFeeds(rows[r]!))), rowOf(stacked, r, rows.length));
+      if (differs) return await refuse(`a stacked run does not give each row its own outputs: ${differs}`);
+    }
+    const times: number[] = [];
+    for (let i = 0; i < 31; i++) times.push((await timedRun(batched, feeds))[1]);
+    times.sort((a, b) => a - b);
+    const rowMs = times[15]! / rows.length;
+    if (rowMs > BATCH_ROW_SHARE_MAX * aloneMs)
+      return await refuse(`a row of a stacked run costs ${rowMs.toFixed(4)} ms, a run alone ${aloneMs.toFixed(4)} ms`, rowMs);
+    return { batched, rowMs };
+  } catch (err) {
+    return refuse(`a stacked run failed: ${(err as Error).message}`);
+  }
+}
+
 /** Involuntary context switches of the process so far (getrusage). */
 const preemptions = () => process.resourceUsage().involuntaryContextSwitches;
 
@@ -69,10 +222,13 @@ export interface InlineProbe {
   reason?: string;
   /** p99 of the timed warm-up runs (absent when the warm-up did not get that far). */
   p99Ms?: number;
+  /** For a model that runs inline: whether its runs are stacked, and why not (probeBatching). */
+  batching?: { on: boolean; reason?: string; rowMs?: number; aloneMs: number };
 }
 
 export class InlineExecutor implements Executor {
   handoffMs = 0.01;
+  /** Stacked runs made, and the jobs they carried (each job of one counts once). */
   onIdle: () => void = () => {};
   private running = 0;
   /** Sum of the p99s of the jobs handed to onnxruntime and not finished. */
@@ -85,6 +241,8 @@ export class InlineExecutor implements Executor {
     private readonly models: ReadonlyMap<string, InlineModel>,
     /** Inline work per event-loop turn, in p99 milliseconds. */
     private readonly sliceMs: number,
+    /** Stacked runs made, the requests they carried, and those that failed and were run one by one. */
+    readonly stacking: StackingCounters = { runs: 0, requests: 0, fallbacks: 0 },
   ) {}
 
   get freeCapacity(): number {
@@ -102,11 +260,27 @@ export class InlineExecutor implements Executor {
     if (!m || this.closing) throw new MeshError('MESH_INTERNAL', `model ${model} does not run inline here`);
     const alone = this.running === 0;
     this.running++;
+    if (m.opening && m.batched) {
+      // Another job of this model was handed over in this turn: this one waits for the end of the check phase,
+      // where every job of the turn but the first runs in one stacked run.
+      this.committedMs += m.rowP99Ms!;
+      m.pending ??= [];
+      m.pending.push({ inputs, callback });
+      if (m.pending.length === 1) setImmediate(() => this.flush(m));
+      return;
+    }
     this.committedMs += m.p99Ms;
+    this.runOne(m, inputs, callback, alone, m.p99Ms);
+  }
+
+  /** One job in one run of the model's own session (running and committedMs already count it, at `costMs`). */
+  private runOne(m: InlineModel, inputs: Record<string, Tensor>, callback: JobCallback, alone: boolean, costMs: number): void {
     const sentAt = performance.now();
     let started = sentAt;
+    if (m.batched) m.opening = true;
     setImmediate(() => {
       started = performance.now();
+      m.opening = false;
     });
     let running: Promise<InferenceSession.ReturnType>;
     try {
@@ -117,7 +291,7 @@ export class InlineExecutor implements Executor {
     running.then(
       (results) => {
         const execMs = performance.now() - started;
-        if (this.finished(m)) return;
+        if (this.finished(costMs)) return;
         if (alone) {
           const handoff = Math.max(0, performance.now() - sentAt - execMs);
           this.handoffMs += HANDOFF_EWMA_ALPHA * (handoff - this.handoffMs);
@@ -126,7 +300,7 @@ export class InlineExecutor implements Executor {
         this.onIdle();
       },
       (err: unknown) => {
-        if (this.finished(m)) return;
+        if (this.finished(costMs)) return;
         const message = err instanceof Error ? err.message : String(err);
         callback(new MeshError('MESH_INFERENCE_FAILED', message, { details: { execMs: performance.now() - sentAt } }));
         this.onIdle();
@@ -134,10 +308,73 @@ export class InlineExecutor implements Executor {
     );
   }
 
-  /** Books a run of `m` as finished; true when the executor is closing (the result is dropped). */
-  private finished(m: InlineModel): boolean {
+  /**
+   * Runs the jobs stacked in this turn: one alone as any job, more in runs of at most batchMax rows of the batched
+   * session, each job given its own rows of every output. A stacked run that fails is run again job by job, so that
+   * one job's failure is its own.
+   */
+  private flush(m: InlineModel): void {
+    const jobs = m.pending ?? [];
+    m.pending = undefined;
+    if (this.closing) {
+      for (let i = 0; i < jobs.length; i++) this.finished(m.rowP99Ms!);
+      return;
+    }
+    const max = m.batchMax ?? 1;
+    for (let from = 0; from < jobs.length; from += max) {
+      const chunk = jobs.slice(from, from + max);
+      if (chunk.length === 1) this.runOne(m, chunk[0]!.inputs, chunk[0]!.callback, false, m.rowP99Ms!);
+      else this.runStacked(m, chunk);
+    }
+  }
+
+  private runStacked(m: InlineModel, jobs: PendingJob[]): void {
+    // Each job again on its own: the jobs still count as running, so they are run, not booked anew.
+    const retry = () => {
+      this.stacking.fallbacks++;
+      if (this.closing) {
+        for (let i = 0; i < jobs.length; i++) this.finished(m.rowP99Ms!);
+        return;
+      }
+      for (const job of jobs) this.runOne(m, job.inputs, job.callback, false, m.rowP99Ms!);
+    };
+    const sentAt = performance.now();
+    let started = sentAt;
+    setImmediate(() => {
+      started = performance.now();
+    });
+    let running: Promise<InferenceSession.ReturnType>;
+    try {
+      running = m.batched!.run(toFeeds(stackRows(jobs.map((j) => j.inputs))));
+    } catch (err) {
+      running = Promise.reject(err);
+    }
+    running.then(
+      (results) => {
+        const execMs = performance.now() - started;
+        let rows: Record<string, Tensor>[];
+        try {
+          const outputs = fromResults(results);
+          rows = jobs.map((_, i) => rowOf(outputs, i, jobs.length));
+        } catch {
+          return retry();
+        }
+        this.stacking.runs++;
+        this.stacking.requests += jobs.length;
+        for (let i = 0; i < jobs.length; i++) {
+          if (this.finished(m.rowP99Ms!)) continue;
+          jobs[i]!.callback(undefined, { outputs: rows[i]!, execMs });
+        }
+        if (!this.closing) this.onIdle();
+      },
+      () => retry(),
+    );
+  }
+
+  /** Books a job that counted `costMs` as finished; true when the executor is closing (the result is dropped). */
+  private finished(costMs: number): boolean {
     this.running--;
-    this.committedMs = this.running === 0 ? 0 : this.committedMs - m.p99Ms;
+    this.committedMs = this.running === 0 ? 0 : this.committedMs - costMs;
     if (!this.closing) return false;
     if (this.running === 0) this.drained?.();
     return true;
@@ -155,7 +392,7 @@ export class InlineExecutor implements Executor {
         };
       });
     }
-    await Promise.allSettled([...this.models.values()].map((m) => m.session.release()));
+    await Promise.allSettled([...this.models.values()].flatMap((m) => [m.session.release(), ...(m.batched ? [m.batched.release()] : [])]));
   }
 }
 
@@ -164,6 +401,10 @@ export interface InlineOptions {
   warmupRuns: number;
   /** Bound on the p99 of a model's warm-up runs; also the executor's slice per turn, up to INLINE_SLICE_MAX_MS. */
   inlineMaxMs: number;
+  /** Most jobs in one stacked run; 1 turns stacking off (no probe). */
+  inlineBatchMax: number;
+  /** Where the executor counts its stacked runs. */
+  stacking?: StackingCounters;
 }
 
 /**
@@ -177,7 +418,7 @@ export async function loadInline(
   candidates: WorkerModelSpec[],
   options: InlineOptions,
 ): Promise<{ executor: InlineExecutor | undefined; loaded: LoadedModel[]; probes: InlineProbe[] }> {
-  const { intraOpThreads, warmupRuns, inlineMaxMs } = options;
+  const { intraOpThreads, warmupRuns, inlineMaxMs, inlineBatchMax } = options;
   const kept = new Map<string, InlineModel>();
   const loaded: LoadedModel[] = [];
   const probes: InlineProbe[] = [];
@@ -229,10 +470,27 @@ export async function loadInline(
       await refuse({ reason: `warm-up p99 above inlineMaxMs (${inlineMaxMs} ms)`, p99Ms });
       continue;
     }
-    kept.set(spec.name, { session, p99Ms });
-    loaded.push({ name: spec.name, inputs, outputs, provider, latencyMs: times[Math.floor(times.length / 2)] ?? 0 });
-    probes.push({ name: spec.name, inline: true, p99Ms });
+    const aloneMs = times[Math.floor(times.length / 2)] ?? 0;
+    const model: InlineModel = { session, p99Ms };
+    let batching: InlineProbe['batching'];
+    if (inlineBatchMax > 1) {
+      const probe = await probeBatching(spec, intraOpThreads, session, inputs, outputs, aloneMs);
+      if (probe.batched) {
+        model.batched = probe.batched;
+        model.batchMax = inlineBatchMax;
+        model.rowP99Ms = aloneMs > 0 ? (probe.rowMs! * p99Ms) / aloneMs : p99Ms;
+      }
+      batching = {
+        on: probe.batched !== undefined,
+        aloneMs,
+        ...(probe.reason ? { reason: probe.reason } : {}),
+        ...(probe.rowMs !== undefined ? { rowMs: probe.rowMs } : {}),
+      };
+    }
+    kept.set(spec.name, model);
+    loaded.push({ name: spec.name, inputs, outputs, provider, latencyMs: aloneMs });
+    probes.push({ name: spec.name, inline: true, p99Ms, ...(batching ? { batching } : {}) });
   }
   const sliceMs = Math.min(inlineMaxMs, INLINE_SLICE_MAX_MS);
-  return { executor: kept.size > 0 ? new InlineExecutor(kept, sliceMs) : undefined, loaded, probes };
+  return { executor: kept.size > 0 ? new InlineExecutor(kept, sliceMs, options.stacking) : undefined, loaded, probes };
 }

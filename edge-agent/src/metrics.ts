@@ -99,6 +99,24 @@ export async function createAgentMetrics(sources: AgentMetricsSources): Promise<
     },
   });
   new Counter({
+    name: 'edge_mesh_agent_stacked_runs_total',
+    help: 'Inline runs that stacked the requests of one event-loop turn',
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc(counters.stacked.runs);
+    },
+  });
+  new Counter({
+    name: 'edge_mesh_agent_stacked_requests_total',
+    help: 'Requests run in stacked inline runs',
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc(counters.stacked.requests);
+    },
+  });
+  new Counter({
     name: 'edge_mesh_agent_requests_received_total',
     help: 'Request messages received (before any check)',
     registers: [registry],

@@ -11,6 +11,7 @@ import {
   type Identity,
   MeshError,
 } from '@edge-mesh/protocol';
+import type { StackingCounters } from './executor.ts';
 import type { AgentOptions } from './types.ts';
 
 export interface ResolvedOptions {
@@ -40,10 +41,16 @@ export interface ResolvedOptions {
   awaitAnnounce: boolean;
   maxRememberedRequests: number;
   inlineMaxMs: number;
+  inlineBatchMax: number;
+  /** Where the agent's inline executors count their stacked runs (AgentCounters.stacked). */
+  stacking: StackingCounters;
 }
 
 /** Default bound on a model's warm-up p99 for it to run on the main thread (docs/agent.md, "Inline models"). */
 export const DEFAULT_INLINE_MAX_MS = 0.5;
+
+/** Default bound on the requests one stacked inline run takes (docs/agent.md, "Batching inline runs"). */
+export const DEFAULT_INLINE_BATCH_MAX = 16;
 
 /** Nice value added to the worker threads while they load and warm models (docs/agent.md, "Starting without starving the neighbours"). */
 export const DEFAULT_LOAD_NICE = 10;
@@ -72,6 +79,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     awaitAnnounce = true,
     maxRememberedRequests = 100_000,
     inlineMaxMs = DEFAULT_INLINE_MAX_MS,
+    inlineBatchMax = DEFAULT_INLINE_BATCH_MAX,
   } = options;
   if ('agentId' in options) {
     throw new MeshError(
@@ -96,6 +104,8 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     problems.push(`loadNice must be an integer from 0 to 19, got ${loadNice}`);
   if (!(Number.isFinite(inlineMaxMs) && inlineMaxMs >= 0))
     problems.push(`inlineMaxMs must be a number of milliseconds, 0 or more, got ${inlineMaxMs}`);
+  if (!(positiveInteger(inlineBatchMax) && inlineBatchMax <= 1024))
+    problems.push(`inlineBatchMax must be an integer from 1 to 1024, got ${inlineBatchMax}`);
   const { metricsPort } = options;
   if (metricsPort !== undefined && !(Number.isInteger(metricsPort) && metricsPort >= 0 && metricsPort <= 65_535))
     problems.push(`metricsPort must be a port number from 0 to 65535, got ${metricsPort}`);
@@ -131,5 +141,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     awaitAnnounce,
     maxRememberedRequests,
     inlineMaxMs,
+    inlineBatchMax,
+    stacking: { runs: 0, requests: 0, fallbacks: 0 },
   };
 }

@@ -90,9 +90,10 @@ export function warmupFeeds(inputs, warmup) {
  * A session for `spec`, on the first of its providers that accepts it (CPU last).
  * @param {WorkerModelSpec} spec
  * @param {number} intraOpThreads
+ * @param {Uint8Array} [bytes] the model's bytes, when they are not the file's (a model given a batch dimension)
  * @returns {Promise<{ session: ort.InferenceSession; provider: string; inputs: TensorInfo[]; outputs: TensorInfo[] }>}
  */
-export async function createSession(spec, intraOpThreads) {
+export async function createSession(spec, intraOpThreads, bytes) {
   /** @type {ort.InferenceSession.SessionOptions} */
   const options = {
     intraOpNumThreads: intraOpThreads,
@@ -109,14 +110,18 @@ export async function createSession(spec, intraOpThreads) {
   let provider = 'cpu';
   for (const candidate of spec.providers) {
     try {
-      session = await ort.InferenceSession.create(spec.path, { ...options, executionProviders: [candidate] });
+      session = bytes
+        ? await ort.InferenceSession.create(bytes, { ...options, executionProviders: [candidate] })
+        : await ort.InferenceSession.create(spec.path, { ...options, executionProviders: [candidate] });
       provider = candidate;
       break;
     } catch {
       // The agent already logged which providers it would try; CPU is always last in the list.
     }
   }
-  session ??= await ort.InferenceSession.create(spec.path, { ...options, executionProviders: ['cpu'] });
+  session ??= bytes
+    ? await ort.InferenceSession.create(bytes, { ...options, executionProviders: ['cpu'] })
+    : await ort.InferenceSession.create(spec.path, { ...options, executionProviders: ['cpu'] });
   return { session, provider, inputs: describe(session.inputMetadata), outputs: describe(session.outputMetadata) };
 }
 

@@ -6,6 +6,7 @@ import type { BackoffOptions, MeshTlsOptions } from '@edge-mesh/client';
 import type { AgentLoad, AgentStatus, Identity, ModelInfo, SignedReceipt } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
 import type { AgentDeployments, AgentDeployOptions, DeployEvent } from './deploy.ts';
+import type { StackingCounters } from './executor.ts';
 import type { AgentPaymentOptions, AgentPayments, LaneSummary } from './payments.ts';
 import type { ReloadResult } from './reload.ts';
 import type { SettlementRecord, SettlerCounters } from './settler.ts';
@@ -54,6 +55,11 @@ export interface AgentOptions {
    * event-loop turn (docs/agent.md, "Inline models").
    */
   inlineMaxMs?: number;
+  /**
+   * Most requests for one inline model run together, stacked in one onnxruntime run, when the model passed the batching
+   * probe at load (docs/agent.md, "Batching inline runs"). Default 16; 1 turns batching off.
+   */
+  inlineBatchMax?: number;
   /**
    * Serve Prometheus metrics on this port at GET /metrics (docs/operations.md, "Metrics"); off by default. The
    * metrics library is loaded only when this is set (docs/agent.md, "Memory").
@@ -141,11 +147,13 @@ export interface AgentCounters {
   announcements: number;
   /** Requests refused because their id was seen before (also counted in `errors.MESH_BAD_REQUEST`). */
   replays: number;
+  /** Inline runs that stacked the requests of one turn (docs/agent.md, "Batching inline runs"). */
+  stacked: StackingCounters;
 }
 
-/** Counters at zero, as an agent starts. */
-export function newAgentCounters(): AgentCounters {
-  return { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0 };
+/** Counters at zero, as an agent starts; `stacked` is the object the agent's inline executors count in. */
+export function newAgentCounters(stacked: StackingCounters = { runs: 0, requests: 0, fallbacks: 0 }): AgentCounters {
+  return { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0, stacked };
 }
 
 export interface AgentHandle {

@@ -1,0 +1,168 @@
+/**
+ * A batch dimension for a model that declares none: the same ONNX file with the first dimension of each graph input
+ * and output changed from the number 1 to the symbol `N`, so that onnxruntime takes N requests' tensors stacked in
+ * one run. For a small model most of a run is fixed cost (the wake-word model: 36 µs for one row, 36 µs for four, 66
+ * µs for sixteen on the 2-core test machine), so the runs one event-loop turn hands over cost far less together.
+ *
+ * Only a rewrite: whether the model really treats rows independently (no Reshape to a constant shape, no op that
+ * mixes rows) is not read from the graph but tested on the loaded session (inline.ts, `probeBatching`): the stacked
+ * run must give each row the outputs its own run gives. The intermediate shapes the file records (`value_info`) are
+ * dropped, as they name the old batch of 1; onnxruntime infers them again.
+ *
+ * The ONNX file is a protobuf `ModelProto` (onnx/onnx.proto): graph = field 7; in `GraphProto` initializer = 5,
+ * input = 11, output = 12, value_info = 13; `ValueInfoProto` type = 2; `TypeProto` tensor_type = 1;
+ * `TypeProto.Tensor` shape = 2; `TensorShapeProto` dim = 1; `Dimension` dim_value = 1, dim_param = 2. The rewrite
+ * walks those messages with the wire format alone and copies every other field byte for byte.
+ */
+
+import { MeshError } from '@edge-mesh/protocol';
+
+interface Field {
+  no: number;
+  wireType: number;
+  /** Payload of a length-delimited field; the varint's value otherwise (as far as this file needs it). */
+  bytes: Uint8Array;
+  value: bigint;
+  /** The whole field as it was: key, length, payload. */
+  raw: Uint8Array;
+}
+
+function readVarint(b: Uint8Array, at: number): [bigint, number] {
+  let value = 0n;
+  let shift = 0n;
+  for (let i = 0; i < 10; i++) {
+    if (at >= b.length) throw new MeshError('MESH_BAD_REQUEST', 'truncated varint');
+    const x = b[at++]!;
+    value |= BigInt(x & 0x7f) << shift;
+    if ((x & 0x80) === 0) return [value, at];
+    shift += 7n;
+  }
+  throw new MeshError('MESH_BAD_REQUEST', 'varint longer than 10 bytes');
+}
+
+function varint(n: number): Uint8Array {
+  const out: number[] = [];
+  let v = n;
+  do {
+    let x = v % 128;
+    v = Math.floor(v / 128);
+    if (v > 0) x |= 0x80;
+    out.push(x);
+  } while (v > 0);
+  return Uint8Array.from(out);
+}
+
+function fields(b: Uint8Array): Field[] {
+  const out: Field[] = [];
+  let at = 0;
+  while (at < b.length) {
+    const start = at;
+    let key: bigint;
+    [key, at] = readVarint(b, at);
+    const no = Number(key >> 3n);
+    const wireType = Number(key & 7n);
+    let bytes: Uint8Array = new Uint8Array(0);
+    let value = 0n;
+    if (wireType === 0) [value, at] = readVarint(b, at);
+    else if (wireType === 2) {
+      let length: bigint;
+      [length, at] = readVarint(b, at);
+      if (length > BigInt(b.length - at)) throw new MeshError('MESH_BAD_REQUEST', 'field runs past the end');
+      bytes = b.subarray(at, at + Number(length));
+      at += Number(length);
+    } else if (wireType === 1) at += 8;
+    else if (wireType === 5) at += 4;
+    else throw new MeshError('MESH_BAD_REQUEST', `wire type ${wireType}`);
+    if (at > b.length) throw new MeshError('MESH_BAD_REQUEST', 'field runs past the end');
+    out.push({ no, wireType, bytes, value, raw: b.subarray(start, at) });
+  }
+  return out;
+}
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+const lengthDelimited = (no: number, payload: Uint8Array) => concat([varint((no << 3) | 2), varint(payload.length), payload]);
+
+/** `message` with each length-delimited field `no` replaced by `edit(payload)`, or left out where edit gives undefined. */
+function editField(message: Uint8Array, no: number, edit: (payload: Uint8Array) => Uint8Array | undefined): Uint8Array {
+  const parts: Uint8Array[] = [];
+  for (const f of fields(message)) {
+    if (f.no !== no || f.wireType !== 2) parts.push(f.raw);
+    else {
+      const edited = edit(f.bytes);
+      if (edited !== undefined) parts.push(lengthDelimited(no, edited));
+    }
+  }
+  return concat(parts);
+}
+
+const only = (message: Uint8Array, no: number) => fields(message).filter((f) => f.no === no && f.wireType === 2);
+
+/** A `TensorShapeProto` whose first dim is the number 1, with that dim made `N`. */
+function batchShape(shape: Uint8Array): Uint8Array {
+  let first = true;
+  return editField(shape, 1, (dim) => {
+    if (!first) return dim;
+    first = false;
+    const parts = fields(dim);
+    const value = parts.find((f) => f.no === 1 && f.wireType === 0);
+    if (value?.value !== 1n || parts.some((f) => f.no === 2)) throw new MeshError('MESH_BAD_REQUEST', 'a first dimension other than 1');
+    return concat([...parts.filter((f) => f.no !== 1).map((f) => f.raw), lengthDelimited(2, new TextEncoder().encode('N'))]);
+  });
+}
+
+/** A `ValueInfoProto` of a tensor whose shape starts with 1, with that dimension made `N`. */
+function batchValueInfo(info: Uint8Array): Uint8Array {
+  const type = only(info, 2)[0];
+  const tensor = type && only(type.bytes, 1)[0];
+  const shape = tensor && only(tensor.bytes, 2)[0];
+  if (!shape || only(shape.bytes, 1).length === 0)
+    throw new MeshError('MESH_BAD_REQUEST', 'an input or output that is not a tensor of known rank');
+  return editField(info, 2, (t) => editField(t, 1, (tt) => editField(tt, 2, batchShape)));
+}
+
+const nameOf = (message: Uint8Array, no: number) => {
+  const f = only(message, no)[0];
+  return f ? new TextDecoder().decode(f.bytes) : undefined;
+};
+
+/**
+ * The model with a batch dimension `N` in place of the leading 1 of every graph input and output, or a reason why
+ * not: an input or output whose first dimension is not the number 1, one that is not a tensor, an input that is also
+ * an initializer (older files list weights as inputs), or bytes that do not parse as a model with one graph.
+ */
+export function rebatchOnnx(model: Uint8Array): { ok: true; bytes: Uint8Array } | { ok: false; reason: string } {
+  try {
+    const graphs = only(model, 7);
+    if (graphs.length !== 1) throw new MeshError('MESH_BAD_REQUEST', 'not a model with one graph');
+    const graph = graphs[0]!.bytes;
+    const weights = new Set(only(graph, 5).map((t) => nameOf(t.bytes, 8)));
+    const inputs = only(graph, 11);
+    if (inputs.length === 0 || only(graph, 12).length === 0) throw new MeshError('MESH_BAD_REQUEST', 'a graph without inputs or outputs');
+    if (inputs.some((i) => weights.has(nameOf(i.bytes, 1))))
+      throw new MeshError('MESH_BAD_REQUEST', 'an input that is also an initializer');
+    const edited = editField(model, 7, (g) =>
+      editField(
+        editField(
+          editField(g, 13, () => undefined),
+          11,
+          batchValueInfo,
+        ),
+        12,
+        batchValueInfo,
+      ),
+    );
+    return { ok: true, bytes: edited };
+  } catch (err) {
+    // Whatever the bytes hold, the answer is a reason, never a throw: the model then runs one request at a time.
+    return { ok: false, reason: (err as Error).message };
+  }
+}
