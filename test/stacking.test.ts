@@ -64,6 +64,43 @@ const intAttribute = (name: string, value: number) => Buffer.concat([stringField
 const rowMixing = () =>
   model([node('ReduceMean', ['x'], ['m'], [intsAttribute('axes', [0]), intAttribute('keepdims', 1)]), node('Sub', ['x', 'm'], ['y'])]);
 
+const scalar = (name: string, value: number) =>
+  lenField(5, Buffer.concat([varintField(2, 1), stringField(8, name), lenField(9, Buffer.from(Float32Array.of(value).buffer))]));
+
+/**
+ * y = x · T / max(T, max |x| over the whole tensor): a peak limiter. It is the identity until some value of the whole
+ * stack passes T, so with T = 1e4 only an extreme row shows that the rows reach each other.
+ */
+const peakLimiter = (limit: number) =>
+  model(
+    [
+      node('Abs', ['x'], ['a']),
+      node('ReduceMax', ['a'], ['m'], [intAttribute('keepdims', 1)]),
+      node('Max', ['m', 'limit'], ['d']),
+      node('Div', ['limit', 'd'], ['s']),
+      node('Mul', ['x', 's'], ['y']),
+    ],
+    [scalar('limit', limit)],
+  );
+
+/** y = 1e-6 · (x − mean over rows): all cross-row, and smaller than any absolute tolerance. */
+const tinyMixer = () =>
+  model(
+    [
+      node('ReduceMean', ['x'], ['m'], [intsAttribute('axes', [0]), intAttribute('keepdims', 1)]),
+      node('Sub', ['x', 'm'], ['d']),
+      node('Mul', ['d', 'k'], ['y']),
+    ],
+    [scalar('k', 1e-6)],
+  );
+
+/** y = Relu(x), with `count` unknown fields (field 100, one byte each) padding its graph. */
+function paddedRelu(count: number): Buffer {
+  const padding = Buffer.alloc(count * 3);
+  for (let i = 0; i < count; i++) padding.set([0xa0, 0x06, 0x01], i * 3);
+  return model([node('Relu', ['x'], ['y'])], [padding]);
+}
+
 /** y = Reshape(x, [1, WIDTH]): a constant shape that a stacked run cannot take. */
 function constantReshape(): Buffer {
   const shape = Buffer.concat([
@@ -126,6 +163,17 @@ describe('a batch dimension for a model that declares none', () => {
     }
   });
 
+  test('a model padded with a million fields is refused at once, not walked for seconds and gigabytes', () => {
+    const started = performance.now();
+    const heapBefore = process.memoryUsage().heapUsed;
+    const r = rebatchOnnx(paddedRelu(1_000_000));
+    assert.ok(!r.ok);
+    assert.match(r.reason, /more than 100000 fields/);
+    assert.ok(performance.now() - started < 2_000, `took ${performance.now() - started} ms`);
+    assert.ok(process.memoryUsage().heapUsed - heapBefore < 200 * 2 ** 20, 'heap grew by less than 200 MB');
+    assert.ok(rebatchOnnx(paddedRelu(10)).ok, 'a few unknown fields are copied as they are');
+  });
+
   test('the probe turns stacking on for the wake-word model, and off for a model whose rows mix or whose shape is constant', async (t) => {
     const kws = await inline(t, 'kws', await demoFile('kws'), 16);
     const probe = kws.probes[0]!.batching!;
@@ -135,11 +183,24 @@ describe('a batch dimension for a model that declares none', () => {
     const mixing = await inline(t, 'mixing', await written(t, 'mixing', rowMixing()), 16);
     assert.equal(mixing.probes[0]!.inline, true, 'it runs inline, one request at a time');
     assert.equal(mixing.probes[0]!.batching!.on, false);
-    assert.match(mixing.probes[0]!.batching!.reason!, /does not give each row its own outputs/);
+    assert.match(mixing.probes[0]!.batching!.reason!, /does not give row \d+ its own outputs/);
 
     const reshape = await inline(t, 'reshape', await written(t, 'reshape', constantReshape()), 16);
     assert.equal(reshape.probes[0]!.batching!.on, false);
     assert.match(reshape.probes[0]!.batching!.reason!, /stacked run failed|does not load/);
+
+    // Models whose rows reach each other only at some magnitudes: the isolation runs (one row at ±1e6, 0 or NaN, the
+    // others compared bit for bit) catch what a comparison with each row's own run at ordinary values does not.
+    for (const [name, bytes, reason] of [
+      ['limiter at 1', peakLimiter(1), /does not give row/],
+      ['limiter at 1e4', peakLimiter(1e4), /row \d set to (1000000|-1000000) changed row \d's output y: the rows are not independent/],
+      ['tiny', tinyMixer(), /does not give row/],
+    ] as const) {
+      const probe = (await inline(t, name, await written(t, name.replace(/ /g, '-'), bytes), 16)).probes[0]!;
+      assert.equal(probe.inline, true);
+      assert.equal(probe.batching!.on, false, `${name}: ${JSON.stringify(probe.batching)}`);
+      assert.match(probe.batching!.reason!, reason, name);
+    }
 
     const off = await inline(t, 'kws', await demoFile('kws'), 1);
     assert.equal(off.probes[0]!.batching, undefined, 'inlineBatchMax 1: no probe');
@@ -182,6 +243,33 @@ describe('stacked runs', () => {
       assert.ok(!(o instanceof MeshError), `job ${i}: ${o}`);
       assert.ok(closeTo(o.outputs['39']!.data, own.outputs['39']!.data), `job ${i}`);
     }
+  });
+
+  test('a callback that throws does not strand the stacked jobs after it, and close() still ends', async (t) => {
+    const stacked = (await inline(t, 'kws', await demoFile('kws'), 16)).executor!;
+    const called: number[] = [];
+    const thrown: unknown[] = [];
+    stacked.onCallbackError = (err) => void thrown.push(err);
+    await new Promise<void>((resolve) => {
+      for (let i = 0; i < 4; i++)
+        stacked.run('kws', sampleInputs('kws', i + 1), () => {
+          called.push(i);
+          if (i === 1) throw new Error('a caller that throws');
+          if (called.length === 4) resolve();
+        });
+    });
+    assert.deepEqual(
+      called.sort((a, b) => a - b),
+      [0, 1, 2, 3],
+    );
+    assert.equal(stacked.stacking.runs, 1);
+    const ended = await Promise.race([stacked.close().then(() => 'closed'), new Promise((r) => setTimeout(r, 2_000, 'hung'))]);
+    assert.equal(ended, 'closed');
+    assert.deepEqual(
+      thrown.map((e) => (e as Error).message),
+      ['a caller that throws'],
+      'the throw still surfaces, once',
+    );
   });
 
   test('an agent answers a burst of wake-word requests stacked, each with its own outputs, and counts the stacked runs', async (t) => {

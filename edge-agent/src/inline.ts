@@ -111,46 +111,57 @@ export function rowOf(outputs: Record<string, Tensor>, i: number, count: number)
   return row;
 }
 
-/** Rows in the batching probe's stacked run. */
+/** Rows in the batching probe's isolation and cost runs. */
 export const BATCH_PROBE_ROWS = 4;
 /** A stacked run is used when a row of it costs at most this share of a run of one row. */
 export const BATCH_ROW_SHARE_MAX = 0.75;
+/** How far a stacked row's output may be from its own run's: relative, and relative to the largest output of the row. */
+const ROW_TOLERANCE = 1e-4;
 const FLOATS = new Set(['float32', 'float64']);
 const NUMERIC = new Set(['float32', 'float64', 'int8', 'uint8', 'int16', 'uint16', 'int32', 'uint32', 'int64', 'uint64']);
+/** The scales of the probe's rows, in turn: a model that mixes rows shows it most where their magnitudes differ. */
+const ROW_SCALES = [1, 1e-3, 1e3, 0.5, 30, 1e-2];
+/** What the isolation runs put in one row: values no other row's outputs may notice. */
+const PERTURBATIONS = [1e6, -1e6, 0, Number.NaN];
 
-/** Distinct inputs for row `r` of the probe: float inputs only (their values cannot be out of a model's range). */
-function probeRow(inputs: readonly TensorInfo[], r: number): Record<string, Tensor> {
+/** Row `r` of the probe: float inputs only (their values cannot be out of a model's range), `fill` in place of data. */
+function probeRow(inputs: readonly TensorInfo[], r: number, fill?: number): Record<string, Tensor> {
   const row: Record<string, Tensor> = {};
+  const scale = ROW_SCALES[r % ROW_SCALES.length]!;
   for (const info of inputs) {
     const shape = info.shape as number[];
     const length = shape.reduce((a, b) => a * b, 1);
     const data = info.dtype === 'float64' ? new Float64Array(length) : new Float32Array(length);
-    for (let i = 0; i < length; i++) data[i] = Math.sin(i * 0.37 + r * 1.91) * 0.5;
+    for (let i = 0; i < length; i++) data[i] = fill ?? Math.sin(i * 0.37 + r * 1.91) * scale;
     row[info.name] = { dtype: info.dtype as Tensor['dtype'], shape, data };
   }
   return row;
 }
 
-/** Where `mine` differs from `own` (the row's own run), or undefined when every value agrees. */
+/** Where `mine` (a stacked row) differs from `own` (the row's own run), or undefined when every value agrees. */
 function outputsDiffer(own: Record<string, Tensor>, mine: Record<string, Tensor>): string | undefined {
   for (const name of Object.keys(own)) {
     const a = own[name]!;
     const b = mine[name];
     if (!b || b.dtype !== a.dtype || b.data.length !== a.data.length || b.shape.join() !== a.shape.join())
       return `output ${name} has another shape or type`;
+    let largest = 0;
+    for (const x of a.data) if (typeof x !== 'bigint' && Number.isFinite(x)) largest = Math.max(largest, Math.abs(x));
     for (let i = 0; i < a.data.length; i++) {
       const x = a.data[i]!;
       const y = b.data[i]!;
-      if (
+      const same =
         typeof x === 'bigint' || typeof y === 'bigint'
-          ? x !== y
-          : !(Math.abs(x - y) <= 1e-5 * Math.max(1, Math.abs(x)) || (Number.isNaN(x) && Number.isNaN(y)))
-      )
-        return `output ${name} differs at ${i}: ${x} alone, ${y} stacked`;
+          ? x === y
+          : x === y || (Number.isNaN(x) && Number.isNaN(y)) || Math.abs(x - y) <= ROW_TOLERANCE * Math.max(Math.abs(x), largest * 1e-2);
+      if (!same) return `output ${name} differs at ${i}: ${x} alone, ${y} stacked`;
     }
   }
   return undefined;
 }
+
+/** The raw bytes of every output, for a bit-for-bit comparison. */
+const bytesOf = (t: Tensor) => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
 
 export interface BatchProbe {
   /** The session with a batch dimension, when stacked runs are used. */
@@ -162,10 +173,15 @@ export interface BatchProbe {
 }
 
 /**
- * Whether the model's runs may be stacked: every input a float tensor and every output a numeric one, each with a
- * leading dimension of 1 (rebatch.ts makes it `N`); the model with that batch dimension loads; a stacked run of
- * BATCH_PROBE_ROWS distinct rows gives each row the outputs its own run gives (within 1e-5, relative); and a row of
- * it costs at most BATCH_ROW_SHARE_MAX of a run of one (`aloneMs`).
+ * Whether the model's runs may be stacked (docs/agent.md, "Batching inline runs"):
+ * - every input a float tensor and every output a numeric one, each with a leading dimension of 1 (rebatch.ts makes
+ *   it `N`), and the model with that batch dimension loads;
+ * - at 2, BATCH_PROBE_ROWS and `batchMax` rows of different scales, a stacked run gives each row the outputs its own
+ *   run gives (within ROW_TOLERANCE);
+ * - isolation: with the first or the last row replaced by ±1e6, 0 or NaN, every other row's outputs stay the same to
+ *   the bit (same rows, same kernels: any change is one row reaching another). A model that normalises by a peak or
+ *   a mean over the whole tensor fails here, whatever its tolerance;
+ * - a row of a stacked run of BATCH_PROBE_ROWS costs at most BATCH_ROW_SHARE_MAX of a run alone (`aloneMs`).
  */
 export async function probeBatching(
   spec: WorkerModelSpec,
@@ -174,6 +190,7 @@ export async function probeBatching(
   inputs: readonly TensorInfo[],
   outputs: readonly TensorInfo[],
   aloneMs: number,
+  batchMax: number,
 ): Promise<BatchProbe> {
   if (!inputs.every((i) => FLOATS.has(i.dtype))) return { reason: 'an input that is not a float tensor' };
   if (!outputs.every((o) => NUMERIC.has(o.dtype))) return { reason: 'an output that is not a numeric tensor' };
@@ -189,18 +206,41 @@ export async function probeBatching(
     await batched.release();
     return { reason, ...(rowMs !== undefined ? { rowMs } : {}) };
   };
+  const stackedRun = async (rows: Record<string, Tensor>[]) => {
+    const out = fromResults(await batched.run(toFeeds(stackRows(rows))));
+    return rows.map((_, r) => rowOf(out, r, rows.length));
+  };
   try {
-    const rows = Array.from({ length: BATCH_PROBE_ROWS }, (_, r) => probeRow(inputs, r));
-    const feeds = toFeeds(stackRows(rows));
-    const stacked = fromResults(await batched.run(feeds));
-    for (let r = 0; r < rows.length; r++) {
-      const differs = outputsDiffer(fromResults(await session.run(toFeeds(rows[r]!))), rowOf(stacked, r, rows.length));
-      if (differs) return await refuse(`a stacked run does not give each row its own outputs: ${differs}`);
+    const own: Record<string, Tensor>[] = [];
+    const sizes = [...new Set([2, BATCH_PROBE_ROWS, batchMax])].filter((n) => n >= 2 && n <= batchMax);
+    const rows = Array.from({ length: Math.max(...sizes) }, (_, r) => probeRow(inputs, r));
+    for (const row of rows) own.push(fromResults(await session.run(toFeeds(row))));
+    for (const n of sizes) {
+      const got = await stackedRun(rows.slice(0, n));
+      for (let r = 0; r < n; r++) {
+        const differs = outputsDiffer(own[r]!, got[r]!);
+        if (differs) return await refuse(`a stacked run of ${n} does not give row ${r} its own outputs: ${differs}`);
+      }
     }
+    const base = rows.slice(0, BATCH_PROBE_ROWS);
+    const reference = await stackedRun(base);
+    for (const j of [0, BATCH_PROBE_ROWS - 1]) {
+      for (const fill of PERTURBATIONS) {
+        const got = await stackedRun(base.map((row, r) => (r === j ? probeRow(inputs, r, fill) : row)));
+        for (let r = 0; r < base.length; r++) {
+          if (r === j) continue;
+          for (const name of Object.keys(reference[r]!)) {
+            if (!bytesOf(reference[r]![name]!).equals(bytesOf(got[r]![name]!)))
+              return await refuse(`row ${j} set to ${fill} changed row ${r}'s output ${name}: the rows are not independent`);
+          }
+        }
+      }
+    }
+    const feeds = toFeeds(stackRows(base));
     const times: number[] = [];
     for (let i = 0; i < 31; i++) times.push((await timedRun(batched, feeds))[1]);
     times.sort((a, b) => a - b);
-    const rowMs = times[15]! / rows.length;
+    const rowMs = times[15]! / base.length;
     if (rowMs > BATCH_ROW_SHARE_MAX * aloneMs)
       return await refuse(`a row of a stacked run costs ${rowMs.toFixed(4)} ms, a run alone ${aloneMs.toFixed(4)} ms`, rowMs);
     return { batched, rowMs };
@@ -230,6 +270,14 @@ export class InlineExecutor implements Executor {
   handoffMs = 0.01;
   /** Stacked runs made, and the jobs they carried (each job of one counts once). */
   onIdle: () => void = () => {};
+  /**
+   * A job's callback threw (a bug in the caller): by default rethrown from a microtask, so that it surfaces as the
+   * process's uncaught exception, after every other job of its run was answered.
+   */
+  onCallbackError: (err: unknown) => void = (err) =>
+    queueMicrotask(() => {
+      throw err;
+    });
   private running = 0;
   /** Sum of the p99s of the jobs handed to onnxruntime and not finished. */
   private committedMs = 0;
@@ -323,9 +371,15 @@ export class InlineExecutor implements Executor {
     const max = m.batchMax ?? 1;
     for (let from = 0; from < jobs.length; from += max) {
       const chunk = jobs.slice(from, from + max);
-      if (chunk.length === 1) this.runOne(m, chunk[0]!.inputs, chunk[0]!.callback, false, m.rowP99Ms!);
+      if (chunk.length === 1) this.runAloneAfterAll(m, chunk[0]!);
       else this.runStacked(m, chunk);
     }
+  }
+
+  /** A job booked as stacked that runs alone after all: booked again at the price of a run alone. */
+  private runAloneAfterAll(m: InlineModel, job: PendingJob): void {
+    this.committedMs += m.p99Ms - m.rowP99Ms!;
+    this.runOne(m, job.inputs, job.callback, false, m.p99Ms);
   }
 
   private runStacked(m: InlineModel, jobs: PendingJob[]): void {
@@ -336,7 +390,7 @@ export class InlineExecutor implements Executor {
         for (let i = 0; i < jobs.length; i++) this.finished(m.rowP99Ms!);
         return;
       }
-      for (const job of jobs) this.runOne(m, job.inputs, job.callback, false, m.rowP99Ms!);
+      for (const job of jobs) this.runAloneAfterAll(m, job);
     };
     const sentAt = performance.now();
     let started = sentAt;
@@ -361,11 +415,17 @@ export class InlineExecutor implements Executor {
         }
         this.stacking.runs++;
         this.stacking.requests += jobs.length;
+        // Every job is booked before any callback runs: a callback that throws must not strand the jobs after it.
+        for (let i = 0; i < jobs.length; i++) this.finished(m.rowP99Ms!);
+        if (this.closing) return;
         for (let i = 0; i < jobs.length; i++) {
-          if (this.finished(m.rowP99Ms!)) continue;
-          jobs[i]!.callback(undefined, { outputs: rows[i]!, execMs });
+          try {
+            jobs[i]!.callback(undefined, { outputs: rows[i]!, execMs });
+          } catch (err) {
+            this.onCallbackError(err);
+          }
         }
-        if (!this.closing) this.onIdle();
+        this.onIdle();
       },
       () => retry(),
     );
@@ -474,7 +534,7 @@ export async function loadInline(
     const model: InlineModel = { session, p99Ms };
     let batching: InlineProbe['batching'];
     if (inlineBatchMax > 1) {
-      const probe = await probeBatching(spec, intraOpThreads, session, inputs, outputs, aloneMs);
+      const probe = await probeBatching(spec, intraOpThreads, session, inputs, outputs, aloneMs, inlineBatchMax);
       if (probe.batched) {
         model.batched = probe.batched;
         model.batchMax = inlineBatchMax;

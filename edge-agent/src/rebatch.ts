@@ -52,10 +52,18 @@ function varint(n: number): Uint8Array {
   return Uint8Array.from(out);
 }
 
+/**
+ * Bounds on what the rewrite reads: a model that runs inline is small (its runs take under a millisecond), and a file
+ * padded with millions of fields would otherwise cost the main thread seconds and gigabytes to walk.
+ */
+export const REBATCH_MAX_BYTES = 64 * 2 ** 20;
+export const REBATCH_MAX_FIELDS = 100_000;
+
 function fields(b: Uint8Array): Field[] {
   const out: Field[] = [];
   let at = 0;
   while (at < b.length) {
+    if (out.length >= REBATCH_MAX_FIELDS) throw new MeshError('MESH_BAD_REQUEST', `a message with more than ${REBATCH_MAX_FIELDS} fields`);
     const start = at;
     let key: bigint;
     [key, at] = readVarint(b, at);
@@ -113,7 +121,9 @@ function batchShape(shape: Uint8Array): Uint8Array {
     if (!first) return dim;
     first = false;
     const parts = fields(dim);
-    const value = parts.find((f) => f.no === 1 && f.wireType === 0);
+    const values = parts.filter((f) => f.no === 1);
+    // Protobuf takes the last of a repeated singular field; a dimension that says twice is refused, not guessed.
+    const value = values.length === 1 && values[0]!.wireType === 0 ? values[0] : undefined;
     if (value?.value !== 1n || parts.some((f) => f.no === 2)) throw new MeshError('MESH_BAD_REQUEST', 'a first dimension other than 1');
     return concat([...parts.filter((f) => f.no !== 1).map((f) => f.raw), lengthDelimited(2, new TextEncoder().encode('N'))]);
   });
@@ -141,6 +151,7 @@ const nameOf = (message: Uint8Array, no: number) => {
  */
 export function rebatchOnnx(model: Uint8Array): { ok: true; bytes: Uint8Array } | { ok: false; reason: string } {
   try {
+    if (model.length > REBATCH_MAX_BYTES) throw new MeshError('MESH_BAD_REQUEST', `a file over ${REBATCH_MAX_BYTES} bytes`);
     const graphs = only(model, 7);
     if (graphs.length !== 1) throw new MeshError('MESH_BAD_REQUEST', 'not a model with one graph');
     const graph = graphs[0]!.bytes;
