@@ -170,6 +170,8 @@ export interface BatchProbe {
   reason?: string;
   /** What a row of a stacked run of BATCH_PROBE_ROWS cost, ms (median). */
   rowMs?: number;
+  /** What a run alone cost, timed in turns with the stacked runs, ms (median). */
+  aloneMs?: number;
 }
 
 /**
@@ -181,7 +183,7 @@ export interface BatchProbe {
  * - isolation: with the first or the last row replaced by ±1e6, 0 or NaN, every other row's outputs stay the same to
  *   the bit (same rows, same kernels: any change is one row reaching another). A model that normalises by a peak or
  *   a mean over the whole tensor fails here, whatever its tolerance;
- * - a row of a stacked run of BATCH_PROBE_ROWS costs at most BATCH_ROW_SHARE_MAX of a run alone (`aloneMs`).
+ * - a row of a stacked run of BATCH_PROBE_ROWS costs at most BATCH_ROW_SHARE_MAX of a run alone, the two timed in turns.
  */
 export async function probeBatching(
   spec: WorkerModelSpec,
@@ -189,7 +191,6 @@ export async function probeBatching(
   session: InferenceSession,
   inputs: readonly TensorInfo[],
   outputs: readonly TensorInfo[],
-  aloneMs: number,
   batchMax: number,
 ): Promise<BatchProbe> {
   if (!inputs.every((i) => FLOATS.has(i.dtype))) return { reason: 'an input that is not a float tensor' };
@@ -202,9 +203,9 @@ export async function probeBatching(
   } catch (err) {
     return { reason: `the model with a batch dimension does not load: ${(err as Error).message}` };
   }
-  const refuse = async (reason: string, rowMs?: number): Promise<BatchProbe> => {
+  const refuse = async (reason: string, rowMs?: number, aloneMs?: number): Promise<BatchProbe> => {
     await batched.release();
-    return { reason, ...(rowMs !== undefined ? { rowMs } : {}) };
+    return { reason, ...(rowMs !== undefined ? { rowMs } : {}), ...(aloneMs !== undefined ? { aloneMs } : {}) };
   };
   const stackedRun = async (rows: Record<string, Tensor>[]) => {
     const out = fromResults(await batched.run(toFeeds(stackRows(rows))));
@@ -236,14 +237,21 @@ export async function probeBatching(
         }
       }
     }
+    // Stacked and single runs in turns, so that both meet the same load on a busy machine; medians of 31 each.
     const feeds = toFeeds(stackRows(base));
-    const times: number[] = [];
-    for (let i = 0; i < 31; i++) times.push((await timedRun(batched, feeds))[1]);
-    times.sort((a, b) => a - b);
-    const rowMs = times[15]! / base.length;
-    if (rowMs > BATCH_ROW_SHARE_MAX * aloneMs)
-      return await refuse(`a row of a stacked run costs ${rowMs.toFixed(4)} ms, a run alone ${aloneMs.toFixed(4)} ms`, rowMs);
-    return { batched, rowMs };
+    const single = toFeeds(base[0]!);
+    const stackedTimes: number[] = [];
+    const aloneTimes: number[] = [];
+    for (let i = 0; i < 31; i++) {
+      stackedTimes.push((await timedRun(batched, feeds))[1]);
+      aloneTimes.push((await timedRun(session, single))[1]);
+    }
+    const median = (xs: number[]) => xs.sort((a, b) => a - b)[xs.length >> 1]!;
+    const rowMs = median(stackedTimes) / base.length;
+    const inTurnsMs = median(aloneTimes);
+    if (rowMs > BATCH_ROW_SHARE_MAX * inTurnsMs)
+      return await refuse(`a row of a stacked run costs ${rowMs.toFixed(4)} ms, a run alone ${inTurnsMs.toFixed(4)} ms`, rowMs, inTurnsMs);
+    return { batched, rowMs, aloneMs: inTurnsMs };
   } catch (err) {
     return refuse(`a stacked run failed: ${(err as Error).message}`);
   }
@@ -534,15 +542,16 @@ export async function loadInline(
     const model: InlineModel = { session, p99Ms };
     let batching: InlineProbe['batching'];
     if (inlineBatchMax > 1) {
-      const probe = await probeBatching(spec, intraOpThreads, session, inputs, outputs, aloneMs, inlineBatchMax);
+      const probe = await probeBatching(spec, intraOpThreads, session, inputs, outputs, inlineBatchMax);
       if (probe.batched) {
         model.batched = probe.batched;
         model.batchMax = inlineBatchMax;
-        model.rowP99Ms = aloneMs > 0 ? (probe.rowMs! * p99Ms) / aloneMs : p99Ms;
+        // A row's share of a run alone (both timed in turns by the probe), applied to the warm-up's p99.
+        model.rowP99Ms = probe.aloneMs! > 0 ? Math.min(p99Ms, (probe.rowMs! / probe.aloneMs!) * p99Ms) : p99Ms;
       }
       batching = {
         on: probe.batched !== undefined,
-        aloneMs,
+        aloneMs: probe.aloneMs ?? aloneMs,
         ...(probe.reason ? { reason: probe.reason } : {}),
         ...(probe.rowMs !== undefined ? { rowMs: probe.rowMs } : {}),
       };
