@@ -74,9 +74,11 @@ function varint(read: (pos: number) => number, pos: number): [number, number] {
   throw new MeshError('MESH_MODEL_INTEGRITY', 'malformed varint');
 }
 
-interface Field {
+export interface Field {
   field: number;
   wire: number;
+  /** Where the field's tag starts. */
+  start: number;
   /** Varint value, or the length of a length-delimited field. */
   value: number;
   /** Where the value (or the length-delimited payload) starts. */
@@ -92,24 +94,24 @@ function readField(read: (pos: number) => number, pos: number): Field {
   switch (wire) {
     case 0: {
       const [value, next] = varint(read, afterTag);
-      return { field, wire, value, at: afterTag, next };
+      return { field, wire, start: pos, value, at: afterTag, next };
     }
     case 1:
-      return { field, wire, value: 0, at: afterTag, next: afterTag + 8 };
+      return { field, wire, start: pos, value: 0, at: afterTag, next: afterTag + 8 };
     case 2: {
       const [len, at] = varint(read, afterTag);
-      return { field, wire, value: len, at, next: at + len };
+      return { field, wire, start: pos, value: len, at, next: at + len };
     }
     case 5:
-      return { field, wire, value: 0, at: afterTag, next: afterTag + 4 };
+      return { field, wire, start: pos, value: 0, at: afterTag, next: afterTag + 4 };
     default:
       // Groups (3, 4) are not used by onnx.proto.
       throw new MeshError('MESH_MODEL_INTEGRITY', `unexpected wire type ${wire}`);
   }
 }
 
-/** The fields of the message in buf[start, end). */
-function* fields(buf: Buffer, start: number, end: number): Generator<Field> {
+/** The fields of the message in buf[start, end) (also the ONNX rewrite's reader, rebatch.ts). */
+export function* fields(buf: Uint8Array, start = 0, end = buf.length): Generator<Field> {
   const read = (pos: number) => {
     if (pos >= end) throw new MeshError('MESH_MODEL_INTEGRITY', 'field runs past its message');
     return buf[pos]!;

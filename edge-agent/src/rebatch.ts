@@ -16,28 +16,17 @@
  */
 
 import { MeshError } from '@edge-mesh/protocol';
+import { fields as readFields } from './onnx-inputs.ts';
 
 interface Field {
   no: number;
   wireType: number;
-  /** Payload of a length-delimited field; the varint's value otherwise (as far as this file needs it). */
+  /** Payload of a length-delimited field (empty for the others). */
   bytes: Uint8Array;
-  value: bigint;
+  /** A varint field's value (0 for the others). */
+  value: number;
   /** The whole field as it was: key, length, payload. */
   raw: Uint8Array;
-}
-
-function readVarint(b: Uint8Array, at: number): [bigint, number] {
-  let value = 0n;
-  let shift = 0n;
-  for (let i = 0; i < 10; i++) {
-    if (at >= b.length) throw new MeshError('MESH_BAD_REQUEST', 'truncated varint');
-    const x = b[at++]!;
-    value |= BigInt(x & 0x7f) << shift;
-    if ((x & 0x80) === 0) return [value, at];
-    shift += 7n;
-  }
-  throw new MeshError('MESH_BAD_REQUEST', 'varint longer than 10 bytes');
 }
 
 function varint(n: number): Uint8Array {
@@ -59,30 +48,20 @@ function varint(n: number): Uint8Array {
 export const REBATCH_MAX_BYTES = 64 * 2 ** 20;
 export const REBATCH_MAX_FIELDS = 100_000;
 
+const EMPTY = new Uint8Array(0);
+
+/** The fields of `b`, read with the agent's ONNX field reader (onnx-inputs.ts), at most REBATCH_MAX_FIELDS of them. */
 function fields(b: Uint8Array): Field[] {
   const out: Field[] = [];
-  let at = 0;
-  while (at < b.length) {
+  for (const f of readFields(b)) {
     if (out.length >= REBATCH_MAX_FIELDS) throw new MeshError('MESH_BAD_REQUEST', `a message with more than ${REBATCH_MAX_FIELDS} fields`);
-    const start = at;
-    let key: bigint;
-    [key, at] = readVarint(b, at);
-    const no = Number(key >> 3n);
-    const wireType = Number(key & 7n);
-    let bytes: Uint8Array = new Uint8Array(0);
-    let value = 0n;
-    if (wireType === 0) [value, at] = readVarint(b, at);
-    else if (wireType === 2) {
-      let length: bigint;
-      [length, at] = readVarint(b, at);
-      if (length > BigInt(b.length - at)) throw new MeshError('MESH_BAD_REQUEST', 'field runs past the end');
-      bytes = b.subarray(at, at + Number(length));
-      at += Number(length);
-    } else if (wireType === 1) at += 8;
-    else if (wireType === 5) at += 4;
-    else throw new MeshError('MESH_BAD_REQUEST', `wire type ${wireType}`);
-    if (at > b.length) throw new MeshError('MESH_BAD_REQUEST', 'field runs past the end');
-    out.push({ no, wireType, bytes, value, raw: b.subarray(start, at) });
+    out.push({
+      no: f.field,
+      wireType: f.wire,
+      bytes: f.wire === 2 ? b.subarray(f.at, f.next) : EMPTY,
+      value: f.wire === 0 ? f.value : 0,
+      raw: b.subarray(f.start, f.next),
+    });
   }
   return out;
 }
@@ -124,7 +103,7 @@ function batchShape(shape: Uint8Array): Uint8Array {
     const values = parts.filter((f) => f.no === 1);
     // Protobuf takes the last of a repeated singular field; a dimension that says twice is refused, not guessed.
     const value = values.length === 1 && values[0]!.wireType === 0 ? values[0] : undefined;
-    if (value?.value !== 1n || parts.some((f) => f.no === 2)) throw new MeshError('MESH_BAD_REQUEST', 'a first dimension other than 1');
+    if (value?.value !== 1 || parts.some((f) => f.no === 2)) throw new MeshError('MESH_BAD_REQUEST', 'a first dimension other than 1');
     return concat([...parts.filter((f) => f.no !== 1).map((f) => f.raw), lengthDelimited(2, new TextEncoder().encode('N'))]);
   });
 }
