@@ -35,3 +35,5 @@ export interface StackingCounters {
   /** Stacked runs that failed and whose requests were run again one by one. */
   fallbacks: number;
 }
+
+export const newStackingCounters = (): StackingCounters => ({ runs: 0, requests: 0, fallbacks: 0 });

@@ -17,7 +17,7 @@
 import { readFile } from 'node:fs/promises';
 import { MeshError, type Tensor, type TensorInfo, type TypedArray } from '@edge-mesh/protocol';
 import type { InferenceSession } from 'onnxruntime-node';
-import type { Executor, JobCallback, StackingCounters } from './executor.ts';
+import { type Executor, type JobCallback, newStackingCounters, type StackingCounters } from './executor.ts';
 import { createSession, fixedShapes, fromResults, toFeeds, warmupFeeds } from './ort-session.mjs';
 import { rebatchOnnx } from './rebatch.ts';
 import type { LoadedModel, WorkerModelSpec } from './worker-protocol.ts';
@@ -42,19 +42,24 @@ interface InlineModel {
   session: InferenceSession;
   /** p99 of the warm-up runs: what one run of it may hold the event loop. */
   p99Ms: number;
-  /** The same model with a batch dimension, when it passed the batching probe (probeBatching). */
-  batched?: InferenceSession;
-  /** Most jobs in one stacked run. */
-  batchMax?: number;
-  /**
-   * What a job in a stacked run may hold the event loop, ms: the probe's median cost of a row scaled by the single
-   * runs' p99 over their median. The executor's slice counts stacked jobs at this, so a turn can stack more of them.
-   */
-  rowP99Ms?: number;
+  /** Present when it passed the batching probe (probeBatching): the jobs of one turn but the first run stacked. */
+  stack?: StackedSession;
   /** A run of it was handed to onnxruntime in this turn and has not started: later jobs of the turn are stacked. */
   opening?: boolean;
   /** Jobs waiting for the stacked run at the end of this turn's check phase. */
   pending?: PendingJob[];
+}
+
+interface StackedSession {
+  /** The same model with a batch dimension. */
+  session: InferenceSession;
+  /** Most jobs in one stacked run. */
+  max: number;
+  /**
+   * What a job in a stacked run may hold the event loop, ms: its share of a run alone (both timed by the probe) applied
+   * to the warm-up's p99. The executor's slice counts stacked jobs at this, so a turn can stack more of them.
+   */
+  rowP99Ms: number;
 }
 
 interface PendingJob {
@@ -276,7 +281,6 @@ export interface InlineProbe {
 
 export class InlineExecutor implements Executor {
   handoffMs = 0.01;
-  /** Stacked runs made, and the jobs they carried (each job of one counts once). */
   onIdle: () => void = () => {};
   /**
    * A job's callback threw (a bug in the caller): by default rethrown from a microtask, so that it surfaces as the
@@ -298,7 +302,7 @@ export class InlineExecutor implements Executor {
     /** Inline work per event-loop turn, in p99 milliseconds. */
     private readonly sliceMs: number,
     /** Stacked runs made, the requests they carried, and those that failed and were run one by one. */
-    readonly stacking: StackingCounters = { runs: 0, requests: 0, fallbacks: 0 },
+    readonly stacking: StackingCounters = newStackingCounters(),
   ) {}
 
   get freeCapacity(): number {
@@ -316,13 +320,14 @@ export class InlineExecutor implements Executor {
     if (!m || this.closing) throw new MeshError('MESH_INTERNAL', `model ${model} does not run inline here`);
     const alone = this.running === 0;
     this.running++;
-    if (m.opening && m.batched) {
+    const stack = m.stack;
+    if (m.opening && stack) {
       // Another job of this model was handed over in this turn: this one waits for the end of the check phase,
       // where every job of the turn but the first runs in one stacked run.
-      this.committedMs += m.rowP99Ms!;
+      this.committedMs += stack.rowP99Ms;
       m.pending ??= [];
       m.pending.push({ inputs, callback });
-      if (m.pending.length === 1) setImmediate(() => this.flush(m));
+      if (m.pending.length === 1) setImmediate(() => this.flush(m, stack));
       return;
     }
     this.committedMs += m.p99Ms;
@@ -333,7 +338,7 @@ export class InlineExecutor implements Executor {
   private runOne(m: InlineModel, inputs: Record<string, Tensor>, callback: JobCallback, alone: boolean, costMs: number): void {
     const sentAt = performance.now();
     let started = sentAt;
-    if (m.batched) m.opening = true;
+    if (m.stack) m.opening = true;
     setImmediate(() => {
       started = performance.now();
       m.opening = false;
@@ -365,49 +370,47 @@ export class InlineExecutor implements Executor {
   }
 
   /**
-   * Runs the jobs stacked in this turn: one alone as any job, more in runs of at most batchMax rows of the batched
+   * Runs the jobs stacked in this turn: one alone as any job, more in runs of at most `stack.max` rows of the batched
    * session, each job given its own rows of every output. A stacked run that fails is run again job by job, so that
    * one job's failure is its own.
    */
-  private flush(m: InlineModel): void {
+  private flush(m: InlineModel, stack: StackedSession): void {
     const jobs = m.pending ?? [];
     m.pending = undefined;
     if (this.closing) {
-      for (let i = 0; i < jobs.length; i++) this.finished(m.rowP99Ms!);
+      for (let i = 0; i < jobs.length; i++) this.finished(stack.rowP99Ms);
       return;
     }
-    const max = m.batchMax ?? 1;
-    for (let from = 0; from < jobs.length; from += max) {
-      const chunk = jobs.slice(from, from + max);
-      if (chunk.length === 1) this.runAloneAfterAll(m, chunk[0]!);
-      else this.runStacked(m, chunk);
+    for (let from = 0; from < jobs.length; from += stack.max) {
+      const chunk = jobs.slice(from, from + stack.max);
+      if (chunk.length === 1) this.runAloneAfterAll(m, stack, chunk[0]!);
+      else this.runStacked(m, stack, chunk);
     }
   }
 
   /** A job booked as stacked that runs alone after all: booked again at the price of a run alone. */
-  private runAloneAfterAll(m: InlineModel, job: PendingJob): void {
-    this.committedMs += m.p99Ms - m.rowP99Ms!;
+  private runAloneAfterAll(m: InlineModel, stack: StackedSession, job: PendingJob): void {
+    this.committedMs += m.p99Ms - stack.rowP99Ms;
     this.runOne(m, job.inputs, job.callback, false, m.p99Ms);
   }
 
-  private runStacked(m: InlineModel, jobs: PendingJob[]): void {
+  private runStacked(m: InlineModel, stack: StackedSession, jobs: PendingJob[]): void {
     // Each job again on its own: the jobs still count as running, so they are run, not booked anew.
     const retry = () => {
       this.stacking.fallbacks++;
       if (this.closing) {
-        for (let i = 0; i < jobs.length; i++) this.finished(m.rowP99Ms!);
+        for (let i = 0; i < jobs.length; i++) this.finished(stack.rowP99Ms);
         return;
       }
-      for (const job of jobs) this.runAloneAfterAll(m, job);
+      for (const job of jobs) this.runAloneAfterAll(m, stack, job);
     };
-    const sentAt = performance.now();
-    let started = sentAt;
+    let started = performance.now();
     setImmediate(() => {
       started = performance.now();
     });
     let running: Promise<InferenceSession.ReturnType>;
     try {
-      running = m.batched!.run(toFeeds(stackRows(jobs.map((j) => j.inputs))));
+      running = stack.session.run(toFeeds(stackRows(jobs.map((j) => j.inputs))));
     } catch (err) {
       running = Promise.reject(err);
     }
@@ -424,7 +427,7 @@ export class InlineExecutor implements Executor {
         this.stacking.runs++;
         this.stacking.requests += jobs.length;
         // Every job is booked before any callback runs: a callback that throws must not strand the jobs after it.
-        for (let i = 0; i < jobs.length; i++) this.finished(m.rowP99Ms!);
+        for (let i = 0; i < jobs.length; i++) this.finished(stack.rowP99Ms);
         if (this.closing) return;
         for (let i = 0; i < jobs.length; i++) {
           try {
@@ -460,7 +463,9 @@ export class InlineExecutor implements Executor {
         };
       });
     }
-    await Promise.allSettled([...this.models.values()].flatMap((m) => [m.session.release(), ...(m.batched ? [m.batched.release()] : [])]));
+    await Promise.allSettled(
+      [...this.models.values()].flatMap((m) => [m.session.release(), ...(m.stack ? [m.stack.session.release()] : [])]),
+    );
   }
 }
 
@@ -544,10 +549,8 @@ export async function loadInline(
     if (inlineBatchMax > 1) {
       const probe = await probeBatching(spec, intraOpThreads, session, inputs, outputs, inlineBatchMax);
       if (probe.batched) {
-        model.batched = probe.batched;
-        model.batchMax = inlineBatchMax;
-        // A row's share of a run alone (both timed in turns by the probe), applied to the warm-up's p99.
-        model.rowP99Ms = probe.aloneMs! > 0 ? Math.min(p99Ms, (probe.rowMs! / probe.aloneMs!) * p99Ms) : p99Ms;
+        const share = probe.aloneMs! > 0 ? Math.min(1, probe.rowMs! / probe.aloneMs!) : 1;
+        model.stack = { session: probe.batched, max: inlineBatchMax, rowP99Ms: share * p99Ms };
       }
       batching = {
         on: probe.batched !== undefined,

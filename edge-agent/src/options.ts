@@ -11,7 +11,7 @@ import {
   type Identity,
   MeshError,
 } from '@edge-mesh/protocol';
-import type { StackingCounters } from './executor.ts';
+import { newStackingCounters, type StackingCounters } from './executor.ts';
 import type { AgentOptions } from './types.ts';
 
 export interface ResolvedOptions {
@@ -142,6 +142,6 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     maxRememberedRequests,
     inlineMaxMs,
     inlineBatchMax,
-    stacking: { runs: 0, requests: 0, fallbacks: 0 },
+    stacking: newStackingCounters(),
   };
 }

@@ -87,6 +87,14 @@ export function warmupFeeds(inputs, warmup) {
 }
 
 /**
+ * onnxruntime's two overloads (a path, the bytes) as one call.
+ * @param {string | Uint8Array} source
+ * @param {ort.InferenceSession.SessionOptions} options
+ */
+const createFrom = (source, options) =>
+  typeof source === 'string' ? ort.InferenceSession.create(source, options) : ort.InferenceSession.create(source, options);
+
+/**
  * A session for `spec`, on the first of its providers that accepts it (CPU last).
  * @param {WorkerModelSpec} spec
  * @param {number} intraOpThreads
@@ -110,18 +118,14 @@ export async function createSession(spec, intraOpThreads, bytes) {
   let provider = 'cpu';
   for (const candidate of spec.providers) {
     try {
-      session = bytes
-        ? await ort.InferenceSession.create(bytes, { ...options, executionProviders: [candidate] })
-        : await ort.InferenceSession.create(spec.path, { ...options, executionProviders: [candidate] });
+      session = await createFrom(bytes ?? spec.path, { ...options, executionProviders: [candidate] });
       provider = candidate;
       break;
     } catch {
       // The agent already logged which providers it would try; CPU is always last in the list.
     }
   }
-  session ??= bytes
-    ? await ort.InferenceSession.create(bytes, { ...options, executionProviders: ['cpu'] })
-    : await ort.InferenceSession.create(spec.path, { ...options, executionProviders: ['cpu'] });
+  session ??= await createFrom(bytes ?? spec.path, { ...options, executionProviders: ['cpu'] });
   return { session, provider, inputs: describe(session.inputMetadata), outputs: describe(session.outputMetadata) };
 }
 

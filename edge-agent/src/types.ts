@@ -6,7 +6,7 @@ import type { BackoffOptions, MeshTlsOptions } from '@edge-mesh/client';
 import type { AgentLoad, AgentStatus, Identity, ModelInfo, SignedReceipt } from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
 import type { AgentDeployments, AgentDeployOptions, DeployEvent } from './deploy.ts';
-import type { StackingCounters } from './executor.ts';
+import { newStackingCounters, type StackingCounters } from './executor.ts';
 import type { AgentPaymentOptions, AgentPayments, LaneSummary } from './payments.ts';
 import type { ReloadResult } from './reload.ts';
 import type { SettlementRecord, SettlerCounters } from './settler.ts';
@@ -152,7 +152,7 @@ export interface AgentCounters {
 }
 
 /** Counters at zero, as an agent starts; `stacked` is the object the agent's inline executors count in. */
-export function newAgentCounters(stacked: StackingCounters = { runs: 0, requests: 0, fallbacks: 0 }): AgentCounters {
+export function newAgentCounters(stacked: StackingCounters = newStackingCounters()): AgentCounters {
   return { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0, stacked };
 }
 
