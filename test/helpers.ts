@@ -12,7 +12,7 @@ import type { TestContext } from 'node:test';
 import { type AgentHandle, type AgentOptions, startAgent } from '@edge-mesh/agent';
 import { type BrokerHandle, startBroker } from '@edge-mesh/broker';
 import { openMeshConnection } from '@edge-mesh/client';
-import { ensureModelsFolder } from '@edge-mesh/demo';
+import { ensureModelsFolder, sampleInputs } from '@edge-mesh/demo';
 import {
   decodeMessage,
   type ErrorReply,
@@ -349,4 +349,33 @@ export async function kwsOnlyDir(t: TestContext): Promise<string> {
   await copyFile(path.join(full, kws[0]!.file), path.join(dir, kws[0]!.file));
   await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ ...manifest, models: kws }));
   return dir;
+}
+
+/** Packet and message bound for the tests that send `expireBehindDetection`'s 19.7 MB detection. */
+export const LARGE_DETECTION_BYTES = 32 << 20;
+
+/**
+ * Sends a wake-word request that times out in the agent's queue, behind a large detection that holds the worker
+ * (the agent must run every model on one worker, one job at a time), and returns once the detection is answered.
+ * The detection is 16 times the size of the one its service time was measured on (the 320×320 warm-up), so it
+ * runs far longer than the agent expects. The request's deadline comes from the agent's own figures: long enough
+ * to pass its admission (half the detection's service time, plus the request's own) and to reach its queue on a
+ * loaded machine, short enough to pass while the detection runs. A fixed 40 ms was refused at admission, or
+ * expired before it reached the queue (then, correctly, with no receipt), on a machine with two busy cores.
+ */
+export async function expireBehindDetection(mesh: Mesh, agent: AgentHandle): Promise<void> {
+  const big = mesh.infer(
+    'ocr-det',
+    { x: { dtype: 'float32', shape: [1, 3, 1280, 1280], data: new Float32Array(3 * 1280 * 1280) } },
+    { deadlineMs: 60_000 },
+  );
+  await waitFor(() => agent.loadReport().inFlight === 1, 10_000, 'the detection running');
+  const load = agent.loadReport().models;
+  const estimateMs = load['ocr-det']!.serviceMs / 2 + load.kws!.serviceMs;
+  await assert.rejects(
+    mesh.infer('kws', sampleInputs('kws', 99), { deadlineMs: Math.ceil(2 * estimateMs + 100) }),
+    (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED',
+  );
+  assert.equal(agent.loadReport().inFlight, 1, 'the detection still runs: the request expired behind it, in the queue');
+  await big;
 }

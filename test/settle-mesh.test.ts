@@ -7,9 +7,9 @@ import { after, before, describe, test } from 'node:test';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
-import { MeshError, RECEIPT_STATUS } from '@edge-mesh/protocol';
+import { RECEIPT_STATUS } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
-import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
+import { agentFor, brokerFor, expireBehindDetection, LARGE_DETECTION_BYTES, meshFor, tempDir, waitFor } from './helpers.ts';
 import { settleEntry } from './payer.ts';
 
 let chain: LocalChain;
@@ -31,14 +31,14 @@ describe('settlement of paid inference on a local chain', () => {
     await payer.mint(payerWallet.address, 1_000_000n);
     await payer.fund(payerWallet.address, payout, 1_000_000n);
 
-    const broker = await brokerFor(t, { maxPacketBytes: 16 << 20 });
+    const broker = await brokerFor(t, { maxPacketBytes: LARGE_DETECTION_BYTES });
     // Every model on the one worker, one job at a time: the wake-word request below waits behind the
     // detection (inline, it would not).
     const agent = await agentFor(t, {
       brokerUrl: broker.url,
       pipelineDepth: 1,
       inlineMaxMs: 0,
-      maxMessageBytes: 16 << 20,
+      maxMessageBytes: LARGE_DETECTION_BYTES,
       // The request behind the detection must be queued and time out there, not be refused at admission.
       admission: false,
       payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider },
@@ -47,25 +47,15 @@ describe('settlement of paid inference on a local chain', () => {
     // vouchers. This test is about settling; the payout registry has its own (test/payments-payer.test.ts).
     const mesh = await meshFor(t, {
       brokerUrl: broker.url,
-      maxMessageBytes: 16 << 20,
+      maxMessageBytes: LARGE_DETECTION_BYTES,
       payment: { signer: payerWallet, domain, dataDir: await tempDir(t), checkPayouts: false },
     });
     await mesh.waitForModel('kws');
 
     for (let i = 0; i < 20; i++)
       await mesh.infer(i % 4 === 3 ? 'vad' : 'kws', sampleInputs(i % 4 === 3 ? 'vad' : 'kws', i), { deadlineMs: 5_000 });
-    // A large detection holds the worker; a request behind it times out in the queue and is billed 0.
-    const big = mesh.infer(
-      'ocr-det',
-      { x: { dtype: 'float32', shape: [1, 3, 960, 960], data: new Float32Array(3 * 960 * 960) } },
-      { deadlineMs: 20_000 },
-    );
-    await waitFor(() => agent.loadReport().inFlight === 1, 10_000, 'the detection running');
-    await assert.rejects(
-      mesh.infer('kws', sampleInputs('kws', 99), { deadlineMs: 40 }),
-      (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED',
-    );
-    await big;
+    // A request behind a large detection times out in the queue and is billed 0.
+    await expireBehindDetection(mesh, agent);
 
     const journal = await agent.payments!.receipts(payerWallet.address);
     const okTotal = journal.filter((r) => r.status === RECEIPT_STATUS.ok).reduce((sum, r) => sum + r.price, 0);

@@ -16,7 +16,17 @@ import { sampleInputs } from '@edge-mesh/demo';
 import { generateIdentity, MeshError } from '@edge-mesh/protocol';
 import { startRouter } from '@edge-mesh/router';
 import { ethers } from 'ethers';
-import { agentFor, brokerFor, meshFor, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
+import {
+  agentFor,
+  brokerFor,
+  expireBehindDetection,
+  LARGE_DETECTION_BYTES,
+  meshFor,
+  quiet,
+  spawnAgent,
+  tempDir,
+  waitFor,
+} from './helpers.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -47,7 +57,7 @@ async function paidMesh(t: TestContext, brokerUrl: string, signer: ethers.Wallet
   const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
   const mesh = await meshFor(t, {
     brokerUrl,
-    maxMessageBytes: 16 << 20,
+    maxMessageBytes: LARGE_DETECTION_BYTES,
     // These tests are about settling; payout registration has its own (test/payments-payer.test.ts).
     payment: { signer, domain, dataDir: extra.dataDir ?? (await tempDir(t)), checkPayouts: false },
   });
@@ -64,7 +74,7 @@ async function settlerAgent(t: TestContext, brokerUrl: string, settle: Partial<S
     brokerUrl,
     pipelineDepth: 1,
     inlineMaxMs: 0,
-    maxMessageBytes: 16 << 20,
+    maxMessageBytes: LARGE_DETECTION_BYTES,
     payment: { payout, domain, dataDir: await tempDir(t), settle: { runner: chain.wallet(nextRelayer++), checkEveryMs: 100, ...settle } },
   });
   return { agent, payout };
@@ -82,7 +92,7 @@ describe('settlement relayer', () => {
   after(() => chain?.close());
 
   test('the threshold triggers a settlement; the payout holds exactly the ok receipts; timed-out work costs 0', async (t) => {
-    const broker = await brokerFor(t, { maxPacketBytes: 16 << 20 });
+    const broker = await brokerFor(t, { maxPacketBytes: LARGE_DETECTION_BYTES });
     const { agent, payout } = await settlerAgent(t, broker.url, { thresholdMicros: 20, maxIntervalMs: 3_600_000 });
     const payer = await fundedLane(payout);
     const mesh = await paidMesh(t, broker.url, payer);
@@ -91,18 +101,8 @@ describe('settlement relayer', () => {
     await serve(mesh, 4); // 8 micro-dollars: under the threshold
     await new Promise((r) => setTimeout(r, 600));
     assert.equal(agent.payments!.settler!.counters.txs, 0, 'nothing settles below the threshold');
-    // A large detection holds the worker; a request behind it times out in the queue and is billed 0.
-    const big = mesh.infer(
-      'ocr-det',
-      { x: { dtype: 'float32', shape: [1, 3, 960, 960], data: new Float32Array(3 * 960 * 960) } },
-      { deadlineMs: 20_000 },
-    );
-    await waitFor(() => agent.loadReport().inFlight === 1, 10_000, 'the detection running');
-    await assert.rejects(
-      mesh.infer('kws', sampleInputs('kws', 99), { deadlineMs: 40 }),
-      (err: unknown) => err instanceof MeshError && err.code === 'MESH_DEADLINE_EXCEEDED',
-    );
-    await big;
+    // A request behind a large detection times out in the queue and is billed 0.
+    await expireBehindDetection(mesh, agent);
     await serve(mesh, 4);
     const owed = mesh.lanes()[0]!.owedMicros;
     assert.ok(owed >= 20);
