@@ -402,7 +402,10 @@ export function agentReadyFacts(proc: Proc): { inline: string[]; workerThreads: 
 
 /** bench/echo-agent.ts: answers kws requests without inference; prints {"event":"ready"} once announced. */
 export async function startEchoAgentProc(url: string, id: string, keyFilePath: string): Promise<Proc> {
+  // BENCH_AGENT_NODE_ARGS goes to the echo agent's node too, so both sides of a comparison can be profiled.
+  const nodeArgs = process.env.BENCH_AGENT_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
   const proc = spawnProc(`echo ${id}`, [
+    ...nodeArgs,
     '--import',
     'tsx',
     path.join(ROOT, 'bench', 'echo-agent.ts'),
