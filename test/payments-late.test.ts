@@ -7,6 +7,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
+import type { AgentHandle } from '@edge-mesh/agent';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
 import { MeshError } from '@edge-mesh/protocol';
@@ -26,11 +27,19 @@ after(() => chain?.close());
 /** Blocks this thread (the app's event loop) for `ms`: a reply that comes meanwhile is read only afterwards. */
 const block = (ms: number) => Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 
-/** A request the agent answers in time (about 100 ms of a 1.5 s deadline) that this process reads 1.7 s after sending. */
-async function lateAnswer(mesh: Mesh, i: number): Promise<void> {
+/**
+ * A request the agent answers in time (its reply leaves about 100 ms after the run, of a 1.5 s deadline) that this
+ * process reads 1.65 s after sending. The block starts once the agent has run the request, while its reply waits:
+ * a fixed 50 ms after sending was too short on a loaded machine, where the agent was still admitting the request (a
+ * first read of the lane from the chain) when the block began, and then refused it as past its deadline, with no
+ * receipt to count.
+ */
+async function lateAnswer(mesh: Mesh, agent: AgentHandle, i: number): Promise<void> {
+  const served = agent.counters.served;
+  const sentAt = performance.now();
   const pending = mesh.infer('kws', sampleInputs('kws', i), { deadlineMs: 1_500 }).catch((err: unknown) => err);
-  await new Promise((r) => setTimeout(r, 50));
-  block(1_650);
+  await waitFor(() => agent.counters.served > served, 10_000, 'the agent running the request');
+  block(Math.max(0, sentAt + 1_650 - performance.now()));
   await pending;
 }
 
@@ -59,7 +68,7 @@ test('a window of late answers closes a lane at the agent; the SDK pays them to 
     await mesh.waitForModel('kws');
     // Three answers read after their deadlines: the SDK refuses their receipts as late, and the agent counts a
     // whole window (3 × 2 µUSD) refused.
-    for (let i = 0; i < 3; i++) await lateAnswer(mesh, i);
+    for (let i = 0; i < 3; i++) await lateAnswer(mesh, agent, i);
     await waitFor(() => mesh.lanes()[0]?.refused === 3, 10_000, 'three late receipts');
     assert.equal(mesh.lanes()[0]!.owedMicros, 0, 'nothing owed for answers that came late');
 
