@@ -1,6 +1,6 @@
 /**
- * Stacked inline runs (docs/agent.md, "Batching inline runs"): the requests for an inline model that one event-loop
- * turn hands over run together in one onnxruntime run of the model given a batch dimension (edge-agent/src/rebatch.ts,
+ * Stacked inline runs (docs/agent.md, "Batching inline runs"): the requests for an inline model that one read from the
+ * broker hands over run together in one onnxruntime run of the model given a batch dimension (edge-agent/src/rebatch.ts,
  * inline.ts). Real models and sessions: the wake-word model, the VAD model (not stackable), and two written here: one
  * whose rows mix (each row minus the mean of all rows, which is 0 for a run of one row) and one that reshapes to a
  * constant shape.
@@ -135,7 +135,7 @@ async function inline(t: Parameters<typeof tempDir>[0], name: string, file: stri
   return result;
 }
 
-/** Hands every job to the executor in one turn; resolves with each job's outcome, in order. */
+/** Hands every job to the executor at once (one read's worth); resolves with each job's outcome, in order. */
 function handOver(executor: InlineExecutor, model: string, jobs: Record<string, Tensor>[]): Promise<(JobResult | MeshError)[]> {
   return Promise.all(
     jobs.map(
@@ -208,14 +208,21 @@ describe('a batch dimension for a model that declares none', () => {
 });
 
 describe('stacked runs', () => {
-  test("the jobs of one turn run stacked, each with the outputs of its own run; a liar's malformed tensor fails only its job", async (t) => {
+  test("the jobs handed over together run stacked, each with the outputs of its own run; a liar's malformed tensor fails only its job", async (t) => {
     const stacked = (await inline(t, 'kws', await demoFile('kws'), 16)).executor!;
     const alone = (await inline(t, 'kws-alone', await demoFile('kws'), 1)).executor!;
     const jobs = Array.from({ length: 8 }, (_, i) => sampleInputs('kws', i + 1));
     const expected = [];
     for (const inputs of jobs) expected.push((await handOver(alone, 'kws-alone', [inputs]))[0] as JobResult);
+    // A job handed over alone runs alone; two handed over together run in one stacked run.
+    const [lone] = await handOver(stacked, 'kws', [jobs[0]!]);
+    assert.ok(closeTo((lone as JobResult).outputs['39']!.data, expected[0]!.outputs['39']!.data));
+    assert.deepEqual(stacked.stacking, { runs: 0, requests: 0, fallbacks: 0 }, 'a job alone is not stacked');
+    await handOver(stacked, 'kws', jobs.slice(0, 2));
+    assert.deepEqual(stacked.stacking, { runs: 1, requests: 2, fallbacks: 0 }, 'two jobs together: one stacked run');
+    stacked.stacking.runs = stacked.stacking.requests = 0;
     const got = await handOver(stacked, 'kws', jobs);
-    assert.deepEqual(stacked.stacking, { runs: 1, requests: 7, fallbacks: 0 }, 'the first job alone, the other seven in one run');
+    assert.deepEqual(stacked.stacking, { runs: 1, requests: 8, fallbacks: 0 }, 'the eight jobs in one run');
     for (let i = 0; i < jobs.length; i++) {
       const g = got[i] as JobResult;
       assert.ok(!(g instanceof MeshError));

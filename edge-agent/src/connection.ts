@@ -367,11 +367,11 @@ export class AgentLink {
    * the PUBACK mqtt.js writes once the handler returns (mqtt.js lib/handlers/publish.js) and the reply of
    * a model that runs inline, which runs in that check phase (inline.ts), leave in one write, as they do
    * from an agent that answers inside the handler: one syscall, and one read at the broker, per request
-   * instead of two (docs/agent.md, "The request path"). The release is queued behind the onnxruntime
-   * setImmediate the request's run queued (a nextTick, then setImmediate). One hold per turn, by the
-   * first request read in it: holding every request's reply to the end of the check phase measured lower
-   * throughput at 64 requests outstanding in 5 of 6 runs on a busy machine, so later replies leave as
-   * they come.
+   * instead of two (docs/agent.md, "The request path"). The release is a setImmediate queued behind the
+   * onnxruntime setImmediate of the read's run: that run is handed over either in the handler or by the
+   * inline executor's flush, a microtask the first request queued after this hold began (inline.ts,
+   * "Flush order"), so the release is queued two microtasks after the hold. One hold per turn, by the
+   * first request read in it.
    */
   private holdWrites(): void {
     if (this.held) return;
@@ -379,11 +379,13 @@ export class AgentLink {
     if (!stream?.cork || !stream.uncork || stream.destroyed) return;
     stream.cork();
     this.held = true;
-    process.nextTick(() =>
-      setImmediate(() => {
-        this.held = false;
-        stream.uncork!();
-      }),
+    queueMicrotask(() =>
+      queueMicrotask(() =>
+        setImmediate(() => {
+          this.held = false;
+          stream.uncork!();
+        }),
+      ),
     );
   }
 

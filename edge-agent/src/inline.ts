@@ -13,6 +13,14 @@
  * and a run handed over from there waits for the next turn, after timers and I/O. The executor takes
  * jobs while the p99s of those not yet finished add up to less than its slice (inlineMaxMs, at most
  * 1 ms), and always one, so inline runs hold the loop for about a slice plus one run per turn at most.
+ *
+ * Flush order. A model that passed the batching probe runs the jobs handed over from one read of the broker
+ * connection in one stacked run. mqtt.js handles a read's packets one per nextTick, and Node runs microtasks only once
+ * the nextTick queue is empty, so the flush the first job queues as a microtask runs after the read's last request was
+ * handed over; it calls `session.run`, whose setImmediate then runs in this turn's check phase, where a run handed
+ * over from the handler itself would have run too. The connection holds its writes until a setImmediate it queues two
+ * microtasks after the first request (connection.ts, `holdWrites`), which is after this flush's, so the replies of the
+ * run and the read's PUBACKs leave in one write.
  */
 import { readFile } from 'node:fs/promises';
 import { MeshError, type Tensor, type TensorInfo, type TypedArray } from '@edge-mesh/protocol';
@@ -42,11 +50,9 @@ interface InlineModel {
   session: InferenceSession;
   /** p99 of the warm-up runs: what one run of it may hold the event loop. */
   p99Ms: number;
-  /** Present when it passed the batching probe (probeBatching): the jobs of one turn but the first run stacked. */
+  /** Present when it passed the batching probe (probeBatching): the jobs handed over from one read run stacked. */
   stack?: StackedSession;
-  /** A run of it was handed to onnxruntime in this turn and has not started: later jobs of the turn are stacked. */
-  opening?: boolean;
-  /** Jobs waiting for the stacked run at the end of this turn's check phase. */
+  /** Jobs handed over since the last flush, run together by the flush queued as a microtask by the first. */
   pending?: PendingJob[];
 }
 
@@ -65,6 +71,8 @@ interface StackedSession {
 interface PendingJob {
   inputs: Record<string, Tensor>;
   callback: JobCallback;
+  /** Nothing else ran on the executor when it was handed over. */
+  alone: boolean;
 }
 
 /**
@@ -321,13 +329,14 @@ export class InlineExecutor implements Executor {
     const alone = this.running === 0;
     this.running++;
     const stack = m.stack;
-    if (m.opening && stack) {
-      // Another job of this model was handed over in this turn: this one waits for the end of the check phase,
-      // where every job of the turn but the first runs in one stacked run.
+    if (stack) {
+      // The jobs handed over while the agent handles one read from its broker connection run together: mqtt.js takes
+      // the read's packets one per nextTick, so a microtask queued by the first runs after the last ("Flush order" above).
+      // onnxruntime runs in this turn's check phase either way, so the first job waits for nothing it did not before.
       this.committedMs += stack.rowP99Ms;
       m.pending ??= [];
-      m.pending.push({ inputs, callback });
-      if (m.pending.length === 1) setImmediate(() => this.flush(m, stack));
+      m.pending.push({ inputs, callback, alone });
+      if (m.pending.length === 1) queueMicrotask(() => this.flush(m, stack));
       return;
     }
     this.committedMs += m.p99Ms;
@@ -338,10 +347,8 @@ export class InlineExecutor implements Executor {
   private runOne(m: InlineModel, inputs: Record<string, Tensor>, callback: JobCallback, alone: boolean, costMs: number): void {
     const sentAt = performance.now();
     let started = sentAt;
-    if (m.stack) m.opening = true;
     setImmediate(() => {
       started = performance.now();
-      m.opening = false;
     });
     let running: Promise<InferenceSession.ReturnType>;
     try {
@@ -370,7 +377,7 @@ export class InlineExecutor implements Executor {
   }
 
   /**
-   * Runs the jobs stacked in this turn: one alone as any job, more in runs of at most `stack.max` rows of the batched
+   * Runs the jobs stacked from one read: one alone as any job, more in runs of at most `stack.max` rows of the batched
    * session, each job given its own rows of every output. A stacked run that fails is run again job by job, so that
    * one job's failure is its own.
    */
@@ -383,15 +390,18 @@ export class InlineExecutor implements Executor {
     }
     for (let from = 0; from < jobs.length; from += stack.max) {
       const chunk = jobs.slice(from, from + stack.max);
-      if (chunk.length === 1) this.runAloneAfterAll(m, stack, chunk[0]!);
+      if (chunk.length === 1) this.runAloneAfterAll(m, stack, chunk[0]!, chunk[0]!.alone);
       else this.runStacked(m, stack, chunk);
     }
   }
 
-  /** A job booked as stacked that runs alone after all: booked again at the price of a run alone. */
-  private runAloneAfterAll(m: InlineModel, stack: StackedSession, job: PendingJob): void {
+  /**
+   * A job booked as stacked that runs alone after all: booked again at the price of a run alone. `alone`: nothing else
+   * ran on the executor when it came (its hand-off then measures the executor's own).
+   */
+  private runAloneAfterAll(m: InlineModel, stack: StackedSession, job: PendingJob, alone = false): void {
     this.committedMs += m.p99Ms - stack.rowP99Ms;
-    this.runOne(m, job.inputs, job.callback, false, m.p99Ms);
+    this.runOne(m, job.inputs, job.callback, alone, m.p99Ms);
   }
 
   private runStacked(m: InlineModel, stack: StackedSession, jobs: PendingJob[]): void {
