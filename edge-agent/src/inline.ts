@@ -14,18 +14,21 @@
  * jobs while the p99s of those not yet finished add up to less than its slice (inlineMaxMs, at most
  * 1 ms), and always one, so inline runs hold the loop for about a slice plus one run per turn at most.
  *
- * Flush order. A model that passed the batching probe runs the jobs handed over from one read of the broker
- * connection in one stacked run. mqtt.js handles a read's packets one per nextTick, and Node runs microtasks only once
- * the nextTick queue is empty, so the flush the first job queues as a microtask runs after the read's last request was
- * handed over; it calls `session.run`, whose setImmediate then runs in this turn's check phase, where a run handed
- * over from the handler itself would have run too. The connection holds its writes until a setImmediate it queues two
- * microtasks after the first request (connection.ts, `holdWrites`), which is after this flush's, so the replies of the
- * run and the read's PUBACKs leave in one write.
+ * Flush order. A model that passed the batching probe runs the jobs handed over from the first read of the broker
+ * connection in a turn in one stacked run. mqtt.js handles a read's packets one per nextTick, and Node runs microtasks
+ * only once the nextTick queue is empty, so the flush the first job queues as a microtask runs after the read's last
+ * request was handed over; it calls `session.run`, whose setImmediate then runs in this turn's check phase, where a
+ * run handed over from the handler itself would have run too. A read holds at most 64 KiB over TCP and 16 KiB over TLS
+ * (one or two wake-word requests), so the jobs of the turn's later reads, which come before that run starts, are
+ * stacked together in one more run, handed over in the check phase (it runs in the next turn's). The connection holds
+ * its writes until a setImmediate it queues two microtasks after the first request (connection.ts, `holdWrites`),
+ * which is after this flush's, so the replies of the first read's run and its PUBACKs leave in one write. A job handed
+ * over after an await (a paid request, admitted asynchronously) misses that: its reply leaves in a write of its own.
  */
 import { readFile } from 'node:fs/promises';
 import { MeshError, type Tensor, type TensorInfo, type TypedArray } from '@edge-mesh/protocol';
 import type { InferenceSession } from 'onnxruntime-node';
-import { type Executor, type JobCallback, newStackingCounters, type StackingCounters } from './executor.ts';
+import { type Executor, type JobCallback, type JobResult, newStackingCounters, type StackingCounters } from './executor.ts';
 import { createSession, fixedShapes, fromResults, toFeeds, warmupFeeds } from './ort-session.mjs';
 import { rebatchOnnx } from './rebatch.ts';
 import type { LoadedModel, WorkerModelSpec } from './worker-protocol.ts';
@@ -52,8 +55,12 @@ interface InlineModel {
   p99Ms: number;
   /** Present when it passed the batching probe (probeBatching): the jobs handed over from one read run stacked. */
   stack?: StackedSession;
-  /** Jobs handed over since the last flush, run together by the flush queued as a microtask by the first. */
+  /** Jobs of this turn's first read, run together by the flush the first queued as a microtask. */
   pending?: PendingJob[];
+  /** The first read's runs wait for this turn's check phase: jobs of later reads go to `later`. */
+  opening?: boolean;
+  /** Jobs of this turn's later reads, run together in its check phase. */
+  later?: PendingJob[];
 }
 
 interface StackedSession {
@@ -71,8 +78,6 @@ interface StackedSession {
 interface PendingJob {
   inputs: Record<string, Tensor>;
   callback: JobCallback;
-  /** Nothing else ran on the executor when it was handed over. */
-  alone: boolean;
 }
 
 /**
@@ -329,18 +334,41 @@ export class InlineExecutor implements Executor {
     const alone = this.running === 0;
     this.running++;
     const stack = m.stack;
-    if (stack) {
-      // The jobs handed over while the agent handles one read from its broker connection run together: mqtt.js takes
-      // the read's packets one per nextTick, so a microtask queued by the first runs after the last ("Flush order" above).
-      // onnxruntime runs in this turn's check phase either way, so the first job waits for nothing it did not before.
-      this.committedMs += stack.rowP99Ms;
-      m.pending ??= [];
-      m.pending.push({ inputs, callback, alone });
-      if (m.pending.length === 1) queueMicrotask(() => this.flush(m, stack));
+    if (!stack) {
+      this.committedMs += m.p99Ms;
+      this.runOne(m, inputs, callback, alone, m.p99Ms);
       return;
     }
-    this.committedMs += m.p99Ms;
-    this.runOne(m, inputs, callback, alone, m.p99Ms);
+    this.committedMs += stack.rowP99Ms;
+    if (m.opening) {
+      // A later read of this turn: stacked with the turn's other later reads, in its check phase ("Flush order" above).
+      m.later ??= [];
+      m.later.push({ inputs, callback });
+      if (m.later.length === 1) {
+        setImmediate(() => {
+          const jobs = m.later!;
+          m.later = undefined;
+          this.flush(m, stack, jobs);
+        });
+      }
+      return;
+    }
+    // The first read of this turn: its jobs run together once the read is handled. mqtt.js takes a read's packets one per
+    // nextTick, so a microtask queued by the first job runs after the last; onnxruntime runs in this turn's check phase
+    // either way, so the first job waits for nothing it did not before.
+    m.pending ??= [];
+    m.pending.push({ inputs, callback });
+    if (m.pending.length === 1) {
+      queueMicrotask(() => {
+        // Until this read's runs start, the jobs of later reads wait for one run together in the check phase. The mark
+        // is queued before the runs' own setImmediates, so it clears right before they start.
+        m.opening = true;
+        setImmediate(() => (m.opening = false));
+        const jobs = m.pending!;
+        m.pending = undefined;
+        this.flush(m, stack, jobs);
+      });
+    }
   }
 
   /** One job in one run of the model's own session (running and committedMs already count it, at `costMs`). */
@@ -364,40 +392,49 @@ export class InlineExecutor implements Executor {
           const handoff = Math.max(0, performance.now() - sentAt - execMs);
           this.handoffMs += HANDOFF_EWMA_ALPHA * (handoff - this.handoffMs);
         }
-        callback(undefined, { outputs: fromResults(results), execMs });
+        this.answer(callback, undefined, { outputs: fromResults(results), execMs });
         this.onIdle();
       },
       (err: unknown) => {
         if (this.finished(costMs)) return;
         const message = err instanceof Error ? err.message : String(err);
-        callback(new MeshError('MESH_INFERENCE_FAILED', message, { details: { execMs: performance.now() - sentAt } }));
+        this.answer(callback, new MeshError('MESH_INFERENCE_FAILED', message, { details: { execMs: performance.now() - sentAt } }));
         this.onIdle();
       },
     );
   }
 
+  /** Calls a job's callback; a throw (a bug in the caller) goes to onCallbackError, so the executor goes on. */
+  private answer(callback: JobCallback, err: MeshError | undefined, result?: JobResult): void {
+    try {
+      callback(err, result);
+    } catch (thrown) {
+      this.onCallbackError(thrown);
+    }
+  }
+
   /**
-   * Runs the jobs stacked from one read: one alone as any job, more in runs of at most `stack.max` rows of the batched
+   * Runs jobs gathered for a stacked run: one alone as any job, more in runs of at most `stack.max` rows of the batched
    * session, each job given its own rows of every output. A stacked run that fails is run again job by job, so that
    * one job's failure is its own.
    */
-  private flush(m: InlineModel, stack: StackedSession): void {
-    const jobs = m.pending ?? [];
-    m.pending = undefined;
+  private flush(m: InlineModel, stack: StackedSession, jobs: PendingJob[]): void {
     if (this.closing) {
       for (let i = 0; i < jobs.length; i++) this.finished(stack.rowP99Ms);
       return;
     }
     for (let from = 0; from < jobs.length; from += stack.max) {
       const chunk = jobs.slice(from, from + stack.max);
-      if (chunk.length === 1) this.runAloneAfterAll(m, stack, chunk[0]!, chunk[0]!.alone);
+      // Alone on the executor now (not when it was handed over: another inline model's run may have been queued since),
+      // so its hand-off measures the executor's own.
+      if (chunk.length === 1) this.runAloneAfterAll(m, stack, chunk[0]!, this.running === 1);
       else this.runStacked(m, stack, chunk);
     }
   }
 
   /**
    * A job booked as stacked that runs alone after all: booked again at the price of a run alone. `alone`: nothing else
-   * ran on the executor when it came (its hand-off then measures the executor's own).
+   * runs on the executor (its hand-off then measures the executor's own).
    */
   private runAloneAfterAll(m: InlineModel, stack: StackedSession, job: PendingJob, alone = false): void {
     this.committedMs += m.p99Ms - stack.rowP99Ms;
@@ -439,13 +476,7 @@ export class InlineExecutor implements Executor {
         // Every job is booked before any callback runs: a callback that throws must not strand the jobs after it.
         for (let i = 0; i < jobs.length; i++) this.finished(stack.rowP99Ms);
         if (this.closing) return;
-        for (let i = 0; i < jobs.length; i++) {
-          try {
-            jobs[i]!.callback(undefined, { outputs: rows[i]!, execMs });
-          } catch (err) {
-            this.onCallbackError(err);
-          }
-        }
+        for (let i = 0; i < jobs.length; i++) this.answer(jobs[i]!.callback, undefined, { outputs: rows[i]!, execMs });
         this.onIdle();
       },
       () => retry(),
