@@ -40,10 +40,10 @@ class HeldExecutor implements Executor {
   run(model: string, _inputs: Record<string, Tensor>, callback: JobCallback) {
     this.runs.push({ model, callback });
   }
-  /** Ends the oldest run, reporting `execMs`. */
-  finishOne(execMs: number) {
+  /** Ends the oldest run, reporting `execMs` (and `shareMs`, for a run that carried other jobs). */
+  finishOne(execMs: number, shareMs?: number) {
     const run = this.runs.shift()!;
-    run.callback(undefined, { outputs: {}, execMs });
+    run.callback(undefined, { outputs: {}, execMs, ...(shareMs !== undefined ? { shareMs } : {}) });
     this.onIdle();
   }
 }
@@ -120,6 +120,17 @@ describe('agent admission', () => {
     r.refusal(r.job(1_000));
     r.refusal(r.job(1_000));
     assert.equal(r.refusal(r.job(60))?.code, 'MESH_OVERLOADED');
+  });
+
+  test('a job of a stacked run counts its share of the run, not the whole run, in the service time', () => {
+    const r = rig(1, 10);
+    // Fifteen jobs, each answered from a stacked run of 8 that took 40 ms: each cost the queue 5 ms.
+    for (let i = 0; i < 15; i++) {
+      r.refusal(r.job(1_000));
+      r.executor.finishOne(40, 5);
+    }
+    assert.equal(r.scheduler.estimateMs('m'), 5, 'the median of the shares');
+    assert.equal(r.scheduler.loadReport().models.m!.serviceMs < 10, true);
   });
 
   test('one run that took long (the process lost the CPU) does not refuse what follows; a slow spell does', () => {

@@ -233,6 +233,7 @@ describe('stacked runs', () => {
     stacked.stacking.runs = stacked.stacking.requests = 0;
     const got = await handOver(stacked, 'kws', jobs);
     assert.deepEqual(stacked.stacking, { runs: 1, requests: 8, fallbacks: 0 }, 'the eight jobs in one run');
+    for (const g of got as JobResult[]) assert.equal(g.shareMs, g.execMs / 8, 'each job counts an eighth of the run');
     for (let i = 0; i < jobs.length; i++) {
       const g = got[i] as JobResult;
       assert.ok(!(g instanceof MeshError));

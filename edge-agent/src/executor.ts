@@ -7,8 +7,13 @@ import type { MeshError, Tensor } from '@edge-mesh/protocol';
 
 export interface JobResult {
   outputs: Record<string, Tensor>;
-  /** Time onnxruntime took for the run, as the executor measured it. */
+  /** Time onnxruntime took for the run, as the executor measured it: what the job waited for its outputs. */
   execMs: number;
+  /**
+   * When the run carried other jobs too (a stacked run, inline.ts): this job's share of it, execMs over the jobs in
+   * the run. What the job cost the executor, so what the scheduler's service time and queue estimates count.
+   */
+  shareMs?: number;
 }
 
 export type JobCallback = (err: MeshError | undefined, result?: JobResult) => void;

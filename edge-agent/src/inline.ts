@@ -476,7 +476,8 @@ export class InlineExecutor implements Executor {
         // Every job is booked before any callback runs: a callback that throws must not strand the jobs after it.
         for (let i = 0; i < jobs.length; i++) this.finished(stack.rowP99Ms);
         if (this.closing) return;
-        for (let i = 0; i < jobs.length; i++) this.answer(jobs[i]!.callback, undefined, { outputs: rows[i]!, execMs });
+        const shareMs = execMs / jobs.length;
+        for (let i = 0; i < jobs.length; i++) this.answer(jobs[i]!.callback, undefined, { outputs: rows[i]!, execMs, shareMs });
         this.onIdle();
       },
       () => retry(),

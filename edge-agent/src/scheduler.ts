@@ -349,8 +349,9 @@ export class Scheduler {
         if (err) state.failed++;
         else {
           state.served++;
-          // Service time as a sender sees it: the run plus the hand-off to and from the executor.
-          const ms = result!.execMs + executor.handoffMs;
+          // Service time as the queue sees it: the job's run (its share of a stacked one, which clears that many jobs)
+          // plus the hand-off to and from the executor.
+          const ms = (result!.shareMs ?? result!.execMs) + executor.handoffMs;
           state.serviceMs += SERVICE_EWMA_ALPHA * (ms - state.serviceMs);
           noteRun(state, ms);
         }
