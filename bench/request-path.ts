@@ -1,6 +1,6 @@
 /**
- * `npm run bench -- request-path [--quick] [--n N] [--rounds R]`: the agent's own CPU per request, in this
- * process, without MQTT.
+ * `npm run bench -- request-path [--quick] [--n N] [--rounds R] [--paths agent,instant,echo]`: the agent's own CPU
+ * per request, in this process, without MQTT. `--paths` runs only the paths named (for a profile of one path).
  *
  * Three paths, each fed the same wake-word (`kws`) requests as the SDK encodes them, 64 outstanding, 16
  * handed over per event-loop turn (as requests arrive in a read from the broker), one after another in R
@@ -67,6 +67,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const rounds = typeof ctx.args.rounds === 'string' ? Number(ctx.args.rounds) : ctx.quick ? 3 : 5;
   if (!(Number.isInteger(n) && n > 0 && Number.isInteger(rounds) && rounds > 0))
     throw new Error('--n and --rounds must be positive integers');
+  const names = ['agent', 'instant', 'echo'];
+  const chosen = typeof ctx.args.paths === 'string' ? ctx.args.paths.split(',') : names;
+  for (const name of chosen) if (!names.includes(name)) throw new Error(`--paths: no path ${name} (${names.join(', ')})`);
   const manifest = await ensureModelsFolder(MODELS_DIR);
   const entry = manifest.models.find((m) => m.name === MODEL)!;
   const wireInputs = encodeTensorMap(sampleInputs(MODEL, 1));
@@ -157,11 +160,12 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     return (used.user + used.system) / count;
   };
 
-  const samples: Record<string, number[]> = { agent: [], instant: [], echo: [] };
+  const run = Object.entries(paths).filter(([name]) => chosen.includes(name));
+  const samples: Record<string, number[]> = Object.fromEntries(run.map(([name]) => [name, []]));
   try {
-    for (const make of Object.values(paths)) await measure(make(), WARMUP);
+    for (const [, make] of run) await measure(make(), WARMUP);
     for (let r = 0; r < rounds; r++) {
-      for (const [name, make] of Object.entries(paths)) samples[name]!.push(round(await measure(make(), n), 2));
+      for (const [name, make] of run) samples[name]!.push(round(await measure(make(), n), 2));
       ctx.log(
         `  round ${r + 1}: ${Object.entries(samples)
           .map(([k, v]) => `${k} ${v[r]} µs`)
@@ -171,7 +175,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   } finally {
     await inline.close();
   }
-  const med = (name: string) => round(median(samples[name]!), 2);
+  const med = (name: string) => (samples[name] ? round(median(samples[name]), 2) : null);
+  const diff = (a: string, b: string) => (samples[a] && samples[b] ? round(med(a)! - med(b)!, 2) : null);
   return {
     bench: 'request-path',
     quick: ctx.quick,
@@ -184,7 +189,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     agent_cpu_us_per_request: med('agent'),
     instant_cpu_us_per_request: med('instant'),
     echo_cpu_us_per_request: med('echo'),
-    model_us_per_request: round(med('agent') - med('instant'), 2),
-    machinery_us_per_request: round(med('instant') - med('echo'), 2),
+    model_us_per_request: diff('agent', 'instant'),
+    machinery_us_per_request: diff('instant', 'echo'),
   };
 }
