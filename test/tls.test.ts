@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { readFile, writeFile } from 'node:fs/promises';
 import https from 'node:https';
+import net from 'node:net';
 import path from 'node:path';
 import { type TestContext, test } from 'node:test';
 import { promisify } from 'node:util';
@@ -16,7 +17,8 @@ import { installedCommand, sampleInputs } from '@edge-mesh/demo';
 import { admit, generateIdentity, MeshError } from '@edge-mesh/protocol';
 import { makeApiKey, startRouter } from '@edge-mesh/router';
 import { connect } from '@edge-mesh/sdk';
-import { brokerFor, modelsDir, quiet, tempDir } from './helpers.ts';
+import pino from 'pino';
+import { brokerFor, kwsOnlyDir, modelsDir, quiet, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
 
@@ -289,4 +291,123 @@ test('MQTT over WebSocket with TLS (wss): the SDK is served; a client that does 
     (err: unknown) => err instanceof MeshError && ['MESH_TLS', 'MESH_NOT_CONNECTED'].includes(err.code),
   );
   assert.ok(Date.now() - started < 4_000, 'within its connect deadline');
+});
+
+/**
+ * A TCP relay to the broker at `brokerUrl` for one client connection, whose broker-to-client direction can be held: the
+ * bytes wait, in order, and `release` writes them all at once, as a broker that got ahead of a busy client would.
+ */
+async function holdingRelay(t: TestContext, brokerUrl: string) {
+  const target = new URL(brokerUrl);
+  let holding = false;
+  let held: Buffer[] = [];
+  let heldBytes = 0;
+  let client: net.Socket | undefined;
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((downstream) => {
+    const upstream = net.connect(Number(target.port), target.hostname);
+    client = downstream;
+    for (const s of [downstream, upstream]) {
+      sockets.add(s);
+      s.setNoDelay(true);
+      s.on('error', () => {});
+      s.on('close', () => {
+        downstream.destroy();
+        upstream.destroy();
+      });
+    }
+    downstream.pipe(upstream);
+    upstream.on('data', (chunk: Buffer) => {
+      if (!holding) return void downstream.write(chunk);
+      held.push(chunk);
+      heldBytes += chunk.length;
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    for (const s of sockets) s.destroy();
+    server.close();
+  });
+  return {
+    url: `${target.protocol}//127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    heldBytes: () => heldBytes,
+    hold: () => {
+      holding = true;
+    },
+    release: () => {
+      holding = false;
+      client?.write(Buffer.concat(held));
+      held = [];
+    },
+  };
+}
+
+test('over TLS, where a read holds one or two wake-word requests, a burst that arrives together still runs stacked', {
+  skip: SKIP,
+  timeout: 120_000,
+}, async (t) => {
+  const pki = await makePki(t);
+  const { broker, operator } = await tlsBroker(t, pki);
+  const [agentKey, appKey] = [generateIdentity('agent'), generateIdentity('app')];
+  for (const id of [agentKey, appKey]) await broker.admit(admit(operator, id));
+  const relay = await holdingRelay(t, broker.url);
+  const logged: string[] = [];
+  const agent = await startAgent({
+    brokerUrl: relay.url,
+    modelsDir: await kwsOnlyDir(t),
+    workers: 1,
+    logger: pino({ level: 'info' }, { write: (line: string) => void logged.push(line) }),
+    identity: agentKey,
+    tls: { ca: pki.ca },
+    // A generous bound, so that on a busy machine the wake-word model still runs inline.
+    inlineMaxMs: 20,
+  });
+  t.after(() => agent.close());
+  assert.ok(
+    logged.some((l) => l.includes('model runs stacked when requests wait together')),
+    `the wake-word model runs stacked: ${logged.join('')}`,
+  );
+  const mesh = await connect({ brokerUrl: broker.url, identity: appKey, logger: quiet, tls: { ca: pki.ca } });
+  t.after(() => mesh.close());
+  await mesh.waitForModel('kws', 20_000);
+  const count = 32;
+  const inputs = Array.from({ length: count }, (_, i) => sampleInputs('kws', i + 1));
+  const inputBytes = Object.values(inputs[0]!).reduce((n, x) => n + x.data.byteLength, 0);
+
+  // The burst reaches the agent's socket at once: held at the relay until every request has come and no more bytes do.
+  const before = { ...agent.counters.stacked };
+  relay.hold();
+  const replies = Promise.all(inputs.map((x) => mesh.infer('kws', x, { deadlineMs: 30_000 })));
+  let last = -1;
+  let still = 0;
+  await waitFor(
+    () => {
+      const now = relay.heldBytes();
+      still = now === last ? still + 1 : 0;
+      last = now;
+      return now >= count * inputBytes && still >= 10;
+    },
+    20_000,
+    'the burst at the relay',
+  );
+  relay.release();
+  const results = await replies;
+  const runs = agent.counters.stacked.runs - before.runs;
+  const stacked = agent.counters.stacked.requests - before.requests;
+  // A TLS read hands over at most 16 KiB, which completes at most two 9.6 KB requests; the runs are larger, on average,
+  // than any one read could make them (edge-agent/src/inline.ts, "Flush order").
+  assert.ok(runs > 0 && stacked / runs >= 3, `${stacked} of ${count} requests stacked in ${runs} runs`);
+  assert.equal(agent.counters.stacked.fallbacks, before.fallbacks);
+
+  // Each reply is its own request's: the same outputs as a request of that input alone gets, one at a time.
+  for (const [i, x] of inputs.entries()) {
+    const alone = await mesh.infer('kws', x, { deadlineMs: 10_000 });
+    for (const [name, tensor] of Object.entries(alone.outputs)) {
+      const got = results[i]!.outputs[name]!.data as Float32Array;
+      const own = tensor.data as Float32Array;
+      assert.equal(got.length, own.length);
+      for (let k = 0; k < own.length; k++)
+        assert.ok(Math.abs(got[k]! - own[k]!) <= 1e-5 * Math.max(1, Math.abs(own[k]!)), `request ${i} output ${name}[${k}]`);
+    }
+  }
 });
