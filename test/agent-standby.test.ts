@@ -5,44 +5,11 @@
  * will (offline), as a dead node's peer or a lost path would. (test/nats.test.ts kills a node of a real cluster.)
  */
 import assert from 'node:assert/strict';
-import net from 'node:net';
 import { type TestContext, test } from 'node:test';
 import { sampleInputs } from '@edge-mesh/demo';
 import { type AgentStatus, decodeMessage, topics } from '@edge-mesh/protocol';
 import mqtt from 'mqtt';
-import { agentFor, brokerFor, kwsOnlyDir, meshFor, waitFor } from './helpers.ts';
-
-/** A TCP relay to `port` on a port of its own: `refuse()` stops taking new connections, `drop()` cuts the open ones. */
-async function relay(t: TestContext, port: number) {
-  const sockets = new Set<net.Socket>();
-  let accepting = true;
-  const server = net.createServer((client) => {
-    if (!accepting) return client.destroy();
-    const upstream = net.connect(port, '127.0.0.1');
-    for (const s of [client, upstream]) {
-      sockets.add(s);
-      s.on('close', () => sockets.delete(s));
-      s.on('error', () => {});
-    }
-    client.pipe(upstream).pipe(client);
-    client.on('close', () => upstream.destroy());
-    upstream.on('close', () => client.destroy());
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  t.after(() => {
-    for (const s of sockets) s.destroy();
-    server.close();
-  });
-  return {
-    url: `mqtt://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
-    refuse() {
-      accepting = false;
-    },
-    drop() {
-      for (const s of sockets) s.destroy();
-    },
-  };
-}
+import { agentFor, brokerFor, kwsOnlyDir, meshFor, tcpRelay, waitFor } from './helpers.ts';
 
 /** Every status the agent publishes, in order, as a watcher sees them. */
 async function watchStatus(t: TestContext, brokerUrl: string, agentId: string) {
@@ -59,7 +26,7 @@ async function watchStatus(t: TestContext, brokerUrl: string, agentId: string) {
 test('a standby connection serves at once when the first drops, and no will of the first connection is the last word', async (t) => {
   const broker = await brokerFor(t);
   // Three "nodes" of one broker: the first connection starts on A, the standby on the next, B.
-  const [a, b, c] = [await relay(t, broker.port), await relay(t, broker.port), await relay(t, broker.port)];
+  const [a, b, c] = [await tcpRelay(t, broker.port), await tcpRelay(t, broker.port), await tcpRelay(t, broker.port)];
   const agent = await agentFor(t, {
     brokerUrl: [a.url, b.url, c.url].join(','),
     modelsDir: await kwsOnlyDir(t),
@@ -114,7 +81,7 @@ test('without a password or a second broker the agent runs without a standby, an
     lines.some((l) => /no standby connection: it needs at least two broker URLs/.test(l)),
     lines.join('\n'),
   );
-  const relayed = await relay(t, broker.port);
+  const relayed = await tcpRelay(t, broker.port);
   // Two brokers but no password: CONNECT tokens bind a client id to its key.
   const second = await agentFor(t, {
     brokerUrl: `${relayed.url},${broker.url}`,

@@ -6,6 +6,7 @@
 import assert from 'node:assert/strict';
 import { type ChildProcess, spawn } from 'node:child_process';
 import { copyFile, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import type { TestContext } from 'node:test';
@@ -378,4 +379,65 @@ export async function expireBehindDetection(mesh: Mesh, agent: AgentHandle): Pro
   );
   assert.equal(agent.loadReport().inFlight, 1, 'the detection still runs: the request expired behind it, in the queue');
   await big;
+}
+
+/**
+ * A TCP relay to `port` on 127.0.0.1, on a port of its own (`url` names it with `scheme`). `refuse()` stops taking new
+ * connections and `drop()` cuts the open ones. `hold()` keeps what the target sends, in order, until `release()`
+ * writes each connection's held bytes to it at once, as a target that got ahead of a busy client would. `tap` is called
+ * for each connection, and what it returns sees each chunk that client sends, as one read returned it.
+ */
+export async function tcpRelay(t: TestContext, port: number, options: { scheme?: string; tap?: () => (chunk: Buffer) => void } = {}) {
+  const sockets = new Set<net.Socket>();
+  let accepting = true;
+  let held: Map<net.Socket, Buffer[]> | undefined;
+  let heldBytes = 0;
+  const server = net.createServer((client) => {
+    if (!accepting) return client.destroy();
+    const upstream = net.connect(port, '127.0.0.1');
+    const tapped = options.tap?.();
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.setNoDelay(true);
+      s.on('close', () => sockets.delete(s));
+      s.on('error', () => {});
+    }
+    client.on('data', (chunk: Buffer) => {
+      tapped?.(chunk);
+      upstream.write(chunk);
+    });
+    upstream.on('data', (chunk: Buffer) => {
+      if (!held) return void client.write(chunk);
+      const parts = held.get(client);
+      if (parts) parts.push(chunk);
+      else held.set(client, [chunk]);
+      heldBytes += chunk.length;
+    });
+    client.on('close', () => upstream.destroy());
+    upstream.on('close', () => client.destroy());
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  t.after(() => {
+    for (const s of sockets) s.destroy();
+    server.close();
+  });
+  return {
+    url: `${options.scheme ?? 'mqtt'}://127.0.0.1:${(server.address() as net.AddressInfo).port}`,
+    refuse() {
+      accepting = false;
+    },
+    drop() {
+      for (const s of sockets) s.destroy();
+    },
+    hold() {
+      held ??= new Map();
+    },
+    release() {
+      const chunks = held;
+      held = undefined;
+      for (const [client, parts] of chunks ?? []) client.write(Buffer.concat(parts));
+    },
+    /** Bytes held since the relay started. */
+    heldBytes: () => heldBytes,
+  };
 }

@@ -11,7 +11,6 @@ import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { copyFile, readFile, writeFile } from 'node:fs/promises';
-import net from 'node:net';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 import type { AgentHandle, AgentOptions, ManifestEntry } from '@edge-mesh/agent';
@@ -33,7 +32,7 @@ import * as ort from 'onnxruntime-node';
 import pino from 'pino';
 import { declaredInputs, declaresFixedShapes } from '../edge-agent/src/onnx-inputs.ts';
 import { describe as describeMeta, fixedShapes } from '../edge-agent/src/ort-session.mjs';
-import { agentFor, assertBusyBurst, brokerFor, meshFor, modelsDir, rawClient, spawnAgent, tempDir, waitFor } from './helpers.ts';
+import { agentFor, assertBusyBurst, brokerFor, meshFor, modelsDir, rawClient, spawnAgent, tcpRelay, tempDir, waitFor } from './helpers.ts';
 import { SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
 
 const spin = (seed = 1): Record<string, Tensor> => ({
@@ -334,42 +333,31 @@ describe('serving inline', () => {
  */
 async function packetRelay(t: Parameters<typeof tempDir>[0], brokerPort: number) {
   const chunks: number[][] = [];
-  const server = net.createServer((client) => {
-    client.setNoDelay(true);
-    const upstream = net.connect(brokerPort, '127.0.0.1');
-    upstream.setNoDelay(true);
-    let pending = Buffer.alloc(0);
-    client.on('data', (data: Buffer) => {
-      upstream.write(data);
-      // Packets that end in this chunk (remaining length: MQTT 3.1.1 §2.2.3).
-      pending = Buffer.concat([pending, data]);
-      const types: number[] = [];
-      for (;;) {
-        let length = 0;
-        let multiplier = 1;
-        let at = 1;
-        for (; at < pending.length && at <= 4; at++) {
-          length += (pending[at]! & 0x7f) * multiplier;
-          multiplier *= 128;
-          if ((pending[at]! & 0x80) === 0) break;
+  const relay = await tcpRelay(t, brokerPort, {
+    tap: () => {
+      let pending = Buffer.alloc(0);
+      return (data) => {
+        // Packets that end in this chunk (remaining length: MQTT 3.1.1 §2.2.3).
+        pending = Buffer.concat([pending, data]);
+        const types: number[] = [];
+        for (;;) {
+          let length = 0;
+          let multiplier = 1;
+          let at = 1;
+          for (; at < pending.length && at <= 4; at++) {
+            length += (pending[at]! & 0x7f) * multiplier;
+            multiplier *= 128;
+            if ((pending[at]! & 0x80) === 0) break;
+          }
+          if (at >= pending.length || pending.length < at + 1 + length) break;
+          types.push(pending[0]!);
+          pending = pending.subarray(at + 1 + length);
         }
-        if (at >= pending.length || pending.length < at + 1 + length) break;
-        types.push(pending[0]!);
-        pending = pending.subarray(at + 1 + length);
-      }
-      chunks.push(types);
-    });
-    upstream.on('data', (data) => client.write(data));
-    const end = () => {
-      client.destroy();
-      upstream.destroy();
-    };
-    client.on('close', end).on('error', end);
-    upstream.on('close', end).on('error', end);
+        chunks.push(types);
+      };
+    },
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  t.after(() => new Promise<void>((resolve) => server.close(() => resolve())));
-  return { url: `mqtt://127.0.0.1:${(server.address() as net.AddressInfo).port}`, chunks };
+  return { url: relay.url, chunks };
 }
 
 describe('the request path', () => {

@@ -8,7 +8,6 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { readFile, writeFile } from 'node:fs/promises';
 import https from 'node:https';
-import net from 'node:net';
 import path from 'node:path';
 import { type TestContext, test } from 'node:test';
 import { promisify } from 'node:util';
@@ -18,7 +17,7 @@ import { admit, generateIdentity, MeshError } from '@edge-mesh/protocol';
 import { makeApiKey, startRouter } from '@edge-mesh/router';
 import { connect } from '@edge-mesh/sdk';
 import pino from 'pino';
-import { brokerFor, kwsOnlyDir, modelsDir, quiet, tempDir, waitFor } from './helpers.ts';
+import { brokerFor, kwsOnlyDir, modelsDir, quiet, tcpRelay, tempDir, waitFor } from './helpers.ts';
 
 const run = promisify(execFile);
 
@@ -293,55 +292,6 @@ test('MQTT over WebSocket with TLS (wss): the SDK is served; a client that does 
   assert.ok(Date.now() - started < 4_000, 'within its connect deadline');
 });
 
-/**
- * A TCP relay to the broker at `brokerUrl` for one client connection, whose broker-to-client direction can be held: the
- * bytes wait, in order, and `release` writes them all at once, as a broker that got ahead of a busy client would.
- */
-async function holdingRelay(t: TestContext, brokerUrl: string) {
-  const target = new URL(brokerUrl);
-  let holding = false;
-  let held: Buffer[] = [];
-  let heldBytes = 0;
-  let client: net.Socket | undefined;
-  const sockets = new Set<net.Socket>();
-  const server = net.createServer((downstream) => {
-    const upstream = net.connect(Number(target.port), target.hostname);
-    client = downstream;
-    for (const s of [downstream, upstream]) {
-      sockets.add(s);
-      s.setNoDelay(true);
-      s.on('error', () => {});
-      s.on('close', () => {
-        downstream.destroy();
-        upstream.destroy();
-      });
-    }
-    downstream.pipe(upstream);
-    upstream.on('data', (chunk: Buffer) => {
-      if (!holding) return void downstream.write(chunk);
-      held.push(chunk);
-      heldBytes += chunk.length;
-    });
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  t.after(() => {
-    for (const s of sockets) s.destroy();
-    server.close();
-  });
-  return {
-    url: `${target.protocol}//127.0.0.1:${(server.address() as net.AddressInfo).port}`,
-    heldBytes: () => heldBytes,
-    hold: () => {
-      holding = true;
-    },
-    release: () => {
-      holding = false;
-      client?.write(Buffer.concat(held));
-      held = [];
-    },
-  };
-}
-
 test('over TLS, where a read holds one or two wake-word requests, a burst that arrives together still runs stacked', {
   skip: SKIP,
   timeout: 120_000,
@@ -350,7 +300,7 @@ test('over TLS, where a read holds one or two wake-word requests, a burst that a
   const { broker, operator } = await tlsBroker(t, pki);
   const [agentKey, appKey] = [generateIdentity('agent'), generateIdentity('app')];
   for (const id of [agentKey, appKey]) await broker.admit(admit(operator, id));
-  const relay = await holdingRelay(t, broker.url);
+  const relay = await tcpRelay(t, Number(new URL(broker.url).port), { scheme: 'mqtts' });
   const logged: string[] = [];
   const agent = await startAgent({
     brokerUrl: relay.url,
