@@ -331,14 +331,16 @@ export class InlineExecutor implements Executor {
   run(model: string, inputs: Record<string, Tensor>, callback: JobCallback): void {
     const m = this.models.get(model);
     if (!m || this.closing) throw new MeshError('MESH_INTERNAL', `model ${model} does not run inline here`);
-    const alone = this.running === 0;
-    this.running++;
     const stack = m.stack;
     if (!stack) {
+      const alone = this.running === 0;
+      this.running++;
       this.committedMs += m.p99Ms;
       this.runOne(m, inputs, callback, alone, m.p99Ms);
       return;
     }
+    // A stacked job's `alone` is taken at its flush (flush), where it runs.
+    this.running++;
     this.committedMs += stack.rowP99Ms;
     if (m.opening) {
       // A later read of this turn: stacked with the turn's other later reads, in its check phase ("Flush order" above).
