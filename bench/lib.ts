@@ -12,7 +12,7 @@
  * - The build check: the processes spawned run the compiled code (cli/bin/edge-mesh.mjs loads dist/).
  */
 import { type ChildProcess, spawn } from 'node:child_process';
-import { appendFileSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createWriteStream, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
@@ -155,10 +155,11 @@ export function spawnProc(
   const listeners: Record<Stream, Set<(line: string) => void>> = { stdout: new Set(), stderr: new Set() };
   // BENCH_PROC_LOG_DIR=DIR writes each process's whole output to DIR/NAME-PID.log (e.g. a node's --trace-gc lines).
   const logDir = process.env.BENCH_PROC_LOG_DIR;
-  const logFile = logDir ? path.join(logDir, `${name.replace(/[^\w.-]+/g, '_')}-${child.pid}.log`) : undefined;
+  const log = logDir ? createWriteStream(path.join(logDir, `${name.replace(/[^\w.-]+/g, '_')}-${child.pid}.log`)) : undefined;
+  if (log) child.once('close', () => log.end());
   for (const stream of ['stdout', 'stderr'] as const) {
     createInterface({ input: child[stream]! }).on('line', (line) => {
-      if (logFile) appendFileSync(logFile, `${stream} ${line}\n`);
+      log?.write(`${stream} ${line}\n`);
       const kept = lines[stream];
       kept.push(line);
       if (kept.length > MAX_KEPT_LINES) kept.splice(0, kept.length - MAX_KEPT_LINES);

@@ -160,12 +160,12 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     return (used.user + used.system) / count;
   };
 
-  const run = Object.entries(paths).filter(([name]) => chosen.includes(name));
-  const samples: Record<string, number[]> = Object.fromEntries(run.map(([name]) => [name, []]));
+  const selected = Object.entries(paths).filter(([name]) => chosen.includes(name));
+  const samples: Record<string, number[]> = Object.fromEntries(selected.map(([name]) => [name, []]));
   try {
-    for (const [, make] of run) await measure(make(), WARMUP);
+    for (const [, make] of selected) await measure(make(), WARMUP);
     for (let r = 0; r < rounds; r++) {
-      for (const [name, make] of run) samples[name]!.push(round(await measure(make(), n), 2));
+      for (const [name, make] of selected) samples[name]!.push(round(await measure(make(), n), 2));
       ctx.log(
         `  round ${r + 1}: ${Object.entries(samples)
           .map(([k, v]) => `${k} ${v[r]} µs`)
