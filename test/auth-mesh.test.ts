@@ -9,7 +9,7 @@ import path from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
 import { promisify } from 'node:util';
 import { startAgent } from '@edge-mesh/agent';
-import { openMeshConnection } from '@edge-mesh/client';
+import { openMeshConnection, sendAdminRecord } from '@edge-mesh/client';
 import { sampleInputs } from '@edge-mesh/demo';
 import {
   type AgentStatus,
@@ -241,6 +241,28 @@ describe('authenticated broker', () => {
       await waitFor(() => connects === i + 1, 5_000, `reconnect ${i}`);
     }
     assert.deepEqual(refusals, []);
+  });
+
+  test("admissions sent at once with one operator key all land, though each session takes the others' client id over", {
+    timeout: 60_000,
+  }, async (t) => {
+    const { broker, operator } = await authBroker(t);
+    // Eight admin sessions under the operator's id: each connect makes the broker close the one before it, whose
+    // subscription then fails with "Connection closed". That is not a refusal: the session connects again and resends.
+    const subjects = Array.from({ length: 8 }, (_, i) => generateIdentity(i % 2 === 0 ? 'agent' : 'app'));
+    const started = performance.now();
+    const acks = await Promise.all(subjects.map((s) => sendAdminRecord(broker.url, operator, admit(operator, s), s.id, 20_000)));
+    t.diagnostic(`8 admissions at once in ${(performance.now() - started).toFixed(0)} ms`);
+    assert.deepEqual(
+      acks.map((a) => [a.id, a.ok]),
+      subjects.map((s) => [s.id, true]),
+    );
+    // Stored: every subject now connects.
+    for (const s of subjects) {
+      const c = openMeshConnection(broker.url, { identity: s });
+      t.after(() => c.close());
+      await c.firstConnect;
+    }
   });
 
   test('edge-mesh admit and revoke: an admitted agent serves, a revoked one is cut off and stays out', async (t) => {

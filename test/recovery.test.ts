@@ -6,11 +6,11 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { test } from 'node:test';
 import { type BrokerHandle, startBroker } from '@edge-mesh/broker';
-import { brokerList } from '@edge-mesh/client';
+import { brokerList, CLOSE_GRACE_MS, openMeshConnection } from '@edge-mesh/client';
 import { sampleInputs } from '@edge-mesh/demo';
-import { MeshError } from '@edge-mesh/protocol';
+import { MeshError, topics } from '@edge-mesh/protocol';
 import pino from 'pino';
-import { agentFor, brokerFor, kwsOnlyDir, meshFor, quiet, routerFor } from './helpers.ts';
+import { agentFor, brokerFor, kwsOnlyDir, meshFor, quiet, routerFor, tcpRelay } from './helpers.ts';
 
 async function restartableBroker(t: import('node:test').TestContext) {
   let broker: BrokerHandle = await startBroker({ port: 0, logger: quiet });
@@ -192,4 +192,64 @@ test('a broker list with a bad entry is refused as MESH_CONFIG', () => {
       bad,
     );
   }
+});
+
+test('closing a connection is bounded: acknowledged messages leave with a DISCONNECT, unacknowledged ones do not hold it', {
+  timeout: 30_000,
+}, async (t) => {
+  const broker = await brokerFor(t);
+  // What each connection through the relay sent last, in the order they connected.
+  const lastSent: Buffer[][] = [];
+  const relay = await tcpRelay(t, broker.port, {
+    tap: () => {
+      const sent: Buffer[] = [];
+      lastSent.push(sent);
+      return (chunk) => sent.push(chunk);
+    },
+  });
+  const disconnected = (i: number) => {
+    const last = lastSent[i]?.at(-1);
+    return last !== undefined && last.length >= 2 && last[last.length - 2] === 0xe0 && last[last.length - 1] === 0x00;
+  };
+  const open = async (name: string) => {
+    const c = openMeshConnection(relay.url, { clientId: name, backoff: { baseMs: 50, maxMs: 100 } });
+    await c.firstConnect;
+    return c;
+  };
+  const timedClose = async (c: ReturnType<typeof openMeshConnection>) => {
+    const started = performance.now();
+    await c.close();
+    return performance.now() - started;
+  };
+  // A topic the broker takes from any client: its own status.
+  const publish = (c: ReturnType<typeof openMeshConnection>, name: string) =>
+    c.client.publish(topics.agentStatus(name), Buffer.from('data'), { qos: 1 });
+
+  // Acknowledged: the close waits for the PUBACK, then ends with a DISCONNECT (so the broker drops any will).
+  const acked = await open('acked');
+  publish(acked, 'acked');
+  const ackedMs = await timedClose(acked);
+  assert.ok(ackedMs < 1_000, `closed in ${ackedMs.toFixed(0)} ms`);
+  assert.ok(disconnected(0), 'the acknowledged client ended with a DISCONNECT');
+
+  // The broker never acknowledges (its bytes are held): the close gives up after the grace and ends the socket.
+  const held = await open('held');
+  relay.hold();
+  publish(held, 'held');
+  const heldMs = await timedClose(held);
+  assert.ok(heldMs >= CLOSE_GRACE_MS - 50 && heldMs < CLOSE_GRACE_MS + 1_500, `closed in ${heldMs.toFixed(0)} ms`);
+  assert.ok(!disconnected(1), 'no DISCONNECT after the grace');
+  relay.release();
+
+  // The connection drops while a message waits for its acknowledgement: the close ends at once, where mqtt.js's own
+  // graceful end waited for an acknowledgement that could no longer come.
+  const dropped = await open('dropped');
+  relay.hold();
+  publish(dropped, 'dropped');
+  const closing = timedClose(dropped);
+  await new Promise((r) => setTimeout(r, 100));
+  relay.drop();
+  const droppedMs = await closing;
+  assert.ok(droppedMs < 1_000, `closed ${droppedMs.toFixed(0)} ms after close() (the drop came 100 ms after it)`);
+  relay.release();
 });

@@ -51,7 +51,11 @@ export async function sendAdminRecord(
     onConnect: (c: MqttClient) => {
       connected = true;
       c.subscribe(acksTopic, { qos: 1 }, (err, granted) => {
-        if (err || granted?.[0]?.qos === 128) {
+        // An error without a refusal is the connection closing under the subscription: the network, or another session
+        // with the operator's id (a second admin command running at once) taking it over. The next connect subscribes
+        // and sends the record again; the timeout bounds the retries.
+        if (err) return;
+        if (granted?.[0]?.qos === 128) {
           settle.reject(
             new MeshError(
               'MESH_FORBIDDEN',

@@ -78,8 +78,16 @@ export interface MeshConnection {
   firstConnect: Promise<void>;
   /** The broker's latest CONNACK refusal, cleared by a successful connect. */
   readonly refusal: MeshError | undefined;
+  /**
+   * Stops reconnecting and ends the connection: with a DISCONNECT once the broker has acknowledged the QoS 1 messages
+   * still in flight, or at once without one when the connection is down, drops while it waits, or the acknowledgements
+   * take longer than CLOSE_GRACE_MS (the broker then publishes the client's will, if it has one).
+   */
   close(): Promise<void>;
 }
+
+/** How long `close()` waits for the broker to acknowledge the QoS 1 messages in flight. */
+export const CLOSE_GRACE_MS = 2_000;
 
 const MQTT_DEBUG = /mqttjs/.test(process.env.DEBUG ?? '');
 const noLog = () => {};
@@ -253,11 +261,22 @@ export function openMeshConnection(brokers: string | readonly string[], options:
       closed = true;
       if (timer) clearTimeout(timer);
       return new Promise<void>((resolve) => {
-        if (client.disconnected || !client.connected) {
-          client.end(true, {}, () => resolve());
-        } else {
-          client.end(false, {}, () => resolve());
-        }
+        const end = (force: boolean) => client.end(force, {}, () => resolve());
+        if (client.disconnected || !client.connected) return end(true);
+        if (Object.keys(client.outgoing).length === 0) return end(false);
+        // mqtt.js's own graceful end waits for these acknowledgements without a bound, and for ever once the connection
+        // drops, since nothing reconnects it after this: the wait is made here, bounded. (mqtt.js tells that its
+        // in-flight table emptied only once it is ending, so the table is looked at.)
+        const settle = (drained: boolean) => {
+          clearInterval(check);
+          clearTimeout(grace);
+          client.off('close', onClose);
+          end(!(drained && client.connected));
+        };
+        const onClose = () => settle(false);
+        const check = setInterval(() => Object.keys(client.outgoing).length === 0 && settle(true), 5);
+        const grace = setTimeout(() => settle(false), CLOSE_GRACE_MS);
+        client.once('close', onClose);
       });
     },
   };
