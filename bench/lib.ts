@@ -438,6 +438,8 @@ export interface LoadgenOptions {
   deadlineMs?: number;
   /** Latency mode: pin request i to agents[i mod k] and report each agent's figures (`by_agent`). */
   agents?: string[];
+  /** Throughput mode with `agents`: send to each agent in turn for this long, and report each slice's rps. */
+  sliceMs?: number;
 }
 
 /** bench/loadgen.ts; resolves once it is connected and sees the model ({"event":"ready"}); send 'go' to start. */
@@ -466,6 +468,7 @@ export async function startLoadgenProc(o: LoadgenOptions): Promise<Proc> {
   opt('--warmup-ms', o.warmupMs);
   opt('--duration-ms', o.durationMs);
   opt('--deadline-ms', o.deadlineMs);
+  opt('--slice-ms', o.sliceMs);
   if (o.agents) args.push('--agents', o.agents.join(','));
   const proc = spawnProc(`loadgen ${o.id}`, args, { stdin: true });
   await proc.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');

@@ -19,7 +19,12 @@
  *   p50 and p99 in `by_agent`: agents measured in turns, under the same moment-to-moment load.
  * throughput: `concurrency` closed loops; after `warmup-ms` counts the requests that complete within the
  *   next `duration-ms` (the measured window) and their latencies; loops then stop and in-flight
- *   requests drain. Errors are counted by code in both modes (they must be 0).
+ *   requests drain. With `--agents A,B --slice-ms S` (paired throughput) the loops send to A for S ms,
+ *   then to B for S ms, in turn from the start of the warm-up; for each slice of the window the result's
+ *   `slices` gives the agent's index and its rps: the requests sent in that slice to its agent that
+ *   complete after its first `settle-ms` (40) and before its end, ÷ (S − settle). The settle lets the
+ *   previous slice's requests drain, which still hold loops and CPU when a slice begins.
+ *   Errors are counted by code in both modes (they must be 0).
  */
 
 import { readFileSync } from 'node:fs';
@@ -44,6 +49,8 @@ const { values } = parseArgs({
     'deadline-ms': { type: 'string', default: '5000' },
     'max-ms': { type: 'string', default: '600000' },
     agents: { type: 'string' },
+    'slice-ms': { type: 'string' },
+    'settle-ms': { type: 'string', default: '40' },
   },
 });
 const num = (k: keyof typeof values) => Number(values[k]);
@@ -66,7 +73,7 @@ stdinLines.on('close', () => process.exit(4));
 
 const identity = parseKeyFile(readFileSync(values.key!, 'utf8'), values.key);
 const mesh = await connect({ brokerUrl: values.broker!, identity });
-await mesh.waitForModel(model, 15_000, Math.max(1, pinned.length));
+await mesh.waitForModel(model, 15_000, Math.max(1, new Set(pinned).size));
 const inputs = sampleInputs(model, 1);
 emit('ready', { agents: mesh.agents().map((a) => a.id) });
 await go;
@@ -160,13 +167,26 @@ if (mode === 'latency') {
   const began = performance.now();
   const windowStart = began + warmupMs;
   const windowEnd = windowStart + durationMs;
+  const sliceMs = values['slice-ms'] === undefined ? 0 : num('slice-ms');
+  const settleMs = num('settle-ms');
+  if (sliceMs > 0 && (pinned.length < 2 || !(settleMs >= 0 && settleMs < sliceMs))) {
+    process.stderr.write('loadgen: --slice-ms needs --agents with two or more ids and 0 <= --settle-ms < --slice-ms\n');
+    process.exit(2);
+  }
+  const sliceOf = (t: number) => Math.floor((t - began) / sliceMs);
+  /** Paired throughput: per slice of the run, the requests counted for it (sent in it to its agent, done after its settle). */
+  const sliceCounts = new Map<number, number>();
   const loop = async () => {
     while (!stop) {
       const start = performance.now();
+      const slice = sliceMs > 0 ? sliceOf(start) : 0;
+      const options = sliceMs > 0 ? { deadlineMs, agentId: pinned[slice % pinned.length]! } : { deadlineMs };
       try {
-        const r = await mesh.infer(model, inputs, { deadlineMs });
+        const r = await mesh.infer(model, inputs, options);
         const end = performance.now();
         total++;
+        if (sliceMs > 0 && sliceOf(end) === slice && end - began - slice * sliceMs >= settleMs)
+          sliceCounts.set(slice, (sliceCounts.get(slice) ?? 0) + 1);
         if (r.attempts > 1) retried++;
         if (start >= windowStart && end < windowEnd) {
           latencies.push(end - start);
@@ -199,6 +219,12 @@ if (mode === 'latency') {
   );
   await Promise.all(loops);
   const s = summarize(latencies);
+  // The slices wholly inside the window, in order.
+  const slices: { agent: number; rps: number }[] = [];
+  if (sliceMs > 0) {
+    for (let k = Math.ceil((windowStart - began) / sliceMs); (k + 1) * sliceMs <= windowEnd - began; k++)
+      slices.push({ agent: k % pinned.length, rps: round(((sliceCounts.get(k) ?? 0) * 1000) / (sliceMs - settleMs), 1) });
+  }
   emit('result', {
     mode,
     model,
@@ -216,6 +242,7 @@ if (mode === 'latency') {
     agent_exec_p50_ms: round(summarize(execMs).p50),
     cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
     cores: round((cpu.user + cpu.system) / 1000 / durationMs, 2),
+    ...(sliceMs > 0 ? { slice_ms: sliceMs, settle_ms: settleMs, agents: pinned, slices } : {}),
   });
 }
 await mesh.close();

@@ -46,8 +46,11 @@ import {
   startEchoAgentProc,
   startLoadgenProc,
 } from './lib.ts';
+import { bootstrapMedian, mean } from './sim/stats.ts';
 
 const MODEL = 'kws';
+/** How long the paired phase sends to one server before it turns to the other. */
+const PAIRED_SLICE_MS = 250;
 
 interface ConfigResult {
   server: string;
@@ -99,6 +102,27 @@ function sumErrors(list: Record<string, number>[]): Record<string, number> {
   const out: Record<string, number> = {};
   for (const e of list) for (const [k, v] of Object.entries(e)) out[k] = (out[k] ?? 0) + v;
   return out;
+}
+
+/** One slice of the paired phase: which server it sent to (0 the agent, 1 the echo agent) and its rps. */
+export interface PairedSlice {
+  agent: number;
+  rps: number;
+}
+
+/**
+ * Each agent slice's rps ÷ the mean rps of the echo slices either side of it (one at the ends): over three slices a
+ * load on the machine that rises or falls steadily cancels out. A slice with no echo neighbour, or one whose echo
+ * neighbours served nothing, gives none.
+ */
+export function pairedRatios(slices: readonly PairedSlice[]): number[] {
+  const ratios: number[] = [];
+  slices.forEach((slice, i) => {
+    if (slice.agent !== 0) return;
+    const echoes = [slices[i - 1], slices[i + 1]].filter((e) => e?.agent === 1).map((e) => e!.rps);
+    if (echoes.length > 0 && mean(echoes) > 0) ratios.push(slice.rps / mean(echoes));
+  });
+  return ratios;
 }
 
 export async function run(ctx: BenchContext): Promise<BenchResult> {
@@ -159,6 +183,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     );
     for (const g of gens) g.send('go');
     const results = await Promise.all(gens.map((g) => loadgenResult(g, warmupMs + durationMs + 20_000)));
+    // A load generator exits by itself after its result; given a moment, a node flag such as --cpu-prof can write its file.
+    await Promise.all(gens.map((g) => Promise.race([g.exited, sleep(3_000)])));
     await Promise.all([...gens.map((g) => g.stop()), server.stop()]);
     const errors = sumErrors(results.map((r) => r.errors as Record<string, number>));
     const rps = results.reduce((a, r) => a + (r.rps as number), 0);
@@ -206,6 +232,64 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     return out;
   };
 
+  /**
+   * The first agent configuration and the echo agent online together, one load generator sending to each in turn for
+   * PAIRED_SLICE_MS at a time (loadgen.ts, --slice-ms), for the rounds' windows together. Each agent slice is set against
+   * the mean of the echo slices either side of it, so that a load on the machine that rises or falls steadily over the
+   * three slices cancels out; `ratio` is the median of those, with a 95 % bootstrap interval over them (adjacent ratios
+   * share an echo slice, so the interval is somewhat narrower than independent pairs would give).
+   */
+  const runPaired = async () => {
+    const w = workerList[0]!;
+    // One admission at a time, as runConfig's.
+    const agentKey = await admitted(broker.url, 'agent');
+    const echoKey = await admitted(broker.url, 'agent');
+    const app = await admitted(broker.url, 'app');
+    const [agent, echoAgent] = await Promise.all([
+      startAgentProc({ url: broker.url, keyFile: agentKey.keyFile, id: agentKey.identity.id, workers: w, queueLimit: 1_024 }),
+      startEchoAgentProc(broker.url, echoKey.identity.id, echoKey.keyFile),
+    ]);
+    const windowMs = durationMs * roundCount;
+    const gen = await startLoadgenProc({
+      url: broker.url,
+      keyFile: app.keyFile,
+      id: app.identity.id,
+      mode: 'throughput',
+      concurrency,
+      warmupMs,
+      durationMs: windowMs,
+      deadlineMs: 10_000,
+      agents: [agentKey.identity.id, echoKey.identity.id],
+      sliceMs: PAIRED_SLICE_MS,
+    });
+    gen.send('go');
+    const r = await loadgenResult(gen, warmupMs + windowMs + 20_000);
+    await Promise.race([gen.exited, sleep(3_000)]);
+    await Promise.all([gen.stop(), agent.stop(), echoAgent.stop()]);
+    const slices = r.slices as PairedSlice[];
+    const ratios = pairedRatios(slices);
+    const [ratio, low, high] = bootstrapMedian(ratios);
+    const errors = r.errors as Record<string, number>;
+    const out = {
+      config: `agent_w${w}`,
+      slice_ms: r.slice_ms as number,
+      settle_ms: r.settle_ms as number,
+      pairs: ratios.length,
+      ratio: round(ratio, 3),
+      ratio_ci95: [round(low, 3), round(high, 3)],
+      mesh_rps: round(median(slices.filter((x) => x.agent === 0).map((x) => x.rps)), 1),
+      echo_rps: round(median(slices.filter((x) => x.agent === 1).map((x) => x.rps)), 1),
+      errors,
+      error_count: Object.values(errors).reduce((a, b) => a + b, 0),
+      slices: slices.map((x) => x.rps),
+    };
+    log(
+      `  paired (agent-w${w} and echo in turns of ${out.slice_ms} ms): ratio ${out.ratio} [${out.ratio_ci95.join(', ')}] over ${out.pairs} slices, ` +
+        `agent ${out.mesh_rps} req/s, echo ${out.echo_rps} req/s, errors ${JSON.stringify(errors)}`,
+    );
+    return out;
+  };
+
   const runs: Record<string, ConfigResult[]> = {};
   const add = (name: string, r: ConfigResult) => {
     runs[name] ??= [];
@@ -231,6 +315,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     }
     add('echo', await runConfig('echo', null, (key) => startEchoAgentProc(broker.url, key.identity.id, key.keyFile)));
   }
+  const paired = await runPaired();
   await broker.proc.stop();
 
   const configs: Record<string, ConfigSummary> = {};
@@ -238,7 +323,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const agentConfigs = Object.entries(configs).filter(([k]) => k !== 'echo');
   const [bestName, best] = agentConfigs.reduce((a, b) => (b[1].rps > a[1].rps ? b : a));
   const echo = configs.echo!;
-  const errorCount = Object.values(configs).reduce((a, c) => a + c.error_count, 0);
+  const errorCount = Object.values(configs).reduce((a, c) => a + c.error_count, 0) + paired.error_count;
   // Per round: the best configuration against the echo agent of the same round (the pool config has one round).
   const ratioRounds = best.rounds.map((b, i) => round(b.rps / echo.rounds[i]!.rps, 3));
   return {
@@ -258,6 +343,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     rounds: roundCount,
     ratio_rounds: ratioRounds,
     cpu_ratio: round(echo.cpu_us_per_request.total! / best.cpu_us_per_request.total!, 3),
+    paired_ratio: paired.ratio,
+    paired_ratio_ci95: paired.ratio_ci95,
+    paired,
     configs,
     ...environment(),
     model: MODEL,
