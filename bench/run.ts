@@ -23,9 +23,10 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
   },
   throughput: {
     file: './throughput.ts',
-    // Two rounds of every configuration with --quick (docs/benchmarks.md), on a busy 2-core machine.
-    timeoutS: { quick: 75, full: 900 },
-    about: 'kws requests/s at fixed concurrency against the agent (workers 1 and 2; and kws on the pool) and the echo agent',
+    // Two rounds of every configuration and the paired phase with --quick (docs/benchmarks.md), on a busy 2-core machine.
+    timeoutS: { quick: 100, full: 900 },
+    about:
+      'kws requests/s at fixed concurrency against the agent (workers 1 and 2; and kws on the pool) and the echo agent, then both in turns',
   },
   'request-path': {
     file: './request-path.ts',
