@@ -442,6 +442,15 @@ export interface LoadgenOptions {
   sliceMs?: number;
 }
 
+/**
+ * Stops a load generator that has given its result: it exits by itself then, and is given up to 3 s for it, so that a node
+ * flag such as --cpu-prof (BENCH_LOADGEN_NODE_ARGS) can write its file before a stop signal would cut it off.
+ */
+export async function stopLoadgen(proc: Proc): Promise<void> {
+  await Promise.race([proc.exited, sleep(3_000)]);
+  await proc.stop();
+}
+
 /** bench/loadgen.ts; resolves once it is connected and sees the model ({"event":"ready"}); send 'go' to start. */
 export async function startLoadgenProc(o: LoadgenOptions): Promise<Proc> {
   // BENCH_LOADGEN_NODE_ARGS (space-separated) goes to the load generators' node, as BENCH_AGENT_NODE_ARGS to the agents'.

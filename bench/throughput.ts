@@ -45,6 +45,7 @@ import {
   startBrokerProc,
   startEchoAgentProc,
   startLoadgenProc,
+  stopLoadgen,
 } from './lib.ts';
 import { bootstrapMedian, mean } from './sim/stats.ts';
 
@@ -84,7 +85,7 @@ function summarizeRounds(rounds: ConfigResult[]): ConfigSummary {
     workers: first.workers,
     rps: med((r) => r.rps),
     errors,
-    error_count: Object.values(errors).reduce((a, b) => a + b, 0),
+    error_count: errorTotal(errors),
     retried: rounds.reduce((a, r) => a + r.retried, 0),
     p50_ms: med((r) => r.p50_ms),
     p99_ms: med((r) => r.p99_ms),
@@ -97,6 +98,8 @@ function summarizeRounds(rounds: ConfigResult[]): ConfigSummary {
     rounds,
   };
 }
+
+const errorTotal = (errors: Record<string, number>): number => Object.values(errors).reduce((a, b) => a + b, 0);
 
 function sumErrors(list: Record<string, number>[]): Record<string, number> {
   const out: Record<string, number> = {};
@@ -120,7 +123,8 @@ export function pairedRatios(slices: readonly PairedSlice[]): number[] {
   slices.forEach((slice, i) => {
     if (slice.agent !== 0) return;
     const echoes = [slices[i - 1], slices[i + 1]].filter((e) => e?.agent === 1).map((e) => e!.rps);
-    if (echoes.length > 0 && mean(echoes) > 0) ratios.push(slice.rps / mean(echoes));
+    const echoRps = echoes.length > 0 ? mean(echoes) : 0;
+    if (echoRps > 0) ratios.push(slice.rps / echoRps);
   });
   return ratios;
 }
@@ -183,9 +187,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     );
     for (const g of gens) g.send('go');
     const results = await Promise.all(gens.map((g) => loadgenResult(g, warmupMs + durationMs + 20_000)));
-    // A load generator exits by itself after its result; given a moment, a node flag such as --cpu-prof can write its file.
-    await Promise.all(gens.map((g) => Promise.race([g.exited, sleep(3_000)])));
-    await Promise.all([...gens.map((g) => g.stop()), server.stop()]);
+    await Promise.all(gens.map(stopLoadgen));
+    await server.stop();
     const errors = sumErrors(results.map((r) => r.errors as Record<string, number>));
     const rps = results.reduce((a, r) => a + (r.rps as number), 0);
     const served = (rps * durationMs) / 1_000;
@@ -202,7 +205,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       workers,
       rps: round(rps, 1),
       errors,
-      error_count: Object.values(errors).reduce((a, b) => a + b, 0),
+      error_count: errorTotal(errors),
       retried: results.reduce((a, r) => a + (r.retried as number), 0),
       // Across load generators: the worst of their percentiles (each has C/L loops of the same kind).
       p50_ms: Math.max(...results.map((r) => r.p50_ms as number)),
@@ -264,8 +267,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     });
     gen.send('go');
     const r = await loadgenResult(gen, warmupMs + windowMs + 20_000);
-    await Promise.race([gen.exited, sleep(3_000)]);
-    await Promise.all([gen.stop(), agent.stop(), echoAgent.stop()]);
+    await stopLoadgen(gen);
+    await Promise.all([agent.stop(), echoAgent.stop()]);
     const slices = r.slices as PairedSlice[];
     const ratios = pairedRatios(slices);
     const [ratio, low, high] = bootstrapMedian(ratios);
@@ -280,7 +283,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       mesh_rps: round(median(slices.filter((x) => x.agent === 0).map((x) => x.rps)), 1),
       echo_rps: round(median(slices.filter((x) => x.agent === 1).map((x) => x.rps)), 1),
       errors,
-      error_count: Object.values(errors).reduce((a, b) => a + b, 0),
+      error_count: errorTotal(errors),
       slices: slices.map((x) => x.rps),
     };
     log(
