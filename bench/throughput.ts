@@ -71,6 +71,18 @@ interface ConfigResult {
   cpu_us_per_request: Record<string, number>;
   /** The agent's stacked inline runs over its whole life (warm-up included), from its 'agent stopped' log line. */
   stacked?: { runs: number; requests: number; fallbacks: number; served: number };
+  /**
+   * Where the agent put the model at load, from its log lines (edge-agent/src/executors.ts): `inline`, `pool`, and for
+   * an inline model whether it stacks, with the reason when not. The inline and stacking checks are timed at start-up,
+   * so a run can measure a different mode than the last one; this says which.
+   */
+  placement?: Placement;
+}
+
+export interface Placement {
+  runs: 'inline' | 'pool';
+  stacks?: boolean;
+  reason?: string;
 }
 
 /** A configuration's medians over its rounds, and the rounds themselves. */
@@ -97,6 +109,24 @@ function summarizeRounds(rounds: ConfigResult[]): ConfigSummary {
     ),
     rounds,
   };
+}
+
+/**
+ * Where an agent put `model` at load, from its log lines (edge-agent/src/executors.ts): on its main thread (`inline`)
+ * or the worker pool, and for an inline model whether it stacks (with the reason when not); undefined without them.
+ */
+export function modelPlacement(lines: readonly string[], model: string): Placement | undefined {
+  let placed: Partial<Placement> | undefined;
+  for (const line of lines) {
+    const j = parseJson(line);
+    if (j?.model !== model) continue;
+    const why = typeof j.reason === 'string' ? { reason: j.reason } : {};
+    if (j.msg === 'model runs inline') placed = { ...placed, runs: 'inline' };
+    else if (j.msg === 'model runs on the worker pool') placed = { ...placed, runs: 'pool', ...why };
+    else if (j.msg === 'model runs stacked when requests wait together') placed = { ...placed, stacks: true };
+    else if (j.msg === 'model runs one request at a time') placed = { ...placed, stacks: false, ...why };
+  }
+  return placed?.runs ? (placed as Placement) : undefined;
 }
 
 const errorTotal = (errors: Record<string, number>): number => Object.values(errors).reduce((a, b) => a + b, 0);
@@ -222,13 +252,17 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
       if (j?.msg === 'agent stopped' && j.stacked)
         out.stacked = { ...(j.stacked as Omit<NonNullable<ConfigResult['stacked']>, 'served'>), served: Number(j.served) };
     }
+    const placement = modelPlacement(server.lines.stderr, MODEL);
+    if (placement) out.placement = placement;
     log(
       `  ${label}: ${out.rps} req/s, p50 ${out.p50_ms} ms, p99 ${out.p99_ms} ms, max ${out.max_ms} ms, agent queue p50 ${out.agent_queue_p50_ms} ms, ` +
         `exec p50 ${out.agent_exec_p50_ms} ms, errors ${JSON.stringify(errors)}, CPU µs/request ${JSON.stringify(perRequest)}, CPU cores ${Object.entries(
           cpu,
         )
           .map(([k, v]) => `${k} ${v.cores}`)
-          .join(', ')}${out.stacked ? `, stacked ${JSON.stringify(out.stacked)}` : ''}`,
+          .join(', ')}${out.stacked ? `, stacked ${JSON.stringify(out.stacked)}` : ''}${
+          out.placement ? `, placement ${JSON.stringify(out.placement)}` : ''
+        }`,
     );
     // Let the offline status and socket teardown settle before the next configuration.
     await sleep(200);
@@ -273,8 +307,10 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     const ratios = pairedRatios(slices);
     const [ratio, low, high] = bootstrapMedian(ratios);
     const errors = r.errors as Record<string, number>;
+    const placement = modelPlacement(agent.lines.stderr, MODEL);
     const out = {
       config: `agent_w${w}`,
+      placement: placement ?? null,
       slice_ms: r.slice_ms as number,
       settle_ms: r.settle_ms as number,
       pairs: ratios.length,
@@ -288,7 +324,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     };
     log(
       `  paired (agent-w${w} and echo in turns of ${out.slice_ms} ms): ratio ${out.ratio} [${out.ratio_ci95.join(', ')}] over ${out.pairs} slices, ` +
-        `agent ${out.mesh_rps} req/s, echo ${out.echo_rps} req/s, errors ${JSON.stringify(errors)}`,
+        `agent ${out.mesh_rps} req/s, echo ${out.echo_rps} req/s, errors ${JSON.stringify(errors)}, placement ${JSON.stringify(placement)}`,
     );
     return out;
   };
@@ -346,6 +382,8 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     rounds: roundCount,
     ratio_rounds: ratioRounds,
     cpu_ratio: round(echo.cpu_us_per_request.total! / best.cpu_us_per_request.total!, 3),
+    // Per round, where the best configuration's agent ran the model (see ConfigResult.placement).
+    best_placement: best.rounds.map((b) => b.placement ?? null),
     paired_ratio: paired.ratio,
     paired_ratio_ci95: paired.ratio_ci95,
     paired,
