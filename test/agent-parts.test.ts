@@ -114,40 +114,68 @@ test('models: the status describes each model from its manifest entry and what l
 
 test('requests: an id is refused as a replay until its deadline, expired requests are not remembered, and the bound holds', () => {
   const guard = new ReplayGuard(2);
-  assert.equal(guard.remember('a', 1_000, 500), 'ok');
-  assert.equal(guard.remember('a', 1_000, 600), 'replay');
-  assert.equal(guard.remember('late', 100, 500), 'ok');
-  assert.equal(guard.remember('late', 100, 500), 'ok', 'an expired request is left to the scheduler');
-  assert.equal(guard.remember('b', 2_000, 500), 'ok');
-  assert.equal(guard.remember('c', 2_000, 500), 'full');
+  assert.equal(guard.remember('a', 's', 1_000, 500), 'ok');
+  assert.equal(guard.remember('a', 's', 1_000, 600), 'replay');
+  assert.equal(guard.remember('late', 's', 100, 500), 'ok');
+  assert.equal(guard.remember('late', 's', 100, 500), 'ok', 'an expired request is left to the scheduler');
+  assert.equal(guard.remember('b', 's', 2_000, 500), 'ok');
+  assert.equal(guard.remember('c', 's', 2_000, 500), 'full');
   // At 1,500 'a' has expired: making room drops it.
-  assert.equal(guard.remember('c', 2_000, 1_500), 'ok');
+  assert.equal(guard.remember('c', 's', 2_000, 1_500), 'ok');
   assert.equal(guard.size, 2);
   guard.forget('c');
-  assert.equal(guard.remember('c', 2_000, 1_500), 'ok');
+  assert.equal(guard.remember('c', 's', 2_000, 1_500), 'ok');
   guard.prune(2_500);
   assert.equal(guard.size, 0);
 });
 
 test('requests: a full replay guard refuses without walking its ids until one can have expired, and then at most once per interval', () => {
   const guard = new ReplayGuard(3);
-  for (const key of ['a', 'b', 'c']) assert.equal(guard.remember(key, 10_000, 0), 'ok');
+  for (const key of ['a', 'b', 'c']) assert.equal(guard.remember(key, 's', 10_000, 0), 'ok');
   // Filled with far deadlines: every further request is refused, and none walks the ids.
-  for (let now = 1; now < 1_000; now += 10) assert.equal(guard.remember(`x${now}`, 20_000, now), 'full');
+  for (let now = 1; now < 1_000; now += 10) assert.equal(guard.remember(`x${now}`, 's', 20_000, now), 'full');
   guard.prune(5_000);
   assert.equal(guard.walks, 0, 'nothing can have expired: no walk');
-  assert.equal(guard.remember('a', 20_000, 5_000), 'replay');
+  assert.equal(guard.remember('a', 's', 20_000, 5_000), 'replay');
   // Past the earliest deadline a full guard walks once and takes the request in the room it made.
-  assert.equal(guard.remember('d', 30_000, 10_001), 'ok');
+  assert.equal(guard.remember('d', 's', 30_000, 10_001), 'ok');
   assert.equal(guard.walks, 1);
   assert.equal(guard.size, 1);
-  assert.equal(guard.remember('a', 30_000, 10_002), 'ok', 'an expired id is forgotten');
-  assert.equal(guard.remember('b', 10_003 + 5, 10_003), 'ok');
+  assert.equal(guard.remember('a', 's', 30_000, 10_002), 'ok', 'an expired id is forgotten');
+  assert.equal(guard.remember('b', 's', 10_003 + 5, 10_003), 'ok');
   // Full again; 'b' expires at 10,008. Within the interval after the last walk the guard answers 'full' without one.
-  assert.equal(guard.remember('e', 30_000, 10_050), 'full');
+  assert.equal(guard.remember('e', 's', 30_000, 10_050), 'full');
   assert.equal(guard.walks, 1);
-  assert.equal(guard.remember('e', 30_000, 10_001 + ReplayGuard.PRUNE_WHEN_FULL_MS), 'ok');
+  assert.equal(guard.remember('e', 's', 30_000, 10_001 + ReplayGuard.PRUNE_WHEN_FULL_MS), 'ok');
   assert.equal(guard.walks, 2);
+});
+
+test("requests: a sender that fills the replay guard blocks its own requests, not the others' (each gets its share, 2 × limit at most)", () => {
+  const guard = new ReplayGuard(10);
+  // Alone, one sender may fill the guard, and then is refused.
+  for (let i = 0; i < 10; i++) assert.equal(guard.remember(`a${i}`, 'mallory', 60_000, 0), 'ok');
+  assert.equal(guard.remember('a10', 'mallory', 60_000, 1), 'full');
+  // Another sender still gets in: two senders, a share of 5 each, counted past the limit.
+  for (let i = 0; i < 5; i++) assert.equal(guard.remember(`b${i}`, 'alice', 60_000, 2), 'ok');
+  assert.equal(guard.remember('b5', 'alice', 60_000, 3), 'full');
+  assert.equal(guard.remember('a11', 'mallory', 60_000, 4), 'full', 'still over its share');
+  assert.deepEqual([guard.size, guard.heldBy('mallory'), guard.heldBy('alice')], [15, 10, 5]);
+  // Replays are still refused as replays, whoever sends them.
+  assert.equal(guard.remember('b0', 'mallory', 60_000, 5), 'replay');
+  // Many senders: each still gets in while under limit ÷ senders, and the whole never passes 2 × limit.
+  let taken = 0;
+  for (let k = 0; k < 40; k++) if (guard.remember(`c${k}`, `sender${k}`, 60_000, 6) === 'ok') taken++;
+  assert.equal(guard.size, 15 + taken);
+  assert.ok(guard.size <= 20, `size ${guard.size}`);
+  assert.ok(taken >= 3, `${taken} newcomers got in`);
+  // What expires is given back to its sender.
+  const fresh = new ReplayGuard(4);
+  for (let i = 0; i < 4; i++) fresh.remember(`m${i}`, 'mallory', 1_000, 0);
+  fresh.remember('x', 'alice', 5_000, 0);
+  fresh.forget('x');
+  assert.equal(fresh.heldBy('alice'), 0);
+  assert.equal(fresh.remember('m4', 'mallory', 5_000, 2_000), 'ok', 'its expired ids made room');
+  assert.deepEqual([fresh.size, fresh.heldBy('mallory')], [1, 1]);
 });
 
 test('requests: a receipt charges the units done (a cancelled one-shot run has none); deadline drops and late cancels are timeouts', () => {

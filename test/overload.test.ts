@@ -197,8 +197,9 @@ describe('agent admission', () => {
 });
 
 describe('agent request path', () => {
-  test('a request the agent cannot serve in time gets a MESH_OVERLOADED reply at once, with its queue, and is counted', () => {
-    const replies: (InferReply | ErrorReply)[] = [];
+  /** AgentRequests → Scheduler (queue of 8) → one held run slot, serving model `m`; the replies as decoded, by sender. */
+  function requestPath(guardLimit = 100) {
+    const replies: { sender: string; reply: InferReply | ErrorReply }[] = [];
     const counters = newAgentCounters();
     const model = {
       name: 'm',
@@ -207,26 +208,27 @@ describe('agent request path', () => {
       provider: 'cpu',
       latencyMs: 50,
     };
+    const replays = new ReplayGuard(guardLimit);
     const requests = new AgentRequests({
       agentId: 'agent',
       maxMessageBytes: 1 << 20,
       maxElements: 1 << 20,
       models: new Map([['m', model]]),
-      replays: new ReplayGuard(100),
+      replays,
       payments: undefined,
       counters,
       faults: new Faults(),
       logger: quiet,
-      reply: (_sender, payload) => void replies.push(decodeMessage(payload, ['res', 'err'])),
+      reply: (sender, payload) => void replies.push({ sender, reply: decodeMessage(payload, ['res', 'err']) }),
       closed: () => false,
     });
     const scheduler = new Scheduler(8, requests.finished);
     const executor = new HeldExecutor(1);
     scheduler.addModel('m', 50, executor);
     requests.attach(scheduler);
-    const send = (deadlineInMs: number) =>
+    const send = (deadlineInMs: number, sender = 'app') =>
       requests.onRequest(
-        'app',
+        sender,
         encodeMessage({
           v: 1,
           kind: 'req',
@@ -236,15 +238,51 @@ describe('agent request path', () => {
           inputs: encodeTensorMap({ x: { dtype: 'float32', shape: [1], data: new Float32Array([1]) } }),
         }),
       );
+    const codeOf = (r: { reply: InferReply | ErrorReply } | undefined) => (r?.reply.kind === 'err' ? r.reply.code : r?.reply.kind);
+    return { replies, counters, replays, executor, send, codeOf };
+  }
+
+  test('a request the agent cannot serve in time gets a MESH_OVERLOADED reply at once, with its queue, and is counted', () => {
+    const { replies, counters, send } = requestPath();
     send(5_000);
     send(5_000);
     assert.equal(replies.length, 0);
     send(60);
     assert.equal(replies.length, 1);
-    const reply = replies[0]!;
+    const { reply } = replies[0]!;
     assert.ok(reply.kind === 'err' && reply.code === 'MESH_OVERLOADED', JSON.stringify(reply));
     assert.equal(reply.kind === 'err' && reply.rif, 2);
     assert.deepEqual(counters.errors, { MESH_OVERLOADED: 1 });
+  });
+
+  test('one sender cannot lock the others out through the replay guard: far deadlines are refused, a flood fills only its share', () => {
+    const { replies, replays, executor, send, codeOf } = requestPath(50);
+    // A deadline a year ahead would hold its id for a year: refused at once, and not remembered.
+    send(365 * 86_400_000, 'mallory');
+    assert.equal(codeOf(replies.at(-1)), 'MESH_BAD_REQUEST');
+    assert.match((replies.at(-1)!.reply as ErrorReply).message, /deadline .* ahead/);
+    assert.equal(replays.size, 0);
+    // A flood with the longest deadline allowed: one runs, eight queue, the rest are refused by the queue (their ids
+    // remembered all the same) until the guard holds the flood's share, and then by the guard.
+    for (let i = 0; i < 200; i++) send(590_000, 'mallory');
+    assert.equal(replays.heldBy('mallory'), 50);
+    const refused = replies.filter((r) => r.sender === 'mallory').map(codeOf);
+    assert.equal(refused.length, 1 + 200 - 9);
+    assert.ok(refused.slice(1).every((c) => c === 'MESH_BUSY'));
+    // The flood's held requests run and are answered.
+    while (executor.runs.length > 0) executor.finishOne(1);
+    assert.equal(replies.filter((r) => r.sender === 'mallory' && r.reply.kind === 'res').length, 9);
+    // Another sender is served, though the guard is at its limit and every id in it has minutes to go.
+    for (let i = 0; i < 5; i++) {
+      send(5_000, 'alice');
+      executor.finishOne(1);
+      assert.deepEqual(replies.at(-1)!.sender, 'alice');
+      assert.equal(codeOf(replies.at(-1)), 'res');
+    }
+    // And the flood's sender is still held to its share.
+    send(590_000, 'mallory');
+    assert.equal(codeOf(replies.at(-1)), 'MESH_BUSY');
+    assert.match((replies.at(-1)!.reply as ErrorReply).message, /your share/);
   });
 });
 

@@ -403,6 +403,11 @@ export function buildProgram(): Command {
     )
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option(
+      '--max-deadline-ms <ms>',
+      "refuse a request whose deadline is further ahead than this (MESH_BAD_REQUEST): its id would hold a place in the agent's replay guard until then (default 600000)",
+      positiveInt,
+    )
+    .option(
       '--no-retain-status',
       'announce the status without retain; on a NATS cluster, where a retained PUBLISH waits for JetStream (docs/operations.md)',
     )
@@ -576,6 +581,7 @@ export function buildProgram(): Command {
         ...(opts.pipelineDepth ? { pipelineDepth: opts.pipelineDepth } : {}),
         ...(opts.inlineMaxMs !== undefined ? { inlineMaxMs: opts.inlineMaxMs } : {}),
         ...(opts.inlineBatchMax !== undefined ? { inlineBatchMax: opts.inlineBatchMax } : {}),
+        ...(opts.maxDeadlineMs !== undefined ? { maxDeadlineMs: opts.maxDeadlineMs } : {}),
         ...(opts.loadNice !== undefined ? { loadNice: opts.loadNice } : {}),
         ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort, metricsHost: opts.metricsHost } : {}),
         ...(deploy ? { deploy } : {}),

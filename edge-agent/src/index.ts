@@ -155,6 +155,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     models: loadedByName,
     units: unitSpecs,
     replays,
+    maxDeadlineMs: o.maxDeadlineMs,
     payments,
     ...(options.deploy ? { resolve: (model: string, version: string | undefined) => deployments?.resolve(model, version) } : {}),
     counters,

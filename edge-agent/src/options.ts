@@ -12,6 +12,7 @@ import {
   MeshError,
 } from '@edge-mesh/protocol';
 import { newStackingCounters, type StackingCounters } from './executor.ts';
+import { DEFAULT_MAX_DEADLINE_MS } from './requests.ts';
 import type { AgentOptions } from './types.ts';
 
 export interface ResolvedOptions {
@@ -40,6 +41,7 @@ export interface ResolvedOptions {
   backoff: BackoffOptions | undefined;
   awaitAnnounce: boolean;
   maxRememberedRequests: number;
+  maxDeadlineMs: number;
   inlineMaxMs: number;
   inlineBatchMax: number;
   /** Where the agent's inline executors count their stacked runs (AgentCounters.stacked). */
@@ -78,6 +80,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     backoff,
     awaitAnnounce = true,
     maxRememberedRequests = 100_000,
+    maxDeadlineMs = DEFAULT_MAX_DEADLINE_MS,
     inlineMaxMs = DEFAULT_INLINE_MAX_MS,
     inlineBatchMax = DEFAULT_INLINE_BATCH_MAX,
   } = options;
@@ -98,6 +101,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
   if (!positiveInteger(pipelineDepth)) problems.push(`pipelineDepth must be a positive integer, got ${pipelineDepth}`);
   if (!positiveInteger(maxRememberedRequests))
     problems.push(`maxRememberedRequests must be a positive integer, got ${maxRememberedRequests}`);
+  if (!positiveInteger(maxDeadlineMs)) problems.push(`maxDeadlineMs must be a positive integer, got ${maxDeadlineMs}`);
   if (!(heartbeatMs >= 50)) problems.push(`heartbeatMs must be at least 50, got ${heartbeatMs}`);
   if (!positiveInteger(warmupRuns)) problems.push(`warmupRuns must be a positive integer, got ${warmupRuns}`);
   if (!(Number.isInteger(loadNice) && loadNice >= 0 && loadNice <= 19))
@@ -140,6 +144,7 @@ export function resolveOptions(options: AgentOptions): ResolvedOptions {
     backoff,
     awaitAnnounce,
     maxRememberedRequests,
+    maxDeadlineMs,
     inlineMaxMs,
     inlineBatchMax,
     stacking: newStackingCounters(),

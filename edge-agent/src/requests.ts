@@ -42,19 +42,32 @@ const MAX_VOUCHER_BYTES = 4096;
 export type Remembered = 'ok' | 'replay' | 'full';
 
 /**
+ * How far ahead a request's deadline may be by default (10 minutes, the router's largest `deadline_ms`): the agent
+ * remembers a request's id until its deadline, so a later one would hold its place in the replay guard for as long.
+ */
+export const DEFAULT_MAX_DEADLINE_MS = 600_000;
+
+/**
  * Request ids seen and not yet expired, each until its deadline, so a replayed (or redelivered)
- * request is refused and never runs twice. Bounded: when `limit` ids are remembered, expired ones
- * are dropped, and if none has expired a new request is refused until some do.
+ * request is refused and never runs twice.
+ *
+ * Bounded, and fair between senders. Below `limit` ids every request is remembered. At `limit` and above,
+ * a sender's request is taken only while that sender holds fewer ids than its share (`limit` over the
+ * senders holding ids, this one counted), up to twice `limit` in all; beyond, it is refused ('full')
+ * until some expire. So a sender that filled the guard by itself (far deadlines, or a flood the queue
+ * refused) blocks its own requests, not everyone's: any other sender still gets its share. The memory
+ * bound is `2 × limit` ids.
  *
  * Making room walks every id, so it is done only when an id can have expired (the earliest deadline
  * remembered has passed) and, while the guard stays full, at most once per PRUNE_WHEN_FULL_MS: a full
- * guard answers 'full' without a walk, so requests arriving then (from a sender that filled it with far
- * deadlines, say) cost no more than any other refusal.
+ * guard answers without a walk, so requests arriving then cost no more than any other refusal.
  */
 export class ReplayGuard {
   /** While full, the least time between two walks to make room. */
   static readonly PRUNE_WHEN_FULL_MS = 100;
-  private readonly seen = new Map<string, number>();
+  private readonly seen = new Map<string, { deadline: number; sender: string }>();
+  /** Ids remembered per sender. */
+  private readonly held = new Map<string, number>();
   /** No remembered deadline is earlier than this (it may be earlier than the true minimum after a forget). */
   private earliest = Number.POSITIVE_INFINITY;
   private lastFullPrune = Number.NEGATIVE_INFINITY;
@@ -67,37 +80,62 @@ export class ReplayGuard {
     return this.seen.size;
   }
 
+  /** Ids `sender` holds now. */
+  heldBy(sender: string): number {
+    return this.held.get(sender) ?? 0;
+  }
+
   /**
-   * 'replay' when `key` is remembered, 'full' when no room is left, else 'ok'. A request whose
-   * deadline has passed is not remembered: the scheduler refuses it, and any replay of it, anyway.
+   * 'replay' when `key` is remembered, 'full' when no room is left for this sender, else 'ok'. A request
+   * whose deadline has passed is not remembered: the scheduler refuses it, and any replay of it, anyway.
    */
-  remember(key: string, deadline: number, nowMs: number): Remembered {
+  remember(key: string, sender: string, deadline: number, nowMs: number): Remembered {
     if (this.seen.has(key)) return 'replay';
     if (deadline < nowMs) return 'ok';
-    if (this.seen.size >= this.limit && nowMs - this.lastFullPrune >= ReplayGuard.PRUNE_WHEN_FULL_MS) {
+    if (this.seen.size >= this.limit && !this.hasRoom(sender) && nowMs - this.lastFullPrune >= ReplayGuard.PRUNE_WHEN_FULL_MS) {
       this.lastFullPrune = nowMs;
       this.prune(nowMs);
     }
-    if (this.seen.size >= this.limit) return 'full';
-    this.seen.set(key, deadline);
+    if (this.seen.size >= this.limit && !this.hasRoom(sender)) return 'full';
+    this.seen.set(key, { deadline, sender });
+    this.held.set(sender, this.heldBy(sender) + 1);
     if (deadline < this.earliest) this.earliest = deadline;
     return 'ok';
   }
 
   /** A request that never ran may come again (the SDK retries it once its voucher is out). */
   forget(key: string): void {
+    const entry = this.seen.get(key);
+    if (!entry) return;
     this.seen.delete(key);
+    this.release(entry.sender);
   }
 
   prune(nowMs: number): void {
     if (this.earliest >= nowMs) return;
     this.walks++;
     let earliest = Number.POSITIVE_INFINITY;
-    for (const [key, deadline] of this.seen) {
-      if (deadline < nowMs) this.seen.delete(key);
-      else if (deadline < earliest) earliest = deadline;
+    for (const [key, entry] of this.seen) {
+      if (entry.deadline < nowMs) {
+        this.seen.delete(key);
+        this.release(entry.sender);
+      } else if (entry.deadline < earliest) earliest = entry.deadline;
     }
     this.earliest = earliest;
+  }
+
+  /** At or over `limit`: whether `sender` is still under its share, and the guard under twice `limit`. */
+  private hasRoom(sender: string): boolean {
+    if (this.seen.size >= 2 * this.limit) return false;
+    const own = this.heldBy(sender);
+    const senders = this.held.size + (own === 0 ? 1 : 0);
+    return own < this.limit / senders;
+  }
+
+  private release(sender: string): void {
+    const n = this.heldBy(sender) - 1;
+    if (n > 0) this.held.set(sender, n);
+    else this.held.delete(sender);
   }
 }
 
@@ -163,6 +201,8 @@ export interface RequestsOptions {
   /** Models that run in units (manifest `units`), by name. */
   units?: ReadonlyMap<string, UnitSpec>;
   replays: ReplayGuard;
+  /** How far ahead of now a request's deadline may be; a later one is refused before its id is remembered. */
+  maxDeadlineMs?: number;
   /** Present when the agent takes payment. */
   payments: AgentPayments | undefined;
   counters: AgentCounters;
@@ -407,7 +447,17 @@ export class AgentRequests {
       return;
     }
     const key = requestIdHex(request.id);
-    const remembered = replays.remember(key, request.deadline, Date.now());
+    const now = Date.now();
+    const { maxDeadlineMs = DEFAULT_MAX_DEADLINE_MS } = this.options;
+    if (request.deadline - now > maxDeadlineMs) {
+      this.replyError(
+        senderId,
+        request.id,
+        new MeshError('MESH_BAD_REQUEST', `deadline ${request.deadline - now} ms ahead; this agent takes at most ${maxDeadlineMs} ms`),
+      );
+      return;
+    }
+    const remembered = replays.remember(key, senderId, request.deadline, now);
     if (remembered === 'replay') {
       counters.replays++;
       // Its sender lost the connection before the reply came back and sent it again: the same reply again, or, while it
@@ -430,7 +480,10 @@ export class AgentRequests {
       this.replyError(
         senderId,
         request.id,
-        new MeshError('MESH_BUSY', `${agentId} remembers ${replays.limit} unexpired request ids; try again later`),
+        new MeshError(
+          'MESH_BUSY',
+          `${agentId} remembers ${replays.heldBy(senderId)} unexpired request ids of yours, your share of its ${replays.limit}; try again later`,
+        ),
       );
       return;
     }

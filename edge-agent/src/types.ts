@@ -118,6 +118,11 @@ export interface AgentOptions {
    */
   maxRememberedRequests?: number;
   /**
+   * How far ahead of the agent's clock a request's deadline may be (default 600,000 ms, 10 minutes); a request with a
+   * later one is refused MESH_BAD_REQUEST before its id is remembered.
+   */
+  maxDeadlineMs?: number;
+  /**
    * Fault injection for tests and demos of routing: `linkDelayMs` holds each request and each reply
    * for that long (a far-away link: round trip + 2 × linkDelayMs, outside the reported queue and
    * execution times); `extraExecMs` adds that much to every execution (slow hardware: the reply waits
