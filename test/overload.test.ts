@@ -59,10 +59,10 @@ function rig(parallelism: number, serviceMs: number, queueLimit = 64) {
   const executor = new HeldExecutor(parallelism);
   scheduler.addModel('m', serviceMs, executor);
   let n = 0;
-  const job = (deadlineInMs: number): Job => ({
+  const job = (deadlineInMs: number, senderId = 's'): Job => ({
     key: `j${n++}`,
     id: new Uint8Array(16),
-    senderId: 's',
+    senderId,
     model: 'm',
     inputs: {},
     deadline: now + deadlineInMs,
@@ -167,6 +167,36 @@ describe('agent admission', () => {
     assert.ok(tight.every((c) => c === 'MESH_OVERLOADED' || c === 'MESH_BUSY'));
     assert.equal(r.scheduler.pending, 9);
     assert.equal(r.executor.runs.length, 1);
+  });
+
+  test('a sender that filled a queue gives up its latest places to other senders, down to an even share', () => {
+    const r = rig(1, 1, 8);
+    // Mallory floods: one runs, eight queue, the rest are refused.
+    const flood = Array.from({ length: 20 }, (_, i) => r.job(60_000 + i, 'mallory'));
+    const codes = flood.map((j) => r.refusal(j)?.code);
+    assert.equal(codes.filter((c) => c === undefined).length, 9);
+    // Alice's request takes the place of Mallory's latest queued job, which is answered MESH_BUSY.
+    const alice = r.job(5_000, 'alice');
+    assert.equal(r.refusal(alice), undefined);
+    assert.deepEqual(r.finished.at(-1), { key: flood[8]!.key, code: 'MESH_BUSY' });
+    // Alice keeps taking places while she holds at least two fewer than Mallory: 4 of 8, then she is refused.
+    const more = Array.from({ length: 6 }, () => r.refusal(r.job(5_000, 'alice'))?.code);
+    assert.deepEqual(more, [undefined, undefined, undefined, 'MESH_BUSY', 'MESH_BUSY', 'MESH_BUSY']);
+    // Bob, new, still gets a place from whoever holds the most (both at 4: refused; Mallory's share is no bigger).
+    assert.equal(r.refusal(r.job(5_000, 'bob'))?.code, undefined);
+    const displaced = r.finished.filter((f) => f.code === 'MESH_BUSY').map((f) => f.key);
+    assert.equal(displaced.length, 5, "four of Mallory's places, then one of the two equal holders");
+    // Mallory cannot win places back from those holding fewer.
+    assert.equal(r.refusal(r.job(60_000, 'mallory'))?.code, 'MESH_BUSY');
+    // The displaced jobs never run; Alice's, Bob's and Mallory's remaining jobs run in order.
+    let ran = 0;
+    while (r.executor.runs.length > 0) {
+      r.executor.finishOne(1);
+      ran++;
+    }
+    assert.equal(ran, 9);
+    assert.equal(r.finished.filter((f) => f.code === undefined).length, 9);
+    for (const key of displaced) assert.equal(r.finished.filter((f) => f.key === key).length, 1, 'answered once');
   });
 
   test('an accepted job that expires in the queue is dropped with MESH_DEADLINE_EXCEEDED, not run', () => {

@@ -1,8 +1,10 @@
 /**
  * Bounded per-model queues in front of the executors (the worker pool, and the main thread for
- * models that run inline). A full queue refuses at once (MESH_BUSY); a job whose deadline has passed
- * is dropped when it reaches the head or at the next sweep (MESH_DEADLINE_EXCEEDED); when an executor
- * can take a job, it gets the earliest deadline among the queue heads of the models it runs.
+ * models that run inline). A full queue refuses at once (MESH_BUSY), unless the newcomer's sender holds at least
+ * two fewer of its places than the sender holding the most: then that sender's latest job makes room, answered
+ * MESH_BUSY (`displacedBy`). A job whose deadline has passed is dropped when it reaches the head or at the next
+ * sweep (MESH_DEADLINE_EXCEEDED); when an executor can take a job, it gets the earliest deadline among the queue
+ * heads of the models it runs.
  *
  * Admission (docs/operations.md, "Overload"): a job that the queue cannot serve before its deadline is refused at once
  * with MESH_OVERLOADED instead of being queued to expire. The estimate is the agent's own: the work held on the job's
@@ -52,6 +54,29 @@ interface ModelState {
   recent: number[];
   recentNext: number;
   admitMs: number;
+}
+
+/**
+ * Which queued job a job of `senderId` takes the place of in a full queue, if any: the latest-deadline job of the sender
+ * holding the most of the queue, when that sender holds at least two more than `senderId` does. So one sender that
+ * filled a model's queue (a flood with long deadlines) cannot refuse everyone else: each newcomer takes a place from
+ * it until the senders' shares differ by at most one. A job that starts running is no longer in the queue.
+ */
+export function displacedBy(queue: readonly Job[], senderId: string): Job | undefined {
+  const held = new Map<string, number>();
+  for (const j of queue) held.set(j.senderId, (held.get(j.senderId) ?? 0) + 1);
+  let top: string | undefined;
+  let most = 0;
+  for (const [sender, n] of held) {
+    if (n > most) {
+      top = sender;
+      most = n;
+    }
+  }
+  if (top === undefined || (held.get(senderId) ?? 0) + 1 >= most) return undefined;
+  let victim: Job | undefined;
+  for (const j of queue) if (j.senderId === top && (!victim || j.deadline >= victim.deadline)) victim = j;
+  return victim;
 }
 
 /** Runs whose median is admission's service time. */
@@ -203,11 +228,23 @@ export class Scheduler {
     if (!state) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${job.model} is not served here`);
     if (this.draining) throw new MeshError('MESH_SHUTTING_DOWN', 'agent is draining');
     if (job.deadline <= this.now()) throw new MeshError('MESH_DEADLINE_EXCEEDED', 'deadline passed before the request was queued');
+    let displaced: Job | undefined;
     if (state.queue.length >= this.queueLimit) {
-      throw new MeshError('MESH_BUSY', `queue for ${job.model} is full (${this.queueLimit})`);
+      displaced = displacedBy(state.queue, job.senderId);
+      if (!displaced) throw new MeshError('MESH_BUSY', `queue for ${job.model} is full (${this.queueLimit})`);
     }
     if (this.admission) this.admit(job, state);
     if (this.byKey.has(job.key)) throw new MeshError('MESH_BAD_REQUEST', 'duplicate request id');
+    if (displaced) {
+      state.queue.splice(state.queue.indexOf(displaced), 1);
+      this.finish(
+        displaced,
+        new MeshError(
+          'MESH_BUSY',
+          `queue for ${job.model} is full (${this.queueLimit}) and you held the most of it: your latest job made room`,
+        ),
+      );
+    }
     this.byKey.set(job.key, job);
     state.queue.push(job);
     this.dispatch(state.executor);
