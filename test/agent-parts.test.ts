@@ -129,53 +129,79 @@ test('requests: an id is refused as a replay until its deadline, expired request
   assert.equal(guard.size, 0);
 });
 
-test('requests: a full replay guard refuses without walking its ids until one can have expired, and then at most once per interval', () => {
+test('requests: a full replay guard drops expired ids before it refuses, and at most once per interval', () => {
   const guard = new ReplayGuard(3);
   for (const key of ['a', 'b', 'c']) assert.equal(guard.remember(key, 's', 10_000, 0), 'ok');
-  // Filled with far deadlines: every further request is refused, and none walks the ids.
+  // Filled with far deadlines by its only sender: every further request of that sender is refused.
   for (let now = 1; now < 1_000; now += 10) assert.equal(guard.remember(`x${now}`, 's', 20_000, now), 'full');
-  guard.prune(5_000);
-  assert.equal(guard.walks, 0, 'nothing can have expired: no walk');
   assert.equal(guard.remember('a', 's', 20_000, 5_000), 'replay');
-  // Past the earliest deadline a full guard walks once and takes the request in the room it made.
+  // Past the deadlines a full guard drops what expired and takes the request in the room it made.
   assert.equal(guard.remember('d', 's', 30_000, 10_001), 'ok');
-  assert.equal(guard.walks, 1);
   assert.equal(guard.size, 1);
   assert.equal(guard.remember('a', 's', 30_000, 10_002), 'ok', 'an expired id is forgotten');
   assert.equal(guard.remember('b', 's', 10_003 + 5, 10_003), 'ok');
-  // Full again; 'b' expires at 10,008. Within the interval after the last walk the guard answers 'full' without one.
+  // Full again; 'b' expires at 10,008. Within the interval after the last prune the guard answers 'full' without one.
   assert.equal(guard.remember('e', 's', 30_000, 10_050), 'full');
-  assert.equal(guard.walks, 1);
   assert.equal(guard.remember('e', 's', 30_000, 10_001 + ReplayGuard.PRUNE_WHEN_FULL_MS), 'ok');
-  assert.equal(guard.walks, 2);
+  assert.equal(guard.size, 3);
+  // Ids leave in deadline order whatever order they came in, and what a sender forgot leaves nothing behind.
+  const mixed = new ReplayGuard(100);
+  for (const [key, deadline] of [
+    ['p', 500],
+    ['q', 300],
+    ['r', 900],
+    ['t', 100],
+    ['u', 700],
+  ] as const)
+    mixed.remember(key, 's', deadline, 0);
+  mixed.forget('r');
+  mixed.forget('q');
+  for (const [now, left] of [
+    [200, 2],
+    [600, 1],
+    [800, 0],
+  ] as const) {
+    mixed.prune(now);
+    assert.equal(mixed.size, left, `at ${now}`);
+    assert.equal(mixed.heldBy('s'), left);
+  }
 });
 
-test("requests: a sender that fills the replay guard blocks its own requests, not the others' (each gets its share, 2 × limit at most)", () => {
+test('requests: a sender that fills the replay guard gives up places to other senders; none is kept out, however many act together', () => {
   const guard = new ReplayGuard(10);
   // Alone, one sender may fill the guard, and then is refused.
-  for (let i = 0; i < 10; i++) assert.equal(guard.remember(`a${i}`, 'mallory', 60_000, 0), 'ok');
-  assert.equal(guard.remember('a10', 'mallory', 60_000, 1), 'full');
-  // Another sender still gets in: two senders, a share of 5 each, counted past the limit.
-  for (let i = 0; i < 5; i++) assert.equal(guard.remember(`b${i}`, 'alice', 60_000, 2), 'ok');
-  assert.equal(guard.remember('b5', 'alice', 60_000, 3), 'full');
-  assert.equal(guard.remember('a11', 'mallory', 60_000, 4), 'full', 'still over its share');
-  assert.deepEqual([guard.size, guard.heldBy('mallory'), guard.heldBy('alice')], [15, 10, 5]);
-  // Replays are still refused as replays, whoever sends them.
-  assert.equal(guard.remember('b0', 'mallory', 60_000, 5), 'replay');
-  // Many senders: each still gets in while under limit ÷ senders, and the whole never passes 2 × limit.
-  let taken = 0;
-  for (let k = 0; k < 40; k++) if (guard.remember(`c${k}`, `sender${k}`, 60_000, 6) === 'ok') taken++;
-  assert.equal(guard.size, 15 + taken);
-  assert.ok(guard.size <= 20, `size ${guard.size}`);
-  assert.ok(taken >= 3, `${taken} newcomers got in`);
-  // What expires is given back to its sender.
-  const fresh = new ReplayGuard(4);
-  for (let i = 0; i < 4; i++) fresh.remember(`m${i}`, 'mallory', 1_000, 0);
-  fresh.remember('x', 'alice', 5_000, 0);
-  fresh.forget('x');
-  assert.equal(fresh.heldBy('alice'), 0);
-  assert.equal(fresh.remember('m4', 'mallory', 5_000, 2_000), 'ok', 'its expired ids made room');
-  assert.deepEqual([fresh.size, fresh.heldBy('mallory')], [1, 1]);
+  for (let i = 0; i < 10; i++) assert.equal(guard.remember(`a${i}`, 'mallory', 60_000 + i, 0), 'ok');
+  assert.equal(guard.remember('a10', 'mallory', 60_100, 1), 'full');
+  // Another sender takes places from her, her earliest deadlines first, until the two hold five each.
+  const alice = Array.from({ length: 7 }, (_, i) => guard.remember(`b${i}`, 'alice', 5_000, 2));
+  assert.deepEqual(alice, ['ok', 'ok', 'ok', 'ok', 'ok', 'full', 'full']);
+  assert.deepEqual([guard.size, guard.heldBy('mallory'), guard.heldBy('alice'), guard.givenUp], [10, 5, 5, 5]);
+  // A request of hers at or before the latest deadline given up could be one of those again: refused as such.
+  assert.equal(guard.remember('a0', 'mallory', 60_000, 3), 'given-up');
+  assert.equal(guard.remember('a-new', 'mallory', 60_004, 3), 'given-up');
+  // Replays of ids still held are replays, whoever sends them; her later deadlines wait for room like anyone's.
+  assert.equal(guard.remember('b0', 'mallory', 60_000, 4), 'replay');
+  assert.equal(guard.remember('a9', 'mallory', 60_009, 4), 'replay');
+  assert.equal(guard.remember('a11', 'mallory', 60_200, 4), 'full');
+
+  // Four senders acting together cannot keep a fifth out, nor one that came before them with fewer ids.
+  const shared = new ReplayGuard(12);
+  let k = 0;
+  for (const s of ['m1', 'm2', 'm3', 'm4']) while (shared.remember(`k${k++}`, s, 600_000, 0) === 'ok');
+  assert.equal(shared.size, 12);
+  assert.equal(shared.remember('alice-1', 'alice', 5_000, 1), 'ok');
+  const router = new ReplayGuard(100);
+  for (let i = 0; i < 30; i++) router.remember(`r${i}`, 'router', 10_000, 0);
+  for (let i = 0; i < 70; i++) router.remember(`m${i}`, 'mallory', 600_000, 0);
+  for (let i = 0; i < 2; i++) assert.equal(router.remember(`s${i}`, `sybil${i}`, 600_000, 0), 'ok');
+  assert.equal(router.remember('r30', 'router', 10_000, 1), 'ok', 'the router holds fewer than Mallory: she gives up a place');
+  assert.equal(router.heldBy('router'), 31);
+  assert.equal(router.size, 100, 'the bound holds');
+
+  // Expired floors go; a sender whose ids all expired starts afresh.
+  guard.prune(70_000);
+  assert.equal(guard.size, 0);
+  assert.equal(guard.remember('a0', 'mallory', 80_000, 70_000), 'ok');
 });
 
 test('requests: a receipt charges the units done (a cancelled one-shot run has none); deadline drops and late cancels are timeouts', () => {

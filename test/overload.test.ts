@@ -256,20 +256,18 @@ describe('agent request path', () => {
     const executor = new HeldExecutor(1);
     scheduler.addModel('m', 50, executor);
     requests.attach(scheduler);
-    const send = (deadlineInMs: number, sender = 'app') =>
-      requests.onRequest(
-        sender,
-        encodeMessage({
-          v: 1,
-          kind: 'req',
-          id: newRequestId(),
-          deadline: Date.now() + deadlineInMs,
-          model: 'm',
-          inputs: encodeTensorMap({ x: { dtype: 'float32', shape: [1], data: new Float32Array([1]) } }),
-        }),
-      );
+    const bytes = (id: Uint8Array, deadline: number) =>
+      encodeMessage({
+        v: 1,
+        kind: 'req',
+        id,
+        deadline,
+        model: 'm',
+        inputs: encodeTensorMap({ x: { dtype: 'float32', shape: [1], data: new Float32Array([1]) } }),
+      });
+    const send = (deadlineInMs: number, sender = 'app') => requests.onRequest(sender, bytes(newRequestId(), Date.now() + deadlineInMs));
     const codeOf = (r: { reply: InferReply | ErrorReply } | undefined) => (r?.reply.kind === 'err' ? r.reply.code : r?.reply.kind);
-    return { replies, counters, replays, executor, send, codeOf };
+    return { requests, replies, counters, replays, executor, bytes, send, codeOf };
   }
 
   test('a request the agent cannot serve in time gets a MESH_OVERLOADED reply at once, with its queue, and is counted', () => {
@@ -309,10 +307,65 @@ describe('agent request path', () => {
       assert.deepEqual(replies.at(-1)!.sender, 'alice');
       assert.equal(codeOf(replies.at(-1)), 'res');
     }
-    // And the flood's sender is still held to its share.
+    // Her five places came from the flood's sender, which holds no more than anyone now.
+    assert.deepEqual([replays.size, replays.heldBy('mallory'), replays.heldBy('alice')], [50, 45, 5]);
     send(590_000, 'mallory');
     assert.equal(codeOf(replies.at(-1)), 'MESH_BUSY');
-    assert.match((replies.at(-1)!.reply as ErrorReply).message, /your share/);
+    assert.match((replies.at(-1)!.reply as ErrorReply).message, /as many as any sender/);
+    // A deadline at the router's largest (10 minutes) from a sender whose clock runs 20 s ahead is still taken.
+    send(600_000 + 20_000, 'bob');
+    executor.finishOne(1);
+    assert.equal(codeOf(replies.at(-1)), 'res');
+  });
+
+  test('a request whose id was given up to make room is not run again, and its kept reply still comes back', () => {
+    const { requests, replies, replays, executor, bytes, codeOf } = requestPath(4);
+    const ids = Array.from({ length: 4 }, () => newRequestId());
+    const deadline = Date.now() + 60_000;
+    for (const [i, id] of ids.entries()) {
+      requests.onRequest('mallory', bytes(id, deadline + i));
+      executor.finishOne(1);
+    }
+    assert.equal(replies.filter((r) => r.reply.kind === 'res').length, 4);
+    // Alice takes two places: Mallory's two earliest ids are given up.
+    for (let i = 0; i < 2; i++) {
+      requests.onRequest('alice', bytes(newRequestId(), Date.now() + 5_000));
+      executor.finishOne(1);
+    }
+    assert.deepEqual([replays.heldBy('mallory'), replays.heldBy('alice'), replays.givenUp], [2, 2, 2]);
+    // Mallory sends her first request again (her connection dropped): its reply is still kept, so she gets it again.
+    const before = replies.length;
+    requests.onRequest('mallory', bytes(ids[0]!, deadline));
+    assert.equal(replies.length, before + 1);
+    assert.equal(codeOf(replies.at(-1)), 'res');
+    assert.equal(executor.runs.length, 0, 'not run again');
+    // A new id of hers with a deadline no later than one given up cannot be told from one of them: refused, not run.
+    requests.onRequest('mallory', bytes(newRequestId(), deadline));
+    assert.equal(codeOf(replies.at(-1)), 'MESH_BUSY');
+    assert.match((replies.at(-1)!.reply as ErrorReply).message, /later deadline/);
+    assert.equal(executor.runs.length, 0);
+  });
+
+  test("one sender's stream of requests sent and cancelled at once does not push out another sender's kept reply", () => {
+    const { requests, replies, executor, bytes, codeOf } = requestPath(10_000);
+    const aliceId = newRequestId();
+    const alice = bytes(aliceId, Date.now() + 60_000);
+    requests.onRequest('alice', alice);
+    executor.finishOne(1);
+    const first = replies.at(-1)!;
+    assert.equal(codeOf(first), 'res');
+    // Mallory holds the run slot, then sends and cancels 2,000 requests: each is answered and its reply kept.
+    requests.onRequest('mallory', bytes(newRequestId(), Date.now() + 60_000));
+    for (let i = 0; i < 2_000; i++) {
+      const id = newRequestId();
+      requests.onRequest('mallory', bytes(id, Date.now() + 60_000));
+      requests.onCancel('mallory', encodeMessage({ v: 1, kind: 'cancel', id }));
+    }
+    // Alice's connection dropped before her reply came: she sends the request again and gets the same reply.
+    requests.onRequest('alice', alice);
+    assert.equal(codeOf(replies.at(-1)), 'res');
+    assert.equal(replies.at(-1)!.sender, 'alice');
+    assert.deepEqual(replies.at(-1)!.reply, first.reply);
   });
 });
 

@@ -404,7 +404,7 @@ export function buildProgram(): Command {
     .option('--queue-limit <n>', 'queued requests per model before MESH_BUSY', positiveInt, 64)
     .option(
       '--max-deadline-ms <ms>',
-      "refuse a request whose deadline is further ahead than this (MESH_BAD_REQUEST): its id would hold a place in the agent's replay guard until then (default 600000)",
+      "refuse a request whose deadline is further ahead than this (MESH_BAD_REQUEST): its id would hold a place in the agent's replay guard until then (default 660000: ten minutes and one for clocks)",
       positiveInt,
     )
     .option(

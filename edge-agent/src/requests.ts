@@ -39,40 +39,109 @@ import type { LoadedModel } from './worker-protocol.ts';
 const MAX_CANCEL_BYTES = 1024;
 const MAX_VOUCHER_BYTES = 4096;
 
-export type Remembered = 'ok' | 'replay' | 'full';
+export type Remembered = 'ok' | 'replay' | 'full' | 'given-up';
 
 /**
- * How far ahead a request's deadline may be by default (10 minutes, the router's largest `deadline_ms`): the agent
- * remembers a request's id until its deadline, so a later one would hold its place in the replay guard for as long.
+ * How far ahead a request's deadline may be by default: 10 minutes (the router's largest `deadline_ms`) and a minute
+ * more for a sender whose clock runs ahead of the agent's. The agent remembers a request's id until its deadline, so
+ * a later one would hold its place in the replay guard for as long.
  */
-export const DEFAULT_MAX_DEADLINE_MS = 600_000;
+export const DEFAULT_MAX_DEADLINE_MS = 660_000;
+
+/** One sender's remembered ids, a min-heap by deadline (entries whose id was forgotten stay until they surface). */
+class DeadlineHeap {
+  readonly deadlines: number[] = [];
+  readonly keys: string[] = [];
+
+  get length(): number {
+    return this.keys.length;
+  }
+
+  push(deadline: number, key: string): void {
+    const d = this.deadlines;
+    const k = this.keys;
+    let i = d.length;
+    d.push(deadline);
+    k.push(key);
+    while (i > 0) {
+      const parent = (i - 1) >> 1;
+      if (d[parent]! <= deadline) break;
+      d[i] = d[parent]!;
+      k[i] = k[parent]!;
+      i = parent;
+    }
+    d[i] = deadline;
+    k[i] = key;
+  }
+
+  /** Drops the last entry pushed if it is `key` (a forget right after its remember leaves nothing behind). */
+  dropLast(key: string): boolean {
+    if (this.keys.at(-1) !== key) return false;
+    this.keys.pop();
+    this.deadlines.pop();
+    return true;
+  }
+
+  pop(): void {
+    const d = this.deadlines;
+    const k = this.keys;
+    const lastD = d.pop()!;
+    const lastK = k.pop()!;
+    const n = d.length;
+    if (n === 0) return;
+    let i = 0;
+    for (;;) {
+      const left = 2 * i + 1;
+      if (left >= n) break;
+      const right = left + 1;
+      const child = right < n && d[right]! < d[left]! ? right : left;
+      if (d[child]! >= lastD) break;
+      d[i] = d[child]!;
+      k[i] = k[child]!;
+      i = child;
+    }
+    d[i] = lastD;
+    k[i] = lastK;
+  }
+
+  /** Keeps only the entries `live` says are still remembered, as a heap again. */
+  rebuild(live: (key: string, deadline: number) => boolean): void {
+    const entries = this.keys.map((key, i) => [this.deadlines[i]!, key] as const).filter(([d, key]) => live(key, d));
+    this.keys.length = 0;
+    this.deadlines.length = 0;
+    for (const [d, key] of entries) this.push(d, key);
+  }
+}
 
 /**
  * Request ids seen and not yet expired, each until its deadline, so a replayed (or redelivered)
  * request is refused and never runs twice.
  *
- * Bounded, and fair between senders. Below `limit` ids every request is remembered. At `limit` and above,
- * a sender's request is taken only while that sender holds fewer ids than its share (`limit` over the
- * senders holding ids, this one counted), up to twice `limit` in all; beyond, it is refused ('full')
- * until some expire. So a sender that filled the guard by itself (far deadlines, or a flood the queue
- * refused) blocks its own requests, not everyone's: any other sender still gets its share. The memory
- * bound is `2 × limit` ids.
+ * Bounded at `limit` ids, and fair between senders. While there is room every request is remembered. When the
+ * guard is full, a sender holding at least two fewer ids than the sender holding the most takes a place from that
+ * sender: its id with the earliest deadline is given up. So no sender, nor several acting together, can keep
+ * another out: each newcomer takes places from the largest holder until their counts differ by at most one.
  *
- * Making room walks every id, so it is done only when an id can have expired (the earliest deadline
- * remembered has passed) and, while the guard stays full, at most once per PRUNE_WHEN_FULL_MS: a full
- * guard answers without a walk, so requests arriving then cost no more than any other refusal.
+ * Giving an id up must not let its request run twice, so each sender has a floor: the latest deadline of its ids
+ * given up. A request from that sender with a deadline at or before its floor could be one of them sent again, and
+ * is refused ('given-up'); its later requests are not affected. Only the sender holding the most pays for that.
+ *
+ * Each sender's ids are kept in a heap by deadline, so expiring ids (`prune`) and giving one up cost the ids
+ * dropped, not a walk over all of them. A full guard prunes before it gives up a place, at most once per
+ * PRUNE_WHEN_FULL_MS.
  */
 export class ReplayGuard {
-  /** While full, the least time between two walks to make room. */
+  /** While full, the least time between two prunes. */
   static readonly PRUNE_WHEN_FULL_MS = 100;
   private readonly seen = new Map<string, { deadline: number; sender: string }>();
+  private readonly bySender = new Map<string, DeadlineHeap>();
   /** Ids remembered per sender. */
   private readonly held = new Map<string, number>();
-  /** No remembered deadline is earlier than this (it may be earlier than the true minimum after a forget). */
-  private earliest = Number.POSITIVE_INFINITY;
+  /** Per sender, the latest deadline of an id given up to make room. */
+  private readonly floors = new Map<string, number>();
   private lastFullPrune = Number.NEGATIVE_INFINITY;
-  /** Walks over the remembered ids so far (prune calls that found something could have expired). */
-  walks = 0;
+  /** Ids given up so far to make room for other senders. */
+  givenUp = 0;
 
   constructor(readonly limit: number) {}
 
@@ -85,21 +154,30 @@ export class ReplayGuard {
     return this.held.get(sender) ?? 0;
   }
 
+  /** Whether `key` is remembered. */
+  has(key: string): boolean {
+    return this.seen.has(key);
+  }
+
   /**
-   * 'replay' when `key` is remembered, 'full' when no room is left for this sender, else 'ok'. A request
-   * whose deadline has passed is not remembered: the scheduler refuses it, and any replay of it, anyway.
+   * 'replay' when `key` is remembered; 'given-up' when its deadline is at or before the latest of its sender's ids
+   * given up to make room (it cannot be told from one of them); 'full' when there is no room and `sender` holds as
+   * many as anyone (within one); else 'ok'. A request whose deadline has passed is not remembered: the scheduler
+   * refuses it, and any replay of it, anyway.
    */
   remember(key: string, sender: string, deadline: number, nowMs: number): Remembered {
     if (this.seen.has(key)) return 'replay';
     if (deadline < nowMs) return 'ok';
-    if (this.seen.size >= this.limit && !this.hasRoom(sender) && nowMs - this.lastFullPrune >= ReplayGuard.PRUNE_WHEN_FULL_MS) {
-      this.lastFullPrune = nowMs;
-      this.prune(nowMs);
-    }
-    if (this.seen.size >= this.limit && !this.hasRoom(sender)) return 'full';
+    if (deadline <= (this.floors.get(sender) ?? Number.NEGATIVE_INFINITY)) return 'given-up';
+    if (this.seen.size >= this.limit && !this.makeRoom(sender, nowMs)) return 'full';
     this.seen.set(key, { deadline, sender });
     this.held.set(sender, this.heldBy(sender) + 1);
-    if (deadline < this.earliest) this.earliest = deadline;
+    let heap = this.bySender.get(sender);
+    if (!heap) {
+      heap = new DeadlineHeap();
+      this.bySender.set(sender, heap);
+    }
+    heap.push(deadline, key);
     return 'ok';
   }
 
@@ -108,34 +186,69 @@ export class ReplayGuard {
     const entry = this.seen.get(key);
     if (!entry) return;
     this.seen.delete(key);
-    this.release(entry.sender);
+    const held = this.release(entry.sender);
+    const heap = this.bySender.get(entry.sender);
+    if (!heap || heap.dropLast(key)) return;
+    // Left in the heap until it surfaces; a sender that forgets many out of order has its heap compacted.
+    if (heap.length > 2 * held + 64) heap.rebuild((k, d) => this.isLive(k, d));
   }
 
+  /** Drops the ids whose deadline has passed, and the floors that have. */
   prune(nowMs: number): void {
-    if (this.earliest >= nowMs) return;
-    this.walks++;
-    let earliest = Number.POSITIVE_INFINITY;
-    for (const [key, entry] of this.seen) {
-      if (entry.deadline < nowMs) {
-        this.seen.delete(key);
-        this.release(entry.sender);
-      } else if (entry.deadline < earliest) earliest = entry.deadline;
+    for (const [sender, heap] of this.bySender) {
+      while (heap.length > 0 && heap.deadlines[0]! < nowMs) {
+        const key = heap.keys[0]!;
+        if (this.isLive(key, heap.deadlines[0]!)) {
+          this.seen.delete(key);
+          this.release(sender);
+        }
+        heap.pop();
+      }
+      if (heap.length === 0) this.bySender.delete(sender);
     }
-    this.earliest = earliest;
+    for (const [sender, floor] of this.floors) if (floor < nowMs) this.floors.delete(sender);
   }
 
-  /** At or over `limit`: whether `sender` is still under its share, and the guard under twice `limit`. */
-  private hasRoom(sender: string): boolean {
-    if (this.seen.size >= 2 * this.limit) return false;
-    const own = this.heldBy(sender);
-    const senders = this.held.size + (own === 0 ? 1 : 0);
-    return own < this.limit / senders;
+  /** At `limit`: prune (rate-limited), then take a place from the largest holder if `sender` holds two fewer. */
+  private makeRoom(sender: string, nowMs: number): boolean {
+    if (nowMs - this.lastFullPrune >= ReplayGuard.PRUNE_WHEN_FULL_MS) {
+      this.lastFullPrune = nowMs;
+      this.prune(nowMs);
+      if (this.seen.size < this.limit) return true;
+    }
+    let top: string | undefined;
+    let most = 0;
+    for (const [s, n] of this.held) {
+      if (n > most) {
+        top = s;
+        most = n;
+      }
+    }
+    if (top === undefined || this.heldBy(sender) + 1 >= most) return false;
+    const heap = this.bySender.get(top)!;
+    while (heap.length > 0) {
+      const key = heap.keys[0]!;
+      const deadline = heap.deadlines[0]!;
+      heap.pop();
+      if (!this.isLive(key, deadline)) continue;
+      this.seen.delete(key);
+      this.release(top);
+      this.floors.set(top, Math.max(this.floors.get(top) ?? Number.NEGATIVE_INFINITY, deadline));
+      this.givenUp++;
+      return true;
+    }
+    return false;
   }
 
-  private release(sender: string): void {
+  private isLive(key: string, deadline: number): boolean {
+    return this.seen.get(key)?.deadline === deadline;
+  }
+
+  private release(sender: string): number {
     const n = this.heldBy(sender) - 1;
     if (n > 0) this.held.set(sender, n);
     else this.held.delete(sender);
+    return Math.max(0, n);
   }
 }
 
@@ -226,20 +339,47 @@ const KEPT_REPLY_BYTES = 16 * 1024 * 1024;
  * The replies sent lately, by request id, until their request's deadline: a sender whose connection dropped with the
  * reply in flight sends the same request again (same id), and gets the same reply back (the same receipt, so nothing is
  * billed twice and nothing runs twice). Only to the sender the reply was for.
+ *
+ * Bounded in count and bytes, and shared between senders: past a bound, expired replies go first, then the oldest
+ * reply of the sender holding the most (by count past the count bound, by bytes past the byte bound). So one sender's
+ * stream of cheap requests (sent and cancelled at once, say) cannot push out every other sender's kept replies.
  */
 class SentReplies {
   private readonly byKey = new Map<string, { senderId: string; bytes: Buffer; expiresAt: number }>();
   private bytes = 0;
+  /** Per sender: replies kept and their bytes. */
+  private readonly bySender = new Map<string, { count: number; bytes: number }>();
 
   keep(key: string, senderId: string, bytes: Buffer, expiresAt: number): void {
     if (bytes.byteLength > KEPT_REPLY_BYTES / 4) return;
     this.drop(key);
     this.byKey.set(key, { senderId, bytes, expiresAt });
     this.bytes += bytes.byteLength;
+    const own = this.bySender.get(senderId) ?? { count: 0, bytes: 0 };
+    own.count++;
+    own.bytes += bytes.byteLength;
+    this.bySender.set(senderId, own);
+    if (this.byKey.size <= KEPT_REPLIES && this.bytes <= KEPT_REPLY_BYTES) return;
     const now = Date.now();
     for (const [k, v] of this.byKey) {
-      if (this.byKey.size <= KEPT_REPLIES && this.bytes <= KEPT_REPLY_BYTES && v.expiresAt > now) break;
+      if (v.expiresAt > now) break;
       this.drop(k);
+    }
+    while (this.byKey.size > KEPT_REPLIES || this.bytes > KEPT_REPLY_BYTES) {
+      const by = this.byKey.size > KEPT_REPLIES ? 'count' : 'bytes';
+      let top: string | undefined;
+      let most = -1;
+      for (const [s, held] of this.bySender) {
+        if (held[by] > most) {
+          top = s;
+          most = held[by];
+        }
+      }
+      for (const [k, v] of this.byKey) {
+        if (v.senderId !== top) continue;
+        this.drop(k);
+        break;
+      }
     }
   }
 
@@ -259,6 +399,10 @@ class SentReplies {
     if (!kept) return;
     this.bytes -= kept.bytes.byteLength;
     this.byKey.delete(key);
+    const held = this.bySender.get(kept.senderId)!;
+    held.count--;
+    held.bytes -= kept.bytes.byteLength;
+    if (held.count === 0) this.bySender.delete(kept.senderId);
   }
 }
 
@@ -449,7 +593,9 @@ export class AgentRequests {
     const key = requestIdHex(request.id);
     const now = Date.now();
     const { maxDeadlineMs = DEFAULT_MAX_DEADLINE_MS } = this.options;
-    if (request.deadline - now > maxDeadlineMs) {
+    // A request sent again keeps its deadline, which a clock stepped back may now put too far ahead: the replay check
+    // answers it as before.
+    if (request.deadline - now > maxDeadlineMs && !replays.has(key)) {
       this.replyError(
         senderId,
         request.id,
@@ -458,20 +604,32 @@ export class AgentRequests {
       return;
     }
     const remembered = replays.remember(key, senderId, request.deadline, now);
-    if (remembered === 'replay') {
-      counters.replays++;
+    if (remembered === 'replay' || remembered === 'given-up') {
       // Its sender lost the connection before the reply came back and sent it again: the same reply again, or, while it
       // still runs, the reply when it is done. Nothing runs or is billed twice.
       const kept = this.sent.get(key, senderId);
       if (kept) {
+        counters.replays++;
         logger.debug({ senderId, requestId: key }, 'request sent again: its reply redelivered');
         this.options.reply(senderId, kept);
         return;
       }
       if (this.scheduler?.holds?.(key)) {
+        counters.replays++;
         logger.debug({ senderId, requestId: key }, 'request sent again while it runs');
         return;
       }
+      if (remembered === 'given-up') {
+        // Its sender held the most of the guard, and ids of its with deadlines up to this one's were given up to make
+        // room for others: this may be one of them again. A later deadline is taken.
+        this.replyError(
+          senderId,
+          request.id,
+          new MeshError('MESH_BUSY', `${agentId} gave up older request ids of yours to make room; send with a later deadline`),
+        );
+        return;
+      }
+      counters.replays++;
       logger.debug({ senderId, requestId: key }, 'replayed request id refused');
       this.replyError(senderId, request.id, new MeshError('MESH_BAD_REQUEST', `replayed request id ${key}`));
       return;
@@ -482,7 +640,7 @@ export class AgentRequests {
         request.id,
         new MeshError(
           'MESH_BUSY',
-          `${agentId} remembers ${replays.heldBy(senderId)} unexpired request ids of yours, your share of its ${replays.limit}; try again later`,
+          `${agentId} remembers ${replays.limit} unexpired request ids, ${replays.heldBy(senderId)} of them yours, as many as any sender's; try again later`,
         ),
       );
       return;

@@ -114,11 +114,12 @@ export interface AgentOptions {
   awaitAnnounce?: boolean;
   /**
    * Request ids are remembered until their deadline, so a replayed (or redelivered) request is refused and
-   * never run twice. When this many are remembered, new requests get MESH_BUSY until some expire.
+   * never run twice. When this many are remembered, a sender holding at least two fewer than the sender holding
+   * the most takes a place from it; others get MESH_BUSY until some expire (ReplayGuard).
    */
   maxRememberedRequests?: number;
   /**
-   * How far ahead of the agent's clock a request's deadline may be (default 600,000 ms, 10 minutes); a request with a
+   * How far ahead of the agent's clock a request's deadline may be (default 660,000 ms: 10 minutes and 1 for clocks); a request with a
    * later one is refused MESH_BAD_REQUEST before its id is remembered.
    */
   maxDeadlineMs?: number;
