@@ -25,8 +25,10 @@ import {
   topics,
   verifyStatus,
 } from '@edge-mesh/protocol';
+import mqtt from 'mqtt';
+import pino from 'pino';
 // The agent's modules are internal to its package; the tests reach them by path, as its own tests would.
-import { routeTopic } from '../edge-agent/src/connection.ts';
+import { AgentLink, routeTopic } from '../edge-agent/src/connection.ts';
 import { AgentDeployments, type DeployHooks } from '../edge-agent/src/deploy.ts';
 import { Faults } from '../edge-agent/src/faults.ts';
 import { checkInputs, describeModels } from '../edge-agent/src/models.ts';
@@ -37,7 +39,7 @@ import { Scheduler } from '../edge-agent/src/scheduler.ts';
 import { loadReport, StatusBoard } from '../edge-agent/src/status.ts';
 import { newAgentCounters } from '../edge-agent/src/types.ts';
 import type { LoadedModel } from '../edge-agent/src/worker-protocol.ts';
-import { modelsDir, quiet } from './helpers.ts';
+import { brokerFor, modelsDir, quiet, waitFor } from './helpers.ts';
 
 const meshCode = (code: string) => (err: unknown) => err instanceof MeshError && err.code === code;
 
@@ -204,6 +206,39 @@ test('requests: a sender that fills the replay guard gives up places to other se
   assert.equal(guard.remember('a0', 'mallory', 80_000, 70_000), 'ok');
 });
 
+test('requests: an id forgotten by one sender and then sent by another is counted for that other sender only', () => {
+  // Mallory forgets an id out of order (a payment refusal), which leaves her heap entry behind, and Eve sends the same
+  // id with the same deadline. Mallory's leftover entry must neither release Eve's id nor be given up in its place.
+  const guard = new ReplayGuard(5);
+  for (const key of ['y1', 'y2', 'y3']) guard.remember(key, 'mallory', 500_000, 0);
+  guard.remember('x', 'mallory', 1_000, 0);
+  guard.forget('x');
+  assert.equal(guard.remember('x', 'eve', 1_000, 0), 'ok');
+  guard.remember('z', 'carol', 100, 0);
+  assert.equal(guard.size, 5);
+  // Full: Dave takes a place from Mallory, the top holder. Eve's 'x' stays remembered.
+  assert.equal(guard.remember('n', 'dave', 500_000, 0), 'ok');
+  assert.equal(guard.remember('x', 'eve', 1_000, 200), 'replay', "Eve's request is not taken a second time");
+  assert.deepEqual(
+    ['mallory', 'eve', 'carol', 'dave'].map((s) => guard.heldBy(s)),
+    [2, 1, 1, 1],
+  );
+  // When the deadlines pass, each sender's count goes to zero, and a full guard still makes room for a newcomer.
+  const counts = new ReplayGuard(4);
+  counts.remember('y', 'mallory', 500_000, 0);
+  for (let i = 0; i < 3; i++) {
+    counts.remember(`x${i}`, 'mallory', 1_000 - i, 0);
+    counts.forget(`x${i}`);
+    assert.equal(counts.remember(`x${i}`, 'eve', 1_000 - i, 0), 'ok');
+  }
+  counts.prune(10_000);
+  assert.deepEqual([counts.size, counts.heldBy('mallory'), counts.heldBy('eve')], [1, 1, 0]);
+  for (let i = 0; i < 3; i++) counts.remember(`c${i}`, `c${i}`, 500_000, 10_001);
+  assert.equal(counts.size, 4);
+  assert.equal(counts.remember('alice-1', 'alice', 20_000, 10_001), 'full', 'everyone holds one: no place to take');
+  assert.equal(counts.remember('y-more', 'mallory', 600_000, 10_001), 'full');
+});
+
 test('requests: a receipt charges the units done (a cancelled one-shot run has none); deadline drops and late cancels are timeouts', () => {
   const err = (code: ConstructorParameters<typeof MeshError>[0]) => new MeshError(code, 'x');
   assert.equal(receiptStatus(undefined, false), RECEIPT_STATUS.ok);
@@ -234,6 +269,57 @@ test('connection: topics route by kind to an authenticated sender; anything else
   assert.equal(routeTopic(agent, topics.agentRequest(agent, 'Not An Id')), undefined);
   assert.equal(routeTopic(agent, topics.agentRequest(generateIdentity('agent').id, app)), undefined);
   assert.equal(routeTopic(agent, topics.agentStatus(agent)), undefined);
+});
+
+test('connection: a message handler that throws is counted and logged, and the next message is served', async (t) => {
+  const broker = await brokerFor(t);
+  const identity = generateIdentity('agent');
+  const app = generateIdentity('app').id;
+  const counters = newAgentCounters();
+  const errors: string[] = [];
+  const logger = pino({ level: 'error' }, { write: (line: string) => void errors.push(line) });
+  const served: string[] = [];
+  const board = new StatusBoard({
+    identity,
+    models: [],
+    hardware: { platform: 'linux', arch: 'x64', cpus: 2, cpuModel: 'x', memoryMb: 512 },
+    providers: ['cpu'],
+    workers: 1,
+    queueLimit: 8,
+  });
+  const link = new AgentLink({
+    brokerUrl: broker.url,
+    brokerAccess: {},
+    identity,
+    ephemeral: true,
+    keepaliveS: 10,
+    backoff: undefined,
+    will: board.offlinePayload,
+    retainStatus: false,
+    vouchers: false,
+    status: () => board.status(),
+    handlers: {
+      request: (_sender, payload) => {
+        if (payload.toString() === 'boom') throw new Error('a bug this message reaches');
+        served.push(payload.toString());
+      },
+      cancel: () => {},
+      voucher: () => {},
+    },
+    onUnauthorized: () => {},
+    counters,
+    faults: new Faults(),
+    logger,
+  });
+  t.after(() => link.close());
+  await link.announced;
+  const client = await mqtt.connectAsync(broker.url, { clientId: app, reconnectPeriod: 0 });
+  t.after(() => client.endAsync());
+  for (const body of ['boom', 'after']) await client.publishAsync(topics.agentRequest(identity.id, app), Buffer.from(body), { qos: 1 });
+  await waitFor(() => served.length === 1, 5_000, 'the message after the failing one');
+  assert.deepEqual(served, ['after']);
+  assert.equal(counters.errors.MESH_INTERNAL, 1);
+  assert.match(errors.join(''), /message handler failed/);
 });
 
 test('status: signed and verifiable, one session for the status and the will, injected slowness in the load report', () => {

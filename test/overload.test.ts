@@ -199,6 +199,46 @@ describe('agent admission', () => {
     for (const key of displaced) assert.equal(r.finished.filter((f) => f.key === key).length, 1, 'answered once');
   });
 
+  test('a job that runs in units and has started keeps its place in a full queue; a job not started gives it up', () => {
+    let now = 1_000_000;
+    const finished: { key: string; code: string | undefined; done: number | undefined }[] = [];
+    const scheduler = new Scheduler(
+      2,
+      (job, err) => finished.push({ key: job.key, code: err?.code, done: job.units?.done }),
+      () => now,
+    );
+    const executor = new HeldExecutor(1);
+    scheduler.addModel('stream', 1, executor);
+    scheduler.addModel('m', 1, executor);
+    let n = 0;
+    const job = (model: string, deadlineInMs: number, senderId: string, units?: number): Job => ({
+      key: `j${n++}`,
+      id: new Uint8Array(16),
+      senderId,
+      model,
+      inputs: {},
+      deadline: now + deadlineInMs,
+      receivedAt: 0,
+      ...(units ? { units: { total: units, every: 10, done: 0, reported: 0, parts: [], execMs: 0 } } : {}),
+    });
+    const long = job('stream', 60_000, 'mallory', 5);
+    scheduler.submit(long);
+    scheduler.submit(job('m', 1_000, 'mallory'));
+    const waiting = job('stream', 30_000, 'mallory');
+    scheduler.submit(waiting);
+    // Its first unit done, the long job waits between units while the other model's earlier deadline runs.
+    executor.finishOne(1);
+    now += 1;
+    // Alice's request takes the place of Mallory's job that has not started, not of the one between units.
+    scheduler.submit(job('stream', 5_000, 'alice'));
+    assert.deepEqual(finished, [{ key: waiting.key, code: 'MESH_BUSY', done: undefined }]);
+    assert.throws(
+      () => scheduler.submit(job('stream', 5_000, 'bob')),
+      (e: MeshError) => e.code === 'MESH_BUSY',
+    );
+    assert.equal(long.units!.done, 1);
+  });
+
   test('an accepted job that expires in the queue is dropped with MESH_DEADLINE_EXCEEDED, not run', () => {
     const r = rig(1, 10);
     r.refusal(r.job(1_000));

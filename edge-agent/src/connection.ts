@@ -358,7 +358,14 @@ export class AgentLink {
         return;
       }
       if (route.kind === 'request') this.holdWrites();
-      handlers[route.kind](route.senderId, payload);
+      try {
+        handlers[route.kind](route.senderId, payload);
+      } catch (err) {
+        // A bug that one message reaches must not end the agent (mqtt.js calls this listener without a catch, so a
+        // throw would be uncaught): counted, logged, and the next message is served.
+        options.counters.errors.MESH_INTERNAL = (options.counters.errors.MESH_INTERNAL ?? 0) + 1;
+        options.logger.error({ err: (err as Error).message, kind: route.kind, senderId: route.senderId }, 'message handler failed');
+      }
     });
   }
 

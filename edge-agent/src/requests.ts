@@ -190,7 +190,7 @@ export class ReplayGuard {
     const heap = this.bySender.get(entry.sender);
     if (!heap || heap.dropLast(key)) return;
     // Left in the heap until it surfaces; a sender that forgets many out of order has its heap compacted.
-    if (heap.length > 2 * held + 64) heap.rebuild((k, d) => this.isLive(k, d));
+    if (heap.length > 2 * held + 64) heap.rebuild((k, d) => this.isLive(k, d, entry.sender));
   }
 
   /** Drops the ids whose deadline has passed, and the floors that have. */
@@ -198,7 +198,7 @@ export class ReplayGuard {
     for (const [sender, heap] of this.bySender) {
       while (heap.length > 0 && heap.deadlines[0]! < nowMs) {
         const key = heap.keys[0]!;
-        if (this.isLive(key, heap.deadlines[0]!)) {
+        if (this.isLive(key, heap.deadlines[0]!, sender)) {
           this.seen.delete(key);
           this.release(sender);
         }
@@ -224,13 +224,13 @@ export class ReplayGuard {
         most = n;
       }
     }
-    if (top === undefined || this.heldBy(sender) + 1 >= most) return false;
-    const heap = this.bySender.get(top)!;
+    const heap = top === undefined ? undefined : this.bySender.get(top);
+    if (top === undefined || !heap || this.heldBy(sender) + 1 >= most) return false;
     while (heap.length > 0) {
       const key = heap.keys[0]!;
       const deadline = heap.deadlines[0]!;
       heap.pop();
-      if (!this.isLive(key, deadline)) continue;
+      if (!this.isLive(key, deadline, top)) continue;
       this.seen.delete(key);
       this.release(top);
       this.floors.set(top, Math.max(this.floors.get(top) ?? Number.NEGATIVE_INFINITY, deadline));
@@ -240,8 +240,14 @@ export class ReplayGuard {
     return false;
   }
 
-  private isLive(key: string, deadline: number): boolean {
-    return this.seen.get(key)?.deadline === deadline;
+  /**
+   * Whether a heap entry of `sender` is still its remembered id. An id is remembered for one sender at a time, but a
+   * sender that forgot an id leaves its entry behind, and another sender may then have the same id remembered: the
+   * sender is part of the check, or one sender's stale entry would release the other's id.
+   */
+  private isLive(key: string, deadline: number, sender: string): boolean {
+    const entry = this.seen.get(key);
+    return entry !== undefined && entry.deadline === deadline && entry.sender === sender;
   }
 
   private release(sender: string): number {

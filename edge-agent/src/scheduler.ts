@@ -75,7 +75,9 @@ export function displacedBy(queue: readonly Job[], senderId: string): Job | unde
   }
   if (top === undefined || (held.get(senderId) ?? 0) + 1 >= most) return undefined;
   let victim: Job | undefined;
-  for (const j of queue) if (j.senderId === top && (!victim || j.deadline >= victim.deadline)) victim = j;
+  // A job that runs in units and has started (units.ts: it waits in the queue between units) is not given up: its
+  // units done would be lost unpaid.
+  for (const j of queue) if (j.senderId === top && !(j.units && j.units.done > 0) && (!victim || j.deadline >= victim.deadline)) victim = j;
   return victim;
 }
 
