@@ -178,9 +178,10 @@ test('requests: a sender that fills the replay guard gives up places to other se
   const alice = Array.from({ length: 7 }, (_, i) => guard.remember(`b${i}`, 'alice', 5_000, 2));
   assert.deepEqual(alice, ['ok', 'ok', 'ok', 'ok', 'ok', 'full', 'full']);
   assert.deepEqual([guard.size, guard.heldBy('mallory'), guard.heldBy('alice'), guard.givenUp], [10, 5, 5, 5]);
-  // A request of hers at or before the latest deadline given up could be one of those again: refused as such.
-  assert.equal(guard.remember('a0', 'mallory', 60_000, 3), 'given-up');
-  assert.equal(guard.remember('a-new', 'mallory', 60_004, 3), 'given-up');
+  // Her given-up ids are set aside, still known: sent again, each is a replay.
+  assert.equal(guard.setAside, 5);
+  assert.equal(guard.remember('a0', 'mallory', 60_000, 3), 'replay');
+  assert.equal(guard.remember('a4', 'mallory', 60_004, 3), 'replay');
   // Replays of ids still held are replays, whoever sends them; her later deadlines wait for room like anyone's.
   assert.equal(guard.remember('b0', 'mallory', 60_000, 4), 'replay');
   assert.equal(guard.remember('a9', 'mallory', 60_009, 4), 'replay');
@@ -204,6 +205,40 @@ test('requests: a sender that fills the replay guard gives up places to other se
   guard.prune(70_000);
   assert.equal(guard.size, 0);
   assert.equal(guard.remember('a0', 'mallory', 80_000, 70_000), 'ok');
+});
+
+test('requests: once as many ids as the limit are set aside, a given-up id leaves its sender a floor instead', () => {
+  const guard = new ReplayGuard(3);
+  let now = 0;
+  for (let i = 0; i < 3; i++) guard.remember(`m${i}`, 'mallory', 100_000 + i, now);
+  // Alice's short requests each take a place from Mallory, and expire; Mallory fills the room again.
+  for (let round = 0; round < 4; round++) {
+    assert.equal(guard.remember(`a${round}`, 'alice', now + 10, now), 'ok');
+    now += 200;
+    guard.prune(now);
+    assert.equal(guard.remember(`m${3 + round}`, 'mallory', 100_003 + round, now), 'ok');
+  }
+  assert.deepEqual([guard.givenUp, guard.setAside, guard.size], [4, 3, 3]);
+  // The fourth given-up id (m3, deadline 100,003) found the store full: Mallory's floor is its deadline. Her requests
+  // with a deadline at or before it cannot be told from it, and are refused; a later one waits for room as anyone's.
+  assert.equal(guard.remember('m3', 'mallory', 100_003, now), 'given-up');
+  assert.equal(guard.remember('new', 'mallory', 100_002, now), 'given-up');
+  assert.equal(guard.remember('later', 'mallory', 200_000, now), 'full');
+  // Alice is not affected; the ids set aside are still replays.
+  assert.equal(guard.remember('m0', 'mallory', 100_000, now), 'replay');
+  assert.equal(guard.remember('a-next', 'alice', now + 10, now), 'ok');
+  // Past the deadlines, all of it goes.
+  guard.prune(300_000);
+  assert.deepEqual([guard.size, guard.setAside], [0, 0]);
+  assert.equal(guard.remember('new', 'mallory', 400_000, 300_000), 'ok');
+  // Before that store is full, a sender that gave up a ten-minute id still has its two-second requests taken.
+  const mixed = new ReplayGuard(10);
+  for (let i = 0; i < 9; i++) mixed.remember(`r${i}`, 'router', 600_000, 0);
+  mixed.remember('m0', 'mallory', 600_000, 0);
+  assert.equal(mixed.remember('a0', 'alice', 5_000, 1), 'ok');
+  assert.equal(mixed.setAside, 1);
+  mixed.prune(6_000);
+  assert.equal(mixed.remember('r-interactive', 'router', 8_000, 6_000), 'ok');
 });
 
 test('requests: an id forgotten by one sender and then sent by another is counted for that other sender only', () => {

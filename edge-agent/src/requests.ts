@@ -117,14 +117,17 @@ class DeadlineHeap {
  * Request ids seen and not yet expired, each until its deadline, so a replayed (or redelivered)
  * request is refused and never runs twice.
  *
- * Bounded at `limit` ids, and fair between senders. While there is room every request is remembered. When the
+ * Bounded at `limit` ids held (and as many set aside, below), and fair between senders. While there is room every request is remembered. When the
  * guard is full, a sender holding at least two fewer ids than the sender holding the most takes a place from that
  * sender: its id with the earliest deadline is given up. So no sender, nor several acting together, can keep
  * another out: each newcomer takes places from the largest holder until their counts differ by at most one.
  *
- * Giving an id up must not let its request run twice, so each sender has a floor: the latest deadline of its ids
- * given up. A request from that sender with a deadline at or before its floor could be one of them sent again, and
- * is refused ('given-up'); its later requests are not affected. Only the sender holding the most pays for that.
+ * Giving an id up must not let its request run twice. A given-up id is set aside: no longer counted for its sender,
+ * still known as a replay until its deadline, up to `limit` of them (so the guard knows at most twice `limit` ids).
+ * Only when that store is full does a given-up id leave a coarser trace: its sender's floor, the latest deadline
+ * given up this way. A request from that sender with a deadline at or before its floor could be one of them sent
+ * again, and is refused ('given-up'); its later requests are not affected. Only the sender holding the most pays for
+ * this, and only once `limit` ids were given up within their deadlines.
  *
  * Each sender's ids are kept in a heap by deadline, so expiring ids (`prune`) and giving one up cost the ids
  * dropped, not a walk over all of them. A full guard prunes before it gives up a place, at most once per
@@ -137,7 +140,10 @@ export class ReplayGuard {
   private readonly bySender = new Map<string, DeadlineHeap>();
   /** Ids remembered per sender. */
   private readonly held = new Map<string, number>();
-  /** Per sender, the latest deadline of an id given up to make room. */
+  /** Ids given up to make room, by id: their deadlines (at most `limit`). */
+  private readonly aside = new Map<string, number>();
+  private readonly asideHeap = new DeadlineHeap();
+  /** Per sender, the latest deadline of an id given up when `limit` ids were set aside already. */
   private readonly floors = new Map<string, number>();
   private lastFullPrune = Number.NEGATIVE_INFINITY;
   /** Ids given up so far to make room for other senders. */
@@ -154,9 +160,14 @@ export class ReplayGuard {
     return this.held.get(sender) ?? 0;
   }
 
-  /** Whether `key` is remembered. */
+  /** Whether `key` is remembered (held or set aside). */
   has(key: string): boolean {
-    return this.seen.has(key);
+    return this.seen.has(key) || this.aside.has(key);
+  }
+
+  /** Ids given up and set aside, still known until their deadlines. */
+  get setAside(): number {
+    return this.aside.size;
   }
 
   /**
@@ -166,7 +177,7 @@ export class ReplayGuard {
    * refuses it, and any replay of it, anyway.
    */
   remember(key: string, sender: string, deadline: number, nowMs: number): Remembered {
-    if (this.seen.has(key)) return 'replay';
+    if (this.seen.has(key) || this.aside.has(key)) return 'replay';
     if (deadline < nowMs) return 'ok';
     if (deadline <= (this.floors.get(sender) ?? Number.NEGATIVE_INFINITY)) return 'given-up';
     if (this.seen.size >= this.limit && !this.makeRoom(sender, nowMs)) return 'full';
@@ -183,6 +194,10 @@ export class ReplayGuard {
 
   /** A request that never ran may come again (the SDK retries it once its voucher is out). */
   forget(key: string): void {
+    if (this.aside.delete(key)) {
+      if (this.asideHeap.length > 2 * this.aside.size + 64) this.asideHeap.rebuild((k, d) => this.aside.get(k) === d);
+      return;
+    }
     const entry = this.seen.get(key);
     if (!entry) return;
     this.seen.delete(key);
@@ -205,6 +220,11 @@ export class ReplayGuard {
         heap.pop();
       }
       if (heap.length === 0) this.bySender.delete(sender);
+    }
+    const aside = this.asideHeap;
+    while (aside.length > 0 && aside.deadlines[0]! < nowMs) {
+      if (this.aside.get(aside.keys[0]!) === aside.deadlines[0]) this.aside.delete(aside.keys[0]!);
+      aside.pop();
     }
     for (const [sender, floor] of this.floors) if (floor < nowMs) this.floors.delete(sender);
   }
@@ -233,7 +253,10 @@ export class ReplayGuard {
       if (!this.isLive(key, deadline, top)) continue;
       this.seen.delete(key);
       this.release(top);
-      this.floors.set(top, Math.max(this.floors.get(top) ?? Number.NEGATIVE_INFINITY, deadline));
+      if (this.aside.size < this.limit) {
+        this.aside.set(key, deadline);
+        this.asideHeap.push(deadline, key);
+      } else this.floors.set(top, Math.max(this.floors.get(top) ?? Number.NEGATIVE_INFINITY, deadline));
       this.givenUp++;
       return true;
     }
