@@ -50,7 +50,16 @@ export function modelsDir(): Promise<string> {
 
 export async function tempDir(t: TestContext, prefix = 'edge-mesh-'): Promise<string> {
   const dir = await mkdtemp(path.join(os.tmpdir(), prefix));
-  t.after(() => rm(dir, { recursive: true, force: true }));
+  // After hooks run in the order they were added, so processes a test starts later (a NATS node writing its
+  // JetStream files, say) may still write here while this runs: retried on ENOTEMPTY and EBUSY, and never thrown,
+  // since a hook that throws stops the hooks after it, and those stop the processes (a CI run once hung on that).
+  t.after(async () => {
+    try {
+      await rm(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 50 });
+    } catch (err) {
+      t.diagnostic(`temporary folder ${dir} left behind: ${(err as Error).message}`);
+    }
+  });
   return dir;
 }
 
