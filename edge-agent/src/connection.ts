@@ -24,7 +24,7 @@ import {
 import { type AgentLoad, type AgentStatus, encodeMessage, type Identity, isValidId, MeshError, topics } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
 import type { Faults } from './faults.ts';
-import type { AgentCounters } from './types.ts';
+import { type AgentCounters, countError } from './types.ts';
 
 /** Replies go at QoS 1; mqtt.js copies the options it is given, so one object serves every reply. */
 
@@ -363,7 +363,7 @@ export class AgentLink {
       } catch (err) {
         // A bug that one message reaches must not end the agent (mqtt.js calls this listener without a catch, so a
         // throw would be uncaught): counted, logged, and the next message is served.
-        options.counters.errors.MESH_INTERNAL = (options.counters.errors.MESH_INTERNAL ?? 0) + 1;
+        countError(options.counters, 'MESH_INTERNAL');
         options.logger.error({ err: (err as Error).message, kind: route.kind, senderId: route.senderId }, 'message handler failed');
       }
     });

@@ -31,7 +31,8 @@ import type { Faults } from './faults.ts';
 import { checkInputs } from './models.ts';
 import type { AgentPayments } from './payments.ts';
 import type { Job, Scheduler } from './scheduler.ts';
-import type { AgentCounters } from './types.ts';
+import { largestHolder } from './shares.ts';
+import { type AgentCounters, countError } from './types.ts';
 import { joinUnits, type UnitSpec, unitsOf } from './units.ts';
 import type { LoadedModel } from './worker-protocol.ts';
 
@@ -236,16 +237,10 @@ export class ReplayGuard {
       this.prune(nowMs);
       if (this.seen.size < this.limit) return true;
     }
-    let top: string | undefined;
-    let most = 0;
-    for (const [s, n] of this.held) {
-      if (n > most) {
-        top = s;
-        most = n;
-      }
-    }
-    const heap = top === undefined ? undefined : this.bySender.get(top);
-    if (top === undefined || !heap || this.heldBy(sender) + 1 >= most) return false;
+    const largest = largestHolder(this.held, (n) => n);
+    const heap = largest && this.bySender.get(largest.key);
+    if (!largest || !heap || this.heldBy(sender) + 1 >= largest.size) return false;
+    const top = largest.key;
     while (heap.length > 0) {
       const key = heap.keys[0]!;
       const deadline = heap.deadlines[0]!;
@@ -396,14 +391,7 @@ class SentReplies {
     }
     while (this.byKey.size > KEPT_REPLIES || this.bytes > KEPT_REPLY_BYTES) {
       const by = this.byKey.size > KEPT_REPLIES ? 'count' : 'bytes';
-      let top: string | undefined;
-      let most = -1;
-      for (const [s, held] of this.bySender) {
-        if (held[by] > most) {
-          top = s;
-          most = held[by];
-        }
-      }
+      const top = largestHolder(this.bySender, (held) => held[by])?.key;
       for (const [k, v] of this.byKey) {
         if (v.senderId !== top) continue;
         this.drop(k);
@@ -589,8 +577,7 @@ export class AgentRequests {
   }
 
   private countError(code: string): void {
-    const { errors } = this.options.counters;
-    errors[code] = (errors[code] ?? 0) + 1;
+    countError(this.options.counters, code);
   }
 
   /** An error reply; with `job`, one that answers that job, kept for redelivery like a result. */

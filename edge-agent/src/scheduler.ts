@@ -17,6 +17,7 @@
 import { MeshError, type ModelLoad, type Tensor } from '@edge-mesh/protocol';
 import type { Executor, JobResult } from './executor.ts';
 import type { PaidJob } from './payments.ts';
+import { largestHolder } from './shares.ts';
 import { joinUnits, type UnitRun, unitInputs } from './units.ts';
 
 export interface Job {
@@ -65,15 +66,9 @@ interface ModelState {
 export function displacedBy(queue: readonly Job[], senderId: string): Job | undefined {
   const held = new Map<string, number>();
   for (const j of queue) held.set(j.senderId, (held.get(j.senderId) ?? 0) + 1);
-  let top: string | undefined;
-  let most = 0;
-  for (const [sender, n] of held) {
-    if (n > most) {
-      top = sender;
-      most = n;
-    }
-  }
-  if (top === undefined || (held.get(senderId) ?? 0) + 1 >= most) return undefined;
+  const largest = largestHolder(held, (n) => n);
+  if (!largest || (held.get(senderId) ?? 0) + 1 >= largest.size) return undefined;
+  const top = largest.key;
   let victim: Job | undefined;
   // A job that runs in units and has started (units.ts: it waits in the queue between units) is not given up: its
   // units done would be lost unpaid.

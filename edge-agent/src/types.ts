@@ -157,6 +157,11 @@ export interface AgentCounters {
   stacked: StackingCounters;
 }
 
+/** One more error of `code` in `counters.errors`. */
+export function countError(counters: AgentCounters, code: string): void {
+  counters.errors[code] = (counters.errors[code] ?? 0) + 1;
+}
+
 /** Counters at zero, as an agent starts; `stacked` is the object the agent's inline executors count in. */
 export function newAgentCounters(stacked: StackingCounters = newStackingCounters()): AgentCounters {
   return { received: 0, served: 0, errors: {}, reconnects: 0, failovers: 0, announcements: 0, replays: 0, stacked };
