@@ -380,6 +380,8 @@ describe('KServe v2 gRPC service', { timeout: 180_000 }, () => {
 
     assert.ok((await spyCall('ModelInfer', tritonRequest('kws', kws), 20_000)).ok);
     const fromGrpc = seen.at(-1)?.deadlineMs;
+    // With no credentials, the caller for the concurrency limit's shares is the peer's address.
+    assert.deepEqual([seen.at(-1)?.limited, seen.at(-1)?.caller], [true, 'address:127.0.0.1']);
     assert.ok(fromGrpc !== undefined && fromGrpc <= 20_000 && fromGrpc > 10_000, `gRPC deadline 20 s gave ${fromGrpc} ms`);
 
     // Triton's timeout (µs) below the gRPC deadline wins; so does deadline_ms.
@@ -446,6 +448,24 @@ describe('KServe v2 gRPC service', { timeout: 180_000 }, () => {
     const served = await app('ModelInfer', request);
     assert.ok(served.ok, served.details);
     assert.equal(served.value.model_name, 'kws');
+
+    // The caller the concurrency limit shares by is the credential, not the address.
+    const callers: (string | undefined)[] = [];
+    const spy: RouterHandle = Object.create(router, {
+      infer: {
+        value: (model: string, inputs: Record<string, Tensor>, options?: RouterInferOptions) => {
+          callers.push(options?.caller);
+          return router.infer(model, inputs, options);
+        },
+      },
+    });
+    const front = await startRouterGrpc(spy, {
+      port: 0,
+      auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], apiKeys: [inferEntry] },
+    });
+    t.after(() => front.close());
+    assert.ok((await clientFor(t, front.address, { authorization: `Bearer ${inferKey}` })('ModelInfer', request)).ok);
+    assert.deepEqual(callers, ['apikey:app']);
   });
 
   test('with the HTTP API on TLS the gRPC port is TLS too: a client trusting the certificate is served, a plaintext one is not', {

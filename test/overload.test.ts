@@ -12,11 +12,11 @@ import {
   encodeMessage,
   encodeTensorMap,
   type InferReply,
-  type MeshError,
+  MeshError,
   newRequestId,
   type Tensor,
 } from '@edge-mesh/protocol';
-import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions, startRouterHttp } from '@edge-mesh/router';
+import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions, makeApiKey, startRouterHttp } from '@edge-mesh/router';
 import { kindOf, recoveryMs } from '../bench/contention.ts';
 import type { Executor, JobCallback } from '../edge-agent/src/executor.ts';
 import { Faults } from '../edge-agent/src/faults.ts';
@@ -445,12 +445,51 @@ describe('router adaptive concurrency (Envoy gradient controller)', () => {
     const refused = refusal(c);
     assert.equal(refused?.code, 'MESH_OVERLOADED');
     assert.equal(refused?.httpStatus, 503);
-    assert.deepEqual(refused?.details, { limit: 3 });
+    assert.deepEqual(refused?.details, { limit: 3, held: 3, share: 3 });
     assert.equal(c.snapshot().refused, 1);
     held[0]!.release();
     held[0]!.release(); // a second release of one permit changes nothing
     assert.equal(c.snapshot().outstanding, 2);
     assert.equal(refusal(c), undefined);
+  });
+
+  test('at the limit, a caller under its share still goes on and the one holding more is refused (Netflix partition rule, equal shares)', () => {
+    const { c } = limiter();
+    const take = (caller: string) => {
+      try {
+        return c.acquire(caller);
+      } catch (err) {
+        return err as MeshError;
+      }
+    };
+    const flood = [take('flood'), take('flood'), take('flood')];
+    assert.ok(flood.every((p) => !(p instanceof MeshError)));
+    // Alone at the limit: its share is the whole limit.
+    assert.deepEqual((take('flood') as MeshError).details, { limit: 3, held: 3, share: 3 });
+    // A second caller: a share of ⌈3 / 2⌉ = 2, granted beyond the limit; the flood's share drops to 2 too.
+    const alice = [take('alice'), take('alice')];
+    assert.ok(
+      alice.every((p) => !(p instanceof MeshError)),
+      'alice gets her share although the limit is reached',
+    );
+    assert.deepEqual((take('alice') as MeshError).details, { limit: 3, held: 2, share: 2 });
+    assert.deepEqual((take('flood') as MeshError).details, { limit: 3, held: 3, share: 2 });
+    // A third: share ⌈3 / 3⌉ = 1.
+    const bob = take('bob');
+    assert.ok(!(bob instanceof MeshError));
+    assert.equal((take('bob') as MeshError).code, 'MESH_OVERLOADED');
+    assert.deepEqual([c.snapshot().outstanding, c.snapshot().callers], [6, 3]);
+    // The flood's permits end: below the limit again, anyone goes on, the flood included.
+    for (const p of flood) (p as { release(): void }).release();
+    assert.deepEqual([c.snapshot().outstanding, c.snapshot().callers], [3, 2]);
+    assert.equal(take('carol') instanceof MeshError, false, 'carol: 3 outstanding, her share of ⌈3 / 3⌉ = 1');
+    for (const p of [...alice, bob]) (p as { release(): void }).release();
+    assert.equal(take('flood') instanceof MeshError, false);
+    // Requests that name no caller share one share.
+    const anon = new AdaptiveConcurrency({ minConcurrency: 2, maxConcurrency: 2 });
+    anon.acquire();
+    anon.acquire();
+    assert.throws(() => anon.acquire(), /MESH_OVERLOADED|adaptive concurrency/);
   });
 
   test('latency at the baseline grows the limit; latency above it shrinks it (gradient clamped to [0.5, 2], plus √ headroom)', () => {
@@ -550,6 +589,40 @@ describe('router adaptive concurrency (Envoy gradient controller)', () => {
     assert.match(metrics, /^edge_mesh_router_concurrency_limit 2$/m);
     assert.match(metrics, /^edge_mesh_router_concurrency_refused_total 2$/m);
     assert.equal((await infer()).status, 200);
+  });
+
+  test('over HTTP: one credential flooding the limit does not shut out another credential', async (t) => {
+    const broker = await brokerFor(t);
+    await agentFor(t, { brokerUrl: broker.url, faults: { linkDelayMs: 300 } });
+    const router = await routerFor(t, broker.url, { adaptiveConcurrency: { minConcurrency: 2, maxConcurrency: 2 }, hedging: false });
+    const flood = makeApiKey('flood', ['infer']);
+    const alice = makeApiKey('alice', ['infer']);
+    const http = await startRouterHttp(router, { port: 0, auth: { trustedOperators: [], apiKeys: [flood.entry, alice.entry] } });
+    t.after(() => http.close());
+    await router.waitForModel('kws', 10_000);
+    const data = Array.from(sampleInputs('kws', 1)['onnx::Flatten_0']!.data as Float32Array);
+    const infer = async (key: string) => {
+      const res = await fetch(`${http.url}/v2/models/kws/infer`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', authorization: `Bearer ${key}` },
+        body: JSON.stringify({
+          inputs: [{ name: 'onnx::Flatten_0', shape: [1, 25, 96], datatype: 'FP32', data }],
+          parameters: { deadline_ms: 10_000 },
+        }),
+      });
+      return { status: res.status, body: (await res.json()) as { code?: string; details?: Record<string, number> } };
+    };
+    // The flood holds both permits (300 ms each at the agent's door) and is refused beyond them.
+    const floods = [infer(flood.key), infer(flood.key)];
+    await new Promise((r) => setTimeout(r, 100));
+    const [refusedFlood, aliceAnswer] = await Promise.all([infer(flood.key), infer(alice.key)]);
+    assert.equal(refusedFlood.status, 503);
+    assert.deepEqual(refusedFlood.body.details, { limit: 2, held: 2, share: 2 });
+    assert.equal(aliceAnswer.status, 200, `alice: ${JSON.stringify(aliceAnswer.body)}`);
+    assert.deepEqual(
+      (await Promise.all(floods)).map((a) => a.status),
+      [200, 200],
+    );
   });
 });
 

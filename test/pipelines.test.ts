@@ -507,6 +507,13 @@ describe('pipelines on the router', () => {
     assert.ok(viaHttp);
     assert.ok(bytesOf(viaHttp.outputs.score!).equals(bytesOf(viaSdk.outputs.score!)));
     assert.equal(viaHttp.agentId, [a.id, b.id, a.id].join(','));
+    // The pipeline holds one permit of the adaptive concurrency limit while it runs; its stages hold none of their own.
+    let held = 0;
+    const watch = setInterval(() => {
+      held = Math.max(held, router.concurrency()?.outstanding ?? 0);
+    }, 1);
+    await kserveInfer(url, 'wakeword', { audio }, 20_000).finally(() => clearInterval(watch));
+    assert.equal(held, 1);
     const meta = (await (await fetch(`${url}/v2/models/wakeword`)).json()) as { inputs: { name: string; datatype: string }[] };
     assert.deepEqual(
       meta.inputs.map((i) => [i.name, i.datatype]),

@@ -23,6 +23,16 @@
  * One difference, in form only: Envoy runs the windows on timers; here they are advanced by the requests themselves
  * (each acquire and release looks at the clock first). With no traffic nothing would change in Envoy either, since
  * an empty sample window leaves the limit as it is.
+ *
+ * **Shares between callers.** Envoy's limit is one pool, so one caller sending slow requests fast enough holds every
+ * permit and everyone else is refused. Each request names its caller (the credential that made it, or the address
+ * when the router takes no credentials), and the limit is shared the way Netflix concurrency-limits shares it between
+ * partitions (concurrency-limits-core/src/main/java/com/netflix/concurrency/limits/limiter/AbstractPartitionedLimiter.java):
+ * below the limit anyone goes on; at or above it, a caller still goes on while it holds fewer than its share,
+ * max(1, ⌈limit × fraction⌉). Netflix's fractions are configured per partition; here every caller holding a permit
+ * (and the one asking) gets an equal fraction. So a caller at the limit alone is refused, and a newcomer next to a
+ * flood gets up to half the limit, beyond the limit; the flood is refused until it is back under the limit. The
+ * outstanding count can pass the limit by at most the callers' shares (about the limit again).
  */
 import { MeshError } from '@edge-mesh/protocol';
 
@@ -60,6 +70,8 @@ export interface ConcurrencySnapshot {
   inMinRttWindow: boolean;
   /** Requests refused for the limit since start. */
   refused: number;
+  /** Callers holding a permit now. */
+  callers: number;
 }
 
 /** A request let through; `release` it exactly once when it ends. */
@@ -89,6 +101,8 @@ export class AdaptiveConcurrency {
   private nextSampleAt: number;
   private atFloorWindows = 0;
   private refused = 0;
+  /** Permits held, by caller; a caller holding none is not in it. */
+  private readonly held = new Map<string, number>();
 
   constructor(options: AdaptiveConcurrencyOptions = {}) {
     this.o = {
@@ -117,23 +131,37 @@ export class AdaptiveConcurrency {
     this.enterMinRttWindow(this.now());
   }
 
-  /** A permit, or MESH_OVERLOADED at once when `limit` requests are outstanding. */
-  acquire(): ConcurrencyPermit {
+  /**
+   * A permit for `caller`, or MESH_OVERLOADED at once when `limit` requests are outstanding and `caller` already holds
+   * its share of them (details: `limit`, `held`, `share`). Requests that name no caller share one.
+   */
+  acquire(caller = ''): ConcurrencyPermit {
     const now = this.now();
     this.advance(now);
+    const held = this.held.get(caller) ?? 0;
     if (this.outstanding >= this.limitValue) {
-      this.refused++;
-      throw new MeshError('MESH_OVERLOADED', `the router has ${this.outstanding} requests in flight, its adaptive concurrency limit`, {
-        details: { limit: this.limitValue },
-      });
+      const callers = this.held.size + (held === 0 ? 1 : 0);
+      const share = Math.max(1, Math.ceil(this.limitValue / callers));
+      if (held >= share) {
+        this.refused++;
+        throw new MeshError(
+          'MESH_OVERLOADED',
+          `the router has ${this.outstanding} requests in flight, its adaptive concurrency limit, and this caller holds ${held} of them, its share`,
+          { details: { limit: this.limitValue, held, share } },
+        );
+      }
     }
     this.outstanding++;
+    this.held.set(caller, held + 1);
     const startedAt = now;
     let released = false;
     return {
       release: () => {
         if (released) return;
         released = true;
+        const left = (this.held.get(caller) ?? 1) - 1;
+        if (left > 0) this.held.set(caller, left);
+        else this.held.delete(caller);
         this.record(startedAt);
       },
     };
@@ -149,6 +177,7 @@ export class AdaptiveConcurrency {
       gradient: this.gradient,
       inMinRttWindow: this.inMinRttWindow,
       refused: this.refused,
+      callers: this.held.size,
     };
   }
 

@@ -339,16 +339,23 @@ export async function startRouterGrpc(router: RouterHandle, options: RouterGrpcO
 
   // Every method: the credential check for its scope, then the handler's value, or its error as a coded gRPC status;
   // the server keeps serving either way.
+  // `caller` names who made the call, for the concurrency limit's shares: the credential's id, or the address when
+  // the router takes no credentials.
   const unary =
-    <Req, Res>(fn: (request: Req, call: grpc.ServerUnaryCall<Req, Res>) => Res | Promise<Res>, scope: HttpScope | 'open' = 'infer') =>
+    <Req, Res>(
+      fn: (request: Req, call: grpc.ServerUnaryCall<Req, Res>, caller: string) => Res | Promise<Res>,
+      scope: HttpScope | 'open' = 'infer',
+    ) =>
     (call: grpc.ServerUnaryCall<Req, Res>, callback: grpc.sendUnaryData<Res>) => {
       Promise.resolve()
         .then(() => {
+          const address = peerAddress(call.getPeer());
+          let caller = `address:${address}`;
           if (check && scope !== 'open') {
             const [authorization] = call.metadata.get('authorization');
-            check(typeof authorization === 'string' ? authorization : undefined, peerAddress(call.getPeer()), scope, Date.now());
+            caller = check(typeof authorization === 'string' ? authorization : undefined, address, scope, Date.now()).id;
           }
-          return fn(call.request, call);
+          return fn(call.request, call, caller);
         })
         .then(
           (res) => callback(null, res),
@@ -362,7 +369,7 @@ export async function startRouterGrpc(router: RouterHandle, options: RouterGrpcO
     return name;
   };
 
-  const infer = async (request: InferRequestMessage, call: grpc.ServerUnaryCall<InferRequestMessage, unknown>) => {
+  const infer = async (request: InferRequestMessage, call: grpc.ServerUnaryCall<InferRequestMessage, unknown>, caller: string) => {
     const model = needName(request.model_name);
     const version = versionOf(request.model_version);
     inferTarget(router, model, version);
@@ -376,7 +383,7 @@ export async function startRouterGrpc(router: RouterHandle, options: RouterGrpcO
     const served = modelInfoOf(router, model)?.info.version ?? '';
     let result: RouterInferResult;
     try {
-      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs, limited: true } : { limited: true });
+      result = await router.infer(model, inputs, { ...(deadlineMs !== undefined ? { deadlineMs } : {}), limited: true, caller });
     } catch (err) {
       stats.failed(model, served, performance.now() - started);
       throw err;

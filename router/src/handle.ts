@@ -40,6 +40,11 @@ export interface RouterInferOptions {
    * with MESH_OVERLOADED. The HTTP and gRPC APIs set it; a library caller may.
    */
   limited?: boolean;
+  /**
+   * Who is asking, for the limit's shares (concurrency.ts): a caller at the limit is refused only once it holds its
+   * share. The HTTP and gRPC APIs give the credential's id, or the address when the router takes no credentials.
+   */
+  caller?: string;
   /** Agents never to try (a pipeline stage whose answer from them was refused). */
   excludeAgents?: ReadonlySet<string>;
 }

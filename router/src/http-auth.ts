@@ -192,6 +192,17 @@ export function createCredentialCheck(audience: string, options: RouterHttpAuthO
   };
 }
 
+/** The credential each request was let in with, kept by the hook below for `callerOf`. */
+const principals = new WeakMap<FastifyRequest, Principal>();
+
+/**
+ * Who made a request, for the concurrency limit's shares: the credential's id (`apikey:<id>` or the admitted id),
+ * or `address:<ip>` when the router takes no credentials.
+ */
+export function callerOf(request: FastifyRequest): string {
+  return principals.get(request)?.id ?? `address:${request.ip}`;
+}
+
 /** Installs the check on every route of `app` (an onRequest hook, so it runs before a body is read). */
 export function installHttpAuth(app: FastifyInstance, audience: string, options: RouterHttpAuthOptions): void {
   const check = createCredentialCheck(audience, options);
@@ -199,7 +210,7 @@ export function installHttpAuth(app: FastifyInstance, audience: string, options:
     const scope = scopeOfRoute(request.method, request.routeOptions.url);
     if (scope === 'open') return;
     try {
-      check(request.headers.authorization, request.ip, scope, Date.now());
+      principals.set(request, check(request.headers.authorization, request.ip, scope, Date.now()));
     } catch (err) {
       if (err instanceof MeshError && err.code === 'MESH_UNAUTHORIZED') reply.header('www-authenticate', 'Bearer realm="edge-mesh"');
       throw err;

@@ -29,7 +29,7 @@ import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest }
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry as PromRegistry } from 'prom-client';
 import type { ConcurrencySnapshot } from './concurrency.ts';
 import type { RouterHandle, RouterHttpHandle, RouterHttpOptions, RouterInferResult } from './handle.ts';
-import { installHttpAuth } from './http-auth.ts';
+import { callerOf, installHttpAuth } from './http-auth.ts';
 import { ANY_ERROR, ERROR_BODY_SCHEMA, errorResponse, installErrorHandlers } from './http-errors.ts';
 import {
   assertModelReady,
@@ -624,14 +624,14 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
         500: errorResponse('MESH_INFERENCE_FAILED, MESH_MODEL_INTEGRITY, MESH_INTERNAL'),
         502: errorResponse('MESH_AGENT_LOST'),
         503: errorResponse(
-          'MESH_NO_AGENT, MESH_NOT_CONNECTED, MESH_SHUTTING_DOWN, MESH_OVERLOADED (the adaptive concurrency limit: details.limit)',
+          'MESH_NO_AGENT, MESH_NOT_CONNECTED, MESH_SHUTTING_DOWN, MESH_OVERLOADED (the adaptive concurrency limit: details.limit, .held, .share)',
         ),
         504: errorResponse('MESH_DEADLINE_EXCEEDED, MESH_TIMEOUT'),
         ...ANY_ERROR,
       },
     },
   };
-  const infer = async (params: ModelParams, body: InferBody, reply: FastifyReply) => {
+  const infer = async (params: ModelParams, body: InferBody, reply: FastifyReply, caller: string) => {
     const model = params.name;
     const started = performance.now();
     const label = modelLabel(model);
@@ -653,7 +653,7 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
     const version = modelInfo(model)?.info.version ?? '';
     let result: RouterInferResult;
     try {
-      result = await router.infer(model, inputs, deadlineMs !== undefined ? { deadlineMs, limited: true } : { limited: true });
+      result = await router.infer(model, inputs, { ...(deadlineMs !== undefined ? { deadlineMs } : {}), limited: true, caller });
     } catch (err) {
       const ms = performance.now() - started;
       stats.failed(model, version, ms);
@@ -698,12 +698,12 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
   app.post<{ Params: { name: string }; Body: InferBody }>(
     '/v2/models/:name/infer',
     { ...inferRoute, schema: { ...inferRoute.schema, params: nameParam } },
-    async (request, reply) => infer(request.params, request.body, reply),
+    async (request, reply) => infer(request.params, request.body, reply, callerOf(request)),
   );
   app.post<{ Params: { name: string; version: string }; Body: InferBody }>(
     '/v2/models/:name/versions/:version/infer',
     { ...inferRoute, schema: { ...inferRoute.schema, params: versionParams } },
-    async (request, reply) => infer(request.params, request.body, reply),
+    async (request, reply) => infer(request.params, request.body, reply, callerOf(request)),
   );
 
   app.get('/v1/agents', doc('operator', 'Agents the router knows: state, models, load, RTT, failure rate, ejection'), async () => ({

@@ -389,7 +389,15 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   const infer: RouterHandle['infer'] = async (model, inputs, inferOptions: RouterInferOptions = {}) => {
     const { deadlineMs = defaultDeadlineMs, excludeAgents } = inferOptions;
     if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'router closed');
-    if (pipelines.has(model)) return pipelines.run(model, inputs, deadlineMs);
+    if (pipelines.has(model)) {
+      // One permit for the whole pipeline (its stages are not limited on their own), as a proxy's limit sees one request.
+      const permit = inferOptions.limited ? limiter?.acquire(inferOptions.caller) : undefined;
+      try {
+        return await pipelines.run(model, inputs, deadlineMs);
+      } finally {
+        permit?.release();
+      }
+    }
     for (const [name, tensor] of Object.entries(inputs)) checkTensor(name, tensor);
     const startedAt = clock.now();
     const deadlineAt = startedAt + deadlineMs;
@@ -408,7 +416,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     // A router that just started may not have heard the statuses yet: wait within the deadline.
     while (!hasCandidate(model) && clock.now() < deadlineAt) await fleet.changes.wait(Math.min(100, deadlineAt - clock.now()));
     // Beyond the adaptive limit: refused at once, before anything is sent (MESH_OVERLOADED, HTTP 503).
-    const permit = inferOptions.limited ? limiter?.acquire() : undefined;
+    const permit = inferOptions.limited ? limiter?.acquire(inferOptions.caller) : undefined;
     return new Promise((resolve, reject) => {
       const data = { model, bytesUp: payload.byteLength, payload, ...(excludeAgents?.size ? { excluded: excludeAgents } : {}) };
       engine.start({ key, deadlineAt, data, model }, (outcome) => {
