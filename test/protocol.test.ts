@@ -18,6 +18,7 @@ import {
   parseTopic,
   requestIdHex,
   tensorFromJson,
+  tensorToJson,
   topics,
 } from '@edge-mesh/protocol';
 
@@ -125,6 +126,16 @@ describe('tensors', () => {
     );
     assert.deepEqual([...t.data], [1, 2, 3, 4]);
     assert.deepEqual([...tensorFromJson('sr', 'int64', [], 16000).data], [16000n]);
+    // Rows mixed with values, as many entries as values: still read in row-major order.
+    assert.deepEqual([...tensorFromJson('x', 'float32', [3], [[1], 2, 3]).data], [1, 2, 3]);
+    assert.deepEqual([...tensorFromJson('x', 'float32', [2], [[], [1, 2]]).data], [1, 2]);
+    assert.deepEqual([...tensorFromJson('x', 'bool', [2], [true, false]).data], [1, 0]);
+    assert.throws(() => tensorFromJson('x', 'float32', [2], [1, null]), code('MESH_BAD_TENSOR'));
+    assert.deepEqual(tensorToJson(tensorFromJson('x', 'float32', [2], [0.5, -2])).data, [0.5, -2]);
+    assert.deepEqual(tensorToJson({ dtype: 'int64', shape: [2], data: new BigInt64Array([3n, 2n ** 60n]) }).data, [
+      3,
+      (2n ** 60n).toString(),
+    ]);
     assert.throws(() => tensorFromJson('x', 'float32', [3], [1, 2]), code('MESH_BAD_TENSOR'));
     assert.throws(() => tensorFromJson('x', 'float32', [2], ['a', 'b']), code('MESH_BAD_TENSOR'));
     // JSON.parse('1e400') is Infinity; 1e39 overflows a float32; neither is a value the sender wrote.

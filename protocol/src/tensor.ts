@@ -176,15 +176,15 @@ export function tensorFromJson(name: string, dtype: unknown, shape: unknown, val
   if (!isDType(dtype)) throw new MeshError('MESH_BAD_TENSOR', `input ${name}: dtype ${JSON.stringify(dtype)} is not supported`);
   if (!Array.isArray(shape)) throw new MeshError('MESH_BAD_TENSOR', `input ${name}: shape must be an array`);
   const count = elementCount(shape as number[]);
-  const flat = Array.isArray(values) ? (values as unknown[]).flat(Infinity) : [values];
+  const flat = Array.isArray(values) ? flatValues(values, count) : [values];
   if (flat.length !== count) {
     throw new MeshError('MESH_BAD_TENSOR', `input ${name}: shape [${shape.join(',')}] needs ${count} values, got ${flat.length}`);
   }
   const Ctor = expectedArray(dtype);
   const data = new Ctor(count);
-  for (let i = 0; i < count; i++) {
-    const v = flat[i];
-    if (data instanceof BigInt64Array || data instanceof BigUint64Array) {
+  if (data instanceof BigInt64Array || data instanceof BigUint64Array) {
+    for (let i = 0; i < count; i++) {
+      const v = flat[i];
       if (typeof v !== 'number' && typeof v !== 'bigint' && typeof v !== 'string')
         throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} is not an integer`);
       try {
@@ -193,26 +193,39 @@ export function tensorFromJson(name: string, dtype: unknown, shape: unknown, val
         // BigInt(1.5), BigInt(Infinity) (JSON's 1e400), BigInt('x').
         throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} (${String(v)}) is not an integer`, { cause: err });
       }
-    } else if (typeof v === 'number' || typeof v === 'boolean') {
-      data[i] = Number(v);
+    }
+  } else {
+    // One branch for the whole array, not per value: an OCR image is 300,000 values.
+    const out = data as Exclude<typeof data, BigInt64Array | BigUint64Array>;
+    for (let i = 0; i < count; i++) {
+      const v = flat[i];
+      let x: number;
+      if (typeof v === 'number') x = v;
+      else if (typeof v === 'boolean') x = v ? 1 : 0;
+      else throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} is not a number`);
+      out[i] = x;
       // JSON has no Infinity or NaN: a value like 1e400 parses as Infinity, and 1e39 overflows a float32. Either
       // would run the model on a value the sender never wrote and answer null (issue 13).
-      if (!Number.isFinite(Number(v)) || !Number.isFinite(data[i] as number))
+      if (!Number.isFinite(x) || !Number.isFinite(out[i]))
         throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} (${String(v)}) is out of range for ${dtype}`);
-    } else {
-      throw new MeshError('MESH_BAD_TENSOR', `input ${name}: value ${i} is not a number`);
     }
   }
   return { dtype, shape: [...(shape as number[])], data };
 }
 
+/** The values of a JSON tensor in row-major order: as they are when already flat, else flattened (nested rows). */
+function flatValues(values: unknown[], count: number): unknown[] {
+  return values.length === count && !values.some(Array.isArray) ? values : values.flat(Number.POSITIVE_INFINITY);
+}
+
 /** Plain JSON view of a tensor (int64 values as numbers when safe, else strings). */
 export function tensorToJson(tensor: Tensor): { dtype: DType; shape: number[]; data: (number | string)[] } {
-  const data: (number | string)[] = [];
-  for (const v of tensor.data as Iterable<number | bigint>) {
-    if (typeof v === 'bigint')
-      data.push(v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v.toString());
-    else data.push(v);
+  const source = tensor.data;
+  if (!(source instanceof BigInt64Array || source instanceof BigUint64Array)) {
+    return { dtype: tensor.dtype, shape: [...tensor.shape], data: Array.from(source as ArrayLike<number>) };
   }
+  const data: (number | string)[] = [];
+  for (const v of source)
+    data.push(v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v.toString());
   return { dtype: tensor.dtype, shape: [...tensor.shape], data };
 }
