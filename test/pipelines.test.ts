@@ -507,6 +507,9 @@ describe('pipelines on the router', () => {
     assert.ok(viaHttp);
     assert.ok(bytesOf(viaHttp.outputs.score!).equals(bytesOf(viaSdk.outputs.score!)));
     assert.equal(viaHttp.agentId, [a.id, b.id, a.id].join(','));
+    // The same bits with JSON tensors both ways (the client's default is the binary extension).
+    const viaJson = await kserveInfer(url, 'wakeword', { audio }, 20_000, undefined, { json: true });
+    assert.ok(bytesOf(viaJson.outputs.score!).equals(bytesOf(viaSdk.outputs.score!)));
     // The pipeline holds one permit of the adaptive concurrency limit while it runs; its stages hold none of their own.
     let held = 0;
     const watch = setInterval(() => {

@@ -33,6 +33,10 @@ export function registerDemoCommands(program: Command): void {
     )
     .option('--http-every <n>', 'with --http: which share of the requests goes over HTTP', positiveInt, 10)
     .option(
+      '--http-json',
+      "with --http: send and ask for JSON tensors; by default they go in KServe's binary tensor extension, as Triton's HTTP client sends them",
+    )
+    .option(
       '--http-api-key-file <file>',
       "with --http: file holding the API key the router's HTTP API asks for (sent as Authorization: Bearer)",
     )
@@ -97,7 +101,7 @@ export function registerDemoCommands(program: Command): void {
           brokerUrl: opts.broker,
           ...(identity ? { identity } : {}),
           ...(opts.router ? { router: opts.router } : {}),
-          ...(opts.http ? { httpUrl: opts.http, httpEvery: opts.httpEvery } : {}),
+          ...(opts.http ? { httpUrl: opts.http, httpEvery: opts.httpEvery, httpJson: opts.httpJson === true } : {}),
           ...(httpKey ? { httpAuthorization: () => `Bearer ${httpKey}` } : {}),
           brokerAccess,
           models: opts.models,

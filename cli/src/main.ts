@@ -242,6 +242,10 @@ export function buildProgram(): Command {
     .option('--data <dir>', "data folder: models, keys (made on first run), the admission store, the parts' logs", DEFAULT_DATA_DIR)
     .option('--report-every <seconds>', 'seconds between progress reports', positiveNumber, 5)
     .option(
+      '--http-json',
+      "the sample app's HTTP share sends and asks for JSON tensors; by default it uses KServe's binary tensor extension, as Triton's HTTP client does",
+    )
+    .option(
       '--router-port <port>',
       "the router's HTTP API port (0 for any free port; a busy default port falls back to a free one)",
       nonNegativeInt,
@@ -271,6 +275,7 @@ export function buildProgram(): Command {
           ratePerS: opts.rate,
           durationS: opts.duration,
           reportEveryS: opts.reportEvery,
+          httpJson: opts.httpJson === true,
           routerPort: opts.routerPort,
           json: opts.json,
           chain: opts.chain,

@@ -8,7 +8,7 @@ import { round } from '@edge-mesh/client';
 import { type Identity, isMeshErrorCode, type Tensor } from '@edge-mesh/protocol';
 import { connect, type Mesh, type PaymentOptions } from '@edge-mesh/sdk';
 import type { Logger } from 'pino';
-import { encodeKServeInputs, kserveInfer } from './kserve-client.ts';
+import { encodeKServeBinaryInputs, encodeKServeInputs, kserveInfer } from './kserve-client.ts';
 import type { AppReady, AppSummary } from './parts.ts';
 import { sampleInputs } from './sample-inputs.ts';
 import { formatTable, TallyMap } from './stats.ts';
@@ -198,6 +198,8 @@ export interface RunSampleAppOptions {
   /** The router's HTTP API: every `httpEvery`-th request goes to its KServe endpoint, as a thin client's would. */
   httpUrl?: string;
   httpEvery?: number;
+  /** JSON tensors over HTTP; by default the binary tensor extension, as Triton's HTTP client sends them. */
+  httpJson?: boolean;
   /** The `Authorization` header value for the router's HTTP API (an API key or a mesh token, docs/security.md). */
   httpAuthorization?: () => string;
   /** TLS and password credentials for the broker (docs/operations.md). */
@@ -251,8 +253,9 @@ export async function runSampleApp(options: RunSampleAppOptions, stop: Promise<u
               name: 'http',
               every: options.httpEvery ?? 10,
               infer: (model: string, inputs: Record<string, Tensor>, deadlineMs: number) =>
-                kserveInfer(httpUrl, model, inputs, deadlineMs, options.httpAuthorization?.()),
-              prepare: (inputs: Record<string, Tensor>) => void encodeKServeInputs(inputs),
+                kserveInfer(httpUrl, model, inputs, deadlineMs, options.httpAuthorization?.(), { json: options.httpJson === true }),
+              prepare: (inputs: Record<string, Tensor>) =>
+                void (options.httpJson ? encodeKServeInputs(inputs) : encodeKServeBinaryInputs(inputs)),
             },
           }
         : {}),

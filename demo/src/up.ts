@@ -52,6 +52,8 @@ export interface UpOptions {
   ratePerS: number;
   durationS: number | undefined;
   reportEveryS: number;
+  /** The sample app's HTTP share in JSON tensors instead of the binary tensor extension (default false). */
+  httpJson?: boolean;
   /** Router HTTP API port (a busy port falls back to a free one; 0 for any free port). */
   routerPort: number;
   json: boolean;
@@ -399,6 +401,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
         String(options.ratePerS),
         '--report-every',
         String(options.reportEveryS),
+        ...(options.httpJson ? ['--http-json'] : []),
         ...labels,
         ...(payment?.args ?? []),
         ...partLevel,
