@@ -155,6 +155,14 @@ test('a binary answer whose lengths lie is MESH_BAD_REQUEST, never a tensor read
     const err = await failure(url, 1_000);
     assert.equal(err.code, 'MESH_BAD_REQUEST', `${what}: ${err.message}`);
   }
+  // Outputs that are not objects with names.
+  for (const body of ['{"outputs":[null]}', '{"outputs":{"y":1}}', '{"outputs":[{"shape":[1]}]}']) {
+    const url = await serverFor(t, (res) => {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(body);
+    });
+    assert.equal((await failure(url, 1_000)).code, 'MESH_BAD_REQUEST', body);
+  }
   // A size that matches but a shape that does not: the tensor check refuses it.
   const url = await serverFor(t, (res) => binaryAnswer(res, out(4), Buffer.alloc(4)));
   assert.equal((await failure(url, 1_000)).code, 'MESH_BAD_TENSOR');

@@ -16,7 +16,7 @@ import {
   newRequestId,
   type Tensor,
 } from '@edge-mesh/protocol';
-import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions, makeApiKey, startRouterHttp } from '@edge-mesh/router';
+import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions, addressCaller, makeApiKey, startRouterHttp } from '@edge-mesh/router';
 import { kindOf, recoveryMs } from '../bench/contention.ts';
 import type { Executor, JobCallback } from '../edge-agent/src/executor.ts';
 import { Faults } from '../edge-agent/src/faults.ts';
@@ -485,11 +485,37 @@ describe('router adaptive concurrency (Envoy gradient controller)', () => {
     assert.equal(take('carol') instanceof MeshError, false, 'carol: 3 outstanding, her share of ⌈3 / 3⌉ = 1');
     for (const p of [...alice, bob]) (p as { release(): void }).release();
     assert.equal(take('flood') instanceof MeshError, false);
+    // However many callers come, the shares stop at twice the limit.
+    const crowd = new AdaptiveConcurrency({ minConcurrency: 2, maxConcurrency: 2 });
+    crowd.acquire('a');
+    crowd.acquire('a');
+    let letThrough = 0;
+    for (let i = 0; i < 100; i++) {
+      try {
+        crowd.acquire(`address:10.0.0.${i}`);
+        letThrough++;
+      } catch (err) {
+        assert.equal((err as MeshError).code, 'MESH_OVERLOADED');
+      }
+    }
+    assert.deepEqual([letThrough, crowd.snapshot().outstanding], [2, 4]);
     // Requests that name no caller share one share.
     const anon = new AdaptiveConcurrency({ minConcurrency: 2, maxConcurrency: 2 });
     anon.acquire();
     anon.acquire();
     assert.throws(() => anon.acquire(), /MESH_OVERLOADED|adaptive concurrency/);
+  });
+
+  test('a caller without credentials is its address; an IPv6 address is its /64, an IPv4-mapped one its IPv4 address', () => {
+    assert.equal(addressCaller('192.0.2.7'), 'address:192.0.2.7');
+    assert.equal(addressCaller('::ffff:192.0.2.7'), 'address:192.0.2.7');
+    assert.equal(addressCaller('2001:db8:1:2:3:4:5:6'), 'address:2001:db8:1:2::/64');
+    assert.equal(addressCaller('2001:db8:1:2::9'), 'address:2001:db8:1:2::/64');
+    assert.equal(addressCaller('2001:0db8:0001:0002:ffff:ffff:ffff:ffff'), 'address:2001:db8:1:2::/64');
+    assert.equal(addressCaller('2001:db8::1'), 'address:2001:db8:0:0::/64');
+    assert.equal(addressCaller('::1'), 'address:0:0:0:0::/64');
+    assert.equal(addressCaller('fe80::1%eth0'), 'address:fe80:0:0:0::/64');
+    assert.notEqual(addressCaller('2001:db8:1:3::9'), addressCaller('2001:db8:1:2::9'));
   });
 
   test('latency at the baseline grows the limit; latency above it shrinks it (gradient clamped to [0.5, 2], plus √ headroom)', () => {

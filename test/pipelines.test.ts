@@ -517,6 +517,14 @@ describe('pipelines on the router', () => {
     }, 1);
     await kserveInfer(url, 'wakeword', { audio }, 20_000).finally(() => clearInterval(watch));
     assert.equal(held, 1);
+    // Inputs the pipeline refuses are refused before the permit: no latency sample (a flood of them would drag the
+    // limit's baseline towards 0 ms).
+    const samples = router.concurrency()!.samples;
+    await assert.rejects(
+      router.infer('wakeword', { noise: audio }, { limited: true, caller: 'x' }),
+      (err: MeshError) => err.code === 'MESH_BAD_TENSOR',
+    );
+    assert.equal(router.concurrency()!.samples, samples);
     const meta = (await (await fetch(`${url}/v2/models/wakeword`)).json()) as { inputs: { name: string; datatype: string }[] };
     assert.deepEqual(
       meta.inputs.map((i) => [i.name, i.datatype]),

@@ -176,14 +176,8 @@ export function validatePipeline(def: PipelineDefinition): PipelineDefinition {
   return def;
 }
 
-/** Runs `def` on `inputs`: model stages through `infer`, steps here, all within `deadlineMs`. */
-export async function runPipeline(
-  def: PipelineDefinition,
-  inputs: Record<string, Tensor>,
-  { deadlineMs, infer, onRejected, intermediates = false, now = () => performance.now() }: RunPipelineOptions,
-): Promise<PipelineResult> {
-  const startedAt = now();
-  const deadlineAt = startedAt + deadlineMs;
+/** The inputs `def` takes, each checked against its spec; an input it does not take is MESH_BAD_TENSOR. */
+export function checkPipelineInputs(def: PipelineDefinition, inputs: Record<string, Tensor>): Record<string, Tensor> {
   const tensors: Record<string, Tensor> = {};
   for (const [name, spec] of Object.entries(def.inputs)) {
     tensors[name] = checkTensorSpec(`${def.name}.${name}`, inputs[name], spec);
@@ -193,6 +187,18 @@ export async function runPipeline(
       throw new MeshError('MESH_BAD_TENSOR', `pipeline ${def.name} has no input ${name}`, { details: { pipeline: def.name } });
     }
   }
+  return tensors;
+}
+
+/** Runs `def` on `inputs`: model stages through `infer`, steps here, all within `deadlineMs`. */
+export async function runPipeline(
+  def: PipelineDefinition,
+  inputs: Record<string, Tensor>,
+  { deadlineMs, infer, onRejected, intermediates = false, now = () => performance.now() }: RunPipelineOptions,
+): Promise<PipelineResult> {
+  const startedAt = now();
+  const deadlineAt = startedAt + deadlineMs;
+  const tensors = checkPipelineInputs(def, inputs);
   const stages: StageRecord[] = [];
   const rejected: RejectedAttempt[] = [];
   const escalationsFailed: PipelineResult['escalationsFailed'] = [];

@@ -152,9 +152,13 @@ export async function kserveInfer(
     const code = isMeshErrorCode(json.code) ? json.code : 'MESH_INTERNAL';
     throw new MeshError(code, json.error ?? `HTTP ${res.status}`, json.details ? { details: json.details } : {});
   }
-  const outputs: Record<string, Tensor> = {};
+  // No prototype: an output named __proto__ is an output like any other.
+  const outputs: Record<string, Tensor> = Object.create(null);
   let offset = 0;
+  if (json.outputs !== undefined && !Array.isArray(json.outputs)) throw badAnswer(baseUrl, 'outputs is not an array');
   for (const o of json.outputs ?? []) {
+    if (o === null || typeof o !== 'object' || typeof o.name !== 'string')
+      throw badAnswer(baseUrl, 'an output is not an object with a name');
     const dtype = KSERVE_TO_DTYPE[o.datatype as keyof typeof KSERVE_TO_DTYPE] ?? o.datatype;
     const size = o.parameters?.binary_data_size;
     if (size === undefined) {

@@ -31,8 +31,9 @@
  * below the limit anyone goes on; at or above it, a caller still goes on while it holds fewer than its share,
  * max(1, ⌈limit × fraction⌉). Netflix's fractions are configured per partition; here every caller holding a permit
  * (and the one asking) gets an equal fraction. So a caller at the limit alone is refused, and a newcomer next to a
- * flood gets up to half the limit, beyond the limit; the flood is refused until it is back under the limit. The
- * outstanding count can pass the limit by at most the callers' shares (about the limit again).
+ * flood gets up to half the limit, beyond the limit; the flood is refused until it is back under the limit. Netflix's
+ * fractions add up to one, so its overshoot is bounded; callers here come and go, so the overshoot has a ceiling of
+ * its own: at twice the limit everyone is refused.
  */
 import { MeshError } from '@edge-mesh/protocol';
 
@@ -72,12 +73,17 @@ export interface ConcurrencySnapshot {
   refused: number;
   /** Callers holding a permit now. */
   callers: number;
+  /** Latency samples taken since start (requests that went on and ended, started in a counted window). */
+  samples: number;
 }
 
 /** A request let through; `release` it exactly once when it ends. */
 export interface ConcurrencyPermit {
   release(): void;
 }
+
+/** How far past the limit the callers' shares may take the requests outstanding: this many times the limit. */
+const OVERSHOOT = 2;
 
 /** Most samples a window keeps (a 100 ms window at 40,000 requests/s); later ones in the same window are dropped. */
 const MAX_SAMPLES = 4_096;
@@ -101,6 +107,7 @@ export class AdaptiveConcurrency {
   private nextSampleAt: number;
   private atFloorWindows = 0;
   private refused = 0;
+  private sampled = 0;
   /** Permits held, by caller; a caller holding none is not in it. */
   private readonly held = new Map<string, number>();
 
@@ -142,11 +149,16 @@ export class AdaptiveConcurrency {
     if (this.outstanding >= this.limitValue) {
       const callers = this.held.size + (held === 0 ? 1 : 0);
       const share = Math.max(1, Math.ceil(this.limitValue / callers));
-      if (held >= share) {
+      // Shares go past the limit by at most the limit again: many callers (or one with many addresses) cannot take
+      // the router past twice its limit.
+      const ceiling = this.outstanding >= OVERSHOOT * this.limitValue;
+      if (held >= share || ceiling) {
         this.refused++;
         throw new MeshError(
           'MESH_OVERLOADED',
-          `the router has ${this.outstanding} requests in flight, its adaptive concurrency limit, and this caller holds ${held} of them, its share`,
+          ceiling
+            ? `the router has ${this.outstanding} requests in flight, twice its adaptive concurrency limit`
+            : `the router has ${this.outstanding} requests in flight, its adaptive concurrency limit, and this caller holds ${held} of them, its share`,
           { details: { limit: this.limitValue, held, share } },
         );
       }
@@ -178,6 +190,7 @@ export class AdaptiveConcurrency {
       inMinRttWindow: this.inMinRttWindow,
       refused: this.refused,
       callers: this.held.size,
+      samples: this.sampled,
     };
   }
 
@@ -187,6 +200,7 @@ export class AdaptiveConcurrency {
     this.advance(now);
     // A request started before the minRTT window began says nothing about the baseline.
     if (startedAt < this.minRttEpoch) return;
+    this.sampled++;
     if (this.samples.length < MAX_SAMPLES) this.samples.push(now - startedAt);
     if (this.inMinRttWindow && this.samples.length >= this.o.minRttRequests) this.endMinRttWindow(now);
   }

@@ -30,7 +30,7 @@ import {
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import type { RouterGrpcHandle, RouterGrpcOptions, RouterHandle, RouterInferResult } from './handle.ts';
-import { createCredentialCheck } from './http-auth.ts';
+import { addressCaller, createCredentialCheck } from './http-auth.ts';
 import {
   assertModelReady,
   DTYPE_TO_KSERVE,
@@ -350,7 +350,7 @@ export async function startRouterGrpc(router: RouterHandle, options: RouterGrpcO
       Promise.resolve()
         .then(() => {
           const address = peerAddress(call.getPeer());
-          let caller = `address:${address}`;
+          let caller = addressCaller(address);
           if (check && scope !== 'open') {
             const [authorization] = call.metadata.get('authorization');
             caller = check(typeof authorization === 'string' ? authorization : undefined, address, scope, Date.now()).id;

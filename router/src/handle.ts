@@ -71,6 +71,8 @@ export interface RouterPipelines {
   /** Whether a live agent serves every model of the pipeline. */
   ready(name: string): boolean;
   names(): string[];
+  /** Checks `inputs` against the pipeline's inputs (MESH_BAD_TENSOR), as `run` does first. */
+  check(name: string, inputs: Record<string, Tensor>): void;
   run(name: string, inputs: Record<string, Tensor>, deadlineMs: number): Promise<RouterInferResult & { pipeline: PipelineResult }>;
 }
 

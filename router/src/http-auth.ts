@@ -197,10 +197,31 @@ const principals = new WeakMap<FastifyRequest, Principal>();
 
 /**
  * Who made a request, for the concurrency limit's shares: the credential's id (`apikey:<id>` or the admitted id),
- * or `address:<ip>` when the router takes no credentials.
+ * or the address when the router takes no credentials (`addressCaller`).
  */
 export function callerOf(request: FastifyRequest): string {
-  return principals.get(request)?.id ?? `address:${request.ip}`;
+  return principals.get(request)?.id ?? addressCaller(request.ip);
+}
+
+/**
+ * A caller named by its address: `address:<IPv4>`, or `address:<first four groups>::/64` for IPv6, since one host
+ * commonly holds a whole /64 and could otherwise be as many callers as it likes (an IPv4-mapped IPv6 address is its
+ * IPv4 address).
+ */
+export function addressCaller(ip: string): string {
+  const address = ip.replace(/%.*$/, '');
+  const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(address);
+  if (mapped) return `address:${mapped[1]}`;
+  if (!address.includes(':')) return `address:${address}`;
+  const [head = '', tail] = address.split('::');
+  const groups = (part: string) => (part === '' ? [] : part.split(':').flatMap((g) => (g.includes('.') ? ['0', '0'] : [g])));
+  const front = groups(head);
+  const back = tail === undefined ? [] : groups(tail);
+  const all = tail === undefined ? front : [...front, ...Array<string>(Math.max(0, 8 - front.length - back.length)).fill('0'), ...back];
+  return `address:${all
+    .slice(0, 4)
+    .map((g) => (Number.parseInt(g, 16) || 0).toString(16))
+    .join(':')}::/64`;
 }
 
 /** Installs the check on every route of `app` (an onRequest hook, so it runs before a body is read). */

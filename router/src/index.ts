@@ -108,7 +108,15 @@ export type {
   RouterLogger,
 } from './handle.ts';
 export { KSERVE_TO_DTYPE, type KServeDatatype, kserveDatatypeOf, startRouterHttp } from './http.ts';
-export { API_KEY_PREFIX, type ApiKeyEntry, installHttpAuth, makeApiKey, type RouterHttpAuthOptions, scopeOfRoute } from './http-auth.ts';
+export {
+  API_KEY_PREFIX,
+  type ApiKeyEntry,
+  addressCaller,
+  installHttpAuth,
+  makeApiKey,
+  type RouterHttpAuthOptions,
+  scopeOfRoute,
+} from './http-auth.ts';
 export { answerRoute, type LeaseOptions, leaseAgents } from './leases.ts';
 export { addNetSample, type NetFit, type NetFitOptions, netFitMs, newNetFit } from './netfit.ts';
 export {

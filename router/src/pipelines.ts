@@ -7,7 +7,7 @@
  *   startRouter({ ..., pipelines: [wakeWordPipeline(), ocrPipeline({ dictionary })] })
  */
 import { createHash } from 'node:crypto';
-import { type PipelineDefinition, runPipeline, validatePipeline } from '@edge-mesh/client';
+import { checkPipelineInputs, type PipelineDefinition, runPipeline, validatePipeline } from '@edge-mesh/client';
 import type { ModelInfo, Tensor } from '@edge-mesh/protocol';
 import type { RouterInferResult, RouterPipelines } from './handle.ts';
 
@@ -41,6 +41,7 @@ export function createRouterPipelines(
   );
   return {
     has: (name) => byName.has(name),
+    check: (name, inputs) => void checkPipelineInputs(byName.get(name)!, inputs),
     names: () => [...byName.keys()],
     ready(name) {
       const def = byName.get(name);

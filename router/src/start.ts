@@ -390,7 +390,9 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     const { deadlineMs = defaultDeadlineMs, excludeAgents } = inferOptions;
     if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'router closed');
     if (pipelines.has(model)) {
-      // One permit for the whole pipeline (its stages are not limited on their own), as a proxy's limit sees one request.
+      // One permit for the whole pipeline (its stages are not limited on their own), as a proxy's limit sees one request;
+      // taken after its inputs are checked, so refused inputs are no latency samples (they would drag the baseline down).
+      pipelines.check(model, inputs);
       const permit = inferOptions.limited ? limiter?.acquire(inferOptions.caller) : undefined;
       try {
         return await pipelines.run(model, inputs, deadlineMs);
