@@ -7,7 +7,7 @@
  * of its traffic this way so `edge-mesh up` exercises the router's forwarding path too.
  */
 import { decodeTensor, isMeshErrorCode, MeshError, type Tensor, tensorFromJson, tensorToJson } from '@edge-mesh/protocol';
-import { KSERVE_TO_DTYPE, kserveDatatypeOf } from '@edge-mesh/router';
+import { binaryHeaderLength, HEADER_LENGTH, KSERVE_TO_DTYPE, kserveDatatypeOf } from '@edge-mesh/router';
 
 export interface KServeResult {
   agentId: string;
@@ -66,12 +66,9 @@ export interface KServeInferOptions {
 /** A router's answer that is not what the protocol says (a header length past the body, sizes that do not add up). */
 const badAnswer = (baseUrl: string, why: string) => new MeshError('MESH_BAD_REQUEST', `the answer from ${baseUrl} is malformed: ${why}`);
 
-/** The JSON header of a binary-extension answer, and the bytes after it. */
-function splitAnswer(baseUrl: string, body: Buffer, headerLength: string): { text: string; rest: Buffer } {
-  const length = /^\d{1,12}$/.test(headerLength.trim()) ? Number(headerLength.trim()) : Number.NaN;
-  if (!Number.isSafeInteger(length) || length > body.length) {
-    throw badAnswer(baseUrl, `Inference-Header-Content-Length ${JSON.stringify(headerLength)} is not within its ${body.length}-byte body`);
-  }
+/** The JSON header of a binary-extension answer, and the bytes after it (the router's framing rule, kserve.ts). */
+function splitAnswer(body: Buffer, headerLength: string): { text: string; rest: Buffer } {
+  const length = binaryHeaderLength(headerLength, body.length);
   return { text: body.subarray(0, length).toString('utf8'), rest: body.subarray(length) };
 }
 
@@ -102,7 +99,7 @@ export async function kserveInfer(
     const encoded = encodeKServeBinaryInputs(inputs);
     const header = Buffer.from(`{"inputs":${encoded.inputs},"parameters":{"deadline_ms":${deadline},"binary_data_output":true}}`);
     request = {
-      headers: { 'content-type': 'application/octet-stream', 'inference-header-content-length': String(header.length) },
+      headers: { 'content-type': 'application/octet-stream', [HEADER_LENGTH]: String(header.length) },
       body: Buffer.concat([header, encoded.bytes]),
     };
   }
@@ -120,9 +117,9 @@ export async function kserveInfer(
   let text: string;
   let rest: Buffer | undefined;
   try {
-    const headerLength = res.headers.get('inference-header-content-length');
+    const headerLength = res.headers.get(HEADER_LENGTH);
     if (headerLength === null) text = await res.text();
-    else ({ text, rest } = splitAnswer(baseUrl, Buffer.from(await res.arrayBuffer()), headerLength));
+    else ({ text, rest } = splitAnswer(Buffer.from(await res.arrayBuffer()), headerLength));
   } catch (err) {
     if (err instanceof MeshError) throw err;
     throw fetchFailure(err, 'body');

@@ -117,6 +117,7 @@ export {
   type RouterHttpAuthOptions,
   scopeOfRoute,
 } from './http-auth.ts';
+export { binaryHeaderLength, HEADER_LENGTH } from './kserve.ts';
 export { answerRoute, type LeaseOptions, leaseAgents } from './leases.ts';
 export { addNetSample, type NetFit, type NetFitOptions, netFitMs, newNetFit } from './netfit.ts';
 export {

@@ -80,21 +80,31 @@ export interface BinaryCarrier {
 }
 
 /**
+ * The JSON header's length a binary-extension body claims (`Inference-Header-Content-Length`), checked: a whole
+ * number within the body's `bodyBytes`, else MESH_BAD_REQUEST. Requests to the router and answers to the sample
+ * app's client are framed alike.
+ */
+export function binaryHeaderLength(headerLength: string | string[] | undefined | null, bodyBytes: number): number {
+  const raw = (Array.isArray(headerLength) ? headerLength[0] : headerLength) ?? undefined;
+  const length = raw !== undefined && /^\d{1,12}$/.test(raw.trim()) ? Number(raw.trim()) : Number.NaN;
+  if (!Number.isSafeInteger(length) || length > bodyBytes) {
+    throw new MeshError(
+      'MESH_BAD_REQUEST',
+      `Inference-Header-Content-Length ${JSON.stringify(raw)} is not a length within the ${bodyBytes}-byte body`,
+      {
+        details: { headerLength: raw ?? null, bodyBytes },
+      },
+    );
+  }
+  return length;
+}
+
+/**
  * Splits a binary-extension body: the JSON header (parsed) and the bytes after it. The header length must be a
  * whole number within the body; the header must be a JSON object.
  */
 export function splitBinaryBody(body: Buffer, headerLength: string | string[] | undefined): object & BinaryCarrier {
-  const raw = Array.isArray(headerLength) ? headerLength[0] : headerLength;
-  const length = raw !== undefined && /^\d{1,12}$/.test(raw.trim()) ? Number(raw.trim()) : Number.NaN;
-  if (!Number.isSafeInteger(length) || length > body.length) {
-    throw new MeshError(
-      'MESH_BAD_REQUEST',
-      `Inference-Header-Content-Length ${JSON.stringify(raw)} is not a length within the ${body.length}-byte body`,
-      {
-        details: { headerLength: raw ?? null, bodyBytes: body.length },
-      },
-    );
-  }
+  const length = binaryHeaderLength(headerLength, body.length);
   let header: unknown;
   try {
     header = JSON.parse(body.subarray(0, length).toString('utf8'));
