@@ -4,8 +4,9 @@
  *
  * Besides the demo models, one ONNX model written here: `spin`, 128 MatMuls in a chain with one
  * 1024 × 1024 weight (the identity), input and output [1, 1024] float32. Its inputs are fixed and small
- * (4 KB a request) and a run takes about 20 ms here: far over the default bound, and, allowed inline
- * by a large one, slow enough to queue behind.
+ * (4 KB a request) and a run takes about 6 ms here: far over the default bound, and, allowed inline
+ * by a large one, slow enough to queue behind. The tests whose point is a run longer than some other
+ * time (a heartbeat period, a deadline) write it deeper, so that a faster machine keeps the margin.
  */
 import assert from 'node:assert/strict';
 import type { ChildProcess } from 'node:child_process';
@@ -33,7 +34,7 @@ import pino from 'pino';
 import { declaredInputs, declaresFixedShapes } from '../edge-agent/src/onnx-inputs.ts';
 import { describe as describeMeta, fixedShapes } from '../edge-agent/src/ort-session.mjs';
 import { agentFor, assertBusyBurst, brokerFor, meshFor, modelsDir, rawClient, spawnAgent, tcpRelay, tempDir, waitFor } from './helpers.ts';
-import { SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
+import { SPIN_DEPTH, SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
 
 const spin = (seed = 1): Record<string, Tensor> => ({
   x: { dtype: 'float32', shape: [1, SPIN_WIDTH], data: Float32Array.from({ length: SPIN_WIDTH }, (_, i) => Math.sin(i * 0.37 + seed)) },
@@ -44,15 +45,15 @@ interface Fixture {
   entries: Record<string, ManifestEntry>;
 }
 
-/** A models folder with `names` from the demo folder, and `spin` when asked. */
-async function modelsFolder(t: Parameters<typeof tempDir>[0], names: string[]): Promise<Fixture> {
+/** A models folder with `names` from the demo folder, and `spin` (of `spinDepth` MatMuls) when asked. */
+async function modelsFolder(t: Parameters<typeof tempDir>[0], names: string[], spinDepth = SPIN_DEPTH): Promise<Fixture> {
   const src = await modelsDir();
   const manifest = JSON.parse(await readFile(path.join(src, 'manifest.json'), 'utf8')) as { models: ManifestEntry[] };
   const dir = await tempDir(t, 'edge-mesh-inline-');
   const entries: Record<string, ManifestEntry> = {};
   for (const name of names) {
     if (name === 'spin') {
-      entries[name] = await writeSpinModel(dir);
+      entries[name] = await writeSpinModel(dir, {}, spinDepth);
       continue;
     }
     const entry = manifest.models.find((m) => m.name === name)!;
@@ -228,7 +229,8 @@ describe('which models run inline', () => {
 describe('serving inline', () => {
   test('heartbeats keep their period while wake-word requests flow inline, and while long inline runs queue up', async (t) => {
     const broker = await brokerFor(t);
-    const { dir } = await modelsFolder(t, ['kws', 'spin']);
+    // spin four times as deep (about 25 ms a run here): 24 of them back to back hold the loop longer than two periods.
+    const { dir } = await modelsFolder(t, ['kws', 'spin'], 4 * SPIN_DEPTH);
     const loads = await loadWatcher(t, broker.url);
     const key = generateIdentity('agent');
     // spin inline too, allowed by a large bound.
@@ -265,7 +267,7 @@ describe('serving inline', () => {
       `kws served per heartbeat: ${servedSeen.join(',')}`,
     );
 
-    // 24 spin runs outstanding, about half a second of work: run back to back they would hold the loop
+    // 24 spin runs outstanding, about 0.6 s of work: run back to back they would hold the loop
     // that long; one per turn, a heartbeat waits for one run at most.
     const long = await burst('spin', 24, 3_000);
     assert.ok(long.served > 24, `served ${long.served}`);
@@ -280,7 +282,9 @@ describe('serving inline', () => {
 
   test('a full queue answers MESH_BUSY, a queued request can be cancelled, an expired one is dropped unrun, for inline models', async (t) => {
     const broker = await brokerFor(t);
-    const { dir } = await modelsFolder(t, ['kws', 'spin']);
+    // spin four times as deep (about 25 ms a run here), so that one run outlasts the 10 ms deadline below with room to
+    // spare on a faster machine: at 6 ms a run, the wake-word request read after the first run could still make it.
+    const { dir } = await modelsFolder(t, ['kws', 'spin'], 4 * SPIN_DEPTH);
     const loads = await loadWatcher(t, broker.url);
     const raw = await rawClient(t, broker.url, 'raw-inline');
     const inlineArgs = ['--models', dir, '--inline-max-ms', '1000', '--heartbeat-ms', '50'];
@@ -311,8 +315,8 @@ describe('serving inline', () => {
     assert.deepEqual(cancelCodes, ['ok', 'ok', 'ok', 'MESH_CANCELLED']);
     await servedIs('spin', 3);
 
-    // Behind spin runs on the same main thread, a wake-word request with a short deadline expires in the
-    // queue: it is refused and never runs.
+    // Behind spin runs on the same main thread, a wake-word request with a short deadline expires before its turn: the
+    // agent reads it (or picks it from the queue) only after a spin run longer than its deadline, refuses it, never runs it.
     const slow = [1, 2, 3].map((s) => request('spin', spin(s), 10_000));
     const pendingSlow = slow.map((m) => raw.request(key.id, m.id, m));
     const short = request('kws', kws(1), 10);

@@ -1,7 +1,7 @@
 /**
  * `spin`, an ONNX model written here as a protobuf (onnx.proto of the ONNX specification): 128 MatMuls in a
  * chain with one 1024 × 1024 weight (the identity), input x and output y, [1, 1024] float32. A run takes
- * about 20 ms here. Used by test/inline.test.ts, by the queue tests of test/mesh.test.ts (small requests that queue
+ * about 6 ms on this project's 2-core test machine (one intra-op thread); `depth` makes it longer. Used by test/inline.test.ts, by the queue tests of test/mesh.test.ts (small requests that queue
  * on any broker) and, run in units, by test/payments-progress.test.ts.
  */
 import { createHash } from 'node:crypto';
@@ -27,7 +27,7 @@ export const SPIN_WIDTH = 1024;
 export const SPIN_DEPTH = 128;
 
 /** ModelProto { ir_version 8, opset_import { version 17 }, graph { node × depth, initializer W, input x, output y } }. */
-export function spinModel(): Buffer {
+export function spinModel(depth = SPIN_DEPTH): Buffer {
   const n = SPIN_WIDTH;
   const weight = new Float32Array(n * n);
   for (let i = 0; i < n; i++) weight[i * n + i] = 1;
@@ -35,8 +35,8 @@ export function spinModel(): Buffer {
   const type = (dims: number[]) =>
     lenField(1, Buffer.concat([varintField(1, 1), lenField(2, Buffer.concat(dims.map((d) => lenField(1, varintField(1, d)))))]));
   const valueInfo = (name: string, dims: number[]) => Buffer.concat([stringField(1, name), lenField(2, type(dims))]);
-  const name = (i: number) => (i === 0 ? 'x' : i === SPIN_DEPTH ? 'y' : `h${i}`);
-  const nodes = Array.from({ length: SPIN_DEPTH }, (_, i) =>
+  const name = (i: number) => (i === 0 ? 'x' : i === depth ? 'y' : `h${i}`);
+  const nodes = Array.from({ length: depth }, (_, i) =>
     lenField(1, Buffer.concat([stringField(1, name(i)), stringField(1, 'W'), stringField(2, name(i + 1)), stringField(4, 'MatMul')])),
   );
   // TensorProto { dims, data_type FLOAT, name, raw_data (little-endian) }
@@ -55,8 +55,8 @@ export function spinModel(): Buffer {
 }
 
 /** Writes `spin.onnx` into `dir` and returns its manifest entry (name `spin`, price 1 µ$ unless `extra` says otherwise). */
-export async function writeSpinModel(dir: string, extra: Record<string, unknown> = {}) {
-  const bytes = spinModel();
+export async function writeSpinModel(dir: string, extra: Record<string, unknown> = {}, depth = SPIN_DEPTH) {
+  const bytes = spinModel(depth);
   await writeFile(path.join(dir, 'spin.onnx'), bytes);
   return {
     name: 'spin',
@@ -64,7 +64,7 @@ export async function writeSpinModel(dir: string, extra: Record<string, unknown>
     file: 'spin.onnx',
     sha256: createHash('sha256').update(bytes).digest('hex'),
     priceMicros: 1,
-    notes: `${SPIN_DEPTH} MatMuls of [1,${SPIN_WIDTH}] by an identity weight`,
+    notes: `${depth} MatMuls of [1,${SPIN_WIDTH}] by an identity weight`,
     ...extra,
   };
 }
