@@ -65,7 +65,7 @@ const SUITE_TIMEOUT_MS = 600_000;
 
 /**
  * The queue tests send a burst from one sender and need it to arrive faster than the agent serves it. They use `spin`
- * (test/spin-model.ts): 4 KB requests and a run of about 20 ms, so the burst queues on every engine. (With 1.2 MB
+ * (test/spin-model.ts): 4 KB requests and a run of about 6 ms here, so the burst queues on every engine. (With 1.2 MB
  * detection requests it did not on NATS 2.9, whose MQTT layer delivered them about 30 ms apart, as fast as the agent
  * served them.)
  */

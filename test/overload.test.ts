@@ -251,6 +251,83 @@ describe('agent admission', () => {
     assert.equal(r.executor.runs.length, 0);
   });
 
+  /** Two models on one run slot: `det` (150 ms a run) and `vad` (7 ms), as an agent's worker pool serves them. */
+  function sharedLane() {
+    let now = 1_000_000;
+    const finished: { key: string; code: string | undefined }[] = [];
+    const scheduler = new Scheduler(
+      64,
+      (job, err) => finished.push({ key: job.key, code: err?.code }),
+      () => now,
+    );
+    const executor = new HeldExecutor(1);
+    scheduler.addModel('det', 150, executor);
+    scheduler.addModel('vad', 7, executor);
+    let n = 0;
+    const submit = (model: 'det' | 'vad', deadlineInMs: number, senderId = 's'): MeshError | Job => {
+      const job: Job = {
+        key: `${model}${n++}`,
+        id: new Uint8Array(16),
+        senderId,
+        model,
+        inputs: {},
+        deadline: now + deadlineInMs,
+        receivedAt: 0,
+      };
+      try {
+        scheduler.submit(job);
+        return job;
+      } catch (err) {
+        return err as MeshError;
+      }
+    };
+    return { scheduler, executor, finished, submit, advance: (ms: number) => (now += ms) };
+  }
+
+  test('a job goes before queued work of another model with a later deadline, so that work does not count in its wait', () => {
+    const r = sharedLane();
+    // One detection running and three queued, 3 s deadlines: 75 + 450 ms of work held.
+    for (let i = 0; i < 4; i++) assert.ok(!(r.submit('det', 3_000) instanceof MeshError));
+    assert.equal(r.scheduler.estimateMs('vad'), 532, 'all held work, as a job with the latest deadline would wait');
+    // A 500 ms voice-activity request waits only for the run under way (earliest deadline first between queue heads):
+    // 75 + 7 ms. Counting all held work (532 ms) would refuse it.
+    const vad = r.submit('vad', 500);
+    assert.ok(!(vad instanceof MeshError), `refused: ${(vad as MeshError).message}`);
+    r.advance(150);
+    r.executor.finishOne(150);
+    assert.deepEqual(
+      r.executor.runs.map((run) => run.model),
+      ['vad'],
+      'it runs next, before the queued detections',
+    );
+    r.advance(7);
+    r.executor.finishOne(7);
+    assert.deepEqual(r.finished.at(-1), { key: (vad as Job).key, code: undefined });
+  });
+
+  test('a job that would make the queued work it overtakes miss their deadlines is refused; a sender cannot push others out that way', () => {
+    const r = sharedLane();
+    // Another sender's detections, admitted with little to spare: the last one is estimated at 525 ms of its 530.
+    for (let i = 0; i < 4; i++) assert.ok(!(r.submit('det', 530, 'other') instanceof MeshError));
+    // A tight voice-activity request (520 ms) would go first and would itself be in time (75 + 7 ms), but the last
+    // detection would then end at about 532 ms: refused, and the queue is unchanged.
+    const refused = r.submit('vad', 520, 'pusher');
+    assert.ok(refused instanceof MeshError);
+    assert.equal(refused.code, 'MESH_OVERLOADED');
+    assert.match(refused.message, /would make queued work of another model miss its deadline/);
+    assert.equal(r.scheduler.pending, 4);
+    // With room behind it (3 s deadlines), the same request is taken.
+    const roomy = sharedLane();
+    for (let i = 0; i < 4; i++) roomy.submit('det', 3_000, 'other');
+    assert.ok(!(roomy.submit('vad', 520, 'pusher') instanceof MeshError));
+    // Jobs of its own model it never overtakes (first in, first out): they count in its wait.
+    const own = sharedLane();
+    own.submit('det', 3_000);
+    for (let i = 0; i < 40; i++) own.submit('vad', 3_000);
+    const behind = own.submit('vad', 100);
+    assert.ok(behind instanceof MeshError && behind.code === 'MESH_OVERLOADED', 'queued behind 40 × 7 ms of its own model');
+  });
+
   test('an idle model whose estimate grew past every deadline still takes one job a second, so it can recover', () => {
     const r = rig(1, 10);
     r.refusal(r.job(1_000));

@@ -119,12 +119,22 @@ export class SampleApp {
           this.byAgent.get(result.agentId).record(ms);
           this.paths[result.path] = (this.paths[result.path] ?? 0) + 1;
         },
-        (err: { code?: unknown; message?: string }) => {
+        (err: { code?: unknown; message?: string; cause?: unknown }) => {
           // Only the mesh's codes are counted by name; anything else (a DOM or Node error code) is a bug to report as one.
           const code = isMeshErrorCode(err.code) ? err.code : 'MESH_INTERNAL';
           this.errorCodes[code] = (this.errorCodes[code] ?? 0) + 1;
           this.byModel.get(model).record(undefined);
-          logger.warn({ model, code, err: err.message }, 'sample request failed');
+          // The last agent's answer (an agent's own refusal, say) is the cause of a deadline passed: logged with it.
+          const cause = err.cause as { code?: unknown; message?: unknown } | undefined;
+          logger.warn(
+            {
+              model,
+              code,
+              err: err.message,
+              ...(cause?.message !== undefined ? { cause: `${String(cause.code)}: ${String(cause.message)}` } : {}),
+            },
+            'sample request failed',
+          );
         },
       )
       .finally(() => this.inFlight.delete(p));

@@ -7,9 +7,11 @@
  * heads of the models it runs.
  *
  * Admission (docs/operations.md, "Overload"): a job that the queue cannot serve before its deadline is refused at once
- * with MESH_OVERLOADED instead of being queued to expire. The estimate is the agent's own: the work held on the job's
- * executor (each queued job its model's service time, each running one half of it) shared by the executor's
- * parallel runs, plus one service time of the job's model. The service time here is the median of the model's last
+ * with MESH_OVERLOADED instead of being queued to expire. The estimate is the agent's own: the work that would go
+ * before the job on its executor (each running job one half of its model's service time, each queued job of its own
+ * model one, and each queued job of another model with an earlier deadline one) shared by the executor's parallel
+ * runs, plus one service time of the job's model. A job is also refused when the queued work it would overtake (the
+ * other models' jobs with later deadlines) could no longer meet their deadlines with it ahead. The service time here is the median of the model's last
  * runs, not the EWMA the load report carries: a run that measured long because the process lost the CPU for a while
  * must not refuse the requests after it. Only the deadline is the sender's; whatever it claims, the
  * estimate comes from this agent's queue and clock.
@@ -272,21 +274,57 @@ export class Scheduler {
   }
 
   /**
-   * Refuses (MESH_OVERLOADED) a job whose estimate would pass its deadline. The service time is only measured on
-   * runs, so a model that has not started a job for PROBE_AFTER_MS takes one anyway when it would start at once:
-   * an estimate that grew under a passing load cannot refuse everything for ever.
+   * Refuses (MESH_OVERLOADED) a job whose estimate would pass its deadline, or that would make queued work it overtakes
+   * pass theirs. The estimate follows the order takeNext serves in: the runs under way (half a service time each), the
+   * job's own model's queue (first in, first out) and, of the other models' queues on its executor, the jobs with an
+   * earlier deadline (earliest-deadline-first between queue heads); the rest of those queues it overtakes, so they are
+   * checked against their own deadlines with its service time added, each bounded by all the held work. The service
+   * time is only measured on runs, so a model that has not started a job for PROBE_AFTER_MS takes one anyway when it
+   * would start at once: an estimate that grew under a passing load cannot refuse everything for ever.
    */
   private admit(job: Job, state: ModelState): void {
     const now = this.now();
     const remainingMs = job.deadline - now;
-    const waitMs = this.waitMs(state);
+    const executor = state.executor;
+    const parallelism = Math.max(1, executor.parallelism ?? 1);
     // A job that runs in units (units.ts) takes one run per unit.
-    const estimatedMs = waitMs + state.admitMs * (job.units ? job.units.total - job.units.done : 1);
-    if (estimatedMs <= remainingMs) return;
-    if (waitMs === 0 && now - state.lastStartAt >= PROBE_AFTER_MS) return;
+    const ownMs = state.admitMs * (job.units ? job.units.total - job.units.done : 1);
+    let heldMs = 0;
+    let aheadMs = 0;
+    let queued = 0;
+    let running = 0;
+    // The least time left to any overtaken job once all held work but its own run is done (see above).
+    let overtakenSlackMs = Number.POSITIVE_INFINITY;
+    for (const s of this.lanes.get(executor)!) {
+      const runningMs = s.inFlight * s.admitMs * 0.5;
+      heldMs += s.queue.length * s.admitMs + runningMs;
+      aheadMs += runningMs;
+      queued += s.queue.length;
+      running += s.inFlight;
+      if (s === state) {
+        aheadMs += s.queue.length * s.admitMs;
+        continue;
+      }
+      let i = 0;
+      while (i < s.queue.length && s.queue[i]!.deadline < job.deadline) i++;
+      aheadMs += i * s.admitMs;
+      let earliest = Number.POSITIVE_INFINITY;
+      for (let k = i; k < s.queue.length; k++) earliest = Math.min(earliest, s.queue[k]!.deadline);
+      overtakenSlackMs = Math.min(overtakenSlackMs, earliest - now - s.admitMs * (1 - 1 / parallelism));
+    }
+    const idle = queued === 0 && running < parallelism && executor.freeCapacity > 0;
+    const waitMs = idle ? 0 : aheadMs / parallelism;
+    const estimatedMs = waitMs + ownMs;
+    const overtakes = (heldMs + ownMs) / parallelism > overtakenSlackMs;
+    if (estimatedMs <= remainingMs && !overtakes) return;
+    if (idle && now - state.lastStartAt >= PROBE_AFTER_MS) return;
+    const why =
+      estimatedMs > remainingMs
+        ? `${Math.floor(remainingMs)} ms left before its deadline`
+        : 'and going first it would make queued work of another model miss its deadline';
     throw new MeshError(
       'MESH_OVERLOADED',
-      `${job.model} would take about ${Math.ceil(estimatedMs)} ms here (queue ${state.queue.length}), ${Math.floor(remainingMs)} ms left before its deadline`,
+      `${job.model} would take about ${Math.ceil(estimatedMs)} ms here (queue ${state.queue.length}), ${why}`,
       { details: { estimatedMs: Math.ceil(estimatedMs), remainingMs: Math.floor(remainingMs) } },
     );
   }
