@@ -251,8 +251,22 @@ describe('agent admission', () => {
     assert.equal(r.executor.runs.length, 0);
   });
 
-  /** Two models on one run slot: `det` (150 ms a run) and `vad` (7 ms), as an agent's worker pool serves them. */
-  function sharedLane() {
+  /** Asserts `x` was queued (messages given, so that a failing assertion need not quote its source). */
+  const taken = (x: MeshError | Job) => assert.ok(!(x instanceof MeshError), `refused: ${(x as MeshError).message}`);
+  /** Asserts `x` was refused with MESH_OVERLOADED and returns the refusal. */
+  const overloaded = (x: MeshError | Job): MeshError => {
+    assert.ok(
+      x instanceof MeshError && x.code === 'MESH_OVERLOADED',
+      `taken or refused otherwise: ${(x as MeshError).message ?? (x as Job).key}`,
+    );
+    return x;
+  };
+
+  /**
+   * Models on one executor, as an agent's worker pool serves them: `det` (150 ms a run), `vad` (7 ms) and `ocr` (100 ms a
+   * unit, for jobs in units), listed in `order` (the first listed wins a tie of deadlines), on `parallelism` run slots.
+   */
+  function sharedLane(parallelism = 1, order: ('det' | 'vad' | 'ocr')[] = ['det', 'vad', 'ocr']) {
     let now = 1_000_000;
     const finished: { key: string; code: string | undefined }[] = [];
     const scheduler = new Scheduler(
@@ -260,11 +274,11 @@ describe('agent admission', () => {
       (job, err) => finished.push({ key: job.key, code: err?.code }),
       () => now,
     );
-    const executor = new HeldExecutor(1);
-    scheduler.addModel('det', 150, executor);
-    scheduler.addModel('vad', 7, executor);
+    const executor = new HeldExecutor(parallelism);
+    const serviceMs = { det: 150, vad: 7, ocr: 100 };
+    for (const model of order) scheduler.addModel(model, serviceMs[model], executor);
     let n = 0;
-    const submit = (model: 'det' | 'vad', deadlineInMs: number, senderId = 's'): MeshError | Job => {
+    const submit = (model: 'det' | 'vad' | 'ocr', deadlineInMs: number, senderId = 's', units?: number): MeshError | Job => {
       const job: Job = {
         key: `${model}${n++}`,
         id: new Uint8Array(16),
@@ -273,6 +287,7 @@ describe('agent admission', () => {
         inputs: {},
         deadline: now + deadlineInMs,
         receivedAt: 0,
+        ...(units ? { units: { total: units, every: 1, done: 0, reported: 0, parts: [], execMs: 0 } } : {}),
       };
       try {
         scheduler.submit(job);
@@ -281,51 +296,118 @@ describe('agent admission', () => {
         return err as MeshError;
       }
     };
-    return { scheduler, executor, finished, submit, advance: (ms: number) => (now += ms) };
+    /** Ends the oldest run after `ms`, reporting `ms`. */
+    const finishRun = (ms: number) => {
+      now += ms;
+      executor.finishOne(ms);
+    };
+    return { scheduler, executor, finished, submit, finishRun };
   }
 
   test('a job goes before queued work of another model with a later deadline, so that work does not count in its wait', () => {
     const r = sharedLane();
     // One detection running and three queued, 3 s deadlines: 75 + 450 ms of work held.
-    for (let i = 0; i < 4; i++) assert.ok(!(r.submit('det', 3_000) instanceof MeshError));
+    for (let i = 0; i < 4; i++) taken(r.submit('det', 3_000));
     assert.equal(r.scheduler.estimateMs('vad'), 532, 'all held work, as a job with the latest deadline would wait');
     // A 500 ms voice-activity request waits only for the run under way (earliest deadline first between queue heads):
     // 75 + 7 ms. Counting all held work (532 ms) would refuse it.
     const vad = r.submit('vad', 500);
-    assert.ok(!(vad instanceof MeshError), `refused: ${(vad as MeshError).message}`);
-    r.advance(150);
-    r.executor.finishOne(150);
+    taken(vad);
+    r.finishRun(150);
     assert.deepEqual(
       r.executor.runs.map((run) => run.model),
       ['vad'],
       'it runs next, before the queued detections',
     );
-    r.advance(7);
-    r.executor.finishOne(7);
+    r.finishRun(7);
     assert.deepEqual(r.finished.at(-1), { key: (vad as Job).key, code: undefined });
+    // And the detections it overtook still end in time.
+    for (let i = 0; i < 3; i++) r.finishRun(150);
+    assert.deepEqual(
+      r.finished.map((f) => f.code),
+      [undefined, undefined, undefined, undefined, undefined],
+    );
+  });
+
+  test('queued work of another model that goes before a job of its own model goes before the job too', () => {
+    const r = sharedLane();
+    // A detection running, three queued (2 s deadlines), then a voice-activity job with a 3 s deadline: the detections,
+    // whose deadlines are earlier, go before that job, so before any voice-activity job queued behind it.
+    for (let i = 0; i < 4; i++) r.submit('det', 2_000);
+    taken(r.submit('vad', 3_000));
+    // It would start after 532 ms.
+    const refused = overloaded(r.submit('vad', 500));
+    assert.deepEqual(refused.details, { estimatedMs: 539, remainingMs: 500 });
+  });
+
+  test('a job in units holds all its units still to run: the work a newcomer would overtake counts them', () => {
+    // Five units of 100 ms due in 580 ms, behind a detection: estimated to end at 75 + 500 ms.
+    const queued = sharedLane();
+    queued.submit('det', 3_000);
+    taken(queued.submit('ocr', 580, 's', 5));
+    // A detection due in 250 ms would itself be in time (75 + 150 ms), but would push the last unit to about 725 ms.
+    assert.match(overloaded(queued.submit('det', 250)).message, /miss its deadline/);
+    // The same job running its first unit, four to come: it is out of the queue but its units still count.
+    const running = sharedLane();
+    taken(running.submit('ocr', 580, 's', 5));
+    assert.deepEqual(
+      running.executor.runs.map((run) => run.model),
+      ['ocr'],
+    );
+    assert.match(overloaded(running.submit('det', 250)).message, /miss its deadline/);
+    // With no work to overtake, such a detection is taken.
+    const alone = sharedLane();
+    alone.submit('det', 3_000);
+    taken(alone.submit('det', 400));
+  });
+
+  test('equal deadlines go to the model listed first on the executor, as the queue serves them', () => {
+    // Two run slots, both running a detection; ten voice-activity jobs queued, due in 226 ms.
+    const setUp = (order: ('det' | 'vad')[]) => {
+      const r = sharedLane(2, order);
+      r.submit('det', 3_000);
+      r.submit('det', 3_000);
+      for (let i = 0; i < 10; i++) taken(r.submit('vad', 226));
+      return r;
+    };
+    // Voice activity listed first: the ten go before a detection due at the same time, which would end at about 260 ms.
+    const vadFirst = setUp(['vad', 'det']);
+    assert.equal(overloaded(vadFirst.submit('det', 226)).details?.estimatedMs, 260);
+    // Detection listed first: it goes first (75 + 150 ms) and the ten still end in time on the other slot.
+    const detFirst = setUp(['det', 'vad']);
+    taken(detFirst.submit('det', 226));
+    detFirst.finishRun(75);
+    assert.deepEqual(
+      detFirst.executor.runs.map((run) => run.model),
+      ['det', 'det'],
+      'the tie went to the detection',
+    );
   });
 
   test('a job that would make the queued work it overtakes miss their deadlines is refused; a sender cannot push others out that way', () => {
     const r = sharedLane();
     // Another sender's detections, admitted with little to spare: the last one is estimated at 525 ms of its 530.
-    for (let i = 0; i < 4; i++) assert.ok(!(r.submit('det', 530, 'other') instanceof MeshError));
+    for (let i = 0; i < 4; i++) taken(r.submit('det', 530, 'other'));
     // A tight voice-activity request (520 ms) would go first and would itself be in time (75 + 7 ms), but the last
     // detection would then end at about 532 ms: refused, and the queue is unchanged.
-    const refused = r.submit('vad', 520, 'pusher');
-    assert.ok(refused instanceof MeshError);
-    assert.equal(refused.code, 'MESH_OVERLOADED');
+    const refused = overloaded(r.submit('vad', 520, 'pusher'));
     assert.match(refused.message, /would make queued work of another model miss its deadline/);
     assert.equal(r.scheduler.pending, 4);
     // With room behind it (3 s deadlines), the same request is taken.
     const roomy = sharedLane();
     for (let i = 0; i < 4; i++) roomy.submit('det', 3_000, 'other');
-    assert.ok(!(roomy.submit('vad', 520, 'pusher') instanceof MeshError));
+    taken(roomy.submit('vad', 520, 'pusher'));
+    for (const ms of [150, 7, 150, 150, 150]) roomy.finishRun(ms);
+    assert.ok(
+      roomy.finished.every((f) => f.code === undefined),
+      JSON.stringify(roomy.finished),
+    );
     // Jobs of its own model it never overtakes (first in, first out): they count in its wait.
     const own = sharedLane();
     own.submit('det', 3_000);
     for (let i = 0; i < 40; i++) own.submit('vad', 3_000);
-    const behind = own.submit('vad', 100);
-    assert.ok(behind instanceof MeshError && behind.code === 'MESH_OVERLOADED', 'queued behind 40 × 7 ms of its own model');
+    // Queued behind 40 × 7 ms of its own model.
+    overloaded(own.submit('vad', 100));
   });
 
   test('an idle model whose estimate grew past every deadline still takes one job a second, so it can recover', () => {

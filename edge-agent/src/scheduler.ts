@@ -57,6 +57,8 @@ interface ModelState {
   recent: number[];
   recentNext: number;
   admitMs: number;
+  /** Jobs in units with a unit running and more to come: each goes back to the head of the queue after its unit. */
+  unitJobs: Job[];
 }
 
 /**
@@ -104,6 +106,16 @@ function noteRun(state: ModelState, ms: number): void {
   state.admitMs = sortedRuns[n >> 1]!;
 }
 
+/** The work a job holds on its model's executor: one service time, or one a unit still to run (after the running one). */
+function workMs(state: ModelState, job: Job, running: boolean): number {
+  const units = job.units;
+  return state.admitMs * (units ? units.total - units.done - (running ? 1 : 0) : 1);
+}
+
+/** A model's `k`th job in the order its queue serves them: the jobs in units coming back first, then the queue. */
+const pending = (state: ModelState, k: number): Job =>
+  k < state.unitJobs.length ? state.unitJobs[k]! : state.queue[k - state.unitJobs.length]!;
+
 export class Scheduler {
   private readonly models = new Map<string, ModelState>();
   /** The models each executor runs. */
@@ -138,6 +150,7 @@ export class Scheduler {
       recent: [],
       recentNext: 0,
       admitMs: latencyMs,
+      unitJobs: [],
     };
     const old = this.models.get(name);
     if (old) {
@@ -275,42 +288,58 @@ export class Scheduler {
 
   /**
    * Refuses (MESH_OVERLOADED) a job whose estimate would pass its deadline, or that would make queued work it overtakes
-   * pass theirs. The estimate follows the order takeNext serves in: the runs under way (half a service time each), the
-   * job's own model's queue (first in, first out) and, of the other models' queues on its executor, the jobs with an
-   * earlier deadline (earliest-deadline-first between queue heads); the rest of those queues it overtakes, so they are
-   * checked against their own deadlines with its service time added, each bounded by all the held work. The service
-   * time is only measured on runs, so a model that has not started a job for PROBE_AFTER_MS takes one anyway when it
-   * would start at once: an estimate that grew under a passing load cannot refuse everything for ever.
+   * pass theirs (docs/operations.md, "Overload"). The estimate follows the order takeNext serves in: each model's queue
+   * first in, first out (a job in units whose unit runs now comes back at its head), and between the heads of the models
+   * on one executor the earliest deadline, a tie to the model listed first. So before the job go: the runs under way
+   * (half a service time each), its own model's queue, and of each other model's queue the jobs that merge ahead of it.
+   * The rest of those queues it overtakes: each is checked against its own deadline with a bound on when it ends (all
+   * held work and this job's over the parallel runs, plus its own work). The service time is only measured on runs, so
+   * a model that has not started a job for PROBE_AFTER_MS takes one anyway when it would start at once: an estimate
+   * that grew under a passing load cannot refuse everything for ever.
    */
   private admit(job: Job, state: ModelState): void {
     const now = this.now();
     const remainingMs = job.deadline - now;
     const executor = state.executor;
     const parallelism = Math.max(1, executor.parallelism ?? 1);
-    // A job that runs in units (units.ts) takes one run per unit.
-    const ownMs = state.admitMs * (job.units ? job.units.total - job.units.done : 1);
+    const lane = this.lanes.get(executor)!;
+    const ownAt = lane.indexOf(state);
+    const ownMs = workMs(state, job, false);
     let heldMs = 0;
     let aheadMs = 0;
     let queued = 0;
     let running = 0;
-    // The least time left to any overtaken job once all held work but its own run is done (see above).
+    // The least time any overtaken job would have left at the bound on its end.
     let overtakenSlackMs = Number.POSITIVE_INFINITY;
-    for (const s of this.lanes.get(executor)!) {
+    for (let at = 0; at < lane.length; at++) {
+      const s = lane[at]!;
       const runningMs = s.inFlight * s.admitMs * 0.5;
-      heldMs += s.queue.length * s.admitMs + runningMs;
+      heldMs += runningMs;
       aheadMs += runningMs;
       queued += s.queue.length;
       running += s.inFlight;
+      for (const j of s.unitJobs) heldMs += workMs(s, j, true);
+      for (const j of s.queue) heldMs += workMs(s, j, false);
       if (s === state) {
-        aheadMs += s.queue.length * s.admitMs;
+        for (const j of s.unitJobs) aheadMs += workMs(s, j, true);
+        for (const j of s.queue) aheadMs += workMs(s, j, false);
         continue;
       }
-      let i = 0;
-      while (i < s.queue.length && s.queue[i]!.deadline < job.deadline) i++;
-      aheadMs += i * s.admitMs;
-      let earliest = Number.POSITIVE_INFINITY;
-      for (let k = i; k < s.queue.length; k++) earliest = Math.min(earliest, s.queue[k]!.deadline);
-      overtakenSlackMs = Math.min(overtakenSlackMs, earliest - now - s.admitMs * (1 - 1 / parallelism));
+      // Merge this model's jobs with the job's own model's (then the job itself) by takeNext's rule: count those that
+      // go before the job; the others it overtakes.
+      const goesFirst = (other: Job, than: Job) => other.deadline < than.deadline || (other.deadline === than.deadline && at < ownAt);
+      const ownLength = state.unitJobs.length + state.queue.length;
+      let o = 0;
+      let overtaken = false;
+      for (let k = 0; k < s.unitJobs.length + s.queue.length; k++) {
+        const other = pending(s, k);
+        const work = workMs(s, other, k < s.unitJobs.length);
+        while (!overtaken && o < ownLength && !goesFirst(other, pending(state, o))) o++;
+        // Once the job goes before one of them, it goes before the rest of that queue too (first in, first out).
+        overtaken ||= o === ownLength && !goesFirst(other, job);
+        if (overtaken) overtakenSlackMs = Math.min(overtakenSlackMs, other.deadline - now - work * (1 - 1 / parallelism));
+        else aheadMs += work;
+      }
     }
     const idle = queued === 0 && running < parallelism && executor.freeCapacity > 0;
     const waitMs = idle ? 0 : aheadMs / parallelism;
@@ -416,8 +445,10 @@ export class Scheduler {
       state.inFlight++;
       state.lastStartAt = this.now();
       const units = job.units;
+      if (units && units.total - units.done > 1) state.unitJobs.push(job);
       executor.run(job.model, units ? unitInputs(job.inputs, units.done) : job.inputs, (err, result) => {
         state.inFlight--;
+        if (units && state.unitJobs.includes(job)) state.unitJobs.splice(state.unitJobs.indexOf(job), 1);
         if (err) state.failed++;
         else {
           state.served++;
