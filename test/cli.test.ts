@@ -215,6 +215,10 @@ describe('edge-mesh CLI', () => {
     );
     assert.ok(summary.errors <= 0.05 * summary.requests, JSON.stringify(codes));
     assert.equal(summary.ok + summary.errors, summary.requests);
+    // The warm-up: each of the four models once by the SDK and once over HTTP, apart from the stream.
+    assert.equal(summary.warmup.requests, 8, JSON.stringify(summary.warmup));
+    assert.equal(summary.warmup.ok, 8, JSON.stringify(summary.warmup));
+    assert.ok(summary.warmup.slowest_ms > 0 && summary.warmup.took_ms >= summary.warmup.slowest_ms, JSON.stringify(summary.warmup));
     assert.equal(summary.agents, 2);
     assert.deepEqual(Object.keys(summary.models).sort(), ['kws', 'ocr-cls', 'ocr-det', 'vad']);
     for (const m of Object.values(summary.models) as { requests: number; p50_ms: number; p99_ms: number }[]) {
@@ -232,7 +236,8 @@ describe('edge-mesh CLI', () => {
     assert.match(routing.http_url, /^http:\/\/127\.0\.0\.1:\d+$/);
     assert.ok(routing.leases_given > 0);
     assert.ok((routing.paths.leased ?? 0) > 0 && (routing.paths.http ?? 0) > 0, JSON.stringify(routing.paths));
-    assert.equal(routing.forwarded, routing.paths.http);
+    // The router forwarded the stream's HTTP requests and the warm-up's four.
+    assert.equal(routing.forwarded, routing.paths.http! + 4);
     assert.equal(
       Object.values(routing.paths).reduce((a, b) => a + b, 0),
       summary.ok,
@@ -245,7 +250,7 @@ describe('edge-mesh CLI', () => {
     assert.ok(summary.bridge.udp_datagrams >= summary.bridge.requests, JSON.stringify(summary.bridge));
     assert.equal(typeof summary.bridge.udp_kernel_drops, 'number', JSON.stringify(summary.bridge));
     // Paid on a local chain: every receipt's charge was settled when the agents stopped, and never more.
-    assert.ok(summary.receipts > 0 && summary.receipts <= summary.ok, JSON.stringify(summary));
+    assert.ok(summary.receipts > 0 && summary.receipts <= summary.ok + summary.warmup.ok, JSON.stringify(summary));
     assert.ok(summary.owed_micros > 0);
     assert.ok(
       summary.settled_micros > 0 && summary.settled_micros <= summary.owed_micros,

@@ -90,4 +90,17 @@ export interface AppSummary {
   error_codes: Record<string, number>;
   /** Answered requests by the way they went: 'leased', 'local', or the thin client's name ('http'). */
   paths: Record<string, number>;
+  /** The warm-up before the stream (SampleApp.warmUp): not counted in the figures above. */
+  warmup: WarmupSummary;
+}
+
+/** One request of each model on each way the app sends, one at a time, before the stream starts. */
+export interface WarmupSummary {
+  requests: number;
+  ok: number;
+  error_codes: Record<string, number>;
+  /** The slowest of them, ms (null when none was sent). */
+  slowest_ms: number | null;
+  /** Wall time the warm-up took, ms. */
+  took_ms: number;
 }

@@ -9,7 +9,7 @@ import { type Identity, isMeshErrorCode, type Tensor } from '@edge-mesh/protocol
 import { connect, type Mesh, type PaymentOptions } from '@edge-mesh/sdk';
 import type { Logger } from 'pino';
 import { encodeKServeBinaryInputs, encodeKServeInputs, kserveInfer } from './kserve-client.ts';
-import type { AppReady, AppSummary } from './parts.ts';
+import type { AppReady, AppSummary, WarmupSummary } from './parts.ts';
 import { sampleInputs } from './sample-inputs.ts';
 import { formatTable, TallyMap } from './stats.ts';
 
@@ -17,6 +17,8 @@ import { formatTable, TallyMap } from './stats.ts';
 export const SAMPLE_DEADLINES_MS: Record<string, number> = { kws: 500, vad: 500, 'ocr-cls': 1_000, 'ocr-det': 3_000 };
 const SEEDS_PER_MODEL = 8;
 const MAX_IN_FLIGHT = 256;
+/** A warm-up request's deadline: the first request down a path may wait for code read from disk on a fresh machine. */
+const WARMUP_DEADLINE_MS = 10_000;
 
 export interface SampleAppOptions {
   mesh: Mesh;
@@ -50,8 +52,46 @@ export class SampleApp {
   private skipped = 0;
   private readonly inputsCache = new Map<string, Record<string, Tensor>>();
   private startedAt = 0;
+  private warmup: WarmupSummary = { requests: 0, ok: 0, error_codes: {}, slowest_ms: null, took_ms: 0 };
 
   constructor(private readonly options: SampleAppOptions) {}
+
+  /**
+   * Sends one request of each model on each way the app sends (the SDK; the thin client, when there is one), one at
+   * a time, before the stream starts. The first request down a path loads code in every part it crosses (read from
+   * disk on a freshly booted machine: seconds, not milliseconds) and opens the app's payment lanes; sent on the
+   * stream's clock, those requests missed their deadlines. Reported apart (`warmup`), never counted in the stream's
+   * figures; a failure here is counted there and does not stop the app.
+   */
+  async warmUp(): Promise<WarmupSummary> {
+    const { mesh, models, logger } = this.options;
+    const thin = this.options.thinClient;
+    const began = performance.now();
+    const w = this.warmup;
+    const ways: ((model: string, inputs: Record<string, Tensor>) => Promise<unknown>)[] = [
+      (model, inputs) => mesh.infer(model, inputs, { deadlineMs: WARMUP_DEADLINE_MS }),
+      ...(thin ? [(model: string, inputs: Record<string, Tensor>) => thin.infer(model, inputs, WARMUP_DEADLINE_MS)] : []),
+    ];
+    for (const send of ways) {
+      for (const [i, model] of models.entries()) {
+        const started = performance.now();
+        w.requests++;
+        try {
+          await send(model, this.inputsFor(i));
+          w.ok++;
+        } catch (err) {
+          const raw = (err as { code?: unknown }).code;
+          const code = isMeshErrorCode(raw) ? raw : 'MESH_INTERNAL';
+          w.error_codes[code] = (w.error_codes[code] ?? 0) + 1;
+          logger.warn({ model, code, err: (err as Error).message }, 'warm-up request failed');
+        }
+        w.slowest_ms = Math.max(w.slowest_ms ?? 0, round(performance.now() - started, 3));
+      }
+    }
+    w.took_ms = round(performance.now() - began, 1);
+    logger.info({ ...w }, 'warmed up');
+    return { ...w, error_codes: { ...w.error_codes } };
+  }
 
   /**
    * Builds every sample the app will send, and lets the thin client encode the ones it will carry.
@@ -184,7 +224,14 @@ export class SampleApp {
       const s = t.total();
       perAgent[id] = { requests: s.requests, p50_ms: s.p50_ms, p99_ms: s.p99_ms };
     }
-    return { ...this.totals(), models, per_agent: perAgent, error_codes: { ...this.errorCodes }, paths: { ...this.paths } };
+    return {
+      ...this.totals(),
+      models,
+      per_agent: perAgent,
+      error_codes: { ...this.errorCodes },
+      paths: { ...this.paths },
+      warmup: { ...this.warmup, error_codes: { ...this.warmup.error_codes } },
+    };
   }
 
   totals(): { requests: number; ok: number; errors: number } {
@@ -271,6 +318,8 @@ export async function runSampleApp(options: RunSampleAppOptions, stop: Promise<u
         : {}),
     });
     app.prepare();
+    const warm = await app.warmUp();
+    options.print(`-- warm-up: ${warm.ok} of ${warm.requests} answered, the slowest in ${warm.slowest_ms ?? '-'} ms (not counted below)`);
     app.start();
     await options.onReady?.({ models: options.models, agents: options.agents, ratePerS: options.ratePerS });
     const running = app;

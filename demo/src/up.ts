@@ -38,6 +38,7 @@ import type {
   BrokerReady,
   DeviceSummary,
   RouterReady,
+  WarmupSummary,
 } from './parts.ts';
 import { ensurePipelineModelsFolder } from './pipeline-models.ts';
 import { type Part, Supervisor } from './supervisor.ts';
@@ -75,6 +76,8 @@ export interface UpSummary {
   /** Keyed by agent id; `name` is its local label (agent-1, agent-2, …). */
   per_agent: Record<string, { name: string; requests: number; p50_ms: number | null; p99_ms: number | null }>;
   error_codes: Record<string, number>;
+  /** The sample app's warm-up before its stream (one request of each model on each path), not counted above. */
+  warmup: WarmupSummary;
   /** How requests were routed: by the router's leases (SDK direct), by the SDK alone, or forwarded by the router over HTTP. */
   routing: {
     router: string;
@@ -463,6 +466,7 @@ export async function runUp(options: UpOptions, stopSignal: Promise<void>): Prom
     models: appSummary.models,
     per_agent: perAgent,
     error_codes: appSummary.error_codes,
+    warmup: appSummary.warmup,
     routing: {
       router: routerReady!.id,
       http_url: routerReady!.httpUrl ?? '',

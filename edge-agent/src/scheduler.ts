@@ -318,11 +318,12 @@ export class Scheduler {
       aheadMs += runningMs;
       queued += s.queue.length;
       running += s.inFlight;
-      for (const j of s.unitJobs) heldMs += workMs(s, j, true);
-      for (const j of s.queue) heldMs += workMs(s, j, false);
+      let pendingMs = 0;
+      for (const j of s.unitJobs) pendingMs += workMs(s, j, true);
+      for (const j of s.queue) pendingMs += workMs(s, j, false);
+      heldMs += pendingMs;
       if (s === state) {
-        for (const j of s.unitJobs) aheadMs += workMs(s, j, true);
-        for (const j of s.queue) aheadMs += workMs(s, j, false);
+        aheadMs += pendingMs;
         continue;
       }
       // Merge this model's jobs with the job's own model's (then the job itself) by takeNext's rule: count those that
