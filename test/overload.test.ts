@@ -48,6 +48,20 @@ class HeldExecutor implements Executor {
   }
 }
 
+/** A job for the scheduler: `units` runs of the model when given, progress every `every` units. */
+function testJob(key: string, model: string, deadline: number, senderId: string, units?: number, every = 1): Job {
+  return {
+    key,
+    id: new Uint8Array(16),
+    senderId,
+    model,
+    inputs: {},
+    deadline,
+    receivedAt: 0,
+    ...(units ? { units: { total: units, every, done: 0, reported: 0, parts: [], execMs: 0 } } : {}),
+  };
+}
+
 function rig(parallelism: number, serviceMs: number, queueLimit = 64) {
   let now = 1_000_000;
   const finished: { key: string; code: string | undefined }[] = [];
@@ -59,15 +73,7 @@ function rig(parallelism: number, serviceMs: number, queueLimit = 64) {
   const executor = new HeldExecutor(parallelism);
   scheduler.addModel('m', serviceMs, executor);
   let n = 0;
-  const job = (deadlineInMs: number, senderId = 's'): Job => ({
-    key: `j${n++}`,
-    id: new Uint8Array(16),
-    senderId,
-    model: 'm',
-    inputs: {},
-    deadline: now + deadlineInMs,
-    receivedAt: 0,
-  });
+  const job = (deadlineInMs: number, senderId = 's'): Job => testJob(`j${n++}`, 'm', now + deadlineInMs, senderId);
   const refusal = (j: Job): MeshError | undefined => {
     try {
       scheduler.submit(j);
@@ -211,16 +217,8 @@ describe('agent admission', () => {
     scheduler.addModel('stream', 1, executor);
     scheduler.addModel('m', 1, executor);
     let n = 0;
-    const job = (model: string, deadlineInMs: number, senderId: string, units?: number): Job => ({
-      key: `j${n++}`,
-      id: new Uint8Array(16),
-      senderId,
-      model,
-      inputs: {},
-      deadline: now + deadlineInMs,
-      receivedAt: 0,
-      ...(units ? { units: { total: units, every: 10, done: 0, reported: 0, parts: [], execMs: 0 } } : {}),
-    });
+    const job = (model: string, deadlineInMs: number, senderId: string, units?: number): Job =>
+      testJob(`j${n++}`, model, now + deadlineInMs, senderId, units, 10);
     const long = job('stream', 60_000, 'mallory', 5);
     scheduler.submit(long);
     scheduler.submit(job('m', 1_000, 'mallory'));
@@ -279,16 +277,7 @@ describe('agent admission', () => {
     for (const model of order) scheduler.addModel(model, serviceMs[model], executor);
     let n = 0;
     const submit = (model: 'det' | 'vad' | 'ocr', deadlineInMs: number, senderId = 's', units?: number): MeshError | Job => {
-      const job: Job = {
-        key: `${model}${n++}`,
-        id: new Uint8Array(16),
-        senderId,
-        model,
-        inputs: {},
-        deadline: now + deadlineInMs,
-        receivedAt: 0,
-        ...(units ? { units: { total: units, every: 1, done: 0, reported: 0, parts: [], execMs: 0 } } : {}),
-      };
+      const job = testJob(`${model}${n++}`, model, now + deadlineInMs, senderId, units);
       try {
         scheduler.submit(job);
         return job;
