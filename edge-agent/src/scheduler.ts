@@ -8,10 +8,9 @@
  *
  * Admission (docs/operations.md, "Overload"): a job that the queue cannot serve before its deadline is refused at once
  * with MESH_OVERLOADED instead of being queued to expire. The estimate is the agent's own: the work that would go
- * before the job on its executor (each running job one half of its model's service time, each queued job of its own
- * model one, and each queued job of another model with an earlier deadline one) shared by the executor's parallel
- * runs, plus one service time of the job's model. A job is also refused when the queued work it would overtake (the
- * other models' jobs with later deadlines) could no longer meet their deadlines with it ahead. The service time here is the median of the model's last
+ * before the job on its executor, in the order takeNext serves (`admit` says how), shared by the executor's parallel
+ * runs, plus one service time of the job's model. A job is also refused when the queued work it would overtake could
+ * no longer meet its deadlines with it ahead. The service time here is the median of the model's last
  * runs, not the EWMA the load report carries: a run that measured long because the process lost the CPU for a while
  * must not refuse the requests after it. Only the deadline is the sender's; whatever it claims, the
  * estimate comes from this agent's queue and clock.
@@ -449,7 +448,8 @@ export class Scheduler {
       if (units && units.total - units.done > 1) state.unitJobs.push(job);
       executor.run(job.model, units ? unitInputs(job.inputs, units.done) : job.inputs, (err, result) => {
         state.inFlight--;
-        if (units && state.unitJobs.includes(job)) state.unitJobs.splice(state.unitJobs.indexOf(job), 1);
+        const unitAt = units ? state.unitJobs.indexOf(job) : -1;
+        if (unitAt >= 0) state.unitJobs.splice(unitAt, 1);
         if (err) state.failed++;
         else {
           state.served++;
