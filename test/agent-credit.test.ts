@@ -30,6 +30,7 @@ import {
   verifyQuote,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
+import pino from 'pino';
 import { agentFor, brokerFor, modelsDir, quiet, rawClient, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, settleEntry, TestPayer } from './payer.ts';
 
@@ -303,6 +304,74 @@ describe('payments among strangers: the agent gives credit only against money th
     // A cumulative voucher carries no expiry (escrow v2): what the agent keeps still settles a day later.
     await chain.increaseTime(86_400);
     assert.equal(await settleBest(agent, payout), BigInt(3 * KWS));
+  });
+
+  test("forged vouchers: another client's are refused before any signature is checked; the lane client's own flood holds up neither requests nor its honest voucher", async (t) => {
+    const broker = await brokerFor(t);
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    // The agent's warnings, kept: each refused voucher says why.
+    const warnings: { msg: string; why?: string }[] = [];
+    const logger = pino({ level: 'warn' }, { write: (line: string) => void warnings.push(JSON.parse(line)) });
+    const agent = await agentFor(t, {
+      brokerUrl: broker.url,
+      logger,
+      payment: { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100 },
+    });
+    const wallet = await payerWallet(payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-flooded', autoPay: false });
+    await payer.waitForModel('kws');
+    for (let i = 0; i < 3; i++) assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', i))), 'ok');
+    const payments = agent.payments!;
+    const forged = await payer.voucher(agent.id, { cumulative: 3 * KWS, seq: 3, send: false });
+    const forgedSig = fromHex(
+      await signVoucher(chain.wallet(nextWallet++), domain(), {
+        agent: payout,
+        cumulative: BigInt(3 * KWS),
+        receiptsRoot: toHex(forged.receiptsRoot),
+        feeCumulative: 0n,
+      }),
+    );
+    const FLOOD = 200;
+    const refusals = () => warnings.filter((w) => w.msg === 'voucher refused').map((w) => w.why ?? '');
+
+    // Another client, naming the payer's lane: refused for who sent it, before its signature costs anything.
+    const stranger = await TestPayer.open(t, broker.url, {
+      wallet: chain.wallet(nextWallet++),
+      domain: domain(),
+      clientId: 'app-stranger',
+    });
+    await stranger.waitForModel('kws');
+    const checkedBefore = payments.voucherSignaturesChecked;
+    // Each one different (a voucher sent again while it is checked shares that check).
+    const forgery = (i: number) => encodeMessage({ ...forged, cumulative: 3 * KWS + i, sig: forgedSig });
+    for (let i = 0; i < FLOOD; i++) stranger.publishRaw(topics.agentVoucher(agent.id, stranger.clientId), forgery(i));
+    await waitFor(() => refusals().length === FLOOD, 10_000, "the stranger's vouchers refused");
+    assert.ok(
+      refusals().every((why) => why.startsWith('sent by client')),
+      `refused for the sender: ${[...new Set(refusals())].join(' | ')}`,
+    );
+    assert.equal(payments.voucherSignaturesChecked, checkedBefore, 'no signature of theirs was checked');
+
+    // The lane's own client, forging: refused (signature, or too many of its own waiting); a request behind it is served.
+    for (let i = 0; i < FLOOD; i++) payer.publishRaw(topics.agentVoucher(agent.id, payer.clientId), forgery(i));
+    assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 9))), 'ok');
+    await waitFor(() => refusals().length === 2 * FLOOD, 10_000, 'the forged vouchers refused');
+    assert.ok(
+      refusals()
+        .slice(FLOOD)
+        .every((why) => why.startsWith('signed by') || why.includes("of this client's voucher signatures are already waiting")),
+      `refused as forged or as past the client's share: ${[...new Set(refusals().slice(FLOOD))].join(' | ')}`,
+    );
+    assert.equal(payments.lanes()[0]!.paidMicros, 0, 'no forged voucher was taken');
+
+    // The payer's own voucher, after the flood, is taken; sent fifty times at once (as the SDK sends its best voucher
+    // again on each request until it is held), its signature is checked once.
+    const checked = payments.voucherSignaturesChecked;
+    const honest = await payer.voucher(agent.id, { cumulative: 4 * KWS, seq: 4, send: false });
+    for (let i = 0; i < 50; i++) payer.publishRaw(topics.agentVoucher(agent.id, payer.clientId), encodeMessage(honest));
+    await waitFor(() => payments.lanes()[0]?.paidMicros === 4 * KWS, 5_000, 'the honest voucher');
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(payments.voucherSignaturesChecked - checked, 1, 'one check for the voucher sent fifty times');
   });
 
   test('lane squatting: a client naming a payer without its grant is refused; the payer’s grant works; a newer grant moves the lane', async (t) => {

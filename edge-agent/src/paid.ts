@@ -54,6 +54,9 @@ export function paymentsView({ payments, settler }: PaidSide): NonNullable<Agent
     catchUpFunds: () => payments.funds.catchUp(),
     receipts: (payer: string) => payments.receipts(payer),
     counters: payments.counters,
+    get voucherSignaturesChecked() {
+      return payments.voucherSignaturesChecked;
+    },
     ...(settler
       ? {
           settler: {

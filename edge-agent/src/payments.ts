@@ -16,7 +16,7 @@
  *   within the escrow's cap (else the escrow would skip them); a worse one never replaces the best.
  */
 import path from 'node:path';
-import { recoverLaneGrantSigner, recoverVoucherSigner } from '@edge-mesh/contracts';
+import { recoverLaneGrantSigner } from '@edge-mesh/contracts';
 import {
   decodeCbor,
   type EscrowDomain,
@@ -47,6 +47,7 @@ import type { ethers } from 'ethers';
 import { Level } from 'level';
 import type { Logger } from 'pino';
 import { LaneFunds, type LaneFundsView } from './lane-funds.ts';
+import { SignerRecovery } from './recover.ts';
 import type { SettlerOptions } from './settler.ts';
 
 export interface AgentPaymentOptions {
@@ -153,6 +154,8 @@ export interface ReceiptFacts {
 }
 
 const LANE_PREFIX = 'lane!';
+/** Times an admission refused for credit waits for the payer's vouchers under check and tries again, at most. */
+const MAX_VOUCHER_WAITS = 4;
 const RECEIPT_PREFIX = 'rcpt!';
 const receiptKey = (payer: string, seq: number) => `${RECEIPT_PREFIX}${payer}!${String(seq).padStart(16, '0')}`;
 
@@ -179,6 +182,14 @@ export class AgentPayments {
   private pendingOps: { type: 'put'; key: string; value: unknown }[] = [];
   private pendingWaiters: { resolve: () => void; reject: (err: unknown) => void }[] = [];
   private writing = false;
+  /** Checks voucher signatures on a worker thread. */
+  private readonly recovery: SignerRecovery;
+  /** Voucher signatures checked so far (recovered, on the signature worker): what vouchers have cost to check. */
+  get voucherSignaturesChecked(): number {
+    return this.recovery.checked;
+  }
+  /** Per payer, the vouchers being checked (see `admit`), by sender, cumulative and signature. */
+  private readonly checking = new Map<string, Map<string, Promise<boolean>>>();
   /** Requests naming no payer are served free (else MESH_PAYMENT_REQUIRED). */
   readonly serveUnpaid: boolean;
   /** Seconds a voucher must stay settleable to be taken. */
@@ -208,6 +219,7 @@ export class AgentPayments {
     this.escrow = options.domain.escrow.toLowerCase();
     this.quoteTtlMs = options.quoteTtlMs ?? 86_400_000;
     this.sync = options.syncWrites ?? false;
+    this.recovery = new SignerRecovery(logger);
     this.maxLanesPerClient = options.maxLanesPerClient ?? 4;
     this.serveUnpaid = options.serveUnpaid ?? false;
     for (const m of models) {
@@ -299,6 +311,13 @@ export class AgentPayments {
    * Reserves the request's maximum price until its receipt is issued (or `release`). Throws
    * MESH_FORBIDDEN (no grant for this client), MESH_CREDIT_EXCEEDED (`details.reason`: `funds`,
    * `withdrawal`, `window` or `refused`) or MESH_CHAIN_UNREACHABLE (the lane cannot be read).
+   *
+   *
+   * A voucher being checked for this payer (acceptVoucher, on the signature worker) may pay for room: the request is
+   * admitted without it when the window has room; when it has none and vouchers of the payer are being checked,
+   * admission waits for them and tries again (a few times at most, should more keep coming). So a request sent right
+   * after the voucher that makes room for it is admitted, as when vouchers were checked on this thread as they came.
+   * A refusal is counted once, when it is final.
    */
   async admit(
     payerAddress: string,
@@ -307,6 +326,29 @@ export class AgentPayments {
     inputHash: Uint8Array,
     grant?: LaneGrant,
     units = 1,
+  ): Promise<PaidJob> {
+    for (let round = 0; ; round++) {
+      try {
+        return await this.admitOnce(payerAddress, senderId, model, inputHash, grant, units);
+      } catch (err) {
+        if (!(err instanceof MeshError && err.code === 'MESH_CREDIT_EXCEEDED')) throw err;
+        const checking = this.checking.get(payerAddress.toLowerCase());
+        if (!checking || round >= MAX_VOUCHER_WAITS) {
+          this.counters.creditRefusals++;
+          throw err;
+        }
+        await Promise.allSettled([...checking.values()]);
+      }
+    }
+  }
+
+  private async admitOnce(
+    payerAddress: string,
+    senderId: string,
+    model: string,
+    inputHash: Uint8Array,
+    grant: LaneGrant | undefined,
+    units: number,
   ): Promise<PaidJob> {
     const payer = payerAddress.toLowerCase();
     const price = this.prices.get(model);
@@ -325,7 +367,6 @@ export class AgentPayments {
     const maxPrice = Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, units), price.minChargeMicros);
     const reserved = this.reserved.get(payer) ?? 0;
     const refuse = (reason: string, message: string, extra: Record<string, unknown> = {}): never => {
-      this.counters.creditRefusals++;
       throw new MeshError('MESH_CREDIT_EXCEEDED', message, {
         details: { payer, reason, paidMicros: lane.paid, billedMicros: lane.cumulative, ...extra },
       });
@@ -503,7 +544,26 @@ export class AgentPayments {
    * replaces the best. Its `seq` says how far the payer had checked: what was billed up to there and is
    * not paid is what the payer refused. Returns whether it became the best; resolves once stored.
    */
-  async acceptVoucher(senderId: string, message: VoucherMessage): Promise<boolean> {
+  acceptVoucher(senderId: string, message: VoucherMessage): Promise<boolean> {
+    const payer = message.payer.toLowerCase();
+    // The SDK sends its best voucher again on each request until a reply's lane info shows it held: while it is
+    // being checked, the same voucher from the same client is that check, not another one.
+    const key = `${senderId} ${message.cumulative} ${toHex(message.sig)}`;
+    const pending = this.checking.get(payer) ?? new Map<string, Promise<boolean>>();
+    const same = pending.get(key);
+    if (same) return same;
+    const check = this.checkVoucher(senderId, message);
+    this.checking.set(payer, pending);
+    pending.set(key, check);
+    const done = () => {
+      pending.delete(key);
+      if (pending.size === 0 && this.checking.get(payer) === pending) this.checking.delete(payer);
+    };
+    check.then(done, done);
+    return check;
+  }
+
+  private async checkVoucher(senderId: string, message: VoucherMessage): Promise<boolean> {
     const refuse = (why: string) => {
       this.counters.vouchersRefused++;
       this.logger.warn({ senderId, payer: message.payer, cumulative: message.cumulative, why }, 'voucher refused');
@@ -511,6 +571,9 @@ export class AgentPayments {
     };
     const lane = this.lanes.get(message.payer);
     if (!lane) return refuse('no lane of this payer here');
+    // The lane's payer sends its vouchers from the client its grant names; anyone else's is refused before its
+    // signature costs anything to check.
+    if (lane.senderId !== senderId) return refuse(`sent by client ${senderId}; the lane is granted to ${lane.senderId}`);
     if (message.agent !== this.payout) return refuse('voucher pays another payout address');
     // The escrow skips a voucher whose fee total is above a tenth of its total (FEE_TOO_HIGH): held, it
     // would be worth nothing on chain, so it must never replace a settleable one.
@@ -521,7 +584,8 @@ export class AgentPayments {
     if (message.cumulative < lane.paid) return refuse(`pays ${message.cumulative}, less than the best voucher held (${lane.paid})`);
     let signer: string;
     try {
-      signer = recoverVoucherSigner(
+      // On the signature worker (recover.ts): the main thread serves requests meanwhile.
+      signer = await this.recovery.recoverVoucher(
         this.domain,
         {
           agent: this.payout,
@@ -530,9 +594,11 @@ export class AgentPayments {
           feeCumulative: BigInt(message.feeCumulative ?? 0),
         },
         toHex(message.sig),
+        senderId,
       );
     } catch (err) {
-      return refuse(`unreadable signature: ${(err as Error).message}`);
+      const e = err as Error;
+      return refuse(e instanceof MeshError && e.code === 'MESH_BUSY' ? e.message : `unreadable signature: ${e.message}`);
     }
     if (signer.toLowerCase() !== lane.payer) return refuse(`signed by ${signer}, not the payer`);
     // The payer cannot have checked receipts it was never sent, nor unchecked what it checked before.
@@ -658,6 +724,7 @@ export class AgentPayments {
   }
 
   async close(): Promise<void> {
+    await this.recovery.close();
     await this.funds.close();
     while (this.writing || this.pendingOps.length > 0) await new Promise((r) => setTimeout(r, 5));
     await this.db.close();

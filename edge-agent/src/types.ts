@@ -202,6 +202,8 @@ export interface AgentHandle {
     catchUpFunds(): Promise<void>;
     receipts(payer: string): Promise<SignedReceipt[]>;
     readonly counters: AgentPayments['counters'];
+    /** Voucher signatures checked so far (on the agent's signature worker): what vouchers have cost it to check. */
+    readonly voucherSignaturesChecked: number;
     /** Present when `payment.settle` is set: the settlement relayer. */
     readonly settler?: {
       readonly counters: SettlerCounters;

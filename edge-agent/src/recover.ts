@@ -1,0 +1,122 @@
+/**
+ * Voucher signatures checked off the main thread. Recovering a voucher's signer is an secp256k1 public-key
+ * recovery in JavaScript (ethers, through @noble/curves): about 1.5 ms on the 2-core test machine, long enough that a
+ * request read while one runs waits for it. A paying agent takes a voucher every few dozen requests of a busy lane,
+ * so the recovery goes to one worker thread (recover-worker.mjs), started at the first voucher; the main thread only
+ * splits the signature (refusing a malformed or high-s one at once) and hashes the voucher.
+ *
+ * Bounded: at most MAX_PENDING recoveries wait, and at most MAX_PENDING_PER_SENDER of one client's; past that a
+ * voucher is refused as busy (the payer sends its best voucher again with later requests), so a client flooding
+ * vouchers fills only its own share. Should the worker fail, the recoveries waiting on it are refused and later ones
+ * run on the main thread.
+ */
+import { Worker } from 'node:worker_threads';
+import { recoverVoucherSigner } from '@edge-mesh/contracts';
+import { type EscrowDomain, MeshError, splitVoucherSignature, type Voucher, voucherDigest } from '@edge-mesh/protocol';
+import type { Logger } from 'pino';
+import { workerExecArgv } from './pool.ts';
+
+const WORKER_URL = new URL('./recover-worker.mjs', import.meta.url);
+/** Recoveries queued at once, at most: about a third of a second of the worker's time. */
+export const MAX_PENDING = 256;
+/** Of those, one client's at most. */
+export const MAX_PENDING_PER_SENDER = 32;
+
+interface Pending {
+  senderId: string;
+  resolve: (address: string) => void;
+  reject: (err: Error) => void;
+}
+
+export class SignerRecovery {
+  private worker: Worker | undefined;
+  private failed = false;
+  private nextId = 0;
+  private readonly pending = new Map<number, Pending>();
+  private readonly bySender = new Map<string, number>();
+  /** Signatures handed to the worker (or, after it failed, checked on the main thread) so far. */
+  checked = 0;
+
+  constructor(private readonly logger: Logger) {}
+
+  /**
+   * The voucher key that signed `sig` over voucher `v` (checksummed), as recoverVoucherSigner gives it; `senderId` is
+   * the client that sent the voucher.
+   */
+  recoverVoucher(domain: EscrowDomain, v: Voucher, sig: string, senderId: string): Promise<string> {
+    // Malformed or high-s: refused here, as recoverVoucherSigner refuses it.
+    const { r, s, v: recovery } = splitVoucherSignature(sig);
+    if (this.failed) {
+      this.checked++;
+      return Promise.resolve(recoverVoucherSigner(domain, v, sig));
+    }
+    const own = this.bySender.get(senderId) ?? 0;
+    if (this.pending.size >= MAX_PENDING || own >= MAX_PENDING_PER_SENDER) {
+      const held = own >= MAX_PENDING_PER_SENDER ? `${MAX_PENDING_PER_SENDER} of this client's` : `${MAX_PENDING}`;
+      return Promise.reject(new MeshError('MESH_BUSY', `${held} voucher signatures are already waiting to be checked`));
+    }
+    const worker = this.started();
+    const id = this.nextId++;
+    this.checked++;
+    this.bySender.set(senderId, own + 1);
+    return new Promise<string>((resolve, reject) => {
+      this.pending.set(id, { senderId, resolve, reject });
+      if (this.pending.size === 1) worker.ref();
+      worker.postMessage({ id, digest: voucherDigest(domain, v), r, s, v: recovery });
+    });
+  }
+
+  /** Waits for nothing: recoveries still queued are refused. */
+  async close(): Promise<void> {
+    const worker = this.worker;
+    this.worker = undefined;
+    this.settleAll(new MeshError('MESH_SHUTTING_DOWN', 'the agent is stopping'));
+    if (worker) await worker.terminate();
+  }
+
+  private started(): Worker {
+    if (this.worker) return this.worker;
+    const execArgv = workerExecArgv(process.execArgv);
+    const worker = new Worker(WORKER_URL, execArgv ? { execArgv } : {});
+    // Holds the process open only while a recovery waits on it.
+    worker.unref();
+    worker.on('message', (m: { id: number; address?: string; error?: string }) => {
+      const p = this.pending.get(m.id);
+      if (!p) return;
+      this.forget(m.id, p);
+      if (this.pending.size === 0) worker.unref();
+      if (m.address !== undefined) p.resolve(m.address);
+      else p.reject(new MeshError('MESH_VOUCHER_INVALID', m.error ?? 'signature not recoverable'));
+    });
+    const fail = (why: string) => {
+      if (this.worker !== worker) return;
+      this.worker = undefined;
+      this.failed = true;
+      this.logger.warn({ why }, 'voucher signature worker failed; checking voucher signatures on the main thread');
+      this.settleAll(new MeshError('MESH_INTERNAL', `voucher signature worker failed: ${why}`));
+    };
+    worker.on('error', (err) => fail(err.message));
+    worker.on('exit', (code) => fail(`exited with code ${code}`));
+    this.worker = worker;
+    return worker;
+  }
+
+  /** Recoveries waiting now (all clients'). */
+  get waiting(): number {
+    return this.pending.size;
+  }
+
+  private forget(id: number, p: Pending): void {
+    this.pending.delete(id);
+    const own = (this.bySender.get(p.senderId) ?? 1) - 1;
+    if (own > 0) this.bySender.set(p.senderId, own);
+    else this.bySender.delete(p.senderId);
+  }
+
+  private settleAll(err: Error): void {
+    const waiting = [...this.pending.values()];
+    this.pending.clear();
+    this.bySender.clear();
+    for (const p of waiting) p.reject(err);
+  }
+}

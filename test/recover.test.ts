@@ -1,0 +1,117 @@
+/**
+ * The agent's voucher signature worker (edge-agent/src/recover.ts): it must give exactly what the main thread's
+ * recoverVoucherSigner gives, refuse what it refuses, and bound what a flood of vouchers can queue.
+ */
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { recoverVoucherSigner } from '@edge-mesh/contracts';
+import { type MeshError, signVoucher, splitVoucherSignature, type Voucher } from '@edge-mesh/protocol';
+import { ethers } from 'ethers';
+import { MAX_PENDING, MAX_PENDING_PER_SENDER, SignerRecovery } from '../edge-agent/src/recover.ts';
+import { quiet } from './helpers.ts';
+
+const domain = { chainId: 31337n, escrow: '0x5FbDB2315678afecb367f032d93F642f64180aa3' };
+const SECP256K1_N = BigInt('0xfffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141');
+
+function voucher(i: number): Voucher {
+  return {
+    agent: '0x70997970c51812dc3a010c7d01b50e0d17dc79c8',
+    cumulative: BigInt(1_000 + i),
+    receiptsRoot: ethers.keccak256(ethers.toUtf8Bytes(`root ${i}`)),
+    feeCumulative: BigInt(i % 7),
+  };
+}
+
+const codeOf = (p: Promise<unknown>) =>
+  p.then(
+    () => 'ok',
+    (err: MeshError) => err.code,
+  );
+
+test('the worker recovers the signer recoverVoucherSigner recovers, for real and for mismatched signatures', async (t) => {
+  const recovery = new SignerRecovery(quiet);
+  t.after(() => recovery.close());
+  const wallets = [ethers.Wallet.createRandom(), ethers.Wallet.createRandom()];
+  for (let i = 0; i < 12; i++) {
+    const v = voucher(i);
+    const sig = await signVoucher(wallets[i % 2]!, domain, v);
+    const got = await recovery.recoverVoucher(domain, v, sig, 'client-a');
+    assert.equal(got, recoverVoucherSigner(domain, v, sig));
+    assert.equal(got, wallets[i % 2]!.address, 'the signer');
+    // The same signature over another voucher recovers some other key, the same one on both threads.
+    const other = { ...v, cumulative: v.cumulative + 1n };
+    const wrong = await recovery.recoverVoucher(domain, other, sig, 'client-a');
+    assert.equal(wrong, recoverVoucherSigner(domain, other, sig));
+    assert.notEqual(wrong, wallets[i % 2]!.address);
+  }
+  assert.equal(recovery.waiting, 0, 'nothing left waiting');
+});
+
+test('a malformed or high-s signature is refused at once with MESH_VOUCHER_INVALID, as on the main thread', async (t) => {
+  const recovery = new SignerRecovery(quiet);
+  t.after(() => recovery.close());
+  const v = voucher(1);
+  const sig = await signVoucher(ethers.Wallet.createRandom(), domain, v);
+  const { r, s, v: recoveryId } = splitVoucherSignature(sig);
+  // The twin signature (n − s, the other recovery id) is valid ECDSA but high-s: the escrow refuses it.
+  const highS = ethers.concat([r, ethers.toBeHex(SECP256K1_N - BigInt(s), 32), new Uint8Array([recoveryId === 27 ? 28 : 27])]);
+  for (const bad of [highS, `${sig.slice(0, -2)}`, '0x1234']) {
+    assert.throws(() => recoverVoucherSigner(domain, v, bad), { code: 'MESH_VOUCHER_INVALID' });
+    assert.throws(() => recovery.recoverVoucher(domain, v, bad, 'client-a'), { code: 'MESH_VOUCHER_INVALID' });
+  }
+  assert.equal(recovery.waiting, 0, 'a refused signature queues nothing');
+});
+
+test('a flood of vouchers from one client fills only its share; other clients still get theirs checked', async (t) => {
+  const recovery = new SignerRecovery(quiet);
+  t.after(() => recovery.close());
+  const wallet = ethers.Wallet.createRandom();
+  const v = voucher(2);
+  const sig = await signVoucher(wallet, domain, v);
+  const flood = Array.from({ length: MAX_PENDING_PER_SENDER + 20 }, () => codeOf(recovery.recoverVoucher(domain, v, sig, 'flooder')));
+  assert.equal(recovery.waiting, MAX_PENDING_PER_SENDER, "at most the client's share waits");
+  const honest = recovery.recoverVoucher(domain, v, sig, 'honest');
+  const codes = await Promise.all(flood);
+  assert.equal(codes.filter((c) => c === 'MESH_BUSY').length, 20, 'the rest refused as busy');
+  assert.equal(codes.filter((c) => c === 'ok').length, MAX_PENDING_PER_SENDER);
+  assert.equal(await honest, wallet.address, "another client's voucher is checked");
+  // Once its checks are done the client has its share again.
+  assert.equal(await recovery.recoverVoucher(domain, v, sig, 'flooder'), wallet.address);
+});
+
+test('no more than MAX_PENDING checks wait across clients; closing refuses those still waiting', async (t) => {
+  const recovery = new SignerRecovery(quiet);
+  t.after(() => recovery.close());
+  const v = voucher(3);
+  const sig = await signVoucher(ethers.Wallet.createRandom(), domain, v);
+  const clients = Math.ceil(MAX_PENDING / MAX_PENDING_PER_SENDER) + 2;
+  const all: Promise<string>[] = [];
+  for (let c = 0; c < clients; c++)
+    for (let i = 0; i < MAX_PENDING_PER_SENDER; i++) all.push(codeOf(recovery.recoverVoucher(domain, v, sig, `client-${c}`)));
+  assert.equal(recovery.waiting, MAX_PENDING);
+  await recovery.close();
+  const codes = await Promise.all(all);
+  assert.equal(codes.filter((c) => c === 'MESH_BUSY').length, clients * MAX_PENDING_PER_SENDER - MAX_PENDING);
+  // Those the worker had not answered when it stopped are refused as the agent stopping; none is left hanging.
+  assert.equal(codes.filter((c) => c === 'ok' || c === 'MESH_SHUTTING_DOWN').length, MAX_PENDING);
+  assert.ok(codes.includes('MESH_SHUTTING_DOWN'), 'some were still waiting at close');
+});
+
+test('a worker that dies refuses what waited on it, and later checks run on the main thread with the same answers', async (t) => {
+  const recovery = new SignerRecovery(quiet);
+  t.after(() => recovery.close());
+  const wallet = ethers.Wallet.createRandom();
+  const v = voucher(4);
+  const sig = await signVoucher(wallet, domain, v);
+  assert.equal(await recovery.recoverVoucher(domain, v, sig, 'a'), wallet.address);
+  const waiting = Array.from({ length: 8 }, () => codeOf(recovery.recoverVoucher(domain, v, sig, 'a')));
+  // The worker thread ends (as if it crashed): what waited is refused, nothing hangs.
+  await (recovery as unknown as { worker: { terminate(): Promise<number> } }).worker.terminate();
+  const codes = await Promise.all(waiting);
+  assert.ok(
+    codes.every((c) => c === 'ok' || c === 'MESH_INTERNAL'),
+    `answered or refused: ${codes.join(',')}`,
+  );
+  assert.equal(await recovery.recoverVoucher(domain, v, sig, 'a'), wallet.address, 'checked on the main thread now');
+  assert.equal(recovery.waiting, 0);
+});
