@@ -440,6 +440,8 @@ export interface LoadgenOptions {
   agents?: string[];
   /** Throughput mode with `agents`: send to each agent in turn for this long, and report each slice's rps. */
   sliceMs?: number;
+  /** Pays for every request (bench/loadgen.ts, "Paid"): its options, and MESH_EVM_KEY in `env`. */
+  payment?: { args: string[]; env: Record<string, string> };
 }
 
 /**
@@ -479,7 +481,8 @@ export async function startLoadgenProc(o: LoadgenOptions): Promise<Proc> {
   opt('--deadline-ms', o.deadlineMs);
   opt('--slice-ms', o.sliceMs);
   if (o.agents) args.push('--agents', o.agents.join(','));
-  const proc = spawnProc(`loadgen ${o.id}`, args, { stdin: true });
+  if (o.payment) args.push(...o.payment.args);
+  const proc = spawnProc(`loadgen ${o.id}`, args, { stdin: true, ...(o.payment ? { env: o.payment.env } : {}) });
   await proc.waitLine('stdout', isEvent('ready'), 20_000, 'ready event');
   return proc;
 }

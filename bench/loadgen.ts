@@ -25,6 +25,9 @@
  *   complete after its first `settle-ms` (40) and before its end, ÷ (S − settle). The settle lets the
  *   previous slice's requests drain, which still hold loops and CPU when a slice begins.
  *   Errors are counted by code in both modes (they must be 0).
+ * Paid: `--escrow ADDRESS --chain-id ID --rpc URL --data DIR` with the payer's EVM key in MESH_EVM_KEY pays for every
+ *   request with vouchers on the escrow, as `edge-mesh demo app` does (payouts checked in the escrow's registry); the
+ *   result then adds `lanes` (per agent: receipts linked, refused, held, owed and billed micro-dollars).
  */
 
 import { readFileSync } from 'node:fs';
@@ -33,7 +36,7 @@ import { parseArgs } from 'node:util';
 import { round, summarize } from '@edge-mesh/client';
 import { sampleInputs } from '@edge-mesh/demo';
 import { parseKeyFile } from '@edge-mesh/protocol';
-import { connect, MeshError } from '@edge-mesh/sdk';
+import { connect, MeshError, type PaymentOptions } from '@edge-mesh/sdk';
 
 const { values } = parseArgs({
   options: {
@@ -51,6 +54,10 @@ const { values } = parseArgs({
     agents: { type: 'string' },
     'slice-ms': { type: 'string' },
     'settle-ms': { type: 'string', default: '40' },
+    escrow: { type: 'string' },
+    'chain-id': { type: 'string' },
+    rpc: { type: 'string' },
+    data: { type: 'string' },
   },
 });
 const num = (k: keyof typeof values) => Number(values[k]);
@@ -71,9 +78,46 @@ const stdinLines = createInterface({ input: process.stdin });
 const go = new Promise<void>((resolve) => stdinLines.on('line', (l) => l.trim() === 'go' && resolve()));
 stdinLines.on('close', () => process.exit(4));
 
+/** The payer as `edge-mesh demo app` builds it from the same options (cli/src/demo.ts). */
+async function paymentOptions(): Promise<PaymentOptions> {
+  const key = process.env.MESH_EVM_KEY;
+  if (!key || !values['chain-id'] || !values.rpc || !values.data) {
+    process.stderr.write('loadgen: --escrow needs --chain-id, --rpc, --data and MESH_EVM_KEY\n');
+    process.exit(2);
+  }
+  const { ethers } = await import('ethers');
+  const chainId = BigInt(values['chain-id']);
+  const provider = new ethers.JsonRpcProvider(values.rpc, chainId, { staticNetwork: ethers.Network.from(chainId), batchMaxCount: 1 });
+  return { signer: new ethers.Wallet(key, provider), domain: { chainId, escrow: values.escrow! }, dataDir: values.data };
+}
+/** What the lanes hold, when paying: shows each request was billed and paid (refused 0). */
+const lanes = () =>
+  values.escrow
+    ? {
+        lanes: mesh.lanes().map((l) => ({
+          agent: l.agentId,
+          receipts: l.receipts,
+          refused: l.refused,
+          held: l.held,
+          owed_micros: l.owedMicros,
+          billed_micros: l.billedMicros,
+          broken: l.broken ?? null,
+        })),
+      }
+    : {};
+
 const identity = parseKeyFile(readFileSync(values.key!, 'utf8'), values.key);
-const mesh = await connect({ brokerUrl: values.broker!, identity });
+const mesh = await connect({ brokerUrl: values.broker!, identity, ...(values.escrow ? { payment: await paymentOptions() } : {}) });
 await mesh.waitForModel(model, 15_000, Math.max(1, new Set(pinned).size));
+if (values.escrow) {
+  // A lane opens once the agent's quote is read and its payout checked in the escrow: until then requests would go unpaid.
+  const until = performance.now() + 15_000;
+  while (mesh.lanes().length === 0 && performance.now() < until) await new Promise((r) => setTimeout(r, 50));
+  if (mesh.lanes().length === 0) {
+    process.stderr.write('loadgen: no payment lane opened in 15 s\n');
+    process.exit(2);
+  }
+}
 const inputs = sampleInputs(model, 1);
 emit('ready', { agents: mesh.agents().map((a) => a.id) });
 await go;
@@ -143,6 +187,7 @@ if (mode === 'latency') {
     wall_ms: Math.round(wallMs),
     cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
     cores: round((cpu.user + cpu.system) / 1000 / wallMs, 2),
+    ...lanes(),
     ...(pinned.length > 0
       ? {
           by_agent: Object.fromEntries(
@@ -243,6 +288,7 @@ if (mode === 'latency') {
     cpu_ms: Math.round((cpu.user + cpu.system) / 1000),
     cores: round((cpu.user + cpu.system) / 1000 / durationMs, 2),
     ...(sliceMs > 0 ? { slice_ms: sliceMs, settle_ms: settleMs, agents: pinned, slices } : {}),
+    ...lanes(),
   });
 }
 await mesh.close();

@@ -22,10 +22,13 @@
  * n = 10,000 (full) or 2,000 (--quick). overhead_p50_ms = mesh_p50_ms − raw_p50_ms. Per-process CPU over the
  * timed window is reported as cpu: { broker, agent, loadgen } in ms and cores (CPU ms / wall ms).
  */
+import { mkdtemp, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { round, summarize } from '@edge-mesh/client';
+import { EscrowClient } from '@edge-mesh/contracts';
+import { deployMesh, startLocalChain } from '@edge-mesh/contracts/dev';
 import { ensureModelsFolder, sampleInputs } from '@edge-mesh/demo';
-import type { Identity } from '@edge-mesh/protocol';
+import { agentBindingMessage, type Identity, signBytes } from '@edge-mesh/protocol';
 import * as ort from 'onnxruntime-node';
 import pino from 'pino';
 import { loadInline } from '../edge-agent/src/inline.ts';
@@ -36,6 +39,7 @@ import {
   assertBuilt,
   type BenchContext,
   type BenchResult,
+  benchTempDir,
   CpuMeter,
   environment,
   isEvent,
@@ -49,7 +53,10 @@ import {
   startBrokerProc,
   startEchoAgentProc,
   startLoadgenProc,
+  stopLoadgen,
 } from './lib.ts';
+
+type LoadgenPayment = NonNullable<Parameters<typeof startLoadgenProc>[0]['payment']>;
 
 const MODEL = 'kws';
 const WARMUP = 500;
@@ -162,15 +169,91 @@ async function tcpFloor(n: number): Promise<Record<string, unknown>> {
   }
 }
 
+/**
+ * Paid requests, as TARGETS.md's overhead goal has them ("receipts on"): a local Hardhat chain with the escrow and its
+ * stablecoin, as `edge-mesh up` runs it (demo/src/up-settlement.ts): account 1 is the load generator's voucher key,
+ * account 2 funds its lanes, agent i is paid to account 3 + i, its Ed25519 key registered for that payout. The agent
+ * serves paid requests only (no --serve-unpaid): it admits each against the lane's credit, signs a receipt and
+ * journals it (--data) before the reply leaves; the load generator checks every receipt and pays by voucher. Neither
+ * side settles on chain during the run.
+ */
+interface PaidMesh {
+  /** `edge-mesh agent` options paying agent number `index` (0, 1) to its payout, its key registered there first. */
+  agentArgs(index: number, identity: Identity): Promise<string[]>;
+  loadgen(name: string): LoadgenPayment;
+  close(): Promise<void>;
+}
+
+const APP_ACCOUNT = 1;
+const FUNDER_ACCOUNT = 2;
+const FIRST_AGENT_ACCOUNT = 3;
+const PAID_AGENTS = 2;
+
+async function startPaidMesh(ctx: BenchContext): Promise<PaidMesh> {
+  const chain = await startLocalChain({ accounts: FIRST_AGENT_ACCOUNT + PAID_AGENTS });
+  const dataDir = await mkdtemp(path.join(benchTempDir('overhead-paid'), 'data-'));
+  try {
+    const deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+    const connectAs = (account: number) =>
+      EscrowClient.connect({ runner: chain.wallet(account), escrow: deployment.escrow, token: deployment.token });
+    const app = await connectAs(APP_ACCOUNT);
+    const funder = await connectAs(FUNDER_ACCOUNT);
+    const appAddress = chain.accounts[APP_ACCOUNT]!;
+    const consent = await app.signOwnerConsent(chain.accounts[FUNDER_ACCOUNT]!);
+    const fund = 1_000_000_000n; // 1,000 USD a lane: far more than a run's requests cost
+    await funder.mint(chain.accounts[FUNDER_ACCOUNT]!, fund * BigInt(PAID_AGENTS));
+    const payouts = Array.from({ length: PAID_AGENTS }, (_, i) => chain.accounts[FIRST_AGENT_ACCOUNT + i]!.toLowerCase());
+    for (const payout of payouts) await funder.fund(appAddress, payout, fund, { approveMax: true, consent });
+    const domainArgs = ['--escrow', deployment.escrow, '--chain-id', deployment.chainId.toString(), '--rpc', chain.rpcUrl];
+    ctx.log(`  paid: local chain ${deployment.chainId} on ${chain.rpcUrl}, escrow ${deployment.escrow}, ${PAID_AGENTS} lanes funded`);
+    return {
+      async agentArgs(index, identity) {
+        const payout = payouts[index]!;
+        const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+        await (await connectAs(FIRST_AGENT_ACCOUNT + index)).registerAgent(
+          identity.publicKey,
+          signBytes(identity, agentBindingMessage(domain, payout)),
+        );
+        return ['--payout', payout, ...domainArgs, '--data', path.join(dataDir, `agent-${index}`)];
+      },
+      loadgen: (name) => ({
+        args: [...domainArgs, '--data', path.join(dataDir, `app-${name}`)],
+        env: { MESH_EVM_KEY: chain.privateKeys[APP_ACCOUNT]! },
+      }),
+      async close() {
+        await chain.close();
+        await rm(dataDir, { recursive: true, force: true });
+      },
+    };
+  } catch (err) {
+    await chain.close();
+    throw err;
+  }
+}
+
+/** Every timed and warm-up request of a paid run was billed by a receipt the load generator took (none refused). */
+function assertPaid(label: string, result: Record<string, unknown>, agentId: string, requests: number): Record<string, unknown> {
+  const lane = (result.lanes as { agent: string; receipts: number; refused: number; held: number }[] | undefined)?.find(
+    (l) => l.agent === agentId,
+  );
+  if (!lane || lane.receipts + lane.held < requests || lane.refused > 0)
+    throw new Error(
+      `${label}: expected ${requests} paid receipts from ${agentId}, the load generator's lane says ${JSON.stringify(lane ?? null)}`,
+    );
+  return { receipts: lane.receipts + lane.held, refused: lane.refused };
+}
+
 /** One closed-loop latency run against whatever `startServer` puts on a fresh broker. */
 async function meshLatency(
   ctx: BenchContext,
   label: string,
   n: number,
   startServer: (url: string, key: { identity: Identity; keyFile: string }) => Promise<Proc>,
+  payment?: LoadgenPayment,
 ): Promise<Record<string, unknown>> {
   const broker = await startBrokerProc(`broker (${label})`);
-  const server = await startServer(broker.url, await admitted(broker.url, 'agent'));
+  const serverKey = await admitted(broker.url, 'agent');
+  const server = await startServer(broker.url, serverKey);
   const app = await admitted(broker.url, 'app');
   const loadgen = await startLoadgenProc({
     url: broker.url,
@@ -180,6 +263,7 @@ async function meshLatency(
     warmup: WARMUP,
     n,
     deadlineMs: 1_000,
+    ...(payment ? { payment } : {}),
   });
   const meter = new CpuMeter({ broker: broker.proc.pid, [label === 'echo' ? 'echo_agent' : 'agent']: server.pid, loadgen: loadgen.pid });
   let cpu: ReturnType<CpuMeter['end']> = {};
@@ -195,17 +279,23 @@ async function meshLatency(
   loadgen.send('go');
   const result = await loadgenResult(loadgen, ctx.quick ? 30_000 : 300_000);
   ctx.log(`  ${label}: p50 ${result.p50_ms} ms, p99 ${result.p99_ms} ms, ${result.ok}/${n} ok in ${Math.round(performance.now() - t0)} ms`);
-  await Promise.all([loadgen.stop(), server.stop()]);
+  await Promise.all([stopLoadgen(loadgen), server.stop()]);
   await broker.proc.stop();
-  return { ...result, cpu };
+  return { ...result, cpu, ...(payment ? { paid: assertPaid(label, result, serverKey.identity.id, WARMUP + n) } : {}) };
 }
 
 /** The agent and the echo agent on one broker, requests alternating between them (see the header). */
-async function pairedLatency(ctx: BenchContext, n: number): Promise<Record<string, unknown>> {
+async function pairedLatency(ctx: BenchContext, n: number, paid: PaidMesh): Promise<Record<string, unknown>> {
   const broker = await startBrokerProc('broker (paired)');
   const agentKey = await admitted(broker.url, 'agent');
   const echoKey = await admitted(broker.url, 'agent');
-  const agent = await startAgentProc({ url: broker.url, keyFile: agentKey.keyFile, id: agentKey.identity.id, workers: 1 });
+  const agent = await startAgentProc({
+    url: broker.url,
+    keyFile: agentKey.keyFile,
+    id: agentKey.identity.id,
+    workers: 1,
+    extraArgs: await paid.agentArgs(1, agentKey.identity),
+  });
   const echo = await startEchoAgentProc(broker.url, echoKey.identity.id, echoKey.keyFile);
   const app = await admitted(broker.url, 'app');
   const loadgen = await startLoadgenProc({
@@ -217,10 +307,12 @@ async function pairedLatency(ctx: BenchContext, n: number): Promise<Record<strin
     n: 2 * n,
     deadlineMs: 1_000,
     agents: [agentKey.identity.id, echoKey.identity.id],
+    payment: paid.loadgen('paired'),
   });
   loadgen.send('go');
   const result = await loadgenResult(loadgen, ctx.quick ? 30_000 : 300_000);
-  await Promise.all([loadgen.stop(), agent.stop(), echo.stop()]);
+  assertPaid('paired', result, agentKey.identity.id, WARMUP / 2 + n);
+  await Promise.all([stopLoadgen(loadgen), agent.stop(), echo.stop()]);
   await broker.proc.stop();
   const by = result.by_agent as Record<string, { p50_ms: number; p99_ms: number }>;
   const a = by[agentKey.identity.id]!;
@@ -258,19 +350,41 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const tcp = await tcpFloor(n);
   ctx.log(`  tcp: p50 ${tcp.p50_ms} ms, p99 ${tcp.p99_ms} ms`);
 
+  const paid = await startPaidMesh(ctx);
   let agentInline: string[] | null = null;
-  const mesh = await meshLatency(ctx, 'agent', n, async (url, key) => {
-    const proc = await startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1 });
-    agentInline = agentReadyFacts(proc)?.inline ?? null;
-    return proc;
-  });
-  const meshPool = await meshLatency(ctx, 'agent-pool', n, (url, key) =>
-    startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1, inlineMaxMs: 0 }),
-  );
-  const echo = await meshLatency(ctx, 'echo', n, (url, key) => startEchoAgentProc(url, key.identity.id, key.keyFile));
-  const paired = await pairedLatency(ctx, n);
+  let mesh: Record<string, unknown>;
+  let meshUnpaid: Record<string, unknown>;
+  let meshPool: Record<string, unknown>;
+  let echo: Record<string, unknown>;
+  let paired: Record<string, unknown>;
+  try {
+    mesh = await meshLatency(
+      ctx,
+      'agent',
+      n,
+      async (url, key) => {
+        const extraArgs = await paid.agentArgs(0, key.identity);
+        const proc = await startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1, extraArgs });
+        agentInline = agentReadyFacts(proc)?.inline ?? null;
+        return proc;
+      },
+      paid.loadgen('mesh'),
+    );
+    meshUnpaid = await meshLatency(ctx, 'agent-unpaid', n, (url, key) =>
+      startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1 }),
+    );
+    meshPool = await meshLatency(ctx, 'agent-pool', n, (url, key) =>
+      startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1, inlineMaxMs: 0 }),
+    );
+    echo = await meshLatency(ctx, 'echo', n, (url, key) => startEchoAgentProc(url, key.identity.id, key.keyFile));
+    paired = await pairedLatency(ctx, n, paid);
+  } finally {
+    await paid.close();
+  }
 
-  const meshErrors = [mesh, meshPool].flatMap((m) => Object.values(m.errors as Record<string, number>)).reduce((a, b) => a + b, 0);
+  const meshErrors = [mesh, meshUnpaid, meshPool]
+    .flatMap((m) => Object.values(m.errors as Record<string, number>))
+    .reduce((a, b) => a + b, 0);
   const echoErrors = [echo.errors, paired.paired_errors]
     .flatMap((e) => Object.values(e as Record<string, number>))
     .reduce((a, b) => a + b, 0);
@@ -292,6 +406,11 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     agent_inline_p99_ms: round(inline.p99, 4),
     agent_inline_models: agentInline,
     mesh_minus_echo_p50_ms: round((mesh.p50_ms as number) - (echo.p50_ms as number)),
+    mesh_receipts: mesh.paid,
+    unpaid_mesh_p50_ms: meshUnpaid.p50_ms,
+    unpaid_mesh_p99_ms: meshUnpaid.p99_ms,
+    unpaid_mesh_minus_echo_p50_ms: round((meshUnpaid.p50_ms as number) - (echo.p50_ms as number)),
+    unpaid_agent_exec_p50_ms: meshUnpaid.agent_exec_p50_ms,
     mesh_pool_p50_ms: meshPool.p50_ms,
     mesh_pool_p99_ms: meshPool.p99_ms,
     mesh_pool_minus_echo_p50_ms: round((meshPool.p50_ms as number) - (echo.p50_ms as number)),
@@ -299,10 +418,10 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     agent_exec_p50_ms: mesh.agent_exec_p50_ms,
     agent_queue_p50_ms: mesh.agent_queue_p50_ms,
     ...paired,
-    errors: { mesh: mesh.errors, mesh_pool: meshPool.errors, echo: echo.errors },
+    errors: { mesh: mesh.errors, unpaid_mesh: meshUnpaid.errors, mesh_pool: meshPool.errors, echo: echo.errors },
     error_count: meshErrors + echoErrors,
-    retried: { mesh: mesh.retried, mesh_pool: meshPool.retried, echo: echo.retried },
-    cpu: { mesh: mesh.cpu, mesh_pool: meshPool.cpu, echo: echo.cpu },
+    retried: { mesh: mesh.retried, unpaid_mesh: meshUnpaid.retried, mesh_pool: meshPool.retried, echo: echo.retried },
+    cpu: { mesh: mesh.cpu, unpaid_mesh: meshUnpaid.cpu, mesh_pool: meshPool.cpu, echo: echo.cpu },
     agent_workers: 1,
     warmup: WARMUP,
     ...environment(),

@@ -18,8 +18,9 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
   overhead: {
     file: './overhead.ts',
     about: 'kws latency: raw onnxruntime vs mesh (broker + agent + SDK processes) vs a no-op echo agent',
-    // Four mesh phases (agent, agent on its worker, echo, and the two paired) on a busy 2-core machine.
-    timeoutS: { quick: 60, full: 900 },
+    // A local chain for the paid phases, five mesh phases (paid agent, unpaid agent, agent on its worker, echo, and the
+    // paid agent and echo paired) on a busy 2-core machine.
+    timeoutS: { quick: 100, full: 900 },
   },
   throughput: {
     file: './throughput.ts',
@@ -98,7 +99,7 @@ ${Object.entries(BENCHES)
 
 options:
   --quick        short run (under 45 s; economics about 60 s)
-  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; overhead 60 quick; agent 90 quick; brokers 150 quick; router-sim 300 and 3600; economics 180 and 2400)
+  --timeout-s S  wall-clock cap for the whole run (default 42 quick, 900 full; overhead 100 quick; agent 90 quick; brokers 150 quick; router-sim 300 and 3600; economics 180 and 2400)
   overhead:   --n N                      timed requests (default 10000, quick 2000)
   throughput: --concurrency C --loadgens L --duration-ms D --warmup-ms W --workers 1,2 --rounds R
   request-path: --n N --rounds R         requests per round (30000, quick 10000), rounds (5, quick 3)
