@@ -237,12 +237,25 @@ describe('receipts and payment through the mesh', { skip: ENGINE_SKIP, timeout: 
     const stillRefused = await send(paidRequest(payer, 'kws', grant));
     assert.equal(stillRefused.kind === 'err' && stillRefused.code, 'MESH_CREDIT_EXCEEDED');
 
-    // The payer's voucher for what it owes reopens the window.
-    await payer.payChecked(agent.id);
-    await waitFor(() => agent.payments!.lanes()[0]!.paidMicros === 2 * price, 3_000, 'voucher accepted');
-    const served = await send(paidRequest(payer, 'kws', grant));
+    // The forged voucher riding on a request, the window full: the request waits for its check, then is refused,
+    // and the refusal is counted once.
+    const creditRefusals = agent.payments!.counters.creditRefusals;
+    const riddenForged = paidRequest(payer, 'kws', grant);
+    riddenForged.pay!.voucher = { ...forged, payer: payer.payer };
+    const forgedReply = await send(riddenForged);
+    assert.equal(forgedReply.kind === 'err' && forgedReply.code, 'MESH_CREDIT_EXCEEDED');
+    assert.equal(agent.payments!.counters.creditRefusals, creditRefusals + 1, 'one refusal counted');
+    assert.equal(agent.payments!.lanes()[0]!.paidMicros, 0);
+
+    // The payer's voucher for what it owes, riding on a request while the window is full: the request waits for the
+    // voucher's check and is served within the room it makes.
+    const ridden = paidRequest(payer, 'kws', grant);
+    ridden.pay!.voucher = await payer.voucher(agent.id, { cumulative: 2 * price, seq: 2, send: false });
+    const served = await send(ridden);
     assert.equal(served.kind, 'res');
     assert.equal(receiptOf(served).cumulative, 3 * price);
+    assert.equal(agent.payments!.lanes()[0]!.paidMicros, 2 * price, 'the voucher was taken before the request');
+    assert.equal(agent.payments!.counters.creditRefusals, creditRefusals + 1, 'no refusal counted for it');
 
     // A voucher can also ride on the next request. The window has room for the request without it, so it is not held
     // for the voucher's check (on the agent's signature worker), and the voucher is taken soon after.

@@ -36,13 +36,13 @@ test('the worker recovers the signer recoverVoucherSigner recovers, for real and
     const v = voucher(i);
     const sig = await signVoucher(wallets[i % 2]!, domain, v);
     const got = await recovery.recoverVoucher(domain, v, sig, 'client-a');
-    assert.equal(got, recoverVoucherSigner(domain, v, sig));
-    assert.equal(got, wallets[i % 2]!.address, 'the signer');
+    assert.equal(got, recoverVoucherSigner(domain, v, sig).toLowerCase());
+    assert.equal(got, wallets[i % 2]!.address.toLowerCase(), 'the signer');
     // The same signature over another voucher recovers some other key, the same one on both threads.
     const other = { ...v, cumulative: v.cumulative + 1n };
     const wrong = await recovery.recoverVoucher(domain, other, sig, 'client-a');
-    assert.equal(wrong, recoverVoucherSigner(domain, other, sig));
-    assert.notEqual(wrong, wallets[i % 2]!.address);
+    assert.equal(wrong, recoverVoucherSigner(domain, other, sig).toLowerCase());
+    assert.notEqual(wrong, wallets[i % 2]!.address.toLowerCase());
   }
   assert.equal(recovery.waiting, 0, 'nothing left waiting');
 });
@@ -74,9 +74,18 @@ test('a flood of vouchers from one client fills only its share; other clients st
   const codes = await Promise.all(flood);
   assert.equal(codes.filter((c) => c === 'MESH_BUSY').length, 20, 'the rest refused as busy');
   assert.equal(codes.filter((c) => c === 'ok').length, MAX_PENDING_PER_SENDER);
-  assert.equal(await honest, wallet.address, "another client's voucher is checked");
+  assert.equal(await honest, wallet.address.toLowerCase(), "another client's voucher is checked");
   // Once its checks are done the client has its share again.
-  assert.equal(await recovery.recoverVoucher(domain, v, sig, 'flooder'), wallet.address);
+  assert.equal(await recovery.recoverVoucher(domain, v, sig, 'flooder'), wallet.address.toLowerCase());
+});
+
+test('a check asked for after close is refused, and starts no worker', async () => {
+  const recovery = new SignerRecovery(quiet);
+  await recovery.close();
+  const v = voucher(5);
+  const sig = await signVoucher(ethers.Wallet.createRandom(), domain, v);
+  assert.equal(await codeOf(recovery.recoverVoucher(domain, v, sig, 'a')), 'MESH_SHUTTING_DOWN');
+  assert.equal((recovery as unknown as { worker: unknown }).worker, undefined);
 });
 
 test('no more than MAX_PENDING checks wait across clients; closing refuses those still waiting', async (t) => {
@@ -103,7 +112,7 @@ test('a worker that dies refuses what waited on it, and later checks run on the 
   const wallet = ethers.Wallet.createRandom();
   const v = voucher(4);
   const sig = await signVoucher(wallet, domain, v);
-  assert.equal(await recovery.recoverVoucher(domain, v, sig, 'a'), wallet.address);
+  assert.equal(await recovery.recoverVoucher(domain, v, sig, 'a'), wallet.address.toLowerCase());
   const waiting = Array.from({ length: 8 }, () => codeOf(recovery.recoverVoucher(domain, v, sig, 'a')));
   // The worker thread ends (as if it crashed): what waited is refused, nothing hangs.
   await (recovery as unknown as { worker: { terminate(): Promise<number> } }).worker.terminate();
@@ -112,6 +121,9 @@ test('a worker that dies refuses what waited on it, and later checks run on the 
     codes.every((c) => c === 'ok' || c === 'MESH_INTERNAL'),
     `answered or refused: ${codes.join(',')}`,
   );
-  assert.equal(await recovery.recoverVoucher(domain, v, sig, 'a'), wallet.address, 'checked on the main thread now');
+  const internals = recovery as unknown as { failed: boolean; worker: unknown };
+  assert.equal(internals.failed, true, 'the worker is given up');
+  assert.equal(await recovery.recoverVoucher(domain, v, sig, 'a'), wallet.address.toLowerCase(), 'checked on the main thread now');
+  assert.equal(internals.worker, undefined, 'no worker started again');
   assert.equal(recovery.waiting, 0);
 });

@@ -220,6 +220,7 @@ export class AgentPayments {
     this.quoteTtlMs = options.quoteTtlMs ?? 86_400_000;
     this.sync = options.syncWrites ?? false;
     this.recovery = new SignerRecovery(logger);
+    this.recovery.start();
     this.maxLanesPerClient = options.maxLanesPerClient ?? 4;
     this.serveUnpaid = options.serveUnpaid ?? false;
     for (const m of models) {
@@ -312,12 +313,12 @@ export class AgentPayments {
    * MESH_FORBIDDEN (no grant for this client), MESH_CREDIT_EXCEEDED (`details.reason`: `funds`,
    * `withdrawal`, `window` or `refused`) or MESH_CHAIN_UNREACHABLE (the lane cannot be read).
    *
-   *
-   * A voucher being checked for this payer (acceptVoucher, on the signature worker) may pay for room: the request is
-   * admitted without it when the window has room; when it has none and vouchers of the payer are being checked,
-   * admission waits for them and tries again (a few times at most, should more keep coming). So a request sent right
-   * after the voucher that makes room for it is admitted, as when vouchers were checked on this thread as they came.
-   * A refusal is counted once, when it is final.
+   * `voucher`: one the request carries. Its check (acceptVoucher, on the signature worker) starts once the request's
+   * grant, if any, is taken (so a request that moves the lane to its client brings a voucher that is that client's).
+   * The request is admitted without it when the window has room; when it has none and vouchers of the payer are
+   * being checked, admission waits for them and tries again (a few times at most, should more keep coming). So a
+   * request sent with, or right after, the voucher that makes room for it is admitted, as when vouchers were checked
+   * on this thread as they came. A refusal is counted once, when it is final.
    */
   async admit(
     payerAddress: string,
@@ -326,13 +327,18 @@ export class AgentPayments {
     inputHash: Uint8Array,
     grant?: LaneGrant,
     units = 1,
+    voucher?: VoucherMessage,
   ): Promise<PaidJob> {
+    const payer = payerAddress.toLowerCase();
+    if (!this.prices.has(model)) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${model} has no price here`);
+    if (grant) await this.takeGrant(payer, senderId, grant);
+    if (voucher) void this.acceptVoucher(senderId, voucher).catch(() => false);
     for (let round = 0; ; round++) {
       try {
-        return await this.admitOnce(payerAddress, senderId, model, inputHash, grant, units);
+        return await this.admitOnce(payer, senderId, model, inputHash, units);
       } catch (err) {
         if (!(err instanceof MeshError && err.code === 'MESH_CREDIT_EXCEEDED')) throw err;
-        const checking = this.checking.get(payerAddress.toLowerCase());
+        const checking = this.checking.get(payer);
         if (!checking || round >= MAX_VOUCHER_WAITS) {
           this.counters.creditRefusals++;
           throw err;
@@ -342,18 +348,9 @@ export class AgentPayments {
     }
   }
 
-  private async admitOnce(
-    payerAddress: string,
-    senderId: string,
-    model: string,
-    inputHash: Uint8Array,
-    grant: LaneGrant | undefined,
-    units: number,
-  ): Promise<PaidJob> {
-    const payer = payerAddress.toLowerCase();
+  private async admitOnce(payer: string, senderId: string, model: string, inputHash: Uint8Array, units: number): Promise<PaidJob> {
     const price = this.prices.get(model);
     if (!price) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${model} has no price here`);
-    if (grant) await this.takeGrant(payer, senderId, grant);
     const lane = this.lanes.get(payer);
     if (!lane?.grant || lane.senderId !== senderId) {
       throw new MeshError(
@@ -548,7 +545,7 @@ export class AgentPayments {
     const payer = message.payer.toLowerCase();
     // The SDK sends its best voucher again on each request until a reply's lane info shows it held: while it is
     // being checked, the same voucher from the same client is that check, not another one.
-    const key = `${senderId} ${message.cumulative} ${toHex(message.sig)}`;
+    const key = `${senderId} ${message.cumulative} ${message.feeCumulative ?? 0} ${toHex(message.receiptsRoot)} ${toHex(message.sig)}`;
     const pending = this.checking.get(payer) ?? new Map<string, Promise<boolean>>();
     const same = pending.get(key);
     if (same) return same;
@@ -582,6 +579,10 @@ export class AgentPayments {
       return refuse(`relayer fee ${fee} is above the escrow's cap (a tenth of ${message.cumulative}): the escrow would skip it`);
     if (message.cumulative === lane.paid) return false; // the best one again (a piggyback repeated)
     if (message.cumulative < lane.paid) return refuse(`pays ${message.cumulative}, less than the best voucher held (${lane.paid})`);
+    // Receipts are journaled before their replies leave, so a payer's voucher never pays past what this agent billed:
+    // one that does was made up, and is refused before its signature costs anything to check.
+    if (message.cumulative > lane.cumulative)
+      return refuse(`pays ${message.cumulative}, more than this agent billed on the lane (${lane.cumulative})`);
     let signer: string;
     try {
       // On the signature worker (recover.ts): the main thread serves requests meanwhile.
@@ -724,7 +725,9 @@ export class AgentPayments {
   }
 
   async close(): Promise<void> {
+    // Checks still waiting for the worker are refused; those past it finish (and store their voucher) first.
     await this.recovery.close();
+    await Promise.allSettled([...this.checking.values()].flatMap((checks) => [...checks.values()]));
     await this.funds.close();
     while (this.writing || this.pendingOps.length > 0) await new Promise((r) => setTimeout(r, 5));
     await this.db.close();

@@ -2,8 +2,9 @@
  * Voucher signatures checked off the main thread. Recovering a voucher's signer is an secp256k1 public-key
  * recovery in JavaScript (ethers, through @noble/curves): about 1.5 ms on the 2-core test machine, long enough that a
  * request read while one runs waits for it. A paying agent takes a voucher every few dozen requests of a busy lane,
- * so the recovery goes to one worker thread (recover-worker.mjs), started at the first voucher; the main thread only
- * splits the signature (refusing a malformed or high-s one at once) and hashes the voucher.
+ * so the recovery goes to one worker thread (recover-worker.mjs); the main thread only splits the signature (refusing
+ * a malformed or high-s one at once) and hashes the voucher. A paying agent starts the worker as it opens its journal
+ * (`start`), so that the first voucher does not wait for a thread to start and load ethers.
  *
  * Bounded: at most MAX_PENDING recoveries wait, and at most MAX_PENDING_PER_SENDER of one client's; past that a
  * voucher is refused as busy (the payer sends its best voucher again with later requests), so a client flooding
@@ -19,8 +20,8 @@ import { workerExecArgv } from './pool.ts';
 const WORKER_URL = new URL('./recover-worker.mjs', import.meta.url);
 /** Recoveries queued at once, at most: about a third of a second of the worker's time. */
 export const MAX_PENDING = 256;
-/** Of those, one client's at most. */
-export const MAX_PENDING_PER_SENDER = 32;
+/** Of those, one client's at most: an honest payer has one or two in flight (a new voucher every few dozen ms). */
+export const MAX_PENDING_PER_SENDER = 8;
 
 interface Pending {
   senderId: string;
@@ -31,6 +32,7 @@ interface Pending {
 export class SignerRecovery {
   private worker: Worker | undefined;
   private failed = false;
+  private closed = false;
   private nextId = 0;
   private readonly pending = new Map<number, Pending>();
   private readonly bySender = new Map<string, number>();
@@ -40,15 +42,16 @@ export class SignerRecovery {
   constructor(private readonly logger: Logger) {}
 
   /**
-   * The voucher key that signed `sig` over voucher `v` (checksummed), as recoverVoucherSigner gives it; `senderId` is
-   * the client that sent the voucher.
+   * The voucher key that signed `sig` over voucher `v`, lower-case, as recoverVoucherSigner gives it (on the worker,
+   * or on the main thread should the worker have failed); `senderId` is the client that sent it.
    */
   recoverVoucher(domain: EscrowDomain, v: Voucher, sig: string, senderId: string): Promise<string> {
     // Malformed or high-s: refused here, as recoverVoucherSigner refuses it.
     const { r, s, v: recovery } = splitVoucherSignature(sig);
+    if (this.closed) return Promise.reject(new MeshError('MESH_SHUTTING_DOWN', 'the agent is stopping'));
     if (this.failed) {
       this.checked++;
-      return Promise.resolve(recoverVoucherSigner(domain, v, sig));
+      return Promise.resolve(recoverVoucherSigner(domain, v, sig).toLowerCase());
     }
     const own = this.bySender.get(senderId) ?? 0;
     if (this.pending.size >= MAX_PENDING || own >= MAX_PENDING_PER_SENDER) {
@@ -66,8 +69,14 @@ export class SignerRecovery {
     });
   }
 
+  /** Starts the worker now rather than at the first voucher (it holds the process open only while a check waits). */
+  start(): void {
+    if (!this.closed && !this.failed) this.started();
+  }
+
   /** Waits for nothing: recoveries still queued are refused. */
   async close(): Promise<void> {
+    this.closed = true;
     const worker = this.worker;
     this.worker = undefined;
     this.settleAll(new MeshError('MESH_SHUTTING_DOWN', 'the agent is stopping'));
@@ -77,7 +86,7 @@ export class SignerRecovery {
   private started(): Worker {
     if (this.worker) return this.worker;
     const execArgv = workerExecArgv(process.execArgv);
-    const worker = new Worker(WORKER_URL, execArgv ? { execArgv } : {});
+    const worker = new Worker(WORKER_URL, { ...(execArgv ? { execArgv } : {}), resourceLimits: { maxYoungGenerationSizeMb: 2 } });
     // Holds the process open only while a recovery waits on it.
     worker.unref();
     worker.on('message', (m: { id: number; address?: string; error?: string }) => {

@@ -729,8 +729,15 @@ export class AgentRequests {
       // A voucher riding on the request pays for work done before it: its signature is checked on a worker
       // (recover.ts) while this request is admitted against the credit it has without it; admit waits for it
       // only when the window has no room (AgentPayments.admit).
-      if (pay.voucher) void payments.acceptVoucher(job.senderId, pay.voucher).catch(() => false);
-      paid = await payments.admit(pay.payer, job.senderId, request.model, hashTensorMap(request.inputs), pay.grant, job.units?.total);
+      paid = await payments.admit(
+        pay.payer,
+        job.senderId,
+        request.model,
+        hashTensorMap(request.inputs),
+        pay.grant,
+        job.units?.total,
+        pay.voucher,
+      );
     } catch (err) {
       const refusal = toMeshError(err, 'MESH_INTERNAL');
       // It never ran, so the same request may come again: the SDK retries it once its voucher is out.
