@@ -330,12 +330,13 @@ export class AgentPayments {
     voucher?: VoucherMessage,
   ): Promise<PaidJob> {
     const payer = payerAddress.toLowerCase();
-    if (!this.prices.has(model)) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${model} has no price here`);
+    const price = this.prices.get(model);
+    if (!price) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${model} has no price here`);
     if (grant) await this.takeGrant(payer, senderId, grant);
     if (voucher) void this.acceptVoucher(senderId, voucher).catch(() => false);
     for (let round = 0; ; round++) {
       try {
-        return await this.admitOnce(payer, senderId, model, inputHash, units);
+        return await this.admitOnce(payer, senderId, price, inputHash, units);
       } catch (err) {
         if (!(err instanceof MeshError && err.code === 'MESH_CREDIT_EXCEEDED')) throw err;
         const checking = this.checking.get(payer);
@@ -348,9 +349,7 @@ export class AgentPayments {
     }
   }
 
-  private async admitOnce(payer: string, senderId: string, model: string, inputHash: Uint8Array, units: number): Promise<PaidJob> {
-    const price = this.prices.get(model);
-    if (!price) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${model} has no price here`);
+  private async admitOnce(payer: string, senderId: string, price: ModelPrice, inputHash: Uint8Array, units: number): Promise<PaidJob> {
     const lane = this.lanes.get(payer);
     if (!lane?.grant || lane.senderId !== senderId) {
       throw new MeshError(

@@ -1,10 +1,10 @@
 /**
  * Voucher signatures checked off the main thread. Recovering a voucher's signer is an secp256k1 public-key
- * recovery in JavaScript (ethers, through @noble/curves): about 1.5 ms on the 2-core test machine, long enough that a
+ * recovery in JavaScript (@noble/curves, as under ethers): about 1.5 ms on the 2-core test machine, long enough that a
  * request read while one runs waits for it. A paying agent takes a voucher every few dozen requests of a busy lane,
  * so the recovery goes to one worker thread (recover-worker.mjs); the main thread only splits the signature (refusing
  * a malformed or high-s one at once) and hashes the voucher. A paying agent starts the worker as it opens its journal
- * (`start`), so that the first voucher does not wait for a thread to start and load ethers.
+ * (`start`), so that the first voucher does not wait for a thread to start and load its libraries.
  *
  * Bounded: at most MAX_PENDING recoveries wait, and at most MAX_PENDING_PER_SENDER of one client's; past that a
  * voucher is refused as busy (the payer sends its best voucher again with later requests), so a client flooding
