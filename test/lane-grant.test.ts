@@ -88,3 +88,33 @@ test('an owner consent and a v2 voucher hash as EIP-712 says (domain version 2) 
     (e: unknown) => e instanceof MeshError && e.code === 'MESH_VOUCHER_INVALID',
   );
 });
+
+test("a wallet's voucher signed from its digest (signingKey) is the signature signTypedData makes, refusals included", async () => {
+  const wallet = ethers.Wallet.createRandom();
+  // The same key behind the typed-data path alone, as a remote signer would be.
+  const remote = { getAddress: () => wallet.getAddress(), signTypedData: wallet.signTypedData.bind(wallet) };
+  let digestSigned = 0;
+  const counted = {
+    getAddress: () => wallet.getAddress(),
+    signTypedData: () => Promise.reject(new MeshError('MESH_INTERNAL', 'the digest path must be taken')),
+    signingKey: {
+      sign: (digest: string) => {
+        digestSigned++;
+        return wallet.signingKey.sign(digest);
+      },
+    },
+  };
+  for (let i = 0; i < 6; i++) {
+    const v = { agent: terms.agent, cumulative: 10_000n + BigInt(i), feeCumulative: BigInt(i), receiptsRoot: ethers.id(`r${i}`) };
+    const viaDigest = await signVoucher(wallet, domain, v);
+    assert.equal(viaDigest, await signVoucher(remote, domain, v), 'RFC 6979: the same signature either way');
+    assert.equal(await signVoucher(counted, domain, v), viaDigest);
+    assert.equal(ethers.recoverAddress(voucherDigest(domain, v), viaDigest), wallet.address);
+  }
+  assert.equal(digestSigned, 6);
+  await assert.rejects(
+    signVoucher(counted, domain, { agent: terms.agent, cumulative: 1n << 96n, receiptsRoot: ethers.id('r') }),
+    (e: unknown) => e instanceof MeshError && e.code === 'MESH_VOUCHER_INVALID',
+  );
+  assert.equal(digestSigned, 6, 'a voucher out of range is refused before the key signs');
+});

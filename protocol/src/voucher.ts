@@ -101,6 +101,12 @@ export interface TypedDataDomain {
 export interface TypedDataSigner {
   getAddress(): Promise<string>;
   signTypedData(domain: TypedDataDomain, types: Record<string, TypedDataField[]>, value: Record<string, unknown>): Promise<string>;
+  /**
+   * A key held in process (an ethers Wallet's): `signVoucher` signs the voucher's EIP-712 digest with it
+   * directly. Same signature as `signTypedData` (RFC 6979 is deterministic; a test compares them), without
+   * rebuilding the typed-data encoder per voucher: about half the time of a voucher's signature.
+   */
+  signingKey?: { sign(digest: string): { serialized: string } };
 }
 
 const VOUCHER_FIELDS: readonly TypedDataField[] = [
@@ -249,6 +255,7 @@ export function voucherDigest(domain: EscrowDomain, v: Voucher): string {
 
 /** Signs with any EIP-712 signer (an ethers Wallet, a JSON-RPC account); returns 65-byte hex r | s | v, low-s, v ∈ {27, 28}. */
 export async function signVoucher(signer: TypedDataSigner, domain: EscrowDomain, v: Voucher): Promise<string> {
+  if (typeof signer.signingKey?.sign === 'function') return lowS(signer.signingKey.sign(voucherDigest(domain, v)).serialized);
   const td = voucherTypedData(domain);
   return lowS(await signer.signTypedData(td.domain, td.types, message(v)));
 }
