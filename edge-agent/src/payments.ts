@@ -2,10 +2,12 @@
  * The agent's side of payment: a signed quote, a receipt per request a payer's lane takes on, the
  * receipt journal and the best voucher per lane in `level`, lane grants, and the credit rule.
  *
- * - Journal: every receipt and its lane's new head are written in one batch, and the reply that
- *   carries the receipt is published only after that batch is written. Batches are group-committed:
- *   receipts issued while a write is running go together in the next one, so `syncWrites` (fsync per
- *   batch) costs one fsync per burst, not per request.
+ * - Journal: every receipt is appended to the receipt log (receipt-log.ts: one write(2) on the main
+ *   thread) before the reply that carries it is published; receipts move from the log into `level` in
+ *   batches off the request path, with their lanes' new heads, and a crash's log is read back on open.
+ *   Lane records (grants, vouchers) are written to `level` directly. Writes are group-committed: ops
+ *   queued while a batch is written go together in the next one, and `syncWrites` (fdatasync) costs
+ *   one sync per burst, not per request.
  * - Lanes are granted: a paid request from mesh client C naming payer P runs on lane (P, payout) only
  *   once C has shown a grant signed by P's voucher key naming this payout and C (docs/settlement.md,
  *   "Lanes and grants"). The grant is checked once and stored; a newer one moves the lane.
@@ -34,6 +36,7 @@ import {
   RECEIPT_VERSION,
   type ReceiptBatch,
   type Resync,
+  receiptLeaf,
   receiptPriceMicros,
   type SignedQuote,
   type SignedReceipt,
@@ -47,6 +50,7 @@ import type { ethers } from 'ethers';
 import { Level } from 'level';
 import type { Logger } from 'pino';
 import { LaneFunds, type LaneFundsView } from './lane-funds.ts';
+import { type LoggedReceipt, ReceiptLog } from './receipt-log.ts';
 import { SignerRecovery } from './recover.ts';
 import type { SettlerOptions } from './settler.ts';
 
@@ -158,6 +162,9 @@ const LANE_PREFIX = 'lane!';
 const MAX_VOUCHER_WAITS = 4;
 const RECEIPT_PREFIX = 'rcpt!';
 const receiptKey = (payer: string, seq: number) => `${RECEIPT_PREFIX}${payer}!${String(seq).padStart(16, '0')}`;
+/** Receipts move from the log into `level` once this many wait, or MIGRATE_AFTER_MS after the first of them. */
+const MIGRATE_EVERY = 512;
+const MIGRATE_AFTER_MS = 1_000;
 
 export class AgentPayments {
   readonly payout: string;
@@ -182,6 +189,13 @@ export class AgentPayments {
   private pendingOps: { type: 'put'; key: string; value: unknown }[] = [];
   private pendingWaiters: { resolve: () => void; reject: (err: unknown) => void }[] = [];
   private writing = false;
+  /** Receipts in the log not yet moved into `level`, oldest first, and by payer and seq for reads. */
+  private logged: LoggedReceipt[] = [];
+  private readonly unmigrated = new Map<string, Map<number, SignedReceipt>>();
+  /** Log segments whose receipts are being moved (or failed to move) into `level`. */
+  private rotated: string[] = [];
+  private migrating: Promise<void> | undefined;
+  private migrateTimer: NodeJS.Timeout | undefined;
   /** Checks voucher signatures on a worker thread. */
   private readonly recovery: SignerRecovery;
   /** Voucher signatures checked so far (recovered, on the signature worker): what vouchers have cost to check. */
@@ -207,6 +221,7 @@ export class AgentPayments {
   private constructor(
     private readonly identity: Identity,
     private readonly db: Level<string, unknown>,
+    private readonly log: ReceiptLog,
     options: AgentPaymentOptions,
     models: { name: string; sha256: string; priceMicros: number; units?: { maxUnits: number } }[],
     private readonly logger: Logger,
@@ -264,6 +279,13 @@ export class AgentPayments {
     const db = new Level<string, unknown>(location, { valueEncoding: 'json' });
     await db.open();
     let funds: LaneFunds;
+    let opened: ReturnType<typeof ReceiptLog.open>;
+    try {
+      opened = ReceiptLog.open(`${location}-log`, { syncWrites: options.syncWrites ?? false });
+    } catch (err) {
+      await db.close();
+      throw err;
+    }
     try {
       funds = await LaneFunds.open({
         provider,
@@ -276,17 +298,52 @@ export class AgentPayments {
         ...(options.fundsMaxBlockRange !== undefined ? { maxBlockRange: options.fundsMaxBlockRange } : {}),
       });
     } catch (err) {
+      await opened.log.close();
       await db.close();
       throw err;
     }
-    const payments = new AgentPayments(identity, db, options, models, logger, funds);
+    const payments = new AgentPayments(identity, db, opened.log, options, models, logger, funds);
     for await (const [key, value] of db.iterator({ gte: LANE_PREFIX, lt: `${LANE_PREFIX}~` })) {
       const lane = value as Lane;
       payments.lanes.set(key.slice(LANE_PREFIX.length), lane);
       if (lane.voucher) payments.durableVouchers.set(lane.payer, lane.voucher);
       if (lane.grant) payments.lanesPerClient.set(lane.senderId, (payments.lanesPerClient.get(lane.senderId) ?? 0) + 1);
     }
+    await payments.recoverLog(opened.replay);
     return payments;
+  }
+
+  /**
+   * Receipts a crash left in the log (written before their replies, never moved into `level`): each lane's
+   * head moves to its newest receipt, and they are stored with the lanes before the old segments go.
+   */
+  private async recoverLog(replay: ReturnType<typeof ReceiptLog.open>['replay']): Promise<void> {
+    if (replay.droppedBytes > 0)
+      this.logger.warn({ bytes: replay.droppedBytes }, 'receipt log: a record cut short (a crash mid-write) was dropped');
+    if (replay.records.length === 0) {
+      for (const segment of replay.segments) this.log.remove(segment);
+      return;
+    }
+    const ops: { type: 'put'; key: string; value: unknown }[] = [];
+    const moved = new Set<string>();
+    for (const { payer, receipt } of replay.records) {
+      ops.push({ type: 'put', key: receiptKey(payer, receipt.seq), value: Buffer.from(encodeCbor(receipt)).toString('base64') });
+      const lane = this.lanes.get(payer);
+      if (!lane) {
+        this.logger.warn({ payer, seq: receipt.seq }, 'receipt log: a receipt for a lane with no record; kept in the journal');
+        continue;
+      }
+      if (receipt.seq > lane.seq) {
+        lane.seq = receipt.seq;
+        lane.cumulative = receipt.cumulative;
+        lane.lastLeaf = toHex(receiptLeaf(receipt));
+        moved.add(payer);
+      }
+    }
+    for (const payer of moved) ops.push({ type: 'put', key: LANE_PREFIX + payer, value: { ...this.lanes.get(payer)! } });
+    await this.db.batch(ops, { sync: true });
+    for (const segment of replay.segments) this.log.remove(segment);
+    this.logger.info({ receipts: replay.records.length, lanes: moved.size }, 'receipt log: receipts from before a stop stored');
   }
 
   /** The signed quote for the status, signed again before it expires. */
@@ -526,11 +583,84 @@ export class AgentPayments {
     const unsent = this.unsent.get(job.payer) ?? new Set<number>();
     this.unsent.set(job.payer, unsent);
     unsent.add(receipt.seq);
-    const durable = this.write([
-      { type: 'put', key: receiptKey(job.payer, receipt.seq), value: Buffer.from(encodeCbor(receipt)).toString('base64') },
-      { type: 'put', key: LANE_PREFIX + job.payer, value: { ...lane } },
-    ]);
+    let durable: Promise<void>;
+    try {
+      this.log.append(job.payer, receipt);
+      durable = this.log.durable();
+      this.logged.push({ payer: job.payer, receipt });
+      const byPayer = this.unmigrated.get(job.payer) ?? new Map<number, SignedReceipt>();
+      this.unmigrated.set(job.payer, byPayer);
+      byPayer.set(receipt.seq, receipt);
+      if (this.logged.length >= MIGRATE_EVERY) void this.migrate();
+      else if (!this.migrateTimer) {
+        this.migrateTimer = setTimeout(() => void this.migrate(), MIGRATE_AFTER_MS);
+        this.migrateTimer.unref();
+      }
+    } catch (err) {
+      durable = Promise.reject(err);
+    }
     return { receipt, durable };
+  }
+
+  /**
+   * Moves the receipts waiting in the log into `level` (with their lanes' heads), then deletes the log
+   * segments they were in. One at a time; a failed move is tried again with the next.
+   */
+  private migrate(): Promise<void> {
+    clearTimeout(this.migrateTimer);
+    this.migrateTimer = undefined;
+    const run = (this.migrating ?? Promise.resolve()).then(() => this.migrateNow());
+    this.migrating = run;
+    const clear = () => {
+      if (this.migrating === run) this.migrating = undefined;
+    };
+    run.then(clear, clear);
+    return run;
+  }
+
+  private async migrateNow(): Promise<void> {
+    if (this.logged.length === 0 && this.rotated.length === 0) return;
+    const records = this.logged;
+    this.logged = [];
+    if (records.length > 0) {
+      try {
+        this.rotated.push(this.log.rotate());
+      } catch (err) {
+        // No new segment (the folder is gone or full): appends stay on the current one, and the records wait.
+        this.logged = records.concat(this.logged);
+        this.logger.error({ err: (err as Error).message }, 'receipt log: no new segment; receipts stay in the log');
+        return;
+      }
+    }
+    const payers = new Set(records.map((r) => r.payer));
+    const ops: { type: 'put'; key: string; value: unknown }[] = records.map(({ payer, receipt }) => ({
+      type: 'put',
+      key: receiptKey(payer, receipt.seq),
+      value: Buffer.from(encodeCbor(receipt)).toString('base64'),
+    }));
+    for (const payer of payers) {
+      const lane = this.lanes.get(payer);
+      if (lane) ops.push({ type: 'put', key: LANE_PREFIX + payer, value: { ...lane } });
+    }
+    try {
+      await this.write(ops);
+    } catch (err) {
+      // Still in the log (and in memory for reads): the next move takes them again.
+      this.logged = records.concat(this.logged);
+      this.logger.error({ err: (err as Error).message, receipts: records.length }, 'receipts not moved from the log into the journal');
+      return;
+    }
+    try {
+      for (const segment of this.rotated) this.log.remove(segment);
+      this.rotated = [];
+    } catch (err) {
+      this.logger.error({ err: (err as Error).message }, 'receipt log: a moved segment was not deleted; tried again with the next');
+    }
+    for (const { payer, receipt } of records) {
+      const byPayer = this.unmigrated.get(payer);
+      byPayer?.delete(receipt.seq);
+      if (byPayer?.size === 0) this.unmigrated.delete(payer);
+    }
   }
 
   /**
@@ -638,6 +768,8 @@ export class AgentPayments {
   private async billedAt(lane: Lane, seq: number): Promise<number | undefined> {
     if (seq <= 0) return 0;
     if (seq === lane.seq) return lane.cumulative;
+    const logged = this.unmigrated.get(lane.payer)?.get(seq);
+    if (logged) return logged.cumulative;
     const value = await this.db.get(receiptKey(lane.payer, seq));
     if (typeof value !== 'string') return undefined;
     return (decodeCbor(Buffer.from(value, 'base64')) as SignedReceipt).cumulative;
@@ -663,14 +795,7 @@ export class AgentPayments {
       return undefined;
     }
     this.counters.resyncs++;
-    const receipts: SignedReceipt[] = [];
-    for await (const value of this.db.values({
-      gt: receiptKey(lane.payer, request.afterSeq),
-      lt: `${RECEIPT_PREFIX}${lane.payer}!~`,
-      limit: RESYNC_BATCH * RESYNC_MAX_BATCHES,
-    })) {
-      receipts.push(decodeCbor(Buffer.from(value as string, 'base64')) as SignedReceipt);
-    }
+    const receipts = await this.journal(lane.payer, request.afterSeq, RESYNC_BATCH * RESYNC_MAX_BATCHES);
     // A receipt whose reply has not gone out yet stops the batch there: sent ahead of its reply, it would
     // reach the payer before the answer it stands for, and be refused as 'no-reply'. The reply brings it.
     const unsent = this.unsent.get(lane.payer);
@@ -714,13 +839,25 @@ export class AgentPayments {
   }
 
   /** The journal of one lane, in seq order. */
-  async receipts(payerAddress: string): Promise<SignedReceipt[]> {
-    const payer = payerAddress.toLowerCase();
-    const out: SignedReceipt[] = [];
-    for await (const value of this.db.values({ gte: `${RECEIPT_PREFIX}${payer}!`, lt: `${RECEIPT_PREFIX}${payer}!~` })) {
-      out.push(decodeCbor(Buffer.from(value as string, 'base64')) as SignedReceipt);
+  receipts(payerAddress: string): Promise<SignedReceipt[]> {
+    return this.journal(payerAddress.toLowerCase(), 0);
+  }
+
+  /** A lane's receipts after `afterSeq` in seq order, at most `limit`: those in `level` and those still in the log. */
+  private async journal(payer: string, afterSeq: number, limit = Number.POSITIVE_INFINITY): Promise<SignedReceipt[]> {
+    // Taken first: a receipt that moves into `level` while the range is read is then found in one or the other.
+    const logged = [...(this.unmigrated.get(payer)?.values() ?? [])].filter((r) => r.seq > afterSeq);
+    const bySeq = new Map<number, SignedReceipt>();
+    for await (const value of this.db.values({
+      gt: receiptKey(payer, afterSeq),
+      lt: `${RECEIPT_PREFIX}${payer}!~`,
+      ...(Number.isFinite(limit) ? { limit } : {}),
+    })) {
+      const receipt = decodeCbor(Buffer.from(value as string, 'base64')) as SignedReceipt;
+      bySeq.set(receipt.seq, receipt);
     }
-    return out;
+    for (const r of logged) bySeq.set(r.seq, r);
+    return [...bySeq.values()].sort((a, b) => a.seq - b.seq).slice(0, limit);
   }
 
   async close(): Promise<void> {
@@ -728,7 +865,10 @@ export class AgentPayments {
     await this.recovery.close();
     await Promise.allSettled([...this.checking.values()].flatMap((checks) => [...checks.values()]));
     await this.funds.close();
+    // Every receipt in the log goes into `level`; the log's files go once nothing is left in them.
+    await this.migrate();
     while (this.writing || this.pendingOps.length > 0) await new Promise((r) => setTimeout(r, 5));
+    await this.log.close(this.logged.length === 0 && this.rotated.length === 0);
     await this.db.close();
   }
 

@@ -1,0 +1,154 @@
+/**
+ * The agent's receipt log (edge-agent/src/receipt-log.ts): what is appended is read back in order after a
+ * stop, a record a crash cut short (or a damaged one) ends its segment and is dropped without losing the
+ * records before it or those appended after a restart, and fdatasync is shared by a burst.
+ * A crash of a real agent with receipts still in the log: test/payments-mesh.test.ts ("survive kill -9").
+ */
+import assert from 'node:assert/strict';
+import { appendFileSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { test } from 'node:test';
+import { generateIdentity, RECEIPT_STATUS, RECEIPT_VERSION, type SignedReceipt, signReceipt, ZERO_HASH } from '@edge-mesh/protocol';
+import { decodeRecords, encodeRecord, ReceiptLog } from '../edge-agent/src/receipt-log.ts';
+import { tempDir } from './helpers.ts';
+
+const identity = generateIdentity('agent');
+const PAYERS = [`0x${'a1'.repeat(20)}`, `0x${'b2'.repeat(20)}`];
+
+function receipt(seq: number): SignedReceipt {
+  return signReceipt(identity, {
+    v: RECEIPT_VERSION,
+    chainId: 31337,
+    escrow: `0x${'11'.repeat(20)}`,
+    payer: PAYERS[seq % 2]!,
+    agentKey: identity.publicKey,
+    seq,
+    requestId: Uint8Array.from({ length: 16 }, (_, i) => (seq + i) & 0xff),
+    modelHash: new Uint8Array(32).fill(3),
+    inputHash: new Uint8Array(32).fill(4),
+    outputHash: new Uint8Array(32).fill(5),
+    status: RECEIPT_STATUS.ok,
+    unitsUsed: 1,
+    price: 10,
+    cumulative: 10 * seq,
+    startedAt: 1_000 + seq,
+    finishedAt: 1_001 + seq,
+    prevReceipt: ZERO_HASH,
+  }).receipt;
+}
+
+const segments = (dir: string) => readdirSync(dir).filter((f) => f.endsWith('.log'));
+const seqs = (records: { receipt: SignedReceipt }[]) => records.map((r) => r.receipt.seq);
+
+test('receipts appended are read back in order, with their payers, after the log is closed or left open', async (t) => {
+  const dir = await tempDir(t);
+  const first = ReceiptLog.open(dir);
+  assert.equal(first.replay.records.length, 0);
+  for (let seq = 1; seq <= 5; seq++) first.log.append(PAYERS[seq % 2]!, receipt(seq));
+  // Left open, as a killed process leaves it: each append is already in the file.
+  const second = ReceiptLog.open(dir);
+  t.after(() => second.log.close());
+  assert.deepEqual(seqs(second.replay.records), [1, 2, 3, 4, 5]);
+  assert.deepEqual(
+    second.replay.records.map((r) => r.payer),
+    [1, 2, 3, 4, 5].map((s) => PAYERS[s % 2]),
+  );
+  assert.deepEqual(second.replay.records[2]!.receipt, receipt(3), 'the receipt is read back byte for byte');
+  assert.equal(second.replay.droppedBytes, 0);
+  assert.notEqual(second.log.current, first.log.current, 'appends after a restart go to a new segment');
+  await first.log.close();
+});
+
+test('a record cut short by a crash is dropped; the records before it and those appended after the restart are kept', async (t) => {
+  const dir = await tempDir(t);
+  const { log } = ReceiptLog.open(dir);
+  for (let seq = 1; seq <= 3; seq++) log.append(PAYERS[0]!, receipt(seq));
+  const torn = encodeRecord(PAYERS[0]!, receipt(4)).subarray(0, 30);
+  appendFileSync(log.current, torn);
+  const crashed = log.current;
+  await log.close();
+
+  const again = ReceiptLog.open(dir);
+  assert.deepEqual(seqs(again.replay.records), [1, 2, 3]);
+  assert.equal(again.replay.droppedBytes, torn.length);
+  assert.equal(
+    statSync(crashed).size,
+    [1, 2, 3].reduce((n, seq) => n + encodeRecord(PAYERS[0]!, receipt(seq)).length, 0),
+    'the torn tail is cut off the file',
+  );
+  again.log.append(PAYERS[0]!, receipt(4));
+  await again.log.close();
+
+  const third = ReceiptLog.open(dir);
+  t.after(() => third.log.close());
+  assert.deepEqual(seqs(third.replay.records), [1, 2, 3, 4]);
+  assert.equal(third.replay.droppedBytes, 0);
+});
+
+test('a damaged record ends its segment: a flipped payload byte, a length word past the end, garbage', async (t) => {
+  const records = [1, 2, 3].map((seq) => encodeRecord(PAYERS[0]!, receipt(seq)));
+  const whole = Buffer.concat(records);
+  assert.deepEqual(seqs(decodeRecords(whole).records), [1, 2, 3]);
+
+  const flipped = Buffer.from(whole);
+  flipped[records[0]!.length + 20]! ^= 0x40;
+  const f = decodeRecords(flipped);
+  assert.deepEqual(seqs(f.records), [1], 'the checksum catches the changed byte');
+  assert.equal(f.goodBytes, records[0]!.length);
+
+  const long = Buffer.from(whole);
+  long.writeUInt32BE(0xffff_ff00, records[0]!.length);
+  assert.deepEqual(seqs(decodeRecords(long).records), [1]);
+  assert.deepEqual(seqs(decodeRecords(Buffer.from('not a receipt log at all')).records), []);
+
+  // In a file: the damaged segment stops at the flip, a later segment is still read.
+  const dir = await tempDir(t);
+  writeFileSync(path.join(dir, 'receipts-0000000001.log'), flipped);
+  writeFileSync(path.join(dir, 'receipts-0000000002.log'), encodeRecord(PAYERS[1]!, receipt(9)));
+  const opened = ReceiptLog.open(dir);
+  t.after(() => opened.log.close());
+  assert.deepEqual(seqs(opened.replay.records), [1, 9]);
+  assert.equal(opened.replay.droppedBytes, whole.length - records[0]!.length);
+  assert.equal(path.basename(opened.log.current), 'receipts-0000000003.log');
+});
+
+test('rotate starts a new segment; remove deletes an old one and refuses the current; close can remove the last', async (t) => {
+  const dir = await tempDir(t);
+  const { log } = ReceiptLog.open(dir);
+  log.append(PAYERS[0]!, receipt(1));
+  const old = log.rotate();
+  log.append(PAYERS[0]!, receipt(2));
+  assert.deepEqual(segments(dir).length, 2);
+  assert.throws(() => log.remove(log.current), { code: 'MESH_INTERNAL' });
+  log.remove(old);
+  log.remove(old);
+  assert.deepEqual(segments(dir), [path.basename(log.current)]);
+  assert.deepEqual(seqs(decodeRecords(readFileSync(log.current)).records), [2]);
+  await log.close(true);
+  assert.deepEqual(segments(dir), []);
+  assert.throws(() => log.append(PAYERS[0]!, receipt(3)), { code: 'MESH_SHUTTING_DOWN' });
+});
+
+test('with syncWrites, durable waits for fdatasync, shared by the appends of a burst, across a rotation', async (t) => {
+  const dir = await tempDir(t);
+  const { log } = ReceiptLog.open(dir, { syncWrites: true });
+  t.after(() => log.close());
+  const waits: Promise<void>[] = [];
+  for (let seq = 1; seq <= 20; seq++) {
+    log.append(PAYERS[0]!, receipt(seq));
+    waits.push(log.durable());
+    if (seq === 10) log.rotate();
+  }
+  // One runs, the other 19 share the one queued behind it.
+  assert.equal(new Set(waits.slice(1)).size, 1, 'calls made while an fdatasync runs share the next one');
+  await Promise.all(waits);
+  const reopened = ReceiptLog.open(dir);
+  t.after(() => reopened.log.close());
+  assert.deepEqual(
+    seqs(reopened.replay.records),
+    Array.from({ length: 20 }, (_, i) => i + 1),
+  );
+  const plain = ReceiptLog.open(await tempDir(t)).log;
+  t.after(() => plain.close());
+  assert.equal(plain.durable(), plain.durable(), 'without syncWrites it resolves at once');
+});
