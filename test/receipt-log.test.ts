@@ -2,15 +2,19 @@
  * The agent's receipt log (edge-agent/src/receipt-log.ts): what is appended is read back in order after a
  * stop, a record a crash cut short (or a damaged one) ends its segment and is dropped without losing the
  * records before it or those appended after a restart, and fdatasync is shared by a burst.
- * A crash of a real agent with receipts still in the log: test/payments-mesh.test.ts ("survive kill -9").
+ * Opening the agent's payments on a log a crash left: the lanes' heads move to their newest receipts (a lane whose
+ * record never reached the disk too). A real agent killed with receipts still in the log: test/payments-mesh.test.ts
+ * ("survive kill -9").
  */
 import assert from 'node:assert/strict';
 import { appendFileSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { test } from 'node:test';
+import { after, before, describe, test } from 'node:test';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { generateIdentity, RECEIPT_STATUS, RECEIPT_VERSION, type SignedReceipt, signReceipt, ZERO_HASH } from '@edge-mesh/protocol';
+import { AgentPayments } from '../edge-agent/src/payments.ts';
 import { decodeRecords, encodeRecord, ReceiptLog } from '../edge-agent/src/receipt-log.ts';
-import { tempDir } from './helpers.ts';
+import { quiet, tempDir } from './helpers.ts';
 
 const identity = generateIdentity('agent');
 const PAYERS = [`0x${'a1'.repeat(20)}`, `0x${'b2'.repeat(20)}`];
@@ -151,4 +155,67 @@ test('with syncWrites, durable waits for fdatasync, shared by the appends of a b
   const plain = ReceiptLog.open(await tempDir(t)).log;
   t.after(() => plain.close());
   assert.equal(plain.durable(), plain.durable(), 'without syncWrites it resolves at once');
+});
+
+describe('the agent opening on a log a crash left', () => {
+  let chain: LocalChain;
+  let deployment: MeshDeployment;
+  before(async () => {
+    chain = await startLocalChain({ accounts: 4 });
+    deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+  });
+  after(() => chain?.close());
+
+  /** A lane's chain of receipts as the agent signs them: seq 1.., each naming the one before. */
+  function lane(payer: string, n: number): SignedReceipt[] {
+    const out: SignedReceipt[] = [];
+    let prev = ZERO_HASH;
+    for (let seq = 1; seq <= n; seq++) {
+      const signed = signReceipt(identity, {
+        ...receipt(seq),
+        chainId: Number(deployment.chainId),
+        escrow: deployment.escrow.toLowerCase(),
+        payer,
+        cumulative: 10 * seq,
+        prevReceipt: prev,
+      });
+      out.push(signed.receipt);
+      prev = signed.leaf;
+    }
+    return out;
+  }
+
+  test("receipts only in the log are stored, and a lane with no record (its grant's write was cut off) gets its head back", async (t) => {
+    const dataDir = await tempDir(t);
+    const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+    const payout = chain.accounts[1]!.toLowerCase();
+    const open = () => AgentPayments.open(identity, { payout, domain, dataDir, provider: chain.provider }, [], quiet);
+    // A first run leaves the journal's files; then a crashed run's log holds 3 receipts of a lane it never recorded.
+    await (await open()).close();
+    const logDir = path.join(dataDir, `payments-${deployment.chainId}-${deployment.escrow.toLowerCase()}-log`);
+    const receipts = lane(PAYERS[0]!, 3);
+    writeFileSync(path.join(logDir, 'receipts-0000000007.log'), Buffer.concat(receipts.map((r) => encodeRecord(PAYERS[0]!, r))));
+
+    const payments = await open();
+    let closed = false;
+    t.after(() => (closed ? undefined : payments.close()));
+    const summary = payments.lanesSummary().find((l) => l.payer === PAYERS[0]);
+    assert.ok(summary, 'the lane is back, without its grant');
+    assert.equal(summary.receipts, 3, 'its head is the newest receipt: the next one is seq 4, not seq 1 again');
+    assert.equal(summary.owedMicros, 30);
+    assert.equal(summary.senderId, '');
+    assert.deepEqual(
+      (await payments.receipts(PAYERS[0]!)).map((r) => r.seq),
+      [1, 2, 3],
+    );
+    assert.deepEqual(segments(logDir).length, 1, 'the old segment is gone once its receipts are stored; a fresh one is open');
+    await payments.close();
+    closed = true;
+
+    // Stored for good: a third open finds the same head without any log.
+    assert.deepEqual(segments(logDir), []);
+    const third = await open();
+    t.after(() => third.close());
+    assert.equal(third.lanesSummary().find((l) => l.payer === PAYERS[0])?.receipts, 3);
+  });
 });

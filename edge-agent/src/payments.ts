@@ -165,6 +165,8 @@ const receiptKey = (payer: string, seq: number) => `${RECEIPT_PREFIX}${payer}!${
 /** Receipts move from the log into `level` once this many wait, or MIGRATE_AFTER_MS after the first of them. */
 const MIGRATE_EVERY = 512;
 const MIGRATE_AFTER_MS = 1_000;
+/** Receipts the log may hold that could not be moved into `level` (it fails): past this, paid requests are refused. */
+const MAX_UNMIGRATED = 65_536;
 
 export class AgentPayments {
   readonly payout: string;
@@ -195,7 +197,12 @@ export class AgentPayments {
   /** Log segments whose receipts are being moved (or failed to move) into `level`. */
   private rotated: string[] = [];
   private migrating: Promise<void> | undefined;
+  /** The move queued behind the one running, shared by every call made meanwhile. */
+  private migrateNext: Promise<void> | undefined;
+  /** The last move failed: the next waits for the timer. */
+  private migrateFailed = false;
   private migrateTimer: NodeJS.Timeout | undefined;
+  private closing = false;
   /** Checks voucher signatures on a worker thread. */
   private readonly recovery: SignerRecovery;
   /** Voucher signatures checked so far (recovered, on the signature worker): what vouchers have cost to check. */
@@ -309,7 +316,15 @@ export class AgentPayments {
       if (lane.voucher) payments.durableVouchers.set(lane.payer, lane.voucher);
       if (lane.grant) payments.lanesPerClient.set(lane.senderId, (payments.lanesPerClient.get(lane.senderId) ?? 0) + 1);
     }
-    await payments.recoverLog(opened.replay);
+    try {
+      await payments.recoverLog(opened.replay);
+    } catch (err) {
+      await payments.recovery.close();
+      await opened.log.close();
+      await funds.close();
+      await db.close();
+      throw err;
+    }
     return payments;
   }
 
@@ -328,10 +343,16 @@ export class AgentPayments {
     const moved = new Set<string>();
     for (const { payer, receipt } of replay.records) {
       ops.push({ type: 'put', key: receiptKey(payer, receipt.seq), value: Buffer.from(encodeCbor(receipt)).toString('base64') });
-      const lane = this.lanes.get(payer);
+      let lane = this.lanes.get(payer);
       if (!lane) {
-        this.logger.warn({ payer, seq: receipt.seq }, 'receipt log: a receipt for a lane with no record; kept in the journal');
-        continue;
+        // Its grant's record did not reach the disk before the crash. The lane's head must: without it the next
+        // receipt would take this one's seq again (a fork the payer refuses). Bound again by the next grant.
+        this.logger.warn(
+          { payer, seq: receipt.seq },
+          'receipt log: a receipt for a lane with no record; the lane is kept without its grant',
+        );
+        lane = { payer, senderId: '', seq: 0, cumulative: 0, lastLeaf: toHex(ZERO_HASH), paid: 0, voucher: undefined };
+        this.lanes.set(payer, lane);
       }
       if (receipt.seq > lane.seq) {
         lane.seq = receipt.seq;
@@ -389,6 +410,8 @@ export class AgentPayments {
     const payer = payerAddress.toLowerCase();
     const price = this.prices.get(model);
     if (!price) throw new MeshError('MESH_UNKNOWN_MODEL', `model ${model} has no price here`);
+    if (this.logged.length >= MAX_UNMIGRATED)
+      throw new MeshError('MESH_BUSY', 'the receipt journal is not being written (see the log): paid work waits until it is');
     if (grant) await this.takeGrant(payer, senderId, grant);
     if (voucher) void this.acceptVoucher(senderId, voucher).catch(() => false);
     for (let round = 0; ; round++) {
@@ -591,7 +614,7 @@ export class AgentPayments {
       const byPayer = this.unmigrated.get(job.payer) ?? new Map<number, SignedReceipt>();
       this.unmigrated.set(job.payer, byPayer);
       byPayer.set(receipt.seq, receipt);
-      if (this.logged.length >= MIGRATE_EVERY) void this.migrate();
+      if (this.logged.length >= MIGRATE_EVERY && !this.migrating && !this.migrateFailed) void this.migrate();
       else if (!this.migrateTimer) {
         this.migrateTimer = setTimeout(() => void this.migrate(), MIGRATE_AFTER_MS);
         this.migrateTimer.unref();
@@ -604,12 +627,18 @@ export class AgentPayments {
 
   /**
    * Moves the receipts waiting in the log into `level` (with their lanes' heads), then deletes the log
-   * segments they were in. One at a time; a failed move is tried again with the next.
+   * segments they were in. One move at a time, and at most one waiting behind it; after a failed one the
+   * next waits for the timer (MIGRATE_AFTER_MS), not for the next receipt.
    */
   private migrate(): Promise<void> {
     clearTimeout(this.migrateTimer);
     this.migrateTimer = undefined;
-    const run = (this.migrating ?? Promise.resolve()).then(() => this.migrateNow());
+    if (this.migrateNext) return this.migrateNext;
+    const run = (this.migrating ?? Promise.resolve()).then(() => {
+      if (this.migrateNext === run) this.migrateNext = undefined;
+      return this.migrateNow();
+    });
+    if (this.migrating) this.migrateNext = run;
     this.migrating = run;
     const clear = () => {
       if (this.migrating === run) this.migrating = undefined;
@@ -620,6 +649,13 @@ export class AgentPayments {
 
   private async migrateNow(): Promise<void> {
     if (this.logged.length === 0 && this.rotated.length === 0) return;
+    const retry = () => {
+      this.migrateFailed = true;
+      if (!this.migrateTimer && !this.closing) {
+        this.migrateTimer = setTimeout(() => void this.migrate(), MIGRATE_AFTER_MS);
+        this.migrateTimer.unref();
+      }
+    };
     const records = this.logged;
     this.logged = [];
     if (records.length > 0) {
@@ -629,6 +665,7 @@ export class AgentPayments {
         // No new segment (the folder is gone or full): appends stay on the current one, and the records wait.
         this.logged = records.concat(this.logged);
         this.logger.error({ err: (err as Error).message }, 'receipt log: no new segment; receipts stay in the log');
+        retry();
         return;
       }
     }
@@ -643,18 +680,23 @@ export class AgentPayments {
       if (lane) ops.push({ type: 'put', key: LANE_PREFIX + payer, value: { ...lane } });
     }
     try {
-      await this.write(ops);
+      if (ops.length > 0) await this.write(ops);
     } catch (err) {
       // Still in the log (and in memory for reads): the next move takes them again.
       this.logged = records.concat(this.logged);
       this.logger.error({ err: (err as Error).message, receipts: records.length }, 'receipts not moved from the log into the journal');
+      retry();
       return;
     }
+    this.migrateFailed = false;
+    // Receipts that came while this move ran: the next move starts now if they are a batch already.
+    if (this.logged.length >= MIGRATE_EVERY) void this.migrate();
     try {
       for (const segment of this.rotated) this.log.remove(segment);
       this.rotated = [];
     } catch (err) {
       this.logger.error({ err: (err as Error).message }, 'receipt log: a moved segment was not deleted; tried again with the next');
+      retry();
     }
     for (const { payer, receipt } of records) {
       const byPayer = this.unmigrated.get(payer);
@@ -866,14 +908,20 @@ export class AgentPayments {
     await Promise.allSettled([...this.checking.values()].flatMap((checks) => [...checks.values()]));
     await this.funds.close();
     // Every receipt in the log goes into `level`; the log's files go once nothing is left in them.
+    this.closing = true;
     await this.migrate();
+    clearTimeout(this.migrateTimer);
     while (this.writing || this.pendingOps.length > 0) await new Promise((r) => setTimeout(r, 5));
-    await this.log.close(this.logged.length === 0 && this.rotated.length === 0);
-    await this.db.close();
+    try {
+      await this.log.close(this.logged.length === 0 && this.rotated.length === 0);
+    } finally {
+      await this.db.close();
+    }
   }
 
   /** Group commit: every op queued while a batch is written goes in the next batch. */
   private write(ops: { type: 'put'; key: string; value: unknown }[]): Promise<void> {
+    if (ops.length === 0) return Promise.resolve();
     this.pendingOps.push(...ops);
     const done = new Promise<void>((resolve, reject) => this.pendingWaiters.push({ resolve, reject }));
     if (!this.writing) void this.flush();
@@ -888,6 +936,9 @@ export class AgentPayments {
       this.pendingOps = [];
       this.pendingWaiters = [];
       try {
+        // A lane record names its head receipt: with syncWrites, that receipt is synced in the log before the
+        // record is (the log's fdatasync covers every receipt appended before this call).
+        if (this.sync) await this.log.durable();
         await this.db.batch(ops, { sync: this.sync });
         for (const w of waiters) w.resolve();
       } catch (err) {

@@ -92,7 +92,11 @@ export class ReceiptLog {
   private retired: number[] = [];
   private syncing: Promise<void> | undefined;
   private queued: Promise<void> | undefined;
+  /** Every fdatasync under way (close waits for them before it closes their files). */
+  private readonly running = new Set<Promise<void>>();
   private closed = false;
+  /** A record was cut short and could be neither cut off nor left behind: appending after it would hide what follows. */
+  private broken = false;
 
   private constructor(
     private readonly dir: string,
@@ -142,6 +146,11 @@ export class ReceiptLog {
    */
   append(payer: string, receipt: SignedReceipt): void {
     if (this.closed) throw new MeshError('MESH_SHUTTING_DOWN', 'the receipt log is closed');
+    if (this.broken)
+      throw new MeshError(
+        'MESH_INTERNAL',
+        'the receipt log holds a record cut short that could not be removed: no receipt is appended after it',
+      );
     const record = encodeRecord(payer, receipt);
     let written = 0;
     try {
@@ -153,7 +162,11 @@ export class ReceiptLog {
           ftruncateSync(this.fd, this.size);
         } catch {
           // The part written stays: later records go to a new segment, so replay still reads them.
-          this.rotate();
+          try {
+            this.rotate();
+          } catch {
+            this.broken = true;
+          }
         }
       }
       throw new MeshError('MESH_INTERNAL', `receipt not written to the log: ${(err as Error).message}`, { cause: err });
@@ -204,7 +217,8 @@ export class ReceiptLog {
   async close(remove = false): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await Promise.allSettled([this.syncing, this.queued]);
+    await Promise.allSettled([this.queued, ...this.running]);
+    await Promise.allSettled([...this.running]);
     for (const fd of this.retired) closeSync(fd);
     this.retired = [];
     closeSync(this.fd);
@@ -215,15 +229,18 @@ export class ReceiptLog {
     // Segments rotated out are synced one last time and closed here; the current one stays open.
     const retired = this.retired;
     this.retired = [];
-    const run: Promise<void> = Promise.all(
+    const run = Promise.allSettled(
       [...retired, this.fd].map((fd) => new Promise<void>((resolve, reject) => fdatasync(fd, (err) => (err ? reject(err) : resolve())))),
-    )
-      .then(() => undefined)
-      .finally(() => {
-        for (const fd of retired) closeSync(fd);
-      });
+    ).then((results) => {
+      // Closed only once every fdatasync on them has returned: a number reused meanwhile is never synced or closed.
+      for (const fd of retired) closeSync(fd);
+      const failed = results.find((r) => r.status === 'rejected');
+      if (failed) throw failed.reason;
+    });
     this.syncing = run;
+    this.running.add(run);
     const clear = () => {
+      this.running.delete(run);
       if (this.syncing === run) this.syncing = undefined;
     };
     run.then(clear, clear);
