@@ -4,6 +4,7 @@
  * that sign whatever receipts they like. Each test asserts what the honest payer paid.
  */
 import assert from 'node:assert/strict';
+import path from 'node:path';
 import { after, before, describe, type TestContext, test } from 'node:test';
 import { openMeshConnection } from '@edge-mesh/client';
 import { EscrowClient } from '@edge-mesh/contracts';
@@ -39,6 +40,7 @@ import {
 } from '@edge-mesh/protocol';
 import type { Mesh } from '@edge-mesh/sdk';
 import { ethers } from 'ethers';
+import { Level } from 'level';
 import { agentFor, brokerFor, meshFor, modelsDir, tempDir, waitFor } from './helpers.ts';
 
 let chain: LocalChain;
@@ -764,6 +766,63 @@ describe('receipts that come before their replies', () => {
     assert.equal(lane.owedMicros, 2, 'the request the app got an answer for before it closed is owed');
     assert.equal(lane.refused, 1, 'the one never answered is not');
     await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the voucher pays 2');
+  });
+});
+
+describe("the payer's store", () => {
+  test('request ids are stored one key each, only the new ones per save; a store from before that is taken and rewritten', async (t) => {
+    const broker = await brokerFor(t);
+    const agent = await agentLosingReply(t, broker.url, 0);
+    const wallet = account();
+    const identity = generateIdentity('app');
+    const dataDir = await tempDir(t);
+    const payer = wallet.address.toLowerCase();
+    const location = path.join(dataDir, `payer-${domain.chainId}-${domain.escrow.toLowerCase()}-${payer}`);
+    const open = () => meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir, voucherDelayMs: 0 } });
+    const serve = async (n: number) => {
+      const mesh = await open();
+      await mesh.waitForModel('kws');
+      await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+      for (let i = 0; i < n; i++) await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+      await mesh.close();
+    };
+    /** The lane record's own list of ids and the ids kept apart, by key. */
+    const read = async () => {
+      const db = new Level<string, unknown>(location, { valueEncoding: 'json' });
+      const apart = new Map<string, string>();
+      let inline: string[] = [];
+      for await (const [key, value] of db.iterator()) {
+        if (key.startsWith('~closed!')) apart.set(key, value as string);
+        else inline = (value as { state: { closed: string[] } }).state.closed;
+      }
+      await db.close();
+      return { inline, apart };
+    };
+    await serve(5);
+    const first = await read();
+    assert.deepEqual(first.inline, [], 'the lane record no longer carries the list');
+    assert.equal(first.apart.size, 5, 'one key per request answered');
+    await serve(3);
+    const second = await read();
+    assert.equal(second.apart.size, 8);
+    for (const [key, id] of first.apart) assert.equal(second.apart.get(key), id, 'earlier ids keep their keys: only new ones were written');
+
+    // A store written before the ids were kept apart: the list inside the lane record.
+    const db = new Level<string, unknown>(location, { valueEncoding: 'json' });
+    const agentKey = [...(await db.keys().all())].find((k) => !k.startsWith('~closed!'))!;
+    const record = (await db.get(agentKey)) as { state: { closed: string[] } };
+    record.state.closed = [...second.apart.values()];
+    await db.batch([
+      { type: 'put', key: agentKey, value: record },
+      ...[...second.apart.keys()].map((key) => ({ type: 'del' as const, key })),
+    ]);
+    await db.close();
+    await serve(1);
+    const third = await read();
+    assert.deepEqual(third.inline, []);
+    assert.deepEqual([...third.apart.values()].slice(0, 8), [...second.apart.values()], 'the old list moved out of the record, in order');
+    assert.equal(third.apart.size, 9);
+    assert.equal(agent.vouchers.at(-1)?.cumulative, 2 * 9, 'all nine paid');
   });
 });
 

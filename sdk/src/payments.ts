@@ -154,9 +154,24 @@ export interface LaneView {
 /** The few calls made on the lane store (a `level` database, loaded only with `dataDir`). */
 interface LaneStore {
   open(): Promise<void>;
-  put(key: string, value: StoredLane): Promise<void>;
-  iterator(): AsyncIterable<[string, StoredLane]>;
+  batch(ops: ({ type: 'put'; key: string; value: StoredLane | string } | { type: 'del'; key: string })[]): Promise<void>;
+  iterator(range: { gte?: string; lt?: string }): AsyncIterable<[string, StoredLane | string]>;
   close(): Promise<void>;
+}
+
+/**
+ * A lane's recent final request ids (LaneState `closed`, up to 2,048) are stored one key each, beside the lane's
+ * record, so that a save writes only those added since the last one (a whole list was ~70 KB of JSON, written
+ * twice per voucher). Keys sort after every agent id.
+ */
+const CLOSED_PREFIX = '~closed!';
+const closedKey = (agentId: string, ordinal: number) => `${CLOSED_PREFIX}${agentId}!${String(ordinal).padStart(12, '0')}`;
+
+/** What the store holds of a lane's request ids: ordinals [low, next), the newest of them `last`. */
+interface ClosedStore {
+  low: number;
+  next: number;
+  last: string | undefined;
 }
 
 interface StoredLane {
@@ -216,6 +231,8 @@ interface Lane {
   heldMicros: number;
   /** The best voucher the agent has said it holds (its lane info): below `paid`, the voucher rides along with requests. */
   agentPaid: number;
+  /** The lane's request ids in the store (see CLOSED_PREFIX). */
+  closedStore: ClosedStore;
 }
 
 /** A receipt held out of the lane's chain for now: behind a gap, or before its reply. */
@@ -298,6 +315,8 @@ export class PayerLanes {
   private readonly opening = new Map<string, Promise<void>>();
   private readonly refusedAgents = new Map<string, string>();
   private readonly stored = new Map<string, StoredLane>();
+  /** Per agent, the request ids stored apart from its lane record (CLOSED_PREFIX), oldest first. */
+  private readonly storedClosed = new Map<string, { ids: string[]; store: ClosedStore }>();
   private readonly sent = new Map<string, Sent>();
   private readonly chainId: number;
   private readonly escrow: string;
@@ -354,14 +373,26 @@ export class PayerLanes {
       const { Level } = await import('level').catch((cause: unknown) => {
         throw new MeshError('MESH_CONFIG', 'payment.dataDir needs the `level` package: npm install level', { cause });
       });
-      db = new Level<string, StoredLane>(
+      db = new Level<string, StoredLane | string>(
         path.join(options.dataDir, `payer-${options.domain.chainId}-${options.domain.escrow.toLowerCase()}-${payer}`),
         { valueEncoding: 'json' },
       );
       await db.open();
     }
     const lanes = new PayerLanes(payer, options, clientId, db, publish, logger);
-    if (db) for await (const [agentId, stored] of db.iterator()) lanes.stored.set(agentId, stored);
+    if (db) {
+      for await (const [agentId, stored] of db.iterator({ lt: CLOSED_PREFIX })) lanes.stored.set(agentId, stored as StoredLane);
+      for await (const [key, id] of db.iterator({ gte: CLOSED_PREFIX, lt: `${CLOSED_PREFIX}~` })) {
+        const bang = key.lastIndexOf('!');
+        const agentId = key.slice(CLOSED_PREFIX.length, bang);
+        const ordinal = Number(key.slice(bang + 1));
+        const entry = lanes.storedClosed.get(agentId) ?? { ids: [], store: { low: ordinal, next: ordinal, last: undefined } };
+        entry.ids.push(id as string);
+        entry.store.next = ordinal + 1;
+        entry.store.last = id as string;
+        lanes.storedClosed.set(agentId, entry);
+      }
+    }
     return lanes;
   }
 
@@ -414,7 +445,16 @@ export class PayerLanes {
         maxPriceMicros: this.maxPriceMicros,
         rememberRequests: REMEMBER_REQUESTS,
         deferSignatures: true,
-        ...(resume ? { state: { ...resume.state, payable: resume.state.payable ?? resume.state.cumulative } } : {}),
+        ...(resume
+          ? {
+              state: {
+                ...resume.state,
+                // Lanes stored before the ids were kept apart hold them in their record.
+                closed: [...resume.state.closed, ...(this.storedClosed.get(agentId)?.ids ?? [])],
+                payable: resume.state.payable ?? resume.state.cumulative,
+              },
+            }
+          : {}),
       }),
       paid: resume?.paid ?? 0,
       fee: resume?.voucher?.feeCumulative ?? 0,
@@ -441,6 +481,8 @@ export class PayerLanes {
       held: new Map(),
       heldMicros: 0,
       agentPaid: 0,
+      // Not resumed: the ids stored for an earlier lane with this agent go at the next save (last unset: all new).
+      closedStore: closedStoreOf(this.storedClosed.get(agentId)?.store, resume !== undefined),
     });
     this.logger.info({ agentId, payout: quote.payout }, 'lane open');
     // Receipts stored behind a gap: ask for the missing ones now.
@@ -1096,19 +1138,42 @@ export class PayerLanes {
     if (!this.db) return;
     const v = lane.voucher;
     const s = lane.verifier.state;
-    await this.db.put(lane.agentId, {
+    // Request ids added since the last save get the next ordinals; those the verifier has let go are deleted.
+    const store = { ...lane.closedStore };
+    const ops: ({ type: 'put'; key: string; value: StoredLane | string } | { type: 'del'; key: string })[] = [];
+    const from = store.last === undefined ? 0 : s.closed.lastIndexOf(store.last) + 1;
+    for (const id of s.closed.slice(from)) ops.push({ type: 'put', key: closedKey(lane.agentId, store.next++), value: id });
+    for (; store.low < store.next - s.closed.length; store.low++) ops.push({ type: 'del', key: closedKey(lane.agentId, store.low) });
+    store.last = s.closed.at(-1);
+    ops.push({
+      type: 'put',
+      key: lane.agentId,
+      value: this.storedLane(lane, v, s, inFlightLeaves),
+    });
+    await this.db.batch(ops);
+    lane.closedStore = store;
+  }
+
+  private storedLane(lane: Lane, v: VoucherMessage | undefined, s: LaneState, inFlightLeaves: Uint8Array[]): StoredLane {
+    return {
       payout: lane.quote.payout,
       agentKey: toHex(lane.quote.agentKey),
       // A copy taken now: the lane goes on linking while the write is under way, and the unchecked
-      // receipts stored must be the ones whose leaves are stored beside them.
-      state: { ...s, open: { ...s.open }, closed: [...s.closed], unchecked: [...(s.unchecked ?? [])] },
+      // receipts stored must be the ones whose leaves are stored beside them. The request ids are stored apart.
+      state: { ...s, open: { ...s.open }, closed: [], unchecked: [...(s.unchecked ?? [])] },
       paid: lane.paid,
       pendingLeaves: [...inFlightLeaves, ...lane.pendingLeaves].map(toHex),
       voucher: v ? { ...v, receiptsRoot: toHex(v.receiptsRoot), sig: toHex(v.sig) } : undefined,
       grant: lane.grant ? { ...lane.grant, sig: toHex(lane.grant.sig) } : undefined,
       ahead: [...lane.ahead.values()].map(storeAhead),
-    });
+    };
   }
+}
+
+/** A new lane's ClosedStore: a resumed lane's ids are those stored; otherwise they are all to be replaced. */
+function closedStoreOf(stored: ClosedStore | undefined, resumed: boolean): ClosedStore {
+  if (!stored) return { low: 0, next: 0, last: undefined };
+  return resumed ? { ...stored } : { low: stored.low, next: stored.next, last: undefined };
 }
 
 function storeAhead({ receipt, context }: Ahead): StoredAhead {
