@@ -162,6 +162,13 @@ const LANE_PREFIX = 'lane!';
 const MAX_VOUCHER_WAITS = 4;
 const RECEIPT_PREFIX = 'rcpt!';
 const receiptKey = (payer: string, seq: number) => `${RECEIPT_PREFIX}${payer}!${String(seq).padStart(16, '0')}`;
+/** A receipt as the journal stores it (CBOR, base64 in the JSON value), and read back. */
+const receiptPut = (payer: string, receipt: SignedReceipt) => ({
+  type: 'put' as const,
+  key: receiptKey(payer, receipt.seq),
+  value: Buffer.from(encodeCbor(receipt)).toString('base64'),
+});
+const storedReceipt = (value: string) => decodeCbor(Buffer.from(value, 'base64')) as SignedReceipt;
 /** Receipts move from the log into `level` once this many wait, or MIGRATE_AFTER_MS after the first of them. */
 const MIGRATE_EVERY = 512;
 const MIGRATE_AFTER_MS = 1_000;
@@ -342,7 +349,7 @@ export class AgentPayments {
     const ops: { type: 'put'; key: string; value: unknown }[] = [];
     const moved = new Set<string>();
     for (const { payer, receipt } of replay.records) {
-      ops.push({ type: 'put', key: receiptKey(payer, receipt.seq), value: Buffer.from(encodeCbor(receipt)).toString('base64') });
+      ops.push(receiptPut(payer, receipt));
       let lane = this.lanes.get(payer);
       if (!lane) {
         // Its grant's record did not reach the disk before the crash. The lane's head must: without it the next
@@ -670,11 +677,7 @@ export class AgentPayments {
       }
     }
     const payers = new Set(records.map((r) => r.payer));
-    const ops: { type: 'put'; key: string; value: unknown }[] = records.map(({ payer, receipt }) => ({
-      type: 'put',
-      key: receiptKey(payer, receipt.seq),
-      value: Buffer.from(encodeCbor(receipt)).toString('base64'),
-    }));
+    const ops: { type: 'put'; key: string; value: unknown }[] = records.map(({ payer, receipt }) => receiptPut(payer, receipt));
     for (const payer of payers) {
       const lane = this.lanes.get(payer);
       if (lane) ops.push({ type: 'put', key: LANE_PREFIX + payer, value: { ...lane } });
@@ -814,7 +817,7 @@ export class AgentPayments {
     if (logged) return logged.cumulative;
     const value = await this.db.get(receiptKey(lane.payer, seq));
     if (typeof value !== 'string') return undefined;
-    return (decodeCbor(Buffer.from(value, 'base64')) as SignedReceipt).cumulative;
+    return storedReceipt(value).cumulative;
   }
 
   /** The reply that carries receipt `seq` of `payer`'s lane has gone out (or never will): a resync may return it. */
@@ -895,7 +898,7 @@ export class AgentPayments {
       lt: `${RECEIPT_PREFIX}${payer}!~`,
       ...(Number.isFinite(limit) ? { limit } : {}),
     })) {
-      const receipt = decodeCbor(Buffer.from(value as string, 'base64')) as SignedReceipt;
+      const receipt = storedReceipt(value as string);
       bySeq.set(receipt.seq, receipt);
     }
     for (const r of logged) bySeq.set(r.seq, r);

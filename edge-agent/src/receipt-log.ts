@@ -218,6 +218,7 @@ export class ReceiptLog {
     if (this.closed) return;
     this.closed = true;
     await Promise.allSettled([this.queued, ...this.running]);
+    // The queued sync, when it ran, started one more.
     await Promise.allSettled([...this.running]);
     for (const fd of this.retired) closeSync(fd);
     this.retired = [];
