@@ -540,6 +540,45 @@ describe('payouts and lanes that cannot be squatted or wedged', () => {
   });
 });
 
+describe('voucher cadence', () => {
+  test('under a steady stream a lane gets one voucher per voucherDelayMs, not one per few receipts; closing pays the rest', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const agent = await scriptedAgent(
+      t,
+      broker.url,
+      payoutWallet.address.toLowerCase(),
+      (a, req, sender) => a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id })),
+      kwsPrice,
+      1_000_000,
+    );
+    await register(payoutWallet, agent.identity);
+    const delayMs = 250;
+    const { mesh } = await payingMesh(t, broker.url, { voucherDelayMs: delayMs });
+    await mesh.waitForModel('kws');
+    // Four requests in flight at all times for ~1.5 s: receipts keep arriving while each voucher is signed.
+    const started = Date.now();
+    let served = 0;
+    await Promise.all(
+      Array.from({ length: 4 }, async () => {
+        while (Date.now() - started < 1_500) {
+          await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+          served++;
+        }
+      }),
+    );
+    const elapsed = Date.now() - started;
+    await waitFor(() => agent.vouchers.length >= 1, 5_000, 'a voucher while the stream ran');
+    // Signed vouchers (one the agent's lane info shows it lacks is sent again: the same voucher, not counted twice).
+    const signed = new Set(agent.vouchers.map((v) => v.cumulative)).size;
+    // The window (500,000 requests) never fills: every voucher but the first waited delayMs after the one before.
+    assert.ok(served >= 40, `a steady stream (${served} requests)`);
+    assert.ok(signed <= Math.floor(elapsed / delayMs) + 1, `${signed} vouchers in ${elapsed} ms at ${delayMs} ms apart`);
+    await mesh.close();
+    await waitFor(() => lastVoucher(agent) === 2 * served, 5_000, 'every receipt paid at close');
+  });
+});
+
 describe('agents that play with the credit window', () => {
   test('an agent quoting a window smaller than one request gets no request: the SDK fails it at once with MESH_CREDIT_EXCEEDED', async (t) => {
     const broker = await brokerFor(t);

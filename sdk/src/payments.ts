@@ -919,18 +919,18 @@ export class PayerLanes {
    * requests, or a request waits for room: then it is signed at once, so that the pipeline does not stall.
    */
   private schedule(lane: Lane): void {
-    const unpaid = (lane.verifier.state.payable ?? 0) - lane.paid;
-    if (unpaid <= 0) return;
-    const credit = lane.quote.creditMicros;
-    const dearest = Math.max(0, ...lane.quote.models.map((m) => maxRequestMicros(m)));
-    if (
-      credit === undefined ||
-      2 * unpaid >= credit ||
-      this.roomWaiters.size > 0 ||
-      this.billedOf(lane) - lane.paid + lane.heldMicros + dearest > credit
-    )
-      this.startPump(lane);
+    if ((lane.verifier.state.payable ?? 0) <= lane.paid) return;
+    if (this.voucherDue(lane)) this.startPump(lane);
     else lane.timer ??= setTimeout(() => this.startPump(lane), this.voucherDelayMs);
+  }
+
+  /** Whether the lane's next voucher is signed now rather than after `voucherDelayMs` (see `schedule`). */
+  private voucherDue(lane: Lane): boolean {
+    const credit = lane.quote.creditMicros;
+    if (credit === undefined || this.roomWaiters.size > 0) return true;
+    const unpaid = (lane.verifier.state.payable ?? 0) - lane.paid;
+    const dearest = Math.max(0, ...lane.quote.models.map((m) => maxRequestMicros(m)));
+    return 2 * unpaid >= credit || this.billedOf(lane) - lane.paid + lane.heldMicros + dearest > credit;
   }
 
   /** The agent's view of the lane: receipts this client has not seen are asked for; a voucher it lacks is sent again. */
@@ -1000,8 +1000,12 @@ export class PayerLanes {
 
   /** Signs and sends every voucher owed now, waiting ones included; resolves once they are out. */
   async flush(): Promise<void> {
-    for (const lane of this.lanes.values()) if (lane.timer) this.startPump(lane);
-    while (this.pumping.size > 0) await Promise.allSettled([...this.pumping]);
+    for (;;) {
+      // A voucher signed meanwhile may leave the receipts linked during its signature waiting (`pump`): they go too.
+      for (const lane of this.lanes.values()) if (lane.timer) this.startPump(lane);
+      if (this.pumping.size === 0) return;
+      await Promise.allSettled([...this.pumping]);
+    }
   }
 
   /** Whether this client owes `agentId` for accepted receipts not yet paid by a voucher it sent. */
@@ -1091,8 +1095,15 @@ export class PayerLanes {
 
   private async pump(lane: Lane): Promise<void> {
     lane.signing = true;
+    let waits = false;
     try {
-      for (;;) {
+      for (let first = true; ; first = false) {
+        // Receipts linked while the last voucher was signed wait for more, as any others do (`schedule`):
+        // under a steady stream, signing again at once would sign one voucher per few receipts.
+        if (!first && !this.closing && !this.voucherDue(lane)) {
+          waits = true;
+          break;
+        }
         // No voucher is signed over a receipt whose signature was not checked.
         this.checkSignatures(lane);
         if ((lane.verifier.state.payable ?? 0) <= lane.paid) break;
@@ -1132,6 +1143,7 @@ export class PayerLanes {
     } finally {
       lane.signing = false;
     }
+    if (waits) this.schedule(lane);
   }
 
   private async save(lane: Lane, inFlightLeaves: Uint8Array[]): Promise<void> {
