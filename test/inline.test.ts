@@ -16,6 +16,7 @@ import path from 'node:path';
 import { describe, test } from 'node:test';
 import type { AgentHandle, AgentOptions, ManifestEntry } from '@edge-mesh/agent';
 import { openMeshConnection } from '@edge-mesh/client';
+import { deployMesh, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
 import {
   type AgentLoad,
@@ -34,6 +35,7 @@ import pino from 'pino';
 import { declaredInputs, declaresFixedShapes } from '../edge-agent/src/onnx-inputs.ts';
 import { describe as describeMeta, fixedShapes } from '../edge-agent/src/ort-session.mjs';
 import { agentFor, assertBusyBurst, brokerFor, meshFor, modelsDir, rawClient, spawnAgent, tcpRelay, tempDir, waitFor } from './helpers.ts';
+import { fundOwnLane, registeredAgent } from './payer.ts';
 import { SPIN_DEPTH, SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
 
 const spin = (seed = 1): Record<string, Tensor> => ({
@@ -390,6 +392,48 @@ describe('the request path', () => {
       `chunks: ${JSON.stringify(relay.chunks.slice(before))}`,
     );
     assert.equal(relay.chunks.slice(before).filter((c) => c.length === 1 && c[0] === PUBACK).length, 0);
+  });
+
+  test("a paid request's reply, once its lane is open, leaves in the same write as its PUBACK as well", async (t) => {
+    const chain = await startLocalChain({ accounts: 4 });
+    t.after(() => chain.close());
+    const deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+    const { identity, payout, domain } = await registeredAgent(deployment, chain.wallet(1));
+    const wallet = chain.wallet(2);
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    const broker = await brokerFor(t);
+    const relay = await packetRelay(t, Number(new URL(broker.url).port));
+    const { dir } = await modelsFolder(t, ['kws']);
+    const paidArgs = ['--payout', payout, '--escrow', deployment.escrow, '--chain-id', String(deployment.chainId), '--rpc', chain.rpcUrl];
+    // A window far larger than the run, so that no request has to wait for a voucher (that one is admitted after an await).
+    const proc = await spawnAgent(t, relay.url, identity, [
+      ...['--models', dir, '--inline-max-ms', '20', ...paidArgs, '--data', await tempDir(t), '--credit-requests', '1000'],
+    ]);
+    assert.match(proc.stderrText(), /"inline":\["kws"\]/);
+    // No voucher while the requests run (its PUBACK would leave alone): the SDK signs them when it closes.
+    const mesh = await meshFor(t, {
+      brokerUrl: broker.url,
+      payment: { signer: wallet, domain, dataDir: await tempDir(t), voucherDelayMs: 60_000 },
+    });
+    await mesh.waitForModel('kws');
+    // The first request opens the lane: its grant is checked and the lane's funds are read from the chain.
+    await mesh.infer('kws', kws(), { deadlineMs: 10_000, agentId: identity.id });
+    const PUBLISH = 0x32;
+    const PUBACK = 0x40;
+    const before = relay.chunks.length;
+    for (let i = 0; i < 20; i++) {
+      const r = await mesh.infer('kws', kws(1 + (i % 4)), { deadlineMs: 10_000, agentId: identity.id });
+      assert.equal(r.agentId, identity.id);
+    }
+    await waitFor(() => relay.chunks.slice(before).filter((c) => c.includes(PUBLISH)).length >= 20, 5_000, '20 replies relayed');
+    const chunks = relay.chunks.slice(before);
+    assert.deepEqual(
+      chunks.filter((c) => c.includes(PUBLISH) && !c.includes(PUBACK)),
+      [],
+      `chunks: ${JSON.stringify(chunks)}`,
+    );
+    assert.equal(chunks.filter((c) => c.length === 1 && c[0] === PUBACK).length, 0, `chunks: ${JSON.stringify(chunks)}`);
+    assert.equal(mesh.lanes()[0]?.receipts, 21, 'every reply carried a receipt the SDK linked');
   });
 });
 

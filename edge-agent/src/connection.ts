@@ -377,9 +377,10 @@ export class AgentLink {
    * instead of two (docs/agent.md, "The request path"). The release is a setImmediate queued behind the
    * onnxruntime setImmediate of the read's run: that run is handed over either in the handler or by the
    * inline executor's flush, a microtask the first request queued after this hold began (inline.ts,
-   * "Flush order"), so the release is queued two microtasks after the hold. A run handed over after an
-   * await (a paid request) comes after the release, and its reply leaves in a write of its own. One hold
-   * per turn, by the first request read in it.
+   * "Flush order"), so the release is queued two microtasks after the hold. A paid request admitted at
+   * once (payments.ts, `admitNow`) is handed over as an unpaid one is; one admitted after an await (a new grant,
+   * funds not read yet, a full window) comes after the release, and its reply leaves in a write of its own.
+   * One hold per turn, by the first request read in it.
    */
   private holdWrites(): void {
     if (this.held) return;

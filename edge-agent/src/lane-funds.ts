@@ -174,9 +174,14 @@ export class LaneFunds {
     return Math.max(this.chainTimeS, Math.floor(nowMs / 1000));
   }
 
+  /** Whether the escrow's events were read recently enough to give credit (see `assertFresh`). */
+  fresh(nowMs = Date.now()): boolean {
+    return nowMs - this.lastPollOk <= this.maxStaleMs;
+  }
+
   /** Throws MESH_CHAIN_UNREACHABLE when the events have not been read for too long: withdrawals could go unseen. */
   assertFresh(nowMs = Date.now()): void {
-    if (nowMs - this.lastPollOk > this.maxStaleMs) {
+    if (!this.fresh(nowMs)) {
       throw new MeshError(
         'MESH_CHAIN_UNREACHABLE',
         `the escrow's events were last read ${Math.round((nowMs - this.lastPollOk) / 1000)} s ago: no new credit until the chain answers`,

@@ -436,6 +436,39 @@ export class AgentPayments {
     }
   }
 
+  /**
+   * `admit` without waiting, in the common case: the lane is already granted to `senderId` (a grant the request
+   * carries is not newer than the one held), its funds have been read, the escrow's events are fresh and the
+   * window has room. Otherwise it returns undefined, having changed nothing, and the caller awaits `admit`, which
+   * checks the same and refuses or waits as it must. A paid request admitted here is handed to its model in the
+   * same event-loop turn as an unpaid one, so its reply leaves with the request's PUBACK (connection.ts, holdWrites).
+   */
+  admitNow(
+    payerAddress: string,
+    senderId: string,
+    model: string,
+    inputHash: Uint8Array,
+    grant?: LaneGrant,
+    units = 1,
+    voucher?: VoucherMessage,
+  ): PaidJob | undefined {
+    const payer = payerAddress.toLowerCase();
+    const price = this.prices.get(model);
+    const lane = this.lanes.get(payer);
+    if (!price || this.logged.length >= MAX_UNMIGRATED || !lane?.grant || lane.senderId !== senderId) return undefined;
+    if (grant && grant.issuedAt > lane.grant.issuedAt) return undefined;
+    const funds = this.funds.view(payer);
+    if (!funds || !this.funds.fresh()) return undefined;
+    let job: PaidJob;
+    try {
+      job = this.reserve(lane, funds, price, inputHash, units);
+    } catch {
+      return undefined;
+    }
+    if (voucher) void this.acceptVoucher(senderId, voucher).catch(() => false);
+    return job;
+  }
+
   private async admitOnce(payer: string, senderId: string, price: ModelPrice, inputHash: Uint8Array, units: number): Promise<PaidJob> {
     const lane = this.lanes.get(payer);
     if (!lane?.grant || lane.senderId !== senderId) {
@@ -446,7 +479,15 @@ export class AgentPayments {
       );
     }
     this.funds.assertFresh();
-    const funds = await this.funds.track(payer);
+    return this.reserve(lane, await this.funds.track(payer), price, inputHash, units);
+  }
+
+  /**
+   * The credit rule for one request on a granted lane whose funds are `funds`: reserves its most and returns the
+   * job, or throws MESH_CREDIT_EXCEEDED. Synchronous, so no other admission slips between the check and the reservation.
+   */
+  private reserve(lane: Lane, funds: LaneFundsView, price: ModelPrice, inputHash: Uint8Array, units: number): PaidJob {
+    const payer = lane.payer;
     const maxPrice = Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, units), price.minChargeMicros);
     const reserved = this.reserved.get(payer) ?? 0;
     const refuse = (reason: string, message: string, extra: Record<string, unknown> = {}): never => {
@@ -454,7 +495,6 @@ export class AgentPayments {
         details: { payer, reason, paidMicros: lane.paid, billedMicros: lane.cumulative, ...extra },
       });
     };
-    // Everything after the read is synchronous: no other admission can slip between the check and the reservation.
     if (funds.withdrawPending || funds.withdrawArmed || funds.pendingWithdrawal > 0) {
       refuse('withdrawal', `payer ${payer} is withdrawing its lane (thaw ends at ${funds.thawEnd} s): no new credit`, {
         thawEnd: funds.thawEnd,

@@ -704,7 +704,11 @@ export class AgentRequests {
       this.submit(job);
       return;
     }
-    void this.admitPaid(job, request, payments);
+    const pay = request.pay;
+    const inputHash = hashTensorMap(request.inputs);
+    const paid = payments.admitNow(pay.payer, job.senderId, request.model, inputHash, pay.grant, job.units?.total, pay.voucher);
+    if (paid) this.queuePaid(job, paid, payments);
+    else void this.admitPaid(job, request, inputHash, payments);
   }
 
   /** Queues a job; a refusal by the queue (busy, draining, deadline past) is answered at once. */
@@ -717,11 +721,11 @@ export class AgentRequests {
   }
 
   /**
-   * A paying request: a piggybacked voucher is taken first (it may reopen the window), then the lane's
-   * grant and credit are checked (the escrow's view of the lane may have to be read on first use),
-   * then the job is queued. Refused before it is taken on: no receipt, nothing owed.
+   * A paying request that `admitNow` could not take at once: a piggybacked voucher is taken first (it may
+   * reopen the window), then the lane's grant and credit are checked (the escrow's view of the lane may have
+   * to be read on first use), then the job is queued. Refused before it is taken on: no receipt, nothing owed.
    */
-  private async admitPaid(job: Job, request: InferRequest, payments: AgentPayments): Promise<void> {
+  private async admitPaid(job: Job, request: InferRequest, inputHash: Uint8Array, payments: AgentPayments): Promise<void> {
     const { replays, closed } = this.options;
     const pay = request.pay!;
     let paid: Job['paid'];
@@ -729,15 +733,7 @@ export class AgentRequests {
       // A voucher riding on the request pays for work done before it: its signature is checked on a worker
       // (recover.ts) while this request is admitted against the credit it has without it; admit waits for it
       // only when the window has no room (AgentPayments.admit).
-      paid = await payments.admit(
-        pay.payer,
-        job.senderId,
-        request.model,
-        hashTensorMap(request.inputs),
-        pay.grant,
-        job.units?.total,
-        pay.voucher,
-      );
+      paid = await payments.admit(pay.payer, job.senderId, request.model, inputHash, pay.grant, job.units?.total, pay.voucher);
     } catch (err) {
       const refusal = toMeshError(err, 'MESH_INTERNAL');
       // It never ran, so the same request may come again: the SDK retries it once its voucher is out.
@@ -749,12 +745,17 @@ export class AgentRequests {
       payments.release(paid);
       return;
     }
+    this.queuePaid(job, paid, payments);
+  }
+
+  /** Queues an admitted paid job; a refusal by the queue gives its reservation back and is answered at once. */
+  private queuePaid(job: Job, paid: NonNullable<Job['paid']>, payments: AgentPayments): void {
     job.paid = paid;
     try {
       this.queue().submit(job);
     } catch (err) {
       payments.release(paid);
-      this.replyError(job.senderId, job.id, toMeshError(err, 'MESH_BAD_REQUEST'), undefined, payments.laneInfo(pay.payer, job.senderId));
+      this.replyError(job.senderId, job.id, toMeshError(err, 'MESH_BAD_REQUEST'), undefined, payments.laneInfo(paid.payer, job.senderId));
     }
   }
 
