@@ -459,17 +459,24 @@ export class AgentPayments {
     if (grant && grant.issuedAt > lane.grant.issuedAt) return undefined;
     const funds = this.funds.view(payer);
     if (!funds || !this.funds.fresh()) return undefined;
-    let job: PaidJob;
+    // Before the reservation, as `admit` does it: should the window be full, `admit` shares this check.
+    if (voucher) void this.acceptVoucher(senderId, voucher).catch(() => false);
     try {
-      job = this.reserve(lane, funds, price, inputHash, units);
+      return this.reserve(payer, senderId, funds, price, inputHash, units);
     } catch {
       return undefined;
     }
-    if (voucher) void this.acceptVoucher(senderId, voucher).catch(() => false);
-    return job;
   }
 
   private async admitOnce(payer: string, senderId: string, price: ModelPrice, inputHash: Uint8Array, units: number): Promise<PaidJob> {
+    // Refused before the chain is read for a lane this client may not use; checked again after the read.
+    this.grantedLane(payer, senderId);
+    this.funds.assertFresh();
+    return this.reserve(payer, senderId, await this.funds.track(payer), price, inputHash, units);
+  }
+
+  /** The lane of `payer` when it is granted to `senderId`; throws MESH_FORBIDDEN otherwise. */
+  private grantedLane(payer: string, senderId: string): Lane {
     const lane = this.lanes.get(payer);
     if (!lane?.grant || lane.senderId !== senderId) {
       throw new MeshError(
@@ -478,16 +485,17 @@ export class AgentPayments {
         { details: { payer, reason: 'no-grant' } },
       );
     }
-    this.funds.assertFresh();
-    return this.reserve(lane, await this.funds.track(payer), price, inputHash, units);
+    return lane;
   }
 
   /**
-   * The credit rule for one request on a granted lane whose funds are `funds`: reserves its most and returns the
-   * job, or throws MESH_CREDIT_EXCEEDED. Synchronous, so no other admission slips between the check and the reservation.
+   * The grant, freshness and credit rules for one request, given the lane's `funds`: reserves its most and returns
+   * the job, or throws (MESH_FORBIDDEN, MESH_CHAIN_UNREACHABLE, MESH_CREDIT_EXCEEDED). Synchronous: nothing (a grant
+   * moving the lane to another client, another admission) slips between the checks and the reservation.
    */
-  private reserve(lane: Lane, funds: LaneFundsView, price: ModelPrice, inputHash: Uint8Array, units: number): PaidJob {
-    const payer = lane.payer;
+  private reserve(payer: string, senderId: string, funds: LaneFundsView, price: ModelPrice, inputHash: Uint8Array, units: number): PaidJob {
+    const lane = this.grantedLane(payer, senderId);
+    this.funds.assertFresh();
     const maxPrice = Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, units), price.minChargeMicros);
     const reserved = this.reserved.get(payer) ?? 0;
     const refuse = (reason: string, message: string, extra: Record<string, unknown> = {}): never => {

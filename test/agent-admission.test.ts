@@ -1,0 +1,74 @@
+/**
+ * The agent's admission of paid requests (edge-agent/src/payments.ts, `admit` and `admitNow`) against a payer that
+ * moves its lane between clients while a request is being admitted: the lane's grant is checked with the credit
+ * rule, after the lane's funds are read, not only before.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { fromHex, generateIdentity, MeshError, signLaneGrant } from '@edge-mesh/protocol';
+import { ethers } from 'ethers';
+import { AgentPayments } from '../edge-agent/src/payments.ts';
+import { quiet, tempDir, waitFor } from './helpers.ts';
+import { fundOwnLane } from './payer.ts';
+
+describe('paid admission', () => {
+  let chain: LocalChain;
+  let deployment: MeshDeployment;
+  before(async () => {
+    chain = await startLocalChain({ accounts: 4 });
+    deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+  });
+  after(() => chain?.close());
+
+  test("a grant that moves the lane to another client while a request of the first waits for the lane's funds: that request is refused", async (t) => {
+    const identity = generateIdentity('agent');
+    const dataDir = await tempDir(t);
+    const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+    const payout = chain.accounts[1]!.toLowerCase();
+    const payerWallet = chain.wallet(2);
+    const payer = payerWallet.address.toLowerCase();
+    await fundOwnLane(payerWallet, deployment.escrow, payout, 1_000_000n);
+    const models = [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }];
+    const grantFor = async (client: string, issuedAt: number) => {
+      const terms = { agent: payout, client, issuedAt };
+      return { ...terms, payer, sig: fromHex(await signLaneGrant(payerWallet, domain, terms)) };
+    };
+    const inputHash = new Uint8Array(32);
+
+    // A first run opens the lane for app-a; the restarted agent knows the grant but has not read the lane's funds.
+    const first = await AgentPayments.open(identity, { payout, domain, dataDir, provider: chain.provider }, models, quiet);
+    first.release(await first.admit(payer, 'app-a', 'kws', inputHash, await grantFor('app-a', Date.now() - 1_000)));
+    await first.close();
+
+    // The restarted agent's chain reads wait at a gate the test opens.
+    const provider = new ethers.JsonRpcProvider(chain.rpcUrl, undefined, { staticNetwork: true, batchMaxCount: 1 });
+    t.after(() => provider.destroy());
+    let gate: Promise<void> | undefined;
+    let open = () => {};
+    const send = provider.send.bind(provider);
+    provider.send = async (method: string, params: unknown[] | Record<string, unknown>) => {
+      if (method === 'eth_call' && gate) await gate;
+      return send(method, params);
+    };
+    const payments = await AgentPayments.open(identity, { payout, domain, dataDir, provider }, models, quiet);
+    t.after(() => payments.close());
+    assert.equal(payments.lanesSummary().find((l) => l.payer === payer)?.senderId, 'app-a');
+    gate = new Promise((resolve) => {
+      open = resolve;
+    });
+    assert.equal(payments.admitNow(payer, 'app-a', 'kws', inputHash), undefined, 'no funds read yet: not admitted at once');
+    const a = payments.admit(payer, 'app-a', 'kws', inputHash);
+    const b = payments.admit(payer, 'app-b', 'kws', inputHash, await grantFor('app-b', Date.now()));
+    await waitFor(() => payments.lanesSummary().find((l) => l.payer === payer)?.senderId === 'app-b', 5_000, 'the lane moved to app-b');
+    gate = undefined;
+    open();
+    // app-a's request had passed the grant check before the read; the lane is app-b's when it would be reserved.
+    await assert.rejects(a, (err: unknown) => err instanceof MeshError && err.code === 'MESH_FORBIDDEN');
+    const job = await b;
+    assert.equal(job.payer, payer);
+    assert.equal(payments.admitNow(payer, 'app-a', 'kws', inputHash), undefined, 'app-a is not admitted at once either');
+    const now = payments.admitNow(payer, 'app-b', 'kws', inputHash);
+    assert.ok(now, 'app-b is, its lane open and read');
+  });
+});
