@@ -49,7 +49,7 @@ let domain: EscrowDomain;
 let nextAccount = 1;
 
 before(async () => {
-  chain = await startLocalChain({ accounts: 40 });
+  chain = await startLocalChain({ accounts: 56 });
   deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   domain = { chainId: deployment.chainId, escrow: deployment.escrow };
 });
@@ -574,8 +574,93 @@ describe('voucher cadence', () => {
     // The window (500,000 requests) never fills: every voucher but the first waited delayMs after the one before.
     assert.ok(served >= 40, `a steady stream (${served} requests)`);
     assert.ok(signed <= Math.floor(elapsed / delayMs) + 1, `${signed} vouchers in ${elapsed} ms at ${delayMs} ms apart`);
+    // ...and the lane is paid as it goes, not only at close.
+    assert.ok(signed >= Math.floor(elapsed / delayMs) - 3, `only ${signed} vouchers in ${elapsed} ms at ${delayMs} ms apart`);
     await mesh.close();
     await waitFor(() => lastVoucher(agent) === 2 * served, 5_000, 'every receipt paid at close');
+  });
+});
+
+describe('voucher signing that fails', () => {
+  test('a voucher whose signature failed is signed again later, with no new receipt to prompt it', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) =>
+      a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id })),
+    );
+    await register(payoutWallet, agent.identity);
+    // The payer's key signs grants, but refuses its first voucher (a hardware signer that was busy, say).
+    const wallet = account();
+    let refusals = 1;
+    const signer = {
+      provider: wallet.provider,
+      getAddress: () => wallet.getAddress(),
+      signTypedData: (d: ethers.TypedDataDomain, types: Record<string, ethers.TypedDataField[]>, value: Record<string, unknown>) => {
+        if ('Voucher' in types && refusals-- > 0) return Promise.reject(new Error('the signer is busy'));
+        return wallet.signTypedData(d, types, value);
+      },
+    };
+    const { mesh } = await payingMesh(t, broker.url, { signer });
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    // One request and then silence: the voucher for it comes all the same.
+    await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the voucher signed again');
+    assert.equal(refusals, -1, 'the first signature was refused');
+  });
+});
+
+describe('requests waiting for room', () => {
+  test("a request waiting for one agent's window does not hurry the vouchers of the payer's other lanes", async (t) => {
+    const broker = await brokerFor(t);
+    // Agent A has a window of one request and holds its replies; B's window is roomy and it answers at once.
+    const held: { sender: string; req: InferRequest }[] = [];
+    const payoutA = account();
+    const a = await scriptedAgent(
+      t,
+      broker.url,
+      payoutA.address.toLowerCase(),
+      (_x, req, sender) => held.push({ sender, req }),
+      kwsPrice,
+      2,
+    );
+    await register(payoutA, a.identity);
+    const payoutB = account();
+    const b = await scriptedAgent(
+      t,
+      broker.url,
+      payoutB.address.toLowerCase(),
+      (x, req, sender) => x.answer(sender, req.id, x.receipt(req.pay!.payer, { requestId: req.id })),
+      kwsPrice,
+      1_000_000,
+    );
+    await register(payoutB, b.identity);
+    const delayMs = 250;
+    const { mesh } = await payingMesh(t, broker.url, { voucherDelayMs: delayMs });
+    await mesh.waitForModel('kws', 10_000, 2);
+    await waitFor(() => mesh.lanes().length === 2, 5_000, 'both lanes open');
+    // A's window is full with its first request in flight; the second waits for room there until its deadline.
+    const first = mesh.infer('kws', kws(), { deadlineMs: 10_000, agentId: a.identity.id });
+    await waitFor(() => held.length === 1, 5_000, 'the first request at agent A');
+    const waiting = mesh.infer('kws', kws(), { deadlineMs: 2_500, agentId: a.identity.id }).catch((err: unknown) => err);
+    await waitFor(() => mesh.counters.creditHeld >= 1, 5_000, 'the second request waiting for room at A');
+    // Meanwhile a steady stream to B: its lane keeps the pace of voucherDelayMs.
+    const started = Date.now();
+    let served = 0;
+    await Promise.all(
+      Array.from({ length: 4 }, async () => {
+        while (Date.now() - started < 1_500) {
+          await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: b.identity.id });
+          served++;
+        }
+      }),
+    );
+    const elapsed = Date.now() - started;
+    const signed = new Set(b.vouchers.map((v) => v.cumulative)).size;
+    assert.ok(served >= 40, `a steady stream (${served} requests)`);
+    assert.ok(signed <= Math.floor(elapsed / delayMs) + 1, `${signed} vouchers to B in ${elapsed} ms at ${delayMs} ms apart`);
+    a.answer(held[0]!.sender, held[0]!.req.id, a.receipt(held[0]!.req.pay!.payer, { requestId: held[0]!.req.id }));
+    await first;
+    await waiting;
   });
 });
 

@@ -326,7 +326,8 @@ export class PayerLanes {
   private readonly feePpm: bigint;
   private pumping = new Set<Promise<void>>();
   /** Requests waiting for room in a credit window: woken whenever credit may have been freed. */
-  private roomWaiters = new Set<() => void>();
+  /** Requests waiting for room, with the agents they wait on: those agents' vouchers are due at once (`voucherDue`). */
+  private roomWaiters = new Map<() => void, readonly string[]>();
   /** Closing: replies no longer reach the app, so receipts awaiting theirs link as they stand. */
   private closing = false;
   counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0, lateRepaid: 0 };
@@ -619,12 +620,12 @@ export class PayerLanes {
         resolve();
       };
       const timer = setTimeout(wake, Math.max(0, timeoutMs));
-      this.roomWaiters.add(wake);
+      this.roomWaiters.set(wake, agentIds);
     });
   }
 
   private wakeRoomWaiters(): void {
-    for (const wake of [...this.roomWaiters]) wake();
+    for (const wake of [...this.roomWaiters.keys()]) wake();
   }
 
   /** What the agent may have billed on the lane, as far as this client has seen: receipts held behind a gap included. */
@@ -927,7 +928,8 @@ export class PayerLanes {
   /** Whether the lane's next voucher is signed now rather than after `voucherDelayMs` (see `schedule`). */
   private voucherDue(lane: Lane): boolean {
     const credit = lane.quote.creditMicros;
-    if (credit === undefined || this.roomWaiters.size > 0) return true;
+    if (credit === undefined) return true;
+    for (const agents of this.roomWaiters.values()) if (agents.includes(lane.agentId)) return true;
     const unpaid = (lane.verifier.state.payable ?? 0) - lane.paid;
     const dearest = Math.max(0, ...lane.quote.models.map((m) => maxRequestMicros(m)));
     return 2 * unpaid >= credit || this.billedOf(lane) - lane.paid + lane.heldMicros + dearest > credit;
@@ -991,20 +993,41 @@ export class PayerLanes {
     clearTimeout(lane.timer);
     lane.timer = undefined;
     if (lane.signing || (lane.verifier.state.payable ?? 0) <= lane.paid) return;
-    const run = this.pump(lane).catch((err: unknown) =>
-      this.logger.error({ agentId: lane.agentId, err: (err as Error).message }, 'voucher not signed'),
-    );
+    const run = this.pump(lane).catch((err: unknown) => {
+      this.logger.error({ agentId: lane.agentId, err: (err as Error).message }, 'voucher not signed');
+      // Tried again later, whether or not another receipt comes to prompt it.
+      if (!this.closing && !lane.broken && (lane.verifier.state.payable ?? 0) > lane.paid)
+        lane.timer ??= setTimeout(() => this.startPump(lane), Math.max(this.voucherDelayMs, RETRY_SPACING_MS));
+    });
     this.pumping.add(run);
     void run.finally(() => this.pumping.delete(run));
   }
 
-  /** Signs and sends every voucher owed now, waiting ones included; resolves once they are out. */
+  /**
+   * Signs and sends vouchers for everything owed when it is called, waiting ones included; resolves once they are
+   * out, or when a round of signing pays nothing more (a voucher that could not be signed is tried again later).
+   * Receipts linked meanwhile keep their own pace.
+   */
   async flush(): Promise<void> {
+    const owed = new Map<Lane, number>();
+    for (const lane of this.lanes.values()) {
+      const payable = lane.verifier.state.payable ?? 0;
+      if (payable > lane.paid) owed.set(lane, payable);
+    }
     for (;;) {
-      // A voucher signed meanwhile may leave the receipts linked during its signature waiting (`pump`): they go too.
-      for (const lane of this.lanes.values()) if (lane.timer) this.startPump(lane);
-      if (this.pumping.size === 0) return;
+      let paidBefore = 0;
+      for (const [lane, target] of owed) {
+        if (lane.paid >= target || lane.broken) owed.delete(lane);
+        else {
+          paidBefore += lane.paid;
+          this.startPump(lane);
+        }
+      }
+      if (owed.size === 0 || this.pumping.size === 0) return;
       await Promise.allSettled([...this.pumping]);
+      let paidAfter = 0;
+      for (const lane of owed.keys()) paidAfter += lane.paid;
+      if (paidAfter === paidBefore) return;
     }
   }
 
