@@ -164,8 +164,8 @@ test('a job in units is paid pro rata by progress receipts, a cancel for the uni
     (err: unknown) => err,
   );
   assert.ok(late instanceof MeshError && late.code === 'MESH_DEADLINE_EXCEEDED', String(late));
-  // The job is in neither the queue nor a run while the agent admits it on its lane (asynchronous), so an idle load
-  // report alone does not say it has ended: wait for its timeout receipt in the journal, and for the app to have
+  // The job can be in neither the queue nor a run while the agent admits it on its lane (asynchronously, when it
+  // cannot be admitted at once), so an idle load report alone does not say it has ended: wait for its timeout receipt in the journal, and for the app to have
   // linked every receipt journaled.
   const until = Date.now() + 10_000;
   for (;;) {

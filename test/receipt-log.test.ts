@@ -11,10 +11,22 @@ import { appendFileSync, readdirSync, readFileSync, statSync, writeFileSync } fr
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
-import { generateIdentity, RECEIPT_STATUS, RECEIPT_VERSION, type SignedReceipt, signReceipt, ZERO_HASH } from '@edge-mesh/protocol';
+import {
+  fromHex,
+  generateIdentity,
+  MeshError,
+  newRequestId,
+  RECEIPT_STATUS,
+  RECEIPT_VERSION,
+  type SignedReceipt,
+  signLaneGrant,
+  signReceipt,
+  ZERO_HASH,
+} from '@edge-mesh/protocol';
 import { AgentPayments } from '../edge-agent/src/payments.ts';
 import { decodeRecords, encodeRecord, ReceiptLog } from '../edge-agent/src/receipt-log.ts';
 import { quiet, tempDir } from './helpers.ts';
+import { fundOwnLane } from './payer.ts';
 
 const identity = generateIdentity('agent');
 const PAYERS = [`0x${'a1'.repeat(20)}`, `0x${'b2'.repeat(20)}`];
@@ -217,5 +229,89 @@ describe('the agent opening on a log a crash left', () => {
     const third = await open();
     t.after(() => third.close());
     assert.equal(third.lanesSummary().find((l) => l.payer === PAYERS[0])?.receipts, 3);
+  });
+  test('a journal that refuses writes: receipts wait in a few log segments, paid work stops at the cap with MESH_BUSY, and all are stored once it writes again', async (t) => {
+    const dataDir = await tempDir(t);
+    const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+    const payout = chain.accounts[2]!.toLowerCase();
+    const payerWallet = chain.wallet(3);
+    const payer = payerWallet.address.toLowerCase();
+    await fundOwnLane(payerWallet, deployment.escrow, payout, 1_000_000_000n);
+    const open = () =>
+      AgentPayments.open(
+        identity,
+        { payout, domain, dataDir, provider: chain.provider, creditMicros: 100_000_000 },
+        [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }],
+        quiet,
+      );
+    const payments = await open();
+    let closed = false;
+    t.after(() => (closed ? undefined : payments.close()));
+    const client = 'app-journal';
+    const terms = { agent: payout, client, issuedAt: Date.now() };
+    const grant = { ...terms, payer, sig: fromHex(await signLaneGrant(payerWallet, domain, terms)) };
+    const serveOne = async (withGrant = false) => {
+      const job = await payments.admit(payer, client, 'kws', new Uint8Array(32), withGrant ? grant : undefined);
+      const now = Date.now();
+      const { durable } = payments.issue(job, {
+        requestId: newRequestId(),
+        status: RECEIPT_STATUS.ok,
+        unitsUsed: 1,
+        outputHash: new Uint8Array(32),
+        startedAt: now,
+        finishedAt: now,
+      });
+      await durable;
+    };
+    await serveOne(true);
+    const logDir = path.join(dataDir, `payments-${deployment.chainId}-${deployment.escrow.toLowerCase()}-log`);
+
+    // The journal stops writing (its database closed under the agent): every move into it fails from now on.
+    const db = (payments as unknown as { db: { close(): Promise<void>; open(): Promise<void> } }).db;
+    await db.close();
+    for (let i = 0; i < 700; i++) await serveOne();
+    await new Promise((r) => setTimeout(r, 1_300));
+    // A failed move is tried again on the timer, not once per receipt: a handful of segments, not one per receipt.
+    const waiting = segments(logDir).length;
+    assert.ok(waiting >= 2 && waiting <= 4, `${waiting} segments`);
+
+    // Paid work stops at the cap of receipts not yet moved, with a coded refusal; nothing is lost.
+    let served = 701;
+    let refusal: unknown;
+    for (;;) {
+      try {
+        await serveOne();
+        served++;
+      } catch (err) {
+        refusal = err;
+        break;
+      }
+      assert.ok(served <= 70_000, 'no cap');
+    }
+    assert.ok(refusal instanceof MeshError && refusal.code === 'MESH_BUSY', String(refusal));
+    assert.equal(served, 65_536);
+    assert.ok(segments(logDir).length <= 8, `${segments(logDir).length} segments`);
+
+    // The journal writes again: the next try moves everything, deletes the segments, and paid work goes on.
+    await db.open();
+    const until = Date.now() + 30_000;
+    while (segments(logDir).length > 1 || (await payments.receipts(payer)).length < served) {
+      assert.ok(Date.now() < until, `still ${segments(logDir).length} segments`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await serveOne();
+    served++;
+    await payments.close();
+    closed = true;
+    const again = await open();
+    t.after(() => again.close());
+    const lane = again.lanesSummary().find((l) => l.payer === payer);
+    assert.equal(lane?.receipts, served, 'every receipt stored, in one unbroken chain');
+    assert.equal(lane?.owedMicros, served);
+    const stored = await again.receipts(payer);
+    assert.deepEqual(
+      stored.map((r) => r.seq),
+      Array.from({ length: served }, (_, i) => i + 1),
+    );
   });
 });
