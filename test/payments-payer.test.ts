@@ -302,6 +302,44 @@ async function laneLosingReply(t: TestContext, lost: number, withhold = false) {
   return { agent, mesh, pinned };
 }
 
+/**
+ * Agent A, with a window of one request, whose requests wait in `held` for the test to answer them, and agent B, with
+ * a window of `creditB`, answering at once; both registered, on a new broker.
+ */
+async function heldAndOpenAgents(t: TestContext, creditB: number) {
+  const broker = await brokerFor(t);
+  const held: { sender: string; req: InferRequest }[] = [];
+  const payoutA = account();
+  const a = await scriptedAgent(t, broker.url, payoutA.address.toLowerCase(), (_x, req, sender) => held.push({ sender, req }), kwsPrice, 2);
+  await register(payoutA, a.identity);
+  const payoutB = account();
+  const b = await scriptedAgent(
+    t,
+    broker.url,
+    payoutB.address.toLowerCase(),
+    (x, req, sender) => x.answer(sender, req.id, x.receipt(req.pay!.payer, { requestId: req.id })),
+    kwsPrice,
+    creditB,
+  );
+  await register(payoutB, b.identity);
+  return { broker, held, a, b };
+}
+
+/** Requests to `agentId` from four callers, each sending its next as soon as its last is answered, for `ms`. */
+async function steadyStream(mesh: Mesh, agentId: string, ms: number): Promise<{ served: number; elapsed: number }> {
+  const started = Date.now();
+  let served = 0;
+  await Promise.all(
+    Array.from({ length: 4 }, async () => {
+      while (Date.now() - started < ms) {
+        await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId });
+        served++;
+      }
+    }),
+  );
+  return { served, elapsed: Date.now() - started };
+}
+
 describe('the payer pays only what it asked for', () => {
   test('a receipt for a request never sent, one with units beyond the quote and an ok receipt on an error reply are not paid', async (t) => {
     const broker = await brokerFor(t);
@@ -557,17 +595,7 @@ describe('voucher cadence', () => {
     const { mesh } = await payingMesh(t, broker.url, { voucherDelayMs: delayMs });
     await mesh.waitForModel('kws');
     // Four requests in flight at all times for ~1.5 s: receipts keep arriving while each voucher is signed.
-    const started = Date.now();
-    let served = 0;
-    await Promise.all(
-      Array.from({ length: 4 }, async () => {
-        while (Date.now() - started < 1_500) {
-          await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
-          served++;
-        }
-      }),
-    );
-    const elapsed = Date.now() - started;
+    const { served, elapsed } = await steadyStream(mesh, agent.identity.id, 1_500);
     await waitFor(() => agent.vouchers.length >= 1, 5_000, 'a voucher while the stream ran');
     // Signed vouchers (one the agent's lane info shows it lacks is sent again: the same voucher, not counted twice).
     const signed = new Set(agent.vouchers.map((v) => v.cumulative)).size;
@@ -611,29 +639,8 @@ describe('voucher signing that fails', () => {
 
 describe('requests waiting for room', () => {
   test("a request waiting for one agent's window does not hurry the vouchers of the payer's other lanes", async (t) => {
-    const broker = await brokerFor(t);
     // Agent A has a window of one request and holds its replies; B's window is roomy and it answers at once.
-    const held: { sender: string; req: InferRequest }[] = [];
-    const payoutA = account();
-    const a = await scriptedAgent(
-      t,
-      broker.url,
-      payoutA.address.toLowerCase(),
-      (_x, req, sender) => held.push({ sender, req }),
-      kwsPrice,
-      2,
-    );
-    await register(payoutA, a.identity);
-    const payoutB = account();
-    const b = await scriptedAgent(
-      t,
-      broker.url,
-      payoutB.address.toLowerCase(),
-      (x, req, sender) => x.answer(sender, req.id, x.receipt(req.pay!.payer, { requestId: req.id })),
-      kwsPrice,
-      1_000_000,
-    );
-    await register(payoutB, b.identity);
+    const { broker, held, a, b } = await heldAndOpenAgents(t, 1_000_000);
     const delayMs = 250;
     const { mesh } = await payingMesh(t, broker.url, { voucherDelayMs: delayMs });
     await mesh.waitForModel('kws', 10_000, 2);
@@ -644,17 +651,7 @@ describe('requests waiting for room', () => {
     const waiting = mesh.infer('kws', kws(), { deadlineMs: 2_500, agentId: a.identity.id }).catch((err: unknown) => err);
     await waitFor(() => mesh.counters.creditHeld >= 1, 5_000, 'the second request waiting for room at A');
     // Meanwhile a steady stream to B: its lane keeps the pace of voucherDelayMs.
-    const started = Date.now();
-    let served = 0;
-    await Promise.all(
-      Array.from({ length: 4 }, async () => {
-        while (Date.now() - started < 1_500) {
-          await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: b.identity.id });
-          served++;
-        }
-      }),
-    );
-    const elapsed = Date.now() - started;
+    const { served, elapsed } = await steadyStream(mesh, b.identity.id, 1_500);
     const signed = new Set(b.vouchers.map((v) => v.cumulative)).size;
     assert.ok(served >= 40, `a steady stream (${served} requests)`);
     assert.ok(signed <= Math.floor(elapsed / delayMs) + 1, `${signed} vouchers to B in ${elapsed} ms at ${delayMs} ms apart`);
@@ -734,29 +731,8 @@ describe('agents that play with the credit window', () => {
   });
 
   test('a request goes to another agent whose window has room instead of waiting for a full one', async (t) => {
-    const broker = await brokerFor(t);
-    const held: { sender: string; req: InferRequest }[] = [];
     // Agent A has a window of one request and holds its reply until the test says so; B's window is roomy.
-    const payoutA = account();
-    const a = await scriptedAgent(
-      t,
-      broker.url,
-      payoutA.address.toLowerCase(),
-      (_x, req, sender) => held.push({ sender, req }),
-      kwsPrice,
-      2,
-    );
-    await register(payoutA, a.identity);
-    const payoutB = account();
-    const b = await scriptedAgent(
-      t,
-      broker.url,
-      payoutB.address.toLowerCase(),
-      (x, req, sender) => x.answer(sender, req.id, x.receipt(req.pay!.payer, { requestId: req.id })),
-      kwsPrice,
-      100,
-    );
-    await register(payoutB, b.identity);
+    const { broker, held, a, b } = await heldAndOpenAgents(t, 100);
     const { mesh } = await payingMesh(t, broker.url);
     await mesh.waitForModel('kws', 10_000, 2);
     await waitFor(() => mesh.lanes().length === 2, 5_000, 'both lanes open');
