@@ -325,8 +325,10 @@ export class PayerLanes {
   private readonly chain: ChainReader | undefined;
   private readonly feePpm: bigint;
   private pumping = new Set<Promise<void>>();
-  /** Requests waiting for room in a credit window: woken whenever credit may have been freed. */
-  /** Requests waiting for room, with the agents they wait on: those agents' vouchers are due at once (`voucherDue`). */
+  /**
+   * Requests waiting for room in a credit window, with the agents they wait on: woken whenever credit may have been
+   * freed; those agents' vouchers are due at once (`voucherDue`).
+   */
   private roomWaiters = new Map<() => void, readonly string[]>();
   /** Closing: replies no longer reach the app, so receipts awaiting theirs link as they stand. */
   private closing = false;
