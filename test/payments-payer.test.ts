@@ -302,6 +302,21 @@ async function laneLosingReply(t: TestContext, lost: number, withhold = false) {
   return { agent, mesh, pinned };
 }
 
+/** A registered scripted agent that answers every request with its receipt; `creditMicros` is the window it quotes. */
+async function answeringAgent(t: TestContext, brokerUrl: string, creditMicros?: number): Promise<Scripted> {
+  const payoutWallet = account();
+  const agent = await scriptedAgent(
+    t,
+    brokerUrl,
+    payoutWallet.address.toLowerCase(),
+    (a, req, sender) => a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id })),
+    kwsPrice,
+    creditMicros,
+  );
+  await register(payoutWallet, agent.identity);
+  return agent;
+}
+
 /**
  * Agent A, with a window of one request, whose requests wait in `held` for the test to answer them, and agent B, with
  * a window of `creditB`, answering at once; both registered, on a new broker.
@@ -312,16 +327,7 @@ async function heldAndOpenAgents(t: TestContext, creditB: number) {
   const payoutA = account();
   const a = await scriptedAgent(t, broker.url, payoutA.address.toLowerCase(), (_x, req, sender) => held.push({ sender, req }), kwsPrice, 2);
   await register(payoutA, a.identity);
-  const payoutB = account();
-  const b = await scriptedAgent(
-    t,
-    broker.url,
-    payoutB.address.toLowerCase(),
-    (x, req, sender) => x.answer(sender, req.id, x.receipt(req.pay!.payer, { requestId: req.id })),
-    kwsPrice,
-    creditB,
-  );
-  await register(payoutB, b.identity);
+  const b = await answeringAgent(t, broker.url, creditB);
   return { broker, held, a, b };
 }
 
@@ -581,16 +587,7 @@ describe('payouts and lanes that cannot be squatted or wedged', () => {
 describe('voucher cadence', () => {
   test('under a steady stream a lane gets one voucher per voucherDelayMs, not one per few receipts; closing pays the rest', async (t) => {
     const broker = await brokerFor(t);
-    const payoutWallet = account();
-    const agent = await scriptedAgent(
-      t,
-      broker.url,
-      payoutWallet.address.toLowerCase(),
-      (a, req, sender) => a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id })),
-      kwsPrice,
-      1_000_000,
-    );
-    await register(payoutWallet, agent.identity);
+    const agent = await answeringAgent(t, broker.url, 1_000_000);
     const delayMs = 250;
     const { mesh } = await payingMesh(t, broker.url, { voucherDelayMs: delayMs });
     await mesh.waitForModel('kws');
@@ -612,11 +609,7 @@ describe('voucher cadence', () => {
 describe('voucher signing that fails', () => {
   test('a voucher whose signature failed is signed again later, with no new receipt to prompt it', async (t) => {
     const broker = await brokerFor(t);
-    const payoutWallet = account();
-    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) =>
-      a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id })),
-    );
-    await register(payoutWallet, agent.identity);
+    const agent = await answeringAgent(t, broker.url);
     // The payer's key signs grants, but refuses its first voucher (a hardware signer that was busy, say).
     const wallet = account();
     let refusals = 1;
@@ -664,17 +657,8 @@ describe('requests waiting for room', () => {
 describe('agents that play with the credit window', () => {
   test('an agent quoting a window smaller than one request gets no request: the SDK fails it at once with MESH_CREDIT_EXCEEDED', async (t) => {
     const broker = await brokerFor(t);
-    const payoutWallet = account();
     // A window of 1 µUSD for a request of 2: every request would be refused, or held for ever.
-    const agent = await scriptedAgent(
-      t,
-      broker.url,
-      payoutWallet.address.toLowerCase(),
-      (a, req, sender) => a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id })),
-      kwsPrice,
-      1,
-    );
-    await register(payoutWallet, agent.identity);
+    const agent = await answeringAgent(t, broker.url, 1);
     const { mesh } = await payingMesh(t, broker.url);
     await mesh.waitForModel('kws');
     await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
