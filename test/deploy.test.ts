@@ -20,13 +20,17 @@ import {
   signDeployment,
   signedDeploymentToJson,
 } from '@edge-mesh/protocol';
-import type { RouterHandle } from '@edge-mesh/router';
+import { judgeCanary, type RouterHandle, type VersionWindow } from '@edge-mesh/router';
 import { agentFor, brokerFor, rawClient, routerFor, tempDir, waitFor } from './helpers.ts';
 import { SCALE_WIDTH, scaleModel } from './scale-model.ts';
 
 const GROUP = 'edge-pis';
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-const PLAN = { canaryShare: 0.3, minRequests: 40, maxErrorRateDelta: 0.05, maxP95LatencyRatio: 3 };
+/**
+ * Version 3 (5 000 MatMuls) answers in ~50 ms against ~3-7 ms for the others; 20 ms of slack keeps a busy machine's
+ * hiccups in a 40-request sample (two slow answers move its p95) from rolling back version 2.
+ */
+const PLAN = { canaryShare: 0.3, minRequests: 40, maxErrorRateDelta: 0.05, maxP95LatencyRatio: 3, minP95DeltaMs: 20 };
 
 async function modelsFolder(dir: string, version: string, bytes: Buffer): Promise<void> {
   await writeFile(path.join(dir, 'scale.onnx'), bytes);
@@ -100,6 +104,39 @@ function steadyLoad(router: RouterHandle) {
   };
 }
 
+test('the canary analysis: a latency rollback needs both the ratio and the slack; errors and the deadline as planned', () => {
+  const window = (latenciesMs: number[], failed = 0): VersionWindow => ({ ok: latenciesMs.length, failed, latenciesMs });
+  const fast = window(Array.from({ length: 40 }, (_, i) => 2 + (i % 5) * 0.2));
+  // Two hiccups in 40 answers set the p95 (the 39th of 40): 4x the old p95 but only 9 ms above it.
+  const hiccups = window(Array.from({ length: 40 }, (_, i) => (i < 2 ? 12 : 2)));
+  const slow = window(Array.from({ length: 40 }, () => 60));
+  const plan = { ...PLAN, minP95DeltaMs: 20 };
+  assert.equal(judgeCanary(plan, fast, hiccups, 1000).decision, 'promote');
+  assert.equal(judgeCanary({ ...plan, minP95DeltaMs: undefined }, fast, hiccups, 1000).decision, 'rollback');
+  assert.equal(judgeCanary({ ...plan, minP95DeltaMs: 5 }, fast, hiccups, 1000).decision, 'rollback');
+  const verdict = judgeCanary(plan, fast, slow, 1000);
+  assert.deepEqual(verdict, { decision: 'rollback', reason: 'p95 60 ms against 2.8 ms (allowed ×3 or +20 ms)' });
+  // Far above the slack but within the ratio: held.
+  const slowOld = window(Array.from({ length: 40 }, () => 50));
+  assert.equal(judgeCanary(plan, slowOld, window(Array.from({ length: 40 }, () => 120)), 1000).decision, 'promote');
+  // Errors do not wait for latency, and too few answers hold until the deadline.
+  assert.match(
+    judgeCanary(
+      plan,
+      fast,
+      window(
+        Array.from({ length: 37 }, () => 2),
+        3,
+      ),
+      1000,
+    ).reason,
+    /^error rate 0.075/,
+  );
+  const few = window([2, 2]);
+  assert.equal(judgeCanary(plan, fast, few, 1000).decision, 'hold');
+  assert.equal(judgeCanary({ ...plan, maxCanaryMs: 5000 }, fast, few, 6000).decision, 'rollback');
+});
+
 test('a signed rollout under steady load: canary then promotion, then a slow version rolled back by itself; no request fails', async (t) => {
   const broker = await brokerFor(t);
   const operator = generateIdentity('operator');
@@ -143,7 +180,8 @@ test('a signed rollout under steady load: canary then promotion, then a slow ver
   assert.equal(posted.status, 200, JSON.stringify(posted.json));
   await waitFor(() => router.rollouts!.status('scale')[0]?.canaryAgents === 2, 20_000, 'both agents to announce the canary');
   const canaryFrom = Date.now();
-  await waitFor(() => router.rollouts!.status('scale')[0]?.phase === 'promoted', 30_000, 'the promotion');
+  await waitFor(() => router.rollouts!.status('scale')[0]?.phase !== 'canary', 30_000, 'the verdict on version 2');
+  assert.equal(router.rollouts!.status('scale')[0]?.phase, 'promoted', router.rollouts!.auditLog('scale').at(-1)?.reason);
   const during = load.since(canaryFrom);
   const share = during.filter((f) => f === 2).length / during.length;
   assert.ok(share > 0.1 && share < 0.6, `canary share ${share} of ${during.length} answers should be near 0.3`);

@@ -26,7 +26,7 @@ import {
 } from '@edge-mesh/protocol';
 import { type Command, InvalidArgumentError } from 'commander';
 import { call, credential, DEFAULT_ROUTER, table, terminalSafe } from './console.ts';
-import { collect, nonNegativeInt, positiveInt, positiveNumber } from './options.ts';
+import { collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
 
 const keyWarnings = { warn: (message: string) => process.stderr.write(`edge-mesh: warning: ${message}\n`) };
 const print = (text: string): void => {
@@ -154,6 +154,7 @@ interface DeployFlags extends RouterFlags {
   canaryShare: number;
   minRequests: number;
   maxP95Ratio: number;
+  minP95DeltaMs: number;
   maxErrorDelta: number;
   maxCanaryS?: number;
   price?: number;
@@ -257,6 +258,7 @@ async function deploy(target: string, opts: DeployFlags, cmd: Command): Promise<
       minRequests: opts.minRequests,
       maxErrorRateDelta: opts.maxErrorDelta,
       maxP95LatencyRatio: opts.maxP95Ratio,
+      minP95DeltaMs: opts.minP95DeltaMs,
       ...(opts.maxCanaryS !== undefined ? { maxCanaryMs: Math.round(opts.maxCanaryS * 1000) } : {}),
     },
     ...(opts.url.length > 0 ? { urls: opts.url } : {}),
@@ -339,6 +341,12 @@ export function registerDeployCommands(program: Command): void {
       .option('--canary-share <s>', "share of the router's forwarded requests sent to the new version during the canary", share, 0.1)
       .option('--min-requests <n>', 'answers each version needs before the router decides', positiveInt, 100)
       .option('--max-p95-ratio <x>', "roll back when the new version's p95 latency exceeds this many times the old one's", ratio, 1.5)
+      .option(
+        '--min-p95-delta-ms <ms>',
+        "a latency rollback also needs the new p95 this many ms above the old one's (noise in a small sample is not a regression)",
+        nonNegativeNumber,
+        5,
+      )
       .option(
         '--max-error-delta <d>',
         "roll back when the new version's error rate exceeds the old one's by more than this (0.01 = 1 point)",

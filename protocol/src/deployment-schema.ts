@@ -25,6 +25,11 @@ export const RolloutPlanSchema = Type.Object(
     maxErrorRateDelta: Type.Number({ minimum: 0, maximum: 1 }),
     /** Roll back when the new version's p95 latency exceeds the old one's by more than this factor. */
     maxP95LatencyRatio: Type.Number({ minimum: 1, maximum: 1000 }),
+    /**
+     * A latency rollback also needs the new p95 to exceed the old one by more than this many ms (absent: 0). With
+     * millisecond latencies and a sample of a few dozen, one scheduling hiccup moves a p95 by more than any ratio.
+     */
+    minP95DeltaMs: Type.Optional(Type.Number({ minimum: 0, maximum: 600_000 })),
     /** Roll back when no decision could be reached this long after the canary started, ms. */
     maxCanaryMs: Type.Optional(Type.Integer({ minimum: 1_000, maximum: 7 * 86_400_000 })),
   },

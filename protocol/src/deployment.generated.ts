@@ -84,6 +84,13 @@ export const RolloutPlanSchema = {
       "maximum": 1000,
       "type": "number",
     },
+    "minP95DeltaMs": {
+      [KIND]: "Number",
+      [OPTIONAL]: "Optional",
+      "minimum": 0,
+      "maximum": 600000,
+      "type": "number",
+    },
     "maxCanaryMs": {
       [KIND]: "Integer",
       [OPTIONAL]: "Optional",
@@ -110,8 +117,9 @@ return function check(value: any): boolean {
     Number.isFinite(value['maxP95LatencyRatio']) &&
     value['maxP95LatencyRatio'] <= 1000 &&
     value['maxP95LatencyRatio'] >= 1 &&
+    (value['minP95DeltaMs'] !== undefined ? (Number.isFinite(value['minP95DeltaMs']) && value['minP95DeltaMs'] <= 600000 && value['minP95DeltaMs'] >= 0) : true) &&
     (value['maxCanaryMs'] !== undefined ? (Number.isInteger(value['maxCanaryMs']) && value['maxCanaryMs'] <= 604800000 && value['maxCanaryMs'] >= 1000) : true) &&
-    Object.getOwnPropertyNames(value).every(key => ['canaryShare', 'minRequests', 'maxErrorRateDelta', 'maxP95LatencyRatio', 'maxCanaryMs'].includes(key))
+    Object.getOwnPropertyNames(value).every(key => ['canaryShare', 'minRequests', 'maxErrorRateDelta', 'maxP95LatencyRatio', 'minP95DeltaMs', 'maxCanaryMs'].includes(key))
   )
 }
 })());
@@ -308,8 +316,9 @@ return function check(value: any): boolean {
     Number.isFinite(value['plan']['maxP95LatencyRatio']) &&
     value['plan']['maxP95LatencyRatio'] <= 1000 &&
     value['plan']['maxP95LatencyRatio'] >= 1 &&
+    (value['plan']['minP95DeltaMs'] !== undefined ? (Number.isFinite(value['plan']['minP95DeltaMs']) && value['plan']['minP95DeltaMs'] <= 600000 && value['plan']['minP95DeltaMs'] >= 0) : true) &&
     (value['plan']['maxCanaryMs'] !== undefined ? (Number.isInteger(value['plan']['maxCanaryMs']) && value['plan']['maxCanaryMs'] <= 604800000 && value['plan']['maxCanaryMs'] >= 1000) : true) &&
-    Object.getOwnPropertyNames(value['plan']).every(key => ['canaryShare', 'minRequests', 'maxErrorRateDelta', 'maxP95LatencyRatio', 'maxCanaryMs'].includes(key)) &&
+    Object.getOwnPropertyNames(value['plan']).every(key => ['canaryShare', 'minRequests', 'maxErrorRateDelta', 'maxP95LatencyRatio', 'minP95DeltaMs', 'maxCanaryMs'].includes(key)) &&
     (value['urls'] !== undefined ? (Array.isArray(value['urls']) && value['urls'].length <= 8 && ((array) => { for(const value of array) if(!(((typeof value === 'string') && value.length <= 1024))) { return false }; return true; })(value['urls'])) : true) &&
     (value['notes'] !== undefined ? ((typeof value['notes'] === 'string') && value['notes'].length <= 1024) : true) &&
     Object.getOwnPropertyNames(value).every(key => ['v', 'kind', 'operator', 'seq', 'issuedAt', 'group', 'model', 'version', 'sha256', 'size', 'priceMicros', 'phase', 'previous', 'plan', 'urls', 'notes'].includes(key))

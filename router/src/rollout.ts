@@ -80,7 +80,7 @@ function percentile(values: number[], q: number): number {
 /**
  * The canary analysis, pure: roll back as soon as the new version has its sample and is worse than the plan allows
  * (error rate above the old one's by more than `maxErrorRateDelta`, or p95 latency above `maxP95LatencyRatio` × the
- * old one's), promote when both versions have their sample and it holds, roll back when `maxCanaryMs` passed without
+ * old one's and more than `minP95DeltaMs` above it), promote when both versions have their sample and it holds, roll back when `maxCanaryMs` passed without
  * a sample.
  */
 export function judgeCanary(plan: RolloutPlan, previous: VersionWindow, next: VersionWindow, elapsedMs: number): Verdict {
@@ -93,8 +93,12 @@ export function judgeCanary(plan: RolloutPlan, previous: VersionWindow, next: Ve
         reason: `error rate ${fmt(n.errorRate)} against ${fmt(o.errorRate)} (allowed +${plan.maxErrorRateDelta})`,
       };
     // Without an old sample there is nothing to compare latency with yet.
-    if (o.requests >= plan.minRequests && n.p95Ms > plan.maxP95LatencyRatio * Math.max(o.p95Ms, 0.001))
-      return { decision: 'rollback', reason: `p95 ${fmt(n.p95Ms)} ms against ${fmt(o.p95Ms)} ms (allowed ×${plan.maxP95LatencyRatio})` };
+    const slackMs = plan.minP95DeltaMs ?? 0;
+    if (o.requests >= plan.minRequests && n.p95Ms > plan.maxP95LatencyRatio * Math.max(o.p95Ms, 0.001) && n.p95Ms - o.p95Ms > slackMs)
+      return {
+        decision: 'rollback',
+        reason: `p95 ${fmt(n.p95Ms)} ms against ${fmt(o.p95Ms)} ms (allowed ×${plan.maxP95LatencyRatio}${slackMs > 0 ? ` or +${fmt(slackMs)} ms` : ''})`,
+      };
     if (o.requests >= plan.minRequests)
       return {
         decision: 'promote',
