@@ -217,8 +217,10 @@ test('edge-mesh deploy from a Triton repository, rollout status, rollback, promo
     sha256: string;
     seq: number;
     previous: { version: string; sha256: string };
+    plan: { minP95DeltaMs?: number };
   };
   assert.equal(out.version, '2');
+  assert.equal(out.plan.minP95DeltaMs, 5, 'a latency rollback needs 5 ms of slack by default');
   assert.equal(out.layout, 'triton');
   assert.equal(out.sha256, sha(v2));
   assert.deepEqual(out.previous, { version: '1', sha256: sha(v1) });
@@ -290,9 +292,10 @@ test('edge-mesh deploy from a Triton repository, rollout status, rollback, promo
   const renamed = await tritonRepo(path.join(dir, 'renamed'), 'scale', CONFIG('scale', 'default_model_filename: "scale.onnx"'), {
     '3': { file: 'scale.onnx', bytes: v3 },
   });
-  const third = await edgeMesh(['deploy', path.join(renamed, 'scale'), ...common, ...plan]);
+  const third = await edgeMesh(['deploy', path.join(renamed, 'scale'), ...common, ...plan, '--min-p95-delta-ms', '0']);
   assert.equal(third.code, 0, third.stderr);
-  const thirdOut = JSON.parse(third.stdout) as { version: string; previous: { version: string }; seq: number };
+  const thirdOut = JSON.parse(third.stdout) as { version: string; previous: { version: string }; seq: number; plan: object };
+  assert.ok(!('minP95DeltaMs' in thirdOut.plan), 'at 0 the field is left out, for agents that predate it');
   assert.equal(thirdOut.version, '3');
   assert.equal(thirdOut.previous.version, '1', 'after a rollback the previous version is the one still served');
   assert.ok(thirdOut.seq > out.seq);

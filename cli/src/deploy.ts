@@ -258,7 +258,8 @@ async function deploy(target: string, opts: DeployFlags, cmd: Command): Promise<
       minRequests: opts.minRequests,
       maxErrorRateDelta: opts.maxErrorDelta,
       maxP95LatencyRatio: opts.maxP95Ratio,
-      minP95DeltaMs: opts.minP95DeltaMs,
+      // Left out at 0: agents and routers from before the field refuse a plan that has it.
+      ...(opts.minP95DeltaMs > 0 ? { minP95DeltaMs: opts.minP95DeltaMs } : {}),
       ...(opts.maxCanaryS !== undefined ? { maxCanaryMs: Math.round(opts.maxCanaryS * 1000) } : {}),
     },
     ...(opts.url.length > 0 ? { urls: opts.url } : {}),
