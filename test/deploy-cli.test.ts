@@ -220,7 +220,7 @@ test('edge-mesh deploy from a Triton repository, rollout status, rollback, promo
     plan: { minP95DeltaMs?: number };
   };
   assert.equal(out.version, '2');
-  assert.equal(out.plan.minP95DeltaMs, 5, 'a latency rollback needs 5 ms of slack by default');
+  assert.ok(!('minP95DeltaMs' in out.plan), 'by default the field is left out, for agents that predate it');
   assert.equal(out.layout, 'triton');
   assert.equal(out.sha256, sha(v2));
   assert.deepEqual(out.previous, { version: '1', sha256: sha(v1) });
@@ -292,10 +292,16 @@ test('edge-mesh deploy from a Triton repository, rollout status, rollback, promo
   const renamed = await tritonRepo(path.join(dir, 'renamed'), 'scale', CONFIG('scale', 'default_model_filename: "scale.onnx"'), {
     '3': { file: 'scale.onnx', bytes: v3 },
   });
-  const third = await edgeMesh(['deploy', path.join(renamed, 'scale'), ...common, ...plan, '--min-p95-delta-ms', '0']);
+  const third = await edgeMesh(['deploy', path.join(renamed, 'scale'), ...common, ...plan, '--min-p95-delta-ms', '5']);
   assert.equal(third.code, 0, third.stderr);
   const thirdOut = JSON.parse(third.stdout) as { version: string; previous: { version: string }; seq: number; plan: object };
-  assert.ok(!('minP95DeltaMs' in thirdOut.plan), 'at 0 the field is left out, for agents that predate it');
+  assert.deepEqual(thirdOut.plan, {
+    canaryShare: 0.5,
+    minRequests: 100000,
+    maxErrorRateDelta: 0.01,
+    maxP95LatencyRatio: 1.5,
+    minP95DeltaMs: 5,
+  });
   assert.equal(thirdOut.version, '3');
   assert.equal(thirdOut.previous.version, '1', 'after a rollback the previous version is the one still served');
   assert.ok(thirdOut.seq > out.seq);

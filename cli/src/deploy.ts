@@ -344,9 +344,9 @@ export function registerDeployCommands(program: Command): void {
       .option('--max-p95-ratio <x>', "roll back when the new version's p95 latency exceeds this many times the old one's", ratio, 1.5)
       .option(
         '--min-p95-delta-ms <ms>',
-        "a latency rollback also needs the new p95 this many ms above the old one's (noise in a small sample is not a regression)",
+        "a latency rollback also needs the new p95 this many ms above the old one's (0: left out of the plan; agents and routers before this field refuse a plan that has it)",
         nonNegativeNumber,
-        5,
+        0,
       )
       .option(
         '--max-error-delta <d>',
