@@ -71,4 +71,46 @@ describe('paid admission', () => {
     const now = payments.admitNow(payer, 'app-b', 'kws', inputHash);
     assert.ok(now, 'app-b is, its lane open and read');
   });
+
+  test('a voucher that rides on a request the full window refuses is checked, and its refusal counted, once', async (t) => {
+    const identity = generateIdentity('agent');
+    const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
+    const payout = chain.accounts[1]!.toLowerCase();
+    const payerWallet = chain.wallet(3);
+    const payer = payerWallet.address.toLowerCase();
+    await fundOwnLane(payerWallet, deployment.escrow, payout, 1_000_000n);
+    const models = [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }];
+    const payments = await AgentPayments.open(
+      identity,
+      { payout, domain, dataDir: await tempDir(t), provider: chain.provider, creditRequests: 2 },
+      models,
+      quiet,
+    );
+    t.after(() => payments.close());
+    const terms = { agent: payout, client: 'app-a', issuedAt: Date.now() };
+    const grant = { ...terms, payer, sig: fromHex(await signLaneGrant(payerWallet, domain, terms)) };
+    const inputHash = new Uint8Array(32);
+    // The window holds two requests: both taken, the lane's funds read.
+    await payments.admit(payer, 'app-a', 'kws', inputHash, grant);
+    assert.ok(payments.admitNow(payer, 'app-a', 'kws', inputHash), 'the second is admitted at once');
+    // A voucher whose relayer fee is above the escrow's cap is refused before its signature is checked.
+    const voucher = {
+      v: 1,
+      kind: 'voucher',
+      payer,
+      agent: payout,
+      cumulative: 2,
+      receiptsRoot: new Uint8Array(32),
+      feeCumulative: 1,
+      sig: new Uint8Array(65),
+      seq: 0,
+    } as const;
+    // The request carries the lane's grant again, as the SDK's first requests after a restart do.
+    assert.equal(payments.admitNow(payer, 'app-a', 'kws', inputHash, grant, 1, voucher), undefined, 'the window is full');
+    await assert.rejects(
+      payments.admit(payer, 'app-a', 'kws', inputHash, grant, 1, voucher),
+      (err: unknown) => err instanceof MeshError && err.code === 'MESH_CREDIT_EXCEEDED',
+    );
+    assert.equal(payments.counters.vouchersRefused, 1);
+  });
 });

@@ -459,13 +459,16 @@ export class AgentPayments {
     if (grant && grant.issuedAt > lane.grant.issuedAt) return undefined;
     const funds = this.funds.view(payer);
     if (!funds || !this.funds.fresh()) return undefined;
-    // Before the reservation, as `admit` does it: should the window be full, `admit` shares this check.
-    if (voucher) void this.acceptVoucher(senderId, voucher).catch(() => false);
+    let job: PaidJob;
     try {
-      return this.reserve(payer, senderId, funds, price, inputHash, units);
+      job = this.reserve(payer, senderId, funds, price, inputHash, units);
     } catch {
+      // `admit` starts the voucher's check (once: a check started here as well would count a refusal twice).
       return undefined;
     }
+    // A check is asynchronous: started after the reservation, it could not have changed it.
+    if (voucher) void this.acceptVoucher(senderId, voucher).catch(() => false);
+    return job;
   }
 
   private async admitOnce(payer: string, senderId: string, price: ModelPrice, inputHash: Uint8Array, units: number): Promise<PaidJob> {
