@@ -49,7 +49,7 @@ let domain: EscrowDomain;
 let nextAccount = 1;
 
 before(async () => {
-  chain = await startLocalChain({ accounts: 56 });
+  chain = await startLocalChain({ accounts: 64 });
   deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   domain = { chainId: deployment.chainId, escrow: deployment.escrow };
 });
@@ -627,6 +627,68 @@ describe('voucher signing that fails', () => {
     // One request and then silence: the voucher for it comes all the same.
     await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the voucher signed again');
     assert.equal(refusals, -1, 'the first signature was refused');
+    // The voucher that did go out covers the receipt the failed one was for: its root is that receipt's leaf.
+    assert.equal(toHex(agent.vouchers.at(-1)!.receiptsRoot), toHex(receiptLeaf(agent.issued.get(1)!)));
+  });
+
+  test('a signer that keeps refusing is asked again less and less often', async (t) => {
+    const broker = await brokerFor(t);
+    const agent = await answeringAgent(t, broker.url);
+    const wallet = account();
+    let refusals = 3;
+    const asked: number[] = [];
+    const signer = {
+      provider: wallet.provider,
+      getAddress: () => wallet.getAddress(),
+      signTypedData: (d: ethers.TypedDataDomain, types: Record<string, ethers.TypedDataField[]>, value: Record<string, unknown>) => {
+        if ('Voucher' in types) {
+          asked.push(performance.now());
+          if (refusals-- > 0) return Promise.reject(new Error('the user declined'));
+        }
+        return wallet.signTypedData(d, types, value);
+      },
+    };
+    const { mesh } = await payingMesh(t, broker.url, { signer });
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    await waitFor(() => lastVoucher(agent) === 2, 10_000, 'the voucher signed at last');
+    assert.equal(asked.length, 4, 'three refusals, then the signature');
+    // Waits of 500, 1,000 and 2,000 ms (a timer never fires early; 15 ms for the clocks' rounding).
+    const waits = asked.slice(1).map((at, i) => at - asked[i]!);
+    for (const [i, wait] of waits.entries())
+      assert.ok(wait >= 500 * 2 ** i - 15, `wait ${i + 1}: ${waits.map((w) => w.toFixed(0)).join(', ')} ms`);
+  });
+});
+
+describe('a broken lane at close', () => {
+  test('a lane broken after receipts it owes (its voucher still waiting) is paid what it owed before the break when the app closes', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    const agent = await scriptedAgent(
+      t,
+      broker.url,
+      payoutWallet.address.toLowerCase(),
+      (a, req, sender) => {
+        // The first receipt is honest; the second names another receipt before it: the chain is broken.
+        const fields = a.requests.length === 1 ? { requestId: req.id } : { requestId: req.id, prevReceipt: new Uint8Array(32).fill(7) };
+        a.answer(sender, req.id, a.receipt(req.pay!.payer, fields));
+      },
+      kwsPrice,
+      1_000_000,
+    );
+    await register(payoutWallet, agent.identity);
+    // A wide window and a long voucher wait: the first receipt's voucher is still waiting when the lane breaks.
+    const { mesh } = await payingMesh(t, broker.url, { voucherDelayMs: 20_000 });
+    await mesh.waitForModel('kws');
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    await waitFor(() => mesh.lanes()[0]?.broken !== undefined, 5_000, 'the lane broken');
+    assert.equal(agent.vouchers.length, 0, 'no voucher yet');
+    assert.equal(mesh.lanes()[0]!.owedMicros, 2, 'the honest receipt is owed');
+    await mesh.close();
+    await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the honest receipt paid at close');
+    assert.equal(agent.vouchers.length, 1, 'one voucher');
+    assert.equal(agent.resyncs, 0, 'a broken lane asks for no receipts: none of them would be paid');
   });
 });
 

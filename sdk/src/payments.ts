@@ -233,6 +233,8 @@ interface Lane {
   agentPaid: number;
   /** The lane's request ids in the store (see CLOSED_PREFIX). */
   closedStore: ClosedStore;
+  /** Voucher signatures that failed in a row: each retry waits twice as long as the one before (`startPump`). */
+  signFailures: number;
 }
 
 /** A receipt held out of the lane's chain for now: behind a gap, or before its reply. */
@@ -293,6 +295,8 @@ const RETRY_SPACING_MS = 500;
  * may come to ask again.
  */
 const RESYNC_RETRY_MS = 1_000;
+/** The longest wait before a voucher whose signature failed is signed again. */
+const MAX_SIGN_RETRY_MS = 60_000;
 const MAX_RESYNC_RETRIES = 5;
 /** How long closing waits for receipts missing before ones it holds (see `close`). */
 const CLOSE_GAP_WAIT_MS = 1_500;
@@ -478,6 +482,7 @@ export class PayerLanes {
       resyncTimer: undefined,
       resyncRetryTimer: undefined,
       resyncRetries: 0,
+      signFailures: 0,
       resyncSentAt: 0,
       voucherResentAt: 0,
       broken: undefined,
@@ -957,6 +962,8 @@ export class PayerLanes {
    * a lane info or a batch, so an agent that does not fill the gap cannot keep a lane asking for ever.
    */
   private resync(lane: Lane, defer = false): void {
+    // Nothing after a break is linked or paid: the receipts would be dropped as they came.
+    if (lane.broken) return;
     const now = Date.now();
     if (now - lane.resyncSentAt < RETRY_SPACING_MS) {
       if (defer && !lane.resyncTimer && !this.closing) {
@@ -996,10 +1003,16 @@ export class PayerLanes {
     lane.timer = undefined;
     if (lane.signing || (lane.verifier.state.payable ?? 0) <= lane.paid) return;
     const run = this.pump(lane).catch((err: unknown) => {
-      this.logger.error({ agentId: lane.agentId, err: (err as Error).message }, 'voucher not signed');
-      // Tried again later, whether or not another receipt comes to prompt it.
-      if (!this.closing && !lane.broken && (lane.verifier.state.payable ?? 0) > lane.paid)
-        lane.timer ??= setTimeout(() => this.startPump(lane), Math.max(this.voucherDelayMs, RETRY_SPACING_MS));
+      lane.signFailures++;
+      this.logger.error({ agentId: lane.agentId, err: (err as Error).message, failures: lane.signFailures }, 'voucher not signed');
+      // Tried again later, whether or not another receipt comes to prompt it: each time twice as late (a signer
+      // that keeps refusing, a user declining a wallet prompt, is not asked every half second), and without
+      // keeping the process alive for it.
+      if (!this.closing && !lane.broken && (lane.verifier.state.payable ?? 0) > lane.paid && !lane.timer) {
+        const delay = Math.min(MAX_SIGN_RETRY_MS, Math.max(this.voucherDelayMs, RETRY_SPACING_MS) * 2 ** (lane.signFailures - 1));
+        lane.timer = setTimeout(() => this.startPump(lane), delay);
+        lane.timer.unref?.();
+      }
     });
     this.pumping.add(run);
     void run.finally(() => this.pumping.delete(run));
@@ -1019,7 +1032,8 @@ export class PayerLanes {
     for (;;) {
       let paidBefore = 0;
       for (const [lane, target] of owed) {
-        if (lane.paid >= target || lane.broken) owed.delete(lane);
+        // A broken lane is paid what it owed before the break, as its voucher timer would have paid it.
+        if (lane.paid >= target) owed.delete(lane);
         else {
           paidBefore += lane.paid;
           this.startPump(lane);
@@ -1112,6 +1126,11 @@ export class PayerLanes {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
     await this.flush();
+    // Nothing runs after the store is closed: a voucher wait left by a lane the flush did not owe.
+    for (const lane of this.lanes.values()) {
+      clearTimeout(lane.timer);
+      lane.timer = undefined;
+    }
     // Receipts still held behind a gap are stored with what this client knew of their requests: the lanes
     // opened next link them, as this instance would have, when the agent sends the missing ones again.
     for (const lane of this.lanes.values()) if (lane.ahead.size > 0 && !lane.broken) await this.save(lane, []);
@@ -1138,14 +1157,22 @@ export class PayerLanes {
         lane.pendingLeaves = [];
         const receiptsRoot = merkleRoot(leaves);
         const feeCumulative = voucherFee(cumulative, this.feePpm, lane.fee);
-        // Stored before signing: a restart never signs for receipts it could not check again.
-        await this.save(lane, leaves);
-        const sig = await signVoucher(this.options.signer, this.options.domain, {
-          agent: lane.quote.payout,
-          cumulative: BigInt(cumulative),
-          receiptsRoot: toHex(receiptsRoot),
-          feeCumulative: BigInt(feeCumulative),
-        });
+        let sig: string;
+        try {
+          // Stored before signing: a restart never signs for receipts it could not check again.
+          await this.save(lane, leaves);
+          sig = await signVoucher(this.options.signer, this.options.domain, {
+            agent: lane.quote.payout,
+            cumulative: BigInt(cumulative),
+            receiptsRoot: toHex(receiptsRoot),
+            feeCumulative: BigInt(feeCumulative),
+          });
+        } catch (err) {
+          // The next voucher covers these receipts: its root is over their leaves too.
+          lane.pendingLeaves = leaves.concat(lane.pendingLeaves);
+          throw err;
+        }
+        lane.signFailures = 0;
         const message: VoucherMessage = {
           v: PROTOCOL_VERSION,
           kind: 'voucher',
