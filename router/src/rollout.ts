@@ -80,8 +80,8 @@ function percentile(values: number[], q: number): number {
 /**
  * The canary analysis, pure: roll back as soon as the new version has its sample and is worse than the plan allows
  * (error rate above the old one's by more than `maxErrorRateDelta`, or p95 latency above `maxP95LatencyRatio` × the
- * old one's and more than `minP95DeltaMs` above it), promote when both versions have their sample and it holds, roll back when `maxCanaryMs` passed without
- * a sample.
+ * old one's and more than `minP95DeltaMs` above it), promote when both versions have their sample and it holds, roll
+ * back when `maxCanaryMs` passed without a sample.
  */
 export function judgeCanary(plan: RolloutPlan, previous: VersionWindow, next: VersionWindow, elapsedMs: number): Verdict {
   const o = summarize(previous);

@@ -334,8 +334,6 @@ export class PayerLanes {
    * freed; those agents' vouchers are due at once (`voucherDue`).
    */
   private roomWaiters = new Map<() => void, readonly string[]>();
-  /** How many room waiters name each agent: `voucherDue` asks per receipt, so it is counted, not searched. */
-  private waitingOn = new Map<string, number>();
   /** Closing: replies no longer reach the app, so receipts awaiting theirs link as they stand. */
   private closing = false;
   counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0, lateRepaid: 0 };
@@ -623,20 +621,13 @@ export class PayerLanes {
       if (lane) this.startPump(lane);
     }
     return new Promise((resolve) => {
-      const ids = [...new Set(agentIds)];
       const wake = () => {
         clearTimeout(timer);
-        if (!this.roomWaiters.delete(wake)) return;
-        for (const id of ids) {
-          const n = (this.waitingOn.get(id) ?? 0) - 1;
-          if (n > 0) this.waitingOn.set(id, n);
-          else this.waitingOn.delete(id);
-        }
+        this.roomWaiters.delete(wake);
         resolve();
       };
       const timer = setTimeout(wake, Math.max(0, timeoutMs));
-      this.roomWaiters.set(wake, ids);
-      for (const id of ids) this.waitingOn.set(id, (this.waitingOn.get(id) ?? 0) + 1);
+      this.roomWaiters.set(wake, agentIds);
     });
   }
 
@@ -945,7 +936,7 @@ export class PayerLanes {
   private voucherDue(lane: Lane): boolean {
     const credit = lane.quote.creditMicros;
     if (credit === undefined) return true;
-    if (this.waitingOn.has(lane.agentId)) return true;
+    for (const agents of this.roomWaiters.values()) if (agents.includes(lane.agentId)) return true;
     const unpaid = (lane.verifier.state.payable ?? 0) - lane.paid;
     const dearest = Math.max(0, ...lane.quote.models.map((m) => maxRequestMicros(m)));
     return 2 * unpaid >= credit || this.billedOf(lane) - lane.paid + lane.heldMicros + dearest > credit;
