@@ -21,12 +21,12 @@ describe('paid admission', () => {
   });
   after(() => chain?.close());
 
-  test("a grant that moves the lane to another client while a request of the first waits for the lane's funds: that request is refused", async (t) => {
+  /** A new agent key and the lane of chain account `payerIndex` to payout account 1, funded; grants signed on demand. */
+  async function fundedLane(payerIndex: number) {
     const identity = generateIdentity('agent');
-    const dataDir = await tempDir(t);
     const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
     const payout = chain.accounts[1]!.toLowerCase();
-    const payerWallet = chain.wallet(2);
+    const payerWallet = chain.wallet(payerIndex);
     const payer = payerWallet.address.toLowerCase();
     await fundOwnLane(payerWallet, deployment.escrow, payout, 1_000_000n);
     const models = [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }];
@@ -34,6 +34,12 @@ describe('paid admission', () => {
       const terms = { agent: payout, client, issuedAt };
       return { ...terms, payer, sig: fromHex(await signLaneGrant(payerWallet, domain, terms)) };
     };
+    return { identity, domain, payout, payer, models, grantFor };
+  }
+
+  test("a grant that moves the lane to another client while a request of the first waits for the lane's funds: that request is refused", async (t) => {
+    const { identity, domain, payout, payer, models, grantFor } = await fundedLane(2);
+    const dataDir = await tempDir(t);
     const inputHash = new Uint8Array(32);
 
     // A first run opens the lane for app-a; the restarted agent knows the grant but has not read the lane's funds.
@@ -73,13 +79,7 @@ describe('paid admission', () => {
   });
 
   test('a voucher that rides on a request the full window refuses is checked, and its refusal counted, once', async (t) => {
-    const identity = generateIdentity('agent');
-    const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
-    const payout = chain.accounts[1]!.toLowerCase();
-    const payerWallet = chain.wallet(3);
-    const payer = payerWallet.address.toLowerCase();
-    await fundOwnLane(payerWallet, deployment.escrow, payout, 1_000_000n);
-    const models = [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }];
+    const { identity, domain, payout, payer, models, grantFor } = await fundedLane(3);
     const payments = await AgentPayments.open(
       identity,
       { payout, domain, dataDir: await tempDir(t), provider: chain.provider, creditRequests: 2 },
@@ -87,8 +87,7 @@ describe('paid admission', () => {
       quiet,
     );
     t.after(() => payments.close());
-    const terms = { agent: payout, client: 'app-a', issuedAt: Date.now() };
-    const grant = { ...terms, payer, sig: fromHex(await signLaneGrant(payerWallet, domain, terms)) };
+    const grant = await grantFor('app-a', Date.now());
     const inputHash = new Uint8Array(32);
     // The window holds two requests: both taken, the lane's funds read.
     await payments.admit(payer, 'app-a', 'kws', inputHash, grant);

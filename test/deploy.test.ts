@@ -110,19 +110,18 @@ test('the canary analysis: a latency rollback needs both the ratio and the slack
   // Two hiccups in 40 answers set the p95 (the 39th of 40): 4x the old p95 but only 9 ms above it.
   const hiccups = window(Array.from({ length: 40 }, (_, i) => (i < 2 ? 12 : 2)));
   const slow = window(Array.from({ length: 40 }, () => 60));
-  const plan = { ...PLAN, minP95DeltaMs: 20 };
-  assert.equal(judgeCanary(plan, fast, hiccups, 1000).decision, 'promote');
-  assert.equal(judgeCanary({ ...plan, minP95DeltaMs: undefined }, fast, hiccups, 1000).decision, 'rollback');
-  assert.equal(judgeCanary({ ...plan, minP95DeltaMs: 5 }, fast, hiccups, 1000).decision, 'rollback');
-  const verdict = judgeCanary(plan, fast, slow, 1000);
+  assert.equal(judgeCanary(PLAN, fast, hiccups, 1000).decision, 'promote');
+  assert.equal(judgeCanary({ ...PLAN, minP95DeltaMs: undefined }, fast, hiccups, 1000).decision, 'rollback');
+  assert.equal(judgeCanary({ ...PLAN, minP95DeltaMs: 5 }, fast, hiccups, 1000).decision, 'rollback');
+  const verdict = judgeCanary(PLAN, fast, slow, 1000);
   assert.deepEqual(verdict, { decision: 'rollback', reason: 'p95 60 ms against 2.8 ms (allowed ×3 or +20 ms)' });
   // Far above the slack but within the ratio: held.
   const slowOld = window(Array.from({ length: 40 }, () => 50));
-  assert.equal(judgeCanary(plan, slowOld, window(Array.from({ length: 40 }, () => 120)), 1000).decision, 'promote');
+  assert.equal(judgeCanary(PLAN, slowOld, window(Array.from({ length: 40 }, () => 120)), 1000).decision, 'promote');
   // Errors do not wait for latency, and too few answers hold until the deadline.
   assert.match(
     judgeCanary(
-      plan,
+      PLAN,
       fast,
       window(
         Array.from({ length: 37 }, () => 2),
@@ -133,8 +132,8 @@ test('the canary analysis: a latency rollback needs both the ratio and the slack
     /^error rate 0.075/,
   );
   const few = window([2, 2]);
-  assert.equal(judgeCanary(plan, fast, few, 1000).decision, 'hold');
-  assert.equal(judgeCanary({ ...plan, maxCanaryMs: 5000 }, fast, few, 6000).decision, 'rollback');
+  assert.equal(judgeCanary(PLAN, fast, few, 1000).decision, 'hold');
+  assert.equal(judgeCanary({ ...PLAN, maxCanaryMs: 5000 }, fast, few, 6000).decision, 'rollback');
 });
 
 test('a signed rollout under steady load: canary then promotion, then a slow version rolled back by itself; no request fails', async (t) => {

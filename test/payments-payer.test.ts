@@ -606,27 +606,39 @@ describe('voucher cadence', () => {
   });
 });
 
+/**
+ * The payer's key that signs grants but refuses its first `refusals` vouchers (a busy hardware signer, a user
+ * declining a prompt); `asked` gets the time of each voucher signature asked for.
+ */
+function refusingSigner(refusals: number) {
+  const asked: number[] = [];
+  const wallet = account();
+  const signer = {
+    provider: wallet.provider,
+    getAddress: () => wallet.getAddress(),
+    signTypedData: (d: ethers.TypedDataDomain, types: Record<string, ethers.TypedDataField[]>, value: Record<string, unknown>) => {
+      if ('Voucher' in types) {
+        asked.push(performance.now());
+        if (asked.length <= refusals) return Promise.reject(new Error('the signer refused'));
+      }
+      return wallet.signTypedData(d, types, value);
+    },
+  };
+  return { signer, asked };
+}
+
 describe('voucher signing that fails', () => {
   test('a voucher whose signature failed is signed again later, with no new receipt to prompt it', async (t) => {
     const broker = await brokerFor(t);
     const agent = await answeringAgent(t, broker.url);
-    // The payer's key signs grants, but refuses its first voucher (a hardware signer that was busy, say).
-    const wallet = account();
-    let refusals = 1;
-    const signer = {
-      provider: wallet.provider,
-      getAddress: () => wallet.getAddress(),
-      signTypedData: (d: ethers.TypedDataDomain, types: Record<string, ethers.TypedDataField[]>, value: Record<string, unknown>) => {
-        if ('Voucher' in types && refusals-- > 0) return Promise.reject(new Error('the signer is busy'));
-        return wallet.signTypedData(d, types, value);
-      },
-    };
+    // The payer's key signs grants, but refuses its first voucher.
+    const { signer, asked } = refusingSigner(1);
     const { mesh } = await payingMesh(t, broker.url, { signer });
     await mesh.waitForModel('kws');
     await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
     // One request and then silence: the voucher for it comes all the same.
     await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the voucher signed again');
-    assert.equal(refusals, -1, 'the first signature was refused');
+    assert.equal(asked.length, 2, 'the first signature was refused');
     // The voucher that did go out covers the receipt the failed one was for: its root is that receipt's leaf.
     assert.equal(toHex(agent.vouchers.at(-1)!.receiptsRoot), toHex(receiptLeaf(agent.issued.get(1)!)));
   });
@@ -634,20 +646,7 @@ describe('voucher signing that fails', () => {
   test('a signer that keeps refusing is asked again less and less often', async (t) => {
     const broker = await brokerFor(t);
     const agent = await answeringAgent(t, broker.url);
-    const wallet = account();
-    let refusals = 3;
-    const asked: number[] = [];
-    const signer = {
-      provider: wallet.provider,
-      getAddress: () => wallet.getAddress(),
-      signTypedData: (d: ethers.TypedDataDomain, types: Record<string, ethers.TypedDataField[]>, value: Record<string, unknown>) => {
-        if ('Voucher' in types) {
-          asked.push(performance.now());
-          if (refusals-- > 0) return Promise.reject(new Error('the user declined'));
-        }
-        return wallet.signTypedData(d, types, value);
-      },
-    };
+    const { signer, asked } = refusingSigner(3);
     const { mesh } = await payingMesh(t, broker.url, { signer });
     await mesh.waitForModel('kws');
     await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
