@@ -4,8 +4,10 @@
  * test; the fuzz runs push 100,000+ random and mutated frames through each parser.
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import dgram from 'node:dgram';
+import { once } from 'node:events';
 import { describe, type TestContext, test } from 'node:test';
 import { mulberry32 } from '@edge-mesh/client';
 import {
@@ -29,6 +31,7 @@ import {
   K,
   listenUdp,
   MAX_PACKET_BYTES,
+  MAX_RESENDS,
   MESH_TO_WIRE,
   meshErrorOfWire,
   openFrame,
@@ -42,7 +45,7 @@ import {
 } from '@edge-mesh/firmware-bridge';
 import { MeshError, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
 import golden from '../firmware-bridge/vectors/golden.json' with { type: 'json' };
-import { tempDir, waitFor } from './helpers.ts';
+import { ROOT, tempDir, waitFor } from './helpers.ts';
 
 /** A mesh that sums its input: deterministic, instant, and it counts the calls. */
 function fakeMesh(): BridgeMesh & { calls: number; delayMs: number; published: { topic: string; retain: boolean }[] } {
@@ -337,6 +340,62 @@ describe('bridge: requests', () => {
     assert.equal(r.bridge.stats.retransmits, 1);
   });
 
+  test('a cached reply goes only to the address its request came from, and at most MAX_RESENDS times', async (t) => {
+    const r = await rig(t);
+    // A POLL is 28 bytes; its reply can carry a full packet of downlink: sent to any source that replays the
+    // captured frame, it would make the bridge a reflector, hundreds of times bigger than what it is sent.
+    r.bridge.queueDownlink(r.record.deviceId, Buffer.alloc(4_000, 7));
+    const poll = r.device.frame(FrameType.POLL, new Map());
+    const to = { device: [] as Buffer[], victim: [] as Buffer[] };
+    await r.bridge.handlePacket(poll, (p) => to.device.push(p), '10.0.0.5:5683');
+    assert.equal(to.device.length, 1);
+    assert.ok(to.device[0]!.byteLength > 4_000);
+    for (let i = 0; i < 50; i++) await r.bridge.handlePacket(poll, (p) => to.victim.push(p), '192.0.2.9:53');
+    assert.equal(to.victim.length, 0, 'nothing to the forged source');
+    assert.equal(r.bridge.stats.dropped['other-source'], 50);
+    for (let i = 0; i < MAX_RESENDS + 3; i++) await r.bridge.handlePacket(poll, (p) => to.device.push(p), '10.0.0.5:5683');
+    assert.equal(to.device.length, 1 + MAX_RESENDS, 'the device own retransmits are answered, up to the limit');
+    assert.ok(to.device.every((p) => p.equals(to.device[0]!)));
+    assert.equal(r.bridge.stats.dropped['resend-limit'], 3);
+    assert.equal(r.bridge.stats.retransmits, MAX_RESENDS);
+    await assertStillServes(r);
+  });
+
+  test('a device that moves its mark on every frame shares synced writes: one at a time, not one per frame', async (t) => {
+    const r = await rig(t);
+    const saveMark = r.registry.saveMark.bind(r.registry);
+    let writes = 0;
+    let writing = 0;
+    let mostAtOnce = 0;
+    r.registry.saveMark = async (...args) => {
+      writes++;
+      mostAtOnce = Math.max(mostAtOnce, ++writing);
+      // A synced write to a Pi's SD card.
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      await saveMark(...args);
+      writing--;
+    };
+    // Each frame 65 past the last: past the floor written ahead of it, so none is covered by the mark on disk.
+    const frames = Array.from({ length: 200 }, () => {
+      r.device.seq += 64;
+      return r.device.frame(FrameType.POLL, new Map());
+    });
+    await Promise.all(frames.map((f) => r.feed(f)));
+    assert.equal(r.sent.length, 200, 'every frame served');
+    assert.equal(mostAtOnce, 1);
+    assert.ok(writes <= 3, `${writes} writes for 200 frames`);
+    const record = r.registry.get(r.record.deviceId)!;
+    assert.ok(record.seqFloor >= r.device.seq, `floor ${record.seqFloor} covers seq ${r.device.seq}`);
+  });
+
+  test('a frame is not served when its replay mark cannot be saved', async (t) => {
+    const r = await rig(t);
+    r.registry.saveMark = async () => {
+      throw new Error('disk full');
+    };
+    await assertDropped(r, r.device.frame(FrameType.INFER_REQ, inferBody()), 'store');
+  });
+
   test('a retransmit while the first copy is being served is dropped; the one reply answers both', async (t) => {
     const r = await rig(t);
     r.mesh.delayMs = 50;
@@ -501,6 +560,74 @@ describe('bridge: restarts, sleepy devices, downlinks', () => {
     });
     const reply = await rebooted.request(FrameType.INFER_REQ, inferBody());
     assert.equal(reply.type, FrameType.INFER_RESP);
+  });
+
+  test('kill -9 right after a reply: the restarted bridge has the mark and refuses the captured frame', async (t) => {
+    // Otherwise a replay after the crash runs the request again and seals a second, different reply under the
+    // nonce of the first (ChaCha20-Poly1305 with a reused nonce leaks both plaintexts' XOR).
+    const dir = await tempDir(t, 'edge-mesh-reg-');
+    const registry = await DeviceRegistry.open(dir);
+    const record = await registry.provision({ name: 'unit' });
+    await registry.close();
+    const device = new SimDevice({ deviceId: record.deviceId, key: Buffer.from(record.key, 'hex'), epoch: 1, send: () => {} });
+    for (const [type, body] of [
+      [FrameType.HELLO, cborMap([[1, 'sim']])],
+      [FrameType.INFER_REQ, inferBody()],
+    ] as const) {
+      // Each in an epoch of its own: the floor written ahead for the first covers the next few seqs.
+      device.epoch++;
+      device.seq = 0;
+      const captured = device.frame(type, body);
+      const child = spawn(
+        process.execPath,
+        [
+          '--conditions=@edge-mesh/source',
+          '--import',
+          'tsx',
+          '--input-type=module',
+          '--eval',
+          `
+import { Bridge, DeviceRegistry } from '@edge-mesh/firmware-bridge';
+const [dir, hex] = process.argv.slice(-2);
+const registry = await DeviceRegistry.open(dir);
+const model = { name: 'sum', version: '1', sha256: '0'.repeat(64), priceMicros: 1, latencyMs: 0.1, inputs: [{ name: 'x', dtype: 'float32', shape: [1, 8] }], outputs: [] };
+const mesh = {
+  clientId: 'bridge-aaaaaaaaaaaaaaaaaaaaaaaaaa',
+  models: () => [model],
+  infer: async () => ({ requestId: '00'.repeat(16), agentId: 'agent-fake', outputs: { y: { dtype: 'float32', shape: [1, 1], data: new Float32Array([1]) } }, timings: { totalMs: 0 } }),
+  publish: async () => {},
+};
+const bridge = new Bridge({ mesh, registry, models: ['sum'] });
+void bridge.handlePacket(Buffer.from(hex, 'hex'), () => {
+  process.stdout.write('replied\\n');
+  process.kill(process.pid, 'SIGKILL');
+});
+`,
+          dir,
+          captured.toString('hex'),
+        ],
+        { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+      );
+      let out = '';
+      let err = '';
+      child.stdout.on('data', (d) => (out += d));
+      child.stderr.on('data', (d) => (err += d));
+      const [, signal] = (await once(child, 'exit')) as [number | null, string | null];
+      assert.equal(signal, 'SIGKILL', `the child was killed after replying (its stderr: ${err})`);
+      assert.equal(out, 'replied\n', `the bridge answered the ${type === FrameType.HELLO ? 'HELLO' : 'INFER_REQ'} before it was killed`);
+      const reopened = await DeviceRegistry.open(dir);
+      const mark = reopened.get(record.deviceId)!;
+      assert.equal(mark.epoch, device.epoch);
+      assert.ok(mark.seqFloor >= device.seq, `floor ${mark.seqFloor} covers seq ${device.seq}`);
+      const mesh = fakeMesh();
+      const bridge = new Bridge({ mesh, registry: reopened, models: ['sum'] });
+      const sent: Buffer[] = [];
+      await bridge.handlePacket(captured, (p) => sent.push(p));
+      assert.equal(sent.length, 0, 'no second reply under the same nonce');
+      assert.equal(mesh.calls, 0);
+      await bridge.close();
+      await reopened.close();
+    }
   });
 
   test('downlinks wait for the next poll, one per poll, and the count rides on every reply', async (t) => {

@@ -98,7 +98,10 @@ export type DropReason =
   | 'bad-seq'
   | 'auth'
   | 'replayed'
-  | 'in-progress';
+  | 'in-progress'
+  | 'other-source'
+  | 'resend-limit'
+  | 'store';
 
 export interface BridgeStats {
   packets: number;
@@ -118,7 +121,10 @@ interface Downlink {
 
 interface DeviceState {
   replay: ReplayWindow;
-  persistedFloor: number;
+  /** The replay mark on disk: after a crash, nothing of an older epoch, nor at or below `floor` in `epoch`, is served. */
+  durable: { epoch: number; floor: number };
+  /** The write of the device's mark under way, if any (one at a time: frames arriving meanwhile share the next). */
+  marking: Promise<void> | undefined;
   lastSeen: number;
   sleepPeriodS: number;
   keepaliveS: number;
@@ -131,6 +137,16 @@ interface DeviceState {
 }
 
 export type SendReply = (packet: Buffer) => void;
+
+/** The store refused a replay mark: the frame it was for is not served. */
+class MarkError extends MeshError {
+  constructor(message: string) {
+    super('MESH_INTERNAL', `replay mark not saved: ${message}`);
+  }
+}
+
+/** A cached reply is sent again at most this many times (a device tries three times; the rest is someone replaying). */
+export const MAX_RESENDS = 4;
 
 /**
  * A request the bridge itself refuses before or after the mesh ran it: a MeshError whose message is meant for the
@@ -211,6 +227,9 @@ export class Bridge extends EventEmitter {
       auth: 0,
       replayed: 0,
       'in-progress': 0,
+      'other-source': 0,
+      'resend-limit': 0,
+      store: 0,
     },
   };
   readonly id: string;
@@ -236,7 +255,8 @@ export class Bridge extends EventEmitter {
       const record = this.options.registry.get(deviceId)!;
       s = {
         replay: record.epoch > 0 || record.seqFloor > 0 ? new ReplayWindow(record.epoch, record.seqFloor) : new ReplayWindow(),
-        persistedFloor: record.seqFloor,
+        durable: { epoch: record.epoch, floor: record.seqFloor },
+        marking: undefined,
         lastSeen: 0,
         sleepPeriodS: 0,
         keepaliveS: this.options.defaultKeepaliveS ?? 30,
@@ -266,10 +286,11 @@ export class Bridge extends EventEmitter {
   }
 
   /**
-   * Handles one packet from a transport. `send` gets the reply packet, if any. Never throws; the
-   * returned promise settles when the packet has been fully served (tests and benchmarks await it).
+   * Handles one packet from a transport. `send` gets the reply packet, if any; `from` names where the packet
+   * came from (a UDP address and port) on transports that have addresses. Never throws; the returned promise
+   * settles when the packet has been fully served (tests and benchmarks await it).
    */
-  handlePacket(packet: Uint8Array, send: SendReply): Promise<void> {
+  handlePacket(packet: Uint8Array, send: SendReply, from?: string): Promise<void> {
     this.stats.packets++;
     if (this.closed) return Promise.resolve();
     if (packet.byteLength < HEADER_BYTES + TAG_BYTES || packet.byteLength > MAX_PACKET_BYTES) {
@@ -309,29 +330,80 @@ export class Bridge extends EventEmitter {
         this.drop('replayed', h);
       } else if (cached.reply === undefined) {
         this.drop('in-progress', h);
+      } else if (cached.from !== from) {
+        // The device's own retransmits come from where its first copy came from; a copy from elsewhere is a
+        // captured frame replayed from a forged source, and the cached reply (up to a full packet for a
+        // 28-byte POLL) would go to whoever that source names.
+        this.drop('other-source', h);
+      } else if (cached.resends >= MAX_RESENDS) {
+        this.drop('resend-limit', h);
       } else {
+        cached.resends++;
         this.stats.retransmits++;
         send(cached.reply);
       }
       return Promise.resolve();
     }
     // Fresh and authentic: record it before serving, so a copy arriving meanwhile is recognised.
-    const newEpoch = s.replay.accept(h.epoch, h.seq);
-    if (newEpoch || h.seq >= s.persistedFloor) {
-      s.persistedFloor = h.seq + SEQ_PERSIST_STEP;
-      void this.options.registry
-        .saveMark(h.deviceId, h.epoch, s.persistedFloor)
-        .catch((err: Error) => this.options.logger?.error({ err: err.message }, 'cannot persist a replay mark'));
-    }
-    s.replay.pending(h.epoch, h.seq, digest);
+    s.replay.accept(h.epoch, h.seq);
+    s.replay.pending(h.epoch, h.seq, digest, from);
     this.seen(h.deviceId, s);
-    // serve() answers every failure it knows with an ERROR frame; anything else is logged, never thrown.
-    const work = this.serve(h, s, key, plain, send).catch((err: Error) =>
-      this.options.logger?.error({ err: err.message, device: longIdOf(h.deviceId) }, 'bridge could not serve a frame'),
-    );
+    // Served only once the mark on disk covers the frame: a reply that left before a crash, for a frame the
+    // restarted bridge would take as new, would let a replay run it again and seal a second, different reply
+    // under the same nonce. serve() answers every failure it knows with an ERROR frame; anything else is
+    // logged, never thrown.
+    const covering = this.markCovering(h.deviceId, s, h.epoch, h.seq);
+    const serve = () => this.serve(h, s, key, plain, digest, send);
+    const work = (covering ? covering.then(serve) : serve()).catch((err: Error) => {
+      if (err instanceof MarkError) {
+        this.drop('store', h);
+        this.options.logger?.error({ err: err.message, device: longIdOf(h.deviceId) }, 'replay mark not saved: frame not served');
+      } else this.options.logger?.error({ err: err.message, device: longIdOf(h.deviceId) }, 'bridge could not serve a frame');
+    });
     this.inflight.add(work);
     void work.finally(() => this.inflight.delete(work));
     return work;
+  }
+
+  /**
+   * Undefined when the device's mark on disk already covers (epoch, seq); else a promise that settles once a
+   * write that covers it is done (rejecting with MarkError when the store refuses). One write per device at a
+   * time, of the window's latest mark: a device sending faster than the disk syncs shares writes, so no device
+   * can queue more than one synced write at a time in front of the others'. Within an epoch the floor is moved
+   * on ahead of use (half a step before it is reached), so a steady device seldom waits.
+   */
+  private markCovering(deviceId: number, s: DeviceState, epoch: number, seq: number): Promise<void> | undefined {
+    const covers = () => s.durable.epoch > epoch || (s.durable.epoch === epoch && seq <= s.durable.floor);
+    if (covers()) {
+      if (s.durable.epoch === epoch && seq > s.durable.floor - SEQ_PERSIST_STEP / 2 && !s.marking)
+        void this.writeMark(deviceId, s).catch((err: Error) =>
+          this.options.logger?.error({ err: err.message, device: longIdOf(deviceId) }, 'cannot persist a replay mark'),
+        );
+      return undefined;
+    }
+    const wait = async (): Promise<void> => {
+      while (!covers()) await (s.marking ?? this.writeMark(deviceId, s));
+    };
+    return wait();
+  }
+
+  /** Writes the window's current mark (its epoch, its highest seq + SEQ_PERSIST_STEP). */
+  private writeMark(deviceId: number, s: DeviceState): Promise<void> {
+    const mark = { epoch: s.replay.epoch, floor: s.replay.seqMax + SEQ_PERSIST_STEP };
+    const run = this.options.registry.saveMark(deviceId, mark.epoch, mark.floor).then(
+      () => {
+        if (mark.epoch > s.durable.epoch || (mark.epoch === s.durable.epoch && mark.floor > s.durable.floor)) s.durable = mark;
+      },
+      (err: Error) => {
+        throw new MarkError(err.message);
+      },
+    );
+    s.marking = run;
+    const clear = () => {
+      if (s.marking === run) s.marking = undefined;
+    };
+    run.then(clear, clear);
+    return run;
   }
 
   private reply(h: FrameHeader, s: DeviceState, key: Buffer, type: number, body: CborMap, digest: string, send: SendReply): void {
@@ -342,8 +414,7 @@ export class Bridge extends EventEmitter {
     if (!this.closed) send(packet);
   }
 
-  private async serve(h: FrameHeader, s: DeviceState, key: Buffer, plain: Buffer, send: SendReply): Promise<void> {
-    const digest = s.replay.cached(h.epoch, h.seq)!.digest;
+  private async serve(h: FrameHeader, s: DeviceState, key: Buffer, plain: Buffer, digest: string, send: SendReply): Promise<void> {
     const answer = (type: number, body: CborMap) => this.reply(h, s, key, type, body, digest, send);
     const fail = (code: number, message: string) =>
       answer(

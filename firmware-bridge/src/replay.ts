@@ -4,12 +4,15 @@
  * - A device's (epoch, seq) must be new: an epoch below the highest seen is stale; within the current
  *   epoch a 64-entry sliding window remembers which sequence numbers arrived, and anything older than
  *   the window is refused.
- * - The last REPLY_CACHE replies are kept with a digest of the request they answer. A retransmit (same
- *   epoch, seq and bytes) gets the cached reply again and is never run twice; a retransmit that arrives
- *   while the first copy is still being served is dropped (its reply is on the way).
+ * - The last REPLY_CACHE replies are kept with a digest of the request they answer and the address it
+ *   came from. A retransmit (same epoch, seq and bytes, from the same address) gets the cached reply again,
+ *   at most MAX_RESENDS times (bridge.ts), and is never run twice; a retransmit that arrives while the first
+ *   copy is still being served is dropped (its reply is on the way). A copy from another address is not
+ *   answered: a captured frame replayed from a forged source must not turn the bridge into a reflector.
  * - The high-water mark survives a bridge restart: the store keeps the epoch and a sequence floor
  *   written ahead of use (seq + SEQ_PERSIST_STEP), so after a crash nothing at or below the floor is
- *   accepted again. A device that gets no answer three times in a row starts a new epoch.
+ *   accepted again. A frame is served only once the mark on disk covers it (bridge.ts, `markCovering`).
+ *   A device that gets no answer three times in a row starts a new epoch.
  */
 
 export const WINDOW = 64n;
@@ -23,6 +26,10 @@ export interface CachedReply {
   digest: string;
   /** Undefined while the request is still being served. */
   reply: Buffer | undefined;
+  /** Where the request came from (a transport's address), when the transport has addresses. */
+  from: string | undefined;
+  /** Times the reply was sent again. */
+  resends: number;
 }
 
 export class ReplayWindow {
@@ -70,15 +77,20 @@ export class ReplayWindow {
     return this.cache.get(`${epoch}:${seq}`);
   }
 
-  /** Marks a request as being served (its reply comes later through `remember`). */
-  pending(epoch: number, seq: number, digest: string): void {
-    this.remember(epoch, seq, digest, undefined);
+  /** Marks a request from `from` as being served (its reply comes later through `remember`). */
+  pending(epoch: number, seq: number, digest: string, from?: string): void {
+    this.put(`${epoch}:${seq}`, { digest, reply: undefined, from, resends: 0 });
   }
 
+  /** Keeps the reply to a request marked `pending` (or to one not marked, with no address). */
   remember(epoch: number, seq: number, digest: string, reply: Buffer | undefined): void {
     const key = `${epoch}:${seq}`;
+    this.put(key, { digest, reply, from: this.cache.get(key)?.from, resends: 0 });
+  }
+
+  private put(key: string, entry: CachedReply): void {
     this.cache.delete(key);
-    this.cache.set(key, { digest, reply });
+    this.cache.set(key, entry);
     while (this.cache.size > REPLY_CACHE) this.cache.delete(this.cache.keys().next().value!);
   }
 }

@@ -62,11 +62,14 @@ export async function listenUdp(
   const counts = { datagrams: 0, replies: 0, replyErrors: 0 };
   socket.on('message', (msg, rinfo) => {
     counts.datagrams++;
-    void bridge.handlePacket(msg, (reply) =>
-      socket.send(reply, rinfo.port, rinfo.address, (err) => {
-        if (err) counts.replyErrors++;
-        else counts.replies++;
-      }),
+    void bridge.handlePacket(
+      msg,
+      (reply) =>
+        socket.send(reply, rinfo.port, rinfo.address, (err) => {
+          if (err) counts.replyErrors++;
+          else counts.replies++;
+        }),
+      `${rinfo.address}:${rinfo.port}`,
     );
   });
   socket.on('error', () => {
