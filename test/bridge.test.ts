@@ -388,6 +388,19 @@ describe('bridge: requests', () => {
     assert.ok(record.seqFloor >= r.device.seq, `floor ${record.seqFloor} covers seq ${r.device.seq}`);
   });
 
+  test('a reply the transport cannot send leaves the request counted once, as ok', async (t) => {
+    const r = await rig(t);
+    const outcomes: boolean[] = [];
+    r.bridge.on('request', (receipt: { ok: boolean }) => outcomes.push(receipt.ok));
+    // As a UDP socket closed under a request in flight throws on send.
+    await r.bridge.handlePacket(r.device.frame(FrameType.INFER_REQ, inferBody()), () => {
+      throw new Error('Not running');
+    });
+    assert.deepEqual(outcomes, [true]);
+    assert.deepEqual([r.bridge.stats.requests, r.bridge.stats.ok, r.bridge.stats.errors], [1, 1, 0]);
+    await assertStillServes(r);
+  });
+
   test('a frame is not served when its replay mark cannot be saved', async (t) => {
     const r = await rig(t);
     r.registry.saveMark = async () => {

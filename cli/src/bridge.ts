@@ -98,8 +98,9 @@ export function registerBridgeCommands(program: Command): void {
         await stop;
         logger.info({ ...core.stats, ...(udp ? { udp: udp.stats() } : {}) }, 'bridge stopping');
       } finally {
-        for (const close of closers) await close();
+        // The bridge first: it waits for the requests in flight and answers them on transports still open.
         await core.close();
+        for (const close of closers) await close();
         await mesh.close();
         await registry.close();
       }

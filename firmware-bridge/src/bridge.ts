@@ -533,6 +533,7 @@ export class Bridge extends EventEmitter {
     if (s.inFlight >= (this.options.maxInFlightPerDevice ?? 4))
       return finish(BridgeErrorCode.BUSY, 'too many requests in flight for this device');
     s.inFlight++;
+    let out: CborMap;
     try {
       const info = this.options.mesh.models().find((m) => m.name === model);
       if (!info) throw deviceRefusal('MESH_NO_AGENT', `no live agent serves ${model}`);
@@ -546,14 +547,13 @@ export class Bridge extends EventEmitter {
       const result = await this.options.mesh.infer(model, { [input.name]: { dtype: 'float32', shape, data } }, { deadlineMs });
       receipt.requestId = result.requestId;
       receipt.agentId = result.agentId;
-      receipt.ok = true;
       const first = Object.values(result.outputs)[0];
       const values =
         first && (first.dtype === 'float32' || first.dtype === 'float64')
           ? (first.data as Float32Array | Float64Array)
           : new Float32Array(0);
       const [label, score] = argmax(values);
-      const out = cborMap([
+      out = cborMap([
         [K.inferResp.label, label],
         [K.inferResp.score, Math.fround(score)],
         [K.inferResp.latencyMs, Math.round(performance.now() - started)],
@@ -568,18 +568,22 @@ export class Bridge extends EventEmitter {
         out.set(K.inferResp.output, { tag: 85, bytes });
         out.set(K.inferResp.outputShape, first.shape);
       }
-      finish(undefined, '');
-      answer(FrameType.INFER_RESP, out);
     } catch (err) {
+      s.inFlight--;
       if (err instanceof MeshError) {
         finish(MESH_TO_WIRE[err.code] ?? BridgeErrorCode.INTERNAL, err.details?.forDevice === true ? err.message : err.code);
       } else {
         this.options.logger?.error({ err: (err as Error).message }, 'bridge request failed');
         finish(BridgeErrorCode.INTERNAL, 'internal error');
       }
-    } finally {
-      s.inFlight--;
+      return;
     }
+    s.inFlight--;
+    // Outside the try: a request is finished once, ok or not; a reply the transport fails to send is the
+    // transport's to count, not a second outcome of the request.
+    receipt.ok = true;
+    finish(undefined, '');
+    answer(FrameType.INFER_RESP, out);
   }
 
   // ------------------------------------------------------------ availability and downlinks
