@@ -8,7 +8,9 @@
  * - **Failover and retries.** An attempt that fails with a code the error table marks `retryable`
  *   moves to another agent: for free when the work was lost with its agent (MESH_AGENT_LOST,
  *   MESH_SHUTTING_DOWN: it never ran), else as a retry paid from the budget. Any other code ends the
- *   request at once. A failed publish is MESH_NOT_CONNECTED, retryable like any other.
+ *   request, at once when no other attempt of it is running; else the request launches no more attempts
+ *   and waits for those (one agent's word cannot fail a request another agent is answering). A failed
+ *   publish is MESH_NOT_CONNECTED, retryable like any other.
  * - **Per-try timeouts.** An attempt the policy gives a timeout counts as failed (MESH_TIMEOUT) when it
  *   runs over; a retry goes out, and the slow attempt keeps running: its late answer still wins.
  * - **Hedges.** After the policy's hedge delay, a slow attempt is backed up on another agent; the
@@ -241,6 +243,11 @@ interface RequestState<Req, Rep> {
   hedgeTimer: unknown;
   deadlineTimer: unknown;
   lastError: MeshError | undefined;
+  /**
+   * The first final (not retryable) error an agent answered while another attempt of the request was still
+   * running: the request waits for those attempts, launches no more, and fails with it when none answers.
+   */
+  refusal: MeshError | undefined;
   retriedSame: Set<string>;
   done: boolean;
   finish: (outcome: Outcome<Req, Rep>) => void;
@@ -326,7 +333,7 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
         ok: false,
         error: new MeshError('MESH_DEADLINE_EXCEEDED', `no result for ${what} within ${budgetMs} ms${last}`, { cause: lastError, details }),
       });
-    } else if (lastError) finish(state, { ok: false, error: lastError });
+    } else if (state.refusal ?? lastError) finish(state, { ok: false, error: (state.refusal ?? lastError)! });
     else
       finish(state, {
         ok: false,
@@ -340,7 +347,7 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
   const launch = (state: RequestState<Req, Rep>, kind: AttemptKind): boolean => {
     const { request } = state;
     const now = clock.now();
-    if (state.done || state.tried.size >= request.maxAttempts || now >= request.deadlineAt) return false;
+    if (state.done || state.refusal || state.tried.size >= request.maxAttempts || now >= request.deadlineAt) return false;
     const remainingMs = request.deadlineAt - now;
     const floorMs = policy.floorMs?.(request, state.tried, now);
     if (floorMs !== undefined && floorMs > remainingMs) {
@@ -509,8 +516,15 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
         return;
       }
     }
-    if (!retryable(error.code)) {
-      finish(state, { ok: false, error });
+    if (!retryable(error.code) || state.refusal) {
+      // One agent's final word does not end a request that another agent is still working on: an agent that
+      // answered hedges with a made-up final code would otherwise fail requests an honest one was about to
+      // answer. The request waits for the attempts still running and fails with that word if none answers.
+      if (state.attempts.size > 0) {
+        state.refusal ??= error;
+        return;
+      }
+      finish(state, { ok: false, error: state.refusal ?? error });
       return;
     }
     if (!launch(state, extraAttemptAfter(error.code)) && state.attempts.size === 0) failNow(state);
@@ -537,6 +551,7 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
       hedgeTimer: undefined,
       deadlineTimer: undefined,
       lastError: undefined,
+      refusal: undefined,
       retriedSame: new Set(),
       done: false,
       finish: done,
