@@ -643,6 +643,34 @@ void bridge.handlePacket(Buffer.from(hex, 'hex'), () => {
     }
   });
 
+  test("a device's max frame (HELLO key 2) bounds what it is sent: downlinks that do not fit stay queued, big replies become TOO_LARGE", async (t) => {
+    const r = await rig(t);
+    r.bridge.queueDownlink(r.record.deviceId, Buffer.alloc(1_000, 1));
+    r.bridge.queueDownlink(r.record.deviceId, Buffer.from('small'));
+    const welcome = await r.device.request(FrameType.HELLO, cborMap([[K.hello.maxFrame, 256]]));
+    assert.equal(welcome.type, FrameType.WELCOME);
+    assert.throws(
+      () => r.bridge.queueDownlink(r.record.deviceId, Buffer.alloc(1_000, 2)),
+      (e: MeshError) => e.code === 'MESH_TOO_LARGE',
+    );
+    const first = await r.device.request(FrameType.POLL, new Map());
+    assert.equal(first.type, FrameType.DOWNLINK);
+    assert.equal(Buffer.from((first.body as Map<number, unknown>).get(K.downlink.payload) as Uint8Array).toString(), 'small');
+    assert.equal((first.body as Map<number, unknown>).get(K.pending), 1, 'the big one is still queued');
+    assert.ok(r.sent.every((p) => p.byteLength <= 256));
+    // Told it takes bigger frames, the device gets the one that waited.
+    await r.device.request(FrameType.HELLO, cborMap([[K.hello.maxFrame, 2_048]]));
+    const second = await r.device.request(FrameType.POLL, new Map());
+    assert.equal(((second.body as Map<number, unknown>).get(K.downlink.payload) as Uint8Array).byteLength, 1_000);
+    // A raw output over the frame: a coded TOO_LARGE, not a reply the device cannot take.
+    await r.device.request(FrameType.HELLO, cborMap([[K.hello.maxFrame, 128]]));
+    const raw = await r.device.request(FrameType.INFER_REQ, inferBody([[K.inferReq.want, 1]]));
+    assert.equal(raw.type, FrameType.ERROR);
+    assert.equal((raw.body as Map<number, unknown>).get(K.error.code), BridgeErrorCode.TOO_LARGE);
+    const tooSmall = await r.device.request(FrameType.HELLO, cborMap([[K.hello.maxFrame, 20]]));
+    assert.equal((tooSmall.body as Map<number, unknown>).get(K.error.code), BridgeErrorCode.BAD_BODY);
+  });
+
   test('downlinks wait for the next poll, one per poll, and the count rides on every reply', async (t) => {
     const r = await rig(t);
     r.bridge.queueDownlink(r.record.deviceId, Buffer.from('first'));

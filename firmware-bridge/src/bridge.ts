@@ -132,6 +132,8 @@ interface DeviceState {
   sleepingUntil: number | undefined;
   availability: Availability | undefined;
   inFlight: number;
+  /** The largest packet the device takes (its HELLO's key 2; the protocol's largest until it says). */
+  maxFrame: number;
   downlinks: Downlink[];
   nextDownlinkId: number;
 }
@@ -144,6 +146,11 @@ class MarkError extends MeshError {
     super('MESH_INTERNAL', `replay mark not saved: ${message}`);
   }
 }
+
+/** The least a device may say it takes (HELLO key 2): room for an error reply. */
+export const MIN_DEVICE_FRAME = 128;
+/** Header, tag and the DOWNLINK body's CBOR around its payload (id, pending count), with room to spare. */
+const DOWNLINK_OVERHEAD = 64;
 
 /** A cached reply is sent again at most this many times (a device tries three times; the rest is someone replaying). */
 export const MAX_RESENDS = 4;
@@ -263,6 +270,7 @@ export class Bridge extends EventEmitter {
         sleepingUntil: undefined,
         availability: undefined,
         inFlight: 0,
+        maxFrame: MAX_PACKET_BYTES,
         downlinks: [],
         nextDownlinkId: 1,
       };
@@ -406,9 +414,22 @@ export class Bridge extends EventEmitter {
     return run;
   }
 
-  private reply(h: FrameHeader, s: DeviceState, key: Buffer, type: number, body: CborMap, digest: string, send: SendReply): void {
+  private reply(h: FrameHeader, s: DeviceState, key: Buffer, asked: number, body: CborMap, digest: string, send: SendReply): void {
     if (s.downlinks.length) body.set(K.pending, s.downlinks.length);
-    const packet = sealFrame(key, { type, deviceId: h.deviceId, epoch: h.epoch, seq: h.seq }, 1, encodeCbor(body));
+    let type = asked;
+    let plain = encodeCbor(body);
+    if (HEADER_BYTES + plain.byteLength + TAG_BYTES > s.maxFrame) {
+      // The device said it takes no more: a bigger reply would be lost on it, and its retransmits would get the
+      // same one from the cache. It gets a small error instead, sealed under the nonce the big one would have used.
+      type = FrameType.ERROR;
+      plain = encodeCbor(
+        cborMap([
+          [K.error.code, BridgeErrorCode.TOO_LARGE],
+          [K.error.message, `reply of ${HEADER_BYTES + plain.byteLength + TAG_BYTES} B > max frame ${s.maxFrame}`],
+        ]),
+      );
+    }
+    const packet = sealFrame(key, { type, deviceId: h.deviceId, epoch: h.epoch, seq: h.seq }, 1, plain);
     s.replay.remember(h.epoch, h.seq, digest, packet);
     this.stats.served++;
     if (!this.closed) send(packet);
@@ -434,6 +455,9 @@ export class Bridge extends EventEmitter {
       case FrameType.HELLO: {
         const hello = readHello(body);
         if (typeof hello === 'string') return fail(BridgeErrorCode.BAD_BODY, hello);
+        if (hello.maxFrame !== undefined && hello.maxFrame < MIN_DEVICE_FRAME)
+          return fail(BridgeErrorCode.BAD_BODY, `key 2 (max frame) must be at least ${MIN_DEVICE_FRAME}`);
+        s.maxFrame = Math.min(hello.maxFrame ?? MAX_PACKET_BYTES, MAX_PACKET_BYTES);
         s.sleepPeriodS = hello.sleepPeriodS;
         if (hello.keepaliveS) s.keepaliveS = hello.keepaliveS;
         s.sleepingUntil = undefined;
@@ -476,7 +500,10 @@ export class Bridge extends EventEmitter {
       case FrameType.POLL: {
         const t = this.now();
         s.downlinks = s.downlinks.filter((d) => d.expires > t);
-        const next = s.downlinks.shift();
+        // The first that fits the device's frames; one that does not stays queued (until it expires, or the device
+        // says in a HELLO that it takes bigger frames): taken off the queue, it would be lost.
+        const at = s.downlinks.findIndex((d) => d.payload.byteLength + DOWNLINK_OVERHEAD <= s.maxFrame);
+        const next = at >= 0 ? s.downlinks.splice(at, 1)[0] : undefined;
         if (!next) return answer(FrameType.ACK, new Map());
         return answer(
           FrameType.DOWNLINK,
@@ -564,7 +591,7 @@ export class Bridge extends EventEmitter {
       if (req.want === Want.RAW && first) {
         const f32 = first.data instanceof Float32Array ? first.data : Float32Array.from(values);
         const bytes = Buffer.from(f32.buffer, f32.byteOffset, f32.byteLength);
-        if (bytes.byteLength + 256 > MAX_PACKET_BYTES) throw deviceRefusal('MESH_TOO_LARGE', 'the output does not fit in a frame');
+        if (bytes.byteLength + 256 > s.maxFrame) throw deviceRefusal('MESH_TOO_LARGE', 'the output does not fit in a frame');
         out.set(K.inferResp.output, { tag: 85, bytes });
         out.set(K.inferResp.outputShape, first.shape);
       }
@@ -638,12 +665,12 @@ export class Bridge extends EventEmitter {
   queueDownlink(deviceId: number, payload: Uint8Array, ttlMs = this.options.downlinkTtlMs ?? 3_600_000): number {
     const device = longIdOf(deviceId);
     if (!this.options.registry.get(deviceId)) throw new MeshError('MESH_NOT_FOUND', `no device ${device}`, { details: { device } });
-    if (payload.byteLength > MAX_PACKET_BYTES - 64) {
-      throw new MeshError('MESH_TOO_LARGE', 'downlink payload too large', {
-        details: { device, bytes: payload.byteLength, maxBytes: MAX_PACKET_BYTES - 64 },
+    const s = this.state(deviceId);
+    if (payload.byteLength + DOWNLINK_OVERHEAD > s.maxFrame) {
+      throw new MeshError('MESH_TOO_LARGE', `downlink payload too large for ${device}'s frames (at most ${s.maxFrame} bytes)`, {
+        details: { device, bytes: payload.byteLength, maxBytes: s.maxFrame - DOWNLINK_OVERHEAD },
       });
     }
-    const s = this.state(deviceId);
     const max = this.options.maxDownlinks ?? 16;
     if (s.downlinks.length >= max) {
       throw new MeshError('MESH_BUSY', `device ${device} already has ${max} downlinks waiting`, { details: { device, waiting: max } });
