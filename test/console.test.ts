@@ -123,6 +123,55 @@ test('join requests are bounded and malformed ones refused', async (t) => {
   assert.equal(((await refused.json()) as { code: string }).code, 'MESH_RATE_LIMITED');
 });
 
+test("the console's POST routes refuse a body over 16 KiB with a coded 413, the open join route without a credential too; smaller ones still go in", async (t) => {
+  const { url, operatorKey } = await meshWithConsole(t);
+  /** SMALL_BODY_LIMIT (router/src/http-errors.ts): the console's POST routes take no larger body. */
+  const limit = 16 * 1024;
+  const key = (who: Identity) => Buffer.from(who.publicKey).toString('base64url');
+  /** `body` as JSON of exactly `bytes` bytes, padded with a field the schema lets through: only its size is wrong. */
+  const sized = (body: Record<string, unknown>, bytes: number) => {
+    const bare = JSON.stringify({ ...body, pad: '' });
+    return JSON.stringify({ ...body, pad: 'x'.repeat(bytes - bare.length) });
+  };
+  const post = (p: string, body: string | ReadableStream<Uint8Array>, headers: Record<string, string> = {}) =>
+    fetch(`${url}${p}`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', ...headers },
+      body,
+      duplex: 'half',
+    } as RequestInit);
+  const assertTooLarge = async (res: Response, what: string) => {
+    const body = (await res.json()) as { code?: string; error?: string; details?: { limitBytes?: number } };
+    assert.equal(res.status, 413, `${what}: ${JSON.stringify(body)}`);
+    assert.equal(body.code, 'MESH_TOO_LARGE', what);
+    assert.equal(typeof body.error, 'string', what);
+    assert.equal(body.details?.limitBytes, limit, what);
+  };
+  const join = () => ({ role: 'agent', public_key: key(generateIdentity('agent')), name: 'padded' });
+
+  // No credential: refused on its declared length, and without one (chunked) once the limit is passed.
+  const over = sized(join(), limit + 1);
+  assert.equal(Buffer.byteLength(over), limit + 1);
+  await assertTooLarge(await post('/v1/admissions/requests', over), 'join, declared length');
+  const chunked = new ReadableStream<Uint8Array>({
+    start(controller) {
+      controller.enqueue(new TextEncoder().encode(over));
+      controller.close();
+    },
+  });
+  await assertTooLarge(await post('/v1/admissions/requests', chunked), 'join, chunked');
+  // An operator route, with the operator's credential, has the same small limit.
+  await assertTooLarge(
+    await post('/v1/admissions/admit', sized({ id: generateIdentity('agent').id }, limit + 1), { authorization: `Bearer ${operatorKey}` }),
+    'admit',
+  );
+  // A body at the limit, and a plain one, are still taken.
+  assert.equal((await post('/v1/admissions/requests', sized(join(), limit))).status, 202);
+  const plain = await post('/v1/admissions/requests', JSON.stringify(join()));
+  assert.equal(plain.status, 202);
+  assert.equal(((await plain.json()) as { state: string }).state, 'pending');
+});
+
 test('the console in Chromium: loads behind auth, updates live, admits and revokes, escapes what agents say', {
   skip,
   timeout: 180_000,

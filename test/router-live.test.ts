@@ -413,6 +413,67 @@ describe('live router', { timeout: 120_000 }, () => {
     assert.equal(mesh.agents().find((a) => a.id === agent.id)!.load, undefined, 'no load report came');
   });
 
+  test('an agent that renames its models and its hardware on every status: the router keeps pools and class stats for the current ones only, and the honest agent is still routed', async (t) => {
+    const broker = await brokerFor(t);
+    const honest = await agentFor(t, { brokerUrl: broker.url });
+    const router = await routerFor(t, broker.url);
+    await router.waitForModel('kws', 10_000);
+    const honestModels = honest.status().models!;
+
+    const identity = generateIdentity('agent');
+    const connection = openMeshConnection(broker.url, { identity });
+    t.after(() => connection.close());
+    await connection.firstConnect;
+    // 40 signed statuses of 256 models each (the most a status may list), every name new each time; the ones in the
+    // middle also name kws, so its pool is shared with the honest agent until the last status drops it.
+    const statuses = 40;
+    let last: string[] = [];
+    for (let i = 0; i < statuses; i++) {
+      last = Array.from({ length: 256 }, (_, j) => `churn-${i}-${j}`);
+      if (i > 0 && i < statuses - 1) last[0] = 'kws';
+      const status: AgentStatus = {
+        v: PROTOCOL_VERSION,
+        kind: 'status',
+        agent: identity.id,
+        state: 'online',
+        ts: Date.now(),
+        session: 'churn',
+        hardware: { platform: 'linux', arch: `arch${i}`, cpus: 1, cpuModel: 'churn', memoryMb: 64 },
+        models: last.map((name) => ({ name, version: '1', sha256: '0'.repeat(64), priceMicros: 0, latencyMs: 1, inputs: [], outputs: [] })),
+        workers: 1,
+      };
+      await new Promise<void>((resolve) =>
+        connection.client.publish(
+          topics.agentStatus(identity.id),
+          encodeMessage(signStatus(identity, status)),
+          { qos: 1, retain: true },
+          () => resolve(),
+        ),
+      );
+    }
+    await waitFor(
+      () => router.registry.agents.get(identity.id)?.models.has(last[0]!) === true,
+      10_000,
+      'the router to take the last status',
+    );
+
+    const { pools, classStats, classMembers } = router.registry;
+    const expected = new Set([...honestModels.map((m) => m.name), ...last]);
+    assert.deepEqual(new Set(pools.keys()), expected, `${pools.size} pools for ${expected.size} models served now`);
+    assert.equal(classStats.size, honestModels.length + last.length, 'one (class, model) per entry, none left behind');
+    assert.deepEqual(
+      new Set(classMembers.keys()),
+      new Set([router.registry.agents.get(honest.id)!.hardwareClass, 'cpu-arch39']),
+      'no empty hardware class left behind',
+    );
+    assert.deepEqual(
+      pools.get('kws')!.entries.map((e) => e.agent.agentId),
+      [honest.id],
+    );
+    const result = await router.infer('kws', sampleInputs('kws', 1), { deadlineMs: 5_000 });
+    assert.equal(result.agentId, honest.id);
+  });
+
   test('a lying agent: claims outside the schema lose the reply and the request moves on; claims at its top are bounded', async (t) => {
     const broker = await brokerFor(t);
     const real = await agentFor(t, { brokerUrl: broker.url });

@@ -235,6 +235,35 @@ test('estimates update as the formulas say', () => {
   assert.equal(selectAgent(reg, { model: 'kws' }, 8_000, mulberry32(1)).ok, false);
 });
 
+test('an agent is tracked for 256 models at most: more are ignored, renamed ones replace the old, and what no agent serves is forgotten', () => {
+  const reg = registry([agent('steady', 10)]);
+  const many = (prefix: string, n: number) => Array.from({ length: n }, (_, i) => ({ model: `${prefix}-${i}`, serviceMs: 5 }));
+  // 256: the most models a status may list (protocol/src/schemas.ts), MAX_MODELS_PER_AGENT in the registry.
+  const a = upsertAgent(reg, { agentId: 'many', hardwareClass: 'cpu-x64', models: [...many('a', 300), { model: 'kws', serviceMs: 5 }] }, 0);
+  assert.equal(a.models.size, 256, 'the first 256 names only');
+  assert.ok(a.models.has('a-255') && !a.models.has('a-256') && !a.models.has('kws'));
+  assert.equal(reg.pools.size, 257);
+  // Every status names a new set (and a new class): the old names, and their class stats, go with it.
+  for (let round = 0; round < 20; round++) {
+    upsertAgent(
+      reg,
+      { agentId: 'many', hardwareClass: `cpu-${round}`, models: [...many(`r${round}`, 255), { model: 'kws', serviceMs: 5 }] },
+      round,
+    );
+  }
+  assert.equal(reg.pools.size, 256, "kws and the last round's 255 names");
+  assert.equal(reg.classStats.size, 257, "steady's kws, and the 256 (class, model) the renaming agent holds now");
+  assert.deepEqual([...reg.classMembers.keys()].sort(), ['cpu-19', 'gpu']);
+  assert.equal(reg.pools.get('kws')!.entries.length, 2);
+  // kws is still routed; once no agent names it, its pool and class stats are forgotten.
+  const picked = selectAgent(reg, { model: 'kws', deadlineMs: 1_000 }, 20, mulberry32(1));
+  assert.ok(picked.ok);
+  upsertAgent(reg, { agentId: 'many', hardwareClass: 'cpu-19', models: [] }, 21);
+  upsertAgent(reg, { ...agent('steady', 10), models: [] }, 21);
+  assert.equal(reg.pools.size, 0);
+  assert.equal(reg.classStats.size, 0);
+});
+
 test('hedge delay = max(p95, 2 × predicted); per-try timeout = clamp(5 × predicted, 250 ms, remaining) with no history', () => {
   // The history is another node's of the same class: this node has none of its own, so the class p95 counts.
   const reg = registry([agent('a', 10), agent('b', 10)]);

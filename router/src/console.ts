@@ -27,7 +27,7 @@ import { MeshError, verifyQuote } from '@edge-mesh/protocol';
 import type { FastifyInstance, FastifyReply } from 'fastify';
 import { ConsoleAdmissions, type JoinRequestBody, type RouterConsoleOptions } from './console-admissions.ts';
 import type { RouterHandle } from './handle.ts';
-import { ANY_ERROR, errorResponse } from './http-errors.ts';
+import { ANY_ERROR, errorResponse, SMALL_BODY_LIMIT } from './http-errors.ts';
 
 const require = createRequire(import.meta.url);
 /** The folder of an installed package, found from its main file (htm and uplot do not export package.json). */
@@ -159,6 +159,8 @@ export async function registerConsoleRoutes(app: FastifyInstance, router: Router
   app.post<{ Body: JoinRequestBody }>(
     '/v1/admissions/requests',
     {
+      // Open to callers without a credential: a body over the small limit is refused (413) before it is read whole.
+      bodyLimit: SMALL_BODY_LIMIT,
       schema: {
         tags: ['operator'],
         summary: 'A device or app asks to be admitted: { role, public_key (base64url), name }; open, bounded, admits nothing by itself',
@@ -171,7 +173,11 @@ export async function registerConsoleRoutes(app: FastifyInstance, router: Router
             name: { type: 'string', maxLength: 64 },
           },
         },
-        response: { 429: errorResponse('MESH_RATE_LIMITED: too many requests are waiting'), ...ANY_ERROR },
+        response: {
+          413: errorResponse('MESH_TOO_LARGE: the body is over the limit (details.limitBytes)'),
+          429: errorResponse('MESH_RATE_LIMITED: too many requests are waiting'),
+          ...ANY_ERROR,
+        },
       },
     },
     async (request, reply) => {
@@ -181,12 +187,16 @@ export async function registerConsoleRoutes(app: FastifyInstance, router: Router
   );
   app.post<{ Body: { id: string } }>(
     '/v1/admissions/admit',
-    { schema: { tags: ['operator'], summary: 'Admit a pending join request through the broker', body: idBody, response: ANY_ERROR } },
+    {
+      bodyLimit: SMALL_BODY_LIMIT,
+      schema: { tags: ['operator'], summary: 'Admit a pending join request through the broker', body: idBody, response: ANY_ERROR },
+    },
     async (request) => ({ admitted: await needAdmin().admit(request.body.id) }),
   );
   app.post<{ Body: { id: string } }>(
     '/v1/admissions/revoke',
     {
+      bodyLimit: SMALL_BODY_LIMIT,
       schema: {
         tags: ['operator'],
         summary: 'Revoke an id through the broker: disconnected at once, refused from then on',

@@ -447,8 +447,17 @@ export interface AgentDescriptor {
   session?: string;
 }
 
+/**
+ * Distinct model names the registry tracks per agent: a status lists at most 256 models (protocol/src/schemas.ts,
+ * AgentStatusSchema), and a descriptor built another way (the simulator's, a library caller's) is held to the same
+ * bound, so one agent accounts for at most this many pools and class stats however its names change.
+ */
+export const MAX_MODELS_PER_AGENT = 256;
+
+const classStatsKey = (hardwareClass: string, model: string) => `${hardwareClass}\u0000${model}`;
+
 function classStatsFor(reg: Registry, hardwareClass: string, model: string): ClassModelStats {
-  const key = `${hardwareClass}\u0000${model}`;
+  const key = classStatsKey(hardwareClass, model);
   let s = reg.classStats.get(key);
   if (!s) {
     s = {
@@ -474,6 +483,29 @@ function poolFor(reg: Registry, model: string): ModelPool {
   return p;
 }
 
+/**
+ * Forgets class stats no entry of `pool` uses any more. Only entries of the stats' own model can hold them, and
+ * those are all in its pool; without this, an agent that renames its models or its hardware class on every status
+ * would leave a (class, model) behind each time.
+ */
+function releaseClassStats(reg: Registry, pool: ModelPool | undefined, stats: ClassModelStats): void {
+  if (pool?.entries.some((e) => e.stats === stats)) return;
+  const key = classStatsKey(stats.hardwareClass, stats.model);
+  if (reg.classStats.get(key) === stats) reg.classStats.delete(key);
+}
+
+/** Takes an entry out of its model's pool; a pool left empty goes, with the class stats nothing else uses. */
+function dropEntry(reg: Registry, e: ModelEntry): void {
+  const p = reg.pools.get(e.model);
+  if (p) {
+    const i = p.entries.indexOf(e);
+    if (i >= 0) p.entries.splice(i, 1);
+    p.version++;
+    if (p.entries.length === 0) reg.pools.delete(e.model);
+  }
+  releaseClassStats(reg, p, e.stats);
+}
+
 /** Marks every pool the agent belongs to for a rebuild (membership, health or ejection changed). */
 export function invalidateAgent(agent: AgentEntry): void {
   for (const m of agent.models.keys()) {
@@ -483,7 +515,10 @@ export function invalidateAgent(agent: AgentEntry): void {
 }
 
 function setClass(reg: Registry, agent: AgentEntry, hardwareClass: string): void {
-  reg.classMembers.get(agent.hardwareClass)?.delete(agent);
+  const old = reg.classMembers.get(agent.hardwareClass);
+  old?.delete(agent);
+  // The class comes from the agent's status (its arch): an empty set would stay behind for every name it tried.
+  if (old?.size === 0) reg.classMembers.delete(agent.hardwareClass);
   agent.hardwareClass = hardwareClass;
   let members = reg.classMembers.get(hardwareClass);
   if (!members) {
@@ -552,9 +587,16 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
   agent.up = true;
   agent.lastSeenMs = nowMs;
 
-  const seen = new Set<string>();
-  for (const m of d.models) {
-    seen.add(m.model);
+  // The models tracked for the agent: the first MAX_MODELS_PER_AGENT distinct names (a name given twice counts once,
+  // its last descriptor wins). Models it no longer names leave first, with any pool or class stats only they used.
+  const wanted = new Map<string, AgentModelDescriptor>();
+  for (const m of d.models) if (wanted.has(m.model) || wanted.size < MAX_MODELS_PER_AGENT) wanted.set(m.model, m);
+  for (const [name, e] of agent.models) {
+    if (wanted.has(name)) continue;
+    agent.models.delete(name);
+    dropEntry(reg, e);
+  }
+  for (const m of wanted.values()) {
     let e = agent.models.get(m.model);
     if (!e) {
       e = {
@@ -581,18 +623,11 @@ export function upsertAgent(reg: Registry, d: AgentDescriptor, nowMs: number): A
       if (m.coldLoadMs !== undefined) e.coldLoadMs = m.coldLoadMs;
       if (m.slots !== undefined) e.slots = m.slots;
       if (m.priceMicros !== undefined) e.priceMicros = m.priceMicros;
-      if (e.stats.hardwareClass !== agent.hardwareClass)
+      if (e.stats.hardwareClass !== agent.hardwareClass) {
+        const old = e.stats;
         (e as { stats: ClassModelStats }).stats = classStatsFor(reg, agent.hardwareClass, m.model);
-    }
-  }
-  for (const [name, e] of agent.models) {
-    if (seen.has(name)) continue;
-    agent.models.delete(name);
-    const p = reg.pools.get(name);
-    if (p) {
-      const i = p.entries.indexOf(e);
-      if (i >= 0) p.entries.splice(i, 1);
-      p.version++;
+        releaseClassStats(reg, reg.pools.get(m.model), old);
+      }
     }
   }
   invalidateAgent(agent);

@@ -43,6 +43,16 @@ export const ANY_ERROR = {
   '5xx': errorResponse('a MESH_* code with a 5xx status (docs/errors.md)'),
 };
 
+/**
+ * The body limit of the small JSON routes (the console's join, admit and revoke, the repository index), in place of
+ * the router-wide one sized for infer bodies. The join route is open to anyone, so without it a caller with no
+ * credential could have the router buffer and parse tens of megabytes, stalling forwarding meanwhile. The largest
+ * legitimate body is a join request: role, public key and name, 144 characters at most by its schema, under 2 KiB
+ * even with every character escaped as a JSON surrogate pair; 16 KiB leaves ample room for whitespace and extra
+ * fields, and costs nothing to buffer.
+ */
+export const SMALL_BODY_LIMIT = 16 * 1024;
+
 /** At most this many schema violations are listed in details. */
 const MAX_VIOLATIONS = 10;
 
@@ -93,7 +103,8 @@ export function installErrorHandlers(
   { bodyLimit, onError }: { bodyLimit: number; onError?: (err: MeshError, request: FastifyRequest) => void },
 ): void {
   app.setErrorHandler((err, request, reply) => {
-    const mesh = httpMeshError(err, bodyLimit);
+    // A route with its own limit (SMALL_BODY_LIMIT) reports that one in details.limitBytes.
+    const mesh = httpMeshError(err, request.routeOptions.bodyLimit ?? bodyLimit);
     onError?.(mesh, request);
     return sendError(reply, mesh);
   });

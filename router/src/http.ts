@@ -30,7 +30,7 @@ import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry as PromRegis
 import type { ConcurrencySnapshot } from './concurrency.ts';
 import type { RouterHandle, RouterHttpHandle, RouterHttpOptions, RouterInferResult } from './handle.ts';
 import { callerOf, installHttpAuth } from './http-auth.ts';
-import { ANY_ERROR, ERROR_BODY_SCHEMA, errorResponse, installErrorHandlers } from './http-errors.ts';
+import { ANY_ERROR, ERROR_BODY_SCHEMA, errorResponse, installErrorHandlers, SMALL_BODY_LIMIT } from './http-errors.ts';
 import {
   assertModelReady,
   BINARY_BODY_TYPE,
@@ -583,9 +583,12 @@ export async function startRouterHttp(router: RouterHandle, options: RouterHttpO
 
   app.post<{ Body: { ready?: boolean } | undefined }>(
     '/v2/repository/index',
-    doc('kserve', 'The repository index: every model an agent announced, READY while a live agent serves it', {
-      body: { type: 'object', nullable: true, properties: { ready: { type: 'boolean' } } },
-    }),
+    {
+      ...doc('kserve', 'The repository index: every model an agent announced, READY while a live agent serves it', {
+        body: { type: 'object', nullable: true, properties: { ready: { type: 'boolean' } } },
+      }),
+      bodyLimit: SMALL_BODY_LIMIT,
+    },
     async (request) => repositoryIndex(router, request.body?.ready === true),
   );
 

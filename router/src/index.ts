@@ -54,6 +54,7 @@ export {
   isEjected,
   isOnProbation,
   kappaAt,
+  MAX_MODELS_PER_AGENT,
   type ModelEntry,
   type ModelPool,
   markDown,
