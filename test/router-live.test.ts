@@ -10,12 +10,13 @@ import {
   generateIdentity,
   type InferReply,
   MeshError,
+  newRequestId,
   PROTOCOL_VERSION,
   parseTopic,
   signStatus,
   topics,
 } from '@edge-mesh/protocol';
-import { agentFor, brokerFor, meshFor, routerFor, spawnAgent, waitFor } from './helpers.ts';
+import { agentFor, brokerFor, meshFor, modelsDir, routerFor, spawnAgent, waitFor } from './helpers.ts';
 
 /**
  * An agent that announces itself (a signed status, models copied from `like`, faster than any) and answers
@@ -383,6 +384,41 @@ describe('live router', { timeout: 120_000 }, () => {
       router.infer('kws', sampleInputs('kws', 1), { deadlineMs: 300 }),
       (err: unknown) => err instanceof MeshError && (err.code === 'MESH_NO_AGENT' || err.code === 'MESH_DEADLINE_EXCEEDED'),
     );
+  });
+
+  test('a client that floods route questions is answered up to its rate and the rest dropped; another client still gets its lease', async (t) => {
+    const broker = await brokerFor(t);
+    await agentFor(t, { brokerUrl: broker.url, modelsDir: await modelsDir() });
+    const router = await routerFor(t, broker.url, { routeQuestionsPerSecond: 5, routeQuestionsBurst: 10 });
+    await router.waitForModel('kws', 10_000);
+    const ask = async (who: string, n: number) => {
+      const identity = generateIdentity('app');
+      const connection = openMeshConnection(broker.url, { identity });
+      t.after(() => connection.close());
+      await connection.firstConnect;
+      let leases = 0;
+      connection.client.on('message', () => leases++);
+      await new Promise<void>((resolve, reject) =>
+        connection.client.subscribe(topics.clientLeasesFor(identity.id), { qos: 1 }, (err) => (err ? reject(err) : resolve())),
+      );
+      for (let i = 0; i < n; i++) {
+        const question = encodeMessage({ v: PROTOCOL_VERSION, kind: 'route', id: newRequestId(), model: 'kws' });
+        connection.client.publish(topics.routerRoute(router.id, identity.id), Buffer.from(question), { qos: 1 });
+      }
+      return {
+        who,
+        get leases() {
+          return leases;
+        },
+      };
+    };
+    const flooder = await ask('flooder', 300);
+    await waitFor(() => router.counters.questionsDropped + flooder.leases >= 300, 10_000, 'the flood read');
+    const honest = await ask('honest', 1);
+    await waitFor(() => honest.leases === 1, 5_000, 'the other client leased');
+    // The burst and what refilled while the flood was read (well under a second here).
+    assert.ok(flooder.leases >= 10 && flooder.leases <= 30, `${flooder.leases} leases for 300 questions`);
+    assert.equal(router.counters.questionsDropped, 300 - flooder.leases);
   });
 
   test('replies carry the agent queue: the router and the SDK learn it between heartbeats', async (t) => {

@@ -123,6 +123,8 @@ export interface RouterCounters {
   /** Route leases given to SDK clients (direct mode), and route requests answered with an error. */
   leases: number;
   leasesRefused: number;
+  /** Route questions dropped unanswered because their client asked more than `routeQuestionsPerSecond`. */
+  questionsDropped: number;
   /** Attempts sent per agent id. */
   sentTo: Record<string, number>;
 }

@@ -12,9 +12,11 @@
  * (a credential over its request rate, or an address over its rate of failed credentials; failed credentials are
  * counted before any signature is checked, so a flood of bad tokens costs little).
  */
+
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
 import { type HttpScope, isHttpScope, MAX_HTTP_TOKEN_CHARS, MeshError, type VerifiedHttpToken, verifyHttpToken } from '@edge-mesh/protocol';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { Buckets } from './buckets.ts';
 
 export interface ApiKeyEntry {
   /** The key's public name, `[a-z0-9-]{1,32}`; it names the caller in limits and logs. */
@@ -77,32 +79,6 @@ export function scopeOfRoute(method: string, url: string | undefined): HttpScope
   // A device without a credential yet asks to be admitted; bounded, and admits nothing by itself (console-admissions.ts).
   if (method === 'POST' && url === '/v1/admissions/requests') return 'open';
   return 'operator';
-}
-
-class Buckets {
-  private readonly buckets = new Map<string, { tokens: number; last: number }>();
-  constructor(
-    private readonly perSecond: number,
-    private readonly burst: number,
-  ) {}
-  /** Takes one token; false when the bucket is empty. */
-  take(key: string, now: number): boolean {
-    let b = this.buckets.get(key);
-    if (b === undefined) {
-      if (this.buckets.size >= 100_000) this.buckets.clear();
-      b = { tokens: this.burst, last: now };
-      this.buckets.set(key, b);
-    }
-    b.tokens = Math.min(this.burst, b.tokens + ((now - b.last) * this.perSecond) / 1000);
-    b.last = now;
-    if (b.tokens < 1) return false;
-    b.tokens -= 1;
-    return true;
-  }
-  empty(key: string, now: number): boolean {
-    const b = this.buckets.get(key);
-    return b !== undefined && Math.min(this.burst, b.tokens + ((now - b.last) * this.perSecond) / 1000) < 1;
-  }
 }
 
 export interface Principal {
