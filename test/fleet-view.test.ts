@@ -97,3 +97,37 @@ test("retained copies are taken before anything live, and another session's reta
   assert.equal(fleet.get(identity.id)?.status.session, 't', 'a new session is news, however it comes');
   assert.equal(fleet.counters.staleRetained, 0);
 });
+
+test('an agent republishing its status in a loop is checked at its byte budget; its latest status is applied, others are not held up', async () => {
+  const applied: number[] = [];
+  const fleet = createFleetView({
+    statusBytesPerSecond: 20_000,
+    statusBurstBytes: 10_000,
+    onStatus: (s) => {
+      if (s.agent === identity.id) applied.push(s.ts);
+    },
+  });
+  const one = status('s', 'online', 0).byteLength;
+  const n = 200;
+  const started = performance.now();
+  for (let i = 1; i <= n; i++) fleet.onStatus(identity.id, status('s', 'online', i));
+  // The burst's worth at once (and what refilled while the loop ran), the rest held: only the latest of those is
+  // applied, once the budget allows.
+  const atOnce = applied.length;
+  assert.ok(atOnce >= Math.floor(10_000 / one) && atOnce <= Math.floor(10_000 / one) + 5, `${atOnce} applied at once`);
+  assert.equal(fleet.counters.statusDeferred, n - atOnce);
+  // Another agent is not held back by the first one's loop.
+  const other = generateIdentity('agent');
+  fleet.onStatus(
+    other.id,
+    encodeMessage(signStatus(other, { v: PROTOCOL_VERSION, kind: 'status', agent: other.id, state: 'online', ts: 1, session: 'o' })),
+  );
+  assert.equal(fleet.get(other.id)?.status.state, 'online');
+  await new Promise((resolve) => setTimeout(resolve, 1_000));
+  assert.deepEqual(applied.slice(atOnce), [n], 'the held ones: only the latest');
+  assert.equal(fleet.get(identity.id)?.status.ts, n);
+  assert.ok(performance.now() - started < 1_500);
+  // Forgetting the agent (an empty retained status) is never held back.
+  fleet.onStatus(identity.id, new Uint8Array(0));
+  assert.equal(fleet.get(identity.id), undefined);
+});

@@ -41,6 +41,11 @@ export interface FleetCounters {
   staleOffline: number;
   /** Retained statuses ignored because a status of the same session had already come live on this connection. */
   staleRetained: number;
+  /**
+   * Statuses held back because their agent sent more status bytes than `statusBytesPerSecond` allows; each held one is
+   * replaced by the next, and the latest is applied once the agent's budget allows it.
+   */
+  statusDeferred: number;
 }
 
 export interface FleetViewOptions {
@@ -67,6 +72,15 @@ export interface FleetViewOptions {
   onStatus?: (status: AgentStatus, previous: AgentStatus | undefined) => void;
   /** A load report was applied. */
   onLoad?: (load: AgentLoad) => void;
+  /**
+   * Status bytes read and checked per agent and second, sustained (default 64 KiB) and at once (default 1 MiB).
+   * Checking a status costs its decode and signature (about 9 ms for the largest, 330 KB): an agent republishing
+   * its status in a loop would otherwise take a core in every router and app. Past the budget an agent's statuses
+   * wait, and only its latest is applied when the budget allows (`statusDeferred`). Empty payloads (an agent
+   * forgotten) are never held back.
+   */
+  statusBytesPerSecond?: number;
+  statusBurstBytes?: number;
 }
 
 export interface FleetView {
@@ -134,9 +148,65 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
     onAgentLost,
     silenceBeats = 3,
     minSilenceMs = 1_000,
+    statusBytesPerSecond = 64 * 1024,
+    statusBurstBytes = 1024 * 1024,
   } = options;
   const agents = new Map<string, FleetAgent>();
-  const counters: FleetCounters = { statusRejected: 0, statusMalformed: 0, loadIgnored: 0, staleOffline: 0, staleRetained: 0 };
+  const counters: FleetCounters = {
+    statusRejected: 0,
+    statusMalformed: 0,
+    loadIgnored: 0,
+    staleOffline: 0,
+    staleRetained: 0,
+    statusDeferred: 0,
+  };
+  /** Per agent, the status bytes it may still send now, and the status held back for want of them. */
+  const statusBudgets = new Map<
+    string,
+    { bytes: number; at: number; held: { payload: Uint8Array; retained: boolean } | undefined; timer: NodeJS.Timeout | undefined }
+  >();
+  /** Whether `agentId` may have `payload` checked now; if not, it is held (replacing any held before) and applied later. */
+  let applyingHeld = false;
+  const withinBudget = (agentId: string, payload: Uint8Array, retained: boolean): boolean => {
+    if (applyingHeld) return false;
+    const t = now();
+    let b = statusBudgets.get(agentId);
+    if (!b) {
+      b = { bytes: statusBurstBytes, at: t, held: undefined, timer: undefined };
+      statusBudgets.set(agentId, b);
+    }
+    b.bytes = Math.min(statusBurstBytes, b.bytes + ((t - b.at) * statusBytesPerSecond) / 1000);
+    b.at = t;
+    const cost = Math.min(payload.byteLength, statusBurstBytes);
+    if (!b.held && b.bytes >= cost) {
+      b.bytes -= cost;
+      return false;
+    }
+    counters.statusDeferred++;
+    b.held = { payload, retained };
+    const budget = b;
+    const waitMs = Math.max(1, ((cost - b.bytes) * 1000) / statusBytesPerSecond);
+    clearTimeout(b.timer);
+    b.timer = setTimeout(() => {
+      budget.timer = undefined;
+      const held = budget.held;
+      budget.held = undefined;
+      if (!held) return;
+      // Paid for when applied (the budget may go below zero: the next status waits the longer).
+      const at = now();
+      budget.bytes = Math.min(statusBurstBytes, budget.bytes + ((at - budget.at) * statusBytesPerSecond) / 1000);
+      budget.at = at;
+      budget.bytes -= Math.min(held.payload.byteLength, statusBurstBytes);
+      applyingHeld = true;
+      try {
+        view.onStatus(agentId, held.payload, held.retained);
+      } finally {
+        applyingHeld = false;
+      }
+    }, waitMs);
+    b.timer.unref?.();
+    return true;
+  };
   /** When any agent was last heard from. */
   let anyHeardAt = Number.NEGATIVE_INFINITY;
   const changes = changeSignal();
@@ -145,15 +215,21 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
 
   const serves = (a: FleetAgent, model: string | undefined) => model === undefined || (a.status.models ?? []).some((m) => m.name === model);
 
-  return {
+  const view: FleetView = {
     onConnect() {
       liveSessions.clear();
     },
     onStatus(agentId, payload, retained = false) {
       if (payload.byteLength === 0) {
+        const b = statusBudgets.get(agentId);
+        if (b) {
+          clearTimeout(b.timer);
+          statusBudgets.delete(agentId);
+        }
         if (agents.delete(agentId)) changes.notify();
         return;
       }
+      if (withinBudget(agentId, payload, retained)) return;
       const reading = readAgentStatus(agentId, payload, { maxBytes: maxMessageBytes, requireSigned: requireSignedStatus });
       if (!reading.ok) {
         if (reading.reason === 'unverified') counters.statusRejected++;
@@ -269,6 +345,7 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
     counters,
     changes,
   };
+  return view;
 }
 
 /** Resolves once `ready()` holds, re-checking on every fleet change; rejects with `onTimeout()` after `timeoutMs`. */

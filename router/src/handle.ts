@@ -106,6 +106,8 @@ export interface RouterCounters {
   statusRejected: number;
   /** Statuses ignored: they did not decode as a status, or named another agent than their topic. */
   statusMalformed: number;
+  /** Statuses held back (then replaced by the agent's next) because it sent more status bytes than its budget. */
+  statusDeferred: number;
   /** Offline statuses ignored because they name an older session than the agent's live one (a late last will). */
   staleOffline: number;
   /** Retained statuses ignored because a status of the same session had already come live on this connection. */

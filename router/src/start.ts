@@ -481,6 +481,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
     return {
       statusRejected: fleet.counters.statusRejected,
       statusMalformed: fleet.counters.statusMalformed,
+      statusDeferred: fleet.counters.statusDeferred,
       staleOffline: fleet.counters.staleOffline,
       staleRetained: fleet.counters.staleRetained,
       requests: c.requests,
