@@ -265,10 +265,15 @@ describe('router on a fleet', { timeout: 180_000 }, () => {
     assert.ok(onNear > 80, `near agent served ${onNear} of 100 (slow ${slowAgent.id.slice(0, 12)})`);
 
     // A client told to use a router that does not exist falls back to routing by itself.
-    const orphan = await meshFor(t, { brokerUrl: broker.url, router: generateIdentity('router').id, leaseTimeoutMs: 50 });
+    const orphan = await meshFor(t, { brokerUrl: broker.url, router: generateIdentity('router').id, leaseTimeoutMs: 1_000 });
     await orphan.waitForModel('kws', 10_000);
     const r = await orphan.infer('kws', sampleInputs('kws', 1), { deadlineMs: 5_000 });
     assert.equal(r.routedBy, undefined);
     assert.equal(orphan.counters.leaseFallbacks, 1);
+    // It waited for the lease once: the next requests, within a second, do not ask again.
+    const startedAt = performance.now();
+    for (let i = 0; i < 3; i++) await orphan.infer('kws', sampleInputs('kws', 1), { deadlineMs: 5_000 });
+    assert.ok(performance.now() - startedAt < 1_000, `3 requests took ${(performance.now() - startedAt).toFixed(0)} ms`);
+    assert.equal(orphan.counters.leaseFallbacks, 4);
   });
 });

@@ -386,9 +386,11 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         onLease: () => counters.leases++,
         ask(id, model, budgetMs, bytes, sent) {
           if (!client.connected) return sent(false);
+          // The router never sees replies in direct mode: it is told which agents this client saw fail lately.
+          const exclude = policy.suspects(model, clock.now());
           client.publish(
             topics.routerRoute(routerId, clientId),
-            encodeMessage({ v: PROTOCOL_VERSION, kind: 'route', id, model, budgetMs, bytes }),
+            encodeMessage({ v: PROTOCOL_VERSION, kind: 'route', id, model, budgetMs, bytes, ...(exclude.length > 0 ? { exclude } : {}) }),
             { qos: publishQos },
             (err) => sent(!err),
           );

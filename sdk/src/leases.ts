@@ -2,14 +2,19 @@
  * Route leases from a router (docs/routing.md, "Two ways in"): the SDK asks the router which agents to
  * use for a model and sends to them itself. A lease is used while fresh, kept for a while longer while
  * a fresh one is on its way, and dropped when the router does not answer in time (the SDK then routes by
- * itself). One question per model is in flight at a time.
+ * itself). One question per model is in flight at a time. After a question the router left unanswered, or
+ * answered with no agent, it is not asked about that model again for a while (1–2 s, doubling on each miss
+ * in a row up to 15–30 s, jittered; a lease with agents ends it): a router that is down would otherwise cost
+ * every request the whole wait.
  */
-import type { MeshLogger } from '@edge-mesh/client';
+import { type MeshLogger, reconnectDelayMs } from '@edge-mesh/client';
 import { DEFAULT_MAX_MESSAGE_BYTES, decodeMessage, type Lease, newRequestId, requestIdHex } from '@edge-mesh/protocol';
 import type { LeaseState } from './policy.ts';
 
 /** A lease stays usable this many times its ttl while a fresh one is on its way. */
 const LEASE_STALE_FACTOR = 4;
+/** How long the router is left alone after misses in a row: the upper half of 2 s doubled per miss, capped at 30 s. */
+const MISS_BACKOFF = { baseMs: 2_000, maxMs: 30_000 };
 
 export interface LeaseBookOptions {
   router: string;
@@ -21,6 +26,8 @@ export interface LeaseBookOptions {
   /** Sends the route question; false when it could not be sent (not connected). */
   ask(id: Uint8Array, model: string, budgetMs: number, bytes: number, sent: (ok: boolean) => void): void;
   onLease?: () => void;
+  /** Jitter of the wait after a miss (default Math.random). */
+  random?: () => number;
 }
 
 export interface LeaseBook {
@@ -37,15 +44,26 @@ export function createLeaseBook(options: LeaseBookOptions): LeaseBook {
   const leases = new Map<string, LeaseState>();
   const waiters = new Map<string, (lease: Lease | undefined) => void>();
   const coming = new Map<string, Promise<LeaseState | undefined>>();
+  /** Per model: the router's misses in a row, and until when it is not asked. */
+  const misses = new Map<string, { count: number; until: number }>();
+
+  /** The router left a question unanswered or had no agent: no question about the model until the wait is over. */
+  const missed = (model: string) => {
+    const count = (misses.get(model)?.count ?? 0) + 1;
+    const waitMs = reconnectDelayMs(count - 1, MISS_BACKOFF, options.random);
+    misses.set(model, { count, until: now() + waitMs });
+    logger.debug({ model, router, misses: count, waitMs }, 'not asking the router for a while');
+  };
 
   const fetchLease = (model: string, budgetMs: number, bytes: number): Promise<LeaseState | undefined> => {
     const inFlight = coming.get(model);
     if (inFlight) return inFlight;
     const id = newRequestId();
     const key = requestIdHex(id);
-    let answer!: (lease: Lease | undefined) => void;
+    // `unanswered`: the router did not answer in time (a question that could not be sent says nothing of the router).
+    let answer!: (lease: Lease | undefined, unanswered?: boolean) => void;
     const promise = new Promise<LeaseState | undefined>((resolve) => {
-      answer = (lease) => {
+      answer = (lease, unanswered = false) => {
         clearTimeout(timer);
         waiters.delete(key);
         // Only this question's own entry: an answer that comes synchronously must not leave it behind.
@@ -53,10 +71,12 @@ export function createLeaseBook(options: LeaseBookOptions): LeaseBook {
         if (!lease || lease.agents.length === 0) {
           if (lease) logger.debug({ model, code: lease.code, err: lease.message }, 'router has no route');
           else logger.debug({ model, router }, 'no lease in time');
+          if (lease || unanswered) missed(model);
           resolve(undefined);
           return;
         }
         options.onLease?.();
+        misses.delete(model);
         const t = now();
         const state: LeaseState = {
           router,
@@ -68,7 +88,7 @@ export function createLeaseBook(options: LeaseBookOptions): LeaseBook {
         resolve(state);
       };
     });
-    const timer = setTimeout(() => answer(undefined), timeoutMs);
+    const timer = setTimeout(() => answer(undefined, true), timeoutMs);
     coming.set(model, promise);
     waiters.set(key, (lease) => answer(lease));
     options.ask(id, model, budgetMs, bytes, (ok) => {
@@ -82,11 +102,12 @@ export function createLeaseBook(options: LeaseBookOptions): LeaseBook {
       const t = now();
       const held = leases.get(model);
       if (held && t < held.freshUntil) return held;
+      const resting = t < (misses.get(model)?.until ?? 0);
       if (held && t < held.usableUntil) {
-        void fetchLease(model, budgetMs, bytes);
+        if (!resting) void fetchLease(model, budgetMs, bytes);
         return held;
       }
-      return fetchLease(model, budgetMs, bytes);
+      return resting ? undefined : fetchLease(model, budgetMs, bytes);
     },
     onLeaseMessage(payload) {
       let lease: Lease;

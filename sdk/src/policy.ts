@@ -1,6 +1,7 @@
 /**
  * How the SDK chooses an agent for each attempt (docs/routing.md, "Two ways in"): from the router's
- * route lease when it has one, else by itself from the fleet's statuses and load reports. The request
+ * route lease when it has one (among the lease's agents this client has not seen fail lately), else by
+ * itself from the fleet's statuses and load reports. The request
  * engine in @edge-mesh/client does the rest (failover, retries, hedges, timeouts, the deadline).
  *
  * By itself it estimates each agent's completion time: the work queued there as last reported (by its
@@ -108,6 +109,8 @@ const CLAIM_STALE_MS = 5_000;
 const SHED_PROBE_EVERY_MS = 1_000;
 /** What loading a model is taken to cost before any reply said (the router's default too). */
 const DEFAULT_COLD_LOAD_MS = 5_000;
+/** The most agents a route question may exclude (RouteRequestSchema). */
+const MAX_EXCLUDED = 16;
 
 export interface SdkPolicy extends EnginePolicy<SdkRequest, SdkReply> {
   /** Requests this client has outstanding at the agent. */
@@ -116,6 +119,11 @@ export interface SdkPolicy extends EnginePolicy<SdkRequest, SdkReply> {
   claimedQueue(agentId: string): BoundedQueue | undefined;
   /** Whether an attempt could be sent now (an online agent serves the model, the pinned one if any). */
   hasCandidate(model: string, pinned: string | undefined): boolean;
+  /**
+   * Online agents serving `model` that this client saw fail lately, for a route question's `exclude`; none when no
+   * other online agent serves it (the router would have nothing left to lease).
+   */
+  suspects(model: string, now: number): string[];
 }
 
 export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
@@ -237,26 +245,35 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     };
   };
 
-  /** The lease agent with the soonest answer: the router's prediction plus this client's work outstanding there. */
+  /**
+   * The lease agent with the soonest answer: the router's prediction plus this client's work outstanding there. The
+   * router ranks agents by what they say of themselves and, in direct mode, never sees their replies, so this client's
+   * own evidence counts too: an agent it saw fail lately is passed over (as in pickLocal; with none left the SDK picks by
+   * itself), and its outstanding work is not shared among the workers the agent claims, a number nothing here checks (a
+   * claim of many would draw a whole burst).
+   */
   const pickLeased = (
     request: EngineRequest<SdkRequest>,
     tried: ReadonlySet<string>,
+    now: number,
   ): { plan: AttemptPlan; serviceMs: number } | undefined => {
     const lease = request.data.lease;
     if (!lease) return undefined;
     let best: { plan: AttemptPlan; serviceMs: number; score: number } | undefined;
     for (const leased of lease.agents) {
       const agent = fleet.get(leased.agent);
+      const l = local(leased.agent);
       if (
         agent?.status.state !== 'online' ||
         tried.has(leased.agent) ||
         request.data.excluded?.has(leased.agent) ||
+        l.suspectUntil > now ||
         fleet.silent(leased.agent)
       )
         continue;
       // A leased agent without room in its credit window is passed over (the SDK then picks by itself).
       if (!hasRoom(leased.agent, request)) continue;
-      const score = leased.predictedMs + local(leased.agent).outstandingWorkMs / workersOf(agent);
+      const score = leased.predictedMs + l.outstandingWorkMs;
       if (!best || score < best.score) {
         best = {
           score,
@@ -289,7 +306,7 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
   return {
     pick(request, tried, kind: AttemptKind, now) {
       const first = request.data.viaRouter && tried.size === 0 && kind === 'first';
-      const leased = request.data.pinned === undefined ? pickLeased(request, tried) : undefined;
+      const leased = request.data.pinned === undefined ? pickLeased(request, tried, now) : undefined;
       if (first) {
         options.onRouted?.(leased !== undefined);
         if (leased) request.data.routedBy = request.data.lease!.router;
@@ -353,5 +370,10 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     outstanding: (agentId) => locals.get(agentId)?.outstanding ?? 0,
     claimedQueue: (agentId) => locals.get(agentId)?.claim,
     hasCandidate: (model, pinned) => candidates(model, new Set(), pinned).length > 0,
+    suspects(model, now) {
+      const online = fleet.online(model);
+      const failing = online.filter((a) => (locals.get(a.id)?.suspectUntil ?? 0) > now).map((a) => a.id);
+      return failing.length < online.length ? failing.slice(0, MAX_EXCLUDED) : [];
+    },
   } satisfies SdkPolicy;
 }

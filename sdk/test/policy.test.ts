@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { createFleetView, type EngineRequest } from '@edge-mesh/client';
-import { encodeMessage, type InferReply } from '@edge-mesh/protocol';
+import { encodeMessage, type InferReply, MeshError } from '@edge-mesh/protocol';
 import { createSdkPolicy, type SdkRequest } from '../src/policy.ts';
 
 function fleetOf(...agents: string[]) {
@@ -187,4 +187,110 @@ test('floorMs: the fastest untried agent by its own claim; one honest agent keep
   assert.equal(floorMs(request(60_000), new Set(['honest']), 2_010), 1e9);
   // No candidate at all: nothing known, nothing shed here (the engine answers MESH_NO_AGENT).
   assert.equal(floorMs(request(1_030), new Set(['honest', 'liar']), 2_020), undefined);
+});
+
+/** A request on a lease from router-1 listing these agents, best first, with the router's predictions. */
+function leased(agents: [string, number][]): EngineRequest<SdkRequest> {
+  const base = request(60_000);
+  const lease = {
+    router: 'router-1',
+    agents: agents.map(([agent, predictedMs]) => ({ agent, predictedMs, serviceMs: 50, timeoutMs: 1_000, hedgeAfterMs: 500 })),
+    freshUntil: Number.POSITIVE_INFINITY,
+    usableUntil: Number.POSITIVE_INFINITY,
+  };
+  return { ...base, data: { ...base.data, lease, viaRouter: true } };
+}
+
+function attemptAt(req: EngineRequest<SdkRequest>, agentId: string, sentAt: number) {
+  return { request: req, agentId, kind: 'first', index: 0, paid: false, sentAt, plan: { agentId }, timedOut: false } as const;
+}
+
+test('a leased agent this client saw fail is passed over while the lease has another; an honest lease is followed', () => {
+  const { fleet } = fleetOf('liar', 'honest', 'other');
+  const routed: boolean[] = [];
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0, onRouted: (r) => routed.push(r) });
+  // Nothing suspect: the lease's order is followed, whichever agent it puts first.
+  const first = leased([
+    ['honest', 10],
+    ['liar', 40],
+  ]);
+  assert.equal(policy.pick(first, new Set(), 'first', 1_000)!.agentId, 'honest');
+  assert.equal(first.data.routedBy, 'router-1');
+  assert.equal(
+    policy.pick(
+      leased([
+        ['liar', 5],
+        ['honest', 40],
+      ]),
+      new Set(),
+      'first',
+      1_000,
+    )!.agentId,
+    'liar',
+  );
+  // The router keeps ranking the liar first (it never sees the replies); every request there fails.
+  for (let i = 0; i < 20; i++) {
+    const req = leased([
+      ['liar', 5],
+      ['honest', 40],
+    ]);
+    const attempt = attemptAt(req, 'liar', 1_000 + i);
+    policy.onSend!(attempt, attempt.sentAt);
+    policy.onAttemptEnd!(attempt, { kind: 'error', error: new MeshError('MESH_INFERENCE_FAILED', 'runtime failed') }, 1_001 + i);
+  }
+  const after = leased([
+    ['liar', 5],
+    ['honest', 40],
+  ]);
+  assert.equal(policy.pick(after, new Set(), 'first', 1_100)!.agentId, 'honest');
+  assert.equal(after.data.routedBy, 'router-1', 'still on the lease');
+  // A lease of nothing but the liar: the SDK picks by itself, among agents it has not seen fail.
+  routed.length = 0;
+  assert.notEqual(policy.pick(leased([['liar', 5]]), new Set(), 'first', 1_100)!.agentId, 'liar');
+  assert.deepEqual(routed, [false]);
+  // The route question leaves it out, unless nothing else serves the model.
+  assert.deepEqual(policy.suspects('kws', 1_100), ['liar']);
+  // Suspicion lapses (3 s after the last failure): the lease is followed again.
+  assert.equal(
+    policy.pick(
+      leased([
+        ['liar', 5],
+        ['honest', 40],
+      ]),
+      new Set(),
+      'first',
+      4_100,
+    )!.agentId,
+    'liar',
+  );
+  assert.deepEqual(policy.suspects('kws', 4_100), []);
+});
+
+test('a leased agent claiming many workers still counts this client’s outstanding work there in full', () => {
+  const { fleet } = fleetOf('liar', 'honest');
+  fleet.onStatus(
+    'liar',
+    encodeMessage({
+      v: 1,
+      kind: 'status',
+      agent: 'liar',
+      state: 'online',
+      ts: 0,
+      session: 's',
+      workers: 1_000,
+      queueLimit: 64,
+      models: [{ name: 'kws', version: '1', sha256: '0'.repeat(64), priceMicros: 0, latencyMs: 50, inputs: [], outputs: [] }],
+    }),
+  );
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+  const lease: [string, number][] = [
+    ['liar', 10],
+    ['honest', 12],
+  ];
+  const req = leased(lease);
+  assert.equal(policy.pick(req, new Set(), 'first', 1_000)!.agentId, 'liar');
+  const attempt = attemptAt(req, 'liar', 1_000);
+  policy.onSend!(attempt, 1_000);
+  // 50 ms of this client's work waits there: not 50 / 1,000.
+  assert.equal(policy.pick(leased(lease), new Set(), 'first', 1_000)!.agentId, 'honest');
 });
