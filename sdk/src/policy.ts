@@ -100,6 +100,8 @@ interface Local {
 const NETWORK_EWMA_ALPHA = 0.2;
 const INITIAL_NETWORK_MS = 1;
 const SUSPECT_MS = 3_000;
+/** Codes that say the agent failed (its runtime, its own code, its model file), not the request: it is suspect a while. */
+const AGENT_FAULTS: ReadonlySet<string> = new Set(['MESH_INFERENCE_FAILED', 'MESH_INTERNAL', 'MESH_MODEL_INTEGRITY']);
 /** A reply's queue claim older than this no longer counts (the fleet view's default for load reports). */
 const CLAIM_STALE_MS = 5_000;
 /**
@@ -358,7 +360,7 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
         const claim = end.error.details;
         if (typeof claim?.rif === 'number')
           noteClaim(attempt.agentId, claim.rif, typeof claim.workMs === 'number' ? claim.workMs : undefined, now);
-        if (end.error.code === 'MESH_INFERENCE_FAILED') l.suspectUntil = now + SUSPECT_MS;
+        if (AGENT_FAULTS.has(end.error.code)) l.suspectUntil = now + SUSPECT_MS;
       } else if (end.kind === 'cancelled' && end.reason !== 'closed') {
         options.onCancelled?.(attempt.request.key, attempt.agentId);
       }

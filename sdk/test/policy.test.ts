@@ -228,15 +228,26 @@ test('a leased agent this client saw fail is passed over while the lease has ano
     )!.agentId,
     'liar',
   );
-  // The router keeps ranking the liar first (it never sees the replies); every request there fails.
-  for (let i = 0; i < 20; i++) {
+  // The router keeps ranking the liar first (it never sees the replies); every request there fails (its runtime, or
+  // its own code: any code that says the agent failed rather than the request).
+  const faults = ['MESH_INFERENCE_FAILED', 'MESH_INTERNAL', 'MESH_MODEL_INTEGRITY'] as const;
+  for (let i = 0; i < 21; i++) {
     const req = leased([
       ['liar', 5],
       ['honest', 40],
     ]);
     const attempt = attemptAt(req, 'liar', 1_000 + i);
     policy.onSend!(attempt, attempt.sentAt);
-    policy.onAttemptEnd!(attempt, { kind: 'error', error: new MeshError('MESH_INFERENCE_FAILED', 'runtime failed') }, 1_001 + i);
+    policy.onAttemptEnd!(attempt, { kind: 'error', error: new MeshError(faults[i % 3]!, 'failed') }, 1_001 + i);
+  }
+  // Each of the three codes alone makes an agent suspect; a code about the request does not.
+  for (const code of [...faults, 'MESH_BAD_INPUT'] as const) {
+    const fresh = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+    const req = leased([['liar', 5]]);
+    const attempt = attemptAt(req, 'liar', 1_000);
+    fresh.onSend!(attempt, attempt.sentAt);
+    fresh.onAttemptEnd!(attempt, { kind: 'error', error: new MeshError(code, 'failed') }, 1_001);
+    assert.deepEqual(fresh.suspects('kws', 1_002), code === 'MESH_BAD_INPUT' ? [] : ['liar'], code);
   }
   const after = leased([
     ['liar', 5],
