@@ -227,6 +227,8 @@ export interface MeshCounters {
   statusRejected: number;
   /** Statuses dropped because they did not decode as a status or named another agent than their topic. */
   statusMalformed: number;
+  /** Statuses held back, then replaced by the agent's next, because it sent more status bytes than its budget. */
+  statusDeferred: number;
   /** Offline statuses (late last wills) dropped because they name an older session than the agent's live one. */
   staleOffline: number;
   /** Retained statuses dropped because a status of the same session had already come live on this connection. */
@@ -691,6 +693,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         ...counters,
         statusRejected: fleet.counters.statusRejected,
         statusMalformed: fleet.counters.statusMalformed,
+        statusDeferred: fleet.counters.statusDeferred,
         staleOffline: fleet.counters.staleOffline,
         staleRetained: fleet.counters.staleRetained,
         loadIgnored: fleet.counters.loadIgnored,
