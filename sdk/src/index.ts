@@ -479,7 +479,9 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     onConnect: (c: MqttClient) => {
       fleet.onConnect();
       const filters = [topics.clientRepliesFor(clientId), topics.allAgentStatus(), topics.allAgentLoad()];
-      if (routerId) filters.push(topics.clientLeasesFor(clientId));
+      // Only the named router's leases: any admitted router may publish to `lease/+` of any client, and each message
+      // costs a small device a read and a decode before it is dropped.
+      if (routerId) filters.push(topics.clientLease(clientId, routerId));
       subscribeOrReconnect(
         c,
         filters,
