@@ -65,6 +65,9 @@ function buildC(_t: TestContext): Promise<string> {
       run(compiler!, [...flags, '-o', path.join(out, 'fb_vectors'), ...src, path.join(C_DIR, 'test/fb_vectors.c'), '-lsodium'], {
         timeout: 120_000,
       }),
+      run(compiler!, [...flags, '-o', path.join(out, 'fb_silence'), ...src, path.join(C_DIR, 'test/fb_silence.c'), '-lsodium'], {
+        timeout: 120_000,
+      }),
     ]);
     return out;
   })();
@@ -173,6 +176,28 @@ describe('C reference client against the bridge', () => {
     const code = await new Promise<number | null>((r) => child.on('exit', r));
     assert.equal(code, 0, out);
     assert.match(out, new RegExp(`${golden.vectors.length} of ${golden.vectors.length} vectors passed`));
+  });
+
+  test('a bridge that never answers: the C client skips its sequence past any floor first, then starts new epochs ever more rarely', {
+    skip: NEED_C,
+  }, async (t) => {
+    const bin = path.join(await buildC(t), 'fb_silence');
+    const polls = 3_600;
+    const lines = (await run(bin, [String(polls)])).stdout.trim().split('\n');
+    const stored = Number(lines.pop()!.replace('stored ', ''));
+    const frames = lines.map((l) => l.split(' ').map(Number) as [number, number]);
+    assert.equal(frames.length, polls, 'one try per exchange in this run');
+    // Three silent exchanges: the same epoch, the sequence 128 further on (past a floor the bridge wrote ahead of use).
+    assert.deepEqual(frames.slice(0, 4), [
+      [1, 1],
+      [1, 2],
+      [1, 3],
+      [1, 132],
+    ]);
+    // New epochs after 6 silent exchanges, then after twice as many each time, at most 1,024 apart.
+    const starts = frames.flatMap(([epoch], i) => (i > 0 && epoch !== frames[i - 1]![0] ? [i] : []));
+    assert.deepEqual(starts, [6, 12, 24, 48, 96, 192, 384, 768, 1_536, 2_560, 3_584]);
+    assert.equal(stored, 1 + starts.length, 'the boot epoch and one write per new epoch');
   });
 
   test('over UDP: results equal a direct mesh request, a retransmit gets the same reply and runs once', { skip: NEED_C }, async (t) => {

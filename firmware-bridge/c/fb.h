@@ -66,7 +66,9 @@ typedef struct {
     uint8_t key[32];
     uint16_t epoch;
     uint32_t seq;
-    uint8_t fails;       /* exchanges in a row without an answer */
+    uint32_t fails;      /* exchanges in a row without an answer */
+    uint32_t bump_at;    /* at this many, the next new epoch (see exchange() in fb_client.c) */
+    uint32_t bump_gap;   /* silent exchanges between new epochs, doubling up to FB_MAX_EPOCH_GAP */
     int last_error;      /* code of the last ERROR frame */
     uint8_t pending;     /* downlinks the bridge holds for us (key 20 of the last reply) */
     uint8_t n_models;

@@ -53,8 +53,41 @@ int fb_new_epoch(fb_client_t *c) {
     if (c->cfg.port->store_epoch(c->cfg.port->ctx, next) != 0) return FB_ERR_PORT;
     c->epoch = next;
     c->seq = 0;
-    c->fails = 0;
     return FB_OK;
+}
+
+/* Silent exchanges before the sequence skips ahead, before the first new epoch, and the most between new epochs. */
+#define FB_SKIP_AT 3
+#define FB_FIRST_EPOCH_GAP 3
+#define FB_MAX_EPOCH_GAP 1024
+/* How far the sequence skips: past any floor the bridge wrote ahead of use (64) and kept over its restart. */
+#define FB_SEQ_SKIP 128
+
+static void heard(fb_client_t *c) {
+    c->fails = 0;
+    c->bump_at = FB_SKIP_AT + FB_FIRST_EPOCH_GAP;
+    c->bump_gap = FB_FIRST_EPOCH_GAP;
+}
+
+/*
+ * One more exchange without an answer. The bridge drops without a word a frame at or below the floor it keeps for
+ * us, as after its own restart: at FB_SKIP_AT in a row the sequence skips ahead of any such floor. A bridge that holds
+ * a newer epoch for us (our stored one was lost) needs a new epoch: the first at FB_SKIP_AT + FB_FIRST_EPOCH_GAP, then
+ * each after twice as many silent exchanges as the last, at most FB_MAX_EPOCH_GAP. A week without a bridge, exchanges
+ * back to back at the default timeouts (3 tries of 1 s), then costs the 16-bit epoch (and the NVM it is stored in)
+ * about 200 steps. One every three exchanges would wrap it in about a week and leave the device refused as stale
+ * until it is provisioned again.
+ */
+static void silent(fb_client_t *c) {
+    if (c->fails < 0xffffffffu) c->fails++;
+    if (c->fails == FB_SKIP_AT) {
+        if (c->seq > 0xffffffffu - FB_SEQ_SKIP) fb_new_epoch(c);
+        else c->seq += FB_SEQ_SKIP;
+    } else if (c->fails >= c->bump_at) {
+        fb_new_epoch(c);
+        c->bump_gap = c->bump_gap * 2 > FB_MAX_EPOCH_GAP ? FB_MAX_EPOCH_GAP : c->bump_gap * 2;
+        c->bump_at = c->fails + c->bump_gap;
+    }
 }
 
 int fb_init(fb_client_t *c, const fb_config_t *cfg) {
@@ -64,6 +97,7 @@ int fb_init(fb_client_t *c, const fb_config_t *cfg) {
     if (!c->cfg.tries) c->cfg.tries = 3;
     if (cfg->port->load_key(cfg->port->ctx, c->key) != 0) return FB_ERR_PORT;
     if (cfg->port->load_epoch(cfg->port->ctx, &c->epoch) != 0) c->epoch = 0;
+    heard(c);
     /* The epoch is stored before the first frame, so no (epoch, seq) is ever sent twice. */
     return fb_new_epoch(c);
 }
@@ -135,13 +169,12 @@ static int exchange(fb_client_t *c) {
             if (n == 0) continue;
             int got = c->cfg.link == FB_LINK_SERIAL ? take_bytes(c, c->body, (size_t)n) : take_packet(c, c->rx, (size_t)n);
             if (got) {
-                c->fails = 0;
+                heard(c);
                 return FB_OK;
             }
         }
     }
-    /* Three silent exchanges in a row: the bridge may hold a newer mark for us; start a new epoch. */
-    if (++c->fails >= 3) fb_new_epoch(c);
+    silent(c);
     return FB_ERR_TIMEOUT;
 }
 
