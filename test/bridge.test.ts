@@ -8,6 +8,8 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import dgram from 'node:dgram';
 import { once } from 'node:events';
+import { stat } from 'node:fs/promises';
+import path from 'node:path';
 import { describe, type TestContext, test } from 'node:test';
 import { mulberry32 } from '@edge-mesh/client';
 import {
@@ -43,7 +45,7 @@ import {
   sealFrame,
   WIRE_TO_MESH,
 } from '@edge-mesh/firmware-bridge';
-import { MeshError, type ModelInfo, type Tensor } from '@edge-mesh/protocol';
+import { MeshError, type ModelInfo, type Tensor, topics } from '@edge-mesh/protocol';
 import golden from '../firmware-bridge/vectors/golden.json' with { type: 'json' };
 import { ROOT, tempDir, waitFor } from './helpers.ts';
 
@@ -575,6 +577,13 @@ describe('bridge: restarts, sleepy devices, downlinks', () => {
     assert.equal(reply.type, FrameType.INFER_RESP);
   });
 
+  test('the registry folder is made readable by its owner only (it holds the device keys)', async (t) => {
+    const dir = path.join(await tempDir(t, 'edge-mesh-reg-'), 'devices');
+    const registry = await DeviceRegistry.open(dir);
+    await registry.close();
+    assert.equal((await stat(dir)).mode & 0o777, 0o700);
+  });
+
   test('kill -9 right after a reply: the restarted bridge has the mark and refuses the captured frame', async (t) => {
     // Otherwise a replay after the crash runs the request again and seals a second, different reply under the
     // nonce of the first (ChaCha20-Poly1305 with a reused nonce leaks both plaintexts' XOR).
@@ -669,6 +678,46 @@ void bridge.handlePacket(Buffer.from(hex, 'hex'), () => {
     assert.equal((raw.body as Map<number, unknown>).get(K.error.code), BridgeErrorCode.TOO_LARGE);
     const tooSmall = await r.device.request(FrameType.HELLO, cborMap([[K.hello.maxFrame, 20]]));
     assert.equal((tooSmall.body as Map<number, unknown>).get(K.error.code), BridgeErrorCode.BAD_BODY);
+  });
+
+  test('a downlink past its time to live is not delivered', async (t) => {
+    let now = 1_000_000;
+    const r = await rig(t, { now: () => now });
+    r.bridge.queueDownlink(r.record.deviceId, Buffer.from('stale'), 60_000);
+    r.bridge.queueDownlink(r.record.deviceId, Buffer.from('fresh'));
+    now += 61_000;
+    const a = await r.device.request(FrameType.POLL, new Map());
+    assert.equal(Buffer.from((a.body as Map<number, unknown>).get(K.downlink.payload) as Uint8Array).toString(), 'fresh');
+    const b = await r.device.request(FrameType.POLL, new Map());
+    assert.equal(b.type, FrameType.ACK);
+    // The default time to live is an hour.
+    r.bridge.queueDownlink(r.record.deviceId, Buffer.from('hour'));
+    now += 3_600_001;
+    assert.equal((await r.device.request(FrameType.POLL, new Map())).type, FrameType.ACK);
+  });
+
+  test('telemetry is published at the device telemetry topic, QoS 0, not retained', async (t) => {
+    const r = await rig(t);
+    const ack = await r.device.request(FrameType.TELEMETRY, cborMap([[K.telemetry.readings, [[0, 21.5]]]]));
+    assert.equal(ack.type, FrameType.ACK);
+    assert.deepEqual(
+      r.mesh.published.filter((p) => p.topic.endsWith('/telemetry')),
+      [{ topic: topics.deviceTelemetry(r.bridge.id, r.record.longId), retain: false }],
+    );
+  });
+
+  test('a device with four requests in flight gets BUSY for a fifth, and is served again once they end', async (t) => {
+    const r = await rig(t);
+    r.mesh.delayMs = 100;
+    const running = Array.from({ length: 4 }, () => r.device.request(FrameType.INFER_REQ, inferBody()));
+    await waitFor(() => r.mesh.calls === 4, 2_000, 'four requests running');
+    const fifth = await r.device.request(FrameType.INFER_REQ, inferBody());
+    assert.equal(fifth.type, FrameType.ERROR);
+    assert.equal((fifth.body as Map<number, unknown>).get(K.error.code), BridgeErrorCode.BUSY);
+    assert.equal(r.mesh.calls, 4, 'the fifth did not run');
+    for (const reply of await Promise.all(running)) assert.equal(reply.type, FrameType.INFER_RESP);
+    r.mesh.delayMs = 0;
+    await assertStillServes(r);
   });
 
   test('downlinks wait for the next poll, one per poll, and the count rides on every reply', async (t) => {
