@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
+import type { MeshError } from '@edge-mesh/protocol';
 import { agentFor, brokerFor, meshFor, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, registeredAgent } from './payer.ts';
 
@@ -15,7 +16,7 @@ let chain: LocalChain;
 let deployment: MeshDeployment;
 
 before(async () => {
-  chain = await startLocalChain({ accounts: 5 });
+  chain = await startLocalChain({ accounts: 6 });
   deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
 });
 after(() => chain?.close());
@@ -64,4 +65,47 @@ test('a burst of paid requests beyond the credit window is held back by the SDK,
   assert.equal(lane.paidMicros, 15 * KWS);
   assert.equal(lane.refused, 0);
   assert.equal(agent.payments!.lanes()[0]!.owedMicros, 15 * KWS, 'the agent billed the fifteen requests it served');
+});
+
+test('two running clients with one voucher key: the later grant takes the lane, and the other client is told so and stops sending there', async (t) => {
+  const payerWallet = chain.wallet(1);
+  const { identity, payout, domain } = await registeredAgent(deployment, chain.wallet(3));
+  await fundOwnLane(payerWallet, deployment.escrow, payout, 1_000_000n);
+  const broker = await brokerFor(t);
+  const agent = await agentFor(t, {
+    brokerUrl: broker.url,
+    identity,
+    payment: { payout, domain, dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100 },
+  });
+  const first = await meshFor(t, { brokerUrl: broker.url, payment: { signer: payerWallet, domain, dataDir: await tempDir(t) } });
+  await first.waitForModel('kws');
+  await first.infer('kws', sampleInputs('kws', 0), { deadlineMs: 5_000 });
+  // A second client signing with the same key opens its own lane with the agent: its grant is newer.
+  const second = await meshFor(t, { brokerUrl: broker.url, payment: { signer: payerWallet, domain, dataDir: await tempDir(t) } });
+  await second.waitForModel('kws');
+  await second.infer('kws', sampleInputs('kws', 1), { deadlineMs: 5_000 });
+  const refusedBefore = agent.payments!.counters.grants;
+  const errors: { code: string; reason: unknown; message: string }[] = [];
+  for (let i = 0; i < 4; i++) {
+    await first.infer('kws', sampleInputs('kws', 2 + i), { deadlineMs: 5_000 }).then(
+      () => errors.push({ code: 'ok', reason: undefined, message: '' }),
+      (e: MeshError) => errors.push({ code: e.code, reason: e.details?.reason, message: e.message }),
+    );
+  }
+  // The first refusal sends the grant again (an agent that lost its journal would take it back); refused with it,
+  // the lane is the other client's: the app is told why, and its later requests do not go there at all.
+  assert.deepEqual(
+    errors.map((e) => [e.code, e.reason]),
+    [
+      ['MESH_FORBIDDEN', undefined],
+      ['MESH_FORBIDDEN', 'lane-taken'],
+      ['MESH_FORBIDDEN', 'lane-taken'],
+      ['MESH_FORBIDDEN', 'lane-taken'],
+    ],
+  );
+  assert.match(errors[1]!.message, /another running client signs with this voucher key/);
+  assert.equal(agent.payments!.counters.grants, refusedBefore, 'the older grant sent again moved nothing');
+  // The client that holds the lane goes on, and is paid for.
+  for (let i = 0; i < 3; i++) await second.infer('kws', sampleInputs('kws', 10 + i), { deadlineMs: 5_000 });
+  await waitFor(() => agent.payments!.lanes()[0]?.senderId === second.clientId, 1_000, 'the lane with the second client');
 });

@@ -454,7 +454,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       );
     }
     if (reading.error) {
-      engine.fail(reading.key, agentId, reading.error);
+      const better = reading.error.code === 'MESH_FORBIDDEN' ? payments?.onForbidden(agentId, reading.error) : undefined;
+      engine.fail(reading.key, agentId, better ?? reading.error);
       return;
     }
     if (refusal) {
@@ -575,7 +576,16 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     const rooms = agents.map((id) => payments!.room(id, key, model));
     if (agents.length === 0 || rooms.includes('room')) return undefined;
     const left = deadlineAt - clock.now();
-    const never = rooms.every((r) => r === 'never');
+    if (rooms.every((r) => r === 'taken')) {
+      if (!failAtEnd) return undefined;
+      creditCounters.creditFailed++;
+      throw new MeshError(
+        'MESH_FORBIDDEN',
+        `every agent serving ${model} serves this payer's lane to another client: ${payments.takenReason(agents[0]!)}`,
+        { details: { reason: 'lane-taken', model, agents } },
+      );
+    }
+    const never = rooms.every((r) => r === 'never' || r === 'taken');
     if (never || left <= 0) {
       if (!failAtEnd) return undefined;
       creditCounters.creditFailed++;

@@ -207,6 +207,13 @@ interface Lane {
   grant: LaneGrant | undefined;
   /** The agent answered a paid request since the grant was sent: no need to send it again. */
   grantSeen: boolean;
+  /** The agent refused this client for want of a grant after it had taken the grant: the grant rides along again. */
+  grantResent: boolean;
+  /**
+   * Refused again with the grant along: the agent holds a newer grant of this payer, for another client (another
+   * running client signs with the same voucher key). The lane is left to it: no request goes there from here.
+   */
+  taken: boolean;
   /**
    * Receipts that came ahead of a gap, by seq, with what was known when they came; and receipts of a resync
    * batch whose reply is still due (`awaiting`: the request's key), held until it comes or the deadline passes.
@@ -252,7 +259,7 @@ interface StoredAhead {
 }
 
 /** Whether an agent's credit window has room for a request (see `PayerLanes.room`). */
-export type CreditRoom = 'room' | 'full' | 'never';
+export type CreditRoom = 'room' | 'full' | 'never' | 'taken';
 
 /** What this client remembers of a request it sent. */
 interface Sent {
@@ -336,7 +343,7 @@ export class PayerLanes {
   private roomWaiters = new Map<() => void, readonly string[]>();
   /** Closing: replies no longer reach the app, so receipts awaiting theirs link as they stand. */
   private closing = false;
-  counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0, lateRepaid: 0 };
+  counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0, lanesTaken: 0, lateRepaid: 0 };
 
   private constructor(
     readonly payer: string,
@@ -477,6 +484,8 @@ export class PayerLanes {
         : undefined,
       grant,
       grantSeen: false,
+      grantResent: false,
+      taken: false,
       ahead: new Map((resume?.ahead ?? []).map(restoreAhead).map((a) => [a.receipt.seq, a])),
       awaitTimer: undefined,
       resyncTimer: undefined,
@@ -527,6 +536,36 @@ export class PayerLanes {
     this.logger.warn({ agentId, err: why }, 'not paying this agent');
   }
 
+  /**
+   * The agent refused a request of this client with MESH_FORBIDDEN. After it had taken this client's grant, that is
+   * a lane it no longer holds for this client: the next request carries the grant again (an agent that lost its
+   * journal takes it back). Refused once more with the grant along, the agent holds a newer grant of this payer for
+   * another client: the lane is left to that client (`room` says 'taken'), not fought over, since every move strands
+   * the work in flight on it. Returns the error to give the app, when there is a better one to give.
+   */
+  onForbidden(agentId: string, error: MeshError): MeshError | undefined {
+    const lane = this.lanes.get(agentId);
+    if (!lane || lane.broken || lane.taken) return undefined;
+    if (lane.grantSeen) {
+      lane.grantSeen = false;
+      lane.grantResent = true;
+      return undefined;
+    }
+    if (!lane.grantResent) return undefined;
+    lane.taken = true;
+    this.counters.lanesTaken++;
+    const why = `agent ${agentId} serves payer ${this.payer}'s lane to another client now (a newer grant): another running client signs with this voucher key; give each running client its own voucher key`;
+    this.logger.warn({ agentId, payer: this.payer }, why);
+    return new MeshError('MESH_FORBIDDEN', why, { cause: error, details: { agentId, payer: this.payer, reason: 'lane-taken' } });
+  }
+
+  /** Why requests do not go to `agentId` from here, when its lane went to another client (`room` says 'taken'). */
+  takenReason(agentId: string): string | undefined {
+    return this.lanes.get(agentId)?.taken
+      ? `agent ${agentId} serves payer ${this.payer}'s lane to another client (another running client signs with this voucher key)`
+      : undefined;
+  }
+
   /** A new quote for an open lane: adopted when it costs no more per request, or when the app consents. */
   private refreshQuote(lane: Lane, quote: Quote): void {
     const most = (q: Quote) => new Map(q.models.map((m) => [m.modelHash, maxRequestMicros(m)]));
@@ -573,6 +612,7 @@ export class PayerLanes {
    */
   room(agentId: string, key: string, model: string): CreditRoom {
     const lane = this.lanes.get(agentId);
+    if (lane?.taken) return 'taken';
     const credit = lane?.quote.creditMicros;
     if (!lane || lane.broken || credit === undefined) return 'room';
     const need = this.mostFor(lane, key, model);

@@ -72,7 +72,7 @@ export interface SdkPolicyOptions {
    * Whether the agent's credit window has room for the request (payments): agents without room are passed
    * over while another has room; a hedge goes only where there is room.
    */
-  creditRoom?: (agentId: string, key: string, model: string) => 'room' | 'full' | 'never';
+  creditRoom?: (agentId: string, key: string, model: string) => 'room' | 'full' | 'never' | 'taken';
   /** An attempt was cancelled (a hedge that lost, or the request ended): the payer remembers it. */
   onCancelled?: (key: string, agentId: string) => void;
   onRouted?: (routed: boolean) => void;
