@@ -5,6 +5,7 @@
  * fees and the payer's lane pays exactly the work plus the fee. A relay that lies or is down is replaced.
  */
 import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { after, before, describe, type TestContext, test } from 'node:test';
@@ -43,13 +44,18 @@ async function fundedPayer(payout: string): Promise<ethers.Wallet> {
   return wallet;
 }
 
-async function relayRouter(t: TestContext, brokerUrl: string) {
+async function relayRouter(t: TestContext, brokerUrl: string, auth?: { apiKeys: { id: string; sha256: string; scopes: ['relay'] }[] }) {
   const runner = chain.wallet(nextAccount++);
   const router = await startRouter({
     brokerUrl,
     identity: generateIdentity('router'),
     logger: quiet,
-    http: { port: 0, processMetrics: false, relay: { runner, escrow: deployment.escrow, batchMs: 100 } },
+    http: {
+      port: 0,
+      processMetrics: false,
+      relay: { runner, escrow: deployment.escrow, batchMs: 100 },
+      ...(auth ? { auth: { trustedOperators: [], ...auth } } : {}),
+    },
   });
   t.after(() => router.close());
   return { url: router.http!.url, relay: runner.address.toLowerCase() };
@@ -75,7 +81,7 @@ async function lyingRelay(t: TestContext): Promise<{ url: string; posts: () => n
   return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, posts: () => posts };
 }
 
-async function gaslessAgent(t: TestContext, brokerUrl: string, relays: string[], relayWaitMs = 30_000) {
+async function gaslessAgent(t: TestContext, brokerUrl: string, relays: string[], relayWaitMs = 30_000, relayCredential?: string) {
   const identity = generateIdentity('agent');
   const payout = await gaslessPayout(identity);
   const agent = await agentFor(t, {
@@ -88,7 +94,14 @@ async function gaslessAgent(t: TestContext, brokerUrl: string, relays: string[],
       provider: chain.provider,
       fundsPollMs: 100,
       // No runner: the agent has no EVM key; relays settle for it. Lanes are handed on settleNow here.
-      settle: { relays, relayWaitMs, checkEveryMs: 100, thresholdMicros: 1_000_000_000, maxIntervalMs: 3_600_000 },
+      settle: {
+        relays,
+        relayWaitMs,
+        checkEveryMs: 100,
+        thresholdMicros: 1_000_000_000,
+        maxIntervalMs: 3_600_000,
+        ...(relayCredential ? { relayCredential } : {}),
+      },
     },
   });
   return { agent, payout };
@@ -178,6 +191,34 @@ describe('agents paid through a relay, with no gas', () => {
     assert.ok(settler.counters.relayFailures >= 1, 'the relay that is down was counted');
     assert.ok(settler.counters.relayMisses >= 1, 'the liar was counted');
     assert.equal(settler.counters.txs, 0);
+  });
+
+  test('a relay on a router with HTTP auth on takes vouchers from an agent with a relay-scoped key, and from nobody else', async (t) => {
+    const broker = await brokerFor(t);
+    const secret = 'relay-secret-0123456789';
+    const relay = await relayRouter(t, broker.url, {
+      apiKeys: [{ id: 'agents', sha256: createHash('sha256').update(secret).digest('hex'), scopes: ['relay'] }],
+    });
+    const keyed = await gaslessAgent(t, broker.url, [relay.url], 30_000, `meshkey.agents.${secret}`);
+    const bare = await gaslessAgent(t, broker.url, [relay.url]);
+    const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
+    for (const { agent, payout } of [keyed, bare]) {
+      const payer = await fundedPayer(payout);
+      const mesh = await meshFor(t, {
+        brokerUrl: broker.url,
+        payment: { signer: payer, domain: domain(), dataDir: await tempDir(t), relayerFee: 0.1 },
+      });
+      await mesh.waitForModel('kws');
+      for (let i = 0; i < 5; i++) await mesh.infer('kws', sampleInputs('kws', i), { deadlineMs: 5_000, agentId: agent.id });
+      await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 5 * KWS, 5_000, 'the voucher');
+      await agent.payments!.settler!.settleNow();
+    }
+    await waitFor(() => keyed.agent.payments!.settler!.counters.relayedMicros === 5 * KWS, 10_000, 'the keyed agent settled');
+    assert.equal(await escrow.tokenBalance(keyed.payout), BigInt(5 * KWS));
+    assert.equal(keyed.agent.payments!.settler!.counters.relayFailures, 0);
+    // Without a credential the relay refuses (401): counted as a failure, nothing settled.
+    assert.ok(bare.agent.payments!.settler!.counters.relayFailures >= 1);
+    assert.equal(await escrow.tokenBalance(bare.payout), 0n);
   });
 
   test("the SDK's relayer fee rises with the voucher, never falls, never breaks the escrow's cap; a share above 0.1 is MESH_CONFIG", async (t) => {

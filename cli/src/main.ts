@@ -463,6 +463,10 @@ export function buildProgram(): Command {
     )
     .option('--relay-wait-ms <ms>', 'how long a relay has to settle a lane it took before the next relay is tried', positiveInt, 30_000)
     .option(
+      '--relay-key-file <file>',
+      'a credential with the relay scope (an API key, meshkey.<id>.<secret>) sent to the relays: a router with HTTP auth on refuses vouchers without one (env MESH_RELAY_KEY)',
+    )
+    .option(
       '--metrics-port <port>',
       'serve Prometheus metrics at GET /metrics on this port (off by default; loads prom-client only then)',
       nonNegativeInt,
@@ -525,10 +529,17 @@ export function buildProgram(): Command {
         });
       }
       let settle: import('@edge-mesh/agent').SettlerOptions | undefined;
+      const relayCredential = opts.relayKeyFile
+        ? (await readFile(opts.relayKeyFile, 'utf8')).trim()
+        : process.env.MESH_RELAY_KEY?.trim() || undefined;
+      if (relayCredential !== undefined && relays.length === 0)
+        throw new MeshError('MESH_CONFIG', '--relay-key-file (or MESH_RELAY_KEY) is for --relay: no relay is given');
+      const relayAuth = relayCredential !== undefined ? { relayCredential } : {};
       if (relays.length > 0 && !opts.settle) {
         // No gas here: relays settle; the settler still decides when a lane is due and watches the chain.
         settle = {
           relays,
+          ...relayAuth,
           relayWaitMs: opts.relayWaitMs,
           maxIntervalMs: opts.settleInterval * 1000,
           checkEveryMs: opts.settleCheckMs,
@@ -549,7 +560,7 @@ export function buildProgram(): Command {
           ...(opts.settleThreshold !== undefined ? { thresholdMicros: opts.settleThreshold } : {}),
           ...(opts.settleOnClose ? { settleOnClose: true } : {}),
           ...(crash === 'after-intent' || crash === 'after-send' ? { crashAt: crash } : {}),
-          ...(relays.length > 0 ? { relays, relayWaitMs: opts.relayWaitMs } : {}),
+          ...(relays.length > 0 ? { relays, relayWaitMs: opts.relayWaitMs, ...relayAuth } : {}),
         };
       }
       if (opts.id !== undefined)

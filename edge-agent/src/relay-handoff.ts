@@ -24,11 +24,20 @@ export interface RelayAnswer {
   reason: string | undefined;
 }
 
-/** Posts vouchers to one relay; resolves with its answer per voucher, or throws when it cannot be reached or answers badly (MESH_INTERNAL). */
-export async function postToRelay(relayUrl: string, vouchers: readonly RelayedVoucher[], timeoutMs = 10_000): Promise<RelayAnswer[]> {
+/**
+ * Posts vouchers to one relay; resolves with its answer per voucher, or throws when it cannot be reached or answers
+ * badly (MESH_INTERNAL). `credential` goes as `Authorization: Bearer` (a router with HTTP auth on wants one with the
+ * `relay` scope: an API key, `meshkey.<id>.<secret>`).
+ */
+export async function postToRelay(
+  relayUrl: string,
+  vouchers: readonly RelayedVoucher[],
+  timeoutMs = 10_000,
+  credential?: string,
+): Promise<RelayAnswer[]> {
   const res = await fetch(new URL('/v1/relay/vouchers', relayUrl), {
     method: 'POST',
-    headers: { 'content-type': 'application/json' },
+    headers: { 'content-type': 'application/json', ...(credential ? { authorization: `Bearer ${credential}` } : {}) },
     body: JSON.stringify({ vouchers }),
     signal: AbortSignal.timeout(timeoutMs),
   });

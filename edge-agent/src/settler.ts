@@ -50,6 +50,8 @@ export interface SettlerOptions {
   relays?: string[];
   /** How long a relay has to settle a lane it was handed before the next one is tried (default 30 s). */
   relayWaitMs?: number;
+  /** Sent to every relay as `Authorization: Bearer` (a router with HTTP auth on needs a credential with the `relay` scope). */
+  relayCredential?: string;
   /** Micro-dollars owed-but-unsettled that make a lane due; by default `overheadFactor` × gasPerVoucher × gas price. */
   thresholdMicros?: number;
   /** Default 100: settle when gas is at most 1 % of the amount. */
@@ -486,6 +488,8 @@ export class Settler {
               receiptsRoot: d.entry.voucher.receiptsRoot,
               sig: d.entry.signature,
             })),
+            10_000,
+            this.options.relayCredential,
           );
         } catch (err) {
           this.counters.relayFailures++;
