@@ -383,6 +383,45 @@ test('a frozen consumer is disconnected within drainTimeout and does not stall a
   await assertServing(defer, ab, 2000);
 });
 
+test("a subscriber that stops reading the fleet's load reports does not stall the broker for anyone else", {
+  timeout: 30_000,
+}, async (t) => {
+  // aedes runs at most 100 deliveries at once for the whole broker and finishes one only when the subscriber's
+  // socket drains: more than 100 messages for a reader that has stopped would hold every slot for drainTimeoutMs.
+  const defer = cleanup(t);
+  const ab = await authBroker(defer, { drainTimeoutMs: 5_000 });
+  const agentId = await admitted(ab, 'agent');
+  const readerId = await admitted(ab, 'app');
+  const raw = await rawSocket(defer, ab.b);
+  raw.socket.write(authConnect(readerId));
+  assert.equal(await connackCode(raw), 0);
+  raw.socket.write(subscribePacket(topics.allAgentLoad(), 0, 1));
+  await readBytes(raw, 5);
+  raw.socket.pause();
+  let disconnectedAt = 0;
+  ab.b.aedes.on('clientDisconnect', (c) => {
+    if (c.id === readerId.id) disconnectedAt = Date.now();
+  });
+  const agent = await connect(defer, ab.b, agentId);
+  const big = Buffer.alloc(256 * 1024, 1);
+  // The agent's load reports, big and small, and at both QoS: a load report sent at QoS 1 to a QoS 0 subscription
+  // must not wait either.
+  for (let i = 0; i < 40; i++) agent.publish(topics.agentLoad(agentId.id), big, { qos: 0 });
+  for (let i = 0; i < 150; i++) agent.publish(topics.agentLoad(agentId.id), Buffer.from('x'), { qos: (i % 2) as 0 | 1 });
+  await new Promise((r) => setTimeout(r, 500));
+  await assertServing(defer, ab, 500);
+  // And the reader that never drains is still disconnected in time.
+  await withTimeout(
+    (async () => {
+      while (!disconnectedAt) await new Promise((r) => setTimeout(r, 50));
+    })(),
+    8_000,
+    'the stopped reader disconnected',
+  );
+  assert.ok(agent.connected, 'the publisher was not punished');
+  await assertServing(defer, ab, 500);
+});
+
 test('a publish flood from one client is cut off by its token bucket; the default bucket allows a benchmark burst', {
   timeout: 20_000,
 }, async (t) => {

@@ -17,6 +17,10 @@ export interface BrokerCounters {
   messagesIn: number;
   /** Messages the broker forwarded to subscribers (aedes' authorizeForward sees each one). */
   messagesOut: number;
+  /** QoS 0 messages not forwarded to a subscriber whose socket was not draining (a slow or stopped reader). */
+  messagesDroppedSlow: number;
+  /** Clients disconnected because their socket did not drain within drainTimeoutMs. */
+  slowConsumers: number;
   /** TCP bytes read and written on sockets that have closed (live ones are added at scrape time). */
   bytesInClosed: number;
   bytesOutClosed: number;
@@ -31,6 +35,8 @@ export function newBrokerCounters(): BrokerCounters {
     addressLimits: 0,
     messagesIn: 0,
     messagesOut: 0,
+    messagesDroppedSlow: 0,
+    slowConsumers: 0,
     bytesInClosed: 0,
     bytesOutClosed: 0,
   };

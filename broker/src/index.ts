@@ -41,7 +41,7 @@ import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import type { MetricsServer } from '@edge-mesh/client';
 import type { Admission, Revocation, SignedRecord } from '@edge-mesh/protocol';
-import { MeshError } from '@edge-mesh/protocol';
+import { MeshError, parseTopic } from '@edge-mesh/protocol';
 import { Aedes } from 'aedes';
 import { type Logger, pino } from 'pino';
 import { admissionControl } from './admissions.ts';
@@ -181,6 +181,34 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     handle: (stream, transport) => downgradeSubscribeQoS(aedes.handle(track(stream, transport)), grantedQos),
   });
   const willOrder = new WillOrder();
+  const isFanOut = (topic: string) => {
+    const kind = parseTopic(topic)?.kind;
+    return kind === 'status' || kind === 'load' || kind === 'device';
+  };
+  /** Subscribers whose socket stopped draining, with the timer that disconnects them if it does not drain in time. */
+  const slow = new WeakMap<Duplex, NodeJS.Timeout>();
+  const watchSlowConsumer = (client: { id?: string }, conn: Duplex) => {
+    if (slow.has(conn) || opts.drainTimeoutMs === 0) return;
+    // Dropped QoS 0 messages never reach aedes' own drain timer: this one keeps "a client whose socket does not drain
+    // within drainTimeoutMs is disconnected" true for them too.
+    const timer = setTimeout(() => {
+      slow.delete(conn);
+      if (!conn.writableNeedDrain || conn.destroyed) return;
+      counters.slowConsumers++;
+      warnThrottled(
+        `slow:${client.id}`,
+        { clientId: client.id ?? null, reason: 'slow-consumer' },
+        'disconnected: its socket did not drain',
+      );
+      conn.destroy();
+    }, opts.drainTimeoutMs);
+    timer.unref();
+    slow.set(conn, timer);
+    conn.once('drain', () => {
+      clearTimeout(timer);
+      slow.delete(conn);
+    });
+  };
   const aedes = await Aedes.createBroker({
     connectTimeout: opts.connectTimeoutMs,
     keepaliveLimit: opts.keepaliveLimitS,
@@ -191,8 +219,22 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     // aedes disconnects on its own level cap, even for SUBSCRIBE; keep it at qlobber's ceiling and enforce the
     // mesh's tighter `maxTopicLevels` in the authorize handlers so an over-deep filter gets SUBACK 0x80.
     maxTopicLevels: AEDES_MAX_TOPIC_LEVELS,
-    // Public aedes hook, called once per message forwarded to a subscriber: counted, never changed.
-    authorizeForward: (_client, packet) => {
+    // Public aedes hook, called once per message forwarded to a subscriber: counted, and not forwarded at QoS 0 to a
+    // subscriber whose socket is not draining. aedes finishes a delivery only once the subscriber's socket drains,
+    // and runs at most 100 deliveries at once for the whole broker: one client that stops reading, subscribed to the
+    // fleet's load reports, would hold every slot for drainTimeoutMs in turn and stall every publish of everyone.
+    // QoS 0 may be lost anyway, and so may fan-out: agents' statuses and load reports, however published (a delivery's
+    // QoS is settled after this hook, so a QoS 1 load report to a QoS 0 subscription is dropped by topic). Messages to
+    // the client itself at QoS 1 still wait: it gets those only for what it asked or was sent.
+    authorizeForward: (client, packet) => {
+      const conn = (client as { conn?: Duplex } | null)?.conn;
+      if (conn?.writableNeedDrain) {
+        watchSlowConsumer(client!, conn);
+        if (packet.qos === 0 || isFanOut(packet.topic)) {
+          counters.messagesDroppedSlow++;
+          return null;
+        }
+      }
       counters.messagesOut++;
       return packet;
     },

@@ -81,6 +81,16 @@ export async function serveBrokerMetrics(sources: BrokerMetricsSources, port: nu
   total('edge_mesh_broker_messages_received_total', 'PUBLISH packets accepted from clients', () => counters.messagesIn);
   total('edge_mesh_broker_messages_sent_total', 'Messages forwarded to subscribers', () => counters.messagesOut);
   total(
+    'edge_mesh_broker_messages_dropped_slow_total',
+    'QoS 0 messages not forwarded to a subscriber whose socket was not draining',
+    () => counters.messagesDroppedSlow,
+  );
+  total(
+    'edge_mesh_broker_slow_consumers_total',
+    'Clients disconnected for a socket that did not drain in time',
+    () => counters.slowConsumers,
+  );
+  total(
     'edge_mesh_broker_received_bytes_total',
     'Bytes read from client sockets (TLS included)',
     () => counters.bytesInClosed + sources.liveBytes().read,
