@@ -181,9 +181,11 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     handle: (stream, transport) => downgradeSubscribeQoS(aedes.handle(track(stream, transport)), grantedQos),
   });
   const willOrder = new WillOrder();
-  const isFanOut = (topic: string) => {
-    const kind = parseTopic(topic)?.kind;
-    return kind === 'status' || kind === 'load' || kind === 'device';
+  // Periodic fan-out a subscriber loses nothing by missing one of: the next comes within seconds. Statuses and
+  // device availability are state a client keeps until the next change, which may be long: they are not dropped.
+  const isPeriodic = (topic: string) => {
+    const parsed = parseTopic(topic);
+    return parsed?.kind === 'load' || (parsed?.kind === 'device' && parsed.what === 'telemetry');
   };
   /** Subscribers whose socket stopped draining, with the timer that disconnects them if it does not drain in time. */
   const slow = new WeakMap<Duplex, NodeJS.Timeout>();
@@ -223,14 +225,14 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     // subscriber whose socket is not draining. aedes finishes a delivery only once the subscriber's socket drains,
     // and runs at most 100 deliveries at once for the whole broker: one client that stops reading, subscribed to the
     // fleet's load reports, would hold every slot for drainTimeoutMs in turn and stall every publish of everyone.
-    // QoS 0 may be lost anyway, and so may fan-out: agents' statuses and load reports, however published (a delivery's
-    // QoS is settled after this hook, so a QoS 1 load report to a QoS 0 subscription is dropped by topic). Messages to
-    // the client itself at QoS 1 still wait: it gets those only for what it asked or was sent.
+    // QoS 0 may be lost anyway, and so may periodic fan-out (load reports, device telemetry) however published (a
+    // delivery's QoS is settled after this hook, so a QoS 1 load report to a QoS 0 subscription is dropped by topic).
+    // Other QoS 1 messages still wait: statuses, and what the client asked for or was sent.
     authorizeForward: (client, packet) => {
       const conn = (client as { conn?: Duplex } | null)?.conn;
       if (conn?.writableNeedDrain) {
         watchSlowConsumer(client!, conn);
-        if (packet.qos === 0 || isFanOut(packet.topic)) {
+        if (packet.qos === 0 || isPeriodic(packet.topic)) {
           counters.messagesDroppedSlow++;
           return null;
         }
