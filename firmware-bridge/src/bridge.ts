@@ -140,12 +140,8 @@ interface DeviceState {
 
 export type SendReply = (packet: Buffer) => void;
 
-/** The store refused a replay mark: the frame it was for is not served. */
-class MarkError extends MeshError {
-  constructor(message: string) {
-    super('MESH_INTERNAL', `replay mark not saved: ${message}`);
-  }
-}
+/** The store refused a replay mark: the frame it was for is not served (MeshError `details.reason`). */
+const MARK_NOT_SAVED = 'replay-mark-not-saved';
 
 /** The least a device may say it takes (HELLO key 2): room for an error reply. */
 export const MIN_DEVICE_FRAME = 128;
@@ -363,7 +359,7 @@ export class Bridge extends EventEmitter {
     const covering = this.markCovering(h.deviceId, s, h.epoch, h.seq);
     const serve = () => this.serve(h, s, key, plain, digest, send);
     const work = (covering ? covering.then(serve) : serve()).catch((err: Error) => {
-      if (err instanceof MarkError) {
+      if (err instanceof MeshError && err.details?.reason === MARK_NOT_SAVED) {
         this.drop('store', h);
         this.options.logger?.error({ err: err.message, device: longIdOf(h.deviceId) }, 'replay mark not saved: frame not served');
       } else this.options.logger?.error({ err: err.message, device: longIdOf(h.deviceId) }, 'bridge could not serve a frame');
@@ -375,7 +371,7 @@ export class Bridge extends EventEmitter {
 
   /**
    * Undefined when the device's mark on disk already covers (epoch, seq); else a promise that settles once a
-   * write that covers it is done (rejecting with MarkError when the store refuses). One write per device at a
+   * write that covers it is done (rejecting with a MeshError, `details.reason` MARK_NOT_SAVED, when the store refuses). One write per device at a
    * time, of the window's latest mark: a device sending faster than the disk syncs shares writes, so no device
    * can queue more than one synced write at a time in front of the others'. Within an epoch the floor is moved
    * on ahead of use (half a step before it is reached), so a steady device seldom waits.
@@ -403,7 +399,7 @@ export class Bridge extends EventEmitter {
         if (mark.epoch > s.durable.epoch || (mark.epoch === s.durable.epoch && mark.floor > s.durable.floor)) s.durable = mark;
       },
       (err: Error) => {
-        throw new MarkError(err.message);
+        throw new MeshError('MESH_INTERNAL', `replay mark not saved: ${err.message}`, { details: { reason: MARK_NOT_SAVED } });
       },
     );
     s.marking = run;
