@@ -8,6 +8,8 @@ import { after, before, describe, test } from 'node:test';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { fromHex, generateIdentity, MeshError, signLaneGrant } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
+import pino from 'pino';
+import { openPaidSide } from '../edge-agent/src/paid.ts';
 import { AgentPayments } from '../edge-agent/src/payments.ts';
 import { quiet, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane } from './payer.ts';
@@ -111,5 +113,15 @@ describe('paid admission', () => {
       (err: unknown) => err instanceof MeshError && err.code === 'MESH_CREDIT_EXCEEDED',
     );
     assert.equal(payments.counters.vouchersRefused, 1);
+  });
+  test('an agent that takes payment with nobody to settle its vouchers says so when it starts', async (t) => {
+    const { identity, domain, payout, models } = await fundedLane(3);
+    const lines: { msg?: string; level?: number }[] = [];
+    const logger = pino({ level: 'info' }, { write: (line: string) => lines.push(JSON.parse(line)) });
+    const entries = models.map((m) => ({ ...m, version: '1', file: 'kws.onnx' }));
+    const bare = await openPaidSide(identity, { payout, domain, dataDir: await tempDir(t), provider: chain.provider }, entries, logger);
+    t.after(() => bare.payments.close());
+    assert.equal(bare.settler, undefined);
+    assert.ok(lines.some((l) => l.level === 40 && /taking payment with no settlement/.test(l.msg ?? '')));
   });
 });

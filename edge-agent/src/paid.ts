@@ -26,7 +26,15 @@ export async function openPaidSide(
 ): Promise<PaidSide> {
   const { AgentPayments } = await import('./payments.ts');
   const payments = await AgentPayments.open(identity, payment, entries, logger);
-  if (!payment.settle) return { payments, settler: undefined };
+  if (!payment.settle) {
+    // Credit is given against money on the lane, but only a settlement moves it to the payout: a payer can withdraw
+    // whatever nobody settled once its thaw ends. Without a settler here, settling is someone else's job.
+    logger.warn(
+      { payout: payments.payout },
+      'taking payment with no settlement (--settle or --relay): vouchers this agent holds are paid only if something else settles them before the payer withdraws',
+    );
+    return { payments, settler: undefined };
+  }
   try {
     const { Settler } = await import('./settler.ts');
     const settler = await Settler.start(
