@@ -8,7 +8,7 @@
  */
 import assert from 'node:assert/strict';
 import test from 'node:test';
-import { startBroker } from '@edge-mesh/broker';
+import { limitKey, startBroker } from '@edge-mesh/broker';
 import { generateIdentity, type Identity, makeConnectToken, topics } from '@edge-mesh/protocol';
 import mqtt from 'mqtt';
 import {
@@ -286,6 +286,31 @@ test('idle-socket flood: one address gets at most maxConnectionsPerIp sockets, i
   await new Promise((r) => setTimeout(r, 50));
   assert.ok(!later.isClosed());
   assert.ok(ab.logs.some((l) => l.reason === 'too-many-connections' && l.remoteAddress === '127.0.0.2'));
+});
+
+test('idle sockets from several addresses cannot fill the connection cap: the oldest of all make room, and a client still gets in', {
+  timeout: 20_000,
+}, async (t) => {
+  const defer = cleanup(t);
+  // Seven addresses × 5 idle sockets would fill a cap of 30 connections, and then every new socket would be refused
+  // before any eviction could run.
+  const ab = await authBroker(defer, { maxConnectionsPerIp: 5, maxConnections: 30, connectTimeoutMs: 10_000 });
+  const flood: Raw[] = [];
+  for (let a = 2; a <= 8; a++) for (let i = 0; i < 5; i++) flood.push(await rawSocket(defer, ab.b, `127.0.0.${a}`));
+  await new Promise((r) => setTimeout(r, 100));
+  assert.ok(flood.filter((r) => !r.isClosed()).length <= 15, 'at most half the cap is held by sockets without CONNECT');
+  await assertServing(defer, ab, 2000);
+  assert.ok(ab.logs.some((l) => l.reason === 'too-many-pending'));
+});
+
+test('an IPv6 address is limited by its /64; IPv4 and IPv4 mapped into IPv6 whole', () => {
+  assert.equal(limitKey('2001:db8:1:2:aaaa::1'), '2001:db8:1:2::/64');
+  assert.equal(limitKey('2001:db8:1:2:ffff:ffff:ffff:ffff'), '2001:db8:1:2::/64');
+  assert.equal(limitKey('2001:db8::1'), '2001:db8:0:0::/64');
+  assert.equal(limitKey('::1'), '0:0:0:0::/64');
+  assert.equal(limitKey('fe80::1%eth0'), 'fe80:0:0:0::/64');
+  assert.equal(limitKey('192.0.2.7'), '192.0.2.7');
+  assert.equal(limitKey('::ffff:192.0.2.7'), '::ffff:192.0.2.7');
 });
 
 test('CONNECT storm: beyond the per-address bucket, CONNECTs naming no admitted id get CONNACK 3 before any check', {

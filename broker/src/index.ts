@@ -372,6 +372,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     close: () => (closing ??= shutdown()),
   };
 }
+export { limitKey } from './listener.ts';
 export {
   decodeForm,
   RABBITMQ_SERVICE_USER,

@@ -6,7 +6,10 @@
  * The per-address cap evicts rather than refuses: when an address already holds `maxPendingPerIp` sockets that have
  * not finished CONNECT, its oldest such socket is closed to make room. A flood of idle sockets then only recycles
  * its own sockets, while a real client, whose CONNECT follows its TCP handshake at once, still gets in; a client
- * that finished CONNECT is never counted or evicted (docs/security.md, "Connecting").
+ * that finished CONNECT is never counted or evicted (docs/security.md, "Connecting"). All addresses together hold
+ * at most half of `maxConnections` such sockets, the oldest of all closed to make room: otherwise a few addresses
+ * (ten at the defaults) would fill the connection cap, and the server would refuse every new socket before any
+ * eviction could run. An IPv6 address counts by its /64, which one host usually holds whole.
  *
  * With `tls` the listener is a TLS server (mqtts): a socket is handed on, and counted, guarded and throttled, only
  * once its handshake is done, so the guard reads the cleartext MQTT stream; a handshake must finish within
@@ -78,12 +81,35 @@ export interface Listener {
   close(): Promise<void>;
 }
 
+/**
+ * The key an address is limited under: an IPv6 address by its /64 (one host, or one subscriber's network, usually
+ * holds the whole /64, and could otherwise spread a flood over 2^64 addresses); IPv4, and IPv4 mapped into IPv6, whole.
+ */
+export function limitKey(ip: string): string {
+  if (!ip.includes(':') || ip.startsWith('::ffff:')) return ip;
+  const address = ip.split('%')[0]!;
+  let groups: string[];
+  if (address.includes('::')) {
+    const [head, tail] = address.split('::') as [string, string];
+    const h = head ? head.split(':') : [];
+    const t = tail ? tail.split(':') : [];
+    groups = [...h, ...Array<string>(Math.max(0, 8 - h.length - t.length)).fill('0'), ...t];
+  } else groups = address.split(':');
+  return `${groups
+    .slice(0, 4)
+    .map((g) => (Number.parseInt(g || '0', 16) || 0).toString(16))
+    .join(':')}::/64`;
+}
+
 export function createListener(options: ListenerOptions): Listener {
   const { maxPendingPerIp, maxPacketBytes, log, warnThrottled } = options;
   const socketIps = new WeakMap<object, string>();
   const sockets = new Set<Duplex>();
   /** Per address, its sockets that have not finished CONNECT, oldest first (a Set keeps insertion order). */
   const pending = new Map<string, Set<Duplex>>();
+  /** Every such socket, oldest first, with the key it is counted under. */
+  const allPending = new Map<Duplex, string>();
+  const maxPendingTotal = Math.max(1, Math.floor(options.maxConnections / 2));
   let accepting = true;
   /** With `proxyProtocol`: "address:port" of the balancer's socket → the client address its header named. */
   const proxied = new Map<string, string>();
@@ -93,6 +119,7 @@ export function createListener(options: ListenerOptions): Listener {
     (options.proxyProtocol ? proxied.get(peerKey(socket)) : undefined) ?? socket.remoteAddress ?? 'unknown';
 
   const unpend = (ip: string, socket: Duplex): void => {
+    allPending.delete(socket);
     const set = pending.get(ip);
     if (set === undefined) return;
     set.delete(socket);
@@ -107,23 +134,36 @@ export function createListener(options: ListenerOptions): Listener {
       socket.destroy();
       return;
     }
-    let set = pending.get(ip);
+    const key = limitKey(ip);
+    let set = pending.get(key);
     if (set === undefined) {
       set = new Set();
-      pending.set(ip, set);
+      pending.set(key, set);
     }
     if (set.size >= maxPendingPerIp) {
       const oldest = set.values().next().value as Duplex;
-      set.delete(oldest);
-      warnThrottled(`accept:${ip}`, { remoteAddress: ip, reason: 'too-many-connections' }, 'oldest connection without CONNECT closed');
+      unpend(key, oldest);
+      warnThrottled(`accept:${key}`, { remoteAddress: ip, reason: 'too-many-connections' }, 'oldest connection without CONNECT closed');
       oldest.destroy();
     }
+    if (allPending.size >= maxPendingTotal) {
+      const [oldest, oldestKey] = allPending.entries().next().value as [Duplex, string];
+      unpend(oldestKey, oldest);
+      warnThrottled(
+        'accept:all',
+        { remoteAddress: ip, reason: 'too-many-pending' },
+        'oldest connection without CONNECT closed (every address together is at its cap)',
+      );
+      oldest.destroy();
+    }
+    pending.set(key, set);
     set.add(socket);
+    allPending.set(socket, key);
     socketIps.set(socket, ip);
     sockets.add(socket);
     socket.once('close', () => {
       sockets.delete(socket);
-      unpend(ip, socket);
+      unpend(key, socket);
     });
     guardSocket(socket, maxPacketBytes, (rejection) => {
       log.warn(
@@ -294,7 +334,7 @@ export function createListener(options: ListenerOptions): Listener {
     established(socket) {
       if (socket === null || typeof socket !== 'object') return;
       const ip = socketIps.get(socket);
-      if (ip !== undefined) unpend(ip, socket as net.Socket);
+      if (ip !== undefined) unpend(limitKey(ip), socket as net.Socket);
     },
     async listen(port, host) {
       await new Promise<void>((resolve, reject) => {
