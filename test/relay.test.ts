@@ -58,7 +58,10 @@ async function voucher(
   return { payer: payer.toLowerCase(), agent: payout, cumulative: String(cumulative), feeCumulative: String(fee), receiptsRoot: ROOT, sig };
 }
 
-async function relayFor(t: TestContext, options: { minFeeMicros?: number; batchMs?: number } = {}) {
+async function relayFor(
+  t: TestContext,
+  options: { minFeeMicros?: number; batchMs?: number; vouchersPerSecond?: number; voucherBurst?: number } = {},
+) {
   const runner = chain.wallet(nextWallet++);
   const server = await startRelayServer({ runner, escrow: deployment.escrow, batchMs: 60_000, ...options });
   t.after(() => server.close());
@@ -176,6 +179,23 @@ describe('voucher relay', () => {
     });
     assert.equal(bad.status, 400);
     assert.equal(((await bad.json()) as { code: string }).code, 'MESH_BAD_REQUEST');
+  });
+
+  test('vouchers past one caller budget are refused MESH_RATE_LIMITED before any is checked; the relay keeps serving', async (t) => {
+    const { server } = await relayFor(t, { vouchersPerSecond: 1, voucherBurst: 10 });
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    const stranger = ethers.Wallet.createRandom();
+    // Made-up vouchers (the signer is not the payer they name): each costs a signer recovery to refuse.
+    const junk = await Promise.all(Array.from({ length: 6 }, (_, i) => voucher(stranger, payout, 1_000 + i, 10)));
+    const named = junk.map((v) => ({ ...v, payer: ethers.Wallet.createRandom().address.toLowerCase() }));
+    const first = await post(server, named);
+    assert.equal(first.status, 200);
+    assert.deepEqual(new Set(reasons(first.body.results)), new Set(['not-signer']));
+    const second = await post(server, named);
+    assert.equal(second.status, 429);
+    assert.equal((second.body as unknown as { code: string }).code, 'MESH_RATE_LIMITED');
+    // The relay still answers its status.
+    assert.equal((await fetch(`${server.url}/v1/relay`)).status, 200);
   });
 
   test('a voucher settled by someone else between acceptance and the batch is dropped: no gas', async (t) => {

@@ -35,6 +35,8 @@ import {
 } from '@edge-mesh/protocol';
 import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
+import { Buckets } from './buckets.ts';
+import { callerOf } from './http-auth.ts';
 import { ANY_ERROR, errorResponse, installErrorHandlers } from './http-errors.ts';
 
 export interface RelayOptions {
@@ -52,6 +54,14 @@ export interface RelayOptions {
   maxPerRequest?: number;
   /** Most vouchers waiting per agent; more are refused as `busy` (default 1,000). */
   maxPending?: number;
+  /**
+   * Vouchers one caller (its credential, else its address) may hand over a second, sustained (default 20) and at once
+   * (default 200); past that the POST is refused MESH_RATE_LIMITED. Each voucher costs a signer recovery on this
+   * thread (several ms on a small machine): vouchers without limit would starve the router's routing. An agent hands
+   * its due lanes over every few seconds, far below the default.
+   */
+  vouchersPerSecond?: number;
+  voucherBurst?: number;
   logger?: { info(obj: object, msg: string): void; warn(obj: object, msg: string): void };
 }
 
@@ -171,7 +181,12 @@ export class VoucherRelay {
     if (inputs.length > max)
       throw new MeshError('MESH_BAD_REQUEST', `at most ${max} vouchers per request`, { details: { field: 'vouchers' } });
     const verdicts: RelayVerdict[] = [];
-    for (const input of inputs) verdicts.push(await this.check(input));
+    for (const [i, input] of inputs.entries()) {
+      // A voucher refused before its chain read (a bad signature) awaits nothing: without this, a POST of such
+      // vouchers would hold the thread for all their signer recoveries in one go.
+      if (i > 0) await new Promise((resolve) => setImmediate(resolve));
+      verdicts.push(await this.check(input));
+    }
     for (const v of verdicts) {
       if (v.accepted) this.counters.accepted++;
       else {
@@ -385,6 +400,7 @@ const voucherSchema = {
 /** Mounts the relay's routes on `app`; the relay sends what is queued and stops when the app closes. */
 export async function registerRelayRoutes(app: FastifyInstance, options: RelayOptions): Promise<VoucherRelay> {
   const relay = await VoucherRelay.start(options);
+  const budget = new Buckets(options.vouchersPerSecond ?? 20, options.voucherBurst ?? 200);
   app.addHook('onClose', async () => relay.close());
   app.post(
     '/v1/relay/vouchers',
@@ -403,6 +419,14 @@ export async function registerRelayRoutes(app: FastifyInstance, options: RelayOp
     },
     async (request) => {
       const body = request.body as { vouchers: RelayVoucherInput[] };
+      const caller = callerOf(request);
+      const now = Date.now();
+      for (let i = 0; i < body.vouchers.length; i++) {
+        if (!budget.take(caller, now))
+          throw new MeshError('MESH_RATE_LIMITED', 'too many vouchers from this caller; hand them over more slowly', {
+            details: { reason: 'voucher-rate' },
+          });
+      }
       const results = await relay.submit(body.vouchers);
       return {
         relay: relay.address,
