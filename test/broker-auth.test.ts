@@ -659,6 +659,31 @@ test("ACL: route requests go to a router only in the sender's own name; only a r
   }
 });
 
+test("ACL: apps, routers, bridges and operators read every device's availability and telemetry; agents neither", {
+  timeout: 20_000,
+}, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const filters = [topics.allDeviceAvailability(), topics.allDeviceTelemetry()];
+  for (const role of ['app', 'router', 'bridge', 'operator'] as const) {
+    const c = await connect(defer, ab.b, role === 'operator' ? ab.op : await admitted(ab, role));
+    // The telemetry filter was once refused to every role, while the docs and the mosquitto ACL granted it.
+    assert.deepEqual(await grantedQoS(c, filters), { [filters[0]!]: 1, [filters[1]!]: 1 }, role);
+  }
+  const agent = await connect(defer, ab.b, await admitted(ab, 'agent'));
+  assert.deepEqual(await grantedQoS(agent, filters), { [filters[0]!]: 128, [filters[1]!]: 128 });
+
+  // A bridge's telemetry reaches an app subscribed to the wildcard.
+  const bridge = await admitted(ab, 'bridge');
+  const app = await connect(defer, ab.b, await admitted(ab, 'app'));
+  await app.subscribeAsync(topics.allDeviceTelemetry(), { qos: 0 });
+  const got = nextMessage(app);
+  const b = await connect(defer, ab.b, bridge);
+  await b.publishAsync(topics.deviceTelemetry(bridge.id, 'dev-0000abcd'), 'reading', { qos: 0 });
+  const m = await got;
+  assert.deepEqual([m.topic, m.payload.toString()], [topics.deviceTelemetry(bridge.id, 'dev-0000abcd'), 'reading']);
+});
+
 test('ACL: an operator publishes only its own admin records and subscribes to status, load and its own acks', {
   timeout: 20_000,
 }, async (t) => {

@@ -17,7 +17,8 @@
  *                                                                                 (or a concrete agent id in place of +)
  *   router (also)         mesh/v1/client/{any}/lease/{self}                       mesh/v1/router/{self}/route/+
  *   bridge (also)         mesh/v1/bridge/{self}/dev/{id}/availability (retained)  mesh/v1/bridge/+/dev/+/availability
- *                         mesh/v1/bridge/{self}/dev/{id}/telemetry                (apps, routers, operators too)
+ *                         mesh/v1/bridge/{self}/dev/{id}/telemetry                mesh/v1/bridge/+/dev/+/telemetry
+ *                                                                                 (apps, routers, operators too)
  *   operator              mesh/v1/admin/{self}/records  (applied by the broker,   mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                         never forwarded)                                        mesh/v1/admin/{self}/acks
  *   router, operator      (nobody publishes; the broker does)                     mesh/v1/revoked/+ (or one id)
@@ -196,6 +197,7 @@ export function aclPublish(s: MeshSession, topic: string): number {
 const ALL_STATUS = topics.allAgentStatus();
 const ALL_LOAD = topics.allAgentLoad();
 const ALL_DEVICE_AVAILABILITY = topics.allDeviceAvailability();
+const ALL_DEVICE_TELEMETRY = topics.allDeviceTelemetry();
 const ALL_REVOCATIONS = topics.allRevocations();
 const ALL_DISCOVER = topics.allDiscover();
 
@@ -209,7 +211,7 @@ export function aclSubscribe(s: MeshSession, filter: string): boolean {
     const p = parseTopic(filter);
     return p !== undefined && (p.kind === 'request' || p.kind === 'cancel' || p.kind === 'voucher') && p.agentId === s.id;
   }
-  if (filter === ALL_STATUS || filter === ALL_LOAD || filter === ALL_DEVICE_AVAILABILITY) return true;
+  if (filter === ALL_STATUS || filter === ALL_LOAD || filter === ALL_DEVICE_AVAILABILITY || filter === ALL_DEVICE_TELEMETRY) return true;
   const p = parseTopic(filter);
   if (p?.kind === 'device') return true;
   if (filter === ALL_REVOCATIONS || p?.kind === 'revocation') return role === 'router' || role === 'operator';
