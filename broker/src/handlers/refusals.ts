@@ -44,6 +44,7 @@ export const REFUSAL_CODES = {
   'wildcard-all': 'MESH_FORBIDDEN',
   qos2: 'MESH_BAD_REQUEST',
   'retain-not-own-status': 'MESH_FORBIDDEN',
+  'empty-retained-step': 'MESH_FORBIDDEN',
   // The role ACL (../acl.ts) and the per-client buckets.
   acl: 'MESH_FORBIDDEN',
   'publish-rate': 'MESH_RATE_LIMITED',
