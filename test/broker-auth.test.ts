@@ -269,6 +269,31 @@ test('an admission that expires while connected is cut off when it expires', { t
   assert.equal(refusal(ab.logs, agent.id), 'admission-expired');
 });
 
+test("a re-admission moves a live client's cut-off: a shorter one cuts it off when it ends, a longer one keeps it on", {
+  timeout: 20_000,
+}, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  // Connected on a year's admission, then re-admitted for 500 ms: it once stayed connected past that.
+  const agent = await admitted(ab, 'agent');
+  const c = await connect(defer, ab.b, agent);
+  const closed = waitClose(c, 3000);
+  const issued = Date.now() + 1;
+  await ab.b.admit(admit(ab.op, agent, { nowMs: issued, ttlMs: 500 }));
+  const closedAt = await closed;
+  assert.ok(closedAt >= issued + 500 - 50 && closedAt < issued + 1500, `cut off ${closedAt - issued} ms after the re-admission`);
+  assert.ok(ab.logs.some((l) => l.clientId === agent.id && l.reason === 'admission-expired' && l.msg === 'client disconnected'));
+
+  // Connected on an 800 ms admission, then re-admitted for a minute: it stays past the first one's end.
+  const app = generateIdentity('app');
+  await ab.b.admit(admit(ab.op, app, { ttlMs: 800 }));
+  const a = await connect(defer, ab.b, app);
+  await ab.b.admit(admit(ab.op, app, { nowMs: Date.now() + 1, ttlMs: 60_000 }));
+  await new Promise((r) => setTimeout(r, 1200));
+  assert.ok(a.connected, 'still connected after the first admission ended');
+  await assertServing(defer, ab);
+});
+
 test('the admission store survives a broker restart on the same data folder', { timeout: 20_000 }, async (t) => {
   const defer = cleanup(t);
   const dataDir = await tempDir(defer, TMP_PREFIX);
