@@ -173,13 +173,16 @@ describe('CONNECT decisions', () => {
   test('doorVerdict: the address limit and CONNECT bucket are noted, not acted on; then MQTT 3.1.1 only', () => {
     const ips = new IpGuard(LIMITS);
     const t0 = 1_000_000;
+    const wrong = (limited?: string) => ({ action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST', limited });
     const seq: [string, number | undefined, number, unknown][] = [
       ['10.0.0.1', 4, t0, { action: 'go', limited: undefined }],
-      ['10.0.0.1', 3, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
+      ['10.0.0.1', 3, t0, wrong()],
       ['10.0.0.1', 4, t0, { action: 'go', limited: 'connect-rate', quiet: false }],
       ['10.0.0.1', 4, t0, { action: 'go', limited: 'connect-rate', quiet: true }],
-      ['10.0.0.2', 5, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
-      ['10.0.0.2', undefined, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
+      // Another level over the rate: still refused for its level, and it says the rate already holds.
+      ['10.0.0.1', 3, t0, wrong('connect-rate')],
+      ['10.0.0.2', 5, t0, wrong()],
+      ['10.0.0.2', undefined, t0, wrong()],
       ['10.0.0.1', 4, t0 + 1_000, { action: 'go', limited: undefined }],
     ];
     for (const [ip, version, now, expected] of seq)
@@ -187,6 +190,7 @@ describe('CONNECT decisions', () => {
     ips.failure('10.0.0.3', t0);
     assert.ok(ips.failure('10.0.0.3', t0), 'the second unauthenticated refusal limits the address');
     assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 1), { action: 'go', limited: 'address-limited', quiet: true });
+    assert.deepEqual(doorVerdict(ips, '10.0.0.3', 3, t0 + 1), wrong('address-limited'));
     assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 60_001), { action: 'go', limited: undefined });
   });
 

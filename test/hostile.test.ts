@@ -500,3 +500,43 @@ test('64 KB client id, user name or password is refused at once, before any sign
   assert.equal(ab.b.clientCount(), 0);
   await assertServing(defer, ab, 2000);
 });
+
+test('a flood of MQTT 3.1 CONNECTs or unadmitted ids from one address: each answered, logged at warn about once a second', {
+  timeout: 30_000,
+}, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const agent = await admitted(ab, 'agent');
+  const refusedFrom = (address: string) => ab.logs.filter((l) => l.msg === 'connect refused' && l.remoteAddress === address);
+  // 300 MQTT 3.1 CONNECTs once wrote 300 warn lines.
+  const versionsAt = Date.now();
+  for (let i = 0; i < 300; i++) {
+    const raw = await rawSocket(defer, ab.b, '127.0.0.5');
+    raw.socket.write(authConnect(agent, { protocolName: 'MQIsdp', level: 3 }));
+    assert.equal(await connackCode(raw), 1, `CONNECT ${i}`);
+  }
+  const versions = refusedFrom('127.0.0.5');
+  assert.equal(versions.length, 300, 'each is logged');
+  assert.ok(versions.every((l) => l.reason === 'protocol-version'));
+  const warned = versions.filter((l) => l.level === 40).length;
+  const versionsBound = Math.ceil((Date.now() - versionsAt) / 1000) + 1;
+  assert.ok(warned >= 1 && warned <= versionsBound, `${warned} at warn (at most ${versionsBound})`);
+  // Their failures limited the address (100 by default); from then on the limit is looked at first and says so.
+  assert.ok(ab.logs.some((l) => l.msg === 'address limited' && l.remoteAddress === '127.0.0.5'));
+  assert.equal(versions.at(-1)!.limited, 'address-limited');
+
+  // Refused tokens: 60 unadmitted ids from another address (below its limit) are each checked and refused.
+  const strangersAt = Date.now();
+  for (let i = 0; i < 60; i++) {
+    const raw = await rawSocket(defer, ab.b, '127.0.0.6');
+    raw.socket.write(authConnect(generateIdentity('app')));
+    assert.equal(await connackCode(raw), 5);
+  }
+  const strangers = refusedFrom('127.0.0.6');
+  assert.equal(strangers.length, 60);
+  assert.ok(strangers.every((l) => l.reason === 'not-admitted'));
+  const warnedStrangers = strangers.filter((l) => l.level === 40).length;
+  const strangersBound = Math.ceil((Date.now() - strangersAt) / 1000) + 1;
+  assert.ok(warnedStrangers >= 1 && warnedStrangers <= strangersBound, `${warnedStrangers} at warn (at most ${strangersBound})`);
+  await assertServing(defer, ab, 2000);
+});

@@ -90,13 +90,14 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
 
   /**
    * Counts a refused CONNECT and logs it: against the (id, address) pair when it named an admitted id, else against
-   * the address (docs/security.md, "Connecting").
+   * the address (docs/security.md, "Connecting"). Logged at warn once a second per address and reason, the repeats
+   * at debug: a flood from one address (fresh ids each time) must not flood the log.
    */
   function connectFailed(client: Client, reason: string, code: MeshErrorCode, topic?: string): void {
     const ip = ipOf(client);
     // An over-long id is logged by its first 64 characters only.
     const clientId = client.id?.slice(0, 64) ?? null;
-    log.warn({ clientId, topic, reason, code, remoteAddress: ip }, 'connect refused');
+    warnThrottled(`connect:${ip}:${reason}`, { clientId, topic, reason, code, remoteAddress: ip }, 'connect refused');
     countConnectRefused(ctx.counters, reason, code);
     const now = Date.now();
     if (namesAdmittedId(client.id ?? '', ctx.store, now)) {
@@ -148,10 +149,15 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       const door = doorVerdict(ctx.ips, ip, packet.protocolVersion, now);
       if (door.action === 'wrong-version') {
         const clientId = packet.clientId?.slice(0, 64) || null;
-        const { reason, code } = door;
-        log.warn({ clientId, reason, code, protocolVersion: packet.protocolVersion, remoteAddress: ip }, 'connect refused');
+        const { reason, code, limited } = door;
+        warnThrottled(
+          `connect:${ip}:${reason}`,
+          { clientId, reason, code, protocolVersion: packet.protocolVersion, remoteAddress: ip, limited },
+          'connect refused',
+        );
         countConnectRefused(ctx.counters, reason, code);
-        countFailure(ip);
+        // As in authenticate: a refusal while a limit holds is not counted, so a limit cannot feed itself.
+        if (limited === undefined) countFailure(ip);
         answerUnacceptableProtocol(packet);
         callback(null, true);
         return;
