@@ -32,7 +32,7 @@ import {
   verifyConnect,
 } from '../broker/src/handlers/connect.ts';
 import { decidePublish, type PublishContext } from '../broker/src/handlers/publish.ts';
-import { decideSubscribe, grantedQos } from '../broker/src/handlers/subscribe.ts';
+import { decideSubscribe, grantedQos, releaseSubscriptions, takeSubscription } from '../broker/src/handlers/subscribe.ts';
 import { checkWillPolicy, orphanWillAllowed, willRoleRefusal } from '../broker/src/handlers/will.ts';
 import { ClientGuard, IpGuard, NonceCache } from '../broker/src/limits.ts';
 import { AdmissionStore } from '../broker/src/store.ts';
@@ -452,8 +452,19 @@ describe('SUBSCRIBE and will decisions', () => {
       ['auth: no session', topics.allAgentStatus(), 1, undefined, true, { ok: false, reason: 'acl', code: 'MESH_FORBIDDEN' }],
     ];
     for (const [name, filter, qos, session, auth, expected] of cases) {
-      assert.deepEqual(decideSubscribe(filter, qos, session, auth, limits), expected, name);
+      assert.deepEqual(decideSubscribe(filter, qos, session, auth, limits, 256), expected, name);
     }
+    // The cap counts the filters taken; one already held needs no room, an unsubscribed one frees its room.
+    const capped = newSession(app.id, 'app', Infinity, 10);
+    const [status, load] = [topics.allAgentStatus(), topics.allAgentLoad()];
+    assert.deepEqual(decideSubscribe(status, 1, capped, true, limits, 1), { ok: true, qos: 1 });
+    assert.equal(takeSubscription(capped, status, 1), true);
+    const tooMany = { ok: false, reason: 'too-many-subscriptions', code: 'MESH_TOO_LARGE' };
+    assert.deepEqual(decideSubscribe(load, 1, capped, true, limits, 1), tooMany);
+    assert.equal(takeSubscription(capped, load, 1), false);
+    assert.deepEqual(decideSubscribe(status, 0, capped, true, limits, 1), { ok: true, qos: 0 }, 'held already');
+    releaseSubscriptions(capped, [status]);
+    assert.deepEqual(decideSubscribe(load, 1, capped, true, limits, 1), { ok: true, qos: 1 });
     assert.deepEqual([0, 1, 2].map(grantedQos), [0, 1, 1]);
   });
 

@@ -56,6 +56,8 @@ export interface MeshSession {
   /** Admin record token bucket (each record may cost a signature check and a synced write). */
   adminTokens: number;
   adminLast: number;
+  /** The filters this connection holds, capped at the broker's `maxSubscriptions` (./handlers/subscribe.ts). */
+  readonly subscriptions: Set<string>;
   // Precomputed topic strings for the ACL checks.
   readonly status: string;
   readonly load: string;
@@ -107,6 +109,7 @@ export function newSession(id: string, role: Role | undefined, expires: number, 
     last: Date.now(),
     adminTokens: ADMIN_RECORD_BURST,
     adminLast: Date.now(),
+    subscriptions: new Set(),
     status: topics.agentStatus(id),
     load: topics.agentLoad(id),
     replyTail: `/res/${id}`,

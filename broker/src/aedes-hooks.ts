@@ -30,7 +30,8 @@ import {
   verifyConnect,
 } from './handlers/connect.ts';
 import { decidePublish } from './handlers/publish.ts';
-import { decideSubscribe, grantedQos } from './handlers/subscribe.ts';
+import { REFUSAL_CODES } from './handlers/refusals.ts';
+import { decideSubscribe, grantedQos, takeSubscription } from './handlers/subscribe.ts';
 import type { ClientGuard, IpGuard, NonceCache } from './limits.ts';
 import type { WarnThrottled } from './log.ts';
 import type { ResolvedBrokerOptions } from './options.ts';
@@ -307,15 +308,21 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       sub: Subscription,
       callback: (error: Error | null, subscription?: Subscription | null) => void,
     ): void {
-      const verdict = decideSubscribe(sub.topic, sub.qos, sessionOf(client), auth !== undefined, limits);
+      const session = sessionOf(client);
+      const verdict = decideSubscribe(sub.topic, sub.qos, session, auth !== undefined, limits, opts.maxSubscriptions);
       if (!verdict.ok) {
         refuseSubscribe(client, sub.topic, verdict.reason, verdict.code, callback);
         return;
       }
       sub.qos = verdict.qos as Subscription['qos'];
+      // The filter takes its room as aedes is told it is granted (a hook may have changed it, or answered later).
+      const grant = (granted: Subscription): void => {
+        if (session === undefined || takeSubscription(session, granted.topic, opts.maxSubscriptions)) callback(null, granted);
+        else refuseSubscribe(client, granted.topic, 'too-many-subscriptions', REFUSAL_CODES['too-many-subscriptions'], callback);
+      };
       const hook = hooks.authorizeSubscribe;
       if (!hook) {
-        callback(null, sub);
+        grant(sub);
         return;
       }
       runHook(
@@ -327,7 +334,7 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
             return callback(null, null);
           }
           allowed.qos = grantedQos(allowed.qos) as Subscription['qos'];
-          callback(null, allowed);
+          grant(allowed);
         },
       );
     },
