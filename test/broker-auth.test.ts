@@ -269,6 +269,31 @@ test('an admission that expires while connected is cut off when it expires', { t
   assert.equal(refusal(ab.logs, agent.id), 'admission-expired');
 });
 
+test("a re-admission moves a live client's cut-off: a shorter one cuts it off when it ends, a longer one keeps it on", {
+  timeout: 20_000,
+}, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  // Connected on a year's admission, then re-admitted for 500 ms: it once stayed connected past that.
+  const agent = await admitted(ab, 'agent');
+  const c = await connect(defer, ab.b, agent);
+  const closed = waitClose(c, 3000);
+  const issued = Date.now() + 1;
+  await ab.b.admit(admit(ab.op, agent, { nowMs: issued, ttlMs: 500 }));
+  const closedAt = await closed;
+  assert.ok(closedAt >= issued + 500 - 50 && closedAt < issued + 1500, `cut off ${closedAt - issued} ms after the re-admission`);
+  assert.ok(ab.logs.some((l) => l.clientId === agent.id && l.reason === 'admission-expired' && l.msg === 'client disconnected'));
+
+  // Connected on an 800 ms admission, then re-admitted for a minute: it stays past the first one's end.
+  const app = generateIdentity('app');
+  await ab.b.admit(admit(ab.op, app, { ttlMs: 800 }));
+  const a = await connect(defer, ab.b, app);
+  await ab.b.admit(admit(ab.op, app, { nowMs: Date.now() + 1, ttlMs: 60_000 }));
+  await new Promise((r) => setTimeout(r, 1200));
+  assert.ok(a.connected, 'still connected after the first admission ended');
+  await assertServing(defer, ab);
+});
+
 test('the admission store survives a broker restart on the same data folder', { timeout: 20_000 }, async (t) => {
   const defer = cleanup(t);
   const dataDir = await tempDir(defer, TMP_PREFIX);
@@ -657,6 +682,31 @@ test("ACL: route requests go to a router only in the sender's own name; only a r
       role,
     );
   }
+});
+
+test("ACL: apps, routers, bridges and operators read every device's availability and telemetry; agents neither", {
+  timeout: 20_000,
+}, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const filters = [topics.allDeviceAvailability(), topics.allDeviceTelemetry()];
+  for (const role of ['app', 'router', 'bridge', 'operator'] as const) {
+    const c = await connect(defer, ab.b, role === 'operator' ? ab.op : await admitted(ab, role));
+    // The telemetry filter was once refused to every role, while the docs and the mosquitto ACL granted it.
+    assert.deepEqual(await grantedQoS(c, filters), { [filters[0]!]: 1, [filters[1]!]: 1 }, role);
+  }
+  const agent = await connect(defer, ab.b, await admitted(ab, 'agent'));
+  assert.deepEqual(await grantedQoS(agent, filters), { [filters[0]!]: 128, [filters[1]!]: 128 });
+
+  // A bridge's telemetry reaches an app subscribed to the wildcard.
+  const bridge = await admitted(ab, 'bridge');
+  const app = await connect(defer, ab.b, await admitted(ab, 'app'));
+  await app.subscribeAsync(topics.allDeviceTelemetry(), { qos: 0 });
+  const got = nextMessage(app);
+  const b = await connect(defer, ab.b, bridge);
+  await b.publishAsync(topics.deviceTelemetry(bridge.id, 'dev-0000abcd'), 'reading', { qos: 0 });
+  const m = await got;
+  assert.deepEqual([m.topic, m.payload.toString()], [topics.deviceTelemetry(bridge.id, 'dev-0000abcd'), 'reading']);
 });
 
 test('ACL: an operator publishes only its own admin records and subscribes to status, load and its own acks', {

@@ -132,3 +132,25 @@ test('ACL: every role may subscribe to deployment topics (the agent checks the g
     );
   }
 });
+
+test('an empty retained deployment step is refused, even from a router or an operator: the retained step stays', {
+  timeout: 20_000,
+}, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  assert.equal(await verdict(defer, ab.b, ab.op, STEP, 'from-operator'), 'allowed');
+  // An empty retained message deletes the retained one (MQTT 3.1.1 §3.3.1.3): one router could once erase every
+  // group's step, each topic with one publish.
+  const router = await admitted(ab, 'router');
+  assert.equal(await verdict(defer, ab.b, router, STEP, ''), 'refused');
+  assert.equal(await verdict(defer, ab.b, ab.op, STEP, ''), 'refused');
+  assert.ok(ab.logs.some((l) => l.reason === 'empty-retained-step' && l.code === 'MESH_FORBIDDEN' && l.clientId === router.id));
+  // Not retained, an empty message clears nothing and goes through (the receivers refuse it: it is not signed).
+  assert.equal(await verdict(defer, ab.b, router, STEP, '', false), 'allowed');
+
+  const late = await connect(defer, ab.b, await admitted(ab, 'agent'));
+  const first = nextMessage(late);
+  await late.subscribeAsync(STEP, { qos: 1 });
+  const retained = await first;
+  assert.deepEqual([retained.payload.toString(), retained.retain], ['from-operator', true]);
+});

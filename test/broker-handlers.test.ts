@@ -32,7 +32,7 @@ import {
   verifyConnect,
 } from '../broker/src/handlers/connect.ts';
 import { decidePublish, type PublishContext } from '../broker/src/handlers/publish.ts';
-import { decideSubscribe, grantedQos } from '../broker/src/handlers/subscribe.ts';
+import { decideSubscribe, grantedQos, releaseSubscriptions, takeSubscription } from '../broker/src/handlers/subscribe.ts';
 import { checkWillPolicy, orphanWillAllowed, willRoleRefusal } from '../broker/src/handlers/will.ts';
 import { ClientGuard, IpGuard, NonceCache } from '../broker/src/limits.ts';
 import { AdmissionStore } from '../broker/src/store.ts';
@@ -173,13 +173,16 @@ describe('CONNECT decisions', () => {
   test('doorVerdict: the address limit and CONNECT bucket are noted, not acted on; then MQTT 3.1.1 only', () => {
     const ips = new IpGuard(LIMITS);
     const t0 = 1_000_000;
+    const wrong = (limited?: string) => ({ action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST', limited });
     const seq: [string, number | undefined, number, unknown][] = [
       ['10.0.0.1', 4, t0, { action: 'go', limited: undefined }],
-      ['10.0.0.1', 3, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
+      ['10.0.0.1', 3, t0, wrong()],
       ['10.0.0.1', 4, t0, { action: 'go', limited: 'connect-rate', quiet: false }],
       ['10.0.0.1', 4, t0, { action: 'go', limited: 'connect-rate', quiet: true }],
-      ['10.0.0.2', 5, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
-      ['10.0.0.2', undefined, t0, { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' }],
+      // Another level over the rate: still refused for its level, and it says the rate already holds.
+      ['10.0.0.1', 3, t0, wrong('connect-rate')],
+      ['10.0.0.2', 5, t0, wrong()],
+      ['10.0.0.2', undefined, t0, wrong()],
       ['10.0.0.1', 4, t0 + 1_000, { action: 'go', limited: undefined }],
     ];
     for (const [ip, version, now, expected] of seq)
@@ -187,6 +190,7 @@ describe('CONNECT decisions', () => {
     ips.failure('10.0.0.3', t0);
     assert.ok(ips.failure('10.0.0.3', t0), 'the second unauthenticated refusal limits the address');
     assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 1), { action: 'go', limited: 'address-limited', quiet: true });
+    assert.deepEqual(doorVerdict(ips, '10.0.0.3', 3, t0 + 1), wrong('address-limited'));
     assert.deepEqual(doorVerdict(ips, '10.0.0.3', 4, t0 + 60_001), { action: 'go', limited: undefined });
   });
 
@@ -448,8 +452,19 @@ describe('SUBSCRIBE and will decisions', () => {
       ['auth: no session', topics.allAgentStatus(), 1, undefined, true, { ok: false, reason: 'acl', code: 'MESH_FORBIDDEN' }],
     ];
     for (const [name, filter, qos, session, auth, expected] of cases) {
-      assert.deepEqual(decideSubscribe(filter, qos, session, auth, limits), expected, name);
+      assert.deepEqual(decideSubscribe(filter, qos, session, auth, limits, 256), expected, name);
     }
+    // The cap counts the filters taken; one already held needs no room, an unsubscribed one frees its room.
+    const capped = newSession(app.id, 'app', Infinity, 10);
+    const [status, load] = [topics.allAgentStatus(), topics.allAgentLoad()];
+    assert.deepEqual(decideSubscribe(status, 1, capped, true, limits, 1), { ok: true, qos: 1 });
+    assert.equal(takeSubscription(capped, status, 1), true);
+    const tooMany = { ok: false, reason: 'too-many-subscriptions', code: 'MESH_TOO_LARGE' };
+    assert.deepEqual(decideSubscribe(load, 1, capped, true, limits, 1), tooMany);
+    assert.equal(takeSubscription(capped, load, 1), false);
+    assert.deepEqual(decideSubscribe(status, 0, capped, true, limits, 1), { ok: true, qos: 0 }, 'held already');
+    releaseSubscriptions(capped, [status]);
+    assert.deepEqual(decideSubscribe(load, 1, capped, true, limits, 1), { ok: true, qos: 1 });
     assert.deepEqual([0, 1, 2].map(grantedQos), [0, 1, 1]);
   });
 

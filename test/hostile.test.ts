@@ -9,8 +9,9 @@
 import assert from 'node:assert/strict';
 import test from 'node:test';
 import { limitKey, startBroker } from '@edge-mesh/broker';
-import { generateIdentity, type Identity, makeConnectToken, topics } from '@edge-mesh/protocol';
+import { generateIdentity, type Identity, MeshError, makeConnectToken, topics } from '@edge-mesh/protocol';
 import mqtt from 'mqtt';
+import { resolveBrokerOptions } from '../broker/src/options.ts';
 import {
   admitted,
   assertServing,
@@ -20,6 +21,7 @@ import {
   connect,
   connectPacket,
   frame,
+  grantedQoS,
   nextMessage,
   options,
   type Raw,
@@ -562,5 +564,84 @@ test('64 KB client id, user name or password is refused at once, before any sign
     assert.ok(JSON.stringify(line).length < 1000, `${what}: the log line does not carry the field`);
   }
   assert.equal(ab.b.clientCount(), 0);
+  await assertServing(defer, ab, 2000);
+});
+
+test('a SUBSCRIBE of 20,000 distinct filters: the first maxSubscriptions (256) are granted, the rest get 0x80, unsubscribing frees room', {
+  timeout: 30_000,
+}, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const appId = await admitted(ab, 'app');
+  const app = await connect(defer, ab.b, appId);
+  // One app once sent a 1.1 MB SUBSCRIBE of 20,000 statuses of made-up agents, each allowed by the ACL, and got them all.
+  const status = (i: number) => topics.agentStatus(`agent-${String(i).padStart(26, '0')}`);
+  const flood = Array.from({ length: 20_000 }, (_, i) => status(i));
+  const floodAt = Date.now();
+  const granted = Object.values(await grantedQoS(app, flood));
+  // At warn once a second: at most one line per second the flood took, and one more.
+  const warnBound = Math.ceil((Date.now() - floodAt) / 1000) + 1;
+  assert.equal(granted.filter((q) => q === 1).length, 256, 'granted');
+  assert.deepEqual(granted.slice(0, 256), Array(256).fill(1), 'the first 256, in order');
+  assert.ok(app.connected, 'the connection stays up');
+  const refusals = ab.logs.filter((l) => l.reason === 'too-many-subscriptions' && l.clientId === appId.id);
+  assert.equal(refusals.length, 20_000 - 256, 'every refusal is logged');
+  const warned = refusals.filter((l) => l.level === 40).length;
+  assert.ok(warned >= 1 && warned <= warnBound, `${warned} of them at warn (at most ${warnBound}), the rest at debug`);
+  assert.equal(refusals[0]!.code, 'MESH_TOO_LARGE');
+
+  // A filter already held is granted again; an unsubscribed one frees its room for another.
+  assert.deepEqual(await grantedQoS(app, [status(0), status(300)]), { [status(0)]: 1, [status(300)]: 128 });
+  await app.unsubscribeAsync([status(0), status(1)]);
+  assert.deepEqual(await grantedQoS(app, [status(300), status(301), status(302)]), {
+    [status(300)]: 1,
+    [status(301)]: 1,
+    [status(302)]: 128,
+  });
+  assert.throws(
+    () => resolveBrokerOptions({ maxSubscriptions: 0 }),
+    (err: unknown) => err instanceof MeshError && /maxSubscriptions/.test(err.message),
+  );
+  assert.equal(resolveBrokerOptions({}).maxSubscriptions, 256);
+  await assertServing(defer, ab, 2000);
+});
+
+test('a flood of MQTT 3.1 CONNECTs or unadmitted ids from one address: each answered, logged at warn about once a second', {
+  timeout: 30_000,
+}, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer);
+  const agent = await admitted(ab, 'agent');
+  const refusedFrom = (address: string) => ab.logs.filter((l) => l.msg === 'connect refused' && l.remoteAddress === address);
+  // 300 MQTT 3.1 CONNECTs once wrote 300 warn lines.
+  const versionsAt = Date.now();
+  for (let i = 0; i < 300; i++) {
+    const raw = await rawSocket(defer, ab.b, '127.0.0.5');
+    raw.socket.write(authConnect(agent, { protocolName: 'MQIsdp', level: 3 }));
+    assert.equal(await connackCode(raw), 1, `CONNECT ${i}`);
+  }
+  const versions = refusedFrom('127.0.0.5');
+  assert.equal(versions.length, 300, 'each is logged');
+  assert.ok(versions.every((l) => l.reason === 'protocol-version'));
+  const warned = versions.filter((l) => l.level === 40).length;
+  const versionsBound = Math.ceil((Date.now() - versionsAt) / 1000) + 1;
+  assert.ok(warned >= 1 && warned <= versionsBound, `${warned} at warn (at most ${versionsBound})`);
+  // Their failures limited the address (100 by default); from then on the limit is looked at first and says so.
+  assert.ok(ab.logs.some((l) => l.msg === 'address limited' && l.remoteAddress === '127.0.0.5'));
+  assert.equal(versions.at(-1)!.limited, 'address-limited');
+
+  // Refused tokens: 60 unadmitted ids from another address (below its limit) are each checked and refused.
+  const strangersAt = Date.now();
+  for (let i = 0; i < 60; i++) {
+    const raw = await rawSocket(defer, ab.b, '127.0.0.6');
+    raw.socket.write(authConnect(generateIdentity('app')));
+    assert.equal(await connackCode(raw), 5);
+  }
+  const strangers = refusedFrom('127.0.0.6');
+  assert.equal(strangers.length, 60);
+  assert.ok(strangers.every((l) => l.reason === 'not-admitted'));
+  const warnedStrangers = strangers.filter((l) => l.level === 40).length;
+  const strangersBound = Math.ceil((Date.now() - strangersAt) / 1000) + 1;
+  assert.ok(warnedStrangers >= 1 && warnedStrangers <= strangersBound, `${warnedStrangers} at warn (at most ${strangersBound})`);
   await assertServing(defer, ab, 2000);
 });

@@ -17,7 +17,8 @@
  *                                                                                 (or a concrete agent id in place of +)
  *   router (also)         mesh/v1/client/{any}/lease/{self}                       mesh/v1/router/{self}/route/+
  *   bridge (also)         mesh/v1/bridge/{self}/dev/{id}/availability (retained)  mesh/v1/bridge/+/dev/+/availability
- *                         mesh/v1/bridge/{self}/dev/{id}/telemetry                (apps, routers, operators too)
+ *                         mesh/v1/bridge/{self}/dev/{id}/telemetry                mesh/v1/bridge/+/dev/+/telemetry
+ *                                                                                 (apps, routers, operators too)
  *   operator              mesh/v1/admin/{self}/records  (applied by the broker,   mesh/v1/agent/+/status, mesh/v1/agent/+/load
  *                         never forwarded)                                        mesh/v1/admin/{self}/acks
  *   router, operator      (nobody publishes; the broker does)                     mesh/v1/revoked/+ (or one id)
@@ -55,6 +56,8 @@ export interface MeshSession {
   /** Admin record token bucket (each record may cost a signature check and a synced write). */
   adminTokens: number;
   adminLast: number;
+  /** The filters this connection holds, capped at the broker's `maxSubscriptions` (./handlers/subscribe.ts). */
+  readonly subscriptions: Set<string>;
   // Precomputed topic strings for the ACL checks.
   readonly status: string;
   readonly load: string;
@@ -106,6 +109,7 @@ export function newSession(id: string, role: Role | undefined, expires: number, 
     last: Date.now(),
     adminTokens: ADMIN_RECORD_BURST,
     adminLast: Date.now(),
+    subscriptions: new Set(),
     status: topics.agentStatus(id),
     load: topics.agentLoad(id),
     replyTail: `/res/${id}`,
@@ -196,6 +200,7 @@ export function aclPublish(s: MeshSession, topic: string): number {
 const ALL_STATUS = topics.allAgentStatus();
 const ALL_LOAD = topics.allAgentLoad();
 const ALL_DEVICE_AVAILABILITY = topics.allDeviceAvailability();
+const ALL_DEVICE_TELEMETRY = topics.allDeviceTelemetry();
 const ALL_REVOCATIONS = topics.allRevocations();
 const ALL_DISCOVER = topics.allDiscover();
 
@@ -209,7 +214,7 @@ export function aclSubscribe(s: MeshSession, filter: string): boolean {
     const p = parseTopic(filter);
     return p !== undefined && (p.kind === 'request' || p.kind === 'cancel' || p.kind === 'voucher') && p.agentId === s.id;
   }
-  if (filter === ALL_STATUS || filter === ALL_LOAD || filter === ALL_DEVICE_AVAILABILITY) return true;
+  if (filter === ALL_STATUS || filter === ALL_LOAD || filter === ALL_DEVICE_AVAILABILITY || filter === ALL_DEVICE_TELEMETRY) return true;
   const p = parseTopic(filter);
   if (p?.kind === 'device') return true;
   if (filter === ALL_REVOCATIONS || p?.kind === 'revocation') return role === 'router' || role === 'operator';

@@ -7,7 +7,7 @@ import type { Aedes, Client } from 'aedes';
 import type { Logger } from 'pino';
 import type { MeshSession } from './acl.ts';
 import { applyAdminRecord } from './admin.ts';
-import { liveClient, sessionOf } from './aedes-adapter.ts';
+import { liveClient } from './aedes-adapter.ts';
 import { stillAdmitted } from './handlers/connect.ts';
 import type { AdmissionStore } from './store.ts';
 
@@ -33,6 +33,10 @@ export function admissionControl(aedes: Aedes, store: AdmissionStore | undefined
   async function admit(signed: SignedRecord): Promise<Admission> {
     const admission = await requireStore().admit(signed);
     log.info({ id: admission.id, role: admission.role, expires: admission.expires, operator: admission.operator }, 'admission stored');
+    // A live client with this id now holds the new admission: it ends when that one does, sooner or later than the one
+    // it connected with.
+    const live = liveClient(aedes, admission.id);
+    if (live) watchExpiry(live);
     return admission;
   }
 
@@ -81,31 +85,33 @@ export function admissionControl(aedes: Aedes, store: AdmissionStore | undefined
     );
   }
 
-  /** Cuts a client off when its admission expires. */
+  /**
+   * Cuts `client` off when the admission in force for its id ends, and at once when none is: the store is asked each
+   * time, not the expiry the client connected with, so a re-admission (shorter or longer) moves the cut-off and a
+   * revocation that landed while the client was between authenticate and registration is seen.
+   */
   const expiryTimers = new WeakMap<Client, NodeJS.Timeout>();
-  aedes.on('client', (client) => {
-    log.debug({ clientId: client.id }, 'client connected');
-    // A revocation that landed while this client was between authenticate and registration.
-    if (!stillAdmitted(store, client.id, Date.now())) {
-      log.warn({ clientId: client.id, reason: 'revoked' }, 'client disconnected');
+  function watchExpiry(client: Client): void {
+    clearTimeout(expiryTimers.get(client));
+    expiryTimers.delete(client);
+    const now = Date.now();
+    const grant = store?.lookup(client.id, now);
+    if (typeof grant === 'string') {
+      log.warn({ clientId: client.id, reason: grant }, 'client disconnected');
       client.close();
       return;
     }
-    const expires = sessionOf(client)?.expires ?? Infinity;
+    // Open mode (no store) and trusted operators never expire.
+    const expires = grant?.expires ?? Infinity;
     if (expires === Infinity) return;
-    const arm = (): void => {
-      const inMs = expires - Date.now();
-      if (inMs <= 0) {
-        log.warn({ clientId: client.id, reason: 'admission-expired' }, 'client disconnected');
-        client.close();
-        return;
-      }
-      // Re-armed in steps below setTimeout's ceiling for admissions that end months away.
-      const timer = setTimeout(arm, Math.min(inMs, MAX_TIMER_MS));
-      timer.unref();
-      expiryTimers.set(client, timer);
-    };
-    arm();
+    // Re-armed in steps below setTimeout's ceiling for admissions that end months away.
+    const timer = setTimeout(() => watchExpiry(client), Math.min(expires - now, MAX_TIMER_MS));
+    timer.unref();
+    expiryTimers.set(client, timer);
+  }
+  aedes.on('client', (client) => {
+    log.debug({ clientId: client.id }, 'client connected');
+    watchExpiry(client);
   });
   aedes.on('clientDisconnect', (client) => {
     log.debug({ clientId: client.id }, 'client disconnected');

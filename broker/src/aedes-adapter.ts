@@ -5,7 +5,7 @@
 import type { Duplex } from 'node:stream';
 import type { Aedes, AuthenticateError, Client, ConnectPacket, PublishPacket } from 'aedes';
 import type { MeshSession } from './acl.ts';
-import { type SubscribeEntry, unifyDuplicateFilters } from './handlers/subscribe.ts';
+import { releaseSubscriptions, type SubscribeEntry, unifyDuplicateFilters } from './handlers/subscribe.ts';
 
 /** The per-connection state the broker caches on each aedes client once its CONNECT is accepted. */
 const SESSION = Symbol('edge-mesh.session');
@@ -77,11 +77,21 @@ export function clientOfSocket(socket: Duplex): Client | undefined {
  * aedes fixes a SUBSCRIBE's granted QoS (sent in the SUBACK) before authorizeSubscribe runs, so downgrading there
  * alone would deliver at QoS 1 while the SUBACK claims 2. Lower the requested QoS as the packet is parsed instead,
  * through the parser aedes keeps on each client (`client._parser`; authorizeSubscribe still downgrades too).
+ *
+ * The same listener sees each UNSUBSCRIBE, which aedes has no hook for: its filters free their room under
+ * `maxSubscriptions` (./handlers/subscribe.ts) before aedes handles it, so a SUBSCRIBE that follows it, in the same
+ * read or later, finds the room. One parsed before the client's CONNECT was accepted (it has no session yet) frees
+ * nothing: a client that subscribes and unsubscribes before its CONNACK only narrows its own room.
  */
 export function downgradeSubscribeQoS(client: Client, granted: (qos: number) => number): void {
   const parser = (client as MeshClient)._parser;
   if (!parser || typeof parser.prependListener !== 'function') return;
-  parser.prependListener('packet', (packet: { cmd: string; subscriptions?: SubscribeEntry[] }) => {
+  parser.prependListener('packet', (packet: { cmd: string; subscriptions?: SubscribeEntry[]; unsubscriptions?: string[] }) => {
+    if (packet.cmd === 'unsubscribe' && packet.unsubscriptions) {
+      const session = sessionOf(client);
+      if (session) releaseSubscriptions(session, packet.unsubscriptions);
+      return;
+    }
     if (packet.cmd !== 'subscribe' || !packet.subscriptions) return;
     for (const sub of packet.subscriptions) sub.qos = granted(sub.qos);
     keepEverySubscription(packet as { subscriptions: SubscribeEntry[] });

@@ -30,7 +30,8 @@ import {
   verifyConnect,
 } from './handlers/connect.ts';
 import { decidePublish } from './handlers/publish.ts';
-import { decideSubscribe, grantedQos } from './handlers/subscribe.ts';
+import { REFUSAL_CODES } from './handlers/refusals.ts';
+import { decideSubscribe, grantedQos, takeSubscription } from './handlers/subscribe.ts';
 import type { ClientGuard, IpGuard, NonceCache } from './limits.ts';
 import type { WarnThrottled } from './log.ts';
 import type { ResolvedBrokerOptions } from './options.ts';
@@ -90,13 +91,14 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
 
   /**
    * Counts a refused CONNECT and logs it: against the (id, address) pair when it named an admitted id, else against
-   * the address (docs/security.md, "Connecting").
+   * the address (docs/security.md, "Connecting"). Logged at warn once a second per address and reason, the repeats
+   * at debug: a flood from one address (fresh ids each time) must not flood the log.
    */
   function connectFailed(client: Client, reason: string, code: MeshErrorCode, topic?: string): void {
     const ip = ipOf(client);
     // An over-long id is logged by its first 64 characters only.
     const clientId = client.id?.slice(0, 64) ?? null;
-    log.warn({ clientId, topic, reason, code, remoteAddress: ip }, 'connect refused');
+    warnThrottled(`connect:${ip}:${reason}`, { clientId, topic, reason, code, remoteAddress: ip }, 'connect refused');
     countConnectRefused(ctx.counters, reason, code);
     const now = Date.now();
     if (namesAdmittedId(client.id ?? '', ctx.store, now)) {
@@ -148,10 +150,15 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       const door = doorVerdict(ctx.ips, ip, packet.protocolVersion, now);
       if (door.action === 'wrong-version') {
         const clientId = packet.clientId?.slice(0, 64) || null;
-        const { reason, code } = door;
-        log.warn({ clientId, reason, code, protocolVersion: packet.protocolVersion, remoteAddress: ip }, 'connect refused');
+        const { reason, code, limited } = door;
+        warnThrottled(
+          `connect:${ip}:${reason}`,
+          { clientId, reason, code, protocolVersion: packet.protocolVersion, remoteAddress: ip, limited },
+          'connect refused',
+        );
         countConnectRefused(ctx.counters, reason, code);
-        countFailure(ip);
+        // As in authenticate: a refusal while a limit holds is not counted, so a limit cannot feed itself.
+        if (limited === undefined) countFailure(ip);
         answerUnacceptableProtocol(packet);
         callback(null, true);
         return;
@@ -301,15 +308,21 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
       sub: Subscription,
       callback: (error: Error | null, subscription?: Subscription | null) => void,
     ): void {
-      const verdict = decideSubscribe(sub.topic, sub.qos, sessionOf(client), auth !== undefined, limits);
+      const session = sessionOf(client);
+      const verdict = decideSubscribe(sub.topic, sub.qos, session, auth !== undefined, limits, opts.maxSubscriptions);
       if (!verdict.ok) {
         refuseSubscribe(client, sub.topic, verdict.reason, verdict.code, callback);
         return;
       }
       sub.qos = verdict.qos as Subscription['qos'];
+      // The filter takes its room as aedes is told it is granted (a hook may have changed it, or answered later).
+      const grant = (granted: Subscription): void => {
+        if (session === undefined || takeSubscription(session, granted.topic, opts.maxSubscriptions)) callback(null, granted);
+        else refuseSubscribe(client, granted.topic, 'too-many-subscriptions', REFUSAL_CODES['too-many-subscriptions'], callback);
+      };
       const hook = hooks.authorizeSubscribe;
       if (!hook) {
-        callback(null, sub);
+        grant(sub);
         return;
       }
       runHook(
@@ -321,7 +334,7 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
             return callback(null, null);
           }
           allowed.qos = grantedQos(allowed.qos) as Subscription['qos'];
-          callback(null, allowed);
+          grant(allowed);
         },
       );
     },

@@ -54,7 +54,7 @@ export interface MosquittoAclRule {
 /** Device topics any non-agent may read (acl.ts lets apps, routers, bridges and operators subscribe to them). */
 const DEVICE_READ: MosquittoAclRule[] = [
   { access: 'read', topic: topics.allDeviceAvailability() },
-  { access: 'read', topic: 'mesh/v1/bridge/+/dev/+/telemetry' },
+  { access: 'read', topic: topics.allDeviceTelemetry() },
 ];
 
 /**

@@ -121,6 +121,11 @@ export interface BrokerOptions {
   publishRatePerClient?: number;
   /** …and in a burst. Default 40 000. A client beyond it is disconnected. */
   publishBurstPerClient?: number;
+  /**
+   * Topic filters one connection may hold; filters past it get SUBACK 0x80 (`too-many-subscriptions`) and an
+   * UNSUBSCRIBE frees room. Default 256.
+   */
+  maxSubscriptions?: number;
   /** pino logger; the broker logs through a child with `{ part: 'broker' }`. Default: silent. */
   logger?: Logger;
   hooks?: BrokerHooks;
@@ -158,6 +163,7 @@ export interface ResolvedBrokerOptions extends IpLimits {
   maxClientIdLength: number;
   publishRatePerClient: number;
   publishBurstPerClient: number;
+  maxSubscriptions: number;
   byteRatePerClient: number;
   byteBurstPerClient: number;
   logger: Logger | undefined;
@@ -192,6 +198,7 @@ const KNOWN_KEYS = new Set([
   'banMs',
   'publishRatePerClient',
   'publishBurstPerClient',
+  'maxSubscriptions',
   'byteRatePerClient',
   'byteBurstPerClient',
   'logger',
@@ -233,6 +240,10 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     banMs = 60_000,
     publishRatePerClient = 20_000,
     publishBurstPerClient = 40_000,
+    // Honest clients hold a handful: the SDK 3 or 4 filters, an agent 3 or 4 and one per deployment group, a router
+    // 5, an operator 1 or 2. 256 leaves room for an app that names agents one by one instead of `+`, and bounds what
+    // one connection adds to the broker's matcher (a 1.1 MB SUBSCRIBE once held 20,000 filters).
+    maxSubscriptions = 256,
     byteRatePerClient = 64 * 1024 * 1024,
     byteBurstPerClient = 64 * 1024 * 1024,
     logger,
@@ -282,6 +293,7 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
   int('banMs', banMs, 0, 86_400_000);
   int('publishRatePerClient', publishRatePerClient, 1, 10_000_000);
   int('publishBurstPerClient', publishBurstPerClient, 1, 10_000_000);
+  int('maxSubscriptions', maxSubscriptions, 1, 1_000_000);
   int('byteRatePerClient', byteRatePerClient, 1024, 2 ** 40);
   int('byteBurstPerClient', byteBurstPerClient, 1024, 2 ** 40);
   if (logger !== undefined) {
@@ -341,6 +353,7 @@ export function resolveBrokerOptions(options: BrokerOptions = {}): ResolvedBroke
     banMs,
     publishRatePerClient,
     publishBurstPerClient,
+    maxSubscriptions,
     byteRatePerClient,
     byteBurstPerClient,
     logger,

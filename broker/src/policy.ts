@@ -19,7 +19,7 @@ export type TopicRefusal =
   | 'wildcard-in-topic'
   | 'wildcard-all';
 
-export type PublishRefusal = TopicRefusal | 'qos2' | 'retain-not-own-status';
+export type PublishRefusal = TopicRefusal | 'qos2' | 'retain-not-own-status' | 'empty-retained-step';
 export type WillRefusal = 'will-qos2' | 'will-not-own-status' | TopicRefusal;
 
 const SLASH = 47;
@@ -96,24 +96,25 @@ export function isOwnDeviceAvailabilityTopic(topic: string, ownerId: string | nu
   return parsed !== undefined && parsed.kind === 'device' && parsed.what === 'availability' && parsed.bridgeId === ownerId;
 }
 
-/** Built-in publish rules: no QoS 2, topic caps, retain only on the publisher's own status topic (or a bridge's device availability). */
+/**
+ * Built-in publish rules: no QoS 2, topic caps, retain only on the publisher's own status topic (or a bridge's device
+ * availability, or a deployment step), and never an empty retained deployment step.
+ */
 export function checkPublish(
-  packet: { topic: string; qos?: number; retain?: boolean },
+  packet: { topic: string; qos?: number; retain?: boolean; payload?: Buffer | string },
   ownerId: string | null | undefined,
   limits: TopicLimits,
 ): PublishRefusal | undefined {
   if (packet.qos === 2) return 'qos2';
   const refusal = checkPublishTopic(packet.topic, limits);
   if (refusal !== undefined) return refusal;
-  if (
-    packet.retain &&
-    !isOwnStatusTopic(packet.topic, ownerId) &&
-    !isOwnDeviceAvailabilityTopic(packet.topic, ownerId) &&
-    // A deployment step is retained for agents that connect later; the ACL (acl.ts) says who may publish one.
-    parseDeploymentTopic(packet.topic) === undefined
-  )
-    return 'retain-not-own-status';
-  return undefined;
+  if (!packet.retain) return undefined;
+  if (isOwnStatusTopic(packet.topic, ownerId) || isOwnDeviceAvailabilityTopic(packet.topic, ownerId)) return undefined;
+  // A deployment step is retained for agents that connect later; the ACL (acl.ts) says who may publish one. An empty
+  // retained message deletes the retained one (MQTT 3.1.1 §3.3.1.3), and the ACL lets every router publish on every
+  // group's topics, so one router could erase every group's step; a step is replaced by the next one, never cleared.
+  if (parseDeploymentTopic(packet.topic) !== undefined) return packet.payload?.length === 0 ? 'empty-retained-step' : undefined;
+  return 'retain-not-own-status';
 }
 
 /** A CONNECT's will must be QoS 0/1 and aimed at the connecting client's own status topic. */

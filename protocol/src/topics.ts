@@ -71,6 +71,7 @@ export const topics = {
   deviceAvailability: (bridgeId: string, deviceId: string) => `${TOPIC_ROOT}/bridge/${bridgeId}/dev/${deviceId}/availability`,
   deviceTelemetry: (bridgeId: string, deviceId: string) => `${TOPIC_ROOT}/bridge/${bridgeId}/dev/${deviceId}/telemetry`,
   allDeviceAvailability: () => `${TOPIC_ROOT}/bridge/+/dev/+/availability`,
+  allDeviceTelemetry: () => `${TOPIC_ROOT}/bridge/+/dev/+/telemetry`,
   /**
    * "Agents, announce yourselves": a client that watches statuses publishes here (empty payload, QoS 0) on every
    * (re)connect, and every agent answers by publishing its status again. A broker that keeps retained messages

@@ -82,12 +82,18 @@ export type ConnectVerification = { ok: true; session: MeshSession } | ConnectRe
 /**
  * Step 1's verdict. `go` with `limited` set: the address is limited (after a storm of unauthenticated refusals) or
  * over its CONNECT rate, so only a CONNECT naming an admitted id may go on (step 2 decides); `quiet` says this is a
- * repeat that is logged at debug only. `wrong-version`: let aedes answer CONNACK 1 itself, as [MQTT-3.1.2-2] asks.
+ * repeat that is logged at debug only. `wrong-version`: let aedes answer CONNACK 1 itself, as [MQTT-3.1.2-2] asks;
+ * `limited` says the address was already limited or over its rate, so the refusal must not count towards a limit.
  */
 export type DoorVerdict =
   | { action: 'go'; limited: undefined }
   | { action: 'go'; limited: 'address-limited' | 'connect-rate'; quiet: boolean }
-  | { action: 'wrong-version'; reason: 'protocol-version'; code: 'MESH_BAD_REQUEST' };
+  | {
+      action: 'wrong-version';
+      reason: 'protocol-version';
+      code: 'MESH_BAD_REQUEST';
+      limited: 'address-limited' | 'connect-rate' | undefined;
+    };
 
 export function refuseConnect(returnCode: number, reason: RefusalReason, topic?: string): ConnectRefusal {
   return { ok: false, reason, code: REFUSAL_CODES[reason], returnCode, topic };
@@ -96,8 +102,13 @@ export function refuseConnect(returnCode: number, reason: RefusalReason, topic?:
 /** Step 1: the address's limit and CONNECT bucket (this takes a token from `ips`), then MQTT 3.1.1 only (level 4). */
 export function doorVerdict(ips: IpGuard, ip: string, protocolVersion: number | undefined, now: number): DoorVerdict {
   const rate = ips.connect(ip, now);
-  // 3.1 (level 3), MQTT 5 (level 5) and anything else: refused, also 3.1.1's level with another protocol name.
-  if (protocolVersion !== 4) return { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST' };
+  // 3.1 (level 3), MQTT 5 (level 5) and anything else: refused, also 3.1.1's level with another protocol name. The
+  // answer is CONNACK 1 whatever the address, but a limit already holding is looked at first: a flood of them from a
+  // limited address is that limit's business, not a new failure each.
+  if (protocolVersion !== 4) {
+    const limited = rate === 'ok' ? undefined : rate === 'limited' ? 'address-limited' : 'connect-rate';
+    return { action: 'wrong-version', reason: 'protocol-version', code: 'MESH_BAD_REQUEST', limited };
+  }
   if (rate === 'limited') return { action: 'go', limited: 'address-limited', quiet: true };
   if (rate === 'connect-rate') return { action: 'go', limited: 'connect-rate', quiet: false };
   if (rate === 'connect-rate-again') return { action: 'go', limited: 'connect-rate', quiet: true };

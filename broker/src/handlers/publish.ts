@@ -1,7 +1,8 @@
 /**
  * PUBLISH decisions (MQTT 3.1.1 §3.3), in order: the built-in topic policy (../policy.ts: no QoS 2, topic caps, no
- * `$` topics, retain only on the publisher's own status), the client's publish token bucket, and in authenticated
- * mode the role ACL (../acl.ts), where an operator's admin record costs an admin token as well.
+ * `$` topics, retain only on the publisher's own status or a deployment step, never an empty step), the client's
+ * publish token bucket, and in authenticated mode the role ACL (../acl.ts), where an operator's admin record costs an
+ * admin token as well.
  *
  * A refused PUBLISH disconnects its client: MQTT 3.1.1 has no PUBACK error code, and a silently dropped QoS 1 message
  * would look delivered ([MQTT-3.3.5-2] lets the server close the connection instead).
@@ -51,7 +52,10 @@ export function takePublishToken(session: MeshSession, now: number, ratePerMs: n
 }
 
 /** Whether `packet` may be published; updates the session's buckets when it has one. */
-export function decidePublish(packet: { topic: string; qos?: number; retain?: boolean }, ctx: PublishContext): PublishVerdict {
+export function decidePublish(
+  packet: { topic: string; qos?: number; retain?: boolean; payload?: Buffer | string },
+  ctx: PublishContext,
+): PublishVerdict {
   const { ownerId, session } = ctx;
   const reason = checkPublish(packet, ownerId, ctx.limits);
   if (reason !== undefined) return refuse(reason);

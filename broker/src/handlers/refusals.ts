@@ -44,8 +44,10 @@ export const REFUSAL_CODES = {
   'wildcard-all': 'MESH_FORBIDDEN',
   qos2: 'MESH_BAD_REQUEST',
   'retain-not-own-status': 'MESH_FORBIDDEN',
-  // The role ACL (../acl.ts) and the per-client buckets.
+  'empty-retained-step': 'MESH_FORBIDDEN',
+  // The role ACL (../acl.ts), the cap on one connection's subscriptions (./subscribe.ts) and the per-client buckets.
   acl: 'MESH_FORBIDDEN',
+  'too-many-subscriptions': 'MESH_TOO_LARGE',
   'publish-rate': 'MESH_RATE_LIMITED',
   'admin-rate': 'MESH_RATE_LIMITED',
 } as const satisfies Record<string, MeshErrorCode>;
