@@ -80,7 +80,8 @@ async function call(url: string, route: { method: string; path: string }, author
       ...(authorization ? { authorization } : {}),
       ...(route.method === 'POST' ? { 'content-type': 'application/json' } : {}),
     },
-    ...(route.method === 'POST' ? { body: kwsBody() } : {}),
+    // An inference body for the inference routes; the others take small JSON bodies (16 KiB at most).
+    ...(route.method === 'POST' ? { body: route.path.endsWith('/infer') ? kwsBody() : '{}' } : {}),
   });
   const text = await res.text();
   let body: unknown;
