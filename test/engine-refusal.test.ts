@@ -4,37 +4,13 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { type Attempt, createRequestEngine, type EngineClock, type Outcome } from '@edge-mesh/client';
+import { type Attempt, createRequestEngine, type Outcome } from '@edge-mesh/client';
 import { MeshError } from '@edge-mesh/protocol';
-
-class Clock implements EngineClock {
-  t = 0;
-  private seq = 0;
-  readonly timers = new Map<number, { at: number; fire: () => void }>();
-  now = () => this.t;
-  setTimer = (delayMs: number, fire: () => void) => {
-    this.timers.set(++this.seq, { at: this.t + delayMs, fire });
-    return this.seq;
-  };
-  clearTimer = (id: unknown) => {
-    this.timers.delete(id as number);
-  };
-  advance(ms: number) {
-    const until = this.t + ms;
-    for (;;) {
-      const next = [...this.timers].sort((a, b) => a[1].at - b[1].at)[0];
-      if (!next || next[1].at > until) break;
-      this.t = next[1].at;
-      this.timers.delete(next[0]);
-      next[1].fire();
-    }
-    this.t = until;
-  }
-}
+import { VirtualClock } from './virtual-clock.ts';
 
 /** Agents 'honest' then 'liar' then 'third', in that order; the first attempt is hedged after 10 ms. */
 function rig() {
-  const clock = new Clock();
+  const clock = new VirtualClock();
   const sent: Attempt<null>[] = [];
   const order = ['honest', 'liar', 'third'];
   const engine = createRequestEngine<null, string>({
@@ -79,7 +55,7 @@ test('a final error ends the request with that error once no other attempt is le
 });
 
 test('a final error with no other attempt running ends the request at once, as before', () => {
-  const clock = new Clock();
+  const clock = new VirtualClock();
   const engine = createRequestEngine<null, string>({
     policy: { pick: (_r, tried) => (tried.has('a') ? { agentId: 'b' } : { agentId: 'a' }) },
     clock,

@@ -1,7 +1,7 @@
 /** Warming cold agents ahead of demand (router/src/warming.ts) and the policy's warming copy, on virtual time. */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { type Attempt, createRequestEngine, type EngineClock } from '@edge-mesh/client';
+import { type Attempt, createRequestEngine } from '@edge-mesh/client';
 import {
   type AgentDescriptor,
   createRegistry,
@@ -13,6 +13,7 @@ import {
   type RouterAsk,
   upsertAgent,
 } from '@edge-mesh/router';
+import { VirtualClock } from './virtual-clock.ts';
 
 const agent = (agentId: string, serviceMs: number, warm: boolean, slots = 1): AgentDescriptor => ({
   agentId,
@@ -51,31 +52,10 @@ test('the warmer asks for one load when most warm agents have no free slot, cold
   assert.equal(warmer.target('unknown-model', 11_000), undefined);
 });
 
-class Clock implements EngineClock {
-  t = 0;
-  private seq = 0;
-  readonly timers = new Map<number, { at: number; fire: () => void }>();
-  now = () => this.t;
-  setTimer = (delayMs: number, fire: () => void) => {
-    this.timers.set(++this.seq, { at: this.t + delayMs, fire });
-    return this.seq;
-  };
-  clearTimer = (id: unknown) => {
-    this.timers.delete(id as number);
-  };
-  runDue() {
-    for (const [id, timer] of [...this.timers].sort((a, b) => a[1].at - b[1].at)) {
-      if (timer.at > this.t) break;
-      this.timers.delete(id);
-      timer.fire();
-    }
-  }
-}
-
 function send(warming: boolean) {
   const reg = fleet();
   for (const id of ['warm-a', 'warm-b', 'warm-c']) onQueueReport(reg, id, 1, 0);
-  const clock = new Clock();
+  const clock = new VirtualClock();
   const sent: Attempt<RouterAsk>[] = [];
   const cancelled: string[] = [];
   const engine = createRequestEngine<RouterAsk, { queueMs: number; execMs: number }>({
