@@ -33,7 +33,8 @@
  * Relay mode (`relays`): the due lanes' vouchers are POSTed to a relay (router/relay.ts) instead of sent
  * from the agent's own account, so the agent needs no gas. Nothing is sent from here, so there is no intent
  * to keep: the lanes are watched on chain as above, and a lane a relay has not settled within `relayWaitMs`
- * goes to the next relay (and, with a `runner`, after every relay failed it, out from the agent's account).
+ * of first taking it goes to the next relay (and, with a `runner`, after every relay failed it, out from the
+ * agent's account).
  */
 import path from 'node:path';
 import { ESCROW_ABI, EscrowClient, type SettleOutcome } from '@edge-mesh/contracts';
@@ -152,8 +153,11 @@ interface LaneState {
   remaining: number | undefined;
   /** Chain seconds until which a withdrawal request is pending (its lapse time); 0 when none. */
   withdrawUntil: number;
-  /** The voucher last handed to a relay, and when (relay mode; memory only: handing it again is harmless). */
-  handed?: { cumulative: number; at: number; relay: string };
+  /**
+   * The voucher last handed to a relay, and when (relay mode; memory only: handing it again is harmless); `first`
+   * is when that relay first took the lane with nothing settled since, and `base` what was settled then.
+   */
+  handed?: { cumulative: number; at: number; relay: string; first: number; base: number };
   /** Relays that failed this lane so far: the next hand-off goes to the next relay. */
   misses?: number;
 }
@@ -520,15 +524,24 @@ export class Settler {
     for (const d of due) {
       const s = this.state(d.payer);
       const h = s.handed;
-      if (h && h.cumulative >= d.cumulative) {
-        if (now - h.at < wait) continue; // a relay has it: wait for the chain
-        s.misses = (s.misses ?? 0) + 1;
-        this.counters.relayMisses++;
-        this.logger.warn(
-          { payer: d.payer, relay: h.relay, waitedMs: now - h.at, cumulative: d.cumulative },
-          'the relay has not settled the lane: handing it to the next one',
-        );
-        s.handed = undefined;
+      if (h) {
+        // A relay is timed from when it first took the lane, not from its latest hand-off: on a busy lane the
+        // voucher rises at every check and goes to the same relay again, and one that never settles would keep
+        // the lane for good. Anything settled on the lane since then starts its clock again.
+        if (s.settled > h.base) {
+          h.first = now;
+          h.base = s.settled;
+        }
+        if (h.cumulative >= d.cumulative && now - h.at < wait) continue; // a relay has this voucher: wait for the chain
+        if (now - h.first >= wait) {
+          s.misses = (s.misses ?? 0) + 1;
+          this.counters.relayMisses++;
+          this.logger.warn(
+            { payer: d.payer, relay: h.relay, waitedMs: now - h.first, cumulative: d.cumulative },
+            'the relay has not settled the lane: handing it to the next one',
+          );
+          s.handed = undefined;
+        }
       }
       if (this.options.runner && (s.misses ?? 0) >= relays.length) {
         self.push(d);
@@ -568,7 +581,9 @@ export class Settler {
           const d = chunk[k]!;
           // Refused or taken, the lane waits before it is handed again: a refusal (its fee too small for this
           // relay, or settled meanwhile) is retried later, with the next relay.
-          this.state(d.payer).handed = { cumulative: d.cumulative, at: now, relay };
+          const s = this.state(d.payer);
+          const same = s.handed?.relay === relay ? s.handed : undefined;
+          s.handed = { cumulative: d.cumulative, at: now, relay, first: same?.first ?? now, base: same?.base ?? s.settled };
           if (a.accepted) this.counters.relayHandoffs++;
           else {
             this.counters.relayRefusals++;
