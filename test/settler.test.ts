@@ -386,6 +386,55 @@ describe('settlement relayer', () => {
     assert.ok(ranges.every(([f]) => f >= deployment.deployBlock));
   });
 
+  test('kill -9 right after sending while the transaction is pending: restarted, the relayer replaces it on its nonce; one transaction, paid once', {
+    timeout: 120_000,
+  }, async (t) => {
+    const broker = await brokerFor(t);
+    const identity = generateIdentity('agent');
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    const dataDir = await tempDir(t);
+    const keyFile = path.join(dataDir, 'relayer.key');
+    const relayer = chain.accounts[nextRelayer]!;
+    await writeFile(keyFile, chain.privateKeys[nextRelayer++]!, { mode: 0o600 });
+    const args = [
+      ...['--payout', payout, '--escrow', deployment.escrow, '--chain-id', String(deployment.chainId), '--data', dataDir],
+      ...['--settle', '--rpc', chain.rpcUrl, '--evm-key', keyFile, '--settle-threshold', '12', '--settle-check-ms', '100'],
+    ];
+    const wallet = await fundedLane(payout);
+    const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
+    const mesh = await paidMesh(t, broker.url, wallet, { wait: false });
+    const nonce = await chain.provider.getTransactionCount(relayer, 'latest');
+    process.env.MESH_SETTLER_CRASH = 'after-send';
+    let child: Awaited<ReturnType<typeof spawnAgent>>;
+    try {
+      child = await spawnAgent(t, broker.url, identity, args);
+    } finally {
+      delete process.env.MESH_SETTLER_CRASH;
+    }
+    await mesh.waitForModel('kws', 10_000);
+    const automineOn = await automineOff(t);
+    await serve(mesh, 6);
+    await once(child, 'exit');
+    assert.equal(child.signalCode, 'SIGKILL');
+    const first = await pendingFrom(relayer);
+    assert.equal(first.nonce, nonce);
+    // Restarted with the transaction still in the pool: its intent stays, and the lane goes out again on its nonce.
+    child = await spawnAgent(t, broker.url, identity, args);
+    const second = await pendingFrom(relayer, [first.hash], 20_000);
+    assert.equal(second.nonce, nonce, 'the same nonce');
+    assert.ok(second.maxFeePerGas! > first.maxFeePerGas!, 'a higher fee');
+    await chain.provider.send('evm_mine', []);
+    await automineOn();
+    const deadline = Date.now() + 10_000;
+    while ((await escrow.laneOf(wallet.address, payout)).settled !== 12n && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 100));
+    assert.equal(await escrow.tokenBalance(payout), 12n, 'paid once');
+    assert.equal(await chain.provider.getTransactionCount(relayer, 'latest'), nonce + 1, 'one transaction mined: no gas on a second');
+    assert.equal((await settledEvents(payout)).length, 1);
+    child.kill('SIGTERM');
+    await once(child, 'exit');
+  });
+
   test('kill -9 of the relayer between intent and send, and right after sending: nothing paid twice, nothing owed lost', async (t) => {
     const broker = await brokerFor(t);
     const identity = generateIdentity('agent');
