@@ -9,6 +9,7 @@ import { createHash } from 'node:crypto';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { after, before, describe, type TestContext, test } from 'node:test';
+import type { SettlerOptions } from '@edge-mesh/agent';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
@@ -81,7 +82,14 @@ async function lyingRelay(t: TestContext): Promise<{ url: string; posts: () => n
   return { url: `http://127.0.0.1:${(server.address() as AddressInfo).port}`, posts: () => posts };
 }
 
-async function gaslessAgent(t: TestContext, brokerUrl: string, relays: string[], relayWaitMs = 30_000, relayCredential?: string) {
+async function gaslessAgent(
+  t: TestContext,
+  brokerUrl: string,
+  relays: string[],
+  relayWaitMs = 30_000,
+  relayCredential?: string,
+  settle: Partial<SettlerOptions> = {},
+) {
   const identity = generateIdentity('agent');
   const payout = await gaslessPayout(identity);
   const agent = await agentFor(t, {
@@ -101,6 +109,7 @@ async function gaslessAgent(t: TestContext, brokerUrl: string, relays: string[],
         thresholdMicros: 1_000_000_000,
         maxIntervalMs: 3_600_000,
         ...(relayCredential ? { relayCredential } : {}),
+        ...settle,
       },
     },
   });
@@ -191,6 +200,45 @@ describe('agents paid through a relay, with no gas', () => {
     assert.ok(settler.counters.relayFailures >= 1, 'the relay that is down was counted');
     assert.ok(settler.counters.relayMisses >= 1, 'the liar was counted');
     assert.equal(settler.counters.txs, 0);
+  });
+
+  test('on a busy lane, whose voucher rises at every check, a relay that says yes and settles nothing is passed over after relayWaitMs', {
+    timeout: 60_000,
+  }, async (t) => {
+    const broker = await brokerFor(t);
+    const liar = await lyingRelay(t);
+    const good = await relayRouter(t, broker.url);
+    // Due at every check (100 ms): the lane owes more than the threshold as soon as anything is served.
+    const { agent, payout } = await gaslessAgent(t, broker.url, [liar.url, good.url], 500, undefined, { thresholdMicros: 1 });
+    const payer = await fundedPayer(payout);
+    const mesh = await meshFor(t, {
+      brokerUrl: broker.url,
+      payment: { signer: payer, domain: domain(), dataDir: await tempDir(t), relayerFee: 0.1 },
+    });
+    await mesh.waitForModel('kws');
+    const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
+    let busy = true;
+    const serving = (async () => {
+      for (let i = 0; busy; i++) await mesh.infer('kws', sampleInputs('kws', i), { deadlineMs: 5_000 });
+    })();
+    t.after(async () => {
+      busy = false;
+      await serving;
+    });
+    await waitFor(() => liar.posts() >= 1, 5_000, 'the liar takes the lane');
+    const handedAt = Date.now();
+    let settled = 0n;
+    while (settled === 0n && Date.now() - handedAt < 4 * 500 + 3_000) {
+      await new Promise((r) => setTimeout(r, 100));
+      settled = (await escrow.laneOf(payer.address, payout)).settled;
+    }
+    busy = false;
+    await serving;
+    const settler = agent.payments!.settler!;
+    assert.ok(settled > 0n, `the good relay settled the lane (liar posts ${liar.posts()}, misses ${settler.counters.relayMisses})`);
+    assert.ok((await escrow.tokenBalance(good.relay)) > 0n, 'the fee went to the relay that settled');
+    assert.ok(settler.counters.relayMisses >= 1, 'the liar was counted');
+    assert.ok(liar.posts() <= 10, `the liar was handed the lane ${liar.posts()} times in about 500 ms of checks every 100 ms`);
   });
 
   test('a relay on a router with HTTP auth on takes vouchers from an agent with a relay-scoped key, and from nobody else', async (t) => {

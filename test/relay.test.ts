@@ -60,7 +60,7 @@ async function voucher(
 
 async function relayFor(
   t: TestContext,
-  options: { minFeeMicros?: number; batchMs?: number; vouchersPerSecond?: number; voucherBurst?: number } = {},
+  options: { minFeeMicros?: number; batchMs?: number; vouchersPerSecond?: number; voucherBurst?: number; receiptTimeoutMs?: number } = {},
 ) {
   const runner = chain.wallet(nextWallet++);
   const server = await startRelayServer({ runner, escrow: deployment.escrow, batchMs: 60_000, ...options });
@@ -86,6 +86,20 @@ const reasons = (results: RelayVerdict[]) => results.map((r) => (r.accepted ? 'a
 /** The relay account's nonce and ETH: unchanged means it spent no gas. */
 async function gasState(address: string) {
   return { nonce: await chain.provider.getTransactionCount(address), wei: await chain.provider.getBalance(address) };
+}
+
+/** The next transaction from `from` in the pool that is not one of `seen`. */
+async function pendingFrom(from: string, seen: string[] = [], timeoutMs = 10_000): Promise<ethers.TransactionResponse> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const block = (await chain.provider.send('eth_getBlockByNumber', ['pending', true])) as {
+      transactions: { hash: string; from: string }[];
+    };
+    const tx = block.transactions.find((x) => x.from.toLowerCase() === from.toLowerCase() && !seen.includes(x.hash));
+    if (tx) return (await chain.provider.getTransaction(tx.hash))!;
+    if (Date.now() > deadline) assert.fail(`no new pending transaction from ${from} within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }
 
 describe('voucher relay', () => {
@@ -213,6 +227,46 @@ describe('voucher relay', () => {
     await server.relay.flush();
     assert.deepEqual(await gasState(runner.address), before);
     assert.equal(server.relay.counters.dropped, 1);
+  });
+
+  test('a settlement the node drops, or leaves pending, is sent again on its nonce after receiptTimeoutMs: the agent is paid once', {
+    timeout: 60_000,
+  }, async (t) => {
+    const { server, runner } = await relayFor(t, { receiptTimeoutMs: 1_000 });
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    const payer = await fundedPayer(payout, 1_000_000n);
+    assert.deepEqual(reasons((await post(server, [await voucher(payer, payout, 4_000, 40)])).body.results), ['accepted']);
+    const nonce = await chain.provider.getTransactionCount(runner.address, 'latest');
+    await chain.provider.send('evm_setAutomine', [false]);
+    t.after(() => chain.provider.send('evm_setAutomine', [true]));
+    // 1. Dropped: the wait ends at the timeout, and the voucher is queued again.
+    const first = server.relay.flush();
+    const dropped = await pendingFrom(runner.address);
+    await chain.provider.send('hardhat_dropTransaction', [dropped.hash]);
+    await first;
+    assert.equal(server.relay.counters.failures, 1);
+    assert.equal(server.relay.pendingCount(), 1, 'the voucher waits again');
+    // 2. Sent again on the freed nonce (at the same fee, the same signed transaction), and left pending: after
+    // the timeout it is queued again...
+    const second = server.relay.flush();
+    const pending = await pendingFrom(runner.address);
+    assert.equal(pending.nonce, nonce);
+    await second;
+    assert.equal(server.relay.counters.failures, 2);
+    // 3. ...and replaced on the same nonce at a higher fee; the replacement is mined.
+    const third = server.relay.flush();
+    const replacement = await pendingFrom(runner.address, [pending.hash]);
+    assert.equal(replacement.nonce, nonce);
+    assert.ok(replacement.maxFeePerGas! > pending.maxFeePerGas!, 'a higher fee');
+    assert.equal(await chain.provider.getTransaction(pending.hash), null, 'the pending one is out of the pool');
+    await chain.provider.send('evm_mine', []);
+    await third;
+    assert.equal(server.relay.counters.txs, 1);
+    assert.equal(server.relay.pendingCount(), 0);
+    const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
+    assert.equal(await escrow.tokenBalance(payout), 4_000n, 'the agent is paid, once');
+    assert.equal(await escrow.tokenBalance(runner.address), 40n);
+    assert.equal(await chain.provider.getTransactionCount(runner.address, 'latest'), nonce + 1, 'one transaction mined');
   });
 
   test('a router started with a relay key serves POST /v1/relay/vouchers', async (t) => {

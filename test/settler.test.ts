@@ -2,7 +2,8 @@
  * The agent's settlement relayer on a real local chain (escrow v2), a real broker and real ONNX agents:
  * each trigger (threshold, interval, withdrawal pending), no gas spent on a lane that owes nothing (an
  * emptied lane waits for its top-up, then the same voucher pays the rest), exact payment of the ok
- * receipts, and kill -9 of the relayer between its intent and its transaction, and right after sending it.
+ * receipts, kill -9 of the relayer between its intent and its transaction and right after sending it, and a
+ * settlement transaction the node drops or leaves pending, which is sent again on its nonce.
  */
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
@@ -70,14 +71,48 @@ async function settlerAgent(t: TestContext, brokerUrl: string, settle: Partial<S
   const domain = { chainId: deployment.chainId, escrow: deployment.escrow };
   // Every model on the one worker, one job at a time, so a wake-word request can wait behind a detection
   // (inline, it would not).
+  const runner = chain.wallet(nextRelayer++);
   const agent = await agentFor(t, {
     brokerUrl,
     pipelineDepth: 1,
     inlineMaxMs: 0,
     maxMessageBytes: LARGE_DETECTION_BYTES,
-    payment: { payout, domain, dataDir: await tempDir(t), settle: { runner: chain.wallet(nextRelayer++), checkEveryMs: 100, ...settle } },
+    payment: { payout, domain, dataDir: await tempDir(t), settle: { runner, checkEveryMs: 100, ...settle } },
   });
-  return { agent, payout };
+  return { agent, payout, runner: runner.address };
+}
+
+/** Blocks are mined only on request until the test ends (or the returned function is called). */
+async function automineOff(t: TestContext): Promise<() => Promise<void>> {
+  await chain.provider.send('evm_setAutomine', [false]);
+  const on = async () => {
+    await chain.provider.send('evm_setAutomine', [true]);
+  };
+  t.after(on);
+  return on;
+}
+
+/** The next transaction from `from` in the pool that is not one of `seen`. */
+async function pendingFrom(from: string, seen: string[] = [], timeoutMs = 10_000): Promise<ethers.TransactionResponse> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const block = (await chain.provider.send('eth_getBlockByNumber', ['pending', true])) as {
+      transactions: { hash: string; from: string }[];
+    };
+    const tx = block.transactions.find((x) => x.from.toLowerCase() === from.toLowerCase() && !seen.includes(x.hash));
+    if (tx) return (await chain.provider.getTransaction(tx.hash))!;
+    if (Date.now() > deadline) assert.fail(`no new pending transaction from ${from} within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** The Settled events that paid `payout`. */
+async function settledEvents(payout: string): Promise<ethers.EventLog[]> {
+  const contract = new ethers.Contract(deployment.escrow, ESCROW_ABI, chain.provider);
+  return (await contract.queryFilter(
+    contract.filters.Settled!(null, ethers.getAddress(payout)),
+    deployment.deployBlock,
+  )) as ethers.EventLog[];
 }
 
 async function serve(mesh: Awaited<ReturnType<typeof paidMesh>>, n: number, agentId?: string): Promise<void> {
@@ -209,6 +244,79 @@ describe('settlement relayer', () => {
     assert.ok(lapseAt > 0n);
   });
 
+  test('a settlement transaction the node drops is sent again after receiptTimeoutMs: the lane is paid, once', {
+    timeout: 60_000,
+  }, async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout, runner } = await settlerAgent(t, broker.url, {
+      thresholdMicros: 10,
+      maxIntervalMs: 3_600_000,
+      receiptTimeoutMs: 1_000,
+    });
+    const payer = await fundedLane(payout);
+    const mesh = await paidMesh(t, broker.url, payer);
+    const settler = agent.payments!.settler!;
+    const nonce = await chain.provider.getTransactionCount(runner, 'latest');
+    const automineOn = await automineOff(t);
+    await serve(mesh, 5); // 10 micro-dollars: the threshold
+    const dropped = await pendingFrom(runner);
+    assert.equal(dropped.nonce, nonce);
+    await chain.provider.send('hardhat_dropTransaction', [dropped.hash]);
+    await automineOn();
+    // One timeout and a few checks later the lane is settled by a new transaction on the freed nonce.
+    await waitFor(() => settler.counters.settledMicros === 10, 1_000 + 10 * 100 + 2_000, 'the settlement sent again');
+    const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
+    assert.equal(await escrow.tokenBalance(payout), 10n);
+    assert.equal((await escrow.laneOf(payer.address, payout)).settled, 10n);
+    const records = await settler.settlements();
+    assert.equal(records.length, 1);
+    // Sent again on the nonce the drop freed (at the same fee and with the same data it is the same signed
+    // transaction, so the same hash), and mined.
+    assert.equal((await chain.provider.getTransaction(records[0]!.hash))!.nonce, nonce);
+    assert.equal(await chain.provider.getTransactionCount(runner, 'latest'), nonce + 1, 'one transaction mined');
+    assert.equal((await settledEvents(payout)).length, 1);
+    assert.ok(settler.counters.failures >= 1, 'the timeout was counted');
+  });
+
+  test('a settlement transaction left pending is replaced on its nonce at a higher fee; whichever is mined is recorded, once', {
+    timeout: 60_000,
+  }, async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout, runner } = await settlerAgent(t, broker.url, {
+      thresholdMicros: 1e12,
+      maxIntervalMs: 3_600_000,
+      receiptTimeoutMs: 1_000,
+    });
+    const { signer, owner } = await ownedLane(payout, 1_000_000n);
+    const mesh = await paidMesh(t, broker.url, signer);
+    await serve(mesh, 5);
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 10, 5_000, 'the last voucher');
+    const settler = agent.payments!.settler!;
+    // Blocks stop, then the owner asks to withdraw: the settlement it triggers waits in the pool with it.
+    const automineOn = await automineOff(t);
+    const request = owner.requestWithdraw(signer.address, payout, 1_000_000n);
+    await pendingFrom(await owner.address());
+    await chain.provider.send('evm_mine', []);
+    await request;
+    const first = await pendingFrom(runner);
+    const second = await pendingFrom(runner, [first.hash], 5_000);
+    assert.equal(second.nonce, first.nonce, 'the same nonce');
+    assert.ok(second.maxFeePerGas! > first.maxFeePerGas! && second.maxPriorityFeePerGas! > first.maxPriorityFeePerGas!, 'a higher fee');
+    assert.equal(await chain.provider.getTransaction(first.hash), null, 'the first is out of the pool');
+    await chain.provider.send('evm_mine', []);
+    await automineOn();
+    await waitFor(() => settler.counters.settledMicros === 10, 5_000, 'the replacement recorded');
+    const records = await settler.settlements();
+    assert.equal(records.length, 1);
+    assert.ok(records[0]!.reasons.includes('withdraw'), JSON.stringify(records));
+    assert.equal((await chain.provider.getTransaction(records[0]!.hash))!.nonce, first.nonce);
+    assert.equal((await settledEvents(payout)).length, 1);
+    assert.equal(await chain.provider.getTransactionCount(runner, 'latest'), first.nonce + 1, 'one transaction mined');
+    // And the settler goes on: new work on the lane (the withdrawal still pending) is settled at once.
+    await serve(mesh, 2);
+    await waitFor(() => settler.counters.settledMicros === 14, 5_000, 'the next settlement');
+  });
+
   test("the router's /v1/lanes and /v1/settlements read the escrow on chain", async (t) => {
     const broker = await brokerFor(t);
     const { agent, payout } = await settlerAgent(t, broker.url, { thresholdMicros: 1e12 });
@@ -276,6 +384,55 @@ describe('settlement relayer', () => {
     for (const [fromBlock] of ranges.slice(before))
       assert.ok(fromBlock > head - 1, `a range from block ${fromBlock} read again (head ${head})`);
     assert.ok(ranges.every(([f]) => f >= deployment.deployBlock));
+  });
+
+  test('kill -9 right after sending while the transaction is pending: restarted, the relayer replaces it on its nonce; one transaction, paid once', {
+    timeout: 120_000,
+  }, async (t) => {
+    const broker = await brokerFor(t);
+    const identity = generateIdentity('agent');
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    const dataDir = await tempDir(t);
+    const keyFile = path.join(dataDir, 'relayer.key');
+    const relayer = chain.accounts[nextRelayer]!;
+    await writeFile(keyFile, chain.privateKeys[nextRelayer++]!, { mode: 0o600 });
+    const args = [
+      ...['--payout', payout, '--escrow', deployment.escrow, '--chain-id', String(deployment.chainId), '--data', dataDir],
+      ...['--settle', '--rpc', chain.rpcUrl, '--evm-key', keyFile, '--settle-threshold', '12', '--settle-check-ms', '100'],
+    ];
+    const wallet = await fundedLane(payout);
+    const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
+    const mesh = await paidMesh(t, broker.url, wallet, { wait: false });
+    const nonce = await chain.provider.getTransactionCount(relayer, 'latest');
+    process.env.MESH_SETTLER_CRASH = 'after-send';
+    let child: Awaited<ReturnType<typeof spawnAgent>>;
+    try {
+      child = await spawnAgent(t, broker.url, identity, args);
+    } finally {
+      delete process.env.MESH_SETTLER_CRASH;
+    }
+    await mesh.waitForModel('kws', 10_000);
+    const automineOn = await automineOff(t);
+    await serve(mesh, 6);
+    await once(child, 'exit');
+    assert.equal(child.signalCode, 'SIGKILL');
+    const first = await pendingFrom(relayer);
+    assert.equal(first.nonce, nonce);
+    // Restarted with the transaction still in the pool: its intent stays, and the lane goes out again on its nonce.
+    child = await spawnAgent(t, broker.url, identity, args);
+    const second = await pendingFrom(relayer, [first.hash], 20_000);
+    assert.equal(second.nonce, nonce, 'the same nonce');
+    assert.ok(second.maxFeePerGas! > first.maxFeePerGas!, 'a higher fee');
+    await chain.provider.send('evm_mine', []);
+    await automineOn();
+    const deadline = Date.now() + 10_000;
+    while ((await escrow.laneOf(wallet.address, payout)).settled !== 12n && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 100));
+    assert.equal(await escrow.tokenBalance(payout), 12n, 'paid once');
+    assert.equal(await chain.provider.getTransactionCount(relayer, 'latest'), nonce + 1, 'one transaction mined: no gas on a second');
+    assert.equal((await settledEvents(payout)).length, 1);
+    child.kill('SIGTERM');
+    await once(child, 'exit');
   });
 
   test('kill -9 of the relayer between intent and send, and right after sending: nothing paid twice, nothing owed lost', async (t) => {

@@ -5,7 +5,15 @@
  * from the escrow). The contract's rules: docs/settlement.md, "The escrow contract".
  *
  * Transactions need a Signer as runner; reads work with a Provider. One client sends its transactions
- * one after another; wrap the signer in ethers.NonceManager to send from several clients at once.
+ * one after another; wrap the signer in ethers.NonceManager to send from several clients at once (it picks
+ * every nonce itself, so `replaces` cannot reuse one through it).
+ *
+ * A transaction is waited for `receiptTimeoutMs` (default 3 minutes), not forever: a node may drop or evict
+ * it, and a caller waiting on it would wait for good. Past the timeout the call fails with
+ * MESH_CHAIN_UNREACHABLE, details.reason 'receipt-timeout', details.nonce and details.hashes; the transaction
+ * may still be mined. Passing those as `replaces` to the next `settle` sends it on the same nonce (with a
+ * higher fee while the old one is still pending, at the going fee if it was dropped), so at most one of them
+ * is ever mined, and waits for whichever is.
  */
 
 import {
@@ -109,6 +117,16 @@ export interface SettleOutcome extends TxOutcome {
   deferred: DeferredPayout[];
 }
 
+/** A transaction from this client's account that was not mined within `receiptTimeoutMs` (see `settle`'s `replaces`). */
+export interface Unmined {
+  nonce: number;
+  /** Every transaction sent with that nonce so far: any one of them may still be mined. */
+  hashes: string[];
+}
+
+/** How long a transaction is waited for by default: ample for a healthy chain (seconds on L2s, ~12 s blocks on L1). */
+export const DEFAULT_RECEIPT_TIMEOUT_MS = 180_000;
+
 export interface AgentBatch {
   agent: string;
   entries: readonly SignedVoucher[];
@@ -120,10 +138,17 @@ export interface EscrowClientOptions {
   escrow: string;
   /** Skips the escrow.token() lookup; must match it. */
   token?: string;
+  /** How long a sent transaction is waited for before the call fails with reason 'receipt-timeout' (default 3 minutes). */
+  receiptTimeoutMs?: number;
 }
 
 function isSigner(runner: ethers.Signer | ethers.Provider): runner is ethers.Signer {
   return typeof (runner as ethers.Signer).signTypedData === 'function';
+}
+
+function larger(a: bigint, b: bigint): bigint {
+  if (a > b) return a;
+  return b;
 }
 
 function badArgument(field: string, message: string): MeshError {
@@ -207,7 +232,13 @@ export class EscrowClient {
   private readonly escrowContract: ethers.Contract;
   private readonly tokenContract: ethers.Contract;
 
-  private constructor(runner: ethers.Signer | ethers.Provider, escrow: string, token: string, chainId: bigint) {
+  private constructor(
+    runner: ethers.Signer | ethers.Provider,
+    escrow: string,
+    token: string,
+    chainId: bigint,
+    private readonly receiptTimeoutMs: number,
+  ) {
     this.runner = runner;
     this.escrow = escrow;
     this.token = token;
@@ -217,7 +248,7 @@ export class EscrowClient {
   }
 
   /** Connects to a deployed escrow: checks there is code, reads the chain id and the token. */
-  static async connect({ runner, escrow, token }: EscrowClientOptions): Promise<EscrowClient> {
+  static async connect({ runner, escrow, token, receiptTimeoutMs }: EscrowClientOptions): Promise<EscrowClient> {
     const escrowAddress = address(escrow, 'escrow');
     const provider = isSigner(runner) ? runner.provider : runner;
     if (!provider) throw new MeshError('MESH_CONFIG', 'the signer is not connected to a provider', { details: { field: 'runner' } });
@@ -247,7 +278,7 @@ export class EscrowClient {
         details: { escrow: escrowAddress, token: tokenAddress },
       });
     }
-    return new EscrowClient(runner, escrowAddress, tokenAddress, chainId);
+    return new EscrowClient(runner, escrowAddress, tokenAddress, chainId, receiptTimeoutMs ?? DEFAULT_RECEIPT_TIMEOUT_MS);
   }
 
   private signer(): ethers.Signer {
@@ -264,21 +295,104 @@ export class EscrowClient {
     return ethers.getAddress(await this.signer().getAddress());
   }
 
+  /**
+   * Sends one transaction and waits at most `receiptTimeoutMs` for it (or for any of `replaces.hashes`, which
+   * share its nonce) to be mined. `call` gets the overrides that put it on the replaced nonce; `estimate`, the
+   * transaction's gas as the node estimates it, is needed to replace one that is still pending.
+   */
   private async send(
     action: string,
-    call: () => Promise<ethers.ContractTransactionResponse>,
-    onSent?: (hash: string) => void | Promise<void>,
-  ): Promise<ethers.ContractTransactionReceipt> {
-    this.signer();
+    call: (overrides: ethers.Overrides) => Promise<ethers.ContractTransactionResponse>,
+    {
+      onSent,
+      replaces,
+      estimate,
+    }: { onSent?: (hash: string, nonce: number) => void | Promise<void>; replaces?: Unmined; estimate?: () => Promise<bigint> } = {},
+  ): Promise<ethers.TransactionReceipt> {
+    const signer = this.signer();
+    let tx: ethers.ContractTransactionResponse;
+    let hashes: string[];
     try {
-      const tx = await call();
-      if (onSent) await onSent(tx.hash);
-      const receipt = await tx.wait();
-      if (!receipt)
-        throw new MeshError('MESH_CHAIN_UNREACHABLE', `${action}: no receipt for ${tx.hash}`, { details: { action, tx: tx.hash } });
-      return receipt;
+      const replacing = replaces ? await this.replacement(signer, replaces) : { overrides: {}, hashes: [] };
+      if (replacing.pendingGas !== undefined && estimate) {
+        // The node estimates against its pending state, where the transaction replaced has run and what it
+        // settles looks settled (a cheap skip): the replacement may have to pay it all, so it gets that gas too.
+        replacing.overrides.gasLimit = (await estimate()) + replacing.pendingGas;
+      }
+      tx = await call(replacing.overrides);
+      hashes = [...replacing.hashes, tx.hash];
+      if (onSent) await onSent(tx.hash, tx.nonce);
     } catch (err) {
       throw toChainError(err, action);
+    }
+    const receipt = await this.mined(signer.provider!, hashes, Date.now() + this.receiptTimeoutMs);
+    if (!receipt) {
+      throw new MeshError(
+        'MESH_CHAIN_UNREACHABLE',
+        `${action}: transaction ${tx.hash} (nonce ${tx.nonce}) was not mined within ${this.receiptTimeoutMs} ms; it may still be: pass details.nonce and details.hashes as \`replaces\` to send the next one in its place`,
+        { details: { action, reason: 'receipt-timeout', tx: tx.hash, nonce: tx.nonce, hashes } },
+      );
+    }
+    if (receipt.status !== 1) {
+      throw new MeshError('MESH_CHAIN_REVERTED', `${action}: transaction ${receipt.hash} reverted`, {
+        details: { action, reason: 'transaction execution reverted', ethersCode: 'CALL_EXCEPTION', tx: receipt.hash },
+      });
+    }
+    return receipt;
+  }
+
+  /**
+   * The overrides that send the next transaction on the nonce of `replaces`: with fees above the pending one's
+   * (nodes take a replacement only for at least 10 % more), or as a fresh send when no node knows it any more
+   * (dropped). Once the nonce is used (one of them, or another transaction, was mined) nothing is replaced.
+   */
+  private async replacement(
+    signer: ethers.Signer,
+    replaces: Unmined,
+  ): Promise<{ overrides: ethers.Overrides; hashes: string[]; pendingGas?: bigint }> {
+    const provider = signer.provider!;
+    if ((await provider.getTransactionCount(await signer.getAddress(), 'latest')) > replaces.nonce) return { overrides: {}, hashes: [] };
+    let pending: ethers.TransactionResponse | null = null;
+    for (const hash of [...replaces.hashes].reverse()) {
+      pending = await provider.getTransaction(hash);
+      if (pending) break;
+    }
+    if (!pending) return { overrides: { nonce: replaces.nonce }, hashes: replaces.hashes };
+    const fee = await provider.getFeeData();
+    // The going price, or 1/8 above the pending one's, whichever is more (bigint: no Math.max).
+    const more = (old: bigint | null, now: bigint | null) => larger(((old ?? 0n) * 9n) / 8n + 1n, now ?? 0n);
+    const market = fee.maxFeePerGas ?? fee.gasPrice;
+    let overrides: ethers.Overrides;
+    let price: bigint;
+    if (pending.maxFeePerGas !== null) {
+      const maxPriorityFeePerGas = more(pending.maxPriorityFeePerGas, fee.maxPriorityFeePerGas);
+      price = larger(more(pending.maxFeePerGas, fee.maxFeePerGas), maxPriorityFeePerGas);
+      overrides = { nonce: replaces.nonce, maxPriorityFeePerGas, maxFeePerGas: price };
+    } else {
+      price = more(pending.gasPrice, fee.gasPrice);
+      overrides = { nonce: replaces.nonce, gasPrice: price };
+    }
+    // A transaction priced well above the market and still not mined is not stuck on its price: bidding on
+    // would only multiply the fee at every timeout. Wait for it instead.
+    if (market !== null && price > market * 4n) {
+      throw new MeshError('MESH_CHAIN_UNREACHABLE', `transaction ${pending.hash} is pending at over 4x the going fee: not replaced`, {
+        details: { reason: 'still-pending', tx: pending.hash, nonce: replaces.nonce },
+      });
+    }
+    return { overrides, hashes: replaces.hashes, pendingGas: pending.gasLimit };
+  }
+
+  /** The receipt of whichever of `hashes` is mined first, or null at `deadline`. A read that fails is retried until then. */
+  private async mined(provider: ethers.Provider, hashes: readonly string[], deadline: number): Promise<ethers.TransactionReceipt | null> {
+    const pollMs = Math.min(1_000, (provider as { pollingInterval?: number }).pollingInterval ?? 1_000);
+    for (;;) {
+      for (const hash of hashes) {
+        const receipt = await provider.getTransactionReceipt(hash).catch(() => null);
+        if (receipt) return receipt;
+      }
+      const left = deadline - Date.now();
+      if (left <= 0) return null;
+      await new Promise((r) => setTimeout(r, Math.min(pollMs, left)));
     }
   }
 
@@ -521,12 +635,15 @@ export class EscrowClient {
 
   /**
    * Settles signed vouchers (any payers) for one agent; skipped vouchers are reported, not thrown.
-   * `onSent` runs with the transaction hash once it is sent, before it is mined (a relayer records it).
+   * `onSent` runs with the transaction hash and nonce once it is sent, before it is mined (a relayer records it).
+   * `replaces`: an earlier transaction of this account that timed out (the error's details.nonce and
+   * details.hashes): this one takes its nonce while it is unused, and the outcome is then that of whichever
+   * of them is mined (the escrow skips a voucher already settled, so nothing is paid twice).
    */
   async settle(
     agent: string,
     entries: readonly SignedVoucher[],
-    { onSent }: { onSent?: (hash: string) => void | Promise<void> } = {},
+    { onSent, replaces }: { onSent?: (hash: string, nonce: number) => void | Promise<void>; replaces?: Unmined } = {},
   ): Promise<SettleOutcome> {
     const agentAddress = address(agent, 'agent');
     let packed: string;
@@ -535,7 +652,13 @@ export class EscrowClient {
     } catch (err) {
       throw toChainError(err, 'settle');
     }
-    return this.settleOutcome(await this.send('settle', () => this.escrowContract.getFunction('settle')(agentAddress, packed), onSent));
+    const settle = this.escrowContract.getFunction('settle');
+    return this.settleOutcome(
+      await this.send('settle', (overrides) => settle(agentAddress, packed, overrides), {
+        ...(onSent ? { onSent } : {}),
+        ...(replaces ? { replaces, estimate: () => settle.estimateGas(agentAddress, packed) } : {}),
+      }),
+    );
   }
 
   /** Relayer mode: several agents in one transaction. */

@@ -23,10 +23,18 @@
  * only `cumulative - settled` and skips a stale voucher, so sending a voucher twice never pays twice;
  * the intent makes sure nothing owed is forgotten and nothing paid is counted twice.
  *
+ * A transaction is waited for `receiptTimeoutMs`, not forever: a node may drop or evict it, and a settler
+ * waiting on it would never settle again (a pending withdrawal included). Past the timeout the intent is
+ * reconciled as after a crash, except that one whose transaction may still be mined (its nonce unused on
+ * chain) is kept, its lanes due: the next settlement takes that nonce (at a higher fee while the old one is
+ * pending, at the going fee if it was dropped) and inherits the intent, so only one of them can be mined and
+ * whichever is gets recorded. The same holds after a restart.
+ *
  * Relay mode (`relays`): the due lanes' vouchers are POSTed to a relay (router/relay.ts) instead of sent
  * from the agent's own account, so the agent needs no gas. Nothing is sent from here, so there is no intent
  * to keep: the lanes are watched on chain as above, and a lane a relay has not settled within `relayWaitMs`
- * goes to the next relay (and, with a `runner`, after every relay failed it, out from the agent's account).
+ * of first taking it goes to the next relay (and, with a `runner`, after every relay failed it, out from the
+ * agent's account).
  */
 import path from 'node:path';
 import { ESCROW_ABI, EscrowClient, type SettleOutcome } from '@edge-mesh/contracts';
@@ -66,6 +74,8 @@ export interface SettlerOptions {
   checkEveryMs?: number;
   /** Lanes per transaction (default 50). */
   maxBatch?: number;
+  /** How long a settlement transaction is waited for before it is sent again on the same nonce (default 3 minutes). */
+  receiptTimeoutMs?: number;
   /** Settle every unsettled lane when the agent stops (default false). */
   settleOnClose?: boolean;
   /** Fault injection for crash tests: SIGKILL this process after the intent is written, or after the transaction is sent. */
@@ -122,7 +132,12 @@ interface Intent {
   at: number;
   reasons: string[];
   lanes: { payer: string; cumulative: number }[];
+  /** The latest transaction sent for it. */
   hash?: string;
+  /** Every transaction sent for it (with those of an intent it replaced): any one of them may be mined. */
+  hashes?: string[];
+  /** The nonce of the latest. */
+  nonce?: number;
 }
 
 interface LaneState {
@@ -138,8 +153,11 @@ interface LaneState {
   remaining: number | undefined;
   /** Chain seconds until which a withdrawal request is pending (its lapse time); 0 when none. */
   withdrawUntil: number;
-  /** The voucher last handed to a relay, and when (relay mode; memory only: handing it again is harmless). */
-  handed?: { cumulative: number; at: number; relay: string };
+  /**
+   * The voucher last handed to a relay, and when (relay mode; memory only: handing it again is harmless); `first`
+   * is when that relay first took the lane with nothing settled since, and `base` what was settled then.
+   */
+  handed?: { cumulative: number; at: number; relay: string; first: number; base: number };
   /** Relays that failed this lane so far: the next hand-off goes to the next relay. */
   misses?: number;
 }
@@ -158,6 +176,11 @@ const SETTLED_TOPICS = new Set([topic('Settled'), topic('SettledPartial')]);
 const LANE_TOPICS = ['LaneFunded', 'WithdrawRequested', 'WithdrawCancelled', 'Withdrawn', 'Settled', 'SettledPartial'].map(topic);
 
 type Due = { payer: string; entry: SignedVoucher; cumulative: number; reason: string };
+
+/** Every transaction sent for an intent (an intent written before `hashes` existed has only `hash`). */
+function hashesOf(intent: Intent): string[] {
+  return intent.hashes ?? (intent.hash ? [intent.hash] : []);
+}
 
 export class Settler {
   readonly counters: SettlerCounters = {
@@ -183,6 +206,8 @@ export class Settler {
   private seq = 0;
   /** Transactions this settler sent itself (their settlements are counted by `record`, not as relayed). */
   private readonly ownTxs = new Set<string>();
+  /** Intents whose transaction was not mined in time and may still be: the next settlement takes their nonce. */
+  private unmined: { key: string; intent: Intent }[] = [];
   private readonly provider: ethers.Provider;
 
   private constructor(
@@ -215,7 +240,11 @@ export class Settler {
     for (const url of options.relays ?? []) {
       if (!URL.canParse(url)) throw new MeshError('MESH_CONFIG', `relay ${JSON.stringify(url)} is not a URL`);
     }
-    const escrow = await EscrowClient.connect({ runner, escrow: params.domain.escrow });
+    const escrow = await EscrowClient.connect({
+      runner,
+      escrow: params.domain.escrow,
+      ...(options.receiptTimeoutMs !== undefined ? { receiptTimeoutMs: options.receiptTimeoutMs } : {}),
+    });
     if (escrow.domain.chainId !== BigInt(params.domain.chainId)) {
       throw new MeshError('MESH_CONFIG', `the settler's chain is ${escrow.domain.chainId}, the agent bills on ${params.domain.chainId}`, {
         details: { settlerChainId: String(escrow.domain.chainId), agentChainId: String(params.domain.chainId) },
@@ -260,34 +289,72 @@ export class Settler {
     this.seq = meta?.seq ?? 0;
   }
 
-  /** Intents left by a crash: read the chain's settled amount per lane; what is not settled stays due. */
+  /**
+   * Intents left by a crash, or by a transaction that failed or timed out: read the chain's settled amount per
+   * lane; what is not settled stays due. A mined transaction of the intent is recorded; one that may still be
+   * mined (sent, and the account's nonce on chain not past it) keeps the intent, for the next settlement to
+   * take its nonce; otherwise nothing of it was paid and it goes.
+   */
   private async reconcile(): Promise<void> {
+    this.unmined = [];
+    let nextNonce: number | undefined;
     for await (const [key, value] of this.db.iterator({ gte: INTENT, lt: `${INTENT}~` })) {
       const intent = value as Intent;
-      let outcome: SettleOutcome | undefined;
-      if (intent.hash) {
-        // The transaction was sent: if it was mined, its events say exactly what it paid.
-        const receipt = await this.provider.getTransactionReceipt(intent.hash).catch(() => null);
-        if (receipt && receipt.status === 1) outcome = this.parseOutcome(receipt);
+      // The transactions were sent: if one was mined, its events say exactly what it paid.
+      const receipts = await this.receipts(intent);
+      const outcomes = receipts.filter((r) => r.status === 1).map((r) => this.parseOutcome(r));
+      let pending = false;
+      if (receipts.length === 0 && intent.nonce !== undefined && this.options.runner) {
+        nextNonce ??= await this.accountNonce();
+        pending = nextNonce <= intent.nonce;
       }
       let lanes = 0;
       for (const l of intent.lanes) {
         const state = this.state(l.payer);
         const onChain = await this.refresh(l.payer, state);
         if (onChain < l.cumulative) state.recovered = true;
-        if (outcome?.settled.some((s) => s.signer.toLowerCase() === l.payer)) lanes++;
+        if (outcomes.some((o) => o.settled.some((s) => s.signer.toLowerCase() === l.payer))) lanes++;
         await this.db.put(LANE + l.payer, this.stored(state));
       }
-      if (outcome) {
-        await this.record(intent, outcome, key);
+      if (pending) {
+        this.unmined.push({ key, intent });
+        for (const hash of hashesOf(intent)) this.ownTxs.add(hash);
+      } else if (outcomes.length > 0) {
+        for (const outcome of outcomes) await this.record(intent, outcome, key);
       } else {
         await this.db.del(key, { sync: true } as never);
       }
       this.counters.reconciled++;
       this.logger.warn(
-        { intent: intent.id, hash: intent.hash, mined: Boolean(outcome), lanes },
-        'reconciled an unfinished settlement intent with the chain',
+        { intent: intent.id, hash: intent.hash, nonce: intent.nonce, mined: outcomes.length > 0, pending, lanes },
+        pending
+          ? 'a settlement transaction is not mined yet: the next one takes its nonce'
+          : 'reconciled an unfinished settlement intent with the chain',
       );
+    }
+  }
+
+  /** The receipts of the intent's transactions that were mined (at most one per nonce). */
+  private async receipts(intent: Intent): Promise<ethers.TransactionReceipt[]> {
+    const out: ethers.TransactionReceipt[] = [];
+    for (const hash of hashesOf(intent)) {
+      const receipt = await this.provider.getTransactionReceipt(hash).catch(() => null);
+      if (receipt) out.push(receipt);
+    }
+    return out;
+  }
+
+  /** The runner account's next nonce as the chain has it (its mined transactions). */
+  private async accountNonce(): Promise<number> {
+    return this.provider.getTransactionCount(await this.options.runner!.getAddress(), 'latest');
+  }
+
+  /** An unmined intent that has been mined since, or whose nonce went to another transaction, is reconciled. */
+  private async checkUnmined(): Promise<void> {
+    if (this.unmined.length === 0) return;
+    const nextNonce = await this.accountNonce();
+    for (const { intent } of this.unmined) {
+      if (nextNonce > (intent.nonce ?? -1) || (await this.receipts(intent)).length > 0) return this.reconcile();
     }
   }
 
@@ -380,6 +447,7 @@ export class Settler {
 
   /** One check: follow the lanes' events, pick the due lanes, settle them in batches. */
   async tick(all = false): Promise<void> {
+    await this.checkUnmined();
     await this.watchLanes();
     const threshold = all ? 0 : await this.thresholdMicros();
     const now = Date.now();
@@ -456,15 +524,24 @@ export class Settler {
     for (const d of due) {
       const s = this.state(d.payer);
       const h = s.handed;
-      if (h && h.cumulative >= d.cumulative) {
-        if (now - h.at < wait) continue; // a relay has it: wait for the chain
-        s.misses = (s.misses ?? 0) + 1;
-        this.counters.relayMisses++;
-        this.logger.warn(
-          { payer: d.payer, relay: h.relay, waitedMs: now - h.at, cumulative: d.cumulative },
-          'the relay has not settled the lane: handing it to the next one',
-        );
-        s.handed = undefined;
+      if (h) {
+        // A relay is timed from when it first took the lane, not from its latest hand-off: on a busy lane the
+        // voucher rises at every check and goes to the same relay again, and one that never settles would keep
+        // the lane for good. Anything settled on the lane since then starts its clock again.
+        if (s.settled > h.base) {
+          h.first = now;
+          h.base = s.settled;
+        }
+        if (h.cumulative >= d.cumulative && now - h.at < wait) continue; // a relay has this voucher: wait for the chain
+        if (now - h.first >= wait) {
+          s.misses = (s.misses ?? 0) + 1;
+          this.counters.relayMisses++;
+          this.logger.warn(
+            { payer: d.payer, relay: h.relay, waitedMs: now - h.first, cumulative: d.cumulative },
+            'the relay has not settled the lane: handing it to the next one',
+          );
+          s.handed = undefined;
+        }
       }
       if (this.options.runner && (s.misses ?? 0) >= relays.length) {
         self.push(d);
@@ -504,7 +581,9 @@ export class Settler {
           const d = chunk[k]!;
           // Refused or taken, the lane waits before it is handed again: a refusal (its fee too small for this
           // relay, or settled meanwhile) is retried later, with the next relay.
-          this.state(d.payer).handed = { cumulative: d.cumulative, at: now, relay };
+          const s = this.state(d.payer);
+          const same = s.handed?.relay === relay ? s.handed : undefined;
+          s.handed = { cumulative: d.cumulative, at: now, relay, first: same?.first ?? now, base: same?.base ?? s.settled };
           if (a.accepted) this.counters.relayHandoffs++;
           else {
             this.counters.relayRefusals++;
@@ -524,12 +603,27 @@ export class Settler {
       lanes: batch.map((b) => ({ payer: b.payer, cumulative: b.cumulative })),
     };
     const key = INTENT + intent.id;
+    // A transaction not mined in time is replaced by this one (same nonce) and its intent is folded into this
+    // one: whichever of them is mined, this intent names its hash and its lanes.
+    const carried = this.unmined;
+    const last = carried.at(-1)?.intent;
+    const replaces = last?.nonce !== undefined ? { nonce: last.nonce, hashes: carried.flatMap((u) => hashesOf(u.intent)) } : undefined;
+    if (replaces) {
+      intent.nonce = replaces.nonce;
+      intent.hashes = replaces.hashes;
+      intent.reasons = [...new Set([...carried.flatMap((u) => u.intent.reasons), ...intent.reasons])];
+      for (const l of carried.flatMap((u) => u.intent.lanes)) {
+        if (!intent.lanes.some((x) => x.payer === l.payer)) intent.lanes.push(l);
+      }
+    }
     // Durable before the transaction exists: a crash from here on is reconciled on the next start.
-    const ops: { type: 'put'; key: string; value: unknown }[] = [
+    const ops: { type: 'put' | 'del'; key: string; value?: unknown }[] = [
       { type: 'put', key, value: intent },
       { type: 'put', key: `${META}state`, value: { nextLogBlock: this.nextLogBlock, seq: this.seq } },
+      ...carried.map((u) => ({ type: 'del' as const, key: u.key })),
     ];
-    await this.db.batch(ops, { sync: true });
+    await this.db.batch(ops as never, { sync: true });
+    this.unmined = [];
     if (this.options.crashAt === 'after-intent') process.kill(process.pid, 'SIGKILL');
     let outcome: SettleOutcome;
     try {
@@ -537,20 +631,30 @@ export class Settler {
         this.payout,
         batch.map((b) => b.entry),
         {
-          onSent: async (hash) => {
+          onSent: async (hash, nonce) => {
             this.ownTxs.add(hash);
             intent.hash = hash;
+            intent.hashes = [...(intent.hashes ?? []), hash];
+            intent.nonce = nonce;
             await this.db.put(key, intent, { sync: true } as never);
             if (this.options.crashAt === 'after-send') process.kill(process.pid, 'SIGKILL');
           },
+          ...(replaces ? { replaces } : {}),
         },
       );
     } catch (err) {
-      // Sent or not, mined or not: settle the books with the chain now, as after a crash.
+      // Sent or not, mined or not: settle the books with the chain now, as after a crash (a transaction that
+      // may still be mined keeps its intent, for the next settlement to replace).
       await this.reconcile().catch(() => {});
       throw err;
     }
     await this.record(intent, outcome, key);
+    // Sent on a fresh nonce because the replaced one was used meanwhile: by an earlier transaction of ours, maybe.
+    for (const hash of replaces?.hashes ?? []) {
+      if (hash === outcome.hash) continue;
+      const receipt = await this.provider.getTransactionReceipt(hash).catch(() => null);
+      if (receipt?.status === 1) await this.record(intent, this.parseOutcome(receipt), key);
+    }
   }
 
   private parseOutcome(receipt: ethers.TransactionReceipt): SettleOutcome {

@@ -17,6 +17,10 @@
  * lane). Right before sending, each is simulated again and the batch as a whole, so what changed in between
  * (another relayer settled the lane, the owner withdrew) costs no gas either.
  *
+ * A transaction is waited for `receiptTimeoutMs`, not forever (a node may drop or evict it, and every later
+ * send would wait behind it): past it, its vouchers go back in the queue and the next transaction takes its
+ * nonce, at a higher fee while it is still pending, so at most one of them is mined.
+ *
  * The relay cannot steal: the payee is inside each signed voucher and the escrow pays it. What a lying sender
  * can still cost it is the gas of a transaction that a front-run made worthless between the last
  * simulation and the block (the escrow then skips the voucher as stale): the relayer risks only its gas.
@@ -62,6 +66,8 @@ export interface RelayOptions {
    */
   vouchersPerSecond?: number;
   voucherBurst?: number;
+  /** How long a settle transaction is waited for before its vouchers are queued again and it is replaced (default 3 minutes). */
+  receiptTimeoutMs?: number;
   logger?: { info(obj: object, msg: string): void; warn(obj: object, msg: string): void };
 }
 
@@ -144,6 +150,8 @@ export class VoucherRelay {
   private readonly pending = new Map<string, Map<string, Pending>>();
   private timer: NodeJS.Timeout | undefined;
   private sending: Promise<void> = Promise.resolve();
+  /** The last transaction that was not mined in time: the next one takes its nonce. */
+  private unmined: import('@edge-mesh/contracts').Unmined | undefined;
   private closed = false;
   readonly minFeeMicros: number;
 
@@ -162,7 +170,11 @@ export class VoucherRelay {
     const { ethers } = await import('ethers');
     const { EscrowClient, ESCROW_ABI, recoverVoucherSigner } = await import('@edge-mesh/contracts');
     if (!options.runner.provider) throw new MeshError('MESH_CONFIG', 'the relay needs a signer connected to a provider');
-    const escrow = await EscrowClient.connect({ runner: options.runner, escrow: options.escrow });
+    const escrow = await EscrowClient.connect({
+      runner: options.runner,
+      escrow: options.escrow,
+      ...(options.receiptTimeoutMs !== undefined ? { receiptTimeoutMs: options.receiptTimeoutMs } : {}),
+    });
     const contract = new ethers.Contract(escrow.escrow, ESCROW_ABI, options.runner);
     return new VoucherRelay(ethers, escrow, contract, recoverVoucherSigner, (await options.runner.getAddress()).toLowerCase(), options);
   }
@@ -310,10 +322,24 @@ export class VoucherRelay {
       this.counters.dropped += keep.length;
       return;
     }
-    const outcome = await this.escrow.settle(
-      agent,
-      keep.map((k) => k.entry),
-    );
+    let outcome: import('@edge-mesh/contracts').SettleOutcome;
+    try {
+      outcome = await this.escrow.settle(
+        agent,
+        keep.map((k) => k.entry),
+        this.unmined ? { replaces: this.unmined } : {},
+      );
+    } catch (err) {
+      const details = (err as MeshError).details;
+      if (details?.reason === 'receipt-timeout') {
+        // Dropped, evicted or underpriced: the next transaction takes its nonce, and these vouchers go in it or a
+        // later one (simulated again first, so nothing the stuck one paid meanwhile costs gas twice).
+        this.unmined = { nonce: details.nonce as number, hashes: details.hashes as string[] };
+        this.requeue(agent, keep);
+      }
+      throw err;
+    }
+    this.unmined = undefined;
     this.counters.txs++;
     this.counters.paidMicros += Number(outcome.paid);
     this.counters.feesMicros += Number(outcome.fees);
@@ -330,6 +356,17 @@ export class VoucherRelay {
       },
       'relayed a settlement',
     );
+  }
+
+  /** Puts vouchers back in the queue, unless a better one of the lane came in meanwhile. */
+  private requeue(agent: string, items: Pending[]): void {
+    const q = this.pending.get(agent) ?? new Map<string, Pending>();
+    for (const item of items) {
+      const held = q.get(item.payer);
+      if (!held || held.entry.voucher.cumulative < item.entry.voucher.cumulative) q.set(item.payer, item);
+    }
+    this.pending.set(agent, q);
+    this.schedule();
   }
 
   /** Vouchers waiting to be sent. */
