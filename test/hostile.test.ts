@@ -8,7 +8,8 @@
  */
 import assert from 'node:assert/strict';
 import test from 'node:test';
-import { limitKey, startBroker } from '@edge-mesh/broker';
+import { startBroker } from '@edge-mesh/broker';
+import { addressGroup } from '@edge-mesh/client';
 import { generateIdentity, type Identity, MeshError, makeConnectToken, topics } from '@edge-mesh/protocol';
 import mqtt from 'mqtt';
 import { resolveBrokerOptions } from '../broker/src/options.ts';
@@ -305,14 +306,14 @@ test('idle sockets from several addresses cannot fill the connection cap: the ol
   assert.ok(ab.logs.some((l) => l.reason === 'too-many-pending'));
 });
 
-test('an IPv6 address is limited by its /64; IPv4 and IPv4 mapped into IPv6 whole', () => {
-  assert.equal(limitKey('2001:db8:1:2:aaaa::1'), '2001:db8:1:2::/64');
-  assert.equal(limitKey('2001:db8:1:2:ffff:ffff:ffff:ffff'), '2001:db8:1:2::/64');
-  assert.equal(limitKey('2001:db8::1'), '2001:db8:0:0::/64');
-  assert.equal(limitKey('::1'), '0:0:0:0::/64');
-  assert.equal(limitKey('fe80::1%eth0'), 'fe80:0:0:0::/64');
-  assert.equal(limitKey('192.0.2.7'), '192.0.2.7');
-  assert.equal(limitKey('::ffff:192.0.2.7'), '::ffff:192.0.2.7');
+test('the broker limits an IPv6 address by its /64, IPv4 whole, an IPv4-mapped address as its IPv4 address', () => {
+  assert.equal(addressGroup('2001:db8:1:2:aaaa::1'), '2001:db8:1:2::/64');
+  assert.equal(addressGroup('2001:db8:1:2:ffff:ffff:ffff:ffff'), '2001:db8:1:2::/64');
+  assert.equal(addressGroup('2001:db8::1'), '2001:db8:0:0::/64');
+  assert.equal(addressGroup('::1'), '0:0:0:0::/64');
+  assert.equal(addressGroup('fe80::1%eth0'), 'fe80:0:0:0::/64');
+  assert.equal(addressGroup('192.0.2.7'), '192.0.2.7');
+  assert.equal(addressGroup('::ffff:192.0.2.7'), '192.0.2.7');
 });
 
 test('CONNECT storm: beyond the per-address bucket, CONNECTs naming no admitted id get CONNACK 3 before any check', {

@@ -372,7 +372,6 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     close: () => (closing ??= shutdown()),
   };
 }
-export { limitKey } from './listener.ts';
 export {
   decodeForm,
   RABBITMQ_SERVICE_USER,

@@ -26,6 +26,7 @@ import https from 'node:https';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
+import { addressGroup } from '@edge-mesh/client';
 import type { Logger } from 'pino';
 import { createWebSocketStream, WebSocketServer } from 'ws';
 import { clientOfSocket } from './aedes-adapter.ts';
@@ -81,26 +82,6 @@ export interface Listener {
   close(): Promise<void>;
 }
 
-/**
- * The key an address is limited under: an IPv6 address by its /64 (one host, or one subscriber's network, usually
- * holds the whole /64, and could otherwise spread a flood over 2^64 addresses); IPv4, and IPv4 mapped into IPv6, whole.
- */
-export function limitKey(ip: string): string {
-  if (!ip.includes(':') || ip.startsWith('::ffff:')) return ip;
-  const address = ip.split('%')[0]!;
-  let groups: string[];
-  if (address.includes('::')) {
-    const [head, tail] = address.split('::') as [string, string];
-    const h = head ? head.split(':') : [];
-    const t = tail ? tail.split(':') : [];
-    groups = [...h, ...Array<string>(Math.max(0, 8 - h.length - t.length)).fill('0'), ...t];
-  } else groups = address.split(':');
-  return `${groups
-    .slice(0, 4)
-    .map((g) => (Number.parseInt(g || '0', 16) || 0).toString(16))
-    .join(':')}::/64`;
-}
-
 export function createListener(options: ListenerOptions): Listener {
   const { maxPendingPerIp, maxPacketBytes, log, warnThrottled } = options;
   const socketIps = new WeakMap<object, string>();
@@ -134,7 +115,7 @@ export function createListener(options: ListenerOptions): Listener {
       socket.destroy();
       return;
     }
-    const key = limitKey(ip);
+    const key = addressGroup(ip);
     let set = pending.get(key);
     if (set === undefined) {
       set = new Set();
@@ -334,7 +315,7 @@ export function createListener(options: ListenerOptions): Listener {
     established(socket) {
       if (socket === null || typeof socket !== 'object') return;
       const ip = socketIps.get(socket);
-      if (ip !== undefined) unpend(limitKey(ip), socket as net.Socket);
+      if (ip !== undefined) unpend(addressGroup(ip), socket as net.Socket);
     },
     async listen(port, host) {
       await new Promise<void>((resolve, reject) => {

@@ -4,6 +4,7 @@
  * operator's admin channel.
  */
 
+export * from './address.ts';
 export * from './admin.ts';
 export * from './budget.ts';
 export * from './claims.ts';

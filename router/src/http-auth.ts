@@ -14,6 +14,7 @@
  */
 
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
+import { addressGroup } from '@edge-mesh/client';
 import { type HttpScope, isHttpScope, MAX_HTTP_TOKEN_CHARS, MeshError, type VerifiedHttpToken, verifyHttpToken } from '@edge-mesh/protocol';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { Buckets } from './buckets.ts';
@@ -179,25 +180,9 @@ export function callerOf(request: FastifyRequest): string {
   return principals.get(request)?.id ?? addressCaller(request.ip);
 }
 
-/**
- * A caller named by its address: `address:<IPv4>`, or `address:<first four groups>::/64` for IPv6, since one host
- * commonly holds a whole /64 and could otherwise be as many callers as it likes (an IPv4-mapped IPv6 address is its
- * IPv4 address).
- */
+/** A caller named by its address: `address:` and its group (`addressGroup`: IPv4 whole, IPv6 by its /64). */
 export function addressCaller(ip: string): string {
-  const address = ip.replace(/%.*$/, '');
-  const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(address);
-  if (mapped) return `address:${mapped[1]}`;
-  if (!address.includes(':')) return `address:${address}`;
-  const [head = '', tail] = address.split('::');
-  const groups = (part: string) => (part === '' ? [] : part.split(':').flatMap((g) => (g.includes('.') ? ['0', '0'] : [g])));
-  const front = groups(head);
-  const back = tail === undefined ? [] : groups(tail);
-  const all = tail === undefined ? front : [...front, ...Array<string>(Math.max(0, 8 - front.length - back.length)).fill('0'), ...back];
-  return `address:${all
-    .slice(0, 4)
-    .map((g) => (Number.parseInt(g, 16) || 0).toString(16))
-    .join(':')}::/64`;
+  return `address:${addressGroup(ip)}`;
 }
 
 /** Installs the check on every route of `app` (an onRequest hook, so it runs before a body is read). */
