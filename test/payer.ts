@@ -7,6 +7,7 @@
  * agent loses. A test-side stand-in for the SDK's payer, whose grant support is written separately.
  */
 
+import assert from 'node:assert/strict';
 import type { TestContext } from 'node:test';
 import { isStaleOffline, openMeshConnection } from '@edge-mesh/client';
 import { EscrowClient } from '@edge-mesh/contracts';
@@ -404,4 +405,23 @@ export async function registeredAgent(
   const client = await EscrowClient.connect({ runner: payoutWallet, escrow: deployment.escrow });
   await client.registerAgent(identity.publicKey, signBytes(identity, agentBindingMessage(domain, payout)));
   return { identity, payout, domain };
+}
+
+/** The next transaction from `from` in the local chain's pool that is not one of `seen`. */
+export async function pendingFrom(
+  provider: ethers.JsonRpcProvider,
+  from: string,
+  seen: string[] = [],
+  timeoutMs = 10_000,
+): Promise<ethers.TransactionResponse> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const block = (await provider.send('eth_getBlockByNumber', ['pending', true])) as {
+      transactions: { hash: string; from: string }[];
+    };
+    const tx = block.transactions.find((x) => x.from.toLowerCase() === from.toLowerCase() && !seen.includes(x.hash));
+    if (tx) return (await provider.getTransaction(tx.hash))!;
+    if (Date.now() > deadline) assert.fail(`no new pending transaction from ${from} within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }

@@ -116,6 +116,15 @@ async function gaslessAgent(
   return { agent, payout };
 }
 
+/** A payer funding the lane to `payout`, and an SDK client paying with it (a relayer fee of `relayerFee`), kws seen. */
+async function payingMesh(t: TestContext, brokerUrl: string, payout: string, relayerFee: number) {
+  const payer = await fundedPayer(payout);
+  // The SDK checks the payout against the escrow's registry (the signer's provider).
+  const mesh = await meshFor(t, { brokerUrl, payment: { signer: payer, domain: domain(), dataDir: await tempDir(t), relayerFee } });
+  await mesh.waitForModel('kws');
+  return { payer, mesh };
+}
+
 async function serve(mesh: Awaited<ReturnType<typeof meshFor>>, n: number, from = 0) {
   for (let i = 0; i < n; i++) await mesh.infer('kws', sampleInputs('kws', from + i), { deadlineMs: 5_000 });
 }
@@ -131,13 +140,8 @@ describe('agents paid through a relay, with no gas', () => {
     const broker = await brokerFor(t);
     const relay = await relayRouter(t, broker.url);
     const { agent, payout } = await gaslessAgent(t, broker.url, [relay.url]);
-    const payer = await fundedPayer(payout);
-    // The SDK checks the payout against the escrow's registry (the signer's provider) and pays a tenth as fee.
-    const mesh = await meshFor(t, {
-      brokerUrl: broker.url,
-      payment: { signer: payer, domain: domain(), dataDir: await tempDir(t), relayerFee: 0.1 },
-    });
-    await mesh.waitForModel('kws');
+    // A tenth as fee.
+    const { payer, mesh } = await payingMesh(t, broker.url, payout, 0.1);
     const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
 
     await serve(mesh, 10);
@@ -177,12 +181,7 @@ describe('agents paid through a relay, with no gas', () => {
     const liar = await lyingRelay(t);
     const down = 'http://127.0.0.1:9'; // nothing listens on the discard port
     const { agent, payout } = await gaslessAgent(t, broker.url, [down, liar.url, good.url], 1_000);
-    const payer = await fundedPayer(payout);
-    const mesh = await meshFor(t, {
-      brokerUrl: broker.url,
-      payment: { signer: payer, domain: domain(), dataDir: await tempDir(t), relayerFee: 0.05 },
-    });
-    await mesh.waitForModel('kws');
+    const { payer, mesh } = await payingMesh(t, broker.url, payout, 0.05);
     await serve(mesh, 20);
     await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 20 * KWS, 5_000, 'the voucher');
     const settler = agent.payments!.settler!;
@@ -210,12 +209,7 @@ describe('agents paid through a relay, with no gas', () => {
     const good = await relayRouter(t, broker.url);
     // Due at every check (100 ms): the lane owes more than the threshold as soon as anything is served.
     const { agent, payout } = await gaslessAgent(t, broker.url, [liar.url, good.url], 500, undefined, { thresholdMicros: 1 });
-    const payer = await fundedPayer(payout);
-    const mesh = await meshFor(t, {
-      brokerUrl: broker.url,
-      payment: { signer: payer, domain: domain(), dataDir: await tempDir(t), relayerFee: 0.1 },
-    });
-    await mesh.waitForModel('kws');
+    const { payer, mesh } = await payingMesh(t, broker.url, payout, 0.1);
     const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
     let busy = true;
     const serving = (async () => {
@@ -251,12 +245,7 @@ describe('agents paid through a relay, with no gas', () => {
     const bare = await gaslessAgent(t, broker.url, [relay.url]);
     const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
     for (const { agent, payout } of [keyed, bare]) {
-      const payer = await fundedPayer(payout);
-      const mesh = await meshFor(t, {
-        brokerUrl: broker.url,
-        payment: { signer: payer, domain: domain(), dataDir: await tempDir(t), relayerFee: 0.1 },
-      });
-      await mesh.waitForModel('kws');
+      const { mesh } = await payingMesh(t, broker.url, payout, 0.1);
       for (let i = 0; i < 5; i++) await mesh.infer('kws', sampleInputs('kws', i), { deadlineMs: 5_000, agentId: agent.id });
       await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 5 * KWS, 5_000, 'the voucher');
       await agent.payments!.settler!.settleNow();

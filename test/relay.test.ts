@@ -16,7 +16,7 @@ let chain: LocalChain;
 let deployment: MeshDeployment;
 let nextWallet = 1;
 
-import { fundOwnLane } from './payer.ts';
+import { fundOwnLane, pendingFrom } from './payer.ts';
 
 const ROOT = `0x${'ab'.repeat(32)}`;
 
@@ -86,20 +86,6 @@ const reasons = (results: RelayVerdict[]) => results.map((r) => (r.accepted ? 'a
 /** The relay account's nonce and ETH: unchanged means it spent no gas. */
 async function gasState(address: string) {
   return { nonce: await chain.provider.getTransactionCount(address), wei: await chain.provider.getBalance(address) };
-}
-
-/** The next transaction from `from` in the pool that is not one of `seen`. */
-async function pendingFrom(from: string, seen: string[] = [], timeoutMs = 10_000): Promise<ethers.TransactionResponse> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const block = (await chain.provider.send('eth_getBlockByNumber', ['pending', true])) as {
-      transactions: { hash: string; from: string }[];
-    };
-    const tx = block.transactions.find((x) => x.from.toLowerCase() === from.toLowerCase() && !seen.includes(x.hash));
-    if (tx) return (await chain.provider.getTransaction(tx.hash))!;
-    if (Date.now() > deadline) assert.fail(`no new pending transaction from ${from} within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 describe('voucher relay', () => {
@@ -241,7 +227,7 @@ describe('voucher relay', () => {
     t.after(() => chain.provider.send('evm_setAutomine', [true]));
     // 1. Dropped: the wait ends at the timeout, and the voucher is queued again.
     const first = server.relay.flush();
-    const dropped = await pendingFrom(runner.address);
+    const dropped = await pendingFrom(chain.provider, runner.address);
     await chain.provider.send('hardhat_dropTransaction', [dropped.hash]);
     await first;
     assert.equal(server.relay.counters.failures, 1);
@@ -249,13 +235,13 @@ describe('voucher relay', () => {
     // 2. Sent again on the freed nonce (at the same fee, the same signed transaction), and left pending: after
     // the timeout it is queued again...
     const second = server.relay.flush();
-    const pending = await pendingFrom(runner.address);
+    const pending = await pendingFrom(chain.provider, runner.address);
     assert.equal(pending.nonce, nonce);
     await second;
     assert.equal(server.relay.counters.failures, 2);
     // 3. ...and replaced on the same nonce at a higher fee; the replacement is mined.
     const third = server.relay.flush();
-    const replacement = await pendingFrom(runner.address, [pending.hash]);
+    const replacement = await pendingFrom(chain.provider, runner.address, [pending.hash]);
     assert.equal(replacement.nonce, nonce);
     assert.ok(replacement.maxFeePerGas! > pending.maxFeePerGas!, 'a higher fee');
     assert.equal(await chain.provider.getTransaction(pending.hash), null, 'the pending one is out of the pool');

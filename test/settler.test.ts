@@ -28,6 +28,7 @@ import {
   tempDir,
   waitFor,
 } from './helpers.ts';
+import { pendingFrom } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -90,20 +91,6 @@ async function automineOff(t: TestContext): Promise<() => Promise<void>> {
   };
   t.after(on);
   return on;
-}
-
-/** The next transaction from `from` in the pool that is not one of `seen`. */
-async function pendingFrom(from: string, seen: string[] = [], timeoutMs = 10_000): Promise<ethers.TransactionResponse> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const block = (await chain.provider.send('eth_getBlockByNumber', ['pending', true])) as {
-      transactions: { hash: string; from: string }[];
-    };
-    const tx = block.transactions.find((x) => x.from.toLowerCase() === from.toLowerCase() && !seen.includes(x.hash));
-    if (tx) return (await chain.provider.getTransaction(tx.hash))!;
-    if (Date.now() > deadline) assert.fail(`no new pending transaction from ${from} within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 /** The Settled events that paid `payout`. */
@@ -259,7 +246,7 @@ describe('settlement relayer', () => {
     const nonce = await chain.provider.getTransactionCount(runner, 'latest');
     const automineOn = await automineOff(t);
     await serve(mesh, 5); // 10 micro-dollars: the threshold
-    const dropped = await pendingFrom(runner);
+    const dropped = await pendingFrom(chain.provider, runner);
     assert.equal(dropped.nonce, nonce);
     await chain.provider.send('hardhat_dropTransaction', [dropped.hash]);
     await automineOn();
@@ -295,11 +282,11 @@ describe('settlement relayer', () => {
     // Blocks stop, then the owner asks to withdraw: the settlement it triggers waits in the pool with it.
     const automineOn = await automineOff(t);
     const request = owner.requestWithdraw(signer.address, payout, 1_000_000n);
-    await pendingFrom(await owner.address());
+    await pendingFrom(chain.provider, await owner.address());
     await chain.provider.send('evm_mine', []);
     await request;
-    const first = await pendingFrom(runner);
-    const second = await pendingFrom(runner, [first.hash], 5_000);
+    const first = await pendingFrom(chain.provider, runner);
+    const second = await pendingFrom(chain.provider, runner, [first.hash], 5_000);
     assert.equal(second.nonce, first.nonce, 'the same nonce');
     assert.ok(second.maxFeePerGas! > first.maxFeePerGas! && second.maxPriorityFeePerGas! > first.maxPriorityFeePerGas!, 'a higher fee');
     assert.equal(await chain.provider.getTransaction(first.hash), null, 'the first is out of the pool');
@@ -416,11 +403,11 @@ describe('settlement relayer', () => {
     await serve(mesh, 6);
     await once(child, 'exit');
     assert.equal(child.signalCode, 'SIGKILL');
-    const first = await pendingFrom(relayer);
+    const first = await pendingFrom(chain.provider, relayer);
     assert.equal(first.nonce, nonce);
     // Restarted with the transaction still in the pool: its intent stays, and the lane goes out again on its nonce.
     child = await spawnAgent(t, broker.url, identity, args);
-    const second = await pendingFrom(relayer, [first.hash], 20_000);
+    const second = await pendingFrom(chain.provider, relayer, [first.hash], 20_000);
     assert.equal(second.nonce, nonce, 'the same nonce');
     assert.ok(second.maxFeePerGas! > first.maxFeePerGas!, 'a higher fee');
     await chain.provider.send('evm_mine', []);
