@@ -138,6 +138,14 @@ export function isStaleRetained(liveSession: string | undefined, status: Pick<Ag
   return retained && liveSession !== undefined && liveSession === status.session;
 }
 
+/** One agent's status budget: the bytes it may still send now, and the status held back for want of them. */
+interface StatusBudget {
+  bytes: number;
+  at: number;
+  held: { payload: Uint8Array; retained: boolean } | undefined;
+  timer: NodeJS.Timeout | undefined;
+}
+
 export function createFleetView(options: FleetViewOptions = {}): FleetView {
   const {
     requireSignedStatus = true,
@@ -160,24 +168,24 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
     staleRetained: 0,
     statusDeferred: 0,
   };
-  /** Per agent, the status bytes it may still send now, and the status held back for want of them. */
-  const statusBudgets = new Map<
-    string,
-    { bytes: number; at: number; held: { payload: Uint8Array; retained: boolean } | undefined; timer: NodeJS.Timeout | undefined }
-  >();
+  /** Per agent, its status budget (`statusBytesPerSecond`). */
+  const statusBudgets = new Map<string, StatusBudget>();
+  /** Adds what `statusBytesPerSecond` gave the budget since it was last looked at. */
+  const refill = (b: StatusBudget, t: number) => {
+    b.bytes = Math.min(statusBurstBytes, b.bytes + ((t - b.at) * statusBytesPerSecond) / 1000);
+    b.at = t;
+  };
+  const costOf = (payload: Uint8Array) => Math.min(payload.byteLength, statusBurstBytes);
   /** Whether `agentId` may have `payload` checked now; if not, it is held (replacing any held before) and applied later. */
-  let applyingHeld = false;
   const withinBudget = (agentId: string, payload: Uint8Array, retained: boolean): boolean => {
-    if (applyingHeld) return false;
     const t = now();
     let b = statusBudgets.get(agentId);
     if (!b) {
       b = { bytes: statusBurstBytes, at: t, held: undefined, timer: undefined };
       statusBudgets.set(agentId, b);
     }
-    b.bytes = Math.min(statusBurstBytes, b.bytes + ((t - b.at) * statusBytesPerSecond) / 1000);
-    b.at = t;
-    const cost = Math.min(payload.byteLength, statusBurstBytes);
+    refill(b, t);
+    const cost = costOf(payload);
     if (!b.held && b.bytes >= cost) {
       b.bytes -= cost;
       return false;
@@ -193,16 +201,9 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
       budget.held = undefined;
       if (!held) return;
       // Paid for when applied (the budget may go below zero: the next status waits the longer).
-      const at = now();
-      budget.bytes = Math.min(statusBurstBytes, budget.bytes + ((at - budget.at) * statusBytesPerSecond) / 1000);
-      budget.at = at;
-      budget.bytes -= Math.min(held.payload.byteLength, statusBurstBytes);
-      applyingHeld = true;
-      try {
-        view.onStatus(agentId, held.payload, held.retained);
-      } finally {
-        applyingHeld = false;
-      }
+      refill(budget, now());
+      budget.bytes -= costOf(held.payload);
+      applyStatus(agentId, held.payload, held.retained);
     }, waitMs);
     b.timer.unref?.();
     return true;
@@ -215,7 +216,63 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
 
   const serves = (a: FleetAgent, model: string | undefined) => model === undefined || (a.status.models ?? []).some((m) => m.name === model);
 
-  const view: FleetView = {
+  /** Checks a status and, when it holds, applies it (see `onStatus`). */
+  const applyStatus = (agentId: string, payload: Uint8Array, retained: boolean): void => {
+    const reading = readAgentStatus(agentId, payload, { maxBytes: maxMessageBytes, requireSigned: requireSignedStatus });
+    if (!reading.ok) {
+      if (reading.reason === 'unverified') counters.statusRejected++;
+      else counters.statusMalformed++;
+      logger.debug({ agentId, reason: reading.reason, err: reading.message }, 'ignoring status');
+      return;
+    }
+    const { status } = reading;
+    if (isStaleRetained(liveSessions.get(agentId), status, retained)) {
+      counters.staleRetained++;
+      logger.debug({ agentId, session: status.session, state: status.state }, 'ignoring a retained status older than a live one');
+      return;
+    }
+    if (!retained) liveSessions.set(agentId, status.session);
+    const known = agents.get(agentId);
+    const previous = known?.status;
+    const sameSession = previous !== undefined && previous.session === status.session;
+    if (isStaleOffline(previous, status)) {
+      counters.staleOffline++;
+      logger.debug({ agentId, session: status.session, current: previous?.session }, 'ignoring the offline status of an older session');
+      return;
+    }
+    if (known) {
+      known.status = status;
+      known.heardAt = now();
+      if (!sameSession) {
+        known.load = undefined;
+        known.loadAt = 0;
+        known.heartbeatMs = Number.NaN;
+        known.loadingSince.clear();
+      }
+    } else
+      agents.set(agentId, {
+        id: agentId,
+        status,
+        load: undefined,
+        loadAt: 0,
+        heardAt: now(),
+        heartbeatMs: Number.NaN,
+        loadingSince: new Map(),
+      });
+    options.onStatus?.(status, previous);
+    if (status.state === 'offline') {
+      if (previous !== undefined && previous.state !== 'offline') {
+        logger.info({ agentId }, 'agent offline');
+        onAgentLost?.(agentId, 'offline');
+      }
+    } else if (previous !== undefined && !sameSession && previous.state !== 'offline') {
+      // A new session: whatever the old one held is gone with it.
+      onAgentLost?.(agentId, 'restarted');
+    }
+    changes.notify();
+  };
+
+  return {
     onConnect() {
       liveSessions.clear();
     },
@@ -230,58 +287,7 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
         return;
       }
       if (withinBudget(agentId, payload, retained)) return;
-      const reading = readAgentStatus(agentId, payload, { maxBytes: maxMessageBytes, requireSigned: requireSignedStatus });
-      if (!reading.ok) {
-        if (reading.reason === 'unverified') counters.statusRejected++;
-        else counters.statusMalformed++;
-        logger.debug({ agentId, reason: reading.reason, err: reading.message }, 'ignoring status');
-        return;
-      }
-      const { status } = reading;
-      if (isStaleRetained(liveSessions.get(agentId), status, retained)) {
-        counters.staleRetained++;
-        logger.debug({ agentId, session: status.session, state: status.state }, 'ignoring a retained status older than a live one');
-        return;
-      }
-      if (!retained) liveSessions.set(agentId, status.session);
-      const known = agents.get(agentId);
-      const previous = known?.status;
-      const sameSession = previous !== undefined && previous.session === status.session;
-      if (isStaleOffline(previous, status)) {
-        counters.staleOffline++;
-        logger.debug({ agentId, session: status.session, current: previous?.session }, 'ignoring the offline status of an older session');
-        return;
-      }
-      if (known) {
-        known.status = status;
-        known.heardAt = now();
-        if (!sameSession) {
-          known.load = undefined;
-          known.loadAt = 0;
-          known.heartbeatMs = Number.NaN;
-          known.loadingSince.clear();
-        }
-      } else
-        agents.set(agentId, {
-          id: agentId,
-          status,
-          load: undefined,
-          loadAt: 0,
-          heardAt: now(),
-          heartbeatMs: Number.NaN,
-          loadingSince: new Map(),
-        });
-      options.onStatus?.(status, previous);
-      if (status.state === 'offline') {
-        if (previous !== undefined && previous.state !== 'offline') {
-          logger.info({ agentId }, 'agent offline');
-          onAgentLost?.(agentId, 'offline');
-        }
-      } else if (previous !== undefined && !sameSession && previous.state !== 'offline') {
-        // A new session: whatever the old one held is gone with it.
-        onAgentLost?.(agentId, 'restarted');
-      }
-      changes.notify();
+      applyStatus(agentId, payload, retained);
     },
     onLoad(agentId, payload) {
       const agent = agents.get(agentId);
@@ -345,7 +351,6 @@ export function createFleetView(options: FleetViewOptions = {}): FleetView {
     counters,
     changes,
   };
-  return view;
 }
 
 /** Resolves once `ready()` holds, re-checking on every fleet change; rejects with `onTimeout()` after `timeoutMs`. */

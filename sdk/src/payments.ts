@@ -554,7 +554,7 @@ export class PayerLanes {
     if (!lane.grantResent) return undefined;
     lane.taken = true;
     this.counters.lanesTaken++;
-    const why = `agent ${agentId} serves payer ${this.payer}'s lane to another client now (a newer grant): another running client signs with this voucher key; give each running client its own voucher key`;
+    const why = `${this.takenReason(agentId)}; give each running client its own voucher key`;
     this.logger.warn({ agentId, payer: this.payer }, why);
     return new MeshError('MESH_FORBIDDEN', why, { cause: error, details: { agentId, payer: this.payer, reason: 'lane-taken' } });
   }
@@ -562,7 +562,7 @@ export class PayerLanes {
   /** Why requests do not go to `agentId` from here, when its lane went to another client (`room` says 'taken'). */
   takenReason(agentId: string): string | undefined {
     return this.lanes.get(agentId)?.taken
-      ? `agent ${agentId} serves payer ${this.payer}'s lane to another client (another running client signs with this voucher key)`
+      ? `agent ${agentId} serves payer ${this.payer}'s lane to another client (a newer grant: another running client signs with this voucher key)`
       : undefined;
   }
 

@@ -157,6 +157,8 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     return Math.max(0.01, fresh?.serviceMs ?? agent.status.models?.find((m) => m.name === model)?.latencyMs ?? 1);
   };
   const workersOf = (agent: FleetAgent) => Math.max(1, agent.status.workers ?? 1);
+  /** This client saw the agent fail lately (AGENT_FAULTS, for SUSPECT_MS). */
+  const isSuspect = (agentId: string, now: number) => (locals.get(agentId)?.suspectUntil ?? 0) > now;
 
   const latencyOf = (agentId: string, model: string): LatencyQuantiles => {
     const byModel = local(agentId).latency;
@@ -224,7 +226,7 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     const { model, pinned, excluded } = request.data;
     const all = candidates(model, tried, pinned).filter((a) => !excluded?.has(a.id));
     // Not suspect, and not silent (no heartbeat for a few periods: presumed dead before its last will).
-    const healthy = all.filter((a) => local(a.id).suspectUntil <= now && !fleet.silent(a.id, now));
+    const healthy = all.filter((a) => !isSuspect(a.id, now) && !fleet.silent(a.id, now));
     const live = healthy.length > 0 ? healthy : all;
     const roomy = live.filter((a) => hasRoom(a.id, request));
     // Without room anywhere a hedge waits for none; other attempts go where they would have, and an agent
@@ -264,18 +266,17 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     let best: { plan: AttemptPlan; serviceMs: number; score: number } | undefined;
     for (const leased of lease.agents) {
       const agent = fleet.get(leased.agent);
-      const l = local(leased.agent);
       if (
         agent?.status.state !== 'online' ||
         tried.has(leased.agent) ||
         request.data.excluded?.has(leased.agent) ||
-        l.suspectUntil > now ||
+        isSuspect(leased.agent, now) ||
         fleet.silent(leased.agent)
       )
         continue;
       // A leased agent without room in its credit window is passed over (the SDK then picks by itself).
       if (!hasRoom(leased.agent, request)) continue;
-      const score = leased.predictedMs + l.outstandingWorkMs;
+      const score = leased.predictedMs + local(leased.agent).outstandingWorkMs;
       if (!best || score < best.score) {
         best = {
           score,
@@ -374,7 +375,7 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     hasCandidate: (model, pinned) => candidates(model, new Set(), pinned).length > 0,
     suspects(model, now) {
       const online = fleet.online(model);
-      const failing = online.filter((a) => (locals.get(a.id)?.suspectUntil ?? 0) > now).map((a) => a.id);
+      const failing = online.filter((a) => isSuspect(a.id, now)).map((a) => a.id);
       return failing.length < online.length ? failing.slice(0, MAX_EXCLUDED) : [];
     },
   } satisfies SdkPolicy;
