@@ -592,7 +592,6 @@ export class Bridge extends EventEmitter {
         out.set(K.inferResp.outputShape, first.shape);
       }
     } catch (err) {
-      s.inFlight--;
       if (err instanceof MeshError) {
         finish(MESH_TO_WIRE[err.code] ?? BridgeErrorCode.INTERNAL, err.details?.forDevice === true ? err.message : err.code);
       } else {
@@ -600,8 +599,9 @@ export class Bridge extends EventEmitter {
         finish(BridgeErrorCode.INTERNAL, 'internal error');
       }
       return;
+    } finally {
+      s.inFlight--;
     }
-    s.inFlight--;
     // Outside the try: a request is finished once, ok or not; a reply the transport fails to send is the
     // transport's to count, not a second outcome of the request.
     receipt.ok = true;
