@@ -650,11 +650,9 @@ export class Settler {
     }
     await this.record(intent, outcome, key);
     // Sent on a fresh nonce because the replaced one was used meanwhile: by an earlier transaction of ours, maybe.
-    for (const hash of replaces?.hashes ?? []) {
-      if (hash === outcome.hash) continue;
-      const receipt = await this.provider.getTransactionReceipt(hash).catch(() => null);
-      if (receipt?.status === 1) await this.record(intent, this.parseOutcome(receipt), key);
-    }
+    if (replaces)
+      for (const receipt of await this.receipts(intent))
+        if (receipt.hash !== outcome.hash && receipt.status === 1) await this.record(intent, this.parseOutcome(receipt), key);
   }
 
   private parseOutcome(receipt: ethers.TransactionReceipt): SettleOutcome {
