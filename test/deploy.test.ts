@@ -20,7 +20,7 @@ import {
   signDeployment,
   signedDeploymentToJson,
 } from '@edge-mesh/protocol';
-import { judgeCanary, type RouterHandle, type VersionWindow } from '@edge-mesh/router';
+import { DEPLOYMENT_BODY_LIMIT, judgeCanary, type RouterHandle, type VersionWindow } from '@edge-mesh/router';
 import { agentFor, brokerFor, rawClient, routerFor, tempDir, waitFor } from './helpers.ts';
 import { SCALE_WIDTH, scaleModel } from './scale-model.ts';
 
@@ -334,4 +334,8 @@ test('what a liar sends is refused: unknown key, wrong bytes, a replayed old ste
   const tampered = { ...good, manifest: Uint8Array.from(good.manifest) };
   tampered.manifest[tampered.manifest.length - 1]! ^= 1;
   assert.ok([400, 401].includes((await post(router, '/v1/deployments', signedDeploymentToJson(tampered))).status));
+  // A body far larger than any signed step is refused on its length, as MESH_TOO_LARGE, before it is parsed.
+  const oversized = await post(router, '/v1/deployments', { manifest: 'A'.repeat(DEPLOYMENT_BODY_LIMIT), sig: '' });
+  assert.equal(oversized.status, 413);
+  assert.equal(oversized.json.code, 'MESH_TOO_LARGE');
 });

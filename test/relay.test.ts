@@ -8,7 +8,7 @@ import { after, before, describe, type TestContext, test } from 'node:test';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { generateIdentity, signVoucher } from '@edge-mesh/protocol';
-import { type RelayServer, type RelayVerdict, startRelayServer, startRouter } from '@edge-mesh/router';
+import { type RelayServer, type RelayVerdict, startRelayServer, startRouter, VOUCHER_JSON_BYTES } from '@edge-mesh/router';
 import { ethers } from 'ethers';
 import { brokerFor, quiet } from './helpers.ts';
 
@@ -179,6 +179,17 @@ describe('voucher relay', () => {
     });
     assert.equal(bad.status, 400);
     assert.equal(((await bad.json()) as { code: string }).code, 'MESH_BAD_REQUEST');
+    // A body larger than a full list of vouchers could be is refused on its length (MESH_TOO_LARGE), not parsed.
+    const huge = await fetch(`${server.url}/v1/relay/vouchers`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ vouchers: [{ pad: 'x'.repeat(200_000) }] }),
+    });
+    const hugeBody = (await huge.json()) as { code: string; details?: { limitBytes?: number } };
+    assert.equal(huge.status, 413);
+    assert.equal(hugeBody.code, 'MESH_TOO_LARGE');
+    assert.equal(hugeBody.details?.limitBytes, 101 * VOUCHER_JSON_BYTES);
+    assert.equal((await fetch(`${server.url}/v1/relay`)).status, 200, 'the relay keeps serving');
   });
 
   test('vouchers past one caller budget are refused MESH_RATE_LIMITED before any is checked; the relay keeps serving', async (t) => {

@@ -141,10 +141,12 @@ export {
   type RelayVoucherInput,
   registerRelayRoutes,
   startRelayServer,
+  VOUCHER_JSON_BYTES,
   VoucherRelay,
 } from './relay.ts';
 export {
   type AuditEntry,
+  DEPLOYMENT_BODY_LIMIT,
   judgeCanary,
   type RolloutOptions,
   type RolloutStatus,

@@ -411,6 +411,13 @@ function parse(input: RelayVoucherInput, ethers: typeof import('ethers').ethers)
   return { entry: { voucher, signature: String(input.sig) }, payer: input.payer.toLowerCase() };
 }
 
+/**
+ * The most a voucher takes as JSON with room to spare (its six fields are at most ~450 bytes): the route's body
+ * limit is this times `maxPerRequest`, so a body too big to be a list of vouchers is refused on its length
+ * instead of being parsed whole first (the server's default limit is for inference bodies).
+ */
+export const VOUCHER_JSON_BYTES = 1024;
+
 const voucherSchema = {
   type: 'object',
   required: ['payer', 'agent', 'cumulative', 'receiptsRoot', 'sig'],
@@ -439,9 +446,11 @@ export async function registerRelayRoutes(app: FastifyInstance, options: RelayOp
   const relay = await VoucherRelay.start(options);
   const budget = new Buckets(options.vouchersPerSecond ?? 20, options.voucherBurst ?? 200);
   app.addHook('onClose', async () => relay.close());
+  const maxPerRequest = options.maxPerRequest ?? 100;
   app.post(
     '/v1/relay/vouchers',
     {
+      bodyLimit: (maxPerRequest + 1) * VOUCHER_JSON_BYTES,
       schema: {
         tags: ['operator'],
         summary:
@@ -449,7 +458,7 @@ export async function registerRelayRoutes(app: FastifyInstance, options: RelayOp
         body: {
           type: 'object',
           required: ['vouchers'],
-          properties: { vouchers: { type: 'array', minItems: 1, maxItems: options.maxPerRequest ?? 100, items: voucherSchema } },
+          properties: { vouchers: { type: 'array', minItems: 1, maxItems: maxPerRequest, items: voucherSchema } },
         },
         response: { 400: errorResponse('MESH_BAD_REQUEST: the body is not a list of vouchers'), ...ANY_ERROR },
       },

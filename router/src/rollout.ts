@@ -384,6 +384,12 @@ export class RouterRollouts {
 }
 
 /** The media type of a bundle upload (PUT /v1/bundles). */
+/**
+ * POST /v1/deployments takes a signed step as JSON: its manifest is at most ~12 KB of CBOR by its schema (eight
+ * URLs and notes of 1,024 characters each), ~16 KB in base64url; anything past this is refused on its length.
+ */
+export const DEPLOYMENT_BODY_LIMIT = 64 * 1024;
+
 export const BUNDLE_MEDIA_TYPE = 'application/vnd.edge-mesh.bundle';
 
 /** The HTTP routes (scopes in http-auth.ts: GET /bundles/{sha256} open, GET /v1/rollouts read, the rest operator). */
@@ -403,7 +409,8 @@ export function installRolloutRoutes(app: FastifyInstance, rollouts: RouterRollo
     if (!(body instanceof Buffer)) throw new MeshError('MESH_BAD_REQUEST', `send the bundle as ${BUNDLE_MEDIA_TYPE}`);
     return rollouts.putBundle(body);
   });
-  app.post('/v1/deployments', async (request) => {
+  // A signed deployment is a short manifest and a signature; the bundle itself goes to PUT /v1/bundles.
+  app.post('/v1/deployments', { bodyLimit: DEPLOYMENT_BODY_LIMIT }, async (request) => {
     const signed = signedDeploymentFromJson(request.body);
     let by = 'operator';
     let notes: string | undefined;
