@@ -8,8 +8,10 @@ import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { readFile, writeFile } from 'node:fs/promises';
 import https from 'node:https';
+import net from 'node:net';
 import path from 'node:path';
 import { type TestContext, test } from 'node:test';
+import tls from 'node:tls';
 import { promisify } from 'node:util';
 import { startAgent } from '@edge-mesh/agent';
 import { installedCommand, sampleInputs } from '@edge-mesh/demo';
@@ -360,4 +362,55 @@ test('over TLS, where a read holds one or two wake-word requests, a burst that a
         assert.ok(Math.abs(got[k]! - own[k]!) <= 1e-5 * Math.max(1, Math.abs(own[k]!)), `request ${i} output ${name}[${k}]`);
     }
   }
+});
+
+test('sockets that never finish their TLS handshake or WebSocket upgrade count against their address: one address cannot fill the connection cap', {
+  skip: SKIP,
+  timeout: 60_000,
+}, async (t) => {
+  const pki = await makePki(t);
+  const operator = generateIdentity('operator');
+  // Each server refuses sockets past maxConnections before anything else runs: 40 handshakes that never finish, from
+  // one address, would hold all 30 places for the handshake timeout, and no client could connect.
+  const broker = await brokerFor(t, {
+    auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], dataDir: await tempDir(t) },
+    tls: { cert: pki.serverCert, key: pki.serverKey },
+    wsPort: 0,
+    maxConnections: 30,
+    maxConnectionsPerIp: 5,
+    connectTimeoutMs: 30_000,
+  });
+  const appKey = generateIdentity('app');
+  await broker.admit(admit(operator, appKey));
+  const wsPort = Number(new URL(broker.wsUrl!).port);
+  const idle: net.Socket[] = [];
+  t.after(() => {
+    for (const s of idle) s.destroy();
+  });
+  const open = (port: number) =>
+    new Promise<void>((resolve) => {
+      const s = net.connect({ port, host: '127.0.0.1', localAddress: '127.0.0.2' });
+      s.on('error', () => {});
+      idle.push(s);
+      s.once('connect', () => resolve());
+      s.once('close', () => resolve());
+    });
+  for (let i = 0; i < 40; i++) await open(broker.port);
+  for (let i = 0; i < 40; i++) await open(wsPort);
+  await waitFor(() => idle.filter((s) => !s.destroyed && !s.closed).length <= 5, 5_000, 'the address held to its 5 pending sockets');
+  // Clients from another address, and from the flooding one, still get in over mqtts and wss.
+  for (const brokerUrl of [broker.url, broker.wsUrl!]) {
+    const mesh = await connect({ brokerUrl, identity: appKey, logger: quiet, tls: { ca: pki.ca }, connectTimeoutMs: 5_000 });
+    await mesh.close();
+  }
+  // A real TLS client from the flooding address finishes its handshake: its socket evicted the oldest idle one.
+  const under = net.connect({ port: broker.port, host: '127.0.0.1', localAddress: '127.0.0.2' });
+  under.on('error', () => {});
+  const fromFlood = tls.connect({ socket: under, ca: pki.ca, servername: 'localhost' });
+  fromFlood.on('error', () => {});
+  t.after(() => fromFlood.destroy());
+  await new Promise<void>((resolve, reject) => {
+    fromFlood.once('secureConnect', () => resolve());
+    fromFlood.once('close', () => reject(new Error('closed before its handshake finished')));
+  });
 });

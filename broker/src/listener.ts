@@ -11,12 +11,14 @@
  * (ten at the defaults) would fill the connection cap, and the server would refuse every new socket before any
  * eviction could run. An IPv6 address counts by its /64, which one host usually holds whole.
  *
- * With `tls` the listener is a TLS server (mqtts): a socket is handed on, and counted, guarded and throttled, only
- * once its handshake is done, so the guard reads the cleartext MQTT stream; a handshake must finish within
+ * With `tls` the listener is a TLS server (mqtts): a socket is handed on, guarded and throttled only once its
+ * handshake is done, so the guard reads the cleartext MQTT stream; a handshake must finish within
  * `handshakeTimeoutMs`, and a failed one is logged (reason `tls`, MESH_TLS) and closed (docs/operations.md, "TLS").
+ * It counts against its address's pending cap from its first byte, though, handshake included.
  *
  * With `ws`, a second port serves MQTT over WebSocket (ws://, or wss:// with `tls`) for browser clients: each
- * WebSocket becomes a byte stream that goes through the same caps, guard and byte limit, then to aedes.
+ * WebSocket becomes a byte stream that goes through the same caps, guard and byte limit, then to aedes; its socket
+ * counts as pending from its TCP connection, through the HTTP upgrade, until CONNECT.
  *
  * With `proxyProtocol` every connection must open with a PROXY header (./proxy-protocol.ts), read before the TLS
  * handshake and before the guard; the address it names is the socket's address for every limit, ban and log line.
@@ -109,12 +111,11 @@ export function createListener(options: ListenerOptions): Listener {
 
   const accept = (socket: net.Socket): void => admit(socket, realAddress(socket), socket);
 
-  /** Counts, guards and throttles a new stream from `ip`, then hands it on. */
-  const admit = (socket: Duplex, ip: string, transport: net.Socket): void => {
-    if (!accepting) {
-      socket.destroy();
-      return;
-    }
+  /**
+   * Counts `socket` among its address's sockets without CONNECT, closing that address's oldest, and the oldest of all,
+   * when either is at its cap. Returns the key it is counted under.
+   */
+  const hold = (socket: Duplex, ip: string): string => {
     const key = addressGroup(ip);
     let set = pending.get(key);
     if (set === undefined) {
@@ -140,6 +141,45 @@ export function createListener(options: ListenerOptions): Listener {
     pending.set(key, set);
     set.add(socket);
     allPending.set(socket, key);
+    return key;
+  };
+
+  /**
+   * Raw sockets whose stream is not admitted yet (in a TLS handshake, or before a WebSocket upgrade), by peer
+   * ("address:port"): they count as pending under their address too, so one address cannot fill `maxConnections`
+   * with handshakes it never finishes. The stream admitted for the peer takes its place (`handOver`).
+   */
+  const early = new Map<string, net.Socket>();
+  const holdEarly = (raw: net.Socket, ip: string): void => {
+    if (!accepting) {
+      raw.destroy();
+      return;
+    }
+    const key = hold(raw, ip);
+    const peer = peerKey(raw);
+    early.set(peer, raw);
+    raw.once('close', () => {
+      unpend(key, raw);
+      if (early.get(peer) === raw) early.delete(peer);
+    });
+  };
+  const handOver = (socket: net.Socket): void => {
+    const peer = peerKey(socket);
+    const raw = early.get(peer);
+    if (raw === undefined) return;
+    early.delete(peer);
+    const key = allPending.get(raw);
+    if (key !== undefined) unpend(key, raw);
+  };
+
+  /** Counts, guards and throttles a new stream from `ip`, then hands it on. */
+  const admit = (socket: Duplex, ip: string, transport: net.Socket): void => {
+    if (!accepting) {
+      socket.destroy();
+      return;
+    }
+    handOver(transport);
+    const key = hold(socket, ip);
     socketIps.set(socket, ip);
     sockets.add(socket);
     socket.once('close', () => {
@@ -192,6 +232,7 @@ export function createListener(options: ListenerOptions): Listener {
     secure.on('connection', (raw: net.Socket) => {
       handshaking.add(raw);
       raw.once('close', () => handshaking.delete(raw));
+      holdEarly(raw, realAddress(raw));
     });
     secure.on('tlsClientError', (err: Error & { code?: string }, socket: tls.TLSSocket) => {
       const ip = realAddress(socket);
@@ -258,6 +299,7 @@ export function createListener(options: ListenerOptions): Listener {
       ? https.createServer({ ...options.tls, rejectUnauthorized: false, handshakeTimeout: options.handshakeTimeoutMs ?? 10_000 })
       : http.createServer();
     web.maxConnections = options.maxConnections;
+    web.on('connection', (raw: net.Socket) => holdEarly(raw, raw.remoteAddress ?? 'unknown'));
     web.headersTimeout = options.handshakeTimeoutMs ?? 10_000;
     web.requestTimeout = options.handshakeTimeoutMs ?? 10_000;
     // Plain HTTP on the WebSocket port gets a short answer saying what the port is for.
