@@ -560,6 +560,33 @@ describe('the mesh on a 3-node RabbitMQ 3.10 cluster', { skip: SKIP }, () => {
       assert.equal(await connackCode(c.urls[(i + 1) % 3]!, { clientId: k.id, username: k.id, password: makeConnectToken(k) }), 4);
   });
 
+  test("a re-admission moves a live client's cut-off: a shorter one cuts it off at its end, a longer one keeps it on until its own", {
+    timeout: 60_000,
+  }, async (t) => {
+    const { cluster: c, operator } = await cluster();
+    const send = (k: Identity, o: { nowMs?: number; ttlMs?: number } = {}) =>
+      sendAdminRecord(c.urls[1]!, operator, admit(operator, k, o), k.id, 10_000);
+    const [shortened, lengthened] = [generateIdentity('app'), generateIdentity('app')];
+    await send(shortened);
+    const firstEnd = Date.now() + 3_000;
+    await send(lengthened, { ttlMs: 3_000 });
+    const a = await bareClient(t, c.urls[0]!, shortened);
+    const b = await bareClient(t, c.urls[2]!, lengthened);
+    // Connected on a year's admission, re-admitted for 1.5 s: it once stayed connected for the year.
+    const issued = Date.now() + 1;
+    await send(shortened, { nowMs: issued, ttlMs: 1_500 });
+    await waitFor(() => a.state.closedAt > 0, 6_000, 'the client whose admission was shortened cut off');
+    assert.ok(a.state.closedAt >= issued + 1_400, `cut off ${a.state.closedAt - issued} ms after the re-admission, not before its end`);
+    // Connected on a 3 s admission, re-admitted for 8 s: on past the first end, and cut off at the second (it once
+    // stayed on for good: the first end's timer found it admitted and watched it no more).
+    const secondEnd = Date.now() + 1 + 8_000;
+    await send(lengthened, { nowMs: secondEnd - 8_000, ttlMs: 8_000 });
+    await new Promise((r) => setTimeout(r, Math.max(0, firstEnd + 1_000 - Date.now())));
+    assert.equal(b.state.closedAt, 0, 'still connected after the first admission ended');
+    await waitFor(() => b.state.closedAt > 0, 12_000, 'the client cut off when its longer admission ended');
+    assert.ok(b.state.closedAt >= secondEnd - 100, `cut off ${secondEnd - b.state.closedAt} ms before its admission ended`);
+  });
+
   test('kill -9 of one node under steady paid load: no request whose deadline allows a retry is lost, nothing is billed twice, agents are back within 5 s', {
     timeout: 240_000,
   }, async (t) => {

@@ -330,7 +330,7 @@ export async function startRabbitmqAuth(options: RabbitmqAuthOptions): Promise<R
   let closed = false;
 
   /** Closes the connection of `id`, wherever in the cluster it is, by connecting with its client id. */
-  async function kick(id: string): Promise<void> {
+  async function kick(id: string, reason = 'revoked'): Promise<void> {
     if (brokerUrls.length === 0 || closed) return;
     counters.kicks++;
     clientIds.add(id);
@@ -346,29 +346,37 @@ export async function startRabbitmqAuth(options: RabbitmqAuthOptions): Promise<R
         conn.firstConnect,
         new Promise((_, reject) => setTimeout(() => reject(new MeshError('MESH_TIMEOUT', 'no connection within 5 s')), 5_000).unref()),
       ]);
-      log.warn({ clientId: id, reason: 'revoked' }, 'client disconnected');
+      log.warn({ clientId: id, reason }, 'client disconnected');
     } catch (err) {
-      log.error({ clientId: id, err: (err as Error).message }, 'could not close the connection of a revoked id');
+      log.error({ clientId: id, reason, err: (err as Error).message }, 'could not close the connection of an id no longer admitted');
     } finally {
       await closeSoon(conn);
       clientIds.delete(id);
     }
   }
 
+  /**
+   * Cuts `id` off when the admission in force for it ends. The store is asked each time the timer fires, not the
+   * expiry the id logged in with, and a re-admission of a watched id re-arms it (`admit` below): a shorter one cuts
+   * the live connection off at its new end, a longer one keeps it on until then.
+   */
+  function watchExpiry(id: string): void {
+    clearTimeout(expiryTimers.get(id));
+    expiryTimers.delete(id);
+    const now = Date.now();
+    const grant = store.lookup(id, now);
+    if (typeof grant === 'string') {
+      void kick(id, grant);
+      return;
+    }
+    if (grant.expires === Infinity) return;
+    const t = setTimeout(() => watchExpiry(id), Math.min(Math.max(0, grant.expires - now), 2 ** 31 - 1));
+    t.unref();
+    expiryTimers.set(id, t);
+  }
   function armExpiry(id: string, expires: number): void {
-    if (expires === Infinity || expiryTimers.has(id)) return;
-    const arm = () => {
-      const inMs = expires - Date.now();
-      if (inMs <= 0) {
-        expiryTimers.delete(id);
-        if (!stillAdmitted(store, id, Date.now())) void kick(id);
-        return;
-      }
-      const t = setTimeout(arm, Math.min(inMs, 2 ** 31 - 1));
-      t.unref();
-      expiryTimers.set(id, t);
-    };
-    arm();
+    if (expires === Infinity) return;
+    watchExpiry(id);
   }
 
   const decisions = new RabbitmqDecisions(
@@ -381,6 +389,8 @@ export async function startRabbitmqAuth(options: RabbitmqAuthOptions): Promise<R
   async function admit(signed: SignedRecord): Promise<Admission> {
     const a = await store.admit(signed);
     log.info({ id: a.id, role: a.role, expires: a.expires, operator: a.operator }, 'admission stored');
+    // An id that logged in on an admission that ends is watched: its cut-off moves to the new admission's end.
+    if (expiryTimers.has(a.id)) watchExpiry(a.id);
     return a;
   }
   async function revoke(signed: SignedRecord): Promise<Revocation> {
