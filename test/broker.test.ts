@@ -418,7 +418,8 @@ test('a second broker on a taken port fails with MESH_CONFIG', async (t) => {
 test('hooks run after the built-in checks and can refuse', async (t) => {
   const defer = cleanup(t);
   const seen: string[] = [];
-  const { b } = await loggedBroker(defer, {
+  const { b, logs } = await loggedBroker(defer, {
+    metricsPort: 0,
     hooks: {
       authenticate: (c) => c.id !== 'agent-banned',
       authorizePublish: async (_c, packet) => {
@@ -434,6 +435,12 @@ test('hooks run after the built-in checks and can refuse', async (t) => {
   );
   const c = await connect(defer, b, 'agent-one');
   assert.deepEqual(await grantedQoS(c, { 'nope/+': { qos: 1 }, 'yes/+': { qos: 1 } }), { 'nope/+': 128, 'yes/+': 1 });
+  // A client asking again and again for what a hook refuses is counted each time and logged once a second at most.
+  for (let i = 0; i < 30; i++) assert.deepEqual(await grantedQoS(c, { 'nope/+': { qos: 1 } }), { 'nope/+': 128 });
+  const refusedWarnings = logs.filter((l) => l.msg === 'subscribe refused' && l.level === 40).length;
+  assert.ok(refusedWarnings >= 1 && refusedWarnings <= 3, `${refusedWarnings} warnings for 31 refused subscriptions`);
+  const metrics = await (await fetch(b.metricsUrl!)).text();
+  assert.match(metrics, /edge_mesh_broker_subscribe_refusals_total\{code="MESH_FORBIDDEN"\} 31\n/);
   const got = nextMessage(c);
   await c.publishAsync('yes/ok', 'fine', { qos: 1 });
   assert.equal((await got).topic, 'yes/ok');
@@ -450,7 +457,7 @@ test('hooks run after the built-in checks and can refuse', async (t) => {
 
 test('a preConnect hook refusal closes without a CONNACK; maxConnections caps sockets', async (t) => {
   const defer = cleanup(t);
-  const { b } = await loggedBroker(defer, {
+  const { b, logs } = await loggedBroker(defer, {
     maxConnections: 2,
     hooks: { preConnect: (_c, packet) => packet.clientId !== 'agent-blocked' },
   });
@@ -458,6 +465,14 @@ test('a preConnect hook refusal closes without a CONNACK; maxConnections caps so
   blocked.socket.write(connectPacket({ clientId: 'agent-blocked', keepalive: 60 }));
   await withTimeout(blocked.closed, 1000, 'preConnect refusal');
   assert.equal(Buffer.concat(blocked.received).length, 0);
+  // Refused again and again from one address: logged once a second at most.
+  for (let i = 0; i < 20; i++) {
+    const again = await rawSocket(defer, b);
+    again.socket.write(connectPacket({ clientId: 'agent-blocked', keepalive: 60 }));
+    await withTimeout(again.closed, 1000, 'preConnect refusal');
+  }
+  const hookWarnings = logs.filter((l) => l.msg === 'connect refused' && l.reason === 'hook' && l.level === 40).length;
+  assert.ok(hookWarnings >= 1 && hookWarnings <= 3, `${hookWarnings} warnings for 21 refused connects`);
 
   const first = await rawConnected(defer, b, 'raw-one');
   const second = await rawSocket(defer, b);

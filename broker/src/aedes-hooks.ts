@@ -125,7 +125,9 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
     cause?: Error,
   ): void {
     countInto(ctx.counters.publishRefused, code);
-    warnThrottled(`publish:${ownerId}:${reason}`, { clientId: ownerId ?? null, topic, reason, code }, 'publish refused');
+    // A hook's reasons may differ each time (its error's message): they share one key, so a flood logs once a second.
+    const key = reason.startsWith('hook') ? 'hook' : reason;
+    warnThrottled(`publish:${ownerId}:${key}`, { clientId: ownerId ?? null, topic, reason, code }, 'publish refused');
     // For MQTT 3.1.1 aedes answers an error by closing the connection (there is no PUBACK error code, [MQTT-3.3.5-2]).
     callback(new MeshError(code, `publish refused: ${reason}`, { cause, details: { reason } }));
   }
@@ -183,7 +185,11 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
           if (err || ok !== true) {
             const reason = err ? `hook: ${err.message}` : 'hook';
             const clientId = packet.clientId?.slice(0, 64) || null;
-            log.warn({ clientId, topic: undefined, reason, code: 'MESH_UNAUTHORIZED', remoteAddress: ip }, 'connect refused');
+            warnThrottled(
+              `connect:${ip}:hook`,
+              { clientId, topic: undefined, reason, code: 'MESH_UNAUTHORIZED', remoteAddress: ip },
+              'connect refused',
+            );
             countConnectRefused(ctx.counters, 'hook', 'MESH_UNAUTHORIZED');
             // aedes only closes the socket when preConnect reports an error; `false` alone would leave it open.
             const refusal = new MeshError('MESH_UNAUTHORIZED', `connect refused by preConnect hook${err ? `: ${err.message}` : ''}`, {
@@ -329,9 +335,8 @@ export function createAedesHooks(ctx: HookContext): AedesHooks {
         () => hook(client, sub),
         (err, allowed) => {
           if (err || !allowed) {
-            const reason = err ? `hook: ${err.message}` : 'hook';
-            log.warn({ clientId: client.id, topic: sub.topic, reason, code: 'MESH_FORBIDDEN' }, 'subscribe refused');
-            return callback(null, null);
+            refuseSubscribe(client, sub.topic, err ? `hook: ${err.message}` : 'hook', 'MESH_FORBIDDEN', callback);
+            return;
           }
           allowed.qos = grantedQos(allowed.qos) as Subscription['qos'];
           grant(allowed);
