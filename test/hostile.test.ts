@@ -450,6 +450,50 @@ test("a subscriber that stops reading the fleet's load reports does not stall th
   await assertServing(defer, ab, 500);
 });
 
+test('readers that stop reading statuses, which are not dropped, are cut off before they hold the delivery slots', {
+  timeout: 30_000,
+}, async (t) => {
+  // Statuses are state and still go, at QoS 1, to a subscriber whose socket does not drain; each holds one of the
+  // broker's 100 delivery slots until it drains. Three readers that stop, sent 120 statuses, once held them all for
+  // the drain timeout and stalled everyone (a request and its reply: "no message within timeout").
+  const defer = cleanup(t);
+  const ab = await authBroker(defer, { drainTimeoutMs: 10_000, publishRatePerClient: 10_000, publishBurstPerClient: 10_000 });
+  const agentId = await admitted(ab, 'agent');
+  const readers = [await admitted(ab, 'app'), await admitted(ab, 'app'), await admitted(ab, 'app')];
+  const disconnectedAt = new Map<string, number>();
+  ab.b.aedes.on('clientDisconnect', (c) => disconnectedAt.set(c.id, Date.now()));
+  for (const readerId of readers) {
+    const raw = await rawSocket(defer, ab.b);
+    raw.socket.write(authConnect(readerId));
+    assert.equal(await connackCode(raw), 0);
+    raw.socket.write(subscribePacket(topics.allAgentStatus(), 1, 1));
+    raw.socket.write(subscribePacket(topics.clientRepliesFor(readerId.id), 0, 2));
+    await readBytes(raw, 10);
+    raw.socket.pause();
+  }
+  const agent = await connect(defer, ab.b, agentId);
+  // Big load reports fill the readers' socket buffers first (dropped for them once they stop draining).
+  await agent.subscribeAsync(topics.agentRequestsFor(agentId.id), { qos: 1 });
+  const big = Buffer.alloc(256 * 1024, 1);
+  for (const readerId of readers) {
+    for (let i = 0; i < 40; i++) agent.publish(topics.clientReply(readerId.id, agentId.id), big, { qos: 0 });
+  }
+  await new Promise((r) => setTimeout(r, 300));
+  const sent = Date.now();
+  for (let i = 0; i < 120; i++) agent.publish(topics.agentStatus(agentId.id), Buffer.from(`s${i}`), { qos: 1, retain: true });
+  await new Promise((r) => setTimeout(r, 300));
+  await assertServing(defer, ab, 1000);
+  for (const readerId of readers) {
+    const at = disconnectedAt.get(readerId.id);
+    assert.ok(
+      at !== undefined && at - sent < 3_000,
+      `reader ${readerId.id} cut off ${at === undefined ? 'never' : `${at - sent} ms`} after the statuses`,
+    );
+  }
+  assert.ok(ab.logs.some((l) => l.reason === 'slow-consumer' && typeof l.held === 'number'));
+  assert.ok(agent.connected, 'the publisher was not punished');
+});
+
 test('a publish flood from one client is cut off by its token bucket; the default bucket allows a benchmark burst', {
   timeout: 20_000,
 }, async (t) => {

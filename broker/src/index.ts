@@ -126,6 +126,10 @@ const MAX_INFLIGHT_INBOUND = 16;
 
 /** How often idle per-IP state and expired nonces are forgotten. */
 const SWEEP_INTERVAL_MS = 10_000;
+/** Deliveries one subscriber whose socket is not draining may hold (see holdDelivery). */
+const MAX_HELD_PER_CLIENT = 16;
+/** Deliveries all such subscribers together may hold: half of aedes' 100 concurrent deliveries. */
+const MAX_HELD_TOTAL = 50;
 
 /**
  * Starts aedes and a TCP listener in front of it (and, with `auth`, opens the admission store first).
@@ -211,6 +215,40 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
       slow.delete(conn);
     });
   };
+  /**
+   * QoS 1 deliveries forwarded to a subscriber while its socket was not draining: each holds one of aedes' 100
+   * delivery slots until the socket drains. A subscriber may hold MAX_HELD_PER_CLIENT of them, and all such
+   * subscribers together MAX_HELD_TOTAL (half the slots); past either, it is disconnected as a slow consumer at once
+   * rather than after drainTimeoutMs. Otherwise statuses, which are not dropped, would let a reader that stopped (or
+   * a few) hold every slot, and stall every publish of everyone, until the drain timeout, again and again.
+   */
+  const held = new WeakMap<Duplex, number>();
+  let heldTotal = 0;
+  const releaseHeld = (conn: Duplex) => {
+    heldTotal -= held.get(conn) ?? 0;
+    held.delete(conn);
+  };
+  const holdDelivery = (client: { id?: string }, conn: Duplex): boolean => {
+    const mine = held.get(conn);
+    if (mine === undefined) {
+      conn.once('drain', () => releaseHeld(conn));
+      conn.once('close', () => releaseHeld(conn));
+    }
+    if ((mine ?? 0) >= MAX_HELD_PER_CLIENT || heldTotal >= MAX_HELD_TOTAL) {
+      counters.slowConsumers++;
+      warnThrottled(
+        `slow:${client.id}`,
+        { clientId: client.id ?? null, reason: 'slow-consumer', held: mine ?? 0, heldTotal },
+        'disconnected: its socket did not drain and it holds too many deliveries',
+      );
+      releaseHeld(conn);
+      conn.destroy();
+      return false;
+    }
+    held.set(conn, (mine ?? 0) + 1);
+    heldTotal++;
+    return true;
+  };
   const aedes = await Aedes.createBroker({
     connectTimeout: opts.connectTimeoutMs,
     keepaliveLimit: opts.keepaliveLimitS,
@@ -236,6 +274,7 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
           counters.messagesDroppedSlow++;
           return null;
         }
+        if (!holdDelivery(client!, conn)) return null;
       }
       counters.messagesOut++;
       return packet;
