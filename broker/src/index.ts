@@ -127,7 +127,7 @@ const MAX_INFLIGHT_INBOUND = 16;
 /** How often idle per-IP state and expired nonces are forgotten. */
 const SWEEP_INTERVAL_MS = 10_000;
 /** Deliveries one subscriber whose socket is not draining may hold (see holdDelivery). */
-const MAX_HELD_PER_CLIENT = 16;
+const MAX_HELD_PER_CLIENT = 32;
 /** Deliveries all such subscribers together may hold: half of aedes' 100 concurrent deliveries. */
 const MAX_HELD_TOTAL = 50;
 
