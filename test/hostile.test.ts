@@ -7,6 +7,7 @@
  * of 127/8 is loopback on Linux); the well-behaved clients use 127.0.0.1.
  */
 import assert from 'node:assert/strict';
+import type { Duplex } from 'node:stream';
 import test from 'node:test';
 import { startBroker } from '@edge-mesh/broker';
 import { addressGroup } from '@edge-mesh/client';
@@ -31,6 +32,7 @@ import {
   waitClose,
   withTimeout,
 } from './broker-fixtures.ts';
+import { waitFor } from './helpers.ts';
 
 // ── helpers ────────────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -492,6 +494,38 @@ test('readers that stop reading statuses, which are not dropped, are cut off bef
   }
   assert.ok(ab.logs.some((l) => l.reason === 'slow-consumer' && typeof l.held === 'number'));
   assert.ok(agent.connected, 'the publisher was not punished');
+});
+
+test('a subscriber that falls behind and catches up again, many times, keeps its connection and no listeners pile up on it', {
+  timeout: 30_000,
+}, async (t) => {
+  const defer = cleanup(t);
+  const ab = await authBroker(defer, { drainTimeoutMs: 10_000, publishRatePerClient: 10_000, publishBurstPerClient: 10_000 });
+  const agentId = await admitted(ab, 'agent');
+  const readerId = await admitted(ab, 'app');
+  const raw = await rawSocket(defer, ab.b);
+  raw.socket.write(authConnect(readerId));
+  assert.equal(await connackCode(raw), 0);
+  raw.socket.write(subscribePacket(topics.allAgentStatus(), 1, 1));
+  raw.socket.write(subscribePacket(topics.clientRepliesFor(readerId.id), 0, 2));
+  await readBytes(raw, 14);
+  const agent = await connect(defer, ab.b, agentId);
+  const conn = () => (ab.b.aedes as unknown as { clients: Record<string, { conn: Duplex }> }).clients[readerId.id]!.conn;
+  const big = Buffer.alloc(256 * 1024, 1);
+  const closeListeners: number[] = [];
+  for (let cycle = 0; cycle < 4; cycle++) {
+    raw.socket.pause();
+    for (let i = 0; i < 40; i++) agent.publish(topics.clientReply(readerId.id, agentId.id), big, { qos: 0 });
+    await waitFor(() => conn().writableNeedDrain, 5_000, 'the reader fell behind');
+    // A few statuses while it is behind: held, under the cap.
+    for (let i = 0; i < 5; i++) agent.publish(topics.agentStatus(agentId.id), Buffer.from(`c${cycle}s${i}`), { qos: 1, retain: true });
+    await new Promise((r) => setTimeout(r, 100));
+    raw.socket.resume();
+    await waitFor(() => !conn().writableNeedDrain, 5_000, 'the reader caught up');
+    closeListeners.push(conn().listenerCount('close'));
+  }
+  assert.ok(!raw.isClosed(), 'still connected');
+  assert.equal(new Set(closeListeners).size, 1, `close listeners after each cycle: ${closeListeners.join(', ')}`);
 });
 
 test('a publish flood from one client is cut off by its token bucket; the default bucket allows a benchmark burst', {

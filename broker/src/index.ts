@@ -231,8 +231,17 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   const holdDelivery = (client: { id?: string }, conn: Duplex): boolean => {
     const mine = held.get(conn);
     if (mine === undefined) {
-      conn.once('drain', () => releaseHeld(conn));
-      conn.once('close', () => releaseHeld(conn));
+      // One pair of listeners per time the socket stops draining, each removing the other.
+      const onDrain = () => {
+        conn.off('close', onClose);
+        releaseHeld(conn);
+      };
+      const onClose = () => {
+        conn.off('drain', onDrain);
+        releaseHeld(conn);
+      };
+      conn.once('drain', onDrain);
+      conn.once('close', onClose);
     }
     if ((mine ?? 0) >= MAX_HELD_PER_CLIENT || heldTotal >= MAX_HELD_TOTAL) {
       counters.slowConsumers++;
