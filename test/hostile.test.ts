@@ -452,6 +452,21 @@ test("a subscriber that stops reading the fleet's load reports does not stall th
   await assertServing(defer, ab, 500);
 });
 
+/** A raw client subscribed to every agent's status (QoS 1) and to its own replies (QoS 0), reading until paused. */
+async function statusReader(
+  defer: Parameters<typeof rawSocket>[0],
+  ab: { b: Parameters<typeof rawSocket>[1] },
+  id: Identity,
+): Promise<Raw> {
+  const raw = await rawSocket(defer, ab.b);
+  raw.socket.write(authConnect(id));
+  assert.equal(await connackCode(raw), 0);
+  raw.socket.write(subscribePacket(topics.allAgentStatus(), 1, 1));
+  raw.socket.write(subscribePacket(topics.clientRepliesFor(id.id), 0, 2));
+  await readBytes(raw, 14);
+  return raw;
+}
+
 test('readers that stop reading statuses, which are not dropped, are cut off before they hold the delivery slots', {
   timeout: 30_000,
 }, async (t) => {
@@ -464,15 +479,7 @@ test('readers that stop reading statuses, which are not dropped, are cut off bef
   const readers = [await admitted(ab, 'app'), await admitted(ab, 'app'), await admitted(ab, 'app')];
   const disconnectedAt = new Map<string, number>();
   ab.b.aedes.on('clientDisconnect', (c) => disconnectedAt.set(c.id, Date.now()));
-  for (const readerId of readers) {
-    const raw = await rawSocket(defer, ab.b);
-    raw.socket.write(authConnect(readerId));
-    assert.equal(await connackCode(raw), 0);
-    raw.socket.write(subscribePacket(topics.allAgentStatus(), 1, 1));
-    raw.socket.write(subscribePacket(topics.clientRepliesFor(readerId.id), 0, 2));
-    await readBytes(raw, 10);
-    raw.socket.pause();
-  }
+  for (const readerId of readers) (await statusReader(defer, ab, readerId)).socket.pause();
   const agent = await connect(defer, ab.b, agentId);
   // Big load reports fill the readers' socket buffers first (dropped for them once they stop draining).
   await agent.subscribeAsync(topics.agentRequestsFor(agentId.id), { qos: 1 });
@@ -503,12 +510,7 @@ test('a subscriber that falls behind and catches up again, many times, keeps its
   const ab = await authBroker(defer, { drainTimeoutMs: 10_000, publishRatePerClient: 10_000, publishBurstPerClient: 10_000 });
   const agentId = await admitted(ab, 'agent');
   const readerId = await admitted(ab, 'app');
-  const raw = await rawSocket(defer, ab.b);
-  raw.socket.write(authConnect(readerId));
-  assert.equal(await connackCode(raw), 0);
-  raw.socket.write(subscribePacket(topics.allAgentStatus(), 1, 1));
-  raw.socket.write(subscribePacket(topics.clientRepliesFor(readerId.id), 0, 2));
-  await readBytes(raw, 14);
+  const raw = await statusReader(defer, ab, readerId);
   const agent = await connect(defer, ab.b, agentId);
   const conn = () => (ab.b.aedes as unknown as { clients: Record<string, { conn: Duplex }> }).clients[readerId.id]!.conn;
   const big = Buffer.alloc(256 * 1024, 1);

@@ -236,6 +236,18 @@ test("the console admits through a broker with a private CA and mutual TLS, with
   );
 });
 
+/** An authenticated broker on mqtts with MQTT over WebSocket (wss) on a second port. */
+async function wssBroker(t: TestContext, pki: Pki, extra: Parameters<typeof brokerFor>[1] = {}) {
+  const operator = generateIdentity('operator');
+  const broker = await brokerFor(t, {
+    auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], dataDir: await tempDir(t) },
+    tls: { cert: pki.serverCert, key: pki.serverKey },
+    wsPort: 0,
+    ...extra,
+  });
+  return { broker, operator };
+}
+
 test("mutual TLS: a client without a certificate from the broker's CA is refused at once", {
   skip: SKIP,
   timeout: 120_000,
@@ -263,12 +275,7 @@ test('MQTT over WebSocket with TLS (wss): the SDK is served; a client that does 
   timeout: 60_000,
 }, async (t) => {
   const pki = await makePki(t);
-  const operator = generateIdentity('operator');
-  const broker = await brokerFor(t, {
-    auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], dataDir: await tempDir(t) },
-    tls: { cert: pki.serverCert, key: pki.serverKey },
-    wsPort: 0,
-  });
+  const { broker, operator } = await wssBroker(t, pki);
   assert.match(broker.wsUrl ?? '', /^wss:\/\/127\.0\.0\.1:\d+\/mqtt$/);
   const [agentKey, appKey] = [generateIdentity('agent'), generateIdentity('app')];
   for (const id of [agentKey, appKey]) await broker.admit(admit(operator, id));
@@ -369,17 +376,9 @@ test('sockets that never finish their TLS handshake or WebSocket upgrade count a
   timeout: 60_000,
 }, async (t) => {
   const pki = await makePki(t);
-  const operator = generateIdentity('operator');
   // Each server refuses sockets past maxConnections before anything else runs: 40 handshakes that never finish, from
   // one address, would hold all 30 places for the handshake timeout, and no client could connect.
-  const broker = await brokerFor(t, {
-    auth: { trustedOperators: [{ id: operator.id, publicKey: operator.publicKey }], dataDir: await tempDir(t) },
-    tls: { cert: pki.serverCert, key: pki.serverKey },
-    wsPort: 0,
-    maxConnections: 30,
-    maxConnectionsPerIp: 5,
-    connectTimeoutMs: 30_000,
-  });
+  const { broker, operator } = await wssBroker(t, pki, { maxConnections: 30, maxConnectionsPerIp: 5, connectTimeoutMs: 30_000 });
   const appKey = generateIdentity('app');
   await broker.admit(admit(operator, appKey));
   const wsPort = Number(new URL(broker.wsUrl!).port);
