@@ -364,7 +364,7 @@ describe('payments among strangers: the agent gives credit only against money th
     assert.ok(
       refusals()
         .slice(FLOOD)
-        .every((why) => why.startsWith('signed by') || why.includes("of this client's voucher signatures are already waiting")),
+        .every((why) => why.startsWith('signed by') || why.includes("of this client's signatures are already waiting")),
       `refused as forged or as past the client's share: ${[...new Set(refusals().slice(FLOOD))].join(' | ')}`,
     );
     assert.equal(payments.lanes()[0]!.paidMicros, 0, 'no forged voucher was taken');

@@ -18,7 +18,6 @@
  *   within the escrow's cap (else the escrow would skip them); a worse one never replaces the best.
  */
 import path from 'node:path';
-import { recoverLaneGrantSigner } from '@edge-mesh/contracts';
 import {
   decodeCbor,
   type EscrowDomain,
@@ -52,6 +51,7 @@ import type { Logger } from 'pino';
 import { LaneFunds, type LaneFundsView } from './lane-funds.ts';
 import { type LoggedReceipt, ReceiptLog } from './receipt-log.ts';
 import { SignerRecovery } from './recover.ts';
+import { SenderBudget } from './sender-budget.ts';
 import type { SettlerOptions } from './settler.ts';
 
 export interface AgentPaymentOptions {
@@ -147,6 +147,13 @@ export const RESYNC_BATCH = 256;
 const RESYNC_MAX_BATCHES = 4;
 /** A grant dated further ahead than this is refused: it would pin the lane against the payer's own later grants. */
 const GRANT_FUTURE_SLACK_MS = 10 * 60_000;
+/**
+ * Lane grant signatures checked per client: GRANT_CHECKS_BURST at once, then one per GRANT_CHECK_EVERY_MS. An honest
+ * client has one checked per lane it opens here (at most maxLanesPerClient), and again only when it restarts without
+ * its data folder; a grant costs its sender nothing, and its check a signature recovery.
+ */
+export const GRANT_CHECKS_BURST = 8;
+export const GRANT_CHECK_EVERY_MS = 10_000;
 
 export interface ReceiptFacts {
   requestId: Uint8Array;
@@ -216,6 +223,14 @@ export class AgentPayments {
   get voucherSignaturesChecked(): number {
     return this.recovery.checked;
   }
+  /** Lane grant signatures checked so far (on the same worker). */
+  get grantSignaturesChecked(): number {
+    return this.recovery.grantsChecked;
+  }
+  /** Grant checks per client (GRANT_CHECKS_BURST, GRANT_CHECK_EVERY_MS). */
+  private readonly grantBudget = new SenderBudget(GRANT_CHECKS_BURST, 1_000 / GRANT_CHECK_EVERY_MS);
+  /** Grants being checked, by payer, client, date and signature: the same grant on a burst of requests shares one check. */
+  private readonly grantChecks = new Map<string, Promise<void>>();
   /** Per payer, the vouchers being checked (see `admit`), by sender, cumulative and signature. */
   private readonly checking = new Map<string, Map<string, Promise<boolean>>>();
   /** Requests naming no payer are served free (else MESH_PAYMENT_REQUIRED). */
@@ -228,6 +243,8 @@ export class AgentPayments {
     creditRefusals: 0,
     grants: 0,
     grantsRefused: 0,
+    /** Grants refused unchecked: their client had as many checked lately as GRANT_CHECKS_BURST allows. */
+    grantsLimited: 0,
     resyncs: 0,
     resyncsRefused: 0,
   };
@@ -562,13 +579,25 @@ export class AgentPayments {
 
   /**
    * Takes a lane grant when it is newer than the one held: it must name this payout and `senderId`, be
-   * signed by the payer's voucher key, and not be dated ahead. The same grant again is not checked twice.
-   * A grant no newer than the one held changes nothing. Throws MESH_FORBIDDEN for a bad grant.
+   * signed by the payer's voucher key, and not be dated ahead. The same grant again is not checked twice,
+   * nor the same grant on several requests while it is checked. A grant no newer than the one held changes
+   * nothing. Throws MESH_FORBIDDEN for a bad grant; MESH_RATE_LIMITED when `senderId` had as many grants checked
+   * lately as it may (GRANT_CHECKS_BURST), and MESH_BUSY when the signature worker's share of it is full.
    */
-  private async takeGrant(payer: string, senderId: string, grant: LaneGrant): Promise<void> {
-    const lane = this.lanes.get(payer);
-    const held = lane?.grant;
-    if (held && grant.issuedAt <= held.issuedAt) return;
+  private takeGrant(payer: string, senderId: string, grant: LaneGrant): Promise<void> {
+    const held = this.lanes.get(payer)?.grant;
+    if (held && grant.issuedAt <= held.issuedAt) return Promise.resolve();
+    const key = `${payer} ${senderId} ${grant.issuedAt} ${toHex(grant.sig)}`;
+    const same = this.grantChecks.get(key);
+    if (same) return same;
+    const check = this.checkGrant(payer, senderId, grant);
+    this.grantChecks.set(key, check);
+    const done = () => this.grantChecks.delete(key);
+    check.then(done, done);
+    return check;
+  }
+
+  private async checkGrant(payer: string, senderId: string, grant: LaneGrant): Promise<void> {
     const bad = (why: string): never => {
       this.counters.grantsRefused++;
       this.logger.warn({ senderId, payer, why }, 'lane grant refused');
@@ -578,11 +607,35 @@ export class AgentPayments {
     if (grant.agent !== this.payout) bad(`it names agent ${grant.agent}, this agent is paid at ${this.payout}`);
     if (grant.client !== senderId) bad(`it names client ${grant.client}, the request comes from ${senderId}`);
     if (grant.issuedAt > Date.now() + GRANT_FUTURE_SLACK_MS) bad('it is dated in the future');
+    // A client at its lane limit would be refused after the check: refused before it instead.
+    if (this.lanes.get(payer)?.senderId !== senderId && (this.lanesPerClient.get(senderId) ?? 0) >= this.maxLanesPerClient) {
+      this.counters.grantsRefused++;
+      throw new MeshError('MESH_FORBIDDEN', `client ${senderId} already has ${this.maxLanesPerClient} payer lanes here (the limit)`, {
+        details: { payer, reason: 'lanes-per-client' },
+      });
+    }
+    if (!this.grantBudget.take(senderId)) {
+      this.counters.grantsLimited++;
+      this.logger.debug({ senderId, payer }, 'lane grant not checked: its client had too many checked lately');
+      throw new MeshError(
+        'MESH_RATE_LIMITED',
+        `client ${senderId} had ${GRANT_CHECKS_BURST} lane grants checked here lately, the most it may (then one per ${GRANT_CHECK_EVERY_MS / 1_000} s): try again later`,
+        { details: { payer, reason: 'grant-checks' } },
+      );
+    }
     let signer: string;
     try {
-      signer = recoverLaneGrantSigner(this.domain, { agent: this.payout, client: senderId, issuedAt: grant.issuedAt }, toHex(grant.sig));
+      // On the signature worker (recover.ts): the main thread serves requests meanwhile.
+      signer = await this.recovery.recoverGrant(
+        this.domain,
+        { agent: this.payout, client: senderId, issuedAt: grant.issuedAt },
+        toHex(grant.sig),
+        senderId,
+      );
     } catch (err) {
-      return bad(`unreadable signature: ${(err as Error).message}`);
+      const e = err as Error;
+      if (e instanceof MeshError && (e.code === 'MESH_BUSY' || e.code === 'MESH_SHUTTING_DOWN')) throw e;
+      return bad(`unreadable signature: ${e.message}`);
     }
     if (signer !== payer) bad(`it is signed by ${signer}, not the payer`);
     // Checked: bind (or move) the lane. Another grant may have been taken while this one was checked.

@@ -1,0 +1,149 @@
+/**
+ * The agent as the target of a dishonest app that also pays, or pretends to (docs/security.md, "A dishonest app at an
+ * agent"): a real local chain with the escrow, a real broker, a real ONNX agent, an honest payer (test/payer.ts) and
+ * an attacker speaking the envelope by hand. Each test floods one message an agent takes from strangers and checks
+ * what it cost the honest side: the agent's signature checks, replies and work, and the honest payer's service.
+ */
+import assert from 'node:assert/strict';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { after, before, describe, type TestContext, test } from 'node:test';
+import type { AgentPaymentOptions } from '@edge-mesh/agent';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { sampleInputs } from '@edge-mesh/demo';
+import {
+  type ErrorReply,
+  encodeTensorMap,
+  fromHex,
+  type InferReply,
+  type InferRequest,
+  newRequestId,
+  PROTOCOL_VERSION,
+  signLaneGrant,
+} from '@edge-mesh/protocol';
+import { ethers } from 'ethers';
+import { SenderBudget } from '../edge-agent/src/sender-budget.ts';
+import { agentFor, brokerFor, rawClient, tempDir } from './helpers.ts';
+import { fundOwnLane, TestPayer } from './payer.ts';
+
+let chain: LocalChain;
+let deployment: MeshDeployment;
+let nextWallet = 1;
+
+const domain = () => ({ chainId: deployment.chainId, escrow: deployment.escrow });
+const codeOf = (r: InferReply | ErrorReply) => (r.kind === 'err' ? r.code : 'ok');
+const tally = (codes: string[]) => {
+  const counts: Record<string, number> = {};
+  for (const c of codes) counts[c] = (counts[c] ?? 0) + 1;
+  return counts;
+};
+
+async function paidAgent(t: TestContext, brokerUrl: string, extra: Partial<AgentPaymentOptions> = {}) {
+  const payout = ethers.Wallet.createRandom().address.toLowerCase();
+  const agent = await agentFor(t, {
+    brokerUrl,
+    payment: { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100, ...extra },
+  });
+  return { agent, payout };
+}
+
+async function fundedPayer(t: TestContext, brokerUrl: string, payout: string, clientId: string, options: { autoPay?: boolean } = {}) {
+  const wallet = chain.wallet(nextWallet++);
+  await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+  const payer = await TestPayer.open(t, brokerUrl, { wallet, domain: domain(), clientId, ...options });
+  await payer.waitForModel('kws');
+  return payer;
+}
+
+describe('a dishonest app at a paying agent', () => {
+  before(async () => {
+    chain = await startLocalChain({ accounts: 12 });
+    deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+  });
+  after(() => chain?.close());
+
+  test('forged lane grants: checked off the main thread, a few per client, while an honest lane is served', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url, { creditRequests: 32 });
+    const payments = agent.payments!;
+    const honest = await fundedPayer(t, broker.url, payout, 'app-honest');
+    assert.equal(codeOf(await honest.request('kws', sampleInputs('kws', 0))), 'ok');
+
+    // The attacker needs no money: a grant naming some payer, signed by a key that is not that payer's. Each request
+    // is well formed, for a served model, with a fresh id; only the grant is bad.
+    const attacker = await rawClient(t, broker.url, 'app-forger');
+    const forger = ethers.Wallet.createRandom();
+    const terms = { agent: payout, client: attacker.clientId, issuedAt: Date.now() };
+    const grant = {
+      ...terms,
+      payer: ethers.Wallet.createRandom().address.toLowerCase(),
+      sig: fromHex(await signLaneGrant(forger, domain(), terms)),
+    };
+    const inputs = encodeTensorMap(sampleInputs('kws', 1));
+    // Each grant dated a millisecond later than the one before (its signature, over the first, then recovers to some
+    // other key): no two share a check.
+    const forged = (i: number): InferRequest => ({
+      v: PROTOCOL_VERSION,
+      kind: 'req',
+      id: newRequestId(),
+      deadline: Date.now() + 30_000,
+      model: 'kws',
+      inputs,
+      pay: { payer: grant.payer, grant: { ...grant, issuedAt: grant.issuedAt + i } },
+    });
+    const grantsChecked = payments.grantSignaturesChecked;
+    // What the flood holds the agent's thread (this process's) for: reported, not asserted (the machine is shared).
+    const loop = monitorEventLoopDelay({ resolution: 5 });
+    loop.enable();
+    const FLOOD = 400;
+    const flood = Array.from({ length: FLOOD }, (_, i) => {
+      const request = forged(i);
+      return attacker.request(agent.id, request.id, request, 30_000);
+    });
+    // The honest payer, meanwhile: served, every request.
+    const served: string[] = [];
+    for (let i = 0; i < 10; i++) served.push(codeOf(await honest.request('kws', sampleInputs('kws', 10 + i))));
+    const codes = tally((await Promise.all(flood)).map(codeOf));
+    loop.disable();
+    t.diagnostic(
+      `forged grants answered ${JSON.stringify(codes)}; event loop delay max ${(loop.max / 1e6).toFixed(1)} ms, p99 ${(loop.percentile(99) / 1e6).toFixed(1)} ms`,
+    );
+    assert.deepEqual(served, Array(10).fill('ok'));
+    // Every forged request is refused, coded: a few for their grant, once its signature was checked; the rest for
+    // checking too many of this client's grants, before any signature is checked.
+    assert.equal((codes.MESH_FORBIDDEN ?? 0) + (codes.MESH_RATE_LIMITED ?? 0), FLOOD, JSON.stringify(codes));
+    assert.ok((codes.MESH_FORBIDDEN ?? 0) <= 16, `${codes.MESH_FORBIDDEN} forged grants had their signature checked`);
+    const checked = payments.grantSignaturesChecked - grantsChecked;
+    assert.ok(checked >= 1 && checked <= 16, `${checked} grant signatures of the attacker's were checked`);
+    assert.equal(codes.MESH_FORBIDDEN, checked, 'each grant checked was refused as forged');
+    assert.equal(payments.counters.grantsLimited, FLOOD - checked);
+    assert.equal(payments.lanes().length, 1, 'no lane was opened for the attacker');
+
+    // An honest client's first burst, each request carrying its new grant: one check, shared, and all served.
+    const newcomer = await fundedPayer(t, broker.url, payout, 'app-newcomer');
+    newcomer.lane(agent.id).grant = await newcomer.grant(agent.id);
+    const before = payments.grantSignaturesChecked;
+    const burst = await Promise.all(Array.from({ length: 12 }, (_, i) => newcomer.request('kws', sampleInputs('kws', 40 + i))));
+    assert.deepEqual(burst.map(codeOf), Array(12).fill('ok'));
+    assert.equal(payments.grantSignaturesChecked - before, 1, 'the grant on twelve requests was checked once');
+  });
+});
+
+test('a sender budget: a burst, then the refill rate; one sender’s spending leaves the others theirs', () => {
+  let now = 0;
+  const budget = new SenderBudget(3, 2, () => now);
+  assert.deepEqual(
+    [1, 2, 3, 4].map(() => budget.take('a')),
+    [true, true, true, false],
+  );
+  assert.equal(budget.take('b'), true, 'another sender has its own');
+  now += 499;
+  assert.equal(budget.take('a'), false);
+  now += 1;
+  assert.deepEqual([budget.take('a'), budget.take('a')], [true, false], 'two a second');
+  now += 60_000;
+  assert.deepEqual(
+    [1, 2, 3, 4].map(() => budget.take('a')),
+    [true, true, true, false],
+    'never more than the burst',
+  );
+});
