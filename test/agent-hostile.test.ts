@@ -12,6 +12,7 @@ import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } fro
 import { sampleInputs } from '@edge-mesh/demo';
 import {
   type ErrorReply,
+  encodeMessage,
   encodeTensorMap,
   fromHex,
   type InferReply,
@@ -19,10 +20,12 @@ import {
   newRequestId,
   PROTOCOL_VERSION,
   signLaneGrant,
+  topics,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
+import { RESYNC_BURST, RESYNC_PER_SECOND } from '../edge-agent/src/payments.ts';
 import { SenderBudget } from '../edge-agent/src/sender-budget.ts';
-import { agentFor, brokerFor, rawClient, tempDir } from './helpers.ts';
+import { agentFor, brokerFor, rawClient, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
 
 let chain: LocalChain;
@@ -125,6 +128,37 @@ describe('a dishonest app at a paying agent', () => {
     const burst = await Promise.all(Array.from({ length: 12 }, (_, i) => newcomer.request('kws', sampleInputs('kws', 40 + i))));
     assert.deepEqual(burst.map(codeOf), Array(12).fill('ok'));
     assert.equal(payments.grantSignaturesChecked - before, 1, 'the grant on twelve requests was checked once');
+  });
+
+  test('a resync flood from the lane’s own client: a few answered at once, then two a second; the rest cost a lookup', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const payments = agent.payments!;
+    const payer = await fundedPayer(t, broker.url, payout, 'app-resyncer');
+    for (let i = 0; i < 3; i++) assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', i))), 'ok');
+    // Each resync asks for the whole journal of the lane: a message of a few dozen bytes for one of every receipt.
+    const resync = encodeMessage({ v: PROTOCOL_VERSION, kind: 'resync', payer: payer.payer, afterSeq: 0 });
+    const answered = payments.counters.resyncs;
+    const FLOOD = 200;
+    for (let i = 0; i < FLOOD; i++) payer.publishRaw(topics.agentVoucher(agent.id, payer.clientId), resync);
+    await waitFor(
+      () => payments.counters.resyncs + (payments.counters.resyncsLimited ?? 0) - answered === FLOOD,
+      10_000,
+      'the resyncs read',
+    );
+    const got = payments.counters.resyncs - answered;
+    t.diagnostic(`${got} of ${FLOOD} resyncs answered`);
+    assert.ok(got >= RESYNC_BURST && got <= RESYNC_BURST + 20, `${got} answered`);
+    assert.equal(payments.counters.resyncsLimited, FLOOD - got);
+    // The lane's client is answered again once its rate allows: an honest resync after a pause.
+    await new Promise((r) => setTimeout(r, 1_000 / RESYNC_PER_SECOND + 50));
+    const batches = await payer.resync(agent.id, 0, 500);
+    assert.equal(batches.length, 1);
+    assert.deepEqual(
+      batches[0]!.receipts.map((r) => r.seq),
+      [1, 2, 3],
+    );
+    assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 9))), 'ok', 'and served');
   });
 });
 

@@ -145,6 +145,13 @@ export interface PaidJob {
 /** Receipts per `receipts` message (the schema's cap) and messages per resync; the payer asks again from where a batch stops. */
 export const RESYNC_BATCH = 256;
 const RESYNC_MAX_BATCHES = 4;
+/**
+ * Resyncs answered per lane: RESYNC_BURST at once, then RESYNC_PER_SECOND. One answer reads up to 1,024 receipts from
+ * the journal and sends them, some 300 KB for a resync of a few dozen bytes; the SDK asks at most once per 500 ms a
+ * lane. Past this a resync is not answered (the SDK asks again while its gap stays open).
+ */
+export const RESYNC_BURST = 4;
+export const RESYNC_PER_SECOND = 2;
 /** A grant dated further ahead than this is refused: it would pin the lane against the payer's own later grants. */
 const GRANT_FUTURE_SLACK_MS = 10 * 60_000;
 /**
@@ -227,6 +234,8 @@ export class AgentPayments {
   get grantSignaturesChecked(): number {
     return this.recovery.grantsChecked;
   }
+  /** Resyncs answered per lane (RESYNC_BURST, RESYNC_PER_SECOND). */
+  private readonly resyncBudget = new SenderBudget(RESYNC_BURST, RESYNC_PER_SECOND);
   /** Grant checks per client (GRANT_CHECKS_BURST, GRANT_CHECK_EVERY_MS). */
   private readonly grantBudget = new SenderBudget(GRANT_CHECKS_BURST, 1_000 / GRANT_CHECK_EVERY_MS);
   /** Grants being checked, by payer, client, date and signature: the same grant on a burst of requests shares one check. */
@@ -247,6 +256,8 @@ export class AgentPayments {
     grantsLimited: 0,
     resyncs: 0,
     resyncsRefused: 0,
+    /** Resyncs from the lane's client not answered: past RESYNC_BURST and RESYNC_PER_SECOND. */
+    resyncsLimited: 0,
   };
 
   private constructor(
@@ -934,13 +945,19 @@ export class AgentPayments {
   /**
    * Answers a resync: the journal's receipts of the lane after `afterSeq`, in seq order, in messages of
    * at most RESYNC_BATCH receipts (at most RESYNC_MAX_BATCHES messages; the payer asks again from where
-   * they stop). Only the client the lane is granted to is answered: undefined for anyone else.
+   * they stop). Only the client the lane is granted to is answered, at most RESYNC_BURST times at once and
+   * RESYNC_PER_SECOND after: undefined for anyone else, or past that.
    */
   async resync(senderId: string, request: Resync, agentId: string): Promise<ReceiptBatch[] | undefined> {
     const lane = this.lanes.get(request.payer);
     if (!lane?.grant || lane.senderId !== senderId) {
       this.counters.resyncsRefused++;
       this.logger.debug({ senderId, payer: request.payer }, 'resync from a client the lane is not granted to: ignored');
+      return undefined;
+    }
+    if (!this.resyncBudget.take(lane.payer)) {
+      this.counters.resyncsLimited++;
+      this.logger.debug({ senderId, payer: lane.payer }, 'resync past the lane’s rate: ignored');
       return undefined;
     }
     this.counters.resyncs++;
