@@ -40,10 +40,11 @@ const tally = (codes: string[]) => {
   return counts;
 };
 
-async function paidAgent(t: TestContext, brokerUrl: string, extra: Partial<AgentPaymentOptions> = {}) {
+async function paidAgent(t: TestContext, brokerUrl: string, extra: Partial<AgentPaymentOptions> = {}, metricsPort?: number) {
   const payout = ethers.Wallet.createRandom().address.toLowerCase();
   const agent = await agentFor(t, {
     brokerUrl,
+    ...(metricsPort !== undefined ? { metricsPort } : {}),
     payment: { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100, ...extra },
   });
   return { agent, payout };
@@ -66,7 +67,7 @@ describe('a dishonest app at a paying agent', () => {
 
   test('forged lane grants: checked off the main thread, a few per client, while an honest lane is served', async (t) => {
     const broker = await brokerFor(t);
-    const { agent, payout } = await paidAgent(t, broker.url, { creditRequests: 32 });
+    const { agent, payout } = await paidAgent(t, broker.url, { creditRequests: 32 }, 0);
     const payments = agent.payments!;
     const honest = await fundedPayer(t, broker.url, payout, 'app-honest');
     assert.equal(codeOf(await honest.request('kws', sampleInputs('kws', 0))), 'ok');
@@ -120,6 +121,10 @@ describe('a dishonest app at a paying agent', () => {
     assert.equal(codes.MESH_FORBIDDEN, checked, 'each grant checked was refused as forged');
     assert.equal(payments.counters.grantsLimited, FLOOD - checked);
     assert.equal(payments.lanes().length, 1, 'no lane was opened for the attacker');
+    // On the agent's metrics, by kind.
+    const metrics = await (await fetch(agent.metricsUrl!)).text();
+    assert.match(metrics, new RegExp(`^edge_mesh_agent_payment_refusals_total\\{kind="grant_limited"\\} ${FLOOD - checked}$`, 'm'));
+    assert.match(metrics, new RegExp(`^edge_mesh_agent_payment_refusals_total\\{kind="grant"\\} ${checked}$`, 'm'));
 
     // An honest client's first burst, each request carrying its new grant: one check, shared, and all served.
     const newcomer = await fundedPayer(t, broker.url, payout, 'app-newcomer');
