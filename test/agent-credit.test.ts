@@ -309,9 +309,9 @@ describe('payments among strangers: the agent gives credit only against money th
   test("forged vouchers: another client's are refused before any signature is checked; after the lane client's own flood, a request and its honest voucher are taken", async (t) => {
     const broker = await brokerFor(t);
     const payout = ethers.Wallet.createRandom().address.toLowerCase();
-    // The agent's warnings, kept: each refused voucher says why.
-    const warnings: { msg: string; why?: string }[] = [];
-    const logger = pino({ level: 'warn' }, { write: (line: string) => void warnings.push(JSON.parse(line)) });
+    // The agent's log, kept: each refused voucher says why (at warn once a second per client, the repeats at debug).
+    const warnings: { msg: string; why?: string; level: number }[] = [];
+    const logger = pino({ level: 'debug' }, { write: (line: string) => void warnings.push(JSON.parse(line)) });
     const agent = await agentFor(t, {
       brokerUrl: broker.url,
       logger,
@@ -356,6 +356,9 @@ describe('payments among strangers: the agent gives credit only against money th
       `refused for the sender: ${[...new Set(refusals())].join(' | ')}`,
     );
     assert.equal(payments.voucherSignaturesChecked, checkedBefore, 'no signature of theirs was checked');
+    // Nor do they flood the log: a warning a second at most, the rest at debug.
+    const warned = warnings.filter((w) => w.msg === 'voucher refused' && w.level >= 40).length;
+    assert.ok(warned >= 1 && warned <= 5, `${warned} of ${FLOOD} refusals logged at warn`);
 
     // The lane's own client, forging: refused (signature, or too many of its own waiting); a request behind it is served.
     for (let i = 0; i < FLOOD; i++) payer.publishRaw(topics.agentVoucher(agent.id, payer.clientId), forgery(i));

@@ -18,6 +18,7 @@
  *   within the escrow's cap (else the escrow would skip them); a worse one never replaces the best.
  */
 import path from 'node:path';
+import { throttledWarn, type WarnThrottled } from '@edge-mesh/client';
 import {
   decodeCbor,
   type EscrowDomain,
@@ -238,6 +239,8 @@ export class AgentPayments {
   private readonly resyncBudget = new SenderBudget(RESYNC_BURST, RESYNC_PER_SECOND);
   /** Grant checks per client (GRANT_CHECKS_BURST, GRANT_CHECK_EVERY_MS). */
   private readonly grantBudget = new SenderBudget(GRANT_CHECKS_BURST, 1_000 / GRANT_CHECK_EVERY_MS);
+  /** Refused vouchers and grants: one warning a second per client and kind, the repeats at debug. */
+  private readonly warnRefused: WarnThrottled;
   /** Grants being checked, by payer, client, date and signature: the same grant on a burst of requests shares one check. */
   private readonly grantChecks = new Map<string, Promise<void>>();
   /** Per payer, the vouchers being checked (see `admit`), by sender, cumulative and signature. */
@@ -277,6 +280,7 @@ export class AgentPayments {
     this.quoteTtlMs = options.quoteTtlMs ?? 86_400_000;
     this.sync = options.syncWrites ?? false;
     this.recovery = new SignerRecovery(logger);
+    this.warnRefused = throttledWarn(logger);
     this.recovery.start();
     this.maxLanesPerClient = options.maxLanesPerClient ?? 4;
     this.serveUnpaid = options.serveUnpaid ?? false;
@@ -611,7 +615,7 @@ export class AgentPayments {
   private async checkGrant(payer: string, senderId: string, grant: LaneGrant): Promise<void> {
     const bad = (why: string): never => {
       this.counters.grantsRefused++;
-      this.logger.warn({ senderId, payer, why }, 'lane grant refused');
+      this.warnRefused(`${senderId} grant`, { senderId, payer, why }, 'lane grant refused');
       throw new MeshError('MESH_FORBIDDEN', `lane grant refused: ${why}`, { details: { payer, reason: 'bad-grant' } });
     };
     if (grant.payer !== payer) bad(`it is from payer ${grant.payer}, the request names ${payer}`);
@@ -852,7 +856,7 @@ export class AgentPayments {
   private async checkVoucher(senderId: string, message: VoucherMessage): Promise<boolean> {
     const refuse = (why: string) => {
       this.counters.vouchersRefused++;
-      this.logger.warn({ senderId, payer: message.payer, cumulative: message.cumulative, why }, 'voucher refused');
+      this.warnRefused(`${senderId} voucher`, { senderId, payer: message.payer, cumulative: message.cumulative, why }, 'voucher refused');
       return false;
     };
     const lane = this.lanes.get(message.payer);
