@@ -23,7 +23,7 @@ import {
   topics,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
-import { RESYNC_BURST, RESYNC_PER_SECOND } from '../edge-agent/src/payments.ts';
+import { FREE_RECEIPTS_BURST, RESYNC_BURST, RESYNC_PER_SECOND } from '../edge-agent/src/payments.ts';
 import { SenderBudget } from '../edge-agent/src/sender-budget.ts';
 import { agentFor, brokerFor, rawClient, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
@@ -164,6 +164,53 @@ describe('a dishonest app at a paying agent', () => {
       [1, 2, 3],
     );
     assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 9))), 'ok', 'and served');
+  });
+
+  test('request and cancel at once: a lane gets a burst of receipts that charge nothing, then is refused until it pays or waits', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const payments = agent.payments!;
+    // A lane funded for a single request is enough: a request cancelled at once costs its payer nothing.
+    const wallet = chain.wallet(nextWallet++);
+    await fundOwnLane(wallet, deployment.escrow, payout, 40n);
+    const canceller = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-canceller' });
+    await canceller.waitForModel('kws');
+    assert.equal(codeOf(await canceller.request('kws', sampleInputs('kws', 0))), 'ok');
+    const honest = await fundedPayer(t, broker.url, payout, 'app-bystander');
+    assert.equal(codeOf(await honest.request('kws', sampleInputs('kws', 1))), 'ok');
+    const grant = canceller.lane(agent.id).grant!;
+    const inputs = encodeTensorMap(sampleInputs('kws', 2));
+    const FLOOD = 600;
+    for (let i = 0; i < FLOOD; i++) {
+      const id = newRequestId();
+      const request = {
+        v: PROTOCOL_VERSION,
+        kind: 'req',
+        id,
+        deadline: Date.now() + 60_000,
+        model: 'kws',
+        inputs,
+        pay: { payer: canceller.payer, grant },
+      } as const;
+      canceller.publishRaw(topics.agentRequest(agent.id, canceller.clientId), encodeMessage(request));
+      canceller.publishRaw(topics.agentCancel(agent.id, canceller.clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }));
+      if (i % 50 === 49) await new Promise((r) => setTimeout(r, 5));
+    }
+    const lane = () => payments.lanes().find((l) => l.payer === canceller.payer)!;
+    await waitFor(() => agent.counters.received >= FLOOD + 2, 30_000, 'the flood read');
+    await waitFor(() => lane().reservedMicros === 0, 10_000, 'the flood answered');
+    const receipts = lane().receipts - 1;
+    const limited = payments.counters.freeReceiptsLimited ?? 0;
+    t.diagnostic(`${receipts} receipts journaled for ${FLOOD} requests cancelled at once; ${limited} refused`);
+    // The burst, what the rate refilled while the flood ran, and requests admitted before the bucket ran dry.
+    assert.ok(receipts >= FREE_RECEIPTS_BURST && receipts <= FREE_RECEIPTS_BURST + 40, `${receipts} free receipts journaled`);
+    assert.equal(lane().owedMicros, 2, 'only the first request charged anything');
+    assert.equal(limited, FLOOD - receipts);
+    // The lane's next paid request is refused, coded; another payer's lane is served.
+    const refused = await canceller.request('kws', sampleInputs('kws', 3));
+    assert.equal(codeOf(refused), 'MESH_RATE_LIMITED');
+    assert.equal((refused as ErrorReply).receipt, undefined, 'no receipt for the refusal');
+    assert.equal(codeOf(await honest.request('kws', sampleInputs('kws', 4))), 'ok');
   });
 });
 

@@ -168,10 +168,11 @@ export async function createAgentMetrics(sources: AgentMetricsSources): Promise<
       resync: 'resyncsRefused',
       resync_limited: 'resyncsLimited',
       credit: 'creditRefusals',
+      free_receipts_limited: 'freeReceiptsLimited',
     } as const;
     new Counter({
       name: 'edge_mesh_agent_payment_refusals_total',
-      help: 'Payment messages refused: vouchers, lane grants (checked, or limited unchecked), resyncs (not the lane client’s, or limited) and credit',
+      help: 'Payment messages refused: vouchers, lane grants (checked, or limited unchecked), resyncs (not the lane client’s, or limited), and paid requests for credit or for their lane’s free receipts',
       labelNames: ['kind'],
       registers: [registry],
       collect() {

@@ -160,6 +160,15 @@ const GRANT_FUTURE_SLACK_MS = 10 * 60_000;
  * client has one checked per lane it opens here (at most maxLanesPerClient), and again only when it restarts without
  * its data folder; a grant costs its sender nothing, and its check a signature recovery.
  */
+/**
+ * Receipts that charge nothing on a request that could have been charged (cancelled before its result, timed out,
+ * failed), per lane: FREE_RECEIPTS_BURST at once, then FREE_RECEIPTS_PER_SECOND, and FREE_RECEIPTS_PER_PAID more for
+ * each receipt that charges something. Each is journaled for good (some 700 bytes), and a request cancelled at once
+ * costs its payer nothing: past this, the lane's paid requests are refused MESH_RATE_LIMITED until the bucket refills.
+ */
+export const FREE_RECEIPTS_BURST = 256;
+export const FREE_RECEIPTS_PER_SECOND = 1;
+export const FREE_RECEIPTS_PER_PAID = 4;
 export const GRANT_CHECKS_BURST = 8;
 export const GRANT_CHECK_EVERY_MS = 10_000;
 
@@ -237,6 +246,8 @@ export class AgentPayments {
   }
   /** Resyncs answered per lane (RESYNC_BURST, RESYNC_PER_SECOND). */
   private readonly resyncBudget = new SenderBudget(RESYNC_BURST, RESYNC_PER_SECOND);
+  /** Free receipts per lane (FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND, FREE_RECEIPTS_PER_PAID). */
+  private readonly freeReceipts = new SenderBudget(FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND);
   /** Grant checks per client (GRANT_CHECKS_BURST, GRANT_CHECK_EVERY_MS). */
   private readonly grantBudget = new SenderBudget(GRANT_CHECKS_BURST, 1_000 / GRANT_CHECK_EVERY_MS);
   /** Refused vouchers and grants: one warning a second per client and kind, the repeats at debug. */
@@ -253,6 +264,8 @@ export class AgentPayments {
     vouchers: 0,
     vouchersRefused: 0,
     creditRefusals: 0,
+    /** Paid requests refused because their lane had as many free receipts lately as FREE_RECEIPTS_BURST allows. */
+    freeReceiptsLimited: 0,
     grants: 0,
     grantsRefused: 0,
     /** Grants refused unchecked: their client had as many checked lately as GRANT_CHECKS_BURST allows. */
@@ -457,6 +470,7 @@ export class AgentPayments {
       try {
         return await this.admitOnce(payer, senderId, price, inputHash, units);
       } catch (err) {
+        if (err instanceof MeshError && err.details?.reason === 'free-receipts') this.counters.freeReceiptsLimited++;
         if (!(err instanceof MeshError && err.code === 'MESH_CREDIT_EXCEEDED')) throw err;
         const checking = this.checking.get(payer);
         if (!checking || round >= MAX_VOUCHER_WAITS) {
@@ -532,6 +546,13 @@ export class AgentPayments {
     const lane = this.grantedLane(payer, senderId);
     this.funds.assertFresh();
     const maxPrice = Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, units), price.minChargeMicros);
+    if (maxPrice > 0 && !this.freeReceipts.has(payer)) {
+      throw new MeshError(
+        'MESH_RATE_LIMITED',
+        `lane of ${payer} had ${FREE_RECEIPTS_BURST} receipts that charged nothing lately (cancelled, timed out or failed), the most it may (then ${FREE_RECEIPTS_PER_SECOND} a second, and ${FREE_RECEIPTS_PER_PAID} more per paid one): try again later`,
+        { details: { payer, reason: 'free-receipts' } },
+      );
+    }
     const reserved = this.reserved.get(payer) ?? 0;
     const refuse = (reason: string, message: string, extra: Record<string, unknown> = {}): never => {
       throw new MeshError('MESH_CREDIT_EXCEEDED', message, {
@@ -702,6 +723,11 @@ export class AgentPayments {
   issue(job: PaidJob, facts: ReceiptFacts): { receipt: SignedReceipt; durable: Promise<void> } {
     // A progress receipt charges part of the job's reservation; the final one gives back the rest.
     const price = receiptPriceMicros(job.price, facts.status, facts.unitsUsed, job.chargedMicros);
+    // A request that could have been charged and whose last receipt charges nothing (nor did its progress receipts)
+    // spends one of the lane's free receipts; one that charges earns some back.
+    if (price > 0) this.freeReceipts.give(job.payer, FREE_RECEIPTS_PER_PAID);
+    else if (facts.status !== RECEIPT_STATUS.partial && job.chargedMicros === 0 && job.reservedMicros > 0)
+      this.freeReceipts.spend(job.payer);
     if (facts.status === RECEIPT_STATUS.partial) this.unreserve(job, price);
     else this.release(job);
     job.chargedMicros += price;

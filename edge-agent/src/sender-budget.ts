@@ -27,6 +27,27 @@ export class SenderBudget {
     return true;
   }
 
+  /** Whether `sender` has a token now (none is taken). */
+  has(sender: string): boolean {
+    const bucket = this.buckets.get(sender);
+    if (!bucket) return this.burst >= 1;
+    this.refill(bucket, this.now());
+    return bucket.tokens >= 1;
+  }
+
+  /** Takes a token of `sender`'s whether or not it has one: below zero, the refill pays the debt first. */
+  spend(sender: string): void {
+    if (!this.take(sender)) this.buckets.get(sender)!.tokens -= 1;
+  }
+
+  /** Gives `sender` `n` tokens, up to the burst. */
+  give(sender: string, n: number): void {
+    const bucket = this.buckets.get(sender);
+    if (!bucket) return;
+    this.refill(bucket, this.now());
+    bucket.tokens = Math.min(this.burst, bucket.tokens + n);
+  }
+
   /** Senders holding an entry (for tests). */
   get size(): number {
     return this.buckets.size;
