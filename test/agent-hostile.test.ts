@@ -20,10 +20,17 @@ import {
   newRequestId,
   PROTOCOL_VERSION,
   signLaneGrant,
+  signVoucher,
   topics,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
-import { FREE_RECEIPTS_BURST, RESYNC_BURST, RESYNC_PER_SECOND } from '../edge-agent/src/payments.ts';
+import {
+  FORGED_VOUCHERS_BURST,
+  FORGED_VOUCHERS_PER_SECOND,
+  FREE_RECEIPTS_BURST,
+  RESYNC_BURST,
+  RESYNC_PER_SECOND,
+} from '../edge-agent/src/payments.ts';
 import { SenderBudget } from '../edge-agent/src/sender-budget.ts';
 import { agentFor, brokerFor, rawClient, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
@@ -211,6 +218,41 @@ describe('a dishonest app at a paying agent', () => {
     assert.equal(codeOf(refused), 'MESH_RATE_LIMITED');
     assert.equal((refused as ErrorReply).receipt, undefined, 'no receipt for the refusal');
     assert.equal(codeOf(await honest.request('kws', sampleInputs('kws', 4))), 'ok');
+  });
+
+  test('forged vouchers on its own lane, paced to the signature worker: a few checked, then refused unchecked; the lane is paid after', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const payments = agent.payments!;
+    const payer = await fundedPayer(t, broker.url, payout, 'app-forging', { autoPay: false });
+    for (let i = 0; i < 3; i++) assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', i))), 'ok');
+    // Vouchers within what was billed, each with its own root, signed by a key that is not the payer's.
+    const honest = await payer.voucher(agent.id, { cumulative: 6, seq: 3, send: false });
+    const forger = ethers.Wallet.createRandom();
+    const forgery = async (i: number) => {
+      const receiptsRoot = Uint8Array.from(honest.receiptsRoot);
+      receiptsRoot[0] = i % 256;
+      receiptsRoot[1] = i >> 8;
+      const terms = { agent: payout, cumulative: 6n, receiptsRoot: ethers.hexlify(receiptsRoot), feeCumulative: 0n };
+      return encodeMessage({ ...honest, receiptsRoot, sig: fromHex(await signVoucher(forger, domain(), terms)) });
+    };
+    const forged = await Promise.all(Array.from({ length: 120 }, (_, i) => forgery(i)));
+    const checked = payments.voucherSignaturesChecked;
+    // Sent a few at a time, each few once the ones before were answered: none is refused as busy, so without a bound
+    // each would be checked.
+    for (let i = 0; i < forged.length; i += 4) {
+      for (const f of forged.slice(i, i + 4)) payer.publishRaw(topics.agentVoucher(agent.id, payer.clientId), f);
+      await waitFor(() => payments.counters.vouchersRefused >= i + 4, 5_000, 'the forged vouchers refused');
+    }
+    const forgedChecked = payments.voucherSignaturesChecked - checked;
+    t.diagnostic(`${forgedChecked} of ${forged.length} forged vouchers checked; ${payments.counters.vouchersLimited} refused unchecked`);
+    assert.ok(forgedChecked <= FORGED_VOUCHERS_BURST + 4 + 2 * FORGED_VOUCHERS_PER_SECOND * 5, `${forgedChecked} checked`);
+    assert.ok((payments.counters.vouchersLimited ?? 0) >= forged.length - forgedChecked - 4);
+    assert.equal(payments.lanes()[0]!.paidMicros, 0, 'none was taken');
+    // The payer's own voucher, once the bucket has refilled: taken.
+    await new Promise((r) => setTimeout(r, 1_000 / FORGED_VOUCHERS_PER_SECOND + 100));
+    payer.publishRaw(topics.agentVoucher(agent.id, payer.clientId), encodeMessage(honest));
+    await waitFor(() => payments.lanes()[0]!.paidMicros === 6, 5_000, 'the honest voucher');
   });
 });
 

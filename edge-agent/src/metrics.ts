@@ -163,6 +163,7 @@ export async function createAgentMetrics(sources: AgentMetricsSources): Promise<
     // `_limited` kinds is an app sending more grants or resyncs than an honest one does (docs/security.md).
     const refusals = {
       voucher: 'vouchersRefused',
+      voucher_limited: 'vouchersLimited',
       grant: 'grantsRefused',
       grant_limited: 'grantsLimited',
       resync: 'resyncsRefused',

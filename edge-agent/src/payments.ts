@@ -169,6 +169,13 @@ const GRANT_FUTURE_SLACK_MS = 10 * 60_000;
 export const FREE_RECEIPTS_BURST = 256;
 export const FREE_RECEIPTS_PER_SECOND = 1;
 export const FREE_RECEIPTS_PER_PAID = 4;
+/**
+ * Vouchers on a lane whose signature did not recover to its payer: FORGED_VOUCHERS_BURST, then
+ * FORGED_VOUCHERS_PER_SECOND; past that the lane's vouchers are refused unchecked until the bucket refills. Only the
+ * lane's client reaches the check, and an honest payer never sends one: its vouchers are not held back by this.
+ */
+export const FORGED_VOUCHERS_BURST = 8;
+export const FORGED_VOUCHERS_PER_SECOND = 1;
 export const GRANT_CHECKS_BURST = 8;
 export const GRANT_CHECK_EVERY_MS = 10_000;
 
@@ -246,6 +253,8 @@ export class AgentPayments {
   }
   /** Resyncs answered per lane (RESYNC_BURST, RESYNC_PER_SECOND). */
   private readonly resyncBudget = new SenderBudget(RESYNC_BURST, RESYNC_PER_SECOND);
+  /** Forged vouchers per lane (FORGED_VOUCHERS_BURST, FORGED_VOUCHERS_PER_SECOND). */
+  private readonly forgedVouchers = new SenderBudget(FORGED_VOUCHERS_BURST, FORGED_VOUCHERS_PER_SECOND);
   /** Free receipts per lane (FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND, FREE_RECEIPTS_PER_PAID). */
   private readonly freeReceipts = new SenderBudget(FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND);
   /** Grant checks per client (GRANT_CHECKS_BURST, GRANT_CHECK_EVERY_MS). */
@@ -263,6 +272,8 @@ export class AgentPayments {
     receipts: 0,
     vouchers: 0,
     vouchersRefused: 0,
+    /** Of those, refused unchecked: their lane had as many found forged lately as FORGED_VOUCHERS_BURST allows. */
+    vouchersLimited: 0,
     creditRefusals: 0,
     /** Paid requests refused because their lane had as many free receipts lately as FREE_RECEIPTS_BURST allows. */
     freeReceiptsLimited: 0,
@@ -902,6 +913,12 @@ export class AgentPayments {
     // one that does was made up, and is refused before its signature costs anything to check.
     if (message.cumulative > lane.cumulative)
       return refuse(`pays ${message.cumulative}, more than this agent billed on the lane (${lane.cumulative})`);
+    if (!this.forgedVouchers.has(lane.payer)) {
+      this.counters.vouchersLimited++;
+      return refuse(
+        `${FORGED_VOUCHERS_BURST} forged vouchers on this lane lately, the most it may have checked (then ${FORGED_VOUCHERS_PER_SECOND} a second)`,
+      );
+    }
     let signer: string;
     try {
       // On the signature worker (recover.ts): the main thread serves requests meanwhile.
@@ -918,9 +935,14 @@ export class AgentPayments {
       );
     } catch (err) {
       const e = err as Error;
-      return refuse(e instanceof MeshError && e.code === 'MESH_BUSY' ? e.message : `unreadable signature: ${e.message}`);
+      if (e instanceof MeshError && (e.code === 'MESH_BUSY' || e.code === 'MESH_SHUTTING_DOWN')) return refuse(e.message);
+      this.forgedVouchers.take(lane.payer);
+      return refuse(`unreadable signature: ${e.message}`);
     }
-    if (signer.toLowerCase() !== lane.payer) return refuse(`signed by ${signer}, not the payer`);
+    if (signer.toLowerCase() !== lane.payer) {
+      this.forgedVouchers.take(lane.payer);
+      return refuse(`signed by ${signer}, not the payer`);
+    }
     // The payer cannot have checked receipts it was never sent, nor unchecked what it checked before.
     let checked: { seq: number; billed: number } | undefined;
     if (message.seq !== undefined) {
