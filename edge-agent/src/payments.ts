@@ -161,10 +161,12 @@ const GRANT_FUTURE_SLACK_MS = 10 * 60_000;
  * its data folder; a grant costs its sender nothing, and its check a signature recovery.
  */
 /**
- * Receipts that charge nothing on a request that could have been charged (cancelled before its result, timed out,
- * failed), per lane: FREE_RECEIPTS_BURST at once, then FREE_RECEIPTS_PER_SECOND, and FREE_RECEIPTS_PER_PAID more for
- * each receipt that charges something. Each is journaled for good (some 700 bytes), and a request cancelled at once
- * costs its payer nothing: past this, the lane's paid requests are refused MESH_RATE_LIMITED until the bucket refills.
+ * Receipts that charge nothing on a request that could have been charged, for an end its payer chose (cancelled
+ * before its result, or timed out), per lane: FREE_RECEIPTS_BURST at once, then FREE_RECEIPTS_PER_SECOND, and
+ * FREE_RECEIPTS_PER_PAID more for each receipt that charges something. Each is journaled for good (some 700 bytes), and
+ * a request cancelled at once costs its payer nothing: past this, the lane's paid requests are refused
+ * MESH_RATE_LIMITED until the bucket refills. A failure (the model's, or a place given up in a full queue) is the
+ * agent's side and does not count: another app could otherwise spend an honest lane's bucket by displacing its jobs.
  */
 export const FREE_RECEIPTS_BURST = 256;
 export const FREE_RECEIPTS_PER_SECOND = 1;
@@ -560,7 +562,7 @@ export class AgentPayments {
     if (maxPrice > 0 && !this.freeReceipts.has(payer)) {
       throw new MeshError(
         'MESH_RATE_LIMITED',
-        `lane of ${payer} had ${FREE_RECEIPTS_BURST} receipts that charged nothing lately (cancelled, timed out or failed), the most it may (then ${FREE_RECEIPTS_PER_SECOND} a second, and ${FREE_RECEIPTS_PER_PAID} more per paid one): try again later`,
+        `lane of ${payer} had ${FREE_RECEIPTS_BURST} receipts that charged nothing lately (cancelled or timed out), the most it may (then ${FREE_RECEIPTS_PER_SECOND} a second, and ${FREE_RECEIPTS_PER_PAID} more per paid one): try again later`,
         { details: { payer, reason: 'free-receipts' } },
       );
     }
@@ -734,10 +736,14 @@ export class AgentPayments {
   issue(job: PaidJob, facts: ReceiptFacts): { receipt: SignedReceipt; durable: Promise<void> } {
     // A progress receipt charges part of the job's reservation; the final one gives back the rest.
     const price = receiptPriceMicros(job.price, facts.status, facts.unitsUsed, job.chargedMicros);
-    // A request that could have been charged and whose last receipt charges nothing (nor did its progress receipts)
-    // spends one of the lane's free receipts; one that charges earns some back.
+    // A request that could have been charged, cancelled or timed out with nothing charged (nor by its progress
+    // receipts), spends one of the lane's free receipts; one that charges earns some back.
     if (price > 0) this.freeReceipts.give(job.payer, FREE_RECEIPTS_PER_PAID);
-    else if (facts.status !== RECEIPT_STATUS.partial && job.chargedMicros === 0 && job.reservedMicros > 0)
+    else if (
+      (facts.status === RECEIPT_STATUS.cancelled || facts.status === RECEIPT_STATUS.timeout) &&
+      job.chargedMicros === 0 &&
+      job.reservedMicros > 0
+    )
       this.freeReceipts.spend(job.payer);
     if (facts.status === RECEIPT_STATUS.partial) this.unreserve(job, price);
     else this.release(job);
