@@ -254,6 +254,47 @@ describe('a dishonest app at a paying agent', () => {
     payer.publishRaw(topics.agentVoucher(agent.id, payer.clientId), encodeMessage(honest));
     await waitFor(() => payments.lanes()[0]!.paidMicros === 6, 5_000, 'the honest voucher');
   });
+
+  test("another app that knows a request's id can neither cancel it, nor get its reply, nor make it run or bill twice", async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const payer = await fundedPayer(t, broker.url, payout, 'app-victim');
+    assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 0))), 'ok');
+    const attacker = await rawClient(t, broker.url, 'app-snoop');
+    const request: InferRequest = {
+      v: PROTOCOL_VERSION,
+      kind: 'req',
+      id: newRequestId(),
+      deadline: Date.now() + 10_000,
+      model: 'kws',
+      inputs: encodeTensorMap(sampleInputs('kws', 1)),
+      pay: { payer: payer.payer },
+    };
+    // Its cancel rides right behind the request; thousands more name ids nobody sent.
+    const reply = payer.send(agent.id, request);
+    attacker.client.publish(
+      topics.agentCancel(agent.id, attacker.clientId),
+      Buffer.from(encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: request.id })),
+      { qos: 1 },
+    );
+    for (let i = 0; i < 2_000; i++)
+      attacker.client.publish(
+        topics.agentCancel(agent.id, attacker.clientId),
+        Buffer.from(encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id: newRequestId() })),
+        { qos: 0 },
+      );
+    const got = await reply;
+    assert.equal(codeOf(got), 'ok', 'the victim is served');
+    assert.equal(got.receipt?.status, 0, 'an ok receipt');
+    // The same id from the attacker, once answered: refused as a replay, without the victim's outputs or receipt.
+    const replay = await attacker.request(agent.id, request.id, { ...request, pay: undefined });
+    assert.equal(codeOf(replay), 'MESH_BAD_REQUEST');
+    assert.equal(replay.kind, 'err');
+    assert.equal(replay.receipt, undefined);
+    const lane = agent.payments!.lanes().find((l) => l.payer === payer.payer)!;
+    assert.equal(lane.receipts, 2, 'billed once for each request');
+    assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 2))), 'ok', 'and served after');
+  });
 });
 
 test('a sender budget: a burst, then the refill rate; one sender’s spending leaves the others theirs', () => {
