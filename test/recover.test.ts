@@ -4,8 +4,8 @@
  */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { recoverVoucherSigner } from '@edge-mesh/contracts';
-import { type MeshError, signVoucher, splitVoucherSignature, type Voucher } from '@edge-mesh/protocol';
+import { recoverLaneGrantSigner, recoverVoucherSigner } from '@edge-mesh/contracts';
+import { type MeshError, signLaneGrant, signVoucher, splitVoucherSignature, type Voucher } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { MAX_PENDING, MAX_PENDING_PER_SENDER, SignerRecovery } from '../edge-agent/src/recover.ts';
 import { quiet } from './helpers.ts';
@@ -45,6 +45,23 @@ test('the worker recovers the signer recoverVoucherSigner recovers, for real and
     assert.notEqual(wrong, wallets[i % 2]!.address.toLowerCase());
   }
   assert.equal(recovery.waiting, 0, 'nothing left waiting');
+});
+
+test('lane grants: the worker recovers the signer recoverLaneGrantSigner recovers, counted apart from vouchers', async (t) => {
+  const recovery = new SignerRecovery(quiet);
+  t.after(() => recovery.close());
+  const wallet = ethers.Wallet.createRandom();
+  const grant = { agent: '0x70997970c51812dc3a010c7d01b50e0d17dc79c8', client: 'app-a', issuedAt: 1_700_000_000_000 };
+  const sig = await signLaneGrant(wallet, domain, grant);
+  assert.equal(await recovery.recoverGrant(domain, grant, sig, 'app-a'), wallet.address.toLowerCase());
+  // Another client's name under the same signature recovers some other key, the same one on both threads.
+  const other = { ...grant, client: 'app-b' };
+  const wrong = await recovery.recoverGrant(domain, other, sig, 'app-b');
+  assert.equal(wrong, recoverLaneGrantSigner(domain, other, sig));
+  assert.notEqual(wrong, wallet.address.toLowerCase());
+  assert.throws(() => recovery.recoverGrant(domain, grant, '0x1234', 'app-a'), { code: 'MESH_VOUCHER_INVALID' });
+  assert.equal(recovery.grantsChecked, 2);
+  assert.equal(recovery.checked, 0, 'no voucher counted');
 });
 
 test('a malformed or high-s signature is refused at once with MESH_VOUCHER_INVALID, as on the main thread', async (t) => {

@@ -3,6 +3,8 @@
  * module for its packet kind (./handlers/), answers aedes the way MQTT 3.1.1 wants the refusal answered, logs it, and
  * then runs the application's hook of the same name (options.ts `BrokerHooks`).
  */
+
+import type { WarnThrottled } from '@edge-mesh/client';
 import { MeshError, type MeshErrorCode, toMeshError } from '@edge-mesh/protocol';
 import type { AuthenticateError, Client, ConnectPacket, PublishPacket, Subscription } from 'aedes';
 import type { Logger } from 'pino';
@@ -33,7 +35,6 @@ import { decidePublish } from './handlers/publish.ts';
 import { REFUSAL_CODES } from './handlers/refusals.ts';
 import { decideSubscribe, grantedQos, takeSubscription } from './handlers/subscribe.ts';
 import type { ClientGuard, IpGuard, NonceCache } from './limits.ts';
-import type { WarnThrottled } from './log.ts';
 import type { ResolvedBrokerOptions } from './options.ts';
 import type { TopicLimits } from './policy.ts';
 import type { WillOrder } from './will-order.ts';

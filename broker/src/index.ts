@@ -39,7 +39,7 @@
 
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
-import type { MetricsServer } from '@edge-mesh/client';
+import { type MetricsServer, throttledWarn } from '@edge-mesh/client';
 import type { Admission, Revocation, SignedRecord } from '@edge-mesh/protocol';
 import { MeshError, parseTopic } from '@edge-mesh/protocol';
 import { Aedes } from 'aedes';
@@ -51,7 +51,7 @@ import { newBrokerCounters } from './counters.ts';
 import { grantedQos } from './handlers/subscribe.ts';
 import { ClientGuard, IpGuard, NonceCache } from './limits.ts';
 import { createListener } from './listener.ts';
-import { throttledWarn } from './log.ts';
+
 import type { BrokerOptions } from './options.ts';
 import { AEDES_MAX_TOPIC_LEVELS, resolveBrokerOptions } from './options.ts';
 import { AdmissionStore } from './store.ts';

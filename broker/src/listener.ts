@@ -28,12 +28,12 @@ import https from 'node:https';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
+import type { WarnThrottled } from '@edge-mesh/client';
 import { addressGroup } from '@edge-mesh/client';
 import type { Logger } from 'pino';
 import { createWebSocketStream, WebSocketServer } from 'ws';
 import { clientOfSocket } from './aedes-adapter.ts';
 import { guardSocket, throttleSocket } from './guard.ts';
-import type { WarnThrottled } from './log.ts';
 import { readProxyHeader } from './proxy-protocol.ts';
 
 /** MQTT 3.1.1 CONNACK, return code 5 (not authorized). */

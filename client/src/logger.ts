@@ -21,3 +21,26 @@ export function childLogger(logger: MeshLogger | undefined, bindings: Record<str
   if (!logger) return SILENT_LOGGER;
   return logger.child ? logger.child(bindings) : logger;
 }
+
+/** A warning that a flood from one source must not repeat: `key` names the source and the event. */
+export type WarnThrottled = (key: string, fields: object, message: string) => void;
+
+/**
+ * Warns once per `key` per second at most; the repeats go to debug with the same fields and message. The broker keys
+ * by address and reason, the agent by sender and event: a stranger sending thousands of refused messages a second
+ * writes one warning a second, not thousands, and the log keeps room for everyone else's.
+ */
+export function throttledWarn(log: MeshLogger): WarnThrottled {
+  const lastWarn = new Map<string, number>();
+  return (key, fields, message) => {
+    const now = Date.now();
+    const last = lastWarn.get(key);
+    if (last !== undefined && now - last < 1000) {
+      log.debug(fields, message);
+      return;
+    }
+    if (lastWarn.size > 10_000) lastWarn.clear();
+    lastWarn.set(key, now);
+    log.warn(fields, message);
+  };
+}

@@ -159,6 +159,30 @@ export async function createAgentMetrics(sources: AgentMetricsSources): Promise<
         this.inc(sources.payments()?.counters.receipts ?? 0);
       },
     });
+    // What the paid side refused or left unanswered from apps, by kind (AgentPayments.counters): a rise in the
+    // `_limited` kinds is an app sending more grants or resyncs than an honest one does (docs/security.md).
+    const refusals = {
+      voucher: 'vouchersRefused',
+      voucher_limited: 'vouchersLimited',
+      grant: 'grantsRefused',
+      grant_limited: 'grantsLimited',
+      resync: 'resyncsRefused',
+      resync_limited: 'resyncsLimited',
+      credit: 'creditRefusals',
+      free_receipts_limited: 'freeReceiptsLimited',
+    } as const;
+    new Counter({
+      name: 'edge_mesh_agent_payment_refusals_total',
+      help: 'Payment messages refused: vouchers, lane grants (checked, or limited unchecked), resyncs (not the lane client’s, or limited), and paid requests for credit or for their lane’s free receipts',
+      labelNames: ['kind'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        const counters = sources.payments()?.counters;
+        if (!counters) return;
+        for (const [kind, key] of Object.entries(refusals)) this.inc({ kind }, counters[key]);
+      },
+    });
     new Gauge({
       name: 'edge_mesh_agent_owed_micro_dollars',
       help: 'What payer lanes owe by their receipts, micro-dollars',

@@ -65,6 +65,9 @@ export function paymentsView({ payments, settler }: PaidSide): NonNullable<Agent
     get voucherSignaturesChecked() {
       return payments.voucherSignaturesChecked;
     },
+    get grantSignaturesChecked() {
+      return payments.grantSignaturesChecked;
+    },
     ...(settler
       ? {
           settler: {

@@ -18,7 +18,7 @@
  *   within the escrow's cap (else the escrow would skip them); a worse one never replaces the best.
  */
 import path from 'node:path';
-import { recoverLaneGrantSigner } from '@edge-mesh/contracts';
+import { throttledWarn, type WarnThrottled } from '@edge-mesh/client';
 import {
   decodeCbor,
   type EscrowDomain,
@@ -52,6 +52,7 @@ import type { Logger } from 'pino';
 import { LaneFunds, type LaneFundsView } from './lane-funds.ts';
 import { type LoggedReceipt, ReceiptLog } from './receipt-log.ts';
 import { SignerRecovery } from './recover.ts';
+import { SenderBudget } from './sender-budget.ts';
 import type { SettlerOptions } from './settler.ts';
 
 export interface AgentPaymentOptions {
@@ -145,8 +146,40 @@ export interface PaidJob {
 /** Receipts per `receipts` message (the schema's cap) and messages per resync; the payer asks again from where a batch stops. */
 export const RESYNC_BATCH = 256;
 const RESYNC_MAX_BATCHES = 4;
+/**
+ * Resyncs answered per lane: RESYNC_BURST at once, then RESYNC_PER_SECOND. One answer reads up to 1,024 receipts from
+ * the journal and sends them, some 300 KB for a resync of a few dozen bytes; the SDK asks at most once per 500 ms a
+ * lane. Past this a resync is not answered (the SDK asks again while its gap stays open).
+ */
+export const RESYNC_BURST = 4;
+export const RESYNC_PER_SECOND = 2;
 /** A grant dated further ahead than this is refused: it would pin the lane against the payer's own later grants. */
 const GRANT_FUTURE_SLACK_MS = 10 * 60_000;
+/**
+ * Lane grant signatures checked per client: GRANT_CHECKS_BURST at once, then one per GRANT_CHECK_EVERY_MS. An honest
+ * client has one checked per lane it opens here (at most maxLanesPerClient), and again only when it restarts without
+ * its data folder; a grant costs its sender nothing, and its check a signature recovery.
+ */
+/**
+ * Receipts that charge nothing on a request that could have been charged, for an end its payer chose (cancelled
+ * before its result, or timed out), per lane: FREE_RECEIPTS_BURST at once, then FREE_RECEIPTS_PER_SECOND, and
+ * FREE_RECEIPTS_PER_PAID more for each receipt that charges something. Each is journaled for good (some 700 bytes), and
+ * a request cancelled at once costs its payer nothing: past this, the lane's paid requests are refused
+ * MESH_RATE_LIMITED until the bucket refills. A failure (the model's, or a place given up in a full queue) is the
+ * agent's side and does not count: another app could otherwise spend an honest lane's bucket by displacing its jobs.
+ */
+export const FREE_RECEIPTS_BURST = 256;
+export const FREE_RECEIPTS_PER_SECOND = 1;
+export const FREE_RECEIPTS_PER_PAID = 4;
+/**
+ * Vouchers on a lane whose signature did not recover to its payer: FORGED_VOUCHERS_BURST, then
+ * FORGED_VOUCHERS_PER_SECOND; past that the lane's vouchers are refused unchecked until the bucket refills. Only the
+ * lane's client reaches the check, and an honest payer never sends one: its vouchers are not held back by this.
+ */
+export const FORGED_VOUCHERS_BURST = 8;
+export const FORGED_VOUCHERS_PER_SECOND = 1;
+export const GRANT_CHECKS_BURST = 8;
+export const GRANT_CHECK_EVERY_MS = 10_000;
 
 export interface ReceiptFacts {
   requestId: Uint8Array;
@@ -216,6 +249,22 @@ export class AgentPayments {
   get voucherSignaturesChecked(): number {
     return this.recovery.checked;
   }
+  /** Lane grant signatures checked so far (on the same worker). */
+  get grantSignaturesChecked(): number {
+    return this.recovery.grantsChecked;
+  }
+  /** Resyncs answered per lane (RESYNC_BURST, RESYNC_PER_SECOND). */
+  private readonly resyncBudget = new SenderBudget(RESYNC_BURST, RESYNC_PER_SECOND);
+  /** Forged vouchers per lane (FORGED_VOUCHERS_BURST, FORGED_VOUCHERS_PER_SECOND). */
+  private readonly forgedVouchers = new SenderBudget(FORGED_VOUCHERS_BURST, FORGED_VOUCHERS_PER_SECOND);
+  /** Free receipts per lane (FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND, FREE_RECEIPTS_PER_PAID). */
+  private readonly freeReceipts = new SenderBudget(FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND);
+  /** Grant checks per client (GRANT_CHECKS_BURST, GRANT_CHECK_EVERY_MS). */
+  private readonly grantBudget = new SenderBudget(GRANT_CHECKS_BURST, 1_000 / GRANT_CHECK_EVERY_MS);
+  /** Refused vouchers and grants: one warning a second per client and kind, the repeats at debug. */
+  private readonly warnRefused: WarnThrottled;
+  /** Grants being checked, by payer, client, date and signature: the same grant on a burst of requests shares one check. */
+  private readonly grantChecks = new Map<string, Promise<void>>();
   /** Per payer, the vouchers being checked (see `admit`), by sender, cumulative and signature. */
   private readonly checking = new Map<string, Map<string, Promise<boolean>>>();
   /** Requests naming no payer are served free (else MESH_PAYMENT_REQUIRED). */
@@ -225,11 +274,19 @@ export class AgentPayments {
     receipts: 0,
     vouchers: 0,
     vouchersRefused: 0,
+    /** Of those, refused unchecked: their lane had as many found forged lately as FORGED_VOUCHERS_BURST allows. */
+    vouchersLimited: 0,
     creditRefusals: 0,
+    /** Paid requests refused because their lane had as many free receipts lately as FREE_RECEIPTS_BURST allows. */
+    freeReceiptsLimited: 0,
     grants: 0,
     grantsRefused: 0,
+    /** Grants refused unchecked: their client had as many checked lately as GRANT_CHECKS_BURST allows. */
+    grantsLimited: 0,
     resyncs: 0,
     resyncsRefused: 0,
+    /** Resyncs from the lane's client not answered: past RESYNC_BURST and RESYNC_PER_SECOND. */
+    resyncsLimited: 0,
   };
 
   private constructor(
@@ -249,6 +306,7 @@ export class AgentPayments {
     this.quoteTtlMs = options.quoteTtlMs ?? 86_400_000;
     this.sync = options.syncWrites ?? false;
     this.recovery = new SignerRecovery(logger);
+    this.warnRefused = throttledWarn(logger);
     this.recovery.start();
     this.maxLanesPerClient = options.maxLanesPerClient ?? 4;
     this.serveUnpaid = options.serveUnpaid ?? false;
@@ -425,6 +483,7 @@ export class AgentPayments {
       try {
         return await this.admitOnce(payer, senderId, price, inputHash, units);
       } catch (err) {
+        if (err instanceof MeshError && err.details?.reason === 'free-receipts') this.counters.freeReceiptsLimited++;
         if (!(err instanceof MeshError && err.code === 'MESH_CREDIT_EXCEEDED')) throw err;
         const checking = this.checking.get(payer);
         if (!checking || round >= MAX_VOUCHER_WAITS) {
@@ -500,6 +559,13 @@ export class AgentPayments {
     const lane = this.grantedLane(payer, senderId);
     this.funds.assertFresh();
     const maxPrice = Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, units), price.minChargeMicros);
+    if (maxPrice > 0 && !this.freeReceipts.has(payer)) {
+      throw new MeshError(
+        'MESH_RATE_LIMITED',
+        `lane of ${payer} had ${FREE_RECEIPTS_BURST} receipts that charged nothing lately (cancelled or timed out), the most it may (then ${FREE_RECEIPTS_PER_SECOND} a second, and ${FREE_RECEIPTS_PER_PAID} more per paid one): try again later`,
+        { details: { payer, reason: 'free-receipts' } },
+      );
+    }
     const reserved = this.reserved.get(payer) ?? 0;
     const refuse = (reason: string, message: string, extra: Record<string, unknown> = {}): never => {
       throw new MeshError('MESH_CREDIT_EXCEEDED', message, {
@@ -562,27 +628,63 @@ export class AgentPayments {
 
   /**
    * Takes a lane grant when it is newer than the one held: it must name this payout and `senderId`, be
-   * signed by the payer's voucher key, and not be dated ahead. The same grant again is not checked twice.
-   * A grant no newer than the one held changes nothing. Throws MESH_FORBIDDEN for a bad grant.
+   * signed by the payer's voucher key, and not be dated ahead. The same grant again is not checked twice,
+   * nor the same grant on several requests while it is checked. A grant no newer than the one held changes
+   * nothing. Throws MESH_FORBIDDEN for a bad grant; MESH_RATE_LIMITED when `senderId` had as many grants checked
+   * lately as it may (GRANT_CHECKS_BURST), and MESH_BUSY when the signature worker's share of it is full.
    */
-  private async takeGrant(payer: string, senderId: string, grant: LaneGrant): Promise<void> {
-    const lane = this.lanes.get(payer);
-    const held = lane?.grant;
-    if (held && grant.issuedAt <= held.issuedAt) return;
+  private takeGrant(payer: string, senderId: string, grant: LaneGrant): Promise<void> {
+    const held = this.lanes.get(payer)?.grant;
+    if (held && grant.issuedAt <= held.issuedAt) return Promise.resolve();
+    const key = `${payer} ${senderId} ${grant.issuedAt} ${toHex(grant.sig)}`;
+    const same = this.grantChecks.get(key);
+    if (same) return same;
+    const check = this.checkGrant(payer, senderId, grant);
+    this.grantChecks.set(key, check);
+    const done = () => this.grantChecks.delete(key);
+    check.then(done, done);
+    return check;
+  }
+
+  private async checkGrant(payer: string, senderId: string, grant: LaneGrant): Promise<void> {
     const bad = (why: string): never => {
       this.counters.grantsRefused++;
-      this.logger.warn({ senderId, payer, why }, 'lane grant refused');
+      this.warnRefused(`${senderId} grant`, { senderId, payer, why }, 'lane grant refused');
       throw new MeshError('MESH_FORBIDDEN', `lane grant refused: ${why}`, { details: { payer, reason: 'bad-grant' } });
     };
     if (grant.payer !== payer) bad(`it is from payer ${grant.payer}, the request names ${payer}`);
     if (grant.agent !== this.payout) bad(`it names agent ${grant.agent}, this agent is paid at ${this.payout}`);
     if (grant.client !== senderId) bad(`it names client ${grant.client}, the request comes from ${senderId}`);
     if (grant.issuedAt > Date.now() + GRANT_FUTURE_SLACK_MS) bad('it is dated in the future');
+    // A client at its lane limit would be refused after the check: refused before it instead.
+    if (this.lanes.get(payer)?.senderId !== senderId && (this.lanesPerClient.get(senderId) ?? 0) >= this.maxLanesPerClient) {
+      this.counters.grantsRefused++;
+      throw new MeshError('MESH_FORBIDDEN', `client ${senderId} already has ${this.maxLanesPerClient} payer lanes here (the limit)`, {
+        details: { payer, reason: 'lanes-per-client' },
+      });
+    }
+    if (!this.grantBudget.take(senderId)) {
+      this.counters.grantsLimited++;
+      this.logger.debug({ senderId, payer }, 'lane grant not checked: its client had too many checked lately');
+      throw new MeshError(
+        'MESH_RATE_LIMITED',
+        `client ${senderId} had ${GRANT_CHECKS_BURST} lane grants checked here lately, the most it may (then one per ${GRANT_CHECK_EVERY_MS / 1_000} s): try again later`,
+        { details: { payer, reason: 'grant-checks' } },
+      );
+    }
     let signer: string;
     try {
-      signer = recoverLaneGrantSigner(this.domain, { agent: this.payout, client: senderId, issuedAt: grant.issuedAt }, toHex(grant.sig));
+      // On the signature worker (recover.ts): the main thread serves requests meanwhile.
+      signer = await this.recovery.recoverGrant(
+        this.domain,
+        { agent: this.payout, client: senderId, issuedAt: grant.issuedAt },
+        toHex(grant.sig),
+        senderId,
+      );
     } catch (err) {
-      return bad(`unreadable signature: ${(err as Error).message}`);
+      const e = err as Error;
+      if (e instanceof MeshError && (e.code === 'MESH_BUSY' || e.code === 'MESH_SHUTTING_DOWN')) throw e;
+      return bad(`unreadable signature: ${e.message}`);
     }
     if (signer !== payer) bad(`it is signed by ${signer}, not the payer`);
     // Checked: bind (or move) the lane. Another grant may have been taken while this one was checked.
@@ -634,6 +736,15 @@ export class AgentPayments {
   issue(job: PaidJob, facts: ReceiptFacts): { receipt: SignedReceipt; durable: Promise<void> } {
     // A progress receipt charges part of the job's reservation; the final one gives back the rest.
     const price = receiptPriceMicros(job.price, facts.status, facts.unitsUsed, job.chargedMicros);
+    // A request that could have been charged, cancelled or timed out with nothing charged (nor by its progress
+    // receipts), spends one of the lane's free receipts; one that charges earns some back.
+    if (price > 0) this.freeReceipts.give(job.payer, FREE_RECEIPTS_PER_PAID);
+    else if (
+      (facts.status === RECEIPT_STATUS.cancelled || facts.status === RECEIPT_STATUS.timeout) &&
+      job.chargedMicros === 0 &&
+      job.reservedMicros > 0
+    )
+      this.freeReceipts.spend(job.payer);
     if (facts.status === RECEIPT_STATUS.partial) this.unreserve(job, price);
     else this.release(job);
     job.chargedMicros += price;
@@ -788,7 +899,7 @@ export class AgentPayments {
   private async checkVoucher(senderId: string, message: VoucherMessage): Promise<boolean> {
     const refuse = (why: string) => {
       this.counters.vouchersRefused++;
-      this.logger.warn({ senderId, payer: message.payer, cumulative: message.cumulative, why }, 'voucher refused');
+      this.warnRefused(`${senderId} voucher`, { senderId, payer: message.payer, cumulative: message.cumulative, why }, 'voucher refused');
       return false;
     };
     const lane = this.lanes.get(message.payer);
@@ -808,6 +919,12 @@ export class AgentPayments {
     // one that does was made up, and is refused before its signature costs anything to check.
     if (message.cumulative > lane.cumulative)
       return refuse(`pays ${message.cumulative}, more than this agent billed on the lane (${lane.cumulative})`);
+    if (!this.forgedVouchers.has(lane.payer)) {
+      this.counters.vouchersLimited++;
+      return refuse(
+        `${FORGED_VOUCHERS_BURST} forged vouchers on this lane lately, the most it may have checked (then ${FORGED_VOUCHERS_PER_SECOND} a second)`,
+      );
+    }
     let signer: string;
     try {
       // On the signature worker (recover.ts): the main thread serves requests meanwhile.
@@ -824,9 +941,14 @@ export class AgentPayments {
       );
     } catch (err) {
       const e = err as Error;
-      return refuse(e instanceof MeshError && e.code === 'MESH_BUSY' ? e.message : `unreadable signature: ${e.message}`);
+      if (e instanceof MeshError && (e.code === 'MESH_BUSY' || e.code === 'MESH_SHUTTING_DOWN')) return refuse(e.message);
+      this.forgedVouchers.take(lane.payer);
+      return refuse(`unreadable signature: ${e.message}`);
     }
-    if (signer.toLowerCase() !== lane.payer) return refuse(`signed by ${signer}, not the payer`);
+    if (signer.toLowerCase() !== lane.payer) {
+      this.forgedVouchers.take(lane.payer);
+      return refuse(`signed by ${signer}, not the payer`);
+    }
     // The payer cannot have checked receipts it was never sent, nor unchecked what it checked before.
     let checked: { seq: number; billed: number } | undefined;
     if (message.seq !== undefined) {
@@ -881,13 +1003,19 @@ export class AgentPayments {
   /**
    * Answers a resync: the journal's receipts of the lane after `afterSeq`, in seq order, in messages of
    * at most RESYNC_BATCH receipts (at most RESYNC_MAX_BATCHES messages; the payer asks again from where
-   * they stop). Only the client the lane is granted to is answered: undefined for anyone else.
+   * they stop). Only the client the lane is granted to is answered, at most RESYNC_BURST times at once and
+   * RESYNC_PER_SECOND after: undefined for anyone else, or past that.
    */
   async resync(senderId: string, request: Resync, agentId: string): Promise<ReceiptBatch[] | undefined> {
     const lane = this.lanes.get(request.payer);
     if (!lane?.grant || lane.senderId !== senderId) {
       this.counters.resyncsRefused++;
       this.logger.debug({ senderId, payer: request.payer }, 'resync from a client the lane is not granted to: ignored');
+      return undefined;
+    }
+    if (!this.resyncBudget.take(lane.payer)) {
+      this.counters.resyncsLimited++;
+      this.logger.debug({ senderId, payer: lane.payer }, 'resync past the lane’s rate: ignored');
       return undefined;
     }
     this.counters.resyncs++;

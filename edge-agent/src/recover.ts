@@ -1,19 +1,28 @@
 /**
- * Voucher signatures checked off the main thread. Recovering a voucher's signer is an secp256k1 public-key
+ * Voucher and lane grant signatures checked off the main thread. Recovering a voucher's signer is an secp256k1 public-key
  * recovery in JavaScript (@noble/curves, as under ethers): about 1.5 ms on the 2-core test machine, long enough that a
  * request read while one runs waits for it. A paying agent takes a voucher every few dozen requests of a busy lane,
  * so the recovery goes to one worker thread (recover-worker.mjs); the main thread only splits the signature (refusing
- * a malformed or high-s one at once) and hashes the voucher. A paying agent starts the worker as it opens its journal
+ * a malformed or high-s one at once) and hashes the voucher. A lane grant is the same recovery over another digest, and
+ * any app may send one without paying anything: it goes to the same worker, under the same bounds. A paying agent starts the worker as it opens its journal
  * (`start`), so that the first voucher does not wait for a thread to start and load its libraries.
  *
  * Bounded: at most MAX_PENDING recoveries wait, and at most MAX_PENDING_PER_SENDER of one client's; past that a
- * voucher is refused as busy (the payer sends its best voucher again with later requests), so a client flooding
+ * voucher (or grant) is refused as busy (the payer sends its best voucher again with later requests), so a client flooding
  * vouchers fills only its own share. Should the worker fail, the recoveries waiting on it are refused and later ones
  * run on the main thread.
  */
 import { Worker } from 'node:worker_threads';
-import { recoverVoucherSigner } from '@edge-mesh/contracts';
-import { type EscrowDomain, MeshError, splitVoucherSignature, type Voucher, voucherDigest } from '@edge-mesh/protocol';
+import { recoverLaneGrantSigner, recoverVoucherSigner } from '@edge-mesh/contracts';
+import {
+  type EscrowDomain,
+  type LaneGrantTerms,
+  laneGrantDigest,
+  MeshError,
+  splitVoucherSignature,
+  type Voucher,
+  voucherDigest,
+} from '@edge-mesh/protocol';
 import type { Logger } from 'pino';
 import { workerExecArgv } from './pool.ts';
 
@@ -36,8 +45,10 @@ export class SignerRecovery {
   private nextId = 0;
   private readonly pending = new Map<number, Pending>();
   private readonly bySender = new Map<string, number>();
-  /** Signatures handed to the worker (or, after it failed, checked on the main thread) so far. */
+  /** Voucher signatures handed to the worker (or, after it failed, checked on the main thread) so far. */
   checked = 0;
+  /** Lane grant signatures, the same way. */
+  grantsChecked = 0;
 
   constructor(private readonly logger: Logger) {}
 
@@ -46,26 +57,57 @@ export class SignerRecovery {
    * or on the main thread should the worker have failed); `senderId` is the client that sent it.
    */
   recoverVoucher(domain: EscrowDomain, v: Voucher, sig: string, senderId: string): Promise<string> {
-    // Malformed or high-s: refused here, as recoverVoucherSigner refuses it.
+    return this.recover(
+      sig,
+      senderId,
+      'voucher',
+      () => voucherDigest(domain, v),
+      () => recoverVoucherSigner(domain, v, sig),
+    );
+  }
+
+  /** The voucher key that signed lane grant `g` (recoverLaneGrantSigner), as `recoverVoucher` does for a voucher. */
+  recoverGrant(domain: EscrowDomain, g: LaneGrantTerms, sig: string, senderId: string): Promise<string> {
+    return this.recover(
+      sig,
+      senderId,
+      'grant',
+      () => laneGrantDigest(domain, g),
+      () => recoverLaneGrantSigner(domain, g, sig),
+    );
+  }
+
+  private recover(
+    sig: string,
+    senderId: string,
+    kind: 'voucher' | 'grant',
+    digest: () => string,
+    onMainThread: () => string,
+  ): Promise<string> {
+    // Malformed or high-s: refused here, as the main thread's recovery refuses it.
     const { r, s, v: recovery } = splitVoucherSignature(sig);
     if (this.closed) return Promise.reject(new MeshError('MESH_SHUTTING_DOWN', 'the agent is stopping'));
+    const count = () => {
+      if (kind === 'grant') this.grantsChecked++;
+      else this.checked++;
+    };
     if (this.failed) {
-      this.checked++;
-      return Promise.resolve(recoverVoucherSigner(domain, v, sig).toLowerCase());
+      count();
+      return Promise.resolve(onMainThread().toLowerCase());
     }
     const own = this.bySender.get(senderId) ?? 0;
     if (this.pending.size >= MAX_PENDING || own >= MAX_PENDING_PER_SENDER) {
       const held = own >= MAX_PENDING_PER_SENDER ? `${MAX_PENDING_PER_SENDER} of this client's` : `${MAX_PENDING}`;
-      return Promise.reject(new MeshError('MESH_BUSY', `${held} voucher signatures are already waiting to be checked`));
+      return Promise.reject(new MeshError('MESH_BUSY', `${held} signatures are already waiting to be checked`));
     }
     const worker = this.started();
     const id = this.nextId++;
-    this.checked++;
+    count();
     this.bySender.set(senderId, own + 1);
     return new Promise<string>((resolve, reject) => {
       this.pending.set(id, { senderId, resolve, reject });
       if (this.pending.size === 1) worker.ref();
-      worker.postMessage({ id, digest: voucherDigest(domain, v), r, s, v: recovery });
+      worker.postMessage({ id, digest: digest(), r, s, v: recovery });
     });
   }
 

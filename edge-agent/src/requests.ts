@@ -737,7 +737,8 @@ export class AgentRequests {
     } catch (err) {
       const refusal = toMeshError(err, 'MESH_INTERNAL');
       // It never ran, so the same request may come again: the SDK retries it once its voucher is out.
-      if (refusal.code === 'MESH_CREDIT_EXCEEDED' || refusal.code === 'MESH_CHAIN_UNREACHABLE') replays.forget(job.key);
+      if (['MESH_CREDIT_EXCEEDED', 'MESH_CHAIN_UNREACHABLE', 'MESH_RATE_LIMITED', 'MESH_BUSY'].includes(refusal.code))
+        replays.forget(job.key);
       this.replyError(job.senderId, job.id, refusal, undefined, payments.laneInfo(pay.payer, job.senderId));
       return;
     }

@@ -204,6 +204,8 @@ export interface AgentHandle {
     readonly counters: AgentPayments['counters'];
     /** Voucher signatures checked so far (on the agent's signature worker): what vouchers have cost it to check. */
     readonly voucherSignaturesChecked: number;
+    /** Lane grant signatures checked so far (on the same worker). */
+    readonly grantSignaturesChecked: number;
     /** Present when `payment.settle` is set: the settlement relayer. */
     readonly settler?: {
       readonly counters: SettlerCounters;
