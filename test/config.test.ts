@@ -51,7 +51,9 @@ function sample(
       ? { udpPort: { text: '5999', expected: 5999 }, models: { text: 'kws,vad', expected: ['kws', 'vad'] } }
       : role === 'router'
         ? { httpTrustProxy: { text: '10.0.0.2,10.1.0.0/16', expected: ['10.0.0.2', '10.1.0.0/16'] } }
-        : {};
+        : role === 'agent'
+          ? { confirmations: { text: 'safe', expected: 'safe' } }
+          : {};
   if (p.type === 'boolean') {
     const value = p.default !== true;
     return { file: value, env: String(value), flags: [p['x-flag']], expected: value };
@@ -121,12 +123,22 @@ describe('edge-mesh configuration', { timeout: 240_000 }, () => {
     const file = path.join(dir, 'agent.json');
     await writeFile(
       file,
-      JSON.stringify({ models: '/m', workers: 'two', bogus: 1, logLevel: 'loud', serveUnpaid: 'yes', queueLimit: -3, heartbeatMs: 500 }),
+      JSON.stringify({
+        models: '/m',
+        workers: 'two',
+        bogus: 1,
+        logLevel: 'loud',
+        serveUnpaid: 'yes',
+        queueLimit: -3,
+        heartbeatMs: 500,
+        confirmations: 'soon',
+      }),
     );
     const r = await cli(['config', 'check', 'agent', file]);
     assert.equal(r.code, 78, r.stderr);
-    assert.match(r.stderr, /MESH_CONFIG: .*5 problems/);
+    assert.match(r.stderr, /MESH_CONFIG: .*6 problems/);
     for (const what of [
+      /confirmations must be a number of blocks \(0 or more\), safe or finalized/,
       /workers must be a positive integer/,
       /unknown key "bogus"/,
       /logLevel must be one of/,

@@ -15,7 +15,15 @@
 import { readFile } from 'node:fs/promises';
 import { MeshError } from '@edge-mesh/protocol';
 import type { Command, Option } from 'commander';
-import { applyEngineDefaults, collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
+import {
+  applyEngineDefaults,
+  collect,
+  confirmationsArg,
+  nonNegativeInt,
+  nonNegativeNumber,
+  positiveInt,
+  positiveNumber,
+} from './options.ts';
 
 /** The commands a configuration file can drive, by role name: their paths under `edge-mesh`. */
 export const CONFIG_ROLES = {
@@ -193,6 +201,7 @@ const PARSER_TYPES = new Map<unknown, Record<string, unknown>>([
   [positiveNumber, { type: 'number', exclusiveMinimum: 0 }],
   [nonNegativeNumber, { type: 'number', minimum: 0 }],
   [collect, { type: 'array', items: { type: 'string' } }],
+  [confirmationsArg, { anyOf: [{ type: 'integer', minimum: 0 }, { enum: ['safe', 'finalized'] }] }],
 ]);
 
 /** A JSON Schema (draft 2020-12) of a role's configuration file, for editors and `config check`'s readers. */

@@ -34,7 +34,16 @@ import { registerDemoCommands } from './demo.ts';
 import { registerDeployCommands } from './deploy.ts';
 import { leanAgentStarted } from './lean.ts';
 import { cliLogger, LOG_LEVELS } from './log.ts';
-import { brokerAccessFlags, brokerAccessFrom, collect, nonNegativeInt, nonNegativeNumber, positiveInt, positiveNumber } from './options.ts';
+import {
+  brokerAccessFlags,
+  brokerAccessFrom,
+  collect,
+  confirmationsArg,
+  nonNegativeInt,
+  nonNegativeNumber,
+  positiveInt,
+  positiveNumber,
+} from './options.ts';
 import { registerPayoutCommands } from './payout.ts';
 import { builtInPipelines } from './pipelines.ts';
 import { registerRelayCommand, relayFlags, relayOptionsFrom } from './relay.ts';
@@ -450,6 +459,11 @@ export function buildProgram(): Command {
       '--rpc <url>',
       "EVM JSON-RPC URL of the escrow's chain: lane balances are read there, and the relayer sends to it (env MESH_RPC_URL)",
     )
+    .option(
+      '--confirmations <n|safe|finalized>',
+      "how deep the escrow's events must be before they give credit: blocks below the latest, or the node's safe or finalized block (default 0 on a local dev chain, chain id 31337 or 1337; 12 on any other)",
+      confirmationsArg,
+    )
     .option('--evm-key <file>', 'file with the 0x-hex EVM private key that pays settlement gas (env MESH_EVM_KEY holds the key itself)')
     .option('--settle-interval <seconds>', 'settle an owing lane at least this often', positiveNumber, 86_400)
     .option('--settle-threshold <micros>', 'settle a lane once it owes this much (default: 100 × its gas cost)', positiveInt)
@@ -609,6 +623,7 @@ export function buildProgram(): Command {
                 dataDir: path.resolve(opts.data),
                 creditRequests: opts.creditRequests,
                 ...(provider ? { provider } : {}),
+                ...(opts.confirmations !== undefined ? { confirmations: opts.confirmations } : {}),
                 ...(opts.serveUnpaid ? { serveUnpaid: true } : {}),
                 ...(settle ? { settle } : {}),
               },

@@ -28,6 +28,15 @@ export function nonNegativeNumber(value: string): number {
   return n;
 }
 
+/** A depth for the escrow's events (docs/settlement.md, "Reorgs"): a whole number of blocks, `safe` or `finalized`. */
+export function confirmationsArg(value: string): number | 'safe' | 'finalized' {
+  if (value === 'safe' || value === 'finalized') return value;
+  const n = Number(value);
+  if (value.trim() === '' || !Number.isSafeInteger(n) || n < 0)
+    throw new InvalidArgumentError('must be a number of blocks (0 or more), safe or finalized');
+  return n;
+}
+
 export const collect = (value: string, previous: string[]) => [...previous, value];
 
 /**

@@ -41,7 +41,7 @@ import { type AgentHandle, type AgentOptions, newAgentCounters } from './types.t
 
 export { type BrokerEngine, engineDefaults } from '@edge-mesh/client';
 export type { AgentDeployOptions, DeployEvent } from './deploy.ts';
-export type { LaneFundsView } from './lane-funds.ts';
+export { type Confirmations, defaultConfirmations, type FundsCheckpoint, type LaneFundsView, parseConfirmations } from './lane-funds.ts';
 export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';
 export {
   checkConfigAgainstModel,

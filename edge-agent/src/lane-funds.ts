@@ -3,12 +3,19 @@
  * and any withdrawal in progress. The credit rule (payments.ts, docs/settlement.md "The credit rule")
  * extends credit only against money that is there, so it reads the chain here, and only here:
  *
- * - a lane's first use reads `laneOf(payer, payout)` at the latest block and remembers that block;
- * - afterwards the escrow's events for this payout (funding, withdrawals, settlements) are followed by
- *   polling `eth_getLogs` in bounded block ranges from a checkpoint kept in the agent's store, so a
- *   restart resumes where it stopped instead of looking back a fixed number of blocks;
- * - an event at or before the block a lane was read at is already in that read and is skipped, so a
- *   read and the follower never count the same change twice.
+ * - the escrow's events for this payout (funding, withdrawals, settlements) are followed by polling
+ *   `eth_getLogs` in bounded block ranges, up to the *followed head*: `confirmations` blocks below the
+ *   latest, or the node's `safe`/`finalized` block. Blocks above it may still be dropped by a reorg and are
+ *   not believed. The checkpoint (the next block to read, and the hash of the last block read) is kept in
+ *   the agent's store, so a restart resumes where it stopped instead of looking back a fixed number of blocks;
+ * - a lane's first use catches the follower up and reads `laneOf(payer, payout)` at the followed head, so
+ *   the read and the events after it describe one chain; an event at or before the block a lane was read at
+ *   is already in that read and is skipped;
+ * - the view heals itself: every poll checks that the last block it followed still has the hash it recorded
+ *   and that the followed head has not gone back below it. When either fails (a reorg dropped blocks the
+ *   follower had read), every lane is dropped from the view and read again with `laneOf` at the new followed
+ *   head, and the follower goes on from there: an event that the reorg removed no longer counts, and no credit
+ *   is given against a lane until it is read again. Lanes in use are also read again every `refreshMs`.
  *
  * Written against escrow v2: `laneOf → remaining, settled, feeSettled, owner, withdrawAmount, thawEnd,
  * lapseAt`; a withdrawal takes a fixed amount between its thaw's end and its lapse, and a settlement pays
@@ -58,6 +65,43 @@ export interface LaneFundsOptions {
   maxBlockRange?: number;
   /** With no successful poll for this long, the view is stale and no new credit is given (default 60,000 ms, at least 3 polls). */
   maxStaleMs?: number;
+  /**
+   * How far behind the chain's head events are believed: a number of blocks below the latest, or the node's
+   * `safe` or `finalized` block (default 0: the latest block, right for a local dev chain only; see
+   * `defaultConfirmations`).
+   */
+  confirmations?: Confirmations;
+  /** Lanes used since the last refresh are read again with `laneOf` this often (default 60,000 ms). */
+  refreshMs?: number;
+}
+
+/** How deep a block must be before its events count: blocks below the latest, or a block tag of the node. */
+export type Confirmations = number | 'safe' | 'finalized';
+
+/** Chain ids of local development chains (Hardhat, Anvil, Ganache, geth --dev): nothing there reorganises unasked. */
+const LOCAL_CHAIN_IDS = new Set([31337n, 1337n]);
+
+/** The depth used on any other chain when none is given. */
+export const PUBLIC_CHAIN_CONFIRMATIONS = 12;
+
+/** The default depth for a chain: 0 on a local development chain, `PUBLIC_CHAIN_CONFIRMATIONS` blocks elsewhere. */
+export function defaultConfirmations(chainId: bigint | number): Confirmations {
+  const id = typeof chainId === 'bigint' ? chainId : Number.isSafeInteger(chainId) ? BigInt(chainId) : -1n;
+  return LOCAL_CHAIN_IDS.has(id) ? 0 : PUBLIC_CHAIN_CONFIRMATIONS;
+}
+
+/** A depth as written in a flag or a file ("12", "safe", "finalized"); anything else is MESH_CONFIG. */
+export function parseConfirmations(value: unknown): Confirmations {
+  if (value === 'safe' || value === 'finalized') return value;
+  const n = typeof value === 'string' && value.trim() !== '' ? Number(value) : value;
+  if (typeof n === 'number' && Number.isSafeInteger(n) && n >= 0) return n;
+  throw new MeshError(
+    'MESH_CONFIG',
+    `confirmations must be a whole number of blocks (0 or more), "safe" or "finalized", not ${JSON.stringify(value)}`,
+    {
+      details: { field: 'confirmations' },
+    },
+  );
 }
 
 interface LaneState {
@@ -68,6 +112,18 @@ interface LaneState {
   lapseAt: bigint;
   /** The block the lane was read at: events up to it are already counted. */
   asOf: number;
+}
+
+/** Where the follower stands: the next block to read, and the hash of the block before it (the last one read). */
+export interface FundsCheckpoint {
+  next: number;
+  hash: string | undefined;
+}
+
+interface BlockRef {
+  number: number;
+  hash: string;
+  timestamp: number;
 }
 
 const CHECKPOINT_KEY = 'funds!checkpoint';
@@ -81,43 +137,58 @@ const toMicros = (v: bigint): number => (v > BigInt(Number.MAX_SAFE_INTEGER) ? N
 export class LaneFunds {
   /** The escrow's thaw period in seconds (the settle horizon's default is built from it). */
   readonly thawSeconds: number;
-  counters = { polls: 0, pollFailures: 0, events: 0, reads: 0 };
+  /** `reorgs`: times the follower found blocks it had read replaced and read its lanes again; `refreshes`: lanes read again on the timer. */
+  counters = { polls: 0, pollFailures: 0, events: 0, reads: 0, reorgs: 0, refreshes: 0 };
   private readonly lanes = new Map<string, LaneState>();
   private readonly reading = new Map<string, Promise<LaneState>>();
+  /** Lanes used since the last refresh. */
+  private readonly used = new Set<string>();
   private readonly contract: ethers.Contract;
   private readonly payoutTopic: string;
   private readonly pollMs: number;
   private readonly maxBlockRange: number;
   private readonly maxStaleMs: number;
+  private readonly refreshMs: number;
+  private readonly confirmations: Confirmations;
   /** The next block whose events have not been applied. */
   private nextBlock: number;
+  /** The hash of block `nextBlock - 1` when it was read (undefined only for a checkpoint stored before hashes were). */
+  private lastHash: string | undefined;
   /** The latest block's timestamp as last seen, in Unix seconds: the escrow's clock for thaws. */
   private chainTimeS = 0;
   private lastPollOk: number;
+  private lastRefresh: number;
+  /** Polls completed: a first read that finds one completed since it was asked for need not poll again. */
+  private pollsDone = 0;
   private timer: NodeJS.Timeout | undefined;
-  private polling: Promise<void> | undefined;
+  /** Polls, reads and re-reads run one at a time, so a read and the events applied after it describe one chain. */
+  private lock: Promise<unknown> = Promise.resolve();
   private closed = false;
 
   private constructor(
     private readonly options: LaneFundsOptions,
     thawSeconds: number,
-    startBlock: number,
+    checkpoint: FundsCheckpoint,
     chainTimeS: number,
   ) {
     this.thawSeconds = thawSeconds;
-    this.nextBlock = startBlock;
+    this.nextBlock = checkpoint.next;
+    this.lastHash = checkpoint.hash;
     this.chainTimeS = chainTimeS;
     this.lastPollOk = Date.now();
+    this.lastRefresh = Date.now();
     this.contract = new ethers.Contract(options.escrow, ESCROW_ABI, options.provider);
     this.payoutTopic = ethers.zeroPadValue(ethers.getAddress(options.payout), 32);
     this.pollMs = options.pollMs ?? 4_000;
     this.maxBlockRange = options.maxBlockRange ?? 2_000;
     this.maxStaleMs = Math.max(options.maxStaleMs ?? 60_000, 3 * this.pollMs);
+    this.refreshMs = options.refreshMs ?? 60_000;
+    this.confirmations = options.confirmations === undefined ? 0 : parseConfirmations(options.confirmations);
   }
 
   /**
-   * Checks the escrow (code, chain id), reads its thaw period and the follower's checkpoint (the
-   * current block on first start), and starts following. Throws MESH_CONFIG or MESH_CHAIN_UNREACHABLE.
+   * Checks the escrow (code, chain id), reads its thaw period and the follower's checkpoint (the followed
+   * head on first start), and starts following. Throws MESH_CONFIG or MESH_CHAIN_UNREACHABLE.
    */
   static async open(options: LaneFundsOptions): Promise<LaneFunds> {
     const escrow = await EscrowClient.connect({ runner: options.provider, escrow: options.escrow });
@@ -127,43 +198,72 @@ export class LaneFunds {
       });
     }
     const thawSeconds = Number(await escrow.thawSeconds());
-    const latest = await LaneFunds.latestBlock(options.provider);
-    const stored = (await options.store.get(CHECKPOINT_KEY)) as number | undefined;
-    const funds = new LaneFunds(options, thawSeconds, typeof stored === 'number' ? stored : latest.number + 1, latest.timestamp);
-    if (typeof stored !== 'number') await options.store.put(CHECKPOINT_KEY, funds.nextBlock);
+    const confirmations = options.confirmations === undefined ? 0 : parseConfirmations(options.confirmations);
+    const latest = await LaneFunds.block(options.provider, 'latest');
+    // On the first start the follower begins at the followed head; a node without the block tag asked for fails here.
+    const head = await LaneFunds.followedHead(options.provider, confirmations, latest);
+    const stored = (await options.store.get(CHECKPOINT_KEY)) as FundsCheckpoint | number | undefined;
+    const checkpoint: FundsCheckpoint =
+      typeof stored === 'number'
+        ? { next: stored, hash: undefined }
+        : stored && typeof stored.next === 'number'
+          ? { next: stored.next, hash: typeof stored.hash === 'string' ? stored.hash : undefined }
+          : { next: head.number + 1, hash: head.hash };
+    const funds = new LaneFunds(options, thawSeconds, checkpoint, latest.timestamp);
+    if (stored === undefined) await funds.saveCheckpoint();
     funds.schedule();
     return funds;
   }
 
-  private static async latestBlock(provider: ethers.Provider): Promise<{ number: number; timestamp: number }> {
+  private static async block(provider: ethers.Provider, tag: number | string): Promise<BlockRef> {
+    const what = typeof tag === 'number' ? `block ${tag}` : `${tag} block`;
     let block: ethers.Block | null;
     try {
-      block = await provider.getBlock('latest');
+      block = await provider.getBlock(tag);
     } catch (err) {
-      throw new MeshError('MESH_CHAIN_UNREACHABLE', `latest block: ${(err as Error).message}`, {
+      throw new MeshError('MESH_CHAIN_UNREACHABLE', `${what}: ${(err as Error).message}`, {
         cause: err,
-        details: { action: 'latest block' },
+        details: { action: what },
       });
     }
-    if (!block)
-      throw new MeshError('MESH_CHAIN_UNREACHABLE', 'latest block: the node returned none', { details: { action: 'latest block' } });
-    return { number: block.number, timestamp: block.timestamp };
+    if (!block?.hash) throw new MeshError('MESH_CHAIN_UNREACHABLE', `${what}: the node returned none`, { details: { action: what } });
+    return { number: block.number, hash: block.hash, timestamp: block.timestamp };
   }
 
-  /** The lane as last known, or undefined before its first read (see `track`). */
-  view(payer: string): LaneFundsView | undefined {
-    const lane = this.lanes.get(payer.toLowerCase());
+  /** The highest block whose events are believed: `confirmations` below `latest`, or the node's safe/finalized block. */
+  private static async followedHead(provider: ethers.Provider, confirmations: Confirmations, latest: BlockRef): Promise<BlockRef> {
+    if (typeof confirmations !== 'number') {
+      const tagged = await LaneFunds.block(provider, confirmations);
+      return tagged.number > latest.number ? latest : tagged;
+    }
+    const number = Math.max(0, latest.number - confirmations);
+    return number === latest.number ? latest : LaneFunds.block(provider, number);
+  }
+
+  /** The lane as last known, or undefined before its first read (see `track`). `use` (default true) counts the lane as in use. */
+  view(payer: string, use = true): LaneFundsView | undefined {
+    const key = payer.toLowerCase();
+    const lane = this.lanes.get(key);
+    if (lane && use) this.used.add(key);
     return lane ? this.viewOf(lane) : undefined;
   }
 
   /** The lane's view, reading it from the chain on first use (concurrent first uses share one read). */
   async track(payerAddress: string): Promise<LaneFundsView> {
     const payer = payerAddress.toLowerCase();
+    this.used.add(payer);
     const known = this.lanes.get(payer);
     if (known) return this.viewOf(known);
     let read = this.reading.get(payer);
     if (!read) {
-      read = this.read(payer).finally(() => this.reading.delete(payer));
+      const asked = this.pollsDone;
+      read = this.exclusive(async () => {
+        const now = this.lanes.get(payer);
+        if (now) return now;
+        // Caught up first (unless a poll ended since this read was asked for): the lane is read at the followed head.
+        if (this.pollsDone === asked) await this.poll();
+        return this.lanes.get(payer) ?? (await this.read(payer, this.nextBlock - 1));
+      }).finally(() => this.reading.delete(payer));
       this.reading.set(payer, read);
     }
     return this.viewOf(await read);
@@ -172,6 +272,11 @@ export class LaneFunds {
   /** Now in Unix seconds by the later of this clock and the chain's last block seen: expiries and thaws are judged by block time. */
   nowS(nowMs = Date.now()): number {
     return Math.max(this.chainTimeS, Math.floor(nowMs / 1000));
+  }
+
+  /** Where the follower stands: the next block it reads and the hash it recorded for the one before. */
+  checkpoint(): FundsCheckpoint {
+    return { next: this.nextBlock, hash: this.lastHash };
   }
 
   /** Whether the escrow's events were read recently enough to give credit (see `assertFresh`). */
@@ -190,21 +295,26 @@ export class LaneFunds {
     }
   }
 
-  /** Reads the events up to the latest block now (bounded ranges); resolves when caught up. For tests and shutdown. */
-  async catchUp(): Promise<void> {
-    await this.polling;
-    this.polling = this.pollAll();
-    try {
-      await this.polling;
-    } finally {
-      this.polling = undefined;
-    }
+  /** Reads the events up to the followed head now (bounded ranges), healing the view first after a reorg; resolves when caught up. For tests and shutdown. */
+  catchUp(): Promise<void> {
+    return this.exclusive(() => this.poll());
   }
 
   async close(): Promise<void> {
     this.closed = true;
     clearTimeout(this.timer);
-    await this.polling?.catch(() => {});
+    await this.lock.catch(() => {});
+  }
+
+  /** Runs `fn` after everything queued before it (polls, reads), never beside them. */
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.lock.then(fn, fn);
+    this.lock = run.catch(() => {});
+    return run;
+  }
+
+  private saveCheckpoint(): Promise<void> {
+    return this.options.store.put(CHECKPOINT_KEY, { next: this.nextBlock, hash: this.lastHash } satisfies FundsCheckpoint);
   }
 
   private viewOf(lane: LaneState): LaneFundsView {
@@ -222,10 +332,8 @@ export class LaneFunds {
     };
   }
 
-  private async read(payer: string): Promise<LaneState> {
-    const latest = await LaneFunds.latestBlock(this.options.provider);
-    // Never read behind the follower: events it already applied to no lane would be lost for this one.
-    latest.number = Math.max(latest.number, this.nextBlock - 1);
+  /** Reads the lane at `block` (the follower's last block: the events after it are applied by the polls that follow). */
+  private async read(payer: string, block: number): Promise<LaneState> {
     let remaining: bigint;
     let settled: bigint;
     let withdrawAmount: bigint;
@@ -235,53 +343,68 @@ export class LaneFunds {
       [remaining, settled, , , withdrawAmount, thawEnd, lapseAt] = (await this.contract.getFunction('laneOf')(
         ethers.getAddress(payer),
         ethers.getAddress(this.options.payout),
-        {
-          blockTag: latest.number,
-        },
+        { blockTag: Math.max(0, block) },
       )) as [bigint, bigint, bigint, string, bigint, bigint, bigint];
     } catch (err) {
-      throw new MeshError('MESH_CHAIN_UNREACHABLE', `laneOf(${payer}): ${(err as Error).message}`, {
+      throw new MeshError('MESH_CHAIN_UNREACHABLE', `laneOf(${payer}) at block ${block}: ${(err as Error).message}`, {
         cause: err,
         details: { action: 'laneOf' },
       });
     }
     this.counters.reads++;
-    this.chainTimeS = Math.max(this.chainTimeS, latest.timestamp);
-    // A poll may have moved on while this read was out: keep whichever saw the later block.
-    const known = this.lanes.get(payer);
-    if (known && known.asOf >= latest.number) return known;
-    const lane = { remaining, settled, withdrawAmount, thawEnd, lapseAt, asOf: latest.number };
+    const lane = { remaining, settled, withdrawAmount, thawEnd, lapseAt, asOf: block };
     this.lanes.set(payer, lane);
-    this.options.logger.debug({ payer, remaining: String(remaining), settled: String(settled), thawEnd: String(thawEnd) }, 'lane read');
+    this.options.logger.debug(
+      { payer, block, remaining: String(remaining), settled: String(settled), thawEnd: String(thawEnd) },
+      'lane read',
+    );
     return lane;
   }
 
   private schedule(): void {
     if (this.closed) return;
     this.timer = setTimeout(() => {
-      if (this.polling) return this.schedule();
-      this.polling = this.pollAll()
+      void this.exclusive(() => this.poll())
         .catch((err: unknown) => {
           this.counters.pollFailures++;
           this.options.logger.warn({ err: (err as Error).message }, 'escrow events not read; trying again');
         })
-        .finally(() => {
-          this.polling = undefined;
-          this.schedule();
-        });
+        .finally(() => this.schedule());
     }, this.pollMs);
     this.timer.unref();
   }
 
-  /** One poll: every bounded range from the checkpoint up to the latest block, each applied and checkpointed in turn. */
-  private async pollAll(): Promise<void> {
-    const latest = await LaneFunds.latestBlock(this.options.provider);
-    while (!this.closed && this.nextBlock <= latest.number) {
+  /**
+   * One poll (under the lock): checks that the last block followed is still on the chain, healing the view if
+   * not; then every bounded range from the checkpoint up to the followed head, each applied and checkpointed
+   * with the hash of its last block; then, when due, the lanes in use are read again.
+   */
+  private async poll(): Promise<void> {
+    const provider = this.options.provider;
+    const latest = await LaneFunds.block(provider, 'latest');
+    const head = await LaneFunds.followedHead(provider, this.confirmations, latest);
+    const last = this.nextBlock - 1;
+    if (head.number < last) {
+      await this.heal(head, 'the chain went back below the last block followed', { last });
+    } else if (last >= 0) {
+      const now = last === head.number ? head : await LaneFunds.block(provider, last);
+      if (this.lastHash === undefined) {
+        // A checkpoint stored before hashes were: nothing is known of its block, and no lane was read against it.
+        this.lastHash = now.hash;
+        await this.saveCheckpoint();
+      } else if (now.hash !== this.lastHash) {
+        await this.heal(head, 'the last block followed was replaced', { last, was: this.lastHash, now: now.hash });
+      }
+    }
+    while (!this.closed && this.nextBlock <= head.number) {
       const from = this.nextBlock;
-      const to = Math.min(latest.number, from + this.maxBlockRange - 1);
+      const to = Math.min(head.number, from + this.maxBlockRange - 1);
+      // The range's last block is fetched before its logs: if a reorg lands in between, its hash no longer
+      // matches the chain at the next poll, and the view heals then.
+      const end = to === head.number ? head : await LaneFunds.block(provider, to);
       let logs: ethers.Log[];
       try {
-        logs = await this.options.provider.getLogs({
+        logs = await provider.getLogs({
           address: this.options.escrow,
           topics: [EVENT_TOPICS, null, this.payoutTopic],
           fromBlock: from,
@@ -295,11 +418,52 @@ export class LaneFunds {
       }
       for (const log of logs) this.apply(log);
       this.nextBlock = to + 1;
-      await this.options.store.put(CHECKPOINT_KEY, this.nextBlock);
+      this.lastHash = end.hash;
+      await this.saveCheckpoint();
     }
+    if (!this.closed && Date.now() - this.lastRefresh >= this.refreshMs) await this.refresh();
     this.chainTimeS = Math.max(this.chainTimeS, latest.timestamp);
     this.counters.polls++;
+    this.pollsDone++;
     this.lastPollOk = Date.now();
+  }
+
+  /**
+   * A reorg took blocks the follower had read: what their events did to the lanes cannot be told apart any more.
+   * Every lane leaves the view (no credit against it until it is read again), the follower moves to the followed
+   * head, and each lane is read there. A lane whose read fails stays out and is read on its next use.
+   */
+  private async heal(head: BlockRef, why: string, details: Record<string, unknown>): Promise<void> {
+    const payers = [...this.lanes.keys()];
+    this.lanes.clear();
+    this.nextBlock = head.number + 1;
+    this.lastHash = head.hash;
+    await this.saveCheckpoint();
+    this.counters.reorgs++;
+    this.options.logger.warn({ ...details, head: head.number, lanes: payers.length }, `${why}: a reorg; the lanes are read again`);
+    await this.readEach(payers, head.number);
+  }
+
+  /** Reads the lanes in use again at the follower's last block (a reorg the checks missed is corrected here). */
+  private async refresh(): Promise<void> {
+    const payers = [...this.used].filter((p) => this.lanes.has(p));
+    this.used.clear();
+    this.lastRefresh = Date.now();
+    await this.readEach(payers, this.nextBlock - 1);
+    this.counters.refreshes += payers.length;
+  }
+
+  private async readEach(payers: string[], block: number): Promise<void> {
+    for (let i = 0; i < payers.length && !this.closed; i += 8) {
+      await Promise.all(
+        payers.slice(i, i + 8).map((payer) =>
+          this.read(payer, block).catch((err: unknown) => {
+            this.lanes.delete(payer);
+            this.options.logger.warn({ payer, err: (err as Error).message }, 'lane not read again: it is read on its next use');
+          }),
+        ),
+      );
+    }
   }
 
   private apply(log: ethers.Log): void {

@@ -60,6 +60,7 @@ export function paymentsView({ payments, settler }: PaidSide): NonNullable<Agent
   return {
     lanes: () => payments.lanesSummary(),
     catchUpFunds: () => payments.funds.catchUp(),
+    funds: () => ({ checkpoint: payments.funds.checkpoint(), counters: { ...payments.funds.counters } }),
     receipts: (payer: string) => payments.receipts(payer),
     counters: payments.counters,
     get voucherSignaturesChecked() {

@@ -49,7 +49,7 @@ import {
 import type { ethers } from 'ethers';
 import { Level } from 'level';
 import type { Logger } from 'pino';
-import { LaneFunds, type LaneFundsView } from './lane-funds.ts';
+import { type Confirmations, defaultConfirmations, LaneFunds, type LaneFundsView, parseConfirmations } from './lane-funds.ts';
 import { type LoggedReceipt, ReceiptLog } from './receipt-log.ts';
 import { SignerRecovery } from './recover.ts';
 import { SenderBudget } from './sender-budget.ts';
@@ -90,6 +90,13 @@ export interface AgentPaymentOptions {
   fundsPollMs?: number;
   /** Most blocks per `eth_getLogs` when catching up (default 2,000). */
   fundsMaxBlockRange?: number;
+  /**
+   * How deep the escrow's events must be before they count: blocks below the latest, or `safe`/`finalized`
+   * (default: 0 on a local dev chain, chain id 31337 or 1337; 12 blocks on any other). See docs/settlement.md, "Reorgs".
+   */
+  confirmations?: Confirmations;
+  /** Lanes in use are read again with `laneOf` this often, whatever the events say (default 60,000 ms). */
+  fundsRefreshMs?: number;
 }
 
 interface StoredVoucher {
@@ -340,6 +347,16 @@ export class AgentPayments {
       problems.push('creditRequests must be a positive integer');
     if (options.creditMicros !== undefined && !(Number.isSafeInteger(options.creditMicros) && options.creditMicros >= 0))
       problems.push('creditMicros must be a non-negative integer');
+    let confirmations: Confirmations = defaultConfirmations(options.domain.chainId);
+    if (options.confirmations !== undefined) {
+      try {
+        confirmations = parseConfirmations(options.confirmations);
+      } catch (err) {
+        problems.push((err as Error).message);
+      }
+    }
+    if (options.fundsRefreshMs !== undefined && !(Number.isSafeInteger(options.fundsRefreshMs) && options.fundsRefreshMs >= 1))
+      problems.push('fundsRefreshMs must be a positive integer');
     const provider = options.provider ?? options.settle?.runner?.provider ?? undefined;
     if (!provider)
       problems.push(
@@ -368,6 +385,8 @@ export class AgentPayments {
         logger,
         ...(options.fundsPollMs !== undefined ? { pollMs: options.fundsPollMs } : {}),
         ...(options.fundsMaxBlockRange !== undefined ? { maxBlockRange: options.fundsMaxBlockRange } : {}),
+        ...(options.fundsRefreshMs !== undefined ? { refreshMs: options.fundsRefreshMs } : {}),
+        confirmations,
       });
     } catch (err) {
       await opened.log.close();
@@ -1053,7 +1072,7 @@ export class AgentPayments {
       reservedMicros: this.reserved.get(l.payer) ?? 0,
       refusedMicros: this.refusedOf(l),
       voucher: l.voucher,
-      funds: this.funds.view(l.payer),
+      funds: this.funds.view(l.payer, false),
     }));
   }
 

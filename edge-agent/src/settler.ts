@@ -16,6 +16,12 @@
  * filter), and once more for each due lane right before sending, so gas is never spent on a lane that
  * owes nothing.
  *
+ * Reorgs. The events are hints (a lane's funds read again, a lane made due), and `settled` is what the chain
+ * says. The follower keeps the hash of the last block it read; when that block is replaced or the chain goes
+ * back below it, and when a block past one of this settler's own settlements has been read without that
+ * settlement's event (a reorg dropped it), the lanes concerned are read again and their `settled` taken as
+ * the chain has it, even when lower than what was recorded: a settlement a reorg undid is sent again.
+ *
  * Crash safety. Before a transaction is sent, its intent (the lanes and the voucher cumulative each is
  * settled to) is written to `level` with fsync. After it is mined the outcome replaces the intent. On
  * start, any intent left behind is reconciled with `laneOf(payer, payout).settled` on chain: lanes the
@@ -160,6 +166,8 @@ interface LaneState {
   handed?: { cumulative: number; at: number; relay: string; first: number; base: number };
   /** Relays that failed this lane so far: the next hand-off goes to the next relay. */
   misses?: number;
+  /** A reorg may have undone what is known of the lane: read it again, believing the chain's `settled` even when lower. */
+  verify?: boolean;
 }
 
 const INTENT = 'intent!';
@@ -203,6 +211,10 @@ export class Settler {
   private running: Promise<void> | undefined;
   private closed = false;
   private nextLogBlock = 0;
+  /** The hash of block `nextLogBlock - 1` when it was read. */
+  private logHash: string | undefined;
+  /** This settler's mined settlements whose `Settled` event the follower has not read yet: by hash, their block and lanes. */
+  private readonly unseen = new Map<string, { block: number; payers: string[] }>();
   private seq = 0;
   /** Transactions this settler sent itself (their settlements are counted by `record`, not as relayed). */
   private readonly ownTxs = new Set<string>();
@@ -284,8 +296,10 @@ export class Settler {
       this.counters.deferredMicros += r.deferredMicros ?? 0;
       this.counters.skipped += r.skipped.length;
     }
-    const meta = (await this.db.get(`${META}state`).catch(() => undefined)) as { nextLogBlock: number; seq: number } | undefined;
+    const meta = (await this.db.get(`${META}state`).catch(() => undefined)) as ReturnType<Settler['meta']> | undefined;
     this.nextLogBlock = meta?.nextLogBlock ?? 0;
+    this.logHash = meta?.logHash;
+    for (const [hash, own] of meta?.unseen ?? []) this.unseen.set(hash, own);
     this.seq = meta?.seq ?? 0;
   }
 
@@ -367,11 +381,14 @@ export class Settler {
     return s;
   }
 
-  /** Reads the lane from the chain into `s`; returns what it has settled. */
-  private async refresh(payer: string, s: LaneState): Promise<number> {
+  /**
+   * Reads the lane from the chain into `s`; returns what it has settled. What is known settled only rises (a node
+   * a little behind must not make a settlement look undone), unless `trust`: after a reorg the chain's word wins.
+   */
+  private async refresh(payer: string, s: LaneState, trust = false): Promise<number> {
     const lane = await this.escrow.laneOf(payer, this.payout);
     this.counters.laneReads++;
-    s.settled = Math.max(s.settled, Number(lane.settled));
+    s.settled = trust ? Number(lane.settled) : Math.max(s.settled, Number(lane.settled));
     s.remaining = Number(lane.remaining);
     s.withdrawUntil = Number(lane.lapseAt);
     return Number(lane.settled);
@@ -414,8 +431,28 @@ export class Settler {
     const head = await provider.getBlockNumber();
     // A first start looks back LOG_RANGE blocks; each query spans at most LOG_RANGE (public RPCs cap ranges).
     if (this.nextLogBlock === 0) this.nextLogBlock = Math.max(0, head - LOG_RANGE);
+    else {
+      const last = this.nextLogBlock - 1;
+      const hash = head >= last ? ((await provider.getBlock(last))?.hash ?? undefined) : undefined;
+      if (hash === undefined || (this.logHash !== undefined && hash !== this.logHash)) {
+        // A reorg replaced blocks already read: every lane is read again, its settlement as the chain now has it.
+        for (const s of this.lanes.values()) {
+          s.remaining = undefined;
+          s.verify = true;
+        }
+        this.unseen.clear();
+        this.logger.warn({ last, head, was: this.logHash, now: hash }, 'the chain reorganised under the settler: reading every lane again');
+        this.nextLogBlock = head + 1;
+        this.logHash = (await provider.getBlock(head))?.hash ?? undefined;
+        await this.db.put(`${META}state`, this.meta());
+        return;
+      }
+      this.logHash = hash;
+    }
     if (head < this.nextLogBlock) return;
     const latest = Math.min(head, this.nextLogBlock + LOG_RANGE - 1);
+    // The range's last block before its logs: a reorg in between shows as a changed hash at the next check.
+    const end = (await provider.getBlock(latest))?.hash ?? undefined;
     const logs = await provider.getLogs({
       address: this.escrow.escrow,
       topics: [LANE_TOPICS, null, ethers.zeroPadValue(this.payout, 32)],
@@ -423,6 +460,7 @@ export class Settler {
       toBlock: latest,
     });
     for (const log of logs) {
+      this.unseen.delete(log.transactionHash);
       const payer = ethers.getAddress(ethers.dataSlice(log.topics[1]!, 12)).toLowerCase();
       const s = this.state(payer);
       s.remaining = undefined;
@@ -436,8 +474,33 @@ export class Settler {
         this.logger.info({ payer, block: log.blockNumber }, 'the lane owner asked to withdraw: settling the lane');
       }
     }
+    for (const [hash, own] of this.unseen) {
+      if (own.block > latest) continue;
+      // Its block was read and its event was not there: a reorg took the settlement out.
+      this.unseen.delete(hash);
+      for (const payer of own.payers) {
+        const s = this.state(payer);
+        s.remaining = undefined;
+        s.verify = true;
+      }
+      this.logger.warn(
+        { hash, block: own.block, lanes: own.payers.length },
+        'a settlement of this agent is no longer on the chain: its lanes are read again',
+      );
+    }
     this.nextLogBlock = latest + 1;
-    await this.db.put(`${META}state`, { nextLogBlock: this.nextLogBlock, seq: this.seq });
+    this.logHash = end;
+    await this.db.put(`${META}state`, this.meta());
+  }
+
+  /** What the follower keeps across restarts: where it stands, and this settler's settlements whose event it has not read. */
+  private meta(): { nextLogBlock: number; seq: number; logHash?: string; unseen?: [string, { block: number; payers: string[] }][] } {
+    return {
+      nextLogBlock: this.nextLogBlock,
+      seq: this.seq,
+      ...(this.logHash ? { logHash: this.logHash } : {}),
+      ...(this.unseen.size > 0 ? { unseen: [...this.unseen] } : {}),
+    };
   }
 
   /** What the lane owes the agent now, by what is known of the chain: its voucher's increase, as far as the lane holds. */
@@ -458,6 +521,11 @@ export class Settler {
       const v = lane.voucher;
       if (!v) continue;
       const s = this.state(lane.payer);
+      if (s.verify) {
+        await this.refresh(lane.payer, s, true);
+        s.verify = false;
+        await this.db.put(LANE + lane.payer, this.stored(s));
+      }
       if (v.cumulative <= s.settled) {
         s.withdraw = false;
         continue;
@@ -619,7 +687,7 @@ export class Settler {
     // Durable before the transaction exists: a crash from here on is reconciled on the next start.
     const ops: { type: 'put' | 'del'; key: string; value?: unknown }[] = [
       { type: 'put', key, value: intent },
-      { type: 'put', key: `${META}state`, value: { nextLogBlock: this.nextLogBlock, seq: this.seq } },
+      { type: 'put', key: `${META}state`, value: this.meta() },
       ...carried.map((u) => ({ type: 'del' as const, key: u.key })),
     ];
     await this.db.batch(ops as never, { sync: true });
@@ -678,8 +746,11 @@ export class Settler {
       reasons: intent.reasons,
       at: Date.now(),
     };
+    // Believed once the follower reads its event; a block past it read without the event means a reorg undid it.
+    if (rec.lanes.length > 0) this.unseen.set(rec.hash, { block: rec.blockNumber, payers: rec.lanes.map((l) => l.payer) });
     const ops: { type: 'put' | 'del'; key: string; value?: unknown }[] = [
       { type: 'del', key: intentKey },
+      { type: 'put', key: `${META}state`, value: this.meta() },
       { type: 'put', key: `${SETTLED}${String(outcome.blockNumber).padStart(12, '0')}!${outcome.hash}`, value: rec },
     ];
     const now = Date.now();

@@ -7,6 +7,7 @@ import type { AgentLoad, AgentStatus, Identity, ModelInfo, SignedReceipt } from 
 import type { Logger } from 'pino';
 import type { AgentDeployments, AgentDeployOptions, DeployEvent } from './deploy.ts';
 import { newStackingCounters, type StackingCounters } from './executor.ts';
+import type { FundsCheckpoint, LaneFunds } from './lane-funds.ts';
 import type { AgentPaymentOptions, AgentPayments, LaneSummary } from './payments.ts';
 import type { ReloadResult } from './reload.ts';
 import type { SettlementRecord, SettlerCounters } from './settler.ts';
@@ -200,6 +201,11 @@ export interface AgentHandle {
     lanes(): LaneSummary[];
     /** Reads the escrow's events up to the latest block now (the follower otherwise polls on its own). */
     catchUpFunds(): Promise<void>;
+    /**
+     * Where the escrow follower stands: the next block it reads and the hash it recorded for the last one read,
+     * with its counters (`reorgs`: replaced blocks found and the lanes read again).
+     */
+    funds(): { checkpoint: FundsCheckpoint; counters: LaneFunds['counters'] };
     receipts(payer: string): Promise<SignedReceipt[]>;
     readonly counters: AgentPayments['counters'];
     /** Voucher signatures checked so far (on the agent's signature worker): what vouchers have cost it to check. */

@@ -22,15 +22,18 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
   const from = chain.fromBlock ?? 0;
 
   /**
-   * The escrow's `event` logs, read once: each event keeps what was read and the next block to read, so
-   * a call reads only the blocks since the last one (in bounded ranges), never the whole history again.
+   * The escrow's `event` logs, read once: each event keeps what was read, the next block to read and the hash
+   * of the last block read, so a call reads only the blocks since the last one (in bounded ranges), never the
+   * whole history again. A reorg under what was kept (that block replaced, or the chain gone back below it)
+   * drops the event's logs and reads them again from the start, so a settlement the reorg undid is not listed.
    * Filters apply to what is kept. A chain that cannot be read fails with MESH_CHAIN_UNREACHABLE (503).
    */
-  const seen = new Map<string, { next: number; logs: ethers.Log[]; reading: Promise<void> | undefined }>();
+  const seen = new Map<string, { next: number; hash: string | undefined; logs: ethers.Log[]; reading: Promise<void> | undefined }>();
+  const hashOf = async (block: number) => (await chain.provider.getBlock(block))?.hash ?? undefined;
   const catchUp = async (event: string) => {
     let entry = seen.get(event);
     if (!entry) {
-      entry = { next: from, logs: [], reading: undefined };
+      entry = { next: from, hash: undefined, logs: [], reading: undefined };
       seen.set(event, entry);
     }
     const e = entry;
@@ -38,8 +41,15 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
     e.reading ??= (async () => {
       try {
         const head = await chain.provider.getBlockNumber();
+        if (e.next > from && (e.next - 1 > head || (await hashOf(e.next - 1)) !== e.hash)) {
+          e.next = from;
+          e.hash = undefined;
+          e.logs = [];
+        }
         while (e.next <= head) {
           const to = Math.min(head, e.next + LOG_RANGE - 1);
+          // The range's last block before its logs: a reorg in between changes that hash, seen by the next call.
+          const hash = await hashOf(to);
           e.logs.push(
             ...(await chain.provider.getLogs({
               address: escrow.escrow,
@@ -49,6 +59,7 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
             })),
           );
           e.next = to + 1;
+          e.hash = hash;
         }
       } catch (err) {
         throw toChainError(err, `${event} logs`);

@@ -1,0 +1,329 @@
+/**
+ * Settlement on a chain that reorganises (docs/settlement.md, "Reorgs"): a real local chain (Hardhat) whose
+ * reorgs are made with `evm_snapshot` / `evm_revert` and mining, a real broker, a real ONNX agent, and a payer
+ * spoken over a bare MQTT connection (test/payer.ts). A reorg here is: snapshot, transactions mined, the agent
+ * sees them, revert to the snapshot, other blocks mined past the old height. Each test says what a dishonest
+ * payer gains and what the agent loses.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, type TestContext, test } from 'node:test';
+import { type AgentPaymentOptions, type SettlerOptions, startAgent } from '@edge-mesh/agent';
+import { ESCROW_ABI, EscrowClient } from '@edge-mesh/contracts';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { sampleInputs } from '@edge-mesh/demo';
+import { type ErrorReply, generateIdentity, type Identity, type InferReply, MeshError } from '@edge-mesh/protocol';
+import { startRouterHttp } from '@edge-mesh/router';
+import { ethers } from 'ethers';
+import { agentFor, brokerFor, modelsDir, quiet, routerFor, tempDir, waitFor } from './helpers.ts';
+import { fundOwnLane, TestPayer } from './payer.ts';
+
+let chain: LocalChain;
+let deployment: MeshDeployment;
+let nextWallet = 1;
+const KWS = 2; // micro-dollars per kws inference (its manifest price)
+
+const domain = () => ({ chainId: deployment.chainId, escrow: deployment.escrow });
+const codeOf = (r: InferReply | ErrorReply) => (r.kind === 'err' ? r.code : 'ok');
+
+async function paidAgent(
+  t: TestContext,
+  brokerUrl: string,
+  extra: Partial<AgentPaymentOptions> & { identity?: Identity; dataDir?: string; payout?: string } = {},
+) {
+  const payout = extra.payout ?? ethers.Wallet.createRandom().address.toLowerCase();
+  const { identity, ...payment } = extra;
+  const agent = await agentFor(t, {
+    brokerUrl,
+    ...(identity ? { identity } : {}),
+    payment: {
+      payout,
+      domain: domain(),
+      dataDir: extra.dataDir ?? (await tempDir(t)),
+      provider: chain.provider,
+      fundsPollMs: 100,
+      ...payment,
+    },
+  });
+  return { agent, payout };
+}
+
+const snapshot = (): Promise<string> => chain.provider.send('evm_snapshot', []);
+
+/**
+ * Undoes every block since `snap` and builds another branch past the old height: one transaction that touches
+ * no lane (so the new blocks differ from the old ones), then empty blocks.
+ */
+async function reorgTo(snap: string): Promise<void> {
+  const oldHeight = await chain.provider.getBlockNumber();
+  assert.equal(await chain.provider.send('evm_revert', [snap]), true, 'reverted');
+  const filler = chain.wallet(0);
+  await (await filler.sendTransaction({ to: ethers.Wallet.createRandom().address, value: 1n })).wait();
+  const now = await chain.provider.getBlockNumber();
+  await chain.provider.send('hardhat_mine', [ethers.toQuantity(oldHeight - now + 2)]);
+  assert.ok((await chain.provider.getBlockNumber()) > oldHeight, 'the new branch is longer');
+}
+
+async function serve(payer: TestPayer, n: number, from: number): Promise<string[]> {
+  const codes: string[] = [];
+  for (let i = 0; i < n; i++) codes.push(codeOf(await payer.request('kws', sampleInputs('kws', from + i))));
+  return codes;
+}
+
+async function laneOnChain(payer: string, payout: string) {
+  const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
+  return escrow.laneOf(payer, payout);
+}
+
+describe('settlement on a chain that reorganises', () => {
+  before(async () => {
+    chain = await startLocalChain({ accounts: 30 });
+    deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+  });
+  after(() => chain?.close());
+
+  test('a deposit reorged out no longer gives credit: the agent reads the lane again and refuses it', async (t) => {
+    // The payer funds its lane, takes work on the strength of the deposit, and the deposit leaves the chain.
+    // It gains the work served before the agent saw the reorg (here three requests: confirmations 0, the local
+    // chain's default, believes the deposit at once; on a real chain `confirmations` keeps a deposit from
+    // counting until it is that deep, next test). Before this fix the agent never read the lane again and went
+    // on serving against money that was not there, without end; now the next poll sees the replaced block,
+    // reads the lane (0 left) and refuses with MESH_CREDIT_EXCEEDED: the agent's loss stops at what it served
+    // before the poll.
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const wallet = chain.wallet(nextWallet++);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-reorg-deposit' });
+    await payer.waitForModel('kws');
+
+    const snap = await snapshot();
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    assert.deepEqual(await serve(payer, 3, 0), ['ok', 'ok', 'ok'], 'served against the deposit');
+    await agent.payments!.catchUpFunds();
+    assert.equal(agent.payments!.lanes()[0]!.funds!.remaining, 1_000_000);
+
+    await reorgTo(snap);
+    assert.equal((await laneOnChain(wallet.address, payout)).remaining, 0n, 'the deposit is gone from the chain');
+    await agent.payments!.catchUpFunds();
+    assert.deepEqual(await serve(payer, 4, 10), Array(4).fill('MESH_CREDIT_EXCEEDED'), 'no credit against the vanished deposit');
+    assert.equal(agent.payments!.lanes()[0]!.receipts, 3, 'no work after the reorg was seen');
+    assert.equal(agent.payments!.lanes()[0]!.funds!.remaining, 0);
+    assert.equal(agent.payments!.funds().counters.reorgs, 1);
+  });
+
+  test('with confirmations, a deposit counts only once it is that deep: one reorged out before then never gave credit', async (t) => {
+    // With `confirmations: 3` the same payer gains nothing: its deposit gives no credit while it is shallower than
+    // three blocks, so a reorg that takes it out inside that depth costs the agent no work at all. Before this
+    // fix there was no such option and the agent served on the deposit at once.
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url, { confirmations: 3 });
+    const wallet = chain.wallet(nextWallet++);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-reorg-deep' });
+    await payer.waitForModel('kws');
+
+    const snap = await snapshot();
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    assert.deepEqual(await serve(payer, 2, 0), Array(2).fill('MESH_CREDIT_EXCEEDED'), 'a deposit one block deep gives no credit');
+    await reorgTo(snap);
+    await agent.payments!.catchUpFunds();
+    assert.deepEqual(await serve(payer, 2, 10), Array(2).fill('MESH_CREDIT_EXCEEDED'));
+    assert.equal(agent.payments!.lanes()[0]!.receipts, 0, 'the agent did no work on the reorged deposit');
+
+    // A deposit that stays: refused while shallow, served once three blocks deep.
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    await agent.payments!.catchUpFunds();
+    assert.deepEqual(await serve(payer, 1, 20), ['MESH_CREDIT_EXCEEDED']);
+    await chain.provider.send('hardhat_mine', ['0x3']);
+    await agent.payments!.catchUpFunds();
+    assert.deepEqual(await serve(payer, 2, 30), ['ok', 'ok']);
+    const { checkpoint } = agent.payments!.funds();
+    assert.equal(checkpoint.next - 1, (await chain.provider.getBlockNumber()) - 3, 'the follower stops three blocks below the head');
+  });
+
+  test('confirmations takes a number of blocks, safe or finalized; anything else is MESH_CONFIG and the agent does not start', async (t) => {
+    const broker = await brokerFor(t);
+    for (const confirmations of [-1, 1.5, 'soon']) {
+      await assert.rejects(
+        startAgent({
+          brokerUrl: broker.url,
+          modelsDir: await modelsDir(),
+          logger: quiet,
+          identity: generateIdentity('agent'),
+          payment: {
+            payout: ethers.Wallet.createRandom().address,
+            domain: domain(),
+            dataDir: await tempDir(t),
+            provider: chain.provider,
+            confirmations: confirmations as never,
+          },
+        }),
+        (err: unknown) => err instanceof MeshError && err.code === 'MESH_CONFIG' && /confirmations must be/.test(err.message),
+      );
+    }
+    // The local chain has both tags (each names its latest block there).
+    const { agent } = await paidAgent(t, broker.url, { confirmations: 'finalized' });
+    await agent.payments!.catchUpFunds();
+    assert.equal(agent.payments!.funds().checkpoint.next - 1, await chain.provider.getBlockNumber());
+  });
+
+  test('a withdrawal request reorged out no longer blocks the lane', async (t) => {
+    // The lane is funded for good; a withdrawal request appears and is taken out by a reorg. A dishonest payer
+    // gains nothing here (it only blocks its own lane); the cost was the agent's: before this fix the request's
+    // event, once read, closed the lane for good although the chain shows no withdrawal, and an honest payer's
+    // money could never buy work from this agent again. Now the lane is read again and serves.
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url);
+    const wallet = chain.wallet(nextWallet++);
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-reorg-withdraw' });
+    await payer.waitForModel('kws');
+    assert.deepEqual(await serve(payer, 2, 0), ['ok', 'ok']);
+
+    const snap = await snapshot();
+    const escrow = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
+    await escrow.requestWithdraw(wallet.address, payout, 1_000_000n);
+    await agent.payments!.catchUpFunds();
+    assert.ok(agent.payments!.lanes()[0]!.funds!.thawEnd > 0, 'the agent saw the withdrawal request');
+    assert.deepEqual(await serve(payer, 2, 10), Array(2).fill('MESH_CREDIT_EXCEEDED'));
+
+    await reorgTo(snap);
+    assert.equal((await laneOnChain(wallet.address, payout)).thawEnd, 0n, 'no withdrawal on the chain');
+    await agent.payments!.catchUpFunds();
+    assert.deepEqual(await serve(payer, 3, 20), ['ok', 'ok', 'ok'], 'the lane serves again');
+    assert.equal(agent.payments!.lanes()[0]!.funds!.thawEnd, 0);
+    assert.equal(agent.payments!.lanes()[0]!.receipts, 5);
+  });
+
+  test('after a restart the checkpoint is not past a reorged block: a shorter chain, then a replaced one', async (t) => {
+    // While the agent is stopped the chain drops the blocks its checkpoint stands on. Nobody gains money here;
+    // before this fix the agent read lanes at its old checkpoint, a block the chain no longer had, and refused
+    // every paid request (MESH_CHAIN_UNREACHABLE) until the chain grew back past it. Now the follower sees the
+    // chain below its checkpoint (or the checkpoint's block replaced), moves to the chain as it is, and serves.
+    const broker = await brokerFor(t);
+    const identity = generateIdentity('agent');
+    const dataDir = await tempDir(t);
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    const wallet = chain.wallet(nextWallet++);
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    let { agent } = await paidAgent(t, broker.url, { identity, dataDir, payout });
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-reorg-restart' });
+    await payer.waitForModel('kws');
+    assert.deepEqual(await serve(payer, 1, 0), ['ok']);
+
+    // The agent follows three more blocks (each with a transaction), then stops; those blocks are dropped.
+    const snap = await snapshot();
+    for (let i = 0; i < 3; i++)
+      await (await chain.wallet(0).sendTransaction({ to: ethers.Wallet.createRandom().address, value: 1n })).wait();
+    await agent.payments!.catchUpFunds();
+    const followed = await chain.provider.getBlockNumber();
+    await agent.close();
+    assert.equal(await chain.provider.send('evm_revert', [snap]), true);
+    await (await chain.wallet(0).sendTransaction({ to: ethers.Wallet.createRandom().address, value: 2n })).wait();
+    assert.ok((await chain.provider.getBlockNumber()) < followed, 'the chain is now shorter than what the agent followed');
+
+    ({ agent } = await paidAgent(t, broker.url, { identity, dataDir, payout }));
+    await payer.waitForModel('kws');
+    assert.deepEqual(await serve(payer, 2, 10), ['ok', 'ok'], 'served on the chain as it is');
+    let { checkpoint } = agent.payments!.funds();
+    assert.ok(checkpoint.next - 1 <= (await chain.provider.getBlockNumber()), 'the checkpoint is on the chain');
+    assert.equal(checkpoint.hash, (await chain.provider.getBlock(checkpoint.next - 1))!.hash);
+
+    // Stopped again, and the checkpoint's block is replaced by a longer branch: the restart notices the hash.
+    await agent.payments!.catchUpFunds();
+    const snap2 = await snapshot();
+    await (await chain.wallet(0).sendTransaction({ to: ethers.Wallet.createRandom().address, value: 3n })).wait();
+    await agent.payments!.catchUpFunds();
+    const before = agent.payments!.funds().checkpoint;
+    await agent.close();
+    await reorgTo(snap2);
+    assert.notEqual((await chain.provider.getBlock(before.next - 1))!.hash, before.hash, "the checkpoint's block was replaced");
+    ({ agent } = await paidAgent(t, broker.url, { identity, dataDir, payout }));
+    await payer.waitForModel('kws');
+    assert.deepEqual(await serve(payer, 1, 20), ['ok']);
+    ({ checkpoint } = agent.payments!.funds());
+    assert.equal(agent.payments!.funds().counters.reorgs, 1, 'the replaced block was seen');
+    assert.equal(checkpoint.hash, (await chain.provider.getBlock(checkpoint.next - 1))!.hash);
+    assert.equal(agent.payments!.lanes()[0]!.receipts, 4);
+  });
+
+  test('a lane in use is read again on a timer: an event the node never returned is corrected', async (t) => {
+    // A node (or a load balancer in front of several) that misses a log and a reorg the checks do not catch look
+    // the same to the follower: an event it never applies. Here the node drops every WithdrawRequested log. The
+    // payer gains what it is served until the next refresh (one request here, within `fundsRefreshMs`); then
+    // `laneOf` shows the withdrawal and the lane is refused, as if the event had been read.
+    const broker = await brokerFor(t);
+    const topic = new ethers.Interface(ESCROW_ABI).getEvent('WithdrawRequested')!.topicHash;
+    const forgetful = new Proxy(chain.provider, {
+      get(target, prop) {
+        if (prop === 'getLogs')
+          return async (filter: ethers.Filter) => (await target.getLogs(filter)).filter((log) => log.topics[0] !== topic);
+        const value = Reflect.get(target, prop, target) as unknown;
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    const { agent, payout } = await paidAgent(t, broker.url, { provider: forgetful, fundsRefreshMs: 300 });
+    const wallet = chain.wallet(nextWallet++);
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-refresh' });
+    await payer.waitForModel('kws');
+    assert.deepEqual(await serve(payer, 1, 0), ['ok']);
+    // Once read again on the timer, the lane is idle: it is not read again until it is used.
+    await waitFor(() => agent.payments!.funds().counters.refreshes >= 1, 5_000, 'the first refresh');
+
+    const escrow = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
+    await escrow.requestWithdraw(wallet.address, payout, 1_000_000n);
+    await agent.payments!.catchUpFunds();
+    assert.equal(agent.payments!.lanes()[0]!.funds!.thawEnd, 0, 'the event was not seen');
+    assert.deepEqual(await serve(payer, 1, 10), ['ok'], 'served on the view that missed it');
+    await waitFor(() => (agent.payments!.lanes()[0]!.funds?.thawEnd ?? 0) > 0, 5_000, 'the lane read again');
+    assert.deepEqual(await serve(payer, 2, 20), Array(2).fill('MESH_CREDIT_EXCEEDED'));
+  });
+
+  test('a settlement reorged out is sent again: the settler reads the lane and believes the chain', async (t) => {
+    // The agent's own settlement is mined and then dropped by a reorg (its transaction gone with the branch).
+    // Before this fix the settler had recorded the lane as settled and never looked at it again: the payer
+    // kept the money for work it had vouched for, and could withdraw it after the thaw. Now the follower reads
+    // the settlement's block without its event, reads the lane again (settled 0) and settles it once more.
+    // The router's /v1/settlements, which keeps the escrow's logs it has read, drops the undone settlement too.
+    const broker = await brokerFor(t);
+    const settle: SettlerOptions = { runner: chain.wallet(nextWallet++), checkEveryMs: 3_600_000, thresholdMicros: 1 };
+    const { agent, payout } = await paidAgent(t, broker.url, { settle });
+    const wallet = chain.wallet(nextWallet++);
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-reorg-settle' });
+    await payer.waitForModel('kws');
+    assert.deepEqual(await serve(payer, 3, 0), ['ok', 'ok', 'ok']);
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 3 * KWS, 5_000, 'the voucher');
+    const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: deployment.escrow });
+    const router = await routerFor(t, broker.url);
+    const http = await startRouterHttp(router, {
+      processMetrics: false,
+      chain: { provider: chain.provider, escrow: deployment.escrow, fromBlock: deployment.deployBlock },
+    });
+    t.after(() => http.close());
+    const listed = async () => {
+      const res = await fetch(`${http.url}/v1/settlements?agent=${payout}`);
+      assert.equal(res.status, 200);
+      return ((await res.json()) as { settlements: { block: number; delta_micros: number }[] }).settlements;
+    };
+
+    const snap = await snapshot();
+    await agent.payments!.settler!.settleNow();
+    assert.equal(await escrow.tokenBalance(payout), BigInt(3 * KWS), 'settled once');
+    const first = await listed();
+    assert.deepEqual(
+      first.map((s) => s.delta_micros),
+      [3 * KWS],
+    );
+    await reorgTo(snap);
+    assert.equal(await escrow.tokenBalance(payout), 0n, 'the settlement left the chain with its branch');
+    assert.equal((await laneOnChain(wallet.address, payout)).settled, 0n);
+    assert.deepEqual(await listed(), [], 'the router no longer lists it');
+
+    await agent.payments!.settler!.settleNow();
+    assert.equal(await escrow.tokenBalance(payout), BigInt(3 * KWS), 'settled again after the reorg');
+    assert.equal((await laneOnChain(wallet.address, payout)).settled, BigInt(3 * KWS));
+    const again = await listed();
+    assert.equal(again.length, 1);
+    assert.ok(again[0]!.block > first[0]!.block, 'the settlement mined on the new branch');
+  });
+});
