@@ -470,6 +470,11 @@ export function buildProgram(): Command {
     .option('--settle-check-ms <ms>', 'how often the relayer checks lanes and withdraw requests', positiveInt, 5_000)
     .option('--settle-on-close', 'with --settle: settle every lane that owes anything as the agent stops', false)
     .option(
+      '--settle-receipt-timeout-ms <ms>',
+      'with --settle: how long a settlement transaction is waited for before it is sent again on its nonce with a higher fee (default 180000)',
+      positiveInt,
+    )
+    .option(
       '--relay <url>',
       "hand due vouchers to this relay (an edge-mesh relay, or a router started with --relay-evm-key) instead of paying gas; repeatable: a relay that does not settle is replaced by the next (needs --payout and --rpc; with --settle and --evm-key the agent's own account settles what no relay would)",
       collect,
@@ -574,6 +579,7 @@ export function buildProgram(): Command {
           ...(opts.settleThreshold !== undefined ? { thresholdMicros: opts.settleThreshold } : {}),
           ...(opts.settleOnClose ? { settleOnClose: true } : {}),
           ...(crash === 'after-intent' || crash === 'after-send' ? { crashAt: crash } : {}),
+          ...(opts.settleReceiptTimeoutMs !== undefined ? { receiptTimeoutMs: opts.settleReceiptTimeoutMs } : {}),
           ...(relays.length > 0 ? { relays, relayWaitMs: opts.relayWaitMs, ...relayAuth } : {}),
         };
       }

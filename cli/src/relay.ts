@@ -18,7 +18,12 @@ export function relayFlags(cmd: Command): Command {
       'relay vouchers (POST /v1/relay/vouchers) from the account in this file: it pays the gas and earns the fees (env MESH_RELAY_EVM_KEY holds the key itself)',
     )
     .option('--relay-min-fee-micros <n>', 'least relayer fee a voucher must pay this relay when settled, µUSD', positiveInt, 1)
-    .option('--relay-batch-ms <ms>', 'how long accepted vouchers wait to go out together, per agent', positiveInt, 2_000);
+    .option('--relay-batch-ms <ms>', 'how long accepted vouchers wait to go out together, per agent', positiveInt, 2_000)
+    .option(
+      '--relay-receipt-timeout-ms <ms>',
+      'how long a settlement transaction is waited for before it is sent again on its nonce with a higher fee (default 180000)',
+      positiveInt,
+    );
 }
 
 /** The relay's EVM key from --relay-evm-key FILE or MESH_RELAY_EVM_KEY; undefined when neither is given. */
@@ -36,6 +41,7 @@ export async function relayOptionsFrom(opts: {
   relayEvmKey?: string;
   relayMinFeeMicros: number;
   relayBatchMs: number;
+  relayReceiptTimeoutMs?: number;
   rpc?: string;
   escrow?: string;
 }): Promise<import('@edge-mesh/router').RelayOptions | undefined> {
@@ -51,6 +57,7 @@ export async function relayOptionsFrom(opts: {
     escrow,
     minFeeMicros: opts.relayMinFeeMicros,
     batchMs: opts.relayBatchMs,
+    ...(opts.relayReceiptTimeoutMs !== undefined ? { receiptTimeoutMs: opts.relayReceiptTimeoutMs } : {}),
   };
 }
 
