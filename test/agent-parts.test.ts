@@ -411,11 +411,13 @@ test('faults: a load report claiming idle says nothing is queued or running and 
   assert.deepEqual([liar.queued, liar.inFlight, liar.models.m!.queued, liar.models.m!.inFlight], [0, 0, 0, 0]);
   assert.equal(liar.models.m!.serviceMs, 0.5);
   assert.equal(liar.models.m!.served, 9, 'the counts of work done are left as they are');
+  assert.equal(loadReport('a', 3, 1, queues(), { extraExecMs: 20, claimIdle: true, claimServiceMs: 0.05 }).models.m!.serviceMs, 0.05);
 });
 
 test('faults: MESH_AGENT_FAULTS is read as JSON, and anything but known keys with numbers and booleans is MESH_CONFIG', () => {
   assert.deepEqual(parseAgentFaults('{"extraExecMs":20,"claimIdle":true}'), { extraExecMs: 20, claimIdle: true });
   assert.deepEqual(parseAgentFaults('{"failRequests":true,"linkDelayMs":0}'), { failRequests: true, linkDelayMs: 0 });
+  assert.deepEqual(parseAgentFaults('{"claimServiceMs":0.05}'), { claimServiceMs: 0.05 });
   assert.deepEqual(parseAgentFaults('{}'), {});
   for (const bad of ['not json', '[]', 'null', '3', '{"extraExecMs":-1}', '{"extraExecMs":"20"}', '{"claimIdle":1}', '{"lie":true}'])
     assert.throws(
@@ -593,6 +595,11 @@ test('faults: an agent claiming idle still answers late, but its replies say it 
     0,
     0,
   ]);
+
+  // And a claimed service time stands for every run's execution time.
+  faults.set({ extraExecMs: 100_000, claimIdle: true, claimServiceMs: 0.01 });
+  const claimed = await send(request(newRequestId()));
+  assert.deepEqual(claimed.reply.kind === 'res' && [claimed.reply.execMs, claimed.afterMs], [0.01, 100_000]);
 
   // Failing: every well-formed request answered MESH_INFERENCE_FAILED at once, nothing run; bad input is still refused as such.
   faults.set({ failRequests: true });

@@ -1,8 +1,8 @@
 /**
  * Injected faults (AgentOptions.faults), for tests and benchmarks of routing only, never set in production. Read by
  * the parts they change: request intake and reply publishing (the link delay), execution times and the load report
- * (the extra execution time), what the load reports and replies claim (`claimIdle`), and request intake again
- * (`failRequests`).
+ * (the extra execution time), what the load reports and replies claim (`claimIdle`, `claimServiceMs`), and request
+ * intake again (`failRequests`).
  */
 import { MeshError } from '@edge-mesh/protocol';
 import type { AgentFaults } from './types.ts';
@@ -17,6 +17,8 @@ export class Faults {
   linkDelayMs = 0;
   extraExecMs = 0;
   claimIdle = false;
+  /** The service time claimed for every model (load reports) and execution time claimed (replies), ms; absent: the true one. */
+  claimServiceMs: number | undefined;
   failRequests = false;
 
   constructor(initial: AgentFaults = {}) {
@@ -28,7 +30,13 @@ export class Faults {
     this.linkDelayMs = Math.max(0, faults.linkDelayMs ?? 0);
     this.extraExecMs = Math.max(0, faults.extraExecMs ?? 0);
     this.claimIdle = faults.claimIdle === true;
+    this.claimServiceMs = faults.claimServiceMs !== undefined && faults.claimServiceMs >= 0 ? faults.claimServiceMs : undefined;
     this.failRequests = faults.failRequests === true;
+  }
+
+  /** The execution time a reply reports for a run that took `execMs`. */
+  reportedExecMs(execMs: number): number {
+    return this.claimServiceMs ?? execMs + this.reportedExtraMs;
   }
 
   /** The extra execution time the agent admits to in its load reports and replies: none while it claims to be idle. */
@@ -42,7 +50,7 @@ export class Faults {
   }
 }
 
-const NUMBERS = ['linkDelayMs', 'extraExecMs'] as const;
+const NUMBERS = ['linkDelayMs', 'extraExecMs', 'claimServiceMs'] as const;
 const FLAGS = ['claimIdle', 'failRequests'] as const;
 
 /**

@@ -560,7 +560,7 @@ export class AgentRequests {
         ...(job.served?.version !== undefined ? { version: job.served.version } : {}),
         outputs,
         queueMs: Math.max(0, queueMs),
-        execMs: result!.execMs + faults.reportedExtraMs,
+        execMs: faults.reportedExecMs(result!.execMs),
         rif,
         workMs,
         ...(receipt ? { receipt } : {}),
