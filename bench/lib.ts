@@ -374,6 +374,8 @@ export interface AgentProcOptions {
   name?: string;
   /** More `edge-mesh agent` options, e.g. ['--no-admission']. */
   extraArgs?: string[];
+  /** More environment for the agent process, e.g. MESH_AGENT_FAULTS (docs/agent.md, "Injected faults"). */
+  env?: NodeJS.ProcessEnv;
 }
 
 /** `edge-mesh agent`; resolves once it logs 'announced' (its retained status reached the broker). */
@@ -390,7 +392,7 @@ export async function startAgentProc(o: AgentProcOptions): Promise<Proc> {
   // `--cpu-prof --cpu-prof-dir=/tmp/prof`.
   const launch = agentLaunch(process.env);
   const nodeArgs = process.env.BENCH_AGENT_NODE_ARGS?.split(' ').filter(Boolean) ?? [];
-  const proc = spawnProc(o.name ?? `agent ${o.id}`, [...launch.nodeArgs, ...nodeArgs, ...args], { env: launch.env });
+  const proc = spawnProc(o.name ?? `agent ${o.id}`, [...launch.nodeArgs, ...nodeArgs, ...args], { env: { ...launch.env, ...o.env } });
   await proc.waitLine('stderr', (l) => l.includes('"msg":"announced"'), 30_000, "'announced'");
   return proc;
 }

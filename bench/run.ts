@@ -67,6 +67,14 @@ const BENCHES: Record<string, { file: string; about: string; timeoutS?: { quick:
     about:
       'broker, router and two agents as processes at a steady rate (sample app mix, every tenth request over HTTP) with 0, 1 and 2 cores held busy by another process; errors by kind, recovery time',
   },
+  leases: {
+    file: './leases.ts',
+    // Per phase and repeat a fresh router per path, 1.5 s of warm-up and the window (quick: 2 phases' worth of
+    // 4 s windows; full: 15 s windows, three paths, three repeats).
+    timeoutS: { quick: 180, full: 1_500 },
+    about:
+      'the lease path against forwarding: broker, router, three kws agents (one slow, lying or failing) and an SDK load generator as processes, at a steady rate',
+  },
   brokers: {
     file: './brokers.ts',
     // A 3-node NATS cluster and a 3-node RabbitMQ cluster start inside the run (17-40 s for RabbitMQ on a busy 2-core machine).
@@ -119,6 +127,10 @@ options:
               --with-nats-qos1           also NATS with QoS 1 subscriptions (a JetStream consumer each)
               --devices N                measure each cluster again with N idle device connections across its nodes
               --engines a,b              only these of aedes, mosquitto, rabbitmq, nats
+  leases:     --rate R --window-ms D --warmup-ms W --repeats N --slow-ms S --phases a,b --paths a,b --deadline-ms D
+                                         requests/s (100), measured window per run (quick 4000, full 15000), warm-up
+                                         (quick 1500, full 3000), repeats (quick 2, full 3), the odd agent's extra ms (100);
+                                         phases of honest, liar, failing; paths of leased, forwarded, mixed (quick: the first two)
   pipeline:   --n N --ocr-n N            timed wake-word pairs (400, quick 100) and OCR pairs (40, quick 10)
   economics:  --rounds R --agents A --payers P --loss L --seed K   rounds of 15 simulated minutes (48, quick 8),
                                          honest agents (3, quick 2) and payers (40), per-message loss (0.005)

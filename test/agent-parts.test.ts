@@ -7,8 +7,8 @@
 import assert from 'node:assert/strict';
 import os from 'node:os';
 import path from 'node:path';
-import { test } from 'node:test';
-import { readManifest } from '@edge-mesh/agent';
+import { type TestContext, test } from 'node:test';
+import { parseAgentFaults, readManifest } from '@edge-mesh/agent';
 import { sampleInputs } from '@edge-mesh/demo';
 import {
   decodeMessage,
@@ -388,14 +388,43 @@ test('status: signed and verifiable, one session for the status and the will, in
   const plain = loadReport(identity.id, 7, 1, queues());
   assert.equal(plain.seq, 7);
   assert.equal(plain.models.m!.serviceMs, 0.5);
-  assert.equal(loadReport(identity.id, 8, 1, queues(), 20).models.m!.serviceMs, 20.5);
+  assert.equal(loadReport(identity.id, 8, 1, queues(), { extraExecMs: 20 }).models.m!.serviceMs, 20.5);
 });
 
 test('faults: absent or negative values mean none', () => {
-  const faults = new Faults({ linkDelayMs: 5 });
-  assert.deepEqual([faults.linkDelayMs, faults.extraExecMs], [5, 0]);
+  const faults = new Faults({ linkDelayMs: 5, claimIdle: true, failRequests: true });
+  assert.deepEqual([faults.linkDelayMs, faults.extraExecMs, faults.claimIdle, faults.failRequests], [5, 0, true, true]);
   faults.set({ extraExecMs: -3 });
-  assert.deepEqual([faults.linkDelayMs, faults.extraExecMs], [0, 0]);
+  assert.deepEqual([faults.linkDelayMs, faults.extraExecMs, faults.claimIdle, faults.failRequests], [0, 0, false, false]);
+});
+
+test('faults: a load report claiming idle says nothing is queued or running and leaves the injected slowness out', () => {
+  const queues = () => ({
+    queued: 3,
+    inFlight: 1,
+    models: { m: { queued: 3, inFlight: 1, serviceMs: 0.5, served: 9, failed: 0 } },
+  });
+  const honest = loadReport('a', 1, 1, queues(), { extraExecMs: 20 });
+  assert.deepEqual([honest.queued, honest.inFlight, honest.models.m!.queued, honest.models.m!.inFlight], [3, 1, 3, 1]);
+  assert.equal(honest.models.m!.serviceMs, 20.5);
+  const liar = loadReport('a', 2, 1, queues(), { extraExecMs: 20, claimIdle: true });
+  assert.deepEqual([liar.queued, liar.inFlight, liar.models.m!.queued, liar.models.m!.inFlight], [0, 0, 0, 0]);
+  assert.equal(liar.models.m!.serviceMs, 0.5);
+  assert.equal(liar.models.m!.served, 9, 'the counts of work done are left as they are');
+  assert.equal(loadReport('a', 3, 1, queues(), { extraExecMs: 20, claimIdle: true, claimServiceMs: 0.05 }).models.m!.serviceMs, 0.05);
+});
+
+test('faults: MESH_AGENT_FAULTS is read as JSON, and anything but known keys with numbers and booleans is MESH_CONFIG', () => {
+  assert.deepEqual(parseAgentFaults('{"extraExecMs":20,"claimIdle":true}'), { extraExecMs: 20, claimIdle: true });
+  assert.deepEqual(parseAgentFaults('{"failRequests":true,"linkDelayMs":0}'), { failRequests: true, linkDelayMs: 0 });
+  assert.deepEqual(parseAgentFaults('{"claimServiceMs":0.05}'), { claimServiceMs: 0.05 });
+  assert.deepEqual(parseAgentFaults('{}'), {});
+  for (const bad of ['not json', '[]', 'null', '3', '{"extraExecMs":-1}', '{"extraExecMs":"20"}', '{"claimIdle":1}', '{"lie":true}'])
+    assert.throws(
+      () => parseAgentFaults(bad),
+      (err: unknown) => err instanceof MeshError && err.code === 'MESH_CONFIG',
+      bad,
+    );
 });
 
 test('pool: a worker runs the built packages, whatever condition the agent itself was started with', () => {
@@ -431,7 +460,11 @@ test('pool: closing while a worker runs a long job lets the run finish instead o
   assert.deepEqual(results, []);
 });
 
-test('requests: the request path against a real worker pool with the wake-word model', async (t) => {
+/**
+ * The request path of one agent against a real worker pool holding the wake-word model: its replies are read as the
+ * bytes it would publish, with the delay it asks for them (`afterMs`).
+ */
+async function kwsRequestPath(t: TestContext, faults = new Faults()) {
   const dir = await modelsDir();
   const kws = (await readManifest(dir)).models.find((m) => m.name === 'kws')!;
   const pool = new WorkerPool({
@@ -447,7 +480,7 @@ test('requests: the request path against a real worker pool with the wake-word m
   const agentId = generateIdentity('agent').id;
   const sender = generateIdentity('app').id;
   const counters = newAgentCounters();
-  const replies: { senderId: string; reply: InferReply | ErrorReply; raw: Buffer }[] = [];
+  const replies: { senderId: string; reply: InferReply | ErrorReply; raw: Buffer; afterMs: number | undefined }[] = [];
   const waiters: (() => void)[] = [];
   const requests = new AgentRequests({
     agentId,
@@ -457,10 +490,10 @@ test('requests: the request path against a real worker pool with the wake-word m
     replays: new ReplayGuard(100),
     payments: undefined,
     counters,
-    faults: new Faults(),
+    faults,
     logger: quiet,
-    reply: (senderId, payload) => {
-      replies.push({ senderId, reply: decodeMessage(payload, ['res', 'err']), raw: Buffer.from(payload) });
+    reply: (senderId, payload, afterMs) => {
+      replies.push({ senderId, reply: decodeMessage(payload, ['res', 'err']), raw: Buffer.from(payload), afterMs });
       waiters.shift()?.();
     },
     closed: () => false,
@@ -475,10 +508,21 @@ test('requests: the request path against a real worker pool with the wake-word m
     await replied;
     return replies.at(-1)!;
   };
+  /** Sends `n` requests at once and resolves with their replies, in the order they left. */
+  const burst = async (n: number) => {
+    const all = Array.from({ length: n }, () => new Promise<void>((resolve) => waiters.push(resolve)));
+    for (let i = 0; i < n; i++) requests.onRequest(sender, encodeMessage(request(newRequestId())));
+    await Promise.all(all);
+    return replies.slice(-n);
+  };
   const input = { 'onnx::Flatten_0': f32([1, 25, 96]) };
   const request = (id: Uint8Array, modelName = 'kws', inputs: Record<string, Tensor> = input) =>
     ({ v: 1, kind: 'req', id, deadline: Date.now() + 5_000, model: modelName, inputs: encodeTensorMap(inputs) }) as const;
+  return { requests, replies, counters, sender, send, burst, request, scheduler, agentId };
+}
 
+test('requests: the request path against a real worker pool with the wake-word model', async (t) => {
+  const { requests, replies, counters, sender, send, burst, request } = await kwsRequestPath(t);
   const id = newRequestId();
   const ok = await send(request(id));
   assert.equal(ok.senderId, sender);
@@ -507,10 +551,7 @@ test('requests: the request path against a real worker pool with the wake-word m
 
   // Every reply carries the agent's queue as it stands when the reply leaves: four at once on one
   // worker, so the replies count down what is still held, and give it as work too.
-  const burst = Array.from({ length: 4 }, () => new Promise<void>((resolve) => waiters.push(resolve)));
-  for (let i = 0; i < 4; i++) requests.onRequest(sender, encodeMessage(request(newRequestId())));
-  await Promise.all(burst);
-  const held = replies.slice(-4).map((r) => (r.reply.kind === 'res' ? [r.reply.rif, r.reply.workMs] : undefined));
+  const held = (await burst(4)).map((r) => (r.reply.kind === 'res' ? [r.reply.rif, r.reply.workMs] : undefined));
   assert.deepEqual(
     held.map((h) => h?.[0]),
     [3, 2, 1, 0],
@@ -519,6 +560,62 @@ test('requests: the request path against a real worker pool with the wake-word m
   // Error replies carry it too.
   const refused = await send(request(newRequestId(), 'nope'));
   assert.equal(refused.reply.kind === 'err' && refused.reply.rif, 0);
+});
+
+test('faults: an agent claiming idle still answers late, but its replies say it held nothing and ran fast; a failing one fails at once', async (t) => {
+  // 100 s of injected slowness: far more than a wake-word run takes anywhere, and never waited for here (the harness
+  // reads each reply with the delay the agent asks for it).
+  const faults = new Faults({ extraExecMs: 100_000 });
+  const { send, burst, request, counters } = await kwsRequestPath(t, faults);
+
+  // Honest slowness: four at once on one worker; the replies count down what is held and include the slowness.
+  const honest = await burst(4);
+  assert.deepEqual(
+    honest.map((r) => r.reply.kind === 'res' && r.reply.rif),
+    [3, 2, 1, 0],
+  );
+  for (const r of honest) {
+    assert.equal(r.afterMs, 100_000);
+    assert.ok(r.reply.kind === 'res' && r.reply.execMs >= 100_000 && r.reply.workMs! >= r.reply.rif! * 100_000);
+  }
+
+  // The lie: the same four, still held back by the slowness, each claiming an empty queue and a fast run.
+  faults.set({ extraExecMs: 100_000, claimIdle: true });
+  const lies = await burst(4);
+  for (const r of lies) {
+    assert.equal(r.afterMs, 100_000, 'the reply still waits out the slowness');
+    assert.equal(r.reply.kind, 'res');
+    if (r.reply.kind !== 'res') continue;
+    assert.deepEqual([r.reply.rif, r.reply.workMs], [0, 0]);
+    assert.ok(r.reply.execMs > 0 && r.reply.execMs < 100_000, `execMs ${r.reply.execMs}`);
+  }
+  const refused = await send(request(newRequestId(), 'nope'));
+  assert.deepEqual(refused.reply.kind === 'err' && [refused.reply.code, refused.reply.rif, refused.reply.workMs], [
+    'MESH_UNKNOWN_MODEL',
+    0,
+    0,
+  ]);
+
+  // And a claimed service time stands for every run's execution time.
+  faults.set({ extraExecMs: 100_000, claimIdle: true, claimServiceMs: 0.01 });
+  const claimed = await send(request(newRequestId()));
+  assert.deepEqual(claimed.reply.kind === 'res' && [claimed.reply.execMs, claimed.afterMs], [0.01, 100_000]);
+
+  // Failing: every well-formed request answered MESH_INFERENCE_FAILED at once, nothing run; bad input is still refused as such.
+  faults.set({ failRequests: true });
+  const served = counters.served;
+  const failed = await send(request(newRequestId()));
+  assert.equal(failed.reply.kind === 'err' && failed.reply.code, 'MESH_INFERENCE_FAILED');
+  assert.equal(failed.afterMs, undefined, 'answered at once');
+  const badShape = await send(request(newRequestId(), 'kws', { 'onnx::Flatten_0': f32([1, 24, 96]) }));
+  assert.equal(badShape.reply.kind === 'err' && badShape.reply.code, 'MESH_BAD_INPUT');
+  assert.equal(counters.served, served);
+  assert.equal(counters.errors.MESH_INFERENCE_FAILED, 1);
+  // And it serves again once the fault is lifted.
+  faults.set({});
+  const ok = await send(request(newRequestId()));
+  assert.equal(ok.reply.kind, 'res');
+  assert.equal(counters.served, served + 1);
 });
 
 test('pool: workers load and warm their models at a lower priority (nice + loadNice), the event loop keeps its own', async (t) => {

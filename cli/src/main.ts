@@ -600,7 +600,11 @@ export function buildProgram(): Command {
         if (reload) void reload();
         else logger.warn({ signal: 'SIGHUP' }, 'still starting: the models loading now are the folder as it was read');
       });
-      const { startAgent } = await loadAgent();
+      const { startAgent, parseAgentFaults } = await loadAgent();
+      // Fault injection for tests and benchmarks only (docs/agent.md, "Injected faults"): never set in production.
+      const faultsText = process.env.MESH_AGENT_FAULTS;
+      const faults = faultsText ? parseAgentFaults(faultsText) : undefined;
+      if (faults) logger.warn({ faults }, 'MESH_AGENT_FAULTS: injected faults are on (tests and benchmarks only)');
       const agent = await startAgent({
         brokerUrl: opts.broker,
         ...(await brokerAccessFrom(opts)),
@@ -621,6 +625,7 @@ export function buildProgram(): Command {
         ...(opts.loadNice !== undefined ? { loadNice: opts.loadNice } : {}),
         ...(opts.metricsPort !== undefined ? { metricsPort: opts.metricsPort, metricsHost: opts.metricsHost } : {}),
         ...(deploy ? { deploy } : {}),
+        ...(faults ? { faults } : {}),
         ...(opts.payout
           ? {
               payment: {

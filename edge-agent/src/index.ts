@@ -41,6 +41,7 @@ import { type AgentHandle, type AgentOptions, newAgentCounters } from './types.t
 
 export { type BrokerEngine, engineDefaults } from '@edge-mesh/client';
 export type { AgentDeployOptions, DeployEvent } from './deploy.ts';
+export { parseAgentFaults } from './faults.ts';
 export { type Confirmations, defaultConfirmations, type FundsCheckpoint, type LaneFundsView, parseConfirmations } from './lane-funds.ts';
 export { MANIFEST_FILE, type Manifest, type ManifestEntry, readManifest, sha256File } from './manifest.ts';
 export {
@@ -221,7 +222,7 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
   // Executor sets: the one opened here, and one per reload that loaded models beside the running ones (reload.ts).
   const executorSets = [executors];
   const lanes = () => executorSets.reduce((n, set) => n + set.lanes(), 0);
-  const currentLoad = () => loadReport(agentId, heartbeat.seq, lanes(), scheduler.loadReport(), faults.extraExecMs);
+  const currentLoad = () => loadReport(agentId, heartbeat.seq, lanes(), scheduler.loadReport(), faults);
   const served: ServedModels = {
     modelsDir,
     entries: new Map(entries.map((e) => [e.name, e])),

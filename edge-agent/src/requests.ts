@@ -550,7 +550,7 @@ export class AgentRequests {
     const outputs = encodeTensorMap(result!.outputs);
     this.withReceipt(job, undefined, outputs, (receipt, lane) => {
       // The queue as it stands when the reply leaves (a paid reply waits for its receipt to be journaled).
-      const { rif, workMs } = this.queue().queueClaim(faults.extraExecMs);
+      const { rif, workMs } = faults.claimed(this.queue().queueClaim(faults.reportedExtraMs));
       const bytes = encodeMessage({
         v: PROTOCOL_VERSION,
         kind: 'res',
@@ -560,7 +560,7 @@ export class AgentRequests {
         ...(job.served?.version !== undefined ? { version: job.served.version } : {}),
         outputs,
         queueMs: Math.max(0, queueMs),
-        execMs: result!.execMs + faults.extraExecMs,
+        execMs: faults.reportedExecMs(result!.execMs),
         rif,
         workMs,
         ...(receipt ? { receipt } : {}),
@@ -583,7 +583,8 @@ export class AgentRequests {
   /** An error reply; with `job`, one that answers that job, kept for redelivery like a result. */
   private replyError(senderId: string, id: Uint8Array, err: MeshError, receipt?: SignedReceipt, lane?: LaneInfo, job?: Job): void {
     this.countError(err.code);
-    const queue = this.scheduler?.queueClaim(this.options.faults.extraExecMs);
+    const { faults } = this.options;
+    const queue = this.scheduler ? faults.claimed(this.scheduler.queueClaim(faults.reportedExtraMs)) : undefined;
     const bytes = errorReply(this.options.agentId, id, err, receipt, lane, queue);
     if (job) this.sent.keep(job.key, senderId, bytes, job.deadline);
     this.options.reply(senderId, bytes);
@@ -685,6 +686,11 @@ export class AgentRequests {
       // Never taken on: the same request may come again (paid, or to this agent once it serves unpaid work).
       if (refusal.code === 'MESH_PAYMENT_REQUIRED') replays.forget(key);
       this.replyError(senderId, request.id, refusal);
+      return;
+    }
+    if (this.options.faults.failRequests) {
+      // An injected fault (tests and benchmarks): a broken runtime that fails every request at once. Nothing ran, nothing is owed.
+      this.replyError(senderId, request.id, new MeshError('MESH_INFERENCE_FAILED', `${agentId}: injected fault, every request fails`));
       return;
     }
     const job: Job = {

@@ -91,10 +91,30 @@ export class StatusBoard {
 
 /**
  * One heartbeat's load report. Injected slowness (`extraExecMs`) is part of the service time the agent
- * reports, as a really slow device's would be.
+ * reports, as a really slow device's would be; an agent told to claim it is idle (`claimIdle`, a fault for
+ * tests and benchmarks) reports nothing queued or running and leaves the slowness out, and one told to claim a
+ * service time (`claimServiceMs`) reports that for every model.
  */
-export function loadReport(agentId: string, seq: number, workers: number, queues: QueueReport, extraExecMs = 0): AgentLoad {
-  if (extraExecMs > 0) for (const m of Object.values(queues.models)) m.serviceMs += extraExecMs;
+export function loadReport(
+  agentId: string,
+  seq: number,
+  workers: number,
+  queues: QueueReport,
+  faults: { extraExecMs?: number; claimIdle?: boolean; claimServiceMs?: number | undefined } = {},
+): AgentLoad {
+  const extraExecMs = faults.claimIdle ? 0 : (faults.extraExecMs ?? 0);
+  for (const m of Object.values(queues.models)) {
+    if (extraExecMs > 0) m.serviceMs += extraExecMs;
+    if (faults.claimServiceMs !== undefined) m.serviceMs = faults.claimServiceMs;
+    if (faults.claimIdle) {
+      m.queued = 0;
+      m.inFlight = 0;
+    }
+  }
+  if (faults.claimIdle) {
+    queues.queued = 0;
+    queues.inFlight = 0;
+  }
   return { v: PROTOCOL_VERSION, kind: 'load', agent: agentId, ts: Date.now(), seq, workers, ...queues };
 }
 

@@ -16,6 +16,12 @@ import type { SettlementRecord, SettlerCounters } from './settler.ts';
 export interface AgentFaults {
   linkDelayMs?: number;
   extraExecMs?: number;
+  /** Lie: load reports and replies claim nothing queued or running, and leave `extraExecMs` out of their times. */
+  claimIdle?: boolean;
+  /** Lie: load reports claim this service time for every model, and replies this execution time, ms. */
+  claimServiceMs?: number;
+  /** Answer every request `MESH_INFERENCE_FAILED` at once, without running it. */
+  failRequests?: boolean;
 }
 
 export interface AgentOptions {
@@ -128,7 +134,12 @@ export interface AgentOptions {
    * Fault injection for tests and demos of routing: `linkDelayMs` holds each request and each reply
    * for that long (a far-away link: round trip + 2 × linkDelayMs, outside the reported queue and
    * execution times); `extraExecMs` adds that much to every execution (slow hardware: the reply waits
-   * and reports the longer execMs). Never set in production.
+   * and reports the longer execMs; the wait holds no worker). `claimIdle` makes the agent lie about itself: its
+   * load reports and replies say nothing is queued or running and leave `extraExecMs` out of the service and
+   * execution times (a slow agent passing itself off as idle and fast; its status' latency is the one measured at
+   * load, so it claims the fast time there too). `claimServiceMs` claims that service time in load reports and that
+   * execution time in replies, whatever the truth (faster than an honest agent, say). `failRequests` answers every well-formed request
+   * `MESH_INFERENCE_FAILED` at once (a broken runtime); its reports stay true. Never set in production.
    */
   faults?: AgentFaults;
   /**

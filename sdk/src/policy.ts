@@ -1,6 +1,7 @@
 /**
  * How the SDK chooses an agent for each attempt (docs/routing.md, "Two ways in"): from the router's
- * route lease when it has one (among the lease's agents this client has not seen fail lately), else by
+ * route lease when it has one (among the lease's agents this client has not seen fail lately, the router's
+ * prediction raised by how late this client saw each agent answer against it), else by
  * itself from the fleet's statuses and load reports. The request
  * engine in @edge-mesh/client does the rest (failover, retries, hedges, timeouts, the deadline).
  *
@@ -95,9 +96,18 @@ interface Local {
   /** Per model: the load time its replies last reported (fitted to the attempt), and when one last came. */
   loadMs: Map<string, number>;
   repliedAt: Map<string, number>;
+  /**
+   * How much later than the router predicted its leased attempts answered (an EWMA of the excess, never below 0), as of
+   * `lateAt`; it halves every LATE_HALF_LIFE_MS without a new sample.
+   */
+  lateMs: number;
+  lateAt: number;
 }
 
 const NETWORK_EWMA_ALPHA = 0.2;
+/** Weight of a new sample in a leased agent's lateness, and how fast the lateness fades without one. */
+const LATE_EWMA_ALPHA = 0.3;
+const LATE_HALF_LIFE_MS = 5_000;
 const INITIAL_NETWORK_MS = 1;
 const SUSPECT_MS = 3_000;
 /** Codes that say the agent failed (its runtime, its own code, its model file), not the request: it is suspect a while. */
@@ -144,6 +154,8 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
         latency: new Map(),
         loadMs: new Map(),
         repliedAt: new Map(),
+        lateMs: 0,
+        lateAt: 0,
       };
       locals.set(agentId, l);
     }
@@ -151,6 +163,21 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
   };
   /** What each attempt added to its agent's outstanding work, by attempt. */
   const workOf = new WeakMap<Attempt<SdkRequest>, number>();
+  /** Attempts whose agent a lease chose, at the prediction it was chosen by. */
+  const leasedAttempts = new WeakSet<Attempt<SdkRequest>>();
+
+  /** How much later than predicted the agent's leased attempts answered lately (0 when unknown), faded to `now`. */
+  const latenessMs = (agentId: string, now: number): number => {
+    const l = locals.get(agentId);
+    if (!l || l.lateMs === 0) return 0;
+    return l.lateMs * 0.5 ** (Math.max(0, now - l.lateAt) / LATE_HALF_LIFE_MS);
+  };
+  const noteLate = (agentId: string, lateMs: number, now: number) => {
+    const l = local(agentId);
+    const current = latenessMs(agentId, now);
+    l.lateMs = current + LATE_EWMA_ALPHA * (Math.max(0, lateMs) - current);
+    l.lateAt = now;
+  };
 
   const serviceMsOf = (agent: FleetAgent, model: string): number => {
     const fresh = fleet.freshLoad(agent)?.models[model];
@@ -250,11 +277,13 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
   };
 
   /**
-   * The lease agent with the soonest answer: the router's prediction plus this client's work outstanding there. The
-   * router ranks agents by what they say of themselves and, in direct mode, never sees their replies, so this client's
-   * own evidence counts too: an agent it saw fail lately is passed over (as in pickLocal; with none left the SDK picks by
-   * itself), and its outstanding work is not shared among the workers the agent claims, a number nothing here checks (a
-   * claim of many would draw a whole burst).
+   * The lease agent with the soonest answer: the router's prediction plus this client's work outstanding there plus how
+   * much later than predicted its leased attempts answered lately. The router ranks agents by what they say of
+   * themselves and, in direct mode, never sees their replies, so this client's own evidence counts too: an agent it saw
+   * fail lately is passed over (as in pickLocal; with none left the SDK picks by itself), its outstanding work is not
+   * shared among the workers the agent claims, a number nothing here checks (a claim of many would draw a whole burst),
+   * and an agent that answers later than its claims let the router predict (a slow agent claiming to be idle and fast)
+   * carries that lateness until it fades (LATE_HALF_LIFE_MS), when it is tried again.
    */
   const pickLeased = (
     request: EngineRequest<SdkRequest>,
@@ -276,7 +305,7 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
         continue;
       // A leased agent without room in its credit window is passed over (the SDK then picks by itself).
       if (!hasRoom(leased.agent, request)) continue;
-      const score = leased.predictedMs + local(leased.agent).outstandingWorkMs;
+      const score = leased.predictedMs + local(leased.agent).outstandingWorkMs + latenessMs(leased.agent, now);
       if (!best || score < best.score) {
         best = {
           score,
@@ -335,7 +364,9 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     onSend(attempt) {
       const agent = fleet.get(attempt.agentId);
       const leasedKey = `${attempt.request.key}/${attempt.agentId}`;
-      const workMs = leasedWork.get(leasedKey) ?? (agent ? serviceMsOf(agent, attempt.request.data.model) : 1);
+      const leasedMs = leasedWork.get(leasedKey);
+      const workMs = leasedMs ?? (agent ? serviceMsOf(agent, attempt.request.data.model) : 1);
+      if (leasedMs !== undefined) leasedAttempts.add(attempt);
       leasedWork.delete(leasedKey);
       workOf.set(attempt, workMs);
       const l = local(attempt.agentId);
@@ -354,6 +385,8 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
         const networkMs = Math.max(0, attemptMs - queueMs - execMs - loadMs);
         l.networkMs += NETWORK_EWMA_ALPHA * (networkMs - l.networkMs);
         latencyOf(attempt.agentId, attempt.request.data.model).add(attemptMs);
+        if (leasedAttempts.has(attempt) && attempt.plan.predictedMs !== undefined)
+          noteLate(attempt.agentId, attemptMs - attempt.plan.predictedMs, now);
         l.repliedAt.set(attempt.request.data.model, now);
         if (loadMs > 0) l.loadMs.set(attempt.request.data.model, loadMs);
         if (reply.rif !== undefined) noteClaim(attempt.agentId, reply.rif, reply.workMs, now);
@@ -363,6 +396,16 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
           noteClaim(attempt.agentId, claim.rif, typeof claim.workMs === 'number' ? claim.workMs : undefined, now);
         if (AGENT_FAULTS.has(end.error.code)) l.suspectUntil = now + SUSPECT_MS;
       } else if (end.kind === 'cancelled' && end.reason !== 'closed') {
+        // An attempt past its per-try timeout and cancelled unanswered was at least this late. Not one moved on because
+        // its agent went silent: silence has its own rule (docs/routing.md, "Dead agents"), and an agent back from it
+        // is judged afresh.
+        if (
+          attempt.timedOut &&
+          leasedAttempts.has(attempt) &&
+          attempt.plan.predictedMs !== undefined &&
+          !fleet.silent(attempt.agentId, now)
+        )
+          noteLate(attempt.agentId, now - attempt.sentAt - attempt.plan.predictedMs, now);
         options.onCancelled?.(attempt.request.key, attempt.agentId);
       }
     },

@@ -305,3 +305,52 @@ test('a leased agent claiming many workers still counts this client’s outstand
   // 50 ms of this client's work waits there: not 50 / 1,000.
   assert.equal(policy.pick(leased(lease), new Set(), 'first', 1_000)!.agentId, 'honest');
 });
+
+test('a leased agent that answers far later than the router predicted is passed over until its lateness fades', () => {
+  const { fleet } = fleetOf('liar', 'honest');
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+  // The router believes the liar's claims (idle and fast) and never sees its replies: it keeps ranking it first.
+  const lease: [string, number][] = [
+    ['liar', 1],
+    ['honest', 2],
+  ];
+  const reply = (agentId: string) =>
+    ({ v: 1, kind: 'res', id: new Uint8Array(16), agent: agentId, model: 'kws', outputs: {}, queueMs: 0, execMs: 0.01 }) as InferReply;
+  /** One leased request, answered `ms` after it was sent at `at`; returns the agent the policy chose. */
+  const serve = (at: number, ms: (agentId: string) => number) => {
+    const req = leased(lease);
+    const plan = policy.pick(req, new Set(), 'first', at)!;
+    const attempt = {
+      request: req,
+      agentId: plan.agentId,
+      kind: 'first',
+      index: 0,
+      paid: false,
+      sentAt: at,
+      plan,
+      timedOut: false,
+    } as const;
+    policy.onSend!(attempt, at);
+    policy.onAttemptEnd!(attempt, { kind: 'reply', reply: { reply: reply(plan.agentId), outputs: {} } }, at + ms(plan.agentId));
+    return plan.agentId;
+  };
+  const slow = (agentId: string) => (agentId === 'liar' ? 100 : 1);
+  // First the lease is followed; the liar's answer comes 100 ms late and the next requests go to the honest agent.
+  assert.equal(serve(1_000, slow), 'liar');
+  const next = Array.from({ length: 20 }, (_, i) => serve(1_200 + i * 10, slow));
+  assert.deepEqual(new Set(next), new Set(['honest']));
+  // An honest agent answering as predicted keeps no lateness: with the liar gone, it is not passed over.
+  assert.ok(policy.pick(leased(lease), new Set(['liar']), 'retry', 1_500)!.agentId === 'honest');
+  // The lateness fades: some seconds later the liar is tried again (and, still late, passed over again).
+  assert.equal(serve(30_000, slow), 'liar');
+  assert.equal(serve(30_200, slow), 'honest');
+  // An attempt past its per-try timeout and cancelled unanswered counts as late by at least the time it ran.
+  const fresh = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+  const req = leased(lease);
+  const plan = fresh.pick(req, new Set(), 'first', 1_000)!;
+  assert.equal(plan.agentId, 'liar');
+  const attempt = { request: req, agentId: 'liar', kind: 'first', index: 0, paid: false, sentAt: 1_000, plan, timedOut: true } as const;
+  fresh.onSend!(attempt, 1_000);
+  fresh.onAttemptEnd!(attempt, { kind: 'cancelled', reason: 'answered-elsewhere' }, 1_300);
+  assert.equal(fresh.pick(leased(lease), new Set(), 'first', 1_301)!.agentId, 'honest');
+});
