@@ -14,6 +14,8 @@ import { sampleInputs } from '@edge-mesh/demo';
 import { type ErrorReply, generateIdentity, type Identity, type InferReply, MeshError } from '@edge-mesh/protocol';
 import { startRouterHttp } from '@edge-mesh/router';
 import { ethers } from 'ethers';
+import { LaneFunds } from '../edge-agent/src/lane-funds.ts';
+import { withTimeout } from './broker-fixtures.ts';
 import { agentFor, brokerFor, modelsDir, quiet, routerFor, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
 
@@ -108,6 +110,73 @@ describe('settlement on a chain that reorganises', () => {
     assert.equal(agent.payments!.lanes()[0]!.receipts, 3, 'no work after the reorg was seen');
     assert.equal(agent.payments!.lanes()[0]!.funds!.remaining, 0);
     assert.equal(agent.payments!.funds().counters.reorgs, 1);
+  });
+
+  test('after a reorg, a lane in use is read again on its own: not after every lane the agent ever read', async (t) => {
+    // An agent with many lanes drops them all from its view on a reorg. Before this fix it read every one of them
+    // again inside the poll, under the lock its paid requests' first reads wait on, so a lane in use waited for
+    // every idle lane's laneOf (and for ever when the node hung on one). Now each lane is read on its next use,
+    // and a burst of first uses shares one turn of the lock.
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    const stored = new Map<string, unknown>();
+    const idle = Array.from({ length: 20 }, () => ethers.Wallet.createRandom().address.toLowerCase());
+    // The node hangs on the idle lanes' laneOf once `hang` is set, until `release`.
+    let hang = false;
+    let release!: () => void;
+    const gate = new Promise<void>((r) => {
+      release = r;
+    });
+    const hangsOn = idle.map((a) => a.slice(2));
+    const provider = new Proxy(chain.provider, {
+      get(target, prop) {
+        if (prop === 'call')
+          return async (tx: ethers.TransactionRequest) => {
+            const data = String(tx.data ?? '').toLowerCase();
+            if (hang && hangsOn.some((h) => data.includes(h))) await gate;
+            return target.call(tx);
+          };
+        const value = Reflect.get(target, prop, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    const funds = await LaneFunds.open({
+      provider,
+      escrow: deployment.escrow,
+      payout,
+      chainId: BigInt(deployment.chainId),
+      store: { get: async (k) => stored.get(k), put: async (k, v) => void stored.set(k, v) },
+      logger: quiet,
+      pollMs: 60_000,
+      confirmations: 0,
+    });
+    t.after(() => {
+      release();
+      return funds.close();
+    });
+    const snap = await snapshot();
+    const wallet = chain.wallet(nextWallet++);
+    const active = wallet.address.toLowerCase();
+    await fundOwnLane(wallet, deployment.escrow, payout, 5_000n);
+    for (const payer of idle) await funds.track(payer);
+    assert.equal((await funds.track(active)).remaining, 5_000);
+    await funds.catchUp();
+
+    await reorgTo(snap);
+    await fundOwnLane(wallet, deployment.escrow, payout, 700n);
+    hang = true;
+    const reads = funds.counters.reads;
+    await withTimeout(funds.catchUp(), 10_000, 'the poll that finds the reorg');
+    assert.equal(funds.counters.reorgs, 1);
+    assert.equal(funds.view(active), undefined, 'no credit against the lane until it is read again');
+    const view = await withTimeout(funds.track(active), 10_000, 'the lane in use read again');
+    assert.equal(view.remaining, 700, 'read on the new branch');
+    assert.equal(funds.counters.reads - reads, 1, 'one laneOf: the idle lanes are read on their next use');
+
+    // A burst of first uses after the reorg: each lane read once, the lanes the node answers not held by one it does not.
+    hang = false;
+    const burst = await withTimeout(Promise.all(idle.slice(0, 10).map((p) => funds.track(p))), 10_000, 'the burst');
+    assert.ok(burst.every((v) => v.remaining === 0));
+    assert.equal(funds.counters.reads - reads, 11);
   });
 
   test('with confirmations, a deposit counts only once it is that deep: one reorged out before then never gave credit', async (t) => {

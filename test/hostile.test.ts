@@ -565,7 +565,7 @@ test('readers that stop holding the shared delivery slots get themselves cut off
   const otherId = await admitted(ab, 'agent');
   const other = await connect(defer, ab.b, otherId);
   for (let i = 0; i < 40; i++) other.publish(topics.clientReply(honestId.id, otherId.id), big, { qos: 0 });
-    await waitFor(() => conn(honestId.id)?.writableNeedDrain === true, 5_000, 'the honest subscriber fell behind');
+  await waitFor(() => conn(honestId.id)?.writableNeedDrain === true, 5_000, 'the honest subscriber fell behind');
   other.publish(topics.clientReply(honestId.id, otherId.id), Buffer.from('the reply that matters'), { qos: 1 });
   await new Promise((r) => setTimeout(r, 300));
   honest.socket.resume();
