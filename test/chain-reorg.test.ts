@@ -201,6 +201,11 @@ describe('settlement on a chain that reorganises', () => {
     await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
     await agent.payments!.catchUpFunds();
     assert.deepEqual(await serve(payer, 1, 20), ['MESH_CREDIT_EXCEEDED']);
+    // The payer that just funded is told the deposit is not deep enough yet, not only to fund the lane (again).
+    const shallow = (await payer.request('kws', sampleInputs('kws', 25))) as ErrorReply;
+    assert.equal(shallow.code, 'MESH_CREDIT_EXCEEDED');
+    assert.match(shallow.message, /3 blocks below the latest/, shallow.message);
+    assert.match(shallow.message, /a deposit counts once it is that deep/, shallow.message);
     await chain.provider.send('hardhat_mine', ['0x3']);
     await agent.payments!.catchUpFunds();
     assert.deepEqual(await serve(payer, 2, 30), ['ok', 'ok']);

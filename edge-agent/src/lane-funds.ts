@@ -311,6 +311,19 @@ export class LaneFunds {
     return Math.max(this.chainTimeS, Math.floor(nowMs / 1000));
   }
 
+  /**
+   * How the view stands against the chain, for a payer told its lane holds too little: the last block followed, and
+   * in words how deep a block must be to count (empty at a depth of 0).
+   */
+  depth(): { block: number; confirmations: Confirmations; words: string } {
+    const c = this.confirmations;
+    const words =
+      c === 0
+        ? ''
+        : `${typeof c === 'number' ? `${c} block${c === 1 ? '' : 's'} below the latest` : `the node's ${c} block`}: a deposit counts once it is that deep`;
+    return { block: this.nextBlock - 1, confirmations: c, words };
+  }
+
   /** Where the follower stands: the next block it reads and the hash it recorded for the one before. */
   checkpoint(): FundsCheckpoint {
     return { next: this.nextBlock, hash: this.lastHash };

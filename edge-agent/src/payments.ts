@@ -605,10 +605,19 @@ export class AgentPayments {
     const feeAllowance = Math.floor((owed + maxPrice) / Number(FEE_CAP_DIVISOR));
     const cover = funds.remaining - owed - funds.pendingWithdrawal - feeAllowance;
     if (cover < maxPrice) {
+      // Behind a confirmation depth a deposit just made is not in the view yet: the payer is told so, not only to fund.
+      const depth = this.funds.depth();
+      const asOf = depth.words ? ` as of block ${depth.block} (${depth.words})` : '';
       refuse(
         'funds',
-        `lane of ${payer} holds ${funds.remaining} micro-dollars on chain and owes ${owed} not yet settled (plus up to ${feeAllowance} in relayer fees): it cannot cover ${maxPrice} more; fund the lane`,
-        { remainingMicros: funds.remaining, settledMicros: funds.settled, coverMicros: cover },
+        `lane of ${payer} holds ${funds.remaining} micro-dollars on chain${asOf} and owes ${owed} not yet settled (plus up to ${feeAllowance} in relayer fees): it cannot cover ${maxPrice} more; fund the lane${depth.words ? ', or wait for a deposit to be that deep' : ''}`,
+        {
+          remainingMicros: funds.remaining,
+          settledMicros: funds.settled,
+          coverMicros: cover,
+          asOfBlock: depth.block,
+          confirmations: depth.confirmations,
+        },
       );
     }
     const refused = this.refusedOf(lane);
