@@ -352,6 +352,54 @@ describe('settlement on a chain that reorganises', () => {
     assert.deepEqual(await serve(payer, 2, 20), Array(2).fill('MESH_CREDIT_EXCEEDED'));
   });
 
+  test('a node a block or two behind is not a reorg to the settler: nothing is settled twice', async (t) => {
+    // A load-balanced RPC endpoint may answer one call from a node a block or two behind the one before. The
+    // settler once took a head below the last block it had read (or that block not found) for a reorg: it believed
+    // `settled` as that node had it, from before its own settlement, and sent the settlement again, paying gas for
+    // nothing (the escrow pays only what is above `settled`). Now it waits for the node to have the block.
+    const broker = await brokerFor(t);
+    let lagHead: number | undefined;
+    const lagging = new Proxy(chain.provider, {
+      get(target, prop) {
+        if (prop === 'getBlockNumber') return async () => lagHead ?? (await target.getBlockNumber());
+        if (prop === 'getBlock')
+          return async (tag: ethers.BlockTag) => {
+            if (lagHead === undefined) return target.getBlock(tag);
+            if (tag === 'latest') return target.getBlock(lagHead);
+            return typeof tag === 'number' && tag > lagHead ? null : target.getBlock(tag);
+          };
+        if (prop === 'call')
+          return (tx: ethers.TransactionRequest) => target.call(lagHead === undefined ? tx : { ...tx, blockTag: lagHead });
+        const value = Reflect.get(target, prop, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    const runner = chain.wallet(nextWallet++).connect(lagging);
+    const settle: SettlerOptions = { runner, checkEveryMs: 3_600_000, thresholdMicros: 1 };
+    const { agent, payout } = await paidAgent(t, broker.url, { settle });
+    const wallet = chain.wallet(nextWallet++);
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-lagging-node' });
+    await payer.waitForModel('kws');
+    assert.deepEqual(await serve(payer, 3, 0), ['ok', 'ok', 'ok']);
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 3 * KWS, 5_000, 'the voucher');
+    const settler = agent.payments!.settler!;
+    await settler.settleNow();
+    assert.equal((await laneOnChain(wallet.address, payout)).settled, BigInt(3 * KWS), 'settled');
+    const minedAt = (await settler.settlements())[0]!.blockNumber;
+    await chain.provider.send('hardhat_mine', ['0x2']);
+    await settler.settleNow(); // reads the settlement's event
+    const txs = settler.counters.txs;
+
+    lagHead = minedAt - 1; // the next answers come from a node without the settlement's block yet
+    await settler.settleNow();
+    lagHead = undefined;
+    await settler.settleNow();
+    assert.equal(settler.counters.txs, txs, 'no settlement sent again');
+    assert.equal(await runner.getNonce('latest'), await chain.provider.getTransactionCount(runner.address, 'latest'));
+    assert.equal(settler.settledByLane()[wallet.address.toLowerCase()], 3 * KWS);
+  });
+
   test('a settlement reorged out is sent again: the settler reads the lane and believes the chain', async (t) => {
     // The agent's own settlement is mined and then dropped by a reorg (its transaction gone with the branch).
     // Before this fix the settler had recorded the lane as settled and never looked at it again: the payer
