@@ -76,6 +76,34 @@ async function laneOnChain(payer: string, payout: string) {
   return escrow.laneOf(payer, payout);
 }
 
+/**
+ * The local chain as a node `behind` blocks behind would answer it (a load balancer's node that lags): its head, its
+ * blocks and its calls stop at the block `lag` names; `lag(undefined)` answers as the chain is.
+ */
+function laggingProvider(): { provider: ethers.JsonRpcProvider; lag: (head: number | undefined) => void } {
+  let lagHead: number | undefined;
+  const provider = new Proxy(chain.provider, {
+    get(target, prop) {
+      if (prop === 'getBlockNumber') return async () => lagHead ?? (await target.getBlockNumber());
+      if (prop === 'getBlock')
+        return async (tag: ethers.BlockTag) => {
+          if (lagHead === undefined) return target.getBlock(tag);
+          if (tag === 'latest') return target.getBlock(lagHead);
+          return typeof tag === 'number' && tag > lagHead ? null : target.getBlock(tag);
+        };
+      if (prop === 'call') return (tx: ethers.TransactionRequest) => target.call(lagHead === undefined ? tx : { ...tx, blockTag: lagHead });
+      const value = Reflect.get(target, prop, target);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
+  return {
+    provider,
+    lag: (head) => {
+      lagHead = head;
+    },
+  };
+}
+
 describe('settlement on a chain that reorganises', () => {
   before(async () => {
     chain = await startLocalChain({ accounts: 30 });
@@ -358,22 +386,7 @@ describe('settlement on a chain that reorganises', () => {
     // `settled` as that node had it, from before its own settlement, and sent the settlement again, paying gas for
     // nothing (the escrow pays only what is above `settled`). Now it waits for the node to have the block.
     const broker = await brokerFor(t);
-    let lagHead: number | undefined;
-    const lagging = new Proxy(chain.provider, {
-      get(target, prop) {
-        if (prop === 'getBlockNumber') return async () => lagHead ?? (await target.getBlockNumber());
-        if (prop === 'getBlock')
-          return async (tag: ethers.BlockTag) => {
-            if (lagHead === undefined) return target.getBlock(tag);
-            if (tag === 'latest') return target.getBlock(lagHead);
-            return typeof tag === 'number' && tag > lagHead ? null : target.getBlock(tag);
-          };
-        if (prop === 'call')
-          return (tx: ethers.TransactionRequest) => target.call(lagHead === undefined ? tx : { ...tx, blockTag: lagHead });
-        const value = Reflect.get(target, prop, target);
-        return typeof value === 'function' ? value.bind(target) : value;
-      },
-    });
+    const { provider: lagging, lag } = laggingProvider();
     const runner = chain.wallet(nextWallet++).connect(lagging);
     const settle: SettlerOptions = { runner, checkEveryMs: 3_600_000, thresholdMicros: 1 };
     const { agent, payout } = await paidAgent(t, broker.url, { settle });
@@ -391,13 +404,65 @@ describe('settlement on a chain that reorganises', () => {
     await settler.settleNow(); // reads the settlement's event
     const txs = settler.counters.txs;
 
-    lagHead = minedAt - 1; // the next answers come from a node without the settlement's block yet
+    lag(minedAt - 1); // the next answers come from a node without the settlement's block yet
     await settler.settleNow();
-    lagHead = undefined;
+    lag(undefined);
     await settler.settleNow();
     assert.equal(settler.counters.txs, txs, 'no settlement sent again');
     assert.equal(await runner.getNonce('latest'), await chain.provider.getTransactionCount(runner.address, 'latest'));
     assert.equal(settler.settledByLane()[wallet.address.toLowerCase()], 3 * KWS);
+  });
+
+  test("a node behind is not a reorg to the router's /v1/settlements: what it read stays listed, the history is not read again", async (t) => {
+    // The router keeps the escrow's logs it has read. One answer from a node behind the last block it read (head
+    // below it, or the block not found) once made it drop them all and read the whole history again up to that
+    // node's head: a settlement vanished from the listing until the node caught up, and every such answer cost a
+    // read of everything since `fromBlock`.
+    const broker = await brokerFor(t);
+    const settle: SettlerOptions = { runner: chain.wallet(nextWallet++), checkEveryMs: 3_600_000, thresholdMicros: 1 };
+    const { agent, payout } = await paidAgent(t, broker.url, { settle });
+    const wallet = chain.wallet(nextWallet++);
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-router-lag' });
+    await payer.waitForModel('kws');
+    assert.deepEqual(await serve(payer, 2, 0), ['ok', 'ok']);
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 2 * KWS, 5_000, 'the voucher');
+    await agent.payments!.settler!.settleNow();
+    const minedAt = (await agent.payments!.settler!.settlements())[0]!.blockNumber;
+    const { provider, lag } = laggingProvider();
+    let logReads = 0;
+    const counting = new Proxy(provider, {
+      get(target, prop) {
+        if (prop === 'getLogs')
+          return (filter: ethers.Filter) => {
+            logReads++;
+            return target.getLogs(filter);
+          };
+        const value = Reflect.get(target, prop, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    const router = await routerFor(t, broker.url);
+    const http = await startRouterHttp(router, {
+      processMetrics: false,
+      chain: { provider: counting, escrow: deployment.escrow, fromBlock: deployment.deployBlock },
+    });
+    t.after(() => http.close());
+    const listed = async () => {
+      const res = await fetch(`${http.url}/v1/settlements?agent=${payout}`);
+      assert.equal(res.status, 200);
+      return ((await res.json()) as { settlements: { block: number }[] }).settlements.map((s) => s.block);
+    };
+    assert.deepEqual(await listed(), [minedAt]);
+    await chain.provider.send('hardhat_mine', ['0x2']);
+    assert.deepEqual(await listed(), [minedAt]);
+    const reads = logReads;
+
+    lag(minedAt - 1);
+    assert.deepEqual(await listed(), [minedAt], 'still listed while a node behind answers');
+    assert.equal(logReads, reads, 'no logs read again');
+    lag(undefined);
+    assert.deepEqual(await listed(), [minedAt]);
   });
 
   test('a settlement reorged out is sent again: the settler reads the lane and believes the chain', async (t) => {
