@@ -142,6 +142,49 @@ describe('a dishonest app at a paying agent', () => {
     assert.equal(payments.grantSignaturesChecked - before, 1, 'the grant on twelve requests was checked once');
   });
 
+  test('a client the agent allows many lanes opens them all at once: its grant checks are not limited below its lane limit', async (t) => {
+    // One client paying for many payers (a gateway app), allowed 12 lanes here by the operator: a start, or a restart
+    // without its data folder, sends a grant per lane. The grant checks a client may have at once were fixed at 8,
+    // below its lane limit, so the rest of its lanes waited a check every 10 s (MESH_RATE_LIMITED); now a client may
+    // have as many checked at once as it may hold lanes.
+    const broker = await brokerFor(t);
+    const { agent, payout } = await paidAgent(t, broker.url, { maxLanesPerClient: 12 });
+    const gateway = await rawClient(t, broker.url, 'app-gateway');
+    const inputs = encodeTensorMap(sampleInputs('kws', 0));
+    const requests: InferRequest[] = await Promise.all(
+      Array.from({ length: 12 }, async () => {
+        const payer = ethers.Wallet.createRandom();
+        const terms = { agent: payout, client: gateway.clientId, issuedAt: Date.now() };
+        const grant = { ...terms, payer: payer.address.toLowerCase(), sig: fromHex(await signLaneGrant(payer, domain(), terms)) };
+        const request: InferRequest = {
+          v: PROTOCOL_VERSION,
+          kind: 'req',
+          id: newRequestId(),
+          deadline: Date.now() + 30_000,
+          model: 'kws',
+          inputs,
+          pay: { payer: grant.payer, grant },
+        };
+        return request;
+      }),
+    );
+    let replies = await Promise.all(requests.map((r) => gateway.request(agent.id, r.id, r, 30_000)));
+    // The signature worker takes 8 of one client's at once (MESH_BUSY past that: try again); those are sent again.
+    for (let round = 0; round < 3 && replies.some((r) => codeOf(r) === 'MESH_BUSY'); round++) {
+      replies = await Promise.all(
+        replies.map((reply, i) => {
+          if (codeOf(reply) !== 'MESH_BUSY') return reply;
+          const again = { ...requests[i]!, id: newRequestId() };
+          return gateway.request(agent.id, again.id, again, 30_000);
+        }),
+      );
+    }
+    // Unfunded lanes: each refused for want of money, once its grant was taken.
+    assert.deepEqual(tally(replies.map(codeOf)), { MESH_CREDIT_EXCEEDED: 12 });
+    assert.equal(agent.payments!.lanes().length, 12);
+    assert.equal(agent.payments!.counters.grantsLimited, 0);
+  });
+
   test('a resync flood from the lane’s own client: a few answered at once, then two a second; the rest cost a lookup', async (t) => {
     const broker = await brokerFor(t);
     const { agent, payout } = await paidAgent(t, broker.url);

@@ -14,6 +14,8 @@ import { sampleInputs } from '@edge-mesh/demo';
 import { type ErrorReply, generateIdentity, type Identity, type InferReply, MeshError } from '@edge-mesh/protocol';
 import { startRouterHttp } from '@edge-mesh/router';
 import { ethers } from 'ethers';
+import { LaneFunds } from '../edge-agent/src/lane-funds.ts';
+import { withTimeout } from './broker-fixtures.ts';
 import { agentFor, brokerFor, modelsDir, quiet, routerFor, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
 
@@ -74,6 +76,34 @@ async function laneOnChain(payer: string, payout: string) {
   return escrow.laneOf(payer, payout);
 }
 
+/**
+ * The local chain as a node `behind` blocks behind would answer it (a load balancer's node that lags): its head, its
+ * blocks and its calls stop at the block `lag` names; `lag(undefined)` answers as the chain is.
+ */
+function laggingProvider(): { provider: ethers.JsonRpcProvider; lag: (head: number | undefined) => void } {
+  let lagHead: number | undefined;
+  const provider = new Proxy(chain.provider, {
+    get(target, prop) {
+      if (prop === 'getBlockNumber') return async () => lagHead ?? (await target.getBlockNumber());
+      if (prop === 'getBlock')
+        return async (tag: ethers.BlockTag) => {
+          if (lagHead === undefined) return target.getBlock(tag);
+          if (tag === 'latest') return target.getBlock(lagHead);
+          return typeof tag === 'number' && tag > lagHead ? null : target.getBlock(tag);
+        };
+      if (prop === 'call') return (tx: ethers.TransactionRequest) => target.call(lagHead === undefined ? tx : { ...tx, blockTag: lagHead });
+      const value = Reflect.get(target, prop, target);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
+  return {
+    provider,
+    lag: (head) => {
+      lagHead = head;
+    },
+  };
+}
+
 describe('settlement on a chain that reorganises', () => {
   before(async () => {
     chain = await startLocalChain({ accounts: 30 });
@@ -110,6 +140,73 @@ describe('settlement on a chain that reorganises', () => {
     assert.equal(agent.payments!.funds().counters.reorgs, 1);
   });
 
+  test('after a reorg, a lane in use is read again on its own: not after every lane the agent ever read', async (t) => {
+    // An agent with many lanes drops them all from its view on a reorg. Before this fix it read every one of them
+    // again inside the poll, under the lock its paid requests' first reads wait on, so a lane in use waited for
+    // every idle lane's laneOf (and for ever when the node hung on one). Now each lane is read on its next use,
+    // and a burst of first uses shares one turn of the lock.
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    const stored = new Map<string, unknown>();
+    const idle = Array.from({ length: 20 }, () => ethers.Wallet.createRandom().address.toLowerCase());
+    // The node hangs on the idle lanes' laneOf once `hang` is set, until `release`.
+    let hang = false;
+    let release!: () => void;
+    const gate = new Promise<void>((r) => {
+      release = r;
+    });
+    const hangsOn = idle.map((a) => a.slice(2));
+    const provider = new Proxy(chain.provider, {
+      get(target, prop) {
+        if (prop === 'call')
+          return async (tx: ethers.TransactionRequest) => {
+            const data = String(tx.data ?? '').toLowerCase();
+            if (hang && hangsOn.some((h) => data.includes(h))) await gate;
+            return target.call(tx);
+          };
+        const value = Reflect.get(target, prop, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    const funds = await LaneFunds.open({
+      provider,
+      escrow: deployment.escrow,
+      payout,
+      chainId: BigInt(deployment.chainId),
+      store: { get: async (k) => stored.get(k), put: async (k, v) => void stored.set(k, v) },
+      logger: quiet,
+      pollMs: 60_000,
+      confirmations: 0,
+    });
+    t.after(() => {
+      release();
+      return funds.close();
+    });
+    const snap = await snapshot();
+    const wallet = chain.wallet(nextWallet++);
+    const active = wallet.address.toLowerCase();
+    await fundOwnLane(wallet, deployment.escrow, payout, 5_000n);
+    for (const payer of idle) await funds.track(payer);
+    assert.equal((await funds.track(active)).remaining, 5_000);
+    await funds.catchUp();
+
+    await reorgTo(snap);
+    await fundOwnLane(wallet, deployment.escrow, payout, 700n);
+    hang = true;
+    const reads = funds.counters.reads;
+    await withTimeout(funds.catchUp(), 10_000, 'the poll that finds the reorg');
+    assert.equal(funds.counters.reorgs, 1);
+    assert.equal(funds.view(active), undefined, 'no credit against the lane until it is read again');
+    const view = await withTimeout(funds.track(active), 10_000, 'the lane in use read again');
+    assert.equal(view.remaining, 700, 'read on the new branch');
+    assert.equal(funds.counters.reads - reads, 1, 'one laneOf: the idle lanes are read on their next use');
+
+    // A burst of first uses after the reorg: each lane read once, the lanes the node answers not held by one it does not.
+    hang = false;
+    const burst = await withTimeout(Promise.all(idle.slice(0, 10).map((p) => funds.track(p))), 10_000, 'the burst');
+    assert.ok(burst.every((v) => v.remaining === 0));
+    assert.equal(funds.counters.reads - reads, 11);
+  });
+
   test('with confirmations, a deposit counts only once it is that deep: one reorged out before then never gave credit', async (t) => {
     // With `confirmations: 3` the same payer gains nothing: its deposit gives no credit while it is shallower than
     // three blocks, so a reorg that takes it out inside that depth costs the agent no work at all. Before this
@@ -132,6 +229,11 @@ describe('settlement on a chain that reorganises', () => {
     await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
     await agent.payments!.catchUpFunds();
     assert.deepEqual(await serve(payer, 1, 20), ['MESH_CREDIT_EXCEEDED']);
+    // The payer that just funded is told the deposit is not deep enough yet, not only to fund the lane (again).
+    const shallow = (await payer.request('kws', sampleInputs('kws', 25))) as ErrorReply;
+    assert.equal(shallow.code, 'MESH_CREDIT_EXCEEDED');
+    assert.match(shallow.message, /3 blocks below the latest/, shallow.message);
+    assert.match(shallow.message, /a deposit counts once it is that deep/, shallow.message);
     await chain.provider.send('hardhat_mine', ['0x3']);
     await agent.payments!.catchUpFunds();
     assert.deepEqual(await serve(payer, 2, 30), ['ok', 'ok']);
@@ -276,6 +378,91 @@ describe('settlement on a chain that reorganises', () => {
     assert.deepEqual(await serve(payer, 1, 10), ['ok'], 'served on the view that missed it');
     await waitFor(() => (agent.payments!.lanes()[0]!.funds?.thawEnd ?? 0) > 0, 5_000, 'the lane read again');
     assert.deepEqual(await serve(payer, 2, 20), Array(2).fill('MESH_CREDIT_EXCEEDED'));
+  });
+
+  test('a node a block or two behind is not a reorg to the settler: nothing is settled twice', async (t) => {
+    // A load-balanced RPC endpoint may answer one call from a node a block or two behind the one before. The
+    // settler once took a head below the last block it had read (or that block not found) for a reorg: it believed
+    // `settled` as that node had it, from before its own settlement, and sent the settlement again, paying gas for
+    // nothing (the escrow pays only what is above `settled`). Now it waits for the node to have the block.
+    const broker = await brokerFor(t);
+    const { provider: lagging, lag } = laggingProvider();
+    const runner = chain.wallet(nextWallet++).connect(lagging);
+    const settle: SettlerOptions = { runner, checkEveryMs: 3_600_000, thresholdMicros: 1 };
+    const { agent, payout } = await paidAgent(t, broker.url, { settle });
+    const wallet = chain.wallet(nextWallet++);
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-lagging-node' });
+    await payer.waitForModel('kws');
+    assert.deepEqual(await serve(payer, 3, 0), ['ok', 'ok', 'ok']);
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 3 * KWS, 5_000, 'the voucher');
+    const settler = agent.payments!.settler!;
+    await settler.settleNow();
+    assert.equal((await laneOnChain(wallet.address, payout)).settled, BigInt(3 * KWS), 'settled');
+    const minedAt = (await settler.settlements())[0]!.blockNumber;
+    await chain.provider.send('hardhat_mine', ['0x2']);
+    await settler.settleNow(); // reads the settlement's event
+    const txs = settler.counters.txs;
+
+    lag(minedAt - 1); // the next answers come from a node without the settlement's block yet
+    await settler.settleNow();
+    lag(undefined);
+    await settler.settleNow();
+    assert.equal(settler.counters.txs, txs, 'no settlement sent again');
+    assert.equal(await runner.getNonce('latest'), await chain.provider.getTransactionCount(runner.address, 'latest'));
+    assert.equal(settler.settledByLane()[wallet.address.toLowerCase()], 3 * KWS);
+  });
+
+  test("a node behind is not a reorg to the router's /v1/settlements: what it read stays listed, the history is not read again", async (t) => {
+    // The router keeps the escrow's logs it has read. One answer from a node behind the last block it read (head
+    // below it, or the block not found) once made it drop them all and read the whole history again up to that
+    // node's head: a settlement vanished from the listing until the node caught up, and every such answer cost a
+    // read of everything since `fromBlock`.
+    const broker = await brokerFor(t);
+    const settle: SettlerOptions = { runner: chain.wallet(nextWallet++), checkEveryMs: 3_600_000, thresholdMicros: 1 };
+    const { agent, payout } = await paidAgent(t, broker.url, { settle });
+    const wallet = chain.wallet(nextWallet++);
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'app-router-lag' });
+    await payer.waitForModel('kws');
+    assert.deepEqual(await serve(payer, 2, 0), ['ok', 'ok']);
+    await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === 2 * KWS, 5_000, 'the voucher');
+    await agent.payments!.settler!.settleNow();
+    const minedAt = (await agent.payments!.settler!.settlements())[0]!.blockNumber;
+    const { provider, lag } = laggingProvider();
+    let logReads = 0;
+    const counting = new Proxy(provider, {
+      get(target, prop) {
+        if (prop === 'getLogs')
+          return (filter: ethers.Filter) => {
+            logReads++;
+            return target.getLogs(filter);
+          };
+        const value = Reflect.get(target, prop, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    const router = await routerFor(t, broker.url);
+    const http = await startRouterHttp(router, {
+      processMetrics: false,
+      chain: { provider: counting, escrow: deployment.escrow, fromBlock: deployment.deployBlock },
+    });
+    t.after(() => http.close());
+    const listed = async () => {
+      const res = await fetch(`${http.url}/v1/settlements?agent=${payout}`);
+      assert.equal(res.status, 200);
+      return ((await res.json()) as { settlements: { block: number }[] }).settlements.map((s) => s.block);
+    };
+    assert.deepEqual(await listed(), [minedAt]);
+    await chain.provider.send('hardhat_mine', ['0x2']);
+    assert.deepEqual(await listed(), [minedAt]);
+    const reads = logReads;
+
+    lag(minedAt - 1);
+    assert.deepEqual(await listed(), [minedAt], 'still listed while a node behind answers');
+    assert.equal(logReads, reads, 'no logs read again');
+    lag(undefined);
+    assert.deepEqual(await listed(), [minedAt]);
   });
 
   test('a settlement reorged out is sent again: the settler reads the lane and believes the chain', async (t) => {

@@ -530,6 +530,54 @@ test('a subscriber that falls behind and catches up again, many times, keeps its
   assert.equal(new Set(closeListeners).size, 1, `close listeners after each cycle: ${closeListeners.join(', ')}`);
 });
 
+test('readers that stop holding the shared delivery slots get themselves cut off, not an honest subscriber briefly behind', {
+  timeout: 30_000,
+}, async (t) => {
+  // Two readers that stop, sent 25 statuses, hold 50 deliveries together (each under the per-subscriber cap). An
+  // honest subscriber that falls behind on large replies for a moment then has one QoS 1 reply held: the one to go
+  // must be a reader holding the most, not the one holding a single delivery.
+  const defer = cleanup(t);
+  const ab = await authBroker(defer, { drainTimeoutMs: 10_000, publishRatePerClient: 10_000, publishBurstPerClient: 10_000 });
+  const agentId = await admitted(ab, 'agent');
+  const stoppers = [await admitted(ab, 'app'), await admitted(ab, 'app')];
+  const honestId = await admitted(ab, 'app');
+  const disconnected = new Set<string>();
+  ab.b.aedes.on('clientDisconnect', (c) => disconnected.add(c.id));
+  const agent = await connect(defer, ab.b, agentId);
+  const conn = (id: string) => (ab.b.aedes as unknown as { clients: Record<string, { conn: Duplex }> }).clients[id]?.conn;
+  const big = Buffer.alloc(256 * 1024, 1);
+  for (const id of stoppers) {
+    (await statusReader(defer, ab, id)).socket.pause();
+    for (let i = 0; i < 40; i++) agent.publish(topics.clientReply(id.id, agentId.id), big, { qos: 0 });
+    await waitFor(() => conn(id.id)?.writableNeedDrain === true, 5_000, 'the stopped reader fell behind');
+  }
+  for (let i = 0; i < 25; i++) agent.publish(topics.agentStatus(agentId.id), Buffer.from(`s${i}`), { qos: 1, retain: true });
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(disconnected.size, 0, 'under the caps, nobody is cut off yet');
+
+  const honest = await rawSocket(defer, ab.b);
+  honest.socket.write(authConnect(honestId));
+  assert.equal(await connackCode(honest), 0);
+  honest.socket.write(subscribePacket(topics.clientRepliesFor(honestId.id), 1, 1));
+  await readBytes(honest, 9);
+  honest.socket.pause();
+  // From another agent: the first one's publishes wait on the deliveries held for the stopped readers.
+  const otherId = await admitted(ab, 'agent');
+  const other = await connect(defer, ab.b, otherId);
+  for (let i = 0; i < 40; i++) other.publish(topics.clientReply(honestId.id, otherId.id), big, { qos: 0 });
+  await waitFor(() => conn(honestId.id)?.writableNeedDrain === true, 5_000, 'the honest subscriber fell behind');
+  other.publish(topics.clientReply(honestId.id, otherId.id), Buffer.from('the reply that matters'), { qos: 1 });
+  await new Promise((r) => setTimeout(r, 300));
+  honest.socket.resume();
+  await waitFor(() => honest.bytes().includes(Buffer.from('the reply that matters')) || honest.isClosed(), 10_000, 'the reply');
+  assert.ok(!honest.isClosed() && !disconnected.has(honestId.id), 'the honest subscriber keeps its connection');
+  assert.ok(
+    stoppers.some((s) => disconnected.has(s.id)),
+    'a stopped reader holding the most deliveries is cut off instead',
+  );
+  await assertServing(defer, ab, 1000);
+});
+
 test('a publish flood from one client is cut off by its token bucket; the default bucket allows a benchmark burst', {
   timeout: 20_000,
 }, async (t) => {

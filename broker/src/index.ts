@@ -218,18 +218,30 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
   /**
    * QoS 1 deliveries forwarded to a subscriber while its socket was not draining: each holds one of aedes' 100
    * delivery slots until the socket drains. A subscriber may hold MAX_HELD_PER_CLIENT of them, and all such
-   * subscribers together MAX_HELD_TOTAL (half the slots); past either, it is disconnected as a slow consumer at once
-   * rather than after drainTimeoutMs. Otherwise statuses, which are not dropped, would let a reader that stopped (or
-   * a few) hold every slot, and stall every publish of everyone, until the drain timeout, again and again.
+   * subscribers together MAX_HELD_TOTAL (half the slots); past its own cap a subscriber is disconnected as a slow
+   * consumer at once rather than after drainTimeoutMs, and past the total the one holding the most is (the subscriber
+   * asking when it would hold as many): a subscriber briefly behind on a large reply is not cut off because readers
+   * that stopped hold the rest. Otherwise statuses, which are not dropped, would let a reader that stopped (or a few)
+   * hold every slot, and stall every publish of everyone, until the drain timeout, again and again.
    */
-  const held = new WeakMap<Duplex, number>();
+  const held = new Map<Duplex, { n: number; clientId: string | undefined }>();
   let heldTotal = 0;
   const releaseHeld = (conn: Duplex) => {
-    heldTotal -= held.get(conn) ?? 0;
+    heldTotal -= held.get(conn)?.n ?? 0;
     held.delete(conn);
   };
+  const cutOff = (conn: Duplex, clientId: string | undefined, mine: number) => {
+    counters.slowConsumers++;
+    warnThrottled(
+      `slow:${clientId}`,
+      { clientId: clientId ?? null, reason: 'slow-consumer', held: mine, heldTotal },
+      'disconnected: its socket did not drain and it holds too many deliveries',
+    );
+    releaseHeld(conn);
+    conn.destroy();
+  };
   const holdDelivery = (client: { id?: string }, conn: Duplex): boolean => {
-    const mine = held.get(conn);
+    const mine = held.get(conn)?.n;
     if (mine === undefined) {
       // One pair of listeners per time the socket stops draining, each removing the other.
       const onDrain = () => {
@@ -243,18 +255,21 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
       conn.once('drain', onDrain);
       conn.once('close', onClose);
     }
-    if ((mine ?? 0) >= MAX_HELD_PER_CLIENT || heldTotal >= MAX_HELD_TOTAL) {
-      counters.slowConsumers++;
-      warnThrottled(
-        `slow:${client.id}`,
-        { clientId: client.id ?? null, reason: 'slow-consumer', held: mine ?? 0, heldTotal },
-        'disconnected: its socket did not drain and it holds too many deliveries',
-      );
-      releaseHeld(conn);
-      conn.destroy();
+    if ((mine ?? 0) >= MAX_HELD_PER_CLIENT) {
+      cutOff(conn, client.id, mine ?? 0);
       return false;
     }
-    held.set(conn, (mine ?? 0) + 1);
+    if (heldTotal >= MAX_HELD_TOTAL) {
+      let most: Duplex | undefined;
+      for (const [other, h] of held) if (other !== conn && h.n > (most ? held.get(most)!.n : 0)) most = other;
+      const mostHeld = most ? held.get(most)! : undefined;
+      if (!most || !mostHeld || mostHeld.n <= (mine ?? 0) + 1) {
+        cutOff(conn, client.id, mine ?? 0);
+        return false;
+      }
+      cutOff(most, mostHeld.clientId, mostHeld.n);
+    }
+    held.set(conn, { n: (mine ?? 0) + 1, clientId: client.id });
     heldTotal++;
     return true;
   };

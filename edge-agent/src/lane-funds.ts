@@ -127,6 +127,8 @@ interface BlockRef {
 }
 
 const CHECKPOINT_KEY = 'funds!checkpoint';
+/** `laneOf` calls made at once by a refresh or a turn of first reads. */
+const LANE_READS_AT_ONCE = 8;
 const escrowInterface = new ethers.Interface(ESCROW_ABI);
 const EVENTS = ['LaneFunded', 'WithdrawRequested', 'WithdrawCancelled', 'Withdrawn', 'Settled', 'SettledPartial'] as const;
 const EVENT_TOPICS = EVENTS.map((name) => escrowInterface.getEvent(name)!.topicHash);
@@ -161,6 +163,8 @@ export class LaneFunds {
   /** Polls completed: a first read that finds one completed since it was asked for need not poll again. */
   private pollsDone = 0;
   private timer: NodeJS.Timeout | undefined;
+  /** First reads waiting for the next turn of the lock (see `readSoon`). */
+  private queued: { waiting: Map<string, { resolve: (lane: LaneState) => void; reject: (err: unknown) => void }> } | undefined;
   /** Polls, reads and re-reads run one at a time, so a read and the events applied after it describe one chain. */
   private lock: Promise<unknown> = Promise.resolve();
   private closed = false;
@@ -256,22 +260,68 @@ export class LaneFunds {
     if (known) return this.viewOf(known);
     let read = this.reading.get(payer);
     if (!read) {
-      const asked = this.pollsDone;
-      read = this.exclusive(async () => {
-        const now = this.lanes.get(payer);
-        if (now) return now;
-        // Caught up first (unless a poll ended since this read was asked for): the lane is read at the followed head.
-        if (this.pollsDone === asked) await this.poll();
-        return this.lanes.get(payer) ?? (await this.read(payer, this.nextBlock - 1));
-      }).finally(() => this.reading.delete(payer));
+      read = this.readSoon(payer).finally(() => this.reading.delete(payer));
       this.reading.set(payer, read);
     }
     return this.viewOf(await read);
   }
 
+  /**
+   * A first read, in the next turn of the lock: every first read asked for before that turn starts shares it (after
+   * a reorg every lane in use is read again at once), caught up first (unless a poll ended since the turn was asked
+   * for) so the lanes are read at the followed head, LANE_READS_AT_ONCE at a time, each lane's caller answered as
+   * soon as its own read ends.
+   */
+  private readSoon(payer: string): Promise<LaneState> {
+    let batch = this.queued;
+    if (!batch) {
+      const waiting = new Map<string, { resolve: (lane: LaneState) => void; reject: (err: unknown) => void }>();
+      const asked = this.pollsDone;
+      const turn = this.exclusive(async () => {
+        if (this.queued?.waiting === waiting) this.queued = undefined;
+        if (this.pollsDone === asked) await this.poll();
+        const payers = [...waiting.keys()];
+        const block = this.nextBlock - 1;
+        for (let i = 0; i < payers.length; i += LANE_READS_AT_ONCE) {
+          await Promise.all(
+            payers.slice(i, i + LANE_READS_AT_ONCE).map(async (p) => {
+              const caller = waiting.get(p)!;
+              try {
+                caller.resolve(this.lanes.get(p) ?? (await this.read(p, block)));
+              } catch (err) {
+                caller.reject(err);
+              }
+            }),
+          );
+        }
+      });
+      // A failed poll fails every read of the turn (a settled caller ignores it).
+      turn.catch((err: unknown) => {
+        for (const caller of waiting.values()) caller.reject(err);
+      });
+      batch = { waiting };
+      this.queued = batch;
+    }
+    const { waiting } = batch;
+    return new Promise<LaneState>((resolve, reject) => waiting.set(payer, { resolve, reject }));
+  }
+
   /** Now in Unix seconds by the later of this clock and the chain's last block seen: expiries and thaws are judged by block time. */
   nowS(nowMs = Date.now()): number {
     return Math.max(this.chainTimeS, Math.floor(nowMs / 1000));
+  }
+
+  /**
+   * How the view stands against the chain, for a payer told its lane holds too little: the last block followed, and
+   * in words how deep a block must be to count (empty at a depth of 0).
+   */
+  depth(): { block: number; confirmations: Confirmations; words: string } {
+    const c = this.confirmations;
+    const words =
+      c === 0
+        ? ''
+        : `${typeof c === 'number' ? `${c} block${c === 1 ? '' : 's'} below the latest` : `the node's ${c} block`}: a deposit counts once it is that deep`;
+    return { block: this.nextBlock - 1, confirmations: c, words };
   }
 
   /** Where the follower stands: the next block it reads and the hash it recorded for the one before. */
@@ -430,18 +480,18 @@ export class LaneFunds {
 
   /**
    * A reorg took blocks the follower had read: what their events did to the lanes cannot be told apart any more.
-   * Every lane leaves the view (no credit against it until it is read again), the follower moves to the followed
-   * head, and each lane is read there. A lane whose read fails stays out and is read on its next use.
+   * Every lane leaves the view (no credit against it until it is read again), and the follower moves to the followed
+   * head. Each lane is read there on its next use (`track`), not here: reading every lane the agent knows under the
+   * lock would hold each lane in use behind all the idle ones (and behind a read the node never answers).
    */
   private async heal(head: BlockRef, why: string, details: Record<string, unknown>): Promise<void> {
-    const payers = [...this.lanes.keys()];
+    const lanes = this.lanes.size;
     this.lanes.clear();
     this.nextBlock = head.number + 1;
     this.lastHash = head.hash;
     await this.saveCheckpoint();
     this.counters.reorgs++;
-    this.options.logger.warn({ ...details, head: head.number, lanes: payers.length }, `${why}: a reorg; the lanes are read again`);
-    await this.readEach(payers, head.number);
+    this.options.logger.warn({ ...details, head: head.number, lanes }, `${why}: a reorg; each lane is read again on its next use`);
   }
 
   /** Reads the lanes in use again at the follower's last block (a reorg the checks missed is corrected here). */
@@ -454,9 +504,9 @@ export class LaneFunds {
   }
 
   private async readEach(payers: string[], block: number): Promise<void> {
-    for (let i = 0; i < payers.length && !this.closed; i += 8) {
+    for (let i = 0; i < payers.length && !this.closed; i += LANE_READS_AT_ONCE) {
       await Promise.all(
-        payers.slice(i, i + 8).map((payer) =>
+        payers.slice(i, i + LANE_READS_AT_ONCE).map((payer) =>
           this.read(payer, block).catch((err: unknown) => {
             this.lanes.delete(payer);
             this.options.logger.warn({ payer, err: (err as Error).message }, 'lane not read again: it is read on its next use');

@@ -163,9 +163,10 @@ export const RESYNC_PER_SECOND = 2;
 /** A grant dated further ahead than this is refused: it would pin the lane against the payer's own later grants. */
 const GRANT_FUTURE_SLACK_MS = 10 * 60_000;
 /**
- * Lane grant signatures checked per client: GRANT_CHECKS_BURST at once, then one per GRANT_CHECK_EVERY_MS. An honest
- * client has one checked per lane it opens here (at most maxLanesPerClient), and again only when it restarts without
- * its data folder; a grant costs its sender nothing, and its check a signature recovery.
+ * Lane grant signatures checked per client: GRANT_CHECKS_BURST at once (maxLanesPerClient when that is more), then
+ * one per GRANT_CHECK_EVERY_MS. An honest client has one checked per lane it opens here (at most maxLanesPerClient),
+ * and again only when it restarts without its data folder; a grant costs its sender nothing, and its check a
+ * signature recovery.
  */
 /**
  * Receipts that charge nothing on a request that could have been charged, for an end its payer chose (cancelled
@@ -266,8 +267,8 @@ export class AgentPayments {
   private readonly forgedVouchers = new SenderBudget(FORGED_VOUCHERS_BURST, FORGED_VOUCHERS_PER_SECOND);
   /** Free receipts per lane (FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND, FREE_RECEIPTS_PER_PAID). */
   private readonly freeReceipts = new SenderBudget(FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND);
-  /** Grant checks per client (GRANT_CHECKS_BURST, GRANT_CHECK_EVERY_MS). */
-  private readonly grantBudget = new SenderBudget(GRANT_CHECKS_BURST, 1_000 / GRANT_CHECK_EVERY_MS);
+  /** Grant checks per client (GRANT_CHECKS_BURST, or maxLanesPerClient when more, then one per GRANT_CHECK_EVERY_MS). */
+  private readonly grantBudget: SenderBudget;
   /** Refused vouchers and grants: one warning a second per client and kind, the repeats at debug. */
   private readonly warnRefused: WarnThrottled;
   /** Grants being checked, by payer, client, date and signature: the same grant on a burst of requests shares one check. */
@@ -316,6 +317,8 @@ export class AgentPayments {
     this.warnRefused = throttledWarn(logger);
     this.recovery.start();
     this.maxLanesPerClient = options.maxLanesPerClient ?? 4;
+    // A client opening (or, after a restart, granting again) every lane it may hold has them all checked at once.
+    this.grantBudget = new SenderBudget(Math.max(GRANT_CHECKS_BURST, this.maxLanesPerClient), 1_000 / GRANT_CHECK_EVERY_MS);
     this.serveUnpaid = options.serveUnpaid ?? false;
     for (const m of models) {
       const o = options.prices?.[m.name] ?? {};
@@ -605,10 +608,19 @@ export class AgentPayments {
     const feeAllowance = Math.floor((owed + maxPrice) / Number(FEE_CAP_DIVISOR));
     const cover = funds.remaining - owed - funds.pendingWithdrawal - feeAllowance;
     if (cover < maxPrice) {
+      // Behind a confirmation depth a deposit just made is not in the view yet: the payer is told so, not only to fund.
+      const depth = this.funds.depth();
+      const asOf = depth.words ? ` as of block ${depth.block} (${depth.words})` : '';
       refuse(
         'funds',
-        `lane of ${payer} holds ${funds.remaining} micro-dollars on chain and owes ${owed} not yet settled (plus up to ${feeAllowance} in relayer fees): it cannot cover ${maxPrice} more; fund the lane`,
-        { remainingMicros: funds.remaining, settledMicros: funds.settled, coverMicros: cover },
+        `lane of ${payer} holds ${funds.remaining} micro-dollars on chain${asOf} and owes ${owed} not yet settled (plus up to ${feeAllowance} in relayer fees): it cannot cover ${maxPrice} more; fund the lane${depth.words ? ', or wait for a deposit to be that deep' : ''}`,
+        {
+          remainingMicros: funds.remaining,
+          settledMicros: funds.settled,
+          coverMicros: cover,
+          asOfBlock: depth.block,
+          confirmations: depth.confirmations,
+        },
       );
     }
     const refused = this.refusedOf(lane);
@@ -702,7 +714,11 @@ export class AgentPayments {
       );
     } catch (err) {
       const e = err as Error;
-      if (e instanceof MeshError && (e.code === 'MESH_BUSY' || e.code === 'MESH_SHUTTING_DOWN')) throw e;
+      if (e instanceof MeshError && (e.code === 'MESH_BUSY' || e.code === 'MESH_SHUTTING_DOWN')) {
+        // Not checked: the client's try again is not counted twice.
+        this.grantBudget.give(senderId, 1);
+        throw e;
+      }
       return bad(`unreadable signature: ${e.message}`);
     }
     if (signer !== payer) bad(`it is signed by ${signer}, not the payer`);

@@ -434,7 +434,14 @@ export class Settler {
     else {
       const last = this.nextLogBlock - 1;
       const hash = head >= last ? ((await provider.getBlock(last))?.hash ?? undefined) : undefined;
-      if (hash === undefined || (this.logHash !== undefined && hash !== this.logHash)) {
+      if (hash === undefined) {
+        // A head below the last block read, or that block not found: a node behind the one that answered before (a
+        // load balancer's), as often as a chain gone shorter. Its word on `settled` would undo settlements it has not
+        // seen yet, so nothing is changed until the chain is past that block again: its hash then tells a reorg.
+        this.logger.debug({ last, head }, 'the node is behind the last block read: waiting for it');
+        return;
+      }
+      if (this.logHash !== undefined && hash !== this.logHash) {
         // A reorg replaced blocks already read: every lane is read again, its settlement as the chain now has it.
         for (const s of this.lanes.values()) {
           s.remaining = undefined;

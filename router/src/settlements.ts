@@ -24,8 +24,8 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
   /**
    * The escrow's `event` logs, read once: each event keeps what was read, the next block to read and the hash
    * of the last block read, so a call reads only the blocks since the last one (in bounded ranges), never the
-   * whole history again. A reorg under what was kept (that block replaced, or the chain gone back below it)
-   * drops the event's logs and reads them again from the start, so a settlement the reorg undid is not listed.
+   * whole history again. A reorg under what was kept (that block replaced) drops the event's logs and reads them
+   * again from the start, so a settlement the reorg undid is not listed; a node behind that block is waited for.
    * Filters apply to what is kept. A chain that cannot be read fails with MESH_CHAIN_UNREACHABLE (503).
    */
   const seen = new Map<string, { next: number; hash: string | undefined; logs: ethers.Log[]; reading: Promise<void> | undefined }>();
@@ -41,15 +41,23 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
     e.reading ??= (async () => {
       try {
         const head = await chain.provider.getBlockNumber();
-        if (e.next > from && (e.next - 1 > head || (await hashOf(e.next - 1)) !== e.hash)) {
-          e.next = from;
-          e.hash = undefined;
-          e.logs = [];
+        if (e.next > from) {
+          // A head below the last block read, or that block not found, is a node behind (a load balancer's) as
+          // often as a chain gone shorter: what is kept is served until the chain is past it again, when its hash
+          // tells a reorg.
+          const now = e.next - 1 > head ? undefined : await hashOf(e.next - 1);
+          if (now === undefined) return;
+          if (now !== e.hash) {
+            e.next = from;
+            e.hash = undefined;
+            e.logs = [];
+          }
         }
         while (e.next <= head) {
           const to = Math.min(head, e.next + LOG_RANGE - 1);
           // The range's last block before its logs: a reorg in between changes that hash, seen by the next call.
           const hash = await hashOf(to);
+          if (hash === undefined) return; // not on this node yet: read on the next call
           e.logs.push(
             ...(await chain.provider.getLogs({
               address: escrow.escrow,
