@@ -262,8 +262,11 @@ describe('live router', { timeout: 120_000 }, () => {
     const deadlineMs = 12_000;
     const viaRouter = Array.from({ length: 8 }, (_, i) => router.infer('ocr-det', sampleInputs('ocr-det', 1 + (i % 4)), { deadlineMs }));
     const viaSdk = Array.from({ length: 8 }, (_, i) => mesh.infer('ocr-det', sampleInputs('ocr-det', 1 + (i % 4)), { deadlineMs }));
+    // Work of both still outstanding there when it stops (sent is not enough: it may have answered already).
     await waitFor(
-      () => (router.counters.sentTo[hungKey.id] ?? 0) > 0 && (mesh.agents().find((a) => a.id === hungKey.id)?.outstanding ?? 0) > 0,
+      () =>
+        (router.registry.agents.get(hungKey.id)?.outstanding ?? 0) > 0 &&
+        (mesh.agents().find((a) => a.id === hungKey.id)?.outstanding ?? 0) > 0,
       5_000,
       'work on the agent about to hang',
     );
