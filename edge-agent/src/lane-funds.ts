@@ -496,8 +496,12 @@ export class LaneFunds {
 
   /** Reads the lanes in use again at the follower's last block (a reorg the checks missed is corrected here). */
   private async refresh(): Promise<void> {
-    const payers = [...this.used].filter((p) => this.lanes.has(p));
-    this.used.clear();
+    const payers: string[] = [];
+    for (const p of this.used) {
+      if (this.lanes.has(p)) payers.push(p);
+      // A lane whose first read is still under way stays marked: the next refresh reads it, though it is not used again.
+      if (!this.reading.has(p)) this.used.delete(p);
+    }
     this.lastRefresh = Date.now();
     await this.readEach(payers, this.nextBlock - 1);
     this.counters.refreshes += payers.length;
