@@ -6,7 +6,7 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, type TestContext, test } from 'node:test';
-import { type AgentPaymentOptions, startAgent } from '@edge-mesh/agent';
+import { startAgent } from '@edge-mesh/agent';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
@@ -16,7 +16,6 @@ import {
   encodeTensorMap,
   fromHex,
   generateIdentity,
-  type Identity,
   type InferReply,
   type InferRequest,
   LaneVerifier,
@@ -33,7 +32,7 @@ import { ethers } from 'ethers';
 import pino from 'pino';
 import { FORGED_VOUCHERS_BURST, FORGED_VOUCHERS_PER_SECOND } from '../edge-agent/src/payments.ts';
 import { agentFor, brokerFor, modelsDir, quiet, rawClient, tempDir, waitFor } from './helpers.ts';
-import { fundOwnLane, settleEntry, TestPayer } from './payer.ts';
+import { fundOwnLane, type PaidAgentExtra, paidAgentFor, settleEntry, TestPayer } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -49,27 +48,9 @@ async function payerWallet(payout: string, fund: bigint): Promise<ethers.Wallet>
   return wallet;
 }
 
-async function paidAgent(
-  t: TestContext,
-  brokerUrl: string,
-  extra: Partial<AgentPaymentOptions> & { identity?: Identity; dataDir?: string; payout?: string } = {},
-) {
-  const payout = extra.payout ?? ethers.Wallet.createRandom().address.toLowerCase();
-  const { identity, ...payment } = extra;
-  const agent = await agentFor(t, {
-    brokerUrl,
-    ...(identity ? { identity } : {}),
-    payment: {
-      payout,
-      domain: domain(),
-      dataDir: extra.dataDir ?? (await tempDir(t)),
-      provider: chain.provider,
-      fundsPollMs: 100,
-      ...payment,
-    },
-  });
-  return { agent, payout };
-}
+/** A paid agent on this file's chain (test/payer.ts, `paidAgentFor`). */
+const paidAgent = (t: TestContext, brokerUrl: string, extra: PaidAgentExtra = {}) =>
+  paidAgentFor(t, brokerUrl, { provider: chain.provider, domain: domain() }, extra);
 
 const codeOf = (r: InferReply | ErrorReply) => (r.kind === 'err' ? r.code : 'ok');
 

@@ -7,17 +7,17 @@
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, type TestContext, test } from 'node:test';
-import { type AgentPaymentOptions, type SettlerOptions, startAgent } from '@edge-mesh/agent';
+import { type SettlerOptions, startAgent } from '@edge-mesh/agent';
 import { ESCROW_ABI, EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
-import { type ErrorReply, generateIdentity, type Identity, type InferReply, MeshError } from '@edge-mesh/protocol';
+import { type ErrorReply, generateIdentity, type InferReply, MeshError } from '@edge-mesh/protocol';
 import { startRouterHttp } from '@edge-mesh/router';
 import { ethers } from 'ethers';
 import { LaneFunds } from '../edge-agent/src/lane-funds.ts';
 import { withTimeout } from './broker-fixtures.ts';
-import { agentFor, brokerFor, modelsDir, quiet, routerFor, tempDir, waitFor } from './helpers.ts';
-import { fundOwnLane, TestPayer } from './payer.ts';
+import { brokerFor, modelsDir, quiet, routerFor, tempDir, waitFor } from './helpers.ts';
+import { fundOwnLane, type PaidAgentExtra, paidAgentFor, TestPayer } from './payer.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -27,27 +27,9 @@ const KWS = 2; // micro-dollars per kws inference (its manifest price)
 const domain = () => ({ chainId: deployment.chainId, escrow: deployment.escrow });
 const codeOf = (r: InferReply | ErrorReply) => (r.kind === 'err' ? r.code : 'ok');
 
-async function paidAgent(
-  t: TestContext,
-  brokerUrl: string,
-  extra: Partial<AgentPaymentOptions> & { identity?: Identity; dataDir?: string; payout?: string } = {},
-) {
-  const payout = extra.payout ?? ethers.Wallet.createRandom().address.toLowerCase();
-  const { identity, ...payment } = extra;
-  const agent = await agentFor(t, {
-    brokerUrl,
-    ...(identity ? { identity } : {}),
-    payment: {
-      payout,
-      domain: domain(),
-      dataDir: extra.dataDir ?? (await tempDir(t)),
-      provider: chain.provider,
-      fundsPollMs: 100,
-      ...payment,
-    },
-  });
-  return { agent, payout };
-}
+/** A paid agent on this file's chain (test/payer.ts, `paidAgentFor`). */
+const paidAgent = (t: TestContext, brokerUrl: string, extra: PaidAgentExtra = {}) =>
+  paidAgentFor(t, brokerUrl, { provider: chain.provider, domain: domain() }, extra);
 
 const snapshot = (): Promise<string> => chain.provider.send('evm_snapshot', []);
 

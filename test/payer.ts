@@ -9,6 +9,7 @@
 
 import assert from 'node:assert/strict';
 import type { TestContext } from 'node:test';
+import type { AgentPaymentOptions } from '@edge-mesh/agent';
 import { isStaleOffline, openMeshConnection } from '@edge-mesh/client';
 import { EscrowClient } from '@edge-mesh/contracts';
 import {
@@ -49,7 +50,7 @@ import {
   voucherTypedData,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
-import { namedClient } from './helpers.ts';
+import { agentFor, namedClient, tempDir } from './helpers.ts';
 
 type Reply = InferReply | ErrorReply;
 
@@ -424,4 +425,31 @@ export async function pendingFrom(
     if (Date.now() > deadline) assert.fail(`no new pending transaction from ${from} within ${timeoutMs} ms`);
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/** What a test may set on a paid agent beyond its chain: payment options, and its key, data folder and payout. */
+export type PaidAgentExtra = Partial<AgentPaymentOptions> & { identity?: Identity; dataDir?: string; payout?: string };
+
+/** An in-process agent that takes payment on `chain` (polling the escrow every 100 ms), with a random payout unless given. */
+export async function paidAgentFor(
+  t: TestContext,
+  brokerUrl: string,
+  chain: { provider: ethers.Provider; domain: EscrowDomain },
+  extra: PaidAgentExtra = {},
+) {
+  const payout = extra.payout ?? ethers.Wallet.createRandom().address.toLowerCase();
+  const { identity, ...payment } = extra;
+  const agent = await agentFor(t, {
+    brokerUrl,
+    ...(identity ? { identity } : {}),
+    payment: {
+      payout,
+      domain: chain.domain,
+      dataDir: extra.dataDir ?? (await tempDir(t)),
+      provider: chain.provider,
+      fundsPollMs: 100,
+      ...payment,
+    },
+  });
+  return { agent, payout };
 }
