@@ -51,7 +51,6 @@ import { newBrokerCounters } from './counters.ts';
 import { grantedQos } from './handlers/subscribe.ts';
 import { ClientGuard, IpGuard, NonceCache } from './limits.ts';
 import { createListener } from './listener.ts';
-
 import type { BrokerOptions } from './options.ts';
 import { AEDES_MAX_TOPIC_LEVELS, resolveBrokerOptions } from './options.ts';
 import { AdmissionStore } from './store.ts';
@@ -191,85 +190,84 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     const parsed = parseTopic(topic);
     return parsed?.kind === 'load' || (parsed?.kind === 'device' && parsed.what === 'telemetry');
   };
-  /** Subscribers whose socket stopped draining, with the timer that disconnects them if it does not drain in time. */
-  const slow = new WeakMap<Duplex, NodeJS.Timeout>();
-  const watchSlowConsumer = (client: { id?: string }, conn: Duplex) => {
-    if (slow.has(conn) || opts.drainTimeoutMs === 0) return;
-    // Dropped QoS 0 messages never reach aedes' own drain timer: this one keeps "a client whose socket does not drain
-    // within drainTimeoutMs is disconnected" true for them too.
-    const timer = setTimeout(() => {
-      slow.delete(conn);
-      if (!conn.writableNeedDrain || conn.destroyed) return;
-      counters.slowConsumers++;
-      warnThrottled(
-        `slow:${client.id}`,
-        { clientId: client.id ?? null, reason: 'slow-consumer' },
-        'disconnected: its socket did not drain',
-      );
-      conn.destroy();
-    }, opts.drainTimeoutMs);
-    timer.unref();
-    slow.set(conn, timer);
-    conn.once('drain', () => {
-      clearTimeout(timer);
-      slow.delete(conn);
-    });
-  };
   /**
-   * QoS 1 deliveries forwarded to a subscriber while its socket was not draining: each holds one of aedes' 100
-   * delivery slots until the socket drains. A subscriber may hold MAX_HELD_PER_CLIENT of them, and all such
-   * subscribers together MAX_HELD_TOTAL (half the slots); past its own cap a subscriber is disconnected as a slow
-   * consumer at once rather than after drainTimeoutMs, and past the total the one holding the most is (the subscriber
-   * asking when it would hold as many): a subscriber briefly behind on a large reply is not cut off because readers
-   * that stopped hold the rest. Otherwise statuses, which are not dropped, would let a reader that stopped (or a few)
-   * hold every slot, and stall every publish of everyone, until the drain timeout, again and again.
+   * A subscriber's socket stopped draining: from the first message forwarded to it then until it drains or closes.
+   * Two limits apply to it. A timer disconnects it if it does not drain within drainTimeoutMs: dropped QoS 0 messages
+   * never reach aedes' own drain timer, and this one keeps "a client whose socket does not drain within drainTimeoutMs
+   * is disconnected" true for them too. And the QoS 1 deliveries forwarded to it meanwhile are counted (`held`): each
+   * holds one of aedes' 100 delivery slots until the socket drains. A subscriber may hold MAX_HELD_PER_CLIENT of them,
+   * and all such subscribers together MAX_HELD_TOTAL (half the slots); past its own cap a subscriber is disconnected as
+   * a slow consumer at once, and past the total the one holding the most is (the subscriber asking when it would hold
+   * as many): a subscriber briefly behind on a large reply is not cut off because readers that stopped hold the rest.
+   * Otherwise statuses, which are not dropped, would let a reader that stopped (or a few) hold every slot, and stall
+   * every publish of everyone, until the drain timeout, again and again.
    */
-  const held = new Map<Duplex, { n: number; clientId: string | undefined }>();
+  interface Stall {
+    clientId: string | undefined;
+    timer: NodeJS.Timeout | undefined;
+    held: number;
+  }
+  const stalls = new Map<Duplex, Stall>();
   let heldTotal = 0;
-  const releaseHeld = (conn: Duplex) => {
-    heldTotal -= held.get(conn)?.n ?? 0;
-    held.delete(conn);
+  const endStall = (conn: Duplex) => {
+    const stall = stalls.get(conn);
+    if (!stall) return;
+    clearTimeout(stall.timer);
+    heldTotal -= stall.held;
+    stalls.delete(conn);
   };
-  const cutOff = (conn: Duplex, clientId: string | undefined, mine: number) => {
+  const slowConsumer = (conn: Duplex, stall: Stall, message: string) => {
     counters.slowConsumers++;
     warnThrottled(
-      `slow:${clientId}`,
-      { clientId: clientId ?? null, reason: 'slow-consumer', held: mine, heldTotal },
-      'disconnected: its socket did not drain and it holds too many deliveries',
+      `slow:${stall.clientId}`,
+      { clientId: stall.clientId ?? null, reason: 'slow-consumer', held: stall.held, heldTotal },
+      message,
     );
-    releaseHeld(conn);
+    endStall(conn);
     conn.destroy();
   };
-  const holdDelivery = (client: { id?: string }, conn: Duplex): boolean => {
-    const mine = held.get(conn)?.n;
-    if (mine === undefined) {
-      // One pair of listeners per time the socket stops draining, each removing the other.
-      const onDrain = () => {
-        conn.off('close', onClose);
-        releaseHeld(conn);
-      };
-      const onClose = () => {
-        conn.off('drain', onDrain);
-        releaseHeld(conn);
-      };
-      conn.once('drain', onDrain);
-      conn.once('close', onClose);
+  const stallOf = (client: { id?: string }, conn: Duplex): Stall => {
+    const known = stalls.get(conn);
+    if (known) return known;
+    const stall: Stall = { clientId: client.id, timer: undefined, held: 0 };
+    stalls.set(conn, stall);
+    // One pair of listeners per stall, each removing the other.
+    const onDrain = () => {
+      conn.off('close', onClose);
+      endStall(conn);
+    };
+    const onClose = () => {
+      conn.off('drain', onDrain);
+      endStall(conn);
+    };
+    conn.once('drain', onDrain);
+    conn.once('close', onClose);
+    if (opts.drainTimeoutMs > 0) {
+      stall.timer = setTimeout(() => {
+        if (stalls.get(conn) === stall && conn.writableNeedDrain && !conn.destroyed)
+          slowConsumer(conn, stall, 'disconnected: its socket did not drain');
+      }, opts.drainTimeoutMs);
+      stall.timer.unref();
     }
-    if ((mine ?? 0) >= MAX_HELD_PER_CLIENT) {
-      cutOff(conn, client.id, mine ?? 0);
+    return stall;
+  };
+  const HELD_TOO_MANY = 'disconnected: its socket did not drain and it holds too many deliveries';
+  /** Counts one more QoS 1 delivery held by `conn`'s stall; false when `conn` was disconnected instead. */
+  const holdDelivery = (conn: Duplex, stall: Stall): boolean => {
+    if (stall.held >= MAX_HELD_PER_CLIENT) {
+      slowConsumer(conn, stall, HELD_TOO_MANY);
       return false;
     }
     if (heldTotal >= MAX_HELD_TOTAL) {
-      let most: Duplex | undefined;
-      for (const [other, h] of held) if (other !== conn && h.n > (most ? held.get(most)!.n : 0)) most = other;
-      const mostHeld = most ? held.get(most)! : undefined;
-      if (!most || !mostHeld || mostHeld.n <= (mine ?? 0) + 1) {
-        cutOff(conn, client.id, mine ?? 0);
+      let most: [Duplex, Stall] | undefined;
+      for (const entry of stalls) if (entry[0] !== conn && entry[1].held > (most?.[1].held ?? 0)) most = entry;
+      if (!most || most[1].held <= stall.held + 1) {
+        slowConsumer(conn, stall, HELD_TOO_MANY);
         return false;
       }
-      cutOff(most, mostHeld.clientId, mostHeld.n);
+      slowConsumer(most[0], most[1], HELD_TOO_MANY);
     }
-    held.set(conn, { n: (mine ?? 0) + 1, clientId: client.id });
+    stall.held++;
     heldTotal++;
     return true;
   };
@@ -293,12 +291,12 @@ export async function startBroker(options: BrokerOptions = {}): Promise<BrokerHa
     authorizeForward: (client, packet) => {
       const conn = (client as { conn?: Duplex } | null)?.conn;
       if (conn?.writableNeedDrain) {
-        watchSlowConsumer(client!, conn);
+        const stall = stallOf(client!, conn);
         if (packet.qos === 0 || isPeriodic(packet.topic)) {
           counters.messagesDroppedSlow++;
           return null;
         }
-        if (!holdDelivery(client!, conn)) return null;
+        if (!holdDelivery(conn, stall)) return null;
       }
       counters.messagesOut++;
       return packet;
