@@ -101,21 +101,24 @@ export function createListener(options: ListenerOptions): Listener {
   const realAddress = (socket: net.Socket): string =>
     (options.proxyProtocol ? proxied.get(peerKey(socket)) : undefined) ?? socket.remoteAddress ?? 'unknown';
 
-  const unpend = (ip: string, socket: Duplex): void => {
+  /** `socket` no longer counts as pending (it finished CONNECT, closed, was evicted or handed over). */
+  const unpend = (socket: Duplex): void => {
+    const key = allPending.get(socket);
+    if (key === undefined) return;
     allPending.delete(socket);
-    const set = pending.get(ip);
+    const set = pending.get(key);
     if (set === undefined) return;
     set.delete(socket);
-    if (set.size === 0) pending.delete(ip);
+    if (set.size === 0) pending.delete(key);
   };
 
   const accept = (socket: net.Socket): void => admit(socket, realAddress(socket), socket);
 
   /**
    * Counts `socket` among its address's sockets without CONNECT, closing that address's oldest, and the oldest of all,
-   * when either is at its cap. Returns the key it is counted under.
+   * when either is at its cap.
    */
-  const hold = (socket: Duplex, ip: string): string => {
+  const hold = (socket: Duplex, ip: string): void => {
     const key = addressGroup(ip);
     let set = pending.get(key);
     if (set === undefined) {
@@ -124,13 +127,13 @@ export function createListener(options: ListenerOptions): Listener {
     }
     if (set.size >= maxPendingPerIp) {
       const oldest = set.values().next().value as Duplex;
-      unpend(key, oldest);
+      unpend(oldest);
       warnThrottled(`accept:${key}`, { remoteAddress: ip, reason: 'too-many-connections' }, 'oldest connection without CONNECT closed');
       oldest.destroy();
     }
     if (allPending.size >= maxPendingTotal) {
-      const [oldest, oldestKey] = allPending.entries().next().value as [Duplex, string];
-      unpend(oldestKey, oldest);
+      const oldest = allPending.keys().next().value as Duplex;
+      unpend(oldest);
       warnThrottled(
         'accept:all',
         { remoteAddress: ip, reason: 'too-many-pending' },
@@ -141,7 +144,6 @@ export function createListener(options: ListenerOptions): Listener {
     pending.set(key, set);
     set.add(socket);
     allPending.set(socket, key);
-    return key;
   };
 
   /**
@@ -155,11 +157,11 @@ export function createListener(options: ListenerOptions): Listener {
       raw.destroy();
       return;
     }
-    const key = hold(raw, ip);
+    hold(raw, ip);
     const peer = peerKey(raw);
     early.set(peer, raw);
     raw.once('close', () => {
-      unpend(key, raw);
+      unpend(raw);
       if (early.get(peer) === raw) early.delete(peer);
     });
   };
@@ -168,8 +170,7 @@ export function createListener(options: ListenerOptions): Listener {
     const raw = early.get(peer);
     if (raw === undefined) return;
     early.delete(peer);
-    const key = allPending.get(raw);
-    if (key !== undefined) unpend(key, raw);
+    unpend(raw);
   };
 
   /** Counts, guards and throttles a new stream from `ip`, then hands it on. */
@@ -179,12 +180,12 @@ export function createListener(options: ListenerOptions): Listener {
       return;
     }
     handOver(transport);
-    const key = hold(socket, ip);
+    hold(socket, ip);
     socketIps.set(socket, ip);
     sockets.add(socket);
     socket.once('close', () => {
       sockets.delete(socket);
-      unpend(key, socket);
+      unpend(socket);
     });
     guardSocket(socket, maxPacketBytes, (rejection) => {
       log.warn(
@@ -355,9 +356,7 @@ export function createListener(options: ListenerOptions): Listener {
     },
     addressOf: (socket) => (socket !== null && typeof socket === 'object' ? socketIps.get(socket) : undefined),
     established(socket) {
-      if (socket === null || typeof socket !== 'object') return;
-      const ip = socketIps.get(socket);
-      if (ip !== undefined) unpend(addressGroup(ip), socket as net.Socket);
+      if (socket !== null && typeof socket === 'object') unpend(socket as Duplex);
     },
     async listen(port, host) {
       await new Promise<void>((resolve, reject) => {
