@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { after, before, describe, type TestContext, test } from 'node:test';
 import type { AgentPaymentOptions } from '@edge-mesh/agent';
+import { KeyedBuckets } from '@edge-mesh/client';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
 import {
@@ -31,7 +32,6 @@ import {
   RESYNC_BURST,
   RESYNC_PER_SECOND,
 } from '../edge-agent/src/payments.ts';
-import { SenderBudget } from '../edge-agent/src/sender-budget.ts';
 import { agentFor, brokerFor, rawClient, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
 
@@ -342,7 +342,7 @@ describe('a dishonest app at a paying agent', () => {
 
 test('a sender budget: a burst, then the refill rate; one sender’s spending leaves the others theirs', () => {
   let now = 0;
-  const budget = new SenderBudget(3, 2, () => now);
+  const budget = new KeyedBuckets(3, 2, () => now);
   assert.deepEqual(
     [1, 2, 3, 4].map(() => budget.take('a')),
     [true, true, true, false],

@@ -6,6 +6,7 @@
 
 export * from './address.ts';
 export * from './admin.ts';
+export * from './buckets.ts';
 export * from './budget.ts';
 export * from './claims.ts';
 export * from './connection.ts';

@@ -18,7 +18,7 @@
  *   within the escrow's cap (else the escrow would skip them); a worse one never replaces the best.
  */
 import path from 'node:path';
-import { throttledWarn, type WarnThrottled } from '@edge-mesh/client';
+import { KeyedBuckets, throttledWarn, type WarnThrottled } from '@edge-mesh/client';
 import {
   decodeCbor,
   type EscrowDomain,
@@ -52,7 +52,6 @@ import type { Logger } from 'pino';
 import { type Confirmations, defaultConfirmations, LaneFunds, type LaneFundsView, parseConfirmations } from './lane-funds.ts';
 import { type LoggedReceipt, ReceiptLog } from './receipt-log.ts';
 import { SignerRecovery } from './recover.ts';
-import { SenderBudget } from './sender-budget.ts';
 import type { SettlerOptions } from './settler.ts';
 
 export interface AgentPaymentOptions {
@@ -262,13 +261,13 @@ export class AgentPayments {
     return this.recovery.grantsChecked;
   }
   /** Resyncs answered per lane (RESYNC_BURST, RESYNC_PER_SECOND). */
-  private readonly resyncBudget = new SenderBudget(RESYNC_BURST, RESYNC_PER_SECOND);
+  private readonly resyncBudget = new KeyedBuckets(RESYNC_BURST, RESYNC_PER_SECOND);
   /** Forged vouchers per lane (FORGED_VOUCHERS_BURST, FORGED_VOUCHERS_PER_SECOND). */
-  private readonly forgedVouchers = new SenderBudget(FORGED_VOUCHERS_BURST, FORGED_VOUCHERS_PER_SECOND);
+  private readonly forgedVouchers = new KeyedBuckets(FORGED_VOUCHERS_BURST, FORGED_VOUCHERS_PER_SECOND);
   /** Free receipts per lane (FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND, FREE_RECEIPTS_PER_PAID). */
-  private readonly freeReceipts = new SenderBudget(FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND);
+  private readonly freeReceipts = new KeyedBuckets(FREE_RECEIPTS_BURST, FREE_RECEIPTS_PER_SECOND);
   /** Grant checks per client (GRANT_CHECKS_BURST, or maxLanesPerClient when more, then one per GRANT_CHECK_EVERY_MS). */
-  private readonly grantBudget: SenderBudget;
+  private readonly grantBudget: KeyedBuckets;
   /** Refused vouchers and grants: one warning a second per client and kind, the repeats at debug. */
   private readonly warnRefused: WarnThrottled;
   /** Grants being checked, by payer, client, date and signature: the same grant on a burst of requests shares one check. */
@@ -318,7 +317,7 @@ export class AgentPayments {
     this.recovery.start();
     this.maxLanesPerClient = options.maxLanesPerClient ?? 4;
     // A client opening (or, after a restart, granting again) every lane it may hold has them all checked at once.
-    this.grantBudget = new SenderBudget(Math.max(GRANT_CHECKS_BURST, this.maxLanesPerClient), 1_000 / GRANT_CHECK_EVERY_MS);
+    this.grantBudget = new KeyedBuckets(Math.max(GRANT_CHECKS_BURST, this.maxLanesPerClient), 1_000 / GRANT_CHECK_EVERY_MS);
     this.serveUnpaid = options.serveUnpaid ?? false;
     for (const m of models) {
       const o = options.prices?.[m.name] ?? {};

@@ -14,10 +14,9 @@
  */
 
 import { createHash, randomBytes, timingSafeEqual } from 'node:crypto';
-import { addressGroup } from '@edge-mesh/client';
+import { addressGroup, KeyedBuckets } from '@edge-mesh/client';
 import { type HttpScope, isHttpScope, MAX_HTTP_TOKEN_CHARS, MeshError, type VerifiedHttpToken, verifyHttpToken } from '@edge-mesh/protocol';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import { Buckets } from './buckets.ts';
 
 export interface ApiKeyEntry {
   /** The key's public name, `[a-z0-9-]{1,32}`; it names the caller in limits and logs. */
@@ -101,8 +100,8 @@ export function createCredentialCheck(audience: string, options: RouterHttpAuthO
     if (!API_KEY_ID.test(k.id) || k.hash.byteLength !== 32 || !k.scopes.every(isHttpScope))
       throw new MeshError('MESH_CONFIG', `API key ${JSON.stringify(k.id)} is malformed (id, 64 hex digits of sha256, scopes)`);
   }
-  const requests = new Buckets(options.requestsPerSecond ?? 200, options.burst ?? 400);
-  const failures = new Buckets(options.failuresPerSecond ?? 5, options.failureBurst ?? 20);
+  const requests = new KeyedBuckets(options.burst ?? 400, options.requestsPerSecond ?? 200);
+  const failures = new KeyedBuckets(options.failureBurst ?? 20, options.failuresPerSecond ?? 5);
   /** Tokens already verified: the two Ed25519 checks run once per token, not per request. */
   const verified = new Map<string, VerifiedHttpToken>();
   const isRevoked = options.isRevoked ?? (() => false);
@@ -145,7 +144,7 @@ export function createCredentialCheck(audience: string, options: RouterHttpAuthO
   };
 
   return (authorization, address, scope, now) => {
-    if (failures.empty(address, now)) {
+    if (!failures.has(address, now)) {
       throw new MeshError('MESH_RATE_LIMITED', 'too many failed credentials from this address; slow down', {
         details: { reason: 'auth-failures' },
       });

@@ -26,6 +26,7 @@
  * simulation and the block (the escrow then skips the voucher as stale): the relayer risks only its gas.
  */
 
+import { KeyedBuckets } from '@edge-mesh/client';
 import {
   checkVoucher,
   FEE_CAP_DIVISOR,
@@ -39,7 +40,6 @@ import {
 } from '@edge-mesh/protocol';
 import type { ethers } from 'ethers';
 import type { FastifyInstance } from 'fastify';
-import { Buckets } from './buckets.ts';
 import { callerOf } from './http-auth.ts';
 import { ANY_ERROR, errorResponse, installErrorHandlers } from './http-errors.ts';
 
@@ -444,7 +444,7 @@ const voucherSchema = {
 /** Mounts the relay's routes on `app`; the relay sends what is queued and stops when the app closes. */
 export async function registerRelayRoutes(app: FastifyInstance, options: RelayOptions): Promise<VoucherRelay> {
   const relay = await VoucherRelay.start(options);
-  const budget = new Buckets(options.vouchersPerSecond ?? 20, options.voucherBurst ?? 200);
+  const budget = new KeyedBuckets(options.voucherBurst ?? 200, options.vouchersPerSecond ?? 20);
   app.addHook('onClose', async () => relay.close());
   const maxPerRequest = options.maxPerRequest ?? 100;
   app.post(

@@ -8,6 +8,7 @@ import {
   childLogger,
   createFleetView,
   createRequestEngine,
+  KeyedBuckets,
   type MeshTlsOptions,
   mqttTransport,
   openMeshConnection,
@@ -42,7 +43,6 @@ import {
   topics,
 } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
-import { Buckets } from './buckets.ts';
 import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions } from './concurrency.ts';
 import { createRegistry, onLoad, onStatus, type RouterOptions } from './estimates.ts';
 import type {
@@ -185,7 +185,7 @@ export async function startRouter(options: StartRouterOptions): Promise<RouterHa
   // Each answer costs a decode, three selections and an encode on this one thread (~14 µs with 20 agents, before
   // MQTT): a client asking tens of thousands of times a second would starve every other client's leases. An SDK
   // asks once per model per lease (500 ms) plus once per failed lease, far below the default.
-  const questionBuckets = new Buckets(options.routeQuestionsPerSecond ?? 50, options.routeQuestionsBurst ?? 100);
+  const questionBuckets = new KeyedBuckets(options.routeQuestionsBurst ?? 100, options.routeQuestionsPerSecond ?? 50);
   const routedListeners = new Set<(r: RoutedRecord) => void>();
   const routed = (r: RoutedRecord) => {
     for (const listener of routedListeners) {
