@@ -288,7 +288,7 @@ export class AgentPayments {
     freeReceiptsLimited: 0,
     grants: 0,
     grantsRefused: 0,
-    /** Grants refused unchecked: their client had as many checked lately as GRANT_CHECKS_BURST allows. */
+    /** Grants refused unchecked: their client had as many checked lately as its budget allows (GRANT_CHECKS_BURST, or maxLanesPerClient when more). */
     grantsLimited: 0,
     resyncs: 0,
     resyncsRefused: 0,
@@ -698,7 +698,7 @@ export class AgentPayments {
       this.logger.debug({ senderId, payer }, 'lane grant not checked: its client had too many checked lately');
       throw new MeshError(
         'MESH_RATE_LIMITED',
-        `client ${senderId} had ${GRANT_CHECKS_BURST} lane grants checked here lately, the most it may (then one per ${GRANT_CHECK_EVERY_MS / 1_000} s): try again later`,
+        `client ${senderId} had ${this.grantBudget.burst} lane grants checked here lately, the most it may (then one per ${GRANT_CHECK_EVERY_MS / 1_000} s): try again later`,
         { details: { payer, reason: 'grant-checks' } },
       );
     }
