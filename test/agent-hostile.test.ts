@@ -65,6 +65,11 @@ async function fundedPayer(t: TestContext, brokerUrl: string, payout: string, cl
   return payer;
 }
 
+/** A paid wake-word request with `pay` as given (a forged or real grant, or none), due in `deadlineInMs`. */
+function kwsRequest(inputs: InferRequest['inputs'], pay: InferRequest['pay'], deadlineInMs = 30_000, id = newRequestId()): InferRequest {
+  return { v: PROTOCOL_VERSION, kind: 'req', id, deadline: Date.now() + deadlineInMs, model: 'kws', inputs, pay };
+}
+
 describe('a dishonest app at a paying agent', () => {
   before(async () => {
     chain = await startLocalChain({ accounts: 12 });
@@ -92,15 +97,7 @@ describe('a dishonest app at a paying agent', () => {
     const inputs = encodeTensorMap(sampleInputs('kws', 1));
     // Each grant dated a millisecond later than the one before (its signature, over the first, then recovers to some
     // other key): no two share a check.
-    const forged = (i: number): InferRequest => ({
-      v: PROTOCOL_VERSION,
-      kind: 'req',
-      id: newRequestId(),
-      deadline: Date.now() + 30_000,
-      model: 'kws',
-      inputs,
-      pay: { payer: grant.payer, grant: { ...grant, issuedAt: grant.issuedAt + i } },
-    });
+    const forged = (i: number) => kwsRequest(inputs, { payer: grant.payer, grant: { ...grant, issuedAt: grant.issuedAt + i } });
     const grantsChecked = payments.grantSignaturesChecked;
     // What the flood holds the agent's thread (this process's) for: reported, not asserted (the machine is shared).
     const loop = monitorEventLoopDelay({ resolution: 5 });
@@ -156,16 +153,7 @@ describe('a dishonest app at a paying agent', () => {
         const payer = ethers.Wallet.createRandom();
         const terms = { agent: payout, client: gateway.clientId, issuedAt: Date.now() };
         const grant = { ...terms, payer: payer.address.toLowerCase(), sig: fromHex(await signLaneGrant(payer, domain(), terms)) };
-        const request: InferRequest = {
-          v: PROTOCOL_VERSION,
-          kind: 'req',
-          id: newRequestId(),
-          deadline: Date.now() + 30_000,
-          model: 'kws',
-          inputs,
-          pay: { payer: grant.payer, grant },
-        };
-        return request;
+        return kwsRequest(inputs, { payer: grant.payer, grant });
       }),
     );
     let replies = await Promise.all(requests.map((r) => gateway.request(agent.id, r.id, r, 30_000)));
@@ -233,15 +221,7 @@ describe('a dishonest app at a paying agent', () => {
     const FLOOD = 600;
     for (let i = 0; i < FLOOD; i++) {
       const id = newRequestId();
-      const request = {
-        v: PROTOCOL_VERSION,
-        kind: 'req',
-        id,
-        deadline: Date.now() + 60_000,
-        model: 'kws',
-        inputs,
-        pay: { payer: canceller.payer, grant },
-      } as const;
+      const request = kwsRequest(inputs, { payer: canceller.payer, grant }, 60_000, id);
       canceller.publishRaw(topics.agentRequest(agent.id, canceller.clientId), encodeMessage(request));
       canceller.publishRaw(topics.agentCancel(agent.id, canceller.clientId), encodeMessage({ v: PROTOCOL_VERSION, kind: 'cancel', id }));
       if (i % 50 === 49) await new Promise((r) => setTimeout(r, 5));
@@ -304,15 +284,7 @@ describe('a dishonest app at a paying agent', () => {
     const payer = await fundedPayer(t, broker.url, payout, 'app-victim');
     assert.equal(codeOf(await payer.request('kws', sampleInputs('kws', 0))), 'ok');
     const attacker = await rawClient(t, broker.url, 'app-snoop');
-    const request: InferRequest = {
-      v: PROTOCOL_VERSION,
-      kind: 'req',
-      id: newRequestId(),
-      deadline: Date.now() + 10_000,
-      model: 'kws',
-      inputs: encodeTensorMap(sampleInputs('kws', 1)),
-      pay: { payer: payer.payer },
-    };
+    const request = kwsRequest(encodeTensorMap(sampleInputs('kws', 1)), { payer: payer.payer }, 10_000);
     // Its cancel rides right behind the request; thousands more name ids nobody sent.
     const reply = payer.send(agent.id, request);
     attacker.client.publish(
