@@ -8,13 +8,13 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, type TestContext, test } from 'node:test';
 import { type SettlerOptions, startAgent } from '@edge-mesh/agent';
-import { ESCROW_ABI, EscrowClient } from '@edge-mesh/contracts';
+import { checkFollowedBlock, ESCROW_ABI, EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import { sampleInputs } from '@edge-mesh/demo';
 import { type ErrorReply, generateIdentity, type InferReply, MeshError } from '@edge-mesh/protocol';
 import { startRouterHttp } from '@edge-mesh/router';
 import { ethers } from 'ethers';
-import { LaneFunds } from '../edge-agent/src/lane-funds.ts';
+import { LaneFunds, type LaneFundsOptions } from '../edge-agent/src/lane-funds.ts';
 import { withTimeout } from './broker-fixtures.ts';
 import { brokerFor, modelsDir, quiet, routerFor, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, type PaidAgentExtra, paidAgentFor, TestPayer } from './payer.ts';
@@ -85,6 +85,63 @@ function laggingProvider(): { provider: ethers.JsonRpcProvider; lag: (head: numb
     },
   };
 }
+
+/**
+ * The local chain as a node that stops answering once `hang` is set: every read waits until `release` (or for ever),
+ * as a node whose connection hangs does.
+ */
+function hangingProvider(): { provider: ethers.JsonRpcProvider; hang: (on: boolean) => void; release: () => void } {
+  let hanging = false;
+  let release!: () => void;
+  const gate = new Promise<void>((r) => {
+    release = r;
+  });
+  const READS = new Set(['getBlock', 'getBlockNumber', 'getLogs', 'call']);
+  const provider = new Proxy(chain.provider, {
+    get(target, prop) {
+      const value = Reflect.get(target, prop, target);
+      if (typeof value !== 'function') return value;
+      const bound = value.bind(target) as (...args: unknown[]) => unknown;
+      if (!READS.has(String(prop))) return bound;
+      return async (...args: unknown[]) => {
+        if (hanging) await gate;
+        return bound(...args);
+      };
+    },
+  });
+  return {
+    provider,
+    hang: (on) => {
+      hanging = on;
+    },
+    release: () => release(),
+  };
+}
+
+/** A LaneFunds of its own on this file's chain (a random payout, an in-memory store, no polls unless asked), closed at the end. */
+async function openFunds(
+  t: TestContext,
+  provider: ethers.Provider,
+  extra: Partial<LaneFundsOptions> = {},
+): Promise<{ funds: LaneFunds; payout: string }> {
+  const stored = new Map<string, unknown>();
+  const payout = ethers.Wallet.createRandom().address.toLowerCase();
+  const funds = await LaneFunds.open({
+    provider,
+    escrow: deployment.escrow,
+    payout,
+    chainId: BigInt(deployment.chainId),
+    store: { get: async (k) => stored.get(k), put: async (k, v) => void stored.set(k, v) },
+    logger: quiet,
+    pollMs: 60_000,
+    confirmations: 0,
+    ...extra,
+  });
+  t.after(() => funds.close());
+  return { funds, payout };
+}
+
+const codeOfError = (err: unknown) => (err instanceof MeshError ? err.code : String(err));
 
 describe('settlement on a chain that reorganises', () => {
   before(async () => {
@@ -494,5 +551,158 @@ describe('settlement on a chain that reorganises', () => {
     const again = await listed();
     assert.equal(again.length, 1);
     assert.ok(again[0]!.block > first[0]!.block, 'the settlement mined on the new branch');
+  });
+
+  test("a node a block or two behind is not a reorg to the agent's lane funds: the view is kept, and followed on once the node catches up", async (t) => {
+    // A load-balanced endpoint may answer a poll from a node a block or two behind. Before this fix the agent's follower
+    // took a head below its last block for a reorg: it dropped every lane from the view (no credit until each was read
+    // again, and a reorg counted). Now it waits for the node, as the settler and the router do.
+    const { provider, lag } = laggingProvider();
+    const wallet = chain.wallet(nextWallet++);
+    const { funds, payout } = await openFunds(t, provider);
+    await fundOwnLane(wallet, deployment.escrow, payout, 5_000n);
+    assert.equal((await funds.track(wallet.address)).remaining, 5_000);
+    await chain.provider.send('hardhat_mine', ['0x2']);
+    await funds.catchUp();
+    const followed = funds.checkpoint();
+    assert.equal(followed.next - 1, await chain.provider.getBlockNumber());
+    const reads = funds.counters.reads;
+
+    lag(followed.next - 3); // two blocks behind the last block followed
+    await funds.catchUp();
+    assert.equal(funds.counters.reorgs, 0, 'not taken for a reorg');
+    assert.equal(funds.counters.behind, 1);
+    assert.equal(funds.view(wallet.address)?.remaining, 5_000, 'the lane stays in the view');
+    assert.deepEqual(funds.checkpoint(), followed, 'the checkpoint stays');
+    // A lane first used meanwhile is not read at a block the node lacks: a coded refusal, read once the node has it.
+    const other = ethers.Wallet.createRandom().address;
+    await assert.rejects(
+      funds.track(other),
+      (err: unknown) => codeOfError(err) === 'MESH_CHAIN_UNREACHABLE' && /behind/.test((err as Error).message),
+    );
+
+    // The node catches up, past a deposit made meanwhile: the follower goes on from its checkpoint, the lane not read again.
+    await fundOwnLane(wallet, deployment.escrow, payout, 700n);
+    lag(undefined);
+    await funds.catchUp();
+    assert.equal(funds.counters.reorgs, 0);
+    assert.equal(funds.view(wallet.address)?.remaining, 5_700, 'the deposit read from its event');
+    assert.equal(funds.counters.reads, reads, 'no lane read again');
+    assert.equal((await funds.track(other)).remaining, 0);
+  });
+
+  test("a hung node: a lane's first read fails with MESH_CHAIN_UNREACHABLE within its timeout, and the poll that hangs gives up too", async (t) => {
+    // A node that stops answering (a connection that hangs) held the follower's poll, and every first read waits for
+    // its turn behind the poll: before this fix a paid request from a payer new to the agent waited as long as the node
+    // did, for ever with a provider without timeouts. Now the first read has its own bound (`readTimeoutMs`), and
+    // each call of the poll one of its own (`chainTimeoutMs`), so the lock is freed and the view recovers.
+    const { provider, hang, release } = hangingProvider();
+    t.after(release);
+    const { funds } = await openFunds(t, provider, { readTimeoutMs: 300, chainTimeoutMs: 2_000 });
+    const payer = ethers.Wallet.createRandom().address;
+    hang(true);
+    const first = await withTimeout(
+      funds.track(payer).then(
+        () => 'read',
+        (err: unknown) => err,
+      ),
+      10_000,
+      'the first read behind a hung poll',
+    );
+    assert.ok(first instanceof MeshError, String(first));
+    assert.equal(first.code, 'MESH_CHAIN_UNREACHABLE');
+    assert.match(first.message, /first read of lane/);
+    assert.equal(first.details?.timeoutMs, 300);
+    // The poll under the lock gives up at its own bound, so the lock is freed.
+    const poll = await withTimeout(
+      funds.catchUp().then(
+        () => 'polled',
+        (err: unknown) => err,
+      ),
+      20_000,
+      'a poll on a hung node',
+    );
+    assert.ok(poll instanceof MeshError, String(poll));
+    assert.equal(poll.code, 'MESH_CHAIN_UNREACHABLE');
+    assert.equal(poll.details?.timeoutMs, 2_000);
+
+    hang(false);
+    assert.equal((await withTimeout(funds.track(payer), 10_000, 'the read once the node answers')).remaining, 0);
+  });
+
+  test('checkFollowedBlock: the block still on the chain, a node behind it, the block replaced, a node that never answers', async () => {
+    await chain.provider.send('hardhat_mine', ['0x3']);
+    const n = (await chain.provider.getBlockNumber()) - 1;
+    const block = (await chain.provider.getBlock(n))!;
+    // On the chain with the recorded hash; an unknown hash is not compared, and the node's is given.
+    let check = await checkFollowedBlock(chain.provider, { number: n, hash: block.hash! });
+    assert.equal(check.state, 'on-chain');
+    assert.equal(check.hash, block.hash);
+    assert.equal(check.head.number, n + 1);
+    check = await checkFollowedBlock(chain.provider, { number: n, hash: undefined });
+    assert.deepEqual([check.state, check.hash], ['on-chain', block.hash]);
+    // The head itself.
+    check = await checkFollowedBlock(chain.provider, { number: n + 1, hash: check.head.hash });
+    assert.equal(check.state, 'on-chain');
+
+    // A node whose head is below the block, and one whose head is past it but that has not got it: behind, not replaced.
+    const { provider, lag } = laggingProvider();
+    lag(n - 2);
+    check = await checkFollowedBlock(provider, { number: n, hash: block.hash! });
+    assert.deepEqual([check.state, check.head.number, check.hash], ['node-behind', n - 2, undefined]);
+    const missing = new Proxy(chain.provider, {
+      get(target, prop) {
+        if (prop === 'getBlock') return async (tag: ethers.BlockTag) => (tag === n ? null : target.getBlock(tag));
+        const value = Reflect.get(target, prop, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    check = await checkFollowedBlock(missing, { number: n, hash: block.hash! });
+    assert.equal(check.state, 'node-behind');
+
+    // The block replaced by a reorg, and the chain past it: replaced, with the new hash.
+    const snap = await snapshot();
+    await (await chain.wallet(0).sendTransaction({ to: ethers.Wallet.createRandom().address, value: 1n })).wait();
+    const mined = (await chain.provider.getBlock('latest'))!;
+    await reorgTo(snap);
+    check = await checkFollowedBlock(chain.provider, { number: mined.number, hash: mined.hash! });
+    assert.equal(check.state, 'replaced');
+    assert.notEqual(check.hash, mined.hash);
+    assert.equal(check.hash, (await chain.provider.getBlock(mined.number))!.hash);
+
+    // A node that never answers: a coded error at the timeout, not a wait for ever.
+    const { provider: hung, hang, release } = hangingProvider();
+    hang(true);
+    try {
+      const err = await withTimeout(
+        checkFollowedBlock(hung, { number: n, hash: block.hash! }, { timeoutMs: 200 }).then(
+          () => 'answered',
+          (e: unknown) => e,
+        ),
+        10_000,
+        'a check on a hung node',
+      );
+      assert.ok(err instanceof MeshError, String(err));
+      assert.equal(err.code, 'MESH_CHAIN_UNREACHABLE');
+      assert.equal(err.details?.timeoutMs, 200);
+    } finally {
+      release();
+    }
+    // A node that fails: coded too. A block number that is none: MESH_BAD_REQUEST.
+    const failing = new Proxy(chain.provider, {
+      get(target, prop) {
+        if (prop === 'getBlock') return async () => Promise.reject(new Error('connection reset'));
+        const value = Reflect.get(target, prop, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+    await assert.rejects(
+      checkFollowedBlock(failing, { number: n, hash: block.hash! }),
+      (err: unknown) => codeOfError(err) === 'MESH_CHAIN_UNREACHABLE',
+    );
+    await assert.rejects(
+      checkFollowedBlock(chain.provider, { number: -1, hash: block.hash! }),
+      (err: unknown) => codeOfError(err) === 'MESH_BAD_REQUEST',
+    );
   });
 });

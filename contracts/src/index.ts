@@ -5,4 +5,5 @@
  */
 export { ERC20_ABI, ESCROW_ABI } from './abi.ts';
 export * from './escrow.ts';
+export * from './follow.ts';
 export { recoverLaneGrantSigner, recoverVoucherSigner } from './vouchers.ts';

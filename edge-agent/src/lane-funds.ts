@@ -11,18 +11,22 @@
  * - a lane's first use catches the follower up and reads `laneOf(payer, payout)` at the followed head, so
  *   the read and the events after it describe one chain; an event at or before the block a lane was read at
  *   is already in that read and is skipped;
- * - the view heals itself: every poll checks that the last block it followed still has the hash it recorded
- *   and that the followed head has not gone back below it. When either fails (a reorg dropped blocks the
- *   follower had read), every lane is dropped from the view and read again with `laneOf` at the new followed
- *   head, and the follower goes on from there: an event that the reorg removed no longer counts, and no credit
- *   is given against a lane until it is read again. Lanes in use are also read again every `refreshMs`.
+ * - the view heals itself: every poll asks the node whether the last block it followed is still on the chain
+ *   with the hash it recorded (`checkFollowedBlock`, @edge-mesh/contracts). When that block was replaced (a reorg
+ *   dropped blocks the follower had read), every lane is dropped from the view and read again with `laneOf` at
+ *   the new followed head, and the follower goes on from there: an event that the reorg removed no longer counts,
+ *   and no credit is given against a lane until it is read again. A node behind that block (its head below it,
+ *   or the block not found: a load-balanced endpoint's lagging node) is waited for: the view is kept, and the
+ *   poll does not count as a read of the events. Lanes in use are also read again every `refreshMs`;
+ * - every call to the node is bounded (`chainTimeoutMs`), and a lane's first read has its own bound
+ *   (`readTimeoutMs`): a node that never answers fails the request with MESH_CHAIN_UNREACHABLE, never holds it.
  *
  * Written against escrow v2: `laneOf → remaining, settled, feeSettled, owner, withdrawAmount, thawEnd,
  * lapseAt`; a withdrawal takes a fixed amount between its thaw's end and its lapse, and a settlement pays
  * the agent first and then a relayer fee, both from the lane. Switching to another escrow means changing
  * this module only: the rest of the agent sees `LaneFundsView`.
  */
-import { ESCROW_ABI, EscrowClient } from '@edge-mesh/contracts';
+import { checkFollowedBlock, DEFAULT_CHAIN_TIMEOUT_MS, ESCROW_ABI, EscrowClient, withChainTimeout } from '@edge-mesh/contracts';
 import { MeshError } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import type { Logger } from 'pino';
@@ -73,6 +77,13 @@ export interface LaneFundsOptions {
   confirmations?: Confirmations;
   /** Lanes used since the last refresh are read again with `laneOf` this often (default 60,000 ms). */
   refreshMs?: number;
+  /** Longest wait for one answer of the node (a block, a range of events, a `laneOf`) before MESH_CHAIN_UNREACHABLE (default 10,000 ms). */
+  chainTimeoutMs?: number;
+  /**
+   * Longest wait of a lane's first read (`track`), its turn behind a poll included, before MESH_CHAIN_UNREACHABLE
+   * (default 15,000 ms).
+   */
+  readTimeoutMs?: number;
 }
 
 /** How deep a block must be before its events count: blocks below the latest, or a block tag of the node. */
@@ -127,6 +138,7 @@ interface BlockRef {
 }
 
 const CHECKPOINT_KEY = 'funds!checkpoint';
+const DEFAULT_READ_TIMEOUT_MS = 15_000;
 /** `laneOf` calls made at once by a refresh or a turn of first reads. */
 const LANE_READS_AT_ONCE = 8;
 const escrowInterface = new ethers.Interface(ESCROW_ABI);
@@ -139,8 +151,11 @@ const toMicros = (v: bigint): number => (v > BigInt(Number.MAX_SAFE_INTEGER) ? N
 export class LaneFunds {
   /** The escrow's thaw period in seconds (the settle horizon's default is built from it). */
   readonly thawSeconds: number;
-  /** `reorgs`: times the follower found blocks it had read replaced and read its lanes again; `refreshes`: lanes read again on the timer. */
-  counters = { polls: 0, pollFailures: 0, events: 0, reads: 0, reorgs: 0, refreshes: 0 };
+  /**
+   * `reorgs`: times the follower found blocks it had read replaced and read its lanes again; `behind`: polls that found
+   * the node behind the last block followed and waited for it; `refreshes`: lanes read again on the timer.
+   */
+  counters = { polls: 0, pollFailures: 0, events: 0, reads: 0, reorgs: 0, behind: 0, refreshes: 0 };
   private readonly lanes = new Map<string, LaneState>();
   private readonly reading = new Map<string, Promise<LaneState>>();
   /** Lanes used since the last refresh. */
@@ -152,6 +167,10 @@ export class LaneFunds {
   private readonly maxStaleMs: number;
   private readonly refreshMs: number;
   private readonly confirmations: Confirmations;
+  private readonly chainTimeoutMs: number;
+  private readonly readTimeoutMs: number;
+  /** The node's head when the last poll found it behind the last block followed (undefined: it was not). */
+  private nodeBehind: number | undefined;
   /** The next block whose events have not been applied. */
   private nextBlock: number;
   /** The hash of block `nextBlock - 1` when it was read (undefined only for a checkpoint stored before hashes were). */
@@ -188,6 +207,8 @@ export class LaneFunds {
     this.maxStaleMs = Math.max(options.maxStaleMs ?? 60_000, 3 * this.pollMs);
     this.refreshMs = options.refreshMs ?? 60_000;
     this.confirmations = options.confirmations === undefined ? 0 : parseConfirmations(options.confirmations);
+    this.chainTimeoutMs = options.chainTimeoutMs ?? DEFAULT_CHAIN_TIMEOUT_MS;
+    this.readTimeoutMs = options.readTimeoutMs ?? DEFAULT_READ_TIMEOUT_MS;
   }
 
   /**
@@ -203,9 +224,10 @@ export class LaneFunds {
     }
     const thawSeconds = Number(await escrow.thawSeconds());
     const confirmations = options.confirmations === undefined ? 0 : parseConfirmations(options.confirmations);
-    const latest = await LaneFunds.block(options.provider, 'latest');
+    const timeoutMs = options.chainTimeoutMs ?? DEFAULT_CHAIN_TIMEOUT_MS;
+    const latest = await LaneFunds.block(options.provider, 'latest', timeoutMs);
     // On the first start the follower begins at the followed head; a node without the block tag asked for fails here.
-    const head = await LaneFunds.followedHead(options.provider, confirmations, latest);
+    const head = await LaneFunds.followedHead(options.provider, confirmations, latest, timeoutMs);
     const stored = (await options.store.get(CHECKPOINT_KEY)) as FundsCheckpoint | number | undefined;
     const checkpoint: FundsCheckpoint =
       typeof stored === 'number'
@@ -219,12 +241,13 @@ export class LaneFunds {
     return funds;
   }
 
-  private static async block(provider: ethers.Provider, tag: number | string): Promise<BlockRef> {
+  private static async block(provider: ethers.Provider, tag: number | string, timeoutMs: number): Promise<BlockRef> {
     const what = typeof tag === 'number' ? `block ${tag}` : `${tag} block`;
     let block: ethers.Block | null;
     try {
-      block = await provider.getBlock(tag);
+      block = await withChainTimeout(provider.getBlock(tag), timeoutMs, what);
     } catch (err) {
+      if (err instanceof MeshError) throw err; // no answer within timeoutMs
       throw new MeshError('MESH_CHAIN_UNREACHABLE', `${what}: ${(err as Error).message}`, {
         cause: err,
         details: { action: what },
@@ -235,13 +258,18 @@ export class LaneFunds {
   }
 
   /** The highest block whose events are believed: `confirmations` below `latest`, or the node's safe/finalized block. */
-  private static async followedHead(provider: ethers.Provider, confirmations: Confirmations, latest: BlockRef): Promise<BlockRef> {
+  private static async followedHead(
+    provider: ethers.Provider,
+    confirmations: Confirmations,
+    latest: BlockRef,
+    timeoutMs: number,
+  ): Promise<BlockRef> {
     if (typeof confirmations !== 'number') {
-      const tagged = await LaneFunds.block(provider, confirmations);
+      const tagged = await LaneFunds.block(provider, confirmations, timeoutMs);
       return tagged.number > latest.number ? latest : tagged;
     }
     const number = Math.max(0, latest.number - confirmations);
-    return number === latest.number ? latest : LaneFunds.block(provider, number);
+    return number === latest.number ? latest : LaneFunds.block(provider, number, timeoutMs);
   }
 
   /** The lane as last known, or undefined before its first read (see `track`). `use` (default true) counts the lane as in use. */
@@ -252,7 +280,11 @@ export class LaneFunds {
     return lane ? this.viewOf(lane) : undefined;
   }
 
-  /** The lane's view, reading it from the chain on first use (concurrent first uses share one read). */
+  /**
+   * The lane's view, reading it from the chain on first use (concurrent first uses share one read). A first read not
+   * done within `readTimeoutMs` (its turn behind a poll included) fails with MESH_CHAIN_UNREACHABLE; the read goes on,
+   * and a later use takes its result.
+   */
   async track(payerAddress: string): Promise<LaneFundsView> {
     const payer = payerAddress.toLowerCase();
     this.used.add(payer);
@@ -263,7 +295,7 @@ export class LaneFunds {
       read = this.readSoon(payer).finally(() => this.reading.delete(payer));
       this.reading.set(payer, read);
     }
-    return this.viewOf(await read);
+    return this.viewOf(await withChainTimeout(read, this.readTimeoutMs, `first read of lane ${payer}`));
   }
 
   /**
@@ -280,6 +312,14 @@ export class LaneFunds {
       const turn = this.exclusive(async () => {
         if (this.queued?.waiting === waiting) this.queued = undefined;
         if (this.pollsDone === asked) await this.poll();
+        if (this.nodeBehind !== undefined) {
+          // No `laneOf` at a block the node does not have: the lane is read once the node is past it.
+          throw new MeshError(
+            'MESH_CHAIN_UNREACHABLE',
+            `the node is behind the last block followed (its head ${this.nodeBehind}, followed ${this.nextBlock - 1}): the lane is read once it is past it`,
+            { details: { action: 'laneOf', head: this.nodeBehind, followed: this.nextBlock - 1 } },
+          );
+        }
         const payers = [...waiting.keys()];
         const block = this.nextBlock - 1;
         for (let i = 0; i < payers.length; i += LANE_READS_AT_ONCE) {
@@ -390,10 +430,12 @@ export class LaneFunds {
     let thawEnd: bigint;
     let lapseAt: bigint;
     try {
-      [remaining, settled, , , withdrawAmount, thawEnd, lapseAt] = (await this.contract.getFunction('laneOf')(
-        ethers.getAddress(payer),
-        ethers.getAddress(this.options.payout),
-        { blockTag: Math.max(0, block) },
+      [remaining, settled, , , withdrawAmount, thawEnd, lapseAt] = (await withChainTimeout(
+        this.contract.getFunction('laneOf')(ethers.getAddress(payer), ethers.getAddress(this.options.payout), {
+          blockTag: Math.max(0, block),
+        }),
+        this.chainTimeoutMs,
+        'laneOf',
       )) as [bigint, bigint, bigint, string, bigint, bigint, bigint];
     } catch (err) {
       throw new MeshError('MESH_CHAIN_UNREACHABLE', `laneOf(${payer}) at block ${block}: ${(err as Error).message}`, {
@@ -425,41 +467,71 @@ export class LaneFunds {
   }
 
   /**
-   * One poll (under the lock): checks that the last block followed is still on the chain, healing the view if
-   * not; then every bounded range from the checkpoint up to the followed head, each applied and checkpointed
-   * with the hash of its last block; then, when due, the lanes in use are read again.
+   * One poll (under the lock): asks the node whether the last block followed is still on the chain. A node behind it
+   * is waited for (the view is kept; with no lane in the view, nothing depends on the blocks it lacks, and the
+   * follower goes on from the node's followed head); a replaced block heals the view. Then every bounded range from
+   * the checkpoint up to the followed head, each applied and checkpointed with the hash of its last block; then, when
+   * due, the lanes in use are read again.
    */
   private async poll(): Promise<void> {
     const provider = this.options.provider;
-    const latest = await LaneFunds.block(provider, 'latest');
-    const head = await LaneFunds.followedHead(provider, this.confirmations, latest);
+    const timeoutMs = this.chainTimeoutMs;
     const last = this.nextBlock - 1;
-    if (head.number < last) {
-      await this.heal(head, 'the chain went back below the last block followed', { last });
-    } else if (last >= 0) {
-      const now = last === head.number ? head : await LaneFunds.block(provider, last);
-      if (this.lastHash === undefined) {
+    this.nodeBehind = undefined;
+    let latest: BlockRef;
+    let replaced: Record<string, unknown> | undefined;
+    let behind = false;
+    if (last < 0) latest = await LaneFunds.block(provider, 'latest', timeoutMs);
+    else {
+      const check = await checkFollowedBlock(provider, { number: last, hash: this.lastHash }, { timeoutMs });
+      latest = check.head;
+      if (check.state === 'node-behind') {
+        if (this.lanes.size > 0) {
+          // Not a reorg: a node that has not got the block yet. What was read stays; its events are read once it has.
+          this.nodeBehind = latest.number;
+          this.counters.behind++;
+          this.options.logger.debug({ last, head: latest.number }, 'the node is behind the last block followed: waiting for it');
+          return;
+        }
+        behind = true;
+      } else if (check.state === 'replaced') replaced = { last, was: this.lastHash, now: check.hash };
+      else if (this.lastHash === undefined) {
         // A checkpoint stored before hashes were: nothing is known of its block, and no lane was read against it.
-        this.lastHash = now.hash;
+        this.lastHash = check.hash;
         await this.saveCheckpoint();
-      } else if (now.hash !== this.lastHash) {
-        await this.heal(head, 'the last block followed was replaced', { last, was: this.lastHash, now: now.hash });
       }
+    }
+    const head = await LaneFunds.followedHead(provider, this.confirmations, latest, timeoutMs);
+    if (replaced) await this.heal(head, 'the last block followed was replaced', replaced);
+    else if (behind) {
+      // No lane is in the view (after a start, say): no read stands on the blocks the node lacks, so the follower goes on
+      // from where the node is, whether it lags or the chain went shorter. Nothing is dropped: not a reorg.
+      this.nextBlock = head.number + 1;
+      this.lastHash = head.hash;
+      await this.saveCheckpoint();
+      this.options.logger.info(
+        { last, head: head.number },
+        'the node is behind the last block followed and no lane is read: following from its head',
+      );
     }
     while (!this.closed && this.nextBlock <= head.number) {
       const from = this.nextBlock;
       const to = Math.min(head.number, from + this.maxBlockRange - 1);
       // The range's last block is fetched before its logs: if a reorg lands in between, its hash no longer
       // matches the chain at the next poll, and the view heals then.
-      const end = to === head.number ? head : await LaneFunds.block(provider, to);
+      const end = to === head.number ? head : await LaneFunds.block(provider, to, timeoutMs);
       let logs: ethers.Log[];
       try {
-        logs = await provider.getLogs({
-          address: this.options.escrow,
-          topics: [EVENT_TOPICS, null, this.payoutTopic],
-          fromBlock: from,
-          toBlock: to,
-        });
+        logs = await withChainTimeout(
+          provider.getLogs({
+            address: this.options.escrow,
+            topics: [EVENT_TOPICS, null, this.payoutTopic],
+            fromBlock: from,
+            toBlock: to,
+          }),
+          timeoutMs,
+          `escrow events ${from}-${to}`,
+        );
       } catch (err) {
         throw new MeshError('MESH_CHAIN_UNREACHABLE', `escrow events ${from}-${to}: ${(err as Error).message}`, {
           cause: err,

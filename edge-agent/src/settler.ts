@@ -17,10 +17,11 @@
  * owes nothing.
  *
  * Reorgs. The events are hints (a lane's funds read again, a lane made due), and `settled` is what the chain
- * says. The follower keeps the hash of the last block it read; when that block is replaced or the chain goes
- * back below it, and when a block past one of this settler's own settlements has been read without that
- * settlement's event (a reorg dropped it), the lanes concerned are read again and their `settled` taken as
- * the chain has it, even when lower than what was recorded: a settlement a reorg undid is sent again.
+ * says. The follower keeps the hash of the last block it read and asks the node about it each time
+ * (`checkFollowedBlock`, @edge-mesh/contracts); when that block is replaced, and when a block past one of this
+ * settler's own settlements has been read without that settlement's event (a reorg dropped it), the lanes
+ * concerned are read again and their `settled` taken as the chain has it, even when lower than what was
+ * recorded: a settlement a reorg undid is sent again. A node behind that block is waited for.
  *
  * Crash safety. Before a transaction is sent, its intent (the lanes and the voucher cumulative each is
  * settled to) is written to `level` with fsync. After it is mined the outcome replaces the intent. On
@@ -43,7 +44,14 @@
  * agent's account).
  */
 import path from 'node:path';
-import { ESCROW_ABI, EscrowClient, type SettleOutcome } from '@edge-mesh/contracts';
+import {
+  checkFollowedBlock,
+  DEFAULT_CHAIN_TIMEOUT_MS,
+  ESCROW_ABI,
+  EscrowClient,
+  type SettleOutcome,
+  withChainTimeout,
+} from '@edge-mesh/contracts';
 import { type EscrowDomain, MeshError, type SignedVoucher } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { Level } from 'level';
@@ -428,33 +436,39 @@ export class Settler {
    */
   private async watchLanes(): Promise<void> {
     const provider = this.provider;
-    const head = await provider.getBlockNumber();
+    let head: number;
     // A first start looks back LOG_RANGE blocks; each query spans at most LOG_RANGE (public RPCs cap ranges).
-    if (this.nextLogBlock === 0) this.nextLogBlock = Math.max(0, head - LOG_RANGE);
-    else {
+    if (this.nextLogBlock === 0) {
+      head = await withChainTimeout(provider.getBlockNumber(), DEFAULT_CHAIN_TIMEOUT_MS, 'latest block');
+      this.nextLogBlock = Math.max(0, head - LOG_RANGE);
+    } else {
       const last = this.nextLogBlock - 1;
-      const hash = head >= last ? ((await provider.getBlock(last))?.hash ?? undefined) : undefined;
-      if (hash === undefined) {
-        // A head below the last block read, or that block not found: a node behind the one that answered before (a
-        // load balancer's), as often as a chain gone shorter. Its word on `settled` would undo settlements it has not
-        // seen yet, so nothing is changed until the chain is past that block again: its hash then tells a reorg.
+      const check = await checkFollowedBlock(provider, { number: last, hash: this.logHash });
+      head = check.head.number;
+      if (check.state === 'node-behind') {
+        // A node behind the one that answered before (a load balancer's), as often as a chain gone shorter. Its word on
+        // `settled` would undo settlements it has not seen yet, so nothing is changed until the chain is past that
+        // block again: its hash then tells a reorg.
         this.logger.debug({ last, head }, 'the node is behind the last block read: waiting for it');
         return;
       }
-      if (this.logHash !== undefined && hash !== this.logHash) {
+      if (check.state === 'replaced') {
         // A reorg replaced blocks already read: every lane is read again, its settlement as the chain now has it.
         for (const s of this.lanes.values()) {
           s.remaining = undefined;
           s.verify = true;
         }
         this.unseen.clear();
-        this.logger.warn({ last, head, was: this.logHash, now: hash }, 'the chain reorganised under the settler: reading every lane again');
+        this.logger.warn(
+          { last, head, was: this.logHash, now: check.hash },
+          'the chain reorganised under the settler: reading every lane again',
+        );
         this.nextLogBlock = head + 1;
-        this.logHash = (await provider.getBlock(head))?.hash ?? undefined;
+        this.logHash = check.head.hash;
         await this.db.put(`${META}state`, this.meta());
         return;
       }
-      this.logHash = hash;
+      this.logHash = check.hash;
     }
     if (head < this.nextLogBlock) return;
     const latest = Math.min(head, this.nextLogBlock + LOG_RANGE - 1);

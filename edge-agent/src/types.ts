@@ -214,7 +214,8 @@ export interface AgentHandle {
     catchUpFunds(): Promise<void>;
     /**
      * Where the escrow follower stands: the next block it reads and the hash it recorded for the last one read,
-     * with its counters (`reorgs`: replaced blocks found and the lanes read again).
+     * with its counters (`reorgs`: replaced blocks found and the lanes read again; `behind`: polls that found
+     * the node behind the last block followed and waited).
      */
     funds(): { checkpoint: FundsCheckpoint; counters: LaneFunds['counters'] };
     receipts(payer: string): Promise<SignedReceipt[]>;

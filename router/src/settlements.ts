@@ -16,7 +16,7 @@ const LOG_RANGE = 5_000;
 
 export async function registerSettlementRoutes(app: FastifyInstance, router: RouterHandle, chain: RouterChainOptions): Promise<void> {
   const { ethers } = await import('ethers');
-  const { EscrowClient, ESCROW_ABI, toChainError } = await import('@edge-mesh/contracts');
+  const { checkFollowedBlock, EscrowClient, ESCROW_ABI, toChainError } = await import('@edge-mesh/contracts');
   const iface = new ethers.Interface(ESCROW_ABI);
   const escrow = await EscrowClient.connect({ runner: chain.provider, escrow: chain.escrow });
   const from = chain.fromBlock ?? 0;
@@ -24,8 +24,9 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
   /**
    * The escrow's `event` logs, read once: each event keeps what was read, the next block to read and the hash
    * of the last block read, so a call reads only the blocks since the last one (in bounded ranges), never the
-   * whole history again. A reorg under what was kept (that block replaced) drops the event's logs and reads them
-   * again from the start, so a settlement the reorg undid is not listed; a node behind that block is waited for.
+   * whole history again. The node is asked whether that block is still on the chain (`checkFollowedBlock`): a reorg
+   * under what was kept (that block replaced) drops the event's logs and reads them again from the start, so a
+   * settlement the reorg undid is not listed; a node behind that block is waited for, what was kept served meanwhile.
    * Filters apply to what is kept. A chain that cannot be read fails with MESH_CHAIN_UNREACHABLE (503).
    */
   const seen = new Map<string, { next: number; hash: string | undefined; logs: ethers.Log[]; reading: Promise<void> | undefined }>();
@@ -40,19 +41,19 @@ export async function registerSettlementRoutes(app: FastifyInstance, router: Rou
     // One reader per event at a time: concurrent requests wait for the same read.
     e.reading ??= (async () => {
       try {
-        const head = await chain.provider.getBlockNumber();
+        let head: number;
         if (e.next > from) {
-          // A head below the last block read, or that block not found, is a node behind (a load balancer's) as
-          // often as a chain gone shorter: what is kept is served until the chain is past it again, when its hash
-          // tells a reorg.
-          const now = e.next - 1 > head ? undefined : await hashOf(e.next - 1);
-          if (now === undefined) return;
-          if (now !== e.hash) {
+          const check = await checkFollowedBlock(chain.provider, { number: e.next - 1, hash: e.hash }, { action: `${event} logs` });
+          // A node behind (a load balancer's) as often as a chain gone shorter: what is kept is served until the
+          // chain is past that block again, when its hash tells a reorg.
+          if (check.state === 'node-behind') return;
+          if (check.state === 'replaced') {
             e.next = from;
             e.hash = undefined;
             e.logs = [];
           }
-        }
+          head = check.head.number;
+        } else head = await chain.provider.getBlockNumber();
         while (e.next <= head) {
           const to = Math.min(head, e.next + LOG_RANGE - 1);
           // The range's last block before its logs: a reorg in between changes that hash, seen by the next call.
