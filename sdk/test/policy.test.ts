@@ -354,3 +354,30 @@ test('a leased agent that answers far later than the router predicted is passed 
   fresh.onAttemptEnd!(attempt, { kind: 'cancelled', reason: 'answered-elsewhere' }, 1_300);
   assert.equal(fresh.pick(leased(lease), new Set(), 'first', 1_301)!.agentId, 'honest');
 });
+
+test('a retry, failover or hedge never goes to a silent agent; a first attempt still may when no other is left', () => {
+  const { fleet, load, at } = fleetOf('hung', 'survivor');
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+  // Heartbeats every 200 ms from both, then only from the survivor: 'hung' is silent 1 s after its last one.
+  for (const t of [1_000, 1_200, 1_400]) {
+    at(t);
+    load('hung', 0);
+    load('survivor', 0);
+  }
+  for (const t of [1_600, 1_800, 2_000, 2_200, 2_400]) {
+    at(t);
+    load('survivor', 5);
+  }
+  at(2_500);
+  assert.equal(fleet.silent('hung', 2_500), true);
+  assert.equal(fleet.silent('survivor', 2_500), false);
+  // Idle by its last report, 'hung' would win on expected time; silent, it is passed over while the survivor is left.
+  assert.equal(policy.pick(request(10_000), new Set(), 'first', 2_500)!.agentId, 'survivor');
+  // The survivor already tried (its attempt timed out and still runs): no retry, failover or hedge to the silent one.
+  for (const kind of ['retry', 'failover', 'hedge'] as const)
+    assert.equal(policy.pick(request(10_000), new Set(['survivor']), kind, 2_500), undefined, kind);
+  assert.equal(policy.pick(request(10_000), new Set(['survivor']), 'first', 2_500)?.agentId, 'hung');
+  // Heard from again, it is an agent like any other.
+  load('hung', 0);
+  assert.equal(policy.pick(request(10_000), new Set(['survivor']), 'retry', 2_500)?.agentId, 'hung');
+});
