@@ -239,13 +239,15 @@ export async function rawClient(t: TestContext, brokerUrl: string, who: string |
 
 /**
  * Runs `edge-mesh agent --key` as a child process (key file written for `identity`) and resolves once it has announced
- * itself; `stderrText()` is its log so far. Later options in `extraArgs` override earlier ones (`--models DIR`).
+ * itself; `stderrText()` is its log so far. Later options in `extraArgs` override earlier ones (`--models DIR`). `env` is
+ * added to this process's environment for it (MESH_AGENT_FAULTS).
  */
 export async function spawnAgent(
   t: TestContext,
   brokerUrl: string,
   identity: Identity,
   extraArgs: string[] = [],
+  env: Record<string, string> = {},
 ): Promise<ChildProcess & { stderrText(): string }> {
   const agentId = identity.id;
   const keyFile = await keyFileFor(t, identity);
@@ -277,7 +279,7 @@ export async function spawnAgent(
       ...accessArgs,
       ...extraArgs,
     ],
-    { stdio: ['ignore', 'ignore', 'pipe'] },
+    { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } },
   );
   t.after(() => {
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');

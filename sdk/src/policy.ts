@@ -254,7 +254,11 @@ export function createSdkPolicy(options: SdkPolicyOptions): SdkPolicy {
     const all = candidates(model, tried, pinned).filter((a) => !excluded?.has(a.id));
     // Not suspect, and not silent (no heartbeat for a few periods: presumed dead before its last will).
     const healthy = all.filter((a) => !isSuspect(a.id, now) && !fleet.silent(a.id, now));
-    const live = healthy.length > 0 ? healthy : all;
+    // With none healthy left, a first attempt may still go to a silent agent (the request has nowhere else to wait), but
+    // a retry, failover or hedge never does: the request would only wait at a presumed-dead agent instead of on the
+    // attempts it already has, and a retry there spends a budget token and one of the budget's extra-attempt slots
+    // until the deadline.
+    const live = healthy.length > 0 ? healthy : kind === 'first' ? all : all.filter((a) => !fleet.silent(a.id, now));
     const roomy = live.filter((a) => hasRoom(a.id, request));
     // Without room anywhere a hedge waits for none; other attempts go where they would have, and an agent
     // that refuses for credit is tried again once there is room (retrySameAfter).

@@ -1,9 +1,9 @@
 /** The SDK's own choice of agent (sdk/src/policy.ts) for a model that is loading or cold there. No sockets. */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { createFleetView, type EngineRequest } from '@edge-mesh/client';
+import { createFleetView, createRequestEngine, type EngineRequest, type Outcome } from '@edge-mesh/client';
 import { encodeMessage, type InferReply, MeshError } from '@edge-mesh/protocol';
-import { createSdkPolicy, type SdkRequest } from '../src/policy.ts';
+import { createSdkPolicy, type SdkReply, type SdkRequest } from '../src/policy.ts';
 
 function fleetOf(...agents: string[]) {
   let now = 1_000;
@@ -353,4 +353,64 @@ test('a leased agent that answers far later than the router predicted is passed 
   fresh.onSend!(attempt, 1_000);
   fresh.onAttemptEnd!(attempt, { kind: 'cancelled', reason: 'answered-elsewhere' }, 1_300);
   assert.equal(fresh.pick(leased(lease), new Set(), 'first', 1_301)!.agentId, 'honest');
+});
+
+test('a retry, failover or hedge never goes to a silent agent; a first attempt still may when no other is left', () => {
+  const { fleet, load, at } = fleetOf('hung', 'survivor');
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 0, random: () => 0 });
+  // Heartbeats every 200 ms from both, then only from the survivor: 'hung' is silent 1 s after its last one.
+  for (const t of [1_000, 1_200, 1_400]) {
+    at(t);
+    load('hung', 0);
+    load('survivor', 0);
+  }
+  for (const t of [1_600, 1_800, 2_000, 2_200, 2_400]) {
+    at(t);
+    load('survivor', 5);
+  }
+  at(2_500);
+  assert.equal(fleet.silent('hung', 2_500), true);
+  assert.equal(fleet.silent('survivor', 2_500), false);
+  // Idle by its last report, 'hung' would win on expected time; silent, it is passed over while the survivor is left.
+  assert.equal(policy.pick(request(10_000), new Set(), 'first', 2_500)!.agentId, 'survivor');
+  // The survivor already tried (its attempt timed out and still runs): no retry, failover or hedge to the silent one.
+  for (const kind of ['retry', 'failover', 'hedge'] as const)
+    assert.equal(policy.pick(request(10_000), new Set(['survivor']), kind, 2_500), undefined, kind);
+  assert.equal(policy.pick(request(10_000), new Set(['survivor']), 'first', 2_500)?.agentId, 'hung');
+  // Heard from again, it is an agent like any other.
+  load('hung', 0);
+  assert.equal(policy.pick(request(10_000), new Set(['survivor']), 'retry', 2_500)?.agentId, 'hung');
+});
+
+test('with the other agent tried and its attempt failed, a request fails with that error instead of retrying at a silent agent', () => {
+  const { fleet, load, at } = fleetOf('hung', 'survivor');
+  const policy = createSdkPolicy({ fleet, minHedgeAfterMs: 60_000, random: () => 0 });
+  for (const t of [1_000, 1_200, 1_400]) {
+    at(t);
+    load('hung', 0);
+    load('survivor', 0);
+  }
+  for (const t of [1_600, 1_800, 2_000, 2_200, 2_400]) {
+    at(t);
+    load('survivor', 5);
+  }
+  at(2_500);
+  const sent: string[] = [];
+  const engine = createRequestEngine<SdkRequest, SdkReply>({
+    policy,
+    transport: { send: (a) => void sent.push(a.agentId), cancel() {} },
+    clock: { now: () => 2_500, setTimer: () => undefined, clearTimer() {} },
+    liveness: { isSilent: (agentId, now) => fleet.silent(agentId, now) },
+  });
+  const { data } = request(12_500);
+  let outcome: Outcome<SdkRequest, SdkReply> | undefined;
+  engine.start({ key: 'k', deadlineAt: 12_500, data, model: 'kws' }, (o) => {
+    outcome = o;
+  });
+  assert.deepEqual(sent, ['survivor']);
+  engine.fail('k', 'survivor', new MeshError('MESH_BUSY', 'queue full'));
+  assert.deepEqual(sent, ['survivor'], 'no retry sent to the silent agent');
+  assert.ok(outcome !== undefined && !outcome.ok, 'the request ended');
+  assert.equal(outcome.error.code, 'MESH_BUSY');
+  assert.equal(engine.pending, 0);
 });
