@@ -480,10 +480,16 @@ describe('payments among strangers: the agent gives credit only against money th
       replies.push(await payer.request('kws', sampleInputs('kws', i)));
       await waitFor(() => agent.payments!.lanes()[0]?.paidMicros === (i + 1) * KWS, 3_000, 'the voucher');
     }
-    // Every paid reply carries the lane: its last seq, and the best voucher held when it left.
+    // Every paid reply carries the lane as it stood when the answer left: its last seq (the answer's own receipt
+    // follows the answer, so that is the one before), and the best voucher held.
     assert.deepEqual(
       replies.map((r) => r.lane?.seq),
+      [0, 1, 2, 3, 4],
+    );
+    assert.deepEqual(
+      replies.map((r) => r.receipt?.seq),
       [1, 2, 3, 4, 5],
+      'each answer’s receipt came after it',
     );
     assert.deepEqual(
       replies.map((r) => r.lane?.paid),

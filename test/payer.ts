@@ -91,6 +91,9 @@ export class TestPayer {
   private readonly statuses = new Map<string, AgentStatus>();
   private readonly waiting = new Map<string, (m: Reply) => void>();
   private readonly batches: ReceiptBatch[] = [];
+  /** Receipts that came after their answers (in a `receipts` message or an answer's `earlier`), by request id. */
+  private readonly afterAnswers = new Map<string, SignedReceipt>();
+  private readonly receiptWaiters = new Map<string, (r: SignedReceipt) => void>();
   private autoPay: boolean;
 
   private constructor(
@@ -112,8 +115,13 @@ export class TestPayer {
         return;
       }
       const message = decodeMessage(payload, ['res', 'err', 'receipts']);
-      if (message.kind === 'receipts') this.batches.push(message);
-      else this.waiting.get(requestIdHex(message.id))?.(message);
+      if (message.kind === 'receipts') {
+        this.batches.push(message);
+        this.followed(message.receipts);
+        return;
+      }
+      if (message.kind === 'res' && message.earlier) this.followed(message.earlier);
+      this.waiting.get(requestIdHex(message.id))?.(message);
     });
   }
 
@@ -232,8 +240,42 @@ export class TestPayer {
       });
       this.client.publish(topics.agentRequest(agentId, this.clientId), encodeMessage(request), { qos: this.requestQos });
     });
+    // A paid answer's receipt follows it (edge-agent/src/receipt-post.ts): waited for, and set on the reply returned.
+    if (!reply.receipt && reply.kind === 'res' && request.pay) {
+      const followed = await this.receiptAfter(key, 3_000);
+      if (followed) reply.receipt = followed;
+    }
     if (reply.receipt) await this.onReceipt(agentId, reply.receipt, request, reply.kind === 'res' ? reply.outputs : undefined);
     return reply;
+  }
+
+  private followed(receipts: readonly SignedReceipt[]): void {
+    for (const r of receipts) {
+      const key = requestIdHex(r.requestId);
+      const waiter = this.receiptWaiters.get(key);
+      if (waiter) waiter(r);
+      else this.afterAnswers.set(key, r);
+    }
+  }
+
+  /** The receipt for request `key` that came (or comes within `waitMs`) after its answer. */
+  private receiptAfter(key: string, waitMs: number): Promise<SignedReceipt | undefined> {
+    const here = this.afterAnswers.get(key);
+    if (here) {
+      this.afterAnswers.delete(key);
+      return Promise.resolve(here);
+    }
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => {
+        this.receiptWaiters.delete(key);
+        resolve(undefined);
+      }, waitMs);
+      this.receiptWaiters.set(key, (r) => {
+        clearTimeout(timer);
+        this.receiptWaiters.delete(key);
+        resolve(r);
+      });
+    });
   }
 
   /** A paid request for `model` (sample inputs given by the caller), with this payer's grant unless `noGrant`. */

@@ -85,8 +85,10 @@ interface Scripted {
   issued: Map<number, SignedReceipt>;
   /** Signs the next receipt on the sender's lane (input and output hashes of `req` and the scripted result, unless given). */
   receipt(payer: string, fields: Partial<Receipt> & { requestId: Uint8Array }, req?: InferRequest): SignedReceipt;
-  /** Sends a result (with a receipt and lane info) for request `id`. */
-  answer(senderId: string, id: Uint8Array, receipt?: SignedReceipt, lane?: LaneInfo): void;
+  /** Sends a result (with a receipt and lane info, and receipts of earlier answers as `earlier`) for request `id`. */
+  answer(senderId: string, id: Uint8Array, receipt?: SignedReceipt, lane?: LaneInfo, earlier?: SignedReceipt[]): void;
+  /** Sends receipts by themselves, as an agent sends those of answers no later answer carried. */
+  sendReceipts(senderId: string, payer: string, receipts: SignedReceipt[]): void;
   /** Sends an error reply. */
   fail(senderId: string, id: Uint8Array, code: string, receipt?: SignedReceipt): void;
   lane(): LaneInfo;
@@ -150,7 +152,7 @@ async function scriptedAgent(
       a.issued.set(r.seq, receipt);
       return receipt;
     },
-    answer(senderId, id, receipt, lane) {
+    answer(senderId, id, receipt, lane, earlier) {
       const outputs = OUTPUTS;
       client.publish(
         topics.clientReply(senderId, identity.id),
@@ -165,7 +167,15 @@ async function scriptedAgent(
           execMs: 0.01,
           ...(receipt ? { receipt } : {}),
           lane: lane ?? a.lane(),
+          ...(earlier ? { earlier } : {}),
         }),
+        { qos: 1 },
+      );
+    },
+    sendReceipts(senderId, payer, receipts) {
+      client.publish(
+        topics.clientReply(senderId, identity.id),
+        encodeMessage({ v: PROTOCOL_VERSION, kind: 'receipts', agent: identity.id, payer, receipts, lane: a.lane() }),
         { qos: 1 },
       );
     },
@@ -835,6 +845,113 @@ describe('agents that play with the credit window', () => {
     await mesh.close();
     assert.equal(Math.max(...agent.vouchers.map((v) => v.cumulative)), 4, 'never more than the two requests served');
     assert.equal(mesh.lanes()[0]!.paidMicros, 4);
+  });
+});
+
+describe('receipts that follow their answers', () => {
+  /** A scripted agent that answers at once with the receipts ready (`earlier`) and makes this answer's receipt ready. */
+  async function followingAgent(t: TestContext, brokerUrl: string, creditMicros?: number) {
+    const payoutWallet = account();
+    const ready: SignedReceipt[] = [];
+    const state = { payer: '' };
+    const agent = await scriptedAgent(
+      t,
+      brokerUrl,
+      payoutWallet.address.toLowerCase(),
+      (a, req, sender) => {
+        state.payer = req.pay!.payer;
+        // The lane as it stands before this answer's receipt, which the next answer carries.
+        const lane = a.lane();
+        a.answer(sender, req.id, undefined, lane, ready.length > 0 ? ready.splice(0) : undefined);
+        ready.push(a.receipt(req.pay!.payer, { requestId: req.id }));
+      },
+      kwsPrice,
+      creditMicros,
+    );
+    await register(payoutWallet, agent.identity);
+    return { agent, ready, state };
+  }
+
+  test('each receipt on the next answer, the last by itself: all linked and paid', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, ready, state } = await followingAgent(t, broker.url);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    for (let i = 0; i < 5; i++) await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    // The first four receipts came on the answers after them; the last is due.
+    assert.equal(mesh.lanes()[0]!.receipts, 4);
+    assert.equal(mesh.lanes()[0]!.receiptsDue, 1);
+    agent.sendReceipts(mesh.clientId, state.payer, ready.splice(0));
+    assert.ok(await mesh.receiptsIn(5_000), 'every receipt came');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.receipts, 5);
+    assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
+    assert.equal(lane.owedMicros, 10);
+    await waitFor(() => lastVoucher(agent) === 10, 5_000, 'the voucher pays all five');
+  });
+
+  test('what an answer may cost stays held against the window until its receipt comes', async (t) => {
+    const broker = await brokerFor(t);
+    // A window of one request: the next fits only once the last answer's receipt is in and paid.
+    const { agent, ready, state } = await followingAgent(t, broker.url, 2);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const id = agent.identity.id;
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: id });
+    assert.equal(mesh.lanes()[0]!.receiptsDue, 1, 'the answer is in, its receipt due');
+    const second = mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: id });
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(agent.requests.length, 1, 'the second request is held back while the first receipt is due');
+    agent.sendReceipts(mesh.clientId, state.payer, ready.splice(0));
+    await second;
+    assert.equal(agent.requests.length, 2);
+    agent.sendReceipts(mesh.clientId, state.payer, ready.splice(0));
+    assert.ok(await mesh.receiptsIn(5_000));
+    assert.equal(mesh.lanes()[0]!.owedMicros, 4);
+    assert.equal(mesh.lanes()[0]!.refused, 0);
+  });
+
+  test('receipts an answer carries for a request never answered, or for other outputs, are not paid', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    let carried: SignedReceipt[] = [];
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const payer = req.pay!.payer;
+      if (n === 1) {
+        // Not answered, but billed on the next answer.
+        carried = [a.receipt(payer, { requestId: req.id })];
+        return;
+      }
+      if (n === 2) {
+        // Answered, billed on the next answer for outputs it did not send, and a receipt for a request nobody sent.
+        a.answer(sender, req.id, undefined, a.lane(), carried);
+        carried = [
+          a.receipt(payer, { requestId: req.id, outputHash: new Uint8Array(32).fill(9) }),
+          a.receipt(payer, { requestId: new Uint8Array(16).fill(3) }),
+        ];
+        return;
+      }
+      a.answer(sender, req.id, undefined, a.lane(), carried);
+      carried = [a.receipt(payer, { requestId: req.id })];
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const id = agent.identity.id;
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: id }), /MESH_|within|deadline/);
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: id });
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: id });
+    await waitFor(() => mesh.lanes()[0]!.receipts === 3, 5_000, 'three receipts linked');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.refused, 3, `refused: ${lane.lastRefusal}`);
+    assert.equal(lane.owedMicros, 0, 'nothing owed: the unanswered request, the other outputs and the request never sent');
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(lastVoucher(agent), 0, 'no voucher pays them');
   });
 });
 

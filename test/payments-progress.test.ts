@@ -195,6 +195,8 @@ test('a job in units is paid pro rata by progress receipts, a cancel for the uni
   );
   assert.equal((await journal()).length, receipts.length);
   await mesh.infer('spin-units', rows(2, 5), { deadlineMs: 20_000 });
+  // The answer's receipt follows it.
+  assert.ok(await mesh.receiptsIn());
   const total = owed();
   assert.equal(total, whole + UNIT * unitsAtCancel + paidLate + BASE + 2 * UNIT);
 

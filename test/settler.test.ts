@@ -104,6 +104,7 @@ async function settledEvents(payout: string): Promise<ethers.EventLog[]> {
 
 async function serve(mesh: Awaited<ReturnType<typeof paidMesh>>, n: number, agentId?: string): Promise<void> {
   for (let i = 0; i < n; i++) await mesh.infer('kws', sampleInputs('kws', i), { deadlineMs: 5_000, ...(agentId ? { agentId } : {}) });
+  assert.ok(await mesh.receiptsIn(), 'the receipts that follow the answers came');
 }
 
 describe('settlement relayer', () => {

@@ -258,6 +258,8 @@ export async function startAgent(options: AgentOptions): Promise<AgentHandle> {
     closed = true;
     heartbeat.stop();
     board.state = 'offline';
+    // Receipts of answers already sent follow them before the link closes.
+    await requests.flushReceipts();
     await link.close();
     await reloading?.catch(() => undefined);
     await deployments?.close();

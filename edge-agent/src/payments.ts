@@ -85,6 +85,11 @@ export interface AgentPaymentOptions {
   provider?: ethers.Provider;
   /** Serve requests that name no payer too, for free (default false: MESH_PAYMENT_REQUIRED). */
   serveUnpaid?: boolean;
+  /**
+   * How long a paid answer's receipt waits to ride on the next answer to its client before it is sent by itself
+   * (default 20 ms; receipt-post.ts). A lane whose window has no room gets its receipts at once.
+   */
+  receiptLingerMs?: number;
   /** How often the escrow's events are read (default 4,000 ms). */
   fundsPollMs?: number;
   /** Most blocks per `eth_getLogs` when catching up (default 2,000). */
@@ -198,6 +203,8 @@ export interface ReceiptFacts {
 }
 
 const LANE_PREFIX = 'lane!';
+/** How long a paid answer's receipt waits for the next answer to its client by default (receiptLingerMs). */
+export const DEFAULT_RECEIPT_LINGER_MS = 20;
 /** Times an admission refused for credit waits for the payer's vouchers under check and tries again, at most. */
 const MAX_VOUCHER_WAITS = 4;
 const RECEIPT_PREFIX = 'rcpt!';
@@ -221,7 +228,11 @@ export class AgentPayments {
   private readonly chainId: number;
   private readonly escrow: string;
   private readonly creditMicros: number;
+  /** The most one request of the dearest model costs. */
+  private readonly dearestMicros: number;
   private readonly quoteTtlMs: number;
+  /** See AgentPaymentOptions.receiptLingerMs. */
+  readonly receiptLingerMs: number;
   private readonly sync: boolean;
   private readonly lanes = new Map<string, Lane>();
   private readonly lanesPerClient = new Map<string, number>();
@@ -311,6 +322,7 @@ export class AgentPayments {
     this.chainId = Number(options.domain.chainId);
     this.escrow = options.domain.escrow.toLowerCase();
     this.quoteTtlMs = options.quoteTtlMs ?? 86_400_000;
+    this.receiptLingerMs = options.receiptLingerMs ?? DEFAULT_RECEIPT_LINGER_MS;
     this.sync = options.syncWrites ?? false;
     this.recovery = new SignerRecovery(logger);
     this.warnRefused = throttledWarn(logger);
@@ -332,6 +344,7 @@ export class AgentPayments {
     }
     // The window holds creditRequests whole requests of the dearest model, at its most units.
     const dearest = Math.max(0, ...[...this.prices.values()].map((p) => maxRequestMicros(p)));
+    this.dearestMicros = dearest;
     this.creditMicros = options.creditMicros ?? (options.creditRequests ?? 8) * dearest;
   }
 
@@ -349,6 +362,8 @@ export class AgentPayments {
       problems.push('creditRequests must be a positive integer');
     if (options.creditMicros !== undefined && !(Number.isSafeInteger(options.creditMicros) && options.creditMicros >= 0))
       problems.push('creditMicros must be a non-negative integer');
+    if (options.receiptLingerMs !== undefined && !(Number.isFinite(options.receiptLingerMs) && options.receiptLingerMs >= 0))
+      problems.push('receiptLingerMs must be a non-negative number of milliseconds');
     let confirmations: Confirmations = defaultConfirmations(options.domain.chainId);
     if (options.confirmations !== undefined) {
       try {
@@ -651,6 +666,17 @@ export class AgentPayments {
   }
 
   /** Where the lane of `payerAddress` stands, for `senderId`'s replies; undefined unless it is granted to that client. */
+  /**
+   * Whether `payer`'s lane owes so much, unpaid by a voucher (reserved work counted), that one more request of the
+   * dearest model would not fit in the credit window: its client waits for room, which only a voucher for receipts it
+   * has makes (receipt-post.ts sends the receipts at once then).
+   */
+  paymentDue(payer: string): boolean {
+    const lane = this.lanes.get(payer);
+    if (!lane) return false;
+    return Math.max(0, lane.cumulative - lane.paid) + (this.reserved.get(payer) ?? 0) + this.dearestMicros > this.creditMicros;
+  }
+
   laneInfo(payerAddress: string, senderId: string): LaneInfo | undefined {
     const lane = this.lanes.get(payerAddress.toLowerCase());
     return lane?.grant && lane.senderId === senderId ? { seq: lane.seq, paid: lane.paid } : undefined;
@@ -949,7 +975,7 @@ export class AgentPayments {
       return refuse(`relayer fee ${fee} is above the escrow's cap (a tenth of ${message.cumulative}): the escrow would skip it`);
     if (message.cumulative === lane.paid) return false; // the best one again (a piggyback repeated)
     if (message.cumulative < lane.paid) return refuse(`pays ${message.cumulative}, less than the best voucher held (${lane.paid})`);
-    // Receipts are journaled before their replies leave, so a payer's voucher never pays past what this agent billed:
+    // Receipts leave this agent only once journaled, so a payer's voucher never pays past what this agent billed:
     // one that does was made up, and is refused before its signature costs anything to check.
     if (message.cumulative > lane.cumulative)
       return refuse(`pays ${message.cumulative}, more than this agent billed on the lane (${lane.cumulative})`);
@@ -1062,14 +1088,23 @@ export class AgentPayments {
       const stop = receipts.findIndex((r) => r.seq >= first);
       if (stop >= 0) receipts.length = stop;
     }
-    const info = { seq: lane.seq, paid: lane.paid };
+    return this.receiptBatches(lane.payer, receipts, agentId);
+  }
+
+  /**
+   * `receipts` of `payer`'s lane as `receipts` messages of at most RESYNC_BATCH each (one, empty, for none), each
+   * with where the lane stands now.
+   */
+  receiptBatches(payer: string, receipts: readonly SignedReceipt[], agentId: string): ReceiptBatch[] {
+    const lane = this.lanes.get(payer);
+    const info = { seq: lane?.seq ?? receipts.at(-1)?.seq ?? 0, paid: lane?.paid ?? 0 };
     const batches: ReceiptBatch[] = [];
     for (let i = 0; i < receipts.length || batches.length === 0; i += RESYNC_BATCH) {
       batches.push({
         v: PROTOCOL_VERSION,
         kind: 'receipts',
         agent: agentId,
-        payer: lane.payer,
+        payer,
         receipts: receipts.slice(i, i + RESYNC_BATCH),
         lane: info,
       });

@@ -1,7 +1,7 @@
 /**
  * The receipt log: the agent's write-ahead log in front of its `level` journal (payments.ts).
  *
- * A paid reply leaves only once its receipt is on disk. Written through `level`, that cost a batch on the
+ * A receipt leaves the agent only once it is on disk. Written through `level`, that cost a batch on the
  * main thread and a round trip to libuv's thread pool per request (~0.25 ms at the median on a 2-core
  * machine, ~1 ms at p90 under load: docs/agent.md, "With receipts on"). Here each receipt is one record
  * appended with a single write(2) on the main thread (~10 µs): once it returns the record is in the page

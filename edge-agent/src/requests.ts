@@ -2,8 +2,9 @@
  * The agent's request path: an inference request is decoded, refused if its id was seen before,
  * checked against the model, admitted on its payer's lane when it pays (or refused
  * MESH_PAYMENT_REQUIRED when it does not and the agent serves only paid work), and queued; when its
- * job finishes (or is refused) the reply goes back to the sender, with a receipt and where the lane
- * stands when the request paid. Cancels, vouchers and resyncs arrive here too.
+ * job finishes (or is refused) the reply goes back to the sender, with where the lane stands when the request
+ * paid; a paid answer's receipt follows it (receipt-post.ts), an error's comes with it. Cancels, vouchers and
+ * resyncs arrive here too.
  */
 import type { MeshLogger } from '@edge-mesh/client';
 import {
@@ -30,6 +31,7 @@ import type { JobResult } from './executor.ts';
 import type { Faults } from './faults.ts';
 import { checkInputs } from './models.ts';
 import type { AgentPayments } from './payments.ts';
+import { ReceiptPost } from './receipt-post.ts';
 import type { Job, Scheduler } from './scheduler.ts';
 import { largestHolder } from './shares.ts';
 import { type AgentCounters, countError } from './types.ts';
@@ -355,6 +357,14 @@ export interface RequestsOptions {
 
 type Queue = Pick<Scheduler, 'submit' | 'cancel' | 'queueClaim'> & Partial<Pick<Scheduler, 'holds'>>;
 
+/** A reply kept for redelivery and, for a paid answer, the receipt that followed it (receipt-post.ts). */
+interface KeptReply {
+  senderId: string;
+  bytes: Buffer;
+  expiresAt: number;
+  receipt?: { payer: string; receipt: SignedReceipt };
+}
+
 /** Replies kept for redelivery: at most this many, and this many bytes in all (the oldest go first). */
 const KEPT_REPLIES = 1_024;
 const KEPT_REPLY_BYTES = 16 * 1024 * 1024;
@@ -369,7 +379,7 @@ const KEPT_REPLY_BYTES = 16 * 1024 * 1024;
  * stream of cheap requests (sent and cancelled at once, say) cannot push out every other sender's kept replies.
  */
 class SentReplies {
-  private readonly byKey = new Map<string, { senderId: string; bytes: Buffer; expiresAt: number }>();
+  private readonly byKey = new Map<string, KeptReply>();
   private bytes = 0;
   /** Per sender: replies kept and their bytes. */
   private readonly bySender = new Map<string, { count: number; bytes: number }>();
@@ -400,15 +410,21 @@ class SentReplies {
     }
   }
 
+  /** The receipt that followed the reply to `key`, if it is still kept. */
+  follow(key: string, payer: string, receipt: SignedReceipt): void {
+    const kept = this.byKey.get(key);
+    if (kept) kept.receipt = { payer, receipt };
+  }
+
   /** The reply to `key` if it went to `senderId` and its deadline has not passed. */
-  get(key: string, senderId: string): Buffer | undefined {
+  get(key: string, senderId: string): KeptReply | undefined {
     const kept = this.byKey.get(key);
     if (!kept || kept.senderId !== senderId) return undefined;
     if (kept.expiresAt <= Date.now()) {
       this.drop(key);
       return undefined;
     }
-    return kept.bytes;
+    return kept;
   }
 
   private drop(key: string): void {
@@ -426,8 +442,21 @@ class SentReplies {
 export class AgentRequests {
   private scheduler: Queue | undefined;
   private readonly sent = new SentReplies();
+  /** Receipts that follow their answers (paid agents only). */
+  private readonly post: ReceiptPost | undefined;
 
-  constructor(private readonly options: RequestsOptions) {}
+  constructor(private readonly options: RequestsOptions) {
+    const { agentId, payments, logger } = options;
+    if (payments)
+      this.post = new ReceiptPost({
+        agentId,
+        payments,
+        logger,
+        // Delayed as answers are (a test's fault: extraExecMs), so that no receipt overtakes its answer.
+        reply: (senderId, payload) => options.reply(senderId, payload, options.faults.extraExecMs),
+        sent: (key, payer, receipt) => this.sent.follow(key, payer, receipt),
+      });
+  }
 
   /** The queue requests go to; it calls `finished` for each job it takes. */
   attach(scheduler: Queue): void {
@@ -499,6 +528,8 @@ export class AgentRequests {
     if (!payments || !paid || upTo <= u.reported) return;
     const outputs = encodeTensorMap(joinUnits(u.parts.slice(u.reported, upTo)));
     u.reported = upTo;
+    // Receipts that follow answers take their seqs first, and leave first.
+    const before = this.flushReceipts();
     const nowPerf = performance.now();
     const { receipt, durable } = payments.issue(paid, {
       requestId: job.id,
@@ -524,7 +555,7 @@ export class AgentRequests {
       );
       payments.replied(paid.payer, receipt.seq);
     };
-    durable.then(
+    Promise.all([before, durable]).then(
       () => send(true),
       (writeErr: unknown) => {
         logger.error({ err: (writeErr as Error).message }, 'progress receipt not journaled; sending progress without it');
@@ -548,8 +579,8 @@ export class AgentRequests {
     counters.served++;
     this.options.onServed?.(job.model, queueMs, result!.execMs + faults.extraExecMs);
     const outputs = encodeTensorMap(result!.outputs);
-    this.withReceipt(job, undefined, outputs, (receipt, lane) => {
-      // The queue as it stands when the reply leaves (a paid reply waits for its receipt to be journaled).
+    const reply = (receipt: SignedReceipt | undefined, lane?: LaneInfo, earlier?: SignedReceipt[]) => {
+      // The queue as it stands when the reply leaves.
       const { rif, workMs } = faults.claimed(this.queue().queueClaim(faults.reportedExtraMs));
       const bytes = encodeMessage({
         v: PROTOCOL_VERSION,
@@ -565,11 +596,33 @@ export class AgentRequests {
         workMs,
         ...(receipt ? { receipt } : {}),
         ...(lane ? { lane } : {}),
+        ...(earlier ? { earlier } : {}),
       });
       this.sent.keep(job.key, job.senderId, bytes, job.deadline);
       this.options.reply(job.senderId, bytes, faults.extraExecMs);
-    });
+    };
+    const { payments } = this.options;
+    if (!job.paid || !payments) {
+      reply(undefined);
+      return;
+    }
+    // A paid answer leaves now, with the receipts of earlier answers to its client that are ready; its own follows
+    // it, signed and journaled off the answer's path (receipt-post.ts).
+    const post = this.post!;
+    const earlier = post.take(job.paid.payer, job.senderId);
+    reply(undefined, payments.laneInfo(job.paid.payer, job.senderId), earlier);
+    post.defer(job, outputs);
   };
+
+  /** Whether receipts of answers sent wait to be issued or sent (receipt-post.ts). */
+  get receiptsWaiting(): boolean {
+    return this.post?.pending ?? false;
+  }
+
+  /** Issues and sends every receipt that follows an answer now (before a receipt of another kind, and on close). */
+  flushReceipts(): Promise<void> {
+    return this.post?.pending ? this.post.flush() : Promise.resolve();
+  }
 
   private queue(): Queue {
     if (!this.scheduler) throw new MeshError('MESH_INTERNAL', 'requests arrived before the agent attached its scheduler');
@@ -628,7 +681,11 @@ export class AgentRequests {
       if (kept) {
         counters.replays++;
         logger.debug({ senderId, requestId: key }, 'request sent again: its reply redelivered');
-        this.options.reply(senderId, kept);
+        this.options.reply(senderId, kept.bytes);
+        // The receipt that followed a paid answer goes again too (the payer's lane takes it once).
+        if (kept.receipt && payments)
+          for (const batch of payments.receiptBatches(kept.receipt.payer, [kept.receipt.receipt], agentId))
+            this.options.reply(senderId, encodeMessage(batch));
         return;
       }
       if (this.scheduler?.holds?.(key)) {
@@ -767,8 +824,9 @@ export class AgentRequests {
   }
 
   /**
-   * A paid job's receipt, signed by the quote's rule (see receiptStatus, unitsUsed). The reply leaves
-   * once the receipt is journaled; an unpaid job's reply leaves at once, without one.
+   * A paid job's receipt, signed by the quote's rule (see receiptStatus, unitsUsed), for a job that did not
+   * answer (an answer's receipt follows it: receipt-post.ts). The reply leaves once the receipt is journaled;
+   * an unpaid job's reply leaves at once, without one.
    */
   private withReceipt(
     job: Job,
@@ -781,6 +839,8 @@ export class AgentRequests {
       send(undefined);
       return;
     }
+    // Receipts that follow answers take their seqs first, and leave first.
+    const before = this.flushReceipts();
     const paid = job.paid;
     const status = receiptStatus(err, job.deadline <= Date.now());
     // One-shot models: the one unit is done when the run returns its outputs, and not before. A job that
@@ -796,7 +856,7 @@ export class AgentRequests {
       startedAt: epochOf(job.startedAt ?? job.receivedAt),
       finishedAt: Date.now(),
     });
-    durable.then(
+    Promise.all([before, durable]).then(
       () => {
         send(receipt, payments.laneInfo(paid.payer, job.senderId));
         payments.replied(paid.payer, receipt.seq);

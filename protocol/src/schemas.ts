@@ -172,6 +172,12 @@ export const InferReplySchema = Type.Object({
   loadMs: Type.Optional(ClaimedMs),
   receipt: Type.Optional(SignedReceiptSchema),
   lane: Type.Optional(LaneInfoSchema),
+  /**
+   * Receipts of this agent's earlier answers to this client on the same lane, in seq order: a paid answer leaves
+   * before its receipt is signed, and the receipt rides on the next answer, or comes in a `receipts` message
+   * (docs/settlement.md, "Receipts follow their answers").
+   */
+  earlier: Type.Optional(Type.Array(SignedReceiptSchema, { maxItems: 256 })),
   /** The model version that ran (docs/deployment.md); a claim the router checks against what it asked for. */
   version: Type.Optional(Type.String({ maxLength: 64 })),
 });

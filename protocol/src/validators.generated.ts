@@ -1831,126 +1831,6 @@ return function check(value: any): boolean {
 }
 })());
 
-export const InferReplySchema = {
-  [KIND]: "Object",
-  "type": "object",
-  "required": [
-    "v",
-    "kind",
-    "id",
-    "agent",
-    "model",
-    "outputs",
-    "queueMs",
-    "execMs",
-  ],
-  "properties": {
-    "v": {
-      [KIND]: "Literal",
-      "const": 1,
-      "type": "number",
-    },
-    "kind": {
-      [KIND]: "Literal",
-      "const": "res",
-      "type": "string",
-    },
-    "id": RequestIdSchema,
-    "agent": {
-      [KIND]: "String",
-      "pattern": "^[a-z0-9][a-z0-9-]{2,63}$",
-      "type": "string",
-    },
-    "model": {
-      [KIND]: "String",
-      "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-      "type": "string",
-    },
-    "outputs": {
-      [KIND]: "Record",
-      "maxProperties": 64,
-      "type": "object",
-      "patternProperties": {
-        "^(.*)$": WireTensorSchema,
-      },
-    },
-    "queueMs": {
-      [KIND]: "Number",
-      "minimum": 0,
-      "type": "number",
-    },
-    "execMs": {
-      [KIND]: "Number",
-      "minimum": 0,
-      "type": "number",
-    },
-    "rif": {
-      [KIND]: "Integer",
-      [OPTIONAL]: "Optional",
-      "minimum": 0,
-      "maximum": 1048576,
-      "type": "integer",
-    },
-    "workMs": {
-      [KIND]: "Number",
-      [OPTIONAL]: "Optional",
-      "minimum": 0,
-      "maximum": 86400000,
-      "type": "number",
-    },
-    "loadMs": {
-      [KIND]: "Number",
-      [OPTIONAL]: "Optional",
-      "minimum": 0,
-      "maximum": 86400000,
-      "type": "number",
-    },
-    "receipt": { ...SignedReceiptSchema, [OPTIONAL]: "Optional" },
-    "lane": { ...LaneInfoSchema, [OPTIONAL]: "Optional" },
-    "version": {
-      [KIND]: "String",
-      [OPTIONAL]: "Optional",
-      "maxLength": 64,
-      "type": "string",
-    },
-  },
-} as unknown as typeof S.InferReplySchema;
-
-export const checkInferReply: Validator<Static<typeof S.InferReplySchema>> = validator(InferReplySchema, (() => {
-const local_0 = /^[a-z0-9][a-z0-9-]{2,63}$/;
-const local_1 = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
-const local_2 = /^(.*)$/
-const local_3 = /^0x[0-9a-f]{40}$/;
-const local_4 = /^0x[0-9a-f]{40}$/;
-return function check(value: any): boolean {
-  return (
-    (typeof value === 'object' && value !== null && !Array.isArray(value)) &&
-    (value['v'] === 1) &&
-    (value['kind'] === 'res') &&
-    value['id'] instanceof Uint8Array &&
-    (value['id'].length <= 16) &&
-    (value['id'].length >= 16) &&
-    (typeof value['agent'] === 'string') &&
-    local_0.test(value['agent']) &&
-    (typeof value['model'] === 'string') &&
-    local_1.test(value['model']) &&
-    (typeof value['outputs'] === 'object' && value['outputs'] !== null && !Array.isArray(value['outputs']) && !(value['outputs'] instanceof Date) && !(value['outputs'] instanceof Uint8Array)) &&
-    Object.getOwnPropertyNames(value['outputs']).length <= 64 &&
-    (Object.entries(value['outputs']).every(([key, value]) => (local_2.test(key) ? ((typeof value === 'object' && value !== null && !Array.isArray(value)) && (typeof value['dtype'] === 'string') && value['dtype'].length <= 16 && Array.isArray(value['shape']) && value['shape'].length <= 8 && ((array) => { for(const value of array) if(!((Number.isInteger(value) && value >= 0))) { return false }; return true; })(value['shape']) && value['data'] instanceof Uint8Array && Object.getOwnPropertyNames(value).length === 3) : true))) &&
-    Number.isFinite(value['queueMs']) &&
-    value['queueMs'] >= 0 &&
-    Number.isFinite(value['execMs']) &&
-    value['execMs'] >= 0 &&
-    (value['rif'] !== undefined ? (Number.isInteger(value['rif']) && value['rif'] <= 1048576 && value['rif'] >= 0) : true) &&
-    (value['workMs'] !== undefined ? (Number.isFinite(value['workMs']) && value['workMs'] <= 86400000 && value['workMs'] >= 0) : true) &&
-    (value['loadMs'] !== undefined ? (Number.isFinite(value['loadMs']) && value['loadMs'] <= 86400000 && value['loadMs'] >= 0) : true) &&
-    (value['receipt'] !== undefined ? ((typeof value['receipt'] === 'object' && value['receipt'] !== null && !Array.isArray(value['receipt'])) && (value['receipt']['v'] === 1) && Number.isInteger(value['receipt']['chainId']) && value['receipt']['chainId'] <= 9007199254740991 && value['receipt']['chainId'] >= 0 && (typeof value['receipt']['escrow'] === 'string') && local_3.test(value['receipt']['escrow']) && (typeof value['receipt']['payer'] === 'string') && local_4.test(value['receipt']['payer']) && value['receipt']['agentKey'] instanceof Uint8Array && (value['receipt']['agentKey'].length <= 32) && (value['receipt']['agentKey'].length >= 32) && Number.isInteger(value['receipt']['seq']) && value['receipt']['seq'] <= 9007199254740991 && value['receipt']['seq'] >= 1 && value['receipt']['requestId'] instanceof Uint8Array && (value['receipt']['requestId'].length <= 16) && (value['receipt']['requestId'].length >= 16) && value['receipt']['modelHash'] instanceof Uint8Array && (value['receipt']['modelHash'].length <= 32) && (value['receipt']['modelHash'].length >= 32) && value['receipt']['inputHash'] instanceof Uint8Array && (value['receipt']['inputHash'].length <= 32) && (value['receipt']['inputHash'].length >= 32) && value['receipt']['outputHash'] instanceof Uint8Array && (value['receipt']['outputHash'].length <= 32) && (value['receipt']['outputHash'].length >= 32) && Number.isInteger(value['receipt']['status']) && value['receipt']['status'] <= 4 && value['receipt']['status'] >= 0 && Number.isInteger(value['receipt']['unitsUsed']) && value['receipt']['unitsUsed'] <= 4294967295 && value['receipt']['unitsUsed'] >= 0 && Number.isInteger(value['receipt']['price']) && value['receipt']['price'] <= 9007199254740991 && value['receipt']['price'] >= 0 && Number.isInteger(value['receipt']['cumulative']) && value['receipt']['cumulative'] <= 9007199254740991 && value['receipt']['cumulative'] >= 0 && Number.isInteger(value['receipt']['startedAt']) && value['receipt']['startedAt'] <= 9007199254740991 && value['receipt']['startedAt'] >= 0 && Number.isInteger(value['receipt']['finishedAt']) && value['receipt']['finishedAt'] <= 9007199254740991 && value['receipt']['finishedAt'] >= 0 && value['receipt']['prevReceipt'] instanceof Uint8Array && (value['receipt']['prevReceipt'].length <= 32) && (value['receipt']['prevReceipt'].length >= 32) && value['receipt']['sig'] instanceof Uint8Array && (value['receipt']['sig'].length <= 64) && (value['receipt']['sig'].length >= 64) && Object.getOwnPropertyNames(value['receipt']).length === 18) : true) &&
-    (value['lane'] !== undefined ? ((typeof value['lane'] === 'object' && value['lane'] !== null && !Array.isArray(value['lane'])) && Number.isInteger(value['lane']['seq']) && value['lane']['seq'] <= 9007199254740991 && value['lane']['seq'] >= 0 && Number.isInteger(value['lane']['paid']) && value['lane']['paid'] <= 9007199254740991 && value['lane']['paid'] >= 0) : true) &&
-    (value['version'] !== undefined ? ((typeof value['version'] === 'string') && value['version'].length <= 64) : true)
-  )
-}
-})());
-
 export const AgentStatusSchema = {
   [KIND]: "Object",
   "type": "object",
@@ -2126,6 +2006,136 @@ return function check(value: any): boolean {
     (value['quote'] !== undefined ? ((typeof value['quote'] === 'object' && value['quote'] !== null && !Array.isArray(value['quote'])) && value['quote']['quote'] instanceof Uint8Array && (value['quote']['quote'].length <= 16384) && value['quote']['sig'] instanceof Uint8Array && (value['quote']['sig'].length <= 64) && (value['quote']['sig'].length >= 64)) : true) &&
     (value['canaries'] !== undefined ? (Array.isArray(value['canaries']) && value['canaries'].length <= 64 && ((array) => { for(const value of array) if(!(((typeof value === 'object' && value !== null && !Array.isArray(value)) && (typeof value['name'] === 'string') && local_3.test(value['name']) && (typeof value['version'] === 'string') && value['version'].length <= 64 && (typeof value['sha256'] === 'string') && local_4.test(value['sha256']) && Number.isFinite(value['latencyMs']) && value['latencyMs'] >= 0))) { return false }; return true; })(value['canaries'])) : true) &&
     (value['sig'] !== undefined ? (value['sig'] instanceof Uint8Array && (value['sig'].length <= 64) && (value['sig'].length >= 64)) : true)
+  )
+}
+})());
+
+export const InferReplySchema = {
+  [KIND]: "Object",
+  "type": "object",
+  "required": [
+    "v",
+    "kind",
+    "id",
+    "agent",
+    "model",
+    "outputs",
+    "queueMs",
+    "execMs",
+  ],
+  "properties": {
+    "v": {
+      [KIND]: "Literal",
+      "const": 1,
+      "type": "number",
+    },
+    "kind": {
+      [KIND]: "Literal",
+      "const": "res",
+      "type": "string",
+    },
+    "id": RequestIdSchema,
+    "agent": {
+      [KIND]: "String",
+      "pattern": "^[a-z0-9][a-z0-9-]{2,63}$",
+      "type": "string",
+    },
+    "model": {
+      [KIND]: "String",
+      "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+      "type": "string",
+    },
+    "outputs": {
+      [KIND]: "Record",
+      "maxProperties": 64,
+      "type": "object",
+      "patternProperties": {
+        "^(.*)$": WireTensorSchema,
+      },
+    },
+    "queueMs": {
+      [KIND]: "Number",
+      "minimum": 0,
+      "type": "number",
+    },
+    "execMs": {
+      [KIND]: "Number",
+      "minimum": 0,
+      "type": "number",
+    },
+    "rif": {
+      [KIND]: "Integer",
+      [OPTIONAL]: "Optional",
+      "minimum": 0,
+      "maximum": 1048576,
+      "type": "integer",
+    },
+    "workMs": {
+      [KIND]: "Number",
+      [OPTIONAL]: "Optional",
+      "minimum": 0,
+      "maximum": 86400000,
+      "type": "number",
+    },
+    "loadMs": {
+      [KIND]: "Number",
+      [OPTIONAL]: "Optional",
+      "minimum": 0,
+      "maximum": 86400000,
+      "type": "number",
+    },
+    "receipt": { ...SignedReceiptSchema, [OPTIONAL]: "Optional" },
+    "lane": { ...LaneInfoSchema, [OPTIONAL]: "Optional" },
+    "earlier": {
+      [KIND]: "Array",
+      [OPTIONAL]: "Optional",
+      "maxItems": 256,
+      "type": "array",
+      "items": SignedReceiptSchema,
+    },
+    "version": {
+      [KIND]: "String",
+      [OPTIONAL]: "Optional",
+      "maxLength": 64,
+      "type": "string",
+    },
+  },
+} as unknown as typeof S.InferReplySchema;
+
+export const checkInferReply: Validator<Static<typeof S.InferReplySchema>> = validator(InferReplySchema, (() => {
+const local_0 = /^[a-z0-9][a-z0-9-]{2,63}$/;
+const local_1 = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const local_2 = /^(.*)$/
+const local_3 = /^0x[0-9a-f]{40}$/;
+const local_4 = /^0x[0-9a-f]{40}$/;
+const local_5 = /^0x[0-9a-f]{40}$/;
+const local_6 = /^0x[0-9a-f]{40}$/;
+return function check(value: any): boolean {
+  return (
+    (typeof value === 'object' && value !== null && !Array.isArray(value)) &&
+    (value['v'] === 1) &&
+    (value['kind'] === 'res') &&
+    value['id'] instanceof Uint8Array &&
+    (value['id'].length <= 16) &&
+    (value['id'].length >= 16) &&
+    (typeof value['agent'] === 'string') &&
+    local_0.test(value['agent']) &&
+    (typeof value['model'] === 'string') &&
+    local_1.test(value['model']) &&
+    (typeof value['outputs'] === 'object' && value['outputs'] !== null && !Array.isArray(value['outputs']) && !(value['outputs'] instanceof Date) && !(value['outputs'] instanceof Uint8Array)) &&
+    Object.getOwnPropertyNames(value['outputs']).length <= 64 &&
+    (Object.entries(value['outputs']).every(([key, value]) => (local_2.test(key) ? ((typeof value === 'object' && value !== null && !Array.isArray(value)) && (typeof value['dtype'] === 'string') && value['dtype'].length <= 16 && Array.isArray(value['shape']) && value['shape'].length <= 8 && ((array) => { for(const value of array) if(!((Number.isInteger(value) && value >= 0))) { return false }; return true; })(value['shape']) && value['data'] instanceof Uint8Array && Object.getOwnPropertyNames(value).length === 3) : true))) &&
+    Number.isFinite(value['queueMs']) &&
+    value['queueMs'] >= 0 &&
+    Number.isFinite(value['execMs']) &&
+    value['execMs'] >= 0 &&
+    (value['rif'] !== undefined ? (Number.isInteger(value['rif']) && value['rif'] <= 1048576 && value['rif'] >= 0) : true) &&
+    (value['workMs'] !== undefined ? (Number.isFinite(value['workMs']) && value['workMs'] <= 86400000 && value['workMs'] >= 0) : true) &&
+    (value['loadMs'] !== undefined ? (Number.isFinite(value['loadMs']) && value['loadMs'] <= 86400000 && value['loadMs'] >= 0) : true) &&
+    (value['receipt'] !== undefined ? ((typeof value['receipt'] === 'object' && value['receipt'] !== null && !Array.isArray(value['receipt'])) && (value['receipt']['v'] === 1) && Number.isInteger(value['receipt']['chainId']) && value['receipt']['chainId'] <= 9007199254740991 && value['receipt']['chainId'] >= 0 && (typeof value['receipt']['escrow'] === 'string') && local_3.test(value['receipt']['escrow']) && (typeof value['receipt']['payer'] === 'string') && local_4.test(value['receipt']['payer']) && value['receipt']['agentKey'] instanceof Uint8Array && (value['receipt']['agentKey'].length <= 32) && (value['receipt']['agentKey'].length >= 32) && Number.isInteger(value['receipt']['seq']) && value['receipt']['seq'] <= 9007199254740991 && value['receipt']['seq'] >= 1 && value['receipt']['requestId'] instanceof Uint8Array && (value['receipt']['requestId'].length <= 16) && (value['receipt']['requestId'].length >= 16) && value['receipt']['modelHash'] instanceof Uint8Array && (value['receipt']['modelHash'].length <= 32) && (value['receipt']['modelHash'].length >= 32) && value['receipt']['inputHash'] instanceof Uint8Array && (value['receipt']['inputHash'].length <= 32) && (value['receipt']['inputHash'].length >= 32) && value['receipt']['outputHash'] instanceof Uint8Array && (value['receipt']['outputHash'].length <= 32) && (value['receipt']['outputHash'].length >= 32) && Number.isInteger(value['receipt']['status']) && value['receipt']['status'] <= 4 && value['receipt']['status'] >= 0 && Number.isInteger(value['receipt']['unitsUsed']) && value['receipt']['unitsUsed'] <= 4294967295 && value['receipt']['unitsUsed'] >= 0 && Number.isInteger(value['receipt']['price']) && value['receipt']['price'] <= 9007199254740991 && value['receipt']['price'] >= 0 && Number.isInteger(value['receipt']['cumulative']) && value['receipt']['cumulative'] <= 9007199254740991 && value['receipt']['cumulative'] >= 0 && Number.isInteger(value['receipt']['startedAt']) && value['receipt']['startedAt'] <= 9007199254740991 && value['receipt']['startedAt'] >= 0 && Number.isInteger(value['receipt']['finishedAt']) && value['receipt']['finishedAt'] <= 9007199254740991 && value['receipt']['finishedAt'] >= 0 && value['receipt']['prevReceipt'] instanceof Uint8Array && (value['receipt']['prevReceipt'].length <= 32) && (value['receipt']['prevReceipt'].length >= 32) && value['receipt']['sig'] instanceof Uint8Array && (value['receipt']['sig'].length <= 64) && (value['receipt']['sig'].length >= 64) && Object.getOwnPropertyNames(value['receipt']).length === 18) : true) &&
+    (value['lane'] !== undefined ? ((typeof value['lane'] === 'object' && value['lane'] !== null && !Array.isArray(value['lane'])) && Number.isInteger(value['lane']['seq']) && value['lane']['seq'] <= 9007199254740991 && value['lane']['seq'] >= 0 && Number.isInteger(value['lane']['paid']) && value['lane']['paid'] <= 9007199254740991 && value['lane']['paid'] >= 0) : true) &&
+    (value['earlier'] !== undefined ? (Array.isArray(value['earlier']) && value['earlier'].length <= 256 && ((array) => { for(const value of array) if(!(((typeof value === 'object' && value !== null && !Array.isArray(value)) && (value['v'] === 1) && Number.isInteger(value['chainId']) && value['chainId'] <= 9007199254740991 && value['chainId'] >= 0 && (typeof value['escrow'] === 'string') && local_5.test(value['escrow']) && (typeof value['payer'] === 'string') && local_6.test(value['payer']) && value['agentKey'] instanceof Uint8Array && (value['agentKey'].length <= 32) && (value['agentKey'].length >= 32) && Number.isInteger(value['seq']) && value['seq'] <= 9007199254740991 && value['seq'] >= 1 && value['requestId'] instanceof Uint8Array && (value['requestId'].length <= 16) && (value['requestId'].length >= 16) && value['modelHash'] instanceof Uint8Array && (value['modelHash'].length <= 32) && (value['modelHash'].length >= 32) && value['inputHash'] instanceof Uint8Array && (value['inputHash'].length <= 32) && (value['inputHash'].length >= 32) && value['outputHash'] instanceof Uint8Array && (value['outputHash'].length <= 32) && (value['outputHash'].length >= 32) && Number.isInteger(value['status']) && value['status'] <= 4 && value['status'] >= 0 && Number.isInteger(value['unitsUsed']) && value['unitsUsed'] <= 4294967295 && value['unitsUsed'] >= 0 && Number.isInteger(value['price']) && value['price'] <= 9007199254740991 && value['price'] >= 0 && Number.isInteger(value['cumulative']) && value['cumulative'] <= 9007199254740991 && value['cumulative'] >= 0 && Number.isInteger(value['startedAt']) && value['startedAt'] <= 9007199254740991 && value['startedAt'] >= 0 && Number.isInteger(value['finishedAt']) && value['finishedAt'] <= 9007199254740991 && value['finishedAt'] >= 0 && value['prevReceipt'] instanceof Uint8Array && (value['prevReceipt'].length <= 32) && (value['prevReceipt'].length >= 32) && value['sig'] instanceof Uint8Array && (value['sig'].length <= 64) && (value['sig'].length >= 64) && Object.getOwnPropertyNames(value).length === 18))) { return false }; return true; })(value['earlier'])) : true) &&
+    (value['version'] !== undefined ? ((typeof value['version'] === 'string') && value['version'].length <= 64) : true)
   )
 }
 })());

@@ -44,6 +44,7 @@ import {
   encodeMessage,
   encodeTensorMap,
   generateIdentity,
+  hashTensorMap,
   type Identity,
   type InferRequest,
   MeshError,
@@ -279,6 +280,12 @@ export interface Mesh {
   publish(topic: string, payload: Uint8Array, options?: { retain?: boolean; qos?: 0 | 1 }): Promise<void>;
   /** Payment lanes, one per paid agent: owed (verified receipts) and paid (signed vouchers). Empty without `payment`. */
   lanes(): LaneView[];
+  /**
+   * Resolves once the receipts of the answers already in have come (an agent signs a paid answer's receipt after
+   * the answer leaves, and sends it on its next answer to this client or within some 20 ms), or after `timeoutMs`
+   * (default 2,000); true when none is still due. Read `lanes()` after it to see every answer billed.
+   */
+  receiptsIn(timeoutMs?: number): Promise<boolean>;
   close(): Promise<void>;
 }
 
@@ -402,6 +409,12 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
 
   const progressListeners = new Map<string, NonNullable<InferOptions['onProgress']>>();
   const outputChecks = new Map<string, NonNullable<InferOptions['checkOutputs']>>();
+  // The payment side of answers, taken in the order they came once the app has them (takeAnswers): what an answer
+  // brings for payment (the receipts of earlier answers, where its lane stands) is not on the app's path.
+  const answersToTake: (() => void)[] = [];
+  const takeAnswers = () => {
+    for (const take of answersToTake.splice(0)) take();
+  };
   const onReply = (agentId: string, payload: Buffer) => {
     const reading = readReply(agentId, payload, maxMessageBytes);
     if (!reading) {
@@ -409,6 +422,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       return;
     }
     fleet.heard(agentId);
+    // Anything else for payment comes after the answers that came before it.
+    if (payments && !reading.reply) takeAnswers();
     if (reading.batch) {
       payments?.onReceiptBatch(agentId, reading.batch);
       return;
@@ -441,17 +456,23 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       }
     }
     // Every receipt is linked, a late or hedged attempt's too: the lane's chain runs through all of them.
-    // Every reply also gives back the credit held for its attempt.
+    // Every reply also gives back the credit held for its attempt. An answer is taken for payment at the end of
+    // this turn (its outputs hashed and its time noted now), the receipts of earlier answers it carries first:
+    // they come before its own in the lane. An error is taken at once, after the answers before it.
     if (payments) {
-      payments.onReply(
-        agentId,
-        reading.key,
-        reading.error ? 'err' : 'res',
-        reading.receipt,
-        reading.reply?.outputs,
-        reading.lane,
-        refusal !== undefined,
-      );
+      const { key } = reading;
+      const kind = reading.error ? 'err' : 'res';
+      const came = { arrivedAt: Date.now(), outputHash: reading.reply ? hashTensorMap(reading.reply.outputs) : undefined };
+      const earlier = reading.reply?.earlier;
+      const refused = refusal !== undefined;
+      const take = () => {
+        if (earlier) payments.onReceipts(agentId, earlier);
+        payments.onReply(agentId, key, kind, reading.receipt, undefined, reading.lane, refused, came);
+      };
+      if (reading.error) {
+        takeAnswers();
+        take();
+      } else if (answersToTake.push(take) === 1) setImmediate(takeAnswers);
     }
     if (reading.error) {
       const better = reading.error.code === 'MESH_FORBIDDEN' ? payments?.onForbidden(agentId, reading.error) : undefined;
@@ -756,11 +777,19 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         leases?.close();
         engine.close(new MeshError('MESH_NOT_CONNECTED', 'client closed'));
         // Vouchers being signed still go out before the connection closes.
+        takeAnswers();
         await payments?.close();
         await connection.close();
       })();
       return closing;
     },
-    lanes: () => payments?.lanesView() ?? [],
+    lanes: () => {
+      takeAnswers();
+      return payments?.lanesView() ?? [];
+    },
+    receiptsIn: (timeoutMs = 2_000) => {
+      takeAnswers();
+      return payments?.receiptsIn(timeoutMs) ?? Promise.resolve(true);
+    },
   };
 }

@@ -132,6 +132,8 @@ export interface LaneView {
   receipts: number;
   /** Receipts held, not linked yet: ahead of a gap (one before them is missing), or waiting for their reply. */
   held: number;
+  /** Answers in whose receipts have not come yet (an agent sends a receipt just after its answer). */
+  receiptsDue: number;
   /** What this client owes: the receipts it accepted. */
   owedMicros: number;
   /** What the agent billed, by its receipts. */
@@ -305,7 +307,7 @@ const RESYNC_RETRY_MS = 1_000;
 /** The longest wait before a voucher whose signature failed is signed again. */
 const MAX_SIGN_RETRY_MS = 60_000;
 const MAX_RESYNC_RETRIES = 5;
-/** How long closing waits for receipts missing before ones it holds (see `close`). */
+/** How long closing waits for receipts missing before ones it holds, or due for answers in (see `close`). */
 const CLOSE_GAP_WAIT_MS = 1_500;
 /** Receipts linked before their signatures are checked, per lane, when no voucher comes sooner. */
 const MAX_UNCHECKED = 256;
@@ -755,8 +757,10 @@ export class PayerLanes {
     lane: LaneInfo | undefined,
     /** The app refused these outputs (InferOptions.checkOutputs): the receipt for them is linked, not paid. */
     refusedOutputs = false,
+    /** For a reply taken after it came: when it came, and the hash of its outputs then (default: now, and hashed now). */
+    came?: { arrivedAt: number; outputHash: Uint8Array | undefined },
   ): void {
-    const arrivedAt = Date.now();
+    const arrivedAt = came?.arrivedAt ?? Date.now();
     const seen = this.sent.get(key)?.agents.get(agentId);
     if (seen && refusedOutputs) seen.refusedOutputs = true;
     // An error without a receipt is a refusal before the agent took the request on (it costs nothing): it is
@@ -764,7 +768,8 @@ export class PayerLanes {
     if (seen && seen.reply === undefined && (kind === 'res' || receipt !== undefined)) {
       seen.reply = kind;
       seen.arrivedAt = arrivedAt;
-      if (outputs) seen.outputHash = hashTensorMap(outputs);
+      const outputHash = came ? came.outputHash : outputs && hashTensorMap(outputs);
+      if (outputHash) seen.outputHash = outputHash;
     }
     const l = this.lanes.get(agentId);
     if (!l) {
@@ -774,8 +779,10 @@ export class PayerLanes {
       }
       return;
     }
-    // The attempt is over at the agent: what it reserved is billed by this receipt, or was given back.
-    this.unhold(l, key);
+    // The attempt is over at the agent: what it reserved is billed by this receipt, or was given back. A paid
+    // answer's receipt follows it in a `receipts` message (the agent signs it once the answer is out): what is
+    // held for the attempt stays until that receipt is linked, or until the hold runs out.
+    if (receipt || kind === 'err') this.unhold(l, key);
     if (lane) l.grantSeen = true;
     if (receipt) {
       // A receipt stands for the request its reply answers; one naming another request was never asked for here.
@@ -819,20 +826,29 @@ export class PayerLanes {
   }
 
   /**
-   * Receipts the agent sent again after a resync. One for a request whose reply is still due (asked, not
+   * Receipts the agent sends after the answers they stand for, or again after a resync. One for a request whose reply is still due (asked, not
    * answered, deadline not passed) is not linked yet: the batch may have overtaken the reply, and linked
    * now it would be refused as 'no-reply' for an answer the app is about to get. It and the receipts after
    * it wait for that reply, or for the deadline, whichever comes first.
    */
   onReceiptBatch(agentId: string, batch: ReceiptBatch): void {
+    if (batch.payer !== this.payer) return;
+    this.onReceipts(agentId, batch.receipts);
     const l = this.lanes.get(agentId);
-    if (!l || batch.payer !== this.payer) return;
-    for (const receipt of batch.receipts) {
+    if (l) this.onLaneInfo(l, batch.lane);
+  }
+
+  /** Receipts that came after their answers: a batch's, or those an answer carries for earlier ones (`earlier`). */
+  onReceipts(agentId: string, receipts: readonly SignedReceipt[]): void {
+    const l = this.lanes.get(agentId);
+    if (!l) return;
+    for (const receipt of receipts) {
       const key = requestIdHex(receipt.requestId);
       const context = this.contextOf(key, agentId);
       this.take(l, receipt, context, this.replyDue(context) ? key : undefined);
+      // The receipt of an answer already here bills what was held for it.
+      if (context.reply !== undefined) this.unhold(l, key);
     }
-    this.onLaneInfo(l, batch.lane);
   }
 
   /** The payer asked for the request and its reply may still come in time. */
@@ -1107,6 +1123,24 @@ export class PayerLanes {
     return n;
   }
 
+  /** Attempts on `lane` answered with a result whose receipt has not come (what is held for them stays held). */
+  private receiptsDue(lane: Lane): number {
+    let n = 0;
+    for (const key of lane.held.keys()) if (this.sent.get(key)?.agents.get(lane.agentId)?.reply === 'res') n++;
+    return n;
+  }
+
+  /** Resolves once no answered attempt waits for its receipt (true), or after `timeoutMs` (false). */
+  async receiptsIn(timeoutMs: number): Promise<boolean> {
+    const until = Date.now() + timeoutMs;
+    for (;;) {
+      const due = [...this.lanes.values()].some((l) => !l.broken && this.receiptsDue(l) > 0);
+      if (!due) return true;
+      if (Date.now() >= until) return false;
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+  }
+
   /** Resolves once every lane being opened is open (or refused). */
   async ready(): Promise<void> {
     while (this.opening.size > 0) await Promise.allSettled([...this.opening.values()]);
@@ -1119,6 +1153,7 @@ export class PayerLanes {
       payout: l.quote.payout,
       receipts: l.verifier.state.seq,
       held: l.ahead.size,
+      receiptsDue: this.receiptsDue(l),
       owedMicros: l.verifier.state.payable ?? 0,
       billedMicros: l.verifier.state.cumulative,
       paidMicros: l.paid,
@@ -1161,7 +1196,9 @@ export class PayerLanes {
     const until = Date.now() + CLOSE_GAP_WAIT_MS;
     for (;;) {
       const gaps = [...this.lanes.values()].filter((l) => l.ahead.size > 0 && !l.broken);
-      if (gaps.length === 0 || Date.now() >= until) break;
+      // Receipts of answers already in are on their way: they are waited for as well.
+      const due = [...this.lanes.values()].some((l) => !l.broken && this.receiptsDue(l) > 0);
+      if ((gaps.length === 0 && !due) || Date.now() >= until) break;
       for (const lane of gaps) this.resync(lane);
       await new Promise((resolve) => setTimeout(resolve, 20));
     }

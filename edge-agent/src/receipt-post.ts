@@ -1,0 +1,168 @@
+/**
+ * Receipts that follow their answers. A paid answer leaves as soon as its job is done; its receipt is signed and
+ * journaled at the start of the next event-loop turn, off the answer's path, and then rides on the next answer to
+ * the same client (the reply's `earlier` field), or leaves on its own, in one `receipts` message per lane, when no
+ * answer has carried it within the lane's linger (AgentPaymentOptions.receiptLingerMs, 20 ms by default), or at once when
+ * the lane's credit window has no room left (its client waits for room that only a voucher for these receipts makes). So a stream of requests costs no message of its own for its receipts.
+ *
+ * What this costs the agent: an answer that left before its receipt was journaled is not paid if the agent dies in
+ * between (at most the answers of one turn, and their receipts never existed: nothing is billed twice). What it
+ * costs the payer: nothing; it pays a receipt only once it has the answer the receipt names (docs/settlement.md).
+ */
+import type { MeshLogger } from '@edge-mesh/client';
+import { encodeMessage, hashTensorMap, type InferReply, RECEIPT_STATUS, type SignedReceipt } from '@edge-mesh/protocol';
+import type { AgentPayments } from './payments.ts';
+import type { Job } from './scheduler.ts';
+
+/** Receipts one answer carries at most (the schema's `earlier`). */
+const MAX_EARLIER = 256;
+
+interface Answered {
+  job: Job;
+  outputs: InferReply['outputs'];
+  startedAt: number;
+  finishedAt: number;
+}
+
+interface Ready {
+  payer: string;
+  senderId: string;
+  receipts: SignedReceipt[];
+  keys: string[];
+}
+
+export interface ReceiptPostOptions {
+  agentId: string;
+  payments: AgentPayments;
+  logger: MeshLogger;
+  /** Publishes a message to `senderId`'s reply topic. */
+  reply: (senderId: string, payload: Buffer) => void;
+  /** The receipt of the answer to request `key` was sent (kept with that answer for redelivery). */
+  sent: (key: string, payer: string, receipt: SignedReceipt) => void;
+}
+
+export class ReceiptPost {
+  /** Paid jobs answered, receipts not issued yet. */
+  private answered: Answered[] = [];
+  private issueSoon: NodeJS.Immediate | undefined;
+  /** Receipts issued and journaled, not sent yet, per client and lane (`payer senderId`). */
+  private readonly ready = new Map<string, Ready>();
+  private linger: NodeJS.Timeout | undefined;
+
+  constructor(private readonly options: ReceiptPostOptions) {}
+
+  /** Whether receipts wait here (to be issued, or to be sent). */
+  get pending(): boolean {
+    return this.answered.length > 0 || this.ready.size > 0;
+  }
+
+  /** Paid job `job` was answered with `outputs`, now: its `ok` receipt is issued next turn. */
+  defer(job: Job, outputs: InferReply['outputs']): void {
+    const finishedAt = Date.now();
+    const startedAt = finishedAt - (performance.now() - (job.startedAt ?? job.receivedAt));
+    this.answered.push({ job, outputs, startedAt, finishedAt });
+    this.issueSoon ??= setImmediate(() => void this.issue());
+  }
+
+  /**
+   * The receipts ready for `senderId` on `payer`'s lane, taken to ride on an answer about to leave (undefined when
+   * there are none). They count as sent.
+   */
+  take(payer: string, senderId: string): SignedReceipt[] | undefined {
+    const key = `${payer} ${senderId}`;
+    const ready = this.ready.get(key);
+    if (!ready) return undefined;
+    // At most what one reply may carry; the rest wait for the next answer, or the linger.
+    const taken: Ready = { payer, senderId, receipts: ready.receipts.splice(0, MAX_EARLIER), keys: ready.keys.splice(0, MAX_EARLIER) };
+    if (ready.receipts.length === 0) this.ready.delete(key);
+    this.delivered(taken);
+    return taken.receipts;
+  }
+
+  /** Issues what waits and sends every ready receipt now; resolves once they are handed to the connection. */
+  async flush(): Promise<void> {
+    await this.issue();
+    clearTimeout(this.linger);
+    this.linger = undefined;
+    this.sendReady();
+  }
+
+  /** Signs and journals the receipts of the jobs answered so far; once journaled they are ready to go. */
+  private issue(): Promise<void> {
+    clearImmediate(this.issueSoon);
+    this.issueSoon = undefined;
+    const answered = this.answered;
+    this.answered = [];
+    if (answered.length === 0) return Promise.resolve();
+    const { payments, logger } = this.options;
+    const issued: { payer: string; senderId: string; receipt: SignedReceipt; key: string }[] = [];
+    let durable: Promise<void> = Promise.resolve();
+    for (const { job, outputs, startedAt, finishedAt } of answered) {
+      const paid = job.paid!;
+      const one = payments.issue(paid, {
+        requestId: job.id,
+        status: RECEIPT_STATUS.ok,
+        // An answer is ok and done (requests.ts, receiptStatus and unitsUsed): every unit of a job that runs in units.
+        unitsUsed: job.units ? job.units.total : 1,
+        outputHash: hashTensorMap(outputs),
+        startedAt,
+        finishedAt,
+      });
+      durable = one.durable;
+      issued.push({ payer: paid.payer, senderId: job.senderId, receipt: one.receipt, key: job.key });
+    }
+    return durable.then(
+      () => {
+        const now: Ready[] = [];
+        for (const { payer, senderId, receipt, key } of issued) {
+          const group = `${payer} ${senderId}`;
+          const ready = this.ready.get(group) ?? { payer, senderId, receipts: [], keys: [] };
+          this.ready.set(group, ready);
+          ready.receipts.push(receipt);
+          ready.keys.push(key);
+        }
+        // A lane whose window has no room for another request goes now: its client may be waiting for room, which
+        // only a voucher for these receipts makes.
+        for (const [group, ready] of this.ready) {
+          if (!payments.paymentDue(ready.payer)) continue;
+          this.ready.delete(group);
+          now.push(ready);
+        }
+        this.send(now);
+        if (this.ready.size > 0)
+          this.linger ??= setTimeout(() => {
+            this.linger = undefined;
+            this.sendReady();
+          }, payments.receiptLingerMs);
+      },
+      (err: unknown) => {
+        // Not on disk, so never sent: the payer pays only receipts it has, and these answers go unpaid.
+        logger.error({ err: (err as Error).message, receipts: issued.length }, 'receipts not journaled; not sent');
+        for (const { payer, receipt } of issued) payments.replied(payer, receipt.seq);
+      },
+    );
+  }
+
+  /** Sends every ready receipt by itself: one `receipts` message per client and lane. */
+  private sendReady(): void {
+    const all = [...this.ready.values()];
+    this.ready.clear();
+    this.send(all);
+  }
+
+  private send(readies: readonly Ready[]): void {
+    const { agentId, payments } = this.options;
+    for (const ready of readies) {
+      for (const batch of payments.receiptBatches(ready.payer, ready.receipts, agentId))
+        this.options.reply(ready.senderId, encodeMessage(batch));
+      this.delivered(ready);
+    }
+  }
+
+  private delivered({ payer, receipts, keys }: Ready): void {
+    for (const [i, receipt] of receipts.entries()) {
+      this.options.payments.replied(payer, receipt.seq);
+      this.options.sent(keys[i]!, payer, receipt);
+    }
+  }
+}

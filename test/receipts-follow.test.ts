@@ -1,0 +1,137 @@
+/**
+ * Receipts that follow their answers, at a real paying agent (edge-agent/src/receipt-post.ts, docs/settlement.md,
+ * "Receipts follow their answers"): a real local chain with the escrow, a real broker, a real ONNX agent, and a payer
+ * that speaks the envelope by hand so that each message the agent sends can be seen.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, type TestContext, test } from 'node:test';
+import type { AgentPaymentOptions } from '@edge-mesh/agent';
+import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
+import { sampleInputs } from '@edge-mesh/demo';
+import {
+  decodeMessage,
+  encodeMessage,
+  encodeTensorMap,
+  hashTensorMap,
+  type InferReply,
+  type InferRequest,
+  newRequestId,
+  PROTOCOL_VERSION,
+  type ReceiptBatch,
+  requestIdHex,
+  topics,
+} from '@edge-mesh/protocol';
+import { ethers } from 'ethers';
+import { agentFor, brokerFor, tempDir, waitFor } from './helpers.ts';
+import { fundOwnLane, TestPayer } from './payer.ts';
+
+let chain: LocalChain;
+let deployment: MeshDeployment;
+let nextWallet = 1;
+const domain = () => ({ chainId: deployment.chainId, escrow: deployment.escrow });
+
+/** A paying kws agent and a funded payer that records every message the agent sends it. */
+async function setup(t: TestContext, payment: Partial<AgentPaymentOptions>) {
+  const broker = await brokerFor(t);
+  const payout = ethers.Wallet.createRandom().address.toLowerCase();
+  const agent = await agentFor(t, {
+    brokerUrl: broker.url,
+    payment: { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100, ...payment },
+  });
+  const wallet = chain.wallet(nextWallet++);
+  await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+  const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: `app-${nextWallet}` });
+  await payer.waitForModel('kws');
+  const grant = await payer.grant(agent.id);
+  const seen: (InferReply | ReceiptBatch)[] = [];
+  payer.client.on('message', (topic, payload) => {
+    if (!topic.includes('/res/')) return;
+    const m = decodeMessage(payload, ['res', 'err', 'receipts']);
+    if (m.kind !== 'err') seen.push(m);
+  });
+  const send = (i: number, id = newRequestId()): InferRequest => {
+    const request: InferRequest = {
+      v: PROTOCOL_VERSION,
+      kind: 'req',
+      id,
+      deadline: Date.now() + 30_000,
+      model: 'kws',
+      inputs: encodeTensorMap(sampleInputs('kws', i)),
+      pay: { payer: payer.payer, grant },
+    };
+    payer.client.publish(topics.agentRequest(agent.id, payer.clientId), encodeMessage(request), { qos: 1 });
+    return request;
+  };
+  const answerTo = async (request: InferRequest, nth = 1): Promise<InferReply> => {
+    const key = requestIdHex(request.id);
+    const answers = () => seen.filter((m): m is InferReply => m.kind === 'res' && requestIdHex(m.id) === key);
+    await waitFor(() => answers().length >= nth, 10_000, `answer ${nth} to ${key}`);
+    return answers()[nth - 1]!;
+  };
+  const batches = () => seen.filter((m): m is ReceiptBatch => m.kind === 'receipts');
+  return { agent, payer, seen, send, answerTo, batches };
+}
+
+describe('receipts that follow their answers', () => {
+  before(async () => {
+    chain = await startLocalChain({ accounts: 8 });
+    deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
+  });
+  after(() => chain?.close());
+
+  test('a paid answer leaves before its receipt, which rides on the next answer to its client; closing sends the last', async (t) => {
+    const { agent, send, answerTo, batches, payer } = await setup(t, { receiptLingerMs: 600_000 });
+    const first = send(1);
+    const a1 = await answerTo(first);
+    assert.equal(a1.receipt, undefined, 'the answer does not wait for its receipt');
+    assert.equal(a1.earlier, undefined);
+    assert.deepEqual(a1.lane, { seq: 0, paid: 0 }, 'the lane as it stood when the answer left');
+    const second = send(2);
+    const a2 = await answerTo(second);
+    assert.equal(a2.earlier?.length, 1, 'the first answer’s receipt rides on the second');
+    const r1 = a2.earlier![0]!;
+    assert.equal(r1.seq, 1);
+    assert.equal(requestIdHex(r1.requestId), requestIdHex(first.id));
+    assert.deepEqual(r1.outputHash, hashTensorMap(a1.outputs), 'it bills the outputs that answer carried');
+    assert.equal(r1.payer, payer.payer);
+    assert.equal(batches().length, 0, 'no message of its own');
+    // The second receipt waits for an answer that will not come: closing the agent sends it.
+    await agent.close();
+    await waitFor(() => batches().length === 1, 5_000, 'the last receipt on close');
+    assert.deepEqual(
+      batches()[0]!.receipts.map((r) => [r.seq, requestIdHex(r.requestId)]),
+      [[2, requestIdHex(second.id)]],
+    );
+  });
+
+  test('with no answer to ride on, a receipt comes by itself after the linger; a lane whose window is full gets it at once', async (t) => {
+    const lingering = await setup(t, { receiptLingerMs: 200 });
+    const request = lingering.send(1);
+    await lingering.answerTo(request);
+    await waitFor(() => lingering.batches().length === 1, 5_000, 'the receipt by itself');
+    assert.equal(requestIdHex(lingering.batches()[0]!.receipts[0]!.requestId), requestIdHex(request.id));
+
+    // A window of one request and a linger far longer than the test: the receipt cannot wait, its client needs it to pay.
+    const full = await setup(t, { receiptLingerMs: 600_000, creditRequests: 1 });
+    const paid = full.send(1);
+    await full.answerTo(paid);
+    await waitFor(() => full.batches().length === 1, 10_000, 'the receipt at once');
+    assert.equal(requestIdHex(full.batches()[0]!.receipts[0]!.requestId), requestIdHex(paid.id));
+  });
+
+  test('a request sent again after its answer gets the answer and its receipt again, billed once', async (t) => {
+    const { agent, send, answerTo, batches, payer } = await setup(t, { receiptLingerMs: 0 });
+    const request = send(1);
+    const answer = await answerTo(request);
+    await waitFor(() => batches().length === 1, 5_000, 'the receipt');
+    // The sender lost the connection before it saw them, and sends the same request again.
+    send(1, request.id);
+    const again = await answerTo(request, 2);
+    assert.deepEqual(again.outputs, answer.outputs, 'the same answer');
+    await waitFor(() => batches().length === 2, 5_000, 'the receipt again');
+    assert.deepEqual(batches()[1]!.receipts, batches()[0]!.receipts, 'the same receipt');
+    const journal = await agent.payments!.receipts(payer.payer);
+    assert.equal(journal.length, 1, 'one receipt in the journal');
+    assert.equal(agent.counters.served, 1, 'run once');
+  });
+});
