@@ -27,6 +27,7 @@ import {
   encodeMessage,
   encodeTensorMap,
   generateIdentity,
+  hashTensorMap,
   type Identity,
   type InferReply,
   type InferRequest,
@@ -213,6 +214,11 @@ export class SimAgent implements Endpoint {
   /** What this agent did that an honest one would not, by kind. */
   readonly cheats: Record<string, number> = {};
   private requests!: AgentRequests;
+
+  /** Receipts of answers sent that are not sent yet (they follow their answers). */
+  get receiptsWaiting(): boolean {
+    return this.requests.receiptsWaiting;
+  }
   private generation = 0;
   /** Counters behind the dishonest patterns (every other one, every third, …). */
   private readonly nth = { issued: 0, jobs: 0, replies: 0 };
@@ -451,7 +457,8 @@ export class SimAgent implements Endpoint {
     }
     const to = this.payerByClient.get(senderId);
     if (!to) return;
-    if (message.kind === 'res' && message.receipt) {
+    // A paid answer (it says where its lane stands); its receipt follows it (edge-agent/src/receipt-post.ts).
+    if (message.kind === 'res' && message.lane) {
       this.nth.replies++;
       if (this.behaviour === 'drop' && this.nth.replies % 2 === 0) {
         this.cheat('reply-dropped');
@@ -482,7 +489,9 @@ export class SimAgent implements Endpoint {
 
   /** A receipt for a request nobody sent, signed into the lane and pushed to the payer as a result. */
   private async invent(generation: number, senderId: string, real: InferReply): Promise<void> {
-    const payer = real.receipt!.payer;
+    const owner = this.payerByClient.get(senderId);
+    if (!(owner instanceof SimPayer)) return;
+    const payer = owner.address;
     const price = { name: MODEL, modelHash: `0x${MODEL_SHA}`, baseMicros: 0, unitMicros: this.setup.priceMicros, minChargeMicros: 0 };
     const id = newRequestId();
     const now = Date.now();
@@ -494,7 +503,7 @@ export class SimAgent implements Endpoint {
           requestId: id,
           status: RECEIPT_STATUS.ok,
           unitsUsed: 1,
-          outputHash: real.receipt!.outputHash,
+          outputHash: hashTensorMap(real.outputs),
           startedAt: now - 1,
           finishedAt: now,
         },
@@ -504,7 +513,8 @@ export class SimAgent implements Endpoint {
       await durable;
       if (generation !== this.generation || !this.up) return;
       const to = this.payerByClient.get(senderId);
-      const reply: InferReply = { ...real, id, receipt, lane: this.payments.laneInfo(payer, senderId) ?? real.lane! };
+      const { earlier: _carried, ...answer } = real;
+      const reply: InferReply = { ...answer, id, receipt, lane: this.payments.laneInfo(payer, senderId) ?? real.lane! };
       if (to) this.send(to, 'reply', Buffer.from(encodeMessage(reply)), id);
     } finally {
       this.busy--;
@@ -566,6 +576,10 @@ export class SimPayer implements Endpoint {
   readonly outcomes: Record<string, number> = {};
   escrow!: EscrowClient;
   private readonly waiters = new Map<string, Waiter>();
+  /** Answers waited for that came without a receipt, when they came (before and after reading the clock): their receipts follow. */
+  private readonly answered = new Map<string, { before: number; after: number }>();
+  /** Receipts that came before the answers they stand for, which are still waited for. */
+  private readonly receiptsFirst = new Map<string, SignedReceipt>();
   /** The deadline of each request this payer sent, kept by the harness for the ledger. */
   private readonly deadlines = new Map<string, number>();
   private statuses: (() => AgentStatus)[] = [];
@@ -730,17 +744,44 @@ export class SimPayer implements Endpoint {
     if (!reading) return;
     if (reading.batch) {
       this.lanes.onReceiptBatch(agentId, reading.batch);
+      this.followed(agentId, reading.batch.receipts);
       return;
     }
     if (this.reopening) return;
     const arrived = Date.now();
     // A reply for a request this instance is not waiting for (sent before a restart) reaches no app.
     const waiting = this.waiters.has(`${agentId}|${reading.key}`);
+    const earlier = reading.reply?.earlier;
+    if (earlier) this.lanes.onReceipts(agentId, earlier);
     if (reading.receipt || reading.lane) {
       this.lanes.onReply(agentId, reading.key, reading.error ? 'err' : 'res', reading.receipt, reading.reply?.outputs, reading.lane);
     }
-    if (waiting) this.record(agentId, reading.key, reading.error ? 'err' : 'res', reading.receipt, arrived, Date.now());
+    if (earlier) this.followed(agentId, earlier);
+    if (waiting) {
+      const kind = reading.error ? 'err' : 'res';
+      const early = this.receiptsFirst.get(`${agentId}|${reading.key}`);
+      this.receiptsFirst.delete(`${agentId}|${reading.key}`);
+      const receipt = reading.receipt ?? (kind === 'res' ? early : undefined);
+      if (receipt) this.record(agentId, reading.key, kind, receipt, arrived, Date.now());
+      else if (kind === 'res') this.answered.set(`${agentId}|${reading.key}`, { before: arrived, after: Date.now() });
+    }
     this.settle(`${agentId}|${reading.key}`, reading.error ? reading.error.code : 'ok');
+  }
+
+  /** Receipts that came after their answers: each is the value of an answer this payer got (see `record`). */
+  private followed(agentId: string, receipts: readonly SignedReceipt[]): void {
+    for (const receipt of receipts) {
+      const key = requestIdHex(receipt.requestId);
+      const answer = this.answered.get(`${agentId}|${key}`);
+      if (!answer) {
+        // The simulated network can deliver a receipt before its answer (MQTT keeps one sender's order; this
+        // network does not): its value is the answer's, when that comes.
+        if (this.waiters.has(`${agentId}|${key}`)) this.receiptsFirst.set(`${agentId}|${key}`, receipt);
+        continue;
+      }
+      this.answered.delete(`${agentId}|${key}`);
+      this.record(agentId, key, 'res', receipt, answer.before, answer.after);
+    }
   }
 
   /**

@@ -284,7 +284,9 @@ export async function runEconomics(config: EconomicsConfig, log: (line: string) 
     const idle = async (): Promise<void> => {
       // A payer holding a resync's receipt until its reply or deadline, or about to ask again, is not idle either.
       const moving = () =>
-        net.inflight > 0 || agentList.some((a) => a.up && a.busy - a.holding > 0) || payers.some((p) => p.up && p.lanes.awaiting() > 0);
+        net.inflight > 0 ||
+        agentList.some((a) => a.up && (a.busy - a.holding > 0 || a.receiptsWaiting)) ||
+        payers.some((p) => p.up && p.lanes.awaiting() > 0);
       for (let waited = 0; moving(); waited += 5) {
         if (waited > 30_000) {
           const busy = agentList.filter((a) => a.up && a.busy - a.holding > 0).map((a) => `${a.behaviour}:${a.busy - a.holding}`);

@@ -169,6 +169,7 @@ if (mode === 'latency') {
   const cpu = process.cpuUsage(cpu0);
   emit('window-end');
   const s = summarize(latencies.subarray(0, ok));
+  await mesh.receiptsIn();
   emit('result', {
     mode,
     model,
@@ -270,6 +271,7 @@ if (mode === 'latency') {
     for (let k = Math.ceil((windowStart - began) / sliceMs); (k + 1) * sliceMs <= windowEnd - began; k++)
       slices.push({ agent: k % pinned.length, rps: round(((sliceCounts.get(k) ?? 0) * 1000) / (sliceMs - settleMs), 1) });
   }
+  await mesh.receiptsIn();
   emit('result', {
     mode,
     model,
