@@ -953,6 +953,30 @@ describe('receipts that follow their answers', () => {
     await new Promise((r) => setTimeout(r, 200));
     assert.equal(lastVoucher(agent), 0, 'no voucher pays them');
   });
+
+  test('a receipt that comes before its answer is linked and paid when the answer comes, not at the deadline', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    // Its receipt by itself first, then the answer: a network that does not keep the agent's order.
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      const lane = a.lane();
+      a.sendReceipts(sender, req.pay!.payer, [a.receipt(req.pay!.payer, { requestId: req.id })]);
+      setTimeout(() => a.answer(sender, req.id, undefined, lane), 100);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    // A deadline far past the test's waits: what waited for the answer must not wait for the deadline too.
+    await mesh.infer('kws', kws(), { deadlineMs: 60_000, agentId: agent.identity.id });
+    assert.ok(await mesh.receiptsIn(5_000), 'the receipt is in with its answer');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.receipts, 1);
+    assert.equal(lane.held, 0, 'nothing held any more');
+    assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
+    assert.equal(lane.owedMicros, 2);
+    await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the voucher pays it');
+  });
 });
 
 describe('receipts that come before their replies', () => {

@@ -12,6 +12,8 @@ import {
   decodeMessage,
   encodeMessage,
   encodeTensorMap,
+  fromHex,
+  generateIdentity,
   hashTensorMap,
   type InferReply,
   type InferRequest,
@@ -19,10 +21,14 @@ import {
   PROTOCOL_VERSION,
   type ReceiptBatch,
   requestIdHex,
+  signLaneGrant,
   topics,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
-import { agentFor, brokerFor, tempDir, waitFor } from './helpers.ts';
+import { AgentPayments } from '../edge-agent/src/payments.ts';
+import { ReceiptPost } from '../edge-agent/src/receipt-post.ts';
+import type { Job } from '../edge-agent/src/scheduler.ts';
+import { agentFor, brokerFor, quiet, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
 
 let chain: LocalChain;
@@ -133,5 +139,56 @@ describe('receipts that follow their answers', () => {
     const journal = await agent.payments!.receipts(payer.payer);
     assert.equal(journal.length, 1, 'one receipt in the journal');
     assert.equal(agent.counters.served, 1, 'run once');
+  });
+
+  test('receipts still being journaled (syncWrites) when the agent flushes are sent by that flush', async (t) => {
+    const identity = generateIdentity('agent');
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    const wallet = chain.wallet(nextWallet++);
+    const payer = wallet.address.toLowerCase();
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    const payments = await AgentPayments.open(
+      identity,
+      { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, syncWrites: true, receiptLingerMs: 600_000 },
+      [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }],
+      quiet,
+    );
+    t.after(() => payments.close());
+    const terms = { agent: payout, client: 'app-a', issuedAt: Date.now() };
+    const grant = { ...terms, payer, sig: fromHex(await signLaneGrant(wallet, domain(), terms)) };
+    const sent: ReceiptBatch[] = [];
+    const post = new ReceiptPost({
+      agentId: identity.id,
+      payments,
+      logger: quiet,
+      reply: (_senderId, payload) => sent.push(decodeMessage(payload, ['receipts']) as ReceiptBatch),
+      sent: () => {},
+    });
+    // Nothing is left to linger once the test ends.
+    t.after(() => post.flush());
+    const id = newRequestId();
+    const inputs = sampleInputs('kws', 1);
+    const job: Job = {
+      key: requestIdHex(id),
+      id,
+      senderId: 'app-a',
+      model: 'kws',
+      inputs,
+      deadline: Date.now() + 30_000,
+      receivedAt: performance.now(),
+      startedAt: performance.now(),
+      paid: await payments.admit(payer, 'app-a', 'kws', hashTensorMap(encodeTensorMap(inputs)), grant),
+    };
+    post.defer(job, encodeTensorMap(sampleInputs('kws', 2)));
+    // The next turn signs the receipt and starts its fdatasync, which ends in a later turn.
+    await new Promise((resolve) => setImmediate(resolve));
+    assert.equal(sent.length, 0);
+    assert.ok(post.pending, 'a receipt being journaled still waits to be sent');
+    // Closing the agent (or a receipt of another kind) flushes: the receipt goes before the flush resolves.
+    await post.flush();
+    assert.deepEqual(
+      sent.flatMap((b) => b.receipts.map((r) => [r.seq, requestIdHex(r.requestId)])),
+      [[1, job.key]],
+    );
   });
 });

@@ -45,6 +45,9 @@ export class ReceiptPost {
   /** Paid jobs answered, receipts not issued yet. */
   private answered: Answered[] = [];
   private issueSoon: NodeJS.Immediate | undefined;
+  /** Receipts signed and being journaled: how many, and when the last of them is ready (or dropped). */
+  private journaling = 0;
+  private journaled: Promise<void> = Promise.resolve();
   /** Receipts issued and journaled, not sent yet, per client and lane (`payer senderId`). */
   private readonly ready = new Map<string, Ready>();
   private linger: NodeJS.Timeout | undefined;
@@ -53,7 +56,7 @@ export class ReceiptPost {
 
   /** Whether receipts wait here (to be issued, or to be sent). */
   get pending(): boolean {
-    return this.answered.length > 0 || this.ready.size > 0;
+    return this.answered.length > 0 || this.journaling > 0 || this.ready.size > 0;
   }
 
   /** Paid job `job` was answered with `outputs`, now: its `ok` receipt is issued next turn. */
@@ -79,9 +82,13 @@ export class ReceiptPost {
     return taken.receipts;
   }
 
-  /** Issues what waits and sends every ready receipt now; resolves once they are handed to the connection. */
+  /**
+   * Issues what waits and sends every ready receipt now, those still being journaled once they are; resolves once
+   * they are handed to the connection.
+   */
   async flush(): Promise<void> {
     await this.issue();
+    await this.journaled;
     clearTimeout(this.linger);
     this.linger = undefined;
     this.sendReady();
@@ -111,7 +118,8 @@ export class ReceiptPost {
       durable = one.durable;
       issued.push({ payer: paid.payer, senderId: job.senderId, receipt: one.receipt, key: job.key });
     }
-    return durable.then(
+    this.journaling += issued.length;
+    const done = durable.then(
       () => {
         const now: Ready[] = [];
         for (const { payer, senderId, receipt, key } of issued) {
@@ -141,6 +149,12 @@ export class ReceiptPost {
         for (const { payer, receipt } of issued) payments.replied(payer, receipt.seq);
       },
     );
+    const counted = done.finally(() => {
+      this.journaling -= issued.length;
+    });
+    // A flush waits for every receipt being journaled, its own issue's and those of issues still under way.
+    this.journaled = Promise.all([this.journaled, counted.catch(() => {})]).then(() => {});
+    return counted;
   }
 
   /** Sends every ready receipt by itself: one `receipts` message per client and lane. */

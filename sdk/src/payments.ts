@@ -788,6 +788,10 @@ export class PayerLanes {
       // A receipt stands for the request its reply answers; one naming another request was never asked for here.
       const context = requestIdHex(receipt.requestId) === key ? this.contextOf(key, agentId) : { asked: false };
       this.take(l, receipt, context);
+    } else if (kind === 'res' && [...l.ahead.values()].some((e) => e.awaiting === key)) {
+      // Its receipt came first and waits for this answer: linked now (and what is held for it given back), not at
+      // the deadline.
+      this.linkAhead(l);
     }
     if (lane) this.onLaneInfo(l, lane);
   }
@@ -961,6 +965,8 @@ export class PayerLanes {
     }
     lane.ahead.delete(next.receipt.seq);
     this.take(lane, next.receipt, context);
+    // The receipt of an answer already here bills what was held for it.
+    if (next.awaiting !== undefined && context.reply !== undefined) this.unhold(lane, next.awaiting);
     return true;
   }
 
