@@ -17,6 +17,9 @@ import type { Job } from './scheduler.ts';
 /** Receipts one answer carries at most (the schema's `earlier`). */
 const MAX_EARLIER = 256;
 
+/** Flush rounds at most: jobs keep finishing while a flush waits for the journal, but not for ever. */
+const MAX_FLUSH_ROUNDS = 8;
+
 interface Answered {
   job: Job;
   outputs: InferReply['outputs'];
@@ -87,11 +90,15 @@ export class ReceiptPost {
    * they are handed to the connection.
    */
   async flush(): Promise<void> {
-    await this.issue();
-    await this.journaled;
-    clearTimeout(this.linger);
-    this.linger = undefined;
-    this.sendReady();
+    // Jobs answered while the journal is written (on close, the last jobs finishing) are flushed too: until none waits.
+    for (let round = 0; round < MAX_FLUSH_ROUNDS; round++) {
+      await this.issue();
+      await this.journaled;
+      clearTimeout(this.linger);
+      this.linger = undefined;
+      this.sendReady();
+      if (!this.pending) return;
+    }
   }
 
   /** Signs and journals the receipts of the jobs answered so far; once journaled they are ready to go. */
@@ -141,7 +148,7 @@ export class ReceiptPost {
           this.linger ??= setTimeout(() => {
             this.linger = undefined;
             this.sendReady();
-          }, payments.receiptLingerMs);
+          }, payments.receiptLingerMs).unref();
       },
       (err: unknown) => {
         // Not on disk, so never sent: the payer pays only receipts it has, and these answers go unpaid.
