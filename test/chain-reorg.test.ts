@@ -125,17 +125,17 @@ async function openFunds(
   extra: Partial<LaneFundsOptions> = {},
 ): Promise<{ funds: LaneFunds; payout: string }> {
   const stored = new Map<string, unknown>();
-  const payout = ethers.Wallet.createRandom().address.toLowerCase();
+  const payout = extra.payout ?? ethers.Wallet.createRandom().address.toLowerCase();
   const funds = await LaneFunds.open({
     provider,
     escrow: deployment.escrow,
-    payout,
     chainId: BigInt(deployment.chainId),
     store: { get: async (k) => stored.get(k), put: async (k, v) => void stored.set(k, v) },
     logger: quiet,
     pollMs: 60_000,
     confirmations: 0,
     ...extra,
+    payout,
   });
   t.after(() => funds.close());
   return { funds, payout };
@@ -185,7 +185,6 @@ describe('settlement on a chain that reorganises', () => {
     // every idle lane's laneOf (and for ever when the node hung on one). Now each lane is read on its next use,
     // and a burst of first uses shares one turn of the lock.
     const payout = ethers.Wallet.createRandom().address.toLowerCase();
-    const stored = new Map<string, unknown>();
     const idle = Array.from({ length: 20 }, () => ethers.Wallet.createRandom().address.toLowerCase());
     // The node hangs on the idle lanes' laneOf once `hang` is set, until `release`.
     let hang = false;
@@ -206,20 +205,9 @@ describe('settlement on a chain that reorganises', () => {
         return typeof value === 'function' ? value.bind(target) : value;
       },
     });
-    const funds = await LaneFunds.open({
-      provider,
-      escrow: deployment.escrow,
-      payout,
-      chainId: BigInt(deployment.chainId),
-      store: { get: async (k) => stored.get(k), put: async (k, v) => void stored.set(k, v) },
-      logger: quiet,
-      pollMs: 60_000,
-      confirmations: 0,
-    });
-    t.after(() => {
-      release();
-      return funds.close();
-    });
+    // Released before the funds close (after-hooks run in the order they are added).
+    t.after(() => release());
+    const { funds } = await openFunds(t, provider, { payout });
     const snap = await snapshot();
     const wallet = chain.wallet(nextWallet++);
     const active = wallet.address.toLowerCase();
