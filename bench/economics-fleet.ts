@@ -221,7 +221,7 @@ export class SimAgent implements Endpoint {
   }
   private generation = 0;
   /** Counters behind the dishonest patterns (every other one, every third, …). */
-  private readonly nth = { issued: 0, jobs: 0, replies: 0 };
+  private readonly nth = { issued: 0, jobs: 0, replies: 0, batches: 0 };
   private readonly deadlines = new Map<string, number>();
   private readonly session = toHex(newRequestId()).slice(2);
 
@@ -471,6 +471,19 @@ export class SimAgent implements Endpoint {
         return;
       }
       if (this.behaviour === 'invent' && this.nth.replies % 2 === 0) void this.invent(generation, senderId, message);
+      // Receipts follow their answers: an agent that loses receipts (and refuses to send them again) loses those an
+      // answer carries, every other time.
+      if (this.behaviour === 'refuse-resync' && message.earlier && this.nth.replies % 2 === 0) {
+        this.cheat('receipts-dropped');
+        const { earlier: _lost, ...answer } = message;
+        this.send(to, 'reply', Buffer.from(encodeMessage(answer)), message.id);
+        return;
+      }
+    }
+    // ... and every other message of receipts that leaves by itself.
+    if (message.kind === 'receipts' && this.behaviour === 'refuse-resync' && this.nth.batches++ % 2 === 1) {
+      this.cheat('receipts-dropped');
+      return;
     }
     this.send(to, message.kind === 'receipts' ? 'receipts' : 'reply', payload, message.kind === 'receipts' ? undefined : message.id);
   }
