@@ -469,10 +469,9 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         if (earlier) payments.onReceipts(agentId, earlier);
         payments.onReply(agentId, key, kind, reading.receipt, undefined, reading.lane, refused, came);
       };
-      if (reading.error) {
-        takeAnswers();
-        take();
-      } else if (answersToTake.push(take) === 1) setImmediate(takeAnswers);
+      // An error has no reply: the answers before it were taken on its arrival, above.
+      if (reading.error) take();
+      else if (answersToTake.push(take) === 1) setImmediate(takeAnswers);
     }
     if (reading.error) {
       const better = reading.error.code === 'MESH_FORBIDDEN' ? payments?.onForbidden(agentId, reading.error) : undefined;
