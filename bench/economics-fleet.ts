@@ -580,8 +580,14 @@ export class SimPayer implements Endpoint {
   up = true;
   lanes!: PayerLanes;
   restarts = 0;
-  /** From the start of a restart until its lanes are open again: the app sends nothing and takes no replies. */
-  private reopening = false;
+  /**
+   * From the start of a restart until its lanes are open again the app sends nothing and takes no answers.
+   * While its lanes close ('closing'), they still take the payment side of every reply, as the SDK's do between
+   * `engine.close()` and `payments.close()`; while they open again ('opening'), replies reach nothing.
+   */
+  private restarting: 'closing' | 'opening' | undefined;
+  /** Requests in flight when the app began to close (`${agentId}|${key}`): their answers, until the lanes close, are paid. */
+  private readonly abandoned = new Set<string>();
   readonly logger = new CountingLogger();
   /** What happens to this payer's vouchers on the way out: sent, dropped, or rewritten to pay half. */
   vouchers: 'send' | 'drop' | 'halve' = 'send';
@@ -680,7 +686,7 @@ export class SimPayer implements Endpoint {
    * payer owes the agent (its voucher is flushed first). Resolves with how it ended.
    */
   async request(agent: SimAgent, rng: Rng): Promise<Outcome> {
-    if (!this.up || this.reopening) return this.count('down');
+    if (!this.up || this.restarting) return this.count('down');
     const pay = this.lanes.payField(agent.id);
     if (!pay) return this.count('no-lane');
     this.counters.requests++;
@@ -760,10 +766,11 @@ export class SimPayer implements Endpoint {
       this.followed(agentId, reading.batch.receipts);
       return;
     }
-    if (this.reopening) return;
+    if (this.restarting === 'opening') return;
     const arrived = Date.now();
-    // A reply for a request this instance is not waiting for (sent before a restart) reaches no app.
-    const waiting = this.waiters.has(`${agentId}|${reading.key}`);
+    // A reply for a request this instance is not waiting for (sent before a restart) reaches no app; one that
+    // comes while the lanes close is paid as the SDK pays it, so the ledger counts it.
+    const waiting = this.awaited(`${agentId}|${reading.key}`);
     const earlier = reading.reply?.earlier;
     if (earlier) this.lanes.onReceipts(agentId, earlier);
     if (reading.receipt || reading.lane) {
@@ -781,6 +788,11 @@ export class SimPayer implements Endpoint {
     this.settle(`${agentId}|${reading.key}`, reading.error ? reading.error.code : 'ok');
   }
 
+  /** Whether this instance takes an answer to `waitKey` (`${agentId}|${key}`) as one it asked for. */
+  private awaited(waitKey: string): boolean {
+    return this.waiters.has(waitKey) || (this.restarting === 'closing' && this.abandoned.has(waitKey));
+  }
+
   /** Receipts that came after their answers: each is the value of an answer this payer got (see `record`). */
   private followed(agentId: string, receipts: readonly SignedReceipt[]): void {
     for (const receipt of receipts) {
@@ -789,7 +801,7 @@ export class SimPayer implements Endpoint {
       if (!answer) {
         // The simulated network can deliver a receipt before its answer (MQTT keeps one sender's order; this
         // network does not): its value is the answer's, when that comes.
-        if (this.waiters.has(`${agentId}|${key}`)) this.receiptsFirst.set(`${agentId}|${key}`, receipt);
+        if (this.awaited(`${agentId}|${key}`)) this.receiptsFirst.set(`${agentId}|${key}`, receipt);
         continue;
       }
       this.answered.delete(`${agentId}|${key}`);
@@ -835,22 +847,30 @@ export class SimPayer implements Endpoint {
   /** Closes its lanes (vouchers owed are signed and sent first, as `mesh.close()` does) and opens them again from its store. */
   async restart(downMs: number): Promise<void> {
     this.restarts++;
-    // The app stops: its requests in flight end, it sends nothing more and takes no more replies; its lanes
-    // close while connected (as `mesh.close()` closes payments before the connection), so a receipt held
-    // behind a lost one can still be asked for again.
-    this.reopening = true;
-    for (const key of [...this.waiters.keys()]) this.settle(key, 'down');
+    // The app stops: its requests in flight end, it sends nothing more and takes no more answers; its lanes
+    // close while connected (as `mesh.close()` closes payments before the connection), taking the receipts
+    // that follow answers already in, so a receipt held behind a lost one can still be asked for again.
+    this.restarting = 'closing';
+    for (const key of [...this.waiters.keys()]) {
+      this.abandoned.add(key);
+      this.settle(key, 'down');
+    }
     await this.lanes.close();
     this.up = false;
+    // The next instance knows nothing of the answers this one got: receipts that come for them later are
+    // refused by its lanes, and the ledger does not count them either (the agent's loss, as a network's).
+    this.abandoned.clear();
+    this.answered.clear();
+    this.receiptsFirst.clear();
+    this.restarting = 'opening';
     await new Promise((r) => setTimeout(r, downMs));
     // Up for messages while the lanes reopen, but the app sends nothing until they have: a request sent
     // now would be remembered by the closed lanes, and its receipt refused by the new ones.
     this.up = true;
-    this.reopening = true;
     try {
       await this.open();
     } finally {
-      this.reopening = false;
+      this.restarting = undefined;
     }
   }
 
