@@ -913,6 +913,26 @@ describe('receipts that follow their answers', () => {
     assert.equal(mesh.lanes()[0]!.refused, 0);
   });
 
+  test('a receipt lost after its answer (a broker node died between them) is asked for and paid', async (t) => {
+    const broker = await brokerFor(t);
+    // Answers carry nothing and no receipt ever leaves by itself: as if each one was lost on the way. The agent
+    // issued (journaled) them, so a resync brings them.
+    const { agent } = await followingAgent(t, broker.url);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    await mesh.infer('kws', kws(), { deadlineMs: 30_000, agentId: agent.identity.id });
+    assert.equal(mesh.lanes()[0]!.receiptsDue, 1, 'the answer is in, its receipt due');
+    assert.equal(agent.resyncs, 0);
+    assert.ok(await mesh.receiptsIn(5_000), 'the lost receipt came when asked for');
+    assert.ok(agent.resyncs >= 1, 'the client asked');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.receipts, 1);
+    assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
+    assert.equal(lane.owedMicros, 2);
+    await waitFor(() => lastVoucher(agent) === 2, 5_000, 'the voucher pays it');
+  });
+
   test('receipts an answer carries for a request never answered, or for other outputs, are not paid', async (t) => {
     const broker = await brokerFor(t);
     const payoutWallet = account();

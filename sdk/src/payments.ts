@@ -226,8 +226,10 @@ interface Lane {
   resyncSentAt: number;
   /** A resync deferred to the end of the spacing (see `resync`). */
   resyncTimer: NodeJS.Timeout | undefined;
-  /** Asks again while a gap stays open after a resync (see `resync`). */
+  /** Asks again while receipts stay missing after a resync (see `resync`). */
   resyncRetryTimer: NodeJS.Timeout | undefined;
+  /** Fires RECEIPT_FOLLOW_MS after an answer whose receipt follows it, to ask for that receipt if it has not come. */
+  followTimer: NodeJS.Timeout | undefined;
   /** Resyncs sent again since the lane last linked a receipt. */
   resyncRetries: number;
   voucherResentAt: number;
@@ -307,6 +309,12 @@ const RESYNC_RETRY_MS = 1_000;
 /** The longest wait before a voucher whose signature failed is signed again. */
 const MAX_SIGN_RETRY_MS = 60_000;
 const MAX_RESYNC_RETRIES = 5;
+/**
+ * How long a receipt that follows its answer may take before the agent is asked for it (`resync`). An honest agent
+ * sends it within its linger (20 ms by default) or with its next answer to this client; a broker node that dies
+ * between the answer and the receipt loses the receipt alone (QoS 0), and nothing else would ask for it.
+ */
+const RECEIPT_FOLLOW_MS = 1_000;
 /** How long closing waits for receipts missing before ones it holds, or due for answers in (see `close`). */
 const CLOSE_GAP_WAIT_MS = 1_500;
 /** Receipts linked before their signatures are checked, per lane, when no voucher comes sooner. */
@@ -492,6 +500,7 @@ export class PayerLanes {
       awaitTimer: undefined,
       resyncTimer: undefined,
       resyncRetryTimer: undefined,
+      followTimer: undefined,
       resyncRetries: 0,
       signFailures: 0,
       resyncSentAt: 0,
@@ -792,7 +801,7 @@ export class PayerLanes {
       // Its receipt came first and waits for this answer: linked now (and what is held for it given back), not at
       // the deadline.
       this.linkAhead(l);
-    }
+    } else if (kind === 'res' && l.held.has(key)) this.armFollow(l);
     if (lane) this.onLaneInfo(l, lane);
   }
 
@@ -1017,6 +1026,36 @@ export class PayerLanes {
     }
   }
 
+  /** Answers on `lane` whose receipts have not come RECEIPT_FOLLOW_MS after them (what is held for them still held). */
+  private receiptsOverdue(lane: Lane): boolean {
+    const before = Date.now() - RECEIPT_FOLLOW_MS;
+    for (const key of lane.held.keys()) {
+      const a = this.sent.get(key)?.agents.get(lane.agentId);
+      if (a?.reply === 'res' && (a.arrivedAt ?? 0) <= before) return true;
+    }
+    return false;
+  }
+
+  /** Receipts this lane waits for that an ask could bring: one missing before held ones, or one overdue. */
+  private receiptsMissing(lane: Lane): boolean {
+    return (lane.ahead.size > 0 && !lane.ahead.has(lane.verifier.state.seq + 1)) || this.receiptsOverdue(lane);
+  }
+
+  /**
+   * Asks for the receipts of answers that came without them once RECEIPT_FOLLOW_MS has passed (`resync`, whose
+   * retries go on while they stay missing), and again for answers that came later. One timer per lane.
+   */
+  private armFollow(lane: Lane): void {
+    if (lane.followTimer || this.closing) return;
+    lane.followTimer = setTimeout(() => {
+      lane.followTimer = undefined;
+      if (lane.broken || this.closing) return;
+      if (this.receiptsOverdue(lane)) this.resync(lane);
+      if (this.receiptsDue(lane) > 0) this.armFollow(lane);
+    }, RECEIPT_FOLLOW_MS);
+    lane.followTimer.unref?.();
+  }
+
   /**
    * Asks the agent for the receipts after the lane's last, at most every RETRY_SPACING_MS. With `defer`, an
    * ask within the spacing is deferred to its end (one at most), not dropped: the event that wanted it may
@@ -1050,7 +1089,7 @@ export class PayerLanes {
       lane.resyncRetryTimer = setTimeout(
         () => {
           lane.resyncRetryTimer = undefined;
-          if (lane.broken || this.closing || lane.ahead.size === 0 || lane.ahead.has(lane.verifier.state.seq + 1)) return;
+          if (lane.broken || this.closing || !this.receiptsMissing(lane)) return;
           lane.resyncRetries++;
           this.resync(lane);
         },
@@ -1195,6 +1234,8 @@ export class PayerLanes {
       lane.resyncTimer = undefined;
       clearTimeout(lane.resyncRetryTimer);
       lane.resyncRetryTimer = undefined;
+      clearTimeout(lane.followTimer);
+      lane.followTimer = undefined;
       while (this.linkAhead(lane));
       for (const h of lane.held.values()) clearTimeout(h.timer);
       this.schedule(lane);
@@ -1205,7 +1246,7 @@ export class PayerLanes {
       // Receipts of answers already in are on their way: they are waited for as well.
       const due = [...this.lanes.values()].some((l) => !l.broken && this.receiptsDue(l) > 0);
       if ((gaps.length === 0 && !due) || Date.now() >= until) break;
-      for (const lane of gaps) this.resync(lane);
+      for (const lane of this.lanes.values()) if (!lane.broken && (lane.ahead.size > 0 || this.receiptsOverdue(lane))) this.resync(lane);
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
     await this.flush();
