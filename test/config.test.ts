@@ -170,7 +170,7 @@ describe('edge-mesh configuration', { timeout: 240_000 }, () => {
     assert.deepEqual(shown.models, { value: dir, source: 'config' });
   });
 
-  test('--engine nats makes QoS 0 and an unretained status the defaults; a flag, a variable or the file still wins', async (t) => {
+  test('--engine nats makes QoS 0 and an unretained status the defaults, --engine rabbitmq QoS 0 subscriptions; a flag, a variable or the file still wins', async (t) => {
     const dir = await tempDir(t);
     const show = async (role: string, args: string[], vars: Record<string, string> = {}) => {
       const r = await cli(['config', 'show', role, ...args], vars);
@@ -187,6 +187,12 @@ describe('edge-mesh configuration', { timeout: 240_000 }, () => {
     });
     assert.deepEqual(await show('agent', [...agent, '--engine', 'nats']), { sub: engine('0'), pub: engine('0'), retain: engine(false) });
     assert.deepEqual(await show('agent', [...agent, '--engine', 'mosquitto']), await show('agent', agent));
+    // RabbitMQ: QoS 0 subscriptions only (a QoS 1 one is a durable queue that pins the client id to its node).
+    assert.deepEqual(await show('agent', [...agent, '--engine', 'rabbitmq']), {
+      sub: engine('0'),
+      pub: { value: '1', source: 'default' },
+      retain: { value: true, source: 'default' },
+    });
     // The engine may come from a variable or the file; a setting given any way wins over the engine's.
     assert.deepEqual(await show('agent', agent, { MESH_AGENT_ENGINE: 'nats', MESH_AGENT_PUBLISH_QOS: '1' }), {
       sub: engine('0'),

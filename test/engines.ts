@@ -300,7 +300,7 @@ export async function startRabbitmqWithAuth(logger: Logger): Promise<RabbitmqWit
 // ---------------------------------------------------------------------------------------------
 // The engine the end-to-end suite runs on
 
-/** What a client adds to its connection options on the engine (nothing on RabbitMQ: the CONNECT token is checked). */
+/** What a client adds to its connection options on the engine (on RabbitMQ only QoS 0 subscriptions: the CONNECT token is checked). */
 export interface EngineAccess {
   username?: string;
   password?: string;
@@ -487,7 +487,8 @@ async function rabbitmqEngine(logger: Logger): Promise<ExternalEngine> {
         // Straight into the service's admission store (what an admission record on the admin topic ends in).
         if (!admitted.has(identity.id)) await r.auth.admit(admit(r.operator, identity));
         admitted.add(identity.id);
-        return {};
+        // QoS 0 subscriptions, as `--engine rabbitmq` sets (client/src/transport.ts, engineDefaults).
+        return { subscriptionQos: 0 };
       }),
     async restartFirstNode() {
       // The RabbitMQ application on the node stops (every listener and connection with it) and starts again; the

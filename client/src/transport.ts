@@ -35,13 +35,16 @@ export interface EngineDefaults {
 
 /**
  * What `engine` wants different from the mesh's defaults, for `part` (the CLI's `--engine`; docs/operations.md,
- * "Running on a NATS cluster"). On NATS 2.9 a QoS 1 subscription is a JetStream consumer and a QoS 1 or retained
- * PUBLISH is stored in JetStream from the connection's read loop, so everything goes at QoS 0 and an agent's status
- * unretained; a reconnect waits for JetStream's leaders after a node's death, so agents keep a standby connection.
- * The other engines want nothing different. Spread it under your own options: `connect({ ...engineDefaults('nats',
- * 'client'), brokerUrl })`.
+ * "Running on a NATS cluster" and "Running on RabbitMQ"). On NATS 2.9 a QoS 1 subscription is a JetStream consumer
+ * and a QoS 1 or retained PUBLISH is stored in JetStream from the connection's read loop, so everything goes at QoS 0
+ * and an agent's status unretained; a reconnect waits for JetStream's leaders after a node's death, so agents keep a
+ * standby connection. On RabbitMQ 3.10 a QoS 1 subscription is a durable queue on the node the client is connected
+ * to: once that node dies, no other node lets the same client id subscribe again until it is back, so subscriptions
+ * go at QoS 0 (a non-durable queue, gone with its node). mosquitto and the mesh's broker want nothing different.
+ * Spread it under your own options: `connect({ ...engineDefaults('nats', 'client'), brokerUrl })`.
  */
 export function engineDefaults(engine: BrokerEngine, part: 'agent' | 'client'): EngineDefaults {
+  if (engine === 'rabbitmq') return { subscriptionQos: 0 };
   if (engine !== 'nats') return {};
   return part === 'agent'
     ? { subscriptionQos: 0, publishQos: 0, retainStatus: false, standbyConnection: true }
