@@ -10,13 +10,16 @@ import {
   ERROR_CODES,
   encodeMessage,
   encodeTensor,
+  generateIdentity,
   type InferRequest,
   isValidId,
+  MAX_SIGNED_RECEIPT_BYTES,
   MeshError,
   newRequestId,
   PROTOCOL_VERSION,
   parseTopic,
   requestIdHex,
+  signReceipt,
   tensorFromJson,
   tensorToJson,
   topics,
@@ -164,6 +167,42 @@ describe('envelope', () => {
     assert.equal(requestIdHex(back.id), requestIdHex(m.id));
     assert.equal(back.deadline, m.deadline);
     assert.deepEqual([...decodeTensor('x', back.inputs.x!).data], [1.5, -2]);
+  });
+
+  test('a signed receipt with every field at its largest encodes within MAX_SIGNED_RECEIPT_BYTES', () => {
+    const big = Number.MAX_SAFE_INTEGER;
+    const agent = generateIdentity('agent');
+    const { receipt } = signReceipt(agent, {
+      v: 1,
+      chainId: big,
+      escrow: `0x${'ff'.repeat(20)}`,
+      payer: `0x${'ee'.repeat(20)}`,
+      agentKey: agent.publicKey,
+      seq: big,
+      requestId: new Uint8Array(16).fill(255),
+      modelHash: new Uint8Array(32).fill(255),
+      inputHash: new Uint8Array(32).fill(255),
+      outputHash: new Uint8Array(32).fill(255),
+      status: 4,
+      unitsUsed: 0xffffffff,
+      price: big,
+      cumulative: big,
+      startedAt: big,
+      finishedAt: big,
+      prevReceipt: new Uint8Array(32).fill(255),
+    });
+    const batch = (n: number) =>
+      encodeMessage({
+        v: PROTOCOL_VERSION,
+        kind: 'receipts',
+        agent: 'agent-x',
+        payer: receipt.payer,
+        receipts: Array(n).fill(receipt),
+        lane: { seq: 1, paid: 0 },
+      });
+    const each = (batch(11).byteLength - batch(1).byteLength) / 10;
+    assert.ok(each <= MAX_SIGNED_RECEIPT_BYTES, `a receipt takes ${each} bytes`);
+    assert.ok(each > MAX_SIGNED_RECEIPT_BYTES / 2, `the bound is not far above what a receipt takes (${each})`);
   });
 
   test('request ids are 128-bit and distinct', () => {

@@ -17,6 +17,7 @@ import {
   hashTensorMap,
   type InferReply,
   type InferRequest,
+  MAX_SIGNED_RECEIPT_BYTES,
   newRequestId,
   PROTOCOL_VERSION,
   type ReceiptBatch,
@@ -26,7 +27,7 @@ import {
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { AgentPayments } from '../edge-agent/src/payments.ts';
-import { ReceiptPost } from '../edge-agent/src/receipt-post.ts';
+import { earlierRoomBytes, ReceiptPost } from '../edge-agent/src/receipt-post.ts';
 import type { Job } from '../edge-agent/src/scheduler.ts';
 import { agentFor, brokerFor, quiet, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
@@ -139,6 +140,68 @@ describe('receipts that follow their answers', () => {
     const journal = await agent.payments!.receipts(payer.payer);
     assert.equal(journal.length, 1, 'one receipt in the journal');
     assert.equal(agent.counters.served, 1, 'run once');
+  });
+
+  test('an answer near the size cap carries only the receipts that fit beside its outputs; the rest go later', async (t) => {
+    const identity = generateIdentity('agent');
+    const payout = ethers.Wallet.createRandom().address.toLowerCase();
+    const wallet = chain.wallet(nextWallet++);
+    const payer = wallet.address.toLowerCase();
+    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+    const payments = await AgentPayments.open(
+      identity,
+      { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, receiptLingerMs: 600_000, creditRequests: 100 },
+      [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }],
+      quiet,
+    );
+    t.after(() => payments.close());
+    const terms = { agent: payout, client: 'app-a', issuedAt: Date.now() };
+    const grant = { ...terms, payer, sig: fromHex(await signLaneGrant(wallet, domain(), terms)) };
+    const sent: ReceiptBatch[] = [];
+    const post = new ReceiptPost({
+      agentId: identity.id,
+      payments,
+      logger: quiet,
+      reply: (_senderId, payload) => sent.push(decodeMessage(payload, ['receipts']) as ReceiptBatch),
+      sent: () => {},
+    });
+    t.after(() => post.flush());
+    const inputs = sampleInputs('kws', 1);
+    for (let i = 0; i < 5; i++) {
+      const id = newRequestId();
+      post.defer(
+        {
+          key: requestIdHex(id),
+          id,
+          senderId: 'app-a',
+          model: 'kws',
+          inputs,
+          deadline: Date.now() + 30_000,
+          receivedAt: performance.now(),
+          startedAt: performance.now(),
+          paid: await payments.admit(payer, 'app-a', 'kws', hashTensorMap(encodeTensorMap(inputs)), grant),
+        },
+        encodeTensorMap(sampleInputs('kws', 2)),
+      );
+    }
+    const inside = post as unknown as { ready: Map<string, { receipts: unknown[] }> };
+    await waitFor(() => inside.ready.get(`${payer} app-a`)?.receipts.length === 5, 5_000, 'five receipts ready');
+    // A 4 MiB cap and outputs 2.5 receipts short of it: two ride along; then none fits; then the rest.
+    const cap = 4 * 1024 * 1024;
+    const big = { y: { dtype: 'uint8', shape: [1], data: new Uint8Array(cap - 1_024 - 64 - Math.floor(2.5 * MAX_SIGNED_RECEIPT_BYTES)) } };
+    const room = earlierRoomBytes(cap, big);
+    assert.ok(room >= 2 * MAX_SIGNED_RECEIPT_BYTES && room < 3 * MAX_SIGNED_RECEIPT_BYTES, `room ${room}`);
+    assert.deepEqual(
+      post.take(payer, 'app-a', room)?.map((r) => r.seq),
+      [1, 2],
+    );
+    assert.equal(post.take(payer, 'app-a', earlierRoomBytes(cap, { y: { ...big.y, data: new Uint8Array(cap) } })), undefined);
+    assert.equal(earlierRoomBytes(cap, encodeTensorMap(sampleInputs('kws', 2))) > 256 * MAX_SIGNED_RECEIPT_BYTES, true);
+    assert.deepEqual(
+      post.take(payer, 'app-a')?.map((r) => r.seq),
+      [3, 4, 5],
+    );
+    assert.equal(sent.length, 0, 'nothing went by itself');
   });
 
   test('receipts still being journaled (syncWrites) when the agent flushes are sent by that flush', async (t) => {

@@ -10,7 +10,14 @@
  * costs the payer: nothing; it pays a receipt only once it has the answer the receipt names (docs/settlement.md).
  */
 import type { MeshLogger } from '@edge-mesh/client';
-import { encodeMessage, hashTensorMap, type InferReply, RECEIPT_STATUS, type SignedReceipt } from '@edge-mesh/protocol';
+import {
+  encodeMessage,
+  hashTensorMap,
+  type InferReply,
+  MAX_SIGNED_RECEIPT_BYTES,
+  RECEIPT_STATUS,
+  type SignedReceipt,
+} from '@edge-mesh/protocol';
 import type { AgentPayments } from './payments.ts';
 import type { Job } from './scheduler.ts';
 
@@ -19,6 +26,19 @@ const MAX_EARLIER = 256;
 
 /** Flush rounds at most: jobs keep finishing while a flush waits for the journal, but not for ever. */
 const MAX_FLUSH_ROUNDS = 8;
+
+/** Bytes of a reply besides its outputs' data and its `earlier` receipts (ids, names, timings, lane), bounded generously. */
+const REPLY_FIELDS_BYTES = 1_024;
+
+/**
+ * The bytes left for `earlier` receipts in a reply carrying `outputs`, under the receiver's size cap
+ * `maxMessageBytes`: a reply near the cap carries fewer receipts, or none, rather than one the client would refuse.
+ */
+export function earlierRoomBytes(maxMessageBytes: number, outputs: InferReply['outputs']): number {
+  let used = REPLY_FIELDS_BYTES;
+  for (const [name, t] of Object.entries(outputs)) used += t.data.byteLength + name.length + t.dtype.length + 9 * t.shape.length + 32;
+  return maxMessageBytes - used;
+}
 
 interface Answered {
   job: Job;
@@ -72,14 +92,17 @@ export class ReceiptPost {
 
   /**
    * The receipts ready for `senderId` on `payer`'s lane, taken to ride on an answer about to leave (undefined when
-   * there are none). They count as sent.
+   * there are none, or no room): at most `roomBytes` of them (MAX_SIGNED_RECEIPT_BYTES each). They count as sent.
    */
-  take(payer: string, senderId: string): SignedReceipt[] | undefined {
+  take(payer: string, senderId: string, roomBytes = Number.POSITIVE_INFINITY): SignedReceipt[] | undefined {
     const key = `${payer} ${senderId}`;
     const ready = this.ready.get(key);
     if (!ready) return undefined;
-    // At most what one reply may carry; the rest wait for the next answer, or the linger.
-    const taken: Ready = { payer, senderId, receipts: ready.receipts.splice(0, MAX_EARLIER), keys: ready.keys.splice(0, MAX_EARLIER) };
+    // At most what one reply may carry, and what fits beside its outputs under the receiver's size cap; the rest
+    // wait for the next answer, or the linger.
+    const most = Math.min(MAX_EARLIER, Math.floor(roomBytes / MAX_SIGNED_RECEIPT_BYTES));
+    if (!(most > 0)) return undefined;
+    const taken: Ready = { payer, senderId, receipts: ready.receipts.splice(0, most), keys: ready.keys.splice(0, most) };
     if (ready.receipts.length === 0) this.ready.delete(key);
     this.delivered(taken);
     return taken.receipts;

@@ -31,7 +31,7 @@ import type { JobResult } from './executor.ts';
 import type { Faults } from './faults.ts';
 import { checkInputs } from './models.ts';
 import type { AgentPayments } from './payments.ts';
-import { ReceiptPost } from './receipt-post.ts';
+import { earlierRoomBytes, ReceiptPost } from './receipt-post.ts';
 import type { Job, Scheduler } from './scheduler.ts';
 import { largestHolder } from './shares.ts';
 import { type AgentCounters, countError } from './types.ts';
@@ -609,7 +609,7 @@ export class AgentRequests {
     // A paid answer leaves now, with the receipts of earlier answers to its client that are ready; its own follows
     // it, signed and journaled off the answer's path (receipt-post.ts).
     const post = this.post!;
-    const earlier = post.take(job.paid.payer, job.senderId);
+    const earlier = post.take(job.paid.payer, job.senderId, earlierRoomBytes(this.options.maxMessageBytes, outputs));
     reply(undefined, payments.laneInfo(job.paid.payer, job.senderId), earlier);
     post.defer(job, outputs);
   };

@@ -39,6 +39,12 @@ import { checkSignedQuote, checkSignedReceipt } from './validators.generated.ts'
 export const RECEIPT_VERSION = 1;
 
 export const RECEIPT_STATUS = { ok: 0, partial: 1, failed: 2, timeout: 3, cancelled: 4 } as const;
+/**
+ * The most bytes one signed receipt takes in a message (its fields are all bounded: fixed-size hashes, keys and
+ * addresses, integers of at most 9 bytes in CBOR); what a sender budgets per receipt it adds to a message, so
+ * that the message stays under the receiver's size cap (test/protocol.test.ts checks the largest receipt).
+ */
+export const MAX_SIGNED_RECEIPT_BYTES = 640;
 export type ReceiptStatusName = keyof typeof RECEIPT_STATUS;
 export type ReceiptStatus = (typeof RECEIPT_STATUS)[ReceiptStatusName];
 const STATUS_NAMES = Object.keys(RECEIPT_STATUS) as ReceiptStatusName[];
