@@ -49,7 +49,7 @@ let domain: EscrowDomain;
 let nextAccount = 1;
 
 before(async () => {
-  chain = await startLocalChain({ accounts: 64 });
+  chain = await startLocalChain({ accounts: 72 });
   deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   domain = { chainId: deployment.chainId, escrow: deployment.escrow };
 });
@@ -1147,5 +1147,80 @@ describe('resyncs an agent cannot turn into a flood', () => {
     const lane = mesh.lanes()[0]!;
     assert.equal(lane.receipts, 1, 'the lane stands before the gap');
     assert.equal(lane.owedMicros, 2);
+  });
+});
+
+describe('receipts that follow their answers, at the edges', () => {
+  test("a lost receipt is still asked for after the attempt's hold ran out (the SDK's default 1 s deadline, the first two asks lost)", async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    // Answers carry nothing and no receipt leaves by itself (as if each was lost with a broker node); the answer
+    // leaves 300 ms after the request, as a model that takes 300 ms would.
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      const lane = a.lane();
+      a.receipt(req.pay!.payer, { requestId: req.id });
+      setTimeout(() => a.answer(sender, req.id, undefined, lane), 300);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    // The first two asks are lost (the agent's node is down, or the ask's node): the third would bring it.
+    agent.answerResyncs = false;
+    const lose = setInterval(() => {
+      if (agent.resyncs >= 2) agent.answerResyncs = true;
+    }, 5);
+    t.after(() => clearInterval(lose));
+    await mesh.infer('kws', kws(), { deadlineMs: 1_000, agentId: agent.identity.id });
+    await new Promise((r) => setTimeout(r, 8_000));
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.receiptsDue, 0, 'nothing due any more by the SDK');
+    assert.ok(agent.resyncs >= 3, `asked ${agent.resyncs} times in 8 s (docs: 1 s, doubling, five times)`);
+    assert.equal(lane.receipts, 1, 'the receipt of the answer the app got is linked');
+    assert.equal(lane.owedMicros, 2);
+  });
+
+  test('a receipt that came before its answer and waits behind a gap at close is paid after the restart', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const payer = req.pay!.payer;
+      // The first request's reply is lost (its receipt stays in the journal).
+      if (n === 1) {
+        a.receipt(payer, { requestId: req.id });
+        return;
+      }
+      // The second: its receipt overtakes its answer (a network that does not keep the agent's order).
+      const lane = a.lane();
+      a.sendReceipts(sender, payer, [a.receipt(payer, { requestId: req.id })]);
+      setTimeout(() => a.answer(sender, req.id, undefined, lane), 100);
+    });
+    await register(payoutWallet, agent.identity);
+    const wallet = account();
+    const identity = generateIdentity('app');
+    const dataDir = await tempDir(t);
+    const open = () => meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir, voucherDelayMs: 0 } });
+    let mesh = await open();
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    agent.answerResyncs = false;
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 300, agentId: agent.identity.id }));
+    await mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id });
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(mesh.lanes()[0]!.receipts, 0, 'the answered receipt waits behind the lost one');
+    assert.equal(mesh.lanes()[0]!.held, 1);
+    await mesh.close();
+    agent.answerResyncs = true;
+    mesh = await open();
+    await mesh.waitForModel('kws');
+    await waitFor(() => (mesh.lanes()[0]?.receipts ?? 0) === 2, 5_000, 'both receipts linked after the restart');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(
+      lane.owedMicros,
+      2,
+      `the request the app got an answer for before it closed is owed (refused ${lane.refused}: ${lane.lastRefusal})`,
+    );
   });
 });

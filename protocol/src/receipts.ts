@@ -666,6 +666,11 @@ export class LaneVerifier {
     return leaf!;
   }
 
+  /** Whether a final receipt for request `requestKey` (requestIdHex) is linked and still remembered. */
+  hasFinal(requestKey: string): boolean {
+    return this.closed.has(requestKey);
+  }
+
   /** Whether the payer owes the receipt's price by the quote and what it knows of the request; the reason when it does not. */
   private payChecks(r: SignedReceipt, expect: ReceiptExpectation): string | undefined {
     const s = this.state;

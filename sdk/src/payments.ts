@@ -230,6 +230,11 @@ interface Lane {
   resyncRetryTimer: NodeJS.Timeout | undefined;
   /** Fires RECEIPT_FOLLOW_MS after an answer whose receipt follows it, to ask for that receipt if it has not come. */
   followTimer: NodeJS.Timeout | undefined;
+  /**
+   * Answers in whose receipts have not come, by request key, with when they came: asked for past RECEIPT_FOLLOW_MS,
+   * counted as due (`receiptsIn`), forgotten REMEMBER_SENT_MS after they came (the request is forgotten then too).
+   */
+  receiptsAwaited: Map<string, number>;
   /** Resyncs sent again since the lane last linked a receipt. */
   resyncRetries: number;
   voucherResentAt: number;
@@ -315,6 +320,8 @@ const MAX_RESYNC_RETRIES = 5;
  * between the answer and the receipt loses the receipt alone (QoS 0), and nothing else would ask for it.
  */
 const RECEIPT_FOLLOW_MS = 1_000;
+/** Answers whose receipts are awaited, per lane, at most (the oldest is forgotten first). */
+const MAX_AWAITED = 4_096;
 /** How long closing waits for receipts missing before ones it holds, or due for answers in (see `close`). */
 const CLOSE_GAP_WAIT_MS = 1_500;
 /** Receipts linked before their signatures are checked, per lane, when no voucher comes sooner. */
@@ -501,6 +508,7 @@ export class PayerLanes {
       resyncTimer: undefined,
       resyncRetryTimer: undefined,
       followTimer: undefined,
+      receiptsAwaited: new Map(),
       resyncRetries: 0,
       signFailures: 0,
       resyncSentAt: 0,
@@ -801,7 +809,12 @@ export class PayerLanes {
       // Its receipt came first and waits for this answer: linked now (and what is held for it given back), not at
       // the deadline.
       this.linkAhead(l);
-    } else if (kind === 'res' && l.held.has(key)) this.armFollow(l);
+    } else if (kind === 'res' && seen?.reply === 'res' && !l.verifier.hasFinal(key)) {
+      // Its receipt follows it: awaited, and asked for if it does not come.
+      if (l.receiptsAwaited.size >= MAX_AWAITED) l.receiptsAwaited.delete(l.receiptsAwaited.keys().next().value!);
+      l.receiptsAwaited.set(key, seen.arrivedAt ?? arrivedAt);
+      this.armFollow(l);
+    }
     if (lane) this.onLaneInfo(l, lane);
   }
 
@@ -864,11 +877,12 @@ export class PayerLanes {
     }
   }
 
-  /** The payer asked for the request and its reply may still come in time. */
+  /**
+   * The payer asked for the request and its reply may still come in time. Closing too: the SDK takes the payment side
+   * of replies until its lanes are closed, and a receipt held for its answer is stored with it (`storedLane`).
+   */
   private replyDue(context: ReceiptContext): boolean {
-    return (
-      !this.closing && context.asked && context.reply === undefined && context.deadline !== undefined && Date.now() <= context.deadline
-    );
+    return context.asked && context.reply === undefined && context.deadline !== undefined && Date.now() <= context.deadline;
   }
 
   private contextOf(key: string, agentId: string): ReceiptContext {
@@ -919,6 +933,7 @@ export class PayerLanes {
     }
     this.counters.receipts++;
     lane.resyncRetries = 0;
+    lane.receiptsAwaited.delete(requestIdHex(receipt.requestId));
     if (linked.payable) lane.pendingLeaves.push(linked.leaf.slice());
     else {
       if (linked.reason === 'late' && linked.price > 0 && lane.late.length < MAX_LATE)
@@ -1026,14 +1041,10 @@ export class PayerLanes {
     }
   }
 
-  /** Answers on `lane` whose receipts have not come RECEIPT_FOLLOW_MS after them (what is held for them still held). */
+  /** Whether an answer on `lane` has waited RECEIPT_FOLLOW_MS for its receipt (the oldest comes first). */
   private receiptsOverdue(lane: Lane): boolean {
-    const before = Date.now() - RECEIPT_FOLLOW_MS;
-    for (const key of lane.held.keys()) {
-      const a = this.sent.get(key)?.agents.get(lane.agentId);
-      if (a?.reply === 'res' && (a.arrivedAt ?? 0) <= before) return true;
-    }
-    return false;
+    if (this.receiptsDue(lane) === 0) return false;
+    return lane.receiptsAwaited.values().next().value! <= Date.now() - RECEIPT_FOLLOW_MS;
   }
 
   /** Receipts this lane waits for that an ask could bring: one missing before held ones, or one overdue. */
@@ -1043,14 +1054,15 @@ export class PayerLanes {
 
   /**
    * Asks for the receipts of answers that came without them once RECEIPT_FOLLOW_MS has passed (`resync`, whose
-   * retries go on while they stay missing), and again for answers that came later. One timer per lane.
+   * retries, MAX_RESYNC_RETRIES of them, go on while they stay missing), and again for answers that came later, once
+   * a receipt has linked since. One timer per lane, while receipts are awaited.
    */
   private armFollow(lane: Lane): void {
     if (lane.followTimer || this.closing) return;
     lane.followTimer = setTimeout(() => {
       lane.followTimer = undefined;
       if (lane.broken || this.closing) return;
-      if (this.receiptsOverdue(lane)) this.resync(lane);
+      if (this.receiptsOverdue(lane) && !lane.resyncRetryTimer && lane.resyncRetries < MAX_RESYNC_RETRIES) this.resync(lane);
       if (this.receiptsDue(lane) > 0) this.armFollow(lane);
     }, RECEIPT_FOLLOW_MS);
     lane.followTimer.unref?.();
@@ -1168,11 +1180,14 @@ export class PayerLanes {
     return n;
   }
 
-  /** Attempts on `lane` answered with a result whose receipt has not come (what is held for them stays held). */
+  /** Answers on `lane` whose receipts have not come, in the last REMEMBER_SENT_MS. */
   private receiptsDue(lane: Lane): number {
-    let n = 0;
-    for (const key of lane.held.keys()) if (this.sent.get(key)?.agents.get(lane.agentId)?.reply === 'res') n++;
-    return n;
+    const forget = Date.now() - REMEMBER_SENT_MS;
+    for (const [key, at] of lane.receiptsAwaited) {
+      if (at > forget) break;
+      lane.receiptsAwaited.delete(key);
+    }
+    return lane.receiptsAwaited.size;
   }
 
   /** Resolves once no answered attempt waits for its receipt (true), or after `timeoutMs` (false). */
@@ -1353,7 +1368,11 @@ export class PayerLanes {
       pendingLeaves: [...inFlightLeaves, ...lane.pendingLeaves].map(toHex),
       voucher: v ? { ...v, receiptsRoot: toHex(v.receiptsRoot), sig: toHex(v.sig) } : undefined,
       grant: lane.grant ? { ...lane.grant, sig: toHex(lane.grant.sig) } : undefined,
-      ahead: [...lane.ahead.values()].map(storeAhead),
+      // A receipt that waited for its answer is stored with what is known of that answer now: one that came while
+      // the lanes closed makes it payable after the restart.
+      ahead: [...lane.ahead.values()].map((a) =>
+        storeAhead(a.awaiting !== undefined ? { ...a, context: this.contextOf(a.awaiting, lane.agentId) } : a),
+      ),
     };
   }
 }
