@@ -511,7 +511,7 @@ export class SimAgent implements Endpoint {
     this.busy++;
     try {
       const { receipt, durable } = this.payments.issue(
-        { payer, price, reservedMicros: 0, chargedMicros: 0, inputHash: new Uint8Array(32).fill(7) },
+        { payer, price, reservedMicros: 0, chargedMicros: 0, inputHash: () => new Uint8Array(32).fill(7) },
         {
           requestId: id,
           status: RECEIPT_STATUS.ok,

@@ -23,6 +23,11 @@ export interface Executor {
   readonly freeCapacity: number;
   /** Runs one job; `callback` is called once with the result or a coded error. Input buffers may be transferred. */
   run(model: string, inputs: Record<string, Tensor>, callback: JobCallback): void;
+  /**
+   * Whether `run` takes the input buffers away (the pool transfers them to a worker): what is still to be read from
+   * them, the paid request's input hash, is read before (scheduler.ts, `dispatch`).
+   */
+  readonly transfersInputs?: boolean;
   /** Jobs it runs at the same time (the pool's workers; 1 inline); absent: 1. The scheduler's admission divides queued work by it. */
   readonly parallelism?: number;
   /** Time a job spends outside the runtime between dispatch and result (EWMA, ms). */

@@ -149,9 +149,25 @@ export interface PaidJob {
   price: ModelPrice;
   /** What is still reserved for the job: its most by the quote, less what its progress receipts charged. */
   reservedMicros: number;
-  inputHash: Uint8Array;
+  /** The hash of the request's inputs (hashTensorMap), for its receipts: taken on first use, then kept. */
+  inputHash: () => Uint8Array;
   /** What the job's receipts charged so far (its progress receipts). */
   chargedMicros: number;
+}
+
+/**
+ * A paid request's input hash as admission takes it: the hash, or how to take it. A request's path only passes the
+ * way (requests.ts): the 9.6 KB of a wake-word input are hashed when its receipt is issued, after its answer left.
+ */
+export type InputHash = Uint8Array | (() => Uint8Array);
+
+function inputHashOnce(inputHash: InputHash): () => Uint8Array {
+  if (typeof inputHash !== 'function') return () => inputHash;
+  let hash: Uint8Array | undefined;
+  return () => {
+    hash ??= inputHash();
+    return hash;
+  };
 }
 
 /** Receipts per `receipts` message (the schema's cap) and messages per resync; the payer asks again from where a batch stops. */
@@ -503,7 +519,7 @@ export class AgentPayments {
     payerAddress: string,
     senderId: string,
     model: string,
-    inputHash: Uint8Array,
+    inputHash: InputHash,
     grant?: LaneGrant,
     units = 1,
     voucher?: VoucherMessage,
@@ -542,7 +558,7 @@ export class AgentPayments {
     payerAddress: string,
     senderId: string,
     model: string,
-    inputHash: Uint8Array,
+    inputHash: InputHash,
     grant?: LaneGrant,
     units = 1,
     voucher?: VoucherMessage,
@@ -566,7 +582,7 @@ export class AgentPayments {
     return job;
   }
 
-  private async admitOnce(payer: string, senderId: string, price: ModelPrice, inputHash: Uint8Array, units: number): Promise<PaidJob> {
+  private async admitOnce(payer: string, senderId: string, price: ModelPrice, inputHash: InputHash, units: number): Promise<PaidJob> {
     // Refused before the chain is read for a lane this client may not use; checked again after the read.
     this.grantedLane(payer, senderId);
     this.funds.assertFresh();
@@ -591,7 +607,7 @@ export class AgentPayments {
    * the job, or throws (MESH_FORBIDDEN, MESH_CHAIN_UNREACHABLE, MESH_CREDIT_EXCEEDED). Synchronous: nothing (a grant
    * moving the lane to another client, another admission) slips between the checks and the reservation.
    */
-  private reserve(payer: string, senderId: string, funds: LaneFundsView, price: ModelPrice, inputHash: Uint8Array, units: number): PaidJob {
+  private reserve(payer: string, senderId: string, funds: LaneFundsView, price: ModelPrice, inputHash: InputHash, units: number): PaidJob {
     const lane = this.grantedLane(payer, senderId);
     this.funds.assertFresh();
     const maxPrice = Math.max(receiptPriceMicros(price, RECEIPT_STATUS.ok, units), price.minChargeMicros);
@@ -662,7 +678,7 @@ export class AgentPayments {
       );
     }
     this.reserved.set(payer, reserved + maxPrice);
-    return { payer, price, reservedMicros: maxPrice, inputHash, chargedMicros: 0 };
+    return { payer, price, reservedMicros: maxPrice, inputHash: inputHashOnce(inputHash), chargedMicros: 0 };
   }
 
   /** Where the lane of `payerAddress` stands, for `senderId`'s replies; undefined unless it is granted to that client. */
@@ -818,7 +834,7 @@ export class AgentPayments {
       seq: lane.seq + 1,
       requestId: facts.requestId,
       modelHash: fromHex(job.price.modelHash),
-      inputHash: job.inputHash,
+      inputHash: job.inputHash(),
       outputHash: facts.outputHash,
       status: facts.status,
       unitsUsed: facts.unitsUsed,

@@ -108,6 +108,8 @@ export class WorkerPool implements Executor {
   private flushQueued = false;
   /** Time a job spends outside the runtime between dispatch and result (EWMA, ms). */
   handoffMs = 0.1;
+  /** `run` transfers the input buffers to a worker. */
+  readonly transfersInputs = true;
   /** Called when a worker frees a place, so the scheduler can hand it the next job. */
   onIdle: () => void = () => {};
 

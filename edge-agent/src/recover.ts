@@ -107,9 +107,38 @@ export class SignerRecovery {
     return new Promise<string>((resolve, reject) => {
       this.pending.set(id, { senderId, resolve, reject });
       if (this.pending.size === 1) worker.ref();
-      worker.postMessage({ id, digest: digest(), r, s, v: recovery });
+      // The digest (keccak256 in JS) and the hand-off cost tens of microseconds: they wait until the request that
+      // brought the voucher is answered. An inline model runs in this turn's check phase and its reply leaves there;
+      // a second `setImmediate` runs in the next turn's.
+      this.outbox.push({ id, digest, r, s, v: recovery });
+      if (this.outbox.length === 1) setImmediate(() => setImmediate(this.post));
     });
   }
+
+  /** Recoveries asked for, not yet handed to the worker (see `recover`). */
+  private outbox: { id: number; digest: () => string; r: string; s: string; v: number }[] = [];
+
+  private readonly post = (): void => {
+    const outbox = this.outbox;
+    this.outbox = [];
+    for (const { id, digest, r, s, v } of outbox) {
+      const p = this.pending.get(id);
+      // Settled meanwhile: the agent closed, or the worker failed.
+      if (!p) continue;
+      let message: { id: number; digest: string; r: string; s: string; v: number };
+      try {
+        message = { id, digest: digest(), r, s, v };
+      } catch (err) {
+        this.forget(id, p);
+        p.reject(new MeshError('MESH_VOUCHER_INVALID', (err as Error).message));
+        continue;
+      }
+      const worker = this.worker;
+      if (!worker) continue;
+      worker.postMessage(message);
+    }
+    if (this.pending.size === 0) this.worker?.unref();
+  };
 
   /** Starts the worker now rather than at the first voucher (it holds the process open only while a check waits). */
   start(): void {

@@ -30,7 +30,7 @@ import {
 import type { JobResult } from './executor.ts';
 import type { Faults } from './faults.ts';
 import { checkInputs } from './models.ts';
-import type { AgentPayments } from './payments.ts';
+import type { AgentPayments, InputHash } from './payments.ts';
 import { earlierRoomBytes, ReceiptPost } from './receipt-post.ts';
 import type { Job, Scheduler } from './scheduler.ts';
 import { largestHolder } from './shares.ts';
@@ -768,7 +768,9 @@ export class AgentRequests {
       return;
     }
     const pay = request.pay;
-    const inputHash = hashTensorMap(request.inputs);
+    // Hashed when first needed (the receipt, after the answer left; before a worker takes the buffers: scheduler.ts).
+    const encoded = request.inputs;
+    const inputHash = () => hashTensorMap(encoded);
     const paid = payments.admitNow(pay.payer, job.senderId, request.model, inputHash, pay.grant, job.units?.total, pay.voucher);
     if (paid) this.queuePaid(job, paid, payments);
     else void this.admitPaid(job, request, inputHash, payments);
@@ -788,7 +790,7 @@ export class AgentRequests {
    * reopen the window), then the lane's grant and credit are checked (the escrow's view of the lane may have
    * to be read on first use), then the job is queued. Refused before it is taken on: no receipt, nothing owed.
    */
-  private async admitPaid(job: Job, request: InferRequest, inputHash: Uint8Array, payments: AgentPayments): Promise<void> {
+  private async admitPaid(job: Job, request: InferRequest, inputHash: InputHash, payments: AgentPayments): Promise<void> {
     const { replays, closed } = this.options;
     const pay = request.pay!;
     let paid: Job['paid'];

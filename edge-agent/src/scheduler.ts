@@ -446,6 +446,8 @@ export class Scheduler {
       state.lastStartAt = this.now();
       const units = job.units;
       if (units && units.total - units.done > 1) state.unitJobs.push(job);
+      // A paid request's input hash is taken lazily, off the request's path, unless the run takes the inputs away.
+      if (executor.transfersInputs) job.paid?.inputHash();
       executor.run(job.model, units ? unitInputs(job.inputs, units.done) : job.inputs, (err, result) => {
         state.inFlight--;
         const unitAt = units ? state.unitJobs.indexOf(job) : -1;
