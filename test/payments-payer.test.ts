@@ -891,6 +891,24 @@ describe('receipts that follow their answers', () => {
     await waitFor(() => lastVoucher(agent) === 10, 5_000, 'the voucher pays all five');
   });
 
+  test('an app that reuses its input buffer at once still pays: the input hash is of the bytes sent', async (t) => {
+    const broker = await brokerFor(t);
+    const { agent, ready, state } = await followingAgent(t, broker.url);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const inputs = kws();
+    const answered = mesh.infer('kws', inputs, { deadlineMs: 5_000, agentId: agent.identity.id });
+    // The next audio frame goes into the same buffer while the request is out (the SDK hashes the inputs later).
+    for (const t of Object.values(inputs)) (t.data as Float32Array).fill(0.5);
+    await answered;
+    agent.sendReceipts(mesh.clientId, state.payer, ready.splice(0));
+    assert.ok(await mesh.receiptsIn(5_000));
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
+    assert.equal(lane.owedMicros, 2);
+  });
+
   test('what an answer may cost stays held against the window until its receipt comes', async (t) => {
     const broker = await brokerFor(t);
     // A window of one request: the next fits only once the last answer's receipt is in and paid.

@@ -644,12 +644,18 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     const deadlineAt = startedAt + deadlineMs;
     const id = newRequestId();
     const key = requestIdHex(id);
-    const request: InferRequest = { v: PROTOCOL_VERSION, kind: 'req', id, deadline, model, inputs: encodeTensorMap(inputs) };
-    const payload = encodeMessage(request);
+    // The request owns a copy of the inputs' bytes (a microsecond for a wake-word frame): an app may fill its buffer
+    // again as soon as this returns, while attempts are encoded later and the payer hashes the inputs later.
+    const wire = encodeTensorMap(inputs);
+    for (const t of Object.values(wire)) t.data = t.data.slice();
+    const request: InferRequest = { v: PROTOCOL_VERSION, kind: 'req', id, deadline, model, inputs: wire };
+    // Encoded when first needed: a paid attempt is encoded with its payment field instead.
+    let plain: Uint8Array | undefined;
+    const payload = () => (plain ??= encodeMessage(request));
     payments?.noteRequest(key, deadline, request.inputs);
     const payloadFor = (agentId: string): Uint8Array => {
       const pay = payments?.payField(agentId);
-      if (!pay) return payload;
+      if (!pay) return payload();
       payments!.noteAttempt(key, agentId, model);
       return encodeMessage({ ...request, pay });
     };
@@ -658,7 +664,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     // the lanes being opened with agents that announced themselves (a payout check on chain, a grant).
     while (!policy.hasCandidate(model, pinned) && clock.now() < deadlineAt) await fleet.changes.wait(deadlineAt - clock.now());
     if (payments) await payments.ready();
-    const lease = leases && !pinned ? await leases.leaseFor(model, Math.max(0, deadlineAt - clock.now()), payload.byteLength) : undefined;
+    const lease = leases && !pinned ? await leases.leaseFor(model, Math.max(0, deadlineAt - clock.now()), payload().byteLength) : undefined;
 
     // A paid request waits here (within its deadline) until an agent that serves it has room in its credit
     // window by this client's count, instead of drawing MESH_CREDIT_EXCEEDED; nothing is awaited between the

@@ -273,7 +273,10 @@ export type CreditRoom = 'room' | 'full' | 'never' | 'taken';
 /** What this client remembers of a request it sent. */
 interface Sent {
   deadline: number;
-  inputHash: Uint8Array;
+  /** The hash of its inputs (hashTensorMap), once taken (`inputHashOf`). */
+  inputHash: Uint8Array | undefined;
+  /** The inputs, until their hash is taken (in the turn after the request is sent, or when a receipt needs it first). */
+  inputs: Parameters<typeof hashTensorMap>[0] | undefined;
   /** The leading dimension its inputs share (1 when they do not): the units it asks of a model that runs in units. */
   units: number;
   /**
@@ -738,13 +741,34 @@ export class PayerLanes {
     if (take > 0 || micros === undefined) this.wakeRoomWaiters();
   }
 
-  /** Remembers what was sent, so the receipts for it can be held to it; kept until a minute past the deadline. */
+  /**
+   * Remembers what was sent, so the receipts for it can be held to it; kept until a minute past the deadline. `inputs`
+   * must not change afterwards.
+   */
   noteRequest(key: string, deadline: number, inputs: Parameters<typeof hashTensorMap>[0]): void {
     if (this.sent.size >= MAX_SENT) {
       const stale = Date.now() - REMEMBER_SENT_MS;
       for (const [k, e] of this.sent) if (e.deadline < stale || this.sent.size >= MAX_SENT) this.sent.delete(k);
     }
-    this.sent.set(key, { deadline, inputHash: hashTensorMap(inputs), units: leadingRows(inputs) ?? 1, agents: new Map() });
+    // Hashed off the send path, in the next turn: the caller hands over inputs nothing writes to any more (the SDK's
+    // copy of the app's), and a receipt that needs the hash sooner takes it then (`inputHashOf`).
+    const sent: Sent = { deadline, inputHash: undefined, inputs, units: leadingRows(inputs) ?? 1, agents: new Map() };
+    this.sent.set(key, sent);
+    if (this.toHash.push(sent) === 1)
+      setImmediate(() => {
+        for (const s of this.toHash.splice(0)) this.inputHashOf(s);
+      });
+  }
+
+  /** Requests sent whose inputs are not hashed yet (see `noteRequest`). */
+  private readonly toHash: Sent[] = [];
+
+  private inputHashOf(s: Sent): Uint8Array {
+    if (!s.inputHash) {
+      s.inputHash = hashTensorMap(s.inputs!);
+      s.inputs = undefined;
+    }
+    return s.inputHash;
   }
 
   /** An attempt of request `key` (of `model`) went to `agentId`: the most it may cost is held against that agent's credit window. */
@@ -892,7 +916,7 @@ export class PayerLanes {
     return {
       asked: true,
       deadline: s.deadline,
-      inputHash: s.inputHash,
+      inputHash: this.inputHashOf(s),
       units: s.units,
       rows: a.rows ?? 0,
       ...(a.outputHash ? { outputHash: a.outputHash } : {}),
