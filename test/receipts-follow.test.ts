@@ -79,6 +79,51 @@ async function setup(t: TestContext, payment: Partial<AgentPaymentOptions>) {
   return { agent, payer, seen, send, answerTo, batches };
 }
 
+/** A ReceiptPost over real AgentPayments for client `app-a` of a funded payer: what it sends alone is kept in `sent`. */
+async function postFor(t: TestContext, options: Partial<AgentPaymentOptions>) {
+  const identity = generateIdentity('agent');
+  const payout = ethers.Wallet.createRandom().address.toLowerCase();
+  const wallet = chain.wallet(nextWallet++);
+  const payer = wallet.address.toLowerCase();
+  await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
+  const payments = await AgentPayments.open(
+    identity,
+    { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, receiptLingerMs: 600_000, ...options },
+    [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }],
+    quiet,
+  );
+  t.after(() => payments.close());
+  const terms = { agent: payout, client: 'app-a', issuedAt: Date.now() };
+  const grant = { ...terms, payer, sig: fromHex(await signLaneGrant(wallet, domain(), terms)) };
+  const sent: ReceiptBatch[] = [];
+  const post = new ReceiptPost({
+    agentId: identity.id,
+    payments,
+    logger: quiet,
+    reply: (_senderId, payload) => sent.push(decodeMessage(payload, ['receipts']) as ReceiptBatch),
+    sent: () => {},
+  });
+  // Nothing is left to linger once the test ends.
+  t.after(() => post.flush());
+  const inputs = sampleInputs('kws', 1);
+  /** A paid kws job of `app-a`, admitted. */
+  const job = async (): Promise<Job> => {
+    const id = newRequestId();
+    return {
+      key: requestIdHex(id),
+      id,
+      senderId: 'app-a',
+      model: 'kws',
+      inputs,
+      deadline: Date.now() + 30_000,
+      receivedAt: performance.now(),
+      startedAt: performance.now(),
+      paid: await payments.admit(payer, 'app-a', 'kws', hashTensorMap(encodeTensorMap(inputs)), grant),
+    };
+  };
+  return { payer, post, sent, job };
+}
+
 describe('receipts that follow their answers', () => {
   before(async () => {
     chain = await startLocalChain({ accounts: 8 });
@@ -143,47 +188,8 @@ describe('receipts that follow their answers', () => {
   });
 
   test('an answer near the size cap carries only the receipts that fit beside its outputs; the rest go later', async (t) => {
-    const identity = generateIdentity('agent');
-    const payout = ethers.Wallet.createRandom().address.toLowerCase();
-    const wallet = chain.wallet(nextWallet++);
-    const payer = wallet.address.toLowerCase();
-    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
-    const payments = await AgentPayments.open(
-      identity,
-      { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, receiptLingerMs: 600_000, creditRequests: 100 },
-      [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }],
-      quiet,
-    );
-    t.after(() => payments.close());
-    const terms = { agent: payout, client: 'app-a', issuedAt: Date.now() };
-    const grant = { ...terms, payer, sig: fromHex(await signLaneGrant(wallet, domain(), terms)) };
-    const sent: ReceiptBatch[] = [];
-    const post = new ReceiptPost({
-      agentId: identity.id,
-      payments,
-      logger: quiet,
-      reply: (_senderId, payload) => sent.push(decodeMessage(payload, ['receipts']) as ReceiptBatch),
-      sent: () => {},
-    });
-    t.after(() => post.flush());
-    const inputs = sampleInputs('kws', 1);
-    for (let i = 0; i < 5; i++) {
-      const id = newRequestId();
-      post.defer(
-        {
-          key: requestIdHex(id),
-          id,
-          senderId: 'app-a',
-          model: 'kws',
-          inputs,
-          deadline: Date.now() + 30_000,
-          receivedAt: performance.now(),
-          startedAt: performance.now(),
-          paid: await payments.admit(payer, 'app-a', 'kws', hashTensorMap(encodeTensorMap(inputs)), grant),
-        },
-        encodeTensorMap(sampleInputs('kws', 2)),
-      );
-    }
+    const { payer, post, sent, job } = await postFor(t, { creditRequests: 100 });
+    for (let i = 0; i < 5; i++) post.defer(await job(), encodeTensorMap(sampleInputs('kws', 2)));
     const inside = post as unknown as { ready: Map<string, { receipts: unknown[] }> };
     await waitFor(() => inside.ready.get(`${payer} app-a`)?.receipts.length === 5, 5_000, 'five receipts ready');
     // A 4 MiB cap and outputs 2.5 receipts short of it: two ride along; then none fits; then the rest.
@@ -205,43 +211,8 @@ describe('receipts that follow their answers', () => {
   });
 
   test('receipts still being journaled (syncWrites) when the agent flushes are sent by that flush', async (t) => {
-    const identity = generateIdentity('agent');
-    const payout = ethers.Wallet.createRandom().address.toLowerCase();
-    const wallet = chain.wallet(nextWallet++);
-    const payer = wallet.address.toLowerCase();
-    await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
-    const payments = await AgentPayments.open(
-      identity,
-      { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, syncWrites: true, receiptLingerMs: 600_000 },
-      [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }],
-      quiet,
-    );
-    t.after(() => payments.close());
-    const terms = { agent: payout, client: 'app-a', issuedAt: Date.now() };
-    const grant = { ...terms, payer, sig: fromHex(await signLaneGrant(wallet, domain(), terms)) };
-    const sent: ReceiptBatch[] = [];
-    const post = new ReceiptPost({
-      agentId: identity.id,
-      payments,
-      logger: quiet,
-      reply: (_senderId, payload) => sent.push(decodeMessage(payload, ['receipts']) as ReceiptBatch),
-      sent: () => {},
-    });
-    // Nothing is left to linger once the test ends.
-    t.after(() => post.flush());
-    const id = newRequestId();
-    const inputs = sampleInputs('kws', 1);
-    const job: Job = {
-      key: requestIdHex(id),
-      id,
-      senderId: 'app-a',
-      model: 'kws',
-      inputs,
-      deadline: Date.now() + 30_000,
-      receivedAt: performance.now(),
-      startedAt: performance.now(),
-      paid: await payments.admit(payer, 'app-a', 'kws', hashTensorMap(encodeTensorMap(inputs)), grant),
-    };
+    const { post, sent, job: paidJob } = await postFor(t, { syncWrites: true });
+    const job = await paidJob();
     post.defer(job, encodeTensorMap(sampleInputs('kws', 2)));
     // The next turn signs the receipt and starts its fdatasync, which ends in a later turn.
     await new Promise((resolve) => setImmediate(resolve));
