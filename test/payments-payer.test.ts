@@ -1242,3 +1242,79 @@ describe('receipts that follow their answers, at the edges', () => {
     );
   });
 });
+
+describe('closing while a receipt waits for an answer that never comes', () => {
+  test('answers the app got, whose receipts sit behind one waiting for a lost answer, are paid when the app closes', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const payer = req.pay!.payer;
+      const receipt = a.receipt(payer, { requestId: req.id });
+      // The first answer is lost on the way (a broker node died); its receipt, sent after it, arrives.
+      if (n === 1) a.sendReceipts(sender, payer, [receipt]);
+      else a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const first = mesh.infer('kws', kws(), { deadlineMs: 6_000, agentId: agent.identity.id }).catch(() => undefined);
+    await waitFor(() => mesh.lanes()[0]!.held === 1, 5_000, 'the first receipt held for its answer');
+    await mesh.infer('kws', kws(), { deadlineMs: 6_000, agentId: agent.identity.id });
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(mesh.lanes()[0]!.held, 2, "the answered request's receipt waits behind the first");
+    await mesh.close();
+    await first;
+    // The app got the second answer and is gone for good: the honest agent's receipt for it must be paid now.
+    assert.equal(lastVoucher(agent), 4 - 2, `paid ${lastVoucher(agent)} at close for the answer the app got`);
+  });
+
+  test('after close, nothing the closed lanes held is linked or signed later (no timer outlives close)', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let n = 0;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      n++;
+      const payer = req.pay!.payer;
+      const receipt = a.receipt(payer, { requestId: req.id });
+      if (n === 1) a.sendReceipts(sender, payer, [receipt]);
+      else a.answer(sender, req.id, receipt);
+    });
+    await register(payoutWallet, agent.identity);
+    const wallet = account();
+    let signedAfterClose = 0;
+    let closed = false;
+    // A remote signer (a wallet that prompts its user): it is asked only through signTypedData.
+    const signer = {
+      getAddress: () => wallet.getAddress(),
+      signTypedData: (d: never, ty: never, v: never) => {
+        if (closed) signedAfterClose++;
+        return wallet.signTypedData(d, ty, v);
+      },
+    };
+    // No store: what a dead instance does is not stopped by a closed database.
+    const mesh = await meshFor(t, {
+      brokerUrl: broker.url,
+      payment: { signer, chain: wallet.provider!, domain, voucherDelayMs: 0 } as never,
+    });
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
+    const first = mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id }).catch(() => undefined);
+    await waitFor(() => mesh.lanes()[0]!.held === 1, 5_000, 'the first receipt held for its answer');
+    await mesh.infer('kws', kws(), { deadlineMs: 3_000, agentId: agent.identity.id });
+    await new Promise((r) => setTimeout(r, 100));
+    await mesh.close();
+    closed = true;
+    await first;
+    const atClose = mesh.lanes()[0]!.receipts;
+    await new Promise((r) => setTimeout(r, 3_000));
+    assert.equal(
+      mesh.lanes()[0]!.receipts,
+      atClose,
+      `receipts linked by a closed client (and ${signedAfterClose} vouchers signed after close)`,
+    );
+    assert.equal(signedAfterClose, 0, 'vouchers signed by a closed client (a wallet prompt after close)');
+  });
+});

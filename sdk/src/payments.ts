@@ -361,8 +361,10 @@ export class PayerLanes {
    * freed; those agents' vouchers are due at once (`voucherDue`).
    */
   private roomWaiters = new Map<() => void, readonly string[]>();
-  /** Closing: replies no longer reach the app, so receipts awaiting theirs link as they stand. */
+  /** Closing: vouchers owed are signed and sent; replies are taken for payment until `closeWaited`. */
   private closing = false;
+  /** `close` has waited for what was due: nothing waits for a reply any more (`replyDue`). */
+  private closeWaited = false;
   counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0, lanesTaken: 0, lateRepaid: 0 };
 
   private constructor(
@@ -902,11 +904,13 @@ export class PayerLanes {
   }
 
   /**
-   * The payer asked for the request and its reply may still come in time. Closing too: the SDK takes the payment side
-   * of replies until its lanes are closed, and a receipt held for its answer is stored with it (`storedLane`).
+   * The payer asked for the request and its reply may still come in time. While closing too, until its wait for
+   * replies and receipts ends (`close`): the SDK takes the payment side of replies until its lanes are closed.
    */
   private replyDue(context: ReceiptContext): boolean {
-    return context.asked && context.reply === undefined && context.deadline !== undefined && Date.now() <= context.deadline;
+    return (
+      !this.closeWaited && context.asked && context.reply === undefined && context.deadline !== undefined && Date.now() <= context.deadline
+    );
   }
 
   private contextOf(key: string, agentId: string): ReceiptContext {
@@ -1020,7 +1024,8 @@ export class PayerLanes {
 
   /** Links what waits for a reply once its deadline has passed (the reply, if it came, is in its context then). */
   private armAwait(lane: Lane, deadline: number | undefined): void {
-    if (lane.awaitTimer || deadline === undefined) return;
+    // Closing links what still waits at the end of its own wait.
+    if (lane.awaitTimer || deadline === undefined || this.closing) return;
     lane.awaitTimer = setTimeout(
       () => {
         lane.awaitTimer = undefined;
@@ -1288,6 +1293,10 @@ export class PayerLanes {
       for (const lane of this.lanes.values()) if (!lane.broken && (lane.ahead.size > 0 || this.receiptsOverdue(lane))) this.resync(lane);
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
+    // The wait is over: a receipt still waiting for its answer is linked as things stand (no answer: not paid), so
+    // that the receipts behind it, for answers the app got, are paid now and not only by a later run.
+    this.closeWaited = true;
+    for (const lane of this.lanes.values()) while (!lane.broken && this.linkAhead(lane));
     await this.flush();
     // Nothing runs after the store is closed: a voucher wait left by a lane the flush did not owe.
     for (const lane of this.lanes.values()) {
