@@ -1244,19 +1244,24 @@ describe('receipts that follow their answers, at the edges', () => {
 });
 
 describe('closing while a receipt waits for an answer that never comes', () => {
-  test('answers the app got, whose receipts sit behind one waiting for a lost answer, are paid when the app closes', async (t) => {
-    const broker = await brokerFor(t);
+  /** An agent whose first answer is lost on the way (a broker node died) while its receipt, sent after it, arrives. */
+  async function losingFirstAnswer(t: TestContext, brokerUrl: string): Promise<Scripted> {
     const payoutWallet = account();
     let n = 0;
-    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+    const agent = await scriptedAgent(t, brokerUrl, payoutWallet.address.toLowerCase(), (a, req, sender) => {
       n++;
       const payer = req.pay!.payer;
       const receipt = a.receipt(payer, { requestId: req.id });
-      // The first answer is lost on the way (a broker node died); its receipt, sent after it, arrives.
       if (n === 1) a.sendReceipts(sender, payer, [receipt]);
       else a.answer(sender, req.id, receipt);
     });
     await register(payoutWallet, agent.identity);
+    return agent;
+  }
+
+  test('answers the app got, whose receipts sit behind one waiting for a lost answer, are paid when the app closes', async (t) => {
+    const broker = await brokerFor(t);
+    const agent = await losingFirstAnswer(t, broker.url);
     const { mesh } = await payingMesh(t, broker.url);
     await mesh.waitForModel('kws');
     await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
@@ -1273,16 +1278,7 @@ describe('closing while a receipt waits for an answer that never comes', () => {
 
   test('after close, nothing the closed lanes held is linked or signed later (no timer outlives close)', async (t) => {
     const broker = await brokerFor(t);
-    const payoutWallet = account();
-    let n = 0;
-    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
-      n++;
-      const payer = req.pay!.payer;
-      const receipt = a.receipt(payer, { requestId: req.id });
-      if (n === 1) a.sendReceipts(sender, payer, [receipt]);
-      else a.answer(sender, req.id, receipt);
-    });
-    await register(payoutWallet, agent.identity);
+    const agent = await losingFirstAnswer(t, broker.url);
     const wallet = account();
     let signedAfterClose = 0;
     let closed = false;
