@@ -365,6 +365,8 @@ export class PayerLanes {
   private closing = false;
   /** `close` has waited for what was due: nothing waits for a reply any more (`replyDue`). */
   private closeWaited = false;
+  /** `close` has signed its last vouchers: nothing is signed any more. */
+  private shut = false;
   counters = { receipts: 0, refused: 0, vouchers: 0, resyncs: 0, vouchersResent: 0, lanesRefused: 0, lanesTaken: 0, lateRepaid: 0 };
 
   private constructor(
@@ -1042,7 +1044,7 @@ export class PayerLanes {
    * requests, or a request waits for room: then it is signed at once, so that the pipeline does not stall.
    */
   private schedule(lane: Lane): void {
-    if ((lane.verifier.state.payable ?? 0) <= lane.paid) return;
+    if (this.shut || (lane.verifier.state.payable ?? 0) <= lane.paid) return;
     if (this.voucherDue(lane)) this.startPump(lane);
     else lane.timer ??= setTimeout(() => this.startPump(lane), this.voucherDelayMs);
   }
@@ -1143,7 +1145,7 @@ export class PayerLanes {
   private startPump(lane: Lane): void {
     clearTimeout(lane.timer);
     lane.timer = undefined;
-    if (lane.signing || (lane.verifier.state.payable ?? 0) <= lane.paid) return;
+    if (this.shut || lane.signing || (lane.verifier.state.payable ?? 0) <= lane.paid) return;
     const run = this.pump(lane).catch((err: unknown) => {
       lane.signFailures++;
       this.logger.error({ agentId: lane.agentId, err: (err as Error).message, failures: lane.signFailures }, 'voucher not signed');
@@ -1298,6 +1300,9 @@ export class PayerLanes {
     this.closeWaited = true;
     for (const lane of this.lanes.values()) while (!lane.broken && this.linkAhead(lane));
     await this.flush();
+    // Nothing is signed after this: a reply that comes before the connection closes may still link its receipt, which
+    // goes unpaid (a closed client prompts no wallet and sends nothing).
+    this.shut = true;
     // Nothing runs after the store is closed: a voucher wait left by a lane the flush did not owe.
     for (const lane of this.lanes.values()) {
       clearTimeout(lane.timer);
