@@ -274,6 +274,15 @@ async function payingMesh(
   return { mesh, payer: wallet.address.toLowerCase(), wallet };
 }
 
+/** An app that restarts: `open` makes an SDK client paying from the same wallet, identity and data folder each time. */
+async function restartingApp(t: TestContext, brokerUrl: string) {
+  const wallet = account();
+  const identity = generateIdentity('app');
+  const dataDir = await tempDir(t);
+  const open = () => meshFor(t, { brokerUrl, identity, payment: { signer: wallet, domain, dataDir, voucherDelayMs: 0 } });
+  return { open, wallet, dataDir };
+}
+
 /** Funds the payer's lane to `payout` (a real agent extends credit only against money on the lane). */
 async function fund(wallet: ethers.Wallet, payout: string, micros = 1_000_000n): Promise<void> {
   const client = await EscrowClient.connect({ runner: wallet, escrow: deployment.escrow });
@@ -1067,10 +1076,7 @@ describe('receipts that come before their replies', () => {
     const broker = await brokerFor(t);
     // The first reply is lost; the second is answered.
     const agent = await agentLosingReply(t, broker.url, 1);
-    const wallet = account();
-    const identity = generateIdentity('app');
-    const dataDir = await tempDir(t);
-    const open = () => meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir, voucherDelayMs: 0 } });
+    const { open } = await restartingApp(t, broker.url);
     let mesh = await open();
     await mesh.waitForModel('kws');
     await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
@@ -1097,12 +1103,9 @@ describe("the payer's store", () => {
   test('request ids are stored one key each, only the new ones per save; a store from before that is taken and rewritten', async (t) => {
     const broker = await brokerFor(t);
     const agent = await agentLosingReply(t, broker.url, 0);
-    const wallet = account();
-    const identity = generateIdentity('app');
-    const dataDir = await tempDir(t);
+    const { open, wallet, dataDir } = await restartingApp(t, broker.url);
     const payer = wallet.address.toLowerCase();
     const location = path.join(dataDir, `payer-${domain.chainId}-${domain.escrow.toLowerCase()}-${payer}`);
-    const open = () => meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir, voucherDelayMs: 0 } });
     const serve = async (n: number) => {
       const mesh = await open();
       await mesh.waitForModel('kws');
@@ -1216,10 +1219,7 @@ describe('receipts that follow their answers, at the edges', () => {
       setTimeout(() => a.answer(sender, req.id, undefined, lane), 100);
     });
     await register(payoutWallet, agent.identity);
-    const wallet = account();
-    const identity = generateIdentity('app');
-    const dataDir = await tempDir(t);
-    const open = () => meshFor(t, { brokerUrl: broker.url, identity, payment: { signer: wallet, domain, dataDir, voucherDelayMs: 0 } });
+    const { open } = await restartingApp(t, broker.url);
     let mesh = await open();
     await mesh.waitForModel('kws');
     await waitFor(() => mesh.lanes().length === 1, 5_000, 'the lane open');
