@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { recoverLaneGrantSigner, recoverVoucherSigner } from '@edge-mesh/contracts';
-import { type MeshError, signLaneGrant, signVoucher, splitVoucherSignature, type Voucher } from '@edge-mesh/protocol';
+import { type MeshError, signLaneGrant, signVoucher, splitVoucherSignature, type Voucher, voucherDigest } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { MAX_PENDING, MAX_PENDING_PER_SENDER, SignerRecovery } from '../edge-agent/src/recover.ts';
 import { quiet } from './helpers.ts';
@@ -45,6 +45,68 @@ test('the worker recovers the signer recoverVoucherSigner recovers, for real and
     assert.notEqual(wrong, wallets[i % 2]!.address.toLowerCase());
   }
   assert.equal(recovery.waiting, 0, 'nothing left waiting');
+});
+
+test("with the lane's payer named, the worker answers as recoverVoucherSigner does, on its kept key and after", async (t) => {
+  const recovery = new SignerRecovery(quiet);
+  t.after(() => recovery.close());
+  const payer = ethers.Wallet.createRandom();
+  const address = payer.address.toLowerCase();
+  for (let i = 0; i < 10; i++) {
+    const v = voucher(i);
+    const sig = await signVoucher(payer, domain, v);
+    // The first recovers in full and keeps the key; the rest are checked against it.
+    assert.equal(await recovery.recoverVoucher(domain, v, sig, 'client-a', payer.address), address);
+    // The same signature over another voucher: not the payer's, and the key it does recover, as before.
+    const other = { ...v, cumulative: v.cumulative + 1n };
+    const wrong = await recovery.recoverVoucher(domain, other, sig, 'client-a', payer.address);
+    assert.equal(wrong, recoverVoucherSigner(domain, other, sig).toLowerCase());
+    assert.notEqual(wrong, address);
+    // The payer's own r and s with the other recovery id: valid ECDSA for the payer's key over this digest, but
+    // ecrecover (and so the escrow) reads the other point R and gets another key. Not the payer's voucher.
+    const { r, s, v: id } = splitVoucherSignature(sig);
+    const flipped = ethers.concat([r, s, new Uint8Array([id === 27 ? 28 : 27])]);
+    const flippedSigner = recoverVoucherSigner(domain, v, flipped).toLowerCase();
+    assert.notEqual(flippedSigner, address);
+    assert.equal(await recovery.recoverVoucher(domain, v, flipped, 'client-a', payer.address), flippedSigner);
+    // A voucher another key signed, sent on the payer's lane.
+    const forger = ethers.Wallet.createRandom();
+    const forged = await signVoucher(forger, domain, v);
+    assert.equal(await recovery.recoverVoucher(domain, v, forged, 'client-a', payer.address), forger.address.toLowerCase());
+  }
+  assert.equal(recovery.checked, 40);
+});
+
+test('the worker keeps a payer key only once recovered as that payer, and at most MAX_KEYS of them', async () => {
+  const worker = await import('../edge-agent/src/recover-worker.mjs');
+  const split = (sig: string) => {
+    const { r, s, v } = splitVoucherSignature(sig);
+    return [r, s, v] as const;
+  };
+  const digestOf = (v: Voucher) => voucherDigest(domain, v);
+  const before = worker.keptKeys();
+  const payer = ethers.Wallet.createRandom();
+  const forger = ethers.Wallet.createRandom();
+  const v = voucher(3);
+  // A forger's voucher naming the payer: recovered, and no key kept for either.
+  assert.equal(
+    worker.recoverAddress(digestOf(v), ...split(await signVoucher(forger, domain, v)), payer.address.toLowerCase()),
+    forger.address.toLowerCase(),
+  );
+  assert.equal(worker.keptKeys(), before);
+  assert.equal(
+    worker.recoverAddress(digestOf(v), ...split(await signVoucher(payer, domain, v)), payer.address.toLowerCase()),
+    payer.address.toLowerCase(),
+  );
+  assert.equal(worker.keptKeys(), before + 1);
+  for (let i = 0; i < worker.MAX_KEYS + 5; i++) {
+    const w = ethers.Wallet.createRandom();
+    assert.equal(
+      worker.recoverAddress(digestOf(v), ...split(await signVoucher(w, domain, v)), w.address.toLowerCase()),
+      w.address.toLowerCase(),
+    );
+  }
+  assert.equal(worker.keptKeys(), worker.MAX_KEYS);
 });
 
 test('lane grants: the worker recovers the signer recoverLaneGrantSigner recovers, counted apart from vouchers', async (t) => {

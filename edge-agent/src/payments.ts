@@ -1014,6 +1014,7 @@ export class AgentPayments {
         },
         toHex(message.sig),
         senderId,
+        lane.payer,
       );
     } catch (err) {
       const e = err as Error;

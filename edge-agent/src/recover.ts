@@ -3,7 +3,8 @@
  * recovery in JavaScript (@noble/curves, as under ethers): about 1.5 ms on the 2-core test machine, long enough that a
  * request read while one runs waits for it. A paying agent takes a voucher every few dozen requests of a busy lane,
  * so the recovery goes to one worker thread (recover-worker.mjs); the main thread only splits the signature (refusing
- * a malformed or high-s one at once) and hashes the voucher. A lane grant is the same recovery over another digest, and
+ * a malformed or high-s one at once) and hashes the voucher. A voucher is checked against its lane's payer key once
+ * the worker has recovered that key (recover-worker.mjs): about 0.4 of a recovery's time. A lane grant is the same recovery over another digest, and
  * any app may send one without paying anything: it goes to the same worker, under the same bounds. A paying agent starts the worker as it opens its journal
  * (`start`), so that the first voucher does not wait for a thread to start and load its libraries.
  *
@@ -54,15 +55,18 @@ export class SignerRecovery {
 
   /**
    * The voucher key that signed `sig` over voucher `v`, lower-case, as recoverVoucherSigner gives it (on the worker,
-   * or on the main thread should the worker have failed); `senderId` is the client that sent it.
+   * or on the main thread should the worker have failed); `senderId` is the client that sent it. `expected`, the
+   * lane's payer, lets the worker check the signature against that key once it has recovered it before, which costs
+   * about half a recovery; the answer is the same either way (recover-worker.mjs).
    */
-  recoverVoucher(domain: EscrowDomain, v: Voucher, sig: string, senderId: string): Promise<string> {
+  recoverVoucher(domain: EscrowDomain, v: Voucher, sig: string, senderId: string, expected?: string): Promise<string> {
     return this.recover(
       sig,
       senderId,
       'voucher',
       () => voucherDigest(domain, v),
       () => recoverVoucherSigner(domain, v, sig),
+      expected?.toLowerCase(),
     );
   }
 
@@ -83,6 +87,7 @@ export class SignerRecovery {
     kind: 'voucher' | 'grant',
     digest: () => string,
     onMainThread: () => string,
+    expected?: string,
   ): Promise<string> {
     // Malformed or high-s: refused here, as the main thread's recovery refuses it.
     const { r, s, v: recovery } = splitVoucherSignature(sig);
@@ -110,24 +115,24 @@ export class SignerRecovery {
       // The digest (keccak256 in JS) and the hand-off cost tens of microseconds: they wait until the request that
       // brought the voucher is answered. An inline model runs in this turn's check phase and its reply leaves there;
       // a second `setImmediate` runs in the next turn's.
-      this.outbox.push({ id, digest, r, s, v: recovery });
+      this.outbox.push({ id, digest, r, s, v: recovery, expected });
       if (this.outbox.length === 1) setImmediate(() => setImmediate(this.post));
     });
   }
 
   /** Recoveries asked for, not yet handed to the worker (see `recover`). */
-  private outbox: { id: number; digest: () => string; r: string; s: string; v: number }[] = [];
+  private outbox: { id: number; digest: () => string; r: string; s: string; v: number; expected: string | undefined }[] = [];
 
   private readonly post = (): void => {
     const outbox = this.outbox;
     this.outbox = [];
-    for (const { id, digest, r, s, v } of outbox) {
+    for (const { id, digest, r, s, v, expected } of outbox) {
       const p = this.pending.get(id);
       // Settled meanwhile: the agent closed, or the worker failed.
       if (!p) continue;
-      let message: { id: number; digest: string; r: string; s: string; v: number };
+      let message: { id: number; digest: string; r: string; s: string; v: number; expected?: string };
       try {
-        message = { id, digest: digest(), r, s, v };
+        message = { id, digest: digest(), r, s, v, ...(expected ? { expected } : {}) };
       } catch (err) {
         this.forget(id, p);
         p.reject(new MeshError('MESH_VOUCHER_INVALID', (err as Error).message));
