@@ -6,6 +6,8 @@
  */
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { writeFile } from 'node:fs/promises';
+import path from 'node:path';
 import { after, before, describe, type TestContext, test } from 'node:test';
 import { EscrowClient } from '@edge-mesh/contracts';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
@@ -32,6 +34,7 @@ import { AgentPayments } from '../edge-agent/src/payments.ts';
 import { ENGINE_SKIP } from './engines.ts';
 import { agentFor, meshBrokerFor as brokerFor, quiet, spawnAgent, tempDir, waitFor } from './helpers.ts';
 import { TestPayer } from './payer.ts';
+import { SPIN_WIDTH, writeSpinModel, writeWidenModel } from './spin-model.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -208,6 +211,48 @@ describe('receipts and payment through the mesh', { skip: ENGINE_SKIP, timeout: 
     assert.equal(freeReply.receipt, undefined);
     assert.equal(agent.payments!.lanes()[0]!.receipts, 4);
     assert.equal(agent.payments!.lanes()[0]!.owedMicros, det);
+  });
+
+  test("outputs over the agent's message cap: a coded MESH_TOO_LARGE at once, a failed receipt billed 0, and the agent serves on", async (t) => {
+    // widen answers 128 KB for a 4-byte input; the agent's cap is 64 KB. Before, the agent sent the answer anyway and
+    // billed it: a client under that cap dropped it and waited for its deadline, and paid for an answer it never read.
+    const modelsDir = await tempDir(t);
+    const widen = await writeWidenModel(modelsDir, 32_768, { priceMicros: 7 });
+    const spin = await writeSpinModel(modelsDir, { priceMicros: 3 }, 4);
+    await writeFile(path.join(modelsDir, 'manifest.json'), JSON.stringify({ models: [widen, spin] }));
+    const broker = await brokerFor(t, { maxPacketBytes: 1 << 20 });
+    const { agent, payout } = await paidAgent(t, broker.url, { modelsDir, maxMessageBytes: 64 << 10 });
+    const wallet = await fundedWallet(payout);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'raw-payer-wide', autoPay: false });
+    await payer.waitForModel('widen');
+    const grant = await payer.grant(agent.id);
+    const verifier = new LaneVerifier({ payer: payer.payer, quote: verifyQuote(agent.status().quote, { agentId: agent.id }) });
+    const request = (model: string, inputs: InferRequest['inputs']): InferRequest => ({
+      v: PROTOCOL_VERSION,
+      kind: 'req',
+      id: newRequestId(),
+      deadline: Date.now() + 10_000,
+      model,
+      inputs,
+      pay: { payer: payer.payer, grant },
+    });
+    const one = { x: { dtype: 'float32' as const, shape: [1, 1], data: new Uint8Array(new Float32Array([2]).buffer) } };
+    const sent = Date.now();
+    const wide = await payer.send(agent.id, request('widen', one));
+    assert.equal(wide.kind === 'err' && wide.code, 'MESH_TOO_LARGE', `got ${wide.kind}`);
+    assert.ok(Date.now() - sent < 5_000, 'answered at once, not at the deadline');
+    const wideReceipt = verifier.verify(receiptOf(wide));
+    assert.equal(receiptOf(wide).status, RECEIPT_STATUS.failed);
+    assert.equal(receiptOf(wide).price, 0);
+    assert.equal(wideReceipt.cumulative, 0);
+    // The agent serves on, and bills what it answers.
+    const small = await payer.send(
+      agent.id,
+      request('spin', encodeTensorMap({ x: { dtype: 'float32', shape: [1, SPIN_WIDTH], data: new Float32Array(SPIN_WIDTH) } })),
+    );
+    assert.equal(small.kind, 'res');
+    assert.equal(verifier.verify(receiptOf(small)).cumulative, 3);
+    assert.equal(agent.payments!.lanes()[0]!.owedMicros, 3);
   });
 
   test('the credit window: beyond it MESH_CREDIT_EXCEEDED until a voucher from the payer arrives; forged vouchers are refused; lanes per client are capped', async (t) => {

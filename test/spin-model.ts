@@ -87,3 +87,43 @@ export function flattenModel(input: string, output: string, dims: number[]): Buf
   ]);
   return Buffer.concat([varintField(1, 8), lenField(8, varintField(2, 17)), lenField(7, graph)]);
 }
+
+/**
+ * `widen`: x [1, 1] float32 times a [1, `width`] weight of ones, y [1, `width`]: a 4-byte input with an answer of
+ * 4 × `width` bytes, for an answer over an agent's message cap (test/payments-mesh.test.ts).
+ */
+export async function writeWidenModel(dir: string, width: number, extra: Record<string, unknown> = {}) {
+  const type = (dims: number[]) =>
+    lenField(1, Buffer.concat([varintField(1, 1), lenField(2, Buffer.concat(dims.map((d) => lenField(1, varintField(1, d)))))]));
+  const valueInfo = (name: string, dims: number[]) => Buffer.concat([stringField(1, name), lenField(2, type(dims))]);
+  const weight = new Float32Array(width).fill(1);
+  const initializer = lenField(
+    5,
+    Buffer.concat([
+      varintField(1, 1),
+      varintField(1, width),
+      varintField(2, 1),
+      stringField(8, 'W'),
+      lenField(9, Buffer.from(weight.buffer)),
+    ]),
+  );
+  const node = lenField(1, Buffer.concat([stringField(1, 'x'), stringField(1, 'W'), stringField(2, 'y'), stringField(4, 'MatMul')]));
+  const graph = Buffer.concat([
+    node,
+    stringField(2, 'widen'),
+    initializer,
+    lenField(11, valueInfo('x', [1, 1])),
+    lenField(12, valueInfo('y', [1, width])),
+  ]);
+  const bytes = Buffer.concat([varintField(1, 8), lenField(8, varintField(2, 17)), lenField(7, graph)]);
+  await writeFile(path.join(dir, 'widen.onnx'), bytes);
+  return {
+    name: 'widen',
+    version: '1',
+    file: 'widen.onnx',
+    sha256: createHash('sha256').update(bytes).digest('hex'),
+    priceMicros: 1,
+    notes: `[1,1] times a [1,${width}] weight of ones`,
+    ...extra,
+  };
+}

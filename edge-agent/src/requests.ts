@@ -576,9 +576,20 @@ export class AgentRequests {
       return;
     }
     const queueMs = job.startedAt! - job.receivedAt;
-    counters.served++;
     this.options.onServed?.(job.model, queueMs, result!.execMs + faults.extraExecMs);
     const outputs = encodeTensorMap(result!.outputs);
+    const tooLarge = this.overCap(job, outputs);
+    if (tooLarge) {
+      // A reply the client cannot read would only time out there: a coded error now, and nothing billed (failed).
+      logger.warn({ model: job.model, bytes: tooLarge, maxMessageBytes: this.options.maxMessageBytes }, 'outputs over the message cap');
+      const over = new MeshError(
+        'MESH_TOO_LARGE',
+        `the outputs of ${job.model} need a reply of at least ${tooLarge} bytes, over this agent's message cap of ${this.options.maxMessageBytes}`,
+      );
+      this.withReceipt(job, over, undefined, (receipt, lane) => this.replyError(job.senderId, job.id, over, receipt, lane, job));
+      return;
+    }
+    counters.served++;
     const reply = (receipt: SignedReceipt | undefined, lane?: LaneInfo, earlier?: SignedReceipt[]) => {
       // The queue as it stands when the reply leaves.
       const { rif, workMs } = faults.claimed(this.queue().queueClaim(faults.reportedExtraMs));
@@ -613,6 +624,30 @@ export class AgentRequests {
     reply(undefined, payments.laneInfo(job.paid.payer, job.senderId), earlier);
     post.defer(job, outputs);
   };
+
+  /**
+   * The size of the smallest reply that carries `outputs`, when it is over the message cap (else undefined): timings
+   * and queue at 0, no receipt, no lane. Encoded only when the outputs come near the cap (earlierRoomBytes). A reply
+   * a few bytes bigger than this (its timings, its lane info) can still be over: the client drops it as too large.
+   */
+  private overCap(job: Job, outputs: InferReply['outputs']): number | undefined {
+    const max = this.options.maxMessageBytes;
+    if (earlierRoomBytes(max, outputs) >= 0) return undefined;
+    const bytes = encodeMessage({
+      v: PROTOCOL_VERSION,
+      kind: 'res',
+      id: job.id,
+      agent: this.options.agentId,
+      model: job.served?.name ?? job.model,
+      ...(job.served?.version !== undefined ? { version: job.served.version } : {}),
+      outputs,
+      queueMs: 0,
+      execMs: 0,
+      rif: 0,
+      workMs: 0,
+    }).byteLength;
+    return bytes > max ? bytes : undefined;
+  }
 
   /** Whether receipts of answers sent wait to be issued or sent (receipt-post.ts). */
   get receiptsWaiting(): boolean {
