@@ -527,11 +527,29 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     },
   });
   client = connection.client;
+  // Writes from a reply's arrival to this event-loop turn's check phase leave together: the reply's PUBACK, which
+  // mqtt.js writes once the handler returns (mqtt.js lib/handlers/publish.js), and whatever the app sends in its
+  // continuation, most often its next request: one write, and one read at the broker, instead of two
+  // (docs/sdk.md, "Writes"). One hold per turn.
+  let held = false;
+  const holdWrites = () => {
+    if (held) return;
+    const stream = client.stream as { cork?: () => void; uncork?: () => void; destroyed?: boolean } | undefined;
+    if (!stream?.cork || !stream.uncork || stream.destroyed) return;
+    stream.cork();
+    held = true;
+    setImmediate(() => {
+      held = false;
+      stream.uncork!();
+    });
+  };
   client.on('message', (topic, payload, packet) => {
     const parsed = parseTopic(topic);
     if (!parsed) return;
     if (parsed.kind === 'reply') {
-      if (parsed.clientId === clientId) onReply(parsed.agentId, payload);
+      if (parsed.clientId !== clientId) return;
+      holdWrites();
+      onReply(parsed.agentId, payload);
     } else if (parsed.kind === 'status') fleet.onStatus(parsed.agentId, payload, packet.retain);
     else if (parsed.kind === 'load') fleet.onLoad(parsed.agentId, payload);
     else if (parsed.kind === 'lease' && parsed.clientId === clientId && parsed.routerId === routerId) leases?.onLeaseMessage(payload);
