@@ -56,15 +56,19 @@ export function spinModel(depth = SPIN_DEPTH): Buffer {
 
 /** Writes `spin.onnx` into `dir` and returns its manifest entry (name `spin`, price 1 µ$ unless `extra` says otherwise). */
 export async function writeSpinModel(dir: string, extra: Record<string, unknown> = {}, depth = SPIN_DEPTH) {
-  const bytes = spinModel(depth);
-  await writeFile(path.join(dir, 'spin.onnx'), bytes);
+  return writeModel(dir, 'spin', spinModel(depth), `${depth} MatMuls of [1,${SPIN_WIDTH}] by an identity weight`, extra);
+}
+
+/** Writes `NAME.onnx` into `dir` and returns its manifest entry (version 1, price 1 µ$ unless `extra` says otherwise). */
+async function writeModel(dir: string, name: string, bytes: Buffer, notes: string, extra: Record<string, unknown>) {
+  await writeFile(path.join(dir, `${name}.onnx`), bytes);
   return {
-    name: 'spin',
+    name,
     version: '1',
-    file: 'spin.onnx',
+    file: `${name}.onnx`,
     sha256: createHash('sha256').update(bytes).digest('hex'),
     priceMicros: 1,
-    notes: `${depth} MatMuls of [1,${SPIN_WIDTH}] by an identity weight`,
+    notes,
     ...extra,
   };
 }
@@ -116,14 +120,5 @@ export async function writeWidenModel(dir: string, width: number, extra: Record<
     lenField(12, valueInfo('y', [1, width])),
   ]);
   const bytes = Buffer.concat([varintField(1, 8), lenField(8, varintField(2, 17)), lenField(7, graph)]);
-  await writeFile(path.join(dir, 'widen.onnx'), bytes);
-  return {
-    name: 'widen',
-    version: '1',
-    file: 'widen.onnx',
-    sha256: createHash('sha256').update(bytes).digest('hex'),
-    priceMicros: 1,
-    notes: `[1,1] times a [1,${width}] weight of ones`,
-    ...extra,
-  };
+  return writeModel(dir, 'widen', bytes, `[1,1] times a [1,${width}] weight of ones`, extra);
 }
