@@ -255,6 +255,52 @@ describe('receipts and payment through the mesh', { skip: ENGINE_SKIP, timeout: 
     assert.equal(agent.payments!.lanes()[0]!.owedMicros, 3);
   });
 
+  test('outputs whose reply fits the cap only without its lane and timings: refused as too large too, not billed and dropped', async (t) => {
+    // The check before billing measured a reply with no lane info and timings at 0; the reply that left had both. With
+    // the cap between the two, the agent sent an answer over its own cap (a client under that cap drops it) and billed it.
+    const identity = generateIdentity('agent');
+    const width = 8_192;
+    const outputs = encodeTensorMap({ y: { dtype: 'float32', shape: [1, width], data: new Float32Array(width).fill(2) } });
+    const bare = encodeMessage({
+      v: PROTOCOL_VERSION,
+      kind: 'res',
+      id: newRequestId(),
+      agent: identity.id,
+      model: 'widen',
+      version: '1',
+      outputs,
+      queueMs: 0,
+      execMs: 0,
+      rif: 0,
+      workMs: 0,
+    }).byteLength;
+    const modelsDir = await tempDir(t);
+    const widen = await writeWidenModel(modelsDir, width, { priceMicros: 7 });
+    await writeFile(path.join(modelsDir, 'manifest.json'), JSON.stringify({ models: [widen] }));
+    const broker = await brokerFor(t, { maxPacketBytes: 1 << 20 });
+    const { agent, payout } = await paidAgent(t, broker.url, { identity, modelsDir, maxMessageBytes: bare });
+    const wallet = await fundedWallet(payout);
+    const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'raw-payer-near', autoPay: false });
+    await payer.waitForModel('widen');
+    const grant = await payer.grant(agent.id);
+    const one = { x: { dtype: 'float32' as const, shape: [1, 1], data: new Uint8Array(new Float32Array([2]).buffer) } };
+    const reply = await payer.send(agent.id, {
+      v: PROTOCOL_VERSION,
+      kind: 'req',
+      id: newRequestId(),
+      deadline: Date.now() + 10_000,
+      model: 'widen',
+      inputs: encodeTensorMap(one),
+      pay: { payer: payer.payer, grant },
+    });
+    const { receipt: _receipt, ...sent } = reply;
+    const bytes = encodeMessage(sent).byteLength;
+    assert.ok(reply.kind === 'err' || bytes <= bare, `a ${reply.kind} of ${bytes} bytes went out over the agent's cap of ${bare}`);
+    assert.equal(reply.kind === 'err' && reply.code, 'MESH_TOO_LARGE');
+    assert.equal(receiptOf(reply).price, 0);
+    assert.equal(agent.payments!.lanes()[0]!.owedMicros, 0);
+  });
+
   test('the credit window: beyond it MESH_CREDIT_EXCEEDED until a voucher from the payer arrives; forged vouchers are refused; lanes per client are capped', async (t) => {
     const broker = await brokerFor(t);
     const kwsPrice = 2;

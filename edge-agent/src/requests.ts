@@ -578,22 +578,12 @@ export class AgentRequests {
     const queueMs = job.startedAt! - job.receivedAt;
     this.options.onServed?.(job.model, queueMs, result!.execMs + faults.extraExecMs);
     const outputs = encodeTensorMap(result!.outputs);
-    const tooLarge = this.overCap(job, outputs);
-    if (tooLarge) {
-      // A reply the client cannot read would only time out there: a coded error now, and nothing billed (failed).
-      logger.warn({ model: job.model, bytes: tooLarge, maxMessageBytes: this.options.maxMessageBytes }, 'outputs over the message cap');
-      const over = new MeshError(
-        'MESH_TOO_LARGE',
-        `the outputs of ${job.model} need a reply of at least ${tooLarge} bytes, over this agent's message cap of ${this.options.maxMessageBytes}`,
-      );
-      this.withReceipt(job, over, undefined, (receipt, lane) => this.replyError(job.senderId, job.id, over, receipt, lane, job));
-      return;
-    }
-    counters.served++;
-    const reply = (receipt: SignedReceipt | undefined, lane?: LaneInfo, earlier?: SignedReceipt[]) => {
+    const { payments } = this.options;
+    const paid = payments ? job.paid : undefined;
+    const answer = (lane?: LaneInfo, earlier?: SignedReceipt[]) => {
       // The queue as it stands when the reply leaves.
       const { rif, workMs } = faults.claimed(this.queue().queueClaim(faults.reportedExtraMs));
-      const bytes = encodeMessage({
+      return encodeMessage({
         v: PROTOCOL_VERSION,
         kind: 'res',
         id: job.id,
@@ -605,49 +595,43 @@ export class AgentRequests {
         execMs: faults.reportedExecMs(result!.execMs),
         rif,
         workMs,
-        ...(receipt ? { receipt } : {}),
         ...(lane ? { lane } : {}),
         ...(earlier ? { earlier } : {}),
       });
+    };
+    // Near the cap (no room left for earlier receipts: earlierRoomBytes) the reply is encoded now, as it leaves (its
+    // lane, its timings), and measured before anything is billed; further from it, it fits with room to spare.
+    const room = earlierRoomBytes(this.options.maxMessageBytes, outputs);
+    const near = room < 0 ? answer(paid ? payments!.laneInfo(paid.payer, job.senderId) : undefined) : undefined;
+    if (near && near.byteLength > this.options.maxMessageBytes) {
+      // A reply the client cannot read would only time out there: a coded error now, and nothing billed (failed).
+      logger.warn(
+        { model: job.model, bytes: near.byteLength, maxMessageBytes: this.options.maxMessageBytes },
+        'outputs over the message cap',
+      );
+      const over = new MeshError(
+        'MESH_TOO_LARGE',
+        `the outputs of ${job.model} need a reply of ${near.byteLength} bytes, over this agent's message cap of ${this.options.maxMessageBytes}`,
+      );
+      this.withReceipt(job, over, undefined, (receipt, lane) => this.replyError(job.senderId, job.id, over, receipt, lane, job));
+      return;
+    }
+    counters.served++;
+    const reply = (bytes: Buffer) => {
       this.sent.keep(job.key, job.senderId, bytes, job.deadline);
       this.options.reply(job.senderId, bytes, faults.extraExecMs);
     };
-    const { payments } = this.options;
-    if (!job.paid || !payments) {
-      reply(undefined);
+    if (!paid || !payments) {
+      reply(near ?? answer());
       return;
     }
     // A paid answer leaves now, with the receipts of earlier answers to its client that are ready; its own follows
     // it, signed and journaled off the answer's path (receipt-post.ts).
     const post = this.post!;
-    const earlier = post.take(job.paid.payer, job.senderId, earlierRoomBytes(this.options.maxMessageBytes, outputs));
-    reply(undefined, payments.laneInfo(job.paid.payer, job.senderId), earlier);
+    const earlier = near ? undefined : post.take(paid.payer, job.senderId, room);
+    reply(near ?? answer(payments.laneInfo(paid.payer, job.senderId), earlier));
     post.defer(job, outputs);
   };
-
-  /**
-   * The size of the smallest reply that carries `outputs`, when it is over the message cap (else undefined): timings
-   * and queue at 0, no receipt, no lane. Encoded only when the outputs come near the cap (earlierRoomBytes). A reply
-   * a few bytes bigger than this (its timings, its lane info) can still be over: the client drops it as too large.
-   */
-  private overCap(job: Job, outputs: InferReply['outputs']): number | undefined {
-    const max = this.options.maxMessageBytes;
-    if (earlierRoomBytes(max, outputs) >= 0) return undefined;
-    const bytes = encodeMessage({
-      v: PROTOCOL_VERSION,
-      kind: 'res',
-      id: job.id,
-      agent: this.options.agentId,
-      model: job.served?.name ?? job.model,
-      ...(job.served?.version !== undefined ? { version: job.served.version } : {}),
-      outputs,
-      queueMs: 0,
-      execMs: 0,
-      rif: 0,
-      workMs: 0,
-    }).byteLength;
-    return bytes > max ? bytes : undefined;
-  }
 
   /** Whether receipts of answers sent wait to be issued or sent (receipt-post.ts). */
   get receiptsWaiting(): boolean {
