@@ -206,3 +206,50 @@ test('a worker that dies refuses what waited on it, and later checks run on the 
   assert.equal(internals.worker, undefined, 'no worker started again');
   assert.equal(recovery.waiting, 0);
 });
+
+test("a payer key the worker drops takes its key's table with it: the kept keys' memory stays bounded", async () => {
+  // noble keeps each point's multiplication table in a module-wide Map until the point's window is set again: a key
+  // dropped from the worker's LRU without that kept its table (tens of KB) for ever, one for every payer ever seen.
+  const { secp256k1 } = await import('@noble/curves/secp256k1');
+  const { setFlagsFromString } = await import('node:v8');
+  const { runInNewContext } = await import('node:vm');
+  setFlagsFromString('--expose-gc');
+  const gc = runInNewContext('gc') as () => void;
+  const worker = await import('../edge-agent/src/recover-worker.mjs');
+  const proto = secp256k1.ProjectivePoint.prototype as unknown as { _setWindowSize(w: number): void };
+  const setWindow = proto._setWindowSize;
+  const windowed: WeakRef<object>[] = [];
+  proto._setWindowSize = function (this: object, w: number) {
+    if (w > 1) windowed.push(new WeakRef(this));
+    return setWindow.call(this, w);
+  };
+  const v = voucher(6);
+  // Each payer sends two vouchers: the first keeps its key, the second is checked against it (and builds its table).
+  const pay = async (w: ethers.HDNodeWallet, i: number) => {
+    const vi = { ...v, cumulative: v.cumulative + BigInt(i) };
+    const { r, s, v: id } = splitVoucherSignature(await signVoucher(w, domain, vi));
+    return worker.recoverAddress(voucherDigest(domain, vi), r, s, id, w.address.toLowerCase());
+  };
+  try {
+    const first = Array.from({ length: 8 }, () => ethers.Wallet.createRandom());
+    for (const w of first) {
+      assert.equal(await pay(w, 0), w.address.toLowerCase());
+      assert.equal(await pay(w, 1), w.address.toLowerCase());
+    }
+    assert.equal(windowed.length, first.length, 'one kept key each');
+    // As many other payers again as the worker keeps: the first eight are dropped.
+    for (let i = 0; i < worker.MAX_KEYS; i++) {
+      const w = ethers.Wallet.createRandom();
+      assert.equal(await pay(w, 0), w.address.toLowerCase());
+    }
+  } finally {
+    proto._setWindowSize = setWindow;
+  }
+  const dropped = windowed.slice(0, 8);
+  for (let round = 0; round < 3; round++) {
+    await new Promise((resolve) => setImmediate(resolve));
+    gc();
+  }
+  const alive = dropped.filter((ref) => ref.deref() !== undefined).length;
+  assert.equal(alive, 0, `${alive} of ${dropped.length} dropped payer keys still held (with their tables)`);
+});

@@ -77,8 +77,12 @@ export function recoverAddress(digest, r, s, v, expected) {
   if (expected !== undefined && address === expected) {
     point._setWindowSize(KEY_WINDOW);
     keys.set(address, point);
-    const oldest = keys.keys().next();
-    if (keys.size > MAX_KEYS && !oldest.done) keys.delete(oldest.value);
+    const oldest = keys.entries().next();
+    if (keys.size > MAX_KEYS && !oldest.done) {
+      keys.delete(oldest.value[0]);
+      // noble holds a point's table in a module-wide Map (not a WeakMap) until the point's window is set again.
+      oldest.value[1]._setWindowSize(1);
+    }
   }
   return address;
 }
