@@ -63,18 +63,16 @@ function signedBy(key, digest, r, s, v) {
  */
 export function recoverAddress(digest, r, s, v, expected) {
   const signature = new secp256k1.Signature(BigInt(r), BigInt(s)).addRecoveryBit(v - 27);
-  if (expected !== undefined) {
-    const kept = keys.get(expected);
-    if (kept && signedBy(kept, digest, signature.r, signature.s, v)) {
-      keys.delete(expected);
-      keys.set(expected, kept);
-      return expected;
-    }
-    if (kept) return addressOf(signature.recoverPublicKey(bytes(digest)).toRawBytes(false));
+  const kept = expected === undefined ? undefined : keys.get(expected);
+  if (expected !== undefined && kept && signedBy(kept, digest, signature.r, signature.s, v)) {
+    keys.delete(expected);
+    keys.set(expected, kept);
+    return expected;
   }
   const point = signature.recoverPublicKey(bytes(digest));
   const address = addressOf(point.toRawBytes(false));
-  if (expected !== undefined && address === expected) {
+  // Kept once: a key already kept (here only for a digest its check leaves to the full recovery) keeps its table.
+  if (!kept && expected !== undefined && address === expected) {
     point._setWindowSize(KEY_WINDOW);
     keys.set(address, point);
     const oldest = keys.entries().next();
