@@ -283,6 +283,36 @@ export function openMeshConnection(brokers: string | readonly string[], options:
 }
 
 /**
+ * A hold on a connection's socket writes from now to this event-loop turn's check phase, so that what is written
+ * meanwhile leaves in one write and reaches the broker in one read: a received message's PUBACK, which mqtt.js writes
+ * once the message handler returns (mqtt.js lib/handlers/publish.js), and what the handler's work sends in the same
+ * turn (the agent's inline reply, the app's next request). The release is a setImmediate, queued behind
+ * `afterMicrotasks` microtasks (the agent's inline runs are handed over in a microtask and run in the check phase:
+ * its release must come after theirs). One hold per stream and turn; `stream` is read at each hold, so a connection
+ * that failed over holds its new socket. The returned function starts a hold.
+ */
+export function turnWriteHold(stream: () => unknown, afterMicrotasks = 0): () => void {
+  let held: unknown;
+  return () => {
+    const s = stream() as { cork?: () => void; uncork?: () => void; destroyed?: boolean } | undefined;
+    if (!s?.cork || !s.uncork || s.destroyed || s === held) return;
+    s.cork();
+    held = s;
+    let release = () => {
+      setImmediate(() => {
+        if (held === s) held = undefined;
+        s.uncork!();
+      });
+    };
+    for (let i = 0; i < afterMicrotasks; i++) {
+      const next = release;
+      release = () => queueMicrotask(next);
+    }
+    release();
+  };
+}
+
+/**
  * Subscribes `filters` on a connection that has just connected, and calls `onSubscribed` once the broker granted them
  * all. A refusal (an error, or a SUBACK failure code 0x80) drops the connection instead, so that it reconnects with
  * backoff and subscribes again: a client whose subscriptions failed would otherwise look connected and receive

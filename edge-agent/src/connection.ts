@@ -20,6 +20,7 @@ import {
   openMeshConnection,
   resolveCredentials,
   subscribeOrReconnect,
+  turnWriteHold,
 } from '@edge-mesh/client';
 import { type AgentLoad, type AgentStatus, encodeMessage, type Identity, isValidId, MeshError, topics } from '@edge-mesh/protocol';
 import type { MqttClient } from 'mqtt';
@@ -121,8 +122,20 @@ export class AgentLink {
   /** Replies go to one sender: at the access's publish QoS (1 unless the engine makes it costly). */
   private readonly replyQos: { qos: 0 | 1 };
   private closed = false;
-  /** Writes are held until this turn's check phase (holdWrites). */
-  private held = false;
+  /**
+   * Holds the socket's writes from a request's arrival to this event-loop turn's check phase, so that
+   * the PUBACK mqtt.js writes once the handler returns (mqtt.js lib/handlers/publish.js) and the reply of
+   * a model that runs inline, which runs in that check phase (inline.ts), leave in one write, as they do
+   * from an agent that answers inside the handler: one syscall, and one read at the broker, per request
+   * instead of two (docs/agent.md, "The request path"). The release is a setImmediate queued behind the
+   * onnxruntime setImmediate of the read's run: that run is handed over either in the handler or by the
+   * inline executor's flush, a microtask the first request queued after this hold began (inline.ts,
+   * "Flush order"), so the release is queued two microtasks after the hold. A paid request admitted at
+   * once (payments.ts, `admitNow`) is handed over as an unpaid one is; one admitted after an await (a new grant,
+   * funds not read yet, a full window) comes after the release, and its reply leaves in a write of its own.
+   * One hold per turn, by the first request read in it, on the serving link's socket.
+   */
+  private readonly holdWrites = turnWriteHold(() => this.client.stream, 2);
   private resolveAnnounced!: () => void;
   private lastDiscoverAnswer = -Infinity;
   private discoverTimer: NodeJS.Timeout | undefined;
@@ -324,7 +337,6 @@ export class AgentLink {
     const from = this.servingLink().name;
     this.active = index;
     counters.failovers++;
-    this.held = false;
     logger.warn({ from, to: this.servingLink().name }, 'serving on the other connection');
     this.announce();
     this.coverWill();
@@ -367,35 +379,6 @@ export class AgentLink {
         options.logger.error({ err: (err as Error).message, kind: route.kind, senderId: route.senderId }, 'message handler failed');
       }
     });
-  }
-
-  /**
-   * Holds the socket's writes from a request's arrival to this event-loop turn's check phase, so that
-   * the PUBACK mqtt.js writes once the handler returns (mqtt.js lib/handlers/publish.js) and the reply of
-   * a model that runs inline, which runs in that check phase (inline.ts), leave in one write, as they do
-   * from an agent that answers inside the handler: one syscall, and one read at the broker, per request
-   * instead of two (docs/agent.md, "The request path"). The release is a setImmediate queued behind the
-   * onnxruntime setImmediate of the read's run: that run is handed over either in the handler or by the
-   * inline executor's flush, a microtask the first request queued after this hold began (inline.ts,
-   * "Flush order"), so the release is queued two microtasks after the hold. A paid request admitted at
-   * once (payments.ts, `admitNow`) is handed over as an unpaid one is; one admitted after an await (a new grant,
-   * funds not read yet, a full window) comes after the release, and its reply leaves in a write of its own.
-   * One hold per turn, by the first request read in it.
-   */
-  private holdWrites(): void {
-    if (this.held) return;
-    const stream = this.client.stream as { cork?: () => void; uncork?: () => void; destroyed?: boolean } | undefined;
-    if (!stream?.cork || !stream.uncork || stream.destroyed) return;
-    stream.cork();
-    this.held = true;
-    queueMicrotask(() =>
-      queueMicrotask(() =>
-        setImmediate(() => {
-          this.held = false;
-          stream.uncork!();
-        }),
-      ),
-    );
   }
 
   /** Announces again for a discover message, at most once per DISCOVER_ANSWER_INTERVAL_MS (later ones are merged). */

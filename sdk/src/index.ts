@@ -32,6 +32,7 @@ import {
   systemClock,
   TailBudget,
   type TailBudgetOptions,
+  turnWriteHold,
   waitUntil,
 } from '@edge-mesh/client';
 import {
@@ -530,19 +531,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
   // Writes from a reply's arrival to this event-loop turn's check phase leave together: the reply's PUBACK, which
   // mqtt.js writes once the handler returns (mqtt.js lib/handlers/publish.js), and whatever the app sends in its
   // continuation, most often its next request: one write, and one read at the broker, instead of two
-  // (docs/sdk.md, "Writes"). One hold per turn.
-  let held = false;
-  const holdWrites = () => {
-    if (held) return;
-    const stream = client.stream as { cork?: () => void; uncork?: () => void; destroyed?: boolean } | undefined;
-    if (!stream?.cork || !stream.uncork || stream.destroyed) return;
-    stream.cork();
-    held = true;
-    setImmediate(() => {
-      held = false;
-      stream.uncork!();
-    });
-  };
+  // (docs/sdk.md, "Writes"; turnWriteHold).
+  const holdWrites = turnWriteHold(() => client.stream);
   client.on('message', (topic, payload, packet) => {
     const parsed = parseTopic(topic);
     if (!parsed) return;
