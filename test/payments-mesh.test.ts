@@ -51,16 +51,30 @@ async function fundedWallet(payout: string, amount = 1_000_000n): Promise<ethers
 }
 
 function paidRequest(payer: TestPayer, model: string, grant: LaneGrant | undefined, deadlineInMs = 10_000, seed = 1): InferRequest {
+  return paidRequestWith(payer, model, grant, encodeTensorMap(sampleInputs(model, seed)), deadlineInMs);
+}
+
+/** A paid request with the given wire inputs (a model the demo has no sample inputs for). */
+function paidRequestWith(
+  payer: TestPayer,
+  model: string,
+  grant: LaneGrant | undefined,
+  inputs: InferRequest['inputs'],
+  deadlineInMs = 10_000,
+): InferRequest {
   return {
     v: PROTOCOL_VERSION,
     kind: 'req',
     id: newRequestId(),
     deadline: Date.now() + deadlineInMs,
     model,
-    inputs: encodeTensorMap(sampleInputs(model, seed)),
+    inputs,
     pay: { payer: payer.payer, ...(grant ? { grant } : {}) },
   };
 }
+
+/** widen's one input, x [1, 1]. */
+const WIDEN_INPUT = encodeTensorMap({ x: { dtype: 'float32', shape: [1, 1], data: new Float32Array([2]) } });
 
 const receiptOf = (reply: InferReply | ErrorReply): SignedReceipt => {
   assert.ok(reply.receipt, `reply ${reply.kind} ${reply.kind === 'err' ? `${reply.code} ${reply.message}` : ''} carries a receipt`);
@@ -227,18 +241,8 @@ describe('receipts and payment through the mesh', { skip: ENGINE_SKIP, timeout: 
     await payer.waitForModel('widen');
     const grant = await payer.grant(agent.id);
     const verifier = new LaneVerifier({ payer: payer.payer, quote: verifyQuote(agent.status().quote, { agentId: agent.id }) });
-    const request = (model: string, inputs: InferRequest['inputs']): InferRequest => ({
-      v: PROTOCOL_VERSION,
-      kind: 'req',
-      id: newRequestId(),
-      deadline: Date.now() + 10_000,
-      model,
-      inputs,
-      pay: { payer: payer.payer, grant },
-    });
-    const one = { x: { dtype: 'float32' as const, shape: [1, 1], data: new Uint8Array(new Float32Array([2]).buffer) } };
     const sent = Date.now();
-    const wide = await payer.send(agent.id, request('widen', one));
+    const wide = await payer.send(agent.id, paidRequestWith(payer, 'widen', grant, WIDEN_INPUT));
     assert.equal(wide.kind === 'err' && wide.code, 'MESH_TOO_LARGE', `got ${wide.kind}`);
     assert.ok(Date.now() - sent < 5_000, 'answered at once, not at the deadline');
     const wideReceipt = verifier.verify(receiptOf(wide));
@@ -248,7 +252,12 @@ describe('receipts and payment through the mesh', { skip: ENGINE_SKIP, timeout: 
     // The agent serves on, and bills what it answers.
     const small = await payer.send(
       agent.id,
-      request('spin', encodeTensorMap({ x: { dtype: 'float32', shape: [1, SPIN_WIDTH], data: new Float32Array(SPIN_WIDTH) } })),
+      paidRequestWith(
+        payer,
+        'spin',
+        grant,
+        encodeTensorMap({ x: { dtype: 'float32', shape: [1, SPIN_WIDTH], data: new Float32Array(SPIN_WIDTH) } }),
+      ),
     );
     assert.equal(small.kind, 'res');
     assert.equal(verifier.verify(receiptOf(small)).cumulative, 3);
@@ -283,16 +292,7 @@ describe('receipts and payment through the mesh', { skip: ENGINE_SKIP, timeout: 
     const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: 'raw-payer-near', autoPay: false });
     await payer.waitForModel('widen');
     const grant = await payer.grant(agent.id);
-    const one = { x: { dtype: 'float32' as const, shape: [1, 1], data: new Uint8Array(new Float32Array([2]).buffer) } };
-    const reply = await payer.send(agent.id, {
-      v: PROTOCOL_VERSION,
-      kind: 'req',
-      id: newRequestId(),
-      deadline: Date.now() + 10_000,
-      model: 'widen',
-      inputs: encodeTensorMap(one),
-      pay: { payer: payer.payer, grant },
-    });
+    const reply = await payer.send(agent.id, paidRequestWith(payer, 'widen', grant, WIDEN_INPUT));
     const { receipt: _receipt, ...sent } = reply;
     const bytes = encodeMessage(sent).byteLength;
     assert.ok(reply.kind === 'err' || bytes <= bare, `a ${reply.kind} of ${bytes} bytes went out over the agent's cap of ${bare}`);
