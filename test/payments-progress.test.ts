@@ -107,6 +107,8 @@ test('a job in units is paid pro rata by progress receipts, a cancel for the uni
     x.every((v, i) => Math.abs(v - y[i]!) < 1e-5),
     'every unit ran: its output row is its input row',
   );
+  // The answer's receipt follows it (issued with those of the next few ms): here once the app has it.
+  assert.ok(await mesh.receiptsIn(5_000), "the answer's receipt came");
   let receipts = await journal();
   assert.deepEqual(receipts.map(statusOf), [1, 1, 1, 1, 0].map(Number));
   assert.deepEqual(

@@ -27,7 +27,7 @@ import {
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { AgentPayments } from '../edge-agent/src/payments.ts';
-import { earlierRoomBytes, ReceiptPost } from '../edge-agent/src/receipt-post.ts';
+import { earlierRoomBytes, ISSUE_BATCH, ReceiptPost } from '../edge-agent/src/receipt-post.ts';
 import type { Job } from '../edge-agent/src/scheduler.ts';
 import { agentFor, brokerFor, quiet, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
@@ -43,7 +43,16 @@ async function setup(t: TestContext, payment: Partial<AgentPaymentOptions>) {
   const payout = ethers.Wallet.createRandom().address.toLowerCase();
   const agent = await agentFor(t, {
     brokerUrl: broker.url,
-    payment: { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, fundsPollMs: 100, ...payment },
+    // Each receipt issued in the turn after its answer (receiptIssueMs 0), as these tests count on, unless a test says.
+    payment: {
+      payout,
+      domain: domain(),
+      dataDir: await tempDir(t),
+      provider: chain.provider,
+      fundsPollMs: 100,
+      receiptIssueMs: 0,
+      ...payment,
+    },
   });
   const wallet = chain.wallet(nextWallet++);
   await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
@@ -88,7 +97,15 @@ async function postFor(t: TestContext, options: Partial<AgentPaymentOptions>) {
   await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
   const payments = await AgentPayments.open(
     identity,
-    { payout, domain: domain(), dataDir: await tempDir(t), provider: chain.provider, receiptLingerMs: 600_000, ...options },
+    {
+      payout,
+      domain: domain(),
+      dataDir: await tempDir(t),
+      provider: chain.provider,
+      receiptLingerMs: 600_000,
+      receiptIssueMs: 0,
+      ...options,
+    },
     [{ name: 'kws', sha256: 'ab'.repeat(32), priceMicros: 1 }],
     quiet,
   );
@@ -126,7 +143,7 @@ async function postFor(t: TestContext, options: Partial<AgentPaymentOptions>) {
 
 describe('receipts that follow their answers', () => {
   before(async () => {
-    chain = await startLocalChain({ accounts: 8 });
+    chain = await startLocalChain({ accounts: 10 });
     deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   });
   after(() => chain?.close());
@@ -163,12 +180,49 @@ describe('receipts that follow their answers', () => {
     await waitFor(() => lingering.batches().length === 1, 5_000, 'the receipt by itself');
     assert.equal(requestIdHex(lingering.batches()[0]!.receipts[0]!.requestId), requestIdHex(request.id));
 
-    // A window of one request and a linger far longer than the test: the receipt cannot wait, its client needs it to pay.
-    const full = await setup(t, { receiptLingerMs: 600_000, creditRequests: 1 });
+    // A window of one request, and a linger and an issue wait far longer than the test: the receipt cannot wait, its
+    // client needs it to pay.
+    const full = await setup(t, { receiptLingerMs: 600_000, receiptIssueMs: 600_000, creditRequests: 1 });
     const paid = full.send(1);
     await full.answerTo(paid);
     await waitFor(() => full.batches().length === 1, 10_000, 'the receipt at once');
     assert.equal(requestIdHex(full.batches()[0]!.receipts[0]!.requestId), requestIdHex(paid.id));
+  });
+
+  test('the receipts of answers close together are issued together, after receiptIssueMs, and ride on one answer', async (t) => {
+    const { send, answerTo, batches } = await setup(t, { receiptLingerMs: 600_000, receiptIssueMs: 400 });
+    const started = performance.now();
+    const first: InferRequest[] = [];
+    const answers: InferReply[] = [];
+    // One after another, each sent once the one before was answered.
+    for (let i = 1; i <= 3; i++) {
+      first.push(send(i));
+      answers.push(await answerTo(first.at(-1)!));
+    }
+    const answeredMs = performance.now() - started;
+    // Three answers within the issue wait: none of them carries a receipt (none was issued yet). Issued in the turn
+    // after each answer, the first answer's receipt would ride on the second.
+    if (answeredMs < 300) for (const a of answers) assert.equal(a.earlier, undefined, `answered in ${Math.round(answeredMs)} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    const next = await answerTo(send(4));
+    assert.deepEqual(
+      next.earlier?.map((r) => r.seq),
+      [1, 2, 3],
+      'the three receipts, issued together once the wait ended, ride on the next answer',
+    );
+    assert.deepEqual(new Set(next.earlier!.map((r) => requestIdHex(r.requestId))), new Set(first.map((r) => requestIdHex(r.id))));
+    assert.equal(batches().length, 0, 'no message of their own');
+  });
+
+  test('answers waiting for their receipts are issued in the next turn once ISSUE_BATCH of them wait', async (t) => {
+    const { payer, post, job } = await postFor(t, { creditRequests: 1_000, receiptIssueMs: 600_000 });
+    const inside = post as unknown as { ready: Map<string, { receipts: unknown[] }> };
+    const jobs = await Promise.all(Array.from({ length: ISSUE_BATCH }, () => job()));
+    for (const j of jobs.slice(0, -1)) post.defer(j, encodeTensorMap(sampleInputs('kws', 2)));
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(inside.ready.get(`${payer} app-a`), undefined, 'fewer than ISSUE_BATCH wait for the timer');
+    post.defer(jobs.at(-1)!, encodeTensorMap(sampleInputs('kws', 2)));
+    await waitFor(() => inside.ready.get(`${payer} app-a`)?.receipts.length === ISSUE_BATCH, 5_000, 'all issued');
   });
 
   test('a request sent again after its answer gets the answer and its receipt again, billed once', async (t) => {

@@ -449,6 +449,11 @@ export function buildProgram(): Command {
     .option('--chain-id <id>', 'the chain id of that escrow', positiveInt)
     .option('--data <dir>', 'folder for the receipt journal and vouchers', '.mesh-data/agent')
     .option('--credit-requests <n>', 'unpaid requests a payer lane may owe before MESH_CREDIT_EXCEEDED', positiveInt, 8)
+    .option(
+      '--receipt-issue-ms <ms>',
+      "with --payout: how long an answer's receipt may wait to be signed and journaled with those of the answers after it (default 5; 0: at once; an agent that dies loses at most this long of receipts)",
+      nonNegativeNumber,
+    )
     .option('--serve-unpaid', 'with --payout: serve requests that name no payer too, for free (default: MESH_PAYMENT_REQUIRED)', false)
     .option(
       '--settle',
@@ -633,6 +638,7 @@ export function buildProgram(): Command {
                 domain: { chainId: BigInt(opts.chainId), escrow: opts.escrow },
                 dataDir: path.resolve(opts.data),
                 creditRequests: opts.creditRequests,
+                ...(opts.receiptIssueMs !== undefined ? { receiptIssueMs: opts.receiptIssueMs } : {}),
                 ...(provider ? { provider } : {}),
                 ...(opts.confirmations !== undefined ? { confirmations: opts.confirmations } : {}),
                 ...(opts.serveUnpaid ? { serveUnpaid: true } : {}),

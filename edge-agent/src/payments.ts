@@ -90,6 +90,11 @@ export interface AgentPaymentOptions {
    * (default 20 ms; receipt-post.ts). A lane whose window has no room gets its receipts at once.
    */
   receiptLingerMs?: number;
+  /**
+   * How long a paid answer's receipt may wait to be signed and journaled with those of the answers after it (default
+   * 5 ms; 0: in the next event-loop turn; receipt-post.ts). An agent that dies loses the receipts of at most this long.
+   */
+  receiptIssueMs?: number;
   /** How often the escrow's events are read (default 4,000 ms). */
   fundsPollMs?: number;
   /** Most blocks per `eth_getLogs` when catching up (default 2,000). */
@@ -221,6 +226,8 @@ export interface ReceiptFacts {
 const LANE_PREFIX = 'lane!';
 /** How long a paid answer's receipt waits for the next answer to its client by default (receiptLingerMs). */
 export const DEFAULT_RECEIPT_LINGER_MS = 20;
+/** How long a paid answer's receipt may wait to be issued with later ones by default (receiptIssueMs). */
+export const DEFAULT_RECEIPT_ISSUE_MS = 5;
 /** Times an admission refused for credit waits for the payer's vouchers under check and tries again, at most. */
 const MAX_VOUCHER_WAITS = 4;
 const RECEIPT_PREFIX = 'rcpt!';
@@ -249,6 +256,8 @@ export class AgentPayments {
   private readonly quoteTtlMs: number;
   /** See AgentPaymentOptions.receiptLingerMs. */
   readonly receiptLingerMs: number;
+  /** See AgentPaymentOptions.receiptIssueMs. */
+  readonly receiptIssueMs: number;
   private readonly sync: boolean;
   private readonly lanes = new Map<string, Lane>();
   private readonly lanesPerClient = new Map<string, number>();
@@ -339,6 +348,7 @@ export class AgentPayments {
     this.escrow = options.domain.escrow.toLowerCase();
     this.quoteTtlMs = options.quoteTtlMs ?? 86_400_000;
     this.receiptLingerMs = options.receiptLingerMs ?? DEFAULT_RECEIPT_LINGER_MS;
+    this.receiptIssueMs = options.receiptIssueMs ?? DEFAULT_RECEIPT_ISSUE_MS;
     this.sync = options.syncWrites ?? false;
     this.recovery = new SignerRecovery(logger);
     this.warnRefused = throttledWarn(logger);
@@ -380,6 +390,8 @@ export class AgentPayments {
       problems.push('creditMicros must be a non-negative integer');
     if (options.receiptLingerMs !== undefined && !(Number.isFinite(options.receiptLingerMs) && options.receiptLingerMs >= 0))
       problems.push('receiptLingerMs must be a non-negative number of milliseconds');
+    if (options.receiptIssueMs !== undefined && !(Number.isFinite(options.receiptIssueMs) && options.receiptIssueMs >= 0))
+      problems.push('receiptIssueMs must be a non-negative number of milliseconds');
     let confirmations: Confirmations = defaultConfirmations(options.domain.chainId);
     if (options.confirmations !== undefined) {
       try {

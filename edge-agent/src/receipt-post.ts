@@ -1,12 +1,17 @@
 /**
  * Receipts that follow their answers. A paid answer leaves as soon as its job is done; its receipt is signed and
- * journaled at the start of the next event-loop turn, off the answer's path, and then rides on the next answer to
+ * journaled off the answer's path, with the receipts of the other answers of the next few milliseconds
+ * (AgentPaymentOptions.receiptIssueMs, 5 ms by default; at once, in the next event-loop turn, when the lane's window
+ * has no room or ISSUE_BATCH answers wait), and then rides on the next answer to
  * the same client (the reply's `earlier` field), or leaves on its own, in one `receipts` message per lane, when no
  * answer has carried it within the lane's linger (AgentPaymentOptions.receiptLingerMs, 20 ms by default), or at once when
  * the lane's credit window has no room left (its client waits for room that only a voucher for these receipts makes). So a stream of requests costs no message of its own for its receipts.
  *
  * What this costs the agent: an answer that left before its receipt was journaled is not paid if the agent dies in
- * between (at most the answers of one turn, and their receipts never existed: nothing is billed twice). What it
+ * between (at most the answers of the last `receiptIssueMs`, and their receipts never existed: nothing is billed
+ * twice). Why the wait: issued one turn after each answer, a receipt's signature and journal write land on the agent's
+ * core while the next request is on its way, on every request; issued together every few milliseconds they cost less
+ * (one write) and meet fewer requests (docs/agent.md, "Receipts issued together"). What it
  * costs the payer: nothing; it pays a receipt only once it has the answer the receipt names (docs/settlement.md).
  */
 import type { MeshLogger } from '@edge-mesh/client';
@@ -23,6 +28,9 @@ import type { Job } from './scheduler.ts';
 
 /** Receipts one answer carries at most (the schema's `earlier`). */
 const MAX_EARLIER = 256;
+
+/** Answers whose receipts wait to be issued, at most: then they are issued in the next turn, not at the timer. */
+export const ISSUE_BATCH = 64;
 
 /** Flush rounds at most: jobs keep finishing while a flush waits for the journal, but not for ever. */
 const MAX_FLUSH_ROUNDS = 8;
@@ -67,7 +75,9 @@ export interface ReceiptPostOptions {
 export class ReceiptPost {
   /** Paid jobs answered, receipts not issued yet. */
   private answered: Answered[] = [];
-  private issueSoon: NodeJS.Immediate | undefined;
+  /** The next issue: in the next turn, or at the end of `receiptIssueMs`. */
+  private issueNow: NodeJS.Immediate | undefined;
+  private issueTimer: NodeJS.Timeout | undefined;
   /** Receipts signed and being journaled: how many, and when the last of them is ready (or dropped). */
   private journaling = 0;
   private journaled: Promise<void> = Promise.resolve();
@@ -82,12 +92,22 @@ export class ReceiptPost {
     return this.answered.length > 0 || this.journaling > 0 || this.ready.size > 0;
   }
 
-  /** Paid job `job` was answered with `outputs`, now: its `ok` receipt is issued next turn. */
+  /**
+   * Paid job `job` was answered with `outputs`, now: its `ok` receipt is issued with those of the answers of the next
+   * `receiptIssueMs`, or in the next turn when that is 0, when ISSUE_BATCH answers wait, or when its lane's window has
+   * no room for another request (its client then waits for room, which only a voucher for these receipts makes).
+   */
   defer(job: Job, outputs: InferReply['outputs']): void {
     const finishedAt = Date.now();
     const startedAt = finishedAt - (performance.now() - (job.startedAt ?? job.receivedAt));
     this.answered.push({ job, outputs, startedAt, finishedAt });
-    this.issueSoon ??= setImmediate(() => void this.issue());
+    if (this.issueNow) return;
+    const { payments } = this.options;
+    if (payments.receiptIssueMs === 0 || this.answered.length >= ISSUE_BATCH || payments.paymentDue(job.paid!.payer)) {
+      this.issueNow = setImmediate(() => void this.issue());
+      return;
+    }
+    this.issueTimer ??= setTimeout(() => void this.issue(), payments.receiptIssueMs).unref();
   }
 
   /**
@@ -126,8 +146,10 @@ export class ReceiptPost {
 
   /** Signs and journals the receipts of the jobs answered so far; once journaled they are ready to go. */
   private issue(): Promise<void> {
-    clearImmediate(this.issueSoon);
-    this.issueSoon = undefined;
+    clearImmediate(this.issueNow);
+    clearTimeout(this.issueTimer);
+    this.issueNow = undefined;
+    this.issueTimer = undefined;
     const answered = this.answered;
     this.answered = [];
     if (answered.length === 0) return Promise.resolve();
