@@ -1,5 +1,6 @@
 /**
- * `npm run bench -- overhead [--quick] [--n N] [--warmup N]`: what the mesh adds to one kws (wake-word) inference.
+ * `npm run bench -- overhead [--quick] [--n N] [--warmup N] [--phases mesh,echo,...] [--receipt-issue-ms MS]`: what the
+ * mesh adds to one kws (wake-word) inference.
  *
  * raw:  onnxruntime-node in this process, the agent's session options (intraOpNumThreads 1,
  *       interOpNumThreads 1, sequential, graph optimisation all), the same sampleInputs('kws', 1) tensor,
@@ -66,6 +67,13 @@ const MODEL = 'kws';
  */
 const DEFAULT_WARMUP = 4_000;
 let WARMUP = DEFAULT_WARMUP;
+/** The MQTT phases, in the order they run; `--phases a,b` runs only those (e.g. one, for a profile of its processes). */
+const PHASES = ['mesh', 'unpaid_mesh', 'mesh_pool', 'echo', 'paired'];
+
+/** a.p50_ms − b.p50_ms, or null when either phase did not run. */
+function minus(a: Record<string, unknown>, b: Record<string, unknown>): number | null {
+  return typeof a.p50_ms === 'number' && typeof b.p50_ms === 'number' ? round(a.p50_ms - b.p50_ms) : null;
+}
 
 async function rawLatency(n: number): Promise<ReturnType<typeof summarize>> {
   const manifest = await ensureModelsFolder(MODELS_DIR);
@@ -196,6 +204,8 @@ const FIRST_AGENT_ACCOUNT = 3;
 const PAID_AGENTS = 2;
 
 async function startPaidMesh(ctx: BenchContext): Promise<PaidMesh> {
+  // `--receipt-issue-ms MS` goes to the paid agents (their default otherwise), for A/B runs of it.
+  const receiptIssueMs = typeof ctx.args['receipt-issue-ms'] === 'string' ? ctx.args['receipt-issue-ms'] : undefined;
   const chain = await startLocalChain({ accounts: FIRST_AGENT_ACCOUNT + PAID_AGENTS });
   const dataDir = await mkdtemp(path.join(benchTempDir('overhead-paid'), 'data-'));
   try {
@@ -220,7 +230,14 @@ async function startPaidMesh(ctx: BenchContext): Promise<PaidMesh> {
           identity.publicKey,
           signBytes(identity, agentBindingMessage(domain, payout)),
         );
-        return ['--payout', payout, ...domainArgs, '--data', path.join(dataDir, `agent-${index}`)];
+        return [
+          '--payout',
+          payout,
+          ...domainArgs,
+          '--data',
+          path.join(dataDir, `agent-${index}`),
+          ...(receiptIssueMs !== undefined ? ['--receipt-issue-ms', receiptIssueMs] : []),
+        ];
       },
       loadgen: (name) => ({
         args: [...domainArgs, '--data', path.join(dataDir, `app-${name}`)],
@@ -338,6 +355,9 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   const n = typeof ctx.args.n === 'string' ? Number(ctx.args.n) : ctx.quick ? 2_000 : 10_000;
   WARMUP = typeof ctx.args.warmup === 'string' ? Number(ctx.args.warmup) : DEFAULT_WARMUP;
   if (!Number.isSafeInteger(WARMUP) || WARMUP < 0) throw new Error(`--warmup must be a count of requests, not ${String(ctx.args.warmup)}`);
+  const phases = new Set(typeof ctx.args.phases === 'string' ? ctx.args.phases.split(',') : PHASES);
+  const unknown = [...phases].filter((p) => !PHASES.includes(p));
+  if (unknown.length > 0) throw new Error(`--phases: unknown ${unknown.join(', ')}; the phases are ${PHASES.join(', ')}`);
   assertBuilt();
   ctx.log(`overhead: model ${MODEL}, n ${n}, warm-up ${WARMUP}`);
   await ensureModelsFolder(MODELS_DIR);
@@ -360,32 +380,37 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
 
   const paid = await startPaidMesh(ctx);
   let agentInline: string[] | null = null;
-  let mesh: Record<string, unknown>;
-  let meshUnpaid: Record<string, unknown>;
-  let meshPool: Record<string, unknown>;
-  let echo: Record<string, unknown>;
-  let paired: Record<string, unknown>;
+  // A phase left out by --phases reports empty figures (its p50s null).
+  const skipped = { errors: {}, retried: 0, cpu: {} } as Record<string, unknown>;
+  let mesh = skipped;
+  let meshUnpaid = skipped;
+  let meshPool = skipped;
+  let echo = skipped;
+  let paired: Record<string, unknown> = { paired_errors: {} };
   try {
-    mesh = await meshLatency(
-      ctx,
-      'agent',
-      n,
-      async (url, key) => {
-        const extraArgs = await paid.agentArgs(0, key.identity);
-        const proc = await startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1, extraArgs });
-        agentInline = agentReadyFacts(proc)?.inline ?? null;
-        return proc;
-      },
-      paid.loadgen('mesh'),
-    );
-    meshUnpaid = await meshLatency(ctx, 'agent-unpaid', n, (url, key) =>
-      startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1 }),
-    );
-    meshPool = await meshLatency(ctx, 'agent-pool', n, (url, key) =>
-      startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1, inlineMaxMs: 0 }),
-    );
-    echo = await meshLatency(ctx, 'echo', n, (url, key) => startEchoAgentProc(url, key.identity.id, key.keyFile));
-    paired = await pairedLatency(ctx, n, paid);
+    if (phases.has('mesh'))
+      mesh = await meshLatency(
+        ctx,
+        'agent',
+        n,
+        async (url, key) => {
+          const extraArgs = await paid.agentArgs(0, key.identity);
+          const proc = await startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1, extraArgs });
+          agentInline = agentReadyFacts(proc)?.inline ?? null;
+          return proc;
+        },
+        paid.loadgen('mesh'),
+      );
+    if (phases.has('unpaid_mesh'))
+      meshUnpaid = await meshLatency(ctx, 'agent-unpaid', n, (url, key) =>
+        startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1 }),
+      );
+    if (phases.has('mesh_pool'))
+      meshPool = await meshLatency(ctx, 'agent-pool', n, (url, key) =>
+        startAgentProc({ url, keyFile: key.keyFile, id: key.identity.id, workers: 1, inlineMaxMs: 0 }),
+      );
+    if (phases.has('echo')) echo = await meshLatency(ctx, 'echo', n, (url, key) => startEchoAgentProc(url, key.identity.id, key.keyFile));
+    if (phases.has('paired')) paired = await pairedLatency(ctx, n, paid);
   } finally {
     await paid.close();
   }
@@ -413,15 +438,15 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     agent_inline_p50_ms: round(inline.p50, 4),
     agent_inline_p99_ms: round(inline.p99, 4),
     agent_inline_models: agentInline,
-    mesh_minus_echo_p50_ms: round((mesh.p50_ms as number) - (echo.p50_ms as number)),
+    mesh_minus_echo_p50_ms: minus(mesh, echo),
     mesh_receipts: mesh.paid,
     unpaid_mesh_p50_ms: meshUnpaid.p50_ms,
     unpaid_mesh_p99_ms: meshUnpaid.p99_ms,
-    unpaid_mesh_minus_echo_p50_ms: round((meshUnpaid.p50_ms as number) - (echo.p50_ms as number)),
+    unpaid_mesh_minus_echo_p50_ms: minus(meshUnpaid, echo),
     unpaid_agent_exec_p50_ms: meshUnpaid.agent_exec_p50_ms,
     mesh_pool_p50_ms: meshPool.p50_ms,
     mesh_pool_p99_ms: meshPool.p99_ms,
-    mesh_pool_minus_echo_p50_ms: round((meshPool.p50_ms as number) - (echo.p50_ms as number)),
+    mesh_pool_minus_echo_p50_ms: minus(meshPool, echo),
     mesh_pool_agent_exec_p50_ms: meshPool.agent_exec_p50_ms,
     agent_exec_p50_ms: mesh.agent_exec_p50_ms,
     agent_queue_p50_ms: mesh.agent_queue_p50_ms,
@@ -440,7 +465,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     mesh_p50_ms: mesh.p50_ms,
     mesh_p99_ms: mesh.p99_ms,
     echo_p50_ms: echo.p50_ms,
-    overhead_p50_ms: round((mesh.p50_ms as number) - raw.p50),
+    overhead_p50_ms: minus(mesh, { p50_ms: raw.p50 }),
     n,
   };
 }
