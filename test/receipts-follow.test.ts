@@ -4,6 +4,8 @@
  * that speaks the envelope by hand so that each message the agent sends can be seen.
  */
 import assert from 'node:assert/strict';
+import { writeFile } from 'node:fs/promises';
+import path from 'node:path';
 import { after, before, describe, type TestContext, test } from 'node:test';
 import type { AgentPaymentOptions } from '@edge-mesh/agent';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
@@ -23,6 +25,7 @@ import {
   type ReceiptBatch,
   requestIdHex,
   signLaneGrant,
+  type Tensor,
   topics,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
@@ -31,18 +34,35 @@ import { earlierRoomBytes, ISSUE_BATCH, ReceiptPost } from '../edge-agent/src/re
 import type { Job } from '../edge-agent/src/scheduler.ts';
 import { agentFor, brokerFor, quiet, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
+import { SPIN_DEPTH, SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
+
+/** The model a test agent serves, when not kws: its name, the folder it is in, and the inputs of request `i`. */
+interface Served {
+  model?: string;
+  modelsDir?: string;
+  inputsOf?: (i: number) => Record<string, Tensor>;
+}
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
 let nextWallet = 1;
 const domain = () => ({ chainId: deployment.chainId, escrow: deployment.escrow });
 
-/** A paying kws agent and a funded payer that records every message the agent sends it. */
-async function setup(t: TestContext, payment: Partial<AgentPaymentOptions>) {
+/**
+ * A paying kws agent (or one serving `model` from `modelsDir`) and a funded payer that records every message the agent
+ * sends it.
+ */
+async function setup(
+  t: TestContext,
+  payment: Partial<AgentPaymentOptions>,
+  { model = 'kws', modelsDir, inputsOf = (i: number) => sampleInputs('kws', i) }: Served = {},
+) {
   const broker = await brokerFor(t);
   const payout = ethers.Wallet.createRandom().address.toLowerCase();
   const agent = await agentFor(t, {
     brokerUrl: broker.url,
+    // A model of its own runs on a worker: the agent's event loop goes on while it runs.
+    ...(modelsDir ? { modelsDir, inlineMaxMs: 0 } : {}),
     // Each receipt issued in the turn after its answer (receiptIssueMs 0), as these tests count on, unless a test says.
     payment: {
       payout,
@@ -57,7 +77,7 @@ async function setup(t: TestContext, payment: Partial<AgentPaymentOptions>) {
   const wallet = chain.wallet(nextWallet++);
   await fundOwnLane(wallet, deployment.escrow, payout, 1_000_000n);
   const payer = await TestPayer.open(t, broker.url, { wallet, domain: domain(), clientId: `app-${nextWallet}` });
-  await payer.waitForModel('kws');
+  await payer.waitForModel(model);
   const grant = await payer.grant(agent.id);
   const seen: (InferReply | ReceiptBatch)[] = [];
   payer.client.on('message', (topic, payload) => {
@@ -71,8 +91,8 @@ async function setup(t: TestContext, payment: Partial<AgentPaymentOptions>) {
       kind: 'req',
       id,
       deadline: Date.now() + 30_000,
-      model: 'kws',
-      inputs: encodeTensorMap(sampleInputs('kws', i)),
+      model,
+      inputs: encodeTensorMap(inputsOf(i)),
       pay: { payer: payer.payer, grant },
     };
     payer.client.publish(topics.agentRequest(agent.id, payer.clientId), encodeMessage(request), { qos: 1 });
@@ -143,7 +163,7 @@ async function postFor(t: TestContext, options: Partial<AgentPaymentOptions>) {
 
 describe('receipts that follow their answers', () => {
   before(async () => {
-    chain = await startLocalChain({ accounts: 10 });
+    chain = await startLocalChain({ accounts: 12 });
     deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   });
   after(() => chain?.close());
@@ -187,6 +207,38 @@ describe('receipts that follow their answers', () => {
     await full.answerTo(paid);
     await waitFor(() => full.batches().length === 1, 10_000, 'the receipt at once');
     assert.equal(requestIdHex(full.batches()[0]!.receipts[0]!.requestId), requestIdHex(paid.id));
+  });
+
+  test('a request that fills its lane’s window sends the receipts that wait to be issued or to linger at once', async (t) => {
+    // spin, about 16 times its usual length: a request that runs long enough for receipts to go while it runs.
+    const modelsDir = await tempDir(t, 'edge-mesh-spin-');
+    await writeFile(
+      path.join(modelsDir, 'manifest.json'),
+      JSON.stringify({ models: [await writeSpinModel(modelsDir, {}, 16 * SPIN_DEPTH)] }),
+    );
+    const inputsOf = (i: number) => ({
+      x: { dtype: 'float32' as const, shape: [1, SPIN_WIDTH], data: Float32Array.from({ length: SPIN_WIDTH }, (_, j) => Math.sin(i + j)) },
+    });
+    // A window of two requests, and a linger far longer than the test; the receipts wait to be issued as long, or not.
+    for (const receiptIssueMs of [600_000, 0]) {
+      const { seen, send, answerTo } = await setup(
+        t,
+        { receiptLingerMs: 600_000, receiptIssueMs, creditRequests: 2 },
+        { model: 'spin', modelsDir, inputsOf },
+      );
+      // The first answer leaves a window with room for one more request: its receipt may wait.
+      const first = send(1);
+      await answerTo(first);
+      // The second fills the window: its client waits for the first receipt to pay before it may send a third, and
+      // so the receipt goes while the second runs, not once it is answered.
+      const second = send(2);
+      const secondAnswer = await answerTo(second);
+      const firstReceiptAt = seen.findIndex(
+        (m) => m.kind === 'receipts' && m.receipts.some((r) => requestIdHex(r.requestId) === requestIdHex(first.id)),
+      );
+      assert.ok(firstReceiptAt >= 0, `the first receipt came (receiptIssueMs ${receiptIssueMs})`);
+      assert.ok(firstReceiptAt < seen.indexOf(secondAnswer), `before the second answer (receiptIssueMs ${receiptIssueMs})`);
+    }
   });
 
   test('the receipts of answers close together are issued together, after receiptIssueMs, and ride on one answer', async (t) => {

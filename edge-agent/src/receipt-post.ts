@@ -111,6 +111,23 @@ export class ReceiptPost {
   }
 
   /**
+   * A request was just admitted on `payer`'s lane: when that left its window no room for another request, the lane's
+   * receipts go now, those waiting to be issued (next turn) and those ready (at once). Its client may be waiting for
+   * room, which only a voucher for these receipts makes, while the request runs.
+   */
+  admitted(payer: string): void {
+    if (!this.options.payments.paymentDue(payer)) return;
+    if (!this.issueNow && this.answered.some((a) => a.job.paid!.payer === payer)) this.issueNow = setImmediate(() => void this.issue());
+    const now: Ready[] = [];
+    for (const [group, ready] of this.ready) {
+      if (ready.payer !== payer) continue;
+      this.ready.delete(group);
+      now.push(ready);
+    }
+    this.send(now);
+  }
+
+  /**
    * The receipts ready for `senderId` on `payer`'s lane, taken to ride on an answer about to leave (undefined when
    * there are none, or no room): at most `roomBytes` of them (MAX_SIGNED_RECEIPT_BYTES each). They count as sent.
    */

@@ -841,7 +841,10 @@ export class AgentRequests {
     } catch (err) {
       payments.release(paid);
       this.replyError(job.senderId, job.id, toMeshError(err, 'MESH_BAD_REQUEST'), undefined, payments.laneInfo(paid.payer, job.senderId));
+      return;
     }
+    // A request that fills the lane's window: the receipts its client needs to pay for room go now (receipt-post.ts).
+    this.post?.admitted(paid.payer);
   }
 
   /**
