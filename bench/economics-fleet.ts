@@ -259,6 +259,11 @@ export class SimAgent implements Endpoint {
         dataDir: setup.dataDir,
         provider: setup.provider,
         creditRequests: setup.creditRequests,
+        // Each receipt issued in the turn after its answer, not with those of the next 5 ms: with so small a window
+        // (creditRequests 4 in the test) the refusing payer's halved vouchers then check seqs close to what was billed,
+        // so its refusals reach a window by that rule ('refused') and not first by the unpaid window's ('window').
+        // Under a loaded machine the 5 ms default left that rule untried in one run of five (test/economics.test.ts).
+        receiptIssueMs: 0,
         // Read at every round's chain step (catchUp), not on a timer of its own.
         fundsPollMs: 3_600_000,
         ...(setup.settleThresholdMicros !== undefined
