@@ -103,11 +103,8 @@ export class ReceiptPost {
     this.answered.push({ job, outputs, startedAt, finishedAt });
     if (this.issueNow) return;
     const { payments } = this.options;
-    if (payments.receiptIssueMs === 0 || this.answered.length >= ISSUE_BATCH || payments.paymentDue(job.paid!.payer)) {
-      this.issueNow = setImmediate(() => void this.issue());
-      return;
-    }
-    this.issueTimer ??= setTimeout(() => void this.issue(), payments.receiptIssueMs).unref();
+    if (payments.receiptIssueMs === 0 || this.answered.length >= ISSUE_BATCH || payments.paymentDue(job.paid!.payer)) this.issueNextTurn();
+    else this.issueTimer ??= setTimeout(() => void this.issue(), payments.receiptIssueMs).unref();
   }
 
   /**
@@ -117,14 +114,13 @@ export class ReceiptPost {
    */
   admitted(payer: string): void {
     if (!this.options.payments.paymentDue(payer)) return;
-    if (!this.issueNow && this.answered.some((a) => a.job.paid!.payer === payer)) this.issueNow = setImmediate(() => void this.issue());
-    const now: Ready[] = [];
-    for (const [group, ready] of this.ready) {
-      if (ready.payer !== payer) continue;
-      this.ready.delete(group);
-      now.push(ready);
-    }
-    this.send(now);
+    if (this.answered.some((a) => a.job.paid!.payer === payer)) this.issueNextTurn();
+    this.sendWhere((ready) => ready.payer === payer);
+  }
+
+  /** Issues what waits in the next turn (the timer's wait, if any, is cut short there). */
+  private issueNextTurn(): void {
+    this.issueNow ??= setImmediate(() => void this.issue());
   }
 
   /**
@@ -190,7 +186,6 @@ export class ReceiptPost {
     this.journaling += issued.length;
     const done = durable.then(
       () => {
-        const now: Ready[] = [];
         for (const { payer, senderId, receipt, key } of issued) {
           const group = `${payer} ${senderId}`;
           const ready = this.ready.get(group) ?? { payer, senderId, receipts: [], keys: [] };
@@ -200,12 +195,7 @@ export class ReceiptPost {
         }
         // A lane whose window has no room for another request goes now: its client may be waiting for room, which
         // only a voucher for these receipts makes.
-        for (const [group, ready] of this.ready) {
-          if (!payments.paymentDue(ready.payer)) continue;
-          this.ready.delete(group);
-          now.push(ready);
-        }
-        this.send(now);
+        this.sendWhere((ready) => payments.paymentDue(ready.payer));
         if (this.ready.size > 0)
           this.linger ??= setTimeout(() => {
             this.linger = undefined;
@@ -228,9 +218,18 @@ export class ReceiptPost {
 
   /** Sends every ready receipt by itself: one `receipts` message per client and lane. */
   private sendReady(): void {
-    const all = [...this.ready.values()];
-    this.ready.clear();
-    this.send(all);
+    this.sendWhere(() => true);
+  }
+
+  /** Sends the ready receipts of the clients and lanes `which` picks, by themselves, and forgets them here. */
+  private sendWhere(which: (ready: Ready) => boolean): void {
+    const now: Ready[] = [];
+    for (const [group, ready] of this.ready) {
+      if (!which(ready)) continue;
+      this.ready.delete(group);
+      now.push(ready);
+    }
+    this.send(now);
   }
 
   private send(readies: readonly Ready[]): void {
