@@ -36,11 +36,9 @@ import { declaredInputs, declaresFixedShapes } from '../edge-agent/src/onnx-inpu
 import { describe as describeMeta, fixedShapes } from '../edge-agent/src/ort-session.mjs';
 import { agentFor, assertBusyBurst, brokerFor, meshFor, modelsDir, rawClient, spawnAgent, tcpRelay, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, registeredAgent } from './payer.ts';
-import { SPIN_DEPTH, SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
+import { SPIN_DEPTH, spinInputs, writeSpinModel } from './spin-model.ts';
 
-const spin = (seed = 1): Record<string, Tensor> => ({
-  x: { dtype: 'float32', shape: [1, SPIN_WIDTH], data: Float32Array.from({ length: SPIN_WIDTH }, (_, i) => Math.sin(i * 0.37 + seed)) },
-});
+const spin = (seed = 1): Record<string, Tensor> => spinInputs(seed);
 
 interface Fixture {
   dir: string;

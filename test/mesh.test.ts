@@ -42,7 +42,7 @@ import {
   tempDir,
   waitFor,
 } from './helpers.ts';
-import { SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
+import { SPIN_WIDTH, writeSpinFolder } from './spin-model.ts';
 
 const kws = () => sampleInputs('kws', 3);
 
@@ -71,7 +71,7 @@ const SUITE_TIMEOUT_MS = 600_000;
  */
 async function spinAgent(t: TestContext, brokerUrl: string, options: Partial<AgentOptions> = {}) {
   const dir = await tempDir(t, 'edge-mesh-spin-');
-  await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ models: [await writeSpinModel(dir)] }));
+  await writeSpinFolder(dir);
   return agentFor(t, { brokerUrl, modelsDir: dir, ...options });
 }
 

@@ -16,7 +16,7 @@ import { generateIdentity, MeshError, RECEIPT_STATUS, type SignedReceipt, type T
 import { connect, type Mesh } from '@edge-mesh/sdk';
 import { brokerFor, quiet, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, registeredAgent, settleEntry } from './payer.ts';
-import { SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
+import { SPIN_WIDTH, spinInputs, writeSpinModel } from './spin-model.ts';
 
 let chain: LocalChain;
 let deployment: MeshDeployment;
@@ -32,13 +32,7 @@ const BASE = 2;
 const MAX_UNITS = 8;
 
 /** N units of spin input: row i is a distinct vector (spin multiplies by the identity, so each output row equals its input row). */
-const rows = (n: number, seed: number): Record<string, Tensor> => ({
-  x: {
-    dtype: 'float32',
-    shape: [n, SPIN_WIDTH],
-    data: Float32Array.from({ length: n * SPIN_WIDTH }, (_, i) => Math.sin(i * 0.37 + seed)),
-  },
-});
+const rows = (n: number, seed: number): Record<string, Tensor> => spinInputs(seed, n);
 
 const statusOf = (r: SignedReceipt) => r.status;
 

@@ -4,8 +4,6 @@
  * that speaks the envelope by hand so that each message the agent sends can be seen.
  */
 import assert from 'node:assert/strict';
-import { writeFile } from 'node:fs/promises';
-import path from 'node:path';
 import { after, before, describe, type TestContext, test } from 'node:test';
 import type { AgentPaymentOptions } from '@edge-mesh/agent';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
@@ -34,7 +32,7 @@ import { earlierRoomBytes, ISSUE_BATCH, ReceiptPost } from '../edge-agent/src/re
 import type { Job } from '../edge-agent/src/scheduler.ts';
 import { agentFor, brokerFor, quiet, tempDir, waitFor } from './helpers.ts';
 import { fundOwnLane, TestPayer } from './payer.ts';
-import { SPIN_DEPTH, SPIN_WIDTH, writeSpinModel } from './spin-model.ts';
+import { SPIN_DEPTH, spinInputs, writeSpinFolder } from './spin-model.ts';
 
 /** The model a test agent serves, when not kws: its name, the folder it is in, and the inputs of request `i`. */
 interface Served {
@@ -212,13 +210,8 @@ describe('receipts that follow their answers', () => {
   test('a request that fills its lane’s window sends the receipts that wait to be issued or to linger at once', async (t) => {
     // spin, about 16 times its usual length: a request that runs long enough for receipts to go while it runs.
     const modelsDir = await tempDir(t, 'edge-mesh-spin-');
-    await writeFile(
-      path.join(modelsDir, 'manifest.json'),
-      JSON.stringify({ models: [await writeSpinModel(modelsDir, {}, 16 * SPIN_DEPTH)] }),
-    );
-    const inputsOf = (i: number) => ({
-      x: { dtype: 'float32' as const, shape: [1, SPIN_WIDTH], data: Float32Array.from({ length: SPIN_WIDTH }, (_, j) => Math.sin(i + j)) },
-    });
+    await writeSpinFolder(modelsDir, 16 * SPIN_DEPTH);
+    const inputsOf = (i: number) => spinInputs(i);
     // A window of two requests, and a linger far longer than the test; the receipts wait to be issued as long, or not.
     for (const receiptIssueMs of [600_000, 0]) {
       const { seen, send, answerTo } = await setup(

@@ -54,6 +54,25 @@ export function spinModel(depth = SPIN_DEPTH): Buffer {
   return Buffer.concat([varintField(1, 8), lenField(8, varintField(2, 17)), lenField(7, graph)]);
 }
 
+/**
+ * `n` rows of spin input: row i a distinct vector (spin multiplies by the identity, so each output row equals its
+ * input row); `seed` makes the rows of different calls differ.
+ */
+export function spinInputs(seed: number, n = 1): { x: { dtype: 'float32'; shape: number[]; data: Float32Array } } {
+  return {
+    x: {
+      dtype: 'float32',
+      shape: [n, SPIN_WIDTH],
+      data: Float32Array.from({ length: n * SPIN_WIDTH }, (_, i) => Math.sin(i * 0.37 + seed)),
+    },
+  };
+}
+
+/** Writes spin (`depth` MatMuls long) and a manifest of it alone into `dir`: a models folder for an agent. */
+export async function writeSpinFolder(dir: string, depth = SPIN_DEPTH): Promise<void> {
+  await writeFile(path.join(dir, 'manifest.json'), JSON.stringify({ models: [await writeSpinModel(dir, {}, depth)] }));
+}
+
 /** Writes `spin.onnx` into `dir` and returns its manifest entry (name `spin`, price 1 µ$ unless `extra` says otherwise). */
 export async function writeSpinModel(dir: string, extra: Record<string, unknown> = {}, depth = SPIN_DEPTH) {
   return writeModel(dir, 'spin', spinModel(depth), `${depth} MatMuls of [1,${SPIN_WIDTH}] by an identity weight`, extra);
