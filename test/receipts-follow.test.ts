@@ -103,7 +103,7 @@ async function setup(
     return answers()[nth - 1]!;
   };
   const batches = () => seen.filter((m): m is ReceiptBatch => m.kind === 'receipts');
-  return { agent, payer, seen, send, answerTo, batches };
+  return { agent, payer, seen, send, answerTo, batches, brokerUrl: broker.url };
 }
 
 /** A ReceiptPost over real AgentPayments for client `app-a` of a funded payer: what it sends alone is kept in `sent`. */
@@ -161,7 +161,7 @@ async function postFor(t: TestContext, options: Partial<AgentPaymentOptions>) {
 
 describe('receipts that follow their answers', () => {
   before(async () => {
-    chain = await startLocalChain({ accounts: 12 });
+    chain = await startLocalChain({ accounts: 20 });
     deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   });
   after(() => chain?.close());
@@ -268,6 +268,54 @@ describe('receipts that follow their answers', () => {
     assert.equal(inside.ready.get(`${payer} app-a`), undefined, 'fewer than ISSUE_BATCH wait for the timer');
     post.defer(jobs.at(-1)!, encodeTensorMap(sampleInputs('kws', 2)));
     await waitFor(() => inside.ready.get(`${payer} app-a`)?.receipts.length === ISSUE_BATCH, 5_000, 'all issued');
+  });
+
+  test('a hurried lane sends its waiting receipts once journaled and its ready ones at once, not at the issue wait or the linger', async (t) => {
+    const outputs = encodeTensorMap(sampleInputs('kws', 2));
+    // Waiting to be issued (receiptIssueMs 600 s): issued in the next turn, sent once journaled.
+    const waiting = await postFor(t, { creditRequests: 1_000, receiptIssueMs: 600_000 });
+    const first = await waiting.job();
+    waiting.post.defer(first, outputs);
+    waiting.post.hurry(`0x${'1'.repeat(40)}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.equal(waiting.sent.length, 0, 'another lane hurried: this receipt waits for receiptIssueMs');
+    waiting.post.hurry(waiting.payer);
+    await waitFor(() => waiting.sent.length === 1, 5_000, 'the waiting receipt, issued and sent');
+    assert.deepEqual(
+      waiting.sent[0]!.receipts.map((r) => requestIdHex(r.requestId)),
+      [first.key],
+    );
+    // Issued and journaled, lingering (600 s): sent at once.
+    const lingering = await postFor(t, { creditRequests: 1_000, receiptIssueMs: 0 });
+    const inside = lingering.post as unknown as { ready: Map<string, { receipts: unknown[] }> };
+    const second = await lingering.job();
+    lingering.post.defer(second, outputs);
+    await waitFor(() => inside.ready.get(`${lingering.payer} app-a`)?.receipts.length === 1, 5_000, 'issued');
+    assert.equal(lingering.sent.length, 0);
+    lingering.post.hurry(lingering.payer);
+    assert.deepEqual(
+      lingering.sent.flatMap((b) => b.receipts.map((r) => requestIdHex(r.requestId))),
+      [second.key],
+    );
+  });
+
+  test('a resync from the lane’s client brings the receipts that wait to be issued or to linger; one from another client does not', async (t) => {
+    const { agent, payer, send, answerTo, seen, brokerUrl } = await setup(t, { receiptLingerMs: 600_000, receiptIssueMs: 600_000 });
+    const request = send(1);
+    await answerTo(request);
+    const receiptOf = () =>
+      seen.some((m) => m.kind === 'receipts' && m.receipts.some((r) => requestIdHex(r.requestId) === requestIdHex(request.id)));
+    // A stranger names this payer's lane: it is not the lane's client, so nothing is sent (nor hurried).
+    const stranger = await TestPayer.open(t, brokerUrl, { wallet: chain.wallet(nextWallet++), domain: domain(), clientId: 'app-stranger' });
+    stranger.publishRaw(
+      topics.agentVoucher(agent.id, stranger.clientId),
+      encodeMessage({ v: PROTOCOL_VERSION, kind: 'resync', payer: payer.payer, afterSeq: 0 }),
+    );
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    assert.equal(receiptOf(), false, 'the receipt waits (receiptIssueMs and the linger are 600 s)');
+    // The lane's client misses it (as the SDK does a second after the answer): it comes.
+    await payer.resync(agent.id, 0, 0);
+    await waitFor(receiptOf, 5_000, 'the receipt, after the resync');
   });
 
   test('a request sent again after its answer gets the answer and its receipt again, billed once', async (t) => {

@@ -1093,9 +1093,15 @@ export class AgentPayments {
    * Answers a resync: the journal's receipts of the lane after `afterSeq`, in seq order, in messages of
    * at most RESYNC_BATCH receipts (at most RESYNC_MAX_BATCHES messages; the payer asks again from where
    * they stop). Only the client the lane is granted to is answered, at most RESYNC_BURST times at once and
-   * RESYNC_PER_SECOND after: undefined for anyone else, or past that.
+   * RESYNC_PER_SECOND after: undefined for anyone else, or past that. `answering` is called once a resync is to be
+   * answered, before the journal is read (the agent sends the lane's waiting receipts then: receipt-post.ts, `hurry`).
    */
-  async resync(senderId: string, request: Resync, agentId: string): Promise<ReceiptBatch[] | undefined> {
+  async resync(
+    senderId: string,
+    request: Resync,
+    agentId: string,
+    answering?: (payer: string) => void,
+  ): Promise<ReceiptBatch[] | undefined> {
     const lane = this.lanes.get(request.payer);
     if (!lane?.grant || lane.senderId !== senderId) {
       this.counters.resyncsRefused++;
@@ -1108,6 +1114,7 @@ export class AgentPayments {
       return undefined;
     }
     this.counters.resyncs++;
+    answering?.(lane.payer);
     const receipts = await this.journal(lane.payer, request.afterSeq, RESYNC_BATCH * RESYNC_MAX_BATCHES);
     // A receipt whose reply has not gone out yet stops the batch there: sent ahead of its reply, it would
     // reach the payer before the answer it stands for, and be refused as 'no-reply'. The reply brings it.

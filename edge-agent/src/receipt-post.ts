@@ -84,6 +84,8 @@ export class ReceiptPost {
   /** Receipts issued and journaled, not sent yet, per client and lane (`payer senderId`). */
   private readonly ready = new Map<string, Ready>();
   private linger: NodeJS.Timeout | undefined;
+  /** Lanes whose receipts go once journaled, not at the linger (`hurry`). */
+  private readonly hurried = new Set<string>();
 
   constructor(private readonly options: ReceiptPostOptions) {}
 
@@ -113,8 +115,19 @@ export class ReceiptPost {
    * room, which only a voucher for these receipts makes, while the request runs.
    */
   admitted(payer: string): void {
-    if (!this.options.payments.paymentDue(payer)) return;
-    if (this.answered.some((a) => a.job.paid!.payer === payer)) this.issueNextTurn();
+    if (this.options.payments.paymentDue(payer)) this.hurry(payer);
+  }
+
+  /**
+   * `payer`'s lane's receipts go now: those ready at once, those waiting to be issued in the next turn, sent once
+   * journaled (not at the linger). For a lane whose client waits for room, or asks for the receipts it misses (a
+   * resync). Receipts being journaled at this moment go at the linger or on the next answer, as usual.
+   */
+  hurry(payer: string): void {
+    if (this.answered.some((a) => a.job.paid!.payer === payer)) {
+      this.hurried.add(payer);
+      this.issueNextTurn();
+    }
     this.sendWhere((ready) => ready.payer === payer);
   }
 
@@ -194,8 +207,10 @@ export class ReceiptPost {
           ready.keys.push(key);
         }
         // A lane whose window has no room for another request goes now: its client may be waiting for room, which
-        // only a voucher for these receipts makes.
-        this.sendWhere((ready) => payments.paymentDue(ready.payer));
+        // only a voucher for these receipts makes. So does a lane hurried meanwhile (a resync).
+        this.sendWhere((ready) => this.hurried.has(ready.payer) || payments.paymentDue(ready.payer));
+        // A lane stays hurried while answers of its wait to be issued (they were answered after this issue began).
+        for (const { payer } of issued) if (!this.answered.some((a) => a.job.paid!.payer === payer)) this.hurried.delete(payer);
         if (this.ready.size > 0)
           this.linger ??= setTimeout(() => {
             this.linger = undefined;
@@ -205,7 +220,10 @@ export class ReceiptPost {
       (err: unknown) => {
         // Not on disk, so never sent: the payer pays only receipts it has, and these answers go unpaid.
         logger.error({ err: (err as Error).message, receipts: issued.length }, 'receipts not journaled; not sent');
-        for (const { payer, receipt } of issued) payments.replied(payer, receipt.seq);
+        for (const { payer, receipt } of issued) {
+          payments.replied(payer, receipt.seq);
+          this.hurried.delete(payer);
+        }
       },
     );
     const counted = done.finally(() => {

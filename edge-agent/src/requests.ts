@@ -501,12 +501,16 @@ export class AgentRequests {
         .catch((err: unknown) => logger.error({ err: (err as Error).message }, 'voucher not stored'));
       return;
     }
-    void payments.resync(senderId, message, agentId).then(
-      (batches) => {
-        for (const batch of batches ?? []) this.options.reply(senderId, encodeMessage(batch));
-      },
-      (err: unknown) => logger.error({ err: (err as Error).message }, 'resync not answered'),
-    );
+    // The payer misses receipts: those of its lane still waiting to be issued or to linger go now, not at the end of
+    // receiptIssueMs or the linger (the journal gives only receipts whose answers left, and those are sent).
+    void payments
+      .resync(senderId, message, agentId, (payer) => this.post?.hurry(payer))
+      .then(
+        (batches) => {
+          for (const batch of batches ?? []) this.options.reply(senderId, encodeMessage(batch));
+        },
+        (err: unknown) => logger.error({ err: (err as Error).message }, 'resync not answered'),
+      );
   };
 
   /**
