@@ -20,7 +20,7 @@ import { AdaptiveConcurrency, type AdaptiveConcurrencyOptions, addressCaller, ma
 import { kindOf, recoveryMs } from '../bench/contention.ts';
 import type { Executor, JobCallback } from '../edge-agent/src/executor.ts';
 import { Faults } from '../edge-agent/src/faults.ts';
-import { AgentRequests, ReplayGuard } from '../edge-agent/src/requests.ts';
+import { AgentRequests, KEPT_REPLIES, ReplayGuard, SentReplies } from '../edge-agent/src/requests.ts';
 import { type Job, Scheduler } from '../edge-agent/src/scheduler.ts';
 import { newAgentCounters } from '../edge-agent/src/types.ts';
 import { agentFor, brokerFor, quiet, routerFor } from './helpers.ts';
@@ -532,6 +532,28 @@ describe('agent request path', () => {
     assert.equal(codeOf(replies.at(-1)), 'res');
     assert.equal(executor.runs.length, 0, 'not run again');
     assert.equal(replays.setAside, 2);
+  });
+
+  test('kept replies: past the bound the expired go first, then the oldest of the sender holding the most; its order stays bounded', () => {
+    const sent = new SentReplies();
+    const reply = Buffer.alloc(100);
+    const later = Date.now() + 60_000;
+    sent.keep('old', 'bob', reply, Date.now() - 1);
+    sent.keep('alice-1', 'alice', reply, later);
+    for (let i = 0; i < 20_000; i++) {
+      sent.keep(`m-${i}`, 'mallory', reply, later);
+      // Some of her replies are taken again (a re-sent request) and kept again: kept once, as the newest.
+      if (i % 7 === 0) sent.keep(`m-${i}`, 'mallory', reply, later);
+    }
+    const inside = sent as unknown as { bySender: Map<string, unknown>; order: { items: unknown[]; head: number } };
+    assert.equal(inside.bySender.has('bob'), false, 'expired: dropped first');
+    assert.ok(sent.get('alice-1', 'alice'), "another sender's reply stays");
+    assert.equal(sent.get('alice-1', 'mallory'), undefined, 'only to the sender it was for');
+    const kept = Array.from({ length: 20_000 }, (_, i) => sent.get(`m-${i}`, 'mallory') !== undefined);
+    const first = kept.indexOf(true);
+    assert.equal(first, 20_000 - (KEPT_REPLIES - 1), 'her newest KEPT_REPLIES − 1 replies, the oldest gone first');
+    assert.ok(kept.slice(first).every(Boolean));
+    assert.ok(inside.order.items.length - inside.order.head <= 2 * KEPT_REPLIES + 64, 'the order holds O(kept) entries');
   });
 
   test("one sender's stream of requests sent and cancelled at once does not push out another sender's kept reply", () => {

@@ -359,6 +359,7 @@ type Queue = Pick<Scheduler, 'submit' | 'cancel' | 'queueClaim'> & Partial<Pick<
 
 /** A reply kept for redelivery and, for a paid answer, the receipt that followed it (receipt-post.ts). */
 interface KeptReply {
+  key: string;
   senderId: string;
   bytes: Buffer;
   expiresAt: number;
@@ -366,8 +367,42 @@ interface KeptReply {
 }
 
 /** Replies kept for redelivery: at most this many, and this many bytes in all (the oldest go first). */
-const KEPT_REPLIES = 1_024;
+export const KEPT_REPLIES = 1_024;
 const KEPT_REPLY_BYTES = 16 * 1024 * 1024;
+
+/**
+ * Kept replies oldest first, with those dropped since still in place until they reach the front (`live` tells):
+ * taking the oldest is then O(1), where finding it by iterating the map from its start skipped every entry deleted
+ * since the map last compacted (up to about a thousand, on every request under a steady stream).
+ */
+class KeptOrder {
+  private items: KeptReply[] = [];
+  private head = 0;
+
+  constructor(private readonly live: (kept: KeptReply) => boolean) {}
+
+  push(kept: KeptReply): void {
+    this.items.push(kept);
+  }
+
+  /** The oldest reply still kept, left in place. */
+  oldest(): KeptReply | undefined {
+    while (this.head < this.items.length && !this.live(this.items[this.head]!)) this.head++;
+    if (this.head > 64 && this.head * 2 > this.items.length) {
+      this.items = this.items.slice(this.head);
+      this.head = 0;
+    }
+    return this.items[this.head];
+  }
+
+  /** Drops the replies no longer kept once they outnumber those kept (`kept` of them): memory stays O(kept). */
+  tidy(kept: number): void {
+    if (this.items.length - this.head > 2 * kept + 64) {
+      this.items = this.items.slice(this.head).filter(this.live);
+      this.head = 0;
+    }
+  }
+}
 
 /**
  * The replies sent lately, by request id, until their request's deadline: a sender whose connection dropped with the
@@ -378,35 +413,41 @@ const KEPT_REPLY_BYTES = 16 * 1024 * 1024;
  * reply of the sender holding the most (by count past the count bound, by bytes past the byte bound). So one sender's
  * stream of cheap requests (sent and cancelled at once, say) cannot push out every other sender's kept replies.
  */
-class SentReplies {
+export class SentReplies {
   private readonly byKey = new Map<string, KeptReply>();
   private bytes = 0;
-  /** Per sender: replies kept and their bytes. */
-  private readonly bySender = new Map<string, { count: number; bytes: number }>();
+  private readonly isKept = (kept: KeptReply): boolean => this.byKey.get(kept.key) === kept;
+  /** Every kept reply, oldest first. */
+  private readonly order = new KeptOrder(this.isKept);
+  /** Per sender: replies kept, their bytes, and the sender's replies oldest first. */
+  private readonly bySender = new Map<string, { count: number; bytes: number; order: KeptOrder }>();
 
   keep(key: string, senderId: string, bytes: Buffer, expiresAt: number): void {
     if (bytes.byteLength > KEPT_REPLY_BYTES / 4) return;
     this.drop(key);
-    this.byKey.set(key, { senderId, bytes, expiresAt });
+    const kept: KeptReply = { key, senderId, bytes, expiresAt };
+    this.byKey.set(key, kept);
     this.bytes += bytes.byteLength;
-    const own = this.bySender.get(senderId) ?? { count: 0, bytes: 0 };
+    let own = this.bySender.get(senderId);
+    if (!own) {
+      own = { count: 0, bytes: 0, order: new KeptOrder(this.isKept) };
+      this.bySender.set(senderId, own);
+    }
     own.count++;
     own.bytes += bytes.byteLength;
-    this.bySender.set(senderId, own);
+    own.order.push(kept);
+    own.order.tidy(own.count);
+    this.order.push(kept);
+    this.order.tidy(this.byKey.size);
     if (this.byKey.size <= KEPT_REPLIES && this.bytes <= KEPT_REPLY_BYTES) return;
     const now = Date.now();
-    for (const [k, v] of this.byKey) {
-      if (v.expiresAt > now) break;
-      this.drop(k);
-    }
+    for (let oldest = this.order.oldest(); oldest && oldest.expiresAt <= now; oldest = this.order.oldest()) this.drop(oldest.key);
     while (this.byKey.size > KEPT_REPLIES || this.bytes > KEPT_REPLY_BYTES) {
       const by = this.byKey.size > KEPT_REPLIES ? 'count' : 'bytes';
-      const top = largestHolder(this.bySender, (held) => held[by])?.key;
-      for (const [k, v] of this.byKey) {
-        if (v.senderId !== top) continue;
-        this.drop(k);
-        break;
-      }
+      const top = largestHolder(this.bySender, (held) => held[by]);
+      const oldest = top && this.bySender.get(top.key)?.order.oldest();
+      if (!oldest) break;
+      this.drop(oldest.key);
     }
   }
 
