@@ -299,6 +299,41 @@ describe('receipts that follow their answers', () => {
     );
   });
 
+  test('a lane hurried again while its receipts are being journaled sends the next issue’s once journaled too', async (t) => {
+    const outputs = encodeTensorMap(sampleInputs('kws', 2));
+    const { payer, post, sent, job } = await postFor(t, { creditRequests: 1_000, receiptIssueMs: 600_000 });
+    // Journal writes held until released, and done in order, as a slow fdatasync (syncWrites) holds them.
+    const payments = (post as unknown as { options: { payments: AgentPayments } }).options.payments;
+    let release!: () => void;
+    const held = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    let last: Promise<void> = Promise.resolve();
+    const issue = payments.issue.bind(payments);
+    payments.issue = (paid, facts) => {
+      const one = issue(paid, facts);
+      last = Promise.all([last, one.durable, held]).then(() => {});
+      return { receipt: one.receipt, durable: last };
+    };
+    const turn = () => new Promise((resolve) => setImmediate(resolve));
+    const first = await job();
+    post.defer(first, outputs);
+    post.hurry(payer);
+    await turn();
+    // The first receipt is being journaled; a second answer, and the lane is hurried again (a resync).
+    const second = await job();
+    post.defer(second, outputs);
+    post.hurry(payer);
+    await turn();
+    release();
+    await waitFor(() => sent.flatMap((b) => b.receipts).length === 2, 5_000, 'both receipts, once journaled');
+    assert.deepEqual(
+      sent.flatMap((b) => b.receipts.map((r) => requestIdHex(r.requestId))),
+      [first.key, second.key],
+    );
+    assert.equal((post as unknown as { hurried: Set<string> }).hurried.size, 0, 'no lane is left hurried');
+  });
+
   test('a resync from the lane’s client brings the receipts that wait to be issued or to linger; one from another client does not', async (t) => {
     const { agent, payer, send, answerTo, seen, brokerUrl } = await setup(t, { receiptLingerMs: 600_000, receiptIssueMs: 600_000 });
     const request = send(1);

@@ -84,8 +84,11 @@ export class ReceiptPost {
   /** Receipts issued and journaled, not sent yet, per client and lane (`payer senderId`). */
   private readonly ready = new Map<string, Ready>();
   private linger: NodeJS.Timeout | undefined;
-  /** Lanes whose receipts go once journaled, not at the linger (`hurry`). */
-  private readonly hurried = new Set<string>();
+  /**
+   * Lanes hurried (`hurry`) whose answers wait to be issued: their receipts go once journaled, not at the linger. The
+   * next issue takes them all (it takes every waiting answer), so this names only lanes with answers in `answered`.
+   */
+  private hurried = new Set<string>();
 
   constructor(private readonly options: ReceiptPostOptions) {}
 
@@ -178,6 +181,10 @@ export class ReceiptPost {
     this.issueTimer = undefined;
     const answered = this.answered;
     this.answered = [];
+    // The lanes hurried for these answers: this issue's, not the next one's (an issue still being journaled must not
+    // unhurry answers that wait for the next).
+    const hurried = this.hurried;
+    this.hurried = new Set();
     if (answered.length === 0) return Promise.resolve();
     const { payments, logger } = this.options;
     const issued: { payer: string; senderId: string; receipt: SignedReceipt; key: string }[] = [];
@@ -207,10 +214,8 @@ export class ReceiptPost {
           ready.keys.push(key);
         }
         // A lane whose window has no room for another request goes now: its client may be waiting for room, which
-        // only a voucher for these receipts makes. So does a lane hurried meanwhile (a resync).
-        this.sendWhere((ready) => this.hurried.has(ready.payer) || payments.paymentDue(ready.payer));
-        // A lane stays hurried while answers of its wait to be issued (they were answered after this issue began).
-        for (const { payer } of issued) if (!this.answered.some((a) => a.job.paid!.payer === payer)) this.hurried.delete(payer);
+        // only a voucher for these receipts makes. So does a lane hurried for these answers (a resync), or since.
+        this.sendWhere((ready) => hurried.has(ready.payer) || this.hurried.has(ready.payer) || payments.paymentDue(ready.payer));
         if (this.ready.size > 0)
           this.linger ??= setTimeout(() => {
             this.linger = undefined;
@@ -220,10 +225,7 @@ export class ReceiptPost {
       (err: unknown) => {
         // Not on disk, so never sent: the payer pays only receipts it has, and these answers go unpaid.
         logger.error({ err: (err as Error).message, receipts: issued.length }, 'receipts not journaled; not sent');
-        for (const { payer, receipt } of issued) {
-          payments.replied(payer, receipt.seq);
-          this.hurried.delete(payer);
-        }
+        for (const { payer, receipt } of issued) payments.replied(payer, receipt.seq);
       },
     );
     const counted = done.finally(() => {
