@@ -556,6 +556,41 @@ describe('agent request path', () => {
     assert.ok(inside.order.items.length - inside.order.head <= 2 * KEPT_REPLIES + 64, 'the order holds O(kept) entries');
   });
 
+  test('kept replies: the orders hold O(kept) entries and no bytes of a reply dropped since, whichever way it went', () => {
+    const sent = new SentReplies();
+    const later = Date.now() + 60_000;
+    const small = Buffer.alloc(100);
+    // Alice's replies expire but one, and go when Bob's stream passes the count bound (expired first).
+    for (let i = 0; i < 1_000; i++) sent.keep(`a-${i}`, 'alice', small, Date.now() - 1);
+    sent.keep('a-stays', 'alice', small, later);
+    for (let i = 0; i < 100; i++) sent.keep(`b-${i}`, 'bob', small, later);
+    // Dave's expire but one, and each is asked for again (get drops it).
+    sent.keep('d-stays', 'dave', small, later);
+    for (let i = 0; i < 500; i++) sent.keep(`d-${i}`, 'dave', small, Date.now() - 1);
+    for (let i = 0; i < 500; i++) assert.equal(sent.get(`d-${i}`, 'dave'), undefined);
+    const inside = sent as unknown as {
+      byKey: Map<string, { bytes: Buffer }>;
+      order: { items: object[] };
+      bySender: Map<string, { count: number; order: { items: object[] } }>;
+    };
+    // Carol's large replies: a few fit the byte bound, each new one pushes out her oldest (views of one buffer here).
+    const large = Buffer.alloc(4 * 1024 * 1024);
+    for (let i = 0; i < 100; i++) sent.keep(`c-${i}`, 'carol', large.subarray(0), later);
+    assert.ok(sent.get('a-stays', 'alice') && sent.get('d-stays', 'dave'), 'the unexpired replies stay');
+    const queues = [
+      { name: 'all', items: inside.order.items, kept: inside.byKey.size },
+      ...[...inside.bySender].map(([name, held]) => ({ name, items: held.order.items, kept: held.count })),
+    ];
+    for (const { name, items, kept } of queues)
+      assert.ok(items.length <= 4 * kept + 128, `${name}: ${items.length} entries for ${kept} kept`);
+    // Bytes the orders reach: those of the replies kept at most.
+    const reached = new Set<Buffer>();
+    for (const { items } of queues) for (const item of items) for (const v of Object.values(item)) if (Buffer.isBuffer(v)) reached.add(v);
+    const keptBytes = [...inside.byKey.values()].reduce((n, k) => n + k.bytes.byteLength, 0);
+    const reachedBytes = [...reached].reduce((n, b) => n + b.byteLength, 0);
+    assert.ok(reachedBytes <= keptBytes, `the orders reach ${reachedBytes} bytes; ${keptBytes} kept`);
+  });
+
   test("one sender's stream of requests sent and cancelled at once does not push out another sender's kept reply", () => {
     const { requests, replies, executor, bytes, codeOf } = requestPath(10_000);
     const aliceId = newRequestId();

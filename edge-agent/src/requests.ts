@@ -359,11 +359,18 @@ type Queue = Pick<Scheduler, 'submit' | 'cancel' | 'queueClaim'> & Partial<Pick<
 
 /** A reply kept for redelivery and, for a paid answer, the receipt that followed it (receipt-post.ts). */
 interface KeptReply {
-  key: string;
   senderId: string;
   bytes: Buffer;
   expiresAt: number;
   receipt?: { payer: string; receipt: SignedReceipt };
+  /** Its place in the orders of kept replies. */
+  slot: KeptSlot;
+}
+
+/** A kept reply's place in an order: its key and deadline, not its bytes (a dropped reply's slot may linger there). */
+interface KeptSlot {
+  key: string;
+  expiresAt: number;
 }
 
 /** Replies kept for redelivery: at most this many, and this many bytes in all (the oldest go first). */
@@ -373,20 +380,21 @@ const KEPT_REPLY_BYTES = 16 * 1024 * 1024;
 /**
  * Kept replies oldest first, with those dropped since still in place until they reach the front (`live` tells):
  * taking the oldest is then O(1), where finding it by iterating the map from its start skipped every entry deleted
- * since the map last compacted (up to about a thousand, on every request under a steady stream).
+ * since the map last compacted (up to about a thousand, on every request under a steady stream). It holds slots, not
+ * replies: a dropped reply's bytes are not kept alive here.
  */
 class KeptOrder {
-  private items: KeptReply[] = [];
+  private items: KeptSlot[] = [];
   private head = 0;
 
-  constructor(private readonly live: (kept: KeptReply) => boolean) {}
+  constructor(private readonly live: (slot: KeptSlot) => boolean) {}
 
-  push(kept: KeptReply): void {
-    this.items.push(kept);
+  push(slot: KeptSlot): void {
+    this.items.push(slot);
   }
 
   /** The oldest reply still kept, left in place. */
-  oldest(): KeptReply | undefined {
+  oldest(): KeptSlot | undefined {
     while (this.head < this.items.length && !this.live(this.items[this.head]!)) this.head++;
     if (this.head > 64 && this.head * 2 > this.items.length) {
       this.items = this.items.slice(this.head);
@@ -395,7 +403,10 @@ class KeptOrder {
     return this.items[this.head];
   }
 
-  /** Drops the replies no longer kept once they outnumber those kept (`kept` of them): memory stays O(kept). */
+  /**
+   * Drops the replies no longer kept once they outnumber those kept (`kept` of them): memory stays O(kept). Called on
+   * every push and every drop (whichever way a reply goes), so that holds for an order that takes no push for long.
+   */
   tidy(kept: number): void {
     if (this.items.length - this.head > 2 * kept + 64) {
       this.items = this.items.slice(this.head).filter(this.live);
@@ -416,7 +427,7 @@ class KeptOrder {
 export class SentReplies {
   private readonly byKey = new Map<string, KeptReply>();
   private bytes = 0;
-  private readonly isKept = (kept: KeptReply): boolean => this.byKey.get(kept.key) === kept;
+  private readonly isKept = (slot: KeptSlot): boolean => this.byKey.get(slot.key)?.slot === slot;
   /** Every kept reply, oldest first. */
   private readonly order = new KeptOrder(this.isKept);
   /** Per sender: replies kept, their bytes, and the sender's replies oldest first. */
@@ -425,8 +436,8 @@ export class SentReplies {
   keep(key: string, senderId: string, bytes: Buffer, expiresAt: number): void {
     if (bytes.byteLength > KEPT_REPLY_BYTES / 4) return;
     this.drop(key);
-    const kept: KeptReply = { key, senderId, bytes, expiresAt };
-    this.byKey.set(key, kept);
+    const slot: KeptSlot = { key, expiresAt };
+    this.byKey.set(key, { senderId, bytes, expiresAt, slot });
     this.bytes += bytes.byteLength;
     let own = this.bySender.get(senderId);
     if (!own) {
@@ -435,9 +446,9 @@ export class SentReplies {
     }
     own.count++;
     own.bytes += bytes.byteLength;
-    own.order.push(kept);
+    own.order.push(slot);
     own.order.tidy(own.count);
-    this.order.push(kept);
+    this.order.push(slot);
     this.order.tidy(this.byKey.size);
     if (this.byKey.size <= KEPT_REPLIES && this.bytes <= KEPT_REPLY_BYTES) return;
     const now = Date.now();
@@ -477,6 +488,8 @@ export class SentReplies {
     held.count--;
     held.bytes -= kept.bytes.byteLength;
     if (held.count === 0) this.bySender.delete(kept.senderId);
+    else held.order.tidy(held.count);
+    this.order.tidy(this.byKey.size);
   }
 }
 
