@@ -20,6 +20,7 @@ import {
   MAX_SIGNED_RECEIPT_BYTES,
   newRequestId,
   PROTOCOL_VERSION,
+  RECEIPT_STATUS,
   type ReceiptBatch,
   requestIdHex,
   signLaneGrant,
@@ -158,6 +159,28 @@ async function postFor(t: TestContext, options: Partial<AgentPaymentOptions>) {
   };
   return { payer, post, sent, job };
 }
+
+/**
+ * Journal writes of `post`'s payments held until `release` is called, and done in order, as a slow fdatasync
+ * (syncWrites) holds them.
+ */
+function holdJournal(post: ReceiptPost) {
+  const payments = (post as unknown as { options: { payments: AgentPayments } }).options.payments;
+  let release!: () => void;
+  const held = new Promise<void>((resolve) => {
+    release = resolve;
+  });
+  let last: Promise<void> = Promise.resolve();
+  const issue = payments.issue.bind(payments);
+  payments.issue = (paid, facts) => {
+    const one = issue(paid, facts);
+    last = Promise.all([last, one.durable, held]).then(() => {});
+    return { receipt: one.receipt, durable: last };
+  };
+  return { payments, release };
+}
+
+const turn = () => new Promise((resolve) => setImmediate(resolve));
 
 describe('receipts that follow their answers', () => {
   before(async () => {
@@ -302,20 +325,7 @@ describe('receipts that follow their answers', () => {
   test('a lane hurried again while its receipts are being journaled sends the next issue’s once journaled too', async (t) => {
     const outputs = encodeTensorMap(sampleInputs('kws', 2));
     const { payer, post, sent, job } = await postFor(t, { creditRequests: 1_000, receiptIssueMs: 600_000 });
-    // Journal writes held until released, and done in order, as a slow fdatasync (syncWrites) holds them.
-    const payments = (post as unknown as { options: { payments: AgentPayments } }).options.payments;
-    let release!: () => void;
-    const held = new Promise<void>((resolve) => {
-      release = resolve;
-    });
-    let last: Promise<void> = Promise.resolve();
-    const issue = payments.issue.bind(payments);
-    payments.issue = (paid, facts) => {
-      const one = issue(paid, facts);
-      last = Promise.all([last, one.durable, held]).then(() => {});
-      return { receipt: one.receipt, durable: last };
-    };
-    const turn = () => new Promise((resolve) => setImmediate(resolve));
+    const { release } = holdJournal(post);
     const first = await job();
     post.defer(first, outputs);
     post.hurry(payer);
@@ -332,6 +342,67 @@ describe('receipts that follow their answers', () => {
       [first.key, second.key],
     );
     assert.equal((post as unknown as { hurried: Set<string> }).hurried.size, 0, 'no lane is left hurried');
+  });
+
+  test('a receipt of another kind leaves after the lane’s receipts before it and before those after it (sendInOrder)', async (t) => {
+    const outputs = encodeTensorMap(sampleInputs('kws', 2));
+    const { payer, post, sent, job } = await postFor(t, { creditRequests: 1_000, receiptIssueMs: 600_000 });
+    const { payments, release } = holdJournal(post);
+    /** Everything that left, in order: each receipt by its seq, the message of another kind as 'own'. */
+    const left: (number | string)[] = [];
+    const sentBefore = () => sent.flatMap((b) => b.receipts.map((r) => r.seq));
+    let seen = 0;
+    const note = () => {
+      const all = sentBefore();
+      left.push(...all.slice(seen));
+      seen = all.length;
+    };
+    let writeOwn!: () => void;
+    const ownWritten = new Promise<void>((resolve) => {
+      writeOwn = resolve;
+    });
+    const first = await job();
+    post.defer(first, outputs);
+    // An error (or progress) of another job on the same lane: the waiting answer's receipt is issued first (seq 1).
+    const other = await job();
+    let ownSeq = 0;
+    post.sendInOrder(
+      payer,
+      () => {
+        const one = payments.issue(other.paid!, {
+          requestId: other.id,
+          status: RECEIPT_STATUS.failed,
+          unitsUsed: 0,
+          outputHash: new Uint8Array(32),
+          startedAt: Date.now(),
+          finishedAt: Date.now(),
+        });
+        ownSeq = one.receipt.seq;
+        // Its own write ends last (after the later answer's): only the lane's order may hold that receipt back.
+        return { receipt: one.receipt, durable: one.durable.then(() => ownWritten) };
+      },
+      (journaled) => {
+        note();
+        left.push(journaled ? 'own' : 'own without its receipt');
+      },
+    );
+    assert.equal(ownSeq, 2, 'issued after the waiting answer’s');
+    // A later answer on the lane, hurried (a resync): issued after it (seq 3) while the journal still holds.
+    const later = await job();
+    post.defer(later, outputs);
+    post.hurry(payer);
+    await turn();
+    release();
+    await waitFor(() => sentBefore().length >= 1, 5_000, 'the first answer’s receipt');
+    // The later answer's receipt is journaled, and waits.
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    note();
+    assert.deepEqual(left, [1], 'the receipt after it waits for it');
+    writeOwn();
+    await waitFor(() => sentBefore().length === 2, 5_000, 'both answers’ receipts');
+    note();
+    assert.deepEqual(left, [1, 'own', 3], 'in the lane’s order');
+    assert.equal((post as unknown as { behind: Map<string, unknown> }).behind.size, 0, 'nothing held behind once it left');
   });
 
   test('a resync from the lane’s client brings the receipts that wait to be issued or to linger; one from another client does not', async (t) => {

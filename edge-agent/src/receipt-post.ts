@@ -89,6 +89,11 @@ export class ReceiptPost {
    * next issue takes them all (it takes every waiting answer), so this names only lanes with answers in `answered`.
    */
   private hurried = new Set<string>();
+  /**
+   * Per lane (payer), the seqs of receipts of another kind (`sendInOrder`) whose messages have not gone yet: the
+   * lane's receipts after the first of them wait here until it has, so that none reaches the client ahead of it.
+   */
+  private readonly behind = new Map<string, number[]>();
 
   constructor(private readonly options: ReceiptPostOptions) {}
 
@@ -149,7 +154,7 @@ export class ReceiptPost {
     if (!ready) return undefined;
     // At most what one reply may carry, and what fits beside its outputs under the receiver's size cap; the rest
     // wait for the next answer, or the linger.
-    const most = Math.min(MAX_EARLIER, Math.floor(roomBytes / MAX_SIGNED_RECEIPT_BYTES));
+    const most = Math.min(MAX_EARLIER, Math.floor(roomBytes / MAX_SIGNED_RECEIPT_BYTES), this.sendable(ready));
     if (!(most > 0)) return undefined;
     const taken: Ready = { payer, senderId, receipts: ready.receipts.splice(0, most), keys: ready.keys.splice(0, most) };
     if (ready.receipts.length === 0) this.ready.delete(key);
@@ -241,13 +246,63 @@ export class ReceiptPost {
     this.sendWhere(() => true);
   }
 
+  /**
+   * Sends a message of its own that carries a receipt of another kind on `payer`'s lane (an error's, a progress's), in
+   * the lane's order. The answers' receipts waiting to be issued are issued first (they take the seqs before it), then
+   * `issueOwn` issues its receipt; the lane's receipts before it go (by themselves) once journaled, then `send` is
+   * called, once its own receipt is journaled (`journaled` true) or could not be (false, and why). The lane's receipts issued
+   * after it wait here until `send` has returned, and then go at once.
+   */
+  sendInOrder(
+    payer: string,
+    issueOwn: () => { receipt: SignedReceipt; durable: Promise<void> },
+    send: (journaled: boolean, err?: unknown) => void,
+  ): void {
+    void this.issue();
+    // Every receipt issued so far, this lane's before it among them, journaled (or dropped).
+    const earlier = this.journaled;
+    const { receipt, durable } = issueOwn();
+    const seqs = this.behind.get(payer);
+    if (seqs) seqs.push(receipt.seq);
+    else this.behind.set(payer, [receipt.seq]);
+    const release = () => {
+      const now = this.behind.get(payer);
+      const i = now?.indexOf(receipt.seq) ?? -1;
+      if (i >= 0) now!.splice(i, 1);
+      if (now?.length === 0) this.behind.delete(payer);
+      // What waited behind it goes now: it was ready, and held back only for this message.
+      this.sendWhere((ready) => ready.payer === payer);
+    };
+    void earlier
+      .then(() => {
+        this.sendWhere((ready) => ready.payer === payer);
+        return durable;
+      })
+      .then(
+        () => send(true),
+        (err: unknown) => send(false, err),
+      )
+      .finally(release);
+  }
+
+  /** How many of a group's ready receipts may go now: those before the first receipt of another kind still to go. */
+  private sendable(ready: Ready): number {
+    const seqs = this.behind.get(ready.payer);
+    if (!seqs) return ready.receipts.length;
+    const first = Math.min(...seqs);
+    const stop = ready.receipts.findIndex((r) => r.seq > first);
+    return stop < 0 ? ready.receipts.length : stop;
+  }
+
   /** Sends the ready receipts of the clients and lanes `which` picks, by themselves, and forgets them here. */
   private sendWhere(which: (ready: Ready) => boolean): void {
     const now: Ready[] = [];
     for (const [group, ready] of this.ready) {
       if (!which(ready)) continue;
-      this.ready.delete(group);
-      now.push(ready);
+      const n = this.sendable(ready);
+      if (n === 0) continue;
+      if (n === ready.receipts.length) this.ready.delete(group);
+      now.push({ ...ready, receipts: ready.receipts.splice(0, n), keys: ready.keys.splice(0, n) });
     }
     this.send(now);
   }

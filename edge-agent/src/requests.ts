@@ -586,17 +586,20 @@ export class AgentRequests {
     if (!payments || !paid || upTo <= u.reported) return;
     const outputs = encodeTensorMap(joinUnits(u.parts.slice(u.reported, upTo)));
     u.reported = upTo;
-    // Receipts that follow answers take their seqs first, and leave first.
-    const before = this.flushReceipts();
     const nowPerf = performance.now();
-    const { receipt, durable } = payments.issue(paid, {
-      requestId: job.id,
-      status: RECEIPT_STATUS.partial,
-      unitsUsed: upTo,
-      outputHash: hashTensorMap(outputs),
-      startedAt: Date.now() - (nowPerf - (job.startedAt ?? job.receivedAt)),
-      finishedAt: Date.now(),
-    });
+    let receipt!: SignedReceipt;
+    const issueOwn = () => {
+      const one = payments.issue(paid, {
+        requestId: job.id,
+        status: RECEIPT_STATUS.partial,
+        unitsUsed: upTo,
+        outputHash: hashTensorMap(outputs),
+        startedAt: Date.now() - (nowPerf - (job.startedAt ?? job.receivedAt)),
+        finishedAt: Date.now(),
+      });
+      receipt = one.receipt;
+      return one;
+    };
     const send = (withReceipt: boolean) => {
       this.options.reply(
         job.senderId,
@@ -613,13 +616,11 @@ export class AgentRequests {
       );
       payments.replied(paid.payer, receipt.seq);
     };
-    Promise.all([before, durable]).then(
-      () => send(true),
-      (writeErr: unknown) => {
-        logger.error({ err: (writeErr as Error).message }, 'progress receipt not journaled; sending progress without it');
-        send(false);
-      },
-    );
+    // Receipts that follow answers take their seqs first, and leave first; those after it, after it.
+    this.post!.sendInOrder(paid.payer, issueOwn, (journaled, writeErr) => {
+      if (!journaled) logger.error({ err: (writeErr as Error).message }, 'progress receipt not journaled; sending progress without it');
+      send(journaled);
+    });
   }
 
   /** The scheduler's callback: a job ran (or was dropped); reply with its outputs or its error. */
@@ -921,8 +922,6 @@ export class AgentRequests {
       send(undefined);
       return;
     }
-    // Receipts that follow answers take their seqs first, and leave first.
-    const before = this.flushReceipts();
     const paid = job.paid;
     const status = receiptStatus(err, job.deadline <= Date.now());
     // One-shot models: the one unit is done when the run returns its outputs, and not before. A job that
@@ -930,24 +929,24 @@ export class AgentRequests {
     const unitsDone = job.units ? (outputs ? job.units.total : (job.units.atCancel ?? 0)) : outputs ? 1 : 0;
     const nowPerf = performance.now();
     const epochOf = (perf: number) => Date.now() - (nowPerf - perf);
-    const { receipt, durable } = payments.issue(job.paid, {
-      requestId: job.id,
-      status,
-      unitsUsed: unitsUsed(status, unitsDone),
-      outputHash: outputs ? hashTensorMap(outputs) : ZERO_HASH,
-      startedAt: epochOf(job.startedAt ?? job.receivedAt),
-      finishedAt: Date.now(),
+    let receipt!: SignedReceipt;
+    const issueOwn = () => {
+      const one = payments.issue(paid, {
+        requestId: job.id,
+        status,
+        unitsUsed: unitsUsed(status, unitsDone),
+        outputHash: outputs ? hashTensorMap(outputs) : ZERO_HASH,
+        startedAt: epochOf(job.startedAt ?? job.receivedAt),
+        finishedAt: Date.now(),
+      });
+      receipt = one.receipt;
+      return one;
+    };
+    // Receipts that follow answers take their seqs first, and leave first; those after it, after it.
+    this.post!.sendInOrder(paid.payer, issueOwn, (journaled, writeErr) => {
+      if (!journaled) logger.error({ err: (writeErr as Error).message }, 'receipt not journaled; replying without it');
+      send(journaled ? receipt : undefined, payments.laneInfo(paid.payer, job.senderId));
+      payments.replied(paid.payer, receipt.seq);
     });
-    Promise.all([before, durable]).then(
-      () => {
-        send(receipt, payments.laneInfo(paid.payer, job.senderId));
-        payments.replied(paid.payer, receipt.seq);
-      },
-      (writeErr: unknown) => {
-        logger.error({ err: (writeErr as Error).message }, 'receipt not journaled; replying without it');
-        send(undefined, payments.laneInfo(paid.payer, job.senderId));
-        payments.replied(paid.payer, receipt.seq);
-      },
-    );
   }
 }
