@@ -381,7 +381,8 @@ describe('receipts that follow their answers', () => {
         // Its own write ends last (after the later answer's): only the lane's order may hold that receipt back.
         return { receipt: one.receipt, durable: one.durable.then(() => ownWritten) };
       },
-      (journaled) => {
+      (receipt, journaled) => {
+        assert.equal(receipt.seq, ownSeq, 'the message carries its own receipt');
         note();
         left.push(journaled ? 'own' : 'own without its receipt');
       },

@@ -250,13 +250,13 @@ export class ReceiptPost {
    * Sends a message of its own that carries a receipt of another kind on `payer`'s lane (an error's, a progress's), in
    * the lane's order. The answers' receipts waiting to be issued are issued first (they take the seqs before it), then
    * `issueOwn` issues its receipt; the lane's receipts before it go (by themselves) once journaled, then `send` is
-   * called, once its own receipt is journaled (`journaled` true) or could not be (false, and why). The lane's receipts issued
+   * called with it, once it is journaled (`journaled` true) or could not be (false, and why). The lane's receipts issued
    * after it wait here until `send` has returned, and then go at once.
    */
   sendInOrder(
     payer: string,
     issueOwn: () => { receipt: SignedReceipt; durable: Promise<void> },
-    send: (journaled: boolean, err?: unknown) => void,
+    send: (receipt: SignedReceipt, journaled: boolean, err?: unknown) => void,
   ): void {
     void this.issue();
     // Every receipt issued so far, this lane's before it among them, journaled (or dropped).
@@ -279,8 +279,8 @@ export class ReceiptPost {
         return durable;
       })
       .then(
-        () => send(true),
-        (err: unknown) => send(false, err),
+        () => send(receipt, true),
+        (err: unknown) => send(receipt, false, err),
       )
       .finally(release);
   }

@@ -361,9 +361,8 @@ type Queue = Pick<Scheduler, 'submit' | 'cancel' | 'queueClaim'> & Partial<Pick<
 interface KeptReply {
   senderId: string;
   bytes: Buffer;
-  expiresAt: number;
   receipt?: { payer: string; receipt: SignedReceipt };
-  /** Its place in the orders of kept replies. */
+  /** Its place in the orders of kept replies, with its deadline. */
   slot: KeptSlot;
 }
 
@@ -437,7 +436,7 @@ export class SentReplies {
     if (bytes.byteLength > KEPT_REPLY_BYTES / 4) return;
     this.drop(key);
     const slot: KeptSlot = { key, expiresAt };
-    this.byKey.set(key, { senderId, bytes, expiresAt, slot });
+    this.byKey.set(key, { senderId, bytes, slot });
     this.bytes += bytes.byteLength;
     let own = this.bySender.get(senderId);
     if (!own) {
@@ -472,7 +471,7 @@ export class SentReplies {
   get(key: string, senderId: string): KeptReply | undefined {
     const kept = this.byKey.get(key);
     if (!kept || kept.senderId !== senderId) return undefined;
-    if (kept.expiresAt <= Date.now()) {
+    if (kept.slot.expiresAt <= Date.now()) {
       this.drop(key);
       return undefined;
     }
@@ -587,9 +586,8 @@ export class AgentRequests {
     const outputs = encodeTensorMap(joinUnits(u.parts.slice(u.reported, upTo)));
     u.reported = upTo;
     const nowPerf = performance.now();
-    let receipt!: SignedReceipt;
-    const issueOwn = () => {
-      const one = payments.issue(paid, {
+    const issueOwn = () =>
+      payments.issue(paid, {
         requestId: job.id,
         status: RECEIPT_STATUS.partial,
         unitsUsed: upTo,
@@ -597,10 +595,7 @@ export class AgentRequests {
         startedAt: Date.now() - (nowPerf - (job.startedAt ?? job.receivedAt)),
         finishedAt: Date.now(),
       });
-      receipt = one.receipt;
-      return one;
-    };
-    const send = (withReceipt: boolean) => {
+    const send = (receipt: SignedReceipt, withReceipt: boolean) => {
       this.options.reply(
         job.senderId,
         encodeMessage({
@@ -617,9 +612,9 @@ export class AgentRequests {
       payments.replied(paid.payer, receipt.seq);
     };
     // Receipts that follow answers take their seqs first, and leave first; those after it, after it.
-    this.post!.sendInOrder(paid.payer, issueOwn, (journaled, writeErr) => {
+    this.post!.sendInOrder(paid.payer, issueOwn, (receipt, journaled, writeErr) => {
       if (!journaled) logger.error({ err: (writeErr as Error).message }, 'progress receipt not journaled; sending progress without it');
-      send(journaled);
+      send(receipt, journaled);
     });
   }
 
@@ -697,7 +692,7 @@ export class AgentRequests {
     return this.post?.pending ?? false;
   }
 
-  /** Issues and sends every receipt that follows an answer now (before a receipt of another kind, and on close). */
+  /** Issues and sends every receipt that follows an answer now (on close). */
   flushReceipts(): Promise<void> {
     return this.post?.pending ? this.post.flush() : Promise.resolve();
   }
@@ -929,9 +924,8 @@ export class AgentRequests {
     const unitsDone = job.units ? (outputs ? job.units.total : (job.units.atCancel ?? 0)) : outputs ? 1 : 0;
     const nowPerf = performance.now();
     const epochOf = (perf: number) => Date.now() - (nowPerf - perf);
-    let receipt!: SignedReceipt;
-    const issueOwn = () => {
-      const one = payments.issue(paid, {
+    const issueOwn = () =>
+      payments.issue(paid, {
         requestId: job.id,
         status,
         unitsUsed: unitsUsed(status, unitsDone),
@@ -939,11 +933,8 @@ export class AgentRequests {
         startedAt: epochOf(job.startedAt ?? job.receivedAt),
         finishedAt: Date.now(),
       });
-      receipt = one.receipt;
-      return one;
-    };
     // Receipts that follow answers take their seqs first, and leave first; those after it, after it.
-    this.post!.sendInOrder(paid.payer, issueOwn, (journaled, writeErr) => {
+    this.post!.sendInOrder(paid.payer, issueOwn, (receipt, journaled, writeErr) => {
       if (!journaled) logger.error({ err: (writeErr as Error).message }, 'receipt not journaled; replying without it');
       send(journaled ? receipt : undefined, payments.laneInfo(paid.payer, job.senderId));
       payments.replied(paid.payer, receipt.seq);
