@@ -7,11 +7,13 @@
  * ("survive kill -9").
  */
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { appendFileSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { deployMesh, type LocalChain, type MeshDeployment, startLocalChain } from '@edge-mesh/contracts/dev';
 import {
+  encodeCbor,
   fromHex,
   generateIdentity,
   MeshError,
@@ -25,7 +27,7 @@ import {
 } from '@edge-mesh/protocol';
 import { AgentPayments } from '../edge-agent/src/payments.ts';
 import { decodeRecords, encodeRecord, ReceiptLog } from '../edge-agent/src/receipt-log.ts';
-import { quiet, tempDir } from './helpers.ts';
+import { quiet, ROOT, tempDir } from './helpers.ts';
 import { fundOwnLane } from './payer.ts';
 
 const identity = generateIdentity('agent');
@@ -143,6 +145,55 @@ test('rotate starts a new segment; remove deletes an old one and refuses the cur
   await log.close(true);
   assert.deepEqual(segments(dir), []);
   assert.throws(() => log.append(PAYERS[0]!, receipt(3)), { code: 'MESH_SHUTTING_DOWN' });
+});
+
+test('appendAll writes a batch together: a disk that refuses part of it keeps none of it, and the log goes on', async (t) => {
+  // A file size limit (ulimit -f, in KiB) stands for a full disk: the write that crosses it is cut short, then refused.
+  const dir = await tempDir(t);
+  const batch = [1, 2, 3, 4].map((seq) => ({ payer: PAYERS[0]!, receipt: receipt(seq) }));
+  const one = encodeRecord(PAYERS[0]!, batch[0]!.receipt).length;
+  const limitKiB = 2;
+  assert.ok(one < limitKiB * 1024 && 3 * one < limitKiB * 1024 && 4 * one > limitKiB * 1024, `records of ${one} bytes fit the test`);
+  const script = `
+    import { ReceiptLog } from ${JSON.stringify(path.join(ROOT, 'edge-agent/src/receipt-log.ts'))};
+    import { decodeCbor } from '@edge-mesh/protocol';
+    const batch = decodeCbor(Buffer.from(process.env.BATCH, 'hex'));
+    const { log } = ReceiptLog.open(process.env.DIR);
+    log.appendAll(batch.slice(0, 1));
+    let code = null;
+    try { log.appendAll(batch.slice(1)); } catch (err) { code = err.code; }
+    log.appendAll([]);
+    await log.close();
+    console.log(JSON.stringify({ code }));
+  `;
+  const out = await new Promise<string>((resolve, reject) => {
+    const child = spawn(
+      'bash',
+      [
+        '-c',
+        `ulimit -f ${limitKiB} && exec "$0" --conditions=@edge-mesh/source --import tsx --input-type=module -e "$SCRIPT"`,
+        process.execPath,
+      ],
+      {
+        cwd: ROOT,
+        env: { ...process.env, SCRIPT: script, DIR: dir, BATCH: Buffer.from(encodeCbor(batch.map((r) => ({ ...r })))).toString('hex') },
+        stdio: ['ignore', 'pipe', 'pipe'],
+      },
+    );
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d) => (stdout += d));
+    child.stderr.on('data', (d) => (stderr += d));
+    child.on('error', reject);
+    child.on('exit', (code) => (code === 0 ? resolve(stdout) : reject(new Error(`child exited ${code}: ${stderr}`))));
+  });
+  assert.deepEqual(JSON.parse(out.trim().split('\n').at(-1)!), { code: 'MESH_INTERNAL' });
+  const reopened = ReceiptLog.open(dir);
+  t.after(() => reopened.log.close());
+  assert.deepEqual(seqs(reopened.replay.records), [1], 'the refused batch left none of its records, not even those that fitted');
+  assert.equal(reopened.replay.droppedBytes, 0, 'what the refused write put down was cut off again');
+  reopened.log.appendAll(batch.slice(1));
+  assert.deepEqual(seqs(decodeRecords(readFileSync(reopened.log.current)).records), [2, 3, 4], 'a batch that fits goes down whole');
 });
 
 test('with syncWrites, durable waits for fdatasync, shared by the appends of a burst, across a rotation', async (t) => {

@@ -822,6 +822,39 @@ export class AgentPayments {
    * chain); `durable` resolves when it is written, and only then may it leave the agent.
    */
   issue(job: PaidJob, facts: ReceiptFacts): { receipt: SignedReceipt; durable: Promise<void> } {
+    const { receipts, durable } = this.issueAll([{ job, facts }]);
+    return { receipt: receipts[0]!, durable };
+  }
+
+  /**
+   * `issue` for several jobs at once, in order (a lane's seqs follow the list), journaled together with one write:
+   * `durable` resolves when all of them are written and rejects when none could be.
+   */
+  issueAll(items: readonly { job: PaidJob; facts: ReceiptFacts }[]): { receipts: SignedReceipt[]; durable: Promise<void> } {
+    const records = items.map(({ job, facts }) => ({ payer: job.payer, receipt: this.signNext(job, facts) }));
+    let durable: Promise<void>;
+    try {
+      this.log.appendAll(records);
+      durable = this.log.durable();
+      for (const record of records) {
+        this.logged.push(record);
+        const byPayer = this.unmigrated.get(record.payer) ?? new Map<number, SignedReceipt>();
+        this.unmigrated.set(record.payer, byPayer);
+        byPayer.set(record.receipt.seq, record.receipt);
+      }
+      if (this.logged.length >= MIGRATE_EVERY && !this.migrating && !this.migrateFailed) void this.migrate();
+      else if (!this.migrateTimer) {
+        this.migrateTimer = setTimeout(() => void this.migrate(), MIGRATE_AFTER_MS);
+        this.migrateTimer.unref();
+      }
+    } catch (err) {
+      durable = Promise.reject(err);
+    }
+    return { receipts: records.map((r) => r.receipt), durable };
+  }
+
+  /** Prices, signs and chains the next receipt of the job's lane (not journaled yet). */
+  private signNext(job: PaidJob, facts: ReceiptFacts): SignedReceipt {
     // A progress receipt charges part of the job's reservation; the final one gives back the rest.
     const price = receiptPriceMicros(job.price, facts.status, facts.unitsUsed, job.chargedMicros);
     // A request that could have been charged, cancelled or timed out with nothing charged (nor by its progress
@@ -863,23 +896,7 @@ export class AgentPayments {
     const unsent = this.unsent.get(job.payer) ?? new Set<number>();
     this.unsent.set(job.payer, unsent);
     unsent.add(receipt.seq);
-    let durable: Promise<void>;
-    try {
-      this.log.append(job.payer, receipt);
-      durable = this.log.durable();
-      this.logged.push({ payer: job.payer, receipt });
-      const byPayer = this.unmigrated.get(job.payer) ?? new Map<number, SignedReceipt>();
-      this.unmigrated.set(job.payer, byPayer);
-      byPayer.set(receipt.seq, receipt);
-      if (this.logged.length >= MIGRATE_EVERY && !this.migrating && !this.migrateFailed) void this.migrate();
-      else if (!this.migrateTimer) {
-        this.migrateTimer = setTimeout(() => void this.migrate(), MIGRATE_AFTER_MS);
-        this.migrateTimer.unref();
-      }
-    } catch (err) {
-      durable = Promise.reject(err);
-    }
-    return { receipt, durable };
+    return receipt;
   }
 
   /**

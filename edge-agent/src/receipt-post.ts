@@ -192,22 +192,22 @@ export class ReceiptPost {
     this.hurried = new Set();
     if (answered.length === 0) return Promise.resolve();
     const { payments, logger } = this.options;
-    const issued: { payer: string; senderId: string; receipt: SignedReceipt; key: string }[] = [];
-    let durable: Promise<void> = Promise.resolve();
-    for (const { job, outputs, startedAt, finishedAt } of answered) {
-      const paid = job.paid!;
-      const one = payments.issue(paid, {
-        requestId: job.id,
-        status: RECEIPT_STATUS.ok,
-        // An answer is ok and done (requests.ts, receiptStatus and unitsUsed): every unit of a job that runs in units.
-        unitsUsed: job.units ? job.units.total : 1,
-        outputHash: hashTensorMap(outputs),
-        startedAt,
-        finishedAt,
-      });
-      durable = one.durable;
-      issued.push({ payer: paid.payer, senderId: job.senderId, receipt: one.receipt, key: job.key });
-    }
+    // One journal write for all of them (payments.issueAll): they are written together or not at all.
+    const { receipts, durable } = payments.issueAll(
+      answered.map(({ job, outputs, startedAt, finishedAt }) => ({
+        job: job.paid!,
+        facts: {
+          requestId: job.id,
+          status: RECEIPT_STATUS.ok,
+          // An answer is ok and done (requests.ts, receiptStatus and unitsUsed): every unit of a job that runs in units.
+          unitsUsed: job.units ? job.units.total : 1,
+          outputHash: hashTensorMap(outputs),
+          startedAt,
+          finishedAt,
+        },
+      })),
+    );
+    const issued = answered.map(({ job }, i) => ({ payer: job.paid!.payer, senderId: job.senderId, receipt: receipts[i]!, key: job.key }));
     this.journaling += issued.length;
     const done = durable.then(
       () => {
