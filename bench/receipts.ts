@@ -10,7 +10,10 @@
  * (checkSignatures: the hash chain makes the newest signature cover them).
  * verify_each: the same lane checks with each receipt's own signature verified (LaneVerifier.verify).
  * verify_chain100: verifyChain over batches of 100, one signature verification per batch.
- * Also reported: the leaf hash alone (keccak_per_s) and a Merkle root over 100 leaves.
+ * Also reported: the leaf hash alone (keccak_per_s), a Merkle root over 100 leaves, and what the SDK spends to
+ * remember each paid request it sends (PayerLanes.noteRequest, a 16-byte input hashed in the next turn) with its
+ * store of sent requests full (MAX_SENT, as an app sending over 333 paid requests a second holds it):
+ * sdk_note_request_full_us.
  */
 import {
   generateIdentity,
@@ -27,6 +30,9 @@ import {
   verifyQuote,
   ZERO_HASH,
 } from '@edge-mesh/protocol';
+import { Wallet } from 'ethers';
+import pino from 'pino';
+import { MAX_SENT, PayerLanes } from '../sdk/src/payments.ts';
 import type { BenchContext, BenchResult } from './lib.ts';
 
 export async function run(ctx: BenchContext): Promise<BenchResult> {
@@ -136,6 +142,22 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
   for (let i = 0; i < roots; i++) merkleRoot(leaves);
   const rootUs = ((performance.now() - t) * 1000) / roots;
 
+  const lanes = await PayerLanes.open(
+    { signer: Wallet.createRandom(), domain: { chainId: 31337n, escrow }, checkPayouts: false },
+    'app-bench',
+    () => {},
+    pino({ level: 'silent' }),
+  );
+  const tiny = { x: { dtype: 'float32', shape: [1, 4], data: new Uint8Array(16) } };
+  const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
+  for (let i = 0; i < MAX_SENT; i++) lanes.noteRequest(`fill-${i}`, Date.now() + 5_000, tiny);
+  await turn();
+  t = performance.now();
+  for (let i = 0; i < n; i++) lanes.noteRequest(`req-${i}`, Date.now() + 5_000, tiny);
+  await turn();
+  const noteUs = ((performance.now() - t) * 1000) / n;
+  await lanes.close();
+
   const result = {
     sign_per_s: Math.round(n / signS),
     verify_per_s: Math.round(n / verifyS),
@@ -143,6 +165,7 @@ export async function run(ctx: BenchContext): Promise<BenchResult> {
     verify_chain100_per_s: Math.round(n / chainS),
     keccak_per_s: Math.round(n / hashS),
     merkle_root_100_us: Math.round(rootUs * 10) / 10,
+    sdk_note_request_full_us: Math.round(noteUs * 100) / 100,
     n,
     vouchers,
     lane_cumulative_micros: verifier.state.cumulative,

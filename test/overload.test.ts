@@ -23,6 +23,7 @@ import { Faults } from '../edge-agent/src/faults.ts';
 import { AgentRequests, KEPT_REPLIES, ReplayGuard, SentReplies } from '../edge-agent/src/requests.ts';
 import { type Job, Scheduler } from '../edge-agent/src/scheduler.ts';
 import { newAgentCounters } from '../edge-agent/src/types.ts';
+import { REMEMBER_SENT_MS, SentRequests } from '../sdk/src/payments.ts';
 import { agentFor, brokerFor, quiet, routerFor } from './helpers.ts';
 
 /** An executor whose runs end only when the test says, each taking `execMs` by its report. */
@@ -589,6 +590,33 @@ describe('agent request path', () => {
     const keptBytes = [...inside.byKey.values()].reduce((n, k) => n + k.bytes.byteLength, 0);
     const reachedBytes = [...reached].reduce((n, b) => n + b.byteLength, 0);
     assert.ok(reachedBytes <= keptBytes, `the orders reach ${reachedBytes} bytes; ${keptBytes} kept`);
+  });
+
+  test("the app's sent requests: once full, the oldest go first with the stale behind them, one look per request", () => {
+    let now = 1_000_000;
+    const max = 1_000;
+    const sent = new SentRequests(max, () => now);
+    const note = (key: string, deadline: number) =>
+      sent.note(key, { deadline, inputHash: undefined, inputs: undefined, units: 1, agents: new Map() });
+    for (let i = 0; i < max; i++) note(`r-${i}`, now + 5_000);
+    assert.equal(sent.examined, 0, 'nothing looked at while there is room');
+    // Full: each new request sends the oldest one away, and looks at no more than that and the next.
+    for (let i = max; i < 3 * max; i++) note(`r-${i}`, now + 5_000);
+    assert.equal(sent.size, max);
+    assert.equal(sent.get(`r-${2 * max - 1}`), undefined, 'the oldest sent went first');
+    assert.ok(sent.get(`r-${2 * max}`) && sent.get(`r-${3 * max - 1}`), 'the newest stay');
+    assert.ok(
+      sent.examined <= 2 * (2 * max),
+      `${sent.examined} entries looked at for ${2 * max} requests (the whole store each time before)`,
+    );
+    // A minute past their deadlines the oldest half is stale; the next request clears it, and stops at the first fresh one.
+    for (let i = 0; i < max / 2; i++) note(`late-${i}`, now + 120_000);
+    now += 5_000 + REMEMBER_SENT_MS + 1;
+    const before = sent.examined;
+    note('next', now + 5_000);
+    assert.equal(sent.size, max / 2 + 1, 'the stale ones went, the fresh ones and the new one stay');
+    assert.equal(sent.examined - before, max / 2 + 1, 'the stale ones and the first fresh one looked at, no more');
+    assert.ok(sent.get('late-0') && sent.get('next'));
   });
 
   test("one sender's stream of requests sent and cancelled at once does not push out another sender's kept reply", () => {
