@@ -592,33 +592,6 @@ describe('agent request path', () => {
     assert.ok(reachedBytes <= keptBytes, `the orders reach ${reachedBytes} bytes; ${keptBytes} kept`);
   });
 
-  test("the app's sent requests: once full, the oldest go first with the stale behind them, one look per request", () => {
-    let now = 1_000_000;
-    const max = 1_000;
-    const sent = new SentRequests(max, () => now);
-    const note = (key: string, deadline: number) =>
-      sent.note(key, { deadline, inputHash: undefined, inputs: undefined, units: 1, agents: new Map() });
-    for (let i = 0; i < max; i++) note(`r-${i}`, now + 5_000);
-    assert.equal(sent.examined, 0, 'nothing looked at while there is room');
-    // Full: each new request sends the oldest one away, and looks at no more than that and the next.
-    for (let i = max; i < 3 * max; i++) note(`r-${i}`, now + 5_000);
-    assert.equal(sent.size, max);
-    assert.equal(sent.get(`r-${2 * max - 1}`), undefined, 'the oldest sent went first');
-    assert.ok(sent.get(`r-${2 * max}`) && sent.get(`r-${3 * max - 1}`), 'the newest stay');
-    assert.ok(
-      sent.examined <= 2 * (2 * max),
-      `${sent.examined} entries looked at for ${2 * max} requests (the whole store each time before)`,
-    );
-    // A minute past their deadlines the oldest half is stale; the next request clears it, and stops at the first fresh one.
-    for (let i = 0; i < max / 2; i++) note(`late-${i}`, now + 120_000);
-    now += 5_000 + REMEMBER_SENT_MS + 1;
-    const before = sent.examined;
-    note('next', now + 5_000);
-    assert.equal(sent.size, max / 2 + 1, 'the stale ones went, the fresh ones and the new one stay');
-    assert.equal(sent.examined - before, max / 2 + 1, 'the stale ones and the first fresh one looked at, no more');
-    assert.ok(sent.get('late-0') && sent.get('next'));
-  });
-
   test("one sender's stream of requests sent and cancelled at once does not push out another sender's kept reply", () => {
     const { requests, replies, executor, bytes, codeOf } = requestPath(10_000);
     const aliceId = newRequestId();
@@ -910,5 +883,48 @@ describe('bench contention: how its figures are counted', () => {
     assert.equal(recoveryMs(relapse, stopped, 50), 1_000);
     // Still slow in the last window: not recovered.
     assert.equal(recoveryMs([at(10_010, 5), at(10_300, 400)], stopped, 50), null);
+  });
+});
+
+describe("the app's store of sent requests (sdk/src/payments.ts, SentRequests)", () => {
+  const store = (max: number) => {
+    const clock = { now: 1_000_000 };
+    const sent = new SentRequests(max, () => clock.now);
+    const note = (key: string, deadline: number) =>
+      sent.note(key, { deadline, inputHash: undefined, inputs: undefined, units: 1, agents: new Map() });
+    return { sent, note, clock };
+  };
+
+  test('once full, each request sends the oldest away with one look, not a walk of the whole store', () => {
+    const max = 1_000;
+    const { sent, note, clock } = store(max);
+    for (let i = 0; i < max; i++) note(`r-${i}`, clock.now + 5_000);
+    assert.equal(sent.examined, 0, 'nothing looked at while there is room');
+    for (let i = max; i < 3 * max; i++) note(`r-${i}`, clock.now + 5_000);
+    assert.equal(sent.size, max);
+    assert.equal(sent.get(`r-${2 * max - 1}`), undefined, 'the oldest sent went first');
+    assert.ok(sent.get(`r-${2 * max}`) && sent.get(`r-${3 * max - 1}`), 'the newest stay');
+    // One walk for stale requests (at most one a second), then one look per request.
+    assert.ok(sent.examined <= max + 2 * (2 * max), `${sent.examined} entries looked at for ${2 * max} requests`);
+  });
+
+  test('stale requests go before any still due, wherever they sit: a long job sent among short ones is still paid', () => {
+    // 1 in 50 has a 10-minute deadline, the others 5 s; two minutes on, the short ones are stale, the long ones due.
+    const max = 1_000;
+    const { sent, note, clock } = store(max);
+    for (let i = 0; i < max; i++) note(`r-${i}`, clock.now + (i % 50 === 0 ? 600_000 : 5_000));
+    clock.now += 120_000;
+    for (let i = 0; i < max / 2; i++) {
+      note(`next-${i}`, clock.now + 5_000);
+      if (i % 100 === 99) clock.now += 1_000;
+    }
+    const due = Array.from({ length: max / 50 }, (_, j) => sent.get(`r-${j * 50}`) !== undefined);
+    assert.deepEqual(
+      due,
+      due.map(() => true),
+      'every long job is remembered: its receipt is still due',
+    );
+    assert.equal(sent.get('r-1'), undefined, 'a stale one went');
+    assert.equal(sent.size, max / 50 + max / 2);
   });
 });
