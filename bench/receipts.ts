@@ -12,7 +12,7 @@
  * verify_chain100: verifyChain over batches of 100, one signature verification per batch.
  * Also reported: the leaf hash alone (keccak_per_s), a Merkle root over 100 leaves, and what the SDK spends to
  * remember each paid request it sends (PayerLanes.noteRequest, a 16-byte input hashed in the next turn) with its
- * store of sent requests full (MAX_SENT, as an app sending over 333 paid requests a second holds it):
+ * store of sent requests full (MAX_SENT, as an app sending over 20,000 ÷ (its deadline + 60 s) paid requests a second holds it):
  * sdk_note_request_full_us.
  */
 import {

@@ -23,7 +23,7 @@ import { Faults } from '../edge-agent/src/faults.ts';
 import { AgentRequests, KEPT_REPLIES, ReplayGuard, SentReplies } from '../edge-agent/src/requests.ts';
 import { type Job, Scheduler } from '../edge-agent/src/scheduler.ts';
 import { newAgentCounters } from '../edge-agent/src/types.ts';
-import { REMEMBER_SENT_MS, SentRequests } from '../sdk/src/payments.ts';
+import { SentRequests } from '../sdk/src/payments.ts';
 import { agentFor, brokerFor, quiet, routerFor } from './helpers.ts';
 
 /** An executor whose runs end only when the test says, each taking `execMs` by its report. */

@@ -303,7 +303,7 @@ function leadingRows(tensors: Record<string, { shape: number[] }>): number | und
 /** Final request ids kept against duplicates per lane (the hash chain already refuses replayed receipts); stored with the lane. */
 const REMEMBER_REQUESTS = 1024;
 /** Requests remembered for their receipts: a minute past their deadline, or fewer when there are many (SentRequests). */
-export const REMEMBER_SENT_MS = 60_000;
+const REMEMBER_SENT_MS = 60_000;
 export const MAX_SENT = 20_000;
 /** Resync and voucher resend requests per lane are spaced by at least this. */
 const RETRY_SPACING_MS = 500;
