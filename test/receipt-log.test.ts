@@ -161,10 +161,11 @@ test('appendAll writes a batch together: a disk that refuses part of it keeps no
     const { log } = ReceiptLog.open(process.env.DIR);
     log.appendAll(batch.slice(0, 1));
     let code = null;
-    try { log.appendAll(batch.slice(1)); } catch (err) { code = err.code; }
+    let partKept = null;
+    try { log.appendAll(batch.slice(1)); } catch (err) { code = err.code; partKept = err.details.partKept; }
     log.appendAll([]);
     await log.close();
-    console.log(JSON.stringify({ code }));
+    console.log(JSON.stringify({ code, partKept }));
   `;
   const out = await new Promise<string>((resolve, reject) => {
     const child = spawn(
@@ -187,7 +188,7 @@ test('appendAll writes a batch together: a disk that refuses part of it keeps no
     child.on('error', reject);
     child.on('exit', (code) => (code === 0 ? resolve(stdout) : reject(new Error(`child exited ${code}: ${stderr}`))));
   });
-  assert.deepEqual(JSON.parse(out.trim().split('\n').at(-1)!), { code: 'MESH_INTERNAL' });
+  assert.deepEqual(JSON.parse(out.trim().split('\n').at(-1)!), { code: 'MESH_INTERNAL', partKept: false });
   const reopened = ReceiptLog.open(dir);
   t.after(() => reopened.log.close());
   assert.deepEqual(seqs(reopened.replay.records), [1], 'the refused batch left none of its records, not even those that fitted');

@@ -18,6 +18,7 @@ import {
   type InferReply,
   type InferRequest,
   MAX_SIGNED_RECEIPT_BYTES,
+  MeshError,
   newRequestId,
   PROTOCOL_VERSION,
   RECEIPT_STATUS,
@@ -171,11 +172,12 @@ function holdJournal(post: ReceiptPost) {
     release = resolve;
   });
   let last: Promise<void> = Promise.resolve();
-  const issue = payments.issue.bind(payments);
-  payments.issue = (paid, facts) => {
-    const one = issue(paid, facts);
-    last = Promise.all([last, one.durable, held]).then(() => {});
-    return { receipt: one.receipt, durable: last };
+  // issueAll, which `issue` calls too: every receipt, an answer's or another kind's, is held.
+  const issueAll = payments.issueAll.bind(payments);
+  payments.issueAll = (items) => {
+    const out = issueAll(items);
+    last = Promise.all([last, out.durable, held]).then(() => {});
+    return { receipts: out.receipts, durable: last };
   };
   return { payments, release };
 }
@@ -291,6 +293,40 @@ describe('receipts that follow their answers', () => {
     assert.equal(inside.ready.get(`${payer} app-a`), undefined, 'fewer than ISSUE_BATCH wait for the timer');
     post.defer(jobs.at(-1)!, encodeTensorMap(sampleInputs('kws', 2)));
     await waitFor(() => inside.ready.get(`${payer} app-a`)?.receipts.length === ISSUE_BATCH, 5_000, 'all issued');
+  });
+
+  test('a batch the journal refuses is never sent and gives its seqs back: the next receipts continue the lane with no gap', async (t) => {
+    const { payer, post, sent, job } = await postFor(t, { creditRequests: 1_000 });
+    const payments = (post as unknown as { options: { payments: AgentPayments } }).options.payments;
+    const log = (payments as unknown as { log: { appendAll: (records: unknown[]) => void } }).log;
+    const appendAll = log.appendAll.bind(log);
+    let refuse = true;
+    log.appendAll = (records) => {
+      if (refuse) throw new MeshError('MESH_INTERNAL', 'receipts not written to the log: ENOSPC (injected)');
+      appendAll(records);
+    };
+    const unhandled: unknown[] = [];
+    const onUnhandled = (err: unknown) => unhandled.push(err);
+    process.on('unhandledRejection', onUnhandled);
+    t.after(() => process.off('unhandledRejection', onUnhandled));
+    const outputs = encodeTensorMap(sampleInputs('kws', 2));
+    const refused = await Promise.all([job(), job()]);
+    for (const j of refused) post.defer(j, outputs);
+    await turn();
+    await turn();
+    assert.equal(payments.laneInfo(payer, 'app-a')?.seq, 0, "the refused receipts' seqs are the lane's again");
+    refuse = false;
+    const accepted = await Promise.all([job(), job()]);
+    for (const j of accepted) post.defer(j, outputs);
+    await post.flush();
+    const receipts = sent.flatMap((b) => b.receipts);
+    assert.deepEqual(
+      receipts.map((r) => [r.seq, requestIdHex(r.requestId)]),
+      accepted.map((j, i) => [i + 1, j.key]),
+      'only the journaled receipts left, as seqs 1 and 2',
+    );
+    assert.deepEqual(receipts[0]!.prevReceipt, new Uint8Array(32), 'the first one chains from the lane’s start');
+    assert.deepEqual(unhandled, [], 'no rejection left unhandled');
   });
 
   test('a hurried lane sends its waiting receipts once journaled and its ready ones at once, not at the issue wait or the linger', async (t) => {

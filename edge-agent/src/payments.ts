@@ -265,8 +265,8 @@ export class AgentPayments {
   private readonly reserved = new Map<string, number>();
   /** The best voucher per lane that is on disk: only these are settled, so a crash never forgets one that was sent. */
   private readonly durableVouchers = new Map<string, StoredVoucher>();
-  /** Per payer, receipts issued by this process whose reply has not gone out yet (see `resync`). */
-  private readonly unsent = new Map<string, Set<number>>();
+  /** Per payer, receipts issued by this process whose reply has not gone out yet, by seq (see `resync`). */
+  private readonly unsent = new Map<string, Map<number, SignedReceipt>>();
   private readonly prices = new Map<string, ModelPrice>();
   /** Lanes whose refusals filled the window, already logged. */
   private readonly cutOff = new Set<string>();
@@ -831,6 +831,13 @@ export class AgentPayments {
    * `durable` resolves when all of them are written and rejects when none could be.
    */
   issueAll(items: readonly { job: PaidJob; facts: ReceiptFacts }[]): { receipts: SignedReceipt[]; durable: Promise<void> } {
+    // The heads of the lanes these receipts go on: should the log refuse them, they never leave the agent, so their
+    // lanes go back to where they were and the next receipts take these seqs (no gap the payer could never fill).
+    const heads = new Map<string, Pick<Lane, 'seq' | 'cumulative' | 'lastLeaf'>>();
+    for (const { job } of items) {
+      const lane = this.lanes.get(job.payer);
+      if (lane && !heads.has(job.payer)) heads.set(job.payer, { seq: lane.seq, cumulative: lane.cumulative, lastLeaf: lane.lastLeaf });
+    }
     const records = items.map(({ job, facts }) => ({ payer: job.payer, receipt: this.signNext(job, facts) }));
     let durable: Promise<void>;
     try {
@@ -848,6 +855,12 @@ export class AgentPayments {
         this.migrateTimer.unref();
       }
     } catch (err) {
+      // Unless part of the batch stayed on disk (the log could not cut it off), where the next open would read it back.
+      if ((err as MeshError).details?.partKept !== true) {
+        for (const [payer, head] of heads) Object.assign(this.lanes.get(payer)!, head);
+        for (const { payer, receipt } of records) this.replied(payer, receipt);
+        this.counters.receipts -= records.length;
+      }
       durable = Promise.reject(err);
     }
     return { receipts: records.map((r) => r.receipt), durable };
@@ -893,9 +906,9 @@ export class AgentPayments {
     lane.cumulative = receipt.cumulative;
     lane.lastLeaf = toHex(leaf);
     this.counters.receipts++;
-    const unsent = this.unsent.get(job.payer) ?? new Set<number>();
+    const unsent = this.unsent.get(job.payer) ?? new Map<number, SignedReceipt>();
     this.unsent.set(job.payer, unsent);
-    unsent.add(receipt.seq);
+    unsent.set(receipt.seq, receipt);
     return receipt;
   }
 
@@ -1099,10 +1112,13 @@ export class AgentPayments {
     return storedReceipt(value).cumulative;
   }
 
-  /** The reply that carries receipt `seq` of `payer`'s lane has gone out (or never will): a resync may return it. */
-  replied(payer: string, seq: number): void {
+  /**
+   * The reply that carries `receipt` of `payer`'s lane has gone out (or never will): a resync may return it. Only that
+   * receipt: one the journal refused gave its seq back to the lane (`issueAll`), and a later receipt may hold it now.
+   */
+  replied(payer: string, receipt: SignedReceipt): void {
     const unsent = this.unsent.get(payer);
-    unsent?.delete(seq);
+    if (unsent?.get(receipt.seq) === receipt) unsent.delete(receipt.seq);
     if (unsent?.size === 0) this.unsent.delete(payer);
   }
 
@@ -1137,7 +1153,7 @@ export class AgentPayments {
     // reach the payer before the answer it stands for, and be refused as 'no-reply'. The reply brings it.
     const unsent = this.unsent.get(lane.payer);
     if (unsent && unsent.size > 0) {
-      const first = Math.min(...unsent);
+      const first = Math.min(...unsent.keys());
       const stop = receipts.findIndex((r) => r.seq >= first);
       if (stop >= 0) receipts.length = stop;
     }

@@ -147,8 +147,9 @@ export class ReceiptLog {
 
   /**
    * Appends receipts with a single write(2): all of them or, when the disk refuses, none (MESH_INTERNAL; what was
-   * written in part is cut off again, so the records after it stay readable). A batch of receipts issued together
-   * costs one system call, not one each.
+   * written in part is cut off again, so the records after it stay readable). Should that cut fail too, the error's
+   * `details.partKept` is true: whole records of the batch may be read back at the next open. A batch of receipts
+   * issued together costs one system call, not one each.
    */
   appendAll(records: readonly LoggedReceipt[]): void {
     if (this.closed) throw new MeshError('MESH_SHUTTING_DOWN', 'the receipt log is closed');
@@ -167,10 +168,13 @@ export class ReceiptLog {
       while (written < bytes.length) written += writeSync(this.fd, bytes, written);
       this.size += bytes.length;
     } catch (err) {
+      // Whether whole records of the batch may still be on disk (the cut failed): replay would read them.
+      let partKept = false;
       if (written > 0) {
         try {
           ftruncateSync(this.fd, this.size);
         } catch {
+          partKept = true;
           // The part written stays: later records go to a new segment, so replay still reads them.
           try {
             this.rotate();
@@ -179,7 +183,10 @@ export class ReceiptLog {
           }
         }
       }
-      throw new MeshError('MESH_INTERNAL', `receipts not written to the log: ${(err as Error).message}`, { cause: err });
+      throw new MeshError('MESH_INTERNAL', `receipts not written to the log: ${(err as Error).message}`, {
+        cause: err,
+        details: { partKept },
+      });
     }
   }
 

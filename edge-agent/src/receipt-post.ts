@@ -230,7 +230,7 @@ export class ReceiptPost {
       (err: unknown) => {
         // Not on disk, so never sent: the payer pays only receipts it has, and these answers go unpaid.
         logger.error({ err: (err as Error).message, receipts: issued.length }, 'receipts not journaled; not sent');
-        for (const { payer, receipt } of issued) payments.replied(payer, receipt.seq);
+        for (const { payer, receipt } of issued) payments.replied(payer, receipt);
       },
     );
     const counted = done.finally(() => {
@@ -318,7 +318,7 @@ export class ReceiptPost {
 
   private delivered({ payer, receipts, keys }: Ready): void {
     for (const [i, receipt] of receipts.entries()) {
-      this.options.payments.replied(payer, receipt.seq);
+      this.options.payments.replied(payer, receipt);
       this.options.sent(keys[i]!, payer, receipt);
     }
   }

@@ -609,7 +609,7 @@ export class AgentRequests {
           lane: payments.laneInfo(paid.payer, job.senderId),
         }),
       );
-      payments.replied(paid.payer, receipt.seq);
+      payments.replied(paid.payer, receipt);
     };
     // Receipts that follow answers take their seqs first, and leave first; those after it, after it.
     this.post!.sendInOrder(paid.payer, issueOwn, (receipt, journaled, writeErr) => {
@@ -937,7 +937,7 @@ export class AgentRequests {
     this.post!.sendInOrder(paid.payer, issueOwn, (receipt, journaled, writeErr) => {
       if (!journaled) logger.error({ err: (writeErr as Error).message }, 'receipt not journaled; replying without it');
       send(journaled ? receipt : undefined, payments.laneInfo(paid.payer, job.senderId));
-      payments.replied(paid.payer, receipt.seq);
+      payments.replied(paid.payer, receipt);
     });
   }
 }
