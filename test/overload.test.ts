@@ -890,8 +890,7 @@ describe("the app's store of sent requests (sdk/src/payments.ts, SentRequests)",
   const store = (max: number) => {
     const clock = { now: 1_000_000 };
     const sent = new SentRequests(max, () => clock.now);
-    const note = (key: string, deadline: number) =>
-      sent.note(key, { deadline, inputHash: undefined, inputs: undefined, units: 1, agents: new Map() });
+    const note = (key: string, deadline: number) => sent.note(key, { deadline, inputHash: undefined, inputs: undefined, units: 1 });
     return { sent, note, clock };
   };
 

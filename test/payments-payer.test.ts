@@ -49,7 +49,7 @@ let domain: EscrowDomain;
 let nextAccount = 1;
 
 before(async () => {
-  chain = await startLocalChain({ accounts: 72 });
+  chain = await startLocalChain({ accounts: 80 });
   deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   domain = { chainId: deployment.chainId, escrow: deployment.escrow };
 });
@@ -462,6 +462,34 @@ describe('the payer pays only what it asked for', () => {
     assert.equal(mesh.lanes()[0]!.owedMicros, 0);
     assert.equal(mesh.lanes()[0]!.lastRefusal, 'late');
     assert.equal(agent.vouchers.length, 0, 'nothing was signed');
+  });
+
+  test('a request refused by one agent and served by another is paid to the one that served it', async (t) => {
+    const broker = await brokerFor(t);
+    const attempts: string[] = [];
+    const agents: Scripted[] = [];
+    for (let i = 0; i < 2; i++) {
+      const payoutWallet = account();
+      const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+        attempts.push(a.identity.id);
+        // The first attempt anywhere is refused before it is taken on (no receipt); the SDK tries the other agent.
+        if (attempts.length === 1) a.fail(sender, req.id, 'MESH_BUSY');
+        else a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id }));
+      });
+      await register(payoutWallet, agent.identity);
+      agents.push(agent);
+    }
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.agents().length === 2, 5_000, 'both agents seen');
+    const result = await mesh.infer('kws', kws(), { deadlineMs: 3_000 });
+    assert.equal(attempts.length, 2);
+    assert.notEqual(attempts[0], attempts[1], 'the second attempt went to the other agent');
+    assert.equal(result.agentId, attempts[1]);
+    await waitFor(() => mesh.lanes().some((l) => l.receipts === 1), 5_000, 'the receipt linked');
+    const lane = mesh.lanes().find((l) => l.agentId === attempts[1])!;
+    assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
+    assert.equal(lane.owedMicros, 2, 'the agent that served it is owed for it');
   });
 
   test('a request refused with MESH_CREDIT_EXCEEDED and served when the SDK tries the same agent again is paid', async (t) => {

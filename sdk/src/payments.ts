@@ -280,13 +280,29 @@ export interface Sent {
   /** The leading dimension its inputs share (1 when they do not): the units it asks of a model that runs in units. */
   units: number;
   /**
-   * Agents it went to, and for each the reply that came back (kind, arrival, outputs hash), whether it was
-   * cancelled, and the unit outputs its progress messages brought before the reply (`rows`).
+   * The agent it went to first, and the reply that came back from it (kind, arrival, outputs hash), whether it was
+   * cancelled, and the unit outputs its progress messages brought before the reply (`rows`); any other agents it
+   * went to (hedged or tried again elsewhere) in `more`. Most requests go to one agent: no map of their own.
    */
-  agents: Map<
-    string,
-    { reply?: 'res' | 'err'; arrivedAt?: number; outputHash?: Uint8Array; cancelled?: boolean; rows?: number; refusedOutputs?: boolean }
-  >;
+  agent?: string;
+  attempt?: Attempt;
+  more?: Map<string, Attempt>;
+}
+
+/** One attempt of a sent request, at one agent (see `Sent`). */
+interface Attempt {
+  reply?: 'res' | 'err';
+  arrivedAt?: number;
+  outputHash?: Uint8Array;
+  cancelled?: boolean;
+  rows?: number;
+  refusedOutputs?: boolean;
+}
+
+/** The attempt of `s` at `agentId`, if it went there. */
+function attemptAt(s: Sent | undefined, agentId: string): Attempt | undefined {
+  if (!s) return undefined;
+  return s.agent === agentId ? s.attempt : s.more?.get(agentId);
 }
 
 /** The leading dimension every tensor of a map shares, or undefined. */
@@ -807,7 +823,16 @@ export class PayerLanes {
   noteRequest(key: string, deadline: number, inputs: Parameters<typeof hashTensorMap>[0]): void {
     // Hashed off the send path, in the next turn: the caller hands over inputs nothing writes to any more (the SDK's
     // copy of the app's), and a receipt that needs the hash sooner takes it then (`inputHashOf`).
-    const sent: Sent = { deadline, inputHash: undefined, inputs, units: leadingRows(inputs) ?? 1, agents: new Map() };
+    // Every field from the start (one shape, kept in the object, not a property array added at the first attempt).
+    const sent: Sent = {
+      deadline,
+      inputHash: undefined,
+      inputs,
+      units: leadingRows(inputs) ?? 1,
+      agent: undefined,
+      attempt: undefined,
+      more: undefined,
+    };
     this.sent.note(key, sent);
     if (this.toHash.push(sent) === 1)
       setImmediate(() => {
@@ -829,14 +854,22 @@ export class PayerLanes {
   /** An attempt of request `key` (of `model`) went to `agentId`: the most it may cost is held against that agent's credit window. */
   noteAttempt(key: string, agentId: string, model?: string): void {
     const s = this.sent.get(key);
-    if (s && !s.agents.has(agentId)) s.agents.set(agentId, {});
+    if (s && !attemptAt(s, agentId)) {
+      if (s.agent === undefined) {
+        s.agent = agentId;
+        s.attempt = {};
+      } else {
+        s.more ??= new Map();
+        s.more.set(agentId, {});
+      }
+    }
     const lane = this.lanes.get(agentId);
     if (lane && s) this.hold(lane, key, model);
   }
 
   /** This client cancelled the attempt at `agentId`. */
   noteCancel(key: string, agentId: string): void {
-    const a = this.sent.get(key)?.agents.get(agentId);
+    const a = attemptAt(this.sent.get(key), agentId);
     if (a) a.cancelled = true;
   }
 
@@ -857,7 +890,7 @@ export class PayerLanes {
     came?: { arrivedAt: number; outputHash: Uint8Array | undefined },
   ): void {
     const arrivedAt = came?.arrivedAt ?? Date.now();
-    const seen = this.sent.get(key)?.agents.get(agentId);
+    const seen = attemptAt(this.sent.get(key), agentId);
     if (seen && refusedOutputs) seen.refusedOutputs = true;
     // An error without a receipt is a refusal before the agent took the request on (it costs nothing): it is
     // not the attempt's answer, which may still come when the SDK tries that agent again (MESH_CREDIT_EXCEEDED).
@@ -904,7 +937,7 @@ export class PayerLanes {
    */
   onProgress(agentId: string, key: string, progress: ProgressMessage): void {
     const arrivedAt = Date.now();
-    const seen = this.sent.get(key)?.agents.get(agentId);
+    const seen = attemptAt(this.sent.get(key), agentId);
     if (seen && seen.reply === undefined) seen.rows = (seen.rows ?? 0) + (leadingRows(progress.outputs) ?? 0);
     const l = this.lanes.get(agentId);
     const receipt = progress.receipt;
@@ -968,7 +1001,7 @@ export class PayerLanes {
 
   private contextOf(key: string, agentId: string): ReceiptContext {
     const s = this.sent.get(key);
-    const a = s?.agents.get(agentId);
+    const a = attemptAt(s, agentId);
     if (!s || !a) return { asked: false };
     return {
       asked: true,
