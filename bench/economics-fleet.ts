@@ -358,14 +358,18 @@ export class SimAgent implements Endpoint {
       this.busy++;
       return resync(senderId, request, agentId).finally(() => this.busy--);
     };
-    const issue = payments.issue.bind(payments);
-    payments.issue = (job, facts) => {
-      const [j, f, how] = this.tamper(job, facts);
-      const out = issue(j, f);
-      if (how) this.ledger.tampered.set(this.ledger.tamperKey(this.id, job.payer, out.receipt.seq), how);
-      const sender = this.ledger.senderOf.get(requestIdHex(facts.requestId));
-      const owner = this.payerByClient.get(sender ?? '');
-      if (sender !== undefined && (!(owner instanceof SimPayer) || owner.address !== job.payer)) this.ledger.impersonated++;
+    // issueAll, which `issue` calls too: every receipt the agent signs, an answer's (issued together) or another kind's.
+    const issueAll = payments.issueAll.bind(payments);
+    payments.issueAll = (items) => {
+      const tampered = items.map(({ job, facts }) => this.tamper(job, facts));
+      const out = issueAll(tampered.map(([job, facts]) => ({ job, facts })));
+      for (const [i, { job, facts }] of items.entries()) {
+        const how = tampered[i]![2];
+        if (how) this.ledger.tampered.set(this.ledger.tamperKey(this.id, job.payer, out.receipts[i]!.seq), how);
+        const sender = this.ledger.senderOf.get(requestIdHex(facts.requestId));
+        const owner = this.payerByClient.get(sender ?? '');
+        if (sender !== undefined && (!(owner instanceof SimPayer) || owner.address !== job.payer)) this.ledger.impersonated++;
+      }
       return out;
     };
   }
