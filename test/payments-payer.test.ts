@@ -467,7 +467,6 @@ describe('the payer pays only what it asked for', () => {
   test('a request refused by one agent and served by another is paid to the one that served it', async (t) => {
     const broker = await brokerFor(t);
     const attempts: string[] = [];
-    const agents: Scripted[] = [];
     for (let i = 0; i < 2; i++) {
       const payoutWallet = account();
       const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
@@ -477,7 +476,6 @@ describe('the payer pays only what it asked for', () => {
         else a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id }));
       });
       await register(payoutWallet, agent.identity);
-      agents.push(agent);
     }
     const { mesh } = await payingMesh(t, broker.url);
     await mesh.waitForModel('kws');

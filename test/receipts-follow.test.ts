@@ -27,6 +27,7 @@ import {
   signLaneGrant,
   type Tensor,
   topics,
+  ZERO_HASH,
 } from '@edge-mesh/protocol';
 import { ethers } from 'ethers';
 import { AgentPayments } from '../edge-agent/src/payments.ts';
@@ -325,7 +326,7 @@ describe('receipts that follow their answers', () => {
       accepted.map((j, i) => [i + 1, j.key]),
       'only the journaled receipts left, as seqs 1 and 2',
     );
-    assert.deepEqual(receipts[0]!.prevReceipt, new Uint8Array(32), 'the first one chains from the lane’s start');
+    assert.deepEqual(receipts[0]!.prevReceipt, ZERO_HASH, 'the first one chains from the lane’s start');
     assert.deepEqual(unhandled, [], 'no rejection left unhandled');
   });
 
