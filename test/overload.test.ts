@@ -890,7 +890,8 @@ describe("the app's store of sent requests (sdk/src/payments.ts, SentRequests)",
   const store = (max: number) => {
     const clock = { now: 1_000_000 };
     const sent = new SentRequests(max, () => clock.now);
-    const note = (key: string, deadline: number) => sent.note(key, { deadline, inputHash: undefined, inputs: undefined, units: 1 });
+    const note = (key: string, deadline: number) =>
+      sent.note(key, { deadline, inputHash: undefined, inputs: undefined, units: 1, settled: false });
     return { sent, note, clock };
   };
 

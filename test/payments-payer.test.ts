@@ -38,7 +38,7 @@ import {
   type VoucherMessage,
   ZERO_HASH,
 } from '@edge-mesh/protocol';
-import type { Mesh } from '@edge-mesh/sdk';
+import type { ConnectOptions, Mesh } from '@edge-mesh/sdk';
 import { ethers } from 'ethers';
 import { Level } from 'level';
 import { agentFor, brokerFor, meshFor, modelsDir, tempDir, waitFor } from './helpers.ts';
@@ -268,9 +268,14 @@ async function payingMesh(
   t: TestContext,
   brokerUrl: string,
   extra: Record<string, unknown> = {},
+  connectOptions: Partial<ConnectOptions> = {},
 ): Promise<{ mesh: Mesh; payer: string; wallet: ethers.Wallet }> {
   const wallet = account();
-  const mesh = await meshFor(t, { brokerUrl, payment: { signer: wallet, domain, dataDir: await tempDir(t), voucherDelayMs: 0, ...extra } });
+  const mesh = await meshFor(t, {
+    brokerUrl,
+    ...connectOptions,
+    payment: { signer: wallet, domain, dataDir: await tempDir(t), voucherDelayMs: 0, ...extra },
+  });
   return { mesh, payer: wallet.address.toLowerCase(), wallet };
 }
 
@@ -488,7 +493,40 @@ describe('the payer pays only what it asked for', () => {
     const lane = mesh.lanes().find((l) => l.agentId === attempts[1])!;
     assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
     assert.equal(lane.owedMicros, 2, 'the agent that served it is owed for it');
+    // The refusal owed nothing and the answer's receipt is in: the payer no longer remembers the request.
+    assert.equal(mesh.counters.paidRequestsRemembered, 0);
   });
+
+  for (const first of ['the first attempt', 'the hedge'] as const)
+    test(`a hedged request is remembered until every attempt has its receipt: ${first} answers, then the other agent, after the app has its result, and is paid too`, async (t) => {
+      const broker = await brokerFor(t);
+      // Both agents keep the request; the test answers them in turn.
+      const kept: { a: Scripted; sender: string; req: InferRequest }[] = [];
+      for (let i = 0; i < 2; i++) {
+        const payoutWallet = account();
+        const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) =>
+          kept.push({ a, sender, req }),
+        );
+        await register(payoutWallet, agent.identity);
+      }
+      const { mesh } = await payingMesh(t, broker.url, {}, { minHedgeAfterMs: 50, tailBudget: { hedgeRatio: 1, hedgeCap: 10 } });
+      await mesh.waitForModel('kws');
+      await waitFor(() => mesh.agents().length === 2 && mesh.lanes().length === 2, 5_000, 'both agents seen, both lanes open');
+      const result = mesh.infer('kws', kws(), { deadlineMs: 5_000 });
+      await waitFor(() => kept.length === 2, 5_000, 'the hedge sent');
+      const answer = ({ a, sender, req }: (typeof kept)[number]) =>
+        a.answer(sender, req.id, a.receipt(req.pay!.payer, { requestId: req.id }));
+      const [winner, loser] = first === 'the first attempt' ? [kept[0]!, kept[1]!] : [kept[1]!, kept[0]!];
+      answer(winner);
+      assert.equal((await result).agentId, winner.a.identity.id);
+      await waitFor(() => mesh.lanes().some((l) => l.receipts === 1), 5_000, "the winner's receipt linked");
+      assert.equal(mesh.counters.paidRequestsRemembered, 1, 'the other attempt owes its receipt: the request is remembered');
+      // The other agent answers now, before the deadline, with its receipt: the work was asked for and delivered.
+      answer(loser);
+      await waitFor(() => mesh.lanes().every((l) => l.receipts === 1), 5_000, "the other agent's receipt linked");
+      for (const lane of mesh.lanes()) assert.equal(lane.refused, 0, `${lane.agentId} refused: ${lane.lastRefusal}`);
+      assert.equal(mesh.counters.paidRequestsRemembered, 0, 'both receipts in: the request is forgotten');
+    });
 
   test('a request refused with MESH_CREDIT_EXCEEDED and served when the SDK tries the same agent again is paid', async (t) => {
     const broker = await brokerFor(t);
@@ -917,8 +955,11 @@ describe('receipts that follow their answers', () => {
     // The first four receipts came on the answers after them; the last is due.
     assert.equal(mesh.lanes()[0]!.receipts, 4);
     assert.equal(mesh.lanes()[0]!.receiptsDue, 1);
+    // Only the request whose receipt is still due is remembered.
+    assert.equal(mesh.counters.paidRequestsRemembered, 1);
     agent.sendReceipts(mesh.clientId, state.payer, ready.splice(0));
     assert.ok(await mesh.receiptsIn(5_000), 'every receipt came');
+    assert.equal(mesh.counters.paidRequestsRemembered, 0);
     const lane = mesh.lanes()[0]!;
     assert.equal(lane.receipts, 5);
     assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);

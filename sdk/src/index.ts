@@ -254,6 +254,11 @@ export interface MeshCounters {
    */
   creditHeld: number;
   creditFailed: number;
+  /**
+   * Not a count but a level: paid requests remembered now for the receipts still owed for them (0 without `payment`).
+   * A request is forgotten once it is over and the final receipt of each attempt is in (docs/settlement.md).
+   */
+  paidRequestsRemembered: number;
 }
 
 export interface Mesh {
@@ -668,23 +673,30 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
       return encodeMessage({ ...request, pay });
     };
 
-    // Before the first attempt, wait (within the deadline) for an agent to announce the model, and for
-    // the lanes being opened with agents that announced themselves (a payout check on chain, a grant).
-    while (!policy.hasCandidate(model, pinned) && clock.now() < deadlineAt) await fleet.changes.wait(deadlineAt - clock.now());
-    if (payments) await payments.ready();
-    const lease = leases && !pinned ? await leases.leaseFor(model, Math.max(0, deadlineAt - clock.now()), payload().byteLength) : undefined;
-
-    // A paid request waits here (within its deadline) until an agent that serves it has room in its credit
-    // window by this client's count, instead of drawing MESH_CREDIT_EXCEEDED; nothing is awaited between the
-    // last check and the first attempt, so requests released together cannot overfill a window.
+    let lease: Awaited<ReturnType<LeaseBook['leaseFor']>>;
     const eligible = (id: string) => (pinned === undefined || id === pinned) && !excludeAgents?.has(id);
-    let creditHold = creditWait(key, model, eligible, deadlineAt, true);
-    if (creditHold) creditCounters.creditHeld++;
-    while (creditHold) {
-      await creditHold;
-      if (signal?.aborted) throw new MeshError('MESH_CANCELLED', 'the request was aborted while it waited for credit');
-      if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'client closed while the request waited for credit');
-      creditHold = creditWait(key, model, eligible, deadlineAt, true);
+    try {
+      // Before the first attempt, wait (within the deadline) for an agent to announce the model, and for
+      // the lanes being opened with agents that announced themselves (a payout check on chain, a grant).
+      while (!policy.hasCandidate(model, pinned) && clock.now() < deadlineAt) await fleet.changes.wait(deadlineAt - clock.now());
+      if (payments) await payments.ready();
+      lease = leases && !pinned ? await leases.leaseFor(model, Math.max(0, deadlineAt - clock.now()), payload().byteLength) : undefined;
+
+      // A paid request waits here (within its deadline) until an agent that serves it has room in its credit
+      // window by this client's count, instead of drawing MESH_CREDIT_EXCEEDED; nothing is awaited between the
+      // last check and the first attempt, so requests released together cannot overfill a window.
+      let creditHold = creditWait(key, model, eligible, deadlineAt, true);
+      if (creditHold) creditCounters.creditHeld++;
+      while (creditHold) {
+        await creditHold;
+        if (signal?.aborted) throw new MeshError('MESH_CANCELLED', 'the request was aborted while it waited for credit');
+        if (closing) throw new MeshError('MESH_NOT_CONNECTED', 'client closed while the request waited for credit');
+        creditHold = creditWait(key, model, eligible, deadlineAt, true);
+      }
+    } catch (err) {
+      // Given up before any attempt: no receipt is owed for it, and the payer forgets it.
+      payments?.noteSettled(key);
+      throw err;
     }
     const data: SdkRequest = {
       model,
@@ -701,6 +713,8 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
     signal?.addEventListener('abort', onAbort, { once: true });
     return new Promise<InferResult>((resolve, reject) => {
       engine.start({ key, deadlineAt, data, model, ...(pinned ? { maxAttempts: 1 } : {}) }, (outcome) => {
+        // No attempt starts after this; the request is forgotten once the receipts of those made are in.
+        payments?.noteSettled(key);
         progressListeners.delete(key);
         outputChecks.delete(key);
         signal?.removeEventListener('abort', onAbort);
@@ -749,6 +763,7 @@ export async function connect(options: ConnectOptions): Promise<Mesh> {
         timeouts,
         silenced: silent,
         ...creditCounters,
+        paidRequestsRemembered: payments?.remembered ?? 0,
       };
     },
     infer,

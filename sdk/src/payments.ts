@@ -287,6 +287,8 @@ export interface Sent {
   agent?: string;
   attempt?: Attempt;
   more?: Map<string, Attempt>;
+  /** The request is over for the app (answered, failed or given up): no attempt starts after this. */
+  settled: boolean;
 }
 
 /** One attempt of a sent request, at one agent (see `Sent`). */
@@ -297,6 +299,11 @@ interface Attempt {
   cancelled?: boolean;
   rows?: number;
   refusedOutputs?: boolean;
+  /**
+   * Nothing more is owed for it: its final receipt is linked, or the agent refused it before taking it on (an error
+   * without a receipt). Once the request is settled and all its attempts are over, it is forgotten (`forgetIfOver`).
+   */
+  over?: boolean;
 }
 
 /** The attempt of `s` at `agentId`, if it went there. */
@@ -358,10 +365,14 @@ const SENT_SWEEP_MS = 1_000;
 
 /**
  * The requests this client sent, remembered for their receipts (a receipt for a request it does not remember is not
- * paid), oldest sent first. Once MAX_SENT are remembered (an app sending over 20,000 ÷ (its deadline + 60 s) paid
- * requests a second), a new one makes room: every request more than REMEMBER_SENT_MS past its deadline goes, found
- * by a walk of the whole store made at most once every SENT_SWEEP_MS, and while the store is still full, the oldest
- * sent. So a request costs one look at the oldest entry, and a walk of the store a second at most, however many it
+ * paid), oldest sent first. A request is forgotten as soon as it is settled and every attempt of it is over (its final
+ * receipt linked, or refused before the agent took it on): a steady stream of answered requests keeps only those whose
+ * receipts are still to come. What stays longer are requests with an attempt still open (no reply, or a reply whose
+ * receipt has not come), for REMEMBER_SENT_MS past their deadline. Once MAX_SENT are remembered (an app with over
+ * 20,000 such requests, or before 2026-12-07 (late night), when every request stayed so long, an app sending over
+ * 20,000 ÷ (its deadline + 60 s) paid requests a second), a new one makes room: every request more than
+ * REMEMBER_SENT_MS past its deadline goes, found by a walk of the whole store made at most once every SENT_SWEEP_MS,
+ * and while the store is still full, the oldest sent. So a request costs one look at the oldest entry, and a walk of the store a second at most, however many it
  * holds; a request turned stale since the last walk stays until the next one, so in that second a new request may
  * send away the oldest where it could have sent away a stale one. Before 2026-12-07 (night) the store was walked
  * in full at every request once full: 178 µs a request at 20,000 remembered (`bench receipts`,
@@ -405,6 +416,11 @@ export class SentRequests {
     }
     this.byKey.delete(key);
     this.byKey.set(key, sent);
+  }
+
+  /** Forgets request `key`: nothing more is owed for it (PayerLanes.forgetIfOver). */
+  forget(key: string): void {
+    this.byKey.delete(key);
   }
 }
 
@@ -832,12 +848,18 @@ export class PayerLanes {
       agent: undefined,
       attempt: undefined,
       more: undefined,
+      settled: false,
     };
     this.sent.note(key, sent);
     if (this.toHash.push(sent) === 1)
       setImmediate(() => {
         for (const s of this.toHash.splice(0)) this.inputHashOf(s);
       });
+  }
+
+  /** Requests remembered for the receipts still owed for them (SentRequests). */
+  get remembered(): number {
+    return this.sent.size;
   }
 
   /** Requests sent whose inputs are not hashed yet (see `noteRequest`). */
@@ -854,7 +876,10 @@ export class PayerLanes {
   /** An attempt of request `key` (of `model`) went to `agentId`: the most it may cost is held against that agent's credit window. */
   noteAttempt(key: string, agentId: string, model?: string): void {
     const s = this.sent.get(key);
-    if (s && !attemptAt(s, agentId)) {
+    const tried = attemptAt(s, agentId);
+    // The same agent tried again (it refused the request before taking it on): its attempt is open again.
+    if (tried) tried.over = false;
+    else if (s) {
       if (s.agent === undefined) {
         s.agent = agentId;
         s.attempt = {};
@@ -865,6 +890,24 @@ export class PayerLanes {
     }
     const lane = this.lanes.get(agentId);
     if (lane && s) this.hold(lane, key, model);
+  }
+
+  /**
+   * Request `key` is over for the app (answered, failed, or given up before it was sent): no attempt of it starts
+   * after this. It is forgotten once every attempt it made is over too.
+   */
+  noteSettled(key: string): void {
+    const s = this.sent.get(key);
+    if (!s) return;
+    s.settled = true;
+    this.forgetIfOver(key, s);
+  }
+
+  /** Forgets a settled request whose attempts are all over: no receipt for it is owed any more. */
+  private forgetIfOver(key: string, s: Sent): void {
+    if (!s.settled || (s.attempt && !s.attempt.over)) return;
+    if (s.more) for (const a of s.more.values()) if (!a.over) return;
+    this.sent.forget(key);
   }
 
   /** This client cancelled the attempt at `agentId`. */
@@ -890,8 +933,14 @@ export class PayerLanes {
     came?: { arrivedAt: number; outputHash: Uint8Array | undefined },
   ): void {
     const arrivedAt = came?.arrivedAt ?? Date.now();
-    const seen = attemptAt(this.sent.get(key), agentId);
+    const s = this.sent.get(key);
+    const seen = attemptAt(s, agentId);
     if (seen && refusedOutputs) seen.refusedOutputs = true;
+    // Refused before the agent took it on: no receipt is owed for this attempt (unless it is tried there again).
+    if (seen && kind === 'err' && receipt === undefined && seen.reply === undefined) {
+      seen.over = true;
+      this.forgetIfOver(key, s!);
+    }
     // An error without a receipt is a refusal before the agent took the request on (it costs nothing): it is
     // not the attempt's answer, which may still come when the SDK tries that agent again (MESH_CREDIT_EXCEEDED).
     if (seen && seen.reply === undefined && (kind === 'res' || receipt !== undefined)) {
@@ -1047,7 +1096,17 @@ export class PayerLanes {
     }
     this.counters.receipts++;
     lane.resyncRetries = 0;
-    lane.receiptsAwaited.delete(requestIdHex(receipt.requestId));
+    const key = requestIdHex(receipt.requestId);
+    lane.receiptsAwaited.delete(key);
+    // The attempt's last receipt: the request may be forgotten (a partial receipt is followed by its final one).
+    if (context.asked && receipt.status !== RECEIPT_STATUS.partial) {
+      const s = this.sent.get(key);
+      const a = attemptAt(s, lane.agentId);
+      if (a) {
+        a.over = true;
+        this.forgetIfOver(key, s!);
+      }
+    }
     if (linked.payable) lane.pendingLeaves.push(linked.leaf.slice());
     else {
       if (linked.reason === 'late' && linked.price > 0 && lane.late.length < MAX_LATE)
