@@ -103,6 +103,8 @@ const lanes = () =>
           billed_micros: l.billedMicros,
           broken: l.broken ?? null,
         })),
+        // Requests the SDK still remembers for receipts owed (sdk/src/payments.ts, SentRequests): 0 once all are in.
+        paid_requests_remembered: mesh.counters.paidRequestsRemembered,
       }
     : {};
 

@@ -263,7 +263,8 @@ function assertPaid(label: string, result: Record<string, unknown>, agentId: str
     throw new Error(
       `${label}: expected ${requests} paid receipts from ${agentId}, the load generator's lane says ${JSON.stringify(lane ?? null)}`,
     );
-  return { receipts: lane.receipts + lane.held, refused: lane.refused };
+  // Requests the SDK still remembered after the run's receipts were in (sdk/src/payments.ts, SentRequests).
+  return { receipts: lane.receipts + lane.held, refused: lane.refused, remembered: result.paid_requests_remembered ?? null };
 }
 
 /** One closed-loop latency run against whatever `startServer` puts on a fresh broker. */
