@@ -908,6 +908,20 @@ describe("the app's store of sent requests (sdk/src/payments.ts, SentRequests)",
     assert.ok(sent.examined <= max + 2 * (2 * max), `${sent.examined} entries looked at for ${2 * max} requests`);
   });
 
+  test('requests whose receipts never came go a minute past their deadline, though the store is not full', () => {
+    const { sent, note, clock } = store(1_000);
+    for (let i = 0; i < 10; i++) note(`r-${i}`, clock.now + 5_000);
+    note('long', clock.now + 600_000);
+    clock.now += 30_000;
+    note('next-0', clock.now + 5_000);
+    assert.equal(sent.size, 12, 'not stale yet: all remembered');
+    clock.now += 40_000;
+    note('next-1', clock.now + 5_000);
+    assert.equal(sent.get('r-0'), undefined, 'a minute past its deadline: forgotten');
+    assert.ok(sent.get('long') && sent.get('next-0'), 'those still due stay');
+    assert.equal(sent.size, 3);
+  });
+
   test('stale requests go before any still due, wherever they sit: a long job sent among short ones is still paid', () => {
     // 1 in 50 has a 10-minute deadline, the others 5 s; two minutes on, the short ones are stale, the long ones due.
     const max = 1_000;

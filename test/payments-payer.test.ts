@@ -49,7 +49,7 @@ let domain: EscrowDomain;
 let nextAccount = 1;
 
 before(async () => {
-  chain = await startLocalChain({ accounts: 80 });
+  chain = await startLocalChain({ accounts: 96 });
   deployment = await deployMesh(chain.wallet(0), { thawSeconds: 3_600 });
   domain = { chainId: deployment.chainId, escrow: deployment.escrow };
 });
@@ -493,8 +493,64 @@ describe('the payer pays only what it asked for', () => {
     const lane = mesh.lanes().find((l) => l.agentId === attempts[1])!;
     assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
     assert.equal(lane.owedMicros, 2, 'the agent that served it is owed for it');
-    // The refusal owed nothing and the answer's receipt is in: the payer no longer remembers the request.
-    assert.equal(mesh.counters.paidRequestsRemembered, 0);
+    // The answer's receipt is in, but the refusal came without one: the refusing agent may still run a first copy of
+    // the request (an agent refuses a second copy so) and bill it, so the request stays remembered until a minute past
+    // its deadline.
+    assert.equal(mesh.counters.paidRequestsRemembered, 1);
+  });
+
+  test('an agent that refused a second copy of a request without a receipt, and then answers the first, is paid', async (t) => {
+    const broker = await brokerFor(t);
+    const payoutWallet = account();
+    let kept: { a: Scripted; sender: string; req: InferRequest } | undefined;
+    const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+      kept = { a, sender, req };
+      // As the agent refuses a copy of a request whose first copy it is still admitting (a replayed id): no receipt.
+      a.fail(sender, req.id, 'MESH_BAD_REQUEST');
+    });
+    await register(payoutWallet, agent.identity);
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await assert.rejects(mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: agent.identity.id }), /BAD_REQUEST/);
+    // The first copy runs and is answered before the deadline; its receipt follows the answer.
+    const { a, sender, req } = kept!;
+    a.answer(sender, req.id);
+    a.sendReceipts(sender, req.pay!.payer, [a.receipt(req.pay!.payer, { requestId: req.id })]);
+    await waitFor(() => (mesh.lanes()[0]?.receipts ?? 0) === 1, 5_000, 'the receipt linked');
+    const lane = mesh.lanes()[0]!;
+    assert.equal(lane.refused, 0, `refused: ${lane.lastRefusal}`);
+    assert.equal(lane.owedMicros, 2, 'the work answered before the deadline is paid');
+    assert.equal(mesh.counters.paidRequestsRemembered, 0, 'its receipt in: forgotten');
+  });
+
+  test('an agent that refused without a receipt and answers anyway, after another agent served the request, is paid', async (t) => {
+    const broker = await brokerFor(t);
+    const kept: { a: Scripted; sender: string; req: InferRequest }[] = [];
+    for (let i = 0; i < 2; i++) {
+      const payoutWallet = account();
+      const agent = await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => {
+        kept.push({ a, sender, req });
+        // The first attempt is refused without a receipt (MESH_BUSY) while the agent still runs a first copy of it.
+        if (kept.length === 1) a.fail(sender, req.id, 'MESH_BUSY');
+      });
+      await register(payoutWallet, agent.identity);
+    }
+    const { mesh } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.agents().length === 2 && mesh.lanes().length === 2, 5_000, 'both agents seen, both lanes open');
+    const result = mesh.infer('kws', kws(), { deadlineMs: 5_000 });
+    await waitFor(() => kept.length === 2, 5_000, 'the second attempt sent');
+    const [first, second] = kept as [(typeof kept)[number], (typeof kept)[number]];
+    // The refusing agent answers all the same (its receipt follows later), then the other agent, with its receipt.
+    first.a.answer(first.sender, first.req.id);
+    await new Promise((r) => setTimeout(r, 100));
+    second.a.answer(second.sender, second.req.id, second.a.receipt(second.req.pay!.payer, { requestId: second.req.id }));
+    assert.equal((await result).agentId, second.a.identity.id);
+    await waitFor(() => mesh.lanes().some((l) => l.receipts === 1), 5_000, "the second agent's receipt linked");
+    first.a.sendReceipts(first.sender, first.req.pay!.payer, [first.a.receipt(first.req.pay!.payer, { requestId: first.req.id })]);
+    await waitFor(() => mesh.lanes().every((l) => l.receipts === 1), 5_000, "the first agent's receipt linked");
+    for (const lane of mesh.lanes()) assert.equal(lane.refused, 0, `${lane.agentId} refused: ${lane.lastRefusal}`);
+    assert.equal(mesh.counters.paidRequestsRemembered, 0, 'both receipts in: forgotten');
   });
 
   for (const first of ['the first attempt', 'the hedge'] as const)

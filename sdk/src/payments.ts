@@ -300,8 +300,9 @@ interface Attempt {
   rows?: number;
   refusedOutputs?: boolean;
   /**
-   * Nothing more is owed for it: its final receipt is linked, or the agent refused it before taking it on (an error
-   * without a receipt). Once the request is settled and all its attempts are over, it is forgotten (`forgetIfOver`).
+   * Its final receipt is linked: nothing more is owed for it. Once the request is settled and all its attempts are
+   * over, it is forgotten (`forgetIfOver`). An error without a receipt does not end an attempt: an agent refuses a
+   * second copy of a request so (a replayed id) while it still runs the first, whose answer and receipt come later.
    */
   over?: boolean;
 }
@@ -365,22 +366,24 @@ const SENT_SWEEP_MS = 1_000;
 
 /**
  * The requests this client sent, remembered for their receipts (a receipt for a request it does not remember is not
- * paid), oldest sent first. A request is forgotten as soon as it is settled and every attempt of it is over (its final
- * receipt linked, or refused before the agent took it on): a steady stream of answered requests keeps only those whose
- * receipts are still to come. What stays longer are requests with an attempt still open (no reply, or a reply whose
- * receipt has not come), for REMEMBER_SENT_MS past their deadline. Once MAX_SENT are remembered (an app with over
- * 20,000 such requests, or before 2026-12-07 (late night), when every request stayed so long, an app sending over
- * 20,000 ÷ (its deadline + 60 s) paid requests a second), a new one makes room: every request more than
- * REMEMBER_SENT_MS past its deadline goes, found by a walk of the whole store made at most once every SENT_SWEEP_MS,
- * and while the store is still full, the oldest sent. So a request costs one look at the oldest entry, and a walk of the store a second at most, however many it
- * holds; a request turned stale since the last walk stays until the next one, so in that second a new request may
- * send away the oldest where it could have sent away a stale one. Before 2026-12-07 (night) the store was walked
+ * paid), oldest sent first. A request is forgotten as soon as it is settled and the final receipt of every attempt of
+ * it is linked (PayerLanes.forgetIfOver): a steady stream of answered requests keeps only those whose receipts are
+ * still to come. The others (no reply, a reply whose receipt never came, an error without a receipt) stay until
+ * REMEMBER_SENT_MS past their deadline: the oldest of them go as new requests come (a look from the oldest on, at
+ * most once every SENT_SWEEP_MS, up to the first not stale). Once MAX_SENT are remembered (an app with over 20,000
+ * such requests, or before 2026-12-07 (late night), when every request stayed so long, an app sending over 20,000 ÷
+ * (its deadline + 60 s) paid requests a second), a new one makes room: every request more than REMEMBER_SENT_MS past
+ * its deadline goes, found by a walk of the whole store made at most once every SENT_SWEEP_MS, and while the store is
+ * still full, the oldest sent. So a request costs one look at the oldest entry, and a walk of the store a second at
+ * most, however many it holds; a request turned stale since the last walk stays until the next one, so in that second
+ * a new request may send away the oldest where it could have sent away a stale one. Before 2026-12-07 (night) the store was walked
  * in full at every request once full: 178 µs a request at 20,000 remembered (`bench receipts`,
  * `sdk_note_request_full_us`).
  */
 export class SentRequests {
   private readonly byKey = new Map<string, Sent>();
   private sweepAt = Number.NEGATIVE_INFINITY;
+  private headAt = Number.NEGATIVE_INFINITY;
   /** Entries looked at to make room, in all (for tests: about one per request once full, and a walk a second). */
   examined = 0;
 
@@ -399,11 +402,21 @@ export class SentRequests {
 
   /** Remembers request `key`, making room first when the store is full. */
   note(key: string, sent: Sent): void {
+    const now = this.clock();
+    const stale = now - REMEMBER_SENT_MS;
+    // The oldest requests, while they are stale, at most once every SENT_SWEEP_MS: requests whose receipts never came
+    // go about a minute past their deadline, not only once the store is full. (Not at every request: iterating a Map
+    // from its start steps over every entry deleted since it last compacted, and forgotten requests leave many.)
+    if (now >= this.headAt) {
+      this.headAt = now + SENT_SWEEP_MS;
+      for (const [k, e] of this.byKey) {
+        if (e.deadline >= stale) break;
+        this.byKey.delete(k);
+      }
+    }
     if (this.byKey.size >= this.max) {
-      const now = this.clock();
       if (now >= this.sweepAt) {
         this.sweepAt = now + SENT_SWEEP_MS;
-        const stale = now - REMEMBER_SENT_MS;
         for (const [k, e] of this.byKey) {
           this.examined++;
           if (e.deadline < stale) this.byKey.delete(k);
@@ -877,7 +890,7 @@ export class PayerLanes {
   noteAttempt(key: string, agentId: string, model?: string): void {
     const s = this.sent.get(key);
     const tried = attemptAt(s, agentId);
-    // The same agent tried again (it refused the request before taking it on): its attempt is open again.
+    // The same agent tried again (it refused the request before taking it on): its attempt is open (still).
     if (tried) tried.over = false;
     else if (s) {
       if (s.agent === undefined) {
@@ -933,14 +946,8 @@ export class PayerLanes {
     came?: { arrivedAt: number; outputHash: Uint8Array | undefined },
   ): void {
     const arrivedAt = came?.arrivedAt ?? Date.now();
-    const s = this.sent.get(key);
-    const seen = attemptAt(s, agentId);
+    const seen = attemptAt(this.sent.get(key), agentId);
     if (seen && refusedOutputs) seen.refusedOutputs = true;
-    // Refused before the agent took it on: no receipt is owed for this attempt (unless it is tried there again).
-    if (seen && kind === 'err' && receipt === undefined && seen.reply === undefined) {
-      seen.over = true;
-      this.forgetIfOver(key, s!);
-    }
     // An error without a receipt is a refusal before the agent took the request on (it costs nothing): it is
     // not the attempt's answer, which may still come when the SDK tries that agent again (MESH_CREDIT_EXCEEDED).
     if (seen && seen.reply === undefined && (kind === 'res' || receipt !== undefined)) {
