@@ -376,8 +376,8 @@ const SENT_SWEEP_MS = 1_000;
  * its deadline goes, found by a walk of the whole store made at most once every SENT_SWEEP_MS, and while the store is
  * still full, the oldest sent. So a request costs one look at the oldest entry, and a walk of the store a second at
  * most, however many it holds; a request turned stale since the last walk stays until the next one, so in that second
- * a new request may send away the oldest where it could have sent away a stale one. Before 2026-12-07 (night) the store was walked
- * in full at every request once full: 178 µs a request at 20,000 remembered (`bench receipts`,
+ * a new request may send away the oldest where it could have sent away a stale one. Before 2026-12-07 (night) the
+ * store was walked in full at every request once full: 178 µs a request at 20,000 remembered (`bench receipts`,
  * `sdk_note_request_full_us`).
  */
 export class SentRequests {
@@ -890,7 +890,7 @@ export class PayerLanes {
   noteAttempt(key: string, agentId: string, model?: string): void {
     const s = this.sent.get(key);
     const tried = attemptAt(s, agentId);
-    // The same agent tried again (it refused the request before taking it on): its attempt is open (still).
+    // The same agent tried again (after a refusal without a receipt, MESH_CREDIT_EXCEEDED): its attempt is open.
     if (tried) tried.over = false;
     else if (s) {
       if (s.agent === undefined) {
