@@ -889,10 +889,7 @@ export class PayerLanes {
   /** An attempt of request `key` (of `model`) went to `agentId`: the most it may cost is held against that agent's credit window. */
   noteAttempt(key: string, agentId: string, model?: string): void {
     const s = this.sent.get(key);
-    const tried = attemptAt(s, agentId);
-    // The same agent tried again (after a refusal without a receipt, MESH_CREDIT_EXCEEDED): its attempt is open.
-    if (tried) tried.over = false;
-    else if (s) {
+    if (s && !attemptAt(s, agentId)) {
       if (s.agent === undefined) {
         s.agent = agentId;
         s.attempt = {};
