@@ -499,6 +499,39 @@ describe('the payer pays only what it asked for', () => {
     assert.equal(mesh.counters.paidRequestsRemembered, 1);
   });
 
+  test("an agent's receipt for a request sent to another agent does not make the payer forget it: the agent that ran it is paid", async (t) => {
+    const broker = await brokerFor(t);
+    const kept: { a: Scripted; sender: string; req: InferRequest }[] = [];
+    const agents: Scripted[] = [];
+    for (let i = 0; i < 2; i++) {
+      const payoutWallet = account();
+      agents.push(
+        await scriptedAgent(t, broker.url, payoutWallet.address.toLowerCase(), (a, req, sender) => kept.push({ a, sender, req })),
+      );
+      await register(payoutWallet, agents[i]!.identity);
+    }
+    const [honest, liar] = agents as [Scripted, Scripted];
+    const { mesh, payer } = await payingMesh(t, broker.url);
+    await mesh.waitForModel('kws');
+    await waitFor(() => mesh.lanes().length === 2, 5_000, 'both lanes open');
+    const result = mesh.infer('kws', kws(), { deadlineMs: 5_000, agentId: honest.identity.id });
+    await waitFor(() => kept.length === 1, 5_000, 'the request at the honest agent');
+    const { sender, req } = kept[0]!;
+    // The other agent, which never got the request, sends a final receipt for it on its own lane.
+    liar.sendReceipts(sender, payer, [liar.receipt(payer, { requestId: req.id })]);
+    await waitFor(() => mesh.lanes().some((l) => l.agentId === liar.identity.id && l.receipts === 1), 5_000, "the liar's receipt linked");
+    assert.equal(mesh.counters.paidRequestsRemembered, 1, 'still remembered: the agent it went to owes its receipt');
+    honest.answer(sender, req.id, honest.receipt(payer, { requestId: req.id }));
+    await result;
+    await waitFor(() => mesh.lanes().every((l) => l.receipts === 1), 5_000, "the honest agent's receipt linked");
+    const lane = (id: string) => mesh.lanes().find((l) => l.agentId === id)!;
+    assert.equal(lane(honest.identity.id).refused, 0, `refused: ${lane(honest.identity.id).lastRefusal}`);
+    assert.equal(lane(honest.identity.id).owedMicros, 2);
+    assert.equal(lane(liar.identity.id).lastRefusal, 'unsolicited');
+    assert.equal(lane(liar.identity.id).owedMicros, 0);
+    assert.equal(mesh.counters.paidRequestsRemembered, 0);
+  });
+
   test('an agent that refused a second copy of a request without a receipt, and then answers the first, is paid', async (t) => {
     const broker = await brokerFor(t);
     const payoutWallet = account();
