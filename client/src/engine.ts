@@ -177,7 +177,10 @@ export interface RequestEngineOptions<Req, Rep> {
    * failover goes out, free like the one after a last will: an agent could get that one by dropping its
    * connection anyway, so faking death by silence earns a liar nothing more, while charging the budget
    * would fail the work of an agent that really died with more requests than the budget holds. A check
-   * that runs late (this process stalled, so every agent looks quiet) judges nobody.
+   * that runs a whole period late (this process stalled, and what agents sent meanwhile may not be read yet)
+   * judges nobody then: it checks again at once, on a timer that fires after the event loop has read its
+   * pending input, and that check judges however late it runs. So a process whose loop lags every turn
+   * (a busy router) still finds silent agents, a turn later.
    */
   liveness?: EngineLiveness;
 }
@@ -299,6 +302,7 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     if (pending.size === 0 && livenessTimer !== undefined) {
       clock.clearTimer(livenessTimer);
       livenessTimer = undefined;
+      afterStall = false;
     }
     budget?.onRequestDone();
     clear(state.deadlineTimer);
@@ -453,6 +457,8 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
 
   const checkEveryMs = liveness?.checkEveryMs ?? 250;
   let livenessDueAt = 0;
+  /** The check after a late one, set to run once the input that waited through the stall is read. */
+  let afterStall = false;
   const armLiveness = () => {
     if (!liveness || livenessTimer !== undefined || pending.size === 0) return;
     livenessDueAt = clock.now() + checkEveryMs;
@@ -461,11 +467,16 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
   const checkLiveness = () => {
     livenessTimer = undefined;
     const now = clock.now();
-    // Fired a whole period late: this process was stalled and the messages it missed are still queued.
-    if (now - livenessDueAt > checkEveryMs) {
-      armLiveness();
+    // Fired a whole period late: this process was stalled and the messages it missed may still be queued. A timer
+    // set now fires on the event loop's next turn, after it has polled for input: judge then. Skipping every late
+    // check instead left a loop that lags a period on every turn judging nobody, ever.
+    if (!afterStall && now - livenessDueAt > checkEveryMs) {
+      afterStall = true;
+      livenessDueAt = now;
+      livenessTimer = clock.setTimer(1, checkLiveness);
       return;
     }
+    afterStall = false;
     const verdicts = new Map<string, boolean>();
     for (const state of [...pending.values()]) {
       for (const attempt of [...state.attempts.values()]) {

@@ -521,15 +521,50 @@ describe('dead agents', () => {
     assert.deepEqual(r.cancelled, ['a'], 'the silent attempt is cancelled with the request');
   });
 
-  test('a liveness check that runs a whole period late judges nobody (this process stalled)', () => {
-    const r = rig(['a', 'b'], { silent: new Set(['a']) });
+  test('a liveness check that runs a whole period late judges nobody then, but once more on the next turn, after the input that waited is read', () => {
+    const silent = new Set(['a']);
+    const r = rig(['a', 'b'], { silent });
     r.start('r1', 10_000);
     // Time jumps past the check without running it, as a blocked event loop does.
     r.clock.t += 500;
     r.clock.advance(0);
     assert.equal(r.sent.length, 1, 'the late check passed');
-    r.clock.advance(100);
-    assert.equal(r.sent.length, 2, 'the next one on time judges');
+    // The loop's next turn reads a's heartbeat, which waited through the stall: the check after it finds a alive.
+    silent.delete('a');
+    r.clock.advance(1);
+    assert.equal(r.sent.length, 1, 'a was heard: nothing moved');
+    assert.equal(r.engine.counters.silent, 0);
+    // Stalled again, and this time nothing from a was waiting: judged a turn after the late check, not a period.
+    silent.add('a');
+    r.clock.t += 500;
+    r.clock.advance(0);
+    assert.equal(r.sent.length, 1);
+    r.clock.advance(1);
+    assert.deepEqual(
+      r.sent.map((x) => [x.agentId, x.kind]),
+      [
+        ['a', 'first'],
+        ['b', 'failover'],
+      ],
+    );
+  });
+
+  test('a loop that lags a whole period on every turn still finds a silent agent', () => {
+    const r = rig(['a', 'b'], { silent: new Set(['a']) });
+    r.start('r1', 10_000);
+    // Every timer fires 300 ms after it was due (checks every 100 ms), as in a process busy 300 ms a turn.
+    for (let turn = 0; turn < 4 && r.sent.length < 2; turn++) {
+      r.clock.t += 400;
+      r.clock.advance(0);
+      r.clock.t += 300;
+      r.clock.advance(0);
+    }
+    assert.deepEqual(
+      r.sent.map((x) => x.agentId),
+      ['a', 'b'],
+      'moved on although no check ran on time',
+    );
+    assert.equal(r.engine.counters.silent, 1);
   });
 
   test('a last will ends the attempts at once, a free failover each, and the liveness timer stops with the last request', () => {
