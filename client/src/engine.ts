@@ -178,9 +178,8 @@ export interface RequestEngineOptions<Req, Rep> {
    * connection anyway, so faking death by silence earns a liar nothing more, while charging the budget
    * would fail the work of an agent that really died with more requests than the budget holds. A check
    * that runs a whole period late (this process stalled, and what agents sent meanwhile may not be read yet)
-   * judges nobody then: it checks again at once, on a timer that fires after the event loop has read its
-   * pending input, and that check judges however late it runs. So a process whose loop lags every turn
-   * (a busy router) still finds silent agents, a turn later.
+   * judges nobody; the next one, a period later, judges however late it runs. So a process whose loop lags a
+   * period on every turn (a busy router) still finds silent agents, a period later.
    */
   liveness?: EngineLiveness;
 }
@@ -457,7 +456,7 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
 
   const checkEveryMs = liveness?.checkEveryMs ?? 250;
   let livenessDueAt = 0;
-  /** The check after a late one, set to run once the input that waited through the stall is read. */
+  /** The next check comes after a late one: it judges however late it runs. */
   let afterStall = false;
   const armLiveness = () => {
     if (!liveness || livenessTimer !== undefined || pending.size === 0) return;
@@ -467,13 +466,12 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
   const checkLiveness = () => {
     livenessTimer = undefined;
     const now = clock.now();
-    // Fired a whole period late: this process was stalled and the messages it missed may still be queued. A timer
-    // set now fires on the event loop's next turn, after it has polled for input: judge then. Skipping every late
-    // check instead left a loop that lags a period on every turn judging nobody, ever.
+    // Fired a whole period late: this process was stalled and the messages it missed may still be queued; the next
+    // check, a period on, when they have been read, judges however late it fires. Skipping every late check left a
+    // loop that lags a period on every turn judging nobody, ever.
     if (!afterStall && now - livenessDueAt > checkEveryMs) {
       afterStall = true;
-      livenessDueAt = now;
-      livenessTimer = clock.setTimer(1, checkLiveness);
+      armLiveness();
       return;
     }
     afterStall = false;
@@ -635,6 +633,7 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
       const err = error ?? new MeshError('MESH_NOT_CONNECTED', 'the client closed');
       if (livenessTimer !== undefined) clock.clearTimer(livenessTimer);
       livenessTimer = undefined;
+      afterStall = false;
       for (const state of [...pending.values()]) {
         const now = clock.now();
         for (const attempt of [...state.attempts.values()]) {
