@@ -301,7 +301,6 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     if (pending.size === 0 && livenessTimer !== undefined) {
       clock.clearTimer(livenessTimer);
       livenessTimer = undefined;
-      afterStall = false;
     }
     budget?.onRequestDone();
     clear(state.deadlineTimer);
@@ -455,9 +454,8 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
   };
 
   const checkEveryMs = liveness?.checkEveryMs ?? 250;
+  /** When the armed check is due; infinite for the check after a late one, which judges however late it runs. */
   let livenessDueAt = 0;
-  /** The next check comes after a late one: it judges however late it runs. */
-  let afterStall = false;
   const armLiveness = () => {
     if (!liveness || livenessTimer !== undefined || pending.size === 0) return;
     livenessDueAt = clock.now() + checkEveryMs;
@@ -469,12 +467,11 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
     // Fired a whole period late: this process was stalled and the messages it missed may still be queued; the next
     // check, a period on, when they have been read, judges however late it fires. Skipping every late check left a
     // loop that lags a period on every turn judging nobody, ever.
-    if (!afterStall && now - livenessDueAt > checkEveryMs) {
-      afterStall = true;
+    if (now - livenessDueAt > checkEveryMs) {
       armLiveness();
+      livenessDueAt = Number.POSITIVE_INFINITY;
       return;
     }
-    afterStall = false;
     const verdicts = new Map<string, boolean>();
     for (const state of [...pending.values()]) {
       for (const attempt of [...state.attempts.values()]) {
@@ -633,7 +630,6 @@ export function createRequestEngine<Req, Rep>(options: RequestEngineOptions<Req,
       const err = error ?? new MeshError('MESH_NOT_CONNECTED', 'the client closed');
       if (livenessTimer !== undefined) clock.clearTimer(livenessTimer);
       livenessTimer = undefined;
-      afterStall = false;
       for (const state of [...pending.values()]) {
         const now = clock.now();
         for (const attempt of [...state.attempts.values()]) {
