@@ -39,6 +39,14 @@ export const quiet = pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
 
 /** One models folder per test process, built from the npm packages (hash-checked, reused when valid). */
 let modelsDirPromise: Promise<string> | undefined;
+/** Blocks this process's event loop for `ms`, as a large JSON.parse or a busy core does. */
+export function busyWait(ms: number): void {
+  const end = performance.now() + ms;
+  while (performance.now() < end) {
+    // the event loop is blocked
+  }
+}
+
 export function modelsDir(): Promise<string> {
   modelsDirPromise ??= (async () => {
     const dir = path.join(os.tmpdir(), 'edge-mesh-test-models');

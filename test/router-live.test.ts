@@ -16,7 +16,7 @@ import {
   signStatus,
   topics,
 } from '@edge-mesh/protocol';
-import { agentFor, brokerFor, meshFor, modelsDir, routerFor, spawnAgent, waitFor } from './helpers.ts';
+import { agentFor, brokerFor, busyWait, meshFor, modelsDir, routerFor, spawnAgent, waitFor } from './helpers.ts';
 
 /**
  * An agent that announces itself (a signed status, models copied from `like`, faster than any) and answers
@@ -282,10 +282,7 @@ describe('live router', { timeout: 120_000 }, () => {
     hung.kill('SIGSTOP');
     const stoppedAt = Date.now();
     if (lagMs > 0) {
-      const lag = setInterval(() => {
-        const until = Date.now() + lagMs;
-        while (Date.now() < until);
-      }, 20);
+      const lag = setInterval(() => busyWait(lagMs), 20);
       t.after(() => clearInterval(lag));
     }
     // Every failure is reported with what its engine knew (agents tried, the last error's words) and what each side

@@ -10,14 +10,7 @@ import { generateIdentity, topics } from '@edge-mesh/protocol';
 import { createRegistry, onReply, startRouter, upsertAgent } from '@edge-mesh/router';
 import { modelBodyLimit } from '../router/src/http.ts';
 import { StallMonitor } from '../router/src/stalls.ts';
-import { agentFor, brokerFor, quiet } from './helpers.ts';
-
-function busyWait(ms: number): void {
-  const end = performance.now() + ms;
-  while (performance.now() < end) {
-    // the event loop is blocked, as by a large JSON.parse
-  }
-}
+import { agentFor, brokerFor, busyWait, quiet } from './helpers.ts';
 
 test('StallMonitor: a late tick is a stall, kept with its times; one under way counts too', () => {
   let now = 1000;
